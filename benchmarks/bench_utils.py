@@ -1,0 +1,139 @@
+"""Benchmark harness shared by every ``benchmarks/bench_*.py``.
+
+GPU times come from CUDA events after warm-up, reported as medians (and p20/p80); every row records the provider,
+shape, dtype, GPU name and library versions. Results are written as JSON and as a markdown table under
+``benchmarks/results/``. On a CPU-only machine the same code times with ``time.perf_counter`` and says so.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__}
+    for mod in ("triton", "transformers", "liger_kernel", "flash_attn", "llava_fast"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    try:
+        out["git_sha"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:
+        out["git_sha"] = None
+    return out
+
+
+def bench(fn, warmup: int = 3, rep: int = 10, sync: bool = True) -> dict:
+    """Time ``fn()``: median, p20 and p80 in milliseconds over ``rep`` runs after ``warmup`` runs."""
+    cuda = torch.cuda.is_available() and sync
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(round(p * (len(times) - 1))))]  # noqa: E731
+    return {"ms": statistics.median(times), "ms_p20": q(0.2), "ms_p80": q(0.8)}
+
+
+def peak_memory(fn) -> float | None:
+    """Peak GPU memory in GiB allocated while running ``fn()`` (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+@dataclass
+class Row:
+    bench: str
+    provider: str
+    shape: str
+    dtype: str
+    mode: str = ""
+    ms: float | None = None
+    ms_p20: float | None = None
+    ms_p80: float | None = None
+    metric: float | None = None          # TFLOP/s, GB/s, tokens/s ... (unit below)
+    unit: str = ""
+    peak_gib: float | None = None
+    ratio: dict = field(default_factory=dict)   # our metric / baseline metric, filled by add_ratios
+    note: str = ""
+    gpu: str = field(default_factory=device_name)
+
+
+def add_ratios(rows: list[Row], ours: str = "llava_fast") -> None:
+    """For each (bench, shape, mode), divide our metric by every other provider's (higher metric = better)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r.bench, r.shape, r.mode), []).append(r)
+    for group in groups.values():
+        mine = [r for r in group if r.provider == ours and r.metric]
+        if not mine:
+            continue
+        for r in group:
+            if r.provider != ours and r.metric:
+                mine[0].ratio[r.provider] = round(mine[0].metric / r.metric, 3)
+
+
+def to_markdown(rows: list[Row]) -> str:
+    head = "| bench | shape | mode | provider | dtype | ms | metric | peak GiB | ratio (ours / provider) | note |\n"
+    head += "|---|---|---|---|---|---:|---:|---:|---|---|\n"
+    lines = []
+    for r in rows:
+        ratio = ", ".join(f"{k} {v:.2f}x" for k, v in r.ratio.items())
+        ms = f"{r.ms:.3f}" if r.ms is not None else "-"
+        metric = f"{r.metric:.1f} {r.unit}" if r.metric is not None else "-"
+        peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
+        lines.append(f"| {r.bench} | {r.shape} | {r.mode} | {r.provider} | {r.dtype} | {ms} | {metric} | {peak} | "
+                     f"{ratio} | {r.note} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def save(rows: list[Row], name: str, out_dir: Path | None = None) -> Path:
+    """Write ``<name>-<gpu>-<date>.json`` and ``.md`` under benchmarks/results (or ``out_dir``)."""
+    out_dir = Path(out_dir or os.environ.get("LLAVA_FAST_RESULTS_DIR") or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = device_name().replace(" ", "_").replace("/", "_").replace("(", "").replace(")", "").replace(",", "")
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M")
+    base = out_dir / f"{name}-{gpu}-{stamp}"
+    meta = {"gpu": device_name(), "versions": versions(), "time": stamp}
+    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    md = f"# {name}\n\nGPU: {meta['gpu']}; versions: {meta['versions']}\n\n" + to_markdown(rows)
+    base.with_suffix(".md").write_text(md)
+    return base.with_suffix(".md")

@@ -1,0 +1,61 @@
+"""The optional compiled extension ``llava_fast._C`` and the choice of backend per op.
+
+Importing this module never touches the GPU and never fails: when ``_C`` is missing, ``HAS_EXT`` is False and every
+op uses its PyTorch (reference) or Triton path. CUDA-only entry points call :func:`require_ext`, which explains how
+to build the extension.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+_C = None
+EXT_ERROR: str | None = None
+try:  # pragma: no branch
+    _C = importlib.import_module("llava_fast._C")
+except Exception as e:  # ImportError, or an OSError from a broken build
+    EXT_ERROR = f"{type(e).__name__}: {e}"
+
+HAS_EXT: bool = _C is not None
+HAS_CUDA_EXT: bool = bool(_C is not None and getattr(_C, "with_cuda", False))
+
+BUILD_HINT = (
+    "build it from a source checkout with nvcc on the PATH: `pip install --no-build-isolation -e .` "
+    "(set LLAVA_FAST_CUDA_ARCHS, default '80;90'); without nvcc only the C++ CPU functions are built"
+)
+
+# dtype codes understood by the native functions (csrc/common/checks.h)
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def dtype_code(dtype) -> int:
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPE_CODES:
+        raise ValueError(f"dtype {dtype} is not supported by the native kernels; use float32, float16 or bfloat16")
+    return DTYPE_CODES[name]
+
+
+def require_ext(op: str, cuda: bool = False):
+    """Return the ``_C`` module or raise an error that says how to build it."""
+    if _C is None:
+        raise RuntimeError(f"llava_fast: `{op}` needs the compiled extension llava_fast._C, which is not available "
+                           f"({EXT_ERROR}); {BUILD_HINT}")
+    if cuda and not HAS_CUDA_EXT:
+        raise RuntimeError(f"llava_fast: `{op}` needs the CUDA build of llava_fast._C, but it was built without nvcc; "
+                           f"{BUILD_HINT}")
+    return _C
+
+
+def triton_usable() -> tuple[bool, str]:
+    """Whether Triton kernels can run here: a CUDA GPU, or the CPU interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return False, f"triton not importable ({type(e).__name__})"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, "interpreter (TRITON_INTERPRET=1)"
+    import torch
+
+    if torch.cuda.is_available():
+        return True, "cuda"
+    return False, "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"

@@ -1,0 +1,71 @@
+"""Which implementation each op uses: ``"reference"`` (plain PyTorch, the CPU path), ``"triton"`` or ``"cuda"``.
+
+``"auto"`` (the default) picks the fast kernel when the tensors live on a CUDA device and the kernel is available,
+and the reference otherwise. Override per op with :func:`set_backend` or the environment variable
+``LLAVA_FAST_BACKEND_<OP>`` (for example ``LLAVA_FAST_BACKEND_ATTENTION=reference``).
+"""
+from __future__ import annotations
+
+import os
+
+# op name -> the fast kind it has once implemented ("triton" or "cuda"); ops without a fast kernel yet are absent.
+OPS: dict[str, str | None] = {
+    "attention": None,
+    "projector": None,
+    "anyres_encode": None,
+    "pack_features": None,
+    "rms_norm": None,
+    "rope": None,
+    "swiglu": None,
+    "cross_entropy": None,
+}
+_CHOICES = ("auto", "reference", "triton", "cuda")
+_overrides: dict[str, str] = {}
+
+
+def register_fast(op: str, kind: str) -> None:
+    """Called by an op module when it has a fast kernel of ``kind``."""
+    OPS[op] = kind
+
+
+def set_backend(op: str, backend: str) -> None:
+    """Force ``op`` (or ``"all"``) to ``backend`` in ``auto|reference|triton|cuda``."""
+    if backend not in _CHOICES:
+        raise ValueError(f"set_backend: backend must be one of {_CHOICES}, got {backend!r}")
+    names = list(OPS) if op == "all" else [op]
+    for name in names:
+        if name not in OPS:
+            raise ValueError(f"set_backend: unknown op {name!r}; known ops: {sorted(OPS)}")
+        _overrides[name] = backend
+
+
+def get_backend(op: str) -> str:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(OPS)}")
+    env = os.environ.get(f"LLAVA_FAST_BACKEND_{op.upper()}")
+    return _overrides.get(op) or env or "auto"
+
+
+def use_fast(op: str, device_type: str) -> bool:
+    """True when ``op`` should run its fast kernel for tensors on ``device_type``."""
+    choice = get_backend(op)
+    kind = OPS.get(op)
+    if choice == "reference" or kind is None:
+        return False
+    if choice == "auto":
+        return device_type == "cuda"
+    return True
+
+
+def describe(device_type: str) -> dict[str, str]:
+    """What each op will use for tensors on ``device_type``."""
+    out = {}
+    for op, kind in OPS.items():
+        choice = get_backend(op)
+        if kind is None:
+            out[op] = "reference (no fast kernel yet)"
+        elif use_fast(op, device_type):
+            out[op] = f"{kind}" + ("" if choice == "auto" else f" (forced: {choice})")
+        else:
+            out[op] = "reference" + (" (forced)" if choice == "reference" else f" (tensors on {device_type})")
+    return out

@@ -1,0 +1,37 @@
+"""The ``llava-fast`` command: ``env``, ``demo`` (and, as they land, ``train`` and ``chat``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_env(args) -> int:
+    from llava_fast.envinfo import env, format_env
+
+    print(format_env(env()))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from llava_fast.demo import run_demo
+
+    return run_demo(out_dir=args.out, seed=args.seed, device=args.device, quick=args.quick)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="llava-fast", description="llava_fast: fast LLaVA kernels, model and training")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("env", help="versions, GPU, and which backend each op uses")
+    s.set_defaults(fn=_cmd_env)
+    s = sub.add_parser("demo", help="end-to-end demo on generated data (CPU or GPU)")
+    s.add_argument("--out", default="demo_out", help="folder for the demo's data, checkpoints and logs")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--quick", action="store_true", help="a very short run (for smoke tests)")
+    s.set_defaults(fn=_cmd_demo)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

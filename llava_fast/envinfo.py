@@ -1,0 +1,53 @@
+"""``llava_fast.env()`` and ``llava-fast env``: versions, GPU, and which backend each op uses."""
+from __future__ import annotations
+
+import platform
+
+
+def _version(mod: str) -> str | None:
+    try:
+        import importlib
+
+        m = importlib.import_module(mod)
+        return getattr(m, "__version__", "?")
+    except Exception:
+        return None
+
+
+def env() -> dict:
+    """Describe this environment. Queries the GPU only through torch.cuda's public calls (no kernel launch)."""
+    import torch
+
+    from llava_fast import __version__, _ext, backend
+
+    info: dict = {
+        "llava_fast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "torchvision": _version("torchvision"),
+        "liger_kernel": _version("liger_kernel"),
+        "flash_attn": _version("flash_attn"),
+    }
+    cuda = torch.cuda.is_available()
+    info["gpu"] = torch.cuda.get_device_name(0) if cuda else None
+    info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None
+    info["ext"] = ("yes, with CUDA" if _ext.HAS_CUDA_EXT else "yes, C++ CPU functions only") if _ext.HAS_EXT \
+        else f"no ({_ext.EXT_ERROR}); the reference path is used"
+    ok, why = _ext.triton_usable()
+    info["triton_usable"] = f"{'yes' if ok else 'no'}: {why}"
+    info["backends"] = backend.describe("cuda" if cuda else "cpu")
+    return info
+
+
+def format_env(info: dict) -> str:
+    lines = []
+    for k, v in info.items():
+        if k == "backends":
+            lines.append("backends (per op):")
+            lines += [f"  {op:<15} {b}" for op, b in v.items()]
+        else:
+            lines.append(f"{k:<18} {v if v is not None else '-'}")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Build for llava_fast: setuptools driving CMake (pybind11 module ``llava_fast._C``).
+
+Environment flags:
+  LLAVA_FAST_SKIP_CUDA_BUILD=1   skip all native code (pure-Python install; every op uses its PyTorch/Triton path)
+  LLAVA_FAST_CUDA_ARCHS="80;90"  CUDA architectures for nvcc (PTX is added for the newest one)
+  LLAVA_FAST_FORCE_CPU_ONLY=1    build only the C++ (CPU) sources even when nvcc is present
+  MAX_JOBS                       parallel compile jobs (default: number of CPUs)
+  CMAKE_ARGS                     extra arguments passed to CMake
+
+Without nvcc the C++ sources are built with the host compiler alone. The module never links libtorch.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _find_nvcc():
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
+        return str(Path(cuda_home) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.exists() else None
+
+
+class CMakeExtension(Extension):
+    """Marker extension: the real work happens in CMakeBuild."""
+
+    def __init__(self, name: str, sourcedir: Path = ROOT):
+        super().__init__(name, sources=[])
+        self.sourcedir = str(sourcedir)
+
+
+class CMakeBuild(build_ext):
+    def run(self):
+        if _truthy("LLAVA_FAST_SKIP_CUDA_BUILD"):
+            print("llava_fast: LLAVA_FAST_SKIP_CUDA_BUILD=1, skipping native code (ops use their PyTorch/Triton paths)")
+            return
+        super().run()
+
+    def build_extension(self, ext: CMakeExtension):
+        import pybind11
+
+        extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_temp = Path(self.build_temp) / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+        nvcc = None if _truthy("LLAVA_FAST_FORCE_CPU_ONLY") else _find_nvcc()
+        archs = os.environ.get("LLAVA_FAST_CUDA_ARCHS", "80;90")
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}{os.sep}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DLLAVA_FAST_CUDA_ARCHS={archs}",
+        ]
+        if nvcc:
+            args += ["-DLLAVA_FAST_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+            print(f"llava_fast: building C++ and CUDA sources with {nvcc} for archs {archs}")
+        else:
+            print("llava_fast: nvcc not found, building the C++ (CPU) sources only")
+        if shutil.which("ninja"):
+            args += ["-G", "Ninja"]
+        args += [a for a in os.environ.get("CMAKE_ARGS", "").split() if a]
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.run(["cmake", ext.sourcedir, *args], cwd=build_temp, check=True)
+        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_temp, check=True)
+
+
+setup(ext_modules=[CMakeExtension("llava_fast._C")], cmdclass={"build_ext": CMakeBuild})
