@@ -1,0 +1,13 @@
+"""The LLaVA family in plain PyTorch: configs, towers, language models, checkpoint IO."""
+from llava_fast.models.config import LlavaConfig, TextConfig, VisionConfig
+from llava_fast.models.io import from_pretrained, load_state_dict, save_pretrained
+from llava_fast.models.llava import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOutput,
+)
+
+__all__ = ["LlavaConfig", "TextConfig", "VisionConfig", "from_pretrained", "save_pretrained", "load_state_dict",
+           "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+           "LlavaOnevisionForConditionalGeneration", "LlavaOutput"]

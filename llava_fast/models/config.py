@@ -1,0 +1,211 @@
+"""Configs read from a llava-hf ``config.json`` (model_type ``llava``, ``llava_next``, ``llava_onevision``).
+
+Typed dataclasses for the fields the model uses; the original dict is kept so that ``save_pretrained`` writes back a
+config transformers reads unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
+TEXT_TYPES = ("llama", "qwen2", "mistral")
+
+# transformers' defaults per model_type for fields a config.json may omit
+_VISION_DEFAULTS = {
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5,
+                              hidden_act="quick_gelu"),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                image_size=224, patch_size=16, num_channels=3, layer_norm_eps=1e-6,
+                                hidden_act="gelu_pytorch_tanh", vision_use_head=True),
+}
+# what llava-hf's configuration classes fill in when vision_config / text_config are missing
+_DEFAULT_VISION = {
+    "llava": dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024, patch_size=14,
+                  image_size=336, num_hidden_layers=24, num_attention_heads=16, vocab_size=32000,
+                  projection_dim=768),
+    "llava_next": dict(model_type="clip_vision_model", intermediate_size=4096, hidden_size=1024, patch_size=14,
+                       image_size=336, num_hidden_layers=24, num_attention_heads=16, vocab_size=32000,
+                       projection_dim=768),
+    "llava_onevision": dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                            patch_size=14, image_size=384, num_hidden_layers=26, num_attention_heads=14,
+                            vision_use_head=False),
+}
+_DEFAULT_TEXT = {"llava": "llama", "llava_next": "llama", "llava_onevision": "qwen2"}
+
+
+@dataclass
+class VisionConfig:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    vision_use_head: bool = False     # SigLIP attention-pooling head: loaded and saved, never used by LLaVA
+
+    @property
+    def is_clip(self) -> bool:
+        return self.model_type == "clip_vision_model"
+
+    @property
+    def tokens_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VisionConfig":
+        mt = d.get("model_type", "clip_vision_model")
+        if mt not in VISION_TYPES:
+            raise ValueError(f"vision_config.model_type {mt!r} is not supported; supported: {VISION_TYPES}")
+        merged = {**_VISION_DEFAULTS[mt], **{k: v for k, v in d.items() if v is not None}}
+        return cls(model_type=mt, **{k: merged[k] for k in cls.__dataclass_fields__ if k != "model_type" and k in merged})
+
+
+@dataclass
+class TextConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    attention_bias: bool          # q/k/v/o bias (Llama); Qwen2 has q/k/v bias and no o bias, see qkv_bias/o_bias
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, tie_word_embeddings: bool | None = None) -> "TextConfig":
+        mt = d.get("model_type", "llama")
+        if mt not in TEXT_TYPES:
+            raise ValueError(f"text_config.model_type {mt!r} is not supported; supported: {TEXT_TYPES}")
+        defaults = {"llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                  num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048,
+                                  rope_theta=10000.0),
+                    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                    rms_norm_eps=1e-6, max_position_embeddings=4096 * 32, rope_theta=10000.0),
+                    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                                  num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
+                                  max_position_embeddings=32768, rope_theta=10000.0)}[mt]
+        g = {**defaults, **{k: v for k, v in d.items() if v is not None}}
+        rope = g.get("rope_parameters") or g.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ValueError(f"text_config rope_type {rope_type!r} is not supported yet (only 'default' RoPE)")
+        theta = float(rope.get("rope_theta", g.get("rope_theta", 10000.0)))
+        heads = int(g["num_attention_heads"])
+        kv = int(g.get("num_key_value_heads") or heads)
+        if heads % kv:
+            raise ValueError(f"text_config: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
+        head_dim = int(g.get("head_dim") or g["hidden_size"] // heads)
+        if mt == "qwen2":
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(g.get("attention_bias", False))
+        tie = g.get("tie_word_embeddings", False) if tie_word_embeddings is None else tie_word_embeddings
+        return cls(model_type=mt, vocab_size=int(g["vocab_size"]), hidden_size=int(g["hidden_size"]),
+                   intermediate_size=int(g["intermediate_size"]), num_hidden_layers=int(g["num_hidden_layers"]),
+                   num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+                   rms_norm_eps=float(g["rms_norm_eps"]), rope_theta=theta,
+                   max_position_embeddings=int(g["max_position_embeddings"]), attention_bias=qkv_bias and o_bias,
+                   qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=bool(g.get("mlp_bias", False)),
+                   hidden_act=g.get("hidden_act", "silu"), tie_word_embeddings=bool(tie),
+                   pad_token_id=g.get("pad_token_id"))
+
+
+@dataclass
+class LlavaConfig:
+    model_type: str
+    vision_config: VisionConfig
+    text_config: TextConfig
+    image_token_id: int
+    video_token_id: int | None = None
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+    vision_feature_layer: int | list[int] = -2
+    vision_feature_select_strategy: str = "default"
+    image_grid_pinpoints: list[list[int]] | None = None
+    vision_aspect_ratio: str | None = None
+    tie_word_embeddings: bool = False
+    dtype: str | None = None
+    hf_dict: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def max_tiles(self) -> int | None:
+        """N of OneVision's ``anyres_max_N`` (None when not set)."""
+        if self.model_type != "llava_onevision" or not self.vision_aspect_ratio:
+            return None
+        return int(self.vision_aspect_ratio.strip("anyres_max_"))
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "LlavaConfig":
+        d = copy.deepcopy(d)
+        mt = d.get("model_type")
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"config model_type {mt!r} is not supported; llava_fast supports {MODEL_TYPES} "
+                             f"(LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision)")
+        vd = d.get("vision_config") or dict(_DEFAULT_VISION[mt])
+        td = d.get("text_config") or {"model_type": _DEFAULT_TEXT[mt]}
+        tie = d.get("tie_word_embeddings", td.get("tie_word_embeddings", False))
+        vfl = d.get("vision_feature_layer", -1 if mt == "llava_onevision" else -2)
+        strategy = d.get("vision_feature_select_strategy", "full" if mt == "llava_onevision" else "default")
+        if strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
+        pins = d.get("image_grid_pinpoints")
+        if mt == "llava":
+            pins = None
+        elif pins is None:
+            pins = ([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]] if mt == "llava_next"
+                    else [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)])
+        image_token = d.get("image_token_id", d.get("image_token_index"))
+        if image_token is None:
+            image_token = {"llava": 32000, "llava_next": 32000, "llava_onevision": 151646}[mt]
+        video_token = d.get("video_token_id", d.get("video_token_index"))
+        if mt == "llava_onevision" and video_token is None:
+            video_token = 151647
+        return cls(model_type=mt, vision_config=VisionConfig.from_dict(vd),
+                   text_config=TextConfig.from_dict(td, tie_word_embeddings=tie), image_token_id=int(image_token),
+                   video_token_id=None if video_token is None else int(video_token),
+                   projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+                   multimodal_projector_bias=bool(d.get("multimodal_projector_bias", True)),
+                   vision_feature_layer=vfl, vision_feature_select_strategy=strategy,
+                   image_grid_pinpoints=pins,
+                   vision_aspect_ratio=d.get("vision_aspect_ratio", "anyres_max_9" if mt == "llava_onevision" else None),
+                   tie_word_embeddings=bool(tie), dtype=d.get("dtype", d.get("torch_dtype")), hf_dict=d)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "LlavaConfig":
+        p = os.path.join(path, "config.json")
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"no config.json in {path!r}: expected a llava-hf checkpoint folder "
+                                    f"(config.json + *.safetensors); llava_fast never downloads models")
+        with open(p) as f:
+            return cls.from_hf_dict(json.load(f))
+
+    def to_hf_dict(self) -> dict:
+        d = copy.deepcopy(self.hf_dict)
+        d.setdefault("model_type", self.model_type)
+        d.setdefault("architectures", [{"llava": "LlavaForConditionalGeneration",
+                                        "llava_next": "LlavaNextForConditionalGeneration",
+                                        "llava_onevision": "LlavaOnevisionForConditionalGeneration"}[self.model_type]])
+        if self.dtype:
+            d["dtype"] = self.dtype
+        return d

@@ -1,0 +1,304 @@
+"""LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision in plain PyTorch, matching transformers' eager reference.
+
+Parameter names follow transformers 5.x (``model.vision_tower``, ``model.multi_modal_projector``,
+``model.language_model``, ``model.image_newline``, ``lm_head``); checkpoints load and save in the llava-hf layout
+(see ``llava_fast.models.io``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llava_fast.models.config import LlavaConfig
+from llava_fast.models.language import LanguageModel
+from llava_fast.models.layers import get_activation
+from llava_fast.models.vision import VisionTower
+from llava_fast.ops import anyres
+from llava_fast.ops.pack_features import pack_image_features_ref, pool_video_features_ref, scatter_features_ref
+
+
+@dataclass
+class LlavaOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+    def __getitem__(self, i):  # tuple-style access like transformers' ModelOutput
+        return [x for x in (self.loss, self.logits) if x is not None][i]
+
+
+class MultiModalProjector(nn.Module):
+    """``mlp2x_gelu``: Linear -> GELU (exact erf unless the config says otherwise) -> Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str = "gelu"):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, out_features, bias=bias)
+        self.act = get_activation(act)
+        self.linear_2 = nn.Linear(out_features, out_features, bias=bias)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        vc, tc = config.vision_config, config.text_config
+        self.vision_tower = VisionTower(vc)
+        layers = config.vision_feature_layer
+        n_layers = 1 if isinstance(layers, int) else len(layers)
+        self.multi_modal_projector = MultiModalProjector(vc.hidden_size * n_layers, tc.hidden_size,
+                                                         config.multimodal_projector_bias, config.projector_hidden_act)
+        self.language_model = LanguageModel(tc)
+        if config.model_type != "llava":
+            self.image_newline = nn.Parameter(torch.randn(tc.hidden_size) / math.sqrt(tc.hidden_size))
+
+
+def loss_from_logits(logits, labels, cu_seqlens=None, num_items_in_batch=None, ignore_index: int = -100):
+    """transformers 5.x ForCausalLMLoss: fp32 logits, labels shifted left by one, mean over supervised tokens, or
+    sum / num_items_in_batch when given. In packed form no position predicts the first token of the next sample."""
+    shift = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if cu_seqlens is not None:
+        shift = shift.clone()
+        shift[0, (cu_seqlens[1:] - 1).long()] = ignore_index
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])
+    flat_labels = shift.reshape(-1).to(flat_logits.device)
+    if num_items_in_batch is not None:
+        loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
+        return loss / num_items_in_batch
+    return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="mean")
+
+
+class _LlavaBase(nn.Module):
+    """Shared forward; subclasses differ in how image features become tokens."""
+
+    model_type = "llava"
+
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        if config.model_type != self.model_type:
+            raise ValueError(f"{type(self).__name__} needs a config of model_type {self.model_type!r}, got "
+                             f"{config.model_type!r}; use llava_fast.from_pretrained to pick the class")
+        self.config = config
+        self.model = LlavaModel(config)
+        tc = config.text_config
+        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        self.tie_weights()
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    def get_input_embeddings(self):
+        return self.model.language_model.embed_tokens
+
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB"):
+        from llava_fast.models.io import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        from llava_fast.models.io import from_pretrained
+
+        model = from_pretrained(path, dtype=dtype, device=device)
+        if not isinstance(model, cls):
+            raise ValueError(f"{path} holds a {model.config.model_type} checkpoint, not {cls.model_type}")
+        return model
+
+    def _feature_layers(self):
+        layer = self.config.vision_feature_layer
+        return [layer] if isinstance(layer, int) else list(layer)
+
+    def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(tiles, 3, T, T) -> projected features (tiles, tokens, D_text)."""
+        f = self.model.vision_tower(pixel_values, self._feature_layers())
+        if self.config.vision_feature_select_strategy == "default":
+            f = f[:, 1:]
+        return self.model.multi_modal_projector(f)
+
+    def _check_pixels(self, pixel_values, name="pixel_values"):
+        vc = self.config.vision_config
+        if not torch.is_tensor(pixel_values):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"{name} must be floating point (normalized pixels), got {pixel_values.dtype}; "
+                             f"preprocess uint8 images with llava_fast.ops.anyres first")
+        if pixel_values.shape[-3:] != (vc.num_channels, vc.image_size, vc.image_size):
+            raise ValueError(f"{name} must end in (channels, height, width) = ({vc.num_channels}, {vc.image_size}, "
+                             f"{vc.image_size}), got shape {tuple(pixel_values.shape)}")
+        if pixel_values.device != self.device:
+            raise ValueError(f"{name} is on {pixel_values.device} but the model is on {self.device}; move it with "
+                             f".to({str(self.device)!r})")
+
+    def image_features(self, pixel_values, image_sizes=None, batch_num_images=None) -> torch.Tensor:
+        """All image tokens of the batch, (n_tokens, D_text), in placeholder order."""
+        raise NotImplementedError
+
+    def video_features(self, pixel_values_videos) -> torch.Tensor:
+        raise ValueError(f"{self.model_type} models take no videos (pixel_values_videos); use a llava_onevision model")
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, labels=None,
+                pixel_values_videos=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
+                num_items_in_batch=None, batch_num_images=None, inputs_embeds=None, return_hidden=False,
+                logits=True):
+        """Padded form: input_ids (B, L) with image placeholders already expanded, attention_mask (B, L).
+        Packed form: input_ids (1, T) holding several samples, ``cu_seqlens`` int32 (n+1,) and ``position_ids``
+        (1, T) restarting at 0 per sample. ``labels`` are unshifted (as transformers). Returns ``LlavaOutput``."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+            if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got "
+                                 f"{input_ids.dtype} {tuple(input_ids.shape)}")
+            if input_ids.device != self.device:
+                raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.device}")
+            vocab = self.config.text_config.vocab_size
+            if input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+                raise ValueError(f"input_ids holds ids outside [0, {vocab}) (vocab_size of the language model)")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        b, n = inputs_embeds.shape[:2]
+        if n > self.config.text_config.max_position_embeddings and cu_seqlens is None:
+            raise ValueError(f"sequence of {n} tokens is longer than the context length "
+                             f"(max_position_embeddings={self.config.text_config.max_position_embeddings}); "
+                             f"split or truncate it before the model (image tokens must not be cut)")
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError("packed form (cu_seqlens) takes no attention_mask: samples are delimited by cu_seqlens")
+            if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+                raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} "
+                                 f"{tuple(cu_seqlens.shape)}")
+            if position_ids is None:
+                raise ValueError("position_ids is required with cu_seqlens (positions restart at each sample)")
+        if pixel_values is not None and input_ids is not None:
+            feats = self.image_features(pixel_values, image_sizes, batch_num_images)
+            inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.image_token_id, feats, "Image")
+        elif input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError("input_ids holds image tokens but no pixel_values were given")
+        if pixel_values_videos is not None and input_ids is not None:
+            feats = self.video_features(pixel_values_videos)
+            inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.video_token_id, feats, "Video")
+        if position_ids is not None and position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        if attention_mask is not None and attention_mask.shape != (b, n):
+            raise ValueError(f"attention_mask must have shape (batch, seq) = {(b, n)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        hidden = self.model.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        out_logits = self.lm_head(hidden) if (logits or labels is not None) else None
+        loss = None
+        if labels is not None:
+            if labels.dim() == 1:
+                labels = labels[None]
+            if labels.shape != (b, n):
+                raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got {tuple(labels.shape)}")
+            loss = loss_from_logits(out_logits, labels, cu_seqlens, num_items_in_batch)
+        return LlavaOutput(loss=loss, logits=out_logits if logits else None,
+                           hidden_states=hidden if return_hidden else None)
+
+
+
+class LlavaForConditionalGeneration(_LlavaBase):
+    """LLaVA-1.5: one tile per image, CLIP feature layer -2 without CLS, 576 tokens per image."""
+
+    model_type = "llava"
+
+    def image_features(self, pixel_values, image_sizes=None, batch_num_images=None):
+        self._check_pixels(pixel_values)
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (num_images, 3, H, W) for llava, got {tuple(pixel_values.shape)}")
+        return self.encode_tiles(pixel_values).flatten(0, 1)
+
+
+class LlavaNextForConditionalGeneration(_LlavaBase):
+    """LLaVA-NeXT (1.6): AnyRes tiles, unpad, one image_newline per row."""
+
+    model_type = "llava_next"
+
+    def _single_tile(self, n_images, batch_num_images):
+        if batch_num_images is not None:
+            raise ValueError("batch_num_images is a llava_onevision argument (multi-image samples); LLaVA-NeXT "
+                             "encodes every image with AnyRes")
+        return [False] * n_images
+
+    def _tiles_per_image(self, image_sizes, single):
+        tile = self.config.vision_config.image_size
+        return [1 if s else anyres.num_tiles(tuple(sz), self.config.image_grid_pinpoints, tile)
+                for sz, s in zip(image_sizes, single)]
+
+    def _flat_pixels(self, pixel_values, counts):
+        if pixel_values.dim() == 5:  # transformers' (num_images, max_tiles, 3, T, T), zero-padded tiles
+            if pixel_values.shape[0] != len(counts):
+                raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {len(counts)}")
+            if any(c > pixel_values.shape[1] for c in counts):
+                raise ValueError(f"pixel_values has {pixel_values.shape[1]} tiles per image but image_sizes need up to "
+                                 f"{max(counts)}; image_sizes must be the original (height, width) of each image")
+            return torch.cat([pv[:c] for pv, c in zip(pixel_values, counts)], dim=0)
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (tiles, 3, T, T) or (images, tiles, 3, T, T), got "
+                             f"{tuple(pixel_values.shape)}")
+        if pixel_values.shape[0] != sum(counts):
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} tiles but image_sizes need {sum(counts)} "
+                             f"(per image: {counts})")
+        return pixel_values
+
+    def image_features(self, pixel_values, image_sizes=None, batch_num_images=None):
+        self._check_pixels(pixel_values)
+        if image_sizes is None:
+            raise ValueError(f"image_sizes (num_images, 2) as (height, width) is required for {self.model_type}")
+        sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else [list(s) for s in image_sizes]
+        single = self._single_tile(len(sizes), batch_num_images)
+        counts = self._tiles_per_image(sizes, single)
+        flat = self._flat_pixels(pixel_values, counts)
+        feats = torch.split(self.encode_tiles(flat), counts, dim=0)
+        packed = pack_image_features_ref(list(feats), sizes, self.model.image_newline,
+                                         self.config.image_grid_pinpoints, self.config.vision_config.image_size,
+                                         self.config.max_tiles)
+        return torch.cat(packed, dim=0)
+
+
+class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
+    """LLaVA-OneVision: AnyRes with anyres_max_N downsampling, multi-image (one tile each) and video."""
+
+    model_type = "llava_onevision"
+
+    def _single_tile(self, n_images, batch_num_images):
+        """Images of samples with more than one image get one tile each (batch_num_images per sample)."""
+        if batch_num_images is None:
+            return [False] * n_images
+        bni = batch_num_images.tolist() if torch.is_tensor(batch_num_images) else list(batch_num_images)
+        if sum(bni) != n_images:
+            raise ValueError(f"batch_num_images sums to {sum(bni)} but image_sizes holds {n_images} images")
+        return [n > 1 for n in bni for _ in range(n)]
+
+    def video_features(self, pixel_values_videos):
+        self._check_pixels(pixel_values_videos, "pixel_values_videos")
+        if pixel_values_videos.dim() != 5:
+            raise ValueError(f"pixel_values_videos must be (videos, frames, 3, T, T), got "
+                             f"{tuple(pixel_values_videos.shape)}")
+        b, fr = pixel_values_videos.shape[:2]
+        f = self.encode_tiles(pixel_values_videos.flatten(0, 1))
+        f = pool_video_features_ref(f, self.config.vision_config.tokens_per_side)
+        f = f.reshape(b, -1, f.shape[-1])
+        nl = self.model.image_newline[None, None, :].expand(b, 1, -1).to(f.dtype)
+        return torch.cat((f, nl), dim=1).flatten(0, 1)
+
+
+CLASSES = {c.model_type: c for c in (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                                      LlavaOnevisionForConditionalGeneration)}

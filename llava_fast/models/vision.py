@@ -1,0 +1,127 @@
+"""CLIP and SigLIP vision towers (the parts LLaVA uses), with transformers 5.x parameter names."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llava_fast.models.config import VisionConfig
+from llava_fast.models.layers import eager_attention, get_activation
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        n = cfg.tokens_per_side ** 2
+        if cfg.is_clip:
+            self.class_embedding = nn.Parameter(torch.randn(d))
+            n += 1
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                                         bias=not cfg.is_clip)
+        self.position_embedding = nn.Embedding(n, d)
+
+    def forward(self, pixel_values):
+        # pixels are cast to the conv weight dtype first, as transformers does (trap 3)
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        if self.cfg.is_clip:
+            x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        return x + self.position_embedding.weight[None]
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = d // self.num_heads
+        self.scale = self.head_dim ** -0.5
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        from llava_fast.models import dispatch
+
+        o = dispatch.vision_attention(q, k, v, self.scale)
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, d))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = get_activation(cfg.hidden_act)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class SiglipHead(nn.Module):
+    """SigLIP's attention-pooling head. LLaVA never runs it; it exists so checkpoints load and save unchanged."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.probe = nn.Parameter(torch.randn(1, 1, d))
+        self.attention = nn.MultiheadAttention(d, cfg.num_attention_heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+
+class VisionTower(nn.Module):
+    """CLIP (pre_layrnorm, CLS token) or SigLIP (no CLS) vision transformer."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        if cfg.is_clip:
+            self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.encoder = VisionEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if not cfg.is_clip and cfg.vision_use_head:
+            self.head = SiglipHead(cfg)
+
+    def hidden_state_index(self, layer: int) -> int:
+        """Index into transformers' hidden_states tuple (0 = embeddings, i = output of layer i)."""
+        n = self.cfg.num_hidden_layers
+        idx = layer if layer >= 0 else n + 1 + layer
+        if not 0 <= idx <= n:
+            raise ValueError(f"vision_feature_layer {layer} is out of range for a tower of {n} layers")
+        return idx
+
+    def forward(self, pixel_values, feature_layers: list[int]):
+        """Returns the hidden states at ``feature_layers`` (transformers' indices), concatenated on the last dim.
+        Layers past the deepest one requested are not run (their output would be discarded)."""
+        idx = [self.hidden_state_index(i) for i in feature_layers]
+        x = self.embeddings(pixel_values)
+        if self.cfg.is_clip:
+            x = self.pre_layrnorm(x)
+        states = {0: x}
+        for i, layer in enumerate(self.encoder.layers[: max(idx)]):
+            x = layer(x)
+            states[i + 1] = x
+        out = [states[i] for i in idx]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
