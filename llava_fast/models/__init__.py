@@ -7,7 +7,8 @@ from llava_fast.models.llava import (
     LlavaOnevisionForConditionalGeneration,
     LlavaOutput,
 )
+from llava_fast.models.llava import CLASSES as CLASSES_BY_TYPE
 
 __all__ = ["LlavaConfig", "TextConfig", "VisionConfig", "from_pretrained", "save_pretrained", "load_state_dict",
            "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-           "LlavaOnevisionForConditionalGeneration", "LlavaOutput"]
+           "LlavaOnevisionForConditionalGeneration", "LlavaOutput", "CLASSES_BY_TYPE"]

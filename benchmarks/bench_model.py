@@ -1,0 +1,252 @@
+"""End-to-end model benchmarks: our model against transformers (eager, sdpa, sdpa + Liger-Kernel when installed),
+side by side in one run, on the three workloads of performance-anchors.md (random weights, bf16):
+
+  stage1   LLaVA-1.5-7B stage-1 step: batch 16 x 640 tokens (576 image + 64 text), only the projector trains (AdamW)
+  prefill  LLaVA-NeXT-7B prefill: 8 sequences of one 700x1000 image (2242 tokens) + 256 text tokens = 2498
+  ov_ft    LLaVA-OneVision-0.5B full fine-tune step, AdamW: batch 2 x 5453 tokens (one 700x1000 image, 4941 tokens)
+
+MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
+2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
+step counts 3x forward for trained parts; stage 1 counts the frozen LLM at 2x (forward + activation gradients, no
+weight gradients) and the frozen tower at 1x. Peak: 989 TFLOP/s bf16 dense (H100/H200 SXM datasheet).
+
+Usage: python benchmarks/bench_model.py [--workloads stage1,prefill,ov_ft] [--providers ...] [--layers N] [--quick]
+       python benchmarks/bench_model.py --tiny   (CPU smoke run of the harness at toy sizes)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import Row, add_ratios, bench, device_name, save, to_markdown  # noqa: E402
+
+PEAK_TFLOPS = 989.0
+IMAGE_HW = (700, 1000)
+
+
+def hf_configs(name: str, layers: int | None, tiny: bool):
+    import transformers as tf
+
+    if name in ("stage1", "prefill"):
+        vc = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, projection_dim=768)
+        tc = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+        if tiny:
+            vc.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=56)
+            tc.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4)
+        if layers:
+            tc["num_hidden_layers"] = layers
+        vcfg, tcfg = tf.CLIPVisionConfig(**vc), tf.LlamaConfig(**tc)
+        tok = 500 if tiny else 32000
+        if name == "stage1":
+            return tf.LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=tok)
+        t = vc["image_size"]
+        pins = [[t, 2 * t], [2 * t, t], [2 * t, 2 * t], [3 * t, t], [t, 3 * t]]
+        return tf.LlavaNextConfig(vision_config=vcfg, text_config=tcfg, image_token_id=tok,
+                                  image_grid_pinpoints=pins)
+    vc = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+              image_size=384, patch_size=14, vision_use_head=False)
+    tc = dict(vocab_size=152000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+              num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    if tiny:
+        vc.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=56)
+        tc.update(vocab_size=512, hidden_size=56, intermediate_size=128, num_hidden_layers=2, num_attention_heads=7,
+                  num_key_value_heads=1)
+    if layers:
+        tc["num_hidden_layers"] = layers
+    t = vc["image_size"]
+    return tf.LlavaOnevisionConfig(vision_config=tf.SiglipVisionConfig(**vc), text_config=tf.Qwen2Config(**tc),
+                                   image_token_id=151646 if not tiny else 500, video_token_id=151647 if not tiny else 501,
+                                   image_grid_pinpoints=[[t * i, t * j] for i in range(1, 7) for j in range(1, 7)],
+                                   tie_word_embeddings=True)
+
+
+def make_inputs(name, cfg, device, tiny):
+    """input_ids, labels, pixel_values (flat tiles), hf pixel_values, image_sizes, real tokens."""
+    from llava_fast.ops.anyres import num_image_tokens, num_tiles
+
+    vc = cfg.vision_config
+    t, tps = vc.image_size, vc.image_size // vc.patch_size
+    g = torch.Generator().manual_seed(0)
+    hw = (IMAGE_HW[0] * t // 336, IMAGE_HW[1] * t // 336) if tiny else IMAGE_HW
+    if name == "stage1":
+        batch, n_img, n_txt, tiles = 16 if not tiny else 2, tps * tps, 64, 1
+        sizes = None
+    else:
+        batch = 8 if name == "prefill" else 2
+        if tiny:
+            batch = 2
+        pins = cfg.image_grid_pinpoints
+        n_img = num_image_tokens(hw, pins, t, tps, 9 if name == "ov_ft" else None)
+        tiles = num_tiles(hw, pins, t)
+        n_txt = 256 if name == "prefill" else 512
+        sizes = torch.tensor([hw] * batch, device=device)
+    tok = cfg.image_token_id
+    text = torch.randint(0, min(cfg.text_config.vocab_size, 30000) - 100, (batch, n_txt), generator=g)  # below the image token
+    ids = torch.cat([text[:, :8], torch.full((batch, n_img), tok), text[:, 8:]], dim=1).to(device)
+    labels = ids.clone()
+    labels[ids == tok] = -100
+    pv = torch.randn(batch * tiles, 3, t, t, generator=g).to(device, torch.bfloat16 if device == "cuda" else torch.float32)
+    hf_pv = pv if name == "stage1" else pv.view(batch, tiles, 3, t, t)
+    return dict(ids=ids, labels=labels, pv=pv, hf_pv=hf_pv, sizes=sizes, tokens=ids.numel(), batch=batch,
+                tiles=batch * tiles)
+
+
+def flops(name, cfg, inp):
+    """Model FLOPs of one call (see module docstring)."""
+    vc, tc = cfg.vision_config, cfg.text_config
+    hd = tc.hidden_size // tc.num_attention_heads
+    kv = tc.num_key_value_heads * hd
+    llm_params = tc.num_hidden_layers * (tc.hidden_size * (tc.hidden_size + 2 * kv) + tc.hidden_size ** 2
+                                         + 3 * tc.hidden_size * tc.intermediate_size) + tc.hidden_size * tc.vocab_size
+    seq = inp["tokens"] // inp["batch"]
+    llm = 2 * llm_params * inp["tokens"] + inp["batch"] * tc.num_hidden_layers * 2 * seq * seq * tc.hidden_size
+    n_vis = (vc.image_size // vc.patch_size) ** 2 + (1 if name != "ov_ft" else 0)
+    vis_params = vc.num_hidden_layers * (4 * vc.hidden_size ** 2 + 2 * vc.hidden_size * vc.intermediate_size)
+    vis = inp["tiles"] * (2 * vis_params * n_vis + vc.num_hidden_layers * 4 * n_vis * n_vis * vc.hidden_size)
+    proj = 2 * inp["tiles"] * n_vis * (vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2)
+    if name == "prefill":
+        return llm + vis + proj
+    if name == "stage1":
+        return 2 * llm + vis + 3 * proj
+    return 3 * (llm + vis + proj)
+
+
+def build(provider, name, cfg, device):
+    import transformers as tf
+
+    from llava_fast.models import CLASSES_BY_TYPE, LlavaConfig
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    if provider == "llava_fast":
+        lf_cfg = LlavaConfig.from_hf_dict(cfg.to_dict())
+        with torch.device(device):
+            m = CLASSES_BY_TYPE[lf_cfg.model_type](lf_cfg).to(dtype)
+    else:
+        cls = {"llava": tf.LlavaForConditionalGeneration, "llava_next": tf.LlavaNextForConditionalGeneration,
+               "llava_onevision": tf.LlavaOnevisionForConditionalGeneration}[cfg.model_type]
+        cfg._attn_implementation = "eager" if provider == "hf_eager" else "sdpa"
+        with torch.device(device):
+            m = cls(cfg).to(dtype)
+        if provider == "hf_sdpa_liger":
+            import liger_kernel.transformers as lk
+
+            fn = lk.apply_liger_kernel_to_qwen2 if cfg.model_type == "llava_onevision" else lk.apply_liger_kernel_to_llama
+            fn(model=m.model.language_model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+               fused_linear_cross_entropy=False)
+    if name == "stage1":
+        for n, p in m.named_parameters():
+            p.requires_grad_("multi_modal_projector" in n)
+    elif name == "prefill":
+        m.requires_grad_(False)
+    return m
+
+
+def step_fn(provider, name, m, inp):
+    kw = dict(input_ids=inp["ids"])
+    if inp["sizes"] is not None:
+        kw["image_sizes"] = inp["sizes"]
+    kw["pixel_values"] = inp["pv"] if provider == "llava_fast" else inp["hf_pv"]
+    if name == "prefill":
+        def fn():
+            with torch.no_grad():
+                m(**kw)
+        return fn
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=inp["ids"].is_cuda)
+
+    def fn():
+        out = m(labels=inp["labels"], **kw)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return fn
+
+
+def available(provider):
+    if provider == "hf_sdpa_liger":
+        try:
+            import liger_kernel  # noqa: F401
+        except Exception:
+            return False
+    return True
+
+
+def run(workloads, providers, layers, tiny, rep, warmup):
+    device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
+    rows = []
+    for name in workloads:
+        cfg = hf_configs(name, layers, tiny)
+        inp = make_inputs(name, cfg, device, tiny)
+        fl = flops(name, cfg, inp)
+        shape = {"stage1": "LLaVA-1.5-7B stage1 16x640", "prefill": "NeXT-7B prefill 8x2498",
+                 "ov_ft": "OV-0.5B full FT 2x5453"}[name]
+        if tiny:
+            shape += " (tiny)"
+        elif layers:
+            shape += f" ({layers} LLM layers)"
+        for prov in providers:
+            if not available(prov):
+                print(f"[{name}] {prov}: not installed, skipped")
+                continue
+            m = None
+            try:
+                m = build(prov, name, cfg, device)
+                fn = step_fn(prov, name, m, inp)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t = bench(fn, warmup=warmup, rep=rep)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+                per_s = inp["batch"] / (t["ms"] / 1e3) if name == "stage1" else inp["tokens"] / (t["ms"] / 1e3)
+                unit = "samples/s" if name == "stage1" else "tokens/s"
+                mfu = fl / (t["ms"] / 1e3) / (PEAK_TFLOPS * 1e12)
+                rows.append(Row(bench="model", provider=prov, shape=shape, dtype=str(next(m.parameters()).dtype)[6:],
+                                mode=name, ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=per_s,
+                                unit=unit, peak_gib=peak, note=f"MFU {100 * mfu:.1f}%"))
+                print(f"[{name}] {prov}: {t['ms']:.1f} ms, {per_s:.1f} {unit}, MFU {100 * mfu:.1f}%, "
+                      f"peak {peak if peak is None else round(peak, 1)} GiB", flush=True)
+            except torch.OutOfMemoryError:
+                rows.append(Row(bench="model", provider=prov, shape=shape, dtype="bfloat16", mode=name, note="OOM"))
+                print(f"[{name}] {prov}: out of memory")
+            finally:
+                del m
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    add_ratios(rows)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default="stage1,prefill,ov_ft")
+    p.add_argument("--providers", default="llava_fast,hf_eager,hf_sdpa,hf_sdpa_liger")
+    p.add_argument("--layers", type=int, default=None, help="override the LLM depth (shorter runs; noted per row)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (harness smoke test)")
+    p.add_argument("--no-save", action="store_true")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available() and not a.tiny:
+        print("bench_model: no CUDA GPU here; run on a GPU (benchmarks/device_check.sh) or pass --tiny for a CPU smoke run")
+        return 0
+    rows = run(a.workloads.split(","), a.providers.split(","), a.layers, a.tiny, rep=3 if (a.quick or a.tiny) else 10,
+               warmup=1 if (a.quick or a.tiny) else 3)
+    print(f"\nGPU: {device_name()}\n" + to_markdown(rows))
+    if not a.no_save:
+        print(f"saved {save(rows, 'bench_model')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

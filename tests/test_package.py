@@ -1,0 +1,72 @@
+"""Package-level checks: import never touches the GPU, env and CLI work, the README's commands are the ones CI runs."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_is_light_and_gpu_free():
+    code = ("import sys, llava_fast; import torch; "
+            "assert not torch.cuda.is_initialized(); "
+            "print('llava_fast.models' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"   # the model code loads lazily
+
+
+def test_env_reports_everything():
+    import llava_fast
+
+    info = llava_fast.env()
+    for key in ("llava_fast", "torch", "triton", "transformers", "gpu", "ext", "triton_usable", "backends"):
+        assert key in info
+    assert set(info["backends"]) >= {"attention", "projector", "rms_norm", "cross_entropy"}
+
+
+def test_cli_env_runs():
+    out = subprocess.run([sys.executable, "-m", "llava_fast.cli", "env"], capture_output=True, text=True, check=True)
+    assert "backends (per op)" in out.stdout
+
+
+def test_set_backend_validates():
+    import llava_fast
+    from llava_fast import backend
+
+    with pytest.raises(ValueError, match="unknown op"):
+        llava_fast.set_backend("nope", "reference")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        llava_fast.set_backend("attention", "fast")
+    llava_fast.set_backend("attention", "reference")
+    try:
+        assert not backend.use_fast("attention", "cuda")
+    finally:
+        llava_fast.set_backend("attention", "auto")
+
+
+def test_readme_commands_match_ci():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
+    assert blocks, "README must start with a code block holding the two commands"
+    first = [l for l in blocks[0].strip().splitlines() if l.strip() and not l.startswith("#")]
+    assert len(first) == 2, f"README's first block must hold exactly two commands, got {first}"
+    assert "llava-fast demo" in first[0]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert first[1].strip() in ci, f"CI must run the README's test command {first[1]!r}"
+
+
+def test_bench_model_harness_smoke(tmp_path):
+    """The end-to-end benchmark runs (at toy sizes, on the CPU) and writes its JSON and markdown."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+    import bench_utils
+
+    rows = bench_model.run(["prefill"], ["llava_fast", "hf_sdpa"], layers=None, tiny=True, rep=1, warmup=0)
+    assert {r.provider for r in rows} == {"llava_fast", "hf_sdpa"}
+    assert all(r.metric and r.metric > 0 for r in rows)
+    md = bench_utils.save(rows, "smoke", out_dir=tmp_path)
+    assert md.exists() and md.with_suffix(".json").exists()
