@@ -33,8 +33,10 @@ def vision_attention(q, k, v, scale):
     return eager_attention(q, k, v, scale)
 
 
-def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen):
-    """Returns attn(q, k, v, scale) for one forward of the language model; q (B, H, L, D), k/v (B, Hkv, L, D)."""
+def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk=None):
+    """Returns attn(q, k, v, scale) for one forward of the language model; q (B, H, L, D), k/v (B, Hkv, Lk, D).
+    ``lk`` > ``n`` when a KV cache holds earlier tokens (causal mask aligned bottom-right)."""
+    lk = n if lk is None else lk
     fast = device.type == "cuda" and backend.use_fast("attention", "cuda") and _fast_attention()
     if cu_seqlens is not None:
         if b != 1:
@@ -54,7 +56,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen):
             return o.transpose(0, 1)[None]
         return attn
 
-    if fast and attention_mask is None:
+    if fast and attention_mask is None and lk == n:
         cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device)
 
         def attn(q, k, v, scale):
@@ -63,7 +65,10 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen):
             return o.view(b, n, q.shape[1], q.shape[3]).transpose(1, 2)
         return attn
 
-    mask = causal_mask(n, n, dtype, device, attention_mask)
+    if attention_mask is not None and attention_mask.shape[-1] != lk:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but the keys are {lk} "
+                         f"(cached + new); pass the mask of the whole sequence so far")
+    mask = causal_mask(n, lk, dtype, device, attention_mask)
     if device.type == "cuda":
         def attn(q, k, v, scale):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,

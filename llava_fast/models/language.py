@@ -23,12 +23,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, attn):
+    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0):
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)
         o = attn(q, k, v, self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
 
@@ -54,9 +56,32 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Keys and values of past tokens per layer, (B, Hkv, S, D), grown by concatenation (reference path)."""
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[i] is not None:
+            k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
+        self.k[i], self.v[i] = k, v
+        return k, v
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (finished sequences dropped)."""
+        self.k = [None if t is None else t[rows] for t in self.k]
+        self.v = [None if t is None else t[rows] for t in self.v]
 
 
 class LanguageModel(nn.Module):
@@ -71,23 +96,29 @@ class LanguageModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.gradient_checkpointing = False
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
+                cache: KVCache | None = None):
         """inputs_embeds (B, L, D). Padded form: ``attention_mask`` (B, L) of 1/0 (or None). Packed form: B == 1,
-        ``cu_seqlens`` int32 (n+1,), ``position_ids`` (1, L) restarting per sample."""
+        ``cu_seqlens`` int32 (n+1,), ``position_ids`` (1, L) restarting per sample. With ``cache`` (padded form only),
+        the new tokens attend to the cached ones too and ``attention_mask`` covers past + new tokens."""
         from llava_fast.models import dispatch
 
         b, n, _ = inputs_embeds.shape
         if position_ids is None:
             if cu_seqlens is not None:
                 raise ValueError("position_ids is required with cu_seqlens (positions restart at each sample)")
-            position_ids = torch.arange(n, device=inputs_embeds.device)[None].expand(b, n)
+            past = cache.length if cache is not None else 0
+            position_ids = torch.arange(past, past + n, device=inputs_embeds.device)[None].expand(b, n)
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("a KV cache is supported with the padded form only (no cu_seqlens)")
+        lk = n + (cache.length if cache is not None else 0)
         attn = dispatch.text_attention(b, n, inputs_embeds.dtype, inputs_embeds.device, attention_mask, cu_seqlens,
-                                       max_seqlen)
+                                       max_seqlen, lk=lk)
         x = inputs_embeds
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn)
+                x = layer(x, cos, sin, attn, cache, i)
         return self.norm(x)

@@ -119,6 +119,12 @@ class _LlavaBase(nn.Module):
             raise ValueError(f"{path} holds a {model.config.model_type} checkpoint, not {cls.model_type}")
         return model
 
+    def generate(self, input_ids, **kwargs):
+        """Greedy or sampled generation with a KV cache; see ``llava_fast.generation.generate``."""
+        from llava_fast.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
     def _feature_layers(self):
         layer = self.config.vision_feature_layer
         return [layer] if isinstance(layer, int) else list(layer)
@@ -155,7 +161,7 @@ class _LlavaBase(nn.Module):
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, labels=None,
                 pixel_values_videos=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
                 num_items_in_batch=None, batch_num_images=None, inputs_embeds=None, return_hidden=False,
-                logits=True):
+                logits=True, cache=None):
         """Padded form: input_ids (B, L) with image placeholders already expanded, attention_mask (B, L).
         Packed form: input_ids (1, T) holding several samples, ``cu_seqlens`` int32 (n+1,) and ``position_ids``
         (1, T) restarting at 0 per sample. ``labels`` are unshifted (as transformers). Returns ``LlavaOutput``."""
@@ -174,7 +180,8 @@ class _LlavaBase(nn.Module):
                 raise ValueError(f"input_ids holds ids outside [0, {vocab}) (vocab_size of the language model)")
             inputs_embeds = self.get_input_embeddings()(input_ids)
         b, n = inputs_embeds.shape[:2]
-        if n > self.config.text_config.max_position_embeddings and cu_seqlens is None:
+        if n + (cache.length if cache is not None else 0) > self.config.text_config.max_position_embeddings \
+                and cu_seqlens is None:
             raise ValueError(f"sequence of {n} tokens is longer than the context length "
                              f"(max_position_embeddings={self.config.text_config.max_position_embeddings}); "
                              f"split or truncate it before the model (image tokens must not be cut)")
@@ -189,18 +196,21 @@ class _LlavaBase(nn.Module):
         if pixel_values is not None and input_ids is not None:
             feats = self.image_features(pixel_values, image_sizes, batch_num_images)
             inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.image_token_id, feats, "Image")
-        elif input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
+        elif input_ids is not None and not (cache is not None and cache.length > 0) \
+                and bool((input_ids == self.config.image_token_id).any()):
+            # (a decoding step may produce the image token id as an ordinary token: no check then)
             raise ValueError("input_ids holds image tokens but no pixel_values were given")
         if pixel_values_videos is not None and input_ids is not None:
             feats = self.video_features(pixel_values_videos)
             inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.video_token_id, feats, "Video")
         if position_ids is not None and position_ids.dim() == 1:
             position_ids = position_ids[None]
-        if attention_mask is not None and attention_mask.shape != (b, n):
-            raise ValueError(f"attention_mask must have shape (batch, seq) = {(b, n)}, got "
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (b, past + n):
+            raise ValueError(f"attention_mask must have shape (batch, past + seq) = {(b, past + n)}, got "
                              f"{tuple(attention_mask.shape)}")
         hidden = self.model.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
         out_logits = self.lm_head(hidden) if (logits or labels is not None) else None
         loss = None
         if labels is not None:
