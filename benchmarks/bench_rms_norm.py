@@ -1,0 +1,168 @@
+"""RMSNorm (plain and fused residual add) forward / backward / fwd+bwd in GB/s.
+
+Providers, all measured in this run: ``llava_fast`` (Triton), ``hf`` (eager ``LlamaRMSNorm``; the fused variant is
+``residual + x`` then the norm, as the HF decoder layer does), ``compile`` (``torch.compile`` of the HF eager code),
+``liger`` (``LigerRMSNorm`` / ``LigerFusedAddRMSNorm`` when ``liger_kernel`` imports; skipped otherwise).
+A large bf16 ``copy_`` gives the copy bandwidth of this GPU in the same run; our rows say "% of copy".
+
+Bytes counted per provider (the same essential traffic for all; b = element size, M rows, N hidden):
+  fwd: (2 M N b) + 4 M  [fused: (4 M N b) + 4 M: reads x, residual, writes out, s]
+  bwd: (3 M N b) + 4 M  [fused: (4 M N b) + 4 M: reads dy, x, ds, writes dx (= dresidual)]; dweight is ignored.
+
+Run: ``python benchmarks/bench_rms_norm.py [--quick]`` (needs a CUDA GPU; exits cleanly without one).
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import Row, add_ratios, bench, peak_memory, save, to_markdown  # noqa: E402
+
+
+def copy_bandwidth(rows, device="cuda", dtype=torch.bfloat16, numel=1 << 28, warmup=5, rep=20):
+    """GB/s of ``y.copy_(x)`` for a 512 MiB bf16 tensor (read + write counted)."""
+    x = torch.randn(numel, device=device, dtype=dtype)
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x), warmup, rep)
+    gbps = 2 * x.numel() * x.element_size() / t["ms"] / 1e6
+    rows.append(Row(bench="copy", provider="torch.copy_", shape=f"{numel}", dtype=str(dtype).split(".")[-1],
+                    mode="copy", ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=gbps, unit="GB/s"))
+    del x, y
+    return gbps
+
+
+def measure(rows, name, provider, shape, dtype, mode, fn, nbytes, warmup, rep):
+    try:
+        t = bench(fn, warmup, rep)
+        peak = peak_memory(fn)
+        rows.append(Row(bench=name, provider=provider, shape=shape, dtype=str(dtype).split(".")[-1], mode=mode,
+                        ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=nbytes / t["ms"] / 1e6,
+                        unit="GB/s", peak_gib=peak))
+    except Exception as e:  # a baseline failing must not stop the run
+        rows.append(Row(bench=name, provider=provider, shape=shape, dtype=str(dtype).split(".")[-1], mode=mode,
+                        note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+
+
+def _grad_fn(f, inputs, gouts=None):
+    """(fwd, bwd, fwd+bwd) closures for f(*inputs) -> tuple of outputs (random output grads when gouts is None)."""
+    outs = f(*inputs)
+    if gouts is None:
+        gouts = tuple(torch.randn_like(o) for o in outs)
+    return (lambda: f(*inputs),
+            lambda: torch.autograd.grad(outs, inputs, gouts, retain_graph=True),
+            lambda: torch.autograd.grad(f(*inputs), inputs, gouts))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions (about 30 s)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
+    args = ap.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        import llava_fast
+        llava_fast.set_backend("rms_norm", "triton")
+    elif not torch.cuda.is_available():
+        print("bench_rms_norm: needs a CUDA GPU; nothing measured on this machine.")
+        return 0
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from llava_fast.ops.rms_norm import rms_norm
+
+    try:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    except Exception:
+        LigerRMSNorm = None
+    try:
+        from liger_kernel.transformers.fused_add_rms_norm import LigerFusedAddRMSNorm
+    except Exception:
+        LigerFusedAddRMSNorm = None
+
+    dtype = getattr(torch, args.dtype)
+    warmup, rep = (3, 10) if args.quick else (10, 50)
+    tokens = [8192] if args.quick else [8192, 16384]
+    hiddens = [896, 3584, 4096]
+    if args.smoke:
+        warmup, rep, tokens, hiddens = 1, 1, [16], [40]
+    eps = 1e-6
+    rows: list[Row] = []
+    copy_gbps = copy_bandwidth(rows, device=dev, numel=1 << (14 if args.smoke else 28))
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+
+    for m in tokens:
+        for n in hiddens:
+            shape = f"{m}x{n}"
+            b = torch.tensor([], dtype=dtype).element_size()
+            x = torch.randn(m, n, device=dev, dtype=dtype, requires_grad=True)
+            r = torch.randn(m, n, device=dev, dtype=dtype, requires_grad=True)
+            hf = LlamaRMSNorm(n, eps=eps).to(dev, dtype)
+            with torch.no_grad():
+                hf.weight.copy_(1 + 0.1 * torch.randn(n))
+            w = hf.weight
+            gy = torch.randn(m, n, device=dev, dtype=dtype)
+            gs = torch.randn(m, n, device=dev, dtype=dtype)
+            compiled = torch.compile(lambda x: hf(x), dynamic=False) if dev == "cuda" else (lambda x: hf(x))
+
+            def hf_fused(x, r):
+                s = r + x
+                return hf(s), s
+
+            compiled_fused = torch.compile(hf_fused, dynamic=False) if dev == "cuda" else hf_fused
+            # every provider uses the same weight parameter `w`, and the backward asks for dweight too
+            plain = {
+                "llava_fast": lambda x, w: (rms_norm(x, w, eps),),
+                "hf": lambda x, w: (hf(x),),
+                "compile": lambda x, w: (compiled(x),),
+            }
+            fused = {
+                "llava_fast": lambda x, r, w: rms_norm(x, w, eps, residual=r),
+                "hf": lambda x, r, w: hf_fused(x, r),
+                "compile": lambda x, r, w: compiled_fused(x, r),
+            }
+            if LigerRMSNorm is not None:
+                lg = LigerRMSNorm(n, eps=eps).to(dev, dtype)
+                lg.weight = w
+                plain["liger"] = lambda x, w: (lg(x),)
+            if LigerFusedAddRMSNorm is not None:
+                try:
+                    lgf = LigerFusedAddRMSNorm(n, eps=eps).to(dev, dtype)
+                    lgf.weight = w
+                    fused["liger"] = lambda x, r, w: tuple(lgf(x, r))
+                except Exception:
+                    pass
+            for variant, providers, inputs, gouts, nb_f, nb_b in (
+                ("rms_norm", plain, (x, w), (gy,), 2 * m * n * b + 4 * m, 3 * m * n * b + 4 * m),
+                ("rms_norm+residual", fused, (x, r, w), (gy, gs), 4 * m * n * b + 4 * m, 4 * m * n * b + 4 * m),
+            ):
+                for prov, f in providers.items():
+                    try:
+                        fwd, bwd, both = _grad_fn(f, inputs, gouts)
+                    except Exception as e:
+                        rows.append(Row(bench=variant, provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
+                                        note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+                        continue
+                    measure(rows, variant, prov, shape, dtype, "fwd", fwd, nb_f, warmup, rep)
+                    measure(rows, variant, prov, shape, dtype, "bwd", bwd, nb_b, warmup, rep)
+                    measure(rows, variant, prov, shape, dtype, "fwd+bwd", both, nb_f + nb_b, warmup, rep)
+            del x, r, gy, gs, hf
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+
+    add_ratios(rows, ours="llava_fast")
+    for row in rows:
+        if row.provider == "llava_fast" and row.metric:
+            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy"
+    print(to_markdown(rows))
+    if not args.smoke:
+        print(f"saved {save(rows, 'rms_norm')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""RoPE on q and k (packed tokens, per-token position ids) forward / backward / fwd+bwd in GB/s.
+
+Providers, all measured in this run: ``llava_fast`` (one Triton kernel for q and k, cos/sin recomputed in-kernel from
+position ids), ``llava_fast_inplace`` (fwd only, no grad: writes into q/k), ``hf`` (``apply_rotary_pos_emb`` on HF's
+``(1, H, T, D)`` views with cos/sin precomputed by ``LlamaRotaryEmbedding`` outside the timed region, as HF computes
+them once per model forward), ``compile`` (``torch.compile`` of ``apply_rotary_pos_emb``), ``liger``
+(``liger_rotary_pos_emb`` when ``liger_kernel`` imports). A large bf16 ``copy_`` gives this GPU's copy bandwidth.
+
+Bytes (same for every provider; b = element size): fwd = bwd = 2 T (Hq + Hkv) D b + 8 T (read + write q and k,
+position ids); the HF baselines also read cos/sin (not counted).
+
+Run: ``python benchmarks/bench_rope.py [--quick]`` (needs a CUDA GPU; exits cleanly without one).
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rms_norm import _grad_fn, copy_bandwidth, measure  # noqa: E402
+from bench_utils import Row, add_ratios, save, to_markdown  # noqa: E402
+
+MODELS = {  # name: (Hq, Hkv, D, theta)
+    "qwen2-0.5b": (14, 2, 64, 1e6),
+    "llama-7b": (32, 32, 128, 1e4),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
+    args = ap.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        import llava_fast
+        llava_fast.set_backend("rope", "triton")
+    elif not torch.cuda.is_available():
+        print("bench_rope: needs a CUDA GPU; nothing measured on this machine.")
+        return 0
+
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from llava_fast.ops.rope import rope, rope_inv_freq
+
+    try:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    except Exception:
+        liger_rotary_pos_emb = None
+
+    dtype = getattr(torch, args.dtype)
+    warmup, rep = (3, 10) if args.quick else (10, 50)
+    tokens = [8192] if args.quick else [8192, 16384]
+    models = MODELS
+    if args.smoke:
+        warmup, rep, tokens, models = 1, 1, [12], {"tiny": (3, 1, 8, 1e4)}
+    rows: list[Row] = []
+    copy_gbps = copy_bandwidth(rows, device=dev, numel=1 << (14 if args.smoke else 28))
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+    compile_apply = torch.compile(apply_rotary_pos_emb, dynamic=False) if dev == "cuda" else apply_rotary_pos_emb
+
+    for t in tokens:
+        for name, (hq, hkv, d, theta) in models.items():
+            shape = f"T{t} {name} {hq}/{hkv}x{d}"
+            b = torch.tensor([], dtype=dtype).element_size()
+            # packed samples of 1000..3000 tokens, positions restarting per sample
+            lengths, left = [], t
+            while left > 0:
+                lengths.append(min(left, 1000 + (len(lengths) * 731) % 2000))
+                left -= lengths[-1]
+            pos = torch.cat([torch.arange(n) for n in lengths]).to(dev)
+            q = torch.randn(t, hq, d, device=dev, dtype=dtype, requires_grad=True)
+            k = torch.randn(t, hkv, d, device=dev, dtype=dtype, requires_grad=True)
+            inv = rope_inv_freq(d, theta, dev)
+            cfg = LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
+                              rope_theta=theta)
+            cos, sin = LlamaRotaryEmbedding(cfg).to(dev)(q, pos[None])
+
+            def hf_layout(x):  # HF: proj(x).view(B, S, H, D).transpose(1, 2)
+                return x.unsqueeze(0).transpose(1, 2)
+
+            providers = {
+                "llava_fast": lambda q, k: rope(q, k, pos, inv_freq=inv),
+                "hf": lambda q, k: apply_rotary_pos_emb(hf_layout(q), hf_layout(k), cos, sin),
+                "compile": lambda q, k: compile_apply(hf_layout(q), hf_layout(k), cos, sin),
+            }
+            if liger_rotary_pos_emb is not None:
+                providers["liger"] = lambda q, k: liger_rotary_pos_emb(hf_layout(q), hf_layout(k), cos, sin)
+            nbytes = 2 * t * (hq + hkv) * d * b + 8 * t
+            for prov, f in providers.items():
+                try:
+                    fwd, bwd, both = _grad_fn(f, (q, k))
+                except Exception as e:
+                    rows.append(Row(bench="rope", provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
+                                    note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+                    continue
+                measure(rows, "rope", prov, shape, dtype, "fwd", fwd, nbytes, warmup, rep)
+                measure(rows, "rope", prov, shape, dtype, "bwd", bwd, nbytes, warmup, rep)
+                measure(rows, "rope", prov, shape, dtype, "fwd+bwd", both, 2 * nbytes, warmup, rep)
+            qi, ki = q.detach().clone(), k.detach().clone()
+
+            def inplace():
+                with torch.no_grad():
+                    return rope(qi, ki, pos, inv_freq=inv, inplace=True)
+
+            measure(rows, "rope", "llava_fast_inplace", shape, dtype, "fwd", inplace, nbytes, warmup, rep)
+            del q, k, qi, ki, cos, sin
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+
+    add_ratios(rows, ours="llava_fast")
+    for row in rows:
+        if row.provider.startswith("llava_fast") and row.metric:
+            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy"
+    print(to_markdown(rows))
+    if not args.smoke:
+        print(f"saved {save(rows, 'rope')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

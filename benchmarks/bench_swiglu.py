@@ -1,0 +1,101 @@
+"""SwiGLU activation ``silu(gate) * up`` forward / backward / fwd+bwd in GB/s.
+
+Providers, all measured in this run: ``llava_fast`` (Triton; backward recomputes silu), ``hf`` (eager
+``act_fn(gate) * up`` as ``LlamaMLP``), ``compile`` (``torch.compile`` of it), ``liger`` (``LigerSiLUMulFunction`` when
+``liger_kernel`` imports). A large bf16 ``copy_`` gives this GPU's copy bandwidth in the same run.
+
+Bytes (same for every provider; b = element size, T tokens, I intermediate): fwd 3 T I b (read gate, up; write out);
+bwd 5 T I b (read dout, gate, up; write dgate, dup). Eager's extra traffic (silu output, temporaries) is not counted.
+
+Run: ``python benchmarks/bench_swiglu.py [--quick]`` (needs a CUDA GPU; exits cleanly without one).
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rms_norm import _grad_fn, copy_bandwidth, measure  # noqa: E402
+from bench_utils import Row, add_ratios, save, to_markdown  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
+    args = ap.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        import llava_fast
+        llava_fast.set_backend("swiglu", "triton")
+    elif not torch.cuda.is_available():
+        print("bench_swiglu: needs a CUDA GPU; nothing measured on this machine.")
+        return 0
+
+    from llava_fast.ops.swiglu import swiglu
+
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except Exception:
+        LigerSiLUMulFunction = None
+
+    dtype = getattr(torch, args.dtype)
+    warmup, rep = (3, 10) if args.quick else (10, 50)
+    tokens = [8192] if args.quick else [8192, 16384]
+    inters = [4864, 11008, 18944]
+    if args.smoke:
+        warmup, rep, tokens, inters = 1, 1, [8], [100]
+    rows: list[Row] = []
+    copy_gbps = copy_bandwidth(rows, device=dev, numel=1 << (14 if args.smoke else 28))
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+
+    def eager(a, b):
+        return torch.nn.functional.silu(a) * b
+
+    compiled = torch.compile(eager, dynamic=False) if dev == "cuda" else eager
+    for t in tokens:
+        for inter in inters:
+            shape = f"{t}x{inter}"
+            eb = torch.tensor([], dtype=dtype).element_size()
+            a = torch.randn(t, inter, device=dev, dtype=dtype, requires_grad=True)
+            b = torch.randn(t, inter, device=dev, dtype=dtype, requires_grad=True)
+            gc = torch.randn(t, inter, device=dev, dtype=dtype)
+            providers = {
+                "llava_fast": lambda a, b: (swiglu(a, b),),
+                "hf": lambda a, b: (eager(a, b),),
+                "compile": lambda a, b: (compiled(a, b),),
+            }
+            if LigerSiLUMulFunction is not None:
+                providers["liger"] = lambda a, b: (LigerSiLUMulFunction.apply(a, b),)
+            nb_f, nb_b = 3 * t * inter * eb, 5 * t * inter * eb
+            for prov, f in providers.items():
+                try:
+                    fwd, bwd, both = _grad_fn(f, (a, b), (gc,))
+                except Exception as e:
+                    rows.append(Row(bench="swiglu", provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
+                                    note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+                    continue
+                measure(rows, "swiglu", prov, shape, dtype, "fwd", fwd, nb_f, warmup, rep)
+                measure(rows, "swiglu", prov, shape, dtype, "bwd", bwd, nb_b, warmup, rep)
+                measure(rows, "swiglu", prov, shape, dtype, "fwd+bwd", both, nb_f + nb_b, warmup, rep)
+                del fwd, bwd, both
+            del a, b, gc
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+
+    add_ratios(rows, ours="llava_fast")
+    for row in rows:
+        if row.provider == "llava_fast" and row.metric:
+            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy"
+    print(to_markdown(rows))
+    if not args.smoke:
+        print(f"saved {save(rows, 'swiglu')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

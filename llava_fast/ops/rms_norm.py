@@ -1,0 +1,322 @@
+"""RMSNorm with Llama/Qwen2 numerics, optionally fused with the residual add that precedes it.
+
+Numerics are exactly HF ``LlamaRMSNorm`` / ``Qwen2RMSNorm``::
+
+    h = x.float(); h = h * rsqrt(mean(h**2, -1) + eps); out = weight * h.to(x.dtype)
+
+i.e. the weight is applied AFTER the cast back to the input dtype, and the output dtype is
+``promote(weight.dtype, x.dtype)``. With ``residual`` the op first computes ``s = x + residual`` in the input dtype
+(HF's ``hidden_states = residual + hidden_states``) and returns ``(norm(s), s)``.
+
+Layout of this file (docs/style.md): reference -> Triton kernels -> launchers -> torch.library ops (+ fakes) ->
+autograd Function -> functional ``rms_norm``.
+
+Traffic per row of N elements, b bytes each: forward reads x (+ residual) and writes out (+ s): 2Nb (4Nb fused);
+backward reads dy, x (+ ds) and writes dx: 3Nb (4Nb). dweight partial sums (one fp32 row per program, then a
+deterministic ``sum(0)``) and rstd (4 bytes/row) are small.
+"""
+from typing import Optional
+
+import torch
+
+from llava_fast import backend
+
+try:  # Triton is optional: imports never fail, the reference is the fallback.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - no triton on this platform
+    HAS_TRITON = False
+
+_MAX_N = 32768  # one row must fit in registers (BLOCK_N fp32 values per program)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. reference (also the CPU path)
+# --------------------------------------------------------------------------------------------------------------------
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: Optional[torch.Tensor] = None):
+    """HF ``LlamaRMSNorm`` numerics, in plain PyTorch.
+
+    Args:
+        x: ``(..., N)`` activations.
+        weight: ``(N,)``.
+        eps: variance epsilon.
+        residual: optional ``(..., N)``, same dtype as ``x``; then ``s = x + residual`` is normalized.
+    Returns:
+        ``out`` of dtype ``promote(weight.dtype, x.dtype)``, or ``(out, s)`` when ``residual`` is given.
+    For an fp32 reference, call it on ``x.float()`` / ``weight.float()``.
+    """
+    s = x + residual if residual is not None else x
+    input_dtype = s.dtype
+    h = s.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    out = weight * h.to(input_dtype)
+    return (out, s) if residual is not None else out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. Triton kernels
+# --------------------------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(X, R, W, Y, S, RSTD,
+                             M, N, stride_x, stride_r, stride_y, stride_s, eps,
+                             HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        rmask = rows < M
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0)
+        if HAS_RES:
+            r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0)
+            # rounded to the input dtype, as HF's `residual + hidden_states`
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+            tl.store(S + r64 * stride_s + cols[None, :], x, mask=mask)
+        h = x.to(tl.float32)
+        var = tl.sum(h * h, axis=1) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(RSTD + rows, rstd, mask=rmask)
+        # HF: cast back to the input dtype, THEN multiply by the weight (in the promoted dtype)
+        hn = (h * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = w[None, :] * hn
+        tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW,
+                             M, N, rows_per_program, stride_dy, stride_x, stride_ds, stride_dx,
+                             HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Persistent: program `pid` owns rows [pid * rows_per_program, ...) and writes one fp32 row of partial
+        # dweight sums; the host reduces the (programs, N) partials with a fixed-order sum (deterministic).
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        row_start = pid * rows_per_program
+        row_end = tl.minimum(row_start + rows_per_program, M)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            rmask = rows < row_end
+            mask = rmask[:, None] & cmask[None, :]
+            r64 = rows.to(tl.int64)[:, None]
+            x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0)
+            dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+            xhat = x.to(tl.float32) * rstd[:, None]
+            # the forward multiplied the weight into xhat rounded to the input dtype
+            dw += tl.sum(dy * xhat.to(X.dtype.element_ty).to(tl.float32), axis=0)
+            g = dy * w[None, :]
+            c = tl.sum(g * xhat, axis=1) / N
+            dx = (g - xhat * c[:, None]) * rstd[:, None]
+            if HAS_DRES:
+                dx += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DW + pid.to(tl.int64) * N + cols, dw, mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. launchers
+# --------------------------------------------------------------------------------------------------------------------
+def _config(n: int, target: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): a tile of about ``target`` elements; several rows per program for small N."""
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(16, target // block_n))
+    elems = block_m * block_n
+    num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+    return block_m, block_n, num_warps
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (M, N) with a unit last stride (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _num_programs(device: torch.device, tiles: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(tiles, 4 * sms))
+    return max(1, min(tiles, 4))  # the CPU interpreter: a few programs exercise the partial-sum reduction
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Returns ``(out, s, rstd)``; ``s`` is empty when ``residual`` is None and
+    ``rstd`` (fp32, ``x.shape[:-1]``) is what the backward needs."""
+    n = x.shape[-1]
+    x2 = _rows(x)
+    m = x2.shape[0]
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = _rows(residual)
+        s = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        r2, s = x2, x2.new_empty(0)
+    if m > 0:
+        block_m, block_n, num_warps = _config(n, 4096)
+        grid = (triton.cdiv(m, block_m),)
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx():
+            _rms_norm_fwd_kernel[grid](
+                x2, r2, weight, y, s if residual is not None else y, rstd,
+                m, n, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0) if residual is not None else 0, eps,
+                HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    y = y.view(*x.shape[:-1], n)
+    if residual is not None:
+        s = s.view(x.shape)
+    return y, s, rstd.view(x.shape[:-1])
+
+
+def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 dres: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel. ``x`` is the normalized input (``s`` in the fused variant), ``dres`` the
+    gradient flowing into the returned ``s``. Returns ``(dx, dweight)``; ``dx`` is also the residual's gradient."""
+    n = x.shape[-1]
+    x2, dy2 = _rows(x), _rows(dy)
+    m = x2.shape[0]
+    dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    ds2 = _rows(dres) if dres is not None else dx
+    block_m, block_n, num_warps = _config(n, 2048)
+    tiles = triton.cdiv(m, block_m) if m else 0
+    programs = _num_programs(x.device, tiles) if m else 1
+    # whole tiles per program, so that only the last program sees a partial tile
+    rows_per_program = triton.cdiv(tiles, programs) * block_m if m else 0
+    programs = triton.cdiv(m, rows_per_program) if m else 1
+    dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
+    if m > 0:
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx():
+            _rms_norm_bwd_kernel[(programs,)](
+                dy2, x2, weight, rstd.reshape(-1), ds2, dx, dw_partial,
+                m, n, rows_per_program, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
+                HAS_DRES=dres is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    dw = dw_partial.sum(0).to(weight.dtype)
+    return dx.view(x.shape), dw
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. torch.library custom ops (opaque to torch.compile, with fakes for shape propagation)
+# --------------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("llava_fast::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor],
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return rms_norm_fwd(x, weight, eps, residual)
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, residual, eps):
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    s = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    return y, s, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("llava_fast::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                     dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_bwd(dy, x, weight, rstd, dres)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, rstd, dres):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. autograd
+# --------------------------------------------------------------------------------------------------------------------
+class RMSNormFunction(torch.autograd.Function):
+    """Always returns ``(out, s)``; ``s`` is an empty tensor when ``residual`` is None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps):
+        y, s, rstd = torch.ops.llava_fast.rms_norm_fwd(x, weight, residual, eps)
+        ctx.has_res = residual is not None
+        ctx.save_for_backward(s if ctx.has_res else x, weight, rstd)
+        ctx.set_materialize_grads(False)
+        if not ctx.has_res:
+            ctx.mark_non_differentiable(s)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        xs, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only s was used downstream
+            dy = torch.zeros(xs.shape, dtype=torch.promote_types(xs.dtype, weight.dtype), device=xs.device)
+        dres = ds if ctx.has_res else None
+        dx, dw = torch.ops.llava_fast.rms_norm_bwd(dy, xs, weight, rstd, dres)
+        return dx, dw, (dx if ctx.has_res else None), None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 6. functional
+# --------------------------------------------------------------------------------------------------------------------
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(x, weight, residual, eps):
+    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
+        raise ValueError(f"rms_norm: x must be a float32/float16/bfloat16 tensor, got "
+                         f"{getattr(x, 'dtype', type(x))}; cast it with x.to(torch.bfloat16)")
+    if x.dim() < 1:
+        raise ValueError("rms_norm: x must have at least one dimension (..., hidden)")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight must have shape (hidden,) = ({x.shape[-1]},) to match x.shape[-1], got "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype not in _DTYPES:
+        raise ValueError(f"rms_norm: weight must be float32/float16/bfloat16, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"rms_norm: weight is on {weight.device} but x is on {x.device}; move both to one device")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"rms_norm: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"rms_norm: residual dtype {residual.dtype} must equal x dtype {x.dtype}; "
+                             f"cast one of them")
+        if residual.device != x.device:
+            raise ValueError(f"rms_norm: residual is on {residual.device} but x is on {x.device}")
+    if not eps >= 0:
+        raise ValueError(f"rms_norm: eps must be >= 0, got {eps}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: Optional[torch.Tensor] = None):
+    """RMSNorm with HF Llama/Qwen2 numerics, optionally fused with the residual add before it.
+
+    Args:
+        x: ``(..., N)`` float32/float16/bfloat16.
+        weight: ``(N,)``.
+        eps: variance epsilon (Llama 1e-5 / 1e-6, Qwen2 1e-6).
+        residual: optional ``(..., N)`` of x's dtype: normalizes ``s = x + residual`` instead of ``x``.
+    Returns:
+        ``out`` (dtype ``promote(x.dtype, weight.dtype)``), or ``(out, s)`` when ``residual`` is given; the
+        gradient of ``s`` flows back into both ``x`` and ``residual``.
+    Uses the Triton kernel for CUDA tensors (see ``llava_fast.backend``), the reference elsewhere.
+    """
+    _check(x, weight, residual, eps)
+    if not (HAS_TRITON and backend.use_fast("rms_norm", x.device.type)):
+        return rms_norm_ref(x, weight, eps, residual)
+    if x.shape[-1] > _MAX_N:
+        raise ValueError(f"rms_norm: hidden size {x.shape[-1]} > {_MAX_N} is not supported by the Triton kernel; "
+                         f"use llava_fast.set_backend('rms_norm', 'reference')")
+    y, s = RMSNormFunction.apply(x, weight, residual, float(eps))
+    return (y, s) if residual is not None else y
+
+
+if HAS_TRITON:
+    backend.register_fast("rms_norm", "triton")
+
+__all__ = ["rms_norm_ref", "rms_norm_fwd", "rms_norm_bwd", "RMSNormFunction", "rms_norm"]

@@ -1,0 +1,344 @@
+"""Rotary position embedding (RoPE) for q and k in one kernel, for packed (varlen) sequences.
+
+Numerics are HF ``LlamaRotaryEmbedding`` (default rope_type) + ``apply_rotary_pos_emb``::
+
+    inv_freq = 1 / theta ** (arange(0, D, 2).float() / D)          # fp32, on the host
+    freqs = position_ids.float()[..., None] * inv_freq             # fp32
+    cos, sin = cos(cat(freqs, freqs)).to(x.dtype), sin(...).to(x.dtype)
+    out = x * cos + rotate_half(x) * sin                           # rotate_half(x) = cat(-x2, x1) (halves, not pairs)
+
+q is ``(T, Hq, D)`` and k ``(T, Hkv, D)`` (or ``(B, S, H, D)``), ``position_ids`` one position per token (restarting
+at every packed sample). The kernel recomputes cos/sin from ``position_ids`` (no table in HBM; each program computes
+them once for its tokens and reuses them for every head), or gathers them from a precomputed fp32 cache.
+The rotation is orthogonal: the backward is the same rotation with ``-sin``; nothing is saved but position_ids.
+
+Traffic per token: reads and writes ``(Hq + Hkv) * D`` elements each (plus 8 bytes of position id): 2 x (Hq+Hkv) D b.
+"""
+import os
+from typing import Optional
+
+import torch
+
+from llava_fast import backend
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover
+    HAS_TRITON = False
+
+try:  # precise sin/cos (the CUDA math library, as torch uses); missing under the interpreter's patching
+    from triton.language.extra import libdevice
+except Exception:  # pragma: no cover
+    libdevice = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. reference (also the CPU path)
+# --------------------------------------------------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """HF's default ``inv_freq``: ``1 / theta ** (arange(0, D, 2).float() / D)``, shape ``(D/2,)`` fp32."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float)
+                            / head_dim))
+
+
+def rope_cos_sin_cache(max_positions: int, head_dim: int, theta: float, device=None,
+                       inv_freq: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(cos, sin)`` tables of shape ``(max_positions, D/2)`` computed by torch exactly as HF does (one half;
+    HF's tables repeat it). Pass them as ``rope(..., cos_sin_cache=...)``; every position must be < max_positions."""
+    inv = rope_inv_freq(head_dim, theta, device) if inv_freq is None else inv_freq.to(device=device)
+    freqs = torch.arange(max_positions, device=device, dtype=torch.int64).float()[:, None] * inv.float()
+    return freqs.cos().contiguous(), freqs.sin().contiguous()
+
+
+def _rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_ref(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000.0,
+             inv_freq: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF RoPE in plain PyTorch (bit-for-bit the same ops as ``LlamaRotaryEmbedding`` + ``apply_rotary_pos_emb``).
+
+    Args:
+        q: ``(T, Hq, D)`` or ``(B, S, Hq, D)``; k: ``(T, Hkv, D)`` or ``(B, S, Hkv, D)``.
+        position_ids: one integer position per token, ``q.shape[:-2]`` (or anything with that many elements).
+        theta: rope base (Llama 1e4, Qwen2 1e6); ignored when ``inv_freq`` is given.
+    Returns:
+        ``(q_embed, k_embed)`` in q's / k's dtype.
+    """
+    d = q.shape[-1]
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(d, theta, q.device)
+    pos = position_ids.reshape(q.shape[:-2])
+    freqs = pos[..., None].float() * inv_freq.to(device=q.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = emb.cos().unsqueeze(-2)  # broadcast over heads
+    sin = emb.sin().unsqueeze(-2)
+    q_embed = (q * cos.to(q.dtype)) + (_rotate_half(q) * sin.to(q.dtype))
+    k_embed = (k * cos.to(k.dtype)) + (_rotate_half(k) * sin.to(k.dtype))
+    return q_embed, k_embed
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. Triton kernels
+# --------------------------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _rope_rotate(X, XO, t64, tmask, d, dmask, cos, sin, H, stride_t, stride_h, stride_ot, stride_oh,
+                     HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        # x1 * cos - x2 * sin | x2 * cos + x1 * sin, over all heads of BLOCK_T tokens; cos/sin (BLOCK_T, 1, BLOCK_D)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            mask = tmask[:, None, None] & (h < H)[None, :, None] & dmask[None, None, :]
+            off = t64[:, None, None] * stride_t + h[None, :, None] * stride_h + d[None, None, :]
+            ooff = t64[:, None, None] * stride_ot + h[None, :, None] * stride_oh + d[None, None, :]
+            x1 = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(X + off + HALF, mask=mask, other=0.0).to(tl.float32)
+            o1 = x1 * cos - x2 * sin
+            o2 = x2 * cos + x1 * sin
+            tl.store(XO + ooff, o1.to(XO.dtype.element_ty), mask=mask)
+            tl.store(XO + ooff + HALF, o2.to(XO.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_kernel(Q, K, QO, KO, POS, INV_FREQ, COS_CACHE, SIN_CACHE,
+                     T, HQ, HKV, cache_len,
+                     stride_qt, stride_qh, stride_kt, stride_kh,
+                     stride_qot, stride_qoh, stride_kot, stride_koh, stride_cache,
+                     BACKWARD: tl.constexpr, HAS_CACHE: tl.constexpr, PRECISE: tl.constexpr,
+                     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr):
+        pid = tl.program_id(0)
+        t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = t < T
+        t64 = t.to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HALF
+        pos = tl.load(POS + t, mask=tmask, other=0)
+        if HAS_CACHE:
+            # positions must be < cache_len (documented); clamp so that a bad id cannot read out of bounds
+            p = tl.minimum(tl.maximum(pos, 0), cache_len - 1).to(tl.int64)
+            cmask = tmask[:, None] & dmask[None, :]
+            cos = tl.load(COS_CACHE + p[:, None] * stride_cache + d[None, :], mask=cmask, other=0.0)
+            sin = tl.load(SIN_CACHE + p[:, None] * stride_cache + d[None, :], mask=cmask, other=0.0)
+        else:
+            inv = tl.load(INV_FREQ + d, mask=dmask, other=0.0)
+            freqs = pos.to(tl.float32)[:, None] * inv[None, :]  # one fp32 product, as HF
+            if PRECISE:
+                cos = libdevice.cos(freqs)
+                sin = libdevice.sin(freqs)
+            else:  # the CPU interpreter (numpy sin/cos)
+                cos = tl.cos(freqs)
+                sin = tl.sin(freqs)
+        # HF casts cos/sin to the activation dtype before multiplying
+        cos = cos.to(QO.dtype.element_ty).to(tl.float32)[:, None, :]
+        sin = sin.to(QO.dtype.element_ty).to(tl.float32)[:, None, :]
+        if BACKWARD:
+            sin = -sin
+        _rope_rotate(Q, QO, t64, tmask, d, dmask, cos, sin, HQ, stride_qt, stride_qh, stride_qot, stride_qoh,
+                     HALF, BLOCK_HQ)
+        _rope_rotate(K, KO, t64, tmask, d, dmask, cos, sin, HKV, stride_kt, stride_kh, stride_kot, stride_koh,
+                     HALF, BLOCK_HKV)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. launchers
+# --------------------------------------------------------------------------------------------------------------------
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _as_thd(x: torch.Tensor) -> torch.Tensor:
+    """(..., H, D) -> (T, H, D) with a unit last stride (a view when possible: q/k slices of a fused qkv stay views)."""
+    x3 = x.reshape(-1, x.shape[-2], x.shape[-1])
+    return x3 if x3.stride(-1) == 1 else x3.contiguous()
+
+
+def _launch(q, k, qo, ko, pos, inv_freq, cos_cache, sin_cache, backward: bool):
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    if t == 0:
+        return
+    half = d // 2
+    block_d = triton.next_power_of_2(half)
+    block_hq = min(triton.next_power_of_2(hq), 16)
+    block_hkv = min(triton.next_power_of_2(hkv), 16)
+    # about 4096 elements per half-tile: enough bytes in flight per program, cos/sin amortized over all heads
+    block_t = max(1, min(32, 4096 // (max(block_hq, block_hkv) * block_d), triton.next_power_of_2(t)))
+    has_cache = cos_cache is not None
+    grid = (triton.cdiv(t, block_t),)
+    dummy = inv_freq if inv_freq is not None else cos_cache
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullctx():
+        _rope_kernel[grid](
+            q, k, qo, ko, pos, dummy, cos_cache if has_cache else dummy, sin_cache if has_cache else dummy,
+            t, hq, hkv, cos_cache.shape[0] if has_cache else 1,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos_cache.stride(0) if has_cache else 0,
+            BACKWARD=backward, HAS_CACHE=has_cache, PRECISE=(libdevice is not None and not _interpret()),
+            HALF=half, BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, num_warps=4)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def rope_fwd(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: Optional[torch.Tensor] = None,
+             cos_cache: Optional[torch.Tensor] = None, sin_cache: Optional[torch.Tensor] = None,
+             backward: bool = False, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel on ``q`` ``(..., Hq, D)`` and ``k`` ``(..., Hkv, D)``. ``backward=True`` rotates by -angle
+    (the gradient). ``inplace=True`` writes into q and k (which must then be (T, H, D)-viewable with unit last
+    stride) and returns them. Needs ``inv_freq`` (D/2 fp32) or both caches ``(P, D/2)`` fp32."""
+    q3, k3 = _as_thd(q), _as_thd(k)
+    pos = position_ids.reshape(-1)
+    if not pos.is_contiguous():
+        pos = pos.contiguous()
+    if inplace:
+        if q3.data_ptr() != q.data_ptr() or k3.data_ptr() != k.data_ptr() or q.stride(-1) != 1 or k.stride(-1) != 1:
+            raise ValueError("rope: inplace=True needs q and k with a unit last stride; pass inplace=False")
+        qo, ko = q3, k3
+    else:
+        qo, ko = torch.empty(q3.shape, dtype=q.dtype, device=q.device), torch.empty(k3.shape, dtype=k.dtype,
+                                                                                   device=k.device)
+    _launch(q3, k3, qo, ko, pos, inv_freq, cos_cache, sin_cache, backward)
+    if inplace:
+        return q, k
+    return qo.view(q.shape), ko.view(k.shape)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. torch.library custom ops
+# --------------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("llava_fast::rope", mutates_args=())
+def _rope_op(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: Optional[torch.Tensor],
+             cos_cache: Optional[torch.Tensor], sin_cache: Optional[torch.Tensor],
+             backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_fwd(q, k, position_ids, inv_freq, cos_cache, sin_cache, backward, inplace=False)
+
+
+@_rope_op.register_fake
+def _(q, k, position_ids, inv_freq, cos_cache, sin_cache, backward):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("llava_fast::rope_", mutates_args=("q", "k"))
+def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: Optional[torch.Tensor],
+                     cos_cache: Optional[torch.Tensor], sin_cache: Optional[torch.Tensor], backward: bool) -> None:
+    rope_fwd(q, k, position_ids, inv_freq, cos_cache, sin_cache, backward, inplace=True)
+
+
+@_rope_inplace_op.register_fake
+def _(q, k, position_ids, inv_freq, cos_cache, sin_cache, backward):
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. autograd
+# --------------------------------------------------------------------------------------------------------------------
+class RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, position_ids, inv_freq, cos_cache, sin_cache, inplace):
+        ctx.save_for_backward(position_ids, inv_freq, cos_cache, sin_cache)
+        if inplace:
+            torch.ops.llava_fast.rope_(q, k, position_ids, inv_freq, cos_cache, sin_cache, False)
+            ctx.mark_dirty(q, k)
+            return q, k
+        return torch.ops.llava_fast.rope(q, k, position_ids, inv_freq, cos_cache, sin_cache, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        position_ids, inv_freq, cos_cache, sin_cache = ctx.saved_tensors
+        dq, dk = torch.ops.llava_fast.rope(dq, dk, position_ids, inv_freq, cos_cache, sin_cache, True)
+        return dq, dk, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 6. functional
+# --------------------------------------------------------------------------------------------------------------------
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(q, k, position_ids, cos_sin_cache):
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
+            raise ValueError(f"rope: {name} must be a float32/float16/bfloat16 tensor, got "
+                             f"{getattr(x, 'dtype', type(x))}")
+        if x.dim() < 3:
+            raise ValueError(f"rope: {name} must be (T, heads, head_dim) or (B, S, heads, head_dim), got shape "
+                             f"{tuple(x.shape)}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"rope: q ({q.dtype}) and k ({k.dtype}) must have the same dtype")
+    if q.shape[-1] != k.shape[-1] or q.shape[-1] % 2:
+        raise ValueError(f"rope: q and k need the same even head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if q.shape[:-2] != k.shape[:-2]:
+        raise ValueError(f"rope: q and k must have the same token dims, got {tuple(q.shape[:-2])} and "
+                         f"{tuple(k.shape[:-2])}")
+    if k.device != q.device or position_ids.device != q.device:
+        raise ValueError(f"rope: q ({q.device}), k ({k.device}) and position_ids ({position_ids.device}) must be on "
+                         f"one device")
+    if position_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"rope: position_ids must be int64 or int32, got {position_ids.dtype}")
+    if position_ids.numel() != q[..., 0, 0].numel():
+        raise ValueError(f"rope: position_ids needs one position per token ({q[..., 0, 0].numel()} for q of shape "
+                         f"{tuple(q.shape)}), got shape {tuple(position_ids.shape)}")
+    if cos_sin_cache is not None:
+        cos, sin = cos_sin_cache
+        want = (cos.shape[0], q.shape[-1] // 2)
+        if cos.shape != sin.shape or cos.dim() != 2 or tuple(cos.shape) != want or cos.dtype != torch.float32:
+            raise ValueError(f"rope: cos_sin_cache must be two fp32 (max_positions, head_dim/2) tables "
+                             f"(see rope_cos_sin_cache), got {tuple(cos.shape)} {cos.dtype} / {tuple(sin.shape)}")
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000.0,
+         inv_freq: Optional[torch.Tensor] = None, cos_sin_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+         inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply HF-default RoPE to q and k in one kernel.
+
+    Args:
+        q: ``(T, Hq, D)`` (packed tokens) or ``(B, S, Hq, D)``; k: same with ``Hkv`` heads. A unit last stride is
+            enough (slices of a fused qkv projection work without a copy).
+        position_ids: int positions, one per token (``(T,)``, ``(1, T)`` or ``(B, S)``), restarting per sample.
+        theta: rope base (Llama 1e4, Qwen2 1e6), used when ``inv_freq`` is None.
+        inv_freq: optional precomputed ``(D/2,)`` fp32 inverse frequencies (see :func:`rope_inv_freq`).
+        cos_sin_cache: optional fp32 ``(cos, sin)`` tables ``(P, D/2)`` from :func:`rope_cos_sin_cache`; every
+            position must be < P (out-of-range ids are clamped, giving wrong angles).
+        inplace: write the result into q and k (Triton path; safe in no-grad inference, and also under autograd,
+            which only needs position_ids for the backward).
+    Returns:
+        ``(q_embed, k_embed)``, same shapes and dtypes as q and k (q and k themselves when ``inplace``).
+    """
+    _check(q, k, position_ids, cos_sin_cache)
+    if inv_freq is None and cos_sin_cache is None:
+        inv_freq = rope_inv_freq(q.shape[-1], theta, q.device)
+    if not (HAS_TRITON and backend.use_fast("rope", q.device.type)):
+        if cos_sin_cache is not None:
+            cos, sin = cos_sin_cache
+            pos = position_ids.reshape(q.shape[:-2])
+            cos = torch.cat((cos[pos], cos[pos]), -1).unsqueeze(-2)
+            sin = torch.cat((sin[pos], sin[pos]), -1).unsqueeze(-2)
+            qe = q * cos.to(q.dtype) + _rotate_half(q) * sin.to(q.dtype)
+            ke = k * cos.to(k.dtype) + _rotate_half(k) * sin.to(k.dtype)
+        else:
+            qe, ke = rope_ref(q, k, position_ids, theta, inv_freq)
+        if inplace:
+            q.copy_(qe)
+            k.copy_(ke)
+            return q, k
+        return qe, ke
+    cos_c, sin_c = cos_sin_cache if cos_sin_cache is not None else (None, None)
+    if inv_freq is not None:
+        inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
+    return RoPEFunction.apply(q, k, position_ids, inv_freq, cos_c, sin_c, bool(inplace))
+
+
+if HAS_TRITON:
+    backend.register_fast("rope", "triton")
+
+__all__ = ["rope_inv_freq", "rope_cos_sin_cache", "rope_ref", "rope_fwd", "RoPEFunction", "rope"]

@@ -1,0 +1,210 @@
+"""SwiGLU activation ``silu(gate) * up`` (HF ``LlamaMLP``: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``).
+
+Numerics follow HF eager in the activation dtype: ``silu(gate)`` is computed in fp32 and rounded to the input dtype
+(torch's silu output), then multiplied by ``up`` in fp32 and rounded once. The backward recomputes silu from the saved
+``gate`` instead of storing it::
+
+    s = sigmoid(a);  d_up = dc * silu(a);  d_gate = dc * up * s * (1 + a * (1 - s))
+
+Traffic per element of ``b`` bytes: forward reads gate, up and writes out: 3b; backward reads dc, gate, up and writes
+d_gate, d_up: 5b.
+"""
+import torch
+
+from llava_fast import backend
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover
+    HAS_TRITON = False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. reference (also the CPU path)
+# --------------------------------------------------------------------------------------------------------------------
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` exactly as HF eager. ``gate``, ``up``: ``(..., I)`` of one dtype; returns that dtype."""
+    return torch.nn.functional.silu(gate) * up
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. Triton kernels
+# --------------------------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _offsets(pid, numel, N, stride, n_col_blocks, FLAT: tl.constexpr, BLOCK: tl.constexpr):
+        # FLAT: all tensors contiguous, one 1-D range over M*N elements (no wasted lanes at row ends);
+        # else one row segment per program with the row's own stride (e.g. halves of a fused gate_up output).
+        if FLAT:
+            offs_in = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs_in < numel  # numel passed from the host (an int arg equal to 1 is a constexpr)
+            offs_out = offs_in
+        else:
+            row = (pid // n_col_blocks).to(tl.int64)
+            cols = (pid % n_col_blocks) * BLOCK + tl.arange(0, BLOCK)
+            offs_in = row * stride + cols
+            mask = cols < N
+            offs_out = row * N + cols
+        return offs_in, mask, offs_out
+
+    @triton.jit
+    def _swiglu_fwd_kernel(A, B, C, numel, N, stride_a, stride_b, n_col_blocks,
+                           FLAT: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_a, mask, offs_c = _offsets(pid, numel, N, stride_a, n_col_blocks, FLAT, BLOCK)
+        offs_b, _, _ = _offsets(pid, numel, N, stride_b, n_col_blocks, FLAT, BLOCK)
+        a = tl.load(A + offs_a, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + offs_b, mask=mask, other=0.0).to(tl.float32)
+        silu = (a / (1.0 + tl.exp(-a))).to(C.dtype.element_ty).to(tl.float32)  # torch's silu, rounded as HF
+        tl.store(C + offs_c, (silu * b).to(C.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(DC, A, B, DA, DB, numel, N, stride_dc, stride_a, stride_b, n_col_blocks,
+                           FLAT: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_a, mask, offs_o = _offsets(pid, numel, N, stride_a, n_col_blocks, FLAT, BLOCK)
+        offs_b, _, _ = _offsets(pid, numel, N, stride_b, n_col_blocks, FLAT, BLOCK)
+        offs_dc, _, _ = _offsets(pid, numel, N, stride_dc, n_col_blocks, FLAT, BLOCK)
+        dc = tl.load(DC + offs_dc, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(A + offs_a, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + offs_b, mask=mask, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-a))
+        silu = (a * sig).to(DB.dtype.element_ty).to(tl.float32)  # the value the forward multiplied by `up`
+        db = dc * silu
+        da = dc * b * (sig * (1.0 + a * (1.0 - sig)))
+        tl.store(DA + offs_o, da.to(DA.dtype.element_ty), mask=mask)
+        tl.store(DB + offs_o, db.to(DB.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. launchers
+# --------------------------------------------------------------------------------------------------------------------
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return t2 if (t2.stride(-1) == 1 or t2.numel() == 0) else t2.contiguous()
+
+
+def _geometry(m: int, n: int, tensors, block: int):
+    flat = all(t.is_contiguous() for t in tensors)
+    if flat:
+        return True, block, 1, triton.cdiv(m * n, block)
+    blk = min(block, triton.next_power_of_2(n))
+    n_col_blocks = triton.cdiv(n, blk)
+    return False, blk, n_col_blocks, m * n_col_blocks
+
+
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Launch the forward kernel: ``silu(gate) * up`` for ``(..., I)`` inputs with a unit last stride."""
+    shape = gate.shape
+    a, b = _rows(gate), _rows(up)
+    m, n = a.shape
+    c = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
+    if m * n:
+        flat, block, ncb, programs = _geometry(m, n, (a, b), 2048)
+        with torch.cuda.device(gate.device) if gate.device.type == "cuda" else _nullctx():
+            _swiglu_fwd_kernel[(programs,)](a, b, c, m * n, n, a.stride(0), b.stride(0), ncb,
+                                            FLAT=flat, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return c.view(shape)
+
+
+def swiglu_bwd(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel; returns ``(d_gate, d_up)`` (contiguous, input shape)."""
+    shape = gate.shape
+    d, a, b = _rows(dc), _rows(gate), _rows(up)
+    m, n = a.shape
+    da = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
+    db = torch.empty((m, n), dtype=up.dtype, device=up.device)
+    if m * n:
+        flat, block, ncb, programs = _geometry(m, n, (d, a, b), 1024)
+        with torch.cuda.device(gate.device) if gate.device.type == "cuda" else _nullctx():
+            _swiglu_bwd_kernel[(programs,)](d, a, b, da, db, m * n, n, d.stride(0), a.stride(0), b.stride(0), ncb,
+                                            FLAT=flat, BLOCK=block, num_warps=4)
+    return da.view(shape), db.view(shape)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. torch.library custom ops
+# --------------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("llava_fast::swiglu_fwd", mutates_args=())
+def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return swiglu_fwd(gate, up)
+
+
+@_swiglu_fwd_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("llava_fast::swiglu_bwd", mutates_args=())
+def _swiglu_bwd_op(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return swiglu_bwd(dc, gate, up)
+
+
+@_swiglu_bwd_op.register_fake
+def _(dc, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. autograd
+# --------------------------------------------------------------------------------------------------------------------
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.ops.llava_fast.swiglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dc):
+        gate, up = ctx.saved_tensors
+        return torch.ops.llava_fast.swiglu_bwd(dc, gate, up)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 6. functional
+# --------------------------------------------------------------------------------------------------------------------
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` with HF numerics, fused forward and backward on CUDA.
+
+    Args:
+        gate: ``(..., I)`` output of ``gate_proj``; up: same shape and dtype (output of ``up_proj``). Row-strided
+            views (e.g. the two halves of a fused gate/up projection) are read without a copy.
+    Returns:
+        ``(..., I)`` in the inputs' dtype.
+    """
+    for name, t in (("gate", gate), ("up", up)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _DTYPES:
+            raise ValueError(f"swiglu: {name} must be a float32/float16/bfloat16 tensor, got "
+                             f"{getattr(t, 'dtype', type(t))}")
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if gate.dtype != up.dtype:
+        raise ValueError(f"swiglu: gate ({gate.dtype}) and up ({up.dtype}) must have the same dtype")
+    if gate.device != up.device:
+        raise ValueError(f"swiglu: gate ({gate.device}) and up ({up.device}) must be on the same device")
+    if gate.dim() == 0:
+        raise ValueError("swiglu: gate and up must have at least one dimension")
+    if not (HAS_TRITON and backend.use_fast("swiglu", gate.device.type)):
+        return swiglu_ref(gate, up)
+    return SwiGLUFunction.apply(gate, up)
+
+
+if HAS_TRITON:
+    backend.register_fast("swiglu", "triton")
+
+__all__ = ["swiglu_ref", "swiglu_fwd", "swiglu_bwd", "SwiGLUFunction", "swiglu"]

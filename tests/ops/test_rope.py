@@ -1,0 +1,280 @@
+"""RoPE: reference bit-for-bit vs HF LlamaRotaryEmbedding + apply_rotary_pos_emb; Triton kernel (q and k in one
+launch, packed position ids) vs the reference, forward and backward, in-place, cache and strided variants.
+
+CPU: kernel under TRITON_INTERPRET=1 on tiny fp32/fp16 shapes. GPU (`cuda` marker): bf16/fp16 at Qwen2-0.5B and
+Llama-7B head shapes with flash-attn's rule, and torch.compile.
+"""
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen2Config
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb as qwen2_apply_rotary_pos_emb
+
+import llava_fast
+from llava_fast.modules.rope import RotaryEmbedding
+from llava_fast.ops.rope import RoPEFunction, rope, rope_cos_sin_cache, rope_fwd, rope_inv_freq, rope_ref
+from tests.utils import assert_close_verbose, assert_flash_rule
+
+# fp32 kernel vs fp32 reference: cos/sin from numpy (interpreter) or libdevice vs torch differ by <= 1-2 ulp, and
+# x1*c - x2*s may be fused (FMA) -> a few ulp of |x| ~ 4: atol 2e-6, rtol 1e-5.
+FP32_TOL = dict(atol=2e-6, rtol=1e-5)
+
+
+def _packed_positions(lengths, device=None):
+    """Position ids restarting at every sample of a packed sequence."""
+    return torch.cat([torch.arange(n, device=device) for n in lengths])
+
+
+def _hf(cfg_cls, emb_cls, apply_fn, q, k, pos, theta):
+    """HF on packed (T, H, D) q/k: position_ids (1, T) and (1, H, T, D) layouts."""
+    hq, d = q.shape[-2], q.shape[-1]
+    cfg = cfg_cls(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=k.shape[-2], head_dim=d,
+                  rope_theta=theta, max_position_embeddings=4096)
+    emb = emb_cls(cfg)
+    cos, sin = emb(q, pos[None])
+    qh, kh = apply_fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    return qh[0].transpose(0, 1), kh[0].transpose(0, 1)
+
+
+def _grads(outs, inputs, gouts):
+    return list(torch.autograd.grad(outs, inputs, gouts))
+
+
+@pytest.fixture
+def kdev(device):
+    """Small kernel tests: the CPU interpreter here, the real GPU on a CUDA machine (the Triton path cannot take CPU
+    tensors there). Factory calls inside the test default to this device."""
+    with torch.device(device):
+        yield device
+
+
+# ---------------------------------------------------------------------------------------------------------------- CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_reference_bitexact_vs_hf(model, dtype):
+    cfg_cls, emb_cls, apply_fn, theta = {
+        "llama": (LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb, 1e4),
+        "qwen2": (Qwen2Config, Qwen2RotaryEmbedding, qwen2_apply_rotary_pos_emb, 1e6),
+    }[model]
+    pos = _packed_positions([5, 1, 300, 17])
+    q = torch.randn(len(pos), 7, 32, dtype=dtype, requires_grad=True)
+    k = torch.randn(len(pos), 3, 32, dtype=dtype, requires_grad=True)
+    qh, kh = _hf(cfg_cls, emb_cls, apply_fn, q, k, pos, theta)
+    qr, kr = rope_ref(q, k, pos, theta)
+    assert torch.equal(qr, qh) and torch.equal(kr, kh)
+    gq, gk = torch.randn_like(qr), torch.randn_like(kr)
+    for a, b in zip(_grads([qr, kr], [q, k], [gq, gk]), _grads([qh, kh], [q, k], [gq, gk])):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("theta", [1e4, 1e6])
+@pytest.mark.parametrize("t_hq_hkv_d", [(1, 1, 1, 2), (11, 7, 3, 16), (40, 14, 2, 64), (9, 4, 4, 6)])
+def test_kernel_fp32_small(t_hq_hkv_d, theta, kdev):
+    t, hq, hkv, d = t_hq_hkv_d
+    pos = _packed_positions([t // 2, t - t // 2] if t > 1 else [1]) * 37  # large angles too
+    q = torch.randn(t, hq, d, requires_grad=True)
+    k = torch.randn(t, hkv, d, requires_grad=True)
+    inv = rope_inv_freq(d, theta)
+    qo, ko = RoPEFunction.apply(q, k, pos, inv, None, None, False)
+    qr, kr = rope_ref(q, k, pos, theta)
+    assert_close_verbose(qo, qr, name="q", **FP32_TOL)
+    assert_close_verbose(ko, kr, name="k", **FP32_TOL)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    for name, a, b in zip(["dq", "dk"], _grads([qo, ko], [q, k], [gq, gk]), _grads([qr, kr], [q, k], [gq, gk])):
+        assert_close_verbose(a, b, name=name, **FP32_TOL)
+
+
+def test_kernel_fp16_interpreter_flash_rule(kdev):
+    pos = _packed_positions([20, 13])
+    q = torch.randn(len(pos), 6, 32, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(len(pos), 2, 32, dtype=torch.float16, requires_grad=True)
+    qo, ko = RoPEFunction.apply(q, k, pos, rope_inv_freq(32, 1e6), None, None, False)
+    qs, ks = rope_ref(q, k, pos, 1e6)
+    q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    qf, kf = rope_ref(q32, k32, pos, 1e6)
+    assert_flash_rule(qo, qf, qs, name="q")
+    assert_flash_rule(ko, kf, ks, name="k")
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    g = _grads([qo, ko], [q, k], [gq, gk])
+    gs = _grads([qs, ks], [q, k], [gq, gk])
+    gf = _grads([qf, kf], [q32, k32], [gq.float(), gk.float()])
+    for name, a, b, c in zip(["dq", "dk"], g, gf, gs):
+        assert_flash_rule(a, b, c, name=name)
+
+
+def test_cache_and_batched_layout(kdev):
+    b, s, hq, hkv, d = 2, 9, 4, 2, 16
+    pos = torch.stack([torch.arange(s), torch.arange(s) + 5])
+    q = torch.randn(b, s, hq, d)
+    k = torch.randn(b, s, hkv, d)
+    qr, kr = rope_ref(q, k, pos, 1e4)
+    cos, sin = rope_cos_sin_cache(64, d, 1e4)
+    qc, kc = RoPEFunction.apply(q, k, pos, None, cos, sin, False)
+    assert qc.shape == q.shape
+    # the cache is computed by torch exactly as HF: same cos/sin, so fp32 results agree to FMA-level rounding
+    assert_close_verbose(qc, qr, name="q", **FP32_TOL)
+    assert_close_verbose(kc, kr, name="k", **FP32_TOL)
+    # the reference path with the cache is HF-exact
+    llava_fast.set_backend("rope", "reference")
+    try:
+        qc2, kc2 = rope(q, k, pos, cos_sin_cache=(cos, sin))
+    finally:
+        llava_fast.set_backend("rope", "auto")
+    assert torch.equal(qc2, qr) and torch.equal(kc2, kr)
+
+
+def test_strided_qkv_views_and_inplace(kdev):
+    t, hq, hkv, d = 13, 4, 2, 8
+    qkv = torch.randn(t, hq + 2 * hkv, d)
+    pos = _packed_positions([6, 7])
+    q, k = qkv[:, :hq], qkv[:, hq:hq + hkv]
+    qr, kr = rope_ref(q, k, pos, 1e4)
+    qo, ko = rope_fwd(q, k, pos, rope_inv_freq(d, 1e4))
+    assert_close_verbose(qo, qr, name="q", **FP32_TOL)
+    assert_close_verbose(ko, kr, name="k", **FP32_TOL)
+    v_before = qkv[:, hq + hkv:].clone()
+    with torch.no_grad():
+        q2, k2 = RoPEFunction.apply(q, k, pos, rope_inv_freq(d, 1e4), None, None, True)
+    assert q2.data_ptr() == q.data_ptr()
+    torch.testing.assert_close(qkv[:, :hq], qo, atol=0, rtol=0)
+    torch.testing.assert_close(qkv[:, hq:hq + hkv], ko, atol=0, rtol=0)
+    assert torch.equal(qkv[:, hq + hkv:], v_before)  # v untouched
+
+
+def test_inplace_with_autograd(kdev):
+    pos = _packed_positions([3, 4])
+    q0 = torch.randn(7, 3, 8, requires_grad=True)
+    k0 = torch.randn(7, 1, 8, requires_grad=True)
+    llava_fast.set_backend("rope", "triton")
+    try:
+        q, k = q0 * 1.0, k0 * 1.0  # non-leaf activations
+        qo, ko = rope(q, k, pos, 1e4, inplace=True)
+        assert qo.data_ptr() == q.data_ptr()
+        g = _grads([qo, ko], [q0, k0], [torch.ones_like(qo), torch.ones_like(ko)])
+    finally:
+        llava_fast.set_backend("rope", "auto")
+    qr, kr = rope_ref(q0, k0, pos, 1e4)
+    gr = _grads([qr, kr], [q0, k0], [torch.ones_like(qr), torch.ones_like(kr)])
+    assert_close_verbose(qo, qr, name="q", **FP32_TOL)
+    for a, b in zip(g, gr):
+        assert_close_verbose(a, b, name="grad", **FP32_TOL)
+
+
+def test_module_from_config_matches_hf(kdev):
+    cfg = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6)
+    mod = RotaryEmbedding.from_config(cfg)
+    assert mod.theta == 1e6 and mod.head_dim == 16
+    assert len(mod.state_dict()) == 0  # inv_freq is non-persistent, as in HF
+    pos = _packed_positions([4, 9])
+    q, k = torch.randn(13, 4, 16), torch.randn(13, 2, 16)
+    qh, kh = _hf(Qwen2Config, Qwen2RotaryEmbedding, qwen2_apply_rotary_pos_emb, q, k, pos, 1e6)
+    llava_fast.set_backend("rope", "reference")
+    try:
+        qo, ko = mod(q, k, pos)
+    finally:
+        llava_fast.set_backend("rope", "auto")
+    assert torch.equal(qo, qh) and torch.equal(ko, kh)  # the reference path is HF bit for bit
+    cos, sin = mod.cos_sin(q, pos)
+    cos_hf, sin_hf = Qwen2RotaryEmbedding(cfg)(q, pos[None])
+    assert torch.equal(cos, cos_hf[0]) and torch.equal(sin, sin_hf[0])
+    llava_fast.set_backend("rope", "triton")
+    try:
+        with torch.no_grad():
+            qi, ki = q.clone(), k.clone()
+            qo2, ko2 = mod(qi, ki, pos)  # in place under no_grad
+        assert qo2.data_ptr() == qi.data_ptr()
+    finally:
+        llava_fast.set_backend("rope", "auto")
+    assert_close_verbose(qo2, qh, name="q", **FP32_TOL)
+    assert_close_verbose(ko2, kh, name="k", **FP32_TOL)
+
+
+def test_compile_aot_eager(kdev):
+    pos = _packed_positions([5, 3])
+    q = torch.randn(8, 3, 16, requires_grad=True)
+    k = torch.randn(8, 1, 16, requires_grad=True)
+    inv = rope_inv_freq(16, 1e4)
+    llava_fast.set_backend("rope", "triton")
+    try:
+        f = torch.compile(lambda q, k, p: rope(q, k, p, inv_freq=inv), backend="aot_eager", fullgraph=True)
+        qo, ko = f(q, k, pos)
+        g = _grads([qo, ko], [q, k], [torch.ones_like(qo), torch.ones_like(ko)])
+    finally:
+        llava_fast.set_backend("rope", "auto")
+    qr, kr = rope_ref(q, k, pos, 1e4)
+    gr = _grads([qr, kr], [q, k], [torch.ones_like(qr), torch.ones_like(kr)])
+    assert_close_verbose(qo, qr, name="q", **FP32_TOL)
+    for a, b in zip(g, gr):
+        assert_close_verbose(a, b, name="grad", **FP32_TOL)
+
+
+def test_bad_inputs():
+    q, k, pos = torch.randn(5, 2, 8), torch.randn(5, 1, 8), torch.arange(5)
+    with pytest.raises(ValueError, match="position_ids"):
+        rope(q, k, torch.arange(4))
+    with pytest.raises(ValueError, match="position_ids must be int"):
+        rope(q, k, pos.float())
+    with pytest.raises(ValueError, match="head_dim"):
+        rope(q, torch.randn(5, 1, 6), pos)
+    with pytest.raises(ValueError, match="even"):
+        rope(torch.randn(5, 2, 7), torch.randn(5, 1, 7), pos)
+    with pytest.raises(ValueError, match="same dtype"):
+        rope(q, k.half(), pos)
+
+
+# ---------------------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d,theta", [(14, 2, 64, 1e6), (32, 32, 128, 1e4), (28, 4, 128, 1e6), (5, 3, 96, 1e4)])
+def test_cuda_flash_rule(hq, hkv, d, theta, dtype):
+    pos = _packed_positions([1, 2500, 4000, 1691], "cuda")
+    t = len(pos)
+    q = torch.randn(t, hq, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(t, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
+    qo, ko = rope(q, k, pos, theta)
+    qs, ks = rope_ref(q, k, pos, theta)
+    q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    qf, kf = rope_ref(q32, k32, pos, theta)
+    assert_flash_rule(qo, qf, qs, name="q")
+    assert_flash_rule(ko, kf, ks, name="k")
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    g = _grads([qo, ko], [q, k], [gq, gk])
+    gs = _grads([qs, ks], [q, k], [gq, gk])
+    gf = _grads([qf, kf], [q32, k32], [gq.float(), gk.float()])
+    for name, a, b, c in zip(["dq", "dk"], g, gf, gs):
+        assert_flash_rule(a, b, c, name=name)
+    # the cache variant agrees with the in-kernel cos/sin
+    cos, sin = rope_cos_sin_cache(4096, d, theta, "cuda")
+    qc, kc = rope(q, k, pos, cos_sin_cache=(cos, sin))
+    assert_flash_rule(qc, qf, qs, name="q(cache)")
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_close_to_hf():
+    pos = _packed_positions([3000, 1000], "cuda")
+    q = torch.randn(len(pos), 14, 64, device="cuda")
+    k = torch.randn(len(pos), 2, 64, device="cuda")
+    qh, kh = _hf(Qwen2Config, Qwen2RotaryEmbedding, qwen2_apply_rotary_pos_emb, q, k, pos, 1e6)
+    qo, ko = rope(q, k, pos, 1e6)
+    assert_close_verbose(qo, qh, name="q", **FP32_TOL)
+    assert_close_verbose(ko, kh, name="k", **FP32_TOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_torch_compile(inplace):
+    pos = _packed_positions([700, 1348], "cuda")
+    q0 = torch.randn(len(pos), 14, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k0 = torch.randn(len(pos), 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    inv = rope_inv_freq(64, 1e6, "cuda")
+
+    def f(q, k, p):
+        return rope(q * 1.0, k * 1.0, p, inv_freq=inv, inplace=inplace)
+
+    qo, ko = torch.compile(f, fullgraph=True)(q0, k0, pos)
+    qe, ke = f(q0, k0, pos)
+    assert torch.equal(qo, qe) and torch.equal(ko, ke)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    for a, b in zip(_grads([qo, ko], [q0, k0], [gq, gk]), _grads([qe, ke], [q0, k0], [gq, gk])):
+        assert torch.equal(a, b)
