@@ -21,6 +21,30 @@ OPS: dict[str, str | None] = {
 }
 _CHOICES = ("auto", "reference", "triton", "cuda")
 _overrides: dict[str, str] = {}
+# the module that implements each op; imported on first need so that it can register its kernel
+_MODULES = {
+    "attention": "llava_fast.ops.attention",
+    "projector": "llava_fast.ops.projector",
+    "anyres_encode": "llava_fast.ops.anyres",
+    "pack_features": "llava_fast.ops.pack_features",
+    "rms_norm": "llava_fast.ops.rms_norm",
+    "rope": "llava_fast.ops.rope",
+    "swiglu": "llava_fast.ops.swiglu",
+    "cross_entropy": "llava_fast.ops.cross_entropy",
+}
+_loaded: set[str] = set()
+
+
+def _ensure_registered(op: str) -> None:
+    if op in _loaded:
+        return
+    _loaded.add(op)
+    try:
+        import importlib
+
+        importlib.import_module(_MODULES[op])
+    except Exception:  # a broken optional dependency must not break the reference path
+        pass
 
 
 def register_fast(op: str, kind: str) -> None:
@@ -49,17 +73,17 @@ def get_backend(op: str) -> str:
 def use_fast(op: str, device_type: str) -> bool:
     """True when ``op`` should run its fast kernel for tensors on ``device_type``."""
     choice = get_backend(op)
-    kind = OPS.get(op)
-    if choice == "reference" or kind is None:
+    if choice == "reference" or (choice == "auto" and device_type != "cuda"):
         return False
-    if choice == "auto":
-        return device_type == "cuda"
-    return True
+    _ensure_registered(op)
+    return OPS.get(op) is not None
 
 
 def describe(device_type: str) -> dict[str, str]:
     """What each op will use for tensors on ``device_type``."""
     out = {}
+    for op in list(OPS):
+        _ensure_registered(op)
     for op, kind in OPS.items():
         choice = get_backend(op)
         if kind is None:

@@ -6,7 +6,10 @@ per-sample ``position_ids``) where each sample attends only to itself.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from llava_fast import backend
 
 from llava_fast.models.config import TextConfig
 from llava_fast.models.layers import RMSNorm, RotaryEmbedding, apply_rope, get_activation
@@ -23,12 +26,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0):
+    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_theta=None):
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is None:  # fused RoPE kernel on (B, S, H, D), positions per token
+            from llava_fast.ops.rope import rope
+
+            q, k = rope(q, k, position_ids, theta=rope_theta)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        else:
+            q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         o = attn(q, k, v, self.scale)
@@ -45,6 +54,10 @@ class MLP(nn.Module):
         self.act = get_activation(cfg.hidden_act)
 
     def forward(self, x):
+        if self.act is F.silu and backend.use_fast("swiglu", x.device.type):
+            from llava_fast.ops.swiglu import swiglu
+
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -56,8 +69,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache, layer_idx)
+    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_theta=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache, layer_idx, position_ids, rope_theta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -109,7 +122,8 @@ class LanguageModel(nn.Module):
                 raise ValueError("position_ids is required with cu_seqlens (positions restart at each sample)")
             past = cache.length if cache is not None else 0
             position_ids = torch.arange(past, past + n, device=inputs_embeds.device)[None].expand(b, n)
-        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        fused_rope = backend.use_fast("rope", inputs_embeds.device.type)
+        cos, sin = (None, None) if fused_rope else self.rotary_emb(position_ids, inputs_embeds.dtype)
         if cache is not None and cu_seqlens is not None:
             raise ValueError("a KV cache is supported with the padded form only (no cu_seqlens)")
         lk = n + (cache.length if cache is not None else 0)
@@ -118,7 +132,8 @@ class LanguageModel(nn.Module):
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, None, i, position_ids,
+                                                      self.cfg.rope_theta, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn, cache, i)
+                x = layer(x, cos, sin, attn, cache, i, position_ids, self.cfg.rope_theta)
         return self.norm(x)

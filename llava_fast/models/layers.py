@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llava_fast import backend
+
 
 def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
@@ -79,6 +81,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if backend.use_fast("rms_norm", x.device.type):
+            from llava_fast.ops.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llava_fast import backend
 from llava_fast.models.config import LlavaConfig
 from llava_fast.models.language import LanguageModel
 from llava_fast.models.layers import get_activation
@@ -58,13 +59,19 @@ class LlavaModel(nn.Module):
             self.image_newline = nn.Parameter(torch.randn(tc.hidden_size) / math.sqrt(tc.hidden_size))
 
 
-def loss_from_logits(logits, labels, cu_seqlens=None, num_items_in_batch=None, ignore_index: int = -100):
-    """transformers 5.x ForCausalLMLoss: fp32 logits, labels shifted left by one, mean over supervised tokens, or
-    sum / num_items_in_batch when given. In packed form no position predicts the first token of the next sample."""
+def shift_labels(labels, cu_seqlens=None, ignore_index: int = -100):
+    """Labels of the next token at each position; in packed form no sample predicts the next sample's first token."""
     shift = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     if cu_seqlens is not None:
         shift = shift.clone()
         shift[0, (cu_seqlens[1:] - 1).long()] = ignore_index
+    return shift
+
+
+def loss_from_logits(logits, labels, cu_seqlens=None, num_items_in_batch=None, ignore_index: int = -100):
+    """transformers 5.x ForCausalLMLoss: fp32 logits, labels shifted left by one, mean over supervised tokens, or
+    sum / num_items_in_batch when given. In packed form no position predicts the first token of the next sample."""
+    shift = shift_labels(labels, cu_seqlens, ignore_index)
     flat_logits = logits.float().reshape(-1, logits.shape[-1])
     flat_labels = shift.reshape(-1).to(flat_logits.device)
     if num_items_in_batch is not None:
@@ -211,13 +218,22 @@ class _LlavaBase(nn.Module):
                              f"{tuple(attention_mask.shape)}")
         hidden = self.model.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
-        out_logits = self.lm_head(hidden) if (logits or labels is not None) else None
-        loss = None
         if labels is not None:
             if labels.dim() == 1:
                 labels = labels[None]
             if labels.shape != (b, n):
                 raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got {tuple(labels.shape)}")
+        fused_loss = labels is not None and not logits and backend.use_fast("cross_entropy", hidden.device.type)
+        out_logits = self.lm_head(hidden) if (logits or (labels is not None and not fused_loss)) else None
+        loss = None
+        if fused_loss:  # lm_head GEMM + loss in chunks, the (tokens x vocab) logits never exist
+            from llava_fast.ops.cross_entropy import fused_linear_cross_entropy
+
+            shift = shift_labels(labels, cu_seqlens)
+            loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
+                                              shift.reshape(-1), num_items=num_items_in_batch,
+                                              reduction="sum" if num_items_in_batch is not None else "mean")
+        elif labels is not None:
             loss = loss_from_logits(out_logits, labels, cu_seqlens, num_items_in_batch)
         return LlavaOutput(loss=loss, logits=out_logits if logits else None,
                            hidden_states=hidden if return_hidden else None)
