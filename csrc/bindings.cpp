@@ -5,7 +5,10 @@
 
 #include <array>
 
+#include "common/checks.h"
+
 #include "anyres/anyres_plan.h"
+#include "anyres/encode.h"
 #include "anyres/normalize.h"
 
 namespace py = pybind11;
@@ -39,6 +42,59 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("src"), py::arg("dst"), py::arg("dtype"), py::arg("n"), py::arg("h"), py::arg("w"), py::arg("mean"),
       py::arg("std"), py::arg("num_threads") = 1);
+
+  // ---- tile encoder (csrc/anyres/encode.cpp)
+  auto make_cfg = [](int64_t tile, int64_t shortest_edge, bool llava_pad,
+                     const std::vector<std::pair<int64_t, int64_t>>& pinpoints, std::array<int, 3> fill,
+                     std::array<float, 3> mean, std::array<float, 3> std) {
+    EncodeConfig cfg;
+    cfg.tile = tile;
+    cfg.shortest_edge = shortest_edge;
+    cfg.llava_pad = llava_pad;
+    cfg.pinpoints = pinpoints;
+    for (int c = 0; c < 3; ++c) {
+      LF_CHECK(fill[c] >= 0 && fill[c] <= 255, "encode_tiles: fill colour must be in [0, 255]");
+      cfg.fill[c] = static_cast<uint8_t>(fill[c]);
+      cfg.mean[c] = mean[c];
+      cfg.std[c] = std[c];
+    }
+    return cfg;
+  };
+  m.def(
+      "encode_tile_counts",
+      [make_cfg](const std::vector<int64_t>& heights, const std::vector<int64_t>& widths, const std::vector<int>& modes,
+                 int64_t tile, const std::vector<std::pair<int64_t, int64_t>>& pinpoints) {
+        return encode_tile_counts(heights, widths, modes,
+                                  make_cfg(tile, tile, false, pinpoints, {0, 0, 0}, {0, 0, 0}, {1, 1, 1}));
+      },
+      py::arg("heights"), py::arg("widths"), py::arg("modes"), py::arg("tile"), py::arg("pinpoints"),
+      "Host plan: tiles per image (modes: 0 AnyRes, 1 pad-to-square, 2 shortest-edge + centre crop, 3 direct).");
+  m.def(
+      "encode_tiles_cpu",
+      [make_cfg](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& heights,
+                 const std::vector<int64_t>& widths, const std::vector<int64_t>& row_strides,
+                 const std::vector<int>& modes, uintptr_t dst, int dtype, int64_t capacity_tiles, int64_t tile,
+                 int64_t shortest_edge, bool llava_pad, const std::vector<std::pair<int64_t, int64_t>>& pinpoints,
+                 std::array<int, 3> fill, std::array<float, 3> mean, std::array<float, 3> std, int num_threads) {
+        EncodeConfig cfg = make_cfg(tile, shortest_edge, llava_pad, pinpoints, fill, mean, std);
+        std::vector<const uint8_t*> imgs(ptrs.size());
+        for (size_t i = 0; i < ptrs.size(); ++i) imgs[i] = reinterpret_cast<const uint8_t*>(ptrs[i]);
+        py::gil_scoped_release release;
+        encode_tiles_cpu(imgs, heights, widths, row_strides, modes, cfg, reinterpret_cast<void*>(dst), dtype,
+                         capacity_tiles, num_threads);
+      },
+      py::arg("ptrs"), py::arg("heights"), py::arg("widths"), py::arg("row_strides"), py::arg("modes"),
+      py::arg("dst"), py::arg("dtype"), py::arg("capacity_tiles"), py::arg("tile"), py::arg("shortest_edge"),
+      py::arg("llava_pad"), py::arg("pinpoints"), py::arg("fill"), py::arg("mean"), py::arg("std"),
+      py::arg("num_threads") = 1,
+      "uint8 HWC images -> normalized (tiles, 3, T, T) in dst; see csrc/anyres/encode.h.");
+  m.def(
+      "resize_bicubic_aa_u8_cpu",
+      [](uintptr_t src, int64_t h, int64_t w, uintptr_t dst, int64_t oh, int64_t ow) {
+        py::gil_scoped_release release;
+        resize_bicubic_aa_u8_cpu(reinterpret_cast<const uint8_t*>(src), h, w, reinterpret_cast<uint8_t*>(dst), oh, ow);
+      },
+      py::arg("src"), py::arg("h"), py::arg("w"), py::arg("dst"), py::arg("oh"), py::arg("ow"));
 
 #ifdef LLAVA_FAST_WITH_CUDA
   m.def(

@@ -130,3 +130,550 @@ def num_video_tokens(num_frames: int, tokens_per_side: int = 27) -> int:
     """OneVision video: each frame pooled bilinearly to ceil(t/2)^2 tokens, one newline after the whole video."""
     pooled = math.ceil(tokens_per_side / 2)
     return num_frames * pooled * pooled + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image preprocessing: uint8 images in, normalized tiles out (the reference, also the CPU path).
+#
+# Matches the torchvision backend of the transformers 5.x image processors (LlavaImageProcessor/CLIPImageProcessor,
+# LlavaNextImageProcessor, LlavaOnevisionImageProcessor): antialiased bicubic resize on uint8 (on CPU torch's native
+# uint8 kernel, which is what torchvision calls there; on CUDA the fp32 kernel then clamp + round, as torchvision does),
+# zero (black) AnyRes padding, mean-colour pad-to-square, and the fused normalize (x - 255*mean) / (255*std) in fp32.
+# docs/preprocessing.md lists the measured differences to the PIL backend.
+# ----------------------------------------------------------------------------------------------------------------------
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+OV_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+VARIANTS = ("llava", "llava_next", "llava_onevision")
+DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb guard, per image
+
+
+@dataclasses.dataclass
+class ImageProcessorConfig:
+    """What the image processor of one LLaVA variant does. Build it with :meth:`for_variant`, :meth:`from_dict`
+    (a ``preprocessor_config.json`` dict) or :meth:`from_hf_processor`.
+
+    Attributes:
+        variant: ``"llava"`` (1.5, one tile), ``"llava_next"`` (AnyRes) or ``"llava_onevision"`` (AnyRes + anyres_max).
+        tile: tile side in pixels (crop size): 336 for CLIP-L/14-336, 384 for SigLIP-so400m-384.
+        shortest_edge: LLaVA-1.5 only: the short side is resized to this before the centre crop to ``tile``.
+        image_grid_pinpoints: AnyRes candidate resolutions as (height, width) pairs; None for ``"llava"``.
+        image_mean, image_std: per-channel normalization constants (CLIP, or SigLIP 0.5/0.5).
+        do_pad: LLaVA-1.5 only: pad to a square with the mean colour ``int(255*mean)`` before resizing (the original
+            training repo's ``expand2square``). False = HF's default resize-shortest-edge + centre crop.
+        vision_aspect_ratio: OneVision ``"anyres_max_9"`` (token downsampling threshold); None otherwise.
+        patch_size: vision tower patch size (14); tokens per tile side = tile // patch_size.
+        max_pixels: images with more pixels raise ValueError (decompression-bomb guard); None disables it.
+    """
+
+    variant: str = "llava_next"
+    tile: int = 336
+    shortest_edge: int | None = None
+    image_grid_pinpoints: list | None = None
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+    do_pad: bool = False
+    vision_aspect_ratio: str | None = None
+    patch_size: int = 14
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"ImageProcessorConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if int(self.tile) <= 0:
+            raise ValueError(f"ImageProcessorConfig.tile must be positive, got {self.tile}")
+        self.tile = int(self.tile)
+        self.shortest_edge = int(self.shortest_edge) if self.shortest_edge is not None else self.tile
+        self.image_mean = tuple(float(m) for m in self.image_mean)
+        self.image_std = tuple(float(s) for s in self.image_std)
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError(f"image_mean and image_std need 3 values (RGB), got {self.image_mean}, {self.image_std}")
+        if any(s == 0 for s in self.image_std):
+            raise ValueError(f"image_std must be non-zero, got {self.image_std}")
+        if self.variant == "llava":
+            self.image_grid_pinpoints = None
+        else:
+            if self.image_grid_pinpoints is None:
+                raise ValueError(f"variant {self.variant!r} needs image_grid_pinpoints (AnyRes)")
+            self.image_grid_pinpoints = [list(p) for p in _pins(self.image_grid_pinpoints)]
+            for h, w in self.image_grid_pinpoints:
+                if h % self.tile or w % self.tile:
+                    raise ValueError(f"image_grid_pinpoints entry ({h}, {w}) is not a multiple of tile={self.tile}")
+        if self.vision_aspect_ratio is not None and self.max_tiles is None:
+            raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_9', got {self.vision_aspect_ratio!r}")
+
+    # -- constructors ----------------------------------------------------------------------------------------------
+    @classmethod
+    def for_variant(cls, variant: str, **overrides) -> "ImageProcessorConfig":
+        """Defaults of the released checkpoints: llava-1.5 (CLIP 336, HF centre crop; ``do_pad=True`` for the
+        original training recipe), llava-v1.6 (CLIP 336, 5 NeXT pinpoints), llava-onevision (SigLIP 384, 36 pinpoints,
+        anyres_max_9)."""
+        if variant == "llava":
+            base = dict(tile=336, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_pad=False)
+        elif variant == "llava_next":
+            base = dict(tile=336, image_grid_pinpoints=NEXT_PINPOINTS, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+        elif variant == "llava_onevision":
+            base = dict(tile=384, image_grid_pinpoints=OV_PINPOINTS, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
+                        vision_aspect_ratio="anyres_max_9")
+        else:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        base.update(overrides)
+        return cls(variant=variant, **base)
+
+    @classmethod
+    def from_dict(cls, d: dict, variant: str | None = None, **overrides) -> "ImageProcessorConfig":
+        """From a ``preprocessor_config.json`` dict. ``variant`` defaults to the one its ``image_processor_type``
+        names (CLIPImageProcessor/LlavaImageProcessor -> llava, LlavaNext... -> llava_next, LlavaOnevision... ->
+        llava_onevision)."""
+        if variant is None:
+            kind = str(d.get("image_processor_type", ""))
+            if "Onevision" in kind:
+                variant = "llava_onevision"
+            elif "LlavaNext" in kind:
+                variant = "llava_next"
+            elif d.get("image_grid_pinpoints"):
+                variant = "llava_onevision" if d.get("vision_aspect_ratio") else "llava_next"
+            else:
+                variant = "llava"
+        size = d.get("size") or {}
+        crop = d.get("crop_size") or {}
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        tile = crop.get("height") or size.get("height") or size.get("shortest_edge")
+        kw = {}
+        if tile is not None:
+            kw["tile"] = tile
+        if variant == "llava" and size.get("shortest_edge"):
+            kw["shortest_edge"] = size["shortest_edge"]
+        if variant != "llava" and d.get("image_grid_pinpoints") is not None:
+            kw["image_grid_pinpoints"] = d["image_grid_pinpoints"]
+        for key in ("image_mean", "image_std"):
+            if d.get(key) is not None:
+                v = d[key]
+                kw[key] = (v,) * 3 if isinstance(v, (int, float)) else tuple(v)
+        if variant == "llava" and d.get("do_pad") is not None:
+            kw["do_pad"] = bool(d["do_pad"])
+        if d.get("vision_aspect_ratio") is not None:
+            kw["vision_aspect_ratio"] = d["vision_aspect_ratio"]
+        kw.update(overrides)
+        return cls.for_variant(variant, **kw)
+
+    @classmethod
+    def from_hf_processor(cls, processor, variant: str | None = None, **overrides) -> "ImageProcessorConfig":
+        """From a transformers processor (``LlavaProcessor`` etc.) or image processor instance (either backend)."""
+        ip = getattr(processor, "image_processor", processor)
+        d = {}
+        for key in ("size", "crop_size", "image_grid_pinpoints", "image_mean", "image_std", "do_pad"):
+            v = getattr(ip, key, None)
+            if v is not None:
+                d[key] = dict(v.items()) if hasattr(v, "items") else v
+        if variant is None:
+            name = type(ip).__name__
+            variant = ("llava_onevision" if "Onevision" in name else "llava_next" if "LlavaNext" in name
+                       else "llava")
+        if variant == "llava_onevision":
+            d["vision_aspect_ratio"] = getattr(processor, "vision_aspect_ratio", None) or "anyres_max_9"
+        if variant == "llava" and d.get("size") and not {"shortest_edge"} & set(d["size"]):
+            d["size"] = {"shortest_edge": d["size"].get("height")}
+        if isinstance(d.get("size"), dict):
+            d["size"] = {k: v for k, v in d["size"].items() if v is not None}
+        if isinstance(d.get("crop_size"), dict):
+            d["crop_size"] = {k: v for k, v in d["crop_size"].items() if v is not None}
+        return cls.from_dict(d, variant=variant, **overrides)
+
+    # -- derived ---------------------------------------------------------------------------------------------------
+    @property
+    def tokens_per_side(self) -> int:
+        return self.tile // self.patch_size
+
+    @property
+    def max_tiles(self) -> int | None:
+        """N of ``anyres_max_N`` (OneVision), else None."""
+        if self.vision_aspect_ratio is None:
+            return None
+        m = re.fullmatch(r"anyres_max_(\d+)", str(self.vision_aspect_ratio))
+        return int(m.group(1)) if m else None
+
+    def num_tiles(self, image_size: Size, single_tile: bool = False) -> int:
+        if self.variant == "llava" or single_tile:
+            return 1
+        return num_tiles(image_size, self.image_grid_pinpoints, self.tile)
+
+    def num_image_tokens(self, image_size: Size, single_tile: bool = False) -> int:
+        """LLM tokens of one image of (height, width) (576 for llava-1.5, 730 for OneVision multi-image)."""
+        return num_image_tokens(image_size, self.image_grid_pinpoints, self.tile, self.tokens_per_side,
+                                self.max_tiles, single_tile=single_tile and self.variant != "llava")
+
+
+# -- input conversion and validation ----------------------------------------------------------------------------------
+def _pil_to_u8(img) -> torch.Tensor:
+    """PIL image -> uint8 (3, H, W), as transformers' convert_to_rgb: transparency composited onto white, every other
+    mode (L, P, CMYK, I;16, ...) through ``Image.convert("RGB")``."""
+    import numpy as np
+    import PIL.Image
+
+    has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        bg = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = PIL.Image.alpha_composite(bg, rgba).convert("RGB")
+    else:
+        rgb = img.convert("RGB")
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+
+
+def _what(index) -> str:
+    return f"images[{index}]" if not isinstance(index, str) else index
+
+
+def to_uint8_chw(image, index=0, max_pixels: int | None = DEFAULT_MAX_PIXELS, contiguous: bool = True) -> torch.Tensor:
+    """One image (PIL, numpy or torch; uint8; HW, CHW or HWC with 1, 3 or 4 channels) -> uint8 (3, H, W), contiguous
+    unless ``contiguous=False`` (then an HWC source stays a permuted view, which the C++ encoder reads directly).
+
+    Channel layout is inferred as transformers does (channels first when both ends could be channels). Grayscale is
+    repeated, RGBA composited onto white (transformers' tensor formula). Errors name ``images[index]``.
+    """
+    what = _what(index)
+    try:
+        import PIL.Image
+
+        is_pil = isinstance(image, PIL.Image.Image)
+    except ImportError:  # pragma: no cover
+        is_pil = False
+    if is_pil:
+        w, h = image.size
+        if w == 0 or h == 0:
+            raise ValueError(f"{what}: image has zero size (height={h}, width={w})")
+        if max_pixels is not None and w * h > max_pixels:
+            raise ValueError(f"{what}: {h}x{w} = {h * w} pixels exceeds max_pixels={max_pixels} (decompression-bomb "
+                             f"guard); downscale it first or raise ImageProcessorConfig.max_pixels")
+        out = _pil_to_u8(image)
+        return out.contiguous() if contiguous else out
+    if not isinstance(image, torch.Tensor):
+        try:
+            import numpy as np
+
+            if isinstance(image, np.ndarray):
+                image = torch.from_numpy(np.ascontiguousarray(image))
+        except ImportError:  # pragma: no cover
+            pass
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+    if image.dtype != torch.uint8:
+        raise ValueError(f"{what}: dtype is {image.dtype}, expected torch.uint8 pixel values in [0, 255]; convert "
+                         f"float images in [0, 1] with (x * 255).round().clamp(0, 255).to(torch.uint8)")
+    if image.dim() == 2:
+        image = image[None]
+    if image.dim() != 3:
+        raise ValueError(f"{what}: expected a (H, W), (C, H, W) or (H, W, C) image, got shape {tuple(image.shape)}; "
+                         f"pass a batch as a list of images")
+    chans = (1, 3, 4)
+    if image.shape[0] in chans:
+        pass
+    elif image.shape[-1] in chans:
+        image = image.permute(2, 0, 1)
+    else:
+        raise ValueError(f"{what}: cannot find a channel dimension of size 1, 3 or 4 in shape {tuple(image.shape)} "
+                         f"(grayscale, RGB or RGBA, channels first or last)")
+    c, h, w = image.shape
+    if h == 0 or w == 0:
+        raise ValueError(f"{what}: image has zero size (height={h}, width={w})")
+    if max_pixels is not None and h * w > max_pixels:
+        raise ValueError(f"{what}: {h}x{w} = {h * w} pixels exceeds max_pixels={max_pixels} (decompression-bomb "
+                         f"guard); downscale it first or raise ImageProcessorConfig.max_pixels")
+    if c == 1:
+        image = image.expand(3, h, w)
+    elif c == 4:  # transformers' TorchvisionBackend.convert_to_rgb, step by step
+        x = image.permute(1, 2, 0).to(torch.float32).mul_(1.0 / 255)
+        x = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])
+        image = x.mul(255 + 1.0 - 1e-3).to(torch.uint8).permute(2, 0, 1)
+    return image.contiguous() if contiguous else image
+
+
+# -- pixel ops ----------------------------------------------------------------------------------------------------
+def resize_bicubic_u8(image: torch.Tensor, size: Size) -> torch.Tensor:
+    """Antialiased bicubic resize of uint8 (C, H, W) or (N, C, H, W) to ``size`` = (height, width), exactly as
+    ``torchvision.transforms.v2.functional.resize(..., BICUBIC, antialias=True)``: on CPU torch's native uint8 kernel,
+    elsewhere fp32 interpolation then clamp to [0, 255] and round half to even. Same size: returned unchanged."""
+    h, w = int(size[0]), int(size[1])
+    if tuple(image.shape[-2:]) == (h, w):
+        return image
+    x = image if image.dim() == 4 else image[None]
+    x = x.contiguous()
+    out = None
+    if x.device.type == "cpu":
+        out = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    else:
+        out = F.interpolate(x.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        out = out.clamp_(0, 255).round_().to(torch.uint8)
+    return out if image.dim() == 4 else out[0]
+
+
+def pad_u8(image: torch.Tensor, size: Size, top: int, left: int, fill=(0, 0, 0)) -> torch.Tensor:
+    """Place uint8 (3, h, w) at (top, left) on a (3, *size) canvas of colour ``fill``."""
+    c, h, w = image.shape
+    canvas = torch.empty((c, int(size[0]), int(size[1])), dtype=torch.uint8, device=image.device)
+    canvas.copy_(torch.tensor(list(fill), dtype=torch.uint8, device=image.device)[:, None, None].expand_as(canvas))
+    canvas[:, top:top + h, left:left + w] = image
+    return canvas
+
+
+def pad_to_square_u8(image: torch.Tensor, fill) -> torch.Tensor:
+    """Centre on a square canvas of the longer side (left/top get the floor of the padding)."""
+    _, h, w = image.shape
+    if h == w:
+        return image
+    m = max(h, w)
+    return pad_u8(image, (m, m), (m - h) // 2, (m - w) // 2, fill)
+
+
+def anyres_canvas_u8(image: torch.Tensor, best: Size) -> torch.Tensor:
+    """Aspect-preserving resize into ``best`` = (height, width) and centred black padding (HF: left/top = floor)."""
+    nh, nw = patch_output_size(tuple(image.shape[-2:]), best)
+    resized = resize_bicubic_u8(image, (nh, nw))
+    return pad_u8(resized, best, (best[0] - nh) // 2, (best[1] - nw) // 2, (0, 0, 0))
+
+
+def split_tiles(canvas: torch.Tensor, tile: int) -> torch.Tensor:
+    """(C, gh*T, gw*T) -> (gh*gw, C, T, T), row-major (top row left to right first)."""
+    c, hh, ww = canvas.shape
+    gh, gw = hh // tile, ww // tile
+    return canvas.view(c, gh, tile, gw, tile).permute(1, 3, 0, 2, 4).reshape(gh * gw, c, tile, tile)
+
+
+def fill_colour(mean) -> tuple:
+    """Pad colour of pad-to-square: ``tuple(int(255 * m))`` = (122, 116, 104) for CLIP, (127, 127, 127) for SigLIP."""
+    return tuple(int(m * 255) for m in mean)
+
+
+def normalize_u8_ref(tiles: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> (x - 255*mean) / (255*std) in fp32 (transformers' fused rescale+normalize, same
+    rounding), then cast to ``dtype``."""
+    m = torch.tensor(mean, dtype=torch.float32, device=tiles.device) * (1.0 / (1 / 255))
+    s = torch.tensor(std, dtype=torch.float32, device=tiles.device) * (1.0 / (1 / 255))
+    out = tiles.to(torch.float32).sub_(m[:, None, None]).div_(s[:, None, None])
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def llava15_tile_u8(image: torch.Tensor, config: ImageProcessorConfig) -> torch.Tensor:
+    """LLaVA-1.5: optional pad-to-square (mean colour), resize shortest edge, centre crop -> uint8 (3, T, T)."""
+    if config.do_pad:
+        image = pad_to_square_u8(image, fill_colour(config.image_mean))
+    _, h, w = image.shape
+    s = config.shortest_edge
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(s * long / short)
+    image = resize_bicubic_u8(image, (new_long, s) if w <= h else (s, new_long))
+    return center_crop_u8(image, config.tile)
+
+
+def center_crop_u8(image: torch.Tensor, t: int) -> torch.Tensor:
+    """transformers' TorchvisionBackend.center_crop for a square crop (pads with 0 when the image is smaller)."""
+    _, h, w = image.shape
+    if t > h or t > w:
+        pl, pt = ((t - w) // 2 if t > w else 0), ((t - h) // 2 if t > h else 0)
+        pr, pb = ((t - w + 1) // 2 if t > w else 0), ((t - h + 1) // 2 if t > h else 0)
+        image = F.pad(image, (pl, pr, pt, pb), value=0)
+        _, h, w = image.shape
+        if h == t and w == t:
+            return image
+    top, left = int((h - t) / 2.0), int((w - t) / 2.0)
+    return image[:, top:top + t, left:left + t]
+
+
+def image_tiles_u8(image: torch.Tensor, config: ImageProcessorConfig, single_tile: bool = False,
+                   index=0) -> torch.Tensor:
+    """All uint8 tiles of one uint8 (3, H, W) image: (n, 3, T, T), AnyRes order [base, row-major tiles...]."""
+    t = config.tile
+    if config.variant == "llava":
+        return llava15_tile_u8(image, config)[None]
+    if single_tile:  # OneVision multi-image: pad to square with the mean colour, resize to T x T
+        sq = pad_to_square_u8(image, fill_colour(config.image_mean))
+        return resize_bicubic_u8(sq, (t, t))[None]
+    _, h, w = image.shape
+    try:
+        best = select_best_resolution((h, w), config.image_grid_pinpoints)
+    except ValueError as e:
+        raise ValueError(f"{_what(index)}: {e}") from None
+    base = resize_bicubic_u8(image, (t, t))
+    tiles = split_tiles(anyres_canvas_u8(image, best), t)
+    return torch.cat([base[None], tiles])
+
+
+def _flatten_samples(images, multi_image):
+    """-> (flat list of images, per-image single_tile flags, batch_num_images)."""
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    nested = len(images) > 0 and all(isinstance(x, (list, tuple)) for x in images)
+    if nested:
+        counts = [len(s) for s in images if len(s)]
+        flat = [im for s in images for im in s]
+        flags = [n > 1 for n in counts for _ in range(n)]
+    else:
+        counts = [1] * len(images)
+        flat = list(images)
+        flags = [False] * len(flat)
+    if multi_image is not None:
+        flags = [bool(multi_image)] * len(flat)
+    return flat, flags, counts
+
+
+def preprocess_images(images, config: ImageProcessorConfig, multi_image: bool | None = None,
+                      dtype: torch.dtype = torch.float32) -> dict:
+    """Reference image preprocessing (PyTorch ops; runs on the device of the input tensors).
+
+    Args:
+        images: one image or a list of images (PIL, or uint8 torch/numpy in HW, CHW or HWC), each its own sample as
+            in transformers; or a list of samples (lists of images). In a nested list a OneVision sample with more
+            than one image uses the multi-image path (pad to square with the mean colour, one T x T tile).
+        config: :class:`ImageProcessorConfig`.
+        multi_image: None = decide per sample as above; True/False forces the OneVision single-tile / AnyRes path for
+            every image (ignored for llava-1.5).
+        dtype: dtype of ``pixel_values`` (normalization is done in fp32 and cast once).
+
+    Returns:
+        dict with ``pixel_values`` (total_tiles, 3, T, T) (tiles of all images concatenated, per image
+        [base, tiles row-major...]), ``image_sizes`` (N, 2) int64 original (height, width), ``num_tiles`` list[int],
+        ``num_image_tokens`` list[int] (LLM tokens per image) and ``batch_num_images`` list[int].
+    """
+    flat, flags, counts = _flatten_samples(images, multi_image)
+    if not flat:
+        raise ValueError("preprocess_images: `images` is empty")
+    if config.variant != "llava_onevision":
+        flags = [False] * len(flat)
+    tiles, sizes, ntiles, ntok = [], [], [], []
+    device = None
+    for i, im in enumerate(flat):
+        u8 = to_uint8_chw(im, i, config.max_pixels)
+        if device is None:
+            device = u8.device
+        elif u8.device != device:
+            raise ValueError(f"images[{i}] is on {u8.device} but images[0] is on {device}; "
+                             f"put all images on one device")
+        t = image_tiles_u8(u8, config, single_tile=flags[i], index=i)
+        h, w = u8.shape[-2:]
+        tiles.append(t)
+        sizes.append((h, w))
+        ntiles.append(t.shape[0])
+        ntok.append(config.num_image_tokens((h, w), single_tile=flags[i]))
+    pixel_values = normalize_u8_ref(torch.cat(tiles), config.image_mean, config.image_std, dtype)
+    return {
+        "pixel_values": pixel_values,
+        "image_sizes": torch.tensor(sizes, dtype=torch.long, device=device),
+        "num_tiles": ntiles,
+        "num_image_tokens": ntok,
+        "batch_num_images": counts,
+    }
+
+
+def preprocess_video(frames, config: ImageProcessorConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """OneVision video: every frame resized directly to T x T (no pad), normalized -> (F, 3, T, T).
+
+    ``frames``: uint8 (F, H, W, C) / (F, C, H, W) tensor or a list of frames.
+    """
+    if isinstance(frames, torch.Tensor) and frames.dim() == 4:
+        frames = list(frames.unbind(0))
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise ValueError("preprocess_video: `frames` must be a non-empty (F, H, W, C) tensor or list of frames")
+    out = [resize_bicubic_u8(to_uint8_chw(f, f"frames[{i}]", config.max_pixels), (config.tile, config.tile))
+           for i, f in enumerate(frames)]
+    return normalize_u8_ref(torch.stack(out), config.image_mean, config.image_std, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fast path: the C++ CPU tile encoder (csrc/anyres/encode.cpp), same output as preprocess_images.
+# ----------------------------------------------------------------------------------------------------------------------
+_MODE_ANYRES, _MODE_PAD_SQUARE, _MODE_SHORT_CROP = 0, 1, 2
+
+
+def _encoder_usable(config: ImageProcessorConfig, u8s) -> bool:
+    if not _ext.HAS_EXT or not hasattr(_ext._C, "encode_tiles_cpu"):
+        return False
+    if any(u.device.type != "cpu" for u in u8s):
+        return False  # no CUDA twin yet: CUDA images use the reference (torch kernels on the GPU)
+    return not (config.variant == "llava" and config.shortest_edge < config.tile)
+
+
+def encode_tiles(images, config: ImageProcessorConfig, multi_image: bool | None = None,
+                 dtype: torch.dtype = torch.float32, num_threads: int | None = None,
+                 out: torch.Tensor | None = None) -> dict:
+    """:func:`preprocess_images` through the C++ CPU tile encoder: every tile of every image written once into one
+    (total_tiles, 3, T, T) buffer of ``dtype`` (fp32, fp16 or bf16), from a plan computed from the image sizes alone,
+    on ``num_threads`` threads (default: all cores). Bit-identical to the reference on CPU (same uint8 resampling
+    arithmetic as torch's kernel, same fp32 normalize expression, same fp16/bf16 rounding).
+
+    Falls back to :func:`preprocess_images` when ``llava_fast._C`` is not built or the images are on a GPU.
+    ``out`` (optional): a preallocated contiguous CPU tensor with at least total_tiles tiles; the result is a view.
+    Returns the same dict as :func:`preprocess_images`.
+    """
+    flat, flags, counts = _flatten_samples(images, multi_image)
+    if not flat:
+        raise ValueError("encode_tiles: `images` is empty")
+    if config.variant != "llava_onevision":
+        flags = [False] * len(flat)
+    u8s = [to_uint8_chw(im, i, config.max_pixels, contiguous=False) for i, im in enumerate(flat)]
+    if not _encoder_usable(config, u8s):
+        if len({u.device for u in u8s}) > 1:
+            raise ValueError("encode_tiles: images are on different devices; put all images on one device")
+        return _preprocess_flags(u8s, flags, counts, config, dtype)
+    hwc = []
+    for u in u8s:
+        x = u.permute(1, 2, 0)
+        if x.stride(2) != 1 or x.stride(1) != 3:
+            x = x.contiguous()
+        hwc.append(x)
+    heights = [int(x.shape[0]) for x in hwc]
+    widths = [int(x.shape[1]) for x in hwc]
+    if config.variant == "llava":
+        modes = [_MODE_SHORT_CROP] * len(hwc)
+    else:
+        modes = [_MODE_PAD_SQUARE if f else _MODE_ANYRES for f in flags]
+    pins = [tuple(p) for p in config.image_grid_pinpoints or []]
+    ntiles = list(_ext._C.encode_tile_counts(heights, widths, modes, config.tile, pins))
+    total, t = sum(ntiles), config.tile
+    code = _ext.dtype_code(dtype)
+    if out is None:
+        out = torch.empty((total, 3, t, t), dtype=dtype)
+    else:
+        if out.device.type != "cpu" or out.dtype != dtype or not out.is_contiguous() or out.dim() != 4 \
+                or tuple(out.shape[1:]) != (3, t, t) or out.shape[0] < total:
+            raise ValueError(f"encode_tiles: out must be a contiguous CPU {dtype} tensor of shape (>= {total}, 3, {t}, "
+                             f"{t}), got {out.dtype} {tuple(out.shape)} on {out.device}")
+    threads = int(num_threads) if num_threads is not None else (os.cpu_count() or 1)
+    _ext._C.encode_tiles_cpu([x.data_ptr() for x in hwc], heights, widths, [int(x.stride(0)) for x in hwc], modes,
+                             out.data_ptr(), code, int(out.shape[0]), t, config.shortest_edge,
+                             bool(config.variant == "llava" and config.do_pad), pins,
+                             list(fill_colour(config.image_mean)), list(config.image_mean), list(config.image_std),
+                             threads)
+    ntok = [config.num_image_tokens((h, w), single_tile=f) for h, w, f in zip(heights, widths, flags)]
+    return {
+        "pixel_values": out[:total],
+        "image_sizes": torch.tensor(list(zip(heights, widths)), dtype=torch.long),
+        "num_tiles": ntiles,
+        "num_image_tokens": ntok,
+        "batch_num_images": counts,
+    }
+
+
+def _preprocess_flags(u8s, flags, counts, config, dtype):
+    """Reference path with per-image single-tile flags already decided (fallback of encode_tiles)."""
+    tiles = [image_tiles_u8(u.contiguous(), config, single_tile=f, index=i) for i, (u, f) in enumerate(zip(u8s, flags))]
+    return {
+        "pixel_values": normalize_u8_ref(torch.cat(tiles), config.image_mean, config.image_std, dtype),
+        "image_sizes": torch.tensor([tuple(u.shape[-2:]) for u in u8s], dtype=torch.long, device=u8s[0].device),
+        "num_tiles": [x.shape[0] for x in tiles],
+        "num_image_tokens": [config.num_image_tokens(tuple(u.shape[-2:]), single_tile=f) for u, f in zip(u8s, flags)],
+        "batch_num_images": counts,
+    }

@@ -1,0 +1,130 @@
+"""Image preprocessing throughput (images/s): uint8 images -> normalized tiles, LLaVA-NeXT and OneVision.
+
+Providers (each measured in this run, same images):
+  hf_pil            transformers' PIL backend (LlavaNextImageProcessorPil / LlavaOnevisionImageProcessorPil),
+                    HWC numpy in
+  hf_torchvision    transformers' default torchvision backend on CPU (torch intra-op threads), CHW uint8 tensors in
+  hf_torchvision_cuda  the same with device="cuda" (only with a GPU; includes the host->device copy of the uint8 images)
+  reference         llava_fast.ops.anyres.preprocess_images (torch ops, CPU)
+  llava_fast_1t     llava_fast C++ tile encoder (encode_tiles), 1 thread
+  llava_fast        llava_fast C++ tile encoder, all cores
+Workloads: 32 random images of 400-1200 px per side, 64 photo-sized images ~1000x750 (random gradients + noise).
+Bytes per image = uint8 input + fp32 output tiles (reported as GB/s in the note).
+
+This is a CPU benchmark (preprocessing runs in data-loader workers); it runs on CPU-only machines too and adds the
+CUDA row when a GPU exists. Usage: python benchmarks/bench_anyres.py [--quick] [--dtype bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import Row, add_ratios, bench, save, to_markdown  # noqa: E402
+
+from llava_fast import _ext  # noqa: E402
+from llava_fast.ops import anyres  # noqa: E402
+
+
+def make_images(kind: str, n: int, seed: int) -> list[torch.Tensor]:
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        if kind == "random":
+            h, w = rng.randint(400, 1200), rng.randint(400, 1200)
+        else:
+            h, w = rng.randint(720, 780), rng.randint(960, 1040)
+            if rng.random() < 0.25:
+                h, w = w, h
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+        base = torch.stack([xx * 255, yy * 255, (1 - xx * yy) * 255], -1)
+        out.append((base + torch.randn(h, w, 3, generator=gen) * 20).clamp(0, 255).to(torch.uint8))  # HWC
+    return out
+
+
+def hf_processors(variant: str):
+    try:
+        from transformers import LlavaNextImageProcessorPil, LlavaOnevisionImageProcessorPil
+    except ImportError:  # older transformers: no PIL-backend classes
+        LlavaNextImageProcessorPil = LlavaOnevisionImageProcessorPil = None
+
+    if variant == "llava_next":
+        kw = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                  image_grid_pinpoints=anyres.NEXT_PINPOINTS)
+        pil_cls, tv_name = LlavaNextImageProcessorPil, "LlavaNextImageProcessor"
+    else:
+        kw = dict(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        pil_cls, tv_name = LlavaOnevisionImageProcessorPil, "LlavaOnevisionImageProcessor"
+    pil = pil_cls(**kw) if pil_cls is not None else None
+    try:
+        import torchvision  # noqa: F401
+        import transformers
+
+        tv = getattr(transformers, tv_name)(**kw)
+    except Exception as e:  # torchvision missing
+        print(f"hf_torchvision skipped: {type(e).__name__}: {e}")
+        tv = None
+    return pil, tv
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="8 + 16 images, fewer repetitions (~1 min)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--no-pil", action="store_true", help="skip the (slow) PIL backend")
+    args = ap.parse_args()
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    cuda = torch.cuda.is_available()
+    ncpu = os.cpu_count() or 1
+    gpu = torch.cuda.get_device_name(0) if cuda else "none"
+    print(f"CPU cores: {ncpu}, torch threads: {torch.get_num_threads()}, GPU: {gpu}, "
+          f"_C: {'yes' if _ext.HAS_EXT else 'no (' + str(_ext.EXT_ERROR) + ')'}")
+    if not cuda:
+        print("no CUDA GPU: CPU rows only (the hf_torchvision_cuda row needs a GPU)")
+    n_rand, n_photo = (8, 16) if args.quick else (32, 64)
+    rep, warm = (2, 1) if args.quick else (5, 1)
+    workloads = {f"{n_rand} random 400-1200px": make_images("random", n_rand, 0),
+                 f"{n_photo} photos ~1000x750": make_images("photo", n_photo, 1)}
+    rows: list[Row] = []
+    for variant in ("llava_next", "llava_onevision"):
+        cfg = anyres.ImageProcessorConfig.for_variant(variant)
+        pil, tv = hf_processors(variant)
+        for wname, imgs in workloads.items():
+            chw = [x.permute(2, 0, 1).contiguous() for x in imgs]
+            npy = [x.numpy() for x in imgs]
+            ntiles = sum(cfg.num_tiles(tuple(x.shape[:2])) for x in imgs)
+            nbytes = sum(x.numel() for x in imgs) + ntiles * 3 * cfg.tile ** 2 * (4 if dtype == torch.float32 else 2)
+            providers = {}
+            if pil is not None and not args.no_pil:
+                providers["hf_pil"] = lambda: pil(npy, return_tensors="pt")
+            if tv is not None:
+                providers["hf_torchvision"] = lambda: tv(chw, return_tensors="pt")
+                if cuda:
+                    providers["hf_torchvision_cuda"] = lambda: tv(chw, return_tensors="pt", device="cuda")
+            providers["reference"] = lambda: anyres.preprocess_images(imgs, cfg, dtype=dtype)
+            if _ext.HAS_EXT:
+                providers["llava_fast_1t"] = lambda: anyres.encode_tiles(imgs, cfg, dtype=dtype, num_threads=1)
+                providers["llava_fast"] = lambda: anyres.encode_tiles(imgs, cfg, dtype=dtype, num_threads=ncpu)
+            for name, fn in providers.items():
+                t = bench(fn, warmup=warm, rep=rep, sync=name.endswith("cuda"))
+                ips = len(imgs) / (t["ms"] / 1e3)
+                note = f"{ntiles} tiles, {nbytes / (t['ms'] / 1e3) / 1e9:.2f} GB/s"
+                if name in ("hf_pil", "hf_torchvision", "hf_torchvision_cuda"):
+                    note += ", fp32 out"
+                rows.append(Row(bench=f"anyres_{variant}", provider=name, shape=wname, dtype=args.dtype, mode="cpu",
+                                ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=ips, unit="img/s",
+                                note=note))
+                print(f"{variant:16s} {wname:24s} {name:20s} {t['ms']:9.1f} ms {ips:8.1f} img/s  {note}", flush=True)
+    add_ratios(rows, ours="llava_fast")
+    print(to_markdown(rows))
+    print("saved", save(rows, "bench_anyres"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+#include "anyres/encode.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <thread>
+
+#include "anyres/anyres_plan.h"
+#include "common/checks.h"
+#include "common/float_convert.h"
+
+namespace llava_fast {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------- weights
+// One axis of an antialiased bicubic resize, as torch's _compute_index_ranges_int16_weights (UpSampleKernel.cpp).
+struct AxisPlan {
+  int64_t in = 0, out = 0;
+  int taps = 0;                 // max_interp_size
+  unsigned precision = 0;       // int16 weight scale 2^precision
+  std::vector<int64_t> xmin, xsize;
+  std::vector<int16_t> w;       // out * taps
+  bool identity() const { return in == out; }
+};
+
+inline double cubic_aa_filter(double x) {
+  const double a = -0.5;
+  x = std::abs(x);
+  if (x < 1.0) return ((a + 2) * x - (a + 3)) * x * x + 1;
+  if (x < 2.0) return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a;
+  return 0.0;
+}
+
+AxisPlan make_axis_plan(int64_t in, int64_t out) {
+  AxisPlan p;
+  p.in = in;
+  p.out = out;
+  if (in == out) return p;
+  const double scale = static_cast<double>(in) / static_cast<double>(out);
+  const double support = (scale >= 1.0) ? (4 * 0.5) * scale : 4 * 0.5;
+  p.taps = static_cast<int>(std::ceil(support)) * 2 + 1;
+  p.xmin.resize(out);
+  p.xsize.resize(out);
+  std::vector<double> wd(static_cast<size_t>(out) * p.taps, 0.0);
+  const double invscale = (scale >= 1.0) ? 1.0 / scale : 1.0;
+  double wt_max = 0.0;
+  for (int64_t i = 0; i < out; ++i) {
+    const double center = scale * (static_cast<double>(i) + 0.5);
+    int64_t xmin = std::max(static_cast<int64_t>(center - support + 0.5), static_cast<int64_t>(0));
+    int64_t xsize = std::min(static_cast<int64_t>(center + support + 0.5), in) - xmin;
+    xsize = std::clamp(xsize, static_cast<int64_t>(0), static_cast<int64_t>(p.taps));
+    double* wt = wd.data() + i * p.taps;
+    double total = 0.0;
+    for (int64_t j = 0; j < xsize; ++j) {
+      const double v = cubic_aa_filter((static_cast<double>(j + xmin) - center + 0.5) * invscale);
+      wt[j] = v;
+      total += v;
+    }
+    double m = 0.0;
+    if (total != 0.0) {
+      for (int64_t j = 0; j < xsize; ++j) {
+        wt[j] /= total;
+        m = std::max(m, wt[j]);
+      }
+    }
+    wt_max = std::max(wt_max, m);
+    p.xmin[i] = xmin;
+    p.xsize[i] = xsize;
+  }
+  unsigned prec = 0;
+  for (prec = 0; prec < 22; ++prec) {
+    const int next = static_cast<int>(0.5 + wt_max * (1 << (prec + 1)));
+    if (next >= (1 << 15)) break;
+  }
+  p.precision = prec;
+  p.w.resize(wd.size());
+  for (size_t k = 0; k < wd.size(); ++k) {
+    const double v = wd[k] * (1 << prec);
+    p.w[k] = static_cast<int16_t>((v < 0) ? static_cast<int>(-0.5 + v) : static_cast<int>(0.5 + v));
+  }
+  return p;
+}
+
+inline uint8_t clip8(int32_t acc, unsigned prec) {
+  const int32_t v = acc >> prec;
+  return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
+}
+
+// ---------------------------------------------------------------------------------------------------- sources
+// A virtual source: the image (h, w) placed at (oy, ox) on a (vh, vw) canvas of colour `fill` (pad to square).
+struct Source {
+  const uint8_t* data;
+  int64_t h, w, stride;  // stride in bytes between rows
+  int64_t vh, vw, oy, ox;
+  uint8_t fill[3];
+};
+
+// Row y of the virtual source as a pointer to vw*3 bytes (into `scratch` when padding is involved).
+const uint8_t* source_row(const Source& s, int64_t y, std::vector<uint8_t>& scratch) {
+  const int64_t sy = y - s.oy;
+  if (s.vw == s.w && s.vh == s.h) return s.data + sy * s.stride;
+  scratch.resize(static_cast<size_t>(s.vw) * 3);
+  uint8_t* r = scratch.data();
+  const bool inside = sy >= 0 && sy < s.h;
+  for (int64_t x = 0; x < s.vw; ++x) {
+    const int64_t sx = x - s.ox;
+    if (inside && sx >= 0 && sx < s.w) {
+      std::memcpy(r + x * 3, s.data + sy * s.stride + sx * 3, static_cast<size_t>(s.w) * 3);
+      x += s.w - 1;
+    } else {
+      r[x * 3] = s.fill[0];
+      r[x * 3 + 1] = s.fill[1];
+      r[x * 3 + 2] = s.fill[2];
+    }
+  }
+  return r;
+}
+
+struct Scratch {
+  std::vector<uint8_t> row, hbuf, win;
+};
+
+// Resize the virtual source to (ph.out rows, pw.out cols) and keep the window rows [o0, o1) x cols [c0, c1),
+// written as HWC uint8 into sc.win. Horizontal pass first (only the source rows the window needs), then vertical.
+void resize_window(const Source& s, const AxisPlan& ph, const AxisPlan& pw, int64_t o0, int64_t o1, int64_t c0,
+                   int64_t c1, Scratch& sc) {
+  const int64_t wc = c1 - c0, wr = o1 - o0;
+  sc.win.resize(static_cast<size_t>(std::max<int64_t>(wr * wc * 3, 1)));
+  if (wr <= 0 || wc <= 0) return;
+  // source rows needed by the vertical pass
+  int64_t r0, r1;
+  if (ph.identity()) {
+    r0 = o0;
+    r1 = o1;
+  } else {
+    r0 = ph.xmin[o0];
+    r1 = r0;
+    for (int64_t o = o0; o < o1; ++o) {
+      r0 = std::min(r0, ph.xmin[o]);
+      r1 = std::max(r1, ph.xmin[o] + ph.xsize[o]);
+    }
+  }
+  const int64_t nr = r1 - r0;
+  sc.hbuf.resize(static_cast<size_t>(std::max<int64_t>(nr * wc * 3, 1)));
+  // horizontal pass -> hbuf (nr rows of wc pixels)
+  for (int64_t y = r0; y < r1; ++y) {
+    const uint8_t* src = source_row(s, y, sc.row);
+    uint8_t* dst = sc.hbuf.data() + (y - r0) * wc * 3;
+    if (pw.identity()) {
+      std::memcpy(dst, src + c0 * 3, static_cast<size_t>(wc) * 3);
+      continue;
+    }
+    const int32_t bias = 1 << (pw.precision - 1);
+    for (int64_t x = c0; x < c1; ++x) {
+      const int16_t* k = pw.w.data() + x * pw.taps;
+      const uint8_t* p = src + pw.xmin[x] * 3;
+      int32_t a0 = bias, a1 = bias, a2 = bias;
+      const int64_t n = pw.xsize[x];
+      for (int64_t j = 0; j < n; ++j) {
+        const int32_t kj = k[j];
+        a0 += p[j * 3] * kj;
+        a1 += p[j * 3 + 1] * kj;
+        a2 += p[j * 3 + 2] * kj;
+      }
+      uint8_t* d = dst + (x - c0) * 3;
+      d[0] = clip8(a0, pw.precision);
+      d[1] = clip8(a1, pw.precision);
+      d[2] = clip8(a2, pw.precision);
+    }
+  }
+  // vertical pass -> win
+  const int64_t rowlen = wc * 3;
+  if (ph.identity()) {
+    std::memcpy(sc.win.data(), sc.hbuf.data(), static_cast<size_t>(wr * rowlen));
+    return;
+  }
+  const int32_t bias = 1 << (ph.precision - 1);
+  std::vector<int32_t> acc(static_cast<size_t>(rowlen));
+  for (int64_t o = o0; o < o1; ++o) {
+    std::fill(acc.begin(), acc.end(), bias);
+    const int16_t* k = ph.w.data() + o * ph.taps;
+    const int64_t n = ph.xsize[o];
+    for (int64_t j = 0; j < n; ++j) {
+      const uint8_t* p = sc.hbuf.data() + (ph.xmin[o] + j - r0) * rowlen;
+      const int32_t kj = k[j];
+      for (int64_t q = 0; q < rowlen; ++q) acc[q] += p[q] * kj;
+    }
+    uint8_t* d = sc.win.data() + (o - o0) * rowlen;
+    for (int64_t q = 0; q < rowlen; ++q) d[q] = clip8(acc[q], ph.precision);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- emit
+struct Luts {
+  int dtype;
+  float f[3][256];
+  uint16_t h[3][256];
+};
+
+// Write canvas rows [y0, y1) of a (gh*T, gw*T) canvas whose non-zero part is sc.win placed at (wy, wx) with size
+// (wr, wc); canvas pixels outside the window are 0 (black, before normalization). Tiles start at tile index t0.
+void emit_rows(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t wc, int64_t y0, int64_t y1, int64_t gw,
+               int64_t T, int64_t t0, const Luts& L, void* dst) {
+  const int64_t tt = T * T;
+  for (int64_t y = y0; y < y1; ++y) {
+    const int64_t tr = y / T, ty = y % T;
+    const bool row_in = y >= wy && y < wy + wr;
+    const uint8_t* wrow = row_in ? sc.win.data() + (y - wy) * wc * 3 : nullptr;
+    for (int64_t tc = 0; tc < gw; ++tc) {
+      const int64_t tile = t0 + tr * gw + tc;
+      const int64_t base = tile * 3 * tt + ty * T;
+      for (int c = 0; c < 3; ++c) {
+        const int64_t o = base + c * tt;
+        for (int64_t tx = 0; tx < T; ++tx) {
+          const int64_t x = tc * T + tx;
+          const uint8_t v = (row_in && x >= wx && x < wx + wc) ? wrow[(x - wx) * 3 + c] : 0;
+          if (L.dtype == 0)
+            static_cast<float*>(dst)[o + tx] = L.f[c][v];
+          else
+            static_cast<uint16_t*>(dst)[o + tx] = L.h[c][v];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- plan
+struct Task {
+  int64_t image;
+  int kind;        // 0 base/direct/pad-square (T x T), 1 AnyRes grid band, 2 short-edge + crop
+  int64_t band;    // grid row for kind 1
+  int64_t tile0;   // first output tile of this task's image part
+  double cost;
+};
+
+struct ImageGeom {
+  int64_t ntiles = 1;
+  int64_t bh = 0, bw = 0, nh = 0, nw = 0;  // AnyRes: best resolution, resized size
+};
+
+ImageGeom image_geometry(int64_t h, int64_t w, int mode, const EncodeConfig& cfg) {
+  ImageGeom g;
+  if (mode == kAnyRes) {
+    auto best = select_best_resolution(h, w, cfg.pinpoints);
+    LF_CHECK(best.first > 0, "encode_tiles: no AnyRes candidate for image (" << h << ", " << w << ")");
+    g.bh = best.first;
+    g.bw = best.second;
+    const double sw = static_cast<double>(g.bw) / static_cast<double>(w);
+    const double sh = static_cast<double>(g.bh) / static_cast<double>(h);
+    if (sw < sh) {
+      g.nw = g.bw;
+      g.nh = std::min(static_cast<int64_t>(std::ceil(static_cast<double>(h) * sw)), g.bh);
+    } else {
+      g.nh = g.bh;
+      g.nw = std::min(static_cast<int64_t>(std::ceil(static_cast<double>(w) * sh)), g.bw);
+    }
+    g.ntiles = 1 + (g.bh / cfg.tile) * (g.bw / cfg.tile);
+  }
+  return g;
+}
+
+}  // namespace
+
+std::vector<int64_t> encode_tile_counts(const std::vector<int64_t>& heights, const std::vector<int64_t>& widths,
+                                        const std::vector<int>& modes, const EncodeConfig& cfg) {
+  LF_CHECK(heights.size() == widths.size() && heights.size() == modes.size(),
+           "encode_tiles: heights, widths and modes must have the same length");
+  std::vector<int64_t> out(heights.size());
+  for (size_t i = 0; i < heights.size(); ++i) {
+    LF_CHECK(heights[i] > 0 && widths[i] > 0, "encode_tiles: images[" << i << "] has zero size");
+    LF_CHECK(modes[i] >= 0 && modes[i] <= 3, "encode_tiles: images[" << i << "] has unknown mode " << modes[i]);
+    out[i] = image_geometry(heights[i], widths[i], modes[i], cfg).ntiles;
+  }
+  return out;
+}
+
+void encode_tiles_cpu(const std::vector<const uint8_t*>& images, const std::vector<int64_t>& heights,
+                      const std::vector<int64_t>& widths, const std::vector<int64_t>& row_strides,
+                      const std::vector<int>& modes, const EncodeConfig& cfg, void* dst, int dtype,
+                      int64_t capacity_tiles, int num_threads) {
+  LF_CHECK(dtype >= 0 && dtype <= 2, "encode_tiles: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " << dtype);
+  LF_CHECK(cfg.tile > 0, "encode_tiles: tile must be positive");
+  LF_CHECK(images.size() == heights.size() && row_strides.size() == heights.size(),
+           "encode_tiles: one pointer, height, width and row stride per image");
+  for (const auto& p : cfg.pinpoints)
+    LF_CHECK(p.first % cfg.tile == 0 && p.second % cfg.tile == 0,
+             "encode_tiles: pinpoint (" << p.first << ", " << p.second << ") is not a multiple of tile " << cfg.tile);
+  const int64_t T = cfg.tile;
+  const size_t n = images.size();
+  std::vector<ImageGeom> geo(n);
+  std::vector<Task> tasks;
+  int64_t t = 0;
+  for (size_t i = 0; i < n; ++i) {
+    LF_CHECK(heights[i] > 0 && widths[i] > 0, "encode_tiles: images[" << i << "] has zero size");
+    LF_CHECK(images[i] != nullptr, "encode_tiles: images[" << i << "] is a null pointer");
+    LF_CHECK(row_strides[i] >= widths[i] * 3, "encode_tiles: images[" << i << "] row stride too small");
+    if (modes[i] == kShortCrop) LF_CHECK(cfg.shortest_edge >= T, "encode_tiles: shortest_edge < tile is unsupported");
+    geo[i] = image_geometry(heights[i], widths[i], modes[i], cfg);
+    const double px = static_cast<double>(heights[i]) * widths[i];
+    if (modes[i] == kAnyRes) {
+      tasks.push_back({static_cast<int64_t>(i), 0, 0, t, px * 0.5 + T * T});
+      const int64_t gh = geo[i].bh / T;
+      for (int64_t r = 0; r < gh; ++r) tasks.push_back({static_cast<int64_t>(i), 1, r, t + 1, px / gh + T * geo[i].bw});
+    } else {
+      tasks.push_back({static_cast<int64_t>(i), modes[i] == kShortCrop ? 2 : 0, 0, t, px + T * T});
+    }
+    t += geo[i].ntiles;
+  }
+  LF_CHECK(t <= capacity_tiles, "encode_tiles: output holds " << capacity_tiles << " tiles but the images need " << t);
+  std::sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+
+  Luts L;
+  L.dtype = dtype;
+  for (int c = 0; c < 3; ++c) {
+    LF_CHECK(cfg.std[c] != 0.f, "encode_tiles: std[" << c << "] is zero");
+    const float shift = 255.f * cfg.mean[c], scale = 255.f * cfg.std[c];
+    for (int v = 0; v < 256; ++v) {
+      const float f = (static_cast<float>(v) - shift) / scale;  // same expression as normalize_u8_cpu
+      L.f[c][v] = f;
+      L.h[c][v] = dtype == 1 ? float_to_half_bits(f) : float_to_bf16_bits(f);
+    }
+  }
+
+  auto run_task = [&](const Task& tk, Scratch& sc) {
+    const int64_t i = tk.image;
+    const int64_t h = heights[i], w = widths[i];
+    Source s{images[i], h, w, row_strides[i], h, w, 0, 0, {0, 0, 0}};
+    const int mode = modes[i];
+    if (mode == kPadSquare || (mode == kShortCrop && cfg.llava_pad)) {
+      const int64_t m = std::max(h, w);
+      s.vh = s.vw = m;
+      s.oy = (m - h) / 2;
+      s.ox = (m - w) / 2;
+      std::memcpy(s.fill, cfg.fill, 3);
+    }
+    if (tk.kind == 0) {  // whole (virtual) image -> T x T
+      const AxisPlan ph = make_axis_plan(s.vh, T), pw = make_axis_plan(s.vw, T);
+      resize_window(s, ph, pw, 0, T, 0, T, sc);
+      emit_rows(sc, 0, 0, T, T, 0, T, 1, T, tk.tile0, L, dst);
+    } else if (tk.kind == 2) {  // resize shortest edge, centre crop
+      const int64_t vh = s.vh, vw = s.vw, se = cfg.shortest_edge;
+      int64_t oh, ow;
+      if (vw <= vh) {
+        ow = se;
+        oh = static_cast<int64_t>(static_cast<double>(se) * static_cast<double>(vh) / static_cast<double>(vw));
+      } else {
+        oh = se;
+        ow = static_cast<int64_t>(static_cast<double>(se) * static_cast<double>(vw) / static_cast<double>(vh));
+      }
+      const int64_t top = static_cast<int64_t>((oh - T) / 2.0), left = static_cast<int64_t>((ow - T) / 2.0);
+      const AxisPlan ph = make_axis_plan(vh, oh), pw = make_axis_plan(vw, ow);
+      resize_window(s, ph, pw, top, top + T, left, left + T, sc);
+      emit_rows(sc, 0, 0, T, T, 0, T, 1, T, tk.tile0, L, dst);
+    } else {  // AnyRes grid band: canvas rows [band*T, band*T + T)
+      const ImageGeom& g = geo[i];
+      const int64_t top = (g.bh - g.nh) / 2, left = (g.bw - g.nw) / 2;
+      const int64_t y0 = tk.band * T, y1 = y0 + T;
+      const int64_t o0 = std::clamp(y0 - top, static_cast<int64_t>(0), g.nh);
+      const int64_t o1 = std::clamp(y1 - top, static_cast<int64_t>(0), g.nh);
+      const AxisPlan ph = make_axis_plan(h, g.nh), pw = make_axis_plan(w, g.nw);
+      resize_window(s, ph, pw, o0, o1, 0, g.nw, sc);
+      emit_rows(sc, top + o0, left, o1 - o0, g.nw, y0, y1, g.bw / T, T, tk.tile0, L, dst);
+    }
+  };
+
+  int threads = std::max(1, num_threads);
+  threads = static_cast<int>(std::min<size_t>(static_cast<size_t>(threads), tasks.size()));
+  std::atomic<size_t> next{0};
+  auto worker = [&]() {
+    Scratch sc;
+    for (size_t k = next++; k < tasks.size(); k = next++) run_task(tasks[k], sc);
+  };
+  if (threads <= 1) {
+    worker();
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  // exceptions cannot escape a std::thread: all argument checks happen above, before any thread starts
+  for (int k = 0; k < threads; ++k) pool.emplace_back(worker);
+  for (auto& th : pool) th.join();
+}
+
+void resize_bicubic_aa_u8_cpu(const uint8_t* src, int64_t h, int64_t w, uint8_t* dst, int64_t oh, int64_t ow) {
+  LF_CHECK(h > 0 && w > 0 && oh > 0 && ow > 0, "resize_bicubic_aa_u8: sizes must be positive");
+  Source s{src, h, w, w * 3, h, w, 0, 0, {0, 0, 0}};
+  Scratch sc;
+  const AxisPlan ph = make_axis_plan(h, oh), pw = make_axis_plan(w, ow);
+  resize_window(s, ph, pw, 0, oh, 0, ow, sc);
+  std::memcpy(dst, sc.win.data(), static_cast<size_t>(oh * ow * 3));
+}
+
+}  // namespace llava_fast

@@ -1,0 +1,70 @@
+"""The optional compiled extension llava_fast._C: it imports, env() reports it, and without it every op still works
+through its Python/PyTorch path while CUDA-only entry points explain how to build it."""
+import importlib
+
+import pytest
+import torch
+
+import llava_fast
+from llava_fast import _ext
+from llava_fast.ops import anyres
+
+built = pytest.mark.skipif(not _ext.HAS_EXT, reason=f"llava_fast._C not built ({_ext.EXT_ERROR}); "
+                                                    f"pip install --no-build-isolation -e .")
+
+
+@built
+def test_extension_imports_and_has_functions():
+    C = importlib.import_module("llava_fast._C")
+    for name in ("select_best_resolution", "normalize_u8_cpu", "encode_tile_counts", "encode_tiles_cpu",
+                 "resize_bicubic_aa_u8_cpu"):
+        assert hasattr(C, name), name
+    assert isinstance(C.with_cuda, bool)
+    assert C.select_best_resolution(500, 1000, [(336, 672), (672, 336)]) == (336, 672)
+
+
+@built
+def test_env_reports_extension():
+    info = llava_fast.env()
+    assert info["ext"].startswith("yes"), info["ext"]
+    assert ("CUDA" in info["ext"]) == _ext.HAS_CUDA_EXT
+
+
+@pytest.fixture
+def no_ext(monkeypatch):
+    """Simulate a missing extension (as after LLAVA_FAST_SKIP_CUDA_BUILD=1)."""
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "HAS_EXT", False)
+    monkeypatch.setattr(_ext, "HAS_CUDA_EXT", False)
+    monkeypatch.setattr(_ext, "EXT_ERROR", "ModuleNotFoundError: No module named 'llava_fast._C' (simulated)")
+    yield
+
+
+def test_env_without_extension(no_ext):
+    info = llava_fast.env()
+    assert info["ext"].startswith("no (") and "reference path" in info["ext"]
+
+
+def test_python_paths_without_extension(no_ext):
+    cfg = anyres.ImageProcessorConfig.for_variant("llava_next")
+    assert anyres.select_best_resolution((500, 1000), cfg.image_grid_pinpoints) == (336, 672)
+    assert cfg.num_image_tokens((500, 1000)) == 1752
+    x = torch.randint(0, 256, (120, 250, 3), dtype=torch.uint8)
+    ref = anyres.preprocess_images([x], cfg)
+    got = anyres.encode_tiles([x], cfg, dtype=torch.float32)  # falls back to the reference
+    assert got["num_tiles"] == ref["num_tiles"] == [3]
+    assert torch.equal(got["pixel_values"], ref["pixel_values"])
+
+
+def test_cuda_only_calls_explain_how_to_build(no_ext):
+    with pytest.raises(RuntimeError, match=r"pip install --no-build-isolation -e \."):
+        _ext.require_ext("normalize_u8_cuda", cuda=True)
+    with pytest.raises(RuntimeError, match="not available"):
+        _ext.require_ext("encode_tiles")
+
+
+@built
+def test_cpu_only_build_message(monkeypatch):
+    monkeypatch.setattr(_ext, "HAS_CUDA_EXT", False)
+    with pytest.raises(RuntimeError, match="built without nvcc"):
+        _ext.require_ext("normalize_u8_cuda", cuda=True)
