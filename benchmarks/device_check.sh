@@ -27,7 +27,7 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 step build 180 $PY -m pip install --no-build-isolation --no-deps -e .
 step env 60 $PY -m llava_fast.cli env
 step gpu_tests 200 $PY -m pytest -q -x -m cuda tests -p no:cacheprovider
-for b in attention projector rms_norm rope swiglu cross_entropy anyres; do
+for b in attention projector pack_features rms_norm rope swiglu cross_entropy anyres; do
   [ -f "benchmarks/bench_$b.py" ] && step "bench_$b" 60 $PY "benchmarks/bench_$b.py" --quick
 done
 step bench_model 150 $PY benchmarks/bench_model.py --quick --layers 4 --providers llava_fast,hf_sdpa,hf_eager,hf_sdpa_liger
