@@ -157,12 +157,23 @@ class _LlavaBase(nn.Module):
             raise ValueError(f"{name} is on {pixel_values.device} but the model is on {self.device}; move it with "
                              f".to({str(self.device)!r})")
 
-    def image_features(self, pixel_values, image_sizes=None, batch_num_images=None) -> torch.Tensor:
-        """All image tokens of the batch, (n_tokens, D_text), in placeholder order."""
+    def _image_tiles(self, pixel_values, image_sizes, batch_num_images):
+        """Projected features of every tile (tiles, tokens, D_text), the image sizes and single-tile flags."""
         raise NotImplementedError
+
+    def image_features(self, pixel_values, image_sizes=None, batch_num_images=None) -> torch.Tensor:
+        """All image tokens of the batch, (n_tokens, D_text), in placeholder order (reference packing)."""
+        raise NotImplementedError
+
+    def _video_tiles(self, pixel_values_videos):
+        raise ValueError(f"{self.model_type} models take no videos (pixel_values_videos); use a llava_onevision model")
 
     def video_features(self, pixel_values_videos) -> torch.Tensor:
         raise ValueError(f"{self.model_type} models take no videos (pixel_values_videos); use a llava_onevision model")
+
+    def _packable(self) -> bool:
+        """Whether the fused packing kernel applies (square token grids per tile)."""
+        return not (self.config.vision_config.is_clip and self.config.vision_feature_select_strategy == "full")
 
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, labels=None,
@@ -200,16 +211,32 @@ class _LlavaBase(nn.Module):
                                  f"{tuple(cu_seqlens.shape)}")
             if position_ids is None:
                 raise ValueError("position_ids is required with cu_seqlens (positions restart at each sample)")
-        if pixel_values is not None and input_ids is not None:
-            feats = self.image_features(pixel_values, image_sizes, batch_num_images)
-            inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.image_token_id, feats, "Image")
-        elif input_ids is not None and not (cache is not None and cache.length > 0) \
+        if pixel_values is None and input_ids is not None and not (cache is not None and cache.length > 0) \
                 and bool((input_ids == self.config.image_token_id).any()):
             # (a decoding step may produce the image token id as an ordinary token: no check then)
             raise ValueError("input_ids holds image tokens but no pixel_values were given")
-        if pixel_values_videos is not None and input_ids is not None:
-            feats = self.video_features(pixel_values_videos)
-            inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.video_token_id, feats, "Video")
+        has_media = input_ids is not None and (pixel_values is not None or pixel_values_videos is not None)
+        if has_media and backend.use_fast("pack_features", inputs_embeds.device.type) and self._packable():
+            # one fused launch: unpad, newlines, anyres_max / video interpolation and the scatter
+            from llava_fast.ops.pack_features import pack_and_scatter
+
+            tiles, sizes, single = (self._image_tiles(pixel_values, image_sizes, batch_num_images)
+                                    if pixel_values is not None else (None, None, None))
+            vid = self._video_tiles(pixel_values_videos) if pixel_values_videos is not None else None
+            inputs_embeds = pack_and_scatter(
+                inputs_embeds, input_ids, tiles, sizes, getattr(self.model, "image_newline", None),
+                image_token_id=self.config.image_token_id, pinpoints=self.config.image_grid_pinpoints,
+                tile=self.config.vision_config.image_size, max_tiles=self.config.max_tiles, single_tile=single,
+                video_features=vid, video_token_id=self.config.video_token_id)
+        elif has_media:
+            if pixel_values is not None:
+                feats = self.image_features(pixel_values, image_sizes, batch_num_images)
+                inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.image_token_id, feats,
+                                                     "Image")
+            if pixel_values_videos is not None:
+                feats = self.video_features(pixel_values_videos)
+                inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.video_token_id, feats,
+                                                     "Video")
         if position_ids is not None and position_ids.dim() == 1:
             position_ids = position_ids[None]
         past = cache.length if cache is not None else 0
@@ -245,11 +272,14 @@ class LlavaForConditionalGeneration(_LlavaBase):
 
     model_type = "llava"
 
-    def image_features(self, pixel_values, image_sizes=None, batch_num_images=None):
+    def _image_tiles(self, pixel_values, image_sizes, batch_num_images):
         self._check_pixels(pixel_values)
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (num_images, 3, H, W) for llava, got {tuple(pixel_values.shape)}")
-        return self.encode_tiles(pixel_values).flatten(0, 1)
+        return self.encode_tiles(pixel_values), None, None
+
+    def image_features(self, pixel_values, image_sizes=None, batch_num_images=None):
+        return self._image_tiles(pixel_values, image_sizes, batch_num_images)[0].flatten(0, 1)
 
 
 class LlavaNextForConditionalGeneration(_LlavaBase):
@@ -284,7 +314,7 @@ class LlavaNextForConditionalGeneration(_LlavaBase):
                              f"(per image: {counts})")
         return pixel_values
 
-    def image_features(self, pixel_values, image_sizes=None, batch_num_images=None):
+    def _image_tiles(self, pixel_values, image_sizes, batch_num_images):
         self._check_pixels(pixel_values)
         if image_sizes is None:
             raise ValueError(f"image_sizes (num_images, 2) as (height, width) is required for {self.model_type}")
@@ -292,7 +322,12 @@ class LlavaNextForConditionalGeneration(_LlavaBase):
         single = self._single_tile(len(sizes), batch_num_images)
         counts = self._tiles_per_image(sizes, single)
         flat = self._flat_pixels(pixel_values, counts)
-        feats = torch.split(self.encode_tiles(flat), counts, dim=0)
+        return self.encode_tiles(flat), sizes, single
+
+    def image_features(self, pixel_values, image_sizes=None, batch_num_images=None):
+        tiles, sizes, single = self._image_tiles(pixel_values, image_sizes, batch_num_images)
+        counts = self._tiles_per_image(sizes, single)
+        feats = torch.split(tiles, counts, dim=0)
         packed = pack_image_features_ref(list(feats), sizes, self.model.image_newline,
                                          self.config.image_grid_pinpoints, self.config.vision_config.image_size,
                                          self.config.max_tiles)
@@ -313,14 +348,20 @@ class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
             raise ValueError(f"batch_num_images sums to {sum(bni)} but image_sizes holds {n_images} images")
         return [n > 1 for n in bni for _ in range(n)]
 
-    def video_features(self, pixel_values_videos):
+    def _video_tiles(self, pixel_values_videos):
+        """(videos, frames, t*t, D_text) projected frame features."""
         self._check_pixels(pixel_values_videos, "pixel_values_videos")
         if pixel_values_videos.dim() != 5:
             raise ValueError(f"pixel_values_videos must be (videos, frames, 3, T, T), got "
                              f"{tuple(pixel_values_videos.shape)}")
         b, fr = pixel_values_videos.shape[:2]
         f = self.encode_tiles(pixel_values_videos.flatten(0, 1))
-        f = pool_video_features_ref(f, self.config.vision_config.tokens_per_side)
+        return f.view(b, fr, f.shape[1], f.shape[2])
+
+    def video_features(self, pixel_values_videos):
+        v = self._video_tiles(pixel_values_videos)
+        b = v.shape[0]
+        f = pool_video_features_ref(v.flatten(0, 1), self.config.vision_config.tokens_per_side)
         f = f.reshape(b, -1, f.shape[-1])
         nl = self.model.image_newline[None, None, :].expand(b, 1, -1).to(f.dtype)
         return torch.cat((f, nl), dim=1).flatten(0, 1)

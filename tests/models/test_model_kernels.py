@@ -39,7 +39,7 @@ def test_training_kernels_in_model(tmp_path, forced, model_type):
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
-    forced("rms_norm", "rope", "swiglu", "cross_entropy")
+    forced("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features")
     logits = m(**kw).logits
     torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=0)
     out = m(**kw, logits=False)             # fused linear cross-entropy: no logits materialised
@@ -49,3 +49,22 @@ def test_training_kernels_in_model(tmp_path, forced, model_type):
     for n, p in m.named_parameters():
         if n in ref_grads:
             torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-4, rtol=1e-4, msg=lambda s: f"{n}: {s}")
+
+
+def test_pack_kernel_multi_image_and_video(tmp_path, forced):
+    """OneVision multi-image (single tiles) and video through the fused packing kernel equal the reference."""
+    _, path = save_tiny(tmp_path, "llava_onevision")
+    m = llava_fast.from_pretrained(path)
+    batch = make_batch("llava_onevision", [[(40, 90), (70, 20)], [(100, 60)]], multi_image=True)
+    from llava_fast.ops.anyres import num_video_tokens
+    from tiny import TILE, VIDEO_TOKEN
+
+    ids = torch.cat([batch["input_ids"], torch.full((2, num_video_tokens(2, TILE // 14)), VIDEO_TOKEN)], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, ids.shape[1] - batch["input_ids"].shape[1],
+                                                          dtype=torch.long)], dim=1)
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+              image_sizes=batch["image_sizes"], batch_num_images=torch.tensor(batch["bni"]),
+              pixel_values_videos=torch.randn(2, 2, 3, TILE, TILE))
+    ref = m(**kw).logits
+    forced("pack_features")
+    torch.testing.assert_close(m(**kw).logits, ref, atol=1e-5, rtol=0)
