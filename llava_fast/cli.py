@@ -18,6 +18,13 @@ def _cmd_demo(args) -> int:
     return run_demo(out_dir=args.out, seed=args.seed, device=args.device, quick=args.quick)
 
 
+def _cmd_chat(args) -> int:
+    from llava_fast.chat import run_chat
+
+    return run_chat(args.model, args.image, device=args.device, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="llava-fast", description="llava_fast: fast LLaVA kernels, model and training")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -29,6 +36,14 @@ def main(argv=None) -> int:
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--quick", action="store_true", help="a very short run (for smoke tests)")
     s.set_defaults(fn=_cmd_demo)
+    s = sub.add_parser("chat", help="talk about an image with a local llava-hf checkpoint")
+    s.add_argument("--model", required=True, help="llava-hf checkpoint folder (config.json, safetensors, tokenizer)")
+    s.add_argument("--image", default=None, help="image file (JPEG/PNG/...)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.set_defaults(fn=_cmd_chat)
     args = p.parse_args(argv)
     return args.fn(args)
 
