@@ -1,0 +1,794 @@
+"""FlashAttention (FA2 algorithm) in Triton over packed variable-length sequences, forward and backward.
+
+Layout (flash-attn's varlen convention): the documents of a batch are concatenated along the token axis.
+
+* ``q``: ``(total_q, Hq, D)``, ``k`` and ``v``: ``(total_k, Hkv, D)``, ``Hq % Hkv == 0`` (GQA/MQA: query head ``h``
+  reads kv head ``h // (Hq // Hkv)``; k/v are never repeated in memory).
+* ``cu_seqlens_q`` / ``cu_seqlens_k``: int32 ``(batch + 1,)`` prefix sums of the document lengths; document ``b`` owns
+  tokens ``cu_seqlens[b]:cu_seqlens[b + 1]``. Documents never attend to each other.
+* causal: query ``i`` of a document with ``Sq`` queries and ``Sk`` keys sees keys ``j <= i + Sk - Sq``
+  (bottom-right aligned, as flash-attn >= 2.1). A query that sees no key (``Sq > Sk``) gets output 0 and
+  ``lse = +inf`` (flash-attn's convention), and contributes nothing to the gradients.
+* head dims: any multiple of 8 up to 128 (64, 72, 80, 96, 128 are tested). The head dim is held in registers as one
+  or two power-of-two chunks (72 and 80 -> 64 + 16, 96 -> 64 + 32, 64 and 128 -> one chunk) with lanes past D masked:
+  D = 72 costs 80 lanes of tensor-core work, not 128, and no padded copy of q/k/v is ever made in memory.
+* strides: the last dimension must be contiguous (``stride(-1) == 1``); token and head strides are free, so views
+  such as ``linear(x).view(T, H, D)`` or ``qkv.view(T, 3, H, D)[:, 0]`` are used in place.
+
+Kernels: the forward grid is (query blocks of ``max_seqlen_q``, batch, Hq); each program reads its document bounds
+from ``cu_seqlens`` on the device (no host synchronisation) and loops only over the key blocks of its own document,
+and in causal mode only up to the diagonal; blocks wholly inside the mask run without any masking arithmetic.
+The backward is the FA2/Triton-tutorial split: a preprocess kernel (``delta = rowsum(dO * O)``), a dK/dV kernel over
+key blocks that loops over every query head of its kv head (GQA gradients summed in registers), and a separate dQ
+kernel over query blocks. No atomics anywhere, so the backward is always bitwise deterministic.
+"""
+
+import contextlib
+import os
+
+import torch
+
+from llava_fast import backend
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - non-Linux installs: the reference path only
+
+    class _NoTriton:  # enough of triton/tl for the decorators and annotations below to evaluate
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _NoTriton()
+    HAS_TRITON = False
+
+backend.register_fast("attention", "triton")
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Reference (also the CPU path)
+# ----------------------------------------------------------------------------------------------------------------
+def attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None, upcast=True,
+                  return_lse=False):
+    """Naive attention, one document at a time.
+
+    Args:
+        q: ``(total_q, Hq, D)``; k, v: ``(total_k, Hkv, D)``; ``Hq % Hkv == 0``.
+        cu_seqlens_q, cu_seqlens_k: ``(batch + 1,)`` integer prefix sums (read on the host: this is the slow path).
+        causal: bottom-right aligned causal mask per document (see the module docstring).
+        softmax_scale: defaults to ``D ** -0.5``.
+        upcast: compute in fp32 and return ``q.dtype`` (the accuracy reference); ``False`` computes the matmuls in the
+            input dtype like flash-attn's ``attention_ref(upcast=False)``, the baseline of the tolerance rule.
+        return_lse: also return the log-sum-exp of the scaled scores, ``(Hq, total_q)`` fp32 (``+inf`` for queries
+            that see no key).
+
+    Returns:
+        ``out`` of shape ``(total_q, Hq, D)`` in ``q.dtype``, or ``(out, lse)``.
+    """
+    dtype = q.dtype
+    D, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    g = hq // hkv
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    cq = [int(x) for x in cu_seqlens_q.tolist()]
+    ck = [int(x) for x in cu_seqlens_k.tolist()]
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        qb = q[cq[b]:cq[b + 1]].transpose(0, 1)                                          # (Hq, Sq, D)
+        kb = k[ck[b]:ck[b + 1]].transpose(0, 1).repeat_interleave(g, dim=0)             # (Hq, Sk, D)
+        vb = v[ck[b]:ck[b + 1]].transpose(0, 1).repeat_interleave(g, dim=0)
+        sq, sk = qb.shape[1], kb.shape[1]
+        s = torch.matmul(qb, kb.transpose(1, 2)) * scale                                  # (Hq, Sq, Sk)
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        allowed = (j <= i + sk - sq) if causal else torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+        empty = ~allowed.any(dim=-1)                                                       # (Sq,) rows seeing no key
+        s = s.masked_fill(~allowed, float("-inf")).masked_fill(empty[:, None], 0.0)       # 0: no NaN in softmax
+        lse = torch.logsumexp(s.float(), dim=-1).masked_fill(empty, float("inf"))
+        p = torch.softmax(s, dim=-1).masked_fill(empty[:, None], 0.0).to(vb.dtype)
+        outs.append(torch.matmul(p, vb).transpose(0, 1))
+        lses.append(lse)
+    out = torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+    out = out.to(dtype)
+    if not return_lse:
+        return out
+    lse = torch.cat(lses, 1) if lses else q.new_zeros((hq, 0), dtype=torch.float32)
+    return out, lse.float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+# The head dim D is covered by one or two power-of-two column chunks, both kept in registers:
+#   chunk 0 = columns [0, BLOCK_D0), chunk 1 = columns [BLOCK_D0, BLOCK_D0 + BLOCK_D1) when HAS_D1,
+# with columns >= D masked on load/store. D = 72 and 80 run as 64 + 16 (80 lanes, not 128), D = 96 as 64 + 32;
+# 64 and 128 are one chunk. Every GEMM that reduces over D is two chained tl.dot calls (acc = dot(a1, b1, dot(a0, b0)));
+# every GEMM that produces D columns is one dot per chunk. See _split_head_dim.
+@triton.jit
+def _load_tile(ptr, offs_r, stride_r, offs_d, n_rows, HEAD_DIM: tl.constexpr, MASK_R: tl.constexpr,
+               MASK_D: tl.constexpr):
+    """(rows, cols) tile at ptr + r * stride_r + d, zero outside rows < n_rows (MASK_R) and cols < HEAD_DIM
+    (MASK_D). Unmasked axes cost no compare."""
+    ptrs = ptr + offs_r[:, None] * stride_r + offs_d[None, :]
+    if MASK_R:
+        if MASK_D:
+            return tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        else:
+            return tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+    else:
+        if MASK_D:
+            return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _store_tile(ptr, x, offs_r, stride_r, offs_d, n_rows, HEAD_DIM: tl.constexpr):
+    tl.store(ptr + offs_r[:, None] * stride_r + offs_d[None, :], x.to(ptr.dtype.element_ty),
+             mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key range of query block [start_m, start_m + BLOCK_M): returns (full, end): keys [0, full) are visible to every
+    row (no mask), [full, end) need the causal/length mask, keys >= end are invisible to every row."""
+    diag = seqlen_k - seqlen_q
+    full_k = (seqlen_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        end = tl.minimum(seqlen_k, tl.maximum(start_m + BLOCK_M + diag, 0))
+        full = (tl.maximum(start_m + diag + 1, 0) // BLOCK_N) * BLOCK_N
+        full = tl.minimum(full, full_k)
+    else:
+        end = seqlen_k
+        full = full_k
+    return full, end
+
+
+@triton.jit
+def _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kt, stride_vt, offs_m, offs_d0, offs_d1, lo, hi,
+                    seqlen_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_D0: tl.constexpr,
+                    MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). MASKED=False: every (row, key) pair is valid, no mask math."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+        qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        if HAS_D1:
+            k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+            qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
+        qk = qk * qk_scale                                                              # log2 units
+        if MASKED:
+            allowed = offs_n[None, :] < seqlen_k
+            if CAUSAL:
+                allowed = allowed & (offs_m[:, None] + diag >= offs_n[None, :])
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:  # a row with no visible key so far keeps m = -inf; subtract 0 instead (no -inf - -inf = NaN)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc0 = acc0 * alpha[:, None]
+        v0 = _load_tile(V, offs_n, stride_vt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+        p = p.to(v0.dtype)
+        acc0 = tl.dot(p, v0, acc0, input_precision=DOT_PREC)
+        if HAS_D1:
+            acc1 = acc1 * alpha[:, None]
+            v1 = _load_tile(V, offs_n, stride_vt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+            acc1 = tl.dot(p, v1, acc1, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc0, acc1, l_i, m_i
+
+
+@triton.jit
+def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                           stride_lse_h, qk_scale, group, seq_bucket,
+                           HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                           HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    if CAUSAL:  # heaviest query blocks (most keys) first: better tail balance
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    q_start = tl.load(CU_Q + b)
+    seqlen_q = tl.load(CU_Q + b + 1) - q_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    k_start = tl.load(CU_K + b)
+    seqlen_k = tl.load(CU_K + b + 1) - k_start
+    hk = h // group
+    MASK_D0: tl.constexpr = HEAD_DIM < BLOCK_D0
+    MASK_D1: tl.constexpr = HEAD_DIM < BLOCK_D0 + BLOCK_D1
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    rows_left = seqlen_q - start_m
+    Qb = Q + (q_start + start_m).to(tl.int64) * stride_qt + h * stride_qh
+    q0 = _load_tile(Qb, offs_mb, stride_qt, offs_d0, rows_left, HEAD_DIM, True, MASK_D0)
+    if HAS_D1:
+        q1 = _load_tile(Qb, offs_mb, stride_qt, offs_d1, rows_left, HEAD_DIM, True, MASK_D1)
+    else:
+        q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q0.dtype)  # unused
+    Kb = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
+    Vb = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    diag = seqlen_k - seqlen_q
+    full, end = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kb, Vb, stride_kt, stride_vt, offs_m,
+                                           offs_d0, offs_d1, 0, full, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
+                                           MASK_D0, MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC)
+    acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kb, Vb, stride_kt, stride_vt, offs_m,
+                                           offs_d0, offs_d1, full, end, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
+                                           MASK_D0, MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC)
+    empty = l_i == 0.0  # rows that see no key: out 0, lse +inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    inv_l = 1.0 / l_safe
+    Ob = O + (q_start + start_m).to(tl.int64) * stride_ot + h * stride_oh
+    _store_tile(Ob, acc0 * inv_l[:, None], offs_mb, stride_ot, offs_d0, rows_left, HEAD_DIM)
+    if HAS_D1:
+        _store_tile(Ob, acc1 * inv_l[:, None], offs_mb, stride_ot, offs_d1, rows_left, HEAD_DIM)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    tl.store(LSE + h.to(tl.int64) * stride_lse_h + q_start + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _flash_attn_bwd_preprocess_kernel(O, DO, DELTA, total_q, stride_ot, stride_oh, stride_dot, stride_doh,
+                                      stride_delta_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                      BLOCK_T: tl.constexpr):
+    """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] (fp32). Memory-bound: one power-of-two tile, D masked."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_t[:, None] < total_q) & (offs_d[None, :] < HEAD_DIM)
+    offs_t64 = offs_t.to(tl.int64)
+    o = tl.load(O + offs_t64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + offs_t64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + h.to(tl.int64) * stride_delta_h + offs_t, delta, mask=offs_t < total_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n,
+                         offs_d0, offs_d1, lo, hi, seqlen_q, diag, qk_scale, HEAD_DIM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr,
+                         MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head. Query rows past the
+    document load lse = +inf, so p = 0 for them without a mask; MASKED adds the causal mask."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q0 = _load_tile(Qh, offs_m, stride_qt, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
+        qkT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)                      # (BLOCK_N, BLOCK_M)
+        if HAS_D1:
+            q1 = _load_tile(Qh, offs_m, stride_qt, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
+            qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PREC)
+        rmask = offs_m < seqlen_q
+        lse = tl.load(LSEh + offs_m, mask=rmask, other=float("inf")) * 1.4426950408889634
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if MASKED:
+            pT = tl.where(offs_m[None, :] + diag >= offs_n[:, None], pT, 0.0)
+        do0 = _load_tile(DOh, offs_m, stride_dot, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
+        dv0 = tl.dot(pT.to(do0.dtype), do0, dv0, input_precision=DOT_PREC)
+        dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
+        if HAS_D1:
+            do1 = _load_tile(DOh, offs_m, stride_dot, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
+            dv1 = tl.dot(pT.to(do1.dtype), do1, dv1, input_precision=DOT_PREC)
+            dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
+        delta = tl.load(DELTAh + offs_m, mask=rmask, other=0.0)
+        dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
+        dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PREC)
+        if HAS_D1:
+            dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT_PREC)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+                                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                                stride_lse_h, qk_scale, sm_scale, group, seq_bucket,
+                                HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                                HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
+    k_start = tl.load(CU_K + b)
+    seqlen_k = tl.load(CU_K + b + 1) - k_start
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    q_start = tl.load(CU_Q + b)
+    seqlen_q = tl.load(CU_Q + b + 1) - q_start
+    MASK_D0: tl.constexpr = HEAD_DIM < BLOCK_D0
+    MASK_D1: tl.constexpr = HEAD_DIM < BLOCK_D0 + BLOCK_D1
+
+    offs_nb = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_nb
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    keys_left = seqlen_k - start_n
+    Kb = K + (k_start + start_n).to(tl.int64) * stride_kt + hk * stride_kh
+    Vb = V + (k_start + start_n).to(tl.int64) * stride_vt + hk * stride_vh
+    k0 = _load_tile(Kb, offs_nb, stride_kt, offs_d0, keys_left, HEAD_DIM, True, MASK_D0)
+    v0 = _load_tile(Vb, offs_nb, stride_vt, offs_d0, keys_left, HEAD_DIM, True, MASK_D0)
+    if HAS_D1:
+        k1 = _load_tile(Kb, offs_nb, stride_kt, offs_d1, keys_left, HEAD_DIM, True, MASK_D1)
+        v1 = _load_tile(Vb, offs_nb, stride_vt, offs_d1, keys_left, HEAD_DIM, True, MASK_D1)
+    else:  # unused
+        k1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=k0.dtype)
+        v1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=v0.dtype)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+
+    diag = seqlen_k - seqlen_q
+    if CAUSAL:
+        # query i sees key j iff i >= j - diag. lo: first query block that sees this key block at all;
+        # mid: first query block whose every row sees every key of this block (no mask from there on).
+        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
+        mid = tl.minimum(mid, seqlen_q)
+        lo = tl.minimum(lo, mid)
+    else:
+        lo = 0
+        mid = 0
+    q_off = q_start.to(tl.int64)
+    for g in range(0, group):  # every query head of this kv head: GQA gradients summed in registers
+        h = hk * group + g
+        Qh = Q + q_off * stride_qt + h * stride_qh
+        DOh = DO + q_off * stride_dot + h * stride_doh
+        LSEh = LSE + h.to(tl.int64) * stride_lse_h + q_start
+        DELTAh = DELTA + h.to(tl.int64) * stride_lse_h + q_start
+        dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
+                                                  stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, mid, seqlen_q,
+                                                  diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0, MASK_D1, HAS_D1, True,
+                                                  DOT_PREC)
+        dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
+                                                  stride_qt, stride_dot, offs_n, offs_d0, offs_d1, mid, seqlen_q,
+                                                  seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0, MASK_D1,
+                                                  HAS_D1, False, DOT_PREC)
+    DKb = DK + (k_start + start_n).to(tl.int64) * stride_dkt + hk * stride_dkh
+    DVb = DV + (k_start + start_n).to(tl.int64) * stride_dvt + hk * stride_dvh
+    _store_tile(DKb, dk0 * sm_scale, offs_nb, stride_dkt, offs_d0, keys_left, HEAD_DIM)
+    _store_tile(DVb, dv0, offs_nb, stride_dvt, offs_d0, keys_left, HEAD_DIM)
+    if HAS_D1:
+        _store_tile(DKb, dk1 * sm_scale, offs_nb, stride_dkt, offs_d1, keys_left, HEAD_DIM)
+        _store_tile(DVb, dv1, offs_nb, stride_dvt, offs_d1, keys_left, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d0, offs_d1,
+                       lo, hi, seqlen_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr,
+                       CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+        qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        v0 = _load_tile(V, offs_n, stride_vt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+        if HAS_D1:
+            k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+            qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
+            v1 = _load_tile(V, offs_n, stride_vt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if MASKED:
+            allowed = offs_n[None, :] < seqlen_k
+            if CAUSAL:
+                allowed = allowed & (offs_m[:, None] + diag >= offs_n[None, :])
+            p = tl.where(allowed, p, 0.0)
+        ds = (p * (dp - delta[:, None])).to(k0.dtype)
+        dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
+        if HAS_D1:
+            dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+    return dq0, dq1
+
+
+@triton.jit
+def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                              stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lse_h,
+                              qk_scale, sm_scale, group, seq_bucket,
+                              HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                              HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    q_start = tl.load(CU_Q + b)
+    seqlen_q = tl.load(CU_Q + b + 1) - q_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    k_start = tl.load(CU_K + b)
+    seqlen_k = tl.load(CU_K + b + 1) - k_start
+    hk = h // group
+    MASK_D0: tl.constexpr = HEAD_DIM < BLOCK_D0
+    MASK_D1: tl.constexpr = HEAD_DIM < BLOCK_D0 + BLOCK_D1
+
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_mb
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    rows_left = seqlen_q - start_m
+    row0 = (q_start + start_m).to(tl.int64)
+    Qb = Q + row0 * stride_qt + h * stride_qh
+    DOb = DO + row0 * stride_dot + h * stride_doh
+    q0 = _load_tile(Qb, offs_mb, stride_qt, offs_d0, rows_left, HEAD_DIM, True, MASK_D0)
+    do0 = _load_tile(DOb, offs_mb, stride_dot, offs_d0, rows_left, HEAD_DIM, True, MASK_D0)
+    if HAS_D1:
+        q1 = _load_tile(Qb, offs_mb, stride_qt, offs_d1, rows_left, HEAD_DIM, True, MASK_D1)
+        do1 = _load_tile(DOb, offs_mb, stride_dot, offs_d1, rows_left, HEAD_DIM, True, MASK_D1)
+    else:  # unused
+        q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q0.dtype)
+        do1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=do0.dtype)
+    rmask = offs_m < seqlen_q
+    lse = tl.load(LSE + h.to(tl.int64) * stride_lse_h + q_start + offs_m, mask=rmask, other=float("inf"))
+    lse = lse * 1.4426950408889634
+    delta = tl.load(DELTA + h.to(tl.int64) * stride_lse_h + q_start + offs_m, mask=rmask, other=0.0)
+    Kb = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
+    Vb = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
+
+    dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    diag = seqlen_k - seqlen_q
+    full, end = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, Kb, Vb, stride_kt, stride_vt, offs_m,
+                                  offs_d0, offs_d1, 0, full, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N, MASK_D0,
+                                  MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC)
+    dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, Kb, Vb, stride_kt, stride_vt, offs_m,
+                                  offs_d0, offs_d1, full, end, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N, MASK_D0,
+                                  MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC)
+    DQb = DQ + row0 * stride_dqt + h * stride_dqh
+    _store_tile(DQb, dq0 * sm_scale, offs_mb, stride_dqt, offs_d0, rows_left, HEAD_DIM)
+    if HAS_D1:
+        _store_tile(DQb, dq1 * sm_scale, offs_mb, stride_dqt, offs_d1, rows_left, HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("LLAVA_FAST_ATTN_AUTOTUNE", "0") == "1" and not _interpret()
+
+
+# Configs are (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from ptxas register/spill reports of the sm90 builds
+# (triton 3.8, bf16; `ptxas -v` on the AOT-compiled kernels, no GPU needed): the tutorial's dK/dV 32x128 at 4 warps
+# spills ~500 B/thread and its dQ 128x32 at BLOCK_D = 128 spills ~1 KB, so the defaults below are the spill-free
+# (or < 100 B) neighbours. "width" is the register width of the head dim, BLOCK_D0 + BLOCK_D1 (64, 80, 96 or 128).
+# Under the interpreter small, unequal blocks make the tiny test documents span several blocks of both kinds.
+_INTERPRET_CFG = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
+
+
+def _default_cfg(kind: str, width: int, fp32: bool = False) -> tuple[int, int, int, int]:
+    if _interpret():
+        return _INTERPRET_CFG[kind]
+    if fp32:  # fp32 inputs (tests, debugging): tiles twice as large in shared memory; small tiles, 2 stages
+        return (64, 32, 4, 2)
+    if kind == "fwd":
+        return (128, 64, 4, 3) if width <= 64 else (128, 128, 8, 3)
+    if kind == "dkdv":
+        return (64, 128, 8, 3) if width <= 64 else (64, 64, 8, 3)
+    return (128, 64, 8, 3) if width <= 64 else (64, 32, 4, 3)
+
+
+# Small autotune lists (LLAVA_FAST_ATTN_AUTOTUNE=1, GPU only): the defaults and a few neighbours from the Triton
+# tutorial's sweep. Keyed on head dim, causal, dtype and the power-of-two bucket of max_seqlen (so that a new
+# max_seqlen per packed batch does not re-tune). Configs that do not fit (shared memory) are skipped by the autotuner.
+_TUNE = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    "dkdv": [(64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
+    "dq": [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+}
+_TUNED: dict = {}
+
+
+def _kernel(kind: str, fn, fp32: bool = False):
+    """The jit kernel itself (fixed config) or its autotuned wrapper."""
+    if not _autotune_enabled() or fp32:
+        return fn, True
+    if kind not in _TUNED:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in
+                   _TUNE[kind]]
+        _TUNED[kind] = triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "seq_bucket"])(fn)
+    return _TUNED[kind], False
+
+
+def _launch(kind, fn, grid_of, args, constexprs):
+    kernel, fixed = _kernel(kind, fn, constexprs["DOT_PREC"] == "ieee")
+    if fixed:
+        width = constexprs["BLOCK_D0"] + (constexprs["BLOCK_D1"] if constexprs["HAS_D1"] else 0)
+        bm, bn, warps, stages = _default_cfg(kind, width, constexprs["DOT_PREC"] == "ieee")
+        kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    else:
+        kernel[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+
+
+def _split_head_dim(d: int) -> tuple[int, int, bool]:
+    """(BLOCK_D0, BLOCK_D1, HAS_D1): the head dim as one power-of-two chunk, or a power-of-two chunk plus a smaller
+    power-of-two remainder chunk (>= 16, the tl.dot minimum). 72 -> 64 + 16, 80 -> 64 + 16, 96 -> 64 + 32,
+    64 -> 64, 128 -> 128, 112 -> 128 (64 + 64 would be no narrower)."""
+    d0 = max(16, 1 << (d.bit_length() - 1))
+    if d <= d0:
+        return d0, 16, False
+    d1 = max(16, triton.next_power_of_2(d - d0))
+    if d1 >= d0:
+        return triton.next_power_of_2(d), 16, False
+    return d0, d1, True
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 dots (no silent TF32); fp16/bf16 ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                          softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward launcher. Returns ``out (total_q, Hq, D)`` in q.dtype and ``lse (Hq, total_q)`` fp32.
+    Inputs must already be validated (see :func:`_check_inputs`)."""
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    batch = cu_seqlens_q.shape[0] - 1
+    out = torch.empty((total_q, hq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
+    if total_q == 0 or batch == 0 or max_seqlen_q == 0:
+        return out, lse
+    if k.shape[0] == 0 or max_seqlen_k == 0:  # no keys anywhere
+        return out.zero_(), lse.fill_(float("inf"))
+    d0, d1, has_d1 = _split_head_dim(d)
+    args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            out.stride(1), lse.stride(0), softmax_scale * _LOG2E, hq // hkv, _bucket(max_seqlen_q))
+    constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
+                      DOT_PREC=_dot_prec(q.dtype))
+    with _device_guard(q):
+        _launch("fwd", _flash_attn_fwd_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq), args,
+                constexprs)
+    return out, lse
+
+
+def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                          softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher: ``(dq, dk, dv)``, contiguous, in the input dtypes. Deterministic (no atomics)."""
+    total_q, hq, d = q.shape
+    total_k, hkv, _ = k.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if total_q == 0 or total_k == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    # every row is written by the kernels (keys of a document without queries get zeros): no memset
+    dq = torch.empty((total_q, hq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((total_k, hkv, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((total_k, hkv, d), dtype=v.dtype, device=v.device)
+    d0, d1, has_d1 = _split_head_dim(d)
+    delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
+    qk_scale = softmax_scale * _LOG2E
+    group = hq // hkv
+    dot_prec = _dot_prec(q.dtype)
+    with _device_guard(q):
+        block_t = 16 if _interpret() else 64
+        _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
+            out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
+        args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_k))
+        constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
+                          DOT_PREC=dot_prec)
+        _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv),
+                args, constexprs)
+        args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+                qk_scale, softmax_scale, group, _bucket(max_seqlen_q))
+        _launch("dq", _flash_attn_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq),
+                args, constexprs)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. torch.library custom ops (opaque to torch.compile, with fake implementations)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("llava_fast::flash_attn_varlen_fwd", mutates_args=())
+def _flash_attn_varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                              causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                 causal)
+
+
+@_flash_attn_varlen_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("llava_fast::flash_attn_varlen_bwd", mutates_args=())
+def _flash_attn_varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                              causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 softmax_scale, causal)
+
+
+@_flash_attn_varlen_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. autograd.Function
+# ----------------------------------------------------------------------------------------------------------------
+class FlashAttnVarlenFunction(torch.autograd.Function):
+    """Triton varlen attention with autograd. Inputs must be validated; see :func:`flash_attn_varlen_func`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                deterministic=False):
+        out, lse = torch.ops.llava_fast.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                              max_seqlen_k, softmax_scale, causal)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
+        ctx.softmax_scale, ctx.causal = softmax_scale, causal
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        # The backward has no atomics: it is deterministic whatever `deterministic` says.
+        dq, dk, dv = torch.ops.llava_fast.flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                                ctx.max_seqlen_q, ctx.max_seqlen_k,
+                                                                ctx.softmax_scale, ctx.causal)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Functional API
+# ----------------------------------------------------------------------------------------------------------------
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p):
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p must be 0.0 (attention dropout is not implemented), got {dropout_p}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (total_tokens, heads, head_dim), got {tuple(t.shape)}; "
+                             f"for (batch, seqlen, heads, head_dim) inputs use flash_attn_func")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; use torch.float16, torch.bfloat16 or torch.float32")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move all inputs to one device")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride(-1) == 1), got strides "
+                             f"{tuple(t.stride())}; call {name}.contiguous() (token and head strides may be anything)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    d = q.shape[2]
+    if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim (q.shape[-1]) must be a multiple of 8 between 8 and {MAX_HEAD_DIM}, got {d}")
+    if k.shape[2] != d or v.shape[2] != d:
+        raise ValueError(f"head_dim of k ({k.shape[2]}) and v ({v.shape[2]}) must equal q's ({d})")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v must have the same (total_k, heads) shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of kv heads ({hkv}) "
+                         f"(GQA/MQA)")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise ValueError(f"{name} must have dtype torch.int32, got {cu.dtype}; use {name}.to(torch.int32)")
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"{name} must have shape (batch + 1,) with batch >= 1, got {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; move it to q's device")
+        if cu.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous; call {name}.contiguous()")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} must "
+                         f"have the same length (batch + 1)")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, (int, torch.SymInt)):
+            raise ValueError(f"{name} must be a Python int (the longest document), got {type(m).__name__}; pass it "
+                             f"from the host, do not read it from a GPU tensor inside the step")
+        if m < 0:
+            raise ValueError(f"{name} must be >= 0, got {m}")
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                           dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+                           return_lse: bool = False, deterministic: bool = False):
+    """Attention over packed documents (flash-attn's ``flash_attn_varlen_func`` argument order).
+
+    Args:
+        q: ``(total_q, Hq, D)``; k, v: ``(total_k, Hkv, D)`` with ``Hq % Hkv == 0``; fp16, bf16 or fp32; last dim
+            contiguous (any token/head strides, e.g. ``qkv.view(T, 3, H, D)[:, 0]``).
+        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` on q's device.
+        max_seqlen_q, max_seqlen_k: Python ints, the longest document (sizes the grid; never read from the GPU).
+            Documents longer than these are not fully processed (as in flash-attn).
+        dropout_p: must be 0.0.
+        softmax_scale: defaults to ``D ** -0.5``.
+        causal: bottom-right aligned causal mask per document.
+        return_lse: also return the softmax log-sum-exp ``(Hq, total_q)`` fp32.
+        deterministic: accepted for flash-attn compatibility; the backward is always deterministic (no atomics).
+
+    Returns:
+        ``out (total_q, Hq, D)`` in q's dtype, or ``(out, lse)``.
+    """
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p)
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    if backend.use_fast("attention", q.device.type):
+        out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                 scale, bool(causal), bool(deterministic))
+    else:
+        out, lse = attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=scale,
+                                 return_lse=True)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_func(q, k, v, causal: bool = False, softmax_scale: float | None = None):
+    """Dense attention on ``(B, S, H, D)`` tensors (flash-attn layout): ``q (B, Sq, Hq, D)``, ``k, v (B, Sk, Hkv, D)``.
+    Returns ``(B, Sq, Hq, D)``. Runs the varlen kernel with equal-length documents (causal bottom-right aligned)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, seqlen, heads, head_dim), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    bsz, sq, hq, d = q.shape
+    sk = k.shape[1]
+    if k.shape[0] != bsz or v.shape[0] != bsz:
+        raise ValueError(f"q, k and v must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    cu_q = torch.arange(0, (bsz + 1) * sq, sq, dtype=torch.int32, device=q.device)
+    cu_k = torch.arange(0, (bsz + 1) * sk, sk, dtype=torch.int32, device=q.device) if sk != sq else cu_q
+    out = flash_attn_varlen_func(q.reshape(bsz * sq, hq, d), k.reshape(bsz * sk, k.shape[2], k.shape[3]),
+                                 v.reshape(bsz * sk, v.shape[2], v.shape[3]), cu_q, cu_k, sq, sk,
+                                 softmax_scale=softmax_scale, causal=causal)
+    return out.view(bsz, sq, hq, d)

@@ -1,0 +1,364 @@
+"""Tests for llava_fast/ops/attention.py (Triton varlen FlashAttention, fwd + bwd) against the naive per-document
+fp32 reference.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py) at tiny shapes: documents of 1-37 tokens,
+2-7 heads, with the interpreter's block sizes (fwd 32x16, dK/dV 16x32, dQ 32x16) so that every document spans full
+blocks, masked blocks and ragged tails. bf16 is GPU-only: the Triton 3.8 interpreter computes bf16 tl.dot wrongly
+(checked: a plain 16x16 bf16 dot is off by 1e10), so CPU cases are fp32 and fp16. Full-size bf16/fp16 cases carry the
+``cuda`` marker.
+"""
+import pytest
+import torch
+
+from llava_fast import backend
+from llava_fast.ops.attention import (FlashAttnVarlenFunction, attention_ref, flash_attn_func,
+                                      flash_attn_varlen_bwd, flash_attn_varlen_func, flash_attn_varlen_fwd)
+from tests.utils import assert_flash_rule
+
+# fp32: the interpreter's dots are exact fp32 (numpy) and the reference has the same dtype, so the flash rule's
+# "error of PyTorch in the same dtype" is 0. What is left is reassociation (online softmax over key blocks, exp2/log2
+# instead of exp/log, sums of <= 37 keys): measured <= 3e-7 of the largest |value|. 1e-5 of the largest |value|
+# (~80 fp32 ULP) bounds it with margin and is still 100x below any fp16 error.
+FP32_REL_ATOL = 1e-5
+
+
+def _cu(lens, device):
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
+
+
+def _make(lens_q, lens_k, hq, hkv, d, dtype, device, scale=1.0):
+    q = (torch.randn(sum(lens_q), hq, d, device=device) * scale).to(dtype).requires_grad_()
+    k = (torch.randn(sum(lens_k), hkv, d, device=device) * scale).to(dtype).requires_grad_()
+    v = torch.randn(sum(lens_k), hkv, d, device=device).to(dtype).requires_grad_()
+    return q, k, v, _cu(lens_q, device), _cu(lens_k, device)
+
+
+def _finite(x):
+    return torch.where(torch.isinf(x), torch.zeros_like(x), x)
+
+
+def _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, run):
+    """run(q, k, v, cu_q, cu_k, max_q, max_k, causal) -> (out, lse) with autograd; checks out, lse, dq, dk, dv."""
+    q, k, v, cu_q, cu_k = _make(lens_q, lens_k, hq, hkv, d, dtype, device)
+    out, lse = run(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout) if out.numel() else (q * 0, k * 0, v * 0)
+
+    ref, ref_lse = attention_ref(q, k, v, cu_q, cu_k, causal=causal, return_lse=True, upcast=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout, allow_unused=True)
+    ref_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(ref_grads, (q, k, v))]
+
+    # rows that see no key: lse = +inf in both, output 0
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: +inf rows differ from the reference"
+    lse, ref_lse = _finite(lse), _finite(ref_lse)
+    if dtype == torch.float32:
+        for name, a, b in [("out", out, ref), ("lse", lse, ref_lse)] + list(zip(("dq", "dk", "dv"), grads, ref_grads)):
+            atol = FP32_REL_ATOL * max(1.0, b.abs().max().item() if b.numel() else 0.0)
+            assert_flash_rule(a, b, b, name=name, atol=atol)
+    else:
+        low, low_lse = attention_ref(q, k, v, cu_q, cu_k, causal=causal, return_lse=True, upcast=False)
+        low_grads = torch.autograd.grad(low, (q, k, v), dout, allow_unused=True)
+        low_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(low_grads, (q, k, v))]
+        assert_flash_rule(out, ref, low, name="out")
+        # lse is fp32 in both implementations; its low-precision error comes from the fp16 scores
+        assert_flash_rule(lse, ref_lse, _finite(low_lse), name="lse", atol=1e-5)
+        for name, a, b, c in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
+            assert_flash_rule(a, b, c, name=name)
+    return out, lse, grads
+
+
+def _run_function(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+    return FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, max_q, max_k, q.shape[-1] ** -0.5, causal, False)
+
+
+# name: (lens_q, lens_k, Hq, Hkv, D, causal, dtype). Pruned for the interpreter (each case ~0.2-2 s): D 64/72 get
+# the full causal x GQA grid, 80/96/128 one case each; ratios 1, 2 and 7; Sq < Sk and Sq > Sk (rows with no key) and
+# empty documents; fp16 on three cases. Everything, at full size and bf16, is repeated by the cuda tests below.
+DOCS = [1, 17, 37]
+CASES = {
+    "mha-d64": (DOCS, DOCS, 4, 4, 64, False, torch.float32),
+    "mha-d64-causal": (DOCS, DOCS, 4, 4, 64, True, torch.float32),
+    "gqa2-d72": (DOCS, DOCS, 4, 2, 72, False, torch.float32),
+    "gqa2-d72-causal": (DOCS, DOCS, 4, 2, 72, True, torch.float32),
+    "mqa7-d64-causal": (DOCS, DOCS, 7, 1, 64, True, torch.float32),
+    "mqa7-d72": ([5, 33], [5, 33], 7, 1, 72, False, torch.float32),
+    "mha-d80-causal": (DOCS, DOCS, 2, 2, 80, True, torch.float32),
+    "gqa2-d96": (DOCS, DOCS, 2, 1, 96, False, torch.float32),
+    "mha-d128-causal": (DOCS, DOCS, 2, 2, 128, True, torch.float32),
+    "sq<sk-gqa2-d64-causal": ([1, 5, 20], [3, 17, 37], 4, 2, 64, True, torch.float32),
+    "sq<sk-d72": ([1, 5, 20], [3, 17, 37], 2, 2, 72, False, torch.float32),
+    "sq>sk-empty-docs-causal": ([9, 0, 20, 3], [4, 3, 20, 0], 2, 1, 72, True, torch.float32),
+    "no-keys-doc": ([3, 17], [0, 17], 2, 2, 64, False, torch.float32),
+    "fp16-gqa2-d64-causal": (DOCS, DOCS, 4, 2, 64, True, torch.float16),
+    "fp16-d72": (DOCS, DOCS, 2, 2, 72, False, torch.float16),
+    "fp16-sq<sk-d128-causal": ([1, 5, 20], [3, 17, 37], 2, 1, 128, True, torch.float16),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fwd_bwd_vs_ref(case, device):
+    lens_q, lens_k, hq, hkv, d, causal, dtype = CASES[case]
+    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
+
+
+def test_empty_rows_are_zero(device):
+    """Queries that see no key (causal, Sq > Sk) get out = 0, lse = +inf and zero gradients (flash-attn)."""
+    q, k, v, cu_q, cu_k = _make([6], [2], 2, 2, 64, torch.float32, device)
+    out, lse = _run_function(q, k, v, cu_q, cu_k, 6, 2, True)
+    # query i sees keys j <= i + 2 - 6: rows 0..3 see nothing
+    assert torch.equal(out[:4], torch.zeros_like(out[:4]))
+    assert torch.isinf(lse[:, :4]).all() and torch.isfinite(lse[:, 4:]).all()
+    dq, _, _ = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(dq[:4], torch.zeros_like(dq[:4]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_is_deterministic(causal, device):
+    q, k, v, cu_q, cu_k = _make([1, 17, 37], [1, 17, 37], 4, 2, 72, torch.float32, device)
+    dout = torch.randn(q.shape)
+    runs = []
+    for _ in range(2):
+        out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, 37, 37, 72 ** -0.5, causal, True)
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture
+def force_triton(monkeypatch):
+    """Route flash_attn_varlen_func through the Triton kernels even on CPU (they run under the interpreter)."""
+    monkeypatch.setitem(backend._overrides, "attention", "triton")
+
+
+def test_functional_strided_views(force_triton, device):
+    """q/k/v as the model produces them: views of one fused projection, token stride 3*H*D, contiguous last dim."""
+    lens, h, d = [5, 30], 2, 64
+    t = sum(lens)
+    qkv = torch.randn(t, 3 * h * d, device=device, requires_grad=True)
+    q, k, v = qkv.view(t, 3, h, d).unbind(1)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    cu = _cu(lens, device)
+    out, lse = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, return_lse=True,
+                                      deterministic=True)
+    ref, ref_lse = attention_ref(q, k, v, cu, cu, causal=True, return_lse=True)
+    dout = torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, qkv, dout)
+    (rg,) = torch.autograd.grad(ref, qkv, dout)
+    for name, a, b in (("out", out, ref), ("lse", lse, ref_lse), ("dqkv", g, rg)):
+        assert_flash_rule(a, b, b, name=name, atol=FP32_REL_ATOL * max(1.0, b.abs().max().item()))
+    # non-contiguous dout (a transposed view) goes through the same path
+    dout_t = torch.randn(h, t, d, device=device).transpose(0, 1)
+    (g2,) = torch.autograd.grad(flash_attn_varlen_func(q, k, v, cu, cu, 30, 30, causal=True), qkv, dout_t)
+    (rg2,) = torch.autograd.grad(attention_ref(q, k, v, cu, cu, causal=True), qkv, dout_t)
+    assert_flash_rule(g2, rg2, rg2, name="dqkv(strided dout)", atol=FP32_REL_ATOL * max(1.0, rg2.abs().max().item()))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_func_dense(force_triton, causal, device):
+    b, s, hq, hkv, d = 2, 19, 4, 2, 64
+    q = torch.randn(b, s, hq, d, device=device, requires_grad=True)
+    k = torch.randn(b, s, hkv, d, device=device, requires_grad=True)
+    v = torch.randn(b, s, hkv, d, device=device, requires_grad=True)
+    out = flash_attn_func(q, k, v, causal=causal)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(2, 1), v.transpose(1, 2).repeat_interleave(2, 1),
+        is_causal=causal).transpose(1, 2)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert_flash_rule(a, r, r, name=name, atol=FP32_REL_ATOL * max(1.0, r.abs().max().item()))
+
+
+def test_reference_matches_sdpa(device):
+    """The reference itself, per document, against SDPA (Sq == Sk so that both causal conventions agree)."""
+    lens = [3, 17, 9]
+    q, k, v, cu, _ = _make(lens, lens, 4, 4, 64, torch.float32, device)
+    for causal in (False, True):
+        out = attention_ref(q, k, v, cu, cu, causal=causal)
+        for b in range(len(lens)):
+            sl = slice(int(cu[b]), int(cu[b + 1]))
+            r = torch.nn.functional.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1),
+                                                                 v[sl].transpose(0, 1), is_causal=causal)
+            torch.testing.assert_close(out[sl], r.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_path_is_reference(device):
+    """Without a forced backend, CPU tensors take the PyTorch reference (with autograd)."""
+    if device != "cpu":
+        pytest.skip("CPU dispatch check")
+    q, k, v, cu_q, cu_k = _make([4, 11], [4, 11], 2, 1, 72, torch.float32, device)
+    out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 11, 11, causal=True, return_lse=True)
+    ref, ref_lse = attention_ref(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    out.sum().backward()
+    assert q.grad is not None and k.grad is not None
+
+
+def test_custom_ops_opcheck(device):
+    q, k, v, cu_q, cu_k = _make([3, 17], [5, 17], 4, 2, 64, torch.float32, device)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    args = (q, k, v, cu_q, cu_k, 17, 17, 0.125, True)
+    torch.library.opcheck(torch.ops.llava_fast.flash_attn_varlen_fwd.default, args)
+    out, lse = flash_attn_varlen_fwd(*args)
+    bargs = (torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, 17, 17, 0.125, True)
+    torch.library.opcheck(torch.ops.llava_fast.flash_attn_varlen_bwd.default, bargs)
+    dq, dk, dv = flash_attn_varlen_bwd(*bargs)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_torch_compile_fullgraph(device):
+    """The autograd.Function over the custom ops traces with fullgraph=True (fake kernels give the shapes).
+    aot_eager keeps the CPU run free of a C++ toolchain; the cuda test below uses inductor."""
+    q, k, v, cu_q, cu_k = _make([1, 17, 37], [1, 17, 37], 4, 2, 72, torch.float32, device)
+
+    def f(q, k, v):
+        out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, 37, 37, 72 ** -0.5, True, False)
+        return out * 2.0, lse
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out_c, lse_c = compiled(q, k, v)
+    out_e, lse_e = f(q, k, v)
+    assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
+    dout = torch.randn_like(out_c)
+    for a, b in zip(torch.autograd.grad(out_c, (q, k, v), dout), torch.autograd.grad(out_e, (q, k, v), dout)):
+        assert torch.equal(a, b)
+
+
+def _bad_call(**over):
+    q, k, v, cu_q, cu_k = _make([4, 12], [4, 12], 4, 2, 64, torch.float32, "cpu")
+    kw = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=12, max_seqlen_k=12)
+    kw.update(over)
+    return flash_attn_varlen_func(**kw)
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(q=_t(16, 4, 64, dtype=torch.float64)), r"q has dtype torch.float64"),
+    (dict(k=_t(16, 2, 64, dtype=torch.float16)), r"share one dtype"),
+    (dict(q=_t(16, 4, 60)), r"head_dim .* multiple of 8"),
+    (dict(q=_t(16, 4, 256), k=_t(16, 2, 256), v=_t(16, 2, 256)), r"head_dim .* 128"),
+    (dict(k=_t(16, 2, 72)), r"head_dim of k"),
+    (dict(q=_t(16, 3, 64)), r"multiple of the number of kv heads"),
+    (dict(v=_t(16, 3, 64)), r"k and v must have the same"),
+    (dict(q=_t(16, 64, 4).transpose(1, 2)), r"q must have a contiguous last dimension"),
+    (dict(q=_t(2, 16, 4, 64)), r"q must have shape \(total_tokens"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 16])), r"cu_seqlens_q must have dtype torch.int32"),
+    (dict(cu_seqlens_k=torch.tensor([0, 16], dtype=torch.int32)), r"same length"),
+    (dict(cu_seqlens_q=torch.tensor([16], dtype=torch.int32)), r"cu_seqlens_q must have shape \(batch \+ 1,\)"),
+    (dict(cu_seqlens_k=torch.tensor([0, 4, 16], dtype=torch.int32, device="meta")), r"cu_seqlens_k is on meta"),
+    (dict(v=torch.randn(16, 2, 64, device="meta")), r"v is on meta"),
+    (dict(max_seqlen_q=torch.tensor(12)), r"max_seqlen_q must be a Python int"),
+    (dict(dropout_p=0.1), r"dropout_p must be 0.0"),
+])
+def test_bad_inputs(over, match):
+    with pytest.raises(ValueError, match=match):
+        _bad_call(**over)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU (full sizes, bf16/fp16, the flash-attn rule)
+# ---------------------------------------------------------------------------------------------------------------
+GPU_DOCS = {"1": [1], "17": [17], "97": [97], "577": [577], "729": [729], "mix": [1, 17, 97, 577, 729, 300, 1024]}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("docs", list(GPU_DOCS))
+@pytest.mark.parametrize("d", [64, 72, 80, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_docs_x_headdim(docs, d, causal):
+    lens = GPU_DOCS[docs]
+    _check_against_ref(lens, lens, 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq, hkv", [(8, 8), (8, 4), (14, 2), (28, 4), (7, 1)])
+@pytest.mark.parametrize("d", [64, 72, 128])
+def test_cuda_gqa(dtype, hq, hkv, d):
+    lens = [300, 1, 577, 97, 1500]
+    _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_sq_lt_sk(dtype, causal):
+    _check_against_ref([1, 64, 300, 577], [17, 700, 301, 2048], 8, 2, 128, causal, dtype, "cuda", _run_function)
+    _check_against_ref([700, 5], [300, 5], 4, 4, 72, causal, dtype, "cuda", _run_function)  # Sq > Sk
+
+
+@pytest.mark.cuda
+def test_cuda_functional_and_dense():
+    lens = [577] * 4
+    t, h, d = sum(lens), 16, 64
+    qkv = torch.randn(t, 3 * h * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = qkv.view(t, 3, h, d).unbind(1)
+    cu = _cu(lens, "cuda")
+    out = flash_attn_varlen_func(q, k, v, cu, cu, 577, 577)
+    ref = attention_ref(q, k, v, cu, cu)
+    low = attention_ref(q, k, v, cu, cu, upcast=False)
+    assert_flash_rule(out, ref, low, name="out(strided qkv)")
+    qd = q.reshape(4, 577, h, d)
+    out_d = flash_attn_func(qd, k.reshape(4, 577, h, d), v.reshape(4, 577, h, d))
+    assert torch.equal(out_d.reshape(t, h, d), out)
+
+
+@pytest.mark.cuda
+def test_cuda_torch_compile():
+    lens = [97, 577, 729]
+    q, k, v, cu_q, cu_k = _make(lens, lens, 8, 2, 72, torch.bfloat16, "cuda")
+
+    def f(q, k, v):
+        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 729, 729, causal=True)
+        return (out.float() * 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    loss_c = compiled(q, k, v)
+    grads_c = torch.autograd.grad(loss_c, (q, k, v))
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic():
+    lens = [1, 17, 97, 577, 729, 2048]
+    q, k, v, cu_q, cu_k = _make(lens, lens, 28, 4, 128, torch.bfloat16, "cuda")
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(3):
+        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2048, 2048, causal=True, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_no_host_sync():
+    """The op launches without synchronising with the host (cu_seqlens never read back)."""
+    lens = [300, 577]
+    q, k, v, cu_q, cu_k = _make(lens, lens, 4, 2, 64, torch.bfloat16, "cuda")
+    flash_attn_varlen_func(q, k, v, cu_q, cu_k, 577, 577, causal=True)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 577, 577, causal=True)
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
+
+
+def test_module(device):
+    from llava_fast.modules.attention import VarlenAttention
+
+    q, k, v, cu_q, cu_k = _make([4, 11], [4, 11], 4, 2, 64, torch.float32, device)
+    out = VarlenAttention(causal=True)(q, k, v, cu_q, cu_k, 11, 11)
+    assert torch.equal(out, flash_attn_varlen_func(q, k, v, cu_q, cu_k, 11, 11, causal=True))
