@@ -11,18 +11,21 @@ from llava_fast import backend
 from llava_fast.models.layers import causal_mask, eager_attention, varlen_attention_ref
 
 
-def _fast_attention():
-    """The Triton varlen kernel module when present and selected, else None."""
-    try:
-        from llava_fast.ops import attention as attn_op
-    except Exception:
+def _fast_attention(device_type: str, head_dim: int, dtype):
+    """The Triton varlen kernel module when selected for this device and able to take this head dim, else None."""
+    if not backend.use_fast("attention", device_type):
         return None
-    return attn_op if hasattr(attn_op, "flash_attn_varlen_func") else None
+    from llava_fast.ops import attention as attn_op
+
+    if head_dim % 8 or head_dim > attn_op.MAX_HEAD_DIM or dtype not in attn_op.SUPPORTED_DTYPES:
+        return None
+    return attn_op
 
 
 def vision_attention(q, k, v, scale):
-    """Non-causal attention over tiles: q/k/v (tiles, H, N, D)."""
-    if q.is_cuda and backend.use_fast("attention", "cuda") and (op := _fast_attention()) is not None:
+    """Non-causal attention over tiles: q/k/v (tiles, H, N, D). On the fast path every tile of every image is one
+    document of a single varlen batch."""
+    if (op := _fast_attention(q.device.type, q.shape[-1], q.dtype)) is not None:
         b, h, n, d = q.shape
         cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
         flat = [t.transpose(1, 2).reshape(b * n, h, d) for t in (q, k, v)]
@@ -33,15 +36,17 @@ def vision_attention(q, k, v, scale):
     return eager_attention(q, k, v, scale)
 
 
-def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk=None):
+def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk=None, head_dim=None):
     """Returns attn(q, k, v, scale) for one forward of the language model; q (B, H, L, D), k/v (B, Hkv, Lk, D).
     ``lk`` > ``n`` when a KV cache holds earlier tokens (causal mask aligned bottom-right)."""
     lk = n if lk is None else lk
-    fast = device.type == "cuda" and backend.use_fast("attention", "cuda") and _fast_attention()
+    fast = None
+    if cu_seqlens is not None or (attention_mask is None and lk == n):
+        fast = _fast_attention(device.type, head_dim, dtype) if head_dim else None
     if cu_seqlens is not None:
         if b != 1:
             raise ValueError(f"packed form (cu_seqlens given) needs a batch of 1 sequence, got batch {b}")
-        if fast:
+        if fast is not None:
             ms = int(max_seqlen) if max_seqlen is not None else n
 
             def attn(q, k, v, scale):
@@ -56,7 +61,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
             return o.transpose(0, 1)[None]
         return attn
 
-    if fast and attention_mask is None and lk == n:
+    if fast is not None and attention_mask is None and lk == n:
         cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device)
 
         def attn(q, k, v, scale):

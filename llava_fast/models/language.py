@@ -128,7 +128,7 @@ class LanguageModel(nn.Module):
             raise ValueError("a KV cache is supported with the padded form only (no cu_seqlens)")
         lk = n + (cache.length if cache is not None else 0)
         attn = dispatch.text_attention(b, n, inputs_embeds.dtype, inputs_embeds.device, attention_mask, cu_seqlens,
-                                       max_seqlen, lk=lk)
+                                       max_seqlen, lk=lk, head_dim=self.cfg.head_dim)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

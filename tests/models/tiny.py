@@ -21,7 +21,7 @@ def hf_config(model_type: str, text: str | None = None, vision_feature_layer=Non
     else:
         vc = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                                  image_size=TILE, patch_size=14, projection_dim=16)
-    common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=4096)
     if text == "qwen2":
         tc = tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True,
