@@ -13,6 +13,7 @@ _LAZY = {
     "LlavaNextForConditionalGeneration": "llava_fast.models",
     "LlavaOnevisionForConditionalGeneration": "llava_fast.models",
     "LlavaConfig": "llava_fast.models",
+    "patch_hf": "llava_fast.patching",
 }
 
 

@@ -1,0 +1,112 @@
+"""``llava_fast.patch_hf(model)``: swap the modules of a transformers Llava / LlavaNext / LlavaOnevision model in place
+for llava_fast's kernels, the way users apply Liger-Kernel.
+
+What is swapped (each can be turned off):
+- ``rms_norm``: every Llama/Qwen2/Mistral RMSNorm runs ``llava_fast.ops.rms_norm``;
+- ``swiglu``: every Llama/Qwen2/Mistral MLP with SiLU runs ``llava_fast.ops.swiglu``;
+- ``attention``: the language model and the vision tower use the varlen FlashAttention kernel through
+  transformers' AttentionInterface (registered as ``"llava_fast"``); calls it cannot serve (a padding mask, a KV cache
+  with a mask, unsupported head dims) fall back to transformers' SDPA path;
+- ``projector``: the multimodal projector runs the fused GEMM+GELU kernel (when ``llava_fast.ops.projector`` exists).
+Each op still follows ``llava_fast.set_backend``: on the CPU the patched modules compute the reference.
+Not supported (a ValueError says so): RoPE with transformers' cos/sin interface and the fused loss (transformers
+computes full logits in its forward); use ``llava_fast.from_pretrained`` for those.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+_SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+              "LlavaOnevisionForConditionalGeneration", "LlavaModel", "LlavaNextModel", "LlavaOnevisionModel")
+_TEXT = ("llama", "qwen2", "mistral")
+
+
+def _rms_forward(self, hidden_states):
+    from llava_fast.ops.rms_norm import rms_norm
+
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    from llava_fast.ops.swiglu import swiglu
+
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _projector_forward(self, image_features):
+    from llava_fast.ops.projector import projector
+
+    approximate = "tanh" if getattr(self, "_lf_act", "gelu") in ("gelu_pytorch_tanh", "gelu_new") else "none"
+    l1, l2 = self.linear_1, self.linear_2
+    return projector(image_features, l1.weight, l1.bias, l2.weight, l2.bias, approximate=approximate)
+
+
+def llava_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from llava_fast.models.dispatch import _fast_attention
+
+    lq, lk = query.shape[2], key.shape[2]
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True))) and lq > 1
+    op = _fast_attention(query.device.type, query.shape[-1], query.dtype)
+    if op is None or attention_mask is not None or dropout or (lq != lk and not causal):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    out = op.flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
+                             softmax_scale=scaling)
+    return out, None
+
+
+def _register_attention():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register("llava_fast", llava_fast_attention)
+    # the mask is built as for SDPA: None when there is no padding (then our kernel runs), a tensor otherwise
+    ALL_MASK_ATTENTION_FUNCTIONS.register("llava_fast", sdpa_mask)
+
+
+def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool = True, projector: bool = True,
+             rope: bool = False, cross_entropy: bool = False):
+    """Patch a transformers LLaVA model in place; returns the model. Raises ValueError for what it cannot patch."""
+    name = type(model).__name__
+    if name not in _SUPPORTED:
+        raise ValueError(f"patch_hf supports transformers' {', '.join(_SUPPORTED[:3])} models, got {name}")
+    if rope:
+        raise ValueError("patch_hf(rope=True) is not supported: transformers applies RoPE from precomputed cos/sin; "
+                         "llava_fast.from_pretrained runs the fused RoPE kernel")
+    if cross_entropy:
+        raise ValueError("patch_hf(cross_entropy=True) is not supported: transformers' forward materialises the "
+                         "logits; llava_fast.from_pretrained(...)(..., labels=..., logits=False) runs the fused loss")
+    cfg = model.config
+    text_type = cfg.text_config.model_type
+    if text_type not in _TEXT:
+        raise ValueError(f"patch_hf: language model type {text_type!r} is not supported (supported: {_TEXT})")
+    patched = {"rms_norm": 0, "swiglu": 0, "projector": 0, "attention": False}
+    for m in model.modules():
+        cls = type(m).__name__
+        if rms_norm and cls.endswith("RMSNorm") and hasattr(m, "variance_epsilon"):
+            m.forward = types.MethodType(_rms_forward, m)
+            patched["rms_norm"] += 1
+        elif swiglu and cls in ("LlamaMLP", "Qwen2MLP", "MistralMLP"):
+            if getattr(cfg.text_config, "hidden_act", "silu") != "silu":
+                raise ValueError(f"patch_hf(swiglu=True) needs hidden_act='silu', got {cfg.text_config.hidden_act!r}")
+            m.forward = types.MethodType(_mlp_forward, m)
+            patched["swiglu"] += 1
+        elif projector and cls.endswith("MultiModalProjector"):
+            try:
+                import llava_fast.ops.projector  # noqa: F401
+            except ImportError:
+                continue
+            m._lf_act = cfg.projector_hidden_act
+            m.forward = types.MethodType(_projector_forward, m)
+            patched["projector"] += 1
+    if attention:
+        _register_attention()
+        model.set_attn_implementation("llava_fast")
+        patched["attention"] = True
+    model._llava_fast_patched = patched
+    return model
