@@ -50,6 +50,7 @@ def _ensure_registered(op: str) -> None:
 def register_fast(op: str, kind: str) -> None:
     """Called by an op module when it has a fast kernel of ``kind``."""
     OPS[op] = kind
+    _loaded.add(op)  # already imported: use_fast must not import (torch.compile cannot trace an import)
 
 
 def set_backend(op: str, backend: str) -> None:

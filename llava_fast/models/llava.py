@@ -40,8 +40,14 @@ class MultiModalProjector(nn.Module):
         self.linear_1 = nn.Linear(in_features, out_features, bias=bias)
         self.act = get_activation(act)
         self.linear_2 = nn.Linear(out_features, out_features, bias=bias)
+        self.act_name = act
 
     def forward(self, x):
+        if self.act_name in ("gelu", "gelu_pytorch_tanh", "gelu_new") and backend.use_fast("projector", x.device.type):
+            from llava_fast.ops.projector import projector   # fused GEMM + GELU epilogue, one M x N buffer saved
+
+            return projector(x, self.linear_1.weight, self.linear_1.bias, self.linear_2.weight, self.linear_2.bias,
+                             approximate="none" if self.act_name == "gelu" else "tanh")
         return self.linear_2(self.act(self.linear_1(x)))
 
 

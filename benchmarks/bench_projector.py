@@ -1,0 +1,149 @@
+"""Benchmark the multimodal projector (Linear -> GELU -> Linear) in bf16.
+
+Providers, all measured in the same run:
+  llava_fast            fused Triton GEMM1+bias+erf-GELU (writes h for backward), cuBLAS GEMM2; fused dGELU backward
+  llava_fast_gemm2_triton  same, with GEMM2 in the Triton kernel too (the option we keep; pick the faster)
+  eager                 nn.Linear + nn.GELU() (erf) + nn.Linear
+  compile               torch.compile of eager (default mode)
+  cublaslt_gelu         torch._addmm_activation(b1, x, w1.t(), use_gelu=True) (cuBLASLt GELU_BIAS epilogue, tanh
+                        GELU on CUDA) then addmm; forward only (it has no autograd formula)
+
+FLOPs: fwd 2*M*(Dv*Dt + Dt*N2); fwd+bwd with input grad 3x fwd (backward = dA, dW2, dW1, dX GEMMs = 2x fwd).
+Modes: fwd (grad enabled: ours saves h), fwd_nograd (inference), fwd+bwd (x requires grad, all weight grads).
+Memory: "saved_act" rows give the GiB held between forward and backward beyond the output (lower is better).
+
+Usage: python benchmarks/bench_projector.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import Row, add_ratios, bench, peak_memory, save, to_markdown
+
+OURS = "llava_fast"
+
+
+def flops(m, dv, dt, n2, mode):
+    fwd = 2.0 * m * (dv * dt + dt * n2)
+    return fwd * 3 if mode == "fwd+bwd" else fwd
+
+
+def make_providers(dv, dt, dtype):
+    from llava_fast.ops.projector import projector, set_gemm2_impl
+
+    eager = torch.nn.Sequential(torch.nn.Linear(dv, dt), torch.nn.GELU(), torch.nn.Linear(dt, dt)).cuda().to(dtype)
+    w1, b1 = eager[0].weight, eager[0].bias
+    w2, b2 = eager[2].weight, eager[2].bias
+    compiled = torch.compile(eager)
+
+    def ours(x):
+        set_gemm2_impl("cublas")
+        return projector(x, w1, b1, w2, b2)
+
+    def ours_t2(x):
+        set_gemm2_impl("triton")
+        try:
+            return projector(x, w1, b1, w2, b2)
+        finally:
+            set_gemm2_impl("cublas")
+
+    def cublaslt(x):
+        a = torch._addmm_activation(b1, x, w1.t(), use_gelu=True)
+        return torch.addmm(b2, a, w2.t())
+
+    provs = {OURS: ours, "llava_fast_gemm2_triton": ours_t2, "eager": eager, "compile": compiled,
+             "cublaslt_gelu": cublaslt}
+    return provs, [w1, b1, w2, b2]
+
+
+def make_call(fn, x, dy, params, mode):
+    """The timed closure: a forward (grad enabled or not) or a forward + backward through every input."""
+    xi = x.detach().requires_grad_(mode == "fwd+bwd")
+    if mode == "fwd":
+        return lambda: fn(xi)
+    if mode == "fwd_nograd":
+        def call():
+            with torch.no_grad():
+                return fn(xi)
+        return call
+    return lambda: torch.autograd.grad(fn(xi), [xi, *params], dy)
+
+
+def saved_gib(fn, x):
+    """GiB allocated by a grad-enabled forward and still held afterwards, minus the output itself."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    y = fn(x)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
+    del y
+    return held / 2**30
+
+
+def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20):
+    rows = []
+    for dv, dt in shapes:
+        provs, params = make_providers(dv, dt, dtype)
+        for m in ms_list:
+            shape = f"M={m} {dv}->{dt}->{dt}"
+            x = torch.randn(m, dv, device="cuda", dtype=dtype)
+            dy = torch.randn(m, dt, device="cuda", dtype=dtype)
+            for mode in modes:
+                for name, fn in provs.items():
+                    if name == "cublaslt_gelu" and mode == "fwd+bwd":
+                        continue  # no autograd formula for _addmm_activation
+                    call = make_call(fn, x, dy, params, mode)
+                    try:
+                        t = bench(call, warmup=5, rep=rep)
+                        peak = peak_memory(call)
+                    except Exception as e:  # noqa: BLE001  report and keep going (e.g. a provider missing on this stack)
+                        print(f"{name} {shape} {mode}: failed: {type(e).__name__}: {e}")
+                        continue
+                    tf = flops(m, dv, dt, dt, mode) / (t["ms"] * 1e-3) / 1e12
+                    rows.append(Row("projector", name, shape, "bf16" if dtype == torch.bfloat16 else str(dtype),
+                                    mode, t["ms"], t["ms_p20"], t["ms_p80"], tf, "TFLOP/s", peak,
+                                    note="tanh GELU" if name == "cublaslt_gelu" else ""))
+                    print(f"{shape:28s} {mode:10s} {name:24s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
+            # activation memory held for backward (x and weights require grad, as in training)
+            for name in (OURS, "eager", "compile"):
+                xi = x.detach().requires_grad_()
+                try:
+                    fn = provs[name]
+                    fn(xi)  # warm up (compile / autotune) outside the measurement
+                    g = saved_gib(fn, xi)
+                except Exception as e:  # noqa: BLE001  report and keep going
+                    print(f"{name} saved_act: failed: {e}")
+                    continue
+                rows.append(Row("projector", name, shape, "bf16", "saved_act", metric=g, unit="GiB",
+                                note="GiB held between fwd and bwd beyond the output; lower is better"))
+                print(f"{shape:28s} saved_act  {name:24s} {g:.3f} GiB", flush=True)
+            del x, dy
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="M in {576, 23040}, 1024->4096->4096 only (~1-2 min)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_projector: needs a CUDA GPU (Triton kernels and cuBLAS baselines); nothing to do on CPU.")
+        return 0
+    if args.quick:
+        ms_list, shapes = [576, 23040], [(1024, 4096)]
+    else:
+        ms_list, shapes = [576, 2880, 23040, 46080], [(1024, 4096), (1152, 3584)]
+    rows = run(ms_list, shapes, ["fwd", "fwd_nograd", "fwd+bwd"])
+    add_ratios(rows, ours=OURS)
+    print(to_markdown(rows))
+    print(f"saved: {save(rows, 'projector')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,493 @@
+"""The multimodal projector ``mlp2x_gelu``: Linear(Dv -> Dt, bias) -> GELU -> Linear(Dt -> Dt, bias).
+
+Shapes: ``x: (..., Dv)``, ``w1: (Dt, Dv)``, ``b1: (Dt,) | None``, ``w2: (N2, Dt)``, ``b2: (N2,) | None`` (N2 = Dt in
+every LLaVA model); output ``(..., N2)``. Real models: 1024->4096->4096 (LLaVA-1.5/NeXT-7B), 1024->5120->5120 (13B),
+1152->896->896 and 1152->3584->3584 (OneVision 0.5B / 7B).
+
+Forward (fast path): one Triton GEMM computes ``h = x @ w1^T + b1`` and applies GELU in its epilogue, writing the
+pre-activation ``h`` (the only M x Dt tensor kept for backward) and ``a = gelu(h)``; ``a`` feeds GEMM2 (cuBLAS
+``addmm`` by default, or the same Triton kernel) and is freed. Eager PyTorch keeps both ``h`` (for GELU's backward)
+and ``a`` (for linear_2's backward): we keep half of that.
+
+Backward: one Triton GEMM computes ``dA = dY @ w2`` and, in its epilogue, ``dH = dA * gelu'(h)`` plus the recomputed
+``a = gelu(h)``; then ``dW2 = dY^T @ a``, ``db2 = sum(dY)``, ``dW1 = dH^T @ x``, ``db1 = sum(dH)`` and, only when
+``x`` needs a gradient, ``dX = dH @ w1`` (cuBLAS). In LLaVA stage 1 ``x`` comes from a frozen tower: no dX GEMM.
+
+Numerics follow eager bf16 PyTorch: fp32 accumulation, ``h`` rounded to the input dtype, GELU evaluated in fp32 on
+the rounded ``h`` (so the forward activation and the one recomputed in backward are bit-identical); ``dH`` is taken
+from the fp32 accumulator (one rounding fewer than eager).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llava_fast import backend
+
+try:  # Triton is optional (no Triton on macOS / Windows): the reference then serves every device.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # noqa: BLE001  # pragma: no cover - a broken Triton install must not break the import
+    triton = tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "ProjectorFunction",
+    "normalize_act",
+    "projector",
+    "projector_bwd",
+    "projector_fwd",
+    "projector_ref",
+    "set_gemm2_impl",
+]
+
+_APPROX = ("none", "tanh")
+# HF ACT2FN names (and nn.GELU's `approximate` values) -> our `approximate`.
+_ACT_TO_APPROX = {
+    "gelu": "none",
+    "gelu_python": "none",
+    "none": "none",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_new": "tanh",
+    "gelu_fast": "tanh",
+    "gelu_tanh": "tanh",
+    "tanh": "tanh",
+}
+
+
+def normalize_act(act: str) -> str:
+    """Map an HF ``projector_hidden_act`` name ("gelu", "gelu_pytorch_tanh", "gelu_new", ...) to "none" | "tanh"."""
+    if act not in _ACT_TO_APPROX:
+        raise ValueError(f"act must be one of {sorted(_ACT_TO_APPROX)} (exact erf GELU: 'gelu'; tanh GELU: "
+                         f"'gelu_pytorch_tanh'), got {act!r}")
+    return _ACT_TO_APPROX[act]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Reference (also the CPU path)
+# ----------------------------------------------------------------------------------------------------------------------
+def projector_ref(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                  b2: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
+    """``linear(gelu(linear(x, w1, b1), approximate), w2, b2)`` in plain PyTorch, in the inputs' dtype.
+
+    x: (..., Dv); w1: (Dt, Dv); b1: (Dt,) or None; w2: (N2, Dt); b2: (N2,) or None -> (..., N2).
+    """
+    h = torch.nn.functional.linear(x, w1, b1)
+    return torch.nn.functional.linear(torch.nn.functional.gelu(h, approximate=approximate), w2, b2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Triton kernel: one GEMM C = A @ B (+ bias) with three epilogues
+# ----------------------------------------------------------------------------------------------------------------------
+_EPI_BIAS = 0      # out = acc + bias                                    (GEMM2 in Triton)
+_EPI_GELU = 1      # h = acc + bias -> store h (optional); out = gelu(h) (GEMM1 forward)
+_EPI_DGELU = 2     # out = acc * gelu'(h) with h loaded; out2 = gelu(h)  (dA GEMM in backward)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gelu_and_grad(h, APPROX_TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
+        """(gelu(h), gelu'(h)) in fp32; the second is h itself when NEED_GRAD is False (unused)."""
+        if APPROX_TANH:
+            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+            t = 2.0 * tl.sigmoid(2.0 * u) - 1.0  # tanh(u), written with exp so it exists on every Triton version
+            g = 0.5 * h * (1.0 + t)
+            if NEED_GRAD:
+                dg = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * h * h)
+            else:
+                dg = h
+        else:
+            cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+            g = h * cdf
+            if NEED_GRAD:
+                dg = cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+            else:
+                dg = h
+        return g, dg
+
+    @triton.jit
+    def _epilogue(acc, offs_cm, offs_cn, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
+                  EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr, WRITE_ACT: tl.constexpr,
+                  APPROX_TANH: tl.constexpr):
+        """Bias, then one of: store acc (0); store h and gelu(h) (1); store acc * gelu'(h) and gelu(h) (2)."""
+        c_mask = (offs_cm[:, None] < M) & (offs_cn[None, :] < N)
+        c_off = offs_cm[:, None].to(tl.int64) * stride_cm + offs_cn[None, :] * stride_cn
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_cn, mask=offs_cn < N, other=0.0).to(tl.float32)
+            acc += bias[None, :]
+        if EPILOGUE == 0:
+            tl.store(out_ptr + c_off, acc.to(out_ptr.dtype.element_ty), mask=c_mask)
+        elif EPILOGUE == 1:
+            h = acc.to(out_ptr.dtype.element_ty)
+            if STORE_H:
+                tl.store(h_ptr + c_off, h, mask=c_mask)
+            # GELU of the *rounded* h: the value backward recomputes from the saved h, bit for bit (and eager's).
+            g, _ = _gelu_and_grad(h.to(tl.float32), APPROX_TANH, False)
+            tl.store(out_ptr + c_off, g.to(out_ptr.dtype.element_ty), mask=c_mask)
+        else:
+            h = tl.load(h_ptr + c_off, mask=c_mask, other=0.0).to(tl.float32)
+            g, dg = _gelu_and_grad(h, APPROX_TANH, True)
+            tl.store(out_ptr + c_off, (acc * dg).to(out_ptr.dtype.element_ty), mask=c_mask)
+            if WRITE_ACT:
+                tl.store(out2_ptr + c_off, g.to(out2_ptr.dtype.element_ty), mask=c_mask)
+
+    @triton.jit
+    def _projector_gemm_kernel(
+        a_ptr, b_ptr, bias_ptr, h_ptr, out_ptr, out2_ptr,
+        M, N, K, M_KEY,
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+        EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr, WRITE_ACT: tl.constexpr,
+        APPROX_TANH: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        EPI_SUBTILE: tl.constexpr,
+    ):
+        """C[M, N] = A[M, K] @ B[K, N] with an fp32 accumulator and one of the epilogues above.
+
+        h, out and out2 share the (M, N) strides (stride_cm, stride_cn). M_KEY only keys the autotuner."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        # Grouped ordering: GROUP_M row-blocks sweep the N tiles together so their B tiles stay in L2.
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        # Rows/cols past the edge wrap around (modulo) so the main loop needs no M/N masks; the epilogue masks them.
+        offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_am = tl.max_contiguous(tl.multiple_of(offs_am, BLOCK_M), BLOCK_M)
+        offs_bn = tl.max_contiguous(tl.multiple_of(offs_bn, BLOCK_N), BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_am[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :].to(tl.int64) * stride_bn
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_left = K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if IEEE:  # fp32 inputs: full-precision products, as torch does by default (no TF32)
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if EPI_SUBTILE == 1:
+            offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _epilogue(acc, offs_cm, offs_cn, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
+                      EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+        else:
+            # Column sub-tiles, one after the other: the GELU temporaries of a 128x256 fp32 tile in one go spill
+            # registers (ptxas, sm_90, 8 warps: 188 B fwd / 2.2 KB bwd of spills; 2 halves: 28 B / 240 B).
+            HALF: tl.constexpr = BLOCK_N // 2
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+            offs_cn = pid_n * BLOCK_N + tl.arange(0, HALF)
+            if EPI_SUBTILE == 2:
+                _epilogue(acc0, offs_cm, offs_cn, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
+                          EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+                _epilogue(acc1, offs_cm, offs_cn + HALF, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
+                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+            else:  # 4 quarters
+                Q: tl.constexpr = HALF // 2
+                offs_q = pid_n * BLOCK_N + tl.arange(0, Q)
+                acc00, acc01 = tl.split(tl.permute(tl.reshape(acc0, (BLOCK_M, 2, Q)), (0, 2, 1)))
+                _epilogue(acc00, offs_cm, offs_q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
+                          EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+                _epilogue(acc01, offs_cm, offs_q + Q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
+                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+                acc10, acc11 = tl.split(tl.permute(tl.reshape(acc1, (BLOCK_M, 2, Q)), (0, 2, 1)))
+                _epilogue(acc10, offs_cm, offs_q + 2 * Q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
+                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+                _epilogue(acc11, offs_cm, offs_q + 3 * Q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
+                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+
+    def _even_k(args):
+        return args["K"] % args["BLOCK_K"] == 0
+
+    _kernel_heur = triton.heuristics({"EVEN_K": _even_k})(_projector_gemm_kernel)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cfg(bm, bn, bk, stages, warps, group=8, sub=1):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "EPI_SUBTILE": sub},
+                         num_stages=stages, num_warps=warps)
+
+
+def _configs(capability: tuple[int, int], fp32: bool) -> list:
+    """Small autotune lists. Shared memory per stage is (BM + BN) * BK * elem bytes: H100 has 227 KB, A100 163 KB."""
+    if fp32:  # correctness path (tests, fp32 users): IEEE fp32 dot, modest tiles
+        return [_cfg(64, 64, 32, 3, 4), _cfg(64, 128, 32, 3, 4, sub=2), _cfg(32, 64, 32, 3, 4)]
+    if capability[0] in (9, 10):  # Hopper (and B200-class smem): wgmma via tl.dot; 128x256x64 x3 stages = 144 KB. EPI_SUBTILE chosen so that
+        # ptxas (sm_90a, triton 3.8) reports no register spills for the GELU and dGELU epilogues.
+        return [
+            _cfg(128, 256, 64, 3, 8, sub=4),
+            _cfg(256, 128, 64, 3, 8, sub=4),
+            _cfg(128, 128, 64, 4, 8, sub=2),
+            _cfg(64, 128, 64, 4, 4, sub=2),
+            _cfg(64, 64, 64, 4, 4, sub=1),   # small M (one image, a few tokens)
+        ]
+    if capability[0] >= 8:  # Ampere / Ada / consumer Blackwell (~100 KB smem): mma.sync; 128x256x32 x3 stages = 72 KB; no spills at these subtiles
+        return [
+            _cfg(128, 256, 32, 3, 8, sub=4),
+            _cfg(256, 128, 32, 3, 8, sub=4),
+            _cfg(128, 128, 32, 4, 4, sub=4),
+            _cfg(64, 128, 32, 4, 4, sub=2),
+            _cfg(64, 64, 32, 4, 4, sub=1),
+        ]
+    return [_cfg(64, 64, 32, 2, 4), _cfg(128, 64, 32, 2, 4)]  # pre-Ampere: correctness first
+
+
+# Fixed config under TRITON_INTERPRET=1 (no autotune there): big tiles = fewer interpreted programs = faster tests.
+_INTERPRET_META = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "EPI_SUBTILE": 2}
+_tuned_kernels: dict = {}
+
+
+def _get_kernel(device: torch.device, fp32: bool):
+    """The autotuned kernel for this GPU generation (built lazily: no GPU query at import)."""
+    cap = torch.cuda.get_device_capability(device)
+    key = (cap, fp32)
+    if key not in _tuned_kernels:
+        kw = {"configs": _configs(cap, fp32),
+              "key": ["M_KEY", "N", "K", "EPILOGUE", "HAS_BIAS", "STORE_H", "WRITE_ACT", "APPROX_TANH"]}
+        try:  # shorter timing than the default 25/100 ms per config: each config differs by >5% or not at all
+            tuned = triton.autotune(**kw, do_bench=_autotune_bench)(_kernel_heur)
+        except TypeError:  # a Triton without the do_bench argument
+            tuned = triton.autotune(**kw)(_kernel_heur)
+        _tuned_kernels[key] = tuned
+    return _tuned_kernels[key]
+
+
+def _autotune_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=10, rep=40, quantiles=quantiles)
+
+
+def _m_key(m: int) -> int:
+    """Autotune bucket for M: next power of two, capped (any M works; tuning runs once per bucket)."""
+    return min(1 << max(m - 1, 0).bit_length(), 1 << 16)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Launchers
+# ----------------------------------------------------------------------------------------------------------------------
+def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bias: torch.Tensor | None = None,
+          h: torch.Tensor | None = None, out2: torch.Tensor | None = None, approximate: str = "none") -> None:
+    """out = epilogue(a @ b): a (M, K) and b (K, N) with any strides; out, h, out2 contiguous (M, N)."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    fp32 = a.dtype == torch.float32
+    dummy = out
+    bias = bias.contiguous() if bias is not None else None
+    args = (
+        a, b, bias if bias is not None else dummy, h if h is not None else dummy, out,
+        out2 if out2 is not None else dummy,
+        M, N, K, _m_key(M),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+    )
+    flags = {"EPILOGUE": epilogue, "HAS_BIAS": bias is not None, "STORE_H": h is not None and epilogue == _EPI_GELU,
+             "WRITE_ACT": out2 is not None, "APPROX_TANH": approximate == "tanh", "IEEE": fp32}
+    if a.device.type != "cuda" and not _interpret():
+        raise ValueError(f"projector: the Triton kernel needs CUDA tensors (got {a.device}); use the reference "
+                         f"(llava_fast.set_backend('projector', 'auto')) or set TRITON_INTERPRET=1 to debug on CPU")
+    if _interpret():
+        grid = (triton.cdiv(M, _INTERPRET_META["BLOCK_M"]) * triton.cdiv(N, _INTERPRET_META["BLOCK_N"]),)
+        _kernel_heur[grid](*args, **flags, **_INTERPRET_META)
+        return
+    kernel = _get_kernel(a.device, fp32)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    with torch.cuda.device(a.device):
+        kernel[grid](*args, **flags)
+
+
+_GEMM2_IMPL = os.environ.get("LLAVA_FAST_PROJECTOR_GEMM2", "cublas")
+
+
+def set_gemm2_impl(impl: str) -> None:
+    """Second GEMM of the forward (Dt -> N2, 80% of the FLOPs): "cublas" (torch.addmm, default) or "triton"."""
+    global _GEMM2_IMPL
+    if impl not in ("cublas", "triton"):
+        raise ValueError(f"set_gemm2_impl: impl must be 'cublas' or 'triton', got {impl!r}")
+    _GEMM2_IMPL = impl
+
+
+def _check(x, w1, b1, w2, b2, approximate):
+    if approximate not in _APPROX:
+        raise ValueError(f"projector: approximate must be 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("projector: x must be a tensor of shape (..., in_features)")
+    if w1.dim() != 2 or w2.dim() != 2:
+        raise ValueError(f"projector: w1 and w2 must be 2-D (out_features, in_features), got shapes "
+                         f"{tuple(w1.shape)} and {tuple(w2.shape)}")
+    if x.shape[-1] != w1.shape[1]:
+        raise ValueError(f"projector: x's last dim {x.shape[-1]} != w1.shape[1] = {w1.shape[1]} (w1 is "
+                         f"(hidden, in_features)); pass x of shape (..., {w1.shape[1]})")
+    if w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"projector: w2.shape[1] = {w2.shape[1]} must equal w1.shape[0] = {w1.shape[0]}")
+    for name, b, n in (("b1", b1, w1.shape[0]), ("b2", b2, w2.shape[0])):
+        if b is not None and tuple(b.shape) != (n,):
+            raise ValueError(f"projector: {name} must have shape ({n},), got {tuple(b.shape)}")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"projector: {name}.dtype {t.dtype} != x.dtype {x.dtype}; cast the weights (e.g. "
+                             f"module.to({x.dtype})) or the input so they match")
+        if t.device != x.device:
+            raise ValueError(f"projector: {name} is on {t.device} but x is on {x.device}; move them to one device")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"projector: x.dtype must be float16, bfloat16 or float32, got {x.dtype}")
+
+
+def projector_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                  b2: torch.Tensor | None, approximate: str = "none", save_h: bool = True,
+                  gemm2: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on 2-D ``x: (M, Dv)``. Returns ``(y: (M, N2), h: (M, Dt))``; ``h`` is the pre-activation kept
+    for backward, or an empty tensor when ``save_h`` is False (inference: one M x Dt write fewer)."""
+    _check(x, w1, b1, w2, b2, approximate)
+    if x.dim() != 2:
+        raise ValueError(f"projector_fwd: x must be 2-D (M, in_features), got shape {tuple(x.shape)}")
+    M, Dt = x.shape[0], w1.shape[0]
+    h = torch.empty((M, Dt), device=x.device, dtype=x.dtype) if save_h else x.new_empty(0)
+    a = torch.empty((M, Dt), device=x.device, dtype=x.dtype)
+    _gemm(x, w1.t(), _EPI_GELU, out=a, bias=b1, h=h if save_h else None, approximate=approximate)
+    if (gemm2 or _GEMM2_IMPL) == "triton":
+        y = torch.empty((M, w2.shape[0]), device=x.device, dtype=x.dtype)
+        _gemm(a, w2.t(), _EPI_BIAS, out=y, bias=b2)
+    elif b2 is not None:
+        y = torch.addmm(b2, a, w2.t())
+    else:
+        y = torch.mm(a, w2.t())
+    return y, h
+
+
+def projector_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                  approximate: str = "none", need_dx: bool = True, need_w1: bool = True, need_b1: bool = True,
+                  need_w2: bool = True, need_b2: bool = True):
+    """Backward on 2-D tensors: ``dy: (M, N2)``, ``x: (M, Dv)``, ``h: (M, Dt)``.
+
+    Returns ``(dx, dw1, db1, dw2, db2)``; each one not asked for is an empty tensor (custom ops cannot return None).
+    """
+    dy = dy.contiguous()
+    M, Dt = h.shape
+    empty = lambda: dy.new_empty(0)
+    dh = torch.empty((M, Dt), device=dy.device, dtype=dy.dtype)
+    act = torch.empty((M, Dt), device=dy.device, dtype=dy.dtype) if need_w2 else None
+    # dA = dY @ W2 ; epilogue: dH = dA * gelu'(h), act = gelu(h) (recomputed, for dW2)
+    _gemm(dy, w2, _EPI_DGELU, out=dh, h=h, out2=act, approximate=approximate)
+    dw2 = dy.t().mm(act) if need_w2 else empty()
+    del act
+    db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_b2 else empty()
+    dw1 = dh.t().mm(x) if need_w1 else empty()
+    db1 = dh.sum(0, dtype=torch.float32).to(dh.dtype) if need_b1 else empty()
+    dx = dh.mm(w1) if need_dx else empty()
+    return dx, dw1, db1, dw2, db2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. torch.library custom ops (opaque to torch.compile) + fake implementations
+# ----------------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("llava_fast::projector_fwd", mutates_args=())
+def _projector_fwd_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                      b2: torch.Tensor | None, approximate: str, save_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return projector_fwd(x, w1, b1, w2, b2, approximate, save_h)
+
+
+@_projector_fwd_op.register_fake
+def _(x, w1, b1, w2, b2, approximate, save_h):
+    y = x.new_empty((x.shape[0], w2.shape[0]))
+    h = x.new_empty((x.shape[0], w1.shape[0])) if save_h else x.new_empty(0)
+    return y, h
+
+
+@torch.library.custom_op("llava_fast::projector_bwd", mutates_args=())
+def _projector_bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                      approximate: str, need_dx: bool, need_w1: bool, need_b1: bool, need_w2: bool,
+                      need_b2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return projector_bwd(dy, x, h, w1, w2, approximate, need_dx, need_w1, need_b1, need_w2, need_b2)
+
+
+@_projector_bwd_op.register_fake
+def _(dy, x, h, w1, w2, approximate, need_dx, need_w1, need_b1, need_w2, need_b2):
+    e = lambda: dy.new_empty(0)
+    return (x.new_empty(x.shape) if need_dx else e(), w1.new_empty(w1.shape) if need_w1 else e(),
+            dy.new_empty((w1.shape[0],)) if need_b1 else e(), w2.new_empty(w2.shape) if need_w2 else e(),
+            dy.new_empty((w2.shape[0],)) if need_b2 else e())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. autograd.Function
+# ----------------------------------------------------------------------------------------------------------------------
+class ProjectorFunction(torch.autograd.Function):
+    """Fused projector with autograd. Saves x (the caller keeps it anyway), the weights and h only."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, approximate="none"):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # any strides: the kernel takes them
+        need = ctx.needs_input_grad
+        save_h = any(need[:5])
+        y, h = _projector_fwd_op(x2, w1, b1, w2, b2, approximate, save_h)
+        if save_h:
+            ctx.save_for_backward(x2, h, w1, w2)
+        ctx.approximate = approximate
+        ctx.x_shape = shape
+        ctx.has_b = (b1 is not None, b2 is not None)
+        return y.reshape(*shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, h, w1, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx, dw1, db1, dw2, db2 = _projector_bwd_op(
+            dy2, x2, h, w1, w2, ctx.approximate, need[0], need[1], need[2] and ctx.has_b[0], need[3],
+            need[4] and ctx.has_b[1])
+        return (dx.reshape(ctx.x_shape) if need[0] else None, dw1 if need[1] else None,
+                db1 if need[2] and ctx.has_b[0] else None, dw2 if need[3] else None,
+                db2 if need[4] and ctx.has_b[1] else None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Functional
+# ----------------------------------------------------------------------------------------------------------------------
+def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+              b2: torch.Tensor | None = None, approximate: str = "none") -> torch.Tensor:
+    """LLaVA's ``mlp2x_gelu`` projector: ``gelu(x @ w1^T + b1) @ w2^T + b2``.
+
+    Args:
+        x: (..., Dv) image features (fp16, bf16 or fp32).
+        w1: (Dt, Dv); b1: (Dt,) or None; w2: (N2, Dt); b2: (N2,) or None; same dtype and device as x.
+        approximate: "none" (exact erf GELU, HF "gelu") or "tanh" (HF "gelu_pytorch_tanh" / "gelu_new").
+
+    Returns:
+        (..., N2) in x's dtype. Fused Triton kernels on CUDA (see module docstring), the reference elsewhere.
+    """
+    _check(x, w1, b1, w2, b2, approximate)
+    if not (HAS_TRITON and backend.use_fast("projector", x.device.type) and x.numel() > 0):
+        return projector_ref(x, w1, b1, w2, b2, approximate)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
+        return ProjectorFunction.apply(x, w1, b1, w2, b2, approximate)
+    # Inference: nothing is saved, so the fused GEMM1 skips writing h (one M x Dt store fewer).
+    y, _ = _projector_fwd_op(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, approximate, False)
+    return y.reshape(*x.shape[:-1], w2.shape[0])
+
+
+if HAS_TRITON:
+    backend.register_fast("projector", "triton")  # also marks the op as loaded (no lazy import under compile)
+

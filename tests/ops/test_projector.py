@@ -1,0 +1,365 @@
+"""Projector (mlp2x_gelu) tests: the fused Triton forward/backward against HF's LlavaMultiModalProjector.
+
+The small-size tests force the Triton kernels on the ``device`` fixture: under TRITON_INTERPRET=1 on CPU-only machines
+(fp32 and fp16), on the GPU elsewhere. The full model shapes in bf16/fp16, and torch.compile with Inductor, run in the
+``cuda``-marked tests.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llava_fast import backend
+from llava_fast.modules.projector import LlavaMultiModalProjector, Projector
+from llava_fast.ops.projector import (
+    ProjectorFunction,
+    _projector_bwd_op,
+    _projector_fwd_op,
+    normalize_act,
+    projector,
+    projector_fwd,
+    projector_ref,
+)
+from tests.utils import assert_flash_rule, max_err
+
+transformers = pytest.importorskip("transformers")
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector as HFProjector
+
+NAMES = ("out", "dx", "dw1", "db1", "dw2", "db2")
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    yield
+    backend.set_backend("projector", "auto")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def hf_projector(dv: int, dt: int, bias: bool, act: str) -> HFProjector:
+    """The HF module built from a tiny LlavaConfig (only the hidden sizes matter to the projector)."""
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=dv, intermediate_size=2 * dv, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=LlamaConfig(hidden_size=dt, intermediate_size=2 * dt, num_hidden_layers=1,
+                                num_attention_heads=2, vocab_size=64),
+        multimodal_projector_bias=bias, projector_hidden_act=act, vision_feature_layer=-2,
+    )
+    return HFProjector(cfg)
+
+
+def run_with_grads(fn, x, params, dy, x_grad: bool):
+    """Forward + backward; returns [out, dx, dw1, db1, dw2, db2] (None where there is no gradient)."""
+    x = x.detach().clone().requires_grad_(x_grad)
+    params = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
+    out = fn(x, *params)
+    out.backward(dy)
+    grads = [x.grad] + [p.grad if p is not None else None for p in params]
+    return [out.detach()] + grads
+
+
+def fused(approximate):
+    return lambda x, w1, b1, w2, b2: ProjectorFunction.apply(x, w1, b1, w2, b2, approximate)
+
+
+def hf_run(mod, x, params, dy, dtype, x_grad):
+    """HF forward+backward in ``dtype`` with params as leaves whose .grad we read."""
+    x = x.detach().to(dtype).clone().requires_grad_(x_grad)
+    m = mod.to(dtype)
+    with torch.no_grad():
+        m.linear_1.weight.copy_(params[0])
+        m.linear_2.weight.copy_(params[2])
+        if params[1] is not None:
+            m.linear_1.bias.copy_(params[1])
+            m.linear_2.bias.copy_(params[3])
+    m.zero_grad(set_to_none=True)
+    out = m(x)
+    out.backward(dy.to(dtype))
+    b1g = m.linear_1.bias.grad if m.linear_1.bias is not None else None
+    b2g = m.linear_2.bias.grad if m.linear_2.bias is not None else None
+    return [out.detach(), x.grad, m.linear_1.weight.grad, b1g, m.linear_2.weight.grad, b2g]
+
+
+def make_inputs(m, dv, dt, bias, dtype=torch.float32, device="cpu"):
+    """Inputs scaled like a trained projector: unit-variance features, weights ~ 1/sqrt(fan_in)."""
+    x = torch.randn(m, dv, device=device)
+    w1 = torch.randn(dt, dv, device=device) / dv ** 0.5
+    w2 = torch.randn(dt, dt, device=device) / dt ** 0.5
+    b1 = torch.randn(dt, device=device) * 0.1 if bias else None
+    b2 = torch.randn(dt, device=device) * 0.1 if bias else None
+    dy = torch.randn(m, dt, device=device)
+    cast = lambda t: t.to(dtype) if t is not None else None
+    return cast(x), [cast(w1), cast(b1), cast(w2), cast(b2)], cast(dy)
+
+
+def check_all(ours, ref_hi, ref_same, x_grad, bias, atol_ulps: float = 0.0):
+    for name, o, r, s in zip(NAMES, ours, ref_hi, ref_same):
+        if name == "dx" and not x_grad:
+            assert o is None, "dx must be None when x does not require grad"
+            continue
+        if name in ("db1", "db2") and not bias:
+            assert o is None
+            continue
+        # atol: `atol_ulps` ulp of fp32 at the reference's magnitude (used only for fp32 runs, where PyTorch's own
+        # error is itself a couple of ulp and a 2x ratio of two such tiny numbers is noise).
+        atol = atol_ulps * torch.finfo(torch.float32).eps * r.abs().max().item()
+        assert_flash_rule(o, r, s, name, atol=atol)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CPU: reference, module, and the Triton kernels under the interpreter
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_ref_and_module_match_hf(act, bias):
+    hf = hf_projector(40, 48, bias, act)
+    ours = Projector(40, 48, bias=bias, act=act)
+    assert set(ours.state_dict()) == set(hf.state_dict())
+    ours.load_state_dict(hf.state_dict())
+    x = torch.randn(3, 5, 40)
+    ref = hf(x)
+    torch.testing.assert_close(ours(x), ref, atol=0, rtol=0)  # CPU -> the reference path, bit-identical
+    p = [hf.linear_1.weight, hf.linear_1.bias, hf.linear_2.weight, hf.linear_2.bias]
+    torch.testing.assert_close(projector_ref(x, *p, approximate=normalize_act(act)), ref, atol=0, rtol=0)
+    assert LlavaMultiModalProjector is Projector
+    assert backend.OPS["projector"] == "triton" and not backend.use_fast("projector", "cpu")
+    assert isinstance(ours.act, torch.nn.GELU)
+
+
+# Interpreter grid: two small shape families (40 is not a multiple of the 32-wide K tile, 48 not of the 64-wide N
+# tile: masks are exercised), M = 1 / 7 / 577 (577 = one CLIP-L/336 image + CLS: odd, several M tiles), bias on/off,
+# with/without input grad, all with erf GELU; tanh GELU on one family with bias (its epilogue is the only difference).
+FP32_CASES = [(dims, m, bias, x_grad, "gelu") for dims in [(40, 48), (64, 96)] for m in [1, 7, 577]
+              for bias in [True, False] for x_grad in [True, False]]
+FP32_CASES += [((40, 48), m, True, x_grad, "gelu_pytorch_tanh") for m in [1, 7, 577] for x_grad in [True, False]]
+
+
+@pytest.mark.parametrize("dims,m,bias,x_grad,act", FP32_CASES)
+def test_fused_fp32_vs_hf(dims, m, bias, x_grad, act, device):
+    dv, dt = dims
+    hf = hf_projector(dv, dt, bias, act).to(device)
+    x, params, dy = make_inputs(m, dv, dt, bias, device=device)
+    ours = run_with_grads(fused(normalize_act(act)), x, params, dy, x_grad)
+    ref64 = hf_run(hf, x.double(), [p.double() if p is not None else None for p in params], dy, torch.float64,
+                   x_grad)
+    ref32 = hf_run(hf, x, params, dy, torch.float32, x_grad)
+    check_all(ours, ref64, ref32, x_grad, bias, atol_ulps=4)
+
+
+@pytest.mark.parametrize("sub", [1, 4])
+def test_epilogue_subtiles(sub, monkeypatch, device):
+    """The interpreter config uses 2 column sub-tiles in the epilogue; the GPU configs also use 1 and 4."""
+    from llava_fast.ops import projector as P
+
+    monkeypatch.setitem(P._INTERPRET_META, "EPI_SUBTILE", sub)
+    dv, dt, m = 64, 96, 77
+    hf = hf_projector(dv, dt, True, "gelu").to(device)
+    x, params, dy = make_inputs(m, dv, dt, True, device=device)
+    ours = run_with_grads(fused("none"), x, params, dy, True)
+    ref64 = hf_run(hf, x.double(), [p.double() for p in params], dy, torch.float64, True)
+    ref32 = hf_run(hf, x, params, dy, torch.float32, True)
+    check_all(ours, ref64, ref32, True, True, atol_ulps=4)
+
+
+@pytest.mark.parametrize("m", [7, 577])
+def test_fused_fp16_small(m, device):
+    dv, dt = 64, 96
+    hf = hf_projector(dv, dt, True, "gelu").to(device)
+    x, params, dy = make_inputs(m, dv, dt, True, device=device)
+    h = lambda t: t.half() if t is not None else None
+    ours = run_with_grads(fused("none"), h(x), [h(p) for p in params], h(dy), True)
+    ref32 = hf_run(hf, x, params, dy, torch.float32, True)
+    ref16 = hf_run(hf, h(x), [h(p) for p in params], h(dy), torch.float16, True)
+    check_all(ours, ref32, ref16, True, True)
+
+
+def test_saves_one_activation_buffer(device):
+    """Backward keeps x, the weights and h only: one M x Dt activation where eager keeps two (h and gelu(h))."""
+    m, dv, dt = 64, 40, 48
+    x, params, _ = make_inputs(m, dv, dt, True, device=device)
+    params = [p.requires_grad_() for p in params]
+
+    def saved_act_numels(fn):
+        seen = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+            fn(x.requires_grad_(), *params)
+        return sorted({(t.data_ptr(), t.numel()) for t in seen if t.numel() == m * dt})
+
+    assert len(saved_act_numels(projector_ref)) == 2
+    assert len(saved_act_numels(fused("none"))) == 1
+
+
+def test_inference_path_saves_nothing_and_matches(device):
+    backend.set_backend("projector", "triton")  # force the kernel on CPU (interpreter)
+    x, params, _ = make_inputs(9, 40, 48, True, device=device)
+    with torch.no_grad():
+        y = projector(x.view(3, 3, 40), *params)
+        _, h = _projector_fwd_op(x, *params, "none", False)
+    assert h.numel() == 0
+    torch.testing.assert_close(y.view(9, 48), projector_ref(x, *params), atol=1e-5, rtol=1e-5)
+
+
+def test_module_triton_path_and_grads(device):
+    backend.set_backend("projector", "triton")
+    hf = hf_projector(40, 48, True, "gelu").to(device)
+    ours = Projector(40, 48).to(device)
+    ours.load_state_dict(hf.state_dict())
+    x = torch.randn(2, 7, 40, device=device)
+    y, y_ref = ours(x), hf(x)
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-5)
+    y.sum().backward()
+    y_ref.sum().backward()
+    for (n, p), (_, q) in zip(ours.named_parameters(), hf.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
+
+
+def test_from_config_and_from_hf():
+    hf = hf_projector(40, 48, False, "gelu_pytorch_tanh")
+    m = Projector.from_config(hf_config := LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=40, intermediate_size=80, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                                vocab_size=64),
+        multimodal_projector_bias=False, projector_hidden_act="gelu_pytorch_tanh", vision_feature_layer=[-2, -1]))
+    assert m.linear_1.in_features == 80 and m.linear_1.bias is None and m.approximate == "tanh"
+    assert hf_config.projector_hidden_act == "gelu_pytorch_tanh"
+    w = Projector.from_hf(hf, act="gelu_pytorch_tanh")
+    x = torch.randn(5, 40)
+    torch.testing.assert_close(w(x), hf(x), atol=0, rtol=0)
+
+
+def test_compile_aot_eager_fullgraph(device):
+    """The custom ops' fake kernels and the autograd.Function trace under torch.compile (aot_eager: no C++ compiler
+    needed on CPU; Inductor runs in the cuda test)."""
+    backend.set_backend("projector", "triton")
+    x, params, dy = make_inputs(7, 40, 48, True, device=device)
+    fn = torch.compile(lambda x, w1, b1, w2, b2: projector(x, w1, b1, w2, b2), backend="aot_eager", fullgraph=True)
+    got = run_with_grads(fn, x, params, dy, True)
+    want = run_with_grads(fused("none"), x, params, dy, True)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0, msg=lambda s, name=name: f"{name}: {s}")
+
+
+def test_opcheck_custom_ops(device):
+    x, (w1, b1, w2, b2), dy = make_inputs(7, 40, 48, True, device=device)
+    torch.library.opcheck(_projector_fwd_op, (x, w1, b1, w2, b2, "none", True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(_projector_fwd_op, (x, w1, None, w2, None, "tanh", False),
+                          test_utils=("test_schema", "test_faketensor"))
+    _, h = projector_fwd(x, w1, b1, w2, b2)
+    torch.library.opcheck(_projector_bwd_op, (dy, x, h, w1, w2, "none", False, True, True, True, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_inputs_raise_value_error():
+    x, (w1, b1, w2, b2), _ = make_inputs(4, 40, 48, True)
+    with pytest.raises(ValueError, match="x's last dim"):
+        projector(torch.randn(4, 41), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="w1.dtype"):
+        projector(x, w1.double(), b1, w2, b2)
+    with pytest.raises(ValueError, match="b2 must have shape"):
+        projector(x, w1, b1, w2, b2[:3])
+    with pytest.raises(ValueError, match="approximate"):
+        projector(x, w1, b1, w2, b2, approximate="erf")
+    with pytest.raises(ValueError, match="w2.shape"):
+        projector(x, w1, b1, torch.randn(48, 47), b2)
+    with pytest.raises(ValueError, match="act must be one of"):
+        Projector(40, 48, act="relu")
+    with pytest.raises(ValueError, match="x.dtype must be"):
+        projector(x.to(torch.float64), w1.double(), b1.double(), w2.double(), b2.double())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU: full model shapes in bf16/fp16 (flash-attn rule vs an fp32 reference), torch.compile with Inductor
+# ----------------------------------------------------------------------------------------------------------------------
+FAMILIES = [(1024, 4096), (1024, 5120), (1152, 896), (1152, 3584)]  # LLaVA-1.5/NeXT 7B, 13B, OneVision 0.5B, 7B
+
+
+def _gpu_case(m, dims, dtype, bias, x_grad, approximate="none"):
+    dv, dt = dims
+    x, params, dy = make_inputs(m, dv, dt, bias, device="cuda")
+    cast = lambda t: t.to(dtype) if t is not None else None
+    ours = run_with_grads(fused(approximate), cast(x), [cast(p) for p in params], cast(dy), x_grad)
+    ref_fn = lambda x, w1, b1, w2, b2: projector_ref(x, w1, b1, w2, b2, approximate)
+    # fp32 reference from the *rounded* inputs: it measures the kernel's error, not the input quantisation.
+    up = lambda t: t.to(dtype).float() if t is not None else None
+    ref32 = run_with_grads(ref_fn, up(x), [up(p) for p in params], up(dy), x_grad)
+    same = run_with_grads(ref_fn, cast(x), [cast(p) for p in params], cast(dy), x_grad)
+    check_all(ours, ref32, same, x_grad, bias)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dims", FAMILIES)
+@pytest.mark.parametrize("m", [1, 7, 577, 2881])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_full_shapes(dims, m, dtype):
+    _gpu_case(m, dims, dtype, bias=True, x_grad=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dims", [(1024, 4096), (1152, 896)])
+@pytest.mark.parametrize("m", [1, 577, 2881])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_cuda_no_bias_and_frozen_input(dims, m, x_grad):
+    _gpu_case(m, dims, torch.bfloat16, bias=False, x_grad=x_grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [7, 2881])
+def test_cuda_tanh(m):
+    _gpu_case(m, (1024, 4096), torch.bfloat16, bias=True, x_grad=True, approximate="tanh")
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_ieee():
+    dv, dt, m = 1152, 896, 577
+    x, params, dy = make_inputs(m, dv, dt, True, device="cuda")
+    ours = run_with_grads(fused("none"), x, params, dy, True)
+    ref64 = run_with_grads(projector_ref, x.double(), [p.double() for p in params], dy.double(), True)
+    ref32 = run_with_grads(projector_ref, x, params, dy, True)
+    # atol: 4 fp32 ulp at the output's magnitude (see check_all): fp32 products are exact-IEEE in both.
+    check_all(ours, ref64, ref32, True, True, atol_ulps=4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gemm2", ["cublas", "triton"])
+def test_cuda_inference_and_gemm2_option(gemm2):
+    from llava_fast.ops import projector as P
+
+    x, params, _ = make_inputs(2881, 1024, 4096, True, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        y, h = projector_fwd(x, *params, save_h=False, gemm2=gemm2)
+        ref32 = projector_ref(x.float(), *[p.float() for p in params])
+        same = projector_ref(x, *params)
+    assert h.numel() == 0
+    assert_flash_rule(y, ref32, same, f"out ({gemm2})")
+    assert P._GEMM2_IMPL in ("cublas", "triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [577, 2881])
+def test_cuda_module_compile_inductor(m):
+    torch._dynamo.reset()
+    hf = hf_projector(1024, 4096, True, "gelu").cuda().bfloat16()
+    ours = Projector(1024, 4096).cuda().bfloat16()
+    ours.load_state_dict(hf.state_dict())
+    compiled = torch.compile(ours, fullgraph=True)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yc = compiled(xc)
+    yc.backward(dy)
+    ye = ours(xe)
+    ye.backward(dy)
+    assert max_err(yc, ye) == 0 and max_err(xc.grad, xe.grad) == 0  # same kernels, compiled or not
+    hf32 = hf_projector(1024, 4096, True, "gelu").cuda()
+    hf32.load_state_dict({k: v.float() for k, v in hf.state_dict().items()})
+    x32 = x.float().requires_grad_()
+    y32 = hf32(x32)
+    y32.backward(dy.float())
+    xh = x.clone().requires_grad_()
+    yh = hf(xh)
+    yh.backward(dy)
+    assert_flash_rule(yc, y32, yh, "out (compiled)")
+    assert_flash_rule(xc.grad, x32.grad, xh.grad, "dx (compiled)")
