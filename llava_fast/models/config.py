@@ -120,6 +120,10 @@ class TextConfig:
             qkv_bias, o_bias = True, False
         else:
             qkv_bias = o_bias = bool(g.get("attention_bias", False))
+        window = g.get("sliding_window")
+        if window and (mt == "mistral" or g.get("use_sliding_window")) and window < int(g["max_position_embeddings"]):
+            raise ValueError(f"text_config: sliding-window attention (sliding_window={window}) is not supported; "
+                             f"set sliding_window to null in config.json if the model was trained without it")
         tie = g.get("tie_word_embeddings", False) if tie_word_embeddings is None else tie_word_embeddings
         return cls(model_type=mt, vocab_size=int(g["vocab_size"]), hidden_size=int(g["hidden_size"]),
                    intermediate_size=int(g["intermediate_size"]), num_hidden_layers=int(g["num_hidden_layers"]),

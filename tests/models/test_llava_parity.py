@@ -156,6 +156,26 @@ def test_onevision_multi_image_and_video(tiny_models):
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("variant", [dict(text="mistral"), dict(text="qwen2"),
+                                     dict(multimodal_projector_bias=False, projector_hidden_act="gelu_pytorch_tanh")])
+def test_config_variants(tmp_path, variant):
+    """Mistral and Qwen2 language models under LLaVA-NeXT, projector without bias and with tanh GELU."""
+    hf, path = save_tiny(tmp_path, "llava_next", **variant)
+    ours = llava_fast.from_pretrained(path, dtype=torch.float32)
+    compare(hf, ours, "llava_next", make_batch("llava_next", [[SIZES[1]], [SIZES[5]]]))
+
+
+def test_sliding_window_refused(tmp_path):
+    import json
+
+    _, path = save_tiny(tmp_path, "llava_next", text="mistral")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["text_config"]["sliding_window"] = 16
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sliding-window"):
+        llava_fast.from_pretrained(path)
+
+
 def test_feature_layer_list_and_full_strategy(tmp_path):
     hf, path = save_tiny(tmp_path, "llava", vision_feature_layer=[-3, -1], strategy="full")
     ours = llava_fast.from_pretrained(path, dtype=torch.float32)

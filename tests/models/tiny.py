@@ -11,7 +11,7 @@ IMAGE_TOKEN = 120
 VIDEO_TOKEN = 121
 
 
-def hf_config(model_type: str, text: str | None = None, vision_feature_layer=None, strategy=None):
+def hf_config(model_type: str, text: str | None = None, vision_feature_layer=None, strategy=None, **extra):
     import transformers as tf
 
     text = text or ("qwen2" if model_type == "llava_onevision" else "llama")
@@ -26,9 +26,11 @@ def hf_config(model_type: str, text: str | None = None, vision_feature_layer=Non
     if text == "qwen2":
         tc = tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True,
                             rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common)
+    elif text == "mistral":
+        tc = tf.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
     else:
         tc = tf.LlamaConfig(num_key_value_heads=2, **common)
-    kw = {}
+    kw = dict(extra)
     if vision_feature_layer is not None:
         kw["vision_feature_layer"] = vision_feature_layer
     if strategy is not None:
