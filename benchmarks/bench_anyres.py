@@ -11,8 +11,19 @@ Providers (each measured in this run, same images):
 Workloads: 32 random images of 400-1200 px per side, 64 photo-sized images ~1000x750 (random gradients + noise).
 Bytes per image = uint8 input + fp32 output tiles (reported as GB/s in the note).
 
-This is a CPU benchmark (preprocessing runs in data-loader workers); it runs on CPU-only machines too and adds the
-CUDA row when a GPU exists. Usage: python benchmarks/bench_anyres.py [--quick] [--dtype bf16]
+GPU section (mode "gpu", only with a GPU; a batch of photo-sized images already on the GPU, or as JPEG bytes):
+  hf_torchvision_cuda   transformers' torchvision backend, device="cuda", uint8 CUDA tensors in
+  reference_cuda        llava_fast.ops.anyres.preprocess_images on the CUDA tensors (torch ops)
+  llava_fast_cuda       llava_fast CUDA tile encoder (encode_tiles on CUDA tensors, resample="uint8")
+  llava_fast_cuda_float the same with resample="float" (torch's fp32 arithmetic)
+  nvjpeg_decode         torchvision.io.decode_jpeg(list, device="cuda") alone (the decode part of the next row)
+  llava_fast_cuda_jpeg  JPEG bytes -> decode on the GPU -> CUDA tile encoder (encode_tiles(bytes, device="cuda"))
+GB/s for the GPU rows = (uint8 pixels read + output tiles written) / time: the bytes the encoder must move.
+Targets (docs/perf-notes.d/anyres.md): >= 20x hf_torchvision_cuda (> 20,000 images/s on an H200) and >= 50% of the
+copy bandwidth for those bytes.
+
+Preprocessing runs in data-loader workers (CPU rows) or next to the model (GPU rows); the script runs on CPU-only
+machines too. Usage: python benchmarks/bench_anyres.py [--quick] [--dtype bf16] [--no-pil] [--gpu-batch N]
 """
 from __future__ import annotations
 
@@ -25,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import Row, add_ratios, bench, save, to_markdown  # noqa: E402
+from bench_utils import Row, add_ratios, bench, peak_memory, save, to_markdown  # noqa: E402
 
 from llava_fast import _ext  # noqa: E402
 from llava_fast.ops import anyres  # noqa: E402
@@ -73,11 +84,77 @@ def hf_processors(variant: str):
     return pil, tv
 
 
+def _jpeg_bytes(imgs: list[torch.Tensor], quality: int = 90) -> list[bytes]:
+    import io
+
+    import PIL.Image
+
+    out = []
+    for x in imgs:
+        buf = io.BytesIO()
+        PIL.Image.fromarray(x.numpy(), "RGB").save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def gpu_section(args, dtype) -> list[Row]:
+    """Throughput of the GPU paths on one batch of photo-sized images (uint8 on the GPU, or JPEG bytes)."""
+    n = args.gpu_batch or (128 if args.quick else 256)
+    rep, warm = (3, 1) if args.quick else (10, 2)
+    imgs = make_images("photo", n, 2)
+    gpu = [x.permute(2, 0, 1).contiguous().cuda() for x in imgs]
+    jpegs = _jpeg_bytes(imgs)
+    jpeg_mb = sum(len(b) for b in jpegs) / 1e6
+    rows: list[Row] = []
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        jpeg_t = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+    except Exception as e:
+        print(f"nvjpeg rows skipped: {type(e).__name__}: {e}")
+        decode_jpeg = None
+    for variant in ("llava_next", "llava_onevision"):
+        cfg = anyres.ImageProcessorConfig.for_variant(variant)
+        _, tv = hf_processors(variant)
+        ntiles = sum(cfg.num_tiles(tuple(x.shape[:2])) for x in imgs)
+        out_bytes = ntiles * 3 * cfg.tile ** 2 * (4 if dtype == torch.float32 else 2)
+        in_bytes = sum(x.numel() for x in imgs)
+        providers = {}
+        if tv is not None:
+            providers["hf_torchvision_cuda"] = lambda: tv(gpu, return_tensors="pt", device="cuda")
+        if not args.quick:
+            providers["reference_cuda"] = lambda: anyres.preprocess_images(gpu, cfg, dtype=dtype)
+        if anyres._cuda_encoder_available():
+            providers["llava_fast_cuda"] = lambda: anyres.encode_tiles(gpu, cfg, dtype=dtype)
+            providers["llava_fast_cuda_float"] = lambda: anyres.encode_tiles(gpu, cfg, dtype=dtype, resample="float")
+            if decode_jpeg is not None:
+                providers["nvjpeg_decode"] = lambda: decode_jpeg(jpeg_t, mode=ImageReadMode.RGB, device="cuda")
+                providers["llava_fast_cuda_jpeg"] = lambda: anyres.encode_tiles(jpegs, cfg, dtype=dtype,
+                                                                                device="cuda")
+        else:
+            print(f"llava_fast_cuda rows skipped: llava_fast._C has no CUDA encoder ({_ext.EXT_ERROR or 'CPU build'})")
+        for name, fn in providers.items():
+            t = bench(fn, warmup=warm, rep=rep, sync=True)
+            ips = n / (t["ms"] / 1e3)
+            moved = (in_bytes + (0 if name == "nvjpeg_decode" else out_bytes))
+            note = f"{n} imgs, {ntiles} tiles, {moved / (t['ms'] / 1e3) / 1e9:.1f} GB/s of {moved / 1e6:.0f} MB"
+            if "jpeg" in name:
+                note += f" (+{jpeg_mb:.1f} MB JPEG in)"
+            if name.startswith("hf_"):
+                note += ", fp32 out"
+            rows.append(Row(bench=f"anyres_{variant}", provider=name, shape=f"{n} photos ~1000x750 on GPU",
+                            dtype=args.dtype, mode="gpu", ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"],
+                            metric=ips, unit="img/s", peak_gib=peak_memory(fn), note=note))
+            print(f"{variant:16s} {'GPU batch':24s} {name:22s} {t['ms']:9.2f} ms {ips:9.1f} img/s  {note}",
+                  flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8 + 16 images, fewer repetitions (~1 min)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--no-pil", action="store_true", help="skip the (slow) PIL backend")
+    ap.add_argument("--gpu-batch", type=int, default=None, help="images in the GPU workload (default 256, quick 128)")
     args = ap.parse_args()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     cuda = torch.cuda.is_available()
@@ -121,7 +198,10 @@ def main():
                                 ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=ips, unit="img/s",
                                 note=note))
                 print(f"{variant:16s} {wname:24s} {name:20s} {t['ms']:9.1f} ms {ips:8.1f} img/s  {note}", flush=True)
+    if cuda:
+        rows += gpu_section(args, dtype)
     add_ratios(rows, ours="llava_fast")
+    add_ratios(rows, ours="llava_fast_cuda")
     print(to_markdown(rows))
     print("saved", save(rows, "bench_anyres"))
 

@@ -4,11 +4,13 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <cstring>
 
 #include "common/checks.h"
 
 #include "anyres/anyres_plan.h"
 #include "anyres/encode.h"
+#include "anyres/encode_cuda.h"
 #include "anyres/normalize.h"
 
 namespace py = pybind11;
@@ -96,7 +98,59 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("src"), py::arg("h"), py::arg("w"), py::arg("dst"), py::arg("oh"), py::arg("ow"));
 
+  // ---- GPU tile encoder plan (csrc/anyres/encode_cuda_plan.cpp), its CPU emulation and CUDA launch
+  py::class_<CudaEncodePlan>(m, "CudaEncodePlan",
+                             "Host plan of the GPU tile encoder: upload `nbytes` bytes (copy_to) to the device.")
+      .def_property_readonly("nbytes", &CudaEncodePlan::nbytes)
+      .def_property_readonly("scratch_bytes", &CudaEncodePlan::scratch_bytes)
+      .def_readonly("num_tiles", &CudaEncodePlan::num_tiles)
+      .def_readonly("total_tiles", &CudaEncodePlan::total_tiles)
+      .def_readonly("tile_elems", &CudaEncodePlan::tile_elems)
+      .def_readonly("pass1_blocks", &CudaEncodePlan::pass1_blocks)
+      .def_readonly("resample", &CudaEncodePlan::resample)
+      .def_readonly("patch", &CudaEncodePlan::patch)
+      .def(
+          "copy_to",
+          [](const CudaEncodePlan& p, uintptr_t dst) {
+            std::memcpy(reinterpret_cast<void*>(dst), p.bytes(), static_cast<size_t>(p.nbytes()));
+          },
+          py::arg("dst"), "Copy the plan bytes to host memory at dst (e.g. a pinned tensor).");
+  m.def(
+      "encode_plan",
+      [make_cfg](const std::vector<uint64_t>& ptrs, const std::vector<int64_t>& heights,
+                 const std::vector<int64_t>& widths, const std::vector<int64_t>& sy, const std::vector<int64_t>& sx,
+                 const std::vector<int64_t>& sc, const std::vector<int>& modes, int64_t tile, int64_t shortest_edge,
+                 bool llava_pad, const std::vector<std::pair<int64_t, int64_t>>& pinpoints, std::array<int, 3> fill,
+                 std::array<float, 3> mean, std::array<float, 3> std, int resample, int patch) {
+        EncodeConfig cfg = make_cfg(tile, shortest_edge, llava_pad, pinpoints, fill, mean, std);
+        py::gil_scoped_release release;
+        return build_cuda_encode_plan(ptrs, heights, widths, sy, sx, sc, modes, cfg, resample, patch);
+      },
+      py::arg("ptrs"), py::arg("heights"), py::arg("widths"), py::arg("sy"), py::arg("sx"), py::arg("sc"),
+      py::arg("modes"), py::arg("tile"), py::arg("shortest_edge"), py::arg("llava_pad"), py::arg("pinpoints"),
+      py::arg("fill"), py::arg("mean"), py::arg("std"), py::arg("resample") = 0, py::arg("patch") = 0,
+      "Plan of the GPU tile encoder from image pointers, sizes and byte strides (y, x, c); see encode_gpu.h.");
+  m.def(
+      "encode_tiles_emulate",
+      [](const CudaEncodePlan& plan, uintptr_t scratch, uintptr_t out, int dtype, int64_t capacity_tiles) {
+        py::gil_scoped_release release;
+        encode_tiles_emulate(plan, reinterpret_cast<void*>(scratch), reinterpret_cast<void*>(out), dtype,
+                             capacity_tiles);
+      },
+      py::arg("plan"), py::arg("scratch"), py::arg("out"), py::arg("dtype"), py::arg("capacity_tiles"),
+      "Run the GPU encoder's element code on the CPU (host pointers in the plan); for tests.");
+
 #ifdef LLAVA_FAST_WITH_CUDA
+  m.def(
+      "encode_tiles_cuda",
+      [](const CudaEncodePlan& plan, uintptr_t plan_dev, uintptr_t scratch, uintptr_t out, int dtype,
+         int64_t capacity_tiles, uintptr_t stream) {
+        encode_tiles_cuda(plan, reinterpret_cast<const void*>(plan_dev), reinterpret_cast<void*>(scratch),
+                          reinterpret_cast<void*>(out), dtype, capacity_tiles, stream);
+      },
+      py::arg("plan"), py::arg("plan_dev"), py::arg("scratch"), py::arg("out"), py::arg("dtype"),
+      py::arg("capacity_tiles"), py::arg("stream"),
+      "Launch the two encoder passes on `stream` (no synchronization). plan_dev: device copy of the plan bytes.");
   m.def(
       "normalize_u8_cuda",
       [](uintptr_t src, uintptr_t dst, int dtype, int64_t n, int64_t h, int64_t w, std::array<float, 3> mean,

@@ -7,23 +7,14 @@
 #include <thread>
 
 #include "anyres/anyres_plan.h"
+#include "anyres/encode_detail.h"
 #include "common/checks.h"
 #include "common/float_convert.h"
 
 namespace llava_fast {
-namespace {
+namespace detail {
 
 // ---------------------------------------------------------------------------------------------------- weights
-// One axis of an antialiased bicubic resize, as torch's _compute_index_ranges_int16_weights (UpSampleKernel.cpp).
-struct AxisPlan {
-  int64_t in = 0, out = 0;
-  int taps = 0;                 // max_interp_size
-  unsigned precision = 0;       // int16 weight scale 2^precision
-  std::vector<int64_t> xmin, xsize;
-  std::vector<int16_t> w;       // out * taps
-  bool identity() const { return in == out; }
-};
-
 inline double cubic_aa_filter(double x) {
   const double a = -0.5;
   x = std::abs(x);
@@ -81,6 +72,14 @@ AxisPlan make_axis_plan(int64_t in, int64_t out) {
   }
   return p;
 }
+
+}  // namespace detail
+
+namespace {
+using detail::AxisPlan;
+using detail::ImageGeom;
+using detail::image_geometry;
+using detail::make_axis_plan;
 
 inline uint8_t clip8(int32_t acc, unsigned prec) {
   const int32_t v = acc >> prec;
@@ -234,11 +233,9 @@ struct Task {
   double cost;
 };
 
-struct ImageGeom {
-  int64_t ntiles = 1;
-  int64_t bh = 0, bw = 0, nh = 0, nw = 0;  // AnyRes: best resolution, resized size
-};
+}  // namespace
 
+namespace detail {
 ImageGeom image_geometry(int64_t h, int64_t w, int mode, const EncodeConfig& cfg) {
   ImageGeom g;
   if (mode == kAnyRes) {
@@ -259,8 +256,7 @@ ImageGeom image_geometry(int64_t h, int64_t w, int mode, const EncodeConfig& cfg
   }
   return g;
 }
-
-}  // namespace
+}  // namespace detail
 
 std::vector<int64_t> encode_tile_counts(const std::vector<int64_t>& heights, const std::vector<int64_t>& widths,
                                         const std::vector<int>& modes, const EncodeConfig& cfg) {

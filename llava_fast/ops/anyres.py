@@ -593,41 +593,330 @@ def preprocess_video(frames, config: ImageProcessorConfig, dtype: torch.dtype = 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Fast path: the C++ CPU tile encoder (csrc/anyres/encode.cpp), same output as preprocess_images.
+# Encoded images (JPEG, PNG, ...) -> uint8 tensors: JPEG on the GPU through nvJPEG (torchvision), the rest with PIL.
+# ----------------------------------------------------------------------------------------------------------------------
+import io  # noqa: E402
+import warnings  # noqa: E402
+
+from llava_fast import backend as _backend  # noqa: E402
+
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+
+
+def _is_encoded(x) -> bool:
+    return isinstance(x, _BYTES_TYPES)
+
+
+def _probe(data: bytes, index, max_pixels):
+    """Format, (height, width) and mode from the header only (PIL reads pixels lazily), with the pixel guard."""
+    import PIL.Image
+
+    what = _what(index)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            img = PIL.Image.open(io.BytesIO(data))
+            fmt, (w, h), mode = img.format, img.size, img.mode
+    except PIL.Image.DecompressionBombError as e:
+        raise ValueError(f"{what}: {e} (decompression-bomb guard; raise PIL.Image.MAX_IMAGE_PIXELS and "
+                         f"ImageProcessorConfig.max_pixels to allow it)") from None
+    except Exception as e:
+        raise ValueError(f"{what}: cannot read the image header ({type(e).__name__}: {e}); the data is corrupt, "
+                         f"truncated or not an image format PIL knows") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"{what}: image has zero size (height={h}, width={w})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ValueError(f"{what}: {h}x{w} = {h * w} pixels exceeds max_pixels={max_pixels} (decompression-bomb "
+                         f"guard, checked on the header before decoding); raise ImageProcessorConfig.max_pixels")
+    return fmt, (h, w), mode
+
+
+def _decode_pil(data: bytes, index, size) -> torch.Tensor:
+    import PIL.Image
+
+    what = _what(index)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            img = PIL.Image.open(io.BytesIO(data))
+            img.load()  # raises on truncated or corrupt data
+            u8 = _pil_to_u8(img)
+    except Exception as e:
+        raise ValueError(f"{what}: cannot decode the image ({type(e).__name__}: {e}); the data is corrupt or "
+                         f"truncated") from None
+    if tuple(u8.shape[1:]) != tuple(size):
+        raise ValueError(f"{what}: decoded size {tuple(u8.shape[1:])} differs from the header's {tuple(size)}")
+    return u8
+
+
+def _gpu_jpeg_decoder():
+    """torchvision.io.decode_jpeg if it can decode on a CUDA GPU here, else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception:
+        return None
+    return lambda tensors, dev: decode_jpeg(tensors, mode=ImageReadMode.RGB, device=dev)
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """JPEG data ends with the EOI marker (truncated files go to PIL, which raises)."""
+    return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+
+
+def decode_images(data, device=None, max_pixels: int | None = DEFAULT_MAX_PIXELS, indices=None) -> list:
+    """Encoded images (bytes) -> uint8 RGB tensors (3, H, W) on ``device``.
+
+    JPEG (RGB or grayscale) is decoded on the GPU with ``torchvision.io.decode_jpeg(..., device="cuda")`` in one
+    batched call when ``device`` is a CUDA device and torchvision is present; every other format (PNG, WebP, ...),
+    CMYK JPEGs, and everything on a CPU ``device`` goes through PIL on the CPU, converted as transformers does
+    (transparency composited onto white, L/P/CMYK/I;16 through ``convert("RGB")``) and then copied to ``device``.
+    nvJPEG and libjpeg differ by a few grey levels (IDCT and chroma upsampling), as with any two JPEG decoders.
+
+    The size is read from the header BEFORE decoding; images over ``max_pixels`` raise ValueError, and so do corrupt
+    or truncated data, each naming ``images[i]`` (``indices`` overrides the numbering).
+    """
+    if _is_encoded(data):
+        data = [data]
+    items = [bytes(x) if isinstance(x, (bytearray, memoryview)) else x for x in data]
+    idx = list(indices) if indices is not None else list(range(len(items)))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    out: list = [None] * len(items)
+    heads = []
+    for k, b in enumerate(items):
+        if not isinstance(b, bytes):
+            raise ValueError(f"{_what(idx[k])}: expected encoded image bytes, got {type(b).__name__}")
+        heads.append(_probe(b, idx[k], max_pixels))
+    gpu = []
+    decoder = _gpu_jpeg_decoder() if dev.type == "cuda" else None
+    if decoder is not None:
+        gpu = [k for k, (fmt, _, mode) in enumerate(heads)
+               if fmt == "JPEG" and mode in ("RGB", "L") and _jpeg_complete(items[k])]
+    if gpu:
+        srcs = [torch.frombuffer(bytearray(items[k]), dtype=torch.uint8) for k in gpu]
+        try:
+            decoded = decoder(srcs, dev)
+        except Exception:  # one bad image fails the batch: retry one by one, PIL decides about the rest
+            decoded = []
+            for t in srcs:
+                try:
+                    decoded.append(decoder([t], dev)[0])
+                except Exception:
+                    decoded.append(None)
+        for k, u8 in zip(gpu, decoded):
+            if u8 is not None and tuple(u8.shape) == (3, *heads[k][1]):
+                out[k] = u8
+    for k, b in enumerate(items):
+        if out[k] is None:
+            u8 = _decode_pil(b, idx[k], heads[k][1])
+            out[k] = u8 if dev.type == "cpu" else u8.to(dev)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fast paths: the C++ CPU tile encoder (csrc/anyres/encode.cpp) and its CUDA twin (csrc/anyres/encode_kernel.cu),
+# same output as preprocess_images.
 # ----------------------------------------------------------------------------------------------------------------------
 _MODE_ANYRES, _MODE_PAD_SQUARE, _MODE_SHORT_CROP = 0, 1, 2
+LAYOUTS = ("tiles", "patches")
+RESAMPLE = ("uint8", "float")
+
+
+def _cuda_encoder_available() -> bool:
+    return bool(_ext.HAS_CUDA_EXT and hasattr(_ext._C, "encode_tiles_cuda"))
+
+
+if _cuda_encoder_available():
+    _backend.register_fast("anyres_encode", "cuda")
 
 
 def _encoder_usable(config: ImageProcessorConfig, u8s) -> bool:
     if not _ext.HAS_EXT or not hasattr(_ext._C, "encode_tiles_cpu"):
         return False
     if any(u.device.type != "cpu" for u in u8s):
-        return False  # no CUDA twin yet: CUDA images use the reference (torch kernels on the GPU)
+        return False
     return not (config.variant == "llava" and config.shortest_edge < config.tile)
+
+
+def tiles_to_patches(tiles: torch.Tensor, patch: int) -> torch.Tensor:
+    """(N, 3, T, T) -> (N, G*G, 3*p*p), G = T // p: for each tile, each p x p patch in row-major order as its
+    channel-major (c, dy, dx) pixels, the order of ``conv2d(tiles, W, stride=p)`` with ``W.view(D, -1)`` (and of
+    ``F.unfold(tiles, p, stride=p).transpose(1, 2)``). Rows/columns beyond G*p are dropped, as the strided conv does."""
+    n, c, t, _ = tiles.shape
+    g = t // patch
+    x = tiles[:, :, :g * patch, :g * patch].reshape(n, c, g, patch, g, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, c * patch * patch)
+
+
+def _out_shape(config: ImageProcessorConfig, layout: str, n: int) -> tuple:
+    t, p = config.tile, config.patch_size
+    if layout == "tiles":
+        return (n, 3, t, t)
+    g = t // p
+    return (n, g * g, 3 * p * p)
+
+
+def _check_out(out, config, layout, dtype, total, device):
+    shape = _out_shape(config, layout, total)
+    if out.device != device or out.dtype != dtype or not out.is_contiguous() or out.dim() != len(shape) \
+            or tuple(out.shape[1:]) != shape[1:] or out.shape[0] < total:
+        raise ValueError(f"encode_tiles: out must be a contiguous {device} {dtype} tensor of shape "
+                         f"(>= {total}, {', '.join(map(str, shape[1:]))}) for layout={layout!r}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+
+
+def _modes(config, flags, n):
+    if config.variant == "llava":
+        return [_MODE_SHORT_CROP] * n
+    return [_MODE_PAD_SQUARE if f else _MODE_ANYRES for f in flags]
+
+
+def _encoder_plan(u8s, flags, config, resample: str, layout: str):
+    """The GPU encoder's host plan (csrc/anyres/encode_cuda_plan.cpp) for (3, H, W) uint8 views (any strides)."""
+    pins = [tuple(p) for p in config.image_grid_pinpoints or []]
+    return _ext._C.encode_plan(
+        [u.data_ptr() for u in u8s], [int(u.shape[1]) for u in u8s], [int(u.shape[2]) for u in u8s],
+        [int(u.stride(1)) for u in u8s], [int(u.stride(2)) for u in u8s], [int(u.stride(0)) for u in u8s],
+        _modes(config, flags, len(u8s)), config.tile, config.shortest_edge,
+        bool(config.variant == "llava" and config.do_pad), pins, list(fill_colour(config.image_mean)),
+        list(config.image_mean), list(config.image_std), RESAMPLE.index(resample),
+        config.patch_size if layout == "patches" else 0)
+
+
+def _result(pixel_values, sizes, ntiles, flags, counts, config, device):
+    ntok = [config.num_image_tokens(hw, single_tile=f) for hw, f in zip(sizes, flags)]
+    image_sizes = torch.tensor(sizes, dtype=torch.long)
+    if device.type == "cuda":
+        image_sizes = image_sizes.pin_memory().to(device, non_blocking=True)
+    return {"pixel_values": pixel_values, "image_sizes": image_sizes, "num_tiles": list(ntiles),
+            "num_image_tokens": ntok, "batch_num_images": counts}
+
+
+def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=torch.float32, out=None,
+                      layout: str = "tiles", resample: str = "uint8") -> dict:
+    """The CUDA tile encoder on uint8 (3, H, W) CUDA tensors (any strides: CHW, HWC views, expanded grey).
+
+    Host: the plan from the image sizes (weight tables cached per (in, out) size), copied into pinned memory and
+    uploaded with one non-blocking copy. Device: two kernels on the current stream (horizontal pass for every
+    resize of the batch, then vertical pass + padding + crop + normalization + cast into the output layout).
+    Nothing here synchronizes with the GPU."""
+    _ext.require_ext("anyres_encode", cuda=True)
+    dev = u8s[0].device
+    plan = _encoder_plan(u8s, flags, config, resample, layout)
+    total = plan.total_tiles
+    host = torch.empty(plan.nbytes, dtype=torch.uint8, pin_memory=True)
+    plan.copy_to(host.data_ptr())
+    plan_dev = host.to(dev, non_blocking=True)
+    scratch = torch.empty(max(plan.scratch_bytes, 1), dtype=torch.uint8, device=dev)
+    if out is None:
+        out = torch.empty(_out_shape(config, layout, total), dtype=dtype, device=dev)
+    else:
+        _check_out(out, config, layout, dtype, total, dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        _ext._C.encode_tiles_cuda(plan, plan_dev.data_ptr(), scratch.data_ptr(), out.data_ptr(),
+                                  _ext.dtype_code(dtype), int(out.shape[0]), stream)
+    # plan_dev and scratch go back to the caching allocator, reusable only by later work on this stream
+    sizes = [(int(u.shape[1]), int(u.shape[2])) for u in u8s]
+    return _result(out[:total], sizes, plan.num_tiles, flags, counts, config, dev)
+
+
+def encode_tiles_emulated(u8s, flags, counts, config: ImageProcessorConfig, dtype=torch.float32,
+                          layout: str = "tiles", resample: str = "uint8") -> dict:
+    """The CUDA encoder's element code run on the CPU (single thread, slow): CPU images, same plan, same arithmetic.
+    Used for ``resample="float"`` on CPU and by the tests of the kernels' indexing on machines without a GPU."""
+    _ext.require_ext("anyres_encode")
+    u8s = [u.cpu() for u in u8s]
+    plan = _encoder_plan(u8s, flags, config, resample, layout)
+    scratch = torch.empty(max(plan.scratch_bytes, 1), dtype=torch.uint8)
+    out = torch.empty(_out_shape(config, layout, plan.total_tiles), dtype=dtype)
+    _ext._C.encode_tiles_emulate(plan, scratch.data_ptr(), out.data_ptr(), _ext.dtype_code(dtype), plan.total_tiles)
+    sizes = [(int(u.shape[1]), int(u.shape[2])) for u in u8s]
+    return _result(out, sizes, plan.num_tiles, flags, counts, config, torch.device("cpu"))
+
+
+def _resolve_device(flat, device):
+    if device is not None:
+        dev = torch.device(device)
+    else:
+        devs = [x.device for x in flat if isinstance(x, torch.Tensor)]
+        dev = devs[0] if devs else torch.device("cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def encode_tiles(images, config: ImageProcessorConfig, multi_image: bool | None = None,
                  dtype: torch.dtype = torch.float32, num_threads: int | None = None,
-                 out: torch.Tensor | None = None) -> dict:
-    """:func:`preprocess_images` through the C++ CPU tile encoder: every tile of every image written once into one
-    (total_tiles, 3, T, T) buffer of ``dtype`` (fp32, fp16 or bf16), from a plan computed from the image sizes alone,
-    on ``num_threads`` threads (default: all cores). Bit-identical to the reference on CPU (same uint8 resampling
-    arithmetic as torch's kernel, same fp32 normalize expression, same fp16/bf16 rounding).
+                 out: torch.Tensor | None = None, device=None, layout: str = "tiles",
+                 resample: str = "uint8") -> dict:
+    """:func:`preprocess_images` through the tile encoders: every tile of every image written once into one
+    preallocated buffer of ``dtype`` (fp32, fp16 or bf16), from a plan computed from the image sizes alone.
 
-    Falls back to :func:`preprocess_images` when ``llava_fast._C`` is not built or the images are on a GPU.
-    ``out`` (optional): a preallocated contiguous CPU tensor with at least total_tiles tiles; the result is a view.
-    Returns the same dict as :func:`preprocess_images`.
+    Args:
+        images: as :func:`preprocess_images`, and also encoded images (``bytes``: JPEG, PNG, ...), decoded with
+            :func:`decode_images` (JPEG on the GPU when ``device`` is CUDA).
+        device: where to encode. None: the device of the input tensors (CPU for PIL/numpy/bytes). A CUDA device
+            moves CPU images there (JPEG bytes are decoded there).
+        layout: ``"tiles"`` -> ``pixel_values`` (total_tiles, 3, T, T); ``"patches"`` -> (total_tiles, G*G, 3*p*p)
+            with p = ``config.patch_size`` and G = T // p: per tile, each p x p patch in row-major order as its
+            channel-major pixels, what a patch-embedding GEMM ``patches @ W.view(D, -1).T`` consumes (equal to
+            ``conv2d(tiles, W, stride=p)``; the T - G*p last rows/columns are dropped as the conv drops them).
+        resample: resampling arithmetic. ``"uint8"`` (default): torch's CPU uint8 kernel, i.e. transformers'
+            torchvision backend on CPU, bit-identical on CPU and GPU. ``"float"``: torch's fp32 kernel then
+            clamp + round, i.e. transformers' torchvision backend with ``device="cuda"`` (on CPU: the GPU element
+            code emulated on one thread, slow). The two differ by up to ~10-20 grey levels next to saturated pixels
+            (uint8 clamps the intermediate of the two separable passes, fp32 does not): docs/preprocessing.md.
+        num_threads: CPU encoder threads (default: all cores).
+        out: optional preallocated contiguous tensor on the encoding device with at least total_tiles rows in the
+            chosen layout; the result is a view of it.
+
+    CPU tensors use the C++ CPU encoder (bit-identical to the reference; falls back to :func:`preprocess_images`
+    without ``llava_fast._C``). CUDA tensors use the CUDA encoder when the extension has CUDA and
+    ``backend.use_fast("anyres_encode", "cuda")`` (set ``LLAVA_FAST_BACKEND_ANYRES_ENCODE=reference`` to force the
+    reference, which on a GPU uses torch's fp32 kernel whatever ``resample`` says). Returns the dict of
+    :func:`preprocess_images`.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"encode_tiles: layout must be one of {LAYOUTS}, got {layout!r}")
+    if resample not in RESAMPLE:
+        raise ValueError(f"encode_tiles: resample must be one of {RESAMPLE}, got {resample!r}")
     flat, flags, counts = _flatten_samples(images, multi_image)
     if not flat:
         raise ValueError("encode_tiles: `images` is empty")
     if config.variant != "llava_onevision":
         flags = [False] * len(flat)
+    if layout == "patches" and config.tile < config.patch_size:
+        raise ValueError(f"encode_tiles: layout='patches' needs tile >= patch_size, got {config.tile} < "
+                         f"{config.patch_size}")
+    dev = _resolve_device(flat, device)
+    enc = [i for i, x in enumerate(flat) if _is_encoded(x)]
+    if enc:
+        decoded = decode_images([flat[i] for i in enc], device=dev, max_pixels=config.max_pixels, indices=enc)
+        flat = list(flat)
+        for i, u in zip(enc, decoded):
+            flat[i] = u
     u8s = [to_uint8_chw(im, i, config.max_pixels, contiguous=False) for i, im in enumerate(flat)]
+    if device is not None:
+        u8s = [u if u.device == dev else u.to(dev) for u in u8s]
+    elif len({u.device for u in u8s}) > 1:
+        raise ValueError("encode_tiles: images are on different devices; put all images on one device or pass "
+                         "device=")
+    if dev.type == "cuda":
+        if _cuda_encoder_available() and _backend.use_fast("anyres_encode", "cuda") \
+                and not (config.variant == "llava" and config.shortest_edge < config.tile):
+            return encode_tiles_cuda(u8s, flags, counts, config, dtype, out, layout, resample)
+        return _with_layout(_preprocess_flags(u8s, flags, counts, config, dtype), config, layout, out, dev)
+    if resample == "float":
+        if not (_ext.HAS_EXT and hasattr(_ext._C, "encode_tiles_emulate")):
+            raise ValueError("encode_tiles: resample='float' on CPU needs llava_fast._C; " + _ext.BUILD_HINT)
+        return _with_layout(encode_tiles_emulated(u8s, flags, counts, config, dtype, layout, resample), config,
+                            None, out, dev)
     if not _encoder_usable(config, u8s):
-        if len({u.device for u in u8s}) > 1:
-            raise ValueError("encode_tiles: images are on different devices; put all images on one device")
-        return _preprocess_flags(u8s, flags, counts, config, dtype)
+        return _with_layout(_preprocess_flags(u8s, flags, counts, config, dtype), config, layout, out, dev)
     hwc = []
     for u in u8s:
         x = u.permute(1, 2, 0)
@@ -636,16 +925,16 @@ def encode_tiles(images, config: ImageProcessorConfig, multi_image: bool | None 
         hwc.append(x)
     heights = [int(x.shape[0]) for x in hwc]
     widths = [int(x.shape[1]) for x in hwc]
-    if config.variant == "llava":
-        modes = [_MODE_SHORT_CROP] * len(hwc)
-    else:
-        modes = [_MODE_PAD_SQUARE if f else _MODE_ANYRES for f in flags]
+    modes = _modes(config, flags, len(hwc))
     pins = [tuple(p) for p in config.image_grid_pinpoints or []]
     ntiles = list(_ext._C.encode_tile_counts(heights, widths, modes, config.tile, pins))
     total, t = sum(ntiles), config.tile
     code = _ext.dtype_code(dtype)
-    if out is None:
-        out = torch.empty((total, 3, t, t), dtype=dtype)
+    tiles_out = out if layout == "tiles" else None
+    if tiles_out is None:
+        if out is not None:
+            _check_out(out, config, layout, dtype, total, dev)
+        tiles_out = torch.empty((total, 3, t, t), dtype=dtype)
     else:
         if out.device.type != "cpu" or out.dtype != dtype or not out.is_contiguous() or out.dim() != 4 \
                 or tuple(out.shape[1:]) != (3, t, t) or out.shape[0] < total:
@@ -653,18 +942,28 @@ def encode_tiles(images, config: ImageProcessorConfig, multi_image: bool | None 
                              f"{t}), got {out.dtype} {tuple(out.shape)} on {out.device}")
     threads = int(num_threads) if num_threads is not None else (os.cpu_count() or 1)
     _ext._C.encode_tiles_cpu([x.data_ptr() for x in hwc], heights, widths, [int(x.stride(0)) for x in hwc], modes,
-                             out.data_ptr(), code, int(out.shape[0]), t, config.shortest_edge,
+                             tiles_out.data_ptr(), code, int(tiles_out.shape[0]), t, config.shortest_edge,
                              bool(config.variant == "llava" and config.do_pad), pins,
                              list(fill_colour(config.image_mean)), list(config.image_mean), list(config.image_std),
                              threads)
-    ntok = [config.num_image_tokens((h, w), single_tile=f) for h, w, f in zip(heights, widths, flags)]
-    return {
-        "pixel_values": out[:total],
-        "image_sizes": torch.tensor(list(zip(heights, widths)), dtype=torch.long),
-        "num_tiles": ntiles,
-        "num_image_tokens": ntok,
-        "batch_num_images": counts,
-    }
+    res = _result(tiles_out[:total], list(zip(heights, widths)), ntiles, flags, counts, config, dev)
+    if layout == "patches":
+        return _with_layout(res, config, layout, out, dev)
+    return res
+
+
+def _with_layout(res: dict, config, layout, out, device) -> dict:
+    """Reshape tiles to the patch-major layout (layout="patches") and/or copy into ``out`` (fallback paths)."""
+    pv = res["pixel_values"]
+    if layout == "patches":
+        pv = tiles_to_patches(pv, config.patch_size)
+    if out is not None:
+        lay = layout or ("patches" if pv.dim() == 3 else "tiles")
+        _check_out(out, config, lay, pv.dtype, pv.shape[0], device)
+        out[:pv.shape[0]].copy_(pv)
+        pv = out[:pv.shape[0]]
+    res["pixel_values"] = pv
+    return res
 
 
 def _preprocess_flags(u8s, flags, counts, config, dtype):

@@ -449,11 +449,28 @@ def test_report_pil_backend_difference():
 # ---------------------------------------------------------------------------------------------------------- cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("cfg", [L15_PAD, NEXT, OV], ids=["llava_pad", "next", "ov"])
-def test_cuda_reference_matches_cpu_within_one_grey_level(cfg):
-    """On CUDA torchvision (and our reference) use the fp32 kernel + clamp + round instead of the uint8 CPU kernel."""
+def test_cuda_reference_matches_hf_on_cuda_within_one_grey_level(cfg):
+    """On CUDA, torch resizes uint8 images with fp32 arithmetic (no clamp between the two bicubic passes), which
+    differs from its CPU uint8 kernel by up to ~20 grey levels next to saturated pixels (docs/preprocessing.md).
+    The oracle on the GPU is therefore transformers' torchvision backend run on the GPU; the GPU encoder's
+    resample="uint8" mode is tested bit-exact against the CPU path in tests/ops/test_anyres_cuda.py."""
+    import transformers
+
+    if cfg.variant == "llava_onevision":
+        proc = transformers.LlavaOnevisionImageProcessor(size={"height": 384, "width": 384}, image_mean=[0.5] * 3,
+                                                         image_std=[0.5] * 3)
+    elif cfg.variant == "llava_next":
+        proc = transformers.LlavaNextImageProcessor(size={"shortest_edge": 336},
+                                                    crop_size={"height": 336, "width": 336},
+                                                    image_grid_pinpoints=cfg.image_grid_pinpoints)
+    else:
+        proc = transformers.LlavaImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                                do_pad=True)
     gen = torch.Generator().manual_seed(6)
     for h, w in [(500, 1000), (899, 1024), (2160, 3840), (200, 300)]:
-        x = _smooth_noisy(h, w, gen)
-        cpu = preprocess_images([x], cfg)["pixel_values"]
-        gpu = preprocess_images([x.cuda()], cfg)["pixel_values"].cpu()
-        assert _grey_err(gpu, cpu, cfg.image_std) <= 1.0 + 1e-3
+        x = _smooth_noisy(h, w, gen).cuda()
+        ref = proc([x], return_tensors="pt", device="cuda")["pixel_values"]
+        ref = ref.reshape(-1, *ref.shape[-3:]).cpu()
+        gpu = preprocess_images([x], cfg)["pixel_values"].cpu()
+        assert gpu.shape == ref.shape
+        assert _grey_err(gpu, ref, cfg.image_std) <= 1.0 + 1e-3

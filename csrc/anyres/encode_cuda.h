@@ -1,0 +1,39 @@
+// The GPU tile encoder: a host plan (image sizes, strides and device pointers -> one byte buffer, see encode_gpu.h)
+// and the launcher of its two CUDA passes. The plan and a host emulation of the kernels are built without CUDA.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "anyres/encode.h"
+
+namespace llava_fast {
+
+struct CudaEncodePlan {
+  std::vector<uint64_t> data;  // the plan bytes (8-byte aligned storage)
+  std::vector<int64_t> num_tiles;
+  int64_t total_tiles = 0, tile_elems = 0, scratch_elems = 0, pass1_blocks = 0;
+  int resample = 0, patch = 0;
+  int64_t nbytes() const { return static_cast<int64_t>(data.size() * sizeof(uint64_t)); }
+  const uint8_t* bytes() const { return reinterpret_cast<const uint8_t*>(data.data()); }
+  int64_t scratch_bytes() const { return scratch_elems * (resample == 0 ? 1 : 4); }
+};
+
+// ptrs[i]: uint8 pixels of image i (device pointers for the CUDA launch, host pointers for the emulation), read as
+// pixel (y, x) channel c at ptr + y*sy + x*sx + c*sc. resample: 0 uint8 arithmetic (== CPU encoder), 1 fp32 (== torch
+// on CUDA). patch: 0 for (tiles, 3, T, T) output, p for the patch-major (tiles, (T/p)^2, 3*p*p) layout.
+CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const std::vector<int64_t>& heights,
+                                      const std::vector<int64_t>& widths, const std::vector<int64_t>& sy,
+                                      const std::vector<int64_t>& sx, const std::vector<int64_t>& sc,
+                                      const std::vector<int>& modes, const EncodeConfig& cfg, int resample, int patch);
+
+// Runs the kernels' element functions on the CPU (tests): scratch holds plan.scratch_bytes(), out capacity tiles.
+void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, int dtype, int64_t capacity_tiles);
+
+#ifdef LLAVA_FAST_WITH_CUDA
+// plan_dev: a device copy of plan.bytes(); scratch: plan.scratch_bytes() of device memory; out: capacity tiles.
+// Two kernel launches on `stream`, no synchronization.
+void encode_tiles_cuda(const CudaEncodePlan& plan, const void* plan_dev, void* scratch, void* out, int dtype,
+                       int64_t capacity_tiles, uintptr_t stream);
+#endif
+
+}  // namespace llava_fast

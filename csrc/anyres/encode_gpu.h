@@ -1,0 +1,267 @@
+// The GPU tile encoder's plan layout and per-element code, shared by the CUDA kernels (encode_kernel.cu) and a host
+// emulation (encode_cuda_plan.cpp, `_C.encode_tiles_emulate`) that runs the very same element functions on the CPU,
+// so the indexing and arithmetic of the kernels are tested on machines without a GPU.
+//
+// The plan is one byte buffer, computed on the host from the image sizes alone and uploaded once:
+//   PlanHeader | ImageRec[num_images] | JobRec[num_jobs] | TileRec[num_tiles] | AxisRec[num_axes] | axis tables
+// A job is one antialiased bicubic resize of one (virtual, possibly padded) source image to (out_h, out_w), of
+// which only a window of rows [o0, o0+wr) x cols [c0, c0+wc) is kept and placed at (wy, wx) on a tile canvas.
+// Pass 1 (horizontal): for every job, the source rows [r0, r0+nr) the window needs, filtered horizontally to the
+//   window's wc columns, written planar (3, nr, wc) into scratch (uint8 or fp32).
+// Pass 2 (vertical + pad + crop + normalize): one thread per output element (tile, c, y, x) or, in the patch-major
+//   layout, (tile, patch, c, dy, dx); canvas pixels outside the job's window are 0 (black) before normalization.
+//
+// Two arithmetics (`resample`):
+//   kU8  = torch's CPU uint8 kernel (int16 weights, one precision per axis, uint8 intermediate clamped and rounded
+//          half up): bit-identical to the C++ CPU encoder and to transformers' torchvision backend on CPU.
+//   kF32 = torch's CUDA fp32 kernel (float weights computed as upsample_gen2d_aa_out_frame does, fp32 intermediate,
+//          no intermediate clamp), then clamp to [0, 255] and round half to even: transformers' torchvision backend
+//          with device="cuda".
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/float_convert.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define LF_HD __host__ __device__ __forceinline__
+#else
+#define LF_HD inline
+#endif
+
+namespace llava_fast {
+namespace gpu_encode {
+
+enum Resample : int32_t { kU8 = 0, kF32 = 1 };
+
+constexpr int kThreads = 256;  // threads per block in both passes (one element each)
+
+struct PlanHeader {
+  int32_t num_images, num_jobs, num_tiles, num_axes;
+  int32_t tile, patch, resample, tile_elems;  // patch 0: (3, T, T) tiles; else (G*G, 3*p*p) per tile, G = T / p
+  int64_t off_images, off_jobs, off_tiles, off_axes;
+  int64_t pass1_blocks, scratch_elems;
+  float shift[3], scale[3];  // out = (v - shift[c]) / scale[c], shift = 255*mean, scale = 255*std
+  int32_t pad_[2];
+};
+
+struct ImageRec {
+  uint64_t ptr;            // uint8 pixels
+  int64_t sy, sx, sc;      // strides in bytes (rows, columns, channels): CHW, HWC or any view
+  int32_t h, w;
+};
+
+struct AxisRec {
+  int32_t in, out, taps, prec;        // taps == 0: identity (in == out)
+  int64_t xmin_off, xsize_off, w_off;  // byte offsets into the plan: int32[out], int32[out], int16|float[out*taps]
+};
+
+struct JobRec {
+  int32_t image, ax_h, ax_w, nr;
+  int32_t vh, vw, oy, ox;     // virtual source (vh, vw) with the image at (oy, ox); the rest is `fill`
+  int32_t fill[3], r0;        // source rows [r0, r0 + nr) in virtual coordinates
+  int32_t c0, wc, o0, wr;     // window: resized cols [c0, c0 + wc), rows [o0, o0 + wr)
+  int32_t wy, wx, pad_[2];    // window position on the tile canvas
+  int64_t scratch_off;        // element offset of this job's (3, nr, wc) intermediate
+  int64_t block0;             // first pass-1 block of this job
+};
+
+struct TileRec {
+  int32_t job, cy0, cx0, pad_;  // canvas position of the tile's top-left pixel
+};
+
+LF_HD const PlanHeader& header(const uint8_t* plan) { return *reinterpret_cast<const PlanHeader*>(plan); }
+LF_HD const ImageRec* images(const uint8_t* plan) {
+  return reinterpret_cast<const ImageRec*>(plan + header(plan).off_images);
+}
+LF_HD const JobRec* jobs(const uint8_t* plan) { return reinterpret_cast<const JobRec*>(plan + header(plan).off_jobs); }
+LF_HD const TileRec* tiles(const uint8_t* plan) {
+  return reinterpret_cast<const TileRec*>(plan + header(plan).off_tiles);
+}
+LF_HD const AxisRec* axes(const uint8_t* plan) { return reinterpret_cast<const AxisRec*>(plan + header(plan).off_axes); }
+
+// Pixel (vy, vx) channel c of a job's virtual source.
+LF_HD int source_pixel(const ImageRec& im, const JobRec& jb, int vy, int vx, int c) {
+  const int sy = vy - jb.oy, sx = vx - jb.ox;
+  if (sy < 0 || sy >= im.h || sx < 0 || sx >= im.w) return jb.fill[c];
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(im.ptr);
+  return p[sy * im.sy + sx * im.sx + c * im.sc];
+}
+
+LF_HD int clip8_shift(int32_t acc, int prec) {
+  const int32_t v = acc >> prec;
+  return v < 0 ? 0 : (v > 255 ? 255 : v);
+}
+
+// Pass 1: element e in [0, 3 * nr * wc) of job jb -> scratch.
+template <int R>
+LF_HD void hpass_element(const uint8_t* plan, const JobRec& jb, uint32_t e, void* scratch) {
+  const ImageRec& im = images(plan)[jb.image];
+  const uint32_t wc = static_cast<uint32_t>(jb.wc);
+  const uint32_t plane = static_cast<uint32_t>(jb.nr) * wc;
+  const int c = static_cast<int>(e / plane);
+  const uint32_t rem = e - static_cast<uint32_t>(c) * plane;
+  const int r = static_cast<int>(rem / wc);
+  const int x = static_cast<int>(rem - static_cast<uint32_t>(r) * wc);
+  const int vy = jb.r0 + r;
+  const int ox = jb.c0 + x;  // column of the resized image
+  const AxisRec& ax = axes(plan)[jb.ax_w];
+  const int64_t o = jb.scratch_off + e;
+  if (ax.taps == 0) {
+    const int v = source_pixel(im, jb, vy, ox, c);
+    if (R == kU8)
+      static_cast<uint8_t*>(scratch)[o] = static_cast<uint8_t>(v);
+    else
+      static_cast<float*>(scratch)[o] = static_cast<float>(v);
+    return;
+  }
+  const int xmin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[ox];
+  const int xs = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[ox];
+  // fast path: the whole span inside the real image (no padding involved)
+  const int sy = vy - jb.oy, sx0 = xmin - jb.ox;
+  const bool inside = sy >= 0 && sy < im.h && sx0 >= 0 && sx0 + xs <= im.w;
+  const uint8_t* row = reinterpret_cast<const uint8_t*>(im.ptr) + (inside ? sy * im.sy + sx0 * im.sx + c * im.sc : 0);
+  if (R == kU8) {
+    const int16_t* k = reinterpret_cast<const int16_t*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
+    int32_t acc = 1 << (ax.prec - 1);
+    if (inside) {
+      for (int j = 0; j < xs; ++j) acc += static_cast<int32_t>(row[j * im.sx]) * k[j];
+    } else {
+      for (int j = 0; j < xs; ++j) acc += source_pixel(im, jb, vy, xmin + j, c) * k[j];
+    }
+    static_cast<uint8_t*>(scratch)[o] = static_cast<uint8_t>(clip8_shift(acc, ax.prec));
+  } else {
+    // torch's interpolate_aa_single_dim: output = t0 * w0; output += t * w
+    const float* k = reinterpret_cast<const float*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
+    float acc;
+    if (inside) {
+      acc = static_cast<float>(row[0]) * k[0];
+      for (int j = 1; j < xs; ++j) acc += static_cast<float>(row[j * im.sx]) * k[j];
+    } else {
+      acc = static_cast<float>(source_pixel(im, jb, vy, xmin, c)) * k[0];
+      for (int j = 1; j < xs; ++j) acc += static_cast<float>(source_pixel(im, jb, vy, xmin + j, c)) * k[j];
+    }
+    static_cast<float*>(scratch)[o] = acc;
+  }
+}
+
+LF_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);  // IEEE division even under --use_fast_math: equals the CPU path bit for bit
+#else
+  return a / b;
+#endif
+}
+
+LF_HD float round_half_even(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  return std::nearbyint(v);  // default rounding mode: to nearest, ties to even (torch.round)
+#endif
+}
+
+template <int D>
+LF_HD void store_out(void* out, int64_t i, float f) {
+#if defined(__CUDA_ARCH__)
+  if (D == 0)
+    static_cast<float*>(out)[i] = f;
+  else if (D == 1)
+    static_cast<__half*>(out)[i] = __float2half_rn(f);
+  else
+    static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(f);
+#else
+  if (D == 0)
+    static_cast<float*>(out)[i] = f;
+  else if (D == 1)
+    static_cast<uint16_t*>(out)[i] = float_to_half_bits(f);
+  else
+    static_cast<uint16_t*>(out)[i] = float_to_bf16_bits(f);
+#endif
+}
+
+// Pass 2: element e in [0, tile_elems) of output tile `t` (a TileRec) -> out.
+template <int R, int D>
+LF_HD void vpass_element(const uint8_t* plan, int64_t t, uint32_t e, const void* scratch, void* out) {
+  const PlanHeader& H = header(plan);
+  const uint32_t T = static_cast<uint32_t>(H.tile);
+  uint32_t c, y, x;
+  if (H.patch == 0) {
+    const uint32_t tt = T * T;
+    c = e / tt;
+    const uint32_t rem = e - c * tt;
+    y = rem / T;
+    x = rem - y * T;
+  } else {  // patch-major: (patch row-major, then c, dy, dx): the order of conv2d / unfold over a 3 x p x p window
+    const uint32_t p = static_cast<uint32_t>(H.patch), pp = p * p, per = 3 * pp, G = T / p;
+    const uint32_t patch = e / per;
+    uint32_t rem = e - patch * per;
+    c = rem / pp;
+    rem -= c * pp;
+    const uint32_t dy = rem / p, dx = rem - dy * p;
+    const uint32_t py = patch / G, px = patch - py * G;
+    y = py * p + dy;
+    x = px * p + dx;
+  }
+  const TileRec& tr = tiles(plan)[t];
+  const JobRec& jb = jobs(plan)[tr.job];
+  const int cy = tr.cy0 + static_cast<int>(y), cx = tr.cx0 + static_cast<int>(x);
+  int v = 0;  // canvas padding: black
+  if (cy >= jb.wy && cy < jb.wy + jb.wr && cx >= jb.wx && cx < jb.wx + jb.wc) {
+    const int o = jb.o0 + (cy - jb.wy);
+    const int col = cx - jb.wx;
+    const int64_t base = jb.scratch_off + static_cast<int64_t>(c) * jb.nr * jb.wc + col;
+    const AxisRec& ax = axes(plan)[jb.ax_h];
+    if (R == kU8) {
+      const uint8_t* S = static_cast<const uint8_t*>(scratch) + base;
+      if (ax.taps == 0) {
+        v = S[static_cast<int64_t>(o - jb.r0) * jb.wc];
+      } else {
+        const int ymin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[o];
+        const int ys = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[o];
+        const int16_t* k = reinterpret_cast<const int16_t*>(plan + ax.w_off) + static_cast<int64_t>(o) * ax.taps;
+        const uint8_t* s = S + static_cast<int64_t>(ymin - jb.r0) * jb.wc;
+        int32_t acc = 1 << (ax.prec - 1);
+        for (int j = 0; j < ys; ++j) acc += static_cast<int32_t>(s[static_cast<int64_t>(j) * jb.wc]) * k[j];
+        v = clip8_shift(acc, ax.prec);
+      }
+    } else {
+      const float* S = static_cast<const float*>(scratch) + base;
+      float acc;
+      if (ax.taps == 0) {
+        acc = S[static_cast<int64_t>(o - jb.r0) * jb.wc];
+      } else {
+        const int ymin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[o];
+        const int ys = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[o];
+        const float* k = reinterpret_cast<const float*>(plan + ax.w_off) + static_cast<int64_t>(o) * ax.taps;
+        const float* s = S + static_cast<int64_t>(ymin - jb.r0) * jb.wc;
+        acc = s[0] * k[0];
+        for (int j = 1; j < ys; ++j) acc += s[static_cast<int64_t>(j) * jb.wc] * k[j];
+      }
+      // torchvision on CUDA: clamp_(0, 255).round_().to(uint8)
+      acc = acc < 0.f ? 0.f : (acc > 255.f ? 255.f : acc);
+      v = static_cast<int>(round_half_even(acc));
+    }
+  }
+  const float f = div_rn(static_cast<float>(v) - H.shift[c], H.scale[c]);
+  store_out<D>(out, t * static_cast<int64_t>(H.tile_elems) + e, f);
+}
+
+// Job owning pass-1 block b (jobs sorted by block0).
+LF_HD int find_job(const uint8_t* plan, int64_t b) {
+  const JobRec* J = jobs(plan);
+  int lo = 0, hi = header(plan).num_jobs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (J[mid].block0 <= b)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+}  // namespace gpu_encode
+}  // namespace llava_fast
