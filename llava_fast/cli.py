@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--quick", action="store_true", help="a very short run (for smoke tests)")
     s.set_defaults(fn=_cmd_demo)
+    from llava_fast.train.cli import add_train_parser
+
+    add_train_parser(sub)
     s = sub.add_parser("chat", help="talk about an image with a local llava-hf checkpoint")
     s.add_argument("--model", required=True, help="llava-hf checkpoint folder (config.json, safetensors, tokenizer)")
     s.add_argument("--image", default=None, help="image file (JPEG/PNG/...)")

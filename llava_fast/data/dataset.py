@@ -1,0 +1,300 @@
+"""The LLaVA JSON/JSONL dataset: validated up front, token counts known before any pixel is decoded.
+
+Record format (reference-spec.md 5.1)::
+
+    {"id": "...", "image": "a.jpg" | ["a.jpg", "b.jpg"], "video": "frames_dir" | ["f0.jpg", ...],
+     "conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}, ...]}
+
+At construction every record is tokenized with its template, every image header is read for its size, and the
+number of LLM tokens (text + image tokens) is computed. Records that cannot be used are dropped with a reason that
+is counted in :attr:`LlavaDataset.drops` and logged (or raise :class:`DataError` with ``strict=True``):
+
+``bad_format``, ``empty_conversation``, ``bad_roles``, ``placeholder_mismatch`` (``<image>`` tags != images),
+``missing_image``, ``unreadable_image``, ``image_too_large``, ``no_supervised_tokens``, ``truncation_cuts_image``
+(the sample is longer than ``max_len`` and cutting it would cut image tokens), ``truncated_no_labels``,
+``bad_video``. Images that decode badly later, inside a DataLoader worker, are dropped as ``decode_error`` by the
+collator (counted per batch) or raise with ``strict``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llava_fast.data.images import (DEFAULT_MAX_PIXELS, ImageSpec, load_image, preprocess_images,
+                                    preprocess_video, probe_size)
+from llava_fast.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SampleError,
+                                       encode_conversation, expand_placeholders)
+
+_IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """A bad sample in a ``strict`` run; the message names the sample and the reason."""
+
+
+class DropStats:
+    """Counts dropped samples by reason; keeps the first few messages per reason for the log."""
+
+    def __init__(self, strict: bool = False, log=None, keep: int = 3):
+        self.strict = strict
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.keep = keep
+        self.log = log
+
+    def drop(self, reason: str, sample_id, message: str) -> None:
+        if self.strict:
+            raise DataError(f"sample {sample_id!r}: {reason}: {message} (drop it from the data, or run without "
+                            f"--strict to skip such samples)")
+        self.counts[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < self.keep:
+            ex.append(f"{sample_id}: {message}")
+            if self.log is not None:
+                self.log(f"dropped sample {sample_id!r} ({reason}): {message}")
+
+    def update(self, counts) -> None:
+        self.counts.update(counts)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no samples dropped"
+        return "dropped " + ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+
+
+def read_records(path: str) -> list[dict]:
+    """Records of a .json (list) or .jsonl file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of samples (or a .jsonl file), got {type(data).__name__}")
+    return data
+
+
+@dataclass
+class Item:
+    """One validated sample: pre-expansion ids/labels and everything needed to count and load it."""
+    sample_id: str
+    ids: np.ndarray          # int32, with IMAGE/VIDEO placeholders
+    labels: np.ndarray       # int32
+    images: list             # absolute paths
+    sizes: list              # (h, w) per image from the header
+    image_tokens: list       # LLM tokens per image
+    video: list              # frame paths (empty when none)
+    video_tokens: int
+    n_tokens: int            # expanded length after truncation
+    n_supervised: int        # labels[1:] != -100 after truncation (what the loss counts)
+    n_tiles: int
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Validated LLaVA samples. ``self[i]`` decodes the images and returns a dict of tensors (or a drop marker).
+
+    Args:
+        data: path of a .json/.jsonl file, or a list of records.
+        image_root: folder the ``image``/``video`` paths are relative to.
+        tokenizer: a fast tokenizer (see :func:`llava_fast.data.load_tokenizer`).
+        spec: the model's :class:`ImageSpec`.
+        template: ``plain`` | ``vicuna_v1`` | ``qwen``.
+        image_token_id / video_token_id: the model's placeholder ids (``config.image_token_id``).
+        max_len: samples longer than this are truncated at the end, unless that would cut image tokens or every
+            label (then dropped).
+        strict: raise :class:`DataError` on the first bad sample instead of dropping it.
+    """
+
+    def __init__(self, data, image_root: str, tokenizer, spec: ImageSpec, template: str, image_token_id: int,
+                 video_token_id: int | None = None, max_len: int = 4096, strict: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, frames_upbound: int = 32, probe_threads: int = 8,
+                 log=None):
+        self._tok = tokenizer
+        self.image_root = image_root
+        self.spec = spec
+        self.template = template
+        self.image_token_id = int(image_token_id)
+        self.video_token_id = None if video_token_id is None else int(video_token_id)
+        self.max_len = int(max_len)
+        self.strict = strict
+        self.max_pixels = max_pixels
+        self.frames_upbound = frames_upbound
+        self.drops = DropStats(strict, log if log is not None else (lambda m: print(m, file=sys.stderr)))
+        records = read_records(data) if isinstance(data, (str, os.PathLike)) else list(data)
+        self.num_records = len(records)
+        # Probe every image header once, in threads (I/O bound).
+        paths = {p for r in records if isinstance(r, dict) for p in self._image_paths(r, check=False)}
+        self._sizes: dict[str, object] = {}
+
+        def probe(p):
+            try:
+                return p, probe_size(p, max_pixels)
+            except SampleError as e:
+                return p, e
+
+        with ThreadPoolExecutor(max(1, probe_threads)) as ex:
+            for p, r in ex.map(probe, sorted(paths)):
+                self._sizes[p] = r
+        self.items: list[Item] = []
+        for k, rec in enumerate(records):
+            sid = rec.get("id", k) if isinstance(rec, dict) else k
+            try:
+                self.items.append(self._index(rec, sid))
+            except SampleError as e:
+                self.drops.drop(e.reason, sid, str(e))
+        if not self.items:
+            raise DataError(f"no usable samples among {len(records)} records ({self.drops.summary()})")
+
+    # -- indexing ---------------------------------------------------------------------------------------------
+    def _image_paths(self, rec, check=True) -> list[str]:
+        img = rec.get("image")
+        if img is None:
+            return []
+        if isinstance(img, str):
+            img = [img]
+        if not isinstance(img, list) or not all(isinstance(x, str) for x in img):
+            if check:
+                raise SampleError("bad_format", f"'image' must be a path or a list of paths, got {img!r:.80}")
+            return []
+        return [os.path.join(self.image_root, x) for x in img]
+
+    def _video_frames(self, rec) -> list[str]:
+        v = rec.get("video")
+        if v is None:
+            return []
+        if isinstance(v, str):
+            p = os.path.join(self.image_root, v)
+            if os.path.isdir(p):
+                frames = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(_IMG_EXT))
+            else:
+                raise SampleError("bad_video", f"video {p}: only a folder of frames or a list of frame files is "
+                                  "supported (decode the video to frames first)")
+        elif isinstance(v, list):
+            frames = [os.path.join(self.image_root, f) for f in v]
+        else:
+            raise SampleError("bad_video", f"'video' must be a folder or a list of frames, got {v!r:.80}")
+        if not frames:
+            raise SampleError("bad_video", f"video {v!r} has no frames")
+        if len(frames) > self.frames_upbound:  # uniform sampling, like NXT frames_upbound
+            idx = np.linspace(0, len(frames) - 1, self.frames_upbound).round().astype(int)
+            frames = [frames[i] for i in idx]
+        return frames
+
+    def _index(self, rec, sid) -> Item:
+        if not isinstance(rec, dict) or "conversations" not in rec:
+            raise SampleError("bad_format", "a sample needs a 'conversations' list")
+        paths = self._image_paths(rec)
+        frames = self._video_frames(rec)
+        if frames and self.video_token_id is None:
+            raise SampleError("bad_video", "the model has no video token (only OneVision takes videos)")
+        sizes = []
+        for p in paths:
+            s = self._sizes.get(p)
+            if s is None:
+                s = probe_size(p, self.max_pixels)
+            if isinstance(s, SampleError):
+                raise s
+            sizes.append(s)
+        enc = encode_conversation(self._tok, rec["conversations"], self.template, len(paths),
+                                  1 if frames else 0)
+        multi = len(paths) > 1
+        img_tok = [self.spec.image_tokens(s, multi) for s in sizes]
+        n_tiles = sum(self.spec.image_tiles(s, multi) for s in sizes)
+        vid_tok = self.spec.video_tokens(len(frames)) if frames else 0
+        ids = np.asarray(enc.input_ids, dtype=np.int32)
+        labels = np.asarray(enc.labels, dtype=np.int32)
+        n = len(ids) - len(paths) - (1 if frames else 0) + sum(img_tok) + vid_tok
+        ex_labels = None
+        if n > self.max_len:
+            # Where does the last media token end once expanded?
+            pos, last_media_end, k = 0, 0, 0
+            for t in ids:
+                if t == IMAGE_PLACEHOLDER:
+                    pos += img_tok[k]
+                    k += 1
+                    last_media_end = pos
+                elif t == VIDEO_PLACEHOLDER:
+                    pos += vid_tok
+                    last_media_end = pos
+                else:
+                    pos += 1
+            if last_media_end > self.max_len:
+                raise SampleError("truncation_cuts_image", f"{n} tokens > max_len={self.max_len} and the image "
+                                  f"tokens end at {last_media_end}: raise max_len or use fewer/smaller images")
+            n = self.max_len
+        _, ex_labels = expand_placeholders(ids.tolist(), labels.tolist(), img_tok, 0, [vid_tok] if frames else [], 0)
+        ex_labels = ex_labels[:n]
+        n_sup = sum(1 for x in ex_labels[1:] if x != IGNORE_INDEX)
+        if n_sup == 0:
+            raise SampleError("truncated_no_labels", f"truncation to max_len={self.max_len} leaves no supervised "
+                              "token")
+        return Item(str(sid), ids, labels, paths, sizes, img_tok, frames, vid_tok, n, n_sup, n_tiles)
+
+    # the tokenizer is only needed while indexing; keep it out of worker pickles
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d.pop("_tok", None)
+        return d
+
+    # -- sizes known before loading ---------------------------------------------------------------------------
+    @property
+    def lengths(self) -> list[int]:
+        """Expanded token count of every sample (text + image tokens, after truncation)."""
+        return [it.n_tokens for it in self.items]
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """Token count, positive for samples with images/video, negative for text-only (the original uses
+        whitespace words, reference-spec.md 5.5; tokens are known here and are what packing needs)."""
+        out = []
+        for it in self.items:
+            n = max(1, int(it.n_tokens))
+            out.append(n if (it.images or it.video) else -n)
+        return out
+
+    @property
+    def supervised(self) -> list[int]:
+        return [it.n_supervised for it in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    def __getitem__(self, i: int) -> dict:
+        it = self.items[i]
+        try:
+            imgs = [load_image(p, self.max_pixels) for p in it.images]
+            frames = [load_image(p, self.max_pixels) for p in it.video]
+        except SampleError as e:
+            if self.strict:
+                raise DataError(f"sample {it.sample_id!r}: {e.reason}: {e}") from None
+            return {"dropped": e.reason, "sample_id": it.sample_id, "message": str(e)}
+        multi = len(imgs) > 1
+        sizes = [(im.size[1], im.size[0]) for im in imgs]
+        counts = it.image_tokens if sizes == [tuple(s) for s in it.sizes] else \
+            [self.spec.image_tokens(s, multi) for s in sizes]
+        ids, labels = expand_placeholders(it.ids.tolist(), it.labels.tolist(), counts, self.image_token_id,
+                                          [it.video_tokens] if frames else [], self.video_token_id)
+        ids, labels = ids[: it.n_tokens], labels[: it.n_tokens]
+        out = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+               "sample_id": it.sample_id}
+        if imgs:
+            pp = preprocess_images(imgs, self.spec, multi)
+            out["pixel_values"] = pp["pixel_values"]
+            out["image_sizes"] = pp["image_sizes"]
+            out["num_tiles"] = pp["num_tiles"]
+        if frames:
+            out["pixel_values_videos"] = preprocess_video(frames, self.spec)
+        return out

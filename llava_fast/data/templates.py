@@ -1,0 +1,228 @@
+"""Conversation templates and label masking (reference-spec.md sections 5.1-5.3).
+
+A sample is tokenized the way the original LLaVA code does it (``tokenizer_image_token``): the prompt is split at
+``<image>``/``<video>``, each chunk is tokenized on its own (a BOS the tokenizer adds is kept for the first chunk
+only) and one placeholder id (:data:`IMAGE_PLACEHOLDER` = -200, :data:`VIDEO_PLACEHOLDER` = -201) stands for each
+image between chunks. The placeholders are expanded into N copies of the model's image token later, once N is known
+(:func:`expand_placeholders`).
+
+Labels are decided from character spans, not from token-count arithmetic: a token is supervised when its characters
+overlap a supervised span of the prompt. This gives the masks of section 5.3 exactly, for any fast tokenizer:
+
+* ``plain`` (stage 1): ``"<image>" + caption + "\\n"``; the BOS and image are masked, the caption and the ``\\n`` are
+  targets, no EOS.
+* ``vicuna_v1`` (LLaVA-1.5 stage 2): ``SYSTEM USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>``;
+  supervised = each answer plus its ``</s>``.
+* ``qwen`` (ChatML, OneVision): system turn, then ``<|im_start|>role\\ncontent<|im_end|>\\n`` per message; the whole
+  assistant message (header ``<|im_start|>assistant\\n`` and trailing ``<|im_end|>\\n`` included) is supervised, and
+  then the ids of ``\\n``, ``<|im_start|>`` and ``<|im_end|>`` are un-masked everywhere (a quirk of the original
+  ``preprocess_qwen`` kept for loss equality).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = -200
+VIDEO_PLACEHOLDER = -201
+IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+QWEN_SYSTEM = "You are a helpful assistant."
+TEMPLATES = ("plain", "vicuna_v1", "qwen")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; ``reason`` is a short counter key (e.g. ``placeholder_mismatch``)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Encoded:
+    """Token ids with one placeholder per image/video, their labels, and how many images/videos were referenced."""
+    input_ids: list[int]
+    labels: list[int]
+    n_images: int
+    n_videos: int
+
+
+def load_tokenizer(folder: str):
+    """The tokenizer saved in a checkpoint folder, from local files only (a fast tokenizer is required)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"tokenizer in {folder!r} is not a fast (tokenizers) tokenizer; llava_fast needs offsets: "
+                         "save it with a tokenizer.json (PreTrainedTokenizerFast)")
+    return tok
+
+
+def _split_media(text: str):
+    """Yield (chunk, tag) pairs: text chunks separated by <image>/<video>, tag None after the last chunk."""
+    i = 0
+    while True:
+        a, b = text.find(IMAGE_TAG, i), text.find(VIDEO_TAG, i)
+        cands = [(p, t) for p, t in ((a, IMAGE_TAG), (b, VIDEO_TAG)) if p >= 0]
+        if not cands:
+            yield i, text[i:], None
+            return
+        p, t = min(cands)
+        yield i, text[i:p], t
+        i = p + len(t)
+
+
+def tokenize_with_media(tokenizer, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """``tokenizer_image_token`` with character offsets: ids (placeholders for media) and (start, end) per id."""
+    ids: list[int] = []
+    offs: list[tuple[int, int]] = []
+    bos = tokenizer.bos_token_id
+    first = True
+    for start, chunk, tag in _split_media(prompt):
+        enc = tokenizer(chunk, return_offsets_mapping=True)
+        cids, coffs = list(enc["input_ids"]), list(enc["offset_mapping"])
+        if not first and bos is not None and cids and cids[0] == bos:
+            cids, coffs = cids[1:], coffs[1:]
+        first = False
+        ids += cids
+        offs += [(start + s, start + e) if e > s else (start + s, start + s) for s, e in coffs]
+        if tag is not None:
+            ids.append(IMAGE_PLACEHOLDER if tag == IMAGE_TAG else VIDEO_PLACEHOLDER)
+            p = start + len(chunk)
+            offs.append((p, p + len(tag)))
+    return ids, offs
+
+
+def normalize_conversations(conversations) -> list[tuple[str, str]]:
+    """(role, text) pairs with role in {human, gpt}; drops a leading non-human turn; checks alternation.
+
+    A turn with exactly one ``<image>`` not at its start gets it moved to the front as ``"<image>\\n" + text``
+    (NXT ``preprocess_multimodal``; interleaved multi-image turns are kept as they are).
+    """
+    if not isinstance(conversations, list) or not conversations:
+        raise SampleError("empty_conversation", "conversations must be a non-empty list")
+    turns = []
+    for t in conversations:
+        if not isinstance(t, dict) or "value" not in t or "from" not in t:
+            raise SampleError("bad_format", f"each turn needs 'from' and 'value', got {t!r:.80}")
+        role = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}.get(str(t["from"]).lower())
+        if role is None:
+            raise SampleError("bad_roles", f"unknown role {t['from']!r} (expected human or gpt)")
+        turns.append((role, str(t["value"])))
+    if turns[0][0] != "human":
+        turns = turns[1:]
+    if len(turns) < 2:
+        raise SampleError("empty_conversation", "needs at least one human turn and one gpt turn")
+    for i, (role, _) in enumerate(turns):
+        if role != ("human" if i % 2 == 0 else "gpt"):
+            raise SampleError("bad_roles", f"roles must alternate human/gpt; turn {i} is {role}")
+    out = []
+    for role, text in turns:
+        for tag in (IMAGE_TAG, VIDEO_TAG):
+            if text.count(tag) == 1 and not text.startswith(tag):
+                text = tag + "\n" + text.replace(tag, "").strip()
+        out.append((role, text))
+    return out
+
+
+def build_prompt(turns: list[tuple[str, str]], template: str, n_images: int = 1, n_videos: int = 0):
+    """The prompt string and its supervised character spans [(start, end), ...]."""
+    if template == "plain":
+        # preprocess_plain: first turn replaced by the bare media tags, caption = second turn, sep "\n".
+        head = IMAGE_TAG * n_images + VIDEO_TAG * n_videos
+        cap = turns[1][1]
+        prompt = head + cap + "\n"
+        return prompt, [(len(head), len(prompt))]
+    if template == "vicuna_v1":
+        prompt = VICUNA_SYSTEM + " "
+        spans = []
+        for role, text in turns:
+            if role == "human":
+                prompt += "USER: " + text + " "
+            else:
+                prompt += "ASSISTANT: "
+                s = len(prompt)
+                prompt += text + "</s>"
+                spans.append((s, len(prompt)))
+        return prompt, spans
+    if template == "qwen":
+        prompt = "<|im_start|>system\n" + QWEN_SYSTEM + "<|im_end|>\n"
+        spans = []
+        for role, text in turns:
+            s = len(prompt)
+            prompt += "<|im_start|>" + ("user" if role == "human" else "assistant") + "\n" + text + "<|im_end|>\n"
+            if role == "gpt":
+                spans.append((s, len(prompt)))
+        return prompt, spans
+    raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+
+
+def _single_id(tokenizer, text: str) -> int | None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+def encode_conversation(tokenizer, conversations, template: str, n_images: int = 0, n_videos: int = 0) -> Encoded:
+    """Token ids (one placeholder per image/video) and labels for one LLaVA-format sample.
+
+    Raises :class:`SampleError` when the number of ``<image>``/``<video>`` tags differs from ``n_images``/``n_videos``
+    or nothing is supervised.
+    """
+    turns = normalize_conversations(conversations)
+    if template == "plain":
+        n_tags_img, n_tags_vid = n_images, n_videos
+        if sum(t.count(IMAGE_TAG) for _, t in turns) != n_images:
+            raise SampleError("placeholder_mismatch", f"{sum(t.count(IMAGE_TAG) for _, t in turns)} <image> tags "
+                              f"for {n_images} images")
+    else:
+        n_tags_img = sum(t.count(IMAGE_TAG) for _, t in turns)
+        n_tags_vid = sum(t.count(VIDEO_TAG) for _, t in turns)
+        if n_tags_img != n_images or n_tags_vid != n_videos:
+            raise SampleError("placeholder_mismatch", f"{n_tags_img} <image> tags for {n_images} images, "
+                              f"{n_tags_vid} <video> tags for {n_videos} videos")
+    prompt, spans = build_prompt(turns, template, n_tags_img, n_tags_vid)
+    ids, offs = tokenize_with_media(tokenizer, prompt)
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, ((s, e), tid) in enumerate(zip(offs, ids)):
+        if tid < 0 or e <= s:  # media placeholders and zero-width (added) tokens are never targets
+            continue
+        if any(s < b and e > a for a, b in spans):
+            labels[k] = tid
+    if template == "qwen":
+        keep = {i for i in (_single_id(tokenizer, "\n"), tokenizer.convert_tokens_to_ids("<|im_start|>"),
+                            tokenizer.convert_tokens_to_ids("<|im_end|>")) if i is not None and i >= 0
+                and i != tokenizer.unk_token_id}
+        labels = [t if (t in keep) else lab for t, lab in zip(ids, labels)]
+    if all(lab == IGNORE_INDEX for lab in labels[1:]):
+        raise SampleError("no_supervised_tokens", "no token of the sample is supervised")
+    return Encoded(ids, labels, n_tags_img, n_tags_vid)
+
+
+def expand_placeholders(ids, labels, image_counts: list[int], image_token_id: int,
+                        video_counts: list[int] = (), video_token_id: int | None = None):
+    """Replace the k-th image placeholder by ``image_counts[k]`` copies of ``image_token_id`` (label -100)."""
+    out_ids, out_lab = [], []
+    ii = vi = 0
+    for t, lab in zip(ids, labels):
+        if t == IMAGE_PLACEHOLDER:
+            n = image_counts[ii]
+            ii += 1
+            out_ids += [image_token_id] * n
+            out_lab += [IGNORE_INDEX] * n
+        elif t == VIDEO_PLACEHOLDER:
+            if video_token_id is None:
+                raise ValueError("expand_placeholders: the sample has a <video> but the model has no video_token_id")
+            n = video_counts[vi]
+            vi += 1
+            out_ids += [video_token_id] * n
+            out_lab += [IGNORE_INDEX] * n
+        else:
+            out_ids.append(t)
+            out_lab.append(lab)
+    if ii != len(image_counts) or vi != len(video_counts):
+        raise SampleError("placeholder_mismatch", f"{ii} image placeholders for {len(image_counts)} images")
+    return out_ids, out_lab

@@ -1,0 +1,155 @@
+"""Starting points for training: a llava-hf checkpoint folder, or a new LLaVA assembled from a language model folder
+(Llama / Qwen2 in HF format) and a vision tower (an HF CLIP/SigLIP folder, or an open_clip architecture name with a
+local weights file, see :mod:`llava_fast.train.open_clip_tower`). Local files only; nothing is downloaded.
+
+Assembling adds ``<image>`` (and ``<video>`` for OneVision) to the tokenizer, grows the embeddings to a multiple of
+64 rows (new rows drawn from N(mean, 1e-5 * cov) of the old ones, as the llava-hf conversion does), initialises the
+projector with ``nn.Linear`` defaults and ``image_newline`` with randn / sqrt(D).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def build_model(ms, log=print):
+    """(model, tokenizer) for a :class:`~llava_fast.train.config.ModelSection`."""
+    from llava_fast.data import load_tokenizer
+
+    if ms.path:
+        import llava_fast
+
+        model = llava_fast.from_pretrained(ms.path, dtype=torch.float32)
+        log(f"loaded {model.config.model_type} model from {ms.path}")
+        return model, load_tokenizer(ms.path)
+    if ms.language_model and ms.vision_tower:
+        return assemble(ms.language_model, ms.vision_tower, ms.model_type, vision_weights=ms.vision_weights,
+                        log=log)
+    raise ValueError("model: give --model (a llava-hf folder) or model.language_model=DIR and model.vision_tower=DIR "
+                     "(or an open_clip name with model.vision_weights=FILE)")
+
+
+def _read_json(p):
+    with open(p) as f:
+        return json.load(f)
+
+
+def _resize_embeddings(w: torch.Tensor, n: int) -> torch.Tensor:
+    old, d = w.shape
+    if n <= old:
+        return w[:n].clone()
+    w32 = w.float()
+    mu = w32.mean(0)
+    cov = (w32 - mu).T @ (w32 - mu) / max(1, old)
+    try:
+        dist = torch.distributions.MultivariateNormal(mu, covariance_matrix=1e-5 * cov + 1e-12 * torch.eye(d))
+        new = dist.sample((n - old,))
+    except (ValueError, RuntimeError):  # singular covariance (tiny/random models): fall back to the mean
+        new = mu.expand(n - old, d).clone()
+    return torch.cat([w32, new]).to(w.dtype)
+
+
+def assemble(language_model: str, vision_tower: str, model_type: str = "llava_next", vision_weights: str | None = None,
+             pinpoints=None, log=print):
+    """A new LLaVA (projector randomly initialised) from separate language-model and vision-tower weights."""
+    from transformers import AutoTokenizer
+
+    from llava_fast.models import LlavaConfig
+    from llava_fast.models.io import load_state_dict  # noqa: F401 - same key conventions
+    from llava_fast.models.llava import CLASSES
+
+    tcfg = _read_json(os.path.join(language_model, "config.json"))
+    tok = AutoTokenizer.from_pretrained(language_model, local_files_only=True)
+    new_tokens = ["<image>"] + (["<video>"] if model_type == "llava_onevision" else [])
+    tok.add_tokens(new_tokens, special_tokens=True)
+    if tok.pad_token is None:
+        tok.add_tokens(["<pad>"], special_tokens=True)
+        tok.pad_token = "<pad>"
+    image_id = tok.convert_tokens_to_ids("<image>")
+    video_id = tok.convert_tokens_to_ids("<video>") if model_type == "llava_onevision" else None
+    vocab = ((len(tok) + 63) // 64) * 64
+    # vision tower
+    if os.path.isdir(vision_tower):
+        vcfg = _read_json(os.path.join(vision_tower, "config.json"))
+        vcfg = vcfg.get("vision_config", vcfg) if vcfg.get("model_type") in ("clip", "siglip") else vcfg
+        vstate = _load_folder(vision_tower)
+        vstate = {_vision_key(k): v for k, v in vstate.items() if _vision_key(k) is not None}
+    else:
+        from llava_fast.train.open_clip_tower import open_clip_to_hf
+
+        if not vision_weights:
+            raise ValueError(f"vision_tower {vision_tower!r} is not a folder: as an open_clip architecture name it "
+                             "needs model.vision_weights=FILE (local weights)")
+        vcfg, vstate = open_clip_to_hf(vision_tower, vision_weights)
+    vcfg = dict(vcfg)
+    vcfg.setdefault("model_type", "siglip_vision_model" if "siglip" in str(vcfg.get("model_type", "")) else
+                    "clip_vision_model")
+    if vcfg["model_type"] in ("clip", "siglip"):
+        vcfg["model_type"] += "_vision_model"
+    tcfg = dict(tcfg, vocab_size=vocab)
+    tile = int(vcfg.get("image_size", 336))
+    if pinpoints is None and model_type != "llava":
+        pinpoints = ([[p[0] * tile // 336, p[1] * tile // 336] for p in NEXT_PINPOINTS] if model_type == "llava_next"
+                     else [[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)])
+    hf = {"model_type": model_type, "vision_config": vcfg, "text_config": tcfg, "image_token_id": image_id,
+          "tie_word_embeddings": bool(tcfg.get("tie_word_embeddings", False)),
+          "vision_feature_layer": -1 if model_type == "llava_onevision" else -2,
+          "vision_feature_select_strategy": "full" if model_type == "llava_onevision" else "default"}
+    if pinpoints is not None:
+        hf["image_grid_pinpoints"] = pinpoints
+    if video_id is not None:
+        hf["video_token_id"] = video_id
+    if model_type == "llava_onevision":
+        hf["vision_aspect_ratio"] = "anyres_max_9"
+    cfg = LlavaConfig.from_hf_dict(hf)
+    model = CLASSES[model_type](cfg)
+    # language model weights
+    lstate = _load_folder(language_model)
+    own = model.state_dict()
+    loaded = 0
+    for k, v in lstate.items():
+        if k.startswith("model."):
+            nk = "model.language_model." + k[len("model."):]
+        elif k == "lm_head.weight":
+            nk = k
+        else:
+            continue
+        if k.endswith("embed_tokens.weight") or k == "lm_head.weight":
+            v = _resize_embeddings(v, vocab)
+        if nk in own and own[nk].shape == v.shape:
+            own[nk].copy_(v)
+            loaded += 1
+    if cfg.tie_word_embeddings or "lm_head.weight" not in lstate:
+        model.tie_weights()
+    for k, v in vstate.items():
+        nk = "model.vision_tower." + k
+        if nk in own and own[nk].shape == v.shape:
+            own[nk].copy_(v)
+            loaded += 1
+    log(f"assembled a {model_type} model: {loaded} tensors from {language_model} and {vision_tower}; "
+        f"vocab {len(tok)} -> {vocab} rows (image token id {image_id})")
+    return model, tok
+
+
+def _load_folder(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {path}")
+    out = {}
+    for f in files:
+        out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+def _vision_key(k: str) -> str | None:
+    """HF CLIPVisionModel / CLIPModel / SigLIP keys -> our vision tower keys (without ``model.vision_tower.``)."""
+    for pre in ("vision_model.", "vision_tower.vision_model.", "model.vision_model."):
+        if k.startswith(pre):
+            return k[len(pre):]
+    return None

@@ -1,0 +1,169 @@
+"""Resumable, atomic training checkpoints.
+
+Layout of ``<out>/checkpoints/step_00000100/``:
+``model.safetensors`` (full, unsharded weights, fp32 or the training dtype), ``trainer_state.pt`` (optimizer,
+scheduler, step, data position, config; loaded with ``torch.load(weights_only=True)``: no pickle code runs),
+``rng_rank{R}.pt`` (every rank's RNG streams) and ``meta.json`` (written last, ``complete: true``).
+
+Atomicity: everything is written into ``.tmp-step_...`` first, fsynced, and the folder is renamed into place; then
+the ``LATEST`` pointer file is replaced (``os.replace``). A crash at any moment leaves the previous checkpoint and
+pointer intact; :func:`latest_checkpoint` only returns folders whose ``meta.json`` says complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+META = "meta.json"
+LATEST = "LATEST"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict:
+    """All RNG streams as weights_only-loadable types (tensors, ints, lists)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    st = {"torch": torch.get_rng_state(),
+          "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                    "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+          "python": {"version": py_state[0], "state": list(py_state[1]),
+                     "gauss": py_state[2]}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def is_complete(path: str) -> bool:
+    try:
+        with open(os.path.join(path, META)) as f:
+            return bool(json.load(f).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest complete checkpoint under ``root`` (the LATEST pointer first, else a scan), or None."""
+    if not os.path.isdir(root):
+        return None
+    try:
+        with open(os.path.join(root, LATEST)) as f:
+            p = os.path.join(root, f.read().strip())
+        if is_complete(p):
+            return p
+    except OSError:
+        pass
+    cands = sorted(d for d in os.listdir(root) if d.startswith("step_") and is_complete(os.path.join(root, d)))
+    return os.path.join(root, cands[-1]) if cands else None
+
+
+def save_checkpoint(root: str, step: int, model_state: dict, trainer_state: dict, rng: dict | None = None,
+                    keep: int = 2, rank: int = 0, world_size: int = 1, barrier=None, _fail_after: str | None = None):
+    """Write checkpoint ``step`` atomically. Every rank calls it (``rng`` is this rank's); rank 0 writes the
+    weights and state. ``barrier`` synchronises ranks (None when single-process). Returns the final folder.
+
+    ``_fail_after`` (tests only) raises after writing the named file, to simulate a crash mid-save.
+    """
+    barrier = barrier or (lambda: None)
+    os.makedirs(root, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = os.path.join(root, f".tmp-step_{step:08d}")
+    if rank == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    barrier()
+    if rng is not None:
+        p = os.path.join(tmp, f"rng_rank{rank}.pt")
+        torch.save(rng, p)
+        _fsync_file(p)
+    barrier()
+    if rank == 0:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+        # safetensors refuses shared storage (tied weights): save a copy of each alias
+        seen = {}
+        for k, v in tensors.items():
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            if v.numel() and key in seen:
+                tensors[k] = v.clone()
+            seen[key] = k
+        p = os.path.join(tmp, "model.safetensors")
+        save_file(tensors, p, metadata={"format": "pt", "step": str(step)})
+        _fsync_file(p)
+        if _fail_after == "model.safetensors":
+            raise RuntimeError("simulated crash after model.safetensors")
+        p = os.path.join(tmp, "trainer_state.pt")
+        torch.save(trainer_state, p)
+        _fsync_file(p)
+        if _fail_after == "trainer_state.pt":
+            raise RuntimeError("simulated crash after trainer_state.pt")
+        p = os.path.join(tmp, META)
+        with open(p, "w") as f:
+            json.dump({"complete": True, "step": step, "world_size": world_size, "time": time.time()}, f)
+        _fsync_file(p)
+        _fsync_dir(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if _fail_after == "rename":
+            raise RuntimeError("simulated crash after rename, before LATEST")
+        ptr = os.path.join(root, LATEST + ".tmp")
+        with open(ptr, "w") as f:
+            f.write(os.path.basename(final))
+        _fsync_file(ptr)
+        os.replace(ptr, os.path.join(root, LATEST))
+        _fsync_dir(root)
+        # rotate old step checkpoints
+        steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
+        for d in steps[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: str, rank: int = 0) -> tuple[dict, dict, dict | None]:
+    """(model_state, trainer_state, this rank's rng state or None). Never unpickles code."""
+    if not is_complete(path):
+        raise ValueError(f"{path} is not a complete checkpoint (no meta.json with complete=true); resume from "
+                         "latest_checkpoint() instead")
+    model_state = load_file(os.path.join(path, "model.safetensors"))
+    trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    rp = os.path.join(path, f"rng_rank{rank}.pt")
+    rng = torch.load(rp, map_location="cpu", weights_only=True) if os.path.exists(rp) else None
+    return model_state, trainer_state, rng

@@ -1,0 +1,233 @@
+"""Typed training configuration: a tree of ``@dataclass(kw_only=True)`` sections, validated in ``__post_init__``.
+
+Overrides from the command line are dotted ``key=value`` strings (``optim.lr=1e-4``, ``data.max_tokens=16384``,
+``train.trainable=projector,llm``); values are parsed to the field's type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+TRAINABLE_PARTS = ("projector", "llm", "vision", "newline")
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    path: str | None = None
+    """A llava-hf checkpoint folder (config.json + safetensors + tokenizer) to start from."""
+    language_model: str | None = None
+    """To assemble a new model: an HF Llama/Qwen2 folder (config.json, safetensors, tokenizer)."""
+    vision_tower: str | None = None
+    """To assemble a new model: an HF CLIP/SigLIP folder, or an open_clip architecture name (then vision_weights)."""
+    vision_weights: str | None = None
+    """Local open_clip weights file (.safetensors/.bin) when vision_tower is an open_clip architecture name."""
+    model_type: str = "llava_next"
+    """Model type of an assembled model: llava | llava_next | llava_onevision."""
+    dtype: str = "auto"
+    """Parameter dtype: auto (fp32 master weights + bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16."""
+
+    def __post_init__(self):
+        if self.path is None and self.language_model is None:
+            pass  # filled by the CLI / demo before building
+        if self.model_type not in ("llava", "llava_next", "llava_onevision"):
+            raise ValueError(f"model.model_type must be llava, llava_next or llava_onevision, got {self.model_type!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"model.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    data: str | None = None
+    """LLaVA JSON/JSONL file."""
+    images: str = "."
+    """Folder the image paths of the data file are relative to."""
+    template: str = "plain"
+    """plain | vicuna_v1 | qwen (reference-spec.md 5.2)."""
+    max_len: int = 4096
+    """Longest sample in tokens (text + image tokens); longer ones are truncated at the end or dropped."""
+    packing: bool = True
+    """Pack samples into sequences of max_tokens (cu_seqlens); False: padded batches of batch_size."""
+    max_tokens: int = 8192
+    """Token budget of one packed micro-batch."""
+    batch_size: int = 4
+    """Samples per micro-batch in padded mode."""
+    group_by_modality_length: bool = False
+    num_workers: int = 2
+    strict: bool = False
+    """Stop at the first bad sample instead of dropping and counting it."""
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.template not in ("plain", "vicuna_v1", "qwen"):
+            raise ValueError(f"data.template must be plain, vicuna_v1 or qwen, got {self.template!r}")
+        if self.max_len <= 0 or self.max_tokens <= 0:
+            raise ValueError("data.max_len and data.max_tokens must be positive")
+        if self.packing and self.max_len > self.max_tokens:
+            raise ValueError(f"data.max_len ({self.max_len}) must be <= data.max_tokens ({self.max_tokens}) "
+                             "when packing")
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    lr: float = 1e-3
+    vision_lr: float | None = None
+    """Learning rate of the vision tower when it trains (OneVision stage 2: 2e-6); None: same as lr."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Clip the global grad norm to this (0 disables clipping)."""
+    fused: bool | None = None
+    """Fused AdamW; None: on CUDA only."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+
+
+@dataclass(kw_only=True)
+class ScheduleSection:
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    trainable: list[str] = field(default_factory=lambda: ["projector"])
+    """Parts that train: projector, llm, vision, newline (image_newline; trains with the projector by default)."""
+    accum: int = 1
+    """Micro-batches accumulated per optimizer step on each rank."""
+    seed: int = 0
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32."""
+    activation_checkpointing: bool = False
+    compile: bool = False
+    device: str | None = None
+    lora: bool = False
+    """LoRA on the language model (needs peft); merged into the weights on export."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    fsdp: str = "auto"
+    """auto (FSDP2 when torchrun starts several processes) | off."""
+
+    def __post_init__(self):
+        bad = [p for p in self.trainable if p not in TRAINABLE_PARTS]
+        if bad:
+            raise ValueError(f"train.trainable: unknown parts {bad}; choose from {TRAINABLE_PARTS}")
+        if self.accum < 1:
+            raise ValueError(f"train.accum must be >= 1, got {self.accum}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+
+@dataclass(kw_only=True)
+class CheckpointSection:
+    out: str = "runs/llava"
+    every_steps: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    keep: int = 2
+    """How many step checkpoints to keep."""
+    resume: str | None = "auto"
+    """auto (latest complete checkpoint in out/, if any) | a checkpoint folder | none."""
+    export: bool = True
+    """Write a llava-hf folder (out/final) at the end."""
+
+
+@dataclass(kw_only=True)
+class LogSection:
+    every_steps: int = 1
+    tensorboard: bool = True
+    """Also log to TensorBoard when it is installed."""
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    recipe: str = "custom"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            sub = typing.get_type_hints(cls)[f.name]
+            kw[f.name] = sub(**d[f.name]) if dataclasses.is_dataclass(sub) else d[f.name]
+        return cls(**kw)
+
+
+def _parse(value: str, tp):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value.lower() in ("none", "null"):
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _parse(value, a)
+            except (ValueError, TypeError):
+                continue
+        raise ValueError(f"cannot parse {value!r} as {tp}")
+    if tp is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if tp is int:
+        return int(float(value)) if "e" in value.lower() else int(value)
+    if tp is float:
+        return float(value)
+    if tp is str:
+        return value
+    if origin is list:
+        return [_parse(v, args[0]) for v in value.split(",") if v != ""]
+    if origin is tuple:
+        parts = value.split(",")
+        return tuple(_parse(v, a) for v, a in zip(parts, args))
+    raise ValueError(f"unsupported type {tp}")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``section.field=value`` strings; raises ValueError naming a bad key and the valid ones."""
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"override {o!r} must look like section.field=value (e.g. optim.lr=1e-4)")
+        key, value = o.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ValueError(f"override key {key!r} must be section.field; sections: "
+                             f"{[f.name for f in dataclasses.fields(cfg) if f.name != 'recipe']}")
+        sec_name, fname = parts
+        sec = getattr(cfg, sec_name, None)
+        if sec is None or not dataclasses.is_dataclass(sec):
+            raise ValueError(f"unknown config section {sec_name!r}; sections: "
+                             f"{[f.name for f in dataclasses.fields(cfg) if f.name != 'recipe']}")
+        hints = typing.get_type_hints(type(sec))
+        if fname not in hints:
+            raise ValueError(f"unknown field {key!r}; {sec_name} has {sorted(hints)}")
+        setattr(sec, fname, _parse(value.strip(), hints[fname]))
+        sec.__post_init__() if hasattr(sec, "__post_init__") else None
+    return cfg

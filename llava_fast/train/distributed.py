@@ -1,0 +1,116 @@
+"""torchrun / FSDP2 plumbing: process group, ``fully_shard`` per decoder layer, full state dicts for saving."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; starts a process group (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+def has_fsdp2() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def apply_fsdp2(model, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = torch.float32):
+    """``fully_shard`` every decoder layer and vision encoder layer, then the root (mixed precision optional)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    inner = model.model
+    for layer in inner.language_model.layers:
+        fully_shard(layer, mp_policy=mp)
+    vt = getattr(inner, "vision_tower", None)
+    enc = getattr(getattr(vt, "encoder", None), "layers", None)
+    if enc is not None and any(p.requires_grad for p in vt.parameters()):
+        for layer in enc:
+            fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def full_model_state(model, distributed: bool) -> dict:
+    """Unsharded fp32 state dict on CPU (on every rank when distributed; cheap for the sizes we save)."""
+    if not distributed:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optim_state(model, optim, distributed: bool) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optim, options=StateDictOptions(full_state_dict=distributed,
+                                                                           cpu_offload=True))
+
+
+def load_full_states(model, optim, model_state: dict, optim_state: dict | None, distributed: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=False) if distributed else StateDictOptions()
+    if distributed:
+        set_model_state_dict(model, model_state, options=opts)
+    else:
+        sd = model.state_dict()
+        missing = [k for k in sd if k not in model_state]
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors {missing[:5]}")
+        with torch.no_grad():
+            for k, v in sd.items():
+                v.copy_(model_state[k])
+    if optim is not None and optim_state is not None:
+        # strict=False: parameters that never received a gradient (e.g. CLIP's unused post_layernorm) have no state
+        oopts = StateDictOptions(full_state_dict=distributed, strict=False)
+        set_optimizer_state_dict(model, optim, optim_state, options=oopts)
+
+
+def all_reduce_sum(x: float | int, info: DistInfo, dtype=torch.float64) -> float:
+    if not info.enabled:
+        return x
+    t = torch.tensor([x], dtype=dtype, device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.item()
+
+
+def barrier_fn(info: DistInfo):
+    if not info.enabled:
+        return None
+    return lambda: dist.barrier()

@@ -1,0 +1,517 @@
+"""The training loop: ``Trainer(cfg).train()``.
+
+Reads like nanoGPT (explicit lr schedule, accumulation, clipping, ``zero_grad(set_to_none=True)``), structured like
+torchtitan (``setup`` -> ``train`` -> ``train_step``; checkpoint save/resume; one log line per step).
+
+Loss normalisation: all micro-batches of an optimizer step (on every rank) are fetched first, their supervised
+token counts are summed (and all-reduced), and each micro-batch's loss is ``sum(CE) / N_total``, so the update is the
+token-weighted mean over the whole accumulated global batch, exactly as one big batch would give (transformers'
+``num_items_in_batch`` convention). Under FSDP2 the gradients are averaged over ranks, so the backward loss is
+multiplied by the world size.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+
+from llava_fast.train import checkpoint as ckpt
+from llava_fast.train.config import TrainConfig
+from llava_fast.train.distributed import (DistInfo, all_reduce_sum, apply_fsdp2, barrier_fn, full_model_state,
+                                          full_optim_state, has_fsdp2, init_distributed, load_full_states)
+
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                   "4090": 165e12}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cosine_lambda(total: int, warmup: int, min_ratio: float = 0.0):
+    """Linear warmup to 1, then cosine to ``min_ratio`` (HF get_cosine_schedule_with_warmup when min_ratio=0)."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        prog = float(step - warmup) / float(max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
+    return f
+
+
+def set_trainable(model, parts) -> dict[str, int]:
+    """Freeze everything, then unfreeze ``parts`` (projector, llm, vision, newline). Returns parameter counts."""
+    parts = set(parts)
+    counts = Counter()
+    for name, p in model.named_parameters():
+        if "multi_modal_projector" in name:
+            part = "projector"
+        elif "image_newline" in name:
+            part = "newline"
+        elif "vision_tower" in name:
+            part = "vision"
+        else:
+            part = "llm"  # language model + lm_head
+        p.requires_grad_(part in parts)
+        counts[part + ("" if part in parts else "_frozen")] += p.numel()
+    return dict(counts)
+
+
+def param_groups(model, lr: float, vision_lr: float | None, weight_decay: float):
+    """AdamW groups: no decay for biases/norms/1-D params; the vision tower may have its own lr."""
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = weight_decay if (p.dim() >= 2 and "norm" not in name) else 0.0
+        glr = vision_lr if (vision_lr is not None and "vision_tower" in name) else lr
+        groups.setdefault((glr, decay), []).append(p)
+    return [{"params": ps, "lr": glr, "weight_decay": wd, "initial_lr": glr} for (glr, wd), ps in groups.items()]
+
+
+def _supports_packing(model) -> bool:
+    try:
+        return "cu_seqlens" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    except Exception:  # noqa: BLE001
+        return float("nan")
+
+
+class Trainer:
+    """Runs one recipe. Pass ``model``/``tokenizer``/``dataset`` to skip building them from ``cfg``."""
+
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, dataset=None, log=None, quiet: bool = False):
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dataset = dataset
+        self.quiet = quiet
+        self._log_fn = log
+        self.global_step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.history: list[dict] = []
+        self.drops = Counter()
+        self._setup_done = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if getattr(self, "dist", None) is not None and not self.dist.is_main:
+            return
+        if self._log_fn is not None:
+            self._log_fn(msg)
+        elif not self.quiet:
+            print(msg, flush=True)
+
+    def setup(self) -> "Trainer":
+        cfg = self.cfg
+        self.dist = init_distributed(cfg.train.device)
+        dev = self.dist.device
+        seed_everything(cfg.train.seed)
+        if self.model is None:
+            from llava_fast.train.build import build_model
+
+            self.model, tok = build_model(cfg.model, log=self.log)
+            self.tokenizer = self.tokenizer or tok
+        if self.tokenizer is None:
+            from llava_fast.data import load_tokenizer
+
+            self.tokenizer = load_tokenizer(cfg.model.path)
+        model = self.model
+        if cfg.model.dtype == "bfloat16":
+            model.to(torch.bfloat16)
+        elif cfg.model.dtype == "float32":
+            model.to(torch.float32)
+        counts = set_trainable(model, cfg.train.trainable)
+        if cfg.train.lora:
+            from llava_fast.train.lora import apply_lora
+
+            apply_lora(model, cfg.train)
+            counts = {"lora+" + ",".join(p for p in cfg.train.trainable if p != "llm"):
+                      sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        self.param_counts = counts
+        self.log("trainable parameters: " + ", ".join(f"{k}={v / 1e6:.2f}M" for k, v in sorted(counts.items())))
+        model.to(dev)
+        model.train()
+        lm = model.model.language_model
+        if cfg.train.activation_checkpointing:
+            lm.gradient_checkpointing = True
+        self.autocast = (cfg.train.precision == "bf16") or (cfg.train.precision == "auto" and dev.type == "cuda")
+        self.fsdp = False
+        if self.dist.enabled:
+            if cfg.train.fsdp == "off":
+                raise ValueError("several processes need FSDP2 (train.fsdp=auto)")
+            if not has_fsdp2():
+                raise RuntimeError("torch.distributed.fsdp.fully_shard (FSDP2) is not available in this torch; "
+                                   "upgrade to torch >= 2.6 or run on one process")
+            apply_fsdp2(model, param_dtype=torch.bfloat16 if self.autocast else None)
+            self.fsdp = True
+            self.autocast = False  # FSDP2's MixedPrecisionPolicy casts the parameters
+        self._pix_dtype = torch.bfloat16 if (self.fsdp and dev.type == "cuda" and cfg.train.precision != "fp32") \
+            else next(model.parameters()).dtype
+        if cfg.train.compile:
+            for layer in lm.layers:
+                layer.compile()
+        self.packed = cfg.data.packing and _supports_packing(model)
+        if cfg.data.packing and not self.packed:
+            self.log("this model takes no cu_seqlens: using padded batches")
+        # optimizer & schedule
+        fused = cfg.optim.fused if cfg.optim.fused is not None else dev.type == "cuda"
+        groups = param_groups(model, cfg.optim.lr, cfg.optim.vision_lr, cfg.optim.weight_decay)
+        if not groups:
+            raise ValueError(f"nothing to train: train.trainable={cfg.train.trainable}")
+        kw = dict(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        if fused:
+            kw["fused"] = True
+        self.optimizer = torch.optim.AdamW(groups, **kw)
+        self._build_data()
+        spe = self.sampler.num_steps(0)
+        if spe == 0:
+            raise ValueError(f"the data gives no full optimizer step (world_size={self.dist.world_size}, "
+                             f"accum={cfg.train.accum}); use more data or smaller accum")
+        self.steps_per_epoch = spe
+        self.total_steps = cfg.schedule.max_steps or max(1, math.ceil(cfg.schedule.epochs * spe))
+        warm = cfg.schedule.warmup_steps if cfg.schedule.warmup_steps is not None else \
+            math.ceil(cfg.schedule.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_lambda(self.total_steps, warm, cfg.schedule.min_lr_ratio))
+        self._flops_setup()
+        self.out = cfg.checkpoint.out
+        self.ckpt_root = os.path.join(self.out, "checkpoints")
+        if self.dist.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.json"), "w") as f:
+                f.write(cfg.to_json())
+        self._maybe_resume()
+        self._setup_done = True
+        return self
+
+    def _build_data(self):
+        cfg = self.cfg
+        from llava_fast.data import (ImageSpec, LlavaDataset, PackedBatchSampler, PaddedBatchSampler,
+                                     collate_packed, collate_padded)
+
+        if self.dataset is None:
+            mc = self.model.config
+            spec = ImageSpec.from_model_config(mc)
+            self.dataset = LlavaDataset(cfg.data.data, cfg.data.images, self.tokenizer, spec, cfg.data.template,
+                                        image_token_id=mc.image_token_id,
+                                        video_token_id=getattr(mc, "video_token_id", None),
+                                        max_len=cfg.data.max_len, strict=cfg.data.strict, log=self.log)
+        ds = self.dataset
+        self.drops.update(ds.drops.counts)
+        common = dict(seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=self.dist.rank,
+                      world_size=self.dist.world_size, accum=cfg.train.accum)
+        if self.packed:
+            self.sampler = PackedBatchSampler(ds.lengths, cfg.data.max_tokens,
+                                              modality=[l > 0 for l in ds.modality_lengths],
+                                              group_by_modality=cfg.data.group_by_modality_length, **common)
+            self.collate = collate_packed
+            fill = self.sampler.fill(0)
+            self.log(f"data: {len(ds)} samples ({ds.drops.summary()}), {sum(ds.lengths)} tokens, packed into "
+                     f"{len(self.sampler.micro_batches(0))} sequences of {cfg.data.max_tokens} tokens "
+                     f"({100 * fill:.1f}% full)")
+        else:
+            self.sampler = PaddedBatchSampler(len(ds), cfg.data.batch_size, modality_lengths=ds.modality_lengths,
+                                              group_by_modality_length=cfg.data.group_by_modality_length, **common)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            self.collate = _PadCollate(pad)
+            self.log(f"data: {len(ds)} samples ({ds.drops.summary()}), padded batches of {cfg.data.batch_size}")
+
+    def _loader(self):
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
+                                           num_workers=self.cfg.data.num_workers,
+                                           pin_memory=self.dist.device.type == "cuda",
+                                           persistent_workers=False)
+
+    def _flops_setup(self):
+        m = self.model
+        n_llm = sum(p.numel() for n, p in m.named_parameters() if "vision_tower" not in n and "embed_tokens" not in n)
+        n_vis = sum(p.numel() for n, p in m.named_parameters() if "vision_tower" in n)
+        tr = set(self.cfg.train.trainable)
+        self._llm_mult = 6 if "llm" in tr else 4  # frozen LLM still back-propagates activations to the projector
+        self._vis_mult = 6 if "vision" in tr else 2
+        self._n_llm, self._n_vis = n_llm, n_vis
+        vc = m.config.vision_config
+        self._patches_per_tile = (vc.image_size // vc.patch_size) ** 2 + 1
+        peak = None
+        if self.dist.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.dist.device)
+            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        self._peak = peak
+
+    # ------------------------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "scheduler": self.scheduler.state_dict(), "drops": dict(self.drops), "history": self.history,
+                "config": self.cfg.to_json()}
+
+    def save(self, _fail_after: str | None = None) -> str:
+        """Resumable checkpoint at the current step (atomic; see :mod:`llava_fast.train.checkpoint`)."""
+        ms = full_model_state(self.model, self.fsdp)
+        st = self.state()
+        st["optimizer"] = full_optim_state(self.model, self.optimizer, self.fsdp)
+        ok = 1
+        try:
+            path = ckpt.save_checkpoint(self.ckpt_root, self.global_step, ms, st, ckpt.rng_state(),
+                                        keep=self.cfg.checkpoint.keep, rank=self.dist.rank,
+                                        world_size=self.dist.world_size, barrier=barrier_fn(self.dist),
+                                        _fail_after=_fail_after)
+        except Exception:
+            ok = 0
+            if not self.dist.enabled:
+                raise
+            path = None
+        if self.dist.enabled and all_reduce_sum(1 - ok, self.dist) > 0:
+            raise RuntimeError(f"saving checkpoint step {self.global_step} failed on a rank; the previous "
+                               f"checkpoint in {self.ckpt_root} is intact")
+        self.log(f"saved checkpoint {path}")
+        return path
+
+    def _maybe_resume(self):
+        r = self.cfg.checkpoint.resume
+        if r in (None, "none", "", "no"):
+            return
+        path = ckpt.latest_checkpoint(self.ckpt_root) if r == "auto" else r
+        if path is None:
+            return
+        ms, st, rng = ckpt.load_checkpoint(path, self.dist.rank)
+        load_full_states(self.model, self.optimizer, ms, st["optimizer"], self.fsdp)
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.global_step, self.epoch, self.step_in_epoch = st["global_step"], st["epoch"], st["step_in_epoch"]
+        self.drops = Counter(st.get("drops", {}))
+        self.history = list(st.get("history", []))
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        self.log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch}, step {self.step_in_epoch})")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _to_device(self, b: dict) -> dict:
+        dev = self.dist.device
+        out = {}
+        for k in ("input_ids", "labels", "position_ids", "cu_seqlens", "pixel_values", "image_sizes",
+                  "attention_mask", "pixel_values_videos"):
+            if b.get(k) is not None:
+                out[k] = b[k].to(dev, non_blocking=True)
+        if self.packed and "cu_seqlens" in out:
+            out["max_seqlen"] = b["max_seqlen"]
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self._pix_dtype)
+        return out
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this rank's micro-batches (already collated)."""
+        info, model = self.dist, self.model
+        t0 = time.perf_counter()
+        n_items = sum(b["num_items"] for b in micro_batches)
+        n_global = all_reduce_sum(n_items, info)
+        tokens = all_reduce_sum(sum(b["num_tokens"] for b in micro_batches), info)
+        tiles = all_reduce_sum(sum(sum(b.get("num_tiles") or []) for b in micro_batches), info)
+        dropped = Counter()
+        for b in micro_batches:
+            dropped.update(b.get("dropped") or {})
+        loss_sum = 0.0
+        denom = torch.tensor(float(max(n_global, 1)), device=info.device)
+        scale = float(info.world_size) if self.fsdp else 1.0
+        real = [b for b in micro_batches if b.get("input_ids") is not None]
+        for i, b in enumerate(real):
+            if self.fsdp and hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(i == len(real) - 1)
+            inputs = self._to_device(b)
+            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = model(**inputs, num_items_in_batch=denom)
+            (out.loss * scale).backward()
+            loss_sum += float(out.loss.detach())
+        if self.fsdp and not real and hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(True)
+        loss = all_reduce_sum(loss_sum, info)
+        params = [p for p in model.parameters() if p.requires_grad]
+        mg = self.cfg.optim.max_grad_norm
+        gn = torch.nn.utils.clip_grad_norm_(params, mg if mg and mg > 0 else float("inf"))
+        if hasattr(gn, "full_tensor"):
+            gn = gn.full_tensor()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if info.device.type == "cuda":
+            torch.cuda.synchronize(info.device)
+        dt = time.perf_counter() - t0
+        self.drops.update(dropped)
+        flops = (self._llm_mult * self._n_llm * tokens + self._vis_mult * self._n_vis * tiles * self._patches_per_tile)
+        mfu = flops / dt / (self._peak * info.world_size) if self._peak else None
+        return {"step": self.global_step + 1, "loss": loss, "grad_norm": float(gn), "lr": lr,
+                "tokens": int(tokens), "supervised": int(n_global), "tokens_per_s": tokens / dt,
+                "mfu": mfu, "peak_mem_gb": _peak_memory_gb(info.device), "dropped": sum(self.drops.values()),
+                "time_s": dt}
+
+    def train(self, stop_at_step: int | None = None) -> dict:
+        """Run until ``total_steps``; checkpoints, logs, exports. Returns a summary dict.
+
+        ``stop_at_step``: save a checkpoint and return after that step (preemption; resume with a new Trainer)."""
+        if not self._setup_done:
+            self.setup()
+        cfg, info = self.cfg, self.dist
+        jsonl = open(os.path.join(self.out, "train_log.jsonl"), "a") if info.is_main else None
+        tb = None
+        if info.is_main and cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                tb = SummaryWriter(os.path.join(self.out, "tb"))
+            except Exception:  # noqa: BLE001 - tensorboard not installed
+                tb = None
+        bar = None
+        if info.is_main and cfg.log.progress and not self.quiet:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"train {cfg.recipe}",
+                       unit="step", dynamic_ncols=True, file=sys.stdout)
+        t_start = time.perf_counter()
+        try:
+            while self.global_step < self.total_steps:
+                self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+                n_steps = self.sampler.num_steps()
+                it = iter(self._loader())
+                per_rank = [len(self.sampler.rank_micro_batches(s)) for s in self.sampler.steps()]
+                while self.step_in_epoch < n_steps and self.global_step < self.total_steps:
+                    mbs = [next(it) for _ in range(per_rank[self.step_in_epoch])]
+                    m = self.train_step(mbs)
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    m["epoch"] = self.epoch
+                    self.history.append({k: m[k] for k in ("step", "loss", "grad_norm", "lr")})
+                    if jsonl is not None:
+                        jsonl.write(json.dumps(m) + "\n")
+                        jsonl.flush()
+                    if tb is not None:
+                        for k in ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_gb", "dropped"):
+                            tb.add_scalar(f"train/{k}", m[k], m["step"])
+                        if m["mfu"] is not None:
+                            tb.add_scalar("train/mfu", m["mfu"], m["step"])
+                    if bar is not None:
+                        bar.update(1)
+                        post = dict(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:.0f}")
+                        if m["mfu"] is not None:
+                            post["mfu"] = f"{100 * m['mfu']:.1f}%"
+                        bar.set_postfix(post, refresh=False)
+                    elif info.is_main and not self.quiet and m["step"] % max(1, cfg.log.every_steps) == 0:
+                        self.log(f"step {m['step']}/{self.total_steps} loss {m['loss']:.4f} grad_norm "
+                                 f"{m['grad_norm']:.3f} lr {m['lr']:.2e} tok/s {m['tokens_per_s']:.0f} mem "
+                                 f"{m['peak_mem_gb']:.2f} GiB dropped {m['dropped']}")
+                    if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0 \
+                            and self.global_step < self.total_steps:
+                        self.save()
+                    if stop_at_step is not None and self.global_step >= stop_at_step:
+                        break
+                del it
+                if stop_at_step is not None and self.global_step >= stop_at_step:
+                    if self.step_in_epoch >= n_steps:
+                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    break
+                if self.step_in_epoch >= n_steps:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+        finally:
+            if bar is not None:
+                bar.close()
+            if jsonl is not None:
+                jsonl.close()
+            if tb is not None:
+                tb.close()
+        elapsed = time.perf_counter() - t_start
+        if stop_at_step is not None and self.global_step < self.total_steps:
+            path = self.save()
+            return {"steps": self.global_step, "loss": self.history[-1]["loss"] if self.history else None,
+                    "elapsed_s": elapsed, "final": None, "checkpoint": path, "dropped": dict(self.drops)}
+        if self.drops:
+            self.log("dropped samples: " + ", ".join(f"{k}={v}" for k, v in sorted(self.drops.items())))
+        if cfg.checkpoint.every_steps:
+            self.save()
+        final = None
+        if cfg.checkpoint.export:
+            final = self.export(os.path.join(self.out, "final"))
+        return {"steps": self.global_step, "loss": self.history[-1]["loss"] if self.history else None,
+                "elapsed_s": elapsed, "final": final, "dropped": dict(self.drops)}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def export(self, path: str) -> str:
+        """A llava-hf folder (config.json, safetensors, tokenizer) that transformers and llava_fast load."""
+        from llava_fast.models.io import save_pretrained
+
+        model = self.model
+        if self.cfg.train.lora:
+            from llava_fast.train.lora import merge_lora
+
+            model = merge_lora(model)
+        sd = full_model_state(model, self.fsdp)
+        if self.dist.is_main:
+            with torch.device("meta"):
+                fresh = type(model)(model.config)
+            fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+                                  strict=False, assign=True)
+            fresh.tie_weights()
+            save_pretrained(fresh, path)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(path)
+            _save_image_processor(model.config, path)
+            self.log(f"exported llava-hf model to {path}")
+        if self.dist.enabled:
+            torch.distributed.barrier()
+        return path
+
+
+class _PadCollate:
+    def __init__(self, pad_id):
+        self.pad_id = pad_id
+
+    def __call__(self, samples):
+        from llava_fast.data import collate_padded
+
+        return collate_padded(samples, self.pad_id)
+
+
+def _save_image_processor(config, path: str) -> None:
+    """preprocessor_config.json for transformers' processor (best effort; the model loads without it)."""
+    try:
+        from llava_fast.data.images import ImageSpec
+
+        spec = ImageSpec.from_model_config(config)
+        t = spec.tile
+        common = dict(image_mean=list(spec.image_mean), image_std=list(spec.image_std))
+        if config.model_type == "llava":
+            from transformers import CLIPImageProcessor
+
+            proc = CLIPImageProcessor(size={"shortest_edge": t}, crop_size={"height": t, "width": t}, **common)
+        elif config.model_type == "llava_next":
+            from transformers import LlavaNextImageProcessor
+
+            proc = LlavaNextImageProcessor(size={"shortest_edge": t}, crop_size={"height": t, "width": t},
+                                           image_grid_pinpoints=spec.pinpoints, **common)
+        else:
+            from transformers import LlavaOnevisionImageProcessor
+
+            proc = LlavaOnevisionImageProcessor(size={"height": t, "width": t}, image_grid_pinpoints=spec.pinpoints,
+                                                **common)
+        proc.save_pretrained(path)
+    except Exception:  # noqa: BLE001 - optional
+        pass

@@ -1,0 +1,129 @@
+"""Validation up front (drops counted with reasons, --strict raises) and robust image decoding."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava_fast.data import (DataError, ImageSpec, LlavaDataset, PackedBatchSampler, collate_packed,
+                             collate_padded, load_image)
+from llava_fast.data.word_tokenizer import build_word_tokenizer
+
+SPEC = ImageSpec(model_type="llava_next", tile=56, patch=14, pinpoints=[[56, 112], [112, 56], [112, 112]])
+IMG_ID = 4
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_word_tokenizer("what colour is it red blue".split())
+
+
+def conv(q="<image>\nwhat colour is it ?", a="red"):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rgb = (np.random.default_rng(0).random((40, 70, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(d / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(d / "gray.png")
+    Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
+    rgba = np.concatenate([rgb, np.zeros((40, 70, 1), np.uint8)], -1)  # fully transparent
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(d / "pal.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(d / "gray16.png")
+    Image.new("RGB", (80, 60)).save(d / "big.png")
+    data = (d / "rgb.png").read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 2])
+    (d / "garbage.jpg").write_bytes(b"not an image at all" * 10)
+    return d
+
+
+def test_load_image_modes(image_dir):
+    for name in ("rgb.png", "gray.png", "cmyk.jpg", "rgba.png", "pal.png", "gray16.png"):
+        im = load_image(str(image_dir / name))
+        assert im.mode == "RGB" and im.size == (70, 40), name
+    # transparency composited over white (transformers' convert_to_rgb)
+    assert np.asarray(load_image(str(image_dir / "rgba.png"))).min() == 255
+
+
+def test_drops_counted_and_strict(tmp_path, image_dir, tok):
+    recs = [
+        {"id": "ok", "image": "rgb.png", "conversations": conv()},
+        {"id": "gray", "image": "gray.png", "conversations": conv()},
+        {"id": "cmyk", "image": ["cmyk.jpg"], "conversations": conv()},
+        {"id": "text", "conversations": conv("what colour is it ?")},
+        {"id": "missing", "image": "nope.png", "conversations": conv()},
+        {"id": "garbage", "image": "garbage.jpg", "conversations": conv()},
+        {"id": "mismatch", "image": ["rgb.png", "gray.png"], "conversations": conv()},
+        {"id": "no_tag", "image": "rgb.png", "conversations": conv("what colour ?")},
+        {"id": "roles", "image": "rgb.png", "conversations": conv() + conv()[:1] + conv()[:1]},
+        {"id": "long", "image": "rgb.png", "conversations": conv("what " * 200) + conv()},
+        {"id": "cut_answers", "image": "rgb.png", "conversations": conv("<image>\n" + "what " * 200)},
+        {"id": "empty_answer", "image": "rgb.png", "conversations": conv(a="")},  # kept: </s> is supervised
+        {"id": "trunc", "image": "truncated.png", "conversations": conv()},
+        {"id": "format"},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    logs = []
+    ds = LlavaDataset(str(path), str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, max_len=160, log=logs.append)
+    assert ds.drops.counts == {"missing_image": 1, "unreadable_image": 1, "placeholder_mismatch": 2,
+                               "bad_roles": 1, "truncation_cuts_image": 1, "truncated_no_labels": 1,
+                               "bad_format": 1}
+    assert {it.sample_id for it in ds.items} == {"ok", "gray", "cmyk", "text", "empty_answer", "trunc"}
+    assert any("nope.png" in m for m in logs)
+    # the truncated image passes the header probe, fails in the worker: dropped and counted by the collator
+    idx = [k for k, it in enumerate(ds.items) if it.sample_id == "trunc"][0]
+    b = collate_packed([ds[i] for i in range(len(ds))])
+    assert b["dropped"] == {"decode_error": 1} and b["num_samples"] == 5
+    assert "trunc" not in b["sample_ids"]
+    assert idx >= 0
+    with pytest.raises(DataError, match="truncated.png"):
+        _strict_get(path, image_dir, tok)
+    with pytest.raises(DataError, match="missing_image"):
+        LlavaDataset(str(path), str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, max_len=160, strict=True)
+
+
+def _strict_get(path, image_dir, tok):
+    recs = [json.loads(line) for line in open(path)]
+    recs = [r for r in recs if r.get("id") in ("ok", "trunc")]
+    ds = LlavaDataset(recs, str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, max_len=160, strict=True)
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_oversized_dropped(tmp_path, image_dir, tok):
+    recs = [{"id": "big", "image": "big.png", "conversations": conv()},
+            {"id": "ok", "image": "gray.png", "conversations": conv()}]
+    ds = LlavaDataset(recs, str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, max_len=512, max_pixels=2800)
+    assert ds.drops.counts == {"image_too_large": 1} and len(ds) == 1
+
+
+def test_token_counts_known_before_loading(image_dir, tok):
+    recs = [{"id": str(k), "image": "rgb.png", "conversations": conv()} for k in range(3)]
+    recs.append({"id": "t", "conversations": conv("what colour is it ?", "blue")})
+    ds = LlavaDataset(recs, str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, max_len=512)
+    for i in range(len(ds)):
+        s = ds[i]
+        assert len(s["input_ids"]) == ds.lengths[i]
+        n_img = int((s["input_ids"] == IMG_ID).sum())
+        assert n_img == (SPEC.image_tokens((40, 70)) if i < 3 else 0)
+        if i < 3:
+            assert s["pixel_values"].shape == (SPEC.image_tiles((40, 70)), 3, 56, 56)
+    # packed: one row, cu_seqlens, positions restarting per sample, image sizes in placeholder order
+    b = collate_packed([ds[i] for i in range(len(ds))])
+    cu = b["cu_seqlens"].tolist()
+    assert cu == [0] + list(np.cumsum(ds.lengths))
+    assert b["cu_seqlens"].dtype == torch.int32
+    pos = b["position_ids"][0]
+    for a, e in zip(cu[:-1], cu[1:]):
+        assert pos[a:e].tolist() == list(range(e - a))
+    assert b["image_sizes"].tolist() == [[40, 70]] * 3
+    assert b["num_items"] == sum(ds.supervised)
+    # padded: as transformers batches it
+    p = collate_padded([ds[i] for i in range(len(ds))], pad_id=3)
+    assert p["input_ids"].shape == (4, max(ds.lengths)) and p["attention_mask"].sum() == sum(ds.lengths)
+    assert p["pixel_values"].dim() == 5 and p["num_items"] == b["num_items"]

@@ -1,0 +1,134 @@
+"""Trainer: checkpoint atomicity, bit-for-bit resume on CPU, loss normalisation, export loadable by transformers,
+recipes and overrides. Tiny model and data from the demo's generators (CPU, a few seconds each)."""
+import os
+
+import pytest
+import torch
+
+from llava_fast import demo
+from llava_fast.train import Trainer, apply_overrides, get_recipe
+from llava_fast.train import checkpoint as ckpt
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    demo.make_data(str(root / "data"), seed=1, n_caption=16, n_qa=24, n_eval=0)
+    demo.build_tiny_model(str(root / "model"), seed=0, quick=True)
+    return root
+
+
+def make_cfg(assets, out, recipe="stage2", **over):
+    cfg = get_recipe(recipe, "llava_next")
+    cfg.model.path = str(assets / "model")
+    cfg.data.data = str(assets / "data" / ("stage2.json" if recipe == "stage2" else "stage1.json"))
+    cfg.data.images = str(assets / "data" / "images")
+    cfg.data.max_len, cfg.data.max_tokens, cfg.data.num_workers = 400, 512, 0
+    cfg.data.group_by_modality_length = False
+    cfg.train.trainable = ["projector", "newline", "llm", "vision"]
+    cfg.train.activation_checkpointing = False
+    cfg.train.device = "cpu"
+    cfg.optim.lr = 1e-3
+    cfg.checkpoint.out = str(out)
+    cfg.checkpoint.export = False
+    cfg.log.tensorboard = False
+    cfg.log.progress = False
+    apply_overrides(cfg, [f"{k}={v}" for k, v in over.items()])
+    return cfg
+
+
+def test_checkpoint_atomic(tmp_path):
+    root = str(tmp_path / "ck")
+    st = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}
+    ckpt.save_checkpoint(root, 1, st, {"step": 1}, ckpt.rng_state())
+    for where in ("model.safetensors", "trainer_state.pt"):
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            ckpt.save_checkpoint(root, 2, {"w": torch.zeros(2, 3)}, {"step": 2}, ckpt.rng_state(), _fail_after=where)
+        last = ckpt.latest_checkpoint(root)
+        assert last.endswith("step_00000001")
+        ms, ts, rng = ckpt.load_checkpoint(last)
+        assert torch.equal(ms["w"], st["w"]) and ts["step"] == 1 and rng is not None
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        ckpt.load_checkpoint(os.path.join(root, ".tmp-step_00000002"))
+    # crash after the rename but before the pointer: the pointer still names a complete checkpoint
+    with pytest.raises(RuntimeError):
+        ckpt.save_checkpoint(root, 2, {"w": torch.zeros(2, 3)}, {"step": 2}, None, _fail_after="rename")
+    assert ckpt.is_complete(ckpt.latest_checkpoint(root))
+    ckpt.save_checkpoint(root, 3, {"w": torch.zeros(2, 3)}, {"step": 3}, None, keep=2)
+    assert ckpt.latest_checkpoint(root).endswith("step_00000003")
+    assert sorted(d for d in os.listdir(root) if d.startswith("step_")) == ["step_00000002", "step_00000003"]
+
+
+def test_resume_bit_for_bit(assets, tmp_path):
+    over = {"schedule.max_steps": 6, "train.accum": 2}
+    a = Trainer(make_cfg(assets, tmp_path / "a", **over), quiet=True)
+    a.train()
+    b1 = Trainer(make_cfg(assets, tmp_path / "b", **over), quiet=True)
+    r = b1.train(stop_at_step=3)
+    assert r["steps"] == 3 and os.path.isdir(r["checkpoint"])
+    b2 = Trainer(make_cfg(assets, tmp_path / "b", **over), quiet=True)
+    b2.train()
+    assert b2.global_step == 6
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b2.history]
+    assert [h["grad_norm"] for h in a.history] == [h["grad_norm"] for h in b2.history]
+    sa, sb = a.model.state_dict(), b2.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    losses = [h["loss"] for h in a.history]
+    assert losses[-1] < losses[0]
+
+
+def test_loss_normalised_over_accumulated_batch(assets, tmp_path):
+    """Two packs accumulated with num_items_in_batch = N_total give the token-mean over both packs."""
+    tr = Trainer(make_cfg(assets, tmp_path / "n"), quiet=True).setup()
+    it = iter(tr._loader())
+    b1, b2 = next(it), next(it)
+    n = b1["num_items"] + b2["num_items"]
+    m = tr.model
+    with torch.no_grad():
+        l1 = m(**tr._to_device(b1), num_items_in_batch=torch.tensor(float(n))).loss
+        l2 = m(**tr._to_device(b2), num_items_in_batch=torch.tensor(float(n))).loss
+        o1, o2 = m(**tr._to_device(b1)), m(**tr._to_device(b2))
+    ref = (o1.loss * b1["num_items"] + o2.loss * b2["num_items"]) / n
+    torch.testing.assert_close(l1 + l2, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_export_loads_in_transformers(assets, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = make_cfg(assets, tmp_path / "e", **{"schedule.max_steps": 2, "checkpoint.export": True})
+    tr = Trainer(cfg, quiet=True)
+    res = tr.train()
+    final = res["final"]
+    assert os.path.isfile(os.path.join(final, "config.json"))
+    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(final, local_files_only=True).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(final, local_files_only=True)
+    assert tok.convert_tokens_to_ids("<image>") == hf.config.image_token_id
+    from llava_fast.data import collate_padded
+
+    b = collate_padded([tr.dataset[0], tr.dataset[1]], pad_id=tok.pad_token_id)
+    ours = tr.model.eval()
+    with torch.no_grad():
+        ref = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                 image_sizes=b["image_sizes"]).logits
+        got = ours(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                   image_sizes=b["image_sizes"]).logits
+    am = b["attention_mask"].bool()
+    torch.testing.assert_close(got[am], ref[am], rtol=1e-4, atol=1e-4)
+
+
+def test_recipes_and_overrides():
+    s1 = get_recipe("stage1", "llava")
+    assert s1.data.template == "plain" and s1.optim.lr == 1e-3 and s1.train.trainable == ["projector", "newline"]
+    s2 = get_recipe("next-stage2")
+    assert s2.data.template == "vicuna_v1" and s2.optim.lr == 2e-5 and "llm" in s2.train.trainable
+    ov = get_recipe("onevision-stage2")
+    assert ov.data.template == "qwen" and ov.optim.vision_lr == 2e-6 and "vision" in ov.train.trainable
+    apply_overrides(s2, ["optim.lr=1e-4", "data.max_tokens=16384", "train.trainable=projector,llm",
+                         "schedule.max_steps=none", "optim.betas=0.9,0.95"])
+    assert s2.optim.lr == 1e-4 and s2.data.max_tokens == 16384 and s2.train.trainable == ["projector", "llm"]
+    assert s2.optim.betas == (0.9, 0.95)
+    with pytest.raises(ValueError, match="unknown field"):
+        apply_overrides(s2, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("stage3")
+    with pytest.raises(ValueError, match="template"):
+        apply_overrides(s2, ["data.template=chatml"])
