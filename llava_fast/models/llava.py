@@ -101,6 +101,31 @@ class _LlavaBase(nn.Module):
         tc = config.text_config
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.tie_weights()
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """transformers-style initialisation for a model built from a config (from_pretrained overwrites it):
+        N(0, std) for linear, conv and embedding weights (position embeddings too), zero biases, unit norms,
+        CLIP's class embedding N(0, D^-0.5), image_newline N(0, 1/D). PyTorch's defaults would give embeddings
+        N(0, 1), which drowns the patch content under the vision tower's position embeddings."""
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                mod.weight.normal_(0.0, std)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, nn.LayerNorm):
+                mod.weight.fill_(1.0)
+                mod.bias.zero_()
+        for name, p in self.named_parameters():
+            if name.endswith("class_embedding"):
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+            elif name.endswith("norm.weight") and p.dim() == 1 and "vision_tower" not in name:
+                p.fill_(1.0)
+        if hasattr(self.model, "image_newline"):
+            d = self.model.image_newline.shape[0]
+            self.model.image_newline.normal_(0.0, d ** -0.5)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def tie_weights(self):
