@@ -4,6 +4,10 @@ side by side in one run, on the three workloads of performance-anchors.md (rando
   stage1   LLaVA-1.5-7B stage-1 step: batch 16 x 640 tokens (576 image + 64 text), only the projector trains (AdamW)
   prefill  LLaVA-NeXT-7B prefill: 8 sequences of one 700x1000 image (2242 tokens) + 256 text tokens = 2498
   ov_ft    LLaVA-OneVision-0.5B full fine-tune step, AdamW: batch 2 x 5453 tokens (one 700x1000 image, 4941 tokens)
+  mixed    LLaVA-NeXT-7B stage-2 steps (projector + LLM train) over a realistic mix of 32 samples: images of many
+           sizes (300-1400 px a side, 20% text-only), answers of 20-600 tokens. transformers gets padded batches of 8
+           (its padding waste is reported); ours gets the same samples bin-packed into 8192-token sequences (fill
+           reported). Throughput counts real tokens only.
 
 MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
 2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
@@ -144,7 +148,7 @@ def build(provider, name, cfg, device):
             fn = lk.apply_liger_kernel_to_qwen2 if cfg.model_type == "llava_onevision" else lk.apply_liger_kernel_to_llama
             fn(model=m.model.language_model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                fused_linear_cross_entropy=False)
-    if name == "stage1":
+    if name in ("stage1", "mixed"):
         for n, p in m.named_parameters():
             p.requires_grad_("multi_modal_projector" in n)
     elif name == "prefill":
@@ -173,6 +177,119 @@ def step_fn(provider, name, m, inp):
     return fn
 
 
+def mixed_samples(cfg, n=32, seed=0, tiny=False):
+    """Token ids, labels and tile counts of a realistic stage-2 mix (see the module docstring)."""
+    from llava_fast.ops.anyres import num_image_tokens, num_tiles
+
+    g = torch.Generator().manual_seed(seed)
+    t = cfg.vision_config.image_size
+    tps = t // cfg.vision_config.patch_size
+    lo, hi = (300, 1400) if not tiny else (20, 120)
+    samples = []
+    for i in range(n):
+        has_img = bool(torch.rand((), generator=g) > 0.2)
+        size = tuple(int(x) for x in torch.randint(lo, hi, (2,), generator=g)) if has_img else None
+        n_img = num_image_tokens(size, cfg.image_grid_pinpoints, t, tps) if has_img else 0
+        q = int(torch.randint(10, 60, (), generator=g))
+        a = int(torch.randint(20, 600 if not tiny else 60, (), generator=g))
+        text = torch.randint(0, min(cfg.text_config.vocab_size, 30000) - 100, (q + a,), generator=g)
+        ids = torch.cat([text[:4], torch.full((n_img,), cfg.image_token_id), text[4:]])
+        labels = ids.clone()
+        labels[: 4 + n_img + q - 4] = -100            # supervise the answer only
+        samples.append(dict(ids=ids, labels=labels, size=size,
+                            tiles=num_tiles(size, cfg.image_grid_pinpoints, t) if has_img else 0))
+    return samples
+
+
+def mixed_batches(provider, cfg, samples, device, dtype, batch=8, max_tokens=8192):
+    """Padded batches (transformers) or packed sequences (ours). Returns (list of kwargs, fill or waste note)."""
+    from llava_fast.data.packing import pack_lengths
+
+    t = cfg.vision_config.image_size
+    g = torch.Generator().manual_seed(1)
+    lengths = [len(s["ids"]) for s in samples]
+    out = []
+    if provider == "llava_fast":
+        packs = pack_lengths(lengths, max_tokens)
+        for p in packs:
+            ss = [samples[i] for i in p]
+            ids = torch.cat([s["ids"] for s in ss])[None].to(device)
+            labels = torch.cat([s["labels"] for s in ss])[None].to(device)
+            cu = torch.tensor([0] + torch.tensor([len(s["ids"]) for s in ss]).cumsum(0).tolist(), dtype=torch.int32)
+            pos = torch.cat([torch.arange(len(s["ids"])) for s in ss])[None].to(device)
+            imgs = [s for s in ss if s["size"]]
+            kw = dict(input_ids=ids, labels=labels, cu_seqlens=cu.to(device), position_ids=pos,
+                      max_seqlen=max(len(s["ids"]) for s in ss), logits=False)
+            if imgs:
+                kw["pixel_values"] = torch.randn(sum(s["tiles"] for s in imgs), 3, t, t, generator=g).to(device, dtype)
+                kw["image_sizes"] = torch.tensor([s["size"] for s in imgs])
+            out.append(kw)
+        used = sum(lengths)
+        note = f"packed fill {100 * used / (len(packs) * max_tokens):.1f}% ({len(packs)} x {max_tokens})"
+        return out, note
+    padded = 0
+    for b0 in range(0, len(samples), batch):
+        ss = samples[b0:b0 + batch]
+        L = max(len(s["ids"]) for s in ss)
+        ids = torch.zeros(len(ss), L, dtype=torch.long)
+        labels = torch.full((len(ss), L), -100)
+        mask = torch.zeros(len(ss), L, dtype=torch.long)
+        for i, s in enumerate(ss):
+            ids[i, :len(s["ids"])], labels[i, :len(s["ids"])], mask[i, :len(s["ids"])] = s["ids"], s["labels"], 1
+        padded += len(ss) * L
+        kw = dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=mask.to(device))
+        imgs = [s for s in ss if s["size"]]
+        if imgs:
+            mt = max(s["tiles"] for s in imgs)
+            kw["pixel_values"] = torch.randn(len(imgs), mt, 3, t, t, generator=g).to(device, dtype)
+            kw["image_sizes"] = torch.tensor([s["size"] for s in imgs], device=device)
+        out.append(kw)
+    return out, f"padding waste {100 * (1 - sum(lengths) / padded):.1f}% (batches of {batch})"
+
+
+def run_mixed(providers, layers, tiny, rep, warmup):
+    device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = hf_configs("prefill", layers, tiny)     # LLaVA-NeXT-7B shape
+    samples = mixed_samples(cfg, tiny=tiny)
+    real = sum(len(s["ids"]) for s in samples)
+    shape = "NeXT-7B stage2, 32 mixed samples" + (" (tiny)" if tiny else f" ({layers} LLM layers)" if layers else "")
+    rows = []
+    for prov in providers:
+        if not available(prov):
+            continue
+        m = None
+        try:
+            m = build(prov, "mixed", cfg, device)
+            for n, p in m.named_parameters():
+                p.requires_grad_("vision_tower" not in n)
+            batches, note = mixed_batches(prov, cfg, samples, device, dtype)
+            opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5,
+                                    fused=device == "cuda")
+
+            def epoch():
+                for kw in batches:
+                    m(**kw).loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = bench(epoch, warmup=warmup, rep=rep)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+            rows.append(Row(bench="model", provider=prov, shape=shape, dtype=str(dtype)[6:], mode="mixed",
+                            ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=real / (t["ms"] / 1e3),
+                            unit="real tokens/s", peak_gib=peak, note=note))
+            print(f"[mixed] {prov}: {t['ms']:.1f} ms for {real} real tokens, {note}", flush=True)
+        except torch.OutOfMemoryError:
+            rows.append(Row(bench="model", provider=prov, shape=shape, dtype=str(dtype)[6:], mode="mixed", note="OOM"))
+        finally:
+            del m
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def available(provider):
     if provider == "hf_sdpa_liger":
         try:
@@ -182,10 +299,16 @@ def available(provider):
     return True
 
 
-def run(workloads, providers, layers, tiny, rep, warmup):
+def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
+    """All rows; ``on_progress(rows)`` is called after each workload (partial results survive a time limit)."""
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     rows = []
     for name in workloads:
+        if name == "mixed":
+            rows += run_mixed(providers, layers, tiny, rep=max(1, rep // 3), warmup=min(1, warmup))
+            if on_progress:
+                on_progress(rows)
+            continue
         cfg = hf_configs(name, layers, tiny)
         inp = make_inputs(name, cfg, device, tiny)
         fl = flops(name, cfg, inp)
@@ -224,13 +347,15 @@ def run(workloads, providers, layers, tiny, rep, warmup):
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
+        if on_progress:
+            on_progress(rows)
     add_ratios(rows)
     return rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default="stage1,prefill,ov_ft")
+    p.add_argument("--workloads", default="stage1,prefill,ov_ft,mixed")
     p.add_argument("--providers", default="llava_fast,hf_eager,hf_sdpa,hf_sdpa_liger")
     p.add_argument("--layers", type=int, default=None, help="override the LLM depth (shorter runs; noted per row)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -240,8 +365,17 @@ def main(argv=None):
     if not torch.cuda.is_available() and not a.tiny:
         print("bench_model: no CUDA GPU here; run on a GPU (benchmarks/device_check.sh) or pass --tiny for a CPU smoke run")
         return 0
+    import datetime
+
+    os.environ.setdefault("LLAVA_FAST_RESULTS_STAMP", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+    def checkpoint(rows):  # keep what is measured so far, in case a time limit stops the run
+        if not a.no_save:
+            add_ratios(rows)
+            save(rows, "bench_model")
+
     rows = run(a.workloads.split(","), a.providers.split(","), a.layers, a.tiny, rep=3 if (a.quick or a.tiny) else 10,
-               warmup=1 if (a.quick or a.tiny) else 3)
+               warmup=1 if (a.quick or a.tiny) else 3, on_progress=checkpoint)
     print(f"\nGPU: {device_name()}\n" + to_markdown(rows))
     if not a.no_save:
         print(f"saved {save(rows, 'bench_model')}")

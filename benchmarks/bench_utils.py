@@ -98,7 +98,8 @@ class Row:
 
 
 def add_ratios(rows: list[Row], ours: str = "llava_fast") -> None:
-    """For each (bench, shape, mode), divide our metric by every other provider's (higher metric = better)."""
+    """For each (bench, shape, mode), divide our metric by every other provider's (higher metric = better).
+    Idempotent: may be called again as rows are added."""
     groups: dict = {}
     for r in rows:
         groups.setdefault((r.bench, r.shape, r.mode), []).append(r)
@@ -130,7 +131,7 @@ def save(rows: list[Row], name: str, out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir or os.environ.get("LLAVA_FAST_RESULTS_DIR") or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = device_name().replace(" ", "_").replace("/", "_").replace("(", "").replace(")", "").replace(",", "")
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M")
+    stamp = os.environ.get("LLAVA_FAST_RESULTS_STAMP") or _dt.datetime.now().strftime("%Y%m%d-%H%M")
     base = out_dir / f"{name}-{gpu}-{stamp}"
     meta = {"gpu": device_name(), "versions": versions(), "time": stamp}
     base.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
