@@ -19,7 +19,7 @@ GPU section (mode "gpu", only with a GPU; a batch of photo-sized images already 
   nvjpeg_decode         torchvision.io.decode_jpeg(list, device="cuda") alone (the decode part of the next row)
   llava_fast_cuda_jpeg  JPEG bytes -> decode on the GPU -> CUDA tile encoder (encode_tiles(bytes, device="cuda"))
 GB/s for the GPU rows = (uint8 pixels read + output tiles written) / time: the bytes the encoder must move.
-Targets (docs/perf-notes.d/anyres.md): >= 20x hf_torchvision_cuda (> 20,000 images/s on an H200) and >= 50% of the
+Targets (docs/perf-notes.md, anyres section): >= 20x hf_torchvision_cuda (> 20,000 images/s on an H200) and >= 50% of the
 copy bandwidth for those bytes.
 
 Preprocessing runs in data-loader workers (CPU rows) or next to the model (GPU rows); the script runs on CPU-only
