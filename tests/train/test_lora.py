@@ -1,0 +1,45 @@
+"""LoRA through peft: only adapters train on the language model, and merging folds them into plain weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llava_fast
+
+peft = pytest.importorskip("peft", reason="peft not installed (pip install llava_fast[peft])")
+
+
+def test_lora_trains_adapters_and_merges(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    from tiny import save_tiny
+
+    from llava_fast.train.config import TrainSection
+    from llava_fast.train.lora import apply_lora, merge_lora
+
+    _, path = save_tiny(tmp_path, "llava_next")
+    m = llava_fast.from_pretrained(path)
+    m.train()
+    apply_lora(m, TrainSection(lora=True, lora_r=4, lora_alpha=8))
+    trainable = [n for n, p in m.model.language_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = torch.randint(0, 100, (2, 12))
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        m(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    m.eval()
+    with torch.no_grad():
+        before = m(input_ids=ids).logits
+    merge_lora(m)
+    assert not any("lora_" in n for n, _ in m.named_parameters())
+    with torch.no_grad():
+        after = m(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    m.save_pretrained(tmp_path / "merged")
+    again = llava_fast.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, after, atol=0, rtol=0)
