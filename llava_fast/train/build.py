@@ -107,10 +107,21 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
         hf["vision_aspect_ratio"] = "anyres_max_9"
     cfg = LlavaConfig.from_hf_dict(hf)
     model = CLASSES[model_type](cfg)
-    # language model weights
+    # language model weights (every tensor of the language model and tower must come from the folders: nothing is
+    # silently left at its random initialisation, and a shape mismatch is an error that names the tensor)
     lstate = _load_folder(language_model)
     own = model.state_dict()
-    loaded = 0
+    filled, mismatched = set(), []
+
+    def put(nk, v, src):
+        if nk not in own:
+            return
+        if own[nk].shape != v.shape:
+            mismatched.append(f"{src} {tuple(v.shape)} -> {nk} {tuple(own[nk].shape)}")
+            return
+        own[nk].copy_(v)
+        filled.add(nk)
+
     for k, v in lstate.items():
         if k.startswith("model."):
             nk = "model.language_model." + k[len("model."):]
@@ -120,16 +131,20 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
             continue
         if k.endswith("embed_tokens.weight") or k == "lm_head.weight":
             v = _resize_embeddings(v, vocab)
-        if nk in own and own[nk].shape == v.shape:
-            own[nk].copy_(v)
-            loaded += 1
-    if cfg.tie_word_embeddings or "lm_head.weight" not in lstate:
-        model.tie_weights()
+        put(nk, v, k)
+    if "lm_head.weight" not in lstate:
+        if not cfg.tie_word_embeddings:   # an untied model folder without lm_head: start it from the embeddings
+            own["lm_head.weight"].copy_(own["model.language_model.embed_tokens.weight"])
+        filled.add("lm_head.weight")
+    model.tie_weights()
     for k, v in vstate.items():
-        nk = "model.vision_tower." + k
-        if nk in own and own[nk].shape == v.shape:
-            own[nk].copy_(v)
-            loaded += 1
+        put("model.vision_tower." + k, v, k)
+    needed = [k for k in own if k.startswith(("model.language_model.", "model.vision_tower.")) or k == "lm_head.weight"]
+    missing = [k for k in needed if k not in filled and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if mismatched or missing:
+        raise ValueError(f"cannot assemble from {language_model} and {vision_tower}: shape mismatches {mismatched[:5]}; "
+                         f"tensors not found in the folders {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    loaded = len(filled)
     log(f"assembled a {model_type} model: {loaded} tensors from {language_model} and {vision_tower}; "
         f"vocab {len(tok)} -> {vocab} rows (image token id {image_id})")
     return model, tok
@@ -149,7 +164,12 @@ def _load_folder(path: str) -> dict:
 
 def _vision_key(k: str) -> str | None:
     """HF CLIPVisionModel / CLIPModel / SigLIP keys -> our vision tower keys (without ``model.vision_tower.``)."""
-    for pre in ("vision_model.", "vision_tower.vision_model.", "model.vision_model."):
+    for pre in ("vision_model.", "vision_tower.vision_model.", "model.vision_model.", "model.vision_tower.",
+                "vision_tower."):
         if k.startswith(pre):
-            return k[len(pre):]
+            k = k[len(pre):]
+            break
+    # transformers 5.x saves a bare CLIPVisionModel / SiglipVisionModel without the vision_model. prefix
+    if k.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.", "head.")):
+        return k
     return None
