@@ -19,19 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import Row, add_ratios, bench, peak_memory, save, to_markdown  # noqa: E402
-
-
-def copy_bandwidth(rows, device="cuda", dtype=torch.bfloat16, numel=1 << 28, warmup=5, rep=20):
-    """GB/s of ``y.copy_(x)`` for a 512 MiB bf16 tensor (read + write counted)."""
-    x = torch.randn(numel, device=device, dtype=dtype)
-    y = torch.empty_like(x)
-    t = bench(lambda: y.copy_(x), warmup, rep)
-    gbps = 2 * x.numel() * x.element_size() / t["ms"] / 1e6
-    rows.append(Row(bench="copy", provider="torch.copy_", shape=f"{numel}", dtype=str(dtype).split(".")[-1],
-                    mode="copy", ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=gbps, unit="GB/s"))
-    del x, y
-    return gbps
+from bench_utils import Row, add_ratios, bench, copy_bandwidth, peak_memory, save, to_markdown  # noqa: E402
 
 
 def measure(rows, name, provider, shape, dtype, mode, fn, nbytes, warmup, rep):
