@@ -44,6 +44,7 @@ for b in attention projector cross_entropy pack_features rms_norm swiglu rope an
   [ -f "benchmarks/bench_$b.py" ] && step "bench_$b" 45 $PY "benchmarks/bench_$b.py" $QUICK
 done
 step bench_model 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --providers llava_fast,hf_sdpa,hf_eager,hf_sdpa_liger
+step plot 20 $PY benchmarks/plot_results.py "$RES"
 
 echo
 echo "=== summary: $(( $(date +%s) - t0 ))s in all, on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')"
