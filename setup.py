@@ -70,7 +70,8 @@ class CMakeBuild(build_ext):
             args += ["-DLLAVA_FAST_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}"]
             print(f"llava_fast: building C++ and CUDA sources with {nvcc} for archs {archs}")
         else:
-            print("llava_fast: nvcc not found, building the C++ (CPU) sources only")
+            why = "LLAVA_FAST_FORCE_CPU_ONLY=1" if _truthy("LLAVA_FAST_FORCE_CPU_ONLY") else "nvcc not found"
+            print(f"llava_fast: {why}, building the C++ (CPU) sources only")
         if shutil.which("ninja"):
             args += ["-G", "Ninja"]
         args += [a for a in os.environ.get("CMAKE_ARGS", "").split() if a]
