@@ -338,7 +338,7 @@ class Trainer:
                 model.set_requires_gradient_sync(i == len(real) - 1)
             inputs = self._to_device(b)
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = model(**inputs, num_items_in_batch=denom)
+                out = model(**inputs, num_items_in_batch=denom, logits=False)  # fused loss on CUDA: no logits tensor
             (out.loss * scale).backward()
             loss_sum += float(out.loss.detach())
         if self.fsdp and not real and hasattr(model, "set_requires_gradient_sync"):
