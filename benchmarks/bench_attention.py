@@ -147,7 +147,9 @@ def _providers(name, shape, with_flex=True):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help=f"shapes {QUICK}, modes fwd and fwd+bwd, fewer reps, Flex only on the packed case")
+                    help=f"shapes {QUICK}, modes fwd and fwd+bwd, fewer reps, no FlexAttention (its torch.compile "
+                         f"warm-up, fwd and fwd+bwd, takes ~30-60 s per shape: add --flex to include it)")
+    ap.add_argument("--flex", action="store_true", help="with --quick: FlexAttention on the packed case too")
     ap.add_argument("--autotune", action="store_true", help="autotune our kernels (LLAVA_FAST_ATTN_AUTOTUNE=1)")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)}")
     ap.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwd+bwd")
@@ -169,8 +171,9 @@ def main():
         b, s, hq, hkv, d, causal = shape
         lens = PACKED_LENS if s is None else [s] * b
         label = f"{name} (B{len(lens)} Hq{hq} Hkv{hkv} D{d}{' causal' if causal else ''})"
-        # --quick compiles FlexAttention (~30-60 s per shape, fwd+bwd) only for the packed-documents case
-        with_flex = not args.quick or SHAPES[name][1] is None
+        # FlexAttention compiles for ~30-60 s per shape (fwd+bwd): --quick leaves it out unless --flex (then only the
+        # packed-documents case)
+        with_flex = not args.quick or (args.flex and SHAPES[name][1] is None)
         for provider, make, note in _providers(name, shape, with_flex):
             try:
                 fn, inputs = make()
@@ -195,6 +198,8 @@ def main():
                 print(f"  {label:60s} {provider:15s} {mode:8s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s")
             del fn, inputs
             torch.cuda.empty_cache()
+        add_ratios(rows, ours=OURS)
+        save(rows, "attention")  # keep what is measured so far, in case a time limit stops the run
     add_ratios(rows, ours=OURS)
     print(to_markdown(rows))
     print("saved", save(rows, "attention"))

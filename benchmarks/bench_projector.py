@@ -33,13 +33,13 @@ def flops(m, dv, dt, n2, mode):
     return fwd * 3 if mode == "fwd+bwd" else fwd
 
 
-def make_providers(dv, dt, dtype):
+def make_providers(dv, dt, dtype, with_compile=True):
     from llava_fast.ops.projector import projector, set_gemm2_impl
 
     eager = torch.nn.Sequential(torch.nn.Linear(dv, dt), torch.nn.GELU(), torch.nn.Linear(dt, dt)).cuda().to(dtype)
     w1, b1 = eager[0].weight, eager[0].bias
     w2, b2 = eager[2].weight, eager[2].bias
-    compiled = torch.compile(eager)
+    compiled = torch.compile(eager) if with_compile else None
 
     def ours(x):
         set_gemm2_impl("cublas")
@@ -58,6 +58,8 @@ def make_providers(dv, dt, dtype):
 
     provs = {OURS: ours, "llava_fast_gemm2_triton": ours_t2, "eager": eager, "compile": compiled,
              "cublaslt_gelu": cublaslt}
+    if compiled is None:
+        del provs["compile"]
     return provs, [w1, b1, w2, b2]
 
 
@@ -85,10 +87,10 @@ def saved_gib(fn, x):
     return held / 2**30
 
 
-def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20):
+def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True):
     rows = []
     for dv, dt in shapes:
-        provs, params = make_providers(dv, dt, dtype)
+        provs, params = make_providers(dv, dt, dtype, with_compile)
         for m in ms_list:
             shape = f"M={m} {dv}->{dt}->{dt}"
             x = torch.randn(m, dv, device="cuda", dtype=dtype)
@@ -111,6 +113,8 @@ def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20):
                     print(f"{shape:28s} {mode:10s} {name:24s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
             # activation memory held for backward (x and weights require grad, as in training)
             for name in (OURS, "eager", "compile"):
+                if name not in provs:
+                    continue
                 xi = x.detach().requires_grad_()
                 try:
                     fn = provs[name]
@@ -124,12 +128,16 @@ def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20):
                 print(f"{shape:28s} saved_act  {name:24s} {g:.3f} GiB", flush=True)
             del x, dy
             torch.cuda.empty_cache()
+            add_ratios(rows, ours=OURS)
+            save(rows, "projector")  # keep what is measured so far, in case a time limit stops the run
     return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="M in {576, 23040}, 1024->4096->4096 only (~1-2 min)")
+    ap.add_argument("--quick", action="store_true", help="M in {576, 23040}, 1024->4096->4096 only, no torch.compile "
+                                                         "baseline (its warm-ups take a minute; add --compile)")
+    ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_projector: needs a CUDA GPU (Triton kernels and cuBLAS baselines); nothing to do on CPU.")
@@ -138,7 +146,8 @@ def main(argv=None):
         ms_list, shapes = [576, 23040], [(1024, 4096)]
     else:
         ms_list, shapes = [576, 2880, 23040, 46080], [(1024, 4096), (1152, 3584)]
-    rows = run(ms_list, shapes, ["fwd", "fwd_nograd", "fwd+bwd"])
+    rows = run(ms_list, shapes, ["fwd", "fwd_nograd", "fwd+bwd"], rep=10 if args.quick else 20,
+               with_compile=not args.quick or args.compile)
     add_ratios(rows, ours=OURS)
     print(to_markdown(rows))
     print(f"saved: {save(rows, 'projector')}")

@@ -1,10 +1,20 @@
 """Text generation with a KV cache: greedy or sampled (temperature, top-p), stop tokens and stop strings, batched
-prompts with different image sizes and counts (left padding, as transformers' ``generate``)."""
+prompts with different image sizes and counts.
+
+Two paths give the same greedy tokens:
+
+* padded (the reference, default on CPU): left-padded batch, a ``KVCache`` grown by concatenation, masked attention,
+  positions ``cumsum(mask) - 1`` as transformers' ``generate``;
+* packed (default when the fast attention kernel is in use, i.e. on CUDA): the prompts are prefilled as ONE packed
+  sequence (``cu_seqlens``, per-sample positions, no padding) into a preallocated ``VarlenKVCache``; each decode step
+  feeds one token per unfinished sequence, packed, at position = that sequence's length. The attention reads the
+  cache in place (Triton varlen kernel with ``seqused_k``); finished sequences are dropped without copying.
+"""
 from __future__ import annotations
 
 import torch
 
-from llava_fast.models.language import KVCache
+from llava_fast.models.language import KVCache, VarlenKVCache
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -19,21 +29,108 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def use_packed(model, device: torch.device | str) -> bool:
+    """Whether ``generate`` takes the packed path by default: when the fast (Triton varlen) attention is selected
+    for ``device`` and accepts the language model's head dim and dtype."""
+    from llava_fast.models import dispatch
+
+    device = torch.device(device)
+    return dispatch._fast_attention(device.type, model.config.text_config.head_dim, model.dtype) is not None
+
+
+class _Stopper:
+    """Next-token choice and stop conditions shared by both paths."""
+
+    def __init__(self, b, device, do_sample, temperature, top_p, generator, eos, pad_token_id, stop_strings,
+                 tokenizer):
+        self.b, self.device = b, device
+        self.do_sample, self.temperature, self.top_p, self.generator = do_sample, temperature, top_p, generator
+        self.eos = torch.tensor(sorted(eos), device=device) if eos else None
+        self.pad, self.stop_strings, self.tokenizer = pad_token_id, stop_strings, tokenizer
+        self.done = torch.zeros(b, dtype=torch.bool, device=device)
+
+    @property
+    def can_stop(self) -> bool:
+        return self.eos is not None or bool(self.stop_strings)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.do_sample:
+            return _sample(logits, self.temperature, self.top_p, self.generator)
+        return logits.argmax(-1)
+
+    def update(self, nxt: torch.Tensor, generated: torch.Tensor) -> None:
+        """``nxt`` (B,) this step's tokens (pad for finished rows), ``generated`` (B, steps) so far."""
+        if self.eos is not None:
+            self.done = self.done | torch.isin(nxt, self.eos)
+        if self.stop_strings:
+            for i in range(self.b):
+                if not self.done[i]:
+                    text = self.tokenizer.decode(generated[i].tolist(), skip_special_tokens=True)
+                    if any(s in text for s in self.stop_strings):
+                        self.done[i] = True
+
+
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, pixel_values=None, image_sizes=None, attention_mask=None,
+def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
              pixel_values_videos=None, batch_num_images=None, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
              pad_token_id: int = 0, stop_strings: list[str] | None = None, tokenizer=None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Returns (B, L + new) token ids: the prompt followed by the generated tokens (``pad_token_id`` after a row
-    finished). Prompts are left-padded (``attention_mask`` 0 on the left); positions are ``cumsum(mask) - 1`` as in
-    transformers, so greedy decoding gives transformers' tokens."""
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
+             generator: torch.Generator | None = None, packed: bool | None = None, output_logits: bool = False):
+    """Generates up to ``max_new_tokens`` tokens per prompt, greedy or sampled.
+
+    Args:
+        input_ids: (B, L) prompts with image placeholders expanded, left-padded (``attention_mask`` 0 on the left),
+            or a list of B 1-D tensors of different lengths (no padding at all; packed path only).
+        pixel_values, image_sizes, pixel_values_videos, batch_num_images: the images/videos of all prompts, in
+            placeholder order (as for the model's forward).
+        packed: ``None`` (default) takes the packed path when the fast attention kernel is in use (CUDA, see
+            :func:`use_packed`), else the left-padded reference path; ``True``/``False`` force one. Packed: the
+            prompts are prefilled as one packed sequence (no padding, per-sample positions) into a ``VarlenKVCache``
+            and each step decodes one token per unfinished sequence; greedy tokens equal the padded path's.
+        eos_token_id, stop_strings (with ``tokenizer``): a row is finished after producing one of these.
+        do_sample, temperature, top_p, generator: sampling (the packed path samples the unfinished rows only, so
+            once a row has finished the random stream differs from the padded path's).
+        output_logits: also return the logits of every step, (B, steps, vocab) fp32 (packed path: NaN for rows
+            already finished at that step).
+
+    Returns:
+        (B, L + steps) token ids: the prompt followed by the generated tokens (``pad_token_id`` after a row
+        finished), or for list input a list of 1-D tensors (prompt + generated tokens up to and including the stop
+        token). With ``output_logits``, ``(ids, logits)``. Positions are those of transformers (``cumsum(mask) - 1``
+        in the padded path), so greedy decoding gives transformers' tokens.
+    """
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer (pass tokenizer=...) to decode the generated text")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    max_len = model.config.text_config.max_position_embeddings
+    media = dict(pixel_values=pixel_values, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
+                 batch_num_images=batch_num_images)
+    stop_kw = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator, eos=eos,
+                   pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer)
+
+    if isinstance(input_ids, (list, tuple)):  # ragged prompts: packed path
+        if packed is False:
+            raise ValueError("a list of prompts (no padding) needs the packed path; pass packed=None or True, or a "
+                             "left-padded (B, L) tensor with attention_mask")
+        if attention_mask is not None:
+            raise ValueError("attention_mask is for a padded (B, L) input_ids tensor; a list of prompts has none")
+        prompts = [p.reshape(-1) for p in input_ids]
+        if not prompts or any(p.numel() == 0 for p in prompts):
+            raise ValueError("input_ids: the list must hold B >= 1 non-empty 1-D prompts")
+        if any(p.device != prompts[0].device for p in prompts):
+            raise ValueError("input_ids: all prompts must be on one device (the model's)")
+        lens = [p.numel() for p in prompts]
+        if max(lens) + max_new_tokens > max_len:
+            raise ValueError(f"prompt ({max(lens)}) + max_new_tokens ({max_new_tokens}) exceeds the context length "
+                             f"({max_len})")
+        gen, logits, n_gen = _generate_packed(model, prompts, media, max_new_tokens, stop_kw, output_logits)
+        out = [torch.cat([p, g[:k]]) for p, g, k in zip(prompts, gen, n_gen)]
+        return (out, logits) if output_logits else out
+
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
     b, n = input_ids.shape
     device = input_ids.device
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
@@ -41,38 +138,94 @@ def generate(model, input_ids: torch.Tensor, pixel_values=None, image_sizes=None
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
     if bool((mask[:, -1] == 0).any()):
         raise ValueError("generation needs left padding: the last column of attention_mask must be 1 for every row")
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    max_len = model.config.text_config.max_position_embeddings
     if n + max_new_tokens > max_len:
         raise ValueError(f"prompt ({n}) + max_new_tokens ({max_new_tokens}) exceeds the context length ({max_len})")
+    if packed is None:
+        packed = use_packed(model, device)
+    if packed:
+        lens = mask.sum(-1)
+        if not bool((mask.flip(1).cumprod(1).sum(1) == lens).all()):
+            raise ValueError("the packed path needs plain left padding: attention_mask must be 0...0 1...1 per row")
+        lens = lens.tolist()
+        prompts = [input_ids[i, n - k:] for i, k in enumerate(lens)]
+        gen, logits, _ = _generate_packed(model, prompts, media, max_new_tokens, stop_kw, output_logits)
+        seq = torch.cat([input_ids, gen], dim=1)
+        return (seq, logits) if output_logits else seq
+    seq, logits = _generate_padded(model, input_ids, mask, media, max_new_tokens, stop_kw, output_logits)
+    return (seq, logits) if output_logits else seq
+
+
+def _generate_padded(model, input_ids, mask, media, max_new_tokens, stop_kw, output_logits):
+    """The reference path: left-padded batch, concatenating KV cache, masked attention."""
+    b, n = input_ids.shape
+    stop = _Stopper(b, input_ids.device, **stop_kw)
     cache = KVCache(model.config.text_config.num_hidden_layers)
     pos = mask.cumsum(-1) - 1
     pos = pos.masked_fill(mask == 0, 1)
-    out = model(input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=mask,
-                position_ids=pos, pixel_values_videos=pixel_values_videos, batch_num_images=batch_num_images,
-                cache=cache)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, **media)
     logits = out.logits[:, -1]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    tokens = []
-    texts_start = n
+    all_logits = []
     seq = input_ids
     for step in range(max_new_tokens):
-        nxt = _sample(logits, temperature, top_p, generator) if do_sample else logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-        tokens.append(nxt)
+        if output_logits:
+            all_logits.append(logits.float())
+        nxt = stop.choose(logits)
+        nxt = torch.where(stop.done, torch.full_like(nxt, stop.pad), nxt)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
-        if eos:
-            done = done | torch.isin(nxt, torch.tensor(sorted(eos), device=device))
-        if stop_strings:
-            for i in range(b):
-                if not done[i]:
-                    text = tokenizer.decode(seq[i, texts_start:].tolist(), skip_special_tokens=True)
-                    if any(s in text for s in stop_strings):
-                        done[i] = True
-        if bool(done.all()) or step == max_new_tokens - 1:
+        stop.update(nxt, seq[:, n:])
+        if (stop.can_stop and bool(stop.done.all())) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = (mask.sum(-1, keepdim=True) - 1)
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache)
         logits = out.logits[:, -1]
-    return seq
+    return seq, (torch.stack(all_logits, dim=1) if output_logits else None)
+
+
+def _generate_packed(model, prompts, media, max_new_tokens, stop_kw, output_logits):
+    """The packed path. Returns (generated (B, steps) with pad after a row finished, logits or None, the number of
+    tokens each row generated including its stop token)."""
+    device = prompts[0].device
+    b = len(prompts)
+    lens = [p.numel() for p in prompts]
+    tc = model.config.text_config
+    cache = VarlenKVCache(tc.num_hidden_layers, b, max(lens) + max_new_tokens, tc.num_key_value_heads, tc.head_dim,
+                          dtype=model.dtype, device=device)
+    stop = _Stopper(b, device, **stop_kw)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    pos = torch.cat([torch.arange(k, device=device) for k in lens])[None]
+    flat = torch.cat(prompts)[None]
+    # logits of the last prompt token of each sample only: no (tokens x vocab) tensor for the whole prompt
+    hidden = model(input_ids=flat, cu_seqlens=cu, position_ids=pos, max_seqlen=max(lens), cache=cache,
+                   logits=False, return_hidden=True, **media).hidden_states
+    logits = model.lm_head(hidden[0, (cu[1:] - 1).long()])
+    active = torch.arange(b, device=device)          # batch row of each document of the next decode step
+    n_gen = torch.zeros(b, dtype=torch.long, device=device)
+    gen, all_logits = [], []
+    cu1 = torch.arange(b + 1, dtype=torch.int32, device=device)
+    for step in range(max_new_tokens):
+        if output_logits:
+            full = torch.full((b, logits.shape[-1]), float("nan"), device=device)
+            all_logits.append(full.index_copy(0, active, logits.float()))
+        tok = stop.choose(logits)                     # (active,)
+        nxt = torch.full((b,), stop.pad, dtype=tok.dtype, device=device).index_copy(0, active, tok)
+        n_gen[active] += 1
+        gen.append(nxt)
+        stop.update(nxt, torch.stack(gen, dim=1))
+        if step == max_new_tokens - 1:
+            break
+        if stop.can_stop:  # drop finished sequences (one host sync per step, as the padded path's done.all())
+            keep = ~stop.done[active]
+            n_keep = int(keep.sum())
+            if n_keep == 0:
+                break
+            if n_keep < active.numel():
+                idx = keep.nonzero()[:, 0]
+                cache.select(idx)
+                active, tok = active[idx], tok[idx]
+        a = active.numel()
+        pos = cache.lengths[cache.rows].long()[None]  # each sequence's length = the new token's position
+        hidden = model(input_ids=tok[None], cu_seqlens=cu1[:a + 1], position_ids=pos, max_seqlen=1, cache=cache,
+                       logits=False, return_hidden=True).hidden_states
+        logits = model.lm_head(hidden[0])
+    return torch.stack(gen, dim=1), (torch.stack(all_logits, dim=1) if output_logits else None), n_gen.tolist()

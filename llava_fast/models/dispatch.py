@@ -36,9 +36,45 @@ def vision_attention(q, k, v, scale):
     return eager_attention(q, k, v, scale)
 
 
-def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk=None, head_dim=None):
+def varlen_cache_attention(plan: dict, dtype, device, head_dim: int):
+    """attn(q, k, v, scale) over a ``VarlenKVCache``: q (1, H, T, D) the new tokens packed by ``plan["cu_q"]``,
+    k/v the layer's whole cache buffers (B, max_len, Hkv, D) with the new tokens already written; document ``i``
+    reads cache row ``rows[i]``, its first ``plan["used"][i]`` keys, causal bottom-right.
+
+    Fast path: the Triton varlen kernel reads the buffers in place (``seqused_k``). Reference: the documents' queries
+    are scattered into a (docs, H, max_q, D) block and run through eager attention against their cache rows with an
+    additive mask (the finfo.min mask of transformers' eager path), so CPU numerics are those of the padded path."""
+    cu_q, max_q, used, cu_k = plan["cu_q"], plan["max_q"], plan["used"], plan["cu_k"]
+    if (fast := _fast_attention(device.type, head_dim, dtype)) is not None:
+        def attn(q, k, v, scale):
+            b, m, h, d = k.shape
+            o = fast.flash_attn_varlen_func(q[0].transpose(0, 1), k.view(b * m, h, d), v.view(b * m, h, d), cu_q,
+                                            cu_k, max_q, m, softmax_scale=scale, causal=True, seqused_k=used)
+            return o.transpose(0, 1)[None]
+        return attn
+
+    doc, start, rows, m = plan["doc"], plan["start"], plan["rows"], plan["max_len"]
+    j = plan["pos"] - start[doc]                                     # query index inside its document
+    qi = torch.arange(max_q, device=device)
+    allowed = torch.arange(m, device=device)[None, None, :] <= (start[:, None, None] + qi[None, :, None])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    mask = mask[:, None]                                             # (docs, 1, max_q, max_len)
+
+    def attn(q, k, v, scale):
+        qd = q.new_zeros(start.numel(), q.shape[1], max_q, q.shape[3])
+        qd[doc, :, j] = q[0].transpose(0, 1)
+        o = eager_attention(qd, k[rows].transpose(1, 2), v[rows].transpose(1, 2), scale, mask)
+        return o[doc, :, j].transpose(0, 1)[None]                    # (docs, H, max_q, D) -> (1, H, T, D)
+    return attn
+
+
+def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk=None, head_dim=None,
+                   kv_cache=None):
     """Returns attn(q, k, v, scale) for one forward of the language model; q (B, H, L, D), k/v (B, Hkv, Lk, D).
-    ``lk`` > ``n`` when a KV cache holds earlier tokens (causal mask aligned bottom-right)."""
+    ``lk`` > ``n`` when a KV cache holds earlier tokens (causal mask aligned bottom-right). With ``kv_cache`` (a
+    ``VarlenKVCache`` planned for this forward) see :func:`varlen_cache_attention`."""
+    if kv_cache is not None:
+        return varlen_cache_attention(kv_cache.plan, dtype, device, head_dim)
     lk = n if lk is None else lk
     fast = None
     if cu_seqlens is not None or (attention_mask is None and lk == n):

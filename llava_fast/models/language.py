@@ -97,6 +97,94 @@ class KVCache:
         self.v = [None if t is None else t[rows] for t in self.v]
 
 
+class VarlenKVCache:
+    """Preallocated per-sequence KV cache for packed (unpadded) batched inference (use under torch.no_grad()).
+
+    Per layer, keys and values live in ``(B, max_len, Hkv, D)`` buffers (zeros at first); ``lengths`` (int32, (B,),
+    on the device) counts the tokens stored per sequence. Every forward of the language model with this cache is in
+    packed form: ``cu_seqlens`` delimits the new tokens of each *active* sequence (document ``i`` continues cache row
+    ``rows[i]``; all rows at first, :meth:`select` drops finished ones without copying anything), ``position_ids``
+    are each sequence's own positions. :meth:`update` writes the new tokens of every sequence at its own offset with
+    one ``index_copy_`` per tensor (no host synchronisation) and returns the whole buffers; the attention then reads
+    them in place: the Triton varlen kernel with ``seqused_k`` (``cu_seqlens_k = rows * max_len``) when the fast
+    attention is selected, else an equivalent masked eager attention (the CPU reference). The prefill (several tokens
+    per sequence), chunked prefill and decode (one token per sequence) are the same call.
+    """
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype=torch.float32, device=None):
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"VarlenKVCache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.batch, self.max_len = batch, max_len
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
+        self.rows = torch.arange(batch, device=self.k.device)       # cache row of each document of the next forward
+        self._bound = 0                                              # host-side upper bound of max(lengths)
+        self._plan = None
+
+    @property
+    def length(self) -> int:
+        """Upper bound of the longest stored sequence, known on the host without synchronising (0 when empty)."""
+        return self._bound
+
+    @property
+    def num_active(self) -> int:
+        return self.rows.numel()
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the active sequences ``rows`` (indices into the current active ones, as ``KVCache.select``);
+        nothing is copied: the next forward's documents map to the kept cache rows."""
+        self.rows = self.rows[rows.to(self.rows.device)]
+
+    def begin(self, cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None) -> None:
+        """Plan one forward of ``total`` new tokens packed by ``cu_seqlens`` (one document per active row): where
+        each token is written, and each document's key count after the write. Device arithmetic only."""
+        nd = cu_seqlens.numel() - 1
+        if nd != self.num_active:
+            raise ValueError(f"cu_seqlens holds {nd} sequences but the VarlenKVCache has {self.num_active} active "
+                             f"rows; pass one document per active sequence (cache.select drops finished ones)")
+        mq = int(max_seqlen) if max_seqlen is not None else total
+        if self._bound + mq > self.max_len:
+            raise ValueError(f"VarlenKVCache overflow: up to {self._bound} stored + {mq} new tokens > max_len "
+                             f"{self.max_len}; allocate the cache with a larger max_len")
+        dev = self.k.device
+        cu = cu_seqlens.to(device=dev, dtype=torch.int32)
+        t = torch.arange(total, device=dev, dtype=torch.int32)
+        doc = torch.searchsorted(cu[1:].contiguous(), t, right=True)          # document of each new token
+        start = self.lengths.index_select(0, self.rows)                       # tokens already stored, (nd,)
+        pos = start.index_select(0, doc) + (t - cu.index_select(0, doc))      # position of each token in its row
+        used = (start + (cu[1:] - cu[:-1])).to(torch.int32)                   # keys per document after the write
+        cu_k = torch.cat([self.rows * self.max_len,
+                          torch.full((1,), self.batch * self.max_len, device=dev, dtype=self.rows.dtype)])
+        self._plan = dict(cu_q=cu, max_q=mq, doc=doc, pos=pos, start=start, used=used, rows=self.rows,
+                          max_len=self.max_len,
+                          dest=self.rows.index_select(0, doc) * self.max_len + pos,
+                          cu_k=cu_k.to(torch.int32).contiguous())
+
+    @property
+    def plan(self) -> dict:
+        if self._plan is None:
+            raise RuntimeError("VarlenKVCache.begin(cu_seqlens, ...) must be called before the forward")
+        return self._plan
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v (1, Hkv, T, D) of the new tokens -> the whole buffers of layer ``i``, (B, max_len, Hkv, D)."""
+        dest = self.plan["dest"]
+        b, m, h, d = self.k.shape[1:]
+        self.k[i].view(b * m, h, d).index_copy_(0, dest, k[0].transpose(0, 1).to(self.k.dtype))
+        self.v[i].view(b * m, h, d).index_copy_(0, dest, v[0].transpose(0, 1).to(self.v.dtype))
+        return self.k[i], self.v[i]
+
+    def end(self) -> None:
+        """Commit the forward: the active sequences' lengths grow by their new tokens."""
+        p = self.plan
+        self.lengths.index_copy_(0, self.rows, p["used"])
+        self._bound += p["max_q"]
+        self._plan = None
+
+
 class LanguageModel(nn.Module):
     """The decoder stack (``model.language_model`` in transformers 5.x); the lm_head lives on the LLaVA class."""
 
@@ -110,10 +198,12 @@ class LanguageModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
-                cache: KVCache | None = None):
+                cache: KVCache | VarlenKVCache | None = None):
         """inputs_embeds (B, L, D). Padded form: ``attention_mask`` (B, L) of 1/0 (or None). Packed form: B == 1,
-        ``cu_seqlens`` int32 (n+1,), ``position_ids`` (1, L) restarting per sample. With ``cache`` (padded form only),
-        the new tokens attend to the cached ones too and ``attention_mask`` covers past + new tokens."""
+        ``cu_seqlens`` int32 (n+1,), ``position_ids`` (1, L) restarting per sample. With a ``KVCache`` (padded form
+        only), the new tokens attend to the cached ones too and ``attention_mask`` covers past + new tokens. With a
+        ``VarlenKVCache`` (packed form only), document ``i`` of ``cu_seqlens`` holds the new tokens of the cache's
+        ``i``-th active sequence, ``position_ids`` their positions in that sequence."""
         from llava_fast.models import dispatch
 
         b, n, _ = inputs_embeds.shape
@@ -124,11 +214,19 @@ class LanguageModel(nn.Module):
             position_ids = torch.arange(past, past + n, device=inputs_embeds.device)[None].expand(b, n)
         fused_rope = backend.use_fast("rope", inputs_embeds.device.type)
         cos, sin = (None, None) if fused_rope else self.rotary_emb(position_ids, inputs_embeds.dtype)
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("a KV cache is supported with the padded form only (no cu_seqlens)")
-        lk = n + (cache.length if cache is not None else 0)
+        varlen = isinstance(cache, VarlenKVCache)
+        if varlen:
+            if cu_seqlens is None or b != 1:
+                raise ValueError("a VarlenKVCache needs the packed form: input of batch 1 with cu_seqlens (one "
+                                 "document per active sequence) and position_ids")
+            cache.begin(cu_seqlens, n, max_seqlen)
+        elif cache is not None and cu_seqlens is not None:
+            raise ValueError("a KVCache is supported with the padded form only (no cu_seqlens); use a VarlenKVCache "
+                             "for packed inputs")
+        lk = n + (cache.length if cache is not None and not varlen else 0)
         attn = dispatch.text_attention(b, n, inputs_embeds.dtype, inputs_embeds.device, attention_mask, cu_seqlens,
-                                       max_seqlen, lk=lk, head_dim=self.cfg.head_dim)
+                                       max_seqlen, lk=lk, head_dim=self.cfg.head_dim,
+                                       kv_cache=cache if varlen else None)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -136,4 +234,6 @@ class LanguageModel(nn.Module):
                                                       self.cfg.rope_theta, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attn, cache, i, position_ids, self.cfg.rope_theta)
+        if varlen:
+            cache.end()
         return self.norm(x)

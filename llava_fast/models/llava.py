@@ -225,7 +225,8 @@ class _LlavaBase(nn.Module):
             if input_ids.device != self.device:
                 raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.device}")
             vocab = self.config.text_config.vocab_size
-            if input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
+            decoding = cache is not None and cache.length > 0   # no host sync per decoded token
+            if not decoding and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
                 raise ValueError(f"input_ids holds ids outside [0, {vocab}) (vocab_size of the language model)")
             inputs_embeds = self.get_input_embeddings()(input_ids)
         b, n = inputs_embeds.shape[:2]

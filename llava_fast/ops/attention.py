@@ -12,6 +12,11 @@ Layout (flash-attn's varlen convention): the documents of a batch are concatenat
 * head dims: any multiple of 8 up to 128 (64, 72, 80, 96, 128 are tested). The head dim is held in registers as one
   or two power-of-two chunks (72 and 80 -> 64 + 16, 96 -> 64 + 32, 64 and 128 -> one chunk) with lanes past D masked:
   D = 72 costs 80 lanes of tensor-core work, not 128, and no padded copy of q/k/v is ever made in memory.
+* ``seqused_k`` (optional, int32 ``(batch,)``, flash-attn's name and meaning, forward only): document ``b``'s keys are
+  ``cu_seqlens_k[b] : cu_seqlens_k[b] + seqused_k[b]`` instead of up to ``cu_seqlens_k[b + 1]`` (only the starts
+  ``cu_seqlens_k[:-1]`` are read), causal alignment bottom-right against ``seqused_k[b]`` keys. A preallocated KV cache
+  ``(B, Lmax, Hkv, D)`` viewed as ``(B * Lmax, Hkv, D)`` with ``cu_seqlens_k = arange(B + 1) * Lmax`` then serves every
+  prefill and decode step without copies (``llava_fast.models.language.VarlenKVCache``).
 * strides: the last dimension must be contiguous (``stride(-1) == 1``); token and head strides are free, so views
   such as ``linear(x).view(T, H, D)`` or ``qkv.view(T, 3, H, D)[:, 0]`` are used in place.
 
@@ -25,6 +30,7 @@ kernel over query blocks. No atomics anywhere, so the backward is always bitwise
 
 import contextlib
 import os
+from typing import Optional
 
 import torch
 
@@ -58,7 +64,7 @@ _LOG2E = 1.4426950408889634
 # 1. Reference (also the CPU path)
 # ----------------------------------------------------------------------------------------------------------------
 def attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_scale=None, upcast=True,
-                  return_lse=False):
+                  return_lse=False, seqused_k=None):
     """Naive attention, one document at a time.
 
     Args:
@@ -70,6 +76,7 @@ def attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_sca
             input dtype like flash-attn's ``attention_ref(upcast=False)``, the baseline of the tolerance rule.
         return_lse: also return the log-sum-exp of the scaled scores, ``(Hq, total_q)`` fp32 (``+inf`` for queries
             that see no key).
+        seqused_k: optional ``(batch,)`` integer: document ``b``'s keys are ``cu_seqlens_k[b]`` onwards, this many.
 
     Returns:
         ``out`` of shape ``(total_q, Hq, D)`` in ``q.dtype``, or ``(out, lse)``.
@@ -82,11 +89,12 @@ def attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_sca
         q, k, v = q.float(), k.float(), v.float()
     cq = [int(x) for x in cu_seqlens_q.tolist()]
     ck = [int(x) for x in cu_seqlens_k.tolist()]
+    ke = ck[1:] if seqused_k is None else [s + int(u) for s, u in zip(ck, seqused_k.tolist())]  # key ends
     outs, lses = [], []
     for b in range(len(cq) - 1):
         qb = q[cq[b]:cq[b + 1]].transpose(0, 1)                                          # (Hq, Sq, D)
-        kb = k[ck[b]:ck[b + 1]].transpose(0, 1).repeat_interleave(g, dim=0)             # (Hq, Sk, D)
-        vb = v[ck[b]:ck[b + 1]].transpose(0, 1).repeat_interleave(g, dim=0)
+        kb = k[ck[b]:ke[b]].transpose(0, 1).repeat_interleave(g, dim=0)                 # (Hq, Sk, D)
+        vb = v[ck[b]:ke[b]].transpose(0, 1).repeat_interleave(g, dim=0)
         sq, sk = qb.shape[1], kb.shape[1]
         s = torch.matmul(qb, kb.transpose(1, 2)) * scale                                  # (Hq, Sq, Sk)
         i = torch.arange(sq, device=q.device)[:, None]
@@ -195,12 +203,12 @@ def _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kt, stride_vt, of
 
 
 @triton.jit
-def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
+def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                            stride_lse_h, qk_scale, group, seq_bucket,
                            HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                            HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQUSED: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -212,7 +220,10 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
     if start_m >= seqlen_q:
         return
     k_start = tl.load(CU_K + b)
-    seqlen_k = tl.load(CU_K + b + 1) - k_start
+    if HAS_SEQUSED:  # keys [k_start, k_start + seqused_k[b]) of a preallocated cache
+        seqlen_k = tl.load(SEQUSED_K + b)
+    else:
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
     hk = h // group
     MASK_D0: tl.constexpr = HEAD_DIM < BLOCK_D0
     MASK_D1: tl.constexpr = HEAD_DIM < BLOCK_D0 + BLOCK_D1
@@ -491,7 +502,7 @@ def _autotune_enabled() -> bool:
 # spills ~500 B/thread and its dQ 128x32 at BLOCK_D = 128 spills ~1 KB, so the defaults below are the spill-free
 # (or < 100 B) neighbours. "width" is the register width of the head dim, BLOCK_D0 + BLOCK_D1 (64, 80, 96 or 128).
 # Under the interpreter small, unequal blocks make the tiny test documents span several blocks of both kinds.
-_INTERPRET_CFG = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
+_INTERPRET_CFG = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1), "fwd_decode": (16, 32, 1, 1)}
 
 
 def _default_cfg(kind: str, width: int, fp32: bool = False) -> tuple[int, int, int, int]:
@@ -501,6 +512,8 @@ def _default_cfg(kind: str, width: int, fp32: bool = False) -> tuple[int, int, i
         return (64, 32, 4, 2)
     if kind == "fwd":
         return (128, 64, 4, 3) if width <= 64 else (128, 128, 8, 3)
+    if kind == "fwd_decode":  # seqused_k with <= 16 queries per document (KV-cache decode): the smallest tl.dot M
+        return (16, 64, 4, 3)
     if kind == "dkdv":
         return (64, 128, 8, 3) if width <= 64 else (64, 64, 8, 3)
     return (128, 64, 8, 3) if width <= 64 else (64, 32, 4, 3)
@@ -513,6 +526,7 @@ _TUNE = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
     "dkdv": [(64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
     "dq": [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+    "fwd_decode": [(16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 4), (16, 64, 8, 3)],
 }
 _TUNED: dict = {}
 
@@ -565,9 +579,9 @@ def _dot_prec(dtype: torch.dtype) -> str:
 
 
 def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                          softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          softmax_scale: float, causal: bool, seqused_k=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher. Returns ``out (total_q, Hq, D)`` in q.dtype and ``lse (Hq, total_q)`` fp32.
-    Inputs must already be validated (see :func:`_check_inputs`)."""
+    Inputs must already be validated (see :func:`_check_inputs`). ``seqused_k``: see the module docstring."""
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
@@ -578,13 +592,15 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     if k.shape[0] == 0 or max_seqlen_k == 0:  # no keys anywhere
         return out.zero_(), lse.fill_(float("inf"))
     d0, d1, has_d1 = _split_head_dim(d)
-    args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+    used = seqused_k is not None
+    args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k if used else cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
             out.stride(1), lse.stride(0), softmax_scale * _LOG2E, hq // hkv, _bucket(max_seqlen_q))
     constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
-                      DOT_PREC=_dot_prec(q.dtype))
+                      DOT_PREC=_dot_prec(q.dtype), HAS_SEQUSED=used)
+    kind = "fwd_decode" if used and max_seqlen_q <= 16 else "fwd"
     with _device_guard(q):
-        _launch("fwd", _flash_attn_fwd_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq), args,
+        _launch(kind, _flash_attn_fwd_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq), args,
                 constexprs)
     return out, lse
 
@@ -636,13 +652,14 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
 @torch.library.custom_op("llava_fast::flash_attn_varlen_fwd", mutates_args=())
 def _flash_attn_varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                              causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                              causal: bool, seqused_k: Optional[torch.Tensor] = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     return flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                 causal)
+                                 causal, seqused_k)
 
 
 @_flash_attn_varlen_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, seqused_k=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
@@ -670,9 +687,10 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                deterministic=False):
+                deterministic=False, seqused_k=None):
         out, lse = torch.ops.llava_fast.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                              max_seqlen_k, softmax_scale, causal)
+                                                              max_seqlen_k, softmax_scale, causal, seqused_k)
+        ctx.has_seqused_k = seqused_k is not None
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
         ctx.softmax_scale, ctx.causal = softmax_scale, causal
@@ -681,18 +699,21 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if ctx.has_seqused_k:
+            raise RuntimeError("flash_attn_varlen_func: the backward does not support seqused_k (forward only, for "
+                               "KV-cache inference); call it under torch.no_grad() or without seqused_k")
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         # The backward has no atomics: it is deterministic whatever `deterministic` says.
         dq, dk, dv = torch.ops.llava_fast.flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                                 ctx.max_seqlen_q, ctx.max_seqlen_k,
                                                                 ctx.softmax_scale, ctx.causal)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Functional API
 # ----------------------------------------------------------------------------------------------------------------
-def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p):
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seqused_k=None):
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0.0 (attention dropout is not implemented), got {dropout_p}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -742,11 +763,27 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                              f"from the host, do not read it from a GPU tensor inside the step")
         if m < 0:
             raise ValueError(f"{name} must be >= 0, got {m}")
+    if seqused_k is not None:
+        batch = cu_seqlens_k.shape[0] - 1
+        if not isinstance(seqused_k, torch.Tensor) or seqused_k.dtype != torch.int32:
+            raise ValueError(f"seqused_k must be an int32 tensor of shape (batch,), got "
+                             f"{seqused_k.dtype if isinstance(seqused_k, torch.Tensor) else type(seqused_k).__name__}"
+                             f"; use seqused_k.to(torch.int32)")
+        if seqused_k.shape != (batch,):
+            raise ValueError(f"seqused_k must have shape (batch,) = ({batch},) (one key count per document), got "
+                             f"{tuple(seqused_k.shape)}")
+        if seqused_k.device != q.device:
+            raise ValueError(f"seqused_k is on {seqused_k.device} but q is on {q.device}; move it to q's device")
+        if seqused_k.stride(0) != 1:
+            raise ValueError("seqused_k must be contiguous; call seqused_k.contiguous()")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ValueError("seqused_k is forward only (KV-cache inference): call flash_attn_varlen_func under "
+                             "torch.no_grad() / torch.inference_mode(), or detach q, k and v")
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                            dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
-                           return_lse: bool = False, deterministic: bool = False):
+                           return_lse: bool = False, deterministic: bool = False, seqused_k=None):
     """Attention over packed documents (flash-attn's ``flash_attn_varlen_func`` argument order).
 
     Args:
@@ -760,18 +797,23 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         causal: bottom-right aligned causal mask per document.
         return_lse: also return the softmax log-sum-exp ``(Hq, total_q)`` fp32.
         deterministic: accepted for flash-attn compatibility; the backward is always deterministic (no atomics).
+        seqused_k: optional int32 ``(batch,)`` on q's device (forward only, no gradients): document ``b``'s keys are
+            ``k[cu_seqlens_k[b] : cu_seqlens_k[b] + seqused_k[b]]`` (only the starts ``cu_seqlens_k[:-1]`` are read;
+            they need not be increasing), causal bottom-right against ``seqused_k[b]`` keys. ``max_seqlen_k`` must
+            bound ``seqused_k``. For a preallocated KV cache ``(B, Lmax, Hkv, D)``: ``k = cache.view(B * Lmax, Hkv,
+            D)``, ``cu_seqlens_k = arange(B + 1) * Lmax``, ``max_seqlen_k = Lmax``.
 
     Returns:
         ``out (total_q, Hq, D)`` in q's dtype, or ``(out, lse)``.
     """
-    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p)
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seqused_k)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     if backend.use_fast("attention", q.device.type):
         out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                 scale, bool(causal), bool(deterministic))
+                                                 scale, bool(causal), bool(deterministic), seqused_k)
     else:
         out, lse = attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=scale,
-                                 return_lse=True)
+                                 return_lse=True, seqused_k=seqused_k)
     return (out, lse) if return_lse else out
 
 

@@ -1,6 +1,6 @@
 """``llava-fast train --recipe NAME --model DIR --data FILE --images DIR --out DIR [section.key=value ...]``.
 
-The lead wires it in ``llava_fast/cli.py`` with ``add_train_parser(sub)``. Multi-GPU: ``torchrun --nproc-per-node 8
+Registered in ``llava_fast/cli.py`` by ``add_train_parser(sub)``. Multi-GPU: ``torchrun --nproc-per-node 8
 -m llava_fast.cli train ...`` (FSDP2 is used whenever torchrun starts several processes).
 """
 from __future__ import annotations

@@ -115,7 +115,7 @@ def test_empty_rows_are_zero(device):
 @pytest.mark.parametrize("causal", [False, True])
 def test_backward_is_deterministic(causal, device):
     q, k, v, cu_q, cu_k = _make([1, 17, 37], [1, 17, 37], 4, 2, 72, torch.float32, device)
-    dout = torch.randn(q.shape)
+    dout = torch.randn(q.shape, device=device)
     runs = []
     for _ in range(2):
         out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, 37, 37, 72 ** -0.5, causal, True)
@@ -362,3 +362,128 @@ def test_module(device):
     q, k, v, cu_q, cu_k = _make([4, 11], [4, 11], 4, 2, 64, torch.float32, device)
     out = VarlenAttention(causal=True)(q, k, v, cu_q, cu_k, 11, 11)
     assert torch.equal(out, flash_attn_varlen_func(q, k, v, cu_q, cu_k, 11, 11, causal=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seqused_k: a preallocated per-sequence KV cache (B, Lmax, Hkv, D) read in place (forward only)
+# ---------------------------------------------------------------------------------------------------------------
+def _cache_case(nq, used, hq, hkv, d, dtype, device, lmax=None, rows=None):
+    """q of len(nq) documents against a cache of B = len(used) rows; document i reads cache row rows[i] (default i).
+    Slots past each row's used length hold NaN: the kernel must never read them."""
+    b = len(used)
+    lmax = lmax or max(used) + 3
+    kc = torch.full((b, lmax, hkv, d), float("nan"), device=device)
+    vc = torch.full((b, lmax, hkv, d), float("nan"), device=device)
+    for i, u in enumerate(used):
+        kc[i, :u] = torch.randn(u, hkv, d, device=device)
+        vc[i, :u] = torch.randn(u, hkv, d, device=device)
+    kc, vc = kc.to(dtype), vc.to(dtype)
+    rows = list(range(b)) if rows is None else rows
+    q = torch.randn(sum(nq), hq, d, device=device).to(dtype)
+    cu_q = _cu(nq, device)
+    cu_k = torch.tensor([r * lmax for r in rows] + [b * lmax], dtype=torch.int32, device=device)
+    seqused = torch.tensor([used[r] for r in rows], dtype=torch.int32, device=device)
+    # the same problem with the used keys copied out into an ordinary packed layout
+    k_dense = torch.cat([kc[r, :used[r]] for r in rows])
+    v_dense = torch.cat([vc[r, :used[r]] for r in rows])
+    cu_dense = _cu([used[r] for r in rows], device)
+    flat = (kc.view(b * lmax, hkv, d), vc.view(b * lmax, hkv, d))
+    return q, flat, cu_q, cu_k, seqused, lmax, (k_dense, v_dense, cu_dense)
+
+
+# name: (queries per document, keys used per cache row, Hq, Hkv, D, causal, dtype)
+SEQUSED_CASES = {
+    "decode-gqa-d64": ([1, 1, 1, 1], [1, 9, 33, 20], 4, 2, 64, True, torch.float32),
+    "decode-mqa-d72": ([1, 1, 1], [40, 2, 17], 4, 1, 72, True, torch.float32),
+    "chunked-prefill-d64": ([3, 7, 17, 1], [5, 30, 17, 37], 4, 2, 64, True, torch.float32),
+    "chunked-prefill-d80-noncausal": ([2, 16], [19, 33], 2, 2, 80, False, torch.float32),
+    "chunked-prefill-fp16": ([5, 1, 12], [12, 20, 40], 4, 2, 64, True, torch.float16),
+}
+
+
+@pytest.mark.parametrize("case", list(SEQUSED_CASES))
+def test_seqused_k_vs_ref(case, device):
+    nq, used, hq, hkv, d, causal, dtype = SEQUSED_CASES[case]
+    q, (kf, vf), cu_q, cu_k, seqused, lmax, (kd, vd, cud) = _cache_case(nq, used, hq, hkv, d, dtype, device)
+    with torch.no_grad():
+        out, lse = flash_attn_varlen_fwd(q, kf, vf, cu_q, cu_k, max(nq), lmax, d ** -0.5, causal, seqused)
+    ref, ref_lse = attention_ref(q, kf, vf, cu_q, cu_k, causal=causal, return_lse=True, seqused_k=seqused)
+    # the reference with seqused_k is the dense reference on the copied-out keys (bottom-right causal)
+    dense, dense_lse = attention_ref(q, kd, vd, cu_q, cud, causal=causal, return_lse=True)
+    assert torch.equal(ref, dense) and torch.equal(ref_lse, dense_lse)
+    if dtype == torch.float32:
+        for name, a, b in (("out", out, ref), ("lse", lse, ref_lse)):
+            assert_flash_rule(a, b, b, name=name, atol=FP32_REL_ATOL * max(1.0, b.abs().max().item()))
+    else:
+        low, low_lse = attention_ref(q, kf, vf, cu_q, cu_k, causal=causal, return_lse=True, upcast=False,
+                                     seqused_k=seqused)
+        assert_flash_rule(out, ref, low, name="out")
+        assert_flash_rule(lse, ref_lse, low_lse, name="lse", atol=1e-5)
+
+
+def test_seqused_k_rows_out_of_order_and_empty(force_triton, device):
+    """Documents read any cache rows (starts not increasing: finished sequences dropped from a batch); a row with no
+    used key gives output 0 and lse +inf; the functional API routes seqused_k to the kernel."""
+    nq, used = [2, 1, 3], [25, 0, 6, 11]
+    q, (kf, vf), cu_q, cu_k, seqused, lmax, _ = _cache_case(nq, used, 4, 2, 64, torch.float32, device,
+                                                             rows=[3, 1, 0])
+    assert seqused.tolist() == [11, 0, 25]
+    with torch.no_grad():
+        out, lse = flash_attn_varlen_func(q, kf, vf, cu_q, cu_k, 3, lmax, causal=True, return_lse=True,
+                                          seqused_k=seqused)
+    ref, ref_lse = attention_ref(q, kf, vf, cu_q, cu_k, causal=True, return_lse=True, seqused_k=seqused)
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.isinf(lse[:, 2]).all()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    atol = FP32_REL_ATOL * max(1.0, ref.abs().max().item())
+    assert_flash_rule(out, ref, ref, name="out", atol=atol)
+    assert_flash_rule(_finite(lse), _finite(ref_lse), _finite(ref_lse), name="lse", atol=atol)
+
+
+def test_seqused_k_cpu_reference_and_opcheck(device):
+    nq, used = [1, 4], [7, 19]
+    q, (kf, vf), cu_q, cu_k, seqused, lmax, _ = _cache_case(nq, used, 4, 2, 64, torch.float32, device)
+    if device == "cpu":  # default dispatch on CPU: the reference
+        out = flash_attn_varlen_func(q, kf, vf, cu_q, cu_k, 4, lmax, causal=True, seqused_k=seqused)
+        assert torch.equal(out, attention_ref(q, kf, vf, cu_q, cu_k, causal=True, seqused_k=seqused))
+    kf, vf = torch.nan_to_num(kf), torch.nan_to_num(vf)   # opcheck compares outputs with NaN-unaware checks
+    torch.library.opcheck(torch.ops.llava_fast.flash_attn_varlen_fwd.default,
+                          (q, kf, vf, cu_q, cu_k, 4, lmax, 0.125, True, seqused))
+
+
+def test_seqused_k_is_forward_only(force_triton):
+    nq, used = [1, 2], [5, 9]
+    q, (kf, vf), cu_q, cu_k, seqused, lmax, _ = _cache_case(nq, used, 2, 2, 64, torch.float32, "cpu")
+    q.requires_grad_()
+    with pytest.raises(ValueError, match="seqused_k is forward only"):
+        flash_attn_varlen_func(q, kf, vf, cu_q, cu_k, 2, lmax, causal=True, seqused_k=seqused)
+    # the autograd.Function itself refuses the backward
+    out, _ = FlashAttnVarlenFunction.apply(q, kf, vf, cu_q, cu_k, 2, lmax, 0.125, True, False, seqused)
+    with pytest.raises(RuntimeError, match="does not support seqused_k"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("seqused, match", [
+    (torch.tensor([4, 12]), r"seqused_k must be an int32 tensor"),
+    (torch.tensor([4, 12, 1], dtype=torch.int32), r"seqused_k must have shape \(batch,\) = \(2,\)"),
+    (torch.tensor([4, 12], dtype=torch.int32, device="meta"), r"seqused_k is on meta"),
+    (torch.tensor([4, 0, 12, 0], dtype=torch.int32)[::2], r"seqused_k must be contiguous"),
+])
+def test_seqused_k_bad_inputs(seqused, match):
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        _bad_call(seqused_k=seqused)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 72, 128])
+@pytest.mark.parametrize("nq", [[1] * 8, [1, 17, 64, 300, 1, 5, 128, 2]], ids=["decode", "chunked"])
+def test_cuda_seqused_k(dtype, d, nq):
+    used = [1, 700, 2048, 301, 4000, 17, 1000, 129]
+    q, (kf, vf), cu_q, cu_k, seqused, lmax, _ = _cache_case(nq, used, 16, 2, d, dtype, "cuda", lmax=4100)
+    with torch.no_grad():
+        out, lse = flash_attn_varlen_func(q, kf, vf, cu_q, cu_k, max(nq), lmax, causal=True, return_lse=True,
+                                          seqused_k=seqused)
+    ref, ref_lse = attention_ref(q, kf, vf, cu_q, cu_k, causal=True, return_lse=True, seqused_k=seqused)
+    low = attention_ref(q, kf, vf, cu_q, cu_k, causal=True, upcast=False, seqused_k=seqused)
+    assert_flash_rule(out, ref, low, name="out")
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
