@@ -7,6 +7,12 @@ bf16, every baseline measured in the same run on the same GPU. TFLOP/s follow fl
 fwd+bwd = 3.5 x fwd; no recompute FLOPs counted. For packed documents only the useful FLOPs are counted
 (sum over documents of 4·H·L²·D / 2), for every provider (the padded SDPA batch does more work than it is credited).
 Ratios are ours / provider per (shape, mode). Peak memory is measured on fwd+bwd.
+
+Two llava_fast rows per shape for the backward: ``llava_fast`` runs the default atomic-free backward (dK/dV kernel +
+dQ kernel, 7 GEMMs per block pair; forced with ``set_backward_impl("separate")`` whatever ``LLAVA_FAST_ATTN_BWD``
+says) and ``llava_fast_atomic_bwd`` the opt-in FA2-style one (5 GEMMs, dQ by fp32 atomics), bwd and fwd+bwd modes
+only (the forward is the same kernel). ``llava_fast``'s ratio against it is separate / atomic: below 1 means the atomic
+backward is faster. With --quick it runs on the causal D128 4k and packed-documents shapes, in bwd and fwd+bwd.
 """
 from __future__ import annotations
 
@@ -22,6 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import Row, add_ratios, bench, device_name, peak_memory, save, to_markdown  # noqa: E402
 
 OURS = "llava_fast"
+OURS_ATOMIC = "llava_fast_atomic_bwd"
+BWD_IMPL = {OURS: "separate", OURS_ATOMIC: "atomic"}   # backward each of our providers runs (set_backward_impl)
+ATOMIC_MODES = ("bwd", "fwd+bwd")
+QUICK_ATOMIC = ["causal-d128-4k", "packed-8docs-d128"]
 DEVICE = "cuda"
 
 # name: (batch, seqlen, Hq, Hkv, D, causal); "packed" is the 8-document case (lengths below).
@@ -71,7 +81,7 @@ def _fwd_bwd_once(fn):
     out.backward(torch.ones_like(out))
 
 
-def _providers(name, shape, with_flex=True):
+def _providers(name, shape, with_flex=True, with_atomic=True):
     """Yield (provider, make_fn, note): make_fn() -> (fwd_fn, leaf inputs)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -91,6 +101,8 @@ def _providers(name, shape, with_flex=True):
         return (lambda: flash_attn_varlen_func(q, k, v, cu, cu, smax, smax, causal=causal)), [q, k, v]
 
     yield OURS, ours, ""
+    if with_atomic:
+        yield OURS_ATOMIC, ours, "5-GEMM backward, dQ by fp32 atomics (forward not re-measured)"
 
     # SDPA on a (B, H, S, D) batch; for packed documents, a zero-padded batch of max length (the causal mask keeps
     # valid rows away from the padding at the end of each row).
@@ -160,6 +172,7 @@ def main():
         return 0
     if args.autotune:
         os.environ["LLAVA_FAST_ATTN_AUTOTUNE"] = "1"
+    from llava_fast.ops.attention import set_backward_impl
     shapes = args.shapes.split(",") if args.shapes else (QUICK if args.quick else list(SHAPES))
     modes = args.modes.split(",") if args.modes else (["fwd", "fwd+bwd"] if args.quick else ["fwd", "bwd", "fwd+bwd"])
     warmup, rep = (2, 5) if args.quick else (3, 10)
@@ -174,30 +187,40 @@ def main():
         # FlexAttention compiles for ~30-60 s per shape (fwd+bwd): --quick leaves it out unless --flex (then only the
         # packed-documents case)
         with_flex = not args.quick or (args.flex and SHAPES[name][1] is None)
-        for provider, make, note in _providers(name, shape, with_flex):
+        with_atomic = not args.quick or name in QUICK_ATOMIC
+        for provider, make, note in _providers(name, shape, with_flex, with_atomic):
+            set_backward_impl(BWD_IMPL.get(provider))  # None (the environment's choice) for the other providers
+            provider_modes = [m for m in modes if m in ATOMIC_MODES] if provider == OURS_ATOMIC else modes
+            if (args.quick and args.modes is None and provider in BWD_IMPL and with_atomic
+                    and "bwd" not in provider_modes):
+                # the two backwards side by side on the shapes where both run (a few ms each)
+                provider_modes = provider_modes + ["bwd"]
+            if not provider_modes:
+                continue
             try:
                 fn, inputs = make()
                 fn()  # compile / first call outside the timing
             except Exception as e:  # a backend without a kernel for this shape (e.g. efficient + GQA)
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                print(f"  {label:60s} {provider:15s} unavailable ({msg})")
+                print(f"  {label:60s} {provider:22s} unavailable ({msg})")
                 rows.append(Row("attention", provider, label, "bf16", "-", note=f"unavailable: {msg}"))
                 continue
             peak = None
-            for mode in modes:
+            for mode in provider_modes:
                 try:
                     t = _timed(fn, inputs, mode, warmup, rep)
                 except Exception as e:
-                    print(f"  {label:60s} {provider:15s} {mode:8s} failed ({type(e).__name__}: {e})")
+                    print(f"  {label:60s} {provider:22s} {mode:8s} failed ({type(e).__name__}: {e})")
                     continue
                 tf = flops(lens, hq, d, causal, mode) / (t["ms"] * 1e-3) / 1e12
                 if mode == "fwd+bwd":
                     peak = peak_memory(lambda: _fwd_bwd_once(fn))
                 rows.append(Row("attention", provider, label, "bf16", mode, t["ms"], t["ms_p20"], t["ms_p80"], tf,
                                 "TFLOP/s", peak if mode == "fwd+bwd" else None, note=note))
-                print(f"  {label:60s} {provider:15s} {mode:8s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s")
+                print(f"  {label:60s} {provider:22s} {mode:8s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s")
             del fn, inputs
             torch.cuda.empty_cache()
+            set_backward_impl(None)
         add_ratios(rows, ours=OURS)
         save(rows, "attention")  # keep what is measured so far, in case a time limit stops the run
     add_ratios(rows, ours=OURS)

@@ -25,7 +25,10 @@ from ``cu_seqlens`` on the device (no host synchronisation) and loops only over 
 and in causal mode only up to the diagonal; blocks wholly inside the mask run without any masking arithmetic.
 The backward is the FA2/Triton-tutorial split: a preprocess kernel (``delta = rowsum(dO * O)``), a dK/dV kernel over
 key blocks that loops over every query head of its kv head (GQA gradients summed in registers), and a separate dQ
-kernel over query blocks. No atomics anywhere, so the backward is always bitwise deterministic.
+kernel over query blocks. No atomics, so this backward is bitwise deterministic; it costs 7 GEMMs per (query block,
+key block) pair. An opt-in FA2-style backward (``set_backward_impl("atomic")`` or ``LLAVA_FAST_ATTN_BWD=atomic``,
+never with ``deterministic=True``) does it in one kernel over key blocks with 5 GEMMs per pair, accumulating dQ with
+fp32 atomics (:func:`flash_attn_varlen_bwd_atomic`).
 """
 
 import contextlib
@@ -486,6 +489,139 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
         _store_tile(DQb, dq1 * sm_scale, offs_mb, stride_dqt, offs_d1, rows_left, HEAD_DIM)
 
 
+# Opt-in FA2-style backward (see flash_attn_varlen_bwd_atomic): one kernel over key blocks computes dK, dV and dQ with
+# 5 GEMMs per (query block, key block) pair; dQ is accumulated across key blocks with fp32 atomics (not deterministic).
+@triton.jit
+def _attn_bwd_fused_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, DQh, LSEh, DELTAh, stride_qt, stride_dot,
+                          stride_dqt, offs_n, offs_d0, offs_d1, lo, n_blocks, rot, seqlen_q, diag, qk_scale, sm_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_D0: tl.constexpr,
+                          MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """_attn_bwd_dkdv_inner plus dQ: over the n_blocks query blocks from lo, visited starting at block rot (mod
+    n_blocks) so that key blocks running at the same time do not hit the same dQ rows. Per block: S^T = K Q^T,
+    dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ[rows] += scale * dS K (atomics; rows past the document masked)."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for i in range(0, n_blocks):
+        start_m = lo + ((i + rot) % n_blocks) * BLOCK_M
+        offs_m = start_m + offs_m0
+        q0 = _load_tile(Qh, offs_m, stride_qt, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
+        qkT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)                      # (BLOCK_N, BLOCK_M)
+        if HAS_D1:
+            q1 = _load_tile(Qh, offs_m, stride_qt, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
+            qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PREC)
+        rmask = offs_m < seqlen_q
+        lse = tl.load(LSEh + offs_m, mask=rmask, other=float("inf")) * 1.4426950408889634
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if MASKED:
+            pT = tl.where(offs_m[None, :] + diag >= offs_n[:, None], pT, 0.0)
+        do0 = _load_tile(DOh, offs_m, stride_dot, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
+        dv0 = tl.dot(pT.to(do0.dtype), do0, dv0, input_precision=DOT_PREC)
+        dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
+        if HAS_D1:
+            do1 = _load_tile(DOh, offs_m, stride_dot, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
+            dv1 = tl.dot(pT.to(do1.dtype), do1, dv1, input_precision=DOT_PREC)
+            dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
+        delta = tl.load(DELTAh + offs_m, mask=rmask, other=0.0)
+        dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
+        dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PREC)
+        # dQ: keys past the document were loaded as zero rows of K, so they add nothing
+        ds = tl.trans(dsT)                                                             # (BLOCK_M, BLOCK_N)
+        dq0 = tl.dot(ds, k0, input_precision=DOT_PREC) * sm_scale
+        dq_ptr0 = DQh + offs_m[:, None] * stride_dqt + offs_d0[None, :]
+        if MASK_D0:
+            tl.atomic_add(dq_ptr0, dq0, mask=rmask[:, None] & (offs_d0[None, :] < HEAD_DIM), sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptr0, dq0, mask=rmask[:, None], sem="relaxed")
+        if HAS_D1:
+            dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT_PREC)
+            dq1 = tl.dot(ds, k1, input_precision=DOT_PREC) * sm_scale
+            dq_ptr1 = DQh + offs_m[:, None] * stride_dqt + offs_d1[None, :]
+            if MASK_D1:
+                tl.atomic_add(dq_ptr1, dq1, mask=rmask[:, None] & (offs_d1[None, :] < HEAD_DIM), sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptr1, dq1, mask=rmask[:, None], sem="relaxed")
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _flash_attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K,
+                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                 stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt,
+                                 stride_dvh, stride_lse_h, qk_scale, sm_scale, group, seq_bucket,
+                                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                                 HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (key blocks of max_seqlen_k, batch, Hkv), as _flash_attn_bwd_dkdv_kernel; DQ is a zeroed fp32
+    (total_q, Hq, D) buffer that receives scale * dS K by atomics."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
+    k_start = tl.load(CU_K + b)
+    seqlen_k = tl.load(CU_K + b + 1) - k_start
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    q_start = tl.load(CU_Q + b)
+    seqlen_q = tl.load(CU_Q + b + 1) - q_start
+    MASK_D0: tl.constexpr = HEAD_DIM < BLOCK_D0
+    MASK_D1: tl.constexpr = HEAD_DIM < BLOCK_D0 + BLOCK_D1
+
+    offs_nb = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_nb
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    keys_left = seqlen_k - start_n
+    Kb = K + (k_start + start_n).to(tl.int64) * stride_kt + hk * stride_kh
+    Vb = V + (k_start + start_n).to(tl.int64) * stride_vt + hk * stride_vh
+    k0 = _load_tile(Kb, offs_nb, stride_kt, offs_d0, keys_left, HEAD_DIM, True, MASK_D0)
+    v0 = _load_tile(Vb, offs_nb, stride_vt, offs_d0, keys_left, HEAD_DIM, True, MASK_D0)
+    if HAS_D1:
+        k1 = _load_tile(Kb, offs_nb, stride_kt, offs_d1, keys_left, HEAD_DIM, True, MASK_D1)
+        v1 = _load_tile(Vb, offs_nb, stride_vt, offs_d1, keys_left, HEAD_DIM, True, MASK_D1)
+    else:  # unused
+        k1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=k0.dtype)
+        v1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=v0.dtype)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+
+    diag = seqlen_k - seqlen_q
+    if CAUSAL:  # same ranges as _flash_attn_bwd_dkdv_kernel: [lo, mid) masked (diagonal), [mid, seqlen_q) full
+        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
+        mid = tl.minimum(mid, seqlen_q)
+        lo = tl.minimum(lo, mid)
+    else:
+        lo = 0
+        mid = 0
+    n_diag = tl.cdiv(mid - lo, BLOCK_M)
+    n_full = tl.cdiv(seqlen_q - mid, BLOCK_M)
+    rot = pid_n % tl.maximum(n_full, 1)   # stagger the dQ rows that concurrent key blocks add to
+    q_off = q_start.to(tl.int64)
+    for g in range(0, group):  # every query head of this kv head: dK/dV summed in registers
+        h = hk * group + g
+        Qh = Q + q_off * stride_qt + h * stride_qh
+        DOh = DO + q_off * stride_dot + h * stride_doh
+        DQh = DQ + q_off * stride_dqt + h * stride_dqh
+        LSEh = LSE + h.to(tl.int64) * stride_lse_h + q_start
+        DELTAh = DELTA + h.to(tl.int64) * stride_lse_h + q_start
+        dk0, dk1, dv0, dv1 = _attn_bwd_fused_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, DQh, LSEh, DELTAh,
+                                                   stride_qt, stride_dot, stride_dqt, offs_n, offs_d0, offs_d1, lo,
+                                                   n_diag, 0, seqlen_q, diag, qk_scale, sm_scale, HEAD_DIM, BLOCK_M,
+                                                   MASK_D0, MASK_D1, HAS_D1, True, DOT_PREC)
+        dk0, dk1, dv0, dv1 = _attn_bwd_fused_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, DQh, LSEh, DELTAh,
+                                                   stride_qt, stride_dot, stride_dqt, offs_n, offs_d0, offs_d1, mid,
+                                                   n_full, rot, seqlen_q, diag, qk_scale, sm_scale, HEAD_DIM,
+                                                   BLOCK_M, MASK_D0, MASK_D1, HAS_D1, False, DOT_PREC)
+    DKb = DK + (k_start + start_n).to(tl.int64) * stride_dkt + hk * stride_dkh
+    DVb = DV + (k_start + start_n).to(tl.int64) * stride_dvt + hk * stride_dvh
+    _store_tile(DKb, dk0 * sm_scale, offs_nb, stride_dkt, offs_d0, keys_left, HEAD_DIM)
+    _store_tile(DVb, dv0, offs_nb, stride_dvt, offs_d0, keys_left, HEAD_DIM)
+    if HAS_D1:
+        _store_tile(DKb, dk1 * sm_scale, offs_nb, stride_dkt, offs_d1, keys_left, HEAD_DIM)
+        _store_tile(DVb, dv1, offs_nb, stride_dvt, offs_d1, keys_left, HEAD_DIM)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Launchers
 # ----------------------------------------------------------------------------------------------------------------
@@ -502,20 +638,33 @@ def _autotune_enabled() -> bool:
 # spills ~500 B/thread and its dQ 128x32 at BLOCK_D = 128 spills ~1 KB, so the defaults below are the spill-free
 # (or < 100 B) neighbours. "width" is the register width of the head dim, BLOCK_D0 + BLOCK_D1 (64, 80, 96 or 128).
 # Under the interpreter small, unequal blocks make the tiny test documents span several blocks of both kinds.
-_INTERPRET_CFG = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1), "fwd_decode": (16, 32, 1, 1)}
+_INTERPRET_CFG = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1), "fwd_decode": (16, 32, 1, 1),
+                  "bwd_fused": (16, 32, 1, 1)}
+
+
+# The atomic-dQ backward ("bwd_fused"): BLOCK_M queries per step x BLOCK_N keys per program. A wide key block halves
+# the dQ atomics per FLOP (BLOCK_M x D fp32 adds per pair of 5 x 2 x BLOCK_M x BLOCK_N x D FLOPs); BLOCK_M stays 64
+# because at 8 warps BLOCK_M = 32 turns the dQ GEMM (M = BLOCK_M) into mma.sync instead of wgmma. One stage: in this
+# kernel (as in the dK/dV one) the pipeliner only prefetches lse/delta (q and dO are loaded synchronously whatever
+# num_stages is), and 2 stages cost 1.1-2.7x the spills. ptxas -v, sm_90a, bf16 (docs/perf-notes.md has the table):
+# 255 registers, 1 CTA of 8 warps per SM, spills <= 136 B/thread with triton 3.6 and 3.8.
+_FUSED_CFG_D64 = (64, 128, 8, 1)
+_FUSED_CFG_WIDE = (64, 64, 8, 1)
 
 
 def _default_cfg(kind: str, width: int, fp32: bool = False) -> tuple[int, int, int, int]:
     if _interpret():
         return _INTERPRET_CFG[kind]
     if fp32:  # fp32 inputs (tests, debugging): tiles twice as large in shared memory; small tiles, 2 stages
-        return (64, 32, 4, 2)
+        return (32, 32, 4, 1) if kind == "bwd_fused" else (64, 32, 4, 2)
     if kind == "fwd":
         return (128, 64, 4, 3) if width <= 64 else (128, 128, 8, 3)
     if kind == "fwd_decode":  # seqused_k with <= 16 queries per document (KV-cache decode): the smallest tl.dot M
         return (16, 64, 4, 3)
     if kind == "dkdv":
         return (64, 128, 8, 3) if width <= 64 else (64, 64, 8, 3)
+    if kind == "bwd_fused":  # the atomic-dQ backward (5 GEMMs); see the ptxas notes in docs/perf-notes.md
+        return _FUSED_CFG_D64 if width <= 64 else _FUSED_CFG_WIDE
     return (128, 64, 8, 3) if width <= 64 else (64, 32, 4, 3)
 
 
@@ -527,7 +676,10 @@ _TUNE = {
     "dkdv": [(64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
     "dq": [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
     "fwd_decode": [(16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 4), (16, 64, 8, 3)],
+    "bwd_fused": [(64, 128, 8, 1), (64, 64, 8, 1), (64, 64, 8, 2), (64, 128, 8, 2)],
 }
+# Launch-time kernel arguments the autotuner must zero before each trial (the atomic dQ accumulator).
+_RESET_TO_ZERO = {"bwd_fused": ["DQ"]}
 _TUNED: dict = {}
 
 
@@ -538,7 +690,8 @@ def _kernel(kind: str, fn, fp32: bool = False):
     if kind not in _TUNED:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in
                    _TUNE[kind]]
-        _TUNED[kind] = triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "seq_bucket"])(fn)
+        _TUNED[kind] = triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "seq_bucket"],
+                                       reset_to_zero=_RESET_TO_ZERO.get(kind))(fn)
     return _TUNED[kind], False
 
 
@@ -576,6 +729,38 @@ def _device_guard(t: torch.Tensor):
 def _dot_prec(dtype: torch.dtype) -> str:
     # fp32 inputs: exact fp32 dots (no silent TF32); fp16/bf16 ignore the setting.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# Backward selection (the 5-GEMM atomic-dQ kernel is opt-in until a GPU run has measured it against the split one).
+BACKWARD_IMPLS = ("separate", "atomic")
+_BWD_ENV = "LLAVA_FAST_ATTN_BWD"
+_bwd_impl_override: Optional[str] = None
+
+
+def set_backward_impl(impl: Optional[str]) -> None:
+    """Choose the non-deterministic backward for this process: ``"separate"`` (dK/dV kernel + dQ kernel, 7 GEMMs per
+    block pair, no atomics; the default), ``"atomic"`` (one kernel, 5 GEMMs, dQ accumulated with fp32 atomics) or
+    ``None`` (follow ``LLAVA_FAST_ATTN_BWD``, default ``"separate"``). ``deterministic=True`` always runs
+    ``"separate"``. Takes precedence over the environment variable."""
+    global _bwd_impl_override
+    if impl is not None and impl not in BACKWARD_IMPLS:
+        raise ValueError(f"set_backward_impl: impl must be one of {BACKWARD_IMPLS} or None, got {impl!r}")
+    _bwd_impl_override = impl
+
+
+def backward_impl(deterministic: bool = False) -> str:
+    """The backward that a call with this ``deterministic`` flag runs now: ``set_backward_impl``'s choice, else
+    ``LLAVA_FAST_ATTN_BWD`` (read at every call), else ``"separate"``; always ``"separate"`` when deterministic."""
+    if deterministic:
+        return "separate"
+    if _bwd_impl_override is not None:
+        return _bwd_impl_override
+    env = os.environ.get(_BWD_ENV, "").strip().lower()
+    if not env:
+        return "separate"
+    if env not in BACKWARD_IMPLS:
+        raise ValueError(f"{_BWD_ENV}={env!r}: must be one of {BACKWARD_IMPLS} (or unset for 'separate')")
+    return env
 
 
 def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -646,6 +831,43 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
     return dq, dk, dv
 
 
+def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                                 max_seqlen_k: int, softmax_scale: float, causal: bool
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher, FA2 style: ``(dq, dk, dv)`` like :func:`flash_attn_varlen_bwd`, from one kernel over key
+    blocks doing 5 GEMMs per (query block, key block) pair, dQ accumulated with fp32 atomics into a zeroed
+    ``(total_q, Hq, D)`` fp32 buffer (cast to q's dtype at the end; for fp32 inputs the buffer is returned).
+    Not bitwise deterministic (the order of the fp32 dQ additions varies between runs); dK and dV are."""
+    total_q, hq, d = q.shape
+    total_k, hkv, _ = k.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if total_q == 0 or total_k == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    # queries of documents without keys are never visited: the zeroed accumulator gives them dq = 0
+    dq_acc = torch.zeros((total_q, hq, d), dtype=torch.float32, device=q.device)
+    dk = torch.empty((total_k, hkv, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((total_k, hkv, d), dtype=v.dtype, device=v.device)
+    d0, d1, has_d1 = _split_head_dim(d)
+    delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
+    with _device_guard(q):
+        block_t = 16 if _interpret() else 64
+        _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
+            out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
+        args = (q, k, v, dout, lse, delta, dq_acc, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                dout.stride(0), dout.stride(1), dq_acc.stride(0), dq_acc.stride(1), dk.stride(0), dk.stride(1),
+                dv.stride(0), dv.stride(1), lse.stride(0), softmax_scale * _LOG2E, softmax_scale, hq // hkv,
+                _bucket(max_seqlen_k))
+        constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
+                          DOT_PREC=_dot_prec(q.dtype))
+        _launch("bwd_fused", _flash_attn_bwd_fused_kernel,
+                lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv), args, constexprs)
+    return dq_acc.to(q.dtype), dk, dv
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 4. torch.library custom ops (opaque to torch.compile, with fake implementations)
 # ----------------------------------------------------------------------------------------------------------------
@@ -679,6 +901,23 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
+@torch.library.custom_op("llava_fast::flash_attn_varlen_bwd_atomic", mutates_args=())
+def _flash_attn_varlen_bwd_atomic_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                     softmax_scale: float, causal: bool
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                              max_seqlen_k, softmax_scale, causal)
+    return dq, dk, dv
+
+
+@_flash_attn_varlen_bwd_atomic_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 5. autograd.Function
 # ----------------------------------------------------------------------------------------------------------------
@@ -694,6 +933,7 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
         ctx.softmax_scale, ctx.causal = softmax_scale, causal
+        ctx.deterministic = bool(deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -703,10 +943,12 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
             raise RuntimeError("flash_attn_varlen_func: the backward does not support seqused_k (forward only, for "
                                "KV-cache inference); call it under torch.no_grad() or without seqused_k")
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        # The backward has no atomics: it is deterministic whatever `deterministic` says.
-        dq, dk, dv = torch.ops.llava_fast.flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                                ctx.max_seqlen_q, ctx.max_seqlen_k,
-                                                                ctx.softmax_scale, ctx.causal)
+        # "separate" (default, and always when deterministic): no atomics, bitwise deterministic. "atomic" (opt-in:
+        # set_backward_impl / LLAVA_FAST_ATTN_BWD, read here at each backward): 5 GEMMs, dQ by fp32 atomics.
+        op = (torch.ops.llava_fast.flash_attn_varlen_bwd_atomic if backward_impl(ctx.deterministic) == "atomic"
+              else torch.ops.llava_fast.flash_attn_varlen_bwd)
+        dq, dk, dv = op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k,
+                        ctx.softmax_scale, ctx.causal)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -796,7 +1038,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         softmax_scale: defaults to ``D ** -0.5``.
         causal: bottom-right aligned causal mask per document.
         return_lse: also return the softmax log-sum-exp ``(Hq, total_q)`` fp32.
-        deterministic: accepted for flash-attn compatibility; the backward is always deterministic (no atomics).
+        deterministic: ``True`` always runs the atomic-free backward (bitwise deterministic). With ``False`` (the
+            default) the backward is still the atomic-free one (dK/dV kernel + dQ kernel, 7 GEMMs per block pair)
+            unless the 5-GEMM FA2-style backward is selected, which accumulates dQ with fp32 atomics (dQ then varies
+            in its last bits between runs): ``llava_fast.ops.attention.set_backward_impl("atomic")`` for the
+            process, or the environment variable ``LLAVA_FAST_ATTN_BWD=atomic`` (read at each backward call;
+            ``set_backward_impl`` wins over it; ``"separate"`` or unset: the default). The default is to be flipped
+            once a GPU run has measured both (``benchmarks/bench_attention.py``, provider ``llava_fast_atomic_bwd``).
         seqused_k: optional int32 ``(batch,)`` on q's device (forward only, no gradients): document ``b``'s keys are
             ``k[cu_seqlens_k[b] : cu_seqlens_k[b] + seqused_k[b]]`` (only the starts ``cu_seqlens_k[:-1]`` are read;
             they need not be increasing), causal bottom-right against ``seqused_k[b]`` keys. ``max_seqlen_k`` must

@@ -2,15 +2,16 @@
 fp32 reference.
 
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py) at tiny shapes: documents of 1-37 tokens,
-2-7 heads, with the interpreter's block sizes (fwd 32x16, dK/dV 16x32, dQ 32x16) so that every document spans full
-blocks, masked blocks and ragged tails. bf16 is GPU-only: the Triton 3.8 interpreter computes bf16 tl.dot wrongly
-(checked: a plain 16x16 bf16 dot is off by 1e10), so CPU cases are fp32 and fp16. Full-size bf16/fp16 cases carry the
-``cuda`` marker.
+2-7 heads, with the interpreter's block sizes (fwd 32x16, dK/dV 16x32, dQ 32x16, atomic-dQ backward 16x32) so that
+every document spans full blocks, masked blocks and ragged tails. bf16 is GPU-only: the Triton 3.8 interpreter
+computes bf16 tl.dot wrongly (checked: a plain 16x16 bf16 dot is off by 1e10), so CPU cases are fp32 and fp16.
+Full-size bf16/fp16 cases carry the ``cuda`` marker.
 """
 import pytest
 import torch
 
 from llava_fast import backend
+from llava_fast.ops import attention as attn_mod
 from llava_fast.ops.attention import (FlashAttnVarlenFunction, attention_ref, flash_attn_func,
                                       flash_attn_varlen_bwd, flash_attn_varlen_func, flash_attn_varlen_fwd)
 from tests.utils import assert_flash_rule
@@ -487,3 +488,180 @@ def test_cuda_seqused_k(dtype, d, nq):
     low = attention_ref(q, kf, vf, cu_q, cu_k, causal=True, upcast=False, seqused_k=seqused)
     assert_flash_rule(out, ref, low, name="out")
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Opt-in FA2-style backward: one kernel, 5 GEMMs per block pair, dQ accumulated with fp32 atomics
+# (set_backward_impl("atomic") / LLAVA_FAST_ATTN_BWD=atomic). tl.atomic_add runs under the interpreter on CPU tensors
+# (programs run one after another there, so the atomics are exercised for addressing and masking, not for races).
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def atomic_bwd(monkeypatch):
+    """Select the atomic backward for one test, and count its launches."""
+    calls = []
+    real = attn_mod.flash_attn_varlen_bwd_atomic
+
+    def counting(*args):
+        calls.append(args[1].shape)
+        return real(*args)
+
+    monkeypatch.setattr(attn_mod, "flash_attn_varlen_bwd_atomic", counting)
+    monkeypatch.setattr(attn_mod, "_bwd_impl_override", None)
+    attn_mod.set_backward_impl("atomic")
+    yield calls
+    attn_mod.set_backward_impl(None)
+
+
+# name: (lens_q, lens_k, Hq, Hkv, D, causal, dtype): causal and not, GQA ratios 1/2/7, D 64/72/128, Sq < Sk,
+# Sq > Sk with rows that see no key, empty documents on both sides, a document without keys.
+ATOMIC_CASES = {
+    "mha-d64": (DOCS, DOCS, 4, 4, 64, False, torch.float32),
+    "mha-d64-causal": (DOCS, DOCS, 4, 4, 64, True, torch.float32),
+    "gqa2-d72": (DOCS, DOCS, 4, 2, 72, False, torch.float32),
+    "gqa2-d72-causal": (DOCS, DOCS, 4, 2, 72, True, torch.float32),
+    "mqa7-d64-causal": (DOCS, DOCS, 7, 1, 64, True, torch.float32),
+    "mqa7-d72": ([5, 33], [5, 33], 7, 1, 72, False, torch.float32),
+    "mha-d128-causal": (DOCS, DOCS, 2, 2, 128, True, torch.float32),
+    "sq<sk-gqa2-d64-causal": ([1, 5, 20], [3, 17, 37], 4, 2, 64, True, torch.float32),
+    "sq<sk-d128": ([1, 5, 20], [3, 17, 37], 2, 2, 128, False, torch.float32),
+    "sq>sk-empty-docs-causal": ([9, 0, 20, 3], [4, 3, 20, 0], 2, 1, 72, True, torch.float32),
+    "no-keys-doc": ([3, 17], [0, 17], 2, 2, 64, False, torch.float32),
+    "fp16-gqa2-d72-causal": (DOCS, DOCS, 4, 2, 72, True, torch.float16),
+}
+
+
+@pytest.mark.parametrize("case", list(ATOMIC_CASES))
+def test_atomic_bwd_vs_ref(case, atomic_bwd, device):
+    lens_q, lens_k, hq, hkv, d, causal, dtype = ATOMIC_CASES[case]
+    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
+    assert len(atomic_bwd) == 1, "the atomic backward did not run"
+
+
+def test_atomic_bwd_empty_rows_are_zero(atomic_bwd, device):
+    q, k, v, cu_q, cu_k = _make([6, 3], [2, 0], 2, 2, 72, torch.float32, device)
+    out, lse = _run_function(q, k, v, cu_q, cu_k, 6, 2, True)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    # doc 0: rows 0..3 see no key; doc 1 has no keys at all
+    assert torch.equal(dq[:4], torch.zeros_like(dq[:4])) and torch.equal(dq[6:], torch.zeros_like(dq[6:]))
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    assert len(atomic_bwd) == 1
+
+
+def test_backward_selection(monkeypatch, device):
+    """Default: the atomic-free backward; LLAVA_FAST_ATTN_BWD=atomic (read at each call) or set_backward_impl select
+    the atomic one (set_backward_impl wins over the variable); deterministic=True never runs it."""
+    calls = []
+    real = attn_mod.flash_attn_varlen_bwd_atomic
+    monkeypatch.setattr(attn_mod, "flash_attn_varlen_bwd_atomic", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attn_mod, "_bwd_impl_override", None)
+    monkeypatch.delenv("LLAVA_FAST_ATTN_BWD", raising=False)
+    q, k, v, cu_q, cu_k = _make([5, 11], [5, 11], 2, 1, 64, torch.float32, device)
+
+    def backward(deterministic):
+        out, _ = FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, 11, 11, 0.125, True, deterministic)
+        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    ref = backward(False)
+    assert attn_mod.backward_impl() == "separate" and calls == []
+    monkeypatch.setenv("LLAVA_FAST_ATTN_BWD", "atomic")
+    assert attn_mod.backward_impl() == "atomic" and attn_mod.backward_impl(deterministic=True) == "separate"
+    grads = backward(False)
+    assert calls == [1]
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(backward(True), ref))  # deterministic: the separate kernels
+    assert calls == [1]
+    attn_mod.set_backward_impl("separate")  # the switch wins over the environment
+    try:
+        backward(False)
+        assert calls == [1]
+        monkeypatch.delenv("LLAVA_FAST_ATTN_BWD")
+        attn_mod.set_backward_impl("atomic")
+        backward(False)
+        assert calls == [1, 1]
+    finally:
+        attn_mod.set_backward_impl(None)
+    assert attn_mod.backward_impl() == "separate"
+    with pytest.raises(ValueError, match="set_backward_impl: impl must be one of"):
+        attn_mod.set_backward_impl("fast")
+    monkeypatch.setenv("LLAVA_FAST_ATTN_BWD", "fa3")
+    with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_BWD='fa3'"):
+        attn_mod.backward_impl()
+
+
+def test_atomic_bwd_functional(force_triton, atomic_bwd, device):
+    """Through flash_attn_varlen_func with strided q/k/v views (one fused projection) and a transposed dout."""
+    lens, h, d = [5, 30], 2, 72
+    t = sum(lens)
+    qkv = torch.randn(t, 3 * h * d, device=device, requires_grad=True)
+    q, k, v = qkv.view(t, 3, h, d).unbind(1)
+    cu = _cu(lens, device)
+    dout = torch.randn(h, t, d, device=device).transpose(0, 1)
+    (g,) = torch.autograd.grad(flash_attn_varlen_func(q, k, v, cu, cu, 30, 30, causal=True), qkv, dout)
+    (rg,) = torch.autograd.grad(attention_ref(q, k, v, cu, cu, causal=True), qkv, dout)
+    assert_flash_rule(g, rg, rg, name="dqkv", atol=FP32_REL_ATOL * max(1.0, rg.abs().max().item()))
+    assert len(atomic_bwd) == 1
+
+
+def test_atomic_bwd_torch_compile_fullgraph(atomic_bwd, device):
+    """The selection inside the backward traces (aot_eager, fullgraph): the compiled graph calls the atomic op."""
+    q, k, v, cu_q, cu_k = _make([1, 17, 37], [1, 17, 37], 4, 2, 72, torch.float32, device)
+
+    def f(q, k, v):
+        out, _ = FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, 37, 37, 72 ** -0.5, True, False)
+        return out * 2.0
+
+    out_c = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    grads_c = torch.autograd.grad(out_c, (q, k, v), torch.ones_like(out_c))
+    assert len(atomic_bwd) == 1
+    out_e = f(q, k, v)
+    grads_e = torch.autograd.grad(out_e, (q, k, v), torch.ones_like(out_e))
+    for a, b in zip(grads_c, grads_e):  # the interpreter runs programs in order: the atomics add in one order
+        assert torch.equal(a, b)
+
+
+def test_atomic_bwd_opcheck(device):
+    q, k, v, cu_q, cu_k = _make([3, 17], [5, 17], 4, 2, 72, torch.float32, device)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse = flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, 17, 17, 0.125, True)
+    bargs = (torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, 17, 17, 0.125, True)
+    torch.library.opcheck(torch.ops.llava_fast.flash_attn_varlen_bwd_atomic.default, bargs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("hq, hkv, d, dtype", [(8, 8, 128, torch.bfloat16), (14, 2, 64, torch.bfloat16),
+                                               (7, 1, 72, torch.bfloat16), (16, 16, 72, torch.bfloat16),
+                                               (8, 2, 96, torch.bfloat16), (8, 2, 128, torch.float16)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_atomic_bwd(hq, hkv, d, dtype, causal, atomic_bwd):
+    """Real sizes: the atomic backward passes the flash-attn rule against fp32, as the separate one does on the same
+    inputs (checked in the same test, so both variants are held to one standard)."""
+    lens = [1, 17, 300, 577, 1500, 729]
+    torch.manual_seed(1)
+    _check_against_ref(lens, lens, hq, hkv, d, causal, dtype, "cuda", _run_function)
+    assert len(atomic_bwd) == 1
+    attn_mod.set_backward_impl("separate")
+    torch.manual_seed(1)
+    _check_against_ref(lens, lens, hq, hkv, d, causal, dtype, "cuda", _run_function)
+    assert len(atomic_bwd) == 1
+
+
+@pytest.mark.cuda
+def test_cuda_atomic_bwd_sq_ne_sk_and_agreement(atomic_bwd):
+    """Sq < Sk and Sq > Sk (rows with no key), and the two backwards side by side on one problem: dK/dV agree to
+    bf16 rounding of the same fp32 sums, dQ to the order of the fp32 atomic additions (then bf16 rounding)."""
+    _check_against_ref([1, 64, 300, 577], [17, 700, 301, 2048], 8, 2, 128, True, torch.bfloat16, "cuda",
+                       _run_function)
+    _check_against_ref([700, 5], [300, 5], 4, 4, 72, True, torch.bfloat16, "cuda", _run_function)
+    lens = [577, 2048, 97]
+    q, k, v, cu_q, cu_k = _make(lens, lens, 16, 4, 128, torch.bfloat16, "cuda")
+    out, lse = flash_attn_varlen_fwd(q.detach(), k.detach(), v.detach(), cu_q, cu_k, 2048, 2048, 128 ** -0.5, True)
+    dout = torch.randn_like(out)
+    args = (dout, q.detach(), k.detach(), v.detach(), out, lse, cu_q, cu_k, 2048, 2048, 128 ** -0.5, True)
+    sep = flash_attn_varlen_bwd(*args)
+    ato = attn_mod.flash_attn_varlen_bwd_atomic(*args)
+    for name, a, b in zip(("dq", "dk", "dv"), ato, sep):
+        scale = b.float().abs().max().item()
+        err = (a.float() - b.float()).abs().max().item()
+        print(f"{name}: atomic vs separate max diff {err:.3e} (max |value| {scale:.3e})")
+        assert err <= 2 ** -6 * scale, f"{name}: the two backwards differ by {err:.3e} (max |value| {scale:.3e})"
