@@ -1,15 +1,32 @@
 """``llava-fast demo``: train a tiny LLaVA-NeXT from scratch on generated pictures, end to end, in a few minutes.
 
 1. Generates (from ``seed``) pictures of coloured shapes -- 1 to 3 circles, squares or triangles of one colour, of
-   varying size and position, on canvases of varying aspect ratio -- with captions (stage 1) and questions about
-   colour, shape, count and position (stage 2), in the LLaVA JSON format, plus held-out questions on new pictures.
+   varying size and corner position, on wide, tall and square canvases -- with captions (stage 1) and questions
+   about colour, shape, count and position (stage 2), in the LLaVA JSON format, plus held-out questions on new
+   pictures.
 2. Builds a tiny LLaVA-NeXT (CLIP-like vision tower on 56 px tiles with AnyRes grids up to 2x2, a Llama language
    model) and a word-level tokenizer saved with it (loaded back from local files only).
 3. Runs the stage-1 and stage-2 recipes with sequence packing (``llava_fast.train.Trainer``).
-4. Reports held-out answer accuracy (greedy decoding) and answers a question about a fresh picture.
+4. Reports held-out answer accuracy (greedy decoding) per question type and answers a question about a fresh
+   picture.
 
 The demo's model starts from random weights, so unlike a real stage 1 (projector only) every part trains in both
 stages here; the recipes, data pipeline, packing and checkpoints are the real ones.
+
+What it takes for a 0.66M-parameter model to learn this in ~3 CPU minutes (measured on 2 cores, seed 0):
+
+* The information is in the vision features from the start: a linear probe on a *random* tower's base-tile features
+  reads colour (94%), shape (86%) and position (100%). What failed was the language model learning to use them:
+  with lr 1e-3 (the first version) it never does (stage-2 loss stays at the answer prior, ~0.4-0.6); lr 2e-4 to
+  3e-4 works, and small packed micro-batches (512 tokens, 3-4 samples) beat 2048-token ones for the same time
+  (more optimizer steps): held-out 0.67 -> 0.78 -> 0.82 at 2048 / 1024 / 512 tokens, stage 2 alone.
+* Canvases are the AnyRes grid resolutions, so tiles are cut without resampling and shapes sit on the 14-px patch
+  grid; shapes sit in the picture's corners, so a shape's side of the picture is also its side of the AnyRes tile it
+  falls in (a shape left of the middle of a 2x2 grid is on the right of its tile).
+* The vision tower's position embeddings start from 2-D sin-cos values (:func:`sincos_position_embedding`). From
+  transformers' N(0, 0.02) the language model learned top/bottom (from the token order: 100%) but never left/right
+  (chance: 75% "left" on left shapes, 19% on right ones); with sin-cos both are at 100%.
+* Position is asked as two binary questions, and single shapes (the ones with a position) are half the pictures.
 """
 from __future__ import annotations
 
@@ -24,14 +41,28 @@ SHAPES = ("circle", "square", "triangle")
 COUNTS = ("one", "two", "three")
 TILE, PATCH = 56, 14
 PINPOINTS = [[56, 112], [112, 56], [112, 112]]
-# sizes of the full (non-quick) run; tuned so that 2 CPU cores finish in a few minutes
-KNOBS = dict(n_caption=1500, n_qa=2500, n_eval=400, vision_hidden=64, vision_layers=2, text_hidden=128, text_layers=3,
-             epochs1=3, epochs2=4, lr1=1e-3, lr2=1e-3, max_tokens=2048)
+# Canvases are the AnyRes grid resolutions (height, width): wide, tall and square pictures, tiled without resampling
+# so that every shape lands on the 14-px patch grid. Shapes (18-26 px) sit in the CELL x CELL corners of the picture
+# (2x2 patches each): they never touch, and a shape's side of the picture is also its side of the AnyRes tile it
+# falls in, so the vision tower's position embeddings tell left/right and top/bottom in the base tile and in every
+# grid tile alike.
+CANVASES = [(56, 112), (112, 56), (112, 112)]
+CELL = 28
+# Sizes of the full (non-quick) run, measured on 2 busy CPU cores. Small packed micro-batches (512 tokens, 3-4
+# samples) and a moderate learning rate matter most: 1e-3 never learns to read the image, and 2048-token batches
+# give 4x fewer steps for the same time.
+KNOBS = dict(n_caption=1500, n_qa=1500, n_eval=400, vision_hidden=64, vision_layers=2, text_hidden=128, text_layers=3,
+             epochs1=2, epochs2=6, lr1=2e-4, lr2=2e-4, vision_lr1=None, vision_lr2=None, max_tokens=512)
+# --quick: a ~30 s smoke test of the whole pipeline (learns colour, not much more; no accuracy target)
+QUICK = dict(n_caption=300, n_qa=500, n_eval=100, epochs1=1, epochs2=3)
 QUESTIONS = {
     "colour": "What colour are the shapes ?",
     "shape": "What shape are they ?",
     "count": "How many shapes are there ?",
-    "position": "Is the shape on the left or on the right ?",
+}
+POSITION_QUESTIONS = {  # asked about pictures of a single shape
+    "side": ("Is the shape on the left or on the right ?", ("left", "right")),
+    "height": ("Is the shape at the top or at the bottom ?", ("top", "bottom")),
 }
 
 
@@ -39,45 +70,36 @@ QUESTIONS = {
 # data
 
 def draw_picture(rng: random.Random):
-    """A PIL picture and its facts: colour, shape, count (1-3), position (left/right, single shape only)."""
+    """A PIL picture and its facts: colour, shape, count (1-3) and, for a single shape, its position (the half of the
+    picture it is in: left/right and top/bottom)."""
     from PIL import Image, ImageDraw
 
-    w = rng.choice([48, 56, 64, 72, 84, 96, 112])
-    h = rng.choice([48, 56, 64, 72, 84, 96, 112])
+    h, w = rng.choice(CANVASES)
     bg = tuple(rng.randint(225, 255) for _ in range(3))
     im = Image.new("RGB", (w, h), bg)
     d = ImageDraw.Draw(im)
     colour = rng.choice(list(COLOURS))
     shape = rng.choice(SHAPES)
-    count = rng.randint(1, 3)
-    side = rng.choice(["left", "right"])
-    boxes = []
-    for _ in range(count):
-        for _attempt in range(200):
-            r = rng.randint(max(5, min(w, h) // 9), max(6, min(w, h) // 5))
-            if count == 1:
-                if side == "left":
-                    cx = rng.randint(r + 1, max(r + 1, w // 3))
-                else:
-                    cx = rng.randint(min(w - r - 1, 2 * w // 3), w - r - 1)
-            else:
-                cx = rng.randint(r + 1, w - r - 1)
-            cy = rng.randint(r + 1, h - r - 1)
-            box = (cx - r, cy - r, cx + r, cy + r)
-            if all(box[2] + 2 < b[0] or b[2] + 2 < box[0] or box[3] + 2 < b[1] or b[3] + 2 < box[1] for b in boxes):
-                boxes.append(box)
-                break
+    count = rng.choice((1, 1, 2, 3))  # single shapes twice as often: they also get the position questions
+    rows, cols = h // CELL, w // CELL
+    cells = rng.sample([(r, c) for r in (0, rows - 1) for c in (0, cols - 1)], count)  # the four corners
     col = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[colour])
-    for box in boxes:
+    for r, c in cells:
+        s = rng.randint(18, 26)
+        x0 = c * CELL + rng.randint(1, CELL - 1 - s)
+        y0 = r * CELL + rng.randint(1, CELL - 1 - s)
+        x1, y1 = x0 + s - 1, y0 + s - 1
         if shape == "circle":
-            d.ellipse(box, fill=col)
+            d.ellipse((x0, y0, x1, y1), fill=col)
         elif shape == "square":
-            d.rectangle(box, fill=col)
+            d.rectangle((x0, y0, x1, y1), fill=col)
         else:
-            x0, y0, x1, y1 = box
             d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=col)
-    facts = {"colour": colour, "shape": shape, "count": COUNTS[len(boxes) - 1],
-             "position": side if len(boxes) == 1 else None}
+    position = None
+    if count == 1:
+        r, c = cells[0]
+        position = {"height": "top" if r < rows // 2 else "bottom", "side": "left" if c < cols // 2 else "right"}
+    facts = {"colour": colour, "shape": shape, "count": COUNTS[count - 1], "position": position}
     return im, facts
 
 
@@ -88,7 +110,7 @@ def _plural(shape, n):
 def caption(f) -> str:
     s = f"{f['count']} {f['colour']} {_plural(f['shape'], f['count'])}"
     if f["position"]:
-        s += f" on the {f['position']}"
+        s += f" at the {f['position']['height']} {f['position']['side']}"
     return s + " ."
 
 
@@ -96,7 +118,7 @@ def qa_pairs(f) -> list[tuple[str, str, str]]:
     out = [("colour", QUESTIONS["colour"], f["colour"]), ("shape", QUESTIONS["shape"], f["shape"]),
            ("count", QUESTIONS["count"], f["count"])]
     if f["position"]:
-        out.append(("position", QUESTIONS["position"], f["position"]))
+        out += [("position", q, f["position"][k]) for k, (q, _) in POSITION_QUESTIONS.items()]
     return out
 
 
@@ -135,9 +157,9 @@ def vocabulary() -> list[str]:
     from llava_fast.data.templates import QWEN_SYSTEM, VICUNA_SYSTEM
 
     words = set()
-    for text in [VICUNA_SYSTEM, QWEN_SYSTEM, "USER ASSISTANT system user assistant Describe the picture on",
-                 *QUESTIONS.values(), *COLOURS, *SHAPES, *COUNTS, "left right",
-                 *[s + "s" for s in SHAPES]]:
+    for text in [VICUNA_SYSTEM, QWEN_SYSTEM, "USER ASSISTANT system user assistant Describe the picture at top bottom",
+                 *QUESTIONS.values(), *[q for q, _ in POSITION_QUESTIONS.values()], *COLOURS, *SHAPES, *COUNTS,
+                 "left right", *[s + "s" for s in SHAPES]]:
         for w in text.replace(".", " ").replace(",", " ").replace("?", " ").replace("'", " ").split():
             words.add(w)
     return sorted(words)
@@ -146,14 +168,19 @@ def vocabulary() -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # model
 
+def knobs(quick: bool) -> dict:
+    return {**KNOBS, **(QUICK if quick else {})}
+
+
 def build_tiny_model(folder: str, seed: int, quick: bool):
-    """A tiny LLaVA-NeXT saved as a llava-hf folder, with its word-level tokenizer."""
+    """A tiny LLaVA-NeXT saved as a llava-hf folder, with its word-level tokenizer. Built from a config, so it gets
+    transformers-style initialisation (``init_weights``) in its constructor."""
     import torch
 
     from llava_fast.data.word_tokenizer import build_word_tokenizer
     from llava_fast.models import LlavaConfig, LlavaNextForConditionalGeneration
 
-    K = KNOBS
+    K = knobs(quick)
     tok = build_word_tokenizer(vocabulary(), bos=True)
     vocab = ((len(tok) + 63) // 64) * 64
     hf = {
@@ -164,9 +191,8 @@ def build_tiny_model(folder: str, seed: int, quick: bool):
                           "num_attention_heads": 4, "image_size": TILE, "patch_size": PATCH,
                           "hidden_act": "quick_gelu"},
         "text_config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": K["text_hidden"],
-                        "intermediate_size": 2 * K["text_hidden"],
-                        "num_hidden_layers": 2 if quick else K["text_layers"], "num_attention_heads": 4,
-                        "num_key_value_heads": 4,
+                        "intermediate_size": 2 * K["text_hidden"], "num_hidden_layers": K["text_layers"],
+                        "num_attention_heads": 4, "num_key_value_heads": 4,
                         "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
                         "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
                         "eos_token_id": tok.eos_token_id},
@@ -174,28 +200,37 @@ def build_tiny_model(folder: str, seed: int, quick: bool):
     }
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(LlavaConfig.from_hf_dict(hf))
-    init_weights(model)
+    sincos_position_embedding(model)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return model, tok
 
 
-def init_weights(model, std: float = 0.02) -> None:
-    """transformers-style initialisation for a model trained from scratch: N(0, 0.02) for linear, conv and
-    embedding weights (position embeddings included), zero biases. (PyTorch's defaults give embeddings N(0, 1),
-    which drowns the patch content under the position embeddings of the vision tower and slows learning a lot.)"""
-    import torch
-    from torch import nn
+def sincos_position_embedding(model, temperature: float = 100.0) -> None:
+    """Start the vision tower's (learned) position embeddings from 2-D sin-cos values (as ViT/MAE trained from
+    scratch do): half the channels code the patch row, half the column, at an amplitude comparable to the patch
+    content. From N(0, 0.02) (transformers' init) the tower needs far longer than the demo has to learn where a patch
+    is, and the language model then only tells top from bottom (from the token order), never left from right."""
+    import math
 
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                mod.weight.normal_(0.0, std)
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias.zero_()
-        for name, p in model.named_parameters():
-            if name.endswith("class_embedding"):
-                p.normal_(0.0, p.shape[-1] ** -0.5)
+    import torch
+
+    for name, p in model.named_parameters():
+        if name.endswith("embeddings.position_embedding.weight"):
+            n, d = p.shape
+            g = math.isqrt(n - 1)
+            q = d // 4
+            omega = temperature ** (-torch.arange(q, dtype=torch.float32) / q)
+            rows, cols = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32),
+                                        indexing="ij")
+            parts = []
+            for coord in (rows.flatten(), cols.flatten()):
+                a = coord[:, None] * omega[None]
+                parts += [a.sin(), a.cos()]
+            emb = torch.cat(parts, dim=1)
+            with torch.no_grad():
+                p.zero_()
+                p[1:, : emb.shape[1]] = emb.to(p.dtype)  # row 0: the CLS token, no position
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,10 +239,11 @@ def init_weights(model, std: float = 0.02) -> None:
 def answer_questions(model, tok, items, image_root, device, max_new: int = 3, batch: int = 64) -> list[str]:
     import torch
 
-    from llava_fast.data import ImageSpec, load_image, preprocess_images
+    from llava_fast.data import image_config, load_image
     from llava_fast.data.templates import VICUNA_SYSTEM, expand_placeholders, tokenize_with_media
+    from llava_fast.ops.anyres import preprocess_images
 
-    spec = ImageSpec.from_model_config(model.config)
+    spec = image_config(model.config)
     eos = tok.eos_token_id
     img_id = model.config.image_token_id
     model.eval()
@@ -220,11 +256,10 @@ def answer_questions(model, tok, items, image_root, device, max_new: int = 3, ba
             pp = preprocess_images([im], spec)
             prompt = f"{VICUNA_SYSTEM} USER: <image>\n{it['question']} ASSISTANT:"
             ids, _ = tokenize_with_media(tok, prompt)
-            n = spec.image_tokens(pp["image_sizes"][0])
-            ids, _ = expand_placeholders(ids, [0] * len(ids), [n], img_id)
+            ids, _ = expand_placeholders(ids, [0] * len(ids), pp["num_image_tokens"], img_id)
             seqs.append(ids)
             pix.append(pp["pixel_values"])
-            sizes += pp["image_sizes"]
+            sizes += pp["image_sizes"].tolist()
         out_tokens = [[] for _ in chunk]
         done = [False] * len(chunk)
         pv = torch.cat(pix).to(device)
@@ -255,11 +290,10 @@ def answer_questions(model, tok, items, image_root, device, max_new: int = 3, ba
 # ---------------------------------------------------------------------------------------------------------------
 
 def run_demo(out_dir: str = "demo_out", seed: int = 0, device: str | None = None, quick: bool = False) -> int:
+    """Runs the demo into ``out_dir`` (replaced). Returns 0, or 1 when a full run's held-out accuracy is below 90%
+    (``quick`` runs are a smoke test: too short to learn, no target). Deterministic for a given seed on CPU."""
     import torch
 
-    from llava_fast.train import Trainer, get_recipe
-
-    t0 = time.time()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = torch.get_num_threads()
@@ -283,8 +317,8 @@ def _run(out_dir, seed, device, quick) -> int:
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("llava-fast demo: --device cuda was asked for but no CUDA GPU is visible; use --device cpu")
         return 2
-    K = KNOBS
-    n_cap, n_qa, n_eval = (240, 240, 48) if quick else (K["n_caption"], K["n_qa"], K["n_eval"])
+    K = knobs(quick)
+    n_cap, n_qa, n_eval = K["n_caption"], K["n_qa"], K["n_eval"]
     print(f"llava-fast demo: train a tiny LLaVA-NeXT from scratch on generated pictures of shapes "
           f"(seed {seed}, device {device}{', quick' if quick else ''})")
     if os.path.isdir(out_dir):
@@ -301,7 +335,7 @@ def _run(out_dir, seed, device, quick) -> int:
     print(f"[2/5] built a tiny LLaVA-NeXT ({n_params / 1e6:.2f}M parameters): CLIP-like vision tower on {TILE}px "
           f"tiles with AnyRes grids up to 2x2, a Llama language model, a {len(tok)}-word tokenizer -> {model_dir}")
 
-    def recipe(name, data, template, epochs, lr, out):
+    def recipe(name, data, template, epochs, lr, vision_lr, out):
         cfg = get_recipe(name, "llava_next")
         cfg.model.path = model_dir
         cfg.data.data, cfg.data.images, cfg.data.template = os.path.join(data_dir, data), os.path.join(
@@ -312,21 +346,23 @@ def _run(out_dir, seed, device, quick) -> int:
         cfg.train.activation_checkpointing = False
         cfg.train.device = device
         cfg.train.seed = seed
-        cfg.optim.lr, cfg.optim.vision_lr = lr, lr
+        cfg.optim.lr, cfg.optim.vision_lr = lr, vision_lr or lr
         cfg.schedule.epochs = epochs
         cfg.checkpoint.out, cfg.checkpoint.resume = os.path.join(out_dir, out), "none"
         cfg.log.tensorboard = False
         return cfg
 
-    print("[3/5] stage 1 (recipe stage1): captions, 'plain' template, packed into 2048-token sequences")
-    cfg1 = recipe("stage1", "stage1.json", "plain", 1 if quick else K["epochs1"], K["lr1"], "stage1")
+    print(f"[3/5] stage 1 (recipe stage1): captions, 'plain' template, packed into {K['max_tokens']}-token sequences")
+    cfg1 = recipe("stage1", "stage1.json", "plain", K["epochs1"], K["lr1"], K["vision_lr1"],
+                 "stage1")
     cfg1.checkpoint.export = False
     tr1 = Trainer(cfg1, model=model, tokenizer=tok, log=lambda m: print("      " + m))
     s1 = tr1.train()
     print(f"      stage 1 done: {s1['steps']} steps in {s1['elapsed_s']:.0f}s, final loss {s1['loss']:.3f}")
 
     print("[4/5] stage 2 (recipe stage2): questions and answers, 'vicuna_v1' template, packed")
-    cfg2 = recipe("stage2", "stage2.json", "vicuna_v1", 1 if quick else K["epochs2"], K["lr2"], "stage2")
+    cfg2 = recipe("stage2", "stage2.json", "vicuna_v1", K["epochs2"], K["lr2"], K["vision_lr2"],
+                 "stage2")
     tr2 = Trainer(cfg2, model=tr1.model, tokenizer=tok, log=lambda m: print("      " + m))
     s2 = tr2.train()
     print(f"      stage 2 done: {s2['steps']} steps in {s2['elapsed_s']:.0f}s, final loss {s2['loss']:.3f}; "

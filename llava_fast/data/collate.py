@@ -30,6 +30,9 @@ def _images(good, out):
         out["pixel_values"] = torch.cat(pv, 0)
         out["image_sizes"] = torch.tensor([hw for s in good for hw in s.get("image_sizes", [])], dtype=torch.long)
         out["num_tiles"] = [n for s in good for n in s.get("num_tiles", [])]
+        bni = [n for s in good for n in s.get("batch_num_images", [])]
+        if bni:  # OneVision: images per sample (samples with images only), as the model's batch_num_images
+            out["batch_num_images"] = torch.tensor(bni, dtype=torch.long)
     vids = [s["pixel_values_videos"] for s in good if "pixel_values_videos" in s]
     if vids:
         if len({v.shape for v in vids}) != 1:

@@ -17,6 +17,7 @@ collator (counted per batch) or raise with ``strict``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -27,12 +28,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llava_fast.data.images import (DEFAULT_MAX_PIXELS, ImageSpec, load_image, preprocess_images,
-                                    preprocess_video, probe_size)
+from llava_fast.data.images import (DEFAULT_MAX_PIXELS, ImageProcessorConfig, cls_token_kept, image_config,
+                                    image_tiles, image_tokens, load_image, probe_size)
 from llava_fast.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SampleError,
                                        encode_conversation, expand_placeholders)
+from llava_fast.ops import anyres
 
 _IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _get_attr(obj, name, default=None):
+    return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
 
 
 class DataError(ValueError):
@@ -109,21 +115,30 @@ class LlavaDataset(torch.utils.data.Dataset):
         data: path of a .json/.jsonl file, or a list of records.
         image_root: folder the ``image``/``video`` paths are relative to.
         tokenizer: a fast tokenizer (see :func:`llava_fast.data.load_tokenizer`).
-        spec: the model's :class:`ImageSpec`.
+        image_config: the model's :class:`~llava_fast.ops.anyres.ImageProcessorConfig` (see
+            :func:`llava_fast.data.image_config`, or :meth:`LlavaDataset.for_model`); tiles and token counts come from
+            ``llava_fast.ops.anyres``, so the counts used for packing are the ones the model produces.
         template: ``plain`` | ``vicuna_v1`` | ``qwen``.
         image_token_id / video_token_id: the model's placeholder ids (``config.image_token_id``).
         max_len: samples longer than this are truncated at the end, unless that would cut image tokens or every
             label (then dropped).
+        cls_token: the model keeps the vision tower's CLS token (LLaVA-1.5 with the ``full`` feature strategy).
         strict: raise :class:`DataError` on the first bad sample instead of dropping it.
     """
 
-    def __init__(self, data, image_root: str, tokenizer, spec: ImageSpec, template: str, image_token_id: int,
-                 video_token_id: int | None = None, max_len: int = 4096, strict: bool = False,
+    def __init__(self, data, image_root: str, tokenizer, image_config: ImageProcessorConfig, template: str,
+                 image_token_id: int, video_token_id: int | None = None, max_len: int = 4096, strict: bool = False,
                  max_pixels: int = DEFAULT_MAX_PIXELS, frames_upbound: int = 32, probe_threads: int = 8,
-                 log=None):
+                 log=None, cls_token: bool = False):
+        if not isinstance(image_config, ImageProcessorConfig):
+            raise ValueError(f"image_config must be a llava_fast.ops.anyres.ImageProcessorConfig, got "
+                             f"{type(image_config).__name__}; build it with llava_fast.data.image_config(model.config)")
         self._tok = tokenizer
         self.image_root = image_root
-        self.spec = spec
+        self.image_config = image_config
+        # pixel limits are this dataset's (checked from the header, a too-large image is a counted drop)
+        self._pp_config = dataclasses.replace(image_config, max_pixels=None)
+        self.cls_token = bool(cls_token)
         self.template = template
         self.image_token_id = int(image_token_id)
         self.video_token_id = None if video_token_id is None else int(video_token_id)
@@ -156,6 +171,14 @@ class LlavaDataset(torch.utils.data.Dataset):
                 self.drops.drop(e.reason, sid, str(e))
         if not self.items:
             raise DataError(f"no usable samples among {len(records)} records ({self.drops.summary()})")
+
+    @classmethod
+    def for_model(cls, model_config, data, image_root: str, tokenizer, template: str, **kwargs) -> "LlavaDataset":
+        """The dataset for a model: its image config, image/video token ids and CLS-token rule from its config."""
+        kwargs.setdefault("video_token_id", _get_attr(model_config, "video_token_id"))
+        return cls(data, image_root, tokenizer, image_config(model_config), template,
+                   image_token_id=_get_attr(model_config, "image_token_id"), cls_token=cls_token_kept(model_config),
+                   **kwargs)
 
     # -- indexing ---------------------------------------------------------------------------------------------
     def _image_paths(self, rec, check=True) -> list[str]:
@@ -210,9 +233,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         enc = encode_conversation(self._tok, rec["conversations"], self.template, len(paths),
                                   1 if frames else 0)
         multi = len(paths) > 1
-        img_tok = [self.spec.image_tokens(s, multi) for s in sizes]
-        n_tiles = sum(self.spec.image_tiles(s, multi) for s in sizes)
-        vid_tok = self.spec.video_tokens(len(frames)) if frames else 0
+        img_tok = [image_tokens(self.image_config, s, multi, self.cls_token) for s in sizes]
+        n_tiles = sum(image_tiles(self.image_config, s, multi) for s in sizes)
+        vid_tok = anyres.num_video_tokens(len(frames), self.image_config.tokens_per_side) if frames else 0
         ids = np.asarray(enc.input_ids, dtype=np.int32)
         labels = np.asarray(enc.labels, dtype=np.int32)
         n = len(ids) - len(paths) - (1 if frames else 0) + sum(img_tok) + vid_tok
@@ -284,17 +307,19 @@ class LlavaDataset(torch.utils.data.Dataset):
         multi = len(imgs) > 1
         sizes = [(im.size[1], im.size[0]) for im in imgs]
         counts = it.image_tokens if sizes == [tuple(s) for s in it.sizes] else \
-            [self.spec.image_tokens(s, multi) for s in sizes]
+            [image_tokens(self.image_config, s, multi, self.cls_token) for s in sizes]
         ids, labels = expand_placeholders(it.ids.tolist(), it.labels.tolist(), counts, self.image_token_id,
                                           [it.video_tokens] if frames else [], self.video_token_id)
         ids, labels = ids[: it.n_tokens], labels[: it.n_tokens]
         out = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
                "sample_id": it.sample_id}
         if imgs:
-            pp = preprocess_images(imgs, self.spec, multi)
+            pp = anyres.preprocess_images(imgs, self._pp_config, multi_image=multi)
             out["pixel_values"] = pp["pixel_values"]
-            out["image_sizes"] = pp["image_sizes"]
+            out["image_sizes"] = [tuple(hw) for hw in pp["image_sizes"].tolist()]
             out["num_tiles"] = pp["num_tiles"]
+            if self.image_config.variant == "llava_onevision":  # the model needs it to pick the multi-image path
+                out["batch_num_images"] = [len(imgs)]
         if frames:
-            out["pixel_values_videos"] = preprocess_video(frames, self.spec)
+            out["pixel_values_videos"] = anyres.preprocess_video(frames, self._pp_config)
         return out

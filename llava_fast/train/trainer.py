@@ -207,16 +207,12 @@ class Trainer:
 
     def _build_data(self):
         cfg = self.cfg
-        from llava_fast.data import (ImageSpec, LlavaDataset, PackedBatchSampler, PaddedBatchSampler,
-                                     collate_packed, collate_padded)
+        from llava_fast.data import LlavaDataset, PackedBatchSampler, PaddedBatchSampler, collate_packed
 
         if self.dataset is None:
-            mc = self.model.config
-            spec = ImageSpec.from_model_config(mc)
-            self.dataset = LlavaDataset(cfg.data.data, cfg.data.images, self.tokenizer, spec, cfg.data.template,
-                                        image_token_id=mc.image_token_id,
-                                        video_token_id=getattr(mc, "video_token_id", None),
-                                        max_len=cfg.data.max_len, strict=cfg.data.strict, log=self.log)
+            self.dataset = LlavaDataset.for_model(self.model.config, cfg.data.data, cfg.data.images, self.tokenizer,
+                                                  cfg.data.template, max_len=cfg.data.max_len,
+                                                  strict=cfg.data.strict, log=self.log)
         ds = self.dataset
         self.drops.update(ds.drops.counts)
         common = dict(seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=self.dist.rank,
@@ -309,7 +305,7 @@ class Trainer:
         dev = self.dist.device
         out = {}
         for k in ("input_ids", "labels", "position_ids", "cu_seqlens", "pixel_values", "image_sizes",
-                  "attention_mask", "pixel_values_videos"):
+                  "attention_mask", "pixel_values_videos", "batch_num_images"):
             if b.get(k) is not None:
                 out[k] = b[k].to(dev, non_blocking=True)
         if self.packed and "cu_seqlens" in out:
@@ -493,9 +489,9 @@ class _PadCollate:
 def _save_image_processor(config, path: str) -> None:
     """preprocessor_config.json for transformers' processor (best effort; the model loads without it)."""
     try:
-        from llava_fast.data.images import ImageSpec
+        from llava_fast.data.images import image_config
 
-        spec = ImageSpec.from_model_config(config)
+        spec = image_config(config)
         t = spec.tile
         common = dict(image_mean=list(spec.image_mean), image_std=list(spec.image_std))
         if config.model_type == "llava":
@@ -506,11 +502,12 @@ def _save_image_processor(config, path: str) -> None:
             from transformers import LlavaNextImageProcessor
 
             proc = LlavaNextImageProcessor(size={"shortest_edge": t}, crop_size={"height": t, "width": t},
-                                           image_grid_pinpoints=spec.pinpoints, **common)
+                                           image_grid_pinpoints=spec.image_grid_pinpoints, **common)
         else:
             from transformers import LlavaOnevisionImageProcessor
 
-            proc = LlavaOnevisionImageProcessor(size={"height": t, "width": t}, image_grid_pinpoints=spec.pinpoints,
+            proc = LlavaOnevisionImageProcessor(size={"height": t, "width": t},
+                                                image_grid_pinpoints=spec.image_grid_pinpoints,
                                                 **common)
         proc.save_pretrained(path)
     except Exception:  # noqa: BLE001 - optional

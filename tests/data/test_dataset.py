@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_fast.data import (DataError, ImageSpec, LlavaDataset, PackedBatchSampler, collate_packed,
+from llava_fast.data import (DataError, ImageProcessorConfig, LlavaDataset, PackedBatchSampler, collate_packed,
                              collate_padded, load_image)
 from llava_fast.data.word_tokenizer import build_word_tokenizer
 
-SPEC = ImageSpec(model_type="llava_next", tile=56, patch=14, pinpoints=[[56, 112], [112, 56], [112, 112]])
+SPEC = ImageProcessorConfig.for_variant("llava_next", tile=56, patch_size=14,
+                                        image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]])
 IMG_ID = 4
 
 
@@ -110,9 +111,9 @@ def test_token_counts_known_before_loading(image_dir, tok):
         s = ds[i]
         assert len(s["input_ids"]) == ds.lengths[i]
         n_img = int((s["input_ids"] == IMG_ID).sum())
-        assert n_img == (SPEC.image_tokens((40, 70)) if i < 3 else 0)
+        assert n_img == (SPEC.num_image_tokens((40, 70)) if i < 3 else 0)
         if i < 3:
-            assert s["pixel_values"].shape == (SPEC.image_tiles((40, 70)), 3, 56, 56)
+            assert s["pixel_values"].shape == (SPEC.num_tiles((40, 70)), 3, 56, 56)
     # packed: one row, cu_seqlens, positions restarting per sample, image sizes in placeholder order
     b = collate_packed([ds[i] for i in range(len(ds))])
     cu = b["cu_seqlens"].tolist()
