@@ -51,6 +51,10 @@ step() {  # step NAME LIMIT_S CMD...   (the limit is cut to what is left of the 
 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 if want build; then
+  # Optional baselines the GPU box lacks (liger-kernel is pure Python + Triton): wheels placed in .whl/ (git-ignored)
+  # travel with `carry: [".whl"]` and are installed here, e.g. on this side:
+  #   pip download --no-deps --only-binary=:all: -d .whl liger-kernel
+  if ls .whl/*.whl >/dev/null 2>&1; then $PY -m pip install --no-deps -q .whl/*.whl || echo "WARNING: .whl install failed"; fi
   # --no-build-isolation: pyproject's build requirements must already be installed (no network on the GPU box)
   $PY -c "import setuptools, wheel, pybind11, cmake, ninja" 2>/dev/null \
     || echo "WARNING: missing build requirements (setuptools wheel pybind11 cmake ninja); the build will likely fail"
