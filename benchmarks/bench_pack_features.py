@@ -18,6 +18,7 @@ Bytes counted (b = element size, D = hidden, identical for every provider: the e
   fwd+bwd: the sum.
 
 Run: ``python benchmarks/bench_pack_features.py [--quick]`` (needs a CUDA GPU; exits cleanly without one).
+There is no torch.compile provider. Results are saved after every case, so a time limit keeps what was measured.
 ``--smoke`` runs the script on the CPU under the Triton interpreter at toy sizes (a check of the script only).
 """
 import argparse
@@ -156,6 +157,8 @@ def measure(rows, name, provider, shape, dtype, mode, fn, nbytes, warmup, rep, c
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (about 30-60 s on an H100)")
+    ap.add_argument("--compile", action="store_true", help="no effect (no torch.compile provider here); accepted so "
+                                                           "every bench_*.py takes the same flags")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, toy sizes)")
     args = ap.parse_args()
@@ -233,6 +236,8 @@ def main():
                 return torch.autograd.grad(out, leaves, gout)
 
             measure(rows, case, prov, shape, dtype, "fwd+bwd", fb, fwd_b + bwd_b, warmup, rep, copy_gbps)
+        add_ratios(rows)
+        save(rows, "pack_features")  # keep what is measured so far, in case a time limit stops the run
     add_ratios(rows)
     md = to_markdown(rows)
     print(md)

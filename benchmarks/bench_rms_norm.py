@@ -1,7 +1,8 @@
 """RMSNorm (plain and fused residual add) forward / backward / fwd+bwd in GB/s.
 
 Providers, all measured in this run: ``llava_fast`` (Triton), ``hf`` (eager ``LlamaRMSNorm``; the fused variant is
-``residual + x`` then the norm, as the HF decoder layer does), ``compile`` (``torch.compile`` of the HF eager code),
+``residual + x`` then the norm, as the HF decoder layer does), ``compile`` (``torch.compile`` of the HF eager code;
+left out of ``--quick`` unless ``--compile``: its Inductor compiles take tens of seconds per shape),
 ``liger`` (``LigerRMSNorm`` / ``LigerFusedAddRMSNorm`` when ``liger_kernel`` imports; skipped otherwise).
 A large bf16 ``copy_`` gives the copy bandwidth of this GPU in the same run; our rows say "% of copy".
 
@@ -9,7 +10,8 @@ Bytes counted per provider (the same essential traffic for all; b = element size
   fwd: (2 M N b) + 4 M  [fused: (4 M N b) + 4 M: reads x, residual, writes out, s]
   bwd: (3 M N b) + 4 M  [fused: (4 M N b) + 4 M: reads dy, x, ds, writes dx (= dresidual)]; dweight is ignored.
 
-Run: ``python benchmarks/bench_rms_norm.py [--quick]`` (needs a CUDA GPU; exits cleanly without one).
+Run: ``python benchmarks/bench_rms_norm.py [--quick [--compile]]`` (needs a CUDA GPU; exits cleanly without one).
+Results are saved after every shape, so a time limit keeps what was measured.
 """
 import argparse
 import os
@@ -44,9 +46,19 @@ def _grad_fn(f, inputs, gouts=None):
             lambda: torch.autograd.grad(f(*inputs), inputs, gouts))
 
 
+def _finish(rows, copy_gbps, smoke):
+    add_ratios(rows, ours="llava_fast")
+    for row in rows:
+        if row.provider == "llava_fast" and row.metric:
+            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy"
+    return None if smoke else save(rows, "rms_norm")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions (about 30 s)")
+    ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions, no torch.compile "
+                                                         "baseline (add --compile)")
+    ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
     args = ap.parse_args()
@@ -79,6 +91,7 @@ def main():
     if args.smoke:
         warmup, rep, tokens, hiddens = 1, 1, [16], [40]
     eps = 1e-6
+    with_compile = not args.quick or args.compile  # (on CPU, --smoke, "compile" is the eager code: a script check)
     rows: list[Row] = []
     copy_gbps = copy_bandwidth(rows, device=dev, numel=1 << (14 if args.smoke else 28))
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
@@ -95,13 +108,14 @@ def main():
             w = hf.weight
             gy = torch.randn(m, n, device=dev, dtype=dtype)
             gs = torch.randn(m, n, device=dev, dtype=dtype)
-            compiled = torch.compile(lambda x: hf(x), dynamic=False) if dev == "cuda" else (lambda x: hf(x))
+            compiled = torch.compile(lambda x: hf(x), dynamic=False) if dev == "cuda" and with_compile \
+                else (lambda x: hf(x))
 
             def hf_fused(x, r):
                 s = r + x
                 return hf(s), s
 
-            compiled_fused = torch.compile(hf_fused, dynamic=False) if dev == "cuda" else hf_fused
+            compiled_fused = torch.compile(hf_fused, dynamic=False) if dev == "cuda" and with_compile else hf_fused
             # every provider uses the same weight parameter `w`, and the backward asks for dweight too
             plain = {
                 "llava_fast": lambda x, w: (rms_norm(x, w, eps),),
@@ -113,6 +127,8 @@ def main():
                 "hf": lambda x, r, w: hf_fused(x, r),
                 "compile": lambda x, r, w: compiled_fused(x, r),
             }
+            if not with_compile:  # Inductor compiles take tens of seconds per shape: --quick skips them
+                del plain["compile"], fused["compile"]
             if LigerRMSNorm is not None:
                 lg = LigerRMSNorm(n, eps=eps).to(dev, dtype)
                 lg.weight = w
@@ -141,14 +157,13 @@ def main():
             del x, r, gy, gs, hf
             if dev == "cuda":
                 torch.cuda.empty_cache()
+            _finish(rows, copy_gbps, args.smoke)  # keep what is measured so far, in case a time limit stops the run
+            print(f"{shape}: done ({len(rows)} rows)", flush=True)
 
-    add_ratios(rows, ours="llava_fast")
-    for row in rows:
-        if row.provider == "llava_fast" and row.metric:
-            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy"
+    path = _finish(rows, copy_gbps, args.smoke)
     print(to_markdown(rows))
-    if not args.smoke:
-        print(f"saved {save(rows, 'rms_norm')}")
+    if path:
+        print(f"saved {path}")
     return 0
 
 

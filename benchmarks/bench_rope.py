@@ -3,13 +3,15 @@
 Providers, all measured in this run: ``llava_fast`` (one Triton kernel for q and k, cos/sin recomputed in-kernel from
 position ids), ``llava_fast_inplace`` (fwd only, no grad: writes into q/k), ``hf`` (``apply_rotary_pos_emb`` on HF's
 ``(1, H, T, D)`` views with cos/sin precomputed by ``LlamaRotaryEmbedding`` outside the timed region, as HF computes
-them once per model forward), ``compile`` (``torch.compile`` of ``apply_rotary_pos_emb``), ``liger``
+them once per model forward), ``compile`` (``torch.compile`` of ``apply_rotary_pos_emb``; left out of ``--quick``
+unless ``--compile``: its Inductor compiles take tens of seconds per shape), ``liger``
 (``liger_rotary_pos_emb`` when ``liger_kernel`` imports). A large bf16 ``copy_`` gives this GPU's copy bandwidth.
 
 Bytes (same for every provider; b = element size): fwd = bwd = 2 T (Hq + Hkv) D b + 8 T (read + write q and k,
 position ids); the HF baselines also read cos/sin (not counted).
 
-Run: ``python benchmarks/bench_rope.py [--quick]`` (needs a CUDA GPU; exits cleanly without one).
+Run: ``python benchmarks/bench_rope.py [--quick [--compile]]`` (needs a CUDA GPU; exits cleanly without one).
+Results are saved after every shape, so a time limit keeps what was measured.
 """
 import argparse
 import os
@@ -28,9 +30,19 @@ MODELS = {  # name: (Hq, Hkv, D, theta)
 }
 
 
+def _finish(rows, copy_gbps, smoke):
+    add_ratios(rows, ours="llava_fast")
+    for row in rows:
+        if row.provider.startswith("llava_fast") and row.metric:
+            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy"
+    return None if smoke else save(rows, "rope")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions")
+    ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions, no torch.compile "
+                                                         "baseline (add --compile)")
+    ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
     args = ap.parse_args()
@@ -62,7 +74,11 @@ def main():
     rows: list[Row] = []
     copy_gbps = copy_bandwidth(rows, device=dev, numel=1 << (14 if args.smoke else 28))
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
-    compile_apply = torch.compile(apply_rotary_pos_emb, dynamic=False) if dev == "cuda" else apply_rotary_pos_emb
+    # Inductor compiles take tens of seconds per shape: --quick skips them (on CPU, --smoke, "compile" is the eager
+    # code: a check of the script)
+    with_compile = not args.quick or args.compile
+    compile_apply = (torch.compile(apply_rotary_pos_emb, dynamic=False) if dev == "cuda" and with_compile
+                     else apply_rotary_pos_emb)
 
     for t in tokens:
         for name, (hq, hkv, d, theta) in models.items():
@@ -91,6 +107,8 @@ def main():
             }
             if liger_rotary_pos_emb is not None:
                 providers["liger"] = lambda q, k: liger_rotary_pos_emb(hf_layout(q), hf_layout(k), cos, sin)
+            if not with_compile:
+                del providers["compile"]
             nbytes = 2 * t * (hq + hkv) * d * b + 8 * t
             for prov, f in providers.items():
                 try:
@@ -112,14 +130,13 @@ def main():
             del q, k, qi, ki, cos, sin
             if dev == "cuda":
                 torch.cuda.empty_cache()
+            _finish(rows, copy_gbps, args.smoke)  # keep what is measured so far, in case a time limit stops the run
+            print(f"{shape}: done ({len(rows)} rows)", flush=True)
 
-    add_ratios(rows, ours="llava_fast")
-    for row in rows:
-        if row.provider.startswith("llava_fast") and row.metric:
-            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy"
+    path = _finish(rows, copy_gbps, args.smoke)
     print(to_markdown(rows))
-    if not args.smoke:
-        print(f"saved {save(rows, 'rope')}")
+    if path:
+        print(f"saved {path}")
     return 0
 
 

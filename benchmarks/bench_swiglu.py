@@ -1,13 +1,15 @@
 """SwiGLU activation ``silu(gate) * up`` forward / backward / fwd+bwd in GB/s.
 
 Providers, all measured in this run: ``llava_fast`` (Triton; backward recomputes silu), ``hf`` (eager
-``act_fn(gate) * up`` as ``LlamaMLP``), ``compile`` (``torch.compile`` of it), ``liger`` (``LigerSiLUMulFunction`` when
+``act_fn(gate) * up`` as ``LlamaMLP``), ``compile`` (``torch.compile`` of it; left out of ``--quick`` unless
+``--compile``: its Inductor compiles take tens of seconds per shape), ``liger`` (``LigerSiLUMulFunction`` when
 ``liger_kernel`` imports). A large bf16 ``copy_`` gives this GPU's copy bandwidth in the same run.
 
 Bytes (same for every provider; b = element size, T tokens, I intermediate): fwd 3 T I b (read gate, up; write out);
 bwd 5 T I b (read dout, gate, up; write dgate, dup). Eager's extra traffic (silu output, temporaries) is not counted.
 
-Run: ``python benchmarks/bench_swiglu.py [--quick]`` (needs a CUDA GPU; exits cleanly without one).
+Run: ``python benchmarks/bench_swiglu.py [--quick [--compile]]`` (needs a CUDA GPU; exits cleanly without one).
+Results are saved after every shape, so a time limit keeps what was measured.
 """
 import argparse
 import os
@@ -21,9 +23,19 @@ from bench_rms_norm import _grad_fn, copy_bandwidth, measure  # noqa: E402
 from bench_utils import Row, add_ratios, save, to_markdown  # noqa: E402
 
 
+def _finish(rows, copy_gbps, smoke):
+    add_ratios(rows, ours="llava_fast")
+    for row in rows:
+        if row.provider == "llava_fast" and row.metric:
+            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy"
+    return None if smoke else save(rows, "swiglu")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions")
+    ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions, no torch.compile "
+                                                         "baseline (add --compile)")
+    ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
     args = ap.parse_args()
@@ -56,7 +68,10 @@ def main():
     def eager(a, b):
         return torch.nn.functional.silu(a) * b
 
-    compiled = torch.compile(eager, dynamic=False) if dev == "cuda" else eager
+    # Inductor compiles take tens of seconds per shape: --quick skips them (on CPU, --smoke, "compile" is the eager
+    # code: a check of the script)
+    with_compile = not args.quick or args.compile
+    compiled = torch.compile(eager, dynamic=False) if dev == "cuda" and with_compile else eager
     for t in tokens:
         for inter in inters:
             shape = f"{t}x{inter}"
@@ -71,6 +86,8 @@ def main():
             }
             if LigerSiLUMulFunction is not None:
                 providers["liger"] = lambda a, b: (LigerSiLUMulFunction.apply(a, b),)
+            if not with_compile:
+                del providers["compile"]
             nb_f, nb_b = 3 * t * inter * eb, 5 * t * inter * eb
             for prov, f in providers.items():
                 try:
@@ -86,14 +103,13 @@ def main():
             del a, b, gc
             if dev == "cuda":
                 torch.cuda.empty_cache()
+            _finish(rows, copy_gbps, args.smoke)  # keep what is measured so far, in case a time limit stops the run
+            print(f"{shape}: done ({len(rows)} rows)", flush=True)
 
-    add_ratios(rows, ours="llava_fast")
-    for row in rows:
-        if row.provider == "llava_fast" and row.metric:
-            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy"
+    path = _finish(rows, copy_gbps, args.smoke)
     print(to_markdown(rows))
-    if not args.smoke:
-        print(f"saved {save(rows, 'swiglu')}")
+    if path:
+        print(f"saved {path}")
     return 0
 
 
