@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_RUN_STAMP = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")   # one file per benchmark per run, rewritten as it goes
 
 
 def device_name() -> str:
@@ -131,7 +132,7 @@ def save(rows: list[Row], name: str, out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir or os.environ.get("LLAVA_FAST_RESULTS_DIR") or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = device_name().replace(" ", "_").replace("/", "_").replace("(", "").replace(")", "").replace(",", "")
-    stamp = os.environ.get("LLAVA_FAST_RESULTS_STAMP") or _dt.datetime.now().strftime("%Y%m%d-%H%M")
+    stamp = os.environ.get("LLAVA_FAST_RESULTS_STAMP") or _RUN_STAMP
     base = out_dir / f"{name}-{gpu}-{stamp}"
     meta = {"gpu": device_name(), "versions": versions(), "time": stamp}
     base.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
