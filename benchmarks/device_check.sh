@@ -4,30 +4,37 @@
 # (same run), and print a short table last. Steps that no longer fit the time budget are skipped, and said so.
 #
 # Usage (repo root, on the GPU machine):  bash benchmarks/device_check.sh
-#   BUDGET_S=380       seconds for everything after the build (the build has its own 150 s; with the ~10 s
-#                      interpreter check that keeps the whole script under ~9 minutes, inside a 600 s device call)
-#   STEPS=all          comma list of: build,env,tests,model,ops,plot (e.g. STEPS=build,ops for a second call)
-#   OPS="attention ..." per-op benchmarks to run, in this order (default: all eight, most useful first)
+#   DEADLINE_S=530     seconds from the script's start by which every step has ended (each step's limit is cut to
+#                      what is left, minus 10 s for the summary); pass the device call's timeout_s minus ~20
+#   STEPS=all          comma list of: build,env,tests,ops,plot (e.g. STEPS=build,ops for a second call)
+#   OPS="attention ..." benchmarks to run, in this order ("model" is the end-to-end bench_model.py with 4 layers);
+#                      default: attention projector model cross_entropy rms_norm swiglu rope pack_features anyres.
+#                      A second call can pass the reverse order to reach first what the first call did not.
+#   TESTS_S=175        limit of the GPU test step;  XDIST=12  pytest-xdist workers
 #   GPU_TESTS=quick    quick: a representative subset of the `cuda` tests (every kernel and code path, fewer
 #                      head dims / dtypes / shapes in the big parametrize grids; ~170 s with -n 8 on an H100);
 #                      full: all `cuda` tests (about 4-6 minutes: run it in a call of its own, STEPS=build,env,tests)
 #   FULL=1             full benchmark sweeps instead of --quick (does not fit in one call)
-#   PYTHON=python3     interpreter;  OUT=dir  where logs and result tables go (default benchmarks/results)
+#   PYTHON=python3     interpreter;  RES=dir  where logs and result tables go (default benchmarks/results)
+#   OUT=dir            (set by the device tool) RES defaults to /tmp/device_check instead, and after every step all of
+#                      it is packed into $OUT/device_check.tgz, plus $OUT/summary.txt: the tool returns at most 8 files
 # Every step writes $OUT/<step>.log; a failing step does not stop the later ones (each one's status is in the summary).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-RES=${OUT:-benchmarks/results}
+if [ -n "${OUT:-}" ]; then RES=${RES:-/tmp/device_check}; else RES=${RES:-benchmarks/results}; fi
 mkdir -p "$RES"
+pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/device_check.tgz" -C "$RES" . 2>/dev/null; true; }
 export LLAVA_FAST_RESULTS_DIR="$RES"
 export LLAVA_FAST_RESULTS_STAMP=${LLAVA_FAST_RESULTS_STAMP:-$(date +%Y%m%d-%H%M%S)}  # one file per bench, rewritten as it goes
 export LLAVA_FAST_CUDA_ARCHS=${LLAVA_FAST_CUDA_ARCHS:-90}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
-BUDGET_S=${BUDGET_S:-380}
+DEADLINE_S=${DEADLINE_S:-530}
+TESTS_S=${TESTS_S:-175}
 STEPS=${STEPS:-all}
 GPU_TESTS=${GPU_TESTS:-quick}
-OPS=${OPS:-"attention projector cross_entropy rms_norm swiglu rope pack_features anyres"}
+OPS=${OPS:-"attention projector model cross_entropy rms_norm swiglu rope pack_features anyres"}
 QUICK=$([ "${FULL:-0}" = "1" ] && echo "" || echo "--quick")
 t0=$(date +%s)
 summary=()
@@ -36,7 +43,7 @@ want() { [ "$STEPS" = "all" ] || [[ ",$STEPS," == *",$1,"* ]]; }
 
 step() {  # step NAME LIMIT_S CMD...   (the limit is cut to what is left of the budget)
   local name=$1 limit=$2; shift 2
-  local left=$(( BUDGET_S - ($(date +%s) - t_budget) ))
+  local left=$(( DEADLINE_S - 10 - ($(date +%s) - t0) ))
   if [ "$left" -lt 15 ]; then summary+=("$(printf '%-22s skipped (time budget)' "$name")"); return; fi
   [ "$limit" -gt "$left" ] && limit=$left
   local s=$(date +%s)
@@ -47,6 +54,7 @@ step() {  # step NAME LIMIT_S CMD...   (the limit is cut to what is left of the 
   tail -n 15 "$RES/$name.log"
   local what="ok"; [ $rc -ne 0 ] && what="FAILED rc=$rc"; [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="TIMEOUT"
   summary+=("$(printf '%-22s %-12s %4ss' "$name" "$what" "$(( $(date +%s) - s ))")")
+  pack
 }
 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
@@ -58,14 +66,12 @@ if want build; then
   # --no-build-isolation: pyproject's build requirements must already be installed (no network on the GPU box)
   $PY -c "import setuptools, wheel, pybind11, cmake, ninja" 2>/dev/null \
     || echo "WARNING: missing build requirements (setuptools wheel pybind11 cmake ninja); the build will likely fail"
-  t_budget=$(date +%s)
-  BUDGET_S=$(( BUDGET_S + 150 )); step build 150 $PY -m pip install --no-build-isolation --no-deps -e . ; BUDGET_S=$(( BUDGET_S - 150 ))
+  step build 150 $PY -m pip install --no-build-isolation --no-deps -e .
 fi
-t_budget=$(date +%s)
 want env && step env 30 $PY -m llava_fast.cli env
 
 if want tests; then
-  XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+  XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${XDIST:-12}" || echo "")
   # a hung test fails alone instead of eating the whole step (pytest-timeout is on the GPU image)
   PTO=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=150" || echo "")
   KSEL=()
@@ -77,27 +83,35 @@ and not (test_cuda_seqused_k and dtype1) and not (test_cuda_full_shapes and dtyp
   fi
   # -v: one line per finished test (xdist prints them as they land), so a timeout still says what passed/failed.
   # No -x: a first GPU run should report every failure it can, not only the first.
-  step gpu_tests 175 $PY -m pytest -v -m cuda $XDIST $PTO --maxfail=30 --tb=short -rfE -p no:cacheprovider \
+  step gpu_tests "$TESTS_S" $PY -m pytest -v -m cuda $XDIST $PTO --maxfail=30 --tb=short -rfE -p no:cacheprovider \
     ${KSEL[@]+"${KSEL[@]}"} tests
 fi
 
-if want model; then
-  step bench_model 110 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
-    --providers llava_fast,hf_sdpa,hf_eager,hf_sdpa_liger
-fi
 if want ops; then
   for b in $OPS; do
-    [ -f "benchmarks/bench_$b.py" ] && step "bench_$b" 40 $PY "benchmarks/bench_$b.py" $QUICK
+    if [ "$b" = "model" ]; then
+      step bench_model 110 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
+        --providers llava_fast,hf_sdpa,hf_eager,hf_sdpa_liger
+    elif [ -f "benchmarks/bench_$b.py" ]; then
+      step "bench_$b" "$([ "$b" = attention ] && echo 60 || echo 40)" $PY "benchmarks/bench_$b.py" $QUICK
+    else
+      summary+=("$(printf '%-22s unknown (no benchmarks/bench_%s.py)' "$b" "$b")")
+    fi
   done
 fi
 want plot && step plot 20 $PY benchmarks/plot_results.py "$RES"
 
-echo
-echo "=== summary: $(( $(date +%s) - t0 ))s in all, on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')"
-printf '%s\n' "${summary[@]}"
-[ -f "$RES/gpu_tests.log" ] && grep -hE "[0-9]+ (passed|failed)" "$RES/gpu_tests.log" | tail -n 1
-[ -f "$RES/gpu_tests.log" ] && grep -hE "^(FAILED|ERROR) " "$RES/gpu_tests.log" | cut -c1-200 | head -n 30
-for f in $(ls -t "$RES"/*.md 2>/dev/null | head -n 10); do
-  echo "--- $(basename "$f")"
-  grep '^| ' "$f" | cut -c1-220 | head -n 12
-done
+{
+  echo
+  echo "=== summary: $(( $(date +%s) - t0 ))s in all, on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')"
+  printf '%s\n' "${summary[@]}"
+  [ -f "$RES/gpu_tests.log" ] && grep -hE "[0-9]+ (passed|failed)" "$RES/gpu_tests.log" | tail -n 1
+  [ -f "$RES/gpu_tests.log" ] && grep -hE "^(FAILED|ERROR) " "$RES/gpu_tests.log" | cut -c1-200 | head -n 30
+  for f in $(ls -t "$RES"/*.md 2>/dev/null | head -n 10); do
+    echo "--- $(basename "$f")"
+    grep '^| ' "$f" | cut -c1-220 | head -n 12
+  done
+} 2>&1 | tee "$RES/summary.txt"
+pack
+[ -n "${OUT:-}" ] && cp "$RES/summary.txt" "$OUT/"
+exit 0
