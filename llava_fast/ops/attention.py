@@ -652,9 +652,29 @@ _FUSED_CFG_D64 = (64, 128, 8, 1)
 _FUSED_CFG_WIDE = (64, 64, 8, 1)
 
 
+_CFG_ENV = "LLAVA_FAST_ATTN_CFG"  # experiments on a GPU: "fwd=128,64,4,3;dq=64,32,4,2" overrides those kinds
+
+
+def _cfg_override(kind: str):
+    spec = os.environ.get(_CFG_ENV, "")
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, vals = part.partition("=")
+        if name.strip() == kind:
+            try:
+                bm, bn, w, st = (int(x) for x in vals.split(","))
+            except ValueError:
+                raise ValueError(f"{_CFG_ENV}={spec!r}: each entry is KIND=BLOCK_M,BLOCK_N,num_warps,num_stages "
+                                 f"(KIND one of {sorted(_INTERPRET_CFG)})") from None
+            return bm, bn, w, st
+    return None
+
+
 def _default_cfg(kind: str, width: int, fp32: bool = False) -> tuple[int, int, int, int]:
     if _interpret():
         return _INTERPRET_CFG[kind]
+    override = _cfg_override(kind)
+    if override is not None:
+        return override
     if fp32:  # fp32 inputs (tests, debugging): tiles twice as large in shared memory; small tiles, 2 stages
         return (32, 32, 4, 1) if kind == "bwd_fused" else (64, 32, 4, 2)
     if kind == "fwd":
@@ -712,7 +732,11 @@ def _split_head_dim(d: int) -> tuple[int, int, bool]:
     d0 = max(16, 1 << (d.bit_length() - 1))
     if d <= d0:
         return d0, 16, False
-    d1 = max(16, triton.next_power_of_2(d - d0))
+    # LLAVA_FAST_ATTN_MIN_D1 (experiments): the narrowest remainder chunk (default 16); 0 = one power-of-two chunk
+    min_d1 = int(os.environ.get("LLAVA_FAST_ATTN_MIN_D1", "16"))
+    if min_d1 == 0:
+        return triton.next_power_of_2(d), 16, False
+    d1 = max(min_d1, triton.next_power_of_2(d - d0))
     if d1 >= d0:
         return triton.next_power_of_2(d), 16, False
     return d0, d1, True

@@ -479,6 +479,14 @@ def _count_error(what: str, token_id: int, n_tokens, n_feats: int) -> str:
             f"(llava_fast.ops.anyres.num_image_tokens), and truncation must not cut them.")
 
 
+def _device_count_error(streams) -> str:
+    """The device-side assert's message: CUDA limits it to 254 characters, so the short form of _count_error."""
+    msg = " / ".join(f"input_ids must hold {kn} {w.lower()} tokens (id {tok}), one per {w.lower()} feature"
+                     for w, tok, kn in streams)
+    msg += "; expand each placeholder with llava_fast.ops.anyres.num_image_tokens and do not truncate"
+    return msg if len(msg) < 255 else msg[:251] + "..."
+
+
 def token_index(input_ids: torch.Tensor, device: torch.device, image_token_id: int, k_img: int,
                 video_token_id: Optional[int], k_vid: int, check_images: bool, check_videos: bool,
                 on_device: Optional[bool] = None) -> torch.Tensor:
@@ -511,8 +519,7 @@ def token_index(input_ids: torch.Tensor, device: torch.device, image_token_id: i
                 ids, kidx, ok, n, image_token_id if check_images else 0,
                 video_token_id if check_videos else 0, k_img, k_vid,
                 DO_IMG=check_images, DO_VID=check_videos, BLOCK=block, CHUNK=4 * block, num_warps=4)
-        torch._assert_async(ok, " / ".join(_count_error(w, tok, "a different number of", kn)
-                                          for w, tok, kn in streams))
+        torch._assert_async(ok, _device_count_error(streams))
         return kidx if kidx.device == device else kidx.to(device, non_blocking=True)
     ids = ids.cpu() if on_device else ids  # (n == 0 or no Triton)
     kidx = torch.full(ids.shape, -1, dtype=torch.int32, device=ids.device)

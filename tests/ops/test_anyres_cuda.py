@@ -12,6 +12,7 @@ import random
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -447,11 +448,22 @@ def test_cuda_jpeg_decode_path():
              _encode(xs[0], "JPEG", "CMYK")]
     gpu = anyres.decode_images(datas, device="cuda")
     cpu = anyres.decode_images(datas)
-    for k, (g, c) in enumerate(zip(gpu, cpu)):
+    sources = [xs[0], xs[1], xs[2], xs[0]]
+    for k, (g, c, src) in enumerate(zip(gpu, cpu, sources)):
         assert g.is_cuda and g.dtype == torch.uint8 and g.shape == c.shape, k
-        d = (g.cpu().int() - c.int()).abs().float()
-        # nvJPEG vs libjpeg: IDCT / chroma upsampling differ by a few levels, not more
-        assert d.mean().item() < 1.5 and d.max().item() <= 16, (k, d.mean().item(), d.max().item())
+        # nvJPEG and libjpeg-turbo are both lossy decoders of the same file: they differ by the IDCT and, with 4:2:0
+        # chroma, by the upsampling (libjpeg's "fancy" triangle filter vs nvJPEG's): on this noisy image, 5.1 grey
+        # levels on average and 43 at most (H200, torchvision 0.26; docs/preprocessing.md). The flash-attn rule on
+        # the decoded pixels: nvJPEG's error against the source image is at most twice libjpeg's.
+        if k == 1:  # saved as "L": the source is PIL's grey conversion of the image, as RGB
+            import PIL.Image
+            grey = PIL.Image.fromarray(src.permute(1, 2, 0).numpy(), "RGB").convert("L").convert("RGB")
+            src = torch.from_numpy(np.asarray(grey).copy()).permute(2, 0, 1)
+        e_gpu = (g.cpu().float() - src.float()).abs().mean().item()
+        e_cpu = (c.float() - src.float()).abs().mean().item()
+        print(f"image {k}: mean |gpu - source| {e_gpu:.2f}, |cpu - source| {e_cpu:.2f}, "
+              f"|gpu - cpu| {(g.cpu().float() - c.float()).abs().mean().item():.2f}")
+        assert e_gpu <= 2 * e_cpu, (k, e_gpu, e_cpu)
     assert torch.equal(gpu[2].cpu(), xs[2])  # PNG: lossless, CPU-decoded then copied
     enc = encode_tiles(datas, NEXT, device="cuda")
     assert torch.equal(enc["pixel_values"], encode_tiles(gpu, NEXT)["pixel_values"])

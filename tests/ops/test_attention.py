@@ -64,7 +64,12 @@ def _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, run):
         # lse is fp32 in both implementations; its low-precision error comes from the fp16 scores
         assert_flash_rule(lse, ref_lse, _finite(low_lse), name="lse", atol=1e-5)
         for name, a, b, c in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
-            assert_flash_rule(a, b, c, name=name)
+            # The fp32 reassociation floor (FP32_REL_ATOL, as in the fp32 branch): PyTorch's low-precision dQ can be
+            # exactly 0 by cancellation (documents of one key: p = 1, dS = p * (dP - sum(p * dP)) = 0), while the
+            # kernel computes delta = rowsum(dO * O) and dP = dO . V in different fp32 orders. Seen on an H200:
+            # 2.5e-7 and 6.8e-7 against a PyTorch error of exactly 0; any bf16/fp16 defect is >= 1e-3.
+            atol = FP32_REL_ATOL * max(1.0, b.abs().max().item() if b.numel() else 0.0)
+            assert_flash_rule(a, b, c, name=name, atol=atol)
     return out, lse, grads
 
 

@@ -484,7 +484,10 @@ def test_token_index_device_path():
         dev = P.token_index(ids, torch.device("cpu"), IMG, ki, VID, kv, ci, cv, on_device=True)
         assert torch.equal(host, dev)
     assert int(host.max()) == k_vid - 1 and int((host >= 0).sum()) == k_vid
-    with pytest.raises(RuntimeError, match="do not match"):
+    with pytest.raises(RuntimeError, match=r"input_ids must hold \d+ image tokens .* video tokens"):
         P.token_index(ids, torch.device("cpu"), IMG, k_img + 1, VID, k_vid, True, True, on_device=True)
+    # CUDA refuses device-assert messages of 255 characters or more (seen on an H200): the longest one fits
+    big = P._device_count_error([("Image", 2**31 - 1, 2**62), ("Video", 2**31 - 2, 2**62)])
+    assert len(big) < 255 and "image" in big
     with pytest.raises(ValueError, match="Video features and video tokens do not match"):
         P.token_index(ids, torch.device("cpu"), IMG, k_img, VID, k_vid - 1, True, True, on_device=False)
