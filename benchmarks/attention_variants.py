@@ -4,9 +4,10 @@
                                             [--jobs 8] [--time]
 
 A variant is a set of environment overrides read by llava_fast.ops.attention at call time:
-``CFG=...`` -> LLAVA_FAST_ATTN_CFG (kind=BLOCK_M,BLOCK_N,num_warps,num_stages;...), ``MIN_D1=n`` ->
-LLAVA_FAST_ATTN_MIN_D1 (narrowest remainder chunk of the head dim; 0 = one power-of-two chunk), ``BWD=atomic``
--> LLAVA_FAST_ATTN_BWD; several joined with ``+``. Each (variant, head dim) runs forward and backward on packed
+``CFG=...`` -> LLAVA_FAST_ATTN_CFG (kind=BLOCK_M,BLOCK_N,num_warps,num_stages;...), ``SPLIT=exact|masked|none``
+-> LLAVA_FAST_ATTN_SPLIT (how the head dim is cut into register chunks, see attention._split_head_dim), ``MIN_D1=n``
+-> LLAVA_FAST_ATTN_MIN_D1 (narrowest remainder chunk), ``ALIGN=0`` -> LLAVA_FAST_ATTN_ALIGN (no 16-byte stride
+hint), ``BWD=atomic`` -> LLAVA_FAST_ATTN_BWD; several joined with ``+``. Each (variant, head dim) runs forward and backward on packed
 bf16 documents (1, 17, 97, 577, 729 tokens; GQA 8/2; causal and not) against the fp32 reference with the flash-attn
 rule (error <= 2 x PyTorch's bf16 error, + the fp32 reassociation floor of tests/ops/test_attention.py), in a fresh
 process, so that a variant that faults (illegal address) cannot poison the others. --time adds the SigLIP tile shape
@@ -23,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV_KEYS = {"CFG": "LLAVA_FAST_ATTN_CFG", "MIN_D1": "LLAVA_FAST_ATTN_MIN_D1", "BWD": "LLAVA_FAST_ATTN_BWD"}
+ENV_KEYS = {"CFG": "LLAVA_FAST_ATTN_CFG", "MIN_D1": "LLAVA_FAST_ATTN_MIN_D1", "BWD": "LLAVA_FAST_ATTN_BWD",
+            "SPLIT": "LLAVA_FAST_ATTN_SPLIT", "ALIGN": "LLAVA_FAST_ATTN_ALIGN"}
 FP32_REL_ATOL = 1e-5
 
 

@@ -920,7 +920,7 @@ def encode_tiles(images, config: ImageProcessorConfig, multi_image: bool | None 
     hwc = []
     for u in u8s:
         x = u.permute(1, 2, 0)
-        if x.stride(2) != 1 or x.stride(1) != 3:
+        if x.stride(2) != 1 or (x.stride(1) != 3 and x.shape[1] > 1):
             x = x.contiguous()
         hwc.append(x)
     heights = [int(x.shape[0]) for x in hwc]
@@ -941,7 +941,7 @@ def encode_tiles(images, config: ImageProcessorConfig, multi_image: bool | None 
             raise ValueError(f"encode_tiles: out must be a contiguous CPU {dtype} tensor of shape (>= {total}, 3, {t}, "
                              f"{t}), got {out.dtype} {tuple(out.shape)} on {out.device}")
     threads = int(num_threads) if num_threads is not None else (os.cpu_count() or 1)
-    _ext._C.encode_tiles_cpu([x.data_ptr() for x in hwc], heights, widths, [int(x.stride(0)) for x in hwc], modes,
+    _ext._C.encode_tiles_cpu([x.data_ptr() for x in hwc], heights, widths, [_row_stride(x) for x in hwc], modes,
                              tiles_out.data_ptr(), code, int(tiles_out.shape[0]), t, config.shortest_edge,
                              bool(config.variant == "llava" and config.do_pad), pins,
                              list(fill_colour(config.image_mean)), list(config.image_mean), list(config.image_std),
@@ -950,6 +950,12 @@ def encode_tiles(images, config: ImageProcessorConfig, multi_image: bool | None 
     if layout == "patches":
         return _with_layout(res, config, layout, out, dev)
     return res
+
+
+def _row_stride(hwc: torch.Tensor) -> int:
+    """Row stride of an (H, W, 3) uint8 view for the C++ encoder: torch leaves the strides of size-1 dims
+    arbitrary (a 1-row image can report a row stride of 1), and the encoder checks stride >= 3 * W."""
+    return int(hwc.stride(0)) if hwc.shape[0] > 1 else 3 * int(hwc.shape[1])
 
 
 def _with_layout(res: dict, config, layout, out, device) -> dict:

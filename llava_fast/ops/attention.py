@@ -211,7 +211,16 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
                            stride_lse_h, qk_scale, group, seq_bucket,
                            HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                            HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+    if ALIGN > 1:  # every token/head stride is a multiple of ALIGN elements (checked on the host)
+        stride_qt = tl.multiple_of(stride_qt, ALIGN)
+        stride_qh = tl.multiple_of(stride_qh, ALIGN)
+        stride_kt = tl.multiple_of(stride_kt, ALIGN)
+        stride_kh = tl.multiple_of(stride_kh, ALIGN)
+        stride_vt = tl.multiple_of(stride_vt, ALIGN)
+        stride_vh = tl.multiple_of(stride_vh, ALIGN)
+        stride_ot = tl.multiple_of(stride_ot, ALIGN)
+        stride_oh = tl.multiple_of(stride_oh, ALIGN)
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -327,7 +336,20 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                 stride_lse_h, qk_scale, sm_scale, group, seq_bucket,
                                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                                 HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
+    if ALIGN > 1:  # every token/head stride is a multiple of ALIGN elements (checked on the host)
+        stride_qt = tl.multiple_of(stride_qt, ALIGN)
+        stride_qh = tl.multiple_of(stride_qh, ALIGN)
+        stride_kt = tl.multiple_of(stride_kt, ALIGN)
+        stride_kh = tl.multiple_of(stride_kh, ALIGN)
+        stride_vt = tl.multiple_of(stride_vt, ALIGN)
+        stride_vh = tl.multiple_of(stride_vh, ALIGN)
+        stride_dot = tl.multiple_of(stride_dot, ALIGN)
+        stride_doh = tl.multiple_of(stride_doh, ALIGN)
+        stride_dkt = tl.multiple_of(stride_dkt, ALIGN)
+        stride_dkh = tl.multiple_of(stride_dkh, ALIGN)
+        stride_dvt = tl.multiple_of(stride_dvt, ALIGN)
+        stride_dvh = tl.multiple_of(stride_dvh, ALIGN)
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -433,7 +455,18 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                               qk_scale, sm_scale, group, seq_bucket,
                               HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                               HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
+    if ALIGN > 1:  # every token/head stride is a multiple of ALIGN elements (checked on the host)
+        stride_qt = tl.multiple_of(stride_qt, ALIGN)
+        stride_qh = tl.multiple_of(stride_qh, ALIGN)
+        stride_kt = tl.multiple_of(stride_kt, ALIGN)
+        stride_kh = tl.multiple_of(stride_kh, ALIGN)
+        stride_vt = tl.multiple_of(stride_vt, ALIGN)
+        stride_vh = tl.multiple_of(stride_vh, ALIGN)
+        stride_dot = tl.multiple_of(stride_dot, ALIGN)
+        stride_doh = tl.multiple_of(stride_doh, ALIGN)
+        stride_dqt = tl.multiple_of(stride_dqt, ALIGN)
+        stride_dqh = tl.multiple_of(stride_dqh, ALIGN)
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -549,9 +582,24 @@ def _flash_attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K
                                  stride_dvh, stride_lse_h, qk_scale, sm_scale, group, seq_bucket,
                                  HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                                  HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
     """Grid (key blocks of max_seqlen_k, batch, Hkv), as _flash_attn_bwd_dkdv_kernel; DQ is a zeroed fp32
     (total_q, Hq, D) buffer that receives scale * dS K by atomics."""
+    if ALIGN > 1:  # every token/head stride is a multiple of ALIGN elements (checked on the host)
+        stride_qt = tl.multiple_of(stride_qt, ALIGN)
+        stride_qh = tl.multiple_of(stride_qh, ALIGN)
+        stride_kt = tl.multiple_of(stride_kt, ALIGN)
+        stride_kh = tl.multiple_of(stride_kh, ALIGN)
+        stride_vt = tl.multiple_of(stride_vt, ALIGN)
+        stride_vh = tl.multiple_of(stride_vh, ALIGN)
+        stride_dot = tl.multiple_of(stride_dot, ALIGN)
+        stride_doh = tl.multiple_of(stride_doh, ALIGN)
+        stride_dqt = tl.multiple_of(stride_dqt, ALIGN)
+        stride_dqh = tl.multiple_of(stride_dqh, ALIGN)
+        stride_dkt = tl.multiple_of(stride_dkt, ALIGN)
+        stride_dkh = tl.multiple_of(stride_dkh, ALIGN)
+        stride_dvt = tl.multiple_of(stride_dvt, ALIGN)
+        stride_dvh = tl.multiple_of(stride_dvh, ALIGN)
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -727,19 +775,33 @@ def _launch(kind, fn, grid_of, args, constexprs):
 
 def _split_head_dim(d: int) -> tuple[int, int, bool]:
     """(BLOCK_D0, BLOCK_D1, HAS_D1): the head dim as one power-of-two chunk, or a power-of-two chunk plus a smaller
-    power-of-two remainder chunk (>= 16, the tl.dot minimum). 72 -> 64 + 16, 80 -> 64 + 16, 96 -> 64 + 32,
-    64 -> 64, 128 -> 128, 112 -> 128 (64 + 64 would be no narrower)."""
+    power-of-two remainder chunk (>= 16, the tl.dot minimum) when the two cover D exactly: 80 -> 64 + 16,
+    96 -> 64 + 32; 64 -> 64, 128 -> 128, and 72 -> 128 (one chunk, columns >= 72 masked).
+
+    A remainder chunk with masked columns (72 as 64 + 16 or 64 + 32) faulted on an H200 with triton 3.6 (an
+    out-of-range shared-memory address in the P @ V1 wgmma, compute-sanitizer, 2026-11-26) when the head stride (72
+    elements) was not known to be 16-byte aligned; 72 as one masked 128 chunk was correct. LLAVA_FAST_ATTN_SPLIT
+    chooses for experiments (benchmarks/attention_variants.py): "exact" (default, as above), "masked" (also split
+    with a masked remainder, at least LLAVA_FAST_ATTN_MIN_D1 = 16 wide) or "none" (always one chunk)."""
     d0 = max(16, 1 << (d.bit_length() - 1))
     if d <= d0:
         return d0, 16, False
-    # LLAVA_FAST_ATTN_MIN_D1 (experiments): the narrowest remainder chunk (default 16); 0 = one power-of-two chunk
-    min_d1 = int(os.environ.get("LLAVA_FAST_ATTN_MIN_D1", "16"))
-    if min_d1 == 0:
-        return triton.next_power_of_2(d), 16, False
-    d1 = max(min_d1, triton.next_power_of_2(d - d0))
-    if d1 >= d0:
+    policy = os.environ.get("LLAVA_FAST_ATTN_SPLIT", "exact")
+    if policy not in ("exact", "masked", "none"):
+        raise ValueError(f"LLAVA_FAST_ATTN_SPLIT={policy!r}: must be exact, masked or none")
+    d1 = max(int(os.environ.get("LLAVA_FAST_ATTN_MIN_D1", "16")), triton.next_power_of_2(d - d0))
+    if policy == "none" or d1 >= d0 or (policy == "exact" and d0 + d1 != d):
         return triton.next_power_of_2(d), 16, False
     return d0, d1, True
+
+
+def _stride_align(*tensors: torch.Tensor) -> int:
+    """8 when every token and head stride of these (T, H, D) tensors is a multiple of 8 elements (16 bytes in
+    bf16/fp16): the kernels then tell the compiler (tl.multiple_of), which can use 16-byte loads for a head dim
+    such as 72 whose head stride alone is not a multiple of 16. LLAVA_FAST_ATTN_ALIGN=0 turns the hint off."""
+    if os.environ.get("LLAVA_FAST_ATTN_ALIGN", "1") == "0":
+        return 1
+    return 8 if all(t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 for t in tensors) else 1
 
 
 def _bucket(n: int) -> int:
@@ -806,7 +868,7 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
             out.stride(1), lse.stride(0), softmax_scale * _LOG2E, hq // hkv, _bucket(max_seqlen_q))
     constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
-                      DOT_PREC=_dot_prec(q.dtype), HAS_SEQUSED=used)
+                      DOT_PREC=_dot_prec(q.dtype), HAS_SEQUSED=used, ALIGN=_stride_align(q, k, v, out))
     kind = "fwd_decode" if used and max_seqlen_q <= 16 else "fwd"
     with _device_guard(q):
         _launch(kind, _flash_attn_fwd_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq), args,
@@ -843,7 +905,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
                 dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_k))
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
-                          DOT_PREC=dot_prec)
+                          DOT_PREC=dot_prec, ALIGN=_stride_align(q, k, v, dout, dq, dk, dv))
         _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv),
                 args, constexprs)
         args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
@@ -886,7 +948,7 @@ def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
                 dv.stride(0), dv.stride(1), lse.stride(0), softmax_scale * _LOG2E, softmax_scale, hq // hkv,
                 _bucket(max_seqlen_k))
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
-                          DOT_PREC=_dot_prec(q.dtype))
+                          DOT_PREC=_dot_prec(q.dtype), ALIGN=_stride_align(q, k, v, dout, dq_acc, dk, dv))
         _launch("bwd_fused", _flash_attn_bwd_fused_kernel,
                 lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv), args, constexprs)
     return dq_acc.to(q.dtype), dk, dv

@@ -107,6 +107,24 @@ def test_fwd_bwd_vs_ref(case, device):
     _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
 
 
+@pytest.mark.parametrize("policy,d,chunks", [("masked", 72, (64, 16, True)), ("masked", 80, (64, 16, True)),
+                                             ("none", 96, (128, 16, False))])
+def test_head_dim_split_policies(monkeypatch, device, policy, d, chunks):
+    """The non-default head-dim splits (LLAVA_FAST_ATTN_SPLIT; the default "exact" is covered above: 72 -> one
+    128 chunk, 80 -> 64 + 16, 96 -> 64 + 32) still compute the right thing, forward and backward, both backwards."""
+    from llava_fast.ops.attention import _split_head_dim
+
+    assert _split_head_dim(72) == (128, 16, False) and _split_head_dim(96) == (64, 32, True)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_SPLIT", policy)
+    assert _split_head_dim(d) == chunks
+    _check_against_ref(DOCS, DOCS, 4, 2, d, True, torch.float32, device, _run_function)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_BWD", "atomic")
+    _check_against_ref(DOCS, DOCS, 4, 2, d, False, torch.float32, device, _run_function)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_SPLIT", "bogus")
+    with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_SPLIT"):
+        _split_head_dim(d)
+
+
 def test_empty_rows_are_zero(device):
     """Queries that see no key (causal, Sq > Sk) get out = 0, lse = +inf and zero gradients (flash-attn)."""
     q, k, v, cu_q, cu_k = _make([6], [2], 2, 2, 64, torch.float32, device)
