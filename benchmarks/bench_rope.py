@@ -34,7 +34,8 @@ def _finish(rows, copy_gbps, smoke):
     add_ratios(rows, ours="llava_fast")
     for row in rows:
         if row.provider.startswith("llava_fast") and row.metric:
-            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy"
+            rest = row.note.split("% of copy; ", 1)[1] if "% of copy; " in row.note else row.note
+            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy; {rest}"
     return None if smoke else save(rows, "rope")
 
 

@@ -4,9 +4,10 @@ for llava_fast's kernels, the way users apply Liger-Kernel.
 What is swapped (each can be turned off):
 - ``rms_norm``: every Llama/Qwen2/Mistral RMSNorm runs ``llava_fast.ops.rms_norm``;
 - ``swiglu``: every Llama/Qwen2/Mistral MLP with SiLU runs ``llava_fast.ops.swiglu``;
-- ``attention``: the language model and the vision tower use the varlen FlashAttention kernel through
-  transformers' AttentionInterface (registered as ``"llava_fast"``); calls it cannot serve (a padding mask, a KV cache
-  with a mask, unsupported head dims) fall back to transformers' SDPA path;
+- ``attention``: the language model (backend op ``"attention"``) and the vision tower (``"vision_attention"``, whose
+  "auto" is SDPA on CUDA: measured faster) use the varlen FlashAttention kernel through transformers'
+  AttentionInterface (registered as ``"llava_fast"``); calls it cannot serve (a padding mask, a KV cache with a mask,
+  unsupported head dims) fall back to transformers' SDPA path;
 - ``projector``: the multimodal projector runs the fused GEMM+GELU kernel (when ``llava_fast.ops.projector`` exists).
 Each op still follows ``llava_fast.set_backend``: on the CPU the patched modules compute the reference.
 Not supported (a ValueError says so): RoPE with transformers' cos/sin interface and the fused loss (transformers
@@ -51,7 +52,9 @@ def llava_fast_attention(module, query, key, value, attention_mask, scaling=None
 
     lq, lk = query.shape[2], key.shape[2]
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True))) and lq > 1
-    op = _fast_attention(query.device.type, query.shape[-1], query.dtype)
+    # non-causal calls are the vision towers': they follow the "vision_attention" backend (auto: SDPA on CUDA)
+    op = _fast_attention(query.device.type, query.shape[-1], query.dtype,
+                         "attention" if causal else "vision_attention")
     if op is None or attention_mask is not None or dropout or (lq != lk and not causal):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)

@@ -70,3 +70,20 @@ def test_bench_model_harness_smoke(tmp_path):
     assert all(r.metric and r.metric > 0 for r in rows)
     md = bench_utils.save(rows, "smoke", out_dir=tmp_path)
     assert md.exists() and md.with_suffix(".json").exists()
+
+
+def test_auto_reference_ops():
+    """An op in AUTO_REFERENCE (measured slower than its reference on a GPU) keeps the reference under "auto" even on
+    CUDA, "triton" still forces the kernel, and `llava-fast env` (describe) says why."""
+    import llava_fast
+    from llava_fast import backend
+
+    assert "vision_attention" in backend.AUTO_REFERENCE
+    assert backend.use_fast("attention", "cuda") and not backend.use_fast("vision_attention", "cuda")
+    assert "SDPA" in backend.describe("cuda")["vision_attention"]
+    llava_fast.set_backend("vision_attention", "triton")
+    try:
+        assert backend.use_fast("vision_attention", "cuda") and backend.use_fast("vision_attention", "cpu")
+        assert backend.describe("cuda")["vision_attention"].startswith("triton (forced")
+    finally:
+        llava_fast.set_backend("vision_attention", "auto")

@@ -11,9 +11,10 @@ from llava_fast import backend
 from llava_fast.models.layers import causal_mask, eager_attention, varlen_attention_ref
 
 
-def _fast_attention(device_type: str, head_dim: int, dtype):
-    """The Triton varlen kernel module when selected for this device and able to take this head dim, else None."""
-    if not backend.use_fast("attention", device_type):
+def _fast_attention(device_type: str, head_dim: int, dtype, op: str = "attention"):
+    """The Triton varlen kernel module when ``op`` ("attention": the language model, "vision_attention": the vision
+    towers) selects it for this device and it can take this head dim, else None."""
+    if not backend.use_fast(op, device_type):
         return None
     from llava_fast.ops import attention as attn_op
 
@@ -23,9 +24,10 @@ def _fast_attention(device_type: str, head_dim: int, dtype):
 
 
 def vision_attention(q, k, v, scale):
-    """Non-causal attention over tiles: q/k/v (tiles, H, N, D). On the fast path every tile of every image is one
-    document of a single varlen batch."""
-    if (op := _fast_attention(q.device.type, q.shape[-1], q.dtype)) is not None:
+    """Non-causal attention over tiles: q/k/v (tiles, H, N, D). With ``vision_attention`` on "triton" every tile of
+    every image is one document of a single varlen batch; its "auto" on CUDA is SDPA (the tiles all have the same
+    length, so nothing is padded), measured faster on an H200 until the kernel catches up (docs/perf-notes.md)."""
+    if (op := _fast_attention(q.device.type, q.shape[-1], q.dtype, "vision_attention")) is not None:
         b, h, n, d = q.shape
         cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
         flat = [t.transpose(1, 2).reshape(b * n, h, d) for t in (q, k, v)]

@@ -57,6 +57,7 @@ except ImportError:  # pragma: no cover - non-Linux installs: the reference path
     HAS_TRITON = False
 
 backend.register_fast("attention", "triton")
+backend.register_fast("vision_attention", "triton")  # the vision towers' tiles (auto: SDPA, see backend.py)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -935,7 +936,13 @@ def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
     dq_acc = torch.zeros((total_q, hq, d), dtype=torch.float32, device=q.device)
     dk = torch.empty((total_k, hkv, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((total_k, hkv, d), dtype=v.dtype, device=v.device)
-    d0, d1, has_d1 = _split_head_dim(d)
+    # One power-of-two chunk whatever D: with two chunks (D = 96 as 64 + 32) this kernel hit an illegal address on
+    # an H200 (triton 3.6, bf16 and fp16, 2026-11-26) while the one-chunk build of the same call passed all the
+    # cuda atomic-backward tests. LLAVA_FAST_ATTN_SPLIT=exact|masked brings the split back, for experiments.
+    if os.environ.get("LLAVA_FAST_ATTN_SPLIT") in ("exact", "masked"):
+        d0, d1, has_d1 = _split_head_dim(d)
+    else:
+        d0, d1, has_d1 = triton.next_power_of_2(d), 16, False
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     with _device_guard(q):
         block_t = 16 if _interpret() else 64

@@ -39,9 +39,12 @@ except Exception:  # pragma: no cover
 # 1. reference (also the CPU path)
 # --------------------------------------------------------------------------------------------------------------------
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """HF's default ``inv_freq``: ``1 / theta ** (arange(0, D, 2).float() / D)``, shape ``(D/2,)`` fp32."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float)
-                            / head_dim))
+    """HF's default ``inv_freq``: ``1 / theta ** (arange(0, D, 2).float() / D)``, shape ``(D/2,)`` fp32, computed on
+    the CPU as transformers does (at model init) and then moved: CUDA's pow differs from the CPU's by an ulp for some
+    frequencies, and at position 3000 one ulp of inv_freq moves the angle by ~2e-4 rad (seen on an H200: 3e-5 off
+    HF's fp32 result where the CPU-computed inv_freq matches it)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
+    return inv if device is None else inv.to(device)
 
 
 def rope_cos_sin_cache(max_positions: int, head_dim: int, theta: float, device=None,

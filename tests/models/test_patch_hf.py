@@ -25,7 +25,7 @@ def test_patched_equals_unpatched(model_type):
     patch_hf(hf)
     assert hf._llava_fast_patched["rms_norm"] > 0 and hf._llava_fast_patched["swiglu"] > 0
     try:
-        for op in ("rms_norm", "swiglu", "attention", "projector"):
+        for op in ("rms_norm", "swiglu", "attention", "vision_attention", "projector"):
             llava_fast.set_backend(op, "triton")
         out = hf(**kw)
         out.loss.backward()

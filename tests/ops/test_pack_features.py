@@ -402,13 +402,7 @@ def test_cuda_real_sizes(kind, dtype):
     gout = torch.randn(emb.shape, device="cuda", dtype=dtype)
     out, grads = _run(_kernel, emb, ids, feats, sizes, nl, kw, gout)
     rout, rgrads = _run(_ref, emb, ids, feats, sizes, nl, kw, gout)
-    # forward: within 1 ulp of the model dtype of PyTorch's own CUDA result (FMA contraction may differ)
-    ulp = torch.finfo(dtype).eps * rout.float().abs().clamp_min(torch.finfo(dtype).tiny)
-    diff = (out.float() - rout.float()).abs()
-    print(f"{kind} {dtype}: {(diff > 0).float().mean().item():.2e} of outputs differ, all within 1 ulp: "
-          f"{bool((diff <= ulp).all())}")
-    assert bool((diff <= ulp).all()), f"max diff {diff.max().item()}"
-    # vs the fp32 reference: flash-attn rule on outputs and every gradient
+    # vs the fp32 reference: flash-attn rule on outputs and every gradient (checked first: it is the standard)
     up = lambda x: x.float() if x is not None else None  # noqa: E731
     kw32 = dict(kw, video_features=up(kw["video_features"]))
     out32, grads32 = _run(_ref, up(emb), ids, up(feats), sizes, up(nl), kw32, gout.float())
@@ -418,6 +412,17 @@ def test_cuda_real_sizes(kind, dtype):
         if a is not None:
             assert_flash_rule(a, c, b, name, atol=tiny * float(c.abs().max()))
     assert torch.equal(grads[0], rgrads[0])
+    # forward: within 1 ulp of the model dtype of PyTorch's own CUDA result, plus the fp32 rounding of the 4-tap sum
+    # (FMA contraction differs between nvcc and Triton): where the taps cancel, the result is far smaller than its
+    # inputs and an fp32-ulp difference is many ulps of the result. Without that floor the video kinds (2x2 bilinear)
+    # failed on an H200 at 2e-5 to 5e-5 of the outputs (2026-11-26).
+    scale = max([float(x.float().abs().max()) for x in (feats, kw["video_features"]) if x is not None and x.numel()]
+                or [0.0])
+    ulp = torch.finfo(dtype).eps * rout.float().abs() + 8 * torch.finfo(torch.float32).eps * scale
+    diff = (out.float() - rout.float()).abs()
+    print(f"{kind} {dtype}: {(diff > 0).float().mean().item():.2e} of outputs differ, all within 1 ulp: "
+          f"{bool((diff <= ulp).all())}")
+    assert bool((diff <= ulp).all()), f"max diff {diff.max().item()}"
 
 
 @pytest.mark.cuda
