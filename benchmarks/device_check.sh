@@ -7,8 +7,10 @@
 #   DEADLINE_S=530     seconds from the script's start by which every step has ended (each step's limit is cut to
 #                      what is left, minus 10 s for the summary); pass the device call's timeout_s minus ~20
 #   STEPS=all          comma list of: build,env,tests,ops,plot (e.g. STEPS=build,ops for a second call)
-#   OPS="attention ..." benchmarks to run, in this order ("model" is the end-to-end bench_model.py with 4 layers);
-#                      default: attention projector model cross_entropy rms_norm swiglu rope pack_features anyres.
+#   OPS="attention ..." benchmarks to run, in this order ("model" is the end-to-end bench_model.py with 4 layers,
+#                      "variants" is attention_variants.py: head dim 72 split policies, correctness + SigLIP timing);
+#                      default: attention variants projector model cross_entropy rms_norm swiglu rope pack_features
+#                      anyres.
 #                      A second call can pass the reverse order to reach first what the first call did not.
 #   TESTS_S=175        limit of the GPU test step;  XDIST=12  pytest-xdist workers
 #   GPU_TESTS=quick    quick: a representative subset of the `cuda` tests (every kernel and code path, fewer
@@ -34,7 +36,7 @@ DEADLINE_S=${DEADLINE_S:-530}
 TESTS_S=${TESTS_S:-175}
 STEPS=${STEPS:-all}
 GPU_TESTS=${GPU_TESTS:-quick}
-OPS=${OPS:-"attention projector model cross_entropy rms_norm swiglu rope pack_features anyres"}
+OPS=${OPS:-"attention variants projector model cross_entropy rms_norm swiglu rope pack_features anyres"}
 QUICK=$([ "${FULL:-0}" = "1" ] && echo "" || echo "--quick")
 t0=$(date +%s)
 summary=()
@@ -83,13 +85,16 @@ and not (test_cuda_seqused_k and dtype1) and not (test_cuda_full_shapes and dtyp
   fi
   # -v: one line per finished test (xdist prints them as they land), so a timeout still says what passed/failed.
   # No -x: a first GPU run should report every failure it can, not only the first.
-  step gpu_tests "$TESTS_S" $PY -m pytest -v -m cuda $XDIST $PTO --maxfail=30 --tb=short -rfE -p no:cacheprovider \
+  step gpu_tests "$TESTS_S" $PY -m pytest -v -m cuda $XDIST $PTO --maxfail=100 --tb=short -rfE -p no:cacheprovider \
     ${KSEL[@]+"${KSEL[@]}"} tests
 fi
 
 if want ops; then
   for b in $OPS; do
-    if [ "$b" = "model" ]; then
+    if [ "$b" = "variants" ]; then  # each variant in its own process: a faulting one cannot take the others down
+      step attention_variants 75 $PY benchmarks/attention_variants.py --dims 72 --jobs 4 --time \
+        --variants "default|SPLIT=overlap|SPLIT=overlap+ALIGN=0|SPLIT=none" --out "$RES/attention_variants.jsonl"
+    elif [ "$b" = "model" ]; then
       step bench_model 110 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
         --providers llava_fast,hf_sdpa,hf_eager,hf_sdpa_liger
     elif [ -f "benchmarks/bench_$b.py" ]; then

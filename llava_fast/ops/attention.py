@@ -145,6 +145,27 @@ def _load_tile(ptr, offs_r, stride_r, offs_d, n_rows, HEAD_DIM: tl.constexpr, MA
 
 
 @triton.jit
+def _zero_overlap(x, offs_d, LO: tl.constexpr, OVERLAP: tl.constexpr):
+    """Columns < LO of a chunk-1 tile set to 0 (OVERLAP): chunk 0 already holds them, so a GEMM reducing over D
+    counts them once. Applied to the tiles a program loads once (q in the forward, k/v or q/dO in the backward)."""
+    if OVERLAP:
+        return tl.where(offs_d[None, :] >= LO, x, tl.zeros_like(x))
+    else:
+        return x
+
+
+@triton.jit
+def _store_tile_lo(ptr, x, offs_r, stride_r, offs_d, n_rows, HEAD_DIM: tl.constexpr, LO: tl.constexpr,
+                   OVERLAP: tl.constexpr):
+    """_store_tile of a chunk-1 tile; with OVERLAP only its columns >= LO (the others belong to chunk 0)."""
+    if OVERLAP:
+        tl.store(ptr + offs_r[:, None] * stride_r + offs_d[None, :], x.to(ptr.dtype.element_ty),
+                 mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] >= LO) & (offs_d[None, :] < HEAD_DIM))
+    else:
+        _store_tile(ptr, x, offs_r, stride_r, offs_d, n_rows, HEAD_DIM)
+
+
+@triton.jit
 def _store_tile(ptr, x, offs_r, stride_r, offs_d, n_rows, HEAD_DIM: tl.constexpr):
     tl.store(ptr + offs_r[:, None] * stride_r + offs_d[None, :], x.to(ptr.dtype.element_ty),
              mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
@@ -212,7 +233,8 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
                            stride_lse_h, qk_scale, group, seq_bucket,
                            HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                            HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
+                           D1_LO: tl.constexpr, HAS_SEQUSED: tl.constexpr):
     if ALIGN > 1:  # every token/head stride is a multiple of ALIGN elements (checked on the host)
         stride_qt = tl.multiple_of(stride_qt, ALIGN)
         stride_qh = tl.multiple_of(stride_qh, ALIGN)
@@ -239,17 +261,19 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
         seqlen_k = tl.load(CU_K + b + 1) - k_start
     hk = h // group
     MASK_D0: tl.constexpr = HEAD_DIM < BLOCK_D0
-    MASK_D1: tl.constexpr = HEAD_DIM < BLOCK_D0 + BLOCK_D1
+    MASK_D1: tl.constexpr = HEAD_DIM < D1_LO + BLOCK_D1
+    OVERLAP: tl.constexpr = D1_LO < BLOCK_D0  # chunk 1 = columns [D - BLOCK_D1, D), see _chunk1_start
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
-    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    offs_d1 = D1_LO + tl.arange(0, BLOCK_D1)
     rows_left = seqlen_q - start_m
     Qb = Q + (q_start + start_m).to(tl.int64) * stride_qt + h * stride_qh
     q0 = _load_tile(Qb, offs_mb, stride_qt, offs_d0, rows_left, HEAD_DIM, True, MASK_D0)
     if HAS_D1:
         q1 = _load_tile(Qb, offs_mb, stride_qt, offs_d1, rows_left, HEAD_DIM, True, MASK_D1)
+        q1 = _zero_overlap(q1, offs_d1, BLOCK_D0, OVERLAP)
     else:
         q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q0.dtype)  # unused
     Kb = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
@@ -273,7 +297,7 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
     Ob = O + (q_start + start_m).to(tl.int64) * stride_ot + h * stride_oh
     _store_tile(Ob, acc0 * inv_l[:, None], offs_mb, stride_ot, offs_d0, rows_left, HEAD_DIM)
     if HAS_D1:
-        _store_tile(Ob, acc1 * inv_l[:, None], offs_mb, stride_ot, offs_d1, rows_left, HEAD_DIM)
+        _store_tile_lo(Ob, acc1 * inv_l[:, None], offs_mb, stride_ot, offs_d1, rows_left, HEAD_DIM, BLOCK_D0, OVERLAP)
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
     tl.store(LSE + h.to(tl.int64) * stride_lse_h + q_start + offs_m, lse, mask=offs_m < seqlen_q)
 
@@ -337,7 +361,8 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                 stride_lse_h, qk_scale, sm_scale, group, seq_bucket,
                                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                                 HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
+                                D1_LO: tl.constexpr):
     if ALIGN > 1:  # every token/head stride is a multiple of ALIGN elements (checked on the host)
         stride_qt = tl.multiple_of(stride_qt, ALIGN)
         stride_qh = tl.multiple_of(stride_qh, ALIGN)
@@ -362,12 +387,13 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     q_start = tl.load(CU_Q + b)
     seqlen_q = tl.load(CU_Q + b + 1) - q_start
     MASK_D0: tl.constexpr = HEAD_DIM < BLOCK_D0
-    MASK_D1: tl.constexpr = HEAD_DIM < BLOCK_D0 + BLOCK_D1
+    MASK_D1: tl.constexpr = HEAD_DIM < D1_LO + BLOCK_D1
+    OVERLAP: tl.constexpr = D1_LO < BLOCK_D0  # chunk 1 = columns [D - BLOCK_D1, D), see _chunk1_start
 
     offs_nb = tl.arange(0, BLOCK_N)
     offs_n = start_n + offs_nb
     offs_d0 = tl.arange(0, BLOCK_D0)
-    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    offs_d1 = D1_LO + tl.arange(0, BLOCK_D1)
     keys_left = seqlen_k - start_n
     Kb = K + (k_start + start_n).to(tl.int64) * stride_kt + hk * stride_kh
     Vb = V + (k_start + start_n).to(tl.int64) * stride_vt + hk * stride_vh
@@ -376,6 +402,8 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     if HAS_D1:
         k1 = _load_tile(Kb, offs_nb, stride_kt, offs_d1, keys_left, HEAD_DIM, True, MASK_D1)
         v1 = _load_tile(Vb, offs_nb, stride_vt, offs_d1, keys_left, HEAD_DIM, True, MASK_D1)
+        k1 = _zero_overlap(k1, offs_d1, BLOCK_D0, OVERLAP)
+        v1 = _zero_overlap(v1, offs_d1, BLOCK_D0, OVERLAP)
     else:  # unused
         k1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=k0.dtype)
         v1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=v0.dtype)
@@ -415,8 +443,8 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     _store_tile(DKb, dk0 * sm_scale, offs_nb, stride_dkt, offs_d0, keys_left, HEAD_DIM)
     _store_tile(DVb, dv0, offs_nb, stride_dvt, offs_d0, keys_left, HEAD_DIM)
     if HAS_D1:
-        _store_tile(DKb, dk1 * sm_scale, offs_nb, stride_dkt, offs_d1, keys_left, HEAD_DIM)
-        _store_tile(DVb, dv1, offs_nb, stride_dvt, offs_d1, keys_left, HEAD_DIM)
+        _store_tile_lo(DKb, dk1 * sm_scale, offs_nb, stride_dkt, offs_d1, keys_left, HEAD_DIM, BLOCK_D0, OVERLAP)
+        _store_tile_lo(DVb, dv1, offs_nb, stride_dvt, offs_d1, keys_left, HEAD_DIM, BLOCK_D0, OVERLAP)
 
 
 @triton.jit
@@ -456,7 +484,8 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                               qk_scale, sm_scale, group, seq_bucket,
                               HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                               HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
+                              D1_LO: tl.constexpr):
     if ALIGN > 1:  # every token/head stride is a multiple of ALIGN elements (checked on the host)
         stride_qt = tl.multiple_of(stride_qt, ALIGN)
         stride_qh = tl.multiple_of(stride_qh, ALIGN)
@@ -482,12 +511,13 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     seqlen_k = tl.load(CU_K + b + 1) - k_start
     hk = h // group
     MASK_D0: tl.constexpr = HEAD_DIM < BLOCK_D0
-    MASK_D1: tl.constexpr = HEAD_DIM < BLOCK_D0 + BLOCK_D1
+    MASK_D1: tl.constexpr = HEAD_DIM < D1_LO + BLOCK_D1
+    OVERLAP: tl.constexpr = D1_LO < BLOCK_D0  # chunk 1 = columns [D - BLOCK_D1, D), see _chunk1_start
 
     offs_mb = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_mb
     offs_d0 = tl.arange(0, BLOCK_D0)
-    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    offs_d1 = D1_LO + tl.arange(0, BLOCK_D1)
     rows_left = seqlen_q - start_m
     row0 = (q_start + start_m).to(tl.int64)
     Qb = Q + row0 * stride_qt + h * stride_qh
@@ -497,6 +527,8 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     if HAS_D1:
         q1 = _load_tile(Qb, offs_mb, stride_qt, offs_d1, rows_left, HEAD_DIM, True, MASK_D1)
         do1 = _load_tile(DOb, offs_mb, stride_dot, offs_d1, rows_left, HEAD_DIM, True, MASK_D1)
+        q1 = _zero_overlap(q1, offs_d1, BLOCK_D0, OVERLAP)
+        do1 = _zero_overlap(do1, offs_d1, BLOCK_D0, OVERLAP)
     else:  # unused
         q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q0.dtype)
         do1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=do0.dtype)
@@ -520,7 +552,7 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     DQb = DQ + row0 * stride_dqt + h * stride_dqh
     _store_tile(DQb, dq0 * sm_scale, offs_mb, stride_dqt, offs_d0, rows_left, HEAD_DIM)
     if HAS_D1:
-        _store_tile(DQb, dq1 * sm_scale, offs_mb, stride_dqt, offs_d1, rows_left, HEAD_DIM)
+        _store_tile_lo(DQb, dq1 * sm_scale, offs_mb, stride_dqt, offs_d1, rows_left, HEAD_DIM, BLOCK_D0, OVERLAP)
 
 
 # Opt-in FA2-style backward (see flash_attn_varlen_bwd_atomic): one kernel over key blocks computes dK, dV and dQ with
@@ -787,13 +819,32 @@ def _split_head_dim(d: int) -> tuple[int, int, bool]:
     d0 = max(16, 1 << (d.bit_length() - 1))
     if d <= d0:
         return d0, 16, False
-    policy = os.environ.get("LLAVA_FAST_ATTN_SPLIT", "exact")
-    if policy not in ("exact", "masked", "none"):
-        raise ValueError(f"LLAVA_FAST_ATTN_SPLIT={policy!r}: must be exact, masked or none")
+    policy = _split_policy()
     d1 = max(int(os.environ.get("LLAVA_FAST_ATTN_MIN_D1", "16")), triton.next_power_of_2(d - d0))
     if policy == "none" or d1 >= d0 or (policy == "exact" and d0 + d1 != d):
         return triton.next_power_of_2(d), 16, False
     return d0, d1, True
+
+
+_SPLITS = ("exact", "masked", "overlap", "none")
+
+
+def _split_policy() -> str:
+    policy = os.environ.get("LLAVA_FAST_ATTN_SPLIT", "exact")
+    if policy not in _SPLITS:
+        raise ValueError(f"LLAVA_FAST_ATTN_SPLIT={policy!r}: must be one of {_SPLITS}")
+    return policy
+
+
+def _chunk1_start(d: int, d0: int, d1: int, has_d1: bool) -> int:
+    """First column of chunk 1 (the kernels' D1_LO). BLOCK_D0 normally (chunk 1 = [d0, d0 + d1), columns >= D
+    masked); with LLAVA_FAST_ATTN_SPLIT=overlap and d0 + d1 > D, D - d1: chunk 1 = [D - d1, D) overlaps chunk 0, so
+    that no load inside the key/query loops needs a column mask (the faulting case on an H200) and no column is
+    ever out of bounds; the overlap is zeroed in the tiles loaded once per program and not stored from chunk 1.
+    D = 72: 64 + 16 as [0, 64) + [56, 72), 80 lanes of MMA instead of 128."""
+    if has_d1 and d0 + d1 > d and _split_policy() == "overlap":
+        return d - d1
+    return d0
 
 
 def _stride_align(*tensors: torch.Tensor) -> int:
@@ -869,7 +920,8 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
             out.stride(1), lse.stride(0), softmax_scale * _LOG2E, hq // hkv, _bucket(max_seqlen_q))
     constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
-                      DOT_PREC=_dot_prec(q.dtype), HAS_SEQUSED=used, ALIGN=_stride_align(q, k, v, out))
+                      DOT_PREC=_dot_prec(q.dtype), HAS_SEQUSED=used, ALIGN=_stride_align(q, k, v, out),
+                      D1_LO=_chunk1_start(d, d0, d1, has_d1))
     kind = "fwd_decode" if used and max_seqlen_q <= 16 else "fwd"
     with _device_guard(q):
         _launch(kind, _flash_attn_fwd_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq), args,
@@ -906,7 +958,8 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
                 dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_k))
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
-                          DOT_PREC=dot_prec, ALIGN=_stride_align(q, k, v, dout, dq, dk, dv))
+                          DOT_PREC=dot_prec, ALIGN=_stride_align(q, k, v, dout, dq, dk, dv),
+                          D1_LO=_chunk1_start(d, d0, d1, has_d1))
         _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv),
                 args, constexprs)
         args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,

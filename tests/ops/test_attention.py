@@ -108,7 +108,8 @@ def test_fwd_bwd_vs_ref(case, device):
 
 
 @pytest.mark.parametrize("policy,d,chunks", [("masked", 72, (64, 16, True)), ("masked", 80, (64, 16, True)),
-                                             ("none", 96, (128, 16, False))])
+                                             ("none", 96, (128, 16, False)), ("overlap", 72, (64, 16, True)),
+                                             ("overlap", 40, (32, 16, True))])
 def test_head_dim_split_policies(monkeypatch, device, policy, d, chunks):
     """The non-default head-dim splits (LLAVA_FAST_ATTN_SPLIT; the default "exact" is covered above: 72 -> one
     128 chunk, 80 -> 64 + 16, 96 -> 64 + 32) still compute the right thing, forward and backward, both backwards."""
@@ -117,6 +118,11 @@ def test_head_dim_split_policies(monkeypatch, device, policy, d, chunks):
     assert _split_head_dim(72) == (128, 16, False) and _split_head_dim(96) == (64, 32, True)
     monkeypatch.setenv("LLAVA_FAST_ATTN_SPLIT", policy)
     assert _split_head_dim(d) == chunks
+    if policy == "overlap":  # chunk 1 = [D - 16, D): overlaps chunk 0, no column of it out of bounds
+        from llava_fast.ops.attention import _chunk1_start
+
+        assert _chunk1_start(d, *chunks) == d - 16
+        _check_against_ref([5, 37, 1], [5, 37, 9], 6, 2, d, False, torch.float32, device, _run_function)
     _check_against_ref(DOCS, DOCS, 4, 2, d, True, torch.float32, device, _run_function)
     monkeypatch.setenv("LLAVA_FAST_ATTN_BWD", "atomic")
     _check_against_ref(DOCS, DOCS, 4, 2, d, False, torch.float32, device, _run_function)
