@@ -77,19 +77,22 @@ PYBIND11_MODULE(_C, m) {
                  const std::vector<int64_t>& widths, const std::vector<int64_t>& row_strides,
                  const std::vector<int>& modes, uintptr_t dst, int dtype, int64_t capacity_tiles, int64_t tile,
                  int64_t shortest_edge, bool llava_pad, const std::vector<std::pair<int64_t, int64_t>>& pinpoints,
-                 std::array<int, 3> fill, std::array<float, 3> mean, std::array<float, 3> std, int num_threads) {
+                 std::array<int, 3> fill, std::array<float, 3> mean, std::array<float, 3> std, int num_threads,
+                 const std::vector<int64_t>& col_strides, const std::vector<int64_t>& chan_strides) {
         EncodeConfig cfg = make_cfg(tile, shortest_edge, llava_pad, pinpoints, fill, mean, std);
         std::vector<const uint8_t*> imgs(ptrs.size());
         for (size_t i = 0; i < ptrs.size(); ++i) imgs[i] = reinterpret_cast<const uint8_t*>(ptrs[i]);
         py::gil_scoped_release release;
         encode_tiles_cpu(imgs, heights, widths, row_strides, modes, cfg, reinterpret_cast<void*>(dst), dtype,
-                         capacity_tiles, num_threads);
+                         capacity_tiles, num_threads, col_strides, chan_strides);
       },
       py::arg("ptrs"), py::arg("heights"), py::arg("widths"), py::arg("row_strides"), py::arg("modes"),
       py::arg("dst"), py::arg("dtype"), py::arg("capacity_tiles"), py::arg("tile"), py::arg("shortest_edge"),
       py::arg("llava_pad"), py::arg("pinpoints"), py::arg("fill"), py::arg("mean"), py::arg("std"),
-      py::arg("num_threads") = 1,
-      "uint8 HWC images -> normalized (tiles, 3, T, T) in dst; see csrc/anyres/encode.h.");
+      py::arg("num_threads") = 1, py::arg("col_strides") = std::vector<int64_t>{},
+      py::arg("chan_strides") = std::vector<int64_t>{},
+      "uint8 images -> normalized (tiles, 3, T, T) in dst; see csrc/anyres/encode.h. Pixel (y, x, c) at\n"
+      "ptr + y * row_stride + x * col_stride + c * chan_stride (bytes); without col/chan strides: HWC (3, 1).");
   m.def(
       "resize_bicubic_aa_u8_cpu",
       [](uintptr_t src, int64_t h, int64_t w, uintptr_t dst, int64_t oh, int64_t ow) {

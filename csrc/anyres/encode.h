@@ -38,7 +38,8 @@ std::vector<int64_t> encode_tile_counts(const std::vector<int64_t>& heights, con
 void encode_tiles_cpu(const std::vector<const uint8_t*>& images, const std::vector<int64_t>& heights,
                       const std::vector<int64_t>& widths, const std::vector<int64_t>& row_strides,
                       const std::vector<int>& modes, const EncodeConfig& cfg, void* dst, int dtype,
-                      int64_t capacity_tiles, int num_threads);
+                      int64_t capacity_tiles, int num_threads, const std::vector<int64_t>& col_strides = {},
+                      const std::vector<int64_t>& chan_strides = {});
 
 // One antialiased bicubic uint8 resize (HWC, 3 channels), for tests: same arithmetic as the encoder.
 void resize_bicubic_aa_u8_cpu(const uint8_t* src, int64_t h, int64_t w, uint8_t* dst, int64_t oh, int64_t ow);

@@ -917,12 +917,7 @@ def encode_tiles(images, config: ImageProcessorConfig, multi_image: bool | None 
                             None, out, dev)
     if not _encoder_usable(config, u8s):
         return _with_layout(_preprocess_flags(u8s, flags, counts, config, dtype), config, layout, out, dev)
-    hwc = []
-    for u in u8s:
-        x = u.permute(1, 2, 0)
-        if x.stride(2) != 1 or (x.stride(1) != 3 and x.shape[1] > 1):
-            x = x.contiguous()
-        hwc.append(x)
+    hwc = [u.permute(1, 2, 0) for u in u8s]  # (H, W, 3) views read in place: HWC, CHW or any other strides
     heights = [int(x.shape[0]) for x in hwc]
     widths = [int(x.shape[1]) for x in hwc]
     modes = _modes(config, flags, len(hwc))
@@ -941,21 +936,23 @@ def encode_tiles(images, config: ImageProcessorConfig, multi_image: bool | None 
             raise ValueError(f"encode_tiles: out must be a contiguous CPU {dtype} tensor of shape (>= {total}, 3, {t}, "
                              f"{t}), got {out.dtype} {tuple(out.shape)} on {out.device}")
     threads = int(num_threads) if num_threads is not None else (os.cpu_count() or 1)
-    _ext._C.encode_tiles_cpu([x.data_ptr() for x in hwc], heights, widths, [_row_stride(x) for x in hwc], modes,
+    strides = [_strides(x) for x in hwc]
+    _ext._C.encode_tiles_cpu([x.data_ptr() for x in hwc], heights, widths, [st[0] for st in strides], modes,
                              tiles_out.data_ptr(), code, int(tiles_out.shape[0]), t, config.shortest_edge,
                              bool(config.variant == "llava" and config.do_pad), pins,
                              list(fill_colour(config.image_mean)), list(config.image_mean), list(config.image_std),
-                             threads)
+                             threads, [st[1] for st in strides], [st[2] for st in strides])
     res = _result(tiles_out[:total], list(zip(heights, widths)), ntiles, flags, counts, config, dev)
     if layout == "patches":
         return _with_layout(res, config, layout, out, dev)
     return res
 
 
-def _row_stride(hwc: torch.Tensor) -> int:
-    """Row stride of an (H, W, 3) uint8 view for the C++ encoder: torch leaves the strides of size-1 dims
-    arbitrary (a 1-row image can report a row stride of 1), and the encoder checks stride >= 3 * W."""
-    return int(hwc.stride(0)) if hwc.shape[0] > 1 else 3 * int(hwc.shape[1])
+def _strides(hwc: torch.Tensor) -> tuple[int, int, int]:
+    """(row, column, channel) strides in bytes of an (H, W, 3) uint8 view, for the C++ encoder, which reads any
+    layout in place (no HWC copy; CHW rows are widened straight into its planes). Strides of size-1 dims may be
+    arbitrary (torch does not normalise them): the encoder only multiplies them by index 0."""
+    return tuple(int(v) for v in hwc.stride())
 
 
 def _with_layout(res: dict, config, layout, out, device) -> dict:

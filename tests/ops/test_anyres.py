@@ -474,3 +474,27 @@ def test_cuda_reference_matches_hf_on_cuda_within_one_grey_level(cfg):
         gpu = preprocess_images([x], cfg)["pixel_values"].cpu()
         assert gpu.shape == ref.shape
         assert _grey_err(gpu, ref, cfg.image_std) <= 1.0 + 1e-3
+
+
+@needs_ext
+@pytest.mark.parametrize("cfg", [L15, L15_PAD, NEXT, OV], ids=["llava", "llava_pad", "next", "ov"])
+def test_encode_tiles_reads_any_layout_in_place(cfg):
+    """The C++ encoder reads CHW, HWC, cropped views and channel-expanded grey images in place (no HWC copy; CHW rows
+    go straight into its int16 planes): bit-identical to the reference for each layout, 1-pixel strips included."""
+    gen = torch.Generator().manual_seed(9)
+    sizes = [(300, 500), (517, 211), (1, 64), (64, 1), (2, 3)] if cfg is not L15 else [(300, 500), (517, 211)]
+    imgs = []
+    for h, w in sizes:
+        chw = _smooth_noisy(h, w, gen)
+        big = _smooth_noisy(h + 7, w + 5, gen)
+        big[:, 3:3 + h, 2:2 + w] = chw
+        grey = chw[:1].expand(3, h, w)                          # channel stride 0
+        imgs += [chw, chw.permute(1, 2, 0).contiguous(), big[:, 3:3 + h, 2:2 + w], grey]
+    ref = preprocess_images(imgs, cfg)
+    for threads in (1, 2):
+        got = anyres.encode_tiles(imgs, cfg, num_threads=threads)
+        assert got["num_tiles"] == ref["num_tiles"]
+        assert torch.equal(got["pixel_values"], ref["pixel_values"])
+    with pytest.raises(ValueError, match="negative strides|one per image"):
+        _ext._C.encode_tiles_cpu([imgs[0].data_ptr()], [300], [500], [500], [0], 0, 0, 1, 336, 336, False, [],
+                                 [0, 0, 0], [0.5] * 3, [0.5] * 3, 1, [-1], [1])
