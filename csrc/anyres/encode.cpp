@@ -168,13 +168,6 @@ HPlan make_hplan(const AxisPlan& pw, int64_t c0, int64_t c1, Scratch& sc) {
   return hp;
 }
 
-#if defined(__SSE2__)
-inline int32_t hsum_epi32(__m128i v) {
-  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
-  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
-  return _mm_cvtsi128_si32(v);
-}
-#endif
 
 #if defined(__SSE2__)
 // Vertical pass of one output row over its n taps (rows of `rowlen` bytes, `rowlen` apart), 16 bytes at a time:
@@ -213,36 +206,67 @@ inline int64_t vpass_row_sse2(const uint8_t* rows, int64_t rowlen, const int16_t
 }
 #endif
 
+#if defined(__SSE2__)
+// [sum(v0), sum(v1), sum(v2), sum(v3)] of four int32x4 vectors
+inline __m128i reduce4_epi32(__m128i v0, __m128i v1, __m128i v2, __m128i v3) {
+  const __m128i s01 = _mm_add_epi32(_mm_unpacklo_epi32(v0, v1), _mm_unpackhi_epi32(v0, v1));
+  const __m128i s23 = _mm_add_epi32(_mm_unpacklo_epi32(v2, v3), _mm_unpackhi_epi32(v2, v3));
+  return _mm_add_epi32(_mm_unpacklo_epi64(s01, s23), _mm_unpackhi_epi64(s01, s23));
+}
+
+template <int NT>
+inline __m128i dot_nt(const int16_t* p, const int16_t* k) {  // 4 int32 partial sums of sum_j p[j] * k[j]
+  __m128i v = _mm_madd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)),
+                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(k)));
+  for (int j = 8; j < NT; j += 8)
+    v = _mm_add_epi32(v, _mm_madd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)),
+                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(k + j))));
+  return v;
+}
+#endif
+
+// Horizontal pass of one row into planar output: dst[c * wc + (x - c0)] for channel c.
 template <int NT>
 void hpass_row_nt(const HPlan& hp, const AxisPlan& pw, int64_t c0, int64_t c1, uint8_t* dst, const Scratch& sc) {
   const int64_t stride = hp.span + NT;
-  const int16_t* R = sc.planes.data();
-  const int16_t* G = R + stride;
-  const int16_t* B = G + stride;
+  const int64_t wc = c1 - c0;
+  const int16_t* P[3] = {sc.planes.data(), sc.planes.data() + stride, sc.planes.data() + 2 * stride};
   const int32_t bias = 1 << (pw.precision - 1);
-  for (int64_t x = c0; x < c1; ++x) {
+  int64_t x = c0;
+#if defined(__SSE2__)
+  // four outputs per step: 12 dot products, reduced four at a time, then >> prec and saturating packs (= clip8)
+  const __m128i vbias = _mm_set1_epi32(bias);
+  const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(pw.precision));
+  for (; x + 4 <= c1; x += 4) {
+    const int16_t* k = sc.wpad.data() + (x - c0) * NT;
+    const int64_t b0 = pw.xmin[x] - hp.s0, b1 = pw.xmin[x + 1] - hp.s0, b2 = pw.xmin[x + 2] - hp.s0,
+                  b3 = pw.xmin[x + 3] - hp.s0;
+    __m128i ch[3];
+    for (int c = 0; c < 3; ++c) {
+      const int16_t* p = P[c];
+      const __m128i sum = reduce4_epi32(dot_nt<NT>(p + b0, k), dot_nt<NT>(p + b1, k + NT),
+                                        dot_nt<NT>(p + b2, k + 2 * NT), dot_nt<NT>(p + b3, k + 3 * NT));
+      ch[c] = _mm_sra_epi32(_mm_add_epi32(sum, vbias), shift);
+    }
+    // [R0..R3 G0..G3 B0..B3 0..0] as bytes, clipped to 0..255 by the saturating packs
+    const __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(ch[0], ch[1]), _mm_packs_epi32(ch[2], _mm_setzero_si128()));
+    const int64_t o = x - c0;
+    const uint32_t r = static_cast<uint32_t>(_mm_cvtsi128_si32(bytes));
+    const uint32_t g = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_srli_si128(bytes, 4)));
+    const uint32_t bl = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_srli_si128(bytes, 8)));
+    std::memcpy(dst + o, &r, 4);
+    std::memcpy(dst + wc + o, &g, 4);
+    std::memcpy(dst + 2 * wc + o, &bl, 4);
+  }
+#endif
+  for (; x < c1; ++x) {
     const int16_t* k = sc.wpad.data() + (x - c0) * NT;
     const int64_t b = pw.xmin[x] - hp.s0;
-#if defined(__SSE2__)
-    // 8 taps per pmaddwd: (R[b+j], R[b+j+1]) x (k[j], k[j+1]) summed in int32 lanes
-    __m128i vr = _mm_setzero_si128(), vg = _mm_setzero_si128(), vb = _mm_setzero_si128();
-    for (int j = 0; j < NT; j += 8) {
-      const __m128i kw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(k + j));
-      vr = _mm_add_epi32(vr, _mm_madd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(R + b + j)), kw));
-      vg = _mm_add_epi32(vg, _mm_madd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(G + b + j)), kw));
-      vb = _mm_add_epi32(vb, _mm_madd_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + b + j)), kw));
+    for (int c = 0; c < 3; ++c) {
+      int32_t a = bias;
+      for (int j = 0; j < NT; ++j) a += static_cast<int32_t>(P[c][b + j]) * k[j];
+      dst[c * wc + (x - c0)] = clip8(a, pw.precision);
     }
-    const int32_t a0 = bias + hsum_epi32(vr), a1 = bias + hsum_epi32(vg), a2 = bias + hsum_epi32(vb);
-#else
-    int32_t a0 = bias, a1 = bias, a2 = bias;
-    for (int j = 0; j < NT; ++j) a0 += static_cast<int32_t>(R[b + j]) * k[j];
-    for (int j = 0; j < NT; ++j) a1 += static_cast<int32_t>(G[b + j]) * k[j];
-    for (int j = 0; j < NT; ++j) a2 += static_cast<int32_t>(B[b + j]) * k[j];
-#endif
-    uint8_t* d = dst + (x - c0) * 3;
-    d[0] = clip8(a0, pw.precision);
-    d[1] = clip8(a1, pw.precision);
-    d[2] = clip8(a2, pw.precision);
   }
 }
 
@@ -272,7 +296,8 @@ void hpass_row(const HPlan& hp, const AxisPlan& pw, const uint8_t* src, int64_t 
 }
 
 // Resize the virtual source to (ph.out rows, pw.out cols) and keep the window rows [o0, o1) x cols [c0, c1),
-// written as HWC uint8 into sc.win. Horizontal pass first (only the source rows the window needs), then vertical.
+// written into sc.win as rows of three planes (R[wc], G[wc], B[wc]: row-planar uint8). Horizontal pass first (only
+// the source rows the window needs), then vertical (which does not care about the order inside a row).
 void resize_window(const Source& s, const AxisPlan& ph, const AxisPlan& pw, int64_t o0, int64_t o1, int64_t c0,
                    int64_t c1, Scratch& sc) {
   const int64_t wc = c1 - c0, wr = o1 - o0;
@@ -303,7 +328,8 @@ void resize_window(const Source& s, const AxisPlan& ph, const AxisPlan& pw, int6
     }
     const uint8_t* src = source_row(s, y, sc.row);
     if (pw.identity()) {
-      std::memcpy(dst, src + c0 * 3, static_cast<size_t>(wc) * 3);
+      for (int c = 0; c < 3; ++c)
+        for (int64_t x = 0; x < wc; ++x) dst[c * wc + x] = src[(c0 + x) * 3 + c];
       continue;
     }
     if (hp.nt > 0) {
@@ -322,10 +348,9 @@ void resize_window(const Source& s, const AxisPlan& ph, const AxisPlan& pw, int6
         a1 += p[j * 3 + 1] * kj;
         a2 += p[j * 3 + 2] * kj;
       }
-      uint8_t* d = dst + (x - c0) * 3;
-      d[0] = clip8(a0, pw.precision);
-      d[1] = clip8(a1, pw.precision);
-      d[2] = clip8(a2, pw.precision);
+      dst[x - c0] = clip8(a0, pw.precision);
+      dst[wc + x - c0] = clip8(a1, pw.precision);
+      dst[2 * wc + x - c0] = clip8(a2, pw.precision);
     }
   }
   // vertical pass -> win
@@ -363,36 +388,47 @@ struct Luts {
   uint16_t h[3][256];
 };
 
-// Write canvas rows [y0, y1) of a (gh*T, gw*T) canvas whose non-zero part is sc.win placed at (wy, wx) with size
-// (wr, wc); canvas pixels outside the window are 0 (black, before normalization). Tiles start at tile index t0.
-void emit_rows(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t wc, int64_t y0, int64_t y1, int64_t gw,
-               int64_t T, int64_t t0, const Luts& L, void* dst) {
+template <typename OutT>
+void emit_rows_t(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t wc, int64_t y0, int64_t y1, int64_t gw,
+                 int64_t T, int64_t t0, const OutT (&lut)[3][256], OutT* dst) {
   const int64_t tt = T * T;
   for (int64_t y = y0; y < y1; ++y) {
     const int64_t tr = y / T, ty = y % T;
     const bool row_in = y >= wy && y < wy + wr;
-    const uint8_t* wrow = row_in ? sc.win.data() + (y - wy) * wc * 3 : nullptr;
+    const uint8_t* wrow = row_in ? sc.win.data() + (y - wy) * wc * 3 : nullptr;  // R[wc] G[wc] B[wc]
+    // canvas columns [a, b) of this row come from the window; the rest is black (0 before normalization)
+    const int64_t a = row_in ? wx : 0, b = row_in ? wx + wc : 0;
     for (int64_t tc = 0; tc < gw; ++tc) {
       const int64_t tile = t0 + tr * gw + tc;
-      const int64_t base = tile * 3 * tt + ty * T;
+      const int64_t x0 = tc * T;
+      const int64_t lo = std::clamp(a - x0, int64_t(0), T), hi = std::clamp(b - x0, lo, T);
       for (int c = 0; c < 3; ++c) {
-        const int64_t o = base + c * tt;
-        for (int64_t tx = 0; tx < T; ++tx) {
-          const int64_t x = tc * T + tx;
-          const uint8_t v = (row_in && x >= wx && x < wx + wc) ? wrow[(x - wx) * 3 + c] : 0;
-          if (L.dtype == 0)
-            static_cast<float*>(dst)[o + tx] = L.f[c][v];
-          else
-            static_cast<uint16_t*>(dst)[o + tx] = L.h[c][v];
-        }
+        OutT* o = dst + tile * 3 * tt + c * tt + ty * T;
+        const OutT* L = lut[c];
+        const OutT zero = L[0];
+        for (int64_t tx = 0; tx < lo; ++tx) o[tx] = zero;
+        const uint8_t* w = wrow ? wrow + c * wc + (x0 - wx) : nullptr;  // w[tx] = window pixel at column x0 + tx
+        for (int64_t tx = lo; tx < hi; ++tx) o[tx] = L[w[tx]];
+        for (int64_t tx = hi; tx < T; ++tx) o[tx] = zero;
       }
     }
   }
 }
 
+// Write canvas rows [y0, y1) of a (gh*T, gw*T) canvas whose non-zero part is sc.win placed at (wy, wx) with size
+// (wr, wc); canvas pixels outside the window are 0 (black, before normalization). Tiles start at tile index t0.
+void emit_rows(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t wc, int64_t y0, int64_t y1, int64_t gw,
+               int64_t T, int64_t t0, const Luts& L, void* dst) {
+  if (L.dtype == 0)
+    emit_rows_t<float>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.f, static_cast<float*>(dst));
+  else
+    emit_rows_t<uint16_t>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.h, static_cast<uint16_t*>(dst));
+}
+
 // A fresh output buffer (torch.empty: not yet touched) of ~100 MB takes one page fault per 4 KB page when first
-// written, about 1/5 of the encoder's time on a 1-thread run (perf, 2026-11-26). Where transparent huge pages are
-// in "madvise" mode, asking for them turns that into one fault per 2 MB. Advisory only: nothing changes if refused.
+// written: a fifth of a 1-thread run's time (perf, 2026-11-26). Where transparent huge pages are in "madvise" mode,
+// asking for them turns that into one fault per 2 MB (15.2 -> 11 ms per NeXT image measured with the other changes
+// of that day). Advisory only: nothing changes if the kernel refuses.
 void advise_huge_pages(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const uintptr_t huge = uintptr_t(1) << 21;
@@ -577,7 +613,9 @@ void resize_bicubic_aa_u8_cpu(const uint8_t* src, int64_t h, int64_t w, uint8_t*
   Scratch sc;
   const AxisPlan ph = make_axis_plan(h, oh), pw = make_axis_plan(w, ow);
   resize_window(s, ph, pw, 0, oh, 0, ow, sc);
-  std::memcpy(dst, sc.win.data(), static_cast<size_t>(oh * ow * 3));
+  for (int64_t y = 0; y < oh; ++y)  // row-planar window -> HWC
+    for (int c = 0; c < 3; ++c)
+      for (int64_t x = 0; x < ow; ++x) dst[(y * ow + x) * 3 + c] = sc.win[(y * 3 + c) * ow + x];
 }
 
 }  // namespace llava_fast
