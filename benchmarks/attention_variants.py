@@ -7,8 +7,8 @@ A variant is a set of environment overrides read by llava_fast.ops.attention at 
 ``CFG=...`` -> LLAVA_FAST_ATTN_CFG (kind=BLOCK_M,BLOCK_N,num_warps,num_stages;...), ``SPLIT=exact|masked|none``
 -> LLAVA_FAST_ATTN_SPLIT (how the head dim is cut into register chunks, see attention._split_head_dim), ``MIN_D1=n``
 -> LLAVA_FAST_ATTN_MIN_D1 (narrowest remainder chunk), ``ALIGN=0`` -> LLAVA_FAST_ATTN_ALIGN (no 16-byte stride
-hint), ``BWD=atomic`` -> LLAVA_FAST_ATTN_BWD; several joined with ``+``. Each (variant, head dim) runs forward and backward on packed
-bf16 documents (1, 17, 97, 577, 729 tokens; GQA 8/2; causal and not) against the fp32 reference with the flash-attn
+hint), ``BWD=atomic`` -> LLAVA_FAST_ATTN_BWD; several joined with ``+``. Each (variant, head dim) runs forward and
+backward on packed bf16 documents (1, 17, 97, 577, 729 tokens; GQA 8/2; causal and not) against the fp32 reference with the flash-attn
 rule (error <= 2 x PyTorch's bf16 error, + the fp32 reassociation floor of tests/ops/test_attention.py), in a fresh
 process, so that a variant that faults (illegal address) cannot poison the others. --time adds the SigLIP tile shape
 (32 x 729, H16) fwd and fwd+bwd milliseconds. Written for the first GPU runs, where D = 72 faulted.
