@@ -314,7 +314,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         out = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
                "sample_id": it.sample_id}
         if imgs:
-            pp = anyres.preprocess_images(imgs, self._pp_config, multi_image=multi)
+            # the C++ tile encoder (bit-identical to preprocess_images; its PyTorch reference when _C is missing),
+            # one thread inside a DataLoader worker (the workers are the parallelism), all cores otherwise
+            threads = 1 if torch.utils.data.get_worker_info() is not None else None
+            pp = anyres.encode_tiles(imgs, self._pp_config, multi_image=multi, num_threads=threads)
             out["pixel_values"] = pp["pixel_values"]
             out["image_sizes"] = [tuple(hw) for hw in pp["image_sizes"].tolist()]
             out["num_tiles"] = pp["num_tiles"]
