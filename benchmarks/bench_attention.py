@@ -43,7 +43,7 @@ SHAPES = {
     "siglip-32x729-d72": (32, 729, 16, 16, 72, False),
     "packed-8docs-d128": (8, None, 32, 32, 128, True),
 }
-QUICK = ["causal-d128-4k", "siglip-32x729-d72", "packed-8docs-d128"]
+QUICK = ["causal-d128-4k", "siglip-32x729-d72", "clip-64x577-d64", "packed-8docs-d128"]
 rng = random.Random(0)
 PACKED_LENS = [rng.randint(600, 3500) for _ in range(8)]
 
