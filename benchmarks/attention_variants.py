@@ -10,8 +10,11 @@ A variant is a set of environment overrides read by llava_fast.ops.attention at 
 hint), ``BWD=atomic`` -> LLAVA_FAST_ATTN_BWD; several joined with ``+``. Each (variant, head dim) runs forward and
 backward on packed bf16 documents (1, 17, 97, 577, 729 tokens; GQA 8/2; causal and not) against the fp32 reference with the flash-attn
 rule (error <= 2 x PyTorch's bf16 error, + the fp32 reassociation floor of tests/ops/test_attention.py), in a fresh
-process, so that a variant that faults (illegal address) cannot poison the others. --time adds the SigLIP tile shape
-(32 x 729, H16) fwd and fwd+bwd milliseconds. Written for the first GPU runs, where D = 72 faulted.
+process, so that a variant that faults (illegal address) cannot poison the others. ``--time [SHAPE]`` adds fwd and
+fwd+bwd milliseconds and TFLOP/s on one of TIME_SHAPES (siglip 32 x 729 H16 D72, clip 64 x 577 H16 D64, causal4k
+B4 H32 D128, gqa64 B4 14/2 D64 causal); run timings with ``--jobs 1`` (parallel variants share the GPU). A config
+sweep: ``--dims 128 --time causal4k --jobs 1 --variants "default|CFG=fwd=128,64,4,3|CFG=dkdv=64,128,8,2"``.
+Written for the first GPU runs, where D = 72 faulted.
 """
 from __future__ import annotations
 
@@ -27,9 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"CFG": "LLAVA_FAST_ATTN_CFG", "MIN_D1": "LLAVA_FAST_ATTN_MIN_D1", "BWD": "LLAVA_FAST_ATTN_BWD",
             "SPLIT": "LLAVA_FAST_ATTN_SPLIT", "ALIGN": "LLAVA_FAST_ATTN_ALIGN"}
 FP32_REL_ATOL = 1e-5
+# --time SHAPE: (batch of equal documents, tokens each, Hq, Hkv, D, causal), bench_attention.py's shapes
+TIME_SHAPES = {"siglip": (32, 729, 16, 16, 72, False), "clip": (64, 577, 16, 16, 64, False),
+               "causal4k": (4, 4096, 32, 32, 128, True), "gqa64": (4, 4096, 14, 2, 64, True)}
 
 
-def _child(d: int, do_time: bool) -> dict:
+def _child(d: int, do_time) -> dict:
     import torch
 
     from llava_fast.ops.attention import FlashAttnVarlenFunction, attention_ref
@@ -65,19 +71,22 @@ def _child(d: int, do_time: bool) -> dict:
     if do_time:
         import triton
 
-        t, h = 32 * 729, 16
-        cu = torch.arange(0, t + 1, 729, device="cuda", dtype=torch.int32)
-        q, k, v = (torch.randn(t, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        b, n, hq, hkv, td, causal = TIME_SHAPES[do_time]
+        t = b * n
+        cu = torch.arange(0, t + 1, n, device="cuda", dtype=torch.int32)
+        q = torch.randn(t, hq, td, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(t, hkv, td, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
 
         def fwd():
-            return FlashAttnVarlenFunction.apply(q, k, v, cu, cu, 729, 729, d ** -0.5, False, False)[0]
+            return FlashAttnVarlenFunction.apply(q, k, v, cu, cu, n, n, td ** -0.5, causal, False)[0]
 
         o = fwd()
         do = torch.randn_like(o)
+        res["shape"] = do_time
         res["fwd_ms"] = round(triton.testing.do_bench(fwd, warmup=25, rep=100, return_mode="median"), 4)
         res["fwdbwd_ms"] = round(triton.testing.do_bench(lambda: torch.autograd.grad(fwd(), (q, k, v), do), warmup=25,
                                                          rep=100, return_mode="median"), 4)
-        flops = 4 * 32 * h * 729 * 729 * d
+        flops = 4 * b * hq * n * n * td / (2 if causal else 1)
         res["fwd_tflops"] = round(flops / res["fwd_ms"] * 1e-9, 1)
         res["fwdbwd_tflops"] = round(3.5 * flops / res["fwdbwd_ms"] * 1e-9, 1)
     return res
@@ -96,7 +105,7 @@ def _env_of(variant: str) -> dict:
 
 def _run(variant: str, d: int, do_time: bool, timeout: float) -> dict:
     env = dict(os.environ, **_env_of(variant), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, __file__, "--child", str(d)] + (["--time"] if do_time else [])
+    cmd = [sys.executable, __file__, "--child", str(d)] + (["--time", do_time] if do_time else [])
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -115,7 +124,8 @@ def main() -> int:
     ap.add_argument("--dims", default="72")
     ap.add_argument("--variants", default="default")
     ap.add_argument("--jobs", type=int, default=8)
-    ap.add_argument("--time", action="store_true")
+    ap.add_argument("--time", nargs="?", const="siglip", default=None, choices=sorted(TIME_SHAPES),
+                    help="also time fwd and fwd+bwd on this shape (default siglip); use --jobs 1 for timings")
     ap.add_argument("--timeout", type=float, default=150)
     ap.add_argument("--out", default=None, help="also write the results as JSON lines here")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)

@@ -8,7 +8,8 @@
 #                      what is left, minus 10 s for the summary); pass the device call's timeout_s minus ~20
 #   STEPS=all          comma list of: build,env,tests,ops,plot (e.g. STEPS=build,ops for a second call)
 #   OPS="attention ..." benchmarks to run, in this order ("model" is the end-to-end bench_model.py with 4 layers,
-#                      "variants" is attention_variants.py: head dim 72 split policies, correctness + SigLIP timing);
+#                      "variants" is attention_variants.py: head dim 72 split policies, correctness + SigLIP timing;
+#                      "sweep", not in the default list, times six attention configs at causal D128 4k, ~3 min);
 #                      default: attention variants projector model cross_entropy rms_norm swiglu rope pack_features
 #                      anyres.
 #                      A second call can pass the reverse order to reach first what the first call did not.
@@ -91,7 +92,11 @@ fi
 
 if want ops; then
   for b in $OPS; do
-    if [ "$b" = "variants" ]; then  # each variant in its own process: a faulting one cannot take the others down
+    if [ "$b" = "sweep" ]; then  # not in the default list: forward/backward configs at causal D128 4k, one at a time
+      step attention_sweep 200 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
+        --variants "default|CFG=fwd=128,64,4,3|CFG=fwd=128,128,8,2|CFG=fwd=64,64,4,3|CFG=dkdv=64,128,8,2;dq=128,64,8,2|CFG=dkdv=32,128,4,2;dq=64,64,4,2" \
+        --out "$RES/attention_sweep.jsonl"
+    elif [ "$b" = "variants" ]; then  # each variant in its own process: a faulting one cannot take the others down
       step attention_variants 75 $PY benchmarks/attention_variants.py --dims 72 --jobs 4 --time \
         --variants "default|SPLIT=overlap|SPLIT=overlap+ALIGN=0|SPLIT=none" --out "$RES/attention_variants.jsonl"
     elif [ "$b" = "model" ]; then
