@@ -26,7 +26,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_theta=None):
+    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None):
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
@@ -34,7 +34,7 @@ class Attention(nn.Module):
         if cos is None:  # fused RoPE kernel on (B, S, H, D), positions per token
             from llava_fast.ops.rope import rope
 
-            q, k = rope(q, k, position_ids, theta=rope_theta)
+            q, k = rope(q, k, position_ids, inv_freq=rope_inv_freq)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
         else:
             q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
@@ -69,8 +69,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_theta=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache, layer_idx, position_ids, rope_theta)
+    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -231,9 +231,9 @@ class LanguageModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, None, i, position_ids,
-                                                      self.cfg.rope_theta, use_reentrant=False)
+                                                      self.rotary_emb.inv_freq, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn, cache, i, position_ids, self.cfg.rope_theta)
+                x = layer(x, cos, sin, attn, cache, i, position_ids, self.rotary_emb.inv_freq)
         if varlen:
             cache.end()
         return self.norm(x)

@@ -43,8 +43,23 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
     the CPU as transformers does (at model init) and then moved: CUDA's pow differs from the CPU's by an ulp for some
     frequencies, and at position 3000 one ulp of inv_freq moves the angle by ~2e-4 rad (seen on an H200: 3e-5 off
     HF's fp32 result where the CPU-computed inv_freq matches it)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
-    return inv if device is None else inv.to(device)
+    inv = _INV_FREQ.get((int(head_dim), float(theta)))
+    if inv is None:
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
+        if not torch.compiler.is_compiling():
+            _INV_FREQ[(int(head_dim), float(theta))] = inv
+    if device is None or torch.device(device).type == "cpu":
+        return inv.clone()
+    if torch.compiler.is_compiling():
+        return inv.to(device)
+    key = (int(head_dim), float(theta), str(torch.device(device)))
+    if key not in _INV_FREQ_DEV:  # one blocking copy per (dim, theta, device): not one per call
+        _INV_FREQ_DEV[key] = inv.to(device)
+    return _INV_FREQ_DEV[key]
+
+
+_INV_FREQ: dict = {}      # (head_dim, theta) -> CPU fp32 inv_freq
+_INV_FREQ_DEV: dict = {}  # (head_dim, theta, device) -> the same on that device (read-only: do not modify it)
 
 
 def rope_cos_sin_cache(max_positions: int, head_dim: int, theta: float, device=None,
