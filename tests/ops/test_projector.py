@@ -340,6 +340,7 @@ def test_cuda_inference_and_gemm2_option(gemm2):
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [577, 2881])
 def test_cuda_module_compile_inductor(m):
+    backend.set_backend("projector", "triton")  # "auto" is cuBLAS eager on CUDA (backend.AUTO_REFERENCE)
     torch._dynamo.reset()
     hf = hf_projector(1024, 4096, True, "gelu").cuda().bfloat16()
     ours = Projector(1024, 4096).cuda().bfloat16()
