@@ -27,8 +27,11 @@ from bench_utils import Row, add_ratios, bench, copy_bandwidth, peak_memory, sav
 def measure(rows, name, provider, shape, dtype, mode, fn, nbytes, warmup, rep):
     """One row: GB/s from the kernels' own time (CUDA graph replay, cold L2: what the bandwidth targets are about),
     with the eager per-call time (Python + dispatch + kernels, what an uncompiled training step pays) in the note."""
+    # "bwd" replays autograd over a graph recorded outside the capture: its kernels would go to the forward's stream,
+    # not the capturing one, so it is timed eagerly (its ratios compare eager rows only)
+    timing = "eager" if mode == "bwd" else os.environ.get("LLAVA_FAST_BENCH_TIMING", "graph")
     try:
-        t = bench(fn, warmup, rep, timing=os.environ.get("LLAVA_FAST_BENCH_TIMING", "graph"))
+        t = bench(fn, warmup, rep, timing=timing)
         eager = bench(fn, warmup, rep, timing="eager") if t["timing"] == "graph" else None
         peak = peak_memory(fn)
         note = t["timing"] + (f"; eager call {eager['ms']:.3f} ms" if eager else "")
