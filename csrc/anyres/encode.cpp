@@ -11,7 +11,7 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
 #include <tmmintrin.h>  // SSSE3 intrinsics, used only in functions built with target("ssse3") behind a CPU check
 #endif
 
@@ -273,7 +273,7 @@ void hpass_row_nt(const HPlan& hp, const AxisPlan& pw, int64_t c0, int64_t c1, u
   }
 }
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__) && (defined(__GNUC__) || defined(__clang__))
 #define LF_HAVE_SSSE3_DISPATCH 1
 // Interleaved RGB bytes -> three int16 planes, 16 pixels (48 bytes) per step with pshufb (SSSE3, checked at run
 // time: the build targets plain x86-64). Returns how many pixels it converted; the caller does the tail.
