@@ -9,6 +9,10 @@ side by side in one run, on the three workloads of performance-anchors.md (rando
            (its padding waste is reported); ours gets the same samples bin-packed into 8192-token sequences (fill
            reported). Throughput counts real tokens only.
 
+Providers: llava_fast, hf_eager, hf_sdpa, hf_sdpa_liger; and llava_fast_sdpa_text (an experiment, not in the default
+list): llava_fast with LLAVA_FAST_TEXT_ATTENTION=sdpa, the language model's attention through SDPA (cuDNN first; packed
+sequences as a right-padded batch) instead of the Triton varlen kernel.
+
 MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
 2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
 step counts 3x forward for trained parts; stage 1 counts the frozen LLM at 2x (forward + activation gradients, no
@@ -132,7 +136,7 @@ def build(provider, name, cfg, device):
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    if provider == "llava_fast":
+    if provider.startswith("llava_fast"):
         lf_cfg = LlavaConfig.from_hf_dict(cfg.to_dict())
         with torch.device(device):
             m = CLASSES_BY_TYPE[lf_cfg.model_type](lf_cfg).to(dtype)
@@ -160,7 +164,7 @@ def step_fn(provider, name, m, inp):
     kw = dict(input_ids=inp["ids"])
     if inp["sizes"] is not None:
         kw["image_sizes"] = inp["sizes"]
-    kw["pixel_values"] = inp["pv"] if provider == "llava_fast" else inp["hf_pv"]
+    kw["pixel_values"] = inp["pv"] if provider.startswith("llava_fast") else inp["hf_pv"]
     if name == "prefill":
         def fn():
             with torch.no_grad():
@@ -209,7 +213,7 @@ def mixed_batches(provider, cfg, samples, device, dtype, batch=8, max_tokens=819
     g = torch.Generator().manual_seed(1)
     lengths = [len(s["ids"]) for s in samples]
     out = []
-    if provider == "llava_fast":
+    if provider.startswith("llava_fast"):
         packs = pack_lengths(lengths, max_tokens)
         for p in packs:
             ss = [samples[i] for i in p]
@@ -290,6 +294,10 @@ def run_mixed(providers, layers, tiny, rep, warmup):
     return rows
 
 
+# Providers that are llava_fast with an experiment switched on (environment variables set while they build and run).
+PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"}}
+
+
 def available(provider):
     if provider == "hf_sdpa_liger":
         try:
@@ -323,6 +331,8 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
                 print(f"[{name}] {prov}: not installed, skipped")
                 continue
             m = None
+            env_before = {k: os.environ.get(k) for k in PROVIDER_ENV.get(prov, {})}
+            os.environ.update(PROVIDER_ENV.get(prov, {}))
             try:
                 m = build(prov, name, cfg, device)
                 fn = step_fn(prov, name, m, inp)
@@ -343,6 +353,11 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
                 rows.append(Row(bench="model", provider=prov, shape=shape, dtype="bfloat16", mode=name, note="OOM"))
                 print(f"[{name}] {prov}: out of memory")
             finally:
+                for k, v in env_before.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
                 del m
                 gc.collect()
                 if device == "cuda":

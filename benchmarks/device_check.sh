@@ -100,8 +100,8 @@ if want ops; then
       step attention_variants 75 $PY benchmarks/attention_variants.py --dims 72 --jobs 4 --time \
         --variants "default|SPLIT=overlap|SPLIT=overlap+ALIGN=0|SPLIT=none" --out "$RES/attention_variants.jsonl"
     elif [ "$b" = "model" ]; then
-      step bench_model 110 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
-        --providers llava_fast,hf_sdpa,hf_eager,hf_sdpa_liger
+      step bench_model 130 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
+        --providers llava_fast,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger
     elif [ -f "benchmarks/bench_$b.py" ]; then
       step "bench_$b" "$([ "$b" = attention ] && echo 60 || echo 40)" $PY "benchmarks/bench_$b.py" $QUICK
     else
