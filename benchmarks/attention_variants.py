@@ -8,8 +8,9 @@ A variant is a set of environment overrides read by llava_fast.ops.attention at 
 -> LLAVA_FAST_ATTN_SPLIT (how the head dim is cut into register chunks, see attention._split_head_dim), ``MIN_D1=n``
 -> LLAVA_FAST_ATTN_MIN_D1 (narrowest remainder chunk), ``ALIGN=0`` -> LLAVA_FAST_ATTN_ALIGN (no 16-byte stride
 hint), ``BWD=atomic`` -> LLAVA_FAST_ATTN_BWD; several joined with ``+``. Each (variant, head dim) runs forward and
-backward on packed bf16 documents (1, 17, 97, 577, 729 tokens; GQA 8/2; causal and not) against the fp32 reference with the flash-attn
-rule (error <= 2 x PyTorch's bf16 error, + the fp32 reassociation floor of tests/ops/test_attention.py), in a fresh
+backward on packed bf16 documents (1, 17, 97, 577, 729 tokens; GQA 8/2; causal and not) against the fp32 reference
+with the flash-attn rule (error <= 2 x PyTorch's bf16 error, + the fp32 reassociation floor of
+tests/ops/test_attention.py), in a fresh
 process, so that a variant that faults (illegal address) cannot poison the others. ``--time [SHAPE]`` adds fwd and
 fwd+bwd milliseconds and TFLOP/s on one of TIME_SHAPES (siglip 32 x 729 H16 D72, clip 64 x 577 H16 D64, causal4k
 B4 H32 D128, gqa64 B4 14/2 D64 causal); run timings with ``--jobs 1`` (parallel variants share the GPU). A config
