@@ -125,6 +125,20 @@ def gpu_section(args, dtype) -> list[Row]:
             providers["reference_cuda"] = lambda: anyres.preprocess_images(gpu, cfg, dtype=dtype)
         if anyres._cuda_encoder_available():
             providers["llava_fast_cuda"] = lambda: anyres.encode_tiles(gpu, cfg, dtype=dtype)
+
+            def one_pass(p):  # timing only: where the time goes (METHOD.md: leave a stage out)
+                def fn():
+                    anyres._CUDA_PASSES = p
+                    try:
+                        return anyres.encode_tiles(gpu, cfg, dtype=dtype)
+                    finally:
+                        anyres._CUDA_PASSES = 3
+                return fn
+            providers["llava_fast_cuda_pass1_only"] = one_pass(1)
+            providers["llava_fast_cuda_pass2_only"] = one_pass(2)
+            u8 = [anyres.to_uint8_chw(x, i, contiguous=False) for i, x in enumerate(gpu)]
+            providers["llava_fast_cuda_host_plan"] = lambda: anyres._encoder_plan(u8, [False] * len(u8), cfg,
+                                                                                  "uint8", "tiles")
             providers["llava_fast_cuda_float"] = lambda: anyres.encode_tiles(gpu, cfg, dtype=dtype, resample="float")
             if decode_jpeg is not None:
                 providers["nvjpeg_decode"] = lambda: decode_jpeg(jpeg_t, mode=ImageReadMode.RGB, device="cuda")

@@ -147,12 +147,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "encode_tiles_cuda",
       [](const CudaEncodePlan& plan, uintptr_t plan_dev, uintptr_t scratch, uintptr_t out, int dtype,
-         int64_t capacity_tiles, uintptr_t stream) {
+         int64_t capacity_tiles, uintptr_t stream, int passes) {
         encode_tiles_cuda(plan, reinterpret_cast<const void*>(plan_dev), reinterpret_cast<void*>(scratch),
-                          reinterpret_cast<void*>(out), dtype, capacity_tiles, stream);
+                          reinterpret_cast<void*>(out), dtype, capacity_tiles, stream, passes);
       },
       py::arg("plan"), py::arg("plan_dev"), py::arg("scratch"), py::arg("out"), py::arg("dtype"),
-      py::arg("capacity_tiles"), py::arg("stream"),
+      py::arg("capacity_tiles"), py::arg("stream"), py::arg("passes") = 3,
       "Launch the two encoder passes on `stream` (no synchronization). plan_dev: device copy of the plan bytes.");
   m.def(
       "normalize_u8_cuda",

@@ -32,8 +32,10 @@ void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, 
 #ifdef LLAVA_FAST_WITH_CUDA
 // plan_dev: a device copy of plan.bytes(); scratch: plan.scratch_bytes() of device memory; out: capacity tiles.
 // Two kernel launches on `stream`, no synchronization.
+// passes: 3 = both (the encoder); 1 = horizontal pass only, 2 = vertical pass only (over whatever scratch holds):
+// for timing each pass on a GPU (benchmarks/bench_anyres.py).
 void encode_tiles_cuda(const CudaEncodePlan& plan, const void* plan_dev, void* scratch, void* out, int dtype,
-                       int64_t capacity_tiles, uintptr_t stream);
+                       int64_t capacity_tiles, uintptr_t stream, int passes = 3);
 #endif
 
 }  // namespace llava_fast

@@ -37,18 +37,20 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <int R, int D>
-void launch(const CudaEncodePlan& plan, const uint8_t* P, void* scratch, void* out, cudaStream_t s) {
+void launch(const CudaEncodePlan& plan, const uint8_t* P, void* scratch, void* out, cudaStream_t s, int passes) {
   const unsigned b1 = static_cast<unsigned>(std::min<int64_t>(plan.pass1_blocks, 1 << 30));
-  if (b1 > 0) encode_hpass_kernel<R><<<b1, kThreads, 0, s>>>(P, scratch);
+  if (b1 > 0 && (passes & 1)) encode_hpass_kernel<R><<<b1, kThreads, 0, s>>>(P, scratch);
   const dim3 grid2(static_cast<unsigned>((plan.tile_elems + kThreads - 1) / kThreads),
                    static_cast<unsigned>(std::min<int64_t>(plan.total_tiles, 65535)));
-  encode_vpass_kernel<R, D><<<grid2, kThreads, 0, s>>>(P, scratch, out);
+  if (passes & 2) encode_vpass_kernel<R, D><<<grid2, kThreads, 0, s>>>(P, scratch, out);
 }
 
 }  // namespace
 
 void encode_tiles_cuda(const CudaEncodePlan& plan, const void* plan_dev, void* scratch, void* out, int dtype,
-                       int64_t capacity_tiles, uintptr_t stream) {
+                       int64_t capacity_tiles, uintptr_t stream, int passes) {
+  LF_CHECK(passes >= 1 && passes <= 3, "encode_tiles_cuda: passes must be 1 (horizontal only), 2 (vertical only) or "
+                                       "3 (both; the others are for timing)");
   LF_CHECK(dtype >= 0 && dtype <= 2, "encode_tiles: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " << dtype);
   LF_CHECK(capacity_tiles >= plan.total_tiles, "encode_tiles: output holds " << capacity_tiles
                                                    << " tiles but the images need " << plan.total_tiles);
@@ -58,13 +60,13 @@ void encode_tiles_cuda(const CudaEncodePlan& plan, const void* plan_dev, void* s
   const uint8_t* P = static_cast<const uint8_t*>(plan_dev);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (plan.resample == kU8) {
-    if (dtype == 0) launch<kU8, 0>(plan, P, scratch, out, s);
-    if (dtype == 1) launch<kU8, 1>(plan, P, scratch, out, s);
-    if (dtype == 2) launch<kU8, 2>(plan, P, scratch, out, s);
+    if (dtype == 0) launch<kU8, 0>(plan, P, scratch, out, s, passes);
+    if (dtype == 1) launch<kU8, 1>(plan, P, scratch, out, s, passes);
+    if (dtype == 2) launch<kU8, 2>(plan, P, scratch, out, s, passes);
   } else {
-    if (dtype == 0) launch<kF32, 0>(plan, P, scratch, out, s);
-    if (dtype == 1) launch<kF32, 1>(plan, P, scratch, out, s);
-    if (dtype == 2) launch<kF32, 2>(plan, P, scratch, out, s);
+    if (dtype == 0) launch<kF32, 0>(plan, P, scratch, out, s, passes);
+    if (dtype == 1) launch<kF32, 1>(plan, P, scratch, out, s, passes);
+    if (dtype == 2) launch<kF32, 2>(plan, P, scratch, out, s, passes);
   }
   const cudaError_t err = cudaGetLastError();
   LF_CHECK(err == cudaSuccess, "encode_tiles_cuda: launch failed: " << cudaGetErrorString(err));

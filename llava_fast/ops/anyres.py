@@ -795,6 +795,9 @@ def _result(pixel_values, sizes, ntiles, flags, counts, config, device):
             "num_image_tokens": ntok, "batch_num_images": counts}
 
 
+_CUDA_PASSES = 3  # benchmarks only: 1 / 2 time the horizontal / vertical pass alone (the output is then garbage)
+
+
 def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=torch.float32, out=None,
                       layout: str = "tiles", resample: str = "uint8") -> dict:
     """The CUDA tile encoder on uint8 (3, H, W) CUDA tensors (any strides: CHW, HWC views, expanded grey).
@@ -818,7 +821,7 @@ def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=to
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         _ext._C.encode_tiles_cuda(plan, plan_dev.data_ptr(), scratch.data_ptr(), out.data_ptr(),
-                                  _ext.dtype_code(dtype), int(out.shape[0]), stream)
+                                  _ext.dtype_code(dtype), int(out.shape[0]), stream, _CUDA_PASSES)
     # plan_dev and scratch go back to the caching allocator, reusable only by later work on this stream
     sizes = [(int(u.shape[1]), int(u.shape[2])) for u in u8s]
     return _result(out[:total], sizes, plan.num_tiles, flags, counts, config, dev)
