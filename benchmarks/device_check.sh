@@ -10,8 +10,8 @@
 #   OPS="attention ..." benchmarks to run, in this order ("model" is the end-to-end bench_model.py with 4 layers,
 #                      "variants" is attention_variants.py: head dim 72 split policies, correctness + SigLIP timing;
 #                      "sweep", not in the default list, times six attention configs at causal D128 4k, ~3 min);
-#                      default: attention variants projector model cross_entropy rms_norm swiglu rope pack_features
-#                      anyres.
+#                      default (what the last run did not measure or must re-check first): model variants attention
+#                      pack_features rms_norm swiglu rope anyres projector cross_entropy.
 #                      A second call can pass the reverse order to reach first what the first call did not.
 #   TESTS_S=175        limit of the GPU test step;  XDIST=12  pytest-xdist workers
 #   GPU_TESTS=quick    quick: a representative subset of the `cuda` tests (every kernel and code path, fewer
@@ -37,7 +37,7 @@ DEADLINE_S=${DEADLINE_S:-530}
 TESTS_S=${TESTS_S:-175}
 STEPS=${STEPS:-all}
 GPU_TESTS=${GPU_TESTS:-quick}
-OPS=${OPS:-"attention variants projector model cross_entropy rms_norm swiglu rope pack_features anyres"}
+OPS=${OPS:-"model variants attention pack_features rms_norm swiglu rope anyres projector cross_entropy"}
 QUICK=$([ "${FULL:-0}" = "1" ] && echo "" || echo "--quick")
 t0=$(date +%s)
 summary=()
