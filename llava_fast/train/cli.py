@@ -6,10 +6,25 @@ Registered in ``llava_fast/cli.py`` by ``add_train_parser(sub)``. Multi-GPU: ``t
 from __future__ import annotations
 
 
+ALLOC_CONF = "expandable_segments:True"
+
+
+def default_allocator_conf() -> str:
+    """Training's default CUDA allocator setting: expandable segments (variable image-token counts fragment the
+    caching allocator's fixed segments; packing narrows the spread but does not remove it). Set before any CUDA
+    allocation and only when the user has not chosen one; returns the setting in force."""
+    import os
+
+    return os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
+
+
 def _cmd_train(args) -> int:
     import json
 
+    conf = default_allocator_conf()  # before the model or any tensor reaches the GPU
     from llava_fast.train import Trainer, apply_overrides, get_recipe
+
+    print(f"PYTORCH_CUDA_ALLOC_CONF={conf}")
 
     model_type = None
     if args.model:

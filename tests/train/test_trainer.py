@@ -132,3 +132,14 @@ def test_recipes_and_overrides():
         get_recipe("stage3")
     with pytest.raises(ValueError, match="template"):
         apply_overrides(s2, ["data.template=chatml"])
+
+
+def test_train_cli_sets_expandable_segments_unless_chosen(monkeypatch):
+    """`llava-fast train` turns on the CUDA allocator's expandable segments (variable image-token counts fragment
+    fixed segments), but never overrides a PYTORCH_CUDA_ALLOC_CONF the user set."""
+    from llava_fast.train.cli import ALLOC_CONF, default_allocator_conf
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert default_allocator_conf() == ALLOC_CONF
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert default_allocator_conf() == "max_split_size_mb:128"
