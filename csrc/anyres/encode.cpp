@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -444,11 +445,13 @@ struct Luts {
   int dtype;
   float f[3][256];
   uint16_t h[3][256];
+  float shift[3], scale[3];  // f[c][v] == (v - shift[c]) / scale[c]
 };
 
 template <typename OutT>
 void emit_rows_t(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t wc, int64_t y0, int64_t y1, int64_t gw,
-                 int64_t T, int64_t t0, const OutT (&lut)[3][256], OutT* dst) {
+                 int64_t T, int64_t t0, const OutT (&lut)[3][256], const float* shift, const float* scale,
+                 OutT* dst) {
   const int64_t tt = T * T;
   for (int64_t y = y0; y < y1; ++y) {
     const int64_t tr = y / T, ty = y % T;
@@ -466,7 +469,13 @@ void emit_rows_t(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t 
         const OutT zero = L[0];
         for (int64_t tx = 0; tx < lo; ++tx) o[tx] = zero;
         const uint8_t* w = wrow ? wrow + c * wc + (x0 - wx) : nullptr;  // w[tx] = window pixel at column x0 + tx
-        for (int64_t tx = lo; tx < hi; ++tx) o[tx] = L[w[tx]];
+        if constexpr (std::is_same_v<OutT, float>) {
+          // fp32: the LUT's own expression, vectorizable (IEEE subtraction and division: the same bits)
+          const float sh = shift[c], sc = scale[c];
+          for (int64_t tx = lo; tx < hi; ++tx) o[tx] = (static_cast<float>(w[tx]) - sh) / sc;
+        } else {
+          for (int64_t tx = lo; tx < hi; ++tx) o[tx] = L[w[tx]];
+        }
         for (int64_t tx = hi; tx < T; ++tx) o[tx] = zero;
       }
     }
@@ -478,9 +487,9 @@ void emit_rows_t(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t 
 void emit_rows(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t wc, int64_t y0, int64_t y1, int64_t gw,
                int64_t T, int64_t t0, const Luts& L, void* dst) {
   if (L.dtype == 0)
-    emit_rows_t<float>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.f, static_cast<float*>(dst));
+    emit_rows_t<float>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.f, L.shift, L.scale, static_cast<float*>(dst));
   else
-    emit_rows_t<uint16_t>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.h, static_cast<uint16_t*>(dst));
+    emit_rows_t<uint16_t>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.h, L.shift, L.scale, static_cast<uint16_t*>(dst));
 }
 
 // A fresh output buffer (torch.empty: not yet touched) of ~100 MB takes one page fault per 4 KB page when first
@@ -594,6 +603,8 @@ void encode_tiles_cpu(const std::vector<const uint8_t*>& images, const std::vect
   for (int c = 0; c < 3; ++c) {
     LF_CHECK(cfg.std[c] != 0.f, "encode_tiles: std[" << c << "] is zero");
     const float shift = 255.f * cfg.mean[c], scale = 255.f * cfg.std[c];
+    L.shift[c] = shift;
+    L.scale[c] = scale;
     for (int v = 0; v < 256; ++v) {
       const float f = (static_cast<float>(v) - shift) / scale;  // same expression as normalize_u8_cpu
       L.f[c][v] = f;
