@@ -47,7 +47,8 @@ def format_env(info: dict) -> str:
     for k, v in info.items():
         if k == "backends":
             lines.append("backends (per op):")
-            lines += [f"  {op:<15} {b}" for op, b in v.items()]
+            width = max(map(len, v), default=0)
+            lines += [f"  {op:<{width}} {b}" for op, b in v.items()]
         else:
             lines.append(f"{k:<18} {v if v is not None else '-'}")
     return "\n".join(lines)
