@@ -219,6 +219,50 @@ def _video_plan(frames: int, t: int, has_nl: bool):
     return idx, lam
 
 
+def _copy_only_ell(idx: np.ndarray, lam: np.ndarray, n_src: int):
+    """The backward's transposed plan when every output token is a plain copy of one source row (or a newline):
+    LLaVA-NeXT / 1.5 and unreduced OneVision maps. Then each source row feeds at most one token with weight 1, and
+    the transposed plan is a scatter (no sort): ~10x faster than the general build (2.5 -> 0.3 ms for 8 NeXT images).
+    None when the plan has bilinear taps or a source row feeds two tokens."""
+    if idx.size and not np.all(idx[:, 1:] < 0):
+        return None
+    k = np.nonzero(idx[:, 0] >= 0)[0] if idx.size else np.zeros(0, np.int64)
+    if k.size and not np.all((lam[k, 0] == 1) & (lam[k, 2] == 1)):  # (newlines have all-zero weights)
+        return None
+    src = idx[k, 0] if k.size else np.zeros(0, np.int64)
+    ell_k = np.full((n_src, 1), -1, dtype=np.int32)
+    ell_w = np.zeros((n_src, 1), dtype=np.float32)
+    if src.size:
+        if np.bincount(src, minlength=n_src).max() > 1:
+            return None
+        ell_k[src, 0] = k
+        ell_w[src, 0] = 1.0
+    return ell_k, ell_w, 1 if src.size else 0
+
+
+def _general_ell(idx: np.ndarray, lam: np.ndarray, n_src: int):
+    """The backward's transposed plan: for each source row the output tokens it feeds and the tap weight (fp32
+    product h * w), padded with k = -1; returns (ell_k (n_src, deg) int32, ell_w fp32, deg)."""
+    k = idx.shape[0]
+    src = idx.reshape(-1)
+    wt = (lam[:, [0, 0, 1, 1]] * lam[:, [2, 3, 2, 3]]).astype(np.float32).reshape(-1)
+    kk = np.repeat(np.arange(k, dtype=np.int64), 4)
+    keep = (src >= 0) & (wt != 0)
+    src, wt, kk = src[keep], wt[keep], kk[keep]
+    order = np.argsort(src, kind="stable")
+    src, wt, kk = src[order], wt[order], kk[order]
+    counts = np.bincount(src, minlength=n_src) if src.size else np.zeros(n_src, np.int64)
+    deg = int(counts.max()) if n_src and src.size else 0
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n_src else np.zeros(0, np.int64)
+    ell_k = np.full((n_src, max(deg, 1)), -1, dtype=np.int32)
+    ell_w = np.zeros((n_src, max(deg, 1)), dtype=np.float32)
+    if src.size:
+        slot = np.arange(src.size) - start[src]
+        ell_k[src, slot] = kk
+        ell_w[src, slot] = wt
+    return ell_k, ell_w, deg
+
+
 class Plan:
     """Host arrays and (lazily) device tensors of one batch's plan.
 
@@ -233,23 +277,11 @@ class Plan:
         self.k = self.k_img + self.k_vid
         self.n_img_rows, self.n_vid_rows = int(n_img_rows), int(n_vid_rows)
         n_src = self.n_img_rows + self.n_vid_rows
-        k = idx.shape[0]
-        src = idx.reshape(-1)
-        wt = (lam[:, [0, 0, 1, 1]] * lam[:, [2, 3, 2, 3]]).astype(np.float32).reshape(-1)
-        kk = np.repeat(np.arange(k, dtype=np.int64), 4)
-        keep = (src >= 0) & (wt != 0)
-        src, wt, kk = src[keep], wt[keep], kk[keep]
-        order = np.argsort(src, kind="stable")
-        src, wt, kk = src[order], wt[order], kk[order]
-        counts = np.bincount(src, minlength=n_src) if src.size else np.zeros(n_src, np.int64)
-        self.deg = int(counts.max()) if n_src and src.size else 0
-        start = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n_src else np.zeros(0, np.int64)
-        ell_k = np.full((n_src, max(self.deg, 1)), -1, dtype=np.int32)
-        ell_w = np.zeros((n_src, max(self.deg, 1)), dtype=np.float32)
-        if src.size:
-            slot = np.arange(src.size) - start[src]
-            ell_k[src, slot] = kk
-            ell_w[src, slot] = wt
+        ell = _copy_only_ell(idx, lam, n_src)
+        if ell is not None:
+            ell_k, ell_w, self.deg = ell
+        else:
+            ell_k, ell_w, self.deg = _general_ell(idx, lam, n_src)
         nl_k = np.nonzero(idx[:, 0] < 0)[0].astype(np.int32)
         self.n_nl = int(nl_k.size)
         parts = [idx.astype(np.int32).reshape(-1), lam.astype(np.float32).view(np.int32).reshape(-1),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -298,6 +300,29 @@ def test_plan_token_counts_and_cache():
         assert 1 <= plan.deg <= 9
     v = build_plan([], None, 384, 27, None, True, n_videos=2, frames=32)
     assert v.k == 2 * anyres.num_video_tokens(32, 27) and v.n_nl == 2
+
+
+def test_copy_only_backward_plan_equals_general():
+    """The scatter-built transposed plan of copy-only batches (NeXT, LLaVA-1.5, single tiles) equals the general
+    sort-built one; plans with bilinear taps (anyres_max, video) are left to the general builder."""
+    next_pins, ov_pins = anyres.NEXT_PINPOINTS, anyres.OV_PINPOINTS
+    sizes = [(700, 1000), (1000, 700), (336, 336), (20, 3000), (820, 369)]
+    cases = [([(h, w, False) for h, w in sizes], next_pins, 336, 24, None, 0, 0, True),
+             ([(h, w, True) for h, w in sizes], None, 384, 27, None, 0, 0, True),
+             ([(700, 1000, False)], ov_pins, 384, 27, 9, 0, 0, True),   # 7 tiles: no anyres_max reduction
+             ([(1080, 1920, False)], ov_pins, 384, 27, 9, 0, 0, False),  # 16 tiles: bilinear taps
+             ([], None, 384, 27, None, 1, 8, False)]
+    for meta, pins, tile, t, mx, nv, fr, copy_only in cases:
+        for nl in (True, False):
+            plan = build_plan(meta, pins, tile, t, mx, nl, n_videos=nv, frames=fr)
+            idx = plan.host[:plan._sizes[0]].reshape(-1, 4).astype(np.int64)
+            lam = plan.host[plan._sizes[0]:plan._sizes[0] + plan._sizes[1]].view(np.float32).reshape(-1, 4)
+            n_src = plan.n_img_rows + plan.n_vid_rows
+            fast = P._copy_only_ell(idx, lam, n_src)
+            assert (fast is not None) == copy_only
+            if fast is not None:
+                gk, gw, gd = P._general_ell(idx, lam, n_src)
+                assert fast[2] == gd and np.array_equal(fast[0], gk) and np.array_equal(fast[1], gw)
 
 
 def test_bad_inputs():
