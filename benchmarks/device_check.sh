@@ -11,7 +11,8 @@
 #                      "variants" is attention_variants.py: head dim 72 split policies, correctness + SigLIP timing;
 #                      "sweep", not in the default list, times six attention configs at causal D128 4k, ~3 min);
 #                      default (what the last run did not measure or must re-check first): model variants attention
-#                      pack_features rms_norm swiglu rope anyres projector cross_entropy.
+#                      pack_features rms_norm swiglu rope anyres projector cross_entropy mixed ("mixed": bench_model's
+#                      mixed-length stage-2 run, packing fill vs transformers' padding waste).
 #                      A second call can pass the reverse order to reach first what the first call did not.
 #   TESTS_S=175        limit of the GPU test step;  XDIST=12  pytest-xdist workers
 #   GPU_TESTS=quick    quick: a representative subset of the `cuda` tests (every kernel and code path, fewer
@@ -37,7 +38,7 @@ DEADLINE_S=${DEADLINE_S:-530}
 TESTS_S=${TESTS_S:-175}
 STEPS=${STEPS:-all}
 GPU_TESTS=${GPU_TESTS:-quick}
-OPS=${OPS:-"model variants attention pack_features rms_norm swiglu rope anyres projector cross_entropy"}
+OPS=${OPS:-"model variants attention pack_features rms_norm swiglu rope anyres projector cross_entropy mixed"}
 QUICK=$([ "${FULL:-0}" = "1" ] && echo "" || echo "--quick")
 t0=$(date +%s)
 summary=()
@@ -99,6 +100,9 @@ if want ops; then
     elif [ "$b" = "variants" ]; then  # each variant in its own process: a faulting one cannot take the others down
       step attention_variants 75 $PY benchmarks/attention_variants.py --dims 72 --jobs 4 --time \
         --variants "default|SPLIT=overlap|SPLIT=overlap+ALIGN=0|SPLIT=none" --out "$RES/attention_variants.jsonl"
+    elif [ "$b" = "mixed" ]; then  # the realistic mixed-length stage-2 run: packing fill vs padding waste
+      step bench_model_mixed 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads mixed \
+        --providers llava_fast,llava_fast_sdpa_text,hf_sdpa
     elif [ "$b" = "model" ]; then
       step bench_model 130 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
         --providers llava_fast,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger
