@@ -375,6 +375,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="override the LLM depth (shorter runs; noted per row)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (harness smoke test)")
+    p.add_argument("--name", default="bench_model",
+                   help="results file name (two runs of one session with different workloads need different names)")
     p.add_argument("--no-save", action="store_true")
     a = p.parse_args(argv)
     if not torch.cuda.is_available() and not a.tiny:
@@ -387,13 +389,13 @@ def main(argv=None):
     def checkpoint(rows):  # keep what is measured so far, in case a time limit stops the run
         if not a.no_save:
             add_ratios(rows)
-            save(rows, "bench_model")
+            save(rows, a.name)
 
     rows = run(a.workloads.split(","), a.providers.split(","), a.layers, a.tiny, rep=3 if (a.quick or a.tiny) else 10,
                warmup=1 if (a.quick or a.tiny) else 3, on_progress=checkpoint)
     print(f"\nGPU: {device_name()}\n" + to_markdown(rows))
     if not a.no_save:
-        print(f"saved {save(rows, 'bench_model')}")
+        print(f"saved {save(rows, a.name)}")
     return 0
 
 

@@ -101,7 +101,7 @@ if want ops; then
       step attention_variants 75 $PY benchmarks/attention_variants.py --dims 72 --jobs 4 --time \
         --variants "default|SPLIT=overlap|SPLIT=overlap+ALIGN=0|SPLIT=none" --out "$RES/attention_variants.jsonl"
     elif [ "$b" = "mixed" ]; then  # the realistic mixed-length stage-2 run: packing fill vs padding waste
-      step bench_model_mixed 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads mixed \
+      step bench_model_mixed 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads mixed --name bench_model_mixed \
         --providers llava_fast,llava_fast_sdpa_text,hf_sdpa
     elif [ "$b" = "model" ]; then
       step bench_model 130 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
