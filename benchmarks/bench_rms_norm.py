@@ -53,13 +53,15 @@ def _grad_fn(f, inputs, gouts=None):
             lambda: torch.autograd.grad(f(*inputs), inputs, gouts))
 
 
-def _finish(rows, copy_gbps, smoke):
+def _finish(rows, copy_gbps, smoke, name="rms_norm"):
+    """Ratios, then "% of copy" in front of each of our rows' note (idempotent: saved after every shape); shared by
+    bench_rope.py and bench_swiglu.py."""
     add_ratios(rows, ours="llava_fast")
     for row in rows:
-        if row.provider == "llava_fast" and row.metric:
+        if row.provider.startswith("llava_fast") and row.metric:
             rest = row.note.split("% of copy; ", 1)[1] if "% of copy; " in row.note else row.note
             row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy; {rest}"
-    return None if smoke else save(rows, "rms_norm")
+    return None if smoke else save(rows, name)
 
 
 def main():

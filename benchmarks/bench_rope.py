@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rms_norm import _finish as _finish_common  # noqa: E402
 from bench_rms_norm import _grad_fn, copy_bandwidth, measure  # noqa: E402
-from bench_utils import Row, add_ratios, save, to_markdown  # noqa: E402
+from bench_utils import Row, to_markdown  # noqa: E402
 
 MODELS = {  # name: (Hq, Hkv, D, theta)
     "qwen2-0.5b": (14, 2, 64, 1e6),
@@ -31,12 +32,7 @@ MODELS = {  # name: (Hq, Hkv, D, theta)
 
 
 def _finish(rows, copy_gbps, smoke):
-    add_ratios(rows, ours="llava_fast")
-    for row in rows:
-        if row.provider.startswith("llava_fast") and row.metric:
-            rest = row.note.split("% of copy; ", 1)[1] if "% of copy; " in row.note else row.note
-            row.note = f"{100 * row.metric / copy_gbps:.0f}% of copy; {rest}"
-    return None if smoke else save(rows, "rope")
+    return _finish_common(rows, copy_gbps, smoke, "rope")
 
 
 def main():
