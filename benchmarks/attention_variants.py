@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"CFG": "LLAVA_FAST_ATTN_CFG", "MIN_D1": "LLAVA_FAST_ATTN_MIN_D1", "BWD": "LLAVA_FAST_ATTN_BWD",
             "SPLIT": "LLAVA_FAST_ATTN_SPLIT", "ALIGN": "LLAVA_FAST_ATTN_ALIGN"}
 FP32_REL_ATOL = 1e-5
-# --time SHAPE: (batch of equal documents, tokens each, Hq, Hkv, D, causal), bench_attention.py's shapes
-TIME_SHAPES = {"siglip": (32, 729, 16, 16, 72, False), "clip": (64, 577, 16, 16, 64, False),
-               "causal4k": (4, 4096, 32, 32, 128, True), "gqa64": (4, 4096, 14, 2, 64, True)}
+# --time SHAPE: bench_attention.py's equal-length shapes (batch, tokens each, Hq, Hkv, D, causal), short names
+TIME_SHAPES = {"siglip": "siglip-32x729-d72", "clip": "clip-64x577-d64", "causal4k": "causal-d128-4k",
+               "gqa64": "qwen2-0.5b-gqa14/2-d64-4k"}
 
 
 def _child(d: int, do_time) -> dict:
@@ -72,7 +72,10 @@ def _child(d: int, do_time) -> dict:
     if do_time:
         import triton
 
-        b, n, hq, hkv, td, causal = TIME_SHAPES[do_time]
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_attention import SHAPES
+
+        b, n, hq, hkv, td, causal = SHAPES[TIME_SHAPES[do_time]]
         t = b * n
         cu = torch.arange(0, t + 1, n, device="cuda", dtype=torch.int32)
         q = torch.randn(t, hq, td, device="cuda", dtype=torch.bfloat16, requires_grad=True)
