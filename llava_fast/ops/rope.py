@@ -43,23 +43,21 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
     the CPU as transformers does (at model init) and then moved: CUDA's pow differs from the CPU's by an ulp for some
     frequencies, and at position 3000 one ulp of inv_freq moves the angle by ~2e-4 rad (seen on an H200: 3e-5 off
     HF's fp32 result where the CPU-computed inv_freq matches it)."""
-    inv = _INV_FREQ.get((int(head_dim), float(theta)))
-    if inv is None:
-        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
-        if not torch.compiler.is_compiling():
-            _INV_FREQ[(int(head_dim), float(theta))] = inv
-    if device is None or torch.device(device).type == "cpu":
-        return inv.clone()
+    dev = torch.device(device if device is not None else "cpu")
     if torch.compiler.is_compiling():
-        return inv.to(device)
-    key = (int(head_dim), float(theta), str(torch.device(device)))
-    if key not in _INV_FREQ_DEV:  # one blocking copy per (dim, theta, device): not one per call
-        _INV_FREQ_DEV[key] = inv.to(device)
-    return _INV_FREQ_DEV[key]
+        return _inv_freq_cpu(head_dim, theta).to(dev)
+    key = (int(head_dim), float(theta), str(dev))
+    if key not in _INV_FREQ:  # one (blocking) copy per (dim, theta, device), not one per call
+        _INV_FREQ[key] = _inv_freq_cpu(head_dim, theta).to(dev)
+    inv = _INV_FREQ[key]
+    return inv.clone() if dev.type == "cpu" else inv  # device entries are shared: read-only
 
 
-_INV_FREQ: dict = {}      # (head_dim, theta) -> CPU fp32 inv_freq
-_INV_FREQ_DEV: dict = {}  # (head_dim, theta, device) -> the same on that device (read-only: do not modify it)
+def _inv_freq_cpu(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim))
+
+
+_INV_FREQ: dict = {}  # (head_dim, theta, device) -> fp32 inv_freq, computed on the CPU
 
 
 def rope_cos_sin_cache(max_positions: int, head_dim: int, theta: float, device=None,
