@@ -443,14 +443,13 @@ void resize_window(const Source& s, const AxisPlan& ph, const AxisPlan& pw, int6
 // ---------------------------------------------------------------------------------------------------- emit
 struct Luts {
   int dtype;
-  float f[3][256];
-  uint16_t h[3][256];
-  float shift[3], scale[3];  // f[c][v] == (v - shift[c]) / scale[c]
+  uint16_t h[3][256];        // fp16 / bf16 bits of (v - shift[c]) / scale[c]
+  float shift[3], scale[3];  // fp32 output computes (v - shift[c]) / scale[c] directly (vectorized, same bits)
 };
 
 template <typename OutT>
 void emit_rows_t(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t wc, int64_t y0, int64_t y1, int64_t gw,
-                 int64_t T, int64_t t0, const OutT (&lut)[3][256], const float* shift, const float* scale,
+                 int64_t T, int64_t t0, const uint16_t (&lut)[3][256], const float* shift, const float* scale,
                  OutT* dst) {
   const int64_t tt = T * T;
   for (int64_t y = y0; y < y1; ++y) {
@@ -465,17 +464,19 @@ void emit_rows_t(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t 
       const int64_t lo = std::clamp(a - x0, int64_t(0), T), hi = std::clamp(b - x0, lo, T);
       for (int c = 0; c < 3; ++c) {
         OutT* o = dst + tile * 3 * tt + c * tt + ty * T;
-        const OutT* L = lut[c];
-        const OutT zero = L[0];
-        for (int64_t tx = 0; tx < lo; ++tx) o[tx] = zero;
         const uint8_t* w = wrow ? wrow + c * wc + (x0 - wx) : nullptr;  // w[tx] = window pixel at column x0 + tx
+        OutT zero;
         if constexpr (std::is_same_v<OutT, float>) {
-          // fp32: the LUT's own expression, vectorizable (IEEE subtraction and division: the same bits)
+          // fp32: the normalization's own expression, vectorizable (IEEE subtraction and division: the same bits)
           const float sh = shift[c], sc = scale[c];
+          zero = (0.f - sh) / sc;
           for (int64_t tx = lo; tx < hi; ++tx) o[tx] = (static_cast<float>(w[tx]) - sh) / sc;
         } else {
+          const uint16_t* L = lut[c];
+          zero = L[0];
           for (int64_t tx = lo; tx < hi; ++tx) o[tx] = L[w[tx]];
         }
+        for (int64_t tx = 0; tx < lo; ++tx) o[tx] = zero;
         for (int64_t tx = hi; tx < T; ++tx) o[tx] = zero;
       }
     }
@@ -487,7 +488,7 @@ void emit_rows_t(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t 
 void emit_rows(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t wc, int64_t y0, int64_t y1, int64_t gw,
                int64_t T, int64_t t0, const Luts& L, void* dst) {
   if (L.dtype == 0)
-    emit_rows_t<float>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.f, L.shift, L.scale, static_cast<float*>(dst));
+    emit_rows_t<float>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.h, L.shift, L.scale, static_cast<float*>(dst));
   else
     emit_rows_t<uint16_t>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.h, L.shift, L.scale, static_cast<uint16_t*>(dst));
 }
@@ -607,7 +608,6 @@ void encode_tiles_cpu(const std::vector<const uint8_t*>& images, const std::vect
     L.scale[c] = scale;
     for (int v = 0; v < 256; ++v) {
       const float f = (static_cast<float>(v) - shift) / scale;  // same expression as normalize_u8_cpu
-      L.f[c][v] = f;
       L.h[c][v] = dtype == 1 ? float_to_half_bits(f) : float_to_bf16_bits(f);
     }
   }
