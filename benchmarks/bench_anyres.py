@@ -175,7 +175,8 @@ def main():
     ncpu = os.cpu_count() or 1
     gpu = torch.cuda.get_device_name(0) if cuda else "none"
     print(f"CPU cores: {ncpu}, torch threads: {torch.get_num_threads()}, GPU: {gpu}, "
-          f"_C: {'yes' if _ext.HAS_EXT else 'no (' + str(_ext.EXT_ERROR) + ')'}")
+          f"_C: {'yes' if _ext.HAS_EXT else 'no (' + str(_ext.EXT_ERROR) + ')'}"
+          f"{', CPU encoder ' + _ext._C.encoder_isa() if hasattr(_ext._C, 'encoder_isa') else ''}")
     if not cuda:
         print("no CUDA GPU: CPU rows only (the hf_torchvision_cuda row needs a GPU)")
     n_rand, n_photo = (8, 16) if args.quick else (32, 64)
@@ -215,8 +216,12 @@ def main():
     if cuda:
         rows += gpu_section(args, dtype)
     add_ratios(rows, ours="llava_fast")
+    add_ratios(rows, ours="llava_fast_1t")  # per core: HF's PIL backend runs on one thread too
     add_ratios(rows, ours="llava_fast_cuda")
     print(to_markdown(rows))
+    for r in rows:
+        if r.provider == "llava_fast_1t" and "hf_pil" in r.ratio:
+            print(f"per core (1 thread) vs hf_pil: {r.bench} {r.shape}: {r.ratio['hf_pil']:.1f}x (target >= 10x)")
     print("saved", save(rows, "bench_anyres"))
 
 

@@ -46,6 +46,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("std"), py::arg("num_threads") = 1);
 
   // ---- tile encoder (csrc/anyres/encode.cpp)
+  m.def("encoder_isa", &encoder_isa,
+        "Widest instruction set the CPU tile encoder uses here: avx2, ssse3, sse2 or scalar (LLAVA_FAST_NO_AVX2=1 "
+        "turns AVX2 off; every path gives the same bits).");
   auto make_cfg = [](int64_t tile, int64_t shortest_edge, bool llava_pad,
                      const std::vector<std::pair<int64_t, int64_t>>& pinpoints, std::array<int, 3> fill,
                      std::array<float, 3> mean, std::array<float, 3> std) {

@@ -36,6 +36,8 @@ def env() -> dict:
     info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None
     info["ext"] = ("yes, with CUDA" if _ext.HAS_CUDA_EXT else "yes, C++ CPU functions only") if _ext.HAS_EXT \
         else f"no ({_ext.EXT_ERROR}); the reference path is used"
+    if _ext.HAS_EXT and hasattr(_ext._C, "encoder_isa"):
+        info["cpu_tile_encoder"] = f"C++, {_ext._C.encoder_isa()} (LLAVA_FAST_NO_AVX2=1 turns AVX2 off)"
     ok, why = _ext.triton_usable()
     info["triton_usable"] = f"{'yes' if ok else 'no'}: {why}"
     info["backends"] = backend.describe("cuda" if cuda else "cpu")

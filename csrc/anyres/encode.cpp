@@ -3,7 +3,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #if defined(__linux__)
@@ -13,7 +17,8 @@
 #include <emmintrin.h>
 #endif
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
-#include <tmmintrin.h>  // SSSE3 intrinsics, used only in functions built with target("ssse3") behind a CPU check
+#include <immintrin.h>  // SSSE3 / AVX2 intrinsics, used only in functions built with target("ssse3"/"avx2")
+#include <tmmintrin.h>  // behind a run-time CPU check (the build itself targets plain x86-64)
 #endif
 
 #include "anyres/anyres_plan.h"
@@ -80,6 +85,24 @@ AxisPlan make_axis_plan(int64_t in, int64_t out) {
     const double v = wd[k] * (1 << prec);
     p.w[k] = static_cast<int16_t>((v < 0) ? static_cast<int>(-0.5 + v) : static_cast<int>(0.5 + v));
   }
+  return p;
+}
+
+// Plans depend on (in, out) only: shared by the tasks of one image (base tile, each grid band) and across calls
+// (datasets repeat sizes). At most 512 entries (~10 MB at the sizes tiles need), then the cache starts over.
+std::shared_ptr<const AxisPlan> cached_axis_plan(int64_t in, int64_t out) {
+  static std::mutex mu;
+  static std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const AxisPlan>> cache;
+  const auto key = std::make_pair(in, out);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  auto p = std::make_shared<const AxisPlan>(make_axis_plan(in, out));
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache.size() >= 512) cache.clear();
+  cache.emplace(key, p);
   return p;
 }
 
@@ -177,13 +200,13 @@ HPlan make_hplan(const AxisPlan& pw, int64_t c0, int64_t c1, Scratch& sc) {
 // Vertical pass of one output row over its n taps (rows of `rowlen` bytes, `rowlen` apart), 16 bytes at a time:
 // two taps per pmaddwd (the bytes of rows j and j+1 as int16 pairs against (k[j], k[j+1])), int32 sums kept in
 // registers, then >> prec and saturating packs (= clip to 0..255). Integer sums: bit-identical to the scalar loop.
-// Returns how many bytes it wrote (a multiple of 16); the caller finishes the tail.
+// Starts at byte q (a wider version may have done the first ones); returns where it stopped (the caller
+// finishes the tail).
 inline int64_t vpass_row_sse2(const uint8_t* rows, int64_t rowlen, const int16_t* k, int64_t n, int32_t bias,
-                              unsigned prec, uint8_t* d) {
+                              unsigned prec, uint8_t* d, int64_t q = 0) {
   const __m128i zero = _mm_setzero_si128();
   const __m128i vbias = _mm_set1_epi32(bias);
   const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(prec));
-  int64_t q = 0;
   for (; q + 16 <= rowlen; q += 16) {
     __m128i a0 = vbias, a1 = vbias, a2 = vbias, a3 = vbias;
     for (int64_t j = 0; j < n; j += 2) {
@@ -230,13 +253,15 @@ inline __m128i dot_nt(const int16_t* p, const int16_t* k) {  // 4 int32 partial 
 #endif
 
 // Horizontal pass of one row into planar output: dst[c * wc + (x - c0)] for channel c.
+// Columns [x0, c1) of the window [c0, c1) (x0 > c0 when a wider-vector version did the first ones).
 template <int NT>
-void hpass_row_nt(const HPlan& hp, const AxisPlan& pw, int64_t c0, int64_t c1, uint8_t* dst, const Scratch& sc) {
+void hpass_row_nt(const HPlan& hp, const AxisPlan& pw, int64_t c0, int64_t x0, int64_t c1, uint8_t* dst,
+                  const Scratch& sc) {
   const int64_t stride = hp.span + NT;
   const int64_t wc = c1 - c0;
   const int16_t* P[3] = {sc.planes.data(), sc.planes.data() + stride, sc.planes.data() + 2 * stride};
   const int32_t bias = 1 << (pw.precision - 1);
-  int64_t x = c0;
+  int64_t x = x0;
 #if defined(__SSE2__)
   // four outputs per step: 12 dot products, reduced four at a time, then >> prec and saturating packs (= clip8)
   const __m128i vbias = _mm_set1_epi32(bias);
@@ -315,6 +340,192 @@ bool has_ssse3() {
   static const bool yes = __builtin_cpu_supports("ssse3");
   return yes;
 }
+
+// ----------------------------------------------------------------------------------------- AVX2 (run-time check)
+// The same integer arithmetic as the SSE2 paths, 256 bits wide: bit-identical results (integer sums do not depend
+// on their order). LLAVA_FAST_NO_AVX2=1 in the environment turns them off (for A/B timing and tests).
+bool use_avx2() {
+  static const bool yes = [] {
+    const char* e = std::getenv("LLAVA_FAST_NO_AVX2");
+    return __builtin_cpu_supports("avx2") && !(e && e[0] == '1');
+  }();
+  return yes;
+}
+
+// 8 int32x8 vectors -> [sum(v0), ..., sum(v7)]
+__attribute__((target("avx2"))) inline __m256i reduce8_epi32(__m256i v0, __m256i v1, __m256i v2, __m256i v3,
+                                                             __m256i v4, __m256i v5, __m256i v6, __m256i v7) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));  // lane halves of 0-3
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v4, v5), _mm256_hadd_epi32(v6, v7));  // lane halves of 4-7
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// o[i] = (float(w[i]) - shift) / scale for i < n, 8 at a time (IEEE subtraction and division: the scalar loop's
+// bits). Returns how many it wrote (a multiple of 8).
+__attribute__((target("avx2"))) int64_t normalize_span_f32_avx2(const uint8_t* w, int64_t n, float shift, float scale,
+                                                               float* o) {
+  const __m256 sh = _mm256_set1_ps(shift), sc = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + i));
+    const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+    _mm256_storeu_ps(o + i, _mm256_div_ps(_mm256_sub_ps(v, sh), sc));
+  }
+  return i;
+}
+
+// [16 bytes at lo | 16 bytes at hi]
+__attribute__((target("avx2"))) inline __m256i load2_128(const void* lo, const void* hi) {
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo))),
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)), 1);
+}
+
+// 3 channels x 8 int32 sums (+ bias already added) -> >> prec, clip to 0..255, 8 bytes per channel plane
+__attribute__((target("avx2"))) inline void store_rgb8(__m256i r, __m256i g, __m256i b, __m128i shift, uint8_t* dst,
+                                                       int64_t wc) {
+  r = _mm256_sra_epi32(r, shift);
+  g = _mm256_sra_epi32(g, shift);
+  b = _mm256_sra_epi32(b, shift);
+  // per 128-bit lane: [R G B 0] x 4 bytes (lane 0: outputs 0-3, lane 1: outputs 4-7)
+  const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(r, g), _mm256_packs_epi32(b, _mm256_setzero_si256()));
+  const __m256i ord = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  const __m128i lo = _mm256_castsi256_si128(ord), hi = _mm256_extracti128_si256(ord, 1);
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), lo);                          // R0..R7
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + wc), _mm_unpackhi_epi64(lo, lo));  // G0..G7
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 2 * wc), hi);                 // B0..B7
+}
+
+// Horizontal pass, 8 outputs per step, NT = 8: two outputs' 8 taps per 256-bit pmaddwd (their padded weights are
+// adjacent in wpad). Returns the first column it did not do.
+__attribute__((target("avx2"))) int64_t hpass_row_avx2_nt8(const HPlan& hp, const AxisPlan& pw, int64_t c0, int64_t c1,
+                                                          uint8_t* dst, const Scratch& sc) {
+  const int64_t stride = hp.span + 8, wc = c1 - c0;
+  const int16_t* P[3] = {sc.planes.data(), sc.planes.data() + stride, sc.planes.data() + 2 * stride};
+  const __m256i vbias = _mm256_set1_epi32(1 << (pw.precision - 1));
+  const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(pw.precision));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t x = c0;
+  for (; x + 8 <= c1; x += 8) {
+    const int16_t* k = sc.wpad.data() + (x - c0) * 8;
+    int64_t b[8];
+    for (int o = 0; o < 8; ++o) b[o] = pw.xmin[x + o] - hp.s0;
+    __m256i ch[3];
+    for (int c = 0; c < 3; ++c) {
+      const int16_t* p = P[c];
+      __m256i m[4];
+      for (int q = 0; q < 4; ++q) {
+        const __m256i src = load2_128(p + b[2 * q], p + b[2 * q + 1]);
+        m[q] = _mm256_madd_epi16(src, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + 16 * q)));
+      }
+      // lane 0 holds outputs 0,2,4,6 and lane 1 outputs 1,3,5,7 after two rounds of hadd
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(m[0], m[1]), _mm256_hadd_epi32(m[2], m[3]));
+      ch[c] = _mm256_add_epi32(_mm256_permutevar8x32_epi32(h, order), vbias);
+    }
+    store_rgb8(ch[0], ch[1], ch[2], shift, dst + (x - c0), wc);
+  }
+  return x;
+}
+
+// NT = 16 or 32: one output's taps fill one (two) 256-bit pmaddwd.
+template <int NT>
+__attribute__((target("avx2"))) int64_t hpass_row_avx2_wide(const HPlan& hp, const AxisPlan& pw, int64_t c0,
+                                                           int64_t c1, uint8_t* dst, const Scratch& sc) {
+  const int64_t stride = hp.span + NT, wc = c1 - c0;
+  const int16_t* P[3] = {sc.planes.data(), sc.planes.data() + stride, sc.planes.data() + 2 * stride};
+  const __m256i vbias = _mm256_set1_epi32(1 << (pw.precision - 1));
+  const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(pw.precision));
+  int64_t x = c0;
+  for (; x + 8 <= c1; x += 8) {
+    const int16_t* k = sc.wpad.data() + (x - c0) * NT;
+    int64_t b[8];
+    for (int o = 0; o < 8; ++o) b[o] = pw.xmin[x + o] - hp.s0;
+    __m256i ch[3];
+    for (int c = 0; c < 3; ++c) {
+      const int16_t* p = P[c];
+      __m256i v[8];
+      for (int o = 0; o < 8; ++o) {
+        v[o] = _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b[o])),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + o * NT)));
+        for (int j = 16; j < NT; j += 16)
+          v[o] = _mm256_add_epi32(
+              v[o], _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b[o] + j)),
+                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + o * NT + j))));
+      }
+      ch[c] = _mm256_add_epi32(reduce8_epi32(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]), vbias);
+    }
+    store_rgb8(ch[0], ch[1], ch[2], shift, dst + (x - c0), wc);
+  }
+  return x;
+}
+
+// Vertical pass of one output row, 32 bytes at a time (see vpass_row_sse2; in-lane unpacks and packs keep the byte
+// order). Returns how many bytes it wrote (a multiple of 32).
+__attribute__((target("avx2"))) int64_t vpass_row_avx2(const uint8_t* rows, int64_t rowlen, const int16_t* k,
+                                                      int64_t n, int32_t bias, unsigned prec, uint8_t* d) {
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i vbias = _mm256_set1_epi32(bias);
+  const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(prec));
+  int64_t q = 0;
+  for (; q + 32 <= rowlen; q += 32) {
+    __m256i a0 = vbias, a1 = vbias, a2 = vbias, a3 = vbias;
+    for (int64_t j = 0; j < n; j += 2) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + j * rowlen + q));
+      const bool pair = j + 1 < n;
+      const __m256i y =
+          pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + (j + 1) * rowlen + q)) : zero;
+      const int32_t kk = static_cast<uint16_t>(k[j]) | (static_cast<int32_t>(pair ? k[j + 1] : 0) << 16);
+      const __m256i w = _mm256_set1_epi32(kk);
+      const __m256i xl = _mm256_unpacklo_epi8(x, zero), xh = _mm256_unpackhi_epi8(x, zero);
+      const __m256i yl = _mm256_unpacklo_epi8(y, zero), yh = _mm256_unpackhi_epi8(y, zero);
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_unpacklo_epi16(xl, yl), w));
+      a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_unpackhi_epi16(xl, yl), w));
+      a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_unpacklo_epi16(xh, yh), w));
+      a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_unpackhi_epi16(xh, yh), w));
+    }
+    a0 = _mm256_sra_epi32(a0, shift);
+    a1 = _mm256_sra_epi32(a1, shift);
+    a2 = _mm256_sra_epi32(a2, shift);
+    a3 = _mm256_sra_epi32(a3, shift);
+    const __m256i out = _mm256_packus_epi16(_mm256_packs_epi32(a0, a1), _mm256_packs_epi32(a2, a3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + q), out);
+  }
+  return q;
+}
+
+// Interleaved RGB -> three int16 planes, 32 pixels per step: each 128-bit lane takes 16 pixels (48 bytes) with the
+// SSSE3 masks, then widens. Returns how many pixels it converted.
+__attribute__((target("avx2"))) int64_t deinterleave_rgb_avx2(const uint8_t* p, int64_t n, int16_t* R, int16_t* G,
+                                                             int16_t* B) {
+  alignas(32) static const int8_t m[3][3][16] = {
+      {{0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+       {-1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14, -1, -1, -1, -1, -1},
+       {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1, 4, 7, 10, 13}},
+      {{1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+       {-1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1},
+       {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14}},
+      {{2, 5, 8, 11, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+       {-1, -1, -1, -1, -1, 1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1},
+       {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15}}};
+  int16_t* out[3] = {R, G, B};
+  __m256i mask[3][3];
+  for (int c = 0; c < 3; ++c)
+    for (int j = 0; j < 3; ++j)
+      mask[c][j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(m[c][j])));
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const uint8_t* q = p + 3 * i;
+    const __m256i a = load2_128(q, q + 48), b = load2_128(q + 16, q + 64), c = load2_128(q + 32, q + 80);
+    for (int ch = 0; ch < 3; ++ch) {
+      const __m256i v = _mm256_or_si256(
+          _mm256_or_si256(_mm256_shuffle_epi8(a, mask[ch][0]), _mm256_shuffle_epi8(b, mask[ch][1])),
+          _mm256_shuffle_epi8(c, mask[ch][2]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[ch] + i), _mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[ch] + i + 16),
+                          _mm256_cvtepu8_epi16(_mm256_extracti128_si256(v, 1)));
+    }
+  }
+  return i;
+}
 #else
 #define LF_HAVE_SSSE3_DISPATCH 0
 #endif
@@ -325,7 +536,10 @@ __attribute__((noinline)) void deinterleave(const uint8_t* p, int64_t n, int64_t
                                             int16_t* G, int16_t* B) {
   int64_t i = 0;
 #if LF_HAVE_SSSE3_DISPATCH
-  if (px == 3 && pc == 1 && has_ssse3()) i = deinterleave_rgb_ssse3(p, n, R, G, B);
+  if (px == 3 && pc == 1) {
+    if (use_avx2()) i = deinterleave_rgb_avx2(p, n, R, G, B);
+    if (has_ssse3()) i += deinterleave_rgb_ssse3(p + 3 * i, n - i, R + i, G + i, B + i);
+  }
 #endif
   for (; i < n; ++i) {
     R[i] = p[px * i];
@@ -349,9 +563,17 @@ void hpass_row(const HPlan& hp, const AxisPlan& pw, const uint8_t* src, int64_t 
   } else {
     deinterleave(src + hp.s0 * px, hp.span, px, pc, R, G, B);
   }
-  if (hp.nt == 8) hpass_row_nt<8>(hp, pw, c0, c1, dst, sc);
-  else if (hp.nt == 16) hpass_row_nt<16>(hp, pw, c0, c1, dst, sc);
-  else hpass_row_nt<32>(hp, pw, c0, c1, dst, sc);
+  int64_t x0 = c0;
+#if LF_HAVE_SSSE3_DISPATCH
+  if (use_avx2()) {
+    if (hp.nt == 8) x0 = hpass_row_avx2_nt8(hp, pw, c0, c1, dst, sc);
+    else if (hp.nt == 16) x0 = hpass_row_avx2_wide<16>(hp, pw, c0, c1, dst, sc);
+    else x0 = hpass_row_avx2_wide<32>(hp, pw, c0, c1, dst, sc);
+  }
+#endif
+  if (hp.nt == 8) hpass_row_nt<8>(hp, pw, c0, x0, c1, dst, sc);
+  else if (hp.nt == 16) hpass_row_nt<16>(hp, pw, c0, x0, c1, dst, sc);
+  else hpass_row_nt<32>(hp, pw, c0, x0, c1, dst, sc);
 }
 
 // Resize the virtual source to (ph.out rows, pw.out cols) and keep the window rows [o0, o1) x cols [c0, c1),
@@ -426,8 +648,11 @@ void resize_window(const Source& s, const AxisPlan& ph, const AxisPlan& pw, int6
     const uint8_t* rows = sc.hbuf.data() + (ph.xmin[o] - r0) * rowlen;  // tap j's row: rows + j * rowlen
     uint8_t* d = sc.win.data() + (o - o0) * rowlen;
     int64_t q0 = 0;
+#if LF_HAVE_SSSE3_DISPATCH
+    if (use_avx2()) q0 = vpass_row_avx2(rows, rowlen, k, n, bias, ph.precision, d);
+#endif
 #if defined(__SSE2__)
-    q0 = vpass_row_sse2(rows, rowlen, k, n, bias, ph.precision, d);
+    q0 = vpass_row_sse2(rows, rowlen, k, n, bias, ph.precision, d, q0);
 #endif
     if (q0 == rowlen) continue;
     std::fill(acc.begin() + q0, acc.end(), bias);
@@ -470,7 +695,11 @@ void emit_rows_t(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t 
           // fp32: the normalization's own expression, vectorizable (IEEE subtraction and division: the same bits)
           const float sh = shift[c], sc = scale[c];
           zero = (0.f - sh) / sc;
-          for (int64_t tx = lo; tx < hi; ++tx) o[tx] = (static_cast<float>(w[tx]) - sh) / sc;
+          int64_t tx = lo;
+#if LF_HAVE_SSSE3_DISPATCH
+          if (use_avx2()) tx += normalize_span_f32_avx2(w + lo, hi - lo, sh, sc, o + lo);
+#endif
+          for (; tx < hi; ++tx) o[tx] = (static_cast<float>(w[tx]) - sh) / sc;
         } else {
           const uint16_t* L = lut[c];
           zero = L[0];
@@ -629,8 +858,8 @@ void encode_tiles_cpu(const std::vector<const uint8_t*>& images, const std::vect
       std::memcpy(s.fill, cfg.fill, 3);
     }
     if (tk.kind == 0) {  // whole (virtual) image -> T x T
-      const AxisPlan ph = make_axis_plan(s.vh, T), pw = make_axis_plan(s.vw, T);
-      resize_window(s, ph, pw, 0, T, 0, T, sc);
+      const auto ph = detail::cached_axis_plan(s.vh, T), pw = detail::cached_axis_plan(s.vw, T);
+      resize_window(s, *ph, *pw, 0, T, 0, T, sc);
       emit_rows(sc, 0, 0, T, T, 0, T, 1, T, tk.tile0, L, dst);
     } else if (tk.kind == 2) {  // resize shortest edge, centre crop
       const int64_t vh = s.vh, vw = s.vw, se = cfg.shortest_edge;
@@ -643,8 +872,8 @@ void encode_tiles_cpu(const std::vector<const uint8_t*>& images, const std::vect
         ow = static_cast<int64_t>(static_cast<double>(se) * static_cast<double>(vw) / static_cast<double>(vh));
       }
       const int64_t top = static_cast<int64_t>((oh - T) / 2.0), left = static_cast<int64_t>((ow - T) / 2.0);
-      const AxisPlan ph = make_axis_plan(vh, oh), pw = make_axis_plan(vw, ow);
-      resize_window(s, ph, pw, top, top + T, left, left + T, sc);
+      const auto ph = detail::cached_axis_plan(vh, oh), pw = detail::cached_axis_plan(vw, ow);
+      resize_window(s, *ph, *pw, top, top + T, left, left + T, sc);
       emit_rows(sc, 0, 0, T, T, 0, T, 1, T, tk.tile0, L, dst);
     } else {  // AnyRes grid band: canvas rows [band*T, band*T + T)
       const ImageGeom& g = geo[i];
@@ -652,8 +881,8 @@ void encode_tiles_cpu(const std::vector<const uint8_t*>& images, const std::vect
       const int64_t y0 = tk.band * T, y1 = y0 + T;
       const int64_t o0 = std::clamp(y0 - top, static_cast<int64_t>(0), g.nh);
       const int64_t o1 = std::clamp(y1 - top, static_cast<int64_t>(0), g.nh);
-      const AxisPlan ph = make_axis_plan(h, g.nh), pw = make_axis_plan(w, g.nw);
-      resize_window(s, ph, pw, o0, o1, 0, g.nw, sc);
+      const auto ph = detail::cached_axis_plan(h, g.nh), pw = detail::cached_axis_plan(w, g.nw);
+      resize_window(s, *ph, *pw, o0, o1, 0, g.nw, sc);
       emit_rows(sc, top + o0, left, o1 - o0, g.nw, y0, y1, g.bw / T, T, tk.tile0, L, dst);
     }
   };
@@ -674,6 +903,18 @@ void encode_tiles_cpu(const std::vector<const uint8_t*>& images, const std::vect
   // exceptions cannot escape a std::thread: all argument checks happen above, before any thread starts
   for (int k = 0; k < threads; ++k) pool.emplace_back(worker);
   for (auto& th : pool) th.join();
+}
+
+const char* encoder_isa() {
+#if LF_HAVE_SSSE3_DISPATCH
+  if (use_avx2()) return "avx2";
+  if (has_ssse3()) return "ssse3";
+#endif
+#if defined(__SSE2__)
+  return "sse2";
+#else
+  return "scalar";
+#endif
 }
 
 void resize_bicubic_aa_u8_cpu(const uint8_t* src, int64_t h, int64_t w, uint8_t* dst, int64_t oh, int64_t ow) {

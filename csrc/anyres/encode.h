@@ -42,6 +42,10 @@ void encode_tiles_cpu(const std::vector<const uint8_t*>& images, const std::vect
                       const std::vector<int64_t>& chan_strides = {});
 
 // One antialiased bicubic uint8 resize (HWC, 3 channels), for tests: same arithmetic as the encoder.
+// The widest instruction set the CPU encoder's resampler uses on this machine ("avx2", "ssse3", "sse2" or "scalar");
+// LLAVA_FAST_NO_AVX2=1 in the environment (read once) turns the AVX2 paths off. Every path gives the same bits.
+const char* encoder_isa();
+
 void resize_bicubic_aa_u8_cpu(const uint8_t* src, int64_t h, int64_t w, uint8_t* dst, int64_t oh, int64_t ow);
 
 }  // namespace llava_fast

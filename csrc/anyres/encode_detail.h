@@ -1,6 +1,7 @@
 // Host plan pieces shared by the CPU tile encoder (encode.cpp) and the CUDA plan (encode_cuda_plan.cpp).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "anyres/encode.h"
@@ -19,6 +20,7 @@ struct AxisPlan {
 };
 
 AxisPlan make_axis_plan(int64_t in, int64_t out);
+std::shared_ptr<const AxisPlan> cached_axis_plan(int64_t in, int64_t out);  // thread-safe, bounded
 
 struct ImageGeom {
   int64_t ntiles = 1;

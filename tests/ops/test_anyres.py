@@ -498,3 +498,52 @@ def test_encode_tiles_reads_any_layout_in_place(cfg):
     with pytest.raises(ValueError, match="negative strides|one per image"):
         _ext._C.encode_tiles_cpu([imgs[0].data_ptr()], [300], [500], [500], [0], 0, 0, 1, 336, 336, False, [],
                                  [0, 0, 0], [0.5] * 3, [0.5] * 3, 1, [-1], [1])
+
+
+_ISA_SCRIPT = r"""
+import random, sys, torch
+import torch.nn.functional as F
+from llava_fast import _ext
+from llava_fast.ops import anyres
+from llava_fast.ops.anyres import ImageProcessorConfig, preprocess_images
+print(_ext._C.encoder_isa())
+rng = random.Random(11)
+gen = torch.Generator().manual_seed(11)
+# widths around the vector steps (8 outputs, 16/32 bytes, 16/32 pixels) and downscales of ~1.5x (7 taps), ~3x
+# (13 taps: 16-wide dots) and ~8x (>16 taps: 32-wide dots)
+pairs = [(rng.randint(1, 900), rng.randint(1, 900), rng.randint(1, 400), rng.randint(1, 400)) for _ in range(40)]
+pairs += [(97, 1011, 97, 673), (31, 2700, 40, 336), (64, 3000, 21, 367), (200, 47, 33, 9), (8, 8, 3, 3)]
+for h, w, oh, ow in pairs:
+    x = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen)
+    out = torch.empty(oh, ow, 3, dtype=torch.uint8)
+    _ext._C.resize_bicubic_aa_u8_cpu(x.data_ptr(), h, w, out.data_ptr(), oh, ow)
+    ref = F.interpolate(x.permute(2, 0, 1)[None].contiguous(), size=(oh, ow), mode="bicubic", antialias=True,
+                        align_corners=False)[0].permute(1, 2, 0)
+    assert torch.equal(out, ref), (h, w, oh, ow)
+for variant in ("llava_next", "llava_onevision"):
+    cfg = ImageProcessorConfig.for_variant(variant)
+    imgs = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen)
+            for h, w in [(750, 1000), (333, 1201), (1500, 97), (61, 59)]]
+    got = anyres.encode_tiles(imgs, cfg, num_threads=2)["pixel_values"]
+    assert torch.equal(got, preprocess_images(imgs, cfg)["pixel_values"]), variant
+print("ok")
+"""
+
+
+@needs_ext
+@pytest.mark.parametrize("no_avx2", ["0", "1"], ids=["default_isa", "no_avx2"])
+def test_encoder_isa_paths_bit_exact(no_avx2):
+    """Every instruction-set path of the CPU resampler (AVX2 when the CPU has it, SSE2/SSSE3 with
+    LLAVA_FAST_NO_AVX2=1) gives torch's uint8 bits, at widths around each vector step and at 7-, 13- and >16-tap
+    downscales. A subprocess, since the switch is read once per process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LLAVA_FAST_NO_AVX2=no_avx2)
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    isa, status = r.stdout.split()[:2]
+    assert status == "ok"
+    if no_avx2 == "1":
+        assert isa in ("ssse3", "sse2", "scalar")
