@@ -124,18 +124,31 @@ def gpu_section(args, dtype) -> list[Row]:
         if not args.quick:
             providers["reference_cuda"] = lambda: anyres.preprocess_images(gpu, cfg, dtype=dtype)
         if anyres._cuda_encoder_available():
-            providers["llava_fast_cuda"] = lambda: anyres.encode_tiles(gpu, cfg, dtype=dtype)
-
-            def one_pass(p):  # timing only: where the time goes (METHOD.md: leave a stage out)
+            def encoder(version, passes=3, **kw):
+                """The CUDA encoder with kernels `version`; passes 1 / 2: one pass alone, for timing only (where
+                the time goes, METHOD.md: leave a stage out; the output is then garbage)."""
                 def fn():
-                    anyres._CUDA_PASSES = p
+                    old_env = os.environ.get("LLAVA_FAST_GPU_ENCODER")
+                    os.environ["LLAVA_FAST_GPU_ENCODER"] = f"v{version}"
+                    anyres._CUDA_PASSES = passes
                     try:
-                        return anyres.encode_tiles(gpu, cfg, dtype=dtype)
+                        return anyres.encode_tiles(gpu, cfg, dtype=dtype, **kw)
                     finally:
                         anyres._CUDA_PASSES = 3
+                        if old_env is None:
+                            os.environ.pop("LLAVA_FAST_GPU_ENCODER", None)
+                        else:
+                            os.environ["LLAVA_FAST_GPU_ENCODER"] = old_env
                 return fn
-            providers["llava_fast_cuda_pass1_only"] = one_pass(1)
-            providers["llava_fast_cuda_pass2_only"] = one_pass(2)
+            default = anyres.gpu_encoder_version()
+            providers["llava_fast_cuda"] = encoder(default)  # the default kernels (LLAVA_FAST_GPU_ENCODER)
+            providers["llava_fast_cuda_pass1_only"] = encoder(default, 1)
+            providers["llava_fast_cuda_pass2_only"] = encoder(default, 2)
+            for v in anyres.GPU_ENCODER_VERSIONS:
+                if v != default:
+                    providers[f"llava_fast_cuda_v{v}"] = encoder(v)
+                    providers[f"llava_fast_cuda_v{v}_pass1_only"] = encoder(v, 1)
+                    providers[f"llava_fast_cuda_v{v}_pass2_only"] = encoder(v, 2)
             u8 = [anyres.to_uint8_chw(x, i, contiguous=False) for i, x in enumerate(gpu)]
             providers["llava_fast_cuda_host_plan"] = lambda: anyres._encoder_plan(u8, [False] * len(u8), cfg,
                                                                                   "uint8", "tiles")

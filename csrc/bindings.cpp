@@ -113,6 +113,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("total_tiles", &CudaEncodePlan::total_tiles)
       .def_readonly("tile_elems", &CudaEncodePlan::tile_elems)
       .def_readonly("pass1_blocks", &CudaEncodePlan::pass1_blocks)
+      .def_readonly("pass1_rows", &CudaEncodePlan::pass1_rows)
+      .def_readonly("max_span", &CudaEncodePlan::max_span)
       .def_readonly("resample", &CudaEncodePlan::resample)
       .def_readonly("patch", &CudaEncodePlan::patch)
       .def(
@@ -138,24 +140,26 @@ PYBIND11_MODULE(_C, m) {
       "Plan of the GPU tile encoder from image pointers, sizes and byte strides (y, x, c); see encode_gpu.h.");
   m.def(
       "encode_tiles_emulate",
-      [](const CudaEncodePlan& plan, uintptr_t scratch, uintptr_t out, int dtype, int64_t capacity_tiles) {
+      [](const CudaEncodePlan& plan, uintptr_t scratch, uintptr_t out, int dtype, int64_t capacity_tiles,
+         int version) {
         py::gil_scoped_release release;
         encode_tiles_emulate(plan, reinterpret_cast<void*>(scratch), reinterpret_cast<void*>(out), dtype,
-                             capacity_tiles);
+                             capacity_tiles, version);
       },
       py::arg("plan"), py::arg("scratch"), py::arg("out"), py::arg("dtype"), py::arg("capacity_tiles"),
+      py::arg("version") = 1,
       "Run the GPU encoder's element code on the CPU (host pointers in the plan); for tests.");
 
 #ifdef LLAVA_FAST_WITH_CUDA
   m.def(
       "encode_tiles_cuda",
       [](const CudaEncodePlan& plan, uintptr_t plan_dev, uintptr_t scratch, uintptr_t out, int dtype,
-         int64_t capacity_tiles, uintptr_t stream, int passes) {
+         int64_t capacity_tiles, uintptr_t stream, int passes, int version) {
         encode_tiles_cuda(plan, reinterpret_cast<const void*>(plan_dev), reinterpret_cast<void*>(scratch),
-                          reinterpret_cast<void*>(out), dtype, capacity_tiles, stream, passes);
+                          reinterpret_cast<void*>(out), dtype, capacity_tiles, stream, passes, version);
       },
       py::arg("plan"), py::arg("plan_dev"), py::arg("scratch"), py::arg("out"), py::arg("dtype"),
-      py::arg("capacity_tiles"), py::arg("stream"), py::arg("passes") = 3,
+      py::arg("capacity_tiles"), py::arg("stream"), py::arg("passes") = 3, py::arg("version") = 1,
       "Launch the two encoder passes on `stream` (no synchronization). plan_dev: device copy of the plan bytes.");
   m.def(
       "normalize_u8_cuda",

@@ -122,6 +122,7 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
   CudaEncodePlan plan;
   plan.resample = resample;
   plan.patch = patch;
+  plan.tile = T;
   const int64_t G = patch ? T / patch : 0;
   plan.tile_elems = patch ? G * G * 3 * patch * patch : 3 * T * T;
 
@@ -168,6 +169,19 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
     }
     j.r0 = static_cast<int32_t>(r0);
     j.nr = static_cast<int32_t>(r1 - r0);
+    // v2: the virtual source columns the window's columns read
+    const AxisTable& tw = *tables[j.ax_w];
+    int64_t s0 = c0, s1 = c0 + wc;
+    if (tw.taps > 0 && wc > 0) {
+      s0 = tw.xmin[c0];
+      s1 = s0;
+      for (int64_t x = c0; x < c0 + wc; ++x) {
+        s0 = std::min<int64_t>(s0, tw.xmin[x]);
+        s1 = std::max<int64_t>(s1, static_cast<int64_t>(tw.xmin[x]) + tw.xsize[x]);
+      }
+    }
+    j.s0 = static_cast<int32_t>(s0);
+    j.span = static_cast<int32_t>(s1 - s0);
     LF_CHECK(3 * static_cast<int64_t>(j.nr) * wc < (static_cast<int64_t>(1) << 31),
              "encode_tiles_cuda: images[" << i << "] needs an intermediate of more than 2^31 values");
     jobs.push_back(j);
@@ -224,16 +238,22 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
   LF_CHECK(plan.total_tiles < (static_cast<int64_t>(1) << 31), "encode_tiles_cuda: too many tiles");
 
   // scratch and pass-1 blocks
-  int64_t scratch = 0, blocks = 0;
+  int64_t scratch = 0, blocks = 0, rows = 0, max_span = 0;
   for (auto& j : jobs) {
     j.scratch_off = scratch;
     j.block0 = blocks;
+    j.row0 = static_cast<int32_t>(rows);
     const int64_t elems = 3 * static_cast<int64_t>(j.nr) * j.wc;
     scratch += (elems + 15) & ~static_cast<int64_t>(15);
     blocks += (elems + kThreads - 1) / kThreads;
+    rows += j.nr;
+    max_span = std::max<int64_t>(max_span, j.span);
+    LF_CHECK(rows < (static_cast<int64_t>(1) << 31), "encode_tiles_cuda: too many source rows in one batch");
   }
   plan.scratch_elems = scratch;
   plan.pass1_blocks = blocks;
+  plan.pass1_rows = rows;
+  plan.max_span = max_span;
 
   // serialize
   PlanHeader H{};
@@ -247,6 +267,8 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
   H.tile_elems = static_cast<int32_t>(plan.tile_elems);
   H.pass1_blocks = blocks;
   H.scratch_elems = scratch;
+  H.rows = static_cast<int32_t>(rows);
+  H.max_span = static_cast<int32_t>(max_span);
   for (int c = 0; c < 3; ++c) {
     H.shift[c] = 255.f * cfg.mean[c];  // same expressions as the CPU encoder's LUT and normalize_u8
     H.scale[c] = 255.f * cfg.std[c];
@@ -297,32 +319,54 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
 }
 
 namespace {
+// The kernels' code on one CPU thread: v1 element by element; v2 block by block (pass 1: the row staged into a
+// host buffer standing in for shared memory, then the row filter; pass 2: four outputs at a time), in the order
+// of the blocks' indices (the blocks write disjoint outputs, so the order does not matter).
 template <int R, int D>
-void emulate(const CudaEncodePlan& plan, void* scratch, void* out) {
+void emulate(const CudaEncodePlan& plan, void* scratch, void* out, int version) {
   const uint8_t* P = plan.bytes();
   const PlanHeader& H = header(P);
   const JobRec* J = jobs(P);
-  for (int j = 0; j < H.num_jobs; ++j) {
-    const uint32_t elems = 3u * static_cast<uint32_t>(J[j].nr) * static_cast<uint32_t>(J[j].wc);
-    for (uint32_t e = 0; e < elems; ++e) hpass_element<R>(P, J[j], e, scratch);
+  if (version == 2) {
+    std::vector<uint8_t> sm(static_cast<size_t>(3 * std::max(H.max_span, 1)));
+    for (int64_t b = 0; b < H.rows; ++b) {
+      const JobRec& jb = J[find_job_row(P, b)];
+      const int r = static_cast<int>(b - jb.row0);
+      hpass_v2_stage(P, jb, r, sm.data(), H.max_span, 0, 1);
+      hpass_v2_row<R>(P, jb, r, sm.data(), H.max_span, scratch, 0, 1);
+    }
+  } else {
+    for (int j = 0; j < H.num_jobs; ++j) {
+      const uint32_t elems = 3u * static_cast<uint32_t>(J[j].nr) * static_cast<uint32_t>(J[j].wc);
+      for (uint32_t e = 0; e < elems; ++e) hpass_element<R>(P, J[j], e, scratch);
+    }
+  }
+  if (version == 2 && H.patch == 0) {
+    for (int64_t t = 0; t < H.num_tiles; ++t)
+      for (int crow = 0; crow < 3 * H.tile; ++crow)
+        for (int x0 = 0; x0 < H.tile; x0 += 4)
+          vpass_v2_quad<R, D>(P, t, crow / H.tile, crow % H.tile, x0, scratch, out);
+    return;
   }
   for (int64_t t = 0; t < H.num_tiles; ++t)
     for (uint32_t e = 0; e < static_cast<uint32_t>(H.tile_elems); ++e) vpass_element<R, D>(P, t, e, scratch, out);
 }
 }  // namespace
 
-void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, int dtype, int64_t capacity_tiles) {
+void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, int dtype, int64_t capacity_tiles,
+                          int version) {
   LF_CHECK(dtype >= 0 && dtype <= 2, "encode_tiles: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " << dtype);
+  LF_CHECK(version == 1 || version == 2, "encode_tiles: GPU encoder version must be 1 or 2, got " << version);
   LF_CHECK(capacity_tiles >= plan.total_tiles, "encode_tiles: output holds " << capacity_tiles
                                                    << " tiles but the images need " << plan.total_tiles);
   if (plan.resample == kU8) {
-    if (dtype == 0) emulate<kU8, 0>(plan, scratch, out);
-    if (dtype == 1) emulate<kU8, 1>(plan, scratch, out);
-    if (dtype == 2) emulate<kU8, 2>(plan, scratch, out);
+    if (dtype == 0) emulate<kU8, 0>(plan, scratch, out, version);
+    if (dtype == 1) emulate<kU8, 1>(plan, scratch, out, version);
+    if (dtype == 2) emulate<kU8, 2>(plan, scratch, out, version);
   } else {
-    if (dtype == 0) emulate<kF32, 0>(plan, scratch, out);
-    if (dtype == 1) emulate<kF32, 1>(plan, scratch, out);
-    if (dtype == 2) emulate<kF32, 2>(plan, scratch, out);
+    if (dtype == 0) emulate<kF32, 0>(plan, scratch, out, version);
+    if (dtype == 1) emulate<kF32, 1>(plan, scratch, out, version);
+    if (dtype == 2) emulate<kF32, 2>(plan, scratch, out, version);
   }
 }
 

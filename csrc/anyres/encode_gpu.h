@@ -27,8 +27,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define LF_HD __host__ __device__ __forceinline__
+#define LF_UNROLL _Pragma("unroll")
 #else
 #define LF_HD inline
+#define LF_UNROLL
 #endif
 
 namespace llava_fast {
@@ -37,6 +39,7 @@ namespace gpu_encode {
 enum Resample : int32_t { kU8 = 0, kF32 = 1 };
 
 constexpr int kThreads = 256;  // threads per block in both passes (one element each)
+constexpr int kV2MaxSpan = 16384;  // v2 pass 1 stages 3 x span bytes in shared memory (48 KB: no opt-in needed)
 
 struct PlanHeader {
   int32_t num_images, num_jobs, num_tiles, num_axes;
@@ -44,7 +47,8 @@ struct PlanHeader {
   int64_t off_images, off_jobs, off_tiles, off_axes;
   int64_t pass1_blocks, scratch_elems;
   float shift[3], scale[3];  // out = (v - shift[c]) / scale[c], shift = 255*mean, scale = 255*std
-  int32_t pad_[2];
+  int32_t rows;              // v2 pass 1: one block per (job, source row); sum of the jobs' nr
+  int32_t max_span;          // v2 pass 1: the most source columns one job's row needs (shared memory: 3 x this)
 };
 
 struct ImageRec {
@@ -65,7 +69,10 @@ struct JobRec {
   int32_t c0, wc, o0, wr;     // window: resized cols [c0, c0 + wc), rows [o0, o0 + wr)
   int32_t wy, wx, pad_[2];    // window position on the tile canvas
   int64_t scratch_off;        // element offset of this job's (3, nr, wc) intermediate
-  int64_t block0;             // first pass-1 block of this job
+  int64_t block0;             // first pass-1 block of this job (v1)
+  int32_t row0;               // first pass-1 block of this job (v2: one block per source row)
+  int32_t s0, span;           // v2: virtual source columns [s0, s0 + span) that the window's columns read
+  int32_t pad2_;
 };
 
 struct TileRec {
@@ -261,6 +268,204 @@ LF_HD int find_job(const uint8_t* plan, int64_t b) {
       hi = mid - 1;
   }
   return lo;
+}
+
+// ------------------------------------------------------------------------------------------------------------- v2
+// Version 2 of both passes (LLAVA_FAST_GPU_ENCODER=v2; same plan, same scratch layout, same arithmetic, so either
+// pass of either version can follow the other, and the results are bit-identical to v1's):
+// Pass 1: one block per (job, source row). The block stages the row's source span once in shared memory as three
+//   uint8 planes (HWC rows: one coalesced byte stream), then each thread filters all three channels of its output
+//   columns from shared memory: no per-element integer divisions, no one-byte gathers from global memory.
+// Pass 2 (tile layout; the patch layout keeps v1's): four consecutive outputs of one (tile, channel, row) per
+//   thread: the row's vertical weights loaded once for the four, one vector store of the four results.
+
+// Job owning v2 pass-1 block b (jobs sorted by row0).
+LF_HD int find_job_row(const uint8_t* plan, int64_t b) {
+  const JobRec* J = jobs(plan);
+  int lo = 0, hi = header(plan).num_jobs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (J[mid].row0 <= b)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+// Stage row r of job jb (virtual row jb.r0 + r, columns [s0, s0 + span)) into sm: plane c at sm + c * ms.
+// Threads tid of n (the emulation calls it with 0 of 1).
+LF_HD void hpass_v2_stage(const uint8_t* plan, const JobRec& jb, int r, uint8_t* sm, int ms, int tid, int n) {
+  const ImageRec& im = images(plan)[jb.image];
+  const int vy = jb.r0 + r;
+  const int sy = vy - jb.oy, sx0 = jb.s0 - jb.ox;
+  const bool inside = sy >= 0 && sy < im.h && sx0 >= 0 && sx0 + jb.span <= im.w;
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(im.ptr);
+  if (inside && im.sx == 3 && im.sc == 1) {  // HWC row: one contiguous run of 3 * span bytes
+    const uint8_t* row = p + sy * im.sy + static_cast<int64_t>(sx0) * 3;
+    const int nb = 3 * jb.span;
+    for (int i = tid; i < nb; i += n) {
+      const int q = i / 3;
+      sm[(i - 3 * q) * ms + q] = row[i];
+    }
+  } else if (inside && im.sx == 1) {  // planar (CHW and views): three contiguous runs
+    for (int c = 0; c < 3; ++c) {
+      const uint8_t* row = p + sy * im.sy + sx0 + c * im.sc;
+      for (int q = tid; q < jb.span; q += n) sm[c * ms + q] = row[q];
+    }
+  } else {  // padding involved, or another layout
+    for (int c = 0; c < 3; ++c)
+      for (int q = tid; q < jb.span; q += n)
+        sm[c * ms + q] = static_cast<uint8_t>(source_pixel(im, jb, vy, jb.s0 + q, c));
+  }
+}
+
+// Filter the staged row horizontally: output columns tid, tid + n, ... of the window, all three channels.
+template <int R>
+LF_HD void hpass_v2_row(const uint8_t* plan, const JobRec& jb, int r, const uint8_t* sm, int ms, void* scratch, int tid,
+                        int n) {
+  const AxisRec& ax = axes(plan)[jb.ax_w];
+  const int64_t plane = static_cast<int64_t>(jb.nr) * jb.wc;
+  const int64_t base = jb.scratch_off + static_cast<int64_t>(r) * jb.wc;
+  for (int x = tid; x < jb.wc; x += n) {
+    const int ox = jb.c0 + x;
+    if (ax.taps == 0) {
+      for (int c = 0; c < 3; ++c) {
+        const uint8_t v = sm[c * ms + ox - jb.s0];
+        if (R == kU8)
+          static_cast<uint8_t*>(scratch)[base + c * plane + x] = v;
+        else
+          static_cast<float*>(scratch)[base + c * plane + x] = static_cast<float>(v);
+      }
+      continue;
+    }
+    const int xmin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[ox];
+    const int xs = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[ox];
+    const uint8_t* s = sm + (xmin - jb.s0);
+    if (R == kU8) {
+      const int16_t* k = reinterpret_cast<const int16_t*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
+      int32_t a0 = 1 << (ax.prec - 1), a1 = a0, a2 = a0;
+      for (int j = 0; j < xs; ++j) {
+        const int32_t kj = k[j];
+        a0 += static_cast<int32_t>(s[j]) * kj;
+        a1 += static_cast<int32_t>(s[ms + j]) * kj;
+        a2 += static_cast<int32_t>(s[2 * ms + j]) * kj;
+      }
+      uint8_t* d = static_cast<uint8_t*>(scratch) + base + x;
+      d[0] = static_cast<uint8_t>(clip8_shift(a0, ax.prec));
+      d[plane] = static_cast<uint8_t>(clip8_shift(a1, ax.prec));
+      d[2 * plane] = static_cast<uint8_t>(clip8_shift(a2, ax.prec));
+    } else {  // the same expression as v1 (first product, then += in tap order): the same bits
+      const float* k = reinterpret_cast<const float*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
+      float a[3];
+      for (int c = 0; c < 3; ++c) {
+        const uint8_t* sc = s + c * ms;
+        float acc = static_cast<float>(sc[0]) * k[0];
+        for (int j = 1; j < xs; ++j) acc += static_cast<float>(sc[j]) * k[j];
+        a[c] = acc;
+      }
+      float* d = static_cast<float*>(scratch) + base + x;
+      d[0] = a[0];
+      d[plane] = a[1];
+      d[2 * plane] = a[2];
+    }
+  }
+}
+
+// Pass 2 v2, tile layout: outputs x0 .. x0 + 3 (those < T) of row y, channel c of tile t.
+template <int R, int D>
+LF_HD void vpass_v2_quad(const uint8_t* plan, int64_t t, int c, int y, int x0, const void* scratch, void* out) {
+  const PlanHeader& H = header(plan);
+  const int T = H.tile;
+  const int nx = T - x0 < 4 ? T - x0 : 4;
+  const TileRec& tr = tiles(plan)[t];
+  const JobRec& jb = jobs(plan)[tr.job];
+  const int cy = tr.cy0 + y, cx = tr.cx0 + x0;
+  int v[4] = {0, 0, 0, 0};  // canvas padding: black
+  // window columns of the four outputs: q in [lo, hi)
+  int lo = jb.wx - cx, hi = jb.wx + jb.wc - cx;
+  lo = lo < 0 ? 0 : lo;
+  hi = hi > nx ? nx : hi;
+  if (cy >= jb.wy && cy < jb.wy + jb.wr && lo < hi) {
+    const int o = jb.o0 + (cy - jb.wy);
+    const int col = cx - jb.wx;  // window column of output q: col + q
+    const int64_t base = jb.scratch_off + static_cast<int64_t>(c) * jb.nr * jb.wc + col;
+    const AxisRec& ax = axes(plan)[jb.ax_h];
+    if (R == kU8) {
+      const uint8_t* S = static_cast<const uint8_t*>(scratch) + base;
+      if (ax.taps == 0) {
+        const uint8_t* s = S + static_cast<int64_t>(o - jb.r0) * jb.wc;
+        LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) v[q] = s[q];
+      } else {
+        const int ymin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[o];
+        const int ys = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[o];
+        const int16_t* k = reinterpret_cast<const int16_t*>(plan + ax.w_off) + static_cast<int64_t>(o) * ax.taps;
+        const uint8_t* s = S + static_cast<int64_t>(ymin - jb.r0) * jb.wc;
+        int32_t acc[4];
+        LF_UNROLL for (int q = 0; q < 4; ++q) acc[q] = 1 << (ax.prec - 1);
+        for (int j = 0; j < ys; ++j) {
+          const int32_t kj = k[j];
+          const uint8_t* sj = s + static_cast<int64_t>(j) * jb.wc;
+          LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] += static_cast<int32_t>(sj[q]) * kj;
+        }
+        LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) v[q] = clip8_shift(acc[q], ax.prec);
+      }
+    } else {
+      const float* S = static_cast<const float*>(scratch) + base;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      if (ax.taps == 0) {
+        const float* s = S + static_cast<int64_t>(o - jb.r0) * jb.wc;
+        LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] = s[q];
+      } else {
+        const int ymin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[o];
+        const int ys = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[o];
+        const float* k = reinterpret_cast<const float*>(plan + ax.w_off) + static_cast<int64_t>(o) * ax.taps;
+        const float* s = S + static_cast<int64_t>(ymin - jb.r0) * jb.wc;
+        LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] = s[q] * k[0];
+        for (int j = 1; j < ys; ++j) {
+          const float kj = k[j];
+          const float* sj = s + static_cast<int64_t>(j) * jb.wc;
+          LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] += sj[q] * kj;
+        }
+      }
+      LF_UNROLL for (int q = 0; q < 4; ++q) {  // torchvision on CUDA: clamp_(0, 255).round_().to(uint8)
+        if (q >= lo && q < hi) {
+          const float a = acc[q] < 0.f ? 0.f : (acc[q] > 255.f ? 255.f : acc[q]);
+          v[q] = static_cast<int>(round_half_even(a));
+        }
+      }
+    }
+  }
+  float f[4];
+  LF_UNROLL for (int q = 0; q < 4; ++q) f[q] = div_rn(static_cast<float>(v[q]) - H.shift[c], H.scale[c]);
+  const int64_t i0 = t * static_cast<int64_t>(H.tile_elems) + static_cast<int64_t>(c) * T * T +
+                     static_cast<int64_t>(y) * T + x0;
+#if defined(__CUDA_ARCH__)
+  if (nx == 4) {
+    if (D == 0) {
+      float* p = static_cast<float*>(out) + i0;
+      if ((reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+        *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
+        return;
+      }
+    } else {
+      uint16_t* p = static_cast<uint16_t*>(out) + i0;
+      if ((reinterpret_cast<uintptr_t>(p) & 7) == 0) {
+        uint16_t b[4];
+        LF_UNROLL for (int q = 0; q < 4; ++q) {
+          if (D == 1)
+            b[q] = __half_as_ushort(__float2half_rn(f[q]));
+          else
+            b[q] = __bfloat16_as_ushort(__float2bfloat16_rn(f[q]));
+        }
+        *reinterpret_cast<uint2*>(p) = make_uint2(static_cast<uint32_t>(b[0]) | (static_cast<uint32_t>(b[1]) << 16),
+                                                  static_cast<uint32_t>(b[2]) | (static_cast<uint32_t>(b[3]) << 16));
+        return;
+      }
+    }
+  }
+#endif
+  LF_UNROLL for (int q = 0; q < 4; ++q) if (q < nx) store_out<D>(out, i0 + q, f[q]);
 }
 
 }  // namespace gpu_encode

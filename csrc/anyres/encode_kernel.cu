@@ -36,19 +36,70 @@ __global__ void __launch_bounds__(kThreads)
     vpass_element<R, D>(plan, t, static_cast<uint32_t>(e), scratch, out);
 }
 
+// v2 pass 1: a block per (job, source row), the row staged in shared memory (encode_gpu.h).
+template <int R>
+__global__ void __launch_bounds__(kThreads) encode_hpass_rows_kernel(const uint8_t* __restrict__ plan, void* scratch) {
+  extern __shared__ uint8_t sm[];
+  __shared__ int s_job;
+  const PlanHeader& H = header(plan);
+  for (int64_t b = blockIdx.x; b < H.rows; b += gridDim.x) {
+    if (threadIdx.x == 0) s_job = find_job_row(plan, b);
+    __syncthreads();
+    const JobRec& jb = jobs(plan)[s_job];
+    const int r = static_cast<int>(b - jb.row0);
+    hpass_v2_stage(plan, jb, r, sm, H.max_span, threadIdx.x, blockDim.x);
+    __syncthreads();
+    hpass_v2_row<R>(plan, jb, r, sm, H.max_span, scratch, threadIdx.x, blockDim.x);
+    __syncthreads();  // sm and s_job are rewritten by the next iteration
+  }
+}
+
+// v2 pass 2 (tile layout): threadIdx.y picks the (channel, row) of the block's rows, threadIdx.x four columns.
 template <int R, int D>
-void launch(const CudaEncodePlan& plan, const uint8_t* P, void* scratch, void* out, cudaStream_t s, int passes) {
-  const unsigned b1 = static_cast<unsigned>(std::min<int64_t>(plan.pass1_blocks, 1 << 30));
-  if (b1 > 0 && (passes & 1)) encode_hpass_kernel<R><<<b1, kThreads, 0, s>>>(P, scratch);
-  const dim3 grid2(static_cast<unsigned>((plan.tile_elems + kThreads - 1) / kThreads),
-                   static_cast<unsigned>(std::min<int64_t>(plan.total_tiles, 65535)));
-  if (passes & 2) encode_vpass_kernel<R, D><<<grid2, kThreads, 0, s>>>(P, scratch, out);
+__global__ void encode_vpass_quad_kernel(const uint8_t* __restrict__ plan, const void* scratch, void* out) {
+  const PlanHeader& H = header(plan);
+  const int T = H.tile;
+  const int crow = blockIdx.x * blockDim.y + threadIdx.y;
+  if (crow >= 3 * T) return;
+  const int c = crow / T, y = crow - c * T;
+  for (int64_t t = blockIdx.y; t < H.num_tiles; t += gridDim.y)
+    for (int x0 = threadIdx.x * 4; x0 < T; x0 += blockDim.x * 4)
+      vpass_v2_quad<R, D>(plan, t, c, y, x0, scratch, out);
+}
+
+template <int R, int D>
+void launch(const CudaEncodePlan& plan, const uint8_t* P, void* scratch, void* out, cudaStream_t s, int passes,
+            int version) {
+  if (passes & 1) {
+    if (version == 2 && plan.max_span <= kV2MaxSpan) {
+      const unsigned b1 = static_cast<unsigned>(std::min<int64_t>(plan.pass1_rows, 1 << 30));
+      const size_t smem = static_cast<size_t>(3 * std::max<int64_t>(plan.max_span, 1));
+      if (b1 > 0) encode_hpass_rows_kernel<R><<<b1, kThreads, smem, s>>>(P, scratch);
+    } else {
+      const unsigned b1 = static_cast<unsigned>(std::min<int64_t>(plan.pass1_blocks, 1 << 30));
+      if (b1 > 0) encode_hpass_kernel<R><<<b1, kThreads, 0, s>>>(P, scratch);
+    }
+  }
+  if (!(passes & 2)) return;
+  const unsigned tiles = static_cast<unsigned>(std::min<int64_t>(plan.total_tiles, 65535));
+  if (version == 2 && plan.patch == 0) {
+    const int64_t T = plan.tile;
+    const int64_t quads = (T + 3) / 4;
+    const unsigned bx = static_cast<unsigned>(std::min<int64_t>((quads + 31) / 32 * 32, kThreads));
+    const unsigned by = std::max(1u, static_cast<unsigned>(kThreads) / bx);
+    const dim3 grid2(static_cast<unsigned>((3 * T + by - 1) / by), tiles);
+    encode_vpass_quad_kernel<R, D><<<grid2, dim3(bx, by), 0, s>>>(P, scratch, out);
+  } else {
+    const dim3 grid2(static_cast<unsigned>((plan.tile_elems + kThreads - 1) / kThreads), tiles);
+    encode_vpass_kernel<R, D><<<grid2, kThreads, 0, s>>>(P, scratch, out);
+  }
 }
 
 }  // namespace
 
 void encode_tiles_cuda(const CudaEncodePlan& plan, const void* plan_dev, void* scratch, void* out, int dtype,
-                       int64_t capacity_tiles, uintptr_t stream, int passes) {
+                       int64_t capacity_tiles, uintptr_t stream, int passes, int version) {
+  LF_CHECK(version == 1 || version == 2, "encode_tiles_cuda: version must be 1 or 2, got " << version);
   LF_CHECK(passes >= 1 && passes <= 3, "encode_tiles_cuda: passes must be 1 (horizontal only), 2 (vertical only) or "
                                        "3 (both; the others are for timing)");
   LF_CHECK(dtype >= 0 && dtype <= 2, "encode_tiles: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " << dtype);
@@ -60,13 +111,13 @@ void encode_tiles_cuda(const CudaEncodePlan& plan, const void* plan_dev, void* s
   const uint8_t* P = static_cast<const uint8_t*>(plan_dev);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (plan.resample == kU8) {
-    if (dtype == 0) launch<kU8, 0>(plan, P, scratch, out, s, passes);
-    if (dtype == 1) launch<kU8, 1>(plan, P, scratch, out, s, passes);
-    if (dtype == 2) launch<kU8, 2>(plan, P, scratch, out, s, passes);
+    if (dtype == 0) launch<kU8, 0>(plan, P, scratch, out, s, passes, version);
+    if (dtype == 1) launch<kU8, 1>(plan, P, scratch, out, s, passes, version);
+    if (dtype == 2) launch<kU8, 2>(plan, P, scratch, out, s, passes, version);
   } else {
-    if (dtype == 0) launch<kF32, 0>(plan, P, scratch, out, s, passes);
-    if (dtype == 1) launch<kF32, 1>(plan, P, scratch, out, s, passes);
-    if (dtype == 2) launch<kF32, 2>(plan, P, scratch, out, s, passes);
+    if (dtype == 0) launch<kF32, 0>(plan, P, scratch, out, s, passes, version);
+    if (dtype == 1) launch<kF32, 1>(plan, P, scratch, out, s, passes, version);
+    if (dtype == 2) launch<kF32, 2>(plan, P, scratch, out, s, passes, version);
   }
   const cudaError_t err = cudaGetLastError();
   LF_CHECK(err == cudaSuccess, "encode_tiles_cuda: launch failed: " << cudaGetErrorString(err));

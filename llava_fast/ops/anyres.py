@@ -796,6 +796,18 @@ def _result(pixel_values, sizes, ntiles, flags, counts, config, device):
 
 
 _CUDA_PASSES = 3  # benchmarks only: 1 / 2 time the horizontal / vertical pass alone (the output is then garbage)
+GPU_ENCODER_VERSIONS = (1, 2)
+
+
+def gpu_encoder_version() -> int:
+    """Which kernels the CUDA tile encoder launches: ``LLAVA_FAST_GPU_ENCODER=v1`` (default: the version measured on
+    an H200) or ``v2`` (a block per source row staged in shared memory, four outputs per thread in the vertical
+    pass; bit-identical to v1, emulated on the CPU, not yet run on a GPU). docs/perf-notes.md, "CUDA tile encoder"."""
+    v = os.environ.get("LLAVA_FAST_GPU_ENCODER", "v1").strip().lower().lstrip("v")
+    if v not in ("1", "2"):
+        raise ValueError(f"LLAVA_FAST_GPU_ENCODER must be v1 or v2, got {os.environ['LLAVA_FAST_GPU_ENCODER']!r}")
+    return int(v)
+
 
 
 def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=torch.float32, out=None,
@@ -821,22 +833,28 @@ def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=to
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         _ext._C.encode_tiles_cuda(plan, plan_dev.data_ptr(), scratch.data_ptr(), out.data_ptr(),
-                                  _ext.dtype_code(dtype), int(out.shape[0]), stream, _CUDA_PASSES)
+                                  _ext.dtype_code(dtype), int(out.shape[0]), stream, _CUDA_PASSES,
+                                  gpu_encoder_version())
     # plan_dev and scratch go back to the caching allocator, reusable only by later work on this stream
     sizes = [(int(u.shape[1]), int(u.shape[2])) for u in u8s]
     return _result(out[:total], sizes, plan.num_tiles, flags, counts, config, dev)
 
 
 def encode_tiles_emulated(u8s, flags, counts, config: ImageProcessorConfig, dtype=torch.float32,
-                          layout: str = "tiles", resample: str = "uint8") -> dict:
+                          layout: str = "tiles", resample: str = "uint8", version: int | None = None) -> dict:
     """The CUDA encoder's element code run on the CPU (single thread, slow): CPU images, same plan, same arithmetic.
-    Used for ``resample="float"`` on CPU and by the tests of the kernels' indexing on machines without a GPU."""
+    Used for ``resample="float"`` on CPU and by the tests of the kernels' indexing on machines without a GPU.
+    ``version``: the kernels to emulate (default :func:`gpu_encoder_version`)."""
     _ext.require_ext("anyres_encode")
     u8s = [u.cpu() for u in u8s]
     plan = _encoder_plan(u8s, flags, config, resample, layout)
     scratch = torch.empty(max(plan.scratch_bytes, 1), dtype=torch.uint8)
     out = torch.empty(_out_shape(config, layout, plan.total_tiles), dtype=dtype)
-    _ext._C.encode_tiles_emulate(plan, scratch.data_ptr(), out.data_ptr(), _ext.dtype_code(dtype), plan.total_tiles)
+    version = gpu_encoder_version() if version is None else version
+    if version not in GPU_ENCODER_VERSIONS:
+        raise ValueError(f"encode_tiles_emulated: version must be one of {GPU_ENCODER_VERSIONS}, got {version!r}")
+    _ext._C.encode_tiles_emulate(plan, scratch.data_ptr(), out.data_ptr(), _ext.dtype_code(dtype), plan.total_tiles,
+                                 version)
     sizes = [(int(u.shape[1]), int(u.shape[2])) for u in u8s]
     return _result(out, sizes, plan.num_tiles, flags, counts, config, torch.device("cpu"))
 

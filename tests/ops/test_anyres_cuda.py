@@ -7,6 +7,7 @@ fp32 antialiased kernel (float arithmetic, <= 1 grey level); the patch layout ag
 `@pytest.mark.cuda`: the real kernels against the CPU encoder and transformers' torchvision backend with
 device="cuda", the nvJPEG path, all dtypes, and no host synchronization.
 """
+import dataclasses
 import io
 import random
 import struct
@@ -58,12 +59,15 @@ def _variety(gen):
     return [a, b, c, d, e, f, g]
 
 
-def _emulate(images, cfg, dtype=torch.float32, layout="tiles", resample="uint8", multi_image=None):
+def _emulate(images, cfg, dtype=torch.float32, layout="tiles", resample="uint8", multi_image=None, version=1):
     flat, flags, counts = anyres._flatten_samples(images, multi_image)
     if cfg.variant != "llava_onevision":
         flags = [False] * len(flat)
     u8s = [anyres.to_uint8_chw(x, i, contiguous=False) for i, x in enumerate(flat)]
-    return anyres.encode_tiles_emulated(u8s, flags, counts, cfg, dtype, layout, resample)
+    return anyres.encode_tiles_emulated(u8s, flags, counts, cfg, dtype, layout, resample, version=version)
+
+
+VERSIONS = pytest.mark.parametrize("version", anyres.GPU_ENCODER_VERSIONS, ids=lambda v: f"v{v}")
 
 
 def _resize_f32(image, size):
@@ -80,14 +84,15 @@ def _resize_f32(image, size):
 # ---------------------------------------------------------------------------------------------------------- emulation
 @needs_plan
 @pytest.mark.parametrize("name", ["llava", "llava_pad", "next", "ov"])
-def test_emulated_kernels_uint8_bit_exact_vs_cpu_encoder(name):
+@VERSIONS
+def test_emulated_kernels_uint8_bit_exact_vs_cpu_encoder(version, name):
     cfg = CFGS[name]
     gen = torch.Generator().manual_seed(1)
     imgs = _variety(gen)
     if cfg is L15:  # a 1-px strip makes a 336 x 100800 intermediate there: keep it out of the fast test
         imgs = [x for x in imgs if min(x.shape[-2:]) > 1 and min(x.shape[:2]) > 1]
     ref = encode_tiles(imgs, cfg)
-    got = _emulate(imgs, cfg)
+    got = _emulate(imgs, cfg, version=version)
     assert got["num_tiles"] == ref["num_tiles"] and got["num_image_tokens"] == ref["num_image_tokens"]
     assert torch.equal(got["image_sizes"], ref["image_sizes"])
     assert _grey_err(got["pixel_values"], ref["pixel_values"], cfg.image_std) <= 1.0 + 1e-3
@@ -96,11 +101,12 @@ def test_emulated_kernels_uint8_bit_exact_vs_cpu_encoder(name):
 
 @needs_plan
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_emulated_kernels_dtypes_and_multi_image(dtype):
+@VERSIONS
+def test_emulated_kernels_dtypes_and_multi_image(version, dtype):
     gen = torch.Generator().manual_seed(2)
     samples = [[_smooth_noisy(300, 500, gen), _smooth_noisy(64, 48, gen)], [_smooth_noisy(200, 90, gen)]]
     ref = encode_tiles(samples, OV, dtype=dtype)
-    got = _emulate(samples, OV, dtype=dtype)
+    got = _emulate(samples, OV, dtype=dtype, version=version)
     assert got["num_tiles"] == ref["num_tiles"] and got["num_tiles"][:2] == [1, 1]
     assert got["pixel_values"].dtype == dtype
     assert torch.equal(got["pixel_values"], ref["pixel_values"])
@@ -108,13 +114,14 @@ def test_emulated_kernels_dtypes_and_multi_image(dtype):
 
 @needs_plan
 @pytest.mark.parametrize("name", ["llava_pad", "next", "ov"])
-def test_emulated_kernels_float_match_torch_fp32_kernel(name, monkeypatch):
+@VERSIONS
+def test_emulated_kernels_float_match_torch_fp32_kernel(version, name, monkeypatch):
     """resample="float" is torch's fp32 kernel + clamp + round (torchvision on CUDA): compare with the reference
     whose resize is switched to that arithmetic on the CPU."""
     cfg = CFGS[name]
     gen = torch.Generator().manual_seed(3)
     imgs = _variety(gen)
-    got = _emulate(imgs, cfg, resample="float")
+    got = _emulate(imgs, cfg, resample="float", version=version)
     monkeypatch.setattr(anyres, "resize_bicubic_u8", _resize_f32)
     ref = preprocess_images(imgs, cfg)
     assert got["num_tiles"] == ref["num_tiles"]
@@ -123,6 +130,25 @@ def test_emulated_kernels_float_match_torch_fp32_kernel(name, monkeypatch):
     assert d.max().item() <= 1.0 + 1e-3
     # CPU and CUDA fp32 kernels sum in the same order; only float rounding of weights can flip a .5 tie
     assert (d > 0.5).double().mean().item() < 1e-3
+
+
+@needs_plan
+@pytest.mark.parametrize("resample", ["uint8", "float"])
+@pytest.mark.parametrize("name", ["llava_pad", "next", "ov"])
+def test_emulated_v2_equals_v1(name, resample):
+    """v2's kernels (row staged in shared memory, four outputs per thread) compute v1's expressions in v1's order:
+    the same bits for every input layout (HWC rows, planar rows, padded canvases, strided views), both arithmetics,
+    and output rows whose length is not a multiple of four (tile 30)."""
+    gen = torch.Generator().manual_seed(6)
+    imgs = _variety(gen)
+    cfg = CFGS[name]
+    small = dict(tile=30, patch_size=10, image_grid_pinpoints=None if cfg.variant == "llava" else
+                 [(30, 60), (60, 30), (60, 60)], shortest_edge=30 if cfg.variant == "llava" else None)
+    for c in (cfg, dataclasses.replace(cfg, **small)):
+        for dtype in (torch.float32, torch.bfloat16):
+            a = _emulate(imgs, c, dtype=dtype, resample=resample, version=1)["pixel_values"]
+            b = _emulate(imgs, c, dtype=dtype, resample=resample, version=2)["pixel_values"]
+            assert torch.equal(a, b), (name, resample, c.tile, dtype)
 
 
 @needs_plan
@@ -140,15 +166,27 @@ def test_uint8_and_float_arithmetic_differ_as_documented():
 
 @needs_plan
 @pytest.mark.parametrize("name", ["next", "ov"])
-def test_emulated_patch_layout(name):
+@VERSIONS
+def test_emulated_patch_layout(version, name):
     cfg = CFGS[name]
     gen = torch.Generator().manual_seed(5)
     imgs = [_smooth_noisy(150, 260, gen), _smooth_noisy(90, 40, gen)]
     tiles = _emulate(imgs, cfg)["pixel_values"]
-    patches = _emulate(imgs, cfg, layout="patches")["pixel_values"]
+    patches = _emulate(imgs, cfg, layout="patches", version=version)["pixel_values"]
     g, p = cfg.tile // cfg.patch_size, cfg.patch_size
     assert patches.shape == (tiles.shape[0], g * g, 3 * p * p)
     assert torch.equal(patches, anyres.tiles_to_patches(tiles, p))
+
+
+def test_gpu_encoder_version_switch(monkeypatch):
+    monkeypatch.delenv("LLAVA_FAST_GPU_ENCODER", raising=False)
+    assert anyres.gpu_encoder_version() == 1
+    for v, want in (("v2", 2), ("2", 2), ("V1", 1)):
+        monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", v)
+        assert anyres.gpu_encoder_version() == want
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v3")
+    with pytest.raises(ValueError, match="LLAVA_FAST_GPU_ENCODER must be v1 or v2"):
+        anyres.gpu_encoder_version()
 
 
 @needs_plan
@@ -303,6 +341,13 @@ def test_decode_images_errors_name_the_image():
 
 
 # ---------------------------------------------------------------------------------------------------------- cuda
+@pytest.fixture(params=anyres.GPU_ENCODER_VERSIONS, ids=lambda v: f"gpu_v{v}")
+def gpu_version(request, monkeypatch):
+    """Runs a CUDA test once per GPU encoder version (LLAVA_FAST_GPU_ENCODER)."""
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", f"v{request.param}")
+    return request.param
+
+
 def _cuda_sizes():
     rng = random.Random(11)
     out = {(rng.randint(2, 2500), rng.randint(2, 2500)) for _ in range(24)}
@@ -315,7 +360,7 @@ def _cuda_sizes():
 @pytest.mark.cuda
 @needs_cuda_ext
 @pytest.mark.parametrize("name", ["llava", "llava_pad", "next", "ov"])
-def test_cuda_encoder_matches_cpu_encoder(name):
+def test_cuda_encoder_matches_cpu_encoder(name, gpu_version):
     """uint8 arithmetic on the GPU == the C++ CPU encoder (== transformers' torchvision backend on CPU), ~50 sizes
     (ties, strips, 4k), in two batches and in every input form."""
     cfg = CFGS[name]
@@ -338,7 +383,7 @@ def test_cuda_encoder_matches_cpu_encoder(name):
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("resample", ["uint8", "float"])
-def test_cuda_encoder_dtypes(dtype, resample):
+def test_cuda_encoder_dtypes(dtype, resample, gpu_version):
     gen = torch.Generator().manual_seed(13)
     samples = [[_smooth_noisy(300, 500, gen), _smooth_noisy(640, 480, gen)], [_smooth_noisy(1080, 1920, gen)]]
     gpu = encode_tiles([[x.cuda() for x in s] for s in samples], OV, dtype=dtype, resample=resample)
@@ -353,7 +398,7 @@ def test_cuda_encoder_dtypes(dtype, resample):
 @pytest.mark.cuda
 @needs_cuda_ext
 @pytest.mark.parametrize("name", ["llava", "llava_pad", "next", "ov"])
-def test_cuda_encoder_float_matches_hf_torchvision_cuda(name):
+def test_cuda_encoder_float_matches_hf_torchvision_cuda(name, gpu_version):
     """resample="float" vs transformers' torchvision backend with device="cuda": within 1 grey level."""
     pytest.importorskip("torchvision")
     import transformers
@@ -388,7 +433,7 @@ def test_cuda_encoder_float_matches_hf_torchvision_cuda(name):
 @pytest.mark.cuda
 @needs_cuda_ext
 @pytest.mark.parametrize("name", ["next", "ov"])
-def test_cuda_patch_layout(name):
+def test_cuda_patch_layout(name, gpu_version):
     cfg = CFGS[name]
     gen = torch.Generator().manual_seed(15)
     imgs = [_smooth_noisy(500, 1000, gen).cuda(), _smooth_noisy(2160, 3840, gen).cuda()]
@@ -404,7 +449,7 @@ def test_cuda_patch_layout(name):
 
 @pytest.mark.cuda
 @needs_cuda_ext
-def test_cuda_encoder_no_host_sync_and_out_buffer():
+def test_cuda_encoder_no_host_sync_and_out_buffer(gpu_version):
     gen = torch.Generator().manual_seed(16)
     imgs = [_smooth_noisy(h, w, gen).cuda() for h, w in [(500, 1000), (750, 1000), (1, 700), (1080, 1920)]]
     ref = encode_tiles(imgs, NEXT, dtype=torch.bfloat16)  # warm-up: pinned pool, caches
@@ -422,6 +467,18 @@ def test_cuda_encoder_no_host_sync_and_out_buffer():
     assert torch.equal(got_p["pixel_values"], anyres.tiles_to_patches(ref["pixel_values"], 14))
     with pytest.raises(ValueError, match="out must be"):
         encode_tiles(imgs, NEXT, dtype=torch.float32, out=buf)
+
+
+@pytest.mark.cuda
+@needs_cuda_ext
+def test_cuda_v2_wide_image_falls_back_to_v1_pass1(monkeypatch):
+    """A source row wider than v2's shared-memory staging (kV2MaxSpan = 16384 columns) runs v1's pass 1."""
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v2")
+    gen = torch.Generator().manual_seed(18)
+    imgs = [_smooth_noisy(40, 17000, gen), _smooth_noisy(300, 500, gen)]
+    cpu = encode_tiles(imgs, NEXT)
+    gpu = encode_tiles([x.cuda() for x in imgs], NEXT)
+    assert torch.equal(gpu["pixel_values"].cpu(), cpu["pixel_values"])
 
 
 @pytest.mark.cuda
