@@ -235,15 +235,17 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
                            HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
                            D1_LO: tl.constexpr, HAS_SEQUSED: tl.constexpr):
-    if ALIGN > 1:  # every token/head stride is a multiple of ALIGN elements (checked on the host)
-        stride_qt = tl.multiple_of(stride_qt, ALIGN)
-        stride_qh = tl.multiple_of(stride_qh, ALIGN)
-        stride_kt = tl.multiple_of(stride_kt, ALIGN)
-        stride_kh = tl.multiple_of(stride_kh, ALIGN)
-        stride_vt = tl.multiple_of(stride_vt, ALIGN)
-        stride_vh = tl.multiple_of(stride_vh, ALIGN)
-        stride_ot = tl.multiple_of(stride_ot, ALIGN)
-        stride_oh = tl.multiple_of(stride_oh, ALIGN)
+    # strides arrive divided by ALIGN (a multiple of ALIGN elements, checked on the host): multiplied back here,
+    # the compiler can prove every row start 16-byte aligned (tl.multiple_of on a scalar argument did not reach
+    # triton 3.6's pipeliner: at D = 72 no load was vectorized or pipelined; benchmarks/aot_check.py)
+    stride_qt = stride_qt * ALIGN
+    stride_qh = stride_qh * ALIGN
+    stride_kt = stride_kt * ALIGN
+    stride_kh = stride_kh * ALIGN
+    stride_vt = stride_vt * ALIGN
+    stride_vh = stride_vh * ALIGN
+    stride_ot = stride_ot * ALIGN
+    stride_oh = stride_oh * ALIGN
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -363,19 +365,21 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                 HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
                                 D1_LO: tl.constexpr):
-    if ALIGN > 1:  # every token/head stride is a multiple of ALIGN elements (checked on the host)
-        stride_qt = tl.multiple_of(stride_qt, ALIGN)
-        stride_qh = tl.multiple_of(stride_qh, ALIGN)
-        stride_kt = tl.multiple_of(stride_kt, ALIGN)
-        stride_kh = tl.multiple_of(stride_kh, ALIGN)
-        stride_vt = tl.multiple_of(stride_vt, ALIGN)
-        stride_vh = tl.multiple_of(stride_vh, ALIGN)
-        stride_dot = tl.multiple_of(stride_dot, ALIGN)
-        stride_doh = tl.multiple_of(stride_doh, ALIGN)
-        stride_dkt = tl.multiple_of(stride_dkt, ALIGN)
-        stride_dkh = tl.multiple_of(stride_dkh, ALIGN)
-        stride_dvt = tl.multiple_of(stride_dvt, ALIGN)
-        stride_dvh = tl.multiple_of(stride_dvh, ALIGN)
+    # strides arrive divided by ALIGN (a multiple of ALIGN elements, checked on the host): multiplied back here,
+    # the compiler can prove every row start 16-byte aligned (tl.multiple_of on a scalar argument did not reach
+    # triton 3.6's pipeliner: at D = 72 no load was vectorized or pipelined; benchmarks/aot_check.py)
+    stride_qt = stride_qt * ALIGN
+    stride_qh = stride_qh * ALIGN
+    stride_kt = stride_kt * ALIGN
+    stride_kh = stride_kh * ALIGN
+    stride_vt = stride_vt * ALIGN
+    stride_vh = stride_vh * ALIGN
+    stride_dot = stride_dot * ALIGN
+    stride_doh = stride_doh * ALIGN
+    stride_dkt = stride_dkt * ALIGN
+    stride_dkh = stride_dkh * ALIGN
+    stride_dvt = stride_dvt * ALIGN
+    stride_dvh = stride_dvh * ALIGN
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -486,17 +490,19 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                               HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
                               D1_LO: tl.constexpr):
-    if ALIGN > 1:  # every token/head stride is a multiple of ALIGN elements (checked on the host)
-        stride_qt = tl.multiple_of(stride_qt, ALIGN)
-        stride_qh = tl.multiple_of(stride_qh, ALIGN)
-        stride_kt = tl.multiple_of(stride_kt, ALIGN)
-        stride_kh = tl.multiple_of(stride_kh, ALIGN)
-        stride_vt = tl.multiple_of(stride_vt, ALIGN)
-        stride_vh = tl.multiple_of(stride_vh, ALIGN)
-        stride_dot = tl.multiple_of(stride_dot, ALIGN)
-        stride_doh = tl.multiple_of(stride_doh, ALIGN)
-        stride_dqt = tl.multiple_of(stride_dqt, ALIGN)
-        stride_dqh = tl.multiple_of(stride_dqh, ALIGN)
+    # strides arrive divided by ALIGN (a multiple of ALIGN elements, checked on the host): multiplied back here,
+    # the compiler can prove every row start 16-byte aligned (tl.multiple_of on a scalar argument did not reach
+    # triton 3.6's pipeliner: at D = 72 no load was vectorized or pipelined; benchmarks/aot_check.py)
+    stride_qt = stride_qt * ALIGN
+    stride_qh = stride_qh * ALIGN
+    stride_kt = stride_kt * ALIGN
+    stride_kh = stride_kh * ALIGN
+    stride_vt = stride_vt * ALIGN
+    stride_vh = stride_vh * ALIGN
+    stride_dot = stride_dot * ALIGN
+    stride_doh = stride_doh * ALIGN
+    stride_dqt = stride_dqt * ALIGN
+    stride_dqh = stride_dqh * ALIGN
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -618,21 +624,23 @@ def _flash_attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
     """Grid (key blocks of max_seqlen_k, batch, Hkv), as _flash_attn_bwd_dkdv_kernel; DQ is a zeroed fp32
     (total_q, Hq, D) buffer that receives scale * dS K by atomics."""
-    if ALIGN > 1:  # every token/head stride is a multiple of ALIGN elements (checked on the host)
-        stride_qt = tl.multiple_of(stride_qt, ALIGN)
-        stride_qh = tl.multiple_of(stride_qh, ALIGN)
-        stride_kt = tl.multiple_of(stride_kt, ALIGN)
-        stride_kh = tl.multiple_of(stride_kh, ALIGN)
-        stride_vt = tl.multiple_of(stride_vt, ALIGN)
-        stride_vh = tl.multiple_of(stride_vh, ALIGN)
-        stride_dot = tl.multiple_of(stride_dot, ALIGN)
-        stride_doh = tl.multiple_of(stride_doh, ALIGN)
-        stride_dqt = tl.multiple_of(stride_dqt, ALIGN)
-        stride_dqh = tl.multiple_of(stride_dqh, ALIGN)
-        stride_dkt = tl.multiple_of(stride_dkt, ALIGN)
-        stride_dkh = tl.multiple_of(stride_dkh, ALIGN)
-        stride_dvt = tl.multiple_of(stride_dvt, ALIGN)
-        stride_dvh = tl.multiple_of(stride_dvh, ALIGN)
+    # strides arrive divided by ALIGN (a multiple of ALIGN elements, checked on the host): multiplied back here,
+    # the compiler can prove every row start 16-byte aligned (tl.multiple_of on a scalar argument did not reach
+    # triton 3.6's pipeliner: at D = 72 no load was vectorized or pipelined; benchmarks/aot_check.py)
+    stride_qt = stride_qt * ALIGN
+    stride_qh = stride_qh * ALIGN
+    stride_kt = stride_kt * ALIGN
+    stride_kh = stride_kh * ALIGN
+    stride_vt = stride_vt * ALIGN
+    stride_vh = stride_vh * ALIGN
+    stride_dot = stride_dot * ALIGN
+    stride_doh = stride_doh * ALIGN
+    stride_dqt = stride_dqt * ALIGN
+    stride_dqh = stride_dqh * ALIGN
+    stride_dkt = stride_dkt * ALIGN
+    stride_dkh = stride_dkh * ALIGN
+    stride_dvt = stride_dvt * ALIGN
+    stride_dvh = stride_dvh * ALIGN
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -849,11 +857,21 @@ def _chunk1_start(d: int, d0: int, d1: int, has_d1: bool) -> int:
 
 def _stride_align(*tensors: torch.Tensor) -> int:
     """8 when every token and head stride of these (T, H, D) tensors is a multiple of 8 elements (16 bytes in
-    bf16/fp16): the kernels then tell the compiler (tl.multiple_of), which can use 16-byte loads for a head dim
-    such as 72 whose head stride alone is not a multiple of 16. LLAVA_FAST_ATTN_ALIGN=0 turns the hint off."""
+    bf16/fp16) but not all of them of 16, else 1: the kernels' ALIGN. The launchers then pass those strides divided by 8 (:func:`_strides`) and
+    the kernels multiply them back by the constexpr, so that the compiler can prove 16-byte aligned rows and use
+    16-byte vector loads and cp.async pipelining for a head dim such as 72, whose head stride (72) triton's own
+    argument specialization (divisibility by 16) does not cover. LLAVA_FAST_ATTN_ALIGN=0 turns it off."""
     if os.environ.get("LLAVA_FAST_ATTN_ALIGN", "1") == "0":
         return 1
-    return 8 if all(t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 for t in tensors) else 1
+    strides = [t.stride(i) for t in tensors for i in (0, 1)]
+    if all(s % 16 == 0 for s in strides):  # triton's argument specialization already proves these (D = 64, 128)
+        return 1
+    return 8 if all(s % 8 == 0 for s in strides) else 1
+
+
+def _strides(align: int, *tensors: torch.Tensor) -> tuple[int, ...]:
+    """(stride(0), stride(1)) of each tensor divided by ``align`` (see :func:`_stride_align`), flattened."""
+    return tuple(t.stride(i) // align for t in tensors for i in (0, 1))
 
 
 def _bucket(n: int) -> int:
@@ -916,11 +934,11 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
         return out.zero_(), lse.fill_(float("inf"))
     d0, d1, has_d1 = _split_head_dim(d)
     used = seqused_k is not None
+    align = _stride_align(q, k, v, out)
     args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k if used else cu_seqlens_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-            out.stride(1), lse.stride(0), softmax_scale * _LOG2E, hq // hkv, _bucket(max_seqlen_q))
+            *_strides(align, q, k, v, out), lse.stride(0), softmax_scale * _LOG2E, hq // hkv, _bucket(max_seqlen_q))
     constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
-                      DOT_PREC=_dot_prec(q.dtype), HAS_SEQUSED=used, ALIGN=_stride_align(q, k, v, out),
+                      DOT_PREC=_dot_prec(q.dtype), HAS_SEQUSED=used, ALIGN=align,
                       D1_LO=_chunk1_start(d, d0, d1, has_d1))
     kind = "fwd_decode" if used and max_seqlen_q <= 16 else "fwd"
     with _device_guard(q):
@@ -953,19 +971,15 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
         _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
             out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
             HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
-        args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        align = _stride_align(q, k, v, dout, dq, dk, dv)
+        args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dk, dv),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_k))
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
-                          DOT_PREC=dot_prec, ALIGN=_stride_align(q, k, v, dout, dq, dk, dv),
-                          D1_LO=_chunk1_start(d, d0, d1, has_d1))
+                          DOT_PREC=dot_prec, ALIGN=align, D1_LO=_chunk1_start(d, d0, d1, has_d1))
         _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv),
                 args, constexprs)
-        args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-                qk_scale, softmax_scale, group, _bucket(max_seqlen_q))
+        args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dq),
+                lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_q))
         _launch("dq", _flash_attn_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq),
                 args, constexprs)
     return dq, dk, dv
@@ -1002,13 +1016,12 @@ def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
         _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
             out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
             HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
+        align = _stride_align(q, k, v, dout, dq_acc, dk, dv)
         args = (q, k, v, dout, lse, delta, dq_acc, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                dout.stride(0), dout.stride(1), dq_acc.stride(0), dq_acc.stride(1), dk.stride(0), dk.stride(1),
-                dv.stride(0), dv.stride(1), lse.stride(0), softmax_scale * _LOG2E, softmax_scale, hq // hkv,
-                _bucket(max_seqlen_k))
+                *_strides(align, q, k, v, dout, dq_acc, dk, dv), lse.stride(0), softmax_scale * _LOG2E,
+                softmax_scale, hq // hkv, _bucket(max_seqlen_k))
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
-                          DOT_PREC=_dot_prec(q.dtype), ALIGN=_stride_align(q, k, v, dout, dq_acc, dk, dv))
+                          DOT_PREC=_dot_prec(q.dtype), ALIGN=align)
         _launch("bwd_fused", _flash_attn_bwd_fused_kernel,
                 lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv), args, constexprs)
     return dq_acc.to(q.dtype), dk, dv
