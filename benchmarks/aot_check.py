@@ -5,12 +5,13 @@ run on meta tensors with their launch captured (so the constexprs, the head-dim 
 the (BLOCK_M, BLOCK_N, num_warps, num_stages) config come from the same code that runs on a GPU, including the
 LLAVA_FAST_ATTN_* environment overrides), then each captured kernel goes through ``triton.compile`` for the target
 and the PTX through ``ptxas -v``. Per kernel: shared memory, registers, spill bytes, stack frame, whether it uses
-wgmma and cp.async (loads pipelined), and a hash of the PTX instructions (to show that a refactor changed no generated code: ``--save`` then ``--compare``).
+wgmma and cp.async (loads pipelined), and a hash of the PTX instructions (to show that a refactor changed no
+generated code: ``--save`` then ``--compare``).
 
 Usage (the CPU dev machine; ~2-4 s per kernel):
     python benchmarks/aot_check.py                               # defaults: every kind, D 64/72/128, bf16, causal
     python benchmarks/aot_check.py --dims 128 --kinds dkdv --sweep "dkdv=64,64,8,3|64,128,8,2|32,128,4,3"
-    python benchmarks/aot_check.py --save /tmp/before.json; (edit); python benchmarks/aot_check.py --compare /tmp/before.json
+    python benchmarks/aot_check.py --save /tmp/a.json; (edit); python benchmarks/aot_check.py --compare /tmp/a.json
     PYTHONPATH=/path/to/triton-3.6 python benchmarks/aot_check.py  # the GPU box's triton, installed aside
 
 Exit status 1 when a kernel fails to compile or needs more shared memory than the target has. What this cannot see:

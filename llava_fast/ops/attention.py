@@ -857,10 +857,12 @@ def _chunk1_start(d: int, d0: int, d1: int, has_d1: bool) -> int:
 
 def _stride_align(*tensors: torch.Tensor) -> int:
     """8 when every token and head stride of these (T, H, D) tensors is a multiple of 8 elements (16 bytes in
-    bf16/fp16) but not all of them of 16, else 1: the kernels' ALIGN. The launchers then pass those strides divided by 8 (:func:`_strides`) and
-    the kernels multiply them back by the constexpr, so that the compiler can prove 16-byte aligned rows and use
-    16-byte vector loads and cp.async pipelining for a head dim such as 72, whose head stride (72) triton's own
-    argument specialization (divisibility by 16) does not cover. LLAVA_FAST_ATTN_ALIGN=0 turns it off."""
+    bf16/fp16) but not all of them of 16, else 1: the kernels' ALIGN. The launchers then pass those strides divided
+    by 8 (:func:`_strides`) and the kernels multiply them back by the constexpr, so that the compiler can prove
+    16-byte aligned rows and use 16-byte vector loads and cp.async pipelining for a head dim such as 72, whose head
+    stride (72) triton's own argument specialization (divisibility by 16) does not cover (a tl.multiple_of hint on
+    the scalar argument did not reach triton 3.6's pipeliner: benchmarks/aot_check.py). LLAVA_FAST_ATTN_ALIGN=0
+    turns it off."""
     if os.environ.get("LLAVA_FAST_ATTN_ALIGN", "1") == "0":
         return 1
     strides = [t.stride(i) for t in tensors for i in (0, 1)]
