@@ -1,18 +1,19 @@
-"""Compile the attention kernels ahead of time for a GPU architecture, without a GPU, and report what ptxas says.
+"""Compile the Triton kernels ahead of time for a GPU architecture, without a GPU, and report what ptxas says.
 
-The kernels are compiled exactly as the launchers would launch them: the launchers of llava_fast/ops/attention.py
-run on meta tensors with their launch captured (so the constexprs, the head-dim split, the stride-alignment hint and
-the (BLOCK_M, BLOCK_N, num_warps, num_stages) config come from the same code that runs on a GPU, including the
-LLAVA_FAST_ATTN_* environment overrides), then each captured kernel goes through ``triton.compile`` for the target
-and the PTX through ``ptxas -v``. Per kernel: shared memory, registers, spill bytes, stack frame, whether it uses
-wgmma and cp.async (loads pipelined), and a hash of the PTX instructions (to show that a refactor changed no
-generated code: ``--save`` then ``--compare``).
+The kernels are compiled exactly as the launchers would launch them: each op's launcher runs on meta tensors with
+``triton``'s kernel launch intercepted (so the constexprs, the configs, the head-dim split, the stride alignment and
+the LLAVA_FAST_* environment overrides come from the code that runs on a GPU), then each captured launch goes
+through ``triton.compile`` for the target and the PTX through ``ptxas -v``. Per kernel: shared memory, registers,
+spill bytes, stack frame, whether it uses wgmma and cp.async (loads pipelined), the widest global load and store
+(bytes per thread and instruction: 16 = fully vectorized), and a hash of the PTX instructions (to show that a
+refactor changed no generated code: ``--save`` then ``--compare``).
 
-Usage (the CPU dev machine; ~2-4 s per kernel):
-    python benchmarks/aot_check.py                               # defaults: every kind, D 64/72/128, bf16, causal
+Usage (the CPU dev machine; ~1-4 s per kernel):
+    python benchmarks/aot_check.py                                # attention: every kind, D 64/72/128, bf16, causal
+    python benchmarks/aot_check.py --ops all                      # + rms_norm, rope, swiglu, cross_entropy, projector
     python benchmarks/aot_check.py --dims 128 --kinds dkdv --sweep "dkdv=64,64,8,3|64,128,8,2|32,128,4,3"
     python benchmarks/aot_check.py --save /tmp/a.json; (edit); python benchmarks/aot_check.py --compare /tmp/a.json
-    PYTHONPATH=/path/to/triton-3.6 python benchmarks/aot_check.py  # the GPU box's triton, installed aside
+    PYTHONPATH=/path/to/triton-3.6 python benchmarks/aot_check.py   # the GPU box's triton, installed aside
 
 Exit status 1 when a kernel fails to compile or needs more shared memory than the target has. What this cannot see:
 speed, and bugs of the generated code (a GPU run is the only check of those; docs/gpu-runbook.md).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -38,77 +41,55 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def _attention():
-    """llava_fast.ops.attention, imported with the interpreter off (under TRITON_INTERPRET=1 the kernels are
-    interpreter objects that cannot be compiled for a GPU: run this script in a process without it)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" and "llava_fast.ops.attention" not in sys.modules:
-        os.environ.pop("TRITON_INTERPRET")
-    from llava_fast.ops import attention
-
-    return attention
-
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block (opt-in maximum)
 KINDS = ("fwd", "fwd_decode", "dkdv", "dq", "bwd_fused")
+OPS = ("attention", "rms_norm", "rope", "swiglu", "cross_entropy", "projector")
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+_ATTN_KIND = {"_flash_attn_fwd_kernel": "fwd", "_flash_attn_bwd_dkdv_kernel": "dkdv",
+              "_flash_attn_bwd_dq_kernel": "dq", "_flash_attn_bwd_fused_kernel": "bwd_fused",
+              "_flash_attn_bwd_preprocess_kernel": "bwd_pre"}
 
 
-class _Record:
-    def __init__(self, kind, fn, args, constexprs):
-        self.kind, self.fn, self.args, self.constexprs = kind, fn, args, constexprs
+def _import(module: str):
+    """An op module imported with the interpreter off (under TRITON_INTERPRET=1 the kernels are interpreter objects
+    that cannot be compiled for a GPU: run this script in a process without it)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and module not in sys.modules:
+        os.environ.pop("TRITON_INTERPRET")
+    import importlib
+
+    return importlib.import_module(module)
 
 
-def capture_launches(d: int, dtype: torch.dtype, causal: bool, hq: int = 4, hkv: int = 2, seqlen: int = 512,
-                     kinds=KINDS) -> list[_Record]:
-    """Run the launchers on meta tensors; return the kernels they would launch, with their arguments."""
-    A = _attention()
-    records: list[_Record] = []
+class Launch:
+    """One intercepted kernel launch: the JITFunction, its arguments by name, num_warps and num_stages."""
 
-    def fake_launch(kind, fn, grid_of, args, constexprs):
-        records.append(_Record(kind, fn, args, dict(constexprs)))
+    def __init__(self, jf, values: dict, num_warps: int, num_stages: int):
+        self.jf, self.values, self.num_warps, self.num_stages = jf, values, num_warps, num_stages
 
-    class _NoLaunch:  # the backward's preprocess kernel is launched directly: skip it (trivial, elementwise)
-        def __getitem__(self, grid):
-            return lambda *a, **k: None
-
-    meta = dict(device="meta", dtype=dtype)
-    t = 2 * seqlen
-    q = torch.empty(t, hq, d, **meta)
-    k = torch.empty(t, hkv, d, **meta)
-    v = torch.empty(t, hkv, d, **meta)
-    cu = torch.empty(3, device="meta", dtype=torch.int32)
-    scale = d ** -0.5
-    old_launch, old_pre = A._launch, A._flash_attn_bwd_preprocess_kernel
-    A._launch, A._flash_attn_bwd_preprocess_kernel = fake_launch, _NoLaunch()
-    try:
-        if "fwd" in kinds:
-            A.flash_attn_varlen_fwd(q, k, v, cu, cu, seqlen, seqlen, scale, causal)
-        if "fwd_decode" in kinds:
-            qd = torch.empty(4, hq, d, **meta)
-            used = torch.empty(2, device="meta", dtype=torch.int32)
-            A.flash_attn_varlen_fwd(qd, k, v, cu, cu, 2, seqlen, scale, causal, seqused_k=used)
-        out = torch.empty_like(q)
-        lse = torch.empty(hq, t, device="meta", dtype=torch.float32)
-        if "dkdv" in kinds or "dq" in kinds:
-            n = len(records)
-            A.flash_attn_varlen_bwd(out, q, k, v, out, lse, cu, cu, seqlen, seqlen, scale, causal)
-            records[n:] = [r for r in records[n:] if r.kind in kinds]
-        if "bwd_fused" in kinds:
-            A.flash_attn_varlen_bwd_atomic(out, q, k, v, out, lse, cu, cu, seqlen, seqlen, scale, causal)
-    finally:
-        A._launch, A._flash_attn_bwd_preprocess_kernel = old_launch, old_pre
-    return records
+    @property
+    def name(self) -> str:
+        return self.jf.fn.__name__
 
 
-def _jit(fn):
+@contextlib.contextmanager
+def intercept_launches(records: list):
+    """Within the block, ``kernel[grid](...)`` records the launch instead of compiling and running it."""
     from triton.runtime.jit import JITFunction
 
-    while not isinstance(fn, JITFunction):
-        if not hasattr(fn, "fn"):
-            raise TypeError("not a triton.jit kernel (imported under TRITON_INTERPRET=1? run aot_check in a process "
-                            "without it)")
-        fn = fn.fn
-    return fn
+    orig = JITFunction.run
+
+    def run(self, *args, grid=None, warmup=False, **kwargs):
+        num_warps = kwargs.pop("num_warps", 4)
+        num_stages = kwargs.pop("num_stages", 3)
+        values = dict(zip(self.arg_names, args))
+        values.update({k: v for k, v in kwargs.items() if k in self.arg_names})
+        records.append(Launch(self, values, num_warps, num_stages))
+
+    JITFunction.run = run
+    try:
+        yield records
+    finally:
+        JITFunction.run = orig
 
 
 def _ptxas() -> str:
@@ -116,85 +97,6 @@ def _ptxas() -> str:
         if p.exists():
             return str(p)
     raise FileNotFoundError("ptxas not found (neither triton's bundled copy nor /usr/local/cuda/bin/ptxas)")
-
-
-def compile_record(r: _Record, cfg, arch: int) -> dict:
-    """triton.compile one captured launch with cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages); ptxas -v report."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    jf = _jit(r.fn)
-    bm, bn, warps, stages = cfg
-    consts = dict(r.constexprs, BLOCK_M=bm, BLOCK_N=bn)
-    sig, ce, attrs = {}, {}, {}
-    args = iter(r.args)
-    for i, p in enumerate(jf.params):
-        name = p.name
-        if p.is_constexpr:
-            sig[name] = "constexpr"
-            if name in consts:
-                ce[(i,)] = consts[name]
-            else:  # the kernel's default
-                import inspect
-
-                default = p._param.default if hasattr(p, "_param") else p.default
-                if default is inspect.Parameter.empty:
-                    raise KeyError(f"{r.kind}: constexpr {name} has no value")
-                ce[(i,)] = default
-            continue
-        a = next(args)
-        # what the runtime specializes on: 16-byte aligned pointers, ints divisible by 16, ints equal to 1
-        if isinstance(a, torch.Tensor):
-            sig[name] = "*" + _DT[a.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(a, bool) or isinstance(a, int):
-            a = int(a)
-            if a == 1 and i not in jf.do_not_specialize:
-                sig[name] = "constexpr"
-                ce[(i,)] = 1
-            else:
-                sig[name] = "i64" if abs(a) >= 2 ** 31 else "i32"
-                if a % 16 == 0 and i not in jf.do_not_specialize:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(a, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{r.kind}: argument {name} of type {type(a).__name__}")
-    src = ASTSource(jf, sig, constexprs=ce, attrs=attrs)
-    t0 = time.time()
-    row = dict(kind=r.kind, cfg=list(cfg), head_dim=consts.get("HEAD_DIM"),
-               split=[consts.get("BLOCK_D0"), consts.get("BLOCK_D1") if consts.get("HAS_D1") else 0],
-               align=consts.get("ALIGN"), d1_lo=consts.get("D1_LO"))
-    try:
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 64 if arch >= 90 else 32),
-                           options={"num_warps": warps, "num_stages": stages})
-    except Exception as e:  # noqa: BLE001 - report every failure, keep going
-        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-300:]}", seconds=round(time.time() - t0, 1))
-        return row
-    ptx = k.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    res = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
-                         text=True)
-    os.unlink(f.name)
-    info = res.stderr
-
-    def num(pattern):
-        m = re.search(pattern, info)
-        return int(m.group(1)) if m else None
-
-    smem = int(k.metadata.shared)
-    row.update(ok=res.returncode == 0 and smem <= SMEM_LIMIT.get(arch, 232448), smem=smem,
-               regs=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
-               spill_loads=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"),
-               wgmma="wgmma" in ptx, cp_async="cp.async" in ptx, ptx_sha=_code_hash(ptx),
-               seconds=round(time.time() - t0, 1))
-    if res.returncode != 0:
-        row["error"] = res.stderr[-300:]
-    elif smem > SMEM_LIMIT.get(arch, 232448):
-        row["error"] = f"shared memory {smem} B > {SMEM_LIMIT.get(arch)} B on sm_{arch}"
-    return row
 
 
 def _code_hash(ptx: str) -> str:
@@ -206,6 +108,175 @@ def _code_hash(ptx: str) -> str:
     return hashlib.sha1("\n".join(k for k in keep if k).encode()).hexdigest()[:12]
 
 
+_MEM = re.compile(r"^\s*(?:@%p\d+\s+)?(ld|st)\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s")
+
+
+def _widths(ptx: str) -> dict:
+    """Global loads/stores by bytes per thread per instruction: {"ld": {16: n, 4: m}, "st": {...}}."""
+    out = {"ld": Counter(), "st": Counter()}
+    for ln in ptx.splitlines():
+        m = _MEM.match(ln)
+        if m:
+            out[m.group(1)][int(m.group(2) or 1) * int(m.group(3)) // 8] += 1
+    return {k: dict(v) for k, v in out.items()}
+
+
+def compile_launch(rec: Launch, arch: int) -> dict:
+    """triton.compile one captured launch for sm_<arch>, as triton's launcher would specialize it; ptxas -v."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jf = rec.jf
+    sig, ce, attrs = {}, {}, {}
+    for i, p in enumerate(jf.params):
+        name = p.name
+        if name in rec.values:
+            a = rec.values[name]
+        else:
+            a = p._param.default if hasattr(p, "_param") else p.default
+            if a is inspect.Parameter.empty:
+                raise KeyError(f"{rec.name}: argument {name} has no value")
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+            ce[(i,)] = a
+            continue
+        # what the launcher specializes on: 16-byte aligned pointers, ints divisible by 16, ints equal to 1
+        if isinstance(a, torch.Tensor):
+            sig[name] = "*" + _DT[a.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif a is None:
+            sig[name] = "constexpr"
+            ce[(i,)] = None
+        elif isinstance(a, (bool, int)):
+            a = int(a)
+            if a == 1 and i not in jf.do_not_specialize:
+                sig[name] = "constexpr"
+                ce[(i,)] = 1
+            else:
+                sig[name] = "i64" if abs(a) >= 2 ** 31 else "i32"
+                if a % 16 == 0 and i not in jf.do_not_specialize:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(a, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{rec.name}: argument {name} of type {type(a).__name__}")
+    row = dict(kernel=rec.name, num_warps=rec.num_warps, num_stages=rec.num_stages,
+               blocks={k: v for k, v in rec.values.items() if k.startswith("BLOCK") and isinstance(v, int)})
+    t0 = time.time()
+    try:
+        k = triton.compile(ASTSource(jf, sig, constexprs=ce, attrs=attrs),
+                           target=GPUTarget("cuda", arch, 64 if arch >= 90 else 32),
+                           options={"num_warps": rec.num_warps, "num_stages": rec.num_stages})
+    except Exception as e:  # noqa: BLE001 - report every failure, keep going
+        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-300:]}", seconds=round(time.time() - t0, 1))
+        return row
+    ptx = k.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    res = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
+                         text=True)
+    os.unlink(f.name)
+
+    def num(pattern):
+        m = re.search(pattern, res.stderr)
+        return int(m.group(1)) if m else None
+
+    smem = int(k.metadata.shared)
+    limit = SMEM_LIMIT.get(arch, 232448)
+    row.update(ok=res.returncode == 0 and smem <= limit, smem=smem, regs=num(r"Used (\d+) registers"),
+               spill_stores=num(r"(\d+) bytes spill stores"), spill_loads=num(r"(\d+) bytes spill loads"),
+               stack=num(r"(\d+) bytes stack frame"), wgmma="wgmma" in ptx, cp_async="cp.async" in ptx,
+               mem=_widths(ptx), ptx_sha=_code_hash(ptx), seconds=round(time.time() - t0, 1))
+    if res.returncode != 0:
+        row["error"] = res.stderr[-300:]
+    elif smem > limit:
+        row["error"] = f"shared memory {smem} B > {limit} B on sm_{arch}"
+    return row
+
+
+# ------------------------------------------------------------------------------------------------------------ drivers
+# Each driver yields (label, call): call() runs launchers on meta tensors (inside intercept_launches).
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+def drive_attention(dims, dtypes, causals, kinds):
+    A = _import("llava_fast.ops.attention")
+    for dtype in dtypes:
+        for d in dims:
+            for causal in causals:
+                hq, hkv, s = 4, 2, 512
+                t = 2 * s
+                q, k, v = _meta(t, hq, d, dtype=dtype), _meta(t, hkv, d, dtype=dtype), _meta(t, hkv, d, dtype=dtype)
+                cu = _meta(3, dtype=torch.int32)
+                lse = _meta(hq, t, dtype=torch.float32)
+                scale = d ** -0.5
+                label = f"D={d} {_DT[dtype]} {'causal' if causal else 'full'}"
+                if "fwd" in kinds:
+                    yield label, lambda: A.flash_attn_varlen_fwd(q, k, v, cu, cu, s, s, scale, causal)
+                if "fwd_decode" in kinds:
+                    qd, used = _meta(4, hq, d, dtype=dtype), _meta(2, dtype=torch.int32)
+                    yield label, lambda: A.flash_attn_varlen_fwd(qd, k, v, cu, cu, 2, s, scale, causal, seqused_k=used)
+                if "dkdv" in kinds or "dq" in kinds:
+                    yield label, lambda: A.flash_attn_varlen_bwd(q, q, k, v, q, lse, cu, cu, s, s, scale, causal)
+                if "bwd_fused" in kinds:
+                    yield label, lambda: A.flash_attn_varlen_bwd_atomic(q, q, k, v, q, lse, cu, cu, s, s, scale,
+                                                                        causal)
+
+
+def drive_rms_norm():
+    R = _import("llava_fast.ops.rms_norm")
+    for n in (896, 3584, 4096):
+        x, w = _meta(8192, n), _meta(n)
+        rstd = _meta(8192, dtype=torch.float32)
+        for res in (False, True):
+            r = x if res else None
+            yield f"n={n} residual={res}", lambda: (R.rms_norm_fwd(x, w, 1e-6, r), R.rms_norm_bwd(x, x, w, rstd, r))
+
+
+def drive_rope():
+    RO = _import("llava_fast.ops.rope")
+    for hq, hkv, d in ((32, 32, 128), (14, 2, 64), (28, 4, 128)):
+        q, k = _meta(8192, hq, d), _meta(8192, hkv, d)
+        pos = _meta(8192, dtype=torch.int64)
+        inv = _meta(d // 2, dtype=torch.float32)
+        yield f"{hq}/{hkv} x {d}", lambda: RO.rope_fwd(q, k, pos, inv)
+
+
+def drive_swiglu():
+    S = _import("llava_fast.ops.swiglu")
+    for n in (4864, 18944):
+        g = _meta(8192, n)
+        yield f"8192 x {n}", lambda: (S.swiglu_fwd(g, g), S.swiglu_bwd(g, g, g))
+
+
+def drive_cross_entropy():
+    C = _import("llava_fast.ops.cross_entropy")
+    for v in (32064, 152064):
+        logits, labels, scale = _meta(1024, v), _meta(1024, dtype=torch.int64), _meta(1, dtype=torch.float32)
+        yield f"V={v}", lambda: C.cross_entropy_rows(logits, labels, scale, grad_out=logits)
+
+
+def drive_projector(arch):
+    P = _import("llava_fast.ops.projector")
+    cap = (arch // 10, arch % 10)
+    m, k, n = 23040, 1024, 4096
+    a, b, out = _meta(m, k), _meta(k, n), _meta(m, n)
+    for cfg in P._configs(cap, False):
+        for epi, label in ((1, "gelu"), (2, "dgelu")):
+            def call(cfg=cfg, epi=epi):
+                args = (a, b, out, out, out, out, m, n, k, P._m_key(m), a.stride(0), a.stride(1), b.stride(0),
+                        b.stride(1), out.stride(0), out.stride(1))
+                flags = {"EPILOGUE": epi, "HAS_BIAS": True, "STORE_H": epi == 1, "WRITE_ACT": epi == 2,
+                         "APPROX_TANH": False, "IEEE": False}
+                P._kernel_heur[(1,)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages)
+            bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+            yield f"{m}x{k}x{n} {label} {bm}x{bn}x{bk}", call
+
+
+# ---------------------------------------------------------------------------------------------------------------- run
 @contextlib.contextmanager
 def _env(name, value):
     old = os.environ.get(name)
@@ -222,61 +293,95 @@ def _env(name, value):
             os.environ[name] = old
 
 
-def run(dims, dtypes, kinds, causals, arch, sweep: dict | None = None) -> list[dict]:
-    A = _attention()
+def run(ops, arch, dims=(64, 72, 128), dtypes=(torch.bfloat16,), causals=(True,), kinds=KINDS,
+        sweep: dict | None = None) -> list[dict]:
     rows = []
-    for dtype in dtypes:
-        for d in dims:
-            for causal in causals:
-                for r in capture_launches(d, dtype, causal, kinds=kinds):
-                    width = r.constexprs["BLOCK_D0"] + (r.constexprs["BLOCK_D1"] if r.constexprs["HAS_D1"] else 0)
-                    fp32 = r.constexprs["DOT_PREC"] == "ieee"
-                    cfgs = (sweep or {}).get(r.kind) or [A._default_cfg(r.kind, width, fp32)]
-                    for cfg in cfgs:
-                        row = compile_record(r, cfg, arch)
-                        row.update(dtype=_DT[dtype], causal=causal, arch=arch, triton=triton.__version__)
-                        rows.append(row)
-                        print(_fmt(row), flush=True)
+
+    def emit(op, label, rec, extra=None):
+        row = compile_launch(rec, arch)
+        row.update(op=op, label=label, arch=arch, triton=triton.__version__, **(extra or {}))
+        rows.append(row)
+        print(_fmt(row), flush=True)
+
+    if "attention" in ops:
+        for kind_cfgs in ([None] if not sweep else [(kd, c) for kd, cs in sweep.items() for c in cs]):
+            env = None if kind_cfgs is None else f"{kind_cfgs[0]}={','.join(map(str, kind_cfgs[1]))}"
+            with _env("LLAVA_FAST_ATTN_CFG", env):
+                for label, call in drive_attention(dims, dtypes, causals, kinds):
+                    records = []
+                    with intercept_launches(records):
+                        call()
+                    for rec in records:
+                        kind = _ATTN_KIND.get(rec.name, rec.name)
+                        if kind == "fwd" and rec.values.get("HAS_SEQUSED"):
+                            kind = "fwd_decode"
+                        if kind not in kinds or (kind_cfgs is not None and kind != kind_cfgs[0]):
+                            continue
+                        v = rec.values
+                        emit("attention", label, rec, dict(
+                            kind=kind, head_dim=v["HEAD_DIM"], dtype=label.split()[1], causal=bool(v["CAUSAL"]),
+                            cfg=[v["BLOCK_M"], v["BLOCK_N"], rec.num_warps, rec.num_stages], align=v.get("ALIGN"),
+                            split=[v["BLOCK_D0"], v["BLOCK_D1"] if v["HAS_D1"] else 0], d1_lo=v.get("D1_LO")))
+    drivers = {"rms_norm": drive_rms_norm, "rope": drive_rope, "swiglu": drive_swiglu,
+               "cross_entropy": drive_cross_entropy, "projector": lambda: drive_projector(arch)}
+    for op in ops:
+        if op == "attention":
+            continue
+        for label, call in drivers[op]():
+            records = []
+            with intercept_launches(records):
+                call()
+            for rec in records:
+                emit(op, label, rec)
     return rows
 
 
 def _fmt(row) -> str:
-    cfg = "x".join(map(str, row["cfg"][:2])) + f" w{row['cfg'][2]} s{row['cfg'][3]}"
-    head = (f"{'ok  ' if row['ok'] else 'FAIL'} {row['kind']:10s} D={row['head_dim']:<3d} {row['dtype']:4s} "
-            f"{'causal' if row['causal'] else 'full  '} {cfg:16s}")
+    if row["op"] == "attention":
+        what = (f"{row['kind']:10s} D={row['head_dim']:<3d} {row['dtype']:4s} {'causal' if row['causal'] else 'full  '} "
+                + "x".join(map(str, row["cfg"][:2])) + f" w{row['num_warps']} s{row['num_stages']}")
+    else:
+        blocks = " ".join(f"{k[6:] or 'B'}={v}" for k, v in row["blocks"].items())
+        what = f"{row['op']:13s} {row['kernel'][:26]:26s} {row['label']:24s} {blocks} w{row['num_warps']}"
+    head = f"{'ok  ' if row['ok'] else 'FAIL'} {what:44s}"
     if "smem" not in row:
         return f"{head} {row.get('error', '')}"
-    spill = f"{row['spill_stores']}/{row['spill_loads']}"
+    ld = max(row["mem"]["ld"], default=0)
+    st = max(row["mem"]["st"], default=0)
     tail = f" {row['error']}" if row.get("error") else ""
-    return (f"{head} smem {row['smem'] / 1024:6.1f} KB  regs {row['regs']}  spills {spill:9s} B  stack "
-            f"{row['stack']}  {'wgmma' if row['wgmma'] else 'mma  '}  {'cp.async' if row['cp_async'] else 'sync    '}  "
-            f"ptx {row['ptx_sha']}  {row['seconds']}s{tail}")
+    return (f"{head} smem {row['smem'] / 1024:6.1f} KB  regs {row['regs']}  spills {row['spill_stores']}/"
+            f"{row['spill_loads']} B  {'wgmma ' if row['wgmma'] else ''}{'cp.async ' if row['cp_async'] else ''}"
+            f"ld {ld} B st {st} B  ptx {row['ptx_sha']}  {row['seconds']}s{tail}")
 
 
 def _key(row) -> str:
-    return f"{row['kind']} D={row['head_dim']} {row['dtype']} causal={row['causal']} cfg={row['cfg']}"
+    if row.get("op", "attention") == "attention":
+        return f"attention {row['kind']} D={row['head_dim']} {row['dtype']} causal={row['causal']} cfg={row['cfg']}"
+    return f"{row['op']} {row['kernel']} {row['label']} {row['blocks']} w{row['num_warps']} s{row['num_stages']}"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dims", default="64,72,128", help="head dims, comma separated (64,72,80,96,128)")
-    ap.add_argument("--dtypes", default="bf16", help="bf16,fp16,fp32")
-    ap.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {','.join(KINDS)}")
-    ap.add_argument("--causal", default="1", help="1, 0 or 1,0")
+    ap.add_argument("--ops", default="attention", help=f"comma separated subset of {','.join(OPS)}, or all")
+    ap.add_argument("--dims", default="64,72,128", help="attention head dims, comma separated (64,72,80,96,128)")
+    ap.add_argument("--dtypes", default="bf16", help="attention dtypes: bf16,fp16,fp32")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"attention kernels: subset of {','.join(KINDS)}")
+    ap.add_argument("--causal", default="1", help="attention: 1, 0 or 1,0")
     ap.add_argument("--arch", type=int, default=90, help="90 (H100/H200, sm_90a) or 80 (A100)")
-    ap.add_argument("--sweep", default="", help='configs per kind instead of the defaults: '
+    ap.add_argument("--sweep", default="", help='attention configs instead of the defaults (via LLAVA_FAST_ATTN_CFG): '
                     '"dkdv=64,64,8,3|64,128,8,2;dq=128,64,8,2" (BLOCK_M,BLOCK_N,num_warps,num_stages)')
     ap.add_argument("--save", default="", help="write the rows as JSON")
     ap.add_argument("--compare", default="", help="JSON of an earlier run: report kernels whose PTX changed")
     args = ap.parse_args(argv)
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    ops = OPS if args.ops == "all" else tuple(args.ops.split(","))
     sweep = {}
     for part in filter(None, (p.strip() for p in args.sweep.split(";"))):
         kind, _, cfgs = part.partition("=")
         sweep[kind.strip()] = [tuple(int(x) for x in c.split(",")) for c in cfgs.split("|")]
     print(f"triton {triton.__version__} ({Path(triton.__file__).parent}), target sm_{args.arch}, ptxas {_ptxas()}")
-    rows = run([int(x) for x in args.dims.split(",")], [dt[x] for x in args.dtypes.split(",")],
-               tuple(args.kinds.split(",")), [c == "1" for c in args.causal.split(",")], args.arch, sweep)
+    rows = run(ops, args.arch, [int(x) for x in args.dims.split(",")], [dt[x] for x in args.dtypes.split(",")],
+               [c == "1" for c in args.causal.split(",")], tuple(args.kinds.split(",")), sweep)
     if args.save:
         Path(args.save).write_text(json.dumps(rows, indent=1))
         print("saved", args.save)
