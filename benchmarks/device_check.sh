@@ -96,7 +96,7 @@ if want ops; then
     if [ "$b" = "sweep" ]; then  # not in the default list: forward/backward configs at causal D128 4k, one at a time;
       # the dK/dV candidates are the low-spill ones of benchmarks/aot_check.py (triton 3.6, docs/perf-notes.md)
       step attention_sweep 200 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
-        --variants "default|CFG=dkdv=64,64,8,2|CFG=dkdv=64,128,8,2|CFG=dkdv=32,128,8,3|CFG=fwd=128,64,4,3|CFG=fwd=128,128,8,2|CFG=dq=128,64,8,2" \
+        --variants "default|LOOPS=1|LOOPS=1+CFG=dkdv=64,64,8,2|CFG=dkdv=64,64,8,2|CFG=dkdv=64,128,8,2|CFG=fwd=128,64,4,3|CFG=dq=128,64,8,2" \
         --out "$RES/attention_sweep.jsonl"
     elif [ "$b" = "variants" ]; then  # each variant in its own process: a faulting one cannot take the others down
       step attention_variants 75 $PY benchmarks/attention_variants.py --dims 72 --jobs 4 --time \

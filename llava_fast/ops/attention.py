@@ -323,11 +323,12 @@ def _flash_attn_bwd_preprocess_kernel(O, DO, DELTA, total_q, stride_ot, stride_o
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n,
-                         offs_d0, offs_d1, lo, hi, seqlen_q, diag, qk_scale, HEAD_DIM: tl.constexpr,
+                         offs_d0, offs_d1, lo, hi, mask_end, seqlen_q, diag, qk_scale, HEAD_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr,
-                         MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+                         MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BAND: tl.constexpr = False):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head. Query rows past the
-    document load lse = +inf, so p = 0 for them without a mask; MASKED adds the causal mask."""
+    document load lse = +inf, so p = 0 for them without a mask; MASKED adds the causal mask (BAND: only to the query
+    blocks that start before mask_end)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -340,7 +341,10 @@ def _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELT
         lse = tl.load(LSEh + offs_m, mask=rmask, other=float("inf")) * 1.4426950408889634
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if MASKED:
-            pT = tl.where(offs_m[None, :] + diag >= offs_n[:, None], pT, 0.0)
+            if BAND:  # one loop for all query blocks: the causal mask only on those before mask_end
+                pT = tl.where((offs_m[None, :] + diag >= offs_n[:, None]) | (start_m >= mask_end), pT, 0.0)
+            else:
+                pT = tl.where(offs_m[None, :] + diag >= offs_n[:, None], pT, 0.0)
         do0 = _load_tile(DOh, offs_m, stride_dot, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
         dv0 = tl.dot(pT.to(do0.dtype), do0, dv0, input_precision=DOT_PREC)
         dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
@@ -364,7 +368,7 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                                 HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-                                D1_LO: tl.constexpr):
+                                D1_LO: tl.constexpr, ONE_LOOP: tl.constexpr = False):
     # strides arrive divided by ALIGN (a multiple of ALIGN elements, checked on the host): multiplied back here,
     # the compiler can prove every row start 16-byte aligned (tl.multiple_of on a scalar argument did not reach
     # triton 3.6's pipeliner: at D = 72 no load was vectorized or pipelined; benchmarks/aot_check.py)
@@ -434,14 +438,20 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         DOh = DO + q_off * stride_dot + h * stride_doh
         LSEh = LSE + h.to(tl.int64) * stride_lse_h + q_start
         DELTAh = DELTA + h.to(tl.int64) * stride_lse_h + q_start
-        dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
-                                                  stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, mid, seqlen_q,
-                                                  diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0, MASK_D1, HAS_D1, True,
-                                                  DOT_PREC)
-        dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
-                                                  stride_qt, stride_dot, offs_n, offs_d0, offs_d1, mid, seqlen_q,
-                                                  seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0, MASK_D1,
-                                                  HAS_D1, False, DOT_PREC)
+        if ONE_LOOP:  # one pipelined loop, the causal mask applied while start_m < mid
+            dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
+                                                      stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, seqlen_q,
+                                                      mid, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
+                                                      MASK_D1, HAS_D1, CAUSAL, DOT_PREC, True)
+        else:
+            dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
+                                                      stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, mid,
+                                                      seqlen_q, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
+                                                      MASK_D1, HAS_D1, True, DOT_PREC)
+            dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
+                                                      stride_qt, stride_dot, offs_n, offs_d0, offs_d1, mid, seqlen_q,
+                                                      0, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
+                                                      MASK_D1, HAS_D1, False, DOT_PREC)
     DKb = DK + (k_start + start_n).to(tl.int64) * stride_dkt + hk * stride_dkh
     DVb = DV + (k_start + start_n).to(tl.int64) * stride_dvt + hk * stride_dvh
     _store_tile(DKb, dk0 * sm_scale, offs_nb, stride_dkt, offs_d0, keys_left, HEAD_DIM)
@@ -871,6 +881,15 @@ def _stride_align(*tensors: torch.Tensor) -> int:
     return 8 if all(s % 8 == 0 for s in strides) else 1
 
 
+def _dkdv_one_loop() -> bool:
+    """LLAVA_FAST_ATTN_DKDV_LOOPS=1: the causal dK/dV kernel runs one loop over its query blocks (mask applied on the
+    diagonal band only) instead of a masked and an unmasked loop (the default, "2")."""
+    v = os.environ.get("LLAVA_FAST_ATTN_DKDV_LOOPS", "2")
+    if v not in ("1", "2"):
+        raise ValueError(f"LLAVA_FAST_ATTN_DKDV_LOOPS={v!r}: must be 1 or 2")
+    return v == "1"
+
+
 def _strides(align: int, *tensors: torch.Tensor) -> tuple[int, ...]:
     """(stride(0), stride(1)) of each tensor divided by ``align`` (see :func:`_stride_align`), flattened."""
     return tuple(t.stride(i) // align for t in tensors for i in (0, 1))
@@ -979,7 +998,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
                           DOT_PREC=dot_prec, ALIGN=align, D1_LO=_chunk1_start(d, d0, d1, has_d1))
         _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv),
-                args, constexprs)
+                args, dict(constexprs, ONE_LOOP=_dkdv_one_loop()))
         args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dq),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_q))
         _launch("dq", _flash_attn_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq),

@@ -131,6 +131,23 @@ def test_head_dim_split_policies(monkeypatch, device, policy, d, chunks):
         _split_head_dim(d)
 
 
+@pytest.mark.parametrize("case", ["mha-d64-causal", "gqa2-d72-causal", "sq<sk-gqa2-d64-causal",
+                                  "sq>sk-empty-docs-causal", "fp16-sq<sk-d128-causal"])
+def test_dkdv_one_loop_variant(monkeypatch, device, case):
+    """LLAVA_FAST_ATTN_DKDV_LOOPS=1 (opt-in): the causal dK/dV kernel walks all its query blocks in one loop with the
+    mask on the diagonal band only (fewer register spills in the sm_90 builds, benchmarks/aot_check.py); same
+    results as the two-loop default, bottom-right alignment, GQA and empty documents included."""
+    from llava_fast.ops.attention import _dkdv_one_loop
+
+    monkeypatch.setenv("LLAVA_FAST_ATTN_DKDV_LOOPS", "1")
+    assert _dkdv_one_loop()
+    lens_q, lens_k, hq, hkv, d, causal, dtype = CASES[case]
+    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_DKDV_LOOPS", "3")
+    with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_DKDV_LOOPS"):
+        _dkdv_one_loop()
+
+
 def test_empty_rows_are_zero(device):
     """Queries that see no key (causal, Sq > Sk) get out = 0, lse = +inf and zero gradients (flash-attn)."""
     q, k, v, cu_q, cu_k = _make([6], [2], 2, 2, 64, torch.float32, device)
@@ -302,6 +319,15 @@ GPU_DOCS = {"1": [1], "17": [17], "97": [97], "577": [577], "729": [729], "mix":
 def test_cuda_docs_x_headdim(docs, d, causal):
     lens = GPU_DOCS[docs]
     _check_against_ref(lens, lens, 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("docs", ["97", "mix"])
+@pytest.mark.parametrize("d", [64, 72, 128])
+def test_cuda_dkdv_one_loop(monkeypatch, docs, d):
+    monkeypatch.setenv("LLAVA_FAST_ATTN_DKDV_LOOPS", "1")
+    lens = GPU_DOCS[docs]
+    _check_against_ref(lens, lens, 4, 2, d, True, torch.bfloat16, "cuda", _run_function)
 
 
 @pytest.mark.cuda
