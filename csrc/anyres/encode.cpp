@@ -301,22 +301,24 @@ void hpass_row_nt(const HPlan& hp, const AxisPlan& pw, int64_t c0, int64_t x0, i
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__) && (defined(__GNUC__) || defined(__clang__))
 #define LF_HAVE_SSSE3_DISPATCH 1
+// pshufb masks of the RGB deinterleave: for channel c, byte i of the 16 outputs comes from byte 3 i + c of 48 input
+// bytes; kRgbMask[c][j] selects the bytes that fall in the j-th 16-byte input block (-1 zeroes the rest).
+alignas(16) const int8_t kRgbMask[3][3][16] = {
+    {{0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+     {-1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14, -1, -1, -1, -1, -1},
+     {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1, 4, 7, 10, 13}},
+    {{1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+     {-1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1},
+     {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14}},
+    {{2, 5, 8, 11, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+     {-1, -1, -1, -1, -1, 1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1},
+     {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15}}};
+
 // Interleaved RGB bytes -> three int16 planes, 16 pixels (48 bytes) per step with pshufb (SSSE3, checked at run
 // time: the build targets plain x86-64). Returns how many pixels it converted; the caller does the tail.
 __attribute__((target("ssse3"))) int64_t deinterleave_rgb_ssse3(const uint8_t* p, int64_t n, int16_t* R,
                                                                  int16_t* G, int16_t* B) {
-  // for channel c, byte i of the 16 outputs comes from byte 3 i + c of the 48 inputs: a mask per 16-byte input
-  // block selects the bytes that fall in it (-1 zeroes the rest)
-  alignas(16) static const int8_t m[3][3][16] = {
-      {{0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1, 4, 7, 10, 13}},
-      {{1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14}},
-      {{2, 5, 8, 11, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, 1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15}}};
+  const auto& m = kRgbMask;
   int16_t* out[3] = {R, G, B};
   const __m128i zero = _mm_setzero_si128();
   int64_t i = 0;
@@ -496,21 +498,11 @@ __attribute__((target("avx2"))) int64_t vpass_row_avx2(const uint8_t* rows, int6
 // SSSE3 masks, then widens. Returns how many pixels it converted.
 __attribute__((target("avx2"))) int64_t deinterleave_rgb_avx2(const uint8_t* p, int64_t n, int16_t* R, int16_t* G,
                                                              int16_t* B) {
-  alignas(32) static const int8_t m[3][3][16] = {
-      {{0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1, 4, 7, 10, 13}},
-      {{1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14}},
-      {{2, 5, 8, 11, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, 1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1},
-       {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15}}};
   int16_t* out[3] = {R, G, B};
   __m256i mask[3][3];
   for (int c = 0; c < 3; ++c)
     for (int j = 0; j < 3; ++j)
-      mask[c][j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(m[c][j])));
+      mask[c][j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kRgbMask[c][j])));
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const uint8_t* q = p + 3 * i;

@@ -172,6 +172,14 @@ def _store_tile(ptr, x, offs_r, stride_r, offs_d, n_rows, HEAD_DIM: tl.constexpr
 
 
 @triton.jit
+def _unalign(stride_t, stride_h, ALIGN: tl.constexpr):
+    """A (token, head) stride pair passed divided by ALIGN, multiplied back: the compiler can then prove every row
+    start 16-byte aligned (a tl.multiple_of hint on a scalar argument did not reach triton 3.6's pipeliner: at D = 72
+    no load was vectorized or pipelined; see _stride_align and benchmarks/aot_check.py)."""
+    return stride_t * ALIGN, stride_h * ALIGN
+
+
+@triton.jit
 def _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Key range of query block [start_m, start_m + BLOCK_M): returns (full, end): keys [0, full) are visible to every
     row (no mask), [full, end) need the causal/length mask, keys >= end are invisible to every row."""
@@ -235,17 +243,10 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
                            HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
                            D1_LO: tl.constexpr, HAS_SEQUSED: tl.constexpr):
-    # strides arrive divided by ALIGN (a multiple of ALIGN elements, checked on the host): multiplied back here,
-    # the compiler can prove every row start 16-byte aligned (tl.multiple_of on a scalar argument did not reach
-    # triton 3.6's pipeliner: at D = 72 no load was vectorized or pipelined; benchmarks/aot_check.py)
-    stride_qt = stride_qt * ALIGN
-    stride_qh = stride_qh * ALIGN
-    stride_kt = stride_kt * ALIGN
-    stride_kh = stride_kh * ALIGN
-    stride_vt = stride_vt * ALIGN
-    stride_vh = stride_vh * ALIGN
-    stride_ot = stride_ot * ALIGN
-    stride_oh = stride_oh * ALIGN
+    stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
+    stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
+    stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
+    stride_ot, stride_oh = _unalign(stride_ot, stride_oh, ALIGN)
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -369,21 +370,12 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                 HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
                                 D1_LO: tl.constexpr, ONE_LOOP: tl.constexpr = False):
-    # strides arrive divided by ALIGN (a multiple of ALIGN elements, checked on the host): multiplied back here,
-    # the compiler can prove every row start 16-byte aligned (tl.multiple_of on a scalar argument did not reach
-    # triton 3.6's pipeliner: at D = 72 no load was vectorized or pipelined; benchmarks/aot_check.py)
-    stride_qt = stride_qt * ALIGN
-    stride_qh = stride_qh * ALIGN
-    stride_kt = stride_kt * ALIGN
-    stride_kh = stride_kh * ALIGN
-    stride_vt = stride_vt * ALIGN
-    stride_vh = stride_vh * ALIGN
-    stride_dot = stride_dot * ALIGN
-    stride_doh = stride_doh * ALIGN
-    stride_dkt = stride_dkt * ALIGN
-    stride_dkh = stride_dkh * ALIGN
-    stride_dvt = stride_dvt * ALIGN
-    stride_dvh = stride_dvh * ALIGN
+    stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
+    stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
+    stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
+    stride_dot, stride_doh = _unalign(stride_dot, stride_doh, ALIGN)
+    stride_dkt, stride_dkh = _unalign(stride_dkt, stride_dkh, ALIGN)
+    stride_dvt, stride_dvh = _unalign(stride_dvt, stride_dvh, ALIGN)
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -500,19 +492,11 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                               HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
                               D1_LO: tl.constexpr):
-    # strides arrive divided by ALIGN (a multiple of ALIGN elements, checked on the host): multiplied back here,
-    # the compiler can prove every row start 16-byte aligned (tl.multiple_of on a scalar argument did not reach
-    # triton 3.6's pipeliner: at D = 72 no load was vectorized or pipelined; benchmarks/aot_check.py)
-    stride_qt = stride_qt * ALIGN
-    stride_qh = stride_qh * ALIGN
-    stride_kt = stride_kt * ALIGN
-    stride_kh = stride_kh * ALIGN
-    stride_vt = stride_vt * ALIGN
-    stride_vh = stride_vh * ALIGN
-    stride_dot = stride_dot * ALIGN
-    stride_doh = stride_doh * ALIGN
-    stride_dqt = stride_dqt * ALIGN
-    stride_dqh = stride_dqh * ALIGN
+    stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
+    stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
+    stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
+    stride_dot, stride_doh = _unalign(stride_dot, stride_doh, ALIGN)
+    stride_dqt, stride_dqh = _unalign(stride_dqt, stride_dqh, ALIGN)
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -634,23 +618,13 @@ def _flash_attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
     """Grid (key blocks of max_seqlen_k, batch, Hkv), as _flash_attn_bwd_dkdv_kernel; DQ is a zeroed fp32
     (total_q, Hq, D) buffer that receives scale * dS K by atomics."""
-    # strides arrive divided by ALIGN (a multiple of ALIGN elements, checked on the host): multiplied back here,
-    # the compiler can prove every row start 16-byte aligned (tl.multiple_of on a scalar argument did not reach
-    # triton 3.6's pipeliner: at D = 72 no load was vectorized or pipelined; benchmarks/aot_check.py)
-    stride_qt = stride_qt * ALIGN
-    stride_qh = stride_qh * ALIGN
-    stride_kt = stride_kt * ALIGN
-    stride_kh = stride_kh * ALIGN
-    stride_vt = stride_vt * ALIGN
-    stride_vh = stride_vh * ALIGN
-    stride_dot = stride_dot * ALIGN
-    stride_doh = stride_doh * ALIGN
-    stride_dqt = stride_dqt * ALIGN
-    stride_dqh = stride_dqh * ALIGN
-    stride_dkt = stride_dkt * ALIGN
-    stride_dkh = stride_dkh * ALIGN
-    stride_dvt = stride_dvt * ALIGN
-    stride_dvh = stride_dvh * ALIGN
+    stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
+    stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
+    stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
+    stride_dot, stride_doh = _unalign(stride_dot, stride_doh, ALIGN)
+    stride_dqt, stride_dqh = _unalign(stride_dqt, stride_dqh, ALIGN)
+    stride_dkt, stride_dkh = _unalign(stride_dkt, stride_dkh, ALIGN)
+    stride_dvt, stride_dvh = _unalign(stride_dvt, stride_dvh, ALIGN)
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
