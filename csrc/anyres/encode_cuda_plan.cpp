@@ -96,6 +96,17 @@ std::shared_ptr<const AxisTable> get_table(int64_t in, int64_t out, int resample
   return t;
 }
 
+// Input positions [lo, hi) that the outputs [o0, o0 + n) of an axis read (the outputs themselves on an identity axis).
+std::pair<int64_t, int64_t> input_range(const AxisTable& t, int64_t o0, int64_t n) {
+  if (t.taps == 0 || n <= 0) return {o0, o0 + std::max<int64_t>(n, 0)};
+  int64_t lo = t.xmin[o0], hi = lo;
+  for (int64_t o = o0; o < o0 + n; ++o) {
+    lo = std::min<int64_t>(lo, t.xmin[o]);
+    hi = std::max<int64_t>(hi, static_cast<int64_t>(t.xmin[o]) + t.xsize[o]);
+  }
+  return {lo, hi};
+}
+
 int64_t align8(int64_t n) { return (n + 7) & ~static_cast<int64_t>(7); }
 
 }  // namespace
@@ -157,31 +168,12 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
     j.wr = static_cast<int32_t>(wr);
     j.wy = static_cast<int32_t>(wy);
     j.wx = static_cast<int32_t>(wx);
-    const AxisTable& th = *tables[j.ax_h];
-    int64_t r0 = o0, r1 = o0 + wr;
-    if (th.taps > 0) {
-      r0 = th.xmin[o0];
-      r1 = r0;
-      for (int64_t o = o0; o < o0 + wr; ++o) {
-        r0 = std::min<int64_t>(r0, th.xmin[o]);
-        r1 = std::max<int64_t>(r1, static_cast<int64_t>(th.xmin[o]) + th.xsize[o]);
-      }
-    }
-    j.r0 = static_cast<int32_t>(r0);
-    j.nr = static_cast<int32_t>(r1 - r0);
-    // v2: the virtual source columns the window's columns read
-    const AxisTable& tw = *tables[j.ax_w];
-    int64_t s0 = c0, s1 = c0 + wc;
-    if (tw.taps > 0 && wc > 0) {
-      s0 = tw.xmin[c0];
-      s1 = s0;
-      for (int64_t x = c0; x < c0 + wc; ++x) {
-        s0 = std::min<int64_t>(s0, tw.xmin[x]);
-        s1 = std::max<int64_t>(s1, static_cast<int64_t>(tw.xmin[x]) + tw.xsize[x]);
-      }
-    }
-    j.s0 = static_cast<int32_t>(s0);
-    j.span = static_cast<int32_t>(s1 - s0);
+    const auto rows = input_range(*tables[j.ax_h], o0, wr);  // the source rows the window's rows read
+    j.r0 = static_cast<int32_t>(rows.first);
+    j.nr = static_cast<int32_t>(rows.second - rows.first);
+    const auto cols = input_range(*tables[j.ax_w], c0, wc);  // v2: the source columns its columns read
+    j.s0 = static_cast<int32_t>(cols.first);
+    j.span = static_cast<int32_t>(cols.second - cols.first);
     LF_CHECK(3 * static_cast<int64_t>(j.nr) * wc < (static_cast<int64_t>(1) << 31),
              "encode_tiles_cuda: images[" << i << "] needs an intermediate of more than 2^31 values");
     jobs.push_back(j);
