@@ -256,19 +256,23 @@ LF_HD void vpass_element(const uint8_t* plan, int64_t t, uint32_t e, const void*
   store_out<D>(out, t * static_cast<int64_t>(H.tile_elems) + e, f);
 }
 
-// Job owning pass-1 block b (jobs sorted by block0).
-LF_HD int find_job(const uint8_t* plan, int64_t b) {
+// The last job whose `field` (a first block index; jobs are sorted by it) is <= b.
+template <typename T>
+LF_HD int find_job_by(const uint8_t* plan, int64_t b, T JobRec::*field) {
   const JobRec* J = jobs(plan);
   int lo = 0, hi = header(plan).num_jobs - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (J[mid].block0 <= b)
+    if (J[mid].*field <= b)
       lo = mid;
     else
       hi = mid - 1;
   }
   return lo;
 }
+
+// Job owning pass-1 block b of v1 (one block per 256 elements).
+LF_HD int find_job(const uint8_t* plan, int64_t b) { return find_job_by(plan, b, &JobRec::block0); }
 
 // ------------------------------------------------------------------------------------------------------------- v2
 // Version 2 of both passes (LLAVA_FAST_GPU_ENCODER=v2; same plan, same scratch layout, same arithmetic, so either
@@ -279,19 +283,8 @@ LF_HD int find_job(const uint8_t* plan, int64_t b) {
 // Pass 2 (tile layout; the patch layout keeps v1's): four consecutive outputs of one (tile, channel, row) per
 //   thread: the row's vertical weights loaded once for the four, one vector store of the four results.
 
-// Job owning v2 pass-1 block b (jobs sorted by row0).
-LF_HD int find_job_row(const uint8_t* plan, int64_t b) {
-  const JobRec* J = jobs(plan);
-  int lo = 0, hi = header(plan).num_jobs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (J[mid].row0 <= b)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
+// Job owning v2 pass-1 block b (one block per source row).
+LF_HD int find_job_row(const uint8_t* plan, int64_t b) { return find_job_by(plan, b, &JobRec::row0); }
 
 // Stage row r of job jb (virtual row jb.r0 + r, columns [s0, s0 + span)) into sm: plane c at sm + c * ms.
 // Threads tid of n (the emulation calls it with 0 of 1).
