@@ -10,7 +10,7 @@ refactor changed no generated code: ``--save`` then ``--compare``).
 
 Usage (the CPU dev machine; ~1-4 s per kernel):
     python benchmarks/aot_check.py                                # attention: every kind, D 64/72/128, bf16, causal
-    python benchmarks/aot_check.py --ops all                      # + rms_norm, rope, swiglu, cross_entropy, projector
+    python benchmarks/aot_check.py --ops all                      # + rms_norm, rope, swiglu, cross_entropy, projector, pack_features
     python benchmarks/aot_check.py --dims 128 --kinds dkdv --sweep "dkdv=64,64,8,3|64,128,8,2|32,128,4,3"
     python benchmarks/aot_check.py --save /tmp/a.json; (edit); python benchmarks/aot_check.py --compare /tmp/a.json
     PYTHONPATH=/path/to/triton-3.6 python benchmarks/aot_check.py   # the GPU box's triton, installed aside
@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block (opt-in maximum)
 KINDS = ("fwd", "fwd_decode", "dkdv", "dq", "bwd_fused")
-OPS = ("attention", "rms_norm", "rope", "swiglu", "cross_entropy", "projector")
+OPS = ("attention", "rms_norm", "rope", "swiglu", "cross_entropy", "projector", "pack_features")
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 _ATTN_KIND = {"_flash_attn_fwd_kernel": "fwd", "_flash_attn_bwd_dkdv_kernel": "dkdv",
               "_flash_attn_bwd_dq_kernel": "dq", "_flash_attn_bwd_fused_kernel": "bwd_fused",
@@ -258,6 +258,24 @@ def drive_cross_entropy():
         yield f"V={v}", lambda: C.cross_entropy_rows(logits, labels, scale, grad_out=logits)
 
 
+def drive_pack_features():
+    PF = _import("llava_fast.ops.pack_features")
+    from llava_fast.ops.anyres import NEXT_PINPOINTS
+
+    pins = [x for p in NEXT_PINPOINTS for x in p]
+    meta = torch.tensor([[750, 1000, 0], [1000, 500, 0]], dtype=torch.int64)  # (h, w, single_tile), CPU: the plan
+    tiles = 8  # base + 3 grid tiles per image here
+    for d in (896, 4096):
+        emb, ids = _meta(1, 8192, d), _meta(1, 8192, dtype=torch.int64)
+        feats, nl = _meta(tiles, 576, d), _meta(d)
+
+        def call(emb=emb, ids=ids, feats=feats, nl=nl):
+            out, kidx, pos = PF.pack_scatter_fwd(emb, ids, feats, meta, nl, None, pins, 336, 0, 32000, -1)
+            PF.pack_scatter_bwd(emb, kidx, pos, meta, pins, 336, 24, 0, tiles, 0, 0, True, emb.dtype, emb.dtype,
+                                emb.dtype, True, False, True, True)
+        yield f"NeXT 2 images D={d}", call
+
+
 def drive_projector(arch):
     P = _import("llava_fast.ops.projector")
     cap = (arch // 10, arch % 10)
@@ -323,7 +341,8 @@ def run(ops, arch, dims=(64, 72, 128), dtypes=(torch.bfloat16,), causals=(True,)
                             cfg=[v["BLOCK_M"], v["BLOCK_N"], rec.num_warps, rec.num_stages], align=v.get("ALIGN"),
                             split=[v["BLOCK_D0"], v["BLOCK_D1"] if v["HAS_D1"] else 0], d1_lo=v.get("D1_LO")))
     drivers = {"rms_norm": drive_rms_norm, "rope": drive_rope, "swiglu": drive_swiglu,
-               "cross_entropy": drive_cross_entropy, "projector": lambda: drive_projector(arch)}
+               "cross_entropy": drive_cross_entropy, "projector": lambda: drive_projector(arch),
+               "pack_features": drive_pack_features}
     for op in ops:
         if op == "attention":
             continue
