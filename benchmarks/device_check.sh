@@ -123,6 +123,13 @@ want plot && step plot 20 $PY benchmarks/plot_results.py "$RES"
   printf '%s\n' "${summary[@]}"
   [ -f "$RES/gpu_tests.log" ] && grep -hE "[0-9]+ (passed|failed)" "$RES/gpu_tests.log" | tail -n 1
   [ -f "$RES/gpu_tests.log" ] && grep -hE "^(FAILED|ERROR) " "$RES/gpu_tests.log" | cut -c1-200 | head -n 30
+  for f in "$RES"/attention_variants.jsonl "$RES"/attention_sweep.jsonl; do  # variant, D, status, TFLOP/s
+    [ -f "$f" ] || continue
+    echo "--- $(basename "$f") (variant D status fwd fwd+bwd TFLOP/s, worst error ratio <= 1 passes)"
+    $PY -c "import json,sys
+for ln in open(sys.argv[1]):
+    r = json.loads(ln); print(f\"{r['variant'][:44]:44s} D={r['d']} {r['status'][:40]:10s} {r.get('fwd_tflops', '-')} {r.get('fwdbwd_tflops', '-')} worst={r.get('worst', '-')}\")" "$f"
+  done
   for f in $(ls -t "$RES"/*.md 2>/dev/null | head -n 10); do
     echo "--- $(basename "$f")"
     grep '^| ' "$f" | cut -c1-220 | head -n 12
