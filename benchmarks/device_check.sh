@@ -132,7 +132,8 @@ for ln in open(sys.argv[1]):
   done
   for f in $(ls -t "$RES"/*.md 2>/dev/null | head -n 10); do
     echo "--- $(basename "$f")"
-    grep '^| ' "$f" | cut -c1-220 | head -n 12
+    # the header and our rows (the ones carrying the ratios to every baseline of the same run)
+    grep '^| ' "$f" | awk -F'|' 'NR == 1 || $10 ~ /[0-9]x/' | cut -c1-240 | head -n 16
   done
 } 2>&1 | tee "$RES/summary.txt"
 pack
