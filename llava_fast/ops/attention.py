@@ -717,12 +717,12 @@ _INTERPRET_CFG = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 
 
 # The atomic-dQ backward ("bwd_fused"): BLOCK_M queries per step x BLOCK_N keys per program. A wide key block halves
 # the dQ atomics per FLOP (BLOCK_M x D fp32 adds per pair of 5 x 2 x BLOCK_M x BLOCK_N x D FLOPs); BLOCK_M stays 64
-# because at 8 warps BLOCK_M = 32 turns the dQ GEMM (M = BLOCK_M) into mma.sync instead of wgmma. One stage: in this
-# kernel (as in the dK/dV one) the pipeliner only prefetches lse/delta (q and dO are loaded synchronously whatever
-# num_stages is), and 2 stages cost 1.1-2.7x the spills. ptxas -v, sm_90a, bf16 (docs/perf-notes.md has the table):
-# 255 registers, 1 CTA of 8 warps per SM, spills <= 136 B/thread with triton 3.6 and 3.8.
-_FUSED_CFG_D64 = (64, 128, 8, 1)
-_FUSED_CFG_WIDE = (64, 64, 8, 1)
+# because at 8 warps BLOCK_M = 32 turns the dQ GEMM (M = BLOCK_M) into mma.sync instead of wgmma. Two stages: with
+# one, nothing is prefetched (the H200 run 3 measured that build at 0.78x the split backward); with two, the TTGIR
+# shows q, dO, lse and delta loaded by cp.async one step ahead (triton 3.6 and 3.8, benchmarks/aot_check.py), at
+# <= 68 B/thread of spills (<= 40 B at the defaults below) with 255 registers, 1 CTA of 8 warps per SM.
+_FUSED_CFG_D64 = (64, 128, 8, 2)
+_FUSED_CFG_WIDE = (64, 64, 8, 2)
 
 
 _CFG_ENV = "LLAVA_FAST_ATTN_CFG"  # experiments on a GPU: "fwd=128,64,4,3;dq=64,32,4,2" overrides those kinds
