@@ -5,12 +5,12 @@ The kernels are compiled exactly as the launchers would launch them: each op's l
 the LLAVA_FAST_* environment overrides come from the code that runs on a GPU), then each captured launch goes
 through ``triton.compile`` for the target and the PTX through ``ptxas -v``. Per kernel: shared memory, registers,
 spill bytes, stack frame, whether it uses wgmma and cp.async (loads pipelined), the widest global load and store
-(bytes per thread and instruction: 16 = fully vectorized), and a hash of the PTX instructions (to show that a
-refactor changed no generated code: ``--save`` then ``--compare``).
+(bytes per thread and instruction: 16 = fully vectorized), and hashes of the PTX instructions and of the opcode
+sequence alone (to show that a refactor changed no generated code: ``--save`` then ``--compare``).
 
 Usage (the CPU dev machine; ~1-4 s per kernel):
     python benchmarks/aot_check.py                                # attention: every kind, D 64/72/128, bf16, causal
-    python benchmarks/aot_check.py --ops all                      # + rms_norm, rope, swiglu, cross_entropy, projector, pack_features
+    python benchmarks/aot_check.py --ops all                      # + every other Triton op
     python benchmarks/aot_check.py --dims 128 --kinds dkdv --sweep "dkdv=64,64,8,3|64,128,8,2|32,128,4,3"
     python benchmarks/aot_check.py --save /tmp/a.json; (edit); python benchmarks/aot_check.py --compare /tmp/a.json
     PYTHONPATH=/path/to/triton-3.6 python benchmarks/aot_check.py   # the GPU box's triton, installed aside
@@ -108,6 +108,15 @@ def _code_hash(ptx: str) -> str:
     return hashlib.sha1("\n".join(k for k in keep if k).encode()).hexdigest()[:12]
 
 
+def _opcode_hash(ptx: str) -> str:
+    """Hash of the opcode sequence alone (operands dropped): equal when two builds differ only in register and label
+    names, which a refactor that moves code into a helper function can cause."""
+    code = ptx.split("\t.section\t.debug", 1)[0]
+    ops = [ln.split()[0] for ln in code.splitlines()
+           if ln.strip() and not ln.strip().startswith((".loc", ".file", "//", "$", ".reg", "{", "}"))]
+    return hashlib.sha1("\n".join(ops).encode()).hexdigest()[:12]
+
+
 _MEM = re.compile(r"^\s*(?:@%p\d+\s+)?(ld|st)\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s")
 
 
@@ -187,7 +196,9 @@ def compile_launch(rec: Launch, arch: int) -> dict:
     row.update(ok=res.returncode == 0 and smem <= limit, smem=smem, regs=num(r"Used (\d+) registers"),
                spill_stores=num(r"(\d+) bytes spill stores"), spill_loads=num(r"(\d+) bytes spill loads"),
                stack=num(r"(\d+) bytes stack frame"), wgmma="wgmma" in ptx, cp_async="cp.async" in ptx,
-               mem=_widths(ptx), ptx_sha=_code_hash(ptx), seconds=round(time.time() - t0, 1))
+               tma="cp.async.bulk.tensor" in ptx,
+               mem=_widths(ptx), ptx_sha=_code_hash(ptx), ops_sha=_opcode_hash(ptx),
+               seconds=round(time.time() - t0, 1))
     if res.returncode != 0:
         row["error"] = res.stderr[-300:]
     elif smem > limit:
@@ -293,6 +304,15 @@ def drive_projector(arch):
             bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
             yield f"{m}x{k}x{n} {label} {bm}x{bn}x{bk}", call
 
+            def call_tma(cfg=cfg, epi=epi):  # LLAVA_FAST_PROJECTOR_KERNEL=tma: GEMM1 has a K-major B, the dA GEMM not
+                args = (a, b, out, out, out, out, m, n, k, P._m_key(m), a.stride(0), k if epi == 1 else n,
+                        out.stride(0), out.stride(1))
+                flags = {"EPILOGUE": epi, "HAS_BIAS": True, "STORE_H": epi == 1, "WRITE_ACT": epi == 2,
+                         "APPROX_TANH": False, "IEEE": False, "B_KMAJOR": epi == 1, "NUM_SMS": 132}
+                P._projector_gemm_tma_kernel[(1,)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                   num_stages=cfg.num_stages)
+            yield f"tma {m}x{k}x{n} {label} {bm}x{bn}x{bk}", call_tma
+
 
 # ---------------------------------------------------------------------------------------------------------------- run
 @contextlib.contextmanager
@@ -357,7 +377,8 @@ def run(ops, arch, dims=(64, 72, 128), dtypes=(torch.bfloat16,), causals=(True,)
 
 def _fmt(row) -> str:
     if row["op"] == "attention":
-        what = (f"{row['kind']:10s} D={row['head_dim']:<3d} {row['dtype']:4s} {'causal' if row['causal'] else 'full  '} "
+        mask = "causal" if row["causal"] else "full  "
+        what = (f"{row['kind']:10s} D={row['head_dim']:<3d} {row['dtype']:4s} {mask} "
                 + "x".join(map(str, row["cfg"][:2])) + f" w{row['num_warps']} s{row['num_stages']}")
     else:
         blocks = " ".join(f"{k[6:] or 'B'}={v}" for k, v in row["blocks"].items())
@@ -369,7 +390,8 @@ def _fmt(row) -> str:
     st = max(row["mem"]["st"], default=0)
     tail = f" {row['error']}" if row.get("error") else ""
     return (f"{head} smem {row['smem'] / 1024:6.1f} KB  regs {row['regs']}  spills {row['spill_stores']}/"
-            f"{row['spill_loads']} B  {'wgmma ' if row['wgmma'] else ''}{'cp.async ' if row['cp_async'] else ''}"
+            f"{row['spill_loads']} B  {'wgmma ' if row['wgmma'] else ''}"
+            f"{'tma ' if row.get('tma') else 'cp.async ' if row['cp_async'] else ''}"
             f"ld {ld} B st {st} B  ptx {row['ptx_sha']}  {row['seconds']}s{tail}")
 
 
@@ -408,9 +430,11 @@ def main(argv=None) -> int:
     if args.compare:
         before = {_key(r): r for r in json.loads(Path(args.compare).read_text())}
         changed = [r for r in rows if _key(r) in before and before[_key(r)].get("ptx_sha") != r.get("ptx_sha")]
-        print(f"compared with {args.compare}: {len(changed)} of {len(rows)} kernels changed their PTX")
+        renamed = [r for r in changed if r.get("ops_sha") and before[_key(r)].get("ops_sha") == r["ops_sha"]]
+        print(f"compared with {args.compare}: {len(changed)} of {len(rows)} kernels changed their PTX "
+              f"({len(renamed)} of them only in register/label names: same opcode sequence)")
         for r in changed:
-            print("  changed:", _key(r))
+            print("  changed:" if r not in renamed else "  renamed:", _key(r))
     print(f"{len(rows) - len(failed)} of {len(rows)} kernels compiled within sm_{args.arch}'s limits")
     return 1 if failed else 0
 

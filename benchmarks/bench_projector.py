@@ -3,6 +3,7 @@
 Providers, all measured in the same run:
   llava_fast            fused Triton GEMM1+bias+erf-GELU (writes h for backward), cuBLAS GEMM2; fused dGELU backward
   llava_fast_gemm2_triton  same, with GEMM2 in the Triton kernel too (the option we keep; pick the faster)
+  llava_fast_tma        same as llava_fast with LLAVA_FAST_PROJECTOR_KERNEL=tma (persistent, TMA descriptor loads)
   eager                 nn.Linear + nn.GELU() (erf) + nn.Linear
   compile               torch.compile of eager (default mode)
   cublaslt_gelu         torch._addmm_activation(b1, x, w1.t(), use_gelu=True) (cuBLASLt GELU_BIAS epilogue, tanh
@@ -17,6 +18,7 @@ Usage: python benchmarks/bench_projector.py [--quick]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import Row, add_ratios, bench, peak_memory, save, to_markdown
 
 OURS = "llava_fast"
+KERNEL_ENV = "LLAVA_FAST_PROJECTOR_KERNEL"  # the kernel variant, read at every launch (llava_fast.ops.projector)
 
 
 def flops(m, dv, dt, n2, mode):
@@ -55,12 +58,15 @@ def make_providers(dv, dt, dtype, with_compile=True):
         finally:
             set_gemm2_impl("cublas")
 
+    def ours_tma(x):  # run() sets LLAVA_FAST_PROJECTOR_KERNEL=tma around this provider (forward and backward)
+        return projector(x, w1, b1, w2, b2)
+
     def cublaslt(x):
         a = torch._addmm_activation(b1, x, w1.t(), use_gelu=True)
         return torch.addmm(b2, a, w2.t())
 
-    provs = {OURS: ours, "llava_fast_gemm2_triton": ours_t2, "eager": eager, "compile": compiled,
-             "cublaslt_gelu": cublaslt}
+    provs = {OURS: ours, "llava_fast_tma": ours_tma, "llava_fast_gemm2_triton": ours_t2, "eager": eager,
+             "compile": compiled, "cublaslt_gelu": cublaslt}
     if compiled is None:
         del provs["compile"]
     return provs, [w1, b1, w2, b2]
@@ -103,12 +109,15 @@ def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True)
                     if name == "cublaslt_gelu" and mode == "fwd+bwd":
                         continue  # no autograd formula for _addmm_activation
                     call = make_call(fn, x, dy, params, mode)
+                    os.environ[KERNEL_ENV] = "tma" if name == "llava_fast_tma" else "pointer"
                     try:
                         t = bench(call, warmup=5, rep=rep)
                         peak = peak_memory(call)
                     except Exception as e:  # noqa: BLE001  report and keep going (e.g. a provider missing on this stack)
                         print(f"{name} {shape} {mode}: failed: {type(e).__name__}: {e}")
                         continue
+                    finally:
+                        os.environ.pop(KERNEL_ENV, None)
                     tf = flops(m, dv, dt, dt, mode) / (t["ms"] * 1e-3) / 1e12
                     rows.append(Row("projector", name, shape, "bf16" if dtype == torch.bfloat16 else str(dtype),
                                     mode, t["ms"], t["ms_p20"], t["ms_p80"], tf, "TFLOP/s", peak,

@@ -135,6 +135,53 @@ if HAS_TRITON:
                 tl.store(out2_ptr + c_off, g.to(out2_ptr.dtype.element_ty), mask=c_mask)
 
     @triton.jit
+    def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """Grouped ordering: GROUP_M row-blocks sweep the N tiles together so their B tiles stay in L2."""
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = tile // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+        pid_n = (tile % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _epilogue_tile(acc, pid_m, pid_n, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
+                       EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
+                       WRITE_ACT: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, EPI_SUBTILE: tl.constexpr):
+        """The epilogue of one (BLOCK_M, BLOCK_N) tile, in EPI_SUBTILE column pieces (1, 2 or 4): the GELU temporaries
+        of a 128x256 fp32 tile in one go spill registers (ptxas, sm_90, 8 warps: 188 B fwd / 2.2 KB bwd of spills;
+        2 halves: 28 B / 240 B)."""
+        offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if EPI_SUBTILE == 1:
+            offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _epilogue(acc, offs_cm, offs_cn, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
+                      EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+        else:
+            HALF: tl.constexpr = BLOCK_N // 2
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+            offs_cn = pid_n * BLOCK_N + tl.arange(0, HALF)
+            if EPI_SUBTILE == 2:
+                _epilogue(acc0, offs_cm, offs_cn, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
+                          EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+                _epilogue(acc1, offs_cm, offs_cn + HALF, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
+                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+            else:  # 4 quarters
+                Q: tl.constexpr = HALF // 2
+                offs_q = pid_n * BLOCK_N + tl.arange(0, Q)
+                acc00, acc01 = tl.split(tl.permute(tl.reshape(acc0, (BLOCK_M, 2, Q)), (0, 2, 1)))
+                _epilogue(acc00, offs_cm, offs_q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
+                          EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+                _epilogue(acc01, offs_cm, offs_q + Q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
+                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+                acc10, acc11 = tl.split(tl.permute(tl.reshape(acc1, (BLOCK_M, 2, Q)), (0, 2, 1)))
+                _epilogue(acc10, offs_cm, offs_q + 2 * Q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
+                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+                _epilogue(acc11, offs_cm, offs_q + 3 * Q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
+                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+
+    @triton.jit
     def _projector_gemm_kernel(
         a_ptr, b_ptr, bias_ptr, h_ptr, out_ptr, out2_ptr,
         M, N, K, M_KEY,
@@ -150,13 +197,7 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
-        # Grouped ordering: GROUP_M row-blocks sweep the N tiles together so their B tiles stay in L2.
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
+        pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
 
         # Rows/cols past the edge wrap around (modulo) so the main loop needs no M/N masks; the epilogue masks them.
         offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
@@ -183,35 +224,54 @@ if HAS_TRITON:
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-        offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        if EPI_SUBTILE == 1:
-            offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            _epilogue(acc, offs_cm, offs_cn, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
-                      EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+        _epilogue_tile(acc, pid_m, pid_n, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn, EPILOGUE,
+                       HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH, BLOCK_M, BLOCK_N, EPI_SUBTILE)
+
+    @triton.jit
+    def _projector_gemm_tma_kernel(
+        a_ptr, b_ptr, bias_ptr, h_ptr, out_ptr, out2_ptr,
+        M, N, K, M_KEY,
+        stride_am, stride_b, stride_cm, stride_cn,
+        EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr, WRITE_ACT: tl.constexpr,
+        APPROX_TANH: tl.constexpr, IEEE: tl.constexpr, B_KMAJOR: tl.constexpr, NUM_SMS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        EPI_SUBTILE: tl.constexpr,
+    ):
+        """The same GEMM + epilogue, persistent (NUM_SMS programs walk the tiles) with A and B loaded by TMA tensor
+        descriptors (bounds handled by the copy engine: no masks, no modulo rows, any K).
+
+        A is (M, K) with unit K stride (stride_am between rows). B is K-major (B_KMAJOR: stored (N, K), stride_b
+        between its rows, i.e. a transposed weight) or N-major (stored (K, N), stride_b between rows)."""
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if B_KMAJOR:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
         else:
-            # Column sub-tiles, one after the other: the GELU temporaries of a 128x256 fp32 tile in one go spill
-            # registers (ptxas, sm_90, 8 warps: 188 B fwd / 2.2 KB bwd of spills; 2 halves: 28 B / 240 B).
-            HALF: tl.constexpr = BLOCK_N // 2
-            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-            offs_cn = pid_n * BLOCK_N + tl.arange(0, HALF)
-            if EPI_SUBTILE == 2:
-                _epilogue(acc0, offs_cm, offs_cn, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
-                          EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
-                _epilogue(acc1, offs_cm, offs_cn + HALF, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
-                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
-            else:  # 4 quarters
-                Q: tl.constexpr = HALF // 2
-                offs_q = pid_n * BLOCK_N + tl.arange(0, Q)
-                acc00, acc01 = tl.split(tl.permute(tl.reshape(acc0, (BLOCK_M, 2, Q)), (0, 2, 1)))
-                _epilogue(acc00, offs_cm, offs_q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
-                          EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
-                _epilogue(acc01, offs_cm, offs_q + Q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
-                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
-                acc10, acc11 = tl.split(tl.permute(tl.reshape(acc1, (BLOCK_M, 2, Q)), (0, 2, 1)))
-                _epilogue(acc10, offs_cm, offs_q + 2 * Q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
-                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
-                _epilogue(acc11, offs_cm, offs_q + 3 * Q, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm,
-                          stride_cn, EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH)
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_tiles = num_pid_m * num_pid_n
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        for tile in range(tl.program_id(0), num_tiles, NUM_SMS):
+            pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kt in range(k_tiles):
+                off_k = kt * BLOCK_K
+                a = a_desc.load([off_m, off_k])
+                if B_KMAJOR:
+                    b = tl.trans(b_desc.load([off_n, off_k]))
+                else:
+                    b = b_desc.load([off_k, off_n])
+                if IEEE:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+            _epilogue_tile(acc, pid_m, pid_n, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,
+                           EPILOGUE, HAS_BIAS, STORE_H, WRITE_ACT, APPROX_TANH, BLOCK_M, BLOCK_N, EPI_SUBTILE)
 
     def _even_k(args):
         return args["K"] % args["BLOCK_K"] == 0
@@ -257,19 +317,70 @@ _INTERPRET_META = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "E
 _tuned_kernels: dict = {}
 
 
-def _get_kernel(device: torch.device, fp32: bool):
-    """The autotuned kernel for this GPU generation (built lazily: no GPU query at import)."""
+def _get_kernel(device: torch.device, fp32: bool, tma: bool = False):
+    """The autotuned kernel for this GPU generation (built lazily: no GPU query at import); ``tma``: the persistent
+    TMA variant."""
     cap = torch.cuda.get_device_capability(device)
-    key = (cap, fp32)
+    key = (cap, fp32, tma)
     if key not in _tuned_kernels:
         kw = {"configs": _configs(cap, fp32),
-              "key": ["M_KEY", "N", "K", "EPILOGUE", "HAS_BIAS", "STORE_H", "WRITE_ACT", "APPROX_TANH"]}
+              "key": ["M_KEY", "N", "K", "EPILOGUE", "HAS_BIAS", "STORE_H", "WRITE_ACT", "APPROX_TANH"]
+              + (["B_KMAJOR"] if tma else [])}
+        fn = _projector_gemm_tma_kernel if tma else _kernel_heur
         try:  # shorter timing than the default 25/100 ms per config: each config differs by >5% or not at all
-            tuned = triton.autotune(**kw, do_bench=_autotune_bench)(_kernel_heur)
+            tuned = triton.autotune(**kw, do_bench=_autotune_bench)(fn)
         except TypeError:  # a Triton without the do_bench argument
-            tuned = triton.autotune(**kw)(_kernel_heur)
+            tuned = triton.autotune(**kw)(fn)
         _tuned_kernels[key] = tuned
     return _tuned_kernels[key]
+
+
+_KERNEL_ENV = "LLAVA_FAST_PROJECTOR_KERNEL"
+KERNELS = ("pointer", "tma")
+_num_sms: dict = {}
+_allocator_set = False
+
+
+def kernel_kind() -> str:
+    """``LLAVA_FAST_PROJECTOR_KERNEL``: ``"pointer"`` (default: pointer loads, one program per tile; measured on an
+    H200) or ``"tma"`` (persistent, TMA tensor-descriptor loads; written and tested under the interpreter and
+    compiled for sm_90a, not yet run on a GPU). Read at every call."""
+    v = os.environ.get(_KERNEL_ENV, "pointer").strip().lower()
+    if v not in KERNELS:
+        raise ValueError(f"{_KERNEL_ENV}={v!r}: must be one of {KERNELS}")
+    return v
+
+
+def _tma_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool, int]:
+    """(usable, B is K-major, B's row stride) for the TMA kernel: A with unit K stride, B (K, N) with a unit stride on
+    one axis, 16-byte aligned base pointers and row strides (what a TMA descriptor needs)."""
+    e = a.element_size()
+    if a.stride(1) != 1 or (a.stride(0) * e) % 16 or a.data_ptr() % 16 or b.data_ptr() % 16:
+        return False, False, 0
+    if b.stride(0) == 1:      # stored (N, K): a transposed weight, w.t()
+        row = b.stride(1)
+        return (row * e) % 16 == 0, True, row
+    if b.stride(1) == 1:      # stored (K, N)
+        row = b.stride(0)
+        return (row * e) % 16 == 0, False, row
+    return False, False, 0
+
+
+def _sm_count(device: torch.device) -> int:
+    if _interpret():
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _num_sms:
+        _num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _num_sms[idx]
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need a small global scratch buffer per launch (triton.set_allocator)."""
+    global _allocator_set
+    if not _allocator_set and not _interpret():
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
 
 
 def _autotune_bench(kernel_call, quantiles):
@@ -305,6 +416,22 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
     if a.device.type != "cuda" and not _interpret():
         raise ValueError(f"projector: the Triton kernel needs CUDA tensors (got {a.device}); use the reference "
                          f"(llava_fast.set_backend('projector', 'auto')) or set TRITON_INTERPRET=1 to debug on CPU")
+    if kernel_kind() == "tma":
+        usable, b_kmajor, b_row = _tma_layout(a, b)
+        if usable:
+            tma_args = args[:10] + (a.stride(0), b_row, out.stride(0), out.stride(1))
+            sms = _sm_count(a.device)
+            flags = dict(flags, B_KMAJOR=b_kmajor, NUM_SMS=sms)
+
+            def tma_grid(meta):
+                return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+            if _interpret():
+                _projector_gemm_tma_kernel[tma_grid(_INTERPRET_META)](*tma_args, **flags, **_INTERPRET_META)
+                return
+            _ensure_allocator()
+            with torch.cuda.device(a.device):
+                _get_kernel(a.device, fp32, tma=True)[tma_grid](*tma_args, **flags)
+            return
     if _interpret():
         grid = (triton.cdiv(M, _INTERPRET_META["BLOCK_M"]) * triton.cdiv(N, _INTERPRET_META["BLOCK_N"]),)
         _kernel_heur[grid](*args, **flags, **_INTERPRET_META)

@@ -162,6 +162,45 @@ def test_epilogue_subtiles(sub, monkeypatch, device):
     check_all(ours, ref64, ref32, True, True, atol_ulps=4)
 
 
+TMA_CASES = [((40, 48), 1, True, "gelu", torch.float32), ((40, 48), 577, False, "gelu", torch.float32),
+             ((64, 96), 7, True, "gelu_pytorch_tanh", torch.float32), ((64, 96), 577, True, "gelu", torch.float16),
+             ((42, 48), 77, True, "gelu", torch.float32)]  # 42: rows of 168 B, not TMA-aligned -> pointer kernel
+
+
+@pytest.mark.parametrize("dims,m,bias,act,dtype", TMA_CASES)
+def test_tma_persistent_kernel(dims, m, bias, act, dtype, monkeypatch, device):
+    """LLAVA_FAST_PROJECTOR_KERNEL=tma: the persistent kernel with TMA tensor-descriptor loads (K-major B in the
+    forward GEMM, N-major B in the backward one), against HF; shapes whose rows are not 16-byte aligned fall back to
+    the pointer kernel."""
+    from llava_fast.ops import projector as P
+
+    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "tma")
+    layouts = []
+    real = P._tma_layout
+    monkeypatch.setattr(P, "_tma_layout", lambda a, b: layouts.append(real(a, b)) or layouts[-1])
+    dv, dt = dims
+    hf = hf_projector(dv, dt, bias, act).to(device)
+    x, params, dy = make_inputs(m, dv, dt, bias, device=device)
+    c = lambda t: t.to(dtype) if t is not None else None
+    ours = run_with_grads(fused(normalize_act(act)), c(x), [c(p) for p in params], c(dy), True)
+    if dtype == torch.float32:
+        ref_hi = hf_run(hf, x.double(), [p.double() if p is not None else None for p in params], dy, torch.float64,
+                        True)
+        ref_same = hf_run(hf, x, params, dy, torch.float32, True)
+        check_all(ours, ref_hi, ref_same, True, bias, atol_ulps=4)
+    else:
+        ref_hi = hf_run(hf, x, params, dy, torch.float32, True)
+        ref_same = hf_run(hf, c(x), [c(p) for p in params], c(dy), dtype, True)
+        check_all(ours, ref_hi, ref_same, True, bias)
+    per16 = 4 if dtype == torch.float32 else 8  # elements per 16 bytes
+    fwd_ok, bwd_ok = dv % per16 == 0, dt % per16 == 0  # GEMM1 reads x (M, dv); the dA GEMM dy (M, dt) and w2 (dt, dt)
+    assert [u for u, _, _ in layouts] == [fwd_ok, bwd_ok]
+    assert [k for u, k, _ in layouts if u] == [True, False][not fwd_ok:]  # B: w1.t() is K-major, w2 N-major
+    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="LLAVA_FAST_PROJECTOR_KERNEL"):
+        P.kernel_kind()
+
+
 @pytest.mark.parametrize("m", [7, 577])
 def test_fused_fp16_small(m, device):
     dv, dt = 64, 96
@@ -295,6 +334,14 @@ def _gpu_case(m, dims, dtype, bias, x_grad, approximate="none"):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_full_shapes(dims, m, dtype):
     _gpu_case(m, dims, dtype, bias=True, x_grad=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dims", [(1024, 4096), (1152, 896)])
+@pytest.mark.parametrize("m", [1, 577, 2881])
+def test_cuda_tma_kernel(dims, m, monkeypatch):
+    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "tma")
+    _gpu_case(m, dims, torch.bfloat16, bias=True, x_grad=True)
 
 
 @pytest.mark.cuda
