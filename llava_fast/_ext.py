@@ -59,3 +59,20 @@ def triton_usable() -> tuple[bool, str]:
     if torch.cuda.is_available():
         return True, "cuda"
     return False, "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
+
+
+_tma_allocator_set = False
+
+
+def ensure_tma_allocator() -> None:
+    """Device-side TMA tensor descriptors (``tl.make_tensor_descriptor``) need a small global scratch buffer per
+    launch, which Triton takes from ``triton.set_allocator``: set one (a torch CUDA allocation) the first time a
+    kernel that builds descriptors is launched on a GPU. No-op under the interpreter."""
+    global _tma_allocator_set
+    if _tma_allocator_set or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return
+    import torch
+    import triton
+
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _tma_allocator_set = True

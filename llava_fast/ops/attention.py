@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from llava_fast import backend
+from llava_fast import _ext, backend
 
 try:
     import triton
@@ -199,15 +199,23 @@ def _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 def _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kt, stride_vt, offs_m, offs_d0, offs_d1, lo, hi,
                     seqlen_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_D0: tl.constexpr,
                     MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
-    """Online softmax over key blocks [lo, hi). MASKED=False: every (row, key) pair is valid, no mask math."""
+                    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr = False, K1=None, V1=None):
+    """Online softmax over key blocks [lo, hi). MASKED=False: every (row, key) pair is valid, no mask math.
+    USE_TMA: K, V (and K1, V1 for chunk 1) are tensor descriptors of this document's rows; the copy engine fills
+    rows past the document and columns past the head dim with zeros (the score mask still applies)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+        if USE_TMA:
+            k0 = K.load([start_n, 0])
+        else:
+            k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
         qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         if HAS_D1:
-            k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+            if USE_TMA:
+                k1 = K1.load([start_n, 0])
+            else:
+                k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
         qk = qk * qk_scale                                                              # log2 units
         if MASKED:
@@ -224,12 +232,18 @@ def _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kt, stride_vt, of
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc0 = acc0 * alpha[:, None]
-        v0 = _load_tile(V, offs_n, stride_vt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+        if USE_TMA:
+            v0 = V.load([start_n, 0])
+        else:
+            v0 = _load_tile(V, offs_n, stride_vt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
         p = p.to(v0.dtype)
         acc0 = tl.dot(p, v0, acc0, input_precision=DOT_PREC)
         if HAS_D1:
             acc1 = acc1 * alpha[:, None]
-            v1 = _load_tile(V, offs_n, stride_vt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+            if USE_TMA:
+                v1 = V1.load([start_n, 0])
+            else:
+                v1 = _load_tile(V, offs_n, stride_vt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
             acc1 = tl.dot(p, v1, acc1, input_precision=DOT_PREC)
         m_i = m_new
     return acc0, acc1, l_i, m_i
@@ -242,7 +256,7 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
                            HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                            HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-                           D1_LO: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+                           D1_LO: tl.constexpr, HAS_SEQUSED: tl.constexpr, USE_TMA: tl.constexpr = False):
     stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
     stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
     stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
@@ -281,6 +295,24 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
         q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q0.dtype)  # unused
     Kb = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     Vb = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
+    if USE_TMA:  # this document's rows of this kv head, one descriptor per head-dim chunk (launcher: aligned rows)
+        Kd = tl.make_tensor_descriptor(Kb, shape=[seqlen_k, HEAD_DIM], strides=[stride_kt, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D0])
+        Vd = tl.make_tensor_descriptor(Vb, shape=[seqlen_k, HEAD_DIM], strides=[stride_vt, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D0])
+        if HAS_D1:
+            Kd1 = tl.make_tensor_descriptor(Kb + D1_LO, shape=[seqlen_k, HEAD_DIM - D1_LO], strides=[stride_kt, 1],
+                                            block_shape=[BLOCK_N, BLOCK_D1])
+            Vd1 = tl.make_tensor_descriptor(Vb + D1_LO, shape=[seqlen_k, HEAD_DIM - D1_LO], strides=[stride_vt, 1],
+                                            block_shape=[BLOCK_N, BLOCK_D1])
+        else:
+            Kd1 = Kd
+            Vd1 = Vd
+    else:
+        Kd = Kb
+        Vd = Vb
+        Kd1 = Kb
+        Vd1 = Vb
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -288,12 +320,12 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
     acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     diag = seqlen_k - seqlen_q
     full, end = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
-    acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kb, Vb, stride_kt, stride_vt, offs_m,
+    acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kd, Vd, stride_kt, stride_vt, offs_m,
                                            offs_d0, offs_d1, 0, full, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
-                                           MASK_D0, MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC)
-    acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kb, Vb, stride_kt, stride_vt, offs_m,
+                                           MASK_D0, MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1)
+    acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kd, Vd, stride_kt, stride_vt, offs_m,
                                            offs_d0, offs_d1, full, end, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
-                                           MASK_D0, MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC)
+                                           MASK_D0, MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1)
     empty = l_i == 0.0  # rows that see no key: out 0, lse +inf
     l_safe = tl.where(empty, 1.0, l_i)
     inv_l = 1.0 / l_safe
@@ -864,6 +896,17 @@ def _dkdv_one_loop() -> bool:
     return v == "1"
 
 
+def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """LLAVA_FAST_ATTN_TMA=1 (opt-in, forward only): K/V tiles through TMA tensor descriptors, one per (document, kv
+    head, head-dim chunk), built in the kernel. Needs 16-byte aligned K/V base pointers and token/head strides (the
+    descriptors' row starts); otherwise the pointer loads run."""
+    if os.environ.get("LLAVA_FAST_ATTN_TMA", "0") != "1":
+        return False
+    e = k.element_size()
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * e) % 16 == 0 and (t.stride(1) * e) % 16 == 0
+               for t in (k, v))
+
+
 def _strides(align: int, *tensors: torch.Tensor) -> tuple[int, ...]:
     """(stride(0), stride(1)) of each tensor divided by ``align`` (see :func:`_stride_align`), flattened."""
     return tuple(t.stride(i) // align for t in tensors for i in (0, 1))
@@ -932,9 +975,12 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     align = _stride_align(q, k, v, out)
     args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k if used else cu_seqlens_k,
             *_strides(align, q, k, v, out), lse.stride(0), softmax_scale * _LOG2E, hq // hkv, _bucket(max_seqlen_q))
+    tma = _use_tma(k, v)
     constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
                       DOT_PREC=_dot_prec(q.dtype), HAS_SEQUSED=used, ALIGN=align,
-                      D1_LO=_chunk1_start(d, d0, d1, has_d1))
+                      D1_LO=_chunk1_start(d, d0, d1, has_d1), USE_TMA=tma)
+    if tma and q.is_cuda:
+        _ext.ensure_tma_allocator()
     kind = "fwd_decode" if used and max_seqlen_q <= 16 else "fwd"
     with _device_guard(q):
         _launch(kind, _flash_attn_fwd_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq), args,

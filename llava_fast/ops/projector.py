@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from llava_fast import backend
+from llava_fast import _ext, backend
 
 try:  # Triton is optional (no Triton on macOS / Windows): the reference then serves every device.
     import triton
@@ -338,7 +338,6 @@ def _get_kernel(device: torch.device, fp32: bool, tma: bool = False):
 _KERNEL_ENV = "LLAVA_FAST_PROJECTOR_KERNEL"
 KERNELS = ("pointer", "tma")
 _num_sms: dict = {}
-_allocator_set = False
 
 
 def kernel_kind() -> str:
@@ -374,13 +373,6 @@ def _sm_count(device: torch.device) -> int:
         _num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _num_sms[idx]
 
-
-def _ensure_allocator() -> None:
-    """Device-side tensor descriptors need a small global scratch buffer per launch (triton.set_allocator)."""
-    global _allocator_set
-    if not _allocator_set and not _interpret():
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _allocator_set = True
 
 
 def _autotune_bench(kernel_call, quantiles):
@@ -428,7 +420,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
             if _interpret():
                 _projector_gemm_tma_kernel[tma_grid(_INTERPRET_META)](*tma_args, **flags, **_INTERPRET_META)
                 return
-            _ensure_allocator()
+            _ext.ensure_tma_allocator()
             with torch.cuda.device(a.device):
                 _get_kernel(a.device, fp32, tma=True)[tma_grid](*tma_args, **flags)
             return

@@ -148,6 +148,28 @@ def test_dkdv_one_loop_variant(monkeypatch, device, case):
         _dkdv_one_loop()
 
 
+@pytest.mark.parametrize("case", ["mha-d64-causal", "gqa2-d72", "mha-d80-causal", "sq<sk-gqa2-d64-causal",
+                                  "sq>sk-empty-docs-causal", "fp16-d72"])
+def test_tma_forward_variant(monkeypatch, device, case):
+    """LLAVA_FAST_ATTN_TMA=1 (opt-in): the forward loads K/V through TMA tensor descriptors built per (document, kv
+    head, head-dim chunk); rows past a document and columns past D come back as zeros from the copy engine. Same
+    results as the pointer loads (interpreter here; the cuda test at full size)."""
+    from llava_fast.ops.attention import _use_tma
+
+    monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "1")
+    lens_q, lens_k, hq, hkv, d, causal, dtype = CASES[case]
+    k = torch.empty(sum(lens_k), hkv, d, dtype=dtype)
+    assert _use_tma(k, k)
+    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
+    if d == 72:  # and with the overlapping 64 + [56, 72) split: chunk 1's descriptor starts 56 columns in
+        monkeypatch.setenv("LLAVA_FAST_ATTN_SPLIT", "overlap")
+        _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
+    shifted = torch.empty(k.numel() + 1, dtype=dtype)[1:].view(k.shape)  # base pointer not 16-byte aligned
+    assert not _use_tma(shifted, shifted)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "0")
+    assert not _use_tma(k, k)
+
+
 def test_empty_rows_are_zero(device):
     """Queries that see no key (causal, Sq > Sk) get out = 0, lse = +inf and zero gradients (flash-attn)."""
     q, k, v, cu_q, cu_k = _make([6], [2], 2, 2, 64, torch.float32, device)
@@ -318,6 +340,15 @@ GPU_DOCS = {"1": [1], "17": [17], "97": [97], "577": [577], "729": [729], "mix":
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_docs_x_headdim(docs, d, causal):
     lens = GPU_DOCS[docs]
+    _check_against_ref(lens, lens, 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 72, 80, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_tma_forward(monkeypatch, d, causal):
+    monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "1")
+    lens = GPU_DOCS["mix"]
     _check_against_ref(lens, lens, 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
 
 
