@@ -95,8 +95,8 @@ if want ops; then
   for b in $OPS; do
     if [ "$b" = "sweep" ]; then  # not in the default list: forward/backward configs at causal D128 4k, one at a time;
       # the dK/dV candidates are the low-spill ones of benchmarks/aot_check.py (triton 3.6, docs/perf-notes.md)
-      step attention_sweep 340 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
-        --variants "default|TMA=1|LOOPS=1|LOOPS=1+CFG=dkdv=64,64,8,2|CFG=dkdv=64,64,8,2|CFG=dkdv=64,128,8,2|BWD=atomic|BWD=atomic+CFG=bwd_fused=64,128,8,2|BWD=atomic+CFG=bwd_fused=64,64,8,1|CFG=dq=128,64,8,2|CFG=dq=64,64,4,3|CFG=fwd=128,64,4,3" \
+      step attention_sweep 400 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
+        --variants "default|TMA=1|TMA=1+LOOPS=1|TMA=1+LOOPS=1+CFG=dkdv=64,64,8,2|LOOPS=1|LOOPS=1+CFG=dkdv=64,64,8,2|CFG=dkdv=64,64,8,2|CFG=dkdv=64,128,8,2|BWD=atomic|BWD=atomic+CFG=bwd_fused=64,128,8,2|BWD=atomic+CFG=bwd_fused=64,64,8,1|CFG=dq=128,64,8,2|CFG=dq=64,64,4,3|CFG=fwd=128,64,4,3" \
         --out "$RES/attention_sweep.jsonl"
     elif [ "$b" = "variants" ]; then  # each variant in its own process: a faulting one cannot take the others down;
       # D=72: default (pipelined since session 3), ALIGN=0 (the old unpipelined loads), the overlap split, TMA loads

@@ -358,17 +358,26 @@ def _flash_attn_bwd_preprocess_kernel(O, DO, DELTA, total_q, stride_ot, stride_o
 def _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n,
                          offs_d0, offs_d1, lo, hi, mask_end, seqlen_q, diag, qk_scale, HEAD_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr,
-                         MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BAND: tl.constexpr = False):
+                         MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BAND: tl.constexpr = False,
+                         USE_TMA: tl.constexpr = False, QD=None, DOD=None, QD1=None, DOD1=None, h=0,
+                         BLOCK_D0: tl.constexpr = 16, BLOCK_D1: tl.constexpr = 16):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head. Query rows past the
     document load lse = +inf, so p = 0 for them without a mask; MASKED adds the causal mask (BAND: only to the query
-    blocks that start before mask_end)."""
+    blocks that start before mask_end). USE_TMA: q/dO tiles through 3-D (token, head, dim) descriptors of the
+    document (QD, DOD; QD1, DOD1 for chunk 1) at head h."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        q0 = _load_tile(Qh, offs_m, stride_qt, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
+        if USE_TMA:
+            q0 = tl.reshape(QD.load([start_m, h, 0]), (BLOCK_M, BLOCK_D0))
+        else:
+            q0 = _load_tile(Qh, offs_m, stride_qt, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
         qkT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)                      # (BLOCK_N, BLOCK_M)
         if HAS_D1:
-            q1 = _load_tile(Qh, offs_m, stride_qt, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
+            if USE_TMA:
+                q1 = tl.reshape(QD1.load([start_m, h, 0]), (BLOCK_M, BLOCK_D1))
+            else:
+                q1 = _load_tile(Qh, offs_m, stride_qt, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
             qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PREC)
         rmask = offs_m < seqlen_q
         lse = tl.load(LSEh + offs_m, mask=rmask, other=float("inf")) * 1.4426950408889634
@@ -378,11 +387,17 @@ def _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELT
                 pT = tl.where((offs_m[None, :] + diag >= offs_n[:, None]) | (start_m >= mask_end), pT, 0.0)
             else:
                 pT = tl.where(offs_m[None, :] + diag >= offs_n[:, None], pT, 0.0)
-        do0 = _load_tile(DOh, offs_m, stride_dot, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
+        if USE_TMA:
+            do0 = tl.reshape(DOD.load([start_m, h, 0]), (BLOCK_M, BLOCK_D0))
+        else:
+            do0 = _load_tile(DOh, offs_m, stride_dot, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
         dv0 = tl.dot(pT.to(do0.dtype), do0, dv0, input_precision=DOT_PREC)
         dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
         if HAS_D1:
-            do1 = _load_tile(DOh, offs_m, stride_dot, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
+            if USE_TMA:
+                do1 = tl.reshape(DOD1.load([start_m, h, 0]), (BLOCK_M, BLOCK_D1))
+            else:
+                do1 = _load_tile(DOh, offs_m, stride_dot, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
             dv1 = tl.dot(pT.to(do1.dtype), do1, dv1, input_precision=DOT_PREC)
             dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
         delta = tl.load(DELTAh + offs_m, mask=rmask, other=0.0)
@@ -401,7 +416,7 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                                 HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-                                D1_LO: tl.constexpr, ONE_LOOP: tl.constexpr = False):
+                                D1_LO: tl.constexpr, ONE_LOOP: tl.constexpr = False, USE_TMA: tl.constexpr = False):
     stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
     stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
     stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
@@ -456,6 +471,27 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         lo = 0
         mid = 0
     q_off = q_start.to(tl.int64)
+    if USE_TMA:  # (token, head, dim) descriptors of this document's queries and output gradients, all heads
+        QD = tl.make_tensor_descriptor(Q + q_off * stride_qt, shape=[seqlen_q, group * tl.num_programs(2), HEAD_DIM],
+                                       strides=[stride_qt, stride_qh, 1], block_shape=[BLOCK_M, 1, BLOCK_D0])
+        DOD = tl.make_tensor_descriptor(DO + q_off * stride_dot, shape=[seqlen_q, group * tl.num_programs(2),
+                                        HEAD_DIM], strides=[stride_dot, stride_doh, 1],
+                                        block_shape=[BLOCK_M, 1, BLOCK_D0])
+        if HAS_D1:
+            QD1 = tl.make_tensor_descriptor(Q + q_off * stride_qt + D1_LO, shape=[seqlen_q, group * tl.num_programs(2),
+                                            HEAD_DIM - D1_LO], strides=[stride_qt, stride_qh, 1],
+                                            block_shape=[BLOCK_M, 1, BLOCK_D1])
+            DOD1 = tl.make_tensor_descriptor(DO + q_off * stride_dot + D1_LO, shape=[seqlen_q, group *
+                                             tl.num_programs(2), HEAD_DIM - D1_LO], strides=[stride_dot, stride_doh, 1],
+                                             block_shape=[BLOCK_M, 1, BLOCK_D1])
+        else:
+            QD1 = QD
+            DOD1 = DOD
+    else:
+        QD = Q
+        DOD = DO
+        QD1 = Q
+        DOD1 = DO
     for g in range(0, group):  # every query head of this kv head: GQA gradients summed in registers
         h = hk * group + g
         Qh = Q + q_off * stride_qt + h * stride_qh
@@ -466,16 +502,19 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
             dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
                                                       stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, seqlen_q,
                                                       mid, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
-                                                      MASK_D1, HAS_D1, CAUSAL, DOT_PREC, True)
+                                                      MASK_D1, HAS_D1, CAUSAL, DOT_PREC, True, USE_TMA, QD, DOD,
+                                                      QD1, DOD1, h, BLOCK_D0, BLOCK_D1)
         else:
             dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
                                                       stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, mid,
                                                       seqlen_q, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
-                                                      MASK_D1, HAS_D1, True, DOT_PREC)
+                                                      MASK_D1, HAS_D1, True, DOT_PREC, False, USE_TMA, QD,
+                                                      DOD, QD1, DOD1, h, BLOCK_D0, BLOCK_D1)
             dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
                                                       stride_qt, stride_dot, offs_n, offs_d0, offs_d1, mid, seqlen_q,
                                                       0, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
-                                                      MASK_D1, HAS_D1, False, DOT_PREC)
+                                                      MASK_D1, HAS_D1, False, DOT_PREC, False, USE_TMA, QD,
+                                                      DOD, QD1, DOD1, h, BLOCK_D0, BLOCK_D1)
     DKb = DK + (k_start + start_n).to(tl.int64) * stride_dkt + hk * stride_dkh
     DVb = DV + (k_start + start_n).to(tl.int64) * stride_dvt + hk * stride_dvh
     _store_tile(DKb, dk0 * sm_scale, offs_nb, stride_dkt, offs_d0, keys_left, HEAD_DIM)
@@ -897,9 +936,10 @@ def _dkdv_one_loop() -> bool:
 
 
 def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """LLAVA_FAST_ATTN_TMA=1 (opt-in, forward only): K/V tiles through TMA tensor descriptors, one per (document, kv
-    head, head-dim chunk), built in the kernel. Needs 16-byte aligned K/V base pointers and token/head strides (the
-    descriptors' row starts); otherwise the pointer loads run."""
+    """LLAVA_FAST_ATTN_TMA=1 (opt-in): the forward's K/V tiles and the dK/dV kernel's q/dO tiles through TMA tensor
+    descriptors built in the kernel per document (2-D per kv head and head-dim chunk; 3-D (token, head, dim) for
+    q/dO). Needs 16-byte aligned base pointers and token/head strides of the two tensors (the descriptors' row
+    starts); otherwise the pointer loads run. The dQ and atomic kernels keep pointer loads."""
     if os.environ.get("LLAVA_FAST_ATTN_TMA", "0") != "1":
         return False
     e = k.element_size()
@@ -1017,8 +1057,11 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_k))
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
                           DOT_PREC=dot_prec, ALIGN=align, D1_LO=_chunk1_start(d, d0, d1, has_d1))
+        tma = _use_tma(q, dout)
+        if tma and q.is_cuda:
+            _ext.ensure_tma_allocator()
         _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv),
-                args, dict(constexprs, ONE_LOOP=_dkdv_one_loop()))
+                args, dict(constexprs, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma))
         args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dq),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_q))
         _launch("dq", _flash_attn_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq),

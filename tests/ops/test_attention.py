@@ -150,10 +150,11 @@ def test_dkdv_one_loop_variant(monkeypatch, device, case):
 
 @pytest.mark.parametrize("case", ["mha-d64-causal", "gqa2-d72", "mha-d80-causal", "sq<sk-gqa2-d64-causal",
                                   "sq>sk-empty-docs-causal", "fp16-d72"])
-def test_tma_forward_variant(monkeypatch, device, case):
-    """LLAVA_FAST_ATTN_TMA=1 (opt-in): the forward loads K/V through TMA tensor descriptors built per (document, kv
-    head, head-dim chunk); rows past a document and columns past D come back as zeros from the copy engine. Same
-    results as the pointer loads (interpreter here; the cuda test at full size)."""
+def test_tma_variant(monkeypatch, device, case):
+    """LLAVA_FAST_ATTN_TMA=1 (opt-in): the forward loads K/V, the dK/dV kernel q/dO, through TMA tensor descriptors
+    built per document (2-D per kv head and head-dim chunk; 3-D (token, head, dim) for q/dO); rows past a document
+    and columns past D come back as zeros from the copy engine. Same results as the pointer loads, forward and every
+    gradient (interpreter here; the cuda test at full size)."""
     from llava_fast.ops.attention import _use_tma
 
     monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "1")
@@ -346,7 +347,7 @@ def test_cuda_docs_x_headdim(docs, d, causal):
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", [64, 72, 80, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_tma_forward(monkeypatch, d, causal):
+def test_cuda_tma(monkeypatch, d, causal):
     monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "1")
     lens = GPU_DOCS["mix"]
     _check_against_ref(lens, lens, 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
