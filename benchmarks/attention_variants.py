@@ -141,13 +141,16 @@ def main() -> int:
         print(json.dumps(_child(a.child, a.time)), flush=True)
         return 0
     jobs = [(v, int(d)) for v in a.variants.split("|") for d in a.dims.split(",")]
-    with ThreadPoolExecutor(max(1, a.jobs)) as ex:
-        results = list(ex.map(lambda j: _run(j[0], j[1], a.time, a.timeout), jobs))
     if a.out:
-        Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in results))
-    for r in results:
-        extra = {k: v for k, v in r.items() if k not in ("variant", "d", "status")}
-        print(f"{r['variant']:<40} D={r['d']:<4} {r['status']:<10} {json.dumps(extra)}")
+        Path(a.out).write_text("")
+    with ThreadPoolExecutor(max(1, a.jobs)) as ex:
+        # each result is printed and written as soon as it is in: a time limit that stops the run keeps the others
+        for r in ex.map(lambda j: _run(j[0], j[1], a.time, a.timeout), jobs):
+            extra = {k: v for k, v in r.items() if k not in ("variant", "d", "status")}
+            print(f"{r['variant']:<40} D={r['d']:<4} {r['status']:<10} {json.dumps(extra)}", flush=True)
+            if a.out:
+                with open(a.out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
     return 0
 
 
