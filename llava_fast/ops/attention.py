@@ -196,6 +196,30 @@ def _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
+def _kv_sources(Kb, Vb, seqlen_k, stride_kt, stride_vt, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, D1_LO: tl.constexpr, HAS_D1: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """What the key loops read K/V tiles from: the row pointers, or (USE_TMA) tensor descriptors of this document's
+    rows of one kv head, one per head-dim chunk (the launcher checked 16-byte aligned rows)."""
+    if USE_TMA:
+        Kd = tl.make_tensor_descriptor(Kb, shape=[seqlen_k, HEAD_DIM], strides=[stride_kt, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D0])
+        Vd = tl.make_tensor_descriptor(Vb, shape=[seqlen_k, HEAD_DIM], strides=[stride_vt, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D0])
+        if HAS_D1:
+            Kd1 = tl.make_tensor_descriptor(Kb + D1_LO, shape=[seqlen_k, HEAD_DIM - D1_LO], strides=[stride_kt, 1],
+                                            block_shape=[BLOCK_N, BLOCK_D1])
+            Vd1 = tl.make_tensor_descriptor(Vb + D1_LO, shape=[seqlen_k, HEAD_DIM - D1_LO], strides=[stride_vt, 1],
+                                            block_shape=[BLOCK_N, BLOCK_D1])
+        else:
+            Kd1 = Kd
+            Vd1 = Vd
+        return Kd, Vd, Kd1, Vd1
+    else:
+        return Kb, Vb, Kb, Vb
+
+
+@triton.jit
 def _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kt, stride_vt, offs_m, offs_d0, offs_d1, lo, hi,
                     seqlen_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_D0: tl.constexpr,
                     MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -295,24 +319,8 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
         q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q0.dtype)  # unused
     Kb = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     Vb = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
-    if USE_TMA:  # this document's rows of this kv head, one descriptor per head-dim chunk (launcher: aligned rows)
-        Kd = tl.make_tensor_descriptor(Kb, shape=[seqlen_k, HEAD_DIM], strides=[stride_kt, 1],
-                                       block_shape=[BLOCK_N, BLOCK_D0])
-        Vd = tl.make_tensor_descriptor(Vb, shape=[seqlen_k, HEAD_DIM], strides=[stride_vt, 1],
-                                       block_shape=[BLOCK_N, BLOCK_D0])
-        if HAS_D1:
-            Kd1 = tl.make_tensor_descriptor(Kb + D1_LO, shape=[seqlen_k, HEAD_DIM - D1_LO], strides=[stride_kt, 1],
-                                            block_shape=[BLOCK_N, BLOCK_D1])
-            Vd1 = tl.make_tensor_descriptor(Vb + D1_LO, shape=[seqlen_k, HEAD_DIM - D1_LO], strides=[stride_vt, 1],
-                                            block_shape=[BLOCK_N, BLOCK_D1])
-        else:
-            Kd1 = Kd
-            Vd1 = Vd
-    else:
-        Kd = Kb
-        Vd = Vb
-        Kd1 = Kb
-        Vd1 = Vb
+    Kd, Vd, Kd1, Vd1 = _kv_sources(Kb, Vb, seqlen_k, stride_kt, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1,
+                                   D1_LO, HAS_D1, USE_TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -528,18 +536,32 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
 def _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d0, offs_d1,
                        lo, hi, seqlen_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr,
-                       CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                       CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr = False, K1=None,
+                       V1=None):
+    """dQ of one query block over key blocks [lo, hi). USE_TMA: K, V, K1, V1 are descriptors (see _kv_sources)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+        if USE_TMA:
+            k0 = K.load([start_n, 0])
+        else:
+            k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
         qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
-        v0 = _load_tile(V, offs_n, stride_vt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+        if USE_TMA:
+            v0 = V.load([start_n, 0])
+        else:
+            v0 = _load_tile(V, offs_n, stride_vt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
         if HAS_D1:
-            k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+            if USE_TMA:
+                k1 = K1.load([start_n, 0])
+            else:
+                k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
-            v1 = _load_tile(V, offs_n, stride_vt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+            if USE_TMA:
+                v1 = V1.load([start_n, 0])
+            else:
+                v1 = _load_tile(V, offs_n, stride_vt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
             dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
@@ -562,7 +584,7 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                               HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                               HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-                              D1_LO: tl.constexpr):
+                              D1_LO: tl.constexpr, USE_TMA: tl.constexpr = False):
     stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
     stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
     stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
@@ -614,12 +636,14 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     diag = seqlen_k - seqlen_q
     full, end = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
-    dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, Kb, Vb, stride_kt, stride_vt, offs_m,
+    Kd, Vd, Kd1, Vd1 = _kv_sources(Kb, Vb, seqlen_k, stride_kt, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1,
+                                   D1_LO, HAS_D1, USE_TMA)
+    dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, Kd, Vd, stride_kt, stride_vt, offs_m,
                                   offs_d0, offs_d1, 0, full, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N, MASK_D0,
-                                  MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC)
-    dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, Kb, Vb, stride_kt, stride_vt, offs_m,
+                                  MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1)
+    dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, Kd, Vd, stride_kt, stride_vt, offs_m,
                                   offs_d0, offs_d1, full, end, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N, MASK_D0,
-                                  MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC)
+                                  MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1)
     DQb = DQ + row0 * stride_dqt + h * stride_dqh
     _store_tile(DQb, dq0 * sm_scale, offs_mb, stride_dqt, offs_d0, rows_left, HEAD_DIM)
     if HAS_D1:
@@ -936,10 +960,11 @@ def _dkdv_one_loop() -> bool:
 
 
 def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """LLAVA_FAST_ATTN_TMA=1 (opt-in): the forward's K/V tiles and the dK/dV kernel's q/dO tiles through TMA tensor
-    descriptors built in the kernel per document (2-D per kv head and head-dim chunk; 3-D (token, head, dim) for
-    q/dO). Needs 16-byte aligned base pointers and token/head strides of the two tensors (the descriptors' row
-    starts); otherwise the pointer loads run. The dQ and atomic kernels keep pointer loads."""
+    """LLAVA_FAST_ATTN_TMA=1 (opt-in): the forward's and dQ's K/V tiles and the dK/dV kernel's q/dO tiles through TMA
+    tensor descriptors built in the kernel per document (2-D per kv head and head-dim chunk; 3-D (token, head, dim)
+    for q/dO). Needs 16-byte aligned base pointers and token/head strides of the two tensors (the descriptors' row
+    starts); otherwise the pointer loads run. The dQ kernel reads K/V like the forward; the atomic backward keeps
+    pointer loads."""
     if os.environ.get("LLAVA_FAST_ATTN_TMA", "0") != "1":
         return False
     e = k.element_size()
@@ -1064,8 +1089,11 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
                 args, dict(constexprs, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma))
         args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dq),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_q))
+        tma_kv = _use_tma(k, v)
+        if tma_kv and q.is_cuda:
+            _ext.ensure_tma_allocator()
         _launch("dq", _flash_attn_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq),
-                args, constexprs)
+                args, dict(constexprs, USE_TMA=tma_kv))
     return dq, dk, dv
 
 
