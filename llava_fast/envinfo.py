@@ -41,6 +41,12 @@ def env() -> dict:
     ok, why = _ext.triton_usable()
     info["triton_usable"] = f"{'yes' if ok else 'no'}: {why}"
     info["backends"] = backend.describe("cuda" if cuda else "cpu")
+    import os
+
+    # kernel variants and experiments chosen by environment variables (docs/gpu-runbook.md lists them)
+    flags = {k: v for k, v in sorted(os.environ.items()) if k.startswith("LLAVA_FAST_")
+             and not k.startswith("LLAVA_FAST_BACKEND_")}
+    info["env_overrides"] = ", ".join(f"{k}={v}" for k, v in flags.items()) or "none"
     return info
 
 

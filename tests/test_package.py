@@ -28,6 +28,15 @@ def test_env_reports_everything():
     assert set(info["backends"]) >= {"attention", "projector", "rms_norm", "cross_entropy"}
 
 
+def test_env_lists_the_kernel_variant_overrides(monkeypatch):
+    import llava_fast
+
+    monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "1")
+    monkeypatch.setenv("LLAVA_FAST_BACKEND_ATTENTION", "reference")  # shown under backends, not here
+    assert "LLAVA_FAST_ATTN_TMA=1" in llava_fast.env()["env_overrides"]
+    assert "BACKEND" not in llava_fast.env()["env_overrides"]
+
+
 def test_cli_env_runs():
     out = subprocess.run([sys.executable, "-m", "llava_fast.cli", "env"], capture_output=True, text=True, check=True)
     assert "backends (per op)" in out.stdout
