@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from llava_fast.data.images import (DEFAULT_MAX_PIXELS, ImageProcessorConfig, cls_token_kept, image_config,
-                                    image_tiles, image_tokens, load_image, probe_size)
+                                    image_tiles, image_tokens, load_image, load_image_u8,
+                                    probe_size)
 from llava_fast.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SampleError,
                                        encode_conversation, expand_placeholders)
 from llava_fast.ops import anyres
@@ -298,14 +299,14 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         it = self.items[i]
         try:
-            imgs = [load_image(p, self.max_pixels) for p in it.images]
+            imgs = [load_image_u8(p, self.max_pixels) for p in it.images]  # uint8 (3, H, W)
             frames = [load_image(p, self.max_pixels) for p in it.video]
         except SampleError as e:
             if self.strict:
                 raise DataError(f"sample {it.sample_id!r}: {e.reason}: {e}") from None
             return {"dropped": e.reason, "sample_id": it.sample_id, "message": str(e)}
         multi = len(imgs) > 1
-        sizes = [(im.size[1], im.size[0]) for im in imgs]
+        sizes = [(int(im.shape[1]), int(im.shape[2])) for im in imgs]
         counts = it.image_tokens if sizes == [tuple(s) for s in it.sizes] else \
             [image_tokens(self.image_config, s, multi, self.cls_token) for s in sizes]
         ids, labels = expand_placeholders(it.ids.tolist(), it.labels.tolist(), counts, self.image_token_id,

@@ -330,7 +330,7 @@ def _pil_to_u8(img) -> torch.Tensor:
         bg = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         rgb = PIL.Image.alpha_composite(bg, rgba).convert("RGB")
     else:
-        rgb = img.convert("RGB")
+        rgb = img if img.mode == "RGB" else img.convert("RGB")  # convert() of an RGB image is a copy
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
 

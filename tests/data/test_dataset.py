@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from llava_fast.data import (DataError, ImageProcessorConfig, LlavaDataset, PackedBatchSampler, collate_packed,
-                             collate_padded, load_image)
+                             collate_padded, load_image, load_image_u8)
 from llava_fast.data.word_tokenizer import build_word_tokenizer
 
 SPEC = ImageProcessorConfig.for_variant("llava_next", tile=56, patch_size=14,
@@ -49,6 +49,37 @@ def test_load_image_modes(image_dir):
         assert im.mode == "RGB" and im.size == (70, 40), name
     # transparency composited over white (transformers' convert_to_rgb)
     assert np.asarray(load_image(str(image_dir / "rgba.png"))).min() == 255
+
+
+def test_load_image_u8_equals_pil_decode(image_dir, tmp_path, monkeypatch):
+    """The dataset's decoder: JPEG through torchvision when it passed its self-check against PIL, all else through
+    load_image; either way PIL's pixels, and the same errors."""
+    from llava_fast.data import images as I
+
+    yy, xx = np.mgrid[0:333, 0:517]
+    noise = np.random.default_rng(1).integers(-30, 30, (333, 517, 3))
+    photo = np.clip(np.stack([xx / 2, yy / 1.4, 255 - xx / 3], -1) + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "p420.jpg", quality=90)                 # 4:2:0
+    Image.fromarray(photo).save(tmp_path / "p444.jpg", quality=95, subsampling=0)
+    Image.fromarray(photo).save(tmp_path / "prog.jpg", quality=80, progressive=True)
+    Image.fromarray(photo[..., 1]).save(tmp_path / "grey.jpg", quality=90)
+    data = (tmp_path / "p420.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) * 2 // 3])
+    files = [tmp_path / n for n in ("p420.jpg", "p444.jpg", "prog.jpg", "grey.jpg")]
+    files += [image_dir / n for n in ("rgb.png", "gray.png", "cmyk.jpg", "rgba.png", "pal.png", "gray16.png")]
+    for use_tv in (True, False):
+        if not use_tv:
+            monkeypatch.setattr(I, "_tv_jpeg", False)
+        for f in files:
+            got = load_image_u8(str(f))
+            ref = torch.from_numpy(np.array(load_image(str(f)))).permute(2, 0, 1)
+            assert got.dtype == torch.uint8 and torch.equal(got, ref), (f.name, use_tv)
+        with pytest.raises(Exception, match="trunc.jpg"):
+            load_image_u8(str(tmp_path / "trunc.jpg"))
+        with pytest.raises(Exception, match="garbage.jpg"):
+            load_image_u8(str(image_dir / "garbage.jpg"))
+    monkeypatch.setattr(I, "_tv_jpeg", None)
+    print("torchvision JPEG decoder in use:", I._jpeg_decoder() is not None)
 
 
 def test_drops_counted_and_strict(tmp_path, image_dir, tok):
