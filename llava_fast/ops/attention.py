@@ -965,7 +965,10 @@ def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     for q/dO). Needs 16-byte aligned base pointers and token/head strides of the two tensors (the descriptors' row
     starts); otherwise the pointer loads run. The dQ kernel reads K/V like the forward; the atomic backward keeps
     pointer loads."""
-    if os.environ.get("LLAVA_FAST_ATTN_TMA", "0") != "1":
+    flag = os.environ.get("LLAVA_FAST_ATTN_TMA", "0")
+    if flag not in ("0", "1"):
+        raise ValueError(f"LLAVA_FAST_ATTN_TMA={flag!r}: must be 0 or 1")
+    if flag == "0":
         return False
     e = k.element_size()
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * e) % 16 == 0 and (t.stride(1) * e) % 16 == 0

@@ -169,6 +169,9 @@ def test_tma_variant(monkeypatch, device, case):
     assert not _use_tma(shifted, shifted)
     monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "0")
     assert not _use_tma(k, k)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "yes")
+    with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_TMA"):
+        _use_tma(k, k)
 
 
 def test_empty_rows_are_zero(device):
