@@ -287,12 +287,12 @@ def drive_pack_features():
         yield f"NeXT 2 images D={d}", call
 
 
-def drive_projector(arch):
+def drive_projector(arch, max_configs=None):
     P = _import("llava_fast.ops.projector")
     cap = (arch // 10, arch % 10)
     m, k, n = 23040, 1024, 4096
     a, b, out = _meta(m, k), _meta(k, n), _meta(m, n)
-    for cfg in P._configs(cap, False):
+    for cfg in P._configs(cap, False)[:max_configs]:
         for epi, label in ((1, "gelu"), (2, "dgelu")):
             def call(cfg=cfg, epi=epi):
                 args = (a, b, out, out, out, out, m, n, k, P._m_key(m), a.stride(0), a.stride(1), b.stride(0),
@@ -332,7 +332,7 @@ def _env(name, value):
 
 
 def run(ops, arch, dims=(64, 72, 128), dtypes=(torch.bfloat16,), causals=(True,), kinds=KINDS,
-        sweep: dict | None = None) -> list[dict]:
+        sweep: dict | None = None, max_configs: int | None = None) -> list[dict]:
     rows = []
 
     def emit(op, label, rec, extra=None):
@@ -361,7 +361,7 @@ def run(ops, arch, dims=(64, 72, 128), dtypes=(torch.bfloat16,), causals=(True,)
                             cfg=[v["BLOCK_M"], v["BLOCK_N"], rec.num_warps, rec.num_stages], align=v.get("ALIGN"),
                             split=[v["BLOCK_D0"], v["BLOCK_D1"] if v["HAS_D1"] else 0], d1_lo=v.get("D1_LO")))
     drivers = {"rms_norm": drive_rms_norm, "rope": drive_rope, "swiglu": drive_swiglu,
-               "cross_entropy": drive_cross_entropy, "projector": lambda: drive_projector(arch),
+               "cross_entropy": drive_cross_entropy, "projector": lambda: drive_projector(arch, max_configs),
                "pack_features": drive_pack_features}
     for op in ops:
         if op == "attention":
@@ -411,6 +411,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="90 (H100/H200, sm_90a) or 80 (A100)")
     ap.add_argument("--sweep", default="", help='attention configs instead of the defaults (via LLAVA_FAST_ATTN_CFG): '
                     '"dkdv=64,64,8,3|64,128,8,2;dq=128,64,8,2" (BLOCK_M,BLOCK_N,num_warps,num_stages)')
+    ap.add_argument("--max-configs", type=int, default=None, help="projector: only the first N autotune configs")
     ap.add_argument("--save", default="", help="write the rows as JSON")
     ap.add_argument("--compare", default="", help="JSON of an earlier run: report kernels whose PTX changed")
     args = ap.parse_args(argv)
@@ -422,7 +423,7 @@ def main(argv=None) -> int:
         sweep[kind.strip()] = [tuple(int(x) for x in c.split(",")) for c in cfgs.split("|")]
     print(f"triton {triton.__version__} ({Path(triton.__file__).parent}), target sm_{args.arch}, ptxas {_ptxas()}")
     rows = run(ops, args.arch, [int(x) for x in args.dims.split(",")], [dt[x] for x in args.dtypes.split(",")],
-               [c == "1" for c in args.causal.split(",")], tuple(args.kinds.split(",")), sweep)
+               [c == "1" for c in args.causal.split(",")], tuple(args.kinds.split(",")), sweep, args.max_configs)
     if args.save:
         Path(args.save).write_text(json.dumps(rows, indent=1))
         print("saved", args.save)
