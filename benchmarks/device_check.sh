@@ -9,10 +9,10 @@
 #   STEPS=all          comma list of: build,env,tests,ops,plot (e.g. STEPS=build,ops for a second call)
 #   OPS="attention ..." benchmarks to run, in this order ("model" is the end-to-end bench_model.py with 4 layers,
 #                      "variants" is attention_variants.py: head dim 72 split policies, correctness + SigLIP timing;
-#                      "sweep", not in the default list, times six attention configs at causal D128 4k, ~3 min);
-#                      default (what the last run did not measure or must re-check first): model variants attention
-#                      pack_features rms_norm swiglu rope anyres projector cross_entropy mixed ("mixed": bench_model's
-#                      mixed-length stage-2 run, packing fill vs transformers' padding waste).
+#                      "sweep", not in the default list, times 15 attention variants at causal D128 4k, <= 400 s);
+#                      default (what session 3 changed without a GPU first, then what was never measured): variants
+#                      attention anyres projector model pack_features rms_norm swiglu rope cross_entropy mixed
+#                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
 #                      A second call can pass the reverse order to reach first what the first call did not.
 #   TESTS_S=175        limit of the GPU test step;  XDIST=12  pytest-xdist workers
 #   GPU_TESTS=quick    quick: a representative subset of the `cuda` tests (every kernel and code path, fewer
@@ -38,7 +38,7 @@ DEADLINE_S=${DEADLINE_S:-530}
 TESTS_S=${TESTS_S:-175}
 STEPS=${STEPS:-all}
 GPU_TESTS=${GPU_TESTS:-quick}
-OPS=${OPS:-"model variants attention pack_features rms_norm swiglu rope anyres projector cross_entropy mixed"}
+OPS=${OPS:-"variants attention anyres projector model pack_features rms_norm swiglu rope cross_entropy mixed"}
 QUICK=$([ "${FULL:-0}" = "1" ] && echo "" || echo "--quick")
 t0=$(date +%s)
 summary=()
