@@ -809,7 +809,6 @@ def gpu_encoder_version() -> int:
     return int(v)
 
 
-
 def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=torch.float32, out=None,
                       layout: str = "tiles", resample: str = "uint8") -> dict:
     """The CUDA tile encoder on uint8 (3, H, W) CUDA tensors (any strides: CHW, HWC views, expanded grey).
