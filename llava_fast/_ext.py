@@ -52,7 +52,7 @@ def triton_usable() -> tuple[bool, str]:
         import triton  # noqa: F401
     except Exception as e:
         return False, f"triton not importable ({type(e).__name__})"
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return True, "interpreter (TRITON_INTERPRET=1)"
     import torch
 
@@ -69,10 +69,36 @@ def ensure_tma_allocator() -> None:
     launch, which Triton takes from ``triton.set_allocator``: set one (a torch CUDA allocation) the first time a
     kernel that builds descriptors is launched on a GPU. No-op under the interpreter."""
     global _tma_allocator_set
-    if _tma_allocator_set or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if _tma_allocator_set or interpreting():
         return
     import torch
     import triton
 
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     _tma_allocator_set = True
+
+
+def interpreting() -> bool:
+    """Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def env_choice(name: str, choices: tuple, default: str) -> str:
+    """The environment variable ``name`` (read at every call), one of ``choices``; a ValueError naming it otherwise."""
+    value = os.environ.get(name, default).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: must be one of {choices}")
+    return value
+
+
+_sm_counts: dict = {}
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached per device index)."""
+    import torch
+
+    idx = device.index if getattr(device, "index", None) is not None else torch.cuda.current_device()
+    if idx not in _sm_counts:
+        _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_counts[idx]

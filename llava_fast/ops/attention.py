@@ -793,12 +793,8 @@ def _flash_attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _autotune_enabled() -> bool:
-    return os.environ.get("LLAVA_FAST_ATTN_AUTOTUNE", "0") == "1" and not _interpret()
+    return os.environ.get("LLAVA_FAST_ATTN_AUTOTUNE", "0") == "1" and not _ext.interpreting()
 
 
 # Configs are (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from ptxas register/spill reports of the sm90 builds
@@ -838,7 +834,7 @@ def _cfg_override(kind: str):
 
 
 def _default_cfg(kind: str, width: int, fp32: bool = False) -> tuple[int, int, int, int]:
-    if _interpret():
+    if _ext.interpreting():
         return _INTERPRET_CFG[kind]
     override = _cfg_override(kind)
     if override is not None:
@@ -917,10 +913,7 @@ _SPLITS = ("exact", "masked", "overlap", "none")
 
 
 def _split_policy() -> str:
-    policy = os.environ.get("LLAVA_FAST_ATTN_SPLIT", "exact")
-    if policy not in _SPLITS:
-        raise ValueError(f"LLAVA_FAST_ATTN_SPLIT={policy!r}: must be one of {_SPLITS}")
-    return policy
+    return _ext.env_choice("LLAVA_FAST_ATTN_SPLIT", _SPLITS, "exact")
 
 
 def _chunk1_start(d: int, d0: int, d1: int, has_d1: bool) -> int:
@@ -953,10 +946,7 @@ def _stride_align(*tensors: torch.Tensor) -> int:
 def _dkdv_one_loop() -> bool:
     """LLAVA_FAST_ATTN_DKDV_LOOPS=1: the causal dK/dV kernel runs one loop over its query blocks (mask applied on the
     diagonal band only) instead of a masked and an unmasked loop (the default, "2")."""
-    v = os.environ.get("LLAVA_FAST_ATTN_DKDV_LOOPS", "2")
-    if v not in ("1", "2"):
-        raise ValueError(f"LLAVA_FAST_ATTN_DKDV_LOOPS={v!r}: must be 1 or 2")
-    return v == "1"
+    return _ext.env_choice("LLAVA_FAST_ATTN_DKDV_LOOPS", ("1", "2"), "2") == "1"
 
 
 def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -965,10 +955,7 @@ def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     for q/dO). Needs 16-byte aligned base pointers and token/head strides of the two tensors (the descriptors' row
     starts); otherwise the pointer loads run. The dQ kernel reads K/V like the forward; the atomic backward keeps
     pointer loads."""
-    flag = os.environ.get("LLAVA_FAST_ATTN_TMA", "0")
-    if flag not in ("0", "1"):
-        raise ValueError(f"LLAVA_FAST_ATTN_TMA={flag!r}: must be 0 or 1")
-    if flag == "0":
+    if _ext.env_choice("LLAVA_FAST_ATTN_TMA", ("0", "1"), "0") == "0":
         return False
     e = k.element_size()
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * e) % 16 == 0 and (t.stride(1) * e) % 16 == 0
@@ -1076,7 +1063,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
     group = hq // hkv
     dot_prec = _dot_prec(q.dtype)
     with _device_guard(q):
-        block_t = 16 if _interpret() else 64
+        block_t = 16 if _ext.interpreting() else 64
         _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
             out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
             HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
@@ -1127,7 +1114,7 @@ def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
         d0, d1, has_d1 = triton.next_power_of_2(d), 16, False
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     with _device_guard(q):
-        block_t = 16 if _interpret() else 64
+        block_t = 16 if _ext.interpreting() else 64
         _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
             out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
             HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)

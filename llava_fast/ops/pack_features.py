@@ -7,6 +7,7 @@ downsampled when larger than ``anyres_max_N`` tiles, with one ``image_newline`` 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -482,16 +483,8 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------------------------
 # 3. launchers
 # --------------------------------------------------------------------------------------------------------------------
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else _nullctx()
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _pins_from_flat(flat: Sequence[int]):

@@ -279,10 +279,6 @@ if HAS_TRITON:
     _kernel_heur = triton.heuristics({"EVEN_K": _even_k})(_projector_gemm_kernel)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _cfg(bm, bn, bk, stages, warps, group=8, sub=1):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "EPI_SUBTILE": sub},
                          num_stages=stages, num_warps=warps)
@@ -292,7 +288,8 @@ def _configs(capability: tuple[int, int], fp32: bool) -> list:
     """Small autotune lists. Shared memory per stage is (BM + BN) * BK * elem bytes: H100 has 227 KB, A100 163 KB."""
     if fp32:  # correctness path (tests, fp32 users): IEEE fp32 dot, modest tiles
         return [_cfg(64, 64, 32, 3, 4), _cfg(64, 128, 32, 3, 4, sub=2), _cfg(32, 64, 32, 3, 4)]
-    if capability[0] in (9, 10):  # Hopper (and B200-class smem): wgmma via tl.dot; 128x256x64 x3 stages = 144 KB. EPI_SUBTILE chosen so that
+    if capability[0] in (9, 10):
+        # Hopper (and B200-class smem): wgmma via tl.dot; 128x256x64 x3 stages = 144 KB. EPI_SUBTILE chosen so that
         # ptxas (sm_90a, triton 3.8) reports no register spills for the GELU and dGELU epilogues.
         return [
             _cfg(128, 256, 64, 3, 8, sub=4),
@@ -301,7 +298,9 @@ def _configs(capability: tuple[int, int], fp32: bool) -> list:
             _cfg(64, 128, 64, 4, 4, sub=2),
             _cfg(64, 64, 64, 4, 4, sub=1),   # small M (one image, a few tokens)
         ]
-    if capability[0] >= 8:  # Ampere / Ada / consumer Blackwell (~100 KB smem): mma.sync; 128x256x32 x3 stages = 72 KB; no spills at these subtiles
+    if capability[0] >= 8:
+        # Ampere / Ada / consumer Blackwell (~100 KB smem): mma.sync; 128x256x32 x3 stages = 72 KB; no spills at
+        # these subtiles
         return [
             _cfg(128, 256, 32, 3, 8, sub=4),
             _cfg(256, 128, 32, 3, 8, sub=4),
@@ -337,17 +336,13 @@ def _get_kernel(device: torch.device, fp32: bool, tma: bool = False):
 
 _KERNEL_ENV = "LLAVA_FAST_PROJECTOR_KERNEL"
 KERNELS = ("pointer", "tma")
-_num_sms: dict = {}
 
 
 def kernel_kind() -> str:
     """``LLAVA_FAST_PROJECTOR_KERNEL``: ``"pointer"`` (default: pointer loads, one program per tile; measured on an
     H200) or ``"tma"`` (persistent, TMA tensor-descriptor loads; written and tested under the interpreter and
     compiled for sm_90a, not yet run on a GPU). Read at every call."""
-    v = os.environ.get(_KERNEL_ENV, "pointer").strip().lower()
-    if v not in KERNELS:
-        raise ValueError(f"{_KERNEL_ENV}={v!r}: must be one of {KERNELS}")
-    return v
+    return _ext.env_choice(_KERNEL_ENV, KERNELS, "pointer")
 
 
 def _tma_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool, int]:
@@ -366,12 +361,7 @@ def _tma_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool, int]:
 
 
 def _sm_count(device: torch.device) -> int:
-    if _interpret():
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _num_sms:
-        _num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _num_sms[idx]
+    return 4 if _ext.interpreting() else _ext.sm_count(device)
 
 
 
@@ -405,7 +395,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
     )
     flags = {"EPILOGUE": epilogue, "HAS_BIAS": bias is not None, "STORE_H": h is not None and epilogue == _EPI_GELU,
              "WRITE_ACT": out2 is not None, "APPROX_TANH": approximate == "tanh", "IEEE": fp32}
-    if a.device.type != "cuda" and not _interpret():
+    if a.device.type != "cuda" and not _ext.interpreting():
         raise ValueError(f"projector: the Triton kernel needs CUDA tensors (got {a.device}); use the reference "
                          f"(llava_fast.set_backend('projector', 'auto')) or set TRITON_INTERPRET=1 to debug on CPU")
     if kernel_kind() == "tma":
@@ -417,14 +407,14 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
 
             def tma_grid(meta):
                 return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
-            if _interpret():
+            if _ext.interpreting():
                 _projector_gemm_tma_kernel[tma_grid(_INTERPRET_META)](*tma_args, **flags, **_INTERPRET_META)
                 return
             _ext.ensure_tma_allocator()
             with torch.cuda.device(a.device):
                 _get_kernel(a.device, fp32, tma=True)[tma_grid](*tma_args, **flags)
             return
-    if _interpret():
+    if _ext.interpreting():
         grid = (triton.cdiv(M, _INTERPRET_META["BLOCK_M"]) * triton.cdiv(N, _INTERPRET_META["BLOCK_N"]),)
         _kernel_heur[grid](*args, **flags, **_INTERPRET_META)
         return

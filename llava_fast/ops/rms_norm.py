@@ -15,11 +15,12 @@ Traffic per row of N elements, b bytes each: forward reads x (+ residual) and wr
 backward reads dy, x (+ ds) and writes dx: 3Nb (4Nb). dweight partial sums (one fp32 row per program, then a
 deterministic ``sum(0)``) and rstd (4 bytes/row) are small.
 """
+import contextlib
 from typing import Optional
 
 import torch
 
-from llava_fast import backend
+from llava_fast import _ext, backend
 
 try:  # Triton is optional: imports never fail, the reference is the fallback.
     import triton
@@ -141,7 +142,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _num_programs(device: torch.device, tiles: int) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _ext.sm_count(device)
         return max(1, min(tiles, 4 * sms))
     return max(1, min(tiles, 4))  # the CPU interpreter: a few programs exercise the partial-sum reduction
 
@@ -164,7 +165,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if m > 0:
         block_m, block_n, num_warps = _config(n, 4096)
         grid = (triton.cdiv(m, block_m),)
-        with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx():
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
             _rms_norm_fwd_kernel[grid](
                 x2, r2, weight, y, s if residual is not None else y, rstd,
                 m, n, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0) if residual is not None else 0, eps,
@@ -192,21 +193,13 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     programs = triton.cdiv(m, rows_per_program) if m else 1
     dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
     if m > 0:
-        with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx():
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
             _rms_norm_bwd_kernel[(programs,)](
                 dy2, x2, weight, rstd.reshape(-1), ds2, dx, dw_partial,
                 m, n, rows_per_program, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
                 HAS_DRES=dres is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     dw = dw_partial.sum(0).to(weight.dtype)
     return dx.view(x.shape), dw
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ The rotation is orthogonal: the backward is the same rotation with ``-sin``; not
 
 Traffic per token: reads and writes ``(Hq + Hkv) * D`` elements each (plus 8 bytes of position id): 2 x (Hq+Hkv) D b.
 """
-import os
+import contextlib
 from typing import Optional
 
 import torch
 
-from llava_fast import backend
+from llava_fast import _ext, backend
 
 try:
     import triton
@@ -164,10 +164,6 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------------------------
 # 3. launchers
 # --------------------------------------------------------------------------------------------------------------------
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _as_thd(x: torch.Tensor) -> torch.Tensor:
     """(..., H, D) -> (T, H, D) with a unit last stride (a view when possible: q/k slices of a fused qkv stay views)."""
     x3 = x.reshape(-1, x.shape[-2], x.shape[-1])
@@ -188,22 +184,14 @@ def _launch(q, k, qo, ko, pos, inv_freq, cos_cache, sin_cache, backward: bool):
     has_cache = cos_cache is not None
     grid = (triton.cdiv(t, block_t),)
     dummy = inv_freq if inv_freq is not None else cos_cache
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullctx():
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _rope_kernel[grid](
             q, k, qo, ko, pos, dummy, cos_cache if has_cache else dummy, sin_cache if has_cache else dummy,
             t, hq, hkv, cos_cache.shape[0] if has_cache else 1,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos_cache.stride(0) if has_cache else 0,
-            BACKWARD=backward, HAS_CACHE=has_cache, PRECISE=(libdevice is not None and not _interpret()),
+            BACKWARD=backward, HAS_CACHE=has_cache, PRECISE=(libdevice is not None and not _ext.interpreting()),
             HALF=half, BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, num_warps=4)
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def rope_fwd(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: Optional[torch.Tensor] = None,

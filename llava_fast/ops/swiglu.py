@@ -9,6 +9,8 @@ Numerics follow HF eager in the activation dtype: ``silu(gate)`` is computed in 
 Traffic per element of ``b`` bytes: forward reads gate, up and writes out: 3b; backward reads dc, gate, up and writes
 d_gate, d_up: 5b.
 """
+import contextlib
+
 import torch
 
 from llava_fast import backend
@@ -83,14 +85,6 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------------------------
 # 3. launchers
 # --------------------------------------------------------------------------------------------------------------------
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
     return t2 if (t2.stride(-1) == 1 or t2.numel() == 0) else t2.contiguous()
@@ -113,7 +107,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     c = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     if m * n:
         flat, block, ncb, programs = _geometry(m, n, (a, b), 2048)
-        with torch.cuda.device(gate.device) if gate.device.type == "cuda" else _nullctx():
+        with torch.cuda.device(gate.device) if gate.device.type == "cuda" else contextlib.nullcontext():
             _swiglu_fwd_kernel[(programs,)](a, b, c, m * n, n, a.stride(0), b.stride(0), ncb,
                                             FLAT=flat, BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return c.view(shape)
@@ -128,7 +122,7 @@ def swiglu_bwd(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
     db = torch.empty((m, n), dtype=up.dtype, device=up.device)
     if m * n:
         flat, block, ncb, programs = _geometry(m, n, (d, a, b), 1024)
-        with torch.cuda.device(gate.device) if gate.device.type == "cuda" else _nullctx():
+        with torch.cuda.device(gate.device) if gate.device.type == "cuda" else contextlib.nullcontext():
             _swiglu_bwd_kernel[(programs,)](d, a, b, da, db, m * n, n, d.stride(0), a.stride(0), b.stride(0), ncb,
                                             FLAT=flat, BLOCK=block, num_warps=4)
     return da.view(shape), db.view(shape)
