@@ -124,9 +124,14 @@ def to_rgb(im):
 
 def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode ``path`` fully into an RGB PIL image; SampleError (naming the file) on any failure."""
+    h, w = probe_size(path, max_pixels)
+    return _decode_pil(path, h, w)
+
+
+def _decode_pil(path: str, h: int, w: int):
+    """The full PIL decode of a probed file, as an RGB image; SampleError naming the file on failure."""
     from PIL import Image
 
-    h, w = probe_size(path, max_pixels)
     try:
         with Image.open(path) as im:
             im.load()  # forces the full decode: truncated/corrupt data fails here
@@ -154,6 +159,11 @@ def _jpeg_decoder():
             from PIL import Image
             from torchvision.io import ImageReadMode, decode_jpeg
 
+            def _decode(data):
+                with warnings.catch_warnings():  # torchvision >= 0.29 flags its decoders as deprecated
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
             yy, xx = np.mgrid[0:45, 0:61]
             noise = np.random.default_rng(0).integers(-40, 40, (45, 61, 3))
             rgb = np.clip(np.stack([xx * 4, yy * 5, 255 - xx * 3], -1) + noise, 0, 255).astype(np.uint8)
@@ -162,17 +172,8 @@ def _jpeg_decoder():
                 Image.fromarray(rgb).save(buf, format="JPEG", quality=87, subsampling=sub)
                 data = buf.getvalue()
                 ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    got = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-                if not np.array_equal(ref, got.permute(1, 2, 0).numpy()):
+                if not np.array_equal(ref, _decode(data).permute(1, 2, 0).numpy()):
                     return None
-            def _decode(data):
-                with warnings.catch_warnings():  # torchvision >= 0.29 flags its decoders as deprecated
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-            _decode(data)  # the self-check's decode above ran unguarded once; this one must work too
             _tv_jpeg = _decode
         except Exception:  # noqa: BLE001 - no torchvision, or a build without JPEG: PIL decodes
             _tv_jpeg = False
@@ -181,26 +182,24 @@ def _jpeg_decoder():
 
 def load_image_u8(path: str, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode ``path`` into a uint8 ``(3, H, W)`` tensor, the pixels :func:`load_image` gives. Complete RGB and
-    grayscale JPEG files go through torchvision's CPU decoder when it passed the self-check (1.4x PIL's decode on a
-    1000x750 photo here, and no PIL -> numpy copy); everything else, and any file that decoder refuses, through
-    :func:`load_image`. SampleError (naming the file) on any failure."""
+    grayscale JPEG files go through torchvision's CPU decoder when it passed the self-check (no PIL -> numpy copy;
+    decode + encode of a 1000x750 photo 1.13-1.15x the PIL path on the dev CPU); everything else, and any file that
+    decoder refuses, through PIL as :func:`load_image`. SampleError (naming the file) on any failure."""
     import torch
 
+    h, w, fmt, mode = _probe(path, max_pixels)
     dec = _jpeg_decoder()
-    if dec is not None:
-        h, w, fmt, mode = _probe(path, max_pixels)
+    if dec is not None and fmt == "JPEG" and mode in ("RGB", "L"):
         try:
-            if fmt == "JPEG" and mode in ("RGB", "L"):
-                with open(path, "rb") as f:
-                    data = f.read()
-                if data.rstrip(b"\x00")[-2:] == b"\xff\xd9":  # complete (truncated files: PIL raises, below)
-                    out = dec(data)
-                    if tuple(out.shape) == (3, h, w):
-                        return out
+            with open(path, "rb") as f:
+                data = f.read()
+            if anyres._jpeg_complete(data):  # truncated files: PIL raises, below
+                out = dec(data)
+                if tuple(out.shape) == (3, h, w):
+                    return out
         except Exception:  # noqa: BLE001 - PIL decides (and names the error)
             pass
-    im = load_image(path, max_pixels)
-    return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(_decode_pil(path, h, w))).permute(2, 0, 1)
 
 
 __all__ = ["ImageProcessorConfig", "image_config", "cls_token_kept", "image_tokens", "image_tiles", "probe_size",
