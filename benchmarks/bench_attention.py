@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import Row, add_ratios, bench, device_name, peak_memory, save, to_markdown  # noqa: E402
+from bench_utils import TIMINGS, Row, add_ratios, bench, device_name, peak_memory, save, to_markdown  # noqa: E402
 
 OURS = "llava_fast"
 OURS_ATOMIC = "llava_fast_atomic_bwd"
@@ -56,11 +56,11 @@ def flops(batch_lens, hq, d, causal, mode):
     return f * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
 
 
-def _timed(fn_fwd, inputs, mode, warmup, rep):
-    """Time fwd, bwd (retain_graph) or fwd+bwd of fn_fwd() -> out."""
+def _timed(fn_fwd, inputs, mode, warmup, rep, timing=None):
+    """Time fwd, bwd (retain_graph) or fwd+bwd of fn_fwd() -> out (bench_utils.bench ``timing``)."""
     if mode == "fwd":
         with torch.no_grad():
-            return bench(fn_fwd, warmup=warmup, rep=rep)
+            return bench(fn_fwd, warmup=warmup, rep=rep, timing=timing)
     out = fn_fwd()
     dout = torch.randn_like(out)
     if mode == "bwd":
@@ -68,13 +68,13 @@ def _timed(fn_fwd, inputs, mode, warmup, rep):
             for t in inputs:
                 t.grad = None
             out.backward(dout, retain_graph=True)
-        return bench(step, warmup=warmup, rep=rep)
+        return bench(step, warmup=warmup, rep=rep, timing=timing)
 
     def step():
         for t in inputs:
             t.grad = None
         fn_fwd().backward(dout)
-    return bench(step, warmup=warmup, rep=rep)
+    return bench(step, warmup=warmup, rep=rep, timing=timing)
 
 
 def _fwd_bwd_once(fn):
@@ -167,6 +167,9 @@ def main():
     ap.add_argument("--autotune", action="store_true", help="autotune our kernels (LLAVA_FAST_ATTN_AUTOTUNE=1)")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)}")
     ap.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwd+bwd")
+    ap.add_argument("--timing", default=os.environ.get("LLAVA_FAST_BENCH_TIMING", "loop"), choices=TIMINGS,
+                    help="bench_utils timing: loop (default: calls back to back, the GPU kept busy), eager (one "
+                         "call on an idle GPU, launch latency included: what runs 1-3 used) or graph")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU (Triton kernels, SDPA backends); nothing measured on "
@@ -213,7 +216,7 @@ def main():
             peak = None
             for mode in provider_modes:
                 try:
-                    t = _timed(fn, inputs, mode, warmup, rep)
+                    t = _timed(fn, inputs, mode, warmup, rep, args.timing)
                 except Exception as e:
                     print(f"  {label:60s} {provider:22s} {mode:8s} failed ({type(e).__name__}: {e})")
                     continue
@@ -221,7 +224,7 @@ def main():
                 if mode == "fwd+bwd":
                     peak = peak_memory(lambda: _fwd_bwd_once(fn))
                 rows.append(Row("attention", provider, label, "bf16", mode, t["ms"], t["ms_p20"], t["ms_p80"], tf,
-                                "TFLOP/s", peak if mode == "fwd+bwd" else None, note=note))
+                                "TFLOP/s", peak if mode == "fwd+bwd" else None, note=note, timing=t["timing"]))
                 print(f"  {label:60s} {provider:22s} {mode:8s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s")
             del fn, inputs
             torch.cuda.empty_cache()

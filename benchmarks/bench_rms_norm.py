@@ -11,7 +11,8 @@ Bytes counted per provider (the same essential traffic for all; b = element size
   bwd: (3 M N b) + 4 M  [fused: (4 M N b) + 4 M: reads dy, x, ds, writes dx (= dresidual)]; dweight is ignored.
 
 Run: ``python benchmarks/bench_rms_norm.py [--quick [--compile]]`` (needs a CUDA GPU; exits cleanly without one).
-Results are saved after every shape, so a time limit keeps what was measured.
+Results are saved after every shape, so a time limit keeps what was measured; a shape that raises is recorded as
+failed and the run goes on to the next.
 """
 import argparse
 import os
@@ -22,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import Row, add_ratios, bench, copy_bandwidth, peak_memory, save, to_markdown  # noqa: E402
+from bench_utils import randn, randn_like  # noqa: E402
 
 
 def measure(rows, name, provider, shape, dtype, mode, fn, nbytes, warmup, rep):
@@ -32,7 +34,7 @@ def measure(rows, name, provider, shape, dtype, mode, fn, nbytes, warmup, rep):
     timing = "eager" if mode == "bwd" else os.environ.get("LLAVA_FAST_BENCH_TIMING", "graph")
     try:
         t = bench(fn, warmup, rep, timing=timing)
-        eager = bench(fn, warmup, rep, timing="eager") if t["timing"] == "graph" else None
+        eager = bench(fn, warmup, rep, timing="eager") if t["timing"].startswith("graph") else None
         peak = peak_memory(fn)
         note = t["timing"] + (f"; eager call {eager['ms']:.3f} ms" if eager else "")
         rows.append(Row(bench=name, provider=provider, shape=shape, dtype=str(dtype).split(".")[-1], mode=mode,
@@ -47,7 +49,7 @@ def _grad_fn(f, inputs, gouts=None):
     """(fwd, bwd, fwd+bwd) closures for f(*inputs) -> tuple of outputs (random output grads when gouts is None)."""
     outs = f(*inputs)
     if gouts is None:
-        gouts = tuple(torch.randn_like(o) for o in outs)
+        gouts = tuple(randn_like(o) for o in outs)
     return (lambda: f(*inputs),
             lambda: torch.autograd.grad(outs, inputs, gouts, retain_graph=True),
             lambda: torch.autograd.grad(f(*inputs), inputs, gouts))
@@ -109,62 +111,67 @@ def main():
     for m in tokens:
         for n in hiddens:
             shape = f"{m}x{n}"
-            b = torch.tensor([], dtype=dtype).element_size()
-            x = torch.randn(m, n, device=dev, dtype=dtype, requires_grad=True)
-            r = torch.randn(m, n, device=dev, dtype=dtype, requires_grad=True)
-            hf = LlamaRMSNorm(n, eps=eps).to(dev, dtype)
-            with torch.no_grad():
-                hf.weight.copy_(1 + 0.1 * torch.randn(n))
-            w = hf.weight
-            gy = torch.randn(m, n, device=dev, dtype=dtype)
-            gs = torch.randn(m, n, device=dev, dtype=dtype)
-            compiled = torch.compile(lambda x: hf(x), dynamic=False) if dev == "cuda" and with_compile \
-                else (lambda x: hf(x))
+            try:
+                b = torch.tensor([], dtype=dtype).element_size()
+                x = randn(m, n, device=dev, dtype=dtype, requires_grad=True)
+                r = randn(m, n, device=dev, dtype=dtype, requires_grad=True)
+                hf = LlamaRMSNorm(n, eps=eps).to(dev, dtype)
+                with torch.no_grad():
+                    hf.weight.copy_(1 + 0.1 * randn(n, device="cpu"))
+                w = hf.weight
+                gy = randn(m, n, device=dev, dtype=dtype)
+                gs = randn(m, n, device=dev, dtype=dtype)
+                compiled = torch.compile(lambda x: hf(x), dynamic=False) if dev == "cuda" and with_compile \
+                    else (lambda x: hf(x))
 
-            def hf_fused(x, r):
-                s = r + x
-                return hf(s), s
+                def hf_fused(x, r):
+                    s = r + x
+                    return hf(s), s
 
-            compiled_fused = torch.compile(hf_fused, dynamic=False) if dev == "cuda" and with_compile else hf_fused
-            # every provider uses the same weight parameter `w`, and the backward asks for dweight too
-            plain = {
-                "llava_fast": lambda x, w: (rms_norm(x, w, eps),),
-                "hf": lambda x, w: (hf(x),),
-                "compile": lambda x, w: (compiled(x),),
-            }
-            fused = {
-                "llava_fast": lambda x, r, w: rms_norm(x, w, eps, residual=r),
-                "hf": lambda x, r, w: hf_fused(x, r),
-                "compile": lambda x, r, w: compiled_fused(x, r),
-            }
-            if not with_compile:  # Inductor compiles take tens of seconds per shape: --quick skips them
-                del plain["compile"], fused["compile"]
-            if LigerRMSNorm is not None:
-                lg = LigerRMSNorm(n, eps=eps).to(dev, dtype)
-                lg.weight = w
-                plain["liger"] = lambda x, w: (lg(x),)
-            if LigerFusedAddRMSNorm is not None:
-                try:
-                    lgf = LigerFusedAddRMSNorm(n, eps=eps).to(dev, dtype)
-                    lgf.weight = w
-                    fused["liger"] = lambda x, r, w: tuple(lgf(x, r))
-                except Exception:
-                    pass
-            for variant, providers, inputs, gouts, nb_f, nb_b in (
-                ("rms_norm", plain, (x, w), (gy,), 2 * m * n * b + 4 * m, 3 * m * n * b + 4 * m),
-                ("rms_norm+residual", fused, (x, r, w), (gy, gs), 4 * m * n * b + 4 * m, 4 * m * n * b + 4 * m),
-            ):
-                for prov, f in providers.items():
+                compiled_fused = torch.compile(hf_fused, dynamic=False) if dev == "cuda" and with_compile else hf_fused
+                # every provider uses the same weight parameter `w`, and the backward asks for dweight too
+                plain = {
+                    "llava_fast": lambda x, w: (rms_norm(x, w, eps),),
+                    "hf": lambda x, w: (hf(x),),
+                    "compile": lambda x, w: (compiled(x),),
+                }
+                fused = {
+                    "llava_fast": lambda x, r, w: rms_norm(x, w, eps, residual=r),
+                    "hf": lambda x, r, w: hf_fused(x, r),
+                    "compile": lambda x, r, w: compiled_fused(x, r),
+                }
+                if not with_compile:  # Inductor compiles take tens of seconds per shape: --quick skips them
+                    del plain["compile"], fused["compile"]
+                if LigerRMSNorm is not None:
+                    lg = LigerRMSNorm(n, eps=eps).to(dev, dtype)
+                    lg.weight = w
+                    plain["liger"] = lambda x, w: (lg(x),)
+                if LigerFusedAddRMSNorm is not None:
                     try:
-                        fwd, bwd, both = _grad_fn(f, inputs, gouts)
-                    except Exception as e:
-                        rows.append(Row(bench=variant, provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
-                                        note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
-                        continue
-                    measure(rows, variant, prov, shape, dtype, "fwd", fwd, nb_f, warmup, rep)
-                    measure(rows, variant, prov, shape, dtype, "bwd", bwd, nb_b, warmup, rep)
-                    measure(rows, variant, prov, shape, dtype, "fwd+bwd", both, nb_f + nb_b, warmup, rep)
-            del x, r, gy, gs, hf
+                        lgf = LigerFusedAddRMSNorm(n, eps=eps).to(dev, dtype)
+                        lgf.weight = w
+                        fused["liger"] = lambda x, r, w: tuple(lgf(x, r))
+                    except Exception:
+                        pass
+                for variant, providers, inputs, gouts, nb_f, nb_b in (
+                    ("rms_norm", plain, (x, w), (gy,), 2 * m * n * b + 4 * m, 3 * m * n * b + 4 * m),
+                    ("rms_norm+residual", fused, (x, r, w), (gy, gs), 4 * m * n * b + 4 * m, 4 * m * n * b + 4 * m),
+                ):
+                    for prov, f in providers.items():
+                        try:
+                            fwd, bwd, both = _grad_fn(f, inputs, gouts)
+                        except Exception as e:
+                            rows.append(Row(bench=variant, provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
+                                            note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+                            continue
+                        measure(rows, variant, prov, shape, dtype, "fwd", fwd, nb_f, warmup, rep)
+                        measure(rows, variant, prov, shape, dtype, "bwd", bwd, nb_b, warmup, rep)
+                        measure(rows, variant, prov, shape, dtype, "fwd+bwd", both, nb_f + nb_b, warmup, rep)
+                del x, r, gy, gs, hf
+            except Exception as e:  # one shape failing (an input draw, out of memory, ...) must not end the run
+                rows.append(Row(bench="rms_norm", provider="-", shape=shape, dtype=args.dtype,
+                                note=f"shape failed: {type(e).__name__}: {str(e)[:120]}"))
+                print(f"{shape}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             if dev == "cuda":
                 torch.cuda.empty_cache()
             _finish(rows, copy_gbps, args.smoke)  # keep what is measured so far, in case a time limit stops the run

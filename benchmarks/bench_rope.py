@@ -11,7 +11,8 @@ Bytes (same for every provider; b = element size): fwd = bwd = 2 T (Hq + Hkv) D 
 position ids); the HF baselines also read cos/sin (not counted).
 
 Run: ``python benchmarks/bench_rope.py [--quick [--compile]]`` (needs a CUDA GPU; exits cleanly without one).
-Results are saved after every shape, so a time limit keeps what was measured.
+Results are saved after every shape, so a time limit keeps what was measured; a shape that raises is recorded as
+failed and the run goes on to the next.
 """
 import argparse
 import os
@@ -23,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rms_norm import _finish as _finish_common  # noqa: E402
 from bench_rms_norm import _grad_fn, copy_bandwidth, measure  # noqa: E402
-from bench_utils import Row, to_markdown  # noqa: E402
+from bench_utils import Row, randn, to_markdown  # noqa: E402
 
 MODELS = {  # name: (Hq, Hkv, D, theta)
     "qwen2-0.5b": (14, 2, 64, 1e6),
@@ -80,51 +81,56 @@ def main():
     for t in tokens:
         for name, (hq, hkv, d, theta) in models.items():
             shape = f"T{t} {name} {hq}/{hkv}x{d}"
-            b = torch.tensor([], dtype=dtype).element_size()
-            # packed samples of 1000..3000 tokens, positions restarting per sample
-            lengths, left = [], t
-            while left > 0:
-                lengths.append(min(left, 1000 + (len(lengths) * 731) % 2000))
-                left -= lengths[-1]
-            pos = torch.cat([torch.arange(n) for n in lengths]).to(dev)
-            q = torch.randn(t, hq, d, device=dev, dtype=dtype, requires_grad=True)
-            k = torch.randn(t, hkv, d, device=dev, dtype=dtype, requires_grad=True)
-            inv = rope_inv_freq(d, theta, dev)
-            cfg = LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
-                              rope_theta=theta)
-            cos, sin = LlamaRotaryEmbedding(cfg).to(dev)(q, pos[None])
+            try:
+                b = torch.tensor([], dtype=dtype).element_size()
+                # packed samples of 1000..3000 tokens, positions restarting per sample
+                lengths, left = [], t
+                while left > 0:
+                    lengths.append(min(left, 1000 + (len(lengths) * 731) % 2000))
+                    left -= lengths[-1]
+                pos = torch.cat([torch.arange(n) for n in lengths]).to(dev)
+                q = randn(t, hq, d, device=dev, dtype=dtype, requires_grad=True)
+                k = randn(t, hkv, d, device=dev, dtype=dtype, requires_grad=True)
+                inv = rope_inv_freq(d, theta, dev)
+                cfg = LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
+                                  rope_theta=theta)
+                cos, sin = LlamaRotaryEmbedding(cfg).to(dev)(q, pos[None])
 
-            def hf_layout(x):  # HF: proj(x).view(B, S, H, D).transpose(1, 2)
-                return x.unsqueeze(0).transpose(1, 2)
+                def hf_layout(x):  # HF: proj(x).view(B, S, H, D).transpose(1, 2)
+                    return x.unsqueeze(0).transpose(1, 2)
 
-            providers = {
-                "llava_fast": lambda q, k: rope(q, k, pos, inv_freq=inv),
-                "hf": lambda q, k: apply_rotary_pos_emb(hf_layout(q), hf_layout(k), cos, sin),
-                "compile": lambda q, k: compile_apply(hf_layout(q), hf_layout(k), cos, sin),
-            }
-            if liger_rotary_pos_emb is not None:
-                providers["liger"] = lambda q, k: liger_rotary_pos_emb(hf_layout(q), hf_layout(k), cos, sin)
-            if not with_compile:
-                del providers["compile"]
-            nbytes = 2 * t * (hq + hkv) * d * b + 8 * t
-            for prov, f in providers.items():
-                try:
-                    fwd, bwd, both = _grad_fn(f, (q, k))
-                except Exception as e:
-                    rows.append(Row(bench="rope", provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
-                                    note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
-                    continue
-                measure(rows, "rope", prov, shape, dtype, "fwd", fwd, nbytes, warmup, rep)
-                measure(rows, "rope", prov, shape, dtype, "bwd", bwd, nbytes, warmup, rep)
-                measure(rows, "rope", prov, shape, dtype, "fwd+bwd", both, 2 * nbytes, warmup, rep)
-            qi, ki = q.detach().clone(), k.detach().clone()
+                providers = {
+                    "llava_fast": lambda q, k: rope(q, k, pos, inv_freq=inv),
+                    "hf": lambda q, k: apply_rotary_pos_emb(hf_layout(q), hf_layout(k), cos, sin),
+                    "compile": lambda q, k: compile_apply(hf_layout(q), hf_layout(k), cos, sin),
+                }
+                if liger_rotary_pos_emb is not None:
+                    providers["liger"] = lambda q, k: liger_rotary_pos_emb(hf_layout(q), hf_layout(k), cos, sin)
+                if not with_compile:
+                    del providers["compile"]
+                nbytes = 2 * t * (hq + hkv) * d * b + 8 * t
+                for prov, f in providers.items():
+                    try:
+                        fwd, bwd, both = _grad_fn(f, (q, k))
+                    except Exception as e:
+                        rows.append(Row(bench="rope", provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
+                                        note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+                        continue
+                    measure(rows, "rope", prov, shape, dtype, "fwd", fwd, nbytes, warmup, rep)
+                    measure(rows, "rope", prov, shape, dtype, "bwd", bwd, nbytes, warmup, rep)
+                    measure(rows, "rope", prov, shape, dtype, "fwd+bwd", both, 2 * nbytes, warmup, rep)
+                qi, ki = q.detach().clone(), k.detach().clone()
 
-            def inplace():
-                with torch.no_grad():
-                    return rope(qi, ki, pos, inv_freq=inv, inplace=True)
+                def inplace():
+                    with torch.no_grad():
+                        return rope(qi, ki, pos, inv_freq=inv, inplace=True)
 
-            measure(rows, "rope", "llava_fast_inplace", shape, dtype, "fwd", inplace, nbytes, warmup, rep)
-            del q, k, qi, ki, cos, sin
+                measure(rows, "rope", "llava_fast_inplace", shape, dtype, "fwd", inplace, nbytes, warmup, rep)
+                del q, k, qi, ki, cos, sin
+            except Exception as e:  # one shape failing (an input draw, out of memory, ...) must not end the run
+                rows.append(Row(bench="rope", provider="-", shape=shape, dtype=args.dtype,
+                                note=f"shape failed: {type(e).__name__}: {str(e)[:120]}"))
+                print(f"{shape}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             if dev == "cuda":
                 torch.cuda.empty_cache()
             _finish(rows, copy_gbps, args.smoke)  # keep what is measured so far, in case a time limit stops the run

@@ -9,7 +9,8 @@ Bytes (same for every provider; b = element size, T tokens, I intermediate): fwd
 bwd 5 T I b (read dout, gate, up; write dgate, dup). Eager's extra traffic (silu output, temporaries) is not counted.
 
 Run: ``python benchmarks/bench_swiglu.py [--quick [--compile]]`` (needs a CUDA GPU; exits cleanly without one).
-Results are saved after every shape, so a time limit keeps what was measured.
+Results are saved after every shape, so a time limit keeps what was measured; a shape that raises is recorded as
+failed and the run goes on to the next.
 """
 import argparse
 import os
@@ -21,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rms_norm import _finish as _finish_common  # noqa: E402
 from bench_rms_norm import _grad_fn, copy_bandwidth, measure  # noqa: E402
-from bench_utils import Row, to_markdown  # noqa: E402
+from bench_utils import Row, randn, to_markdown  # noqa: E402
 
 
 def _finish(rows, copy_gbps, smoke):
@@ -72,32 +73,37 @@ def main():
     for t in tokens:
         for inter in inters:
             shape = f"{t}x{inter}"
-            eb = torch.tensor([], dtype=dtype).element_size()
-            a = torch.randn(t, inter, device=dev, dtype=dtype, requires_grad=True)
-            b = torch.randn(t, inter, device=dev, dtype=dtype, requires_grad=True)
-            gc = torch.randn(t, inter, device=dev, dtype=dtype)
-            providers = {
-                "llava_fast": lambda a, b: (swiglu(a, b),),
-                "hf": lambda a, b: (eager(a, b),),
-                "compile": lambda a, b: (compiled(a, b),),
-            }
-            if LigerSiLUMulFunction is not None:
-                providers["liger"] = lambda a, b: (LigerSiLUMulFunction.apply(a, b),)
-            if not with_compile:
-                del providers["compile"]
-            nb_f, nb_b = 3 * t * inter * eb, 5 * t * inter * eb
-            for prov, f in providers.items():
-                try:
-                    fwd, bwd, both = _grad_fn(f, (a, b), (gc,))
-                except Exception as e:
-                    rows.append(Row(bench="swiglu", provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
-                                    note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
-                    continue
-                measure(rows, "swiglu", prov, shape, dtype, "fwd", fwd, nb_f, warmup, rep)
-                measure(rows, "swiglu", prov, shape, dtype, "bwd", bwd, nb_b, warmup, rep)
-                measure(rows, "swiglu", prov, shape, dtype, "fwd+bwd", both, nb_f + nb_b, warmup, rep)
-                del fwd, bwd, both
-            del a, b, gc
+            try:
+                eb = torch.tensor([], dtype=dtype).element_size()
+                a = randn(t, inter, device=dev, dtype=dtype, requires_grad=True)
+                b = randn(t, inter, device=dev, dtype=dtype, requires_grad=True)
+                gc = randn(t, inter, device=dev, dtype=dtype)
+                providers = {
+                    "llava_fast": lambda a, b: (swiglu(a, b),),
+                    "hf": lambda a, b: (eager(a, b),),
+                    "compile": lambda a, b: (compiled(a, b),),
+                }
+                if LigerSiLUMulFunction is not None:
+                    providers["liger"] = lambda a, b: (LigerSiLUMulFunction.apply(a, b),)
+                if not with_compile:
+                    del providers["compile"]
+                nb_f, nb_b = 3 * t * inter * eb, 5 * t * inter * eb
+                for prov, f in providers.items():
+                    try:
+                        fwd, bwd, both = _grad_fn(f, (a, b), (gc,))
+                    except Exception as e:
+                        rows.append(Row(bench="swiglu", provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
+                                        note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+                        continue
+                    measure(rows, "swiglu", prov, shape, dtype, "fwd", fwd, nb_f, warmup, rep)
+                    measure(rows, "swiglu", prov, shape, dtype, "bwd", bwd, nb_b, warmup, rep)
+                    measure(rows, "swiglu", prov, shape, dtype, "fwd+bwd", both, nb_f + nb_b, warmup, rep)
+                    del fwd, bwd, both
+                del a, b, gc
+            except Exception as e:  # one shape failing (an input draw, out of memory, ...) must not end the run
+                rows.append(Row(bench="swiglu", provider="-", shape=shape, dtype=args.dtype,
+                                note=f"shape failed: {type(e).__name__}: {str(e)[:120]}"))
+                print(f"{shape}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             if dev == "cuda":
                 torch.cuda.empty_cache()
             _finish(rows, copy_gbps, args.smoke)  # keep what is measured so far, in case a time limit stops the run

@@ -8,10 +8,11 @@
 #                      what is left, minus 10 s for the summary); pass the device call's timeout_s minus ~20
 #   STEPS=all          comma list of: build,env,tests,ops,plot (e.g. STEPS=build,ops for a second call)
 #   OPS="attention ..." benchmarks to run, in this order ("model" is the end-to-end bench_model.py with 4 layers,
-#                      "variants" is attention_variants.py: head dim 72 split policies, correctness + SigLIP timing;
-#                      "sweep", not in the default list, times 15 attention variants at causal D128 4k, <= 400 s);
-#                      default (what session 3 changed without a GPU first, then what was never measured): variants
-#                      attention anyres projector model pack_features rms_norm swiglu rope cross_entropy mixed
+#                      "variants" is attention_variants.py: head dim 72 and 64 variants, correctness + SigLIP / CLIP
+#                      timing; "profile" is profile_model.py: the end-to-end step's GPU time by kernel class;
+#                      "sweep", not in the default list, times 12 attention variants at causal D128 4k, <= 400 s);
+#                      default (what session 4 changed first, then the end-to-end breakdown, then the rest): variants
+#                      attention profile model anyres projector rms_norm swiglu rope cross_entropy pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
 #                      A second call can pass the reverse order to reach first what the first call did not.
 #   TESTS_S=175        limit of the GPU test step;  XDIST=12  pytest-xdist workers
@@ -38,7 +39,7 @@ DEADLINE_S=${DEADLINE_S:-530}
 TESTS_S=${TESTS_S:-175}
 STEPS=${STEPS:-all}
 GPU_TESTS=${GPU_TESTS:-quick}
-OPS=${OPS:-"variants attention anyres projector model pack_features rms_norm swiglu rope cross_entropy mixed"}
+OPS=${OPS:-"variants attention profile model anyres projector rms_norm swiglu rope cross_entropy pack_features mixed"}
 QUICK=$([ "${FULL:-0}" = "1" ] && echo "" || echo "--quick")
 t0=$(date +%s)
 summary=()
@@ -96,12 +97,18 @@ if want ops; then
     if [ "$b" = "sweep" ]; then  # not in the default list: forward/backward configs at causal D128 4k, one at a time;
       # the dK/dV candidates are the low-spill ones of benchmarks/aot_check.py (triton 3.6, docs/perf-notes.md)
       step attention_sweep 400 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
-        --variants "default|TMA=1|TMA=1+LOOPS=1|TMA=1+LOOPS=1+CFG=dkdv=64,64,8,2|LOOPS=1|LOOPS=1+CFG=dkdv=64,64,8,2|CFG=dkdv=64,64,8,2|CFG=dkdv=64,128,8,2|BWD=atomic|BWD=atomic+CFG=bwd_fused=64,128,8,2|BWD=atomic+CFG=bwd_fused=64,64,8,1|CFG=dq=128,64,8,2|CFG=dq=64,64,4,3|CFG=fwd=128,64,4,3" \
+        --variants "default|TMA=1|TMA=1+LOOPS=1|LOOPS=1|BWD=atomic|BWD=atomic+CFG=bwd_fused=64,128,8,2|CFG=dkdv=64,64,8,3|CFG=dkdv=64,128,8,3|CFG=dq=128,64,8,2|CFG=dq=64,64,4,3|CFG=dq=64,64,8,3|CFG=fwd=128,64,8,3" \
         --out "$RES/attention_sweep.jsonl"
     elif [ "$b" = "variants" ]; then  # each variant in its own process: a faulting one cannot take the others down;
-      # D=72: default (pipelined since session 3), ALIGN=0 (the old unpipelined loads), the overlap split, TMA loads
-      step attention_variants 120 $PY benchmarks/attention_variants.py --dims 72 --jobs 1 --time \
-        --variants "default|ALIGN=0|SPLIT=overlap|TMA=1|TMA=1+SPLIT=overlap" --out "$RES/attention_variants.jsonl"
+      # D=72 (SigLIP): default (overlap split, dK/dV 64x128 2 stages since session 4), the session-3 default (exact
+      # split, dK/dV 64x64 3 stages), TMA loads (their backward never ran before the allocator fix); D=64 (CLIP)
+      step attention_variants 120 $PY benchmarks/attention_variants.py --dims 72 --jobs 1 --time siglip \
+        --variants "default|SPLIT=exact+CFG=dkdv=64,64,8,3|TMA=1|CFG=dkdv=64,64,8,3" --out "$RES/attention_variants.jsonl"
+      step attention_variants_d64 60 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time clip \
+        --variants "default|TMA=1" --out "$RES/attention_variants_d64.jsonl"
+    elif [ "$b" = "profile" ]; then  # where the end-to-end step's GPU time goes, by kernel class (OneVision FT, stage 1)
+      step profile_model 60 $PY benchmarks/profile_model.py --workload ov_ft --layers 4
+      step profile_model_stage1 45 $PY benchmarks/profile_model.py --workload stage1 --layers 4
     elif [ "$b" = "mixed" ]; then  # the realistic mixed-length stage-2 run: packing fill vs padding waste
       step bench_model_mixed 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads mixed --name bench_model_mixed \
         --providers llava_fast,llava_fast_sdpa_text,hf_sdpa
@@ -123,7 +130,7 @@ want plot && step plot 20 $PY benchmarks/plot_results.py "$RES"
   printf '%s\n' "${summary[@]}"
   [ -f "$RES/gpu_tests.log" ] && grep -hE "[0-9]+ (passed|failed)" "$RES/gpu_tests.log" | tail -n 1
   [ -f "$RES/gpu_tests.log" ] && grep -hE "^(FAILED|ERROR) " "$RES/gpu_tests.log" | cut -c1-200 | head -n 30
-  for f in "$RES"/attention_variants.jsonl "$RES"/attention_sweep.jsonl; do  # variant, D, status, TFLOP/s
+  for f in "$RES"/attention_variants.jsonl "$RES"/attention_variants_d64.jsonl "$RES"/attention_sweep.jsonl; do  # variant, D, status, TFLOP/s
     [ -f "$f" ] || continue
     echo "--- $(basename "$f") (variant D status fwd fwd+bwd TFLOP/s, worst error ratio <= 1 passes)"
     $PY -c "import json,sys

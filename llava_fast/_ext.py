@@ -61,21 +61,35 @@ def triton_usable() -> tuple[bool, str]:
     return False, "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
 
 
-_tma_allocator_set = False
+def _tma_scratch(size: int, alignment: int, stream):
+    import torch
+
+    return torch.empty(size, dtype=torch.int8, device=torch.device("cuda", torch.cuda.current_device()))
 
 
 def ensure_tma_allocator() -> None:
     """Device-side TMA tensor descriptors (``tl.make_tensor_descriptor``) need a small global scratch buffer per
-    launch, which Triton takes from ``triton.set_allocator``: set one (a torch CUDA allocation) the first time a
-    kernel that builds descriptors is launched on a GPU. No-op under the interpreter."""
-    global _tma_allocator_set
-    if _tma_allocator_set or interpreting():
+    launch, which Triton takes from the allocator of ``triton.set_allocator``: set one (a torch CUDA allocation on
+    the current device) before launching a kernel that builds descriptors. No-op under the interpreter.
+
+    Triton keeps the allocator in a ``contextvars.ContextVar``: a thread does not see one set in another thread, and
+    the autograd engine runs the backward in its own thread per device. A process-wide "already set" flag (the
+    session-3 code) therefore left every TMA backward kernel without an allocator ("Kernel requires a runtime memory
+    allocation, but no allocator was set": all TMA cuda tests on an H100, 2026-11-26). This
+    checks the calling context at every launch (one ContextVar read) and keeps an allocator the caller set."""
+    if interpreting():
         return
-    import torch
     import triton
 
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    _tma_allocator_set = True
+    try:
+        from triton.runtime import _allocation
+
+        current = _allocation._allocator.get()
+        unset = isinstance(current, _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # another triton layout: set ours
+        unset = True
+    if unset:
+        triton.set_allocator(_tma_scratch)
 
 
 def interpreting() -> bool:

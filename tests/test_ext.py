@@ -68,3 +68,39 @@ def test_cpu_only_build_message(monkeypatch):
     monkeypatch.setattr(_ext, "HAS_CUDA_EXT", False)
     with pytest.raises(RuntimeError, match="built without nvcc"):
         _ext.require_ext("normalize_u8_cuda", cuda=True)
+
+
+def test_tma_allocator_is_set_in_every_thread(monkeypatch):
+    """The autograd engine runs backward kernels in its own thread, and triton's allocator is a ContextVar: a
+    process-wide "already set" flag left the TMA backward without one (all TMA cuda tests failed on an H100)."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    monkeypatch.setattr(_ext, "interpreting", lambda: False)
+    before = _allocation._allocator.get()
+    try:
+        _allocation._allocator.set(_allocation._NULL_ALLOCATOR)
+        _ext.ensure_tma_allocator()
+        assert _allocation._allocator.get() is _ext._tma_scratch
+        seen = []
+
+        def worker():  # a fresh thread starts with triton's null allocator
+            seen.append(_allocation._allocator.get())
+            _ext.ensure_tma_allocator()
+            seen.append(_allocation._allocator.get())
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert isinstance(seen[0], _allocation.NullAllocator)
+        assert seen[1] is _ext._tma_scratch
+
+        def mine(size, alignment, stream):  # an allocator the caller set is kept
+            raise AssertionError("not called")
+
+        _allocation._allocator.set(mine)
+        _ext.ensure_tma_allocator()
+        assert _allocation._allocator.get() is mine
+    finally:
+        _allocation._allocator.set(before)

@@ -81,6 +81,21 @@ def test_bench_model_harness_smoke(tmp_path):
     assert md.exists() and md.with_suffix(".json").exists()
 
 
+def test_profile_model_smoke(capsys):
+    """The end-to-end profiler runs a toy step on the CPU and classifies what it ran (GEMMs found and named)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_model
+
+    assert profile_model.main(["--tiny", "--workload", "stage1", "--steps", "1", "--no-save"]) == 0
+    out = capsys.readouterr().out
+    assert "| gemm |" in out and "Top 25 kernels" in out
+    assert profile_model.classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert profile_model.classify("_flash_attn_fwd_kernel") == "attention"
+    assert profile_model.classify("_rms_norm_bwd_kernel") == "norm"
+    assert profile_model.classify("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add") \
+        == "elementwise"
+
+
 def test_auto_reference_ops():
     """An op in AUTO_REFERENCE (measured slower than its reference on a GPU) keeps the reference under "auto" even on
     CUDA, "triton" still forces the kernel, and `llava-fast env` (describe) says why."""

@@ -816,6 +816,15 @@ _FUSED_CFG_D64 = (64, 128, 8, 2)
 _FUSED_CFG_WIDE = (64, 64, 8, 2)
 
 
+# dK/dV: 64 queries per step x 128 keys per program, 2 stages, at every width. ptxas (triton 3.6, sm_90a, causal bf16)
+# spills per thread, 64x64 s3 (the session-1 default for width > 64) -> 64x128 s2: D64 208 -> 36 B (64x128 s3, the
+# old D64 default: 256 B), D72 656 -> 236, D80 408 -> 108, D96 468 -> 176, D128 600 -> 160; a 128-key block also
+# halves the q/dO reloads per key. Measured on an H100 (benchmarks/results, sweep of 2026-11-26) at causal D128 4k:
+# fwd+bwd 239.0 -> 335.1 TFLOP/s, errors unchanged; 64x64 s2 gave 241.8 (the stages alone do not do it). The other
+# head dims follow the spill counts, not yet a measurement.
+_DKDV_CFG = (64, 128, 8, 2)
+
+
 _CFG_ENV = "LLAVA_FAST_ATTN_CFG"  # experiments on a GPU: "fwd=128,64,4,3;dq=64,32,4,2" overrides those kinds
 
 
@@ -845,8 +854,8 @@ def _default_cfg(kind: str, width: int, fp32: bool = False) -> tuple[int, int, i
         return (128, 64, 4, 3) if width <= 64 else (128, 128, 8, 3)
     if kind == "fwd_decode":  # seqused_k with <= 16 queries per document (KV-cache decode): the smallest tl.dot M
         return (16, 64, 4, 3)
-    if kind == "dkdv":
-        return (64, 128, 8, 3) if width <= 64 else (64, 64, 8, 3)
+    if kind == "dkdv":  # H100 sweep 2026-11-26, causal D128 4k: fwd+bwd 239 -> 335 TFLOP/s (64x64 s3 -> 64x128 s2)
+        return _DKDV_CFG
     if kind == "bwd_fused":  # the atomic-dQ backward (5 GEMMs); see the ptxas notes in docs/perf-notes.md
         return _FUSED_CFG_D64 if width <= 64 else _FUSED_CFG_WIDE
     return (128, 64, 8, 3) if width <= 64 else (64, 32, 4, 3)
@@ -857,7 +866,7 @@ def _default_cfg(kind: str, width: int, fp32: bool = False) -> tuple[int, int, i
 # max_seqlen per packed batch does not re-tune). Configs that do not fit (shared memory) are skipped by the autotuner.
 _TUNE = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-    "dkdv": [(64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
+    "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
     "dq": [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
     "fwd_decode": [(16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 4), (16, 64, 8, 3)],
     "bwd_fused": [(64, 128, 8, 1), (64, 64, 8, 1), (64, 64, 8, 2), (64, 128, 8, 2)],
@@ -891,14 +900,17 @@ def _launch(kind, fn, grid_of, args, constexprs):
 
 def _split_head_dim(d: int) -> tuple[int, int, bool]:
     """(BLOCK_D0, BLOCK_D1, HAS_D1): the head dim as one power-of-two chunk, or a power-of-two chunk plus a smaller
-    power-of-two remainder chunk (>= 16, the tl.dot minimum) when the two cover D exactly: 80 -> 64 + 16,
-    96 -> 64 + 32; 64 -> 64, 128 -> 128, and 72 -> 128 (one chunk, columns >= 72 masked).
+    power-of-two remainder chunk (>= 16, the tl.dot minimum): 64 -> 64, 128 -> 128, 80 -> 64 + 16, 96 -> 64 + 32
+    (exact), and by default 72 -> 64 + 16 and 40 -> 32 + 16 with chunk 1 overlapping chunk 0 (the "overlap" policy,
+    :func:`_chunk1_start`: chunk 1 = [D - 16, D), so that no column of it is out of bounds).
 
-    A remainder chunk with masked columns (72 as 64 + 16 or 64 + 32) faulted on an H200 with triton 3.6 (an
-    out-of-range shared-memory address in the P @ V1 wgmma, compute-sanitizer, 2026-11-26) when the head stride (72
-    elements) was not known to be 16-byte aligned; 72 as one masked 128 chunk was correct. LLAVA_FAST_ATTN_SPLIT
-    chooses for experiments (benchmarks/attention_variants.py): "exact" (default, as above), "masked" (also split
-    with a masked remainder, at least LLAVA_FAST_ATTN_MIN_D1 = 16 wide) or "none" (always one chunk)."""
+    A remainder chunk with masked columns (72 as 64 + 16 or 64 + 32, "masked") faulted on an H200 with triton 3.6
+    (an out-of-range shared-memory address in the P @ V1 wgmma, compute-sanitizer, 2026-11-26) when the head stride
+    (72 elements) was not known to be 16-byte aligned; "exact" (72 as one masked 128 chunk) was correct, and the
+    session-2 default. "overlap" became the default after an H100 run (2026-11-26, SigLIP 32 x 729 D72, bf16):
+    fwd 176.9 -> 191.5, fwd+bwd 108.2 -> 114.8 TFLOP/s against "exact", same errors. LLAVA_FAST_ATTN_SPLIT chooses
+    (benchmarks/attention_variants.py): "overlap" (default), "exact", "masked" (a masked remainder, at least
+    LLAVA_FAST_ATTN_MIN_D1 = 16 wide) or "none" (always one chunk)."""
     d0 = max(16, 1 << (d.bit_length() - 1))
     if d <= d0:
         return d0, 16, False
@@ -913,7 +925,7 @@ _SPLITS = ("exact", "masked", "overlap", "none")
 
 
 def _split_policy() -> str:
-    return _ext.env_choice("LLAVA_FAST_ATTN_SPLIT", _SPLITS, "exact")
+    return _ext.env_choice("LLAVA_FAST_ATTN_SPLIT", _SPLITS, "overlap")
 
 
 def _chunk1_start(d: int, d0: int, d1: int, has_d1: bool) -> int:

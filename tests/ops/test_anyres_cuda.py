@@ -180,7 +180,7 @@ def test_emulated_patch_layout(version, name):
 
 def test_gpu_encoder_version_switch(monkeypatch):
     monkeypatch.delenv("LLAVA_FAST_GPU_ENCODER", raising=False)
-    assert anyres.gpu_encoder_version() == 1
+    assert anyres.gpu_encoder_version() == 2
     for v, want in (("v2", 2), ("2", 2), ("V1", 1)):
         monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", v)
         assert anyres.gpu_encoder_version() == want

@@ -108,19 +108,18 @@ def test_fwd_bwd_vs_ref(case, device):
 
 
 @pytest.mark.parametrize("policy,d,chunks", [("masked", 72, (64, 16, True)), ("masked", 80, (64, 16, True)),
-                                             ("none", 96, (128, 16, False)), ("overlap", 72, (64, 16, True)),
-                                             ("overlap", 40, (32, 16, True))])
+                                             ("none", 96, (128, 16, False)), ("exact", 72, (128, 16, False)),
+                                             ("exact", 40, (64, 16, False)), ("overlap", 40, (32, 16, True))])
 def test_head_dim_split_policies(monkeypatch, device, policy, d, chunks):
-    """The non-default head-dim splits (LLAVA_FAST_ATTN_SPLIT; the default "exact" is covered above: 72 -> one
-    128 chunk, 80 -> 64 + 16, 96 -> 64 + 32) still compute the right thing, forward and backward, both backwards."""
-    from llava_fast.ops.attention import _split_head_dim
+    """The head-dim splits (LLAVA_FAST_ATTN_SPLIT; the default "overlap" is what CASES above run: 72 -> 64 + [56, 72),
+    80 -> 64 + 16, 96 -> 64 + 32) compute the right thing, forward and backward, both backwards."""
+    from llava_fast.ops.attention import _chunk1_start, _split_head_dim
 
-    assert _split_head_dim(72) == (128, 16, False) and _split_head_dim(96) == (64, 32, True)
+    assert _split_head_dim(72) == (64, 16, True) and _chunk1_start(72, 64, 16, True) == 56
+    assert _split_head_dim(96) == (64, 32, True) and _chunk1_start(96, 64, 32, True) == 64
     monkeypatch.setenv("LLAVA_FAST_ATTN_SPLIT", policy)
     assert _split_head_dim(d) == chunks
     if policy == "overlap":  # chunk 1 = [D - 16, D): overlaps chunk 0, no column of it out of bounds
-        from llava_fast.ops.attention import _chunk1_start
-
         assert _chunk1_start(d, *chunks) == d - 16
         _check_against_ref([5, 37, 1], [5, 37, 9], 6, 2, d, False, torch.float32, device, _run_function)
     _check_against_ref(DOCS, DOCS, 4, 2, d, True, torch.float32, device, _run_function)
@@ -162,8 +161,8 @@ def test_tma_variant(monkeypatch, device, case):
     k = torch.empty(sum(lens_k), hkv, d, dtype=dtype)
     assert _use_tma(k, k)
     _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
-    if d == 72:  # and with the overlapping 64 + [56, 72) split: chunk 1's descriptor starts 56 columns in
-        monkeypatch.setenv("LLAVA_FAST_ATTN_SPLIT", "overlap")
+    if d == 72:  # (default: chunk 1's descriptor starts 56 columns in) and as one 128-wide chunk, columns >= 72 zero
+        monkeypatch.setenv("LLAVA_FAST_ATTN_SPLIT", "exact")
         _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
     shifted = torch.empty(k.numel() + 1, dtype=dtype)[1:].view(k.shape)  # base pointer not 16-byte aligned
     assert not _use_tma(shifted, shifted)

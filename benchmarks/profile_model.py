@@ -1,0 +1,151 @@
+"""Where the end-to-end step spends its GPU time: torch.profiler over a few steps of one bench_model.py workload and
+provider, kernels grouped into classes (GEMM, attention, norms, elementwise, optimizer, copies, ...), the top kernels
+by total time, and the share each class takes of the step. Written because the end-to-end rows (H100, 2026-11-26:
+llava_fast 1.32x / 1.06x / 1.05x transformers sdpa on stage 1 / NeXT prefill / OneVision-0.5B fine-tune, all three
+targets 1.4-1.8x) say how far off we are, not where the time goes.
+
+Usage: python benchmarks/profile_model.py [--workload ov_ft] [--provider llava_fast] [--layers 4] [--steps 3]
+       python benchmarks/profile_model.py --tiny   (CPU smoke run: CPU ops instead of CUDA kernels)
+Writes <results>/profile_model-<workload>-<provider>-<GPU>-<stamp>.md (the tables printed) and a .json beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_model  # noqa: E402
+from bench_utils import device_name  # noqa: E402
+
+# First match wins; patterns are matched against the lower-cased kernel / op name.
+CLASSES = [
+    ("attention", r"flash|fmha|attn|attention|sdpa|cudnn.*(mha|sdpa)|_flash_attn"),
+    ("cross_entropy", r"cross_entropy|log_softmax|nll_loss|_ce_"),
+    ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|\baddmm|\bmm\b|\bbmm\b|linear|wgmma|_projector"),
+    ("norm", r"norm|rms"),
+    ("rope", r"rope|rotary"),
+    ("optimizer", r"adam|foreach|multi_tensor|_fused_adam"),
+    ("anyres/packing", r"pack_features|scatter|index_put|index_select|gather|masked_select|nonzero"),
+    ("activation", r"gelu|silu|swiglu|sigmoid|tanh"),
+    ("copy/cast", r"copy|cast|convert|to_copy|contiguous|cat\b|cat_|memcpy|transpose|permute"),
+    ("reduce", r"reduce|sum|mean|max|amax"),
+    ("memset", r"memset|fill|zero"),
+    ("elementwise", r"elementwise|vectorized|unrolled|add|mul|div|sub|where"),
+]
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    for cls, pat in CLASSES:
+        if re.search(pat, low):
+            return cls
+    return "other"
+
+
+def kernel_table(prof, use_cuda: bool) -> list[dict]:
+    """One dict per kernel (CUDA) or leaf op (CPU): name, class, calls, total ms (over all profiled steps)."""
+    rows = []
+    for evt in prof.key_averages():
+        if use_cuda:
+            # device-side kernels only (their self time on the GPU); CPU-side ops have device_type CPU
+            if str(getattr(evt, "device_type", "")).endswith("CUDA"):
+                t = evt.self_device_time_total if hasattr(evt, "self_device_time_total") else evt.self_cuda_time_total
+            else:
+                continue
+        else:
+            t = evt.self_cpu_time_total
+        if t <= 0:
+            continue
+        rows.append(dict(name=evt.key, cls=classify(evt.key), calls=evt.count, ms=t / 1e3))
+    rows.sort(key=lambda r: -r["ms"])
+    return rows
+
+
+def summarize(rows: list[dict], steps: int) -> list[dict]:
+    total = sum(r["ms"] for r in rows) or 1.0
+    by = {}
+    for r in rows:
+        c = by.setdefault(r["cls"], dict(cls=r["cls"], ms=0.0, kernels=0))
+        c["ms"] += r["ms"]
+        c["kernels"] += 1
+    out = sorted(by.values(), key=lambda c: -c["ms"])
+    for c in out:
+        c["ms_per_step"] = c["ms"] / steps
+        c["share"] = c["ms"] / total
+    return out
+
+
+def to_markdown(classes, rows, steps, top, header) -> str:
+    lines = [header, "", "| class | ms per step | share | kernels |", "|---|---:|---:|---:|"]
+    lines += [f"| {c['cls']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f}% | {c['kernels']} |" for c in classes]
+    lines += ["", f"Top {top} kernels (ms per step):", "", "| ms per step | calls per step | class | kernel |",
+              "|---:|---:|---|---|"]
+    for r in rows[:top]:
+        name = r["name"].replace("|", "/")
+        name = name if len(name) <= 110 else name[:107] + "..."
+        lines.append(f"| {r['ms'] / steps:.3f} | {r['calls'] / steps:.0f} | {r['cls']} | `{name}` |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", default="ov_ft", choices=["stage1", "prefill", "ov_ft"])
+    p.add_argument("--provider", default="llava_fast",
+                   help="llava_fast, llava_fast_sdpa_text, hf_sdpa, hf_eager or hf_sdpa_liger (bench_model.py)")
+    p.add_argument("--layers", type=int, default=4, help="LLM depth (as device_check's bench_model rows)")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up steps)")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (smoke test of this script)")
+    p.add_argument("--no-save", action="store_true")
+    a = p.parse_args(argv)
+    if a.steps < 1:
+        p.error("--steps must be >= 1")
+    use_cuda = torch.cuda.is_available() and not a.tiny
+    device = "cuda" if use_cuda else "cpu"
+    env = bench_model.PROVIDER_ENV.get(a.provider, {})
+    os.environ.update(env)
+    if not bench_model.available(a.provider):
+        print(f"{a.provider}: not installed")
+        return 1
+    cfg = bench_model.hf_configs(a.workload, None if a.tiny else a.layers, a.tiny)
+    inp = bench_model.make_inputs(a.workload, cfg, device, a.tiny)
+    m = bench_model.build(a.provider, a.workload, cfg, device)
+    fn = bench_model.step_fn(a.provider, a.workload, m, inp)
+    for _ in range(2):
+        fn()
+    if use_cuda:
+        torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if use_cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(a.steps):
+            fn()
+        if use_cuda:
+            torch.cuda.synchronize()
+    rows = kernel_table(prof, use_cuda)
+    classes = summarize(rows, a.steps)
+    where = device_name() if use_cuda else "CPU"
+    header = (f"## profile_model: {a.workload} / {a.provider} ({'tiny' if a.tiny else f'{a.layers} LLM layers'}), "
+              f"{where}, {a.steps} steps, {'GPU kernel' if use_cuda else 'CPU op'} self time")
+    md = to_markdown(classes, rows, a.steps, a.top, header)
+    print(md)
+    if not a.no_save and not a.tiny:
+        res = Path(os.environ.get("LLAVA_FAST_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
+        res.mkdir(parents=True, exist_ok=True)
+        stamp = os.environ.get("LLAVA_FAST_RESULTS_STAMP", "run")
+        gpu = re.sub(r"[^A-Za-z0-9]+", "_", where).strip("_")
+        base = res / f"profile_model-{a.workload}-{a.provider}-{gpu}-{stamp}"
+        base.with_suffix(".md").write_text(md)
+        base.with_suffix(".json").write_text(json.dumps(dict(classes=classes, kernels=rows[:200], steps=a.steps,
+                                                             workload=a.workload, provider=a.provider, gpu=where)))
+        print("saved", base.with_suffix(".md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
