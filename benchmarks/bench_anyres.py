@@ -18,7 +18,9 @@ GPU section (mode "gpu", only with a GPU; a batch of photo-sized images already 
   llava_fast_cuda_float the same with resample="float" (torch's fp32 arithmetic)
   nvjpeg_decode         torchvision.io.decode_jpeg(list, device="cuda") alone (the decode part of the next row)
   llava_fast_cuda_jpeg  JPEG bytes -> decode on the GPU -> CUDA tile encoder (encode_tiles(bytes, device="cuda"))
-GB/s for the GPU rows = (uint8 pixels read + output tiles written) / time: the bytes the encoder must move.
+GB/s for the GPU rows = (uint8 pixels read + output tiles written) / time: the bytes the encoder must move. GPU rows
+are timed with batches back to back (``--gpu-timing loop``, the default since session 4) or one batch on an idle GPU
+(``eager``, what the 2026-11-26 H200 and H100 runs used).
 Targets (docs/perf-notes.md, anyres section): >= 20x hf_torchvision_cuda (> 20,000 images/s on an H200) and >= 50% of the
 copy bandwidth for those bytes.
 
@@ -160,7 +162,7 @@ def gpu_section(args, dtype) -> list[Row]:
         else:
             print(f"llava_fast_cuda rows skipped: llava_fast._C has no CUDA encoder ({_ext.EXT_ERROR or 'CPU build'})")
         for name, fn in providers.items():
-            t = bench(fn, warmup=warm, rep=rep, sync=True)
+            t = bench(fn, warmup=warm, rep=rep, sync=True, timing=args.gpu_timing)
             ips = n / (t["ms"] / 1e3)
             moved = (in_bytes + (0 if name == "nvjpeg_decode" else out_bytes))
             note = f"{n} imgs, {ntiles} tiles, {moved / (t['ms'] / 1e3) / 1e9:.1f} GB/s of {moved / 1e6:.0f} MB"
@@ -170,7 +172,7 @@ def gpu_section(args, dtype) -> list[Row]:
                 note += ", fp32 out"
             rows.append(Row(bench=f"anyres_{variant}", provider=name, shape=f"{n} photos ~1000x750 on GPU",
                             dtype=args.dtype, mode="gpu", ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"],
-                            metric=ips, unit="img/s", peak_gib=peak_memory(fn), note=note))
+                            metric=ips, unit="img/s", peak_gib=peak_memory(fn), note=note, timing=t["timing"]))
             print(f"{variant:16s} {'GPU batch':24s} {name:22s} {t['ms']:9.2f} ms {ips:9.1f} img/s  {note}",
                   flush=True)
     return rows
@@ -182,6 +184,10 @@ def main():
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--no-pil", action="store_true", help="skip the (slow) PIL backend")
     ap.add_argument("--gpu-batch", type=int, default=None, help="images in the GPU workload (default 256, quick 128)")
+    ap.add_argument("--gpu-timing", default="loop", choices=["loop", "eager"],
+                    help="GPU rows: loop (default: batches back to back, the steady state of a data pipeline: a "
+                         "batch's host work, e.g. our 1 ms plan for 128 images, overlaps the previous batch's "
+                         "kernels) or eager (one batch on an idle GPU, host work included: what runs 1-2 used)")
     args = ap.parse_args()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     cuda = torch.cuda.is_available()
