@@ -10,7 +10,8 @@
 #   OPS="attention ..." benchmarks to run, in this order ("model" is the end-to-end bench_model.py with 4 layers,
 #                      "variants" is attention_variants.py: head dim 72 and 64 variants, correctness + SigLIP / CLIP
 #                      timing; "profile" is profile_model.py: the end-to-end step's GPU time by kernel class;
-#                      "sweep", not in the default list, times 12 attention variants at causal D128 4k, <= 400 s);
+#                      "sweep", not in the default list, times 12 attention variants at causal D128 4k, <= 400 s;
+#                      "model_full", not in the default list either: bench_model at full depth, <= 240 s);
 #                      default (what session 4 changed first, then the end-to-end breakdown, then the rest): variants
 #                      attention profile model anyres projector rms_norm swiglu rope cross_entropy pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
@@ -112,6 +113,10 @@ if want ops; then
     elif [ "$b" = "mixed" ]; then  # the realistic mixed-length stage-2 run: packing fill vs padding waste
       step bench_model_mixed 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads mixed --name bench_model_mixed \
         --providers llava_fast,llava_fast_sdpa_text,hf_sdpa
+    elif [ "$b" = "model_full" ]; then  # not in the default list (a second call): the issue's exact shapes, every
+      # LLM layer (7B: 32, OneVision-0.5B: 24), where the language model's share and our kernels' weight are real
+      step bench_model_full 240 $PY benchmarks/bench_model.py $QUICK --workloads ov_ft,prefill,stage1 \
+        --name bench_model_full --providers llava_fast,hf_sdpa,hf_sdpa_liger
     elif [ "$b" = "model" ]; then
       step bench_model 130 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
         --providers llava_fast,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger
