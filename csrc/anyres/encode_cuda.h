@@ -13,6 +13,7 @@ struct CudaEncodePlan {
   std::vector<int64_t> num_tiles;
   int64_t total_tiles = 0, tile_elems = 0, scratch_elems = 0, pass1_blocks = 0;
   int64_t pass1_rows = 0, max_span = 0;  // v2 pass 1: blocks (one per job row), widest staged source row
+  int64_t pass1_rowblocks = 0;           // v3 pass 1: blocks (one per kV3Rows rows of a job)
   int resample = 0, patch = 0;
   int64_t tile = 0;  // T
   int64_t nbytes() const { return static_cast<int64_t>(data.size() * sizeof(uint64_t)); }
@@ -29,7 +30,7 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
                                       const std::vector<int>& modes, const EncodeConfig& cfg, int resample, int patch);
 
 // Runs the kernels' element functions on the CPU (tests): scratch holds plan.scratch_bytes(), out capacity tiles.
-// version: 1 or 2, the kernels of encode_gpu.h to emulate.
+// version: 1, 2 or 3, the kernels of encode_gpu.h to emulate.
 void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, int dtype, int64_t capacity_tiles,
                           int version = 1);
 
@@ -37,8 +38,9 @@ void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, 
 // plan_dev: a device copy of plan.bytes(); scratch: plan.scratch_bytes() of device memory; out: capacity tiles.
 // Two kernel launches on `stream`, no synchronization.
 // passes: 3 = both (the encoder); 1 = horizontal pass only, 2 = vertical pass only (over whatever scratch holds):
-// for timing each pass on a GPU (benchmarks/bench_anyres.py). version: 1 or 2 (encode_gpu.h); v2's pass 1 needs
-// 3 x max_span bytes of shared memory and falls back to v1's pass 1 above kV2MaxSpan source columns.
+// for timing each pass on a GPU (benchmarks/bench_anyres.py). version: 1, 2 or 3 (encode_gpu.h); v2's pass 1 needs
+// 3 x max_span bytes of shared memory and falls back to v1's pass 1 above kV2MaxSpan source columns; v3's needs
+// kV3Rows x 3 x max_span and falls back to v2's above kV3MaxSpan. v3's pass 2 is v2's.
 void encode_tiles_cuda(const CudaEncodePlan& plan, const void* plan_dev, void* scratch, void* out, int dtype,
                        int64_t capacity_tiles, uintptr_t stream, int passes = 3, int version = 1);
 #endif

@@ -230,11 +230,13 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
   LF_CHECK(plan.total_tiles < (static_cast<int64_t>(1) << 31), "encode_tiles_cuda: too many tiles");
 
   // scratch and pass-1 blocks
-  int64_t scratch = 0, blocks = 0, rows = 0, max_span = 0;
+  int64_t scratch = 0, blocks = 0, rows = 0, max_span = 0, rowblocks = 0;
   for (auto& j : jobs) {
     j.scratch_off = scratch;
     j.block0 = blocks;
     j.row0 = static_cast<int32_t>(rows);
+    j.rowblk0 = static_cast<int32_t>(rowblocks);
+    rowblocks += (j.nr + kV3Rows - 1) / kV3Rows;
     const int64_t elems = 3 * static_cast<int64_t>(j.nr) * j.wc;
     scratch += (elems + 15) & ~static_cast<int64_t>(15);
     blocks += (elems + kThreads - 1) / kThreads;
@@ -245,6 +247,7 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
   plan.scratch_elems = scratch;
   plan.pass1_blocks = blocks;
   plan.pass1_rows = rows;
+  plan.pass1_rowblocks = rowblocks;
   plan.max_span = max_span;
 
   // serialize
@@ -261,6 +264,7 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
   H.scratch_elems = scratch;
   H.rows = static_cast<int32_t>(rows);
   H.max_span = static_cast<int32_t>(max_span);
+  H.rowblocks = static_cast<int32_t>(rowblocks);
   for (int c = 0; c < 3; ++c) {
     H.shift[c] = 255.f * cfg.mean[c];  // same expressions as the CPU encoder's LUT and normalize_u8
     H.scale[c] = 255.f * cfg.std[c];
@@ -319,7 +323,17 @@ void emulate(const CudaEncodePlan& plan, void* scratch, void* out, int version) 
   const uint8_t* P = plan.bytes();
   const PlanHeader& H = header(P);
   const JobRec* J = jobs(P);
-  if (version == 2) {
+  if (version == 3) {  // a block per kV3Rows rows of one job
+    const int ms = std::max(H.max_span, 1);
+    std::vector<uint8_t> sm(static_cast<size_t>(kV3Rows * 3 * ms));
+    for (int64_t b = 0; b < H.rowblocks; ++b) {
+      const JobRec& jb = J[find_job_rowblk(P, b)];
+      const int r0 = static_cast<int>(b - jb.rowblk0) * kV3Rows;
+      const int nr = std::min(kV3Rows, jb.nr - r0);
+      for (int i = 0; i < nr; ++i) hpass_v2_stage(P, jb, r0 + i, sm.data() + i * 3 * ms, ms, 0, 1);
+      hpass_v3_rows<R>(P, jb, r0, nr, sm.data(), ms, scratch, 0, 1);
+    }
+  } else if (version == 2) {
     std::vector<uint8_t> sm(static_cast<size_t>(3 * std::max(H.max_span, 1)));
     for (int64_t b = 0; b < H.rows; ++b) {
       const JobRec& jb = J[find_job_row(P, b)];
@@ -333,7 +347,7 @@ void emulate(const CudaEncodePlan& plan, void* scratch, void* out, int version) 
       for (uint32_t e = 0; e < elems; ++e) hpass_element<R>(P, J[j], e, scratch);
     }
   }
-  if (version == 2 && H.patch == 0) {
+  if (version >= 2 && H.patch == 0) {
     for (int64_t t = 0; t < H.num_tiles; ++t)
       for (int crow = 0; crow < 3 * H.tile; ++crow)
         for (int x0 = 0; x0 < H.tile; x0 += 4)
@@ -348,7 +362,7 @@ void emulate(const CudaEncodePlan& plan, void* scratch, void* out, int version) 
 void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, int dtype, int64_t capacity_tiles,
                           int version) {
   LF_CHECK(dtype >= 0 && dtype <= 2, "encode_tiles: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " << dtype);
-  LF_CHECK(version == 1 || version == 2, "encode_tiles: GPU encoder version must be 1 or 2, got " << version);
+  LF_CHECK(version >= 1 && version <= 3, "encode_tiles: GPU encoder version must be 1, 2 or 3, got " << version);
   LF_CHECK(capacity_tiles >= plan.total_tiles, "encode_tiles: output holds " << capacity_tiles
                                                    << " tiles but the images need " << plan.total_tiles);
   if (plan.resample == kU8) {

@@ -39,7 +39,11 @@ namespace gpu_encode {
 enum Resample : int32_t { kU8 = 0, kF32 = 1 };
 
 constexpr int kThreads = 256;  // threads per block in both passes (one element each)
-constexpr int kV2MaxSpan = 16384;  // v2 pass 1 stages 3 x span bytes in shared memory (48 KB: no opt-in needed)
+// Shared memory per block without the opt-in attribute: 48 KB, dynamic + static (ptxas: 16 bytes for the kernels'
+// s_job): hence the 192 bytes below the round numbers (a 16384-column span asked 49152 + 16 bytes: no launch).
+constexpr int kV2MaxSpan = 16320;  // v2 pass 1 stages 3 x span bytes in shared memory
+constexpr int kV3Rows = 4;         // v3 pass 1: source rows per block
+constexpr int kV3MaxSpan = 4080;   // v3 pass 1 stages kV3Rows x 3 x span bytes; wider rows run v2's pass 1
 
 struct PlanHeader {
   int32_t num_images, num_jobs, num_tiles, num_axes;
@@ -49,6 +53,8 @@ struct PlanHeader {
   float shift[3], scale[3];  // out = (v - shift[c]) / scale[c], shift = 255*mean, scale = 255*std
   int32_t rows;              // v2 pass 1: one block per (job, source row); sum of the jobs' nr
   int32_t max_span;          // v2 pass 1: the most source columns one job's row needs (shared memory: 3 x this)
+  int32_t rowblocks;         // v3 pass 1: one block per kV3Rows source rows of one job; sum of ceil(nr / kV3Rows)
+  int32_t pad_h_;
 };
 
 struct ImageRec {
@@ -72,7 +78,7 @@ struct JobRec {
   int64_t block0;             // first pass-1 block of this job (v1)
   int32_t row0;               // first pass-1 block of this job (v2: one block per source row)
   int32_t s0, span;           // v2: virtual source columns [s0, s0 + span) that the window's columns read
-  int32_t pad2_;
+  int32_t rowblk0;            // first pass-1 block of this job (v3: kV3Rows source rows per block)
 };
 
 struct TileRec {
@@ -361,6 +367,96 @@ LF_HD void hpass_v2_row(const uint8_t* plan, const JobRec& jb, int r, const uint
       d[0] = a[0];
       d[plane] = a[1];
       d[2 * plane] = a[2];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------- v3
+// Version 3 of pass 1 (LLAVA_FAST_GPU_ENCODER=v3; pass 2 is v2's): a block per kV3Rows consecutive source rows of
+// one job instead of one row. Written without a GPU (session 4) after the H100 run measured v2's pass 1 at 3.8 ms
+// for 128 photos (~180 GB/s): ~250k blocks, each a chain of dependent loads (a binary search over the jobs, the
+// staging, then per output column its xmin / size / weights) around ~80 multiply-adds per thread, i.e. latency-bound.
+// Here the job search, the column's xmin, size and weights, and the barriers are paid once per kV3Rows rows, and a
+// thread has kV3Rows x 3 independent accumulators. Same expressions per output as v2 (integer taps: exact; float:
+// first product, then += in tap order per accumulator), so the same bits.
+
+// Job owning v3 pass-1 block b.
+LF_HD int find_job_rowblk(const uint8_t* plan, int64_t b) { return find_job_by(plan, b, &JobRec::rowblk0); }
+
+// Filter rows r0 .. r0 + nr - 1 (nr <= kV3Rows) of job jb, staged at sm + i * 3 * ms (row i, plane c at + c * ms).
+template <int R>
+LF_HD void hpass_v3_rows(const uint8_t* plan, const JobRec& jb, int r0, int nr, const uint8_t* sm, int ms,
+                         void* scratch, int tid, int n) {
+  const AxisRec& ax = axes(plan)[jb.ax_w];
+  const int64_t plane = static_cast<int64_t>(jb.nr) * jb.wc;
+  const int64_t base = jb.scratch_off + static_cast<int64_t>(r0) * jb.wc;
+  const int rs = 3 * ms;  // staged row stride
+  for (int x = tid; x < jb.wc; x += n) {
+    const int ox = jb.c0 + x;
+    if (ax.taps == 0) {
+      for (int i = 0; i < nr; ++i)
+        for (int c = 0; c < 3; ++c) {
+          const uint8_t v = sm[i * rs + c * ms + ox - jb.s0];
+          const int64_t o = base + static_cast<int64_t>(i) * jb.wc + c * plane + x;
+          if (R == kU8)
+            static_cast<uint8_t*>(scratch)[o] = v;
+          else
+            static_cast<float*>(scratch)[o] = static_cast<float>(v);
+        }
+      continue;
+    }
+    const int xmin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[ox];
+    const int xs = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[ox];
+    const uint8_t* s = sm + (xmin - jb.s0);
+    if (R == kU8) {
+      const int16_t* k = reinterpret_cast<const int16_t*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
+      int32_t a[kV3Rows][3];
+#pragma unroll
+      for (int i = 0; i < kV3Rows; ++i) a[i][0] = a[i][1] = a[i][2] = 1 << (ax.prec - 1);
+      for (int j = 0; j < xs; ++j) {
+        const int32_t kj = k[j];
+#pragma unroll
+        for (int i = 0; i < kV3Rows; ++i) {
+          if (i < nr) {
+            const uint8_t* si = s + i * rs + j;
+            a[i][0] += static_cast<int32_t>(si[0]) * kj;
+            a[i][1] += static_cast<int32_t>(si[ms]) * kj;
+            a[i][2] += static_cast<int32_t>(si[2 * ms]) * kj;
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kV3Rows; ++i) {
+        if (i < nr) {
+          uint8_t* d = static_cast<uint8_t*>(scratch) + base + static_cast<int64_t>(i) * jb.wc + x;
+          d[0] = static_cast<uint8_t>(clip8_shift(a[i][0], ax.prec));
+          d[plane] = static_cast<uint8_t>(clip8_shift(a[i][1], ax.prec));
+          d[2 * plane] = static_cast<uint8_t>(clip8_shift(a[i][2], ax.prec));
+        }
+      }
+    } else {
+      const float* k = reinterpret_cast<const float*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
+      float a[kV3Rows][3];
+      const float k0 = k[0];
+#pragma unroll
+      for (int i = 0; i < kV3Rows; ++i)
+        for (int c = 0; c < 3; ++c) a[i][c] = i < nr ? static_cast<float>(s[i * rs + c * ms]) * k0 : 0.f;
+      for (int j = 1; j < xs; ++j) {
+        const float kj = k[j];
+#pragma unroll
+        for (int i = 0; i < kV3Rows; ++i)
+          if (i < nr)
+            for (int c = 0; c < 3; ++c) a[i][c] += static_cast<float>(s[i * rs + c * ms + j]) * kj;
+      }
+#pragma unroll
+      for (int i = 0; i < kV3Rows; ++i) {
+        if (i < nr) {
+          float* d = static_cast<float*>(scratch) + base + static_cast<int64_t>(i) * jb.wc + x;
+          d[0] = a[i][0];
+          d[plane] = a[i][1];
+          d[2 * plane] = a[i][2];
+        }
+      }
     }
   }
 }

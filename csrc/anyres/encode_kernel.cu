@@ -54,6 +54,27 @@ __global__ void __launch_bounds__(kThreads) encode_hpass_rows_kernel(const uint8
   }
 }
 
+// v3 pass 1: a block per kV3Rows source rows of one job, the rows staged in shared memory (encode_gpu.h).
+template <int R>
+__global__ void __launch_bounds__(kThreads)
+    encode_hpass_rowblk_kernel(const uint8_t* __restrict__ plan, void* scratch) {
+  extern __shared__ uint8_t sm[];
+  __shared__ int s_job;
+  const PlanHeader& H = header(plan);
+  const int ms = H.max_span;
+  for (int64_t b = blockIdx.x; b < H.rowblocks; b += gridDim.x) {
+    if (threadIdx.x == 0) s_job = find_job_rowblk(plan, b);
+    __syncthreads();
+    const JobRec& jb = jobs(plan)[s_job];
+    const int r0 = static_cast<int>(b - jb.rowblk0) * kV3Rows;
+    const int nr = min(kV3Rows, jb.nr - r0);
+    for (int i = 0; i < nr; ++i) hpass_v2_stage(plan, jb, r0 + i, sm + i * 3 * ms, ms, threadIdx.x, blockDim.x);
+    __syncthreads();
+    hpass_v3_rows<R>(plan, jb, r0, nr, sm, ms, scratch, threadIdx.x, blockDim.x);
+    __syncthreads();  // sm and s_job are rewritten by the next iteration
+  }
+}
+
 // v2 pass 2 (tile layout): threadIdx.y picks the (channel, row) of the block's rows, threadIdx.x four columns.
 template <int R, int D>
 __global__ void encode_vpass_quad_kernel(const uint8_t* __restrict__ plan, const void* scratch, void* out) {
@@ -71,7 +92,11 @@ template <int R, int D>
 void launch(const CudaEncodePlan& plan, const uint8_t* P, void* scratch, void* out, cudaStream_t s, int passes,
             int version) {
   if (passes & 1) {
-    if (version == 2 && plan.max_span <= kV2MaxSpan) {
+    if (version == 3 && plan.max_span <= kV3MaxSpan) {
+      const unsigned b1 = static_cast<unsigned>(std::min<int64_t>(plan.pass1_rowblocks, 1 << 30));
+      const size_t smem = static_cast<size_t>(kV3Rows * 3 * std::max<int64_t>(plan.max_span, 1));
+      if (b1 > 0) encode_hpass_rowblk_kernel<R><<<b1, kThreads, smem, s>>>(P, scratch);
+    } else if (version >= 2 && plan.max_span <= kV2MaxSpan) {
       const unsigned b1 = static_cast<unsigned>(std::min<int64_t>(plan.pass1_rows, 1 << 30));
       const size_t smem = static_cast<size_t>(3 * std::max<int64_t>(plan.max_span, 1));
       if (b1 > 0) encode_hpass_rows_kernel<R><<<b1, kThreads, smem, s>>>(P, scratch);
@@ -82,7 +107,7 @@ void launch(const CudaEncodePlan& plan, const uint8_t* P, void* scratch, void* o
   }
   if (!(passes & 2)) return;
   const unsigned tiles = static_cast<unsigned>(std::min<int64_t>(plan.total_tiles, 65535));
-  if (version == 2 && plan.patch == 0) {
+  if (version >= 2 && plan.patch == 0) {
     const int64_t T = plan.tile;
     const int64_t quads = (T + 3) / 4;
     const unsigned bx = static_cast<unsigned>(std::min<int64_t>((quads + 31) / 32 * 32, kThreads));
@@ -99,7 +124,7 @@ void launch(const CudaEncodePlan& plan, const uint8_t* P, void* scratch, void* o
 
 void encode_tiles_cuda(const CudaEncodePlan& plan, const void* plan_dev, void* scratch, void* out, int dtype,
                        int64_t capacity_tiles, uintptr_t stream, int passes, int version) {
-  LF_CHECK(version == 1 || version == 2, "encode_tiles_cuda: version must be 1 or 2, got " << version);
+  LF_CHECK(version >= 1 && version <= 3, "encode_tiles_cuda: version must be 1, 2 or 3, got " << version);
   LF_CHECK(passes >= 1 && passes <= 3, "encode_tiles_cuda: passes must be 1 (horizontal only), 2 (vertical only) or "
                                        "3 (both; the others are for timing)");
   LF_CHECK(dtype >= 0 && dtype <= 2, "encode_tiles: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " << dtype);

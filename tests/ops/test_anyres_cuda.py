@@ -135,10 +135,11 @@ def test_emulated_kernels_float_match_torch_fp32_kernel(version, name, monkeypat
 @needs_plan
 @pytest.mark.parametrize("resample", ["uint8", "float"])
 @pytest.mark.parametrize("name", ["llava_pad", "next", "ov"])
-def test_emulated_v2_equals_v1(name, resample):
-    """v2's kernels (row staged in shared memory, four outputs per thread) compute v1's expressions in v1's order:
-    the same bits for every input layout (HWC rows, planar rows, padded canvases, strided views), both arithmetics,
-    and output rows whose length is not a multiple of four (tile 30)."""
+def test_emulated_v2_and_v3_equal_v1(name, resample):
+    """v2's kernels (row staged in shared memory, four outputs per thread) and v3's (v2 with four source rows per
+    pass-1 block) compute v1's expressions in v1's order: the same bits for every input layout (HWC rows, planar
+    rows, padded canvases, strided views), both arithmetics, output rows whose length is not a multiple of four
+    (tile 30), and jobs whose source row count is not a multiple of four (the last v3 block of a job is partial)."""
     gen = torch.Generator().manual_seed(6)
     imgs = _variety(gen)
     cfg = CFGS[name]
@@ -147,8 +148,9 @@ def test_emulated_v2_equals_v1(name, resample):
     for c in (cfg, dataclasses.replace(cfg, **small)):
         for dtype in (torch.float32, torch.bfloat16):
             a = _emulate(imgs, c, dtype=dtype, resample=resample, version=1)["pixel_values"]
-            b = _emulate(imgs, c, dtype=dtype, resample=resample, version=2)["pixel_values"]
-            assert torch.equal(a, b), (name, resample, c.tile, dtype)
+            for version in (2, 3):
+                b = _emulate(imgs, c, dtype=dtype, resample=resample, version=version)["pixel_values"]
+                assert torch.equal(a, b), (name, resample, c.tile, dtype, version)
 
 
 @needs_plan
@@ -184,8 +186,8 @@ def test_gpu_encoder_version_switch(monkeypatch):
     for v, want in (("v2", 2), ("2", 2), ("V1", 1)):
         monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", v)
         assert anyres.gpu_encoder_version() == want
-    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v3")
-    with pytest.raises(ValueError, match="LLAVA_FAST_GPU_ENCODER must be v1 or v2"):
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v4")
+    with pytest.raises(ValueError, match="LLAVA_FAST_GPU_ENCODER must be v1, v2 or v3"):
         anyres.gpu_encoder_version()
 
 
