@@ -44,6 +44,7 @@ constexpr int kThreads = 256;  // threads per block in both passes (one element 
 constexpr int kV2MaxSpan = 16320;  // v2 pass 1 stages 3 x span bytes in shared memory
 constexpr int kV3Rows = 4;         // v3 pass 1: source rows per block
 constexpr int kV3MaxSpan = 4080;   // v3 pass 1 stages kV3Rows x 3 x span bytes; wider rows run v2's pass 1
+constexpr int kV3Pass2Rows = 8;    // v3 pass 2: (channel, row)s per thread (v2's element code, fewer blocks)
 
 struct PlanHeader {
   int32_t num_images, num_jobs, num_tiles, num_axes;
@@ -372,7 +373,8 @@ LF_HD void hpass_v2_row(const uint8_t* plan, const JobRec& jb, int r, const uint
 }
 
 // ------------------------------------------------------------------------------------------------------------- v3
-// Version 3 of pass 1 (LLAVA_FAST_GPU_ENCODER=v3; pass 2 is v2's): a block per kV3Rows consecutive source rows of
+// Version 3 of pass 1 (LLAVA_FAST_GPU_ENCODER=v3; pass 2 is v2's element code, launched with kV3Pass2Rows rows per
+// thread, encode_kernel.cu): a block per kV3Rows consecutive source rows of
 // one job instead of one row. Written without a GPU (session 4) after the H100 run measured v2's pass 1 at 3.8 ms
 // for 128 photos (~180 GB/s): ~250k blocks, each a chain of dependent loads (a binary search over the jobs, the
 // staging, then per output column its xmin / size / weights) around ~80 multiply-adds per thread, i.e. latency-bound.

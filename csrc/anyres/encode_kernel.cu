@@ -76,16 +76,19 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // v2 pass 2 (tile layout): threadIdx.y picks the (channel, row) of the block's rows, threadIdx.x four columns.
+// v2 launches one (channel, row) per thread (3T / blockDim.y blocks per tile: ~320k blocks of a few microseconds
+// for 128 photos); v3 launches kV3Pass2Rows times fewer blocks, each thread walking that many rows (grid stride),
+// so that block launch and retirement are not the cost. The element code is v2's either way.
 template <int R, int D>
 __global__ void encode_vpass_quad_kernel(const uint8_t* __restrict__ plan, const void* scratch, void* out) {
   const PlanHeader& H = header(plan);
   const int T = H.tile;
-  const int crow = blockIdx.x * blockDim.y + threadIdx.y;
-  if (crow >= 3 * T) return;
-  const int c = crow / T, y = crow - c * T;
-  for (int64_t t = blockIdx.y; t < H.num_tiles; t += gridDim.y)
-    for (int x0 = threadIdx.x * 4; x0 < T; x0 += blockDim.x * 4)
-      vpass_v2_quad<R, D>(plan, t, c, y, x0, scratch, out);
+  for (int crow = blockIdx.x * blockDim.y + threadIdx.y; crow < 3 * T; crow += gridDim.x * blockDim.y) {
+    const int c = crow / T, y = crow - c * T;
+    for (int64_t t = blockIdx.y; t < H.num_tiles; t += gridDim.y)
+      for (int x0 = threadIdx.x * 4; x0 < T; x0 += blockDim.x * 4)
+        vpass_v2_quad<R, D>(plan, t, c, y, x0, scratch, out);
+  }
 }
 
 template <int R, int D>
@@ -112,7 +115,8 @@ void launch(const CudaEncodePlan& plan, const uint8_t* P, void* scratch, void* o
     const int64_t quads = (T + 3) / 4;
     const unsigned bx = static_cast<unsigned>(std::min<int64_t>((quads + 31) / 32 * 32, kThreads));
     const unsigned by = std::max(1u, static_cast<unsigned>(kThreads) / bx);
-    const dim3 grid2(static_cast<unsigned>((3 * T + by - 1) / by), tiles);
+    const int64_t rows_per_block = static_cast<int64_t>(by) * (version == 3 ? kV3Pass2Rows : 1);
+    const dim3 grid2(static_cast<unsigned>((3 * T + rows_per_block - 1) / rows_per_block), tiles);
     encode_vpass_quad_kernel<R, D><<<grid2, dim3(bx, by), 0, s>>>(P, scratch, out);
   } else {
     const dim3 grid2(static_cast<unsigned>((plan.tile_elems + kThreads - 1) / kThreads), tiles);
