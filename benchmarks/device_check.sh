@@ -118,8 +118,8 @@ if want ops; then
       step bench_model_full 240 $PY benchmarks/bench_model.py $QUICK --workloads ov_ft,prefill,stage1 \
         --name bench_model_full --providers llava_fast,hf_sdpa,hf_sdpa_liger
     elif [ "$b" = "model" ]; then
-      step bench_model 130 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
-        --providers llava_fast,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger
+      step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
+        --providers llava_fast,llava_fast_keep_act,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger
     elif [ -f "benchmarks/bench_$b.py" ]; then
       step "bench_$b" "$([ "$b" = attention ] && echo 60 || echo 40)" $PY "benchmarks/bench_$b.py" $QUICK
     else

@@ -1,11 +1,13 @@
 """SwiGLU MLP drop-in for HF ``LlamaMLP`` / ``Qwen2MLP``: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
 
 State-dict names are HF's (``gate_proj``, ``up_proj``, ``down_proj``); the activation product is the fused
-:func:`llava_fast.ops.swiglu.swiglu` (backward recomputes silu instead of storing it).
+:func:`llava_fast.ops.swiglu.swiglu` (backward recomputes silu instead of storing it), and down_proj's input is
+recomputed too (:mod:`llava_fast.ops.act_linear`).
 """
 import torch
 from torch import nn
 
+from llava_fast.ops.act_linear import act_linear
 from llava_fast.ops.swiglu import swiglu
 
 
@@ -28,5 +30,6 @@ class SwiGLUMLP(nn.Module):
         return cls(config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False), **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., hidden)`` -> ``(..., hidden)``."""
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        """``(..., hidden)`` -> ``(..., hidden)``; the gated product is recomputed in the backward, not kept
+        (:mod:`llava_fast.ops.act_linear`)."""
+        return act_linear(swiglu, (self.gate_proj(x), self.up_proj(x)), self.down_proj.weight, self.down_proj.bias)

@@ -1,0 +1,138 @@
+"""act_linear: linear(act(*hs)) with the activation recomputed in the backward. Gradients equal to the plain path's
+(fp32 to GEMM rounding, bf16 by the flash-attn rule against an fp64 reference), what it saves (counted with
+saved-tensor hooks: the activation's output is not kept), the fallbacks (no grad, autocast, the switch), and
+torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llava_fast.models.layers import get_activation
+from llava_fast.ops.act_linear import act_linear, act_linear_ref
+from llava_fast.ops.swiglu import swiglu
+
+GELU_TANH = get_activation("gelu_pytorch_tanh")
+QUICK_GELU = get_activation("quick_gelu")
+
+
+def _gated(g, u):
+    return F.silu(g) * u
+
+
+ACTS = {"gelu_tanh": (GELU_TANH, 1), "quick_gelu": (QUICK_GELU, 1), "silu_gate": (_gated, 2),
+        "swiglu_op": (swiglu, 2)}
+
+
+def _inputs(n_h, dtype, shape=(3, 7), f=40, d=24, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hs = [torch.randn(*shape, f, generator=g).to(dtype).requires_grad_() for _ in range(n_h)]
+    w = (torch.randn(d, f, generator=g) / f ** 0.5).to(dtype).requires_grad_()
+    b = torch.randn(d, generator=g).to(dtype).requires_grad_() if bias else None
+    return hs, w, b
+
+
+def _grads(fn, hs, w, b, dy):
+    y = fn(hs, w, b)
+    leaves = [*hs, w] + ([b] if b is not None else [])
+    return [y] + list(torch.autograd.grad(y, leaves, dy))
+
+
+@pytest.mark.parametrize("name", list(ACTS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_plain_path_fp32(name, bias):
+    act, n_h = ACTS[name]
+    hs, w, b = _inputs(n_h, torch.float32, bias=bias)
+    dy = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(1))
+    ours = _grads(lambda h, ww, bb: act_linear(act, h, ww, bb), hs, w, b, dy)
+    ref = _grads(lambda h, ww, bb: act_linear_ref(act, h, ww, bb), hs, w, b, dy)
+    for x, y in zip(ours, ref):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gelu_tanh", "silu_gate"])
+def test_bf16_error_within_twice_torch(name):
+    """flash-attn's rule: our bf16 error against an fp64 reference at most twice that of the plain bf16 path."""
+    act, n_h = ACTS[name]
+    hs, w, b = _inputs(n_h, torch.bfloat16, shape=(5, 33), f=96, d=48, seed=3)
+    dy = torch.randn(5, 33, 48, generator=torch.Generator().manual_seed(4)).bfloat16()
+    ours = _grads(lambda h, ww, bb: act_linear(act, h, ww, bb), hs, w, b, dy)
+    low = _grads(lambda h, ww, bb: act_linear_ref(act, h, ww, bb), hs, w, b, dy)
+    h64 = [h.detach().double().requires_grad_() for h in hs]
+    w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref = _grads(lambda h, ww, bb: act_linear_ref(act, h, ww, bb), h64, w64, b64, dy.double())
+    for name_, o, lo, r in zip(["y"] + [f"h{i}" for i in range(n_h)] + ["w", "b"], ours, low, ref):
+        err = (o.double() - r).abs().max().item()
+        base = (lo.double() - r).abs().max().item()
+        assert err <= 2 * base + 1e-6 * r.abs().max().item(), (name_, err, base)
+
+
+def _saved_bytes(fn):
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn()
+    return sum(total), y
+
+
+@pytest.mark.parametrize("name", ["gelu_tanh", "silu_gate", "swiglu_op"])
+def test_activation_output_not_saved(name):
+    """The plain path keeps act(*hs) for the weight gradient; ours keeps hs and the weight only: the difference is
+    exactly one activation-sized tensor (mutation check: saving `a` in forward makes this fail)."""
+    act, n_h = ACTS[name]
+    hs, w, b = _inputs(n_h, torch.float32, shape=(4, 50), f=64, d=32)
+    plain, _ = _saved_bytes(lambda: act_linear_ref(act, hs, w, b))
+    ours, y = _saved_bytes(lambda: act_linear(act, hs, w, b))
+    act_bytes = hs[0].numel() * hs[0].element_size()
+    w_bytes = w.numel() * w.element_size()
+    # ours: hs + weight; plain: the activation's own saved inputs (hs, plus its intermediates) + act output + weight
+    assert ours == n_h * act_bytes + w_bytes, (ours, n_h, act_bytes, w_bytes)
+    assert plain - ours >= act_bytes, (plain, ours, act_bytes)
+    y.sum().backward()  # the recomputing backward runs from the saved tensors
+
+
+def test_fallbacks(monkeypatch):
+    hs, w, b = _inputs(1, torch.float32)
+    with torch.no_grad():
+        assert act_linear(GELU_TANH, hs, w, b).grad_fn is None
+    y = act_linear(GELU_TANH, hs, w, b)
+    assert type(y.grad_fn).__name__.startswith("ActLinearFunction")
+    monkeypatch.setenv("LLAVA_FAST_RECOMPUTE_ACT", "0")
+    assert not type(act_linear(GELU_TANH, hs, w, b).grad_fn).__name__.startswith("ActLinearFunction")
+    monkeypatch.setenv("LLAVA_FAST_RECOMPUTE_ACT", "yes")
+    with pytest.raises(ValueError, match="LLAVA_FAST_RECOMPUTE_ACT must be 0 or 1"):
+        act_linear(GELU_TANH, hs, w, b)
+    monkeypatch.delenv("LLAVA_FAST_RECOMPUTE_ACT")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not type(act_linear(GELU_TANH, hs, w, b).grad_fn).__name__.startswith("ActLinearFunction")
+
+
+def test_only_some_inputs_need_grad():
+    """Frozen weights (stage 1's frozen towers pass activation gradients only) and frozen activations."""
+    hs, w, b = _inputs(2, torch.float32)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    dy = torch.randn(3, 7, 24)
+    y = act_linear(_gated, hs, w, b)
+    got = torch.autograd.grad(y, hs, dy)
+    want = torch.autograd.grad(act_linear_ref(_gated, hs, w, b), hs, dy)
+    for x, r in zip(got, want):
+        torch.testing.assert_close(x, r)
+    h2 = [h.detach() for h in hs]
+    w.requires_grad_(True)
+    (dw,) = torch.autograd.grad(act_linear(_gated, h2, w, b), [w], dy)
+    torch.testing.assert_close(dw, torch.autograd.grad(act_linear_ref(_gated, h2, w, b), [w], dy)[0])
+
+
+def test_torch_compile_traces():
+    """Under torch.compile the plain expression is traced (fullgraph, no break); AOTAutograd's partitioner decides
+    what to recompute."""
+    hs, w, b = _inputs(1, torch.float32)
+    fn = torch.compile(lambda h, ww, bb: act_linear(GELU_TANH, [h], ww, bb), backend="aot_eager", fullgraph=True)
+    y = fn(hs[0], w, b)
+    ref = act_linear_ref(GELU_TANH, hs, w, b)
+    torch.testing.assert_close(y, ref)
+    y.sum().backward()
+    assert hs[0].grad is not None and w.grad is not None
