@@ -14,10 +14,10 @@ The recomputation runs the activation's own forward and backward (``torch.autogr
 so the gradients are those of the plain path up to the GEMMs' summation order (the weight gradient is computed as
 ``dy^T @ act`` on the flattened tokens, as autograd's linear backward does).
 
-``LLAVA_FAST_RECOMPUTE_ACT=0`` (read at each call) keeps the activation instead; so do calls without gradients,
-calls under autocast (the backward GEMMs here would not be autocast), and traces by torch.compile (its partitioner
-already recomputes cheap pointwise ops such as the activation instead of saving them, and dynamo cannot trace the
-``torch.autograd.grad`` of this backward).
+``LLAVA_FAST_RECOMPUTE_ACT=0`` (read at each call) keeps the activation instead; so do calls without gradients and
+traces by torch.compile (its partitioner already recomputes cheap pointwise ops such as the activation instead of
+saving them, and dynamo cannot trace the ``torch.autograd.grad`` of this backward). Under autocast the backward runs
+in the forward's autocast state (as ``torch.amp.custom_bwd`` does).
 """
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ class ActLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, act, weight, bias, *hs):
+        dev = hs[0].device.type
+        # under autocast (the trainer's fp32 master weights on CUDA), the backward below runs in the same autocast
+        # state, as torch.amp.custom_bwd does: the recomputed activation and the GEMMs match the forward's dtypes
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         with torch.no_grad():
             a = act(*hs)
         ctx.act = act
@@ -56,21 +60,24 @@ class ActLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         weight, *hs = ctx.saved_tensors
+        dev, enabled, dtype = ctx.autocast
         need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_h = [ctx.needs_input_grad[3 + i] for i in range(len(hs))]
-        with torch.enable_grad():
-            leaves = [h.detach().requires_grad_(n) for h, n in zip(hs, need_h)]
-            a = ctx.act(*leaves)
-        n_out, n_in = weight.shape
-        dy2 = dy.reshape(-1, n_out)
-        dw = dy2.t().mm(a.detach().reshape(-1, n_in)) if need_w else None
-        db = dy2.sum(0) if (need_b and ctx.has_bias) else None
-        dhs = [None] * len(hs)
-        if any(need_h):
-            da = dy.matmul(weight)
-            want = [leaf for leaf, n in zip(leaves, need_h) if n]
-            grads = iter(torch.autograd.grad(a, want, da))
-            dhs = [next(grads) if n else None for n in need_h]
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            with torch.enable_grad():
+                leaves = [h.detach().requires_grad_(n) for h, n in zip(hs, need_h)]
+                a = ctx.act(*leaves)
+            n_out, n_in = weight.shape
+            dy2 = dy.reshape(-1, n_out)
+            # autograd casts each gradient to its input's dtype (fp32 master weights under autocast)
+            dw = dy2.t().mm(a.detach().reshape(-1, n_in)) if need_w else None
+            db = dy2.sum(0) if (need_b and ctx.has_bias) else None
+            dhs = [None] * len(hs)
+            if any(need_h):
+                da = dy.matmul(weight)
+                want = [leaf for leaf, n in zip(leaves, need_h) if n]
+                grads = iter(torch.autograd.grad(a, want, da))
+                dhs = [next(grads) if n else None for n in need_h]
         return (None, dw, db, *dhs)
 
 
@@ -90,7 +97,6 @@ def act_linear(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tensor,
     instead of kept (see the module docstring). ``act`` must be a pure elementwise function of ``hs``."""
     grads = torch.is_grad_enabled() and (weight.requires_grad or any(h.requires_grad for h in hs)
                                          or (bias is not None and bias.requires_grad))
-    if (not grads or torch.compiler.is_compiling() or torch.is_autocast_enabled(hs[0].device.type)
-            or not recompute_enabled()):
+    if not grads or torch.compiler.is_compiling() or not recompute_enabled():
         return act_linear_ref(act, hs, weight, bias)
     return ActLinearFunction.apply(act, weight, bias, *hs)

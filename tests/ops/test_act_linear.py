@@ -65,11 +65,15 @@ def test_bf16_error_within_twice_torch(name):
         assert err <= 2 * base + 1e-6 * r.abs().max().item(), (name_, err, base)
 
 
-def _saved_bytes(fn):
+def _saved_bytes(fn, exclude=()):
+    """Bytes of the tensors autograd saves while running fn(), except those sharing storage with ``exclude`` (the
+    parameters: saving them allocates nothing)."""
     total = []
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
 
     def pack(t):
-        total.append(t.numel() * t.element_size())
+        if t.untyped_storage().data_ptr() not in skip:
+            total.append(t.numel() * t.element_size())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -104,9 +108,36 @@ def test_fallbacks(monkeypatch):
     monkeypatch.setenv("LLAVA_FAST_RECOMPUTE_ACT", "yes")
     with pytest.raises(ValueError, match="LLAVA_FAST_RECOMPUTE_ACT must be 0 or 1"):
         act_linear(GELU_TANH, hs, w, b)
-    monkeypatch.delenv("LLAVA_FAST_RECOMPUTE_ACT")
+
+
+@pytest.mark.parametrize("name", ["gelu_tanh", "swiglu_op"])
+def test_autocast_fp32_master_weights(name):
+    """The trainer's setting: fp32 weights under bf16 autocast. The backward runs in the forward's autocast state:
+    gradients in the weights' dtype (fp32) within bf16 rounding of the plain autocast path's, and the activation
+    still not kept."""
+    act, n_h = ACTS[name]
+    hs, w, b = _inputs(n_h, torch.float32, shape=(4, 30), f=64, d=32, seed=5)
+    dy = torch.randn(4, 30, 32, generator=torch.Generator().manual_seed(6))
+
+    def run(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h_bf = [h.bfloat16() for h in hs]  # what an autocast fc1 hands over
+            y = fn(act, h_bf, w, b)
+        return [y] + list(torch.autograd.grad(y, [*hs, w, b], dy))
+
+    ours, ref = run(act_linear), run(act_linear_ref)
+    assert ours[0].dtype == ref[0].dtype == torch.bfloat16
+    for i, (o, r) in enumerate(zip(ours, ref)):
+        assert o.dtype == r.dtype, (i, o.dtype, r.dtype)
+        torch.testing.assert_close(o.float(), r.float(), atol=3e-2, rtol=2e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not type(act_linear(GELU_TANH, hs, w, b).grad_fn).__name__.startswith("ActLinearFunction")
+        h_bf = [h.bfloat16() for h in hs]
+        plain, _ = _saved_bytes(lambda: act_linear_ref(act, h_bf, w, b), exclude=(w, b))
+        mine, _ = _saved_bytes(lambda: act_linear(act, h_bf, w, b), exclude=(w, b))
+    # ours: the activation inputs only; plain: those (and the activation's intermediates), its output, and the
+    # bf16 copy of the weight that autocast made for the GEMM
+    assert mine == n_h * h_bf[0].numel() * 2, mine
+    assert plain - mine >= h_bf[0].numel() * 2 + w.numel() * 2, (plain, mine)
 
 
 def test_only_some_inputs_need_grad():
