@@ -803,8 +803,9 @@ def gpu_encoder_version() -> int:
     """Which kernels the CUDA tile encoder launches: ``LLAVA_FAST_GPU_ENCODER=v2`` (default: a block per source row
     staged in shared memory, four outputs per thread in the vertical pass; on an H100, 2026-11-26, 128 photos:
     NeXT 14.2k -> 24.6k img/s, OneVision 10.3k -> 19.7k img/s against v1, bit-identical in the cuda tests) or ``v1``
-    (the session-1 kernels) or ``v3`` (v2 with a block per four source rows in the horizontal pass: emulated
-    bit-identical, written without a GPU, not yet measured). docs/perf-notes.md, "CUDA tile encoder"."""
+    (the session-1 kernels) or ``v3`` (v2's arithmetic with a block per four source rows in the horizontal pass and
+    eight rows per thread in the vertical one: emulated bit-identical, written without a GPU, not yet measured).
+    docs/perf-notes.md, "CUDA tile encoder"."""
     v = os.environ.get("LLAVA_FAST_GPU_ENCODER", "v2").strip().lower().lstrip("v")
     if v not in ("1", "2", "3"):
         raise ValueError(f"LLAVA_FAST_GPU_ENCODER must be v1, v2 or v3, got {os.environ['LLAVA_FAST_GPU_ENCODER']!r}")
