@@ -174,6 +174,12 @@ def step_fn(provider, name, m, inp):
         return fn
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=inp["ids"].is_cuda)
+    if provider.startswith("llava_fast"):
+        # the loss as our trainer computes it (train/trainer.py): logits=False lets the model use the fused linear
+        # cross-entropy (no tokens x vocab logits). Until session 4 these rows passed nothing, i.e. logits=True,
+        # the transformers-compatible default, which materializes the fp32 logits exactly as transformers does
+        # (the H100 rows of 2026-11-26 were measured so; the mixed workload already passed logits=False).
+        kw["logits"] = False
 
     def fn():
         out = m(labels=inp["labels"], **kw)
