@@ -3,9 +3,9 @@ with saved-tensor hooks (no GPU needed). Activation memory is most of a fine-tun
 OneVision target: 0.6x transformers' peak memory); this says where it goes and whether we keep more than transformers
 anywhere.
 
-Counting: every tensor autograd saves during the forward, once per storage (a tensor saved by several nodes counts
-once), parameters excluded (saving them allocates nothing), attributed to the innermost module running when it was
-saved. Numbers are per token of the module's input stream (vision tokens for the tower, text tokens for the language
+Counting: the storage of every tensor autograd saves during the forward, once (views of one allocation, or a tensor
+saved by several nodes, count once, whole), parameters excluded (saving them allocates nothing), attributed to the
+innermost module running when it was first saved. Numbers are per token of the module's input stream (vision tokens for the tower, text tokens for the language
 model), in values (divide bytes by the element size), so that fp32 on the CPU and bf16 on a GPU compare. The CPU
 attention paths differ from the GPU's (our CPU vision path is eager attention, which keeps the probabilities): the
 vision attention is therefore routed through SDPA for both models here, as on a GPU.
@@ -47,11 +47,11 @@ def count_saved(model: torch.nn.Module):
     hooks += [m.register_forward_hook(post) for m in model.modules()]
 
     def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        key = (ptr, t.storage_offset(), tuple(t.shape), t.dtype)
-        if ptr not in params and key not in seen:
-            seen.add(key)
-            out[stack[-1]] += t.numel() * t.element_size()
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in params and ptr not in seen:  # views of one storage are one allocation: counted once, whole
+            seen.add(ptr)
+            out[stack[-1]] += st.nbytes()
         return t
 
     try:
@@ -93,8 +93,9 @@ def measure(workload: str, vision_layers: int, text_layers: int, samples: int = 
     inp = bench_model.make_inputs(workload, cfg, "cpu", tiny)
     b = min(samples, inp["batch"])
     tiles_per = inp["tiles"] // inp["batch"]
-    inp = dict(inp, ids=inp["ids"][:b], labels=inp["labels"][:b], pv=inp["pv"][: b * tiles_per],
-               hf_pv=inp["hf_pv"][:b] if workload != "stage1" else inp["hf_pv"][:b],
+    # copies, not views: a saved view would keep (and count) the whole batch's storage
+    inp = dict(inp, ids=inp["ids"][:b].clone(), labels=inp["labels"][:b].clone(),
+               pv=inp["pv"][: b * tiles_per].clone(), hf_pv=inp["hf_pv"][:b].clone(),
                sizes=inp["sizes"][:b] if inp["sizes"] is not None else None, batch=b, tiles=b * tiles_per,
                tokens=inp["ids"][:b].numel())
     vc = cfg.vision_config

@@ -100,8 +100,8 @@ def test_profile_model_smoke(capsys):
 def test_saved_activations_vs_transformers(workload, at_most):
     """Activation memory: with the attention paths a GPU runs (SDPA here), what our model keeps for the backward
     (summed over modules, the loss on the logits apart) against transformers' sdpa model. OneVision FT at toy widths:
-    0.80x with the MLP activations recomputed, 0.97x without (so 0.85 fails if the recompute is lost); at real
-    widths (`python benchmarks/saved_activations.py`, 2 min) 789.5 vs 1098.1 MiB for one layer of each part."""
+    0.82x with the MLP activations recomputed, 1.00x without (so 0.85 fails if the recompute is lost); at real
+    widths see `python benchmarks/saved_activations.py` (2 min) and docs/perf-notes.md."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import saved_activations
 
