@@ -9,7 +9,9 @@ side by side in one run, on the three workloads of performance-anchors.md (rando
            (its padding waste is reported); ours gets the same samples bin-packed into 8192-token sequences (fill
            reported). Throughput counts real tokens only.
 
-Providers: llava_fast, hf_eager, hf_sdpa, hf_sdpa_liger; and llava_fast_sdpa_text (an experiment, not in the default
+Providers: llava_fast, hf_eager, hf_sdpa, hf_sdpa_liger (Liger's RoPE, RMSNorm and SwiGLU in the language model);
+hf_sdpa_liger_flce (stage 1 only: Liger's LLaVA-1.5 patch, which adds its fused linear cross-entropy); and
+llava_fast_sdpa_text (an experiment, not in the default
 list): llava_fast with LLAVA_FAST_TEXT_ATTENTION=sdpa, the language model's attention through SDPA (cuDNN first; packed
 sequences as a right-padded batch) instead of the Triton varlen kernel; llava_fast_keep_act (not in the default list
 either): llava_fast with LLAVA_FAST_RECOMPUTE_ACT=0, the MLP activations kept for the backward (the path before
@@ -131,6 +133,48 @@ def flops(name, cfg, inp):
     return 3 * (llm + vis + proj)
 
 
+_PATCHED_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
+                    "transformers.models.llava.modeling_llava", "transformers.models.llava_next.modeling_llava_next",
+                    "transformers.models.llava_onevision.modeling_llava_onevision",
+                    "transformers.models.siglip.modeling_siglip", "transformers.models.clip.modeling_clip",
+                    "transformers.loss.loss_utils")
+
+
+def snapshot_transformers():
+    """Liger's patch functions also replace module-level functions and classes of transformers (e.g. Llama's
+    apply_rotary_pos_emb), so a Liger provider leaks into every transformers provider built after it (in the H100
+    run of 2026-11-26, the prefill and OneVision hf_sdpa rows ran after stage 1's Liger patch). Returns a function
+    that puts back the attributes of the modules Liger touches."""
+    import importlib
+
+    saved = {}
+    for name in _PATCHED_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:
+            continue
+        saved[mod] = dict(vars(mod))
+    try:
+        import torch.nn.functional as tnf
+
+        saved_ce = tnf.cross_entropy
+    except Exception:  # pragma: no cover
+        saved_ce = None
+
+    def restore():
+        for mod, d in saved.items():
+            for k in [k for k in vars(mod) if k not in d]:
+                delattr(mod, k)
+            for k, v in d.items():
+                if vars(mod).get(k) is not v:
+                    setattr(mod, k, v)
+        if saved_ce is not None:
+            import torch.nn.functional as tnf
+
+            tnf.cross_entropy = saved_ce
+    return restore
+
+
 def build(provider, name, cfg, device):
     import transformers as tf
 
@@ -154,6 +198,11 @@ def build(provider, name, cfg, device):
             fn = lk.apply_liger_kernel_to_qwen2 if cfg.model_type == "llava_onevision" else lk.apply_liger_kernel_to_llama
             fn(model=m.model.language_model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                fused_linear_cross_entropy=False)
+        elif provider == "hf_sdpa_liger_flce":  # Liger as its LLaVA-1.5 patch applies it: + fused linear CE
+            import liger_kernel.transformers as lk
+
+            lk.apply_liger_kernel_to_llava(model=m, fused_linear_cross_entropy=True, rope=True, rms_norm=True,
+                                           swiglu=True)
     if name in ("stage1", "mixed"):
         for n, p in m.named_parameters():
             p.requires_grad_("multi_modal_projector" in n)
@@ -309,7 +358,7 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
 
 
 def available(provider):
-    if provider == "hf_sdpa_liger":
+    if provider.startswith("hf_sdpa_liger"):
         try:
             import liger_kernel  # noqa: F401
         except Exception:
@@ -340,7 +389,11 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
             if not available(prov):
                 print(f"[{name}] {prov}: not installed, skipped")
                 continue
+            if prov == "hf_sdpa_liger_flce" and cfg.model_type != "llava":
+                print(f"[{name}] {prov}: Liger 0.8.5 has a fused-linear-CE patch for LLaVA-1.5 only, skipped")
+                continue
             m = None
+            restore = snapshot_transformers() if prov.startswith("hf_sdpa_liger") else None
             env_before = {k: os.environ.get(k) for k in PROVIDER_ENV.get(prov, {})}
             os.environ.update(PROVIDER_ENV.get(prov, {}))
             try:
@@ -362,7 +415,14 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
             except torch.OutOfMemoryError:
                 rows.append(Row(bench="model", provider=prov, shape=shape, dtype="bfloat16", mode=name, note="OOM"))
                 print(f"[{name}] {prov}: out of memory")
+            except Exception as e:  # a baseline that breaks (e.g. a Liger patch against this transformers) is a row
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                rows.append(Row(bench="model", provider=prov, shape=shape, dtype="bfloat16", mode=name,
+                                note=f"failed: {msg}"))
+                print(f"[{name}] {prov}: failed ({msg})")
             finally:
+                if restore is not None:
+                    restore()
                 for k, v in env_before.items():
                     if v is None:
                         os.environ.pop(k, None)

@@ -116,10 +116,10 @@ if want ops; then
     elif [ "$b" = "model_full" ]; then  # not in the default list (a second call): the issue's exact shapes, every
       # LLM layer (7B: 32, OneVision-0.5B: 24), where the language model's share and our kernels' weight are real
       step bench_model_full 240 $PY benchmarks/bench_model.py $QUICK --workloads ov_ft,prefill,stage1 \
-        --name bench_model_full --providers llava_fast,hf_sdpa,hf_sdpa_liger
+        --name bench_model_full --providers llava_fast,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce
     elif [ "$b" = "model" ]; then
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
-        --providers llava_fast,llava_fast_keep_act,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger
+        --providers llava_fast,llava_fast_keep_act,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce
     elif [ -f "benchmarks/bench_$b.py" ]; then
       step "bench_$b" "$([ "$b" = attention ] && echo 60 || echo 40)" $PY "benchmarks/bench_$b.py" $QUICK
     else

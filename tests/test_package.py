@@ -81,6 +81,23 @@ def test_bench_model_harness_smoke(tmp_path):
     assert md.exists() and md.with_suffix(".json").exists()
 
 
+def test_bench_model_restores_what_liger_patches():
+    """Liger's patch functions replace transformers' module-level functions and classes; bench_model puts them back
+    after each Liger provider so that later transformers rows are plain transformers."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+    from transformers.models.llama import modeling_llama
+
+    orig_rope, orig_norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
+    restore = bench_model.snapshot_transformers()
+    modeling_llama.apply_rotary_pos_emb = lambda *a, **k: None   # what a Liger patch does
+    modeling_llama.LlamaRMSNorm = object
+    modeling_llama.liger_added_name = 1
+    restore()
+    assert modeling_llama.apply_rotary_pos_emb is orig_rope and modeling_llama.LlamaRMSNorm is orig_norm
+    assert not hasattr(modeling_llama, "liger_added_name")
+
+
 def test_profile_model_smoke(capsys):
     """The end-to-end profiler runs a toy step on the CPU and classifies what it ran (GEMMs found and named)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
