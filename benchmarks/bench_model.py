@@ -15,7 +15,9 @@ llava_fast_sdpa_text (an experiment, not in the default
 list): llava_fast with LLAVA_FAST_TEXT_ATTENTION=sdpa, the language model's attention through SDPA (cuDNN first; packed
 sequences as a right-padded batch) instead of the Triton varlen kernel; llava_fast_keep_act (not in the default list
 either): llava_fast with LLAVA_FAST_RECOMPUTE_ACT=0, the MLP activations kept for the backward (the path before
-session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory and time cost of that choice.
+session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory and time cost of that choice;
+llava_fast_sdpa_flash: llava_fast with LLAVA_FAST_SDPA_CUDNN=0, the vision towers' SDPA in its default order (flash
+first) instead of cuDNN first on Hopper (models/dispatch.py).
 
 MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
 2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
@@ -354,7 +356,9 @@ def run_mixed(providers, layers, tiny, rep, warmup):
 # Providers that are llava_fast with an experiment switched on (environment variables set while they build and run).
 PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the MLP activations kept for the backward instead of recomputed (ops/act_linear.py; before session 4)
-                "llava_fast_keep_act": {"LLAVA_FAST_RECOMPUTE_ACT": "0"}}
+                "llava_fast_keep_act": {"LLAVA_FAST_RECOMPUTE_ACT": "0"},
+                # the vision towers' SDPA in its own order (flash first) instead of cuDNN first on Hopper
+                "llava_fast_sdpa_flash": {"LLAVA_FAST_SDPA_CUDNN": "0"}}
 
 
 def available(provider):

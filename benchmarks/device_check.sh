@@ -119,7 +119,7 @@ if want ops; then
         --name bench_model_full --providers llava_fast,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce
     elif [ "$b" = "model" ]; then
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
-        --providers llava_fast,llava_fast_keep_act,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce
+        --providers llava_fast,llava_fast_keep_act,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce
     elif [ -f "benchmarks/bench_$b.py" ]; then
       step "bench_$b" "$([ "$b" = attention ] && echo 60 || echo 40)" $PY "benchmarks/bench_$b.py" $QUICK
     else
