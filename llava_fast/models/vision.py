@@ -38,14 +38,31 @@ class VisionAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
-    def forward(self, x):
+    def forward(self, x, norm: nn.LayerNorm | None = None):
+        """``x`` (B, N, D). With ``norm`` (the layer's pre-attention LayerNorm), the attention runs on ``norm(x)``:
+        q, k and v then come from one GEMM over the three weights concatenated, whose input (the normalized x) is
+        recomputed in the backward from x instead of kept (ops/act_linear.py); without, on x as given."""
         b, n, d = x.shape
-        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
         from llava_fast.models import dispatch
 
+        if norm is None:
+            q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            from llava_fast.ops.act_linear import act_linear
+
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            q, k, v = act_linear(_layer_norm(norm), (x, norm.weight, norm.bias), w, bias).split(d, dim=-1)
+        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         o = dispatch.vision_attention(q, k, v, self.scale)
         return self.out_proj(o.transpose(1, 2).reshape(b, n, d))
+
+
+def _layer_norm(norm: nn.LayerNorm):
+    """layer_norm(x, weight, bias) with ``norm``'s shape and eps: the activation that act_linear recomputes."""
+    def f(x, weight, bias):
+        return torch.nn.functional.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+    return f
 
 
 class VisionMLP(nn.Module):
@@ -55,12 +72,16 @@ class VisionMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = get_activation(cfg.hidden_act)
 
-    def forward(self, x):
-        # the activation's output is recomputed in the backward instead of kept (ops/act_linear.py: -24% of a
-        # SigLIP layer's saved activations); the plain expression without gradients
+    def forward(self, x, norm: nn.LayerNorm | None = None):
+        # the activation's output is recomputed in the backward instead of kept (ops/act_linear.py), and with
+        # ``norm`` (the layer's pre-MLP LayerNorm) so is fc1's input, norm(x); the plain expressions without gradients
         from llava_fast.ops.act_linear import act_linear
 
-        return act_linear(self.act, (self.fc1(x),), self.fc2.weight, self.fc2.bias)
+        if norm is None:
+            h = self.fc1(x)
+        else:
+            h = act_linear(_layer_norm(norm), (x, norm.weight, norm.bias), self.fc1.weight, self.fc1.bias)
+        return act_linear(self.act, (h,), self.fc2.weight, self.fc2.bias)
 
 
 class VisionLayer(nn.Module):
@@ -72,8 +93,8 @@ class VisionLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        x = x + self.self_attn(x, norm=self.layer_norm1)
+        return x + self.mlp(x, norm=self.layer_norm2)
 
 
 class VisionEncoder(nn.Module):
