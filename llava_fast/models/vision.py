@@ -39,21 +39,21 @@ class VisionAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x, norm: nn.LayerNorm | None = None):
-        """``x`` (B, N, D). With ``norm`` (the layer's pre-attention LayerNorm), the attention runs on ``norm(x)``:
-        q, k and v then come from one GEMM over the three weights concatenated, whose input (the normalized x) is
-        recomputed in the backward from x instead of kept (ops/act_linear.py); without, on x as given."""
+        """``x`` (B, N, D). With ``norm`` (the layer's pre-attention LayerNorm), the attention runs on ``norm(x)``,
+        which q, k and v share and which is recomputed in the backward from x instead of kept (ops/act_linear.py);
+        without, on x as given."""
         b, n, d = x.shape
         from llava_fast.models import dispatch
 
         if norm is None:
             q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
         else:
-            from llava_fast.ops.act_linear import act_linear
+            from llava_fast.ops.act_linear import act_linears
 
-            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-            q, k, v = act_linear(_layer_norm(norm), (x, norm.weight, norm.bias), w, bias).split(d, dim=-1)
-        q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            projs = (self.q_proj, self.k_proj, self.v_proj)
+            q, k, v = act_linears(_layer_norm(norm), (x, norm.weight, norm.bias), [p.weight for p in projs],
+                                  [p.bias for p in projs])
+        q, k, v = (t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         o = dispatch.vision_attention(q, k, v, self.scale)
         return self.out_proj(o.transpose(1, 2).reshape(b, n, d))
 

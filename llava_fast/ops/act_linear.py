@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["act_linear", "act_linear_ref", "ActLinearFunction", "recompute_enabled"]
+__all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "recompute_enabled"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -38,47 +38,67 @@ def act_linear_ref(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tens
     return F.linear(act(*hs), weight, bias)
 
 
+def act_linears_ref(act: Callable, hs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                    biases: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    a = act(*hs)
+    return tuple(F.linear(a, w, b) for w, b in zip(weights, biases))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 2. autograd Function (no kernel of its own: the activation's and torch's)
 # --------------------------------------------------------------------------------------------------------------------
 class ActLinearFunction(torch.autograd.Function):
-    """forward(act, weight, bias, *hs) -> linear(act(*hs), weight, bias); saves hs and weight, not act(*hs)."""
+    """forward(act, n, *weights, *biases, *hs) -> linear(act(*hs), weights[i], biases[i]) for i < n (one tensor when
+    n == 1, else a tuple); saves hs and the weights (no copies: the parameters themselves), not act(*hs)."""
 
     @staticmethod
-    def forward(ctx, act, weight, bias, *hs):
+    def forward(ctx, act, n, *args):
+        weights, biases, hs = args[:n], args[n:2 * n], args[2 * n:]
         dev = hs[0].device.type
         # under autocast (the trainer's fp32 master weights on CUDA), the backward below runs in the same autocast
         # state, as torch.amp.custom_bwd does: the recomputed activation and the GEMMs match the forward's dtypes
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         with torch.no_grad():
             a = act(*hs)
-        ctx.act = act
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(weight, *hs)
-        return F.linear(a, weight, bias)
+        ctx.act, ctx.n = act, n
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(*weights, *hs)
+        outs = tuple(F.linear(a, w, b) for w, b in zip(weights, biases))
+        return outs[0] if n == 1 else outs
 
     @staticmethod
-    def backward(ctx, dy):
-        weight, *hs = ctx.saved_tensors
+    def backward(ctx, *dys):
+        n = ctx.n
+        saved = ctx.saved_tensors
+        weights, hs = saved[:n], saved[n:]
         dev, enabled, dtype = ctx.autocast
-        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        need_h = [ctx.needs_input_grad[3 + i] for i in range(len(hs))]
+        need = ctx.needs_input_grad[2:]
+        need_w, need_b, need_h = need[:n], need[n:2 * n], need[2 * n:]
+        dws, dbs = [None] * n, [None] * n
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
             with torch.enable_grad():
-                leaves = [h.detach().requires_grad_(n) for h, n in zip(hs, need_h)]
+                leaves = [h.detach().requires_grad_(r) for h, r in zip(hs, need_h)]
                 a = ctx.act(*leaves)
-            n_out, n_in = weight.shape
-            dy2 = dy.reshape(-1, n_out)
-            # autograd casts each gradient to its input's dtype (fp32 master weights under autocast)
-            dw = dy2.t().mm(a.detach().reshape(-1, n_in)) if need_w else None
-            db = dy2.sum(0) if (need_b and ctx.has_bias) else None
+            a2 = a.detach().reshape(-1, a.shape[-1])
+            da = None
+            for i, (w, dy) in enumerate(zip(weights, dys)):
+                if dy is None:  # this output was not used
+                    continue
+                dy2 = dy.reshape(-1, w.shape[0])
+                # autograd casts each gradient to its input's dtype (fp32 master weights under autocast)
+                if need_w[i]:
+                    dws[i] = dy2.t().mm(a2)
+                if need_b[i] and ctx.has_bias[i]:
+                    dbs[i] = dy2.sum(0)
+                if any(need_h):
+                    g = dy.matmul(w)
+                    da = g if da is None else da + g
             dhs = [None] * len(hs)
-            if any(need_h):
-                da = dy.matmul(weight)
-                want = [leaf for leaf, n in zip(leaves, need_h) if n]
+            if da is not None:
+                want = [leaf for leaf, r in zip(leaves, need_h) if r]
                 grads = iter(torch.autograd.grad(a, want, da))
-                dhs = [next(grads) if n else None for n in need_h]
-        return (None, dw, db, *dhs)
+                dhs = [next(grads) if r else None for r in need_h]
+        return (None, None, *dws, *dbs, *dhs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -91,12 +111,29 @@ def recompute_enabled() -> bool:
     return v == "1"
 
 
+def _recompute(hs, tensors) -> bool:
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*hs, *tensors))
+    return grads and not torch.compiler.is_compiling() and recompute_enabled()
+
+
 def act_linear(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tensor,
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(act(*hs), weight, bias)``; when a gradient is needed, the activation is recomputed in the backward
-    instead of kept (see the module docstring). ``act`` must be a pure elementwise function of ``hs``."""
-    grads = torch.is_grad_enabled() and (weight.requires_grad or any(h.requires_grad for h in hs)
-                                         or (bias is not None and bias.requires_grad))
-    if not grads or torch.compiler.is_compiling() or not recompute_enabled():
+    instead of kept (see the module docstring). ``act`` must be a pure function of ``hs`` (elementwise activations,
+    gated products, norms: pass a norm's weight and bias in ``hs`` so that they get their gradients)."""
+    if not _recompute(hs, (weight, bias)):
         return act_linear_ref(act, hs, weight, bias)
-    return ActLinearFunction.apply(act, weight, bias, *hs)
+    return ActLinearFunction.apply(act, 1, weight, bias, *hs)
+
+
+def act_linears(act: Callable, hs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                biases: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """``tuple(F.linear(a, w, b) for w, b in zip(weights, biases))`` with ``a = act(*hs)`` computed once (q, k and v
+    from one normalized input), and recomputed once in the backward instead of kept."""
+    if len(weights) != len(biases) or not weights:
+        raise ValueError(f"act_linears: {len(weights)} weights and {len(biases)} biases; give one bias (or None) per "
+                         f"weight")
+    if not _recompute(hs, (*weights, *biases)):
+        return act_linears_ref(act, hs, weights, biases)
+    out = ActLinearFunction.apply(act, len(weights), *weights, *biases, *hs)
+    return out if isinstance(out, tuple) else (out,)

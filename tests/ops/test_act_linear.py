@@ -167,3 +167,38 @@ def test_torch_compile_traces():
     torch.testing.assert_close(y, ref)
     y.sum().backward()
     assert hs[0].grad is not None and w.grad is not None
+
+
+def test_act_linears_norm_shared_by_three_outputs():
+    """q, k, v from one LayerNorm (act_linears): outputs and every gradient (x, the norm's weight and bias, the three
+    weights and biases) equal to the plain path; the normalized input is not kept; an unused output is fine."""
+    from llava_fast.ops.act_linear import act_linears, act_linears_ref
+
+    g = torch.Generator().manual_seed(7)
+    d = 24
+    x = torch.randn(2, 9, d, generator=g).requires_grad_()
+    nw, nb = (torch.randn(d, generator=g).requires_grad_() for _ in range(2))
+    ws = [(torch.randn(n, d, generator=g) / d ** 0.5).requires_grad_() for n in (24, 8, 8)]
+    bs = [torch.randn(n, generator=g).requires_grad_() for n in (24, 8, 8)]
+
+    def ln(h, w, b):
+        return F.layer_norm(h, (d,), w, b, 1e-6)
+
+    leaves = [x, nw, nb, *ws, *bs]
+    for used in ((0, 1, 2), (0, 2)):
+        outs = act_linears(ln, (x, nw, nb), ws, bs)
+        refs = act_linears_ref(ln, (x, nw, nb), ws, bs)
+        for o, r in zip(outs, refs):
+            torch.testing.assert_close(o, r)
+        dys = [torch.randn(o.shape, generator=g) for o in outs]
+        got = torch.autograd.grad([outs[i] for i in used], leaves, [dys[i] for i in used], allow_unused=True)
+        want = torch.autograd.grad([refs[i] for i in used], leaves, [dys[i] for i in used], allow_unused=True)
+        for i, (a, b) in enumerate(zip(got, want)):
+            if b is None:
+                assert a is None or a.abs().max() == 0, i
+            else:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    mine, _ = _saved_bytes(lambda: act_linears(ln, (x, nw, nb), ws, bs), exclude=(nw, nb, *ws, *bs))
+    assert mine == x.numel() * 4, mine   # x only: not the normalized x
+    with pytest.raises(ValueError, match="one bias"):
+        act_linears(ln, (x, nw, nb), ws, bs[:2])
