@@ -26,11 +26,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None):
+    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None, norm=None):
+        """With ``norm`` (the layer's input RMSNorm) the attention runs on ``norm(x)``, which q, k and v share and
+        which is recomputed in the backward instead of kept (ops/act_linear.py); without, on ``x`` as given."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if norm is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            from llava_fast.ops.act_linear import act_linears
+
+            projs = (self.q_proj, self.k_proj, self.v_proj)
+            q, k, v = act_linears(norm.functional(), (x, norm.weight), [p.weight for p in projs],
+                                  [p.bias for p in projs])
+        q = q.view(b, n, self.num_heads, self.head_dim)
+        k = k.view(b, n, self.num_kv_heads, self.head_dim)
+        v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cos is None:  # fused RoPE kernel on (B, S, H, D), positions per token
             from llava_fast.ops.rope import rope
 
@@ -56,10 +66,11 @@ class MLP(nn.Module):
     def _gated(self, g, u):
         return self.act(g) * u
 
-    def forward(self, x):
+    def forward(self, x, norm=None):
         # down_proj's input (the gated product) is recomputed in the backward instead of kept (ops/act_linear.py:
-        # -30% of the Llama-7B MLP's saved activations)
-        from llava_fast.ops.act_linear import act_linear
+        # -30% of the Llama-7B MLP's saved activations), and with ``norm`` (the layer's post-attention RMSNorm) so is
+        # the normalized input that gate and up share
+        from llava_fast.ops.act_linear import act_linear, act_linears
 
         if self.act is F.silu and backend.use_fast("swiglu", x.device.type):
             from llava_fast.ops.swiglu import swiglu
@@ -67,7 +78,12 @@ class MLP(nn.Module):
             act = swiglu
         else:
             act = self._gated
-        return act_linear(act, (self.gate_proj(x), self.up_proj(x)), self.down_proj.weight, self.down_proj.bias)
+        if norm is None:
+            g, u = self.gate_proj(x), self.up_proj(x)
+        else:
+            g, u = act_linears(norm.functional(), (x, norm.weight), [self.gate_proj.weight, self.up_proj.weight],
+                               [self.gate_proj.bias, self.up_proj.bias])
+        return act_linear(act, (g, u), self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -79,8 +95,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(x, cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq,
+                               norm=self.input_layernorm)
+        return x + self.mlp(x, norm=self.post_attention_layernorm)
 
 
 class KVCache:

@@ -81,14 +81,26 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        if backend.use_fast("rms_norm", x.device.type):
-            from llava_fast.ops.rms_norm import rms_norm
+        return rms_norm_fn(x, self.weight, self.eps)
 
-            return rms_norm(x, self.weight, self.eps)
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def functional(self):
+        """``f(x, weight)`` computing this norm: what ops/act_linear.py recomputes in the backward (the weight is an
+        argument so that it gets its gradient there)."""
+        eps = self.eps
+        return lambda x, weight: rms_norm_fn(x, weight, eps)
+
+
+def rms_norm_fn(x, weight, eps: float):
+    """RMSNorm of ``x`` with ``weight``: the fused kernel where the backend selects it, else transformers' expression
+    (fp32 statistics, ``weight * x.to(input_dtype)``)."""
+    if backend.use_fast("rms_norm", x.device.type):
+        from llava_fast.ops.rms_norm import rms_norm
+
+        return rms_norm(x, weight, eps)
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
