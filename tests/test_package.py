@@ -113,12 +113,13 @@ def test_profile_model_smoke(capsys):
         == "elementwise"
 
 
-@pytest.mark.parametrize("workload,at_most", [("ov_ft", 0.85), ("stage1", 1.0)])
+@pytest.mark.parametrize("workload,at_most", [("ov_ft", 0.75), ("stage1", 1.0)])
 def test_saved_activations_vs_transformers(workload, at_most):
     """Activation memory: with the attention paths a GPU runs (SDPA here), what our model keeps for the backward
     (summed over modules, the loss on the logits apart) against transformers' sdpa model. OneVision FT at toy widths:
-    0.82x with the MLP activations recomputed, 1.00x without (so 0.85 fails if the recompute is lost); at real
-    widths see `python benchmarks/saved_activations.py` (2 min) and docs/perf-notes.md."""
+    0.63x with the activations and norm outputs recomputed (ops/act_linear.py), 1.00x without (LLAVA_FAST_RECOMPUTE_
+    ACT=0), so 0.75 fails if the recompute is lost; at real widths see `python benchmarks/saved_activations.py`
+    (2 min) and docs/perf-notes.md."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import saved_activations
 

@@ -6,9 +6,11 @@ activation's output (for fc2's weight gradient). The output is a pure function o
 so this op keeps only those and recomputes the activation (one elementwise pass) in the backward. Saved values per
 token, counted with saved-tensor hooks (bf16, CPU): SigLIP-400M MLP 9760 -> 5456 (x, fc1 output; the GELU output
 no longer), CLIP-L MLP 13312 -> 5120 (quick_gelu also kept its sigmoid), the Llama-7B MLP 37120 -> 26112 (x_ln,
-gate, up; the product no longer). Per whole tower layer with a flash-style attention (q, k, v, out kept):
-SigLIP ~19.0k -> ~14.7k (-23%), CLIP-L ~21.5k -> ~13.3k (-38%). GPU peak memory and time: ``benchmarks/
-bench_model.py`` provider ``llava_fast_keep_act`` (``LLAVA_FAST_RECOMPUTE_ACT=0``, the previous path).
+gate, up; the product no longer). :func:`act_linears` does the same for several linears over one input: the vision
+and language layers' q, k, v (and gate, up) over their norm's output, recomputed from x. Whole OneVision-0.5B model,
+one layer of each tower (``benchmarks/saved_activations.py``, CPU, SDPA attention as on a GPU, loss apart): 628.9 MiB
+against transformers' 1057.1 (0.59x). GPU peak memory and time: ``benchmarks/bench_model.py`` provider
+``llava_fast_keep_act`` (``LLAVA_FAST_RECOMPUTE_ACT=0``, the previous path).
 
 The recomputation runs the activation's own forward and backward (``torch.autograd.grad`` on the recomputed output),
 so the gradients are those of the plain path up to the GEMMs' summation order (the weight gradient is computed as
