@@ -167,6 +167,15 @@ def main():
                         measure(rows, variant, prov, shape, dtype, "fwd", fwd, nb_f, warmup, rep)
                         measure(rows, variant, prov, shape, dtype, "bwd", bwd, nb_b, warmup, rep)
                         measure(rows, variant, prov, shape, dtype, "fwd+bwd", both, nb_f + nb_b, warmup, rep)
+                    # our backward kernels alone, graph-timed (the "bwd" rows above are eager autograd calls: the
+                    # bandwidth target of issue 6 is about the kernels)
+                    res = r.detach() if variant != "rms_norm" else None
+                    _, s_, rstd = torch.ops.llava_fast.rms_norm_fwd(x.detach(), w.detach(), res, eps)
+                    xs = s_ if res is not None else x.detach()
+                    dres = gs if res is not None else None
+                    measure(rows, variant, "llava_fast", shape, dtype, "bwd kernels",
+                            lambda: torch.ops.llava_fast.rms_norm_bwd(gy, xs, w.detach(), rstd, dres), nb_b, warmup,
+                            rep)
                 del x, r, gy, gs, hf
             except Exception as e:  # one shape failing (an input draw, out of memory, ...) must not end the run
                 rows.append(Row(bench="rms_norm", provider="-", shape=shape, dtype=args.dtype,

@@ -119,6 +119,10 @@ def main():
                     measure(rows, "rope", prov, shape, dtype, "fwd", fwd, nbytes, warmup, rep)
                     measure(rows, "rope", prov, shape, dtype, "bwd", bwd, nbytes, warmup, rep)
                     measure(rows, "rope", prov, shape, dtype, "fwd+bwd", both, 2 * nbytes, warmup, rep)
+                # our backward kernel alone (the rotation by -theta), graph-timed; the "bwd" rows are eager autograd
+                qd, kd = q.detach(), k.detach()
+                measure(rows, "rope", "llava_fast", shape, dtype, "bwd kernels",
+                        lambda: torch.ops.llava_fast.rope(qd, kd, pos, inv, None, None, True), nbytes, warmup, rep)
                 qi, ki = q.detach().clone(), k.detach().clone()
 
                 def inplace():

@@ -99,6 +99,10 @@ def main():
                     measure(rows, "swiglu", prov, shape, dtype, "bwd", bwd, nb_b, warmup, rep)
                     measure(rows, "swiglu", prov, shape, dtype, "fwd+bwd", both, nb_f + nb_b, warmup, rep)
                     del fwd, bwd, both
+                # our backward kernel alone, graph-timed (the "bwd" rows are eager autograd calls)
+                ad, bd = a.detach(), b.detach()
+                measure(rows, "swiglu", "llava_fast", shape, dtype, "bwd kernels",
+                        lambda: torch.ops.llava_fast.swiglu_bwd(gc, ad, bd), nb_b, warmup, rep)
                 del a, b, gc
             except Exception as e:  # one shape failing (an input draw, out of memory, ...) must not end the run
                 rows.append(Row(bench="swiglu", provider="-", shape=shape, dtype=args.dtype,
