@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "recompute_enabled"]
 
@@ -69,6 +70,7 @@ class ActLinearFunction(torch.autograd.Function):
         return outs[0] if n == 1 else outs
 
     @staticmethod
+    @once_differentiable  # the recomputation detaches: a double backward must fail loudly, not be silently wrong
     def backward(ctx, *dys):
         n = ctx.n
         saved = ctx.saved_tensors

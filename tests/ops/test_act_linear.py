@@ -202,3 +202,11 @@ def test_act_linears_norm_shared_by_three_outputs():
     assert mine == x.numel() * 4, mine   # x only: not the normalized x
     with pytest.raises(ValueError, match="one bias"):
         act_linears(ln, (x, nw, nb), ws, bs[:2])
+
+
+def test_double_backward_is_refused():
+    hs, w, b = _inputs(1, torch.float32)
+    y = act_linear(GELU_TANH, hs, w, b)
+    (g,) = torch.autograd.grad(y.sum(), hs, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), w)
