@@ -55,6 +55,20 @@ def _grad_fn(f, inputs, gouts=None):
             lambda: torch.autograd.grad(f(*inputs), inputs, gouts))
 
 
+def measure_modes(rows, name, provider, shape, dtype, f, inputs, gouts, nb_f, nb_b, warmup, rep):
+    """fwd, bwd and fwd+bwd rows of f(*inputs) (nb_f / nb_b bytes); a provider that cannot even run is a failed row.
+    Shared by bench_swiglu.py and bench_rope.py."""
+    try:
+        fwd, bwd, both = _grad_fn(f, inputs, gouts)
+    except Exception as e:
+        rows.append(Row(bench=name, provider=provider, shape=shape, dtype=str(dtype).split(".")[-1], mode="fwd",
+                        note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+        return
+    measure(rows, name, provider, shape, dtype, "fwd", fwd, nb_f, warmup, rep)
+    measure(rows, name, provider, shape, dtype, "bwd", bwd, nb_b, warmup, rep)
+    measure(rows, name, provider, shape, dtype, "fwd+bwd", both, nb_f + nb_b, warmup, rep)
+
+
 def _finish(rows, copy_gbps, smoke, name="rms_norm"):
     """Ratios, then "% of copy" in front of each of our rows' note (idempotent: saved after every shape); shared by
     bench_rope.py and bench_swiglu.py."""
@@ -158,15 +172,7 @@ def main():
                     ("rms_norm+residual", fused, (x, r, w), (gy, gs), 4 * m * n * b + 4 * m, 4 * m * n * b + 4 * m),
                 ):
                     for prov, f in providers.items():
-                        try:
-                            fwd, bwd, both = _grad_fn(f, inputs, gouts)
-                        except Exception as e:
-                            rows.append(Row(bench=variant, provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
-                                            note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
-                            continue
-                        measure(rows, variant, prov, shape, dtype, "fwd", fwd, nb_f, warmup, rep)
-                        measure(rows, variant, prov, shape, dtype, "bwd", bwd, nb_b, warmup, rep)
-                        measure(rows, variant, prov, shape, dtype, "fwd+bwd", both, nb_f + nb_b, warmup, rep)
+                        measure_modes(rows, variant, prov, shape, dtype, f, inputs, gouts, nb_f, nb_b, warmup, rep)
                     # our backward kernels alone, graph-timed (the "bwd" rows above are eager autograd calls: the
                     # bandwidth target of issue 6 is about the kernels)
                     res = r.detach() if variant != "rms_norm" else None

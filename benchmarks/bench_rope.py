@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rms_norm import _finish as _finish_common  # noqa: E402
-from bench_rms_norm import _grad_fn, copy_bandwidth, measure  # noqa: E402
+from bench_rms_norm import copy_bandwidth, measure, measure_modes  # noqa: E402
 from bench_utils import Row, randn, to_markdown  # noqa: E402
 
 MODELS = {  # name: (Hq, Hkv, D, theta)
@@ -110,15 +110,7 @@ def main():
                     del providers["compile"]
                 nbytes = 2 * t * (hq + hkv) * d * b + 8 * t
                 for prov, f in providers.items():
-                    try:
-                        fwd, bwd, both = _grad_fn(f, (q, k))
-                    except Exception as e:
-                        rows.append(Row(bench="rope", provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
-                                        note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
-                        continue
-                    measure(rows, "rope", prov, shape, dtype, "fwd", fwd, nbytes, warmup, rep)
-                    measure(rows, "rope", prov, shape, dtype, "bwd", bwd, nbytes, warmup, rep)
-                    measure(rows, "rope", prov, shape, dtype, "fwd+bwd", both, 2 * nbytes, warmup, rep)
+                    measure_modes(rows, "rope", prov, shape, dtype, f, (q, k), None, nbytes, nbytes, warmup, rep)
                 # our backward kernel alone (the rotation by -theta), graph-timed; the "bwd" rows are eager autograd
                 qd, kd = q.detach(), k.detach()
                 measure(rows, "rope", "llava_fast", shape, dtype, "bwd kernels",

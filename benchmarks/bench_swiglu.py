@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rms_norm import _finish as _finish_common  # noqa: E402
-from bench_rms_norm import _grad_fn, copy_bandwidth, measure  # noqa: E402
+from bench_rms_norm import copy_bandwidth, measure, measure_modes  # noqa: E402
 from bench_utils import Row, randn, to_markdown  # noqa: E402
 
 
@@ -89,16 +89,7 @@ def main():
                     del providers["compile"]
                 nb_f, nb_b = 3 * t * inter * eb, 5 * t * inter * eb
                 for prov, f in providers.items():
-                    try:
-                        fwd, bwd, both = _grad_fn(f, (a, b), (gc,))
-                    except Exception as e:
-                        rows.append(Row(bench="swiglu", provider=prov, shape=shape, dtype=args.dtype, mode="fwd",
-                                        note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
-                        continue
-                    measure(rows, "swiglu", prov, shape, dtype, "fwd", fwd, nb_f, warmup, rep)
-                    measure(rows, "swiglu", prov, shape, dtype, "bwd", bwd, nb_b, warmup, rep)
-                    measure(rows, "swiglu", prov, shape, dtype, "fwd+bwd", both, nb_f + nb_b, warmup, rep)
-                    del fwd, bwd, both
+                    measure_modes(rows, "swiglu", prov, shape, dtype, f, (a, b), (gc,), nb_f, nb_b, warmup, rep)
                 # our backward kernel alone, graph-timed (the "bwd" rows are eager autograd calls)
                 ad, bd = a.detach(), b.detach()
                 measure(rows, "swiglu", "llava_fast", shape, dtype, "bwd kernels",
