@@ -210,3 +210,39 @@ def test_double_backward_is_refused():
     (g,) = torch.autograd.grad(y.sum(), hs, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(g.sum(), w)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_llm_mlp_block_with_kernels(dtype):
+    """On the GPU with our RMSNorm and SwiGLU kernels inside the recomputation (the language model's MLP block:
+    gate/up over a recomputed RMSNorm, down over a recomputed SwiGLU): output and every gradient by flash-attn's rule
+    against fp32, compared with the plain path in the same dtype."""
+    from llava_fast.ops.act_linear import act_linears
+    from llava_fast.ops.rms_norm import rms_norm
+    from utils import assert_flash_rule
+
+    g = torch.Generator().manual_seed(11)
+    t, d, f = 777, 256, 688
+    x0 = torch.randn(t, d, generator=g)
+    nw0 = 1 + 0.1 * torch.randn(d, generator=g)
+    ws0 = [torch.randn(f, d, generator=g) / d ** 0.5 for _ in range(2)] + [torch.randn(d, f, generator=g) / f ** 0.5]
+    dy = torch.randn(t, d, generator=g).cuda()
+
+    def block(x, nw, wg, wu, wd, recompute, eps=1e-6):
+        def norm(h, w):
+            return rms_norm(h, w, eps)
+        if recompute:
+            gg, uu = act_linears(norm, (x, nw), [wg, wu], [None, None])
+            return act_linear(swiglu, (gg, uu), wd, None)
+        h = norm(x, nw)
+        return F.linear(swiglu(F.linear(h, wg), F.linear(h, wu)), wd)
+
+    def run(dt, recompute):
+        leaves = [t_.cuda().to(dt).requires_grad_() for t_ in (x0, nw0, *ws0)]
+        y = block(*leaves, recompute=recompute)
+        return [y] + list(torch.autograd.grad(y, leaves, dy.to(dt)))
+
+    ours, low, ref = run(dtype, True), run(dtype, False), run(torch.float32, False)
+    for name, o, lo, r in zip(["y", "dx", "dnorm_w", "dwg", "dwu", "dwd"], ours, low, ref):
+        assert_flash_rule(o, r, lo, name=name)
