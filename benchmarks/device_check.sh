@@ -11,7 +11,8 @@
 #                      "variants" is attention_variants.py: head dim 72 and 64 variants, correctness + SigLIP / CLIP
 #                      timing; "profile" is profile_model.py: the end-to-end step's GPU time by kernel class;
 #                      "sweep", not in the default list, times 12 attention variants at causal D128 4k, <= 400 s;
-#                      "model_full", not in the default list either: bench_model at full depth, <= 240 s);
+#                      "model_full", not in the default list either: bench_model at full depth, <= 240 s;
+#                      "sweep64": head-dim-64 configs on the CLIP shape, <= 200 s);
 #                      default (what session 4 changed first, then the end-to-end breakdown, then the rest): variants
 #                      attention profile model anyres projector rms_norm swiglu rope cross_entropy pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
@@ -100,6 +101,11 @@ if want ops; then
       step attention_sweep 400 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
         --variants "default|TMA=1|TMA=1+LOOPS=1|LOOPS=1|BWD=atomic|BWD=atomic+CFG=bwd_fused=64,128,8,2|CFG=dkdv=64,64,8,3|CFG=dkdv=64,128,8,3|CFG=dq=128,64,8,2|CFG=dq=64,64,4,3|CFG=dq=64,64,8,3|CFG=fwd=128,64,8,3" \
         --out "$RES/attention_sweep.jsonl"
+    elif [ "$b" = "sweep64" ]; then  # not in the default list: head dim 64 (CLIP towers, Qwen2-0.5B) configs on the
+      # CLIP shape (non-causal 64 x 577), screened by aot_check (triton 3.6: all spill-free but dK/dV 128x64, dQ 128x64)
+      step attention_sweep64 200 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time clip \
+        --variants "default|TMA=1|CFG=fwd=128,64,8,3|CFG=fwd=128,128,8,3|CFG=fwd=64,64,4,3|CFG=dkdv=64,128,8,3|CFG=dq=64,64,4,3" \
+        --out "$RES/attention_sweep64.jsonl"
     elif [ "$b" = "variants" ]; then  # each variant in its own process: a faulting one cannot take the others down;
       # D=72 (SigLIP): default (overlap split, dK/dV 64x128 2 stages since session 4), the session-3 default (exact
       # split, dK/dV 64x64 3 stages), TMA loads (their backward never ran before the allocator fix); D=64 (CLIP)
@@ -135,7 +141,8 @@ want plot && step plot 20 $PY benchmarks/plot_results.py "$RES"
   printf '%s\n' "${summary[@]}"
   [ -f "$RES/gpu_tests.log" ] && grep -hE "[0-9]+ (passed|failed)" "$RES/gpu_tests.log" | tail -n 1
   [ -f "$RES/gpu_tests.log" ] && grep -hE "^(FAILED|ERROR) " "$RES/gpu_tests.log" | cut -c1-200 | head -n 30
-  for f in "$RES"/attention_variants.jsonl "$RES"/attention_variants_d64.jsonl "$RES"/attention_sweep.jsonl; do  # variant, D, status, TFLOP/s
+  for f in "$RES"/attention_variants.jsonl "$RES"/attention_variants_d64.jsonl "$RES"/attention_sweep.jsonl \
+           "$RES"/attention_sweep64.jsonl; do  # variant, D, status, TFLOP/s
     [ -f "$f" ] || continue
     echo "--- $(basename "$f") (variant D status fwd fwd+bwd TFLOP/s, worst error ratio <= 1 passes)"
     $PY -c "import json,sys
