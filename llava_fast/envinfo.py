@@ -41,6 +41,19 @@ def env() -> dict:
     ok, why = _ext.triton_usable()
     info["triton_usable"] = f"{'yes' if ok else 'no'}: {why}"
     info["backends"] = backend.describe("cuda" if cuda else "cpu")
+    from llava_fast.ops.act_linear import recompute_enabled
+
+    try:
+        rc = recompute_enabled()
+        info["activation_recompute"] = ("on: MLP activations and norm outputs recomputed in the backward"
+                                        if rc else "off (LLAVA_FAST_RECOMPUTE_ACT=0): kept for the backward")
+    except ValueError as e:
+        info["activation_recompute"] = f"invalid: {e}"
+    if cuda:
+        from llava_fast.models import dispatch
+
+        info["vision_sdpa"] = ("cuDNN first (Hopper; LLAVA_FAST_SDPA_CUDNN=0 for SDPA's order)"
+                               if dispatch._prefer_cudnn(torch.device("cuda", 0)) else "SDPA's own order")
     import os
 
     # kernel variants and experiments chosen by environment variables (docs/gpu-runbook.md lists them)
