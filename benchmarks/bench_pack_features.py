@@ -141,12 +141,13 @@ def hf_provider(kw, variant):
 
 
 def measure(rows, name, provider, shape, dtype, mode, fn, nbytes, warmup, rep, copy_gbps=None):
-    """One row timed per eager call (the ratios against ref and hf compare those: HF's count check synchronises, so
-    it cannot be graph-captured); for our rows the kernels alone too (CUDA-graph replay, cold L2), whose GB/s is what
-    the bandwidth target is about: in the note. The H100 run of 2026-11-26 (eager only) measured 0.36 ms per call for
-    ov05_single, 4.5 MB of traffic: the number was host latency, not the kernels."""
+    """One row timed with calls back to back (``timing="loop"``: the ratios against ref and hf compare those; in a
+    training step the call is issued while the vision tower's kernels still run, so its host work overlaps unless it
+    synchronises, as HF's count check does); for our rows the kernels alone too (CUDA-graph replay, cold L2), whose
+    GB/s is what the bandwidth target is about: in the note. The H100 run of 2026-11-26 timed one call on an idle GPU:
+    0.36 ms for ov05_single's 4.5 MB of traffic, i.e. host latency, not the kernels."""
     try:
-        t = bench(fn, warmup, rep)
+        t = bench(fn, warmup, rep, timing=os.environ.get("LLAVA_FAST_BENCH_TIMING", "loop"))
         peak = peak_memory(fn)
         gbps = nbytes / t["ms"] / 1e6
         note = f"{100 * gbps / copy_gbps:.0f}% of copy" if copy_gbps and provider == "llava_fast" else ""
@@ -160,7 +161,7 @@ def measure(rows, name, provider, shape, dtype, mode, fn, nbytes, warmup, rep, c
                 note += f"; {g['timing']}"
         rows.append(Row(bench=name, provider=provider, shape=shape, dtype=str(dtype).split(".")[-1], mode=mode,
                         ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=gbps, unit="GB/s", peak_gib=peak,
-                        note=note))
+                        note=note, timing=t["timing"]))
     except Exception as e:  # a baseline failing must not stop the run
         rows.append(Row(bench=name, provider=provider, shape=shape, dtype=str(dtype).split(".")[-1], mode=mode,
                         note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
