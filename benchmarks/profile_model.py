@@ -48,6 +48,43 @@ def classify(name: str) -> str:
     return "other"
 
 
+PARTS = ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head")
+
+
+def annotate_parts(model) -> list:
+    """Wrap the forward of each model part (same names in our model and transformers') in a profiler range
+    ``part::<name>``, entered in a forward pre-hook and left in the forward hook. Returns the hook handles. Only the
+    forward is attributed (backward kernels run later, outside the ranges: the class table covers them)."""
+    handles = []
+    mods = dict(model.named_modules())
+    for name in PARTS:
+        mod = mods.get(name)
+        if mod is None:
+            continue
+        state = {}
+
+        def pre(m, args, _name=name, _state=state):
+            _state["r"] = torch.profiler.record_function(f"part::{_name.split('.')[-1]}")
+            _state["r"].__enter__()
+
+        def post(m, args, out, _state=state):
+            _state.pop("r").__exit__(None, None, None)
+
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    return handles
+
+
+def part_table(prof, use_cuda: bool, steps: int) -> list[dict]:
+    """Forward time per model part (the ``part::`` ranges): device time on a GPU, CPU time otherwise."""
+    rows = []
+    for evt in prof.key_averages():
+        if evt.key.startswith("part::"):
+            t = (getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)) if use_cuda \
+                else evt.cpu_time_total
+            rows.append(dict(part=evt.key[6:], ms_per_step=t / 1e3 / steps))
+    return sorted(rows, key=lambda r: -r["ms_per_step"])
+
+
 def kernel_table(prof, use_cuda: bool) -> list[dict]:
     """One dict per kernel (CUDA) or leaf op (CPU): name, class, calls, total ms (over all profiled steps)."""
     rows = []
@@ -122,17 +159,26 @@ def main(argv=None) -> int:
     if use_cuda:
         torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if use_cuda else [])
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(a.steps):
-            fn()
-        if use_cuda:
-            torch.cuda.synchronize()
+    hooks = annotate_parts(m)
+    try:
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(a.steps):
+                fn()
+            if use_cuda:
+                torch.cuda.synchronize()
+    finally:
+        for h in hooks:
+            h.remove()
     rows = kernel_table(prof, use_cuda)
     classes = summarize(rows, a.steps)
+    parts = part_table(prof, use_cuda, a.steps)
     where = device_name() if use_cuda else "CPU"
     header = (f"## profile_model: {a.workload} / {a.provider} ({'tiny' if a.tiny else f'{a.layers} LLM layers'}), "
               f"{where}, {a.steps} steps, {'GPU kernel' if use_cuda else 'CPU op'} self time")
     md = to_markdown(classes, rows, a.steps, a.top, header)
+    md += ("\nForward time per part (ms per step; backward kernels are in the tables above):\n\n"
+           "| part | ms |\n|---|---:|\n")
+    md += "".join(f"| {p['part']} | {p['ms_per_step']:.2f} |\n" for p in parts)
     print(md)
     if not a.no_save and not a.tiny:
         res = Path(os.environ.get("LLAVA_FAST_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
@@ -141,8 +187,9 @@ def main(argv=None) -> int:
         gpu = re.sub(r"[^A-Za-z0-9]+", "_", where).strip("_")
         base = res / f"profile_model-{a.workload}-{a.provider}-{gpu}-{stamp}"
         base.with_suffix(".md").write_text(md)
-        base.with_suffix(".json").write_text(json.dumps(dict(classes=classes, kernels=rows[:200], steps=a.steps,
-                                                             workload=a.workload, provider=a.provider, gpu=where)))
+        base.with_suffix(".json").write_text(json.dumps(dict(
+            classes=classes, kernels=rows[:200], parts=parts, steps=a.steps, workload=a.workload,
+            provider=a.provider, gpu=where)))
         print("saved", base.with_suffix(".md"))
     return 0
 

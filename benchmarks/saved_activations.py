@@ -5,10 +5,10 @@ anywhere.
 
 Counting: the storage of every tensor autograd saves during the forward, once (views of one allocation, or a tensor
 saved by several nodes, count once, whole), parameters excluded (saving them allocates nothing), attributed to the
-innermost module running when it was first saved. Numbers are per token of the module's input stream (vision tokens for the tower, text tokens for the language
-model), in values (divide bytes by the element size), so that fp32 on the CPU and bf16 on a GPU compare. The CPU
-attention paths differ from the GPU's (our CPU vision path is eager attention, which keeps the probabilities): the
-vision attention is therefore routed through SDPA for both models here, as on a GPU.
+innermost module running when it was first saved. Numbers are per token of the module's input stream (vision tokens
+for the tower, text tokens for the language model), in values (bytes divided by the element size), so that fp32 on
+the CPU and bf16 on a GPU compare. The CPU attention paths differ from the GPU's (our CPU paths are eager attention,
+which keeps the probabilities): the attention is therefore routed through SDPA for both models here, as on a GPU.
 
 Usage: python benchmarks/saved_activations.py [--workload ov_ft|stage1] [--vision-layers 1] [--text-layers 1] [--tiny]
 (real widths, 1 + 1 layers, one OneVision sample: ~2 minutes on 2 cores; --tiny: seconds).
@@ -75,7 +75,8 @@ def _sdpa_attention():
 
     def text(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk=None, head_dim=None, kv_cache=None):
         if attention_mask is None and cu_seqlens is None and kv_cache is None and (lk is None or lk == n):
-            return lambda q, k, v, scale: sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+            return lambda q, k, v, scale: sdpa(q, k, v, is_causal=True, scale=scale,
+                                               enable_gqa=k.shape[1] != q.shape[1])
         return orig_t(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk, head_dim, kv_cache)
 
     dispatch.vision_attention, dispatch.text_attention = vision, text
@@ -89,7 +90,8 @@ def measure(workload: str, vision_layers: int, text_layers: int, samples: int = 
     cfg = bench_model.hf_configs(workload, text_layers, tiny)
     cfg.vision_config.num_hidden_layers = vision_layers
     if hasattr(cfg, "vision_feature_layer") and isinstance(cfg.vision_feature_layer, int):
-        cfg.vision_feature_layer = -1 if cfg.vision_feature_layer == -1 else max(-vision_layers, cfg.vision_feature_layer)
+        cfg.vision_feature_layer = (-1 if cfg.vision_feature_layer == -1
+                                    else max(-vision_layers, cfg.vision_feature_layer))
     inp = bench_model.make_inputs(workload, cfg, "cpu", tiny)
     b = min(samples, inp["batch"])
     tiles_per = inp["tiles"] // inp["batch"]
