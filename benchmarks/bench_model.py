@@ -149,13 +149,16 @@ def snapshot_transformers():
     that puts back the attributes of the modules Liger touches."""
     import importlib
 
-    saved = {}
+    saved, forwards = {}, []
     for name in _PATCHED_MODULES:
         try:
             mod = importlib.import_module(name)
         except Exception:
             continue
         saved[mod] = dict(vars(mod))
+        # some patches replace a class's forward (e.g. LlamaForCausalLM.forward for the fused linear CE)
+        forwards += [(c, c.__dict__["forward"]) for c in vars(mod).values()
+                     if isinstance(c, type) and "forward" in c.__dict__]
     try:
         import torch.nn.functional as tnf
 
@@ -164,6 +167,9 @@ def snapshot_transformers():
         saved_ce = None
 
     def restore():
+        for cls, fwd in forwards:
+            if cls.__dict__.get("forward") is not fwd:
+                cls.forward = fwd
         for mod, d in saved.items():
             for k in [k for k in vars(mod) if k not in d]:
                 delattr(mod, k)

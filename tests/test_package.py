@@ -93,9 +93,12 @@ def test_bench_model_restores_what_liger_patches():
     modeling_llama.apply_rotary_pos_emb = lambda *a, **k: None   # what a Liger patch does
     modeling_llama.LlamaRMSNorm = object
     modeling_llama.liger_added_name = 1
+    orig_fwd = modeling_llama.LlamaForCausalLM.forward
+    modeling_llama.LlamaForCausalLM.forward = lambda self, *a, **k: None   # a class-level forward patch
     restore()
     assert modeling_llama.apply_rotary_pos_emb is orig_rope and modeling_llama.LlamaRMSNorm is orig_norm
     assert not hasattr(modeling_llama, "liger_added_name")
+    assert modeling_llama.LlamaForCausalLM.forward is orig_fwd
 
 
 def test_profile_model_smoke(capsys):
