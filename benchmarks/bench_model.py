@@ -451,7 +451,7 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="stage1,prefill,ov_ft,mixed")
-    p.add_argument("--providers", default="llava_fast,hf_eager,hf_sdpa,hf_sdpa_liger")
+    p.add_argument("--providers", default="llava_fast,hf_eager,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce")
     p.add_argument("--layers", type=int, default=None, help="override the LLM depth (shorter runs; noted per row)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (harness smoke test)")
