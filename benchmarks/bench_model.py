@@ -145,8 +145,8 @@ _PATCHED_MODULES = ("transformers.models.llama.modeling_llama", "transformers.mo
 def snapshot_transformers():
     """Liger's patch functions also replace module-level functions and classes of transformers (e.g. Llama's
     apply_rotary_pos_emb), so a Liger provider leaks into every transformers provider built after it (in the H100
-    run of 2026-11-26, the prefill and OneVision hf_sdpa rows ran after stage 1's Liger patch). Returns a function
-    that puts back the attributes of the modules Liger touches."""
+    run of 2026-11-26, the NeXT prefill's Llama rows ran on the RoPE, RMSNorm and MLP that stage 1's Liger row had
+    patched in). Returns a function that puts back the attributes of the modules Liger touches."""
     import importlib
 
     saved, forwards = {}, []
