@@ -696,7 +696,11 @@ def decode_images(data, device=None, max_pixels: int | None = DEFAULT_MAX_PIXELS
         gpu = [k for k, (fmt, _, mode) in enumerate(heads)
                if fmt == "JPEG" and mode in ("RGB", "L") and _jpeg_complete(items[k])]
     if gpu:
-        srcs = [torch.frombuffer(bytearray(items[k]), dtype=torch.uint8) for k in gpu]
+        # zero-copy views of the encoded bytes (decode_jpeg only reads them; they stay alive in `items`): a
+        # bytearray copy per image cost ~34 us for a 0.7 MB JPEG on the dev CPU, ~4 ms per 128 photos
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            srcs = [torch.frombuffer(items[k], dtype=torch.uint8) for k in gpu]
         try:
             decoded = decoder(srcs, dev)
         except Exception:  # one bad image fails the batch: retry one by one, PIL decides about the rest

@@ -530,3 +530,34 @@ def test_cuda_jpeg_decode_path():
         anyres.decode_images([datas[0], datas[0][: len(datas[0]) // 2]], device="cuda")
     with pytest.raises(ValueError, match=r"images\[0\].*max_pixels"):
         anyres.decode_images([_png_header(12000, 12000)], device="cuda")
+
+
+def test_jpeg_gpu_route_without_a_gpu(monkeypatch):
+    """decode_images' GPU route, with the nvJPEG decoder replaced by torchvision's CPU decoder: the JPEGs reach the
+    decoder as zero-copy uint8 views of the caller's bytes (no per-image copy), without a warning, and come back as
+    the CPU path decodes them; other formats still go through PIL."""
+    tv = pytest.importorskip("torchvision.io")
+    import warnings
+
+    gen = torch.Generator().manual_seed(19)
+    xs = [_smooth_noisy(48, 64, gen), _smooth_noisy(30, 20, gen)]
+    datas = [_encode(xs[0], "JPEG", quality=92), _encode(xs[1], "PNG")]
+    seen = []
+
+    def fake(tensors, dev):
+        for t in tensors:
+            seen.append(t)
+        return [tv.decode_jpeg(t, mode=tv.ImageReadMode.RGB) for t in tensors]
+
+    monkeypatch.setattr(anyres, "_gpu_jpeg_decoder", lambda: fake)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # "copy to the GPU" for the PIL-decoded PNG
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # torch.frombuffer's "not writable" warning would be one
+        out = anyres.decode_images(datas, device="cuda:0")
+    assert len(seen) == 1 and seen[0].dtype == torch.uint8 and seen[0].numel() == len(datas[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert seen[0].data_ptr() == torch.frombuffer(datas[0], dtype=torch.uint8).data_ptr()  # the same memory
+    monkeypatch.undo()
+    ref = anyres.decode_images(datas)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
