@@ -561,3 +561,35 @@ def test_jpeg_gpu_route_without_a_gpu(monkeypatch):
     monkeypatch.undo()
     ref = anyres.decode_images(datas)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_jpeg_header_parser_agrees_with_pil():
+    """The JPEG header fast path gives PIL's (height, width, mode) for baseline, progressive, grey, CMYK, optimized,
+    restart-interval and EXIF-carrying files, and declines (None: PIL reads it) anything else, including truncated
+    and garbled headers; it never reads past the data."""
+    import PIL.Image
+
+    gen = torch.Generator().manual_seed(21)
+    x = _smooth_noisy(37, 91, gen)
+    img = PIL.Image.fromarray(x.permute(1, 2, 0).numpy(), "RGB")
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # orientation
+    cases = []
+    for mode, kw in [("RGB", {}), ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {}),
+                     ("RGB", {"optimize": True, "quality": 50}), ("RGB", {"restart_marker_blocks": 1}),
+                     ("RGB", {"exif": exif.tobytes()}), ("RGB", {"subsampling": 0})]:
+        buf = io.BytesIO()
+        img.convert(mode).save(buf, format="JPEG", **kw)
+        cases.append(buf.getvalue())
+    for k, data in enumerate(cases):
+        pil = PIL.Image.open(io.BytesIO(data))
+        got = anyres._jpeg_header(data)
+        assert got == (pil.size[1], pil.size[0], pil.mode), (k, got, pil.size, pil.mode)
+        assert anyres._probe(data, k, None) == ("JPEG", (pil.size[1], pil.size[0]), pil.mode)
+    good = cases[0]
+    png = _encode(x, "PNG")
+    for bad in [b"", b"\xff", b"\xff\xd8", good[:3], good[:20], b"\xff\xd8\xff\xda\x00\x02", b"\xff\xd8\x00\x00",
+                b"\xff\xd8\xff\xc0\x00\x01" + b"\x00" * 8, png, good[:2] + b"\xff\xc0\x00\x11\x0c" + good[7:]]:
+        assert anyres._jpeg_header(bad) is None, bad[:12]
+    with pytest.raises(ValueError, match=r"images\[3\].*max_pixels"):
+        anyres._probe(good, 3, 100)
