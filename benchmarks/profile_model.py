@@ -51,26 +51,38 @@ def classify(name: str) -> str:
 PARTS = ("model.vision_tower", "model.multi_modal_projector", "model.language_model", "lm_head")
 
 
-def annotate_parts(model) -> list:
-    """Wrap the forward of each model part (same names in our model and transformers') in a profiler range
-    ``part::<name>``, entered in a forward pre-hook and left in the forward hook. Returns the hook handles. Only the
-    forward is attributed (backward kernels run later, outside the ranges: the class table covers them)."""
+def _range_hooks(label: str):
+    """(enter, leave) hook functions opening and closing a profiler range named ``label``."""
+    state = {}
+
+    def enter(*_):
+        state["r"] = torch.profiler.record_function(label)
+        state["r"].__enter__()
+
+    def leave(*_):
+        if "r" in state:
+            state.pop("r").__exit__(None, None, None)
+    return enter, leave
+
+
+def annotate_parts(model, backward: bool = False) -> list:
+    """Wrap each model part (same names in our model and transformers') in profiler ranges: ``part::<name>`` around
+    its forward (forward pre-hook / forward hook) and, with ``backward`` (our model: its parts return tensors),
+    ``part_bwd::<name>`` around its backward (full backward pre-hook / hook), except the vision tower's (see below).
+    Returns the hook handles."""
     handles = []
     mods = dict(model.named_modules())
     for name in PARTS:
         mod = mods.get(name)
         if mod is None:
             continue
-        state = {}
-
-        def pre(m, args, _name=name, _state=state):
-            _state["r"] = torch.profiler.record_function(f"part::{_name.split('.')[-1]}")
-            _state["r"].__enter__()
-
-        def post(m, args, out, _state=state):
-            _state.pop("r").__exit__(None, None, None)
-
-        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        short = name.split(".")[-1]
+        enter, leave = _range_hooks(f"part::{short}")
+        handles += [mod.register_forward_pre_hook(enter), mod.register_forward_hook(leave)]
+        if backward and short != "vision_tower":  # its input (pixels) needs no gradient: no bracket around its
+            # backward would be right (the full backward hook fires once the input gradients are done, i.e. at once)
+            b_enter, b_leave = _range_hooks(f"part_bwd::{short}")
+            handles += [mod.register_full_backward_pre_hook(b_enter), mod.register_full_backward_hook(b_leave)]
     return handles
 
 
@@ -78,10 +90,11 @@ def part_table(prof, use_cuda: bool, steps: int) -> list[dict]:
     """Forward time per model part (the ``part::`` ranges): device time on a GPU, CPU time otherwise."""
     rows = []
     for evt in prof.key_averages():
-        if evt.key.startswith("part::"):
+        if evt.key.startswith(("part::", "part_bwd::")):
             t = (getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)) if use_cuda \
                 else evt.cpu_time_total
-            rows.append(dict(part=evt.key[6:], ms_per_step=t / 1e3 / steps))
+            kind, part = evt.key.split("::", 1)
+            rows.append(dict(part=part + (" (backward)" if kind == "part_bwd" else ""), ms_per_step=t / 1e3 / steps))
     return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
@@ -159,7 +172,7 @@ def main(argv=None) -> int:
     if use_cuda:
         torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if use_cuda else [])
-    hooks = annotate_parts(m)
+    hooks = annotate_parts(m, backward=a.provider.startswith("llava_fast"))
     try:
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(a.steps):
@@ -176,8 +189,8 @@ def main(argv=None) -> int:
     header = (f"## profile_model: {a.workload} / {a.provider} ({'tiny' if a.tiny else f'{a.layers} LLM layers'}), "
               f"{where}, {a.steps} steps, {'GPU kernel' if use_cuda else 'CPU op'} self time")
     md = to_markdown(classes, rows, a.steps, a.top, header)
-    md += ("\nForward time per part (ms per step; backward kernels are in the tables above):\n\n"
-           "| part | ms |\n|---|---:|\n")
+    md += ("\nTime per model part (ms per step; forward, and backward for our model: kernels launched inside the "
+           "part's ranges):\n\n| part | ms |\n|---|---:|\n")
     md += "".join(f"| {p['part']} | {p['ms_per_step']:.2f} |\n" for p in parts)
     print(md)
     if not a.no_save and not a.tiny:
