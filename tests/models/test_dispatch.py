@@ -1,7 +1,9 @@
 """The attention dispatch's opt-in paths against the reference (CPU: SDPA's math backend)."""
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from llava_fast.models.dispatch import packed_sdpa_attention
 from llava_fast.models.layers import varlen_attention_ref
@@ -78,3 +80,36 @@ def test_vision_sdpa_prefers_cudnn_on_hopper_only(monkeypatch):
     assert not dispatch._prefer_cudnn(torch.device("cuda", 2))
     monkeypatch.setenv("LLAVA_FAST_SDPA_CUDNN", "0")
     assert not dispatch._prefer_cudnn(torch.device("cuda", 0))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d,n", [(72, 729), (64, 577)])
+def test_cuda_vision_attention_sdpa_backend_order(d, n):
+    """The vision towers' SDPA as the model calls it (cuDNN first on Hopper; q/k/v transposed views of (B, N, H, D)
+    projections): output and gradients by flash-attn's rule against fp32, the same-dtype error taken from SDPA's
+    math backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from llava_fast.models import dispatch
+    from utils import assert_flash_rule
+
+    g = torch.Generator().manual_seed(5)
+    b, h = 3, 16
+    base = [torch.randn(b, n, h, d, generator=g).cuda() for _ in range(3)]
+    do = torch.randn(b, h, n, d, generator=g).cuda()
+
+    def run(dt, fn):
+        leaves = [t.to(dt).requires_grad_() for t in base]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+        o = fn(q, k, v)
+        return [o] + list(torch.autograd.grad(o, leaves, do.to(dt)))
+
+    def math(q, k, v):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
+
+    ours = run(torch.bfloat16, lambda q, k, v: dispatch.vision_attention(q, k, v, d ** -0.5))
+    low = run(torch.bfloat16, math)
+    ref = run(torch.float32, math)
+    for name, o, lo, r in zip(["out", "dq", "dk", "dv"], ours, low, ref):
+        assert_flash_rule(o, r, lo, name=name)
