@@ -52,8 +52,11 @@ def env() -> dict:
     if cuda:
         from llava_fast.models import dispatch
 
-        info["vision_sdpa"] = ("cuDNN first (Hopper; LLAVA_FAST_SDPA_CUDNN=0 for SDPA's order)"
-                               if dispatch._prefer_cudnn(torch.device("cuda", 0)) else "SDPA's own order")
+        try:
+            info["vision_sdpa"] = ("cuDNN first (Hopper; LLAVA_FAST_SDPA_CUDNN=0 for SDPA's order)"
+                                   if dispatch._prefer_cudnn(torch.device("cuda", 0)) else "SDPA's own order")
+        except ValueError as e:
+            info["vision_sdpa"] = f"invalid: {e}"
     import os
 
     # kernel variants and experiments chosen by environment variables (docs/gpu-runbook.md lists them)

@@ -9,7 +9,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from llava_fast import backend
+from llava_fast import _ext, backend
 from llava_fast.models.layers import causal_mask, eager_attention, varlen_attention_ref
 
 
@@ -25,21 +25,15 @@ def _fast_attention(device_type: str, head_dim: int, dtype, op: str = "attention
     return attn_op
 
 
-_CUDNN_FIRST_ENV = "LLAVA_FAST_SDPA_CUDNN"  # "0": SDPA's own backend order for the vision towers
-_capability: dict = {}
-
-
 def _prefer_cudnn(device: torch.device) -> bool:
     """Whether the vision towers' SDPA should try cuDNN first: on Hopper (compute capability 9.x) only. Measured on
     an H100 (benchmarks/results, 2026-11-26, bf16, fwd+bwd TFLOP/s): SigLIP 32 x 729 D72 cuDNN 214.1 vs the flash
     backend 134.9 (1.59x), CLIP 64 x 577 D64 230.2 vs 150.6 (1.53x); SDPA's fixed priority runs flash. Elsewhere
     (transformers PR 48163's measurements) cuDNN was slower (A100 0.82x, Blackwell 0.88x)."""
-    if os.environ.get(_CUDNN_FIRST_ENV, "1") == "0" or torch.compiler.is_compiling():
+    if _ext.env_choice("LLAVA_FAST_SDPA_CUDNN", ("0", "1"), "1") == "0" or torch.compiler.is_compiling():
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _capability:
-        _capability[idx] = torch.cuda.get_device_capability(idx)
-    return _capability[idx][0] == 9
+    return torch.cuda.get_device_capability(idx)[0] == 9  # torch caches the device properties
 
 
 def vision_attention(q, k, v, scale):

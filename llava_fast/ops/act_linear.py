@@ -23,12 +23,13 @@ in the forward's autocast state (as ``torch.amp.custom_bwd`` does).
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from llava_fast import _ext
 
 __all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "recompute_enabled"]
 
@@ -36,23 +37,23 @@ __all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "Ac
 # --------------------------------------------------------------------------------------------------------------------
 # 1. reference (also the path without gradients)
 # --------------------------------------------------------------------------------------------------------------------
-def act_linear_ref(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tensor,
-                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return F.linear(act(*hs), weight, bias)
-
-
 def act_linears_ref(act: Callable, hs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                     biases: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     a = act(*hs)
     return tuple(F.linear(a, w, b) for w, b in zip(weights, biases))
 
 
+def act_linear_ref(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return act_linears_ref(act, hs, [weight], [bias])[0]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 2. autograd Function (no kernel of its own: the activation's and torch's)
 # --------------------------------------------------------------------------------------------------------------------
 class ActLinearFunction(torch.autograd.Function):
-    """forward(act, n, *weights, *biases, *hs) -> linear(act(*hs), weights[i], biases[i]) for i < n (one tensor when
-    n == 1, else a tuple); saves hs and the weights (no copies: the parameters themselves), not act(*hs)."""
+    """forward(act, n, *weights, *biases, *hs) -> the tuple of linear(act(*hs), weights[i], biases[i]) for i < n;
+    saves hs and the weights (no copies: the parameters themselves), not act(*hs)."""
 
     @staticmethod
     def forward(ctx, act, n, *args):
@@ -66,8 +67,7 @@ class ActLinearFunction(torch.autograd.Function):
         ctx.act, ctx.n = act, n
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(*weights, *hs)
-        outs = tuple(F.linear(a, w, b) for w, b in zip(weights, biases))
-        return outs[0] if n == 1 else outs
+        return tuple(F.linear(a, w, b) for w, b in zip(weights, biases))
 
     @staticmethod
     @once_differentiable  # the recomputation detaches: a double backward must fail loudly, not be silently wrong
@@ -109,35 +109,25 @@ class ActLinearFunction(torch.autograd.Function):
 # 3. functional
 # --------------------------------------------------------------------------------------------------------------------
 def recompute_enabled() -> bool:
-    v = os.environ.get("LLAVA_FAST_RECOMPUTE_ACT", "1").strip().lower()
-    if v not in ("0", "1"):
-        raise ValueError(f"LLAVA_FAST_RECOMPUTE_ACT must be 0 or 1, got {v!r}")
-    return v == "1"
-
-
-def _recompute(hs, tensors) -> bool:
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*hs, *tensors))
-    return grads and not torch.compiler.is_compiling() and recompute_enabled()
-
-
-def act_linear(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tensor,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(act(*hs), weight, bias)``; when a gradient is needed, the activation is recomputed in the backward
-    instead of kept (see the module docstring). ``act`` must be a pure function of ``hs`` (elementwise activations,
-    gated products, norms: pass a norm's weight and bias in ``hs`` so that they get their gradients)."""
-    if not _recompute(hs, (weight, bias)):
-        return act_linear_ref(act, hs, weight, bias)
-    return ActLinearFunction.apply(act, 1, weight, bias, *hs)
+    return _ext.env_choice("LLAVA_FAST_RECOMPUTE_ACT", ("0", "1"), "1") == "1"
 
 
 def act_linears(act: Callable, hs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                 biases: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     """``tuple(F.linear(a, w, b) for w, b in zip(weights, biases))`` with ``a = act(*hs)`` computed once (q, k and v
-    from one normalized input), and recomputed once in the backward instead of kept."""
+    from one normalized input); when a gradient is needed, ``a`` is recomputed in the backward instead of kept (see
+    the module docstring). ``act`` must be a pure function of ``hs`` (elementwise activations, gated products, norms:
+    pass a norm's weight and bias in ``hs`` so that they get their gradients)."""
     if len(weights) != len(biases) or not weights:
         raise ValueError(f"act_linears: {len(weights)} weights and {len(biases)} biases; give one bias (or None) per "
                          f"weight")
-    if not _recompute(hs, (*weights, *biases)):
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*hs, *weights, *biases))
+    if not grads or torch.compiler.is_compiling() or not recompute_enabled():
         return act_linears_ref(act, hs, weights, biases)
-    out = ActLinearFunction.apply(act, len(weights), *weights, *biases, *hs)
-    return out if isinstance(out, tuple) else (out,)
+    return ActLinearFunction.apply(act, len(weights), *weights, *biases, *hs)
+
+
+def act_linear(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(act(*hs), weight, bias)``: :func:`act_linears` with one linear."""
+    return act_linears(act, hs, [weight], [bias])[0]

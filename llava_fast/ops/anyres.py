@@ -863,8 +863,9 @@ def gpu_encoder_version() -> int:
     eight rows per thread in the vertical one: emulated bit-identical, written without a GPU, not yet measured).
     docs/perf-notes.md, "CUDA tile encoder"."""
     v = os.environ.get("LLAVA_FAST_GPU_ENCODER", "v2").strip().lower().lstrip("v")
-    if v not in ("1", "2", "3"):
-        raise ValueError(f"LLAVA_FAST_GPU_ENCODER must be v1, v2 or v3, got {os.environ['LLAVA_FAST_GPU_ENCODER']!r}")
+    if v not in {str(n) for n in GPU_ENCODER_VERSIONS}:
+        names = ", ".join(f"v{n}" for n in GPU_ENCODER_VERSIONS)
+        raise ValueError(f"LLAVA_FAST_GPU_ENCODER must be one of {names}, got {os.environ['LLAVA_FAST_GPU_ENCODER']!r}")
     return int(v)
 
 

@@ -74,12 +74,14 @@ def test_vision_sdpa_prefers_cudnn_on_hopper_only(monkeypatch):
 
     caps = {0: (9, 0), 1: (8, 0), 2: (10, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
-    monkeypatch.setattr(dispatch, "_capability", {})
     assert dispatch._prefer_cudnn(torch.device("cuda", 0))
     assert not dispatch._prefer_cudnn(torch.device("cuda", 1))
     assert not dispatch._prefer_cudnn(torch.device("cuda", 2))
     monkeypatch.setenv("LLAVA_FAST_SDPA_CUDNN", "0")
     assert not dispatch._prefer_cudnn(torch.device("cuda", 0))
+    monkeypatch.setenv("LLAVA_FAST_SDPA_CUDNN", "off")
+    with pytest.raises(ValueError, match="LLAVA_FAST_SDPA_CUDNN"):
+        dispatch._prefer_cudnn(torch.device("cuda", 0))
 
 
 @pytest.mark.cuda

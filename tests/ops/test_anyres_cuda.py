@@ -187,7 +187,7 @@ def test_gpu_encoder_version_switch(monkeypatch):
         monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", v)
         assert anyres.gpu_encoder_version() == want
     monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v4")
-    with pytest.raises(ValueError, match="LLAVA_FAST_GPU_ENCODER must be v1, v2 or v3"):
+    with pytest.raises(ValueError, match="LLAVA_FAST_GPU_ENCODER must be one of v1, v2, v3"):
         anyres.gpu_encoder_version()
 
 
