@@ -267,6 +267,12 @@ def drive_cross_entropy():
     for v in (32064, 152064):
         logits, labels, scale = _meta(1024, v), _meta(1024, dtype=torch.int64), _meta(1, dtype=torch.float32)
         yield f"V={v}", lambda: C.cross_entropy_rows(logits, labels, scale, grad_out=logits)
+    # vocab schedule: 8192 rows x an 8192-column block (the 128 MiB default at 8k tokens), and a 1024-column one
+    for vb in (8192, 1024):
+        z, labels = _meta(8192, vb), _meta(8192, dtype=torch.int64)
+        row, scale = _meta(8192, dtype=torch.float32), _meta(1, dtype=torch.float32)
+        yield f"vocab block {vb}", lambda: (C.lse_vocab_block(z, labels, row, row, row, 0),
+                                            C.softmax_grad_vocab_block(z, labels, row, scale, 0))
 
 
 def drive_pack_features():

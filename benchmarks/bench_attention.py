@@ -77,6 +77,11 @@ def _timed(fn_fwd, inputs, mode, warmup, rep, timing=None):
     return bench(step, warmup=warmup, rep=rep, timing=timing)
 
 
+def _drop_grads(inputs):
+    for t in inputs:
+        t.grad = None
+
+
 def _fwd_bwd_once(fn):
     out = fn()
     out.backward(torch.ones_like(out))
@@ -222,7 +227,7 @@ def main():
                     continue
                 tf = flops(lens, hq, d, causal, mode) / (t["ms"] * 1e-3) / 1e12
                 if mode == "fwd+bwd":
-                    peak = peak_memory(lambda: _fwd_bwd_once(fn))
+                    peak = peak_memory(lambda: _fwd_bwd_once(fn), reset=lambda ins=inputs: _drop_grads(ins))
                 rows.append(Row("attention", provider, label, "bf16", mode, t["ms"], t["ms_p20"], t["ms_p80"], tf,
                                 "TFLOP/s", peak if mode == "fwd+bwd" else None, note=note, timing=t["timing"]))
                 print(f"  {label:60s} {provider:22s} {mode:8s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s")

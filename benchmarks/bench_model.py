@@ -17,7 +17,8 @@ sequences as a right-padded batch) instead of the Triton varlen kernel; llava_fa
 either): llava_fast with LLAVA_FAST_RECOMPUTE_ACT=0, the MLP activations kept for the backward (the path before
 session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory and time cost of that choice;
 llava_fast_sdpa_flash: llava_fast with LLAVA_FAST_SDPA_CUDNN=0, the vision towers' SDPA in its default order (flash
-first) instead of cuDNN first on Hopper (models/dispatch.py).
+first) instead of cuDNN first on Hopper (models/dispatch.py); llava_fast_ce_vocab: llava_fast with
+LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed).
 
 MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
 2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
@@ -364,7 +365,9 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the MLP activations kept for the backward instead of recomputed (ops/act_linear.py; before session 4)
                 "llava_fast_keep_act": {"LLAVA_FAST_RECOMPUTE_ACT": "0"},
                 # the vision towers' SDPA in its own order (flash first) instead of cuDNN first on Hopper
-                "llava_fast_sdpa_flash": {"LLAVA_FAST_SDPA_CUDNN": "0"}}
+                "llava_fast_sdpa_flash": {"LLAVA_FAST_SDPA_CUDNN": "0"},
+                # the fused loss over vocab blocks (less memory, one more logits GEMM; only where lm_head trains)
+                "llava_fast_ce_vocab": {"LLAVA_FAST_CE_SCHEDULE": "vocab"}}
 
 
 def available(provider):

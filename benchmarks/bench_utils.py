@@ -227,10 +227,17 @@ def bench(fn, warmup: int = 3, rep: int = 10, sync: bool = True, timing: str | N
     return dict(_stats(times), timing=timing if cuda else "cpu")
 
 
-def peak_memory(fn) -> float | None:
-    """Peak GPU memory in GiB allocated while running ``fn()`` (None on CPU)."""
+def peak_memory(fn, reset=None) -> float | None:
+    """Peak GPU memory in GiB allocated while running ``fn()`` beyond what was allocated before it (None on CPU).
+
+    ``reset()`` runs first, before the baseline is read: pass one that drops what ``fn`` would free itself (e.g. the
+    ``.grad`` of its inputs left by the timing loop), or the baseline counts those tensors and the peak comes out
+    low by their size (the H100 cross-entropy table of session 4 under-reported every provider by the size of the
+    two returned gradients that way)."""
     if not torch.cuda.is_available():
         return None
+    if reset is not None:
+        reset()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

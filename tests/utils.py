@@ -29,3 +29,51 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: flo
         idx = diff.argmax()
         print(f"{name}: max abs err {diff.max().item():.3e} at flat index {idx.item()}")
     torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def peak_live_bytes(fn, keep=()) -> tuple[int, object]:
+    """(peak bytes of tensor storage alive at once while ``fn()`` runs, fn's result), counting only storages first
+    seen as outputs of the ATen ops ``fn`` runs (a ``TorchDispatchMode``): what ``torch.cuda.max_memory_allocated``
+    would report for the same code on a GPU, on the CPU. Storages of ``keep`` (inputs that exist before and after)
+    are never counted, even when an op returns a view of them. Ops behind a ``torch.library`` custom op are not
+    seen one by one: call the Python implementation. Memory the Triton interpreter uses (numpy) is not counted; the
+    reference cycles it leaves around a kernel's tensor arguments (freed by the garbage collector, not when the last
+    name goes: a GPU run has none) are collected before a new peak is recorded."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    skip = {t.untyped_storage().data_ptr() for t in keep if torch.is_tensor(t)}
+    live: dict = {}
+    peak = 0
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal peak
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if torch.is_tensor(t):
+                    st = t.untyped_storage()
+                    key = st.data_ptr()
+                    if key in skip or st.nbytes() == 0:
+                        continue
+                    ref = live.get(key)
+                    if ref is None or ref[0].expired():
+                        live[key] = (StorageWeakRef(st), st.nbytes())
+            total = live_total()
+            if total > peak:
+                gc.collect()
+                total = live_total()
+            peak = max(peak, total)
+            return out
+
+    def live_total():
+        for key in [k for k, (ref, _) in live.items() if ref.expired()]:
+            del live[key]
+        return sum(nb for _, nb in live.values())
+
+    with Track():
+        result = fn()
+    return peak, result

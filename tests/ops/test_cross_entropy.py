@@ -15,7 +15,7 @@ from llava_fast.modules.loss import FusedLinearCrossEntropyLoss
 from llava_fast.ops import cross_entropy as ce
 from llava_fast.ops.cross_entropy import (FusedLinearCrossEntropyFunction, cross_entropy_ref,
                                           fused_linear_cross_entropy)
-from tests.utils import assert_close_verbose, assert_flash_rule
+from tests.utils import assert_close_verbose, assert_flash_rule, peak_live_bytes
 
 # fp32 kernel vs fp32 reference: same math, different summation order (chunked GEMMs, block-wise log-sum-exp vs
 # torch's log_softmax). Loss ~ log(V) ~ 6; gradients are softmax/N-sized (<= 1) summed over <= 861 tokens or over H:
@@ -117,6 +117,92 @@ def test_kernel_multi_block_path(triton_backend, monkeypatch, skip_ignored):
     got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, b, chunk_size=16,
                           skip_ignored=skip_ignored)
     _assert_all_close(got, want, FP32_TOL, "multi-block")
+
+
+# ----------------------------------------------------------------------------------------------- vocab schedule
+@pytest.mark.parametrize("n,h,v,vocab_block,bias,skip_ignored,multi", [
+    (1, 16, 431, None, False, True, False),       # one token, one block (the whole vocabulary)
+    (7 * 123, 24, 431, 100, True, True, False),   # 5 blocks, the last one partial; ignored rows compacted
+    (200, 24, 431, 100, True, False, False),      # ignored rows kept: zero gradient rows through the GEMMs
+    (50, 8, 1000, 128, False, True, True),        # the kernels loop inside a block (32-wide steps, 4 per block)
+])
+def test_kernel_vocab_schedule_fp32(triton_backend, monkeypatch, n, h, v, vocab_block, bias, skip_ignored, multi):
+    if multi:
+        monkeypatch.setattr(ce, "_MULTI_BLOCK", 32)
+    calls = []
+    real = ce._fused_linear_cross_entropy_vocab
+    monkeypatch.setattr(ce, "_fused_linear_cross_entropy_vocab", lambda *a: calls.append(a[-1]) or real(*a))
+    hidden, weight, labels, b = _inputs(n, h, v, bias=bias, ignore_frac=0.3 if n > 1 else 0.0)
+    want = _loss_and_grads(cross_entropy_ref, hidden, weight, labels, b)
+    got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, b, schedule="vocab",
+                          vocab_block=vocab_block, skip_ignored=skip_ignored)
+    assert calls == [vocab_block or 0], "the vocab schedule did not run"
+    _assert_all_close(got, want, FP32_TOL, f"vocab n={n} v={v} block={vocab_block}")
+
+
+def test_kernel_vocab_schedule_fp16_flash_rule(triton_backend):
+    """fp16: the weight gradient of every vocab row comes from one GEMM over all tokens, rounded once, so its error
+    is that of PyTorch's own fp16 GEMM (the token schedule's weight-dtype accumulator rounds once per chunk)."""
+    n, h, v = 64, 32, 431
+    hidden, weight, labels, _ = _inputs(n, h, v, dtype=torch.float16)
+    h32, w32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
+    ref32 = _loss_and_grads(cross_entropy_ref, h32, w32, labels, None)
+    ref16 = _loss_and_grads(cross_entropy_ref, hidden, weight, labels, None)
+    got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, None, schedule="vocab", vocab_block=100)
+    assert got[1][0].dtype == got[1][1].dtype == torch.float16
+    assert_flash_rule(got[0], ref32[0], ref16[0], "loss", atol=4 * 4.8e-7)   # see the fp16 token-schedule test
+    assert_flash_rule(got[1][0], ref32[1][0], ref16[1][0], "grad_hidden")
+    assert_flash_rule(got[1][1], ref32[1][1], ref16[1][1], "grad_weight")
+
+
+def test_vocab_schedule_selection(triton_backend, monkeypatch):
+    """"auto" follows LLAVA_FAST_CE_SCHEDULE (default token); the vocab schedule only runs when the weight needs a
+    gradient and the logits are not returned (otherwise it would cost a GEMM for nothing); a bad value is named."""
+    calls = []
+    real = ce._fused_linear_cross_entropy_vocab
+    monkeypatch.setattr(ce, "_fused_linear_cross_entropy_vocab", lambda *a: calls.append(1) or real(*a))
+    hidden, weight, labels, _ = _inputs(12, 8, 64)
+    fused_linear_cross_entropy(hidden, weight, labels).backward()
+    assert calls == []
+    monkeypatch.setenv("LLAVA_FAST_CE_SCHEDULE", "vocab")
+    fused_linear_cross_entropy(hidden, weight, labels).backward()
+    assert calls == [1]
+    fused_linear_cross_entropy(hidden, weight, labels, schedule="token").backward()
+    fused_linear_cross_entropy(hidden, weight, labels, return_logits=True)[0].backward()
+    fused_linear_cross_entropy(hidden, weight.detach(), labels).backward()   # frozen lm_head (stage 1)
+    assert calls == [1]
+    monkeypatch.setenv("LLAVA_FAST_CE_SCHEDULE", "vocabulary")
+    with pytest.raises(ValueError, match="LLAVA_FAST_CE_SCHEDULE"):
+        fused_linear_cross_entropy(hidden, weight, labels)
+
+
+@pytest.mark.parametrize("skip_ignored", [True, False])
+def test_peak_memory_of_both_schedules_within_plan(triton_backend, skip_ignored):
+    """Peak memory of each schedule beyond its inputs, counted op by op on the CPU (``peak_live_bytes``), against
+    what its plan says is alive at its peak (the CPU has no fused fp32 addmm, so both pay a GEMM temporary):
+    token, at a chunk's weight-gradient GEMM: d hidden (N, H) + the (C, V) chunk (C = M here) + the (V, H) fp32
+    accumulator + a (V, H) temporary + the gathered chunk rows; vocab, at a block's d-hidden GEMM: d weight (V, H)
+    + the (M, Vb) block + the (M, H) fp32 accumulator + an (M, H) temporary + the gathered supervised rows. Small
+    per-row vectors (labels, row indices, loss, log-sum-exp) are the slack. Fails if either schedule holds logits
+    for every token and the whole vocabulary, or the vocab schedule a (V, H) fp32 buffer."""
+    n, h, v, vb = 256, 64, 3000, 512
+    hidden, weight, labels, _ = _inputs(n, h, v, dtype=torch.float16, ignore_frac=0.0)
+    hidden, weight = hidden.detach(), weight.detach()
+    labels[:100] = -100
+    m = int((labels != -100).sum()) if skip_ignored else n
+    scale = torch.tensor([1.0 / m])
+    b = 2
+    gathered = m * h * b if skip_ignored else 0
+    plans = {"token": n * h * b + m * v * b + v * h * 4 + v * h * b + gathered,
+             "vocab": v * h * b + m * vb * b + m * h * 4 + m * h * b + gathered}
+    peaks = {}
+    for schedule, plan in plans.items():
+        peaks[schedule], _ = peak_live_bytes(lambda: ce.fused_linear_cross_entropy_fwd(
+            hidden, weight, labels, None, scale, skip_ignored=skip_ignored, schedule=schedule, vocab_block=vb),
+            keep=(hidden, weight, labels, scale))
+        print(f"{schedule}: peak {peaks[schedule]} B, plan {plan} B")
+        assert plan <= peaks[schedule] <= plan + 64 * n, (schedule, peaks[schedule], plan)
+    assert peaks["vocab"] < peaks["token"] / 2
 
 
 @pytest.mark.parametrize("skip_ignored", [True, False])
@@ -269,6 +355,8 @@ def _bad_inputs():
         (dict(reduction="none"), "reduction must be"),
         (dict(num_items=torch.tensor([1, 2])), "num_items must be"),
         (dict(chunk_size=0), "chunk_size must be"),
+        (dict(schedule="vocabulary"), "schedule must be"),
+        (dict(vocab_block=0), "vocab_block must be"),
     ], dict(hidden=h, weight=w, labels=lab)
 
 
@@ -359,12 +447,12 @@ def test_function_direct_call(triton_backend):
 
 
 # ----------------------------------------------------------------------------------------------- GPU
-def _flash_rule_case(n, h, v, dtype, bias=False):
+def _flash_rule_case(n, h, v, dtype, bias=False, **kw):
     hidden, weight, labels, b = _inputs(n, h, v, dtype=dtype, device="cuda", ignore_frac=0.3, bias=bias)
     up = lambda t: None if t is None else t.detach().float().requires_grad_()  # noqa: E731
     ref32 = _loss_and_grads(cross_entropy_ref, up(hidden), up(weight), labels, up(b))
     ref_lp = _loss_and_grads(cross_entropy_ref, hidden, weight, labels, b)
-    got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, b)
+    got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, b, **kw)
     # The scalar loss: both sum the same bf16-rounded logits in fp32; allow 4 fp32 ulp of the loss (~12 -> 1e-6 each).
     assert_flash_rule(got[0], ref32[0], ref_lp[0], "loss", atol=4e-6)
     for i, name in enumerate(("grad_hidden", "grad_weight", "grad_bias")):
@@ -388,25 +476,41 @@ def test_cuda_flash_rule_bias_and_odd_shape():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("h", [896, 3584])
-def test_cuda_peak_memory_under_1gb_extra(h):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,h,v", [(8192, 896, 152064), (8192, 3584, 152064), (1000, 4096, 32064)])
+def test_cuda_vocab_schedule_flash_rule(dtype, n, h, v):
+    _flash_rule_case(n, h, v, dtype, schedule="vocab")
+
+
+@pytest.mark.cuda
+def test_cuda_vocab_schedule_bias_and_odd_shape():
+    _flash_rule_case(7 * 123, 130, 32000 + 7, torch.bfloat16, bias=True, schedule="vocab", vocab_block=4096 + 256)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("h,schedule,limit", [(896, "token", 1e9), (3584, "token", 1e9), (896, "vocab", 0.25e9),
+                                              (3584, "vocab", 0.35e9)])
+def test_cuda_peak_memory_under_1gb_extra(h, schedule, limit):
     """8k tokens x 152064 vocab, bf16: peak memory beyond the inputs and the gradients any implementation returns
-    (hidden.grad, weight.grad in bf16) stays below 1 GB (eager lm_head + fp32 CE needs ~13-20 GB here)."""
+    (hidden.grad, weight.grad in bf16) stays below 1 GB (eager lm_head + fp32 CE needs ~13-20 GB here); the vocab
+    schedule's plan is a 128 MiB logits block + the 8192 x H fp32 d-hidden accumulator (29 / 117 MB), i.e. ~0.16 /
+    ~0.25 GB."""
     n, v = 8192, 152064
     hidden, weight, labels, _ = _inputs(n, h, v, dtype=torch.bfloat16, device="cuda", ignore_frac=0.0)
-    _loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, None)   # warm-up: kernels, cuBLAS workspace
+    # warm-up: kernels, cuBLAS workspace
+    _loss_and_grads(fused_linear_cross_entropy, hidden, weight, labels, None, schedule=schedule)
     hidden.grad = weight.grad = None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss = fused_linear_cross_entropy(hidden, weight, labels)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, schedule=schedule)
     loss.backward()
     torch.cuda.synchronize()
     returned = hidden.grad.numel() * 2 + weight.grad.numel() * 2
     extra = torch.cuda.max_memory_allocated() - base - returned
-    print(f"H={h}: extra peak {extra / 1e9:.3f} GB (beyond {returned / 1e9:.3f} GB of returned gradients)")
-    assert extra < 1e9, f"extra peak {extra / 1e9:.3f} GB >= 1 GB"
+    print(f"H={h} {schedule}: extra peak {extra / 1e9:.3f} GB (beyond {returned / 1e9:.3f} GB of returned gradients)")
+    assert extra < limit, f"extra peak {extra / 1e9:.3f} GB >= {limit / 1e9:.2f} GB"
 
 
 @pytest.mark.cuda
