@@ -5,6 +5,8 @@ Providers, all measured in this run on the same inputs:
   ``llava_fast_vocab``  the same with ``schedule="vocab"`` (blocks of the vocabulary instead of chunks of tokens: one
                   more logits GEMM, no (V, H) fp32 accumulator, ~4x less extra memory; opt-in until it is measured.
                   ``llava_fast``'s ratio against it is token / vocab speed)
+  ``llava_fast_vocab_20mb``  the vocab schedule with a 20 MiB budget (LLAVA_FAST_CE_VOCAB_BUDGET_MB=20: chunks of
+                  tokens as well), Liger's footprint at 8k x 152064 x 896
   ``hf``          HF eager: ``F.linear`` (lm_head) then ``ForCausalLMLoss`` on fp32-upcast logits
   ``compile``     ``torch.compile`` of the HF eager function (``--quick``: left out unless ``--compile``, then only at
                   V=152064 H=896; its Inductor compiles take ~20 s per shape)
@@ -51,6 +53,24 @@ def make_hf_eager():
         def hf_eager(hidden, weight, labels):
             return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=-100)
     return hf_eager
+
+
+OURS = ("llava_fast", "llava_fast_vocab", "llava_fast_vocab_20mb")   # each gets its ratios against the others
+
+
+def with_vocab_budget(mb, fused):
+    """The vocab schedule with LLAVA_FAST_CE_VOCAB_BUDGET_MB=mb for this call only (chunks of tokens as well)."""
+    def f(hh, ww, ll):
+        old = os.environ.get("LLAVA_FAST_CE_VOCAB_BUDGET_MB")
+        os.environ["LLAVA_FAST_CE_VOCAB_BUDGET_MB"] = str(mb)
+        try:
+            return fused(hh, ww, ll, schedule="vocab")
+        finally:
+            if old is None:
+                del os.environ["LLAVA_FAST_CE_VOCAB_BUDGET_MB"]
+            else:
+                os.environ["LLAVA_FAST_CE_VOCAB_BUDGET_MB"] = old
+    return f
 
 
 def measure(rows, provider, shape, dtype, mode, fn, flops, warmup, rep, grads_bytes, leaves):
@@ -136,6 +156,7 @@ def main():
             providers = {
                 "llava_fast": lambda hh, ww, ll: fused_linear_cross_entropy(hh, ww, ll, schedule="token"),
                 "llava_fast_vocab": lambda hh, ww, ll: fused_linear_cross_entropy(hh, ww, ll, schedule="vocab"),
+                "llava_fast_vocab_20mb": with_vocab_budget(20, fused_linear_cross_entropy),
                 "hf": hf_eager,
             }
             if compiled is not None:
@@ -149,10 +170,12 @@ def main():
                       + (f"{r.ms:8.3f} ms {r.metric:7.1f} TFLOP/s peak {r.peak_gib or 0:6.2f} GiB {r.note}"
                          if r.ms is not None else r.note), flush=True)
         del hidden, weight, compiled
-        add_ratios(rows, ours="llava_fast")
+        for ours in OURS:
+            add_ratios(rows, ours=ours)
         if not args.smoke:
             save(rows, "cross_entropy")  # keep what is measured so far, in case a time limit stops the run
-    add_ratios(rows, ours="llava_fast")
+    for ours in OURS:
+        add_ratios(rows, ours=ours)
     print(to_markdown(rows))
     if not args.smoke:
         print(f"saved {save(rows, 'cross_entropy')}")

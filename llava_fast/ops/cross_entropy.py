@@ -21,8 +21,10 @@ Memory: ``C`` is chosen so that the logits buffer plus the optional fp32 ``d wei
 
 The vocab schedule (``schedule="vocab"`` or ``LLAVA_FAST_CE_SCHEDULE=vocab``, opt-in until measured on a GPU) loops
 over blocks of the vocabulary instead: two passes (log-sum-exp, then gradients) that each recompute the block's
-logits, so one more GEMM, but no ``(V, H)`` accumulator: ~0.17 GB extra instead of ~0.6 GB at that shape, and every
-weight-gradient row rounded once (:func:`_fused_linear_cross_entropy_vocab`; docs/perf-notes.md has the counts).
+logits, so one more GEMM, but no ``(V, H)`` accumulator: ~0.13 GB extra instead of ~0.6 GB at that shape, and every
+weight-gradient row rounded once (:func:`_fused_linear_cross_entropy_vocab`; docs/perf-notes.md has the counts). Its
+budget ``LLAVA_FAST_CE_VOCAB_BUDGET_MB`` (default 128) goes down to Liger's footprint (~20 MB at that shape) by
+splitting the tokens into chunks as well.
 """
 from __future__ import annotations
 
@@ -346,21 +348,45 @@ def _plan(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torc
 
 
 SCHEDULES = ("token", "vocab")
-# Vocab schedule: the (M, Vb) logits block may use this much (LLAVA_FAST_CE_VOCAB_BLOCK_MB); at 8k supervised tokens
-# in bf16 that is 8192-column blocks (19 of them at vocab 152064).
-VOCAB_BLOCK_BYTES = int(float(os.environ.get("LLAVA_FAST_CE_VOCAB_BLOCK_MB", "128")) * 2**20)
-_MIN_VOCAB_BLOCK = 1024     # below this the d hidden accumulation (M x H fp32, read + written per block) dominates
+# Vocab schedule: what its (T, Vb) logits block, its (T, H) fp32 d-hidden accumulator and the gathered rows may use
+# together, in MiB (LLAVA_FAST_CE_VOCAB_BUDGET_MB, read per call). 128: all 8k tokens of a step in one chunk with
+# ~5k-column blocks at H = 896; 20 (Liger's footprint at 8k x 152064 x 896): chunks of ~1.4k tokens, 4096 columns.
+VOCAB_BUDGET_MB = 128
+_MIN_VOCAB_BLOCK = 4096     # narrower blocks make GEMMs of a few us each: launch-bound, and more d-hidden traffic
 _VOCAB_BLOCK_MULTIPLE = 256
 
 
-def _vocab_block_cols(m: int, vocab: int, itemsize: int, vocab_block: int) -> int:
-    """Columns per vocab block: ``vocab_block`` when given, else what :data:`VOCAB_BLOCK_BYTES` allows."""
-    if vocab_block > 0:
-        return min(vocab_block, vocab)
-    cols = VOCAB_BLOCK_BYTES // max(1, m * itemsize)
-    if cols >= vocab:
-        return vocab
-    return max(_MIN_VOCAB_BLOCK, cols // _VOCAB_BLOCK_MULTIPLE * _VOCAB_BLOCK_MULTIPLE)
+def _vocab_budget_bytes() -> int:
+    value = os.environ.get("LLAVA_FAST_CE_VOCAB_BUDGET_MB", str(VOCAB_BUDGET_MB))
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1.0
+    if not mb > 0:
+        raise ValueError(f"LLAVA_FAST_CE_VOCAB_BUDGET_MB={value!r}: must be a positive number of MiB")
+    return int(mb * 2**20)
+
+
+def _vocab_plan(m: int, vocab: int, hidden: int, itemsize: int, gathered: bool, row_chunk: int,
+                vocab_block: int) -> tuple[int, int]:
+    """(rows per chunk T, vocabulary columns per block Vb) of the vocab schedule. Given values are kept; the others
+    fill :func:`_vocab_budget_bytes`: all rows in one chunk when a ``_MIN_VOCAB_BLOCK``-wide block fits, else
+    balanced chunks at that width; then the widest block the chunk leaves room for (multiple of 256)."""
+    budget = _vocab_budget_bytes()
+    per_row = hidden * 4 + (2 * hidden * itemsize if gathered else 0)  # fp32 d hidden; gathered rows + their cast
+    cols = min(vocab_block, vocab) if vocab_block > 0 else min(vocab, _MIN_VOCAB_BLOCK)
+    if row_chunk > 0:
+        t = min(row_chunk, m)
+    elif m * (per_row + cols * itemsize) <= budget:
+        t = m
+    else:
+        t = max(_CHUNK_MULTIPLE, budget // (per_row + cols * itemsize) // _CHUNK_MULTIPLE * _CHUNK_MULTIPLE)
+        t = math.ceil(m / math.ceil(m / t))   # balanced chunks
+    t = max(1, min(t, m))
+    if vocab_block <= 0:
+        room = (budget - t * per_row) // (t * itemsize)
+        cols = vocab if room >= vocab else max(cols, room // _VOCAB_BLOCK_MULTIPLE * _VOCAB_BLOCK_MULTIPLE)
+    return t, cols
 
 
 def _logits_block(buf, h, weight, bias, v0, v1):
@@ -372,57 +398,69 @@ def _logits_block(buf, h, weight, bias, v0, v1):
 
 
 def _fused_linear_cross_entropy_vocab(hidden, weight, labels, bias, scale, rows, ignore_index, need_grad_hidden,
-                                      need_grad_bias, vocab_block):
-    """The vocab schedule: loops over vocab blocks of ``weight`` instead of token chunks, for all ``M`` (supervised)
-    rows at once. Pass 1 computes each block's logits and folds them into a running fp32 log-sum-exp; pass 2
-    recomputes them, turns them into ``dz`` in place, adds ``dz @ W_c`` to an fp32 ``(M, H)`` d-hidden accumulator and
-    writes ``d W_c = dz.T @ h`` straight into the returned ``weight.grad`` rows: every weight-gradient row comes from
-    one GEMM over all tokens, rounded once (no ``(V, H)`` accumulator, no per-chunk rounding).
+                                      need_grad_bias, row_chunk, vocab_block, grad_weight_accum):
+    """The vocab schedule: loops over blocks of ``Vb`` vocabulary rows of ``weight`` instead of chunks of tokens, for
+    ``T`` (supervised) rows at once, all ``M`` of them unless the memory budget asks for chunks
+    (:func:`_vocab_plan`). Per chunk of rows: pass 1 computes each block's logits and folds them into a running fp32
+    log-sum-exp; pass 2 recomputes them, turns them into ``dz`` in place, adds ``dz @ W_c`` to an fp32 ``(T, H)``
+    d-hidden accumulator and ``dz.T @ h`` to the returned ``weight.grad`` rows ``[v0, v1)``. With one chunk every
+    weight-gradient row is one GEMM over all tokens, rounded once; with K chunks it is rounded once per chunk (the
+    token schedule's ``"weight"`` accumulator) unless ``grad_weight_accum="fp32"`` (a ``(V, H)`` fp32 buffer: the
+    memory this schedule exists to avoid).
 
     Cost against the token schedule: one more logits GEMM (``8 M V H`` FLOPs instead of ``6 M V H``); memory: the
-    ``(M, Vb)`` block plus ``M x H`` fp32 (plus the gathered supervised rows when some are ignored) instead of a
-    ``(C, V)`` chunk plus a ``(V, H)`` fp32 accumulator. ``hidden``/``weight``/``labels`` are contiguous, ``labels``
-    already compacted to ``rows`` (None: every row). Returns what :func:`fused_linear_cross_entropy_fwd` returns."""
+    ``(T, Vb)`` block plus ``T x H`` fp32 (plus the gathered rows when some are ignored) instead of a ``(C, V)``
+    chunk plus a ``(V, H)`` fp32 accumulator. ``hidden``/``weight``/``labels`` are contiguous, ``labels`` already
+    compacted to ``rows`` (None: every row). Returns what :func:`fused_linear_cross_entropy_fwd` returns."""
     h_dim = hidden.shape[1]
     v = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
-    h_s = hidden.index_select(0, rows) if rows is not None else hidden
-    m = h_s.shape[0]
-    cols = _vocab_block_cols(m, v, hidden.element_size(), vocab_block)
-    buf = hidden.new_empty(m * cols)
-
-    run_max = torch.full((m,), float("-inf"), dtype=torch.float32, device=dev)
-    run_sum = torch.zeros(m, dtype=torch.float32, device=dev)
-    target = torch.zeros(m, dtype=torch.float32, device=dev)
-    for v0 in range(0, v, cols):
-        z = _logits_block(buf, h_s, weight, bias, v0, min(v0 + cols, v))
-        lse_vocab_block(z, labels, run_max, run_sum, target, v0)
-    del z
-    lse = run_max + run_sum.log()
-    loss = torch.where(labels != ignore_index, lse - target, 0.0).sum() * scale[0]
-    del run_max, run_sum, target
-
+    m = labels.shape[0]
+    t, cols = _vocab_plan(m, v, h_dim, hidden.element_size(), rows is not None, row_chunk, vocab_block)
+    n_chunks = math.ceil(m / t)
     fused = dtype != torch.float32 and _fused_fp32_addmm_ok(dev)
-    gh_acc = torch.zeros(m, h_dim, dtype=torch.float32, device=dev) if need_grad_hidden else None
-    grad_weight = torch.empty_like(weight)
-    grad_bias = torch.empty_like(bias) if need_grad_bias else hidden.new_empty(0)
-    for v0 in range(0, v, cols):
-        v1 = min(v0 + cols, v)
-        dz = _logits_block(buf, h_s, weight, bias, v0, v1)
-        softmax_grad_vocab_block(dz, labels, lse, scale, v0, ignore_index)
-        if need_grad_hidden:
-            _accumulate_grad_weight(gh_acc, dz.t(), weight[v0:v1], first=False, fused_fp32=fused)
-        torch.mm(dz.t(), h_s, out=grad_weight[v0:v1])
-        if need_grad_bias:
-            grad_bias[v0:v1] = dz.sum(0, dtype=torch.float32)
-    del buf, dz
+    fp32_w = n_chunks > 1 and dtype != torch.float32 and grad_weight_accum == "fp32"
+    gw = torch.zeros(v, h_dim, dtype=torch.float32, device=dev) if fp32_w else torch.empty_like(weight)
     if not need_grad_hidden:
         grad_hidden = hidden.new_empty(0)
-    elif rows is not None:
-        grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, gh_acc.to(dtype))
     else:
-        grad_hidden = gh_acc.to(dtype)
-    return loss, grad_hidden, grad_weight, grad_bias, hidden.new_empty(0)
+        grad_hidden = torch.zeros_like(hidden) if rows is not None else torch.empty_like(hidden)
+    gb_acc = torch.zeros(v, dtype=torch.float32, device=dev) if need_grad_bias else None
+    loss = torch.zeros((), dtype=torch.float32, device=dev)
+    buf = hidden.new_empty(t * cols)
+    for ci, r0 in enumerate(range(0, m, t)):
+        r1 = min(r0 + t, m)
+        h_c = hidden.index_select(0, rows[r0:r1]) if rows is not None else hidden[r0:r1]
+        lab = labels[r0:r1]
+        run_max = torch.full((r1 - r0,), float("-inf"), dtype=torch.float32, device=dev)
+        run_sum = torch.zeros(r1 - r0, dtype=torch.float32, device=dev)
+        target = torch.zeros(r1 - r0, dtype=torch.float32, device=dev)
+        for v0 in range(0, v, cols):
+            z = _logits_block(buf, h_c, weight, bias, v0, min(v0 + cols, v))
+            lse_vocab_block(z, lab, run_max, run_sum, target, v0)
+        lse = run_max + run_sum.log()
+        loss += torch.where(lab != ignore_index, lse - target, 0.0).sum()
+        del run_max, run_sum, target
+        gh_acc = torch.zeros(r1 - r0, h_dim, dtype=torch.float32, device=dev) if need_grad_hidden else None
+        for v0 in range(0, v, cols):
+            v1 = min(v0 + cols, v)
+            dz = _logits_block(buf, h_c, weight, bias, v0, v1)
+            softmax_grad_vocab_block(dz, lab, lse, scale, v0, ignore_index)
+            if need_grad_hidden:
+                _accumulate_grad_weight(gh_acc, dz.t(), weight[v0:v1], first=False, fused_fp32=fused)
+            _accumulate_grad_weight(gw[v0:v1], dz, h_c, first=(ci == 0 and not fp32_w), fused_fp32=fused)
+            if need_grad_bias:
+                gb_acc[v0:v1] += dz.sum(0, dtype=torch.float32)
+        if need_grad_hidden:
+            if rows is not None:
+                grad_hidden.index_copy_(0, rows[r0:r1], gh_acc.to(dtype))
+            else:
+                grad_hidden[r0:r1].copy_(gh_acc)
+        del z, dz, h_c, gh_acc, lse
+    del buf
+    grad_weight = gw.to(weight.dtype) if fp32_w else gw
+    grad_bias = gb_acc.to(bias.dtype) if need_grad_bias else hidden.new_empty(0)
+    return loss * scale[0], grad_hidden, grad_weight, grad_bias, hidden.new_empty(0)
 
 
 def fused_linear_cross_entropy_fwd(
@@ -462,7 +500,8 @@ def fused_linear_cross_entropy_fwd(
     m = n_valid if rows is not None else n
     if schedule == "vocab" and need_grad_weight and not return_logits and m > 0:
         return _fused_linear_cross_entropy_vocab(hidden, weight, labels, bias, scale, rows, ignore_index,
-                                                 need_grad_hidden, need_grad_bias, vocab_block)
+                                                 need_grad_hidden, need_grad_bias, chunk_size, vocab_block,
+                                                 grad_weight_accum)
 
     logits_out = hidden.new_empty(n, v) if return_logits else empty()
     grad_hidden = (torch.zeros_like(hidden) if (rows is not None or m == 0) else torch.empty_like(hidden)) \
@@ -588,7 +627,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 # 6. functional API
 # ----------------------------------------------------------------------------------------------------------------------
 def _check_inputs(hidden, weight, labels, bias, reduction, num_items, chunk_size, schedule="auto",
-                  vocab_block=None) -> None:
+                  vocab_block=None, grad_weight_accum="auto") -> None:
     name = "fused_linear_cross_entropy"
     for arg, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not torch.is_tensor(t):
@@ -634,6 +673,8 @@ def _check_inputs(hidden, weight, labels, bias, reduction, num_items, chunk_size
         raise ValueError(f"{name}: chunk_size must be a positive int or None (auto), got {chunk_size!r}")
     if vocab_block is not None and (not isinstance(vocab_block, int) or vocab_block <= 0):
         raise ValueError(f"{name}: vocab_block must be a positive int or None (auto), got {vocab_block!r}")
+    if grad_weight_accum not in ("auto", "fp32", "weight"):
+        raise ValueError(f"{name}: grad_weight_accum must be 'auto', 'fp32' or 'weight', got {grad_weight_accum!r}")
     if schedule not in ("auto",) + SCHEDULES:
         raise ValueError(f"{name}: schedule must be 'auto', 'token' or 'vocab', got {schedule!r}")
 
@@ -687,22 +728,25 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             gradient accumulation), whatever ``reduction`` says.
         return_logits: also return the ``(N, V)`` logits. This materialises them (``N * V`` elements in the weight
             dtype, the memory this op exists to avoid) and they carry no gradient.
-        chunk_size: tokens per chunk; None picks it from :data:`MEMORY_BUDGET_BYTES`.
+        chunk_size: tokens per chunk; None picks it from the memory budget (:data:`MEMORY_BUDGET_BYTES` for the token
+            schedule, ``LLAVA_FAST_CE_VOCAB_BUDGET_MB`` for the vocab one, where it is usually all tokens at once).
         skip_ignored: drop ignored tokens before the GEMMs (False keeps them: zero rows through the GEMMs). Either
             way the call syncs with the host once to count supervised tokens and validate labels, as Liger does, so
             it cannot be captured in a CUDA graph.
         grad_weight_accum: ``"auto"`` (fp32 when it fits :data:`FP32_ACCUM_MAX_BYTES`), ``"fp32"`` or ``"weight"``
-            (accumulate the weight gradient across chunks in the weight dtype). Token schedule only.
+            (accumulate the weight gradient across chunks in the weight dtype). The vocab schedule accumulates in
+            the weight dtype unless ``"fp32"`` (with one chunk of tokens, its usual case, nothing is accumulated).
         schedule: ``"token"`` (chunks of tokens, the default), ``"vocab"`` (blocks of the vocabulary: one more
             logits GEMM, ~4x less extra memory at 8k x 152064 x 896, each weight-gradient row rounded once; used only
             when the weight needs a gradient) or ``"auto"``: ``LLAVA_FAST_CE_SCHEDULE`` if set, else ``"token"``.
-        vocab_block: vocabulary columns per block for the vocab schedule; None picks them from
-            :data:`VOCAB_BLOCK_BYTES`.
+        vocab_block: vocabulary columns per block for the vocab schedule; None picks them from the budget
+            ``LLAVA_FAST_CE_VOCAB_BUDGET_MB`` (default :data:`VOCAB_BUDGET_MB`, 128 MiB for block + accumulator).
     Returns:
         fp32 scalar loss, or ``(loss, logits)`` when ``return_logits``.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    _check_inputs(hidden, weight, labels, bias, reduction, num_items, chunk_size, schedule, vocab_block)
+    _check_inputs(hidden, weight, labels, bias, reduction, num_items, chunk_size, schedule, vocab_block,
+                  grad_weight_accum)
     if not backend.use_fast("cross_entropy", hidden.device.type):
         return cross_entropy_ref(hidden, weight, labels, bias, ignore_index, reduction, num_items, return_logits)
     scale = _scale(labels, ignore_index, reduction, num_items, hidden.device)
