@@ -325,6 +325,9 @@ def _t(*shape, dtype=torch.float32):
     (dict(v=torch.randn(16, 2, 64, device="meta")), r"v is on meta"),
     (dict(max_seqlen_q=torch.tensor(12)), r"max_seqlen_q must be a Python int"),
     (dict(dropout_p=0.1), r"dropout_p must be 0.0"),
+    (dict(softmax_scale=0.0), r"softmax_scale must be a positive finite number"),  # the kernels scale the row max
+    (dict(softmax_scale=-0.125), r"softmax_scale must be a positive finite number"),
+    (dict(softmax_scale=float("nan")), r"softmax_scale must be a positive finite number"),
 ])
 def test_bad_inputs(over, match):
     with pytest.raises(ValueError, match=match):
