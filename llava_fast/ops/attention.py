@@ -224,8 +224,11 @@ def _kv_sources(Kb, Vb, seqlen_k, stride_kt, stride_vt, HEAD_DIM: tl.constexpr, 
 def _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kt, stride_vt, offs_m, offs_d0, offs_d1, lo, hi,
                     seqlen_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_D0: tl.constexpr,
                     MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr = False, K1=None, V1=None):
+                    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr = False, K1=None, V1=None,
+                    SCALE_FIRST: tl.constexpr = False):
     """Online softmax over key blocks [lo, hi). MASKED=False: every (row, key) pair is valid, no mask math.
+    SCALE_FIRST (``LLAVA_FAST_ATTN_FOLD=0``, for timing against the default): the session-4 arithmetic, every score
+    multiplied by the scale before the max, then the max subtracted (FMUL + FADD per score instead of one FFMA).
     USE_TMA: K, V (and K1, V1 for chunk 1) are tensor descriptors of this document's rows; the copy engine fills
     rows past the document and columns past the head dim with zeros (the score mask still applies)."""
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -242,6 +245,8 @@ def _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kt, stride_vt, of
             else:
                 k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
+        if SCALE_FIRST:
+            qk = qk * qk_scale
         if MASKED:
             allowed = offs_n[None, :] < seqlen_k
             if CAUSAL:
@@ -250,12 +255,18 @@ def _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kt, stride_vt, of
         # The scale (> 0, log2 units) is applied to the row max and inside the exponent's argument, one FFMA per
         # score, instead of a multiply of every score before the max and a subtract after it (FMUL + FADD): 64
         # fewer instructions per thread and key block at 128 x 128 (SASS counts in docs/perf-notes.md).
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if SCALE_FIRST:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         if MASKED:  # a row with no visible key so far keeps m = -inf; subtract 0 instead (no -inf - -inf = NaN)
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_sub = m_new
-        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        if SCALE_FIRST:
+            p = tl.math.exp2(qk - m_sub[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc0 = acc0 * alpha[:, None]
@@ -283,7 +294,8 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
                            HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                            HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-                           D1_LO: tl.constexpr, HAS_SEQUSED: tl.constexpr, USE_TMA: tl.constexpr = False):
+                           D1_LO: tl.constexpr, HAS_SEQUSED: tl.constexpr, USE_TMA: tl.constexpr = False,
+                           SCALE_FIRST: tl.constexpr = False):
     stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
     stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
     stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
@@ -333,10 +345,12 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
     full, end = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
     acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kd, Vd, stride_kt, stride_vt, offs_m,
                                            offs_d0, offs_d1, 0, full, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
-                                           MASK_D0, MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1)
+                                           MASK_D0, MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1,
+                                           SCALE_FIRST)
     acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kd, Vd, stride_kt, stride_vt, offs_m,
                                            offs_d0, offs_d1, full, end, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
-                                           MASK_D0, MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1)
+                                           MASK_D0, MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1,
+                                           SCALE_FIRST)
     empty = l_i == 0.0  # rows that see no key: out 0, lse +inf
     l_safe = tl.where(empty, 1.0, l_i)
     inv_l = 1.0 / l_safe
@@ -1048,7 +1062,8 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     tma = _use_tma(k, v)
     constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
                       DOT_PREC=_dot_prec(q.dtype), HAS_SEQUSED=used, ALIGN=align,
-                      D1_LO=_chunk1_start(d, d0, d1, has_d1), USE_TMA=tma)
+                      D1_LO=_chunk1_start(d, d0, d1, has_d1), USE_TMA=tma,
+                      SCALE_FIRST=_ext.env_choice("LLAVA_FAST_ATTN_FOLD", ("0", "1"), "1") == "0")
     if tma and q.is_cuda:
         _ext.ensure_tma_allocator()
     kind = "fwd_decode" if used and max_seqlen_q <= 16 else "fwd"

@@ -173,6 +173,18 @@ def test_tma_variant(monkeypatch, device, case):
         _use_tma(k, k)
 
 
+@pytest.mark.parametrize("case", ["mha-d64-causal", "sq>sk-empty-docs-causal", "fp16-d72"])
+def test_scale_first_variant(monkeypatch, device, case):
+    """LLAVA_FAST_ATTN_FOLD=0 (for timing only): the forward's session-4 arithmetic, scores scaled before the row
+    max, against the same reference; a bad value is named."""
+    monkeypatch.setenv("LLAVA_FAST_ATTN_FOLD", "0")
+    lens_q, lens_k, hq, hkv, d, causal, dtype = CASES[case]
+    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_FOLD", "no")
+    with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_FOLD"):
+        _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
+
+
 def test_empty_rows_are_zero(device):
     """Queries that see no key (causal, Sq > Sk) get out = 0, lse = +inf and zero gradients (flash-attn)."""
     q, k, v, cu_q, cu_k = _make([6], [2], 2, 2, 64, torch.float32, device)
