@@ -221,69 +221,90 @@ def _kv_sources(Kb, Vb, seqlen_k, stride_kt, stride_vt, HEAD_DIM: tl.constexpr, 
 
 
 @triton.jit
+def _fwd_qk(q0, q1, K, K1, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM: tl.constexpr,
+            MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr,
+            DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+    """Raw scores q . k of the key block at start_n (rows offs_n), fp32 (BLOCK_M, BLOCK_N)."""
+    if USE_TMA:
+        k0 = K.load([start_n, 0])
+    else:
+        k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+    qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+    if HAS_D1:
+        if USE_TMA:
+            k1 = K1.load([start_n, 0])
+        else:
+            k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
+    return qk
+
+
+@triton.jit
+def _fwd_softmax_pv(qk, acc0, acc1, l_i, m_i, V, V1, stride_vt, offs_m, offs_n, offs_d0, offs_d1, seqlen_k, diag,
+                    qk_scale, start_n, HEAD_DIM: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+                    HAS_D1: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                    USE_TMA: tl.constexpr, SCALE_FIRST: tl.constexpr):
+    """One online-softmax step: fold the raw scores qk of the key block at start_n into (m_i, l_i, acc).
+    SCALE_FIRST (``LLAVA_FAST_ATTN_FOLD=0``, for timing against the default): the session-4 arithmetic, every score
+    multiplied by the scale before the max, then the max subtracted (FMUL + FADD per score instead of one FFMA)."""
+    if SCALE_FIRST:
+        qk = qk * qk_scale
+    if MASKED:
+        allowed = offs_n[None, :] < seqlen_k
+        if CAUSAL:
+            allowed = allowed & (offs_m[:, None] + diag >= offs_n[None, :])
+        qk = tl.where(allowed, qk, float("-inf"))
+    # The scale (> 0, log2 units) is applied to the row max and inside the exponent's argument, one FFMA per
+    # score, instead of a multiply of every score before the max and a subtract after it (FMUL + FADD): 64
+    # fewer instructions per thread and key block at 128 x 128 (SASS counts in docs/perf-notes.md).
+    if SCALE_FIRST:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if MASKED:  # a row with no visible key so far keeps m = -inf; subtract 0 instead (no -inf - -inf = NaN)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    if SCALE_FIRST:
+        p = tl.math.exp2(qk - m_sub[:, None])
+    else:
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc0 = acc0 * alpha[:, None]
+    if USE_TMA:
+        v0 = V.load([start_n, 0])
+    else:
+        v0 = _load_tile(V, offs_n, stride_vt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+    p = p.to(v0.dtype)
+    acc0 = tl.dot(p, v0, acc0, input_precision=DOT_PREC)
+    if HAS_D1:
+        acc1 = acc1 * alpha[:, None]
+        if USE_TMA:
+            v1 = V1.load([start_n, 0])
+        else:
+            v1 = _load_tile(V, offs_n, stride_vt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+        acc1 = tl.dot(p, v1, acc1, input_precision=DOT_PREC)
+    return acc0, acc1, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kt, stride_vt, offs_m, offs_d0, offs_d1, lo, hi,
                     seqlen_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_D0: tl.constexpr,
                     MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr = False, K1=None, V1=None,
                     SCALE_FIRST: tl.constexpr = False):
     """Online softmax over key blocks [lo, hi). MASKED=False: every (row, key) pair is valid, no mask math.
-    SCALE_FIRST (``LLAVA_FAST_ATTN_FOLD=0``, for timing against the default): the session-4 arithmetic, every score
-    multiplied by the scale before the max, then the max subtracted (FMUL + FADD per score instead of one FFMA).
     USE_TMA: K, V (and K1, V1 for chunk 1) are tensor descriptors of this document's rows; the copy engine fills
     rows past the document and columns past the head dim with zeros (the score mask still applies)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if USE_TMA:
-            k0 = K.load([start_n, 0])
-        else:
-            k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
-        qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
-        if HAS_D1:
-            if USE_TMA:
-                k1 = K1.load([start_n, 0])
-            else:
-                k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
-            qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
-        if SCALE_FIRST:
-            qk = qk * qk_scale
-        if MASKED:
-            allowed = offs_n[None, :] < seqlen_k
-            if CAUSAL:
-                allowed = allowed & (offs_m[:, None] + diag >= offs_n[None, :])
-            qk = tl.where(allowed, qk, float("-inf"))
-        # The scale (> 0, log2 units) is applied to the row max and inside the exponent's argument, one FFMA per
-        # score, instead of a multiply of every score before the max and a subtract after it (FMUL + FADD): 64
-        # fewer instructions per thread and key block at 128 x 128 (SASS counts in docs/perf-notes.md).
-        if SCALE_FIRST:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if MASKED:  # a row with no visible key so far keeps m = -inf; subtract 0 instead (no -inf - -inf = NaN)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_sub = m_new
-        if SCALE_FIRST:
-            p = tl.math.exp2(qk - m_sub[:, None])
-        else:
-            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc0 = acc0 * alpha[:, None]
-        if USE_TMA:
-            v0 = V.load([start_n, 0])
-        else:
-            v0 = _load_tile(V, offs_n, stride_vt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
-        p = p.to(v0.dtype)
-        acc0 = tl.dot(p, v0, acc0, input_precision=DOT_PREC)
-        if HAS_D1:
-            acc1 = acc1 * alpha[:, None]
-            if USE_TMA:
-                v1 = V1.load([start_n, 0])
-            else:
-                v1 = _load_tile(V, offs_n, stride_vt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
-            acc1 = tl.dot(p, v1, acc1, input_precision=DOT_PREC)
-        m_i = m_new
+        qk = _fwd_qk(q0, q1, K, K1, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM, MASK_D0,
+                     MASK_D1, HAS_D1, MASKED, DOT_PREC, USE_TMA)
+        acc0, acc1, l_i, m_i = _fwd_softmax_pv(qk, acc0, acc1, l_i, m_i, V, V1, stride_vt, offs_m, offs_n, offs_d0,
+                                               offs_d1, seqlen_k, diag, qk_scale, start_n, HEAD_DIM, MASK_D0,
+                                               MASK_D1, HAS_D1, MASKED, CAUSAL, DOT_PREC, USE_TMA, SCALE_FIRST)
     return acc0, acc1, l_i, m_i
 
 
