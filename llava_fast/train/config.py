@@ -81,10 +81,16 @@ class OptimSection:
     """Clip the global grad norm to this (0 disables clipping)."""
     fused: bool | None = None
     """Fused AdamW; None: on CUDA only."""
+    max_nonfinite_steps: int = 10
+    """A step whose loss or gradient norm is NaN/inf is skipped (no optimizer update, gradients dropped, the lr
+    schedule still advances, counted as ``skipped_nonfinite``); this many in a row stop training with an error.
+    0: never skip (the update runs whatever the gradients hold)."""
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"optim.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
 
 
 @dataclass(kw_only=True)

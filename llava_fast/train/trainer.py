@@ -111,6 +111,8 @@ class Trainer:
         self.step_in_epoch = 0
         self.history: list[dict] = []
         self.drops = Counter()
+        self.skipped_nonfinite = 0     # steps skipped for a NaN/inf loss or gradient norm (checkpointed)
+        self._nonfinite_run = 0        # of them, in a row up to now
         self._setup_done = False
 
     # ------------------------------------------------------------------------------------------------------------
@@ -259,6 +261,7 @@ class Trainer:
     def state(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "scheduler": self.scheduler.state_dict(), "drops": dict(self.drops), "history": self.history,
+                "skipped_nonfinite": self.skipped_nonfinite,
                 "config": self.cfg.to_json()}
 
     def save(self, _fail_after: str | None = None) -> str:
@@ -296,6 +299,7 @@ class Trainer:
         self.global_step, self.epoch, self.step_in_epoch = st["global_step"], st["epoch"], st["step_in_epoch"]
         self.drops = Counter(st.get("drops", {}))
         self.history = list(st.get("history", []))
+        self.skipped_nonfinite = int(st.get("skipped_nonfinite", 0))
         if rng is not None:
             ckpt.set_rng_state(rng)
         self.log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch}, step {self.step_in_epoch})")
@@ -346,7 +350,26 @@ class Trainer:
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        gn = float(gn)
+        limit = self.cfg.optim.max_nonfinite_steps
+        skip = limit > 0 and not (math.isfinite(gn) and math.isfinite(loss))  # same on every rank (reduced values)
+        if skip:
+            self.skipped_nonfinite += 1
+            self._nonfinite_run += 1
+            self.log(f"step {self.global_step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
+                     f"(loss {loss}, grad_norm {gn}); update skipped ({self._nonfinite_run} in a row, "
+                     f"{self.skipped_nonfinite} in all)")
+            if self._nonfinite_run >= limit:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise RuntimeError(
+                    f"training stopped at step {self.global_step + 1}: {self._nonfinite_run} steps in a row had a "
+                    f"NaN/inf loss or gradient norm (optim.max_nonfinite_steps={limit}). The weights are those of "
+                    f"the last finite update; the last checkpoint in {self.ckpt_root} is intact. Usual causes: "
+                    f"fp16 overflow (train in bf16), a learning rate too high for this data, or a corrupt sample "
+                    f"(data.* settings); optim.max_nonfinite_steps=0 disables the check.")
+        else:
+            self._nonfinite_run = 0
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if info.device.type == "cuda":
@@ -355,7 +378,8 @@ class Trainer:
         self.drops.update(dropped)
         flops = (self._llm_mult * self._n_llm * tokens + self._vis_mult * self._n_vis * tiles * self._patches_per_tile)
         mfu = flops / dt / (self._peak * info.world_size) if self._peak else None
-        return {"step": self.global_step + 1, "loss": loss, "grad_norm": float(gn), "lr": lr,
+        return {"step": self.global_step + 1, "loss": loss, "grad_norm": gn, "lr": lr,
+                "skipped_nonfinite": self.skipped_nonfinite,
                 "tokens": int(tokens), "supervised": int(n_global), "tokens_per_s": tokens / dt,
                 "mfu": mfu, "peak_mem_gb": _peak_memory_gb(info.device), "dropped": sum(self.drops.values()),
                 "time_s": dt}
@@ -438,16 +462,20 @@ class Trainer:
         if stop_at_step is not None and self.global_step < self.total_steps:
             path = self.save()
             return {"steps": self.global_step, "loss": self.history[-1]["loss"] if self.history else None,
-                    "elapsed_s": elapsed, "final": None, "checkpoint": path, "dropped": dict(self.drops)}
+                    "elapsed_s": elapsed, "final": None, "checkpoint": path, "dropped": dict(self.drops),
+                    "skipped_nonfinite": self.skipped_nonfinite}
         if self.drops:
             self.log("dropped samples: " + ", ".join(f"{k}={v}" for k, v in sorted(self.drops.items())))
+        if self.skipped_nonfinite:
+            self.log(f"{self.skipped_nonfinite} steps skipped for a NaN/inf loss or gradient norm")
         if cfg.checkpoint.every_steps:
             self.save()
         final = None
         if cfg.checkpoint.export:
             final = self.export(os.path.join(self.out, "final"))
         return {"steps": self.global_step, "loss": self.history[-1]["loss"] if self.history else None,
-                "elapsed_s": elapsed, "final": final, "dropped": dict(self.drops)}
+                "elapsed_s": elapsed, "final": final, "dropped": dict(self.drops),
+                "skipped_nonfinite": self.skipped_nonfinite}
 
     # ------------------------------------------------------------------------------------------------------------
     def export(self, path: str) -> str:

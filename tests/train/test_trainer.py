@@ -143,3 +143,31 @@ def test_train_cli_sets_expandable_segments_unless_chosen(monkeypatch):
     assert default_allocator_conf() == ALLOC_CONF
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert default_allocator_conf() == "max_split_size_mb:128"
+
+
+def test_nonfinite_steps_are_skipped_then_stop(assets, tmp_path):
+    """A NaN gradient skips the update (weights unchanged, lr schedule advances, counted and checkpointed); the next
+    finite step updates again; max_nonfinite_steps in a row stop training with an error naming the setting."""
+    tr = Trainer(make_cfg(assets, tmp_path / "nf", **{"optim.max_nonfinite_steps": 2}), quiet=True).setup()
+    it = iter(tr._loader())
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    poison = params[0].register_hook(lambda g: g * float("nan"))
+    before = [p.detach().clone() for p in params]
+    sched0 = tr.scheduler.last_epoch
+    m = tr.train_step([next(it)])
+    assert m["skipped_nonfinite"] == 1 and not torch.isfinite(torch.tensor(m["grad_norm"]))
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, params)), "a skipped step changed the weights"
+    assert all(p.grad is None for p in params)
+    assert tr.scheduler.last_epoch == sched0 + 1       # the lr schedule advanced
+    assert tr.state()["skipped_nonfinite"] == 1
+    poison.remove()
+    m = tr.train_step([next(it)])                      # finite again: the update runs, the run of NaNs resets
+    assert m["skipped_nonfinite"] == 1
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params))
+    poison = params[0].register_hook(lambda g: g * float("nan"))
+    tr.train_step([next(it)])
+    with pytest.raises(RuntimeError, match="2 steps in a row had a NaN/inf loss or gradient norm"):
+        tr.train_step([next(it)])
+    poison.remove()
+    with pytest.raises(ValueError, match="max_nonfinite_steps"):
+        make_cfg(assets, tmp_path / "bad", **{"optim.max_nonfinite_steps": -1})
