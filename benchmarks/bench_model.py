@@ -448,7 +448,24 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
         if on_progress:
             on_progress(rows)
     add_ratios(rows)
+    add_memory_ratios(rows)
     return rows
+
+
+MEMORY_BASELINES = ("hf_sdpa", "hf_sdpa_liger", "hf_sdpa_liger_flce")
+
+
+def add_memory_ratios(rows) -> None:
+    """Append to each llava_fast row's note its peak memory over each baseline's in the same workload ("mem 0.41x
+    hf_sdpa"): issue 8's memory targets (OneVision FT <= 0.6x transformers sdpa, stage 1 <= sdpa + Liger).
+    Idempotent."""
+    for r in rows:
+        if r.provider != "llava_fast" or not r.peak_gib or "mem " in r.note:
+            continue
+        parts = [f"{r.peak_gib / b.peak_gib:.2f}x {b.provider}" for b in rows
+                 if b.provider in MEMORY_BASELINES and b.shape == r.shape and b.mode == r.mode and b.peak_gib]
+        if parts:
+            r.note = (r.note + "; " if r.note else "") + "mem " + ", ".join(parts)
 
 
 def main(argv=None):
@@ -472,6 +489,7 @@ def main(argv=None):
     def checkpoint(rows):  # keep what is measured so far, in case a time limit stops the run
         if not a.no_save:
             add_ratios(rows)
+            add_memory_ratios(rows)
             save(rows, a.name)
 
     rows = run(a.workloads.split(","), a.providers.split(","), a.layers, a.tiny, rep=3 if (a.quick or a.tiny) else 10,

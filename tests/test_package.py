@@ -81,6 +81,24 @@ def test_bench_model_harness_smoke(tmp_path):
     assert md.exists() and md.with_suffix(".json").exists()
 
 
+def test_bench_model_memory_ratios():
+    """Our rows' notes get peak memory over each transformers baseline of the same workload (issue 8's memory
+    targets), once, and nothing where a peak is missing."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+    from bench_utils import Row
+
+    rows = [Row("model", "llava_fast", "ov", "bf16", "ov_ft", peak_gib=12.0, note="MFU 30.0%"),
+            Row("model", "hf_sdpa", "ov", "bf16", "ov_ft", peak_gib=36.0),
+            Row("model", "hf_sdpa_liger", "ov", "bf16", "ov_ft", peak_gib=30.0),
+            Row("model", "hf_sdpa", "other", "bf16", "ov_ft", peak_gib=1.0),
+            Row("model", "llava_fast", "s1", "bf16", "stage1", peak_gib=None)]
+    bench_model.add_memory_ratios(rows)
+    bench_model.add_memory_ratios(rows)
+    assert rows[0].note == "MFU 30.0%; mem 0.33x hf_sdpa, 0.40x hf_sdpa_liger"
+    assert rows[4].note == ""
+
+
 def test_bench_model_restores_what_liger_patches():
     """Liger's patch functions replace transformers' module-level functions and classes; bench_model puts them back
     after each Liger provider so that later transformers rows are plain transformers."""
