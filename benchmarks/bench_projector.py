@@ -3,7 +3,9 @@
 Providers, all measured in the same run:
   llava_fast            fused Triton GEMM1+bias+erf-GELU (writes h for backward), cuBLAS GEMM2; fused dGELU backward
   llava_fast_gemm2_triton  same, with GEMM2 in the Triton kernel too (the option we keep; pick the faster)
-  llava_fast_tma        same as llava_fast with LLAVA_FAST_PROJECTOR_KERNEL=tma (persistent, TMA descriptor loads)
+  llava_fast_tma        same as llava_fast with LLAVA_FAST_PROJECTOR_KERNEL=tma (persistent, TMA descriptor loads,
+                        tile and K loops flattened for the pipeliner)
+  llava_fast_tma_nested LLAVA_FAST_PROJECTOR_KERNEL=tma_nested: the same without the flattening (session 4's)
   eager                 nn.Linear + nn.GELU() (erf) + nn.Linear
   compile               torch.compile of eager (default mode)
   cublaslt_gelu         torch._addmm_activation(b1, x, w1.t(), use_gelu=True) (cuBLASLt GELU_BIAS epilogue, tanh
@@ -65,7 +67,8 @@ def make_providers(dv, dt, dtype, with_compile=True):
         a = torch._addmm_activation(b1, x, w1.t(), use_gelu=True)
         return torch.addmm(b2, a, w2.t())
 
-    provs = {OURS: ours, "llava_fast_tma": ours_tma, "llava_fast_gemm2_triton": ours_t2, "eager": eager,
+    provs = {OURS: ours, "llava_fast_tma": ours_tma, "llava_fast_tma_nested": ours_tma,
+             "llava_fast_gemm2_triton": ours_t2, "eager": eager,
              "compile": compiled, "cublaslt_gelu": cublaslt}
     if compiled is None:
         del provs["compile"]
@@ -109,7 +112,8 @@ def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True)
                     if name == "cublaslt_gelu" and mode == "fwd+bwd":
                         continue  # no autograd formula for _addmm_activation
                     call = make_call(fn, x, dy, params, mode)
-                    os.environ[KERNEL_ENV] = "tma" if name == "llava_fast_tma" else "pointer"
+                    os.environ[KERNEL_ENV] = {"llava_fast_tma": "tma", "llava_fast_tma_nested": "tma_nested"}.get(
+                        name, "pointer")
                     try:
                         t = bench(call, warmup=5, rep=rep)
                         peak = peak_memory(call)

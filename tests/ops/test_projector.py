@@ -167,14 +167,15 @@ TMA_CASES = [((40, 48), 1, True, "gelu", torch.float32), ((40, 48), 577, False, 
              ((42, 48), 77, True, "gelu", torch.float32)]  # 42: rows of 168 B, not TMA-aligned -> pointer kernel
 
 
-@pytest.mark.parametrize("dims,m,bias,act,dtype", TMA_CASES)
-def test_tma_persistent_kernel(dims, m, bias, act, dtype, monkeypatch, device):
+@pytest.mark.parametrize("dims,m,bias,act,dtype,kind", [c + ("tma",) for c in TMA_CASES]
+                         + [TMA_CASES[1] + ("tma_nested",)])
+def test_tma_persistent_kernel(dims, m, bias, act, dtype, kind, monkeypatch, device):
     """LLAVA_FAST_PROJECTOR_KERNEL=tma: the persistent kernel with TMA tensor-descriptor loads (K-major B in the
     forward GEMM, N-major B in the backward one), against HF; shapes whose rows are not 16-byte aligned fall back to
-    the pointer kernel."""
+    the pointer kernel. ``tma_nested``: the same kernel without the flattened tile/K loop."""
     from llava_fast.ops import projector as P
 
-    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "tma")
+    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", kind)
     layouts = []
     real = P._tma_layout
     monkeypatch.setattr(P, "_tma_layout", lambda a, b: layouts.append(real(a, b)) or layouts[-1])
@@ -339,8 +340,9 @@ def test_cuda_full_shapes(dims, m, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dims", [(1024, 4096), (1152, 896)])
 @pytest.mark.parametrize("m", [1, 577, 2881])
-def test_cuda_tma_kernel(dims, m, monkeypatch):
-    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "tma")
+@pytest.mark.parametrize("kind", ["tma", "tma_nested"])
+def test_cuda_tma_kernel(dims, m, kind, monkeypatch):
+    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", kind)
     _gpu_case(m, dims, torch.bfloat16, bias=True, x_grad=True)
 
 
