@@ -161,6 +161,9 @@ for ln in open(sys.argv[1]):
     # the header and our rows (the ones carrying the ratios to every baseline of the same run)
     grep '^| ' "$f" | awk -F'|' 'NR == 1 || $10 ~ /[0-9]x/' | cut -c1-240 | head -n 16
   done
+  # what the rules written before this run say about each pending experiment (benchmarks/decide.py), last
+  echo "--- decisions"
+  $PY benchmarks/decide.py "$RES" 2>&1 | grep -v "not measured" | cut -c1-260 | tail -n +3
 } 2>&1 | tee "$RES/summary.txt"
 pack
 [ -n "${OUT:-}" ] && cp "$RES/summary.txt" "$OUT/"

@@ -99,6 +99,26 @@ def test_bench_model_memory_ratios():
     assert rows[4].note == ""
 
 
+def test_decide_applies_the_written_rules(tmp_path):
+    """benchmarks/decide.py on a made-up results folder: the CE rules read the newest table and say what to do;
+    the repository's own results do not crash it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import json
+
+    import decide
+
+    shape = "N=8192 V=152064 H=896"
+    rows = [dict(provider=p, shape=shape, mode="fwd+bwd", ms=ms, peak_gib=g)
+            for p, ms, g in (("llava_fast", 16.7, 0.6), ("llava_fast_vocab", 15.0, 0.13),
+                             ("llava_fast_vocab_20mb", 18.0, 0.02), ("liger", 69.6, 0.02))]
+    (tmp_path / "cross_entropy-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = {q: d for q, _, _, d in decide.decide(str(tmp_path))}
+    assert got["CE vocab schedule, 8k x 152064 x 896"].startswith("make vocab the auto schedule")
+    assert got["CE at Liger's memory (20 MiB budget)"].startswith("CE target met")
+    assert got["projector fwd, M=23040"] == "" and got["GPU encoder v3, anyres_llava_next"] == ""
+    assert decide.decide(str(ROOT / "benchmarks" / "results"))
+
+
 def test_bench_model_restores_what_liger_patches():
     """Liger's patch functions replace transformers' module-level functions and classes; bench_model puts them back
     after each Liger provider so that later transformers rows are plain transformers."""
