@@ -49,6 +49,15 @@ def env() -> dict:
                                         if rc else "off (LLAVA_FAST_RECOMPUTE_ACT=0): kept for the backward")
     except ValueError as e:
         info["activation_recompute"] = f"invalid: {e}"
+    from llava_fast.ops import cross_entropy as ce
+
+    try:
+        sched = ce._schedule("auto")
+        info["loss_schedule"] = (f"vocab blocks (LLAVA_FAST_CE_SCHEDULE=vocab; budget {ce._vocab_budget_bytes() >> 20} "
+                                 f"MiB)" if sched == "vocab" else
+                                 "token chunks (LLAVA_FAST_CE_SCHEDULE=vocab: less memory, one more logits GEMM)")
+    except ValueError as e:
+        info["loss_schedule"] = f"invalid: {e}"
     if cuda:
         from llava_fast.models import dispatch
 

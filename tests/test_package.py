@@ -37,6 +37,17 @@ def test_env_lists_the_kernel_variant_overrides(monkeypatch):
     assert "BACKEND" not in llava_fast.env()["env_overrides"]
 
 
+def test_env_names_the_loss_schedule(monkeypatch):
+    import llava_fast
+
+    assert llava_fast.env()["loss_schedule"].startswith("token chunks")
+    monkeypatch.setenv("LLAVA_FAST_CE_SCHEDULE", "vocab")
+    monkeypatch.setenv("LLAVA_FAST_CE_VOCAB_BUDGET_MB", "20")
+    assert llava_fast.env()["loss_schedule"] == "vocab blocks (LLAVA_FAST_CE_SCHEDULE=vocab; budget 20 MiB)"
+    monkeypatch.setenv("LLAVA_FAST_CE_SCHEDULE", "chunks")
+    assert llava_fast.env()["loss_schedule"].startswith("invalid: LLAVA_FAST_CE_SCHEDULE")
+
+
 def test_cli_env_runs():
     out = subprocess.run([sys.executable, "-m", "llava_fast.cli", "env"], capture_output=True, text=True, check=True)
     assert "backends (per op)" in out.stdout
