@@ -49,15 +49,17 @@ def env() -> dict:
                                         if rc else "off (LLAVA_FAST_RECOMPUTE_ACT=0): kept for the backward")
     except ValueError as e:
         info["activation_recompute"] = f"invalid: {e}"
-    from llava_fast.ops import cross_entropy as ce
-
     try:
+        from llava_fast.ops import cross_entropy as ce
+
         sched = ce._schedule("auto")
         info["loss_schedule"] = (f"vocab blocks (LLAVA_FAST_CE_SCHEDULE=vocab; budget {ce._vocab_budget_bytes() >> 20} "
                                  f"MiB)" if sched == "vocab" else
                                  "token chunks (LLAVA_FAST_CE_SCHEDULE=vocab: less memory, one more logits GEMM)")
     except ValueError as e:
         info["loss_schedule"] = f"invalid: {e}"
+    except ImportError as e:  # no triton: the loss runs its reference
+        info["loss_schedule"] = f"reference only ({e})"
     if cuda:
         from llava_fast.models import dispatch
 
