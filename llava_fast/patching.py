@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import types
 
-import torch
 
 _SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
               "LlavaOnevisionForConditionalGeneration", "LlavaModel", "LlavaNextModel", "LlavaOnevisionModel")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from llava_fast.models.config import VisionConfig
-from llava_fast.models.layers import eager_attention, get_activation
+from llava_fast.models.layers import get_activation
 
 
 class VisionEmbeddings(nn.Module):

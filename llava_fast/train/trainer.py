@@ -25,7 +25,7 @@ import torch
 
 from llava_fast.train import checkpoint as ckpt
 from llava_fast.train.config import TrainConfig
-from llava_fast.train.distributed import (DistInfo, all_reduce_sum, apply_fsdp2, barrier_fn, full_model_state,
+from llava_fast.train.distributed import (all_reduce_sum, apply_fsdp2, barrier_fn, full_model_state,
                                           full_optim_state, has_fsdp2, init_distributed, load_full_states)
 
 PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,

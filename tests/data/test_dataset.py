@@ -1,13 +1,12 @@
 """Validation up front (drops counted with reasons, --strict raises) and robust image decoding."""
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from llava_fast.data import (DataError, ImageProcessorConfig, LlavaDataset, PackedBatchSampler, collate_packed,
+from llava_fast.data import (DataError, ImageProcessorConfig, LlavaDataset, collate_packed,
                              collate_padded, load_image, load_image_u8)
 from llava_fast.data.word_tokenizer import build_word_tokenizer
 

@@ -207,8 +207,6 @@ def test_packed_equals_padded(tiny_models, model_type):
 
 @pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
 def test_save_round_trip_with_transformers(tiny_models, tmp_path, model_type):
-    import transformers as tf
-
     hf, ours = load_pair(tiny_models, model_type)
     ours.save_pretrained(tmp_path / "ours", max_shard_size=20_000)   # small shards: exercise the index
     assert (tmp_path / "ours" / "model.safetensors.index.json").exists()
