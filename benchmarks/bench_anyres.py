@@ -152,8 +152,13 @@ def gpu_section(args, dtype) -> list[Row]:
                     providers[f"llava_fast_cuda_v{v}_pass1_only"] = encoder(v, 1)
                     providers[f"llava_fast_cuda_v{v}_pass2_only"] = encoder(v, 2)
             u8 = [anyres.to_uint8_chw(x, i, contiguous=False) for i, x in enumerate(gpu)]
-            providers["llava_fast_cuda_host_plan"] = lambda: anyres._encoder_plan(u8, [False] * len(u8), cfg,
-                                                                                  "uint8", "tiles")
+            plan_host = torch.empty(anyres._encoder_plan(u8, [False] * len(u8), cfg, "uint8", "tiles").nbytes,
+                                    dtype=torch.uint8, pin_memory=True)
+
+            def host_plan(u8=u8, cfg=cfg, plan_host=plan_host):
+                """the encoder's host work: the plan and its copy into pinned memory (the upload source)"""
+                anyres._encoder_plan(u8, [False] * len(u8), cfg, "uint8", "tiles").copy_to(plan_host.data_ptr())
+            providers["llava_fast_cuda_host_plan"] = host_plan
             providers["llava_fast_cuda_float"] = lambda: anyres.encode_tiles(gpu, cfg, dtype=dtype, resample="float")
             if decode_jpeg is not None:
                 providers["nvjpeg_decode"] = lambda: decode_jpeg(jpeg_t, mode=ImageReadMode.RGB, device="cuda")

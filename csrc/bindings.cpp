@@ -120,7 +120,7 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "copy_to",
           [](const CudaEncodePlan& p, uintptr_t dst) {
-            std::memcpy(reinterpret_cast<void*>(dst), p.bytes(), static_cast<size_t>(p.nbytes()));
+            p.write_to(reinterpret_cast<uint8_t*>(dst));
           },
           py::arg("dst"), "Copy the plan bytes to host memory at dst (e.g. a pinned tensor).");
   m.def(

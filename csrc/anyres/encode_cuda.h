@@ -2,6 +2,8 @@
 // and the launcher of its two CUDA passes. The plan and a host emulation of the kernels are built without CUDA.
 #pragma once
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 #include "anyres/encode.h"
@@ -9,16 +11,49 @@
 namespace llava_fast {
 
 struct CudaEncodePlan {
-  std::vector<uint64_t> data;  // the plan bytes (8-byte aligned storage)
+  // The plan bytes (see encode_gpu.h) = `head` (header, image, job, tile and axis records) followed by the weight
+  // tables, which stay in the shared table cache (`keep`) and are copied once, by write_to, straight into the
+  // caller's (pinned) buffer: at 128 photos they are ~3.8 MB, and assembling them here first cost a zero-fill and a
+  // copy of all of it on fresh pages.
+  struct Segment {
+    const void* src;
+    int64_t off, bytes;
+  };
+  std::vector<uint64_t> head;
+  std::vector<Segment> segments;  // increasing offsets, past the head
+  std::vector<std::shared_ptr<const void>> keep;
+  int64_t total_bytes = 0;
   std::vector<int64_t> num_tiles;
   int64_t total_tiles = 0, tile_elems = 0, scratch_elems = 0, pass1_blocks = 0;
   int64_t pass1_rows = 0, max_span = 0;  // v2 pass 1: blocks (one per job row), widest staged source row
   int64_t pass1_rowblocks = 0;           // v3 pass 1: blocks (one per kV3Rows rows of a job)
   int resample = 0, patch = 0;
   int64_t tile = 0;  // T
-  int64_t nbytes() const { return static_cast<int64_t>(data.size() * sizeof(uint64_t)); }
-  const uint8_t* bytes() const { return reinterpret_cast<const uint8_t*>(data.data()); }
+  int64_t nbytes() const { return total_bytes; }
+  // All nbytes() plan bytes to dst (padding between segments zeroed).
+  void write_to(uint8_t* dst) const {
+    const int64_t hb = static_cast<int64_t>(head.size() * sizeof(uint64_t));
+    std::memcpy(dst, head.data(), static_cast<size_t>(hb));
+    int64_t end = hb;
+    for (const Segment& g : segments) {
+      if (g.off > end) std::memset(dst + end, 0, static_cast<size_t>(g.off - end));
+      std::memcpy(dst + g.off, g.src, static_cast<size_t>(g.bytes));
+      end = g.off + g.bytes;
+    }
+    if (total_bytes > end) std::memset(dst + end, 0, static_cast<size_t>(total_bytes - end));
+  }
+  // The plan bytes in host memory (assembled on first use: the CPU emulation reads them).
+  const uint8_t* bytes() const {
+    if (blob_.empty()) {
+      blob_.resize(static_cast<size_t>((total_bytes + 7) / 8));
+      write_to(reinterpret_cast<uint8_t*>(blob_.data()));
+    }
+    return reinterpret_cast<const uint8_t*>(blob_.data());
+  }
   int64_t scratch_bytes() const { return scratch_elems * (resample == 0 ? 1 : 4); }
+
+ private:
+  mutable std::vector<uint64_t> blob_;
 };
 
 // ptrs[i]: uint8 pixels of image i (device pointers for the CUDA launch, host pointers for the emulation), read as

@@ -19,6 +19,7 @@ namespace {
 // One resize axis in the form the kernels read.
 struct AxisTable {
   int32_t in = 0, out = 0, taps = 0, prec = 0;
+  int64_t full_lo = 0, full_hi = 0;  // input positions all outputs read (input_range over [0, out)), kept for reuse
   std::vector<int32_t> xmin, xsize;
   std::vector<int16_t> w16;  // kU8
   std::vector<float> wf;     // kF32
@@ -79,6 +80,22 @@ AxisTable build_table(int64_t in, int64_t out, int resample) {
   return t;
 }
 
+// Input positions [lo, hi) that the outputs [o0, o0 + n) of an axis read, scanning the table.
+std::pair<int64_t, int64_t> scan_range(const AxisTable& t, int64_t o0, int64_t n) {
+  int64_t lo = t.xmin[o0], hi = lo;
+  for (int64_t o = o0; o < o0 + n; ++o) {
+    lo = std::min<int64_t>(lo, t.xmin[o]);
+    hi = std::max<int64_t>(hi, static_cast<int64_t>(t.xmin[o]) + t.xsize[o]);
+  }
+  return {lo, hi};
+}
+
+AxisTable build_table_with_range(int64_t in, int64_t out, int resample) {
+  AxisTable t = build_table(in, out, resample);
+  if (t.taps > 0 && out > 0) std::tie(t.full_lo, t.full_hi) = scan_range(t, 0, out);
+  return t;
+}
+
 // Weight tables depend on (in, out, arithmetic) only: cached across calls (datasets repeat sizes).
 std::shared_ptr<const AxisTable> get_table(int64_t in, int64_t out, int resample) {
   static std::mutex mu;
@@ -89,22 +106,19 @@ std::shared_ptr<const AxisTable> get_table(int64_t in, int64_t out, int resample
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
-  auto t = std::make_shared<const AxisTable>(build_table(in, out, resample));
+  auto t = std::make_shared<const AxisTable>(build_table_with_range(in, out, resample));
   std::lock_guard<std::mutex> lock(mu);
   if (cache.size() >= 4096) cache.clear();
   cache.emplace(key, t);
   return t;
 }
 
-// Input positions [lo, hi) that the outputs [o0, o0 + n) of an axis read (the outputs themselves on an identity axis).
+// Input positions [lo, hi) that the outputs [o0, o0 + n) of an axis read (the outputs themselves on an identity axis);
+// the whole axis (every base tile and AnyRes grid) comes from the table, a crop window is scanned.
 std::pair<int64_t, int64_t> input_range(const AxisTable& t, int64_t o0, int64_t n) {
   if (t.taps == 0 || n <= 0) return {o0, o0 + std::max<int64_t>(n, 0)};
-  int64_t lo = t.xmin[o0], hi = lo;
-  for (int64_t o = o0; o < o0 + n; ++o) {
-    lo = std::min<int64_t>(lo, t.xmin[o]);
-    hi = std::max<int64_t>(hi, static_cast<int64_t>(t.xmin[o]) + t.xsize[o]);
-  }
-  return {lo, hi};
+  if (o0 == 0 && n == t.out) return {t.full_lo, t.full_hi};
+  return scan_range(t, o0, n);
 }
 
 int64_t align8(int64_t n) { return (n + 7) & ~static_cast<int64_t>(7); }
@@ -294,22 +308,25 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
     r.w_off = off;
     off = align8(off + static_cast<int64_t>(t.out) * t.taps * (resample == kU8 ? 2 : 4));
   }
-  plan.data.assign(static_cast<size_t>(off / 8), 0);
-  uint8_t* P = reinterpret_cast<uint8_t*>(plan.data.data());
+  plan.total_bytes = off;
+  const int64_t head_bytes = align8(H.off_axes + static_cast<int64_t>(tables.size() * sizeof(AxisRec)));
+  plan.head.assign(static_cast<size_t>(head_bytes / 8), 0);
+  uint8_t* P = reinterpret_cast<uint8_t*>(plan.head.data());
   std::memcpy(P, &H, sizeof(H));
   std::memcpy(P + H.off_images, imgs.data(), n * sizeof(ImageRec));
   std::memcpy(P + H.off_jobs, jobs.data(), jobs.size() * sizeof(JobRec));
   std::memcpy(P + H.off_tiles, tiles.data(), tiles.size() * sizeof(TileRec));
   std::memcpy(P + H.off_axes, recs.data(), recs.size() * sizeof(AxisRec));
-  for (size_t k = 0; k < tables.size(); ++k) {
+  for (size_t k = 0; k < tables.size(); ++k) {  // the tables themselves: copied by write_to, from the cache
     const AxisTable& t = *tables[k];
+    plan.keep.push_back(tables[k]);
     if (t.taps == 0) continue;
-    std::memcpy(P + recs[k].xmin_off, t.xmin.data(), 4 * t.xmin.size());
-    std::memcpy(P + recs[k].xsize_off, t.xsize.data(), 4 * t.xsize.size());
+    plan.segments.push_back({t.xmin.data(), recs[k].xmin_off, 4 * static_cast<int64_t>(t.xmin.size())});
+    plan.segments.push_back({t.xsize.data(), recs[k].xsize_off, 4 * static_cast<int64_t>(t.xsize.size())});
     if (resample == kU8)
-      std::memcpy(P + recs[k].w_off, t.w16.data(), 2 * t.w16.size());
+      plan.segments.push_back({t.w16.data(), recs[k].w_off, 2 * static_cast<int64_t>(t.w16.size())});
     else
-      std::memcpy(P + recs[k].w_off, t.wf.data(), 4 * t.wf.size());
+      plan.segments.push_back({t.wf.data(), recs[k].w_off, 4 * static_cast<int64_t>(t.wf.size())});
   }
   return plan;
 }

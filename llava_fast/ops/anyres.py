@@ -833,10 +833,18 @@ def _modes(config, flags, n):
 def _encoder_plan(u8s, flags, config, resample: str, layout: str):
     """The GPU encoder's host plan (csrc/anyres/encode_cuda_plan.cpp) for (3, H, W) uint8 views (any strides)."""
     pins = [tuple(p) for p in config.image_grid_pinpoints or []]
+    ptrs, hs, ws, sy, sx, sc = [], [], [], [], [], []
+    for u in u8s:  # one pass (six list comprehensions cost 2.6x as much: ~0.14 ms per 128 images)
+        _, h, w = u.shape
+        c, y, x = u.stride()
+        ptrs.append(u.data_ptr())
+        hs.append(h)
+        ws.append(w)
+        sy.append(y)
+        sx.append(x)
+        sc.append(c)
     return _ext._C.encode_plan(
-        [u.data_ptr() for u in u8s], [int(u.shape[1]) for u in u8s], [int(u.shape[2]) for u in u8s],
-        [int(u.stride(1)) for u in u8s], [int(u.stride(2)) for u in u8s], [int(u.stride(0)) for u in u8s],
-        _modes(config, flags, len(u8s)), config.tile, config.shortest_edge,
+        ptrs, hs, ws, sy, sx, sc, _modes(config, flags, len(u8s)), config.tile, config.shortest_edge,
         bool(config.variant == "llava" and config.do_pad), pins, list(fill_colour(config.image_mean)),
         list(config.image_mean), list(config.image_std), RESAMPLE.index(resample),
         config.patch_size if layout == "patches" else 0)

@@ -211,6 +211,23 @@ def test_plan_errors():
         C.encode_tiles_emulate(plan, 0, out.data_ptr(), 0, 1)
 
 
+def test_plan_bytes_are_deterministic():
+    """copy_to writes every plan byte (header, records and the weight tables taken from the cache) over whatever
+    the destination held, padding included; two plans of the same batch are the same bytes, and the table cache
+    does not change them (first call builds the tables, second reuses them)."""
+    from llava_fast.ops import anyres
+
+    imgs = [torch.zeros(3, h, w, dtype=torch.uint8) for h, w in ((750, 1000), (733, 1017), (40, 900), (1000, 750))]
+    dumps = []
+    for fill in (0x00, 0xFF):
+        plan = anyres._encoder_plan(imgs, [False] * len(imgs), NEXT, "uint8", "tiles")
+        buf = torch.full((plan.nbytes,), fill, dtype=torch.uint8)
+        plan.copy_to(buf.data_ptr())
+        dumps.append(buf)
+    assert torch.equal(dumps[0], dumps[1])
+    assert dumps[0].numel() > 100_000   # the tables are in there (tens of KB per image)
+
+
 # ---------------------------------------------------------------------------------------------------------- patches
 @pytest.mark.parametrize("name", ["next", "ov"])
 def test_patch_layout_is_the_patch_embedding_input(name):
