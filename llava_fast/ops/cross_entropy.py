@@ -92,6 +92,18 @@ def _num_items_tensor(num_items, device) -> torch.Tensor:
 # 2. Triton kernel: per row, fp32 log-sum-exp, loss, and d logits written (in place when grad_ptr == logits_ptr)
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _online_max_sumexp(logits_ptr, n_cols, offs, m, s, BLOCK: tl.constexpr):
+    """Fold the row's columns [0, n_cols) into a running fp32 max ``m`` and sum of exp(x - m) ``s``."""
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        x = tl.load(logits_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    return m, s
+
+
+@triton.jit
 def _cross_entropy_fwd_bwd_kernel(
     logits_ptr, grad_ptr, labels_ptr, loss_ptr, scale_ptr,
     n_cols, stride_logits, stride_grad, ignore_index,
@@ -127,14 +139,8 @@ def _cross_entropy_fwd_bwd_kernel(
                 tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
             # Pass 1: online max / sum of exp over blocks (fp32).
-            m = float("-inf")
-            s = 0.0
-            for start in range(0, n_cols, BLOCK):
-                cols = start + offs
-                x = tl.load(logits_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(x, axis=0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-                m = m_new
+            m, s = _online_max_sumexp(logits_ptr, n_cols, offs, tl.full([], float("-inf"), tl.float32),
+                                      tl.zeros([], tl.float32), BLOCK)
             lse = m + tl.log(s)
             tl.store(loss_ptr + row, lse - x_label)
             if WRITE_GRAD:
@@ -159,14 +165,7 @@ def _lse_vocab_block_kernel(
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * stride_logits
     offs = tl.arange(0, BLOCK)
-    m = tl.load(max_ptr + row)
-    s = tl.load(sum_ptr + row)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offs
-        x = tl.load(logits_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
+    m, s = _online_max_sumexp(logits_ptr, n_cols, offs, tl.load(max_ptr + row), tl.load(sum_ptr + row), BLOCK)
     tl.store(max_ptr + row, m)
     tl.store(sum_ptr + row, s)
     label = tl.load(labels_ptr + row) - col0   # ignore_index (negative) never lands in [0, n_cols)
