@@ -247,28 +247,25 @@ def _fwd_softmax_pv(qk, acc0, acc1, l_i, m_i, V, V1, stride_vt, offs_m, offs_n, 
     """One online-softmax step: fold the raw scores qk of the key block at start_n into (m_i, l_i, acc).
     SCALE_FIRST (``LLAVA_FAST_ATTN_FOLD=0``, for timing against the default): the session-4 arithmetic, every score
     multiplied by the scale before the max, then the max subtracted (FMUL + FADD per score instead of one FFMA)."""
+    # The scale (> 0, log2 units) is applied to the row max and inside the exponent's argument, one FFMA per
+    # score, instead of a multiply of every score before the max and a subtract after it (FMUL + FADD): 64
+    # fewer instructions per thread and key block at 128 x 128 (SASS counts in docs/perf-notes.md).
     if SCALE_FIRST:
         qk = qk * qk_scale
+        scale = 1.0
+    else:
+        scale = qk_scale
     if MASKED:
         allowed = offs_n[None, :] < seqlen_k
         if CAUSAL:
             allowed = allowed & (offs_m[:, None] + diag >= offs_n[None, :])
         qk = tl.where(allowed, qk, float("-inf"))
-    # The scale (> 0, log2 units) is applied to the row max and inside the exponent's argument, one FFMA per
-    # score, instead of a multiply of every score before the max and a subtract after it (FMUL + FADD): 64
-    # fewer instructions per thread and key block at 128 x 128 (SASS counts in docs/perf-notes.md).
-    if SCALE_FIRST:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
     if MASKED:  # a row with no visible key so far keeps m = -inf; subtract 0 instead (no -inf - -inf = NaN)
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new
-    if SCALE_FIRST:
-        p = tl.math.exp2(qk - m_sub[:, None])
-    else:
-        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    p = tl.math.exp2(qk * scale - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc0 = acc0 * alpha[:, None]
