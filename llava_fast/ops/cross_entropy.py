@@ -326,8 +326,6 @@ def _accumulate_grad_weight(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.T
 def _plan(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device, need_grad_weight: bool,
           grad_weight_accum: str, chunk_size: int) -> tuple[int, bool, bool]:
     """(chunk rows, fp32 grad-weight accumulator?, fused fp32 addmm?) for the memory budget."""
-    if grad_weight_accum not in ("auto", "fp32", "weight"):
-        raise ValueError(f"grad_weight_accum must be 'auto', 'fp32' or 'weight', got {grad_weight_accum!r}")
     itemsize = torch.finfo(dtype).bits // 8
     fp32_acc = fused = False
     acc_bytes = 0
@@ -347,6 +345,7 @@ def _plan(n_rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torc
 
 
 SCHEDULES = ("token", "vocab")
+GRAD_WEIGHT_ACCUMS = ("auto", "fp32", "weight")
 # Vocab schedule: what its (T, Vb) logits block, its (T, H) fp32 d-hidden accumulator and the gathered rows may use
 # together, in MiB (LLAVA_FAST_CE_VOCAB_BUDGET_MB, read per call). 128: all 8k tokens of a step in one chunk with
 # ~5k-column blocks at H = 896; 20 (Liger's footprint at 8k x 152064 x 896): chunks of ~1.4k tokens, 4096 columns.
@@ -472,6 +471,10 @@ def fused_linear_cross_entropy_fwd(
     weight gradient is asked for and the logits are not: see :func:`_fused_linear_cross_entropy_vocab`). Returns ``(loss, grad_hidden, grad_weight, grad_bias, logits)``: fp32 scalar loss
     (already multiplied by ``scale``) and gradients of that loss in the input dtypes; a gradient not asked for, and
     the logits unless ``return_logits``, come back as empty tensors."""
+    if grad_weight_accum not in GRAD_WEIGHT_ACCUMS:
+        raise ValueError(f"grad_weight_accum must be one of {GRAD_WEIGHT_ACCUMS}, got {grad_weight_accum!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     n, h_dim = hidden.shape
     v = weight.shape[0]
     dev, dtype = hidden.device, hidden.dtype
@@ -672,8 +675,8 @@ def _check_inputs(hidden, weight, labels, bias, reduction, num_items, chunk_size
         raise ValueError(f"{name}: chunk_size must be a positive int or None (auto), got {chunk_size!r}")
     if vocab_block is not None and (not isinstance(vocab_block, int) or vocab_block <= 0):
         raise ValueError(f"{name}: vocab_block must be a positive int or None (auto), got {vocab_block!r}")
-    if grad_weight_accum not in ("auto", "fp32", "weight"):
-        raise ValueError(f"{name}: grad_weight_accum must be 'auto', 'fp32' or 'weight', got {grad_weight_accum!r}")
+    if grad_weight_accum not in GRAD_WEIGHT_ACCUMS:
+        raise ValueError(f"{name}: grad_weight_accum must be one of {GRAD_WEIGHT_ACCUMS}, got {grad_weight_accum!r}")
     if schedule not in ("auto",) + SCHEDULES:
         raise ValueError(f"{name}: schedule must be 'auto', 'token' or 'vocab', got {schedule!r}")
 

@@ -460,8 +460,12 @@ def test_chunk_plan_memory_budget(monkeypatch):
     # without the fused fp32 addmm the fp32 accumulator costs 6 VH: not chosen at 152064 x 896
     monkeypatch.setattr(ce, "_fused_fp32_addmm_ok", lambda device: False)
     assert not ce._plan(8192, 152064, 896, torch.bfloat16, dev, True, "auto", 0)[1]
+    # the op body checks its string arguments whichever way it is reached (the public function names them first)
+    h, w, lab = torch.randn(8, 4), torch.randn(10, 4), torch.randint(0, 10, (8,))
     with pytest.raises(ValueError, match="grad_weight_accum"):
-        ce._plan(8, 10, 4, torch.bfloat16, dev, True, "bf16", 0)
+        ce.fused_linear_cross_entropy_fwd(h, w, lab, None, torch.ones(1), grad_weight_accum="bf16")
+    with pytest.raises(ValueError, match="schedule"):
+        ce.fused_linear_cross_entropy_fwd(h, w, lab, None, torch.ones(1), schedule="auto")
 
 
 def test_function_direct_call(triton_backend):
