@@ -126,31 +126,46 @@ def gpu_section(args, dtype) -> list[Row]:
         if not args.quick:
             providers["reference_cuda"] = lambda: anyres.preprocess_images(gpu, cfg, dtype=dtype)
         if anyres._cuda_encoder_available():
-            def encoder(version, passes=3, **kw):
+            def encoder(version, passes=3, smem_kb=None, **kw):
                 """The CUDA encoder with kernels `version`; passes 1 / 2: one pass alone, for timing only (where
-                the time goes, METHOD.md: leave a stage out; the output is then garbage)."""
+                the time goes, METHOD.md: leave a stage out; the output is then garbage). smem_kb: v4's shared
+                memory budget (LLAVA_FAST_GPU_ENCODER_SMEM_KB; it picks the band height)."""
+                env = {"LLAVA_FAST_GPU_ENCODER": f"v{version}",
+                       "LLAVA_FAST_GPU_ENCODER_SMEM_KB": None if smem_kb is None else str(smem_kb)}
+
                 def fn():
-                    old_env = os.environ.get("LLAVA_FAST_GPU_ENCODER")
-                    os.environ["LLAVA_FAST_GPU_ENCODER"] = f"v{version}"
+                    old = {k: os.environ.get(k) for k in env}
+                    for k, v in env.items():
+                        if v is not None:
+                            os.environ[k] = v
                     anyres._CUDA_PASSES = passes
                     try:
-                        return anyres.encode_tiles(gpu, cfg, dtype=dtype, **kw)
+                        return anyres.encode_tiles(gpu, cfg, **{"dtype": dtype, **kw})
                     finally:
                         anyres._CUDA_PASSES = 3
-                        if old_env is None:
-                            os.environ.pop("LLAVA_FAST_GPU_ENCODER", None)
-                        else:
-                            os.environ["LLAVA_FAST_GPU_ENCODER"] = old_env
+                        for k, v in old.items():
+                            if v is None:
+                                os.environ.pop(k, None)
+                            else:
+                                os.environ[k] = v
                 return fn
             default = anyres.gpu_encoder_version()
             providers["llava_fast_cuda"] = encoder(default)  # the default kernels (LLAVA_FAST_GPU_ENCODER)
-            providers["llava_fast_cuda_pass1_only"] = encoder(default, 1)
-            providers["llava_fast_cuda_pass2_only"] = encoder(default, 2)
+            if default != 4:  # v4 is one fused launch: no pass to leave out
+                providers["llava_fast_cuda_pass1_only"] = encoder(default, 1)
+                providers["llava_fast_cuda_pass2_only"] = encoder(default, 2)
             for v in anyres.GPU_ENCODER_VERSIONS:
                 if v != default:
                     providers[f"llava_fast_cuda_v{v}"] = encoder(v)
-                    providers[f"llava_fast_cuda_v{v}_pass1_only"] = encoder(v, 1)
-                    providers[f"llava_fast_cuda_v{v}_pass2_only"] = encoder(v, 2)
+                    if v != 4:
+                        providers[f"llava_fast_cuda_v{v}_pass1_only"] = encoder(v, 1)
+                        providers[f"llava_fast_cuda_v{v}_pass2_only"] = encoder(v, 2)
+            # v4's band height comes from its shared-memory budget (1000x750 photos, uint8 arithmetic: 48 KB -> 32
+            # rows, 26.5 KB staged for NeXT; 16 KB -> 16 rows, 14.4 KB): the smaller band trades halo work (rows
+            # filtered by both neighbouring bands) for more resident blocks
+            providers["llava_fast_cuda_v4_smem16"] = encoder(4, smem_kb=16)
+            providers["llava_fast_cuda_v4_bf16"] = encoder(4, dtype=torch.bfloat16) if dtype != torch.bfloat16 \
+                else encoder(4)
             u8 = [anyres.to_uint8_chw(x, i, contiguous=False) for i, x in enumerate(gpu)]
             plan_host = torch.empty(anyres._encoder_plan(u8, [False] * len(u8), cfg, "uint8", "tiles").nbytes,
                                     dtype=torch.uint8, pin_memory=True)
@@ -169,7 +184,8 @@ def gpu_section(args, dtype) -> list[Row]:
         for name, fn in providers.items():
             t = bench(fn, warmup=warm, rep=rep, sync=True, timing=args.gpu_timing)
             ips = n / (t["ms"] / 1e3)
-            moved = (in_bytes + (0 if name == "nvjpeg_decode" else out_bytes))
+            ob = out_bytes // 2 if name.endswith("_bf16") and dtype == torch.float32 else out_bytes
+            moved = (in_bytes + (0 if name == "nvjpeg_decode" else ob))
             note = f"{n} imgs, {ntiles} tiles, {moved / (t['ms'] / 1e3) / 1e9:.1f} GB/s of {moved / 1e6:.0f} MB"
             if "jpeg" in name:
                 note += f" (+{jpeg_mb:.1f} MB JPEG in)"

@@ -147,16 +147,27 @@ def projector(folder):
 def encoder(folder):
     rows = load_rows(folder, "bench_anyres")
     out = []
+    rules = {"llava_fast_cuda_v3": ">= 1.03x on both variants and the gpu_v3 cuda tests pass -> default v3 "
+                                   "(prediction 1.5x)",
+             "llava_fast_cuda_v4": ">= 1.03x on both variants and the gpu_v4 cuda tests pass -> default v4 "
+                                   "(prediction >= 2x v2: NeXT <= 2.5 ms per 128 photos)",
+             "llava_fast_cuda_v4_smem16": "faster than llava_fast_cuda_v4 by >= 1.03x on both -> default budget 16 KB "
+                                          "(LLAVA_FAST_GPU_ENCODER_SMEM_KB; smaller bands, more blocks)"}
     for variant in ("anyres_llava_next", "anyres_llava_onevision"):
         cur = next((r for r in rows if r.get("bench") == variant and r.get("provider") == "llava_fast_cuda"), None)
-        v3 = next((r for r in rows if r.get("bench") == variant and r.get("provider") == "llava_fast_cuda_v3"), None)
-        if cur is None or v3 is None:
-            out.append((f"GPU encoder v3, {variant}", "not measured", "", ""))
-            continue
-        x = cur["ms"] / v3["ms"]
-        out.append((f"GPU encoder v3, {variant}", f"v3 {x:.2f}x the default ({v3['metric']:.0f} img/s)",
-                    ">= 1.03x on both variants and the gpu_v3 cuda tests pass -> default v3 (prediction 1.5x)",
-                    "candidate default" if x >= 1.03 else "keep v2"))
+        for prov, rule in rules.items():
+            name = f"GPU encoder {prov.removeprefix('llava_fast_cuda_')}, {variant}"
+            new = next((r for r in rows if r.get("bench") == variant and r.get("provider") == prov), None)
+            base = cur
+            if prov.endswith("_smem16"):
+                base = next((r for r in rows if r.get("bench") == variant
+                             and r.get("provider") == "llava_fast_cuda_v4"), None)
+            if base is None or new is None or not new.get("ms") or not base.get("ms"):
+                out.append((name, "not measured", rule, ""))
+                continue
+            x = base["ms"] / new["ms"]
+            out.append((name, f"{x:.2f}x {'v4' if prov.endswith('_smem16') else 'the default'} "
+                              f"({new['metric']:.0f} img/s)", rule, "candidate" if x >= 1.03 else "keep"))
     return out
 
 

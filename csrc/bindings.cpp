@@ -115,6 +115,10 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("pass1_blocks", &CudaEncodePlan::pass1_blocks)
       .def_readonly("pass1_rows", &CudaEncodePlan::pass1_rows)
       .def_readonly("max_span", &CudaEncodePlan::max_span)
+      .def_property_readonly("band_need",
+                             [](const CudaEncodePlan& p) { return std::vector<int>(p.band_need, p.band_need + 6); })
+      .def("v4_band_rows", &v4_band_rows, py::arg("smem_bytes"),
+           "v4: the tallest band (1 .. 32 output rows) whose staged intermediate fits in smem_bytes; 0 if none")
       .def_readonly("resample", &CudaEncodePlan::resample)
       .def_readonly("patch", &CudaEncodePlan::patch)
       .def(
@@ -141,25 +145,26 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "encode_tiles_emulate",
       [](const CudaEncodePlan& plan, uintptr_t scratch, uintptr_t out, int dtype, int64_t capacity_tiles,
-         int version) {
+         int version, int band_rows) {
         py::gil_scoped_release release;
         encode_tiles_emulate(plan, reinterpret_cast<void*>(scratch), reinterpret_cast<void*>(out), dtype,
-                             capacity_tiles, version);
+                             capacity_tiles, version, band_rows);
       },
       py::arg("plan"), py::arg("scratch"), py::arg("out"), py::arg("dtype"), py::arg("capacity_tiles"),
-      py::arg("version") = 1,
+      py::arg("version") = 1, py::arg("band_rows") = 32,
       "Run the GPU encoder's element code on the CPU (host pointers in the plan); for tests.");
 
 #ifdef LLAVA_FAST_WITH_CUDA
   m.def(
       "encode_tiles_cuda",
       [](const CudaEncodePlan& plan, uintptr_t plan_dev, uintptr_t scratch, uintptr_t out, int dtype,
-         int64_t capacity_tiles, uintptr_t stream, int passes, int version) {
+         int64_t capacity_tiles, uintptr_t stream, int passes, int version, int band_rows) {
         encode_tiles_cuda(plan, reinterpret_cast<const void*>(plan_dev), reinterpret_cast<void*>(scratch),
-                          reinterpret_cast<void*>(out), dtype, capacity_tiles, stream, passes, version);
+                          reinterpret_cast<void*>(out), dtype, capacity_tiles, stream, passes, version, band_rows);
       },
       py::arg("plan"), py::arg("plan_dev"), py::arg("scratch"), py::arg("out"), py::arg("dtype"),
       py::arg("capacity_tiles"), py::arg("stream"), py::arg("passes") = 3, py::arg("version") = 1,
+      py::arg("band_rows") = 0,
       "Launch the two encoder passes on `stream` (no synchronization). plan_dev: device copy of the plan bytes.");
   m.def(
       "normalize_u8_cuda",

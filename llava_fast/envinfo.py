@@ -38,6 +38,16 @@ def env() -> dict:
         else f"no ({_ext.EXT_ERROR}); the reference path is used"
     if _ext.HAS_EXT and hasattr(_ext._C, "encoder_isa"):
         info["cpu_tile_encoder"] = f"C++, {_ext._C.encoder_isa()} (LLAVA_FAST_NO_AVX2=1 turns AVX2 off)"
+    if _ext.HAS_CUDA_EXT:
+        from llava_fast.ops import anyres
+
+        try:
+            v = anyres.gpu_encoder_version()
+            info["gpu_tile_encoder"] = (f"v{v} (LLAVA_FAST_GPU_ENCODER=v1..v4" +
+                                        (f"; shared memory {anyres.gpu_encoder_smem_bytes() >> 10} KB)" if v == 4
+                                         else ")"))
+        except ValueError as e:
+            info["gpu_tile_encoder"] = f"invalid: {e}"
     ok, why = _ext.triton_usable()
     info["triton_usable"] = f"{'yes' if ok else 'no'}: {why}"
     info["backends"] = backend.describe("cuda" if cuda else "cpu")

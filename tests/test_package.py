@@ -37,6 +37,22 @@ def test_env_lists_the_kernel_variant_overrides(monkeypatch):
     assert "BACKEND" not in llava_fast.env()["env_overrides"]
 
 
+def test_env_names_the_gpu_tile_encoder(monkeypatch):
+    import llava_fast
+    from llava_fast import _ext
+
+    monkeypatch.delenv("LLAVA_FAST_GPU_ENCODER", raising=False)
+    if not _ext.HAS_CUDA_EXT:
+        assert "gpu_tile_encoder" not in llava_fast.env()
+        return
+    assert llava_fast.env()["gpu_tile_encoder"].startswith("v2 ")
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v4")
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER_SMEM_KB", "96")
+    assert llava_fast.env()["gpu_tile_encoder"] == "v4 (LLAVA_FAST_GPU_ENCODER=v1..v4; shared memory 96 KB)"
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v9")
+    assert llava_fast.env()["gpu_tile_encoder"].startswith("invalid: LLAVA_FAST_GPU_ENCODER")
+
+
 def test_env_names_the_loss_schedule(monkeypatch):
     import llava_fast
 

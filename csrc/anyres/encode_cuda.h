@@ -27,6 +27,7 @@ struct CudaEncodePlan {
   int64_t total_tiles = 0, tile_elems = 0, scratch_elems = 0, pass1_blocks = 0;
   int64_t pass1_rows = 0, max_span = 0;  // v2 pass 1: blocks (one per job row), widest staged source row
   int64_t pass1_rowblocks = 0;           // v3 pass 1: blocks (one per kV3Rows rows of a job)
+  int32_t band_need[6] = {0, 0, 0, 0, 0, 0};  // v4: intermediate rows per band of 1 << k output rows (encode_gpu.h)
   int resample = 0, patch = 0;
   int64_t tile = 0;  // T
   int64_t nbytes() const { return total_bytes; }
@@ -64,10 +65,21 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
                                       const std::vector<int64_t>& sx, const std::vector<int64_t>& sc,
                                       const std::vector<int>& modes, const EncodeConfig& cfg, int resample, int patch);
 
-// Runs the kernels' element functions on the CPU (tests): scratch holds plan.scratch_bytes(), out capacity tiles.
-// version: 1, 2 or 3, the kernels of encode_gpu.h to emulate.
+// v4 (one fused launch, encode_gpu.h): the tallest band of 1 << k output rows (k < 6: 1 .. 32) whose staged
+// intermediate (band_need[k] rows x tile columns, one channel) fits in smem_bytes of shared memory; 0 if none does
+// (the launcher then runs v3).
+inline int v4_band_rows(const CudaEncodePlan& plan, int64_t smem_bytes) {
+  const int64_t esize = plan.resample == 0 ? 1 : 4;
+  for (int k = 5; k >= 0; --k)
+    if (static_cast<int64_t>(plan.band_need[k]) * plan.tile * esize <= smem_bytes) return 1 << k;
+  return 0;
+}
+
+// Runs the kernels' element functions on the CPU (tests): scratch holds plan.scratch_bytes() (unused by v4), out
+// capacity tiles. version: 1, 2, 3 or 4, the kernels of encode_gpu.h to emulate; band_rows: v4's band height (any
+// value >= 1; a power of two <= 32 is also checked against the plan's shared-memory bound).
 void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, int dtype, int64_t capacity_tiles,
-                          int version = 1);
+                          int version = 1, int band_rows = 32);
 
 #ifdef LLAVA_FAST_WITH_CUDA
 // plan_dev: a device copy of plan.bytes(); scratch: plan.scratch_bytes() of device memory; out: capacity tiles.
@@ -75,9 +87,11 @@ void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, 
 // passes: 3 = both (the encoder); 1 = horizontal pass only, 2 = vertical pass only (over whatever scratch holds):
 // for timing each pass on a GPU (benchmarks/bench_anyres.py). version: 1, 2 or 3 (encode_gpu.h); v2's pass 1 needs
 // 3 x max_span bytes of shared memory and falls back to v1's pass 1 above kV2MaxSpan source columns; v3's needs
-// kV3Rows x 3 x max_span and falls back to v2's above kV3MaxSpan. v3's pass 2 is v2's.
+// kV3Rows x 3 x max_span and falls back to v2's above kV3MaxSpan. v3's pass 2 is v2's. version 4: one launch
+// (passes must be 3, scratch unused) with bands of band_rows output rows; band_need x tile x element size bytes
+// of shared memory (opted in above 48 KB); see v4_band_rows.
 void encode_tiles_cuda(const CudaEncodePlan& plan, const void* plan_dev, void* scratch, void* out, int dtype,
-                       int64_t capacity_tiles, uintptr_t stream, int passes = 3, int version = 1);
+                       int64_t capacity_tiles, uintptr_t stream, int passes = 3, int version = 1, int band_rows = 0);
 #endif
 
 }  // namespace llava_fast

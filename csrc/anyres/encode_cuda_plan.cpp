@@ -20,6 +20,8 @@ namespace {
 struct AxisTable {
   int32_t in = 0, out = 0, taps = 0, prec = 0;
   int64_t full_lo = 0, full_hi = 0;  // input positions all outputs read (input_range over [0, out)), kept for reuse
+  // v4: the most input positions any run of 1 << k consecutive outputs reads (the band bound of encode_gpu.h)
+  int32_t band_need[kV4Levels] = {0, 0, 0, 0, 0, 0};
   std::vector<int32_t> xmin, xsize;
   std::vector<int16_t> w16;  // kU8
   std::vector<float> wf;     // kF32
@@ -90,9 +92,35 @@ std::pair<int64_t, int64_t> scan_range(const AxisTable& t, int64_t o0, int64_t n
   return {lo, hi};
 }
 
+// band_need[k] = max over o of (max end - min start) over the outputs [o, min(o + 2^k, out)): min / max over runs
+// of doubling length (a run of 2^k is two runs of 2^(k-1), clamped at the end of the axis).
+void band_bounds(AxisTable& t) {
+  const int64_t n = t.out;
+  if (t.taps == 0) {
+    for (int k = 0; k < kV4Levels; ++k) t.band_need[k] = static_cast<int32_t>(std::min<int64_t>(int64_t{1} << k, n));
+    return;
+  }
+  std::vector<int32_t> lo(t.xmin), hi(static_cast<size_t>(n));
+  for (int64_t o = 0; o < n; ++o) hi[o] = t.xmin[o] + t.xsize[o];
+  for (int k = 0; k < kV4Levels; ++k) {
+    if (k > 0) {
+      const int64_t half = int64_t{1} << (k - 1);
+      for (int64_t o = 0; o < n; ++o) {  // in place: reads o + half >= o before it is rewritten
+        const int64_t p = std::min(o + half, n - 1);
+        lo[o] = std::min(lo[o], lo[p]);
+        hi[o] = std::max(hi[o], hi[p]);
+      }
+    }
+    int32_t m = 0;
+    for (int64_t o = 0; o < n; ++o) m = std::max(m, hi[o] - lo[o]);
+    t.band_need[k] = m;
+  }
+}
+
 AxisTable build_table_with_range(int64_t in, int64_t out, int resample) {
   AxisTable t = build_table(in, out, resample);
   if (t.taps > 0 && out > 0) std::tie(t.full_lo, t.full_hi) = scan_range(t, 0, out);
+  band_bounds(t);
   return t;
 }
 
@@ -258,6 +286,10 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
     max_span = std::max<int64_t>(max_span, j.span);
     LF_CHECK(rows < (static_cast<int64_t>(1) << 31), "encode_tiles_cuda: too many source rows in one batch");
   }
+  int32_t band_need[kV4Levels] = {0, 0, 0, 0, 0, 0};
+  for (const auto& j : jobs)
+    for (int k = 0; k < kV4Levels; ++k) band_need[k] = std::max(band_need[k], tables[j.ax_h]->band_need[k]);
+  std::copy(band_need, band_need + kV4Levels, plan.band_need);
   plan.scratch_elems = scratch;
   plan.pass1_blocks = blocks;
   plan.pass1_rows = rows;
@@ -279,6 +311,7 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
   H.rows = static_cast<int32_t>(rows);
   H.max_span = static_cast<int32_t>(max_span);
   H.rowblocks = static_cast<int32_t>(rowblocks);
+  std::copy(band_need, band_need + kV4Levels, H.band_need);
   for (int c = 0; c < 3; ++c) {
     H.shift[c] = 255.f * cfg.mean[c];  // same expressions as the CPU encoder's LUT and normalize_u8
     H.scale[c] = 255.f * cfg.std[c];
@@ -336,10 +369,35 @@ namespace {
 // host buffer standing in for shared memory, then the row filter; pass 2: four outputs at a time), in the order
 // of the blocks' indices (the blocks write disjoint outputs, so the order does not matter).
 template <int R, int D>
-void emulate(const CudaEncodePlan& plan, void* scratch, void* out, int version) {
+void emulate(const CudaEncodePlan& plan, void* scratch, void* out, int version, int band_rows) {
   const uint8_t* P = plan.bytes();
   const PlanHeader& H = header(P);
   const JobRec* J = jobs(P);
+  if (version == 4) {  // a block per (tile, band): stage each channel of the band, then emit it
+    const int bh = band_rows, T = H.tile;
+    int level = -1;
+    for (int k = 0; k < kV4Levels; ++k)
+      if (bh == 1 << k) level = k;
+    std::vector<float> sm;  // float-sized elements: room for either arithmetic
+    for (int64_t t = 0; t < H.num_tiles; ++t) {
+      const TileRec& tr = tiles(P)[t];
+      const JobRec& jb = J[tr.job];
+      for (int y0 = 0; y0 < T; y0 += bh) {
+        const int y1 = std::min(y0 + bh, T);
+        const V4Band b = v4_band(P, tr, jb, y0, y1);
+        LF_CHECK(level < 0 || b.nr <= H.band_need[level],
+                 "encode_tiles_emulate: a band of " << bh << " rows needs " << b.nr << " intermediate rows, over the "
+                                                    << "plan's bound " << H.band_need[level]);
+        LF_CHECK(b.ncol <= T, "encode_tiles_emulate: a band covers " << b.ncol << " columns of a tile of " << T);
+        sm.assign(static_cast<size_t>(std::max(1, b.nr * b.ncol)), 0.f);
+        for (int c = 0; c < 3; ++c) {
+          if (b.nr > 0) v4_stage<R>(P, jb, b, c, sm.data(), 0, 1);
+          v4_emit<R, D>(P, t, tr, jb, b, c, y0, y1, sm.data(), out, 0, 1);
+        }
+      }
+    }
+    return;
+  }
   if (version == 3) {  // a block per kV3Rows rows of one job
     const int ms = std::max(H.max_span, 1);
     std::vector<uint8_t> sm(static_cast<size_t>(kV3Rows * 3 * ms));
@@ -377,19 +435,20 @@ void emulate(const CudaEncodePlan& plan, void* scratch, void* out, int version) 
 }  // namespace
 
 void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, int dtype, int64_t capacity_tiles,
-                          int version) {
+                          int version, int band_rows) {
   LF_CHECK(dtype >= 0 && dtype <= 2, "encode_tiles: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " << dtype);
-  LF_CHECK(version >= 1 && version <= 3, "encode_tiles: GPU encoder version must be 1, 2 or 3, got " << version);
+  LF_CHECK(version >= 1 && version <= 4, "encode_tiles: GPU encoder version must be 1, 2, 3 or 4, got " << version);
+  LF_CHECK(version != 4 || band_rows >= 1, "encode_tiles_emulate: band_rows must be >= 1, got " << band_rows);
   LF_CHECK(capacity_tiles >= plan.total_tiles, "encode_tiles: output holds " << capacity_tiles
                                                    << " tiles but the images need " << plan.total_tiles);
   if (plan.resample == kU8) {
-    if (dtype == 0) emulate<kU8, 0>(plan, scratch, out, version);
-    if (dtype == 1) emulate<kU8, 1>(plan, scratch, out, version);
-    if (dtype == 2) emulate<kU8, 2>(plan, scratch, out, version);
+    if (dtype == 0) emulate<kU8, 0>(plan, scratch, out, version, band_rows);
+    if (dtype == 1) emulate<kU8, 1>(plan, scratch, out, version, band_rows);
+    if (dtype == 2) emulate<kU8, 2>(plan, scratch, out, version, band_rows);
   } else {
-    if (dtype == 0) emulate<kF32, 0>(plan, scratch, out, version);
-    if (dtype == 1) emulate<kF32, 1>(plan, scratch, out, version);
-    if (dtype == 2) emulate<kF32, 2>(plan, scratch, out, version);
+    if (dtype == 0) emulate<kF32, 0>(plan, scratch, out, version, band_rows);
+    if (dtype == 1) emulate<kF32, 1>(plan, scratch, out, version, band_rows);
+    if (dtype == 2) emulate<kF32, 2>(plan, scratch, out, version, band_rows);
   }
 }
 

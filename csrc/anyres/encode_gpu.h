@@ -45,6 +45,7 @@ constexpr int kV2MaxSpan = 16320;  // v2 pass 1 stages 3 x span bytes in shared 
 constexpr int kV3Rows = 4;         // v3 pass 1: source rows per block
 constexpr int kV3MaxSpan = 4080;   // v3 pass 1 stages kV3Rows x 3 x span bytes; wider rows run v2's pass 1
 constexpr int kV3Pass2Rows = 8;    // v3 pass 2: (channel, row)s per thread (v2's element code, fewer blocks)
+constexpr int kV4Levels = 6;       // v4: band heights 1 << k output rows, k < kV4Levels (1 .. 32)
 
 struct PlanHeader {
   int32_t num_images, num_jobs, num_tiles, num_axes;
@@ -56,6 +57,10 @@ struct PlanHeader {
   int32_t max_span;          // v2 pass 1: the most source columns one job's row needs (shared memory: 3 x this)
   int32_t rowblocks;         // v3 pass 1: one block per kV3Rows source rows of one job; sum of ceil(nr / kV3Rows)
   int32_t pad_h_;
+  // v4: the most intermediate rows one band of 1 << k output rows of any tile needs (its shared memory is
+  // band_need[k] x tile x element size); a bound over every run of 1 << k consecutive resized rows of the jobs' axes
+  int32_t band_need[kV4Levels];
+  int32_t pad_v4_[2];
 };
 
 struct ImageRec {
@@ -109,26 +114,18 @@ LF_HD int clip8_shift(int32_t acc, int prec) {
   return v < 0 ? 0 : (v > 255 ? 255 : v);
 }
 
-// Pass 1: element e in [0, 3 * nr * wc) of job jb -> scratch.
+// Pass 1 value: virtual row vy, resized column ox, channel c of job jb, filtered horizontally, stored at dst[idx]
+// (uint8 for kU8, float for kF32). v1's element, v4's band staging.
 template <int R>
-LF_HD void hpass_element(const uint8_t* plan, const JobRec& jb, uint32_t e, void* scratch) {
+LF_HD void hpass_value(const uint8_t* plan, const JobRec& jb, int vy, int ox, int c, void* dst, int64_t idx) {
   const ImageRec& im = images(plan)[jb.image];
-  const uint32_t wc = static_cast<uint32_t>(jb.wc);
-  const uint32_t plane = static_cast<uint32_t>(jb.nr) * wc;
-  const int c = static_cast<int>(e / plane);
-  const uint32_t rem = e - static_cast<uint32_t>(c) * plane;
-  const int r = static_cast<int>(rem / wc);
-  const int x = static_cast<int>(rem - static_cast<uint32_t>(r) * wc);
-  const int vy = jb.r0 + r;
-  const int ox = jb.c0 + x;  // column of the resized image
   const AxisRec& ax = axes(plan)[jb.ax_w];
-  const int64_t o = jb.scratch_off + e;
   if (ax.taps == 0) {
     const int v = source_pixel(im, jb, vy, ox, c);
     if (R == kU8)
-      static_cast<uint8_t*>(scratch)[o] = static_cast<uint8_t>(v);
+      static_cast<uint8_t*>(dst)[idx] = static_cast<uint8_t>(v);
     else
-      static_cast<float*>(scratch)[o] = static_cast<float>(v);
+      static_cast<float*>(dst)[idx] = static_cast<float>(v);
     return;
   }
   const int xmin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[ox];
@@ -145,7 +142,7 @@ LF_HD void hpass_element(const uint8_t* plan, const JobRec& jb, uint32_t e, void
     } else {
       for (int j = 0; j < xs; ++j) acc += source_pixel(im, jb, vy, xmin + j, c) * k[j];
     }
-    static_cast<uint8_t*>(scratch)[o] = static_cast<uint8_t>(clip8_shift(acc, ax.prec));
+    static_cast<uint8_t*>(dst)[idx] = static_cast<uint8_t>(clip8_shift(acc, ax.prec));
   } else {
     // torch's interpolate_aa_single_dim: output = t0 * w0; output += t * w
     const float* k = reinterpret_cast<const float*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
@@ -157,8 +154,20 @@ LF_HD void hpass_element(const uint8_t* plan, const JobRec& jb, uint32_t e, void
       acc = static_cast<float>(source_pixel(im, jb, vy, xmin, c)) * k[0];
       for (int j = 1; j < xs; ++j) acc += static_cast<float>(source_pixel(im, jb, vy, xmin + j, c)) * k[j];
     }
-    static_cast<float*>(scratch)[o] = acc;
+    static_cast<float*>(dst)[idx] = acc;
   }
+}
+
+// Pass 1: element e in [0, 3 * nr * wc) of job jb -> scratch.
+template <int R>
+LF_HD void hpass_element(const uint8_t* plan, const JobRec& jb, uint32_t e, void* scratch) {
+  const uint32_t wc = static_cast<uint32_t>(jb.wc);
+  const uint32_t plane = static_cast<uint32_t>(jb.nr) * wc;
+  const int c = static_cast<int>(e / plane);
+  const uint32_t rem = e - static_cast<uint32_t>(c) * plane;
+  const int r = static_cast<int>(rem / wc);
+  const int x = static_cast<int>(rem - static_cast<uint32_t>(r) * wc);
+  hpass_value<R>(plan, jb, jb.r0 + r, jb.c0 + x, c, scratch, jb.scratch_off + e);
 }
 
 LF_HD float div_rn(float a, float b) {
@@ -463,74 +472,65 @@ LF_HD void hpass_v3_rows(const uint8_t* plan, const JobRec& jb, int r0, int nr, 
   }
 }
 
-// Pass 2 v2, tile layout: outputs x0 .. x0 + 3 (those < T) of row y, channel c of tile t.
-template <int R, int D>
-LF_HD void vpass_v2_quad(const uint8_t* plan, int64_t t, int c, int y, int x0, const void* scratch, void* out) {
-  const PlanHeader& H = header(plan);
-  const int T = H.tile;
-  const int nx = T - x0 < 4 ? T - x0 : 4;
-  const TileRec& tr = tiles(plan)[t];
-  const JobRec& jb = jobs(plan)[tr.job];
-  const int cy = tr.cy0 + y, cx = tr.cx0 + x0;
-  int v[4] = {0, 0, 0, 0};  // canvas padding: black
-  // window columns of the four outputs: q in [lo, hi)
-  int lo = jb.wx - cx, hi = jb.wx + jb.wc - cx;
-  lo = lo < 0 ? 0 : lo;
-  hi = hi > nx ? nx : hi;
-  if (cy >= jb.wy && cy < jb.wy + jb.wr && lo < hi) {
-    const int o = jb.o0 + (cy - jb.wy);
-    const int col = cx - jb.wx;  // window column of output q: col + q
-    const int64_t base = jb.scratch_off + static_cast<int64_t>(c) * jb.nr * jb.wc + col;
-    const AxisRec& ax = axes(plan)[jb.ax_h];
-    if (R == kU8) {
-      const uint8_t* S = static_cast<const uint8_t*>(scratch) + base;
-      if (ax.taps == 0) {
-        const uint8_t* s = S + static_cast<int64_t>(o - jb.r0) * jb.wc;
-        LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) v[q] = s[q];
-      } else {
-        const int ymin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[o];
-        const int ys = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[o];
-        const int16_t* k = reinterpret_cast<const int16_t*>(plan + ax.w_off) + static_cast<int64_t>(o) * ax.taps;
-        const uint8_t* s = S + static_cast<int64_t>(ymin - jb.r0) * jb.wc;
-        int32_t acc[4];
-        LF_UNROLL for (int q = 0; q < 4; ++q) acc[q] = 1 << (ax.prec - 1);
-        for (int j = 0; j < ys; ++j) {
-          const int32_t kj = k[j];
-          const uint8_t* sj = s + static_cast<int64_t>(j) * jb.wc;
-          LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] += static_cast<int32_t>(sj[q]) * kj;
-        }
-        LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) v[q] = clip8_shift(acc[q], ax.prec);
-      }
+// Vertical filter of four consecutive intermediate columns q in [lo, hi) for resized row o (axis ax), then the
+// clamp / round of the arithmetic: v[q] in [0, 255]. S points at column 0 of the four in the intermediate row whose
+// virtual source row is row_base (uint8 for kU8, float for kF32), rows `stride` elements apart. v2 reads the scratch
+// of pass 1, v4 the band staged in shared memory; the expressions are v1's, in v1's order.
+template <int R>
+LF_HD void vfilter_quad(const uint8_t* plan, const AxisRec& ax, int o, const void* S, int64_t stride, int row_base,
+                        int lo, int hi, int v[4]) {
+  if (R == kU8) {
+    const uint8_t* S8 = static_cast<const uint8_t*>(S);
+    if (ax.taps == 0) {
+      const uint8_t* s = S8 + static_cast<int64_t>(o - row_base) * stride;
+      LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) v[q] = s[q];
     } else {
-      const float* S = static_cast<const float*>(scratch) + base;
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      if (ax.taps == 0) {
-        const float* s = S + static_cast<int64_t>(o - jb.r0) * jb.wc;
-        LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] = s[q];
-      } else {
-        const int ymin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[o];
-        const int ys = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[o];
-        const float* k = reinterpret_cast<const float*>(plan + ax.w_off) + static_cast<int64_t>(o) * ax.taps;
-        const float* s = S + static_cast<int64_t>(ymin - jb.r0) * jb.wc;
-        LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] = s[q] * k[0];
-        for (int j = 1; j < ys; ++j) {
-          const float kj = k[j];
-          const float* sj = s + static_cast<int64_t>(j) * jb.wc;
-          LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] += sj[q] * kj;
-        }
+      const int ymin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[o];
+      const int ys = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[o];
+      const int16_t* k = reinterpret_cast<const int16_t*>(plan + ax.w_off) + static_cast<int64_t>(o) * ax.taps;
+      const uint8_t* s = S8 + static_cast<int64_t>(ymin - row_base) * stride;
+      int32_t acc[4];
+      LF_UNROLL for (int q = 0; q < 4; ++q) acc[q] = 1 << (ax.prec - 1);
+      for (int j = 0; j < ys; ++j) {
+        const int32_t kj = k[j];
+        const uint8_t* sj = s + static_cast<int64_t>(j) * stride;
+        LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] += static_cast<int32_t>(sj[q]) * kj;
       }
-      LF_UNROLL for (int q = 0; q < 4; ++q) {  // torchvision on CUDA: clamp_(0, 255).round_().to(uint8)
-        if (q >= lo && q < hi) {
-          const float a = acc[q] < 0.f ? 0.f : (acc[q] > 255.f ? 255.f : acc[q]);
-          v[q] = static_cast<int>(round_half_even(a));
-        }
-      }
+      LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) v[q] = clip8_shift(acc[q], ax.prec);
+    }
+    return;
+  }
+  const float* SF = static_cast<const float*>(S);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (ax.taps == 0) {
+    const float* s = SF + static_cast<int64_t>(o - row_base) * stride;
+    LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] = s[q];
+  } else {
+    const int ymin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[o];
+    const int ys = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[o];
+    const float* k = reinterpret_cast<const float*>(plan + ax.w_off) + static_cast<int64_t>(o) * ax.taps;
+    const float* s = SF + static_cast<int64_t>(ymin - row_base) * stride;
+    LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] = s[q] * k[0];
+    for (int j = 1; j < ys; ++j) {
+      const float kj = k[j];
+      const float* sj = s + static_cast<int64_t>(j) * stride;
+      LF_UNROLL for (int q = 0; q < 4; ++q) if (q >= lo && q < hi) acc[q] += sj[q] * kj;
     }
   }
+  LF_UNROLL for (int q = 0; q < 4; ++q) {  // torchvision on CUDA: clamp_(0, 255).round_().to(uint8)
+    if (q >= lo && q < hi) {
+      const float a = acc[q] < 0.f ? 0.f : (acc[q] > 255.f ? 255.f : acc[q]);
+      v[q] = static_cast<int>(round_half_even(a));
+    }
+  }
+}
+
+// Normalize four grey levels of channel c and store the first nx at out[i0 ..] (one 16-byte / 8-byte store on the
+// GPU when aligned).
+template <int D>
+LF_HD void store_quad(const PlanHeader& H, void* out, int64_t i0, int c, int nx, const int v[4]) {
   float f[4];
   LF_UNROLL for (int q = 0; q < 4; ++q) f[q] = div_rn(static_cast<float>(v[q]) - H.shift[c], H.scale[c]);
-  const int64_t i0 = t * static_cast<int64_t>(H.tile_elems) + static_cast<int64_t>(c) * T * T +
-                     static_cast<int64_t>(y) * T + x0;
 #if defined(__CUDA_ARCH__)
   if (nx == 4) {
     if (D == 0) {
@@ -557,6 +557,186 @@ LF_HD void vpass_v2_quad(const uint8_t* plan, int64_t t, int c, int y, int x0, c
   }
 #endif
   LF_UNROLL for (int q = 0; q < 4; ++q) if (q < nx) store_out<D>(out, i0 + q, f[q]);
+}
+
+// Pass 2 v2, tile layout: outputs x0 .. x0 + 3 (those < T) of row y, channel c of tile t.
+template <int R, int D>
+LF_HD void vpass_v2_quad(const uint8_t* plan, int64_t t, int c, int y, int x0, const void* scratch, void* out) {
+  const PlanHeader& H = header(plan);
+  const int T = H.tile;
+  const int nx = T - x0 < 4 ? T - x0 : 4;
+  const TileRec& tr = tiles(plan)[t];
+  const JobRec& jb = jobs(plan)[tr.job];
+  const int cy = tr.cy0 + y, cx = tr.cx0 + x0;
+  int v[4] = {0, 0, 0, 0};  // canvas padding: black
+  // window columns of the four outputs: q in [lo, hi)
+  int lo = jb.wx - cx, hi = jb.wx + jb.wc - cx;
+  lo = lo < 0 ? 0 : lo;
+  hi = hi > nx ? nx : hi;
+  if (cy >= jb.wy && cy < jb.wy + jb.wr && lo < hi) {
+    const int o = jb.o0 + (cy - jb.wy);
+    const int col = cx - jb.wx;  // window column of output q: col + q
+    const int64_t base = jb.scratch_off + static_cast<int64_t>(c) * jb.nr * jb.wc + col;
+    const void* S = R == kU8 ? static_cast<const void*>(static_cast<const uint8_t*>(scratch) + base)
+                             : static_cast<const void*>(static_cast<const float*>(scratch) + base);
+    vfilter_quad<R>(plan, axes(plan)[jb.ax_h], o, S, jb.wc, jb.r0, lo, hi, v);
+  }
+  const int64_t i0 = t * static_cast<int64_t>(H.tile_elems) + static_cast<int64_t>(c) * T * T +
+                     static_cast<int64_t>(y) * T + x0;
+  store_quad<D>(H, out, i0, c, nx, v);
+}
+
+// ------------------------------------------------------------------------------------------------------------- v4
+// Version 4 (LLAVA_FAST_GPU_ENCODER=v4): one launch, no intermediate in global memory. A block per (tile, band of
+// BH output rows): per channel, it filters horizontally the intermediate rows the band's output rows read (and only
+// the tile's columns) into shared memory, then filters them vertically, normalizes and stores the band. Written
+// without a GPU (session 6) after the H100 run measured v2's two passes at 3.8 + 3.0 ms for 128 photos, ~10x from
+// the bandwidth floor: the intermediate's round trip through L2/DRAM goes, and with it pass 1's per-row blocks.
+// The cost: the rows around a band's edges are filtered twice (by both neighbouring bands; (taps - 1) / (BH x
+// scale) extra, ~20% at BH 32 and 1.5x downscale). The values are v1's expressions in v1's order (hpass_value,
+// vfilter_quad), so the same bits.
+
+struct V4Band {
+  int ya, nr;        // intermediate rows: virtual source rows [ya, ya + nr) (nr 0: the band is all padding)
+  int colA, ncol;    // window columns [colA, colA + ncol) that the tile covers
+};
+
+// Which intermediate rows and window columns the output rows [y0, y1) of tile tr (on job jb) read.
+LF_HD V4Band v4_band(const uint8_t* plan, const TileRec& tr, const JobRec& jb, int y0, int y1) {
+  V4Band b{0, 0, 0, 0};
+  const int T = header(plan).tile;
+  int cya = tr.cy0 + y0, cyb = tr.cy0 + y1;  // canvas rows of the band, clipped to the window
+  cya = cya > jb.wy ? cya : jb.wy;
+  cyb = cyb < jb.wy + jb.wr ? cyb : jb.wy + jb.wr;
+  int ca = tr.cx0 > jb.wx ? tr.cx0 : jb.wx, cb = tr.cx0 + T < jb.wx + jb.wc ? tr.cx0 + T : jb.wx + jb.wc;
+  if (cya >= cyb || ca >= cb) return b;
+  b.colA = ca - jb.wx;
+  b.ncol = cb - ca;
+  const int oa = jb.o0 + (cya - jb.wy), ob = jb.o0 + (cyb - jb.wy);  // resized rows [oa, ob)
+  const AxisRec& ax = axes(plan)[jb.ax_h];
+  if (ax.taps == 0) {
+    b.ya = oa;
+    b.nr = ob - oa;
+    return b;
+  }
+  const int32_t* xmin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off);
+  const int32_t* xsize = reinterpret_cast<const int32_t*>(plan + ax.xsize_off);
+  int lo = xmin[oa], hi = xmin[oa] + xsize[oa];
+  for (int o = oa + 1; o < ob; ++o) {
+    lo = xmin[o] < lo ? xmin[o] : lo;
+    hi = xmin[o] + xsize[o] > hi ? xmin[o] + xsize[o] : hi;
+  }
+  b.ya = lo;
+  b.nr = hi - lo;
+  return b;
+}
+
+constexpr int kV4StageRows = 4;  // v4 staging: intermediate rows per thread (one column's weights loaded once)
+
+// Intermediate values of virtual rows vy0 .. vy0 + nrr - 1 (nrr <= kV4StageRows), resized column ox, channel c, to
+// dst[idx + r * stride]: hpass_value's expressions, with the column's start, size and weights loaded once for the
+// rows and nrr independent accumulators; rows that touch padding go through hpass_value itself.
+template <int R>
+LF_HD void hpass_rows(const uint8_t* plan, const JobRec& jb, int vy0, int nrr, int ox, int c, void* dst, int64_t idx,
+                      int64_t stride) {
+  const ImageRec& im = images(plan)[jb.image];
+  const AxisRec& ax = axes(plan)[jb.ax_w];
+  int xmin = 0, xs = 0;
+  bool all_inside = ax.taps != 0;
+  if (all_inside) {
+    xmin = reinterpret_cast<const int32_t*>(plan + ax.xmin_off)[ox];
+    xs = reinterpret_cast<const int32_t*>(plan + ax.xsize_off)[ox];
+    const int sy0 = vy0 - jb.oy, sx0 = xmin - jb.ox;
+    all_inside = sy0 >= 0 && sy0 + nrr <= im.h && sx0 >= 0 && sx0 + xs <= im.w;
+  }
+  if (!all_inside) {
+    for (int r = 0; r < nrr; ++r) hpass_value<R>(plan, jb, vy0 + r, ox, c, dst, idx + r * stride);
+    return;
+  }
+  const uint8_t* row = reinterpret_cast<const uint8_t*>(im.ptr) + (vy0 - jb.oy) * im.sy + (xmin - jb.ox) * im.sx +
+                       c * im.sc;
+  if (R == kU8) {
+    const int16_t* k = reinterpret_cast<const int16_t*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
+    int32_t acc[kV4StageRows];
+    LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) acc[r] = 1 << (ax.prec - 1);
+    for (int j = 0; j < xs; ++j) {
+      const int32_t kj = k[j];
+      LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) {
+        if (r < nrr) acc[r] += static_cast<int32_t>(row[r * im.sy + j * im.sx]) * kj;
+      }
+    }
+    LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) {
+      if (r < nrr) static_cast<uint8_t*>(dst)[idx + r * stride] = static_cast<uint8_t>(clip8_shift(acc[r], ax.prec));
+    }
+  } else {  // per row: first product, then += in tap order (hpass_value's inside path)
+    const float* k = reinterpret_cast<const float*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
+    float acc[kV4StageRows];
+    const float k0 = k[0];
+    LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) acc[r] = r < nrr ? static_cast<float>(row[r * im.sy]) * k0 : 0.f;
+    for (int j = 1; j < xs; ++j) {
+      const float kj = k[j];
+      LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) {
+        if (r < nrr) acc[r] += static_cast<float>(row[r * im.sy + j * im.sx]) * kj;
+      }
+    }
+    LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) {
+      if (r < nrr) static_cast<float*>(dst)[idx + r * stride] = acc[r];
+    }
+  }
+}
+
+// Stage channel c of the band: sm[rr * ncol + x] = intermediate (virtual row ya + rr, window column colA + x).
+// Thread item = (column, run of kV4StageRows rows), consecutive threads on consecutive columns.
+template <int R>
+LF_HD void v4_stage(const uint8_t* plan, const JobRec& jb, const V4Band& b, int c, void* sm, int tid, int n) {
+  const int runs = (b.nr + kV4StageRows - 1) / kV4StageRows;
+  const int items = runs * b.ncol;
+  for (int i = tid; i < items; i += n) {
+    const int run = i / b.ncol, x = i - run * b.ncol;
+    const int rr = run * kV4StageRows;
+    const int nrr = b.nr - rr < kV4StageRows ? b.nr - rr : kV4StageRows;
+    hpass_rows<R>(plan, jb, b.ya + rr, nrr, jb.c0 + b.colA + x, c, sm, static_cast<int64_t>(rr) * b.ncol + x, b.ncol);
+  }
+}
+
+// Output rows [y0, y1) of channel c of tile t from the staged band: four outputs per thread in the tile layout,
+// one in the patch layout.
+template <int R, int D>
+LF_HD void v4_emit(const uint8_t* plan, int64_t t, const TileRec& tr, const JobRec& jb, const V4Band& b, int c,
+                   int y0, int y1, const void* sm, void* out, int tid, int n) {
+  const PlanHeader& H = header(plan);
+  const int T = H.tile;
+  const AxisRec& ax = axes(plan)[jb.ax_h];
+  const int64_t tbase = t * static_cast<int64_t>(H.tile_elems);
+  const int wstep = H.patch == 0 ? 4 : 1;  // outputs per thread
+  const int per_row = (T + wstep - 1) / wstep;
+  const int items = (y1 - y0) * per_row;
+  for (int i = tid; i < items; i += n) {
+    const int yi = i / per_row;
+    const int y = y0 + yi, x0 = (i - yi * per_row) * wstep;
+    const int nx = T - x0 < wstep ? T - x0 : wstep;
+    const int cy = tr.cy0 + y, cx = tr.cx0 + x0;
+    int v[4] = {0, 0, 0, 0};  // canvas padding: black
+    int lo = jb.wx - cx, hi = jb.wx + jb.wc - cx;  // window columns of the outputs: q in [lo, hi)
+    lo = lo < 0 ? 0 : lo;
+    hi = hi > nx ? nx : hi;
+    if (b.nr > 0 && cy >= jb.wy && cy < jb.wy + jb.wr && lo < hi) {
+      const int o = jb.o0 + (cy - jb.wy);
+      const int x = cx - jb.wx - b.colA;  // staged column of output 0 (outputs q < lo are not read)
+      const void* S = R == kU8 ? static_cast<const void*>(static_cast<const uint8_t*>(sm) + x)
+                               : static_cast<const void*>(static_cast<const float*>(sm) + x);
+      vfilter_quad<R>(plan, ax, o, S, b.ncol, b.ya, lo, hi, v);
+    }
+    if (H.patch == 0) {
+      store_quad<D>(H, out, tbase + static_cast<int64_t>(c) * T * T + static_cast<int64_t>(y) * T + x0, c, nx, v);
+    } else {  // patch-major: (patch row-major, then c, dy, dx); rows and columns past G * p are not in the layout
+      const int p = H.patch, G = T / p;
+      if (y >= G * p || x0 >= G * p) continue;
+      const int py = y / p, dy = y - py * p, px = x0 / p, dx = x0 - px * p;
+      const int64_t e = static_cast<int64_t>(py * G + px) * 3 * p * p + static_cast<int64_t>(c) * p * p + dy * p + dx;
+      store_out<D>(out, tbase + e, div_rn(static_cast<float>(v[0]) - H.shift[c], H.scale[c]));
+    }
+  }
 }
 
 }  // namespace gpu_encode

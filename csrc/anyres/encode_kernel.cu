@@ -91,9 +91,62 @@ __global__ void encode_vpass_quad_kernel(const uint8_t* __restrict__ plan, const
   }
 }
 
+// v4: one launch, a block per (tile, band of bh output rows) (grid x: bands, y: tiles, both grid-strided); per
+// channel the band's intermediate is staged in shared memory, then filtered vertically into the output
+// (encode_gpu.h). No scratch in global memory. Bands are uniform over the block, so the barriers are too.
+template <int R, int D>
+__global__ void __launch_bounds__(kThreads)
+    encode_fused_kernel(const uint8_t* __restrict__ plan, void* out, int bh) {
+  extern __shared__ uint8_t sm[];
+  const PlanHeader& H = header(plan);
+  const int T = H.tile;
+  const int bands = (T + bh - 1) / bh;
+  for (int64_t t = blockIdx.y; t < H.num_tiles; t += gridDim.y) {
+    const TileRec& tr = tiles(plan)[t];
+    const JobRec& jb = jobs(plan)[tr.job];
+    for (int band = blockIdx.x; band < bands; band += gridDim.x) {
+      const int y0 = band * bh, y1 = min(y0 + bh, T);
+      const V4Band b = v4_band(plan, tr, jb, y0, y1);
+      for (int c = 0; c < 3; ++c) {
+        if (b.nr > 0) v4_stage<R>(plan, jb, b, c, sm, threadIdx.x, blockDim.x);
+        __syncthreads();
+        v4_emit<R, D>(plan, t, tr, jb, b, c, y0, y1, sm, out, threadIdx.x, blockDim.x);
+        __syncthreads();  // sm is rewritten by the next channel / band
+      }
+    }
+  }
+}
+
+template <int R, int D>
+void launch_fused(const CudaEncodePlan& plan, const uint8_t* P, void* out, cudaStream_t s, int bh) {
+  int level = -1;
+  for (int k = 0; k < kV4Levels; ++k)
+    if (bh == 1 << k) level = k;
+  LF_CHECK(level >= 0, "encode_tiles_cuda: v4 band_rows must be a power of two in [1, 32], got " << bh);
+  const size_t smem = static_cast<size_t>(std::max<int64_t>(
+      static_cast<int64_t>(plan.band_need[level]) * plan.tile * (R == kU8 ? 1 : 4), 16));
+  if (smem > 48 * 1024) {  // opt in to more dynamic shared memory (once per size that grows it)
+    static size_t granted = 48 * 1024;
+    if (smem > granted) {
+      const cudaError_t e = cudaFuncSetAttribute(encode_fused_kernel<R, D>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      LF_CHECK(e == cudaSuccess, "encode_tiles_cuda: v4 needs " << smem << " bytes of shared memory per block: "
+                                     << cudaGetErrorString(e) << " (lower LLAVA_FAST_GPU_ENCODER_SMEM_KB)");
+      granted = smem;
+    }
+  }
+  const int64_t bands = (plan.tile + bh - 1) / bh;
+  const dim3 grid(static_cast<unsigned>(bands), static_cast<unsigned>(std::min<int64_t>(plan.total_tiles, 65535)));
+  encode_fused_kernel<R, D><<<grid, kThreads, smem, s>>>(P, out, bh);
+}
+
 template <int R, int D>
 void launch(const CudaEncodePlan& plan, const uint8_t* P, void* scratch, void* out, cudaStream_t s, int passes,
-            int version) {
+            int version, int band_rows) {
+  if (version == 4) {
+    launch_fused<R, D>(plan, P, out, s, band_rows);
+    return;
+  }
   if (passes & 1) {
     if (version == 3 && plan.max_span <= kV3MaxSpan) {
       const unsigned b1 = static_cast<unsigned>(std::min<int64_t>(plan.pass1_rowblocks, 1 << 30));
@@ -127,26 +180,27 @@ void launch(const CudaEncodePlan& plan, const uint8_t* P, void* scratch, void* o
 }  // namespace
 
 void encode_tiles_cuda(const CudaEncodePlan& plan, const void* plan_dev, void* scratch, void* out, int dtype,
-                       int64_t capacity_tiles, uintptr_t stream, int passes, int version) {
-  LF_CHECK(version >= 1 && version <= 3, "encode_tiles_cuda: version must be 1, 2 or 3, got " << version);
+                       int64_t capacity_tiles, uintptr_t stream, int passes, int version, int band_rows) {
+  LF_CHECK(version >= 1 && version <= 4, "encode_tiles_cuda: version must be 1, 2, 3 or 4, got " << version);
+  LF_CHECK(version != 4 || passes == 3, "encode_tiles_cuda: v4 is one fused launch: passes must be 3");
   LF_CHECK(passes >= 1 && passes <= 3, "encode_tiles_cuda: passes must be 1 (horizontal only), 2 (vertical only) or "
                                        "3 (both; the others are for timing)");
   LF_CHECK(dtype >= 0 && dtype <= 2, "encode_tiles: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " << dtype);
   LF_CHECK(capacity_tiles >= plan.total_tiles, "encode_tiles: output holds " << capacity_tiles
                                                    << " tiles but the images need " << plan.total_tiles);
   LF_CHECK(plan_dev != nullptr && out != nullptr, "encode_tiles_cuda: null plan or output pointer");
-  LF_CHECK(scratch != nullptr || plan.scratch_elems == 0, "encode_tiles_cuda: null scratch pointer");
+  LF_CHECK(scratch != nullptr || plan.scratch_elems == 0 || version == 4, "encode_tiles_cuda: null scratch pointer");
   if (plan.total_tiles == 0) return;
   const uint8_t* P = static_cast<const uint8_t*>(plan_dev);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (plan.resample == kU8) {
-    if (dtype == 0) launch<kU8, 0>(plan, P, scratch, out, s, passes, version);
-    if (dtype == 1) launch<kU8, 1>(plan, P, scratch, out, s, passes, version);
-    if (dtype == 2) launch<kU8, 2>(plan, P, scratch, out, s, passes, version);
+    if (dtype == 0) launch<kU8, 0>(plan, P, scratch, out, s, passes, version, band_rows);
+    if (dtype == 1) launch<kU8, 1>(plan, P, scratch, out, s, passes, version, band_rows);
+    if (dtype == 2) launch<kU8, 2>(plan, P, scratch, out, s, passes, version, band_rows);
   } else {
-    if (dtype == 0) launch<kF32, 0>(plan, P, scratch, out, s, passes, version);
-    if (dtype == 1) launch<kF32, 1>(plan, P, scratch, out, s, passes, version);
-    if (dtype == 2) launch<kF32, 2>(plan, P, scratch, out, s, passes, version);
+    if (dtype == 0) launch<kF32, 0>(plan, P, scratch, out, s, passes, version, band_rows);
+    if (dtype == 1) launch<kF32, 1>(plan, P, scratch, out, s, passes, version, band_rows);
+    if (dtype == 2) launch<kF32, 2>(plan, P, scratch, out, s, passes, version, band_rows);
   }
   const cudaError_t err = cudaGetLastError();
   LF_CHECK(err == cudaSuccess, "encode_tiles_cuda: launch failed: " << cudaGetErrorString(err));

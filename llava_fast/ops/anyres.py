@@ -860,7 +860,7 @@ def _result(pixel_values, sizes, ntiles, flags, counts, config, device):
 
 
 _CUDA_PASSES = 3  # benchmarks only: 1 / 2 time the horizontal / vertical pass alone (the output is then garbage)
-GPU_ENCODER_VERSIONS = (1, 2, 3)
+GPU_ENCODER_VERSIONS = (1, 2, 3, 4)
 
 
 def gpu_encoder_version() -> int:
@@ -868,13 +868,38 @@ def gpu_encoder_version() -> int:
     staged in shared memory, four outputs per thread in the vertical pass; on an H100, 2026-11-26, 128 photos:
     NeXT 14.2k -> 24.6k img/s, OneVision 10.3k -> 19.7k img/s against v1, bit-identical in the cuda tests) or ``v1``
     (the session-1 kernels) or ``v3`` (v2's arithmetic with a block per four source rows in the horizontal pass and
-    eight rows per thread in the vertical one: emulated bit-identical, written without a GPU, not yet measured).
+    eight rows per thread in the vertical one: emulated bit-identical, written without a GPU, not yet measured) or
+    ``v4`` (one fused launch, a block per band of output rows of a tile, the intermediate in shared memory only;
+    emulated bit-identical, written without a GPU, not yet measured; :func:`gpu_encoder_smem_bytes`).
     docs/perf-notes.md, "CUDA tile encoder"."""
     v = os.environ.get("LLAVA_FAST_GPU_ENCODER", "v2").strip().lower().lstrip("v")
     if v not in {str(n) for n in GPU_ENCODER_VERSIONS}:
         names = ", ".join(f"v{n}" for n in GPU_ENCODER_VERSIONS)
         raise ValueError(f"LLAVA_FAST_GPU_ENCODER must be one of {names}, got {os.environ['LLAVA_FAST_GPU_ENCODER']!r}")
     return int(v)
+
+
+def gpu_encoder_smem_bytes() -> int:
+    """Shared memory v4 may give one block: ``LLAVA_FAST_GPU_ENCODER_SMEM_KB`` (default 48, the most a block gets
+    without opting in; up to 227 on Hopper). v4 takes the tallest band (32, 16, ... 1 output rows) whose staged
+    intermediate fits; a batch where not even one row fits (float arithmetic with a very large downscale) runs v3."""
+    raw = os.environ.get("LLAVA_FAST_GPU_ENCODER_SMEM_KB", "48").strip()
+    try:
+        kb = int(raw)
+    except ValueError:
+        kb = -1
+    if not 1 <= kb <= 227:
+        raise ValueError(f"LLAVA_FAST_GPU_ENCODER_SMEM_KB must be an integer in [1, 227] (kilobytes of shared memory "
+                         f"per block), got {raw!r}")
+    return kb * 1024
+
+
+def _resolve_version(plan, version: int) -> tuple[int, int]:
+    """(version to run, v4 band rows): v4 falls back to v3 when no band fits in the shared-memory budget."""
+    if version != 4:
+        return version, 0
+    bh = plan.v4_band_rows(gpu_encoder_smem_bytes())
+    return (4, bh) if bh > 0 else (3, 0)
 
 
 def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=torch.float32, out=None,
@@ -892,7 +917,8 @@ def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=to
     host = torch.empty(plan.nbytes, dtype=torch.uint8, pin_memory=True)
     plan.copy_to(host.data_ptr())
     plan_dev = host.to(dev, non_blocking=True)
-    scratch = torch.empty(max(plan.scratch_bytes, 1), dtype=torch.uint8, device=dev)
+    version, band_rows = _resolve_version(plan, gpu_encoder_version())
+    scratch = torch.empty(max(plan.scratch_bytes if version != 4 else 0, 1), dtype=torch.uint8, device=dev)
     if out is None:
         out = torch.empty(_out_shape(config, layout, total), dtype=dtype, device=dev)
     else:
@@ -901,27 +927,34 @@ def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=to
         stream = torch.cuda.current_stream(dev).cuda_stream
         _ext._C.encode_tiles_cuda(plan, plan_dev.data_ptr(), scratch.data_ptr(), out.data_ptr(),
                                   _ext.dtype_code(dtype), int(out.shape[0]), stream, _CUDA_PASSES,
-                                  gpu_encoder_version())
+                                  version, band_rows)
     # plan_dev and scratch go back to the caching allocator, reusable only by later work on this stream
     sizes = [(int(u.shape[1]), int(u.shape[2])) for u in u8s]
     return _result(out[:total], sizes, plan.num_tiles, flags, counts, config, dev)
 
 
 def encode_tiles_emulated(u8s, flags, counts, config: ImageProcessorConfig, dtype=torch.float32,
-                          layout: str = "tiles", resample: str = "uint8", version: int | None = None) -> dict:
+                          layout: str = "tiles", resample: str = "uint8", version: int | None = None,
+                          band_rows: int | None = None) -> dict:
     """The CUDA encoder's element code run on the CPU (single thread, slow): CPU images, same plan, same arithmetic.
     Used for ``resample="float"`` on CPU and by the tests of the kernels' indexing on machines without a GPU.
-    ``version``: the kernels to emulate (default :func:`gpu_encoder_version`)."""
+    ``version``: the kernels to emulate (default :func:`gpu_encoder_version`); ``band_rows``: v4's band height
+    (default: what the GPU launch would pick under :func:`gpu_encoder_smem_bytes`)."""
     _ext.require_ext("anyres_encode")
     u8s = [u.cpu() for u in u8s]
     plan = _encoder_plan(u8s, flags, config, resample, layout)
-    scratch = torch.empty(max(plan.scratch_bytes, 1), dtype=torch.uint8)
     out = torch.empty(_out_shape(config, layout, plan.total_tiles), dtype=dtype)
     version = gpu_encoder_version() if version is None else version
     if version not in GPU_ENCODER_VERSIONS:
         raise ValueError(f"encode_tiles_emulated: version must be one of {GPU_ENCODER_VERSIONS}, got {version!r}")
+    if band_rows is None:
+        version, band_rows = _resolve_version(plan, version)
+    elif version != 4 or band_rows < 1:
+        raise ValueError(f"encode_tiles_emulated: band_rows ({band_rows!r}) is v4's band height, >= 1; got version "
+                         f"{version}")
+    scratch = torch.empty(max(plan.scratch_bytes if version != 4 else 0, 1), dtype=torch.uint8)
     _ext._C.encode_tiles_emulate(plan, scratch.data_ptr(), out.data_ptr(), _ext.dtype_code(dtype), plan.total_tiles,
-                                 version)
+                                 version, max(band_rows, 1))
     sizes = [(int(u.shape[1]), int(u.shape[2])) for u in u8s]
     return _result(out, sizes, plan.num_tiles, flags, counts, config, torch.device("cpu"))
 

@@ -59,12 +59,14 @@ def _variety(gen):
     return [a, b, c, d, e, f, g]
 
 
-def _emulate(images, cfg, dtype=torch.float32, layout="tiles", resample="uint8", multi_image=None, version=1):
+def _emulate(images, cfg, dtype=torch.float32, layout="tiles", resample="uint8", multi_image=None, version=1,
+             band_rows=None):
     flat, flags, counts = anyres._flatten_samples(images, multi_image)
     if cfg.variant != "llava_onevision":
         flags = [False] * len(flat)
     u8s = [anyres.to_uint8_chw(x, i, contiguous=False) for i, x in enumerate(flat)]
-    return anyres.encode_tiles_emulated(u8s, flags, counts, cfg, dtype, layout, resample, version=version)
+    return anyres.encode_tiles_emulated(u8s, flags, counts, cfg, dtype, layout, resample, version=version,
+                                        band_rows=band_rows)
 
 
 VERSIONS = pytest.mark.parametrize("version", anyres.GPU_ENCODER_VERSIONS, ids=lambda v: f"v{v}")
@@ -135,22 +137,69 @@ def test_emulated_kernels_float_match_torch_fp32_kernel(version, name, monkeypat
 @needs_plan
 @pytest.mark.parametrize("resample", ["uint8", "float"])
 @pytest.mark.parametrize("name", ["llava_pad", "next", "ov"])
-def test_emulated_v2_and_v3_equal_v1(name, resample):
-    """v2's kernels (row staged in shared memory, four outputs per thread) and v3's (v2 with four source rows per
-    pass-1 block) compute v1's expressions in v1's order: the same bits for every input layout (HWC rows, planar
-    rows, padded canvases, strided views), both arithmetics, output rows whose length is not a multiple of four
-    (tile 30), and jobs whose source row count is not a multiple of four (the last v3 block of a job is partial)."""
+def test_emulated_v2_v3_v4_equal_v1(name, resample):
+    """v2's kernels (row staged in shared memory, four outputs per thread), v3's (v2 with four source rows per
+    pass-1 block) and v4's (one launch, bands of output rows staged in shared memory) compute v1's expressions in
+    v1's order: the same bits for every input layout (HWC rows, planar rows, padded canvases, strided views), both
+    arithmetics, output rows whose length is not a multiple of four (tile 30), jobs whose source row count is not a
+    multiple of four (the last v3 block of a job is partial), and v4 bands of 1, 3, 7 and 32 rows (bands that do not
+    divide the tile, the last one short). Each power-of-two band is also checked against the plan's shared-memory
+    bound (the emulation raises when a band needs more intermediate rows than `band_need` promised)."""
     gen = torch.Generator().manual_seed(6)
-    imgs = _variety(gen)
+    imgs = _variety(gen) + [_smooth_noisy(40, 900, gen), _smooth_noisy(1400, 60, gen)]  # 1:22 and 23:1 downscales
     cfg = CFGS[name]
     small = dict(tile=30, patch_size=10, image_grid_pinpoints=None if cfg.variant == "llava" else
                  [(30, 60), (60, 30), (60, 60)], shortest_edge=30 if cfg.variant == "llava" else None)
     for c in (cfg, dataclasses.replace(cfg, **small)):
         for dtype in (torch.float32, torch.bfloat16):
             a = _emulate(imgs, c, dtype=dtype, resample=resample, version=1)["pixel_values"]
-            for version in (2, 3):
-                b = _emulate(imgs, c, dtype=dtype, resample=resample, version=version)["pixel_values"]
-                assert torch.equal(a, b), (name, resample, c.tile, dtype, version)
+            for version, bands in ((2, [None]), (3, [None]), (4, [1, 3, 7, 32])):
+                for bh in bands:
+                    b = _emulate(imgs, c, dtype=dtype, resample=resample, version=version,
+                                 band_rows=bh)["pixel_values"]
+                    assert torch.equal(a, b), (name, resample, c.tile, dtype, version, bh)
+
+
+@needs_plan
+@pytest.mark.parametrize("name", ["next", "ov"])
+def test_emulated_v4_patch_layout_with_a_tile_not_a_multiple_of_the_patch(name):
+    """v4 writes the patch-major layout itself (one output per thread); rows and columns past (T // p) * p are not
+    part of that layout and must not be written (they would land in the next tile)."""
+    gen = torch.Generator().manual_seed(7)
+    imgs = [_smooth_noisy(150, 260, gen), _smooth_noisy(90, 40, gen)]
+    c = dataclasses.replace(CFGS[name], tile=32, patch_size=10, image_grid_pinpoints=[(32, 64), (64, 32), (64, 64)])
+    a = _emulate(imgs, c, layout="patches", version=1)["pixel_values"]
+    for bh in (1, 5, 32):
+        b = _emulate(imgs, c, layout="patches", version=4, band_rows=bh)["pixel_values"]
+        assert torch.equal(a, b), bh
+
+
+@needs_plan
+def test_v4_band_choice_and_fallback(monkeypatch):
+    """The band is the tallest power of two whose staged intermediate (band_need rows x tile columns, one byte per
+    value in the uint8 arithmetic, four in the float one) fits the shared-memory budget; none fitting runs v3."""
+    gen = torch.Generator().manual_seed(8)
+    u8s = [anyres.to_uint8_chw(_smooth_noisy(750, 1000, gen), 0, contiguous=False)]
+    plans = {r: anyres._encoder_plan(u8s, [False], NEXT, r, "tiles") for r in ("uint8", "float")}
+    need = plans["uint8"].band_need
+    assert need == sorted(need) and need[0] >= 1
+    assert need[5] >= 32 and need[5] <= 32 * 3 + 16, need  # ~3x downscale for the base tile: 31 x 3 + taps
+    for r, esize in (("uint8", 1), ("float", 4)):
+        for kb in (48, 16, 8):
+            monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER_SMEM_KB", str(kb))
+            fits = [1 << k for k in range(6) if plans[r].band_need[k] * NEXT.tile * esize <= kb * 1024]
+            assert anyres._resolve_version(plans[r], 4) == ((4, max(fits)) if fits else (3, 0)), (r, kb)
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER_SMEM_KB", "48")
+    assert anyres._resolve_version(plans["uint8"], 4) == (4, 32)  # the default budget holds the tallest band
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER_SMEM_KB", "1")
+    assert anyres._resolve_version(plans["float"], 4) == (3, 0)  # 1 KB holds no band of 336 fp32 columns
+    assert anyres._resolve_version(plans["float"], 2) == (2, 0)
+    for bad in ("0", "228", "lots"):
+        monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER_SMEM_KB", bad)
+        with pytest.raises(ValueError, match="LLAVA_FAST_GPU_ENCODER_SMEM_KB must be an integer in"):
+            anyres.gpu_encoder_smem_bytes()
+    with pytest.raises(ValueError, match="band_rows"):
+        anyres.encode_tiles_emulated(u8s, [False], [1], NEXT, version=2, band_rows=4)
 
 
 @needs_plan
@@ -186,8 +235,8 @@ def test_gpu_encoder_version_switch(monkeypatch):
     for v, want in (("v2", 2), ("2", 2), ("V1", 1)):
         monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", v)
         assert anyres.gpu_encoder_version() == want
-    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v4")
-    with pytest.raises(ValueError, match="LLAVA_FAST_GPU_ENCODER must be one of v1, v2, v3"):
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v5")
+    with pytest.raises(ValueError, match="LLAVA_FAST_GPU_ENCODER must be one of v1, v2, v3, v4"):
         anyres.gpu_encoder_version()
 
 
