@@ -125,14 +125,16 @@ void launch_fused(const CudaEncodePlan& plan, const uint8_t* P, void* out, cudaS
   LF_CHECK(level >= 0, "encode_tiles_cuda: v4 band_rows must be a power of two in [1, 32], got " << bh);
   const size_t smem = static_cast<size_t>(std::max<int64_t>(
       static_cast<int64_t>(plan.band_need[level]) * plan.tile * (R == kU8 ? 1 : 4), 16));
-  if (smem > 48 * 1024) {  // opt in to more dynamic shared memory (once per size that grows it)
-    static size_t granted = 48 * 1024;
-    if (smem > granted) {
+  if (smem > 48 * 1024) {  // opt in to more dynamic shared memory (per device, once per size that grows it)
+    static size_t granted[64] = {};
+    int dev = 0;
+    LF_CHECK(cudaGetDevice(&dev) == cudaSuccess, "encode_tiles_cuda: cudaGetDevice failed");
+    if (dev >= 64 || smem > granted[dev]) {
       const cudaError_t e = cudaFuncSetAttribute(encode_fused_kernel<R, D>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       LF_CHECK(e == cudaSuccess, "encode_tiles_cuda: v4 needs " << smem << " bytes of shared memory per block: "
                                      << cudaGetErrorString(e) << " (lower LLAVA_FAST_GPU_ENCODER_SMEM_KB)");
-      granted = smem;
+      if (dev < 64) granted[dev] = smem;
     }
   }
   const int64_t bands = (plan.tile + bh - 1) / bh;

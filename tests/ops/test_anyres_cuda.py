@@ -465,6 +465,28 @@ def test_cuda_encoder_dtypes(dtype, resample, gpu_version):
 
 @pytest.mark.cuda
 @needs_cuda_ext
+@pytest.mark.parametrize("resample", ["uint8", "float"])
+def test_cuda_v4_shared_memory_budgets(resample, monkeypatch):
+    """v4 at several shared-memory budgets (this batch's band_need is [24, 30, 42, 66, 114, 210] rows for bands of
+    1..32): 2 KB (no band fits: v3 runs), 12 KB (uint8 2-row bands; float v3), 48 KB (uint8 16 rows, float 2) and 150
+    KB (the opt-in above 48 KB: uint8 32 rows, float 8): the same bits as v2 on the GPU (the same per-value code, so
+    the same FMA contractions), and uint8 equal to the C++ CPU encoder."""
+    gen = torch.Generator().manual_seed(16)
+    imgs = [_smooth_noisy(h, w, gen) for h, w in ((750, 1000), (1080, 1920), (200, 90), (1, 700), (2304, 2304))]
+    cfg = OV
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v2")
+    ref = encode_tiles([x.cuda() for x in imgs], cfg, resample=resample)["pixel_values"]
+    if resample == "uint8":
+        assert torch.equal(ref.cpu(), encode_tiles(imgs, cfg)["pixel_values"])
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v4")
+    for kb in (2, 12, 48, 150):
+        monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER_SMEM_KB", str(kb))
+        got = encode_tiles([x.cuda() for x in imgs], cfg, resample=resample)["pixel_values"]
+        assert torch.equal(got, ref), kb
+
+
+@pytest.mark.cuda
+@needs_cuda_ext
 @pytest.mark.parametrize("name", ["llava", "llava_pad", "next", "ov"])
 def test_cuda_encoder_float_matches_hf_torchvision_cuda(name, gpu_version):
     """resample="float" vs transformers' torchvision backend with device="cuda": within 1 grey level."""
