@@ -101,6 +101,16 @@ LF_HD const TileRec* tiles(const uint8_t* plan) {
 }
 LF_HD const AxisRec* axes(const uint8_t* plan) { return reinterpret_cast<const AxisRec*>(plan + header(plan).off_axes); }
 
+// One source byte through the read-only data path on the GPU (the pointer comes from the plan as an integer, so
+// the compiler would otherwise emit generic loads).
+LF_HD int load_u8(const uint8_t* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
 // Pixel (vy, vx) channel c of a job's virtual source.
 LF_HD int source_pixel(const ImageRec& im, const JobRec& jb, int vy, int vx, int c) {
   const int sy = vy - jb.oy, sx = vx - jb.ox;
@@ -649,12 +659,18 @@ LF_HD void hpass_rows(const uint8_t* plan, const JobRec& jb, int vy0, int nrr, i
     const int sy0 = vy0 - jb.oy, sx0 = xmin - jb.ox;
     all_inside = sy0 >= 0 && sy0 + nrr <= im.h && sx0 >= 0 && sx0 + xs <= im.w;
   }
+  // the taps' byte offsets from the first row's first tap in 32 bits (the 64-bit stride products per load were
+  // most of the loop's instructions); a span that does not fit (rows over ~700 MB) takes the generic path
+  all_inside = all_inside && im.sy * kV4StageRows + im.sx * xs < (int64_t{1} << 31);
   if (!all_inside) {
     for (int r = 0; r < nrr; ++r) hpass_value<R>(plan, jb, vy0 + r, ox, c, dst, idx + r * stride);
     return;
   }
   const uint8_t* row = reinterpret_cast<const uint8_t*>(im.ptr) + (vy0 - jb.oy) * im.sy + (xmin - jb.ox) * im.sx +
                        c * im.sc;
+  const uint32_t sx = static_cast<uint32_t>(im.sx);
+  uint32_t ro[kV4StageRows];  // byte offset of each row (unsigned: zero-extended into the 64-bit address for free)
+  LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) ro[r] = static_cast<uint32_t>(r * im.sy);
   if (R == kU8) {
     const int16_t* k = reinterpret_cast<const int16_t*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
     int32_t acc[kV4StageRows];
@@ -662,7 +678,8 @@ LF_HD void hpass_rows(const uint8_t* plan, const JobRec& jb, int vy0, int nrr, i
     for (int j = 0; j < xs; ++j) {
       const int32_t kj = k[j];
       LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) {
-        if (r < nrr) acc[r] += static_cast<int32_t>(row[r * im.sy + j * im.sx]) * kj;
+        if (r < nrr) acc[r] += load_u8(row + ro[r]) * kj;
+        ro[r] += sx;
       }
     }
     LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) {
@@ -672,11 +689,15 @@ LF_HD void hpass_rows(const uint8_t* plan, const JobRec& jb, int vy0, int nrr, i
     const float* k = reinterpret_cast<const float*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
     float acc[kV4StageRows];
     const float k0 = k[0];
-    LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) acc[r] = r < nrr ? static_cast<float>(row[r * im.sy]) * k0 : 0.f;
+    LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) {
+      acc[r] = r < nrr ? static_cast<float>(load_u8(row + ro[r])) * k0 : 0.f;
+      ro[r] += sx;
+    }
     for (int j = 1; j < xs; ++j) {
       const float kj = k[j];
       LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) {
-        if (r < nrr) acc[r] += static_cast<float>(row[r * im.sy + j * im.sx]) * kj;
+        if (r < nrr) acc[r] += static_cast<float>(load_u8(row + ro[r])) * kj;
+        ro[r] += sx;
       }
     }
     LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) {
