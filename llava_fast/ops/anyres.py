@@ -894,11 +894,17 @@ def gpu_encoder_smem_bytes() -> int:
     return kb * 1024
 
 
-def _resolve_version(plan, version: int) -> tuple[int, int]:
-    """(version to run, v4 band rows): v4 falls back to v3 when no band fits in the shared-memory budget."""
+def _resolve_version(plan, version: int, device=None) -> tuple[int, int]:
+    """(version to run, v4 band rows): v4 falls back to v3 when no band fits in the shared-memory budget, which is
+    capped at what a block of ``device`` may opt in to (an A100 allows 163 KB, an H100 227 KB)."""
     if version != 4:
         return version, 0
-    bh = plan.v4_band_rows(gpu_encoder_smem_bytes())
+    budget = gpu_encoder_smem_bytes()
+    if device is not None and device.type == "cuda":
+        optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+        if optin:
+            budget = min(budget, int(optin))
+    bh = plan.v4_band_rows(budget)
     return (4, bh) if bh > 0 else (3, 0)
 
 
@@ -917,7 +923,7 @@ def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=to
     host = torch.empty(plan.nbytes, dtype=torch.uint8, pin_memory=True)
     plan.copy_to(host.data_ptr())
     plan_dev = host.to(dev, non_blocking=True)
-    version, band_rows = _resolve_version(plan, gpu_encoder_version())
+    version, band_rows = _resolve_version(plan, gpu_encoder_version(), dev)
     scratch = torch.empty(max(plan.scratch_bytes if version != 4 else 0, 1), dtype=torch.uint8, device=dev)
     if out is None:
         out = torch.empty(_out_shape(config, layout, total), dtype=dtype, device=dev)
