@@ -99,6 +99,42 @@ def _ptxas() -> str:
     raise FileNotFoundError("ptxas not found (neither triton's bundled copy nor /usr/local/cuda/bin/ptxas)")
 
 
+def _nvdisasm() -> str | None:
+    for p in (Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm", Path("/usr/local/cuda/bin/nvdisasm")):
+        if p.exists():
+            return str(p)
+    return None
+
+
+_SASS_CLASSES = (("mma", r"^(HGMMA|HMMA|WGMMA)"), ("mufu", r"^MUFU"), ("fp32", r"^(FFMA|FMUL|FADD|FMNMX|FSEL)"),
+                 ("ld_global", r"^(LDG|LDGSTS|LD\.|UTMALDG)"), ("st_global", r"^(STG|ST\.|UTMASTG)"),
+                 ("shared", r"^(LDS|STS|LDSM|STSM)"), ("int", r"^(IMAD|IADD|LEA|SHF|LOP|IABS|ISETP|SEL|PRMT|VIADD)"),
+                 ("convert", r"^(F2F|F2FP|I2F|F2I)"), ("sync", r"^(BAR|WARPSYNC|DEPBAR|SYNCS)"))
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """The loops of one kernel's SASS (a label with a backward branch to it), with instruction counts by class.
+    Innermost loops (no other loop inside) first, those with the most MMA instructions first among them: the main
+    loop of a kernel and what it spends its issue slots on."""
+    lines = sass.splitlines()
+    labels, spans = {}, []
+    for i, line in enumerate(lines):
+        m = re.match(r"^\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = i
+        m = re.search(r"BRA(?:\.\w+)* `?\(?(\.L_x_\d+)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            spans.append((labels[m.group(1)], i, m.group(1)))
+    loops = []
+    for a, b, name in spans:
+        body = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", x).strip()
+                for x in lines[a:b + 1] if re.search(r"/\*[0-9a-f]{4,}\*/", x)]
+        counts = {cls: sum(bool(re.match(pat, op)) for op in body) for cls, pat in _SASS_CLASSES}
+        inner = not any(a <= a2 and b2 <= b and (a2, b2) != (a, b) for a2, b2, _ in spans)
+        loops.append(dict(label=name, instructions=len(body), innermost=inner, **counts))
+    return sorted(loops, key=lambda r: (not r["innermost"], -r["mma"], -r["instructions"]))
+
+
 def _code_hash(ptx: str) -> str:
     """Hash of the PTX instructions only: without .loc/.file lines, comments and the debug sections (line numbers
     of the Python source move with every edit above a kernel)."""
@@ -130,8 +166,9 @@ def _widths(ptx: str) -> dict:
     return {k: dict(v) for k, v in out.items()}
 
 
-def compile_launch(rec: Launch, arch: int) -> dict:
-    """triton.compile one captured launch for sm_<arch>, as triton's launcher would specialize it; ptxas -v."""
+def compile_launch(rec: Launch, arch: int, sass_dir: str = "") -> dict:
+    """triton.compile one captured launch for sm_<arch>, as triton's launcher would specialize it; ptxas -v.
+    sass_dir: also write the SASS (nvdisasm) there and add the biggest loop's instruction mix to the row."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -183,9 +220,20 @@ def compile_launch(rec: Launch, arch: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    res = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
+    cubin = f.name[:-4] + ".cubin" if sass_dir else os.devnull
+    res = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", f.name, "-o", cubin], capture_output=True,
                          text=True)
     os.unlink(f.name)
+    if sass_dir and res.returncode == 0 and _nvdisasm():
+        dis = subprocess.run([_nvdisasm(), "-c", cubin], capture_output=True, text=True)
+        os.unlink(cubin)
+        tag = "_".join(f"{k}{v}" for k, v in sorted(rec.values.items()) if k.startswith("BLOCK") and isinstance(v, int))
+        out = Path(sass_dir) / f"{rec.name}-{tag}-w{rec.num_warps}s{rec.num_stages}-sm{arch}.sass"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(dis.stdout)
+        loops = sass_loops(dis.stdout)
+        row["sass"] = str(out)
+        row["main_loop"] = loops[0] if loops else None
 
     def num(pattern):
         m = re.search(pattern, res.stderr)
@@ -338,11 +386,11 @@ def _env(name, value):
 
 
 def run(ops, arch, dims=(64, 72, 128), dtypes=(torch.bfloat16,), causals=(True,), kinds=KINDS,
-        sweep: dict | None = None, max_configs: int | None = None) -> list[dict]:
+        sweep: dict | None = None, max_configs: int | None = None, sass_dir: str = "") -> list[dict]:
     rows = []
 
     def emit(op, label, rec, extra=None):
-        row = compile_launch(rec, arch)
+        row = compile_launch(rec, arch, sass_dir)
         row.update(op=op, label=label, arch=arch, triton=triton.__version__, **(extra or {}))
         rows.append(row)
         print(_fmt(row), flush=True)
@@ -395,6 +443,11 @@ def _fmt(row) -> str:
     ld = max(row["mem"]["ld"], default=0)
     st = max(row["mem"]["st"], default=0)
     tail = f" {row['error']}" if row.get("error") else ""
+    loop = row.get("main_loop")
+    if loop:
+        tail += ("\n     main loop: " + f"{loop['instructions']} instructions: " +
+                 ", ".join(f"{k} {loop[k]}" for k, _ in _SASS_CLASSES if loop[k]) +
+                 f", other {loop['instructions'] - sum(loop[k] for k, _ in _SASS_CLASSES)}")
     return (f"{head} smem {row['smem'] / 1024:6.1f} KB  regs {row['regs']}  spills {row['spill_stores']}/"
             f"{row['spill_loads']} B  {'wgmma ' if row['wgmma'] else ''}"
             f"{'tma ' if row.get('tma') else 'cp.async ' if row['cp_async'] else ''}"
@@ -420,6 +473,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-configs", type=int, default=None, help="projector: only the first N autotune configs")
     ap.add_argument("--save", default="", help="write the rows as JSON")
     ap.add_argument("--compare", default="", help="JSON of an earlier run: report kernels whose PTX changed")
+    ap.add_argument("--sass", default="", help="write each kernel's SASS (nvdisasm) into this folder and print the "
+                    "instruction mix of its biggest loop (mma, mufu, fp32, loads, int, sync)")
     args = ap.parse_args(argv)
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     ops = OPS if args.ops == "all" else tuple(args.ops.split(","))
@@ -429,7 +484,8 @@ def main(argv=None) -> int:
         sweep[kind.strip()] = [tuple(int(x) for x in c.split(",")) for c in cfgs.split("|")]
     print(f"triton {triton.__version__} ({Path(triton.__file__).parent}), target sm_{args.arch}, ptxas {_ptxas()}")
     rows = run(ops, args.arch, [int(x) for x in args.dims.split(",")], [dt[x] for x in args.dtypes.split(",")],
-               [c == "1" for c in args.causal.split(",")], tuple(args.kinds.split(",")), sweep, args.max_configs)
+               [c == "1" for c in args.causal.split(",")], tuple(args.kinds.split(",")), sweep, args.max_configs,
+               args.sass)
     if args.save:
         Path(args.save).write_text(json.dumps(rows, indent=1))
         print("saved", args.save)

@@ -69,3 +69,27 @@ def test_projector_kernels_compile_for_sm90_and_tma_variant_uses_tma(tmp_path):
     rows = json.loads(out.read_text())
     assert len(rows) == 4 and all(row["ok"] and row["wgmma"] and row["spill_stores"] == 0 for row in rows), rows
     assert [row["tma"] for row in rows] == [False, True, False, True]
+
+
+def test_sass_loops_picks_the_innermost_loop_with_the_most_mma():
+    """aot_check --sass: the loop report reads nvdisasm's text. An outer loop that contains two inner ones is not
+    "the main loop", however big; among innermost loops the one with the most MMA instructions is."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import aot_check
+
+    def ins(addr, text):
+        return f"        /*{addr:04x}*/                   {text} ;"
+
+    lines = [".L_x_0:", ins(0x10, "IMAD R1, R2, R3, RZ"),
+             ".L_x_1:", ins(0x20, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24"), ins(0x30, "MUFU.EX2 R5, R6"),
+             ins(0x40, "@P0 BRA `(.L_x_1)"),
+             ".L_x_2:", ins(0x50, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"),
+             ins(0x60, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24"), ins(0x70, "LDGSTS.E [R13], desc[UR14][R2.64]"),
+             ins(0x80, "@!P1 FFMA R1, R2, R3, R4"), ins(0x90, "BRA `(.L_x_2)"),
+             ins(0xa0, "ISETP.GE.AND P0, PT, R1, R2, PT"), ins(0xb0, "BRA `(.L_x_0)")]
+    loops = aot_check.sass_loops("\n".join(lines))
+    assert [lp["label"] for lp in loops] == [".L_x_2", ".L_x_1", ".L_x_0"]
+    main = loops[0]
+    assert main["innermost"] and main["mma"] == 2 and main["ld_global"] == 1 and main["fp32"] == 1
+    assert main["instructions"] == 5
+    assert not loops[2]["innermost"] and loops[2]["instructions"] == 11
