@@ -8,7 +8,8 @@ A variant is a set of environment overrides read by llava_fast.ops.attention at 
 -> LLAVA_FAST_ATTN_SPLIT (how the head dim is cut into register chunks, see attention._split_head_dim), ``MIN_D1=n``
 -> LLAVA_FAST_ATTN_MIN_D1 (narrowest remainder chunk), ``ALIGN=0`` -> LLAVA_FAST_ATTN_ALIGN (no 16-byte stride
 hint), ``BWD=atomic`` -> LLAVA_FAST_ATTN_BWD, ``LOOPS=1`` -> LLAVA_FAST_ATTN_DKDV_LOOPS (one-loop causal dK/dV),
-``TMA=1`` -> LLAVA_FAST_ATTN_TMA (TMA forward); ``FOLD=0`` -> LLAVA_FAST_ATTN_FOLD (the forward's session-4
+``TMA=1`` -> LLAVA_FAST_ATTN_TMA (TMA forward); ``LSE_TMA=1`` -> LLAVA_FAST_ATTN_LSE_TMA (dK/dV reads lse and delta
+through TMA descriptors); ``FOLD=0`` -> LLAVA_FAST_ATTN_FOLD (the forward's session-4
 softmax arithmetic: scores scaled before the max);
 several joined with ``+``. Each (variant, head dim) runs forward and
 backward on packed bf16 documents (1, 17, 97, 577, 729 tokens; GQA 8/2; causal and not) against the fp32 reference
@@ -33,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"CFG": "LLAVA_FAST_ATTN_CFG", "MIN_D1": "LLAVA_FAST_ATTN_MIN_D1", "BWD": "LLAVA_FAST_ATTN_BWD",
             "SPLIT": "LLAVA_FAST_ATTN_SPLIT", "ALIGN": "LLAVA_FAST_ATTN_ALIGN", "LOOPS": "LLAVA_FAST_ATTN_DKDV_LOOPS",
-            "TMA": "LLAVA_FAST_ATTN_TMA", "FOLD": "LLAVA_FAST_ATTN_FOLD"}
+            "TMA": "LLAVA_FAST_ATTN_TMA", "FOLD": "LLAVA_FAST_ATTN_FOLD", "LSE_TMA": "LLAVA_FAST_ATTN_LSE_TMA"}
 FP32_REL_ATOL = 1e-5
 # --time SHAPE: bench_attention.py's equal-length shapes (batch, tokens each, Hq, Hkv, D, causal), short names
 TIME_SHAPES = {"siglip": "siglip-32x729-d72", "clip": "clip-64x577-d64", "causal4k": "causal-d128-4k",

@@ -112,7 +112,8 @@ def attention(folder):
                         f"fwd {base['fwd_tflops']} vs {fold['fwd_tflops']} TFLOP/s",
                         "keep the fold if >= 0.99x (prediction 1.02-1.06x)",
                         "keep" if keep else "revert: LLAVA_FAST_ATTN_FOLD default '0'"))
-        for v in [r["variant"] for r in recs if r.get("variant", "").startswith(("CFG=", "TMA=", "BWD=", "LOOPS="))]:
+        for v in [r["variant"] for r in recs
+                  if r.get("variant", "").startswith(("CFG=", "TMA=", "BWD=", "LOOPS=", "LSE_TMA="))]:
             rec = _variant(recs, v)
             if rec is None:
                 bad = next(r for r in recs if r.get("variant") == v)
@@ -120,8 +121,11 @@ def attention(folder):
                 continue
             fw, fb = rec["fwd_tflops"] / base["fwd_tflops"], rec["fwdbwd_tflops"] / base["fwdbwd_tflops"]
             better = (fw >= 1.03 and "fwd" in v) or fb >= 1.03
+            rule = "a default changes at >= 1.03x on its pass"
+            if v.startswith("LSE_TMA="):
+                rule += " (LSE_TMA: prediction fwd+bwd 1.04-1.10x: -16 to -32% of the dK/dV loop's instructions)"
             out.append((f"{v}, {shape}", f"fwd {fw:.2f}x, fwd+bwd {fb:.2f}x the default (errors within the rule)",
-                        "a default changes at >= 1.03x on its pass",
+                        rule,
                         "candidate default (re-time, then change _default_cfg / the switch)" if better else "keep"))
     return out
 

@@ -102,22 +102,22 @@ if want ops; then
       # independent, so one's softmax can run under the other's GEMMs (the default's two warpgroups meet at a
       # BAR.SYNC every key block)
       step attention_sweep 400 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
-        --variants "default|FOLD=0|CFG=fwd=64,64,4,3|CFG=fwd=64,64,4,2|TMA=1|TMA=1+LOOPS=1|LOOPS=1|BWD=atomic|BWD=atomic+CFG=bwd_fused=64,128,8,2|CFG=dkdv=64,64,8,3|CFG=dkdv=64,128,8,3|CFG=dq=128,64,8,2|CFG=dq=64,64,4,3|CFG=dq=64,64,8,3|CFG=fwd=128,64,8,3" \
+        --variants "default|LSE_TMA=1|FOLD=0|CFG=fwd=64,64,4,3|CFG=fwd=64,64,4,2|TMA=1|TMA=1+LSE_TMA=1|TMA=1+LOOPS=1|LOOPS=1|BWD=atomic|BWD=atomic+CFG=bwd_fused=64,128,8,2|CFG=dkdv=64,64,8,3|CFG=dkdv=64,128,8,3|CFG=dq=128,64,8,2|CFG=dq=64,64,4,3|CFG=dq=64,64,8,3|CFG=fwd=128,64,8,3" \
         --out "$RES/attention_sweep.jsonl"
     elif [ "$b" = "sweep64" ]; then  # not in the default list: head dim 64 (CLIP towers, Qwen2-0.5B) configs on the
       # CLIP shape (non-causal 64 x 577), screened by aot_check (triton 3.6: all spill-free but dK/dV 128x64, dQ 128x64)
       step attention_sweep64 200 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time clip \
-        --variants "default|TMA=1|CFG=fwd=128,64,8,3|CFG=fwd=128,128,8,3|CFG=fwd=64,64,4,3|CFG=dkdv=64,128,8,3|CFG=dq=64,64,4,3" \
+        --variants "default|LSE_TMA=1|TMA=1|CFG=fwd=128,64,8,3|CFG=fwd=128,128,8,3|CFG=fwd=64,64,4,3|CFG=dkdv=64,128,8,3|CFG=dq=64,64,4,3" \
         --out "$RES/attention_sweep64.jsonl"
     elif [ "$b" = "variants" ]; then  # each variant in its own process: a faulting one cannot take the others down;
       # D=72 (SigLIP): default (overlap split, dK/dV 64x128 2 stages since session 4), FOLD=0 (session 5's softmax
       # arithmetic undone), the session-3 default (exact split, dK/dV 64x64 3 stages), TMA loads (their backward never
       # ran before the allocator fix); D=64 (CLIP)
       step attention_variants 140 $PY benchmarks/attention_variants.py --dims 72 --jobs 1 --time siglip \
-        --variants "default|FOLD=0|SPLIT=exact+CFG=dkdv=64,64,8,3|TMA=1|CFG=dkdv=64,64,8,3" \
+        --variants "default|LSE_TMA=1|FOLD=0|SPLIT=exact+CFG=dkdv=64,64,8,3|TMA=1|CFG=dkdv=64,64,8,3" \
         --out "$RES/attention_variants.jsonl"
       step attention_variants_d64 75 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time clip \
-        --variants "default|FOLD=0|TMA=1" --out "$RES/attention_variants_d64.jsonl"
+        --variants "default|LSE_TMA=1|FOLD=0|TMA=1" --out "$RES/attention_variants_d64.jsonl"
     elif [ "$b" = "profile" ]; then  # where the end-to-end step's GPU time goes, by kernel class (OneVision FT, stage 1)
       step profile_model 60 $PY benchmarks/profile_model.py --workload ov_ft --layers 4
       step profile_model_stage1 45 $PY benchmarks/profile_model.py --workload stage1 --layers 4

@@ -398,16 +398,49 @@ def _flash_attn_bwd_preprocess_kernel(O, DO, DELTA, total_q, stride_ot, stride_o
 
 
 @triton.jit
+def _flash_attn_bwd_preprocess_padded_kernel(O, DO, LSE, DELTA, LSE_P, DELTA_P, CU_Q, PAD_CU, stride_ot, stride_oh,
+                                             stride_dot, stride_doh, stride_lse_h, stride_pad_h,
+                                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """LLAVA_FAST_ATTN_LSE_TMA: delta as above (flat, for the dQ kernel), and lse and delta again in a layout where
+    every document starts at a multiple of 4 rows (PAD_CU: the documents' padded starts), which the dK/dV kernel reads
+    through TMA descriptors (their innermost start offset must be 16-byte aligned). Grid (row blocks, docs, heads)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    seqlen_q = tl.load(CU_Q + b + 1) - q_start
+    if pid * BLOCK_T >= seqlen_q:
+        return
+    p_start = tl.load(PAD_CU + b)
+    offs_i = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = offs_i < seqlen_q
+    mask = rmask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    offs_t64 = (q_start + offs_i).to(tl.int64)
+    o = tl.load(O + offs_t64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + offs_t64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    lse = tl.load(LSE + h.to(tl.int64) * stride_lse_h + q_start + offs_i, mask=rmask, other=0.0)
+    tl.store(DELTA + h.to(tl.int64) * stride_lse_h + q_start + offs_i, delta, mask=rmask)
+    tl.store(DELTA_P + h.to(tl.int64) * stride_pad_h + p_start + offs_i, delta, mask=rmask)
+    tl.store(LSE_P + h.to(tl.int64) * stride_pad_h + p_start + offs_i, lse, mask=rmask)
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n,
                          offs_d0, offs_d1, lo, hi, mask_end, seqlen_q, diag, qk_scale, HEAD_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr,
                          MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BAND: tl.constexpr = False,
                          USE_TMA: tl.constexpr = False, QD=None, DOD=None, QD1=None, DOD1=None, h=0,
-                         BLOCK_D0: tl.constexpr = 16, BLOCK_D1: tl.constexpr = 16):
+                         BLOCK_D0: tl.constexpr = 16, BLOCK_D1: tl.constexpr = 16, LSE_TMA: tl.constexpr = False,
+                         LD=None, DD=None, p_start=0):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head. Query rows past the
     document load lse = +inf, so p = 0 for them without a mask; MASKED adds the causal mask (BAND: only to the query
     blocks that start before mask_end). USE_TMA: q/dO tiles through 3-D (token, head, dim) descriptors of the
-    document (QD, DOD; QD1, DOD1 for chunk 1) at head h."""
+    document (QD, DOD; QD1, DOD1 for chunk 1) at head h. LSE_TMA: lse and delta through 2-D (head, row) descriptors
+    LD, DD of their padded copies (the document starts at row p_start, a multiple of 4), ending at the document's
+    last row (rows past it read 0: their q and dO rows are zero too, so they add nothing): one bulk copy per vector
+    instead of a 4-byte cp.async per element (see docs/perf-notes.md)."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -422,8 +455,10 @@ def _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELT
             else:
                 q1 = _load_tile(Qh, offs_m, stride_qt, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
             qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PREC)
-        rmask = offs_m < seqlen_q
-        lse = tl.load(LSEh + offs_m, mask=rmask, other=float("inf")) * 1.4426950408889634
+        if LSE_TMA:
+            lse = tl.reshape(LD.load([h, p_start + start_m]), (BLOCK_M,)) * 1.4426950408889634
+        else:
+            lse = tl.load(LSEh + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * 1.4426950408889634
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if MASKED:
             if BAND:  # one loop for all query blocks: the causal mask only on those before mask_end
@@ -443,7 +478,10 @@ def _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELT
                 do1 = _load_tile(DOh, offs_m, stride_dot, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
             dv1 = tl.dot(pT.to(do1.dtype), do1, dv1, input_precision=DOT_PREC)
             dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
-        delta = tl.load(DELTAh + offs_m, mask=rmask, other=0.0)
+        if LSE_TMA:
+            delta = tl.reshape(DD.load([h, p_start + start_m]), (BLOCK_M,))
+        else:
+            delta = tl.load(DELTAh + offs_m, mask=offs_m < seqlen_q, other=0.0)
         dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
         dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PREC)
         if HAS_D1:
@@ -459,7 +497,9 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                                 HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-                                D1_LO: tl.constexpr, ONE_LOOP: tl.constexpr = False, USE_TMA: tl.constexpr = False):
+                                D1_LO: tl.constexpr, ONE_LOOP: tl.constexpr = False, USE_TMA: tl.constexpr = False,
+                                LSE_TMA: tl.constexpr = False, LSE_P=None, DELTA_P=None, PAD_CU=None,
+                                stride_pad_h=0):
     stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
     stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
     stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
@@ -535,6 +575,16 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         DOD = DO
         QD1 = Q
         DOD1 = DO
+    if LSE_TMA:  # (head, row) descriptors of the padded lse and delta, ending at this document's last row
+        p_start = tl.multiple_of(tl.load(PAD_CU + b), 4)
+        LD = tl.make_tensor_descriptor(LSE_P, shape=[group * tl.num_programs(2), p_start + seqlen_q],
+                                       strides=[stride_pad_h, 1], block_shape=[1, BLOCK_M])
+        DD = tl.make_tensor_descriptor(DELTA_P, shape=[group * tl.num_programs(2), p_start + seqlen_q],
+                                       strides=[stride_pad_h, 1], block_shape=[1, BLOCK_M])
+    else:
+        p_start = 0
+        LD = LSE
+        DD = DELTA
     for g in range(0, group):  # every query head of this kv head: GQA gradients summed in registers
         h = hk * group + g
         Qh = Q + q_off * stride_qt + h * stride_qh
@@ -546,18 +596,18 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                                       stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, seqlen_q,
                                                       mid, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
                                                       MASK_D1, HAS_D1, CAUSAL, DOT_PREC, True, USE_TMA, QD, DOD,
-                                                      QD1, DOD1, h, BLOCK_D0, BLOCK_D1)
+                                                      QD1, DOD1, h, BLOCK_D0, BLOCK_D1, LSE_TMA, LD, DD, p_start)
         else:
             dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
                                                       stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, mid,
                                                       seqlen_q, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
                                                       MASK_D1, HAS_D1, True, DOT_PREC, False, USE_TMA, QD,
-                                                      DOD, QD1, DOD1, h, BLOCK_D0, BLOCK_D1)
+                                                      DOD, QD1, DOD1, h, BLOCK_D0, BLOCK_D1, LSE_TMA, LD, DD, p_start)
             dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
                                                       stride_qt, stride_dot, offs_n, offs_d0, offs_d1, mid, seqlen_q,
                                                       0, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
                                                       MASK_D1, HAS_D1, False, DOT_PREC, False, USE_TMA, QD,
-                                                      DOD, QD1, DOD1, h, BLOCK_D0, BLOCK_D1)
+                                                      DOD, QD1, DOD1, h, BLOCK_D0, BLOCK_D1, LSE_TMA, LD, DD, p_start)
     DKb = DK + (k_start + start_n).to(tl.int64) * stride_dkt + hk * stride_dkh
     DVb = DV + (k_start + start_n).to(tl.int64) * stride_dvt + hk * stride_dvh
     _store_tile(DKb, dk0 * sm_scale, offs_nb, stride_dkt, offs_d0, keys_left, HEAD_DIM)
@@ -996,6 +1046,13 @@ def _dkdv_one_loop() -> bool:
     return _ext.env_choice("LLAVA_FAST_ATTN_DKDV_LOOPS", ("1", "2"), "2") == "1"
 
 
+def _use_lse_tma() -> bool:
+    """LLAVA_FAST_ATTN_LSE_TMA=1 (opt-in, not yet run on a GPU): the dK/dV kernel reads each query block's lse and
+    delta through TMA descriptors (one bulk copy per vector) instead of the pipeliner's 4-byte cp.async per element,
+    which costs about a third of its loop's instructions (docs/perf-notes.md, "SASS of the main loops")."""
+    return _ext.env_choice("LLAVA_FAST_ATTN_LSE_TMA", ("0", "1"), "0") == "1"
+
+
 def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     """LLAVA_FAST_ATTN_TMA=1 (opt-in): the forward's and dQ's K/V tiles and the dK/dV kernel's q/dO tiles through TMA
     tensor descriptors built in the kernel per document (2-D per kv head and head-dim chunk; 3-D (token, head, dim)
@@ -1106,25 +1163,41 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
     dk = torch.empty((total_k, hkv, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((total_k, hkv, d), dtype=v.dtype, device=v.device)
     d0, d1, has_d1 = _split_head_dim(d)
+    lse_tma = _use_lse_tma()
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     qk_scale = softmax_scale * _LOG2E
     group = hq // hkv
     dot_prec = _dot_prec(q.dtype)
     with _device_guard(q):
         block_t = 16 if _ext.interpreting() else 64
-        _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
-            out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
+        if lse_tma:  # + lse and delta with every document starting at a multiple of 4 rows (TMA-aligned offsets)
+            lse = lse.contiguous()
+            lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+            pad_cu = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
+            torch.cumsum((lens + 3) // 4 * 4, 0, out=pad_cu[1:])
+            width = (total_q + 3 * batch + 3) // 4 * 4  # 16-byte rows: the descriptors' strides
+            lse_p = torch.empty((hq, width), dtype=torch.float32, device=q.device)
+            delta_p = torch.empty((hq, width), dtype=torch.float32, device=q.device)
+            _flash_attn_bwd_preprocess_padded_kernel[(triton.cdiv(max_seqlen_q, block_t), batch, hq)](
+                out, dout, lse, delta, lse_p, delta_p, cu_seqlens_q, pad_cu, out.stride(0), out.stride(1),
+                dout.stride(0), dout.stride(1), lse.stride(0), width, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+                BLOCK_T=block_t)
+            lse_tma_args = dict(LSE_P=lse_p, DELTA_P=delta_p, PAD_CU=pad_cu, stride_pad_h=width)
+        else:
+            _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
+                out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+                delta.stride(0), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
+            lse_tma_args = {}
         align = _stride_align(q, k, v, dout, dq, dk, dv)
         args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dk, dv),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_k))
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
                           DOT_PREC=dot_prec, ALIGN=align, D1_LO=_chunk1_start(d, d0, d1, has_d1))
         tma = _use_tma(q, dout)
-        if tma and q.is_cuda:
+        if (tma or lse_tma) and q.is_cuda:
             _ext.ensure_tma_allocator()
         _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv),
-                args, dict(constexprs, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma))
+                args, dict(constexprs, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma, LSE_TMA=lse_tma, **lse_tma_args))
         args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dq),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_q))
         tma_kv = _use_tma(k, v)

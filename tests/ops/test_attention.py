@@ -147,6 +147,25 @@ def test_dkdv_one_loop_variant(monkeypatch, device, case):
         _dkdv_one_loop()
 
 
+@pytest.mark.parametrize("case", ["mha-d64-causal", "mqa7-d72", "sq<sk-gqa2-d64-causal", "sq>sk-empty-docs-causal",
+                                  "no-keys-doc", "fp16-sq<sk-d128-causal"])
+def test_lse_tma_variant(monkeypatch, device, case):
+    """LLAVA_FAST_ATTN_LSE_TMA=1 (opt-in): the dK/dV kernel reads lse and delta through (head, row) descriptors of a
+    copy where every document starts at a multiple of 4 rows, ending at the document's last row (rows past it read
+    0, which adds nothing because their q and dO rows are zero too). Same results as the pointer loads for documents with no keys, no queries, Sq > Sk (lse = +inf rows next to
+    the document end), GQA 7:1 and documents whose lengths are not multiples of 4 (their padded starts differ from
+    their starts)."""
+    from llava_fast.ops.attention import _use_lse_tma
+
+    monkeypatch.setenv("LLAVA_FAST_ATTN_LSE_TMA", "1")
+    assert _use_lse_tma()
+    lens_q, lens_k, hq, hkv, d, causal, dtype = CASES[case]
+    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_LSE_TMA", "yes")
+    with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_LSE_TMA"):
+        _use_lse_tma()
+
+
 @pytest.mark.parametrize("case", ["mha-d64-causal", "gqa2-d72", "mha-d80-causal", "sq<sk-gqa2-d64-causal",
                                   "sq>sk-empty-docs-causal", "fp16-d72"])
 def test_tma_variant(monkeypatch, device, case):
@@ -368,6 +387,16 @@ def test_cuda_tma(monkeypatch, d, causal):
     monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "1")
     lens = GPU_DOCS["mix"]
     _check_against_ref(lens, lens, 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 72, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_lse_tma(monkeypatch, d, causal):
+    monkeypatch.setenv("LLAVA_FAST_ATTN_LSE_TMA", "1")
+    lens = GPU_DOCS["mix"]
+    _check_against_ref(lens, lens, 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
+    _check_against_ref([1, 5, 20], [3, 17, 37], 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
 
 
 @pytest.mark.cuda
