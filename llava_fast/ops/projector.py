@@ -283,9 +283,22 @@ if HAS_TRITON:
     _kernel_heur = triton.heuristics({"EVEN_K": _even_k})(_projector_gemm_kernel)
 
 
-def _cfg(bm, bn, bk, stages, warps, group=8, sub=1):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "EPI_SUBTILE": sub},
-                         num_stages=stages, num_warps=warps)
+_TWO_PER_SM_MIN_M = 8192  # the two-CTAs-per-SM configs are tried only from this many rows (many tiles per SM)
+
+
+def _cfg(bm, bn, bk, stages, warps, group=8, sub=1, two_per_sm=False):
+    c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "EPI_SUBTILE": sub},
+                      num_stages=stages, num_warps=warps)
+    c.two_per_sm = two_per_sm
+    return c
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Autotune only what can win: the two-CTAs-per-SM configs (overlapping one CTA's epilogue with the other's
+    MMAs) from _TWO_PER_SM_MIN_M rows on, where there are enough tiles; below it they only cost tuning time."""
+    m_key = named_args.get("M_KEY", kwargs.get("M_KEY", 0))
+    keep = [c for c in configs if not getattr(c, "two_per_sm", False) or m_key >= _TWO_PER_SM_MIN_M]
+    return keep or configs
 
 
 def _configs(capability: tuple[int, int], fp32: bool) -> list:
@@ -295,12 +308,18 @@ def _configs(capability: tuple[int, int], fp32: bool) -> list:
     if capability[0] in (9, 10):
         # Hopper (and B200-class smem): wgmma via tl.dot; 128x256x64 x3 stages = 144 KB. EPI_SUBTILE chosen so that
         # ptxas (sm_90a, triton 3.8) reports no register spills for the GELU and dGELU epilogues.
+        # The last three fit two CTAs per SM (96 KB, <= 128 / 248 registers at 256 / 128 threads; ptxas, triton 3.6,
+        # no spills): one CTA's GELU epilogue (~32 instructions per element, not overlapped with anything when one
+        # 144 KB CTA holds the SM: about half of the main loop's time at K = 1024) runs under the other's MMAs.
         return [
             _cfg(128, 256, 64, 3, 8, sub=4),
             _cfg(256, 128, 64, 3, 8, sub=4),
             _cfg(128, 128, 64, 4, 8, sub=2),
             _cfg(64, 128, 64, 4, 4, sub=2),
             _cfg(64, 64, 64, 4, 4, sub=1),   # small M (one image, a few tokens)
+            _cfg(128, 128, 64, 3, 8, sub=4, two_per_sm=True),
+            _cfg(128, 128, 64, 3, 4, sub=2, two_per_sm=True),
+            _cfg(128, 128, 64, 3, 4, sub=4, two_per_sm=True),
         ]
     if capability[0] >= 8:
         # Ampere / Ada / consumer Blackwell (~100 KB smem): mma.sync; 128x256x32 x3 stages = 72 KB; no spills at
@@ -328,7 +347,8 @@ def _get_kernel(device: torch.device, fp32: bool, tma: bool = False):
     if key not in _tuned_kernels:
         kw = {"configs": _configs(cap, fp32),
               "key": ["M_KEY", "N", "K", "EPILOGUE", "HAS_BIAS", "STORE_H", "WRITE_ACT", "APPROX_TANH"]
-              + (["B_KMAJOR", "FLATTEN"] if tma else [])}
+              + (["B_KMAJOR", "FLATTEN"] if tma else []),
+              "prune_configs_by": {"early_config_prune": _prune_configs}}
         fn = _projector_gemm_tma_kernel if tma else _kernel_heur
         try:  # shorter timing than the default 25/100 ms per config: each config differs by >5% or not at all
             tuned = triton.autotune(**kw, do_bench=_autotune_bench)(fn)

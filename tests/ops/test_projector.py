@@ -292,6 +292,23 @@ def test_opcheck_custom_ops(device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_two_per_sm_configs_only_for_large_m():
+    """The Hopper autotune list has configs that fit two CTAs per SM (one's GELU epilogue under the other's MMAs);
+    they are tuned only from _TWO_PER_SM_MIN_M rows on (below, few tiles: they would only cost tuning time)."""
+    from llava_fast.ops import projector as P
+
+    if not P.HAS_TRITON:
+        pytest.skip("triton missing")
+    cs = P._configs((9, 0), False)
+    two = [c for c in cs if getattr(c, "two_per_sm", False)]
+    assert two and all(c.num_stages == 3 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 128 for c in two)
+    small = P._prune_configs(cs, {"M_KEY": P._m_key(2881)})
+    large = P._prune_configs(cs, {"M_KEY": P._m_key(23040)})
+    assert len(small) == len(cs) - len(two) and not any(getattr(c, "two_per_sm", False) for c in small)
+    assert large == cs
+    assert P._prune_configs(P._configs((8, 0), False), {"M_KEY": 64}) == P._configs((8, 0), False)
+
+
 def test_bad_inputs_raise_value_error():
     x, (w1, b1, w2, b2), _ = make_inputs(4, 40, 48, True)
     with pytest.raises(ValueError, match="x's last dim"):
