@@ -111,6 +111,50 @@ LF_HD int load_u8(const uint8_t* p) {
 #endif
 }
 
+// The aligned 32-bit word at p (p % 4 == 0) on the GPU: it holds a byte the caller needs, so it lies in mapped
+// memory (pages are multiples of 4 bytes). On the host (emulation) only its bytes inside [lo, hi) are read, the others
+// are 0: the callers multiply bytes outside their tap window by weight 0, so both give the same sums.
+LF_HD uint32_t load_word(const uint8_t* p, const uint8_t* lo, const uint8_t* hi) {
+#if defined(__CUDA_ARCH__)
+  (void)lo;
+  (void)hi;
+  return __ldg(reinterpret_cast<const unsigned int*>(p));
+#else
+  uint32_t w = 0;
+  for (int i = 0; i < 4; ++i)
+    if (p + i >= lo && p + i < hi) w |= static_cast<uint32_t>(p[i]) << (8 * i);
+  return w;
+#endif
+}
+
+// The 4 bytes starting at bit sh (0, 8, 16 or 24) of the little-endian pair (w0, w1).
+LF_HD uint32_t funnel_bytes(uint32_t w0, uint32_t w1, int sh) {
+#if defined(__CUDA_ARCH__)
+  return __funnelshift_r(w0, w1, static_cast<unsigned>(sh));
+#else
+  return sh == 0 ? w0 : (w0 >> sh) | (w1 << (32 - sh));
+#endif
+}
+
+// c + w.lo16 * b.byte0 + w.hi16 * b.byte1 (HI: bytes 2 and 3), the 16-bit halves of w signed, the bytes of b
+// unsigned: PTX dp2a (one instruction, exact integer arithmetic) on the GPU.
+template <bool HI>
+LF_HD int32_t dp2(uint32_t w, uint32_t b, int32_t c) {
+#if defined(__CUDA_ARCH__)
+  int32_t d;
+  if (HI)
+    asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(b), "r"(c));
+  else
+    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(w), "r"(b), "r"(c));
+  return d;
+#else
+  const int32_t w0 = static_cast<int16_t>(w & 0xffffu), w1 = static_cast<int16_t>(w >> 16);
+  const int s = HI ? 16 : 0;
+  return c + w0 * static_cast<int32_t>((b >> s) & 0xffu) + w1 * static_cast<int32_t>((b >> (s + 8)) & 0xffu);
+#endif
+}
+
+
 // Pixel (vy, vx) channel c of a job's virtual source.
 LF_HD int source_pixel(const ImageRec& im, const JobRec& jb, int vy, int vx, int c) {
   const int sy = vy - jb.oy, sx = vx - jb.ox;
@@ -643,6 +687,41 @@ LF_HD V4Band v4_band(const uint8_t* plan, const TileRec& tr, const JobRec& jb, i
 
 constexpr int kV4StageRows = 4;  // v4 staging: intermediate rows per thread (one column's weights loaded once)
 
+// The uint8 horizontal filter of NR planar rows (rows sy bytes apart, the first tap of row 0 at p0; the image row
+// starts x0 bytes before it and holds w bytes), as hpass_value computes it (integer sums: any order, same bits):
+// one aligned 32-bit load brings 4 taps, a funnel shift lines them up when the row's first tap is not 4-byte
+// aligned. Branch-free: when the next word holds no needed byte the current one is loaded again (its bytes then
+// meet zero weights). acc[r] = 1 << (prec - 1) + sum of the taps.
+template <int NR>
+LF_HD void taps_planar(const uint8_t* p0, int64_t sy, int x0, int w, int xs, const int16_t* k, int prec,
+                       int32_t* acc) {
+  int sh[NR], al[NR];
+  const uint8_t* wp[NR];
+  const uint8_t* lo[NR];
+  uint32_t cur[NR];
+  LF_UNROLL for (int r = 0; r < NR; ++r) {
+    const uint8_t* p = p0 + r * sy;
+    al[r] = static_cast<int>(reinterpret_cast<uintptr_t>(p) & 3u);
+    sh[r] = 8 * al[r];
+    wp[r] = p - al[r];
+    lo[r] = p - x0;
+    cur[r] = load_word(wp[r], lo[r], lo[r] + w);
+    acc[r] = 1 << (prec - 1);
+  }
+  for (int j0 = 0; j0 < xs; j0 += 4) {
+    uint32_t kt[4];  // the weights' raw 16-bit patterns (dp2 reads them as signed), 0 past the window
+    LF_UNROLL for (int t = 0; t < 4; ++t) kt[t] = j0 + t < xs ? reinterpret_cast<const uint16_t*>(k)[j0 + t] : 0u;
+    const uint32_t k01 = kt[0] | (kt[1] << 16), k23 = kt[2] | (kt[3] << 16);
+    LF_UNROLL for (int r = 0; r < NR; ++r) {
+      const int nw = j0 + 4 < al[r] + xs ? j0 + 4 : j0;  // the next word, if it holds a needed byte
+      const uint32_t nxt = load_word(wp[r] + nw, lo[r], lo[r] + w);
+      const uint32_t v = funnel_bytes(cur[r], nxt, sh[r]);
+      acc[r] = dp2<true>(k23, v, dp2<false>(k01, v, acc[r]));
+      cur[r] = nxt;
+    }
+  }
+}
+
 // Intermediate values of virtual rows vy0 .. vy0 + nrr - 1 (nrr <= kV4StageRows), resized column ox, channel c, to
 // dst[idx + r * stride]: hpass_value's expressions, with the column's start, size and weights loaded once for the
 // rows and nrr independent accumulators; rows that touch padding go through hpass_value itself.
@@ -671,7 +750,18 @@ LF_HD void hpass_rows(const uint8_t* plan, const JobRec& jb, int vy0, int nrr, i
   const uint32_t sx = static_cast<uint32_t>(im.sx);
   uint32_t ro[kV4StageRows];  // byte offset of each row (unsigned: zero-extended into the 64-bit address for free)
   LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) ro[r] = static_cast<uint32_t>(r * im.sy);
-  if (R == kU8) {
+  if (R == kU8 && sx == 1) {  // planar rows: 4 taps per aligned 32-bit load (taps_planar)
+    const int16_t* k = reinterpret_cast<const int16_t*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
+    int32_t acc[kV4StageRows];
+    if (nrr == kV4StageRows) {
+      taps_planar<kV4StageRows>(row, im.sy, xmin - jb.ox, im.w, xs, k, ax.prec, acc);
+    } else {
+      for (int r = 0; r < nrr; ++r)
+        taps_planar<1>(row + r * im.sy, im.sy, xmin - jb.ox, im.w, xs, k, ax.prec, acc + r);
+    }
+    for (int r = 0; r < nrr; ++r)
+      static_cast<uint8_t*>(dst)[idx + r * stride] = static_cast<uint8_t>(clip8_shift(acc[r], ax.prec));
+  } else if (R == kU8) {
     const int16_t* k = reinterpret_cast<const int16_t*>(plan + ax.w_off) + static_cast<int64_t>(ox) * ax.taps;
     int32_t acc[kV4StageRows];
     LF_UNROLL for (int r = 0; r < kV4StageRows; ++r) acc[r] = 1 << (ax.prec - 1);
