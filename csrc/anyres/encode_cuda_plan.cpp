@@ -389,7 +389,7 @@ void emulate(const CudaEncodePlan& plan, void* scratch, void* out, int version, 
                  "encode_tiles_emulate: a band of " << bh << " rows needs " << b.nr << " intermediate rows, over the "
                                                     << "plan's bound " << H.band_need[level]);
         LF_CHECK(b.ncol <= T, "encode_tiles_emulate: a band covers " << b.ncol << " columns of a tile of " << T);
-        sm.assign(static_cast<size_t>(std::max(1, b.nr * b.ncol)), 0.f);
+        sm.assign(static_cast<size_t>(std::max(1, b.nr * T)), 0.f);  // rows of T values (tile columns)
         for (int c = 0; c < 3; ++c) {
           if (b.nr > 0) v4_stage<R>(P, jb, b, c, sm.data(), 0, 1);
           v4_emit<R, D>(P, t, tr, jb, b, c, y0, y1, sm.data(), out, 0, 1);
