@@ -1174,7 +1174,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
             lse = lse.contiguous()
             lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
             pad_cu = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
-            torch.cumsum((lens + 3) // 4 * 4, 0, out=pad_cu[1:])
+            torch.cumsum((lens + 3) // 4 * 4, 0, dtype=torch.int32, out=pad_cu[1:])
             width = (total_q + 3 * batch + 3) // 4 * 4  # 16-byte rows: the descriptors' strides
             lse_p = torch.empty((hq, width), dtype=torch.float32, device=q.device)
             delta_p = torch.empty((hq, width), dtype=torch.float32, device=q.device)
