@@ -126,6 +126,22 @@ def test_bench_model_memory_ratios():
     assert rows[4].note == ""
 
 
+def test_targets_table():
+    """benchmarks/targets.py (perf-notes, "What each end-to-end target requires"): the FLOP split by part adds up,
+    and the rates the targets imply are what the notes say (7B: 82-86% of the GEMM ceiling; OneVision ~61%)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import targets
+
+    rows = {r["workload"]: r for r in targets.rows()}
+    for r in rows.values():
+        for f in (r["full"], r["four"]):
+            assert abs(f["llm"] + f["head"] + f["attn"] + f["vision"] - 1) < 0.02  # + the projector
+    assert rows["stage1"]["full"]["layers"] == 32 and rows["ov_ft"]["full"]["layers"] == 24
+    assert 0.80 < rows["stage1"]["need_frac"] < 0.84 and 0.84 < rows["prefill"]["need_frac"] < 0.88
+    assert 0.58 < rows["ov_ft"]["need_frac"] < 0.64
+    assert rows["prefill"]["full"]["head_skipped"] == 0.0 and rows["ov_ft"]["full"]["head_skipped"] > 0
+
+
 def test_decide_applies_the_written_rules(tmp_path):
     """benchmarks/decide.py on a made-up results folder: the CE rules read the newest table and say what to do;
     the repository's own results do not crash it."""
