@@ -44,11 +44,14 @@ def split(name: str, layers: int | None) -> dict:
     n_vis = tps * tps + (1 if name != "ov_ft" else 0)
     vis_p = vc.num_hidden_layers * (4 * vc.hidden_size ** 2 + 2 * vc.hidden_size * vc.intermediate_size)
     vis = inp["tiles"] * (2 * vis_p * n_vis + vc.num_hidden_layers * 4 * n_vis * n_vis * vc.hidden_size)
+    proj = 2 * inp["tiles"] * n_vis * (vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2)
     m = {"prefill": 1, "stage1": 2, "ov_ft": 3}[name]      # backward passes through the LLM (frozen in stage 1: no dW)
     mv = 3 if name == "ov_ft" else 1                         # the tower trains only in the full fine-tune
+    mp = 1 if name == "prefill" else 3                       # the projector trains in both training workloads
     # the fused loss computes logits only for supervised rows (text tokens after the image: all text but the first 8)
     supervised = batch * (n_txt - 8) if name != "prefill" else inp["tokens"]
     return dict(total=total, llm=m * llm / total, head=m * head / total, attn=m * attn / total, vision=mv * vis / total,
+                projector=mp * proj / total,
                 layers=tc.num_hidden_layers, tokens=inp["tokens"], batch=batch,
                 head_skipped=m * head * (1 - supervised / inp["tokens"]) if name != "prefill" else 0.0)
 
