@@ -1046,11 +1046,15 @@ def _dkdv_one_loop() -> bool:
     return _ext.env_choice("LLAVA_FAST_ATTN_DKDV_LOOPS", ("1", "2"), "2") == "1"
 
 
-def _use_lse_tma() -> bool:
+def _use_lse_tma(q: torch.Tensor | None = None) -> bool:
     """LLAVA_FAST_ATTN_LSE_TMA=1 (opt-in, not yet run on a GPU): the dK/dV kernel reads each query block's lse and
     delta through TMA descriptors (one bulk copy per vector) instead of the pipeliner's 4-byte cp.async per element,
-    which costs about a third of its loop's instructions (docs/perf-notes.md, "SASS of the main loops")."""
-    return _ext.env_choice("LLAVA_FAST_ATTN_LSE_TMA", ("0", "1"), "0") == "1"
+    which costs about a third of its loop's instructions (docs/perf-notes.md, "SASS of the main loops"). Hopper and
+    newer only: without TMA (sm_80) triton lowers the descriptors to pointer loads that spill more (ptxas: 604 vs 284
+    bytes at D = 128), so there the pointer path runs whatever the variable says (CPU tensors: the interpreter)."""
+    if _ext.env_choice("LLAVA_FAST_ATTN_LSE_TMA", ("0", "1"), "0") == "0":
+        return False
+    return q is None or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9
 
 
 def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -1058,8 +1062,10 @@ def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     tensor descriptors built in the kernel per document (2-D per kv head and head-dim chunk; 3-D (token, head, dim)
     for q/dO). Needs 16-byte aligned base pointers and token/head strides of the two tensors (the descriptors' row
     starts); otherwise the pointer loads run. The dQ kernel reads K/V like the forward; the atomic backward keeps
-    pointer loads."""
+    pointer loads. Hopper and newer only (without TMA, triton lowers descriptors to pointer loads)."""
     if _ext.env_choice("LLAVA_FAST_ATTN_TMA", ("0", "1"), "0") == "0":
+        return False
+    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
     e = k.element_size()
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * e) % 16 == 0 and (t.stride(1) * e) % 16 == 0
@@ -1163,7 +1169,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
     dk = torch.empty((total_k, hkv, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((total_k, hkv, d), dtype=v.dtype, device=v.device)
     d0, d1, has_d1 = _split_head_dim(d)
-    lse_tma = _use_lse_tma()
+    lse_tma = _use_lse_tma(q)
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     qk_scale = softmax_scale * _LOG2E
     group = hq // hkv
