@@ -138,13 +138,19 @@ def test_dkdv_one_loop_variant(monkeypatch, device, case):
     results as the two-loop default, bottom-right alignment, GQA and empty documents included."""
     from llava_fast.ops.attention import _dkdv_one_loop
 
-    monkeypatch.setenv("LLAVA_FAST_ATTN_DKDV_LOOPS", "1")
-    assert _dkdv_one_loop()
+    _check_switch_variant(monkeypatch, device, case, "LLAVA_FAST_ATTN_DKDV_LOOPS", "1", "3", _dkdv_one_loop)
+
+
+def _check_switch_variant(monkeypatch, device, case, var, on, bad, switch):
+    """An opt-in variant selected by environment variable `var`: `switch()` says it is on at `on`, the case matches
+    the reference through it, and a value the switch does not know (`bad`) is an error naming the variable."""
+    monkeypatch.setenv(var, on)
+    assert switch()
     lens_q, lens_k, hq, hkv, d, causal, dtype = CASES[case]
     _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
-    monkeypatch.setenv("LLAVA_FAST_ATTN_DKDV_LOOPS", "3")
-    with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_DKDV_LOOPS"):
-        _dkdv_one_loop()
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(ValueError, match=var):
+        switch()
 
 
 @pytest.mark.parametrize("case", ["mha-d64-causal", "mqa7-d72", "sq<sk-gqa2-d64-causal", "sq>sk-empty-docs-causal",
@@ -152,18 +158,12 @@ def test_dkdv_one_loop_variant(monkeypatch, device, case):
 def test_lse_tma_variant(monkeypatch, device, case):
     """LLAVA_FAST_ATTN_LSE_TMA=1 (opt-in): the dK/dV kernel reads lse and delta through (head, row) descriptors of a
     copy where every document starts at a multiple of 4 rows, ending at the document's last row (rows past it read
-    0, which adds nothing because their q and dO rows are zero too). Same results as the pointer loads for documents with no keys, no queries, Sq > Sk (lse = +inf rows next to
-    the document end), GQA 7:1 and documents whose lengths are not multiples of 4 (their padded starts differ from
-    their starts)."""
+    0, which adds nothing because their q and dO rows are zero too). Same results as the pointer loads for
+    documents with no keys, no queries, Sq > Sk (lse = +inf rows next to the document end), GQA 7:1 and documents
+    whose lengths are not multiples of 4 (their padded starts differ from their starts)."""
     from llava_fast.ops.attention import _use_lse_tma
 
-    monkeypatch.setenv("LLAVA_FAST_ATTN_LSE_TMA", "1")
-    assert _use_lse_tma()
-    lens_q, lens_k, hq, hkv, d, causal, dtype = CASES[case]
-    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
-    monkeypatch.setenv("LLAVA_FAST_ATTN_LSE_TMA", "yes")
-    with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_LSE_TMA"):
-        _use_lse_tma()
+    _check_switch_variant(monkeypatch, device, case, "LLAVA_FAST_ATTN_LSE_TMA", "1", "yes", _use_lse_tma)
 
 
 @pytest.mark.parametrize("case", ["mha-d64-causal", "gqa2-d72", "mha-d80-causal", "sq<sk-gqa2-d64-causal",
