@@ -103,7 +103,7 @@ if want ops; then
       # independent, so one's softmax can run under the other's GEMMs (the default's two warpgroups meet at a
       # BAR.SYNC every key block)
       step attention_sweep 400 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
-        --variants "default|LSE_TMA=1|FOLD=0|CFG=fwd=64,64,4,3|CFG=fwd=64,64,4,2|TMA=1|TMA=1+LSE_TMA=1|TMA=1+LOOPS=1|LOOPS=1|BWD=atomic|BWD=atomic+CFG=bwd_fused=64,128,8,2|CFG=dkdv=64,64,8,3|CFG=dkdv=64,128,8,3|CFG=dq=128,64,8,2|CFG=dq=64,64,4,3|CFG=dq=64,64,8,3|CFG=fwd=128,64,8,3" \
+        --variants "default|LSE_TMA=1|FOLD=0|CFG=fwd=64,64,4,3|CFG=fwd=64,64,4,2|TMA=1|TMA=1+LSE_TMA=1|TMA=1+LOOPS=1|LOOPS=1|BWD=atomic|BWD=atomic+LSE_TMA=1|BWD=atomic+CFG=bwd_fused=64,128,8,2|CFG=dkdv=64,64,8,3|CFG=dkdv=64,128,8,3|CFG=dq=128,64,8,2|CFG=dq=64,64,4,3|CFG=dq=64,64,8,3|CFG=fwd=128,64,8,3" \
         --out "$RES/attention_sweep.jsonl"
     elif [ "$b" = "sweep64" ]; then  # not in the default list: head dim 64 (CLIP towers, Qwen2-0.5B) configs on the
       # CLIP shape (non-causal 64 x 577), screened by aot_check (triton 3.6: all spill-free but dK/dV 128x64, dQ 128x64)

@@ -427,6 +427,18 @@ def _flash_attn_bwd_preprocess_padded_kernel(O, DO, LSE, DELTA, LSE_P, DELTA_P, 
 
 
 @triton.jit
+def _lse_descriptors(LSE_P, DELTA_P, PAD_CU, b, n_heads, seqlen_q, stride_pad_h, BLOCK_M: tl.constexpr):
+    """LSE_TMA: (p_start, LD, DD): document b's padded start (a multiple of 4) and (head, row) descriptors of the
+    padded lse and delta that end at its last row (rows past it read 0)."""
+    p_start = tl.multiple_of(tl.load(PAD_CU + b), 4)
+    LD = tl.make_tensor_descriptor(LSE_P, shape=[n_heads, p_start + seqlen_q], strides=[stride_pad_h, 1],
+                                   block_shape=[1, BLOCK_M])
+    DD = tl.make_tensor_descriptor(DELTA_P, shape=[n_heads, p_start + seqlen_q], strides=[stride_pad_h, 1],
+                                   block_shape=[1, BLOCK_M])
+    return p_start, LD, DD
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n,
                          offs_d0, offs_d1, lo, hi, mask_end, seqlen_q, diag, qk_scale, HEAD_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr,
@@ -576,11 +588,8 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         QD1 = Q
         DOD1 = DO
     if LSE_TMA:  # (head, row) descriptors of the padded lse and delta, ending at this document's last row
-        p_start = tl.multiple_of(tl.load(PAD_CU + b), 4)
-        LD = tl.make_tensor_descriptor(LSE_P, shape=[group * tl.num_programs(2), p_start + seqlen_q],
-                                       strides=[stride_pad_h, 1], block_shape=[1, BLOCK_M])
-        DD = tl.make_tensor_descriptor(DELTA_P, shape=[group * tl.num_programs(2), p_start + seqlen_q],
-                                       strides=[stride_pad_h, 1], block_shape=[1, BLOCK_M])
+        p_start, LD, DD = _lse_descriptors(LSE_P, DELTA_P, PAD_CU, b, group * tl.num_programs(2), seqlen_q,
+                                           stride_pad_h, BLOCK_M)
     else:
         p_start = 0
         LD = LSE
@@ -741,10 +750,12 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 def _attn_bwd_fused_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, DQh, LSEh, DELTAh, stride_qt, stride_dot,
                           stride_dqt, offs_n, offs_d0, offs_d1, lo, n_blocks, rot, seqlen_q, diag, qk_scale, sm_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_D0: tl.constexpr,
-                          MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+                          MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+                          LSE_TMA: tl.constexpr = False, LD=None, DD=None, p_start=0, h=0):
     """_attn_bwd_dkdv_inner plus dQ: over the n_blocks query blocks from lo, visited starting at block rot (mod
     n_blocks) so that key blocks running at the same time do not hit the same dQ rows. Per block: S^T = K Q^T,
-    dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ[rows] += scale * dS K (atomics; rows past the document masked)."""
+    dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ[rows] += scale * dS K (atomics; rows past the document masked).
+    LSE_TMA: lse and delta as in _attn_bwd_dkdv_inner."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for i in range(0, n_blocks):
         start_m = lo + ((i + rot) % n_blocks) * BLOCK_M
@@ -755,7 +766,10 @@ def _attn_bwd_fused_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, DQh, LSEh
             q1 = _load_tile(Qh, offs_m, stride_qt, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
             qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PREC)
         rmask = offs_m < seqlen_q
-        lse = tl.load(LSEh + offs_m, mask=rmask, other=float("inf")) * 1.4426950408889634
+        if LSE_TMA:
+            lse = tl.reshape(LD.load([h, p_start + start_m]), (BLOCK_M,)) * 1.4426950408889634
+        else:
+            lse = tl.load(LSEh + offs_m, mask=rmask, other=float("inf")) * 1.4426950408889634
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if MASKED:
             pT = tl.where(offs_m[None, :] + diag >= offs_n[:, None], pT, 0.0)
@@ -766,7 +780,10 @@ def _attn_bwd_fused_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, DQh, LSEh
             do1 = _load_tile(DOh, offs_m, stride_dot, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
             dv1 = tl.dot(pT.to(do1.dtype), do1, dv1, input_precision=DOT_PREC)
             dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
-        delta = tl.load(DELTAh + offs_m, mask=rmask, other=0.0)
+        if LSE_TMA:
+            delta = tl.reshape(DD.load([h, p_start + start_m]), (BLOCK_M,))
+        else:
+            delta = tl.load(DELTAh + offs_m, mask=rmask, other=0.0)
         dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
         dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PREC)
         # dQ: keys past the document were loaded as zero rows of K, so they add nothing
@@ -795,7 +812,9 @@ def _flash_attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K
                                  stride_dvh, stride_lse_h, qk_scale, sm_scale, group, seq_bucket,
                                  HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                                  HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr):
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
+                                 LSE_TMA: tl.constexpr = False, LSE_P=None, DELTA_P=None, PAD_CU=None,
+                                 stride_pad_h=0):
     """Grid (key blocks of max_seqlen_k, batch, Hkv), as _flash_attn_bwd_dkdv_kernel; DQ is a zeroed fp32
     (total_q, Hq, D) buffer that receives scale * dS K by atomics."""
     stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
@@ -851,6 +870,13 @@ def _flash_attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K
     n_full = tl.cdiv(seqlen_q - mid, BLOCK_M)
     rot = pid_n % tl.maximum(n_full, 1)   # stagger the dQ rows that concurrent key blocks add to
     q_off = q_start.to(tl.int64)
+    if LSE_TMA:
+        p_start, LD, DD = _lse_descriptors(LSE_P, DELTA_P, PAD_CU, b, group * tl.num_programs(2), seqlen_q,
+                                           stride_pad_h, BLOCK_M)
+    else:
+        p_start = 0
+        LD = LSE
+        DD = DELTA
     for g in range(0, group):  # every query head of this kv head: dK/dV summed in registers
         h = hk * group + g
         Qh = Q + q_off * stride_qt + h * stride_qh
@@ -861,11 +887,13 @@ def _flash_attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K
         dk0, dk1, dv0, dv1 = _attn_bwd_fused_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, DQh, LSEh, DELTAh,
                                                    stride_qt, stride_dot, stride_dqt, offs_n, offs_d0, offs_d1, lo,
                                                    n_diag, 0, seqlen_q, diag, qk_scale, sm_scale, HEAD_DIM, BLOCK_M,
-                                                   MASK_D0, MASK_D1, HAS_D1, True, DOT_PREC)
+                                                   MASK_D0, MASK_D1, HAS_D1, True, DOT_PREC, LSE_TMA, LD, DD,
+                                                   p_start, h)
         dk0, dk1, dv0, dv1 = _attn_bwd_fused_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, DQh, LSEh, DELTAh,
                                                    stride_qt, stride_dot, stride_dqt, offs_n, offs_d0, offs_d1, mid,
                                                    n_full, rot, seqlen_q, diag, qk_scale, sm_scale, HEAD_DIM,
-                                                   BLOCK_M, MASK_D0, MASK_D1, HAS_D1, False, DOT_PREC)
+                                                   BLOCK_M, MASK_D0, MASK_D1, HAS_D1, False, DOT_PREC, LSE_TMA, LD,
+                                                   DD, p_start, h)
     DKb = DK + (k_start + start_n).to(tl.int64) * stride_dkt + hk * stride_dkh
     DVb = DV + (k_start + start_n).to(tl.int64) * stride_dvt + hk * stride_dvh
     _store_tile(DKb, dk0 * sm_scale, offs_nb, stride_dkt, offs_d0, keys_left, HEAD_DIM)
@@ -1154,6 +1182,32 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     return out, lse
 
 
+def _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q: int, lse_tma: bool):
+    """delta = rowsum(dO * O) into ``delta`` (hq, total_q); with ``lse_tma`` also lse and delta in the padded layout
+    of the LSE_TMA loads (every document starting at a multiple of 4 rows). Returns (lse, the kernel arguments of
+    that layout for the dK/dV or fused kernel)."""
+    hq, total_q = delta.shape
+    d = out.shape[-1]
+    batch = cu_seqlens_q.shape[0] - 1
+    block_t = 16 if _ext.interpreting() else 64
+    if not lse_tma:
+        _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
+            out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
+        return lse, {}
+    lse = lse.contiguous()
+    lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    pad_cu = torch.zeros(batch + 1, dtype=torch.int32, device=out.device)
+    torch.cumsum((lens + 3) // 4 * 4, 0, dtype=torch.int32, out=pad_cu[1:])
+    width = (total_q + 3 * batch + 3) // 4 * 4  # 16-byte rows: the descriptors' strides
+    lse_p = torch.empty((hq, width), dtype=torch.float32, device=out.device)
+    delta_p = torch.empty((hq, width), dtype=torch.float32, device=out.device)
+    _flash_attn_bwd_preprocess_padded_kernel[(triton.cdiv(max_seqlen_q, block_t), batch, hq)](
+        out, dout, lse, delta, lse_p, delta_p, cu_seqlens_q, pad_cu, out.stride(0), out.stride(1), dout.stride(0),
+        dout.stride(1), lse.stride(0), width, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
+    return lse, dict(LSE_P=lse_p, DELTA_P=delta_p, PAD_CU=pad_cu, stride_pad_h=width)
+
+
 def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                           softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launcher: ``(dq, dk, dv)``, contiguous, in the input dtypes. Deterministic (no atomics)."""
@@ -1175,25 +1229,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
     group = hq // hkv
     dot_prec = _dot_prec(q.dtype)
     with _device_guard(q):
-        block_t = 16 if _ext.interpreting() else 64
-        if lse_tma:  # + lse and delta with every document starting at a multiple of 4 rows (TMA-aligned offsets)
-            lse = lse.contiguous()
-            lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-            pad_cu = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
-            torch.cumsum((lens + 3) // 4 * 4, 0, dtype=torch.int32, out=pad_cu[1:])
-            width = (total_q + 3 * batch + 3) // 4 * 4  # 16-byte rows: the descriptors' strides
-            lse_p = torch.empty((hq, width), dtype=torch.float32, device=q.device)
-            delta_p = torch.empty((hq, width), dtype=torch.float32, device=q.device)
-            _flash_attn_bwd_preprocess_padded_kernel[(triton.cdiv(max_seqlen_q, block_t), batch, hq)](
-                out, dout, lse, delta, lse_p, delta_p, cu_seqlens_q, pad_cu, out.stride(0), out.stride(1),
-                dout.stride(0), dout.stride(1), lse.stride(0), width, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-                BLOCK_T=block_t)
-            lse_tma_args = dict(LSE_P=lse_p, DELTA_P=delta_p, PAD_CU=pad_cu, stride_pad_h=width)
-        else:
-            _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
-                out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-                delta.stride(0), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
-            lse_tma_args = {}
+        lse, lse_tma_args = _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q, lse_tma)
         align = _stride_align(q, k, v, dout, dq, dk, dv)
         args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dk, dv),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_k))
@@ -1240,11 +1276,11 @@ def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
     else:
         d0, d1, has_d1 = triton.next_power_of_2(d), 16, False
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
+    lse_tma = _use_lse_tma(q)
     with _device_guard(q):
-        block_t = 16 if _ext.interpreting() else 64
-        _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
-            out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
+        lse, lse_tma_args = _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q, lse_tma)
+        if lse_tma and q.is_cuda:
+            _ext.ensure_tma_allocator()
         align = _stride_align(q, k, v, dout, dq_acc, dk, dv)
         args = (q, k, v, dout, lse, delta, dq_acc, dk, dv, cu_seqlens_q, cu_seqlens_k,
                 *_strides(align, q, k, v, dout, dq_acc, dk, dv), lse.stride(0), softmax_scale * _LOG2E,
@@ -1252,7 +1288,8 @@ def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
                           DOT_PREC=_dot_prec(q.dtype), ALIGN=align)
         _launch("bwd_fused", _flash_attn_bwd_fused_kernel,
-                lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv), args, constexprs)
+                lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv), args,
+                dict(constexprs, LSE_TMA=lse_tma, **lse_tma_args))
     return dq_acc.to(q.dtype), dk, dv
 
 

@@ -670,6 +670,17 @@ def test_atomic_bwd_vs_ref(case, atomic_bwd, device):
     assert len(atomic_bwd) == 1, "the atomic backward did not run"
 
 
+@pytest.mark.parametrize("case", ["mqa7-d64-causal", "sq>sk-empty-docs-causal", "no-keys-doc",
+                                  "fp16-gqa2-d72-causal"])
+def test_atomic_bwd_lse_tma(case, atomic_bwd, device, monkeypatch):
+    """LLAVA_FAST_ATTN_LSE_TMA=1 with the atomic backward: its fused kernel reads lse and delta through the same
+    padded descriptors as the dK/dV kernel."""
+    monkeypatch.setenv("LLAVA_FAST_ATTN_LSE_TMA", "1")
+    lens_q, lens_k, hq, hkv, d, causal, dtype = ATOMIC_CASES[case]
+    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
+    assert len(atomic_bwd) == 1, "the atomic backward did not run"
+
+
 def test_atomic_bwd_empty_rows_are_zero(atomic_bwd, device):
     q, k, v, cu_q, cu_k = _make([6, 3], [2, 0], 2, 2, 72, torch.float32, device)
     out, lse = _run_function(q, k, v, cu_q, cu_k, 6, 2, True)
