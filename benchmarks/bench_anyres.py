@@ -164,8 +164,8 @@ def gpu_section(args, dtype) -> list[Row]:
             # rows, 26.5 KB staged for NeXT; 16 KB -> 16 rows, 14.4 KB): the smaller band trades halo work (rows
             # filtered by both neighbouring bands) for more resident blocks
             providers["llava_fast_cuda_v4_smem16"] = encoder(4, smem_kb=16)
-            providers["llava_fast_cuda_v4_bf16"] = encoder(4, dtype=torch.bfloat16) if dtype != torch.bfloat16 \
-                else encoder(4)
+            if dtype != torch.bfloat16:  # bf16 out: what the model consumes (half the bytes written)
+                providers["llava_fast_cuda_v4_bf16"] = encoder(4, dtype=torch.bfloat16)
             u8 = [anyres.to_uint8_chw(x, i, contiguous=False) for i, x in enumerate(gpu)]
             plan_host = torch.empty(anyres._encoder_plan(u8, [False] * len(u8), cfg, "uint8", "tiles").nbytes,
                                     dtype=torch.uint8, pin_memory=True)

@@ -85,26 +85,28 @@ def hf_configs(name: str, layers: int | None, tiny: bool):
                                    tie_word_embeddings=True)
 
 
-def make_inputs(name, cfg, device, tiny):
-    """input_ids, labels, pixel_values (flat tiles), hf pixel_values, image_sizes, real tokens."""
+def workload_shape(name, cfg, tiny=False):
+    """(batch, image tokens, text tokens, tiles per sample, image (h, w) or None) of a workload: what make_inputs
+    builds and what flops counts (also benchmarks/targets.py, without building anything)."""
     from llava_fast.ops.anyres import num_image_tokens, num_tiles
 
     vc = cfg.vision_config
     t, tps = vc.image_size, vc.image_size // vc.patch_size
-    g = torch.Generator().manual_seed(0)
-    hw = (IMAGE_HW[0] * t // 336, IMAGE_HW[1] * t // 336) if tiny else IMAGE_HW
     if name == "stage1":
-        batch, n_img, n_txt, tiles = 16 if not tiny else 2, tps * tps, 64, 1
-        sizes = None
-    else:
-        batch = 8 if name == "prefill" else 2
-        if tiny:
-            batch = 2
-        pins = cfg.image_grid_pinpoints
-        n_img = num_image_tokens(hw, pins, t, tps, 9 if name == "ov_ft" else None)
-        tiles = num_tiles(hw, pins, t)
-        n_txt = 256 if name == "prefill" else 512
-        sizes = torch.tensor([hw] * batch, device=device)
+        return (16 if not tiny else 2), tps * tps, 64, 1, None
+    hw = (IMAGE_HW[0] * t // 336, IMAGE_HW[1] * t // 336) if tiny else IMAGE_HW
+    batch = 2 if tiny or name != "prefill" else 8
+    pins = cfg.image_grid_pinpoints
+    n_img = num_image_tokens(hw, pins, t, tps, 9 if name == "ov_ft" else None)
+    return batch, n_img, 256 if name == "prefill" else 512, num_tiles(hw, pins, t), hw
+
+
+def make_inputs(name, cfg, device, tiny):
+    """input_ids, labels, pixel_values (flat tiles), hf pixel_values, image_sizes, real tokens."""
+    t = cfg.vision_config.image_size
+    g = torch.Generator().manual_seed(0)
+    batch, n_img, n_txt, tiles, hw = workload_shape(name, cfg, tiny)
+    sizes = None if hw is None else torch.tensor([hw] * batch, device=device)
     tok = cfg.image_token_id
     text = torch.randint(0, min(cfg.text_config.vocab_size, 30000) - 100, (batch, n_txt), generator=g)  # below the image token
     ids = torch.cat([text[:, :8], torch.full((batch, n_img), tok), text[:, 8:]], dim=1).to(device)
@@ -116,24 +118,30 @@ def make_inputs(name, cfg, device, tiny):
                 tiles=batch * tiles)
 
 
-def flops(name, cfg, inp):
-    """Model FLOPs of one call (see module docstring)."""
+def flop_parts(name, cfg, inp):
+    """Model FLOPs of one call by part (LLM GEMMs, lm_head, LLM attention, vision tower, projector), each with the
+    workload's multiplier: forward 1x; training 3x for trained parts, 2x for the frozen LLM of stage 1 (activation
+    gradients, no weight gradients). See the module docstring."""
     vc, tc = cfg.vision_config, cfg.text_config
     hd = tc.hidden_size // tc.num_attention_heads
     kv = tc.num_key_value_heads * hd
-    llm_params = tc.num_hidden_layers * (tc.hidden_size * (tc.hidden_size + 2 * kv) + tc.hidden_size ** 2
-                                         + 3 * tc.hidden_size * tc.intermediate_size) + tc.hidden_size * tc.vocab_size
+    layer = tc.hidden_size * (tc.hidden_size + 2 * kv) + tc.hidden_size ** 2 + 3 * tc.hidden_size * tc.intermediate_size
     seq = inp["tokens"] // inp["batch"]
-    llm = 2 * llm_params * inp["tokens"] + inp["batch"] * tc.num_hidden_layers * 2 * seq * seq * tc.hidden_size
     n_vis = (vc.image_size // vc.patch_size) ** 2 + (1 if name != "ov_ft" else 0)
     vis_params = vc.num_hidden_layers * (4 * vc.hidden_size ** 2 + 2 * vc.hidden_size * vc.intermediate_size)
-    vis = inp["tiles"] * (2 * vis_params * n_vis + vc.num_hidden_layers * 4 * n_vis * n_vis * vc.hidden_size)
-    proj = 2 * inp["tiles"] * n_vis * (vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2)
-    if name == "prefill":
-        return llm + vis + proj
-    if name == "stage1":
-        return 2 * llm + vis + 3 * proj
-    return 3 * (llm + vis + proj)
+    parts = dict(llm=2 * tc.num_hidden_layers * layer * inp["tokens"],
+                 head=2 * tc.hidden_size * tc.vocab_size * inp["tokens"],
+                 attention=inp["batch"] * tc.num_hidden_layers * 2 * seq * seq * tc.hidden_size,
+                 vision=inp["tiles"] * (2 * vis_params * n_vis + vc.num_hidden_layers * 4 * n_vis * n_vis * vc.hidden_size),
+                 projector=2 * inp["tiles"] * n_vis * (vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2))
+    mult = {"prefill": dict(llm=1, vision=1, projector=1), "stage1": dict(llm=2, vision=1, projector=3)}.get(
+        name, dict(llm=3, vision=3, projector=3))
+    return {k: v * mult["llm" if k in ("head", "attention") else k] for k, v in parts.items()}
+
+
+def flops(name, cfg, inp):
+    """Model FLOPs of one call (see module docstring)."""
+    return sum(flop_parts(name, cfg, inp).values())
 
 
 _PATCHED_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",

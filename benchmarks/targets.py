@@ -19,41 +19,18 @@ ANCHORS = {"stage1": (23.8, "samples/s", 1.5), "prefill": (31.4e3, "tokens/s", 1
 
 
 def split(name: str, layers: int | None) -> dict:
-    """FLOPs per step of workload `name` by part, as bench_model.flops counts them (no tensors built)."""
-    from llava_fast.ops.anyres import num_image_tokens, num_tiles
-
+    """FLOPs per step of workload `name` by part (bench_model.flop_parts), as fractions of the total, and the lm_head
+    FLOPs our fused loss skips (it computes logits only for supervised rows: text after the first 8 tokens)."""
     cfg = bench_model.hf_configs(name, layers, False)
-    vc, tc = cfg.vision_config, cfg.text_config
-    t, tps = vc.image_size, vc.image_size // vc.patch_size
-    if name == "stage1":
-        batch, n_img, n_txt, tiles = 16, tps * tps, 64, 1
-    else:
-        batch = 8 if name == "prefill" else 2
-        n_img = num_image_tokens(bench_model.IMAGE_HW, cfg.image_grid_pinpoints, t, tps, 9 if name == "ov_ft" else None)
-        tiles = num_tiles(bench_model.IMAGE_HW, cfg.image_grid_pinpoints, t)
-        n_txt = 256 if name == "prefill" else 512
+    batch, n_img, n_txt, tiles, _ = bench_model.workload_shape(name, cfg)
     inp = dict(tokens=batch * (n_img + n_txt), batch=batch, tiles=batch * tiles)
-    total = bench_model.flops(name, cfg, inp)
-    hd = tc.hidden_size // tc.num_attention_heads
-    kv = tc.num_key_value_heads * hd
-    seq = inp["tokens"] // batch
-    layer = tc.hidden_size * (tc.hidden_size + 2 * kv) + tc.hidden_size ** 2 + 3 * tc.hidden_size * tc.intermediate_size
-    llm = 2 * tc.num_hidden_layers * layer * inp["tokens"]
-    head = 2 * tc.hidden_size * tc.vocab_size * inp["tokens"]
-    attn = batch * tc.num_hidden_layers * 2 * seq * seq * tc.hidden_size
-    n_vis = tps * tps + (1 if name != "ov_ft" else 0)
-    vis_p = vc.num_hidden_layers * (4 * vc.hidden_size ** 2 + 2 * vc.hidden_size * vc.intermediate_size)
-    vis = inp["tiles"] * (2 * vis_p * n_vis + vc.num_hidden_layers * 4 * n_vis * n_vis * vc.hidden_size)
-    proj = 2 * inp["tiles"] * n_vis * (vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2)
-    m = {"prefill": 1, "stage1": 2, "ov_ft": 3}[name]      # backward passes through the LLM (frozen in stage 1: no dW)
-    mv = 3 if name == "ov_ft" else 1                         # the tower trains only in the full fine-tune
-    mp = 1 if name == "prefill" else 3                       # the projector trains in both training workloads
-    # the fused loss computes logits only for supervised rows (text tokens after the image: all text but the first 8)
+    parts = bench_model.flop_parts(name, cfg, inp)
+    total = sum(parts.values())
     supervised = batch * (n_txt - 8) if name != "prefill" else inp["tokens"]
-    return dict(total=total, llm=m * llm / total, head=m * head / total, attn=m * attn / total, vision=mv * vis / total,
-                projector=mp * proj / total,
-                layers=tc.num_hidden_layers, tokens=inp["tokens"], batch=batch,
-                head_skipped=m * head * (1 - supervised / inp["tokens"]) if name != "prefill" else 0.0)
+    return dict(total=total, llm=parts["llm"] / total, head=parts["head"] / total, attn=parts["attention"] / total,
+                vision=parts["vision"] / total, projector=parts["projector"] / total,
+                layers=cfg.text_config.num_hidden_layers, tokens=inp["tokens"], batch=batch,
+                head_skipped=parts["head"] * (1 - supervised / inp["tokens"]))
 
 
 def rows() -> list[dict]:
