@@ -221,22 +221,25 @@ def _kv_sources(Kb, Vb, seqlen_k, stride_kt, stride_vt, HEAD_DIM: tl.constexpr, 
 
 
 @triton.jit
-def _fwd_qk(q0, q1, K, K1, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM: tl.constexpr,
+def _scores(q0, q1, K, K1, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM: tl.constexpr,
             MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr,
             DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
-    """Raw scores q . k of the key block at start_n (rows offs_n), fp32 (BLOCK_M, BLOCK_N)."""
+    """(q . k, k0, k1): raw scores of the key block at start_n (rows offs_n), fp32 (BLOCK_M, BLOCK_N), and the
+    key tiles loaded for them (k1 = k0 when there is no second chunk). The forward's scores, and the dQ kernel's
+    q . k and dO . v (its dS . K product reuses the key tiles)."""
     if USE_TMA:
         k0 = K.load([start_n, 0])
     else:
         k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
     qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+    k1 = k0
     if HAS_D1:
         if USE_TMA:
             k1 = K1.load([start_n, 0])
         else:
             k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
         qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
-    return qk
+    return qk, k0, k1
 
 
 @triton.jit
@@ -297,8 +300,8 @@ def _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kt, stride_vt, of
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        qk = _fwd_qk(q0, q1, K, K1, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM, MASK_D0,
-                     MASK_D1, HAS_D1, MASKED, DOT_PREC, USE_TMA)
+        qk, _, _ = _scores(q0, q1, K, K1, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM,
+                           MASK_D0, MASK_D1, HAS_D1, MASKED, DOT_PREC, USE_TMA)
         acc0, acc1, l_i, m_i = _fwd_softmax_pv(qk, acc0, acc1, l_i, m_i, V, V1, stride_vt, offs_m, offs_n, offs_d0,
                                                offs_d1, seqlen_k, diag, qk_scale, start_n, HEAD_DIM, MASK_D0,
                                                MASK_D1, HAS_D1, MASKED, CAUSAL, DOT_PREC, USE_TMA, SCALE_FIRST)
@@ -636,27 +639,10 @@ def _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, stride_kt, 
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        if USE_TMA:
-            k0 = K.load([start_n, 0])
-        else:
-            k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
-        qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
-        if USE_TMA:
-            v0 = V.load([start_n, 0])
-        else:
-            v0 = _load_tile(V, offs_n, stride_vt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
-        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
-        if HAS_D1:
-            if USE_TMA:
-                k1 = K1.load([start_n, 0])
-            else:
-                k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
-            qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
-            if USE_TMA:
-                v1 = V1.load([start_n, 0])
-            else:
-                v1 = _load_tile(V, offs_n, stride_vt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
-            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
+        qk, k0, k1 = _scores(q0, q1, K, K1, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM,
+                             MASK_D0, MASK_D1, HAS_D1, MASKED, DOT_PREC, USE_TMA)
+        dp, _, _ = _scores(do0, do1, V, V1, stride_vt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM,
+                           MASK_D0, MASK_D1, HAS_D1, MASKED, DOT_PREC, USE_TMA)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
             allowed = offs_n[None, :] < seqlen_k
