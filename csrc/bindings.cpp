@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <iterator>
 #include <cstring>
 
 #include "common/checks.h"
@@ -116,7 +117,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("pass1_rows", &CudaEncodePlan::pass1_rows)
       .def_readonly("max_span", &CudaEncodePlan::max_span)
       .def_property_readonly("band_need",
-                             [](const CudaEncodePlan& p) { return std::vector<int>(p.band_need, p.band_need + 6); })
+                             [](const CudaEncodePlan& p) { return std::vector<int>(std::begin(p.band_need), std::end(p.band_need)); })
       .def("v4_band_rows", &v4_band_rows, py::arg("smem_bytes"),
            "v4: the tallest band (1 .. 32 output rows) whose staged intermediate fits in smem_bytes; 0 if none")
       .def_readonly("resample", &CudaEncodePlan::resample)

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "anyres/encode.h"
+#include "anyres/encode_gpu.h"
 
 namespace llava_fast {
 
@@ -27,7 +28,7 @@ struct CudaEncodePlan {
   int64_t total_tiles = 0, tile_elems = 0, scratch_elems = 0, pass1_blocks = 0;
   int64_t pass1_rows = 0, max_span = 0;  // v2 pass 1: blocks (one per job row), widest staged source row
   int64_t pass1_rowblocks = 0;           // v3 pass 1: blocks (one per kV3Rows rows of a job)
-  int32_t band_need[6] = {0, 0, 0, 0, 0, 0};  // v4: intermediate rows per band of 1 << k output rows (encode_gpu.h)
+  int32_t band_need[gpu_encode::kV4Levels] = {};  // v4: intermediate rows per band of 1 << k output rows (encode_gpu.h)
   int resample = 0, patch = 0;
   int64_t tile = 0;  // T
   int64_t nbytes() const { return total_bytes; }
@@ -69,8 +70,8 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
 // intermediate (band_need[k] rows x tile columns, one channel) fits in smem_bytes of shared memory; 0 if none does
 // (the launcher then runs v3).
 inline int v4_band_rows(const CudaEncodePlan& plan, int64_t smem_bytes) {
-  const int64_t esize = plan.resample == 0 ? 1 : 4;
-  for (int k = 5; k >= 0; --k)
+  const int64_t esize = plan.resample == gpu_encode::kU8 ? 1 : 4;
+  for (int k = gpu_encode::kV4Levels - 1; k >= 0; --k)
     if (static_cast<int64_t>(plan.band_need[k]) * plan.tile * esize <= smem_bytes) return 1 << k;
   return 0;
 }

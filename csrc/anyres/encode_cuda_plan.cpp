@@ -21,7 +21,7 @@ struct AxisTable {
   int32_t in = 0, out = 0, taps = 0, prec = 0;
   int64_t full_lo = 0, full_hi = 0;  // input positions all outputs read (input_range over [0, out)), kept for reuse
   // v4: the most input positions any run of 1 << k consecutive outputs reads (the band bound of encode_gpu.h)
-  int32_t band_need[kV4Levels] = {0, 0, 0, 0, 0, 0};
+  int32_t band_need[kV4Levels] = {};
   std::vector<int32_t> xmin, xsize;
   std::vector<int16_t> w16;  // kU8
   std::vector<float> wf;     // kF32
@@ -286,7 +286,7 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
     max_span = std::max<int64_t>(max_span, j.span);
     LF_CHECK(rows < (static_cast<int64_t>(1) << 31), "encode_tiles_cuda: too many source rows in one batch");
   }
-  int32_t band_need[kV4Levels] = {0, 0, 0, 0, 0, 0};
+  int32_t band_need[kV4Levels] = {};
   for (const auto& j : jobs)
     for (int k = 0; k < kV4Levels; ++k) band_need[k] = std::max(band_need[k], tables[j.ax_h]->band_need[k]);
   std::copy(band_need, band_need + kV4Levels, plan.band_need);
