@@ -4,6 +4,9 @@ Environment flags:
   LLAVA_FAST_SKIP_CUDA_BUILD=1   skip all native code (pure-Python install; every op uses its PyTorch/Triton path)
   LLAVA_FAST_CUDA_ARCHS="80;90"  CUDA architectures for nvcc (PTX is added for the newest one)
   LLAVA_FAST_FORCE_CPU_ONLY=1    build only the C++ (CPU) sources even when nvcc is present
+  LLAVA_FAST_CUTLASS_DIR=PATH    CUTLASS checkout or include dir: also build llava_fast/_cutlass_sm90.so (Hopper GEMMs
+                                 with fused epilogues; sm_90 must be among the archs). Found automatically when the
+                                 nvidia-cutlass package is installed; LLAVA_FAST_CUTLASS_DIR=0 skips it
   MAX_JOBS                       parallel compile jobs (default: number of CPUs)
   CMAKE_ARGS                     extra arguments passed to CMake
 
@@ -34,6 +37,29 @@ def _find_nvcc():
         return found
     default = Path("/usr/local/cuda/bin/nvcc")
     return str(default) if default.exists() else None
+
+
+def _find_cutlass_include():
+    """The CUTLASS include directory (with cutlass/cutlass.h and cute/), or None."""
+    env = os.environ.get("LLAVA_FAST_CUTLASS_DIR", "").strip()
+    if env in ("0", "off", "no"):
+        return None
+    candidates = []
+    if env:
+        candidates += [Path(env) / "include", Path(env)]
+    else:
+        try:
+            import cutlass_library  # the nvidia-cutlass wheel ships the headers
+
+            candidates.append(Path(cutlass_library.__file__).parent / "source" / "include")
+        except Exception:  # not installed, or broken
+            pass
+    for c in candidates:
+        if (c / "cutlass" / "cutlass.h").exists() and (c / "cute").is_dir():
+            return str(c)
+    if env:
+        print(f"llava_fast: LLAVA_FAST_CUTLASS_DIR={env} has no cutlass/cutlass.h; not building the CUTLASS library")
+    return None
 
 
 class CMakeExtension(Extension):
@@ -69,6 +95,10 @@ class CMakeBuild(build_ext):
         if nvcc:
             args += ["-DLLAVA_FAST_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}"]
             print(f"llava_fast: building C++ and CUDA sources with {nvcc} for archs {archs}")
+            cutlass = _find_cutlass_include()
+            args.append(f"-DLLAVA_FAST_CUTLASS_INCLUDE={cutlass or ''}")
+            if cutlass and "90" in archs.split(";"):
+                print(f"llava_fast: building the CUTLASS library (sm_90a) with {cutlass}")
         else:
             why = "LLAVA_FAST_FORCE_CPU_ONLY=1" if _truthy("LLAVA_FAST_FORCE_CPU_ONLY") else "nvcc not found"
             print(f"llava_fast: {why}, building the C++ (CPU) sources only")
@@ -78,6 +108,11 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run(["cmake", ext.sourcedir, *args], cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_temp, check=True)
+        # The CUTLASS library is not a Python extension, so an editable install would not copy it next to _C:
+        # do it here (a wheel build takes everything in extdir anyway).
+        lib = extdir / "_cutlass_sm90.so"
+        if lib.exists() and (getattr(self, "editable_mode", False) or self.inplace):
+            shutil.copy2(lib, ROOT / "llava_fast" / lib.name)
 
 
 setup(ext_modules=[CMakeExtension("llava_fast._C")], cmdclass={"build_ext": CMakeBuild})

@@ -6,6 +6,10 @@ Providers, all measured in the same run:
   llava_fast_tma        same as llava_fast with LLAVA_FAST_PROJECTOR_KERNEL=tma (persistent, TMA descriptor loads,
                         tile and K loops flattened for the pipeliner)
   llava_fast_tma_nested LLAVA_FAST_PROJECTOR_KERNEL=tma_nested: the same without the flattening (session 4's)
+  llava_fast_cutlass    LLAVA_FAST_PROJECTOR_KERNEL=cutlass: the CUTLASS warp-specialized GELU GEMM (ping-pong) and
+                        dGELU dgrad (cooperative) of csrc/cutlass/ (sm_90 only; skipped when the library is not built)
+  llava_fast_cutlass_pp the same with LLAVA_FAST_PROJECTOR_CUTLASS_SCHED=pingpong (both GEMMs ping-pong)
+  llava_fast_cutlass_coop  LLAVA_FAST_PROJECTOR_CUTLASS_SCHED=cooperative (both GEMMs cooperative 128x256)
   eager                 nn.Linear + nn.GELU() (erf) + nn.Linear
   compile               torch.compile of eager (default mode)
   cublaslt_gelu         torch._addmm_activation(b1, x, w1.t(), use_gelu=True) (cuBLASLt GELU_BIAS epilogue, tanh
@@ -31,11 +35,24 @@ from bench_utils import Row, add_ratios, bench, peak_memory, save, to_markdown
 
 OURS = "llava_fast"
 KERNEL_ENV = "LLAVA_FAST_PROJECTOR_KERNEL"  # the kernel variant, read at every launch (llava_fast.ops.projector)
+SCHED_ENV = "LLAVA_FAST_PROJECTOR_CUTLASS_SCHED"
+# provider -> the environment it runs under (forward and backward)
+PROVIDER_ENV = {
+    "llava_fast_tma": {KERNEL_ENV: "tma"},
+    "llava_fast_tma_nested": {KERNEL_ENV: "tma_nested"},
+    "llava_fast_cutlass": {KERNEL_ENV: "cutlass"},
+    "llava_fast_cutlass_pp": {KERNEL_ENV: "cutlass", SCHED_ENV: "pingpong"},
+    "llava_fast_cutlass_coop": {KERNEL_ENV: "cutlass", SCHED_ENV: "cooperative"},
+}
 
 
 def flops(m, dv, dt, n2, mode):
     fwd = 2.0 * m * (dv * dt + dt * n2)
     return fwd * 3 if mode == "fwd+bwd" else fwd
+
+
+# --quick leaves out what earlier runs measured as behind (docs/perf-notes.md) to keep device_check's step short
+QUICK_SKIP = ("llava_fast_tma_nested", "llava_fast_gemm2_triton", "llava_fast_cutlass_pp")
 
 
 def make_providers(dv, dt, dtype, with_compile=True):
@@ -68,10 +85,18 @@ def make_providers(dv, dt, dtype, with_compile=True):
         return torch.addmm(b2, a, w2.t())
 
     provs = {OURS: ours, "llava_fast_tma": ours_tma, "llava_fast_tma_nested": ours_tma,
+             "llava_fast_cutlass": ours_tma, "llava_fast_cutlass_pp": ours_tma, "llava_fast_cutlass_coop": ours_tma,
              "llava_fast_gemm2_triton": ours_t2, "eager": eager,
              "compile": compiled, "cublaslt_gelu": cublaslt}
     if compiled is None:
         del provs["compile"]
+    from llava_fast.ops.projector import cutlass_unusable
+
+    why = cutlass_unusable(w1, approximate="none")  # sm_90 and the library (w1: any bf16 matrix with 16-byte rows)
+    if why is not None:
+        print(f"llava_fast_cutlass providers skipped: {why}")
+        for name in [p for p in provs if p.startswith("llava_fast_cutlass")]:
+            del provs[name]
     return provs, [w1, b1, w2, b2]
 
 
@@ -99,10 +124,13 @@ def saved_gib(fn, x):
     return held / 2**30
 
 
-def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True):
+def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True, skip=()):
+    from llava_fast.ops import projector as P
+
     rows = []
     for dv, dt in shapes:
         provs, params = make_providers(dv, dt, dtype, with_compile)
+        provs = {k: v for k, v in provs.items() if k not in skip}
         for m in ms_list:
             shape = f"M={m} {dv}->{dt}->{dt}"
             x = torch.randn(m, dv, device="cuda", dtype=dtype)
@@ -112,8 +140,9 @@ def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True)
                     if name == "cublaslt_gelu" and mode == "fwd+bwd":
                         continue  # no autograd formula for _addmm_activation
                     call = make_call(fn, x, dy, params, mode)
-                    os.environ[KERNEL_ENV] = {"llava_fast_tma": "tma", "llava_fast_tma_nested": "tma_nested"}.get(
-                        name, "pointer")
+                    env = PROVIDER_ENV.get(name, {KERNEL_ENV: "pointer"})
+                    os.environ.update(env)
+                    runs = P._cutlass_runs
                     try:
                         t = bench(call, warmup=5, rep=rep)
                         peak = peak_memory(call)
@@ -121,17 +150,22 @@ def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True)
                         print(f"{name} {shape} {mode}: failed: {type(e).__name__}: {e}")
                         continue
                     finally:
-                        os.environ.pop(KERNEL_ENV, None)
+                        for k in env:
+                            os.environ.pop(k, None)
                     tf = flops(m, dv, dt, dt, mode) / (t["ms"] * 1e-3) / 1e12
+                    note = "tanh GELU" if name == "cublaslt_gelu" else ""
+                    if name.startswith("llava_fast_cutlass") and P._cutlass_runs == runs:
+                        note = "FELL BACK to Triton (CUTLASS refused: see the warning above)"
                     rows.append(Row("projector", name, shape, "bf16" if dtype == torch.bfloat16 else str(dtype),
-                                    mode, t["ms"], t["ms_p20"], t["ms_p80"], tf, "TFLOP/s", peak,
-                                    note="tanh GELU" if name == "cublaslt_gelu" else ""))
+                                    mode, t["ms"], t["ms_p20"], t["ms_p80"], tf, "TFLOP/s", peak, note=note))
                     print(f"{shape:28s} {mode:10s} {name:24s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
             # activation memory held for backward (x and weights require grad, as in training)
-            for name in (OURS, "eager", "compile"):
+            for name in (OURS, "llava_fast_cutlass", "eager", "compile"):
                 if name not in provs:
                     continue
                 xi = x.detach().requires_grad_()
+                env = PROVIDER_ENV.get(name, {})
+                os.environ.update(env)
                 try:
                     fn = provs[name]
                     fn(xi)  # warm up (compile / autotune) outside the measurement
@@ -139,6 +173,9 @@ def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True)
                 except Exception as e:  # noqa: BLE001  report and keep going
                     print(f"{name} saved_act: failed: {e}")
                     continue
+                finally:
+                    for k in env:
+                        os.environ.pop(k, None)
                 rows.append(Row("projector", name, shape, "bf16", "saved_act", metric=g, unit="GiB",
                                 note="GiB held between fwd and bwd beyond the output; lower is better"))
                 print(f"{shape:28s} saved_act  {name:24s} {g:.3f} GiB", flush=True)
@@ -163,7 +200,7 @@ def main(argv=None):
     else:
         ms_list, shapes = [576, 2880, 23040, 46080], [(1024, 4096), (1152, 3584)]
     rows = run(ms_list, shapes, ["fwd", "fwd_nograd", "fwd+bwd"], rep=10 if args.quick else 20,
-               with_compile=not args.quick or args.compile)
+               with_compile=not args.quick or args.compile, skip=QUICK_SKIP if args.quick else ())
     add_ratios(rows, ours=OURS)
     print(to_markdown(rows))
     print(f"saved: {save(rows, 'projector')}")

@@ -136,7 +136,11 @@ def projector(folder):
     out = []
     for mode in ("fwd", "fwd+bwd"):
         eager = _row(rows, "eager", shape, mode)
-        cand = {p: _row(rows, p, shape, mode) for p in ("llava_fast", "llava_fast_tma", "llava_fast_tma_nested")}
+        cand = {p: _row(rows, p, shape, mode) for p in ("llava_fast", "llava_fast_tma", "llava_fast_tma_nested",
+                                                          "llava_fast_cutlass", "llava_fast_cutlass_pp",
+                                                          "llava_fast_cutlass_coop")}
+        # a CUTLASS row whose calls fell back to Triton measures Triton: not a CUTLASS candidate
+        cand = {p: r for p, r in cand.items() if r and "FELL BACK" not in (r.get("note") or "")}
         if eager is None or not any(cand.values()):
             out.append((f"projector {mode}, M=23040", "not measured", "", ""))
             continue
@@ -145,6 +149,21 @@ def projector(folder):
         out.append((f"projector {mode}, M=23040", ", ".join(f"{p} {x:.2f}x eager" for p, x in ratios.items()),
                     "issue 4: >= 1.05x eager; the kernel replaces cuBLAS in 'auto' only then",
                     f"{best} meets it: drop 'projector' from AUTO_REFERENCE" if ratios[best] >= 1.05 else "not met"))
+    # CUTLASS (session 7, never run before): default kernel when usable if its forward and fwd+bwd both beat the
+    # pointer kernel by >= 3% (and the cuda tests passed); the schedule pair with the best fwd+bwd wins
+    ours = {m: _row(rows, "llava_fast", shape, m) for m in ("fwd", "fwd+bwd")}
+    for p in ("llava_fast_cutlass", "llava_fast_cutlass_pp", "llava_fast_cutlass_coop"):
+        r = {m: _row(rows, p, shape, m) for m in ("fwd", "fwd+bwd")}
+        if not all(r.values()) or not all(ours.values()):
+            continue
+        if any("FELL BACK" in (x.get("note") or "") for x in r.values()):
+            out.append((f"projector {p}", "fell back to Triton: CUTLASS refused (see bench_projector.log)", "", "fix"))
+            continue
+        sp = {m: ours[m]["ms"] / r[m]["ms"] for m in r}
+        out.append((f"projector {p}", f"fwd {sp['fwd']:.2f}x, fwd+bwd {sp['fwd+bwd']:.2f}x the Triton kernel",
+                    ">= 1.03x both, cuda tests passed",
+                    "candidate default: kernel_kind() -> 'cutlass' when usable" if min(sp.values()) >= 1.03
+                    else "keep opt-in"))
     return out
 
 

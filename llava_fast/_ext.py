@@ -116,3 +116,47 @@ def sm_count(device) -> int:
     if idx not in _sm_counts:
         _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _sm_counts[idx]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The optional CUTLASS library (Hopper GEMMs with fused epilogues, csrc/cutlass/): a plain shared library with a C ABI
+# loaded with ctypes, so one build serves every torch and Python version. Loaded on first use, never at import.
+# ----------------------------------------------------------------------------------------------------------------------
+CUTLASS_LIB = "_cutlass_sm90.so"
+CUTLASS_ABI = 2
+CUTLASS_BUILD_HINT = (
+    "build it with the CUTLASS headers: `pip install nvidia-cutlass` (or set LLAVA_FAST_CUTLASS_DIR to a CUTLASS "
+    "checkout), then `LLAVA_FAST_CUDA_ARCHS=90 pip install --no-build-isolation -e .`; it needs nvcc >= 12.3 and runs "
+    "on sm_90 (H100/H200) only"
+)
+_cutlass = None
+CUTLASS_ERROR: str | None = None
+
+
+def cutlass_lib():
+    """The ctypes handle of ``llava_fast/_cutlass_sm90.so``, or None (``CUTLASS_ERROR`` then says why)."""
+    global _cutlass, CUTLASS_ERROR
+    if _cutlass is not None or CUTLASS_ERROR is not None:
+        return _cutlass
+    import ctypes
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), CUTLASS_LIB)
+    if not os.path.exists(path):
+        CUTLASS_ERROR = f"{CUTLASS_LIB} is not built"
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+        abi = lib.llava_fast_cutlass_abi_version()
+        if abi != CUTLASS_ABI:
+            raise OSError(f"ABI version {abi}, this llava_fast expects {CUTLASS_ABI}: rebuild it")
+    except (OSError, AttributeError) as e:
+        CUTLASS_ERROR = f"{CUTLASS_LIB} failed to load: {e}"
+        return None
+    p, i, c = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
+    lib.llava_fast_cutlass_workspace_bytes.restype = ctypes.c_size_t
+    lib.llava_fast_cutlass_gelu_fwd.argtypes = [i, i, i, i, i, p, p, p, p, p, p, ctypes.c_size_t, p, c, i]
+    lib.llava_fast_cutlass_gelu_fwd.restype = i
+    lib.llava_fast_cutlass_dgelu_bwd.argtypes = [i, i, i, i, i, p, p, p, p, p, p, ctypes.c_size_t, p, c, i]
+    lib.llava_fast_cutlass_dgelu_bwd.restype = i
+    _cutlass = lib
+    return lib

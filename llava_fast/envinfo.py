@@ -48,6 +48,9 @@ def env() -> dict:
                                          else ")"))
         except ValueError as e:
             info["gpu_tile_encoder"] = f"invalid: {e}"
+    lib = _ext.cutlass_lib()
+    info["cutlass_lib"] = ("loaded: Hopper projector GEMMs (LLAVA_FAST_PROJECTOR_KERNEL=cutlass)" if lib is not None
+                           else f"no ({_ext.CUTLASS_ERROR}); optional, sm_90 only")
     ok, why = _ext.triton_usable()
     info["triton_usable"] = f"{'yes' if ok else 'no'}: {why}"
     info["backends"] = backend.describe("cuda" if cuda else "cpu")

@@ -163,6 +163,29 @@ def test_decide_applies_the_written_rules(tmp_path):
     assert decide.decide(str(ROOT / "benchmarks" / "results"))
 
 
+def test_decide_projector_cutlass_rule(tmp_path):
+    """The CUTLASS projector rule: a provider that beats the Triton kernel by >= 3% in fwd and fwd+bwd is a default
+    candidate; one whose rows fell back to Triton is reported as such, never as a CUTLASS result."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import json
+
+    import decide
+
+    shape = "M=23040 1024->4096->4096"
+    ms = {"eager": (1.449, 4.896), "llava_fast": (1.652, 5.067), "llava_fast_cutlass": (1.35, 4.40),
+          "llava_fast_cutlass_coop": (1.60, 5.00), "llava_fast_cutlass_pp": (1.30, 4.30)}
+    rows = [dict(provider=p, shape=shape, mode=mode, ms=t[i],
+                 note="FELL BACK to Triton" if p == "llava_fast_cutlass_pp" else "")
+            for p, t in ms.items() for i, mode in enumerate(("fwd", "fwd+bwd"))]
+    (tmp_path / "projector-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = {q: (m, d) for q, m, _, d in decide.decide(str(tmp_path))}
+    assert got["projector llava_fast_cutlass"][1].startswith("candidate default")
+    assert got["projector llava_fast_cutlass_coop"][1] == "keep opt-in"
+    assert got["projector llava_fast_cutlass_pp"][0].startswith("fell back")
+    assert "llava_fast_cutlass_pp" not in got["projector fwd, M=23040"][0]  # a fallback row is not a candidate
+    assert got["projector fwd, M=23040"][1].startswith("llava_fast_cutlass meets it")
+
+
 def test_bench_model_restores_what_liger_patches():
     """Liger's patch functions replace transformers' module-level functions and classes; bench_model puts them back
     after each Liger provider so that later transformers rows are plain transformers."""

@@ -13,6 +13,10 @@ Backward: one Triton GEMM computes ``dA = dY @ w2`` and, in its epilogue, ``dH =
 ``a = gelu(h)``; then ``dW2 = dY^T @ a``, ``db2 = sum(dY)``, ``dW1 = dH^T @ x``, ``db1 = sum(dH)`` and, only when
 ``x`` needs a gradient, ``dX = dH @ w1`` (cuBLAS). In LLaVA stage 1 ``x`` comes from a frozen tower: no dX GEMM.
 
+On Hopper, ``LLAVA_FAST_PROJECTOR_KERNEL=cutlass`` (opt-in, not yet run on a GPU) runs the GELU GEMM and the dGELU
+GEMM as CUTLASS warp-specialized kernels with the same fused epilogues (``csrc/cutlass/projector_sm90.cu``, loaded
+with ctypes: ``_ext.cutlass_lib``), falling back to the Triton kernel per call when CUTLASS cannot take it.
+
 Numerics follow eager bf16 PyTorch: fp32 accumulation, ``h`` rounded to the input dtype, GELU evaluated in fp32 on
 the rounded ``h`` (so the forward activation and the one recomputed in backward are bit-identical); ``dH`` is taken
 from the fp32 accumulator (one rounding fewer than eager).
@@ -359,14 +363,17 @@ def _get_kernel(device: torch.device, fp32: bool, tma: bool = False):
 
 
 _KERNEL_ENV = "LLAVA_FAST_PROJECTOR_KERNEL"
-KERNELS = ("pointer", "tma", "tma_nested")
+KERNELS = ("pointer", "tma", "tma_nested", "cutlass")
 
 
 def kernel_kind() -> str:
     """``LLAVA_FAST_PROJECTOR_KERNEL``: ``"pointer"`` (default: pointer loads, one program per tile; measured on an
     H200) or ``"tma"`` (persistent, TMA tensor-descriptor loads, tile and K loops flattened for the pipeliner;
     measured on an H100 before the flattening at 0.97x the pointer kernel, M = 23040) or ``"tma_nested"`` (the
-    same without the flattening, as measured then). Read at every call."""
+    same without the flattening, as measured then) or ``"cutlass"`` (the CUTLASS warp-specialized Hopper GEMMs of
+    ``csrc/cutlass/projector_sm90.cu`` for the GELU forward and the dGELU backward GEMM, where they apply: sm_90,
+    bf16/fp16, exact GELU, contiguous operands with 16-byte rows; the pointer kernel elsewhere; not yet run on a
+    GPU). Read at every call."""
     return _ext.env_choice(_KERNEL_ENV, KERNELS, "pointer")
 
 
@@ -424,7 +431,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
         raise ValueError(f"projector: the Triton kernel needs CUDA tensors (got {a.device}); use the reference "
                          f"(llava_fast.set_backend('projector', 'auto')) or set TRITON_INTERPRET=1 to debug on CPU")
     kind = kernel_kind()
-    if kind != "pointer":
+    if kind in ("tma", "tma_nested"):
         usable, b_kmajor, b_row = _tma_layout(a, b)
         if usable:
             tma_args = args[:10] + (a.stride(0), b_row, out.stride(0), out.stride(1))
@@ -448,6 +455,123 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     with torch.cuda.device(a.device):
         kernel[grid](*args, **flags)
+
+
+# CUTLASS (sm_90) launchers: the GELU forward GEMM and the dGELU backward GEMM of csrc/cutlass/projector_sm90.cu.
+_CUTLASS_SCHED_ENV = "LLAVA_FAST_PROJECTOR_CUTLASS_SCHED"
+_CUTLASS_SCHEDS = ("auto", "pingpong", "cooperative")
+_CUTLASS_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+_cutlass_workspaces: dict = {}
+_cutlass_warned: set = set()
+_cutlass_runs = 0       # successful CUTLASS calls (tests assert the kernel ran rather than the fallback)
+_CUTLASS_ON_CPU = False  # tests only: let CPU tensors through to a fake library that checks the C ABI contract
+
+
+def cutlass_sched(gemm: str) -> int:
+    """Schedule code of the CUTLASS GEMM ``gemm`` ("fwd" or "bwd"): ``LLAVA_FAST_PROJECTOR_CUTLASS_SCHED`` =
+    ``auto`` (ping-pong 128x128 for the forward, whose short K leaves the epilogue exposed unless another warp
+    group's main loop hides it; cooperative 128x256 for the dgrad, K = Dt) or ``pingpong`` or ``cooperative``."""
+    choice = _ext.env_choice(_CUTLASS_SCHED_ENV, _CUTLASS_SCHEDS, "auto")
+    if choice == "auto":
+        choice = "pingpong" if gemm == "fwd" else "cooperative"
+    return 0 if choice == "pingpong" else 1
+
+
+def _cutlass_warn(key: str, msg: str) -> None:
+    if key not in _cutlass_warned:
+        _cutlass_warned.add(key)
+        import warnings
+
+        warnings.warn(f"projector: LLAVA_FAST_PROJECTOR_KERNEL=cutlass: {msg}; using the Triton kernel", stacklevel=3)
+
+
+def cutlass_unusable(*tensors: torch.Tensor, approximate: str = "none") -> str | None:
+    """Why the CUTLASS GEMMs cannot take these operands (None: they can). ``tensors``: the row-major matrices of
+    one call (A, B, outputs, aux), whose last dims must be contiguous 16-byte rows at 16-byte aligned addresses
+    (TMA descriptors)."""
+    if approximate != "none":
+        return "only exact (erf) GELU is compiled"
+    t0 = tensors[0]
+    if t0.dtype not in _CUTLASS_DTYPES:
+        return f"dtype {t0.dtype} (bf16 and fp16 only)"
+    for t in tensors:
+        if t.dim() != 2 or not t.is_contiguous() or t.data_ptr() % 16 or (t.shape[1] * t.element_size()) % 16:
+            return (f"an operand of shape {tuple(t.shape)} is not a contiguous matrix with 16-byte aligned rows "
+                    f"(last dim a multiple of {16 // t.element_size()})")
+        if max(t.shape) >= 2 ** 31:
+            return f"an operand of shape {tuple(t.shape)} exceeds int32 sizes"
+    if not _CUTLASS_ON_CPU:
+        if t0.device.type != "cuda":
+            return f"tensors on {t0.device}"
+        if torch.cuda.get_device_capability(t0.device) != (9, 0):
+            return f"compute capability {torch.cuda.get_device_capability(t0.device)} (sm_90 only)"
+    if _ext.cutlass_lib() is None:
+        return f"{_ext.CUTLASS_ERROR}; {_ext.CUTLASS_BUILD_HINT}"
+    return None
+
+
+def _cutlass_workspace(device: torch.device) -> torch.Tensor:
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _cutlass_workspaces:
+        nbytes = _ext.cutlass_lib().llava_fast_cutlass_workspace_bytes()
+        _cutlass_workspaces[key] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return _cutlass_workspaces[key]
+
+
+def _cutlass_call(name: str, dtype: torch.dtype, device: torch.device, *args) -> bool:
+    """Run ``llava_fast_cutlass_<name>(dtype, *args, workspace, bytes, stream, err, errlen)`` on ``device``'s current
+    stream; False (and one warning per message) when CUTLASS refuses the problem, so the caller falls back."""
+    import ctypes
+
+    global _cutlass_runs
+    fn = getattr(_ext.cutlass_lib(), f"llava_fast_cutlass_{name}")
+    err = ctypes.create_string_buffer(512)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            ws = _cutlass_workspace(device)
+            stream = torch.cuda.current_stream(device).cuda_stream
+            rc = fn(_CUTLASS_DTYPES[dtype], *args, ws.data_ptr(), ws.numel(), stream, err, len(err))
+    else:  # _CUTLASS_ON_CPU: the tests' fake library
+        rc = fn(_CUTLASS_DTYPES[dtype], *args, None, 0, None, err, len(err))
+    if rc != 0:
+        _cutlass_warn(f"{name}:{rc}", f"{name} returned {rc}: {err.value.decode(errors='replace')}")
+        return False
+    _cutlass_runs += 1
+    return True
+
+
+def _cutlass_gelu_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, out: torch.Tensor,
+                      h: torch.Tensor | None) -> bool:
+    """out = gelu(x @ w1^T + b1) and, when given, h = x @ w1^T + b1 (rounded), with CUTLASS; False: not run."""
+    ops = [x, w1, out] + ([h] if h is not None else [])
+    why = cutlass_unusable(*ops)
+    if why is None and b1 is not None and (not b1.is_contiguous() or b1.data_ptr() % 16):
+        why = "b1 is not contiguous and 16-byte aligned"
+    if why is not None:
+        _cutlass_warn(why, why)
+        return False
+    M, K = x.shape
+    N = w1.shape[0]
+    if M == 0:
+        return True
+    return _cutlass_call("gelu_fwd", x.dtype, x.device, cutlass_sched("fwd"), M, N, K, x.data_ptr(), w1.data_ptr(),
+                         b1.data_ptr() if b1 is not None else None, out.data_ptr(),
+                         h.data_ptr() if h is not None else None)
+
+
+def _cutlass_dgelu_bwd(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, dh: torch.Tensor,
+                       act: torch.Tensor | None) -> bool:
+    """dh = (dy @ w2) * gelu'(h) and, when given, act = gelu(h), with CUTLASS; False: not run."""
+    why = cutlass_unusable(dy, w2, h, dh, *([act] if act is not None else []))
+    if why is not None:
+        _cutlass_warn(why, why)
+        return False
+    M, K = dy.shape
+    N = w2.shape[1]
+    if M == 0:
+        return True
+    return _cutlass_call("dgelu_bwd", dy.dtype, dy.device, cutlass_sched("bwd"), M, N, K, dy.data_ptr(),
+                         w2.data_ptr(), h.data_ptr(), dh.data_ptr(), act.data_ptr() if act is not None else None)
 
 
 _GEMM2_IMPL = os.environ.get("LLAVA_FAST_PROJECTOR_GEMM2", "cublas")
@@ -500,7 +624,9 @@ def projector_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2
     M, Dt = x.shape[0], w1.shape[0]
     h = torch.empty((M, Dt), device=x.device, dtype=x.dtype) if save_h else x.new_empty(0)
     a = torch.empty((M, Dt), device=x.device, dtype=x.dtype)
-    _gemm(x, w1.t(), _EPI_GELU, out=a, bias=b1, h=h if save_h else None, approximate=approximate)
+    if not (kernel_kind() == "cutlass" and approximate == "none"
+            and _cutlass_gelu_fwd(x, w1, b1, a, h if save_h else None)):
+        _gemm(x, w1.t(), _EPI_GELU, out=a, bias=b1, h=h if save_h else None, approximate=approximate)
     if (gemm2 or _GEMM2_IMPL) == "triton":
         y = torch.empty((M, w2.shape[0]), device=x.device, dtype=x.dtype)
         _gemm(a, w2.t(), _EPI_BIAS, out=y, bias=b2)
@@ -524,7 +650,9 @@ def projector_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.
     dh = torch.empty((M, Dt), device=dy.device, dtype=dy.dtype)
     act = torch.empty((M, Dt), device=dy.device, dtype=dy.dtype) if need_w2 else None
     # dA = dY @ W2 ; epilogue: dH = dA * gelu'(h), act = gelu(h) (recomputed, for dW2)
-    _gemm(dy, w2, _EPI_DGELU, out=dh, h=h, out2=act, approximate=approximate)
+    if not (kernel_kind() == "cutlass" and approximate == "none"
+            and _cutlass_dgelu_bwd(dy, w2.contiguous(), h, dh, act)):
+        _gemm(dy, w2, _EPI_DGELU, out=dh, h=h, out2=act, approximate=approximate)
     dw2 = dy.t().mm(act) if need_w2 else empty()
     del act
     db2 = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_b2 else empty()

@@ -202,6 +202,172 @@ def test_tma_persistent_kernel(dims, m, bias, act, dtype, kind, monkeypatch, dev
         P.kernel_kind()
 
 
+class FakeCutlass:
+    """The C contract of csrc/cutlass/projector_sm90.cu in PyTorch, on CPU memory reached through the raw pointers
+    the Python wrapper passes: it checks the wrapper's argument order, shapes and layouts (w1 (N, K) for the
+    forward, w2 (K, N) for the dgrad) without a GPU. ``rc`` != 0: refuse like can_implement does."""
+
+    DTYPES = {0: torch.bfloat16, 1: torch.float16}
+
+    def __init__(self, rc: int = 0):
+        self.rc, self.calls = rc, []
+
+    @staticmethod
+    def view(ptr, shape, dtype):
+        import ctypes
+        import math
+
+        nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        return torch.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype).view(shape)
+
+    def llava_fast_cutlass_workspace_bytes(self):
+        return 0
+
+    def _refuse(self, err):
+        err.value = b"Error Misaligned Operand (fake)"
+        return self.rc
+
+    def llava_fast_cutlass_gelu_fwd(self, dtype, sched, M, N, K, a, b, bias, d, aux, ws, ws_bytes, stream, err, n):
+        self.calls.append(("gelu_fwd", sched, M, N, K, bias is not None, aux is not None))
+        if self.rc:
+            return self._refuse(err)
+        dt = self.DTYPES[dtype]
+        acc = self.view(a, (M, K), dt).float() @ self.view(b, (N, K), dt).float().t()
+        if bias is not None:
+            acc += self.view(bias, (N,), dt).float()
+        if aux is not None:
+            self.view(aux, (M, N), dt).copy_(acc.to(dt))
+        self.view(d, (M, N), dt).copy_(torch.nn.functional.gelu(acc).to(dt))
+        return 0
+
+    def llava_fast_cutlass_dgelu_bwd(self, dtype, sched, M, N, K, a, b, aux, d, act, ws, ws_bytes, stream, err, n):
+        self.calls.append(("dgelu_bwd", sched, M, N, K, act is not None))
+        if self.rc:
+            return self._refuse(err)
+        dt = self.DTYPES[dtype]
+        acc = self.view(a, (M, K), dt).float() @ self.view(b, (K, N), dt).float()
+        z = self.view(aux, (M, N), dt).float()
+        dgelu = 0.5 * (1 + torch.erf(z * 0.5 ** 0.5)) + z * torch.exp(-0.5 * z * z) / (2 * torch.pi) ** 0.5
+        self.view(d, (M, N), dt).copy_((acc * dgelu).to(dt))
+        if act is not None:
+            self.view(act, (M, N), dt).copy_(torch.nn.functional.gelu(z).to(dt))
+        return 0
+
+
+@pytest.fixture
+def fake_cutlass(monkeypatch):
+    from llava_fast import _ext
+    from llava_fast.ops import projector as P
+
+    fake = FakeCutlass()
+    monkeypatch.setattr(_ext, "cutlass_lib", lambda: fake)
+    monkeypatch.setattr(P, "_CUTLASS_ON_CPU", True)
+    monkeypatch.setattr(P, "_cutlass_warned", set())
+    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "cutlass")
+    return fake
+
+
+@pytest.mark.parametrize("bias,sched", [(True, "auto"), (False, "cooperative"), (True, "pingpong")])
+def test_cutlass_wrapper_contract(fake_cutlass, bias, sched, monkeypatch):
+    """LLAVA_FAST_PROJECTOR_KERNEL=cutlass through a fake library that implements the C contract: the wrapper's
+    calls (shapes, schedules, optional bias / aux) and the results (flash rule against HF in fp16). The real kernels
+    run in the cuda tests."""
+    from llava_fast.ops import projector as P
+
+    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_CUTLASS_SCHED", sched)
+    m, dv, dt = 7, 64, 96
+    hf = hf_projector(dv, dt, bias, "gelu")
+    x, params, dy = make_inputs(m, dv, dt, bias)
+    h = lambda t: t.half() if t is not None else None
+    runs = P._cutlass_runs
+    ours = run_with_grads(fused("none"), h(x), [h(p) for p in params], h(dy), True)
+    assert P._cutlass_runs == runs + 2
+    fwd, bwd = {"auto": (0, 1), "pingpong": (0, 0), "cooperative": (1, 1)}[sched]
+    assert fake_cutlass.calls == [("gelu_fwd", fwd, m, dt, dv, bias, True), ("dgelu_bwd", bwd, m, dt, dt, True)]
+    ref32 = hf_run(hf, x, params, dy, torch.float32, True)
+    ref16 = hf_run(hf, h(x), [h(p) for p in params], h(dy), torch.float16, True)
+    check_all(ours, ref32, ref16, True, bias)
+    with torch.no_grad():  # inference: no aux (h) written
+        backend.set_backend("projector", "triton")
+        y = projector(h(x), *[h(p) for p in params])
+    assert fake_cutlass.calls[-1] == ("gelu_fwd", fwd, m, dt, dv, bias, False)
+    assert_flash_rule(y, ref32[0], ref16[0], "out (inference)")
+
+
+def test_cutlass_frozen_w2_skips_act(fake_cutlass):
+    """With linear_2 frozen nothing needs gelu(h) in the backward: the dgrad call gets no act output (the one-output
+    kernel), and dx, dw1, db1 are still right."""
+    m, dv, dt = 7, 64, 96
+    hf = hf_projector(dv, dt, True, "gelu")
+    x, params, dy = make_inputs(m, dv, dt, True)
+    h = lambda t: t.half() if t is not None else None
+    xs = h(x).requires_grad_()
+    w1, b1, w2, b2 = [h(p).requires_grad_(i < 2) for i, p in enumerate(params)]
+    ProjectorFunction.apply(xs, w1, b1, w2, b2, "none").backward(h(dy))
+    assert fake_cutlass.calls[-1] == ("dgelu_bwd", 1, m, dt, dt, False)
+    assert w2.grad is None and b2.grad is None
+    ref32 = hf_run(hf, x, params, dy, torch.float32, True)
+    ref16 = hf_run(hf, h(x), [h(p) for p in params], h(dy), torch.float16, True)
+    for name, got, i in (("dx", xs.grad, 1), ("dw1", w1.grad, 2), ("db1", b1.grad, 3)):
+        assert_flash_rule(got, ref32[i], ref16[i], name)
+
+
+@pytest.mark.parametrize("case", ["refused", "misaligned", "tanh"])
+def test_cutlass_falls_back_to_triton(fake_cutlass, case, device):
+    """When CUTLASS cannot take a call (its can_implement refuses; rows that are not 16-byte multiples; tanh GELU)
+    the Triton kernel runs instead, with a warning that says why, and the result is still right."""
+    from llava_fast.ops import projector as P
+
+    dv, dt = (42, 48) if case == "misaligned" else (64, 96)  # 42 halves: 84-byte rows
+    act = "gelu_pytorch_tanh" if case == "tanh" else "gelu"
+    if case == "refused":
+        fake_cutlass.rc = 2
+    hf = hf_projector(dv, dt, True, act).to(device)
+    x, params, dy = make_inputs(7, dv, dt, True, device=device)
+    h = lambda t: t.half() if t is not None else None
+    runs = P._cutlass_runs
+    if case == "tanh":  # never offered to CUTLASS (only the erf GELU is compiled), so no warning either
+        ours = run_with_grads(fused("tanh"), h(x), [h(p) for p in params], h(dy), True)
+        assert fake_cutlass.calls == []
+    else:
+        match = {"refused": "gelu_fwd returned 2: Error Misaligned", "misaligned": "16-byte aligned rows"}[case]
+        with pytest.warns(UserWarning, match=match):
+            ours = run_with_grads(fused("none"), h(x), [h(p) for p in params], h(dy), True)
+    # each GEMM decides alone: with x's 84-byte rows only the forward falls back; the dgrad's operands (dy, w2, h:
+    # 96-byte rows) still go to CUTLASS
+    assert P._cutlass_runs == runs + (case == "misaligned")
+    ref32 = hf_run(hf, x, params, dy, torch.float32, True)
+    ref16 = hf_run(hf, h(x), [h(p) for p in params], h(dy), torch.float16, True)
+    check_all(ours, ref32, ref16, True, True)
+
+
+def test_cutlass_unusable_reasons():
+    from llava_fast.ops import projector as P
+
+    a = torch.zeros(4, 64, dtype=torch.bfloat16)
+    assert "erf" in P.cutlass_unusable(a, approximate="tanh")
+    assert "bf16 and fp16" in P.cutlass_unusable(a.float())
+    assert "16-byte aligned rows" in P.cutlass_unusable(a[:, :60])
+    assert "16-byte aligned rows" in P.cutlass_unusable(a.t())
+    assert "tensors on cpu" in P.cutlass_unusable(a)
+
+
+def test_cutlass_library_loads_when_built():
+    """The built library (``llava_fast/_cutlass_sm90.so``, when CUTLASS was found at build time) loads without a GPU
+    and has this package's ABI version."""
+    import os
+
+    from llava_fast import _ext
+
+    path = os.path.join(os.path.dirname(_ext.__file__), _ext.CUTLASS_LIB)
+    if not os.path.exists(path):
+        pytest.skip(f"{_ext.CUTLASS_LIB} not built ({_ext.CUTLASS_BUILD_HINT})")
+    lib = _ext.cutlass_lib()
+    assert lib is not None, _ext.CUTLASS_ERROR
+    assert lib.llava_fast_cutlass_abi_version() == _ext.CUTLASS_ABI
+    assert lib.llava_fast_cutlass_workspace_bytes() > 0
+
+
 @pytest.mark.parametrize("m", [7, 577])
 def test_fused_fp16_small(m, device):
     dv, dt = 64, 96
@@ -361,6 +527,60 @@ def test_cuda_full_shapes(dims, m, dtype):
 def test_cuda_tma_kernel(dims, m, kind, monkeypatch):
     monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", kind)
     _gpu_case(m, dims, torch.bfloat16, bias=True, x_grad=True)
+
+
+def _require_cutlass():
+    from llava_fast import _ext
+
+    if _ext.cutlass_lib() is None:
+        pytest.skip(f"CUTLASS library: {_ext.CUTLASS_ERROR} ({_ext.CUTLASS_BUILD_HINT})")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUTLASS kernels are sm_90 only")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dims", FAMILIES)
+@pytest.mark.parametrize("m", [1, 7, 577, 2881])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_cutlass(dims, m, dtype, monkeypatch):
+    """LLAVA_FAST_PROJECTOR_KERNEL=cutlass: the CUTLASS GELU forward and dGELU backward GEMMs (both ran: no
+    fallback) against the fp32 reference, flash-attn rule, every model shape."""
+    import warnings
+
+    from llava_fast.ops import projector as P
+
+    _require_cutlass()
+    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "cutlass")
+    runs = P._cutlass_runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warns: make it fail here
+        _gpu_case(m, dims, dtype, bias=True, x_grad=True)
+    assert P._cutlass_runs == runs + 2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sched", ["pingpong", "cooperative"])
+@pytest.mark.parametrize("m,bias", [(577, False), (2881, True)])
+def test_cuda_cutlass_schedules_and_inference(sched, m, bias, monkeypatch):
+    import warnings
+
+    from llava_fast.ops import projector as P
+
+    _require_cutlass()
+    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "cutlass")
+    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_CUTLASS_SCHED", sched)
+    runs = P._cutlass_runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _gpu_case(m, (1024, 4096), torch.bfloat16, bias=bias, x_grad=False)
+        x, params, _ = make_inputs(m, 1152, 896, bias, dtype=torch.bfloat16, device="cuda")
+        with torch.no_grad():
+            y, h = projector_fwd(x, *params, save_h=False)
+            ref32 = projector_ref(x.float(), *[p.float() if p is not None else None for p in params])
+            same = projector_ref(x, *params)
+    assert h.numel() == 0
+    assert_flash_rule(y, ref32, same, f"out (inference, {sched})")
+    assert P._cutlass_runs == runs + 3
 
 
 @pytest.mark.cuda
