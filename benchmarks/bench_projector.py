@@ -18,6 +18,9 @@ Providers, all measured in the same run:
 FLOPs: fwd 2*M*(Dv*Dt + Dt*N2); fwd+bwd with input grad 3x fwd (backward = dA, dW2, dW1, dX GEMMs = 2x fwd).
 Modes: fwd (grad enabled: ours saves h), fwd_nograd (inference), fwd+bwd (x requires grad, all weight grads).
 Memory: "saved_act" rows give the GiB held between forward and backward beyond the output (lower is better).
+Timing (--timing): loop by default, calls back to back, so a provider's Python and launch latency shows only where it
+exceeds its kernels' time. The session 1-4 tables timed one call on an idle GPU ("eager"): at M=576 that made our
+forward 0.237 ms against eager's 0.082 ms, mostly host latency before the first kernel.
 
 Usage: python benchmarks/bench_projector.py [--quick]
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import Row, add_ratios, bench, peak_memory, save, to_markdown
+from bench_utils import TIMINGS, Row, add_ratios, bench, peak_memory, save, to_markdown
 
 OURS = "llava_fast"
 KERNEL_ENV = "LLAVA_FAST_PROJECTOR_KERNEL"  # the kernel variant, read at every launch (llava_fast.ops.projector)
@@ -124,7 +127,7 @@ def saved_gib(fn, x):
     return held / 2**30
 
 
-def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True, skip=()):
+def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True, skip=(), timing="loop"):
     from llava_fast.ops import projector as P
 
     rows = []
@@ -144,7 +147,7 @@ def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True,
                     os.environ.update(env)
                     runs = P._cutlass_runs
                     try:
-                        t = bench(call, warmup=5, rep=rep)
+                        t = bench(call, warmup=5, rep=rep, timing=timing)
                         peak = peak_memory(call)
                     except Exception as e:  # noqa: BLE001  report and keep going (e.g. a provider missing on this stack)
                         print(f"{name} {shape} {mode}: failed: {type(e).__name__}: {e}")
@@ -157,7 +160,8 @@ def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True,
                     if name.startswith("llava_fast_cutlass") and P._cutlass_runs == runs:
                         note = "FELL BACK to Triton (CUTLASS refused: see the warning above)"
                     rows.append(Row("projector", name, shape, "bf16" if dtype == torch.bfloat16 else str(dtype),
-                                    mode, t["ms"], t["ms_p20"], t["ms_p80"], tf, "TFLOP/s", peak, note=note))
+                                    mode, t["ms"], t["ms_p20"], t["ms_p80"], tf, "TFLOP/s", peak, note=note,
+                                    timing=t["timing"]))
                     print(f"{shape:28s} {mode:10s} {name:24s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
             # activation memory held for backward (x and weights require grad, as in training)
             for name in (OURS, "llava_fast_cutlass", "eager", "compile"):
@@ -191,6 +195,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="M in {576, 23040}, 1024->4096->4096 only, no torch.compile "
                                                          "baseline (its warm-ups take a minute; add --compile)")
     ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
+    ap.add_argument("--timing", default=os.environ.get("LLAVA_FAST_BENCH_TIMING", "loop"), choices=TIMINGS,
+                    help="bench_utils timing: loop (default since session 7: calls back to back, the GPU kept busy, "
+                         "as bench_attention), eager (one call on an idle GPU, Python and launch latency included: "
+                         "what the session 1-4 tables used) or graph (the kernels alone)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_projector: needs a CUDA GPU (Triton kernels and cuBLAS baselines); nothing to do on CPU.")
@@ -200,7 +208,8 @@ def main(argv=None):
     else:
         ms_list, shapes = [576, 2880, 23040, 46080], [(1024, 4096), (1152, 3584)]
     rows = run(ms_list, shapes, ["fwd", "fwd_nograd", "fwd+bwd"], rep=10 if args.quick else 20,
-               with_compile=not args.quick or args.compile, skip=QUICK_SKIP if args.quick else ())
+               with_compile=not args.quick or args.compile, skip=QUICK_SKIP if args.quick else (),
+               timing=args.timing)
     add_ratios(rows, ours=OURS)
     print(to_markdown(rows))
     print(f"saved: {save(rows, 'projector')}")
