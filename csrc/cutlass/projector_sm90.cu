@@ -79,8 +79,9 @@ struct Cooperative {
   using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
 };
 
-template <class Element, class LayoutB, class Fusion, class Sched>
+template <class Element_, class LayoutB, class Fusion, class Sched>
 struct GemmFor {
+  using Element = Element_;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlign = 16 / sizeof(Element);
@@ -201,31 +202,33 @@ int run(typename G::Gemm::Arguments& args, void* workspace, size_t workspace_byt
   return 0;
 }
 
+// The arguments every entry point shares: problem (M, N, K, 1), packed row-major A (M, K), B (N, K) in G's layout,
+// no C, D (M, N) row-major; the caller fills the epilogue's thread arguments.
+template <class G>
+typename G::Gemm::Arguments gemm_args(int M, int N, int K, const void* a, const void* b, void* d) {
+  using E = typename G::Element;
+  auto sd = packed<typename G::StrideD>(M, N);
+  return {cutlass::gemm::GemmUniversalMode::kGemm,
+          cute::make_shape(M, N, K, 1),
+          {static_cast<const E*>(a), packed<typename G::StrideA>(M, K), static_cast<const E*>(b),
+           packed<typename G::StrideB>(N, K)},
+          {{}, nullptr, sd, static_cast<E*>(d), sd},
+          hw_info()};
+}
+
 template <class Element, class Sched>
 int gelu_fwd(int M, int N, int K, const void* a, const void* b, const void* bias, void* d, void* aux,
              void* workspace, size_t workspace_bytes, cudaStream_t stream, char* err, int errlen) {
-  auto problem = cute::make_shape(M, N, K, 1);
-  auto hw = hw_info();
   if (aux) {
     using G = GemmFor<Element, cutlass::layout::ColumnMajor, FwdAux<Element>, Sched>;
-    auto sa = packed<typename G::StrideA>(M, K);
-    auto sb = packed<typename G::StrideB>(N, K);
-    auto sd = packed<typename G::StrideD>(M, N);
-    typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm, problem,
-                                     {static_cast<const Element*>(a), sa, static_cast<const Element*>(b), sb},
-                                     {{}, nullptr, sd, static_cast<Element*>(d), sd}, hw};
+    auto args = gemm_args<G>(M, N, K, a, b, d);
     args.epilogue.thread.bias_ptr = static_cast<const Element*>(bias);
     args.epilogue.thread.aux_ptr = static_cast<Element*>(aux);
-    args.epilogue.thread.dAux = sd;
+    args.epilogue.thread.dAux = args.epilogue.dD;
     return run<G>(args, workspace, workspace_bytes, stream, err, errlen, "gelu_fwd (aux)");
   }
   using G = GemmFor<Element, cutlass::layout::ColumnMajor, Fwd<Element>, Sched>;
-  auto sa = packed<typename G::StrideA>(M, K);
-  auto sb = packed<typename G::StrideB>(N, K);
-  auto sd = packed<typename G::StrideD>(M, N);
-  typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm, problem,
-                                   {static_cast<const Element*>(a), sa, static_cast<const Element*>(b), sb},
-                                   {{}, nullptr, sd, static_cast<Element*>(d), sd}, hw};
+  auto args = gemm_args<G>(M, N, K, a, b, d);
   args.epilogue.thread.bias_ptr = static_cast<const Element*>(bias);
   return run<G>(args, workspace, workspace_bytes, stream, err, errlen, "gelu_fwd");
 }
@@ -235,30 +238,17 @@ int dgelu_bwd(int M, int N, int K, const void* a, const void* b, const void* aux
               void* workspace, size_t workspace_bytes, cudaStream_t stream, char* err, int errlen) {
   if (act) {
     using G = GemmFor<Element, cutlass::layout::RowMajor, typename DgeluActEvt<Element, Sched>::Evt, Sched>;
-    auto problem = cute::make_shape(M, N, K, 1);
-    auto hw = hw_info();
-    auto sa = packed<typename G::StrideA>(M, K);
-    auto sb = packed<typename G::StrideB>(N, K);
-    auto sd = packed<typename G::StrideD>(M, N);
-    typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm, problem,
-                                     {static_cast<const Element*>(a), sa, static_cast<const Element*>(b), sb},
-                                     {{}, nullptr, sd, static_cast<Element*>(d), sd}, hw};
+    auto args = gemm_args<G>(M, N, K, a, b, d);
+    auto sd = args.epilogue.dD;  // h and act: (M, N) row-major, like D
     // one argument struct per DAG node, in node order: acc, h load, gelu, act store, dgelu
     args.epilogue.thread = {{}, {static_cast<const Element*>(aux), Element(0), sd}, {},
                             {static_cast<Element*>(act), sd}, {}};
     return run<G>(args, workspace, workspace_bytes, stream, err, errlen, "dgelu_bwd (act)");
   }
   using G = GemmFor<Element, cutlass::layout::RowMajor, Dgelu<Element>, Sched>;
-  auto problem = cute::make_shape(M, N, K, 1);
-  auto hw = hw_info();
-  auto sa = packed<typename G::StrideA>(M, K);
-  auto sb = packed<typename G::StrideB>(N, K);
-  auto sd = packed<typename G::StrideD>(M, N);
-  typename G::Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm, problem,
-                                   {static_cast<const Element*>(a), sa, static_cast<const Element*>(b), sb},
-                                   {{}, nullptr, sd, static_cast<Element*>(d), sd}, hw};
+  auto args = gemm_args<G>(M, N, K, a, b, d);
   args.epilogue.thread.aux_ptr = static_cast<const Element*>(aux);
-  args.epilogue.thread.dAux = sd;
+  args.epilogue.thread.dAux = args.epilogue.dD;
   return run<G>(args, workspace, workspace_bytes, stream, err, errlen, "dgelu_bwd");
 }
 

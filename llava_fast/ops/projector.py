@@ -540,38 +540,34 @@ def _cutlass_call(name: str, dtype: torch.dtype, device: torch.device, *args) ->
     return True
 
 
-def _cutlass_gelu_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, out: torch.Tensor,
-                      h: torch.Tensor | None) -> bool:
-    """out = gelu(x @ w1^T + b1) and, when given, h = x @ w1^T + b1 (rounded), with CUTLASS; False: not run."""
-    ops = [x, w1, out] + ([h] if h is not None else [])
-    why = cutlass_unusable(*ops)
-    if why is None and b1 is not None and (not b1.is_contiguous() or b1.data_ptr() % 16):
-        why = "b1 is not contiguous and 16-byte aligned"
+def _cutlass_gemm(name: str, gemm: str, mats: list, bias: torch.Tensor | None, M: int, N: int, K: int,
+                  ptrs: list) -> bool:
+    """Run ``llava_fast_cutlass_<name>`` on the tensors ``ptrs`` (None: a null pointer) after checking the matrices
+    ``mats`` (None entries skipped) and the bias; False (with one warning per reason) when CUTLASS cannot take it."""
+    why = cutlass_unusable(*[t for t in mats if t is not None])
+    if why is None and bias is not None and (not bias.is_contiguous() or bias.data_ptr() % 16):
+        why = "the bias is not contiguous and 16-byte aligned"
     if why is not None:
         _cutlass_warn(why, why)
         return False
-    M, K = x.shape
-    N = w1.shape[0]
     if M == 0:
         return True
-    return _cutlass_call("gelu_fwd", x.dtype, x.device, cutlass_sched("fwd"), M, N, K, x.data_ptr(), w1.data_ptr(),
-                         b1.data_ptr() if b1 is not None else None, out.data_ptr(),
-                         h.data_ptr() if h is not None else None)
+    return _cutlass_call(name, mats[0].dtype, mats[0].device, cutlass_sched(gemm), M, N, K,
+                         *[t.data_ptr() if t is not None else None for t in ptrs])
+
+
+def _cutlass_gelu_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, out: torch.Tensor,
+                      h: torch.Tensor | None) -> bool:
+    """out = gelu(x @ w1^T + b1) and, when given, h = x @ w1^T + b1 (rounded), with CUTLASS; False: not run."""
+    return _cutlass_gemm("gelu_fwd", "fwd", [x, w1, out, h], b1, x.shape[0], w1.shape[0], x.shape[1],
+                         [x, w1, b1, out, h])
 
 
 def _cutlass_dgelu_bwd(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, dh: torch.Tensor,
                        act: torch.Tensor | None) -> bool:
     """dh = (dy @ w2) * gelu'(h) and, when given, act = gelu(h), with CUTLASS; False: not run."""
-    why = cutlass_unusable(dy, w2, h, dh, *([act] if act is not None else []))
-    if why is not None:
-        _cutlass_warn(why, why)
-        return False
-    M, K = dy.shape
-    N = w2.shape[1]
-    if M == 0:
-        return True
-    return _cutlass_call("dgelu_bwd", dy.dtype, dy.device, cutlass_sched("bwd"), M, N, K, dy.data_ptr(),
-                         w2.data_ptr(), h.data_ptr(), dh.data_ptr(), act.data_ptr() if act is not None else None)
+    return _cutlass_gemm("dgelu_bwd", "bwd", [dy, w2, h, dh, act], None, dy.shape[0], w2.shape[1], dy.shape[1],
+                         [dy, w2, h, dh, act])
 
 
 _GEMM2_IMPL = os.environ.get("LLAVA_FAST_PROJECTOR_GEMM2", "cublas")
