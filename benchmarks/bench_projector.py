@@ -190,11 +190,61 @@ def run(ms_list, shapes, modes, dtype=torch.bfloat16, rep=20, with_compile=True,
     return rows
 
 
+SWEEP_FWD = ("pingpong", "cooperative", "pingpong_c12", "cooperative_256")  # with the dgrad on "auto"
+SWEEP_BWD = ("pingpong", "cooperative_256")                                  # with the forward on "auto"
+
+
+def cutlass_sweep(m=23040, dv=1024, dt=4096, rep=10, timing="loop"):
+    """Every CUTLASS schedule built into the library (csrc/cutlass/projector_sm90.cu ``Schedule``; the GPU box cannot
+    compile new ones), timed fwd and fwd+bwd at one shape in bf16 next to eager and the Triton kernel, each with its
+    output's error ratio against an fp32 reference (flash-attn rule: <= 2 passes). Rows "projector_sweep"."""
+    from llava_fast.ops import projector as P
+
+    dtype = torch.bfloat16
+    provs, params = make_providers(dv, dt, dtype, with_compile=False)
+    if "llava_fast_cutlass" not in provs:
+        return []
+    shape = f"M={m} {dv}->{dt}->{dt}"
+    x = torch.randn(m, dv, device="cuda", dtype=dtype)
+    dy = torch.randn(m, dt, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        ref32 = P.projector_ref(x.float(), *[p.float() for p in params])
+        base_err = (P.projector_ref(x, *params).float() - ref32).abs().max().item()
+    combos = [("eager", {}), (OURS, {KERNEL_ENV: "pointer"})]
+    combos += [(f"cutlass {f}/auto", {KERNEL_ENV: "cutlass", SCHED_ENV: f"{f}/auto"}) for f in SWEEP_FWD]
+    combos += [(f"cutlass auto/{b}", {KERNEL_ENV: "cutlass", SCHED_ENV: f"auto/{b}"}) for b in SWEEP_BWD]
+    rows = []
+    for name, env in combos:
+        fn = provs["eager" if name == "eager" else OURS]
+        os.environ.update(env)
+        runs = P._cutlass_runs
+        try:
+            with torch.no_grad():
+                err = (fn(x).float() - ref32).abs().max().item() / max(base_err, 1e-30)
+            for mode in ("fwd", "fwd+bwd"):
+                t = bench(make_call(fn, x, dy, params, mode), warmup=5, rep=rep, timing=timing)
+                tf = flops(m, dv, dt, dt, mode) / (t["ms"] * 1e-3) / 1e12
+                fell = name.startswith("cutlass") and P._cutlass_runs == runs
+                note = f"out error {err:.2f}x bf16 eager's" + ("; FELL BACK to Triton" if fell else "")
+                rows.append(Row("projector_sweep", name, shape, "bf16", mode, t["ms"], t["ms_p20"], t["ms_p80"], tf,
+                                "TFLOP/s", note=note, timing=t["timing"]))
+                print(f"{shape:28s} {mode:8s} {name:34s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s  {note}", flush=True)
+        except Exception as e:  # noqa: BLE001  one failing schedule must not end the sweep
+            print(f"{name}: failed: {type(e).__name__}: {e}")
+        finally:
+            for k in env:
+                os.environ.pop(k, None)
+        save(rows, "projector_sweep")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="M in {576, 23040}, 1024->4096->4096 only, no torch.compile "
                                                          "baseline (its warm-ups take a minute; add --compile)")
     ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
+    ap.add_argument("--cutlass-sweep", action="store_true",
+                    help="only the CUTLASS schedule sweep at M=23040 (bf16, fwd and fwd+bwd, with error ratios)")
     ap.add_argument("--timing", default=os.environ.get("LLAVA_FAST_BENCH_TIMING", "loop"), choices=TIMINGS,
                     help="bench_utils timing: loop (default since session 7: calls back to back, the GPU kept busy, "
                          "as bench_attention), eager (one call on an idle GPU, Python and launch latency included: "
@@ -202,6 +252,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_projector: needs a CUDA GPU (Triton kernels and cuBLAS baselines); nothing to do on CPU.")
+        return 0
+    if args.cutlass_sweep:
+        rows = cutlass_sweep(timing=args.timing)
+        print(to_markdown(rows) if rows else "no CUTLASS library or not sm_90: nothing swept")
         return 0
     if args.quick:
         ms_list, shapes = [576, 23040], [(1024, 4096)]

@@ -167,6 +167,39 @@ def projector(folder):
     return out
 
 
+def projector_sweep(folder):
+    """bench_projector --cutlass-sweep: the fastest correct schedule per GEMM against the current "auto" pair
+    (forward ping-pong, dgrad cooperative: the row "cutlass pingpong/auto"). Forward candidates are timed fwd, dgrad
+    candidates fwd+bwd."""
+    import re
+
+    def err(r):
+        m = re.search(r"out error ([0-9.]+)x", r.get("note") or "")
+        return float(m.group(1)) if m else float("inf")
+
+    rows = [r for r in load_rows(folder, "projector_sweep") if r.get("ms")]
+    ok = [r for r in rows if r["provider"].startswith("cutlass ") and "FELL BACK" not in (r.get("note") or "")
+          and err(r) <= 2.0]
+    out = []
+    default = "cutlass pingpong/auto"
+    for gemm, mode, pattern in (("fwd", "fwd", r"cutlass (\w+)/auto$"), ("bwd", "fwd+bwd", r"cutlass auto/(\w+)$")):
+        cands = {re.match(pattern, r["provider"]).group(1): r for r in ok
+                 if r["mode"] == mode and re.match(pattern, r["provider"])}
+        base = next((r for r in ok if r["mode"] == mode and r["provider"] == default), None)
+        if base is None:
+            out.append((f"projector CUTLASS {gemm} schedule", "not measured (or the default failed its check)", "",
+                        ""))
+            continue
+        cands.setdefault("pingpong" if gemm == "fwd" else "cooperative", base)
+        name, best = min(cands.items(), key=lambda kv: kv[1]["ms"])
+        gain = base["ms"] / best["ms"]
+        out.append((f"projector CUTLASS {gemm} schedule",
+                    f"best {name} {best['ms']:.3f} ms, {gain:.2f}x the default ({base['ms']:.3f} ms)",
+                    ">= 1.03x, output error <= 2x bf16 eager's",
+                    f"make {name} the {gemm} 'auto' in projector.cutlass_sched" if gain >= 1.03 else "keep"))
+    return out
+
+
 def encoder(folder):
     rows = load_rows(folder, "bench_anyres")
     out = []
@@ -233,7 +266,7 @@ def model(folder):
     return out
 
 
-RULES = (cross_entropy, attention, projector, encoder, model)
+RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model)
 
 
 def decide(folder: str) -> list[tuple]:

@@ -12,7 +12,8 @@
 #                      timing; "profile" is profile_model.py: the end-to-end step's GPU time by kernel class;
 #                      "sweep", not in the default list, times 12 attention variants at causal D128 4k, <= 400 s;
 #                      "model_full", not in the default list either: bench_model at full depth, <= 240 s;
-#                      "sweep64": head-dim-64 configs on the CLIP shape, <= 200 s);
+#                      "sweep64": head-dim-64 configs on the CLIP shape, <= 200 s; "sweep_projector": the CUTLASS
+#                      projector schedules, <= 90 s);
 #                      default (what session 4 changed first, then the end-to-end breakdown, then the rest): variants
 #                      attention profile model anyres projector rms_norm swiglu rope cross_entropy pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
@@ -114,6 +115,9 @@ if want ops; then
       step attention_sweep64 200 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time clip \
         --variants "default|LSE_TMA=1|TMA=1|CFG=fwd=128,64,8,3|CFG=fwd=128,128,8,3|CFG=fwd=64,64,4,3|CFG=dkdv=64,128,8,3|CFG=dq=64,64,4,3" \
         --out "$RES/attention_sweep64.jsonl"
+    elif [ "$b" = "sweep_projector" ]; then  # not in the default list: every CUTLASS schedule built into
+      # llava_fast/_cutlass_sm90.so (carried: the box cannot compile CUTLASS), fwd and fwd+bwd at M=23040, with errors
+      step projector_sweep 90 $PY benchmarks/bench_projector.py --cutlass-sweep
     elif [ "$b" = "variants" ]; then  # each variant in its own process: a faulting one cannot take the others down;
       # D=72 (SigLIP): default (overlap split, dK/dV 64x128 2 stages since session 4), FOLD=0 (session 5's softmax
       # arithmetic undone), the session-3 default (exact split, dK/dV 64x64 3 stages), TMA loads (their backward never

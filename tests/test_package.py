@@ -186,6 +186,27 @@ def test_decide_projector_cutlass_rule(tmp_path):
     assert got["projector fwd, M=23040"][1].startswith("llava_fast_cutlass meets it")
 
 
+def test_decide_projector_sweep_rule(tmp_path):
+    """The CUTLASS schedule sweep rule: the fastest schedule per GEMM among rows that ran CUTLASS and passed the
+    error check, against the default pair; a faster row with a bad error or a fallback is never picked."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import json
+
+    import decide
+
+    good, bad = "out error 1.00x bf16 eager's", "out error 3.00x bf16 eager's"
+    table = (("cutlass pingpong/auto", 1.4, 4.6, good), ("cutlass cooperative/auto", 1.45, 4.7, good),
+             ("cutlass pingpong_c12/auto", 1.3, 4.5, good), ("cutlass cooperative_256/auto", 1.2, 4.4, bad),
+             ("cutlass auto/pingpong", 1.4, 4.7, good), ("cutlass auto/cooperative_256", 1.4, 4.3, good + "; FELL BACK"))
+    rows = [dict(provider=p, shape="M=23040", mode=mode, ms=t, note=note)
+            for p, fwd, fb, note in table for mode, t in (("fwd", fwd), ("fwd+bwd", fb))]
+    (tmp_path / "projector_sweep-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = {q: (m, d) for q, m, _, d in decide.decide(str(tmp_path))}
+    assert got["projector CUTLASS fwd schedule"][1] == "make pingpong_c12 the fwd 'auto' in projector.cutlass_sched"
+    assert got["projector CUTLASS bwd schedule"] == ("best cooperative 4.600 ms, 1.00x the default (4.600 ms)",
+                                                     "keep")
+
+
 def test_bench_model_restores_what_liger_patches():
     """Liger's patch functions replace transformers' module-level functions and classes; bench_model puts them back
     after each Liger provider so that later transformers rows are plain transformers."""

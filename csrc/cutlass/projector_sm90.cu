@@ -63,21 +63,44 @@ struct DGeluErf<cutlass::Array<T, N>> {
   }
 };
 
-// Schedules. Ping-pong: two consumer warp groups on alternate tiles, one's epilogue under the other's main loop
-// (the first GEMM: short K, a GELU and two stores per element). Cooperative: both warp groups on one 128 x 256
-// tile (the dgrad GEMM: K = 4096, the epilogue reads h once).
-struct PingPong {
-  using Tile = Shape<_128, _128, _64>;
-  using Cluster = Shape<_2, _1, _1>;
-  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-  using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
+// Schedules (tile, cluster, kernel and epilogue policy). Ping-pong: two consumer warp groups on alternate tiles,
+// one's epilogue under the other's main loop (the first GEMM: short K, a GELU and two stores per element).
+// Cooperative: both warp groups on one tile (the dgrad GEMM: K = 4096, the epilogue reads h once).
+// Codes 0 and 1 exist for bf16 and fp16; 2 and 3 (bf16 only) are alternatives for a GPU config sweep
+// (bench_projector.py --cutlass-sweep): the GPU box cannot compile CUTLASS, so candidates must be built here.
+template <class Tile_, class Cluster_, bool kPingPong>
+struct Schedule {
+  using Tile = Tile_;
+  using Cluster = Cluster_;
+  using Mainloop = cute::conditional_t<kPingPong, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                       cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+  using Epilogue = cute::conditional_t<kPingPong, cutlass::epilogue::TmaWarpSpecialized,
+                                       cutlass::epilogue::TmaWarpSpecializedCooperative>;
 };
-struct Cooperative {
-  using Tile = Shape<_128, _256, _64>;
-  using Cluster = Shape<_2, _1, _1>;
-  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
-};
+using PingPong = Schedule<Shape<_128, _128, _64>, Shape<_2, _1, _1>, true>;            // 0
+using Cooperative = Schedule<Shape<_128, _256, _64>, Shape<_2, _1, _1>, false>;        // 1
+using PingPongC12 = Schedule<Shape<_128, _128, _64>, Shape<_1, _2, _1>, true>;         // 2: A multicast instead of B
+using Cooperative256 = Schedule<Shape<_256, _128, _64>, Shape<_1, _2, _1>, false>;     // 3: 128x128 per warp group
+
+// Calls f(Element{}, Sched{}) for the (dtype, sched) codes; 1 with a message for a pair that is not built.
+template <class F>
+int dispatch(int dtype, int sched, char* err, int errlen, const char* name, F&& f) {
+  if (dtype == 0) {
+    switch (sched) {
+      case 0: return f(cutlass::bfloat16_t{}, PingPong{});
+      case 1: return f(cutlass::bfloat16_t{}, Cooperative{});
+      case 2: return f(cutlass::bfloat16_t{}, PingPongC12{});
+      case 3: return f(cutlass::bfloat16_t{}, Cooperative256{});
+    }
+  } else if (dtype == 1) {
+    switch (sched) {
+      case 0: return f(cutlass::half_t{}, PingPong{});
+      case 1: return f(cutlass::half_t{}, Cooperative{});
+    }
+  }
+  if (err && errlen > 0) snprintf(err, errlen, "%s: dtype %d with schedule %d is not built", name, dtype, sched);
+  return 1;
+}
 
 template <class Element_, class LayoutB, class Fusion, class Sched>
 struct GemmFor {
@@ -256,10 +279,11 @@ int dgelu_bwd(int M, int N, int K, const void* a, const void* b, const void* aux
 
 namespace lfc = llava_fast_cutlass;
 
-// dtype codes: 0 = bfloat16, 1 = float16. sched codes: 0 = ping-pong 128x128, 1 = cooperative 128x256.
+// dtype codes: 0 = bfloat16, 1 = float16. sched codes: see `Schedule` above (0 ping-pong 128x128, 1 cooperative
+// 128x256; bf16 also 2 and 3).
 extern "C" {
 
-int llava_fast_cutlass_abi_version() { return 2; }
+int llava_fast_cutlass_abi_version() { return 3; }
 
 // Workspace bytes that every entry point below fits in (the persistent tile scheduler's counters; CUTLASS asks
 // for far less at these tile shapes, and `run` checks the actual need).
@@ -269,20 +293,10 @@ int llava_fast_cutlass_gelu_fwd(int dtype, int sched, int M, int N, int K, const
                                 const void* bias, void* d, void* aux, void* workspace, size_t workspace_bytes,
                                 void* stream, char* err, int errlen) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (dtype == 0 && sched == 0)
-    return lfc::gelu_fwd<cutlass::bfloat16_t, lfc::PingPong>(M, N, K, a, b, bias, d, aux, workspace,
-                                                             workspace_bytes, s, err, errlen);
-  if (dtype == 1 && sched == 0)
-    return lfc::gelu_fwd<cutlass::half_t, lfc::PingPong>(M, N, K, a, b, bias, d, aux, workspace, workspace_bytes,
-                                                         s, err, errlen);
-  if (dtype == 0 && sched == 1)
-    return lfc::gelu_fwd<cutlass::bfloat16_t, lfc::Cooperative>(M, N, K, a, b, bias, d, aux, workspace,
-                                                                workspace_bytes, s, err, errlen);
-  if (dtype == 1 && sched == 1)
-    return lfc::gelu_fwd<cutlass::half_t, lfc::Cooperative>(M, N, K, a, b, bias, d, aux, workspace,
-                                                            workspace_bytes, s, err, errlen);
-  if (err && errlen > 0) snprintf(err, errlen, "gelu_fwd: unknown dtype %d or schedule %d", dtype, sched);
-  return 1;
+  return lfc::dispatch(dtype, sched, err, errlen, "gelu_fwd", [&](auto e, auto sc) {
+    return lfc::gelu_fwd<decltype(e), decltype(sc)>(M, N, K, a, b, bias, d, aux, workspace, workspace_bytes, s, err,
+                                                    errlen);
+  });
 }
 
 // act: nullptr, or where to write gelu(h) as well (the DAG epilogue above).
@@ -290,20 +304,10 @@ int llava_fast_cutlass_dgelu_bwd(int dtype, int sched, int M, int N, int K, cons
                                  const void* aux, void* d, void* act, void* workspace, size_t workspace_bytes,
                                  void* stream, char* err, int errlen) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (dtype == 0 && sched == 0)
-    return lfc::dgelu_bwd<cutlass::bfloat16_t, lfc::PingPong>(M, N, K, a, b, aux, d, act, workspace,
-                                                              workspace_bytes, s, err, errlen);
-  if (dtype == 1 && sched == 0)
-    return lfc::dgelu_bwd<cutlass::half_t, lfc::PingPong>(M, N, K, a, b, aux, d, act, workspace, workspace_bytes, s,
-                                                          err, errlen);
-  if (dtype == 0 && sched == 1)
-    return lfc::dgelu_bwd<cutlass::bfloat16_t, lfc::Cooperative>(M, N, K, a, b, aux, d, act, workspace,
-                                                                 workspace_bytes, s, err, errlen);
-  if (dtype == 1 && sched == 1)
-    return lfc::dgelu_bwd<cutlass::half_t, lfc::Cooperative>(M, N, K, a, b, aux, d, act, workspace,
-                                                             workspace_bytes, s, err, errlen);
-  if (err && errlen > 0) snprintf(err, errlen, "dgelu_bwd: unknown dtype %d or schedule %d", dtype, sched);
-  return 1;
+  return lfc::dispatch(dtype, sched, err, errlen, "dgelu_bwd", [&](auto e, auto sc) {
+    return lfc::dgelu_bwd<decltype(e), decltype(sc)>(M, N, K, a, b, aux, d, act, workspace, workspace_bytes, s, err,
+                                                     errlen);
+  });
 }
 
 }  // extern "C"

@@ -459,7 +459,8 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
 
 # CUTLASS (sm_90) launchers: the GELU forward GEMM and the dGELU backward GEMM of csrc/cutlass/projector_sm90.cu.
 _CUTLASS_SCHED_ENV = "LLAVA_FAST_PROJECTOR_CUTLASS_SCHED"
-_CUTLASS_SCHEDS = ("auto", "pingpong", "cooperative")
+# schedule name -> code of csrc/cutlass/projector_sm90.cu (`Schedule`); the last two are built for bf16 only
+CUTLASS_SCHEDS = {"pingpong": 0, "cooperative": 1, "pingpong_c12": 2, "cooperative_256": 3}
 _CUTLASS_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _cutlass_workspaces: dict = {}
 _cutlass_warned: set = set()
@@ -468,13 +469,20 @@ _CUTLASS_ON_CPU = False  # tests only: let CPU tensors through to a fake library
 
 
 def cutlass_sched(gemm: str) -> int:
-    """Schedule code of the CUTLASS GEMM ``gemm`` ("fwd" or "bwd"): ``LLAVA_FAST_PROJECTOR_CUTLASS_SCHED`` =
-    ``auto`` (ping-pong 128x128 for the forward, whose short K leaves the epilogue exposed unless another warp
-    group's main loop hides it; cooperative 128x256 for the dgrad, K = Dt) or ``pingpong`` or ``cooperative``."""
-    choice = _ext.env_choice(_CUTLASS_SCHED_ENV, _CUTLASS_SCHEDS, "auto")
-    if choice == "auto":
-        choice = "pingpong" if gemm == "fwd" else "cooperative"
-    return 0 if choice == "pingpong" else 1
+    """Schedule code of the CUTLASS GEMM ``gemm`` ("fwd" or "bwd") from ``LLAVA_FAST_PROJECTOR_CUTLASS_SCHED``:
+    ``auto`` (default: ping-pong 128x128 for the forward, whose short K leaves the epilogue exposed unless another
+    warp group's main loop hides it; cooperative 128x256 for the dgrad, K = Dt), one name of ``CUTLASS_SCHEDS`` for
+    both GEMMs, or ``FWD/BWD`` (e.g. ``pingpong_c12/cooperative_256``). ``pingpong_c12`` (cluster 1x2: A multicast)
+    and ``cooperative_256`` (256x128 tiles) are built for bf16 only: fp16 then falls back to Triton."""
+    value = os.environ.get(_CUTLASS_SCHED_ENV, "auto").strip().lower()
+    names = value.split("/") if "/" in value else [value, value]
+    if len(names) != 2 or any(n not in CUTLASS_SCHEDS and n != "auto" for n in names):
+        raise ValueError(f"{_CUTLASS_SCHED_ENV}={value!r}: must be 'auto', one of {tuple(CUTLASS_SCHEDS)}, or "
+                         f"FWD/BWD with one of those each")
+    name = names[0 if gemm == "fwd" else 1]
+    if name == "auto":
+        name = "pingpong" if gemm == "fwd" else "cooperative"
+    return CUTLASS_SCHEDS[name]
 
 
 def _cutlass_warn(key: str, msg: str) -> None:

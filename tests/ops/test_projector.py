@@ -267,7 +267,8 @@ def fake_cutlass(monkeypatch):
     return fake
 
 
-@pytest.mark.parametrize("bias,sched", [(True, "auto"), (False, "cooperative"), (True, "pingpong")])
+@pytest.mark.parametrize("bias,sched", [(True, "auto"), (False, "cooperative"), (True, "pingpong"),
+                                        (True, "pingpong_c12/cooperative_256")])
 def test_cutlass_wrapper_contract(fake_cutlass, bias, sched, monkeypatch):
     """LLAVA_FAST_PROJECTOR_KERNEL=cutlass through a fake library that implements the C contract: the wrapper's
     calls (shapes, schedules, optional bias / aux) and the results (flash rule against HF in fp16). The real kernels
@@ -282,7 +283,8 @@ def test_cutlass_wrapper_contract(fake_cutlass, bias, sched, monkeypatch):
     runs = P._cutlass_runs
     ours = run_with_grads(fused("none"), h(x), [h(p) for p in params], h(dy), True)
     assert P._cutlass_runs == runs + 2
-    fwd, bwd = {"auto": (0, 1), "pingpong": (0, 0), "cooperative": (1, 1)}[sched]
+    fwd, bwd = {"auto": (0, 1), "pingpong": (0, 0), "cooperative": (1, 1),
+                "pingpong_c12/cooperative_256": (2, 3)}[sched]
     assert fake_cutlass.calls == [("gelu_fwd", fwd, m, dt, dv, bias, True), ("dgelu_bwd", bwd, m, dt, dt, True)]
     ref32 = hf_run(hf, x, params, dy, torch.float32, True)
     ref16 = hf_run(hf, h(x), [h(p) for p in params], h(dy), torch.float16, True)
@@ -339,6 +341,19 @@ def test_cutlass_falls_back_to_triton(fake_cutlass, case, device):
     ref32 = hf_run(hf, x, params, dy, torch.float32, True)
     ref16 = hf_run(hf, h(x), [h(p) for p in params], h(dy), torch.float16, True)
     check_all(ours, ref32, ref16, True, True)
+
+
+def test_cutlass_schedule_names(monkeypatch):
+    from llava_fast.ops import projector as P
+
+    for value, want in (("auto", (0, 1)), ("cooperative", (1, 1)), ("pingpong/cooperative_256", (0, 3)),
+                        ("auto/pingpong_c12", (0, 2)), (" Pingpong_C12 ", (2, 2))):
+        monkeypatch.setenv("LLAVA_FAST_PROJECTOR_CUTLASS_SCHED", value)
+        assert (P.cutlass_sched("fwd"), P.cutlass_sched("bwd")) == want, value
+    for bad in ("fast", "pingpong/", "a/b/c", "pingpong/coop"):
+        monkeypatch.setenv("LLAVA_FAST_PROJECTOR_CUTLASS_SCHED", bad)
+        with pytest.raises(ValueError, match="LLAVA_FAST_PROJECTOR_CUTLASS_SCHED"):
+            P.cutlass_sched("fwd")
 
 
 def test_cutlass_unusable_reasons():
