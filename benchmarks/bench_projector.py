@@ -195,7 +195,7 @@ SWEEP_BWD = ("pingpong", "cooperative_256")                                  # w
 
 
 def cutlass_sweep(m=23040, dv=1024, dt=4096, rep=10, timing="loop"):
-    """Every CUTLASS schedule built into the library (csrc/cutlass/projector_sm90.cu ``Schedule``; the GPU box cannot
+    """Every CUTLASS schedule built into the library (csrc/cutlass/projector_sm90.cuh ``Schedule``; the GPU box cannot
     compile new ones), timed fwd and fwd+bwd at one shape in bf16 next to eager and the Triton kernel, each with its
     output's error ratio against an fp32 reference (flash-attn rule: <= 2 passes). Rows "projector_sweep"."""
     from llava_fast.ops import projector as P

@@ -75,9 +75,17 @@ if want build; then
   # --no-build-isolation: pyproject's build requirements must already be installed (no network on the GPU box)
   $PY -c "import setuptools, wheel, pybind11, cmake, ninja" 2>/dev/null \
     || echo "WARNING: missing build requirements (setuptools wheel pybind11 cmake ninja); the build will likely fail"
-  step build 150 $PY -m pip install --no-build-isolation --no-deps -e .
   # The CUTLASS library (csrc/cutlass/) is built on the CPU machine and travels with
-  # `carry: ["llava_fast/_cutlass_sm90.so"]` (one translation unit takes ~2 minutes of nvcc: not here)
+  # `carry: ["llava_fast/_cutlass_sm90.so"]`. If it is missing or does not load here (another set of system
+  # libraries) and its headers travelled too (`carry: [".cutlass"]`, a copy of CUTLASS's include/), build it here:
+  # five translation units in parallel, ~1-2 minutes on 16 cores (the build step's limit grows to 300 s).
+  BUILD_S=150
+  if [ -f .cutlass/include/cutlass/cutlass.h ] && ! $PY -c "import sys; from llava_fast import _ext; sys.exit(0 if _ext.cutlass_lib() else 1)" 2>/dev/null; then
+    export LLAVA_FAST_CUTLASS_DIR="$PWD/.cutlass"
+    BUILD_S=300
+    echo "CUTLASS library missing or not loading: building it here from .cutlass/include"
+  fi
+  step build "$BUILD_S" $PY -m pip install --no-build-isolation --no-deps -e .
   $PY -c "from llava_fast import _ext; print('CUTLASS library:', 'loaded' if _ext.cutlass_lib() else _ext.CUTLASS_ERROR)"
 fi
 want env && step env 30 $PY -m llava_fast.cli env

@@ -14,7 +14,7 @@ Backward: one Triton GEMM computes ``dA = dY @ w2`` and, in its epilogue, ``dH =
 ``x`` needs a gradient, ``dX = dH @ w1`` (cuBLAS). In LLaVA stage 1 ``x`` comes from a frozen tower: no dX GEMM.
 
 On Hopper, ``LLAVA_FAST_PROJECTOR_KERNEL=cutlass`` (opt-in, not yet run on a GPU) runs the GELU GEMM and the dGELU
-GEMM as CUTLASS warp-specialized kernels with the same fused epilogues (``csrc/cutlass/projector_sm90.cu``, loaded
+GEMM as CUTLASS warp-specialized kernels with the same fused epilogues (``csrc/cutlass/projector_sm90*.cu``, loaded
 with ctypes: ``_ext.cutlass_lib``), falling back to the Triton kernel per call when CUTLASS cannot take it.
 
 Numerics follow eager bf16 PyTorch: fp32 accumulation, ``h`` rounded to the input dtype, GELU evaluated in fp32 on
@@ -371,7 +371,7 @@ def kernel_kind() -> str:
     H200) or ``"tma"`` (persistent, TMA tensor-descriptor loads, tile and K loops flattened for the pipeliner;
     measured on an H100 before the flattening at 0.97x the pointer kernel, M = 23040) or ``"tma_nested"`` (the
     same without the flattening, as measured then) or ``"cutlass"`` (the CUTLASS warp-specialized Hopper GEMMs of
-    ``csrc/cutlass/projector_sm90.cu`` for the GELU forward and the dGELU backward GEMM, where they apply: sm_90,
+    ``csrc/cutlass/projector_sm90*.cu`` for the GELU forward and the dGELU backward GEMM, where they apply: sm_90,
     bf16/fp16, exact GELU, contiguous operands with 16-byte rows; the pointer kernel elsewhere; not yet run on a
     GPU). Read at every call."""
     return _ext.env_choice(_KERNEL_ENV, KERNELS, "pointer")
@@ -457,9 +457,9 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
         kernel[grid](*args, **flags)
 
 
-# CUTLASS (sm_90) launchers: the GELU forward GEMM and the dGELU backward GEMM of csrc/cutlass/projector_sm90.cu.
+# CUTLASS (sm_90) launchers: the GELU forward GEMM and the dGELU backward GEMM of csrc/cutlass/projector_sm90*.cu.
 _CUTLASS_SCHED_ENV = "LLAVA_FAST_PROJECTOR_CUTLASS_SCHED"
-# schedule name -> code of csrc/cutlass/projector_sm90.cu (`Schedule`); the last two are built for bf16 only
+# schedule name -> code of csrc/cutlass/projector_sm90.cuh (`Schedule`); the last two are built for bf16 only
 CUTLASS_SCHEDS = {"pingpong": 0, "cooperative": 1, "pingpong_c12": 2, "cooperative_256": 3}
 _CUTLASS_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _cutlass_workspaces: dict = {}

@@ -1,0 +1,13 @@
+// The dGELU dgrad GEMMs in f16 (csrc/cutlass/projector_sm90.cuh).
+#include "projector_sm90.cuh"
+
+namespace llava_fast_cutlass {
+
+int dgelu_bwd_f16(LLAVA_FAST_DGELU_BWD_ARGS) {
+  return with_schedule<cutlass::half_t>(sched, err, errlen, "dgelu_bwd", [&](auto sc) {
+    return dgelu_bwd<cutlass::half_t, decltype(sc)>(M, N, K, a, b, aux, d, act, workspace, workspace_bytes, stream, err,
+                                           errlen);
+  });
+}
+
+}  // namespace llava_fast_cutlass
