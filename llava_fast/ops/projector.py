@@ -19,7 +19,8 @@ with ctypes: ``_ext.cutlass_lib``), falling back to the Triton kernel per call w
 
 Numerics follow eager bf16 PyTorch: fp32 accumulation, ``h`` rounded to the input dtype, GELU evaluated in fp32 on
 the rounded ``h`` (so the forward activation and the one recomputed in backward are bit-identical); ``dH`` is taken
-from the fp32 accumulator (one rounding fewer than eager).
+from the fp32 accumulator (one rounding fewer than eager). The CUTLASS forward evaluates GELU on the unrounded fp32
+pre-activation (its aux store passes that value on), so there the two activations may differ by one rounding.
 """
 from __future__ import annotations
 
