@@ -30,6 +30,9 @@ from bench_utils import TIMINGS, Row, add_ratios, bench, device_name, peak_memor
 OURS = "llava_fast"
 OURS_ATOMIC = "llava_fast_atomic_bwd"
 OURS_TMA = "llava_fast_tma"  # LLAVA_FAST_ATTN_TMA=1: TMA descriptor loads in the forward and dK/dV (opt-in)
+# LLAVA_FAST_ATTN_CUTLASS=1: the forward on CUTLASS's Hopper FMHA (opt-in; documents of one length, Hq == Hkv, D 64
+# or 128), the backward on our Triton kernels; only on the shapes it takes
+OURS_CUTLASS = "llava_fast_cutlass"
 BWD_IMPL = {OURS: "separate", OURS_ATOMIC: "atomic"}   # backward each of our providers runs (set_backward_impl)
 ATOMIC_MODES = ("bwd", "fwd+bwd")
 QUICK_ATOMIC = ["causal-d128-4k", "packed-8docs-d128"]
@@ -108,6 +111,8 @@ def _providers(name, shape, with_flex=True, with_atomic=True):
 
     yield OURS, ours, ""
     yield OURS_TMA, ours, "TMA descriptor loads in the forward and dK/dV kernels (LLAVA_FAST_ATTN_TMA=1)"
+    if s is not None and hq == hkv and d in (64, 128):
+        yield OURS_CUTLASS, ours, "forward on CUTLASS's Hopper FMHA (LLAVA_FAST_ATTN_CUTLASS=1), Triton backward"
     if with_atomic:
         yield OURS_ATOMIC, ours, "5-GEMM backward, dQ by fp32 atomics (forward not re-measured)"
 
@@ -182,6 +187,7 @@ def main():
         return 0
     if args.autotune:
         os.environ["LLAVA_FAST_ATTN_AUTOTUNE"] = "1"
+    from llava_fast.ops import attention as attn_mod
     from llava_fast.ops.attention import set_backward_impl
     shapes = args.shapes.split(",") if args.shapes else (QUICK if args.quick else list(SHAPES))
     modes = args.modes.split(",") if args.modes else (["fwd", "fwd+bwd"] if args.quick else ["fwd", "bwd", "fwd+bwd"])
@@ -201,9 +207,11 @@ def main():
         for provider, make, note in _providers(name, shape, with_flex, with_atomic):
             set_backward_impl(BWD_IMPL.get(provider))  # None (the environment's choice) for the other providers
             provider_modes = [m for m in modes if m in ATOMIC_MODES] if provider == OURS_ATOMIC else modes
-            if provider == OURS_TMA:
+            if provider in (OURS_TMA, OURS_CUTLASS):
                 provider_modes = [m for m in modes if m in ("fwd", "fwd+bwd")]
             os.environ["LLAVA_FAST_ATTN_TMA"] = "1" if provider == OURS_TMA else "0"
+            os.environ["LLAVA_FAST_ATTN_CUTLASS"] = "1" if provider == OURS_CUTLASS else "0"
+            cutlass_runs = attn_mod._cutlass_runs
             if (args.quick and args.modes is None and provider in BWD_IMPL and with_atomic
                     and "bwd" not in provider_modes):
                 # the two backwards side by side on the shapes where both run (a few ms each)
@@ -228,8 +236,11 @@ def main():
                 tf = flops(lens, hq, d, causal, mode) / (t["ms"] * 1e-3) / 1e12
                 if mode == "fwd+bwd":
                     peak = peak_memory(lambda: _fwd_bwd_once(fn), reset=lambda ins=inputs: _drop_grads(ins))
+                row_note = note
+                if provider == OURS_CUTLASS and attn_mod._cutlass_runs == cutlass_runs:
+                    row_note = "FELL BACK to the Triton forward (see the warning above)"
                 rows.append(Row("attention", provider, label, "bf16", mode, t["ms"], t["ms_p20"], t["ms_p80"], tf,
-                                "TFLOP/s", peak if mode == "fwd+bwd" else None, note=note, timing=t["timing"]))
+                                "TFLOP/s", peak if mode == "fwd+bwd" else None, note=row_note, timing=t["timing"]))
                 print(f"  {label:60s} {provider:22s} {mode:8s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s")
             del fn, inputs
             torch.cuda.empty_cache()

@@ -127,6 +127,22 @@ def attention(folder):
             out.append((f"{v}, {shape}", f"fwd {fw:.2f}x, fwd+bwd {fb:.2f}x the default (errors within the rule)",
                         rule,
                         "candidate default (re-time, then change _default_cfg / the switch)" if better else "keep"))
+    # CUTLASS dense forward (session 7, never run before): bench_attention's llava_fast_cutlass rows against ours
+    rows = load_rows(folder, "attention")
+    for shape in ("causal-d128-4k", "clip-64x577-d64"):
+        ours, cut = _row(rows, "llava_fast", shape, "fwd"), _row(rows, "llava_fast_cutlass", shape, "fwd")
+        if ours is None or cut is None:
+            out.append((f"attention CUTLASS forward, {shape}", "not measured", "", ""))
+            continue
+        if "FELL BACK" in (cut.get("note") or ""):
+            out.append((f"attention CUTLASS forward, {shape}", "fell back to Triton (see bench_attention.log)", "",
+                        "fix"))
+            continue
+        sp = ours["ms"] / cut["ms"]
+        out.append((f"attention CUTLASS forward, {shape}", f"{sp:.2f}x the Triton forward",
+                    ">= 1.03x and test_cuda_cutlass_fwd passed",
+                    "candidate default for one-length documents (LLAVA_FAST_ATTN_CUTLASS default '1' on sm_90)"
+                    if sp >= 1.03 else "keep opt-in"))
     return out
 
 

@@ -86,7 +86,7 @@ if want build; then
     echo "CUTLASS library missing or not loading: building it here from .cutlass/include"
   fi
   step build "$BUILD_S" $PY -m pip install --no-build-isolation --no-deps -e .
-  $PY -c "from llava_fast import _ext; print('CUTLASS library:', 'loaded' if _ext.cutlass_lib() else _ext.CUTLASS_ERROR)"
+  $PY -c "from llava_fast import _ext; l = _ext.cutlass_lib(); print('CUTLASS library:', ('loaded, attention forward ' + ('built' if l.llava_fast_cutlass_has_attn_fwd() else 'not built')) if l else _ext.CUTLASS_ERROR)"
 fi
 want env && step env 30 $PY -m llava_fast.cli env
 
@@ -165,7 +165,7 @@ want plot && step plot 20 $PY benchmarks/plot_results.py "$RES"
   echo
   echo "=== summary: $(( $(date +%s) - t0 ))s in all, on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')"
   printf '%s\n' "${summary[@]}"
-  $PY -c "from llava_fast import _ext; print('CUTLASS library:', 'loaded' if _ext.cutlass_lib() else _ext.CUTLASS_ERROR)" 2>&1
+  $PY -c "from llava_fast import _ext; l = _ext.cutlass_lib(); print('CUTLASS library:', ('loaded, attention forward ' + ('built' if l.llava_fast_cutlass_has_attn_fwd() else 'not built')) if l else _ext.CUTLASS_ERROR)" 2>&1
   [ -f "$RES/gpu_tests.log" ] && grep -hE "[0-9]+ (passed|failed)" "$RES/gpu_tests.log" | tail -n 1
   [ -f "$RES/gpu_tests.log" ] && grep -hE "^(FAILED|ERROR) " "$RES/gpu_tests.log" | cut -c1-200 | head -n 30
   for f in "$RES"/attention_variants.jsonl "$RES"/attention_variants_d64.jsonl "$RES"/attention_sweep.jsonl \

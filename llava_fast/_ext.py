@@ -123,7 +123,7 @@ def sm_count(device) -> int:
 # loaded with ctypes, so one build serves every torch and Python version. Loaded on first use, never at import.
 # ----------------------------------------------------------------------------------------------------------------------
 CUTLASS_LIB = "_cutlass_sm90.so"
-CUTLASS_ABI = 3
+CUTLASS_ABI = 4
 CUTLASS_BUILD_HINT = (
     "build it with the CUTLASS headers: `pip install nvidia-cutlass` (or set LLAVA_FAST_CUTLASS_DIR to a CUTLASS "
     "checkout), then `LLAVA_FAST_CUDA_ARCHS=90 pip install --no-build-isolation -e .`; it needs nvcc >= 12.3 and runs "
@@ -158,5 +158,8 @@ def cutlass_lib():
     lib.llava_fast_cutlass_gelu_fwd.restype = i
     lib.llava_fast_cutlass_dgelu_bwd.argtypes = [i, i, i, i, i, p, p, p, p, p, p, ctypes.c_size_t, p, c, i]
     lib.llava_fast_cutlass_dgelu_bwd.restype = i
+    lib.llava_fast_cutlass_attn_fwd.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, c, i]
+    lib.llava_fast_cutlass_attn_fwd.restype = i
+    lib.llava_fast_cutlass_has_attn_fwd.restype = i
     _cutlass = lib
     return lib

@@ -49,8 +49,10 @@ def env() -> dict:
         except ValueError as e:
             info["gpu_tile_encoder"] = f"invalid: {e}"
     lib = _ext.cutlass_lib()
-    info["cutlass_lib"] = ("loaded: Hopper projector GEMMs (LLAVA_FAST_PROJECTOR_KERNEL=cutlass)" if lib is not None
-                           else f"no ({_ext.CUTLASS_ERROR}); optional, sm_90 only")
+    info["cutlass_lib"] = (("loaded: Hopper projector GEMMs (LLAVA_FAST_PROJECTOR_KERNEL=cutlass)"
+                            + (", dense attention forward (LLAVA_FAST_ATTN_CUTLASS=1)"
+                               if lib.llava_fast_cutlass_has_attn_fwd() else ""))
+                           if lib is not None else f"no ({_ext.CUTLASS_ERROR}); optional, sm_90 only")
     ok, why = _ext.triton_usable()
     info["triton_usable"] = f"{'yes' if ok else 'no'}: {why}"
     info["backends"] = backend.describe("cuda" if cuda else "cpu")

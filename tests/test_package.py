@@ -207,6 +207,26 @@ def test_decide_projector_sweep_rule(tmp_path):
                                                      "keep")
 
 
+def test_decide_attention_cutlass_rule(tmp_path):
+    """The CUTLASS attention forward rule: faster by >= 3% is a candidate; a row that fell back is said so."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import json
+
+    import decide
+
+    rows = [dict(provider="llava_fast", shape="causal-d128-4k (B4 Hq32 Hkv32 D128 causal)", mode="fwd", ms=1.27),
+            dict(provider="llava_fast_cutlass", shape="causal-d128-4k (B4 Hq32 Hkv32 D128 causal)", mode="fwd",
+                 ms=0.95, note=""),
+            dict(provider="llava_fast", shape="clip-64x577-d64 (B64 Hq16 Hkv16 D64)", mode="fwd", ms=0.5),
+            dict(provider="llava_fast_cutlass", shape="clip-64x577-d64 (B64 Hq16 Hkv16 D64)", mode="fwd", ms=0.4,
+                 note="FELL BACK to the Triton forward")]
+    (tmp_path / "attention-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = {q: (m, d) for q, m, _, d in decide.decide(str(tmp_path))}
+    assert got["attention CUTLASS forward, causal-d128-4k"][1].startswith("candidate default")
+    assert got["attention CUTLASS forward, clip-64x577-d64"] == ("fell back to Triton (see bench_attention.log)",
+                                                                 "fix")
+
+
 def test_bench_model_restores_what_liger_patches():
     """Liger's patch functions replace transformers' module-level functions and classes; bench_model puts them back
     after each Liger provider so that later transformers rows are plain transformers."""

@@ -1136,6 +1136,86 @@ def backward_impl(deterministic: bool = False) -> str:
     return env
 
 
+# Opt-in dense forward on CUTLASS's Hopper FMHA (csrc/cutlass/attention_sm90*.cu): for calls whose documents all
+# have one length, with Hq == Hkv, D in {64, 128} and the default scale; the backward stays on the Triton kernels.
+_CUTLASS_ENV = "LLAVA_FAST_ATTN_CUTLASS"
+_CUTLASS_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+_cutlass_runs = 0       # successful CUTLASS forwards (tests assert the kernel ran rather than the Triton one)
+_cutlass_warned: set = set()
+_CUTLASS_ON_CPU = False  # tests only: let CPU tensors through to a fake library that checks the C ABI contract
+
+
+def cutlass_fwd_unusable(q, k, v, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                         causal: bool, seqused_k=None) -> str | None:
+    """Why the CUTLASS dense forward cannot take this call (None: it can). Every document must have the same
+    length, which the shapes say without a host sync: ``total == batch * max_seqlen`` (each length is at most the
+    max, so all equal it), for q and k alike, and Sq == Sk (CUTLASS's causal mask is top-left, ours bottom-right:
+    the same then)."""
+    total_q, hq, d = q.shape
+    if q.dtype not in _CUTLASS_DTYPES:
+        return f"dtype {q.dtype} (bf16 and fp16 only)"
+    if d not in (64, 128):
+        return f"head dim {d} (64 and 128 are built)"
+    if k.shape[1] != hq:
+        return f"GQA/MQA ({hq} query heads, {k.shape[1]} key heads)"
+    if seqused_k is not None:
+        return "seqused_k (KV cache)"
+    if max_seqlen_q != max_seqlen_k or total_q != batch * max_seqlen_q or k.shape[0] != batch * max_seqlen_k:
+        return "documents of different lengths (or Sq != Sk)"
+    if abs(softmax_scale - d ** -0.5) > 1e-6 * d ** -0.5:
+        return f"softmax_scale {softmax_scale} (the kernel's is fixed at 1/sqrt(D))"
+    for t in (q, k, v):
+        if not t.is_contiguous() or t.data_ptr() % 16:
+            return "a non-contiguous or unaligned q, k or v"
+    if not _CUTLASS_ON_CPU:
+        if q.device.type != "cuda":
+            return f"tensors on {q.device}"
+        if torch.cuda.get_device_capability(q.device) != (9, 0):
+            return f"compute capability {torch.cuda.get_device_capability(q.device)} (sm_90 only)"
+    lib = _ext.cutlass_lib()
+    if lib is None:
+        return f"{_ext.CUTLASS_ERROR}; {_ext.CUTLASS_BUILD_HINT}"
+    if not lib.llava_fast_cutlass_has_attn_fwd():
+        return "the CUTLASS library was built without CUTLASS's examples/88_hopper_fmha headers"
+    return None
+
+
+def _cutlass_warn(msg: str) -> None:
+    if msg not in _cutlass_warned:
+        _cutlass_warned.add(msg)
+        import warnings
+
+        warnings.warn(f"attention: LLAVA_FAST_ATTN_CUTLASS=1: {msg}; using the Triton forward", stacklevel=3)
+
+
+def _cutlass_fwd(q, k, v, out, lse, batch, max_seqlen_q, max_seqlen_k, softmax_scale, causal, seqused_k) -> bool:
+    """The forward through CUTLASS when opted in and possible; False: the caller runs the Triton kernel."""
+    global _cutlass_runs
+    if _ext.env_choice(_CUTLASS_ENV, ("0", "1"), "0") != "1":
+        return False
+    why = cutlass_fwd_unusable(q, k, v, batch, max_seqlen_q, max_seqlen_k, softmax_scale, causal, seqused_k)
+    if why is not None:
+        _cutlass_warn(why)
+        return False
+    import ctypes
+
+    fn = _ext.cutlass_lib().llava_fast_cutlass_attn_fwd
+    err = ctypes.create_string_buffer(512)
+    _, hq, d = q.shape
+    call = (_CUTLASS_DTYPES[q.dtype], int(bool(causal)), batch, hq, max_seqlen_q, d, q.data_ptr(), k.data_ptr(),
+            v.data_ptr(), out.data_ptr(), lse.data_ptr())
+    if q.is_cuda:
+        with torch.cuda.device(q.device):
+            rc = fn(*call, torch.cuda.current_stream(q.device).cuda_stream, err, len(err))
+    else:  # _CUTLASS_ON_CPU: the tests' fake library
+        rc = fn(*call, None, err, len(err))
+    if rc != 0:
+        _cutlass_warn(f"attn_fwd returned {rc}: {err.value.decode(errors='replace')}")
+        return False
+    _cutlass_runs += 1
+    return True
+
+
 def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                           softmax_scale: float, causal: bool, seqused_k=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher. Returns ``out (total_q, Hq, D)`` in q.dtype and ``lse (Hq, total_q)`` fp32.
@@ -1149,6 +1229,8 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
         return out, lse
     if k.shape[0] == 0 or max_seqlen_k == 0:  # no keys anywhere
         return out.zero_(), lse.fill_(float("inf"))
+    if _cutlass_fwd(q, k, v, out, lse, batch, max_seqlen_q, max_seqlen_k, softmax_scale, causal, seqused_k):
+        return out, lse
     d0, d1, has_d1 = _split_head_dim(d)
     used = seqused_k is not None
     align = _stride_align(q, k, v, out)

@@ -371,6 +371,90 @@ def test_bad_inputs(over, match):
 GPU_DOCS = {"1": [1], "17": [17], "97": [97], "577": [577], "729": [729], "mix": [1, 17, 97, 577, 729, 300, 1024]}
 
 
+class FakeCutlassAttn:
+    """The C contract of ``llava_fast_cutlass_attn_fwd`` (csrc/cutlass/attention_sm90.cu) in PyTorch, on CPU memory
+    reached through the raw pointers: q, k, v, o (B*S, H, D) in bf16/fp16, lse (H, B*S) fp32 natural log, scale
+    1/sqrt(D), causal top-left. It checks the wrapper's arguments and that our Triton backward can consume the LSE
+    the kernel writes. ``rc`` != 0: refuse like can_implement does."""
+
+    def __init__(self, rc: int = 0):
+        self.rc, self.calls = rc, []
+
+    @staticmethod
+    def view(ptr, shape, dtype):
+        import ctypes
+        import math
+
+        nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        return torch.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype).view(shape)
+
+    def llava_fast_cutlass_has_attn_fwd(self):
+        return 1
+
+    def llava_fast_cutlass_attn_fwd(self, dtype, causal, B, H, S, D, q, k, v, o, lse, stream, err, n):
+        self.calls.append((dtype, causal, B, H, S, D))
+        if self.rc:
+            err.value = b"Error Not Supported (fake)"
+            return self.rc
+        dt = {0: torch.bfloat16, 1: torch.float16}[dtype]
+        Q, K, V = (self.view(t, (B, S, H, D), dt).float() for t in (q, k, v))
+        s = torch.einsum("bqhd,bkhd->bhqk", Q, K) * D ** -0.5
+        if causal:
+            s = s.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+        out = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), V)
+        self.view(o, (B * S, H, D), dt).copy_(out.reshape(B * S, H, D).to(dt))
+        self.view(lse, (H, B * S), torch.float32).copy_(s.logsumexp(-1).permute(1, 0, 2).reshape(H, B * S))
+        return 0
+
+
+@pytest.fixture
+def fake_cutlass_attn(monkeypatch):
+    from llava_fast import _ext
+
+    fake = FakeCutlassAttn()
+    monkeypatch.setattr(_ext, "cutlass_lib", lambda: fake)
+    monkeypatch.setattr(attn_mod, "_CUTLASS_ON_CPU", True)
+    monkeypatch.setattr(attn_mod, "_cutlass_warned", set())
+    monkeypatch.setenv("LLAVA_FAST_ATTN_CUTLASS", "1")
+    return fake
+
+
+@pytest.mark.parametrize("d,causal", [(64, True), (128, False)])
+def test_cutlass_fwd_contract(fake_cutlass_attn, d, causal, device):
+    """LLAVA_FAST_ATTN_CUTLASS=1 with documents of one length: the forward goes to the (fake) CUTLASS kernel with
+    (B, H, S, D) and our Triton backward runs on the LSE it wrote; out, lse and every gradient against the fp32
+    reference by the flash-attn rule."""
+    runs = attn_mod._cutlass_runs
+    _check_against_ref([17, 17, 17], [17, 17, 17], 2, 2, d, causal, torch.float16, device, _run_function)
+    assert attn_mod._cutlass_runs == runs + 1
+    assert fake_cutlass_attn.calls == [(1, int(causal), 3, 2, 17, d)]
+
+
+@pytest.mark.parametrize("case,match", [
+    ("lengths", "different lengths"), ("gqa", "GQA"), ("d72", "head dim 72"), ("scale", "softmax_scale"),
+    ("refused", "attn_fwd returned 2: Error Not Supported")])
+def test_cutlass_fwd_falls_back(fake_cutlass_attn, case, match, device):
+    """Calls the CUTLASS forward cannot take run the Triton forward, with a warning that says why."""
+    lens, hq, hkv, d = [17, 17, 17], 2, 2, 64
+    if case == "lengths":
+        lens = [5, 17, 20]
+    elif case == "gqa":
+        hkv = 1
+    elif case == "d72":
+        d = 72
+    elif case == "refused":
+        fake_cutlass_attn.rc = 2
+    q, k, v, cu_q, cu_k = _make(lens, lens, hq, hkv, d, torch.float16, device)
+    scale = 0.1 if case == "scale" else d ** -0.5
+    runs = attn_mod._cutlass_runs
+    with pytest.warns(UserWarning, match=match):
+        out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, max(lens), max(lens), scale, True, False)
+    assert attn_mod._cutlass_runs == runs
+    ref = attention_ref(q, k, v, cu_q, cu_k, causal=True, softmax_scale=scale, upcast=True)
+    low = attention_ref(q, k, v, cu_q, cu_k, causal=True, softmax_scale=scale, upcast=False)
+    assert_flash_rule(out, ref, low, name="out")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("docs", list(GPU_DOCS))
 @pytest.mark.parametrize("d", [64, 72, 80, 96, 128])
@@ -809,3 +893,26 @@ def test_cuda_atomic_bwd_sq_ne_sk_and_agreement(atomic_bwd):
         err = (a.float() - b.float()).abs().max().item()
         print(f"{name}: atomic vs separate max diff {err:.3e} (max |value| {scale:.3e})")
         assert err <= 2 ** -6 * scale, f"{name}: the two backwards differ by {err:.3e} (max |value| {scale:.3e})"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_cutlass_fwd(monkeypatch, dtype, d, causal):
+    """LLAVA_FAST_ATTN_CUTLASS=1: the CUTLASS dense forward (CLIP-like 577-token documents, and 1024) ran (no
+    fallback), and out, lse and the Triton backward's gradients from its LSE pass the flash-attn rule."""
+    import warnings
+
+    from llava_fast import _ext
+
+    lib = _ext.cutlass_lib()
+    if lib is None or not lib.llava_fast_cutlass_has_attn_fwd() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"CUTLASS attention forward not available here ({_ext.CUTLASS_ERROR or 'no FMHA or not sm_90'})")
+    monkeypatch.setenv("LLAVA_FAST_ATTN_CUTLASS", "1")
+    for lens in ([577] * 6, [1024] * 2):
+        runs = attn_mod._cutlass_runs
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback warns: make it fail here
+            _check_against_ref(lens, lens, 4, 4, d, causal, dtype, "cuda", _run_function)
+        assert attn_mod._cutlass_runs == runs + 1
