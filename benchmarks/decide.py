@@ -143,6 +143,13 @@ def attention(folder):
                     ">= 1.03x and test_cuda_cutlass_fwd passed",
                     "candidate default for one-length documents (LLAVA_FAST_ATTN_CUTLASS default '1' on sm_90)"
                     if sp >= 1.03 else "keep opt-in"))
+        cudnn = _row(rows, "sdpa-cudnn", shape, "fwd")
+        if shape.startswith("clip") and cudnn is not None:
+            # the CLIP towers run forward only in stage 1 and in prefill, on SDPA/cuDNN ("auto")
+            vs = cudnn["ms"] / cut["ms"]
+            out.append(("attention CUTLASS forward vs SDPA cuDNN, CLIP tiles", f"{vs:.2f}x cuDNN's forward",
+                        ">= 1.03x: the frozen CLIP tower's attention could run on it",
+                        "candidate: route vision_attention (D64, one-length tiles) to it" if vs >= 1.03 else "keep"))
     return out
 
 

@@ -219,12 +219,18 @@ def test_decide_attention_cutlass_rule(tmp_path):
                  ms=0.95, note=""),
             dict(provider="llava_fast", shape="clip-64x577-d64 (B64 Hq16 Hkv16 D64)", mode="fwd", ms=0.5),
             dict(provider="llava_fast_cutlass", shape="clip-64x577-d64 (B64 Hq16 Hkv16 D64)", mode="fwd", ms=0.4,
-                 note="FELL BACK to the Triton forward")]
+                 note="FELL BACK to the Triton forward"),
+            dict(provider="sdpa-cudnn", shape="clip-64x577-d64 (B64 Hq16 Hkv16 D64)", mode="fwd", ms=0.33)]
     (tmp_path / "attention-GPU-1.json").write_text(json.dumps({"rows": rows}))
     got = {q: (m, d) for q, m, _, d in decide.decide(str(tmp_path))}
     assert got["attention CUTLASS forward, causal-d128-4k"][1].startswith("candidate default")
     assert got["attention CUTLASS forward, clip-64x577-d64"] == ("fell back to Triton (see bench_attention.log)",
                                                                  "fix")
+    assert "attention CUTLASS forward vs SDPA cuDNN, CLIP tiles" not in got  # never from a fallback row
+    rows[3]["note"] = ""
+    (tmp_path / "attention-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = {q: (m, d) for q, m, _, d in decide.decide(str(tmp_path))}
+    assert got["attention CUTLASS forward vs SDPA cuDNN, CLIP tiles"] == ("0.82x cuDNN's forward", "keep")
 
 
 def test_bench_model_restores_what_liger_patches():
