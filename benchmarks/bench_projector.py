@@ -80,15 +80,14 @@ def make_providers(dv, dt, dtype, with_compile=True):
         finally:
             set_gemm2_impl("cublas")
 
-    def ours_tma(x):  # run() sets LLAVA_FAST_PROJECTOR_KERNEL=tma around this provider (forward and backward)
+    def ours_env(x):  # run() sets the provider's PROVIDER_ENV around it (forward and backward)
         return projector(x, w1, b1, w2, b2)
 
     def cublaslt(x):
         a = torch._addmm_activation(b1, x, w1.t(), use_gelu=True)
         return torch.addmm(b2, a, w2.t())
 
-    provs = {OURS: ours, "llava_fast_tma": ours_tma, "llava_fast_tma_nested": ours_tma,
-             "llava_fast_cutlass": ours_tma, "llava_fast_cutlass_pp": ours_tma, "llava_fast_cutlass_coop": ours_tma,
+    provs = {OURS: ours, **{name: ours_env for name in PROVIDER_ENV},
              "llava_fast_gemm2_triton": ours_t2, "eager": eager,
              "compile": compiled, "cublaslt_gelu": cublaslt}
     if compiled is None:

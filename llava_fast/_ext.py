@@ -163,3 +163,58 @@ def cutlass_lib():
     lib.llava_fast_cutlass_has_attn_fwd.restype = i
     _cutlass = lib
     return lib
+
+
+CUTLASS_DTYPES = {"bfloat16": 0, "float16": 1}  # dtype codes of every CUTLASS entry point
+
+
+def cutlass_dtype_code(dtype) -> int | None:
+    """The CUTLASS entry points' code for a torch dtype (None: not built for it)."""
+    return CUTLASS_DTYPES.get(str(dtype).replace("torch.", ""))
+CUTLASS_ON_CPU = False  # tests only: let CPU tensors through to a fake library that checks a C ABI contract
+_cutlass_warned: set = set()
+
+
+def cutlass_unavailable(device, need: str | None = None) -> str | None:
+    """Why the CUTLASS library cannot serve tensors on ``device`` (None: it can): not an sm_90 GPU, the library
+    missing, or (``need="attn_fwd"``) built without the attention forward."""
+    if not CUTLASS_ON_CPU:
+        import torch
+
+        if device.type != "cuda":
+            return f"tensors on {device}"
+        cap = torch.cuda.get_device_capability(device)
+        if cap != (9, 0):
+            return f"compute capability {cap} (sm_90 only)"
+    lib = cutlass_lib()
+    if lib is None:
+        return f"{CUTLASS_ERROR}; {CUTLASS_BUILD_HINT}"
+    if need == "attn_fwd" and not lib.llava_fast_cutlass_has_attn_fwd():
+        return "the CUTLASS library was built without CUTLASS's examples/88_hopper_fmha headers"
+    return None
+
+
+def cutlass_invoke(name: str, device, *args) -> tuple[int, str]:
+    """``llava_fast_cutlass_<name>(*args, stream, err, errlen)`` on ``device``'s current stream (a null stream for the
+    tests' fake library on CPU tensors): (return code, error message)."""
+    import ctypes
+
+    import torch
+
+    fn = getattr(cutlass_lib(), f"llava_fast_cutlass_{name}")
+    err = ctypes.create_string_buffer(512)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            rc = fn(*args, torch.cuda.current_stream(device).cuda_stream, err, len(err))
+    else:
+        rc = fn(*args, None, err, len(err))
+    return rc, err.value.decode(errors="replace")
+
+
+def cutlass_warn(msg: str) -> None:
+    """One warning per message: a CUTLASS path that cannot take a call and falls back says why once."""
+    if msg not in _cutlass_warned:
+        _cutlass_warned.add(msg)
+        import warnings
+
+        warnings.warn(msg, stacklevel=4)

@@ -77,3 +77,13 @@ def peak_live_bytes(fn, keep=()) -> tuple[int, object]:
     with Track():
         result = fn()
     return peak, result
+
+
+def raw_view(ptr: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor over ``prod(shape)`` elements at the raw address ``ptr`` (writes go to that memory): how the
+    tests' fake CUTLASS libraries read and write the tensors a wrapper hands to the C entry points."""
+    import ctypes
+    import math
+
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    return torch.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype).view(shape)

@@ -430,15 +430,20 @@ def _flash_attn_bwd_preprocess_padded_kernel(O, DO, LSE, DELTA, LSE_P, DELTA_P, 
 
 
 @triton.jit
-def _lse_descriptors(LSE_P, DELTA_P, PAD_CU, b, n_heads, seqlen_q, stride_pad_h, BLOCK_M: tl.constexpr):
-    """LSE_TMA: (p_start, LD, DD): document b's padded start (a multiple of 4) and (head, row) descriptors of the
-    padded lse and delta that end at its last row (rows past it read 0)."""
-    p_start = tl.multiple_of(tl.load(PAD_CU + b), 4)
-    LD = tl.make_tensor_descriptor(LSE_P, shape=[n_heads, p_start + seqlen_q], strides=[stride_pad_h, 1],
-                                   block_shape=[1, BLOCK_M])
-    DD = tl.make_tensor_descriptor(DELTA_P, shape=[n_heads, p_start + seqlen_q], strides=[stride_pad_h, 1],
-                                   block_shape=[1, BLOCK_M])
-    return p_start, LD, DD
+def _lse_sources(LSE, DELTA, LSE_P, DELTA_P, PAD_CU, b, n_heads, seqlen_q, stride_pad_h, BLOCK_M: tl.constexpr,
+                 LSE_TMA: tl.constexpr):
+    """Where the backward kernels read lse and delta: (p_start, LD, DD). With LSE_TMA, document b's padded start (a
+    multiple of 4) and (head, row) descriptors of the padded lse and delta that end at its last row (rows past it
+    read 0); otherwise (0, LSE, DELTA), the plain (head, total) arrays."""
+    if LSE_TMA:
+        p_start = tl.multiple_of(tl.load(PAD_CU + b), 4)
+        LD = tl.make_tensor_descriptor(LSE_P, shape=[n_heads, p_start + seqlen_q], strides=[stride_pad_h, 1],
+                                       block_shape=[1, BLOCK_M])
+        DD = tl.make_tensor_descriptor(DELTA_P, shape=[n_heads, p_start + seqlen_q], strides=[stride_pad_h, 1],
+                                       block_shape=[1, BLOCK_M])
+        return p_start, LD, DD
+    else:
+        return 0, LSE, DELTA
 
 
 @triton.jit
@@ -590,13 +595,8 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         DOD = DO
         QD1 = Q
         DOD1 = DO
-    if LSE_TMA:  # (head, row) descriptors of the padded lse and delta, ending at this document's last row
-        p_start, LD, DD = _lse_descriptors(LSE_P, DELTA_P, PAD_CU, b, group * tl.num_programs(2), seqlen_q,
-                                           stride_pad_h, BLOCK_M)
-    else:
-        p_start = 0
-        LD = LSE
-        DD = DELTA
+    p_start, LD, DD = _lse_sources(LSE, DELTA, LSE_P, DELTA_P, PAD_CU, b, group * tl.num_programs(2), seqlen_q,
+                                   stride_pad_h, BLOCK_M, LSE_TMA)
     for g in range(0, group):  # every query head of this kv head: GQA gradients summed in registers
         h = hk * group + g
         Qh = Q + q_off * stride_qt + h * stride_qh
@@ -856,13 +856,8 @@ def _flash_attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K
     n_full = tl.cdiv(seqlen_q - mid, BLOCK_M)
     rot = pid_n % tl.maximum(n_full, 1)   # stagger the dQ rows that concurrent key blocks add to
     q_off = q_start.to(tl.int64)
-    if LSE_TMA:
-        p_start, LD, DD = _lse_descriptors(LSE_P, DELTA_P, PAD_CU, b, group * tl.num_programs(2), seqlen_q,
-                                           stride_pad_h, BLOCK_M)
-    else:
-        p_start = 0
-        LD = LSE
-        DD = DELTA
+    p_start, LD, DD = _lse_sources(LSE, DELTA, LSE_P, DELTA_P, PAD_CU, b, group * tl.num_programs(2), seqlen_q,
+                                   stride_pad_h, BLOCK_M, LSE_TMA)
     for g in range(0, group):  # every query head of this kv head: dK/dV summed in registers
         h = hk * group + g
         Qh = Q + q_off * stride_qt + h * stride_qh
@@ -1139,10 +1134,7 @@ def backward_impl(deterministic: bool = False) -> str:
 # Opt-in dense forward on CUTLASS's Hopper FMHA (csrc/cutlass/attention_sm90*.cu): for calls whose documents all
 # have one length, with Hq == Hkv, D in {64, 128} and the default scale; the backward stays on the Triton kernels.
 _CUTLASS_ENV = "LLAVA_FAST_ATTN_CUTLASS"
-_CUTLASS_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _cutlass_runs = 0       # successful CUTLASS forwards (tests assert the kernel ran rather than the Triton one)
-_cutlass_warned: set = set()
-_CUTLASS_ON_CPU = False  # tests only: let CPU tensors through to a fake library that checks the C ABI contract
 
 
 def cutlass_fwd_unusable(q, k, v, batch: int, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
@@ -1152,7 +1144,7 @@ def cutlass_fwd_unusable(q, k, v, batch: int, max_seqlen_q: int, max_seqlen_k: i
     max, so all equal it), for q and k alike, and Sq == Sk (CUTLASS's causal mask is top-left, ours bottom-right:
     the same then)."""
     total_q, hq, d = q.shape
-    if q.dtype not in _CUTLASS_DTYPES:
+    if _ext.cutlass_dtype_code(q.dtype) is None:
         return f"dtype {q.dtype} (bf16 and fp16 only)"
     if d not in (64, 128):
         return f"head dim {d} (64 and 128 are built)"
@@ -1167,25 +1159,11 @@ def cutlass_fwd_unusable(q, k, v, batch: int, max_seqlen_q: int, max_seqlen_k: i
     for t in (q, k, v):
         if not t.is_contiguous() or t.data_ptr() % 16:
             return "a non-contiguous or unaligned q, k or v"
-    if not _CUTLASS_ON_CPU:
-        if q.device.type != "cuda":
-            return f"tensors on {q.device}"
-        if torch.cuda.get_device_capability(q.device) != (9, 0):
-            return f"compute capability {torch.cuda.get_device_capability(q.device)} (sm_90 only)"
-    lib = _ext.cutlass_lib()
-    if lib is None:
-        return f"{_ext.CUTLASS_ERROR}; {_ext.CUTLASS_BUILD_HINT}"
-    if not lib.llava_fast_cutlass_has_attn_fwd():
-        return "the CUTLASS library was built without CUTLASS's examples/88_hopper_fmha headers"
-    return None
+    return _ext.cutlass_unavailable(q.device, need="attn_fwd")
 
 
 def _cutlass_warn(msg: str) -> None:
-    if msg not in _cutlass_warned:
-        _cutlass_warned.add(msg)
-        import warnings
-
-        warnings.warn(f"attention: LLAVA_FAST_ATTN_CUTLASS=1: {msg}; using the Triton forward", stacklevel=3)
+    _ext.cutlass_warn(f"attention: LLAVA_FAST_ATTN_CUTLASS=1: {msg}; using the Triton forward")
 
 
 def _cutlass_fwd(q, k, v, out, lse, batch, max_seqlen_q, max_seqlen_k, softmax_scale, causal, seqused_k) -> bool:
@@ -1197,20 +1175,12 @@ def _cutlass_fwd(q, k, v, out, lse, batch, max_seqlen_q, max_seqlen_k, softmax_s
     if why is not None:
         _cutlass_warn(why)
         return False
-    import ctypes
-
-    fn = _ext.cutlass_lib().llava_fast_cutlass_attn_fwd
-    err = ctypes.create_string_buffer(512)
     _, hq, d = q.shape
-    call = (_CUTLASS_DTYPES[q.dtype], int(bool(causal)), batch, hq, max_seqlen_q, d, q.data_ptr(), k.data_ptr(),
-            v.data_ptr(), out.data_ptr(), lse.data_ptr())
-    if q.is_cuda:
-        with torch.cuda.device(q.device):
-            rc = fn(*call, torch.cuda.current_stream(q.device).cuda_stream, err, len(err))
-    else:  # _CUTLASS_ON_CPU: the tests' fake library
-        rc = fn(*call, None, err, len(err))
+    rc, msg = _ext.cutlass_invoke("attn_fwd", q.device, _ext.cutlass_dtype_code(q.dtype), int(bool(causal)),
+                                  batch, hq, max_seqlen_q, d, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                  out.data_ptr(), lse.data_ptr())
     if rc != 0:
-        _cutlass_warn(f"attn_fwd returned {rc}: {err.value.decode(errors='replace')}")
+        _cutlass_warn(f"attn_fwd returned {rc}: {msg}")
         return False
     _cutlass_runs += 1
     return True

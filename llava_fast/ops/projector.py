@@ -462,11 +462,8 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
 _CUTLASS_SCHED_ENV = "LLAVA_FAST_PROJECTOR_CUTLASS_SCHED"
 # schedule name -> code of csrc/cutlass/projector_sm90.cuh (`Schedule`); the last two are built for bf16 only
 CUTLASS_SCHEDS = {"pingpong": 0, "cooperative": 1, "pingpong_c12": 2, "cooperative_256": 3}
-_CUTLASS_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 _cutlass_workspaces: dict = {}
-_cutlass_warned: set = set()
 _cutlass_runs = 0       # successful CUTLASS calls (tests assert the kernel ran rather than the fallback)
-_CUTLASS_ON_CPU = False  # tests only: let CPU tensors through to a fake library that checks the C ABI contract
 
 
 def cutlass_sched(gemm: str) -> int:
@@ -486,12 +483,8 @@ def cutlass_sched(gemm: str) -> int:
     return CUTLASS_SCHEDS[name]
 
 
-def _cutlass_warn(key: str, msg: str) -> None:
-    if key not in _cutlass_warned:
-        _cutlass_warned.add(key)
-        import warnings
-
-        warnings.warn(f"projector: LLAVA_FAST_PROJECTOR_KERNEL=cutlass: {msg}; using the Triton kernel", stacklevel=3)
+def _cutlass_warn(msg: str) -> None:
+    _ext.cutlass_warn(f"projector: LLAVA_FAST_PROJECTOR_KERNEL=cutlass: {msg}; using the Triton kernel")
 
 
 def cutlass_unusable(*tensors: torch.Tensor, approximate: str = "none") -> str | None:
@@ -501,7 +494,7 @@ def cutlass_unusable(*tensors: torch.Tensor, approximate: str = "none") -> str |
     if approximate != "none":
         return "only exact (erf) GELU is compiled"
     t0 = tensors[0]
-    if t0.dtype not in _CUTLASS_DTYPES:
+    if _ext.cutlass_dtype_code(t0.dtype) is None:
         return f"dtype {t0.dtype} (bf16 and fp16 only)"
     for t in tensors:
         if t.dim() != 2 or not t.is_contiguous() or t.data_ptr() % 16 or (t.shape[1] * t.element_size()) % 16:
@@ -509,14 +502,7 @@ def cutlass_unusable(*tensors: torch.Tensor, approximate: str = "none") -> str |
                     f"(last dim a multiple of {16 // t.element_size()})")
         if max(t.shape) >= 2 ** 31:
             return f"an operand of shape {tuple(t.shape)} exceeds int32 sizes"
-    if not _CUTLASS_ON_CPU:
-        if t0.device.type != "cuda":
-            return f"tensors on {t0.device}"
-        if torch.cuda.get_device_capability(t0.device) != (9, 0):
-            return f"compute capability {torch.cuda.get_device_capability(t0.device)} (sm_90 only)"
-    if _ext.cutlass_lib() is None:
-        return f"{_ext.CUTLASS_ERROR}; {_ext.CUTLASS_BUILD_HINT}"
-    return None
+    return _ext.cutlass_unavailable(t0.device)
 
 
 def _cutlass_workspace(device: torch.device) -> torch.Tensor:
@@ -530,20 +516,12 @@ def _cutlass_workspace(device: torch.device) -> torch.Tensor:
 def _cutlass_call(name: str, dtype: torch.dtype, device: torch.device, *args) -> bool:
     """Run ``llava_fast_cutlass_<name>(dtype, *args, workspace, bytes, stream, err, errlen)`` on ``device``'s current
     stream; False (and one warning per message) when CUTLASS refuses the problem, so the caller falls back."""
-    import ctypes
-
     global _cutlass_runs
-    fn = getattr(_ext.cutlass_lib(), f"llava_fast_cutlass_{name}")
-    err = ctypes.create_string_buffer(512)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            ws = _cutlass_workspace(device)
-            stream = torch.cuda.current_stream(device).cuda_stream
-            rc = fn(_CUTLASS_DTYPES[dtype], *args, ws.data_ptr(), ws.numel(), stream, err, len(err))
-    else:  # _CUTLASS_ON_CPU: the tests' fake library
-        rc = fn(_CUTLASS_DTYPES[dtype], *args, None, 0, None, err, len(err))
+    ws = _cutlass_workspace(device) if device.type == "cuda" else None  # None: the tests' fake library on CPU
+    rc, msg = _ext.cutlass_invoke(name, device, _ext.cutlass_dtype_code(dtype), *args,
+                                  ws.data_ptr() if ws is not None else None, ws.numel() if ws is not None else 0)
     if rc != 0:
-        _cutlass_warn(f"{name}:{rc}", f"{name} returned {rc}: {err.value.decode(errors='replace')}")
+        _cutlass_warn(f"{name} returned {rc}: {msg}")
         return False
     _cutlass_runs += 1
     return True
@@ -557,7 +535,7 @@ def _cutlass_gemm(name: str, gemm: str, mats: list, bias: torch.Tensor | None, M
     if why is None and bias is not None and (not bias.is_contiguous() or bias.data_ptr() % 16):
         why = "the bias is not contiguous and 16-byte aligned"
     if why is not None:
-        _cutlass_warn(why, why)
+        _cutlass_warn(why)
         return False
     if M == 0:
         return True

@@ -14,7 +14,7 @@ from llava_fast import backend
 from llava_fast.ops import attention as attn_mod
 from llava_fast.ops.attention import (FlashAttnVarlenFunction, attention_ref, flash_attn_func,
                                       flash_attn_varlen_bwd, flash_attn_varlen_func, flash_attn_varlen_fwd)
-from tests.utils import assert_flash_rule
+from tests.utils import assert_flash_rule, raw_view
 
 # fp32: the interpreter's dots are exact fp32 (numpy) and the reference has the same dtype, so the flash rule's
 # "error of PyTorch in the same dtype" is 0. What is left is reassociation (online softmax over key blocks, exp2/log2
@@ -380,13 +380,7 @@ class FakeCutlassAttn:
     def __init__(self, rc: int = 0):
         self.rc, self.calls = rc, []
 
-    @staticmethod
-    def view(ptr, shape, dtype):
-        import ctypes
-        import math
-
-        nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-        return torch.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype).view(shape)
+    view = staticmethod(raw_view)
 
     def llava_fast_cutlass_has_attn_fwd(self):
         return 1
@@ -413,8 +407,8 @@ def fake_cutlass_attn(monkeypatch):
 
     fake = FakeCutlassAttn()
     monkeypatch.setattr(_ext, "cutlass_lib", lambda: fake)
-    monkeypatch.setattr(attn_mod, "_CUTLASS_ON_CPU", True)
-    monkeypatch.setattr(attn_mod, "_cutlass_warned", set())
+    monkeypatch.setattr(_ext, "CUTLASS_ON_CPU", True)
+    monkeypatch.setattr(_ext, "_cutlass_warned", set())
     monkeypatch.setenv("LLAVA_FAST_ATTN_CUTLASS", "1")
     return fake
 

@@ -20,7 +20,7 @@ from llava_fast.ops.projector import (
     projector_fwd,
     projector_ref,
 )
-from tests.utils import assert_flash_rule, max_err
+from tests.utils import assert_flash_rule, max_err, raw_view
 
 transformers = pytest.importorskip("transformers")
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
@@ -212,13 +212,7 @@ class FakeCutlass:
     def __init__(self, rc: int = 0):
         self.rc, self.calls = rc, []
 
-    @staticmethod
-    def view(ptr, shape, dtype):
-        import ctypes
-        import math
-
-        nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-        return torch.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype).view(shape)
+    view = staticmethod(raw_view)
 
     def llava_fast_cutlass_workspace_bytes(self):
         return 0
@@ -257,12 +251,11 @@ class FakeCutlass:
 @pytest.fixture
 def fake_cutlass(monkeypatch):
     from llava_fast import _ext
-    from llava_fast.ops import projector as P
 
     fake = FakeCutlass()
     monkeypatch.setattr(_ext, "cutlass_lib", lambda: fake)
-    monkeypatch.setattr(P, "_CUTLASS_ON_CPU", True)
-    monkeypatch.setattr(P, "_cutlass_warned", set())
+    monkeypatch.setattr(_ext, "CUTLASS_ON_CPU", True)
+    monkeypatch.setattr(_ext, "_cutlass_warned", set())
     monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "cutlass")
     return fake
 
