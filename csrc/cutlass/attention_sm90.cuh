@@ -15,6 +15,7 @@
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/kernel_hardware_info.h"
+#include "common.cuh"
 #include "collective/fmha_fusion.hpp"
 #include "device/device_universal.hpp"
 #include "kernel/fmha_kernel_builder.hpp"
@@ -41,11 +42,7 @@ int attn_fwd(int B, int H, int S, const void* q, const void* k, const void* v, v
   using Op = typename AttnFwd<Element, D, kCausal>::Op;
   AttnStride s{H * D, cute::_1{}, cute::make_tuple(S * H * D, D)};
   AttnStrideLse sl{cute::_1{}, cute::make_tuple(S, B * S)};
-  cutlass::KernelHardwareInfo hw{};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  hw.device_id = dev;
-  hw.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(dev);
+  cutlass::KernelHardwareInfo hw = hw_info();
   typename Op::Arguments args{cute::make_tuple(B, H, S, S, D),
                               {static_cast<const Element*>(q), s, static_cast<const Element*>(k), s,
                                static_cast<const Element*>(v), s},

@@ -41,6 +41,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
 #include "cutlass/kernel_hardware_info.h"
+#include "common.cuh"
 
 using namespace cute;
 
@@ -170,18 +171,6 @@ Stride packed(int rows, int cols) {
   }
   cute::get<2>(s) = int64_t(rows) * cols;
   return s;
-}
-
-// The current device and its SM count (cached per device: the persistent tile scheduler sizes its grid with it).
-inline cutlass::KernelHardwareInfo hw_info() {
-  static int cached[64] = {0};
-  cutlass::KernelHardwareInfo hw{};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return hw;
-  if (!cached[dev]) cached[dev] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(dev);
-  hw.device_id = dev;
-  hw.sm_count = cached[dev];
-  return hw;
 }
 
 inline int fail(char* err, int errlen, int code, const char* what, cutlass::Status status) {
