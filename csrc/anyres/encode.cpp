@@ -376,6 +376,51 @@ __attribute__((target("avx2"))) int64_t normalize_span_f32_avx2(const uint8_t* w
   return i;
 }
 
+// The same for 16-bit outputs: the fp32 value above rounded to nearest-even, as float_to_bf16_bits /
+// float_to_half_bits (and torch's .to(dtype)) do, 16 at a time. bf16: integer rounding on the fp32 bits (the values
+// are finite: no NaN case); fp16: F16C's vcvtps2ph with round-to-nearest (IEEE, subnormals included), run only where
+// the CPU has F16C. Same bits as the lookup table of the scalar loop (tests/data/test_anyres_cpu.py compares them).
+__attribute__((target("avx2"))) inline __m256 normalize8_avx2(const uint8_t* w, __m256 sh, __m256 sc) {
+  const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+  return _mm256_div_ps(_mm256_sub_ps(v, sh), sc);
+}
+
+__attribute__((target("avx2"))) inline __m256i bf16_bits8_avx2(__m256 f) {  // 8 x uint32 holding the bf16 bits
+  const __m256i x = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb), 16);
+}
+
+__attribute__((target("avx2"))) int64_t normalize_span_bf16_avx2(const uint8_t* w, int64_t n, float shift, float scale,
+                                                                uint16_t* o) {
+  const __m256 sh = _mm256_set1_ps(shift), sc = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i a = bf16_bits8_avx2(normalize8_avx2(w + i, sh, sc));
+    const __m256i b = bf16_bits8_avx2(normalize8_avx2(w + i + 8, sh, sc));
+    // packus works per 128-bit lane: [a0-3 b0-3 | a4-7 b4-7] -> reorder the 64-bit quarters to a0-7 b0-7
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), p);
+  }
+  return i;
+}
+
+bool has_f16c() {
+  static const bool yes = __builtin_cpu_supports("f16c");
+  return yes;
+}
+
+__attribute__((target("avx2,f16c"))) int64_t normalize_span_f16_avx2(const uint8_t* w, int64_t n, float shift,
+                                                                     float scale, uint16_t* o) {
+  const __m256 sh = _mm256_set1_ps(shift), sc = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(normalize8_avx2(w + i, sh, sc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i), h);
+  }
+  return i;
+}
+
 // [16 bytes at lo | 16 bytes at hi]
 __attribute__((target("avx2"))) inline __m256i load2_128(const void* lo, const void* hi) {
   return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo))),
@@ -666,8 +711,8 @@ struct Luts {
 
 template <typename OutT>
 void emit_rows_t(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t wc, int64_t y0, int64_t y1, int64_t gw,
-                 int64_t T, int64_t t0, const uint16_t (&lut)[3][256], const float* shift, const float* scale,
-                 OutT* dst) {
+                 int64_t T, int64_t t0, int dtype, const uint16_t (&lut)[3][256], const float* shift,
+                 const float* scale, OutT* dst) {
   const int64_t tt = T * T;
   for (int64_t y = y0; y < y1; ++y) {
     const int64_t tr = y / T, ty = y % T;
@@ -695,7 +740,13 @@ void emit_rows_t(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t 
         } else {
           const uint16_t* L = lut[c];
           zero = L[0];
-          for (int64_t tx = lo; tx < hi; ++tx) o[tx] = L[w[tx]];
+          int64_t tx = lo;
+#if LF_HAVE_SSSE3_DISPATCH
+          if (use_avx2() && dtype == 2) tx += normalize_span_bf16_avx2(w + lo, hi - lo, shift[c], scale[c], o + lo);
+          if (use_avx2() && dtype == 1 && has_f16c())
+            tx += normalize_span_f16_avx2(w + lo, hi - lo, shift[c], scale[c], o + lo);
+#endif
+          for (; tx < hi; ++tx) o[tx] = L[w[tx]];
         }
         for (int64_t tx = 0; tx < lo; ++tx) o[tx] = zero;
         for (int64_t tx = hi; tx < T; ++tx) o[tx] = zero;
@@ -709,9 +760,11 @@ void emit_rows_t(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t 
 void emit_rows(const Scratch& sc, int64_t wy, int64_t wx, int64_t wr, int64_t wc, int64_t y0, int64_t y1, int64_t gw,
                int64_t T, int64_t t0, const Luts& L, void* dst) {
   if (L.dtype == 0)
-    emit_rows_t<float>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.h, L.shift, L.scale, static_cast<float*>(dst));
+    emit_rows_t<float>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.dtype, L.h, L.shift, L.scale,
+                       static_cast<float*>(dst));
   else
-    emit_rows_t<uint16_t>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.h, L.shift, L.scale, static_cast<uint16_t*>(dst));
+    emit_rows_t<uint16_t>(sc, wy, wx, wr, wc, y0, y1, gw, T, t0, L.dtype, L.h, L.shift, L.scale,
+                          static_cast<uint16_t*>(dst));
 }
 
 // A fresh output buffer (torch.empty: not yet touched) of ~100 MB takes one page fault per 4 KB page when first

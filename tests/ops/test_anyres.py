@@ -524,8 +524,25 @@ for variant in ("llava_next", "llava_onevision"):
     cfg = ImageProcessorConfig.for_variant(variant)
     imgs = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen)
             for h, w in [(750, 1000), (333, 1201), (1500, 97), (61, 59)]]
-    got = anyres.encode_tiles(imgs, cfg, num_threads=2)["pixel_values"]
-    assert torch.equal(got, preprocess_images(imgs, cfg)["pixel_values"]), variant
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # the 16-bit outputs: vector rounding or table
+        got = anyres.encode_tiles(imgs, cfg, dtype=dtype, num_threads=2)["pixel_values"]
+        assert torch.equal(got, preprocess_images(imgs, cfg, dtype=dtype)["pixel_values"]), (variant, dtype)
+# every byte value in every channel through the normalization (tiles the size of the image: no resize), CLIP and
+# SigLIP constants: (3 i + c) * 7 % 256 takes all 256 values over 256 consecutive pixels
+# and constants whose normalized values fall exactly halfway between two bf16 (channels 0, 1) or fp16 (channel 2)
+# values: (v - 0.5), (v - 0.25), (v - 0.0625), so that round-to-nearest-even's tie rule is checked too
+TIES = dict(image_mean=(0.5 / 255, 0.25 / 255, 0.0625 / 255), image_std=(1 / 255,) * 3)
+for variant, kw in (("llava", {}), ("llava_onevision", {}), ("llava", TIES)):
+    cfg = ImageProcessorConfig.for_variant(variant, **kw)
+    t = cfg.tile
+    x = ((torch.arange(t * t * 3) * 7) % 256).to(torch.uint8).reshape(t, t, 3)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = anyres.encode_tiles([x], cfg, dtype=dtype, num_threads=1)["pixel_values"]
+        ref32 = preprocess_images([x], cfg, dtype=torch.float32)["pixel_values"]
+        assert torch.equal(got, ref32.to(dtype)), (variant, kw, dtype)
+    if kw:  # the ties are there (else the tie rule would go unchecked)
+        bits = ref32.view(torch.int32)
+        assert ((bits[:, :2] & 0xFFFF) == 0x8000).sum() > 100 and ((bits[:, 2] & 0x1FFF) == 0x1000).sum() > 100
 print("ok")
 """
 
