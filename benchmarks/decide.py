@@ -289,7 +289,33 @@ def model(folder):
     return out
 
 
-RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model)
+def host_bound(folder):
+    """profile_model.py's wall time against its GPU kernel time, per workload and provider (newest file of each)."""
+    out = []
+    paths = glob.glob(os.path.join(folder, "**", "profile_model-*.json"), recursive=True)
+    groups: dict[tuple, list[str]] = {}
+    for p in paths:
+        with open(p) as f:
+            d = json.load(f)
+        groups.setdefault((d.get("workload"), d.get("provider")), []).append(p)
+    for (workload, provider), ps in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        with open(_newest(ps)) as f:
+            d = json.load(f)
+        wall, steps = d.get("wall_ms"), d.get("steps") or 1
+        if not wall:
+            continue
+        busy = sum(k["ms"] for k in d.get("kernels", [])) / steps / wall  # the top-200 kernels: a lower bound
+        syncs = d.get("syncs") or {}
+        out.append((f"GPU busy, {workload} / {provider}",
+                    f"{100 * busy:.0f}% of {wall:.1f} ms per step; {syncs.get('count', '?')} host syncs "
+                    f"({', '.join(syncs.get('where', {})) or '-'})",
+                    "under 85%: the host sets the pace (launch overhead, syncs): CUDA graphs / fewer launches before "
+                    "faster kernels",
+                    "host-bound" if busy < 0.85 else "kernel-bound"))
+    return out
+
+
+RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model, host_bound)
 
 
 def decide(folder: str) -> list[tuple]:

@@ -35,6 +35,60 @@ def dtype_code(dtype) -> int:
     return DTYPE_CODES[name]
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, as ``triton.cdiv``. The launchers use these two instead of triton's: since triton 3.5
+    those are ``ConstexprFunction`` objects costing ~2 us per host call, and a launcher made up to five of them."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0), as ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def _tracing() -> bool:
+    """True while torch.compile / export traces, or while a fake-tensor, proxy (make_fx) or functionalization mode is
+    active: then ops must go through the dispatcher, whose fake implementations describe them."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return True
+    keys = torch._C._TorchDispatchModeKey
+    return any(torch._C._get_dispatch_mode(k) is not None for k in (keys.FAKE, keys.PROXY, keys.FUNCTIONAL))
+
+
+class EagerOp:
+    """A ``torch.library`` custom op that, in plain eager mode, calls its Python implementation directly.
+
+    The dispatcher round trip of a custom op costs ~10 us of host time per call (measured on the dev CPU: 23 us
+    for RMSNorm's forward op against 13.6 us for its launcher), which a layer pays several times forward and
+    backward; the op itself is only needed when something traces (``_tracing``). Calling an ``EagerOp`` runs the
+    registered op while tracing and the function otherwise, with the same arguments and results."""
+
+    __slots__ = ("op", "fn")
+
+    def __init__(self, op, fn):
+        self.op, self.fn = op, fn
+
+    def __call__(self, *args, **kwargs):
+        if _tracing():
+            return self.op(*args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+    def register_fake(self, fn):
+        return self.op.register_fake(fn)
+
+
+def custom_op(name: str, *, mutates_args):
+    """``torch.library.custom_op(name, mutates_args=...)`` as a decorator that returns an :class:`EagerOp`."""
+    import torch
+
+    def wrap(fn):
+        return EagerOp(torch.library.custom_op(name, mutates_args=mutates_args)(fn), fn)
+
+    return wrap
+
+
 def require_ext(op: str, cuda: bool = False):
     """Return the ``_C`` module or raise an error that says how to build it."""
     if _C is None:

@@ -104,3 +104,36 @@ def test_tma_allocator_is_set_in_every_thread(monkeypatch):
         assert _allocation._allocator.get() is mine
     finally:
         _allocation._allocator.set(before)
+
+
+def test_eager_op_calls_the_function_in_eager_mode_and_the_op_when_tracing():
+    """_ext.custom_op: the registered op (schema, fake) while something traces, the plain function otherwise (the
+    dispatcher round trip is host time every layer pays); same results either way."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    calls = []
+
+    @_ext.custom_op("llava_fast_test::scale2", mutates_args=())
+    def scale2(x: torch.Tensor) -> torch.Tensor:
+        calls.append(type(x).__name__)
+        if isinstance(x, FakeTensor):  # what a kernel launch would do with a tensor that has no data
+            raise RuntimeError("real implementation called on a fake tensor")
+        return x * 2
+
+    @scale2.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    x = torch.arange(4.0)
+    seen = []
+    orig_op = scale2.op
+    scale2.op = lambda *a: (seen.append("op"), orig_op(*a))[1]  # count dispatcher calls
+    try:
+        assert torch.equal(scale2(x), x * 2) and seen == []          # eager: the function, no dispatcher
+        with FakeTensorMode() as mode:
+            y = scale2(mode.from_tensor(x))                           # fake tensors: the op and its fake
+        assert isinstance(y, FakeTensor) and seen == ["op"]
+        assert torch.equal(torch.compile(lambda t: scale2(t) + 1, backend="aot_eager", fullgraph=True)(x), x * 2 + 1)
+    finally:
+        scale2.op = orig_op
+    assert torch.equal(torch.ops.llava_fast_test.scale2(x), x * 2)

@@ -163,6 +163,28 @@ def test_decide_applies_the_written_rules(tmp_path):
     assert decide.decide(str(ROOT / "benchmarks" / "results"))
 
 
+def test_decide_host_bound_rule(tmp_path):
+    """decide.py reads profile_model.py's wall time and kernel time (newest file per workload and provider)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import json
+    import os
+
+    import decide
+
+    def write(name, wall, kernels, mtime):
+        p = tmp_path / name
+        p.write_text(json.dumps(dict(workload="ov_ft", provider="llava_fast", steps=2, wall_ms=wall,
+                                     kernels=[dict(ms=k) for k in kernels],
+                                     syncs=dict(count=3, where={"llava.py:229": 2}))))
+        os.utime(p, (mtime, mtime))
+
+    write("profile_model-ov_ft-llava_fast-GPU-old.json", 100.0, [190.0], 1)  # 95% busy, older
+    write("profile_model-ov_ft-llava_fast-GPU-new.json", 100.0, [100.0, 20.0], 2)  # 60% busy, newest
+    got = {q: (m, d) for q, m, _, d in decide.decide(str(tmp_path))}
+    m, d = got["GPU busy, ov_ft / llava_fast"]
+    assert d == "host-bound" and m.startswith("60% of 100.0 ms") and "llava.py:229" in m
+
+
 def test_decide_projector_cutlass_rule(tmp_path):
     """The CUTLASS projector rule: a provider that beats the Triton kernel by >= 3% in fwd and fwd+bwd is a default
     candidate; one whose rows fell back to Triton is reported as such, never as a CUTLASS result."""
@@ -260,7 +282,9 @@ def test_profile_model_smoke(capsys):
 
     assert profile_model.main(["--tiny", "--workload", "stage1", "--steps", "1", "--no-save"]) == 0
     out = capsys.readouterr().out
-    assert "| gemm |" in out and "Top 25 kernels" in out
+    assert "| gemm |" in out and "Top 25 kernels" in out and "Wall time per step (CPU)" in out
+    line = profile_model.busy_lines(10.0, 6.0, True, (3, {"llava.py:229": 2, "cross_entropy.py:492": 1}))
+    assert "busy 60% of the step" in line and "synchronisations per step: 3 (llava.py:229 x2" in line
     assert profile_model.classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
     assert profile_model.classify("_flash_attn_fwd_kernel") == "attention"
     assert profile_model.classify("_rms_norm_bwd_kernel") == "norm"

@@ -1009,9 +1009,9 @@ def _split_head_dim(d: int) -> tuple[int, int, bool]:
     if d <= d0:
         return d0, 16, False
     policy = _split_policy()
-    d1 = max(int(os.environ.get("LLAVA_FAST_ATTN_MIN_D1", "16")), triton.next_power_of_2(d - d0))
+    d1 = max(int(os.environ.get("LLAVA_FAST_ATTN_MIN_D1", "16")), _ext.next_power_of_2(d - d0))
     if policy == "none" or d1 >= d0 or (policy == "exact" and d0 + d1 != d):
-        return triton.next_power_of_2(d), 16, False
+        return _ext.next_power_of_2(d), 16, False
     return d0, d1, True
 
 
@@ -1215,7 +1215,7 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
         _ext.ensure_tma_allocator()
     kind = "fwd_decode" if used and max_seqlen_q <= 16 else "fwd"
     with _device_guard(q):
-        _launch(kind, _flash_attn_fwd_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq), args,
+        _launch(kind, _flash_attn_fwd_kernel, lambda bm, bn: (_ext.cdiv(max_seqlen_q, bm), batch, hq), args,
                 constexprs)
     return out, lse
 
@@ -1229,9 +1229,9 @@ def _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q: int, lse_
     batch = cu_seqlens_q.shape[0] - 1
     block_t = 16 if _ext.interpreting() else 64
     if not lse_tma:
-        _flash_attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), hq)](
+        _flash_attn_bwd_preprocess_kernel[(_ext.cdiv(total_q, block_t), hq)](
             out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-            HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
+            HEAD_DIM=d, BLOCK_D=_ext.next_power_of_2(d), BLOCK_T=block_t)
         return lse, {}
     lse = lse.contiguous()
     lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
@@ -1240,9 +1240,9 @@ def _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q: int, lse_
     width = (total_q + 3 * batch + 3) // 4 * 4  # 16-byte rows: the descriptors' strides
     lse_p = torch.empty((hq, width), dtype=torch.float32, device=out.device)
     delta_p = torch.empty((hq, width), dtype=torch.float32, device=out.device)
-    _flash_attn_bwd_preprocess_padded_kernel[(triton.cdiv(max_seqlen_q, block_t), batch, hq)](
+    _flash_attn_bwd_preprocess_padded_kernel[(_ext.cdiv(max_seqlen_q, block_t), batch, hq)](
         out, dout, lse, delta, lse_p, delta_p, cu_seqlens_q, pad_cu, out.stride(0), out.stride(1), dout.stride(0),
-        dout.stride(1), lse.stride(0), width, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=block_t)
+        dout.stride(1), lse.stride(0), width, HEAD_DIM=d, BLOCK_D=_ext.next_power_of_2(d), BLOCK_T=block_t)
     return lse, dict(LSE_P=lse_p, DELTA_P=delta_p, PAD_CU=pad_cu, stride_pad_h=width)
 
 
@@ -1276,14 +1276,14 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
         tma = _use_tma(q, dout)
         if (tma or lse_tma) and q.is_cuda:
             _ext.ensure_tma_allocator()
-        _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv),
+        _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (_ext.cdiv(max_seqlen_k, bn), batch, hkv),
                 args, dict(constexprs, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma, LSE_TMA=lse_tma, **lse_tma_args))
         args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dq),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_q))
         tma_kv = _use_tma(k, v)
         if tma_kv and q.is_cuda:
             _ext.ensure_tma_allocator()
-        _launch("dq", _flash_attn_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(max_seqlen_q, bm), batch, hq),
+        _launch("dq", _flash_attn_bwd_dq_kernel, lambda bm, bn: (_ext.cdiv(max_seqlen_q, bm), batch, hq),
                 args, dict(constexprs, USE_TMA=tma_kv))
     return dq, dk, dv
 
@@ -1312,7 +1312,7 @@ def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
     if os.environ.get("LLAVA_FAST_ATTN_SPLIT") in ("exact", "masked"):
         d0, d1, has_d1 = _split_head_dim(d)
     else:
-        d0, d1, has_d1 = triton.next_power_of_2(d), 16, False
+        d0, d1, has_d1 = _ext.next_power_of_2(d), 16, False
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     lse_tma = _use_lse_tma(q)
     with _device_guard(q):
@@ -1326,7 +1326,7 @@ def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
                           DOT_PREC=_dot_prec(q.dtype), ALIGN=align)
         _launch("bwd_fused", _flash_attn_bwd_fused_kernel,
-                lambda bm, bn: (triton.cdiv(max_seqlen_k, bn), batch, hkv), args,
+                lambda bm, bn: (_ext.cdiv(max_seqlen_k, bn), batch, hkv), args,
                 dict(constexprs, LSE_TMA=lse_tma, **lse_tma_args))
     return dq_acc.to(q.dtype), dk, dv
 
@@ -1334,7 +1334,7 @@ def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
 # ----------------------------------------------------------------------------------------------------------------
 # 4. torch.library custom ops (opaque to torch.compile, with fake implementations)
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("llava_fast::flash_attn_varlen_fwd", mutates_args=())
+@_ext.custom_op("llava_fast::flash_attn_varlen_fwd", mutates_args=())
 def _flash_attn_varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                               causal: bool, seqused_k: Optional[torch.Tensor] = None
@@ -1349,7 +1349,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
         q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("llava_fast::flash_attn_varlen_bwd", mutates_args=())
+@_ext.custom_op("llava_fast::flash_attn_varlen_bwd", mutates_args=())
 def _flash_attn_varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
@@ -1364,7 +1364,7 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
-@torch.library.custom_op("llava_fast::flash_attn_varlen_bwd_atomic", mutates_args=())
+@_ext.custom_op("llava_fast::flash_attn_varlen_bwd_atomic", mutates_args=())
 def _flash_attn_varlen_bwd_atomic_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
@@ -1390,7 +1390,7 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                 deterministic=False, seqused_k=None):
-        out, lse = torch.ops.llava_fast.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        out, lse = _flash_attn_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                               max_seqlen_k, softmax_scale, causal, seqused_k)
         ctx.has_seqused_k = seqused_k is not None
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
@@ -1408,8 +1408,8 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         # "separate" (default, and always when deterministic): no atomics, bitwise deterministic. "atomic" (opt-in:
         # set_backward_impl / LLAVA_FAST_ATTN_BWD, read here at each backward): 5 GEMMs, dQ by fp32 atomics.
-        op = (torch.ops.llava_fast.flash_attn_varlen_bwd_atomic if backward_impl(ctx.deterministic) == "atomic"
-              else torch.ops.llava_fast.flash_attn_varlen_bwd)
+        op = (_flash_attn_varlen_bwd_atomic_op if backward_impl(ctx.deterministic) == "atomic"
+              else _flash_attn_varlen_bwd_op)
         dq, dk, dv = op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k,
                         ctx.softmax_scale, ctx.causal)
         return dq, dk, dv, None, None, None, None, None, None, None, None

@@ -221,8 +221,8 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
     write_grad = grad_out is not None
     if write_grad:
         assert grad_out.shape == logits.shape and grad_out.stride(1) == 1, "grad_out must match logits"
-    single = triton.next_power_of_2(v) <= _MAX_SINGLE_BLOCK
-    block = triton.next_power_of_2(v) if single else _MULTI_BLOCK
+    single = _ext.next_power_of_2(v) <= _MAX_SINGLE_BLOCK
+    block = _ext.next_power_of_2(v) if single else _MULTI_BLOCK
     num_warps = max(1, min(32 if single else 16, block // 1024))
     gout = grad_out if write_grad else logits
     with _device_guard(logits.device):
@@ -235,7 +235,7 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
 
 
 def _vocab_block_launch_cfg(n_cols: int) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(max(n_cols, 1)), _MULTI_BLOCK)
+    block = min(_ext.next_power_of_2(max(n_cols, 1)), _MULTI_BLOCK)
     return block, max(1, min(16, block // 1024))
 
 
@@ -555,7 +555,7 @@ def fused_linear_cross_entropy_fwd(
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. torch.library custom op + fake (so torch.compile(fullgraph=True) keeps the chunk loop opaque)
 # ----------------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("llava_fast::fused_linear_cross_entropy", mutates_args=())
+@_ext.custom_op("llava_fast::fused_linear_cross_entropy", mutates_args=())
 def _fused_linear_cross_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
     scale: torch.Tensor, ignore_index: int, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
@@ -603,7 +603,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 skip_ignored=True, grad_weight_accum="auto", need_grad_hidden=True, need_grad_weight=True,
                 need_grad_bias=True, schedule="token", vocab_block=0):
         need_b = need_grad_bias and bias is not None
-        loss, gh, gw, gb, logits = torch.ops.llava_fast.fused_linear_cross_entropy(
+        loss, gh, gw, gb, logits = _fused_linear_cross_entropy_op(
             hidden, weight, labels, bias, scale, ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
             need_b, return_logits, skip_ignored, grad_weight_accum, schedule, vocab_block)
         ctx.needs = (need_grad_hidden, need_grad_weight, need_b)

@@ -101,7 +101,7 @@ from typing import List, Optional, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from llava_fast import backend  # noqa: E402
+from llava_fast import _ext, backend  # noqa: E402
 
 try:  # Triton is optional: imports never fail, the reference is the fallback.
     import triton
@@ -540,7 +540,7 @@ def token_index(input_ids: torch.Tensor, device: torch.device, image_token_id: i
         ok = torch.empty((1,), dtype=torch.int32, device=ids.device)
         block = 1024
         with _guard(ids.device):
-            _token_index_kernel[(triton.cdiv(n, block),)](
+            _token_index_kernel[(_ext.cdiv(n, block),)](
                 ids, kidx, ok, n, image_token_id if check_images else 0,
                 video_token_id if check_videos else 0, k_img, k_vid,
                 DO_IMG=check_images, DO_VID=check_videos, BLOCK=block, CHUNK=4 * block, num_warps=4)
@@ -563,7 +563,7 @@ def token_index(input_ids: torch.Tensor, device: torch.device, image_token_id: i
 
 
 def _fwd_config(d: int):
-    block_d = min(512, triton.next_power_of_2(max(d, 1)))
+    block_d = min(512, _ext.next_power_of_2(max(d, 1)))
     block_p = max(1, 4096 // block_d)
     return block_p, block_d, 4
 
@@ -605,7 +605,7 @@ def pack_scatter_fwd(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image
     if b * l > 0 and d > 0:
         pidx, plam, _, _, _ = plan.tensors(dev)
         block_p, block_d, warps = _fwd_config(d)
-        grid = (triton.cdiv(b * l, block_p), triton.cdiv(d, block_d))
+        grid = (_ext.cdiv(b * l, block_p), _ext.cdiv(d, block_d))
         with _guard(dev):
             _pack_scatter_fwd_kernel[grid](
                 emb, out, kidx, pos_of_k, first, second, nl, pidx, plam,
@@ -642,9 +642,9 @@ def pack_scatter_bwd(grad_out: torch.Tensor, kidx: torch.Tensor, pos_of_k: torch
         first, second = (d_img, d_vid) if plan.n_img_rows else (d_vid, d_vid)
         n_src = plan.n_img_rows + plan.n_vid_rows
         if n_src > 0 and d > 0:
-            block_d = min(512, triton.next_power_of_2(d))
+            block_d = min(512, _ext.next_power_of_2(d))
             block_r = max(1, 4096 // block_d)
-            grid = (triton.cdiv(n_src, block_r), triton.cdiv(d, block_d))
+            grid = (_ext.cdiv(n_src, block_r), _ext.cdiv(d, block_d))
             with _guard(dev):
                 _pack_scatter_bwd_kernel[grid](
                     g2, pos_of_k, ell_k, ell_w, first, second,
@@ -669,7 +669,7 @@ def pack_scatter_bwd(grad_out: torch.Tensor, kidx: torch.Tensor, pos_of_k: torch
 # 4. torch.library custom ops (opaque to torch.compile; the plan is built inside from the CPU image_meta tensor, so
 #    new image sizes do not recompile a compiled caller that passes image_sizes as a CPU tensor)
 # --------------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("llava_fast::pack_scatter_fwd", mutates_args=())
+@_ext.custom_op("llava_fast::pack_scatter_fwd", mutates_args=())
 def _pack_scatter_fwd_op(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_features: Optional[torch.Tensor],
                          image_meta: Optional[torch.Tensor], image_newline: Optional[torch.Tensor],
                          video_features: Optional[torch.Tensor], pinpoints_flat: List[int], tile: int, max_tiles: int,
@@ -686,7 +686,7 @@ def _(inputs_embeds, input_ids, image_features, image_meta, image_newline, video
             inputs_embeds.new_empty((n,), dtype=torch.int32), inputs_embeds.new_empty((n,), dtype=torch.int32))
 
 
-@torch.library.custom_op("llava_fast::pack_scatter_bwd", mutates_args=())
+@_ext.custom_op("llava_fast::pack_scatter_bwd", mutates_args=())
 def _pack_scatter_bwd_op(grad_out: torch.Tensor, kidx: torch.Tensor, pos_of_k: torch.Tensor,
                          image_meta: Optional[torch.Tensor], pinpoints_flat: List[int], tile: int, t: int,
                          max_tiles: int, n_img_tiles: int, n_videos: int, frames: int, has_nl: bool,
@@ -719,7 +719,7 @@ class PackScatterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs_embeds, image_features, image_newline, video_features, input_ids, image_meta,
                 pinpoints_flat, tile, max_tiles, image_token_id, video_token_id):
-        out, kidx, pos_of_k = torch.ops.llava_fast.pack_scatter_fwd(
+        out, kidx, pos_of_k = _pack_scatter_fwd_op(
             inputs_embeds, input_ids, image_features, image_meta, image_newline, video_features, pinpoints_flat,
             tile, max_tiles, image_token_id, video_token_id)
         ctx.save_for_backward(kidx, pos_of_k, image_meta)
@@ -742,7 +742,7 @@ class PackScatterFunction(torch.autograd.Function):
         need_emb, need_img, need_nl, need_vid = ctx.needs_input_grad[:4]
         has_img, has_nl, has_vid = ctx.has
         c = ctx.cfg
-        d_img, d_vid, d_nl, d_emb = torch.ops.llava_fast.pack_scatter_bwd(
+        d_img, d_vid, d_nl, d_emb = _pack_scatter_bwd_op(
             grad_out, kidx, pos_of_k, image_meta if has_img else None, c["pinpoints_flat"], c["tile"], c["t"],
             c["max_tiles"], c["n_img_tiles"], c["n_videos"], c["frames"], c["has_nl"], c["img_dtype"],
             c["vid_dtype"], c["nl_dtype"], bool(need_img and has_img), bool(need_vid and has_vid),

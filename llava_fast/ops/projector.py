@@ -440,7 +440,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
             flags = dict(flags, B_KMAJOR=b_kmajor, NUM_SMS=sms, FLATTEN=kind == "tma")
 
             def tma_grid(meta):
-                return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+                return (min(sms, _ext.cdiv(M, meta["BLOCK_M"]) * _ext.cdiv(N, meta["BLOCK_N"])),)
             if _ext.interpreting():
                 _projector_gemm_tma_kernel[tma_grid(_INTERPRET_META)](*tma_args, **flags, **_INTERPRET_META)
                 return
@@ -449,11 +449,11 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
                 _get_kernel(a.device, fp32, tma=True)[tma_grid](*tma_args, **flags)
             return
     if _ext.interpreting():
-        grid = (triton.cdiv(M, _INTERPRET_META["BLOCK_M"]) * triton.cdiv(N, _INTERPRET_META["BLOCK_N"]),)
+        grid = (_ext.cdiv(M, _INTERPRET_META["BLOCK_M"]) * _ext.cdiv(N, _INTERPRET_META["BLOCK_N"]),)
         _kernel_heur[grid](*args, **flags, **_INTERPRET_META)
         return
     kernel = _get_kernel(a.device, fp32)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (_ext.cdiv(M, meta["BLOCK_M"]) * _ext.cdiv(N, meta["BLOCK_N"]),)
     with torch.cuda.device(a.device):
         kernel[grid](*args, **flags)
 
@@ -648,7 +648,7 @@ def projector_bwd(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. torch.library custom ops (opaque to torch.compile) + fake implementations
 # ----------------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("llava_fast::projector_fwd", mutates_args=())
+@_ext.custom_op("llava_fast::projector_fwd", mutates_args=())
 def _projector_fwd_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                       b2: torch.Tensor | None, approximate: str, save_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return projector_fwd(x, w1, b1, w2, b2, approximate, save_h)
@@ -661,7 +661,7 @@ def _(x, w1, b1, w2, b2, approximate, save_h):
     return y, h
 
 
-@torch.library.custom_op("llava_fast::projector_bwd", mutates_args=())
+@_ext.custom_op("llava_fast::projector_bwd", mutates_args=())
 def _projector_bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                       approximate: str, need_dx: bool, need_w1: bool, need_b1: bool, need_w2: bool,
                       need_b2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

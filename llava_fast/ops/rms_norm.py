@@ -127,7 +127,7 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------------------------
 def _config(n: int, target: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): a tile of about ``target`` elements; several rows per program for small N."""
-    block_n = triton.next_power_of_2(n)
+    block_n = _ext.next_power_of_2(n)
     block_m = max(1, min(16, target // block_n))
     elems = block_m * block_n
     num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
@@ -164,7 +164,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
         r2, s = x2, x2.new_empty(0)
     if m > 0:
         block_m, block_n, num_warps = _config(n, 4096)
-        grid = (triton.cdiv(m, block_m),)
+        grid = (_ext.cdiv(m, block_m),)
         with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
             _rms_norm_fwd_kernel[grid](
                 x2, r2, weight, y, s if residual is not None else y, rstd,
@@ -186,11 +186,11 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ds2 = _rows(dres) if dres is not None else dx
     block_m, block_n, num_warps = _config(n, 2048)
-    tiles = triton.cdiv(m, block_m) if m else 0
+    tiles = _ext.cdiv(m, block_m) if m else 0
     programs = _num_programs(x.device, tiles) if m else 1
     # whole tiles per program, so that only the last program sees a partial tile
-    rows_per_program = triton.cdiv(tiles, programs) * block_m if m else 0
-    programs = triton.cdiv(m, rows_per_program) if m else 1
+    rows_per_program = _ext.cdiv(tiles, programs) * block_m if m else 0
+    programs = _ext.cdiv(m, rows_per_program) if m else 1
     dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
     if m > 0:
         with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
@@ -205,7 +205,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
 # --------------------------------------------------------------------------------------------------------------------
 # 4. torch.library custom ops (opaque to torch.compile, with fakes for shape propagation)
 # --------------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("llava_fast::rms_norm_fwd", mutates_args=())
+@_ext.custom_op("llava_fast::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor],
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return rms_norm_fwd(x, weight, eps, residual)
@@ -218,7 +218,7 @@ def _(x, weight, residual, eps):
     return y, s, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("llava_fast::rms_norm_bwd", mutates_args=())
+@_ext.custom_op("llava_fast::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                      dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return rms_norm_bwd(dy, x, weight, rstd, dres)
@@ -237,7 +237,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, residual, eps):
-        y, s, rstd = torch.ops.llava_fast.rms_norm_fwd(x, weight, residual, eps)
+        y, s, rstd = _rms_norm_fwd_op(x, weight, residual, eps)
         ctx.has_res = residual is not None
         ctx.save_for_backward(s if ctx.has_res else x, weight, rstd)
         ctx.set_materialize_grads(False)
@@ -251,7 +251,7 @@ class RMSNormFunction(torch.autograd.Function):
         if dy is None:  # only s was used downstream
             dy = torch.zeros(xs.shape, dtype=torch.promote_types(xs.dtype, weight.dtype), device=xs.device)
         dres = ds if ctx.has_res else None
-        dx, dw = torch.ops.llava_fast.rms_norm_bwd(dy, xs, weight, rstd, dres)
+        dx, dw = _rms_norm_bwd_op(dy, xs, weight, rstd, dres)
         return dx, dw, (dx if ctx.has_res else None), None
 
 

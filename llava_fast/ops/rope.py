@@ -176,13 +176,13 @@ def _launch(q, k, qo, ko, pos, inv_freq, cos_cache, sin_cache, backward: bool):
     if t == 0:
         return
     half = d // 2
-    block_d = triton.next_power_of_2(half)
-    block_hq = min(triton.next_power_of_2(hq), 16)
-    block_hkv = min(triton.next_power_of_2(hkv), 16)
+    block_d = _ext.next_power_of_2(half)
+    block_hq = min(_ext.next_power_of_2(hq), 16)
+    block_hkv = min(_ext.next_power_of_2(hkv), 16)
     # about 4096 elements per half-tile: enough bytes in flight per program, cos/sin amortized over all heads
-    block_t = max(1, min(32, 4096 // (max(block_hq, block_hkv) * block_d), triton.next_power_of_2(t)))
+    block_t = max(1, min(32, 4096 // (max(block_hq, block_hkv) * block_d), _ext.next_power_of_2(t)))
     has_cache = cos_cache is not None
-    grid = (triton.cdiv(t, block_t),)
+    grid = (_ext.cdiv(t, block_t),)
     dummy = inv_freq if inv_freq is not None else cos_cache
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _rope_kernel[grid](
@@ -220,7 +220,7 @@ def rope_fwd(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_f
 # --------------------------------------------------------------------------------------------------------------------
 # 4. torch.library custom ops
 # --------------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("llava_fast::rope", mutates_args=())
+@_ext.custom_op("llava_fast::rope", mutates_args=())
 def _rope_op(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: Optional[torch.Tensor],
              cos_cache: Optional[torch.Tensor], sin_cache: Optional[torch.Tensor],
              backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,7 +232,7 @@ def _(q, k, position_ids, inv_freq, cos_cache, sin_cache, backward):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-@torch.library.custom_op("llava_fast::rope_", mutates_args=("q", "k"))
+@_ext.custom_op("llava_fast::rope_", mutates_args=("q", "k"))
 def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: Optional[torch.Tensor],
                      cos_cache: Optional[torch.Tensor], sin_cache: Optional[torch.Tensor], backward: bool) -> None:
     rope_fwd(q, k, position_ids, inv_freq, cos_cache, sin_cache, backward, inplace=True)
@@ -251,15 +251,15 @@ class RoPEFunction(torch.autograd.Function):
     def forward(ctx, q, k, position_ids, inv_freq, cos_cache, sin_cache, inplace):
         ctx.save_for_backward(position_ids, inv_freq, cos_cache, sin_cache)
         if inplace:
-            torch.ops.llava_fast.rope_(q, k, position_ids, inv_freq, cos_cache, sin_cache, False)
+            _rope_inplace_op(q, k, position_ids, inv_freq, cos_cache, sin_cache, False)
             ctx.mark_dirty(q, k)
             return q, k
-        return torch.ops.llava_fast.rope(q, k, position_ids, inv_freq, cos_cache, sin_cache, False)
+        return _rope_op(q, k, position_ids, inv_freq, cos_cache, sin_cache, False)
 
     @staticmethod
     def backward(ctx, dq, dk):
         position_ids, inv_freq, cos_cache, sin_cache = ctx.saved_tensors
-        dq, dk = torch.ops.llava_fast.rope(dq, dk, position_ids, inv_freq, cos_cache, sin_cache, True)
+        dq, dk = _rope_op(dq, dk, position_ids, inv_freq, cos_cache, sin_cache, True)
         return dq, dk, None, None, None, None, None
 
 

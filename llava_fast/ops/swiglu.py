@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from llava_fast import backend
+from llava_fast import _ext, backend
 
 try:
     import triton
@@ -93,9 +93,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _geometry(m: int, n: int, tensors, block: int):
     flat = all(t.is_contiguous() for t in tensors)
     if flat:
-        return True, block, 1, triton.cdiv(m * n, block)
-    blk = min(block, triton.next_power_of_2(n))
-    n_col_blocks = triton.cdiv(n, blk)
+        return True, block, 1, _ext.cdiv(m * n, block)
+    blk = min(block, _ext.next_power_of_2(n))
+    n_col_blocks = _ext.cdiv(n, blk)
     return False, blk, n_col_blocks, m * n_col_blocks
 
 
@@ -131,7 +131,7 @@ def swiglu_bwd(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
 # --------------------------------------------------------------------------------------------------------------------
 # 4. torch.library custom ops
 # --------------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("llava_fast::swiglu_fwd", mutates_args=())
+@_ext.custom_op("llava_fast::swiglu_fwd", mutates_args=())
 def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return swiglu_fwd(gate, up)
 
@@ -141,7 +141,7 @@ def _(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("llava_fast::swiglu_bwd", mutates_args=())
+@_ext.custom_op("llava_fast::swiglu_bwd", mutates_args=())
 def _swiglu_bwd_op(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return swiglu_bwd(dc, gate, up)
 
@@ -158,12 +158,12 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return torch.ops.llava_fast.swiglu_fwd(gate, up)
+        return _swiglu_fwd_op(gate, up)
 
     @staticmethod
     def backward(ctx, dc):
         gate, up = ctx.saved_tensors
-        return torch.ops.llava_fast.swiglu_bwd(dc, gate, up)
+        return _swiglu_bwd_op(dc, gate, up)
 
 
 # --------------------------------------------------------------------------------------------------------------------

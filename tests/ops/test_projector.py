@@ -457,12 +457,12 @@ def test_compile_aot_eager_fullgraph(device):
 
 def test_opcheck_custom_ops(device):
     x, (w1, b1, w2, b2), dy = make_inputs(7, 40, 48, True, device=device)
-    torch.library.opcheck(_projector_fwd_op, (x, w1, b1, w2, b2, "none", True),
+    torch.library.opcheck(torch.ops.llava_fast.projector_fwd.default, (x, w1, b1, w2, b2, "none", True),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(_projector_fwd_op, (x, w1, None, w2, None, "tanh", False),
+    torch.library.opcheck(torch.ops.llava_fast.projector_fwd.default, (x, w1, None, w2, None, "tanh", False),
                           test_utils=("test_schema", "test_faketensor"))
     _, h = projector_fwd(x, w1, b1, w2, b2)
-    torch.library.opcheck(_projector_bwd_op, (dy, x, h, w1, w2, "none", False, True, True, True, False),
+    torch.library.opcheck(torch.ops.llava_fast.projector_bwd.default, (dy, x, h, w1, w2, "none", False, True, True, True, False),
                           test_utils=("test_schema", "test_faketensor"))
 
 
