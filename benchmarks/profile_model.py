@@ -15,6 +15,9 @@ import json
 import os
 import re
 import sys
+import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -74,7 +77,9 @@ def annotate_parts(model, backward: bool = False) -> list:
     mods = dict(model.named_modules())
     for name in PARTS:
         mod = mods.get(name)
-        if mod is None:
+        if mod is None or (backward and isinstance(mod, torch.nn.Linear)):
+            # our lm_head: a hooked Linear is called as a module (act_linear.plain_linears), which would turn off
+            # the fused loss being profiled (its kernels show as the cross_entropy class anyway)
             continue
         short = name.split(".")[-1]
         enter, leave = _range_hooks(f"part::{short}")
@@ -131,6 +136,48 @@ def summarize(rows: list[dict], steps: int) -> list[dict]:
     return out
 
 
+def wall_ms_per_step(fn, steps: int, use_cuda: bool) -> float:
+    """Wall-clock milliseconds per step over ``steps`` steps, synchronised at both ends, with no profiler attached."""
+    if use_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if use_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def count_syncs(fn) -> tuple[int, dict]:
+    """Host synchronisations in one step (torch's sync debug mode warns at each synchronizing CUDA call), and where
+    they come from (file:line of the Python caller, most frequent first). Each one drains the GPU's queue: the GPU
+    then idles while the host launches the next kernels."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    hits = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower())
+    return sum(hits.values()), dict(hits.most_common(10))
+
+
+def busy_lines(wall_ms: float, kernel_ms: float, use_cuda: bool, syncs) -> str:
+    """The step's wall time against the GPU's kernel time: a GPU busy well under ~90% of the step means the host
+    (Python and launch overhead, or synchronisations) sets the pace, not the kernels."""
+    if not use_cuda:
+        return f"\nWall time per step (CPU): {wall_ms:.2f} ms.\n"
+    out = (f"\nWall time per step (no profiler): {wall_ms:.2f} ms; GPU kernel time per step: {kernel_ms:.2f} ms, "
+           f"i.e. the GPU is busy {100 * kernel_ms / max(wall_ms, 1e-9):.0f}% of the step.\n")
+    if syncs is not None:
+        n, where = syncs
+        out += f"Host synchronisations per step: {n}" + (
+            " (" + ", ".join(f"{k} x{v}" for k, v in where.items()) + ")" if where else "") + ".\n"
+    return out
+
+
 def to_markdown(classes, rows, steps, top, header) -> str:
     lines = [header, "", "| class | ms per step | share | kernels |", "|---|---:|---:|---:|"]
     lines += [f"| {c['cls']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f}% | {c['kernels']} |" for c in classes]
@@ -169,8 +216,8 @@ def main(argv=None) -> int:
     fn = bench_model.step_fn(a.provider, a.workload, m, inp)
     for _ in range(2):
         fn()
-    if use_cuda:
-        torch.cuda.synchronize()
+    wall = wall_ms_per_step(fn, a.steps, use_cuda)  # no profiler attached: what a training loop sees
+    syncs = count_syncs(fn) if use_cuda else None
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if use_cuda else [])
     hooks = annotate_parts(m, backward=a.provider.startswith("llava_fast"))
     try:
@@ -189,6 +236,7 @@ def main(argv=None) -> int:
     header = (f"## profile_model: {a.workload} / {a.provider} ({'tiny' if a.tiny else f'{a.layers} LLM layers'}), "
               f"{where}, {a.steps} steps, {'GPU kernel' if use_cuda else 'CPU op'} self time")
     md = to_markdown(classes, rows, a.steps, a.top, header)
+    md += busy_lines(wall, sum(r["ms"] for r in rows) / a.steps, use_cuda, syncs)
     md += ("\nTime per model part (ms per step; forward, and backward for our model: kernels launched inside the "
            "part's ranges):\n\n| part | ms |\n|---|---:|\n")
     md += "".join(f"| {p['part']} | {p['ms_per_step']:.2f} |\n" for p in parts)
@@ -201,7 +249,8 @@ def main(argv=None) -> int:
         base = res / f"profile_model-{a.workload}-{a.provider}-{gpu}-{stamp}"
         base.with_suffix(".md").write_text(md)
         base.with_suffix(".json").write_text(json.dumps(dict(
-            classes=classes, kernels=rows[:200], parts=parts, steps=a.steps, workload=a.workload,
+            classes=classes, kernels=rows[:200], parts=parts, steps=a.steps, workload=a.workload, wall_ms=wall,
+            syncs=None if syncs is None else dict(count=syncs[0], where=syncs[1]),
             provider=a.provider, gpu=where)))
         print("saved", base.with_suffix(".md"))
     return 0

@@ -43,8 +43,11 @@ def count_saved(model: torch.nn.Module):
     def post(mod, args, output):
         stack.pop()
 
-    hooks = [m.register_forward_pre_hook(pre) for m in model.modules()]
-    hooks += [m.register_forward_hook(post) for m in model.modules()]
+    # not on the linears: a hooked Linear is called as a module (act_linear.plain_linears: hooks must fire), which
+    # would turn off the recompute path being measured; what a linear saves counts under its parent module
+    mods = [m for m in model.modules() if not isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_pre_hook(pre) for m in mods]
+    hooks += [m.register_forward_hook(post) for m in mods]
 
     def pack(t):
         st = t.untyped_storage()

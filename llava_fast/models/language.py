@@ -29,15 +29,16 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None, norm=None):
         """With ``norm`` (the layer's input RMSNorm) the attention runs on ``norm(x)``, which q, k and v share and
         which is recomputed in the backward instead of kept (ops/act_linear.py); without, on ``x`` as given."""
-        b, n, _ = x.shape
-        if norm is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            from llava_fast.ops.act_linear import act_linears
+        from llava_fast.ops.act_linear import act_linears, plain_linears
 
-            projs = (self.q_proj, self.k_proj, self.v_proj)
+        b, n, _ = x.shape
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if norm is not None and plain_linears(*projs):
             q, k, v = act_linears(norm.functional(), (x, norm.weight), [p.weight for p in projs],
                                   [p.bias for p in projs])
+        else:  # no norm given, or adapters / wrappers on the projections (LoRA): call the modules
+            h = x if norm is None else norm(x)
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         q = q.view(b, n, self.num_heads, self.head_dim)
         k = k.view(b, n, self.num_kv_heads, self.head_dim)
         v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -70,7 +71,8 @@ class MLP(nn.Module):
         # down_proj's input (the gated product) is recomputed in the backward instead of kept (ops/act_linear.py:
         # -30% of the Llama-7B MLP's saved activations), and with ``norm`` (the layer's post-attention RMSNorm) so is
         # the normalized input that gate and up share
-        from llava_fast.ops.act_linear import act_linear, act_linears
+        # (adapters or wrappers on a projection, such as LoRA: that module is called instead; act_linear.plain_linears)
+        from llava_fast.ops.act_linear import act_linear, act_linears, plain_linears
 
         if self.act is F.silu and backend.use_fast("swiglu", x.device.type):
             from llava_fast.ops.swiglu import swiglu
@@ -78,12 +80,15 @@ class MLP(nn.Module):
             act = swiglu
         else:
             act = self._gated
-        if norm is None:
-            g, u = self.gate_proj(x), self.up_proj(x)
-        else:
+        if norm is not None and plain_linears(self.gate_proj, self.up_proj):
             g, u = act_linears(norm.functional(), (x, norm.weight), [self.gate_proj.weight, self.up_proj.weight],
                                [self.gate_proj.bias, self.up_proj.bias])
-        return act_linear(act, (g, u), self.down_proj.weight, self.down_proj.bias)
+        else:
+            h = x if norm is None else norm(x)
+            g, u = self.gate_proj(h), self.up_proj(h)
+        if plain_linears(self.down_proj):
+            return act_linear(act, (g, u), self.down_proj.weight, self.down_proj.bias)
+        return self.down_proj(act(g, u))
 
 
 class DecoderLayer(nn.Module):

@@ -19,6 +19,7 @@ from llava_fast.models.language import LanguageModel
 from llava_fast.models.layers import get_activation
 from llava_fast.models.vision import VisionTower
 from llava_fast.ops import anyres
+from llava_fast.ops.act_linear import plain_linears
 from llava_fast.ops.pack_features import pack_image_features_ref, pool_video_features_ref, scatter_features_ref
 
 
@@ -43,8 +44,11 @@ class MultiModalProjector(nn.Module):
         self.act_name = act
 
     def forward(self, x):
-        if self.act_name in ("gelu", "gelu_pytorch_tanh", "gelu_new") and backend.use_fast("projector", x.device.type):
-            from llava_fast.ops.projector import projector   # fused GEMM + GELU epilogue, one M x N buffer saved
+        # fused GEMM + GELU epilogue (one M x N buffer saved) when both linears are plain: an adapter or wrapper on
+        # either (LoRA) is called as a module instead
+        if self.act_name in ("gelu", "gelu_pytorch_tanh", "gelu_new") and backend.use_fast("projector", x.device.type) \
+                and plain_linears(self.linear_1, self.linear_2):
+            from llava_fast.ops.projector import projector
 
             return projector(x, self.linear_1.weight, self.linear_1.bias, self.linear_2.weight, self.linear_2.bias,
                              approximate="none" if self.act_name == "gelu" else "tanh")
@@ -282,7 +286,9 @@ class _LlavaBase(nn.Module):
                 labels = labels[None]
             if labels.shape != (b, n):
                 raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got {tuple(labels.shape)}")
-        fused_loss = labels is not None and not logits and backend.use_fast("cross_entropy", hidden.device.type)
+        # the fused loss takes lm_head's weight: only for a plain Linear (an adapter on lm_head is called instead)
+        fused_loss = labels is not None and not logits and backend.use_fast("cross_entropy", hidden.device.type) \
+            and plain_linears(self.lm_head)
         out_logits = self.lm_head(hidden) if (logits or (labels is not None and not fused_loss)) else None
         loss = None
         if fused_loss:  # lm_head GEMM + loss in chunks, the (tokens x vocab) logits never exist

@@ -45,14 +45,15 @@ class VisionAttention(nn.Module):
         b, n, d = x.shape
         from llava_fast.models import dispatch
 
-        if norm is None:
-            q, k, v = (p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
-        else:
-            from llava_fast.ops.act_linear import act_linears
+        from llava_fast.ops.act_linear import act_linears, plain_linears
 
-            projs = (self.q_proj, self.k_proj, self.v_proj)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if norm is not None and plain_linears(*projs):
             q, k, v = act_linears(_layer_norm(norm), (x, norm.weight, norm.bias), [p.weight for p in projs],
                                   [p.bias for p in projs])
+        else:  # no norm given, or adapters / wrappers on the projections (LoRA): call the modules
+            h = x if norm is None else norm(x)
+            q, k, v = (p(h) for p in projs)
         q, k, v = (t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         o = dispatch.vision_attention(q, k, v, self.scale)
         return self.out_proj(o.transpose(1, 2).reshape(b, n, d))
@@ -75,13 +76,16 @@ class VisionMLP(nn.Module):
     def forward(self, x, norm: nn.LayerNorm | None = None):
         # the activation's output is recomputed in the backward instead of kept (ops/act_linear.py), and with
         # ``norm`` (the layer's pre-MLP LayerNorm) so is fc1's input, norm(x); the plain expressions without gradients
-        from llava_fast.ops.act_linear import act_linear
+        # (adapters or wrappers on fc1 / fc2, such as LoRA: that module is called instead; act_linear.plain_linears)
+        from llava_fast.ops.act_linear import act_linear, plain_linears
 
-        if norm is None:
-            h = self.fc1(x)
-        else:
+        if norm is not None and plain_linears(self.fc1):
             h = act_linear(_layer_norm(norm), (x, norm.weight, norm.bias), self.fc1.weight, self.fc1.bias)
-        return act_linear(self.act, (h,), self.fc2.weight, self.fc2.bias)
+        else:
+            h = self.fc1(x if norm is None else norm(x))
+        if plain_linears(self.fc2):
+            return act_linear(self.act, (h,), self.fc2.weight, self.fc2.bias)
+        return self.fc2(self.act(h))
 
 
 class VisionLayer(nn.Module):

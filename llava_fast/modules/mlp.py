@@ -7,7 +7,7 @@ recomputed too (:mod:`llava_fast.ops.act_linear`).
 import torch
 from torch import nn
 
-from llava_fast.ops.act_linear import act_linear
+from llava_fast.ops.act_linear import act_linear, plain_linears
 from llava_fast.ops.swiglu import swiglu
 
 
@@ -32,4 +32,7 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., hidden)`` -> ``(..., hidden)``; the gated product is recomputed in the backward, not kept
         (:mod:`llava_fast.ops.act_linear`)."""
-        return act_linear(swiglu, (self.gate_proj(x), self.up_proj(x)), self.down_proj.weight, self.down_proj.bias)
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if plain_linears(self.down_proj):
+            return act_linear(swiglu, (g, u), self.down_proj.weight, self.down_proj.bias)
+        return self.down_proj(swiglu(g, u))  # an adapter / wrapper (LoRA) on down_proj: call it

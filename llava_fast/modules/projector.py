@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llava_fast.ops.act_linear import plain_linears
 from llava_fast.ops.projector import normalize_act, projector
 
 __all__ = ["LlavaMultiModalProjector", "Projector"]
@@ -48,6 +49,8 @@ class Projector(nn.Module):
         return new
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        if not plain_linears(self.linear_1, self.linear_2):  # adapters / wrappers (LoRA): call the modules
+            return self.linear_2(self.act(self.linear_1(image_features)))
         w1, b1 = self.linear_1.weight, self.linear_1.bias
         w2, b2 = self.linear_2.weight, self.linear_2.bias
         x = image_features

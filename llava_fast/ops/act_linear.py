@@ -26,12 +26,14 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from llava_fast import _ext
 
-__all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "recompute_enabled"]
+__all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "plain_linears",
+           "recompute_enabled"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -108,6 +110,16 @@ class ActLinearFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------------------
 # 3. functional
 # --------------------------------------------------------------------------------------------------------------------
+def plain_linears(*modules) -> bool:
+    """True when calling each module computes ``F.linear(x, m.weight, m.bias)`` and nothing else: an ``nn.Linear``,
+    or a subclass that keeps its forward (FSDP2's), with no forward hooks. The models pass such modules' weights to
+    :func:`act_linears`; anything else (peft's LoRA layers, whose ``.weight`` is the frozen base weight alone,
+    bitsandbytes' quantized linears, hooked modules) must be called as a module, or its adapter, dequantization or
+    hook would be silently skipped."""
+    return all(isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+               and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+
+
 def recompute_enabled() -> bool:
     return _ext.env_choice("LLAVA_FAST_RECOMPUTE_ACT", ("0", "1"), "1") == "1"
 

@@ -26,14 +26,23 @@ def test_lora_trains_adapters_and_merges(tmp_path):
     trainable = [n for n, p in m.model.language_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        untrained = m(input_ids=ids).logits
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(2):
+    for step in range(2):
         m(input_ids=ids, labels=ids).loss.backward()
+        if step == 0:  # every adapter is in the graph (lora_B starts at zero, so its gradient is the non-zero one)
+            lora_b = {n: p.grad for n, p in m.model.language_model.named_parameters() if "lora_B" in n}
+            assert len(lora_b) == 7 * len(m.model.language_model.layers)
+            missing = sorted({n.split(".lora_B")[0].split(".")[-1] for n, g in lora_b.items()
+                              if g is None or not g.abs().sum() > 0})
+            assert not missing, f"LoRA adapters without gradient (bypassed by the model): {missing}"
         opt.step()
         opt.zero_grad()
     m.eval()
     with torch.no_grad():
         before = m(input_ids=ids).logits
+    assert not torch.allclose(before, untrained)  # the adapters changed the model
     merge_lora(m)
     assert not any("lora_" in n for n, _ in m.named_parameters())
     with torch.no_grad():
