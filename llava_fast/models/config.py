@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,19 @@ class TextConfig:
                    pad_token_id=g.get("pad_token_id"))
 
 
+def _warn_dropout(vd: dict, td: dict) -> None:
+    """The models have no dropout (the LLaVA checkpoints set every rate to 0). A config asking for some gets a
+    warning naming the field, rather than being trained without it in silence."""
+    fields = [f"vision_config.{k}={vd[k]}" for k in ("attention_dropout", "dropout", "hidden_dropout")
+              if float(vd.get(k) or 0) > 0]
+    fields += [f"text_config.{k}={td[k]}" for k in ("attention_dropout", "hidden_dropout", "dropout")
+               if float(td.get(k) or 0) > 0]
+    if fields:
+        warnings.warn(f"config.json asks for dropout ({', '.join(fields)}), which llava_fast does not implement: "
+                      f"the model runs and trains without it. Set these to 0.0 to silence this warning.",
+                      stacklevel=3)
+
+
 @dataclass
 class LlavaConfig:
     model_type: str
@@ -168,6 +182,7 @@ class LlavaConfig:
                              f"(LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision)")
         vd = d.get("vision_config") or dict(_DEFAULT_VISION[mt])
         td = d.get("text_config") or {"model_type": _DEFAULT_TEXT[mt]}
+        _warn_dropout(vd, td)
         tie = d.get("tie_word_embeddings", td.get("tie_word_embeddings", False))
         vfl = d.get("vision_feature_layer", -1 if mt == "llava_onevision" else -2)
         strategy = d.get("vision_feature_select_strategy", "full" if mt == "llava_onevision" else "default")

@@ -29,11 +29,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None, norm=None):
         """With ``norm`` (the layer's input RMSNorm) the attention runs on ``norm(x)``, which q, k and v share and
         which is recomputed in the backward instead of kept (ops/act_linear.py); without, on ``x`` as given."""
-        from llava_fast.ops.act_linear import act_linears, plain_linears
+        from llava_fast.ops.act_linear import act_linears, plain_linears, unhooked
 
         b, n, _ = x.shape
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if norm is not None and plain_linears(*projs):
+        if norm is not None and plain_linears(*projs) and unhooked(norm):
             q, k, v = act_linears(norm.functional(), (x, norm.weight), [p.weight for p in projs],
                                   [p.bias for p in projs])
         else:  # no norm given, or adapters / wrappers on the projections (LoRA): call the modules
@@ -72,7 +72,7 @@ class MLP(nn.Module):
         # -30% of the Llama-7B MLP's saved activations), and with ``norm`` (the layer's post-attention RMSNorm) so is
         # the normalized input that gate and up share
         # (adapters or wrappers on a projection, such as LoRA: that module is called instead; act_linear.plain_linears)
-        from llava_fast.ops.act_linear import act_linear, act_linears, plain_linears
+        from llava_fast.ops.act_linear import act_linear, act_linears, plain_linears, unhooked
 
         if self.act is F.silu and backend.use_fast("swiglu", x.device.type):
             from llava_fast.ops.swiglu import swiglu
@@ -80,7 +80,7 @@ class MLP(nn.Module):
             act = swiglu
         else:
             act = self._gated
-        if norm is not None and plain_linears(self.gate_proj, self.up_proj):
+        if norm is not None and plain_linears(self.gate_proj, self.up_proj) and unhooked(norm):
             g, u = act_linears(norm.functional(), (x, norm.weight), [self.gate_proj.weight, self.up_proj.weight],
                                [self.gate_proj.bias, self.up_proj.bias])
         else:

@@ -45,10 +45,10 @@ class VisionAttention(nn.Module):
         b, n, d = x.shape
         from llava_fast.models import dispatch
 
-        from llava_fast.ops.act_linear import act_linears, plain_linears
+        from llava_fast.ops.act_linear import act_linears, plain_linears, unhooked
 
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        if norm is not None and plain_linears(*projs):
+        if norm is not None and plain_linears(*projs) and unhooked(norm):
             q, k, v = act_linears(_layer_norm(norm), (x, norm.weight, norm.bias), [p.weight for p in projs],
                                   [p.bias for p in projs])
         else:  # no norm given, or adapters / wrappers on the projections (LoRA): call the modules
@@ -77,9 +77,9 @@ class VisionMLP(nn.Module):
         # the activation's output is recomputed in the backward instead of kept (ops/act_linear.py), and with
         # ``norm`` (the layer's pre-MLP LayerNorm) so is fc1's input, norm(x); the plain expressions without gradients
         # (adapters or wrappers on fc1 / fc2, such as LoRA: that module is called instead; act_linear.plain_linears)
-        from llava_fast.ops.act_linear import act_linear, plain_linears
+        from llava_fast.ops.act_linear import act_linear, plain_linears, unhooked
 
-        if norm is not None and plain_linears(self.fc1):
+        if norm is not None and plain_linears(self.fc1) and unhooked(norm):
             h = act_linear(_layer_norm(norm), (x, norm.weight, norm.bias), self.fc1.weight, self.fc1.bias)
         else:
             h = self.fc1(x if norm is None else norm(x))

@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from llava_fast import _ext
 
 __all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "plain_linears",
-           "recompute_enabled"]
+           "recompute_enabled", "unhooked"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -116,8 +116,14 @@ def plain_linears(*modules) -> bool:
     :func:`act_linears`; anything else (peft's LoRA layers, whose ``.weight`` is the frozen base weight alone,
     bitsandbytes' quantized linears, hooked modules) must be called as a module, or its adapter, dequantization or
     hook would be silently skipped."""
-    return all(isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
-               and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+    return all(isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward for m in modules) \
+        and unhooked(*modules)
+
+
+def unhooked(*modules) -> bool:
+    """No forward (pre-)hooks on these modules: the fused paths may compute them without calling them (the norms
+    whose output :func:`act_linears` recomputes, the linears of :func:`plain_linears`)."""
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def recompute_enabled() -> bool:

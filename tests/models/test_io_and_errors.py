@@ -84,6 +84,24 @@ def test_unknown_model_type(tmp_path):
         llava_fast.from_pretrained(tmp_path)
 
 
+def test_dropout_in_config_is_reported(next_ckpt):
+    """The models implement no dropout: a config that asks for some is told so (naming the field), not ignored."""
+    import warnings
+
+    from llava_fast.models.config import LlavaConfig
+
+    _, path = next_ckpt
+    d = json.loads((path / "config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tiny checkpoint's zero rates: no warning
+        LlavaConfig.from_hf_dict(d)
+    d["text_config"]["attention_dropout"] = 0.1
+    d["vision_config"]["dropout"] = 0.05
+    with pytest.warns(UserWarning, match=r"text_config.attention_dropout=0.1.*does not implement") as rec:
+        LlavaConfig.from_hf_dict(d)
+    assert "vision_config.dropout=0.05" in str(rec[0].message)
+
+
 def test_save_is_atomic(next_ckpt, tmp_path, monkeypatch):
     _, path = next_ckpt
     m = llava_fast.from_pretrained(path)

@@ -1,4 +1,4 @@
-"""Adapters, wrappers and hooks on the model's linears are honoured. The layers hand plain nn.Linear weights to
+"""Adapters, wrappers and hooks on the model's linears (and hooks on its norms) are honoured. The layers hand plain nn.Linear weights to
 ops/act_linear.py (to recompute the norm / activation in the backward); a module that computes something else when
 called (peft's LoRA layers, whose ``.weight`` is only the frozen base weight; quantized linears; modules with forward
 hooks) must be called instead, with and without gradients, in both towers, the language model and the projector."""
@@ -110,4 +110,13 @@ def test_wrapped_and_hooked_linears_are_called(tmp_path, model_type, grad, paths
         finally:
             h.remove()
         assert calls, f"{name}: a forward hook on it was not called"
+    # the norms whose output the fused paths recompute: a hook on one is called, and can change the output
+    for name, norm in {"lm.input_layernorm": lm.input_layernorm, "lm.post_attention_layernorm":
+                       lm.post_attention_layernorm, "vision.layer_norm1": vlayer.layer_norm1,
+                       "vision.layer_norm2": vlayer.layer_norm2}.items():
+        h = norm.register_forward_hook(lambda mod, i, o: o * 1.5)
+        try:
+            assert not torch.equal(logits(), base), f"{name}: a forward hook on it was not called"
+        finally:
+            h.remove()
     torch.testing.assert_close(logits(), base, atol=0, rtol=0)  # everything restored
