@@ -43,9 +43,10 @@ def count_saved(model: torch.nn.Module):
     def post(mod, args, output):
         stack.pop()
 
-    # not on the linears: a hooked Linear is called as a module (act_linear.plain_linears: hooks must fire), which
-    # would turn off the recompute path being measured; what a linear saves counts under its parent module
-    mods = [m for m in model.modules() if not isinstance(m, torch.nn.Linear)]
+    # not on leaf modules (linears, norms, embeddings): the fused paths call a hooked linear or norm as a module
+    # (act_linear.plain_linears / unhooked: hooks must fire), which would turn off the recompute path being
+    # measured; what a leaf saves counts under its parent module
+    mods = [m for m in model.modules() if next(m.children(), None) is not None]
     hooks = [m.register_forward_pre_hook(pre) for m in mods]
     hooks += [m.register_forward_hook(post) for m in mods]
 
