@@ -21,8 +21,9 @@ TEMPLATES = {
 
 
 def load_image(path: str, max_pixels: int = 100_000_000) -> torch.Tensor:
-    """Read an image file as uint8 (3, H, W) RGB, with errors that name the file."""
-    from PIL import Image
+    """Read an image file as uint8 (3, H, W) RGB, with errors that name the file. The EXIF orientation is applied
+    (a phone photo shot upright is seen upright), as transformers' ``load_image`` does for its chat pipelines."""
+    from PIL import Image, ImageOps
 
     from llava_fast.ops.anyres import to_uint8_chw
 
@@ -33,7 +34,7 @@ def load_image(path: str, max_pixels: int = 100_000_000) -> torch.Tensor:
             if im.width * im.height > max_pixels:
                 raise ValueError(f"--image {path!r}: {im.width}x{im.height} is over the {max_pixels} pixel limit")
             im.load()
-            return to_uint8_chw(im)
+            return to_uint8_chw(ImageOps.exif_transpose(im))
     except (OSError, SyntaxError) as e:
         raise ValueError(f"--image {path!r}: cannot decode the image ({e})") from e
 

@@ -53,3 +53,22 @@ def test_bad_image_file(tmp_path):
         load_image(str(bad))
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_image(str(tmp_path / "missing.png"))
+
+
+def test_image_exif_orientation_applied_as_transformers_does(tmp_path):
+    """A JPEG stored landscape with EXIF orientation 6 (a phone photo shot upright) is read upright, exactly as
+    transformers' load_image (used by its chat pipelines) reads it."""
+    import torch
+    from transformers.image_utils import load_image as hf_load_image
+
+    from llava_fast.chat import load_image
+
+    rng = np.random.default_rng(0)
+    stored = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))  # 50 wide, 30 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif, quality=95)
+    got = load_image(str(path))
+    want = torch.from_numpy(np.asarray(hf_load_image(str(path)))).permute(2, 0, 1)
+    assert got.shape == (3, 50, 30) and torch.equal(got, want)
