@@ -7,9 +7,15 @@ What is swapped (each can be turned off):
 - ``attention``: the language model (backend op ``"attention"``) and the vision tower (``"vision_attention"``, whose
   "auto" is SDPA on CUDA: measured faster) use the varlen FlashAttention kernel through transformers'
   AttentionInterface (registered as ``"llava_fast"``); calls it cannot serve (a padding mask, a KV cache with a mask,
-  unsupported head dims) fall back to transformers' SDPA path;
-- ``projector``: the multimodal projector runs the fused GEMM+GELU kernel (when ``llava_fast.ops.projector`` exists).
+  queries and keys of different lengths, ``output_attentions``, unsupported head dims) fall back to transformers'
+  SDPA path;
+- ``projector``: the multimodal projector runs the fused GEMM+GELU kernel (when ``llava_fast.ops.projector`` exists;
+  a projector_hidden_act other than GELU is a ValueError).
 Each op still follows ``llava_fast.set_backend``: on the CPU the patched modules compute the reference.
+Adapters and hooks keep working: a projector whose linears are not plain ``nn.Linear`` (peft's LoRA, quantized
+linears) or whose linears / activation carry forward or backward hooks, and an MLP whose ``act_fn`` carries hooks,
+call those modules instead of the fused op (``llava_fast.ops.act_linear.plain_linears``); hooks on the swapped modules
+themselves run as before. patch_hf may be called before or after peft injects adapters, and on a ``PeftModel``.
 Not supported (a ValueError says so): RoPE with transformers' cos/sin interface and the fused loss (transformers
 computes full logits in its forward); use ``llava_fast.from_pretrained`` for those.
 """
@@ -29,18 +35,32 @@ def _rms_forward(self, hidden_states):
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+def _unhooked(*modules) -> bool:
+    """No forward or backward hooks on these modules (``act_linear.unhooked``): a fused op that does not call them
+    would silently skip either."""
+    from llava_fast.ops.act_linear import unhooked
+
+    return unhooked(*modules)
+
+
 def _mlp_forward(self, x):
     from llava_fast.ops.swiglu import swiglu
 
+    if not _unhooked(self.act_fn):  # a hook on the activation module: call it (transformers' forward)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _projector_forward(self, image_features):
+    from llava_fast.ops.act_linear import plain_linears
     from llava_fast.ops.projector import projector
 
-    approximate = "tanh" if getattr(self, "_lf_act", "gelu") in ("gelu_pytorch_tanh", "gelu_new") else "none"
     l1, l2 = self.linear_1, self.linear_2
-    return projector(image_features, l1.weight, l1.bias, l2.weight, l2.bias, approximate=approximate)
+    # the fused kernel takes the weights: adapters or wrappers (peft's LoRA, quantized linears) and hooks on the
+    # linears or the activation would be silently skipped, so such modules are called (act_linear.plain_linears)
+    if not (plain_linears(l1, l2) and _unhooked(l1, l2, self.act)):
+        return l2(self.act(l1(image_features)))
+    return projector(image_features, l1.weight, l1.bias, l2.weight, l2.bias, approximate=self._lf_approximate)
 
 
 def llava_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -54,7 +74,10 @@ def llava_fast_attention(module, query, key, value, attention_mask, scaling=None
     # non-causal calls are the vision towers': they follow the "vision_attention" backend (auto: SDPA on CUDA)
     op = _fast_attention(query.device.type, query.shape[-1], query.dtype,
                          "attention" if causal else "vision_attention")
-    if op is None or attention_mask is not None or dropout or (lq != lk and not causal):
+    # lq != lk without a mask: a prefill into an empty static cache, where transformers means SDPA's top-left causal
+    # mask (our kernel aligns bottom-right: the queries would see the empty cache slots). Attention weights asked for:
+    # SDPA warns that it does not return them, as for attn_implementation="sdpa"
+    if op is None or attention_mask is not None or dropout or lq != lk or kwargs.get("output_attentions"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     out = op.flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
@@ -73,7 +96,11 @@ def _register_attention():
 
 def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool = True, projector: bool = True,
              rope: bool = False, cross_entropy: bool = False):
-    """Patch a transformers LLaVA model in place; returns the model. Raises ValueError for what it cannot patch."""
+    """Patch a transformers LLaVA model in place; returns the model. Raises ValueError for what it cannot patch.
+    A peft ``PeftModel`` is patched through its base model; adapters on patched modules keep working."""
+    if hasattr(model, "get_base_model"):  # peft's PeftModel (get_peft_model): patch the transformers model inside
+        patch_hf(model.get_base_model(), rms_norm, swiglu, attention, projector, rope, cross_entropy)
+        return model
     name = type(model).__name__
     if name not in _SUPPORTED:
         raise ValueError(f"patch_hf supports transformers' {', '.join(_SUPPORTED[:3])} models, got {name}")
@@ -87,6 +114,20 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
     text_type = cfg.text_config.model_type
     if text_type not in _TEXT:
         raise ValueError(f"patch_hf: language model type {text_type!r} is not supported (supported: {_TEXT})")
+    # every check before the first swap: an error leaves the model as it was
+    if swiglu and getattr(cfg.text_config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"patch_hf(swiglu=True) needs hidden_act='silu', got {cfg.text_config.hidden_act!r}")
+    if projector:
+        try:
+            from llava_fast.ops.projector import normalize_act
+        except ImportError:
+            projector = False
+        else:
+            try:  # the kernel computes GELU only (erf or tanh): any other activation must not be swapped for it
+                approximate = normalize_act(cfg.projector_hidden_act)
+            except ValueError:
+                raise ValueError(f"patch_hf(projector=True) needs a GELU projector_hidden_act, got "
+                                 f"{cfg.projector_hidden_act!r}; pass projector=False") from None
     patched = {"rms_norm": 0, "swiglu": 0, "projector": 0, "attention": False}
     for m in model.modules():
         cls = type(m).__name__
@@ -94,16 +135,10 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
             m.forward = types.MethodType(_rms_forward, m)
             patched["rms_norm"] += 1
         elif swiglu and cls in ("LlamaMLP", "Qwen2MLP", "MistralMLP"):
-            if getattr(cfg.text_config, "hidden_act", "silu") != "silu":
-                raise ValueError(f"patch_hf(swiglu=True) needs hidden_act='silu', got {cfg.text_config.hidden_act!r}")
             m.forward = types.MethodType(_mlp_forward, m)
             patched["swiglu"] += 1
         elif projector and cls.endswith("MultiModalProjector"):
-            try:
-                import llava_fast.ops.projector  # noqa: F401
-            except ImportError:
-                continue
-            m._lf_act = cfg.projector_hidden_act
+            m._lf_approximate = approximate
             m.forward = types.MethodType(_projector_forward, m)
             patched["projector"] += 1
     if attention:
