@@ -121,9 +121,11 @@ def plain_linears(*modules) -> bool:
 
 
 def unhooked(*modules) -> bool:
-    """No forward (pre-)hooks on these modules: the fused paths may compute them without calling them (the norms
-    whose output :func:`act_linears` recomputes, the linears of :func:`plain_linears`)."""
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    """No forward or backward hooks on these modules: the fused paths may compute them without calling them (the
+    norms whose output :func:`act_linears` recomputes, the linears of :func:`plain_linears`), and a module that is not
+    called runs neither kind."""
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in modules)
 
 
 def recompute_enabled() -> bool:

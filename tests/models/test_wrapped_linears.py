@@ -119,4 +119,14 @@ def test_wrapped_and_hooked_linears_are_called(tmp_path, model_type, grad, paths
             assert not torch.equal(logits(), base), f"{name}: a forward hook on it was not called"
         finally:
             h.remove()
+    if grad:  # a backward hook on a module the fused paths compute without calling it still runs
+        for name, mod in {"lm.k_proj": lm.self_attn.k_proj, "lm.input_layernorm": lm.input_layernorm,
+                          "vision.fc2": vlayer.mlp.fc2}.items():
+            calls = []
+            h = mod.register_full_backward_hook(lambda mod, gi, go: calls.append(1))
+            try:
+                logits()
+            finally:
+                h.remove()
+            assert calls, f"{name}: a backward hook on it was not called"
     torch.testing.assert_close(logits(), base, atol=0, rtol=0)  # everything restored
