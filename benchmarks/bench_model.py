@@ -18,7 +18,9 @@ either): llava_fast with LLAVA_FAST_RECOMPUTE_ACT=0, the MLP activations kept fo
 session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory and time cost of that choice;
 llava_fast_sdpa_flash: llava_fast with LLAVA_FAST_SDPA_CUDNN=0, the vision towers' SDPA in its default order (flash
 first) instead of cuDNN first on Hopper (models/dispatch.py); llava_fast_ce_vocab: llava_fast with
-LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed).
+LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed);
+llava_fast_compiled (not in the default list): llava_fast with every decoder and vision layer under torch.compile
+(compile_layers; Inductor on a GPU), the remedy to try if profile_model.py finds the step host-bound.
 
 MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
 2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
@@ -225,7 +227,22 @@ def build(provider, name, cfg, device):
             p.requires_grad_("multi_modal_projector" in n)
     elif name == "prefill":
         m.requires_grad_(False)
+    if provider == "llava_fast_compiled":
+        compile_layers(m, device)
     return m
+
+
+def compile_layers(m, device):
+    """torch.compile each decoder and vision encoder layer (per-block compile: the layers of a tower share one
+    compiled graph, so it compiles once per layer type). Against the host time per op: Inductor fuses the small
+    elementwise ops between our kernels and launches the layer from generated code (ours stay custom ops; under
+    compile act_linear saves its activations and Inductor's partitioner chooses what to recompute). Inductor on a GPU,
+    aot_eager on the CPU (no C++ compile in tests)."""
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    vt = m.model.vision_tower
+    vlayers = getattr(vt, "layers", None) or getattr(getattr(vt, "encoder", None), "layers", [])
+    for layer in (*m.model.language_model.layers, *vlayers):
+        layer.compile(backend=backend, dynamic=False)
 
 
 def step_fn(provider, name, m, inp):

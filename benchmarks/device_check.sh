@@ -13,7 +13,8 @@
 #                      "sweep", not in the default list, times 12 attention variants at causal D128 4k, <= 400 s;
 #                      "model_full", not in the default list either: bench_model at full depth, <= 240 s;
 #                      "sweep64": head-dim-64 configs on the CLIP shape, <= 200 s; "sweep_projector": the CUTLASS
-#                      projector schedules, <= 90 s);
+#                      projector schedules, <= 90 s; "model_compiled": the OneVision step with every layer under
+#                      torch.compile against eager and transformers, <= 180 s);
 #                      default (what session 4 changed first, then the end-to-end breakdown, then the rest): variants
 #                      attention profile model anyres projector rms_norm swiglu rope cross_entropy pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
@@ -145,6 +146,10 @@ if want ops; then
       # LLM layer (7B: 32, OneVision-0.5B: 24), where the language model's share and our kernels' weight are real
       step bench_model_full 240 $PY benchmarks/bench_model.py $QUICK --workloads ov_ft,prefill,stage1 \
         --name bench_model_full --providers llava_fast,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce
+    elif [ "$b" = "model_compiled" ]; then  # not in the default list: every layer under torch.compile (the remedy
+      # if profile_model finds the OneVision step host-bound); compiles once per layer type, then times the step
+      step bench_model_compiled 180 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft \
+        --name bench_model_compiled --providers llava_fast,llava_fast_compiled,hf_sdpa
     elif [ "$b" = "model" ]; then
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
         --providers llava_fast,llava_fast_keep_act,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce

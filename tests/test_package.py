@@ -108,6 +108,26 @@ def test_bench_model_harness_smoke(tmp_path):
     assert md.exists() and md.with_suffix(".json").exists()
 
 
+def test_bench_model_compiled_provider():
+    """llava_fast_compiled (every layer under torch.compile; aot_eager on the CPU) runs the OneVision step and its
+    loss equals the eager model's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+    import torch
+
+    cfg = bench_model.hf_configs("ov_ft", None, True)
+    inp = bench_model.make_inputs("ov_ft", cfg, "cpu", True)
+    losses = {}
+    for prov in ("llava_fast", "llava_fast_compiled"):
+        m = bench_model.build(prov, "ov_ft", cfg, "cpu")
+        losses[prov] = m(input_ids=inp["ids"], pixel_values=inp["pv"], image_sizes=inp["sizes"], labels=inp["labels"],
+                         logits=False).loss
+        losses[prov].backward()
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
+               for layer in m.model.language_model.layers)
+    torch.testing.assert_close(losses["llava_fast_compiled"], losses["llava_fast"], rtol=1e-5, atol=1e-6)
+
+
 def test_bench_model_memory_ratios():
     """Our rows' notes get peak memory over each transformers baseline of the same workload (issue 8's memory
     targets), once, and nothing where a peak is missing."""
@@ -183,6 +203,12 @@ def test_decide_host_bound_rule(tmp_path):
     got = {q: (m, d) for q, m, _, d in decide.decide(str(tmp_path))}
     m, d = got["GPU busy, ov_ft / llava_fast"]
     assert d == "host-bound" and m.startswith("60% of 100.0 ms") and "llava.py:229" in m
+    assert got["compiled layers, ov_ft"] == ("not measured", "")
+    rows = [dict(provider=p, shape="s", mode="ov_ft", ms=1.0, metric=v, peak_gib=10.0)
+            for p, v in (("llava_fast", 100.0), ("llava_fast_compiled", 112.0))]
+    (tmp_path / "bench_model_compiled-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = {q: (m, d) for q, m, _, d in decide.decide(str(tmp_path))}
+    assert got["compiled layers, ov_ft"][1] == "switch" and got["compiled layers, ov_ft"][0].startswith("1.12x")
 
 
 def test_decide_projector_cutlass_rule(tmp_path):
