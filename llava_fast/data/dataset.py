@@ -13,7 +13,11 @@ is counted in :attr:`LlavaDataset.drops` and logged (or raise :class:`DataError`
 ``missing_image``, ``unreadable_image``, ``image_too_large``, ``no_supervised_tokens``, ``truncation_cuts_image``
 (the sample is longer than ``max_len`` and cutting it would cut image tokens), ``truncated_no_labels``,
 ``bad_video``. Images that decode badly later, inside a DataLoader worker, are dropped as ``decode_error`` by the
-collator (counted per batch) or raise with ``strict``.
+collator (counted per batch) or raise with ``strict``; so is an image whose decoded size is not the size its header
+had when the dataset was built (the file changed: its token count, and the pack plan, would no longer hold).
+
+Samples longer than ``max_len`` that can be cut without cutting image tokens or every label are kept, cut at the
+end; they are counted in :attr:`LlavaDataset.truncated` and logged (not a drop: the sample still trains).
 """
 from __future__ import annotations
 
@@ -107,6 +111,7 @@ class Item:
     n_tokens: int            # expanded length after truncation
     n_supervised: int        # labels[1:] != -100 after truncation (what the loss counts)
     n_tiles: int
+    n_cut: int = 0           # tokens cut from the end (max_len)
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -122,15 +127,20 @@ class LlavaDataset(torch.utils.data.Dataset):
         template: ``plain`` | ``vicuna_v1`` | ``qwen``.
         image_token_id / video_token_id: the model's placeholder ids (``config.image_token_id``).
         max_len: samples longer than this are truncated at the end, unless that would cut image tokens or every
-            label (then dropped).
+            label (then dropped); truncated samples are counted in ``self.truncated`` and logged.
         cls_token: the model keeps the vision tower's CLS token (LLaVA-1.5 with the ``full`` feature strategy).
         strict: raise :class:`DataError` on the first bad sample instead of dropping it.
+        context_len: the model's context (``max_position_embeddings``; :meth:`for_model` passes it): ``max_len``
+            above it raises (packed samples would otherwise run past the positions the model was trained for).
     """
 
     def __init__(self, data, image_root: str, tokenizer, image_config: ImageProcessorConfig, template: str,
                  image_token_id: int, video_token_id: int | None = None, max_len: int = 4096, strict: bool = False,
                  max_pixels: int = DEFAULT_MAX_PIXELS, frames_upbound: int = 32, probe_threads: int = 8,
-                 log=None, cls_token: bool = False):
+                 log=None, cls_token: bool = False, context_len: int | None = None):
+        if context_len is not None and int(max_len) > int(context_len):
+            raise ValueError(f"max_len={max_len} is longer than the model's context (max_position_embeddings="
+                             f"{context_len}); set max_len (data.max_len) <= {context_len}")
         if not isinstance(image_config, ImageProcessorConfig):
             raise ValueError(f"image_config must be a llava_fast.ops.anyres.ImageProcessorConfig, got "
                              f"{type(image_config).__name__}; build it with llava_fast.data.image_config(model.config)")
@@ -164,12 +174,23 @@ class LlavaDataset(torch.utils.data.Dataset):
             for p, r in ex.map(probe, sorted(paths)):
                 self._sizes[p] = r
         self.items: list[Item] = []
+        self.truncated = 0  # samples kept but cut at max_len (never in their image tokens)
         for k, rec in enumerate(records):
             sid = rec.get("id", k) if isinstance(rec, dict) else k
             try:
-                self.items.append(self._index(rec, sid))
+                it = self._index(rec, sid)
             except SampleError as e:
                 self.drops.drop(e.reason, sid, str(e))
+                continue
+            self.items.append(it)
+            if it.n_cut:
+                self.truncated += 1
+                if self.truncated <= self.drops.keep:
+                    self.drops.log(f"truncated sample {it.sample_id!r}: {it.n_tokens + it.n_cut} tokens > max_len="
+                                   f"{self.max_len}, the last {it.n_cut} cut ({it.n_supervised} supervised left)")
+        if self.truncated:
+            self.drops.log(f"{self.truncated} samples longer than max_len={self.max_len} were truncated at the end "
+                           "(raise max_len to keep them whole)")
         if not self.items:
             raise DataError(f"no usable samples among {len(records)} records ({self.drops.summary()})")
 
@@ -177,6 +198,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     def for_model(cls, model_config, data, image_root: str, tokenizer, template: str, **kwargs) -> "LlavaDataset":
         """The dataset for a model: its image config, image/video token ids and CLS-token rule from its config."""
         kwargs.setdefault("video_token_id", _get_attr(model_config, "video_token_id"))
+        kwargs.setdefault("context_len", _get_attr(_get_attr(model_config, "text_config"), "max_position_embeddings"))
         return cls(data, image_root, tokenizer, image_config(model_config), template,
                    image_token_id=_get_attr(model_config, "image_token_id"), cls_token=cls_token_kept(model_config),
                    **kwargs)
@@ -240,7 +262,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         ids = np.asarray(enc.input_ids, dtype=np.int32)
         labels = np.asarray(enc.labels, dtype=np.int32)
         n = len(ids) - len(paths) - (1 if frames else 0) + sum(img_tok) + vid_tok
-        ex_labels = None
+        ex_labels, n_full = None, n
         if n > self.max_len:
             # Where does the last media token end once expanded?
             pos, last_media_end, k = 0, 0, 0
@@ -264,7 +286,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         if n_sup == 0:
             raise SampleError("truncated_no_labels", f"truncation to max_len={self.max_len} leaves no supervised "
                               "token")
-        return Item(str(sid), ids, labels, paths, sizes, img_tok, frames, vid_tok, n, n_sup, n_tiles)
+        return Item(str(sid), ids, labels, paths, sizes, img_tok, frames, vid_tok, n, n_sup, n_tiles, n_full - n)
 
     # the tokenizer is only needed while indexing; keep it out of worker pickles
     def __getstate__(self):
@@ -307,9 +329,15 @@ class LlavaDataset(torch.utils.data.Dataset):
             return {"dropped": e.reason, "sample_id": it.sample_id, "message": str(e)}
         multi = len(imgs) > 1
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in imgs]
-        counts = it.image_tokens if sizes == [tuple(s) for s in it.sizes] else \
-            [image_tokens(self.image_config, s, multi, self.cls_token) for s in sizes]
-        ids, labels = expand_placeholders(it.ids.tolist(), it.labels.tolist(), counts, self.image_token_id,
+        if sizes != [tuple(s) for s in it.sizes]:
+            # the file changed since indexing: other token counts than planned (packing, truncation): drop it
+            k = next(j for j, (a, b) in enumerate(zip(sizes, it.sizes)) if tuple(a) != tuple(b))
+            msg = (f"image {it.images[k]} decodes to {sizes[k][0]}x{sizes[k][1]} (h x w) but its header said "
+                   f"{it.sizes[k][0]}x{it.sizes[k][1]} when the dataset was built (the file changed?)")
+            if self.strict:
+                raise DataError(f"sample {it.sample_id!r}: decode_error: {msg}")
+            return {"dropped": "decode_error", "sample_id": it.sample_id, "message": msg}
+        ids, labels = expand_placeholders(it.ids.tolist(), it.labels.tolist(), it.image_tokens, self.image_token_id,
                                           [it.video_tokens] if frames else [], self.video_token_id)
         ids, labels = ids[: it.n_tokens], labels[: it.n_tokens]
         out = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),

@@ -6,7 +6,9 @@ room for it. On realistic LLaVA length mixes this fills 8k/16k packs to 99%+ (te
 
 Distribution: the packs of an epoch are grouped into *global steps* of ``world_size * accum`` packs; inside a step
 the packs are sorted by size and dealt round-robin, so rank ``r`` gets micro-batches ``r, r + world, ...``. A
-single process with ``accum * world_size`` accumulation steps sees exactly the same global batch.
+single process with ``accum * world_size`` accumulation steps sees exactly the same global batch. With
+``drop_last`` (the default when ``world_size > 1``) a partial last step is left out of the epoch; :meth:`left_out`
+names its micro-batches so the trainer can count and log them.
 """
 from __future__ import annotations
 
@@ -123,21 +125,29 @@ class _StepSampler:
     def _mb_size(self, mb) -> int:
         return len(mb)
 
-    def steps(self, epoch: int | None = None) -> list[list[list[int]]]:
-        """Global steps of the epoch: each a list of world*accum micro-batches (the last may be partial)."""
-        epoch = self.epoch if epoch is None else epoch
+    def _plan(self, epoch: int) -> tuple[list, list]:
+        """(global steps, micro-batches left out by drop_last) of the epoch."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         mbs = self.micro_batches(epoch)
         per = self.world_size * self.accum
-        out = []
+        out, left = [], []
         for i in range(0, len(mbs), per):
             step = mbs[i:i + per]
             if len(step) < per and self.drop_last:
+                left = step
                 break
             out.append(sorted(step, key=self._mb_size, reverse=True))
-        self._cache = (epoch, out)
-        return out
+        self._cache = (epoch, (out, left))
+        return out, left
+
+    def steps(self, epoch: int | None = None) -> list[list[list[int]]]:
+        """Global steps of the epoch: each a list of world*accum micro-batches (the last may be partial)."""
+        return self._plan(self.epoch if epoch is None else epoch)[0]
+
+    def left_out(self, epoch: int | None = None) -> list[list[int]]:
+        """The micro-batches of the partial last step that ``drop_last`` leaves out of the epoch (else [])."""
+        return self._plan(self.epoch if epoch is None else epoch)[1]
 
     def num_steps(self, epoch: int | None = None) -> int:
         return len(self.steps(epoch))
@@ -171,6 +181,8 @@ class PackedBatchSampler(_StepSampler):
         self.max_tokens = int(max_tokens)
         self.modality = list(modality) if modality is not None else None
         self.group_by_modality = group_by_modality
+        if group_by_modality and self.modality is None:
+            raise ValueError("group_by_modality needs modality (True per multimodal sample)")
 
     def _mb_size(self, mb) -> int:
         return sum(self.lengths[i] for i in mb)
@@ -215,6 +227,10 @@ class PaddedBatchSampler(_StepSampler):
         self.group = group_by_modality_length
         if self.group and self.modality_lengths is None:
             raise ValueError("group_by_modality_length needs modality_lengths")
+        if self.group and not self.shuffle:
+            raise ValueError("group_by_modality_length orders the samples in random megabatches (LLaVA's grouped "
+                             "order), so it cannot keep shuffle=False: set data.shuffle=true or "
+                             "data.group_by_modality_length=false")
 
     def _mb_size(self, mb) -> int:
         return 0  # keep the order the grouping produced

@@ -174,6 +174,9 @@ def encode_conversation(tokenizer, conversations, template: str, n_images: int =
     """
     turns = normalize_conversations(conversations)
     if template == "plain":
+        if len(turns) != 2:  # preprocess_plain asserts len(source) == 2; later turns would be silently left out
+            raise SampleError("bad_format", f"the plain template (stage-1 captions) takes one human and one gpt turn, "
+                              f"got {len(turns)} turns; use vicuna_v1 or qwen for multi-turn conversations")
         n_tags_img, n_tags_vid = n_images, n_videos
         if sum(t.count(IMAGE_TAG) for _, t in turns) != n_images:
             raise SampleError("placeholder_mismatch", f"{sum(t.count(IMAGE_TAG) for _, t in turns)} <image> tags "

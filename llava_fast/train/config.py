@@ -89,6 +89,10 @@ class OptimSection:
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.vision_lr is not None and self.vision_lr <= 0:
+            raise ValueError(f"optim.vision_lr must be > 0 (or none: same as optim.lr), got {self.vision_lr}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"optim.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"optim.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
 
@@ -101,6 +105,20 @@ class ScheduleSection:
     warmup_ratio: float = 0.03
     warmup_steps: int | None = None
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        if self.epochs <= 0:
+            raise ValueError(f"schedule.epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"schedule.max_steps must be >= 1 (or none: train for schedule.epochs), got "
+                             f"{self.max_steps}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"schedule.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps must be >= 0 (or none: use warmup_ratio), got "
+                             f"{self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass(kw_only=True)
@@ -131,6 +149,8 @@ class TrainSection:
             raise ValueError(f"train.accum must be >= 1, got {self.accum}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.fsdp not in ("auto", "off"):
+            raise ValueError(f"train.fsdp must be auto or off, got {self.fsdp!r}")
 
 
 @dataclass(kw_only=True)
@@ -139,11 +159,16 @@ class CheckpointSection:
     every_steps: int = 0
     """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
     keep: int = 2
-    """How many step checkpoints to keep."""
+    """How many step checkpoints to keep (0: all)."""
     resume: str | None = "auto"
     """auto (latest complete checkpoint in out/, if any) | a checkpoint folder | none."""
     export: bool = True
     """Write a llava-hf folder (out/final) at the end."""
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.keep < 0:
+            raise ValueError(f"checkpoint.every_steps and checkpoint.keep must be >= 0, got {self.every_steps} "
+                             f"and {self.keep}")
 
 
 @dataclass(kw_only=True)
@@ -173,12 +198,23 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The config of a dict (``to_dict``'s layout); an unknown section or field raises, naming it."""
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(d) - set(hints))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; a config has {sorted(hints)}")
         kw = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in d:
-                continue
-            sub = typing.get_type_hints(cls)[f.name]
-            kw[f.name] = sub(**d[f.name]) if dataclasses.is_dataclass(sub) else d[f.name]
+        for name, value in d.items():
+            sub = hints[name]
+            if dataclasses.is_dataclass(sub):
+                if not isinstance(value, dict):
+                    raise ValueError(f"config section {name!r} must be a dict, got {type(value).__name__}")
+                fields = typing.get_type_hints(sub)
+                bad = sorted(set(value) - set(fields))
+                if bad:
+                    raise ValueError(f"unknown fields {[f'{name}.{k}' for k in bad]}; {name} has {sorted(fields)}")
+                value = sub(**value)
+            kw[name] = value
         return cls(**kw)
 
 
@@ -203,7 +239,12 @@ def _parse(value: str, tp):
             return False
         raise ValueError(f"expected a boolean, got {value!r}")
     if tp is int:
-        return int(float(value)) if "e" in value.lower() else int(value)
+        if "e" in value.lower():
+            f = float(value)
+            if not f.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(f)
+        return int(value)
     if tp is float:
         return float(value)
     if tp is str:
@@ -212,6 +253,8 @@ def _parse(value: str, tp):
         return [_parse(v, args[0]) for v in value.split(",") if v != ""]
     if origin is tuple:
         parts = value.split(",")
+        if len(parts) != len(args):
+            raise ValueError(f"expected {len(args)} comma-separated values, got {len(parts)} in {value!r}")
         return tuple(_parse(v, a) for v, a in zip(parts, args))
     raise ValueError(f"unsupported type {tp}")
 
@@ -234,6 +277,10 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         hints = typing.get_type_hints(type(sec))
         if fname not in hints:
             raise ValueError(f"unknown field {key!r}; {sec_name} has {sorted(hints)}")
-        setattr(sec, fname, _parse(value.strip(), hints[fname]))
+        try:
+            parsed = _parse(value.strip(), hints[fname])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"override {o!r}: {e}") from None
+        setattr(sec, fname, parsed)
         sec.__post_init__() if hasattr(sec, "__post_init__") else None
     return cfg

@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -181,6 +182,10 @@ class Trainer:
         groups = param_groups(model, cfg.optim.lr, cfg.optim.vision_lr, cfg.optim.weight_decay)
         if not groups:
             raise ValueError(f"nothing to train: train.trainable={cfg.train.trainable}")
+        if cfg.optim.vision_lr is not None and not any(p.requires_grad for n, p in model.named_parameters()
+                                                       if "vision_tower" in n):
+            self.log(f"optim.vision_lr={cfg.optim.vision_lr} is unused: the vision tower does not train "
+                     f"(train.trainable={','.join(cfg.train.trainable)})")
         kw = dict(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         if fused:
             kw["fused"] = True
@@ -234,12 +239,42 @@ class Trainer:
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             self.collate = _PadCollate(pad)
             self.log(f"data: {len(ds)} samples ({ds.drops.summary()}), padded batches of {cfg.data.batch_size}")
+        if self.fsdp:
+            self.collate = self._fsdp_collate(self.collate)
+        left = self.sampler.left_out(0)
+        if left:
+            self.log(f"data: the partial last step of each epoch ({len(left)} micro-batches, "
+                     f"{sum(len(mb) for mb in left)} samples in epoch 0) is left out so that every rank runs "
+                     f"train.accum={cfg.train.accum} micro-batches; counted as dropped 'partial_last_step'")
+
+    def _fsdp_collate(self, collate):
+        """Under FSDP2 every rank must run the same sharded modules for each micro-batch, or the collectives of the
+        ranks pair up wrongly (a hang): a micro-batch whose samples were all dropped (decode errors), or one without
+        images while the (sharded) vision tower trains, gets a filler sample with every label masked (no loss,
+        no gradient: it only runs the same modules)."""
+        ds = self.dataset
+        vt = getattr(self.model.model, "vision_tower", None)
+        mm = [i for i, l in enumerate(ds.modality_lengths) if l > 0]
+        need_media = bool(mm) and vt is not None and any(p.requires_grad for p in vt.parameters())
+        for i in sorted(mm if need_media else range(len(ds)), key=lambda i: ds.lengths[i]):
+            s = ds[i]
+            if "dropped" not in s:
+                break
+        else:
+            raise RuntimeError("no sample of the data decodes (see the dropped samples above)")
+        from llava_fast.data import IGNORE_INDEX
+
+        filler = dict(s, labels=torch.full_like(s["labels"], IGNORE_INDEX), sample_id="<fsdp filler>")
+        return _FsdpCollate(collate, filler, need_media)
 
     def _loader(self):
+        # its own generator (worker seeds): a DataLoader would otherwise draw from the global RNG at each iter(),
+        # and a run resumed mid-epoch (one more iter() than the uninterrupted run) would continue another stream
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.sampler.epoch)
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
                                            num_workers=self.cfg.data.num_workers,
                                            pin_memory=self.dist.device.type == "cuda",
-                                           persistent_workers=False)
+                                           persistent_workers=False, generator=g)
 
     def _flops_setup(self):
         m = self.model
@@ -258,10 +293,32 @@ class Trainer:
         self._peak = peak
 
     # ------------------------------------------------------------------------------------------------------------
+    def _resume_key(self) -> dict:
+        """What a checkpoint's data position and its restored optimizer/scheduler state mean: the settings that fix
+        the data order, and the hyperparameters the restored state would silently override. A resumed run must
+        have the same."""
+        c, ds = self.cfg, self.dataset
+        lengths = np.asarray(ds.modality_lengths, dtype=np.int64)
+        key = {"samples (data.data, data.max_len, data.template)":
+               f"{len(lengths)} samples, token counts crc32 {zlib.crc32(lengths.tobytes()):08x}",
+               "data.packing": self.packed, "data.shuffle": c.data.shuffle,
+               "data.group_by_modality_length": c.data.group_by_modality_length, "train.seed": c.train.seed,
+               "train.accum x world size": c.train.accum * self.dist.world_size,
+               "train.trainable": list(c.train.trainable), "train.lora": c.train.lora}
+        key.update({"data.max_tokens": c.data.max_tokens} if self.packed else {"data.batch_size": c.data.batch_size})
+        if c.train.lora:
+            key.update({f"train.{k}": getattr(c.train, k) for k in ("lora_r", "lora_alpha", "lora_dropout")})
+        for sec in ("optim", "schedule"):
+            for k, v in getattr(c, sec).__dict__.items():
+                if k not in ("max_grad_norm", "fused", "max_nonfinite_steps"):  # read at every step: may change
+                    key[f"{sec}.{k}"] = list(v) if isinstance(v, tuple) else v
+        return key
+
     def state(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "scheduler": self.scheduler.state_dict(), "drops": dict(self.drops), "history": self.history,
-                "skipped_nonfinite": self.skipped_nonfinite,
+                "skipped_nonfinite": self.skipped_nonfinite, "nonfinite_run": self._nonfinite_run,
+                "resume_key": json.dumps(self._resume_key()),
                 "config": self.cfg.to_json()}
 
     def save(self, _fail_after: str | None = None) -> str:
@@ -294,12 +351,22 @@ class Trainer:
         if path is None:
             return
         ms, st, rng = ckpt.load_checkpoint(path, self.dist.rank)
+        if "resume_key" in st:  # (checkpoints before it: not checked)
+            old, new = json.loads(st["resume_key"]), json.loads(json.dumps(self._resume_key()))
+            diff = [f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
+            if diff:
+                raise ValueError(f"cannot resume from {path}: " + "; ".join(diff) + ". Resuming would continue "
+                                 "another data order (samples repeated or skipped) or keep the checkpoint's "
+                                 "optimizer and lr-schedule settings over the new ones. Resume with the checkpoint's "
+                                 "settings, or start a new run (another checkpoint.out, or checkpoint.resume=none)")
         load_full_states(self.model, self.optimizer, ms, st["optimizer"], self.fsdp)
         self.scheduler.load_state_dict(st["scheduler"])
         self.global_step, self.epoch, self.step_in_epoch = st["global_step"], st["epoch"], st["step_in_epoch"]
         self.drops = Counter(st.get("drops", {}))
         self.history = list(st.get("history", []))
         self.skipped_nonfinite = int(st.get("skipped_nonfinite", 0))
+        self._nonfinite_run = int(st.get("nonfinite_run", 0))  # a resume does not reset the run of NaN steps
         if rng is not None:
             ckpt.set_rng_state(rng)
         self.log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch}, step {self.step_in_epoch})")
@@ -329,10 +396,18 @@ class Trainer:
         dropped = Counter()
         for b in micro_batches:
             dropped.update(b.get("dropped") or {})
+        if info.enabled and all_reduce_sum(sum(dropped.values()), info) > 0:
+            # every rank's drops: the log, the metrics and the checkpoints (main rank) count them all
+            gathered = [None] * info.world_size
+            torch.distributed.all_gather_object(gathered, dict(dropped))
+            dropped = sum((Counter(g) for g in gathered), Counter())
         loss_sum = 0.0
         denom = torch.tensor(float(max(n_global, 1)), device=info.device)
         scale = float(info.world_size) if self.fsdp else 1.0
-        real = [b for b in micro_batches if b.get("input_ids") is not None]
+        # no supervised token in the whole step (every sample dropped): no mean to take, and an update would move
+        # the weights on AdamW's moments alone; skipped on every rank (n_global is reduced)
+        empty = n_global == 0
+        real = [] if empty else [b for b in micro_batches if b.get("input_ids") is not None]
         for i, b in enumerate(real):
             if self.fsdp and hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(i == len(real) - 1)
@@ -353,7 +428,11 @@ class Trainer:
         gn = float(gn)
         limit = self.cfg.optim.max_nonfinite_steps
         skip = limit > 0 and not (math.isfinite(gn) and math.isfinite(loss))  # same on every rank (reduced values)
-        if skip:
+        if empty:
+            loss = float("nan")
+            self.log(f"step {self.global_step + 1}: no supervised token (every sample of the step was dropped: "
+                     f"{dict(dropped)}); update skipped")
+        elif skip:
             self.skipped_nonfinite += 1
             self._nonfinite_run += 1
             self.log(f"step {self.global_step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
@@ -410,6 +489,10 @@ class Trainer:
         try:
             while self.global_step < self.total_steps:
                 self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+                if self.step_in_epoch == 0:  # counted once per epoch (a resumed epoch was counted before)
+                    left = sum(len(mb) for mb in self.sampler.left_out())
+                    if left:
+                        self.drops["partial_last_step"] += left
                 n_steps = self.sampler.num_steps()
                 it = iter(self._loader())
                 per_rank = [len(self.sampler.rank_micro_batches(s)) for s in self.sampler.steps()]
@@ -512,6 +595,23 @@ class _PadCollate:
         from llava_fast.data import collate_padded
 
         return collate_padded(samples, self.pad_id)
+
+
+class _FsdpCollate:
+    """See :meth:`Trainer._fsdp_collate`. The filler is left out of the batch's sample and token counts."""
+
+    def __init__(self, collate, filler: dict, need_media: bool):
+        self.collate, self.filler, self.need_media = collate, filler, need_media
+
+    def __call__(self, samples):
+        good = [s for s in samples if "dropped" not in s]
+        if good and (not self.need_media or any("pixel_values" in s or "pixel_values_videos" in s for s in good)):
+            return self.collate(samples)
+        out = self.collate(list(samples) + [self.filler])
+        out["sample_ids"] = out["sample_ids"][:-1]
+        out["num_samples"] -= 1
+        out["num_tokens"] -= len(self.filler["input_ids"])
+        return out
 
 
 def _save_image_processor(config, path: str) -> None:

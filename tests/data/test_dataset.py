@@ -81,6 +81,25 @@ def test_load_image_u8_equals_pil_decode(image_dir, tmp_path, monkeypatch):
     print("torchvision JPEG decoder in use:", I._jpeg_decoder() is not None)
 
 
+def test_exif_orientation_not_applied_in_training_data(tmp_path, monkeypatch):
+    """Training data is read as the original LLaVA code reads it (Image.open(...).convert("RGB")): the EXIF
+    orientation tag is not applied, by either decoder (llava-fast chat applies it, as transformers' load_image)."""
+    from llava_fast.data import images as I
+
+    stored = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "phone.jpg") as im:
+        want = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    for use_tv in (True, False):
+        if not use_tv:
+            monkeypatch.setattr(I, "_tv_jpeg", False)
+        got = load_image_u8(str(tmp_path / "phone.jpg"))
+        assert got.shape == (3, 30, 50) and torch.equal(got, want), use_tv
+    monkeypatch.setattr(I, "_tv_jpeg", None)
+
+
 def test_drops_counted_and_strict(tmp_path, image_dir, tok):
     recs = [
         {"id": "ok", "image": "rgb.png", "conversations": conv()},
@@ -158,3 +177,35 @@ def test_token_counts_known_before_loading(image_dir, tok):
     p = collate_padded([ds[i] for i in range(len(ds))], pad_id=3)
     assert p["input_ids"].shape == (4, max(ds.lengths)) and p["attention_mask"].sum() == sum(ds.lengths)
     assert p["pixel_values"].dim() == 5 and p["num_items"] == b["num_items"]
+
+
+def test_truncation_counted_and_logged(image_dir, tok):
+    """A sample cut at max_len (its tail: never image tokens) is kept, but counted and logged, not cut silently."""
+    recs = [{"id": "short", "image": "rgb.png", "conversations": conv()},
+            {"id": "long_answer", "image": "rgb.png", "conversations": conv(a="red " * 60)}]
+    logs = []
+    full = LlavaDataset(recs, str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, max_len=512, log=logs.append)
+    assert full.truncated == 0 and not logs
+    ds = LlavaDataset(recs, str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, max_len=full.lengths[1] - 10,
+                      log=logs.append)
+    assert len(ds) == 2 and ds.drops.total == 0
+    assert ds.truncated == 1 and ds.lengths == [full.lengths[0], full.lengths[1] - 10]
+    assert ds.supervised[1] == full.supervised[1] - 10
+    assert any("truncated sample 'long_answer'" in m and "the last 10 cut" in m for m in logs), logs
+    assert len(ds[1]["input_ids"]) == ds.lengths[1]
+
+
+def test_image_changed_after_indexing_is_dropped_not_cut(tmp_path, image_dir, tok):
+    """The token counts are planned from the header when the dataset is built; an image that decodes to another
+    size later (the file changed) is dropped as decode_error (strict: raises), never cut to the planned length."""
+    Image.open(image_dir / "rgb.png").save(tmp_path / "a.png")
+    recs = [{"id": "changed", "image": "a.png", "conversations": conv()}]
+    ds = LlavaDataset(recs, str(tmp_path), tok, SPEC, "vicuna_v1", IMG_ID, max_len=512)
+    strict = LlavaDataset(recs, str(tmp_path), tok, SPEC, "vicuna_v1", IMG_ID, max_len=512, strict=True)
+    assert len(ds[0]["input_ids"]) == ds.lengths[0]
+    Image.new("RGB", (112, 112)).save(tmp_path / "a.png")  # more tiles and tokens than planned
+    s = ds[0]
+    assert s.get("dropped") == "decode_error" and "a.png" in s["message"], s.keys()
+    assert collate_packed([s])["dropped"] == {"decode_error": 1}
+    with pytest.raises(DataError, match="a.png decodes to 112x112"):
+        strict[0]

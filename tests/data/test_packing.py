@@ -1,5 +1,6 @@
 """Packing fill, sampler sharding/resume, group_by_modality_length."""
 import numpy as np
+import pytest
 
 from llava_fast.data import (PackedBatchSampler, PaddedBatchSampler, modality_length_grouped_indices,
                              pack_fill, pack_lengths)
@@ -66,3 +67,34 @@ def test_modality_length_grouped_padded():
         assert len({lengths[i] > 0 for i in idx[k:k + mb]}) == 1
     s = PaddedBatchSampler(200, 4, modality_lengths=lengths, group_by_modality_length=True, world_size=2, accum=1)
     assert sum(len(b) for st in s.steps() for b in st) == 200
+
+
+def test_every_sample_in_exactly_one_micro_batch_per_epoch():
+    """Every sample lands in exactly one pack (or padded batch) per epoch, the partial last step included; with
+    drop_last (several ranks) the left-out micro-batches are named, so that the trainer counts them."""
+    L = realistic_lengths(301, seed=4)
+    mm = [i % 3 != 0 for i in range(len(L))]
+    samplers = [PackedBatchSampler(L, 8192, seed=1, accum=3),
+                PackedBatchSampler(L, 8192, modality=mm, group_by_modality=True, seed=1, accum=3),
+                PaddedBatchSampler(len(L), 4, seed=1, accum=3),
+                PaddedBatchSampler(len(L), 4, modality_lengths=[l if m else -l for l, m in zip(L, mm)],
+                                   group_by_modality_length=True, seed=1, accum=3)]
+    for s in samplers:
+        for epoch in (0, 1):
+            assert sorted(i for st in s.steps(epoch) for mb in st for i in mb) == list(range(len(L)))
+            assert s.left_out(epoch) == []
+    for s in (PackedBatchSampler(L, 8192, seed=1, rank=1, world_size=2, accum=2),
+              PaddedBatchSampler(len(L), 3, seed=1, rank=1, world_size=2, accum=2)):
+        n_mb = len(s.micro_batches(0))
+        assert n_mb % 4 != 0 and len(s.left_out(0)) == n_mb % 4
+        kept = sorted(i for st in s.steps(0) for mb in st for i in mb)
+        left = sorted(i for mb in s.left_out(0) for i in mb)
+        assert sorted(kept + left) == list(range(len(L)))
+
+
+def test_sampler_settings_not_silently_ignored():
+    L = realistic_lengths(50, seed=5)
+    with pytest.raises(ValueError, match="group_by_modality needs modality"):
+        PackedBatchSampler(L, 8192, group_by_modality=True)
+    with pytest.raises(ValueError, match="data.shuffle=true or data.group_by_modality_length=false"):
+        PaddedBatchSampler(len(L), 4, modality_lengths=L, group_by_modality_length=True, shuffle=False)

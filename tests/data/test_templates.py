@@ -36,6 +36,13 @@ def test_plain(llama_tok):
     assert toks(llama_tok, e.labels) == [I, I, "a", "red", "circle", ".", "\n"]
 
 
+def test_plain_refuses_multi_turn(llama_tok):
+    """preprocess_plain asserts two turns; the later turns of a longer conversation must not be silently left out."""
+    with pytest.raises(SampleError, match="plain template.*one human and one gpt turn, got 4 turns") as e:
+        encode_conversation(llama_tok, CONV, "plain", n_images=1)
+    assert e.value.reason == "bad_format"
+
+
 def test_plain_without_bos(qwen_tok):
     conv = [{"from": "human", "value": "<image>\nwhat"}, {"from": "gpt", "value": "red"}]
     e = encode_conversation(qwen_tok, conv, "plain", n_images=1)

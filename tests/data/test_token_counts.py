@@ -114,3 +114,14 @@ def test_image_config_from_model_config():
 def test_dataset_rejects_old_spec(tok, image_dir):
     with pytest.raises(ValueError, match="ImageProcessorConfig"):
         LlavaDataset(_records(False), str(image_dir), tok, object(), "vicuna_v1", 4)
+
+
+def test_max_len_beyond_context_refused(tok, image_dir):
+    """Packed samples carry no attention-mask length check: max_len above the model's max_position_embeddings must
+    raise (naming max_len) instead of training positions the model has none for."""
+    cfg = LlavaConfig.from_hf_dict(_hf_dict("llava_next", tok.convert_tokens_to_ids("<image>")))
+    with pytest.raises(ValueError, match=r"max_len=8192 is longer than the model's context "
+                                         r"\(max_position_embeddings=4096\); set max_len \(data.max_len\) <= 4096"):
+        LlavaDataset.for_model(cfg, _records(False), str(image_dir), tok, "vicuna_v1", max_len=8192)
+    ds = LlavaDataset.for_model(cfg, _records(False), str(image_dir), tok, "vicuna_v1", max_len=4096)
+    assert len(ds) == len(_records(False))

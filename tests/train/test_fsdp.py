@@ -1,7 +1,10 @@
-"""FSDP2 on CPU (gloo, 2 processes): the losses equal a single-process run with the same global batch."""
+"""FSDP2 on CPU (gloo, 2 processes): the losses equal a single-process run with the same global batch, also when
+every sample of one rank's micro-batch fails to decode (that rank runs a filler, not fewer forwards: no hang), and
+the samples a rank drops are counted in the main rank's log and checkpoints."""
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ pytestmark = pytest.mark.skipif(not has_fsdp2() or not torch.distributed.is_avai
                                 reason="needs torch.distributed.fsdp.fully_shard (FSDP2) and the gloo backend")
 
 
-def _cfg(root, out, accum):
+def _cfg(root, out, accum, extra=()):
     from llava_fast.train import apply_overrides, get_recipe
 
     cfg = get_recipe("stage2", "llava_next")
@@ -25,22 +28,24 @@ def _cfg(root, out, accum):
                           "data.group_by_modality_length=false", "train.trainable=projector,newline,llm",
                           "train.activation_checkpointing=false", "train.device=cpu", f"train.accum={accum}",
                           "optim.lr=1e-3", "schedule.max_steps=3", f"checkpoint.out={out}",
-                          "checkpoint.export=false", "log.tensorboard=false", "log.progress=false"])
+                          "checkpoint.export=false", "log.tensorboard=false", "log.progress=false", *extra])
     return cfg
 
 
-def _worker(rank, world, port, root, out):
+def _worker(rank, world, port, root, out, extra=()):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from llava_fast.train import Trainer
 
-    tr = Trainer(_cfg(root, out, accum=1), quiet=True)
+    tr = Trainer(_cfg(root, out, accum=1, extra=extra), quiet=True)
     tr.train()
     tr.save()  # collective full-state save under FSDP2
     if rank == 0:
         with open(os.path.join(out, "history.json"), "w") as f:
             json.dump(tr.history, f)
+        with open(os.path.join(out, "drops.json"), "w") as f:
+            json.dump(dict(tr.drops), f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     # gloo's threads can abort the interpreter's teardown ("terminate called without an active exception");
@@ -56,19 +61,40 @@ def _free_port():
     return p
 
 
+def _run_two_ranks(root, out, extra=()):
+    """Train on 2 gloo ranks; rank 0's history. Fails (instead of waiting forever) when the ranks hang."""
+    ctx = torch.multiprocessing.spawn(_worker, args=(2, _free_port(), root, out, extra), nprocs=2, join=False)
+    deadline = time.time() + 120
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the FSDP2 ranks hung (one ran other modules than the other)")
+    with open(os.path.join(out, "history.json")) as f:
+        return json.load(f)
+
+
 def test_fsdp2_gloo_matches_single_process(tmp_path):
     root = str(tmp_path)
     demo.make_data(os.path.join(root, "data"), seed=2, n_caption=0, n_qa=24, n_eval=0)
     demo.build_tiny_model(os.path.join(root, "model"), seed=0, quick=True)
-    out2 = str(tmp_path / "fsdp")
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), root, out2), nprocs=2, join=True)
-    with open(os.path.join(out2, "history.json")) as f:
-        dist_hist = json.load(f)
     from llava_fast.train import Trainer
     from llava_fast.train import checkpoint as ckpt
 
-    single = Trainer(_cfg(root, str(tmp_path / "single"), accum=2), quiet=True)
+    single = Trainer(_cfg(root, str(tmp_path / "single"), accum=2), quiet=True).setup()
+    # every image of rank 1's first micro-batch fails to decode (the headers still read): an empty micro-batch
+    for i in single.sampler.steps()[0][1]:
+        for bad in single.dataset.items[i].images:
+            with open(bad, "rb") as f:
+                data = f.read()
+            with open(bad, "wb") as f:
+                f.write(data[: len(data) // 2])
+    out2 = str(tmp_path / "fsdp")
+    dist_hist = _run_two_ranks(root, out2)
+    with open(os.path.join(out2, "drops.json")) as f:
+        dist_drops = json.load(f)
     single.train()
+    assert single.drops["decode_error"] >= 1 and dist_drops == dict(single.drops)
     assert len(dist_hist) == len(single.history) == 3
     for d, s in zip(dist_hist, single.history):
         assert d["loss"] == pytest.approx(s["loss"], rel=1e-5, abs=1e-6)
@@ -78,3 +104,33 @@ def test_fsdp2_gloo_matches_single_process(tmp_path):
     sd = single.model.state_dict()
     for k, v in sd.items():
         torch.testing.assert_close(ms[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp2_text_only_and_image_packs_with_trained_vision(tmp_path):
+    """With the vision tower trained (sharded per layer: OneVision stage 2) and single-modality packs
+    (group_by_modality_length), one rank gets a text-only pack while the other runs the vision tower: the text-only
+    micro-batch runs a filler image (all labels masked), or the ranks' collectives mismatch (gloo aborts, NCCL
+    hangs). Losses and grad norms equal a single process."""
+    root = str(tmp_path)
+    demo.make_data(os.path.join(root, "data"), seed=2, n_caption=0, n_qa=24, n_eval=0)
+    demo.build_tiny_model(os.path.join(root, "model"), seed=0, quick=True)
+    path = os.path.join(root, "data", "stage2.json")
+    with open(path) as f:
+        recs = json.load(f)
+    for r in recs[::2]:  # half of the samples text-only
+        r.pop("image")
+        r["conversations"][0]["value"] = r["conversations"][0]["value"].replace("<image>", "").strip()
+    with open(path, "w") as f:
+        json.dump(recs, f)
+    extra = ("train.trainable=projector,newline,llm,vision", "data.group_by_modality_length=true")
+    from llava_fast.train import Trainer
+
+    single = Trainer(_cfg(root, str(tmp_path / "single"), accum=2, extra=extra), quiet=True).setup()
+    text = [all(single.dataset.modality_lengths[i] < 0 for i in mb) for st in single.sampler.steps()[:3] for mb in st]
+    assert any(t != u for t, u in zip(text[::2], text[1::2]))  # a step where one rank has text only, one images
+    dist_hist = _run_two_ranks(root, str(tmp_path / "fsdp"), extra)
+    single.train()
+    assert len(dist_hist) == len(single.history) == 3
+    for d, s in zip(dist_hist, single.history):
+        assert d["loss"] == pytest.approx(s["loss"], rel=1e-5, abs=1e-6)
+        assert d["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-4, abs=1e-6)

@@ -1,5 +1,7 @@
 """Trainer: checkpoint atomicity, bit-for-bit resume on CPU, loss normalisation, export loadable by transformers,
 recipes and overrides. Tiny model and data from the demo's generators (CPU, a few seconds each)."""
+import json
+import math
 import os
 
 import pytest
@@ -59,16 +61,28 @@ def test_checkpoint_atomic(tmp_path):
     assert sorted(d for d in os.listdir(root) if d.startswith("step_")) == ["step_00000002", "step_00000003"]
 
 
+def _record_rng(tr):
+    """Wrap tr.train_step to record the global torch RNG state each step starts with."""
+    states, step = [], tr.train_step
+    tr.train_step = lambda mbs: (states.append(torch.get_rng_state()), step(mbs))[1]
+    return states
+
+
 def test_resume_bit_for_bit(assets, tmp_path):
     over = {"schedule.max_steps": 6, "train.accum": 2}
     a = Trainer(make_cfg(assets, tmp_path / "a", **over), quiet=True)
+    rng_a = _record_rng(a)
     a.train()
     b1 = Trainer(make_cfg(assets, tmp_path / "b", **over), quiet=True)
     r = b1.train(stop_at_step=3)
     assert r["steps"] == 3 and os.path.isdir(r["checkpoint"])
     b2 = Trainer(make_cfg(assets, tmp_path / "b", **over), quiet=True)
+    rng_b = _record_rng(b2)
     b2.train()
     assert b2.global_step == 6
+    # the RNG streams continue where they stopped (dropout, LoRA dropout): the DataLoader made for the resumed
+    # epoch must not draw from them
+    assert len(rng_b) == 3 and all(torch.equal(x, y) for x, y in zip(rng_a[3:], rng_b))
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b2.history]
     assert [h["grad_norm"] for h in a.history] == [h["grad_norm"] for h in b2.history]
     sa, sb = a.model.state_dict(), b2.model.state_dict()
@@ -90,6 +104,34 @@ def test_loss_normalised_over_accumulated_batch(assets, tmp_path):
         o1, o2 = m(**tr._to_device(b1)), m(**tr._to_device(b2))
     ref = (o1.loss * b1["num_items"] + o2.loss * b2["num_items"]) / n
     torch.testing.assert_close(l1 + l2, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_step_equals_one_big_batch(assets, tmp_path):
+    """train_step over accumulated packs gives the loss and gradients of one batch holding all their samples
+    (mean over its supervised tokens), packed in one row or padded: every supervised token weighs the same."""
+    tr = Trainer(make_cfg(assets, tmp_path / "g", **{"train.accum": 3, "optim.max_grad_norm": 0}),
+                 quiet=True).setup()
+    from llava_fast.data import collate_packed, collate_padded
+
+    mbs_idx = tr.sampler.steps()[0]
+    it = iter(tr._loader())
+    mbs = [next(it) for _ in mbs_idx]
+    assert len(mbs) == 3 and len({b["num_items"] for b in mbs}) > 1  # a mean of pack means would differ
+    params = {k: p for k, p in tr.model.named_parameters() if p.requires_grad}
+    grads = {}
+    tr.optimizer.step = lambda: grads.update({k: p.grad.clone() for k, p in params.items()  # no update
+                                              if p.grad is not None})
+    m = tr.train_step(mbs)
+    samples = [tr.dataset[i] for mb in mbs_idx for i in mb]
+    for big in (collate_packed(samples), collate_padded(samples, pad_id=tr.tokenizer.pad_token_id)):
+        tr.model.zero_grad(set_to_none=True)
+        out = tr.model(**tr._to_device(big))  # mean over the batch's supervised tokens
+        out.loss.backward()
+        assert big["num_items"] == m["supervised"]
+        assert m["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+        assert len(grads) > 0 and set(grads) == {k for k, p in params.items() if p.grad is not None}
+        for k, g in grads.items():
+            torch.testing.assert_close(g, params[k].grad, rtol=1e-4, atol=1e-6, msg=lambda s, k=k: f"{k}: {s}")
 
 
 def test_export_loads_in_transformers(assets, tmp_path):
@@ -134,6 +176,98 @@ def test_recipes_and_overrides():
         apply_overrides(s2, ["data.template=chatml"])
 
 
+def test_config_typos_and_bad_values_raise():
+    """Nothing in a config is silently dropped, truncated or ignored: unknown keys raise naming them, values that
+    do not fit the field raise naming the override."""
+    from llava_fast.train import TrainConfig
+
+    cfg = TrainConfig.from_dict({"optim": {"lr": 1e-4}, "train": {"accum": 2}})
+    assert cfg.optim.lr == 1e-4 and cfg.train.accum == 2
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())).to_json() == cfg.to_json()
+    with pytest.raises(ValueError, match=r"unknown config keys \['optimizer'\]"):
+        TrainConfig.from_dict({"optimizer": {"lr": 1e-4}})
+    with pytest.raises(ValueError, match=r"unknown fields \['optim.learning_rate'\]"):
+        TrainConfig.from_dict({"optim": {"learning_rate": 1e-4}})
+    s2 = get_recipe("next-stage2")
+    for bad, match in [("optim.betas=0.9,0.95,0.99", "optim.betas.*expected 2 comma-separated values, got 3"),
+                       ("optim.betas=0.9", "optim.betas.*expected 2 comma-separated values, got 1"),
+                       ("train.accum=1.5e0", "train.accum.*expected an integer"),
+                       ("train.accum=1.5", "train.accum=1.5"),
+                       ("schedule.max_steps=0", "schedule.max_steps must be >= 1"),
+                       ("schedule.epochs=0", "schedule.epochs must be > 0"),
+                       ("schedule.warmup_ratio=3", "schedule.warmup_ratio must be in"),
+                       ("train.fsdp=of", "train.fsdp must be auto or off"),
+                       ("optim.max_grad_norm=-1", "optim.max_grad_norm must be >= 0"),
+                       ("checkpoint.keep=-1", "checkpoint.keep must be >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(get_recipe("next-stage2"), [bad])
+    apply_overrides(s2, ["train.accum=4e0", "schedule.max_steps=none"])
+    assert s2.train.accum == 4 and s2.schedule.max_steps is None
+
+
+def test_resume_refuses_changed_order_or_restored_settings(assets, tmp_path):
+    """A checkpoint's data position only means something for the same plan, and its optimizer/scheduler state
+    overrides lr, betas, the schedule...: resuming with other settings raises naming them (no repeated/skipped
+    samples, no silently ignored override); settings read at every step may change."""
+    over = {"schedule.max_steps": 4, "train.accum": 2}
+    Trainer(make_cfg(assets, tmp_path / "r", **over), quiet=True).train(stop_at_step=1)
+    for change, name in [({"train.accum": 1}, "train.accum"), ({"optim.lr": 1e-4}, "optim.lr"),
+                         ({"data.max_tokens": 1024}, "data.max_tokens"), ({"schedule.max_steps": 8}, "max_steps"),
+                         ({"train.seed": 1}, "train.seed"), ({"data.max_len": 150}, "samples")]:
+        with pytest.raises(ValueError, match=f"cannot resume from .*{name}.*start a new run"):
+            Trainer(make_cfg(assets, tmp_path / "r", **{**over, **change}), quiet=True).setup()
+    tr = Trainer(make_cfg(assets, tmp_path / "r", **{**over, "optim.max_grad_norm": 0.5}), quiet=True).setup()
+    assert tr.global_step == 1
+
+
+def test_step_without_supervised_tokens_skips_update(assets, tmp_path):
+    """A step whose samples were all dropped (or, under FSDP, only filler samples with masked labels) has no mean
+    to report and nothing to learn: the update is skipped (AdamW's moments alone would move the weights), the loss
+    is reported as NaN (not 0.0, which would skew the logged mean), and it is not a non-finite step."""
+    from llava_fast.data import IGNORE_INDEX, collate_packed
+
+    logs = []
+    tr = Trainer(make_cfg(assets, tmp_path / "e"), log=logs.append).setup()
+    it = iter(tr._loader())
+    tr.train_step([next(it)])                            # AdamW has moments now
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    sched0 = tr.scheduler.last_epoch
+    s = tr.dataset[0]
+    masked = collate_packed([dict(s, labels=torch.full_like(s["labels"], IGNORE_INDEX)),
+                             {"dropped": "decode_error", "sample_id": "x"}])
+    assert masked["num_items"] == 0
+    for mbs in ([masked], [collate_packed([{"dropped": "decode_error", "sample_id": "y"}])]):
+        m = tr.train_step(mbs)
+        assert math.isnan(m["loss"]) and m["skipped_nonfinite"] == 0
+        assert all(torch.equal(a, p.detach()) for a, p in zip(before, params)), "an update without data"
+    assert tr.scheduler.last_epoch == sched0 + 2 and tr.drops["decode_error"] == 2
+    assert any("no supervised token" in m for m in logs)
+
+
+def test_unused_vision_lr_is_logged(assets, tmp_path):
+    logs = []
+    Trainer(make_cfg(assets, tmp_path / "v", **{"optim.vision_lr": 1e-5, "train.trainable": "projector,llm"}),
+            log=logs.append).setup()
+    assert any("optim.vision_lr=1e-05 is unused: the vision tower does not train" in m for m in logs), logs
+
+
+def test_partial_last_step_counted(assets, tmp_path):
+    """With drop_last (several ranks) the micro-batches of a partial last step are left out of the epoch: counted
+    as dropped 'partial_last_step' once per epoch, not silently skipped."""
+    from llava_fast.data import PackedBatchSampler
+
+    tr = Trainer(make_cfg(assets, tmp_path / "p", **{"train.accum": 3, "schedule.epochs": 2}), quiet=True).setup()
+    ds = tr.dataset
+    tr.sampler = PackedBatchSampler(ds.lengths, 512, modality=[l > 0 for l in ds.modality_lengths], seed=0,
+                                    accum=3, drop_last=True)
+    tr.total_steps = tr.sampler.num_steps(0) + 1  # into the second epoch
+    left = [sum(len(mb) for mb in tr.sampler.left_out(e)) for e in (0, 1)]
+    assert min(left) > 0
+    res = tr.train()
+    assert res["dropped"].get("partial_last_step") == sum(left)
+
+
 def test_train_cli_sets_expandable_segments_unless_chosen(monkeypatch):
     """`llava-fast train` turns on the CUDA allocator's expandable segments (variable image-token counts fragment
     fixed segments), but never overrides a PYTORCH_CUDA_ALLOC_CONF the user set."""
@@ -166,6 +300,10 @@ def test_nonfinite_steps_are_skipped_then_stop(assets, tmp_path):
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params))
     poison = params[0].register_hook(lambda g: g * float("nan"))
     tr.train_step([next(it)])
+    tr.global_step = 3
+    tr.save()                                          # a resume continues the run of NaN steps, not from 0
+    again = Trainer(make_cfg(assets, tmp_path / "nf", **{"optim.max_nonfinite_steps": 2}), quiet=True).setup()
+    assert again.global_step == 3 and again.skipped_nonfinite == 2 and again._nonfinite_run == 1
     with pytest.raises(RuntimeError, match="2 steps in a row had a NaN/inf loss or gradient norm"):
         tr.train_step([next(it)])
     poison.remove()
