@@ -15,7 +15,9 @@ def apply_lora(model, tcfg):
     except ImportError as e:
         raise ImportError("train.lora=true needs peft: pip install 'llava_fast[peft]'") from e
     lm = model.model.language_model
-    for p in lm.parameters():
+    # the whole language model is frozen, lm_head included (it lives on the LLaVA class, next to language_model): as
+    # in the original LLaVA LoRA recipe only the adapters train there (an untied 7B lm_head is 131M parameters)
+    for p in (*lm.parameters(), *model.lm_head.parameters()):
         p.requires_grad_(False)
     cfg = LoraConfig(r=tcfg.lora_r, lora_alpha=tcfg.lora_alpha, lora_dropout=tcfg.lora_dropout,
                      target_modules=TARGETS)

@@ -25,6 +25,7 @@ def test_lora_trains_adapters_and_merges(tmp_path):
     apply_lora(m, TrainSection(lora=True, lora_r=4, lora_alpha=8))
     trainable = [n for n, p in m.model.language_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+    assert not m.config.tie_word_embeddings and not any(p.requires_grad for p in m.lm_head.parameters())
     ids = torch.randint(0, 100, (2, 12))
     with torch.no_grad():
         untrained = m(input_ids=ids).logits
