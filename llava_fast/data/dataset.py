@@ -90,8 +90,20 @@ def read_records(path: str) -> list[dict]:
         raise FileNotFoundError(f"data file not found: {path}")
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        data = json.load(f)
+            out = []
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg} at column {e.colno}); fix or "
+                                     f"remove that line") from None
+            return out
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of samples (or a .jsonl file), got {type(data).__name__}")
     return data

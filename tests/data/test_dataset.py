@@ -209,3 +209,17 @@ def test_image_changed_after_indexing_is_dropped_not_cut(tmp_path, image_dir, to
     assert collate_packed([s])["dropped"] == {"decode_error": 1}
     with pytest.raises(DataError, match="a.png decodes to 112x112"):
         strict[0]
+
+
+def test_malformed_data_file_names_file_and_line(tmp_path):
+    from llava_fast.data.dataset import read_records
+
+    good = '{"id": "a", "conversations": []}'
+    (tmp_path / "d.jsonl").write_text(good + "\n\n" + good + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl, line 4: not valid JSON"):
+        read_records(str(tmp_path / "d.jsonl"))
+    (tmp_path / "d.json").write_text("[" + good + ",\n" + good + ",]")
+    with pytest.raises(ValueError, match=r"d\.json: not valid JSON .* line 2"):
+        read_records(str(tmp_path / "d.json"))
+    (tmp_path / "ok.jsonl").write_text(good + "\n" + good + "\n")
+    assert len(read_records(str(tmp_path / "ok.jsonl"))) == 2
