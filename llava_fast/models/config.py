@@ -107,10 +107,15 @@ class TextConfig:
                                   num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
                                   max_position_embeddings=32768, rope_theta=10000.0)}[mt]
         g = {**defaults, **{k: v for k, v in d.items() if v is not None}}
-        rope = g.get("rope_parameters") or g.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise ValueError(f"text_config rope_type {rope_type!r} is not supported yet (only 'default' RoPE)")
+        # transformers: the legacy ``rope_scaling`` takes precedence over ``rope_parameters`` (its theta falling back to
+        # ``rope_theta``); a scaled RoPE in either is refused, never ignored
+        rope = g.get("rope_scaling") or g.get("rope_parameters") or {}
+        for key in ("rope_scaling", "rope_parameters"):
+            r = g.get(key) or {}
+            rope_type = r.get("rope_type", r.get("type", "default"))
+            if rope_type not in ("default", None):
+                raise ValueError(f"text_config.{key} has rope_type {rope_type!r}, which is not supported yet (only "
+                                 f"'default' RoPE)")
         theta = float(rope.get("rope_theta", g.get("rope_theta", 10000.0)))
         heads = int(g["num_attention_heads"])
         kv = int(g.get("num_key_value_heads") or heads)
@@ -184,6 +189,8 @@ class LlavaConfig:
         td = d.get("text_config") or {"model_type": _DEFAULT_TEXT[mt]}
         _warn_dropout(vd, td)
         tie = d.get("tie_word_embeddings", td.get("tie_word_embeddings", False))
+        if mt != "llava_next":  # transformers' LlavaConfig / LlavaOnevisionConfig: tied when either config says so
+            tie = bool(tie) or bool(td.get("tie_word_embeddings", False))
         vfl = d.get("vision_feature_layer", -1 if mt == "llava_onevision" else -2)
         strategy = d.get("vision_feature_select_strategy", "full" if mt == "llava_onevision" else "default")
         if strategy not in ("default", "full"):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -105,6 +107,13 @@ def _materialize_buffers(model, device):
             m.inv_freq = fresh.inv_freq.to(device)
 
 
+def _untie_config(config) -> None:
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
+    config.hf_dict["tie_word_embeddings"] = False
+    if isinstance(config.hf_dict.get("text_config"), dict):
+        config.hf_dict["text_config"]["tie_word_embeddings"] = False
+
+
 def from_pretrained(path, dtype=None, device=None):
     """Load a llava-hf checkpoint folder; the class is picked by config.json's model_type.
 
@@ -133,14 +142,30 @@ def from_pretrained(path, dtype=None, device=None):
     missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
+        hint = ("; the file has no lm_head: if the model shares it with embed_tokens, set tie_word_embeddings to "
+                "true in config.json" if missing == ["lm_head.weight"] else "")
         raise ValueError(f"checkpoint {path} does not match its config ({config.model_type}): missing tensors "
                          f"{missing[:10]}{' ...' if len(missing) > 10 else ''}; unexpected tensors "
-                         f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+                         f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}{hint}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"tensor {k!r} in {path} has shape {tuple(v.shape)} but the config needs "
                              f"{tuple(expected[k].shape)}")
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    embed = "model.language_model.embed_tokens.weight"
+    if tied and "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state[embed]):
+        # as transformers: a file holding its own lm_head is not tied to the embeddings (never dropped)
+        warnings.warn(f"{path}: config.json ties the word embeddings but the checkpoint holds an lm_head.weight "
+                      f"that differs from embed_tokens; it is loaded untied (as transformers does). Set "
+                      f"tie_word_embeddings to false in config.json to silence this warning.", stacklevel=2)
+        tied = False
+        _untie_config(config)
+    for k, v in state.items():
+        w = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        if w.dtype == torch.float16 and v.dtype != torch.float16 and not bool(w.isfinite().all()) \
+                and bool((v.isfinite() & ~w.isfinite().to(v.device)).any()):
+            raise ValueError(f"tensor {k!r} of {path} ({v.dtype}) holds values outside the float16 range "
+                             f"(|x| > 65504) that would become inf; load it with dtype=torch.bfloat16 or float32")
+        state[k] = w
     if tied:
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=not tied, assign=True)
@@ -150,14 +175,34 @@ def from_pretrained(path, dtype=None, device=None):
     return model.eval()
 
 
+_WEIGHT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")  # what save_pretrained writes
+
+
+def _link_or_copy(src, dst):
+    """Hard link (the old folder is deleted right after: no second copy of large files), else copy."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
 def save_pretrained(model, path, max_shard_size="5GB"):
     """Write config.json and safetensors (sharded above ``max_shard_size``, with an index) atomically."""
     path = Path(path)
     limit = _parse_size(max_shard_size)
     state = {}
-    for k, v in model.state_dict().items():
+    sd = model.state_dict()
+    for k, v in sd.items():
         if model.config.tie_word_embeddings and k == "lm_head.weight":
-            continue
+            e = sd.get("model.language_model.embed_tokens.weight")
+            if e is None or v.data_ptr() == e.data_ptr() or (not v.is_meta and torch.equal(v, e.to(v.device))):
+                continue   # saved once, as embed_tokens (as transformers)
+            raise ValueError("save_pretrained: the config ties lm_head to embed_tokens (tie_word_embeddings) but the "
+                             "model's lm_head.weight differs from them and would be lost; call model.tie_weights(), "
+                             "or set model.config.tie_word_embeddings = False to save it untied")
+        if v.is_meta:
+            raise ValueError(f"save_pretrained: {k} is on the meta device (no data); load or materialize the weights "
+                             f"(llava_fast.from_pretrained, model.to_empty(device=...) + init) before saving")
         state[to_file_key(k)] = v.detach().to("cpu").contiguous()
     shards, cur, cur_size = [], {}, 0
     for k in sorted(state):
@@ -170,9 +215,16 @@ def save_pretrained(model, path, max_shard_size="5GB"):
     shards.append(cur)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = None
     try:
         cfg = model.config.to_hf_dict()
+        tc = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+        if not model.config.tie_word_embeddings and (cfg.get("tie_word_embeddings") or tc.get("tie_word_embeddings")):
+            cfg["tie_word_embeddings"] = False    # lm_head is saved: the written config must not tie it
+            tc["tie_word_embeddings"] = False
         cfg["dtype"] = str(model.dtype).replace("torch.", "")
+        if "torch_dtype" in cfg:  # the legacy key of an older config.json: kept, but never stale
+            cfg["torch_dtype"] = cfg["dtype"]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         meta = {"format": "pt"}
         if len(shards) == 1:
@@ -186,12 +238,15 @@ def save_pretrained(model, path, max_shard_size="5GB"):
             total = sum(v.numel() * v.element_size() for v in state.values())
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        # keep any other files of an existing folder (tokenizer, processor config) that we do not write
+        # keep everything else of an existing folder (tokenizer, processor config, sub-folders) but its old weights
         if path.is_dir():
             for f in path.iterdir():
-                if f.is_file() and not (tmp / f.name).exists() and not f.name.startswith("model"):
-                    shutil.copy2(f, tmp / f.name)
-        old = None
+                if (tmp / f.name).exists() or _WEIGHT_FILE.fullmatch(f.name):
+                    continue
+                if f.is_dir() and not f.is_symlink():
+                    shutil.copytree(f, tmp / f.name, symlinks=True, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(f, tmp / f.name)
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
@@ -199,5 +254,7 @@ def save_pretrained(model, path, max_shard_size="5GB"):
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and old.exists() and not path.exists():
+            os.replace(old, path)   # the old checkpoint back in place
         shutil.rmtree(tmp, ignore_errors=True)
         raise

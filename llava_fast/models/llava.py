@@ -196,12 +196,109 @@ class _LlavaBase(nn.Module):
         """Projected features of every tile (tiles, tokens, D_text), the image sizes and single-tile flags."""
         raise NotImplementedError
 
+    def _tokens_per_tile(self) -> int:
+        vc = self.config.vision_config
+        return vc.tokens_per_side ** 2 + int(vc.is_clip) - int(self.config.vision_feature_select_strategy == "default")
+
+    def _image_token_counts(self, pixel_values, image_sizes, batch_num_images):
+        """(LLM tokens of each image, images per sample or None), the inputs checked as ``_image_tiles`` does, without
+        running the vision tower. Tokens None: a layout the feature packing refuses by itself."""
+        self._check_pixels(pixel_values)
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (num_images, 3, H, W) for llava, got {tuple(pixel_values.shape)}")
+        n = pixel_values.shape[0]
+        bni = None if batch_num_images is None else [int(x) for x in torch.as_tensor(batch_num_images).reshape(-1)]
+        if bni is not None and sum(bni) != n:
+            raise ValueError(f"batch_num_images sums to {sum(bni)} but pixel_values holds {n} images")
+        return [self._tokens_per_tile()] * n, bni
+
+    def _video_token_counts(self, pixel_values_videos):
+        raise ValueError(f"{self.model_type} models take no videos (pixel_values_videos); use a llava_onevision model")
+
+    @staticmethod
+    def _check_placeholders(input_ids, cu_seqlens, token_id, counts, per_sample, what="Image"):
+        """Each image (video) must be one run of its placeholder tokens inside one sample, in the order of the pixels,
+        and with ``per_sample`` (batch_num_images) each sample must hold exactly the tokens of its own images.
+        (Comparing only the totals, as transformers does, lets placeholders of the wrong lengths that add up take
+        another image's features, or another sample's image, in silence.)"""
+        w = what.lower()
+        flat = (input_ids == token_id).reshape(-1)
+        length = input_ids.shape[-1]
+        first = torch.zeros_like(flat)                                   # first position of each sample
+        first[::length] = True
+        if cu_seqlens is not None:
+            cu = cu_seqlens[:-1].to(flat.device).long()
+            first[cu[cu < flat.numel()]] = True
+        last = torch.cat([first[1:], first.new_ones(1)])                  # last position of each sample
+        cont = torch.cat([flat.new_zeros(1), flat[:-1]]) & ~first        # placeholder continuing a run
+        ends = torch.cat([flat[1:], flat.new_zeros(1)]) & ~last
+        starts, stops = (flat & ~cont).nonzero()[:, 0], (flat & ~ends).nonzero()[:, 0]
+        sample = first.long().cumsum(0) - 1
+        runs = torch.stack([starts, stops - starts + 1, sample[starts]], 1).tolist() if starts.numel() else []
+        n_tok, n_feat = sum(r[1] for r in runs), sum(counts)
+        if n_tok != n_feat:
+            raise ValueError(
+                f"{what} features and {w} tokens do not match: input_ids holds {n_tok} {w} tokens (id {token_id}) but "
+                f"the {w}s give {n_feat} features (per {w}: {counts[:8]}{' ...' if len(counts) > 8 else ''}). Each "
+                f"<{w}> placeholder must be expanded to exactly the number of tokens its {w} produces "
+                f"(llava_fast.ops.anyres.num_image_tokens / num_video_tokens), and truncation must not cut them.")
+        begins = [0]
+        for c in counts:
+            begins.append(begins[-1] + c)
+        k = j = 0
+        for pos, n, _ in runs:
+            while begins[j + 1] <= k:   # image j holds placeholder k
+                j += 1
+            if begins[j] != k:
+                where = f"input_ids[{pos // length}, {pos % length}]"
+                raise ValueError(
+                    f"{what} tokens do not line up with the {w}s: {w} {j} ({counts[j]} tokens) is split across "
+                    f"placeholder runs (the run of {n} {w} tokens at {where} starts {k - begins[j]} tokens into it). "
+                    f"Each <{w}> placeholder must be expanded to exactly its own {w}'s number of tokens, in the order "
+                    f"of the {w}s (per {w}: {counts[:8]}{' ...' if len(counts) > 8 else ''}).")
+            k += n
+        if per_sample is not None:
+            got = {}
+            for _, n, smp in runs:
+                got[smp] = got.get(smp, 0) + n
+            want, i = [], 0
+            for m in per_sample:
+                if m > 0:
+                    want.append(sum(counts[i:i + m]))
+                i += m
+            if list(got.values()) != want:
+                raise ValueError(f"batch_num_images does not match input_ids: the samples with {w}s hold "
+                                 f"{list(got.values())} {w} tokens but batch_num_images {per_sample} gives them "
+                                 f"{want}; batch_num_images counts the {w}s of each sample, in order")
+
     def image_features(self, pixel_values, image_sizes=None, batch_num_images=None) -> torch.Tensor:
         """All image tokens of the batch, (n_tokens, D_text), in placeholder order (reference packing)."""
         raise NotImplementedError
 
     def _video_tiles(self, pixel_values_videos):
         raise ValueError(f"{self.model_type} models take no videos (pixel_values_videos); use a llava_onevision model")
+
+    def _check_packed(self, cu_seqlens, position_ids, max_seqlen, n):
+        """cu_seqlens delimits samples that cover the sequence; positions restart at 0 in each; none over the context
+        length; max_seqlen (the kernels' bound) not below the longest sample."""
+        cu = cu_seqlens.tolist()
+        if not cu or cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to the packed sequence length {n} (cumulative sample "
+                             f"lengths), got {cu[:8]}{' ...' if len(cu) > 8 else ''}")
+        lens = [b - a for a, b in zip(cu, cu[1:])]
+        longest, ctx = max(lens, default=0), self.config.text_config.max_position_embeddings
+        if longest > ctx:
+            raise ValueError(f"a packed sample of {longest} tokens is longer than the context length "
+                             f"(max_position_embeddings={ctx}); split or truncate it before the model (image tokens "
+                             f"must not be cut)")
+        if max_seqlen is not None and int(max_seqlen) < longest:
+            raise ValueError(f"max_seqlen ({int(max_seqlen)}) is below the longest sample of cu_seqlens ({longest}); "
+                             f"pass max(cu_seqlens[1:] - cu_seqlens[:-1]) or None")
+        starts = torch.repeat_interleave(cu_seqlens[:-1].to(position_ids.device).long(),
+                                         torch.tensor(lens, device=position_ids.device), output_size=n)
+        if not bool((position_ids == torch.arange(n, device=position_ids.device) - starts).all()):
+            raise ValueError("position_ids must restart at 0 for each sample of cu_seqlens (torch.arange(len) per "
+                             "sample, as collate_packed builds them)")
 
     def video_features(self, pixel_values_videos) -> torch.Tensor:
         raise ValueError(f"{self.model_type} models take no videos (pixel_values_videos); use a llava_onevision model")
@@ -220,6 +317,17 @@ class _LlavaBase(nn.Module):
         (1, T) restarting at 0 per sample. ``labels`` are unshifted (as transformers). Returns ``LlavaOutput``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        decoding = cache is not None and cache.length > 0   # no host sync per decoded token
+        if input_ids is None:
+            if pixel_values is not None or pixel_values_videos is not None:
+                raise ValueError("pixel_values / pixel_values_videos need input_ids (the image placeholders are found "
+                                 "by their token id); pass input_ids instead of inputs_embeds")
+            d = self.config.text_config.hidden_size
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d or not inputs_embeds.is_floating_point():
+                raise ValueError(f"inputs_embeds must be a float tensor of shape (batch, seq, {d}), got "
+                                 f"{inputs_embeds.dtype} {tuple(inputs_embeds.shape)}")
+            if inputs_embeds.device != self.device:
+                raise ValueError(f"inputs_embeds is on {inputs_embeds.device} but the model is on {self.device}")
         if input_ids is not None:
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]
@@ -229,7 +337,6 @@ class _LlavaBase(nn.Module):
             if input_ids.device != self.device:
                 raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.device}")
             vocab = self.config.text_config.vocab_size
-            decoding = cache is not None and cache.length > 0   # no host sync per decoded token
             if not decoding and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
                 raise ValueError(f"input_ids holds ids outside [0, {vocab}) (vocab_size of the language model)")
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -247,10 +354,60 @@ class _LlavaBase(nn.Module):
                                  f"{tuple(cu_seqlens.shape)}")
             if position_ids is None:
                 raise ValueError("position_ids is required with cu_seqlens (positions restart at each sample)")
-        if pixel_values is None and input_ids is not None and not (cache is not None and cache.length > 0) \
-                and bool((input_ids == self.config.image_token_id).any()):
-            # (a decoding step may produce the image token id as an ordinary token: no check then)
-            raise ValueError("input_ids holds image tokens but no pixel_values were given")
+            if b != 1:
+                raise ValueError(f"packed form (cu_seqlens given) needs a batch of 1 sequence, got batch {b}")
+            if cu_seqlens.device != inputs_embeds.device:
+                raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the model is on {inputs_embeds.device}")
+        if position_ids is not None:
+            if position_ids.dim() == 1:
+                position_ids = position_ids[None]
+            if position_ids.dim() != 2 or position_ids.shape[0] not in (1, b) or position_ids.shape[1] != n:
+                raise ValueError(f"position_ids must have shape (batch, seq) = {(b, n)} (or (1, seq)), got "
+                                 f"{tuple(position_ids.shape)}")
+            if position_ids.device != inputs_embeds.device:
+                raise ValueError(f"position_ids is on {position_ids.device} but the model is on {inputs_embeds.device}")
+            if cu_seqlens is not None and not decoding:
+                self._check_packed(cu_seqlens, position_ids, max_seqlen, n)
+            elif not decoding and n and int(position_ids.max()) >= self.config.text_config.max_position_embeddings:
+                raise ValueError(f"position_ids reach {int(position_ids.max())}, past the context length "
+                                 f"(max_position_embeddings={self.config.text_config.max_position_embeddings})")
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None:
+            if attention_mask.shape != (b, past + n):
+                raise ValueError(f"attention_mask must have shape (batch, past + seq) = {(b, past + n)}, got "
+                                 f"{tuple(attention_mask.shape)}")
+            if attention_mask.device != inputs_embeds.device:
+                raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on "
+                                 f"{inputs_embeds.device}")
+            if not decoding and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must hold 1 (token) and 0 (padding) only, as transformers' 2-D masks; "
+                                 "an additive mask (0 / -inf) is not accepted")
+        if labels is not None:
+            if labels.dim() == 1:
+                labels = labels[None]
+            if labels.shape != (b, n):
+                raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got {tuple(labels.shape)}")
+            vocab = self.config.text_config.vocab_size
+            if labels.dtype not in (torch.int64, torch.int32) or \
+                    not bool(((labels == -100) | ((labels >= 0) & (labels < vocab))).all()):
+                raise ValueError(f"labels must be integer token ids in [0, {vocab}) (vocab_size) or -100 (ignored), "
+                                 f"got {labels.dtype} values in [{int(labels.min())}, {int(labels.max())}]")
+        if input_ids is not None and not decoding:
+            # (a decoding step may produce the image or video token id as an ordinary token: no check then)
+            if pixel_values is None and bool((input_ids == self.config.image_token_id).any()):
+                raise ValueError("input_ids holds image tokens but no pixel_values were given")
+            vid = self.config.video_token_id
+            if pixel_values_videos is None and vid is not None and bool((input_ids == vid).any()):
+                raise ValueError("input_ids holds video tokens but no pixel_values_videos were given")
+        if input_ids is not None and pixel_values is not None:
+            counts, per_sample = self._image_token_counts(pixel_values, image_sizes, batch_num_images)
+            if counts is not None:
+                self._check_placeholders(input_ids, cu_seqlens, self.config.image_token_id, counts, per_sample)
+                if not counts:
+                    pixel_values = None   # no images at all: the vision tower is skipped (as transformers)
+        if input_ids is not None and pixel_values_videos is not None:
+            self._check_placeholders(input_ids, cu_seqlens, self.config.video_token_id,
+                                     self._video_token_counts(pixel_values_videos), None, "Video")
         has_media = input_ids is not None and (pixel_values is not None or pixel_values_videos is not None)
         if has_media and backend.use_fast("pack_features", inputs_embeds.device.type) and self._packable():
             # one fused launch: unpad, newlines, anyres_max / video interpolation and the scatter
@@ -273,19 +430,8 @@ class _LlavaBase(nn.Module):
                 feats = self.video_features(pixel_values_videos)
                 inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.video_token_id, feats,
                                                      "Video")
-        if position_ids is not None and position_ids.dim() == 1:
-            position_ids = position_ids[None]
-        past = cache.length if cache is not None else 0
-        if attention_mask is not None and attention_mask.shape != (b, past + n):
-            raise ValueError(f"attention_mask must have shape (batch, past + seq) = {(b, past + n)}, got "
-                             f"{tuple(attention_mask.shape)}")
         hidden = self.model.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
-        if labels is not None:
-            if labels.dim() == 1:
-                labels = labels[None]
-            if labels.shape != (b, n):
-                raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got {tuple(labels.shape)}")
         # the fused loss takes lm_head's weight: only for a plain Linear (an adapter on lm_head is called instead)
         fused_loss = labels is not None and not logits and backend.use_fast("cross_entropy", hidden.device.type) \
             and plain_linears(self.lm_head)
@@ -336,27 +482,56 @@ class LlavaNextForConditionalGeneration(_LlavaBase):
         return [1 if s else anyres.num_tiles(tuple(sz), self.config.image_grid_pinpoints, tile)
                 for sz, s in zip(image_sizes, single)]
 
-    def _flat_pixels(self, pixel_values, counts):
+    def _check_tiles(self, pixel_values, counts):
         if pixel_values.dim() == 5:  # transformers' (num_images, max_tiles, 3, T, T), zero-padded tiles
             if pixel_values.shape[0] != len(counts):
                 raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {len(counts)}")
             if any(c > pixel_values.shape[1] for c in counts):
                 raise ValueError(f"pixel_values has {pixel_values.shape[1]} tiles per image but image_sizes need up to "
                                  f"{max(counts)}; image_sizes must be the original (height, width) of each image")
-            return torch.cat([pv[:c] for pv, c in zip(pixel_values, counts)], dim=0)
-        if pixel_values.dim() != 4:
+        elif pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (tiles, 3, T, T) or (images, tiles, 3, T, T), got "
                              f"{tuple(pixel_values.shape)}")
-        if pixel_values.shape[0] != sum(counts):
+        elif pixel_values.shape[0] != sum(counts):
             raise ValueError(f"pixel_values holds {pixel_values.shape[0]} tiles but image_sizes need {sum(counts)} "
                              f"(per image: {counts})")
+
+    def _flat_pixels(self, pixel_values, counts):
+        self._check_tiles(pixel_values, counts)
+        if pixel_values.dim() == 5:
+            return torch.cat([pv[:c] for pv, c in zip(pixel_values, counts)], dim=0)
         return pixel_values
+
+    def _sizes(self, image_sizes) -> list[list[int]]:
+        if image_sizes is None:
+            raise ValueError(f"image_sizes (num_images, 2) as (height, width) is required for {self.model_type}")
+        try:
+            sizes = [[int(v) for v in s] for s in (image_sizes.tolist() if torch.is_tensor(image_sizes)
+                                                    else image_sizes)]
+        except TypeError:
+            sizes = None
+        if sizes is None or any(len(s) != 2 for s in sizes):
+            shape = tuple(image_sizes.shape) if torch.is_tensor(image_sizes) else image_sizes
+            raise ValueError(f"image_sizes must be (num_images, 2): the (height, width) of each image, got {shape}")
+        return sizes
+
+    def _image_token_counts(self, pixel_values, image_sizes, batch_num_images):
+        self._check_pixels(pixel_values)
+        sizes = self._sizes(image_sizes)
+        single = self._single_tile(len(sizes), batch_num_images)
+        self._check_tiles(pixel_values, self._tiles_per_image(sizes, single))
+        vc = self.config.vision_config
+        if self._tokens_per_tile() != vc.tokens_per_side ** 2:
+            return None, None   # no square token grid: pack_image_features_ref refuses it
+        counts = [anyres.num_image_tokens(tuple(sz), self.config.image_grid_pinpoints, vc.image_size,
+                                          vc.tokens_per_side, self.config.max_tiles, single_tile=f)
+                  for sz, f in zip(sizes, single)]
+        bni = None if batch_num_images is None else [int(x) for x in torch.as_tensor(batch_num_images).reshape(-1)]
+        return counts, bni
 
     def _image_tiles(self, pixel_values, image_sizes, batch_num_images):
         self._check_pixels(pixel_values)
-        if image_sizes is None:
-            raise ValueError(f"image_sizes (num_images, 2) as (height, width) is required for {self.model_type}")
-        sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else [list(s) for s in image_sizes]
+        sizes = self._sizes(image_sizes)
         single = self._single_tile(len(sizes), batch_num_images)
         counts = self._tiles_per_image(sizes, single)
         flat = self._flat_pixels(pixel_values, counts)
@@ -395,6 +570,14 @@ class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
         b, fr = pixel_values_videos.shape[:2]
         f = self.encode_tiles(pixel_values_videos.flatten(0, 1))
         return f.view(b, fr, f.shape[1], f.shape[2])
+
+    def _video_token_counts(self, pixel_values_videos):
+        self._check_pixels(pixel_values_videos, "pixel_values_videos")
+        if pixel_values_videos.dim() != 5:
+            raise ValueError(f"pixel_values_videos must be (videos, frames, 3, T, T), got "
+                             f"{tuple(pixel_values_videos.shape)}")
+        v, frames = pixel_values_videos.shape[:2]
+        return [anyres.num_video_tokens(frames, self.config.vision_config.tokens_per_side)] * v
 
     def video_features(self, pixel_values_videos):
         v = self._video_tiles(pixel_values_videos)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import llava_fast
 from llava_fast.models.io import to_file_key, to_runtime_key
 
-from tiny import IMAGE_TOKEN, TILE, save_tiny
+from tiny import IMAGE_TOKEN, TILE, VOCAB, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,156 @@ def test_bad_inputs(next_ckpt):
         m(input_ids=torch.tensor([[1, 2]]), cu_seqlens=torch.tensor([0, 2]), position_ids=torch.tensor([[0, 1]]))
     with pytest.raises(ValueError, match="batch_num_images is a llava_onevision"):
         m(input_ids=ids, pixel_values=pv, image_sizes=sizes, batch_num_images=torch.tensor([1]))
+
+
+@pytest.fixture(scope="module")
+def ov_ckpt(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("ov"), "llava_onevision")
+
+
+def _copy_ckpt(src, dst, cfg_edit=None, tensors_edit=None):
+    dst.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    if cfg_edit:
+        cfg_edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(src / "model.safetensors"))
+    save_file(tensors_edit(sd) if tensors_edit else sd, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_tied_config_with_own_lm_head_loads_it_untied(ov_ckpt, tmp_path):
+    """A tied config (Qwen2-0.5B) whose file also holds lm_head.weight: equal to the embeddings, it stays tied;
+    different, it is loaded untied with a warning (as transformers), never dropped in favour of the embeddings."""
+    import warnings
+
+    _, path = ov_ckpt
+    emb = "language_model.model.embed_tokens.weight"
+    head = "language_model.lm_head.weight"
+    same = _copy_ckpt(path, tmp_path / "same", tensors_edit=lambda sd: {**sd, head: sd[emb].clone()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = llava_fast.from_pretrained(same)
+    assert m.lm_head.weight is m.model.language_model.embed_tokens.weight
+    w = torch.randn(VOCAB, 64)
+    own = _copy_ckpt(path, tmp_path / "own", tensors_edit=lambda sd: {**sd, head: w})
+    with pytest.warns(UserWarning, match="loaded untied"):
+        m = llava_fast.from_pretrained(own)
+    assert torch.equal(m.lm_head.weight, w)
+    assert not m.config.tie_word_embeddings
+    import transformers as tf
+
+    ref = tf.LlavaOnevisionForConditionalGeneration.from_pretrained(own, attn_implementation="eager").eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    torch.testing.assert_close(m(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4, rtol=0)
+    m.save_pretrained(tmp_path / "resaved")   # saved untied, with a config that says so
+    back = llava_fast.from_pretrained(tmp_path / "resaved")
+    assert torch.equal(back.lm_head.weight, w) and not back.config.tie_word_embeddings
+
+
+def test_tie_word_embeddings_from_text_config(ov_ckpt, tmp_path):
+    """transformers' LlavaConfig / LlavaOnevisionConfig tie when either the top level or text_config says so."""
+    import transformers as tf
+
+    _, path = ov_ckpt
+    d = _copy_ckpt(path, tmp_path / "c", cfg_edit=lambda c: c.update(tie_word_embeddings=False))
+    assert json.loads((d / "config.json").read_text())["text_config"]["tie_word_embeddings"] is True
+    m = llava_fast.from_pretrained(d)
+    assert m.lm_head.weight is m.model.language_model.embed_tokens.weight
+    ref = tf.LlavaOnevisionForConditionalGeneration.from_pretrained(d, attn_implementation="eager").eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    torch.testing.assert_close(m(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_rope_scaling_beside_rope_parameters_refused(next_ckpt, tmp_path):
+    """transformers lets a legacy rope_scaling override rope_parameters: a scaled RoPE there must not be ignored."""
+    _, path = next_ckpt
+
+    def edit(c):
+        c["text_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+        c["text_config"]["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    d = _copy_ckpt(path, tmp_path / "c", cfg_edit=edit)
+    with pytest.raises(ValueError, match=r"rope_scaling has rope_type 'linear'"):
+        llava_fast.from_pretrained(d)
+
+
+def test_bf16_checkpoint_dtypes(next_ckpt, tmp_path):
+    """bf16 file: dtype=None keeps bf16 bit for bit, float32 is exact, float16 refuses values it cannot hold."""
+    _, path = next_ckpt
+
+    def to_bf16(sd):
+        sd = {k: v.bfloat16() for k, v in sd.items()}
+        sd["image_newline"][0] = 1e6     # beyond float16's 65504
+        return sd
+    d = _copy_ckpt(path, tmp_path / "bf16", cfg_edit=lambda c: c.update(dtype="bfloat16"), tensors_edit=to_bf16)
+    sd = load_file(str(d / "model.safetensors"))
+    m = llava_fast.from_pretrained(d)
+    assert m.dtype == torch.bfloat16 and torch.equal(m.model.image_newline, sd["image_newline"])
+    m = llava_fast.from_pretrained(d, dtype=torch.float32)
+    assert torch.equal(m.model.image_newline, sd["image_newline"].float())
+    with pytest.raises(ValueError, match=r"'model.image_newline'.*float16 range"):
+        llava_fast.from_pretrained(d, dtype=torch.float16)
+
+
+def test_save_refuses_meta_and_dropped_lm_head(next_ckpt, ov_ckpt, tmp_path):
+    _, path = next_ckpt
+    m = llava_fast.from_pretrained(path)
+    with torch.device("meta"):
+        empty = type(m)(m.config)
+    with pytest.raises(ValueError, match="meta device"):
+        empty.save_pretrained(tmp_path / "meta")
+    assert not list(tmp_path.iterdir())
+    _, path = ov_ckpt
+    m = llava_fast.from_pretrained(path)
+    m.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 64))   # untied by hand, config still tied
+    with pytest.raises(ValueError, match="would be lost"):
+        m.save_pretrained(tmp_path / "untied")
+    m.config.tie_word_embeddings = False
+    m.save_pretrained(tmp_path / "untied")
+    cfg = json.loads((tmp_path / "untied" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["text_config"]["tie_word_embeddings"] is False
+    back = llava_fast.from_pretrained(tmp_path / "untied")
+    assert torch.equal(back.lm_head.weight, m.lm_head.weight)
+
+
+def test_resave_keeps_other_files_and_restores_on_failure(next_ckpt, tmp_path, monkeypatch):
+    """Saving over a folder keeps its sub-folders and other files (drops only its old weights); a failure of the final
+    swap puts the old folder back."""
+    _, path = next_ckpt
+    m = llava_fast.from_pretrained(path)
+    out = tmp_path / "ckpt"
+    m.save_pretrained(out, max_shard_size="20KB")
+    (out / "tokenizer.json").write_text("{}")
+    (out / "model_card.md").write_text("card")
+    (out / "checkpoint-10").mkdir()
+    (out / "checkpoint-10" / "state.pt").write_text("x")
+    m.save_pretrained(out)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["checkpoint-10", "config.json", "model.safetensors", "model_card.md", "tokenizer.json"], names
+    assert (out / "checkpoint-10" / "state.pt").read_text() == "x"
+    before = {p.name for p in out.iterdir()}
+    import llava_fast.models.io as io
+
+    real = io.os.replace
+
+    def fail_swap(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("rename failed")
+        return real(src, dst)
+    monkeypatch.setattr(io.os, "replace", fail_swap)
+    with pytest.raises(OSError, match="rename failed"):
+        m.save_pretrained(out)
+    monkeypatch.undo()
+    assert {p.name for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_saved_config_dtype_keys_agree(next_ckpt, tmp_path):
+    """An older config.json with torch_dtype only: after a save in another dtype both keys name the saved dtype (a
+    transformers 4.x reader takes torch_dtype)."""
+    _, path = next_ckpt
+    d = _copy_ckpt(path, tmp_path / "c", cfg_edit=lambda c: (c.pop("dtype", None), c.update(torch_dtype="bfloat16")))
+    m = llava_fast.from_pretrained(d, dtype=torch.float32)
+    m.save_pretrained(tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["dtype"] == cfg["torch_dtype"] == "float32"
