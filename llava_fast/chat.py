@@ -1,9 +1,11 @@
 """``llava-fast chat --model DIR --image FILE``: a terminal conversation about one image.
 
 The tokenizer and (when present) ``preprocessor_config.json`` are read from the model folder, local files only.
-The prompt uses the tokenizer's chat template when it has one that places the image, else a built-in template for the
-model family (Vicuna ``USER: <image>\\n... ASSISTANT:`` for LLaVA-1.5/NeXT, ChatML for OneVision). Each ``<image>``
-placeholder becomes as many image tokens as the image produces.
+The prompt uses the model's chat template when it has one that places the image (the processor's
+``chat_template.json``, else the tokenizer's), else a built-in template for the language model (Vicuna
+``USER: <image>\\n... ASSISTANT:`` for Llama, ChatML for Qwen2; a Mistral model needs its chat template). Each
+``<image>`` placeholder becomes as many image tokens as the image produces. An answer ends at an eos token of the
+tokenizer or of ``generation_config.json``, or at an end-of-turn token (``</s>``, ``<|im_end|>``, ``<|eot_id|>``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ TEMPLATES = {
     "chatml": {"user": "<|im_start|>user\n{text}<|im_end|>\n", "assistant": "<|im_start|>assistant\n{text}<|im_end|>\n",
                "generation": "<|im_start|>assistant\n"},
 }
+END_OF_TURN = ("</s>", "<|im_end|>", "<|eot_id|>")
 
 
 def load_image(path: str, max_pixels: int = 100_000_000) -> torch.Tensor:
@@ -30,11 +33,14 @@ def load_image(path: str, max_pixels: int = 100_000_000) -> torch.Tensor:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--image {path!r}: no such file")
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # (PIL refuses images over 2 * Image.MAX_IMAGE_PIXELS here already)
             if im.width * im.height > max_pixels:
-                raise ValueError(f"--image {path!r}: {im.width}x{im.height} is over the {max_pixels} pixel limit")
+                raise ValueError(f"--image {path!r}: {im.width}x{im.height} is over the {max_pixels} pixel limit; "
+                                 f"downscale the image first")
             im.load()
             return to_uint8_chw(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"--image {path!r}: {e} (PIL's decompression-bomb guard); downscale the image first") from e
     except (OSError, SyntaxError) as e:
         raise ValueError(f"--image {path!r}: cannot decode the image ({e})") from e
 
@@ -59,26 +65,89 @@ class ChatSession:
                 self.image_config = ImageProcessorConfig.from_dict(json.load(f), variant=cfg.model_type, **overrides)
         else:
             self.image_config = ImageProcessorConfig.for_variant(cfg.model_type, **overrides)
-        self.template = TEMPLATES["chatml" if cfg.text_config.model_type == "qwen2" else "vicuna"]
+        self.chat_template = self._find_chat_template(model_dir)
+        text_type = cfg.text_config.model_type
+        if self.chat_template is None and text_type not in ("llama", "qwen2"):
+            raise ValueError(f"{model_dir}: no chat template that places the image (chat_template.json, "
+                             f"processor_config.json or the tokenizer's chat_template) and no built-in template for a "
+                             f"{text_type} language model; add the model's chat template (chat_template.json) to the "
+                             f"folder")
+        self.template = TEMPLATES["chatml" if text_type == "qwen2" else "vicuna"]
+        self.stop_ids = self._stop_ids(model_dir)
         self.turns: list[tuple[str, str]] = []
         self.image = None
 
+    def _find_chat_template(self, model_dir: str) -> str | None:
+        """The processor's (``chat_template.json`` or ``processor_config.json``) or else the tokenizer's chat
+        template, the first that renders one ``<image>`` for a user turn with an image; None when none does."""
+        candidates = []
+        for name in ("chat_template.json", "processor_config.json"):
+            pp = os.path.join(model_dir, name)
+            if os.path.isfile(pp):
+                with open(pp) as f:
+                    candidates.append(json.load(f).get("chat_template"))
+        tmpl = getattr(self.tokenizer, "chat_template", None)
+        candidates.append(tmpl.get("default") if isinstance(tmpl, dict) else tmpl)
+        probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}]
+        for t in candidates:
+            if not t:
+                continue
+            try:
+                text = self.tokenizer.apply_chat_template(probe, chat_template=t, tokenize=False,
+                                                          add_generation_prompt=True)
+            except Exception:  # a text-only template that cannot render content lists
+                continue
+            if isinstance(text, str) and text.count("<image>") == 1:
+                return t
+        return None
+
+    def _stop_ids(self, model_dir: str) -> set[int]:
+        """Token ids that end an answer: the tokenizer's eos, ``generation_config.json``'s eos ids and the
+        end-of-turn tokens of the templates that are single tokens of the tokenizer."""
+        ids = {self.tokenizer.eos_token_id} - {None}
+        gc = os.path.join(model_dir, "generation_config.json")
+        if os.path.isfile(gc):
+            with open(gc) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids |= set([eos] if isinstance(eos, int) else (eos or []))
+        vocab = self.tokenizer.get_vocab()
+        ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
+        return ids
+
     def set_image(self, image_u8: torch.Tensor):
+        """Sets the image the conversation is about: starts a new conversation (the turns about the previous image
+        are cleared)."""
         from llava_fast.ops.anyres import preprocess_images
 
         out = preprocess_images([image_u8], self.image_config)
         self.image = out
         self.turns = []
 
-    def _prompt_ids(self, question: str) -> torch.Tensor:
+    def _prompt(self, question: str) -> str:
+        turns = self.turns + [(question, None)]
+        if self.chat_template is not None:
+            messages = []
+            for i, (q, a) in enumerate(turns):
+                image = [{"type": "image"}] if (i == 0 and self.image is not None) else []
+                messages.append({"role": "user", "content": image + [{"type": "text", "text": q}]})
+                if a is not None:
+                    messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=True)
         parts = []
-        for i, (q, a) in enumerate(self.turns + [(question, None)]):
+        for i, (q, a) in enumerate(turns):
             text = ("<image>\n" + q) if (i == 0 and self.image is not None) else q
             parts.append(self.template["user"].format(text=text))
             if a is not None:
                 parts.append(self.template["assistant"].format(text=a))
-        prompt = "".join(parts) + self.template["generation"]
-        ids = self.tokenizer(prompt, add_special_tokens=True, return_tensors="pt").input_ids[0].tolist()
+        return "".join(parts) + self.template["generation"]
+
+    def _prompt_ids(self, question: str) -> torch.Tensor:
+        prompt = self._prompt(question)
+        bos = self.tokenizer.bos_token
+        # no second BOS when the template writes one (as transformers' processors)
+        ids = self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)),
+                             return_tensors="pt").input_ids[0].tolist()
         tok = self.model.config.image_token_id
         if self.image is not None:
             n = int(self.image["num_image_tokens"][0]) if "num_image_tokens" in self.image else None
@@ -90,6 +159,13 @@ class ChatSession:
         return torch.tensor([ids], device=self.model.device)
 
     def ask(self, question: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> str:
+        """The answer to ``question`` (greedy for ``temperature`` 0, else sampled with ``temperature`` and
+        ``top_p``); the turn is added to the conversation."""
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if temperature == 0 and top_p != 1.0:
+            raise ValueError(f"top_p={top_p} needs temperature > 0 (temperature 0 is greedy decoding, which has no "
+                             f"top_p)")
         ids = self._prompt_ids(question)
         kw = {}
         if self.image is not None:
@@ -97,13 +173,15 @@ class ChatSession:
                       image_sizes=self.image["image_sizes"])
             if self.model.config.model_type == "llava":
                 kw.pop("image_sizes")
-        eos = self.tokenizer.eos_token_id
-        stops = ["</s>", "<|im_end|>"]
-        out = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                  temperature=max(temperature, 1e-5), top_p=top_p, eos_token_id=eos,
-                                  pad_token_id=self.tokenizer.pad_token_id or 0, stop_strings=stops,
-                                  tokenizer=self.tokenizer, **kw)
-        answer = self.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        stops = list(END_OF_TURN)
+        sample = temperature > 0
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=sample, temperature=temperature if sample else 1.0, top_p=top_p,
+                                  eos_token_id=sorted(self.stop_ids), pad_token_id=self.tokenizer.pad_token_id or 0,
+                                  stop_strings=stops, tokenizer=self.tokenizer, **kw)
+        gen = out[0, ids.shape[1]:].tolist()
+        end = next((i for i, t in enumerate(gen) if t in self.stop_ids), len(gen))
+        answer = self.tokenizer.decode(gen[:end], skip_special_tokens=True)
         for s in stops:
             answer = answer.split(s)[0]
         answer = answer.strip()

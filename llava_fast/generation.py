@@ -12,17 +12,25 @@ Two paths give the same greedy tokens:
 """
 from __future__ import annotations
 
+import functools
+import math
+import operator
+import warnings
+
 import torch
 
 from llava_fast.models.language import KVCache, VarlenKVCache
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    logits = logits.float() / max(temperature, 1e-5)
+    logits = logits.float()
+    # the row's max subtracted before dividing: a temperature near 0 gives large negative logits, never inf - inf
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p       # always keeps the most likely token
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        keep[..., 0] = True                                  # the most likely token always stays (as transformers)
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
@@ -65,31 +73,58 @@ class _Stopper:
         if self.stop_strings:
             for i in range(self.b):
                 if not self.done[i]:
-                    text = self.tokenizer.decode(generated[i].tolist(), skip_special_tokens=True)
+                    # special tokens kept: a stop string may be one (``<|im_end|>``), as in transformers
+                    text = self.tokenizer.decode(generated[i].tolist(), skip_special_tokens=False)
                     if any(s in text for s in self.stop_strings):
                         self.done[i] = True
 
 
+def _eval_mode(fn):
+    """Runs ``fn(model, ...)`` with every module of ``model`` in eval mode (dropout off, e.g. a LoRA adapter's
+    ``lora_dropout``), then puts the modules that were training back in training mode."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        training = [m for m in model.modules() if m.training]
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            for m in training:
+                m.training = True
+    return wrapper
+
+
 @torch.no_grad()
+@_eval_mode
 def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
              pixel_values_videos=None, batch_num_images=None, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int = 0, stop_strings: list[str] | None = None, tokenizer=None,
+             pad_token_id: int | None = None, stop_strings: list[str] | None = None, tokenizer=None,
              generator: torch.Generator | None = None, packed: bool | None = None, output_logits: bool = False):
     """Generates up to ``max_new_tokens`` tokens per prompt, greedy or sampled.
 
+    The model runs in eval mode (dropout off; modules that were training are put back in training mode after).
+
     Args:
-        input_ids: (B, L) prompts with image placeholders expanded, left-padded (``attention_mask`` 0 on the left),
-            or a list of B 1-D tensors of different lengths (no padding at all; packed path only).
+        input_ids: (B, L) prompts with image placeholders expanded, left-padded (``attention_mask`` 0 on the left;
+            without ``attention_mask`` and with a ``pad_token_id`` given, that token is masked out, as in
+            transformers, unless it is an eos token), or a list of B 1-D tensors of different lengths (no padding at all;
+            packed path only).
         pixel_values, image_sizes, pixel_values_videos, batch_num_images: the images/videos of all prompts, in
             placeholder order (as for the model's forward).
         packed: ``None`` (default) takes the packed path when the fast attention kernel is in use (CUDA, see
             :func:`use_packed`), else the left-padded reference path; ``True``/``False`` force one. Packed: the
             prompts are prefilled as one packed sequence (no padding, per-sample positions) into a ``VarlenKVCache``
             and each step decodes one token per unfinished sequence; greedy tokens equal the padded path's.
-        eos_token_id, stop_strings (with ``tokenizer``): a row is finished after producing one of these.
-        do_sample, temperature, top_p, generator: sampling (the packed path samples the unfinished rows only, so
-            once a row has finished the random stream differs from the padded path's).
+        eos_token_id, stop_strings (with ``tokenizer``): a row is finished after producing one of these (stop
+            strings are matched in the generated text with special tokens kept).
+        pad_token_id: fills the rows already finished (a token id of the model: the padded path feeds it; 0 when
+            not given, and then no attention mask is inferred: with no generation config to take it from, a default
+            pad id would mask a real token, e.g. Qwen2's id 0 is "!").
+        do_sample, temperature, top_p, generator: sampling (temperature > 0, 0 <= top_p <= 1; the most likely token
+            is always kept). The packed path samples the unfinished rows only, so once a row has finished the random
+            stream differs from the padded path's. Greedy decoding (``do_sample=False``) warns when any of the
+            three is set, as it ignores them.
         output_logits: also return the logits of every step, (B, steps, vocab) fp32 (packed path: NaN for rows
             already finished at that step).
 
@@ -103,6 +138,26 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
         raise ValueError("stop_strings needs the tokenizer (pass tokenizer=...) to decode the generated text")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1] (the probability mass kept; 1 = no top-p), got {top_p}")
+    if do_sample and not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive number when sampling, got {temperature}; for greedy "
+                         f"decoding pass do_sample=False")
+    if not do_sample:
+        ignored = [f"{k}={v}" for k, v, d in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0),
+                                              ("generator", generator, None)) if v != d]
+        if ignored:
+            warnings.warn(f"do_sample=False (greedy decoding) ignores {', '.join(ignored)}; pass do_sample=True to "
+                          f"sample")
+    vocab = model.config.text_config.vocab_size
+    infer_mask = pad_token_id is not None
+    try:
+        pad_token_id = 0 if pad_token_id is None else operator.index(pad_token_id)
+    except TypeError:
+        pad_token_id = None
+    if pad_token_id is None or not 0 <= pad_token_id < vocab:
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab}) (it fills the finished rows and the padded "
+                         f"path feeds it to the model); pass the tokenizer's pad_token_id (or eos_token_id)")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     max_len = model.config.text_config.max_position_embeddings
     media = dict(pixel_values=pixel_values, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
@@ -133,11 +188,19 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
         input_ids = input_ids[None]
     b, n = input_ids.shape
     device = input_ids.device
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+    if attention_mask is None:  # as transformers: pad tokens masked out, unless pad is an eos token
+        how = f" (attention_mask not given: inferred as input_ids != pad_token_id={pad_token_id}, as transformers " \
+              f"does; pass attention_mask)"
+        mask = (input_ids != pad_token_id).long() if infer_mask and pad_token_id not in eos \
+            else torch.ones_like(input_ids)
+    else:
+        how = ""
+        mask = attention_mask.to(device).long()
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
     if bool((mask[:, -1] == 0).any()):
-        raise ValueError("generation needs left padding: the last column of attention_mask must be 1 for every row")
+        raise ValueError("generation needs left padding: the last column of attention_mask must be 1 for every "
+                         "row" + how)
     if n + max_new_tokens > max_len:
         raise ValueError(f"prompt ({n}) + max_new_tokens ({max_new_tokens}) exceeds the context length ({max_len})")
     if packed is None:
@@ -145,7 +208,8 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
     if packed:
         lens = mask.sum(-1)
         if not bool((mask.flip(1).cumprod(1).sum(1) == lens).all()):
-            raise ValueError("the packed path needs plain left padding: attention_mask must be 0...0 1...1 per row")
+            raise ValueError("the packed path needs plain left padding: attention_mask must be 0...0 1...1 per "
+                             "row" + how)
         lens = lens.tolist()
         prompts = [input_ids[i, n - k:] for i, k in enumerate(lens)]
         gen, logits, _ = _generate_packed(model, prompts, media, max_new_tokens, stop_kw, output_logits)
