@@ -176,7 +176,7 @@ class LlavaConfig:
         """N of OneVision's ``anyres_max_N`` (None when not set)."""
         if self.model_type != "llava_onevision" or not self.vision_aspect_ratio:
             return None
-        return int(self.vision_aspect_ratio.strip("anyres_max_"))
+        return int(self.vision_aspect_ratio.removeprefix("anyres_max_"))  # (str.strip removes a character set)
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "LlavaConfig":

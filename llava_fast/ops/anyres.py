@@ -209,6 +209,12 @@ class ImageProcessorConfig:
             for h, w in self.image_grid_pinpoints:
                 if h % self.tile or w % self.tile:
                     raise ValueError(f"image_grid_pinpoints entry ({h}, {w}) is not a multiple of tile={self.tile}")
+        if self.max_pixels is not None:
+            mp = self.max_pixels
+            if isinstance(mp, bool) or not isinstance(mp, (int, float)) or mp != int(mp) or mp <= 0:
+                raise ValueError(f"ImageProcessorConfig.max_pixels must be a positive int (pixels per image) or None "
+                                 f"(no limit), got {mp!r}")
+            self.max_pixels = int(mp)
         if self.vision_aspect_ratio is not None and self.max_tiles is None:
             raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_9', got {self.vision_aspect_ratio!r}")
 
@@ -245,6 +251,7 @@ class ImageProcessorConfig:
                 variant = "llava_onevision" if d.get("vision_aspect_ratio") else "llava_next"
             else:
                 variant = "llava"
+        _check_supported(d, variant)
         size = d.get("size") or {}
         crop = d.get("crop_size") or {}
         if isinstance(size, int):
@@ -275,7 +282,7 @@ class ImageProcessorConfig:
         """From a transformers processor (``LlavaProcessor`` etc.) or image processor instance (either backend)."""
         ip = getattr(processor, "image_processor", processor)
         d = {}
-        for key in ("size", "crop_size", "image_grid_pinpoints", "image_mean", "image_std", "do_pad"):
+        for key in ("size", "crop_size", "image_grid_pinpoints", "image_mean", "image_std", "do_pad") + _FIXED_KEYS:
             v = getattr(ip, key, None)
             if v is not None:
                 d[key] = dict(v.items()) if hasattr(v, "items") else v
@@ -315,6 +322,27 @@ class ImageProcessorConfig:
         """LLM tokens of one image of (height, width) (576 for llava-1.5, 730 for OneVision multi-image)."""
         return num_image_tokens(image_size, self.image_grid_pinpoints, self.tile, self.tokens_per_side,
                                 self.max_tiles, single_tile=single_tile and self.variant != "llava")
+
+
+_FIXED_KEYS = ("resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_center_crop")
+
+
+def _check_supported(d: dict, variant: str):
+    """Refuse image-processor settings this library does not implement (they would otherwise be silently ignored):
+    only bicubic resampling, resize + rescale by 1/255 + normalize all on, and (llava-1.5) the centre crop."""
+    bad = []
+    r = d.get("resample")
+    if r is not None and str(getattr(r, "value", r)).lower() not in ("3", "bicubic"):
+        bad.append(f"resample={r!r} (only bicubic, 3)")
+    for key in ("do_resize", "do_rescale", "do_normalize") + (("do_center_crop",) if variant == "llava" else ()):
+        if d.get(key) is not None and not d[key]:
+            bad.append(f"{key}={d[key]!r} (only True)")
+    f = d.get("rescale_factor")
+    if f is not None and not math.isclose(float(f), 1 / 255, rel_tol=1e-6):
+        bad.append(f"rescale_factor={f!r} (only 1/255)")
+    if bad:
+        raise ValueError(f"image processor config: unsupported {', '.join(bad)}; llava_fast implements the released "
+                         f"LLaVA checkpoints' preprocessing only; use the transformers image processor for others")
 
 
 # -- input conversion and validation ----------------------------------------------------------------------------------
@@ -369,6 +397,9 @@ def to_uint8_chw(image, index=0, max_pixels: int | None = DEFAULT_MAX_PIXELS, co
                 image = torch.from_numpy(np.ascontiguousarray(image))
         except ImportError:  # pragma: no cover
             pass
+    if _is_encoded(image):
+        raise ValueError(f"{what}: encoded image bytes need decoding: pass them to encode_tiles, or decode them with "
+                         f"decode_images first")
     if not isinstance(image, torch.Tensor):
         raise ValueError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
     if image.dtype != torch.uint8:

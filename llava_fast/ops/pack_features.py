@@ -21,6 +21,9 @@ def pack_image_features_ref(features: list[torch.Tensor], image_sizes, image_new
     """features: per image (n_tiles, t*t, D); image_sizes: (N, 2) (height, width). Returns per image (tokens, D)."""
     out = []
     sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else [list(s) for s in image_sizes]
+    if len(sizes) != len(features):
+        raise ValueError(f"pack_image_features_ref: {len(features)} images in features but {len(sizes)} in "
+                         f"image_sizes; give one (height, width) per image")
     for f, size in zip(features, sizes):
         if f.shape[0] > 1:
             t = int(math.isqrt(f.shape[1]))
@@ -769,6 +772,9 @@ def _as_meta(image_sizes, single_tile, n_images: Optional[int], pinpoints) -> to
             raise ValueError("pack_and_scatter: image_sizes is None and the number of images is unknown")
         sizes = torch.zeros((n_images, 2), dtype=torch.int64)
     elif torch.is_tensor(image_sizes):
+        if image_sizes.dim() > 2 or (image_sizes.numel() and image_sizes.shape[-1] != 2):
+            raise ValueError(f"pack_and_scatter: image_sizes must be an (N, 2) (height, width) tensor, got shape "
+                             f"{tuple(image_sizes.shape)}")
         sizes = image_sizes.detach().to("cpu", torch.int64)
     else:
         try:
@@ -797,7 +803,7 @@ def _tile_counts(meta: torch.Tensor, pinpoints, tile) -> list[int]:
 
 
 def _check(inputs_embeds, input_ids, image_features, image_newline, video_features, image_token_id,
-           video_token_id, pinpoints, tile):
+           video_token_id, pinpoints, tile, max_tiles=None):
     if not torch.is_tensor(inputs_embeds) or inputs_embeds.dim() != 3 or inputs_embeds.dtype not in _FLOATS:
         raise ValueError(f"pack_and_scatter: inputs_embeds must be a float32/float16/bfloat16 (batch, seq, hidden) "
                          f"tensor (packed sequences: (1, total, hidden)), got "
@@ -853,6 +859,9 @@ def _check(inputs_embeds, input_ids, image_features, image_newline, video_featur
     if image_features is not None and pinpoints is not None and not isinstance(tile, int):
         raise ValueError(f"pack_and_scatter: tile (tile side in pixels, vision_config.image_size) must be an int "
                          f"with AnyRes pinpoints, got {tile!r}")
+    if max_tiles is not None and (not isinstance(max_tiles, int) or max_tiles <= 0):
+        raise ValueError(f"pack_and_scatter: max_tiles (N of OneVision's anyres_max_N, 9) must be a positive int or "
+                         f"None (no downsampling, NeXT), got {max_tiles!r}")
     return t
 
 
@@ -865,7 +874,7 @@ def pack_and_scatter_ref(inputs_embeds: torch.Tensor, input_ids: torch.Tensor,
     """The reference of :func:`pack_and_scatter`: the three reference functions above, composed as the model does
     (HF-style Python loop over images, then masked_scatter)."""
     t = _check(inputs_embeds, input_ids, image_features, image_newline, video_features, image_token_id,
-               video_token_id, pinpoints, tile)
+               video_token_id, pinpoints, tile, max_tiles)
     ids = input_ids.to(inputs_embeds.device)
     out = inputs_embeds
     if image_features is not None:
@@ -877,7 +886,8 @@ def pack_and_scatter_ref(inputs_embeds: torch.Tensor, input_ids: torch.Tensor,
                              f"describe the same images")
         feats = list(torch.split(image_features, counts, dim=0))
         packed = pack_image_features_ref(feats, meta[:, :2].tolist(), image_newline, pinpoints, tile, max_tiles)
-        out = scatter_features_ref(out, ids, image_token_id, torch.cat(packed, dim=0), "Image")
+        packed = torch.cat(packed, dim=0) if packed else image_features.new_empty((0, image_features.shape[-1]))
+        out = scatter_features_ref(out, ids, image_token_id, packed, "Image")
     if video_features is not None:
         v = video_features if video_features.dim() == 4 else video_features[None]
         nv = v.shape[0]
@@ -919,7 +929,7 @@ def pack_and_scatter(inputs_embeds: torch.Tensor, input_ids: torch.Tensor,
         image_newline and video_features.
     """
     t = _check(inputs_embeds, input_ids, image_features, image_newline, video_features, image_token_id,
-               video_token_id, pinpoints, tile)
+               video_token_id, pinpoints, tile, max_tiles)
     if not (HAS_TRITON and backend.use_fast("pack_features", inputs_embeds.device.type)):
         return pack_and_scatter_ref(inputs_embeds, input_ids, image_features, image_sizes, image_newline,
                                     image_token_id=image_token_id, pinpoints=pinpoints, tile=tile,

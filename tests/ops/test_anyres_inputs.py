@@ -1,0 +1,101 @@
+"""anyres input handling: settings that would be silently ignored are refused, unusual layouts (ambiguous channel
+dimension, negative strides, PIL modes) give the same tiles through preprocess_images and encode_tiles."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from llava_fast.ops.anyres import ImageProcessorConfig, encode_tiles, preprocess_images
+
+NEXT = ImageProcessorConfig.for_variant("llava_next")
+CLIP = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 336},
+        "crop_size": {"height": 336, "width": 336}}
+
+
+@pytest.mark.parametrize("key,value", [("resample", 2), ("resample", 0), ("do_normalize", False),
+                                       ("do_rescale", False), ("do_resize", False), ("rescale_factor", 1.0),
+                                       ("do_center_crop", False)])
+def test_from_dict_refuses_unsupported_settings(key, value):
+    """These used to be dropped without a word (bilinear resampling, no normalization... gave bicubic normalized
+    tiles)."""
+    with pytest.raises(ValueError, match=f"unsupported {key}="):
+        ImageProcessorConfig.from_dict(dict(CLIP, **{key: value}))
+
+
+def test_from_dict_accepts_released_settings():
+    d = dict(CLIP, resample=3, do_normalize=True, do_rescale=True, do_resize=True, do_center_crop=True,
+             rescale_factor=0.00392156862745098, do_convert_rgb=True)
+    assert ImageProcessorConfig.from_dict(d) == ImageProcessorConfig.for_variant("llava")
+    # OneVision / NeXT configs ship do_center_crop without a crop (it does nothing there)
+    ov = {"image_processor_type": "LlavaOnevisionImageProcessor", "size": {"height": 384, "width": 384},
+          "image_grid_pinpoints": [[384, 384]], "do_center_crop": False, "image_mean": [0.5] * 3,
+          "image_std": [0.5] * 3, "vision_aspect_ratio": "anyres_max_9"}
+    assert ImageProcessorConfig.from_dict(ov).variant == "llava_onevision"
+
+
+def test_from_hf_processor_refuses_unsupported_resample():
+    transformers = pytest.importorskip("transformers")
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                           resample=2)
+    with pytest.raises(ValueError, match="unsupported resample="):
+        ImageProcessorConfig.from_hf_processor(proc)
+
+
+@pytest.mark.parametrize("max_pixels", [0, -5, "1e8", 1.5, True])
+def test_max_pixels_must_be_positive(max_pixels):
+    # 0 / -5 refused every image with a misleading "exceeds max_pixels" message; "1e8" failed with a TypeError
+    with pytest.raises(ValueError, match="max_pixels must be a positive int"):
+        ImageProcessorConfig.for_variant("llava_next", max_pixels=max_pixels)
+    assert ImageProcessorConfig.for_variant("llava_next", max_pixels=1e8).max_pixels == 100_000_000
+
+
+def test_bytes_in_preprocess_images_say_how_to_decode():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6)).save(buf, "PNG")
+    ok = torch.zeros(3, 20, 20, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"images\[1\]: encoded image bytes need decoding.*decode_images"):
+        preprocess_images([ok, buf.getvalue()], NEXT)
+
+
+def _same(image):
+    ref = preprocess_images(image, NEXT)
+    enc = encode_tiles(image, NEXT)
+    assert torch.equal(ref["pixel_values"], enc["pixel_values"])
+    assert torch.equal(ref["image_sizes"], enc["image_sizes"])
+    return ref
+
+
+def test_ambiguous_layout_is_channels_first():
+    """(4, 5, 3) could be an RGBA 5x3 image (CHW) or an RGB 4x5 one (HWC): channels first, as transformers'
+    infer_channel_dimension_format (docs/preprocessing.md)."""
+    x = torch.randint(0, 256, (4, 5, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert _same(x)["image_sizes"].tolist() == [[5, 3]]
+    assert _same(x.numpy())["image_sizes"].tolist() == [[5, 3]]
+    assert _same(x[:3])["image_sizes"].tolist() == [[5, 3]]  # (3, 5, 3)
+    hwc = x.permute(1, 2, 0).contiguous()[:4]  # (4, 3, 4): both ends could be channels -> CHW, 3x4
+    assert _same(hwc)["image_sizes"].tolist() == [[3, 4]]
+
+
+def test_negative_strides_and_views():
+    img = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    for view in (img[::-1], img[..., ::-1], img[:, ::-2], img.transpose(2, 0, 1)[:, ::-1]):
+        want = preprocess_images(np.ascontiguousarray(view), NEXT)["pixel_values"]
+        assert torch.equal(_same(view)["pixel_values"], want)
+        t = torch.from_numpy(np.ascontiguousarray(view))
+        assert torch.equal(_same(t.flip(0).flip(0))["pixel_values"], want)
+
+
+@pytest.mark.parametrize("mode", ["P", "PA", "LA", "1", "I", "I;16", "F", "CMYK", "YCbCr"])
+def test_pil_modes_agree(mode):
+    from PIL import Image
+
+    arr = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    im = Image.fromarray(arr)
+    im = Image.fromarray(arr[..., 0].astype(np.uint16) * 200) if mode == "I;16" else im.convert(mode)
+    assert im.mode == mode
+    _same(im)
