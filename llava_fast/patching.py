@@ -35,30 +35,23 @@ def _rms_forward(self, hidden_states):
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
-def _unhooked(*modules) -> bool:
-    """No forward or backward hooks on these modules (``act_linear.unhooked``): a fused op that does not call them
-    would silently skip either."""
-    from llava_fast.ops.act_linear import unhooked
-
-    return unhooked(*modules)
-
-
 def _mlp_forward(self, x):
+    from llava_fast.ops.act_linear import unhooked
     from llava_fast.ops.swiglu import swiglu
 
-    if not _unhooked(self.act_fn):  # a hook on the activation module: call it (transformers' forward)
+    if not unhooked(self.act_fn):  # a hook on the activation module: call it (transformers' forward)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 def _projector_forward(self, image_features):
-    from llava_fast.ops.act_linear import plain_linears
+    from llava_fast.ops.act_linear import plain_linears, unhooked
     from llava_fast.ops.projector import projector
 
     l1, l2 = self.linear_1, self.linear_2
     # the fused kernel takes the weights: adapters or wrappers (peft's LoRA, quantized linears) and hooks on the
     # linears or the activation would be silently skipped, so such modules are called (act_linear.plain_linears)
-    if not (plain_linears(l1, l2) and _unhooked(l1, l2, self.act)):
+    if not (plain_linears(l1, l2) and unhooked(l1, l2, self.act)):
         return l2(self.act(l1(image_features)))
     return projector(image_features, l1.weight, l1.bias, l2.weight, l2.bias, approximate=self._lf_approximate)
 

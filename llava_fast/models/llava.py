@@ -90,6 +90,11 @@ def loss_from_logits(logits, labels, cu_seqlens=None, num_items_in_batch=None, i
     return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="mean")
 
 
+def _per_sample(batch_num_images) -> list[int] | None:
+    """batch_num_images (tensor or sequence) as a list of ints, None when not given."""
+    return None if batch_num_images is None else [int(x) for x in torch.as_tensor(batch_num_images).reshape(-1)]
+
+
 class _LlavaBase(nn.Module):
     """Shared forward; subclasses differ in how image features become tokens."""
 
@@ -207,7 +212,7 @@ class _LlavaBase(nn.Module):
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (num_images, 3, H, W) for llava, got {tuple(pixel_values.shape)}")
         n = pixel_values.shape[0]
-        bni = None if batch_num_images is None else [int(x) for x in torch.as_tensor(batch_num_images).reshape(-1)]
+        bni = _per_sample(batch_num_images)
         if bni is not None and sum(bni) != n:
             raise ValueError(f"batch_num_images sums to {sum(bni)} but pixel_values holds {n} images")
         return [self._tokens_per_tile()] * n, bni
@@ -526,7 +531,7 @@ class LlavaNextForConditionalGeneration(_LlavaBase):
         counts = [anyres.num_image_tokens(tuple(sz), self.config.image_grid_pinpoints, vc.image_size,
                                           vc.tokens_per_side, self.config.max_tiles, single_tile=f)
                   for sz, f in zip(sizes, single)]
-        bni = None if batch_num_images is None else [int(x) for x in torch.as_tensor(batch_num_images).reshape(-1)]
+        bni = _per_sample(batch_num_images)
         return counts, bni
 
     def _image_tiles(self, pixel_values, image_sizes, batch_num_images):
@@ -556,26 +561,26 @@ class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
         """Images of samples with more than one image get one tile each (batch_num_images per sample)."""
         if batch_num_images is None:
             return [False] * n_images
-        bni = batch_num_images.tolist() if torch.is_tensor(batch_num_images) else list(batch_num_images)
+        bni = _per_sample(batch_num_images)
         if sum(bni) != n_images:
             raise ValueError(f"batch_num_images sums to {sum(bni)} but image_sizes holds {n_images} images")
         return [n > 1 for n in bni for _ in range(n)]
 
-    def _video_tiles(self, pixel_values_videos):
-        """(videos, frames, t*t, D_text) projected frame features."""
+    def _check_videos(self, pixel_values_videos):
         self._check_pixels(pixel_values_videos, "pixel_values_videos")
         if pixel_values_videos.dim() != 5:
             raise ValueError(f"pixel_values_videos must be (videos, frames, 3, T, T), got "
                              f"{tuple(pixel_values_videos.shape)}")
+
+    def _video_tiles(self, pixel_values_videos):
+        """(videos, frames, t*t, D_text) projected frame features."""
+        self._check_videos(pixel_values_videos)
         b, fr = pixel_values_videos.shape[:2]
         f = self.encode_tiles(pixel_values_videos.flatten(0, 1))
         return f.view(b, fr, f.shape[1], f.shape[2])
 
     def _video_token_counts(self, pixel_values_videos):
-        self._check_pixels(pixel_values_videos, "pixel_values_videos")
-        if pixel_values_videos.dim() != 5:
-            raise ValueError(f"pixel_values_videos must be (videos, frames, 3, T, T), got "
-                             f"{tuple(pixel_values_videos.shape)}")
+        self._check_videos(pixel_values_videos)
         v, frames = pixel_values_videos.shape[:2]
         return [anyres.num_video_tokens(frames, self.config.vision_config.tokens_per_side)] * v
 
