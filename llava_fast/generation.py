@@ -49,13 +49,21 @@ def use_packed(model, device: torch.device | str) -> bool:
 class _Stopper:
     """Next-token choice and stop conditions shared by both paths."""
 
-    def __init__(self, b, device, do_sample, temperature, top_p, generator, eos, pad_token_id, stop_strings,
-                 tokenizer):
+    def __init__(self, b, device, prompts, do_sample, temperature, top_p, generator, eos, pad_token_id,
+                 stop_strings, tokenizer):
+        """``prompts``: each row's prompt tokens (1-D, no padding)."""
         self.b, self.device = b, device
         self.do_sample, self.temperature, self.top_p, self.generator = do_sample, temperature, top_p, generator
         self.eos = torch.tensor(sorted(eos), device=device) if eos else None
         self.pad, self.stop_strings, self.tokenizer = pad_token_id, stop_strings, tokenizer
         self.done = torch.zeros(b, dtype=torch.bool, device=device)
+        if stop_strings:
+            # as transformers (which matches the end of the whole sequence), a stop string may begin in the prompt
+            # and be completed by the generated tokens: the end of each prompt is decoded with them. Up to 4 tokens
+            # per character (byte-fallback tokens), + 1 as a tokenizer may drop the first token's leading space
+            k = 4 * max(len(s) for s in stop_strings) + 1
+            self.tails = [p[-k:].tolist() for p in prompts]
+            self.tail_chars = [len(tokenizer.decode(t, skip_special_tokens=False)) for t in self.tails]
 
     @property
     def can_stop(self) -> bool:
@@ -74,8 +82,9 @@ class _Stopper:
             for i in range(self.b):
                 if not self.done[i]:
                     # special tokens kept: a stop string may be one (``<|im_end|>``), as in transformers
-                    text = self.tokenizer.decode(generated[i].tolist(), skip_special_tokens=False)
-                    if any(s in text for s in self.stop_strings):
+                    text = self.tokenizer.decode(self.tails[i] + generated[i].tolist(), skip_special_tokens=False)
+                    # a match must end after the prompt: one wholly inside it does not stop (nor in transformers)
+                    if any(text.find(s, max(0, self.tail_chars[i] - len(s) + 1)) >= 0 for s in self.stop_strings):
                         self.done[i] = True
 
 
@@ -117,7 +126,8 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
             prompts are prefilled as one packed sequence (no padding, per-sample positions) into a ``VarlenKVCache``
             and each step decodes one token per unfinished sequence; greedy tokens equal the padded path's.
         eos_token_id, stop_strings (with ``tokenizer``): a row is finished after producing one of these (stop
-            strings are matched in the generated text with special tokens kept).
+            strings are matched in the decoded text with special tokens kept; as in transformers, a stop string
+            that begins at the end of the prompt and is completed by the generated tokens counts too).
         pad_token_id: fills the rows already finished (a token id of the model: the padded path feeds it; 0 when
             not given, and then no attention mask is inferred: with no generation config to take it from, a default
             pad id would mask a real token, e.g. Qwen2's id 0 is "!").
@@ -222,7 +232,7 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
 def _generate_padded(model, input_ids, mask, media, max_new_tokens, stop_kw, output_logits):
     """The reference path: left-padded batch, concatenating KV cache, masked attention."""
     b, n = input_ids.shape
-    stop = _Stopper(b, input_ids.device, **stop_kw)
+    stop = _Stopper(b, input_ids.device, [row[m.bool()] for row, m in zip(input_ids, mask)], **stop_kw)
     cache = KVCache(model.config.text_config.num_hidden_layers)
     pos = mask.cumsum(-1) - 1
     pos = pos.masked_fill(mask == 0, 1)
@@ -255,7 +265,7 @@ def _generate_packed(model, prompts, media, max_new_tokens, stop_kw, output_logi
     tc = model.config.text_config
     cache = VarlenKVCache(tc.num_hidden_layers, b, max(lens) + max_new_tokens, tc.num_key_value_heads, tc.head_dim,
                           dtype=model.dtype, device=device)
-    stop = _Stopper(b, device, **stop_kw)
+    stop = _Stopper(b, device, prompts, **stop_kw)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
     pos = torch.cat([torch.arange(k, device=device) for k in lens])[None]
     flat = torch.cat(prompts)[None]

@@ -13,8 +13,9 @@ is counted in :attr:`LlavaDataset.drops` and logged (or raise :class:`DataError`
 ``missing_image``, ``unreadable_image``, ``image_too_large``, ``no_supervised_tokens``, ``truncation_cuts_image``
 (the sample is longer than ``max_len`` and cutting it would cut image tokens), ``truncated_no_labels``,
 ``bad_video``. Images that decode badly later, inside a DataLoader worker, are dropped as ``decode_error`` by the
-collator (counted per batch) or raise with ``strict``; so is an image whose decoded size is not the size its header
-had when the dataset was built (the file changed: its token count, and the pack plan, would no longer hold).
+collator or raise with ``strict``; so is an image whose decoded size is not the size its header had when the dataset
+was built (the file changed: its token count, and the pack plan, would no longer hold). Such a sample is reloaded,
+and fails again, every epoch: the dropped dict names its dataset ``index`` so that the trainer counts it once.
 
 Samples longer than ``max_len`` that can be cut without cutting image tokens or every label are kept, cut at the
 end; they are counted in :attr:`LlavaDataset.truncated` and logged (not a drop: the sample still trains).
@@ -338,7 +339,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         except SampleError as e:
             if self.strict:
                 raise DataError(f"sample {it.sample_id!r}: {e.reason}: {e}") from None
-            return {"dropped": e.reason, "sample_id": it.sample_id, "message": str(e)}
+            return {"dropped": e.reason, "sample_id": it.sample_id, "index": i, "message": str(e)}
         multi = len(imgs) > 1
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in imgs]
         if sizes != [tuple(s) for s in it.sizes]:
@@ -348,7 +349,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                    f"{it.sizes[k][0]}x{it.sizes[k][1]} when the dataset was built (the file changed?)")
             if self.strict:
                 raise DataError(f"sample {it.sample_id!r}: decode_error: {msg}")
-            return {"dropped": "decode_error", "sample_id": it.sample_id, "message": msg}
+            return {"dropped": "decode_error", "sample_id": it.sample_id, "index": i, "message": msg}
         ids, labels = expand_placeholders(it.ids.tolist(), it.labels.tolist(), it.image_tokens, self.image_token_id,
                                           [it.video_tokens] if frames else [], self.video_token_id)
         ids, labels = ids[: it.n_tokens], labels[: it.n_tokens]

@@ -38,6 +38,11 @@ _DEFAULT_VISION = {
                             vision_use_head=False),
 }
 _DEFAULT_TEXT = {"llava": "llama", "llava_next": "llama", "llava_onevision": "qwen2"}
+# config.json's dtype names -> ours: transformers takes any torch attribute name (torch.half is float16), older
+# writers put "torch.float16"; the short forms are what training scripts write
+DTYPE_NAMES = {"float32": "float32", "float": "float32", "fp32": "float32",
+               "float16": "float16", "half": "float16", "fp16": "float16",
+               "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -141,6 +146,20 @@ class TextConfig:
                    pad_token_id=g.get("pad_token_id"))
 
 
+def _parse_dtype(d: dict) -> str | None:
+    """config.json's ``dtype`` (or the legacy ``torch_dtype``; ``dtype`` wins unless null, as in transformers) as
+    one of our names; None when missing or "auto" (the loader then uses float32)."""
+    key = "dtype" if d.get("dtype") is not None else "torch_dtype"
+    value = d.get(key)
+    if value is None or value == "auto":
+        return None
+    name = DTYPE_NAMES.get(str(value).removeprefix("torch."))  # str(): a torch.dtype in a dict made in memory
+    if name is None:  # never load an unknown dtype silently as float32
+        raise ValueError(f"config.json's {key!r} is {value!r}, which llava_fast does not know; set it to one of "
+                         f"{sorted(DTYPE_NAMES)} (a 'torch.' prefix is fine), 'auto' or remove it (float32)")
+    return name
+
+
 def _warn_dropout(vd: dict, td: dict) -> None:
     """The models have no dropout (the LLaVA checkpoints set every rate to 0). A config asking for some gets a
     warning naming the field, rather than being trained without it in silence."""
@@ -215,7 +234,7 @@ class LlavaConfig:
                    vision_feature_layer=vfl, vision_feature_select_strategy=strategy,
                    image_grid_pinpoints=pins,
                    vision_aspect_ratio=d.get("vision_aspect_ratio", "anyres_max_9" if mt == "llava_onevision" else None),
-                   tie_word_embeddings=bool(tie), dtype=d.get("dtype", d.get("torch_dtype")), hf_dict=d)
+                   tie_word_embeddings=bool(tie), dtype=_parse_dtype(d), hf_dict=d)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "LlavaConfig":

@@ -132,7 +132,7 @@ def from_pretrained(path, dtype=None, device=None):
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
         dtype = _DTYPES[dtype]
     if dtype is None:
-        dtype = _DTYPES.get(str(config.dtype).replace("torch.", ""), torch.float32)
+        dtype = _DTYPES[config.dtype] if config.dtype else torch.float32  # config.json's, checked when parsed
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = CLASSES[config.model_type](config)

@@ -112,6 +112,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.history: list[dict] = []
         self.drops = Counter()
+        self._dropped_seen: set = set()  # dataset indices of the samples a worker could not load, counted once
         self.skipped_nonfinite = 0     # steps skipped for a NaN/inf loss or gradient norm (checkpointed)
         self._nonfinite_run = 0        # of them, in a row up to now
         self._setup_done = False
@@ -241,6 +242,7 @@ class Trainer:
             self.log(f"data: {len(ds)} samples ({ds.drops.summary()}), padded batches of {cfg.data.batch_size}")
         if self.fsdp:
             self.collate = self._fsdp_collate(self.collate)
+        self.collate = _NameDropped(self.collate)
         left = self.sampler.left_out(0)
         if left:
             self.log(f"data: the partial last step of each epoch ({len(left)} micro-batches, "
@@ -316,7 +318,8 @@ class Trainer:
 
     def state(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "scheduler": self.scheduler.state_dict(), "drops": dict(self.drops), "history": self.history,
+                "scheduler": self.scheduler.state_dict(), "drops": dict(self.drops),
+                "dropped_samples": sorted(self._dropped_seen, key=str), "history": self.history,
                 "skipped_nonfinite": self.skipped_nonfinite, "nonfinite_run": self._nonfinite_run,
                 "resume_key": json.dumps(self._resume_key()),
                 "config": self.cfg.to_json()}
@@ -364,6 +367,7 @@ class Trainer:
         self.scheduler.load_state_dict(st["scheduler"])
         self.global_step, self.epoch, self.step_in_epoch = st["global_step"], st["epoch"], st["step_in_epoch"]
         self.drops = Counter(st.get("drops", {}))
+        self._dropped_seen = set(st.get("dropped_samples", ()))
         self.history = list(st.get("history", []))
         self.skipped_nonfinite = int(st.get("skipped_nonfinite", 0))
         self._nonfinite_run = int(st.get("nonfinite_run", 0))  # a resume does not reset the run of NaN steps
@@ -393,14 +397,26 @@ class Trainer:
         n_global = all_reduce_sum(n_items, info)
         tokens = all_reduce_sum(sum(b["num_tokens"] for b in micro_batches), info)
         tiles = all_reduce_sum(sum(sum(b.get("num_tiles") or []) for b in micro_batches), info)
-        dropped = Counter()
+        dropped, keys = Counter(), []  # this step's drops; (reason, dataset index or None) of each
         for b in micro_batches:
             dropped.update(b.get("dropped") or {})
+            named = b.get("dropped_index")
+            keys += named if named is not None else [(r, None) for r, c in (b.get("dropped") or {}).items()
+                                                     for _ in range(c)]
         if info.enabled and all_reduce_sum(sum(dropped.values()), info) > 0:
             # every rank's drops: the log, the metrics and the checkpoints (main rank) count them all
             gathered = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, dict(dropped))
-            dropped = sum((Counter(g) for g in gathered), Counter())
+            torch.distributed.all_gather_object(gathered, (dict(dropped), keys))
+            dropped = sum((Counter(g[0]) for g in gathered), Counter())
+            keys = [k for g in gathered for k in g[1]]
+        # a sample that fails to load fails again every epoch: counted the first time only (same on every rank,
+        # the keys are gathered); one a batch does not name (collated without _NameDropped) counts each time
+        new = Counter()
+        for reason, i in keys:
+            if i not in self._dropped_seen:
+                new[reason] += 1
+                if i is not None:
+                    self._dropped_seen.add(i)
         loss_sum = 0.0
         denom = torch.tensor(float(max(n_global, 1)), device=info.device)
         scale = float(info.world_size) if self.fsdp else 1.0
@@ -454,7 +470,7 @@ class Trainer:
         if info.device.type == "cuda":
             torch.cuda.synchronize(info.device)
         dt = time.perf_counter() - t0
-        self.drops.update(dropped)
+        self.drops.update(new)
         flops = (self._llm_mult * self._n_llm * tokens + self._vis_mult * self._n_vis * tiles * self._patches_per_tile)
         mfu = flops / dt / (self._peak * info.world_size) if self._peak else None
         return {"step": self.global_step + 1, "loss": loss, "grad_norm": gn, "lr": lr,
@@ -595,6 +611,19 @@ class _PadCollate:
         from llava_fast.data import collate_padded
 
         return collate_padded(samples, self.pad_id)
+
+
+class _NameDropped:
+    """Adds ``batch["dropped_index"]``: (reason, dataset index) of each sample the workers could not load, so that
+    :meth:`Trainer.train_step` counts a sample once however often it is loaded (the collators count loads)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, samples):
+        out = self.collate(samples)
+        out["dropped_index"] = [(s["dropped"], s.get("index", s.get("sample_id"))) for s in samples if "dropped" in s]
+        return out
 
 
 class _FsdpCollate:
