@@ -197,9 +197,34 @@ class _LlavaBase(nn.Module):
             raise ValueError(f"{name} is on {pixel_values.device} but the model is on {self.device}; move it with "
                              f".to({str(self.device)!r})")
 
+    def _image_pixels(self, pixel_values, image_sizes, batch_num_images):
+        """Every tile of every image as one (tiles, 3, T, T) tensor (checked), the image sizes and single-tile flags."""
+        raise NotImplementedError
+
     def _image_tiles(self, pixel_values, image_sizes, batch_num_images):
         """Projected features of every tile (tiles, tokens, D_text), the image sizes and single-tile flags."""
+        flat, sizes, single = self._image_pixels(pixel_values, image_sizes, batch_num_images)
+        return self.encode_tiles(flat), sizes, single
+
+    def _pack_tiles(self, tiles, sizes, single):
+        """Reference packing of the projected tile features into the image features (tokens, D_text)."""
         raise NotImplementedError
+
+    def _media_tiles(self, pixel_values, image_sizes, batch_num_images, pixel_values_videos):
+        """Projected features of the image tiles and of the video frames from ONE vision-tower call. Under FSDP2 the
+        tower's layers are sharded: a rank that ran the tower twice (images, then videos) while another ran it once
+        would pair its all-gathers with the wrong ones (a hang). Returns (image tiles, sizes, single-tile flags,
+        video frames (videos, frames, tokens, D_text)); the parts not given are None."""
+        flat, sizes, single = (self._image_pixels(pixel_values, image_sizes, batch_num_images)
+                               if pixel_values is not None else (None, None, None))
+        frames = self._video_pixels(pixel_values_videos) if pixel_values_videos is not None else None
+        if frames is None:
+            return (self.encode_tiles(flat) if flat is not None else None), sizes, single, None
+        b, fr = pixel_values_videos.shape[:2]
+        f = self.encode_tiles(frames if flat is None else torch.cat((flat, frames.to(flat.dtype)), dim=0))
+        n = 0 if flat is None else flat.shape[0]
+        tiles = f[:n] if flat is not None else None
+        return tiles, sizes, single, f[n:].view(b, fr, f.shape[1], f.shape[2])
 
     def _tokens_per_tile(self) -> int:
         vc = self.config.vision_config
@@ -276,12 +301,12 @@ class _LlavaBase(nn.Module):
                                  f"{list(got.values())} {w} tokens but batch_num_images {per_sample} gives them "
                                  f"{want}; batch_num_images counts the {w}s of each sample, in order")
 
+    def _video_pixels(self, pixel_values_videos):
+        raise ValueError(f"{self.model_type} models take no videos (pixel_values_videos); use a llava_onevision model")
+
     def image_features(self, pixel_values, image_sizes=None, batch_num_images=None) -> torch.Tensor:
         """All image tokens of the batch, (n_tokens, D_text), in placeholder order (reference packing)."""
-        raise NotImplementedError
-
-    def _video_tiles(self, pixel_values_videos):
-        raise ValueError(f"{self.model_type} models take no videos (pixel_values_videos); use a llava_onevision model")
+        return self._pack_tiles(*self._image_tiles(pixel_values, image_sizes, batch_num_images))
 
     def _check_packed(self, cu_seqlens, position_ids, max_seqlen, n):
         """cu_seqlens delimits samples that cover the sequence; positions restart at 0 in each; none over the context
@@ -306,6 +331,10 @@ class _LlavaBase(nn.Module):
                              "sample, as collate_packed builds them)")
 
     def video_features(self, pixel_values_videos) -> torch.Tensor:
+        """All video tokens of the batch, (n_tokens, D_text), in placeholder order (reference pooling)."""
+        return self._pool_video(self._media_tiles(None, None, None, pixel_values_videos)[3])
+
+    def _pool_video(self, frames):
         raise ValueError(f"{self.model_type} models take no videos (pixel_values_videos); use a llava_onevision model")
 
     def _packable(self) -> bool:
@@ -418,21 +447,22 @@ class _LlavaBase(nn.Module):
             # one fused launch: unpad, newlines, anyres_max / video interpolation and the scatter
             from llava_fast.ops.pack_features import pack_and_scatter
 
-            tiles, sizes, single = (self._image_tiles(pixel_values, image_sizes, batch_num_images)
-                                    if pixel_values is not None else (None, None, None))
-            vid = self._video_tiles(pixel_values_videos) if pixel_values_videos is not None else None
+            tiles, sizes, single, vid = self._media_tiles(pixel_values, image_sizes, batch_num_images,
+                                                          pixel_values_videos)
             inputs_embeds = pack_and_scatter(
                 inputs_embeds, input_ids, tiles, sizes, getattr(self.model, "image_newline", None),
                 image_token_id=self.config.image_token_id, pinpoints=self.config.image_grid_pinpoints,
                 tile=self.config.vision_config.image_size, max_tiles=self.config.max_tiles, single_tile=single,
                 video_features=vid, video_token_id=self.config.video_token_id)
         elif has_media:
-            if pixel_values is not None:
-                feats = self.image_features(pixel_values, image_sizes, batch_num_images)
+            tiles, sizes, single, vid = self._media_tiles(pixel_values, image_sizes, batch_num_images,
+                                                          pixel_values_videos)
+            if tiles is not None:
+                feats = self._pack_tiles(tiles, sizes, single)
                 inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.image_token_id, feats,
                                                      "Image")
-            if pixel_values_videos is not None:
-                feats = self.video_features(pixel_values_videos)
+            if vid is not None:
+                feats = self._pool_video(vid)
                 inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.video_token_id, feats,
                                                      "Video")
         hidden = self.model.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -461,14 +491,14 @@ class LlavaForConditionalGeneration(_LlavaBase):
 
     model_type = "llava"
 
-    def _image_tiles(self, pixel_values, image_sizes, batch_num_images):
+    def _image_pixels(self, pixel_values, image_sizes, batch_num_images):
         self._check_pixels(pixel_values)
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (num_images, 3, H, W) for llava, got {tuple(pixel_values.shape)}")
-        return self.encode_tiles(pixel_values), None, None
+        return pixel_values, None, None
 
-    def image_features(self, pixel_values, image_sizes=None, batch_num_images=None):
-        return self._image_tiles(pixel_values, image_sizes, batch_num_images)[0].flatten(0, 1)
+    def _pack_tiles(self, tiles, sizes, single):
+        return tiles.flatten(0, 1)
 
 
 class LlavaNextForConditionalGeneration(_LlavaBase):
@@ -534,16 +564,14 @@ class LlavaNextForConditionalGeneration(_LlavaBase):
         bni = _per_sample(batch_num_images)
         return counts, bni
 
-    def _image_tiles(self, pixel_values, image_sizes, batch_num_images):
+    def _image_pixels(self, pixel_values, image_sizes, batch_num_images):
         self._check_pixels(pixel_values)
         sizes = self._sizes(image_sizes)
         single = self._single_tile(len(sizes), batch_num_images)
         counts = self._tiles_per_image(sizes, single)
-        flat = self._flat_pixels(pixel_values, counts)
-        return self.encode_tiles(flat), sizes, single
+        return self._flat_pixels(pixel_values, counts), sizes, single
 
-    def image_features(self, pixel_values, image_sizes=None, batch_num_images=None):
-        tiles, sizes, single = self._image_tiles(pixel_values, image_sizes, batch_num_images)
+    def _pack_tiles(self, tiles, sizes, single):
         counts = self._tiles_per_image(sizes, single)
         feats = torch.split(tiles, counts, dim=0)
         packed = pack_image_features_ref(list(feats), sizes, self.model.image_newline,
@@ -572,20 +600,18 @@ class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
             raise ValueError(f"pixel_values_videos must be (videos, frames, 3, T, T), got "
                              f"{tuple(pixel_values_videos.shape)}")
 
-    def _video_tiles(self, pixel_values_videos):
-        """(videos, frames, t*t, D_text) projected frame features."""
+    def _video_pixels(self, pixel_values_videos):
+        """Every frame of every video as one (videos * frames, 3, T, T) tensor (checked)."""
         self._check_videos(pixel_values_videos)
-        b, fr = pixel_values_videos.shape[:2]
-        f = self.encode_tiles(pixel_values_videos.flatten(0, 1))
-        return f.view(b, fr, f.shape[1], f.shape[2])
+        return pixel_values_videos.flatten(0, 1)
 
     def _video_token_counts(self, pixel_values_videos):
         self._check_videos(pixel_values_videos)
         v, frames = pixel_values_videos.shape[:2]
         return [anyres.num_video_tokens(frames, self.config.vision_config.tokens_per_side)] * v
 
-    def video_features(self, pixel_values_videos):
-        v = self._video_tiles(pixel_values_videos)
+    def _pool_video(self, v):
+        """(videos, frames, t*t, D_text) projected frames -> pooled frames + one image_newline per video."""
         b = v.shape[0]
         f = pool_video_features_ref(v.flatten(0, 1), self.config.vision_config.tokens_per_side)
         f = f.reshape(b, -1, f.shape[-1])

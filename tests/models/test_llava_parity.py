@@ -156,6 +156,30 @@ def test_onevision_multi_image_and_video(tiny_models):
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
 
 
+def test_onevision_images_and_video_in_one_batch(tiny_models):
+    """Images and a video in one batch equal transformers (which runs the vision tower twice), and our model runs the
+    tower ONCE: under FSDP2 a rank running it twice while another runs it once would hang on its all-gathers."""
+    hf, ours = load_pair(tiny_models, "llava_onevision")
+    batch = make_batch("llava_onevision", [[(40, 90), (70, 20)], [(100, 60)]], multi_image=True, left_pad=False)
+    frames = 2
+    n = num_video_tokens(frames, TILE // 14)
+    tail = torch.full((2, n + 1), VIDEO_TOKEN)
+    tail[:, -1] = 5
+    for k in ("input_ids", "labels"):
+        batch[k] = torch.cat([batch[k], tail], dim=1)
+    batch["labels"][batch["input_ids"] == VIDEO_TOKEN] = -100
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(tail)], dim=1)
+    vids = torch.randn(2, frames, 3, TILE, TILE, generator=torch.Generator().manual_seed(3))
+    calls = []
+    h = ours.model.vision_tower.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    try:
+        compare(hf, ours, "llava_onevision", batch, batch_num_images=torch.tensor(batch["bni"]),
+                pixel_values_videos=vids)
+    finally:
+        h.remove()
+    assert calls == [sum(batch["tiles"]) + 2 * frames]
+
+
 @pytest.mark.parametrize("variant", [dict(text="mistral"), dict(text="qwen2"),
                                      dict(multimodal_projector_bias=False, projector_hidden_act="gelu_pytorch_tanh")])
 def test_config_variants(tmp_path, variant):
