@@ -14,7 +14,8 @@
 #                      "model_full", not in the default list either: bench_model at full depth, <= 240 s;
 #                      "sweep64": head-dim-64 configs on the CLIP shape, <= 200 s; "sweep_projector": the CUTLASS
 #                      projector schedules, <= 90 s; "model_compiled": the OneVision step with every layer under
-#                      torch.compile against eager and transformers, <= 180 s);
+#                      torch.compile against eager and transformers, <= 180 s; "host": host_overhead.py, the
+#                      OneVision step's host time with launches stubbed, on this box's CPU, ~15 s);
 #                      default (what session 4 changed first, then the end-to-end breakdown, then the rest): variants
 #                      attention profile model anyres projector rms_norm swiglu rope cross_entropy pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
@@ -150,6 +151,10 @@ if want ops; then
       # if profile_model finds the OneVision step host-bound); compiles once per layer type, then times the step
       step bench_model_compiled 180 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft \
         --name bench_model_compiled --providers llava_fast,llava_fast_compiled,hf_sdpa
+    elif [ "$b" = "host" ]; then  # not in the default list: the OneVision step's host time with every launch stubbed,
+      # on this box's CPU (benchmarks/host_overhead.py; 125 ms on the 2-core dev CPU, session 9): calibrates the dev
+      # CPU's host-time numbers against the GPU host's, ~15 s
+      step host_overhead 40 $PY benchmarks/host_overhead.py --steps 5
     elif [ "$b" = "model" ]; then
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
         --providers llava_fast,llava_fast_keep_act,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce
@@ -171,6 +176,7 @@ want plot && step plot 20 $PY benchmarks/plot_results.py "$RES"
   echo "=== summary: $(( $(date +%s) - t0 ))s in all, on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')"
   printf '%s\n' "${summary[@]}"
   $PY -c "from llava_fast import _ext; l = _ext.cutlass_lib(); print('CUTLASS library:', ('loaded, attention forward ' + ('built' if l.llava_fast_cutlass_has_attn_fwd() else 'not built')) if l else _ext.CUTLASS_ERROR)" 2>&1
+  [ -f "$RES/host_overhead.log" ] && grep -h "^host_overhead:" "$RES/host_overhead.log" | cut -c1-200
   [ -f "$RES/gpu_tests.log" ] && grep -hE "[0-9]+ (passed|failed)" "$RES/gpu_tests.log" | tail -n 1
   [ -f "$RES/gpu_tests.log" ] && grep -hE "^(FAILED|ERROR) " "$RES/gpu_tests.log" | cut -c1-200 | head -n 30
   for f in "$RES"/attention_variants.jsonl "$RES"/attention_variants_d64.jsonl "$RES"/attention_sweep.jsonl \

@@ -1,6 +1,7 @@
 """Package-level checks: import never touches the GPU, env and CLI work, the README's commands are the ones CI runs."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -317,6 +318,20 @@ def test_profile_model_smoke(capsys):
     assert profile_model.classify("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add") \
         == "elementwise"
 
+
+def test_host_overhead_smoke():
+    """host_overhead.py stubs every Triton launch (in its own process: the stub is global) and counts what a step
+    issues (the fused ops' launches by kernel, the aten ops)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--llm-layers", "2",
+                        "--vision-layers", "2", "--steps", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    head = [ln for ln in r.stdout.splitlines() if ln.startswith("host_overhead:")]
+    assert len(head) == 1 and "2 LLM + 2 vision layers" in head[0], r.stdout
+    # per LLM layer: 2 RMSNorm forwards + 2 recomputed, RoPE, SwiGLU (+ recompute), attention; + the final norm
+    launches = int(re.search(r"(\d+) Triton launches/step", head[0]).group(1))
+    assert launches >= 2 * 8, r.stdout
+    assert "_rms_norm_fwd_kernel" in r.stdout and "_flash_attn_fwd_kernel" in r.stdout, r.stdout
 
 @pytest.mark.parametrize("workload,at_most", [("ov_ft", 0.75), ("stage1", 1.0)])
 def test_saved_activations_vs_transformers(workload, at_most):

@@ -75,9 +75,9 @@ class MLP(nn.Module):
         from llava_fast.ops.act_linear import act_linear, act_linears, plain_linears, unhooked
 
         if self.act is F.silu and backend.use_fast("swiglu", x.device.type):
-            from llava_fast.ops.swiglu import swiglu
+            from llava_fast.ops.swiglu import SwiGLUAct
 
-            act = swiglu
+            act = SwiGLUAct()
         else:
             act = self._gated
         if norm is not None and plain_linears(self.gate_proj, self.up_proj) and unhooked(norm):

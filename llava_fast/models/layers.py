@@ -11,17 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from llava_fast import backend
+from llava_fast.ops.act_linear import GeluAct
 
 
 def quick_gelu(x):
     return x * torch.sigmoid(1.702 * x)
 
 
+# the GELUs carry their backward (ops/act_linear.ExplicitAct): act_linear recomputes them without a nested autograd pass
 ACTIVATIONS = {
     "quick_gelu": quick_gelu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": GeluAct("none"),
+    "gelu_pytorch_tanh": GeluAct("tanh"),
+    "gelu_new": GeluAct("tanh"),
     "silu": F.silu,
 }
 
@@ -87,6 +89,10 @@ class RMSNorm(nn.Module):
         """``f(x, weight)`` computing this norm: what ops/act_linear.py recomputes in the backward (the weight is an
         argument so that it gets its gradient there)."""
         eps = self.eps
+        if backend.use_fast("rms_norm", self.weight.device.type):
+            from llava_fast.ops.rms_norm import RMSNormAct
+
+            return RMSNormAct(eps)   # differentiated without a nested autograd pass (ops/act_linear.ExplicitAct)
         return lambda x, weight: rms_norm_fn(x, weight, eps)
 
 

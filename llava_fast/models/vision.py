@@ -60,10 +60,11 @@ class VisionAttention(nn.Module):
 
 
 def _layer_norm(norm: nn.LayerNorm):
-    """layer_norm(x, weight, bias) with ``norm``'s shape and eps: the activation that act_linear recomputes."""
-    def f(x, weight, bias):
-        return torch.nn.functional.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
-    return f
+    """layer_norm(x, weight, bias) with ``norm``'s shape and eps: the activation that act_linear recomputes (and
+    differentiates without a nested autograd pass: ops/act_linear.LayerNormAct)."""
+    from llava_fast.ops.act_linear import LayerNormAct
+
+    return LayerNormAct(norm.normalized_shape, norm.eps)
 
 
 class VisionMLP(nn.Module):

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from llava_fast.ops.act_linear import act_linear, plain_linears
-from llava_fast.ops.swiglu import swiglu
+from llava_fast.ops.swiglu import SwiGLUAct, swiglu
+
+_SWIGLU = SwiGLUAct()   # swiglu with its own backward: no nested autograd pass in act_linear's (reference off CUDA)
 
 
 class SwiGLUMLP(nn.Module):
@@ -34,5 +36,5 @@ class SwiGLUMLP(nn.Module):
         (:mod:`llava_fast.ops.act_linear`)."""
         g, u = self.gate_proj(x), self.up_proj(x)
         if plain_linears(self.down_proj):
-            return act_linear(swiglu, (g, u), self.down_proj.weight, self.down_proj.bias)
+            return act_linear(_SWIGLU, (g, u), self.down_proj.weight, self.down_proj.bias)
         return self.down_proj(swiglu(g, u))  # an adapter / wrapper (LoRA) on down_proj: call it

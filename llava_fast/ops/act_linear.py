@@ -32,8 +32,8 @@ from torch.autograd.function import once_differentiable
 
 from llava_fast import _ext
 
-__all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "plain_linears",
-           "recompute_enabled", "unhooked"]
+__all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "ExplicitAct",
+           "GeluAct", "LayerNormAct", "plain_linears", "recompute_enabled", "unhooked"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -51,7 +51,72 @@ def act_linear_ref(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tens
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# 2. autograd Function (no kernel of its own: the activation's and torch's)
+# 2. activations with their own backward
+# --------------------------------------------------------------------------------------------------------------------
+class ExplicitAct:
+    """An activation for :func:`act_linears` that brings its own backward: ``ActLinearFunction.backward`` then
+    recomputes and differentiates it by direct calls instead of a recomputation under ``enable_grad`` and a nested
+    ``torch.autograd.grad`` (with the ``addmm`` below, the OneVision-0.5B step's host time on the dev CPU went from
+    ~144 to ~131 ms and 10011 to 9137 aten ops, ``benchmarks/host_overhead.py``). A subclass defines
+
+    - ``forward(*hs) -> a``;
+    - ``recompute(*hs) -> (a, state)``: the backward's recomputation, with what ``grad`` needs;
+    - ``grad(da, hs, state, need) -> tuple``: the gradient of each ``h`` (None where ``need`` is False);
+    - ``usable(hs) -> bool`` (optional): False sends this call to the autograd path (for instance under autocast,
+      whose casts the explicit backward does not replay).
+
+    ``grad`` must call the kernels autograd would call for ``forward``, so that both paths give the same bits
+    (tests/ops/test_act_linear.py compares them)."""
+
+    def __call__(self, *hs):
+        return self.forward(*hs)
+
+    def usable(self, hs) -> bool:
+        return True
+
+
+class LayerNormAct(ExplicitAct):
+    """``F.layer_norm(x, shape, weight, bias, eps)`` over ``hs = (x, weight, bias)``; its backward is autograd's,
+    ``native_layer_norm_backward`` with the recomputed mean and rstd. Under autocast (layer_norm runs in fp32 there)
+    the autograd path is used."""
+
+    def __init__(self, normalized_shape, eps: float):
+        self.shape, self.eps = list(normalized_shape), eps
+
+    def usable(self, hs) -> bool:
+        return not torch.is_autocast_enabled(hs[0].device.type)
+
+    def forward(self, x, weight, bias):
+        return F.layer_norm(x, self.shape, weight, bias, self.eps)
+
+    def recompute(self, x, weight, bias):
+        y, mean, rstd = torch.native_layer_norm(x, self.shape, weight, bias, self.eps)
+        return y, (mean, rstd)
+
+    def grad(self, da, hs, state, need):
+        x, weight, bias = hs
+        mask = [bool(need[0]), bool(need[1]) and weight is not None, bool(need[2]) and bias is not None]
+        return torch.ops.aten.native_layer_norm_backward(da, x, self.shape, state[0], state[1], weight, bias, mask)
+
+
+class GeluAct(ExplicitAct):
+    """``F.gelu(h, approximate=...)``; backward ``gelu_backward`` as autograd's."""
+
+    def __init__(self, approximate: str = "none"):
+        self.approximate = approximate
+
+    def forward(self, h):
+        return F.gelu(h, approximate=self.approximate)
+
+    def recompute(self, h):
+        return self.forward(h), None
+
+    def grad(self, da, hs, state, need):
+        return (torch.ops.aten.gelu_backward(da, hs[0], approximate=self.approximate) if need[0] else None,)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. autograd Function (no kernel of its own: the activation's and torch's)
 # --------------------------------------------------------------------------------------------------------------------
 class ActLinearFunction(torch.autograd.Function):
     """forward(act, n, *weights, *biases, *hs) -> the tuple of linear(act(*hs), weights[i], biases[i]) for i < n;
@@ -81,10 +146,15 @@ class ActLinearFunction(torch.autograd.Function):
         need = ctx.needs_input_grad[2:]
         need_w, need_b, need_h = need[:n], need[n:2 * n], need[2 * n:]
         dws, dbs = [None] * n, [None] * n
+        act = ctx.act
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            with torch.enable_grad():
-                leaves = [h.detach().requires_grad_(r) for h, r in zip(hs, need_h)]
-                a = ctx.act(*leaves)
+            explicit = isinstance(act, ExplicitAct) and act.usable(hs)
+            if explicit:  # recomputed and differentiated by direct calls (ExplicitAct)
+                a, state = act.recompute(*hs)
+            else:
+                with torch.enable_grad():
+                    leaves = [h.detach().requires_grad_(r) for h, r in zip(hs, need_h)]
+                    a = act(*leaves)
             a2 = a.detach().reshape(-1, a.shape[-1])
             da = None
             for i, (w, dy) in enumerate(zip(weights, dys)):
@@ -97,10 +167,19 @@ class ActLinearFunction(torch.autograd.Function):
                 if need_b[i] and ctx.has_bias[i]:
                     dbs[i] = dy2.sum(0)
                 if any(need_h):
-                    g = dy.matmul(w)
-                    da = g if da is None else da + g
-            dhs = [None] * len(hs)
+                    # the linears' input gradients summed in the GEMM's epilogue: addmm is one launch and one pass
+                    # over da fewer per extra linear than matmul + add (and rounds once instead of twice)
+                    da = dy2.mm(w) if da is None else torch.addmm(da, dy2, w)
             if da is not None:
+                da = da.view(a.shape)
+            dhs = [None] * len(hs)
+            if da is not None and explicit:
+                # as autograd does: the incoming gradient in the output's dtype, each result in its input's
+                gs = act.grad(da if da.dtype == a.dtype else da.to(a.dtype), hs, state, need_h)
+                dhs = [g if not r or g is None or g.dtype == h.dtype else g.to(h.dtype)
+                       for g, h, r in zip(gs, hs, need_h)]
+                dhs = [g if r else None for g, r in zip(dhs, need_h)]
+            elif da is not None:
                 want = [leaf for leaf, r in zip(leaves, need_h) if r]
                 grads = iter(torch.autograd.grad(a, want, da))
                 dhs = [next(grads) if r else None for r in need_h]
@@ -108,7 +187,7 @@ class ActLinearFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# 3. functional
+# 4. functional
 # --------------------------------------------------------------------------------------------------------------------
 def plain_linears(*modules) -> bool:
     """True when calling each module computes ``F.linear(x, m.weight, m.bias)`` and nothing else: an ``nn.Linear``,

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from llava_fast import _ext, backend
+from llava_fast.ops.act_linear import ExplicitAct
 
 try:  # Triton is optional: imports never fail, the reference is the fallback.
     import triton
@@ -309,7 +310,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     return (y, s) if residual is not None else y
 
 
+class RMSNormAct(ExplicitAct):
+    """The fused RMSNorm as an :class:`~llava_fast.ops.act_linear.ExplicitAct` over ``hs = (x, weight)``: what
+    ``act_linears`` recomputes for q/k/v and gate/up, differentiated by the backward kernel directly (the calls
+    ``RMSNormFunction`` would make)."""
+
+    def __init__(self, eps: float):
+        self.eps = float(eps)
+
+    def usable(self, hs) -> bool:
+        return HAS_TRITON and backend.use_fast("rms_norm", hs[0].device.type) and hs[0].shape[-1] <= _MAX_N
+
+    def forward(self, x, weight):
+        return rms_norm(x, weight, self.eps)
+
+    def recompute(self, x, weight):
+        y, _, rstd = _rms_norm_fwd_op(x, weight, None, self.eps)
+        return y, rstd
+
+    def grad(self, da, hs, rstd, need):
+        return _rms_norm_bwd_op(da, hs[0], hs[1], rstd, None)
+
+
 if HAS_TRITON:
     backend.register_fast("rms_norm", "triton")
 
-__all__ = ["rms_norm_ref", "rms_norm_fwd", "rms_norm_bwd", "RMSNormFunction", "rms_norm"]
+__all__ = ["rms_norm_ref", "rms_norm_fwd", "rms_norm_bwd", "RMSNormFunction", "rms_norm", "RMSNormAct"]

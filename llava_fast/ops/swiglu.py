@@ -14,6 +14,7 @@ import contextlib
 import torch
 
 from llava_fast import _ext, backend
+from llava_fast.ops.act_linear import ExplicitAct
 
 try:
     import triton
@@ -198,7 +199,25 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return SwiGLUFunction.apply(gate, up)
 
 
+class SwiGLUAct(ExplicitAct):
+    """:func:`swiglu` as an :class:`~llava_fast.ops.act_linear.ExplicitAct` over ``hs = (gate, up)``: what
+    ``act_linear`` recomputes for down_proj, differentiated by the backward kernel directly (the call
+    ``SwiGLUFunction`` would make)."""
+
+    def usable(self, hs) -> bool:
+        return HAS_TRITON and backend.use_fast("swiglu", hs[0].device.type)
+
+    def forward(self, gate, up):
+        return swiglu(gate, up)
+
+    def recompute(self, gate, up):
+        return _swiglu_fwd_op(gate, up), None
+
+    def grad(self, da, hs, state, need):
+        return _swiglu_bwd_op(da, hs[0], hs[1])
+
+
 if HAS_TRITON:
     backend.register_fast("swiglu", "triton")
 
-__all__ = ["swiglu_ref", "swiglu_fwd", "swiglu_bwd", "SwiGLUFunction", "swiglu"]
+__all__ = ["swiglu_ref", "swiglu_fwd", "swiglu_bwd", "SwiGLUFunction", "swiglu", "SwiGLUAct"]

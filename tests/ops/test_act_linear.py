@@ -246,3 +246,106 @@ def test_cuda_llm_mlp_block_with_kernels(dtype):
     ours, low, ref = run(dtype, True), run(dtype, False), run(torch.float32, False)
     for name, o, lo, r in zip(["y", "dx", "dnorm_w", "dwg", "dwu", "dwd"], ours, low, ref):
         assert_flash_rule(o, r, lo, name=name)
+
+
+# -- activations with their own backward (ExplicitAct): the same bits as the nested-autograd path --------------------
+def _explicit_cases():
+    from llava_fast.ops.act_linear import GeluAct, LayerNormAct
+    from llava_fast.ops.rms_norm import RMSNormAct
+    from llava_fast.ops.swiglu import SwiGLUAct
+
+    d = 24
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 9, d, generator=g)
+    return {
+        "gelu": (GeluAct("none"), [x]),
+        "gelu_tanh": (GeluAct("tanh"), [x]),
+        "layer_norm": (LayerNormAct((d,), 1e-6), [x, torch.randn(d, generator=g), torch.randn(d, generator=g)]),
+        "rms_norm": (RMSNormAct(1e-6), [x, torch.randn(d, generator=g)]),
+        "swiglu": (SwiGLUAct(), [x, torch.randn(2, 9, d, generator=g)]),
+    }
+
+
+@pytest.fixture
+def kernels_forced():
+    import llava_fast
+
+    for op in ("rms_norm", "swiglu"):
+        llava_fast.set_backend(op, "triton")
+    yield
+    llava_fast.set_backend("all", "auto")
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "layer_norm", "rms_norm", "swiglu"])
+@pytest.mark.parametrize("need", ["all", "first", "rest"])
+def test_explicit_backward_same_bits(name, need, kernels_forced, monkeypatch):
+    """An ExplicitAct's direct backward gives the bits of the nested-autograd path (the same act behind a lambda) for
+    every input gradient, the weights' too, with some inputs frozen; and it never calls torch.autograd.grad."""
+    from llava_fast.ops import act_linear as al
+
+    act, hs0 = _explicit_cases()[name]
+    g = torch.Generator().manual_seed(12)
+    ws = [(torch.randn(n, 24, generator=g) / 5).requires_grad_() for n in (24, 8)]
+    bs = [torch.randn(n, generator=g).requires_grad_() for n in (24, 8)]
+    req = [need in ("all", "first") if i == 0 else need in ("all", "rest") for i in range(len(hs0))]
+    if not any(req):
+        req[0] = True
+    dys = [torch.randn(2, 9, n, generator=g) for n in (24, 8)]
+
+    def run(a):
+        hs = [h.clone().requires_grad_(r) for h, r in zip(hs0, req)]
+        outs = al.act_linears(a, hs, ws, bs)
+        leaves = [h for h in hs if h.requires_grad] + ws + bs
+        return list(outs) + list(torch.autograd.grad(outs, leaves, dys))
+
+    want = run(lambda *h: act(*h))   # not an ExplicitAct: recomputed under enable_grad, nested autograd.grad
+
+    def no_nested(*a, **k):
+        raise AssertionError("the explicit backward called torch.autograd.grad")
+    monkeypatch.setattr(al.torch.autograd, "grad", no_nested)
+    try:
+        hs = [h.clone().requires_grad_(r) for h, r in zip(hs0, req)]
+        outs = al.act_linears(act, hs, ws, bs)
+        leaves = [h for h in hs if h.requires_grad] + ws + bs
+        for t in leaves:
+            t.grad = None
+        torch.autograd.backward(outs, dys)   # (torch.autograd.grad is the patched one)
+        got = list(outs) + [t.grad for t in leaves]
+    finally:
+        monkeypatch.undo()
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and torch.equal(a, b), (name, i, (a - b).abs().max())
+
+
+def test_explicit_acts_are_used_by_the_models(kernels_forced):
+    """The models hand act_linear ExplicitActs: the GELUs, the vision LayerNorm, and (kernels on) RMSNorm and SwiGLU;
+    the RMSNorm act stays the reference lambda when the kernel is off."""
+    import llava_fast
+    from llava_fast.models.layers import RMSNorm, get_activation
+    from llava_fast.ops.act_linear import ExplicitAct
+
+    for name in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
+        assert isinstance(get_activation(name), ExplicitAct), name
+    assert isinstance(RMSNorm(8).functional(), ExplicitAct)
+    llava_fast.set_backend("rms_norm", "reference")
+    assert not isinstance(RMSNorm(8).functional(), ExplicitAct)
+
+
+def test_explicit_layer_norm_under_autocast_takes_autograd_path():
+    """LayerNorm runs in fp32 under autocast: its ExplicitAct defers to the autograd path there (same bits as the
+    act behind a lambda)."""
+    from llava_fast.ops.act_linear import LayerNormAct, act_linears
+
+    act, hs0 = _explicit_cases()["layer_norm"]
+    w = (torch.randn(8, 24) / 5).requires_grad_()
+
+    def run(a):
+        hs = [h.bfloat16().requires_grad_() for h in hs0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (y,) = act_linears(a, hs, [w], [None])
+            assert not isinstance(a, LayerNormAct) or not a.usable(hs)
+        return [y] + list(torch.autograd.grad(y, hs + [w], torch.ones_like(y)))
+
+    for a, b in zip(run(act), run(lambda *h: act(*h))):
+        assert torch.equal(a, b)
