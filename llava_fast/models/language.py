@@ -244,6 +244,8 @@ class LanguageModel(nn.Module):
             past = cache.length if cache is not None else 0
             position_ids = torch.arange(past, past + n, device=inputs_embeds.device)[None].expand(b, n)
         fused_rope = backend.use_fast("rope", inputs_embeds.device.type)
+        if fused_rope and not position_ids.is_contiguous():
+            position_ids = position_ids.contiguous()  # once here, not in every layer's RoPE forward and backward
         cos, sin = (None, None) if fused_rope else self.rotary_emb(position_ids, inputs_embeds.dtype)
         varlen = isinstance(cache, VarlenKVCache)
         if varlen:
