@@ -13,7 +13,8 @@ which keeps the probabilities): the attention is therefore routed through SDPA f
 Usage: python benchmarks/saved_activations.py [--workload ov_ft|stage1] [--vision-layers 1] [--text-layers 1] [--tiny]
 (real widths, 1 + 1 layers, one OneVision sample: ~2 minutes on 2 cores; --tiny: seconds).
 Prints a table per module class and the totals (the loss on the logits apart: on a GPU our fused loss keeps none of
-it, transformers keeps the fp32 logits); exits 1 if ours keeps more than transformers in total.
+it, transformers keeps the fp32 logits), then the predicted GPU memory of the whole step at full depth
+(:func:`predict_full_depth`); exits 1 if ours keeps more than transformers in total.
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def measure(workload: str, vision_layers: int, text_layers: int, samples: int = 
                tokens=inp["ids"][:b].numel())
     vc = cfg.vision_config
     n_vis = inp["tiles"] * ((vc.image_size // vc.patch_size) ** 2 + (1 if workload == "stage1" else 0))
-    results = {}
+    results, layer_classes = {}, {}
     restore = _sdpa_attention()
     try:
         for provider in ("llava_fast", "hf_sdpa"):
@@ -117,6 +118,7 @@ def measure(workload: str, vision_layers: int, text_layers: int, samples: int = 
             if inp["sizes"] is not None:
                 kw["image_sizes"] = inp["sizes"]
             kw["pixel_values"] = inp["pv"] if provider == "llava_fast" else inp["hf_pv"]
+            layer_classes[provider] = _layer_classes(m)
             with count_saved(m) as saved:
                 out = m(**kw)
             saved = dict(saved)
@@ -128,7 +130,59 @@ def measure(workload: str, vision_layers: int, text_layers: int, samples: int = 
             del m, out
     finally:
         restore()
-    return results, n_vis, inp["tokens"]
+    return results, n_vis, inp["tokens"], layer_classes
+
+
+def _layer_classes(model) -> dict:
+    """{"text": classes, "vision": classes}: the module classes inside one decoder / encoder layer (what repeats with
+    depth), found as the first ``layers`` ModuleList under the language model and under the vision tower."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and name.endswith("layers") and len(mod):
+            kind = "vision" if "vision" in name else "text"
+            out.setdefault(kind, {type(x).__name__ for x in mod[0].modules()})
+    return out
+
+
+def predict_full_depth(res, layer_classes, n_vis, n_txt, workload: str, run_layers: dict, tiny: bool = False) -> dict:
+    """Predicted GPU memory of the workload's whole step at full depth and the benchmark's batch (bf16 weights, as
+    bench_model runs it): what autograd keeps, from this run's per-token counts (the classes of one layer times the
+    depth, the rest once), plus weights, gradients and AdamW's two states of the trained parameters. Transient buffers
+    are not modelled except transformers' loss: at the start of its backward the fp32 logits (kept by log_softmax) meet
+    their fp32 and bf16 gradients. Returns {provider: {part: bytes}}."""
+    cfg = bench_model.hf_configs(workload, None, tiny)
+    inp_shape = bench_model.workload_shape(workload, cfg, tiny)
+    batch, n_img, n_txt_tokens, tiles, _ = inp_shape
+    vc, tc = cfg.vision_config, cfg.text_config
+    tokens = batch * (n_img + n_txt_tokens)
+    vis_tokens = batch * tiles * ((vc.image_size // vc.patch_size) ** 2 + (1 if workload == "stage1" else 0))
+    depth = {"text": tc.num_hidden_layers, "vision": vc.num_hidden_layers}
+    hd = tc.hidden_size // tc.num_attention_heads
+    vis_p = vc.num_hidden_layers * (4 * vc.hidden_size ** 2 + 2 * vc.hidden_size * vc.intermediate_size) \
+        + 3 * vc.patch_size ** 2 * vc.hidden_size
+    txt_layer = tc.hidden_size * (tc.hidden_size + 2 * tc.num_key_value_heads * hd) + tc.hidden_size ** 2 \
+        + 3 * tc.hidden_size * tc.intermediate_size
+    proj = vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2
+    n_params = vis_p + tc.num_hidden_layers * txt_layer + tc.vocab_size * tc.hidden_size * (
+        1 if getattr(tc, "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False) else 2) + proj
+    trained = n_params if workload == "ov_ft" else proj
+    out = {}
+    for provider, saved in res.items():
+        parts = {"weights": 2 * n_params, "gradients + AdamW states": 6 * trained}
+        act = 0.0
+        for c, b in saved.items():
+            if c == "(loss: logits)":
+                continue
+            vision = "Vision" in c or "Siglip" in c or "CLIP" in c
+            per_token = b / (n_vis if vision else n_txt)  # fp32 bytes per token of its stream
+            kind = "vision" if vision else "text"
+            mult = depth[kind] / run_layers[kind] if c in layer_classes[provider].get(kind, ()) else 1
+            act += per_token / 2 * mult * (vis_tokens if vision else tokens)   # bf16: half the fp32 bytes
+        parts["saved activations"] = act
+        if provider != "llava_fast":   # fp32 logits kept, then their fp32 and bf16 gradients at the backward's start
+            parts["loss: fp32 logits + their gradients"] = tokens * tc.vocab_size * (4 + 4 + 2)
+        out[provider] = parts
+    return out
 
 
 def main(argv=None) -> int:
@@ -139,7 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="toy widths (bench_model --tiny): a fast check, same structure")
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    res, n_vis, n_txt = measure(a.workload, a.vision_layers, a.text_layers, tiny=a.tiny)
+    res, n_vis, n_txt, layer_classes = measure(a.workload, a.vision_layers, a.text_layers, tiny=a.tiny)
     classes = sorted(set(res["llava_fast"]) | set(res["hf_sdpa"]))
     print(f"saved for backward (fp32 values / token: vision modules per vision token of {n_vis}, others per text token "
           f"of {n_txt}); {a.vision_layers} vision, {a.text_layers} text layers, {a.workload}")
@@ -150,6 +204,14 @@ def main(argv=None) -> int:
         print(f"{c:32s} {o:12.0f} {h:12.0f}")
     tot = {k: sum(b for c, b in v.items() if c != "(loss: logits)") / 2 ** 20 for k, v in res.items()}
     print(f"{'total MiB (fp32), loss apart':32s} {tot['llava_fast']:12.1f} {tot['hf_sdpa']:12.1f}")
+    pred = predict_full_depth(res, layer_classes, n_vis, n_txt, a.workload,
+                              {"text": a.text_layers, "vision": a.vision_layers}, a.tiny)
+    print(f"predicted GPU memory of the whole step at full depth, the benchmark's batch, bf16 (GiB; transients not "
+          f"modelled but transformers' loss):")
+    for part in dict.fromkeys(k for v in pred.values() for k in v):
+        print(f"  {part:38s} {pred['llava_fast'].get(part, 0) / 2 ** 30:10.2f} {pred['hf_sdpa'].get(part, 0) / 2 ** 30:10.2f}")
+    tl, th = (sum(pred[k].values()) / 2 ** 30 for k in ("llava_fast", "hf_sdpa"))
+    print(f"  {'total':38s} {tl:10.2f} {th:10.2f}   ratio {tl / th:.2f}x")
     return 0 if tot["llava_fast"] <= tot["hf_sdpa"] else 1
 
 

@@ -343,9 +343,17 @@ def test_saved_activations_vs_transformers(workload, at_most):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import saved_activations
 
-    res, _, _ = saved_activations.measure(workload, 1, 1, tiny=True)
+    res, n_vis, n_txt, classes = saved_activations.measure(workload, 1, 1, tiny=True)
     tot = {k: sum(b for c, b in v.items() if c != "(loss: logits)") for k, v in res.items()}
     assert tot["llava_fast"] <= at_most * tot["hf_sdpa"], (tot, res)
+    # the full-depth prediction: the classes of one layer repeat (found in each model), the weights are the same
+    assert {"text", "vision"} <= set(classes["llava_fast"]) and "MLP" in classes["llava_fast"]["text"]
+    assert "SiglipMLP" in classes["hf_sdpa"]["vision"] or "CLIPMLP" in classes["hf_sdpa"]["vision"], classes
+    pred = saved_activations.predict_full_depth(res, classes, n_vis, n_txt, workload, {"text": 1, "vision": 1},
+                                                tiny=True)
+    assert pred["llava_fast"]["weights"] == pred["hf_sdpa"]["weights"] > 0
+    assert 0 < pred["llava_fast"]["saved activations"] < pred["hf_sdpa"]["saved activations"]
+    assert "loss: fp32 logits + their gradients" in pred["hf_sdpa"]
 
 
 def test_auto_reference_ops():
