@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -48,7 +49,15 @@ def main(argv=None) -> int:
     s.add_argument("--top-p", type=float, default=1.0)
     s.set_defaults(fn=_cmd_chat)
     args = p.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, OSError) as e:
+        # bad input (a missing folder, a corrupt image, a malformed config, ...): its message names the argument and
+        # the fix; a traceback through the library would only bury it
+        if os.environ.get("LLAVA_FAST_TRACEBACK") == "1":
+            raise
+        print(f"llava-fast {args.cmd}: error: {e}\n(set LLAVA_FAST_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

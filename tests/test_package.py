@@ -319,6 +319,21 @@ def test_profile_model_smoke(capsys):
         == "elementwise"
 
 
+def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """`llava-fast chat --model MISSING` (and any ValueError / OSError of a command) prints the message, names the
+    command, exits 2; LLAVA_FAST_TRACEBACK=1 re-raises for debugging."""
+    from llava_fast import cli
+
+    monkeypatch.delenv("LLAVA_FAST_TRACEBACK", raising=False)
+    missing = str(tmp_path / "no_model")
+    assert cli.main(["chat", "--model", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llava-fast chat: error: ") and "no_model" in err and "is not a folder" in err, err
+    monkeypatch.setenv("LLAVA_FAST_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        cli.main(["chat", "--model", missing])
+
+
 def test_host_overhead_smoke():
     """host_overhead.py stubs every Triton launch (in its own process: the stub is global) and counts what a step
     issues (the fused ops' launches by kernel, the aten ops)."""
