@@ -154,6 +154,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
     ``rstd`` (fp32, ``x.shape[:-1]``) is what the backward needs."""
     n = x.shape[-1]
     x2 = _rows(x)
+    weight = weight.contiguous()  # the kernels read it as W + col: a strided or expanded view would be misread
     m = x2.shape[0]
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -183,6 +184,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     gradient flowing into the returned ``s``. Returns ``(dx, dweight)``; ``dx`` is also the residual's gradient."""
     n = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
+    weight = weight.contiguous()
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ds2 = _rows(dres) if dres is not None else dx

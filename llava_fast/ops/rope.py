@@ -201,6 +201,12 @@ def rope_fwd(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_f
     (the gradient). ``inplace=True`` writes into q and k (which must then be (T, H, D)-viewable with unit last
     stride) and returns them. Needs ``inv_freq`` (D/2 fp32) or both caches ``(P, D/2)`` fp32."""
     q3, k3 = _as_thd(q), _as_thd(k)
+    # the kernel indexes the tables as row * cos.stride(0) + col for both cos and sin, and inv_freq as a dense fp32
+    # vector: a transposed / sliced table (or two tables with different row strides) would be read silently wrong
+    if cos_cache is not None:
+        cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
+    if inv_freq is not None:
+        inv_freq = inv_freq.to(torch.float32).contiguous()
     pos = position_ids.reshape(-1)
     if not pos.is_contiguous():
         pos = pos.contiguous()
@@ -300,6 +306,40 @@ def _check(q, k, position_ids, cos_sin_cache):
                              f"(see rope_cos_sin_cache), got {tuple(cos.shape)} {cos.dtype} / {tuple(sin.shape)}")
 
 
+def _may_overlap(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether q and k may share memory (False only when provably disjoint). The fused-qkv case, q and k slices of
+    one ``(T, Hq + 2 Hkv, D)`` tensor, is disjoint: same token stride, per-token windows that do not intersect."""
+    if q.numel() == 0 or k.numel() == 0 or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return False
+    q3, k3 = q.reshape(-1, q.shape[-2], q.shape[-1]), k.reshape(-1, k.shape[-2], k.shape[-1])
+
+    def span(x):  # [first, last + 1) element of x in its storage
+        return x.storage_offset(), x.storage_offset() + sum((n - 1) * st for n, st in zip(x.shape, x.stride())) + 1
+
+    (q0, q1), (k0, k1) = span(q3), span(k3)
+    if q1 <= k0 or k1 <= q0:
+        return False
+    st = q3.stride(0)
+    if q3.shape[0] > 1 and k3.stride(0) == st and st > 0:
+        wq = (q3.shape[1] - 1) * q3.stride(1) + q3.shape[2]  # one token's heads lie in [0, wq) past its start
+        wk = (k3.shape[1] - 1) * k3.stride(1) + k3.shape[2]
+        if wq <= st and wk <= st:
+            diff = (k0 - q0) % st
+            return diff < wq or diff + wk > st
+    return True
+
+
+def _inplace_by_copy(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """``inplace=True`` cases the in-place kernel cannot take, done as the reference does (rotate, then ``copy_``):
+    q and k sharing memory (the kernel would rotate the shared elements twice), and q or k a view that autograd
+    tracks (a Function that modifies a view in place cannot return two tensors)."""
+    if _ext._tracing():  # fake tensors have no storage to compare; traced graphs keep the in-place op
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and (q._is_view() or k._is_view()):
+        return True
+    return _may_overlap(q, k)
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: float = 10000.0,
          inv_freq: Optional[torch.Tensor] = None, cos_sin_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
          inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,6 +379,11 @@ def rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: fl
     cos_c, sin_c = cos_sin_cache if cos_sin_cache is not None else (None, None)
     if inv_freq is not None:
         inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
+    if inplace and _inplace_by_copy(q, k):
+        qe, ke = RoPEFunction.apply(q, k, position_ids, inv_freq, cos_c, sin_c, False)
+        q.copy_(qe)
+        k.copy_(ke)
+        return q, k
     return RoPEFunction.apply(q, k, position_ids, inv_freq, cos_c, sin_c, bool(inplace))
 
 
