@@ -96,10 +96,14 @@ def cross_entropy(folder):
     return out
 
 
+VARIANT_PREFIXES = ("CFG=", "TMA=", "BWD=", "LOOPS=", "LSE_TMA=", "SPLIT=", "MIN_D1=", "ALIGN=")
+
+
 def attention(folder):
     out = []
+    # every table device_check.sh writes: "sweep", "variants" (D72, D64) and "sweep64" (D64 configs, CLIP shape)
     for name, shape in (("attention_sweep", "causal D128 4k"), ("attention_variants", "SigLIP D72"),
-                        ("attention_variants_d64", "CLIP D64")):
+                        ("attention_variants_d64", "CLIP D64"), ("attention_sweep64", "CLIP D64 sweep")):
         recs = load_jsonl(folder, name)
         base = _variant(recs, "default")
         if base is None:
@@ -112,8 +116,11 @@ def attention(folder):
                         f"fwd {base['fwd_tflops']} vs {fold['fwd_tflops']} TFLOP/s",
                         "keep the fold if >= 0.99x (prediction 1.02-1.06x)",
                         "keep" if keep else "revert: LLAVA_FAST_ATTN_FOLD default '0'"))
+        # every key of attention_variants.ENV_KEYS but FOLD (its own rule above): a variant whose prefix is left
+        # out here is silently never reported (SPLIT= was: session 4's overlap split, 1.08x, and the variants step's
+        # "SPLIT=exact+CFG=..." check of the session-3 default)
         for v in [r["variant"] for r in recs
-                  if r.get("variant", "").startswith(("CFG=", "TMA=", "BWD=", "LOOPS=", "LSE_TMA="))]:
+                  if r.get("variant", "").startswith(VARIANT_PREFIXES)]:
             rec = _variant(recs, v)
             if rec is None:
                 bad = next(r for r in recs if r.get("variant") == v)
@@ -251,26 +258,37 @@ def encoder(folder):
 
 
 def model(folder):
-    rows = load_rows(folder, "bench_model")
+    """Issue 8's end-to-end targets and bench_model's experiments, from both end-to-end tables device_check.sh writes:
+    ``bench_model`` (its "model" op, 4 LLM layers) and ``bench_model_full`` (its "model_full" op, every LLM layer:
+    the issue's exact shapes, where its targets are stated; the 4-layer ratios are not the full-depth ones,
+    docs/perf-notes.md). Each table's rows are judged on their own, the full-depth ones labelled so."""
+    out = []
+    for table, label in (("bench_model", ""), ("bench_model_full", ", full depth")):
+        out += _model_rules(load_rows(folder, table), label)
+    return out
+
+
+def _model_rules(rows, label=""):
     out = []
     targets = {"ov_ft": ("hf_sdpa", 1.8, 0.6), "stage1": ("hf_sdpa", 1.5, None), "prefill": ("hf_sdpa", 1.4, None)}
     for mode, (base, speed, mem) in targets.items():
         ours, ref = _row(rows, "llava_fast", "", mode), _row(rows, base, "", mode)
         if not (ours and ref):
-            out.append((f"end to end {mode}", "not measured", "", ""))
+            out.append((f"end to end {mode}{label}", "not measured", "", ""))
             continue
         x = ours["metric"] / ref["metric"]
         m = ours["peak_gib"] / ref["peak_gib"] if ours.get("peak_gib") and ref.get("peak_gib") else None
         met = x >= speed and (mem is None or (m is not None and m <= mem))
-        out.append((f"end to end {mode} ({ours['shape']})", f"{x:.2f}x {base}, memory {_fmt(m)}x",
+        out.append((f"end to end {mode}{label} ({ours['shape']})", f"{x:.2f}x {base}, memory {_fmt(m)}x",
                     f"issue 8: >= {speed}x" + (f" at <= {mem}x memory" if mem else ""), "met" if met else "not met"))
     ours = _row(rows, "llava_fast", "", "stage1")
     liger = _row(rows, "hf_sdpa_liger_flce", "", "stage1") or _row(rows, "hf_sdpa_liger", "", "stage1")
     if ours and liger:
         x = ours["metric"] / liger["metric"]
         mem_ok = bool(ours.get("peak_gib") and liger.get("peak_gib") and ours["peak_gib"] <= liger["peak_gib"])
-        out.append((f"end to end stage1 vs {liger['provider']}", f"{x:.2f}x, memory {_fmt(ours.get('peak_gib'))} vs "
-                    f"{_fmt(liger.get('peak_gib'))} GiB", "issue 8: >= 1.2x sdpa + Liger at no more of its memory",
+        out.append((f"end to end stage1 vs {liger['provider']}{label}", f"{x:.2f}x, memory "
+                    f"{_fmt(ours.get('peak_gib'))} vs {_fmt(liger.get('peak_gib'))} GiB",
+                    "issue 8: >= 1.2x sdpa + Liger at no more of its memory",
                     "met" if x >= 1.2 and mem_ok else "not met"))
     for prov, what, rule in (("llava_fast_keep_act", "recompute of MLP activations (default) vs kept",
                               "keep recomputing if time <= 1.02x and memory lower"),
@@ -284,7 +302,12 @@ def model(folder):
                 continue
             x = ours["metric"] / alt["metric"]
             keep = x >= (1 / 1.02 if prov == "llava_fast_keep_act" else 1.0)
-            out.append((f"{what}, {mode}", f"default {x:.2f}x, memory {_fmt(ours.get('peak_gib'))} vs "
+            if prov == "llava_fast_keep_act":
+                # the rule's second half: recomputing costs time and buys nothing but memory, so it stays the default
+                # only where its peak is lower than with the activations kept
+                keep = keep and bool(ours.get("peak_gib") and alt.get("peak_gib")
+                                     and ours["peak_gib"] < alt["peak_gib"])
+            out.append((f"{what}, {mode}{label}", f"default {x:.2f}x, memory {_fmt(ours.get('peak_gib'))} vs "
                         f"{_fmt(alt.get('peak_gib'))} GiB", rule, "keep the default" if keep else "switch"))
     return out
 

@@ -96,6 +96,10 @@ def part_table(prof, use_cuda: bool, steps: int) -> list[dict]:
     rows = []
     for evt in prof.key_averages():
         if evt.key.startswith(("part::", "part_bwd::")):
+            if use_cuda and _gpu_annotation(evt):
+                # the range's GPU-side copy (kineto's gpu_user_annotation: its span on the GPU timeline, idle gaps
+                # included) under the same name: one row per part, the kernels launched inside the CPU-side range
+                continue
             t = (getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)) if use_cuda \
                 else evt.cpu_time_total
             kind, part = evt.key.split("::", 1)
@@ -103,13 +107,23 @@ def part_table(prof, use_cuda: bool, steps: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
+def _gpu_annotation(evt) -> bool:
+    """A ``record_function`` range's device-side event (kineto's ``gpu_user_annotation``: device_type CUDA, its
+    "self" device time the range's whole span on the GPU timeline), not a kernel. Every ``part::`` range of
+    :func:`annotate_parts` and torch's own ranges (``Optimizer.step#AdamW.step``) have one."""
+    return str(getattr(evt, "device_type", "")).endswith("CUDA") and bool(getattr(evt, "is_user_annotation", False))
+
+
 def kernel_table(prof, use_cuda: bool) -> list[dict]:
-    """One dict per kernel (CUDA) or leaf op (CPU): name, class, calls, total ms (over all profiled steps)."""
+    """One dict per kernel (CUDA) or leaf op (CPU): name, class, calls, total ms (over all profiled steps). On a GPU
+    the device-side copies of ``record_function`` ranges are left out: counted as kernels, the ``part::`` spans
+    covered most of the step a second time (kernel time, "GPU busy" and decide.py's host-bound rule inflated, the
+    projector's range counted as GEMM)."""
     rows = []
     for evt in prof.key_averages():
         if use_cuda:
             # device-side kernels only (their self time on the GPU); CPU-side ops have device_type CPU
-            if str(getattr(evt, "device_type", "")).endswith("CUDA"):
+            if str(getattr(evt, "device_type", "")).endswith("CUDA") and not _gpu_annotation(evt):
                 t = evt.self_device_time_total if hasattr(evt, "self_device_time_total") else evt.self_cuda_time_total
             else:
                 continue

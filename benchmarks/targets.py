@@ -20,13 +20,15 @@ ANCHORS = {"stage1": (23.8, "samples/s", 1.5), "prefill": (31.4e3, "tokens/s", 1
 
 def split(name: str, layers: int | None) -> dict:
     """FLOPs per step of workload `name` by part (bench_model.flop_parts), as fractions of the total, and the lm_head
-    FLOPs our fused loss skips (it computes logits only for supervised rows: text after the first 8 tokens)."""
+    FLOPs our fused loss skips (it computes logits only for supervised rows: bench_model.make_inputs labels every text
+    token, the 8 before the image included, and the loss shifts labels left by one, so a row is supervised where the
+    next token is text: n_txt - 1 rows per sample, not the n_txt - 8 counted before)."""
     cfg = bench_model.hf_configs(name, layers, False)
     batch, n_img, n_txt, tiles, _ = bench_model.workload_shape(name, cfg)
     inp = dict(tokens=batch * (n_img + n_txt), batch=batch, tiles=batch * tiles)
     parts = bench_model.flop_parts(name, cfg, inp)
     total = sum(parts.values())
-    supervised = batch * (n_txt - 8) if name != "prefill" else inp["tokens"]
+    supervised = batch * (n_txt - 1) if name != "prefill" else inp["tokens"]
     return dict(total=total, llm=parts["llm"] / total, head=parts["head"] / total, attn=parts["attention"] / total,
                 vision=parts["vision"] / total, projector=parts["projector"] / total,
                 layers=cfg.text_config.num_hidden_layers, tokens=inp["tokens"], batch=batch,

@@ -1,0 +1,200 @@
+"""Audit of the benchmark code (no GPU): the counts and decision rules a GPU session reads its conclusions from.
+
+Each test pins one defect found in the audit (it fails on the code before the fix): decide.py rules that silently
+never saw rows the benchmarks write, a decide rule that did not check what its text says, targets.py's supervised-row
+count, and profile_model.py counting profiler ranges as kernels. The last tests pin counting conventions that were
+checked and found right (the FLOP/byte numbers docs/perf-notes.md quotes), so that a later edit cannot move them
+silently.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _decide(folder) -> dict:
+    import decide
+
+    return {q: (m, r, d) for q, m, r, d in decide.decide(str(folder))}
+
+
+def _jsonl(path: Path, recs: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def _variant(name, fwd, fwdbwd, status="ok"):
+    return dict(variant=name, d=72, status=status, worst=0.5, fwd_tflops=fwd, fwdbwd_tflops=fwdbwd)
+
+
+# ------------------------------------------------------------------------------------------------ decide.py, attention
+def test_decide_reports_split_variants(tmp_path):
+    """device_check's "variants" step times "SPLIT=exact+CFG=dkdv=64,64,8,3" (the session-3 default) next to the
+    default; decide.attention only reported variants starting with CFG=/TMA=/BWD=/LOOPS=/LSE_TMA=, so a SPLIT= row
+    (like session 4's SPLIT=overlap, 1.08x / 1.06x, which became the default) was never reported."""
+    _jsonl(tmp_path / "attention_variants.jsonl",
+           [_variant("default", 200.0, 120.0), _variant("SPLIT=exact+CFG=dkdv=64,64,8,3", 180.0, 100.0),
+            _variant("SPLIT=overlap", 216.0, 127.2)])
+    got = _decide(tmp_path)
+    assert got["SPLIT=exact+CFG=dkdv=64,64,8,3, SigLIP D72"][2] == "keep"
+    assert got["SPLIT=overlap, SigLIP D72"][2].startswith("candidate default")
+    assert got["SPLIT=overlap, SigLIP D72"][0].startswith("fwd 1.08x, fwd+bwd 1.06x")
+
+
+def test_decide_reports_split_variant_of_the_stored_h100_run():
+    """The repository's own H100 variants table (logs/attention_variants-*H100*.jsonl) has SPLIT=overlap at 1.08x
+    forward: decide must say so."""
+    got = _decide(ROOT / "benchmarks" / "results")
+    m, _, d = got["SPLIT=overlap, SigLIP D72"]
+    assert m.startswith("fwd 1.08x") and d.startswith("candidate default")
+
+
+def test_decide_reads_the_d64_sweep(tmp_path):
+    """device_check's "sweep64" op writes attention_sweep64.jsonl (D64 configs on the CLIP shape); no rule read it."""
+    _jsonl(tmp_path / "attention_sweep64.jsonl",
+           [_variant("default", 150.0, 100.0), _variant("CFG=fwd=128,128,8,3", 160.0, 101.0),
+            _variant("TMA=1", 0, 0, status="rc=1: RuntimeError: boom")])
+    got = _decide(tmp_path)
+    assert got["CFG=fwd=128,128,8,3, CLIP D64 sweep"][2].startswith("candidate default")
+    assert got["TMA=1, CLIP D64 sweep"][2] == "fix or drop"
+
+
+# -------------------------------------------------------------------------------------------- decide.py, end to end
+def _model_rows(path: Path, rows: list[tuple]) -> None:
+    path.write_text(json.dumps({"rows": [dict(bench="model", provider=p, shape=shape, mode=mode, ms=1e3 / v, metric=v,
+                                              peak_gib=g) for p, shape, mode, v, g in rows]}))
+
+
+def test_decide_reads_the_full_depth_table(tmp_path):
+    """device_check's "model_full" op (the issue's exact shapes, every LLM layer) saves bench_model_full-*.json;
+    decide.model read only bench_model-*.json (4 layers), so a full-depth run said "not measured" for every issue 8
+    target and a run with both tables judged the targets on the 4-layer rows alone."""
+    shape = "OV-0.5B full FT 2x5453"
+    _model_rows(tmp_path / "bench_model_full-GPU-1.json",
+                [("llava_fast", shape, "ov_ft", 90.0, 19.0), ("hf_sdpa", shape, "ov_ft", 47.2, 44.2),
+                 ("llava_fast", "LLaVA-1.5-7B stage1 16x640", "stage1", 36.0, 42.0),
+                 ("hf_sdpa", "LLaVA-1.5-7B stage1 16x640", "stage1", 23.8, 52.0),
+                 ("hf_sdpa_liger_flce", "LLaVA-1.5-7B stage1 16x640", "stage1", 29.0, 43.0)])
+    got = _decide(tmp_path)
+    m, r, d = got[f"end to end ov_ft, full depth ({shape})"]
+    assert m == "1.91x hf_sdpa, memory 0.43x" and d == "met" and "0.6x memory" in r
+    assert got["end to end stage1, full depth (LLaVA-1.5-7B stage1 16x640)"][2] == "met"
+    assert got["end to end stage1 vs hf_sdpa_liger_flce, full depth"][2] == "met"
+    assert got["end to end prefill, full depth"][0] == "not measured"
+    assert got["end to end ov_ft"][0] == "not measured"          # no 4-layer table here
+    # with both tables each is judged on its own, the 4-layer one as before
+    _model_rows(tmp_path / "bench_model-GPU-1.json",
+                [("llava_fast", shape + " (4 LLM layers)", "ov_ft", 75.0, 36.6),
+                 ("hf_sdpa", shape + " (4 LLM layers)", "ov_ft", 71.6, 36.4)])
+    got = _decide(tmp_path)
+    assert got[f"end to end ov_ft ({shape} (4 LLM layers))"][2] == "not met"
+    assert got[f"end to end ov_ft, full depth ({shape})"][2] == "met"
+
+
+def test_decide_keep_act_rule_checks_memory(tmp_path):
+    """The rule reads "keep recomputing if time <= 1.02x and memory lower"; the code checked the time only, so a
+    recompute that costs time and saves no memory was kept."""
+    shape = "OV-0.5B full FT 2x5453 (4 LLM layers)"
+    q = "recompute of MLP activations (default) vs kept, ov_ft"
+
+    def verdict(ours_v, ours_g, kept_v, kept_g):
+        _model_rows(tmp_path / "bench_model-GPU-1.json",
+                    [("llava_fast", shape, "ov_ft", ours_v, ours_g), ("hf_sdpa", shape, "ov_ft", 70.0, 36.0),
+                     ("llava_fast_keep_act", shape, "ov_ft", kept_v, kept_g)])
+        return _decide(tmp_path)[q][2]
+
+    assert verdict(99.0, 36.0, 100.0, 35.0) == "switch"            # 1% slower and more memory: nothing bought
+    assert verdict(99.0, 36.0, 100.0, 36.0) == "switch"            # same memory
+    assert verdict(99.0, 34.0, 100.0, 36.0) == "keep the default"  # 1% slower, 2 GiB less
+    assert verdict(97.0, 30.0, 100.0, 36.0) == "switch"            # 3% slower
+
+
+# ------------------------------------------------------------------------------------------------------- targets.py
+@pytest.mark.parametrize("name", ["stage1", "ov_ft"])
+def test_targets_supervised_rows_are_the_shifted_labels(name):
+    """targets.split takes out of "needs" the lm_head rows our fused loss never computes. It counted n_txt - 8
+    supervised rows per sample; bench_model.make_inputs labels every text token (the 8 before the image too) and the
+    loss shifts labels left by one, so n_txt - 1 rows are supervised (ov_ft: 1022 of 10906, not 1008)."""
+    import bench_model
+    import targets
+
+    from llava_fast.models.llava import shift_labels
+
+    cfg = bench_model.hf_configs(name, None, False)
+    inp = bench_model.make_inputs(name, cfg, "cpu", False)
+    supervised = int((shift_labels(inp["labels"]) != -100).sum())
+    head = bench_model.flop_parts(name, cfg, inp)["head"]
+    got = targets.split(name, None)["head_skipped"]
+    assert got == pytest.approx(head * (1 - supervised / inp["tokens"]), rel=1e-12)
+    if name == "ov_ft":
+        assert supervised == 1022 and inp["tokens"] == 10906
+
+
+# -------------------------------------------------------------------------------------------------- profile_model.py
+def _evt(key, device, annotation, self_us, total_us):
+    return types.SimpleNamespace(key=key, device_type=device, is_user_annotation=annotation, count=2,
+                                 self_device_time_total=self_us, device_time_total=total_us,
+                                 self_cpu_time_total=5.0, cpu_time_total=5.0)
+
+
+def test_profile_model_does_not_count_ranges_as_kernels():
+    """On a GPU, every record_function range (profile_model's part:: ranges, torch's Optimizer.step#AdamW.step) also
+    appears in key_averages() as a device-side event (kineto gpu_user_annotation, device_type CUDA) whose "self" time
+    is its whole span on the GPU. kernel_table took those for kernels: the kernel time per step, the "GPU busy"
+    share and decide.py's host-bound rule were inflated (the ranges cover most of the step a second time), and
+    part::multi_modal_projector was classed as GEMM. part_table listed each part twice."""
+    import profile_model
+    from torch.autograd import DeviceType
+
+    cuda, cpu = DeviceType.CUDA, DeviceType.CPU
+    events = [_evt("sm90_xmma_gemm_bf16", cuda, False, 600.0, 600.0),
+              _evt("multi_tensor_apply_kernel<adam>", cuda, False, 200.0, 200.0),
+              _evt("part::multi_modal_projector", cuda, True, 1500.0, 1500.0),   # the range's span on the GPU
+              _evt("part::multi_modal_projector", cpu, True, 0.0, 600.0),        # CPU range: its kernels' time
+              _evt("Optimizer.step#AdamW.step", cuda, True, 400.0, 400.0),
+              _evt("Optimizer.step#AdamW.step", cpu, True, 0.0, 200.0),
+              _evt("aten::mm", cpu, False, 0.0, 600.0)]
+    prof = types.SimpleNamespace(key_averages=lambda: events)
+    rows = profile_model.kernel_table(prof, use_cuda=True)
+    assert [r["name"] for r in rows] == ["sm90_xmma_gemm_bf16", "multi_tensor_apply_kernel<adam>"]
+    assert sum(r["ms"] for r in rows) == pytest.approx(0.8)
+    shares = {c["cls"]: c["share"] for c in profile_model.summarize(rows, steps=1)}
+    assert shares == pytest.approx({"gemm": 0.75, "optimizer": 0.25})
+    parts = profile_model.part_table(prof, use_cuda=True, steps=2)
+    assert parts == [dict(part="multi_modal_projector", ms_per_step=pytest.approx(0.3))]
+    # the CPU smoke path is unchanged: every op's self CPU time
+    assert len(profile_model.kernel_table(prof, use_cuda=False)) == len(events)
+
+
+# ------------------------------------------------------- conventions checked and found right (pinned, not defects)
+def test_checked_flop_and_byte_counts():
+    """The counts docs/perf-notes.md quotes, from the benchmarks' own functions: attention (flash-attn convention,
+    Hq for GQA, per-document causal halving for packed documents), projector (backward 2x forward with dX), the
+    end-to-end LLM layer (GQA k/v projections)."""
+    import bench_attention
+    import bench_model
+    import bench_projector
+
+    fl = bench_attention.flops
+    assert fl([4096] * 4, 32, 128, True, "fwd") == pytest.approx(549.8e9, rel=1e-4)
+    assert fl([4096] * 4, 14, 64, True, "fwd") == pytest.approx(120.3e9, rel=1e-3)      # Qwen2 14/2: Hq counts
+    assert fl([577] * 64, 16, 64, False, "fwd") == pytest.approx(87.3e9, rel=1e-3)
+    lens = bench_attention.PACKED_LENS
+    assert lens == [2177, 2322, 765, 1660, 2694, 2590, 2258, 1842]
+    assert fl(lens, 32, 128, True, "fwd") == pytest.approx(294.3e9, rel=1e-3)           # useful FLOPs only
+    assert fl(lens, 32, 128, True, "fwd+bwd") == pytest.approx(3.5 * fl(lens, 32, 128, True, "fwd"))
+    assert fl(lens, 32, 128, True, "bwd") == pytest.approx(2.5 * fl(lens, 32, 128, True, "fwd"))
+    assert bench_projector.flops(23040, 1024, 4096, 4096, "fwd") == pytest.approx(966.4e9, rel=1e-4)
+    assert bench_projector.flops(23040, 1024, 4096, 4096, "fwd+bwd") == pytest.approx(2899.1e9, rel=1e-4)
+    cfg = bench_model.hf_configs("ov_ft", 1, False)
+    inp = dict(tokens=1, batch=1, tiles=0)
+    h, kv, inter = 896, 2 * 64, 4864
+    layer = h * h + 2 * h * kv + h * h + 3 * h * inter                                # q, k+v (GQA), o, MLP
+    assert bench_model.flop_parts("prefill", cfg, inp)["llm"] == 2 * layer
