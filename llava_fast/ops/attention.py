@@ -5,7 +5,8 @@ Layout (flash-attn's varlen convention): the documents of a batch are concatenat
 * ``q``: ``(total_q, Hq, D)``, ``k`` and ``v``: ``(total_k, Hkv, D)``, ``Hq % Hkv == 0`` (GQA/MQA: query head ``h``
   reads kv head ``h // (Hq // Hkv)``; k/v are never repeated in memory).
 * ``cu_seqlens_q`` / ``cu_seqlens_k``: int32 ``(batch + 1,)`` prefix sums of the document lengths; document ``b`` owns
-  tokens ``cu_seqlens[b]:cu_seqlens[b + 1]``. Documents never attend to each other.
+  tokens ``cu_seqlens[b]:cu_seqlens[b + 1]``. Documents never attend to each other. Rows outside every document
+  and documents longer than ``max_seqlen`` are not computed (see :func:`flash_attn_varlen_func`).
 * causal: query ``i`` of a document with ``Sq`` queries and ``Sk`` keys sees keys ``j <= i + Sk - Sq``
   (bottom-right aligned, as flash-attn >= 2.1). A query that sees no key (``Sq > Sk``) gets output 0 and
   ``lse = +inf`` (flash-attn's convention), and contributes nothing to the gradients.
@@ -84,7 +85,8 @@ def attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_sca
         seqused_k: optional ``(batch,)`` integer: document ``b``'s keys are ``cu_seqlens_k[b]`` onwards, this many.
 
     Returns:
-        ``out`` of shape ``(total_q, Hq, D)`` in ``q.dtype``, or ``(out, lse)``.
+        ``out`` of shape ``(total_q, Hq, D)`` in ``q.dtype``, or ``(out, lse)``; document ``b``'s rows are q's rows
+        ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` (as in the kernels), rows outside every document get 0 (lse +inf).
     """
     dtype = q.dtype
     D, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
@@ -111,6 +113,14 @@ def attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, softmax_sca
         p = torch.softmax(s, dim=-1).masked_fill(empty[:, None], 0.0).to(vb.dtype)
         outs.append(torch.matmul(p, vb).transpose(0, 1))
         lses.append(lse)
+    # Document b's rows are q's rows cq[b]:cq[b + 1], as in the kernels: rows of q outside every document (before
+    # cq[0], from cq[-1] on) get out 0 and lse +inf, so that out and lse always have q's rows (a cu_seqlens_q that
+    # does not start at 0, a q longer than cu_seqlens_q[-1]).
+    lead, tail = max(cq[0], 0), max(q.shape[0] - max(cq[-1], cq[0]), 0)
+    if lead or tail:
+        outs = [q.new_zeros((lead, hq, D))] + outs + [q.new_zeros((tail, hq, D))]
+        lses = [q.new_full((hq, lead), float("inf"), dtype=torch.float32)] + [x.float() for x in lses] + \
+            [q.new_full((hq, tail), float("inf"), dtype=torch.float32)]
     out = torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
     out = out.to(dtype)
     if not return_lse:
@@ -386,8 +396,10 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
 @triton.jit
 def _flash_attn_bwd_preprocess_kernel(O, DO, DELTA, total_q, stride_ot, stride_oh, stride_dot, stride_doh,
                                       stride_delta_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                      BLOCK_T: tl.constexpr):
-    """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] (fp32). Memory-bound: one power-of-two tile, D masked."""
+                                      BLOCK_T: tl.constexpr, DLSE=None, HAS_DLSE: tl.constexpr = False):
+    """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d] (fp32). Memory-bound: one power-of-two tile, D masked.
+    HAS_DLSE (the lse output was used downstream): minus DLSE[h, t], its gradient, laid out as DELTA (see
+    _bwd_preprocess). Without it the kernel and its arguments are those of before (DLSE None is a constexpr)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -397,13 +409,16 @@ def _flash_attn_bwd_preprocess_kernel(O, DO, DELTA, total_q, stride_ot, stride_o
     o = tl.load(O + offs_t64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + offs_t64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + h.to(tl.int64) * stride_delta_h + offs_t, mask=offs_t < total_q, other=0.0)
     tl.store(DELTA + h.to(tl.int64) * stride_delta_h + offs_t, delta, mask=offs_t < total_q)
 
 
 @triton.jit
 def _flash_attn_bwd_preprocess_padded_kernel(O, DO, LSE, DELTA, LSE_P, DELTA_P, CU_Q, PAD_CU, stride_ot, stride_oh,
                                              stride_dot, stride_doh, stride_lse_h, stride_pad_h,
-                                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+                                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                                             DLSE=None, HAS_DLSE: tl.constexpr = False):
     """LLAVA_FAST_ATTN_LSE_TMA: delta as above (flat, for the dQ kernel), and lse and delta again in a layout where
     every document starts at a multiple of 4 rows (PAD_CU: the documents' padded starts), which the dK/dV kernel reads
     through TMA descriptors (their innermost start offset must be 16-byte aligned). Grid (row blocks, docs, heads)."""
@@ -423,6 +438,8 @@ def _flash_attn_bwd_preprocess_padded_kernel(O, DO, LSE, DELTA, LSE_P, DELTA_P, 
     o = tl.load(O + offs_t64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + offs_t64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + h.to(tl.int64) * stride_lse_h + q_start + offs_i, mask=rmask, other=0.0)
     lse = tl.load(LSE + h.to(tl.int64) * stride_lse_h + q_start + offs_i, mask=rmask, other=0.0)
     tl.store(DELTA + h.to(tl.int64) * stride_lse_h + q_start + offs_i, delta, mask=rmask)
     tl.store(DELTA_P + h.to(tl.int64) * stride_pad_h + p_start + offs_i, delta, mask=rmask)
@@ -1220,18 +1237,24 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     return out, lse
 
 
-def _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q: int, lse_tma: bool):
+def _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q: int, lse_tma: bool, dlse=None):
     """delta = rowsum(dO * O) into ``delta`` (hq, total_q); with ``lse_tma`` also lse and delta in the padded layout
     of the LSE_TMA loads (every document starting at a multiple of 4 rows). Returns (lse, the kernel arguments of
-    that layout for the dK/dV or fused kernel)."""
+    that layout for the dK/dV or fused kernel).
+
+    ``dlse`` (hq, total_q), the gradient of the lse output when it was used downstream: since d lse_i / d s_ij =
+    P_ij, it adds dlse_i * P_ij to dS_ij = P_ij * (dP_ij - delta_i), i.e. delta_i becomes delta_i - dlse_i. The
+    backward kernels are unchanged (rows that see no key have P = 0 and stay 0)."""
     hq, total_q = delta.shape
     d = out.shape[-1]
     batch = cu_seqlens_q.shape[0] - 1
     block_t = 16 if _ext.interpreting() else 64
+    # dlse as delta is laid out, (hq, total_q) contiguous (a copy only if it is not: lse.sum() gives an expanded one)
+    with_dlse = {} if dlse is None else dict(DLSE=dlse.float().contiguous(), HAS_DLSE=True)
     if not lse_tma:
         _flash_attn_bwd_preprocess_kernel[(_ext.cdiv(total_q, block_t), hq)](
             out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-            HEAD_DIM=d, BLOCK_D=_ext.next_power_of_2(d), BLOCK_T=block_t)
+            HEAD_DIM=d, BLOCK_D=_ext.next_power_of_2(d), BLOCK_T=block_t, **with_dlse)
         return lse, {}
     lse = lse.contiguous()
     lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
@@ -1242,13 +1265,16 @@ def _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q: int, lse_
     delta_p = torch.empty((hq, width), dtype=torch.float32, device=out.device)
     _flash_attn_bwd_preprocess_padded_kernel[(_ext.cdiv(max_seqlen_q, block_t), batch, hq)](
         out, dout, lse, delta, lse_p, delta_p, cu_seqlens_q, pad_cu, out.stride(0), out.stride(1), dout.stride(0),
-        dout.stride(1), lse.stride(0), width, HEAD_DIM=d, BLOCK_D=_ext.next_power_of_2(d), BLOCK_T=block_t)
+        dout.stride(1), lse.stride(0), width, HEAD_DIM=d, BLOCK_D=_ext.next_power_of_2(d), BLOCK_T=block_t,
+        **with_dlse)
     return lse, dict(LSE_P=lse_p, DELTA_P=delta_p, PAD_CU=pad_cu, stride_pad_h=width)
 
 
 def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                          softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward launcher: ``(dq, dk, dv)``, contiguous, in the input dtypes. Deterministic (no atomics)."""
+                          softmax_scale: float, causal: bool, dlse=None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher: ``(dq, dk, dv)``, contiguous, in the input dtypes. Deterministic (no atomics).
+    ``dlse``: optional gradient of the lse output, ``(Hq, total_q)`` fp32 (see :func:`_bwd_preprocess`)."""
     total_q, hq, d = q.shape
     total_k, hkv, _ = k.shape
     batch = cu_seqlens_q.shape[0] - 1
@@ -1267,7 +1293,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
     group = hq // hkv
     dot_prec = _dot_prec(q.dtype)
     with _device_guard(q):
-        lse, lse_tma_args = _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q, lse_tma)
+        lse, lse_tma_args = _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q, lse_tma, dlse)
         align = _stride_align(q, k, v, dout, dq, dk, dv)
         args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dk, dv),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_k))
@@ -1289,7 +1315,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
 
 
 def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-                                 max_seqlen_k: int, softmax_scale: float, causal: bool
+                                 max_seqlen_k: int, softmax_scale: float, causal: bool, dlse=None
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launcher, FA2 style: ``(dq, dk, dv)`` like :func:`flash_attn_varlen_bwd`, from one kernel over key
     blocks doing 5 GEMMs per (query block, key block) pair, dQ accumulated with fp32 atomics into a zeroed
@@ -1316,7 +1342,7 @@ def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     lse_tma = _use_lse_tma(q)
     with _device_guard(q):
-        lse, lse_tma_args = _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q, lse_tma)
+        lse, lse_tma_args = _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q, lse_tma, dlse)
         if lse_tma and q.is_cuda:
             _ext.ensure_tma_allocator()
         align = _stride_align(q, k, v, dout, dq_acc, dk, dv)
@@ -1353,13 +1379,15 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def _flash_attn_varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                              causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              causal: bool, dlse: Optional[torch.Tensor] = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 softmax_scale, causal)
+                                 softmax_scale, causal, dlse)
 
 
 @_flash_attn_varlen_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      dlse=None):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
@@ -1368,15 +1396,16 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 def _flash_attn_varlen_bwd_atomic_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                                     softmax_scale: float, causal: bool
+                                     softmax_scale: float, causal: bool, dlse: Optional[torch.Tensor] = None
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                              max_seqlen_k, softmax_scale, causal)
+                                              max_seqlen_k, softmax_scale, causal, dlse)
     return dq, dk, dv
 
 
 @_flash_attn_varlen_bwd_atomic_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      dlse=None):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
@@ -1385,11 +1414,18 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 # 5. autograd.Function
 # ----------------------------------------------------------------------------------------------------------------
 class FlashAttnVarlenFunction(torch.autograd.Function):
-    """Triton varlen attention with autograd. Inputs must be validated; see :func:`flash_attn_varlen_func`."""
+    """Triton varlen attention with autograd. Inputs must be validated; see :func:`flash_attn_varlen_func`.
+
+    Both outputs are differentiable: a gradient reaching ``lse`` (used downstream, e.g. to merge the outputs of
+    attention over several key chunks) enters the backward as ``delta - dlse`` (see :func:`_bwd_preprocess`).
+    ``lse_grad=False`` (:func:`flash_attn_varlen_func` without ``return_lse``, where the lse never leaves) marks it
+    non-differentiable instead, so that a traced backward (torch.compile) gets no zero-filled lse gradient to read.
+    The backward itself is not differentiable: with ``create_graph=True`` the gradients it returns raise when
+    differentiated again (instead of silently acting as constants)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                deterministic=False, seqused_k=None):
+                deterministic=False, seqused_k=None, lse_grad=True):
         out, lse = _flash_attn_varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                               max_seqlen_k, softmax_scale, causal, seqused_k)
         ctx.has_seqused_k = seqused_k is not None
@@ -1397,7 +1433,10 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
         ctx.softmax_scale, ctx.causal = softmax_scale, causal
         ctx.deterministic = bool(deterministic)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # dlse None when lse is unused: the backward runs as without it
+        ctx.lse_grad = bool(lse_grad)
+        if not lse_grad:
+            ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
@@ -1406,13 +1445,35 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
             raise RuntimeError("flash_attn_varlen_func: the backward does not support seqused_k (forward only, for "
                                "KV-cache inference); call it under torch.no_grad() or without seqused_k")
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        if dout is None:  # only lse was used downstream
+            dout = torch.zeros_like(out)
+        if not ctx.lse_grad:  # non-differentiable: a traced backward may still hand in a zero-filled dlse
+            dlse = None
         # "separate" (default, and always when deterministic): no atomics, bitwise deterministic. "atomic" (opt-in:
         # set_backward_impl / LLAVA_FAST_ATTN_BWD, read here at each backward): 5 GEMMs, dQ by fp32 atomics.
         op = (_flash_attn_varlen_bwd_atomic_op if backward_impl(ctx.deterministic) == "atomic"
               else _flash_attn_varlen_bwd_op)
-        dq, dk, dv = op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k,
-                        ctx.softmax_scale, ctx.causal)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        with torch.no_grad():
+            dq, dk, dv = op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k,
+                            ctx.softmax_scale, ctx.causal, dlse)
+        if torch.is_grad_enabled() and not _ext._tracing():  # create_graph=True: refuse a double backward loudly
+            dq, dk, dv = _not_differentiable_again((dq, dk, dv), (q, k, v, dout, dlse))
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _not_differentiable_again(grads, sources):
+    """``grads`` made to depend, through a node that raises when a backward reaches it, on those of ``sources``
+    that require grad: the tensors the true second derivative would go through. Differentiating the gradients of a
+    ``create_graph=True`` backward then raises, by ``loss.backward()`` and by ``torch.autograd.grad(..., inputs)``
+    alike, instead of silently treating them as constants. (``once_differentiable`` looks at the incoming gradients
+    only and attaches its error node to detached leaves, which ``autograd.grad`` w.r.t. q never visits.)"""
+    live = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not live:
+        return grads
+    err = torch._C._functions.DelayedError(
+        b"flash_attn_varlen_func: double backward (differentiating its gradients, create_graph=True) is not "
+        b"supported", len(grads) + len(live))
+    return err(*grads, *live)[:len(grads)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1494,13 +1555,22 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     Args:
         q: ``(total_q, Hq, D)``; k, v: ``(total_k, Hkv, D)`` with ``Hq % Hkv == 0``; fp16, bf16 or fp32; last dim
             contiguous (any token/head strides, e.g. ``qkv.view(T, 3, H, D)[:, 0]``).
-        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` on q's device.
-        max_seqlen_q, max_seqlen_k: Python ints, the longest document (sizes the grid; never read from the GPU).
-            Documents longer than these are not fully processed (as in flash-attn).
+        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` on q's device, non-decreasing (``cu_seqlens_k``: see
+            ``seqused_k``) and within q's and k's rows (not checked: that would need a host sync). Rows of q
+            outside every document (before ``cu_seqlens_q[0]``, from ``cu_seqlens_q[-1]`` on) and rows of k outside
+            every document are not computed by the kernels, as in flash-attn: their ``out``, ``lse`` and gradient
+            rows are left uninitialized (the CPU reference gives out 0, lse +inf, gradients 0). To pad a pack to a
+            fixed number of tokens, make the padding one more document.
+        max_seqlen_q, max_seqlen_k: Python ints, at least the longest document (they size the grid; never read from
+            the GPU); larger is fine. Smaller is not checked (that would need a host sync) and gives wrong results
+            without an error, as in flash-attn: the query rows of a document past ``max_seqlen_q`` are not computed
+            (their out, lse and dq left uninitialized, and the document's dk, dv wrong), and in the backward the key
+            rows past ``max_seqlen_k`` neither (dk, dv uninitialized); ``max_seqlen_k = 0`` means no keys (out 0).
         dropout_p: must be 0.0.
         softmax_scale: defaults to ``D ** -0.5``.
         causal: bottom-right aligned causal mask per document.
-        return_lse: also return the softmax log-sum-exp ``(Hq, total_q)`` fp32.
+        return_lse: also return the softmax log-sum-exp ``(Hq, total_q)`` fp32 (natural log of the scaled scores;
+            ``+inf`` for queries that see no key). Differentiable: a gradient reaching it is included in dq and dk.
         deterministic: ``True`` always runs the atomic-free backward (bitwise deterministic). With ``False`` (the
             default) the backward is still the atomic-free one (dK/dV kernel + dQ kernel, 7 GEMMs per block pair)
             unless the 5-GEMM FA2-style backward is selected, which accumulates dQ with fp32 atomics (dQ then varies
@@ -1523,12 +1593,24 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         raise ValueError(f"flash_attn_varlen_func: softmax_scale must be a positive finite number (default "
                          f"head_dim ** -0.5), got {softmax_scale!r}")
     if backend.use_fast("attention", q.device.type):
+        if cu_seqlens_k is cu_seqlens_q and torch.compiler.is_compiling():
+            # dynamo refuses an autograd.Function given one tensor twice ("duplicate tensor input"), and self-attention
+            # passes cu, cu (flash_attn_func too): an alias, free inside the compiled graph
+            cu_seqlens_k = cu_seqlens_q.view(-1)
         out, lse = FlashAttnVarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                 scale, bool(causal), bool(deterministic), seqused_k)
+                                                 scale, bool(causal), bool(deterministic), seqused_k,
+                                                 bool(return_lse))
     else:
         out, lse = attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=scale,
                                  return_lse=True, seqused_k=seqused_k)
     return (out, lse) if return_lse else out
+
+
+def _dense_cu_seqlens(bsz: int, s: int, device) -> torch.Tensor:
+    """cu_seqlens of ``bsz`` documents of ``s`` tokens; an empty batch (or ``s == 0``) as empty documents."""
+    if bsz > 0 and s > 0:
+        return torch.arange(0, (bsz + 1) * s, s, dtype=torch.int32, device=device)
+    return torch.zeros(max(bsz, 1) + 1, dtype=torch.int32, device=device)
 
 
 def flash_attn_func(q, k, v, causal: bool = False, softmax_scale: float | None = None):
@@ -1542,8 +1624,10 @@ def flash_attn_func(q, k, v, causal: bool = False, softmax_scale: float | None =
     sk = k.shape[1]
     if k.shape[0] != bsz or v.shape[0] != bsz:
         raise ValueError(f"q, k and v must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    cu_q = torch.arange(0, (bsz + 1) * sq, sq, dtype=torch.int32, device=q.device)
-    cu_k = torch.arange(0, (bsz + 1) * sk, sk, dtype=torch.int32, device=q.device) if sk != sq else cu_q
+    if v.shape[1] != sk:
+        raise ValueError(f"k and v must have the same sequence length, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    cu_q = _dense_cu_seqlens(bsz, sq, q.device)
+    cu_k = _dense_cu_seqlens(bsz, sk, q.device) if sk != sq else cu_q
     out = flash_attn_varlen_func(q.reshape(bsz * sq, hq, d), k.reshape(bsz * sk, k.shape[2], k.shape[3]),
                                  v.reshape(bsz * sk, v.shape[2], v.shape[3]), cu_q, cu_k, sq, sk,
                                  softmax_scale=softmax_scale, causal=causal)
