@@ -25,6 +25,17 @@ def _fast_attention(device_type: str, head_dim: int, dtype, op: str = "attention
     return attn_op
 
 
+def _same_dtype(q, k, v):
+    """q, k, v in one dtype for the kernels, which refuse mixed ones. Under autocast the reference RoPE returns fp32
+    q/k (its fp32 cos/sin promote them, as in transformers) next to v in the autocast dtype; transformers' eager
+    attention then runs both of its matmuls in the autocast dtype, so the kernel gets q, k, v in that dtype."""
+    if q.dtype == k.dtype == v.dtype:
+        return q, k, v
+    dev = q.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else v.dtype
+    return tuple(t if t.dtype == dt else t.to(dt) for t in (q, k, v))
+
+
 def _prefer_cudnn(device: torch.device) -> bool:
     """Whether the vision towers' SDPA should try cuDNN first: on Hopper (compute capability 9.x) only. Measured on
     an H100 (benchmarks/results, 2026-11-26, bf16, fwd+bwd TFLOP/s): SigLIP 32 x 729 D72 cuDNN 214.1 vs the flash
@@ -66,6 +77,7 @@ def varlen_cache_attention(plan: dict, dtype, device, head_dim: int):
     if (fast := _fast_attention(device.type, head_dim, dtype)) is not None:
         def attn(q, k, v, scale):
             b, m, h, d = k.shape
+            q = q if q.dtype == k.dtype else q.to(k.dtype)   # (autocast: fp32 q from the reference RoPE)
             o = fast.flash_attn_varlen_func(q[0].transpose(0, 1), k.view(b * m, h, d), v.view(b * m, h, d), cu_q,
                                             cu_k, max_q, m, softmax_scale=scale, causal=True, seqused_k=used)
             return o.transpose(0, 1)[None]
@@ -151,6 +163,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
             ms = int(max_seqlen) if max_seqlen is not None else n
 
             def attn(q, k, v, scale):
+                q, k, v = _same_dtype(q, k, v)
                 o = fast.flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                                 cu_seqlens, cu_seqlens, ms, ms, softmax_scale=scale, causal=True)
                 return o.transpose(0, 1)[None]
@@ -173,7 +186,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
         cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device)
 
         def attn(q, k, v, scale):
-            flat = [t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], t.shape[3]) for t in (q, k, v)]
+            flat = [t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], t.shape[3]) for t in _same_dtype(q, k, v)]
             o = fast.flash_attn_varlen_func(*flat, cu, cu, n, n, softmax_scale=scale, causal=True)
             return o.view(b, n, q.shape[1], q.shape[3]).transpose(1, 2)
         return attn

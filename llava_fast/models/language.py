@@ -243,7 +243,13 @@ class LanguageModel(nn.Module):
                 raise ValueError("position_ids is required with cu_seqlens (positions restart at each sample)")
             past = cache.length if cache is not None else 0
             position_ids = torch.arange(past, past + n, device=inputs_embeds.device)[None].expand(b, n)
+        if position_ids.dim() == 1:  # (L,): one row shared by the batch, as (1, L)
+            position_ids = position_ids[None]
         fused_rope = backend.use_fast("rope", inputs_embeds.device.type)
+        if fused_rope and position_ids.shape[0] != b:
+            # (1, L) shared by a batch of B rows (accepted by the forward, broadcast by the reference cos/sin): the
+            # kernel takes one position per token
+            position_ids = position_ids.expand(b, n)
         if fused_rope and not position_ids.is_contiguous():
             position_ids = position_ids.contiguous()  # once here, not in every layer's RoPE forward and backward
         cos, sin = (None, None) if fused_rope else self.rotary_emb(position_ids, inputs_embeds.dtype)
@@ -262,7 +268,8 @@ class LanguageModel(nn.Module):
                                        kv_cache=cache if varlen else None)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # (not with a cache: the checkpointed layer would neither fill it, nor, recomputed, fill it only once)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, None, i, position_ids,
                                                       self.rotary_emb.inv_freq, use_reentrant=False)
             else:

@@ -615,7 +615,7 @@ class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
         b = v.shape[0]
         f = pool_video_features_ref(v.flatten(0, 1), self.config.vision_config.tokens_per_side)
         f = f.reshape(b, -1, f.shape[-1])
-        nl = self.model.image_newline[None, None, :].expand(b, 1, -1).to(f.dtype)
+        nl = self.model.image_newline[None, None, :].expand(b, 1, -1)  # no cast: cat promotes, as transformers
         return torch.cat((f, nl), dim=1).flatten(0, 1)
 
 

@@ -25,7 +25,7 @@ class VisionEmbeddings(nn.Module):
         # pixels are cast to the conv weight dtype first, as transformers does (trap 3)
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         if self.cfg.is_clip:
-            x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # promotes as transformers
         return x + self.position_embedding.weight[None]
 
 

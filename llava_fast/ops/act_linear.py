@@ -166,10 +166,16 @@ class ActLinearFunction(torch.autograd.Function):
                     dws[i] = dy2.t().mm(a2)
                 if need_b[i] and ctx.has_bias[i]:
                     dbs[i] = dy2.sum(0)
-                if any(need_h):
+                if any(need_h) and not enabled:
                     # the linears' input gradients summed in the GEMM's epilogue: addmm is one launch and one pass
                     # over da fewer per extra linear than matmul + add (and rounds once instead of twice)
                     da = dy2.mm(w) if da is None else torch.addmm(da, dy2, w)
+                elif any(need_h):
+                    # under autocast each GEMM runs in the low dtype and, as autograd does, its result is cast to
+                    # the activation's dtype (fp32 with fp32 norm weights) before the sum: addmm would sum in bf16
+                    g = dy2.mm(w)
+                    g = g if g.dtype == a.dtype else g.to(a.dtype)
+                    da = g if da is None else da + g
             if da is not None:
                 da = da.view(a.shape)
             dhs = [None] * len(hs)
