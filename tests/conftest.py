@@ -50,3 +50,16 @@ def _end_process_on_cuda_fault(nodeid: str) -> None:
 @pytest.fixture
 def device():
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def forced():
+    """``forced("rms_norm", ...)`` forces those ops' Triton kernels (the interpreter on the CPU) for the test; every op
+    goes back to "auto" afterwards."""
+    import llava_fast
+
+    def force(*ops):
+        for op in ops:
+            llava_fast.set_backend(op, "triton")
+    yield force
+    llava_fast.set_backend("all", "auto")

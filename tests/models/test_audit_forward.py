@@ -37,15 +37,6 @@ def models(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def forced():
-    def force(*ops):
-        for op in ops:
-            llava_fast.set_backend(op, "triton")
-    yield force
-    llava_fast.set_backend("all", "auto")
-
-
 def _pair(models, mt="llava_next"):
     hf, ours = models[mt]
     hf.zero_grad(set_to_none=True)

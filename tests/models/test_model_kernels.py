@@ -14,15 +14,6 @@ from test_llava_parity import make_batch
 from tiny import save_tiny
 
 
-@pytest.fixture
-def forced():
-    def force(*ops):
-        for op in ops:
-            llava_fast.set_backend(op, "triton")
-    yield force
-    llava_fast.set_backend("all", "auto")
-
-
 @pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
 def test_training_kernels_in_model(tmp_path, forced, model_type):
     _, path = save_tiny(tmp_path, model_type)

@@ -7,6 +7,7 @@ import torch
 
 import llava_fast
 from llava_fast.ops.cross_entropy import fused_linear_cross_entropy
+from tests.ops.audit_common import assert_same, both, kdev  # noqa: F401 (kdev: a fixture)
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 kernel vs fp32 reference (see test_cross_entropy.py)
 
@@ -16,22 +17,8 @@ CASES = ["vocab_not_multiple_of_block", "sum_num_items", "ignore_index_3_no_skip
          "two_losses_share_weight", "loss_used_twice", "grad_output_scaled"]
 
 
-@pytest.fixture
-def kdev(device):
-    with torch.device(device):
-        yield device
-
-
 def _both(fn):
-    out = []
-    for b in ("reference", "triton"):
-        llava_fast.set_backend("cross_entropy", b)
-        torch.manual_seed(5)
-        try:
-            out.append(fn())
-        finally:
-            llava_fast.set_backend("all", "auto")
-    return out
+    return both("cross_entropy", fn, 5)
 
 
 @pytest.mark.parametrize("schedule", ["token", "vocab"])

@@ -7,25 +7,15 @@ import torch
 import llava_fast
 from llava_fast.ops.pack_features import pack_and_scatter
 from tests.ops.test_pack_features import EPS32, IMG, NEXT_PINS, TILE, make_case
+from tests.ops.audit_common import assert_same, both, kdev  # noqa: F401 (kdev: a fixture)
 
 
 def _both(fn):
-    out = []
-    for b in ("reference", "triton"):
-        llava_fast.set_backend("pack_features", b)
-        torch.manual_seed(9)
-        try:
-            out.append(fn())
-        finally:
-            llava_fast.set_backend("all", "auto")
-    return out
+    return both("pack_features", fn, 9)
 
 
 def _assert_same(ref, got, atol):
-    assert len(ref) == len(got)
-    for i, (a, b) in enumerate(zip(ref, got)):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"item {i}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        torch.testing.assert_close(b, a, atol=atol, rtol=0, msg=lambda m: f"item {i}: {m}")
+    assert_same(ref, got, atol=atol, rtol=0)
 
 
 def _ov_case(**kw):

@@ -11,33 +11,17 @@ import torch
 
 import llava_fast
 from llava_fast.ops.rms_norm import rms_norm
+from tests.ops.audit_common import assert_same, both, kdev  # noqa: F401 (kdev: a fixture)
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 kernel vs fp32 reference (see test_rms_norm.py)
 
 
-@pytest.fixture
-def kdev(device):
-    with torch.device(device):
-        yield device
-
-
 def _both(fn):
-    out = []
-    for b in ("reference", "triton"):
-        llava_fast.set_backend("rms_norm", b)
-        torch.manual_seed(11)
-        try:
-            out.append(fn())
-        finally:
-            llava_fast.set_backend("all", "auto")
-    return out
+    return both("rms_norm", fn, 11)
 
 
 def _assert_same(ref, got, tol=TOL):
-    assert len(ref) == len(got)
-    for i, (a, b) in enumerate(zip(ref, got)):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"item {i}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        torch.testing.assert_close(b, a, **tol, msg=lambda m: f"item {i}: {m}")
+    assert_same(ref, got, **tol)
 
 
 # ---------------------------------------------------------------------------------------------- fixed defect

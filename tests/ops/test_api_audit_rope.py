@@ -16,38 +16,18 @@ import torch
 import llava_fast
 from llava_fast.ops import rope as rope_mod
 from llava_fast.ops.rope import rope, rope_cos_sin_cache
+from tests.ops.audit_common import assert_same, both, kdev  # noqa: F401 (kdev: a fixture)
 
 # fp32 kernel vs fp32 reference: cos/sin from numpy (interpreter) vs torch differ by 1-2 ulp (see test_rope.py)
 TOL = dict(atol=2e-6, rtol=1e-5)
 
 
-@pytest.fixture
-def kdev(device):
-    with torch.device(device):
-        yield device
-
-
 def _both(fn):
-    """fn() on the reference path, then on the Triton path (same seed): the two results."""
-    out = []
-    for b in ("reference", "triton"):
-        llava_fast.set_backend("rope", b)
-        torch.manual_seed(7)
-        try:
-            out.append(fn())
-        finally:
-            llava_fast.set_backend("all", "auto")
-    return out
+    return both("rope", fn, 7)
 
 
 def _assert_same(ref, got, tol=TOL):
-    assert len(ref) == len(got)
-    for i, (a, b) in enumerate(zip(ref, got)):
-        if a is None or b is None:
-            assert a is None and b is None, f"item {i}: {a is None} vs {b is None}"
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape, f"item {i}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        torch.testing.assert_close(b, a, **tol, msg=lambda m: f"item {i}: {m}")
+    assert_same(ref, got, **tol)
 
 
 def _pos(t):

@@ -6,33 +6,17 @@ import torch
 
 import llava_fast
 from llava_fast.ops.swiglu import swiglu
+from tests.ops.audit_common import assert_same, both, kdev  # noqa: F401 (kdev: a fixture)
 
 TOL = dict(atol=1e-6, rtol=1e-5)  # fp32 kernel vs torch (see test_swiglu.py)
 
 
-@pytest.fixture
-def kdev(device):
-    with torch.device(device):
-        yield device
-
-
 def _both(fn):
-    out = []
-    for b in ("reference", "triton"):
-        llava_fast.set_backend("swiglu", b)
-        torch.manual_seed(3)
-        try:
-            out.append(fn())
-        finally:
-            llava_fast.set_backend("all", "auto")
-    return out
+    return both("swiglu", fn, 3)
 
 
 def _assert_same(ref, got, tol=TOL):
-    assert len(ref) == len(got)
-    for i, (a, b) in enumerate(zip(ref, got)):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"item {i}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        torch.testing.assert_close(b, a, **tol, msg=lambda m: f"item {i}: {m}")
+    assert_same(ref, got, **tol)
 
 
 @pytest.mark.parametrize("case", ["interleaved", "transposed_gate", "same_tensor", "expanded_gate", "row_broadcast",
