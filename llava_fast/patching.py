@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import types
 
+import torch
+
 
 _SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
               "LlavaOnevisionForConditionalGeneration", "LlavaModel", "LlavaNextModel", "LlavaOnevisionModel")
@@ -53,14 +55,21 @@ def _projector_forward(self, image_features):
     # linears or the activation would be silently skipped, so such modules are called (act_linear.plain_linears)
     if not (plain_linears(l1, l2) and unhooked(l1, l2, self.act)):
         return l2(self.act(l1(image_features)))
-    return projector(image_features, l1.weight, l1.bias, l2.weight, l2.bias, approximate=self._lf_approximate)
+    x, w1, b1, w2, b2 = image_features, l1.weight, l1.bias, l2.weight, l2.bias
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # nn.Linear under autocast runs in the autocast dtype (fp32 master weights, fp32 or low-precision features):
+        # the fused op refuses mixed dtypes, so cast as autocast would (differentiable: fp32 weight gradients)
+        dt = torch.get_autocast_dtype(dev)
+        x, w1, b1, w2, b2 = (t.to(dt) if t is not None and t.dtype != dt else t for t in (x, w1, b1, w2, b2))
+    return projector(x, w1, b1, w2, b2, approximate=self._lf_approximate)
 
 
 def llava_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from llava_fast.models.dispatch import _fast_attention
+    from llava_fast.models.dispatch import _fast_attention, _same_dtype
 
     lq, lk = query.shape[2], key.shape[2]
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True))) and lq > 1
@@ -73,6 +82,9 @@ def llava_fast_attention(module, query, key, value, attention_mask, scaling=None
     if op is None or attention_mask is not None or dropout or lq != lk or kwargs.get("output_attentions"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    # under autocast transformers' RoPE returns fp32 q/k (fp32 cos/sin) next to v in the autocast dtype: its eager and
+    # SDPA paths run the attention in the autocast dtype, the kernel (which refuses mixed dtypes) does the same
+    query, key, value = _same_dtype(query, key, value)
     out = op.flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
                              softmax_scale=scaling)
     return out, None
