@@ -120,22 +120,32 @@ def make_inputs(name, cfg, device, tiny):
                 tiles=batch * tiles)
 
 
+def param_counts(cfg) -> dict:
+    """Matmul parameters of the model by part: one LLM decoder layer (q, k, v with GQA, o, gate, up, down), all vision
+    encoder layers, the projector, and the patch embedding and token embedding (biases and norms left out)."""
+    vc, tc = cfg.vision_config, cfg.text_config
+    kv = tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads)
+    return dict(llm_layer=tc.hidden_size * (tc.hidden_size + 2 * kv) + tc.hidden_size ** 2
+                + 3 * tc.hidden_size * tc.intermediate_size,
+                vision=vc.num_hidden_layers * (4 * vc.hidden_size ** 2 + 2 * vc.hidden_size * vc.intermediate_size),
+                projector=vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2,
+                patch_embed=3 * vc.patch_size ** 2 * vc.hidden_size, embed=tc.vocab_size * tc.hidden_size)
+
+
 def flop_parts(name, cfg, inp):
     """Model FLOPs of one call by part (LLM GEMMs, lm_head, LLM attention, vision tower, projector), each with the
     workload's multiplier: forward 1x; training 3x for trained parts, 2x for the frozen LLM of stage 1 (activation
     gradients, no weight gradients). See the module docstring."""
     vc, tc = cfg.vision_config, cfg.text_config
-    hd = tc.hidden_size // tc.num_attention_heads
-    kv = tc.num_key_value_heads * hd
-    layer = tc.hidden_size * (tc.hidden_size + 2 * kv) + tc.hidden_size ** 2 + 3 * tc.hidden_size * tc.intermediate_size
+    pc = param_counts(cfg)
     seq = inp["tokens"] // inp["batch"]
     n_vis = (vc.image_size // vc.patch_size) ** 2 + (1 if name != "ov_ft" else 0)
-    vis_params = vc.num_hidden_layers * (4 * vc.hidden_size ** 2 + 2 * vc.hidden_size * vc.intermediate_size)
-    parts = dict(llm=2 * tc.num_hidden_layers * layer * inp["tokens"],
+    vis_params = pc["vision"]
+    parts = dict(llm=2 * tc.num_hidden_layers * pc["llm_layer"] * inp["tokens"],
                  head=2 * tc.hidden_size * tc.vocab_size * inp["tokens"],
                  attention=inp["batch"] * tc.num_hidden_layers * 2 * seq * seq * tc.hidden_size,
                  vision=inp["tiles"] * (2 * vis_params * n_vis + vc.num_hidden_layers * 4 * n_vis * n_vis * vc.hidden_size),
-                 projector=2 * inp["tiles"] * n_vis * (vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2))
+                 projector=2 * inp["tiles"] * n_vis * pc["projector"])
     mult = {"prefill": dict(llm=1, vision=1, projector=1), "stage1": dict(llm=2, vision=1, projector=3)}.get(
         name, dict(llm=3, vision=3, projector=3))
     return {k: v * mult["llm" if k in ("head", "attention") else k] for k, v in parts.items()}

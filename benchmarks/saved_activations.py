@@ -157,15 +157,11 @@ def predict_full_depth(res, layer_classes, n_vis, n_txt, workload: str, run_laye
     tokens = batch * (n_img + n_txt_tokens)
     vis_tokens = batch * tiles * ((vc.image_size // vc.patch_size) ** 2 + (1 if workload == "stage1" else 0))
     depth = {"text": tc.num_hidden_layers, "vision": vc.num_hidden_layers}
-    hd = tc.hidden_size // tc.num_attention_heads
-    vis_p = vc.num_hidden_layers * (4 * vc.hidden_size ** 2 + 2 * vc.hidden_size * vc.intermediate_size) \
-        + 3 * vc.patch_size ** 2 * vc.hidden_size
-    txt_layer = tc.hidden_size * (tc.hidden_size + 2 * tc.num_key_value_heads * hd) + tc.hidden_size ** 2 \
-        + 3 * tc.hidden_size * tc.intermediate_size
-    proj = vc.hidden_size * tc.hidden_size + tc.hidden_size ** 2
-    n_params = vis_p + tc.num_hidden_layers * txt_layer + tc.vocab_size * tc.hidden_size * (
-        1 if getattr(tc, "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False) else 2) + proj
-    trained = n_params if workload == "ov_ft" else proj
+    pc = bench_model.param_counts(cfg)
+    tied = getattr(tc, "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False)
+    n_params = pc["vision"] + pc["patch_embed"] + tc.num_hidden_layers * pc["llm_layer"] + pc["projector"] \
+        + pc["embed"] * (1 if tied else 2)
+    trained = n_params if workload == "ov_ft" else pc["projector"]
     out = {}
     for provider, saved in res.items():
         parts = {"weights": 2 * n_params, "gradients + AdamW states": 6 * trained}

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import types
 
-import torch
-
 
 _SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
               "LlavaOnevisionForConditionalGeneration", "LlavaModel", "LlavaNextModel", "LlavaOnevisionModel")
@@ -55,14 +53,8 @@ def _projector_forward(self, image_features):
     # linears or the activation would be silently skipped, so such modules are called (act_linear.plain_linears)
     if not (plain_linears(l1, l2) and unhooked(l1, l2, self.act)):
         return l2(self.act(l1(image_features)))
-    x, w1, b1, w2, b2 = image_features, l1.weight, l1.bias, l2.weight, l2.bias
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        # nn.Linear under autocast runs in the autocast dtype (fp32 master weights, fp32 or low-precision features):
-        # the fused op refuses mixed dtypes, so cast as autocast would (differentiable: fp32 weight gradients)
-        dt = torch.get_autocast_dtype(dev)
-        x, w1, b1, w2, b2 = (t.to(dt) if t is not None and t.dtype != dt else t for t in (x, w1, b1, w2, b2))
-    return projector(x, w1, b1, w2, b2, approximate=self._lf_approximate)
+    # (under autocast the op casts its arguments as nn.Linear would)
+    return projector(image_features, l1.weight, l1.bias, l2.weight, l2.bias, approximate=self._lf_approximate)
 
 
 def llava_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

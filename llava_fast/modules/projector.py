@@ -53,15 +53,7 @@ class Projector(nn.Module):
             return self.linear_2(self.act(self.linear_1(image_features)))
         w1, b1 = self.linear_1.weight, self.linear_1.bias
         w2, b2 = self.linear_2.weight, self.linear_2.bias
-        x = image_features
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            # nn.Linear under autocast runs in the autocast dtype; do the same (casts are differentiable).
-            dt = torch.get_autocast_dtype(dev)
-            x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
-            b1 = b1.to(dt) if b1 is not None else None
-            b2 = b2.to(dt) if b2 is not None else None
-        return projector(x, w1, b1, w2, b2, self.approximate)
+        return projector(image_features, w1, b1, w2, b2, self.approximate)  # (autocast casts inside, as nn.Linear)
 
     def extra_repr(self) -> str:
         return f"act={self.act_name!r}"

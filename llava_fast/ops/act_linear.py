@@ -166,25 +166,24 @@ class ActLinearFunction(torch.autograd.Function):
                     dws[i] = dy2.t().mm(a2)
                 if need_b[i] and ctx.has_bias[i]:
                     dbs[i] = dy2.sum(0)
-                if any(need_h) and not enabled:
+                if not any(need_h):
+                    continue
+                if not enabled:
                     # the linears' input gradients summed in the GEMM's epilogue: addmm is one launch and one pass
                     # over da fewer per extra linear than matmul + add (and rounds once instead of twice)
                     da = dy2.mm(w) if da is None else torch.addmm(da, dy2, w)
-                elif any(need_h):
+                else:
                     # under autocast each GEMM runs in the low dtype and, as autograd does, its result is cast to
                     # the activation's dtype (fp32 with fp32 norm weights) before the sum: addmm would sum in bf16
-                    g = dy2.mm(w)
-                    g = g if g.dtype == a.dtype else g.to(a.dtype)
+                    g = dy2.mm(w).to(a.dtype)
                     da = g if da is None else da + g
             if da is not None:
                 da = da.view(a.shape)
             dhs = [None] * len(hs)
             if da is not None and explicit:
                 # as autograd does: the incoming gradient in the output's dtype, each result in its input's
-                gs = act.grad(da if da.dtype == a.dtype else da.to(a.dtype), hs, state, need_h)
-                dhs = [g if not r or g is None or g.dtype == h.dtype else g.to(h.dtype)
-                       for g, h, r in zip(gs, hs, need_h)]
-                dhs = [g if r else None for g, r in zip(dhs, need_h)]
+                gs = act.grad(da.to(a.dtype), hs, state, need_h)
+                dhs = [g.to(h.dtype) if r and g is not None else None for g, h, r in zip(gs, hs, need_h)]
             elif da is not None:
                 want = [leaf for leaf, r in zip(leaves, need_h) if r]
                 grads = iter(torch.autograd.grad(a, want, da))

@@ -723,7 +723,13 @@ def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: to
 
     Returns:
         (..., N2) in x's dtype. Fused Triton kernels on CUDA (see module docstring), the reference elsewhere.
+        Under autocast every argument is first cast to the autocast dtype, as ``nn.Linear`` would (fp32 master
+        weights; the casts are differentiable, so their gradients come back in fp32).
     """
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, w1, b1, w2, b2 = (t.to(dt) if t is not None and t.dtype != dt else t for t in (x, w1, b1, w2, b2))
     _check(x, w1, b1, w2, b2, approximate)
     if not (HAS_TRITON and backend.use_fast("projector", x.device.type) and x.numel() > 0):
         # the reference's expression (cuBLAS on CUDA: "auto"), with the GELU output recomputed in the backward

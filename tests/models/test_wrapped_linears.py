@@ -27,6 +27,17 @@ class Doubled(nn.Linear):
         return 2 * super().forward(x)
 
 
+def _fires(register, run) -> bool:
+    """Whether a hook added with ``register`` (a module's forward or backward hook registrar) is called by ``run()``."""
+    calls = []
+    h = register(lambda *args: calls.append(1))
+    try:
+        run()
+    finally:
+        h.remove()
+    return bool(calls)
+
+
 def _shifted(lin: nn.Linear) -> Shifted:
     new = Shifted(lin.in_features, lin.out_features, bias=lin.bias is not None)
     new.load_state_dict(lin.state_dict())
@@ -103,13 +114,7 @@ def test_wrapped_and_hooked_linears_are_called(tmp_path, model_type, grad, paths
             assert not torch.equal(logits(), base), f"{name}: the wrapper's forward was not called"
         finally:
             setattr(parent, attr, orig)
-        calls = []
-        h = orig.register_forward_hook(lambda mod, i, o: calls.append(1))
-        try:
-            logits()
-        finally:
-            h.remove()
-        assert calls, f"{name}: a forward hook on it was not called"
+        assert _fires(orig.register_forward_hook, logits), f"{name}: a forward hook on it was not called"
     # the norms whose output the fused paths recompute: a hook on one is called, and can change the output
     for name, norm in {"lm.input_layernorm": lm.input_layernorm, "lm.post_attention_layernorm":
                        lm.post_attention_layernorm, "vision.layer_norm1": vlayer.layer_norm1,
@@ -122,11 +127,5 @@ def test_wrapped_and_hooked_linears_are_called(tmp_path, model_type, grad, paths
     if grad:  # a backward hook on a module the fused paths compute without calling it still runs
         for name, mod in {"lm.k_proj": lm.self_attn.k_proj, "lm.input_layernorm": lm.input_layernorm,
                           "vision.fc2": vlayer.mlp.fc2}.items():
-            calls = []
-            h = mod.register_full_backward_hook(lambda mod, gi, go: calls.append(1))
-            try:
-                logits()
-            finally:
-                h.remove()
-            assert calls, f"{name}: a backward hook on it was not called"
+            assert _fires(mod.register_full_backward_hook, logits), f"{name}: a backward hook on it was not called"
     torch.testing.assert_close(logits(), base, atol=0, rtol=0)  # everything restored
