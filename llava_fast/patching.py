@@ -91,12 +91,22 @@ def _register_attention():
     ALL_MASK_ATTENTION_FUNCTIONS.register("llava_fast", sdpa_mask)
 
 
+def _contiguous_output(module, args, output):
+    return output.contiguous()
+
+
 def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool = True, projector: bool = True,
-             rope: bool = False, cross_entropy: bool = False):
+             rope: bool = False, cross_entropy: bool = False, vision_layout: bool = True):
     """Patch a transformers LLaVA model in place; returns the model. Raises ValueError for what it cannot patch.
-    A peft ``PeftModel`` is patched through its base model; adapters on patched modules keep working."""
+    A peft ``PeftModel`` is patched through its base model; adapters on patched modules keep working.
+
+    ``vision_layout``: SigLIP's embeddings (a transposed view of the patch conv's output) are made contiguous, so the
+    tower's residual stream is no longer carried transposed through every layer (strided copies and adds in each
+    layer, llava_fast/models/vision.py). The tower's layers give the same bits; the projector's first linear may round
+    once less (F.linear fuses the bias into the GEMM only for a contiguous input; torch's CPU bf16 GEMM also rounds
+    differently by layout)."""
     if hasattr(model, "get_base_model"):  # peft's PeftModel (get_peft_model): patch the transformers model inside
-        patch_hf(model.get_base_model(), rms_norm, swiglu, attention, projector, rope, cross_entropy)
+        patch_hf(model.get_base_model(), rms_norm, swiglu, attention, projector, rope, cross_entropy, vision_layout)
         return model
     name = type(model).__name__
     if name not in _SUPPORTED:
@@ -125,9 +135,14 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
             except ValueError:
                 raise ValueError(f"patch_hf(projector=True) needs a GELU projector_hidden_act, got "
                                  f"{cfg.projector_hidden_act!r}; pass projector=False") from None
-    patched = {"rms_norm": 0, "swiglu": 0, "projector": 0, "attention": False}
+    patched = {"rms_norm": 0, "swiglu": 0, "projector": 0, "attention": False, "vision_layout": 0}
     for m in model.modules():
         cls = type(m).__name__
+        if vision_layout and cls == "SiglipVisionEmbeddings":
+            if not getattr(m, "_lf_contiguous", False):  # patching twice must not stack hooks
+                m.register_forward_hook(_contiguous_output)
+                m._lf_contiguous = True
+            patched["vision_layout"] += 1
         if rms_norm and cls.endswith("RMSNorm") and hasattr(m, "variance_epsilon"):
             m.forward = types.MethodType(_rms_forward, m)
             patched["rms_norm"] += 1

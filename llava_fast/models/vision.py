@@ -26,6 +26,16 @@ class VisionEmbeddings(nn.Module):
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         if self.cfg.is_clip:
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # promotes as transformers
+        else:
+            # the conv's (B, D, N) memory seen as (B, N, D) is not contiguous, and elementwise ops keep their input's
+            # layout: SigLIP's residual stream (transformers' too) stayed transposed through every layer, each layer
+            # paying six strided copies (the norms' inputs, forward and recompute) and two strided adds. On an H200
+            # that was 17 ms of the OneVision-0.5B step's 104 ms of kernels at 4 LLM layers (docs/perf-notes.md,
+            # "Session 10"). One copy here instead. The tower's layers give the same bits (tests/models/
+            # test_vision_layout.py: elementwise ops and the norms do not depend on the layout); what reads the tower's
+            # output may round differently, e.g. F.linear, which fuses the bias into the GEMM for a contiguous 3-D
+            # input only (one rounding instead of two).
+            x = x.contiguous()
         return x + self.position_embedding.weight[None]
 
 

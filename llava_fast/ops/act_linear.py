@@ -66,7 +66,14 @@ class ExplicitAct:
       whose casts the explicit backward does not replay).
 
     ``grad`` must call the kernels autograd would call for ``forward``, so that both paths give the same bits
-    (tests/ops/test_act_linear.py compares them)."""
+    (tests/ops/test_act_linear.py compares them).
+
+    ``pointwise = True`` (SwiGLU, GELU) says that the output has ``hs[0]``'s shape and dtype and that ``grad`` needs
+    neither the output nor a state (``state`` is None): when no weight gradient is wanted (frozen linears, as in
+    stage-1 pretraining's language model), the backward then skips the recomputation, which only the weight
+    gradients read."""
+
+    pointwise = False
 
     def __call__(self, *hs):
         return self.forward(*hs)
@@ -107,6 +114,8 @@ class GeluAct(ExplicitAct):
 
     def forward(self, h):
         return F.gelu(h, approximate=self.approximate)
+
+    pointwise = True
 
     def recompute(self, h):
         return self.forward(h), None
@@ -149,13 +158,18 @@ class ActLinearFunction(torch.autograd.Function):
         act = ctx.act
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
             explicit = isinstance(act, ExplicitAct) and act.usable(hs)
-            if explicit:  # recomputed and differentiated by direct calls (ExplicitAct)
+            if explicit and act.pointwise and not any(need_w):
+                # only the weight gradients read the activation: frozen linears skip its recomputation
+                a, state, a_shape, a_dtype = None, None, hs[0].shape, hs[0].dtype
+            elif explicit:  # recomputed and differentiated by direct calls (ExplicitAct)
                 a, state = act.recompute(*hs)
             else:
                 with torch.enable_grad():
                     leaves = [h.detach().requires_grad_(r) for h, r in zip(hs, need_h)]
                     a = act(*leaves)
-            a2 = a.detach().reshape(-1, a.shape[-1])
+            if a is not None:
+                a2 = a.detach().reshape(-1, a.shape[-1])
+                a_shape, a_dtype = a.shape, a.dtype
             da = None
             for i, (w, dy) in enumerate(zip(weights, dys)):
                 if dy is None:  # this output was not used
@@ -175,14 +189,14 @@ class ActLinearFunction(torch.autograd.Function):
                 else:
                     # under autocast each GEMM runs in the low dtype and, as autograd does, its result is cast to
                     # the activation's dtype (fp32 with fp32 norm weights) before the sum: addmm would sum in bf16
-                    g = dy2.mm(w).to(a.dtype)
+                    g = dy2.mm(w).to(a_dtype)
                     da = g if da is None else da + g
             if da is not None:
-                da = da.view(a.shape)
+                da = da.view(a_shape)
             dhs = [None] * len(hs)
             if da is not None and explicit:
                 # as autograd does: the incoming gradient in the output's dtype, each result in its input's
-                gs = act.grad(da.to(a.dtype), hs, state, need_h)
+                gs = act.grad(da.to(a_dtype), hs, state, need_h)
                 dhs = [g.to(h.dtype) if r and g is not None else None for g, h, r in zip(gs, hs, need_h)]
             elif da is not None:
                 want = [leaf for leaf, r in zip(leaves, need_h) if r]

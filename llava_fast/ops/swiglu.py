@@ -204,6 +204,8 @@ class SwiGLUAct(ExplicitAct):
     ``act_linear`` recomputes for down_proj, differentiated by the backward kernel directly (the call
     ``SwiGLUFunction`` would make)."""
 
+    pointwise = True
+
     def usable(self, hs) -> bool:
         return HAS_TRITON and backend.use_fast("swiglu", hs[0].device.type)
 

@@ -349,3 +349,39 @@ def test_explicit_layer_norm_under_autocast_takes_autograd_path():
 
     for a, b in zip(run(act), run(lambda *h: act(*h))):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "layer_norm", "rms_norm", "swiglu"])
+def test_frozen_linears_skip_the_recomputation(name, kernels_forced):
+    """Frozen linears (no weight or bias gradient, as stage 1's language model): a pointwise act (GELU, SwiGLU) is
+    not recomputed in the backward, since only the weight gradients read it; a norm still is (its gradient needs the
+    recomputed statistics). The input gradients keep the bits of the nested-autograd path."""
+    from llava_fast.ops import act_linear as al
+
+    act, hs0 = _explicit_cases()[name]
+    g = torch.Generator().manual_seed(13)
+    ws = [torch.randn(n, 24, generator=g) / 5 for n in (24, 8)]
+    bs = [torch.randn(n, generator=g) for n in (24, 8)]
+    dys = [torch.randn(2, 9, n, generator=g) for n in (24, 8)]
+
+    def run(a):
+        hs = [h.clone().requires_grad_() for h in hs0]
+        outs = al.act_linears(a, hs, ws, bs)
+        return list(outs) + list(torch.autograd.grad(outs, hs, dys))
+
+    want = run(lambda *h: act(*h))
+    calls = []
+    real = type(act).recompute
+
+    def counting(self, *hs):
+        calls.append(1)
+        return real(self, *hs)
+    type(act).recompute, saved = counting, real
+    try:
+        got = run(act)
+    finally:
+        type(act).recompute = saved
+    assert len(calls) == (0 if act.pointwise else 1)
+    assert act.pointwise == (name in ("gelu", "gelu_tanh", "swiglu"))
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and torch.equal(a, b), (name, i, (a - b).abs().max())
