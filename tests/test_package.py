@@ -46,7 +46,10 @@ def test_env_names_the_gpu_tile_encoder(monkeypatch):
     if not _ext.HAS_CUDA_EXT:
         assert "gpu_tile_encoder" not in llava_fast.env()
         return
-    assert llava_fast.env()["gpu_tile_encoder"].startswith("v2 ")
+    monkeypatch.delenv("LLAVA_FAST_GPU_ENCODER_SMEM_KB", raising=False)
+    assert llava_fast.env()["gpu_tile_encoder"] == "v4 (LLAVA_FAST_GPU_ENCODER=v1..v4; shared memory 48 KB)"
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v2")
+    assert llava_fast.env()["gpu_tile_encoder"] == "v2 (LLAVA_FAST_GPU_ENCODER=v1..v4)"
     monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER", "v4")
     monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER_SMEM_KB", "96")
     assert llava_fast.env()["gpu_tile_encoder"] == "v4 (LLAVA_FAST_GPU_ENCODER=v1..v4; shared memory 96 KB)"

@@ -895,15 +895,15 @@ GPU_ENCODER_VERSIONS = (1, 2, 3, 4)
 
 
 def gpu_encoder_version() -> int:
-    """Which kernels the CUDA tile encoder launches: ``LLAVA_FAST_GPU_ENCODER=v2`` (default: a block per source row
-    staged in shared memory, four outputs per thread in the vertical pass; on an H100, 2026-11-26, 128 photos:
-    NeXT 14.2k -> 24.6k img/s, OneVision 10.3k -> 19.7k img/s against v1, bit-identical in the cuda tests) or ``v1``
-    (the session-1 kernels) or ``v3`` (v2's arithmetic with a block per four source rows in the horizontal pass and
-    eight rows per thread in the vertical one: emulated bit-identical, written without a GPU, not yet measured) or
-    ``v4`` (one fused launch, a block per band of output rows of a tile, the intermediate in shared memory only;
-    emulated bit-identical, written without a GPU, not yet measured; :func:`gpu_encoder_smem_bytes`).
-    docs/perf-notes.md, "CUDA tile encoder"."""
-    v = os.environ.get("LLAVA_FAST_GPU_ENCODER", "v2").strip().lower().lstrip("v")
+    """Which kernels the CUDA tile encoder launches: ``LLAVA_FAST_GPU_ENCODER=v4`` (default since session 10: one
+    fused launch, a block per band of output rows of a tile, the intermediate in shared memory only,
+    :func:`gpu_encoder_smem_bytes`; on an H200, 2026-11-26, 128 photos of ~1000x750, fp32 tiles: NeXT 41.5k img/s,
+    1.37x v2, OneVision 31.6k img/s, 1.33x v2, and every gpu_v4 cuda test passed, bit-identical to v2) or ``v2`` (a
+    block per source row staged in shared memory, four outputs per thread in the vertical pass; the default of
+    sessions 4-9: H100 NeXT 24.6k, OneVision 19.7k img/s, 1.73x / 1.91x v1) or ``v1`` (the session-1 kernels) or
+    ``v3`` (v2's arithmetic with a block per four source rows in the horizontal pass and eight rows per thread in the
+    vertical one: H200 1.08x / 1.16x v2). docs/perf-notes.md, "CUDA tile encoder"."""
+    v = os.environ.get("LLAVA_FAST_GPU_ENCODER", "v4").strip().lower().lstrip("v")
     if v not in {str(n) for n in GPU_ENCODER_VERSIONS}:
         names = ", ".join(f"v{n}" for n in GPU_ENCODER_VERSIONS)
         raise ValueError(f"LLAVA_FAST_GPU_ENCODER must be one of {names}, got {os.environ['LLAVA_FAST_GPU_ENCODER']!r}")

@@ -1149,7 +1149,8 @@ def backward_impl(deterministic: bool = False) -> str:
 
 
 # Opt-in dense forward on CUTLASS's Hopper FMHA (csrc/cutlass/attention_sm90*.cu): for calls whose documents all
-# have one length, with Hq == Hkv, D in {64, 128} and the default scale; the backward stays on the Triton kernels.
+# have one length, a multiple of 8, with Hq == Hkv, D in {64, 128} and the default scale; the backward stays on the
+# Triton kernels.
 _CUTLASS_ENV = "LLAVA_FAST_ATTN_CUTLASS"
 _cutlass_runs = 0       # successful CUTLASS forwards (tests assert the kernel ran rather than the Triton one)
 
@@ -1171,6 +1172,10 @@ def cutlass_fwd_unusable(q, k, v, batch: int, max_seqlen_q: int, max_seqlen_k: i
         return "seqused_k (KV cache)"
     if max_seqlen_q != max_seqlen_k or total_q != batch * max_seqlen_q or k.shape[0] != batch * max_seqlen_k:
         return "documents of different lengths (or Sq != Sk)"
+    if max_seqlen_q % 8:
+        # the FMHA's can_implement (its TMA loads: 16-byte aligned rows) takes lengths that are multiples of 8 only;
+        # CLIP's 577 and SigLIP's 729 tokens are not (the H200 run of session 10 fell back there)
+        return f"document length {max_seqlen_q} (the CUTLASS FMHA needs a multiple of 8)"
     if abs(softmax_scale - d ** -0.5) > 1e-6 * d ** -0.5:
         return f"softmax_scale {softmax_scale} (the kernel's is fixed at 1/sqrt(D))"
     for t in (q, k, v):

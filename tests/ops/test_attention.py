@@ -419,18 +419,20 @@ def test_cutlass_fwd_contract(fake_cutlass_attn, d, causal, device):
     (B, H, S, D) and our Triton backward runs on the LSE it wrote; out, lse and every gradient against the fp32
     reference by the flash-attn rule."""
     runs = attn_mod._cutlass_runs
-    _check_against_ref([17, 17, 17], [17, 17, 17], 2, 2, d, causal, torch.float16, device, _run_function)
+    _check_against_ref([16, 16, 16], [16, 16, 16], 2, 2, d, causal, torch.float16, device, _run_function)
     assert attn_mod._cutlass_runs == runs + 1
-    assert fake_cutlass_attn.calls == [(1, int(causal), 3, 2, 17, d)]
+    assert fake_cutlass_attn.calls == [(1, int(causal), 3, 2, 16, d)]
 
 
 @pytest.mark.parametrize("case,match", [
     ("lengths", "different lengths"), ("gqa", "GQA"), ("d72", "head dim 72"), ("scale", "softmax_scale"),
-    ("refused", "attn_fwd returned 2: Error Not Supported")])
+    ("len17", "length 17 .*multiple of 8"), ("refused", "attn_fwd returned 2: Error Not Supported")])
 def test_cutlass_fwd_falls_back(fake_cutlass_attn, case, match, device):
     """Calls the CUTLASS forward cannot take run the Triton forward, with a warning that says why."""
-    lens, hq, hkv, d = [17, 17, 17], 2, 2, 64
-    if case == "lengths":
+    lens, hq, hkv, d = [16, 16, 16], 2, 2, 64
+    if case == "len17":
+        lens = [17, 17, 17]
+    elif case == "lengths":
         lens = [5, 17, 20]
     elif case == "gqa":
         hkv = 1
@@ -894,8 +896,9 @@ def test_cuda_atomic_bwd_sq_ne_sk_and_agreement(atomic_bwd):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_cutlass_fwd(monkeypatch, dtype, d, causal):
-    """LLAVA_FAST_ATTN_CUTLASS=1: the CUTLASS dense forward (CLIP-like 577-token documents, and 1024) ran (no
-    fallback), and out, lse and the Triton backward's gradients from its LSE pass the flash-attn rule."""
+    """LLAVA_FAST_ATTN_CUTLASS=1: the CUTLASS dense forward (576-token documents, CLIP's grid without its class
+    token, and 1024) ran (no fallback), and out, lse and the Triton backward's gradients from its LSE pass the
+    flash-attn rule. (577 itself is refused before the call: test_cutlass_fwd_refuses_lengths_not_multiple_of_8.)"""
     import warnings
 
     from llava_fast import _ext
@@ -904,9 +907,22 @@ def test_cuda_cutlass_fwd(monkeypatch, dtype, d, causal):
     if lib is None or not lib.llava_fast_cutlass_has_attn_fwd() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip(f"CUTLASS attention forward not available here ({_ext.CUTLASS_ERROR or 'no FMHA or not sm_90'})")
     monkeypatch.setenv("LLAVA_FAST_ATTN_CUTLASS", "1")
-    for lens in ([577] * 6, [1024] * 2):
+    for lens in ([576] * 6, [1024] * 2):
         runs = attn_mod._cutlass_runs
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a fallback warns: make it fail here
             _check_against_ref(lens, lens, 4, 4, d, causal, dtype, "cuda", _run_function)
         assert attn_mod._cutlass_runs == runs + 1
+
+
+def test_cutlass_fwd_refuses_lengths_not_multiple_of_8():
+    """The CUTLASS FMHA's can_implement takes document lengths that are multiples of 8 only: on the H200 (session 10)
+    every call with CLIP's 577 tokens reached the library and failed there. The launcher now says why before calling
+    (the warning names the length) and the Triton forward takes the call. Runs on the CPU."""
+    for n, ok in ((577, False), (729, False), (576, True), (1024, True)):
+        q = torch.empty(3 * n, 4, 64, dtype=torch.bfloat16)
+        why = attn_mod.cutlass_fwd_unusable(q, q, q, 3, n, n, 64 ** -0.5, True)
+        if ok:
+            assert why is None or "multiple of 8" not in why
+        else:
+            assert why is not None and "multiple of 8" in why and str(n) in why
