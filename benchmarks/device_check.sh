@@ -16,7 +16,8 @@
 #                      "sweep64": head-dim-64 configs on the CLIP shape, <= 200 s; "sweep_projector": the CUTLASS
 #                      projector schedules, <= 90 s; "model_compiled": the OneVision step with every layer under
 #                      torch.compile against eager and transformers, <= 180 s; "host": host_overhead.py, the
-#                      OneVision step's host time with launches stubbed, on this box's CPU, ~15 s);
+#                      OneVision step's host time with launches stubbed, on this box's CPU, ~15 s; "profile_full":
+#                      profile_model.py at full depth with --host, ~60 s);
 #                      default (attention, then the end-to-end breakdown, then the rest):
 #                      attention profile model anyres projector rms_norm swiglu rope cross_entropy pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
@@ -142,6 +143,10 @@ if want ops; then
     elif [ "$b" = "profile" ]; then  # where the end-to-end step's GPU time goes, by kernel class (OneVision FT, stage 1)
       step profile_model 60 $PY benchmarks/profile_model.py --workload ov_ft --layers 4
       step profile_model_stage1 45 $PY benchmarks/profile_model.py --workload stage1 --layers 4
+    elif [ "$b" = "profile_full" ]; then  # not in the default list: the OneVision step at full depth (24 Qwen2
+      # layers), where session 10's H200 run found 6.25 ms of wall time per LLM layer against ~3.7 ms of kernels
+      # (GPU busy %, the host cost per op call, a cProfile of one step); ~60 s
+      step profile_model_full 100 $PY benchmarks/profile_model.py --workload ov_ft --layers 24 --steps 2 --host
     elif [ "$b" = "mixed" ]; then  # the realistic mixed-length stage-2 run: packing fill vs padding waste
       step bench_model_mixed 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads mixed --name bench_model_mixed \
         --providers llava_fast,llava_fast_sdpa_text,hf_sdpa

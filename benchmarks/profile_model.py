@@ -192,6 +192,60 @@ def busy_lines(wall_ms: float, kernel_ms: float, use_cuda: bool, syncs) -> str:
     return out
 
 
+def launch_costs(device: str, calls: int = 300) -> list[tuple[str, float]]:
+    """Host microseconds per call of one op on tiny inputs, ``calls`` calls back to back between two syncs: the GPU
+    work is a few microseconds, so this is the host's cost to issue the op (Python, our launcher, Triton's launcher or
+    aten's dispatch), the number that says whether a deep stack of small layers (OneVision-0.5B's 24 Qwen2 layers at
+    hidden 896) is host-bound. aten's ``add`` is the yardstick."""
+    from llava_fast.ops.attention import flash_attn_varlen_func
+    from llava_fast.ops.rms_norm import rms_norm
+    from llava_fast.ops.rope import rope
+    from llava_fast.ops.swiglu import swiglu
+
+    dt = torch.bfloat16
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    x = torch.randn(16, 896, device=device, dtype=dt)
+    w = torch.ones(896, device=device, dtype=dt)
+    q = torch.randn(128, 14, 64, device=device, dtype=dt)
+    k = torch.randn(128, 2, 64, device=device, dtype=dt)
+    cu = torch.tensor([0, 64, 128], device=device, dtype=torch.int32)
+    pos = torch.arange(128, device=device)
+    ops = [("aten add", lambda: torch.add(x, x)),
+           ("rms_norm (Triton)", lambda: rms_norm(x, w)),
+           ("swiglu (Triton)", lambda: swiglu(x, x)),
+           ("rope (Triton)", lambda: rope(q, k, pos)),
+           ("attention fwd (Triton)", lambda: flash_attn_varlen_func(q, k, k, cu, cu, 64, 64, causal=True))]
+    out = []
+    with torch.no_grad():
+        for name, fn in ops:
+            for _ in range(20):
+                fn()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            out.append((name, (time.perf_counter() - t0) * 1e6 / calls))
+    return out
+
+
+def host_profile(fn, use_cuda: bool, top: int = 25) -> str:
+    """cProfile of one step (the host side: which Python functions the step's wall time goes to), top by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    if use_cuda:
+        torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
 def to_markdown(classes, rows, steps, top, header) -> str:
     lines = [header, "", "| class | ms per step | share | kernels |", "|---|---:|---:|---:|"]
     lines += [f"| {c['cls']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f}% | {c['kernels']} |" for c in classes]
@@ -214,6 +268,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (smoke test of this script)")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--host", action="store_true",
+                   help="also the host cost per call of single ops (launch_costs) and a cProfile of one step")
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error("--steps must be >= 1")
@@ -254,6 +310,12 @@ def main(argv=None) -> int:
     md += ("\nTime per model part (ms per step; forward, and backward for our model: kernels launched inside the "
            "part's ranges):\n\n| part | ms |\n|---|---:|\n")
     md += "".join(f"| {p['part']} | {p['ms_per_step']:.2f} |\n" for p in parts)
+    costs = None
+    if a.host:  # (on the CPU, --tiny: a smoke test of the script; the ops run their reference paths)
+        costs = launch_costs(device, 300 if use_cuda else 5)
+        md += ("\nHost cost per call, tiny inputs (us; back-to-back calls between two syncs):\n\n| op | us per call |\n"
+               "|---|---:|\n" + "".join(f"| {n} | {us:.1f} |\n" for n, us in costs))
+        md += "\ncProfile of one step (host side), top functions by own time:\n\n```\n" + host_profile(fn, use_cuda) + "```\n"
     print(md)
     if not a.no_save and not a.tiny:
         res = Path(os.environ.get("LLAVA_FAST_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
@@ -265,7 +327,8 @@ def main(argv=None) -> int:
         base.with_suffix(".json").write_text(json.dumps(dict(
             classes=classes, kernels=rows[:200], parts=parts, steps=a.steps, workload=a.workload, wall_ms=wall,
             syncs=None if syncs is None else dict(count=syncs[0], where=syncs[1]),
-            provider=a.provider, gpu=where)))
+            provider=a.provider, gpu=where, layers=a.layers,
+            launch_us=None if costs is None else dict(costs))))
         print("saved", base.with_suffix(".md"))
     return 0
 

@@ -198,3 +198,14 @@ def test_checked_flop_and_byte_counts():
     h, kv, inter = 896, 2 * 64, 4864
     layer = h * h + 2 * h * kv + h * h + 3 * h * inter                                # q, k+v (GQA), o, MLP
     assert bench_model.flop_parts("prefill", cfg, inp)["llm"] == 2 * layer
+
+
+def test_profile_model_host_option_smoke(capsys):
+    """--host (device_check's profile_full op): the per-op host cost table and a cProfile of one step are printed
+    (on the CPU the ops run their reference paths: a check of the script, not a measurement)."""
+    import profile_model
+
+    assert profile_model.main(["--tiny", "--host", "--no-save", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| rms_norm (Triton) |" in out and "| aten add |" in out
+    assert "cProfile of one step" in out and "tottime" in out
