@@ -48,10 +48,15 @@ def test_decide_reports_split_variants(tmp_path):
     assert got["SPLIT=overlap, SigLIP D72"][0].startswith("fwd 1.08x, fwd+bwd 1.06x")
 
 
-def test_decide_reports_split_variant_of_the_stored_h100_run():
+def test_decide_reports_split_variant_of_the_stored_h100_run(tmp_path):
     """The repository's own H100 variants table (logs/attention_variants-*H100*.jsonl) has SPLIT=overlap at 1.08x
-    forward: decide must say so."""
-    got = _decide(ROOT / "benchmarks" / "results")
+    forward: decide must say so. (Read from a copy: decide takes the newest table, and later runs are stored too.)"""
+    import shutil
+
+    (tmp_path / "logs").mkdir()
+    for f in (ROOT / "benchmarks" / "results" / "logs").glob("attention_variants-*H100*.jsonl"):
+        shutil.copy(f, tmp_path / "logs" / f.name)
+    got = _decide(tmp_path)
     m, _, d = got["SPLIT=overlap, SigLIP D72"]
     assert m.startswith("fwd 1.08x") and d.startswith("candidate default")
 
