@@ -43,6 +43,7 @@ SHAPES = {
     "causal-d128-4k": (4, 4096, 32, 32, 128, True),
     "causal-d128-16k": (1, 16384, 32, 32, 128, True),
     "qwen2-0.5b-gqa14/2-d64-4k": (4, 4096, 14, 2, 64, True),
+    "qwen2-0.5b-gqa14/2-d64-2x5453": (2, 5453, 14, 2, 64, True),  # the OneVision-0.5B FT step's language model
     "clip-64x577-d64": (64, 577, 16, 16, 64, False),
     "siglip-32x729-d72": (32, 729, 16, 16, 72, False),
     "packed-8docs-d128": (8, None, 32, 32, 128, True),
@@ -111,7 +112,7 @@ def _providers(name, shape, with_flex=True, with_atomic=True):
 
     yield OURS, ours, ""
     yield OURS_TMA, ours, "TMA descriptor loads in the forward and dK/dV kernels (LLAVA_FAST_ATTN_TMA=1)"
-    if s is not None and hq == hkv and d in (64, 128):
+    if s is not None and s % 8 == 0 and hq == hkv and d in (64, 128):  # what the FMHA takes (cutlass_fwd_unusable)
         yield OURS_CUTLASS, ours, "forward on CUTLASS's Hopper FMHA (LLAVA_FAST_ATTN_CUTLASS=1), Triton backward"
     if with_atomic:
         yield OURS_ATOMIC, ours, "5-GEMM backward, dQ by fp32 atomics (forward not re-measured)"

@@ -96,14 +96,15 @@ def cross_entropy(folder):
     return out
 
 
-VARIANT_PREFIXES = ("CFG=", "TMA=", "BWD=", "LOOPS=", "LSE_TMA=", "SPLIT=", "MIN_D1=", "ALIGN=")
+VARIANT_PREFIXES = ("CFG=", "TMA=", "BWD=", "LOOPS=", "LSE_TMA=", "SPLIT=", "MIN_D1=", "ALIGN=", "GQA_SPLIT=")
 
 
 def attention(folder):
     out = []
     # every table device_check.sh writes: "sweep", "variants" (D72, D64) and "sweep64" (D64 configs, CLIP shape)
     for name, shape in (("attention_sweep", "causal D128 4k"), ("attention_variants", "SigLIP D72"),
-                        ("attention_variants_d64", "CLIP D64"), ("attention_sweep64", "CLIP D64 sweep")):
+                        ("attention_variants_d64", "CLIP D64"), ("attention_sweep64", "CLIP D64 sweep"),
+                        ("attention_gqa", "Qwen2-0.5B GQA 14/2 D64 causal 2x5453")):
         recs = load_jsonl(folder, name)
         base = _variant(recs, "default")
         if base is None:
@@ -131,6 +132,9 @@ def attention(folder):
             rule = "a default changes at >= 1.03x on its pass"
             if v.startswith("LSE_TMA="):
                 rule += " (LSE_TMA: prediction fwd+bwd 1.04-1.10x: -16 to -32% of the dK/dV loop's instructions)"
+            if v.startswith("GQA_SPLIT="):
+                rule += (" (GQA_SPLIT: prediction dK/dV 1.25-1.35x, fwd+bwd ~1.1x; if it wins, make it the default for "
+                         "group > 1 in attention._gqa_split)")
             out.append((f"{v}, {shape}", f"fwd {fw:.2f}x, fwd+bwd {fb:.2f}x the default (errors within the rule)",
                         rule,
                         "candidate default (re-time, then change _default_cfg / the switch)" if better else "keep"))

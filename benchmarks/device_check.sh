@@ -17,7 +17,8 @@
 #                      projector schedules, <= 90 s; "model_compiled": the OneVision step with every layer under
 #                      torch.compile against eager and transformers, <= 180 s; "host": host_overhead.py, the
 #                      OneVision step's host time with launches stubbed, on this box's CPU, ~15 s; "profile_full":
-#                      profile_model.py at full depth with --host, ~60 s);
+#                      profile_model.py at full depth with --host, ~60 s; "gqa": the opt-in GQA split of the
+#                      dK/dV kernel on Qwen2-0.5B's attention shape, ~40 s);
 #                      default (attention, then the end-to-end breakdown, then the rest):
 #                      attention profile model anyres projector rms_norm swiglu rope cross_entropy pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
@@ -143,6 +144,10 @@ if want ops; then
     elif [ "$b" = "profile" ]; then  # where the end-to-end step's GPU time goes, by kernel class (OneVision FT, stage 1)
       step profile_model 60 $PY benchmarks/profile_model.py --workload ov_ft --layers 4
       step profile_model_stage1 45 $PY benchmarks/profile_model.py --workload stage1 --layers 4
+    elif [ "$b" = "gqa" ]; then  # not in the default list: the opt-in GQA split of the dK/dV kernel (session 10,
+      # attention._gqa_split) on the OneVision-0.5B language model's attention (14 / 2 heads, D64, 2 x 5453), ~40 s
+      step attention_gqa 90 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time ov05 \
+        --variants "default|GQA_SPLIT=1" --out "$RES/attention_gqa.jsonl"
     elif [ "$b" = "profile_full" ]; then  # not in the default list: the OneVision step at full depth (24 Qwen2
       # layers), where session 10's H200 run found 6.25 ms of wall time per LLM layer against ~3.7 ms of kernels
       # (GPU busy %, the host cost per op call, a cProfile of one step); ~60 s

@@ -71,6 +71,15 @@ def test_decide_reads_the_d64_sweep(tmp_path):
     assert got["TMA=1, CLIP D64 sweep"][2] == "fix or drop"
 
 
+def test_decide_reads_the_gqa_split_table(tmp_path):
+    """device_check's "gqa" op writes attention_gqa.jsonl (session 10's opt-in GQA split of the dK/dV kernel)."""
+    _jsonl(tmp_path / "attention_gqa.jsonl", [_variant("default", 300.0, 180.0), _variant("GQA_SPLIT=1", 300.0, 200.0)])
+    got = _decide(tmp_path)
+    m, rule, d = got["GQA_SPLIT=1, Qwen2-0.5B GQA 14/2 D64 causal 2x5453"]
+    assert m.startswith("fwd 1.00x, fwd+bwd 1.11x") and "attention._gqa_split" in rule
+    assert d.startswith("candidate default")
+
+
 # -------------------------------------------------------------------------------------------- decide.py, end to end
 def _model_rows(path: Path, rows: list[tuple]) -> None:
     path.write_text(json.dumps({"rows": [dict(bench="model", provider=p, shape=shape, mode=mode, ms=1e3 / v, metric=v,

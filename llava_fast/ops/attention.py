@@ -1072,6 +1072,22 @@ def _dkdv_one_loop() -> bool:
     return _ext.env_choice("LLAVA_FAST_ATTN_DKDV_LOOPS", ("1", "2"), "2") == "1"
 
 
+def _gqa_split(group: int) -> bool:
+    """LLAVA_FAST_ATTN_GQA_SPLIT=1 (opt-in, written without a GPU in session 10): with grouped-query attention the
+    dK/dV kernel runs one program per (key block, document, *query* head) instead of per kv head, on K and V
+    repeated per query head, into fp32 per-query-head partials that one reduction sums per kv head (the same fp32
+    sum as the kernel's registers, in another order; then one rounding, as before).
+
+    Why: a kv-head program loops over its ``group`` query heads and, causal, over every query block at or after its
+    key block, so with few kv heads the first key blocks' programs are the critical path. Qwen2-0.5B (14 query heads,
+    2 kv heads, D 64; the OneVision-0.5B step's language model, 2 documents of 5453 tokens): 172 programs whose
+    heaviest does 602 block iterations against 401 on average per SM (132 SMs, one program each: 67% busy at best).
+    Split: 1204 programs, the heaviest 86, 90% busy by the same list-scheduling count; prediction 1.25-1.35x the
+    dK/dV kernel (1.1 of the 1.8 ms of attention per Qwen2 layer on the H200, session 10), minus the repeat and the
+    reduction (~0.1 ms: ~120 MB moved). Costs 4 * total_k * Hq * D * 2 bytes of fp32 partials while it runs."""
+    return group > 1 and _ext.env_choice("LLAVA_FAST_ATTN_GQA_SPLIT", ("0", "1"), "0") == "1"
+
+
 def _use_lse_tma(q: torch.Tensor | None = None) -> bool:
     """LLAVA_FAST_ATTN_LSE_TMA=1 (opt-in, not yet run on a GPU): the dK/dV kernel reads each query block's lse and
     delta through TMA descriptors (one bulk copy per vector) instead of the pipeliner's 4-byte cp.async per element,
@@ -1307,8 +1323,23 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
         tma = _use_tma(q, dout)
         if (tma or lse_tma) and q.is_cuda:
             _ext.ensure_tma_allocator()
-        _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (_ext.cdiv(max_seqlen_k, bn), batch, hkv),
-                args, dict(constexprs, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma, LSE_TMA=lse_tma, **lse_tma_args))
+        split = _gqa_split(group)
+        if split:  # one program per query head (see _gqa_split): K/V repeated per query head, fp32 partials
+            k_h, v_h = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            dk_h = torch.empty((total_k, hq, d), dtype=torch.float32, device=k.device)
+            dv_h = torch.empty((total_k, hq, d), dtype=torch.float32, device=k.device)
+            align_h = _stride_align(q, k_h, v_h, dout, dk_h, dv_h)
+            args = (q, k_h, v_h, dout, lse, delta, dk_h, dv_h, cu_seqlens_q, cu_seqlens_k,
+                    *_strides(align_h, q, k_h, v_h, dout, dk_h, dv_h), lse.stride(0), qk_scale, softmax_scale, 1,
+                    _bucket(max_seqlen_k))
+        _launch("dkdv", _flash_attn_bwd_dkdv_kernel,
+                lambda bm, bn: (_ext.cdiv(max_seqlen_k, bn), batch, hq if split else hkv), args,
+                dict(constexprs, ALIGN=align_h if split else align, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma,
+                     LSE_TMA=lse_tma, **lse_tma_args))
+        if split:  # the group's fp32 partials summed, rounded once to the input dtype
+            dk.copy_(dk_h.view(total_k, hkv, group, d).sum(2))
+            dv.copy_(dv_h.view(total_k, hkv, group, d).sum(2))
+            del k_h, v_h, dk_h, dv_h
         args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dq),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_q))
         tma_kv = _use_tma(k, v)

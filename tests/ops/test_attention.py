@@ -497,6 +497,26 @@ def test_cuda_gqa(dtype, hq, hkv, d):
     _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
 
 
+@pytest.mark.parametrize("hq, hkv, d", [(4, 2, 64), (6, 1, 72), (4, 4, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_split_backward(monkeypatch, hq, hkv, d, causal, device):
+    """LLAVA_FAST_ATTN_GQA_SPLIT=1: the dK/dV kernel runs per query head on repeated K/V into fp32 partials summed per
+    kv head (attention._gqa_split); out, lse and every gradient pass the same rule as the default backward, uneven
+    documents and Sq != Sk included, and the split really ran (one program per query head) when hq > hkv."""
+    grids = []
+    real = attn_mod._launch
+
+    def spy(kind, fn, grid_of, args, constexprs):
+        if kind == "dkdv":
+            grids.append(grid_of(64, 64)[2])
+        return real(kind, fn, grid_of, args, constexprs)
+    monkeypatch.setattr(attn_mod, "_launch", spy)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", "1")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    _check_against_ref([5, 40, 17], [9, 40, 30], hq, hkv, d, causal, dtype, device, _run_function)
+    assert grids == [hq]  # per query head (MHA: hq == hkv, the split is off and the grid is the same)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
