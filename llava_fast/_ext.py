@@ -46,6 +46,30 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def not_differentiable_again(grads, sources, what: str):
+    """``grads`` (a tuple; None entries kept) made to depend, through a node that raises when a backward reaches it,
+    on those of ``sources`` that require grad: the tensors the true second derivative would go through.
+    Differentiating the gradients of a ``create_graph=True`` backward then raises, by ``loss.backward()`` and by
+    ``torch.autograd.grad(..., inputs)`` alike, instead of silently treating them as constants.
+    (``once_differentiable`` looks at the incoming gradients only and attaches its error node to detached leaves,
+    which ``autograd.grad`` w.r.t. an input never visits.) Call it from a custom Function's backward when
+    ``torch.is_grad_enabled()``, on gradients computed under ``no_grad``."""
+    import torch
+
+    live = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    if not live or not idx:
+        return tuple(grads)
+    err = torch._C._functions.DelayedError(
+        f"{what}: double backward (differentiating its gradients, create_graph=True) is not supported".encode(),
+        len(idx) + len(live))
+    wrapped = err(*[grads[i] for i in idx], *live)
+    out = list(grads)
+    for j, i in enumerate(idx):
+        out[i] = wrapped[j]
+    return tuple(out)
+
+
 def _tracing() -> bool:
     """True while torch.compile / export traces, or while a fake-tensor, proxy (make_fx) or functionalization mode is
     active: then ops must go through the dispatcher, whose fake implementations describe them."""

@@ -19,7 +19,7 @@ from llava_fast.models.language import LanguageModel
 from llava_fast.models.layers import get_activation
 from llava_fast.models.vision import VisionTower
 from llava_fast.ops import anyres
-from llava_fast.ops.act_linear import plain_linears
+from llava_fast.ops.act_linear import GeluAct, plain_linears
 from llava_fast.ops.pack_features import pack_image_features_ref, pool_video_features_ref, scatter_features_ref
 
 
@@ -44,14 +44,15 @@ class MultiModalProjector(nn.Module):
         self.act_name = act
 
     def forward(self, x):
-        # fused GEMM + GELU epilogue (one M x N buffer saved) when both linears are plain: an adapter or wrapper on
-        # either (LoRA) is called as a module instead
-        if self.act_name in ("gelu", "gelu_pytorch_tanh", "gelu_new") and backend.use_fast("projector", x.device.type) \
+        # fused GEMM + GELU epilogue (one M x N buffer saved) when both linears are plain and the activation is still
+        # the GELU of the config: an adapter or wrapper on either linear (LoRA), or another activation put in
+        # `self.act`, is called as a module instead
+        if type(self.act) is GeluAct and backend.use_fast("projector", x.device.type) \
                 and plain_linears(self.linear_1, self.linear_2):
             from llava_fast.ops.projector import projector
 
             return projector(x, self.linear_1.weight, self.linear_1.bias, self.linear_2.weight, self.linear_2.bias,
-                             approximate="none" if self.act_name == "gelu" else "tanh")
+                             approximate=self.act.approximate)
         return self.linear_2(self.act(self.linear_1(x)))
 
 

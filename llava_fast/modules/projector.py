@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llava_fast.ops.act_linear import plain_linears
+from llava_fast.ops.act_linear import plain_linears, unhooked
 from llava_fast.ops.projector import normalize_act, projector
 
 __all__ = ["LlavaMultiModalProjector", "Projector"]
@@ -25,10 +25,11 @@ class Projector(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str = "gelu",
                  device=None, dtype=None):
         super().__init__()
-        self.approximate = normalize_act(act)
         self.act_name = act
         self.linear_1 = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.act = nn.GELU(approximate=self.approximate)  # parameter-free; kept so `.act(...)` works as in HF
+        # parameter-free; kept so `.act(...)` works as in HF. It is what the forward computes: replaced by another
+        # module, or hooked, it is called (with the linears) instead of the fused op
+        self.act = nn.GELU(approximate=normalize_act(act))
         self.linear_2 = nn.Linear(out_features, out_features, bias=bias, device=device, dtype=dtype)
 
     @classmethod
@@ -48,12 +49,24 @@ class Projector(nn.Module):
         new.linear_1, new.linear_2 = l1, l2
         return new
 
+    @property
+    def approximate(self) -> str | None:
+        """The GELU approximation of ``self.act`` ("none" | "tanh"); None when ``act`` is not an ``nn.GELU``."""
+        return self.act.approximate if isinstance(self.act, nn.GELU) else None
+
+    def _fusable(self) -> bool:
+        """The fused op computes exactly what calling the modules would: plain linears (no adapter, wrapper or
+        hook: LoRA) and an ``nn.GELU`` activation with its own forward and no hooks."""
+        act = self.act
+        return (plain_linears(self.linear_1, self.linear_2) and isinstance(act, nn.GELU)
+                and type(act).forward is nn.GELU.forward and unhooked(act))
+
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        if not plain_linears(self.linear_1, self.linear_2):  # adapters / wrappers (LoRA): call the modules
+        if not self._fusable():
             return self.linear_2(self.act(self.linear_1(image_features)))
         w1, b1 = self.linear_1.weight, self.linear_1.bias
         w2, b2 = self.linear_2.weight, self.linear_2.bias
-        return projector(image_features, w1, b1, w2, b2, self.approximate)  # (autocast casts inside, as nn.Linear)
+        return projector(image_features, w1, b1, w2, b2, self.act.approximate)  # (autocast casts inside)
 
     def extra_repr(self) -> str:
         return f"act={self.act_name!r}"

@@ -28,7 +28,6 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from llava_fast import _ext
 
@@ -146,8 +145,18 @@ class ActLinearFunction(torch.autograd.Function):
         return tuple(F.linear(a, w, b) for w, b in zip(weights, biases))
 
     @staticmethod
-    @once_differentiable  # the recomputation detaches: a double backward must fail loudly, not be silently wrong
     def backward(ctx, *dys):
+        # the recomputation detaches: a double backward must fail loudly, not be silently wrong. once_differentiable
+        # did not suffice: its error node hangs off detached leaves, which autograd.grad w.r.t. an input never
+        # visits (a wrong second derivative in silence; tests/ops/test_api_audit_projector.py found it)
+        with torch.no_grad():
+            grads = ActLinearFunction._backward(ctx, dys)
+        if torch.is_grad_enabled() and not _ext._tracing():  # create_graph=True
+            grads = _ext.not_differentiable_again(grads, (*ctx.saved_tensors, *dys), "act_linear")
+        return grads
+
+    @staticmethod
+    def _backward(ctx, dys):
         n = ctx.n
         saved = ctx.saved_tensors
         weights, hs = saved[:n], saved[n:]

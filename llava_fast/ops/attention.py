@@ -1493,23 +1493,8 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
             dq, dk, dv = op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k,
                             ctx.softmax_scale, ctx.causal, dlse)
         if torch.is_grad_enabled() and not _ext._tracing():  # create_graph=True: refuse a double backward loudly
-            dq, dk, dv = _not_differentiable_again((dq, dk, dv), (q, k, v, dout, dlse))
+            dq, dk, dv = _ext.not_differentiable_again((dq, dk, dv), (q, k, v, dout, dlse), "flash_attn_varlen_func")
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
-
-
-def _not_differentiable_again(grads, sources):
-    """``grads`` made to depend, through a node that raises when a backward reaches it, on those of ``sources``
-    that require grad: the tensors the true second derivative would go through. Differentiating the gradients of a
-    ``create_graph=True`` backward then raises, by ``loss.backward()`` and by ``torch.autograd.grad(..., inputs)``
-    alike, instead of silently treating them as constants. (``once_differentiable`` looks at the incoming gradients
-    only and attaches its error node to detached leaves, which ``autograd.grad`` w.r.t. q never visits.)"""
-    live = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
-    if not live:
-        return grads
-    err = torch._C._functions.DelayedError(
-        b"flash_attn_varlen_func: double backward (differentiating its gradients, create_graph=True) is not "
-        b"supported", len(grads) + len(live))
-    return err(*grads, *live)[:len(grads)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

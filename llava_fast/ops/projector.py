@@ -25,6 +25,7 @@ pre-activation (its aux store passes that value on), so there the two activation
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 _APPROX = ("none", "tanh")
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # what autocast casts (not float64)
 # HF ACT2FN names (and nn.GELU's `approximate` values) -> our `approximate`.
 _ACT_TO_APPROX = {
     "gelu": "none",
@@ -568,10 +570,20 @@ def set_gemm2_impl(impl: str) -> None:
     _GEMM2_IMPL = impl
 
 
+def _check_types(x, w1, b1, w2, b2):
+    """A TypeError naming the argument that is not a tensor (x, w1, w2) or neither a tensor nor None (b1, b2)."""
+    for name, t, optional in (("x", x, False), ("w1", w1, False), ("b1", b1, True), ("w2", w2, False),
+                              ("b2", b2, True)):
+        if not isinstance(t, torch.Tensor) and not (optional and t is None):
+            raise TypeError(f"projector: {name} must be a torch.Tensor{' or None' if optional else ''}, got "
+                            f"{type(t).__name__}" + ("; convert it with torch.as_tensor" if t is not None else ""))
+
+
 def _check(x, w1, b1, w2, b2, approximate):
     if approximate not in _APPROX:
         raise ValueError(f"projector: approximate must be 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+    _check_types(x, w1, b1, w2, b2)
+    if x.dim() < 1:
         raise ValueError("projector: x must be a tensor of shape (..., in_features)")
     if w1.dim() != 2 or w2.dim() != 2:
         raise ValueError(f"projector: w1 and w2 must be 2-D (out_features, in_features), got shapes "
@@ -680,17 +692,23 @@ def _(dy, x, h, w1, w2, approximate, need_dx, need_w1, need_b1, need_w2, need_b2
 # 5. autograd.Function
 # ----------------------------------------------------------------------------------------------------------------------
 class ProjectorFunction(torch.autograd.Function):
-    """Fused projector with autograd. Saves x (the caller keeps it anyway), the weights and h only."""
+    """Fused projector with autograd. Saves x (the caller keeps it anyway), the weights and h only.
+
+    The backward is not differentiable: with ``create_graph=True`` the gradients it returns raise when differentiated
+    again (by ``backward()`` and by ``torch.autograd.grad(..., inputs)`` alike) instead of acting as constants."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, approximate="none"):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # any strides: the kernel takes them
+        m = math.prod(shape[:-1])
+        x2 = x.reshape(m, shape[-1])  # any strides: the kernel takes them
         need = ctx.needs_input_grad
         save_h = any(need[:5])
         y, h = _projector_fwd_op(x2, w1, b1, w2, b2, approximate, save_h)
         if save_h:
-            ctx.save_for_backward(x2, h, w1, w2)
+            # x itself (not the 2-D view): an input, so that a double backward can be refused through it; b1 only
+            # for that (h depends on it)
+            ctx.save_for_backward(x, h, w1, w2, b1)
         ctx.approximate = approximate
         ctx.x_shape = shape
         ctx.has_b = (b1 is not None, b2 is not None)
@@ -698,15 +716,21 @@ class ProjectorFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, h, w1, w2 = ctx.saved_tensors
+        x, h, w1, w2, b1 = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx, dw1, db1, dw2, db2 = _projector_bwd_op(
-            dy2, x2, h, w1, w2, ctx.approximate, need[0], need[1], need[2] and ctx.has_b[0], need[3],
-            need[4] and ctx.has_b[1])
-        return (dx.reshape(ctx.x_shape) if need[0] else None, dw1 if need[1] else None,
-                db1 if need[2] and ctx.has_b[0] else None, dw2 if need[3] else None,
-                db2 if need[4] and ctx.has_b[1] else None, None)
+        m = h.shape[0]
+        x2 = x.reshape(m, x.shape[-1])
+        dy2 = dy.reshape(m, w2.shape[0])  # not (-1, N2): ambiguous when N2 = 0
+        with torch.no_grad():
+            dx, dw1, db1, dw2, db2 = _projector_bwd_op(
+                dy2, x2, h, w1, w2, ctx.approximate, need[0], need[1], need[2] and ctx.has_b[0], need[3],
+                need[4] and ctx.has_b[1])
+        grads = (dx.reshape(ctx.x_shape) if need[0] else None, dw1 if need[1] else None,
+                 db1 if need[2] and ctx.has_b[0] else None, dw2 if need[3] else None,
+                 db2 if need[4] and ctx.has_b[1] else None)
+        if torch.is_grad_enabled() and not _ext._tracing():  # create_graph=True: refuse a double backward loudly
+            grads = _ext.not_differentiable_again(grads, (x, w1, b1, w2, dy), "projector")
+        return (*grads, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -722,16 +746,32 @@ def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: to
         approximate: "none" (exact erf GELU, HF "gelu") or "tanh" (HF "gelu_pytorch_tanh" / "gelu_new").
 
     Returns:
-        (..., N2) in x's dtype. Fused Triton kernels on CUDA (see module docstring), the reference elsewhere.
-        Under autocast every argument is first cast to the autocast dtype, as ``nn.Linear`` would (fp32 master
-        weights; the casts are differentiable, so their gradients come back in fp32).
+        (..., N2) in x's dtype. Fused Triton kernels on CUDA (see module docstring), the reference elsewhere (and
+        for meta tensors, zero-width layers and empty inputs). Under autocast every fp16 / bf16 / fp32 argument is
+        first cast to the autocast dtype, as ``nn.Linear`` would (fp32 master weights; the casts are differentiable,
+        so their gradients come back in fp32); autocast leaves float64 alone, and so does this (then refused).
+
+    Raises:
+        TypeError: an argument that is not a tensor (b1, b2: nor None). ValueError: shapes, dtypes or devices that
+        do not match (the message names the argument), or an unknown ``approximate``.
+
+    The gradients are not differentiable again: on the fused path, differentiating the gradients of a
+    ``create_graph=True`` backward raises.
     """
+    _check_types(x, w1, b1, w2, b2)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        x, w1, b1, w2, b2 = (t.to(dt) if t is not None and t.dtype != dt else t for t in (x, w1, b1, w2, b2))
+        # what autocast casts (as for nn.Linear): floating tensors other than float64; float64, integer and complex
+        # tensors are left as they are (and refused by the dtype check below)
+        x, w1, b1, w2, b2 = (t.to(dt) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE and t.dtype != dt else t
+                             for t in (x, w1, b1, w2, b2))
     _check(x, w1, b1, w2, b2, approximate)
-    if not (HAS_TRITON and backend.use_fast("projector", x.device.type) and x.numel() > 0):
+    if dev == "meta" or 0 in (w1.shape[0], w2.shape[0]):
+        # meta tensors (shape inference: no kernel, no autocast state) and a zero-width hidden or output layer
+        # (nn.Linear allows it; act_linear cannot flatten a zero-width activation): plain autograd
+        return projector_ref(x, w1, b1, w2, b2, approximate)
+    if not (HAS_TRITON and backend.use_fast("projector", dev) and x.numel() > 0):
         # the reference's expression (cuBLAS on CUDA: "auto"), with the GELU output recomputed in the backward
         # instead of kept (ops/act_linear.py): x and h are saved, as by the fused kernel (0.56x eager's bytes at
         # 1024 -> 4096 -> 4096)

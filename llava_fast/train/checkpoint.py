@@ -7,7 +7,11 @@ scheduler, step, data position, config; loaded with ``torch.load(weights_only=Tr
 
 Atomicity: everything is written into ``.tmp-step_...`` first, fsynced, and the folder is renamed into place; then
 the ``LATEST`` pointer file is replaced (``os.replace``). A crash at any moment leaves the previous checkpoint and
-pointer intact; :func:`latest_checkpoint` only returns folders whose ``meta.json`` says complete.
+pointer intact; :func:`latest_checkpoint` only returns folders whose ``meta.json`` says complete. A checkpoint saved
+again at the same step (``train(stop_at_step=...)`` on a save step, a finished run started again) first moves the
+existing folder aside to ``.old-step_...`` (complete, and found by :func:`latest_checkpoint` until the new one is in
+place), never deletes it before. Folders are removed ``meta.json`` first, so one half deleted by a crash is never
+taken for complete; rotation never removes the checkpoint just written.
 """
 from __future__ import annotations
 
@@ -69,6 +73,27 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:08d}")
 
 
+def _step_of(name: str) -> int | None:
+    """The step of a ``step_N`` / ``.old-step_N`` folder name, else None."""
+    base = name[len(".old-"):] if name.startswith(".old-") else name
+    if not base.startswith("step_"):
+        return None
+    try:
+        return int(base[len("step_"):])
+    except ValueError:
+        return None
+
+
+def _discard(path: str) -> None:
+    """Remove a checkpoint folder, ``meta.json`` first: a crash midway leaves an incomplete folder, never one that
+    :func:`is_complete` accepts with some of its files gone."""
+    try:
+        os.remove(os.path.join(path, META))
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def is_complete(path: str) -> bool:
     try:
         with open(os.path.join(path, META)) as f:
@@ -83,13 +108,21 @@ def latest_checkpoint(root: str) -> str | None:
         return None
     try:
         with open(os.path.join(root, LATEST)) as f:
-            p = os.path.join(root, f.read().strip())
-        if is_complete(p):
-            return p
+            name = f.read().strip()
+        if name:
+            # .old-<name>: the previous copy of a checkpoint being saved again, moved aside until the new one is in
+            # place (a crash between the two renames leaves only it)
+            for p in (os.path.join(root, name), os.path.join(root, ".old-" + name)):
+                if is_complete(p):
+                    return p
     except OSError:
         pass
-    cands = sorted(d for d in os.listdir(root) if d.startswith("step_") and is_complete(os.path.join(root, d)))
-    return os.path.join(root, cands[-1]) if cands else None
+    cands = []
+    for d in os.listdir(root):
+        step = _step_of(d)
+        if step is not None and is_complete(os.path.join(root, d)):
+            cands.append((step, not d.startswith(".old-"), d))  # step_N before .old-step_N
+    return os.path.join(root, max(cands)[2]) if cands else None
 
 
 def save_checkpoint(root: str, step: int, model_state: dict, trainer_state: dict, rng: dict | None = None,
@@ -137,8 +170,14 @@ def save_checkpoint(root: str, step: int, model_state: dict, trainer_state: dict
             json.dump({"complete": True, "step": step, "world_size": world_size, "time": time.time()}, f)
         _fsync_file(p)
         _fsync_dir(tmp)
+        old = os.path.join(root, ".old-" + os.path.basename(final))
         if os.path.exists(final):
-            shutil.rmtree(final)
+            # saved again at this step: the complete copy stays (moved aside, still found by latest_checkpoint)
+            # until the new one has replaced it; deleting it first would leave no checkpoint of this step
+            if os.path.exists(old):
+                _discard(old)
+            os.replace(final, old)
+            _fsync_dir(root)
         os.replace(tmp, final)
         _fsync_dir(root)
         if _fail_after == "rename":
@@ -149,10 +188,17 @@ def save_checkpoint(root: str, step: int, model_state: dict, trainer_state: dict
         _fsync_file(ptr)
         os.replace(ptr, os.path.join(root, LATEST))
         _fsync_dir(root)
-        # rotate old step checkpoints
-        steps = sorted(d for d in os.listdir(root) if d.startswith("step_"))
-        for d in steps[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        for d in os.listdir(root):  # what crashed saves left: the new checkpoint supersedes it
+            if d.startswith(".old-step_") or (d.startswith(".tmp-step_") and d != os.path.basename(tmp)):
+                _discard(os.path.join(root, d))
+        # rotate old step checkpoints: the one just written and the keep-1 newest before it stay. Folders numbered
+        # after it (left by a run resumed from an older checkpoint, or started anew in this folder) never count:
+        # sorting them in would delete the checkpoint just written (keep=1) and leave LATEST naming nothing
+        if keep > 0:
+            older = sorted((s, d) for d in os.listdir(root)
+                           if d.startswith("step_") and (s := _step_of(d)) is not None and s < step)
+            for _, d in older[:max(0, len(older) - (keep - 1))]:
+                _discard(os.path.join(root, d))
     barrier()
     return final
 

@@ -306,6 +306,9 @@ class Trainer:
                "data.packing": self.packed, "data.shuffle": c.data.shuffle,
                "data.group_by_modality_length": c.data.group_by_modality_length, "train.seed": c.train.seed,
                "train.accum x world size": c.train.accum * self.dist.world_size,
+               # several ranks leave out each epoch's partial last step, one process trains it: the same
+               # accum x world size on another number of ranks gives other epochs and another lr schedule
+               "partial last step left out (several ranks)": bool(self.sampler.drop_last),
                "train.trainable": list(c.train.trainable), "train.lora": c.train.lora}
         key.update({"data.max_tokens": c.data.max_tokens} if self.packed else {"data.batch_size": c.data.batch_size})
         if c.train.lora:
@@ -356,7 +359,8 @@ class Trainer:
         ms, st, rng = ckpt.load_checkpoint(path, self.dist.rank)
         if "resume_key" in st:  # (checkpoints before it: not checked)
             old, new = json.loads(st["resume_key"]), json.loads(json.dumps(self._resume_key()))
-            diff = [f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+            # a key the checkpoint lacks was added to the check after it was written: not compared
+            diff = [f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now" for k in sorted(old)
                     if old.get(k) != new.get(k)]
             if diff:
                 raise ValueError(f"cannot resume from {path}: " + "; ".join(diff) + ". Resuming would continue "
@@ -486,13 +490,17 @@ class Trainer:
         if not self._setup_done:
             self.setup()
         cfg, info = self.cfg, self.dist
-        jsonl = open(os.path.join(self.out, "train_log.jsonl"), "a") if info.is_main else None
+        log_path = os.path.join(self.out, "train_log.jsonl")
+        if info.is_main:
+            _trim_log(log_path, self.global_step)
+        jsonl = open(log_path, "a") if info.is_main else None
         tb = None
         if info.is_main and cfg.log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                tb = SummaryWriter(os.path.join(self.out, "tb"))
+                # steps logged after the checkpoint resumed from, by a run that crashed: hidden, as in the jsonl
+                tb = SummaryWriter(os.path.join(self.out, "tb"), purge_step=self.global_step + 1)
             except Exception:  # noqa: BLE001 - tensorboard not installed
                 tb = None
         bar = None
@@ -601,6 +609,39 @@ class Trainer:
         if self.dist.enabled:
             torch.distributed.barrier()
         return path
+
+
+def _trim_log(path: str, step: int) -> None:
+    """Keep the records of ``train_log.jsonl`` up to ``step`` (the step training continues from). A run that crashed
+    after its last checkpoint logged steps the resumed run trains again: appended as they were, the log would hold
+    those steps twice (and a line cut by the crash would run into the next record). Rewritten atomically. At step 0 (a
+    fresh run in an old output folder) the old log is renamed ``train_log.<time>.jsonl`` instead."""
+    if not os.path.exists(path):
+        return
+    keep, changed = [], False
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                ok = line.endswith("\n") and int(rec["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                keep.append(line)
+            else:
+                changed = True
+    if not changed:
+        return
+    if step == 0:
+        # a fresh run in a folder that holds another run's log: keep that log (renamed), do not empty it
+        os.replace(path, f"{path[:-len('.jsonl')]}.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class _PadCollate:

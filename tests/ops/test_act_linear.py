@@ -208,8 +208,13 @@ def test_double_backward_is_refused():
     hs, w, b = _inputs(1, torch.float32)
     y = act_linear(GELU_TANH, hs, w, b)
     (g,) = torch.autograd.grad(y.sum(), hs, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="act_linear: double backward"):
         torch.autograd.grad(g.sum(), w)
+    # and through a gradient w.r.t. the input (once_differentiable let this one through: a wrong answer in silence)
+    y = act_linear(GELU_TANH, hs, w, b)
+    (g,) = torch.autograd.grad(y.pow(2).sum(), hs, create_graph=True)
+    with pytest.raises(RuntimeError, match="act_linear: double backward"):
+        torch.autograd.grad(g.pow(2).sum(), w)
 
 
 @pytest.mark.cuda
