@@ -75,6 +75,7 @@ class ChatSession:
         self.template = TEMPLATES["chatml" if text_type == "qwen2" else "vicuna"]
         self.stop_ids = self._stop_ids(model_dir)
         self.turns: list[tuple[str, str]] = []
+        self.dropped_turns = 0   # turns the last ask dropped to fit the context
         self.image = None
 
     def _find_chat_template(self, model_dir: str) -> str | None:
@@ -158,6 +159,26 @@ class ChatSession:
             ids = ids[:i] + [tok] * n + ids[i + 1:]
         return torch.tensor([ids], device=self.model.device)
 
+    def _fitting_prompt_ids(self, question: str, max_new_tokens: int) -> torch.Tensor:
+        """The prompt of ``question`` after the conversation so far, with room for ``max_new_tokens`` in the
+        context: the oldest turns are dropped when the conversation has outgrown it (``self.dropped_turns`` counts
+        them; the image stays, placed in the first turn kept). Without them generate refused the prompt and the chat
+        ended with a ValueError once a conversation reached the context length."""
+        ctx = self.model.config.text_config.max_position_embeddings
+        turns, self.dropped_turns = list(self.turns), 0
+        ids = self._prompt_ids(question)
+        while ids.shape[1] + max_new_tokens > ctx and self.turns:
+            self.turns.pop(0)
+            self.dropped_turns += 1
+            ids = self._prompt_ids(question)
+        if ids.shape[1] + max_new_tokens > ctx:
+            self.turns, self.dropped_turns = turns, 0
+            what = "question and image" if self.image is not None else "question"
+            raise ValueError(f"the {what} alone take {ids.shape[1]} tokens: with max_new_tokens ({max_new_tokens}) "
+                             f"that is over the model's context length (max_position_embeddings={ctx}); lower "
+                             f"--max-new-tokens or ask a shorter question")
+        return ids
+
     def ask(self, question: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> str:
         """The answer to ``question`` (greedy for ``temperature`` 0, else sampled with ``temperature`` and
         ``top_p``); the turn is added to the conversation."""
@@ -166,7 +187,7 @@ class ChatSession:
         if temperature == 0 and top_p != 1.0:
             raise ValueError(f"top_p={top_p} needs temperature > 0 (temperature 0 is greedy decoding, which has no "
                              f"top_p)")
-        ids = self._prompt_ids(question)
+        ids = self._fitting_prompt_ids(question, max_new_tokens)
         kw = {}
         if self.image is not None:
             kw = dict(pixel_values=self.image["pixel_values"].to(self.model.device, self.model.dtype),
@@ -201,5 +222,9 @@ def run_chat(model_dir: str, image: str | None, device: str | None = None, max_n
         q = line.strip()
         if not q:
             break
-        print("assistant:", session.ask(q, max_new_tokens, temperature, top_p), flush=True)
+        answer = session.ask(q, max_new_tokens, temperature, top_p)
+        if session.dropped_turns:
+            print(f"(the conversation outgrew the model's context: its {session.dropped_turns} oldest turn(s) were "
+                  f"dropped)", flush=True)
+        print("assistant:", answer, flush=True)
     return 0

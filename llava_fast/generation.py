@@ -107,8 +107,8 @@ def _eval_mode(fn):
 @_eval_mode
 def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_mask=None,
              pixel_values_videos=None, batch_num_images=None, max_new_tokens: int = 32, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None, stop_strings: list[str] | None = None, tokenizer=None,
+             temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | torch.Tensor | None = None,
+             pad_token_id: int | None = None, stop_strings: str | list[str] | None = None, tokenizer=None,
              generator: torch.Generator | None = None, packed: bool | None = None, output_logits: bool = False):
     """Generates up to ``max_new_tokens`` tokens per prompt, greedy or sampled.
 
@@ -127,7 +127,9 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
             and each step decodes one token per unfinished sequence; greedy tokens equal the padded path's.
         eos_token_id, stop_strings (with ``tokenizer``): a row is finished after producing one of these (stop
             strings are matched in the decoded text with special tokens kept; as in transformers, a stop string
-            that begins at the end of the prompt and is completed by the generated tokens counts too).
+            that begins at the end of the prompt and is completed by the generated tokens counts too). As in
+            transformers, ``eos_token_id`` may be an int, a list of ints or a tensor, ``stop_strings`` one string or
+            a list of strings.
         pad_token_id: fills the rows already finished (a token id of the model: the padded path feeds it; 0 when
             not given, and then no attention mask is inferred: with no generation config to take it from, a default
             pad id would mask a real token, e.g. Qwen2's id 0 is "!").
@@ -144,10 +146,21 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
         token). With ``output_logits``, ``(ids, logits)``. Positions are those of transformers (``cumsum(mask) - 1``
         in the padded path), so greedy decoding gives transformers' tokens.
     """
+    if isinstance(stop_strings, str):  # one stop string, as transformers accepts (was matched per character)
+        stop_strings = [stop_strings]
+    if stop_strings is not None:
+        stop_strings = list(stop_strings)
+        if not all(isinstance(s, str) for s in stop_strings):
+            raise ValueError(f"stop_strings must be a string or a list of strings, got {stop_strings!r}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer (pass tokenizer=...) to decode the generated text")
+    try:
+        max_new_tokens = operator.index(max_new_tokens)
+    except TypeError:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}") from None
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    temperature, top_p = _number(temperature, "temperature"), _number(top_p, "top_p")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1] (the probability mass kept; 1 = no top-p), got {top_p}")
     if do_sample and not (temperature > 0 and math.isfinite(temperature)):
@@ -168,13 +181,14 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
     if pad_token_id is None or not 0 <= pad_token_id < vocab:
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab}) (it fills the finished rows and the padded "
                          f"path feeds it to the model); pass the tokenizer's pad_token_id (or eos_token_id)")
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    eos = _token_ids(eos_token_id, "eos_token_id")
     max_len = model.config.text_config.max_position_embeddings
     media = dict(pixel_values=pixel_values, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
                  batch_num_images=batch_num_images)
     stop_kw = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator, eos=eos,
                    pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer)
 
+    _check_input_ids(input_ids)
     if isinstance(input_ids, (list, tuple)):  # ragged prompts: packed path
         if packed is False:
             raise ValueError("a list of prompts (no padding) needs the packed path; pass packed=None or True, or a "
@@ -187,9 +201,7 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
         if any(p.device != prompts[0].device for p in prompts):
             raise ValueError("input_ids: all prompts must be on one device (the model's)")
         lens = [p.numel() for p in prompts]
-        if max(lens) + max_new_tokens > max_len:
-            raise ValueError(f"prompt ({max(lens)}) + max_new_tokens ({max_new_tokens}) exceeds the context length "
-                             f"({max_len})")
+        _check_context(max(lens), max_new_tokens, max_len)
         gen, logits, n_gen = _generate_packed(model, prompts, media, max_new_tokens, stop_kw, output_logits)
         out = [torch.cat([p, g[:k]]) for p, g, k in zip(prompts, gen, n_gen)]
         return (out, logits) if output_logits else out
@@ -211,8 +223,7 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
     if bool((mask[:, -1] == 0).any()):
         raise ValueError("generation needs left padding: the last column of attention_mask must be 1 for every "
                          "row" + how)
-    if n + max_new_tokens > max_len:
-        raise ValueError(f"prompt ({n}) + max_new_tokens ({max_new_tokens}) exceeds the context length ({max_len})")
+    _check_context(n, max_new_tokens, max_len)
     if packed is None:
         packed = use_packed(model, device)
     if packed:
@@ -227,6 +238,60 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
         return (seq, logits) if output_logits else seq
     seq, logits = _generate_padded(model, input_ids, mask, media, max_new_tokens, stop_kw, output_logits)
     return (seq, logits) if output_logits else seq
+
+
+def _token_ids(ids, name: str) -> set[int]:
+    """``ids`` (None, a token id: int, NumPy or 0-d tensor, or a list / 1-D tensor of them, as transformers takes
+    ``eos_token_id``) as a set of ints."""
+    if ids is None:
+        return set()
+    if hasattr(ids, "tolist"):          # tensor, NumPy array or scalar
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple, set)):
+        ids = [ids]
+    try:
+        if any(isinstance(i, bool) for i in ids):
+            raise TypeError
+        return {operator.index(i) for i in ids}
+    except TypeError:
+        raise ValueError(f"{name} must be a token id or a list of token ids (int), got {ids!r}") from None
+
+
+def _number(v, name: str) -> float:
+    """A sampling parameter as a float (Python, NumPy or 1-element tensor number); a ValueError naming it otherwise
+    (a string or None gave a TypeError from a comparison)."""
+    if isinstance(v, (str, bytes, bool)) or v is None:
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a number, got {v!r}") from None
+
+
+def _check_context(n: int, max_new_tokens: int, max_len: int) -> None:
+    if n + max_new_tokens > max_len:
+        fix = "shorten the prompt (image tokens must not be cut)" if n >= max_len else \
+            f"lower max_new_tokens to at most {max_len - n} or shorten the prompt"
+        raise ValueError(f"prompt ({n}) + max_new_tokens ({max_new_tokens}) exceeds the context length "
+                         f"(max_position_embeddings={max_len}) of the language model; {fix}")
+
+
+def _check_input_ids(input_ids) -> None:
+    """A (B, L) or (L,) integer tensor with L >= 1, or a list of 1-D ones: clear errors instead of an IndexError
+    (empty prompt), an unpacking error (3-D) or a slicing error (float ids on the packed path)."""
+    rows = list(input_ids) if isinstance(input_ids, (list, tuple)) else [input_ids]
+    for i, t in enumerate(rows):
+        what = f"input_ids[{i}]" if isinstance(input_ids, (list, tuple)) else "input_ids"
+        if not torch.is_tensor(t):
+            raise ValueError(f"{what} must be a torch.Tensor of token ids, got {type(t).__name__}")
+        if t.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{what} must hold integer token ids (int64 or int32), got {t.dtype}")
+        if isinstance(input_ids, (list, tuple)):
+            if t.dim() > 1 and t.numel() != t.shape[-1]:
+                raise ValueError(f"{what} must be one prompt (1-D), got shape {tuple(t.shape)}")
+        elif t.dim() not in (1, 2) or t.shape[-1] == 0 or t.numel() == 0:
+            raise ValueError(f"input_ids must be (batch, seq) or (seq,) with seq >= 1 (left-padded prompts), got "
+                             f"shape {tuple(t.shape)}")
 
 
 def _generate_padded(model, input_ids, mask, media, max_new_tokens, stop_kw, output_logits):
@@ -256,6 +321,15 @@ def _generate_padded(model, input_ids, mask, media, max_new_tokens, stop_kw, out
     return seq, (torch.stack(all_logits, dim=1) if output_logits else None)
 
 
+def _cache_dtype(model, device: torch.device) -> torch.dtype:
+    """The dtype of the packed path's KV cache: under autocast the autocast dtype (the keys and values are produced
+    by autocast linears, and transformers' eager attention, as our padded path, runs its matmuls in that dtype: the
+    cache in the model's fp32 ran the attention kernel in fp32 with twice the memory), else the model's."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.dtype
+
+
 def _generate_packed(model, prompts, media, max_new_tokens, stop_kw, output_logits):
     """The packed path. Returns (generated (B, steps) with pad after a row finished, logits or None, the number of
     tokens each row generated including its stop token)."""
@@ -264,7 +338,7 @@ def _generate_packed(model, prompts, media, max_new_tokens, stop_kw, output_logi
     lens = [p.numel() for p in prompts]
     tc = model.config.text_config
     cache = VarlenKVCache(tc.num_hidden_layers, b, max(lens) + max_new_tokens, tc.num_key_value_heads, tc.head_dim,
-                          dtype=model.dtype, device=device)
+                          dtype=_cache_dtype(model, device), device=device)
     stop = _Stopper(b, device, prompts, **stop_kw)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
     pos = torch.cat([torch.arange(k, device=device) for k in lens])[None]
