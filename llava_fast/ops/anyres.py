@@ -24,6 +24,16 @@ def _pins(pinpoints) -> list[Size]:
     return pins
 
 
+def _hw(size) -> Size:
+    """(height, width) as Python ints from a tuple, list, numpy array or tensor (``image_sizes[i]``: as transformers
+    does with ``.tolist()``; float arithmetic on tensors would run in float32 and ``round`` would fail)."""
+    try:
+        h, w = size.tolist() if hasattr(size, "tolist") else size
+        return int(h), int(w)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"image size must be a (height, width) pair, got {size!r}") from e
+
+
 def select_best_resolution_ref(original_size: Size, pinpoints) -> Size | None:
     """transformers' select_best_resolution in Python. ``original_size`` and the result are (height, width).
     Returns None when no candidate keeps a single pixel (1-pixel strips), as transformers does."""
@@ -45,7 +55,7 @@ def select_best_resolution(original_size: Size, pinpoints) -> Size:
     Uses the C++ function from ``llava_fast._C`` when built (same result bit for bit), else the Python reference.
     Raises ValueError for empty images and for strips so thin that every candidate keeps zero pixels.
     """
-    oh, ow = int(original_size[0]), int(original_size[1])
+    oh, ow = _hw(original_size)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"image size must be positive (height, width), got {tuple(original_size)}")
     pins = _pins(pinpoints)
@@ -70,8 +80,8 @@ def num_tiles(image_size: Size, pinpoints, tile: int) -> int:
 
 def patch_output_size(image_size: Size, target: Size) -> Size:
     """Aspect-preserving resize inside ``target`` (transformers get_patch_output_size): ceil, clamped."""
-    oh, ow = image_size
-    th, tw = target
+    oh, ow = _hw(image_size)
+    th, tw = _hw(target)
     sw, sh = tw / ow, th / oh
     if sw < sh:
         return min(math.ceil(oh * sw), th), tw
@@ -80,8 +90,8 @@ def patch_output_size(image_size: Size, target: Size) -> Size:
 
 def unpad_bounds(current: Size, original_size: Size) -> tuple[int, int, int, int]:
     """Rows [r0, r1) and cols [c0, c1) kept by transformers' unpad_image on a (C, Hc, Wc) feature map."""
-    hc, wc = current
-    oh, ow = original_size
+    hc, wc = _hw(current)
+    oh, ow = _hw(original_size)
     if ow / oh > wc / hc:
         new_h = int(round(oh * (wc / ow), 7))
         pad = (hc - new_h) // 2
@@ -102,6 +112,7 @@ def anyres_max_size(h: int, w: int, max_tiles: int, unit: int) -> Size:
 def packed_feature_shape(image_size: Size, pinpoints, tile: int, tokens_per_side: int,
                          max_tiles: int | None = None) -> Size:
     """(H', W') of the unpadded (and, for OneVision, downsampled) grid features of one multi-tile image."""
+    image_size = _hw(image_size)
     gh, gw = grid_shape(image_size, pinpoints, tile)
     r0, r1, c0, c1 = unpad_bounds((gh * tokens_per_side, gw * tokens_per_side), image_size)
     h, w = r1 - r0, c1 - c0
@@ -173,7 +184,10 @@ class ImageProcessorConfig:
             training repo's ``expand2square``). False = HF's default resize-shortest-edge + centre crop.
         vision_aspect_ratio: OneVision ``"anyres_max_9"`` (token downsampling threshold); None otherwise.
         patch_size: vision tower patch size (14); tokens per tile side = tile // patch_size.
-        max_pixels: images with more pixels raise ValueError (decompression-bomb guard); None disables it.
+        max_pixels: images with more pixels raise ValueError (decompression-bomb guard); None disables it. Images
+            whose preprocessing would allocate a buffer of more than 4 x max(``max_pixels``, the largest tile
+            canvas) pixels (thin strips: the pad-to-square canvas, the resize intermediate) raise ValueError too
+            (:func:`work_limit`); no image with an aspect ratio up to 4:1 is refused by this second limit.
     """
 
     variant: str = "llava_next"
@@ -340,6 +354,24 @@ def _check_supported(d: dict, variant: str):
     f = d.get("rescale_factor")
     if f is not None and not math.isclose(float(f), 1 / 255, rel_tol=1e-6):
         bad.append(f"rescale_factor={f!r} (only 1/255)")
+    if variant != "llava":
+        # transformers' LlavaNext/LlavaOnevision processors cut tiles of crop_size["height"] (else size["height"],
+        # else size["shortest_edge"]), then resize EVERY tile (the base image included) to `size` and centre-crop it
+        # to `crop_size`: unless both equal the tile, the pixels differ from the tiles this library encodes
+        size, crop = d.get("size") or {}, d.get("crop_size") or {}
+        size = {"shortest_edge": size} if isinstance(size, int) else dict(size)
+        crop = {"height": crop, "width": crop} if isinstance(crop, int) else dict(crop)
+        size = {k: v for k, v in size.items() if v is not None}
+        crop = {k: v for k, v in crop.items() if v is not None}
+        tile = crop.get("height") or size.get("height") or size.get("shortest_edge")
+        if tile is not None:
+            if crop and (crop.get("height"), crop.get("width", crop.get("height"))) != (tile, tile):
+                bad.append(f"crop_size={crop!r} (only a square tile)")
+            if size.get("height") or size.get("width"):
+                if (size.get("height"), size.get("width")) != (tile, tile):
+                    bad.append(f"size={size!r} with tiles of {tile} (only size = the tile, {tile}x{tile})")
+            elif size.get("shortest_edge") not in (None, tile):
+                bad.append(f"size={size!r} with tiles of {tile} (only shortest_edge = the tile, {tile})")
     if bad:
         raise ValueError(f"image processor config: unsupported {', '.join(bad)}; llava_fast implements the released "
                          f"LLaVA checkpoints' preprocessing only; use the transformers image processor for others")
@@ -387,7 +419,11 @@ def to_uint8_chw(image, index=0, max_pixels: int | None = DEFAULT_MAX_PIXELS, co
         if max_pixels is not None and w * h > max_pixels:
             raise ValueError(f"{what}: {h}x{w} = {h * w} pixels exceeds max_pixels={max_pixels} (decompression-bomb "
                              f"guard); downscale it first or raise ImageProcessorConfig.max_pixels")
-        out = _pil_to_u8(image)
+        try:  # a lazily opened file is decoded here: truncated or corrupt data raises OSError (or others) in PIL
+            out = _pil_to_u8(image)
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad data
+            raise ValueError(f"{what}: cannot decode or convert the PIL image ({type(e).__name__}: {e}); the data is "
+                             f"corrupt or truncated, or PIL cannot convert mode {image.mode!r} to RGB") from e
         return out.contiguous() if contiguous else out
     if not isinstance(image, torch.Tensor):
         try:
@@ -403,8 +439,8 @@ def to_uint8_chw(image, index=0, max_pixels: int | None = DEFAULT_MAX_PIXELS, co
     if not isinstance(image, torch.Tensor):
         raise ValueError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
     if image.dtype != torch.uint8:
-        raise ValueError(f"{what}: dtype is {image.dtype}, expected torch.uint8 pixel values in [0, 255]; convert "
-                         f"float images in [0, 1] with (x * 255).round().clamp(0, 255).to(torch.uint8)")
+        raise ValueError(f"{what}: dtype is {image.dtype}, expected torch.uint8 pixel values in [0, 255]; "
+                         f"{_uint8_advice(image)}")
     if image.dim() == 2:
         image = image[None]
     if image.dim() != 3:
@@ -431,6 +467,28 @@ def to_uint8_chw(image, index=0, max_pixels: int | None = DEFAULT_MAX_PIXELS, co
         x = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])
         image = x.mul(255 + 1.0 - 1e-3).to(torch.uint8).permute(2, 0, 1)
     return image.contiguous() if contiguous else image
+
+
+def _uint8_advice(image: torch.Tensor) -> str:
+    """How to convert ``image`` to uint8, from its value range (read only on this error path): advice for [0, 1]
+    floats applied to [0, 255] floats would saturate the image to white."""
+    generic = "convert it to uint8 RGB pixel values in [0, 255]"
+    if image.dtype == torch.bool or image.is_complex() or not image.numel():
+        return generic
+    try:
+        hi = float(image.max())
+    except Exception:  # noqa: BLE001 - torch has no max for some dtypes (uint16, uint32)
+        try:
+            hi = float(image.to(torch.float64).max())
+        except Exception:  # noqa: BLE001
+            return generic
+    if image.is_floating_point() and hi <= 1.0:
+        return "a float image in [0, 1]? convert it with (x * 255).round().clamp(0, 255).to(torch.uint8)"
+    if hi <= 255.0:
+        return "values are in [0, 255]: convert with x.round().clamp(0, 255).to(torch.uint8)" \
+            if image.is_floating_point() else "values are in [0, 255]: convert with x.to(torch.uint8)"
+    return (f"values reach {hi:g} (16-bit or HDR data?): scale them to [0, 255] first, e.g. "
+            f"(x.float() * (255 / {hi:g})).round().clamp(0, 255).to(torch.uint8) for data that uses the full range")
 
 
 # -- pixel ops ----------------------------------------------------------------------------------------------------
@@ -524,6 +582,93 @@ def center_crop_u8(image: torch.Tensor, t: int) -> torch.Tensor:
     return image[:, top:top + t, left:left + t]
 
 
+WORK_FACTOR = 4  # preprocessing buffers may hold WORK_FACTOR * max(max_pixels, config_pixels) pixels (check_work)
+
+
+def work_pixels(image_size: Size, config: ImageProcessorConfig, single_tile: bool = False,
+                frame: bool = False) -> tuple[int, str]:
+    """(pixels, what) of the largest uint8 buffer that preprocessing one (height, width) image allocates in
+    transformers and in :func:`preprocess_images`: the pad-to-square canvas, the resize intermediate (torch's
+    separable resize runs horizontally first, so it holds source height x output width pixels: a 1-pixel-wide strip of
+    a million rows resized to a tile needs a million x T intermediate), the resized image before a centre crop.
+    ``single_tile``: OneVision multi-image; ``frame``: a video frame (resized to T x T)."""
+    h, w = int(image_size[0]), int(image_size[1])
+    t = config.tile
+    items = [(h * w, f"the {h}x{w} image")]
+
+    def resize(ih, iw, oh, ow):
+        if ih != oh and iw != ow:
+            items.append((ih * ow, f"a {ih}x{ow} resize intermediate"))
+        items.append((oh * ow, f"the {oh}x{ow} resized image"))
+
+    if frame:
+        resize(h, w, t, t)
+    elif config.variant == "llava":
+        if config.do_pad:
+            m = max(h, w)
+            items.append((m * m, f"a {m}x{m} pad-to-square canvas"))
+            h = w = m
+        s = config.shortest_edge
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(s * long / short)
+        resize(h, w, *((new_long, s) if w <= h else (s, new_long)))
+    elif single_tile:
+        m = max(h, w)
+        items.append((m * m, f"a {m}x{m} pad-to-square canvas"))
+        resize(m, m, t, t)
+    else:
+        resize(h, w, t, t)
+        best = select_best_resolution((h, w), config.image_grid_pinpoints)
+        resize(h, w, *patch_output_size((h, w), best))
+        items.append((best[0] * best[1], f"the {best[0]}x{best[1]} AnyRes canvas"))
+    return max(items, key=lambda x: x[0])
+
+
+_PIN_CACHE = [None, 0, 0]  # (pinpoints list, longest side, largest area): check_work runs per image
+
+
+def _pin_extent(config: ImageProcessorConfig) -> tuple[int, int]:
+    pins = config.image_grid_pinpoints
+    if not pins:
+        return 0, 0
+    c = _PIN_CACHE
+    if c[0] is not pins:
+        c[:] = [pins, max(map(max, pins)), max(a * b for a, b in pins)]
+    return c[1], c[2]
+
+
+def work_limit(config: ImageProcessorConfig) -> int | None:
+    """Most pixels one preprocessing buffer of an image may hold: ``WORK_FACTOR * max(max_pixels, C)``, C the largest
+    output the config itself asks for (tile^2, shortest_edge^2, the largest pinpoint canvas). No image with an aspect
+    ratio up to 4:1 that passes ``max_pixels`` reaches it; None when ``max_pixels`` is None."""
+    if config.max_pixels is None:
+        return None
+    c = max(config.tile, config.shortest_edge) ** 2
+    return WORK_FACTOR * max(config.max_pixels, c, _pin_extent(config)[1])
+
+
+def check_work(image_size: Size, config: ImageProcessorConfig, single_tile: bool = False, index=0,
+               frame: bool = False) -> None:
+    """ValueError naming ``images[index]`` when :func:`work_pixels` exceeds :func:`work_limit`: thin strips pass
+    ``max_pixels`` but can make the resampling allocate tens of GB (a 1 x 100000 strip padded to square for the
+    OneVision multi-image path is a 30 GB canvas) or run for hours."""
+    limit = work_limit(config)
+    if limit is None:
+        return
+    if config.variant != "llava" or frame:  # cheap bound first: every buffer holds at most max(h, w, T, pin side)^2
+        m = max(int(image_size[0]), int(image_size[1]), config.tile, _pin_extent(config)[0])
+        if m * m <= limit:
+            return
+    n, what = work_pixels(image_size, config, single_tile, frame)
+    if n > limit:
+        h, w = image_size
+        raise ValueError(f"{_what(index)}: preprocessing this {h}x{w} image needs {what} ({n} pixels), over the "
+                         f"limit of {limit} ({WORK_FACTOR} x max(max_pixels, the largest tile canvas)), a guard "
+                         f"against strips whose aspect ratio makes the resampling buffers far larger than the image; "
+                         f"crop or pad it to a less extreme aspect ratio, or raise ImageProcessorConfig.max_pixels "
+                         f"(None disables both limits)")
+
+
 def image_tiles_u8(image: torch.Tensor, config: ImageProcessorConfig, single_tile: bool = False,
                    index=0) -> torch.Tensor:
     """All uint8 tiles of one uint8 (3, H, W) image: (n, 3, T, T), AnyRes order [base, row-major tiles...]."""
@@ -588,6 +733,7 @@ def preprocess_images(images, config: ImageProcessorConfig, multi_image: bool | 
     device = None
     for i, im in enumerate(flat):
         u8 = to_uint8_chw(im, i, config.max_pixels)
+        check_work(tuple(u8.shape[-2:]), config, flags[i], i)
         if device is None:
             device = u8.device
         elif u8.device != device:
@@ -612,14 +758,19 @@ def preprocess_images(images, config: ImageProcessorConfig, multi_image: bool | 
 def preprocess_video(frames, config: ImageProcessorConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """OneVision video: every frame resized directly to T x T (no pad), normalized -> (F, 3, T, T).
 
-    ``frames``: uint8 (F, H, W, C) / (F, C, H, W) tensor or a list of frames.
+    ``frames``: uint8 (F, H, W, C) / (F, C, H, W) tensor or numpy array (what video decoders return), or a list of
+    frames.
     """
+    if type(frames).__module__ == "numpy" and getattr(frames, "ndim", 0) == 4:  # np.ndarray (F, ...)
+        frames = list(frames)  # views; each frame goes through to_uint8_chw (copied there only if strided)
     if isinstance(frames, torch.Tensor) and frames.dim() == 4:
         frames = list(frames.unbind(0))
     if not isinstance(frames, (list, tuple)) or not frames:
         raise ValueError("preprocess_video: `frames` must be a non-empty (F, H, W, C) tensor or list of frames")
-    out = [resize_bicubic_u8(to_uint8_chw(f, f"frames[{i}]", config.max_pixels), (config.tile, config.tile))
-           for i, f in enumerate(frames)]
+    u8s = [to_uint8_chw(f, f"frames[{i}]", config.max_pixels, contiguous=False) for i, f in enumerate(frames)]
+    for i, u in enumerate(u8s):
+        check_work(tuple(u.shape[-2:]), config, index=f"frames[{i}]", frame=True)
+    out = [resize_bicubic_u8(u, (config.tile, config.tile)) for u in u8s]
     return normalize_u8_ref(torch.stack(out), config.image_mean, config.image_std, dtype)
 
 
@@ -723,13 +874,138 @@ def _decode_pil(data: bytes, index, size) -> torch.Tensor:
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
             img = PIL.Image.open(io.BytesIO(data))
             img.load()  # raises on truncated or corrupt data
+            if (img.height, img.width) != tuple(size):
+                raise _SizeMismatch(f"{what}: decoded size {(img.height, img.width)} differs from the header's "
+                                    f"{tuple(size)}")
+            img = _exif_upright(img)
             u8 = _pil_to_u8(img)
-    except Exception as e:
+    except _SizeMismatch as e:
+        raise ValueError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise ValueError(f"{what}: cannot decode the image ({type(e).__name__}: {e}); the data is corrupt or "
                          f"truncated") from None
-    if tuple(u8.shape[1:]) != tuple(size):
-        raise ValueError(f"{what}: decoded size {tuple(u8.shape[1:])} differs from the header's {tuple(size)}")
     return u8
+
+
+class _SizeMismatch(Exception):
+    pass
+
+
+def _exif_upright(img):
+    """The image turned upright by its EXIF orientation (``PIL.ImageOps.exif_transpose``), as transformers' loaders do
+    (``load_image``, and ``load_image_as_tensor`` for paths and URLs given to the processors): a phone photo shot in
+    portrait is stored landscape with orientation 6 and must reach the model upright, with (height, width) swapped.
+    An unreadable EXIF block leaves the image as stored."""
+    import PIL.ImageOps
+
+    try:
+        out = PIL.ImageOps.exif_transpose(img, in_place=False) if _pil_orientation(img) in _TRANSPOSES else img
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the image as stored
+        return img
+    return out
+
+
+_TRANSPOSES = (2, 3, 4, 5, 6, 7, 8)
+
+
+def _pil_orientation(img) -> int:
+    try:
+        return img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: as stored
+        return 1
+
+
+def _orient_u8(u8: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply EXIF ``orientation`` to a (C, H, W) tensor exactly as ``PIL.ImageOps.exif_transpose`` does (a lossless
+    permutation of the pixels; any value other than 2..8 leaves it unchanged)."""
+    if orientation == 2:    # FLIP_LEFT_RIGHT
+        return u8.flip(-1)
+    if orientation == 3:    # ROTATE_180
+        return u8.flip(-2, -1)
+    if orientation == 4:    # FLIP_TOP_BOTTOM
+        return u8.flip(-2)
+    if orientation == 5:    # TRANSPOSE
+        return u8.transpose(-2, -1).contiguous()
+    if orientation == 6:    # ROTATE_270 (90 degrees clockwise)
+        return u8.transpose(-2, -1).flip(-1).contiguous()
+    if orientation == 7:    # TRANSVERSE
+        return u8.transpose(-2, -1).flip(-2, -1).contiguous()
+    if orientation == 8:    # ROTATE_90 (90 degrees counter-clockwise)
+        return u8.transpose(-2, -1).flip(-2).contiguous()
+    return u8
+
+
+def _jpeg_orientation(data: bytes):
+    """The EXIF orientation PIL reads from a JPEG (1 when it has none), from the marker segments before the scan,
+    without PIL; None when unsure (several Exif segments, an XMP packet, an unusual tag type, a malformed block):
+    then PIL decodes the image on the CPU and decides."""
+    n, i = len(data), 2
+    exif, count = None, 0
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:
+            i += 2
+            continue
+        if m == 0xDA:  # start of scan: past every APPn segment PIL reads
+            break
+        if m == 0xD9:  # end of image before the scan: unusual, PIL decides
+            return None
+        seg = (data[i + 2] << 8) | data[i + 3]
+        if seg < 2:
+            return None
+        if m == 0xE1:
+            if data.startswith(b"Exif\0\0", i + 4):
+                exif, count = (i + 10, i + 2 + seg), count + 1  # the TIFF block: data[exif[0]:exif[1]]
+            elif data.startswith(b"http://ns.adobe.com/xap/1.0/\x00", i + 4):
+                return None  # XMP may carry tiff:Orientation (PIL reads it when the Exif has none)
+        i += 2 + seg
+    else:
+        return None
+    if exif is None:
+        return 1
+    if count > 1:
+        return None
+    b, end = exif
+    if data.startswith(b"Exif\0\0", b):
+        b += 6
+    if end - b < 8 or data[b:b + 4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    order = "little" if data[b] == 0x49 else "big"
+
+    def u(o, k):  # unsigned k-byte integer at offset o of the TIFF block
+        return int.from_bytes(data[b + o:b + o + k], order)
+
+    off, n = u(4, 4), end - b
+    if off + 2 > n:
+        return None
+    seen = set()
+    for k in range(u(off, 2)):
+        e = off + 2 + 12 * k
+        if e + 12 > n:
+            return None
+        tag, typ, cnt = u(e, 2), u(e + 2, 2), u(e + 4, 4)
+        if tag in seen:  # PIL keeps the first of duplicated tags
+            continue
+        if tag != 0x0112:
+            unit = _TIFF_UNIT.get(typ)
+            # PIL stops reading the directory at a value stored out of line past the block (tags after it, the
+            # orientation included, are then lost): not worth reproducing, PIL decides such files
+            if unit is not None and cnt * unit > 4 and u(e + 8, 4) + cnt * unit > n:
+                return None
+            seen.add(tag)
+            continue
+        if cnt != 1 or typ not in (3, 4):
+            return None
+        return u(e + 8, 2 if typ == 3 else 4)
+    return 1
+
+
+_TIFF_UNIT = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8}  # PIL's
 
 
 def _gpu_jpeg_decoder():
@@ -759,6 +1035,9 @@ def decode_images(data, device=None, max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     The size is read from the header BEFORE decoding; images over ``max_pixels`` raise ValueError, and so do corrupt
     or truncated data, each naming ``images[i]`` (``indices`` overrides the numbering).
+
+    The EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), as transformers' ``load_image`` /
+    ``load_image_as_tensor`` do for files and URLs: the tensors are upright, (H, W) swapped for orientations 5-8.
     """
     if _is_encoded(data):
         data = [data]
@@ -775,9 +1054,14 @@ def decode_images(data, device=None, max_pixels: int | None = DEFAULT_MAX_PIXELS
         heads.append(_probe(b, idx[k], max_pixels))
     gpu = []
     decoder = _gpu_jpeg_decoder() if dev.type == "cuda" else None
+    orient = {}
     if decoder is not None:
-        gpu = [k for k, (fmt, _, mode) in enumerate(heads)
-               if fmt == "JPEG" and mode in ("RGB", "L") and _jpeg_complete(items[k])]
+        for k, (fmt, _, mode) in enumerate(heads):
+            if fmt == "JPEG" and mode in ("RGB", "L") and _jpeg_complete(items[k]):
+                o = _jpeg_orientation(items[k])
+                if o is not None:  # None: PIL decodes it and reads the orientation itself
+                    orient[k] = o
+        gpu = list(orient)
     if gpu:
         # zero-copy views of the encoded bytes (decode_jpeg only reads them; they stay alive in `items`): a
         # bytearray copy per image cost ~34 us for a 0.7 MB JPEG on the dev CPU, ~4 ms per 128 photos
@@ -795,7 +1079,7 @@ def decode_images(data, device=None, max_pixels: int | None = DEFAULT_MAX_PIXELS
                     decoded.append(None)
         for k, u8 in zip(gpu, decoded):
             if u8 is not None and tuple(u8.shape) == (3, *heads[k][1]):
-                out[k] = u8
+                out[k] = _orient_u8(u8, orient[k])  # nvJPEG ignores EXIF: upright as PIL's exif_transpose
     for k, b in enumerate(items):
         if out[k] is None:
             u8 = _decode_pil(b, idx[k], heads[k][1])
@@ -1058,6 +1342,8 @@ def encode_tiles(images, config: ImageProcessorConfig, multi_image: bool | None 
         for i, u in zip(enc, decoded):
             flat[i] = u
     u8s = [to_uint8_chw(im, i, config.max_pixels, contiguous=False) for i, im in enumerate(flat)]
+    for i, (u, f) in enumerate(zip(u8s, flags)):
+        check_work(tuple(u.shape[-2:]), config, f, i)
     if device is not None:
         u8s = [u if u.device == dev else u.to(dev) for u in u8s]
     elif len({u.device for u in u8s}) > 1:
