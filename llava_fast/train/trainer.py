@@ -188,6 +188,7 @@ class Trainer:
             self.log(f"optim.vision_lr={cfg.optim.vision_lr} is unused: the vision tower does not train "
                      f"(train.trainable={','.join(cfg.train.trainable)})")
         kw = dict(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self._fused = bool(fused)
         if fused:
             kw["fused"] = True
         self.optimizer = torch.optim.AdamW(groups, **kw)
@@ -368,6 +369,7 @@ class Trainer:
                                  "optimizer and lr-schedule settings over the new ones. Resume with the checkpoint's "
                                  "settings, or start a new run (another checkpoint.out, or checkpoint.resume=none)")
         load_full_states(self.model, self.optimizer, ms, st["optimizer"], self.fsdp)
+        _set_fused(self.optimizer, self._fused)  # the loaded groups carry the checkpoint's choice: optim.fused wins
         self.scheduler.load_state_dict(st["scheduler"])
         self.global_step, self.epoch, self.step_in_epoch = st["global_step"], st["epoch"], st["step_in_epoch"]
         self.drops = Counter(st.get("drops", {}))
@@ -609,6 +611,23 @@ class Trainer:
         if self.dist.enabled:
             torch.distributed.barrier()
         return path
+
+
+def _set_fused(opt: torch.optim.Optimizer, fused: bool) -> None:
+    """``optim.fused`` may change on resume (docs/training.md: it does not change the arithmetic's meaning), but
+    ``Optimizer.load_state_dict`` restores each group's ``fused`` flag from the checkpoint: a run resumed with
+    ``fused=false`` kept running fused. Set the flag from the config and move AdamW's ``step`` counters where that
+    implementation wants them (fused: a float32 tensor on the parameter's device; otherwise on the CPU)."""
+    for g in opt.param_groups:
+        if bool(g.get("fused")) == fused:
+            continue
+        g["fused"] = True if fused else None
+        if fused:
+            g["foreach"] = None  # fused and foreach exclude each other
+        for p in g["params"]:
+            state = opt.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device if fused else "cpu", dtype=torch.float32)
 
 
 def _trim_log(path: str, step: int) -> None:

@@ -153,3 +153,17 @@ def test_trim_log_keeps_an_old_runs_log_on_a_fresh_start(tmp_path):
     assert not log.exists()
     kept = list(tmp_path.glob("train_log.*.jsonl"))
     assert len(kept) == 1 and [json.loads(x)["step"] for x in kept[0].read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("first,then", [(False, True), (True, False)])
+def test_resume_applies_the_configured_fused_flag(assets, tmp_path, first, then):
+    """optim.fused may change on resume (not in the resume key), but load_state_dict restored the checkpoint's flag:
+    a run resumed with fused=false kept running fused. The configured flag now wins, and training goes on."""
+    over = {"schedule.max_steps": 2, "train.accum": 2, "checkpoint.every_steps": 1}
+    Trainer(make_cfg(assets, tmp_path, **{**over, "optim.fused": first}), quiet=True).train(stop_at_step=1)
+    b = Trainer(make_cfg(assets, tmp_path, **{**over, "optim.fused": then}), quiet=True)
+    b.train()
+    assert b.global_step == 2
+    assert all(bool(g.get("fused")) == then for g in b.optimizer.param_groups)
+    steps = [s["step"] for s in b.optimizer.state.values()]
+    assert steps and all(float(t) == 2.0 and t.device.type == "cpu" for t in steps)
