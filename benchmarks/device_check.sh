@@ -191,9 +191,14 @@ want plot && step plot 20 $PY benchmarks/plot_results.py "$RES"
   $PY -c "from llava_fast import _ext; l = _ext.cutlass_lib(); print('CUTLASS library:', ('loaded, attention forward ' + ('built' if l.llava_fast_cutlass_has_attn_fwd() else 'not built')) if l else _ext.CUTLASS_ERROR)" 2>&1
   [ -f "$RES/host_overhead.log" ] && grep -h "^host_overhead:" "$RES/host_overhead.log" | cut -c1-200
   [ -f "$RES/gpu_tests.log" ] && grep -hE "[0-9]+ (passed|failed)" "$RES/gpu_tests.log" | tail -n 1
+  # (the -v lines, which survive a step killed by its time limit: session 10's log had no pytest summary line)
+  [ -f "$RES/gpu_tests.log" ] && echo "gpu_tests lines: $(grep -c '\] PASSED ' "$RES/gpu_tests.log") passed," \
+    "$(grep -c '\] FAILED ' "$RES/gpu_tests.log") failed, $(grep -c '\] ERROR ' "$RES/gpu_tests.log") errors," \
+    "$(grep -c '\] SKIPPED ' "$RES/gpu_tests.log") skipped"
+  [ -f "$RES/gpu_tests.log" ] && grep -hE "\] (FAILED|ERROR) " "$RES/gpu_tests.log" | sed 's/.*\] //' | cut -c1-200 | head -n 30
   [ -f "$RES/gpu_tests.log" ] && grep -hE "^(FAILED|ERROR) " "$RES/gpu_tests.log" | cut -c1-200 | head -n 30
   for f in "$RES"/attention_variants.jsonl "$RES"/attention_variants_d64.jsonl "$RES"/attention_sweep.jsonl \
-           "$RES"/attention_sweep64.jsonl; do  # variant, D, status, TFLOP/s
+           "$RES"/attention_sweep64.jsonl "$RES"/attention_gqa.jsonl; do  # variant, D, status, TFLOP/s
     [ -f "$f" ] || continue
     echo "--- $(basename "$f") (variant D status fwd fwd+bwd TFLOP/s, worst error ratio <= 1 passes)"
     $PY -c "import json,sys
@@ -202,8 +207,14 @@ for ln in open(sys.argv[1]):
   done
   for f in $(ls -t "$RES"/*.md 2>/dev/null | head -n 10); do
     echo "--- $(basename "$f")"
-    # the header and our rows (the ones carrying the ratios to every baseline of the same run)
-    grep '^| ' "$f" | awk -F'|' 'NR == 1 || $10 ~ /[0-9]x/' | cut -c1-240 | head -n 16
+    case "$(basename "$f")" in
+      profile_model-*)  # the kernel classes, GPU busy, host syncs, and (--host) the host cost per op call
+        grep '^| ' "$f" | head -n 10
+        grep -hE "^(Wall time|Host synchronisations)" "$f" | cut -c1-240
+        grep -A8 "^Host cost per call" "$f" | grep '^| ' ;;
+      *)  # the header and our rows (the ones carrying the ratios to every baseline of the same run)
+        grep '^| ' "$f" | awk -F'|' 'NR == 1 || $10 ~ /[0-9]x/' | cut -c1-240 | head -n 16 ;;
+    esac
   done
   # what the rules written before this run say about each pending experiment (benchmarks/decide.py), last
   echo "--- decisions"
