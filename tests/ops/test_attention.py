@@ -519,6 +519,17 @@ def test_gqa_split_backward(monkeypatch, hq, hkv, d, causal, device):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq, hkv, d", [(14, 2, 64), (28, 4, 128), (16, 2, 72)])
+def test_cuda_gqa_split_backward(monkeypatch, dtype, hq, hkv, d):
+    """The opt-in GQA split on the GPU (device_check runs the cuda-marked tests): Qwen2-0.5B's and Qwen2-7B's head
+    layouts and a D72 one, uneven causal documents, by the flash-attn rule."""
+    monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", "1")
+    lens = [300, 1, 577, 97, 1500]
+    _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_sq_lt_sk(dtype, causal):
     _check_against_ref([1, 64, 300, 577], [17, 700, 301, 2048], 8, 2, 128, causal, dtype, "cuda", _run_function)
