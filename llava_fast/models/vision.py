@@ -31,7 +31,7 @@ class VisionEmbeddings(nn.Module):
             # layout: SigLIP's residual stream (transformers' too) stayed transposed through every layer, each layer
             # paying six strided copies (the norms' inputs, forward and recompute) and two strided adds. On an H200
             # that was 17 ms of the OneVision-0.5B step's 104 ms of kernels at 4 LLM layers (docs/perf-notes.md,
-            # "Session 10"). One copy here instead. The tower's layers give the same bits (tests/models/
+            # "Third GPU run"). One copy here instead. The tower's layers give the same bits (tests/models/
             # test_vision_layout.py: elementwise ops and the norms do not depend on the layout); what reads the tower's
             # output may round differently, e.g. F.linear, which fuses the bias into the GEMM for a contiguous 3-D
             # input only (one rounding instead of two).

@@ -108,13 +108,13 @@ class LayerNormAct(ExplicitAct):
 class GeluAct(ExplicitAct):
     """``F.gelu(h, approximate=...)``; backward ``gelu_backward`` as autograd's."""
 
+    pointwise = True
+
     def __init__(self, approximate: str = "none"):
         self.approximate = approximate
 
     def forward(self, h):
         return F.gelu(h, approximate=self.approximate)
-
-    pointwise = True
 
     def recompute(self, h):
         return self.forward(h), None

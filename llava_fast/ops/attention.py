@@ -1316,8 +1316,6 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
     with _device_guard(q):
         lse, lse_tma_args = _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q, lse_tma, dlse)
         align = _stride_align(q, k, v, dout, dq, dk, dv)
-        args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dk, dv),
-                lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_k))
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
                           DOT_PREC=dot_prec, ALIGN=align, D1_LO=_chunk1_start(d, d0, d1, has_d1))
         tma = _use_tma(q, dout)
@@ -1325,21 +1323,22 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
             _ext.ensure_tma_allocator()
         split = _gqa_split(group)
         if split:  # one program per query head (see _gqa_split): K/V repeated per query head, fp32 partials
-            k_h, v_h = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            dk_h = torch.empty((total_k, hq, d), dtype=torch.float32, device=k.device)
-            dv_h = torch.empty((total_k, hq, d), dtype=torch.float32, device=k.device)
-            align_h = _stride_align(q, k_h, v_h, dout, dk_h, dv_h)
-            args = (q, k_h, v_h, dout, lse, delta, dk_h, dv_h, cu_seqlens_q, cu_seqlens_k,
-                    *_strides(align_h, q, k_h, v_h, dout, dk_h, dv_h), lse.stride(0), qk_scale, softmax_scale, 1,
-                    _bucket(max_seqlen_k))
-        _launch("dkdv", _flash_attn_bwd_dkdv_kernel,
-                lambda bm, bn: (_ext.cdiv(max_seqlen_k, bn), batch, hq if split else hkv), args,
-                dict(constexprs, ALIGN=align_h if split else align, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma,
-                     LSE_TMA=lse_tma, **lse_tma_args))
+            kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            dkk = torch.empty((total_k, hq, d), dtype=torch.float32, device=k.device)
+            dvv = torch.empty((total_k, hq, d), dtype=torch.float32, device=k.device)
+            heads, grp, al = hq, 1, _stride_align(q, kk, vv, dout, dkk, dvv)
+        else:
+            kk, vv, dkk, dvv, heads, grp, al = k, v, dk, dv, hkv, group, align
+        args = (q, kk, vv, dout, lse, delta, dkk, dvv, cu_seqlens_q, cu_seqlens_k,
+                *_strides(al, q, kk, vv, dout, dkk, dvv), lse.stride(0), qk_scale, softmax_scale, grp,
+                _bucket(max_seqlen_k))
+        _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (_ext.cdiv(max_seqlen_k, bn), batch, heads),
+                args, dict(constexprs, ALIGN=al, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma, LSE_TMA=lse_tma,
+                           **lse_tma_args))
         if split:  # the group's fp32 partials summed, rounded once to the input dtype
-            dk.copy_(dk_h.view(total_k, hkv, group, d).sum(2))
-            dv.copy_(dv_h.view(total_k, hkv, group, d).sum(2))
-            del k_h, v_h, dk_h, dv_h
+            dk.copy_(dkk.view(total_k, hkv, group, d).sum(2))
+            dv.copy_(dvv.view(total_k, hkv, group, d).sum(2))
+        del kk, vv, dkk, dvv
         args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dq),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_q))
         tma_kv = _use_tma(k, v)
