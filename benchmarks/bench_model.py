@@ -19,6 +19,8 @@ session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory
 llava_fast_sdpa_flash: llava_fast with LLAVA_FAST_SDPA_CUDNN=0, the vision towers' SDPA in its default order (flash
 first) instead of cuDNN first on Hopper (models/dispatch.py); llava_fast_ce_vocab: llava_fast with
 LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed);
+llava_fast_unfused_res: llava_fast with LLAVA_FAST_FUSE_RESIDUAL=0, the decoder layers' residual adds as separate
+elementwise ops and gradient accumulations instead of inside the RMSNorm kernels (ops/act_linear.residual_act_linears);
 llava_fast_compiled (not in the default list): llava_fast with every decoder and vision layer under torch.compile
 (compile_layers; Inductor on a GPU), the remedy to try if profile_model.py finds the step host-bound.
 
@@ -402,7 +404,9 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the vision towers' SDPA in its own order (flash first) instead of cuDNN first on Hopper
                 "llava_fast_sdpa_flash": {"LLAVA_FAST_SDPA_CUDNN": "0"},
                 # the fused loss over vocab blocks (less memory, one more logits GEMM; only where lm_head trains)
-                "llava_fast_ce_vocab": {"LLAVA_FAST_CE_SCHEDULE": "vocab"}}
+                "llava_fast_ce_vocab": {"LLAVA_FAST_CE_SCHEDULE": "vocab"},
+                # the decoder layers' residual adds as separate ops instead of inside the RMSNorm kernels (session 11)
+                "llava_fast_unfused_res": {"LLAVA_FAST_FUSE_RESIDUAL": "0"}}
 
 
 def available(provider):

@@ -299,7 +299,9 @@ def _model_rules(rows, label=""):
                              ("llava_fast_sdpa_flash", "vision SDPA cuDNN-first (default) vs flash-first",
                               "keep cuDNN first if not slower"),
                              ("llava_fast_ce_vocab", "CE vocab schedule in the OneVision step",
-                              "with the CE row: vocab if not slower")):
+                              "with the CE row: vocab if not slower"),
+                             ("llava_fast_unfused_res", "residual adds fused into RMSNorm (default) vs separate",
+                              "keep fused if not slower")):
         for mode in ("ov_ft", "stage1"):
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
             if not (ours and alt):

@@ -179,14 +179,15 @@ class ChatSession:
                              f"--max-new-tokens or ask a shorter question")
         return ids
 
-    def ask(self, question: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> str:
-        """The answer to ``question`` (greedy for ``temperature`` 0, else sampled with ``temperature`` and
-        ``top_p``); the turn is added to the conversation."""
+    def ask(self, question: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+            top_k: int = 0) -> str:
+        """The answer to ``question`` (greedy for ``temperature`` 0, else sampled with ``temperature``, ``top_k``
+        and ``top_p``); the turn is added to the conversation."""
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if temperature == 0 and top_p != 1.0:
-            raise ValueError(f"top_p={top_p} needs temperature > 0 (temperature 0 is greedy decoding, which has no "
-                             f"top_p)")
+        if temperature == 0 and (top_p != 1.0 or top_k != 0):
+            raise ValueError(f"sampling with top_p={top_p}, top_k={top_k} needs temperature > 0 (temperature 0 is "
+                             f"greedy decoding, which has neither)")
         ids = self._fitting_prompt_ids(question, max_new_tokens)
         kw = {}
         if self.image is not None:
@@ -198,6 +199,7 @@ class ChatSession:
         sample = temperature > 0
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                   do_sample=sample, temperature=temperature if sample else 1.0, top_p=top_p,
+                                  top_k=top_k,
                                   eos_token_id=sorted(self.stop_ids), pad_token_id=self.tokenizer.pad_token_id or 0,
                                   stop_strings=stops, tokenizer=self.tokenizer, **kw)
         gen = out[0, ids.shape[1]:].tolist()
@@ -211,7 +213,7 @@ class ChatSession:
 
 
 def run_chat(model_dir: str, image: str | None, device: str | None = None, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_p: float = 1.0, stream=sys.stdin) -> int:
+             temperature: float = 0.0, top_p: float = 1.0, stream=sys.stdin, top_k: int = 0) -> int:
     print(f"loading {model_dir} ...", flush=True)
     session = ChatSession(model_dir, device=device)
     if image:
@@ -222,7 +224,7 @@ def run_chat(model_dir: str, image: str | None, device: str | None = None, max_n
         q = line.strip()
         if not q:
             break
-        answer = session.ask(q, max_new_tokens, temperature, top_p)
+        answer = session.ask(q, max_new_tokens, temperature, top_p, top_k)
         if session.dropped_turns:
             print(f"(the conversation outgrew the model's context: its {session.dropped_turns} oldest turn(s) were "
                   f"dropped)", flush=True)

@@ -23,7 +23,7 @@ def _cmd_chat(args) -> int:
     from llava_fast.chat import run_chat
 
     return run_chat(args.model, args.image, device=args.device, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p)
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
 
 
 def main(argv=None) -> int:
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     s.set_defaults(fn=_cmd_chat)
     args = p.parse_args(argv)
     try:

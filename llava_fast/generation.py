@@ -22,10 +22,20 @@ import torch
 from llava_fast.models.language import KVCache, VarlenKVCache
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator, top_k: int = 0) -> torch.Tensor:
+    """One token per row: temperature, then top-k, then top-p (transformers' order), then a multinomial draw."""
+    return torch.multinomial(_sample_probs(logits, temperature, top_p, top_k), 1, generator=generator)[:, 0]
+
+
+def _sample_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
+    """The distribution ``_sample`` draws from, (B, vocab) fp32."""
     logits = logits.float()
     # the row's max subtracted before dividing: a temperature near 0 gives large negative logits, never inf - inf
     logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+    if 0 < top_k < logits.shape[-1]:
+        # the k most likely tokens stay (ties with the k-th too, as transformers' `logits < kth` mask keeps them)
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
@@ -34,7 +44,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return probs
 
 
 def use_packed(model, device: torch.device | str) -> bool:
@@ -50,10 +60,11 @@ class _Stopper:
     """Next-token choice and stop conditions shared by both paths."""
 
     def __init__(self, b, device, prompts, do_sample, temperature, top_p, generator, eos, pad_token_id,
-                 stop_strings, tokenizer):
+                 stop_strings, tokenizer, top_k=0):
         """``prompts``: each row's prompt tokens (1-D, no padding)."""
         self.b, self.device = b, device
         self.do_sample, self.temperature, self.top_p, self.generator = do_sample, temperature, top_p, generator
+        self.top_k = top_k
         self.eos = torch.tensor(sorted(eos), device=device) if eos else None
         self.pad, self.stop_strings, self.tokenizer = pad_token_id, stop_strings, tokenizer
         self.done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -71,7 +82,7 @@ class _Stopper:
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         if self.do_sample:
-            return _sample(logits, self.temperature, self.top_p, self.generator)
+            return _sample(logits, self.temperature, self.top_p, self.generator, self.top_k)
         return logits.argmax(-1)
 
     def update(self, nxt: torch.Tensor, generated: torch.Tensor) -> None:
@@ -109,7 +120,8 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
              pixel_values_videos=None, batch_num_images=None, max_new_tokens: int = 32, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | list[int] | torch.Tensor | None = None,
              pad_token_id: int | None = None, stop_strings: str | list[str] | None = None, tokenizer=None,
-             generator: torch.Generator | None = None, packed: bool | None = None, output_logits: bool = False):
+             generator: torch.Generator | None = None, packed: bool | None = None, output_logits: bool = False,
+             top_k: int = 0):
     """Generates up to ``max_new_tokens`` tokens per prompt, greedy or sampled.
 
     The model runs in eval mode (dropout off; modules that were training are put back in training mode after).
@@ -133,10 +145,13 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
         pad_token_id: fills the rows already finished (a token id of the model: the padded path feeds it; 0 when
             not given, and then no attention mask is inferred: with no generation config to take it from, a default
             pad id would mask a real token, e.g. Qwen2's id 0 is "!").
-        do_sample, temperature, top_p, generator: sampling (temperature > 0, 0 <= top_p <= 1; the most likely token
-            is always kept). The packed path samples the unfinished rows only, so once a row has finished the random
-            stream differs from the padded path's. Greedy decoding (``do_sample=False``) warns when any of the
-            three is set, as it ignores them.
+        do_sample, temperature, top_k, top_p, generator: sampling (temperature > 0; top_k >= 0, 0 = off, else only
+            the k most likely tokens; 0 <= top_p <= 1, the most likely token is always kept; applied in
+            transformers' order: temperature, top-k, top-p). transformers' GenerationConfig defaults to top_k=50
+            when a checkpoint's generation_config.json does not say otherwise: pass ``top_k=50`` to sample as it
+            does. The packed path samples the unfinished rows only, so once a row has finished the random stream
+            differs from the padded path's. Greedy decoding (``do_sample=False``) warns when any of these is set,
+            as it ignores them.
         output_logits: also return the logits of every step, (B, steps, vocab) fp32 (packed path: NaN for rows
             already finished at that step).
 
@@ -161,6 +176,12 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     temperature, top_p = _number(temperature, "temperature"), _number(top_p, "top_p")
+    try:
+        top_k = operator.index(top_k)
+    except TypeError:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = no top-k), got {top_k!r}") from None
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k; k keeps the k most likely tokens), got {top_k}")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1] (the probability mass kept; 1 = no top-p), got {top_p}")
     if do_sample and not (temperature > 0 and math.isfinite(temperature)):
@@ -168,7 +189,7 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
                          f"decoding pass do_sample=False")
     if not do_sample:
         ignored = [f"{k}={v}" for k, v, d in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0),
-                                              ("generator", generator, None)) if v != d]
+                                              ("top_k", top_k, 0), ("generator", generator, None)) if v != d]
         if ignored:
             warnings.warn(f"do_sample=False (greedy decoding) ignores {', '.join(ignored)}; pass do_sample=True to "
                           f"sample")
@@ -185,8 +206,8 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
     max_len = model.config.text_config.max_position_embeddings
     media = dict(pixel_values=pixel_values, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
                  batch_num_images=batch_num_images)
-    stop_kw = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator, eos=eos,
-                   pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer)
+    stop_kw = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                   eos=eos, pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer)
 
     _check_input_ids(input_ids)
     if isinstance(input_ids, (list, tuple)):  # ragged prompts: packed path

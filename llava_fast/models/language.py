@@ -26,19 +26,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None, norm=None):
+    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None, norm=None,
+                residual=None):
         """With ``norm`` (the layer's input RMSNorm) the attention runs on ``norm(x)``, which q, k and v share and
-        which is recomputed in the backward instead of kept (ops/act_linear.py); without, on ``x`` as given."""
-        from llava_fast.ops.act_linear import act_linears, plain_linears, unhooked
-
+        which is recomputed in the backward instead of kept (ops/act_linear.py); without, on ``x`` as given. With
+        ``residual`` the input is ``s = x + residual`` (the add fused into the norm where possible) and the result is
+        ``(attention output, s)``."""
         b, n, _ = x.shape
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        if norm is not None and plain_linears(*projs) and unhooked(norm):
-            q, k, v = act_linears(norm.functional(), (x, norm.weight), [p.weight for p in projs],
-                                  [p.bias for p in projs])
-        else:  # no norm given, or adapters / wrappers on the projections (LoRA): call the modules
-            h = x if norm is None else norm(x)
-            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        (q, k, v), s = norm_linears(norm, x, residual, (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(b, n, self.num_heads, self.head_dim)
         k = k.view(b, n, self.num_kv_heads, self.head_dim)
         v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -52,7 +47,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         o = attn(q, k, v, self.scale)
-        return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        o = self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        return o if residual is None else (o, s)
 
 
 class MLP(nn.Module):
@@ -67,12 +63,13 @@ class MLP(nn.Module):
     def _gated(self, g, u):
         return self.act(g) * u
 
-    def forward(self, x, norm=None):
+    def forward(self, x, norm=None, residual=None):
         # down_proj's input (the gated product) is recomputed in the backward instead of kept (ops/act_linear.py:
         # -30% of the Llama-7B MLP's saved activations), and with ``norm`` (the layer's post-attention RMSNorm) so is
         # the normalized input that gate and up share
         # (adapters or wrappers on a projection, such as LoRA: that module is called instead; act_linear.plain_linears)
-        from llava_fast.ops.act_linear import act_linear, act_linears, plain_linears, unhooked
+        # With ``residual``: the input is s = x + residual, the result (mlp output, s)
+        from llava_fast.ops.act_linear import act_linear, plain_linears
 
         if self.act is F.silu and backend.use_fast("swiglu", x.device.type):
             from llava_fast.ops.swiglu import SwiGLUAct
@@ -80,15 +77,12 @@ class MLP(nn.Module):
             act = SwiGLUAct()
         else:
             act = self._gated
-        if norm is not None and plain_linears(self.gate_proj, self.up_proj) and unhooked(norm):
-            g, u = act_linears(norm.functional(), (x, norm.weight), [self.gate_proj.weight, self.up_proj.weight],
-                               [self.gate_proj.bias, self.up_proj.bias])
-        else:
-            h = x if norm is None else norm(x)
-            g, u = self.gate_proj(h), self.up_proj(h)
+        (g, u), s = norm_linears(norm, x, residual, (self.gate_proj, self.up_proj))
         if plain_linears(self.down_proj):
-            return act_linear(act, (g, u), self.down_proj.weight, self.down_proj.bias)
-        return self.down_proj(act(g, u))
+            out = act_linear(act, (g, u), self.down_proj.weight, self.down_proj.bias)
+        else:
+            out = self.down_proj(act(g, u))
+        return out if residual is None else (out, s)
 
 
 class DecoderLayer(nn.Module):
@@ -99,10 +93,51 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None):
-        x = x + self.self_attn(x, cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq,
+    def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None,
+                residual=None, defer=False):
+        """The layer on ``x`` (plus ``residual``, the previous layer's deferred MLP output, when given). With
+        ``defer`` it returns ``(s, m)``, its output ``s + m`` left unadded for the next norm to add in its kernel
+        (``LanguageModel.forward``); otherwise the output itself. Each residual add that meets a norm is fused into
+        the norm's kernel where the fast RMSNorm runs (``norm_linears``)."""
+        from llava_fast.ops.act_linear import unhooked
+
+        # hooked attention / MLP modules keep their usual input and output (a tensor each): the add runs before
+        if residual is not None and unhooked(self.self_attn):
+            a, s = self.self_attn(x, cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq,
+                                  norm=self.input_layernorm, residual=residual)
+        else:
+            s = x if residual is None else x + residual
+            a = self.self_attn(s, cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq,
                                norm=self.input_layernorm)
-        return x + self.mlp(x, norm=self.post_attention_layernorm)
+        if unhooked(self.mlp):
+            m, s = self.mlp(a, norm=self.post_attention_layernorm, residual=s)
+        else:
+            s = s + a
+            m = self.mlp(s, norm=self.post_attention_layernorm)
+        return (s, m) if defer else s + m
+
+
+def norm_linears(norm, x, residual, projs):
+    """``(tuple(p(norm(s)) for p in projs), s)`` with ``s = x + residual`` (``residual`` None: ``s = x``; ``norm``
+    None: no norm). The norm's output is recomputed in the backward instead of kept (ops/act_linear.py) where the
+    projections are plain linears and the norm unhooked; the add runs inside the fused RMSNorm's kernel where that
+    norm is selected (``residual_act_linears``). Otherwise (LoRA or wrapped projections, hooked norms, the reference
+    backend) the modules are called, after a plain add."""
+    from llava_fast.ops.act_linear import (act_linears, fuse_residual_enabled, plain_linears, residual_act_linears,
+                                           unhooked)
+
+    if norm is not None and plain_linears(*projs) and unhooked(norm):
+        act = norm.functional()
+        ws, bs = [p.weight for p in projs], [p.bias for p in projs]
+        if residual is not None and getattr(act, "fusable", None) is not None and act.fusable(x, residual) \
+                and fuse_residual_enabled():
+            out = residual_act_linears(act, x, residual, norm.weight, ws, bs)
+            return out[:-1], out[-1]
+        s = x if residual is None else x + residual
+        return act_linears(act, (s, norm.weight), ws, bs), s
+    s = x if residual is None else x + residual
+    h = s if norm is None else norm(s)
+    return tuple(p(h) for p in projs), s
 
 
 class KVCache:
@@ -266,14 +301,45 @@ class LanguageModel(nn.Module):
         attn = dispatch.text_attention(b, n, inputs_embeds.dtype, inputs_embeds.device, attention_mask, cu_seqlens,
                                        max_seqlen, lk=lk, head_dim=self.cfg.head_dim,
                                        kv_cache=cache if varlen else None)
-        x = inputs_embeds
+        x, pending = inputs_embeds, None
+        # checkpointed layers keep only their input: deferring the residual add would double what they keep
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        # the residual add after each MLP deferred into the next norm's kernel (ops/act_linear.residual_act_linears)
+        from llava_fast.ops.act_linear import fuse_residual_enabled
+
+        defer = backend.use_fast("rms_norm", inputs_embeds.device.type) and not ckpt and fuse_residual_enabled()
         for i, layer in enumerate(self.layers):
             # (not with a cache: the checkpointed layer would neither fill it, nor, recomputed, fill it only once)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            if ckpt:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, None, i, position_ids,
                                                       self.rotary_emb.inv_freq, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, attn, cache, i, position_ids, self.rotary_emb.inv_freq)
+            elif defer and _plain_layer(layer):
+                x, pending = layer(x, cos, sin, attn, cache, i, position_ids, self.rotary_emb.inv_freq, pending, True)
+            else:  # a hooked layer sees its whole input and returns its output, as without the deferral
+                x = x if pending is None else x + pending
+                x, pending = layer(x, cos, sin, attn, cache, i, position_ids, self.rotary_emb.inv_freq), None
         if varlen:
             cache.end()
-        return self.norm(x)
+        if pending is None:
+            return self.norm(x)
+        return final_norm(self.norm, x, pending)
+
+
+def _plain_layer(layer) -> bool:
+    """True when ``layer`` has no hooks but FSDP2's (which take the ``(s, m)`` pair of a deferred residual add as
+    they take any output): a user's hook must see the layer's usual input and output."""
+    if layer._backward_hooks or layer._backward_pre_hooks:
+        return False
+    hooks = (*layer._forward_pre_hooks.values(), *layer._forward_hooks.values())
+    return all(type(getattr(h, "__self__", None)).__name__ == "FSDPState" for h in hooks)
+
+
+def final_norm(norm, x, pending):
+    """``norm(x + pending)``, the add inside the fused RMSNorm's kernel where it runs."""
+    from llava_fast.ops.act_linear import unhooked
+
+    if unhooked(norm) and isinstance(norm, RMSNorm):
+        act = norm.functional()
+        if getattr(act, "fusable", None) is not None and act.fusable(x, pending):
+            return act.add_forward_autograd(x, pending, norm.weight)[0]
+    return norm(x + pending)

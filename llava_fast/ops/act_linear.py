@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from llava_fast import _ext
 
 __all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "ExplicitAct",
-           "GeluAct", "LayerNormAct", "plain_linears", "recompute_enabled", "unhooked"]
+           "GeluAct", "LayerNormAct", "ResidualActLinearFunction", "fuse_residual_enabled", "plain_linears", "recompute_enabled",
+           "residual_act_linears", "unhooked"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -126,6 +127,37 @@ class GeluAct(ExplicitAct):
 # --------------------------------------------------------------------------------------------------------------------
 # 3. autograd Function (no kernel of its own: the activation's and torch's)
 # --------------------------------------------------------------------------------------------------------------------
+def _linears_backward(weights, dys, a, a_shape, a_dtype, need_w, need_b, has_bias, need_input: bool,
+                      autocast_on: bool):
+    """The gradients of ``linear(a, weights[i], biases[i])`` given their output gradients ``dys`` (None: unused):
+    ``(dws, dbs, da)`` with ``da`` (``a_shape``) summed over the linears, None when not ``need_input`` or no output
+    was used. ``a`` (the recomputed activation) is only read for the weight gradients."""
+    n = len(weights)
+    dws, dbs, da = [None] * n, [None] * n, None
+    a2 = a.detach().reshape(-1, a.shape[-1]) if a is not None else None
+    for i, (w, dy) in enumerate(zip(weights, dys)):
+        if dy is None:  # this output was not used
+            continue
+        dy2 = dy.reshape(-1, w.shape[0])
+        # autograd casts each gradient to its input's dtype (fp32 master weights under autocast)
+        if need_w[i]:
+            dws[i] = dy2.t().mm(a2)
+        if need_b[i] and has_bias[i]:
+            dbs[i] = dy2.sum(0)
+        if not need_input:
+            continue
+        if not autocast_on:
+            # the linears' input gradients summed in the GEMM's epilogue: addmm is one launch and one pass over da
+            # fewer per extra linear than matmul + add (and rounds once instead of twice)
+            da = dy2.mm(w) if da is None else torch.addmm(da, dy2, w)
+        else:
+            # under autocast each GEMM runs in the low dtype and, as autograd does, its result is cast to the
+            # activation's dtype (fp32 with fp32 norm weights) before the sum: addmm would sum in bf16
+            g = dy2.mm(w).to(a_dtype)
+            da = g if da is None else da + g
+    return dws, dbs, (da.view(a_shape) if da is not None else None)
+
+
 class ActLinearFunction(torch.autograd.Function):
     """forward(act, n, *weights, *biases, *hs) -> the tuple of linear(act(*hs), weights[i], biases[i]) for i < n;
     saves hs and the weights (no copies: the parameters themselves), not act(*hs)."""
@@ -163,7 +195,6 @@ class ActLinearFunction(torch.autograd.Function):
         dev, enabled, dtype = ctx.autocast
         need = ctx.needs_input_grad[2:]
         need_w, need_b, need_h = need[:n], need[n:2 * n], need[2 * n:]
-        dws, dbs = [None] * n, [None] * n
         act = ctx.act
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
             explicit = isinstance(act, ExplicitAct) and act.usable(hs)
@@ -177,31 +208,9 @@ class ActLinearFunction(torch.autograd.Function):
                     leaves = [h.detach().requires_grad_(r) for h, r in zip(hs, need_h)]
                     a = act(*leaves)
             if a is not None:
-                a2 = a.detach().reshape(-1, a.shape[-1])
                 a_shape, a_dtype = a.shape, a.dtype
-            da = None
-            for i, (w, dy) in enumerate(zip(weights, dys)):
-                if dy is None:  # this output was not used
-                    continue
-                dy2 = dy.reshape(-1, w.shape[0])
-                # autograd casts each gradient to its input's dtype (fp32 master weights under autocast)
-                if need_w[i]:
-                    dws[i] = dy2.t().mm(a2)
-                if need_b[i] and ctx.has_bias[i]:
-                    dbs[i] = dy2.sum(0)
-                if not any(need_h):
-                    continue
-                if not enabled:
-                    # the linears' input gradients summed in the GEMM's epilogue: addmm is one launch and one pass
-                    # over da fewer per extra linear than matmul + add (and rounds once instead of twice)
-                    da = dy2.mm(w) if da is None else torch.addmm(da, dy2, w)
-                else:
-                    # under autocast each GEMM runs in the low dtype and, as autograd does, its result is cast to
-                    # the activation's dtype (fp32 with fp32 norm weights) before the sum: addmm would sum in bf16
-                    g = dy2.mm(w).to(a_dtype)
-                    da = g if da is None else da + g
-            if da is not None:
-                da = da.view(a_shape)
+            dws, dbs, da = _linears_backward(weights, dys, a, a_shape, a_dtype, need_w, need_b, ctx.has_bias,
+                                             any(need_h), enabled)
             dhs = [None] * len(hs)
             if da is not None and explicit:
                 # as autograd does: the incoming gradient in the output's dtype, each result in its input's
@@ -212,6 +221,71 @@ class ActLinearFunction(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(a, want, da))
                 dhs = [next(grads) if r else None for r in need_h]
         return (None, None, *dws, *dbs, *dhs)
+
+
+class ResidualActLinearFunction(torch.autograd.Function):
+    """forward(act, n, *weights, *biases, x, residual, norm_weight) -> (*linear(norm(s), weights[i], biases[i]), s)
+    with ``s = x + residual`` computed by the norm's kernel (``act``: an ExplicitAct with ``add_forward`` /
+    ``add_grad``, the fused RMSNorm). Saves s, the norm weight and the norm's rstd (4 bytes per row), not norm(s):
+    the linears' inputs are recomputed only for their weight gradients. The backward adds the gradient that ``s``
+    received downstream inside the norm's backward kernel (no separate accumulation) and returns the sum's gradient
+    for both addends."""
+
+    @staticmethod
+    def forward(ctx, act, n, *args):
+        weights, biases = args[:n], args[n:2 * n]
+        x, residual, nw = args[2 * n:]
+        dev = x.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        with torch.no_grad():
+            a, s, rstd = act.add_forward(x, residual, nw)
+        ctx.act, ctx.n = act, n
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.dtypes = (x.dtype, residual.dtype, a.dtype)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*weights, s, nw, rstd)
+        return (*(F.linear(a, w, b) for w, b in zip(weights, biases)), s)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with torch.no_grad():
+            out = ResidualActLinearFunction._backward(ctx, grads)
+        if torch.is_grad_enabled() and not _ext._tracing():  # create_graph=True
+            out = _ext.not_differentiable_again(out, (*ctx.saved_tensors, *(g for g in grads if g is not None)),
+                                                "residual_act_linears")
+        return out
+
+    @staticmethod
+    def _backward(ctx, grads):
+        n, act = ctx.n, ctx.act
+        saved = ctx.saved_tensors
+        weights, (s, nw, rstd) = saved[:n], saved[n:]
+        dys, ds = grads[:n], grads[n]
+        need = ctx.needs_input_grad[2:]
+        need_w, need_b, (need_x, need_r, need_nw) = need[:n], need[n:2 * n], need[2 * n:]
+        need_in = need_x or need_r or need_nw
+        dev, enabled, dtype = ctx.autocast
+        a_dtype = ctx.dtypes[2]
+        a_shape = (*s.shape[:-1], nw.shape[0])
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            a = None
+            if any(need_w):  # the norm's output, recomputed from s for the weight gradients only
+                a = act.recompute(s, nw)[0]
+            dws, dbs, da = _linears_backward(weights, dys, a, a_shape, a_dtype, need_w, need_b, ctx.has_bias,
+                                             need_in, enabled)
+            # an unused output's parameters get zeros, as ActLinearFunction (materialized gradients) gives them
+            dws = [torch.zeros_like(w) if r and g is None else g for w, r, g in zip(weights, need_w, dws)]
+            dbs = [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if r and h and g is None else g
+                   for w, r, h, g in zip(weights, need_b, ctx.has_bias, dbs)]
+            dsum = dnw = None
+            if da is not None:
+                dsum, dnw = act.add_grad(da.to(a_dtype), s, nw, rstd, ds)
+            elif ds is not None:  # the linears' outputs unused: only the downstream gradient of s
+                dsum = ds
+        dx = dsum.to(ctx.dtypes[0]) if need_x and dsum is not None else None
+        dr = dsum.to(ctx.dtypes[1]) if need_r and dsum is not None else None
+        dnw = dnw.to(nw.dtype) if need_nw and dnw is not None else None
+        return (None, None, *dws, *dbs, dx, dr, dnw)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -239,6 +313,12 @@ def recompute_enabled() -> bool:
     return _ext.env_choice("LLAVA_FAST_RECOMPUTE_ACT", ("0", "1"), "1") == "1"
 
 
+def fuse_residual_enabled() -> bool:
+    """``LLAVA_FAST_FUSE_RESIDUAL=0`` (read at each forward) turns off the residual adds fused into the decoder
+    layers' RMSNorm kernels (:func:`residual_act_linears`): the A/B switch of the benchmarks and tests."""
+    return _ext.env_choice("LLAVA_FAST_FUSE_RESIDUAL", ("0", "1"), "1") == "1"
+
+
 def act_linears(act: Callable, hs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                 biases: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     """``tuple(F.linear(a, w, b) for w, b in zip(weights, biases))`` with ``a = act(*hs)`` computed once (q, k and v
@@ -252,6 +332,29 @@ def act_linears(act: Callable, hs: Sequence[torch.Tensor], weights: Sequence[tor
     if not grads or torch.compiler.is_compiling() or not recompute_enabled():
         return act_linears_ref(act, hs, weights, biases)
     return ActLinearFunction.apply(act, len(weights), *weights, *biases, *hs)
+
+
+def residual_act_linears(act: ExplicitAct, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                         weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]]):
+    """``(*linears over norm(s), s)`` with ``s = x + residual``: a decoder layer's residual add, its norm and the
+    linears that read the norm (q/k/v, gate/up), the add done inside the norm's kernel in the forward and the
+    gradient accumulation of ``s`` inside its backward kernel (two elementwise passes and launches fewer per add).
+    ``act`` is a norm with ``fusable(x, residual)`` true (``RMSNormAct``); ``s`` is bitwise ``x + residual``.
+    With gradients, the norm's output is recomputed as :func:`act_linears` does; without recomputation (no
+    gradients, ``LLAVA_FAST_RECOMPUTE_ACT=0``, torch.compile traces) the norm's fused op is differentiated by
+    autograd."""
+    if len(weights) != len(biases) or not weights:
+        raise ValueError(f"residual_act_linears: {len(weights)} weights and {len(biases)} biases; give one bias (or "
+                         f"None) per weight")
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (x, residual, norm_weight, *weights, *biases))
+    if grads and not torch.compiler.is_compiling() and recompute_enabled():
+        return ResidualActLinearFunction.apply(act, len(weights), *weights, *biases, x, residual, norm_weight)
+    if grads:
+        a, s = act.add_forward_autograd(x, residual, norm_weight)
+    else:
+        a, s, _ = act.add_forward(x, residual, norm_weight)
+    return (*(F.linear(a, w, b) for w, b in zip(weights, biases)), s)
 
 
 def act_linear(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tensor,

@@ -333,6 +333,34 @@ class RMSNormAct(ExplicitAct):
     def grad(self, da, hs, rstd, need):
         return _rms_norm_bwd_op(da, hs[0], hs[1], rstd, None)
 
+    # the residual add fused in (ops/act_linear.residual_act_linears: the decoder layers' two adds per layer)
+    def fusable(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """True when the kernel can compute ``s = x + residual`` exactly as ``x + residual`` would: same shape and
+        device, and one of the two dtypes is the promoted one (bf16 + fp32 under autocast: the sum is fp32)."""
+        if not (isinstance(residual, torch.Tensor) and residual.shape == x.shape and residual.device == x.device
+                and x.dtype in _DTYPES and residual.dtype in _DTYPES and self.usable((x,))):
+            return False
+        return x.dtype == residual.dtype or torch.float32 in (x.dtype, residual.dtype)
+
+    def add_forward(self, x, residual, weight):
+        """``(norm(s), s, rstd)`` with ``s = x + residual`` rounded to their promoted dtype, one kernel (both addends
+        are widened to fp32, summed, rounded: bitwise ``x + residual``, which is commutative)."""
+        if residual.dtype == torch.float32 and x.dtype != torch.float32:
+            x, residual = residual, x    # the kernel writes s in its first operand's dtype: the promoted one
+        return _rms_norm_fwd_op(x, weight, residual, self.eps)
+
+    def add_forward_autograd(self, x, residual, weight):
+        """``(norm(s), s)`` differentiable by autograd (the path without recomputation)."""
+        if x.dtype == residual.dtype:
+            return rms_norm(x, weight, self.eps, residual)
+        s = x + residual
+        return rms_norm(s, weight, self.eps), s
+
+    def add_grad(self, da, s, weight, rstd, ds):
+        """``(dsum, dweight)``: the gradient of ``s`` (norm backward plus ``ds``, the gradient ``s`` received
+        downstream, added in the kernel), i.e. of both addends, and of the weight."""
+        return _rms_norm_bwd_op(da, s, weight, rstd, ds)
+
 
 if HAS_TRITON:
     backend.register_fast("rms_norm", "triton")

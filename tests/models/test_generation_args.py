@@ -110,6 +110,42 @@ def test_sampling_edge_values(tmp_path):
         m.generate(ids, max_new_tokens=2, temperature=0.7, top_p=0.9)
 
 
+def test_top_k(tmp_path):
+    """top_k keeps the k most likely tokens, applied after the temperature and before top-p as transformers' warpers
+    (the same distribution, ties at the k-th kept); top_k=1 is greedy on both paths; bad values name the argument."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from llava_fast.generation import _sample_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 3
+    logits[0, :4] = 20.0                                  # a tie at the k-th largest
+    for temp, k, p in [(0.7, 3, 1.0), (1.3, 10, 0.8), (1.0, 1, 1.0), (0.5, 0, 0.9), (1.0, 50, 1.0), (1.0, 80, 0.5)]:
+        want = logits.clone()
+        for w in ([TemperatureLogitsWarper(temp)] + ([TopKLogitsWarper(k)] if k else [])
+                  + ([TopPLogitsWarper(p)] if p < 1 else [])):
+            want = w(None, want)
+        # (row 0's four-way tie is split differently by the two sorts at a top-p boundary: compared without top-p)
+        rows = slice(0, None) if p == 1 else slice(1, None)
+        torch.testing.assert_close(_sample_probs(logits, temp, p, k)[rows], torch.softmax(want, -1)[rows], atol=1e-6,
+                                   rtol=1e-5, msg=lambda m: f"temperature {temp} top_k {k} top_p {p}: {m}")
+    assert (_sample_probs(logits, 1.0, 1.0, 3)[0] > 0).sum() == 4      # the tie kept, as transformers
+
+    _, path = save_tiny(tmp_path, "llava_next")
+    m = llava_fast.from_pretrained(path)
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    greedy = m.generate(ids, max_new_tokens=5)
+    for packed in (False, True):
+        got = m.generate(ids, max_new_tokens=5, do_sample=True, temperature=2.0, top_k=1, packed=packed,
+                         generator=torch.Generator().manual_seed(0))
+        assert torch.equal(got, greedy), packed
+    for kw in (dict(do_sample=True, top_k=-1), dict(do_sample=True, top_k=2.5), dict(do_sample=True, top_k="3")):
+        with pytest.raises(ValueError, match="top_k"):
+            m.generate(ids, max_new_tokens=2, **kw)
+    with pytest.warns(UserWarning, match="top_k=5"):
+        m.generate(ids, max_new_tokens=2, top_k=5)
+
+
 def test_pad_token_id_and_video_tokens_checked(tmp_path):
     """A pad_token_id the model cannot embed (fed for finished rows: an index error, a device assert on the GPU) and
     video tokens without pixel_values_videos (the model's forward) raise, naming the argument, on both paths."""
