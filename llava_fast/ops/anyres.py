@@ -694,6 +694,8 @@ def _flatten_samples(images, multi_image):
         images = [images]
     nested = len(images) > 0 and all(isinstance(x, (list, tuple)) for x in images)
     if nested:
+        # text-only samples (empty lists) get no entry, as in transformers' processor (5.x: [[a, b], [], [c]] gives
+        # [2, 1]); the model's batch_num_images and the collator count the samples with images only
         counts = [len(s) for s in images if len(s)]
         flat = [im for s in images for im in s]
         flags = [n > 1 for n in counts for _ in range(n)]

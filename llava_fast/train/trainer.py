@@ -368,6 +368,7 @@ class Trainer:
                                  "another data order (samples repeated or skipped) or keep the checkpoint's "
                                  "optimizer and lr-schedule settings over the new ones. Resume with the checkpoint's "
                                  "settings, or start a new run (another checkpoint.out, or checkpoint.resume=none)")
+        self._note_precision_change(path, st)
         load_full_states(self.model, self.optimizer, ms, st["optimizer"], self.fsdp)
         _set_fused(self.optimizer, self._fused)  # the loaded groups carry the checkpoint's choice: optim.fused wins
         self.scheduler.load_state_dict(st["scheduler"])
@@ -380,6 +381,22 @@ class Trainer:
         if rng is not None:
             ckpt.set_rng_state(rng)
         self.log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch}, step {self.step_in_epoch})")
+
+    def _note_precision_change(self, path, st) -> None:
+        """model.dtype / train.precision may change on resume (a bf16 run continued in fp32, or the reverse: the
+        restored weights and optimizer moments are cast to the new parameters' dtype), but not silently."""
+        try:
+            old = json.loads(st.get("config") or "{}")
+        except (TypeError, ValueError):
+            return
+        now = json.loads(self.cfg.to_json())
+        changed = [f"{sec}.{k}={old[sec][k]!r} -> {now[sec][k]!r}" for sec, k in (("model", "dtype"),
+                                                                                  ("train", "precision"))
+                   if k in old.get(sec, {}) and old[sec][k] != now[sec][k]]
+        if changed:
+            self.log(f"note: resuming {path} with another precision ({', '.join(changed)}): the checkpoint's weights "
+                     f"and optimizer moments are cast to this run's parameter dtype "
+                     f"({next(self.model.parameters()).dtype}); the loss curve may shift at the resume step")
 
     # ------------------------------------------------------------------------------------------------------------
     def _to_device(self, b: dict) -> dict:

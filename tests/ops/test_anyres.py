@@ -234,6 +234,10 @@ def test_onevision_multi_image_and_batches_match_hf():
     ours = preprocess_images(samples, OV)
     assert ours["batch_num_images"] == list(ref["batch_num_images"]) == [2, 1]
     assert ours["num_tiles"][:2] == [1, 1]
+    # a text-only sample in the batch gets no entry in either (the model counts samples with images only)
+    with_empty = [samples[0], [], samples[1]]
+    assert preprocess_images(with_empty, OV)["batch_num_images"] == \
+        list(proc(with_empty, return_tensors="pt")["batch_num_images"]) == [2, 1]
     # HF pads every image to the max tile count: slice the real tiles out per image
     pv = torch.cat([ref["pixel_values"][i, :n] for i, n in enumerate(ours["num_tiles"])])
     assert _grey_err(ours["pixel_values"], pv, OV.image_std) <= 1.0 + 1e-3

@@ -167,3 +167,20 @@ def test_resume_applies_the_configured_fused_flag(assets, tmp_path, first, then)
     assert all(bool(g.get("fused")) == then for g in b.optimizer.param_groups)
     steps = [s["step"] for s in b.optimizer.state.values()]
     assert steps and all(float(t) == 2.0 and t.device.type == "cpu" for t in steps)
+
+
+def test_resume_with_another_precision_says_so(assets, tmp_path):
+    """model.dtype may change on resume (not in the resume key: the new setting is applied, nothing restored
+    overrides it), but the log says so and the run goes on in the new dtype."""
+    import torch
+
+    over = {"schedule.max_steps": 2, "checkpoint.every_steps": 1}
+    Trainer(make_cfg(assets, tmp_path, **{**over, "model.dtype": "float32"}), quiet=True).train(stop_at_step=1)
+    b = Trainer(make_cfg(assets, tmp_path, **{**over, "model.dtype": "bfloat16"}), quiet=True)
+    lines = []
+    b.log = lambda msg, *a, **k: lines.append(msg)
+    b.train()
+    assert b.global_step == 2
+    assert next(b.model.parameters()).dtype == torch.bfloat16
+    notes = [x for x in lines if "another precision" in x]
+    assert len(notes) == 1 and "model.dtype='float32' -> 'bfloat16'" in notes[0], lines
