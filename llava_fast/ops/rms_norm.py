@@ -157,25 +157,26 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
     weight = weight.contiguous()  # the kernels read it as W + col: a strided or expanded view would be misread
     m = x2.shape[0]
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
+    # allocated in their final shapes (the kernel gets 2-D views): the returned tensors are not views, which
+    # FSDP2 warns about when a wrapped layer returns one (the fused residual path returns s)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    y2 = y.view(m, n)
     if residual is not None:
         r2 = _rows(residual)
-        s = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        s2 = s.view(m, n)
     else:
-        r2, s = x2, x2.new_empty(0)
+        r2, s, s2 = x2, x2.new_empty(0), y2
     if m > 0:
         block_m, block_n, num_warps = _config(n, 4096)
         grid = (_ext.cdiv(m, block_m),)
         with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
             _rms_norm_fwd_kernel[grid](
-                x2, r2, weight, y, s if residual is not None else y, rstd,
-                m, n, x2.stride(0), r2.stride(0), y.stride(0), s.stride(0) if residual is not None else 0, eps,
+                x2, r2, weight, y2, s2, rstd,
+                m, n, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0) if residual is not None else 0, eps,
                 HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-    y = y.view(*x.shape[:-1], n)
-    if residual is not None:
-        s = s.view(x.shape)
-    return y, s, rstd.view(x.shape[:-1])
+    return y, s, rstd
 
 
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
