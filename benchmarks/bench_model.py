@@ -22,7 +22,9 @@ LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only ste
 llava_fast_unfused_res: llava_fast with LLAVA_FAST_FUSE_RESIDUAL=0, the decoder layers' residual adds as separate
 elementwise ops and gradient accumulations instead of inside the RMSNorm kernels (ops/act_linear.residual_act_linears);
 llava_fast_compiled (not in the default list): llava_fast with every decoder and vision layer under torch.compile
-(compile_layers; Inductor on a GPU), the remedy to try if profile_model.py finds the step host-bound.
+(compile_layers; Inductor on a GPU), the remedy to try if profile_model.py finds the step host-bound;
+llava_fast_compiled_cg (not in the default list): the same with mode="reduce-overhead", each layer's forward and
+backward replayed as CUDA graphs (no host cost per kernel).
 
 MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
 2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
@@ -241,20 +243,25 @@ def build(provider, name, cfg, device):
         m.requires_grad_(False)
     if provider == "llava_fast_compiled":
         compile_layers(m, device)
+    elif provider == "llava_fast_compiled_cg":
+        compile_layers(m, device, mode="reduce-overhead")
     return m
 
 
-def compile_layers(m, device):
+def compile_layers(m, device, mode=None):
     """torch.compile each decoder and vision encoder layer (per-block compile: the layers of a tower share one
     compiled graph, so it compiles once per layer type). Against the host time per op: Inductor fuses the small
     elementwise ops between our kernels and launches the layer from generated code (ours stay custom ops; under
     compile act_linear saves its activations and Inductor's partitioner chooses what to recompute). Inductor on a GPU,
-    aot_eager on the CPU (no C++ compile in tests)."""
+    aot_eager on the CPU (no C++ compile in tests). ``mode="reduce-overhead"`` (provider llava_fast_compiled_cg, GPU
+    only) also replays each compiled layer's forward and backward as CUDA graphs: no host launch cost per kernel at
+    all, the remedy if the step is host-bound and Inductor's fusion alone does not close it."""
     backend = "inductor" if device == "cuda" else "aot_eager"
+    kw = dict(mode=mode) if mode is not None and device == "cuda" else {}
     vt = m.model.vision_tower
     vlayers = getattr(vt, "layers", None) or getattr(getattr(vt, "encoder", None), "layers", [])
     for layer in (*m.model.language_model.layers, *vlayers):
-        layer.compile(backend=backend, dynamic=False)
+        layer.compile(backend=backend, dynamic=False, **kw)
 
 
 def step_fn(provider, name, m, inp):
@@ -276,7 +283,11 @@ def step_fn(provider, name, m, inp):
         # (the H100 rows of 2026-11-26 were measured so; the mixed workload already passed logits=False).
         kw["logits"] = False
 
+    mark = provider == "llava_fast_compiled_cg" and inp["ids"].is_cuda
+
     def fn():
+        if mark:  # a new training step for CUDA-graph trees: the previous step's graph outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         out = m(labels=inp["labels"], **kw)
         out.loss.backward()
         opt.step()

@@ -162,7 +162,7 @@ if want ops; then
     elif [ "$b" = "model_compiled" ]; then  # not in the default list: every layer under torch.compile (the remedy
       # if profile_model finds the OneVision step host-bound); compiles once per layer type, then times the step
       step bench_model_compiled 180 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft \
-        --name bench_model_compiled --providers llava_fast,llava_fast_compiled,hf_sdpa
+        --name bench_model_compiled --providers llava_fast,llava_fast_compiled,llava_fast_compiled_cg,hf_sdpa
     elif [ "$b" = "host" ]; then  # not in the default list: the OneVision step's host time with every launch stubbed,
       # on this box's CPU (benchmarks/host_overhead.py; 125 ms on the 2-core dev CPU, session 9): calibrates the dev
       # CPU's host-time numbers against the GPU host's, ~15 s

@@ -213,6 +213,12 @@ def test_decide_host_bound_rule(tmp_path):
     (tmp_path / "bench_model_compiled-GPU-1.json").write_text(json.dumps({"rows": rows}))
     got = {q: (m, d) for q, m, _, d in decide.decide(str(tmp_path))}
     assert got["compiled layers, ov_ft"][1] == "switch" and got["compiled layers, ov_ft"][0].startswith("1.12x")
+    assert got["compiled layers + CUDA graphs (reduce-overhead), ov_ft"] == ("not measured", "")
+    rows.append(dict(provider="llava_fast_compiled_cg", shape="s", mode="ov_ft", ms=1.0, metric=101.0,
+                     peak_gib=10.0))
+    (tmp_path / "bench_model_compiled-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = {q: (m, d) for q, m, _, d in decide.decide(str(tmp_path))}
+    assert got["compiled layers + CUDA graphs (reduce-overhead), ov_ft"][1] == "keep eager"
 
 
 def test_decide_projector_cutlass_rule(tmp_path):
