@@ -3,7 +3,8 @@
 Loading accepts the three key layouts found in the wild (reference-spec.md 4.1-4.2): the llava-hf files on the Hub
 (``language_model.model.*``, ``vision_tower.vision_model.*``), transformers 4.52-4.x runtime names
 (``model.vision_tower.vision_model.*``) and transformers 5.x runtime names (``model.vision_tower.*``). Saving writes the
-llava-hf file layout (what transformers 5.x itself writes) into a temporary folder that replaces the target only once
+llava-hf file layout of the Hub (``vision_tower.vision_model.*``, which transformers 4.x and 5.x load; transformers 5.24
+itself writes ``vision_tower.encoder.*``) into a temporary folder that replaces the target only once
 complete, so a crash never leaves a half-written checkpoint.
 """
 from __future__ import annotations
@@ -11,16 +12,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llava_fast.models.config import LlavaConfig
+from llava_fast.models.config import DTYPE_NAMES, LlavaConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _IGNORED_SUFFIXES = ("position_ids",)  # derivable buffers some old checkpoints hold
@@ -53,28 +55,47 @@ def to_file_key(key: str) -> str:
 
 
 def _parse_size(size) -> int:
-    if isinstance(size, int):
+    """``max_shard_size`` in bytes: an int or a string as transformers takes it ("5GB" = 5e9 bytes, "5GiB" = 5 * 2**30)."""
+    if isinstance(size, int) and not isinstance(size, bool):
         return size
     s = str(size).strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+                       ("B", 1), ("", 1)):
         if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+            try:
+                return int(float(s[: len(s) - len(unit)]) * mult)
+            except (ValueError, OverflowError):   # not a number, nan, inf
+                break
+    raise ValueError(f"save_pretrained: max_shard_size must be a number of bytes or a size such as '5GB', '500MB' or "
+                     f"'2GiB', got {size!r}")
 
 
 def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files to read, chosen as transformers does: model.safetensors when present (transformers 5.x
+    leaves a stale model.safetensors.index.json behind when it saves unsharded over a sharded folder), else the index."""
     index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if single.is_file():
+        if index.is_file():
+            warnings.warn(f"{path} holds both model.safetensors and model.safetensors.index.json: loading "
+                          f"model.safetensors, as transformers does (the index is ignored). Remove the stale one to "
+                          f"silence this warning.", stacklevel=3)
+        return [single]
     if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e}); it must be JSON "
+                             f"with a 'weight_map' from tensor names to shard files: save or download the checkpoint "
+                             f"again") from e
         files = sorted({path / v for v in weight_map.values()})
         missing = [str(p.name) for p in files if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names shard files that are missing: {missing}")
         return files
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
         raise ValueError(f"{path} holds only pickle weights (*.bin/*.pt); llava_fast loads safetensors only (pickle "
                          f"can run code). Convert once with transformers: model.save_pretrained(dir) writes safetensors")
@@ -85,14 +106,18 @@ def load_state_dict(path, device="cpu") -> dict[str, torch.Tensor]:
     """Read every tensor of a checkpoint folder, keys converted to our runtime names."""
     out = {}
     for f in _weight_files(Path(path)):
-        with safe_open(str(f), framework="pt", device=str(device)) as sf:
-            for k in sf.keys():
-                if k.endswith(_IGNORED_SUFFIXES):
-                    continue
-                rk = to_runtime_key(k)
-                if rk in out:
-                    raise ValueError(f"checkpoint {path} holds tensor {rk!r} twice (as {k!r} in {f.name})")
-                out[rk] = sf.get_tensor(k)
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for k in sf.keys():
+                    if k.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    rk = to_runtime_key(k)
+                    if rk in out:
+                        raise ValueError(f"checkpoint {path} holds tensor {rk!r} twice (as {k!r} in {f.name})")
+                    out[rk] = sf.get_tensor(k)
+        except SafetensorError as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e}): it is corrupt or truncated (an "
+                             f"interrupted download, copy or save?); download or save the checkpoint again") from e
     return out
 
 
@@ -126,11 +151,21 @@ def from_pretrained(path, dtype=None, device=None):
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is not a folder; from_pretrained takes a local llava-hf checkpoint "
                                 f"folder (config.json + safetensors) and never downloads")
-    config = LlavaConfig.from_pretrained(path)
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-        dtype = _DTYPES[dtype]
+    try:
+        config = LlavaConfig.from_pretrained(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({e}); fix or replace it") from e
+    if isinstance(dtype, str):   # the names config.json may hold ('bfloat16', 'bf16', 'torch.float16', ...); 'auto' = None
+        name = None if dtype == "auto" else DTYPE_NAMES.get(dtype.removeprefix("torch."))
+        if name is None and dtype != "auto":
+            raise ValueError(f"from_pretrained: dtype must be one of {list(_DTYPES)} (or torch.float32, torch.float16, "
+                             f"torch.bfloat16; None or 'auto' keeps the checkpoint's), got {dtype!r}")
+        dtype = _DTYPES[name] if name else None
+    elif dtype is not None and dtype not in _DTYPES.values():
+        # (float64 would load, but save a config.json that no llava_fast load accepts; an integer dtype would fail deep
+        # inside load_state_dict)
+        raise ValueError(f"from_pretrained: dtype must be torch.float32, torch.float16 or torch.bfloat16 (or their "
+                         f"names; None or 'auto' keeps the checkpoint's), got {dtype!r}")
     if dtype is None:
         dtype = _DTYPES[config.dtype] if config.dtype else torch.float32  # config.json's, checked when parsed
     device = torch.device(device or "cpu")
@@ -186,11 +221,40 @@ def _link_or_copy(src, dst):
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
+def _mkdir_unique(parent: Path, prefix: str) -> Path:
+    """A new empty folder ``parent/prefix<random>``, made with the process's umask (tempfile.mkdtemp's are 0700)."""
+    while True:
+        p = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            p.mkdir()
+            return p
+        except FileExistsError:
+            continue
+
+
+def _check_target(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"save_pretrained: {str(path)!r} is a file, not a folder; give the path of a checkpoint folder "
+                         f"(the file is left alone)")
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return
+    if cwd == path or path in cwd.parents:
+        raise ValueError(f"save_pretrained: {str(path)!r} is (or holds) the current working directory; the save "
+                         f"replaces the folder as a whole, which would leave this process in a deleted directory: "
+                         f"os.chdir() out of it first or save elsewhere")
+
+
 def save_pretrained(model, path, max_shard_size="5GB"):
     """Write config.json and safetensors (sharded above ``max_shard_size``, with an index) atomically."""
-    path = Path(path)
+    # a symlinked folder is written through, as transformers does (the link is kept, pointing at the new weights);
+    # "." and ".." get a name to swap
+    path = Path(os.path.realpath(path))
+    _check_target(path)
     limit = _parse_size(max_shard_size)
     state = {}
+    storages = set()
     sd = model.state_dict()
     for k, v in sd.items():
         if model.config.tie_word_embeddings and k == "lm_head.weight":
@@ -203,7 +267,11 @@ def save_pretrained(model, path, max_shard_size="5GB"):
         if v.is_meta:
             raise ValueError(f"save_pretrained: {k} is on the meta device (no data); load or materialize the weights "
                              f"(llava_fast.from_pretrained, model.to_empty(device=...) + init) before saving")
-        state[to_file_key(k)] = v.detach().to("cpu").contiguous()
+        t = v.detach().to("cpu").contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in storages:
+            t = t.clone()   # shares memory with a tensor already taken (lm_head untied in the config only, views)
+        storages.add(t.untyped_storage().data_ptr())
+        state[to_file_key(k)] = t
     shards, cur, cur_size = [], {}, 0
     for k in sorted(state):
         nbytes = state[k].numel() * state[k].element_size()
@@ -214,7 +282,7 @@ def save_pretrained(model, path, max_shard_size="5GB"):
         cur_size += nbytes
     shards.append(cur)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = _mkdir_unique(path.parent, f".{path.name}.tmp-")
     old = None
     try:
         cfg = model.config.to_hf_dict()
@@ -248,13 +316,23 @@ def save_pretrained(model, path, max_shard_size="5GB"):
                 else:
                     _link_or_copy(f, tmp / f.name)
         if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))   # the folder keeps its permissions
+            # a fresh name each time: a leftover of an earlier save (its deletion cut short) never blocks this one
+            old = _mkdir_unique(path.parent, f".{path.name}.old-")
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        if old is not None and old.exists() and not path.exists():
-            os.replace(old, path)   # the old checkpoint back in place
+        if old is not None and old.exists():
+            if not path.exists():
+                os.replace(old, path)   # the old checkpoint back in place
+            else:
+                try:
+                    old.rmdir()   # still the empty placeholder: the old folder was never moved
+                except OSError:
+                    pass
+        if tmp.exists():
+            os.chmod(tmp, 0o700)   # writable again (it may have taken a read-only folder's mode)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
