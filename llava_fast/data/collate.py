@@ -36,7 +36,12 @@ def _images(good, out):
     vids = [s["pixel_values_videos"] for s in good if "pixel_values_videos" in s]
     if vids:
         if len({v.shape for v in vids}) != 1:
-            raise ValueError("videos of one batch must have the same number of frames (set frames_upbound)")
+            named = ", ".join(f"{s['sample_id']!r}: {s['pixel_values_videos'].shape[0]}" for s in good
+                              if "pixel_values_videos" in s)
+            raise ValueError(f"videos of one batch must have the same number of frames, got frames per sample "
+                             f"{{{named}}}: set frames_upbound (data.frames_upbound of llava-fast train, LlavaDataset's "
+                             f"frames_upbound) to at most the fewest frames of any "
+                             f"video, so that every video is sampled to frames_upbound frames")
         out["pixel_values_videos"] = torch.stack(vids)
 
 

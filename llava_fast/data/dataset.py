@@ -10,12 +10,14 @@ number of LLM tokens (text + image tokens) is computed. Records that cannot be u
 is counted in :attr:`LlavaDataset.drops` and logged (or raise :class:`DataError` with ``strict=True``):
 
 ``bad_format``, ``empty_conversation``, ``bad_roles``, ``placeholder_mismatch`` (``<image>`` tags != images),
-``missing_image``, ``unreadable_image``, ``image_too_large``, ``no_supervised_tokens``, ``truncation_cuts_image``
-(the sample is longer than ``max_len`` and cutting it would cut image tokens), ``truncated_no_labels``,
-``bad_video``. Images that decode badly later, inside a DataLoader worker, are dropped as ``decode_error`` by the
-collator or raise with ``strict``; so is an image whose decoded size is not the size its header had when the dataset
-was built (the file changed: its token count, and the pack plan, would no longer hold). Such a sample is reloaded,
-and fails again, every epoch: the dropped dict names its dataset ``index`` so that the trainer counts it once.
+``missing_image``, ``unreadable_image``, ``image_too_large`` (over ``max_pixels``, or a thin strip whose
+preprocessing buffers would be far larger than the image: ``ops.anyres.check_work``), ``no_supervised_tokens``,
+``truncation_cuts_image`` (the sample is longer than ``max_len`` and cutting it would cut image tokens),
+``truncated_no_labels``, ``bad_video``. Images that decode badly later, inside a DataLoader worker, are dropped as
+``decode_error`` by the collator or raise with ``strict``; so is an image whose decoded size is not the size its
+header had when the dataset was built (the file changed: its token count, and the pack plan, would no longer hold).
+Such a sample is reloaded, and fails again, every epoch: the dropped dict names its dataset ``index`` so that the
+trainer counts it once.
 
 Samples longer than ``max_len`` that can be cut without cutting image tokens or every label are kept, cut at the
 end; they are counted in :attr:`LlavaDataset.truncated` and logged (not a drop: the sample still trains).
@@ -162,6 +164,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.image_config = image_config
         # pixel limits are this dataset's (checked from the header, a too-large image is a counted drop)
         self._pp_config = dataclasses.replace(image_config, max_pixels=None)
+        self._work_config = dataclasses.replace(image_config, max_pixels=max_pixels)
         self.cls_token = bool(cls_token)
         self.template = template
         self.image_token_id = int(image_token_id)
@@ -206,6 +209,16 @@ class LlavaDataset(torch.utils.data.Dataset):
                            "(raise max_len to keep them whole)")
         if not self.items:
             raise DataError(f"no usable samples among {len(records)} records ({self.drops.summary()})")
+        frames = {}
+        for it in self.items:
+            if it.video:
+                frames.setdefault(len(it.video), it.sample_id)
+        if len(frames) > 1:  # the model takes (videos, frames, ...): a batch holding two of them fails to collate
+            lo, hi = min(frames), max(frames)
+            self.drops.log(f"videos have different numbers of frames (sample {frames[lo]!r}: {lo}, sample "
+                           f"{frames[hi]!r}: {hi}); a batch holding two such videos cannot be collated: sample "
+                           f"every video to the same number of frames (frames_upbound, data.frames_upbound of llava-fast "
+                           f"train, <= {lo})")
 
     @classmethod
     def for_model(cls, model_config, data, image_root: str, tokenizer, template: str, **kwargs) -> "LlavaDataset":
@@ -237,17 +250,19 @@ class LlavaDataset(torch.utils.data.Dataset):
             p = os.path.join(self.image_root, v)
             if os.path.isdir(p):
                 frames = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(_IMG_EXT))
+            elif not os.path.exists(p):
+                raise SampleError("bad_video", f"video folder not found: {p}")
             else:
                 raise SampleError("bad_video", f"video {p}: only a folder of frames or a list of frame files is "
                                   "supported (decode the video to frames first)")
-        elif isinstance(v, list):
+        elif isinstance(v, list) and all(isinstance(f, str) for f in v):
             frames = [os.path.join(self.image_root, f) for f in v]
         else:
-            raise SampleError("bad_video", f"'video' must be a folder or a list of frames, got {v!r:.80}")
+            raise SampleError("bad_video", f"'video' must be a folder or a list of frame paths, got {v!r:.80}")
         if not frames:
             raise SampleError("bad_video", f"video {v!r} has no frames")
-        if len(frames) > self.frames_upbound:  # uniform sampling, like NXT frames_upbound
-            idx = np.linspace(0, len(frames) - 1, self.frames_upbound).round().astype(int)
+        if len(frames) > self.frames_upbound:  # uniform sampling, like NXT frames_upbound (dtype=int: truncated)
+            idx = np.linspace(0, len(frames) - 1, self.frames_upbound, dtype=int)
             frames = [frames[i] for i in idx]
         return frames
 
@@ -269,6 +284,15 @@ class LlavaDataset(torch.utils.data.Dataset):
         enc = encode_conversation(self._tok, rec["conversations"], self.template, len(paths),
                                   1 if frames else 0)
         multi = len(paths) > 1
+        if self.max_pixels is not None:
+            # the strip guard of ops.anyres (encode_tiles runs without limits here: they are the dataset's): a thin
+            # strip passes max_pixels but its pad-to-square canvas or resize intermediate can take tens of GB
+            single = multi and self.image_config.variant == "llava_onevision"
+            for p, s in zip(paths, sizes):
+                try:
+                    anyres.check_work(s, self._work_config, single_tile=single, index=p)
+                except ValueError as e:
+                    raise SampleError("image_too_large", f"{e} (here: the dataset's max_pixels)") from None
         img_tok = [image_tokens(self.image_config, s, multi, self.cls_token) for s in sizes]
         n_tiles = sum(image_tiles(self.image_config, s, multi) for s in sizes)
         vid_tok = anyres.num_video_tokens(len(frames), self.image_config.tokens_per_side) if frames else 0

@@ -124,7 +124,8 @@ def normalize_conversations(conversations) -> list[tuple[str, str]]:
     for role, text in turns:
         for tag in (IMAGE_TAG, VIDEO_TAG):
             if text.count(tag) == 1 and not text.startswith(tag):
-                text = tag + "\n" + text.replace(tag, "").strip()
+                # NXT strips once more: a turn holding only the tag (and whitespace) becomes the bare tag
+                text = (tag + "\n" + text.replace(tag, "").strip()).strip()
         out.append((role, text))
     return out
 
@@ -178,6 +179,10 @@ def encode_conversation(tokenizer, conversations, template: str, n_images: int =
             raise SampleError("bad_format", f"the plain template (stage-1 captions) takes one human and one gpt turn, "
                               f"got {len(turns)} turns; use vicuna_v1 or qwen for multi-turn conversations")
         n_tags_img, n_tags_vid = n_images, n_videos
+        cap = turns[1][1]
+        if IMAGE_TAG in cap or VIDEO_TAG in cap:  # preprocess_plain asserts the <image> is in the human turn
+            raise SampleError("placeholder_mismatch", "the plain template takes the <image>/<video> tags in the human "
+                              "turn (it becomes the bare tags); the caption (gpt turn) holds one: remove it there")
         if sum(t.count(IMAGE_TAG) for _, t in turns) != n_images:
             raise SampleError("placeholder_mismatch", f"{sum(t.count(IMAGE_TAG) for _, t in turns)} <image> tags "
                               f"for {n_images} images")

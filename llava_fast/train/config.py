@@ -58,8 +58,13 @@ class DataSection:
     strict: bool = False
     """Stop at the first bad sample instead of dropping and counting it."""
     shuffle: bool = True
+    frames_upbound: int = 32
+    """Videos (OneVision): at most this many frames per video, sampled uniformly as LLaVA-NeXT does. Videos of one
+    batch must have the same number of frames: set it to at most the fewest frames of any video."""
 
     def __post_init__(self):
+        if not isinstance(self.frames_upbound, int) or self.frames_upbound < 1:
+            raise ValueError(f"data.frames_upbound must be an integer >= 1, got {self.frames_upbound!r}")
         if self.template not in ("plain", "vicuna_v1", "qwen"):
             raise ValueError(f"data.template must be plain, vicuna_v1 or qwen, got {self.template!r}")
         if self.max_len <= 0 or self.max_tokens <= 0:
