@@ -99,22 +99,29 @@ class DecoderLayer(nn.Module):
         ``defer`` it returns ``(s, m)``, its output ``s + m`` left unadded for the next norm to add in its kernel
         (``LanguageModel.forward``); otherwise the output itself. Each residual add that meets a norm is fused into
         the norm's kernel where the fast RMSNorm runs (``norm_linears``)."""
-        from llava_fast.ops.act_linear import unhooked
-
         # hooked attention / MLP modules keep their usual input and output (a tensor each): the add runs before
-        if residual is not None and unhooked(self.self_attn):
+        # (so do wrapped ones, torch.compile's or checkpoint_wrapper's: the wrapped module's hooks would get the pair)
+        if residual is not None and _own_unhooked(self.self_attn, Attention):
             a, s = self.self_attn(x, cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq,
                                   norm=self.input_layernorm, residual=residual)
         else:
             s = x if residual is None else x + residual
             a = self.self_attn(s, cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq,
                                norm=self.input_layernorm)
-        if unhooked(self.mlp):
+        if _own_unhooked(self.mlp, MLP):
             m, s = self.mlp(a, norm=self.post_attention_layernorm, residual=s)
         else:
             s = s + a
             m = self.mlp(s, norm=self.post_attention_layernorm)
         return (s, m) if defer else s + m
+
+
+def _own_unhooked(module, cls) -> bool:
+    """``module`` is a ``cls`` with ``cls``'s forward and no hooks: it may be called with ``residual`` and return the
+    pair ``(output, s)``."""
+    from llava_fast.ops.act_linear import unhooked
+
+    return type(module).forward is cls.forward and unhooked(module)
 
 
 def norm_linears(norm, x, residual, projs):
@@ -313,7 +320,9 @@ class LanguageModel(nn.Module):
             if ckpt:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, None, i, position_ids,
                                                       self.rotary_emb.inv_freq, use_reentrant=False)
-            elif defer and _plain_layer(layer):
+            elif defer and type(layer).forward is DecoderLayer.forward and _plain_layer(layer):
+                # (a DecoderLayer itself, FSDP2's subclass included: a wrapper such as torch.compile's or
+                # checkpoint_wrapper would hand the pair to the wrapped layer's hooks, and keep both addends)
                 x, pending = layer(x, cos, sin, attn, cache, i, position_ids, self.rotary_emb.inv_freq, pending, True)
             else:  # a hooked layer sees its whole input and returns its output, as without the deferral
                 x = x if pending is None else x + pending
@@ -327,8 +336,11 @@ class LanguageModel(nn.Module):
 
 def _plain_layer(layer) -> bool:
     """True when ``layer`` has no hooks but FSDP2's (which take the ``(s, m)`` pair of a deferred residual add as
-    they take any output): a user's hook must see the layer's usual input and output."""
-    if layer._backward_hooks or layer._backward_pre_hooks:
+    they take any output): a user's hook must see the layer's usual input and output (hooks registered for every
+    module too)."""
+    from llava_fast.ops.act_linear import _global_hooks
+
+    if _global_hooks() or layer._backward_hooks or layer._backward_pre_hooks:
         return False
     hooks = (*layer._forward_pre_hooks.values(), *layer._forward_hooks.values())
     return all(type(getattr(h, "__self__", None)).__name__ == "FSDPState" for h in hooks)

@@ -304,9 +304,18 @@ def plain_linears(*modules) -> bool:
 def unhooked(*modules) -> bool:
     """No forward or backward hooks on these modules: the fused paths may compute them without calling them (the
     norms whose output :func:`act_linears` recomputes, the linears of :func:`plain_linears`), and a module that is not
-    called runs neither kind."""
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in modules)
+    called runs neither kind. Hooks registered for every module (``register_module_forward_hook`` and the like) count
+    too."""
+    return not (_global_hooks() or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                      or m._backward_pre_hooks for m in modules))
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module are set (``register_module_forward_hook``, ``..._pre_hook``,
+    ``register_module_full_backward_hook``, ...): they must see each module called with its usual input and output."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
 
 
 def recompute_enabled() -> bool:
