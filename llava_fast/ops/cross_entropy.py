@@ -607,6 +607,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             hidden, weight, labels, bias, scale, ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
             need_b, return_logits, skip_ignored, grad_weight_accum, schedule, vocab_block)
         ctx.needs = (need_grad_hidden, need_grad_weight, need_b)
+        ctx.params = (weight, bias)  # (parameters, alive anyway) the second derivative's error node hangs on them
         ctx.save_for_backward(gh, gw, gb)
         ctx.mark_non_differentiable(logits)
         return loss, logits
@@ -621,8 +622,13 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         def scaled(t):
             return t.mul_(g) if inplace else t * g
 
-        return (scaled(gh) if need_h else None, scaled(gw) if need_w else None, None,
-                scaled(gb) if need_b else None, None, None, None, None, None, None, None, None, None, None, None)
+        grads = (scaled(gh) if need_h else None, scaled(gw) if need_w else None, None,
+                 scaled(gb) if need_b else None, None, None, None, None, None, None, None, None, None, None, None)
+        if torch.is_grad_enabled() and not _ext._tracing():
+            # create_graph=True: the gradients were computed in the forward, without a graph; differentiating them
+            # again must raise (through the parameters or the incoming gradient; the hidden states are not kept)
+            grads = _ext.not_differentiable_again(grads, (*ctx.params, grad_loss), "fused_linear_cross_entropy")
+        return grads
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -750,9 +750,12 @@ class PackScatterFunction(torch.autograd.Function):
             c["max_tiles"], c["n_img_tiles"], c["n_videos"], c["frames"], c["has_nl"], c["img_dtype"],
             c["vid_dtype"], c["nl_dtype"], bool(need_img and has_img), bool(need_vid and has_vid),
             bool(need_nl and has_nl), bool(need_emb))
-        return ((d_emb if need_emb else None), (d_img if need_img and has_img else None),
-                (d_nl if need_nl and has_nl else None), (d_vid if need_vid and has_vid else None),
-                None, None, None, None, None, None, None)
+        grads = ((d_emb if need_emb else None), (d_img if need_img and has_img else None),
+                 (d_nl if need_nl and has_nl else None), (d_vid if need_vid and has_vid else None),
+                 None, None, None, None, None, None, None)
+        if torch.is_grad_enabled() and not _ext._tracing():  # create_graph=True: the kernel's results have no graph
+            grads = _ext.not_differentiable_again(grads, (grad_out,), "pack_and_scatter")
+        return grads
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -256,7 +256,10 @@ class RMSNormFunction(torch.autograd.Function):
             dy = torch.zeros(xs.shape, dtype=torch.promote_types(xs.dtype, weight.dtype), device=xs.device)
         dres = ds if ctx.has_res else None
         dx, dw = _rms_norm_bwd_op(dy, xs, weight, rstd, dres)
-        return dx, dw, (dx if ctx.has_res else None), None
+        grads = (dx, dw, (dx if ctx.has_res else None), None)
+        if torch.is_grad_enabled() and not _ext._tracing():  # create_graph=True: the kernels' results have no graph
+            grads = _ext.not_differentiable_again(grads, (xs, weight, dy, ds), "rms_norm")
+        return grads
 
 
 # --------------------------------------------------------------------------------------------------------------------

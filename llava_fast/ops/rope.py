@@ -265,7 +265,12 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk):
         position_ids, inv_freq, cos_cache, sin_cache = ctx.saved_tensors
+        g_in = (dq, dk)
         dq, dk = _rope_op(dq, dk, position_ids, inv_freq, cos_cache, sin_cache, True)
+        if torch.is_grad_enabled() and not _ext._tracing():
+            # create_graph=True: the rotation is linear, but its gradient through the incoming dq / dk would need
+            # a differentiable backward; the kernel's result has no graph, so differentiating it again must raise
+            dq, dk = _ext.not_differentiable_again((dq, dk), g_in, "rope")
         return dq, dk, None, None, None, None, None
 
 

@@ -164,7 +164,10 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dc):
         gate, up = ctx.saved_tensors
-        return _swiglu_bwd_op(dc, gate, up)
+        grads = tuple(_swiglu_bwd_op(dc, gate, up))
+        if torch.is_grad_enabled() and not _ext._tracing():  # create_graph=True: the kernel's results have no graph
+            grads = _ext.not_differentiable_again(grads, (gate, up, dc), "swiglu")
+        return grads
 
 
 # --------------------------------------------------------------------------------------------------------------------
