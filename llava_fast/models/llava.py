@@ -376,6 +376,10 @@ class _LlavaBase(nn.Module):
                 raise ValueError(f"input_ids holds ids outside [0, {vocab}) (vocab_size of the language model)")
             inputs_embeds = self.get_input_embeddings()(input_ids)
         b, n = inputs_embeds.shape[:2]
+        if b == 0 or n == 0:
+            raise ValueError(f"{'input_ids' if input_ids is not None else 'inputs_embeds'} holds no tokens (shape "
+                             f"{tuple((input_ids if input_ids is not None else inputs_embeds).shape)}); pass at least "
+                             f"one sequence of at least one token")
         if n + (cache.length if cache is not None else 0) > self.config.text_config.max_position_embeddings \
                 and cu_seqlens is None:
             raise ValueError(f"sequence of {n} tokens is longer than the context length "

@@ -93,6 +93,11 @@ def test_labels_mask_and_positions(models):
         m(input_ids=ids, position_ids=torch.tensor([[0, 1, 2]]))
     with pytest.raises(ValueError, match="position_ids reach 5000, past the context length"):
         m(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 5000]]))
+    for empty in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long)):  # (was a reshape error)
+        with pytest.raises(ValueError, match=r"input_ids holds no tokens \(shape"):
+            m(input_ids=empty)
+    with pytest.raises(ValueError, match="inputs_embeds holds no tokens"):
+        m(inputs_embeds=torch.zeros(1, 0, m.config.text_config.hidden_size))
 
 
 @torch.no_grad()
