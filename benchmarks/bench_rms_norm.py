@@ -182,6 +182,16 @@ def main():
                     measure(rows, variant, "llava_fast", shape, dtype, "bwd kernels",
                             lambda: torch.ops.llava_fast.rms_norm_bwd(gy, xs, w.detach(), rstd, dres), nb_b, warmup,
                             rep)
+                    # the backward tile experiment (LLAVA_FAST_RMS_BWD_TILE; default 2048 elements): more rows per
+                    # loop iteration only where N <= 1024 (at N >= 2048 every tile is one row either way)
+                    for tile in ((4096, 8192) if n <= 1024 else ()):
+                        os.environ["LLAVA_FAST_RMS_BWD_TILE"] = str(tile)
+                        try:
+                            measure(rows, variant, f"llava_fast_bwd{tile}", shape, dtype, "bwd kernels",
+                                    lambda: torch.ops.llava_fast.rms_norm_bwd(gy, xs, w.detach(), rstd, dres), nb_b,
+                                    warmup, rep)
+                        finally:
+                            os.environ.pop("LLAVA_FAST_RMS_BWD_TILE", None)
                 del x, r, gy, gs, hf
             except Exception as e:  # one shape failing (an input draw, out of memory, ...) must not end the run
                 rows.append(Row(bench="rms_norm", provider="-", shape=shape, dtype=args.dtype,

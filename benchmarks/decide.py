@@ -364,7 +364,27 @@ def compiled(folder):
     return out
 
 
-RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model, host_bound, compiled)
+def rms_norm_bwd_tile(folder):
+    """bench_rms_norm's backward tile experiment (LLAVA_FAST_RMS_BWD_TILE) at N = 896: the kernels alone."""
+    rows = load_rows(folder, "rms_norm")
+    out = []
+    for bench in ("rms_norm", "rms_norm+residual"):
+        sub = [r for r in rows if r.get("bench") == bench]
+        base = _row(sub, "llava_fast", "x896", "bwd kernels")
+        for tile in (4096, 8192):
+            alt = _row(sub, f"llava_fast_bwd{tile}", "x896", "bwd kernels")
+            if not (base and alt and base.get("metric") and alt.get("metric")):
+                continue
+            x = alt["metric"] / base["metric"]
+            out.append((f"{bench} backward tile {tile} (N = 896)", f"{x:.2f}x the default's GB/s "
+                        f"({_fmt(alt['metric'])} vs {_fmt(base['metric'])})",
+                        ">= 1.05x in both variants: make it the default (ops/rms_norm._bwd_tile)",
+                        "candidate" if x >= 1.05 else "keep 2048"))
+    return out or [("RMSNorm backward tile", "not measured", "", "")]
+
+
+RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model, host_bound, compiled,
+         rms_norm_bwd_tile)
 
 
 def decide(folder: str) -> list[tuple]:

@@ -395,3 +395,21 @@ def test_auto_reference_ops():
         assert backend.describe("cuda")["vision_attention"].startswith("triton (forced")
     finally:
         llava_fast.set_backend("vision_attention", "auto")
+
+
+def test_decide_rms_norm_bwd_tile(tmp_path):
+    """The RMSNorm backward tile rule reads the 'bwd kernels' rows at N = 896 of both variants."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import json
+
+    import decide
+
+    got = {q: d for q, _, _, d in decide.decide(str(tmp_path))}
+    assert got["RMSNorm backward tile"] == ""
+    rows = [dict(bench=b, provider=p, shape="8192x896", mode="bwd kernels", ms=1.0, metric=v)
+            for b in ("rms_norm", "rms_norm+residual")
+            for p, v in (("llava_fast", 2000.0), ("llava_fast_bwd4096", 2200.0), ("llava_fast_bwd8192", 2020.0))]
+    (tmp_path / "rms_norm-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = {q: d for q, _, _, d in decide.decide(str(tmp_path))}
+    assert got["rms_norm backward tile 4096 (N = 896)"] == "candidate"
+    assert got["rms_norm+residual backward tile 8192 (N = 896)"] == "keep 2048"

@@ -16,6 +16,7 @@ backward reads dy, x (+ ds) and writes dx: 3Nb (4Nb). dweight partial sums (one 
 deterministic ``sum(0)``) and rstd (4 bytes/row) are small.
 """
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -135,6 +136,23 @@ def _config(n: int, target: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
+def _bwd_tile() -> int:
+    """Elements per backward tile (BLOCK_M rows of BLOCK_N): 2048 by default; ``LLAVA_FAST_RMS_BWD_TILE`` (a power of
+    two, 1024-16384, read at each launch) is the experiment of bench_rms_norm's ``llava_fast_bwd<tile>`` rows: more
+    rows per loop iteration at small hidden sizes (N <= 1024: 2 rows at 2048) put more bytes in flight per program,
+    the suspected limit of the 48-53% of bandwidth measured at N = 896 (perf-notes, "Third GPU run")."""
+    v = os.environ.get("LLAVA_FAST_RMS_BWD_TILE")
+    if not v:
+        return 2048
+    try:
+        t = int(v)
+    except ValueError:
+        t = 0
+    if t < 1024 or t > 16384 or t & (t - 1):
+        raise ValueError(f"LLAVA_FAST_RMS_BWD_TILE must be a power of two in [1024, 16384], got {v!r}")
+    return t
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (M, N) with a unit last stride (a view when possible)."""
     t2 = t.reshape(-1, t.shape[-1])
@@ -189,7 +207,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ds2 = _rows(dres) if dres is not None else dx
-    block_m, block_n, num_warps = _config(n, 2048)
+    block_m, block_n, num_warps = _config(n, _bwd_tile())
     tiles = _ext.cdiv(m, block_m) if m else 0
     programs = _num_programs(x.device, tiles) if m else 1
     # whole tiles per program, so that only the last program sees a partial tile

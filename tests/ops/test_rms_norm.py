@@ -251,3 +251,32 @@ def test_cuda_torch_compile(residual):
     e_outs, e_grads = _fwd_bwd(lambda x, w, r: rms_norm(x, w, 1e-6, r), x, w, r, gy, gs)
     for a, b in zip(outs + grads, e_outs + e_grads):
         assert torch.equal(a, b)  # same kernels, same inputs
+
+
+def test_backward_tile_setting(monkeypatch):
+    """LLAVA_FAST_RMS_BWD_TILE (bench_rms_norm's backward tile experiment) changes how many rows a loop iteration
+    takes: dx identical per row, dweight equal up to the partial sums' grouping; a bad value names the variable."""
+    import llava_fast
+    from llava_fast.ops.rms_norm import rms_norm
+
+    llava_fast.set_backend("rms_norm", "triton")
+    try:
+        g = torch.Generator().manual_seed(3)
+        # N = 300: BLOCK_N 512, i.e. 4 rows per iteration by default, 8 and 16 with the settings below
+        x0, w0 = torch.randn(37, 300, generator=g), 1 + 0.1 * torch.randn(300, generator=g)
+        dy = torch.randn(37, 300, generator=g)
+
+        def grads():
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            return torch.autograd.grad(rms_norm(x, w), (x, w), dy)
+        want = grads()
+        for tile in ("4096", "8192"):
+            monkeypatch.setenv("LLAVA_FAST_RMS_BWD_TILE", tile)
+            got = grads()
+            assert torch.equal(got[0], want[0])
+            torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+        monkeypatch.setenv("LLAVA_FAST_RMS_BWD_TILE", "3000")
+        with pytest.raises(ValueError, match="LLAVA_FAST_RMS_BWD_TILE"):
+            grads()
+    finally:
+        llava_fast.set_backend("all", "auto")
