@@ -78,7 +78,8 @@ def varlen_cache_attention(plan: dict, dtype, device, head_dim: int):
         def attn(q, k, v, scale):
             b, m, h, d = k.shape
             q = q if q.dtype == k.dtype else q.to(k.dtype)   # (autocast: fp32 q from the reference RoPE)
-            o = fast.flash_attn_varlen_func(q[0].transpose(0, 1), k.view(b * m, h, d), v.view(b * m, h, d), cu_q,
+            o = fast.flash_attn_varlen_func(q.squeeze(0).transpose(0, 1), k.view(b * m, h, d), v.view(b * m, h, d),
+                                            cu_q,
                                             cu_k, max_q, m, softmax_scale=scale, causal=True, seqused_k=used)
             return o.transpose(0, 1)[None]
         return attn
@@ -92,7 +93,7 @@ def varlen_cache_attention(plan: dict, dtype, device, head_dim: int):
 
     def attn(q, k, v, scale):
         qd = q.new_zeros(start.numel(), q.shape[1], max_q, q.shape[3])
-        qd[doc, :, j] = q[0].transpose(0, 1)
+        qd[doc, :, j] = q.squeeze(0).transpose(0, 1)
         o = eager_attention(qd, k[rows].transpose(1, 2), v[rows].transpose(1, 2), scale, mask)
         return o[doc, :, j].transpose(0, 1)[None]                    # (docs, H, max_q, D) -> (1, H, T, D)
     return attn
@@ -129,7 +130,7 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
         pos = torch.arange(t, device=device) - cu[doc]
 
         def pad(x):  # (1, H, T, D) -> (docs, H, max_seqlen, D)
-            xt = x[0].transpose(0, 1)                                    # (T, H, D)
+            xt = x.squeeze(0).transpose(0, 1)                            # (T, H, D)
             out = xt.new_zeros(docs, int(max_seqlen), xt.shape[1], xt.shape[2])
             out = out.index_put((doc, pos), xt)
             return out.transpose(1, 2)
@@ -164,13 +165,15 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
 
             def attn(q, k, v, scale):
                 q, k, v = _same_dtype(q, k, v)
-                o = fast.flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                # squeeze(0), not [0]: select's backward is a zero fill plus a copy of each whole gradient (two
+                # launches and ~3 passes per tensor per layer); squeeze's is a view
+                o = fast.flash_attn_varlen_func(*(t.squeeze(0).transpose(0, 1) for t in (q, k, v)),
                                                 cu_seqlens, cu_seqlens, ms, ms, softmax_scale=scale, causal=True)
                 return o.transpose(0, 1)[None]
             return attn
 
         def attn(q, k, v, scale):
-            o = varlen_attention_ref(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens,
+            o = varlen_attention_ref(*(t.squeeze(0).transpose(0, 1) for t in (q, k, v)), cu_seqlens,
                                      scale, causal=True)
             return o.transpose(0, 1)[None]
         return attn

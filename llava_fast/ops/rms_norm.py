@@ -213,7 +213,8 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     # whole tiles per program, so that only the last program sees a partial tile
     rows_per_program = _ext.cdiv(tiles, programs) * block_m if m else 0
     programs = _ext.cdiv(m, rows_per_program) if m else 1
-    dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
+    # every program stores its whole partial row: no memset needed (zeros only when no program runs)
+    dw_partial = (torch.empty if m else torch.zeros)((programs, n), dtype=torch.float32, device=x.device)
     if m > 0:
         with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
             _rms_norm_bwd_kernel[(programs,)](
