@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -72,6 +73,10 @@ class DataSection:
         if self.packing and self.max_len > self.max_tokens:
             raise ValueError(f"data.max_len ({self.max_len}) must be <= data.max_tokens ({self.max_tokens}) "
                              "when packing")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0: load in the main process), got {self.num_workers}")
 
 
 @dataclass(kw_only=True)
@@ -92,11 +97,20 @@ class OptimSection:
     0: never skip (the update runs whatever the gradients hold)."""
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if self.vision_lr is not None and self.vision_lr <= 0:
-            raise ValueError(f"optim.vision_lr must be > 0 (or none: same as optim.lr), got {self.vision_lr}")
-        if self.max_grad_norm < 0:
+        # written so that NaN fails every check (NaN compares false): a NaN/inf lr trains silently to NaN weights
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if self.vision_lr is not None and not 0 < self.vision_lr < math.inf:
+            raise ValueError(f"optim.vision_lr must be a finite number > 0 (or none: same as optim.lr), got "
+                             f"{self.vision_lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), e.g. optim.betas=0.9,0.999, got "
+                             f"{self.betas}")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"optim.eps must be a finite number > 0, got {self.eps}")
+        if not self.max_grad_norm >= 0:
             raise ValueError(f"optim.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"optim.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
@@ -112,7 +126,7 @@ class ScheduleSection:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self):
-        if self.epochs <= 0:
+        if not 0 < self.epochs < math.inf:
             raise ValueError(f"schedule.epochs must be > 0, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"schedule.max_steps must be >= 1 (or none: train for schedule.epochs), got "
@@ -156,13 +170,28 @@ class TrainSection:
             raise ValueError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.fsdp not in ("auto", "off"):
             raise ValueError(f"train.fsdp must be auto or off, got {self.fsdp!r}")
+        if self.lora_r < 1:
+            raise ValueError(f"train.lora_r must be >= 1, got {self.lora_r}")
+        if not 0 < self.lora_alpha < math.inf:
+            raise ValueError(f"train.lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError, TypeError):
+                raise ValueError(f"train.device must be a torch device such as cpu, cuda or cuda:1 (or none: cuda "
+                                 f"when available), got {self.device!r}") from None
 
 
 @dataclass(kw_only=True)
 class CheckpointSection:
     out: str = "runs/llava"
     every_steps: int = 0
-    """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    """Save a resumable checkpoint every N optimizer steps and at the end (0: none; the trained model is still
+    exported to out/final)."""
     keep: int = 2
     """How many step checkpoints to keep (0: all)."""
     resume: str | None = "auto"
@@ -174,6 +203,8 @@ class CheckpointSection:
         if self.every_steps < 0 or self.keep < 0:
             raise ValueError(f"checkpoint.every_steps and checkpoint.keep must be >= 0, got {self.every_steps} "
                              f"and {self.keep}")
+        if not self.out:
+            raise ValueError("checkpoint.out (--out) must name an output folder, got an empty string")
 
 
 @dataclass(kw_only=True)
@@ -182,6 +213,10 @@ class LogSection:
     tensorboard: bool = True
     """Also log to TensorBoard when it is installed."""
     progress: bool = True
+
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise ValueError(f"log.every_steps must be >= 1, got {self.every_steps}")
 
 
 @dataclass(kw_only=True)
@@ -265,7 +300,11 @@ def _parse(value: str, tp):
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply ``section.field=value`` strings; raises ValueError naming a bad key and the valid ones."""
+    """Apply ``section.field=value`` strings; raises ValueError naming a bad key and the valid ones.
+
+    Sections are validated once every override is set, so that the order of related overrides does not matter
+    (``data.max_tokens=1024 data.max_len=1000`` and ``data.max_len=1000 data.max_tokens=1024`` alike)."""
+    touched = []
     for o in overrides:
         if "=" not in o:
             raise ValueError(f"override {o!r} must look like section.field=value (e.g. optim.lr=1e-4)")
@@ -287,5 +326,9 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         except (ValueError, TypeError) as e:
             raise ValueError(f"override {o!r}: {e}") from None
         setattr(sec, fname, parsed)
-        sec.__post_init__() if hasattr(sec, "__post_init__") else None
+        if not any(sec is t for t in touched):
+            touched.append(sec)
+    for sec in touched:
+        if hasattr(sec, "__post_init__"):
+            sec.__post_init__()
     return cfg

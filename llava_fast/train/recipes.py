@@ -14,6 +14,7 @@ from llava_fast.train.config import (DataSection, OptimSection, ScheduleSection,
 
 _ALIASES = {"llava15": "llava", "llava": "llava", "next": "llava_next", "llava_next": "llava_next",
             "onevision": "llava_onevision", "ov": "llava_onevision", "llava_onevision": "llava_onevision"}
+_FAMILY = {"llava": "llava15", "llava_next": "next", "llava_onevision": "onevision"}  # model type -> recipe prefix
 
 
 def stage1(model_type: str = "llava_next") -> TrainConfig:
@@ -41,11 +42,18 @@ RECIPES = {"stage1": stage1, "stage2": stage2}
 
 
 def get_recipe(name: str, model_type: str | None = None) -> TrainConfig:
-    """``stage1``/``stage2`` (model_type from the model) or ``<family>-stage<N>``."""
+    """``stage1``/``stage2`` (model_type from the model) or ``<family>-stage<N>``. A family that is not the
+    model's type raises: its template and trained parts are another model's."""
+    if model_type is not None and model_type not in _FAMILY:
+        raise ValueError(f"model type {model_type!r} is not supported; the recipes are for {sorted(_FAMILY)} "
+                         "(LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision)")
     if name in RECIPES:
         cfg = RECIPES[name](model_type or "llava_next")
     elif "-" in name and name.rsplit("-", 1)[0] in _ALIASES and name.rsplit("-", 1)[1] in RECIPES:
         fam, st = name.rsplit("-", 1)
+        if model_type is not None and _ALIASES[fam] != model_type:
+            raise ValueError(f"recipe {name!r} is for {_ALIASES[fam]} models, but the model is {model_type}: use "
+                             f"--recipe {st} (picks the template from the model) or {_FAMILY[model_type]}-{st}")
         cfg = RECIPES[st](_ALIASES[fam])
         model_type = _ALIASES[fam]
     else:

@@ -547,20 +547,21 @@ class Trainer:
                     self.step_in_epoch += 1
                     m["epoch"] = self.epoch
                     self.history.append({k: m[k] for k in ("step", "loss", "grad_norm", "lr")})
-                    if jsonl is not None:
-                        jsonl.write(json.dumps(m) + "\n")
+                    if jsonl is not None:  # strict JSON: a NaN/inf (a skipped step's loss) is written as null
+                        jsonl.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                                for k, v in m.items()}, allow_nan=False) + "\n")
                         jsonl.flush()
                     if tb is not None:
                         for k in ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_gb", "dropped"):
                             tb.add_scalar(f"train/{k}", m[k], m["step"])
                         if m["mfu"] is not None:
                             tb.add_scalar("train/mfu", m["mfu"], m["step"])
-                    if bar is not None:
-                        bar.update(1)
+                    if bar is not None:  # the postfix first: update() draws the bar, with this step's numbers
                         post = dict(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:.0f}")
                         if m["mfu"] is not None:
                             post["mfu"] = f"{100 * m['mfu']:.1f}%"
                         bar.set_postfix(post, refresh=False)
+                        bar.update(1)
                     elif info.is_main and not self.quiet and m["step"] % max(1, cfg.log.every_steps) == 0:
                         self.log(f"step {m['step']}/{self.total_steps} loss {m['loss']:.4f} grad_norm "
                                  f"{m['grad_norm']:.3f} lr {m['lr']:.2e} tok/s {m['tokens_per_s']:.0f} mem "

@@ -1,0 +1,236 @@
+"""Audit of `llava-fast train` and the training config as a user meets them: overrides, recipes x model types,
+input checks before the model loads, the progress bar, the metrics log, the final summary and Ctrl-C.
+Tiny model and data from the demo's generators (CPU, a few seconds each)."""
+import json
+import os
+
+import pytest
+
+from llava_fast import demo
+from llava_fast.cli import main
+from llava_fast.train import Trainer, apply_overrides, get_recipe
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit_cli_assets")
+    demo.make_data(str(root / "data"), seed=1, n_caption=0, n_qa=24, n_eval=0)
+    demo.build_tiny_model(str(root / "model"), seed=0, quick=True)
+    return root
+
+
+FAST = ["train.device=cpu", "data.max_tokens=512", "data.max_len=400", "data.num_workers=0",
+        "data.group_by_modality_length=false", "train.activation_checkpointing=false", "log.tensorboard=false",
+        "log.progress=false"]
+
+
+def _cli(assets, out, *extra):
+    return ["train", "--recipe", "stage2", "--model", str(assets / "model"), "--data",
+            str(assets / "data" / "stage2.json"), "--images", str(assets / "data" / "images"), "--out", str(out),
+            *FAST, *extra]
+
+
+def _cfg(assets, out, *extra):
+    cfg = get_recipe("stage2", "llava_next")
+    cfg.model.path = str(assets / "model")
+    cfg.data.data, cfg.data.images = str(assets / "data" / "stage2.json"), str(assets / "data" / "images")
+    cfg.checkpoint.out = str(out)
+    return apply_overrides(cfg, FAST + ["checkpoint.export=false", *extra])
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+def test_override_order_does_not_matter():
+    """`data.max_tokens=1024 data.max_len=1000` is valid whatever the order; each override used to be validated
+    against the recipe's other values (max_len 4096 > max_tokens 1024: refused)."""
+    for ov in (["data.max_tokens=1024", "data.max_len=1000"], ["data.max_len=1000", "data.max_tokens=1024"]):
+        cfg = apply_overrides(get_recipe("next-stage2"), ov)
+        assert (cfg.data.max_len, cfg.data.max_tokens) == (1000, 1024)
+    with pytest.raises(ValueError, match=r"data.max_len \(2000\) must be <= data.max_tokens \(1024\)"):
+        apply_overrides(get_recipe("next-stage2"), ["data.max_tokens=1024", "data.max_len=2000"])
+
+
+@pytest.mark.parametrize("bad, key", [
+    ("optim.lr=nan", "optim.lr"), ("optim.lr=inf", "optim.lr"), ("optim.vision_lr=nan", "optim.vision_lr"),
+    ("schedule.epochs=nan", "schedule.epochs"), ("schedule.epochs=inf", "schedule.epochs"),
+    ("optim.eps=-1", "optim.eps"), ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("optim.betas=1.5,0.9", "optim.betas"), ("optim.max_grad_norm=nan", "optim.max_grad_norm"),
+    ("data.batch_size=0", "data.batch_size"), ("data.num_workers=-1", "data.num_workers"),
+    ("train.lora_r=0", "train.lora_r"), ("train.lora_alpha=0", "train.lora_alpha"),
+    ("train.lora_dropout=1.5", "train.lora_dropout"), ("train.device=cpux", "train.device"),
+    ("checkpoint.out=", "checkpoint.out"), ("log.every_steps=0", "log.every_steps")])
+def test_out_of_range_values_raise_naming_the_key(bad, key):
+    """docs/training.md: out-of-range settings raise naming the key. These were accepted, then failed after the
+    model had loaded with torch's or peft's message (`Invalid epsilon value`), or trained silently (lr=nan: NaN
+    weights, exit code 0; max_grad_norm=nan: no clipping; log.every_steps=0: every step)."""
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        apply_overrides(get_recipe("next-stage2"), [bad])
+
+
+def test_recipe_family_must_match_the_model_type():
+    assert get_recipe("next-stage2", "llava_next").data.template == "vicuna_v1"
+    with pytest.raises(ValueError, match="'onevision-stage2' is for llava_onevision models, but the model is "
+                                         "llava_next: use --recipe stage2 .* or next-stage2"):
+        get_recipe("onevision-stage2", "llava_next")
+    with pytest.raises(ValueError, match="model type 'llava_llama' is not supported"):
+        get_recipe("stage2", "llava_llama")
+
+
+# ----------------------------------------------------------------------------------------- CLI, before any training
+_SEEN_CFGS = []
+
+
+class _NoTrainer:
+    """Stands in for Trainer: records the config; fails if training (loading the model) is reached."""
+
+    def __init__(self, cfg, *a, **k):
+        _SEEN_CFGS.append(cfg)
+
+    def train(self):
+        raise AssertionError("the model would be loaded now")
+
+
+def _folder(path, config):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(config if isinstance(config, str) else json.dumps(config))
+    return str(path)
+
+
+def test_cli_picks_the_recipe_for_the_model_of_the_overrides(tmp_path, monkeypatch, assets):
+    """`--recipe stage2` picks the template from the model's type; for a model given as model.path=DIR or assembled
+    with model.model_type=llava_onevision it used the LLaVA-NeXT recipe (vicuna_v1, frozen tower) instead."""
+    import llava_fast.train
+
+    monkeypatch.setattr(llava_fast.train, "Trainer", _NoTrainer)
+    data, images = str(assets / "data" / "stage2.json"), str(assets / "data" / "images")
+    ov = _folder(tmp_path / "ov", {"model_type": "llava_onevision"})
+    lm = _folder(tmp_path / "lm", {"model_type": "qwen2"})
+    for how in (["model.path=" + ov], ["model.language_model=" + lm, "model.vision_tower=siglip",
+                                       "model.model_type=llava_onevision"]):
+        _SEEN_CFGS.clear()
+        with pytest.raises(AssertionError, match="would be loaded"):
+            main(["train", "--recipe", "stage2", "--data", data, "--images", images, *how])
+        cfg = _SEEN_CFGS[-1]
+        assert cfg.data.template == "qwen" and "vision" in cfg.train.trainable and cfg.optim.vision_lr == 2e-6
+        assert cfg.model.model_type == "llava_onevision"
+
+
+def test_cli_checks_paths_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    """A missing data file, image folder or resume checkpoint used to be found after the model had loaded (minutes
+    for a 7B checkpoint); a corrupt config.json gave a JSON error naming no file."""
+    import llava_fast.train
+
+    monkeypatch.setattr(llava_fast.train, "Trainer", _NoTrainer)
+    model = _folder(tmp_path / "m", {"model_type": "llava_next"})
+    rc = main(["train", "--recipe", "stage2", "--model", model, "--data", str(tmp_path / "nope.json"),
+               "--images", str(tmp_path / "noimg"), "checkpoint.resume=false"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--data" in err and "nope.json: no such file" in err
+    assert "--images" in err and "noimg: no such folder" in err
+    assert "checkpoint.resume=false: no such checkpoint folder" in err
+    bad = _folder(tmp_path / "bad", "{oops")
+    with pytest.raises(SystemExit, match="config.json is not a valid JSON object"):
+        main(["train", "--recipe", "stage2", "--model", bad, "--data", str(tmp_path / "nope.json")])
+
+
+def test_train_help_lists_the_override_keys(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "add_train_parser" not in out  # was the module docstring, internals included
+    for line in ("optim: lr, vision_lr", "data: data, images, template, max_len", "checkpoint: out, every_steps"):
+        assert line in out
+
+
+# --------------------------------------------------------------------------------------------- what a run prints
+def test_summary_without_export_says_so(assets, tmp_path, capsys):
+    assert main(_cli(assets, tmp_path / "s", "schedule.max_steps=1", "checkpoint.export=false")) == 0
+    done = [l for l in capsys.readouterr().out.splitlines() if l.startswith("done:")]
+    assert len(done) == 1 and "None" not in done[0], done  # was "model exported to None"
+    assert "final loss" in done[0] and "dropped 0 samples" in done[0] and "no export" in done[0]
+
+
+def test_ctrl_c_says_what_was_saved_and_the_same_command_resumes(assets, tmp_path, monkeypatch, capsys):
+    """Ctrl-C used to end in a DataLoader traceback that said nothing of what was saved (by default: nothing)."""
+    calls, step = [0], Trainer.train_step
+
+    def interrupted_at_third(self, mbs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return step(self, mbs)
+
+    def run(args):
+        try:
+            return main(args)
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped `llava-fast train` as a traceback that says nothing of what was saved")
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_at_third)
+    args = _cli(assets, tmp_path / "c", "schedule.max_steps=4", "checkpoint.export=false", "checkpoint.every_steps=1")
+    assert run(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 2 of 4" in err and "step_00000002" in err and "run the same command again" in err
+    calls[0] = -100
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "done: 4 steps" in out
+
+    calls[0] = 0
+    assert run(_cli(assets, tmp_path / "d", "schedule.max_steps=4", "checkpoint.export=false")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 2 of 4" in err and "no checkpoint was saved (checkpoint.every_steps=0 saves none)" in err
+
+
+def test_progress_bar_shows_the_numbers_of_the_step_it_counts(assets, tmp_path, monkeypatch):
+    """update() draws the bar: its postfix was set after it, so `2/3` showed step 1's loss and lr."""
+    import tqdm.auto
+
+    drawn = []
+
+    class Bar:
+        def __init__(self, *a, **k):
+            self.postfix = {}
+
+        def set_postfix(self, post, refresh=True):
+            self.postfix = dict(post)
+
+        def update(self, n=1):
+            drawn.append(self.postfix.get("loss"))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    tr = Trainer(_cfg(assets, tmp_path / "p", "schedule.max_steps=3", "log.progress=true"), log=lambda m: None)
+    tr.train()
+    assert drawn == [f"{h['loss']:.3f}" for h in tr.history]
+
+
+def test_metrics_log_is_strict_json_lines(assets, tmp_path):
+    """A step with a NaN gradient norm (skipped) was logged as `"grad_norm": NaN`, which is not JSON (jq, JS,
+    Go, serde reject the line); non-finite numbers are written as null."""
+    tr = Trainer(_cfg(assets, tmp_path / "j", "schedule.max_steps=2"), quiet=True).setup()
+    p = next(p for p in tr.model.parameters() if p.requires_grad)
+    first = [True]
+
+    def nan_once(g):
+        if first[0]:
+            first[0] = False
+            return g * float("nan")
+        return g
+
+    p.register_hook(nan_once)
+    tr.train()
+    assert tr.skipped_nonfinite == 1
+
+    def no_constants(c):
+        raise ValueError(f"not JSON: {c}")
+
+    with open(tmp_path / "j" / "train_log.jsonl") as f:
+        recs = [json.loads(line, parse_constant=no_constants) for line in f]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert recs[0]["grad_norm"] is None and recs[0]["skipped_nonfinite"] == 1
+    assert isinstance(recs[1]["grad_norm"], float)
