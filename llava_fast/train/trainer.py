@@ -16,7 +16,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import zlib
 from collections import Counter
@@ -95,6 +97,36 @@ def _peak_memory_gb(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     except Exception:  # noqa: BLE001
         return float("nan")
+
+
+
+class _GracefulInterrupt:
+    """While training in one process (main thread): the first SIGINT (Ctrl-C) only sets ``requested``, so that the
+    trainer finishes the optimizer step it is in and saves a checkpoint before stopping (nothing lost); a second one
+    raises KeyboardInterrupt at once. Not used under torchrun (a checkpoint there is a collective all ranks must
+    agree on) nor with checkpoint.every_steps=0 (no checkpoints wanted): Ctrl-C stops at once there."""
+
+    def __init__(self, log, enabled: bool = True):
+        self.requested, self._log, self._old = False, log, None
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self.enabled:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._log("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again stops at once, losing the steps "
+                  "since the last checkpoint)")
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+        return False
 
 
 class Trainer:
@@ -348,8 +380,16 @@ class Trainer:
         if self.dist.enabled and all_reduce_sum(1 - ok, self.dist) > 0:
             raise RuntimeError(f"saving checkpoint step {self.global_step} failed on a rank; the previous "
                                f"checkpoint in {self.ckpt_root} is intact")
+        self._saved_step = self.global_step
         self.log(f"saved checkpoint {path}")
         return path
+
+    def _stop_on_interrupt(self):
+        """After a Ctrl-C: a checkpoint of the steps done (unless this step's was just saved), then stop."""
+        if getattr(self, "_saved_step", None) != self.global_step:
+            self.save()
+        self.log(f"interrupted: checkpoint of step {self.global_step} saved; the same command resumes from it")
+        raise KeyboardInterrupt
 
     def _maybe_resume(self):
         r = self.cfg.checkpoint.resume
@@ -530,55 +570,67 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"train {cfg.recipe}",
                        unit="step", dynamic_ncols=True, file=sys.stdout)
         t_start = time.perf_counter()
+        # Ctrl-C (one process): finish the step, save a checkpoint, then stop (a second Ctrl-C stops at once)
+        stop = _GracefulInterrupt(self.log, enabled=not self.dist.enabled and cfg.checkpoint.every_steps > 0)
         try:
-            while self.global_step < self.total_steps:
-                self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-                if self.step_in_epoch == 0:  # counted once per epoch (a resumed epoch was counted before)
-                    left = sum(len(mb) for mb in self.sampler.left_out())
-                    if left:
-                        self.drops["partial_last_step"] += left
-                n_steps = self.sampler.num_steps()
-                it = iter(self._loader())
-                per_rank = [len(self.sampler.rank_micro_batches(s)) for s in self.sampler.steps()]
-                while self.step_in_epoch < n_steps and self.global_step < self.total_steps:
-                    mbs = [next(it) for _ in range(per_rank[self.step_in_epoch])]
-                    m = self.train_step(mbs)
-                    self.global_step += 1
-                    self.step_in_epoch += 1
-                    m["epoch"] = self.epoch
-                    self.history.append({k: m[k] for k in ("step", "loss", "grad_norm", "lr")})
-                    if jsonl is not None:  # strict JSON: a NaN/inf (a skipped step's loss) is written as null
-                        jsonl.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                                for k, v in m.items()}, allow_nan=False) + "\n")
-                        jsonl.flush()
-                    if tb is not None:
-                        for k in ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_gb", "dropped"):
-                            tb.add_scalar(f"train/{k}", m[k], m["step"])
-                        if m["mfu"] is not None:
-                            tb.add_scalar("train/mfu", m["mfu"], m["step"])
-                    if bar is not None:  # the postfix first: update() draws the bar, with this step's numbers
-                        post = dict(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:.0f}")
-                        if m["mfu"] is not None:
-                            post["mfu"] = f"{100 * m['mfu']:.1f}%"
-                        bar.set_postfix(post, refresh=False)
-                        bar.update(1)
-                    elif info.is_main and not self.quiet and m["step"] % max(1, cfg.log.every_steps) == 0:
-                        self.log(f"step {m['step']}/{self.total_steps} loss {m['loss']:.4f} grad_norm "
-                                 f"{m['grad_norm']:.3f} lr {m['lr']:.2e} tok/s {m['tokens_per_s']:.0f} mem "
-                                 f"{m['peak_mem_gb']:.2f} GiB dropped {m['dropped']}")
-                    if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0 \
-                            and self.global_step < self.total_steps:
-                        self.save()
+            with stop:
+                while self.global_step < self.total_steps:
+                    self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+                    if self.step_in_epoch == 0:  # counted once per epoch (a resumed epoch was counted before)
+                        left = sum(len(mb) for mb in self.sampler.left_out())
+                        if left:
+                            self.drops["partial_last_step"] += left
+                    n_steps = self.sampler.num_steps()
+                    it = iter(self._loader())
+                    per_rank = [len(self.sampler.rank_micro_batches(s)) for s in self.sampler.steps()]
+                    while self.step_in_epoch < n_steps and self.global_step < self.total_steps:
+                        try:
+                            mbs = [next(it) for _ in range(per_rank[self.step_in_epoch])]
+                        except Exception:
+                            if not stop.requested:
+                                raise
+                            # a terminal's Ctrl-C reaches the DataLoader's workers too, which stop: the steps done
+                            # so far are saved, the one being fetched had not begun
+                            self._stop_on_interrupt()
+                        m = self.train_step(mbs)
+                        self.global_step += 1
+                        self.step_in_epoch += 1
+                        m["epoch"] = self.epoch
+                        self.history.append({k: m[k] for k in ("step", "loss", "grad_norm", "lr")})
+                        if jsonl is not None:  # strict JSON: a NaN/inf (a skipped step's loss) is written as null
+                            jsonl.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                                    for k, v in m.items()}, allow_nan=False) + "\n")
+                            jsonl.flush()
+                        if tb is not None:
+                            for k in ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_gb", "dropped"):
+                                tb.add_scalar(f"train/{k}", m[k], m["step"])
+                            if m["mfu"] is not None:
+                                tb.add_scalar("train/mfu", m["mfu"], m["step"])
+                        if bar is not None:  # the postfix first: update() draws the bar, with this step's numbers
+                            post = dict(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:.0f}")
+                            if m["mfu"] is not None:
+                                post["mfu"] = f"{100 * m['mfu']:.1f}%"
+                            bar.set_postfix(post, refresh=False)
+                            bar.update(1)
+                        elif info.is_main and not self.quiet and m["step"] % max(1, cfg.log.every_steps) == 0:
+                            self.log(f"step {m['step']}/{self.total_steps} loss {m['loss']:.4f} grad_norm "
+                                     f"{m['grad_norm']:.3f} lr {m['lr']:.2e} tok/s {m['tokens_per_s']:.0f} mem "
+                                     f"{m['peak_mem_gb']:.2f} GiB dropped {m['dropped']}")
+                        if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0 \
+                                and self.global_step < self.total_steps:
+                            self.save()
+                        if stop.requested:
+                            self._stop_on_interrupt()
+                        if stop_at_step is not None and self.global_step >= stop_at_step:
+                            break
+                    del it
                     if stop_at_step is not None and self.global_step >= stop_at_step:
+                        if self.step_in_epoch >= n_steps:
+                            self.epoch, self.step_in_epoch = self.epoch + 1, 0
                         break
-                del it
-                if stop_at_step is not None and self.global_step >= stop_at_step:
                     if self.step_in_epoch >= n_steps:
-                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                    break
-                if self.step_in_epoch >= n_steps:
-                    self.epoch += 1
-                    self.step_in_epoch = 0
+                        self.epoch += 1
+                        self.step_in_epoch = 0
         finally:
             if bar is not None:
                 bar.close()

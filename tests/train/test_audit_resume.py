@@ -184,3 +184,54 @@ def test_resume_with_another_precision_says_so(assets, tmp_path):
     assert next(b.model.parameters()).dtype == torch.bfloat16
     notes = [x for x in lines if "another precision" in x]
     assert len(notes) == 1 and "model.dtype='float32' -> 'bfloat16'" in notes[0], lines
+
+
+def _sigint_at(monkeypatch, call, times=1):
+    """Trainer.train_step sends this process SIGINT (a terminal's Ctrl-C) ``times`` times during its ``call``-th call."""
+    import os
+    import signal
+
+    calls, real = [0], Trainer.train_step
+
+    def step(self, mbs):
+        calls[0] += 1
+        if calls[0] == call:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(self, mbs)
+    monkeypatch.setattr(Trainer, "train_step", step)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(assets, tmp_path, monkeypatch):
+    """The first Ctrl-C lets the step finish and saves it (the periodic checkpoints would come much later): the
+    resumed run continues with the uninterrupted run's losses; nothing is lost."""
+    from llava_fast.train import checkpoint as ckpt
+
+    over = {"schedule.max_steps": 4, "checkpoint.every_steps": 100}
+    ref = Trainer(make_cfg(assets, tmp_path / "ref", **over), quiet=True)
+    ref.train()
+    _sigint_at(monkeypatch, call=2)
+    a = Trainer(make_cfg(assets, tmp_path / "a", **over), quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        a.train()
+    assert a.global_step == 2
+    assert ckpt.latest_checkpoint(str(tmp_path / "a" / "checkpoints")).endswith("step_00000002")
+    monkeypatch.undo()
+    b = Trainer(make_cfg(assets, tmp_path / "a", **over), quiet=True)
+    b.train()
+    assert b.global_step == 4
+    # (the history of the steps before the checkpoint is restored with it)
+    assert [h["loss"] for h in b.history] == [h["loss"] for h in ref.history] and len(ref.history) == 4
+
+
+def test_second_ctrl_c_stops_at_once(assets, tmp_path, monkeypatch):
+    """Two Ctrl-C: stop inside the step, save nothing more (the step never finished)."""
+    from llava_fast.train import checkpoint as ckpt
+
+    _sigint_at(monkeypatch, call=2, times=2)
+    a = Trainer(make_cfg(assets, tmp_path / "a", **{"schedule.max_steps": 4, "checkpoint.every_steps": 100}),
+                quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        a.train()
+    assert a.global_step == 1
+    assert ckpt.latest_checkpoint(str(tmp_path / "a" / "checkpoints")) is None
