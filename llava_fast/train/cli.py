@@ -174,8 +174,10 @@ def _overrides_epilog() -> str:
         if dataclasses.is_dataclass(sec.default_factory if sec.default_factory is not dataclasses.MISSING else None):
             names = ", ".join(f.name for f in dataclasses.fields(sec.default_factory))
             lines += textwrap.wrap(f"{sec.name}: {names}", 100, initial_indent="  ", subsequent_indent="      ")
-    lines += ["", "Ctrl-C stops training; the same command run again resumes from the last checkpoint in OUT",
-              "(checkpoint.every_steps=N saves one every N steps and at the end; the default 0 saves none)."]
+    lines += ["", "Ctrl-C finishes the current step, saves a checkpoint and stops (a second Ctrl-C stops at once); the",
+              "same command run again resumes from the last checkpoint in OUT (checkpoint.every_steps=N also saves",
+              "one every N steps and at the end; the default 0 saves none but Ctrl-C's; torchrun runs save only",
+              "the periodic ones)."]
     return "\n".join(lines)
 
 

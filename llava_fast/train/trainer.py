@@ -103,8 +103,9 @@ def _peak_memory_gb(device) -> float:
 class _GracefulInterrupt:
     """While training in one process (main thread): the first SIGINT (Ctrl-C) only sets ``requested``, so that the
     trainer finishes the optimizer step it is in and saves a checkpoint before stopping (nothing lost); a second one
-    raises KeyboardInterrupt at once. Not used under torchrun (a checkpoint there is a collective all ranks must
-    agree on) nor with checkpoint.every_steps=0 (no checkpoints wanted): Ctrl-C stops at once there."""
+    raises KeyboardInterrupt at once. The checkpoint is saved with checkpoint.every_steps=0 too (the default: no
+    periodic checkpoints; a run stopped by hand should still be resumable). Not used under torchrun (a checkpoint
+    there is a collective all ranks must agree on): Ctrl-C stops at once there."""
 
     def __init__(self, log, enabled: bool = True):
         self.requested, self._log, self._old = False, log, None
@@ -571,7 +572,7 @@ class Trainer:
                        unit="step", dynamic_ncols=True, file=sys.stdout)
         t_start = time.perf_counter()
         # Ctrl-C (one process): finish the step, save a checkpoint, then stop (a second Ctrl-C stops at once)
-        stop = _GracefulInterrupt(self.log, enabled=not self.dist.enabled and cfg.checkpoint.every_steps > 0)
+        stop = _GracefulInterrupt(self.log, enabled=not self.dist.enabled)
         try:
             with stop:
                 while self.global_step < self.total_steps:

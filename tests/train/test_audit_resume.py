@@ -235,3 +235,16 @@ def test_second_ctrl_c_stops_at_once(assets, tmp_path, monkeypatch):
         a.train()
     assert a.global_step == 1
     assert ckpt.latest_checkpoint(str(tmp_path / "a" / "checkpoints")) is None
+
+
+def test_ctrl_c_saves_with_the_default_of_no_periodic_checkpoints(assets, tmp_path, monkeypatch):
+    """checkpoint.every_steps=0 (the default) saves no periodic checkpoint, but a run stopped by Ctrl-C is saved."""
+    from llava_fast.train import checkpoint as ckpt
+
+    _sigint_at(monkeypatch, call=1)
+    a = Trainer(make_cfg(assets, tmp_path / "a", **{"schedule.max_steps": 3, "checkpoint.every_steps": 0}),
+                quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        a.train()
+    assert a.global_step == 1
+    assert ckpt.latest_checkpoint(str(tmp_path / "a" / "checkpoints")).endswith("step_00000001")
