@@ -126,8 +126,20 @@ def _cmd_train(args) -> int:
 
     print(f"PYTORCH_CUDA_ALLOC_CONF={conf}")
 
-    cfg = get_recipe(args.recipe, _model_type(args))
-    cfg.model.path = args.model
+    if args.config:
+        if args.recipe:
+            raise SystemExit("give --recipe NAME or --config FILE, not both (a config file holds its recipe's "
+                             "settings; change them with section.key=value overrides)")
+        from llava_fast.train.config import TrainConfig
+
+        cfg = TrainConfig.from_file(args.config)
+    elif not args.recipe:
+        raise SystemExit("--recipe NAME (stage1 | stage2 | {llava15,next,onevision}-stage{1,2}) or --config FILE (a "
+                         "run's OUT/config.json, JSON or YAML) is required")
+    else:
+        cfg = get_recipe(args.recipe, _model_type(args))
+    if args.model or not args.config:
+        cfg.model.path = args.model
     if args.data:
         cfg.data.data = args.data
     if args.images:
@@ -187,8 +199,10 @@ def add_train_parser(subparsers) -> None:
     s = subparsers.add_parser("train", help="train a LLaVA model (stage 1 / stage 2 recipes, packing, FSDP2)",
                               description=_DESCRIPTION, epilog=_overrides_epilog(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--recipe", required=True, help="stage1 | stage2 (template from the model's type) | "
-                                                   "{llava15,next,onevision}-stage{1,2}")
+    s.add_argument("--recipe", help="stage1 | stage2 (template from the model's type) | "
+                                    "{llava15,next,onevision}-stage{1,2}")
+    s.add_argument("--config", help="a config file instead of a recipe: a run's OUT/config.json (JSON, or YAML of the "
+                                    "same layout); the options and overrides below apply on top of it")
     s.add_argument("--model", help="llava-hf checkpoint folder to start from (or model.language_model=DIR "
                                    "model.vision_tower=DIR to assemble a new model)")
     s.add_argument("--data", help="LLaVA JSON/JSONL file")

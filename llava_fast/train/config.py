@@ -237,6 +237,41 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
+    def from_file(cls, path: str) -> "TrainConfig":
+        """A config file: JSON in ``to_dict``'s layout (a run's ``OUT/config.json``), or YAML (``.yaml`` / ``.yml``,
+        needs PyYAML) of the same layout; sections and fields left out keep their defaults."""
+        import os
+
+        if not os.path.isfile(path):
+            raise ValueError(f"--config {path}: no such file")
+        with open(path) as f:
+            text = f.read()
+        try:
+            if path.lower().endswith((".yaml", ".yml")):
+                try:
+                    import yaml
+                except ImportError:
+                    raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), or give the "
+                                     f"config as JSON") from None
+                d = yaml.safe_load(text)
+            else:
+                d = json.loads(text)
+        except ValueError as e:
+            if str(e).startswith("--config"):
+                raise
+            raise ValueError(f"--config {path}: not valid {'YAML' if path.lower().endswith(('.yaml', '.yml')) else 'JSON'} "
+                             f"({e})") from e
+        except Exception as e:  # yaml.YAMLError
+            raise ValueError(f"--config {path}: not valid YAML ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"--config {path}: expected a mapping of sections (model, data, optim, ...), got "
+                             f"{type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--config {path}: {e}") from e
+
+    @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """The config of a dict (``to_dict``'s layout); an unknown section or field raises, naming it."""
         hints = typing.get_type_hints(cls)

@@ -234,3 +234,38 @@ def test_metrics_log_is_strict_json_lines(assets, tmp_path):
     assert [r["step"] for r in recs] == [1, 2]
     assert recs[0]["grad_norm"] is None and recs[0]["skipped_nonfinite"] == 1
     assert isinstance(recs[1]["grad_norm"], float)
+
+
+def test_config_file_instead_of_a_recipe(assets, tmp_path, capsys):
+    """--config takes a run's OUT/config.json (or YAML of the same layout) in place of --recipe: the same settings,
+    options and overrides on top; --recipe and --config together, neither, or a bad file are errors."""
+    import json
+
+    args = _cli(assets, tmp_path / "a", "schedule.max_steps=1", "checkpoint.export=false", "optim.lr=3e-4")
+    assert main(args) == 0
+    saved = tmp_path / "a" / "config.json"
+    first = json.loads(saved.read_text())
+    again = ["train", "--config", str(saved), "--out", str(tmp_path / "b"), "schedule.max_steps=2"]
+    assert main(again) == 0
+    second = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert second["optim"]["lr"] == 3e-4 and second["schedule"]["max_steps"] == 2
+    assert second["checkpoint"]["out"] == str(tmp_path / "b")
+    for sec in ("model", "data", "train"):
+        assert second[sec] == first[sec], sec
+    yml = tmp_path / "c.yaml"
+    yml.write_text("optim:\n  lr: 0.001\nschedule:\n  max_steps: 1\n")
+    from llava_fast.train.config import TrainConfig
+
+    assert TrainConfig.from_file(str(yml)).optim.lr == 1e-3
+    with pytest.raises(SystemExit, match="not both"):
+        main(again + ["--recipe", "stage2"])
+    with pytest.raises(SystemExit, match="--recipe NAME .* or --config FILE"):
+        main(["train", "--model", str(assets / "model")])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for path, what in ((bad, "not valid JSON"), (tmp_path / "missing.json", "no such file")):
+        assert main(["train", "--config", str(path)]) == 2
+        assert what in capsys.readouterr().err
+    bad.write_text(json.dumps({"optim": {"lrr": 1}}))
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
