@@ -14,18 +14,23 @@ from test_llava_parity import make_batch
 from tiny import save_tiny
 
 
-@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
-def test_training_kernels_in_model(tmp_path, forced, model_type):
-    _, path = save_tiny(tmp_path, model_type)
-    m = llava_fast.from_pretrained(path)
+def packed_inputs(model_type):
+    """The forward's keyword arguments for one packed training sequence: a sample with an image, one without."""
     batch = make_batch(model_type, [[(20, 50)], []], left_pad=False)
     lens = [len(s) for s in batch["seqs"]]
     flat = torch.tensor([t for s in batch["seqs"] for t in s])[None]
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
     pos = torch.cat([torch.arange(n) for n in lens])[None]
     labels = torch.cat([batch["labels"][i, :n] for i, n in enumerate(lens)])[None]
-    kw = dict(input_ids=flat, cu_seqlens=cu, position_ids=pos, max_seqlen=max(lens),
-              pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], labels=labels)
+    return dict(input_ids=flat, cu_seqlens=cu, position_ids=pos, max_seqlen=max(lens),
+                pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], labels=labels)
+
+
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
+def test_training_kernels_in_model(tmp_path, forced, model_type):
+    _, path = save_tiny(tmp_path, model_type)
+    m = llava_fast.from_pretrained(path)
+    kw = packed_inputs(model_type)
     ref = m(**kw)
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}

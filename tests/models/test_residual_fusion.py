@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import llava_fast
 from llava_fast.ops import act_linear as al
 
-from test_llava_parity import make_batch
+from test_model_kernels import packed_inputs
 from tiny import save_tiny
 
 
@@ -28,14 +28,7 @@ class _CountAdds(TorchDispatchMode):
 
 
 def _packed(model_type):
-    batch = make_batch(model_type, [[(20, 50)], []], left_pad=False)
-    lens = [len(s) for s in batch["seqs"]]
-    flat = torch.tensor([t for s in batch["seqs"] for t in s])[None]
-    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
-    pos = torch.cat([torch.arange(n) for n in lens])[None]
-    labels = torch.cat([batch["labels"][i, :n] for i, n in enumerate(lens)])[None]
-    return dict(input_ids=flat, cu_seqlens=cu, position_ids=pos, max_seqlen=max(lens),
-                pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], labels=labels)
+    return packed_inputs(model_type)
 
 
 def _step(m, kw):

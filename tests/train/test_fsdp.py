@@ -61,9 +61,11 @@ def _free_port():
     return p
 
 
-def _run_two_ranks(root, out, extra=()):
-    """Train on 2 gloo ranks; rank 0's history. Fails (instead of waiting forever) when the ranks hang."""
-    ctx = torch.multiprocessing.spawn(_worker, args=(2, _free_port(), root, out, extra), nprocs=2, join=False)
+def _run_two_ranks(root, out, extra=(), worker=None):
+    """Train on 2 gloo ranks (``worker(rank, world, port, root, out, extra)``, this file's by default); rank 0's
+    history. Fails (instead of waiting forever) when the ranks hang."""
+    ctx = torch.multiprocessing.spawn(worker or _worker, args=(2, _free_port(), root, out, extra), nprocs=2,
+                                      join=False)
     deadline = time.time() + 120
     while not ctx.join(timeout=5):
         if time.time() > deadline:

@@ -9,10 +9,10 @@ import torch
 
 from llava_fast import demo
 
-from test_fsdp import _cfg, _free_port, pytestmark  # noqa: F401  (the same skip rule)
+from test_fsdp import _cfg, _run_two_ranks, pytestmark  # noqa: F401  (the same skip rule)
 
 
-def _worker(rank, world, port, root, out):
+def _worker(rank, world, port, root, out, extra=()):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -35,8 +35,6 @@ def _worker(rank, world, port, root, out):
 
 
 def test_fsdp2_defers_the_residual_add(tmp_path, monkeypatch):
-    import time
-
     monkeypatch.setenv("LLAVA_FAST_BACKEND_RMS_NORM", "triton")
     root = str(tmp_path)
     # (24 samples: no epoch ends within the 3 steps, whose partial last step one process trains and two ranks skip)
@@ -44,15 +42,7 @@ def test_fsdp2_defers_the_residual_add(tmp_path, monkeypatch):
     demo.build_tiny_model(os.path.join(root, "model"), seed=0, quick=True)
     out = str(tmp_path / "fsdp")
     os.makedirs(out)
-    ctx = torch.multiprocessing.spawn(_worker, args=(2, _free_port(), root, out), nprocs=2, join=False)
-    deadline = time.time() + 150
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the FSDP2 ranks hung")
-    with open(os.path.join(out, "history.json")) as f:
-        dist_hist = json.load(f)
+    dist_hist = _run_two_ranks(root, out, worker=_worker)
 
     from llava_fast.train import Trainer
 
