@@ -3,8 +3,13 @@
 local weights file, see :mod:`llava_fast.train.open_clip_tower`). Local files only; nothing is downloaded.
 
 Assembling adds ``<image>`` (and ``<video>`` for OneVision) to the tokenizer, grows the embeddings to a multiple of
-64 rows (new rows drawn from N(mean, 1e-5 * cov) of the old ones, as the llava-hf conversion does), initialises the
-projector with ``nn.Linear`` defaults and ``image_newline`` with randn / sqrt(D).
+64 rows (the language model's rows plus the tokens added, rounded up, as the llava-hf conversion's
+``resize_token_embeddings(vocab_size + 2, pad_to_multiple_of=64)``: never fewer rows than the model had; new rows drawn
+from N(mean, 1e-5 * cov) of the old ones), initialises the projector with ``nn.Linear`` defaults and
+``image_newline`` with randn / sqrt(D). The image features are taken as the original towers take them, whatever the
+model type: a CLIP tower's penultimate layer without its CLS token (``vision_feature_layer=-2``, ``"default"``); a
+SigLIP tower's penultimate layer, every token (the original deletes the last layer and keeps all 729 tokens; llava-hf
+writes that as ``-1`` on the 26-layer tower it converted, here it is ``-2`` on the tower given, ``"full"``).
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
 
     tcfg = _read_json(os.path.join(language_model, "config.json"))
     tok = AutoTokenizer.from_pretrained(language_model, local_files_only=True)
+    n_before = len(tok)
     new_tokens = ["<image>"] + (["<video>"] if model_type == "llava_onevision" else [])
     tok.add_tokens(new_tokens, special_tokens=True)
     if tok.pad_token is None:
@@ -71,7 +77,10 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
         tok.pad_token = "<pad>"
     image_id = tok.convert_tokens_to_ids("<image>")
     video_id = tok.convert_tokens_to_ids("<video>") if model_type == "llava_onevision" else None
-    vocab = ((len(tok) + 63) // 64) * 64
+    # the model's rows + the tokens added, to a multiple of 64 (a tokenizer shorter than the embeddings, as Qwen2's,
+    # keeps every row: Qwen2-0.5B 151936 + 2 -> 152000 rows, as llava-hf's OneVision)
+    rows = int(tcfg.get("vocab_size") or n_before)
+    vocab = ((max(len(tok), rows + len(tok) - n_before) + 63) // 64) * 64
     # vision tower
     if os.path.isdir(vision_tower):
         vcfg = _read_json(os.path.join(vision_tower, "config.json"))
@@ -95,10 +104,12 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
     if pinpoints is None and model_type != "llava":
         pinpoints = ([[p[0] * tile // 336, p[1] * tile // 336] for p in NEXT_PINPOINTS] if model_type == "llava_next"
                      else [[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)])
+    # the features by the tower's family, not the model type (see the module docstring): SigLIP has no CLS token to
+    # drop ("default" would drop a patch), CLIP's CLS is dropped under OneVision too (mm_vision_select_feature "patch")
+    siglip = vcfg["model_type"] == "siglip_vision_model"
     hf = {"model_type": model_type, "vision_config": vcfg, "text_config": tcfg, "image_token_id": image_id,
           "tie_word_embeddings": bool(tcfg.get("tie_word_embeddings", False)),
-          "vision_feature_layer": -1 if model_type == "llava_onevision" else -2,
-          "vision_feature_select_strategy": "full" if model_type == "llava_onevision" else "default"}
+          "vision_feature_layer": -2, "vision_feature_select_strategy": "full" if siglip else "default"}
     if pinpoints is not None:
         hf["image_grid_pinpoints"] = pinpoints
     if video_id is not None:
@@ -107,6 +118,10 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
         hf["vision_aspect_ratio"] = "anyres_max_9"
     cfg = LlavaConfig.from_hf_dict(hf)
     model = CLASSES[model_type](cfg)
+    # the stage-1 projector starts from nn.Linear's defaults (kaiming-uniform weights, uniform biases), as the
+    # original's build_vision_projector; the model's own init (N(0, 0.02), zero biases) is transformers' for loading
+    for lin in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+        lin.reset_parameters()
     # language model weights (every tensor of the language model and tower must come from the folders: nothing is
     # silently left at its random initialisation, and a shape mismatch is an error that names the tensor)
     lstate = _load_folder(language_model)

@@ -6,7 +6,9 @@ come from a local file. Name map (open_clip ``visual.*`` -> HF CLIPVisionModel w
 ``embeddings.position_embedding.weight``, ``ln_pre`` -> ``pre_layrnorm``, ``transformer.resblocks.i.ln_1/ln_2`` ->
 ``encoder.layers.i.layer_norm1/2``, ``attn.in_proj_{weight,bias}`` split into ``self_attn.{q,k,v}_proj``,
 ``attn.out_proj`` -> ``self_attn.out_proj``, ``mlp.c_fc/c_proj`` -> ``mlp.fc1/fc2``, ``ln_post`` -> ``post_layernorm``;
-the output projection ``proj`` is not used by LLaVA and dropped.
+the output projection ``proj`` is not used by LLaVA and dropped. LayerScale (``ls_1/ls_2.gamma``, open_clip's
+``ls_init_value``: ``x + gamma * f(x)``) has no HF CLIP counterpart: it is folded into the rows of the linear it scales
+(``self_attn.out_proj``, ``mlp.fc2``), which gives the same output.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def open_clip_vision_config(name: str) -> dict:
 def map_open_clip_state(sd: dict) -> dict:
     """open_clip (full model or visual-only) state dict -> our vision tower keys."""
     pre = "visual." if any(k.startswith("visual.") for k in sd) else ""
-    out = {}
+    out, scales = {}, {}
     for k, v in sd.items():
         if not k.startswith(pre):
             continue
@@ -55,7 +57,9 @@ def map_open_clip_state(sd: dict) -> dict:
         elif k.startswith("transformer.resblocks."):
             i, rest = k[len("transformer.resblocks."):].split(".", 1)
             base = f"encoder.layers.{i}."
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            if rest in ("ls_1.gamma", "ls_2.gamma"):
+                scales[base + ("self_attn.out_proj." if rest == "ls_1.gamma" else "mlp.fc2.")] = v
+            elif rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
                 kind = rest.rsplit("_", 1)[1]
                 for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
                     out[base + f"self_attn.{name}.{kind}"] = part.clone()
@@ -64,6 +68,10 @@ def map_open_clip_state(sd: dict) -> dict:
                         .replace("mlp.c_fc.", "mlp.fc1.").replace("mlp.c_proj.", "mlp.fc2.")
                         .replace("attn.out_proj.", "self_attn.out_proj."))
                 out[base + rest] = v
+    for lin, g in scales.items():  # gamma * (W x + b) = (gamma[:, None] * W) x + gamma * b
+        out[lin + "weight"] = out[lin + "weight"] * g[:, None]
+        if lin + "bias" in out:
+            out[lin + "bias"] = out[lin + "bias"] * g
     return out
 
 
