@@ -362,8 +362,15 @@ class Trainer:
                 "resume_key": json.dumps(self._resume_key()),
                 "config": self.cfg.to_json()}
 
+    def _check_not_merged(self, what: str) -> None:
+        if getattr(self, "_lora_merged", False):
+            raise RuntimeError(f"cannot {what}: export() merged the LoRA adapters into the model (train.lora), so it "
+                               f"no longer holds what the optimizer trains; export last, or resume from a checkpoint "
+                               f"with a new Trainer")
+
     def save(self, _fail_after: str | None = None) -> str:
         """Resumable checkpoint at the current step (atomic; see :mod:`llava_fast.train.checkpoint`)."""
+        self._check_not_merged("save a checkpoint")
         ms = full_model_state(self.model, self.fsdp)
         st = self.state()
         st["optimizer"] = full_optim_state(self.model, self.optimizer, self.fsdp)
@@ -548,6 +555,7 @@ class Trainer:
         """Run until ``total_steps``; checkpoints, logs, exports. Returns a summary dict.
 
         ``stop_at_step``: save a checkpoint and return after that step (preemption; resume with a new Trainer)."""
+        self._check_not_merged("train further")
         if not self._setup_done:
             self.setup()
         cfg, info = self.cfg, self.dist
@@ -667,7 +675,8 @@ class Trainer:
         if self.cfg.train.lora:
             from llava_fast.train.lora import merge_lora
 
-            model = merge_lora(model)
+            model = merge_lora(model)   # in place: the adapters are gone from self.model after this
+            self._lora_merged = True
         sd = full_model_state(model, self.fsdp)
         if self.dist.is_main:
             with torch.device("meta"):
@@ -678,7 +687,7 @@ class Trainer:
             save_pretrained(fresh, path)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(path)
-            _save_image_processor(model.config, path)
+            _save_image_processor(model.config, path, self.tokenizer)
             self.log(f"exported llava-hf model to {path}")
         if self.dist.enabled:
             torch.distributed.barrier()
@@ -775,8 +784,10 @@ class _FsdpCollate:
         return out
 
 
-def _save_image_processor(config, path: str) -> None:
-    """preprocessor_config.json for transformers' processor (best effort; the model loads without it)."""
+def _save_image_processor(config, path: str, tokenizer=None) -> None:
+    """preprocessor_config.json for transformers' image processor and, with the tokenizer, processor_config.json for
+    its processor (patch size, feature strategy, extra CLS token: without them ``AutoProcessor`` loads but cannot
+    expand an image's placeholder). Best effort: the model loads without either."""
     try:
         from llava_fast.data.images import image_config
 
@@ -800,4 +811,25 @@ def _save_image_processor(config, path: str) -> None:
                                                 **common)
         proc.save_pretrained(path)
     except Exception:  # noqa: BLE001 - optional
+        return
+    if tokenizer is None:
+        return
+    try:
+        import transformers as tf
+
+        vc = config.vision_config
+        strategy = config.vision_feature_select_strategy
+        chat = getattr(tokenizer, "chat_template", None)
+        if config.model_type == "llava_onevision":
+            full = tf.LlavaOnevisionProcessor(image_processor=proc, tokenizer=tokenizer,
+                                              num_image_tokens=(vc.image_size // vc.patch_size) ** 2,
+                                              vision_feature_select_strategy=strategy, chat_template=chat)
+        else:
+            cls = tf.LlavaProcessor if config.model_type == "llava" else tf.LlavaNextProcessor
+            # the CLIP tower's class token, which the "default" strategy drops again (transformers' convention)
+            extra = 1 if vc.model_type == "clip_vision_model" else 0
+            full = cls(image_processor=proc, tokenizer=tokenizer, patch_size=vc.patch_size,
+                       vision_feature_select_strategy=strategy, num_additional_image_tokens=extra, chat_template=chat)
+        full.save_pretrained(path)
+    except Exception:  # noqa: BLE001 - optional (a transformers without these processors)
         pass

@@ -309,3 +309,34 @@ def test_nonfinite_steps_are_skipped_then_stop(assets, tmp_path):
     poison.remove()
     with pytest.raises(ValueError, match="max_nonfinite_steps"):
         make_cfg(assets, tmp_path / "bad", **{"optim.max_nonfinite_steps": -1})
+
+
+def test_exported_processor_expands_images(assets, tmp_path):
+    """The export's AutoProcessor turns a prompt with <image> and a picture into inputs transformers' model takes
+    (processor_config.json: patch size, strategy, the CLIP class token; it used to load but fail on an image)."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    cfg = make_cfg(assets, tmp_path / "p", **{"schedule.max_steps": 1, "checkpoint.export": True})
+    final = Trainer(cfg, quiet=True).train()["final"]
+    proc = transformers.AutoProcessor.from_pretrained(final, local_files_only=True)
+    img = Image.new("RGB", (70, 45), (200, 30, 30))
+    inputs = proc(text="USER: <image>\nWhat is it? ASSISTANT:", images=img, return_tensors="pt")
+    hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(final, local_files_only=True).eval()
+    with torch.no_grad():
+        out = hf(**inputs)
+    n_img = int((inputs["input_ids"] == hf.config.image_token_id).sum())
+    assert n_img > 1 and out.logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_export_with_lora_then_save_or_train_is_refused(assets, tmp_path):
+    """export() merges the LoRA adapters into the model in place: a later save() or train() would checkpoint a model
+    without the adapters the optimizer holds, or train weights that no longer exist. Both raise, saying why."""
+    cfg = make_cfg(assets, tmp_path / "l", **{"schedule.max_steps": 1, "train.lora": True, "checkpoint.export": True,
+                                              "train.trainable": "projector,llm"})
+    tr = Trainer(cfg, quiet=True)
+    tr.train()
+    with pytest.raises(RuntimeError, match="merged the LoRA adapters"):
+        tr.save()
+    with pytest.raises(RuntimeError, match="merged the LoRA adapters"):
+        tr.train()
