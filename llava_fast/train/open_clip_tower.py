@@ -26,6 +26,10 @@ def open_clip_vision_config(name: str) -> dict:
     v = cfg["vision_cfg"]
     if v.get("timm_model_name") or isinstance(v.get("layers"), (list, tuple)):
         raise ValueError(f"open_clip architecture {name!r} is not a plain ViT (timm/ResNet towers are not supported)")
+    if v.get("no_ln_pre"):
+        raise ValueError(f"open_clip architecture {name!r} has no ln_pre (CLIPA-style): a llava-hf CLIP tower always "
+                         f"normalizes the embeddings (pre_layrnorm), so this tower cannot be converted; use one with "
+                         f"ln_pre")
     width = int(v["width"])
     head_width = int(v.get("head_width", 64))
     quick = bool(cfg.get("quick_gelu", False)) or "quickgelu" in name.lower()

@@ -30,3 +30,16 @@ def test_open_clip_name_map_same_features(tmp_path):
         h = h if getattr(v.transformer, "batch_first", True) else h.transpose(0, 1)
         ours = tower(x, [-1])
     torch.testing.assert_close(ours, h, rtol=1e-4, atol=1e-4)
+
+
+def test_tower_without_ln_pre_is_refused_by_name():
+    """CLIPA-style towers (no_ln_pre) have no pre_layrnorm to convert: a clear error, not 'tensors not found'."""
+    open_clip = pytest.importorskip("open_clip")
+    from llava_fast.train.open_clip_tower import open_clip_vision_config
+
+    names = [n for n in open_clip.list_models() if (open_clip.get_model_config(n) or {}).get("vision_cfg", {})
+             .get("no_ln_pre")]
+    if not names:
+        pytest.skip("this open_clip has no architecture without ln_pre")
+    with pytest.raises(ValueError, match="has no ln_pre"):
+        open_clip_vision_config(names[0])
