@@ -821,7 +821,10 @@ def _save_image_processor(config, path: str, tokenizer=None) -> None:
         strategy = config.vision_feature_select_strategy
         chat = getattr(tokenizer, "chat_template", None)
         if config.model_type == "llava_onevision":
-            full = tf.LlavaOnevisionProcessor(image_processor=proc, tokenizer=tokenizer,
+            t = spec.tile
+            video = tf.LlavaOnevisionVideoProcessor(size={"height": t, "width": t}, image_mean=list(spec.image_mean),
+                                                    image_std=list(spec.image_std))
+            full = tf.LlavaOnevisionProcessor(image_processor=proc, tokenizer=tokenizer, video_processor=video,
                                               num_image_tokens=(vc.image_size // vc.patch_size) ** 2,
                                               vision_feature_select_strategy=strategy, chat_template=chat)
         else:

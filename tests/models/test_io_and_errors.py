@@ -302,3 +302,37 @@ def test_saved_config_dtype_keys_agree(next_ckpt, tmp_path):
     m.save_pretrained(tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["dtype"] == cfg["torch_dtype"] == "float32"
+
+
+def test_exported_onevision_processor_expands_images(tmp_path):
+    """The training export's processor files for OneVision (which needs a video processor too): AutoProcessor turns
+    a prompt and a picture into inputs on which transformers' model and ours give the same logits."""
+    import transformers as tf
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from llava_fast.models.io import save_pretrained
+    from llava_fast.train.trainer import _save_image_processor
+    from tiny import VIDEO_TOKEN
+
+    _, path = save_tiny(tmp_path, "llava_onevision")
+    m = llava_fast.from_pretrained(path).eval()
+    vocab = {f"w{i}": i for i in range(IMAGE_TOKEN)}
+    vocab.update({"<image>": IMAGE_TOKEN, "<video>": VIDEO_TOKEN, "<unk>": VIDEO_TOKEN + 1, "<pad>": VIDEO_TOKEN + 2})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                     extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    out = tmp_path / "export"
+    save_pretrained(m, str(out))
+    tok.save_pretrained(str(out))
+    _save_image_processor(m.config, str(out), tok)
+    proc = tf.AutoProcessor.from_pretrained(str(out), local_files_only=True)
+    inputs = proc(text="w1 <image> w2", images=Image.new("RGB", (70, 45), (10, 200, 30)), return_tensors="pt")
+    assert int((inputs["input_ids"] == IMAGE_TOKEN).sum()) > 1
+    hf = tf.LlavaOnevisionForConditionalGeneration.from_pretrained(str(out), local_files_only=True).eval()
+    with torch.no_grad():
+        ref = hf(**inputs).logits
+        got = m(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                image_sizes=inputs["image_sizes"]).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
