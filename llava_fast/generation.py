@@ -169,19 +169,9 @@ def generate(model, input_ids, pixel_values=None, image_sizes=None, attention_ma
             raise ValueError(f"stop_strings must be a string or a list of strings, got {stop_strings!r}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer (pass tokenizer=...) to decode the generated text")
-    try:
-        max_new_tokens = operator.index(max_new_tokens)
-    except TypeError:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}") from None
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new_tokens = _integer(max_new_tokens, "max_new_tokens", 1)
     temperature, top_p = _number(temperature, "temperature"), _number(top_p, "top_p")
-    try:
-        top_k = operator.index(top_k)
-    except TypeError:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = no top-k), got {top_k!r}") from None
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = no top-k; k keeps the k most likely tokens), got {top_k}")
+    top_k = _integer(top_k, "top_k", 0, " (0 = no top-k; k keeps the k most likely tokens)")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1] (the probability mass kept; 1 = no top-p), got {top_p}")
     if do_sample and not (temperature > 0 and math.isfinite(temperature)):
@@ -276,6 +266,18 @@ def _token_ids(ids, name: str) -> set[int]:
         return {operator.index(i) for i in ids}
     except TypeError:
         raise ValueError(f"{name} must be a token id or a list of token ids (int), got {ids!r}") from None
+
+
+def _integer(v, name: str, minimum: int, hint: str = "") -> int:
+    """An integer argument (``operator.index``: no floats or strings) of at least ``minimum``; a ValueError naming
+    it otherwise."""
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {minimum}{hint}, got {v!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{hint}, got {v}")
+    return v
 
 
 def _number(v, name: str) -> float:

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from llava_fast import _ext
 
 __all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "ExplicitAct",
-           "GeluAct", "LayerNormAct", "ResidualActLinearFunction", "fuse_residual_enabled", "plain_linears", "recompute_enabled",
-           "residual_act_linears", "unhooked"]
+           "GeluAct", "LayerNormAct", "ResidualActLinearFunction", "fuse_residual_enabled", "plain_linears",
+           "recompute_enabled", "residual_act_linears", "unhooked"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -322,6 +322,11 @@ def recompute_enabled() -> bool:
     return _ext.env_choice("LLAVA_FAST_RECOMPUTE_ACT", ("0", "1"), "1") == "1"
 
 
+def _check_pairs(what: str, weights, biases) -> None:
+    if len(weights) != len(biases) or not weights:
+        raise ValueError(f"{what}: {len(weights)} weights and {len(biases)} biases; give one bias (or None) per weight")
+
+
 def fuse_residual_enabled() -> bool:
     """``LLAVA_FAST_FUSE_RESIDUAL=0`` (read at each forward) turns off the residual adds fused into the decoder
     layers' RMSNorm kernels (:func:`residual_act_linears`): the A/B switch of the benchmarks and tests."""
@@ -334,9 +339,7 @@ def act_linears(act: Callable, hs: Sequence[torch.Tensor], weights: Sequence[tor
     from one normalized input); when a gradient is needed, ``a`` is recomputed in the backward instead of kept (see
     the module docstring). ``act`` must be a pure function of ``hs`` (elementwise activations, gated products, norms:
     pass a norm's weight and bias in ``hs`` so that they get their gradients)."""
-    if len(weights) != len(biases) or not weights:
-        raise ValueError(f"act_linears: {len(weights)} weights and {len(biases)} biases; give one bias (or None) per "
-                         f"weight")
+    _check_pairs("act_linears", weights, biases)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*hs, *weights, *biases))
     if not grads or torch.compiler.is_compiling() or not recompute_enabled():
         return act_linears_ref(act, hs, weights, biases)
@@ -352,9 +355,7 @@ def residual_act_linears(act: ExplicitAct, x: torch.Tensor, residual: torch.Tens
     With gradients, the norm's output is recomputed as :func:`act_linears` does; without recomputation (no
     gradients, ``LLAVA_FAST_RECOMPUTE_ACT=0``, torch.compile traces) the norm's fused op is differentiated by
     autograd."""
-    if len(weights) != len(biases) or not weights:
-        raise ValueError(f"residual_act_linears: {len(weights)} weights and {len(biases)} biases; give one bias (or "
-                         f"None) per weight")
+    _check_pairs("residual_act_linears", weights, biases)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                             for t in (x, residual, norm_weight, *weights, *biases))
     if grads and not torch.compiler.is_compiling() and recompute_enabled():

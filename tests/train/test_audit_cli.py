@@ -6,17 +6,8 @@ import os
 
 import pytest
 
-from llava_fast import demo
 from llava_fast.cli import main
 from llava_fast.train import Trainer, apply_overrides, get_recipe
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("audit_cli_assets")
-    demo.make_data(str(root / "data"), seed=1, n_caption=0, n_qa=24, n_eval=0)
-    demo.build_tiny_model(str(root / "model"), seed=0, quick=True)
-    return root
 
 
 FAST = ["train.device=cpu", "data.max_tokens=512", "data.max_len=400", "data.num_workers=0",

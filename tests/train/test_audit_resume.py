@@ -7,18 +7,9 @@ import os
 import pytest
 import torch
 
-from llava_fast import demo
 from llava_fast.train import Trainer
 from llava_fast.train import checkpoint as ckpt
 from test_trainer import make_cfg
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("audit_assets")
-    demo.make_data(str(root / "data"), seed=1, n_caption=0, n_qa=24, n_eval=0)
-    demo.build_tiny_model(str(root / "model"), seed=0, quick=True)
-    return root
 
 
 def _log_steps(out):

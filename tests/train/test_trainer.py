@@ -7,17 +7,8 @@ import os
 import pytest
 import torch
 
-from llava_fast import demo
 from llava_fast.train import Trainer, apply_overrides, get_recipe
 from llava_fast.train import checkpoint as ckpt
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    demo.make_data(str(root / "data"), seed=1, n_caption=16, n_qa=24, n_eval=0)
-    demo.build_tiny_model(str(root / "model"), seed=0, quick=True)
-    return root
 
 
 def make_cfg(assets, out, recipe="stage2", **over):
