@@ -175,7 +175,7 @@ if want ops; then
       # anyres: 28 s on the H100 in session 4, + the v3 and v4 rows since
       # projector: 39 s on the H100 in session 4; since session 7 two CUTLASS providers (and two old ones fewer):
       # 50 s reached only M=576 on the H200 in session 10; rms_norm / swiglu: 40 s did not finish there either
-      step "bench_$b" "$(case "$b" in attention) echo 60;; cross_entropy) echo 55;; anyres) echo 50;; projector) echo 120;; *) echo 60;; esac)" \
+      step "bench_$b" "$(case "$b" in attention) echo 60;; cross_entropy) echo 55;; anyres) echo 50;; projector) echo 180;; *) echo 60;; esac)" \
         $PY "benchmarks/bench_$b.py" $QUICK
     else
       summary+=("$(printf '%-22s unknown (no benchmarks/bench_%s.py)' "$b" "$b")")

@@ -115,9 +115,20 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: host time of one Python thread)")
     p.add_argument("--top", type=int, default=12, help="how many of the most frequent aten ops to list")
     p.add_argument("--profile", action="store_true", help="cProfile one step: top functions by own time")
+    p.add_argument("--per-call", action="store_true",
+                   help="only the host cost per call of single ops on tiny inputs (profile_model.launch_costs) with "
+                        "the launches stubbed: our wrappers' share of what the GPU box reports per call")
     a = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     torch.set_num_threads(a.threads)
+    if a.per_call:
+        import profile_model
+
+        stub_triton_launches()
+        force_fast()
+        for name, us in profile_model.launch_costs("cpu", 2000):
+            print(f"  {name:24s} {us:7.1f} us per call (Triton launch stubbed)")
+        return 0
     llm, vis = FULL_DEPTH[a.workload]
     llm, vis = a.llm_layers or llm, a.vision_layers or vis
     if a.provider == "llava_fast":

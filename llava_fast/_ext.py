@@ -283,10 +283,42 @@ def cutlass_invoke(name: str, device, *args) -> tuple[int, str]:
     err = ctypes.create_string_buffer(512)
     if device.type == "cuda":
         with torch.cuda.device(device):
+            ensure_cuda_context(device.index if device.index is not None else torch.cuda.current_device())
             rc = fn(*args, torch.cuda.current_stream(device).cuda_stream, err, len(err))
     else:
         rc = fn(*args, None, err, len(err))
     return rc, err.value.decode(errors="replace")
+
+
+_libcuda = None
+
+
+def ensure_cuda_context(index: int, libcuda=None) -> None:
+    """Make device ``index``'s primary context current on the calling thread when no context is, as Triton's
+    launcher does before each launch. The CUTLASS library builds TMA descriptors with the driver API, which needs a
+    current context; autograd's backward threads have none until a runtime call binds one, and torch's device guard
+    skips ``cudaSetDevice`` for the device the thread already reports (0). The first backward of a fresh process
+    that reached the CUTLASS projector before any other CUDA work failed so on the H100 (session 12:
+    CUDA_ERROR_INVALID_CONTEXT, 201, from cuTensorMapEncodeTiled). ``libcuda``: tests pass a fake driver."""
+    global _libcuda
+    import ctypes
+
+    if libcuda is None:
+        if _libcuda is None:
+            _libcuda = ctypes.CDLL("libcuda.so.1")
+        libcuda = _libcuda
+    ctx = ctypes.c_void_p()
+    if libcuda.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or ctx.value:
+        return
+    dev = ctypes.c_int()
+    rc = libcuda.cuDeviceGet(ctypes.byref(dev), int(index))
+    if rc == 0:
+        rc = libcuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
+    if rc == 0:
+        rc = libcuda.cuCtxSetCurrent(ctx)
+    if rc != 0:
+        raise RuntimeError(f"could not make CUDA device {index}'s primary context current on this thread "
+                           f"(driver error {rc})")
 
 
 def cutlass_warn(msg: str) -> None:

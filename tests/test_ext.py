@@ -137,3 +137,49 @@ def test_eager_op_calls_the_function_in_eager_mode_and_the_op_when_tracing():
     finally:
         scale2.op = orig_op
     assert torch.equal(torch.ops.llava_fast_test.scale2(x), x * 2)
+
+
+class _FakeDriver:
+    """cuCtxGetCurrent / cuDeviceGet / cuDevicePrimaryCtxRetain / cuCtxSetCurrent of a driver whose calling thread
+    has ``current`` as its context (0: none)."""
+
+    def __init__(self, current: int, fail: str | None = None):
+        self.current, self.fail, self.calls = current, fail, []
+
+    def _rc(self, name):
+        self.calls.append(name)
+        return 1 if self.fail == name else 0
+
+    def cuCtxGetCurrent(self, ptr):
+        ptr._obj.value = self.current or None
+        return self._rc("cuCtxGetCurrent")
+
+    def cuDeviceGet(self, ptr, index):
+        ptr._obj.value = 100 + index
+        return self._rc("cuDeviceGet")
+
+    def cuDevicePrimaryCtxRetain(self, ptr, dev):
+        ptr._obj.value = 5000 + dev.value
+        return self._rc("cuDevicePrimaryCtxRetain")
+
+    def cuCtxSetCurrent(self, ctx):
+        self.current = ctx.value
+        return self._rc("cuCtxSetCurrent")
+
+
+def test_ensure_cuda_context_binds_the_primary_context_only_when_none_is_current():
+    """A thread without a current context (autograd's backward thread before any runtime call) gets the device's
+    primary context before a CUTLASS call; a thread with one is left alone; a driver error is raised, not ignored."""
+    from llava_fast import _ext
+
+    d = _FakeDriver(current=0)
+    _ext.ensure_cuda_context(1, libcuda=d)
+    assert d.current == 5101 and d.calls == ["cuCtxGetCurrent", "cuDeviceGet", "cuDevicePrimaryCtxRetain",
+                                             "cuCtxSetCurrent"]
+    d = _FakeDriver(current=77)
+    _ext.ensure_cuda_context(0, libcuda=d)
+    assert d.current == 77 and d.calls == ["cuCtxGetCurrent"]
+    d = _FakeDriver(current=0, fail="cuDevicePrimaryCtxRetain")
+    with pytest.raises(RuntimeError, match="device 0's primary context"):
+        _ext.ensure_cuda_context(0, libcuda=d)
+    assert d.current == 0

@@ -760,7 +760,9 @@ def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: to
     """
     _check_types(x, w1, b1, w2, b2)
     dev = x.device.type
-    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+    # cuda / cpu first: torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (a graph break in every
+    # compiled model: tests/ops/test_projector.py::test_cuda_module_compile_inductor failed on the H100, session 12)
+    if (dev in ("cuda", "cpu") or torch.amp.is_autocast_available(dev)) and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         # what autocast casts (as for nn.Linear): floating tensors other than float64; float64, integer and complex
         # tensors are left as they are (and refused by the dtype check below)

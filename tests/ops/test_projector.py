@@ -520,6 +520,46 @@ def _gpu_case(m, dims, dtype, bias, x_grad, approximate="none"):
     check_all(ours, ref32, same, x_grad, bias)
 
 
+_FIRST_BACKWARD = """
+import os, warnings, torch
+os.environ["LLAVA_FAST_PROJECTOR_KERNEL"] = "cutlass"
+from llava_fast import backend
+from llava_fast.ops.projector import projector
+from llava_fast.ops import projector as P
+backend.set_backend("projector", "triton")
+warnings.simplefilter("error")
+g = torch.Generator().manual_seed(0)
+x, w1, w2 = (torch.randn(s, generator=g).mul(0.05).cuda().bfloat16().requires_grad_()
+             for s in ((7, 1024), (5120, 1024), (5120, 5120)))
+dy = torch.randn(7, 5120, generator=g).cuda().bfloat16()
+y = projector(x, w1, None, w2, None)
+spare = [torch.empty(7 * 5120, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+del spare  # cached blocks: the backward's allocations need no runtime call that would bind a context
+# the forward on this thread, the backward on autograd's device thread: its first CUDA work is the CUTLASS GEMM
+y.backward(dy)
+torch.cuda.synchronize()
+assert P._cutlass_runs >= 2 and torch.isfinite(x.grad.float()).all(), P._cutlass_runs
+print("ok")
+"""
+
+
+@pytest.mark.cuda
+def test_cuda_cutlass_first_backward_of_a_process():
+    """The CUTLASS backward GEMM as the first CUDA work of autograd's device thread in a fresh process (no current
+    context there): it failed so on the H100 (session 12, CUDA_ERROR_INVALID_CONTEXT from the TMA descriptors);
+    _ext.ensure_cuda_context binds the primary context first."""
+    import subprocess
+    import sys
+
+    _require_cutlass()
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", _FIRST_BACKWARD], capture_output=True, text=True, timeout=300,
+                       cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dims", FAMILIES)
 @pytest.mark.parametrize("m", [1, 7, 577, 2881])
