@@ -21,6 +21,9 @@ first) instead of cuDNN first on Hopper (models/dispatch.py); llava_fast_ce_voca
 LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed);
 llava_fast_unfused_res: llava_fast with LLAVA_FAST_FUSE_RESIDUAL=0, the decoder layers' residual adds as separate
 elementwise ops and gradient accumulations instead of inside the RMSNorm kernels (ops/act_linear.residual_act_linears);
+llava_fast_sep_recompute: llava_fast with LLAVA_FAST_FUSED_RECOMPUTE=0, the SwiGLU and RMSNorm outputs that the
+linears' weight gradients read recomputed by their forward kernels instead of written by their backward kernels (one
+launch more per MLP and per norm in a trainable language model: the OneVision step, not stage 1's frozen one);
 llava_fast_compiled (not in the default list): llava_fast with every decoder and vision layer under torch.compile
 (compile_layers; Inductor on a GPU), the remedy to try if profile_model.py finds the step host-bound;
 llava_fast_compiled_cg (not in the default list): the same with mode="reduce-overhead", each layer's forward and
@@ -417,7 +420,9 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the fused loss over vocab blocks (less memory, one more logits GEMM; only where lm_head trains)
                 "llava_fast_ce_vocab": {"LLAVA_FAST_CE_SCHEDULE": "vocab"},
                 # the decoder layers' residual adds as separate ops instead of inside the RMSNorm kernels (session 11)
-                "llava_fast_unfused_res": {"LLAVA_FAST_FUSE_RESIDUAL": "0"}}
+                "llava_fast_unfused_res": {"LLAVA_FAST_FUSE_RESIDUAL": "0"},
+                # the SwiGLU / RMSNorm outputs recomputed by a forward launch in the backward (before session 12)
+                "llava_fast_sep_recompute": {"LLAVA_FAST_FUSED_RECOMPUTE": "0"}}
 
 
 def available(provider):

@@ -301,7 +301,9 @@ def _model_rules(rows, label=""):
                              ("llava_fast_ce_vocab", "CE vocab schedule in the OneVision step",
                               "with the CE row: vocab if not slower"),
                              ("llava_fast_unfused_res", "residual adds fused into RMSNorm (default) vs separate",
-                              "keep fused if not slower")):
+                              "keep fused if not slower"),
+                             ("llava_fast_sep_recompute", "SwiGLU / RMSNorm outputs from their backward kernels "
+                              "(default) vs recomputed", "keep the default if not slower")):
         for mode in ("ov_ft", "stage1"):
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
             if not (ours and alt):

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from llava_fast import _ext
 
 __all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "ExplicitAct",
-           "GeluAct", "LayerNormAct", "ResidualActLinearFunction", "fuse_residual_enabled", "plain_linears",
+           "GeluAct", "LayerNormAct", "ResidualActLinearFunction", "fuse_residual_enabled", "fused_recompute_enabled",
+           "plain_linears",
            "recompute_enabled", "residual_act_linears", "unhooked"]
 
 
@@ -74,6 +75,9 @@ class ExplicitAct:
     gradients read."""
 
     pointwise = False
+    # ``grad_with_output(da, hs, need) -> (grads, a)`` (optional, pointwise activations without state): the
+    # gradients and the recomputed output from one kernel, for the weight gradients; None: not offered
+    grad_with_output = None
 
     def __call__(self, *hs):
         return self.forward(*hs)
@@ -158,6 +162,13 @@ def _linears_backward(weights, dys, a, a_shape, a_dtype, need_w, need_b, has_bia
     return dws, dbs, (da.view(a_shape) if da is not None else None)
 
 
+def _weight_grads(weights, dys, a, need_w):
+    """``dy^T @ a`` for each linear whose weight gradient is wanted (None elsewhere), as _linears_backward does."""
+    a2 = a.detach().reshape(-1, a.shape[-1])
+    return [dy.reshape(-1, w.shape[0]).t().mm(a2) if r and dy is not None else None
+            for w, dy, r in zip(weights, dys, need_w)]
+
+
 class ActLinearFunction(torch.autograd.Function):
     """forward(act, n, *weights, *biases, *hs) -> the tuple of linear(act(*hs), weights[i], biases[i]) for i < n;
     saves hs and the weights (no copies: the parameters themselves), not act(*hs)."""
@@ -198,6 +209,19 @@ class ActLinearFunction(torch.autograd.Function):
         act = ctx.act
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
             explicit = isinstance(act, ExplicitAct) and act.usable(hs)
+            if (explicit and act.grad_with_output is not None and any(need_w) and any(need_h)
+                    and fused_recompute_enabled()):
+                # the activation's backward kernel also writes its output for the weight gradients: the input
+                # gradients first, then one launch for the activation's gradients and output, then dW
+                a_shape, a_dtype = hs[0].shape, hs[0].dtype  # pointwise
+                _, dbs, da = _linears_backward(weights, dys, None, a_shape, a_dtype, [False] * n, need_b,
+                                               ctx.has_bias, True, enabled)
+                dws, dhs = [None] * n, [None] * len(hs)
+                if da is not None:
+                    gs, a = act.grad_with_output(da.to(a_dtype), hs, need_h)
+                    dhs = [g.to(h.dtype) if r and g is not None else None for g, h, r in zip(gs, hs, need_h)]
+                    dws = _weight_grads(weights, dys, a, need_w)
+                return (None, None, *dws, *dbs, *dhs)
             if explicit and act.pointwise and not any(need_w):
                 # only the weight gradients read the activation: frozen linears skip its recomputation
                 a, state, a_shape, a_dtype = None, None, hs[0].shape, hs[0].dtype
@@ -269,19 +293,25 @@ class ResidualActLinearFunction(torch.autograd.Function):
         a_shape = (*s.shape[:-1], nw.shape[0])
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
             a = None
-            if any(need_w):  # the norm's output, recomputed from s for the weight gradients only
+            fused = any(need_w) and need_in and hasattr(act, "add_grad_with_output") and fused_recompute_enabled()
+            if any(need_w) and not fused:  # the norm's output, recomputed from s for the weight gradients only
                 a = act.recompute(s, nw)[0]
-            dws, dbs, da = _linears_backward(weights, dys, a, a_shape, a_dtype, need_w, need_b, ctx.has_bias,
-                                             need_in, enabled)
+            dws, dbs, da = _linears_backward(weights, dys, a, a_shape, a_dtype, [r and not fused for r in need_w],
+                                             need_b, ctx.has_bias, need_in, enabled)
+            dsum = dnw = None
+            if da is not None and fused:
+                # the norm's backward kernel also writes norm(s) (the forward's bits) for the weight gradients:
+                # one launch instead of a recomputation and the backward
+                dsum, dnw, a = act.add_grad_with_output(da.to(a_dtype), s, nw, rstd, ds)
+                dws = _weight_grads(weights, dys, a, need_w)
+            elif da is not None:
+                dsum, dnw = act.add_grad(da.to(a_dtype), s, nw, rstd, ds)
+            elif ds is not None:  # the linears' outputs unused: only the downstream gradient of s
+                dsum = ds
             # an unused output's parameters get zeros, as ActLinearFunction (materialized gradients) gives them
             dws = [torch.zeros_like(w) if r and g is None else g for w, r, g in zip(weights, need_w, dws)]
             dbs = [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if r and h and g is None else g
                    for w, r, h, g in zip(weights, need_b, ctx.has_bias, dbs)]
-            dsum = dnw = None
-            if da is not None:
-                dsum, dnw = act.add_grad(da.to(a_dtype), s, nw, rstd, ds)
-            elif ds is not None:  # the linears' outputs unused: only the downstream gradient of s
-                dsum = ds
         dx = dsum.to(ctx.dtypes[0]) if need_x and dsum is not None else None
         dr = dsum.to(ctx.dtypes[1]) if need_r and dsum is not None else None
         dnw = dnw.to(nw.dtype) if need_nw and dnw is not None else None
@@ -327,6 +357,14 @@ def _check_pairs(what: str, weights, biases) -> None:
         raise ValueError(f"{what}: {len(weights)} weights and {len(biases)} biases; give one bias (or None) per weight")
 
 
+def fused_recompute_enabled() -> bool:
+    """``LLAVA_FAST_FUSED_RECOMPUTE=0`` (read at each backward) recomputes the SwiGLU and RMSNorm outputs that the
+    linears' weight gradients read with their forward kernels, as before session 12, instead of having their
+    backward kernels write them (one launch fewer per MLP and per fused-residual norm): the A/B switch of the
+    benchmarks (provider ``llava_fast_sep_recompute``) and tests."""
+    return _ext.env_choice("LLAVA_FAST_FUSED_RECOMPUTE", ("0", "1"), "1") == "1"
+
+
 def fuse_residual_enabled() -> bool:
     """``LLAVA_FAST_FUSE_RESIDUAL=0`` (read at each forward) turns off the residual adds fused into the decoder
     layers' RMSNorm kernels (:func:`residual_act_linears`): the A/B switch of the benchmarks and tests."""
@@ -352,7 +390,8 @@ def residual_act_linears(act: ExplicitAct, x: torch.Tensor, residual: torch.Tens
     linears that read the norm (q/k/v, gate/up), the add done inside the norm's kernel in the forward and the
     gradient accumulation of ``s`` inside its backward kernel (two elementwise passes and launches fewer per add).
     ``act`` is a norm with ``fusable(x, residual)`` true (``RMSNormAct``); ``s`` is bitwise ``x + residual``.
-    With gradients, the norm's output is recomputed as :func:`act_linears` does; without recomputation (no
+    With gradients, the norm's output is not kept: the norm's backward kernel writes it again for the linears'
+    weight gradients (``LLAVA_FAST_FUSED_RECOMPUTE=0``: recomputed by the forward kernel); without recomputation (no
     gradients, ``LLAVA_FAST_RECOMPUTE_ACT=0``, torch.compile traces) the norm's fused op is differentiated by
     autograd."""
     _check_pairs("residual_act_linears", weights, biases)

@@ -92,11 +92,14 @@ if HAS_TRITON:
         tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW,
-                             M, N, rows_per_program, stride_dy, stride_x, stride_ds, stride_dx,
-                             HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW, Y,
+                             M, N, rows_per_program, stride_dy, stride_x, stride_ds, stride_dx, stride_y,
+                             HAS_DRES: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
         # Persistent: program `pid` owns rows [pid * rows_per_program, ...) and writes one fp32 row of partial
         # dweight sums; the host reduces the (programs, N) partials with a fixed-order sum (deterministic).
+        # HAS_Y: also write the forward's output y = w * xhat (the forward kernel's expression, the same bits), which
+        # the following linears' weight gradients read: no separate recomputation launch (act_linear).
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -114,7 +117,10 @@ if HAS_TRITON:
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
             xhat = x.to(tl.float32) * rstd[:, None]
             # the forward multiplied the weight into xhat rounded to the input dtype
-            dw += tl.sum(dy * xhat.to(X.dtype.element_ty).to(tl.float32), axis=0)
+            hn = xhat.to(X.dtype.element_ty).to(tl.float32)
+            dw += tl.sum(dy * hn, axis=0)
+            if HAS_Y:
+                tl.store(Y + r64 * stride_y + cols[None, :], (w[None, :] * hn).to(Y.dtype.element_ty), mask=mask)
             g = dy * w[None, :]
             c = tl.sum(g * xhat, axis=1) / N
             dx = (g - xhat * c[:, None]) * rstd[:, None]
@@ -198,9 +204,10 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                 dres: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 dres: Optional[torch.Tensor] = None, want_out: bool = False):
     """Launch the backward kernel. ``x`` is the normalized input (``s`` in the fused variant), ``dres`` the
-    gradient flowing into the returned ``s``. Returns ``(dx, dweight)``; ``dx`` is also the residual's gradient."""
+    gradient flowing into the returned ``s``. Returns ``(dx, dweight)``; ``dx`` is also the residual's gradient.
+    ``want_out``: ``(dx, dweight, y)`` with ``y`` the forward's output (bitwise), written by the same kernel."""
     n = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
     weight = weight.contiguous()
@@ -215,14 +222,16 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     programs = _ext.cdiv(m, rows_per_program) if m else 1
     # every program stores its whole partial row: no memset needed (zeros only when no program runs)
     dw_partial = (torch.empty if m else torch.zeros)((programs, n), dtype=torch.float32, device=x.device)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device) if want_out else None
+    y2 = y.view(m, n) if want_out else dx
     if m > 0:
         with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
             _rms_norm_bwd_kernel[(programs,)](
-                dy2, x2, weight, rstd.reshape(-1), ds2, dx, dw_partial,
-                m, n, rows_per_program, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0),
-                HAS_DRES=dres is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+                dy2, x2, weight, rstd.reshape(-1), ds2, dx, dw_partial, y2,
+                m, n, rows_per_program, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0), y2.stride(0),
+                HAS_DRES=dres is not None, HAS_Y=want_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     dw = dw_partial.sum(0).to(weight.dtype)
-    return dx.view(x.shape), dw
+    return (dx.view(x.shape), dw, y) if want_out else (dx.view(x.shape), dw)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -250,6 +259,19 @@ def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
 @_rms_norm_bwd_op.register_fake
 def _(dy, x, weight, rstd, dres):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+@_ext.custom_op("llava_fast::rms_norm_bwd_out", mutates_args=())
+def _rms_norm_bwd_out_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                         dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rms_norm_bwd(..., want_out=True)``: the gradients and the forward's output in one launch."""
+    return rms_norm_bwd(dy, x, weight, rstd, dres, want_out=True)
+
+
+@_rms_norm_bwd_out_op.register_fake
+def _(dy, x, weight, rstd, dres):
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+            x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -383,6 +405,11 @@ class RMSNormAct(ExplicitAct):
         """``(dsum, dweight)``: the gradient of ``s`` (norm backward plus ``ds``, the gradient ``s`` received
         downstream, added in the kernel), i.e. of both addends, and of the weight."""
         return _rms_norm_bwd_op(da, s, weight, rstd, ds)
+
+    def add_grad_with_output(self, da, s, weight, rstd, ds):
+        """``(dsum, dweight, norm(s))``: :meth:`add_grad` plus the forward's output (the same bits as the forward
+        kernel's) from the same kernel, for the linears' weight gradients: no recomputation launch."""
+        return _rms_norm_bwd_out_op(da, s, weight, rstd, ds)
 
 
 if HAS_TRITON:

@@ -66,8 +66,10 @@ if HAS_TRITON:
         tl.store(C + offs_c, (silu * b).to(C.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd_kernel(DC, A, B, DA, DB, numel, N, stride_dc, stride_a, stride_b, n_col_blocks,
-                           FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    def _swiglu_bwd_kernel(DC, A, B, DA, DB, C, numel, N, stride_dc, stride_a, stride_b, n_col_blocks,
+                           FLAT: tl.constexpr, HAS_C: tl.constexpr, BLOCK: tl.constexpr):
+        # HAS_C: also write the forward's output c = silu(a) * b, by the forward kernel's expression (the same
+        # bits), for down_proj's weight gradient: no separate recomputation launch (act_linear)
         pid = tl.program_id(0)
         offs_a, mask, offs_o = _offsets(pid, numel, N, stride_a, n_col_blocks, FLAT, BLOCK)
         offs_b, _, _ = _offsets(pid, numel, N, stride_b, n_col_blocks, FLAT, BLOCK)
@@ -81,6 +83,9 @@ if HAS_TRITON:
         da = dc * b * (sig * (1.0 + a * (1.0 - sig)))
         tl.store(DA + offs_o, da.to(DA.dtype.element_ty), mask=mask)
         tl.store(DB + offs_o, db.to(DB.dtype.element_ty), mask=mask)
+        if HAS_C:
+            silu_f = (a / (1.0 + tl.exp(-a))).to(C.dtype.element_ty).to(tl.float32)
+            tl.store(C + offs_o, (silu_f * b).to(C.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -114,18 +119,23 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return c.view(shape)
 
 
-def swiglu_bwd(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel; returns ``(d_gate, d_up)`` (contiguous, input shape)."""
+def swiglu_bwd(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, want_out: bool = False):
+    """Launch the backward kernel; returns ``(d_gate, d_up)`` (contiguous, input shape), and with ``want_out`` also
+    the forward's output ``silu(gate) * up`` (the same bits) from the same kernel: ``(d_gate, d_up, out)``."""
     shape = gate.shape
     d, a, b = _rows(dc), _rows(gate), _rows(up)
     m, n = a.shape
     da = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     db = torch.empty((m, n), dtype=up.dtype, device=up.device)
+    c = torch.empty((m, n), dtype=gate.dtype, device=gate.device) if want_out else None
     if m * n:
         flat, block, ncb, programs = _geometry(m, n, (d, a, b), 1024)
         with torch.cuda.device(gate.device) if gate.device.type == "cuda" else contextlib.nullcontext():
-            _swiglu_bwd_kernel[(programs,)](d, a, b, da, db, m * n, n, d.stride(0), a.stride(0), b.stride(0), ncb,
-                                            FLAT=flat, BLOCK=block, num_warps=4)
+            _swiglu_bwd_kernel[(programs,)](d, a, b, da, db, c if want_out else da, m * n, n, d.stride(0),
+                                            a.stride(0), b.stride(0), ncb, FLAT=flat, HAS_C=want_out, BLOCK=block,
+                                            num_warps=4)
+    if want_out:
+        return da.view(shape), db.view(shape), c.view(shape)
     return da.view(shape), db.view(shape)
 
 
@@ -150,6 +160,18 @@ def _swiglu_bwd_op(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tu
 @_swiglu_bwd_op.register_fake
 def _(dc, gate, up):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+@_ext.custom_op("llava_fast::swiglu_bwd_out", mutates_args=())
+def _swiglu_bwd_out_op(dc: torch.Tensor, gate: torch.Tensor,
+                       up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``swiglu_bwd(..., want_out=True)``: the gradients and the forward's output in one launch."""
+    return swiglu_bwd(dc, gate, up, want_out=True)
+
+
+@_swiglu_bwd_out_op.register_fake
+def _(dc, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape), gate.new_empty(gate.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -220,6 +242,11 @@ class SwiGLUAct(ExplicitAct):
 
     def grad(self, da, hs, state, need):
         return _swiglu_bwd_op(da, hs[0], hs[1])
+
+    def grad_with_output(self, da, hs, need):
+        """``(grads, out)``: :meth:`grad` and the forward's output (the same bits) from one kernel launch."""
+        dg, du, out = _swiglu_bwd_out_op(da, hs[0], hs[1])
+        return (dg, du), out
 
 
 if HAS_TRITON:
