@@ -101,32 +101,41 @@ def _peak_memory_gb(device) -> float:
 
 
 class _GracefulInterrupt:
-    """While training in one process (main thread): the first SIGINT (Ctrl-C) only sets ``requested``, so that the
-    trainer finishes the optimizer step it is in and saves a checkpoint before stopping (nothing lost); a second one
-    raises KeyboardInterrupt at once. The checkpoint is saved with checkpoint.every_steps=0 too (the default: no
-    periodic checkpoints; a run stopped by hand should still be resumable). Not used under torchrun (a checkpoint
-    there is a collective all ranks must agree on): Ctrl-C stops at once there."""
+    """While training (main thread of each process): the first SIGINT (Ctrl-C) or SIGTERM (a scheduler's
+    preemption notice; what torchrun's agent forwards to its workers when it gets either) only sets ``requested``,
+    so that the trainer finishes the optimizer step it is in and saves a checkpoint before stopping (nothing lost);
+    a second one raises KeyboardInterrupt at once. The checkpoint is saved with checkpoint.every_steps=0 too (the
+    default: no periodic checkpoints; a run stopped by hand should still be resumable). Under torchrun the ranks
+    agree after every step (``Trainer._stop_agreed``: any rank's signal stops all of them after the same step, since
+    the checkpoint is a collective). torchrun's agent kills its workers 30 s after forwarding the signal: a step and
+    a checkpoint that take longer are cut short there, and the previous checkpoint (saves are atomic) stands."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self, log, enabled: bool = True):
-        self.requested, self._log, self._old = False, log, None
+        self.requested, self._log, self._old = False, log, {}
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
 
     def __enter__(self):
         if self.enabled:
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self._log("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again stops at once, losing the steps "
-                  "since the last checkpoint)")
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self._log(f"{what}: finishing this step and saving a checkpoint (a second {what} stops at once, losing the "
+                  f"steps since the last checkpoint)")
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
         return False
 
 
@@ -392,11 +401,19 @@ class Trainer:
         self.log(f"saved checkpoint {path}")
         return path
 
+    def _stop_agreed(self, stop: _GracefulInterrupt) -> bool:
+        """Whether to stop after this step: this process was signalled, or (torchrun) any rank was. Every rank calls
+        this after every step, so they all stop after the same one and save its checkpoint together."""
+        if not self.dist.enabled:
+            return stop.requested
+        return all_reduce_sum(int(stop.requested), self.dist) > 0
+
     def _stop_on_interrupt(self):
         """After a Ctrl-C: a checkpoint of the steps done (unless this step's was just saved), then stop."""
         if getattr(self, "_saved_step", None) != self.global_step:
             self.save()
-        self.log(f"interrupted: checkpoint of step {self.global_step} saved; the same command resumes from it")
+        self.log(f"interrupted: checkpoint of step {self.global_step} saved; the same command resumes from it"
+                 + (" (on every rank: one of them was signalled)" if self.dist.enabled else ""))
         raise KeyboardInterrupt
 
     def _maybe_resume(self):
@@ -579,8 +596,8 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"train {cfg.recipe}",
                        unit="step", dynamic_ncols=True, file=sys.stdout)
         t_start = time.perf_counter()
-        # Ctrl-C (one process): finish the step, save a checkpoint, then stop (a second Ctrl-C stops at once)
-        stop = _GracefulInterrupt(self.log, enabled=not self.dist.enabled)
+        # Ctrl-C / SIGTERM: finish the step, save a checkpoint, then stop (a second one stops at once)
+        stop = _GracefulInterrupt(self.log)
         try:
             with stop:
                 while self.global_step < self.total_steps:
@@ -596,7 +613,9 @@ class Trainer:
                         try:
                             mbs = [next(it) for _ in range(per_rank[self.step_in_epoch])]
                         except Exception:
-                            if not stop.requested:
+                            if not stop.requested or self.dist.enabled:
+                                # (under torchrun the ranks could not agree on where to stop: each stops at once,
+                                # the last checkpoint stands; torchrun's agent signals the ranks, not their workers)
                                 raise
                             # a terminal's Ctrl-C reaches the DataLoader's workers too, which stop: the steps done
                             # so far are saved, the one being fetched had not begun
@@ -628,7 +647,7 @@ class Trainer:
                         if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0 \
                                 and self.global_step < self.total_steps:
                             self.save()
-                        if stop.requested:
+                        if self._stop_agreed(stop):
                             self._stop_on_interrupt()
                         if stop_at_step is not None and self.global_step >= stop_at_step:
                             break
