@@ -143,7 +143,7 @@ if want ops; then
         --variants "default|LSE_TMA=1|FOLD=0|TMA=1" --out "$RES/attention_variants_d64.jsonl"
     elif [ "$b" = "profile" ]; then  # where the end-to-end step's GPU time goes, by kernel class (OneVision FT, stage 1)
       step profile_model 60 $PY benchmarks/profile_model.py --workload ov_ft --layers 4
-      step profile_model_stage1 45 $PY benchmarks/profile_model.py --workload stage1 --layers 4
+      step profile_model_stage1 45 $PY benchmarks/profile_model.py --workload stage1 --layers 4 --sites "Memcpy DtoD"
     elif [ "$b" = "gqa" ]; then  # not in the default list: the opt-in GQA split of the dK/dV kernel (session 10,
       # attention._gqa_split) on the OneVision-0.5B language model's attention (14 / 2 heads, D64, 2 x 5453), ~40 s
       step attention_gqa 90 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time ov05 \

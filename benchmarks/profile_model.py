@@ -136,6 +136,33 @@ def kernel_table(prof, use_cuda: bool) -> list[dict]:
     return rows
 
 
+def launch_sites(events, pattern: str, steps: int, top: int = 10) -> list[dict]:
+    """Where the GPU kernels whose name contains ``pattern`` are launched from (the profile must be recorded with
+    ``with_stack=True, record_shapes=True``): per site, the calls and ms per step. A site is the outermost aten op
+    above the launch, its input shapes, and the innermost frames of llava_fast / benchmarks code above it. Made to
+    find the stage-1 step's unexplained ``Memcpy DtoD`` copies (docs/perf-notes.md, "Fourth GPU run")."""
+    found: dict = {}
+    for evt in events:
+        ks = [k for k in (getattr(evt, "kernels", None) or []) if pattern in k.name]
+        if not ks:
+            continue
+        op = evt
+        while getattr(op, "cpu_parent", None) is not None and str(op.cpu_parent.name).startswith("aten::"):
+            op = op.cpu_parent
+        stack = getattr(op, "stack", None) or getattr(evt, "stack", None) or []
+        frames = [f for f in stack if "llava_fast" in f or "benchmarks" in f][:3]
+        shapes = getattr(op, "input_shapes", None)
+        site = f"{op.name} {shapes if shapes else ''} <- " + (" <- ".join(frames) if frames else "(no llava_fast frame)")
+        c = found.setdefault(site, dict(site=site, calls=0, ms=0.0))
+        c["calls"] += len(ks)
+        c["ms"] += sum(k.duration for k in ks) / 1e3
+    out = sorted(found.values(), key=lambda c: -c["ms"])[:top]
+    for c in out:
+        c["calls"] /= steps
+        c["ms"] /= steps
+    return out
+
+
 def summarize(rows: list[dict], steps: int) -> list[dict]:
     total = sum(r["ms"] for r in rows) or 1.0
     by = {}
@@ -268,6 +295,9 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (smoke test of this script)")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--sites", default=None, metavar="PATTERN",
+                   help="also where the kernels whose name contains PATTERN are launched from (op, shapes, our "
+                        "frames; the profile then records stacks and shapes), e.g. 'Memcpy DtoD'")
     p.add_argument("--host", action="store_true",
                    help="also the host cost per call of single ops (launch_costs) and a cProfile of one step")
     a = p.parse_args(argv)
@@ -291,7 +321,7 @@ def main(argv=None) -> int:
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if use_cuda else [])
     hooks = annotate_parts(m, backward=a.provider.startswith("llava_fast"))
     try:
-        with torch.profiler.profile(activities=acts) as prof:
+        with torch.profiler.profile(activities=acts, with_stack=bool(a.sites), record_shapes=bool(a.sites)) as prof:
             for _ in range(a.steps):
                 fn()
             if use_cuda:
@@ -310,6 +340,11 @@ def main(argv=None) -> int:
     md += ("\nTime per model part (ms per step; forward, and backward for our model: kernels launched inside the "
            "part's ranges):\n\n| part | ms |\n|---|---:|\n")
     md += "".join(f"| {p['part']} | {p['ms_per_step']:.2f} |\n" for p in parts)
+    if a.sites:
+        sites = launch_sites(prof.events(), a.sites, a.steps)
+        md += (f"\nWhere the `{a.sites}` kernels come from (per step):\n\n| calls | ms | launched by |\n|---:|---:|---|\n"
+               + "".join(f"| {c['calls']:.0f} | {c['ms']:.3f} | `{c['site'].replace('|', '/')}` |\n" for c in sites)
+               + ("| - | - | none found |\n" if not sites else ""))
     costs = None
     if a.host:  # (on the CPU, --tiny: a smoke test of the script; the ops run their reference paths)
         costs = launch_costs(device, 300 if use_cuda else 5)

@@ -328,6 +328,29 @@ def test_profile_model_smoke(capsys):
         == "elementwise"
 
 
+def test_profile_model_launch_sites(capsys):
+    """--sites: the kernels matching a pattern, grouped by the outermost aten op above their launch, its shapes and
+    our innermost frames (fake profiler events: the CPU has no kernels), and the CLI path on the CPU."""
+    from types import SimpleNamespace as NS
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_model
+
+    K = lambda name, us: NS(name=name, duration=us)  # noqa: E731
+    outer = NS(name="aten::clone", cpu_parent=NS(name="ResidualActLinearFunctionBackward", cpu_parent=None),
+               input_shapes=[[10240, 4096]], stack=["torch/_tensor.py(1): x", "llava_fast/ops/rope.py(187): rope_bwd",
+                                                   "llava_fast/models/language.py(60): forward"])
+    inner = NS(name="aten::copy_", cpu_parent=outer, kernels=[K("Memcpy DtoD (Device -> Device)", 50.0)], stack=[])
+    other = NS(name="aten::add", cpu_parent=None, kernels=[K("vectorized_elementwise_kernel", 9.0)], stack=[])
+    events = [inner, inner, other, NS(name="aten::empty", cpu_parent=None, kernels=[], stack=[])]
+    sites = profile_model.launch_sites(events, "Memcpy DtoD", steps=2)
+    assert len(sites) == 1 and sites[0]["calls"] == 1 and sites[0]["ms"] == pytest.approx(0.05)
+    assert sites[0]["site"].startswith("aten::clone [[10240, 4096]] <- llava_fast/ops/rope.py(187)")
+    assert profile_model.main(["--tiny", "--workload", "stage1", "--steps", "1", "--no-save", "--sites",
+                               "Memcpy DtoD"]) == 0
+    assert "Where the `Memcpy DtoD` kernels come from" in capsys.readouterr().out
+
+
 def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     """`llava-fast chat --model MISSING` (and any ValueError / OSError of a command) prints the message, names the
     command, exits 2; LLAVA_FAST_TRACEBACK=1 re-raises for debugging."""
