@@ -201,7 +201,7 @@ def sm_count(device) -> int:
 # loaded with ctypes, so one build serves every torch and Python version. Loaded on first use, never at import.
 # ----------------------------------------------------------------------------------------------------------------------
 CUTLASS_LIB = "_cutlass_sm90.so"
-CUTLASS_ABI = 4
+CUTLASS_ABI = 5  # 5 (session 12): the non-causal attention forward masks the keys past S (ResidualFusion)
 CUTLASS_BUILD_HINT = (
     "build it with the CUTLASS headers: `pip install nvidia-cutlass` (or set LLAVA_FAST_CUTLASS_DIR to a CUTLASS "
     "checkout), then `LLAVA_FAST_CUDA_ARCHS=90 pip install --no-build-isolation -e .`; it needs nvcc >= 12.3 and runs "

@@ -8,7 +8,7 @@ namespace lfc = llava_fast_cutlass;
 // 1 cooperative 128x256; bf16 also 2 and 3).
 extern "C" {
 
-int llava_fast_cutlass_abi_version() { return 4; }
+int llava_fast_cutlass_abi_version() { return 5; }  // 5: non-causal attention masks keys past S
 
 // Workspace bytes that every entry point below fits in (the persistent tile scheduler's counters; CUTLASS asks
 // for far less at these tile shapes, and `run` checks the actual need).

@@ -1194,11 +1194,6 @@ def cutlass_fwd_unusable(q, k, v, batch: int, max_seqlen_q: int, max_seqlen_k: i
         return f"document length {max_seqlen_q} (the CUTLASS FMHA needs a multiple of 8)"
     if abs(softmax_scale - d ** -0.5) > 1e-6 * d ** -0.5:
         return f"softmax_scale {softmax_scale} (the kernel's is fixed at 1/sqrt(D))"
-    if not causal and d == 128:
-        # H100, session 12: test_cuda_cutlass_fwd[False-128-bf16] failed the flash-attn rule on the LSE (max error
-        # 8.4e-2 against 2 x PyTorch's 7.0e-3; out passed), and the backward reads the LSE: refused until a GPU
-        # session finds why (the causal D128 and both D64 variants passed)
-        return "non-causal head dim 128 (its LSE failed the accuracy test on the H100)"
     for t in (q, k, v):
         if not t.is_contiguous() or t.data_ptr() % 16:
             return "a non-contiguous or unaligned q, k or v"
