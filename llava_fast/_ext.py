@@ -282,12 +282,32 @@ def cutlass_invoke(name: str, device, *args) -> tuple[int, str]:
     fn = getattr(cutlass_lib(), f"llava_fast_cutlass_{name}")
     err = ctypes.create_string_buffer(512)
     if device.type == "cuda":
-        with torch.cuda.device(device):
+        with device_guard(device):
             ensure_cuda_context(device.index if device.index is not None else torch.cuda.current_device())
             rc = fn(*args, torch.cuda.current_stream(device).cuda_stream, err, len(err))
     else:
         rc = fn(*args, None, err, len(err))
     return rc, err.value.decode(errors="replace")
+
+
+_NULL_GUARD = None
+
+
+def device_guard(device):
+    """The guard to launch on ``device`` under: ``torch.cuda.device(device)`` for a CUDA device other than the
+    current one, else a shared no-op context. Entering and leaving ``torch.cuda.device`` runs several Python calls
+    even when the device is already current (where it changes nothing), on every launch of every op: ~300 launches
+    per OneVision step on a CPU that took ~16 us for an aten ``add`` (the H100 box, session 12)."""
+    import contextlib
+
+    import torch
+
+    global _NULL_GUARD
+    if _NULL_GUARD is None:
+        _NULL_GUARD = contextlib.nullcontext()
+    if device.type != "cuda" or device.index is None or device.index == torch._C._cuda_getDevice():
+        return _NULL_GUARD
+    return torch.cuda.device(device)
 
 
 _libcuda = None

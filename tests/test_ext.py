@@ -183,3 +183,32 @@ def test_ensure_cuda_context_binds_the_primary_context_only_when_none_is_current
     with pytest.raises(RuntimeError, match="device 0's primary context"):
         _ext.ensure_cuda_context(0, libcuda=d)
     assert d.current == 0
+
+
+def test_device_guard_switches_only_to_another_cuda_device(monkeypatch):
+    """No guard (a shared no-op context) for CPU tensors and for the current CUDA device; torch.cuda.device for
+    another one (faked: this machine has no GPU)."""
+    from llava_fast import _ext
+
+    entered = []
+
+    class FakeGuard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 1, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", FakeGuard)
+    for dev in (torch.device("cpu"), torch.device("cuda"), torch.device("cuda", 1)):
+        g = _ext.device_guard(dev)
+        assert g is _ext.device_guard(torch.device("cpu")) and not isinstance(g, FakeGuard), dev
+        with g:
+            pass
+    with _ext.device_guard(torch.device("cuda", 0)):
+        pass
+    assert entered == [torch.device("cuda", 0)]

@@ -1246,7 +1246,7 @@ def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=to
         out = torch.empty(_out_shape(config, layout, total), dtype=dtype, device=dev)
     else:
         _check_out(out, config, layout, dtype, total, dev)
-    with torch.cuda.device(dev):
+    with _ext.device_guard(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         _ext._C.encode_tiles_cuda(plan, plan_dev.data_ptr(), scratch.data_ptr(), out.data_ptr(),
                                   _ext.dtype_code(dtype), int(out.shape[0]), stream, _CUDA_PASSES,

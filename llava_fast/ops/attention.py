@@ -32,7 +32,6 @@ never with ``deterministic=True``) does it in one kernel over key blocks with 5 
 fp32 atomics (:func:`flash_attn_varlen_bwd_atomic`).
 """
 
-import contextlib
 import math
 import os
 from typing import Optional
@@ -1124,7 +1123,7 @@ def _bucket(n: int) -> int:
 
 
 def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    return _ext.device_guard(t.device)
 
 
 def _dot_prec(dtype: torch.dtype) -> str:

@@ -267,11 +267,7 @@ def softmax_grad_vocab_block(logits: torch.Tensor, labels: torch.Tensor, lse: to
 
 
 def _device_guard(device: torch.device):
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    import contextlib
-
-    return contextlib.nullcontext()
+    return _ext.device_guard(device)
 
 
 _FUSED_FP32_ADDMM: dict = {}

@@ -7,7 +7,6 @@ downsampled when larger than ``anyres_max_N`` tiles, with one ``image_newline`` 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -487,7 +486,7 @@ if HAS_TRITON:
 # 3. launchers
 # --------------------------------------------------------------------------------------------------------------------
 def _guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return _ext.device_guard(device)
 
 
 def _pins_from_flat(flat: Sequence[int]):

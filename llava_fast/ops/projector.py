@@ -447,7 +447,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
                 _projector_gemm_tma_kernel[tma_grid(_INTERPRET_META)](*tma_args, **flags, **_INTERPRET_META)
                 return
             _ext.ensure_tma_allocator()
-            with torch.cuda.device(a.device):
+            with _ext.device_guard(a.device):
                 _get_kernel(a.device, fp32, tma=True)[tma_grid](*tma_args, **flags)
             return
     if _ext.interpreting():
@@ -456,7 +456,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
         return
     kernel = _get_kernel(a.device, fp32)
     grid = lambda meta: (_ext.cdiv(M, meta["BLOCK_M"]) * _ext.cdiv(N, meta["BLOCK_N"]),)
-    with torch.cuda.device(a.device):
+    with _ext.device_guard(a.device):
         kernel[grid](*args, **flags)
 
 

@@ -15,7 +15,6 @@ Traffic per row of N elements, b bytes each: forward reads x (+ residual) and wr
 backward reads dy, x (+ ds) and writes dx: 3Nb (4Nb). dweight partial sums (one fp32 row per program, then a
 deterministic ``sum(0)``) and rstd (4 bytes/row) are small.
 """
-import contextlib
 import os
 from typing import Optional
 
@@ -195,7 +194,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if m > 0:
         block_m, block_n, num_warps = _config(n, 4096)
         grid = (_ext.cdiv(m, block_m),)
-        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        with _ext.device_guard(x.device):
             _rms_norm_fwd_kernel[grid](
                 x2, r2, weight, y2, s2, rstd,
                 m, n, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0) if residual is not None else 0, eps,
@@ -225,7 +224,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device) if want_out else None
     y2 = y.view(m, n) if want_out else dx
     if m > 0:
-        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        with _ext.device_guard(x.device):
             _rms_norm_bwd_kernel[(programs,)](
                 dy2, x2, weight, rstd.reshape(-1), ds2, dx, dw_partial, y2,
                 m, n, rows_per_program, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0), y2.stride(0),

@@ -14,7 +14,6 @@ The rotation is orthogonal: the backward is the same rotation with ``-sin``; not
 
 Traffic per token: reads and writes ``(Hq + Hkv) * D`` elements each (plus 8 bytes of position id): 2 x (Hq+Hkv) D b.
 """
-import contextlib
 from typing import Optional
 
 import torch
@@ -184,7 +183,7 @@ def _launch(q, k, qo, ko, pos, inv_freq, cos_cache, sin_cache, backward: bool):
     has_cache = cos_cache is not None
     grid = (_ext.cdiv(t, block_t),)
     dummy = inv_freq if inv_freq is not None else cos_cache
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+    with _ext.device_guard(q.device):
         _rope_kernel[grid](
             q, k, qo, ko, pos, dummy, cos_cache if has_cache else dummy, sin_cache if has_cache else dummy,
             t, hq, hkv, cos_cache.shape[0] if has_cache else 1,

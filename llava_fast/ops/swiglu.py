@@ -9,7 +9,6 @@ Numerics follow HF eager in the activation dtype: ``silu(gate)`` is computed in 
 Traffic per element of ``b`` bytes: forward reads gate, up and writes out: 3b; backward reads dc, gate, up and writes
 d_gate, d_up: 5b.
 """
-import contextlib
 
 import torch
 
@@ -113,7 +112,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     c = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     if m * n:
         flat, block, ncb, programs = _geometry(m, n, (a, b), 2048)
-        with torch.cuda.device(gate.device) if gate.device.type == "cuda" else contextlib.nullcontext():
+        with _ext.device_guard(gate.device):
             _swiglu_fwd_kernel[(programs,)](a, b, c, m * n, n, a.stride(0), b.stride(0), ncb,
                                             FLAT=flat, BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return c.view(shape)
@@ -130,7 +129,7 @@ def swiglu_bwd(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, want_out:
     c = torch.empty((m, n), dtype=gate.dtype, device=gate.device) if want_out else None
     if m * n:
         flat, block, ncb, programs = _geometry(m, n, (d, a, b), 1024)
-        with torch.cuda.device(gate.device) if gate.device.type == "cuda" else contextlib.nullcontext():
+        with _ext.device_guard(gate.device):
             _swiglu_bwd_kernel[(programs,)](d, a, b, da, db, c if want_out else da, m * n, n, d.stride(0),
                                             a.stride(0), b.stride(0), ncb, FLAT=flat, HAS_C=want_out, BLOCK=block,
                                             num_warps=4)
