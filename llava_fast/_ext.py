@@ -70,6 +70,17 @@ def not_differentiable_again(grads, sources, what: str):
     return tuple(out)
 
 
+_PYTHON_KEY = None
+
+
+def _python_key():
+    global _PYTHON_KEY
+    import torch
+
+    _PYTHON_KEY = torch._C.DispatchKey.Python
+    return _PYTHON_KEY
+
+
 def _tracing() -> bool:
     """True while torch.compile / export traces, or while a fake-tensor, proxy (make_fx) or functionalization mode is
     active: then ops must go through the dispatcher, whose fake implementations describe them."""
@@ -77,6 +88,8 @@ def _tracing() -> bool:
 
     if torch.compiler.is_compiling():
         return True
+    if not torch._C._dispatch_tls_is_dispatch_key_included(_PYTHON_KEY or _python_key()):
+        return False  # no dispatch mode at all is active: each one includes the Python key (0.3 us against 1.7)
     keys = torch._C._TorchDispatchModeKey
     return any(torch._C._get_dispatch_mode(k) is not None for k in (keys.FAKE, keys.PROXY, keys.FUNCTIONAL))
 

@@ -75,11 +75,19 @@ def set_backend(op: str, backend: str) -> None:
         _overrides[name] = backend
 
 
+_ENV_KEYS: dict = {}
+
+
 def get_backend(op: str) -> str:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; known ops: {sorted(OPS)}")
-    env = os.environ.get(f"LLAVA_FAST_BACKEND_{op.upper()}")
-    return _overrides.get(op) or env or "auto"
+    over = _overrides.get(op)
+    if over:
+        return over
+    key = _ENV_KEYS.get(op)
+    if key is None:
+        key = _ENV_KEYS[op] = f"LLAVA_FAST_BACKEND_{op.upper()}"
+    return os.environ.get(key) or "auto"
 
 
 def use_fast(op: str, device_type: str) -> bool:
