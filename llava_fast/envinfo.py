@@ -62,6 +62,12 @@ def env() -> dict:
         rc = recompute_enabled()
         info["activation_recompute"] = ("on: MLP activations and norm outputs recomputed in the backward"
                                         if rc else "off (LLAVA_FAST_RECOMPUTE_ACT=0): kept for the backward")
+        if rc:
+            from llava_fast.ops.act_linear import fused_recompute_enabled
+
+            info["activation_recompute"] += (
+                " (SwiGLU / RMSNorm outputs written by their backward kernels)" if fused_recompute_enabled()
+                else " (by forward launches: LLAVA_FAST_FUSED_RECOMPUTE=0)")
     except ValueError as e:
         info["activation_recompute"] = f"invalid: {e}"
     try:
