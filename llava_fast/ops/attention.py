@@ -1150,8 +1150,9 @@ def set_backward_impl(impl: Optional[str]) -> None:
 
 def backward_impl(deterministic: bool = False) -> str:
     """The backward that a call with this ``deterministic`` flag runs now: ``set_backward_impl``'s choice, else
-    ``LLAVA_FAST_ATTN_BWD`` (read at every call), else ``"separate"``; always ``"separate"`` when deterministic."""
-    if deterministic:
+    ``LLAVA_FAST_ATTN_BWD`` (read at every call), else ``"separate"``; always ``"separate"`` when deterministic, or
+    under ``torch.use_deterministic_algorithms(True)`` (the atomic dQ sums in a varying order)."""
+    if deterministic or torch.are_deterministic_algorithms_enabled():
         return "separate"
     if _bwd_impl_override is not None:
         return _bwd_impl_override

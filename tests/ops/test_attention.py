@@ -834,6 +834,16 @@ def test_backward_selection(monkeypatch, device):
         attn_mod.set_backward_impl("atomic")
         backward(False)
         assert calls == [1, 1]
+        # torch's global deterministic mode overrides the choice as deterministic=True does
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            assert attn_mod.backward_impl() == "separate"
+            assert all(torch.equal(a, b) for a, b in zip(backward(False), ref))
+            assert calls == [1, 1]
+        finally:
+            torch.use_deterministic_algorithms(was)
+        assert attn_mod.backward_impl() == "atomic"
     finally:
         attn_mod.set_backward_impl(None)
     assert attn_mod.backward_impl() == "separate"
