@@ -384,6 +384,13 @@ def _pil_to_u8(img) -> torch.Tensor:
     import numpy as np
     import PIL.Image
 
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import warnings
+
+        warnings.warn(f"a {img.mode} (16-bit / 32-bit) image: transformers' preprocessing, which this one matches, "
+                      f"clips it to 8 bits (values over 255 turn white), while llava_fast's training data pipeline "
+                      f"scales it; pass llava_fast.data.images.to_rgb(img) to see it as training did",
+                      UserWarning, stacklevel=3)
     has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
     if has_alpha:
         rgba = img.convert("RGBA")
