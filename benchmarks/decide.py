@@ -317,6 +317,14 @@ def _model_rules(rows, label=""):
                                      and ours["peak_gib"] < alt["peak_gib"])
             out.append((f"{what}, {mode}{label}", f"default {x:.2f}x, memory {_fmt(ours.get('peak_gib'))} vs "
                         f"{_fmt(alt.get('peak_gib'))} GiB", rule, "keep the default" if keep else "switch"))
+    # an opt-in candidate: adopted only when clearly faster end to end (the OneVision step is the GQA workload)
+    ours, alt = _row(rows, "llava_fast", "", "ov_ft"), _row(rows, "llava_fast_gqa_split", "", "ov_ft")
+    if ours and alt:
+        x = alt["metric"] / ours["metric"]
+        out.append((f"GQA split of the dK/dV kernel (opt-in) vs default, ov_ft{label}",
+                    f"{x:.2f}x the default, memory {_fmt(alt.get('peak_gib'))} vs {_fmt(ours.get('peak_gib'))} GiB",
+                    "make it the default (LLAVA_FAST_ATTN_GQA_SPLIT default '1') if >= 1.02x and its cuda tests pass",
+                    "candidate default" if x >= 1.02 else "keep opt-in"))
     return out
 
 

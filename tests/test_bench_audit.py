@@ -130,6 +130,23 @@ def test_decide_keep_act_rule_checks_memory(tmp_path):
     assert verdict(97.0, 30.0, 100.0, 36.0) == "switch"            # 3% slower
 
 
+def test_decide_gqa_split_candidate(tmp_path):
+    """The opt-in GQA split is reported as a candidate default only when it is >= 1.02x the default end to end."""
+    shape = "OV-0.5B full FT 2x5453 (4 LLM layers)"
+    q = "GQA split of the dK/dV kernel (opt-in) vs default, ov_ft"
+
+    def verdict(ours_v, split_v):
+        _model_rows(tmp_path / "bench_model-GPU-1.json",
+                    [("llava_fast", shape, "ov_ft", ours_v, 12.0), ("hf_sdpa", shape, "ov_ft", 70.0, 36.0),
+                     ("llava_fast_gqa_split", shape, "ov_ft", split_v, 12.5)])
+        return _decide(tmp_path)[q]
+
+    m, r, d = verdict(100.0, 103.0)
+    assert d == "candidate default" and m.startswith("1.03x the default") and ">= 1.02x" in r
+    assert verdict(100.0, 101.0)[2] == "keep opt-in"
+    assert verdict(100.0, 95.0)[2] == "keep opt-in"
+
+
 # ------------------------------------------------------------------------------------------------------- targets.py
 @pytest.mark.parametrize("name", ["stage1", "ov_ft"])
 def test_targets_supervised_rows_are_the_shifted_labels(name):
