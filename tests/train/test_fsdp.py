@@ -42,10 +42,16 @@ def _worker(rank, world, port, root, out, extra=()):
     tr.train()
     tr.save()  # collective full-state save under FSDP2
     if rank == 0:
-        with open(os.path.join(out, "history.json"), "w") as f:
-            json.dump(tr.history, f)
         with open(os.path.join(out, "drops.json"), "w") as f:
             json.dump(dict(tr.drops), f)
+    _finish_rank(rank, out, tr)
+
+
+def _finish_rank(rank, out, tr):
+    """Rank 0 writes the trainer's history for _run_two_ranks; every rank then leaves the process group and exits."""
+    if rank == 0:
+        with open(os.path.join(out, "history.json"), "w") as f:
+            json.dump(tr.history, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     # gloo's threads can abort the interpreter's teardown ("terminate called without an active exception");

@@ -9,7 +9,7 @@ import torch
 
 from llava_fast import demo
 
-from test_fsdp import _cfg, _run_two_ranks, pytestmark  # noqa: F401  (the same skip rule)
+from test_fsdp import _cfg, _finish_rank, _run_two_ranks, pytestmark  # noqa: F401  (the same skip rule)
 
 
 def _worker(rank, world, port, root, out, extra=()):
@@ -26,12 +26,7 @@ def _worker(rank, world, port, root, out, extra=()):
     tr.train()
     with open(os.path.join(out, f"fused_calls_{rank}.json"), "w") as f:
         json.dump(len(calls), f)
-    if rank == 0:
-        with open(os.path.join(out, "history.json"), "w") as f:
-            json.dump(tr.history, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    os._exit(0)
+    _finish_rank(rank, out, tr)
 
 
 def test_fsdp2_defers_the_residual_add(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from llava_fast import demo
 from llava_fast.train import Trainer
 from llava_fast.train import checkpoint as ckpt
 
-from test_fsdp import _cfg, _run_two_ranks, pytestmark  # noqa: F401  (the same skip rule)
+from test_fsdp import _cfg, _finish_rank, _run_two_ranks, pytestmark  # noqa: F401  (the same skip rule)
 from test_trainer import make_cfg
 
 
@@ -59,12 +59,7 @@ def _worker(rank, world, port, root, out, extra=()):
         stopped = True
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"stopped": stopped, "step": tr.global_step}, f)
-    if rank == 0:
-        with open(os.path.join(out, "history.json"), "w") as f:
-            json.dump(tr.history, f)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    os._exit(0)
+    _finish_rank(rank, out, tr)
 
 
 def test_torchrun_ranks_stop_together_and_resume(tmp_path):
