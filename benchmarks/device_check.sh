@@ -19,8 +19,8 @@
 #                      OneVision step's host time with launches stubbed, on this box's CPU, ~15 s; "profile_full":
 #                      profile_model.py at full depth with --host, ~60 s; "gqa": the opt-in GQA split of the
 #                      dK/dV kernel on Qwen2-0.5B's attention shape, ~40 s);
-#                      default (attention, then the end-to-end breakdown, then the rest):
-#                      attention profile model anyres projector rms_norm swiglu rope cross_entropy pack_features mixed
+#                      default (the end-to-end A/B rows, their breakdown, attention, then the rest):
+#                      model profile attention anyres projector rms_norm swiglu rope cross_entropy pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
 #                      A second call can pass the reverse order to reach first what the first call did not.
 #   TESTS_S=300        limit of the GPU test step (152 s on the H100 in session 4; on the H200 in session 10, 200 s
@@ -49,7 +49,7 @@ DEADLINE_S=${DEADLINE_S:-470}  # under 8 minutes in all, as the developers' guid
 TESTS_S=${TESTS_S:-300}
 STEPS=${STEPS:-all}
 GPU_TESTS=${GPU_TESTS:-quick}
-OPS=${OPS:-"attention profile model anyres projector rms_norm swiglu rope cross_entropy pack_features mixed"}
+OPS=${OPS:-"model profile attention anyres projector rms_norm swiglu rope cross_entropy pack_features mixed"}
 QUICK=$([ "${FULL:-0}" = "1" ] && echo "" || echo "--quick")
 t0=$(date +%s)
 summary=()
