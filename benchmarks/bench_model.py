@@ -428,6 +428,13 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 "llava_fast_gqa_split": {"LLAVA_FAST_ATTN_GQA_SPLIT": "1"}}
 
 
+def known_providers() -> list[str]:
+    """Every provider name ``build`` understands; anything else starting with ``llava_fast`` would silently build the
+    default model (a typo in an A/B provider list gives a row identical to the default's)."""
+    return ["llava_fast", "llava_fast_compiled", "llava_fast_compiled_cg", *PROVIDER_ENV, "hf_eager", "hf_sdpa",
+            "hf_sdpa_liger", "hf_sdpa_liger_flce"]
+
+
 def available(provider):
     if provider.startswith("hf_sdpa_liger"):
         try:
@@ -553,6 +560,9 @@ def main(argv=None):
     # --quick: 2 warm-up steps and the median of 5 (session 10's H200 run, 1 and 3: the first provider of each
     # workload, llava_fast, came out 4% slower than three variants of it that differ in unrelated ways, the size of
     # the effects decide.py judges)
+    unknown = [x for x in a.providers.split(",") if x not in known_providers()]
+    if unknown:
+        p.error(f"unknown providers {unknown}; known: {', '.join(known_providers())}")
     rows = run(a.workloads.split(","), a.providers.split(","), a.layers, a.tiny,
                rep=1 if a.tiny else 5 if a.quick else 10, warmup=1 if a.tiny else 2 if a.quick else 3,
                on_progress=checkpoint)

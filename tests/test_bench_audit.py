@@ -130,6 +130,24 @@ def test_decide_keep_act_rule_checks_memory(tmp_path):
     assert verdict(97.0, 30.0, 100.0, 36.0) == "switch"            # 3% slower
 
 
+def test_device_check_providers_are_known(capsys):
+    """Every provider in device_check.sh's bench_model steps is one bench_model builds: a misspelt A/B provider would
+    build the default model and print a row identical to the default's (bench_model now refuses it)."""
+    import re
+
+    import bench_model
+
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh").read_text()
+    lists = re.findall(r"bench_model\.py[^\n]*?(?:\\\n[^\n]*?)*--providers ([\w,]+)", script)
+    assert len(lists) == script.count("--providers") >= 4, lists
+    for names in lists:
+        unknown = set(names.split(",")) - set(bench_model.known_providers())
+        assert not unknown, unknown
+    with pytest.raises(SystemExit):
+        bench_model.main(["--tiny", "--providers", "llava_fast,llava_fast_gqa_splt"])
+    assert "unknown providers ['llava_fast_gqa_splt']" in capsys.readouterr().err
+
+
 def test_decide_gqa_split_candidate(tmp_path):
     """The opt-in GQA split is reported as a candidate default only when it is >= 1.02x the default end to end."""
     shape = "OV-0.5B full FT 2x5453 (4 LLM layers)"
