@@ -322,8 +322,8 @@ def to_markdown(classes, rows, steps, top, header) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", default="ov_ft", choices=["stage1", "prefill", "ov_ft"])
-    p.add_argument("--provider", default="llava_fast",
-                   help="llava_fast, llava_fast_sdpa_text, hf_sdpa, hf_eager or hf_sdpa_liger (bench_model.py)")
+    p.add_argument("--provider", default="llava_fast", choices=bench_model.known_providers(),
+                   help="a bench_model.py provider (llava_fast, its A/B variants, hf_sdpa, hf_eager, hf_sdpa_liger)")
     p.add_argument("--layers", type=int, default=4, help="LLM depth (as device_check's bench_model rows)")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up steps)")
     p.add_argument("--top", type=int, default=25)
