@@ -6,6 +6,7 @@ to build the extension.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
@@ -70,17 +71,6 @@ def not_differentiable_again(grads, sources, what: str):
     return tuple(out)
 
 
-_PYTHON_KEY = None
-
-
-def _python_key():
-    global _PYTHON_KEY
-    import torch
-
-    _PYTHON_KEY = torch._C.DispatchKey.Python
-    return _PYTHON_KEY
-
-
 def _tracing() -> bool:
     """True while torch.compile / export traces, or while a fake-tensor, proxy (make_fx) or functionalization mode is
     active: then ops must go through the dispatcher, whose fake implementations describe them."""
@@ -88,7 +78,7 @@ def _tracing() -> bool:
 
     if torch.compiler.is_compiling():
         return True
-    if not torch._C._dispatch_tls_is_dispatch_key_included(_PYTHON_KEY or _python_key()):
+    if not torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.Python):
         return False  # no dispatch mode at all is active: each one includes the Python key (0.3 us against 1.7)
     keys = torch._C._TorchDispatchModeKey
     return any(torch._C._get_dispatch_mode(k) is not None for k in (keys.FAKE, keys.PROXY, keys.FUNCTIONAL))
@@ -303,7 +293,7 @@ def cutlass_invoke(name: str, device, *args) -> tuple[int, str]:
     return rc, err.value.decode(errors="replace")
 
 
-_NULL_GUARD = None
+_NULL_GUARD = contextlib.nullcontext()  # reusable: enter and exit do nothing
 
 
 def device_guard(device):
@@ -311,13 +301,8 @@ def device_guard(device):
     current one, else a shared no-op context. Entering and leaving ``torch.cuda.device`` runs several Python calls
     even when the device is already current (where it changes nothing), on every launch of every op: ~300 launches
     per OneVision step on a CPU that took ~16 us for an aten ``add`` (the H100 box, session 12)."""
-    import contextlib
-
     import torch
 
-    global _NULL_GUARD
-    if _NULL_GUARD is None:
-        _NULL_GUARD = contextlib.nullcontext()
     if device.type != "cuda" or device.index is None or device.index == torch._C._cuda_getDevice():
         return _NULL_GUARD
     return torch.cuda.device(device)
