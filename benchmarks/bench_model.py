@@ -28,7 +28,10 @@ launch more per MLP and per norm in a trainable language model: the OneVision st
 llava_fast_compiled (not in the default list): llava_fast with every decoder and vision layer under torch.compile
 (compile_layers; Inductor on a GPU), the remedy to try if profile_model.py finds the step host-bound;
 llava_fast_compiled_cg (not in the default list): the same with mode="reduce-overhead", each layer's forward and
-backward replayed as CUDA graphs (no host cost per kernel).
+backward replayed as CUDA graphs (no host cost per kernel); llava_fast_graph (not in the default list, GPU only):
+the whole step captured once as one CUDA graph and replayed (graph_step): the step without any host time, i.e. the
+GPU-bound limit of the eager step at fixed shapes. Every llava_fast provider passes the integer inputs' CPU copies
+(host_inputs) as the trainer does, so its step never waits for the GPU.
 
 MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
 2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
@@ -272,7 +275,17 @@ def step_fn(provider, name, m, inp):
     kw = dict(input_ids=inp["ids"])
     if inp["sizes"] is not None:
         kw["image_sizes"] = inp["sizes"]
-    kw["pixel_values"] = inp["pv"] if provider.startswith("llava_fast") else inp["hf_pv"]
+    ours = provider.startswith("llava_fast")
+    kw["pixel_values"] = inp["pv"] if ours else inp["hf_pv"]
+    if ours:
+        # the integer inputs' CPU copies, as the trainer passes its CPU batch: the forward never waits for the GPU
+        # (without them: one host synchronisation per step, at the input checks; docs/architecture.md)
+        kw["host_inputs"] = {k: v.cpu() for k, v in (("input_ids", inp["ids"]), ("labels", inp["labels"]),
+                                                      ("image_sizes", inp["sizes"])) if v is not None}
+        if name == "prefill":
+            kw["host_inputs"].pop("labels")
+    if provider == "llava_fast_graph":
+        return graph_step(name, m, kw, inp)
     if name == "prefill":
         def fn():
             with torch.no_grad():
@@ -280,7 +293,7 @@ def step_fn(provider, name, m, inp):
         return fn
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=inp["ids"].is_cuda)
-    if provider.startswith("llava_fast"):
+    if ours:
         # the loss as our trainer computes it (train/trainer.py): logits=False lets the model use the fused linear
         # cross-entropy (no tokens x vocab logits). Until session 4 these rows passed nothing, i.e. logits=True,
         # the transformers-compatible default, which materializes the fp32 logits exactly as transformers does
@@ -297,6 +310,51 @@ def step_fn(provider, name, m, inp):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return fn
+
+
+def graph_step(name, m, kw, inp):
+    """Provider llava_fast_graph: the whole step (forward, backward, AdamW; the forward alone for prefill) captured
+    once into a CUDA graph and replayed, so no host time at all per step: the GPU-bound limit of the eager step,
+    which session 12's H100 profile found host-bound (the GPU busy 66% of the OneVision step). Possible because the
+    step reads nothing back from the GPU (``host_inputs``, the loss's ``host_labels``) and every plan it uploads is
+    cached by the warm-up steps. Fixed shapes only (the benchmark's); the trainer does not capture (its batches
+    change shape). Warm-up on a side stream and ``zero_grad(set_to_none=True)`` before the capture, as torch's
+    whole-network capture example: the backward then allocates the gradients in the graph's pool and each replay
+    rewrites them; fused AdamW with ``capturable=True`` keeps its step count on the device."""
+    if not inp["ids"].is_cuda:
+        raise RuntimeError("llava_fast_graph captures a CUDA graph: it needs a CUDA GPU")
+    train = name != "prefill"
+    kw = dict(kw)
+    if train:
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=True, capturable=True)
+        kw["logits"] = False
+
+    def body():
+        if not train:
+            with torch.no_grad():
+                m(**kw)
+            return
+        out = m(labels=inp["labels"], **kw)
+        out.loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            if train:
+                opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    if train:
+        opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        body()
+    torch.cuda.synchronize()
+    return graph.replay
 
 
 def mixed_samples(cfg, n=32, seed=0, tiny=False):
@@ -345,6 +403,8 @@ def mixed_batches(provider, cfg, samples, device, dtype, batch=8, max_tokens=819
             if imgs:
                 kw["pixel_values"] = torch.randn(sum(s["tiles"] for s in imgs), 3, t, t, generator=g).to(device, dtype)
                 kw["image_sizes"] = torch.tensor([s["size"] for s in imgs])
+            # the CPU copies, as the trainer passes its batch (no host synchronisation in the step)
+            kw["host_inputs"] = {k: kw[k].cpu() for k in ("input_ids", "labels", "cu_seqlens", "position_ids")}
             out.append(kw)
         used = sum(lengths)
         note = f"packed fill {100 * used / (len(packs) * max_tokens):.1f}% ({len(packs)} x {max_tokens})"
@@ -379,6 +439,9 @@ def run_mixed(providers, layers, tiny, rep, warmup):
     rows = []
     for prov in providers:
         if not available(prov):
+            continue
+        if prov == "llava_fast_graph":
+            print("[mixed] llava_fast_graph: fixed shapes only (one graph per step shape), skipped")
             continue
         m = None
         try:
@@ -431,7 +494,8 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
 def known_providers() -> list[str]:
     """Every provider name ``build`` understands; anything else starting with ``llava_fast`` would silently build the
     default model (a typo in an A/B provider list gives a row identical to the default's)."""
-    return ["llava_fast", "llava_fast_compiled", "llava_fast_compiled_cg", *PROVIDER_ENV, "hf_eager", "hf_sdpa",
+    return ["llava_fast", "llava_fast_compiled", "llava_fast_compiled_cg", "llava_fast_graph", *PROVIDER_ENV,
+            "hf_eager", "hf_sdpa",
             "hf_sdpa_liger", "hf_sdpa_liger_flce"]
 
 

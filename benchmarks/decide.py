@@ -325,6 +325,16 @@ def _model_rules(rows, label=""):
                     f"{x:.2f}x the default, memory {_fmt(alt.get('peak_gib'))} vs {_fmt(ours.get('peak_gib'))} GiB",
                     "make it the default (LLAVA_FAST_ATTN_GQA_SPLIT default '1') if >= 1.02x and its cuda tests pass",
                     "candidate default" if x >= 1.02 else "keep opt-in"))
+    # the whole step as one CUDA graph (no host time): how far the eager step is from its GPU-bound limit
+    for mode in ("ov_ft", "stage1", "prefill"):
+        ours, graph = _row(rows, "llava_fast", "", mode), _row(rows, "llava_fast_graph", "", mode)
+        if ours and graph:
+            x = graph["metric"] / ours["metric"]
+            ref = _row(rows, "hf_sdpa", "", mode)
+            vs = f", {graph['metric'] / ref['metric']:.2f}x hf_sdpa" if ref else ""
+            out.append((f"whole step as one CUDA graph vs eager, {mode}{label}", f"{x:.2f}x eager{vs}",
+                        ">= 1.10x: the eager step is host-bound by that much; build graph capture into the trainer "
+                        "(fixed-shape packs) and cut host time per op", "host-bound" if x >= 1.10 else "kernel-bound"))
     return out
 
 

@@ -158,7 +158,7 @@ if want ops; then
     elif [ "$b" = "model_full" ]; then  # not in the default list (a second call): the issue's exact shapes, every
       # LLM layer (7B: 32, OneVision-0.5B: 24), where the language model's share and our kernels' weight are real
       step bench_model_full 240 $PY benchmarks/bench_model.py $QUICK --workloads ov_ft,prefill,stage1 \
-        --name bench_model_full --providers llava_fast,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce
+        --name bench_model_full --providers llava_fast,llava_fast_graph,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce
     elif [ "$b" = "model_compiled" ]; then  # not in the default list: every layer under torch.compile (the remedy
       # if profile_model finds the OneVision step host-bound); compiles once per layer type, then times the step
       step bench_model_compiled 180 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft \
@@ -169,7 +169,7 @@ if want ops; then
       step host_overhead 40 $PY benchmarks/host_overhead.py --steps 5
     elif [ "$b" = "model" ]; then
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
-        --providers llava_fast,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce
+        --providers llava_fast,llava_fast_graph,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce
     elif [ -f "benchmarks/bench_$b.py" ]; then
       # cross_entropy: five providers since session 5 (token and vocab schedules, the 20 MiB one, HF, Liger);
       # anyres: 28 s on the H100 in session 4, + the v3 and v4 rows since

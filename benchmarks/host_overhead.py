@@ -86,6 +86,167 @@ def count_ops(step):
     return counts
 
 
+READ_OPS = ("aten._local_scalar_dense.default", "aten.nonzero.default", "aten.equal.default",
+            "aten.is_nonzero.default")
+
+
+def device_reads(step, device_tensors, on_device_paths=True):
+    """The host reads of device data in ``step()``: each is a host synchronisation on a GPU (the host waits for the
+    GPU's queue to drain, then the GPU idles until the host queues more). Measurable on the CPU: the tensors that
+    would live on the GPU (``device_tensors``: the inputs and the parameters) are marked, every op's outputs are
+    marked when one of its inputs is, and a read of a marked tensor (``int(t)``, ``bool(t)``, ``.item()``,
+    ``.tolist()``, ``.numpy()``, ``.cpu()``, ``nonzero``) is recorded with the model's source line;
+    ``llava_fast._ext.host_copies`` (the deliberate one synchronisation) counts once and returns unmarked copies.
+    ``on_device_paths``: the code paths a GPU takes where the CPU's differ by device (the feature packing's token
+    index is computed by a kernel on a GPU, by torch on the host from CPU ids). Not seen: device tensors made from
+    host values (``torch.tensor(list, device=...)``, a blocking copy on a GPU), which look like host tensors here.
+    Returns a Counter {(what, "file:line <- file:line"): count}."""
+    import traceback
+    import weakref
+    from functools import partial
+
+    from torch.utils._pytree import tree_flatten
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llava_fast import _ext
+    from llava_fast.ops import pack_features
+
+    marked: dict = {}
+    reads: Counter = Counter()
+
+    def mark(t):
+        if isinstance(t, torch.Tensor):
+            marked[id(t)] = weakref.ref(t)
+
+    def is_marked(t):
+        r = marked.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return r is not None and r() is t
+
+    def where():
+        frames = [f for f in traceback.extract_stack()[:-2]
+                  if "llava_fast" in f.filename and "host_overhead" not in f.filename]
+        return " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-2:])) or "?"
+
+    class Audit(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            dev = any(is_marked(t) for t in tree_flatten((args, kwargs))[0])
+            if dev and str(func) in READS:
+                reads[(str(func.overloadpacket).split(".")[-1], where())] += 1
+            out = func(*args, **kwargs)
+            if dev:
+                for t in tree_flatten(out)[0]:
+                    mark(t)
+            return out
+
+    READS = set(READ_OPS)
+    real = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
+
+    def reader(name):
+        def fn(self, *a, **k):
+            if is_marked(self):
+                reads[(name, where())] += 1
+            return real[name](self, *a, **k)
+        return fn
+
+    real_copies, real_token_index = _ext.host_copies, pack_features.token_index
+
+    def host_copies(*tensors):
+        if any(is_marked(t) for t in tensors):
+            reads[("host_copies", where())] += 1
+        out = [t.clone() if isinstance(t, torch.Tensor) else t for t in tensors]
+        for t in out:
+            marked.pop(id(t), None)   # a host copy: reading it costs nothing
+        return out
+
+    for t in device_tensors:
+        mark(t)
+    try:
+        for name in real:
+            setattr(torch.Tensor, name, reader(name))
+        _ext.host_copies = host_copies
+        if on_device_paths:
+            pack_features.token_index = partial(real_token_index, on_device=True)
+        with Audit():
+            step()
+    finally:
+        for name, fn in real.items():
+            setattr(torch.Tensor, name, fn)
+        _ext.host_copies = real_copies
+        pack_features.token_index = real_token_index
+    return reads
+
+
+def mock_cuda_driver() -> None:
+    """Make Triton believe it runs on an sm_90 GPU: kernels compile for real (ptxas ships with triton) and every
+    launch goes through the whole JIT dispatch (argument specialisation, cache lookup, the launcher call), but the
+    launcher is a no-op and the binaries are never loaded. Uses Triton's driver interface (3.6-3.8); for
+    measurements only (``--dispatch``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class Utils:
+        def load_binary(self, name, kernel, shared, device):
+            return None, 1, 0, 0, 1024            # module, function, registers, spills, max threads
+
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+        def unload_module(self, module):
+            pass
+
+    class MockDriver:
+        utils = Utils()
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def is_active(self):
+            return True
+
+        def launcher_cls(self, src, metadata):
+            return lambda *args: None
+
+    driver.set_active(MockDriver())
+
+
+def dispatch_costs(calls: int = 5000) -> list[tuple[str, float]]:
+    """Host microseconds per call of RMSNorm's forward (16 x 896) with the mock driver: through our op (wrapper +
+    Triton's dispatch, no-op launch) and ``kernel[grid](...)`` alone (Triton's dispatch only). With the stubbed
+    ``--per-call`` row (our wrapper alone) they split a call's Python time between ours and Triton's."""
+    mock_cuda_driver()
+    force_fast()
+    from llava_fast.ops import rms_norm as rn
+
+    x, w = torch.randn(16, 896), torch.ones(896)
+    m, n = x.shape
+    y, rstd = torch.empty_like(x), torch.empty(m)
+    bm, bn, nw = rn._config(n, 4096)
+    grid = (-(-m // bm),)
+    args = (x, x, w, y, y, rstd, m, n, n, n, n, 0, 1e-6)
+    out = []
+    with torch.no_grad():
+        for name, fn in (("rms_norm op (mock launch)", lambda: rn.rms_norm(x, w)),
+                         ("kernel[grid] only", lambda: rn._rms_norm_fwd_kernel[grid](
+                             *args, HAS_RES=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw))):
+            for _ in range(50):   # the first call compiles
+                fn()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out.append((name, (time.perf_counter() - t0) * 1e6 / calls))
+    return out
+
+
 def build(provider, workload, llm_layers, vision_layers, text_tokens):
     # few tokens: the toy model's CPU arithmetic shrinks towards zero, the host work per op does not depend on it
     real_shape = bench_model.workload_shape
@@ -101,7 +262,7 @@ def build(provider, workload, llm_layers, vision_layers, text_tokens):
     inp = bench_model.make_inputs(workload, cfg, "cpu", tiny=True)
     bench_model.workload_shape = real_shape
     print(f"  inputs: {tuple(inp['ids'].shape)} tokens, {inp['tiles']} tiles of {cfg.vision_config.image_size}^2")
-    return m, bench_model.step_fn(prov, workload, m, inp)
+    return m, bench_model.step_fn(prov, workload, m, inp), inp
 
 
 def main(argv=None):
@@ -118,9 +279,18 @@ def main(argv=None):
     p.add_argument("--per-call", action="store_true",
                    help="only the host cost per call of single ops on tiny inputs (profile_model.launch_costs) with "
                         "the launches stubbed: our wrappers' share of what the GPU box reports per call")
+    p.add_argument("--dispatch", action="store_true",
+                   help="only Triton's dispatch cost per launch on this CPU (a mock sm_90 driver: real compile, no-op "
+                        "launch)")
+    p.add_argument("--syncs", action="store_true",
+                   help="also list the step's host reads of device data (host synchronisations on a GPU), by line")
     a = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     torch.set_num_threads(a.threads)
+    if a.dispatch:
+        for name, us in dispatch_costs():
+            print(f"  {name:28s} {us:7.1f} us per call")
+        return 0
     if a.per_call:
         import profile_model
 
@@ -138,7 +308,7 @@ def main(argv=None):
     real_adamw = torch.optim.AdamW
     torch.optim.AdamW = lambda params, **kw: real_adamw(params, **dict(kw, fused=True))
     try:
-        m, step = build(a.provider, a.workload, llm, vis, a.text_tokens)
+        m, step, inp = build(a.provider, a.workload, llm, vis, a.text_tokens)
     finally:
         torch.optim.AdamW = real_adamw
     for _ in range(2):
@@ -164,6 +334,12 @@ def main(argv=None):
     for ph in ("forward", "backward"):
         top = sorted(((v, k[1]) for k, v in ops.items() if isinstance(k, tuple) and k[0] == ph), reverse=True)[:a.top]
         print(f"  top {ph} ops: " + ", ".join(f"{name} {v}" for v, name in top))
+    if a.syncs:
+        dev = [t for k in ("ids", "labels", "pv", "hf_pv", "sizes") if isinstance(t := inp.get(k), torch.Tensor)]
+        reads = device_reads(step, dev + list(m.parameters()))
+        print(f"  host reads of device data per step (host synchronisations on a GPU): {sum(reads.values())}")
+        for (what, line), c in reads.most_common():
+            print(f"    {c:3d} x {what:20s} {line}")
     if a.profile:
         pr = cProfile.Profile()
         pr.enable()

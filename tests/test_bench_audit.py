@@ -165,6 +165,37 @@ def test_decide_gqa_split_candidate(tmp_path):
     assert verdict(100.0, 95.0)[2] == "keep opt-in"
 
 
+def test_decide_graph_rule(tmp_path):
+    """The whole-step CUDA graph row against the eager one: >= 1.10x says the eager step is host-bound."""
+    shape = "OV-0.5B full FT 2x5453 (4 LLM layers)"
+    q = "whole step as one CUDA graph vs eager, ov_ft"
+
+    def verdict(ours_v, graph_v):
+        _model_rows(tmp_path / "bench_model-GPU-1.json",
+                    [("llava_fast", shape, "ov_ft", ours_v, 12.0), ("hf_sdpa", shape, "ov_ft", 70.0, 36.0),
+                     ("llava_fast_graph", shape, "ov_ft", graph_v, 13.0)])
+        return _decide(tmp_path)[q]
+
+    m, r, d = verdict(100.0, 130.0)
+    assert d == "host-bound" and m == "1.30x eager, 1.86x hf_sdpa" and ">= 1.10x" in r
+    assert verdict(100.0, 105.0)[2] == "kernel-bound"
+
+
+def test_host_overhead_dispatch_smoke():
+    """host_overhead.py --dispatch (a mock sm_90 driver: the RMSNorm kernel compiles with triton's ptxas, launches
+    are no-ops) prints Triton's dispatch cost per launch; in a subprocess, as it replaces Triton's active driver."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "host_overhead.py"), "--dispatch"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    us = [float(line.split()[-4]) for line in r.stdout.splitlines() if line.strip().endswith("us per call")]
+    assert len(us) == 2 and 0 < us[1] < us[0], r.stdout
+
+
 # ------------------------------------------------------------------------------------------------------- targets.py
 @pytest.mark.parametrize("name", ["stage1", "ov_ft"])
 def test_targets_supervised_rows_are_the_shifted_labels(name):

@@ -309,6 +309,68 @@ class _LlavaBase(nn.Module):
         """All image tokens of the batch, (n_tokens, D_text), in placeholder order (reference packing)."""
         return self._pack_tiles(*self._image_tiles(pixel_values, image_sizes, batch_num_images))
 
+    _HOST_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "attention_mask", "image_sizes",
+                  "batch_num_images")
+
+    @staticmethod
+    def _host_inputs(given, decoding, **inputs):
+        """The integer inputs on the host, by name: ``given`` (the caller's CPU copies, ``host_inputs``) where it has
+        them, the rest copied with :func:`llava_fast._ext.host_copies` (one synchronisation; none when all are on the
+        CPU already). A decoding step copies nothing (its checks are skipped) and gets the inputs as they are."""
+        from llava_fast import _ext
+
+        given = dict(given or {})
+        unknown = set(given) - set(_LlavaBase._HOST_KEYS)
+        if unknown:
+            raise ValueError(f"host_inputs takes the keys {_LlavaBase._HOST_KEYS}, got {sorted(unknown)}")
+        out = {}
+        for k, v in inputs.items():
+            g = given.get(k)
+            if g is None or v is None or not torch.is_tensor(v):
+                continue
+            if not torch.is_tensor(g) or g.device.type != "cpu" or g.numel() != v.numel():
+                raise ValueError(f"host_inputs[{k!r}] must be a CPU tensor with the values of {k} "
+                                 f"({tuple(v.shape)}), got {type(g).__name__} "
+                                 f"{tuple(g.shape) if torch.is_tensor(g) else ''}")
+            out[k] = g.reshape(v.shape)
+        rest = [k for k, v in inputs.items() if k not in out and torch.is_tensor(v)]
+        if decoding:
+            copies = [inputs[k] for k in rest]
+        else:
+            copies = _ext.host_copies(*(inputs[k] for k in rest))
+        out.update(zip(rest, copies))
+        for k, v in inputs.items():
+            out.setdefault(k, v)   # None, or not a tensor (image_sizes as a list)
+        return out
+
+    def _check_values(self, h, n, max_seqlen, has_pixels, has_videos):
+        """The checks that read the inputs' values, on their host copies ``h`` (:meth:`_host_inputs`)."""
+        tc = self.config.text_config
+        ids, labels, pos, cu, mask = (h[k] for k in ("input_ids", "labels", "position_ids", "cu_seqlens",
+                                                     "attention_mask"))
+        vocab = tc.vocab_size
+        if ids is not None and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise ValueError(f"input_ids holds ids outside [0, {vocab}) (vocab_size of the language model)")
+        if pos is not None:
+            if cu is not None:
+                self._check_packed(cu, pos, max_seqlen, n)
+            elif n and int(pos.max()) >= tc.max_position_embeddings:
+                raise ValueError(f"position_ids reach {int(pos.max())}, past the context length "
+                                 f"(max_position_embeddings={tc.max_position_embeddings})")
+        if mask is not None and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold 1 (token) and 0 (padding) only, as transformers' 2-D masks; "
+                             "an additive mask (0 / -inf) is not accepted")
+        if labels is not None and not bool(((labels == -100) | ((labels >= 0) & (labels < vocab))).all()):
+            raise ValueError(f"labels must be integer token ids in [0, {vocab}) (vocab_size) or -100 (ignored), "
+                             f"got {labels.dtype} values in [{int(labels.min())}, {int(labels.max())}]")
+        if ids is not None:
+            # (a decoding step may produce the image or video token id as an ordinary token: not checked then)
+            if not has_pixels and bool((ids == self.config.image_token_id).any()):
+                raise ValueError("input_ids holds image tokens but no pixel_values were given")
+            vid = self.config.video_token_id
+            if not has_videos and vid is not None and bool((ids == vid).any()):
+                raise ValueError("input_ids holds video tokens but no pixel_values_videos were given")
+
     def _check_packed(self, cu_seqlens, position_ids, max_seqlen, n):
         """cu_seqlens delimits samples that cover the sequence; positions restart at 0 in each; none over the context
         length; max_seqlen (the kernels' bound) not below the longest sample."""
@@ -346,10 +408,16 @@ class _LlavaBase(nn.Module):
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, labels=None,
                 pixel_values_videos=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
                 num_items_in_batch=None, batch_num_images=None, inputs_embeds=None, return_hidden=False,
-                logits=True, cache=None):
+                logits=True, cache=None, host_inputs=None):
         """Padded form: input_ids (B, L) with image placeholders already expanded, attention_mask (B, L).
         Packed form: input_ids (1, T) holding several samples, ``cu_seqlens`` int32 (n+1,) and ``position_ids``
-        (1, T) restarting at 0 per sample. ``labels`` are unshifted (as transformers). Returns ``LlavaOutput``."""
+        (1, T) restarting at 0 per sample. ``labels`` are unshifted (as transformers). Returns ``LlavaOutput``.
+
+        ``host_inputs`` (optional): CPU tensors holding the same values as the integer inputs given on the GPU (keys
+        ``input_ids``, ``labels``, ``position_ids``, ``cu_seqlens``, ``attention_mask``, ``image_sizes``,
+        ``batch_num_images``; a missing key is copied). The input checks and the loss read them instead of
+        copying the device tensors back, so the forward never waits for the GPU (the trainer passes its CPU batch).
+        Their values are trusted to match."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         decoding = cache is not None and cache.length > 0   # no host sync per decoded token
@@ -371,14 +439,11 @@ class _LlavaBase(nn.Module):
                                  f"{input_ids.dtype} {tuple(input_ids.shape)}")
             if input_ids.device != self.device:
                 raise ValueError(f"input_ids is on {input_ids.device} but the model is on {self.device}")
-            vocab = self.config.text_config.vocab_size
-            if not decoding and input_ids.numel() and (int(input_ids.max()) >= vocab or int(input_ids.min()) < 0):
-                raise ValueError(f"input_ids holds ids outside [0, {vocab}) (vocab_size of the language model)")
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        b, n = inputs_embeds.shape[:2]
+        first = input_ids if input_ids is not None else inputs_embeds   # embedded after the value checks
+        b, n = first.shape[:2]
         if b == 0 or n == 0:
             raise ValueError(f"{'input_ids' if input_ids is not None else 'inputs_embeds'} holds no tokens (shape "
-                             f"{tuple((input_ids if input_ids is not None else inputs_embeds).shape)}); pass at least "
+                             f"{tuple(first.shape)}); pass at least "
                              f"one sequence of at least one token")
         if n + (cache.length if cache is not None else 0) > self.config.text_config.max_position_embeddings \
                 and cu_seqlens is None:
@@ -395,57 +460,52 @@ class _LlavaBase(nn.Module):
                 raise ValueError("position_ids is required with cu_seqlens (positions restart at each sample)")
             if b != 1:
                 raise ValueError(f"packed form (cu_seqlens given) needs a batch of 1 sequence, got batch {b}")
-            if cu_seqlens.device != inputs_embeds.device:
-                raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the model is on {inputs_embeds.device}")
+            if cu_seqlens.device != first.device:
+                raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the model is on {first.device}")
         if position_ids is not None:
             if position_ids.dim() == 1:
                 position_ids = position_ids[None]
             if position_ids.dim() != 2 or position_ids.shape[0] not in (1, b) or position_ids.shape[1] != n:
                 raise ValueError(f"position_ids must have shape (batch, seq) = {(b, n)} (or (1, seq)), got "
                                  f"{tuple(position_ids.shape)}")
-            if position_ids.device != inputs_embeds.device:
-                raise ValueError(f"position_ids is on {position_ids.device} but the model is on {inputs_embeds.device}")
-            if cu_seqlens is not None and not decoding:
-                self._check_packed(cu_seqlens, position_ids, max_seqlen, n)
-            elif not decoding and n and int(position_ids.max()) >= self.config.text_config.max_position_embeddings:
-                raise ValueError(f"position_ids reach {int(position_ids.max())}, past the context length "
-                                 f"(max_position_embeddings={self.config.text_config.max_position_embeddings})")
+            if position_ids.device != first.device:
+                raise ValueError(f"position_ids is on {position_ids.device} but the model is on {first.device}")
         past = cache.length if cache is not None else 0
         if attention_mask is not None:
             if attention_mask.shape != (b, past + n):
                 raise ValueError(f"attention_mask must have shape (batch, past + seq) = {(b, past + n)}, got "
                                  f"{tuple(attention_mask.shape)}")
-            if attention_mask.device != inputs_embeds.device:
+            if attention_mask.device != first.device:
                 raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on "
-                                 f"{inputs_embeds.device}")
-            if not decoding and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                raise ValueError("attention_mask must hold 1 (token) and 0 (padding) only, as transformers' 2-D masks; "
-                                 "an additive mask (0 / -inf) is not accepted")
+                                 f"{first.device}")
         if labels is not None:
             if labels.dim() == 1:
                 labels = labels[None]
             if labels.shape != (b, n):
                 raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got {tuple(labels.shape)}")
-            vocab = self.config.text_config.vocab_size
-            if labels.dtype not in (torch.int64, torch.int32) or \
-                    not bool(((labels == -100) | ((labels >= 0) & (labels < vocab))).all()):
-                raise ValueError(f"labels must be integer token ids in [0, {vocab}) (vocab_size) or -100 (ignored), "
-                                 f"got {labels.dtype} values in [{int(labels.min())}, {int(labels.max())}]")
-        if input_ids is not None and not decoding:
-            # (a decoding step may produce the image or video token id as an ordinary token: no check then)
-            if pixel_values is None and bool((input_ids == self.config.image_token_id).any()):
-                raise ValueError("input_ids holds image tokens but no pixel_values were given")
-            vid = self.config.video_token_id
-            if pixel_values_videos is None and vid is not None and bool((input_ids == vid).any()):
-                raise ValueError("input_ids holds video tokens but no pixel_values_videos were given")
+            if labels.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"labels must be integer token ids in [0, {self.config.text_config.vocab_size}) "
+                                 f"(vocab_size) or -100 (ignored), got {labels.dtype}")
+        # the value checks below read the inputs on the host: one copy of all of them, one wait for the GPU (each
+        # read of a CUDA tensor waits for the GPU's whole queue; they were 11 per OneVision training step). A
+        # decoding step skips them (no host synchronisation per decoded token).
+        h = self._host_inputs(host_inputs, decoding, input_ids=input_ids, labels=labels, position_ids=position_ids,
+                              cu_seqlens=cu_seqlens, attention_mask=attention_mask, image_sizes=image_sizes,
+                              batch_num_images=batch_num_images)
+        if not decoding:
+            self._check_values(h, n, max_seqlen, pixel_values is not None, pixel_values_videos is not None)
+        image_sizes, batch_num_images = h["image_sizes"], h["batch_num_images"]   # read on the host from here on
+        if input_ids is not None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         if input_ids is not None and pixel_values is not None:
             counts, per_sample = self._image_token_counts(pixel_values, image_sizes, batch_num_images)
             if counts is not None:
-                self._check_placeholders(input_ids, cu_seqlens, self.config.image_token_id, counts, per_sample)
+                self._check_placeholders(h["input_ids"], h["cu_seqlens"], self.config.image_token_id, counts,
+                                         per_sample)
                 if not counts:
                     pixel_values = None   # no images at all: the vision tower is skipped (as transformers)
         if input_ids is not None and pixel_values_videos is not None:
-            self._check_placeholders(input_ids, cu_seqlens, self.config.video_token_id,
+            self._check_placeholders(h["input_ids"], h["cu_seqlens"], self.config.video_token_id,
                                      self._video_token_counts(pixel_values_videos), None, "Video")
         has_media = input_ids is not None and (pixel_values is not None or pixel_values_videos is not None)
         if has_media and backend.use_fast("pack_features", inputs_embeds.device.type) and self._packable():
@@ -481,9 +541,14 @@ class _LlavaBase(nn.Module):
             from llava_fast.ops.cross_entropy import fused_linear_cross_entropy
 
             shift = shift_labels(labels, cu_seqlens)
+            # the shifted labels on the host too (from the copy the checks read): the loss counts the supervised
+            # tokens and selects their rows there, without waiting for the GPU
+            host_shift = (shift_labels(h["labels"], h["cu_seqlens"])
+                          if h["labels"] is not labels and shift.dtype == torch.int64 else None)
             loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
                                               shift.reshape(-1), num_items=num_items_in_batch,
-                                              reduction="sum" if num_items_in_batch is not None else "mean")
+                                              reduction="sum" if num_items_in_batch is not None else "mean",
+                                              host_labels=host_shift.reshape(-1) if host_shift is not None else None)
         elif labels is not None:
             loss = loss_from_logits(out_logits, labels, cu_seqlens, num_items_in_batch)
         return LlavaOutput(loss=loss, logits=out_logits if logits else None,

@@ -462,11 +462,13 @@ def fused_linear_cross_entropy_fwd(
     scale: torch.Tensor, ignore_index: int = -100, chunk_size: int = 0, need_grad_hidden: bool = True,
     need_grad_weight: bool = True, need_grad_bias: bool = True, return_logits: bool = False,
     skip_ignored: bool = True, grad_weight_accum: str = "auto", schedule: str = "token", vocab_block: int = 0,
+    host_labels: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, ...]:
     """Host loop over token chunks (``schedule="token"``), or over vocab blocks (``"vocab"``, taken only when the
     weight gradient is asked for and the logits are not: see :func:`_fused_linear_cross_entropy_vocab`). Returns ``(loss, grad_hidden, grad_weight, grad_bias, logits)``: fp32 scalar loss
     (already multiplied by ``scale``) and gradients of that loss in the input dtypes; a gradient not asked for, and
-    the logits unless ``return_logits``, come back as empty tensors."""
+    the logits unless ``return_logits``, come back as empty tensors. ``host_labels``: a CPU copy of ``labels``,
+    read instead of them for the counts and the supervised rows (no host synchronisation)."""
     if grad_weight_accum not in GRAD_WEIGHT_ACCUMS:
         raise ValueError(f"grad_weight_accum must be one of {GRAD_WEIGHT_ACCUMS}, got {grad_weight_accum!r}")
     if schedule not in SCHEDULES:
@@ -482,18 +484,24 @@ def fused_linear_cross_entropy_fwd(
     any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
     empty = lambda: hidden.new_empty(0)  # noqa: E731  (a fresh one each: custom-op outputs must not alias)
 
-    # One host sync: how many rows are supervised, and whether any supervised label is outside the vocabulary.
-    valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= v))
+    # How many rows are supervised, and whether any supervised label is outside the vocabulary: one host sync, or
+    # none when the caller has the labels on the host (host_labels).
+    lab = host_labels if host_labels is not None else labels
+    valid = lab != ignore_index
+    bad = valid & ((lab < 0) | (lab >= v))
     n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()
     if n_bad:
-        lo, hi = labels[bad].min().item(), labels[bad].max().item()
+        lo, hi = lab[bad].min().item(), lab[bad].max().item()
         raise ValueError(f"labels must be in [0, {v}) or equal ignore_index={ignore_index}; {n_bad} labels are "
                          f"not (values in [{lo}, {hi}])")
-    # Drop ignored rows before the GEMMs (a second sync, only when some rows are ignored).
+    # Drop ignored rows before the GEMMs (a second sync, only when some rows are ignored; none with host_labels:
+    # the count is known, so nonzero_static finds the rows on the device without reading anything back).
     rows = None
     if skip_ignored and not return_logits and n_valid < n:
-        rows = valid.nonzero().squeeze(1)
+        if host_labels is not None:
+            rows = torch.nonzero_static(labels != ignore_index, size=n_valid).squeeze(1)
+        else:
+            rows = valid.nonzero().squeeze(1)
         labels = labels.index_select(0, rows)
     m = n_valid if rows is not None else n
     if schedule == "vocab" and need_grad_weight and not return_logits and m > 0:
@@ -556,18 +564,18 @@ def _fused_linear_cross_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
     scale: torch.Tensor, ignore_index: int, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
     need_grad_bias: bool, return_logits: bool, skip_ignored: bool, grad_weight_accum: str, schedule: str,
-    vocab_block: int,
+    vocab_block: int, host_labels: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # The dtypes were settled by the caller (autocast included); keep autocast from re-casting the fp32 accumulator.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         return fused_linear_cross_entropy_fwd(hidden, weight, labels, bias, scale, ignore_index, chunk_size,
                                               need_grad_hidden, need_grad_weight, need_grad_bias, return_logits,
-                                              skip_ignored, grad_weight_accum, schedule, vocab_block)
+                                              skip_ignored, grad_weight_accum, schedule, vocab_block, host_labels)
 
 
 @_fused_linear_cross_entropy_op.register_fake
 def _(hidden, weight, labels, bias, scale, ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
-      need_grad_bias, return_logits, skip_ignored, grad_weight_accum, schedule, vocab_block):
+      need_grad_bias, return_logits, skip_ignored, grad_weight_accum, schedule, vocab_block, host_labels=None):
     n, v = hidden.shape[0], weight.shape[0]
     return (
         hidden.new_empty((), dtype=torch.float32),
@@ -597,11 +605,11 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, scale, ignore_index=-100, chunk_size=0, return_logits=False,
                 skip_ignored=True, grad_weight_accum="auto", need_grad_hidden=True, need_grad_weight=True,
-                need_grad_bias=True, schedule="token", vocab_block=0):
+                need_grad_bias=True, schedule="token", vocab_block=0, host_labels=None):
         need_b = need_grad_bias and bias is not None
         loss, gh, gw, gb, logits = _fused_linear_cross_entropy_op(
             hidden, weight, labels, bias, scale, ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
-            need_b, return_logits, skip_ignored, grad_weight_accum, schedule, vocab_block)
+            need_b, return_logits, skip_ignored, grad_weight_accum, schedule, vocab_block, host_labels)
         ctx.needs = (need_grad_hidden, need_grad_weight, need_b)
         ctx.params = (weight, bias)  # (parameters, alive anyway) the second derivative's error node hangs on them
         ctx.save_for_backward(gh, gw, gb)
@@ -619,7 +627,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             return t.mul_(g) if inplace else t * g
 
         grads = (scaled(gh) if need_h else None, scaled(gw) if need_w else None, None,
-                 scaled(gb) if need_b else None, None, None, None, None, None, None, None, None, None, None, None)
+                 scaled(gb) if need_b else None, None, None, None, None, None, None, None, None, None, None, None,
+                 None)
         if torch.is_grad_enabled() and not _ext._tracing():
             # create_graph=True: the gradients were computed in the forward, without a graph; differentiating them
             # again must raise (through the parameters or the incoming gradient; the hidden states are not kept)
@@ -717,7 +726,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                reduction: str = "mean", num_items=None, return_logits: bool = False,
                                chunk_size: Optional[int] = None, *, skip_ignored: bool = True,
                                grad_weight_accum: str = "auto", schedule: str = "auto",
-                               vocab_block: Optional[int] = None):
+                               vocab_block: Optional[int] = None, host_labels: Optional[torch.Tensor] = None):
     """Causal-LM loss of ``hidden @ weight.T (+ bias)`` without materialising the ``(N, V)`` logits.
 
     Args:
@@ -735,8 +744,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         chunk_size: tokens per chunk; None picks it from the memory budget (:data:`MEMORY_BUDGET_BYTES` for the token
             schedule, ``LLAVA_FAST_CE_VOCAB_BUDGET_MB`` for the vocab one, where it is usually all tokens at once).
         skip_ignored: drop ignored tokens before the GEMMs (False keeps them: zero rows through the GEMMs). Either
-            way the call syncs with the host once to count supervised tokens and validate labels, as Liger does, so
-            it cannot be captured in a CUDA graph.
+            way the call syncs with the host once to count supervised tokens and validate labels, as Liger does
+            (none with ``host_labels``), so it cannot be captured in a CUDA graph.
         grad_weight_accum: ``"auto"`` (fp32 when it fits :data:`FP32_ACCUM_MAX_BYTES`), ``"fp32"`` or ``"weight"``
             (accumulate the weight gradient across chunks in the weight dtype). The vocab schedule accumulates in
             the weight dtype unless ``"fp32"`` (with one chunk of tokens, its usual case, nothing is accumulated).
@@ -745,12 +754,21 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             when the weight needs a gradient) or ``"auto"``: ``LLAVA_FAST_CE_SCHEDULE`` if set, else ``"token"``.
         vocab_block: vocabulary columns per block for the vocab schedule; None picks them from the budget
             ``LLAVA_FAST_CE_VOCAB_BUDGET_MB`` (default :data:`VOCAB_BUDGET_MB`, 128 MiB for block + accumulator).
+        host_labels: optional CPU copy of ``labels`` (same values; an int64 ``(N,)`` tensor): the supervised tokens
+            are counted and their rows selected on the host, so the call does not wait for the GPU (the model passes
+            the copy its input checks read). Its values are trusted to equal ``labels``.
     Returns:
         fp32 scalar loss, or ``(loss, logits)`` when ``return_logits``.
     """
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check_inputs(hidden, weight, labels, bias, reduction, num_items, chunk_size, schedule, vocab_block,
                   grad_weight_accum)
+    if host_labels is not None and (not torch.is_tensor(host_labels) or host_labels.device.type != "cpu"
+                                    or host_labels.dtype != torch.int64 or host_labels.shape != labels.shape):
+        got = ((host_labels.dtype, host_labels.device, tuple(host_labels.shape)) if torch.is_tensor(host_labels)
+               else type(host_labels).__name__)
+        raise ValueError(f"fused_linear_cross_entropy: host_labels must be a CPU int64 tensor of labels' shape "
+                         f"{tuple(labels.shape)} holding the same values, got {got}")
     if not backend.use_fast("cross_entropy", hidden.device.type):
         return cross_entropy_ref(hidden, weight, labels, bias, ignore_index, reduction, num_items, return_logits)
     scale = _scale(labels, ignore_index, reduction, num_items, hidden.device)
@@ -758,5 +776,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     loss, logits = FusedLinearCrossEntropyFunction.apply(
         hidden, weight, labels, bias, scale, ignore_index, chunk_size or 0, return_logits, skip_ignored,
         grad_weight_accum, grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad, _schedule(schedule), vocab_block or 0)
+        grad_on and bias is not None and bias.requires_grad, _schedule(schedule), vocab_block or 0, host_labels)
     return (loss, logits) if return_logits else loss

@@ -506,7 +506,7 @@ class Trainer:
                 new[reason] += 1
                 if i is not None:
                     self._dropped_seen.add(i)
-        loss_sum = 0.0
+        loss_acc = None   # on the device: reading each micro-batch's loss would wait for its backward
         denom = torch.tensor(float(max(n_global, 1)), device=info.device)
         scale = float(info.world_size) if self.fsdp else 1.0
         # no supervised token in the whole step (every sample dropped): no mean to take, and an update would move
@@ -517,10 +517,18 @@ class Trainer:
             if self.fsdp and hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(i == len(real) - 1)
             inputs = self._to_device(b)
+            # the batch's CPU tensors: the model's input checks and the loss read them instead of the device copies,
+            # so no micro-batch waits for the GPU (docs/architecture.md, "Host synchronisations")
+            host = {k: b[k] for k in ("input_ids", "labels", "position_ids", "cu_seqlens", "attention_mask",
+                                      "image_sizes", "batch_num_images")
+                    if k in inputs and torch.is_tensor(b.get(k)) and b[k].device.type == "cpu"}
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = model(**inputs, num_items_in_batch=denom, logits=False)  # fused loss on CUDA: no logits tensor
+                out = model(**inputs, num_items_in_batch=denom, logits=False,  # fused loss on CUDA: no logits tensor
+                            host_inputs=host or None)
             (out.loss * scale).backward()
-            loss_sum += float(out.loss.detach())
+            # summed in float64, in micro-batch order: the same value as adding their Python floats
+            loss_acc = out.loss.detach().double() if loss_acc is None else loss_acc + out.loss.detach().double()
+        loss_sum = float(loss_acc) if loss_acc is not None else 0.0
         if self.fsdp and not real and hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(True)
         loss = all_reduce_sum(loss_sum, info)

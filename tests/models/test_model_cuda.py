@@ -59,3 +59,63 @@ def test_torch_compile_packed_training_step(tmp_path, model_type):
     torch.testing.assert_close(loss, ref, atol=2e-2, rtol=2e-2)   # bf16: inductor may fuse/reorder elementwise ops
     for n, g in grads.items():
         torch.testing.assert_close(m.get_parameter(n).grad.float(), g.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
+def test_whole_training_step_as_cuda_graph(tmp_path, model_type):
+    """A packed training step with every kernel, given its host_inputs, reads nothing back from the GPU, so the
+    whole step (forward, backward, fused AdamW) can be captured as one CUDA graph (bench_model's llava_fast_graph).
+    Three replays give the losses and weights of three eager steps from the same start."""
+    from test_model_kernels import packed_inputs
+
+    _, path = save_tiny(tmp_path, model_type)
+    kw = packed_inputs(model_type)
+    host = {k: kw[k] for k in ("input_ids", "labels", "position_ids", "cu_seqlens", "image_sizes")}
+    dev = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    dev["pixel_values"] = dev["pixel_values"].to(torch.bfloat16)
+    dev.update(host_inputs=host, logits=False)
+    results = []
+    for graphed in (False, True):
+        m = llava_fast.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True, capturable=True)
+        loss = torch.zeros((), device="cuda")
+
+        def step():
+            out = m(**dev)
+            out.loss.backward()
+            opt.step()
+            loss.copy_(out.loss.detach())
+        losses = []
+        if not graphed:
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                step()
+                losses.append(loss.item())
+        else:
+            # warm-up steps on a copy of the weights would change them: warm up on the real ones, then reload
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                opt.zero_grad(set_to_none=True)
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            fresh = llava_fast.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
+            with torch.no_grad():
+                for p, q in zip(m.parameters(), fresh.parameters()):
+                    p.copy_(q)
+            for st in opt.state.values():
+                for t in st.values():
+                    t.zero_()
+            graph = torch.cuda.CUDAGraph()
+            opt.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                step()
+            for _ in range(3):
+                graph.replay()
+                losses.append(loss.item())
+        results.append((losses, [p.detach().float().clone() for p in m.parameters()]))
+    (eager, w_eager), (graphed, w_graph) = results
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=1e-3, atol=1e-3)
+    for a, b in zip(w_graph, w_eager):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)

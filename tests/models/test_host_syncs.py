@@ -1,0 +1,121 @@
+"""Host synchronisations of a training step: every read of device data on the host (``int(t)``, ``.tolist()``,
+``nonzero``, ...) makes the host wait for the GPU's queue, then the GPU idle until new work is queued. The model's
+input checks and the fused loss read the inputs once, through ``_ext.host_copies`` (none when the caller passes its
+CPU copies as ``host_inputs``, as the trainer does). Session 12's H100 profile counted 11 reads per OneVision step
+(the same 11 lines this audit finds in the code of then).
+
+Counted on the CPU by ``benchmarks/host_overhead.py``'s ``device_reads``: the inputs and the parameters are marked as
+device tensors, marks follow every op, and a read of a marked tensor is recorded (the kernels run under the
+interpreter, as on a GPU)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llava_fast
+
+from test_model_kernels import packed_inputs
+from tiny import save_tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from host_overhead import device_reads  # noqa: E402
+
+KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention",
+           "projector")
+HOST_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "image_sizes")
+
+
+def _step(m, kw):
+    def step():
+        out = m(**kw, logits=False)
+        out.loss.backward()
+    return step
+
+
+def _device_tensors(m, kw):
+    return [v for v in kw.values() if torch.is_tensor(v)] + list(m.parameters())
+
+
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
+def test_training_step_reads_device_data_once(tmp_path, forced, model_type):
+    _, path = save_tiny(tmp_path, model_type)
+    m = llava_fast.from_pretrained(path)
+    forced(*KERNELS)
+    kw = packed_inputs(model_type)
+    reads = device_reads(_step(m, kw), _device_tensors(m, kw))
+    assert sum(reads.values()) == 1 and next(iter(reads))[0] == "host_copies", dict(reads)
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_onevision"])
+def test_training_step_with_host_inputs_reads_nothing(tmp_path, forced, model_type):
+    """With the CPU copies given (the trainer's batch), forward + backward never wait for the GPU; the loss and the
+    gradients are those of the call without them."""
+    _, path = save_tiny(tmp_path, model_type)
+    m = llava_fast.from_pretrained(path)
+    forced(*KERNELS)
+    kw = packed_inputs(model_type)
+    ref = m(**kw, logits=False)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    host = {k: kw[k].clone() for k in HOST_KEYS if torch.is_tensor(kw.get(k))}
+    kw_host = dict(kw, host_inputs=host)
+    reads = device_reads(_step(m, kw_host), _device_tensors(m, kw))
+    assert not reads, dict(reads)
+    m.zero_grad(set_to_none=True)
+    out = m(**kw_host, logits=False)
+    assert torch.equal(out.loss, ref.loss)
+    out.loss.backward()
+    for n, p in m.named_parameters():
+        if n in ref_grads:
+            assert torch.equal(p.grad, ref_grads[n]), n
+
+
+def test_audit_counts_a_read():
+    """The audit is not blind: a read of a marked tensor, and of anything computed from one, is recorded."""
+    x = torch.arange(6)
+    reads = device_reads(lambda: (int(x.max()), (x + 1).tolist(), torch.arange(3).tolist()), [x])
+    assert sum(reads.values()) == 2, dict(reads)
+
+
+def test_host_inputs_are_checked(tmp_path):
+    _, path = save_tiny(tmp_path, "llava")
+    m = llava_fast.from_pretrained(path)
+    kw = packed_inputs("llava")
+    with pytest.raises(ValueError, match="host_inputs takes the keys"):
+        m(**kw, host_inputs={"ids": kw["input_ids"]})
+    with pytest.raises(ValueError, match=r"host_inputs\['labels'\] must be a CPU tensor"):
+        m(**kw, host_inputs={"labels": kw["labels"][:, :3]})
+    # the checks read the host copies: a bad label there is reported
+    bad = kw["labels"].clone()
+    bad[0, -1] = 10 ** 6
+    with pytest.raises(ValueError, match="labels must be integer token ids"):
+        m(**kw, host_inputs={"labels": bad})
+
+
+def test_cross_entropy_host_labels(forced):
+    """host_labels gives the same loss and gradients bit for bit, and a wrong one is refused."""
+    from llava_fast.ops.cross_entropy import fused_linear_cross_entropy
+
+    forced("cross_entropy")
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (37,), generator=g)
+    y[::3] = -100
+    grads = []
+    for host in (None, y.clone()):
+        loss = fused_linear_cross_entropy(h, w, y, host_labels=host)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        grads.append((loss, gh, gw))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="host_labels must be a CPU int64 tensor"):
+        fused_linear_cross_entropy(h, w, y, host_labels=y[:5])
+    bad = y.clone()
+    bad[1] = 99
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 50\)"):
+        fused_linear_cross_entropy(h, w, y, host_labels=bad)
