@@ -390,3 +390,38 @@ def test_frozen_linears_skip_the_recomputation(name, kernels_forced):
     assert act.pointwise == (name in ("gelu", "gelu_tanh", "swiglu"))
     for i, (a, b) in enumerate(zip(got, want)):
         assert a.dtype == b.dtype and torch.equal(a, b), (name, i, (a - b).abs().max())
+
+
+def test_input_gradients_accumulate_in_place():
+    """The q/k/v (gate/up) input gradients are summed by in-place ``addmm_`` into the first GEMM's output: the
+    out-of-place ``torch.addmm(da, ...)`` copied ``da`` into a fresh output first (a device-to-device memcpy per
+    extra linear, 3 per decoder layer in the stage-1 profile). Frozen linears, as in stage 1."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llava_fast.ops.act_linear import LayerNormAct, act_linears
+
+    g = torch.Generator().manual_seed(3)
+    d = 16
+    x = torch.randn(5, d, generator=g).requires_grad_()
+    nw, nb = torch.ones(d), torch.zeros(d)
+    ws = [torch.randn(n, d, generator=g) for n in (16, 8, 8)]
+    outs = act_linears(LayerNormAct((d,), 1e-6), (x, nw, nb), ws, [None] * 3)
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    dys = [torch.randn(o.shape, generator=g) for o in outs]
+    with Ops():
+        (dx,) = torch.autograd.grad(outs, [x], dys)
+    assert seen.count("aten.addmm_.default") == 2 and "aten.addmm.default" not in seen, seen
+    want = torch.autograd.grad(act_linears_ref_ln(x, d, ws), [x], dys)[0]
+    torch.testing.assert_close(dx, want, atol=1e-5, rtol=1e-5)
+
+
+def act_linears_ref_ln(x, d, ws):
+    from llava_fast.ops.act_linear import act_linears_ref
+
+    return act_linears_ref(lambda h: F.layer_norm(h, (d,), None, None, 1e-6), (x,), ws, [None] * 3)
