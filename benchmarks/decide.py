@@ -403,8 +403,26 @@ def rms_norm_bwd_tile(folder):
     return out or [("RMSNorm backward tile", "not measured", "", "")]
 
 
+def quick_gelu(folder):
+    """bench_quick_gelu (session 13's kernel) against transformers' three-kernel eager QuickGELU at the stage-1 tower
+    shape: the kernel stays the default on CUDA where it is faster, else it joins backend.AUTO_REFERENCE."""
+    rows = load_rows(folder, "quick_gelu")
+    out = []
+    for mode in ("fwd", "fwd+bwd"):
+        ours, hf = _row(rows, "llava_fast", "9232x4096", mode), _row(rows, "hf", "9232x4096", mode)
+        if not (ours and hf):
+            out.append((f"QuickGELU {mode}, 9232 x 4096", "not measured", "", ""))
+            continue
+        x = hf["ms"] / ours["ms"]
+        out.append((f"QuickGELU {mode}, 9232 x 4096", f"{x:.2f}x HF eager ({ours['ms']:.3f} vs {hf['ms']:.3f} ms; "
+                    f"{ours.get('note', '').split(';')[0]})",
+                    ">= 1.0x: keep the kernel the CUDA default; below: add quick_gelu to backend.AUTO_REFERENCE",
+                    "keep the kernel" if x >= 1.0 else "reference on CUDA"))
+    return out
+
+
 RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model, host_bound, compiled,
-         rms_norm_bwd_tile)
+         rms_norm_bwd_tile, quick_gelu)
 
 
 def decide(folder: str) -> list[tuple]:

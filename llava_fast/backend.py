@@ -20,6 +20,7 @@ OPS: dict[str, str | None] = {
     "rms_norm": None,
     "rope": None,
     "swiglu": None,
+    "quick_gelu": None,
     "cross_entropy": None,
 }
 _CHOICES = ("auto", "reference", "triton", "cuda")
@@ -34,6 +35,7 @@ _MODULES = {
     "rms_norm": "llava_fast.ops.rms_norm",
     "rope": "llava_fast.ops.rope",
     "swiglu": "llava_fast.ops.swiglu",
+    "quick_gelu": "llava_fast.ops.quick_gelu",
     "cross_entropy": "llava_fast.ops.cross_entropy",
 }
 _loaded: set[str] = set()

@@ -289,3 +289,14 @@ def test_profile_model_host_option_smoke(capsys):
     out = capsys.readouterr().out
     assert "| rms_norm (Triton) |" in out and "| aten add |" in out
     assert "cProfile of one step" in out and "tottime" in out
+
+
+def test_decide_quick_gelu_rule(tmp_path):
+    rows = [dict(bench="quick_gelu", provider=p, shape="9232x4096", mode=m, ms=ms, note="40% of copy; x")
+            for p, m, ms in (("llava_fast", "fwd", 0.06), ("hf", "fwd", 0.18), ("llava_fast", "fwd+bwd", 0.3),
+                             ("hf", "fwd+bwd", 0.25))]
+    (tmp_path / "quick_gelu-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = _decide(tmp_path)
+    m, r, d = got["QuickGELU fwd, 9232 x 4096"]
+    assert d == "keep the kernel" and m.startswith("3.00x HF eager") and "40% of copy" in m
+    assert got["QuickGELU fwd+bwd, 9232 x 4096"][2] == "reference on CUDA"

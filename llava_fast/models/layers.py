@@ -12,15 +12,12 @@ from torch import nn
 
 from llava_fast import backend
 from llava_fast.ops.act_linear import GeluAct
+from llava_fast.ops.quick_gelu import QuickGeluAct, quick_gelu_ref as quick_gelu  # noqa: F401  (the eager expression)
 
-
-def quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
-
-
-# the GELUs carry their backward (ops/act_linear.ExplicitAct): act_linear recomputes them without a nested autograd pass
+# the GELUs carry their backward (ops/act_linear.ExplicitAct): act_linear recomputes them without a nested autograd
+# pass; QuickGELU is one Triton kernel on CUDA (ops/quick_gelu.py), transformers' expression elsewhere
 ACTIVATIONS = {
-    "quick_gelu": quick_gelu,
+    "quick_gelu": QuickGeluAct(),
     "gelu": GeluAct("none"),
     "gelu_pytorch_tanh": GeluAct("tanh"),
     "gelu_new": GeluAct("tanh"),
