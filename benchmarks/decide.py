@@ -421,8 +421,25 @@ def quick_gelu(folder):
     return out
 
 
+def gelu(folder):
+    """bench_gelu: act_linear's backward of the SigLIP GELU, one kernel writing the gradient and the output, against
+    torch's recomputation + gelu_backward (two kernels), graph-timed, and the forward against F.gelu."""
+    rows = load_rows(folder, "gelu")
+    out = []
+    for mode in ("recompute+bwd", "fwd"):
+        ours, hf = _row(rows, "llava_fast", "7290x4304", mode), _row(rows, "hf", "7290x4304", mode)
+        if not (ours and hf):
+            out.append((f"GELU tanh {mode}, 7290 x 4304", "not measured", "", ""))
+            continue
+        x = hf["ms"] / ours["ms"]
+        out.append((f"GELU tanh {mode}, 7290 x 4304", f"{x:.2f}x torch ({ours['ms']:.3f} vs {hf['ms']:.3f} ms)",
+                    ">= 1.0x: keep the kernels the CUDA default; below: add gelu to backend.AUTO_REFERENCE",
+                    "keep the kernel" if x >= 1.0 else "reference on CUDA"))
+    return out
+
+
 RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model, host_bound, compiled,
-         rms_norm_bwd_tile, quick_gelu)
+         rms_norm_bwd_tile, quick_gelu, gelu)
 
 
 def decide(folder: str) -> list[tuple]:

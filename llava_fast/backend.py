@@ -21,6 +21,7 @@ OPS: dict[str, str | None] = {
     "rope": None,
     "swiglu": None,
     "quick_gelu": None,
+    "gelu": None,
     "cross_entropy": None,
 }
 _CHOICES = ("auto", "reference", "triton", "cuda")
@@ -36,6 +37,7 @@ _MODULES = {
     "rope": "llava_fast.ops.rope",
     "swiglu": "llava_fast.ops.swiglu",
     "quick_gelu": "llava_fast.ops.quick_gelu",
+    "gelu": "llava_fast.ops.gelu",
     "cross_entropy": "llava_fast.ops.cross_entropy",
 }
 _loaded: set[str] = set()

@@ -110,8 +110,22 @@ class LayerNormAct(ExplicitAct):
         return torch.ops.aten.native_layer_norm_backward(da, x, self.shape, state[0], state[1], weight, bias, mask)
 
 
+_gelu_ops = None
+
+
+def _gelu():
+    """ops/gelu.py, imported on first use (it is not imported by this module: no import cycle)."""
+    global _gelu_ops
+    if _gelu_ops is None:
+        from llava_fast.ops import gelu as g
+        _gelu_ops = g
+    return _gelu_ops
+
+
 class GeluAct(ExplicitAct):
-    """``F.gelu(h, approximate=...)``; backward ``gelu_backward`` as autograd's."""
+    """``F.gelu(h, approximate=...)``; backward ``gelu_backward`` as autograd's. On CUDA (backend "gelu") the Triton
+    kernels of ops/gelu.py instead, whose backward also writes the forward's output (``grad_with_output``: one launch
+    instead of torch's recomputation + ``gelu_backward``); elsewhere torch's two kernels, the same bits as autograd."""
 
     pointwise = True
 
@@ -119,13 +133,32 @@ class GeluAct(ExplicitAct):
         self.approximate = approximate
 
     def forward(self, h):
-        return F.gelu(h, approximate=self.approximate)
+        g = _gelu()
+        return g.gelu(h, self.approximate) if g.kernel_usable(h) else F.gelu(h, approximate=self.approximate)
 
     def recompute(self, h):
-        return self.forward(h), None
+        g = _gelu()
+        if g.kernel_usable(h):
+            return g._gelu_fwd_op(h, self.approximate), None
+        return F.gelu(h, approximate=self.approximate), None
 
     def grad(self, da, hs, state, need):
-        return (torch.ops.aten.gelu_backward(da, hs[0], approximate=self.approximate) if need[0] else None,)
+        if not need[0]:
+            return (None,)
+        g = _gelu()
+        if g.kernel_usable(hs[0]):
+            return (g._gelu_bwd_op(da, hs[0], self.approximate),)
+        return (torch.ops.aten.gelu_backward(da, hs[0], approximate=self.approximate),)
+
+    def grad_with_output(self, da, hs, need):
+        """``(grads, out)``: the gradient and the forward's output (the same bits as :meth:`forward`)."""
+        g = _gelu()
+        if g.kernel_usable(hs[0]):
+            dx, out = g._gelu_bwd_out_op(da, hs[0], self.approximate)
+        else:
+            out = F.gelu(hs[0], approximate=self.approximate)
+            dx = torch.ops.aten.gelu_backward(da, hs[0], approximate=self.approximate)
+        return (dx if need[0] else None,), out
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -96,25 +96,7 @@ _EPI_DGELU = 2     # out = acc * gelu'(h) with h loaded; out2 = gelu(h)  (dA GEM
 
 if HAS_TRITON:
 
-    @triton.jit
-    def _gelu_and_grad(h, APPROX_TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
-        """(gelu(h), gelu'(h)) in fp32; the second is h itself when NEED_GRAD is False (unused)."""
-        if APPROX_TANH:
-            u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-            t = 2.0 * tl.sigmoid(2.0 * u) - 1.0  # tanh(u), written with exp so it exists on every Triton version
-            g = 0.5 * h * (1.0 + t)
-            if NEED_GRAD:
-                dg = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * h * h)
-            else:
-                dg = h
-        else:
-            cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
-            g = h * cdf
-            if NEED_GRAD:
-                dg = cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
-            else:
-                dg = h
-        return g, dg
+    from llava_fast.ops.gelu import _gelu_and_grad  # (gelu(h), gelu'(h)) in fp32, shared with ops/gelu.py
 
     @triton.jit
     def _epilogue(acc, offs_cm, offs_cn, bias_ptr, h_ptr, out_ptr, out2_ptr, M, N, stride_cm, stride_cn,

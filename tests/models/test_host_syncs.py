@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from host_overhead import device_reads  # noqa: E402
 
 KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention",
-           "projector")
+           "projector", "gelu", "quick_gelu")
 HOST_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "image_sizes")
 
 
