@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block (opt-in maximum)
 KINDS = ("fwd", "fwd_decode", "dkdv", "dq", "bwd_fused")
-OPS = ("attention", "rms_norm", "rope", "swiglu", "cross_entropy", "projector", "pack_features")
+OPS = ("attention", "rms_norm", "rope", "swiglu", "quick_gelu", "gelu", "cross_entropy", "projector", "pack_features")
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 _ATTN_KIND = {"_flash_attn_fwd_kernel": "fwd", "_flash_attn_bwd_dkdv_kernel": "dkdv",
               "_flash_attn_bwd_dq_kernel": "dq", "_flash_attn_bwd_fused_kernel": "bwd_fused",
@@ -310,6 +310,20 @@ def drive_swiglu():
         yield f"8192 x {n}", lambda: (S.swiglu_fwd(g, g), S.swiglu_bwd(g, g, g))
 
 
+def drive_quick_gelu():
+    Q = _import("llava_fast.ops.quick_gelu")
+    x = _meta(9232, 4096)
+    yield "9232 x 4096", lambda: (Q.quick_gelu_fwd(x), Q.quick_gelu_bwd(x, x), Q.quick_gelu_bwd(x, x, want_out=True))
+
+
+def drive_gelu():
+    G = _import("llava_fast.ops.gelu")
+    x = _meta(7290, 4304)
+    for approx in ("tanh", "none"):
+        yield f"7290 x 4304 {approx}", lambda: (G.gelu_fwd(x, approx), G.gelu_bwd(x, x, approx),
+                                                 G.gelu_bwd(x, x, approx, want_out=True))
+
+
 def drive_cross_entropy():
     C = _import("llava_fast.ops.cross_entropy")
     for v in (32064, 152064):
@@ -414,7 +428,8 @@ def run(ops, arch, dims=(64, 72, 128), dtypes=(torch.bfloat16,), causals=(True,)
                             kind=kind, head_dim=v["HEAD_DIM"], dtype=label.split()[1], causal=bool(v["CAUSAL"]),
                             cfg=[v["BLOCK_M"], v["BLOCK_N"], rec.num_warps, rec.num_stages], align=v.get("ALIGN"),
                             split=[v["BLOCK_D0"], v["BLOCK_D1"] if v["HAS_D1"] else 0], d1_lo=v.get("D1_LO")))
-    drivers = {"rms_norm": drive_rms_norm, "rope": drive_rope, "swiglu": drive_swiglu,
+    drivers = {"rms_norm": drive_rms_norm, "rope": drive_rope, "swiglu": drive_swiglu, "quick_gelu": drive_quick_gelu,
+               "gelu": drive_gelu,
                "cross_entropy": drive_cross_entropy, "projector": lambda: drive_projector(arch, max_configs),
                "pack_features": drive_pack_features}
     for op in ops:
