@@ -31,7 +31,10 @@ llava_fast_compiled_cg (not in the default list): the same with mode="reduce-ove
 backward replayed as CUDA graphs (no host cost per kernel); llava_fast_graph (not in the default list, GPU only):
 the whole step captured once as one CUDA graph and replayed (graph_step): the step without any host time, i.e. the
 GPU-bound limit of the eager step at fixed shapes. Every llava_fast provider passes the integer inputs' CPU copies
-(host_inputs) as the trainer does, so its step never waits for the GPU.
+(host_inputs) as the trainer does, so its step never waits for the GPU. llava_fast_gelu_triton: the SigLIP tower's
+GELU by the Triton kernels (ops/gelu.py; "auto" keeps torch's: a Triton call's host cost may exceed the GPU time it
+saves in the host-bound OneVision step); llava_fast_qgelu_ref: CLIP's QuickGELU by torch's three kernels instead of
+the Triton one (stage 1, prefill).
 
 MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
 2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
@@ -488,7 +491,11 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the SwiGLU / RMSNorm outputs recomputed by a forward launch in the backward (before session 12)
                 "llava_fast_sep_recompute": {"LLAVA_FAST_FUSED_RECOMPUTE": "0"},
                 # the opt-in GQA split of the dK/dV kernel (session 10; only GQA models: OneVision's Qwen2)
-                "llava_fast_gqa_split": {"LLAVA_FAST_ATTN_GQA_SPLIT": "1"}}
+                "llava_fast_gqa_split": {"LLAVA_FAST_ATTN_GQA_SPLIT": "1"},
+                # the GELU kernels (ops/gelu.py, session 13; auto keeps torch's): the SigLIP tower, OneVision only
+                "llava_fast_gelu_triton": {"LLAVA_FAST_BACKEND_GELU": "triton"},
+                # CLIP's QuickGELU by torch's three kernels instead of ours (session 13): stage 1, prefill
+                "llava_fast_qgelu_ref": {"LLAVA_FAST_BACKEND_QUICK_GELU": "reference"}}
 
 
 def known_providers() -> list[str]:

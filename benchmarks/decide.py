@@ -325,6 +325,25 @@ def _model_rules(rows, label=""):
                     f"{x:.2f}x the default, memory {_fmt(alt.get('peak_gib'))} vs {_fmt(ours.get('peak_gib'))} GiB",
                     "make it the default (LLAVA_FAST_ATTN_GQA_SPLIT default '1') if >= 1.02x and its cuda tests pass",
                     "candidate default" if x >= 1.02 else "keep opt-in"))
+    # session 13's activation kernels end to end: GELU opt-in (OneVision), QuickGELU default (stage 1, prefill)
+    for prov, mode_list, what, rule in (
+            ("llava_fast_gelu_triton", ("ov_ft",), "GELU kernels (opt-in) vs torch's",
+             "make them the CUDA default (drop gelu from backend.AUTO_REFERENCE) if >= 1.01x"),
+            ("llava_fast_qgelu_ref", ("stage1", "prefill"), "QuickGELU kernel (default) vs torch's",
+             "keep the kernel if not slower; else add quick_gelu to backend.AUTO_REFERENCE")):
+        for mode in mode_list:
+            ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
+            if not (ours and alt):
+                continue
+            if prov == "llava_fast_gelu_triton":
+                x = alt["metric"] / ours["metric"]
+                verdict = "switch" if x >= 1.01 else "keep torch's"
+                m = f"{x:.2f}x the default"
+            else:
+                x = ours["metric"] / alt["metric"]
+                verdict = "keep the default" if x >= 1.0 else "switch"
+                m = f"default {x:.2f}x"
+            out.append((f"{what}, {mode}{label}", m, rule, verdict))
     # the whole step as one CUDA graph (no host time): how far the eager step is from its GPU-bound limit
     for mode in ("ov_ft", "stage1", "prefill"):
         ours, graph = _row(rows, "llava_fast", "", mode), _row(rows, "llava_fast_graph", "", mode)

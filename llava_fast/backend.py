@@ -47,6 +47,9 @@ AUTO_REFERENCE: dict[str, str] = {
                         "2026-11-26); H100 after the D=72 fixes: cuDNN fwd+bwd 214 vs ours 115 TFLOP/s",
     "projector": "cuBLAS eager: 1.14x the fused kernel's forward at M=23040, 2.8x at M=576 (H200, 2026-11-26); "
                  "set_backend('projector', 'triton') keeps half the saved activations",
+    "gelu": "not yet measured (session 13): torch's one-kernel F.gelu already moves the forward's bytes, and the "
+            "Triton backward saves ~23 us of GPU per SigLIP layer while a Triton call costs ~100 us of host time on "
+            "the H100 box, which the host-bound OneVision step pays; bench_model's llava_fast_gelu_triton decides",
 }
 
 

@@ -300,3 +300,13 @@ def test_decide_quick_gelu_rule(tmp_path):
     m, r, d = got["QuickGELU fwd, 9232 x 4096"]
     assert d == "keep the kernel" and m.startswith("3.00x HF eager") and "40% of copy" in m
     assert got["QuickGELU fwd+bwd, 9232 x 4096"][2] == "reference on CUDA"
+
+
+def test_decide_activation_kernel_rules(tmp_path):
+    ov, s1 = "OV-0.5B full FT 2x5453 (4 LLM layers)", "LLaVA-1.5-7B stage1 16x640 (4 LLM layers)"
+    _model_rows(tmp_path / "bench_model-GPU-1.json",
+                [("llava_fast", ov, "ov_ft", 100.0, 12.0), ("llava_fast_gelu_triton", ov, "ov_ft", 102.0, 12.0),
+                 ("llava_fast", s1, "stage1", 30.0, 40.0), ("llava_fast_qgelu_ref", s1, "stage1", 30.3, 40.0)])
+    got = _decide(tmp_path)
+    assert got["GELU kernels (opt-in) vs torch's, ov_ft"][2] == "switch"
+    assert got["QuickGELU kernel (default) vs torch's, stage1"][2] == "switch"   # the reference was faster

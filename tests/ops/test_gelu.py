@@ -119,9 +119,10 @@ def test_bad_inputs():
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(7290, 4304), (3, 517, 1237), (1, 4304)])
-def test_cuda_flash_rule(shape, dtype, approximate):
+def test_cuda_flash_rule(shape, dtype, approximate, triton_gelu):
     x = (torch.randn(shape, device="cuda") * 3).to(dtype).requires_grad_()
     y = gelu(x, approximate)
+    assert y.grad_fn is not None and "GELUFunction" in type(y.grad_fn).__name__   # the kernel, not F.gelu
     s = gelu_ref(x, approximate)
     x32 = x.detach().float().requires_grad_()
     f = gelu_ref(x32, approximate)
@@ -131,7 +132,7 @@ def test_cuda_flash_rule(shape, dtype, approximate):
 
 
 @pytest.mark.cuda
-def test_cuda_torch_compile():
+def test_cuda_torch_compile(triton_gelu):
     x = torch.randn(2048, 4304, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y = torch.compile(gelu, fullgraph=True)(x, "tanh")
     e = gelu(x, "tanh")

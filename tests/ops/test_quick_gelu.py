@@ -140,6 +140,7 @@ def test_bad_inputs():
 def test_cuda_flash_rule(shape, dtype):
     x = (torch.randn(shape, device="cuda") * 4).to(dtype).requires_grad_()
     y = quick_gelu(x)
+    assert "QuickGELUFunction" in type(y.grad_fn).__name__   # the kernel (the CUDA default), not the reference
     s = quick_gelu_ref(x)
     assert torch.isfinite(y).all()
     x32 = x.detach().float().requires_grad_()
