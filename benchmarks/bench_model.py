@@ -34,7 +34,8 @@ GPU-bound limit of the eager step at fixed shapes. Every llava_fast provider pas
 (host_inputs) as the trainer does, so its step never waits for the GPU. llava_fast_gelu_triton: the SigLIP tower's
 GELU by the Triton kernels (ops/gelu.py; "auto" keeps torch's: a Triton call's host cost may exceed the GPU time it
 saves in the host-bound OneVision step); llava_fast_qgelu_ref: CLIP's QuickGELU by torch's three kernels instead of
-the Triton one (stage 1, prefill).
+the Triton one (stage 1, prefill); llava_fast_triton_launch: every Triton kernel launched by Triton's own
+``kernel[grid](...)`` instead of ``_ext.launch``'s direct path (LLAVA_FAST_DIRECT_LAUNCH=0).
 
 MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
 2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
@@ -495,7 +496,16 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the GELU kernels (ops/gelu.py, session 13; auto keeps torch's): the SigLIP tower, OneVision only
                 "llava_fast_gelu_triton": {"LLAVA_FAST_BACKEND_GELU": "triton"},
                 # CLIP's QuickGELU by torch's three kernels instead of ours (session 13): stage 1, prefill
-                "llava_fast_qgelu_ref": {"LLAVA_FAST_BACKEND_QUICK_GELU": "reference"}}
+                "llava_fast_qgelu_ref": {"LLAVA_FAST_BACKEND_QUICK_GELU": "reference"},
+                # every Triton launch through Triton's own kernel[grid] path instead of _ext.launch's direct one
+                "llava_fast_triton_launch": {"LLAVA_FAST_DIRECT_LAUNCH": "0"}}
+
+
+def _reset_env_caches() -> None:
+    """Settings read once per process (the direct-launch switch) are re-read after a provider changes the env."""
+    from llava_fast import _ext
+
+    _ext.reset_direct_launch()
 
 
 def known_providers() -> list[str]:
@@ -545,6 +555,7 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
             restore = snapshot_transformers() if prov.startswith("hf_sdpa_liger") else None
             env_before = {k: os.environ.get(k) for k in PROVIDER_ENV.get(prov, {})}
             os.environ.update(PROVIDER_ENV.get(prov, {}))
+            _reset_env_caches()
             try:
                 m = build(prov, name, cfg, device)
                 fn = step_fn(prov, name, m, inp)
@@ -577,6 +588,7 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
+                _reset_env_caches()
                 del m
                 gc.collect()
                 if device == "cuda":

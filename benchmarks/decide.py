@@ -330,7 +330,10 @@ def _model_rules(rows, label=""):
             ("llava_fast_gelu_triton", ("ov_ft",), "GELU kernels (opt-in) vs torch's",
              "make them the CUDA default (drop gelu from backend.AUTO_REFERENCE) if >= 1.01x"),
             ("llava_fast_qgelu_ref", ("stage1", "prefill"), "QuickGELU kernel (default) vs torch's",
-             "keep the kernel if not slower; else add quick_gelu to backend.AUTO_REFERENCE")):
+             "keep the kernel if not slower; else add quick_gelu to backend.AUTO_REFERENCE"),
+            ("llava_fast_triton_launch", ("ov_ft", "stage1"), "direct Triton launch (default) vs kernel[grid]",
+             "keep the direct launch if not slower (and its cuda test passes); else LLAVA_FAST_DIRECT_LAUNCH "
+             "default '0'")):
         for mode in mode_list:
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
             if not (ours and alt):

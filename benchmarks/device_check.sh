@@ -169,7 +169,7 @@ if want ops; then
       step host_overhead 40 $PY benchmarks/host_overhead.py --steps 5
     elif [ "$b" = "model" ]; then
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
-        --providers llava_fast,llava_fast_graph,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_gelu_triton,llava_fast_qgelu_ref,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce
+        --providers llava_fast,llava_fast_graph,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_gelu_triton,llava_fast_qgelu_ref,llava_fast_triton_launch,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce
     elif [ -f "benchmarks/bench_$b.py" ]; then
       # cross_entropy: five providers since session 5 (token and vocab schedules, the 20 MiB one, HF, Liger);
       # anyres: 28 s on the H100 in session 4, + the v3 and v4 rows since
@@ -211,7 +211,7 @@ for ln in open(sys.argv[1]):
       profile_model-*)  # the kernel classes, GPU busy, host syncs, and (--host) the host cost per op call
         grep '^| ' "$f" | head -n 10
         grep -hE "^(Wall time|Host synchronisations)" "$f" | cut -c1-240
-        grep -A8 "^Host cost per call" "$f" | grep '^| ' ;;
+        grep -A12 "^Host cost per call" "$f" | grep '^| ' ;;
       *)  # the header and our rows (the ones carrying the ratios to every baseline of the same run)
         grep '^| ' "$f" | awk -F'|' 'NR == 1 || $10 ~ /[0-9]x/' | cut -c1-240 | head -n 16 ;;
     esac

@@ -177,7 +177,10 @@ def device_reads(step, device_tensors, on_device_paths=True):
     return reads
 
 
-def mock_cuda_driver() -> None:
+LAUNCHES: list = []   # with record=True: (kernel hash, grid, launch metadata, hooks, kernel arguments) per launch
+
+
+def mock_cuda_driver(record: bool = False) -> None:
     """Make Triton believe it runs on an sm_90 GPU: kernels compile for real (ptxas ships with triton) and every
     launch goes through the whole JIT dispatch (argument specialisation, cache lookup, the launcher call), but the
     launcher is a no-op and the binaries are never loaded. Uses Triton's driver interface (3.6-3.8); for
@@ -214,15 +217,111 @@ def mock_cuda_driver() -> None:
             return True
 
         def launcher_cls(self, src, metadata):
-            return lambda *args: None
+            if not record:
+                return lambda *args: None
+
+            def run(gx, gy, gz, stream, function, kernel_metadata, launch_metadata, enter, exit_, *args):
+                LAUNCHES.append((metadata.hash, (gx, gy, gz), launch_metadata, (enter, exit_), args))
+            return run
 
     driver.set_active(MockDriver())
+
+
+def _direct_cases():
+    """Launches that cover Triton's specialisations: integer arguments equal to 1 or divisible by 16 or neither,
+    pointers 16-byte aligned or not (views at an element offset), contiguous and row-strided layouts, dtypes."""
+    from llava_fast.ops import gelu, quick_gelu, rms_norm, rope, swiglu
+
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(64 * 897 + 8, generator=g)
+    cases = []
+    for m, n in ((1, 896), (16, 896), (17, 897), (5, 64)):
+        x = buf[: m * n].view(m, n)
+        xo = buf[1: 1 + m * n].view(m, n)                   # one element in: the pointer is not 16-byte aligned
+        w = torch.ones(n)
+        cases += [(f"rms_norm {m}x{n}", lambda x=x, w=w: rms_norm.rms_norm_fwd(x, w, 1e-6)),
+                  (f"rms_norm {m}x{n} offset", lambda x=xo, w=w: rms_norm.rms_norm_fwd(x, w, 1e-6)),
+                  (f"rms_norm+res {m}x{n}", lambda x=x, w=w: rms_norm.rms_norm_fwd(x, w, 1e-6, residual=x)),
+                  (f"rms_norm bwd {m}x{n}", lambda x=x, w=w: rms_norm.rms_norm_bwd(
+                      x, x, w, torch.ones(m), want_out=True)),
+                  (f"swiglu {m}x{n}", lambda x=x: swiglu.swiglu_fwd(x, x)),
+                  (f"swiglu bwd {m}x{n}", lambda x=x: swiglu.swiglu_bwd(x, x, x)),
+                  (f"quick_gelu {m}x{n}", lambda x=xo: quick_gelu.quick_gelu_bwd(x, x, want_out=True)),
+                  (f"gelu {m}x{n}", lambda x=x: gelu.gelu_bwd(x, x, "tanh"))]
+    gu = torch.randn(9, 2 * 100, generator=g)
+    cases.append(("swiglu strided halves", lambda: swiglu.swiglu_fwd(gu[:, :100], gu[:, 100:])))
+    xh = torch.randn(9, 100, generator=g).half()
+    cases.append(("swiglu fp16", lambda: swiglu.swiglu_fwd(xh, xh)))
+    q, k = torch.randn(12, 14, 64, generator=g), torch.randn(12, 2, 64, generator=g)
+    pos, inv = torch.arange(12), 1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
+    cases.append(("rope 14/2 x 64", lambda: rope.rope_fwd(q, k, pos, inv)))
+    from llava_fast.ops.attention import flash_attn_varlen_func
+
+    qa = torch.randn(40, 4, 64, generator=g).bfloat16().requires_grad_()
+    ka = torch.randn(40, 2, 64, generator=g).bfloat16().requires_grad_()
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+
+    def attention():   # forward, backward preprocess, dK/dV and dQ kernels (GQA 4/2, two documents, causal)
+        o = flash_attn_varlen_func(qa, ka, ka, cu, cu, 23, 23, causal=True)
+        torch.autograd.grad(o.float().sum(), (qa, ka))
+    cases.append(("attention fwd+bwd", attention))
+    return cases
+
+
+def _arg_key(x):
+    """A launch argument as the kernel sees it: a tensor by dtype, shape, strides and 16-byte alignment (each call
+    allocates its outputs anew), anything else by value."""
+    if isinstance(x, torch.Tensor):
+        return ("tensor", x.dtype, tuple(x.shape), x.stride(), x.data_ptr() % 16)
+    return ("value", type(x).__name__, x)
+
+
+def direct_launch_check() -> list[str]:
+    """The direct launch (``_ext.launch``) against Triton's own path, with the mock driver: for every case, the same
+    compiled kernel, grid and arguments, and no hook objects (the direct path's point). Returns the mismatches."""
+    import os as _os
+
+    from llava_fast import _ext
+
+    mock_cuda_driver(record=True)
+    force_fast()
+    problems, direct_used = [], 0
+    for name, call in _direct_cases():
+        seen = {}
+        for mode in ("0", "1"):
+            _os.environ["LLAVA_FAST_DIRECT_LAUNCH"] = mode
+            _ext.reset_direct_launch()
+            for _ in range(2):      # the first call of a specialisation compiles through Triton's path
+                LAUNCHES.clear()
+                call()
+                seen.setdefault(mode, []).append(list(LAUNCHES))
+        slow, fast = seen["0"][1], seen["1"][1]
+        direct_used += sum(1 for launch in fast if launch[2] is None and launch[3] == (None, None))
+        if len(slow) != len(fast):
+            problems.append(f"{name}: {len(slow)} launches by Triton's path, {len(fast)} direct")
+            continue
+        for a, b in zip(slow, fast):
+            same_args = len(a[4]) == len(b[4]) and all(_arg_key(x) == _arg_key(y) for x, y in zip(a[4], b[4]))
+            if a[0] != b[0] or a[1] != b[1] or not same_args:
+                problems.append(f"{name}: kernel {a[0][:8]} vs {b[0][:8]}, grid {a[1]} vs {b[1]}, "
+                                f"arguments {'equal' if same_args else 'differ'}")
+            if b[2] is not None or b[3] != (None, None):
+                problems.append(f"{name}: the direct path passed launch hooks or metadata")
+    _os.environ.pop("LLAVA_FAST_DIRECT_LAUNCH", None)
+    _ext.reset_direct_launch()
+    if not direct_used:
+        problems.append("the direct path was never taken")
+    return problems
 
 
 def dispatch_costs(calls: int = 5000) -> list[tuple[str, float]]:
     """Host microseconds per call of RMSNorm's forward (16 x 896) with the mock driver: through our op (wrapper +
     Triton's dispatch, no-op launch) and ``kernel[grid](...)`` alone (Triton's dispatch only). With the stubbed
     ``--per-call`` row (our wrapper alone) they split a call's Python time between ours and Triton's."""
+    import os as _os
+
+    from llava_fast import _ext
+
     mock_cuda_driver()
     force_fast()
     from llava_fast.ops import rms_norm as rn
@@ -235,15 +334,21 @@ def dispatch_costs(calls: int = 5000) -> list[tuple[str, float]]:
     args = (x, x, w, y, y, rstd, m, n, n, n, n, 0, 1e-6)
     out = []
     with torch.no_grad():
-        for name, fn in (("rms_norm op (mock launch)", lambda: rn.rms_norm(x, w)),
-                         ("kernel[grid] only", lambda: rn._rms_norm_fwd_kernel[grid](
-                             *args, HAS_RES=False, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw))):
-            for _ in range(50):   # the first call compiles
-                fn()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            out.append((name, (time.perf_counter() - t0) * 1e6 / calls))
+        for direct in ("0", "1"):
+            _os.environ["LLAVA_FAST_DIRECT_LAUNCH"] = direct
+            _ext.reset_direct_launch()
+            how = "direct launch" if direct == "1" else "kernel[grid]"
+            for name, fn in ((f"rms_norm op, {how}", lambda: rn.rms_norm(x, w)),
+                             (f"{how} only", lambda: _ext.launch(rn._rms_norm_fwd_kernel, grid, *args, HAS_RES=False,
+                                                                 BLOCK_M=bm, BLOCK_N=bn, num_warps=nw))):
+                for _ in range(50):   # the first call compiles
+                    fn()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                out.append((name, (time.perf_counter() - t0) * 1e6 / calls))
+    _os.environ.pop("LLAVA_FAST_DIRECT_LAUNCH", None)
+    _ext.reset_direct_launch()
     return out
 
 
@@ -282,11 +387,18 @@ def main(argv=None):
     p.add_argument("--dispatch", action="store_true",
                    help="only Triton's dispatch cost per launch on this CPU (a mock sm_90 driver: real compile, no-op "
                         "launch)")
+    p.add_argument("--direct-check", action="store_true",
+                   help="only compare the direct launch with Triton's path under the mock driver (exit 1 on a mismatch)")
     p.add_argument("--syncs", action="store_true",
                    help="also list the step's host reads of device data (host synchronisations on a GPU), by line")
     a = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     torch.set_num_threads(a.threads)
+    if a.direct_check:
+        problems = direct_launch_check()
+        print("direct launch: " + ("same kernels, grids and arguments as Triton's path in every case" if not problems
+                                   else "\n  ".join(["MISMATCH"] + problems)))
+        return 1 if problems else 0
     if a.dispatch:
         for name, us in dispatch_costs():
             print(f"  {name:28s} {us:7.1f} us per call")
@@ -351,4 +463,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rc = main()
+    sys.exit(rc if isinstance(rc, int) else 0)

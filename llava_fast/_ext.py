@@ -308,6 +308,87 @@ def device_guard(device):
     return torch.cuda.device(device)
 
 
+_DIRECT = None   # the direct-launch state: None until first use, False when off, else a dict of Triton's pieces
+
+
+def _direct_state():
+    """Decide once per process whether :func:`launch` may skip Triton's per-call extras (see there)."""
+    global _DIRECT
+    if _DIRECT is None:
+        _DIRECT = False
+        if os.environ.get("LLAVA_FAST_DIRECT_LAUNCH", "1") != "0" and not interpreting():
+            try:
+                import triton
+                from triton import knobs
+                from triton.runtime import driver
+                from triton.runtime.jit import JITFunction, compute_cache_key
+
+                version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+                # JITFunction.run and the launcher's positional arguments are the same from 3.4 to 3.8 (read in
+                # their sources); another version takes Triton's own path
+                if (3, 4) <= version <= (3, 8) and isinstance(getattr(knobs.runtime, "launch_enter_hook", None),
+                                                              knobs.HookChain):
+                    _DIRECT = dict(jit=JITFunction, key=compute_cache_key, knobs=knobs, driver=driver.active)
+            except Exception:  # noqa: BLE001 - any surprise: Triton's own path
+                _DIRECT = False
+    return _DIRECT
+
+
+def reset_direct_launch() -> None:
+    """Forget the direct-launch decision (tests: after changing LLAVA_FAST_DIRECT_LAUNCH or Triton's driver)."""
+    global _DIRECT
+    _DIRECT = None
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, with less host work once the kernel is compiled for these arguments.
+
+    Triton's ``JITFunction.run`` does, per launch, besides the launch: reads of two knobs (an environment variable),
+    the device and stream queries through its driver, the pre-run hooks, ``str(options)`` for the cache key, a check
+    of the kernel's global variables, and ``launch_metadata`` (a dict built for the launch hooks, even with no hook
+    registered), and the launcher then calls the two empty hook chains. The OneVision step makes ~300 launches on a
+    host that was the bottleneck (session 12: ~100 us of host per Triton op call on the H100 box). This path keeps
+    what decides correctness, Triton's own binder (the arguments' specialisation: dtypes, 16-byte alignment, integers
+    equal to 1 or divisible by 16) and Triton's compiled-kernel cache, and looks the result up by the specialisation
+    tuple; it then calls the compiled kernel's launcher with the same arguments ``run`` passes, with no hooks. It
+    falls back to ``kernel[grid]`` for the first call of a specialisation (which compiles), while any launch hook,
+    pre-run hook or stage-inspection hook is registered (profilers), under the interpreter, for anything that is
+    not a plain ``JITFunction`` (autotuners), on Triton versions outside 3.4-3.8, and with
+    ``LLAVA_FAST_DIRECT_LAUNCH=0`` (read once per process). Skipped for good: the check that a kernel's global
+    variables have not changed since it compiled (ours read none that change)."""
+    d = _DIRECT if _DIRECT is not None else _direct_state()
+    if d is False or type(kernel) is not d["jit"] or kernel.pre_run_hooks or not kernel.device_caches:
+        return kernel[grid](*args, **kwargs)
+    knobs = d["knobs"]
+    rt = knobs.runtime
+    if rt.launch_enter_hook.calls or rt.launch_exit_hook.calls or \
+            getattr(rt, "add_stages_inspection_hook", None) is not None:
+        return kernel[grid](*args, **kwargs)
+    drv = d["driver"]
+    device = drv.get_current_device()
+    caches = kernel.device_caches.get(device)
+    if caches is None:
+        return kernel[grid](*args, **kwargs)
+    kernel_cache, key_cache, _target, _backend, binder = caches
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or rt.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    bound, spec, options = binder(*args, **kwargs)
+    ck = (tuple(spec), tuple(options.items()))
+    per = kernel.__dict__.get("_llava_fast_direct")
+    if per is None:
+        per = kernel.__dict__["_llava_fast_direct"] = {}
+    compiled = per.get((device, ck))
+    if compiled is None:
+        compiled = kernel_cache.get(d["key"](key_cache, spec, options))
+        if compiled is None or hasattr(compiled, "result"):   # not compiled yet (or compiling): Triton compiles
+            return kernel[grid](*args, **kwargs)
+        per[(device, ck)] = compiled
+    n = len(grid)
+    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, drv.get_current_stream(device),
+                 compiled.function, compiled.packed_metadata, None, None, None, *bound.values())
+    return compiled
+
+
 def host_copies(*tensors):
     """CPU copies of several small device tensors for one host synchronisation in all (None and CPU tensors come
     back as they are). Reading a CUDA tensor on the host (``.tolist()``, ``int(t)``, ``bool(t)``, ``nonzero``) waits

@@ -212,3 +212,41 @@ def test_device_guard_switches_only_to_another_cuda_device(monkeypatch):
     with _ext.device_guard(torch.device("cuda", 0)):
         pass
     assert entered == [torch.device("cuda", 0)]
+
+
+def test_direct_launch_is_off_under_the_interpreter(monkeypatch):
+    """Under TRITON_INTERPRET=1 (CI) _ext.launch is kernel[grid](...) itself; LLAVA_FAST_DIRECT_LAUNCH=0 turns the
+    direct path off everywhere (read once per process: reset_direct_launch re-reads it)."""
+    _ext.reset_direct_launch()
+    try:
+        assert _ext._direct_state() is False           # conftest sets TRITON_INTERPRET=1
+        calls = []
+
+        class K:
+            def __getitem__(self, grid):
+                return lambda *a, **k: calls.append((grid, a, k))
+        _ext.launch(K(), (3,), 1, 2, X=4)
+        assert calls == [((3,), (1, 2), {"X": 4})]
+    finally:
+        _ext.reset_direct_launch()
+
+
+@pytest.mark.cuda
+def test_cuda_direct_launch_same_results_as_triton_path(monkeypatch):
+    """On a GPU the direct path launches through the real launcher with no hook objects: the same outputs as
+    Triton's own path, bit for bit, and it is taken (the kernel's direct cache fills)."""
+    from llava_fast.ops import rms_norm as rn
+    from llava_fast.ops.swiglu import swiglu_fwd
+
+    x = torch.randn(37, 896, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(896, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("LLAVA_FAST_DIRECT_LAUNCH", mode)
+        _ext.reset_direct_launch()
+        for _ in range(2):   # the first call of a specialisation compiles through Triton's path
+            outs[mode] = (rn.rms_norm_fwd(x, w, 1e-6)[0], swiglu_fwd(x, x))
+    _ext.reset_direct_launch()
+    for a, b in zip(outs["0"], outs["1"]):
+        assert torch.equal(a, b)
+    assert rn._rms_norm_fwd_kernel.__dict__.get("_llava_fast_direct")

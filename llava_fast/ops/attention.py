@@ -1003,7 +1003,8 @@ def _launch(kind, fn, grid_of, args, constexprs):
     if fixed:
         width = constexprs["BLOCK_D0"] + (constexprs["BLOCK_D1"] if constexprs["HAS_D1"] else 0)
         bm, bn, warps, stages = _default_cfg(kind, width, constexprs["DOT_PREC"] == "ieee")
-        kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        _ext.launch(kernel, grid_of(bm, bn), *args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                    num_stages=stages)
     else:
         kernel[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
 
@@ -1273,8 +1274,9 @@ def _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q: int, lse_
     # dlse as delta is laid out, (hq, total_q) contiguous (a copy only if it is not: lse.sum() gives an expanded one)
     with_dlse = {} if dlse is None else dict(DLSE=dlse.float().contiguous(), HAS_DLSE=True)
     if not lse_tma:
-        _flash_attn_bwd_preprocess_kernel[(_ext.cdiv(total_q, block_t), hq)](
-            out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+        _ext.launch(
+            _flash_attn_bwd_preprocess_kernel, (_ext.cdiv(total_q, block_t), hq), out, dout, delta, total_q,
+            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
             HEAD_DIM=d, BLOCK_D=_ext.next_power_of_2(d), BLOCK_T=block_t, **with_dlse)
         return lse, {}
     lse = lse.contiguous()

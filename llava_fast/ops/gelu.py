@@ -106,8 +106,8 @@ def gelu_fwd(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     n = xc.numel()
     if n:
         with _ext.device_guard(x.device):
-            _gelu_fwd_kernel[(_ext.cdiv(n, _FWD_BLOCK),)](xc, y, n, APPROX_TANH=approximate == "tanh",
-                                                          BLOCK=_FWD_BLOCK, num_warps=8)
+            _ext.launch(_gelu_fwd_kernel, (_ext.cdiv(n, _FWD_BLOCK),), xc, y, n, APPROX_TANH=approximate == "tanh",
+                        BLOCK=_FWD_BLOCK, num_warps=8)
     return y
 
 
@@ -120,9 +120,8 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, approximate: str = "none", want_
     n = xc.numel()
     if n:
         with _ext.device_guard(x.device):
-            _gelu_bwd_kernel[(_ext.cdiv(n, _BWD_BLOCK),)](dyc, xc, dx, y if want_out else dx, n,
-                                                          APPROX_TANH=approximate == "tanh", HAS_Y=want_out,
-                                                          BLOCK=_BWD_BLOCK, num_warps=4)
+            _ext.launch(_gelu_bwd_kernel, (_ext.cdiv(n, _BWD_BLOCK),), dyc, xc, dx, y if want_out else dx, n,
+                        APPROX_TANH=approximate == "tanh", HAS_Y=want_out, BLOCK=_BWD_BLOCK, num_warps=4)
     return (dx, y) if want_out else dx
 
 

@@ -86,7 +86,7 @@ def quick_gelu_fwd(x: torch.Tensor) -> torch.Tensor:
     n = xc.numel()
     if n:
         with _ext.device_guard(x.device):
-            _quick_gelu_fwd_kernel[(_ext.cdiv(n, _FWD_BLOCK),)](xc, y, n, BLOCK=_FWD_BLOCK, num_warps=8)
+            _ext.launch(_quick_gelu_fwd_kernel, (_ext.cdiv(n, _FWD_BLOCK),), xc, y, n, BLOCK=_FWD_BLOCK, num_warps=8)
     return y
 
 
@@ -99,8 +99,8 @@ def quick_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, want_out: bool = False):
     n = xc.numel()
     if n:
         with _ext.device_guard(x.device):
-            _quick_gelu_bwd_kernel[(_ext.cdiv(n, _BWD_BLOCK),)](dyc, xc, dx, y if want_out else dx, n,
-                                                                HAS_Y=want_out, BLOCK=_BWD_BLOCK, num_warps=4)
+            _ext.launch(_quick_gelu_bwd_kernel, (_ext.cdiv(n, _BWD_BLOCK),), dyc, xc, dx, y if want_out else dx, n,
+                        HAS_Y=want_out, BLOCK=_BWD_BLOCK, num_warps=4)
     return (dx, y) if want_out else dx
 
 

@@ -195,8 +195,8 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
         block_m, block_n, num_warps = _config(n, 4096)
         grid = (_ext.cdiv(m, block_m),)
         with _ext.device_guard(x.device):
-            _rms_norm_fwd_kernel[grid](
-                x2, r2, weight, y2, s2, rstd,
+            _ext.launch(
+                _rms_norm_fwd_kernel, grid, x2, r2, weight, y2, s2, rstd,
                 m, n, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0) if residual is not None else 0, eps,
                 HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return y, s, rstd
@@ -225,8 +225,8 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     y2 = y.view(m, n) if want_out else dx
     if m > 0:
         with _ext.device_guard(x.device):
-            _rms_norm_bwd_kernel[(programs,)](
-                dy2, x2, weight, rstd.reshape(-1), ds2, dx, dw_partial, y2,
+            _ext.launch(
+                _rms_norm_bwd_kernel, (programs,), dy2, x2, weight, rstd.reshape(-1), ds2, dx, dw_partial, y2,
                 m, n, rows_per_program, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0), y2.stride(0),
                 HAS_DRES=dres is not None, HAS_Y=want_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     dw = dw_partial.sum(0).to(weight.dtype)

@@ -184,8 +184,9 @@ def _launch(q, k, qo, ko, pos, inv_freq, cos_cache, sin_cache, backward: bool):
     grid = (_ext.cdiv(t, block_t),)
     dummy = inv_freq if inv_freq is not None else cos_cache
     with _ext.device_guard(q.device):
-        _rope_kernel[grid](
-            q, k, qo, ko, pos, dummy, cos_cache if has_cache else dummy, sin_cache if has_cache else dummy,
+        _ext.launch(
+            _rope_kernel, grid, q, k, qo, ko, pos, dummy, cos_cache if has_cache else dummy,
+            sin_cache if has_cache else dummy,
             t, hq, hkv, cos_cache.shape[0] if has_cache else 1,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos_cache.stride(0) if has_cache else 0,

@@ -113,8 +113,8 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if m * n:
         flat, block, ncb, programs = _geometry(m, n, (a, b), 2048)
         with _ext.device_guard(gate.device):
-            _swiglu_fwd_kernel[(programs,)](a, b, c, m * n, n, a.stride(0), b.stride(0), ncb,
-                                            FLAT=flat, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+            _ext.launch(_swiglu_fwd_kernel, (programs,), a, b, c, m * n, n, a.stride(0), b.stride(0), ncb,
+                        FLAT=flat, BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return c.view(shape)
 
 
@@ -130,9 +130,9 @@ def swiglu_bwd(dc: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, want_out:
     if m * n:
         flat, block, ncb, programs = _geometry(m, n, (d, a, b), 1024)
         with _ext.device_guard(gate.device):
-            _swiglu_bwd_kernel[(programs,)](d, a, b, da, db, c if want_out else da, m * n, n, d.stride(0),
-                                            a.stride(0), b.stride(0), ncb, FLAT=flat, HAS_C=want_out, BLOCK=block,
-                                            num_warps=4)
+            _ext.launch(_swiglu_bwd_kernel, (programs,), d, a, b, da, db, c if want_out else da, m * n, n,
+                        d.stride(0), a.stride(0), b.stride(0), ncb, FLAT=flat, HAS_C=want_out, BLOCK=block,
+                        num_warps=4)
     if want_out:
         return da.view(shape), db.view(shape), c.view(shape)
     return da.view(shape), db.view(shape)
