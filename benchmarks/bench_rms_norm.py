@@ -80,6 +80,70 @@ def _finish(rows, copy_gbps, smoke, name="rms_norm"):
     return None if smoke else save(rows, name)
 
 
+def activation_main(name: str, shapes, ours, ref, extra=None, argv=None) -> int:
+    """The command line of the one-input activation benches (bench_quick_gelu.py, bench_gelu.py): for each shape
+    ``(tokens, width, label, kwargs)`` the providers ``llava_fast`` (``ours(x, **kwargs)``), ``hf`` (``ref``) and
+    ``compile`` (``torch.compile`` of ``ref``; not in ``--quick`` unless ``--compile``), fwd / bwd / fwd+bwd in GB/s
+    (bytes 2 T I b and 3 T I b), our backward kernel alone (``torch.ops.llava_fast.<name>_bwd``), and
+    ``extra(rows, x, gy, shape, dtype, kwargs, warmup, rep)`` for more rows. Saved after every shape."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, no torch.compile baseline (add --compile)")
+    ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
+    args = ap.parse_args(argv)
+    dev = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        import llava_fast
+        llava_fast.set_backend(name, "triton")
+    elif not torch.cuda.is_available():
+        print(f"bench_{name}: needs a CUDA GPU; nothing measured on this machine.")
+        return 0
+    dtype = getattr(torch, args.dtype)
+    warmup, rep = (3, 10) if args.quick else (10, 50)
+    if args.smoke:
+        warmup, rep, shapes = 1, 1, [(8, 100, shapes[0][2], shapes[0][3])]
+    rows: list[Row] = []
+    copy_gbps = copy_bandwidth(rows, device=dev, numel=1 << (14 if args.smoke else 28))
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+    with_compile = not args.quick or args.compile
+    compiled = torch.compile(ref, dynamic=False) if dev == "cuda" and with_compile else ref
+    bwd_op = getattr(torch.ops.llava_fast, f"{name}_bwd")
+    for t, width, label, kw in shapes:
+        shape = f"{t}x{width}" + (f" {label}" if label else "")
+        try:
+            eb = torch.tensor([], dtype=dtype).element_size()
+            x = randn(t, width, device=dev, dtype=dtype, requires_grad=True)
+            gy = randn(t, width, device=dev, dtype=dtype)
+            providers = {"llava_fast": lambda x: (ours(x, **kw),), "hf": lambda x: (ref(x, **kw),),
+                         "compile": lambda x: (compiled(x, **kw),)}
+            if not with_compile:
+                del providers["compile"]
+            nb_f, nb_b = 2 * t * width * eb, 3 * t * width * eb
+            for prov, f in providers.items():
+                measure_modes(rows, name, prov, shape, dtype, f, (x,), (gy,), nb_f, nb_b, warmup, rep)
+            xd = x.detach()
+            measure(rows, name, "llava_fast", shape, dtype, "bwd kernels", lambda: bwd_op(gy, xd, *kw.values()),
+                    nb_b, warmup, rep)
+            if extra is not None:
+                extra(rows, xd, gy, shape, dtype, kw, warmup, rep)
+            del x, gy
+        except Exception as e:  # one shape failing must not end the run
+            rows.append(Row(bench=name, provider="-", shape=shape, dtype=args.dtype,
+                            note=f"shape failed: {type(e).__name__}: {str(e)[:120]}"))
+            print(f"{shape}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        _finish(rows, copy_gbps, args.smoke, name)
+        print(f"{shape}: done ({len(rows)} rows)", flush=True)
+    path = _finish(rows, copy_gbps, args.smoke, name)
+    print(to_markdown(rows))
+    if path:
+        print(f"saved {path}")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions, no torch.compile "

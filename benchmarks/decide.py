@@ -425,43 +425,31 @@ def rms_norm_bwd_tile(folder):
     return out or [("RMSNorm backward tile", "not measured", "", "")]
 
 
-def quick_gelu(folder):
-    """bench_quick_gelu (session 13's kernel) against transformers' three-kernel eager QuickGELU at the stage-1 tower
-    shape: the kernel stays the default on CUDA where it is faster, else it joins backend.AUTO_REFERENCE."""
-    rows = load_rows(folder, "quick_gelu")
+def activations(folder):
+    """Session 13's activation kernels against torch's, at their towers' shapes: QuickGELU (bench_quick_gelu, CLIP,
+    default on CUDA: three torch kernels otherwise) forward and fwd+bwd; GELU (bench_gelu, SigLIP, opt-in) act_linear's
+    recomputation + backward (ours one launch, torch's two) and forward. A kernel slower than torch's belongs in (or
+    stays in) backend.AUTO_REFERENCE."""
     out = []
-    for mode in ("fwd", "fwd+bwd"):
-        ours, hf = _row(rows, "llava_fast", "9232x4096", mode), _row(rows, "hf", "9232x4096", mode)
-        if not (ours and hf):
-            out.append((f"QuickGELU {mode}, 9232 x 4096", "not measured", "", ""))
-            continue
-        x = hf["ms"] / ours["ms"]
-        out.append((f"QuickGELU {mode}, 9232 x 4096", f"{x:.2f}x HF eager ({ours['ms']:.3f} vs {hf['ms']:.3f} ms; "
-                    f"{ours.get('note', '').split(';')[0]})",
-                    ">= 1.0x: keep the kernel the CUDA default; below: add quick_gelu to backend.AUTO_REFERENCE",
-                    "keep the kernel" if x >= 1.0 else "reference on CUDA"))
-    return out
-
-
-def gelu(folder):
-    """bench_gelu: act_linear's backward of the SigLIP GELU, one kernel writing the gradient and the output, against
-    torch's recomputation + gelu_backward (two kernels), graph-timed, and the forward against F.gelu."""
-    rows = load_rows(folder, "gelu")
-    out = []
-    for mode in ("recompute+bwd", "fwd"):
-        ours, hf = _row(rows, "llava_fast", "7290x4304", mode), _row(rows, "hf", "7290x4304", mode)
-        if not (ours and hf):
-            out.append((f"GELU tanh {mode}, 7290 x 4304", "not measured", "", ""))
-            continue
-        x = hf["ms"] / ours["ms"]
-        out.append((f"GELU tanh {mode}, 7290 x 4304", f"{x:.2f}x torch ({ours['ms']:.3f} vs {hf['ms']:.3f} ms)",
-                    ">= 1.0x: keep the kernels the CUDA default; below: add gelu to backend.AUTO_REFERENCE",
-                    "keep the kernel" if x >= 1.0 else "reference on CUDA"))
+    for bench, shape, modes, what in (("quick_gelu", "9232x4096", ("fwd", "fwd+bwd"), "QuickGELU"),
+                                      ("gelu", "7290x4304", ("recompute+bwd", "fwd"), "GELU tanh")):
+        rows = load_rows(folder, bench)
+        for mode in modes:
+            ours, hf = _row(rows, "llava_fast", shape, mode), _row(rows, "hf", shape, mode)
+            q = f"{what} {mode}, {shape.replace('x', ' x ')}"
+            if not (ours and hf):
+                out.append((q, "not measured", "", ""))
+                continue
+            x = hf["ms"] / ours["ms"]
+            pct = ours.get("note", "").split(";")[0]
+            out.append((q, f"{x:.2f}x torch ({ours['ms']:.3f} vs {hf['ms']:.3f} ms; {pct})",
+                        ">= 1.0x: the kernel may be the CUDA default; below: backend.AUTO_REFERENCE",
+                        "keep the kernel" if x >= 1.0 else "reference on CUDA"))
     return out
 
 
 RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model, host_bound, compiled,
-         rms_norm_bwd_tile, quick_gelu, gelu)
+         rms_norm_bwd_tile, activations)
 
 
 def decide(folder: str) -> list[tuple]:

@@ -313,7 +313,7 @@ def test_decide_quick_gelu_rule(tmp_path):
     (tmp_path / "quick_gelu-GPU-1.json").write_text(json.dumps({"rows": rows}))
     got = _decide(tmp_path)
     m, r, d = got["QuickGELU fwd, 9232 x 4096"]
-    assert d == "keep the kernel" and m.startswith("3.00x HF eager") and "40% of copy" in m
+    assert d == "keep the kernel" and m.startswith("3.00x torch") and "40% of copy" in m
     assert got["QuickGELU fwd+bwd, 9232 x 4096"][2] == "reference on CUDA"
 
 
@@ -325,3 +325,19 @@ def test_decide_activation_kernel_rules(tmp_path):
     got = _decide(tmp_path)
     assert got["GELU kernels (opt-in) vs torch's, ov_ft"][2] == "switch"
     assert got["QuickGELU kernel (default) vs torch's, stage1"][2] == "switch"   # the reference was faster
+
+
+@pytest.mark.parametrize("name", ["quick_gelu", "gelu"])
+def test_activation_bench_smoke(name):
+    """bench_<name>.py --smoke (interpreter, a tiny shape): the script runs and prints every provider's rows."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / f"bench_{name}.py"), "--smoke"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for prov in ("llava_fast", "hf", "compile"):
+        assert f"| fwd+bwd | {prov} |" in r.stdout, r.stdout
+    assert "| bwd kernels | llava_fast |" in r.stdout
+    if name == "gelu":
+        assert "| recompute+bwd | llava_fast |" in r.stdout and "| recompute+bwd | hf |" in r.stdout
