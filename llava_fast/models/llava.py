@@ -23,6 +23,22 @@ from llava_fast.ops.act_linear import GeluAct, plain_linears
 from llava_fast.ops.pack_features import pack_image_features_ref, pool_video_features_ref, scatter_features_ref
 
 
+class HostInputs:
+    """CPU copies of a batch's integer inputs for ``forward(..., host_inputs=HostInputs({...}))`` (a plain dict works
+    too). Not a dict on purpose: FSDP2 and DDP move every tensor they find in a forward's arguments, inside dicts,
+    lists and tuples too, to the GPU before the call, which would turn the copies back into device tensors (the
+    forward would then copy them back: one host synchronisation). An object of this class is passed through as it
+    is."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors):
+        self.tensors = dict(tensors)
+
+    def __repr__(self):
+        return f"HostInputs({sorted(self.tensors)})"
+
+
 @dataclass
 class LlavaOutput:
     loss: torch.Tensor | None = None
@@ -319,7 +335,7 @@ class _LlavaBase(nn.Module):
         CPU already). A decoding step copies nothing (its checks are skipped) and gets the inputs as they are."""
         from llava_fast import _ext
 
-        given = dict(given or {})
+        given = dict(given.tensors if isinstance(given, HostInputs) else (given or {}))
         unknown = set(given) - set(_LlavaBase._HOST_KEYS)
         if unknown:
             raise ValueError(f"host_inputs takes the keys {_LlavaBase._HOST_KEYS}, got {sorted(unknown)}")
@@ -328,10 +344,12 @@ class _LlavaBase(nn.Module):
             g = given.get(k)
             if g is None or v is None or not torch.is_tensor(v):
                 continue
-            if not torch.is_tensor(g) or g.device.type != "cpu" or g.numel() != v.numel():
+            if not torch.is_tensor(g) or g.numel() != v.numel():
                 raise ValueError(f"host_inputs[{k!r}] must be a CPU tensor with the values of {k} "
                                  f"({tuple(v.shape)}), got {type(g).__name__} "
                                  f"{tuple(g.shape) if torch.is_tensor(g) else ''}")
+            if g.device.type != "cpu":
+                continue   # moved to the GPU on the way (a dict under FSDP2 / DDP: use HostInputs): copied below
             out[k] = g.reshape(v.shape)
         rest = [k for k, v in inputs.items() if k not in out and torch.is_tensor(v)]
         if decoding:
@@ -415,9 +433,9 @@ class _LlavaBase(nn.Module):
 
         ``host_inputs`` (optional): CPU tensors holding the same values as the integer inputs given on the GPU (keys
         ``input_ids``, ``labels``, ``position_ids``, ``cu_seqlens``, ``attention_mask``, ``image_sizes``,
-        ``batch_num_images``; a missing key is copied). The input checks and the loss read them instead of
-        copying the device tensors back, so the forward never waits for the GPU (the trainer passes its CPU batch).
-        Their values are trusted to match."""
+        ``batch_num_images``; a missing key is copied), as a dict or a :class:`HostInputs` (which FSDP2 and DDP pass
+        through unmoved). The input checks and the loss read them instead of copying the device tensors back, so the
+        forward never waits for the GPU (the trainer passes its CPU batch). Their values are trusted to match."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         decoding = cache is not None and cache.length > 0   # no host sync per decoded token

@@ -26,6 +26,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from llava_fast.models.llava import HostInputs
 from llava_fast.train import checkpoint as ckpt
 from llava_fast.train.config import TrainConfig
 from llava_fast.train.distributed import (all_reduce_sum, apply_fsdp2, barrier_fn, full_model_state,
@@ -523,8 +524,9 @@ class Trainer:
                                       "image_sizes", "batch_num_images")
                     if k in inputs and torch.is_tensor(b.get(k)) and b[k].device.type == "cpu"}
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                # (a HostInputs, not a dict: FSDP2 moves the tensors of dict arguments to the GPU)
                 out = model(**inputs, num_items_in_batch=denom, logits=False,  # fused loss on CUDA: no logits tensor
-                            host_inputs=host or None)
+                            host_inputs=HostInputs(host) if host else None)
             (out.loss * scale).backward()
             # summed in float64, in micro-batch order: the same value as adding their Python floats
             loss_acc = out.loss.detach().double() if loss_acc is None else loss_acc + out.loss.detach().double()

@@ -119,3 +119,22 @@ def test_cross_entropy_host_labels(forced):
     bad[1] = 99
     with pytest.raises(ValueError, match=r"labels must be in \[0, 50\)"):
         fused_linear_cross_entropy(h, w, y, host_labels=bad)
+
+
+def test_host_inputs_survive_fsdp_input_moves():
+    """FSDP2's root pre-forward (and DDP) move every tensor of a forward's arguments to the GPU, dicts included
+    (torch.distributed.utils._to_kwargs): a HostInputs passes through as it is. A host copy that did end up on a
+    device is not used (the forward copies that input itself), never an error."""
+    from torch.distributed.utils import _to_kwargs
+
+    from llava_fast.models.llava import HostInputs, _LlavaBase
+
+    ids = torch.arange(6)[None]
+    wrapped = HostInputs({"input_ids": ids})
+    _, (kw,) = _to_kwargs((), {"plain": {"input_ids": ids}, "host_inputs": wrapped}, torch.device("meta"), False)
+    assert kw["plain"]["input_ids"].device.type == "meta"              # what happens to a dict
+    assert kw["host_inputs"] is wrapped and wrapped.tensors["input_ids"] is ids
+    h = _LlavaBase._host_inputs(kw["plain"], False, input_ids=ids, labels=None)
+    assert h["input_ids"] is ids                                     # the meta copy ignored: the input itself (CPU)
+    h = _LlavaBase._host_inputs(wrapped, False, input_ids=ids.clone(), labels=None)
+    assert h["input_ids"].data_ptr() == ids.data_ptr()              # the given copy (a view of it)
