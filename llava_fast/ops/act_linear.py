@@ -161,6 +161,12 @@ class GeluAct(ExplicitAct):
         return (dx if need[0] else None,), out
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it would change nothing (a no-op ``.to`` is still a dispatcher round
+    trip: ~0.7 us on the dev CPU, ~600 of them per OneVision step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 3. autograd Function (no kernel of its own: the activation's and torch's)
 # --------------------------------------------------------------------------------------------------------------------
@@ -253,8 +259,8 @@ class ActLinearFunction(torch.autograd.Function):
                                                ctx.has_bias, True, enabled)
                 dws, dhs = [None] * n, [None] * len(hs)
                 if da is not None:
-                    gs, a = act.grad_with_output(da.to(a_dtype), hs, need_h)
-                    dhs = [g.to(h.dtype) if r and g is not None else None for g, h, r in zip(gs, hs, need_h)]
+                    gs, a = act.grad_with_output(_as(da, a_dtype), hs, need_h)
+                    dhs = [_as(g, h.dtype) if r and g is not None else None for g, h, r in zip(gs, hs, need_h)]
                     dws = _weight_grads(weights, dys, a, need_w)
                 return (None, None, *dws, *dbs, *dhs)
             if explicit and act.pointwise and not any(need_w):
@@ -273,8 +279,8 @@ class ActLinearFunction(torch.autograd.Function):
             dhs = [None] * len(hs)
             if da is not None and explicit:
                 # as autograd does: the incoming gradient in the output's dtype, each result in its input's
-                gs = act.grad(da.to(a_dtype), hs, state, need_h)
-                dhs = [g.to(h.dtype) if r and g is not None else None for g, h, r in zip(gs, hs, need_h)]
+                gs = act.grad(_as(da, a_dtype), hs, state, need_h)
+                dhs = [_as(g, h.dtype) if r and g is not None else None for g, h, r in zip(gs, hs, need_h)]
             elif da is not None:
                 want = [leaf for leaf, r in zip(leaves, need_h) if r]
                 grads = iter(torch.autograd.grad(a, want, da))
@@ -337,19 +343,19 @@ class ResidualActLinearFunction(torch.autograd.Function):
             if da is not None and fused:
                 # the norm's backward kernel also writes norm(s) (the forward's bits) for the weight gradients:
                 # one launch instead of a recomputation and the backward
-                dsum, dnw, a = act.add_grad_with_output(da.to(a_dtype), s, nw, rstd, ds)
+                dsum, dnw, a = act.add_grad_with_output(_as(da, a_dtype), s, nw, rstd, ds)
                 dws = _weight_grads(weights, dys, a, need_w)
             elif da is not None:
-                dsum, dnw = act.add_grad(da.to(a_dtype), s, nw, rstd, ds)
+                dsum, dnw = act.add_grad(_as(da, a_dtype), s, nw, rstd, ds)
             elif ds is not None:  # the linears' outputs unused: only the downstream gradient of s
                 dsum = ds
             # an unused output's parameters get zeros, as ActLinearFunction (materialized gradients) gives them
             dws = [torch.zeros_like(w) if r and g is None else g for w, r, g in zip(weights, need_w, dws)]
             dbs = [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if r and h and g is None else g
                    for w, r, h, g in zip(weights, need_b, ctx.has_bias, dbs)]
-        dx = dsum.to(ctx.dtypes[0]) if need_x and dsum is not None else None
-        dr = dsum.to(ctx.dtypes[1]) if need_r and dsum is not None else None
-        dnw = dnw.to(nw.dtype) if need_nw and dnw is not None else None
+        dx = _as(dsum, ctx.dtypes[0]) if need_x and dsum is not None else None
+        dr = _as(dsum, ctx.dtypes[1]) if need_r and dsum is not None else None
+        dnw = _as(dnw, nw.dtype) if need_nw and dnw is not None else None
         return (None, None, *dws, *dbs, dx, dr, dnw)
 
 

@@ -229,7 +229,9 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
                 _rms_norm_bwd_kernel, (programs,), dy2, x2, weight, rstd.reshape(-1), ds2, dx, dw_partial, y2,
                 m, n, rows_per_program, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0), y2.stride(0),
                 HAS_DRES=dres is not None, HAS_Y=want_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-    dw = dw_partial.sum(0).to(weight.dtype)
+    dw = dw_partial.sum(0)
+    if dw.dtype != weight.dtype:
+        dw = dw.to(weight.dtype)
     return (dx.view(x.shape), dw, y) if want_out else (dx.view(x.shape), dw)
 
 

@@ -206,7 +206,8 @@ def rope_fwd(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_f
     if cos_cache is not None:
         cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
     if inv_freq is not None:
-        inv_freq = inv_freq.to(torch.float32).contiguous()
+        if inv_freq.dtype != torch.float32 or not inv_freq.is_contiguous():
+            inv_freq = inv_freq.to(torch.float32).contiguous()
     pos = position_ids.reshape(-1)
     if not pos.is_contiguous():
         pos = pos.contiguous()
@@ -382,7 +383,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: fl
             return q, k
         return qe, ke
     cos_c, sin_c = cos_sin_cache if cos_sin_cache is not None else (None, None)
-    if inv_freq is not None:
+    if inv_freq is not None and (inv_freq.device != q.device or inv_freq.dtype != torch.float32
+                                 or not inv_freq.is_contiguous()):
         inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
     if inplace and _inplace_by_copy(q, k):
         qe, ke = RoPEFunction.apply(q, k, position_ids, inv_freq, cos_c, sin_c, False)
