@@ -217,8 +217,11 @@ def mock_cuda_driver(record: bool = False) -> None:
             return True
 
         def launcher_cls(self, src, metadata):
+            name = getattr(src, "name", "kernel")
             if not record:
-                return lambda *args: None
+                def count(*args):
+                    launches[name] += 1
+                return count
 
             def run(gx, gy, gz, stream, function, kernel_metadata, launch_metadata, enter, exit_, *args):
                 LAUNCHES.append((metadata.hash, (gx, gy, gz), launch_metadata, (enter, exit_), args))
@@ -384,6 +387,9 @@ def main(argv=None):
     p.add_argument("--per-call", action="store_true",
                    help="only the host cost per call of single ops on tiny inputs (profile_model.launch_costs) with "
                         "the launches stubbed: our wrappers' share of what the GPU box reports per call")
+    p.add_argument("--mock-driver", action="store_true",
+                   help="instead of stubbing the launches, run Triton's whole dispatch against a mock sm_90 driver "
+                        "(real compiles, first run slow; no-op launches): the step's host time with Triton's part")
     p.add_argument("--dispatch", action="store_true",
                    help="only Triton's dispatch cost per launch on this CPU (a mock sm_90 driver: real compile, no-op "
                         "launch)")
@@ -414,7 +420,10 @@ def main(argv=None):
     llm, vis = FULL_DEPTH[a.workload]
     llm, vis = a.llm_layers or llm, a.vision_layers or vis
     if a.provider == "llava_fast":
-        stub_triton_launches()
+        if a.mock_driver:
+            mock_cuda_driver()
+        else:
+            stub_triton_launches()
         force_fast()
     # the GPU benchmark's AdamW is fused (a few launches); the CPU's default would add ~10 ops per parameter
     real_adamw = torch.optim.AdamW
