@@ -91,6 +91,13 @@ def env() -> dict:
             info["vision_sdpa"] = f"invalid: {e}"
     import os
 
+    if os.environ.get("LLAVA_FAST_DIRECT_LAUNCH", "1") == "0":
+        info["triton_launch"] = "Triton's kernel[grid] (LLAVA_FAST_DIRECT_LAUNCH=0)"
+    elif os.environ.get("TRITON_INTERPRET", "0") == "1":
+        info["triton_launch"] = "interpreter (TRITON_INTERPRET=1)"
+    else:
+        info["triton_launch"] = ("direct for compiled kernels (_ext.launch; LLAVA_FAST_DIRECT_LAUNCH=0 for Triton's "
+                                 "kernel[grid])")
     # kernel variants and experiments chosen by environment variables (docs/gpu-runbook.md lists them)
     flags = {k: v for k, v in sorted(os.environ.items()) if k.startswith("LLAVA_FAST_")
              and not k.startswith("LLAVA_FAST_BACKEND_")}
