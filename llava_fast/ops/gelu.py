@@ -204,6 +204,8 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     _check_approximate(approximate)
     if not kernel_usable(x):
         return gelu_ref(x, approximate)
+    if not (x.requires_grad and torch.is_grad_enabled()):   # inference, a frozen tower: no autograd node
+        return _gelu_fwd_op(x, approximate)
     return GELUFunction.apply(x, approximate)
 
 

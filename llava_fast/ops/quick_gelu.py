@@ -175,6 +175,8 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"quick_gelu: x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
     if not (HAS_TRITON and backend.use_fast("quick_gelu", x.device.type)):
         return quick_gelu_ref(x)
+    if not (x.requires_grad and torch.is_grad_enabled()):   # inference, a frozen tower: no autograd node
+        return _quick_gelu_fwd_op(x)
     return QuickGELUFunction.apply(x)
 
 
