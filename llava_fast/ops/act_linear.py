@@ -343,10 +343,10 @@ class ResidualActLinearFunction(torch.autograd.Function):
             if da is not None and fused:
                 # the norm's backward kernel also writes norm(s) (the forward's bits) for the weight gradients:
                 # one launch instead of a recomputation and the backward
-                dsum, dnw, a = act.add_grad_with_output(_as(da, a_dtype), s, nw, rstd, ds)
+                dsum, dnw, a = act.add_grad_with_output(_as(da, a_dtype), s, nw, rstd, ds, bool(need_nw))
                 dws = _weight_grads(weights, dys, a, need_w)
             elif da is not None:
-                dsum, dnw = act.add_grad(_as(da, a_dtype), s, nw, rstd, ds)
+                dsum, dnw = act.add_grad(_as(da, a_dtype), s, nw, rstd, ds, bool(need_nw))
             elif ds is not None:  # the linears' outputs unused: only the downstream gradient of s
                 dsum = ds
             # an unused output's parameters get zeros, as ActLinearFunction (materialized gradients) gives them

@@ -94,11 +94,12 @@ if HAS_TRITON:
     def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW, Y,
                              M, N, rows_per_program, stride_dy, stride_x, stride_ds, stride_dx, stride_y,
                              HAS_DRES: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+                             BLOCK_N: tl.constexpr, HAS_DW: tl.constexpr):
         # Persistent: program `pid` owns rows [pid * rows_per_program, ...) and writes one fp32 row of partial
         # dweight sums; the host reduces the (programs, N) partials with a fixed-order sum (deterministic).
         # HAS_Y: also write the forward's output y = w * xhat (the forward kernel's expression, the same bits), which
         # the following linears' weight gradients read: no separate recomputation launch (act_linear).
+        # HAS_DW False (a frozen norm weight: stage 1's language model, LoRA): no partial dweight sums at all.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -117,7 +118,8 @@ if HAS_TRITON:
             xhat = x.to(tl.float32) * rstd[:, None]
             # the forward multiplied the weight into xhat rounded to the input dtype
             hn = xhat.to(X.dtype.element_ty).to(tl.float32)
-            dw += tl.sum(dy * hn, axis=0)
+            if HAS_DW:
+                dw += tl.sum(dy * hn, axis=0)
             if HAS_Y:
                 tl.store(Y + r64 * stride_y + cols[None, :], (w[None, :] * hn).to(Y.dtype.element_ty), mask=mask)
             g = dy * w[None, :]
@@ -126,7 +128,8 @@ if HAS_TRITON:
             if HAS_DRES:
                 dx += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DW + pid.to(tl.int64) * N + cols, dw, mask=cmask)
+        if HAS_DW:
+            tl.store(DW + pid.to(tl.int64) * N + cols, dw, mask=cmask)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -203,10 +206,12 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                 dres: Optional[torch.Tensor] = None, want_out: bool = False):
+                 dres: Optional[torch.Tensor] = None, want_out: bool = False, want_dw: bool = True):
     """Launch the backward kernel. ``x`` is the normalized input (``s`` in the fused variant), ``dres`` the
     gradient flowing into the returned ``s``. Returns ``(dx, dweight)``; ``dx`` is also the residual's gradient.
-    ``want_out``: ``(dx, dweight, y)`` with ``y`` the forward's output (bitwise), written by the same kernel."""
+    ``want_out``: ``(dx, dweight, y)`` with ``y`` the forward's output (bitwise), written by the same kernel.
+    ``want_dw=False`` (a frozen weight): ``dweight`` is an empty tensor, and neither the partial sums nor their
+    reduction launch are made; ``dx`` is the same."""
     n = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
     weight = weight.contiguous()
@@ -220,7 +225,8 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     rows_per_program = _ext.cdiv(tiles, programs) * block_m if m else 0
     programs = _ext.cdiv(m, rows_per_program) if m else 1
     # every program stores its whole partial row: no memset needed (zeros only when no program runs)
-    dw_partial = (torch.empty if m else torch.zeros)((programs, n), dtype=torch.float32, device=x.device)
+    dw_partial = ((torch.empty if m else torch.zeros)((programs, n), dtype=torch.float32, device=x.device)
+                  if want_dw else dx)
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device) if want_out else None
     y2 = y.view(m, n) if want_out else dx
     if m > 0:
@@ -228,10 +234,14 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
             _ext.launch(
                 _rms_norm_bwd_kernel, (programs,), dy2, x2, weight, rstd.reshape(-1), ds2, dx, dw_partial, y2,
                 m, n, rows_per_program, dy2.stride(0), x2.stride(0), ds2.stride(0), dx.stride(0), y2.stride(0),
-                HAS_DRES=dres is not None, HAS_Y=want_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-    dw = dw_partial.sum(0)
-    if dw.dtype != weight.dtype:
-        dw = dw.to(weight.dtype)
+                HAS_DRES=dres is not None, HAS_Y=want_out, BLOCK_M=block_m, BLOCK_N=block_n, HAS_DW=want_dw,
+                num_warps=num_warps)
+    if want_dw:
+        dw = dw_partial.sum(0)
+        if dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)
+    else:
+        dw = weight.new_empty(0)
     return (dx.view(x.shape), dw, y) if want_out else (dx.view(x.shape), dw)
 
 
@@ -253,25 +263,26 @@ def _(x, weight, residual, eps):
 
 @_ext.custom_op("llava_fast::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                     dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return rms_norm_bwd(dy, x, weight, rstd, dres)
+                     dres: Optional[torch.Tensor], want_dw: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_bwd(dy, x, weight, rstd, dres, want_dw=want_dw)
 
 
 @_rms_norm_bwd_op.register_fake
-def _(dy, x, weight, rstd, dres):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+def _(dy, x, weight, rstd, dres, want_dw=True):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape if want_dw else (0,))
 
 
 @_ext.custom_op("llava_fast::rms_norm_bwd_out", mutates_args=())
 def _rms_norm_bwd_out_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                         dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         dres: Optional[torch.Tensor],
+                         want_dw: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``rms_norm_bwd(..., want_out=True)``: the gradients and the forward's output in one launch."""
-    return rms_norm_bwd(dy, x, weight, rstd, dres, want_out=True)
+    return rms_norm_bwd(dy, x, weight, rstd, dres, want_out=True, want_dw=want_dw)
 
 
 @_rms_norm_bwd_out_op.register_fake
-def _(dy, x, weight, rstd, dres):
-    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+def _(dy, x, weight, rstd, dres, want_dw=True):
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape if want_dw else (0,)),
             x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)))
 
 
@@ -297,8 +308,8 @@ class RMSNormFunction(torch.autograd.Function):
         if dy is None:  # only s was used downstream
             dy = torch.zeros(xs.shape, dtype=torch.promote_types(xs.dtype, weight.dtype), device=xs.device)
         dres = ds if ctx.has_res else None
-        dx, dw = _rms_norm_bwd_op(dy, xs, weight, rstd, dres)
-        grads = (dx, dw, (dx if ctx.has_res else None), None)
+        dx, dw = _rms_norm_bwd_op(dy, xs, weight, rstd, dres, ctx.needs_input_grad[1])
+        grads = (dx, dw if ctx.needs_input_grad[1] else None, (dx if ctx.has_res else None), None)
         if torch.is_grad_enabled() and not _ext._tracing():  # create_graph=True: the kernels' results have no graph
             grads = _ext.not_differentiable_again(grads, (xs, weight, dy, ds), "rms_norm")
         return grads
@@ -377,7 +388,7 @@ class RMSNormAct(ExplicitAct):
         return y, rstd
 
     def grad(self, da, hs, rstd, need):
-        return _rms_norm_bwd_op(da, hs[0], hs[1], rstd, None)
+        return _rms_norm_bwd_op(da, hs[0], hs[1], rstd, None, bool(need[1]))
 
     # the residual add fused in (ops/act_linear.residual_act_linears: the decoder layers' two adds per layer)
     def fusable(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
@@ -402,15 +413,16 @@ class RMSNormAct(ExplicitAct):
         s = x + residual
         return rms_norm(s, weight, self.eps), s
 
-    def add_grad(self, da, s, weight, rstd, ds):
+    def add_grad(self, da, s, weight, rstd, ds, need_weight: bool = True):
         """``(dsum, dweight)``: the gradient of ``s`` (norm backward plus ``ds``, the gradient ``s`` received
-        downstream, added in the kernel), i.e. of both addends, and of the weight."""
-        return _rms_norm_bwd_op(da, s, weight, rstd, ds)
+        downstream, added in the kernel), i.e. of both addends, and of the weight (an empty tensor when not
+        ``need_weight``: a frozen norm)."""
+        return _rms_norm_bwd_op(da, s, weight, rstd, ds, need_weight)
 
-    def add_grad_with_output(self, da, s, weight, rstd, ds):
+    def add_grad_with_output(self, da, s, weight, rstd, ds, need_weight: bool = True):
         """``(dsum, dweight, norm(s))``: :meth:`add_grad` plus the forward's output (the same bits as the forward
         kernel's) from the same kernel, for the linears' weight gradients: no recomputation launch."""
-        return _rms_norm_bwd_out_op(da, s, weight, rstd, ds)
+        return _rms_norm_bwd_out_op(da, s, weight, rstd, ds, need_weight)
 
 
 if HAS_TRITON:

@@ -166,6 +166,40 @@ def test_dweight_deterministic(kdev):
     assert torch.equal(g1, g2)
 
 
+@pytest.mark.parametrize("want_out", [False, True])
+def test_frozen_weight_skips_dweight(want_out, kdev):
+    """want_dw=False (a frozen norm: stage 1's language model, LoRA): the same dx and output bit for bit, no dweight
+    (an empty tensor), and no reduction launch; through autograd a frozen weight gets no gradient."""
+    from llava_fast.ops.rms_norm import rms_norm_bwd
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator(device=kdev).manual_seed(0)
+    x, dy, ds = (torch.randn(37, 96, generator=g, device=kdev) for _ in range(3))
+    w = torch.randn(96, generator=g, device=kdev)
+    rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-6)
+    full = rms_norm_bwd(dy, x, w, rstd, ds, want_out=want_out)
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        frozen = rms_norm_bwd(dy, x, w, rstd, ds, want_out=want_out, want_dw=False)
+    assert torch.equal(frozen[0], full[0]) and frozen[1].numel() == 0 and full[1].shape == (96,)
+    if want_out:
+        assert torch.equal(frozen[2], full[2])
+    assert "aten.sum.dim_IntList" not in seen, seen
+    llava_fast.set_backend("rms_norm", "triton")
+    try:
+        xr = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(rms_norm(xr, w), [xr], dy)
+    finally:
+        llava_fast.set_backend("rms_norm", "auto")
+    assert_close_verbose(gx, torch.autograd.grad(rms_norm_ref(xr, w), [xr], dy)[0], name="dx", atol=1e-5, rtol=1e-5)
+
+
 def test_compile_aot_eager(kdev):
     """Dynamo + fake tensors + AOT autograd over the custom ops (the kernel itself runs in the interpreter)."""
     x, w, r = _inputs((4, 32), torch.float32, None, True)
