@@ -138,3 +138,29 @@ def test_host_inputs_survive_fsdp_input_moves():
     assert h["input_ids"] is ids                                     # the meta copy ignored: the input itself (CPU)
     h = _LlavaBase._host_inputs(wrapped, False, input_ids=ids.clone(), labels=None)
     assert h["input_ids"].data_ptr() == ids.data_ptr()              # the given copy (a view of it)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model_type", ["llava_next", "llava_onevision"])
+def test_cuda_training_step_does_not_synchronize(tmp_path, model_type):
+    """On a GPU, with torch's sync debug mode set to "error", a packed training step with its host_inputs (forward,
+    backward) raises at any host synchronisation: a read of device data, a blocking copy, nonzero. Warm-up first
+    (the plans and tables the kernels upload are cached by shape on the first call)."""
+    _, path = save_tiny(tmp_path, model_type)
+    m = llava_fast.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
+    kw = packed_inputs(model_type)
+    host = {k: kw[k] for k in HOST_KEYS if torch.is_tensor(kw.get(k))}
+    dev = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    dev["pixel_values"] = dev["pixel_values"].to(torch.bfloat16)
+
+    def step():
+        out = m(**dev, host_inputs=host, logits=False)
+        out.loss.backward()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
