@@ -310,6 +310,37 @@ def direct_launch_check() -> list[str]:
                                 f"arguments {'equal' if same_args else 'differ'}")
             if b[2] is not None or b[3] != (None, None):
                 problems.append(f"{name}: the direct path passed launch hooks or metadata")
+    # a launcher that refuses the direct call: one warning, Triton's path for this launch and every later one
+    import warnings
+
+    _os.environ["LLAVA_FAST_DIRECT_LAUNCH"] = "1"
+    _ext.reset_direct_launch()
+    name, call = _direct_cases()[0]
+    call()
+    call()                                   # compiled: the direct path now
+    from triton.compiler.compiler import CompiledKernel
+
+    real_run = CompiledKernel.run
+
+    def broken(self):
+        def refuse(*args):
+            if args[6] is None:              # the direct call (no launch metadata): refused
+                raise TypeError("launcher refused the call")
+            return real_run.fget(self)(*args)
+        return refuse
+    CompiledKernel.run = property(broken)
+    try:
+        LAUNCHES.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+            call()
+        if not any("direct Triton launch failed" in str(w.message) for w in caught) or len(caught) != 1:
+            problems.append(f"fallback: expected one warning, got {[str(w.message)[:60] for w in caught]}")
+        if _ext._DIRECT is not False or not LAUNCHES or any(launch[2] is None for launch in LAUNCHES):
+            problems.append("fallback: the launches after a refused direct call did not all take Triton's path")
+    finally:
+        CompiledKernel.run = real_run
     _os.environ.pop("LLAVA_FAST_DIRECT_LAUNCH", None)
     _ext.reset_direct_launch()
     if not direct_used:

@@ -354,8 +354,11 @@ def launch(kernel, grid, *args, **kwargs):
     falls back to ``kernel[grid]`` for the first call of a specialisation (which compiles), while any launch hook,
     pre-run hook or stage-inspection hook is registered (profilers), under the interpreter, for anything that is
     not a plain ``JITFunction`` (autotuners), on Triton versions outside 3.4-3.8, and with
-    ``LLAVA_FAST_DIRECT_LAUNCH=0`` (read once per process). Skipped for good: the check that a kernel's global
-    variables have not changed since it compiled (ours read none that change)."""
+    ``LLAVA_FAST_DIRECT_LAUNCH=0`` (read once per process). A launcher that raises on the direct call (a Triton whose
+    launcher takes other arguments) warns once and turns the direct path off for the process, that launch going
+    through Triton's path. Skipped for good: the check that a kernel's global variables have not changed since it
+    compiled (ours read none that change)."""
+    global _DIRECT
     d = _DIRECT if _DIRECT is not None else _direct_state()
     if d is False or type(kernel) is not d["jit"] or kernel.pre_run_hooks or not kernel.device_caches:
         return kernel[grid](*args, **kwargs)
@@ -384,8 +387,17 @@ def launch(kernel, grid, *args, **kwargs):
             return kernel[grid](*args, **kwargs)
         per[(device, ck)] = compiled
     n = len(grid)
-    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, drv.get_current_stream(device),
-                 compiled.function, compiled.packed_metadata, None, None, None, *bound.values())
+    try:
+        compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, drv.get_current_stream(device),
+                     compiled.function, compiled.packed_metadata, None, None, None, *bound.values())
+    except Exception as e:  # noqa: BLE001 - a launcher that does not take these arguments: Triton's path from now on
+        _DIRECT = False
+        import warnings
+
+        warnings.warn(f"llava_fast: the direct Triton launch failed ({type(e).__name__}: {e}); launching through "
+                      f"Triton's kernel[grid] from now on (LLAVA_FAST_DIRECT_LAUNCH=0 skips the attempt)",
+                      RuntimeWarning, stacklevel=2)
+        return kernel[grid](*args, **kwargs)
     return compiled
 
 
