@@ -159,7 +159,7 @@ if want ops; then
     elif [ "$b" = "model_full" ]; then  # not in the default list (a second call): the issue's exact shapes, every
       # LLM layer (7B: 32, OneVision-0.5B: 24), where the language model's share and our kernels' weight are real
       step bench_model_full 240 $PY benchmarks/bench_model.py $QUICK --workloads ov_ft,prefill,stage1 \
-        --name bench_model_full --providers llava_fast,llava_fast_graph,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce
+        --name bench_model_full --providers llava_fast,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
     elif [ "$b" = "model_compiled" ]; then  # not in the default list: every layer under torch.compile (the remedy
       # if profile_model finds the OneVision step host-bound); compiles once per layer type, then times the step
       step bench_model_compiled 180 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft \
@@ -168,9 +168,9 @@ if want ops; then
       # on this box's CPU (benchmarks/host_overhead.py; 125 ms on the 2-core dev CPU, session 9): calibrates the dev
       # CPU's host-time numbers against the GPU host's, ~15 s
       step host_overhead 40 $PY benchmarks/host_overhead.py --steps 5
-    elif [ "$b" = "model" ]; then
+    elif [ "$b" = "model" ]; then  # llava_fast_graph last: a failed CUDA-graph capture must not cost the other rows
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
-        --providers llava_fast,llava_fast_graph,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_gelu_triton,llava_fast_qgelu_ref,llava_fast_triton_launch,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce
+        --providers llava_fast,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_gelu_triton,llava_fast_qgelu_ref,llava_fast_triton_launch,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
     elif [ -f "benchmarks/bench_$b.py" ]; then
       # cross_entropy: five providers since session 5 (token and vocab schedules, the 20 MiB one, HF, Liger);
       # anyres: 28 s on the H100 in session 4, + the v3 and v4 rows since
