@@ -16,6 +16,8 @@ Traffic per token: reads and writes ``(Hq + Hkv) * D`` elements each (plus 8 byt
 """
 from typing import Optional
 
+import math
+
 import torch
 
 from llava_fast import _ext, backend
@@ -301,8 +303,9 @@ def _check(q, k, position_ids, cos_sin_cache):
                          f"one device")
     if position_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"rope: position_ids must be int64 or int32, got {position_ids.dtype}")
-    if position_ids.numel() != q[..., 0, 0].numel():
-        raise ValueError(f"rope: position_ids needs one position per token ({q[..., 0, 0].numel()} for q of shape "
+    tokens = math.prod(q.shape[:-2])   # (not q[..., 0, 0].numel(): two aten selects per call)
+    if position_ids.numel() != tokens:
+        raise ValueError(f"rope: position_ids needs one position per token ({tokens} for q of shape "
                          f"{tuple(q.shape)}), got shape {tuple(position_ids.shape)}")
     if cos_sin_cache is not None:
         cos, sin = cos_sin_cache
