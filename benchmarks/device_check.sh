@@ -20,7 +20,8 @@
 #                      profile_model.py at full depth with --host, ~60 s; "gqa": the opt-in GQA split of the
 #                      dK/dV kernel on Qwen2-0.5B's attention shape, ~40 s);
 #                      default (the end-to-end A/B rows, their breakdown, attention, then the rest):
-#                      model profile attention anyres projector rms_norm swiglu rope cross_entropy pack_features mixed
+#                      model profile attention anyres projector rms_norm swiglu quick_gelu gelu rope cross_entropy
+#                      pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
 #                      A second call can pass the reverse order to reach first what the first call did not.
 #   TESTS_S=300        limit of the GPU test step (152 s on the H100 in session 4; on the H200 in session 10, 200 s
