@@ -425,7 +425,8 @@ def main(argv=None):
                    help="only Triton's dispatch cost per launch on this CPU (a mock sm_90 driver: real compile, no-op "
                         "launch)")
     p.add_argument("--direct-check", action="store_true",
-                   help="only compare the direct launch with Triton's path under the mock driver (exit 1 on a mismatch)")
+                   help="only compare the direct launch with Triton's path under the mock driver "
+                        "(exit 1 on a mismatch)")
     p.add_argument("--syncs", action="store_true",
                    help="also list the step's host reads of device data (host synchronisations on a GPU), by line")
     a = p.parse_args(argv)
