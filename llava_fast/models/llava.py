@@ -31,6 +31,8 @@ class HostInputs:
     is."""
 
     __slots__ = ("tensors",)
+    # the integer inputs the forward reads on the host (its value checks, the loss)
+    KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "attention_mask", "image_sizes", "batch_num_images")
 
     def __init__(self, tensors):
         self.tensors = dict(tensors)
@@ -325,9 +327,6 @@ class _LlavaBase(nn.Module):
         """All image tokens of the batch, (n_tokens, D_text), in placeholder order (reference packing)."""
         return self._pack_tiles(*self._image_tiles(pixel_values, image_sizes, batch_num_images))
 
-    _HOST_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "attention_mask", "image_sizes",
-                  "batch_num_images")
-
     @staticmethod
     def _host_inputs(given, decoding, **inputs):
         """The integer inputs on the host, by name: ``given`` (the caller's CPU copies, ``host_inputs``) where it has
@@ -336,9 +335,9 @@ class _LlavaBase(nn.Module):
         from llava_fast import _ext
 
         given = dict(given.tensors if isinstance(given, HostInputs) else (given or {}))
-        unknown = set(given) - set(_LlavaBase._HOST_KEYS)
+        unknown = set(given) - set(HostInputs.KEYS)
         if unknown:
-            raise ValueError(f"host_inputs takes the keys {_LlavaBase._HOST_KEYS}, got {sorted(unknown)}")
+            raise ValueError(f"host_inputs takes the keys {HostInputs.KEYS}, got {sorted(unknown)}")
         out = {}
         for k, v in inputs.items():
             g = given.get(k)

@@ -520,8 +520,7 @@ class Trainer:
             inputs = self._to_device(b)
             # the batch's CPU tensors: the model's input checks and the loss read them instead of the device copies,
             # so no micro-batch waits for the GPU (docs/architecture.md, "Host synchronisations")
-            host = {k: b[k] for k in ("input_ids", "labels", "position_ids", "cu_seqlens", "attention_mask",
-                                      "image_sizes", "batch_num_images")
+            host = {k: b[k] for k in HostInputs.KEYS
                     if k in inputs and torch.is_tensor(b.get(k)) and b[k].device.type == "cpu"}
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 # (a HostInputs, not a dict: FSDP2 moves the tensors of dict arguments to the GPU)

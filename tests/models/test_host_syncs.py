@@ -18,6 +18,7 @@ import torch
 import llava_fast
 
 from test_model_kernels import packed_inputs
+from llava_fast.models.llava import HostInputs
 from tiny import save_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -25,7 +26,6 @@ from host_overhead import device_reads  # noqa: E402
 
 KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention",
            "projector", "gelu", "quick_gelu")
-HOST_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "image_sizes")
 
 
 def _step(m, kw):
@@ -61,7 +61,7 @@ def test_training_step_with_host_inputs_reads_nothing(tmp_path, forced, model_ty
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
-    host = {k: kw[k].clone() for k in HOST_KEYS if torch.is_tensor(kw.get(k))}
+    host = {k: kw[k].clone() for k in HostInputs.KEYS if torch.is_tensor(kw.get(k))}
     kw_host = dict(kw, host_inputs=host)
     reads = device_reads(_step(m, kw_host), _device_tensors(m, kw))
     assert not reads, dict(reads)
@@ -149,7 +149,7 @@ def test_cuda_training_step_does_not_synchronize(tmp_path, model_type):
     _, path = save_tiny(tmp_path, model_type)
     m = llava_fast.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
     kw = packed_inputs(model_type)
-    host = {k: kw[k] for k in HOST_KEYS if torch.is_tensor(kw.get(k))}
+    host = {k: kw[k] for k in HostInputs.KEYS if torch.is_tensor(kw.get(k))}
     dev = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
     dev["pixel_values"] = dev["pixel_values"].to(torch.bfloat16)
 

@@ -71,7 +71,9 @@ def test_whole_training_step_as_cuda_graph(tmp_path, model_type):
 
     _, path = save_tiny(tmp_path, model_type)
     kw = packed_inputs(model_type)
-    host = {k: kw[k] for k in ("input_ids", "labels", "position_ids", "cu_seqlens", "image_sizes")}
+    from llava_fast.models.llava import HostInputs
+
+    host = {k: kw[k] for k in HostInputs.KEYS if torch.is_tensor(kw.get(k))}
     dev = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
     dev["pixel_values"] = dev["pixel_values"].to(torch.bfloat16)
     dev.update(host_inputs=host, logits=False)
