@@ -284,8 +284,10 @@ def step_fn(provider, name, m, inp):
     if ours:
         # the integer inputs' CPU copies, as the trainer passes its CPU batch: the forward never waits for the GPU
         # (without them: one host synchronisation per step, at the input checks; docs/architecture.md)
-        kw["host_inputs"] = {k: v.cpu() for k, v in (("input_ids", inp["ids"]), ("labels", inp["labels"]),
-                                                      ("image_sizes", inp["sizes"])) if v is not None}
+        # (copy=True: distinct tensors on a CPU run too, as host_overhead --syncs' audit needs)
+        kw["host_inputs"] = {k: v.to("cpu", copy=True) for k, v in (("input_ids", inp["ids"]),
+                                                                    ("labels", inp["labels"]),
+                                                                    ("image_sizes", inp["sizes"])) if v is not None}
         if name == "prefill":
             kw["host_inputs"].pop("labels")
     if provider == "llava_fast_graph":
@@ -408,7 +410,8 @@ def mixed_batches(provider, cfg, samples, device, dtype, batch=8, max_tokens=819
                 kw["pixel_values"] = torch.randn(sum(s["tiles"] for s in imgs), 3, t, t, generator=g).to(device, dtype)
                 kw["image_sizes"] = torch.tensor([s["size"] for s in imgs])
             # the CPU copies, as the trainer passes its batch (no host synchronisation in the step)
-            kw["host_inputs"] = {k: kw[k].cpu() for k in ("input_ids", "labels", "cu_seqlens", "position_ids")}
+            kw["host_inputs"] = {k: kw[k].to("cpu", copy=True)
+                                 for k in ("input_ids", "labels", "cu_seqlens", "position_ids")}
             out.append(kw)
         used = sum(lengths)
         note = f"packed fill {100 * used / (len(packs) * max_tokens):.1f}% ({len(packs)} x {max_tokens})"

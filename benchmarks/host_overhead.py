@@ -98,8 +98,12 @@ def device_reads(step, device_tensors, on_device_paths=True):
     ``.tolist()``, ``.numpy()``, ``.cpu()``, ``nonzero``) is recorded with the model's source line;
     ``llava_fast._ext.host_copies`` (the deliberate one synchronisation) counts once and returns unmarked copies.
     ``on_device_paths``: the code paths a GPU takes where the CPU's differ by device (the feature packing's token
-    index is computed by a kernel on a GPU, by torch on the host from CPU ids). Not seen: device tensors made from
-    host values (``torch.tensor(list, device=...)``, a blocking copy on a GPU), which look like host tensors here.
+    index is computed by a kernel on a GPU, by torch on the host from CPU ids).
+    Host-to-device copies of host-made values are recorded too (what ``"h2d <op>"``): a tensor made from Python data
+    (``torch.tensor(list)``, the value tensor of ``t[idx] = 3``; aten's ``lift_fresh``) that meets a marked tensor in
+    an op must be copied to the GPU from pageable memory, a synchronisation (and an error under CUDA graph capture:
+    session 14's H200 run found ``shift[0, idx] = ignore_index`` so). A 0-dim one is recorded only where the op
+    copies it (``index_put_``, ``copy_``, ``cat``...): elementwise ops take a CPU scalar tensor as a kernel argument.
     Returns a Counter {(what, "file:line <- file:line"): count}."""
     import traceback
     import weakref
@@ -112,6 +116,7 @@ def device_reads(step, device_tensors, on_device_paths=True):
     from llava_fast.ops import pack_features
 
     marked: dict = {}
+    host_born: dict = {}
     reads: Counter = Counter()
 
     def mark(t):
@@ -127,19 +132,31 @@ def device_reads(step, device_tensors, on_device_paths=True):
                   if "llava_fast" in f.filename and "host_overhead" not in f.filename]
         return " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-2:])) or "?"
 
+    def is_host_born(t):
+        r = host_born.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return r is not None and r() is t
+
     class Audit(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            dev = any(is_marked(t) for t in tree_flatten((args, kwargs))[0])
+            flat = tree_flatten((args, kwargs))[0]
+            dev = any(is_marked(t) for t in flat)
+            name = str(func.overloadpacket).split(".")[-1]
             if dev and str(func) in READS:
-                reads[(str(func.overloadpacket).split(".")[-1], where())] += 1
+                reads[(name, where())] += 1
+            if dev and any(is_host_born(t) and (t.dim() > 0 or name in COPYING) for t in flat):
+                reads[(f"h2d {name}", where())] += 1
             out = func(*args, **kwargs)
+            if str(func) == "aten.lift_fresh.default":
+                host_born[id(out)] = weakref.ref(out)
             if dev:
                 for t in tree_flatten(out)[0]:
                     mark(t)
             return out
 
     READS = set(READ_OPS)
+    COPYING = {"index_put_", "index_put", "_index_put_impl_", "copy_", "cat", "stack", "masked_scatter_",
+               "masked_scatter", "index_copy_", "index_copy", "scatter_", "scatter", "_to_copy"}
     real = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
 
     def reader(name):

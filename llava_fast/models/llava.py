@@ -92,8 +92,10 @@ def shift_labels(labels, cu_seqlens=None, ignore_index: int = -100):
     """Labels of the next token at each position; in packed form no sample predicts the next sample's first token."""
     shift = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     if cu_seqlens is not None:
+        # index_fill_ takes the value as a kernel argument; ``shift[0, idx] = value`` would copy a host scalar
+        # tensor to the GPU from pageable memory: a host synchronisation, and an error under CUDA graph capture
         shift = shift.clone()
-        shift[0, (cu_seqlens[1:] - 1).long()] = ignore_index
+        shift[0].index_fill_(0, (cu_seqlens[1:] - 1).long(), ignore_index)
     return shift
 
 

@@ -81,6 +81,23 @@ def test_audit_counts_a_read():
     assert sum(reads.values()) == 2, dict(reads)
 
 
+def test_audit_counts_a_host_to_device_copy():
+    """Host-made values entering a device op are recorded (a pageable copy: the GPU run of session 14 failed graph
+    capture on ``shift[0, idx] = -100``); a Python or 0-dim scalar taken by an elementwise op is not."""
+    x = torch.arange(6)
+
+    def step():
+        y = x.clone()
+        y[torch.tensor([1, 2])] = -100          # an index from host data and a host value: one index_put_
+        y[0] = 7                                # the value tensor of a setitem: a copy_
+        y.index_fill_(0, x[:2], -1)             # the value as a kernel argument: nothing
+        z = torch.where(y > 0, y, 0) + torch.tensor(3) * 2   # CPU scalars of elementwise ops: nothing
+        return z + torch.tensor([1, 1, 1, 1, 1, 1])          # a host vector: 1 copy
+
+    reads = device_reads(step, [x])
+    assert sorted(k[0] for k in reads.elements()) == ["h2d add", "h2d copy_", "h2d index_put_"], dict(reads)
+
+
 def test_host_inputs_are_checked(tmp_path):
     _, path = save_tiny(tmp_path, "llava")
     m = llava_fast.from_pretrained(path)
