@@ -528,8 +528,58 @@ def available(provider):
     return True
 
 
+def _set_env(env: dict) -> None:
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _reset_env_caches()
+
+
+def _one_step_ms(fn, device) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def paired(fn_ctl, env_ctl, fn_alt, env_alt, rounds, device) -> dict:
+    """An A/B comparison timed in alternation: ``rounds`` rounds, each one step of the control (the default
+    llava_fast model, under its env) and one of the alternative (its own model, under its env), in A-B-B-A order
+    so that a linear drift cancels. Why: session 14's H200 run timed the A/B providers one after another, and
+    providers identical for a workload (QuickGELU in OneVision, whose SigLIP tower has none) came out 93 to 126 ms
+    against a 93 ms default, within-provider spread under 2%: the machine's speed drifted between the blocks by
+    more than the effects decided on. Returns the medians and ``ratio`` = median over rounds of alt/ctl time (the
+    default's speed relative to the alternative's, as the rows' ``ratio``: > 1 means the default is faster)."""
+    ctl, alt = [], []
+    for i in range(rounds):
+        order = ((fn_ctl, env_ctl, ctl), (fn_alt, env_alt, alt))
+        for fn, env, out in (order if i % 2 == 0 else order[::-1]):
+            _set_env(env)
+            out.append(_one_step_ms(fn, device))
+    _set_env(env_ctl)
+    ratios = sorted(a / c for a, c in zip(alt, ctl))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"rounds": rounds, "ctl_ms": med(ctl), "alt_ms": med(alt), "ratio": med(ratios),
+            "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+
+
 def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
-    """All rows; ``on_progress(rows)`` is called after each workload (partial results survive a time limit)."""
+    """All rows; ``on_progress(rows)`` is called after each workload (partial results survive a time limit).
+
+    The A/B providers (``PROVIDER_ENV``) measured after ``llava_fast`` in the same workload are also timed in
+    alternation with it (:func:`paired`; the default model is kept alive meanwhile, and its resident memory is
+    taken off their peak): their rows carry ``paired`` and decide.py judges them by it."""
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
     rows = []
     for name in workloads:
@@ -547,7 +597,13 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
             shape += " (tiny)"
         elif layers:
             shape += f" ({layers} LLM layers)"
+        control = None   # (step, resident GiB) of llava_fast once measured: the A/B providers' pair
         for prov in providers:
+            if control is not None and prov not in PROVIDER_ENV:
+                control = None   # the baselines' peaks are absolute: the default model goes first
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
             if not available(prov):
                 print(f"[{name}] {prov}: not installed, skipped")
                 continue
@@ -560,6 +616,8 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
             os.environ.update(PROVIDER_ENV.get(prov, {}))
             _reset_env_caches()
             try:
+                if device == "cuda":
+                    before = torch.cuda.memory_allocated()
                 m = build(prov, name, cfg, device)
                 fn = step_fn(prov, name, m, inp)
                 if device == "cuda":
@@ -567,12 +625,24 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
                     torch.cuda.reset_peak_memory_stats()
                 t = bench(fn, warmup=warmup, rep=rep)
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+                pair = {}
+                if prov in PROVIDER_ENV and control is not None:
+                    peak = peak - control[1] if peak is not None else None  # the kept default model's share
+                    env_alt = {k: os.environ.get(k) for k in PROVIDER_ENV[prov]}
+                    pair = paired(control[0], env_before, fn, env_alt, rounds=max(rep, 3), device=device)
+                if prov == "llava_fast" and any(p in PROVIDER_ENV for p in providers):
+                    resident = (torch.cuda.memory_allocated() - before) / 2**30 if device == "cuda" else 0.0
+                    control = (fn, resident)
                 per_s = inp["batch"] / (t["ms"] / 1e3) if name == "stage1" else inp["tokens"] / (t["ms"] / 1e3)
                 unit = "samples/s" if name == "stage1" else "tokens/s"
                 mfu = fl / (t["ms"] / 1e3) / (PEAK_TFLOPS * 1e12)
                 rows.append(Row(bench="model", provider=prov, shape=shape, dtype=str(next(m.parameters()).dtype)[6:],
                                 mode=name, ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=per_s,
-                                unit=unit, peak_gib=peak, note=f"MFU {100 * mfu:.1f}%"))
+                                unit=unit, peak_gib=peak, paired=pair,
+                                note=f"MFU {100 * mfu:.1f}%" + (
+                                    f"; paired with llava_fast ({pair['rounds']} rounds): {pair['alt_ms']:.1f} vs "
+                                    f"{pair['ctl_ms']:.1f} ms, default {pair['ratio']:.3f}x "
+                                    f"[{pair['ratio_min']:.3f}, {pair['ratio_max']:.3f}]" if pair else "")))
                 print(f"[{name}] {prov}: {t['ms']:.1f} ms, {per_s:.1f} {unit}, MFU {100 * mfu:.1f}%, "
                       f"peak {peak if peak is None else round(peak, 1)} GiB", flush=True)
             except torch.OutOfMemoryError:

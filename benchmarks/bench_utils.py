@@ -263,6 +263,7 @@ class Row:
     note: str = ""
     gpu: str = field(default_factory=device_name)
     timing: str = ""    # bench's "timing" ("graph", "eager", ...); ratios only compare rows timed the same way
+    paired: dict = field(default_factory=dict)  # an A/B row timed in alternation with its control (bench_model)
 
 
 def _timing_kind(timing: str) -> str:

@@ -272,6 +272,16 @@ def model(folder):
     return out
 
 
+def _default_vs(ours, alt):
+    """(the default's speed / the alternative's, how measured): the alternation-timed ratio when the row has one
+    (bench_model.paired, since session 14: blocks timed one after another drifted by up to 35% on the H200),
+    else the two rows' throughputs."""
+    pair = alt.get("paired") or {}
+    if pair.get("ratio"):
+        return pair["ratio"], f" (paired, {pair['rounds']} rounds)"
+    return ours["metric"] / alt["metric"], " (unpaired)"
+
+
 def _model_rules(rows, label=""):
     out = []
     targets = {"ov_ft": ("hf_sdpa", 1.8, 0.6), "stage1": ("hf_sdpa", 1.5, None), "prefill": ("hf_sdpa", 1.4, None)}
@@ -308,21 +318,22 @@ def _model_rules(rows, label=""):
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
             if not (ours and alt):
                 continue
-            x = ours["metric"] / alt["metric"]
+            x, how = _default_vs(ours, alt)
             keep = x >= (1 / 1.02 if prov == "llava_fast_keep_act" else 1.0)
             if prov == "llava_fast_keep_act":
                 # the rule's second half: recomputing costs time and buys nothing but memory, so it stays the default
                 # only where its peak is lower than with the activations kept
                 keep = keep and bool(ours.get("peak_gib") and alt.get("peak_gib")
                                      and ours["peak_gib"] < alt["peak_gib"])
-            out.append((f"{what}, {mode}{label}", f"default {x:.2f}x, memory {_fmt(ours.get('peak_gib'))} vs "
+            out.append((f"{what}, {mode}{label}", f"default {x:.2f}x{how}, memory {_fmt(ours.get('peak_gib'))} vs "
                         f"{_fmt(alt.get('peak_gib'))} GiB", rule, "keep the default" if keep else "switch"))
     # an opt-in candidate: adopted only when clearly faster end to end (the OneVision step is the GQA workload)
     ours, alt = _row(rows, "llava_fast", "", "ov_ft"), _row(rows, "llava_fast_gqa_split", "", "ov_ft")
     if ours and alt:
-        x = alt["metric"] / ours["metric"]
+        x, how = _default_vs(ours, alt)
+        x = 1 / x
         out.append((f"GQA split of the dK/dV kernel (opt-in) vs default, ov_ft{label}",
-                    f"{x:.2f}x the default, memory {_fmt(alt.get('peak_gib'))} vs {_fmt(ours.get('peak_gib'))} GiB",
+                    f"{x:.2f}x the default{how}, memory {_fmt(alt.get('peak_gib'))} vs {_fmt(ours.get('peak_gib'))} GiB",
                     "make it the default (LLAVA_FAST_ATTN_GQA_SPLIT default '1') if >= 1.02x and its cuda tests pass",
                     "candidate default" if x >= 1.02 else "keep opt-in"))
     # session 13's activation kernels end to end: GELU opt-in (OneVision), QuickGELU default (stage 1, prefill)
@@ -338,14 +349,14 @@ def _model_rules(rows, label=""):
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
             if not (ours and alt):
                 continue
+            x, how = _default_vs(ours, alt)
             if prov == "llava_fast_gelu_triton":
-                x = alt["metric"] / ours["metric"]
+                x = 1 / x
                 verdict = "switch" if x >= 1.01 else "keep torch's"
-                m = f"{x:.2f}x the default"
+                m = f"{x:.2f}x the default{how}"
             else:
-                x = ours["metric"] / alt["metric"]
                 verdict = "keep the default" if x >= 1.0 else "switch"
-                m = f"default {x:.2f}x"
+                m = f"default {x:.2f}x{how}"
             out.append((f"{what}, {mode}{label}", m, rule, verdict))
     # the whole step as one CUDA graph (no host time): how far the eager step is from its GPU-bound limit
     for mode in ("ov_ft", "stage1", "prefill"):
