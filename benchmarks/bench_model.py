@@ -35,7 +35,10 @@ GPU-bound limit of the eager step at fixed shapes. Every llava_fast provider pas
 GELU by the Triton kernels (ops/gelu.py; "auto" keeps torch's: a Triton call's host cost may exceed the GPU time it
 saves in the host-bound OneVision step); llava_fast_qgelu_ref: CLIP's QuickGELU by torch's three kernels instead of
 the Triton one (stage 1, prefill); llava_fast_triton_launch: every Triton kernel launched by Triton's own
-``kernel[grid](...)`` instead of ``_ext.launch``'s direct path (LLAVA_FAST_DIRECT_LAUNCH=0).
+``kernel[grid](...)`` instead of ``_ext.launch``'s direct path (LLAVA_FAST_DIRECT_LAUNCH=0); llava_fast_ln_triton: the
+vision towers' LayerNorm by the Triton kernels (ops/layer_norm.py, opt-in). Since session 14 every one of these A/B
+providers measured after llava_fast in a workload is also timed in alternation with it (``paired``: A-B-B-A rounds,
+both models alive), the ratio decide.py judges: blocks timed one after another drifted by up to 35% on the H200.
 
 MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
 2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
@@ -501,7 +504,9 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # CLIP's QuickGELU by torch's three kernels instead of ours (session 13): stage 1, prefill
                 "llava_fast_qgelu_ref": {"LLAVA_FAST_BACKEND_QUICK_GELU": "reference"},
                 # every Triton launch through Triton's own kernel[grid] path instead of _ext.launch's direct one
-                "llava_fast_triton_launch": {"LLAVA_FAST_DIRECT_LAUNCH": "0"}}
+                "llava_fast_triton_launch": {"LLAVA_FAST_DIRECT_LAUNCH": "0"},
+                # the vision towers' LayerNorm kernels (ops/layer_norm.py, session 14; auto keeps torch's)
+                "llava_fast_ln_triton": {"LLAVA_FAST_BACKEND_LAYER_NORM": "triton"}}
 
 
 def _reset_env_caches() -> None:

@@ -333,7 +333,8 @@ def _model_rules(rows, label=""):
         x, how = _default_vs(ours, alt)
         x = 1 / x
         out.append((f"GQA split of the dK/dV kernel (opt-in) vs default, ov_ft{label}",
-                    f"{x:.2f}x the default{how}, memory {_fmt(alt.get('peak_gib'))} vs {_fmt(ours.get('peak_gib'))} GiB",
+                    f"{x:.2f}x the default{how}, memory {_fmt(alt.get('peak_gib'))} vs "
+                    f"{_fmt(ours.get('peak_gib'))} GiB",
                     "make it the default (LLAVA_FAST_ATTN_GQA_SPLIT default '1') if >= 1.02x and its cuda tests pass",
                     "candidate default" if x >= 1.02 else "keep opt-in"))
     # session 13's activation kernels end to end: GELU opt-in (OneVision), QuickGELU default (stage 1, prefill)
@@ -344,15 +345,22 @@ def _model_rules(rows, label=""):
              "keep the kernel if not slower; else add quick_gelu to backend.AUTO_REFERENCE"),
             ("llava_fast_triton_launch", ("ov_ft", "stage1"), "direct Triton launch (default) vs kernel[grid]",
              "keep the direct launch if not slower (and its cuda test passes); else LLAVA_FAST_DIRECT_LAUNCH "
-             "default '0'")):
+             "default '0'"),
+            ("llava_fast_ln_triton", ("ov_ft", "stage1", "prefill"), "LayerNorm kernels (opt-in) vs torch's",
+             "make them the CUDA default (drop layer_norm from backend.AUTO_REFERENCE) if >= 1.01x on ov_ft and "
+             "not slower elsewhere (and tests/ops/test_layer_norm.py's cuda tests pass)"),
+            ("llava_fast_sdpa_text", ("stage1", "prefill"), "language-model attention by SDPA (opt-in) vs Triton",
+             "route equal-length unpadded batches (stage 1, prefill) through SDPA by default if >= 1.01x")):
         for mode in mode_list:
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
             if not (ours and alt):
                 continue
             x, how = _default_vs(ours, alt)
-            if prov == "llava_fast_gelu_triton":
+            if prov in ("llava_fast_gelu_triton", "llava_fast_ln_triton", "llava_fast_sdpa_text"):   # opt-in ones
                 x = 1 / x
-                verdict = "switch" if x >= 1.01 else "keep torch's"
+                bar = 1.0 if prov == "llava_fast_ln_triton" and mode != "ov_ft" else 1.01
+                verdict = "switch" if x >= bar else ("keep torch's" if prov != "llava_fast_sdpa_text" else
+                                                     "keep the Triton kernel")
                 m = f"{x:.2f}x the default{how}"
             else:
                 verdict = "keep the default" if x >= 1.0 else "switch"

@@ -22,6 +22,7 @@ OPS: dict[str, str | None] = {
     "swiglu": None,
     "quick_gelu": None,
     "gelu": None,
+    "layer_norm": None,
     "cross_entropy": None,
 }
 _CHOICES = ("auto", "reference", "triton", "cuda")
@@ -38,6 +39,7 @@ _MODULES = {
     "swiglu": "llava_fast.ops.swiglu",
     "quick_gelu": "llava_fast.ops.quick_gelu",
     "gelu": "llava_fast.ops.gelu",
+    "layer_norm": "llava_fast.ops.layer_norm",
     "cross_entropy": "llava_fast.ops.cross_entropy",
 }
 _loaded: set[str] = set()
@@ -50,6 +52,9 @@ AUTO_REFERENCE: dict[str, str] = {
     "gelu": "not yet measured (session 13): torch's one-kernel F.gelu already moves the forward's bytes, and the "
             "Triton backward saves ~23 us of GPU per SigLIP layer while a Triton call costs ~100 us of host time on "
             "the H100 box, which the host-bound OneVision step pays; bench_model's llava_fast_gelu_triton decides",
+    "layer_norm": "not yet measured (session 14): the vision towers' LayerNorm kernels (one backward launch that also "
+                  "writes the recomputed output, instead of torch's forward again + two backward kernels); "
+                  "bench_model's llava_fast_ln_triton (paired with the default) decides",
 }
 
 

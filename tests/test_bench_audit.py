@@ -386,3 +386,17 @@ def test_paired_timing_alternates_and_sets_each_env():
     assert seen == [("ctl", None), ("alt", "0"), ("alt", "0"), ("ctl", None)] * 2
     assert "LLAVA_FAST_FUSE_RESIDUAL" not in os.environ
     assert out["rounds"] == 4 and 2.0 < out["ratio"] < 4.5 and out["ratio_min"] <= out["ratio"] <= out["ratio_max"]
+
+
+def test_layer_norm_bench_smoke():
+    """bench_layer_norm.py --smoke: every provider's rows, and the recompute+bwd rows that decide the end-to-end use."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_layer_norm.py"), "--smoke"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for prov in ("llava_fast", "torch", "compile"):
+        assert f"| fwd+bwd | {prov} |" in r.stdout, r.stdout
+    assert "| recompute+bwd | llava_fast |" in r.stdout and "| recompute+bwd | torch |" in r.stdout
+    assert "failed" not in r.stdout, r.stdout

@@ -86,10 +86,24 @@ class ExplicitAct:
         return True
 
 
+_ln_ops = None
+
+
+def _ln():
+    """ops/layer_norm.py, imported on first use (no import cycle)."""
+    global _ln_ops
+    if _ln_ops is None:
+        from llava_fast.ops import layer_norm as m
+        _ln_ops = m
+    return _ln_ops
+
+
 class LayerNormAct(ExplicitAct):
-    """``F.layer_norm(x, shape, weight, bias, eps)`` over ``hs = (x, weight, bias)``; its backward is autograd's,
-    ``native_layer_norm_backward`` with the recomputed mean and rstd. Under autocast (layer_norm runs in fp32 there)
-    the autograd path is used."""
+    """``F.layer_norm(x, shape, weight, bias, eps)`` over ``hs = (x, weight, bias)``. Where the Triton kernels run
+    (backend "layer_norm", opt-in: ops/layer_norm.py) the backward is one launch that recomputes the statistics and
+    also writes the output for the linears' weight gradients (``grad_with_output``: no recomputation launch); elsewhere
+    torch's ``native_layer_norm`` and ``native_layer_norm_backward`` with the recomputed mean and rstd, the calls
+    autograd makes (the same bits). Under autocast (layer_norm runs in fp32 there) the autograd path is used."""
 
     def __init__(self, normalized_shape, eps: float):
         self.shape, self.eps = list(normalized_shape), eps
@@ -97,17 +111,41 @@ class LayerNormAct(ExplicitAct):
     def usable(self, hs) -> bool:
         return not torch.is_autocast_enabled(hs[0].device.type)
 
+    def _kernel(self, hs) -> bool:
+        return len(self.shape) == 1 and hs[0].shape[-1:] == tuple(self.shape) and _ln().kernel_usable(*hs)
+
     def forward(self, x, weight, bias):
+        if self._kernel((x, weight, bias)):
+            return _ln().layer_norm(x, weight, bias, self.eps)
         return F.layer_norm(x, self.shape, weight, bias, self.eps)
 
     def recompute(self, x, weight, bias):
+        if self._kernel((x, weight, bias)):
+            return _ln()._layer_norm_fwd_op(x, weight, bias, float(self.eps)), None
         y, mean, rstd = torch.native_layer_norm(x, self.shape, weight, bias, self.eps)
         return y, (mean, rstd)
 
+    def _mask(self, hs, need):
+        return [bool(need[0]), bool(need[1]) and hs[1] is not None, bool(need[2]) and hs[2] is not None]
+
     def grad(self, da, hs, state, need):
         x, weight, bias = hs
-        mask = [bool(need[0]), bool(need[1]) and weight is not None, bool(need[2]) and bias is not None]
+        mask = self._mask(hs, need)
+        if state is None:   # the kernels' recomputation: the backward kernel recomputes the statistics itself
+            dx, dw, db = _ln()._layer_norm_bwd_op(da, x, weight, bias, float(self.eps), mask[1], mask[2])
+            return tuple(g if r else None for g, r in zip((dx, dw, db), mask))
         return torch.ops.aten.native_layer_norm_backward(da, x, self.shape, state[0], state[1], weight, bias, mask)
+
+    def grad_with_output(self, da, hs, need):
+        """``(grads, out)``: the gradients and the forward's output (the same bits as :meth:`recompute`'s), from one
+        kernel launch where the kernels run, else torch's forward and backward (the calls of the other path)."""
+        x, weight, bias = hs
+        mask = self._mask(hs, need)
+        if self._kernel(hs):
+            dx, dw, db, y = _ln()._layer_norm_bwd_out_op(da, x, weight, bias, float(self.eps), mask[1], mask[2])
+            return tuple(g if r else None for g, r in zip((dx, dw, db), mask)), y
+        y, mean, rstd = torch.native_layer_norm(x, self.shape, weight, bias, self.eps)
+        return torch.ops.aten.native_layer_norm_backward(da, x, self.shape, mean, rstd, weight, bias, mask), y
 
 
 _gelu_ops = None
@@ -254,7 +292,7 @@ class ActLinearFunction(torch.autograd.Function):
                     and fused_recompute_enabled()):
                 # the activation's backward kernel also writes its output for the weight gradients: the input
                 # gradients first, then one launch for the activation's gradients and output, then dW
-                a_shape, a_dtype = hs[0].shape, hs[0].dtype  # pointwise
+                a_shape, a_dtype = hs[0].shape, hs[0].dtype  # pointwise, or a norm: the input's shape and dtype
                 _, dbs, da = _linears_backward(weights, dys, None, a_shape, a_dtype, [False] * n, need_b,
                                                ctx.has_bias, True, enabled)
                 dws, dhs = [None] * n, [None] * len(hs)
