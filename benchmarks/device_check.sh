@@ -147,9 +147,12 @@ if want ops; then
       step profile_model 60 $PY benchmarks/profile_model.py --workload ov_ft --layers 4
       step profile_model_stage1 45 $PY benchmarks/profile_model.py --workload stage1 --layers 4 --sites "Memcpy DtoD"
     elif [ "$b" = "gqa" ]; then  # not in the default list: the opt-in GQA split of the dK/dV kernel (session 10,
-      # attention._gqa_split) on the OneVision-0.5B language model's attention (14 / 2 heads, D64, 2 x 5453), ~40 s
-      step attention_gqa 90 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time ov05 \
-        --variants "default|GQA_SPLIT=1" --out "$RES/attention_gqa.jsonl"
+      # attention._gqa_split) on the OneVision-0.5B language model's attention (14 / 2 heads, D64, 2 x 5453), ~60 s;
+      # and the dK/dV configs without spills at D64 causal (aot_check, triton 3.6, session 14: the default 64x128 8w
+      # 2st uses 255 registers and spills 36 B; 32x128 8w 2st 224 regs and 16x128 8w 2st 191, no spills)
+      step attention_gqa 120 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time ov05 \
+        --variants "default|GQA_SPLIT=1|CFG=dkdv=32,128,8,2|CFG=dkdv=16,128,8,2|GQA_SPLIT=1+CFG=dkdv=32,128,8,2" \
+        --out "$RES/attention_gqa.jsonl"
     elif [ "$b" = "profile_full" ]; then  # not in the default list: the OneVision step at full depth (24 Qwen2
       # layers), where session 10's H200 run found 6.25 ms of wall time per LLM layer against ~3.7 ms of kernels
       # (GPU busy %, the host cost per op call, a cProfile of one step); ~60 s
