@@ -50,9 +50,15 @@ def _grad_fn(f, inputs, gouts=None):
     outs = f(*inputs)
     if gouts is None:
         gouts = tuple(randn_like(o) for o in outs)
+    # fwd+bwd differentiates leaves of its own: the "bwd" closure keeps ``outs``' graph alive and with it the inputs'
+    # AccumulateGrad nodes, made on the default stream; a CUDA-graph capture (a side stream) of a backward that reached
+    # them failed on the H200 (session 14, bench_quick_gelu 9232 x 4096: autograd's "AccumulateGrad node's stream does
+    # not match" warning, then AcceleratorError in both tries; also bench_rms_norm's fwd+bwd row on the H100, session
+    # 12). With fresh leaves the nodes live only as long as each call's graph.
+    fresh = tuple(t.detach().requires_grad_(t.requires_grad) for t in inputs)
     return (lambda: f(*inputs),
             lambda: torch.autograd.grad(outs, inputs, gouts, retain_graph=True),
-            lambda: torch.autograd.grad(f(*inputs), inputs, gouts))
+            lambda: torch.autograd.grad(f(*fresh), fresh, gouts))
 
 
 def measure_modes(rows, name, provider, shape, dtype, f, inputs, gouts, nb_f, nb_b, warmup, rep):
