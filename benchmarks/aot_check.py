@@ -43,8 +43,8 @@ if str(ROOT) not in sys.path:
 
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block (opt-in maximum)
 KINDS = ("fwd", "fwd_decode", "dkdv", "dq", "bwd_fused")
-OPS = ("attention", "rms_norm", "rope", "swiglu", "quick_gelu", "gelu", "layer_norm", "cross_entropy", "projector",
-       "pack_features")
+OPS = ("attention", "rms_norm", "rope", "swiglu", "quick_gelu", "gelu", "layer_norm", "bias_grad", "cross_entropy",
+       "projector", "pack_features")
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 _ATTN_KIND = {"_flash_attn_fwd_kernel": "fwd", "_flash_attn_bwd_dkdv_kernel": "dkdv",
               "_flash_attn_bwd_dq_kernel": "dq", "_flash_attn_bwd_fused_kernel": "bwd_fused",
@@ -333,6 +333,13 @@ def drive_layer_norm():
                                      L.layer_norm_bwd(x, x, w, w, 1e-6, want_out=True))
 
 
+def drive_bias_grad():
+    BG = _import("llava_fast.ops.bias_grad")
+    for m, n in ((10206, 1152), (10206, 4304)):
+        dy = _meta(m, n)
+        yield f"{m} x {n}", lambda: BG.bias_grad_fwd(dy)
+
+
 def drive_cross_entropy():
     C = _import("llava_fast.ops.cross_entropy")
     for v in (32064, 152064):
@@ -438,7 +445,7 @@ def run(ops, arch, dims=(64, 72, 128), dtypes=(torch.bfloat16,), causals=(True,)
                             cfg=[v["BLOCK_M"], v["BLOCK_N"], rec.num_warps, rec.num_stages], align=v.get("ALIGN"),
                             split=[v["BLOCK_D0"], v["BLOCK_D1"] if v["HAS_D1"] else 0], d1_lo=v.get("D1_LO")))
     drivers = {"rms_norm": drive_rms_norm, "rope": drive_rope, "swiglu": drive_swiglu, "quick_gelu": drive_quick_gelu,
-               "gelu": drive_gelu, "layer_norm": drive_layer_norm,
+               "gelu": drive_gelu, "layer_norm": drive_layer_norm, "bias_grad": drive_bias_grad,
                "cross_entropy": drive_cross_entropy, "projector": lambda: drive_projector(arch, max_configs),
                "pack_features": drive_pack_features}
     for op in ops:

@@ -349,6 +349,9 @@ def _model_rules(rows, label=""):
             ("llava_fast_ln_triton", ("ov_ft", "stage1", "prefill"), "LayerNorm kernels (opt-in) vs torch's",
              "make them the CUDA default (drop layer_norm from backend.AUTO_REFERENCE) if >= 1.01x on ov_ft and "
              "not slower elsewhere (and tests/ops/test_layer_norm.py's cuda tests pass)"),
+            ("llava_fast_bias_triton", ("ov_ft",), "bias-gradient kernels (opt-in) vs torch's sum",
+             "make them the CUDA default (drop bias_grad from backend.AUTO_REFERENCE) if >= 1.01x (and "
+             "tests/ops/test_bias_grad.py's cuda tests pass)"),
             ("llava_fast_sdpa_text", ("stage1", "prefill"), "language-model attention by SDPA (opt-in) vs Triton",
              "route equal-length unpadded batches (stage 1, prefill) through SDPA by default if >= 1.01x")):
         for mode in mode_list:
@@ -356,7 +359,8 @@ def _model_rules(rows, label=""):
             if not (ours and alt):
                 continue
             x, how = _default_vs(ours, alt)
-            if prov in ("llava_fast_gelu_triton", "llava_fast_ln_triton", "llava_fast_sdpa_text"):   # opt-in ones
+            if prov in ("llava_fast_gelu_triton", "llava_fast_ln_triton", "llava_fast_bias_triton",
+                        "llava_fast_sdpa_text"):   # opt-in ones
                 x = 1 / x
                 bar = 1.0 if prov == "llava_fast_ln_triton" and mode != "ov_ft" else 1.01
                 verdict = "switch" if x >= bar else ("keep torch's" if prov != "llava_fast_sdpa_text" else
@@ -444,23 +448,40 @@ def rms_norm_bwd_tile(folder):
     return out or [("RMSNorm backward tile", "not measured", "", "")]
 
 
+def _kind(row) -> str:
+    """"graph" or "eager" (bench_utils' timing kinds; a failed capture timed eagerly is "eager")."""
+    t = row.get("timing") or row.get("note", "")
+    return "graph" if t.startswith("graph") else "eager" if t else ""
+
+
 def activations(folder):
-    """Session 13's activation kernels against torch's, at their towers' shapes: QuickGELU (bench_quick_gelu, CLIP,
-    default on CUDA: three torch kernels otherwise) forward and fwd+bwd; GELU (bench_gelu, SigLIP, opt-in) act_linear's
-    recomputation + backward (ours one launch, torch's two) and forward. A kernel slower than torch's belongs in (or
-    stays in) backend.AUTO_REFERENCE."""
+    """Session 13's activation kernels and session 14's LayerNorm and bias-gradient kernels against torch's, at their
+    towers' shapes: QuickGELU (bench_quick_gelu, CLIP, default on CUDA: three torch kernels otherwise) forward and
+    fwd+bwd; GELU (bench_gelu, SigLIP, opt-in) act_linear's recomputation + backward (ours one launch, torch's two) and
+    forward; LayerNorm (bench_layer_norm, opt-in) the same two; the bias-gradient column sums (bench_bias_grad,
+    opt-in). A kernel slower than torch's belongs in (or stays in) backend.AUTO_REFERENCE. Rows timed differently
+    (a CUDA graph against one eager call, when a capture failed) are not compared: session 14's QuickGELU fwd+bwd
+    row at 9232 x 4096 said "0.98x" that way."""
     out = []
-    for bench, shape, modes, what in (("quick_gelu", "9232x4096", ("fwd", "fwd+bwd"), "QuickGELU"),
-                                      ("gelu", "7290x4304", ("recompute+bwd", "fwd"), "GELU tanh")):
+    for bench, base, shape, modes, what in (
+            ("quick_gelu", "hf", "9232x4096", ("fwd", "fwd+bwd"), "QuickGELU"),
+            ("gelu", "hf", "7290x4304", ("recompute+bwd", "fwd"), "GELU tanh"),
+            ("layer_norm", "torch", "9477x1152", ("recompute+bwd", "fwd"), "LayerNorm"),
+            ("bias_grad", "torch", "10206x1152", ("sum",), "bias gradient"),
+            ("bias_grad", "torch", "10206x4304", ("sum",), "bias gradient")):
         rows = load_rows(folder, bench)
         for mode in modes:
-            ours, hf = _row(rows, "llava_fast", shape, mode), _row(rows, "hf", shape, mode)
+            ours, hf = _row(rows, "llava_fast", shape, mode), _row(rows, base, shape, mode)
             q = f"{what} {mode}, {shape.replace('x', ' x ')}"
             if not (ours and hf):
                 out.append((q, "not measured", "", ""))
                 continue
-            x = hf["ms"] / ours["ms"]
             pct = ours.get("note", "").split(";")[0]
+            if _kind(ours) != _kind(hf):
+                out.append((q, f"not comparable: ours timed {ours.get('timing') or '?'}, torch's "
+                            f"{hf.get('timing') or '?'}", "", "rerun"))
+                continue
+            x = hf["ms"] / ours["ms"]
             out.append((q, f"{x:.2f}x torch ({ours['ms']:.3f} vs {hf['ms']:.3f} ms; {pct})",
                         ">= 1.0x: the kernel may be the CUDA default; below: backend.AUTO_REFERENCE",
                         "keep the kernel" if x >= 1.0 else "reference on CUDA"))

@@ -20,8 +20,8 @@
 #                      profile_model.py at full depth with --host, ~60 s; "gqa": the opt-in GQA split of the
 #                      dK/dV kernel on Qwen2-0.5B's attention shape, ~40 s);
 #                      default (the end-to-end A/B rows, their breakdown, attention, then the rest):
-#                      model profile attention anyres projector rms_norm swiglu quick_gelu gelu layer_norm rope
-#                      cross_entropy pack_features mixed
+#                      model profile attention anyres projector rms_norm swiglu quick_gelu gelu layer_norm
+#                      bias_grad rope cross_entropy pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
 #                      A second call can pass the reverse order to reach first what the first call did not.
 #   TESTS_S=330        limit of the GPU test step (152 s on the H100 in session 4; on the H200 in session 10, 200 s
@@ -51,7 +51,7 @@ DEADLINE_S=${DEADLINE_S:-470}  # under 8 minutes in all, as the developers' guid
 TESTS_S=${TESTS_S:-330}
 STEPS=${STEPS:-all}
 GPU_TESTS=${GPU_TESTS:-quick}
-OPS=${OPS:-"model profile attention anyres projector rms_norm swiglu quick_gelu gelu layer_norm rope cross_entropy pack_features mixed"}
+OPS=${OPS:-"model profile attention anyres projector rms_norm swiglu quick_gelu gelu layer_norm bias_grad rope cross_entropy pack_features mixed"}
 QUICK=$([ "${FULL:-0}" = "1" ] && echo "" || echo "--quick")
 t0=$(date +%s)
 summary=()
@@ -175,7 +175,7 @@ if want ops; then
       step host_overhead 40 $PY benchmarks/host_overhead.py --steps 5
     elif [ "$b" = "model" ]; then  # llava_fast_graph last: a failed CUDA-graph capture must not cost the other rows
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
-        --providers llava_fast,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_gelu_triton,llava_fast_qgelu_ref,llava_fast_triton_launch,llava_fast_ln_triton,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
+        --providers llava_fast,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_gelu_triton,llava_fast_qgelu_ref,llava_fast_triton_launch,llava_fast_ln_triton,llava_fast_bias_triton,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
     elif [ -f "benchmarks/bench_$b.py" ]; then
       # cross_entropy: five providers since session 5 (token and vocab schedules, the 20 MiB one, HF, Liger);
       # anyres: 28 s on the H100 in session 4, + the v3 and v4 rows since

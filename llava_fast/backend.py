@@ -23,6 +23,7 @@ OPS: dict[str, str | None] = {
     "quick_gelu": None,
     "gelu": None,
     "layer_norm": None,
+    "bias_grad": None,
     "cross_entropy": None,
 }
 _CHOICES = ("auto", "reference", "triton", "cuda")
@@ -40,6 +41,7 @@ _MODULES = {
     "quick_gelu": "llava_fast.ops.quick_gelu",
     "gelu": "llava_fast.ops.gelu",
     "layer_norm": "llava_fast.ops.layer_norm",
+    "bias_grad": "llava_fast.ops.bias_grad",
     "cross_entropy": "llava_fast.ops.cross_entropy",
 }
 _loaded: set[str] = set()
@@ -55,6 +57,9 @@ AUTO_REFERENCE: dict[str, str] = {
     "layer_norm": "not yet measured (session 14): the vision towers' LayerNorm kernels (one backward launch that also "
                   "writes the recomputed output, instead of torch's forward again + two backward kernels); "
                   "bench_model's llava_fast_ln_triton (paired with the default) decides",
+    "bias_grad": "not yet measured (session 14): the linears' bias gradients by a two-pass Triton column sum "
+                 "instead of torch's reduce_kernel (~30% of copy bandwidth in the H200 OneVision profile); "
+                 "bench_bias_grad.py and bench_model's llava_fast_bias_triton decide",
 }
 
 

@@ -400,3 +400,32 @@ def test_layer_norm_bench_smoke():
         assert f"| fwd+bwd | {prov} |" in r.stdout, r.stdout
     assert "| recompute+bwd | llava_fast |" in r.stdout and "| recompute+bwd | torch |" in r.stdout
     assert "failed" not in r.stdout, r.stdout
+
+
+def test_bias_grad_bench_smoke():
+    """bench_bias_grad.py --smoke: every provider's row and the error column."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_bias_grad.py"), "--smoke"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for prov in ("llava_fast", "torch", "gemv"):
+        assert f"| sum | {prov} |" in r.stdout, r.stdout
+    assert "max err vs fp64" in r.stdout and "failed" not in r.stdout, r.stdout
+
+
+def test_decide_activation_rows_compare_like_timings(tmp_path):
+    """A row timed eagerly after a failed CUDA-graph capture is not compared with a graph-timed one (session 14:
+    QuickGELU fwd+bwd "0.98x torch" was our eager call against torch's graph replay)."""
+    shape = "9232x4096"
+    rows = [dict(bench="quick_gelu", provider="llava_fast", shape=shape, mode="fwd+bwd", ms=0.392,
+                 timing="eager (graph capture failed: AcceleratorError)", note="35% of copy"),
+            dict(bench="quick_gelu", provider="hf", shape=shape, mode="fwd+bwd", ms=0.385, timing="graph"),
+            dict(bench="quick_gelu", provider="llava_fast", shape=shape, mode="fwd", ms=0.041, timing="graph"),
+            dict(bench="quick_gelu", provider="hf", shape=shape, mode="fwd", ms=0.135, timing="graph")]
+    (tmp_path / "quick_gelu-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = _decide(tmp_path)
+    assert got["QuickGELU fwd+bwd, 9232 x 4096"][2] == "rerun"
+    m, _, d = got["QuickGELU fwd, 9232 x 4096"]
+    assert d == "keep the kernel" and m.startswith("3.29x torch")

@@ -199,6 +199,18 @@ class GeluAct(ExplicitAct):
         return (dx if need[0] else None,), out
 
 
+_bias_grad_fn = None
+
+
+def _bias_grad(dy2: torch.Tensor) -> torch.Tensor:
+    """``dy2.sum(0)``, by ops/bias_grad.py's kernels where backend "bias_grad" picks them (opt-in), else torch's."""
+    global _bias_grad_fn
+    if _bias_grad_fn is None:
+        from llava_fast.ops.bias_grad import bias_grad
+        _bias_grad_fn = bias_grad
+    return _bias_grad_fn(dy2)
+
+
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` without the call when it would change nothing (a no-op ``.to`` is still a dispatcher round
     trip: ~0.7 us on the dev CPU, ~600 of them per OneVision step)."""
@@ -224,7 +236,7 @@ def _linears_backward(weights, dys, a, a_shape, a_dtype, need_w, need_b, has_bia
         if need_w[i]:
             dws[i] = dy2.t().mm(a2)
         if need_b[i] and has_bias[i]:
-            dbs[i] = dy2.sum(0)
+            dbs[i] = _bias_grad(dy2)
         if not need_input:
             continue
         if not autocast_on:
