@@ -1,7 +1,8 @@
-"""Plot the newest end-to-end results (benchmarks/results/bench_model-*.json) as a PNG for the README.
+"""Plot the newest end-to-end results as a PNG for the README: the full-depth table (bench_model_full-*.json, the
+issue's exact shapes) when there is one, else the 4-layer one (bench_model-*.json).
 
 Usage: python benchmarks/plot_results.py [RESULTS_DIR]   (needs matplotlib)
-Writes <RESULTS_DIR>/bench_model-<gpu>.png: one group of bars per workload, throughput relative to transformers sdpa.
+Writes <RESULTS_DIR>/<table>-<gpu>.png: one group of bars per workload, throughput relative to transformers sdpa.
 """
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ from pathlib import Path
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     res = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results"
-    files = sorted(res.glob("bench_model-*.json"), key=lambda p: p.stat().st_mtime)
-    files = [f for f in files if "CPU" not in f.name]
+    files = []
+    for pattern in ("bench_model_full-*.json", "bench_model-*.json"):
+        files = [f for f in sorted(res.glob(pattern), key=lambda p: p.name.rsplit("-", 2)[-2:])
+                 if "CPU" not in f.name]
+        if files:
+            break
     if not files:
         print(f"plot_results: no GPU bench_model results in {res}")
         return 0
@@ -42,8 +47,9 @@ def main(argv=None) -> int:
     ax.set_xticks([i + width * (len(providers) - 1) / 2 for i in range(len(modes))], modes)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_ylabel("throughput / transformers sdpa")
-    ax.set_title(f"llava_fast end to end on {data['meta']['gpu']}")
-    ax.legend(fontsize=8)
+    depth = "full depth" if files[-1].name.startswith("bench_model_full") else "4 LLM layers"
+    ax.set_title(f"llava_fast end to end on {data['meta']['gpu']} ({depth})")
+    ax.legend(fontsize=8, loc="lower center", ncol=3)
     out = res / (files[-1].stem.rsplit("-", 2)[0] + ".png")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
