@@ -30,6 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llava_fast import _ext
+# imported here, not on first use: a first import inside a torch.compile trace would be traced (neither imports this
+# module back)
+from llava_fast.ops import bias_grad as _bias_grad_mod
+from llava_fast.ops import layer_norm as _ln_mod
 
 __all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "ExplicitAct",
            "GeluAct", "LayerNormAct", "ResidualActLinearFunction", "fuse_residual_enabled", "fused_recompute_enabled",
@@ -86,16 +90,9 @@ class ExplicitAct:
         return True
 
 
-_ln_ops = None
-
-
 def _ln():
-    """ops/layer_norm.py, imported on first use (no import cycle)."""
-    global _ln_ops
-    if _ln_ops is None:
-        from llava_fast.ops import layer_norm as m
-        _ln_ops = m
-    return _ln_ops
+    """ops/layer_norm.py."""
+    return _ln_mod
 
 
 class LayerNormAct(ExplicitAct):
@@ -199,16 +196,9 @@ class GeluAct(ExplicitAct):
         return (dx if need[0] else None,), out
 
 
-_bias_grad_fn = None
-
-
 def _bias_grad(dy2: torch.Tensor) -> torch.Tensor:
     """``dy2.sum(0)``, by ops/bias_grad.py's kernels where backend "bias_grad" picks them (opt-in), else torch's."""
-    global _bias_grad_fn
-    if _bias_grad_fn is None:
-        from llava_fast.ops.bias_grad import bias_grad
-        _bias_grad_fn = bias_grad
-    return _bias_grad_fn(dy2)
+    return _bias_grad_mod.bias_grad(dy2)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
