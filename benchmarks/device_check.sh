@@ -173,8 +173,10 @@ if want ops; then
       # on this box's CPU (benchmarks/host_overhead.py; 125 ms on the 2-core dev CPU, session 9): calibrates the dev
       # CPU's host-time numbers against the GPU host's, ~15 s
       step host_overhead 40 $PY benchmarks/host_overhead.py --steps 5
-    elif [ "$b" = "model" ]; then  # llava_fast_graph last: a failed CUDA-graph capture must not cost the other rows
-      step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill,ov_ft \
+    elif [ "$b" = "model" ]; then  # llava_fast_graph last: a failed CUDA-graph capture must not cost the other rows;
+      # OneVision first (session 14: the A/B rows are now also timed paired, ~+40 s, and the step's limit is what the
+      # deadline leaves after the tests: the workload most A/B rows are about must not be the one cut)
+      step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft,stage1,prefill \
         --providers llava_fast,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_gelu_triton,llava_fast_qgelu_ref,llava_fast_triton_launch,llava_fast_ln_triton,llava_fast_bias_triton,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
     elif [ -f "benchmarks/bench_$b.py" ]; then
       # cross_entropy: five providers since session 5 (token and vocab schedules, the 20 MiB one, HF, Liger);
