@@ -11,45 +11,28 @@ tokens x 1152), fc1 (x 4304), Qwen2's q (10906 x 896) and k/v (x 128) biases.
 Run: ``python benchmarks/bench_bias_grad.py [--quick [--compile]]`` (needs a CUDA GPU; exits cleanly without one;
 ``--smoke``: the CPU check of this script under the Triton interpreter).
 """
-import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rms_norm import _finish, measure  # noqa: E402
-from bench_utils import Row, copy_bandwidth, randn, to_markdown  # noqa: E402
+from bench_rms_norm import _finish, measure, op_bench_setup  # noqa: E402
+from bench_utils import randn, to_markdown  # noqa: E402
 
 SHAPES = [(10206, 1152, "SigLIP q/k/v/o, fc2"), (10206, 4304, "SigLIP fc1"), (10906, 896, "Qwen2 q"),
           (10906, 128, "Qwen2 k/v")]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions, no torch.compile baseline (add --compile)")
-    ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
-    args = ap.parse_args(argv)
-    dev = "cpu" if args.smoke else "cuda"
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif not torch.cuda.is_available():
-        print("bench_bias_grad: needs a CUDA GPU; nothing measured on this machine.")
+    b = op_bench_setup("bias_grad", argv)
+    if b is None:
         return 0
+    args, dev, dtype, warmup, rep, rows, copy_gbps = b.args, b.dev, b.dtype, b.warmup, b.rep, b.rows, b.copy_gbps
     from llava_fast.ops.bias_grad import bias_grad_fwd
 
-    dtype = getattr(torch, args.dtype)
-    warmup, rep = (3, 10) if args.quick else (10, 50)
     shapes = [(100, 40, "smoke")] if args.smoke else SHAPES
-    if args.smoke:
-        warmup, rep = 1, 1
-    with_compile = not args.quick or args.compile
-    rows: list[Row] = []
-    copy_gbps = copy_bandwidth(rows, device=dev, numel=1 << (14 if args.smoke else 28))
-    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+    with_compile = b.with_compile
     summed = torch.compile(lambda t: t.sum(0), dynamic=False) if dev == "cuda" and with_compile else None
     for m, n, label in shapes:
         shape = f"{m}x{n} {label}"

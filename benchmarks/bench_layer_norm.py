@@ -19,8 +19,6 @@ each read dy and x). Shapes: SigLIP-so400m tiles of OneVision (13 x 729 tokens, 
 Run: ``python benchmarks/bench_layer_norm.py [--quick [--compile]]`` (needs a CUDA GPU; exits cleanly without one;
 ``--smoke``: the CPU check of this script under the Triton interpreter).
 """
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -28,39 +26,24 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rms_norm import _finish, measure, measure_modes  # noqa: E402
-from bench_utils import Row, copy_bandwidth, randn, to_markdown  # noqa: E402
+from bench_rms_norm import _finish, measure, measure_modes, op_bench_setup  # noqa: E402
+from bench_utils import Row, randn, to_markdown  # noqa: E402
 
 SHAPES = [(13 * 729, 1152, 1e-6, "SigLIP OV"), (16 * 577, 1024, 1e-5, "CLIP-L stage 1"),
           (40 * 577, 1024, 1e-5, "CLIP-L prefill")]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions, no torch.compile baseline (add --compile)")
-    ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
-    args = ap.parse_args(argv)
-    dev = "cpu" if args.smoke else "cuda"
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif not torch.cuda.is_available():
-        print("bench_layer_norm: needs a CUDA GPU; nothing measured on this machine.")
+    b = op_bench_setup("layer_norm", argv)
+    if b is None:
         return 0
+    args, dev, dtype, warmup, rep, rows, copy_gbps = b.args, b.dev, b.dtype, b.warmup, b.rep, b.rows, b.copy_gbps
     import llava_fast
     from llava_fast.ops.layer_norm import layer_norm, layer_norm_bwd
 
     llava_fast.set_backend("layer_norm", "triton")
-    dtype = getattr(torch, args.dtype)
-    warmup, rep = (3, 10) if args.quick else (10, 50)
     shapes = [(16, 40, 1e-6, "smoke")] if args.smoke else SHAPES
-    if args.smoke:
-        warmup, rep = 1, 1
-    with_compile = not args.quick or args.compile
-    rows: list[Row] = []
-    copy_gbps = copy_bandwidth(rows, device=dev, numel=1 << (14 if args.smoke else 28))
-    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+    with_compile = b.with_compile
     compiled = torch.compile(F.layer_norm, dynamic=False) if dev == "cuda" and with_compile else F.layer_norm
     for m, n, eps, label in shapes:
         shape = f"{m}x{n} {label}"

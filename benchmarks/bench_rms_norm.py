@@ -86,14 +86,16 @@ def _finish(rows, copy_gbps, smoke, name="rms_norm"):
     return None if smoke else save(rows, name)
 
 
-def activation_main(name: str, shapes, ours, ref, extra=None, argv=None) -> int:
-    """The command line of the one-input activation benches (bench_quick_gelu.py, bench_gelu.py): for each shape
-    ``(tokens, width, label, kwargs)`` the providers ``llava_fast`` (``ours(x, **kwargs)``), ``hf`` (``ref``) and
-    ``compile`` (``torch.compile`` of ``ref``; not in ``--quick`` unless ``--compile``), fwd / bwd / fwd+bwd in GB/s
-    (bytes 2 T I b and 3 T I b), our backward kernel alone (``torch.ops.llava_fast.<name>_bwd``), and
-    ``extra(rows, x, gy, shape, dtype, kwargs, warmup, rep)`` for more rows. Saved after every shape."""
+def op_bench_setup(name: str, argv=None, quick_help: str = "fewer repetitions, no torch.compile baseline (add "
+                   "--compile)", op: str | None = None):
+    """The command line shared by the memory-bound op benches (--quick, --compile, --dtype, --smoke) and their set-up:
+    a namespace with ``args``, ``dev``, ``dtype``, ``warmup``, ``rep``, ``with_compile``, ``rows`` (the copy row in it)
+    and ``copy_gbps``; None without a GPU (the caller returns 0). ``--smoke`` runs on the CPU under the Triton
+    interpreter with backend ``op`` (default ``name``) forced to the kernel."""
+    from types import SimpleNamespace
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions, no torch.compile baseline (add --compile)")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
@@ -102,18 +104,31 @@ def activation_main(name: str, shapes, ours, ref, extra=None, argv=None) -> int:
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         import llava_fast
-        llava_fast.set_backend(name, "triton")
+        llava_fast.set_backend(op or name, "triton")
     elif not torch.cuda.is_available():
         print(f"bench_{name}: needs a CUDA GPU; nothing measured on this machine.")
-        return 0
-    dtype = getattr(torch, args.dtype)
-    warmup, rep = (3, 10) if args.quick else (10, 50)
-    if args.smoke:
-        warmup, rep, shapes = 1, 1, [(8, 100, shapes[0][2], shapes[0][3])]
+        return None
+    warmup, rep = (1, 1) if args.smoke else (3, 10) if args.quick else (10, 50)
     rows: list[Row] = []
     copy_gbps = copy_bandwidth(rows, device=dev, numel=1 << (14 if args.smoke else 28))
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
-    with_compile = not args.quick or args.compile
+    return SimpleNamespace(args=args, dev=dev, dtype=getattr(torch, args.dtype), warmup=warmup, rep=rep,
+                           with_compile=not args.quick or args.compile, rows=rows, copy_gbps=copy_gbps)
+
+
+def activation_main(name: str, shapes, ours, ref, extra=None, argv=None) -> int:
+    """The command line of the one-input activation benches (bench_quick_gelu.py, bench_gelu.py): for each shape
+    ``(tokens, width, label, kwargs)`` the providers ``llava_fast`` (``ours(x, **kwargs)``), ``hf`` (``ref``) and
+    ``compile`` (``torch.compile`` of ``ref``; not in ``--quick`` unless ``--compile``), fwd / bwd / fwd+bwd in GB/s
+    (bytes 2 T I b and 3 T I b), our backward kernel alone (``torch.ops.llava_fast.<name>_bwd``), and
+    ``extra(rows, x, gy, shape, dtype, kwargs, warmup, rep)`` for more rows. Saved after every shape."""
+    b = op_bench_setup(name, argv)
+    if b is None:
+        return 0
+    args, dev, dtype, warmup, rep, with_compile, rows, copy_gbps = (b.args, b.dev, b.dtype, b.warmup, b.rep,
+                                                                    b.with_compile, b.rows, b.copy_gbps)
+    if args.smoke:
+        shapes = [(8, 100, shapes[0][2], shapes[0][3])]
     compiled = torch.compile(ref, dynamic=False) if dev == "cuda" and with_compile else ref
     bwd_op = getattr(torch.ops.llava_fast, f"{name}_bwd")
     for t, width, label, kw in shapes:

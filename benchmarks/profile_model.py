@@ -267,12 +267,13 @@ def _launch_only_ops(x, w) -> list:
     launcher alone, what a direct-launch fast path would pay). With the wrapper's row above they split a call's host
     cost into ours / Triton's dispatch / the launch itself (session 12: ~140 us per call on the H100 box, which part
     is whose unknown). Triton 3.6's CompiledKernel runner takes every parameter, constexprs included, in order."""
+    from llava_fast import _ext
     from llava_fast.ops import rms_norm as rn
 
     m, n = x.shape
     y = torch.empty_like(x)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
-    bm, bn, nw = rn._config(n, 4096)
+    bm, bn, nw = _ext.row_config(n, 4096)
     grid = ((m + bm - 1) // bm,)
     args = (x, x, w, y, y, rstd, m, n, n, n, n, 0, 1e-6)
     const = dict(HAS_RES=False, BLOCK_M=bm, BLOCK_N=bn)

@@ -47,6 +47,30 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def row_config(n: int, target: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the row-wise kernels (RMSNorm, LayerNorm): a whole row of ``n`` in
+    BLOCK_N, a tile of about ``target`` elements (several rows per program for small n), warps by tile size."""
+    block_n = next_power_of_2(n)
+    block_m = max(1, min(16, target // block_n))
+    elems = block_m * block_n
+    num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+    return block_m, block_n, num_warps
+
+
+def as_rows(t):
+    """(..., N) -> (M, N) with a unit last stride (a view when possible), for the row-wise kernels."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def persistent_programs(device, tiles: int) -> int:
+    """Programs of a persistent row-wise backward: ~4 per SM on a GPU; a few on the CPU interpreter, so that the
+    tests exercise the partial-sum reduction."""
+    if device.type == "cuda":
+        return max(1, min(tiles, 4 * sm_count(device)))
+    return max(1, min(tiles, 4))
+
+
 def not_differentiable_again(grads, sources, what: str):
     """``grads`` (a tuple; None entries kept) made to depend, through a node that raises when a backward reaches it,
     on those of ``sources`` that require grad: the tensors the true second derivative would go through.

@@ -148,38 +148,17 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------------------------
 # 3. launchers
 # --------------------------------------------------------------------------------------------------------------------
-def _config(n: int, target: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): a tile of about ``target`` elements; several rows per program for small N."""
-    block_n = _ext.next_power_of_2(n)
-    block_m = max(1, min(16, target // block_n))
-    elems = block_m * block_n
-    num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
-    return block_m, block_n, num_warps
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (M, N) with a unit last stride (a view when possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _num_programs(device: torch.device, tiles: int) -> int:
-    if device.type == "cuda":
-        return max(1, min(tiles, 4 * _ext.sm_count(device)))
-    return max(1, min(tiles, 4))  # the CPU interpreter: a few programs exercise the partial-sum reduction
-
-
 def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float) -> torch.Tensor:
     """Launch the forward kernel: ``y`` of ``x``'s shape and dtype (a new contiguous tensor)."""
     n = x.shape[-1]
-    x2 = _rows(x)
+    x2 = _ext.as_rows(x)
     m = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if m > 0:
         w = weight.contiguous() if weight is not None else x2
         b = bias.contiguous() if bias is not None else x2
-        block_m, block_n, num_warps = _config(n, 4096)
+        block_m, block_n, num_warps = _ext.row_config(n, 4096)
         with _ext.device_guard(x.device):
             _ext.launch(_layer_norm_fwd_kernel, (_ext.cdiv(m, block_m),), x2, w, b, y.view(m, n), m, n, x2.stride(0),
                         n, eps, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -193,14 +172,14 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     that is None), and with ``want_out`` ``(dx, dweight, dbias, y)`` with ``y`` the forward's output (the same bits)
     from the same launch."""
     n = x.shape[-1]
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = _ext.as_rows(x), _ext.as_rows(dy)
     m = x2.shape[0]
     want_dw = want_dw and weight is not None
     want_db = want_db and bias is not None
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_m, block_n, num_warps = _config(n, 2048)
+    block_m, block_n, num_warps = _ext.row_config(n, 2048)
     tiles = _ext.cdiv(m, block_m) if m else 0
-    programs = _num_programs(x.device, tiles) if m else 1
+    programs = _ext.persistent_programs(x.device, tiles) if m else 1
     rows_per_program = _ext.cdiv(tiles, programs) * block_m if m else 0   # whole tiles per program
     programs = _ext.cdiv(m, rows_per_program) if m else 1
     alloc = torch.empty if m else torch.zeros   # every program stores its whole partial row

@@ -135,15 +135,6 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------------------------
 # 3. launchers
 # --------------------------------------------------------------------------------------------------------------------
-def _config(n: int, target: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): a tile of about ``target`` elements; several rows per program for small N."""
-    block_n = _ext.next_power_of_2(n)
-    block_m = max(1, min(16, target // block_n))
-    elems = block_m * block_n
-    num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
-    return block_m, block_n, num_warps
-
-
 def _bwd_tile() -> int:
     """Elements per backward tile (BLOCK_M rows of BLOCK_N): 2048 by default; ``LLAVA_FAST_RMS_BWD_TILE`` (a power of
     two, 1024-16384, read at each launch) is the experiment of bench_rms_norm's ``llava_fast_bwd<tile>`` rows: more
@@ -161,25 +152,12 @@ def _bwd_tile() -> int:
     return t
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (M, N) with a unit last stride (a view when possible)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _num_programs(device: torch.device, tiles: int) -> int:
-    if device.type == "cuda":
-        sms = _ext.sm_count(device)
-        return max(1, min(tiles, 4 * sms))
-    return max(1, min(tiles, 4))  # the CPU interpreter: a few programs exercise the partial-sum reduction
-
-
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns ``(out, s, rstd)``; ``s`` is empty when ``residual`` is None and
     ``rstd`` (fp32, ``x.shape[:-1]``) is what the backward needs."""
     n = x.shape[-1]
-    x2 = _rows(x)
+    x2 = _ext.as_rows(x)
     weight = weight.contiguous()  # the kernels read it as W + col: a strided or expanded view would be misread
     m = x2.shape[0]
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
@@ -189,13 +167,13 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     y2 = y.view(m, n)
     if residual is not None:
-        r2 = _rows(residual)
+        r2 = _ext.as_rows(residual)
         s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         s2 = s.view(m, n)
     else:
         r2, s, s2 = x2, x2.new_empty(0), y2
     if m > 0:
-        block_m, block_n, num_warps = _config(n, 4096)
+        block_m, block_n, num_warps = _ext.row_config(n, 4096)
         grid = (_ext.cdiv(m, block_m),)
         with _ext.device_guard(x.device):
             _ext.launch(
@@ -213,14 +191,14 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     ``want_dw=False`` (a frozen weight): ``dweight`` is an empty tensor, and neither the partial sums nor their
     reduction launch are made; ``dx`` is the same."""
     n = x.shape[-1]
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = _ext.as_rows(x), _ext.as_rows(dy)
     weight = weight.contiguous()
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    ds2 = _rows(dres) if dres is not None else dx
-    block_m, block_n, num_warps = _config(n, _bwd_tile())
+    ds2 = _ext.as_rows(dres) if dres is not None else dx
+    block_m, block_n, num_warps = _ext.row_config(n, _bwd_tile())
     tiles = _ext.cdiv(m, block_m) if m else 0
-    programs = _num_programs(x.device, tiles) if m else 1
+    programs = _ext.persistent_programs(x.device, tiles) if m else 1
     # whole tiles per program, so that only the last program sees a partial tile
     rows_per_program = _ext.cdiv(tiles, programs) * block_m if m else 0
     programs = _ext.cdiv(m, rows_per_program) if m else 1
