@@ -545,23 +545,7 @@ def _set_env(env: dict) -> None:
     _reset_env_caches()
 
 
-def _one_step_ms(fn, device) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    import time
-
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def paired(fn_ctl, env_ctl, fn_alt, env_alt, rounds, device) -> dict:
+def paired(fn_ctl, env_ctl, fn_alt, env_alt, rounds) -> dict:
     """An A/B comparison timed in alternation: ``rounds`` rounds, each one step of the control (the default
     llava_fast model, under its env) and one of the alternative (its own model, under its env), in A-B-B-A order
     so that a linear drift cancels. Why: session 14's H200 run timed the A/B providers one after another, and
@@ -574,7 +558,7 @@ def paired(fn_ctl, env_ctl, fn_alt, env_alt, rounds, device) -> dict:
         order = ((fn_ctl, env_ctl, ctl), (fn_alt, env_alt, alt))
         for fn, env, out in (order if i % 2 == 0 else order[::-1]):
             _set_env(env)
-            out.append(_one_step_ms(fn, device))
+            out.append(bench(fn, warmup=0, rep=1, timing="eager")["ms"])   # one step between CUDA events
     _set_env(env_ctl)
     ratios = sorted(a / c for a, c in zip(alt, ctl))
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
@@ -637,7 +621,7 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
                 if prov in PROVIDER_ENV and control is not None:
                     peak = peak - control[1] if peak is not None else None  # the kept default model's share
                     env_alt = {k: os.environ.get(k) for k in PROVIDER_ENV[prov]}
-                    pair = paired(control[0], env_before, fn, env_alt, rounds=max(rep, 3), device=device)
+                    pair = paired(control[0], env_before, fn, env_alt, rounds=max(rep, 3))
                 if prov == "llava_fast" and any(p in PROVIDER_ENV for p in providers):
                     resident = (torch.cuda.memory_allocated() - before) / 2**30 if device == "cuda" else 0.0
                     control = (fn, resident)

@@ -382,7 +382,7 @@ def test_paired_timing_alternates_and_sets_each_env():
 
     os.environ.pop("LLAVA_FAST_FUSE_RESIDUAL", None)
     out = bench_model.paired(step("ctl", 0.01), {"LLAVA_FAST_FUSE_RESIDUAL": None}, step("alt", 0.03),
-                             {"LLAVA_FAST_FUSE_RESIDUAL": "0"}, rounds=4, device="cpu")
+                             {"LLAVA_FAST_FUSE_RESIDUAL": "0"}, rounds=4)
     assert seen == [("ctl", None), ("alt", "0"), ("alt", "0"), ("ctl", None)] * 2
     assert "LLAVA_FAST_FUSE_RESIDUAL" not in os.environ
     assert out["rounds"] == 4 and 2.0 < out["ratio"] < 4.5 and out["ratio_min"] <= out["ratio"] <= out["ratio_max"]
