@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rms_norm import _finish, measure, op_bench_setup  # noqa: E402
-from bench_utils import randn, to_markdown  # noqa: E402
+from bench_rms_norm import _finish, measure, report, op_bench_setup  # noqa: E402
+from bench_utils import randn  # noqa: E402
 
 SHAPES = [(10206, 1152, "SigLIP q/k/v/o, fc2"), (10206, 4304, "SigLIP fc1"), (10906, 896, "Qwen2 q"),
           (10906, 128, "Qwen2 k/v")]
@@ -52,11 +52,7 @@ def main(argv=None):
         print(f"{shape}: done ({len(rows)} rows)", flush=True)
         if dev == "cuda":
             torch.cuda.empty_cache()
-    path = _finish(rows, copy_gbps, args.smoke, "bias_grad")
-    print(to_markdown(rows))
-    if path:
-        print(f"saved {path}")
-    return 0
+    return report(rows, copy_gbps, args.smoke, "bias_grad")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rms_norm import _finish, measure, measure_modes, op_bench_setup  # noqa: E402
-from bench_utils import Row, randn, to_markdown  # noqa: E402
+from bench_rms_norm import _finish, measure, report, measure_modes, op_bench_setup  # noqa: E402
+from bench_utils import Row, randn  # noqa: E402
 
 SHAPES = [(13 * 729, 1152, 1e-6, "SigLIP OV"), (16 * 577, 1024, 1e-5, "CLIP-L stage 1"),
           (40 * 577, 1024, 1e-5, "CLIP-L prefill")]
@@ -80,11 +80,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
         _finish(rows, copy_gbps, args.smoke, "layer_norm")
         print(f"{shape}: done ({len(rows)} rows)", flush=True)
-    path = _finish(rows, copy_gbps, args.smoke, "layer_norm")
-    print(to_markdown(rows))
-    if path:
-        print(f"saved {path}")
-    return 0
+    return report(rows, copy_gbps, args.smoke, "layer_norm")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,16 @@ def _finish(rows, copy_gbps, smoke, name="rms_norm"):
     return None if smoke else save(rows, name)
 
 
+def report(rows, copy_gbps, smoke, name="rms_norm") -> int:
+    """The op benches' end: ratios and "% of copy" (:func:`_finish`), saved as ``name`` unless ``smoke``, the table
+    printed; returns the exit code 0."""
+    path = _finish(rows, copy_gbps, smoke, name)
+    print(to_markdown(rows))
+    if path:
+        print(f"saved {path}")
+    return 0
+
+
 def op_bench_setup(name: str, argv=None, quick_help: str = "fewer repetitions, no torch.compile baseline (add "
                    "--compile)", op: str | None = None):
     """The command line shared by the memory-bound op benches (--quick, --compile, --dtype, --smoke) and their set-up:
@@ -158,11 +168,7 @@ def activation_main(name: str, shapes, ours, ref, extra=None, argv=None) -> int:
             torch.cuda.empty_cache()
         _finish(rows, copy_gbps, args.smoke, name)
         print(f"{shape}: done ({len(rows)} rows)", flush=True)
-    path = _finish(rows, copy_gbps, args.smoke, name)
-    print(to_markdown(rows))
-    if path:
-        print(f"saved {path}")
-    return 0
+    return report(rows, copy_gbps, args.smoke, name)
 
 
 def main():
@@ -287,11 +293,7 @@ def main():
             _finish(rows, copy_gbps, args.smoke)  # keep what is measured so far, in case a time limit stops the run
             print(f"{shape}: done ({len(rows)} rows)", flush=True)
 
-    path = _finish(rows, copy_gbps, args.smoke)
-    print(to_markdown(rows))
-    if path:
-        print(f"saved {path}")
-    return 0
+    return report(rows, copy_gbps, args.smoke)
 
 
 if __name__ == "__main__":

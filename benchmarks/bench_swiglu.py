@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rms_norm import _finish as _finish_common  # noqa: E402
-from bench_rms_norm import copy_bandwidth, measure, measure_modes  # noqa: E402
-from bench_utils import Row, randn, to_markdown  # noqa: E402
+from bench_rms_norm import copy_bandwidth, measure, measure_modes, report  # noqa: E402
+from bench_utils import Row, randn  # noqa: E402
 
 
 def _finish(rows, copy_gbps, smoke):
@@ -104,11 +104,7 @@ def main():
             _finish(rows, copy_gbps, args.smoke)  # keep what is measured so far, in case a time limit stops the run
             print(f"{shape}: done ({len(rows)} rows)", flush=True)
 
-    path = _finish(rows, copy_gbps, args.smoke)
-    print(to_markdown(rows))
-    if path:
-        print(f"saved {path}")
-    return 0
+    return report(rows, copy_gbps, args.smoke, "swiglu")
 
 
 if __name__ == "__main__":
