@@ -388,31 +388,23 @@ def test_paired_timing_alternates_and_sets_each_env():
     assert out["rounds"] == 4 and 2.0 < out["ratio"] < 4.5 and out["ratio_min"] <= out["ratio"] <= out["ratio_max"]
 
 
-def test_layer_norm_bench_smoke():
-    """bench_layer_norm.py --smoke: every provider's rows, and the recompute+bwd rows that decide the end-to-end use."""
+@pytest.mark.parametrize("name,expect", [
+    # LayerNorm: every provider's rows, and the recompute+bwd rows that decide the end-to-end use
+    ("layer_norm", ["| fwd+bwd | llava_fast |", "| fwd+bwd | torch |", "| fwd+bwd | compile |",
+                    "| recompute+bwd | llava_fast |", "| recompute+bwd | torch |"]),
+    # bias gradients: every provider's row and the error column
+    ("bias_grad", ["| sum | llava_fast |", "| sum | torch |", "| sum | gemv |", "max err vs fp64"])])
+def test_session14_bench_smoke(name, expect):
+    """bench_<name>.py --smoke (interpreter, a tiny shape) runs, prints those rows, and no row failed."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_layer_norm.py"), "--smoke"],
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / f"bench_{name}.py"), "--smoke"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    for prov in ("llava_fast", "torch", "compile"):
-        assert f"| fwd+bwd | {prov} |" in r.stdout, r.stdout
-    assert "| recompute+bwd | llava_fast |" in r.stdout and "| recompute+bwd | torch |" in r.stdout
+    for e in expect:
+        assert e in r.stdout, r.stdout
     assert "failed" not in r.stdout, r.stdout
-
-
-def test_bias_grad_bench_smoke():
-    """bench_bias_grad.py --smoke: every provider's row and the error column."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_bias_grad.py"), "--smoke"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    for prov in ("llava_fast", "torch", "gemv"):
-        assert f"| sum | {prov} |" in r.stdout, r.stdout
-    assert "max err vs fp64" in r.stdout and "failed" not in r.stdout, r.stdout
 
 
 def test_decide_activation_rows_compare_like_timings(tmp_path):
