@@ -147,6 +147,8 @@ if want ops; then
     elif [ "$b" = "profile" ]; then  # where the end-to-end step's GPU time goes, by kernel class (OneVision FT, stage 1)
       step profile_model 60 $PY benchmarks/profile_model.py --workload ov_ft --layers 4
       step profile_model_stage1 45 $PY benchmarks/profile_model.py --workload stage1 --layers 4 --sites "Memcpy DtoD"
+      # the prefill (1.36x HF sdpa on the H200 in session 14, target 1.4x) has never been profiled
+      step profile_model_prefill 40 $PY benchmarks/profile_model.py --workload prefill --layers 4
     elif [ "$b" = "gqa" ]; then  # not in the default list: the opt-in GQA split of the dK/dV kernel (session 10,
       # attention._gqa_split) on the OneVision-0.5B language model's attention (14 / 2 heads, D64, 2 x 5453), ~60 s;
       # and the dK/dV configs without spills at D64 causal (aot_check, triton 3.6, session 14: the default 64x128 8w
