@@ -37,7 +37,8 @@ saves in the host-bound OneVision step); llava_fast_qgelu_ref: CLIP's QuickGELU 
 the Triton one (stage 1, prefill); llava_fast_triton_launch: every Triton kernel launched by Triton's own
 ``kernel[grid](...)`` instead of ``_ext.launch``'s direct path (LLAVA_FAST_DIRECT_LAUNCH=0); llava_fast_ln_triton: the
 vision towers' LayerNorm by the Triton kernels (ops/layer_norm.py, opt-in); llava_fast_bias_triton: the linears' bias
-gradients by ops/bias_grad.py's column-sum kernels (opt-in). Since session 14 every one of these A/B
+gradients by ops/bias_grad.py's column-sum kernels (opt-in); llava_fast_fused_qkv: q, k and v as one GEMM over their
+concatenated weights (LLAVA_FAST_FUSED_QKV=1, opt-in). Since session 14 every one of these A/B
 providers measured after llava_fast in a workload is also timed in alternation with it (``paired``: A-B-B-A rounds,
 both models alive), the ratio decide.py judges: blocks timed one after another drifted by up to 35% on the H200.
 
@@ -509,7 +510,9 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the vision towers' LayerNorm kernels (ops/layer_norm.py, session 14; auto keeps torch's)
                 "llava_fast_ln_triton": {"LLAVA_FAST_BACKEND_LAYER_NORM": "triton"},
                 # the linears' bias gradients by ops/bias_grad.py's kernels (session 14; auto keeps torch's sum)
-                "llava_fast_bias_triton": {"LLAVA_FAST_BACKEND_BIAS_GRAD": "triton"}}
+                "llava_fast_bias_triton": {"LLAVA_FAST_BACKEND_BIAS_GRAD": "triton"},
+                # q, k and v as one GEMM over their concatenated weights (act_linear.linears, session 14; opt-in)
+                "llava_fast_fused_qkv": {"LLAVA_FAST_FUSED_QKV": "1"}}
 
 
 def _reset_env_caches() -> None:

@@ -352,6 +352,8 @@ def _model_rules(rows, label=""):
             ("llava_fast_bias_triton", ("ov_ft",), "bias-gradient kernels (opt-in) vs torch's sum",
              "make them the CUDA default (drop bias_grad from backend.AUTO_REFERENCE) if >= 1.01x (and "
              "tests/ops/test_bias_grad.py's cuda tests pass)"),
+            ("llava_fast_fused_qkv", ("stage1", "prefill", "ov_ft"), "q/k/v as one GEMM (opt-in) vs three",
+             "LLAVA_FAST_FUSED_QKV default '1' if >= 1.01x on stage 1 or prefill and not slower on ov_ft"),
             ("llava_fast_sdpa_text", ("stage1", "prefill"), "language-model attention by SDPA (opt-in) vs Triton",
              "route equal-length unpadded batches (stage 1, prefill) through SDPA by default if >= 1.01x")):
         for mode in mode_list:
@@ -360,11 +362,13 @@ def _model_rules(rows, label=""):
                 continue
             x, how = _default_vs(ours, alt)
             if prov in ("llava_fast_gelu_triton", "llava_fast_ln_triton", "llava_fast_bias_triton",
-                        "llava_fast_sdpa_text"):   # opt-in ones
+                        "llava_fast_sdpa_text", "llava_fast_fused_qkv"):   # opt-in ones
                 x = 1 / x
-                bar = 1.0 if prov == "llava_fast_ln_triton" and mode != "ov_ft" else 1.01
-                verdict = "switch" if x >= bar else ("keep torch's" if prov != "llava_fast_sdpa_text" else
-                                                     "keep the Triton kernel")
+                bar = 1.0 if (prov == "llava_fast_ln_triton" and mode != "ov_ft"
+                              or prov == "llava_fast_fused_qkv" and mode == "ov_ft") else 1.01
+                verdict = "switch" if x >= bar else {"llava_fast_sdpa_text": "keep the Triton kernel",
+                                                     "llava_fast_fused_qkv": "keep three GEMMs"}.get(prov,
+                                                                                                     "keep torch's")
                 m = f"{x:.2f}x the default{how}"
             else:
                 verdict = "keep the default" if x >= 1.0 else "switch"
@@ -488,8 +492,25 @@ def activations(folder):
     return out
 
 
+def fused_linears(folder):
+    """bench_linears: q/k/v as one GEMM (cat + GEMM, what LLAVA_FAST_FUSED_QKV=1 runs) against three GEMMs."""
+    rows = load_rows(folder, "linears")
+    out = []
+    for label in ("Llama-7B stage 1", "Llama-7B prefill", "CLIP-L stage 1", "SigLIP OV", "Qwen2-0.5B OV"):
+        ours, sep = _row(rows, "llava_fast_fused", label, "fwd"), _row(rows, "separate", label, "fwd")
+        q = f"q/k/v as one GEMM, {label}"
+        if not (ours and sep):
+            out.append((q, "not measured", "", ""))
+            continue
+        x = sep["ms"] / ours["ms"]
+        out.append((q, f"{x:.2f}x three GEMMs ({ours['metric']:.0f} vs {sep['metric']:.0f} TFLOP/s)",
+                    ">= 1.03x at the Llama-7B shapes: worth the paired end-to-end row (llava_fast_fused_qkv)",
+                    "candidate" if x >= 1.03 else "no gain"))
+    return out
+
+
 RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model, host_bound, compiled,
-         rms_norm_bwd_tile, activations)
+         rms_norm_bwd_tile, activations, fused_linears)
 
 
 def decide(folder: str) -> list[tuple]:

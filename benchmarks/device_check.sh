@@ -21,7 +21,7 @@
 #                      dK/dV kernel on Qwen2-0.5B's attention shape, ~40 s);
 #                      default (the end-to-end A/B rows, their breakdown, attention, then the rest):
 #                      model profile attention anyres projector rms_norm swiglu quick_gelu gelu layer_norm
-#                      bias_grad rope cross_entropy pack_features mixed
+#                      bias_grad linears rope cross_entropy pack_features mixed
 #                      ("mixed": bench_model's mixed-length stage-2 run, packing fill vs transformers' padding waste).
 #                      A second call can pass the reverse order to reach first what the first call did not.
 #   TESTS_S=330        limit of the GPU test step (152 s on the H100 in session 4; on the H200 in session 10, 200 s
@@ -51,7 +51,7 @@ DEADLINE_S=${DEADLINE_S:-470}  # under 8 minutes in all, as the developers' guid
 TESTS_S=${TESTS_S:-330}
 STEPS=${STEPS:-all}
 GPU_TESTS=${GPU_TESTS:-quick}
-OPS=${OPS:-"model profile attention anyres projector rms_norm swiglu quick_gelu gelu layer_norm bias_grad rope cross_entropy pack_features mixed"}
+OPS=${OPS:-"model profile attention anyres projector rms_norm swiglu quick_gelu gelu layer_norm bias_grad linears rope cross_entropy pack_features mixed"}
 QUICK=$([ "${FULL:-0}" = "1" ] && echo "" || echo "--quick")
 t0=$(date +%s)
 summary=()
@@ -179,7 +179,7 @@ if want ops; then
       # OneVision first (session 14: the A/B rows are now also timed paired, ~+40 s, and the step's limit is what the
       # deadline leaves after the tests: the workload most A/B rows are about must not be the one cut)
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft,stage1,prefill \
-        --providers llava_fast,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_gelu_triton,llava_fast_qgelu_ref,llava_fast_triton_launch,llava_fast_ln_triton,llava_fast_bias_triton,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
+        --providers llava_fast,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_gelu_triton,llava_fast_qgelu_ref,llava_fast_triton_launch,llava_fast_ln_triton,llava_fast_bias_triton,llava_fast_fused_qkv,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
     elif [ -f "benchmarks/bench_$b.py" ]; then
       # cross_entropy: five providers since session 5 (token and vocab schedules, the 20 MiB one, HF, Liger);
       # anyres: 28 s on the H100 in session 4, + the v3 and v4 rows since

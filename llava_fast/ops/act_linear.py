@@ -266,7 +266,7 @@ class ActLinearFunction(torch.autograd.Function):
         ctx.act, ctx.n = act, n
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(*weights, *hs)
-        return tuple(F.linear(a, w, b) for w, b in zip(weights, biases))
+        return linears(a, weights, biases)
 
     @staticmethod
     def backward(ctx, *dys):
@@ -349,7 +349,7 @@ class ResidualActLinearFunction(torch.autograd.Function):
         ctx.dtypes = (x.dtype, residual.dtype, a.dtype)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*weights, s, nw, rstd)
-        return (*(F.linear(a, w, b) for w, b in zip(weights, biases)), s)
+        return (*linears(a, weights, biases), s)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -438,6 +438,32 @@ def _check_pairs(what: str, weights, biases) -> None:
         raise ValueError(f"{what}: {len(weights)} weights and {len(biases)} biases; give one bias (or None) per weight")
 
 
+def fused_qkv_enabled() -> bool:
+    """``LLAVA_FAST_FUSED_QKV=1`` (opt-in, read at each call; session 14, not yet measured on a GPU): :func:`linears`
+    runs three or more linears of one input (q, k and v) as one GEMM over their concatenated weights."""
+    return _ext.env_choice("LLAVA_FAST_FUSED_QKV", ("0", "1"), "0") == "1"
+
+
+def linears(a: torch.Tensor, weights: Sequence[torch.Tensor],
+            biases: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """``tuple(F.linear(a, w, b) for w, b in zip(weights, biases))``. With :func:`fused_qkv_enabled`, three or more
+    linears of one input (q, k and v) run as one GEMM over the concatenated weights (``torch.cat``: one copy of the
+    weights per call, e.g. 96 MB for a Llama-7B layer, ~25 us on an H200) and return column slices of its output
+    (views: they cannot be modified in place). Why: the Llama-7B q/k/v GEMMs (N = K = 4096) ran at ~580 TFLOP/s in
+    session 14's H200 stage-1 profile where its N = 11008 ones ran above 800; one N = 12288 GEMM may run like the
+    latter. Rounding may differ from the three GEMMs'. The backward is unchanged (three input-gradient GEMMs chained
+    with ``addmm_``, three weight gradients)."""
+    if (len(weights) >= 3 and fused_qkv_enabled()
+            and all(w.dtype == weights[0].dtype and w.device == weights[0].device and w.dim() == 2
+                    and w.shape[1] == weights[0].shape[1] for w in weights)
+            and (all(b is None for b in biases)
+                 or all(b is not None and b.dtype == biases[0].dtype for b in biases))):
+        w = torch.cat(list(weights))
+        b = None if biases[0] is None else torch.cat(list(biases))
+        return F.linear(a, w, b).split([t.shape[0] for t in weights], dim=-1)
+    return tuple(F.linear(a, w, b) for w, b in zip(weights, biases))
+
+
 def fused_recompute_enabled() -> bool:
     """``LLAVA_FAST_FUSED_RECOMPUTE=0`` (read at each backward) recomputes the SwiGLU and RMSNorm outputs that the
     linears' weight gradients read with their forward kernels, as before session 12, instead of having their
@@ -460,8 +486,10 @@ def act_linears(act: Callable, hs: Sequence[torch.Tensor], weights: Sequence[tor
     pass a norm's weight and bias in ``hs`` so that they get their gradients)."""
     _check_pairs("act_linears", weights, biases)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*hs, *weights, *biases))
-    if not grads or torch.compiler.is_compiling() or not recompute_enabled():
+    if torch.compiler.is_compiling():
         return act_linears_ref(act, hs, weights, biases)
+    if not grads or not recompute_enabled():
+        return linears(act(*hs), weights, biases)
     return ActLinearFunction.apply(act, len(weights), *weights, *biases, *hs)
 
 
@@ -484,7 +512,7 @@ def residual_act_linears(act: ExplicitAct, x: torch.Tensor, residual: torch.Tens
         a, s = act.add_forward_autograd(x, residual, norm_weight)
     else:
         a, s, _ = act.add_forward(x, residual, norm_weight)
-    return (*(F.linear(a, w, b) for w, b in zip(weights, biases)), s)
+    return (*linears(a, weights, biases), s)
 
 
 def act_linear(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tensor,

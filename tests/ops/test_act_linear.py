@@ -204,6 +204,45 @@ def test_act_linears_norm_shared_by_three_outputs():
         act_linears(ln, (x, nw, nb), ws, bs[:2])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("grad", [True, False])
+def test_fused_qkv_one_gemm(bias, grad, monkeypatch):
+    """LLAVA_FAST_FUSED_QKV=1: q, k, v (GQA widths 24/8/8) come from one GEMM over the concatenated weights, as column
+    slices of one output (views that refuse in-place writes); outputs and every gradient equal the separate GEMMs'
+    to rounding, with and without gradients (the prefill's path); two linears (gate/up) are not fused."""
+    from llava_fast.ops.act_linear import act_linears, act_linears_ref
+
+    g = torch.Generator().manual_seed(3)
+    d = 24
+    x = torch.randn(3, 7, d, generator=g).requires_grad_(grad)
+    nw, nb = (torch.randn(d, generator=g).requires_grad_(grad) for _ in range(2))
+    ws = [(torch.randn(n, d, generator=g) / d ** 0.5).requires_grad_(grad) for n in (24, 8, 8)]
+    bs = [torch.randn(n, generator=g).requires_grad_(grad) if bias else None for n in (24, 8, 8)]
+
+    def ln(h, w, b):
+        return F.layer_norm(h, (d,), w, b, 1e-6)
+
+    refs = act_linears_ref(ln, (x, nw, nb), ws, bs)
+    monkeypatch.setenv("LLAVA_FAST_FUSED_QKV", "1")
+    outs = act_linears(ln, (x, nw, nb), ws, bs)
+    assert all(o._base is not None and o._base is outs[0]._base for o in outs)   # slices of one GEMM's output
+    assert [o.shape[-1] for o in outs] == [24, 8, 8]
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+    two = act_linears(ln, (x, nw, nb), ws[:2], bs[:2])
+    assert two[0]._base is None or two[0]._base is not two[1]._base          # gate/up: two GEMMs
+    if not grad:
+        return
+    with pytest.raises(RuntimeError, match="inplace"):
+        outs[1].mul_(2)
+    leaves = [t for t in (x, nw, nb, *ws, *bs) if t is not None]
+    dys = [torch.randn(o.shape, generator=g) for o in outs]
+    got = torch.autograd.grad(outs, leaves, dys)
+    want = torch.autograd.grad(refs, leaves, dys)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_double_backward_is_refused():
     hs, w, b = _inputs(1, torch.float32)
     y = act_linear(GELU_TANH, hs, w, b)
