@@ -4,8 +4,9 @@ Why: session 14's H200 stage-1 profile ran the Llama-7B q/k/v/o GEMMs (M = 10240
 the wider MLP GEMMs above 800. Providers, all measured in this run:
 ``separate`` (three ``F.linear``: what the model does by default), ``llava_fast_fused`` (``linears``: the weights
 concatenated per call, then one GEMM: what ``LLAVA_FAST_FUSED_QKV=1`` does), ``llava_fast_fused_cached`` (one GEMM
-over weights concatenated once: the GEMM alone, the bound on what fusing can give). FLOPs: 2 M K (N_q + N_k + N_v).
-Timed as CUDA-graph replays (the kernels' own time).
+over weights concatenated once: the GEMM alone, the bound on what fusing can give), for the forward (``fwd``) and the
+input gradient (``dX``: three GEMMs chained with ``addmm_`` against the output gradients and weights concatenated
+and one GEMM). FLOPs: 2 M K (N_q + N_k + N_v) either way. Timed as CUDA-graph replays (the kernels' own time).
 
 Shapes: LLaVA-1.5-7B stage 1 (16 x 640 tokens) and the NeXT-7B prefill (8 x 2498), Llama-7B widths; CLIP-L at stage 1
 (16 x 577); SigLIP-so400m (14 tiles x 729, biases); Qwen2-0.5B (2 x 5453, 896 / 128 / 128, biases).
@@ -61,22 +62,38 @@ def main(argv=None):
             finally:
                 os.environ.pop("LLAVA_FAST_FUSED_QKV", None)
 
-        providers = {"separate": lambda: tuple(F.linear(a, w, b) for w, b in zip(ws, bs)),
-                     "llava_fast_fused": fused,
-                     "llava_fast_fused_cached": lambda: F.linear(a, w_cat, b_cat)}
-        ref = providers["separate"]()
-        err = max((o.float() - r.float()).abs().max().item() for o, r in zip(fused(), ref))
-        for prov, fn in providers.items():
-            try:
-                t = bench(fn, warmup, rep, timing="graph" if dev == "cuda" else None)
-                rows.append(Row(bench="linears", provider=prov, shape=shape, dtype=str(dtype)[6:], mode="fwd",
-                                ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=flop / t["ms"] / 1e9,
-                                unit="TFLOP/s", timing=t["timing"],
-                                note=t["timing"] + (f"; max |fused - separate| {err:.2e}" if prov == "llava_fast_fused"
-                                                    else "")))
-            except Exception as e:  # one provider failing must not end the run
-                rows.append(Row(bench="linears", provider=prov, shape=shape, dtype=str(dtype)[6:], mode="fwd",
-                                note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+        dys = [torch.randn(m, n, device=dev, dtype=dtype, generator=g) for n in ns]
+        dy_cat = torch.cat(dys, dim=1)
+
+        def dx_separate():   # act_linear's default backward: the input gradients chained in addmm_'s epilogue
+            da = dys[0].mm(ws[0])
+            for dy, w in zip(dys[1:], ws[1:]):
+                da.addmm_(dy, w)
+            return da
+
+        modes = {"fwd": {"separate": lambda: tuple(F.linear(a, w, b) for w, b in zip(ws, bs)),
+                         "llava_fast_fused": fused,
+                         "llava_fast_fused_cached": lambda: F.linear(a, w_cat, b_cat)},
+                 # the input gradient (what stage 1's frozen language model computes in its backward)
+                 "dX": {"separate": dx_separate,
+                        "llava_fast_fused": lambda: torch.cat(dys, dim=1).mm(torch.cat(ws)),
+                        "llava_fast_fused_cached": lambda: dy_cat.mm(w_cat)}}
+        for mode, providers in modes.items():
+            ref = providers["separate"]()
+            got = providers["llava_fast_fused"]()
+            err = max((o.float() - r.float()).abs().max().item()
+                      for o, r in zip(got if mode == "fwd" else (got,), ref if mode == "fwd" else (ref,)))
+            for prov, fn in providers.items():
+                try:
+                    t = bench(fn, warmup, rep, timing="graph" if dev == "cuda" else None)
+                    rows.append(Row(bench="linears", provider=prov, shape=shape, dtype=str(dtype)[6:], mode=mode,
+                                    ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=flop / t["ms"] / 1e9,
+                                    unit="TFLOP/s", timing=t["timing"],
+                                    note=t["timing"] + (f"; max |fused - separate| {err:.2e}"
+                                                        if prov == "llava_fast_fused" else "")))
+                except Exception as e:  # one provider failing must not end the run
+                    rows.append(Row(bench="linears", provider=prov, shape=shape, dtype=str(dtype)[6:], mode=mode,
+                                    note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
         print(f"{shape}: done", flush=True)
     add_ratios(rows, ours="llava_fast_fused")
     print(to_markdown(rows))

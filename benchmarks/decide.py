@@ -496,9 +496,10 @@ def fused_linears(folder):
     """bench_linears: q/k/v as one GEMM (cat + GEMM, what LLAVA_FAST_FUSED_QKV=1 runs) against three GEMMs."""
     rows = load_rows(folder, "linears")
     out = []
-    for label in ("Llama-7B stage 1", "Llama-7B prefill", "CLIP-L stage 1", "SigLIP OV", "Qwen2-0.5B OV"):
-        ours, sep = _row(rows, "llava_fast_fused", label, "fwd"), _row(rows, "separate", label, "fwd")
-        q = f"q/k/v as one GEMM, {label}"
+    for label, mode in (("Llama-7B stage 1", "fwd"), ("Llama-7B stage 1", "dX"), ("Llama-7B prefill", "fwd"),
+                        ("CLIP-L stage 1", "fwd"), ("SigLIP OV", "fwd"), ("SigLIP OV", "dX"), ("Qwen2-0.5B OV", "fwd")):
+        ours, sep = _row(rows, "llava_fast_fused", label, mode), _row(rows, "separate", label, mode)
+        q = f"q/k/v as one GEMM, {mode}, {label}"
         if not (ours and sep):
             out.append((q, "not measured", "", ""))
             continue
