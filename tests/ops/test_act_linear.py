@@ -300,6 +300,38 @@ def test_cuda_llm_mlp_block_with_kernels(dtype):
         assert_flash_rule(o, r, lo, name=name)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("widths", [(1024, 1024, 1024), (896, 128, 128)])
+def test_cuda_fused_qkv_flash_rule(dtype, widths, monkeypatch):
+    """LLAVA_FAST_FUSED_QKV=1 on the GPU (cuBLAS picks other kernels for the one wide GEMM): q, k, v over a
+    recomputed RMSNorm and every gradient by flash-attn's rule against fp32, compared with three GEMMs in the same
+    dtype."""
+    from llava_fast.ops.act_linear import act_linears
+    from llava_fast.ops.rms_norm import rms_norm
+    from utils import assert_flash_rule
+
+    g = torch.Generator().manual_seed(5)
+    t, d = 1537, widths[0]
+    x0 = torch.randn(t, d, generator=g)
+    nw0 = 1 + 0.1 * torch.randn(d, generator=g)
+    ws0 = [torch.randn(n, d, generator=g) / d ** 0.5 for n in widths]
+    bs0 = [torch.randn(n, generator=g) for n in widths]
+    dys = [torch.randn(t, n, generator=g).cuda() for n in widths]
+
+    def run(dt, fused):
+        monkeypatch.setenv("LLAVA_FAST_FUSED_QKV", "1" if fused else "0")
+        leaves = [t_.cuda().to(dt).requires_grad_() for t_ in (x0, nw0, *ws0, *bs0)]
+        x, nw, ws, bs = leaves[0], leaves[1], leaves[2:5], leaves[5:]
+        outs = act_linears(lambda h, w: rms_norm(h, w, 1e-6), (x, nw), ws, bs)
+        return list(outs) + list(torch.autograd.grad(outs, leaves, [dy.to(dt) for dy in dys]))
+
+    ours, low, ref = run(dtype, True), run(dtype, False), run(torch.float32, False)
+    names = ["q", "k", "v", "dx", "dnorm_w", "dwq", "dwk", "dwv", "dbq", "dbk", "dbv"]
+    for name, o, lo, r in zip(names, ours, low, ref):
+        assert_flash_rule(o, r, lo, name=name)
+
+
 # -- activations with their own backward (ExplicitAct): the same bits as the nested-autograd path --------------------
 def _explicit_cases():
     from llava_fast.ops.act_linear import GeluAct, LayerNormAct
