@@ -265,10 +265,12 @@ def model(folder):
     """Issue 8's end-to-end targets and bench_model's experiments, from both end-to-end tables device_check.sh writes:
     ``bench_model`` (its "model" op, 4 LLM layers) and ``bench_model_full`` (its "model_full" op, every LLM layer:
     the issue's exact shapes, where its targets are stated; the 4-layer ratios are not the full-depth ones,
-    docs/perf-notes.md). Each table's rows are judged on their own, the full-depth ones labelled so."""
+    docs/perf-notes.md), and ``bench_model_ab7b`` (its "ab7b" op: the stage-1 and prefill A/B rows, paired; only
+    what it measured is listed). Each table's rows are judged on their own, labelled by table."""
     out = []
-    for table, label in (("bench_model", ""), ("bench_model_full", ", full depth")):
-        out += _model_rules(load_rows(folder, table), label)
+    for table, label in (("bench_model", ""), ("bench_model_ab7b", ", 7B A/B"), ("bench_model_full", ", full depth")):
+        rules = _model_rules(load_rows(folder, table), label)
+        out += [r for r in rules if r[1] != "not measured"] if table == "bench_model_ab7b" else rules
     return out
 
 
