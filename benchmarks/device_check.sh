@@ -145,7 +145,9 @@ if want ops; then
       step attention_variants_d64 75 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time clip \
         --variants "default|LSE_TMA=1|FOLD=0|TMA=1" --out "$RES/attention_variants_d64.jsonl"
     elif [ "$b" = "profile" ]; then  # where the end-to-end step's GPU time goes, by kernel class (OneVision FT, stage 1)
-      step profile_model 60 $PY benchmarks/profile_model.py --workload ov_ft --layers 4
+      # --sites: where the step's 106 bf16 adds (1.9 ms on the H200, session 14) come from: the towers' residual adds
+      # and autograd's gradient accumulations, or other places (decides whether to fuse them into the LayerNorm)
+      step profile_model 60 $PY benchmarks/profile_model.py --workload ov_ft --layers 4 --sites "CUDAFunctor_add"
       step profile_model_stage1 45 $PY benchmarks/profile_model.py --workload stage1 --layers 4 --sites "Memcpy DtoD"
       # the prefill (1.36x HF sdpa on the H200 in session 14, target 1.4x) has never been profiled
       step profile_model_prefill 40 $PY benchmarks/profile_model.py --workload prefill --layers 4
