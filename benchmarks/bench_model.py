@@ -39,8 +39,10 @@ the Triton one (stage 1, prefill); llava_fast_triton_launch: every Triton kernel
 vision towers' LayerNorm by the Triton kernels (ops/layer_norm.py, opt-in); llava_fast_bias_triton: the linears' bias
 gradients by ops/bias_grad.py's column-sum kernels (opt-in); llava_fast_fused_qkv: q, k and v as one GEMM over their
 concatenated weights (LLAVA_FAST_FUSED_QKV=1, opt-in). Since session 14 every one of these A/B
-providers measured after llava_fast in a workload is also timed in alternation with it (``paired``: A-B-B-A rounds,
-both models alive), the ratio decide.py judges: blocks timed one after another drifted by up to 35% on the H200.
+providers measured after llava_fast in a workload is timed in alternation with it (``paired``: A-B-B-A rounds,
+both models alive; the row's times are its paired steps', its peak memory that of its warm-up steps less the default
+model's resident memory), and decide.py judges the paired ratio: blocks timed one after another drifted by up to 35%
+on the H200.
 
 MFU counts FLOPs on real tokens: forward = 2 * (matmul parameters touched per token) * tokens + causal attention
 2 * L^2 * d_attn per layer (4*L^2*d halved by the causal mask), vision towers likewise per tile (non-causal). A training
@@ -61,7 +63,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import Row, add_ratios, bench, device_name, save, to_markdown  # noqa: E402
+from bench_utils import Row, _stats, add_ratios, bench, device_name, save, to_markdown  # noqa: E402
 
 PEAK_TFLOPS = 989.0
 IMAGE_HW = (700, 1000)
@@ -566,7 +568,7 @@ def paired(fn_ctl, env_ctl, fn_alt, env_alt, rounds) -> dict:
     ratios = sorted(a / c for a, c in zip(alt, ctl))
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     return {"rounds": rounds, "ctl_ms": med(ctl), "alt_ms": med(alt), "ratio": med(ratios),
-            "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+            "ratio_min": ratios[0], "ratio_max": ratios[-1], "alt_stats": _stats(alt)}
 
 
 def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
@@ -618,13 +620,23 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                t = bench(fn, warmup=warmup, rep=rep)
+                ab = prov in PROVIDER_ENV and control is not None
+                # an A/B provider is timed only in alternation with the default (its warm-up steps give its peak
+                # memory): its row's times are those of its paired steps
+                if ab:
+                    for _ in range(max(1, warmup)):
+                        fn()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                else:
+                    t = bench(fn, warmup=warmup, rep=rep)
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
                 pair = {}
-                if prov in PROVIDER_ENV and control is not None:
+                if ab:
                     peak = peak - control[1] if peak is not None else None  # the kept default model's share
                     env_alt = {k: os.environ.get(k) for k in PROVIDER_ENV[prov]}
-                    pair = paired(control[0], env_before, fn, env_alt, rounds=max(rep, 3))
+                    pair = paired(control[0], env_before, fn, env_alt, rounds=max(rep, 4))
+                    t = dict(pair.pop("alt_stats"), timing="eager")
                 if prov == "llava_fast" and any(p in PROVIDER_ENV for p in providers):
                     resident = (torch.cuda.memory_allocated() - before) / 2**30 if device == "cuda" else 0.0
                     control = (fn, resident)
