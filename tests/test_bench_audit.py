@@ -424,3 +424,22 @@ def test_decide_activation_rows_compare_like_timings(tmp_path):
     assert got["QuickGELU fwd+bwd, 9232 x 4096"][2] == "rerun"
     m, _, d = got["QuickGELU fwd, 9232 x 4096"]
     assert d == "keep the kernel" and m.startswith("3.29x torch")
+
+
+def test_runbook_ops_exist():
+    """Every op named in docs/gpu-runbook.md's OPS='...' plans is one device_check.sh runs (a special case there or a
+    benchmarks/bench_<op>.py): a misspelt op would be reported "unknown" only after the GPU call has started."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "gpu-runbook.md").read_text()
+    script = (root / "benchmarks" / "device_check.sh").read_text()
+    special = set(re.findall(r'"\$b" = "(\w+)"', script))
+    plans = [" ".join(m.split()) for m in re.findall(r"OPS='([^']*)'", text, flags=re.S)]
+    assert plans
+    unknown = set()
+    for plan in plans:
+        for op in re.sub(r"<[^>]*>", " ", plan).split():
+            if op not in special and not (root / "benchmarks" / f"bench_{op}.py").exists():
+                unknown.add(op)
+    assert not unknown, f"ops in the runbook's plans that device_check.sh does not know: {sorted(unknown)}"
