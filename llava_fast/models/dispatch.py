@@ -125,6 +125,15 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
 
     def attn(q, k, v, scale):
         t = q.shape[2]
+        if t == docs * int(max_seqlen):
+            # every document has the maximum length (each is at most that long): the packed sequence is already a
+            # (docs, max_seqlen) batch, a view; no scatter, no gather (the OneVision benchmark's two documents)
+            def fold(x):  # (1, H, T, D) -> (docs, H, max_seqlen, D)
+                return x.squeeze(0).unflatten(1, (docs, int(max_seqlen))).transpose(0, 1)
+            with _sdpa_backends():
+                o = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, scale=scale,
+                                                   enable_gqa=k.shape[1] != q.shape[1])
+            return o.transpose(0, 1).flatten(1, 2)[None]               # (1, H, T, D)
         lens = cu[1:] - cu[:-1]
         doc = torch.repeat_interleave(torch.arange(docs, device=device), lens, output_size=t)
         pos = torch.arange(t, device=device) - cu[doc]

@@ -9,12 +9,13 @@ from llava_fast.models.dispatch import packed_sdpa_attention
 from llava_fast.models.layers import varlen_attention_ref
 
 
-def test_packed_sdpa_equals_per_document_reference():
+@pytest.mark.parametrize("lens", [[5, 12, 1, 9], [7, 7, 7]])
+def test_packed_sdpa_equals_per_document_reference(lens):
     """LLAVA_FAST_TEXT_ATTENTION=sdpa: packed causal attention through a right-padded SDPA batch equals the
-    per-document reference, outputs and gradients, with GQA and a 1-token document."""
+    per-document reference, outputs and gradients, with GQA and a 1-token document; documents of one length take
+    the view path (no padding)."""
     torch.manual_seed(0)
-    lens = [5, 12, 1, 9]
-    cu = torch.tensor([0, 5, 17, 18, 27], dtype=torch.int32)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     t, hq, hkv, d = sum(lens), 6, 2, 16
     q = torch.randn(1, hq, t, d, requires_grad=True)
     k = torch.randn(1, hkv, t, d, requires_grad=True)
