@@ -462,6 +462,18 @@ def _kind(row) -> str:
     return "graph" if t.startswith("graph") else "eager" if t else ""
 
 
+def _pair(rows, ours_name: str, base_name: str, shape: str, mode: str, q: str):
+    """``(ours, base, None)`` rows to compare, or ``(None, None, verdict row)`` when one is missing or the two were
+    timed differently (a CUDA graph against one eager call, after a failed capture)."""
+    ours, base = _row(rows, ours_name, shape, mode), _row(rows, base_name, shape, mode)
+    if not (ours and base):
+        return None, None, (q, "not measured", "", "")
+    if _kind(ours) != _kind(base):
+        return None, None, (q, f"not comparable: ours timed {ours.get('timing') or '?'}, {base_name} "
+                            f"{base.get('timing') or '?'}", "", "rerun")
+    return ours, base, None
+
+
 def activations(folder):
     """Session 13's activation kernels and session 14's LayerNorm and bias-gradient kernels against torch's, at their
     towers' shapes: QuickGELU (bench_quick_gelu, CLIP, default on CUDA: three torch kernels otherwise) forward and
@@ -479,17 +491,13 @@ def activations(folder):
             ("bias_grad", "torch", "10206x4304", ("sum",), "bias gradient")):
         rows = load_rows(folder, bench)
         for mode in modes:
-            ours, hf = _row(rows, "llava_fast", shape, mode), _row(rows, base, shape, mode)
             q = f"{what} {mode}, {shape.replace('x', ' x ')}"
-            if not (ours and hf):
-                out.append((q, "not measured", "", ""))
-                continue
-            pct = ours.get("note", "").split(";")[0]
-            if _kind(ours) != _kind(hf):
-                out.append((q, f"not comparable: ours timed {ours.get('timing') or '?'}, torch's "
-                            f"{hf.get('timing') or '?'}", "", "rerun"))
+            ours, hf, skip = _pair(rows, "llava_fast", base, shape, mode, q)
+            if skip:
+                out.append(skip)
                 continue
             x = hf["ms"] / ours["ms"]
+            pct = ours.get("note", "").split(";")[0]
             out.append((q, f"{x:.2f}x torch ({ours['ms']:.3f} vs {hf['ms']:.3f} ms; {pct})",
                         ">= 1.0x: the kernel may be the CUDA default; below: backend.AUTO_REFERENCE",
                         "keep the kernel" if x >= 1.0 else "reference on CUDA"))
@@ -502,10 +510,10 @@ def fused_linears(folder):
     out = []
     for label, mode in (("Llama-7B stage 1", "fwd"), ("Llama-7B stage 1", "dX"), ("Llama-7B prefill", "fwd"),
                         ("CLIP-L stage 1", "fwd"), ("SigLIP OV", "fwd"), ("SigLIP OV", "dX"), ("Qwen2-0.5B OV", "fwd")):
-        ours, sep = _row(rows, "llava_fast_fused", label, mode), _row(rows, "separate", label, mode)
         q = f"q/k/v as one GEMM, {mode}, {label}"
-        if not (ours and sep):
-            out.append((q, "not measured", "", ""))
+        ours, sep, skip = _pair(rows, "llava_fast_fused", "separate", label, mode, q)
+        if skip:
+            out.append(skip)
             continue
         x = sep["ms"] / ours["ms"]
         out.append((q, f"{x:.2f}x three GEMMs ({ours['metric']:.0f} vs {sep['metric']:.0f} TFLOP/s)",

@@ -63,12 +63,47 @@ def as_rows(t):
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def persistent_programs(device, tiles: int) -> int:
-    """Programs of a persistent row-wise backward: ~4 per SM on a GPU; a few on the CPU interpreter, so that the
-    tests exercise the partial-sum reduction."""
-    if device.type == "cuda":
-        return max(1, min(tiles, 4 * sm_count(device)))
-    return max(1, min(tiles, 4))
+def persistent_split(device, m: int, block_m: int) -> tuple[int, int]:
+    """``(programs, rows_per_program)`` of a persistent row-wise backward over ``m`` rows in tiles of ``block_m``:
+    ~4 programs per SM on a GPU (a few on the CPU interpreter, so that the tests exercise the partial-sum
+    reduction), each owning whole tiles, so that only the last one sees a partial tile. ``(1, 0)`` for no rows."""
+    if not m:
+        return 1, 0
+    tiles = cdiv(m, block_m)
+    programs = max(1, min(tiles, 4 * sm_count(device) if device.type == "cuda" else 4))
+    rows_per_program = cdiv(tiles, programs) * block_m
+    return cdiv(m, rows_per_program), rows_per_program
+
+
+def launch_pointwise_fwd(kernel, x, block: int = 2048, num_warps: int = 8, **constexprs):
+    """``y = f(x)`` by an elementwise Triton kernel ``kernel(X, Y, numel, ..., BLOCK)`` over the flat contiguous
+    ``x``: a new tensor of ``x``'s shape and dtype (QuickGELU, GELU)."""
+    import torch
+
+    xc = x.contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n = xc.numel()
+    if n:
+        with device_guard(x.device):
+            launch(kernel, (cdiv(n, block),), xc, y, n, BLOCK=block, num_warps=num_warps, **constexprs)
+    return y
+
+
+def launch_pointwise_bwd(kernel, dy, x, want_out: bool = False, block: int = 1024, num_warps: int = 4,
+                         **constexprs):
+    """``dx`` by an elementwise backward kernel ``kernel(DY, X, DX, Y, numel, ..., HAS_Y, BLOCK)``, and with
+    ``want_out`` ``(dx, y)``: the forward's output written by the same launch (for act_linear's weight gradients)."""
+    import torch
+
+    xc, dyc = x.contiguous(), dy.contiguous()
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_out else None
+    n = xc.numel()
+    if n:
+        with device_guard(x.device):
+            launch(kernel, (cdiv(n, block),), dyc, xc, dx, y if want_out else dx, n, HAS_Y=want_out, BLOCK=block,
+                   num_warps=num_warps, **constexprs)
+    return (dx, y) if want_out else dx
 
 
 def not_differentiable_again(grads, sources, what: str):

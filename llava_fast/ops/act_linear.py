@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from llava_fast import _ext
 # imported here, not on first use: a first import inside a torch.compile trace would be traced (neither imports this
 # module back)
-from llava_fast.ops import bias_grad as _bias_grad_mod
+from llava_fast.ops.bias_grad import bias_grad
 from llava_fast.ops import layer_norm as _ln_mod
 
 __all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "ActLinearFunction", "ExplicitAct",
@@ -90,11 +90,6 @@ class ExplicitAct:
         return True
 
 
-def _ln():
-    """ops/layer_norm.py."""
-    return _ln_mod
-
-
 class LayerNormAct(ExplicitAct):
     """``F.layer_norm(x, shape, weight, bias, eps)`` over ``hs = (x, weight, bias)``. Where the Triton kernels run
     (backend "layer_norm", opt-in: ops/layer_norm.py) the backward is one launch that recomputes the statistics and
@@ -109,16 +104,16 @@ class LayerNormAct(ExplicitAct):
         return not torch.is_autocast_enabled(hs[0].device.type)
 
     def _kernel(self, hs) -> bool:
-        return len(self.shape) == 1 and hs[0].shape[-1:] == tuple(self.shape) and _ln().kernel_usable(*hs)
+        return len(self.shape) == 1 and hs[0].shape[-1:] == tuple(self.shape) and _ln_mod.kernel_usable(*hs)
 
     def forward(self, x, weight, bias):
         if self._kernel((x, weight, bias)):
-            return _ln().layer_norm(x, weight, bias, self.eps)
+            return _ln_mod.layer_norm(x, weight, bias, self.eps)
         return F.layer_norm(x, self.shape, weight, bias, self.eps)
 
     def recompute(self, x, weight, bias):
         if self._kernel((x, weight, bias)):
-            return _ln()._layer_norm_fwd_op(x, weight, bias, float(self.eps)), None
+            return _ln_mod._layer_norm_fwd_op(x, weight, bias, float(self.eps)), None
         y, mean, rstd = torch.native_layer_norm(x, self.shape, weight, bias, self.eps)
         return y, (mean, rstd)
 
@@ -129,7 +124,7 @@ class LayerNormAct(ExplicitAct):
         x, weight, bias = hs
         mask = self._mask(hs, need)
         if state is None:   # the kernels' recomputation: the backward kernel recomputes the statistics itself
-            dx, dw, db = _ln()._layer_norm_bwd_op(da, x, weight, bias, float(self.eps), mask[1], mask[2])
+            dx, dw, db = _ln_mod._layer_norm_bwd_op(da, x, weight, bias, float(self.eps), mask[1], mask[2])
             return tuple(g if r else None for g, r in zip((dx, dw, db), mask))
         return torch.ops.aten.native_layer_norm_backward(da, x, self.shape, state[0], state[1], weight, bias, mask)
 
@@ -139,7 +134,7 @@ class LayerNormAct(ExplicitAct):
         x, weight, bias = hs
         mask = self._mask(hs, need)
         if self._kernel(hs):
-            dx, dw, db, y = _ln()._layer_norm_bwd_out_op(da, x, weight, bias, float(self.eps), mask[1], mask[2])
+            dx, dw, db, y = _ln_mod._layer_norm_bwd_out_op(da, x, weight, bias, float(self.eps), mask[1], mask[2])
             return tuple(g if r else None for g, r in zip((dx, dw, db), mask)), y
         y, mean, rstd = torch.native_layer_norm(x, self.shape, weight, bias, self.eps)
         return torch.ops.aten.native_layer_norm_backward(da, x, self.shape, mean, rstd, weight, bias, mask), y
@@ -196,11 +191,6 @@ class GeluAct(ExplicitAct):
         return (dx if need[0] else None,), out
 
 
-def _bias_grad(dy2: torch.Tensor) -> torch.Tensor:
-    """``dy2.sum(0)``, by ops/bias_grad.py's kernels where backend "bias_grad" picks them (opt-in), else torch's."""
-    return _bias_grad_mod.bias_grad(dy2)
-
-
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` without the call when it would change nothing (a no-op ``.to`` is still a dispatcher round
     trip: ~0.7 us on the dev CPU, ~600 of them per OneVision step)."""
@@ -231,7 +221,7 @@ def _linears_backward(weights, dys, a, a_shape, a_dtype, need_w, need_b, has_bia
         if need_w[i]:
             dws[i] = dy2.t().mm(a2)
         if need_b[i] and has_bias[i]:
-            dbs[i] = _bias_grad(dy2)
+            dbs[i] = bias_grad(dy2)   # ops/bias_grad.py: torch's sum unless backend "bias_grad" picks the kernel
         if not need_input or fused:
             continue
         if not autocast_on:

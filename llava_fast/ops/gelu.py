@@ -101,28 +101,14 @@ def _check_approximate(approximate: str) -> None:
 
 def gelu_fwd(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """Launch the forward kernel; a new contiguous tensor of ``x``'s shape and dtype."""
-    xc = x.contiguous()
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    n = xc.numel()
-    if n:
-        with _ext.device_guard(x.device):
-            _ext.launch(_gelu_fwd_kernel, (_ext.cdiv(n, _FWD_BLOCK),), xc, y, n, APPROX_TANH=approximate == "tanh",
-                        BLOCK=_FWD_BLOCK, num_warps=8)
-    return y
+    return _ext.launch_pointwise_fwd(_gelu_fwd_kernel, x, _FWD_BLOCK, 8, APPROX_TANH=approximate == "tanh")
 
 
 def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, approximate: str = "none", want_out: bool = False):
     """Launch the backward kernel: ``dx`` (``x``'s shape and dtype), and with ``want_out`` ``(dx, y)`` with ``y`` the
     forward's output (the same bits as :func:`gelu_fwd`) from the same launch."""
-    xc, dyc = x.contiguous(), dy.contiguous()
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_out else None
-    n = xc.numel()
-    if n:
-        with _ext.device_guard(x.device):
-            _ext.launch(_gelu_bwd_kernel, (_ext.cdiv(n, _BWD_BLOCK),), dyc, xc, dx, y if want_out else dx, n,
-                        APPROX_TANH=approximate == "tanh", HAS_Y=want_out, BLOCK=_BWD_BLOCK, num_warps=4)
-    return (dx, y) if want_out else dx
+    return _ext.launch_pointwise_bwd(_gelu_bwd_kernel, dy, x, want_out, _BWD_BLOCK, 4,
+                                     APPROX_TANH=approximate == "tanh")
 
 
 # --------------------------------------------------------------------------------------------------------------------

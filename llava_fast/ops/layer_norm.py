@@ -178,10 +178,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     want_db = want_db and bias is not None
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m, block_n, num_warps = _ext.row_config(n, 2048)
-    tiles = _ext.cdiv(m, block_m) if m else 0
-    programs = _ext.persistent_programs(x.device, tiles) if m else 1
-    rows_per_program = _ext.cdiv(tiles, programs) * block_m if m else 0   # whole tiles per program
-    programs = _ext.cdiv(m, rows_per_program) if m else 1
+    programs, rows_per_program = _ext.persistent_split(x.device, m, block_m)
     alloc = torch.empty if m else torch.zeros   # every program stores its whole partial row
     dw_p = alloc((programs, n), dtype=torch.float32, device=x.device) if want_dw else dx
     db_p = alloc((programs, n), dtype=torch.float32, device=x.device) if want_db else dx

@@ -81,27 +81,13 @@ _FWD_BLOCK, _BWD_BLOCK = 2048, 1024
 
 def quick_gelu_fwd(x: torch.Tensor) -> torch.Tensor:
     """Launch the forward kernel; a new contiguous tensor of ``x``'s shape and dtype."""
-    xc = x.contiguous()
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    n = xc.numel()
-    if n:
-        with _ext.device_guard(x.device):
-            _ext.launch(_quick_gelu_fwd_kernel, (_ext.cdiv(n, _FWD_BLOCK),), xc, y, n, BLOCK=_FWD_BLOCK, num_warps=8)
-    return y
+    return _ext.launch_pointwise_fwd(_quick_gelu_fwd_kernel, x, _FWD_BLOCK, 8)
 
 
 def quick_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, want_out: bool = False):
     """Launch the backward kernel: ``dx`` (``x``'s shape and dtype), and with ``want_out`` ``(dx, y)`` with ``y`` the
     forward's output (the same bits) from the same launch."""
-    xc, dyc = x.contiguous(), dy.contiguous()
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want_out else None
-    n = xc.numel()
-    if n:
-        with _ext.device_guard(x.device):
-            _ext.launch(_quick_gelu_bwd_kernel, (_ext.cdiv(n, _BWD_BLOCK),), dyc, xc, dx, y if want_out else dx, n,
-                        HAS_Y=want_out, BLOCK=_BWD_BLOCK, num_warps=4)
-    return (dx, y) if want_out else dx
+    return _ext.launch_pointwise_bwd(_quick_gelu_bwd_kernel, dy, x, want_out, _BWD_BLOCK, 4)
 
 
 # --------------------------------------------------------------------------------------------------------------------

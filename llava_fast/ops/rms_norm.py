@@ -197,11 +197,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ds2 = _ext.as_rows(dres) if dres is not None else dx
     block_m, block_n, num_warps = _ext.row_config(n, _bwd_tile())
-    tiles = _ext.cdiv(m, block_m) if m else 0
-    programs = _ext.persistent_programs(x.device, tiles) if m else 1
-    # whole tiles per program, so that only the last program sees a partial tile
-    rows_per_program = _ext.cdiv(tiles, programs) * block_m if m else 0
-    programs = _ext.cdiv(m, rows_per_program) if m else 1
+    programs, rows_per_program = _ext.persistent_split(x.device, m, block_m)
     # every program stores its whole partial row: no memset needed (zeros only when no program runs)
     dw_partial = ((torch.empty if m else torch.zeros)((programs, n), dtype=torch.float32, device=x.device)
                   if want_dw else dx)
