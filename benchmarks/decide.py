@@ -133,8 +133,8 @@ def attention(folder):
             if v.startswith("LSE_TMA="):
                 rule += " (LSE_TMA: prediction fwd+bwd 1.04-1.10x: -16 to -32% of the dK/dV loop's instructions)"
             if v.startswith("GQA_SPLIT="):
-                rule += (" (GQA_SPLIT: prediction dK/dV 1.25-1.35x, fwd+bwd ~1.1x; if it wins, make it the default for "
-                         "group > 1 in attention._gqa_split)")
+                rule += (" (GQA_SPLIT: prediction dK/dV 1.25-1.35x ('1'), 1.25-1.4x ('k4'), fwd+bwd ~1.1x; if one "
+                         "wins, make it the default for group > 1 in attention._gqa_split)")
             out.append((f"{v}, {shape}", f"fwd {fw:.2f}x, fwd+bwd {fb:.2f}x the default (errors within the rule)",
                         rule,
                         "candidate default (re-time, then change _default_cfg / the switch)" if better else "keep"))
@@ -337,7 +337,7 @@ def _model_rules(rows, label=""):
         out.append((f"GQA split of the dK/dV kernel (opt-in) vs default, ov_ft{label}",
                     f"{x:.2f}x the default{how}, memory {_fmt(alt.get('peak_gib'))} vs "
                     f"{_fmt(ours.get('peak_gib'))} GiB",
-                    "make it the default (LLAVA_FAST_ATTN_GQA_SPLIT default '1') if >= 1.02x and its cuda tests pass",
+                    "make it the default (LLAVA_FAST_ATTN_GQA_SPLIT default 'k4') if >= 1.02x and its cuda tests pass",
                     "candidate default" if x >= 1.02 else "keep opt-in"))
     # session 13's activation kernels end to end: GELU opt-in (OneVision), QuickGELU default (stage 1, prefill)
     for prov, mode_list, what, rule in (

@@ -147,16 +147,19 @@ if want ops; then
     elif [ "$b" = "profile" ]; then  # where the end-to-end step's GPU time goes, by kernel class (OneVision FT, stage 1)
       # --sites: where the step's 106 bf16 adds (1.9 ms on the H200, session 14) come from: the towers' residual adds
       # and autograd's gradient accumulations, or other places (decides whether to fuse them into the LayerNorm)
-      step profile_model 60 $PY benchmarks/profile_model.py --workload ov_ft --layers 4 --sites "CUDAFunctor_add"
-      step profile_model_stage1 45 $PY benchmarks/profile_model.py --workload stage1 --layers 4 --sites "Memcpy DtoD"
+      step profile_model 60 $PY benchmarks/profile_model.py --workload ov_ft --layers 4 --gemms --sites "CUDAFunctor_add"
+      step profile_model_stage1 45 $PY benchmarks/profile_model.py --workload stage1 --layers 4 --gemms --sites "Memcpy DtoD"
       # the prefill (1.36x HF sdpa on the H200 in session 14, target 1.4x) has never been profiled
-      step profile_model_prefill 40 $PY benchmarks/profile_model.py --workload prefill --layers 4
+      step profile_model_prefill 40 $PY benchmarks/profile_model.py --workload prefill --layers 4 --gemms
     elif [ "$b" = "gqa" ]; then  # not in the default list: the opt-in GQA split of the dK/dV kernel (session 10,
       # attention._gqa_split) on the OneVision-0.5B language model's attention (14 / 2 heads, D64, 2 x 5453), ~60 s;
       # and the dK/dV configs without spills at D64 causal (aot_check, triton 3.6, session 14: the default 64x128 8w
       # 2st uses 255 registers and spills 36 B; 32x128 8w 2st 224 regs and 16x128 8w 2st 191, no spills)
-      step attention_gqa 120 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time ov05 \
-        --variants "default|GQA_SPLIT=1|CFG=dkdv=32,128,8,2|CFG=dkdv=16,128,8,2|GQA_SPLIT=1+CFG=dkdv=32,128,8,2" \
+      # session 15: the kernel-side split GQA_SPLIT=kN (N programs per kv head, fp32 partials, longest first, no
+      # K/V repeat; benchmarks/dkdv_schedule.py: 0.67 -> 0.98 busy at k4, prediction dK/dV 1.25-1.4x; k1 = the
+      # order alone, 0.67: a control) and the session-10 repeat split (GQA_SPLIT=1) left out: k7 is its partition
+      step attention_gqa 150 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time ov05 \
+        --variants "default|GQA_SPLIT=k4|GQA_SPLIT=k1|GQA_SPLIT=k2|GQA_SPLIT=k7|CFG=dkdv=32,128,8,2|GQA_SPLIT=k4+CFG=dkdv=32,128,8,2" \
         --out "$RES/attention_gqa.jsonl"
     elif [ "$b" = "profile_full" ]; then  # not in the default list: the OneVision step at full depth (24 Qwen2
       # layers), where session 10's H200 run found 6.25 ms of wall time per LLM layer against ~3.7 ms of kernels

@@ -163,6 +163,86 @@ def launch_sites(events, pattern: str, steps: int, top: int = 10) -> list[dict]:
     return out
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+
+
+def gemm_dims(op: str, shapes) -> tuple[int, int, int, int] | None:
+    """(batch, M, N, K) of a GEMM op from its recorded input shapes (``record_shapes=True``), None when they do not
+    read as one: mm [[M,K],[K,N]]; addmm/addmm_/_addmm_activation [[bias or (M,N)],[M,K],[K,N]]; bmm [[B,M,K],[B,K,N]];
+    baddbmm [[.],[B,M,K],[B,K,N]]."""
+    try:
+        if op == "aten::mm":
+            (m, k), (k2, n) = shapes[0], shapes[1]
+            b = 1
+        elif op in ("aten::addmm", "aten::addmm_", "aten::_addmm_activation"):
+            (m, k), (k2, n) = shapes[1], shapes[2]
+            b = 1
+        elif op == "aten::bmm":
+            (b, m, k), (_, k2, n) = shapes[0], shapes[1]
+        elif op == "aten::baddbmm":
+            (b, m, k), (_, k2, n) = shapes[1], shapes[2]
+        else:
+            return None
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (int(b), int(m), int(n), int(k)) if k == k2 else None
+
+
+def gemm_shapes(events, steps: int, use_cuda: bool, top: int = 20) -> list[dict]:
+    """The step's GEMMs grouped by (op, M x N x K): calls and ms per step and TFLOP/s (2·B·M·N·K per call), with the
+    kernel names. On a GPU the time is the kernels' (each kernel charged to the nearest enclosing GEMM op); on the CPU
+    the ops' own time. Needs a profile recorded with ``record_shapes=True``. Written because session 14 read the
+    stage-1 profile's 20 ``nvjet ... 320x128`` calls as the q/k/v/o projections alone (343 GFLOP each: "~580
+    TFLOP/s") when 4 of them were the down projection (923 GFLOP: ~780 TFLOP/s for all 20): which GEMM runs slowly
+    is a per-shape question that kernel names cannot answer."""
+    found: dict = {}
+
+    def add(op, ms, kname):
+        dims = gemm_dims(op.name, getattr(op, "input_shapes", None))
+        if dims is None:
+            return
+        b, m, n, k = dims
+        key = (op.name, b, m, n, k)
+        c = found.setdefault(key, dict(op=op.name.replace("aten::", ""), b=b, m=m, n=n, k=k, calls=0, ms=0.0,
+                                       kernels=Counter()))
+        c["calls"] += 1
+        c["ms"] += ms
+        if kname:
+            c["kernels"][kname] += 1
+
+    for evt in events:
+        if use_cuda:
+            ks = getattr(evt, "kernels", None) or []
+            if not ks:
+                continue
+            op = evt
+            while op is not None and op.name not in GEMM_OPS:
+                op = getattr(op, "cpu_parent", None)
+            if op is None:
+                continue
+            for kern in ks:
+                add(op, kern.duration / 1e3, kern.name)
+        elif evt.name in GEMM_OPS:
+            add(evt, evt.self_cpu_time_total / 1e3, "")
+    out = sorted(found.values(), key=lambda c: -c["ms"])[:top]
+    for c in out:
+        flops = 2.0 * c["b"] * c["m"] * c["n"] * c["k"] * c["calls"]
+        c["tflops"] = flops / (c["ms"] / 1e3) / 1e12 if c["ms"] > 0 else 0.0
+        c["calls"] /= steps
+        c["ms"] /= steps
+        c["kernels"] = ", ".join(f"{name[:60]} x{n}" for name, n in c["kernels"].most_common(2))
+    return out
+
+
+def gemm_markdown(rows: list[dict], use_cuda: bool) -> str:
+    head = ("\nGEMMs by shape (per step; " + ("kernel time" if use_cuda else "CPU op time") +
+            ", TFLOP/s = 2·B·M·N·K per call):\n\n| op | B | M | N | K | calls | ms | TFLOP/s | kernels |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
+    body = "".join(f"| {r['op']} | {r['b']} | {r['m']} | {r['n']} | {r['k']} | {r['calls']:.0f} | {r['ms']:.3f} | "
+                   f"{r['tflops']:.1f} | `{r['kernels'] or '-'}` |\n" for r in rows)
+    return head + (body or "| - | | | | | | | | none recorded |\n")
+
+
 def summarize(rows: list[dict], steps: int) -> list[dict]:
     total = sum(r["ms"] for r in rows) or 1.0
     by = {}
@@ -339,6 +419,9 @@ def main(argv=None) -> int:
     p.add_argument("--sites", default=None, metavar="PATTERN",
                    help="also where the kernels whose name contains PATTERN are launched from (op, shapes, our "
                         "frames; the profile then records stacks and shapes), e.g. 'Memcpy DtoD'")
+    p.add_argument("--gemms", action="store_true",
+                   help="also the GEMMs by shape (op, M x N x K, calls, ms, TFLOP/s, kernels; the profile then "
+                        "records shapes)")
     p.add_argument("--host", action="store_true",
                    help="also the host cost per call of single ops (launch_costs) and a cProfile of one step")
     a = p.parse_args(argv)
@@ -362,7 +445,8 @@ def main(argv=None) -> int:
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if use_cuda else [])
     hooks = annotate_parts(m, backward=a.provider.startswith("llava_fast"))
     try:
-        with torch.profiler.profile(activities=acts, with_stack=bool(a.sites), record_shapes=bool(a.sites)) as prof:
+        with torch.profiler.profile(activities=acts, with_stack=bool(a.sites),
+                                    record_shapes=bool(a.sites) or a.gemms) as prof:
             for _ in range(a.steps):
                 fn()
             if use_cuda:
@@ -386,6 +470,10 @@ def main(argv=None) -> int:
         md += (f"\nWhere the `{a.sites}` kernels come from (per step):\n\n| calls | ms | launched by |\n|---:|---:|---|\n"
                + "".join(f"| {c['calls']:.0f} | {c['ms']:.3f} | `{c['site'].replace('|', '/')}` |\n" for c in sites)
                + ("| - | - | none found |\n" if not sites else ""))
+    gemms = None
+    if a.gemms:
+        gemms = gemm_shapes(prof.events(), a.steps, use_cuda)
+        md += gemm_markdown(gemms, use_cuda)
     costs = None
     if a.host:  # (on the CPU, --tiny: a smoke test of the script; the ops run their reference paths)
         costs = launch_costs(device, 300 if use_cuda else 5)
@@ -404,7 +492,7 @@ def main(argv=None) -> int:
             classes=classes, kernels=rows[:200], parts=parts, steps=a.steps, workload=a.workload, wall_ms=wall,
             syncs=None if syncs is None else dict(count=syncs[0], where=syncs[1]),
             provider=a.provider, gpu=where, layers=a.layers,
-            launch_us=None if costs is None else dict(costs))))
+            launch_us=None if costs is None else dict(costs), gemms=gemms)))
         print("saved", base.with_suffix(".md"))
     return 0
 

@@ -306,6 +306,67 @@ def test_profile_model_host_option_smoke(capsys):
     assert "cProfile of one step" in out and "tottime" in out
 
 
+def test_profile_model_gemm_shapes():
+    """--gemms: every kernel is charged to its nearest enclosing GEMM op and grouped by (op, M x N x K), so a
+    kernel name shared by two shapes (session 14's 320x128 nvjet kernel: q/k/v/o and down projections) gives one row
+    per shape with its own TFLOP/s; kernels under no GEMM op (a norm) are left out; shapes of every op form parse."""
+    import profile_model
+
+    def op(name, shapes, parent=None):
+        return types.SimpleNamespace(name=name, input_shapes=shapes, cpu_parent=parent, kernels=[])
+
+    def kern(name, us):
+        return types.SimpleNamespace(name=name, duration=us)
+
+    lin = op("aten::linear", [[10240, 4096], [4096, 4096]])
+    qkv = op("aten::mm", [[10240, 4096], [4096, 4096]], lin)
+    down = op("aten::mm", [[10240, 11008], [11008, 4096]])
+    inner = op("cudaLaunchKernelExC", [], down)  # kernels attached below the GEMM op
+    norm = op("llava_fast::rms_norm", [[10240, 4096]])
+    qkv.kernels = [kern("nvjet_320x128_TNT", 400.0)] * 3
+    inner.kernels = [kern("nvjet_320x128_TNT", 1200.0)]
+    norm.kernels = [kern("rms_norm_kernel", 50.0)]
+    rows = profile_model.gemm_shapes([lin, qkv, down, inner, norm], steps=1, use_cuda=True)
+    assert [(r["m"], r["n"], r["k"], r["calls"]) for r in rows] == [(10240, 4096, 4096, 3), (10240, 4096, 11008, 1)]
+    assert abs(rows[0]["ms"] - 1.2) < 1e-9 and abs(rows[1]["ms"] - 1.2) < 1e-9
+    assert abs(rows[0]["tflops"] - 2 * 10240 * 4096 * 4096 / 0.4e-3 / 1e12) < 1e-6   # 858.99
+    assert abs(rows[1]["tflops"] - 2 * 10240 * 4096 * 11008 / 1.2e-3 / 1e12) < 1e-6  # 769.5
+    assert "nvjet_320x128_TNT x3" in rows[0]["kernels"]
+    assert profile_model.gemm_dims("aten::addmm_", [[8, 5], [8, 3], [3, 5]]) == (1, 8, 5, 3)
+    assert profile_model.gemm_dims("aten::addmm", [[5], [8, 3], [3, 5]]) == (1, 8, 5, 3)
+    assert profile_model.gemm_dims("aten::bmm", [[2, 8, 3], [2, 3, 5]]) == (2, 8, 5, 3)
+    assert profile_model.gemm_dims("aten::baddbmm", [[2, 8, 5], [2, 8, 3], [2, 3, 5]]) == (2, 8, 5, 3)
+    assert profile_model.gemm_dims("aten::mm", [[8, 3], [4, 5]]) is None   # inner dims disagree
+    assert profile_model.gemm_dims("aten::mm", []) is None
+    md = profile_model.gemm_markdown(rows, True)
+    assert "| mm | 1 | 10240 | 4096 | 4096 | 3 | 1.200 | 859.0 |" in md
+
+
+def test_profile_model_gemms_option_smoke(capsys):
+    """--gemms on the CPU (tiny): the table is printed with rows (CPU op time there: a check of the script)."""
+    import profile_model
+
+    assert profile_model.main(["--tiny", "--gemms", "--no-save", "--steps", "1", "--workload", "stage1"]) == 0
+    out = capsys.readouterr().out
+    assert "GEMMs by shape" in out and "| mm | 1 |" in out and "none recorded" not in out
+
+
+def test_dkdv_schedule_counts():
+    """The list-scheduling counts docs/perf-notes.md quotes for the GQA split (OneVision's Qwen2 attention, 2 x 5453,
+    14 / 2 heads, 132 SMs): the default grid 172 programs at 0.67 whatever the order (its heaviest program is the
+    critical path), k4 longest first 688 at 0.98; and the one-program-per-query-head split 1204 programs."""
+    import dkdv_schedule as ds
+
+    b, _, n = ds.busy(5453, 2, 2, 7)
+    assert n == 172 and round(b, 2) == 0.67
+    assert round(ds.busy(5453, 2, 2, 7, longest_first=True)[0], 2) == 0.67
+    b, _, n = ds.busy(5453, 2, 2, 7, parts=4, longest_first=True)
+    assert n == 688 and round(b, 2) == 0.98
+    assert ds.busy(5453, 2, 2, 7, parts=7)[2] == 1204
+    assert ds.busy(5453, 2, 2, 7, parts=5)[2] == 688   # 5 parts of a 7-head group round to 4 (2 + 2 + 2 + 1)
+    assert ds.main([]) == 0
+
+
 def test_decide_quick_gelu_rule(tmp_path):
     rows = [dict(bench="quick_gelu", provider=p, shape="9232x4096", mode=m, ms=ms, note="40% of copy; x")
             for p, m, ms in (("llava_fast", "fwd", 0.06), ("hf", "fwd", 0.18), ("llava_fast", "fwd+bwd", 0.3),

@@ -535,16 +535,39 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
                                 D1_LO: tl.constexpr, ONE_LOOP: tl.constexpr = False, USE_TMA: tl.constexpr = False,
                                 LSE_TMA: tl.constexpr = False, LSE_P=None, DELTA_P=None, PAD_CU=None,
-                                stride_pad_h=0):
+                                stride_pad_h=0, n_kv=1, n_parts=1, heads_per_part=1, stride_dkp=0, stride_dvp=0,
+                                PARTS: tl.constexpr = False, KB_MAJOR: tl.constexpr = False):
+    """dK, dV of one key block of one document for one kv head, summed over its ``group`` query heads in registers.
+    Grid (key blocks, documents, Hkv) by default. PARTS, the kernel-side GQA split (see :func:`_gqa_split`): ``n_parts``
+    programs per kv head, part p summing query heads [p * heads_per_part, (p + 1) * heads_per_part) of the group into
+    its own fp32 partial (DK/DV + p * stride_dkp/stride_dvp, reduced by the launcher); KB_MAJOR: grid (documents *
+    Hkv * n_parts, key blocks), so every (document, head, part)'s first key block (causal: the heaviest) launches
+    before any second one (a longest-first order)."""
     stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
     stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
     stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
     stride_dot, stride_doh = _unalign(stride_dot, stride_doh, ALIGN)
     stride_dkt, stride_dkh = _unalign(stride_dkt, stride_dkh, ALIGN)
     stride_dvt, stride_dvh = _unalign(stride_dvt, stride_dvh, ALIGN)
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1)
-    hk = tl.program_id(2)
+    if KB_MAJOR:
+        pid_n = tl.program_id(1)
+        b = tl.program_id(0) // (n_kv * n_parts)
+        hp = tl.program_id(0) % (n_kv * n_parts)
+    else:
+        pid_n = tl.program_id(0)
+        b = tl.program_id(1)
+        hp = tl.program_id(2)
+    if PARTS:
+        hk = hp // n_parts
+        part = hp % n_parts
+        n_heads = group * n_kv
+        g_lo = part * heads_per_part
+        g_hi = tl.minimum(g_lo + heads_per_part, group)
+    else:  # the code (and PTX) of the default path as before the split existed
+        hk = hp
+        n_heads = group * tl.num_programs(2)
+        g_lo = 0
+        g_hi = group
     k_start = tl.load(CU_K + b)
     seqlen_k = tl.load(CU_K + b + 1) - k_start
     start_n = pid_n * BLOCK_N
@@ -591,17 +614,17 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         mid = 0
     q_off = q_start.to(tl.int64)
     if USE_TMA:  # (token, head, dim) descriptors of this document's queries and output gradients, all heads
-        QD = tl.make_tensor_descriptor(Q + q_off * stride_qt, shape=[seqlen_q, group * tl.num_programs(2), HEAD_DIM],
+        QD = tl.make_tensor_descriptor(Q + q_off * stride_qt, shape=[seqlen_q, n_heads, HEAD_DIM],
                                        strides=[stride_qt, stride_qh, 1], block_shape=[BLOCK_M, 1, BLOCK_D0])
-        DOD = tl.make_tensor_descriptor(DO + q_off * stride_dot, shape=[seqlen_q, group * tl.num_programs(2),
-                                        HEAD_DIM], strides=[stride_dot, stride_doh, 1],
+        DOD = tl.make_tensor_descriptor(DO + q_off * stride_dot, shape=[seqlen_q, n_heads, HEAD_DIM],
+                                        strides=[stride_dot, stride_doh, 1],
                                         block_shape=[BLOCK_M, 1, BLOCK_D0])
         if HAS_D1:
-            QD1 = tl.make_tensor_descriptor(Q + q_off * stride_qt + D1_LO, shape=[seqlen_q, group * tl.num_programs(2),
+            QD1 = tl.make_tensor_descriptor(Q + q_off * stride_qt + D1_LO, shape=[seqlen_q, n_heads,
                                             HEAD_DIM - D1_LO], strides=[stride_qt, stride_qh, 1],
                                             block_shape=[BLOCK_M, 1, BLOCK_D1])
-            DOD1 = tl.make_tensor_descriptor(DO + q_off * stride_dot + D1_LO, shape=[seqlen_q, group *
-                                             tl.num_programs(2), HEAD_DIM - D1_LO], strides=[stride_dot, stride_doh, 1],
+            DOD1 = tl.make_tensor_descriptor(DO + q_off * stride_dot + D1_LO, shape=[seqlen_q, n_heads,
+                                             HEAD_DIM - D1_LO], strides=[stride_dot, stride_doh, 1],
                                              block_shape=[BLOCK_M, 1, BLOCK_D1])
         else:
             QD1 = QD
@@ -611,9 +634,9 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         DOD = DO
         QD1 = Q
         DOD1 = DO
-    p_start, LD, DD = _lse_sources(LSE, DELTA, LSE_P, DELTA_P, PAD_CU, b, group * tl.num_programs(2), seqlen_q,
-                                   stride_pad_h, BLOCK_M, LSE_TMA)
-    for g in range(0, group):  # every query head of this kv head: GQA gradients summed in registers
+    p_start, LD, DD = _lse_sources(LSE, DELTA, LSE_P, DELTA_P, PAD_CU, b, n_heads, seqlen_q, stride_pad_h, BLOCK_M,
+                                   LSE_TMA)
+    for g in range(g_lo, g_hi):  # every query head of this kv head (PARTS: of its part), summed in registers
         h = hk * group + g
         Qh = Q + q_off * stride_qt + h * stride_qh
         DOh = DO + q_off * stride_dot + h * stride_doh
@@ -638,6 +661,9 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                                       DOD, QD1, DOD1, h, BLOCK_D0, BLOCK_D1, LSE_TMA, LD, DD, p_start)
     DKb = DK + (k_start + start_n).to(tl.int64) * stride_dkt + hk * stride_dkh
     DVb = DV + (k_start + start_n).to(tl.int64) * stride_dvt + hk * stride_dvh
+    if PARTS:
+        DKb += part.to(tl.int64) * stride_dkp
+        DVb += part.to(tl.int64) * stride_dvp
     _store_tile(DKb, dk0 * sm_scale, offs_nb, stride_dkt, offs_d0, keys_left, HEAD_DIM)
     _store_tile(DVb, dv0, offs_nb, stride_dvt, offs_d0, keys_left, HEAD_DIM)
     if HAS_D1:
@@ -1072,20 +1098,41 @@ def _dkdv_one_loop() -> bool:
     return _ext.env_choice("LLAVA_FAST_ATTN_DKDV_LOOPS", ("1", "2"), "2") == "1"
 
 
-def _gqa_split(group: int) -> bool:
-    """LLAVA_FAST_ATTN_GQA_SPLIT=1 (opt-in, written without a GPU in session 10): with grouped-query attention the
-    dK/dV kernel runs one program per (key block, document, *query* head) instead of per kv head, on K and V
-    repeated per query head, into fp32 per-query-head partials that one reduction sums per kv head (the same fp32
-    sum as the kernel's registers, in another order; then one rounding, as before).
+def _gqa_split(group: int) -> tuple[str, int]:
+    """How the dK/dV kernel covers the query heads of a kv head: ``(mode, parts)`` from LLAVA_FAST_ATTN_GQA_SPLIT,
+    opt-in, both written without a GPU:
+
+    - ``"0"`` (default): ``("off", 1)``, one program per (key block, document, kv head) loops over its ``group`` query
+      heads, the GQA gradients summed in registers.
+    - ``"1"`` (session 10): ``("repeat", group)``, one program per *query* head on K and V repeated per query head
+      (``repeat_interleave``), into fp32 per-query-head partials that one reduction sums per kv head.
+    - ``"kN"`` (session 15): ``("kernel", parts)``, N programs per kv head (``parts`` = N rounded so that no part is
+      empty), part p summing query heads [p * ceil(group / N), ...) in registers into its own fp32 partial
+      ``(parts, total_k, Hkv, D)`` (no K/V repeat), and the grid launched key-block-major: every (document, kv head,
+      part)'s first key block, causal the heaviest, before any second one (longest first). ``"k1"``: the order
+      alone, dK/dV written directly as by default.
+
+    Either split ends with the same fp32 sums as the registers', in another order, and one rounding to the input
+    dtype; both stay deterministic.
 
     Why: a kv-head program loops over its ``group`` query heads and, causal, over every query block at or after its
     key block, so with few kv heads the first key blocks' programs are the critical path. Qwen2-0.5B (14 query heads,
     2 kv heads, D 64; the OneVision-0.5B step's language model, 2 documents of 5453 tokens): 172 programs whose
     heaviest does 602 block iterations against 401 on average per SM (132 SMs, one program each: 67% busy at best).
-    Split: 1204 programs, the heaviest 86, 90% busy by the same list-scheduling count; prediction 1.25-1.35x the
-    dK/dV kernel (1.1 of the 1.8 ms of attention per Qwen2 layer on the H200, session 10), minus the repeat and the
-    reduction (~0.1 ms: ~120 MB moved). Costs 4 * total_k * Hq * D * 2 bytes of fp32 partials while it runs."""
-    return group > 1 and _ext.env_choice("LLAVA_FAST_ATTN_GQA_SPLIT", ("0", "1"), "0") == "1"
+    ``"1"``: 1204 programs in grid order, 90% by the same list-scheduling count, plus the repeat's and partials'
+    ~120 MB. ``"k4"``: 688 programs longest first, 98%, plus ~45 MB of partials (``benchmarks/dkdv_schedule.py``
+    counts these). Predictions and results: docs/perf-notes.md, "GQA split of the dK/dV kernel"."""
+    value = os.environ.get("LLAVA_FAST_ATTN_GQA_SPLIT", "0").strip().lower()
+    parts = int(value[1:]) if value[:1] == "k" and value[1:].isdigit() else 0
+    if value not in ("0", "1") and parts < 1:
+        raise ValueError(f"LLAVA_FAST_ATTN_GQA_SPLIT={value!r}: must be '0' (off), '1' (per query head on repeated "
+                         f"K/V) or 'kN' with N >= 1 (N programs per kv head, e.g. 'k4')")
+    if group == 1 or value == "0":
+        return "off", 1
+    if value == "1":
+        return "repeat", group
+    per = _ext.cdiv(group, min(parts, group))
+    return "kernel", _ext.cdiv(group, per)
 
 
 def _use_lse_tma(q: torch.Tensor | None = None) -> bool:
@@ -1323,23 +1370,46 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
         tma = _use_tma(q, dout)
         if (tma or lse_tma) and q.is_cuda:
             _ext.ensure_tma_allocator()
-        split = _gqa_split(group)
-        if split:  # one program per query head (see _gqa_split): K/V repeated per query head, fp32 partials
+        split, parts = _gqa_split(group)
+        per = _ext.cdiv(group, parts)
+        extra = dict(n_kv=hkv, n_parts=parts, heads_per_part=per) if split == "kernel" else {}
+        if split == "repeat":  # one program per query head (see _gqa_split): K/V repeated per query head
             kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             dkk = torch.empty((total_k, hq, d), dtype=torch.float32, device=k.device)
             dvv = torch.empty((total_k, hq, d), dtype=torch.float32, device=k.device)
-            heads, grp, al = hq, 1, _stride_align(q, kk, vv, dout, dkk, dvv)
+            grp, al = 1, _stride_align(q, kk, vv, dout, dkk, dvv)
+            dk_args, dv_args = dkk, dvv
+        elif split == "kernel" and parts > 1:  # `parts` programs per kv head, each into its own fp32 partial
+            kk, vv, grp = k, v, group
+            dkk = torch.empty((parts, total_k, hkv, d), dtype=torch.float32, device=k.device)
+            dvv = torch.empty((parts, total_k, hkv, d), dtype=torch.float32, device=k.device)
+            dk_args, dv_args = dkk[0], dvv[0]
+            al = _stride_align(q, k, v, dout, dk_args, dv_args)
+            extra.update(stride_dkp=dkk.stride(0), stride_dvp=dvv.stride(0))
+        elif split == "kernel":  # "k1": no split, only the longest-first order; dK/dV written as by default
+            kk, vv, dkk, dvv, grp, al = k, v, None, None, group, align
+            dk_args, dv_args = dk, dv
         else:
-            kk, vv, dkk, dvv, heads, grp, al = k, v, dk, dv, hkv, group, align
-        args = (q, kk, vv, dout, lse, delta, dkk, dvv, cu_seqlens_q, cu_seqlens_k,
-                *_strides(al, q, kk, vv, dout, dkk, dvv), lse.stride(0), qk_scale, softmax_scale, grp,
+            kk, vv, dkk, dvv, grp, al = k, v, dk, dv, group, align
+            dk_args, dv_args = dk, dv
+        args = (q, kk, vv, dout, lse, delta, dk_args, dv_args, cu_seqlens_q, cu_seqlens_k,
+                *_strides(al, q, kk, vv, dout, dk_args, dv_args), lse.stride(0), qk_scale, softmax_scale, grp,
                 _bucket(max_seqlen_k))
-        _launch("dkdv", _flash_attn_bwd_dkdv_kernel, lambda bm, bn: (_ext.cdiv(max_seqlen_k, bn), batch, heads),
-                args, dict(constexprs, ALIGN=al, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma, LSE_TMA=lse_tma,
-                           **lse_tma_args))
-        if split:  # the group's fp32 partials summed, rounded once to the input dtype
+        n_prog = {"off": hkv, "repeat": hq, "kernel": hkv * parts}[split]
+        kb_major = split == "kernel" and _ext.cdiv(max_seqlen_k, 16) <= 65535  # grid axis 1 holds the key blocks
+        if kb_major:  # key-block-major: every first key block before any second one
+            grid_of = lambda bm, bn: (batch * n_prog, _ext.cdiv(max_seqlen_k, bn))  # noqa: E731
+        else:
+            grid_of = lambda bm, bn: (_ext.cdiv(max_seqlen_k, bn), batch, n_prog)  # noqa: E731
+        _launch("dkdv", _flash_attn_bwd_dkdv_kernel, grid_of, args,
+                dict(constexprs, ALIGN=al, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma, LSE_TMA=lse_tma,
+                     PARTS=split == "kernel", KB_MAJOR=kb_major, **extra, **lse_tma_args))
+        if split == "repeat":  # the group's fp32 partials summed, rounded once to the input dtype
             dk.copy_(dkk.view(total_k, hkv, group, d).sum(2))
             dv.copy_(dvv.view(total_k, hkv, group, d).sum(2))
+        elif split == "kernel" and parts > 1:
+            dk.copy_(dkk.sum(0))
+            dv.copy_(dvv.sum(0))
         del kk, vv, dkk, dvv
         args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dq),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_q))

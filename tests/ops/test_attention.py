@@ -517,15 +517,66 @@ def test_gqa_split_backward(monkeypatch, hq, hkv, d, causal, device):
     assert grids == [hq]  # per query head (MHA: hq == hkv, the split is off and the grid is the same)
 
 
+@pytest.mark.parametrize("split, hq, hkv, d, parts", [("k2", 6, 2, 64, 2), ("k2", 7, 1, 72, 2), ("k7", 7, 1, 64, 7),
+                                                       ("k5", 6, 1, 64, 3), ("k1", 4, 2, 64, 1), ("k3", 4, 4, 64, 0)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_kernel_split_backward(monkeypatch, split, hq, hkv, d, parts, causal, device):
+    """LLAVA_FAST_ATTN_GQA_SPLIT=kN: N programs per kv head (rounded so no part is empty: k5 over 6 heads is 3 parts
+    of 2), each summing its query heads into an fp32 partial, launched key-block-major; out, lse and every gradient
+    pass the default's rule, uneven documents and Sq != Sk included. The spy checks the grid really was (documents x
+    Hkv x parts, key blocks) with the partial strides passed ("k1": no partials; MHA: the split is off, grid as the
+    default's)."""
+    launches = []
+    real = attn_mod._launch
+
+    def spy(kind, fn, grid_of, args, constexprs):
+        if kind == "dkdv":
+            launches.append((grid_of(64, 16), constexprs.get("KB_MAJOR"), constexprs.get("n_parts"),
+                             constexprs.get("stride_dkp", 0)))
+        return real(kind, fn, grid_of, args, constexprs)
+    monkeypatch.setattr(attn_mod, "_launch", spy)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", split)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lens_q, lens_k = [5, 40, 17], [9, 40, 30]
+    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
+    if parts:  # "k1": the longest-first order alone, dK/dV written in place (no partials)
+        total_k = sum(lens_k)
+        assert launches == [((3 * hkv * parts, 3), True, parts, total_k * hkv * d if parts > 1 else 0)]
+    else:
+        assert launches == [((3, 3, hkv), False, None, 0)]
+
+
+def test_gqa_split_setting():
+    """The switch's values: parts rounded so none is empty, MHA always off, and a bad value names the variable."""
+    import os
+    old = os.environ.get("LLAVA_FAST_ATTN_GQA_SPLIT")
+    try:
+        for value, group, want in (("0", 7, ("off", 1)), ("1", 7, ("repeat", 7)), ("k4", 7, ("kernel", 4)),
+                                   ("k5", 7, ("kernel", 4)), ("k9", 7, ("kernel", 7)), ("K3", 6, ("kernel", 3)),
+                                   ("k4", 1, ("off", 1)), ("1", 1, ("off", 1))):
+            os.environ["LLAVA_FAST_ATTN_GQA_SPLIT"] = value
+            assert attn_mod._gqa_split(group) == want, value
+        for bad in ("2", "k", "k0", "kx", "yes"):
+            os.environ["LLAVA_FAST_ATTN_GQA_SPLIT"] = bad
+            with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_GQA_SPLIT"):
+                attn_mod._gqa_split(7)
+    finally:
+        if old is None:
+            os.environ.pop("LLAVA_FAST_ATTN_GQA_SPLIT", None)
+        else:
+            os.environ["LLAVA_FAST_ATTN_GQA_SPLIT"] = old
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq, hkv, d", [(14, 2, 64), (28, 4, 128), (16, 2, 72)])
 def test_cuda_gqa_split_backward(monkeypatch, dtype, hq, hkv, d):
-    """The opt-in GQA split on the GPU (device_check runs the cuda-marked tests): Qwen2-0.5B's and Qwen2-7B's head
-    layouts and a D72 one, uneven causal documents, by the flash-attn rule."""
-    monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", "1")
+    """The opt-in GQA splits on the GPU (device_check runs the cuda-marked tests; the repeat and the kernel-side ones):
+    Qwen2-0.5B's and Qwen2-7B's head layouts and a D72 one, uneven causal documents, by the flash-attn rule."""
     lens = [300, 1, 577, 97, 1500]
-    _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
+    for split in ("1", "k4", "k7"):
+        monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", split)
+        _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
 
 
 @pytest.mark.cuda
