@@ -111,6 +111,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("nbytes", &CudaEncodePlan::nbytes)
       .def_property_readonly("scratch_bytes", &CudaEncodePlan::scratch_bytes)
       .def_readonly("num_tiles", &CudaEncodePlan::num_tiles)
+      .def_readonly("best_h", &CudaEncodePlan::best_h, "per image: AnyRes best resolution height (0: single tile)")
+      .def_readonly("best_w", &CudaEncodePlan::best_w, "per image: AnyRes best resolution width (0: single tile)")
       .def_readonly("total_tiles", &CudaEncodePlan::total_tiles)
       .def_readonly("tile_elems", &CudaEncodePlan::tile_elems)
       .def_readonly("pass1_blocks", &CudaEncodePlan::pass1_blocks)

@@ -25,6 +25,7 @@ struct CudaEncodePlan {
   std::vector<std::shared_ptr<const void>> keep;
   int64_t total_bytes = 0;
   std::vector<int64_t> num_tiles;
+  std::vector<int64_t> best_h, best_w;  // per image: the AnyRes best resolution (0 for the single-tile modes)
   int64_t total_tiles = 0, tile_elems = 0, scratch_elems = 0, pass1_blocks = 0;
   int64_t pass1_rows = 0, max_span = 0;  // v2 pass 1: blocks (one per job row), widest staged source row
   int64_t pass1_rowblocks = 0;           // v3 pass 1: blocks (one per kV3Rows rows of a job)

@@ -233,6 +233,8 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
     const int mode = modes[i];
     const detail::ImageGeom g = detail::image_geometry(h, w, mode, cfg);
     plan.num_tiles.push_back(g.ntiles);
+    plan.best_h.push_back(mode == kAnyRes ? g.bh : 0);
+    plan.best_w.push_back(mode == kAnyRes ? g.bw : 0);
     int64_t vh = h, vw = w, oy = 0, ox = 0;
     const bool pad = mode == kPadSquare || (mode == kShortCrop && cfg.llava_pad);
     if (pad) {

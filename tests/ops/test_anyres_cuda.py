@@ -681,3 +681,35 @@ def test_jpeg_header_parser_agrees_with_pil():
         assert anyres._jpeg_header(bad) is None, bad[:12]
     with pytest.raises(ValueError, match=r"images\[3\].*max_pixels"):
         anyres._probe(good, 3, 100)
+
+
+@needs_plan
+@pytest.mark.parametrize("name", ["llava", "next", "ov"])
+def test_token_counts_from_the_plan(name):
+    """The encoders' result counts each image's LLM tokens from the AnyRes best resolution the plan already chose
+    (anyres._tokens_from_best, session 15: no second grid search per image). Equal to config.num_image_tokens over
+    ~700 sizes: random, squares, ties between pinpoints, images smaller than a tile, 1 x N and N x 1 strips, 4k photos,
+    and OneVision's single-tile (multi-image) flag. The plan reads no pixels: a fake pointer stands in for them."""
+    cfg = CFGS[name]
+    rng = random.Random(7)
+    sizes = [(rng.randint(1, 2000), rng.randint(1, 2000)) for _ in range(500)]
+    sizes += [(s, s) for s in (1, 2, 13, 335, 336, 337, 671, 672, 673, 1008, 1344)]
+    sizes += [(1, n) for n in (2, 50, 700, 4000)] + [(n, 1) for n in (2, 50, 700, 4000)]
+    sizes += [(336 * a, 336 * b) for a in (1, 2, 3) for b in (1, 2, 3)] + [(2160, 3840), (3840, 2160), (3024, 4032)]
+    sizes += [(rng.randint(700, 800), rng.randint(950, 1050)) for _ in range(150)]
+    flags = [name == "ov" and i % 5 == 0 for i in range(len(sizes))]
+    modes = anyres._modes(cfg, flags, len(sizes))
+    pins = [tuple(p) for p in cfg.image_grid_pinpoints or []]
+    n = len(sizes)
+    plan = _ext._C.encode_plan(
+        [1] * n, [h for h, _ in sizes], [w for _, w in sizes], [w * 3 for _, w in sizes], [3] * n, [1] * n, modes,
+        cfg.tile, cfg.shortest_edge, bool(cfg.variant == "llava" and cfg.do_pad), pins,
+        list(anyres.fill_colour(cfg.image_mean)), list(cfg.image_mean), list(cfg.image_std), 0, 0)
+    got = anyres._tokens_from_best(sizes, flags, plan.best_h, plan.best_w, cfg)
+    want = [cfg.num_image_tokens(hw, single_tile=f) for hw, f in zip(sizes, flags)]
+    assert got == want
+    if name != "llava":
+        assert all((b > 0) == (not f) for b, f in zip(plan.best_h, flags))
+        res = anyres._result(None, sizes, plan.num_tiles, flags, [n], cfg, torch.device("cpu"),
+                             (plan.best_h, plan.best_w))
+        assert res["num_image_tokens"] == want

@@ -107,3 +107,76 @@ def test_pil_modes_agree(mode):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             _same(im)
+
+
+def _slow_u8(image, max_pixels):
+    """to_uint8_chw with its fast path turned off (the full checks), for the comparisons below."""
+    from llava_fast.ops import anyres
+
+    real = anyres._rgb_u8_view
+    anyres._rgb_u8_view = lambda *a: None
+    try:
+        return anyres.to_uint8_chw(image, 0, max_pixels, contiguous=False)
+    except ValueError as e:
+        return e
+    finally:
+        anyres._rgb_u8_view = real
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (5, 7, 3), (3, 4, 3), (1, 5, 3), (4, 5, 3), (3, 1, 1), (7, 1, 3),
+                                   (3, 0, 4), (0, 4, 3), (2, 5, 7), (5, 7, 4), (5, 7), (3, 5, 7, 1), (6, 9, 3)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("max_pixels", [None, 30])
+def test_fast_rgb_view_is_the_full_path(shape, dtype, max_pixels):
+    """anyres._rgb_u8_view (session 15: the common input's checks in ~0.3 us, before the GPU encoder's launch) takes
+    only inputs the full to_uint8_chw accepts unchanged, and returns the same view (values, shape and strides);
+    everything else (grey, RGBA, ambiguous or empty shapes, other dtypes, over max_pixels) it leaves to the full path
+    and its errors."""
+    from llava_fast.ops import anyres
+
+    x = (torch.arange(int(np.prod(shape))) % 251).reshape(shape).to(dtype)
+    fast = anyres._rgb_u8_view(x, max_pixels)
+    slow = _slow_u8(x, max_pixels)
+    if fast is None:
+        if isinstance(slow, torch.Tensor):   # accepted by the full path: only by a conversion the fast one skips
+            assert x.dim() != 3 or x.shape[0] in (1, 4) or x.shape[-1] in (1, 4) or x.dtype != torch.uint8
+        return
+    assert isinstance(slow, torch.Tensor), slow
+    assert fast.shape == slow.shape and fast.stride() == slow.stride() and fast.data_ptr() == slow.data_ptr()
+    assert torch.equal(fast, slow)
+
+
+def test_check_work_all_names_the_same_image():
+    """check_work_all (the GPU encoder's batch check, session 15) passes and fails exactly where the per-image
+    check_work does, naming the same image, for every variant and OneVision's single-tile flag."""
+    from llava_fast.ops import anyres
+
+    sizes = [(100, 200), (1, 90000), (5000, 5000), (90000, 1), (336, 336), (3, 20000), (20000, 3)]
+    for variant in ("llava", "llava_next", "llava_onevision"):
+        cfg = ImageProcessorConfig.for_variant(variant, max_pixels=10_000_000)
+        for flag in (False, True):
+            for i in range(len(sizes)):
+                one = [sizes[i]]
+                try:
+                    anyres.check_work(sizes[i], cfg, flag, 0)
+                    want = None
+                except ValueError as e:
+                    want = str(e)
+                try:
+                    anyres.check_work_all(one, cfg, [flag])
+                    got = None
+                except ValueError as e:
+                    got = str(e)
+                assert got == want, (variant, flag, sizes[i])
+        bad = [k for k, s in enumerate(sizes) if _raises(anyres.check_work, s, cfg, True, k)]
+        if bad:
+            with pytest.raises(ValueError, match=rf"images\[{bad[0]}\]"):
+                anyres.check_work_all(sizes, cfg, [True] * len(sizes))
+
+
+def _raises(fn, *args) -> bool:
+    try:
+        fn(*args)
+    except ValueError:
+        return True
+    return False
