@@ -1241,6 +1241,11 @@ def _tokens_from_best(sizes, flags, best_h, best_w, config: ImageProcessorConfig
     return out
 
 
+def _plan_best(plan):
+    """(best_h, best_w) of an encoder plan, or None from an extension built before session 15 (the slow count)."""
+    return (plan.best_h, plan.best_w) if hasattr(plan, "best_h") else None
+
+
 def _result(pixel_values, sizes, ntiles, flags, counts, config, device, best=None):
     """The encoders' result dict. ``best``: (best_h, best_w) of the encoder plan, for the fast token count."""
     if best is not None:
@@ -1331,7 +1336,7 @@ def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=to
                                   version, band_rows)
     # plan_dev and scratch go back to the caching allocator, reusable only by later work on this stream
     sizes = [(int(u.shape[1]), int(u.shape[2])) for u in u8s]
-    return _result(out[:total], sizes, plan.num_tiles, flags, counts, config, dev, (plan.best_h, plan.best_w))
+    return _result(out[:total], sizes, plan.num_tiles, flags, counts, config, dev, _plan_best(plan))
 
 
 def encode_tiles_emulated(u8s, flags, counts, config: ImageProcessorConfig, dtype=torch.float32,
@@ -1357,7 +1362,7 @@ def encode_tiles_emulated(u8s, flags, counts, config: ImageProcessorConfig, dtyp
     _ext._C.encode_tiles_emulate(plan, scratch.data_ptr(), out.data_ptr(), _ext.dtype_code(dtype), plan.total_tiles,
                                  version, max(band_rows, 1))
     sizes = [(int(u.shape[1]), int(u.shape[2])) for u in u8s]
-    return _result(out, sizes, plan.num_tiles, flags, counts, config, torch.device("cpu"), (plan.best_h, plan.best_w))
+    return _result(out, sizes, plan.num_tiles, flags, counts, config, torch.device("cpu"), _plan_best(plan))
 
 
 def _resolve_device(flat, device):
