@@ -126,14 +126,19 @@ def gpu_section(args, dtype) -> list[Row]:
         if not args.quick:
             providers["reference_cuda"] = lambda: anyres.preprocess_images(gpu, cfg, dtype=dtype)
         if anyres._cuda_encoder_available():
-            def encoder(version, passes=3, smem_kb=None, **kw):
+            def encoder(version, passes=3, smem_kb=None, cache_mb=None, cold=False, **kw):
                 """The CUDA encoder with kernels `version`; passes 1 / 2: one pass alone, for timing only (where
                 the time goes, METHOD.md: leave a stage out; the output is then garbage). smem_kb: v4's shared
-                memory budget (LLAVA_FAST_GPU_ENCODER_SMEM_KB; it picks the band height)."""
+                memory budget (LLAVA_FAST_GPU_ENCODER_SMEM_KB; it picks the band height). cache_mb: the weight
+                tables cached on the device (LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB); cold: the cache emptied
+                before every call (every table uploaded: a batch of sizes never seen)."""
                 env = {"LLAVA_FAST_GPU_ENCODER": f"v{version}",
-                       "LLAVA_FAST_GPU_ENCODER_SMEM_KB": None if smem_kb is None else str(smem_kb)}
+                       "LLAVA_FAST_GPU_ENCODER_SMEM_KB": None if smem_kb is None else str(smem_kb),
+                       "LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB": None if cache_mb is None else str(cache_mb)}
 
                 def fn():
+                    if cold:
+                        anyres._TABLE_CACHES.clear()
                     old = {k: os.environ.get(k) for k in env}
                     for k, v in env.items():
                         if v is not None:
@@ -166,6 +171,11 @@ def gpu_section(args, dtype) -> list[Row]:
             providers["llava_fast_cuda_v4_smem16"] = encoder(4, smem_kb=16)
             if dtype != torch.bfloat16:  # bf16 out: what the model consumes (half the bytes written)
                 providers["llava_fast_cuda_v4_bf16"] = encoder(4, dtype=torch.bfloat16)
+            # the weight tables kept on the device (session 15, opt-in): this benchmark repeats one batch, so every
+            # table hits after the first call (a dataset's repeated sizes); "_cold" empties the cache before each
+            # call (a batch of sizes never seen: every table uploaded, as without the cache, in its own copy)
+            providers["llava_fast_cuda_table_cache"] = encoder(default, cache_mb=64)
+            providers["llava_fast_cuda_table_cache_cold"] = encoder(default, cache_mb=64, cold=True)
             u8 = [anyres.to_uint8_chw(x, i, contiguous=False) for i, x in enumerate(gpu)]
             plan_host = torch.empty(anyres._encoder_plan(u8, [False] * len(u8), cfg, "uint8", "tiles").nbytes,
                                     dtype=torch.uint8, pin_memory=True)

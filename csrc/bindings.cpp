@@ -5,6 +5,7 @@
 
 #include <array>
 #include <iterator>
+#include <tuple>
 #include <cstring>
 
 #include "common/checks.h"
@@ -129,7 +130,40 @@ PYBIND11_MODULE(_C, m) {
           [](const CudaEncodePlan& p, uintptr_t dst) {
             p.write_to(reinterpret_cast<uint8_t*>(dst));
           },
-          py::arg("dst"), "Copy the plan bytes to host memory at dst (e.g. a pinned tensor).");
+          py::arg("dst"), "Copy the plan bytes to host memory at dst (e.g. a pinned tensor).")
+      .def_property_readonly("head_bytes", &CudaEncodePlan::head_bytes)
+      .def_property_readonly(
+          "table_keys",
+          [](const CudaEncodePlan& p) {
+            std::vector<int64_t> out;
+            out.reserve(p.tables.size());
+            for (const auto& t : p.tables) out.push_back((t.in << 32) | (t.out << 1) | t.resample);
+            return out;
+          },
+          "Per weight table: one int naming it, (in << 32) | (out << 1) | resample (sizes < 2^30)")
+      .def_property_readonly(
+          "table_bytes",
+          [](const CudaEncodePlan& p) {
+            std::vector<int64_t> out;
+            out.reserve(p.tables.size());
+            for (const auto& t : p.tables) out.push_back(t.bytes);
+            return out;
+          },
+          "Per weight table: its bytes (a multiple of 8); write_table(i, dst) writes table i")
+      .def(
+          "write_table",
+          [](const CudaEncodePlan& p, size_t i, uintptr_t dst) { p.write_table(i, reinterpret_cast<uint8_t*>(dst)); },
+          py::arg("i"), py::arg("dst"), "Table i's bytes (table_refs[i][3] of them) to host memory at dst.")
+      .def(
+          "write_head",
+          [](const CudaEncodePlan& p, uintptr_t dst, const std::vector<uint64_t>& addrs, uint64_t head_addr) {
+            std::vector<int64_t> bases(addrs.size());
+            for (size_t i = 0; i < addrs.size(); ++i) bases[i] = static_cast<int64_t>(addrs[i] - head_addr);
+            p.write_head(reinterpret_cast<uint8_t*>(dst), bases);
+          },
+          py::arg("dst"), py::arg("addrs"), py::arg("head_addr"),
+          "The plan's head (head_bytes) to dst, its records pointing at table i at address addrs[i] when the head "
+          "is read at head_addr (offsets addrs[i] - head_addr, two's complement).");
   m.def(
       "encode_plan",
       [make_cfg](const std::vector<uint64_t>& ptrs, const std::vector<int64_t>& heights,
@@ -148,13 +182,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "encode_tiles_emulate",
       [](const CudaEncodePlan& plan, uintptr_t scratch, uintptr_t out, int dtype, int64_t capacity_tiles,
-         int version, int band_rows) {
+         int version, int band_rows, uintptr_t plan_bytes) {
         py::gil_scoped_release release;
         encode_tiles_emulate(plan, reinterpret_cast<void*>(scratch), reinterpret_cast<void*>(out), dtype,
-                             capacity_tiles, version, band_rows);
+                             capacity_tiles, version, band_rows, reinterpret_cast<const uint8_t*>(plan_bytes));
       },
       py::arg("plan"), py::arg("scratch"), py::arg("out"), py::arg("dtype"), py::arg("capacity_tiles"),
-      py::arg("version") = 1, py::arg("band_rows") = 32,
+      py::arg("version") = 1, py::arg("band_rows") = 32, py::arg("plan_bytes") = 0,
       "Run the GPU encoder's element code on the CPU (host pointers in the plan); for tests.");
 
 #ifdef LLAVA_FAST_WITH_CUDA

@@ -504,3 +504,17 @@ def test_runbook_ops_exist():
             if op not in special and not (root / "benchmarks" / f"bench_{op}.py").exists():
                 unknown.add(op)
     assert not unknown, f"ops in the runbook's plans that device_check.sh does not know: {sorted(unknown)}"
+
+
+def test_decide_encoder_rules(tmp_path):
+    """decide.encoder: the table cache's warm row against the default (candidate at >= 1.03x), its cold row as a
+    no-slower check, and issue 5's 20x target with the kernel-only share of the call."""
+    rows = [dict(bench="anyres_llava_next", provider=p, shape="128 photos", mode="gpu", ms=ms, metric=128e3 / ms)
+            for p, ms in (("hf_torchvision_cuda", 42.0), ("llava_fast_cuda", 2.2), ("llava_fast_cuda_kernel_only", 1.4),
+                          ("llava_fast_cuda_table_cache", 2.0), ("llava_fast_cuda_table_cache_cold", 2.4))]
+    (tmp_path / "bench_anyres-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = _decide(tmp_path)
+    assert got["GPU encoder table_cache, anyres_llava_next"][2] == "candidate"
+    assert got["GPU encoder table_cache_cold, anyres_llava_next"][2] == "slower"
+    m, r, d = got["GPU encoder vs HF's GPU path, anyres_llava_next"]
+    assert d == "not met" and m.startswith("19.1x") and "kernel alone 1.400 of 2.200 ms" in m and "20x" in r

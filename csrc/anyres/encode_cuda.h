@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <vector>
 
 #include "anyres/encode.h"
@@ -55,6 +56,39 @@ struct CudaEncodePlan {
   }
   int64_t scratch_bytes() const { return scratch_elems * (resample == 0 ? 1 : 4); }
 
+  // Device-resident weight tables (anyres._TableCache): the plan as its head (header and records, head_bytes())
+  // plus each table from wherever the caller keeps it. Table i (tables[i]) is the region of write_to's layout that
+  // starts at `off` (its xmin, xsize and weight arrays at +0, +xsize_rel, +w_rel, zero padding between them).
+  struct TableRef {
+    int64_t in, out;
+    int resample;
+    int64_t rec, off, bytes, xsize_rel, w_rel;  // rec: index of its AxisRec
+    size_t seg;                                  // its first of three segments
+  };
+  std::vector<TableRef> tables;
+  int64_t head_bytes() const { return static_cast<int64_t>(head.size() * sizeof(uint64_t)); }
+  // Table i's bytes (bytes of them) to dst.
+  void write_table(size_t i, uint8_t* dst) const {
+    const TableRef& t = tables.at(i);
+    std::memset(dst, 0, static_cast<size_t>(t.bytes));
+    for (size_t s = t.seg; s < t.seg + 3; ++s)
+      std::memcpy(dst + (segments[s].off - t.off), segments[s].src, static_cast<size_t>(segments[s].bytes));
+  }
+  // The head to dst with table i's records pointing at plan + bases[i] (a byte offset from where the head will
+  // be read, negative when the table lies below it; the kernels read `plan + offset` as 64-bit addresses).
+  void write_head(uint8_t* dst, const std::vector<int64_t>& bases) const {
+    if (bases.size() != tables.size()) throw std::invalid_argument("write_head: one base per table is needed");
+    std::memcpy(dst, head.data(), static_cast<size_t>(head_bytes()));
+    const int64_t off_axes = reinterpret_cast<const gpu_encode::PlanHeader*>(head.data())->off_axes;
+    auto* recs = reinterpret_cast<gpu_encode::AxisRec*>(dst + off_axes);
+    for (size_t i = 0; i < tables.size(); ++i) {
+      gpu_encode::AxisRec& r = recs[tables[i].rec];
+      r.xmin_off = bases[i];
+      r.xsize_off = bases[i] + tables[i].xsize_rel;
+      r.w_off = bases[i] + tables[i].w_rel;
+    }
+  }
+
  private:
   mutable std::vector<uint64_t> blob_;
 };
@@ -80,8 +114,9 @@ inline int v4_band_rows(const CudaEncodePlan& plan, int64_t smem_bytes) {
 // Runs the kernels' element functions on the CPU (tests): scratch holds plan.scratch_bytes() (unused by v4), out
 // capacity tiles. version: 1, 2, 3 or 4, the kernels of encode_gpu.h to emulate; band_rows: v4's band height (any
 // value >= 1; a power of two <= 32 is also checked against the plan's shared-memory bound).
+// plan_bytes: where the element code reads the plan (nullptr: plan.bytes(); else a head written by write_head).
 void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, int dtype, int64_t capacity_tiles,
-                          int version = 1, int band_rows = 32);
+                          int version = 1, int band_rows = 32, const uint8_t* plan_bytes = nullptr);
 
 #ifdef LLAVA_FAST_WITH_CUDA
 // plan_dev: a device copy of plan.bytes(); scratch: plan.scratch_bytes() of device memory; out: capacity tiles.

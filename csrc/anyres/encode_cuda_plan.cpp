@@ -356,6 +356,10 @@ CudaEncodePlan build_cuda_encode_plan(const std::vector<uint64_t>& ptrs, const s
     const AxisTable& t = *tables[k];
     plan.keep.push_back(tables[k]);
     if (t.taps == 0) continue;
+    const int64_t w_bytes = static_cast<int64_t>(t.out) * t.taps * (resample == kU8 ? 2 : 4);
+    plan.tables.push_back({t.in, t.out, resample, static_cast<int64_t>(k), recs[k].xmin_off,
+                           align8(recs[k].w_off + w_bytes) - recs[k].xmin_off, recs[k].xsize_off - recs[k].xmin_off,
+                           recs[k].w_off - recs[k].xmin_off, plan.segments.size()});
     plan.segments.push_back({t.xmin.data(), recs[k].xmin_off, 4 * static_cast<int64_t>(t.xmin.size())});
     plan.segments.push_back({t.xsize.data(), recs[k].xsize_off, 4 * static_cast<int64_t>(t.xsize.size())});
     if (resample == kU8)
@@ -371,8 +375,9 @@ namespace {
 // host buffer standing in for shared memory, then the row filter; pass 2: four outputs at a time), in the order
 // of the blocks' indices (the blocks write disjoint outputs, so the order does not matter).
 template <int R, int D>
-void emulate(const CudaEncodePlan& plan, void* scratch, void* out, int version, int band_rows) {
-  const uint8_t* P = plan.bytes();
+void emulate(const CudaEncodePlan& plan, void* scratch, void* out, int version, int band_rows,
+             const uint8_t* plan_bytes) {
+  const uint8_t* P = plan_bytes ? plan_bytes : plan.bytes();
   const PlanHeader& H = header(P);
   const JobRec* J = jobs(P);
   if (version == 4) {  // a block per (tile, band): stage each channel of the band, then emit it
@@ -437,20 +442,20 @@ void emulate(const CudaEncodePlan& plan, void* scratch, void* out, int version, 
 }  // namespace
 
 void encode_tiles_emulate(const CudaEncodePlan& plan, void* scratch, void* out, int dtype, int64_t capacity_tiles,
-                          int version, int band_rows) {
+                          int version, int band_rows, const uint8_t* plan_bytes) {
   LF_CHECK(dtype >= 0 && dtype <= 2, "encode_tiles: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " << dtype);
   LF_CHECK(version >= 1 && version <= 4, "encode_tiles: GPU encoder version must be 1, 2, 3 or 4, got " << version);
   LF_CHECK(version != 4 || band_rows >= 1, "encode_tiles_emulate: band_rows must be >= 1, got " << band_rows);
   LF_CHECK(capacity_tiles >= plan.total_tiles, "encode_tiles: output holds " << capacity_tiles
                                                    << " tiles but the images need " << plan.total_tiles);
   if (plan.resample == kU8) {
-    if (dtype == 0) emulate<kU8, 0>(plan, scratch, out, version, band_rows);
-    if (dtype == 1) emulate<kU8, 1>(plan, scratch, out, version, band_rows);
-    if (dtype == 2) emulate<kU8, 2>(plan, scratch, out, version, band_rows);
+    if (dtype == 0) emulate<kU8, 0>(plan, scratch, out, version, band_rows, plan_bytes);
+    if (dtype == 1) emulate<kU8, 1>(plan, scratch, out, version, band_rows, plan_bytes);
+    if (dtype == 2) emulate<kU8, 2>(plan, scratch, out, version, band_rows, plan_bytes);
   } else {
-    if (dtype == 0) emulate<kF32, 0>(plan, scratch, out, version, band_rows);
-    if (dtype == 1) emulate<kF32, 1>(plan, scratch, out, version, band_rows);
-    if (dtype == 2) emulate<kF32, 2>(plan, scratch, out, version, band_rows);
+    if (dtype == 0) emulate<kF32, 0>(plan, scratch, out, version, band_rows, plan_bytes);
+    if (dtype == 1) emulate<kF32, 1>(plan, scratch, out, version, band_rows, plan_bytes);
+    if (dtype == 2) emulate<kF32, 2>(plan, scratch, out, version, band_rows, plan_bytes);
   }
 }
 

@@ -1259,6 +1259,122 @@ def _result(pixel_values, sizes, ntiles, flags, counts, config, device, best=Non
             "num_image_tokens": ntok, "batch_num_images": counts}
 
 
+class _TableCache:
+    """The GPU encoder's weight tables kept on the device across calls (opt-in,
+    ``LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB``; session 15, not yet run on a GPU).
+
+    A plan is a head (header, image / job / tile / axis records: ~90 KB for 128 photos) plus one weight table per
+    (input size, output size, arithmetic) of its resizes: 3.8 MB of the 3.8 MB for 128 photos of ~1000x750, copied
+    into pinned memory and uploaded ahead of the kernel on its stream at every call. With the cache, a table is
+    written and uploaded once, on first sight of its sizes, into a device block that stays allocated; the head's
+    axis records then point at it (``plan.write_head``: byte offsets from the head's own device address, negative
+    when the block lies below it; the kernels read ``plan + offset`` as 64-bit addresses, so they are unchanged).
+    A call uploads only the head and the tables it has not seen. Datasets repeat image sizes; a batch of new sizes
+    costs what it did before, plus one more H2D copy.
+
+    One cache per (device, stream): a block is written by an upload on the stream that then reads it, so no
+    cross-stream ordering is needed; evicted blocks go back to torch's caching allocator, which reuses memory only
+    for work ordered after what was queued on that stream (the kernels that read them). The oldest tables are
+    dropped above the budget (first in, first out: a hit costs one dict lookup). Thread-safe (one lock)."""
+
+    def __init__(self, budget_bytes: int):
+        import threading
+
+        self.budget = int(budget_bytes)
+        self.addr: dict = {}     # table key (plan.table_keys) -> its device address; insertion order = age
+        self.held: dict = {}     # table key -> (its block, its bytes)
+        self.nbytes = 0
+        self.lock = threading.Lock()
+
+    @property
+    def entries(self) -> dict:
+        """key -> (block, byte offset in it, bytes) (tests)."""
+        return {k: (b, self.addr[k] - b.data_ptr(), nb) for k, (b, nb) in self.held.items()}
+
+    def addresses(self, plan, device: torch.device, keep: list) -> list[int]:
+        """The device address of each of ``plan``'s tables, uploading the missing ones in one copy (~0.1 us per
+        table found: a plan of 128 photos has ~300). ``keep`` receives the blocks this call uploads or evicts, so
+        that they live until the launch is queued (those it finds stay referenced by the cache)."""
+        keys = plan.table_keys
+        with self.lock:
+            get = self.addr.get
+            addrs = [get(k) for k in keys]
+            missing = [i for i, a in enumerate(addrs) if a is None]
+            if missing:
+                sizes = plan.table_bytes
+                offs, total = [], 0
+                for i in missing:
+                    offs.append(total)
+                    total += sizes[i]
+                host = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+                h0 = host.data_ptr()
+                for i, o in zip(missing, offs):
+                    plan.write_table(i, h0 + o)
+                block = host.to(device, non_blocking=True) if device.type == "cuda" else host
+                keep.append(block)
+                b0 = block.data_ptr()
+                for i, o in zip(missing, offs):
+                    k = keys[i]
+                    addrs[i] = self.addr[k] = b0 + o
+                    self.held[k] = (block, sizes[i])
+                    self.nbytes += sizes[i]
+                # oldest first (first uploaded; a table in use keeps its age: eviction by insertion order)
+                while self.nbytes > self.budget and self.addr:
+                    k = next(iter(self.addr))
+                    del self.addr[k]
+                    b, nb = self.held.pop(k)
+                    keep.append(b)
+                    self.nbytes -= nb
+        return addrs
+
+
+_TABLE_CACHES: dict = {}
+
+
+def gpu_encoder_table_cache_bytes() -> int:
+    """``LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB``: device memory for the encoder's cached weight tables (0, the
+    default: off, the whole plan is uploaded at every call; see :class:`_TableCache`)."""
+    raw = os.environ.get("LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB", "0").strip()
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise ValueError(f"LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB must be a non-negative integer (megabytes of device "
+                         f"memory for the GPU encoder's weight tables; 0 turns the cache off), got {raw!r}")
+    return mb << 20
+
+
+def _table_cache(device: torch.device, stream_id: int):
+    budget = gpu_encoder_table_cache_bytes()
+    if budget == 0:
+        return None
+    key = (str(device), stream_id)
+    cache = _TABLE_CACHES.get(key)
+    if cache is None or cache.budget != budget:
+        cache = _TABLE_CACHES[key] = _TableCache(budget)
+    return cache
+
+
+def _upload_plan(plan, device: torch.device, cache, keep: list) -> torch.Tensor:
+    """The plan on ``device`` (a uint8 tensor to pass as ``plan_dev``): whole (no cache: one pinned copy, one
+    upload), or its head with the tables from ``cache``."""
+    pinned = device.type == "cuda"
+    if cache is None:
+        host = torch.empty(plan.nbytes, dtype=torch.uint8, pin_memory=pinned)
+        plan.copy_to(host.data_ptr())
+        return host.to(device, non_blocking=True) if pinned else host
+    head = torch.empty(plan.head_bytes, dtype=torch.uint8, device=device)
+    addrs = cache.addresses(plan, device, keep)
+    if not pinned:
+        plan.write_head(head.data_ptr(), addrs, head.data_ptr())
+        return head
+    host = torch.empty(plan.head_bytes, dtype=torch.uint8, pin_memory=True)
+    plan.write_head(host.data_ptr(), addrs, head.data_ptr())
+    head.copy_(host, non_blocking=True)
+    return head
+
+
 _CUDA_PASSES = 3  # benchmarks only: 1 / 2 time the horizontal / vertical pass alone (the output is then garbage)
 GPU_ENCODER_VERSIONS = (1, 2, 3, 4)
 
@@ -1313,16 +1429,17 @@ def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=to
     """The CUDA tile encoder on uint8 (3, H, W) CUDA tensors (any strides: CHW, HWC views, expanded grey).
 
     Host: the plan from the image sizes (weight tables cached per (in, out) size), copied into pinned memory and
-    uploaded with one non-blocking copy. Device: two kernels on the current stream (horizontal pass for every
-    resize of the batch, then vertical pass + padding + crop + normalization + cast into the output layout).
-    Nothing here synchronizes with the GPU."""
+    uploaded with one non-blocking copy (with ``LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB``: its head only, the weight
+    tables kept on the device across calls, :class:`_TableCache`). Device: the kernels of
+    :func:`gpu_encoder_version` on the current stream (v4: one launch per batch). Nothing here synchronizes with
+    the GPU."""
     _ext.require_ext("anyres_encode", cuda=True)
     dev = u8s[0].device
     plan = _encoder_plan(u8s, flags, config, resample, layout)
     total = plan.total_tiles
-    host = torch.empty(plan.nbytes, dtype=torch.uint8, pin_memory=True)
-    plan.copy_to(host.data_ptr())
-    plan_dev = host.to(dev, non_blocking=True)
+    keep: list = []   # the cached table blocks this launch reads (held until it is queued)
+    cache = _table_cache(dev, torch.cuda.current_stream(dev).cuda_stream) if hasattr(plan, "table_keys") else None
+    plan_dev = _upload_plan(plan, dev, cache, keep)
     version, band_rows = _resolve_version(plan, gpu_encoder_version(), dev)
     scratch = torch.empty(max(plan.scratch_bytes if version != 4 else 0, 1), dtype=torch.uint8, device=dev)
     if out is None:
@@ -1341,7 +1458,7 @@ def encode_tiles_cuda(u8s, flags, counts, config: ImageProcessorConfig, dtype=to
 
 def encode_tiles_emulated(u8s, flags, counts, config: ImageProcessorConfig, dtype=torch.float32,
                           layout: str = "tiles", resample: str = "uint8", version: int | None = None,
-                          band_rows: int | None = None) -> dict:
+                          band_rows: int | None = None, table_cache: "_TableCache | None" = None) -> dict:
     """The CUDA encoder's element code run on the CPU (single thread, slow): CPU images, same plan, same arithmetic.
     Used for ``resample="float"`` on CPU and by the tests of the kernels' indexing on machines without a GPU.
     ``version``: the kernels to emulate (default :func:`gpu_encoder_version`); ``band_rows``: v4's band height
@@ -1359,8 +1476,13 @@ def encode_tiles_emulated(u8s, flags, counts, config: ImageProcessorConfig, dtyp
         raise ValueError(f"encode_tiles_emulated: band_rows ({band_rows!r}) is v4's band height, >= 1; got version "
                          f"{version}")
     scratch = torch.empty(max(plan.scratch_bytes if version != 4 else 0, 1), dtype=torch.uint8)
+    keep: list = []
+    # table_cache (tests): the plan read as the GPU reads it with the cache, a head whose records point at the
+    # tables' own blocks (host memory here)
+    head = _upload_plan(plan, torch.device("cpu"), table_cache, keep) if table_cache is not None else None
     _ext._C.encode_tiles_emulate(plan, scratch.data_ptr(), out.data_ptr(), _ext.dtype_code(dtype), plan.total_tiles,
-                                 version, max(band_rows, 1))
+                                 version, max(band_rows, 1), head.data_ptr() if head is not None else 0)
+    del keep
     sizes = [(int(u.shape[1]), int(u.shape[2])) for u in u8s]
     return _result(out, sizes, plan.num_tiles, flags, counts, config, torch.device("cpu"), _plan_best(plan))
 

@@ -60,13 +60,13 @@ def _variety(gen):
 
 
 def _emulate(images, cfg, dtype=torch.float32, layout="tiles", resample="uint8", multi_image=None, version=1,
-             band_rows=None):
+             band_rows=None, table_cache=None):
     flat, flags, counts = anyres._flatten_samples(images, multi_image)
     if cfg.variant != "llava_onevision":
         flags = [False] * len(flat)
     u8s = [anyres.to_uint8_chw(x, i, contiguous=False) for i, x in enumerate(flat)]
     return anyres.encode_tiles_emulated(u8s, flags, counts, cfg, dtype, layout, resample, version=version,
-                                        band_rows=band_rows)
+                                        band_rows=band_rows, table_cache=table_cache)
 
 
 VERSIONS = pytest.mark.parametrize("version", anyres.GPU_ENCODER_VERSIONS, ids=lambda v: f"v{v}")
@@ -713,3 +713,76 @@ def test_token_counts_from_the_plan(name):
         res = anyres._result(None, sizes, plan.num_tiles, flags, [n], cfg, torch.device("cpu"),
                              (plan.best_h, plan.best_w))
         assert res["num_image_tokens"] == want
+
+
+@needs_plan
+@pytest.mark.parametrize("resample", ["uint8", "float"])
+@pytest.mark.parametrize("name", ["llava_pad", "next", "ov"])
+def test_table_cache_reads_the_same_tables(name, resample):
+    """LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB (anyres._TableCache, session 15): the plan's head with its axis records
+    pointing at weight tables kept in blocks of their own (offsets from the head's address, negative for blocks
+    below it) gives the kernels' element code the same bits as the whole plan, for every kernel version, both
+    arithmetics, both layouts. A second call over a batch sharing some sizes uploads only the new tables (one block)
+    and reuses the others in place; a budget below one batch's tables evicts, and the calls stay exact."""
+    gen = torch.Generator().manual_seed(11)
+    imgs = _variety(gen)
+    more = [_smooth_noisy(120, 250, gen), _smooth_noisy(333, 500, gen)]   # one size seen before, one new
+    cfg = CFGS[name]
+    cache = anyres._TableCache(64 << 20)
+    for version in anyres.GPU_ENCODER_VERSIONS:
+        for layout in ("tiles", "patches"):
+            want = _emulate(imgs, cfg, resample=resample, version=version, layout=layout)["pixel_values"]
+            got = _emulate(imgs, cfg, resample=resample, version=version, layout=layout,
+                           table_cache=cache)["pixel_values"]
+            assert torch.equal(want, got), (version, layout)
+    n_tables, blocks = len(cache.entries), {id(e[0]) for e in cache.entries.values()}
+    assert n_tables > 0 and len(blocks) == 1    # the first call uploaded every table in one block
+    addr = {k: e[0].data_ptr() + e[1] for k, e in cache.entries.items()}
+    want = _emulate(more, cfg, resample=resample, version=4)["pixel_values"]
+    got = _emulate(more, cfg, resample=resample, version=4, table_cache=cache)["pixel_values"]
+    assert torch.equal(want, got)
+    assert all(cache.entries[k][0].data_ptr() + cache.entries[k][1] == a for k, a in addr.items())  # reused
+    assert len(cache.entries) > n_tables and len({id(e[0]) for e in cache.entries.values()}) == 2
+    tiny = anyres._TableCache(1)                 # every table evicted at the end of each call
+    for _ in range(2):
+        got = _emulate(imgs, cfg, resample=resample, version=4, table_cache=tiny)["pixel_values"]
+        assert torch.equal(_emulate(imgs, cfg, resample=resample, version=4)["pixel_values"], got)
+        assert len(tiny.entries) == 0 and tiny.nbytes == 0
+
+
+@needs_plan
+def test_table_cache_setting(monkeypatch):
+    """The cache is off by default (0 MB); a size in MB turns it on per (device, stream); a bad value names the
+    variable."""
+    monkeypatch.delenv("LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB", raising=False)
+    assert anyres._table_cache(torch.device("cpu"), 0) is None
+    monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB", "8")
+    a = anyres._table_cache(torch.device("cpu"), 0)
+    assert a is not None and a.budget == 8 << 20 and anyres._table_cache(torch.device("cpu"), 0) is a
+    assert anyres._table_cache(torch.device("cpu"), 1) is not a
+    for bad in ("-1", "x", "1.5"):
+        monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB", bad)
+        with pytest.raises(ValueError, match="LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB"):
+            anyres._table_cache(torch.device("cpu"), 0)
+
+
+@pytest.mark.cuda
+@needs_cuda_ext
+@pytest.mark.parametrize("name", ["next", "ov"])
+def test_cuda_table_cache(name, monkeypatch):
+    """On a GPU: the encoder with its weight tables cached on the device (records pointing outside the uploaded
+    head) equals the encoder without, on the first call (every table uploaded) and on the next ones (tables read
+    where the first call left them), and over a batch that adds sizes; eviction under a tiny budget too."""
+    gen = torch.Generator().manual_seed(12)
+    imgs = [x.cuda() for x in _variety(gen)]
+    more = imgs[:3] + [_smooth_noisy(333, 500, gen).cuda()]
+    cfg = CFGS[name]
+    monkeypatch.delenv("LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB", raising=False)
+    want = [encode_tiles(b, cfg, dtype=torch.bfloat16)["pixel_values"] for b in (imgs, more)]
+    for mb in ("64", "1"):
+        monkeypatch.setenv("LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB", mb)
+        anyres._TABLE_CACHES.clear()
+        for _ in range(2):
+            for w, b in zip(want, (imgs, more)):
+                assert torch.equal(encode_tiles(b, cfg, dtype=torch.bfloat16)["pixel_values"], w), mb
+    anyres._TABLE_CACHES.clear()
