@@ -518,3 +518,18 @@ def test_decide_encoder_rules(tmp_path):
     assert got["GPU encoder table_cache_cold, anyres_llava_next"][2] == "slower"
     m, r, d = got["GPU encoder vs HF's GPU path, anyres_llava_next"]
     assert d == "not met" and m.startswith("19.1x") and "kernel alone 1.400 of 2.200 ms" in m and "20x" in r
+
+
+def test_host_path_smoke(capsys):
+    """benchmarks/host_path.py runs the CUDA branch of the GPU encoder and the Triton branch of pack_features on CPU
+    tensors with the launches stubbed (a measurement of host work without a GPU); it must keep running as those
+    paths change."""
+    import host_path
+
+    from llava_fast import _ext
+
+    if not (_ext.HAS_EXT and hasattr(_ext._C, "encode_plan")):
+        pytest.skip("llava_fast._C not built")
+    assert host_path.main(["all", "--images", "4", "--reps", "1", "--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "| anyres llava_next, 4 images, table cache |" in out and "| pack_features next8_7b" in out
