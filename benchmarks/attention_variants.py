@@ -39,7 +39,8 @@ ENV_KEYS = {"CFG": "LLAVA_FAST_ATTN_CFG", "MIN_D1": "LLAVA_FAST_ATTN_MIN_D1", "B
 FP32_REL_ATOL = 1e-5
 # --time SHAPE: bench_attention.py's equal-length shapes (batch, tokens each, Hq, Hkv, D, causal), short names
 TIME_SHAPES = {"siglip": "siglip-32x729-d72", "clip": "clip-64x577-d64", "causal4k": "causal-d128-4k",
-               "gqa64": "qwen2-0.5b-gqa14/2-d64-4k", "ov05": "qwen2-0.5b-gqa14/2-d64-2x5453"}
+               "gqa64": "qwen2-0.5b-gqa14/2-d64-4k", "ov05": "qwen2-0.5b-gqa14/2-d64-2x5453",
+               "stage1": "llama7b-16x640-d128"}
 
 
 def _child(d: int, do_time) -> dict:

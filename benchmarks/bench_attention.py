@@ -44,11 +44,14 @@ SHAPES = {
     "causal-d128-16k": (1, 16384, 32, 32, 128, True),
     "qwen2-0.5b-gqa14/2-d64-4k": (4, 4096, 14, 2, 64, True),
     "qwen2-0.5b-gqa14/2-d64-2x5453": (2, 5453, 14, 2, 64, True),  # the OneVision-0.5B FT step's language model
+    "llama7b-16x640-d128": (16, 640, 32, 32, 128, True),  # the LLaVA-1.5-7B stage-1 step's language model
     "clip-64x577-d64": (64, 577, 16, 16, 64, False),
     "siglip-32x729-d72": (32, 729, 16, 16, 72, False),
     "packed-8docs-d128": (8, None, 32, 32, 128, True),
 }
-QUICK = ["causal-d128-4k", "siglip-32x729-d72", "clip-64x577-d64", "packed-8docs-d128"]
+# llama7b-16x640 (session 15): the stage-1 step's attention, ~35 ms of its 487 at full depth on the H200 (1.08 ms
+# per layer); its cuDNN ratio decides LLAVA_FAST_TEXT_ATTENTION=sdpa for stage 1
+QUICK = ["causal-d128-4k", "llama7b-16x640-d128", "siglip-32x729-d72", "clip-64x577-d64", "packed-8docs-d128"]
 rng = random.Random(0)
 PACKED_LENS = [rng.randint(600, 3500) for _ in range(8)]
 

@@ -104,7 +104,9 @@ def attention(folder):
     # every table device_check.sh writes: "sweep", "variants" (D72, D64) and "sweep64" (D64 configs, CLIP shape)
     for name, shape in (("attention_sweep", "causal D128 4k"), ("attention_variants", "SigLIP D72"),
                         ("attention_variants_d64", "CLIP D64"), ("attention_sweep64", "CLIP D64 sweep"),
-                        ("attention_gqa", "Qwen2-0.5B GQA 14/2 D64 causal 2x5453")):
+                        ("attention_gqa", "Qwen2-0.5B GQA 14/2 D64 causal 2x5453"),
+                        ("attention_dkdv128_s1", "Llama-7B stage 1 D128 causal 16x640"),
+                        ("attention_dkdv128_4k", "causal D128 4k, dK/dV configs")):
         recs = load_jsonl(folder, name)
         base = _variant(recs, "default")
         if base is None:

@@ -18,7 +18,8 @@
 #                      torch.compile against eager and transformers, <= 180 s; "host": host_overhead.py, the
 #                      OneVision step's host time with launches stubbed, on this box's CPU, ~15 s; "profile_full":
 #                      profile_model.py at full depth with --host, ~60 s; "gqa": the opt-in GQA split of the
-#                      dK/dV kernel on Qwen2-0.5B's attention shape, ~40 s);
+#                      dK/dV kernel on Qwen2-0.5B's attention shape, ~150 s; "dkdv128": the spill-free D128
+#                      dK/dV configs at the stage-1 shape and causal 4k, ~90 s);
 #                      default (the end-to-end A/B rows, their breakdown, attention, then the rest):
 #                      model profile attention anyres projector rms_norm swiglu quick_gelu gelu layer_norm
 #                      bias_grad linears rope cross_entropy pack_features mixed
@@ -161,6 +162,13 @@ if want ops; then
       step attention_gqa 150 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time ov05 \
         --variants "default|GQA_SPLIT=k4|GQA_SPLIT=k1|GQA_SPLIT=k2|GQA_SPLIT=k7|CFG=dkdv=32,128,8,2|GQA_SPLIT=k4+CFG=dkdv=32,128,8,2" \
         --out "$RES/attention_gqa.jsonl"
+    elif [ "$b" = "dkdv128" ]; then  # not in the default list (session 15): the dK/dV configs without spills at
+      # D128 (aot_check, triton 3.6: the default 64x128 8w 2st spills 160 B; 16x128 8w 2st none at 242 registers,
+      # 32x128 8w 2st 32 B) on the stage-1 step's attention (16 x 640, ~35 ms of its 487) and causal 4k, ~90 s
+      step attention_dkdv128_s1 60 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time stage1 \
+        --variants "default|CFG=dkdv=32,128,8,2|CFG=dkdv=16,128,8,2" --out "$RES/attention_dkdv128_s1.jsonl"
+      step attention_dkdv128_4k 60 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
+        --variants "default|CFG=dkdv=32,128,8,2|CFG=dkdv=16,128,8,2" --out "$RES/attention_dkdv128_4k.jsonl"
     elif [ "$b" = "profile_full" ]; then  # not in the default list: the OneVision step at full depth (24 Qwen2
       # layers), where session 10's H200 run found 6.25 ms of wall time per LLM layer against ~3.7 ms of kernels
       # (GPU busy %, the host cost per op call, a cProfile of one step); ~60 s
