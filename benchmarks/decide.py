@@ -163,6 +163,17 @@ def attention(folder):
             out.append(("attention CUTLASS forward vs SDPA cuDNN, CLIP tiles", f"{vs:.2f}x cuDNN's forward",
                         ">= 1.03x: the frozen CLIP tower's attention could run on it",
                         "candidate: route vision_attention (D64, one-length tiles) to it" if vs >= 1.03 else "keep"))
+    # the stage-1 step's attention (session 15's shape): how far cuDNN is ahead of our kernels there tells whether
+    # bench_model's llava_fast_sdpa_text row (cuDNN through SDPA for equal-length batches) can reach the stage-1 target
+    for mode in ("fwd", "fwd+bwd"):
+        ours, cudnn = _row(rows, "llava_fast", "llama7b-16x640", mode), _row(rows, "sdpa-cudnn", "llama7b-16x640", mode)
+        if ours is None or cudnn is None:
+            continue
+        x = ours["ms"] / cudnn["ms"]
+        out.append((f"attention at the stage-1 shape (16 x 640, D128 causal), {mode}",
+                    f"SDPA cuDNN {x:.2f}x ours ({ours['ms']:.3f} vs {cudnn['ms']:.3f} ms)",
+                    "cuDNN >= 1.1x: expect llava_fast_sdpa_text to win on stage 1 (32 layers x the difference)",
+                    "try SDPA for stage 1" if x >= 1.1 else "keep ours"))
     return out
 
 

@@ -533,3 +533,16 @@ def test_host_path_smoke(capsys):
     assert host_path.main(["all", "--images", "4", "--reps", "1", "--smoke"]) == 0
     out = capsys.readouterr().out
     assert "| anyres llava_next, 4 images, table cache |" in out and "| pack_features next8_7b" in out
+
+
+def test_decide_stage1_attention_rule(tmp_path):
+    """decide.attention: at the stage-1 shape (bench_attention's llama7b-16x640-d128, session 15) cuDNN's lead over
+    our kernels says whether SDPA is worth trying for stage 1."""
+    rows = [dict(bench="attention", provider=p, shape="llama7b-16x640-d128", mode=m, ms=ms)
+            for p, m, ms in (("llava_fast", "fwd", 0.26), ("sdpa-cudnn", "fwd", 0.20), ("llava_fast", "fwd+bwd", 1.08),
+                             ("sdpa-cudnn", "fwd+bwd", 1.05))]
+    (tmp_path / "attention-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = _decide(tmp_path)
+    assert got["attention at the stage-1 shape (16 x 640, D128 causal), fwd"][2] == "try SDPA for stage 1"
+    m, r, d = got["attention at the stage-1 shape (16 x 640, D128 causal), fwd+bwd"]
+    assert d == "keep ours" and m.startswith("SDPA cuDNN 1.03x ours")
