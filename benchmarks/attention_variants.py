@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"CFG": "LLAVA_FAST_ATTN_CFG", "MIN_D1": "LLAVA_FAST_ATTN_MIN_D1", "BWD": "LLAVA_FAST_ATTN_BWD",
             "SPLIT": "LLAVA_FAST_ATTN_SPLIT", "ALIGN": "LLAVA_FAST_ATTN_ALIGN", "LOOPS": "LLAVA_FAST_ATTN_DKDV_LOOPS",
             "TMA": "LLAVA_FAST_ATTN_TMA", "FOLD": "LLAVA_FAST_ATTN_FOLD", "LSE_TMA": "LLAVA_FAST_ATTN_LSE_TMA",
-            "GQA_SPLIT": "LLAVA_FAST_ATTN_GQA_SPLIT"}
+            "GQA_SPLIT": "LLAVA_FAST_ATTN_GQA_SPLIT", "HEAVY": "LLAVA_FAST_ATTN_HEAVY_FIRST"}
 FP32_REL_ATOL = 1e-5
 # --time SHAPE: bench_attention.py's equal-length shapes (batch, tokens each, Hq, Hkv, D, causal), short names
 TIME_SHAPES = {"siglip": "siglip-32x729-d72", "clip": "clip-64x577-d64", "causal4k": "causal-d128-4k",

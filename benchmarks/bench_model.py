@@ -21,8 +21,10 @@ first) instead of cuDNN first on Hopper (models/dispatch.py); llava_fast_ce_voca
 LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed);
 llava_fast_unfused_res: llava_fast with LLAVA_FAST_FUSE_RESIDUAL=0, the decoder layers' residual adds as separate
 elementwise ops and gradient accumulations instead of inside the RMSNorm kernels (ops/act_linear.residual_act_linears);
-llava_fast_gqa_split: llava_fast with LLAVA_FAST_ATTN_GQA_SPLIT=k4, the dK/dV kernel split into 4 programs per kv
-head, longest first (opt-in, session 15; changes only GQA models: the OneVision step); llava_fast_sep_recompute: llava_fast with LLAVA_FAST_FUSED_RECOMPUTE=0, the SwiGLU and RMSNorm outputs that the
+llava_fast_gqa_split: llava_fast with LLAVA_FAST_ATTN_GQA_SPLIT=k4 (the dK/dV kernel split into 4 programs per kv
+head, longest first) and LLAVA_FAST_ATTN_HEAVY_FIRST=1 (the causal forward and dQ kernels heaviest block first
+across all heads), the attention scheduling for GQA models (opt-in, session 15; only the OneVision step changes:
+the 7B workloads' K/V are too large for the second); llava_fast_sep_recompute: llava_fast with LLAVA_FAST_FUSED_RECOMPUTE=0, the SwiGLU and RMSNorm outputs that the
 linears' weight gradients read recomputed by their forward kernels instead of written by their backward kernels (one
 launch more per MLP and per norm in a trainable language model: the OneVision step, not stage 1's frozen one);
 llava_fast_compiled (not in the default list): llava_fast with every decoder and vision layer under torch.compile
@@ -502,7 +504,7 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the SwiGLU / RMSNorm outputs recomputed by a forward launch in the backward (before session 12)
                 "llava_fast_sep_recompute": {"LLAVA_FAST_FUSED_RECOMPUTE": "0"},
                 # the opt-in GQA split of the dK/dV kernel (session 10; only GQA models: OneVision's Qwen2)
-                "llava_fast_gqa_split": {"LLAVA_FAST_ATTN_GQA_SPLIT": "k4"},
+                "llava_fast_gqa_split": {"LLAVA_FAST_ATTN_GQA_SPLIT": "k4", "LLAVA_FAST_ATTN_HEAVY_FIRST": "1"},
                 # the GELU kernels (ops/gelu.py, session 13; auto keeps torch's): the SigLIP tower, OneVision only
                 "llava_fast_gelu_triton": {"LLAVA_FAST_BACKEND_GELU": "triton"},
                 # CLIP's QuickGELU by torch's three kernels instead of ours (session 13): stage 1, prefill

@@ -159,8 +159,9 @@ if want ops; then
       # session 15: the kernel-side split GQA_SPLIT=kN (N programs per kv head, fp32 partials, longest first, no
       # K/V repeat; benchmarks/dkdv_schedule.py: 0.67 -> 0.98 busy at k4, prediction dK/dV 1.25-1.4x; k1 = the
       # order alone, 0.67: a control) and the session-10 repeat split (GQA_SPLIT=1) left out: k7 is its partition
-      step attention_gqa 150 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time ov05 \
-        --variants "default|GQA_SPLIT=k4|GQA_SPLIT=k1|GQA_SPLIT=k2|GQA_SPLIT=k7|CFG=dkdv=32,128,8,2|GQA_SPLIT=k4+CFG=dkdv=32,128,8,2" \
+      # and HEAVY=1: the causal forward and dQ kernels heaviest query block first across all heads (K/V <= 16 MB)
+      step attention_gqa 180 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time ov05 \
+        --variants "default|GQA_SPLIT=k4|HEAVY=1|GQA_SPLIT=k4+HEAVY=1|GQA_SPLIT=k1|GQA_SPLIT=k2|GQA_SPLIT=k7|CFG=dkdv=32,128,8,2|GQA_SPLIT=k4+CFG=dkdv=32,128,8,2" \
         --out "$RES/attention_gqa.jsonl"
     elif [ "$b" = "dkdv128" ]; then  # not in the default list (session 15): the dK/dV configs without spills at
       # D128 (aot_check, triton 3.6: the default 64x128 8w 2st spills 160 B; 16x128 8w 2st none at 242 registers,

@@ -9,6 +9,7 @@ key-block-major, which for causal documents of one length is longest first). ``b
 last SM's finish): the kernel's best share of the machine if every block iteration cost the same.
 
 Usage: python benchmarks/dkdv_schedule.py [--seqlen 5453 --docs 2 --hkv 2 --group 7 --sms 132]
+(also the causal forward / dQ grid: fwd_busy, the count behind LLAVA_FAST_ATTN_HEAVY_FIRST)
 (the defaults are the OneVision-0.5B step's Qwen2 attention: two causal documents of 5453 tokens, 14 / 2 heads).
 Session 15's counts are in docs/perf-notes.md, "GQA split of the dK/dV kernel".
 """
@@ -42,6 +43,24 @@ def busy(seqlen: int, docs: int, hkv: int, group: int, block_n: int = 128, block
     return sum(work) / sms / finish, finish, len(work)
 
 
+def fwd_busy(seqlen: int, docs: int, heads: int, block_m: int = 128, block_n: int = 64, slots: int = 132,
+             longest_first: bool = False, fixed: float = 1.0) -> tuple[float, float, int]:
+    """The same count for the causal forward (and dQ) grid: a program per (query block, document, query head),
+    working over the key blocks at or before its query block; ``slots`` programs at once (SMs x CTAs per SM: the
+    D64 forward fits two per SM). Grid order as launched by default: query blocks heaviest first within each
+    (document, head), one (document, head) after another; ``longest_first``: all heaviest blocks first
+    (LLAVA_FAST_ATTN_HEAVY_FIRST=1, attention._heavy_first)."""
+    n_qb = math.ceil(seqlen / block_m)
+    work = [(q + 1) * block_m / block_n + fixed for _ in range(heads) for _ in range(docs) for q in reversed(range(n_qb))]
+    if longest_first:
+        work.sort(reverse=True)
+    free = [0.0] * slots
+    for w in work:
+        heapq.heappush(free, heapq.heappop(free) + w)
+    finish = max(free)
+    return sum(work) / slots / finish, finish, len(work)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqlen", type=int, default=5453)
@@ -57,6 +76,13 @@ def main(argv=None) -> int:
             lf = busy(a.seqlen, a.docs, a.hkv, a.group, bn, parts=parts, sms=a.sms, longest_first=True)
             name = "off" if parts == 1 else f"k{parts}"
             print(f"| {bn} | {name} | {g[2]} | {g[0]:.2f} | {lf[0]:.2f} |")
+    heads = a.hkv * a.group
+    print(f"\ncausal forward (and dQ) grid, {heads} query heads:\n\n| CTAs per SM | programs | busy (grid order) | "
+          f"busy (longest first) |\n|---:|---:|---:|---:|")
+    for per_sm in (1, 2):
+        g = fwd_busy(a.seqlen, a.docs, heads, slots=a.sms * per_sm)
+        lf = fwd_busy(a.seqlen, a.docs, heads, slots=a.sms * per_sm, longest_first=True)
+        print(f"| {per_sm} | {g[2]} | {g[0]:.2f} | {lf[0]:.2f} |")
     return 0
 
 

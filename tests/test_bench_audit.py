@@ -364,6 +364,9 @@ def test_dkdv_schedule_counts():
     assert n == 688 and round(b, 2) == 0.98
     assert ds.busy(5453, 2, 2, 7, parts=7)[2] == 1204
     assert ds.busy(5453, 2, 2, 7, parts=5)[2] == 688   # 5 parts of a 7-head group round to 4 (2 + 2 + 2 + 1)
+    # the forward / dQ grid (LLAVA_FAST_ATTN_HEAVY_FIRST): two CTAs per SM 0.80 -> 0.96, one 0.90 -> 0.99
+    assert [round(ds.fwd_busy(5453, 2, 14, slots=264, longest_first=lf)[0], 2) for lf in (False, True)] == [0.8, 0.96]
+    assert [round(ds.fwd_busy(5453, 2, 14, longest_first=lf)[0], 2) for lf in (False, True)] == [0.9, 0.99]
     assert ds.main([]) == 0
 
 

@@ -325,16 +325,22 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
                            HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
                            D1_LO: tl.constexpr, HAS_SEQUSED: tl.constexpr, USE_TMA: tl.constexpr = False,
-                           SCALE_FIRST: tl.constexpr = False):
+                           SCALE_FIRST: tl.constexpr = False, n_q_heads=1, QB_MAJOR: tl.constexpr = False):
+    """Grid (query blocks, documents, Hq); QB_MAJOR (see :func:`_heavy_first`): (documents x Hq, query blocks)."""
     stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
     stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
     stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
     stride_ot, stride_oh = _unalign(stride_ot, stride_oh, ALIGN)
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    if CAUSAL:  # heaviest query blocks (most keys) first: better tail balance
-        pid_m = tl.num_programs(0) - 1 - pid_m
+    if QB_MAJOR:  # every (document, head)'s heaviest query block before any second-heaviest one
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+        b = tl.program_id(0) // n_q_heads
+        h = tl.program_id(0) % n_q_heads
+    else:
+        pid_m = tl.program_id(0)
+        b = tl.program_id(1)
+        h = tl.program_id(2)
+        if CAUSAL:  # heaviest query blocks (most keys) first: better tail balance
+            pid_m = tl.num_programs(0) - 1 - pid_m
     q_start = tl.load(CU_Q + b)
     seqlen_q = tl.load(CU_Q + b + 1) - q_start
     start_m = pid_m * BLOCK_M
@@ -706,17 +712,24 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                               HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                               HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-                              D1_LO: tl.constexpr, USE_TMA: tl.constexpr = False):
+                              D1_LO: tl.constexpr, USE_TMA: tl.constexpr = False, n_q_heads=1,
+                              QB_MAJOR: tl.constexpr = False):
+    """Grid (query blocks, documents, Hq); QB_MAJOR (see :func:`_heavy_first`): (documents x Hq, query blocks)."""
     stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
     stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
     stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
     stride_dot, stride_doh = _unalign(stride_dot, stride_doh, ALIGN)
     stride_dqt, stride_dqh = _unalign(stride_dqt, stride_dqh, ALIGN)
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
+    if QB_MAJOR:
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+        b = tl.program_id(0) // n_q_heads
+        h = tl.program_id(0) % n_q_heads
+    else:
+        pid_m = tl.program_id(0)
+        b = tl.program_id(1)
+        h = tl.program_id(2)
+        if CAUSAL:
+            pid_m = tl.num_programs(0) - 1 - pid_m
     q_start = tl.load(CU_Q + b)
     seqlen_q = tl.load(CU_Q + b + 1) - q_start
     start_m = pid_m * BLOCK_M
@@ -1135,6 +1148,24 @@ def _gqa_split(group: int) -> tuple[str, int]:
     return "kernel", _ext.cdiv(group, per)
 
 
+_HEAVY_FIRST_KV_BYTES = 16 << 20
+
+
+def _heavy_first(causal: bool, k: torch.Tensor, n_blocks: int) -> bool:
+    """``LLAVA_FAST_ATTN_HEAVY_FIRST=1`` (opt-in, session 15, not yet run on a GPU): the causal forward and dQ
+    kernels launched query-block-major, (documents x Hq, query blocks) with the heaviest block first, so that every
+    (document, head)'s heaviest programs start before any lighter one, instead of one (document, head)'s blocks
+    after another's (the default keeps each one's K/V hot in L2 while its blocks run). A list-scheduling count
+    (benchmarks/dkdv_schedule.py's method) puts the default order at 0.80 of the machine for the OneVision forward
+    (two CTAs per SM, 1204 programs) against 0.96 longest first; 0.90 -> 0.99 at one CTA per SM (the dQ kernel);
+    causal 4k D128 0.97 -> 1.00; prefill 0.97 -> 1.00. Only where all K/V fit in L2 many times over (<= 16 MB:
+    GQA models such as Qwen2-0.5B, 5.6 MB for two 5453-token documents; MHA batches such as causal 4k D128, 268 MB,
+    would stream their K/V from DRAM once per query block), and for fewer than 65536 query blocks (grid axis 1)."""
+    if not causal or _ext.env_choice("LLAVA_FAST_ATTN_HEAVY_FIRST", ("0", "1"), "0") == "0":
+        return False
+    return 2 * k.numel() * k.element_size() <= _HEAVY_FIRST_KV_BYTES and n_blocks <= 65535
+
+
 def _use_lse_tma(q: torch.Tensor | None = None) -> bool:
     """LLAVA_FAST_ATTN_LSE_TMA=1 (opt-in, not yet run on a GPU): the dK/dV kernel reads each query block's lse and
     delta through TMA descriptors (one bulk copy per vector) instead of the pipeliner's 4-byte cp.async per element,
@@ -1300,9 +1331,13 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     if tma and q.is_cuda:
         _ext.ensure_tma_allocator()
     kind = "fwd_decode" if used and max_seqlen_q <= 16 else "fwd"
+    if kind == "fwd" and _heavy_first(causal, k, _ext.cdiv(max_seqlen_q, 16)):
+        constexprs.update(QB_MAJOR=True, n_q_heads=hq)
+        grid_of = lambda bm, bn: (batch * hq, _ext.cdiv(max_seqlen_q, bm))  # noqa: E731
+    else:
+        grid_of = lambda bm, bn: (_ext.cdiv(max_seqlen_q, bm), batch, hq)  # noqa: E731
     with _device_guard(q):
-        _launch(kind, _flash_attn_fwd_kernel, lambda bm, bn: (_ext.cdiv(max_seqlen_q, bm), batch, hq), args,
-                constexprs)
+        _launch(kind, _flash_attn_fwd_kernel, grid_of, args, constexprs)
     return out, lse
 
 
@@ -1416,8 +1451,11 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
         tma_kv = _use_tma(k, v)
         if tma_kv and q.is_cuda:
             _ext.ensure_tma_allocator()
-        _launch("dq", _flash_attn_bwd_dq_kernel, lambda bm, bn: (_ext.cdiv(max_seqlen_q, bm), batch, hq),
-                args, dict(constexprs, USE_TMA=tma_kv))
+        dq_extra, grid_of = {}, (lambda bm, bn: (_ext.cdiv(max_seqlen_q, bm), batch, hq))  # noqa: E731
+        if _heavy_first(causal, k, _ext.cdiv(max_seqlen_q, 16)):
+            dq_extra = dict(QB_MAJOR=True, n_q_heads=hq)
+            grid_of = lambda bm, bn: (batch * hq, _ext.cdiv(max_seqlen_q, bm))  # noqa: E731
+        _launch("dq", _flash_attn_bwd_dq_kernel, grid_of, args, dict(constexprs, USE_TMA=tma_kv, **dq_extra))
     return dq, dk, dv
 
 

@@ -546,6 +546,46 @@ def test_gqa_kernel_split_backward(monkeypatch, split, hq, hkv, d, parts, causal
         assert launches == [((3, 3, hkv), False, None, 0)]
 
 
+@pytest.mark.parametrize("hq, hkv, d", [(4, 2, 64), (3, 3, 72), (7, 1, 64)])
+def test_heavy_first_order(monkeypatch, hq, hkv, d, device):
+    """LLAVA_FAST_ATTN_HEAVY_FIRST=1 (attention._heavy_first, session 15): the causal forward and dQ kernels
+    launched query-block-major, (documents x Hq, query blocks), heaviest block first. Out, lse and every gradient
+    pass the default's rule over uneven documents with Sq != Sk; the spy checks both launches took that grid; a
+    non-causal call keeps the default grid."""
+    grids = {}
+    real = attn_mod._launch
+
+    def spy(kind, fn, grid_of, args, constexprs):
+        grids.setdefault(kind, []).append((grid_of(32, 16), constexprs.get("QB_MAJOR", False)))
+        return real(kind, fn, grid_of, args, constexprs)
+    monkeypatch.setattr(attn_mod, "_launch", spy)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "1")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lens_q, lens_k = [5, 40, 17], [9, 40, 30]
+    _check_against_ref(lens_q, lens_k, hq, hkv, d, True, dtype, device, _run_function)
+    assert grids["fwd"] == [((3 * hq, 2), True)] and grids["dq"] == [((3 * hq, 2), True)]
+    grids.clear()
+    _check_against_ref(lens_q, lens_k, hq, hkv, d, False, dtype, device, _run_function)
+    assert grids["fwd"] == [((2, 3, hq), False)] and grids["dq"] == [((2, 3, hq), False)]
+
+
+def test_heavy_first_only_where_kv_fits_in_l2(monkeypatch):
+    """The order is taken only when all K/V bytes are small (<= 16 MB) and the call is causal; off by default; a bad
+    value names the variable."""
+    k_small = torch.empty(10906, 2, 64, dtype=torch.bfloat16)     # OneVision's Qwen2: 5.6 MB of K and V
+    k_big = torch.empty(16384, 32, 128, dtype=torch.bfloat16)     # causal 4k D128, batch 4: 268 MB
+    monkeypatch.delenv("LLAVA_FAST_ATTN_HEAVY_FIRST", raising=False)
+    assert not attn_mod._heavy_first(True, k_small, 100)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "1")
+    assert attn_mod._heavy_first(True, k_small, 100)
+    assert not attn_mod._heavy_first(False, k_small, 100)
+    assert not attn_mod._heavy_first(True, k_big, 100)
+    assert not attn_mod._heavy_first(True, k_small, 70000)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "yes")
+    with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_HEAVY_FIRST"):
+        attn_mod._heavy_first(True, k_small, 100)
+
+
 def test_gqa_split_setting():
     """The switch's values: parts rounded so none is empty, MHA always off, and a bad value names the variable."""
     import os
@@ -577,6 +617,8 @@ def test_cuda_gqa_split_backward(monkeypatch, dtype, hq, hkv, d):
     for split in ("1", "k4", "k7"):
         monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", split)
         _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "1")   # with the heavy-first forward and dQ (session 15)
+    _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
 
 
 @pytest.mark.cuda
