@@ -371,7 +371,8 @@ def _model_rules(rows, label=""):
         out.append((f"GQA split of the dK/dV kernel (opt-in) vs default, ov_ft{label}",
                     f"{x:.2f}x the default{how}, memory {_fmt(alt.get('peak_gib'))} vs "
                     f"{_fmt(ours.get('peak_gib'))} GiB",
-                    "make it the default (LLAVA_FAST_ATTN_GQA_SPLIT default 'k4') if >= 1.02x and its cuda tests pass",
+                    "make them the default (LLAVA_FAST_ATTN_GQA_SPLIT 'k4' and LLAVA_FAST_ATTN_HEAVY_FIRST '1', the "
+                    "row sets both; the gqa op's variants say which one gains) if >= 1.02x and the cuda tests pass",
                     "candidate default" if x >= 1.02 else "keep opt-in"))
     # session 13's activation kernels end to end: GELU opt-in (OneVision), QuickGELU default (stage 1, prefill)
     for prov, mode_list, what, rule in (
