@@ -190,6 +190,24 @@ def _unalign(stride_t, stride_h, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _query_block_pid(n_q_heads, CAUSAL: tl.constexpr, QB_MAJOR: tl.constexpr):
+    """(query block, document, query head) of a forward or dQ program. Grid (query blocks, documents, Hq), causal
+    heaviest query blocks (most keys) first within each (document, head); QB_MAJOR (:func:`_heavy_first`): grid
+    (documents x Hq, query blocks), every (document, head)'s heaviest block before any second-heaviest one."""
+    if QB_MAJOR:
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+        b = tl.program_id(0) // n_q_heads
+        h = tl.program_id(0) % n_q_heads
+    else:
+        pid_m = tl.program_id(0)
+        b = tl.program_id(1)
+        h = tl.program_id(2)
+        if CAUSAL:
+            pid_m = tl.num_programs(0) - 1 - pid_m
+    return pid_m, b, h
+
+
+@triton.jit
 def _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Key range of query block [start_m, start_m + BLOCK_M): returns (full, end): keys [0, full) are visible to every
     row (no mask), [full, end) need the causal/length mask, keys >= end are invisible to every row."""
@@ -331,16 +349,7 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
     stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
     stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
     stride_ot, stride_oh = _unalign(stride_ot, stride_oh, ALIGN)
-    if QB_MAJOR:  # every (document, head)'s heaviest query block before any second-heaviest one
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-        b = tl.program_id(0) // n_q_heads
-        h = tl.program_id(0) % n_q_heads
-    else:
-        pid_m = tl.program_id(0)
-        b = tl.program_id(1)
-        h = tl.program_id(2)
-        if CAUSAL:  # heaviest query blocks (most keys) first: better tail balance
-            pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_m, b, h = _query_block_pid(n_q_heads, CAUSAL, QB_MAJOR)
     q_start = tl.load(CU_Q + b)
     seqlen_q = tl.load(CU_Q + b + 1) - q_start
     start_m = pid_m * BLOCK_M
@@ -720,16 +729,7 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
     stride_dot, stride_doh = _unalign(stride_dot, stride_doh, ALIGN)
     stride_dqt, stride_dqh = _unalign(stride_dqt, stride_dqh, ALIGN)
-    if QB_MAJOR:
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-        b = tl.program_id(0) // n_q_heads
-        h = tl.program_id(0) % n_q_heads
-    else:
-        pid_m = tl.program_id(0)
-        b = tl.program_id(1)
-        h = tl.program_id(2)
-        if CAUSAL:
-            pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_m, b, h = _query_block_pid(n_q_heads, CAUSAL, QB_MAJOR)
     q_start = tl.load(CU_Q + b)
     seqlen_q = tl.load(CU_Q + b + 1) - q_start
     start_m = pid_m * BLOCK_M
