@@ -20,6 +20,18 @@ import heapq
 import math
 
 
+def _list_schedule(work: list[float], slots: int, longest_first: bool) -> tuple[float, float, int]:
+    """(busy share, last finish, programs): each program, in launch order (or longest first), to the first free
+    slot."""
+    if longest_first:
+        work = sorted(work, reverse=True)
+    free = [0.0] * slots
+    for w in work:
+        heapq.heappush(free, heapq.heappop(free) + w)
+    finish = max(free)
+    return sum(work) / slots / finish, finish, len(work)
+
+
 def busy(seqlen: int, docs: int, hkv: int, group: int, block_n: int = 128, block_m: int = 64, parts: int = 1,
          sms: int = 132, fixed: float = 2.0, longest_first: bool = False) -> tuple[float, float, int]:
     """(busy share, the last SM's finish in block iterations, programs) of the causal dK/dV grid. ``parts``: query
@@ -34,13 +46,7 @@ def busy(seqlen: int, docs: int, hkv: int, group: int, block_n: int = 128, block
         for _ in range(docs):
             for kb in range(n_kb):
                 work.append(heads * (n_qb - (kb * block_n) // block_m) * block_n / 128 + fixed)
-    if longest_first:
-        work.sort(reverse=True)
-    free = [0.0] * sms
-    for w in work:
-        heapq.heappush(free, heapq.heappop(free) + w)
-    finish = max(free)
-    return sum(work) / sms / finish, finish, len(work)
+    return _list_schedule(work, sms, longest_first)
 
 
 def fwd_busy(seqlen: int, docs: int, heads: int, block_m: int = 128, block_n: int = 64, slots: int = 132,
@@ -52,13 +58,7 @@ def fwd_busy(seqlen: int, docs: int, heads: int, block_m: int = 128, block_n: in
     (LLAVA_FAST_ATTN_HEAVY_FIRST=1, attention._heavy_first)."""
     n_qb = math.ceil(seqlen / block_m)
     work = [(q + 1) * block_m / block_n + fixed for _ in range(heads) for _ in range(docs) for q in reversed(range(n_qb))]
-    if longest_first:
-        work.sort(reverse=True)
-    free = [0.0] * slots
-    for w in work:
-        heapq.heappush(free, heapq.heappop(free) + w)
-    finish = max(free)
-    return sum(work) / slots / finish, finish, len(work)
+    return _list_schedule(work, slots, longest_first)
 
 
 def main(argv=None) -> int:
