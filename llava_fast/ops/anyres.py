@@ -114,6 +114,11 @@ def packed_feature_shape(image_size: Size, pinpoints, tile: int, tokens_per_side
     """(H', W') of the unpadded (and, for OneVision, downsampled) grid features of one multi-tile image."""
     image_size = _hw(image_size)
     gh, gw = grid_shape(image_size, pinpoints, tile)
+    return _packed_from_grid(image_size, gh, gw, tokens_per_side, max_tiles)
+
+
+def _packed_from_grid(image_size: Size, gh: int, gw: int, tokens_per_side: int, max_tiles: int | None) -> Size:
+    """:func:`packed_feature_shape` once the (rows, cols) tile grid is known: unpad, then anyres_max."""
     r0, r1, c0, c1 = unpad_bounds((gh * tokens_per_side, gw * tokens_per_side), image_size)
     h, w = r1 - r0, c1 - c0
     if max_tiles is not None:
@@ -1216,27 +1221,21 @@ def _encoder_plan(u8s, flags, config, resample: str, layout: str):
 
 def _tokens_from_best(sizes, flags, best_h, best_w, config: ImageProcessorConfig) -> list[int]:
     """``config.num_image_tokens`` of every image from the AnyRes best resolutions an encoder plan already chose
-    (``plan.best_h/best_w``; 0 for single-tile images): :func:`packed_feature_shape`'s arithmetic (unpad, then
-    OneVision's anyres_max) without choosing the grid again per image, which converted every pinpoint and called
-    into C++ for each image: 4.3 / 7.5 us per NeXT / OneVision image, 0.55 / 0.96 ms of host time per 128-image
-    GPU encode, run while the kernel ran (session 15). Equal to the per-image path (tests/data/test_anyres_gpu)."""
+    (``plan.best_h/best_w``; 0 for single-tile images): :func:`packed_feature_shape` without choosing the grid
+    again per image, which converted every pinpoint and called into C++ for each image: 4.3 / 7.5 us per NeXT /
+    OneVision image, 0.55 / 0.96 ms of host time per 128-image GPU encode (session 15). Equal to the per-image path
+    (tests/ops/test_anyres_cuda.py::test_token_counts_from_the_plan)."""
     t = config.tokens_per_side
     base = t * t
     if config.variant == "llava" or not config.image_grid_pinpoints:
         return [base] * len(sizes)
     tile, max_tiles = config.tile, config.max_tiles
     out = []
-    for (oh, ow), single, bh, bw in zip(sizes, flags, best_h, best_w):
+    for hw, single, bh, bw in zip(sizes, flags, best_h, best_w):
         if single:
             out.append(base + 1)
             continue
-        hc, wc = bh // tile * t, bw // tile * t   # unpad_bounds on the (hc, wc) feature grid
-        if ow / oh > wc / hc:
-            h, w = hc - (hc - int(round(oh * (wc / ow), 7))) // 2 * 2, wc
-        else:
-            h, w = hc, wc - (wc - int(round(ow * (hc / oh), 7))) // 2 * 2
-        if max_tiles is not None:
-            h, w = anyres_max_size(h, w, max_tiles, t)
+        h, w = _packed_from_grid(hw, bh // tile, bw // tile, t, max_tiles)
         out.append(base + h * (w + 1))
     return out
 
