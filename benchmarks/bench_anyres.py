@@ -188,8 +188,7 @@ def gpu_section(args, dtype) -> list[Row]:
             # only the launch; 2.24 ms for the whole call, 0.71 of host plan on the H200 in session 14: if the kernel
             # is ~1.5 ms the rest is host work in series with it, e.g. the per-image Python before the launch)
             plan_k = anyres._encoder_plan(u8, [False] * len(u8), cfg, "uint8", "tiles")
-            plan_k.copy_to(plan_host.data_ptr())
-            plan_dev = plan_host.to("cuda")
+            plan_dev = anyres._upload_plan(plan_k, gpu[0].device, None, [])
             ver, band = anyres._resolve_version(plan_k, anyres.gpu_encoder_version(), gpu[0].device)
             scr = torch.empty(max(plan_k.scratch_bytes if ver != 4 else 0, 1), dtype=torch.uint8, device="cuda")
             out_k = torch.empty(anyres._out_shape(cfg, "tiles", plan_k.total_tiles), dtype=dtype, device="cuda")
