@@ -40,7 +40,9 @@ the Triton one (stage 1, prefill); llava_fast_triton_launch: every Triton kernel
 ``kernel[grid](...)`` instead of ``_ext.launch``'s direct path (LLAVA_FAST_DIRECT_LAUNCH=0); llava_fast_ln_triton: the
 vision towers' LayerNorm by the Triton kernels (ops/layer_norm.py, opt-in); llava_fast_bias_triton: the linears' bias
 gradients by ops/bias_grad.py's column-sum kernels (opt-in); llava_fast_fused_qkv: q, k and v as one GEMM over their
-concatenated weights (LLAVA_FAST_FUSED_QKV=1, opt-in). Since session 14 every one of these A/B
+concatenated weights (LLAVA_FAST_FUSED_QKV=1, opt-in); llava_fast_all_rows: the last decoder layer's output
+projection and MLP on every row (LLAVA_FAST_LAST_LAYER_ROWS=all) instead of only the rows whose next token is
+supervised (the default since session 16; the loss and gradients are the same). Since session 14 every one of these A/B
 providers measured after llava_fast in a workload is timed in alternation with it (``paired``: A-B-B-A rounds,
 both models alive; the row's times are its paired steps', its peak memory that of its warm-up steps less the default
 model's resident memory), and decide.py judges the paired ratio: blocks timed one after another drifted by up to 35%
@@ -516,7 +518,10 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the linears' bias gradients by ops/bias_grad.py's kernels (session 14; auto keeps torch's sum)
                 "llava_fast_bias_triton": {"LLAVA_FAST_BACKEND_BIAS_GRAD": "triton"},
                 # q, k and v as one GEMM over their concatenated weights (act_linear.linears, session 14; opt-in)
-                "llava_fast_fused_qkv": {"LLAVA_FAST_FUSED_QKV": "1"}}
+                "llava_fast_fused_qkv": {"LLAVA_FAST_FUSED_QKV": "1"},
+                # the last decoder layer on every row instead of the supervised ones only (session 16's default:
+                # models/llava.py _kept_rows); training workloads only (the prefill has no labels)
+                "llava_fast_all_rows": {"LLAVA_FAST_LAST_LAYER_ROWS": "all"}}
 
 
 def _reset_env_caches() -> None:
@@ -605,6 +610,9 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
                     torch.cuda.empty_cache()
             if not available(prov):
                 print(f"[{name}] {prov}: not installed, skipped")
+                continue
+            if prov == "llava_fast_all_rows" and name == "prefill":
+                print(f"[{name}] {prov}: a prefill has no labels (every row is computed anyway), skipped")
                 continue
             if prov == "hf_sdpa_liger_flce" and cfg.model_type != "llava":
                 print(f"[{name}] {prov}: Liger 0.8.5 has a fused-linear-CE patch for LLaVA-1.5 only, skipped")

@@ -391,6 +391,10 @@ def _model_rules(rows, label=""):
              "tests/ops/test_bias_grad.py's cuda tests pass)"),
             ("llava_fast_fused_qkv", ("stage1", "prefill", "ov_ft"), "q/k/v as one GEMM (opt-in) vs three",
              "LLAVA_FAST_FUSED_QKV default '1' if >= 1.01x on stage 1 or prefill and not slower on ov_ft"),
+            ("llava_fast_all_rows", ("stage1", "ov_ft"),
+             "last layer on the supervised rows (default) vs every row",
+             "keep the default if not slower (predicted 1.01-1.02x on stage 1 at full depth, less at 4 layers); else "
+             "LLAVA_FAST_LAST_LAYER_ROWS default 'all'"),
             ("llava_fast_sdpa_text", ("stage1", "prefill", "ov_ft"),
              "language-model attention by SDPA (opt-in) vs Triton",
              "route equal-length unpadded batches (stage 1, prefill) through SDPA by default if >= 1.01x; ov_ft's two "

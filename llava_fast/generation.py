@@ -324,8 +324,11 @@ def _generate_padded(model, input_ids, mask, media, max_new_tokens, stop_kw, out
     cache = KVCache(model.config.text_config.num_hidden_layers)
     pos = mask.cumsum(-1) - 1
     pos = pos.masked_fill(mask == 0, 1)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, **media)
-    logits = out.logits[:, -1]
+    # the logits of each (left-padded) prompt's last token only: the last layer computes nothing else after its
+    # attention, and there is no (tokens x vocab) tensor for the whole prompt
+    last = torch.arange(1, b + 1, device=input_ids.device) * n - 1
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, keep_rows=last, **media)
+    logits = out.logits[0]
     all_logits = []
     seq = input_ids
     for step in range(max_new_tokens):
@@ -366,10 +369,11 @@ def _generate_packed(model, prompts, media, max_new_tokens, stop_kw, output_logi
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
     pos = torch.cat([torch.arange(k, device=device) for k in lens])[None]
     flat = torch.cat(prompts)[None]
-    # logits of the last prompt token of each sample only: no (tokens x vocab) tensor for the whole prompt
-    hidden = model(input_ids=flat, cu_seqlens=cu, position_ids=pos, max_seqlen=max(lens), cache=cache,
-                   logits=False, return_hidden=True, **media).hidden_states
-    logits = model.lm_head(hidden[0, (cu[1:] - 1).long()])
+    # logits of the last prompt token of each sample only: no (tokens x vocab) tensor for the whole prompt, and the
+    # last layer computes nothing else after its attention
+    last = torch.tensor(lens).cumsum(0).sub_(1).to(device, non_blocking=True)
+    logits = model(input_ids=flat, cu_seqlens=cu, position_ids=pos, max_seqlen=max(lens), cache=cache,
+                   keep_rows=last, **media).logits[0]
     active = torch.arange(b, device=device)          # batch row of each document of the next decode step
     n_gen = torch.zeros(b, dtype=torch.long, device=device)
     gen, all_logits = [], []

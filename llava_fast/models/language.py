@@ -27,11 +27,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None, norm=None,
-                residual=None):
+                residual=None, rows=None):
         """With ``norm`` (the layer's input RMSNorm) the attention runs on ``norm(x)``, which q, k and v share and
         which is recomputed in the backward instead of kept (ops/act_linear.py); without, on ``x`` as given. With
         ``residual`` the input is ``s = x + residual`` (the add fused into the norm where possible) and the result is
-        ``(attention output, s)``."""
+        ``(attention output, s)``. With ``rows`` (int64, flattened ``b * n`` token rows) the output projection runs
+        on those rows only and the output is ``(1, len(rows), D)`` (``s`` stays whole): the last layer's
+        unsupervised rows (``LanguageModel.forward``)."""
         b, n, _ = x.shape
         (q, k, v), s = norm_linears(norm, x, residual, (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(b, n, self.num_heads, self.head_dim)
@@ -47,7 +49,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         o = attn(q, k, v, self.scale)
-        o = self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+        o = o.transpose(1, 2).reshape(b, n, -1)
+        if rows is not None:
+            o = select_rows(o, rows)
+        o = self.o_proj(o)
         return o if residual is None else (o, s)
 
 
@@ -94,11 +99,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, attn, cache=None, layer_idx=0, position_ids=None, rope_inv_freq=None,
-                residual=None, defer=False):
+                residual=None, defer=False, rows=None):
         """The layer on ``x`` (plus ``residual``, the previous layer's deferred MLP output, when given). With
         ``defer`` it returns ``(s, m)``, its output ``s + m`` left unadded for the next norm to add in its kernel
         (``LanguageModel.forward``); otherwise the output itself. Each residual add that meets a norm is fused into
-        the norm's kernel where the fast RMSNorm runs (``norm_linears``)."""
+        the norm's kernel where the fast RMSNorm runs (``norm_linears``).
+
+        ``rows`` (int64 tensor of flattened ``b * n`` token rows): the output holds those rows only, ``(1, len(rows),
+        D)``. Attention still runs over every token (the rows attend to all of them, and the keys and values of
+        every token reach a KV cache), but the output projection, the residual adds and the MLP run on the kept
+        rows: everything after the attention is row-wise. The last layer of a training step keeps the rows whose
+        next token is supervised (``LlavaForConditionalGeneration.forward``)."""
+        if rows is not None:
+            return self._forward_rows(x, cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq, residual,
+                                      defer, rows)
         # hooked attention / MLP modules keep their usual input and output (a tensor each): the add runs before
         # (so do wrapped ones, torch.compile's or checkpoint_wrapper's: the wrapped module's hooks would get the pair)
         if residual is not None and _own_unhooked(self.self_attn, Attention):
@@ -114,6 +128,22 @@ class DecoderLayer(nn.Module):
             s = s + a
             m = self.mlp(s, norm=self.post_attention_layernorm)
         return (s, m) if defer else s + m
+
+    def _forward_rows(self, x, cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq, residual, defer, rows):
+        if _own_unhooked(self.self_attn, Attention) and _own_unhooked(self.mlp, MLP):
+            a = self.self_attn(x, cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq,
+                               norm=self.input_layernorm, residual=residual, rows=rows)
+            a, s = a if residual is not None else (a, x)
+            m, s = self.mlp(a, norm=self.post_attention_layernorm, residual=select_rows(s, rows))
+            return (s, m) if defer else s + m
+        # hooked or replaced attention / MLP modules see their usual whole input and output: rows selected after
+        out = self.forward(x, cos, sin, attn, cache, layer_idx, position_ids, rope_inv_freq, residual, defer)
+        return tuple(select_rows(t, rows) for t in out) if defer else select_rows(out, rows)
+
+
+def select_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of the flattened tokens of ``x`` (B, L, D), as ``(1, len(rows), D)``."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows)[None]
 
 
 def _own_unhooked(module, cls) -> bool:
@@ -271,12 +301,16 @@ class LanguageModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
-                cache: KVCache | VarlenKVCache | None = None):
+                cache: KVCache | VarlenKVCache | None = None, rows: torch.Tensor | None = None):
         """inputs_embeds (B, L, D). Padded form: ``attention_mask`` (B, L) of 1/0 (or None). Packed form: B == 1,
         ``cu_seqlens`` int32 (n+1,), ``position_ids`` (1, L) restarting per sample. With a ``KVCache`` (padded form
         only), the new tokens attend to the cached ones too and ``attention_mask`` covers past + new tokens. With a
         ``VarlenKVCache`` (packed form only), document ``i`` of ``cu_seqlens`` holds the new tokens of the cache's
-        ``i``-th active sequence, ``position_ids`` their positions in that sequence."""
+        ``i``-th active sequence, ``position_ids`` their positions in that sequence.
+
+        ``rows`` (int64 tensor on the model's device, flattened ``B * L`` token rows, each at most once): the result
+        holds those rows only, ``(1, len(rows), D)``, and the last layer computes everything after its attention on
+        them alone (``DecoderLayer.forward``)."""
         from llava_fast.models import dispatch
 
         b, n, _ = inputs_embeds.shape
@@ -315,18 +349,29 @@ class LanguageModel(nn.Module):
         from llava_fast.ops.act_linear import fuse_residual_enabled
 
         defer = backend.use_fast("rms_norm", inputs_embeds.device.type) and not ckpt and fuse_residual_enabled()
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            # the last layer takes ``rows`` where it is a DecoderLayer's own forward without hooks but FSDP2's;
+            # any other module (its hooks) sees every row, and they are selected after it
+            kw = dict(rows=rows) if rows is not None and i == last and type(layer).forward is DecoderLayer.forward \
+                and _plain_layer(layer) else {}
             # (not with a cache: the checkpointed layer would neither fill it, nor, recomputed, fill it only once)
             if ckpt:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, None, i, position_ids,
-                                                      self.rotary_emb.inv_freq, use_reentrant=False)
+                                                      self.rotary_emb.inv_freq, use_reentrant=False, **kw)
             elif defer and type(layer).forward is DecoderLayer.forward and _plain_layer(layer):
                 # (a DecoderLayer itself, FSDP2's subclass included: a wrapper such as torch.compile's or
                 # checkpoint_wrapper would hand the pair to the wrapped layer's hooks, and keep both addends)
-                x, pending = layer(x, cos, sin, attn, cache, i, position_ids, self.rotary_emb.inv_freq, pending, True)
+                x, pending = layer(x, cos, sin, attn, cache, i, position_ids, self.rotary_emb.inv_freq, pending, True,
+                                   **kw)
             else:  # a hooked layer sees its whole input and returns its output, as without the deferral
                 x = x if pending is None else x + pending
-                x, pending = layer(x, cos, sin, attn, cache, i, position_ids, self.rotary_emb.inv_freq), None
+                x, pending = layer(x, cos, sin, attn, cache, i, position_ids, self.rotary_emb.inv_freq, **kw), None
+            if rows is not None and i == last and not kw:
+                x = select_rows(x, rows)
+                pending = None if pending is None else select_rows(pending, rows)
+        if rows is not None and not self.layers:
+            x = select_rows(x, rows)
         if varlen:
             cache.end()
         if pending is None:

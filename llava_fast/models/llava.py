@@ -102,7 +102,11 @@ def shift_labels(labels, cu_seqlens=None, ignore_index: int = -100):
 def loss_from_logits(logits, labels, cu_seqlens=None, num_items_in_batch=None, ignore_index: int = -100):
     """transformers 5.x ForCausalLMLoss: fp32 logits, labels shifted left by one, mean over supervised tokens, or
     sum / num_items_in_batch when given. In packed form no position predicts the first token of the next sample."""
-    shift = shift_labels(labels, cu_seqlens, ignore_index)
+    return loss_from_shifted(logits, shift_labels(labels, cu_seqlens, ignore_index), num_items_in_batch, ignore_index)
+
+
+def loss_from_shifted(logits, shift, num_items_in_batch=None, ignore_index: int = -100):
+    """:func:`loss_from_logits` on labels already shifted (one per row of ``logits``)."""
     flat_logits = logits.float().reshape(-1, logits.shape[-1])
     flat_labels = shift.reshape(-1).to(flat_logits.device)
     if num_items_in_batch is not None:
@@ -362,6 +366,49 @@ class _LlavaBase(nn.Module):
             out.setdefault(k, v)   # None, or not a tensor (image_sizes as a list)
         return out
 
+    @staticmethod
+    def _kept_rows(keep_rows, shift, host_shift, logits, return_hidden, decoding, total, device):
+        """``(rows on device, rows on the host)`` for the language model's ``rows``, or ``(None, None)``:
+
+        * ``keep_rows`` given: checked (1-D integers; on the host also within ``[0, total)`` and distinct), moved;
+        * a loss without logits or hidden states (shifted labels ``shift``, their host copy ``host_shift``,
+          ``logits=False``): the rows whose
+          shifted label is supervised, unless every row or none is, or ``LLAVA_FAST_LAST_LAYER_ROWS=all``. Every
+          other row's last-layer output only feeds its own logits, which such a call never computes: the loss and
+          every gradient are those of the whole computation. The count comes from the host copy of the labels and
+          the rows from ``nonzero_static`` on the device: nothing is read back or uploaded (a CUDA graph captures
+          it)."""
+        from llava_fast import _ext
+
+        if keep_rows is not None:
+            if shift is not None:
+                raise ValueError("keep_rows selects the rows of the logits / hidden states to compute and cannot be "
+                                 "combined with labels: with labels and logits=False the model keeps the supervised "
+                                 "rows itself")
+            if not torch.is_tensor(keep_rows) or keep_rows.dim() != 1 or keep_rows.dtype not in (torch.int64,
+                                                                                                  torch.int32):
+                raise ValueError(f"keep_rows must be a 1-D int64 tensor of flattened (batch * seq) token rows, got "
+                                 f"{type(keep_rows).__name__} {getattr(keep_rows, 'dtype', '')} "
+                                 f"{tuple(getattr(keep_rows, 'shape', ()))}")
+            if keep_rows.device.type == "cpu":
+                if keep_rows.numel() and (int(keep_rows.min()) < 0 or int(keep_rows.max()) >= total):
+                    raise ValueError(f"keep_rows must lie in [0, {total}) (batch * seq rows), got values in "
+                                     f"[{int(keep_rows.min())}, {int(keep_rows.max())}]")
+                if torch.unique(keep_rows).numel() != keep_rows.numel():
+                    raise ValueError("keep_rows holds a row twice; give each row at most once")
+            elif keep_rows.device != device:
+                raise ValueError(f"keep_rows is on {keep_rows.device} but the model is on {device}")
+            host = keep_rows.long() if keep_rows.device.type == "cpu" else None
+            return keep_rows.to(device, torch.int64, non_blocking=True), host
+        if shift is None or logits or return_hidden or decoding:
+            return None, None
+        if _ext.env_choice("LLAVA_FAST_LAST_LAYER_ROWS", ("supervised", "all"), "supervised") == "all":
+            return None, None
+        host = (host_shift != -100).nonzero().reshape(-1)
+        if host.numel() in (0, total):
+            return None, None
+        return torch.nonzero_static(shift != -100, size=host.numel()).reshape(-1), host
+
     def _check_values(self, h, n, max_seqlen, has_pixels, has_videos):
         """The checks that read the inputs' values, on their host copies ``h`` (:meth:`_host_inputs`)."""
         tc = self.config.text_config
@@ -427,7 +474,7 @@ class _LlavaBase(nn.Module):
     def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, labels=None,
                 pixel_values_videos=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
                 num_items_in_batch=None, batch_num_images=None, inputs_embeds=None, return_hidden=False,
-                logits=True, cache=None, host_inputs=None):
+                logits=True, cache=None, host_inputs=None, keep_rows=None):
         """Padded form: input_ids (B, L) with image placeholders already expanded, attention_mask (B, L).
         Packed form: input_ids (1, T) holding several samples, ``cu_seqlens`` int32 (n+1,) and ``position_ids``
         (1, T) restarting at 0 per sample. ``labels`` are unshifted (as transformers). Returns ``LlavaOutput``.
@@ -436,7 +483,14 @@ class _LlavaBase(nn.Module):
         ``input_ids``, ``labels``, ``position_ids``, ``cu_seqlens``, ``attention_mask``, ``image_sizes``,
         ``batch_num_images``; a missing key is copied), as a dict or a :class:`HostInputs` (which FSDP2 and DDP pass
         through unmoved). The input checks and the loss read them instead of copying the device tensors back, so the
-        forward never waits for the GPU (the trainer passes its CPU batch). Their values are trusted to match."""
+        forward never waits for the GPU (the trainer passes its CPU batch). Their values are trusted to match.
+
+        ``keep_rows`` (optional, no ``labels``): a 1-D integer tensor of flattened ``batch * seq`` token rows; the
+        logits and hidden states hold only those rows, ``(1, len(rows), ...)``, and the last decoder layer computes
+        everything after its attention on them alone (what transformers' ``logits_to_keep`` saves on the lm_head,
+        saved on the last layer too; generation keeps each prompt's last row). With ``labels`` and ``logits=False``
+        the rows whose next token is supervised are kept that way by default (the loss is the same:
+        ``LLAVA_FAST_LAST_LAYER_ROWS=all`` computes every row)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         decoding = cache is not None and cache.length > 0   # no host sync per decoded token
@@ -549,27 +603,35 @@ class _LlavaBase(nn.Module):
                 feats = self._pool_video(vid)
                 inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.video_token_id, feats,
                                                      "Video")
+        shift = host_shift = None
+        if labels is not None:
+            shift = shift_labels(labels, cu_seqlens).reshape(-1)
+            # the shifted labels on the host too (from the copy the checks read): the rows kept below and the loss's
+            # supervised rows are counted there, without waiting for the GPU
+            host_shift = shift if h["labels"] is labels else shift_labels(h["labels"], h["cu_seqlens"]).reshape(-1)
+        rows, host_rows = self._kept_rows(keep_rows, shift, host_shift, logits, return_hidden, decoding, b * n,
+                                          inputs_embeds.device)
         hidden = self.model.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
+                                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, rows=rows)
         # the fused loss takes lm_head's weight: only for a plain Linear (an adapter on lm_head is called instead)
         fused_loss = labels is not None and not logits and backend.use_fast("cross_entropy", hidden.device.type) \
             and plain_linears(self.lm_head)
         out_logits = self.lm_head(hidden) if (logits or (labels is not None and not fused_loss)) else None
         loss = None
+        if labels is not None:
+            if rows is not None:   # the hidden states of the supervised rows only (_kept_rows)
+                shift, host_shift = shift.index_select(0, rows), host_shift.index_select(0, host_rows)
+            if h["labels"] is labels or shift.dtype != torch.int64:
+                host_shift = None   # (the labels are the host copy already; the loss takes int64 host labels)
         if fused_loss:  # lm_head GEMM + loss in chunks, the (tokens x vocab) logits never exist
             from llava_fast.ops.cross_entropy import fused_linear_cross_entropy
 
-            shift = shift_labels(labels, cu_seqlens)
-            # the shifted labels on the host too (from the copy the checks read): the loss counts the supervised
-            # tokens and selects their rows there, without waiting for the GPU
-            host_shift = (shift_labels(h["labels"], h["cu_seqlens"])
-                          if h["labels"] is not labels and shift.dtype == torch.int64 else None)
             loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
-                                              shift.reshape(-1), num_items=num_items_in_batch,
+                                              shift, num_items=num_items_in_batch,
                                               reduction="sum" if num_items_in_batch is not None else "mean",
-                                              host_labels=host_shift.reshape(-1) if host_shift is not None else None)
+                                              host_labels=host_shift)
         elif labels is not None:
-            loss = loss_from_logits(out_logits, labels, cu_seqlens, num_items_in_batch)
+            loss = loss_from_shifted(out_logits, shift, num_items_in_batch)
         return LlavaOutput(loss=loss, logits=out_logits if logits else None,
                            hidden_states=hidden if return_hidden else None)
 
