@@ -369,6 +369,18 @@ def drive_pack_features():
             PF.pack_scatter_bwd(emb, kidx, pos, meta, pins, 336, 24, 0, tiles, 0, 0, True, emb.dtype, emb.dtype,
                                 emb.dtype, True, False, True, True)
         yield f"NeXT 2 images D={d}", call
+    # OneVision anyres_max_9 (the bilinear taps: the general variant; NeXT's plans above take the COPY one)
+    ov_pins = [x for i in range(1, 7) for j in range(1, 7) for x in (384 * i, 384 * j)]
+    ov_meta = torch.tensor([[1500, 2000, 0]], dtype=torch.int64)
+    ov_tiles = 1 + 4 * 6   # base + the 4 x 6 grid of a 1500 x 2000 image (1536 x 2304 best resolution)
+    emb, ids = _meta(1, 8192, 896), _meta(1, 8192, dtype=torch.int64)
+    feats, nl = _meta(ov_tiles, 729, 896), _meta(896)
+
+    def call_ov(emb=emb, ids=ids, feats=feats, nl=nl):
+        out, kidx, pos = PF.pack_scatter_fwd(emb, ids, feats, ov_meta, nl, None, ov_pins, 384, 9, 151646, -1)
+        PF.pack_scatter_bwd(emb, kidx, pos, ov_meta, ov_pins, 384, 27, 9, ov_tiles, 0, 0, True, emb.dtype, emb.dtype,
+                            emb.dtype, True, False, True, True)
+    yield "OneVision anyres_max D=896", call_ov
 
 
 def drive_projector(arch, max_configs=None):

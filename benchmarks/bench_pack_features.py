@@ -3,6 +3,9 @@
 Providers, all measured in this run on the same inputs:
   ``llava_fast``  pack_and_scatter, one Triton launch (plan cached: the steady state of a training loop that sees the
                   same image sizes; the host cost of a new plan is reported separately as provider ``plan_build``)
+  ``llava_fast_general``  the same with the forward kernel's general variant (4 taps and their weights) where the
+                  default takes the COPY one (plans without bilinear taps: next8_7b, ov05_single, ov05_multi4;
+                  ``LLAVA_FAST_PACK_COPY=0``, session 16)
   ``ref``         the reference: pack_image_features_ref / pool_video_features_ref + scatter_features_ref (HF-style
                   Python loop over images, then masked_scatter)
   ``hf``          transformers' own LlavaNextModel / LlavaOnevisionModel.pack_image_features (or apply_pooling for
@@ -150,8 +153,9 @@ def measure(rows, name, provider, shape, dtype, mode, fn, nbytes, warmup, rep, c
         t = bench(fn, warmup, rep, timing=os.environ.get("LLAVA_FAST_BENCH_TIMING", "loop"))
         peak = peak_memory(fn)
         gbps = nbytes / t["ms"] / 1e6
-        note = f"{100 * gbps / copy_gbps:.0f}% of copy" if copy_gbps and provider == "llava_fast" else ""
-        if provider == "llava_fast" and torch.cuda.is_available():
+        ours = provider.startswith("llava_fast")
+        note = f"{100 * gbps / copy_gbps:.0f}% of copy" if copy_gbps and ours else ""
+        if ours and torch.cuda.is_available():
             g = bench(fn, warmup, rep, timing="graph")
             if g["timing"].startswith("graph"):
                 ggbps = nbytes / g["ms"] / 1e6
@@ -208,6 +212,22 @@ def main():
             "ref": lambda e, f, n, v: P.pack_and_scatter_ref(e, ids, f, image_newline=n, video_features=v, **rest),
             "hf": hf,
         }
+        plan = P.build_plan([(h, w, bool(s)) for (h, w), s in zip(kw["image_sizes"] or [], kw["single_tile"] or [])],
+                            kw["pinpoints"], kw["tile"], meta["t"], kw["max_tiles"], True,
+                            vid.shape[0] if vid is not None else 0, vid.shape[1] if vid is not None else 0)
+        if plan.copy_only:
+            def general(e, f, n, v):
+                before = os.environ.get("LLAVA_FAST_PACK_COPY")
+                os.environ["LLAVA_FAST_PACK_COPY"] = "0"
+                try:
+                    return P.pack_and_scatter(e, ids, f, image_newline=n, video_features=v, **rest)
+                finally:
+                    if before is None:
+                        os.environ.pop("LLAVA_FAST_PACK_COPY")
+                    else:
+                        os.environ["LLAVA_FAST_PACK_COPY"] = before
+            providers = {"llava_fast": providers["llava_fast"], "llava_fast_general": general,
+                         **{k: v for k, v in providers.items() if k != "llava_fast"}}
         with torch.no_grad():  # same answer as the baselines before timing anything
             outs = {}
             for prov, f in providers.items():

@@ -561,8 +561,36 @@ def fused_linears(folder):
     return out
 
 
+def pack_copy(folder):
+    """bench_pack_features: the forward kernel's COPY variant (session 16's default for plans without bilinear taps)
+    against its general variant (``llava_fast_general``), by the kernels' graph time where both have it."""
+    import re
+
+    rows = load_rows(folder, "pack_features")
+    out = []
+    for case in ("next8_7b", "ov05_single", "ov05_multi4"):
+        for mode in ("fwd", "fwd+bwd"):
+            ours = [r for r in rows if r.get("bench") == case and r.get("provider") == "llava_fast"
+                    and r.get("mode") == mode]
+            gen = [r for r in rows if r.get("bench") == case and r.get("provider") == "llava_fast_general"
+                   and r.get("mode") == mode]
+            if not (ours and gen):
+                continue
+            k = [re.search(r"kernels alone ([0-9.]+) ms", r.get("note") or "") for r in (ours[0], gen[0])]
+            if all(k):
+                x, how = float(k[1].group(1)) / float(k[0].group(1)), "kernels alone (graph)"
+            elif ours[0].get("ms") and gen[0].get("ms"):
+                x, how = gen[0]["ms"] / ours[0]["ms"], "calls back to back"
+            else:
+                continue
+            out.append((f"pack_features COPY variant vs general, {case} {mode}", f"{x:.2f}x ({how})",
+                        "keep the COPY variant (default) if not slower; else LLAVA_FAST_PACK_COPY default '0'",
+                        "keep the default" if x >= 1.0 else "switch"))
+    return out or [("pack_features COPY variant", "not measured", "", "")]
+
+
 RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model, host_bound, compiled,
-         rms_norm_bwd_tile, activations, fused_linears)
+         rms_norm_bwd_tile, activations, fused_linears, pack_copy)
 
 
 def decide(folder: str) -> list[tuple]:

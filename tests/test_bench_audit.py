@@ -549,3 +549,31 @@ def test_decide_stage1_attention_rule(tmp_path):
     assert got["attention at the stage-1 shape (16 x 640, D128 causal), fwd"][2] == "try SDPA for stage 1"
     m, r, d = got["attention at the stage-1 shape (16 x 640, D128 causal), fwd+bwd"]
     assert d == "keep ours" and m.startswith("SDPA cuDNN 1.03x ours")
+
+
+# ------------------------------------------------------------------------------------------ decide.py, session 16
+def test_decide_judges_the_last_layer_rows_and_the_pack_copy_variant(tmp_path):
+    """Session 16's two defaults each get a verdict: the last layer on the supervised rows against bench_model's
+    llava_fast_all_rows (stage 1 and OneVision; a slower default says "switch"), and the packing kernel's COPY
+    variant against llava_fast_general by the kernels' graph time."""
+    shape = "LLaVA-1.5-7B stage1 16x640 (4 LLM layers)"
+    _model_rows(tmp_path / "bench_model-GPU-1.json",
+                [("llava_fast", shape, "stage1", 36.0, 30.0), ("llava_fast_all_rows", shape, "stage1", 32.0, 30.0),
+                 ("llava_fast", "OV (4 LLM layers)", "ov_ft", 100.0, 12.0),
+                 ("llava_fast_all_rows", "OV (4 LLM layers)", "ov_ft", 101.0, 12.0)])
+    pf = [dict(bench="next8_7b", provider="llava_fast", mode="fwd", ms=0.30,
+               note="50% of copy; kernels alone 0.100 ms, 3000 GB/s = 70% of copy (graph)"),
+          dict(bench="next8_7b", provider="llava_fast_general", mode="fwd", ms=0.35,
+               note="40% of copy; kernels alone 0.150 ms, 2000 GB/s (graph)"),
+          dict(bench="ov05_single", provider="llava_fast", mode="fwd", ms=0.30, note=""),
+          dict(bench="ov05_single", provider="llava_fast_general", mode="fwd", ms=0.27, note="")]
+    (tmp_path / "pack_features-GPU-1.json").write_text(json.dumps({"rows": pf}))
+    got = _decide(tmp_path)
+    s1 = [v for k, v in got.items() if k.startswith("last layer on the supervised rows (default) vs every row, stage1")]
+    ov = [v for k, v in got.items() if k.startswith("last layer on the supervised rows (default) vs every row, ov_ft")]
+    assert s1 and s1[0][2] == "keep the default", got
+    assert ov and ov[0][2] == "switch", got
+    m, _, d = got["pack_features COPY variant vs general, next8_7b fwd"]
+    assert m.startswith("1.50x (kernels alone") and d == "keep the default"
+    m, _, d = got["pack_features COPY variant vs general, ov05_single fwd"]
+    assert "calls back to back" in m and d == "switch"

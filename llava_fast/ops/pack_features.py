@@ -280,6 +280,9 @@ class Plan:
         self.k = self.k_img + self.k_vid
         self.n_img_rows, self.n_vid_rows = int(n_img_rows), int(n_vid_rows)
         n_src = self.n_img_rows + self.n_vid_rows
+        # every output token a plain copy of one source row (or a newline): the forward kernel's COPY variant
+        self.copy_only = bool(not idx.size or (np.all(idx[:, 1:] < 0)
+                                               and np.all((idx[:, 0] < 0) | ((lam[:, 0] == 1) & (lam[:, 2] == 1)))))
         ell = _copy_only_ell(idx, lam, n_src)
         if ell is not None:
             ell_k, ell_w, self.deg = ell
@@ -370,6 +373,20 @@ if HAS_TRITON:
         return x
 
     @triton.jit
+    def _load_src_raw(IMG, VID, r, n_img_rows, stride_img, stride_vid, offs_d, dmask, HAS_VID: tl.constexpr):
+        """:func:`_load_src` in the features' own dtype (the COPY variant: no arithmetic on the rows)."""
+        ok = r >= 0
+        in_img = ok & (r < n_img_rows)
+        x = tl.load(IMG + r.to(tl.int64)[:, None] * stride_img + offs_d[None, :],
+                    mask=in_img[:, None] & dmask[None, :], other=0.0)
+        if HAS_VID:
+            in_vid = ok & (r >= n_img_rows)
+            xv = tl.load(VID + (r - n_img_rows).to(tl.int64)[:, None] * stride_vid + offs_d[None, :],
+                         mask=in_vid[:, None] & dmask[None, :], other=0.0)
+            x = tl.where(in_vid[:, None], xv.to(IMG.dtype.element_ty), x)
+        return x
+
+    @triton.jit
     def _token_index_kernel(IDS, KIDX, OK, n, img_id, vid_id, k_img, k_vid,
                             DO_IMG: tl.constexpr, DO_VID: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
         # k of every position (image stream, then video stream; -1 for text) in ONE launch: program p counts the
@@ -409,10 +426,13 @@ if HAS_TRITON:
     @triton.jit
     def _pack_scatter_fwd_kernel(EMB, OUT, KIDX, POS_OF_K, IMG, VID, NL, PIDX, PLAM,
                                  n_pos, D, K, n_img_rows, stride_emb, stride_out, stride_img, stride_vid,
-                                 HAS_VID: tl.constexpr, HAS_NL: tl.constexpr,
+                                 HAS_VID: tl.constexpr, HAS_NL: tl.constexpr, COPY: tl.constexpr,
                                  BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
         # One program: BLOCK_P sequence positions x BLOCK_D channels. Text positions (k < 0) copy inputs_embeds;
         # image/video positions evaluate plan entry k; feature rows a position does not need are never loaded.
+        # COPY (every plan entry a copy or a newline: NeXT, LLaVA-1.5, OneVision without anyres_max reduction): one
+        # tap, no weights, the row moved in its own dtype (the general path's fp32 round trip of a copy is exact too:
+        # the same bits, fewer loads and registers).
         pid_p = tl.program_id(0)
         pid_d = tl.program_id(1)
         pos = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -427,20 +447,23 @@ if HAS_TRITON:
                       other=0.0)
         k4 = k.to(tl.int64) * 4
         i00 = tl.load(PIDX + k4 + 0, mask=feat, other=-1)
-        i01 = tl.load(PIDX + k4 + 1, mask=feat, other=-1)
-        i10 = tl.load(PIDX + k4 + 2, mask=feat, other=-1)
-        i11 = tl.load(PIDX + k4 + 3, mask=feat, other=-1)
-        h0 = tl.load(PLAM + k4 + 0, mask=feat, other=0.0)[:, None]
-        h1 = tl.load(PLAM + k4 + 1, mask=feat, other=0.0)[:, None]
-        w0 = tl.load(PLAM + k4 + 2, mask=feat, other=0.0)[:, None]
-        w1 = tl.load(PLAM + k4 + 3, mask=feat, other=0.0)[:, None]
-        x00 = _load_src(IMG, VID, i00, n_img_rows, stride_img, stride_vid, offs_d, dmask, HAS_VID)
-        x01 = _load_src(IMG, VID, i01, n_img_rows, stride_img, stride_vid, offs_d, dmask, HAS_VID)
-        x10 = _load_src(IMG, VID, i10, n_img_rows, stride_img, stride_vid, offs_d, dmask, HAS_VID)
-        x11 = _load_src(IMG, VID, i11, n_img_rows, stride_img, stride_vid, offs_d, dmask, HAS_VID)
-        # PyTorch's upsample_bilinear2d order; a copy (lam = 1, 0, 1, 0, missing taps = 0) returns x00 exactly
-        acc = h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11)
-        val = acc.to(IMG.dtype.element_ty)  # the reference interpolates in the feature dtype
+        if COPY:
+            val = _load_src_raw(IMG, VID, i00, n_img_rows, stride_img, stride_vid, offs_d, dmask, HAS_VID)
+        else:
+            i01 = tl.load(PIDX + k4 + 1, mask=feat, other=-1)
+            i10 = tl.load(PIDX + k4 + 2, mask=feat, other=-1)
+            i11 = tl.load(PIDX + k4 + 3, mask=feat, other=-1)
+            h0 = tl.load(PLAM + k4 + 0, mask=feat, other=0.0)[:, None]
+            h1 = tl.load(PLAM + k4 + 1, mask=feat, other=0.0)[:, None]
+            w0 = tl.load(PLAM + k4 + 2, mask=feat, other=0.0)[:, None]
+            w1 = tl.load(PLAM + k4 + 3, mask=feat, other=0.0)[:, None]
+            x00 = _load_src(IMG, VID, i00, n_img_rows, stride_img, stride_vid, offs_d, dmask, HAS_VID)
+            x01 = _load_src(IMG, VID, i01, n_img_rows, stride_img, stride_vid, offs_d, dmask, HAS_VID)
+            x10 = _load_src(IMG, VID, i10, n_img_rows, stride_img, stride_vid, offs_d, dmask, HAS_VID)
+            x11 = _load_src(IMG, VID, i11, n_img_rows, stride_img, stride_vid, offs_d, dmask, HAS_VID)
+            # PyTorch's upsample_bilinear2d order; a copy (lam = 1, 0, 1, 0, missing taps = 0) returns x00 exactly
+            acc = h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11)
+            val = acc.to(IMG.dtype.element_ty)  # the reference interpolates in the feature dtype
         if HAS_NL:
             nl = tl.load(NL + offs_d, mask=dmask, other=0.0).to(IMG.dtype.element_ty)
             is_nl = feat & (i00 < 0)
@@ -564,6 +587,12 @@ def token_index(input_ids: torch.Tensor, device: torch.device, image_token_id: i
     return kidx
 
 
+def _copy_variant(plan: Plan) -> bool:
+    """The forward kernel's COPY variant for plans without bilinear taps (session 16; ``LLAVA_FAST_PACK_COPY=0``
+    runs the general one, bench_pack_features' ``llava_fast_general`` row)."""
+    return plan.copy_only and _ext.env_choice("LLAVA_FAST_PACK_COPY", ("0", "1"), "1") == "1"
+
+
 def _fwd_config(d: int):
     block_d = min(512, _ext.next_power_of_2(max(d, 1)))
     block_p = max(1, 4096 // block_d)
@@ -612,7 +641,7 @@ def pack_scatter_fwd(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image
             _pack_scatter_fwd_kernel[grid](
                 emb, out, kidx, pos_of_k, first, second, nl, pidx, plam,
                 b * l, d, plan.k, first.shape[0], emb.stride(0), out.stride(0), first.stride(0), second.stride(0),
-                HAS_VID=has_img and has_vid, HAS_NL=image_newline is not None,
+                HAS_VID=has_img and has_vid, HAS_NL=image_newline is not None, COPY=_copy_variant(plan),
                 BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps)
     return out.view(b, l, d), kidx, pos_of_k
 

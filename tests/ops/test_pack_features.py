@@ -320,9 +320,29 @@ def test_copy_only_backward_plan_equals_general():
             n_src = plan.n_img_rows + plan.n_vid_rows
             fast = P._copy_only_ell(idx, lam, n_src)
             assert (fast is not None) == copy_only
+            assert plan.copy_only == copy_only     # the forward kernel's COPY variant
             if fast is not None:
                 gk, gw, gd = P._general_ell(idx, lam, n_src)
                 assert fast[2] == gd and np.array_equal(fast[0], gk) and np.array_equal(fast[1], gw)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_copy_variant_launched_for_copy_plans(name, monkeypatch):
+    """The forward kernel runs its COPY variant (one tap, no weights) exactly for the plans without bilinear taps
+    (the cases checked bit-exact above), and the general one otherwise."""
+    variant, samples, kw, exact = CASES[name]
+    seen = []
+    real = P._pack_scatter_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["COPY"])
+                return real[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(P, "_pack_scatter_fwd_kernel", Spy())
+    _check_against_ref(make_case(variant, samples, **kw), exact)
+    assert seen and all(c == exact for c in seen), seen
 
 
 def test_bad_inputs():
@@ -437,6 +457,8 @@ def test_cuda_real_sizes(kind, dtype):
         if a is not None:
             assert_flash_rule(a, c, b, name, atol=tiny * float(c.abs().max()))
     assert torch.equal(grads[0], rgrads[0])
+    if build_plan_of((emb, ids, feats, sizes, nl, kw)).copy_only:   # the COPY variant: every row moved as is
+        assert torch.equal(out, rout), f"{kind}: a copy-only plan must give the reference's bits"
     # forward: within 1 ulp of the model dtype of PyTorch's own CUDA result, plus the fp32 rounding of the 4-tap sum
     # (FMA contraction differs between nvcc and Triton): where the taps cancel, the result is far smaller than its
     # inputs and an fp32-ulp difference is many ulps of the result. Without that floor the video kinds (2x2 bilinear)
