@@ -42,7 +42,9 @@ vision towers' LayerNorm by the Triton kernels (ops/layer_norm.py, opt-in); llav
 gradients by ops/bias_grad.py's column-sum kernels (opt-in); llava_fast_fused_qkv: q, k and v as one GEMM over their
 concatenated weights (LLAVA_FAST_FUSED_QKV=1, opt-in); llava_fast_all_rows: the last decoder layer's output
 projection and MLP on every row (LLAVA_FAST_LAST_LAYER_ROWS=all) instead of only the rows whose next token is
-supervised (the default since session 16; the loss and gradients are the same). Since session 14 every one of these A/B
+supervised (the default since session 16; the loss and gradients are the same); llava_fast_cutlass_attn: the language
+model's attention forward on CUTLASS's Hopper FMHA (LLAVA_FAST_ATTN_CUTLASS=1, opt-in; stage 1 only, where every
+document has 640 tokens). Since session 14 every one of these A/B
 providers measured after llava_fast in a workload is timed in alternation with it (``paired``: A-B-B-A rounds,
 both models alive; the row's times are its paired steps', its peak memory that of its warm-up steps less the default
 model's resident memory), and decide.py judges the paired ratio: blocks timed one after another drifted by up to 35%
@@ -521,7 +523,11 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 "llava_fast_fused_qkv": {"LLAVA_FAST_FUSED_QKV": "1"},
                 # the last decoder layer on every row instead of the supervised ones only (session 16's default:
                 # models/llava.py _kept_rows); training workloads only (the prefill has no labels)
-                "llava_fast_all_rows": {"LLAVA_FAST_LAST_LAYER_ROWS": "all"}}
+                "llava_fast_all_rows": {"LLAVA_FAST_LAST_LAYER_ROWS": "all"},
+                # the language model's attention forward on CUTLASS's Hopper FMHA (opt-in since session 7; 1.18x the
+                # Triton forward at causal 4k on the H200): documents of one length, a multiple of 8, MHA: stage 1
+                # (16 x 640); the prefill's 2498 is not a multiple of 8 (falls back), OneVision is GQA
+                "llava_fast_cutlass_attn": {"LLAVA_FAST_ATTN_CUTLASS": "1"}}
 
 
 def _reset_env_caches() -> None:
@@ -613,6 +619,10 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
                 continue
             if prov == "llava_fast_all_rows" and name == "prefill":
                 print(f"[{name}] {prov}: a prefill has no labels (every row is computed anyway), skipped")
+                continue
+            if prov == "llava_fast_cutlass_attn" and name != "stage1":
+                print(f"[{name}] {prov}: the CUTLASS forward takes one-length MHA documents of a multiple of 8 "
+                      f"tokens: stage 1 only, skipped")
                 continue
             if prov == "hf_sdpa_liger_flce" and cfg.model_type != "llava":
                 print(f"[{name}] {prov}: Liger 0.8.5 has a fused-linear-CE patch for LLaVA-1.5 only, skipped")

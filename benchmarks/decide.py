@@ -395,6 +395,9 @@ def _model_rules(rows, label=""):
              "last layer on the supervised rows (default) vs every row",
              "keep the default if not slower (predicted 1.01-1.02x on stage 1 at full depth, less at 4 layers); else "
              "LLAVA_FAST_LAST_LAYER_ROWS default 'all'"),
+            ("llava_fast_cutlass_attn", ("stage1",), "CUTLASS attention forward (opt-in) vs Triton",
+             "LLAVA_FAST_ATTN_CUTLASS default '1' on sm_90 when the CUTLASS library is built, if >= 1.005x (and "
+             "test_cuda_cutlass_fwd passes)"),
             ("llava_fast_sdpa_text", ("stage1", "prefill", "ov_ft"),
              "language-model attention by SDPA (opt-in) vs Triton",
              "route equal-length unpadded batches (stage 1, prefill) through SDPA by default if >= 1.01x; ov_ft's two "
@@ -405,11 +408,13 @@ def _model_rules(rows, label=""):
                 continue
             x, how = _default_vs(ours, alt)
             if prov in ("llava_fast_gelu_triton", "llava_fast_ln_triton", "llava_fast_bias_triton",
-                        "llava_fast_sdpa_text", "llava_fast_fused_qkv"):   # opt-in ones
+                        "llava_fast_sdpa_text", "llava_fast_fused_qkv", "llava_fast_cutlass_attn"):   # opt-in ones
                 x = 1 / x
                 bar = 1.0 if (prov == "llava_fast_ln_triton" and mode != "ov_ft"
                               or prov == "llava_fast_fused_qkv" and mode == "ov_ft") else 1.01
+                bar = 1.005 if prov == "llava_fast_cutlass_attn" else bar
                 verdict = "switch" if x >= bar else {"llava_fast_sdpa_text": "keep the Triton kernel",
+                                                     "llava_fast_cutlass_attn": "keep the Triton forward",
                                                      "llava_fast_fused_qkv": "keep three GEMMs"}.get(prov,
                                                                                                      "keep torch's")
                 m = f"{x:.2f}x the default{how}"
