@@ -190,8 +190,9 @@ if want ops; then
       # CPU's host-time numbers against the GPU host's, ~15 s
       step host_overhead 40 $PY benchmarks/host_overhead.py --steps 5
     elif [ "$b" = "ab7b" ]; then  # not in the default list (a second call): the A/B rows aimed at the 7B targets
-      # (stage 1 1.44x of 1.5x, prefill 1.36x of 1.4x on the H200 in session 14), paired with the default, ~60 s
-      step bench_model_ab7b 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads prefill,stage1 \
+      # (stage 1 1.44x of 1.5x, prefill 1.36x of 1.4x on the H200 in session 14), paired with the default, ~60 s in
+      # session 15; session 16 added two stage-1 rows (~+30 s) and put stage 1 first (the rows most of them are about)
+      step bench_model_ab7b 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill \
         --name bench_model_ab7b --providers llava_fast,llava_fast_all_rows,llava_fast_fused_qkv,llava_fast_sdpa_text,llava_fast_cutlass_attn,llava_fast_ln_triton,hf_sdpa
     elif [ "$b" = "model" ]; then  # llava_fast_graph last: a failed CUDA-graph capture must not cost the other rows;
       # OneVision first (session 14: the A/B rows are now also timed paired, ~+40 s, and the step's limit is what the
