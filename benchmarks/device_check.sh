@@ -166,8 +166,12 @@ if want ops; then
     elif [ "$b" = "dkdv128" ]; then  # not in the default list (session 15): the dK/dV configs without spills at
       # D128 (aot_check, triton 3.6: the default 64x128 8w 2st spills 160 B; 16x128 8w 2st none at 242 registers,
       # 32x128 8w 2st 32 B) on the stage-1 step's attention (16 x 640, ~35 ms of its 487) and causal 4k, ~90 s
-      step attention_dkdv128_s1 60 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time stage1 \
-        --variants "default|CFG=dkdv=32,128,8,2|CFG=dkdv=16,128,8,2" --out "$RES/attention_dkdv128_s1.jsonl"
+      # session 16: + the forward with one warpgroup per CTA (64x64 w4: 80 / 112 KB, <= 190 registers, two CTAs per
+      # SM) at that shape: 640-token causal documents give the default 128x128 forward ~3 key blocks per program (1
+      # CTA per SM, 224 KB), so its fixed cost is not hidden (~204 TFLOP/s there in session 14, 440 at 4k)
+      step attention_dkdv128_s1 80 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time stage1 \
+        --variants "default|CFG=dkdv=32,128,8,2|CFG=dkdv=16,128,8,2|CFG=fwd=64,64,4,3|CFG=fwd=64,64,4,2" \
+        --out "$RES/attention_dkdv128_s1.jsonl"
       step attention_dkdv128_4k 60 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
         --variants "default|CFG=dkdv=32,128,8,2|CFG=dkdv=16,128,8,2" --out "$RES/attention_dkdv128_4k.jsonl"
     elif [ "$b" = "profile_full" ]; then  # not in the default list: the OneVision step at full depth (24 Qwen2
