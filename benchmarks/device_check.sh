@@ -114,7 +114,10 @@ and not (test_cuda_flash_rule and dtype1 and (test_gelu or test_quick_gelu or te
   fi
   # -v: one line per finished test (xdist prints them as they land), so a timeout still says what passed/failed.
   # No -x: a first GPU run should report every failure it can, not only the first.
+  # --durations: the slowest tests at the end of the log (session 16: the step took 292 of call 1's 456 s in session
+  # 14 and nothing said which tests: the list tells what to trim or run apart next)
   step gpu_tests "$TESTS_S" $PY -m pytest -v -m cuda $XDIST $PTO --maxfail=100 --tb=short -rfE -p no:cacheprovider \
+    --durations=25 \
     ${KSEL[@]+"${KSEL[@]}"} tests
 fi
 
@@ -230,6 +233,7 @@ want plot && step plot 20 $PY benchmarks/plot_results.py "$RES"
     "$(grep -c '\] SKIPPED ' "$RES/gpu_tests.log") skipped"
   [ -f "$RES/gpu_tests.log" ] && grep -hE "\] (FAILED|ERROR) " "$RES/gpu_tests.log" | sed 's/.*\] //' | cut -c1-200 | head -n 30
   [ -f "$RES/gpu_tests.log" ] && grep -hE "^(FAILED|ERROR) " "$RES/gpu_tests.log" | cut -c1-200 | head -n 30
+  [ -f "$RES/gpu_tests.log" ] && grep -hA10 "slowest .*durations" "$RES/gpu_tests.log" | cut -c1-160
   for f in "$RES"/attention_variants.jsonl "$RES"/attention_variants_d64.jsonl "$RES"/attention_sweep.jsonl \
            "$RES"/attention_sweep64.jsonl "$RES"/attention_gqa.jsonl; do  # variant, D, status, TFLOP/s
     [ -f "$f" ] || continue
