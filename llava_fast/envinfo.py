@@ -71,6 +71,14 @@ def env() -> dict:
     except ValueError as e:
         info["activation_recompute"] = f"invalid: {e}"
     try:
+        rows = _ext.env_choice("LLAVA_FAST_LAST_LAYER_ROWS", ("supervised", "all"), "supervised")
+        info["last_layer_rows"] = ("supervised: a loss-only call (labels, logits=False) runs the last decoder layer's "
+                                   "output projection and MLP on the supervised rows (LLAVA_FAST_LAST_LAYER_ROWS=all "
+                                   "for every row)" if rows == "supervised" else
+                                   "all (LLAVA_FAST_LAST_LAYER_ROWS=all): every row of the last layer")
+    except ValueError as e:
+        info["last_layer_rows"] = f"invalid: {e}"
+    try:
         from llava_fast.ops import cross_entropy as ce
 
         sched = ce._schedule("auto")

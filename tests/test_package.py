@@ -68,6 +68,17 @@ def test_env_names_the_loss_schedule(monkeypatch):
     assert llava_fast.env()["loss_schedule"].startswith("invalid: LLAVA_FAST_CE_SCHEDULE")
 
 
+def test_env_names_the_last_layer_rows(monkeypatch):
+    import llava_fast
+
+    monkeypatch.delenv("LLAVA_FAST_LAST_LAYER_ROWS", raising=False)
+    assert llava_fast.env()["last_layer_rows"].startswith("supervised: a loss-only call")
+    monkeypatch.setenv("LLAVA_FAST_LAST_LAYER_ROWS", "all")
+    assert llava_fast.env()["last_layer_rows"].startswith("all (LLAVA_FAST_LAST_LAYER_ROWS=all)")
+    monkeypatch.setenv("LLAVA_FAST_LAST_LAYER_ROWS", "some")
+    assert llava_fast.env()["last_layer_rows"].startswith("invalid: LLAVA_FAST_LAST_LAYER_ROWS")
+
+
 def test_cli_env_runs():
     out = subprocess.run([sys.executable, "-m", "llava_fast.cli", "env"], capture_output=True, text=True, check=True)
     assert "backends (per op)" in out.stdout
