@@ -29,10 +29,17 @@ def split(name: str, layers: int | None) -> dict:
     parts = bench_model.flop_parts(name, cfg, inp)
     total = sum(parts.values())
     supervised = batch * (n_txt - 1) if name != "prefill" else inp["tokens"]
+    # the last decoder layer's output projection and MLP on the unsupervised rows, which our training step skips
+    # (models/llava.py _kept_rows, session 16): one layer's share of the LLM GEMMs, after its attention
+    tc = cfg.text_config
+    after = tc.hidden_size ** 2 + 3 * tc.hidden_size * tc.intermediate_size
+    per_layer = parts["llm"] / tc.num_hidden_layers
+    layer_params = bench_model.param_counts(cfg)["llm_layer"]
+    last_skipped = per_layer * after / layer_params * (1 - supervised / inp["tokens"])
     return dict(total=total, llm=parts["llm"] / total, head=parts["head"] / total, attn=parts["attention"] / total,
                 vision=parts["vision"] / total, projector=parts["projector"] / total,
-                layers=cfg.text_config.num_hidden_layers, tokens=inp["tokens"], batch=batch,
-                head_skipped=parts["head"] * (1 - supervised / inp["tokens"]))
+                layers=tc.num_hidden_layers, tokens=inp["tokens"], batch=batch,
+                head_skipped=parts["head"] * (1 - supervised / inp["tokens"]), last_skipped=last_skipped)
 
 
 def rows() -> list[dict]:
@@ -41,7 +48,8 @@ def rows() -> list[dict]:
         full, four = split(name, None), split(name, 4)
         per_unit = full["total"] / (full["batch"] if unit == "samples/s" else full["tokens"])
         base_rate = base * per_unit / 1e12
-        ours = full["total"] - full["head_skipped"]     # what our path computes (fused loss: supervised rows only)
+        # what our path computes: the fused loss and the last layer after its attention on the supervised rows only
+        ours = full["total"] - full["head_skipped"] - full["last_skipped"]
         need = target * base * (ours / (full["total"] / per_unit)) / 1e12 if unit else 0.0
         out.append(dict(workload=name, full=full, four=four, base_rate=base_rate, target=target, unit=unit,
                         need=need, need_frac=need / CEILING, base_frac=base_rate / CEILING))

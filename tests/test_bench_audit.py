@@ -577,3 +577,15 @@ def test_decide_judges_the_last_layer_rows_and_the_pack_copy_variant(tmp_path):
     assert m.startswith("1.50x (kernels alone") and d == "keep the default"
     m, _, d = got["pack_features COPY variant vs general, ov05_single fwd"]
     assert "calls back to back" in m and d == "switch"
+
+
+def test_targets_take_out_the_last_layer_rows():
+    """targets.split counts the last layer's output projection and MLP on the unsupervised rows, which the training
+    step skips since session 16 (5.61 TF of stage 1's 281, 0.82 TF of OneVision's 67; none for the prefill)."""
+    import targets
+
+    assert targets.split("stage1", None)["last_skipped"] / 1e12 == pytest.approx(5.6147, rel=1e-4)
+    assert targets.split("ov_ft", None)["last_skipped"] / 1e12 == pytest.approx(0.8230, rel=1e-4)
+    assert targets.split("prefill", None)["last_skipped"] == 0
+    need = {r["workload"]: r["need"] for r in targets.rows()}
+    assert round(need["stage1"]) == 604 and round(need["ov_ft"]) == 453
