@@ -372,12 +372,11 @@ class _LlavaBase(nn.Module):
 
         * ``keep_rows`` given: checked (1-D integers; on the host also within ``[0, total)`` and distinct), moved;
         * a loss without logits or hidden states (shifted labels ``shift``, their host copy ``host_shift``,
-          ``logits=False``): the rows whose
-          shifted label is supervised, unless every row or none is, or ``LLAVA_FAST_LAST_LAYER_ROWS=all``. Every
-          other row's last-layer output only feeds its own logits, which such a call never computes: the loss and
-          every gradient are those of the whole computation. The count comes from the host copy of the labels and
-          the rows from ``nonzero_static`` on the device: nothing is read back or uploaded (a CUDA graph captures
-          it)."""
+          ``logits=False``): the rows whose shifted label is supervised, unless every row or none is, or
+          ``LLAVA_FAST_LAST_LAYER_ROWS=all``. Every other row's last-layer output only feeds its own logits, which
+          such a call never computes: the loss and every gradient are those of the whole computation. The count
+          comes from the host copy of the labels and the rows from ``nonzero_static`` on the device: nothing is read
+          back or uploaded (a CUDA graph captures it)."""
         from llava_fast import _ext
 
         if keep_rows is not None:
