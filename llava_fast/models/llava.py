@@ -487,7 +487,8 @@ class _LlavaBase(nn.Module):
         ``keep_rows`` (optional, no ``labels``): a 1-D integer tensor of flattened ``batch * seq`` token rows; the
         logits and hidden states hold only those rows, ``(1, len(rows), ...)``, and the last decoder layer computes
         everything after its attention on them alone (what transformers' ``logits_to_keep`` saves on the lm_head,
-        saved on the last layer too; generation keeps each prompt's last row). With ``labels`` and ``logits=False``
+        saved on the last layer too; generation keeps each prompt's last row). A CPU ``keep_rows`` is checked (range,
+        repeats); one on the GPU is trusted, as checking it would wait for the GPU. With ``labels`` and ``logits=False``
         the rows whose next token is supervised are kept that way by default (the loss is the same:
         ``LLAVA_FAST_LAST_LAYER_ROWS=all`` computes every row)."""
         if (input_ids is None) == (inputs_embeds is None):
