@@ -410,9 +410,9 @@ def _model_rules(rows, label=""):
             if prov in ("llava_fast_gelu_triton", "llava_fast_ln_triton", "llava_fast_bias_triton",
                         "llava_fast_sdpa_text", "llava_fast_fused_qkv", "llava_fast_cutlass_attn"):   # opt-in ones
                 x = 1 / x
-                bar = 1.0 if (prov == "llava_fast_ln_triton" and mode != "ov_ft"
-                              or prov == "llava_fast_fused_qkv" and mode == "ov_ft") else 1.01
-                bar = 1.005 if prov == "llava_fast_cutlass_attn" else bar
+                bar = 1.005 if prov == "llava_fast_cutlass_attn" else \
+                    1.0 if (prov == "llava_fast_ln_triton" and mode != "ov_ft"
+                            or prov == "llava_fast_fused_qkv" and mode == "ov_ft") else 1.01
                 verdict = "switch" if x >= bar else {"llava_fast_sdpa_text": "keep the Triton kernel",
                                                      "llava_fast_cutlass_attn": "keep the Triton forward",
                                                      "llava_fast_fused_qkv": "keep three GEMMs"}.get(prov,
