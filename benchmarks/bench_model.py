@@ -13,7 +13,10 @@ Providers: llava_fast, hf_eager, hf_sdpa, hf_sdpa_liger (Liger's RoPE, RMSNorm a
 hf_sdpa_liger_flce (stage 1 only: Liger's LLaVA-1.5 patch, which adds its fused linear cross-entropy); and
 llava_fast_sdpa_text (an experiment, not in the default
 list): llava_fast with LLAVA_FAST_TEXT_ATTENTION=sdpa, the language model's attention through SDPA (cuDNN first; packed
-sequences as a right-padded batch) instead of the Triton varlen kernel; llava_fast_keep_act (not in the default list
+sequences as a right-padded batch) instead of the Triton varlen kernel, training steps included (since session 17
+"auto", the default, takes SDPA for no-grad forwards over one-length documents, i.e. the prefill: there this row is
+the default); llava_fast_triton_text (prefill only): LLAVA_FAST_TEXT_ATTENTION=triton, the Triton kernel for the
+prefill too (the default before session 17); llava_fast_keep_act (not in the default list
 either): llava_fast with LLAVA_FAST_RECOMPUTE_ACT=0, the MLP activations kept for the backward (the path before
 session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory and time cost of that choice;
 llava_fast_sdpa_flash: llava_fast with LLAVA_FAST_SDPA_CUDNN=0, the vision towers' SDPA in its default order (flash
@@ -21,10 +24,10 @@ first) instead of cuDNN first on Hopper (models/dispatch.py); llava_fast_ce_voca
 LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed);
 llava_fast_unfused_res: llava_fast with LLAVA_FAST_FUSE_RESIDUAL=0, the decoder layers' residual adds as separate
 elementwise ops and gradient accumulations instead of inside the RMSNorm kernels (ops/act_linear.residual_act_linears);
-llava_fast_gqa_split: llava_fast with LLAVA_FAST_ATTN_GQA_SPLIT=k4 (the dK/dV kernel split into 4 programs per kv
-head, longest first) and LLAVA_FAST_ATTN_HEAVY_FIRST=1 (the causal forward and dQ kernels heaviest block first
-across all heads), the attention scheduling for GQA models (opt-in, session 15; only the OneVision step changes:
-the 7B workloads' K/V are too large for the second); llava_fast_sep_recompute: llava_fast with LLAVA_FAST_FUSED_RECOMPUTE=0, the SwiGLU and RMSNorm outputs that the
+llava_fast_no_gqa_split: llava_fast with LLAVA_FAST_ATTN_GQA_SPLIT=0 and LLAVA_FAST_ATTN_HEAVY_FIRST=0, i.e.
+without the attention scheduling for GQA models that is the default since session 17 (the dK/dV kernel split into 4
+programs per kv head, longest first; the causal forward and dQ kernels heaviest block first across all heads; only
+the OneVision step changes: the 7B workloads are MHA and their K/V too large for the second); llava_fast_sep_recompute: llava_fast with LLAVA_FAST_FUSED_RECOMPUTE=0, the SwiGLU and RMSNorm outputs that the
 linears' weight gradients read recomputed by their forward kernels instead of written by their backward kernels (one
 launch more per MLP and per norm in a trainable language model: the OneVision step, not stage 1's frozen one);
 llava_fast_compiled (not in the default list): llava_fast with every decoder and vision layer under torch.compile
@@ -507,8 +510,12 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 "llava_fast_unfused_res": {"LLAVA_FAST_FUSE_RESIDUAL": "0"},
                 # the SwiGLU / RMSNorm outputs recomputed by a forward launch in the backward (before session 12)
                 "llava_fast_sep_recompute": {"LLAVA_FAST_FUSED_RECOMPUTE": "0"},
-                # the opt-in GQA split of the dK/dV kernel (session 10; only GQA models: OneVision's Qwen2)
-                "llava_fast_gqa_split": {"LLAVA_FAST_ATTN_GQA_SPLIT": "k4", "LLAVA_FAST_ATTN_HEAVY_FIRST": "1"},
+                # without the GQA split of the dK/dV kernel and the heavy-first order (defaults since session 17;
+                # only GQA models change: OneVision's Qwen2)
+                "llava_fast_no_gqa_split": {"LLAVA_FAST_ATTN_GQA_SPLIT": "0", "LLAVA_FAST_ATTN_HEAVY_FIRST": "0"},
+                # the prefill's attention on the Triton kernel instead of SDPA (session 17's "auto" default for
+                # no-grad forwards over one-length documents; models/dispatch.text_attention_choice)
+                "llava_fast_triton_text": {"LLAVA_FAST_TEXT_ATTENTION": "triton"},
                 # the GELU kernels (ops/gelu.py, session 13; auto keeps torch's): the SigLIP tower, OneVision only
                 "llava_fast_gelu_triton": {"LLAVA_FAST_BACKEND_GELU": "triton"},
                 # CLIP's QuickGELU by torch's three kernels instead of ours (session 13): stage 1, prefill
@@ -616,6 +623,10 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
                     torch.cuda.empty_cache()
             if not available(prov):
                 print(f"[{name}] {prov}: not installed, skipped")
+                continue
+            if prov == "llava_fast_triton_text" and name != "prefill":
+                print(f"[{name}] {prov}: a training step runs the Triton kernel anyway (the SDPA default is for "
+                      f"no-grad forwards), skipped")
                 continue
             if prov == "llava_fast_all_rows" and name == "prefill":
                 print(f"[{name}] {prov}: a prefill has no labels (every row is computed anyway), skipped")

@@ -284,9 +284,12 @@ def encoder(folder):
                         ("ok" if prov.endswith("_cold") else "candidate") if x >= bar else
                         ("slower" if prov.endswith("_cold") else "keep")))
         # issue 5's target against HF's GPU path, and how much of the call is the kernel (session 15's row)
-        hf = next((r for r in rows if r.get("bench") == variant and r.get("provider") == "hf_torchvision_cuda"), None)
-        kern = next((r for r in rows if r.get("bench") == variant
-                     and r.get("provider") == "llava_fast_cuda_kernel_only"), None)
+        # the same shape and mode as the default's row: the CPU tables have an hf_torchvision_cuda row too (their
+        # images on the GPU), which until session 17 was taken here and gave 2.3x instead of the GPU table's 29.8x
+        same = (lambda r: cur is not None and r.get("bench") == variant and r.get("shape") == cur.get("shape")
+                and r.get("mode") == cur.get("mode"))
+        hf = next((r for r in rows if same(r) and r.get("provider") == "hf_torchvision_cuda"), None)
+        kern = next((r for r in rows if same(r) and r.get("provider") == "llava_fast_cuda_kernel_only"), None)
         if cur and hf and cur.get("ms") and hf.get("ms"):
             x = hf["ms"] / cur["ms"]
             how = f", the kernel alone {kern['ms']:.3f} of {cur['ms']:.3f} ms" if kern and kern.get("ms") else ""
@@ -363,17 +366,6 @@ def _model_rules(rows, label=""):
                                      and ours["peak_gib"] < alt["peak_gib"])
             out.append((f"{what}, {mode}{label}", f"default {x:.2f}x{how}, memory {_fmt(ours.get('peak_gib'))} vs "
                         f"{_fmt(alt.get('peak_gib'))} GiB", rule, "keep the default" if keep else "switch"))
-    # an opt-in candidate: adopted only when clearly faster end to end (the OneVision step is the GQA workload)
-    ours, alt = _row(rows, "llava_fast", "", "ov_ft"), _row(rows, "llava_fast_gqa_split", "", "ov_ft")
-    if ours and alt:
-        x, how = _default_vs(ours, alt)
-        x = 1 / x
-        out.append((f"GQA split of the dK/dV kernel (opt-in) vs default, ov_ft{label}",
-                    f"{x:.2f}x the default{how}, memory {_fmt(alt.get('peak_gib'))} vs "
-                    f"{_fmt(ours.get('peak_gib'))} GiB",
-                    "make them the default (LLAVA_FAST_ATTN_GQA_SPLIT 'k4' and LLAVA_FAST_ATTN_HEAVY_FIRST '1', the "
-                    "row sets both; the gqa op's variants say which one gains) if >= 1.02x and the cuda tests pass",
-                    "candidate default" if x >= 1.02 else "keep opt-in"))
     # session 13's activation kernels end to end: GELU opt-in (OneVision), QuickGELU default (stage 1, prefill)
     for prov, mode_list, what, rule in (
             ("llava_fast_gelu_triton", ("ov_ft",), "GELU kernels (opt-in) vs torch's",
@@ -398,10 +390,20 @@ def _model_rules(rows, label=""):
             ("llava_fast_cutlass_attn", ("stage1",), "CUTLASS attention forward (opt-in) vs Triton",
              "LLAVA_FAST_ATTN_CUTLASS default '1' on sm_90 when the CUTLASS library is built, if >= 1.005x (and "
              "test_cuda_cutlass_fwd passes)"),
-            ("llava_fast_sdpa_text", ("stage1", "prefill", "ov_ft"),
-             "language-model attention by SDPA (opt-in) vs Triton",
-             "route equal-length unpadded batches (stage 1, prefill) through SDPA by default if >= 1.01x; ov_ft's two "
-             "packed documents have one length (no padding): there it measures cuDNN's GQA backward against ours")):
+            ("llava_fast_sdpa_text", ("stage1", "ov_ft"),
+             "language-model attention by SDPA for training (opt-in) vs Triton",
+             "route equal-length unpadded training batches (stage 1) through SDPA by default (text_attention_choice's "
+             "auto rule) if >= 1.01x; ov_ft's two packed documents have one length (no padding): there it measures "
+             "cuDNN's GQA backward against ours"),
+            # session 17's defaults, each against the path it replaced
+            ("llava_fast_no_gqa_split", ("ov_ft",),
+             "GQA split of dK/dV + heavy-first order (default) vs neither",
+             "keep the default if not slower; else LLAVA_FAST_ATTN_GQA_SPLIT '0' and LLAVA_FAST_ATTN_HEAVY_FIRST '0' "
+             "(the gqa op's variants say which of the two gains)"),
+            ("llava_fast_triton_text", ("prefill",),
+             "prefill attention by SDPA (default for no-grad one-length forwards) vs Triton",
+             "keep the default if not slower; else LLAVA_FAST_TEXT_ATTENTION default 'triton' "
+             "(dispatch.text_attention_choice)")):
         for mode in mode_list:
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
             if not (ours and alt):

@@ -163,8 +163,10 @@ if want ops; then
       # K/V repeat; benchmarks/dkdv_schedule.py: 0.67 -> 0.98 busy at k4, prediction dK/dV 1.25-1.4x; k1 = the
       # order alone, 0.67: a control) and the session-10 repeat split (GQA_SPLIT=1) left out: k7 is its partition
       # and HEAVY=1: the causal forward and dQ kernels heaviest query block first across all heads (K/V <= 16 MB)
+      # session 17 (H200): k4 + HEAVY=1 fwd 1.16x, fwd+bwd 1.25x the then default: both are the default now, so
+      # "default" below is k4 + HEAVY=1 and GQA_SPLIT=0+HEAVY=0 is the old default (the control)
       step attention_gqa 180 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time ov05 \
-        --variants "default|GQA_SPLIT=k4|HEAVY=1|GQA_SPLIT=k4+HEAVY=1|GQA_SPLIT=k1|GQA_SPLIT=k2|GQA_SPLIT=k7|CFG=dkdv=32,128,8,2|GQA_SPLIT=k4+CFG=dkdv=32,128,8,2" \
+        --variants "default|GQA_SPLIT=0+HEAVY=0|GQA_SPLIT=k4+HEAVY=0|GQA_SPLIT=0|GQA_SPLIT=k2|GQA_SPLIT=k7|CFG=dkdv=32,128,8,2" \
         --out "$RES/attention_gqa.jsonl"
     elif [ "$b" = "dkdv128" ]; then  # not in the default list (session 15): the dK/dV configs without spills at
       # D128 (aot_check, triton 3.6: the default 64x128 8w 2st spills 160 B; 16x128 8w 2st none at 242 registers,
@@ -172,12 +174,15 @@ if want ops; then
       # session 16: + the forward with one warpgroup per CTA (64x64 w4: 80 / 112 KB, <= 190 registers, two CTAs per
       # SM) at that shape: 640-token causal documents give the default 128x128 forward ~3 key blocks per program (1
       # CTA per SM, 224 KB), so its fixed cost is not hidden (~204 TFLOP/s there in session 14, 440 at 4k)
+      # session 17 (H200): 64x64 w4 s3 forward 0.2405 -> 0.2006 ms at the stage-1 shape (1.20x), 0.96x at 4k: the
+      # default for D128 with documents <= 1024 tokens now (attention._FWD_SHORT_CFG_D128); fwd=128,128,8,3 is the
+      # old default (the control), 64x128 w4 s2 a neighbour; the spill-free dK/dV configs lost at both shapes
       step attention_dkdv128_s1 80 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time stage1 \
-        --variants "default|CFG=dkdv=32,128,8,2|CFG=dkdv=16,128,8,2|CFG=fwd=64,64,4,3|CFG=fwd=64,64,4,2" \
+        --variants "default|CFG=fwd=128,128,8,3|CFG=fwd=64,128,4,2|CFG=fwd=128,64,8,3" \
         --out "$RES/attention_dkdv128_s1.jsonl"
       # (and the 64x64 w4 s3 forward at 4k too: if it wins there as well, the prefill's 2498-token documents gain)
       step attention_dkdv128_4k 75 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
-        --variants "default|CFG=dkdv=32,128,8,2|CFG=dkdv=16,128,8,2|CFG=fwd=64,64,4,3" \
+        --variants "default|CFG=fwd=64,128,4,2|CFG=fwd=128,64,8,3" \
         --out "$RES/attention_dkdv128_4k.jsonl"
     elif [ "$b" = "profile_full" ]; then  # not in the default list: the OneVision step at full depth (24 Qwen2
       # layers), where session 10's H200 run found 6.25 ms of wall time per LLM layer against ~3.7 ms of kernels
@@ -202,12 +207,12 @@ if want ops; then
       # (stage 1 1.44x of 1.5x, prefill 1.36x of 1.4x on the H200 in session 14), paired with the default, ~60 s in
       # session 15; session 16 added two stage-1 rows (~+30 s) and put stage 1 first (the rows most of them are about)
       step bench_model_ab7b 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill \
-        --name bench_model_ab7b --providers llava_fast,llava_fast_all_rows,llava_fast_fused_qkv,llava_fast_sdpa_text,llava_fast_cutlass_attn,llava_fast_ln_triton,hf_sdpa
+        --name bench_model_ab7b --providers llava_fast,llava_fast_triton_text,llava_fast_all_rows,llava_fast_fused_qkv,llava_fast_sdpa_text,llava_fast_cutlass_attn,llava_fast_ln_triton,hf_sdpa
     elif [ "$b" = "model" ]; then  # llava_fast_graph last: a failed CUDA-graph capture must not cost the other rows;
       # OneVision first (session 14: the A/B rows are now also timed paired, ~+40 s, and the step's limit is what the
       # deadline leaves after the tests: the workload most A/B rows are about must not be the one cut)
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft,stage1,prefill \
-        --providers llava_fast,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_gqa_split,llava_fast_gelu_triton,llava_fast_qgelu_ref,llava_fast_triton_launch,llava_fast_ln_triton,llava_fast_bias_triton,llava_fast_fused_qkv,llava_fast_all_rows,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
+        --providers llava_fast,llava_fast_keep_act,llava_fast_unfused_res,llava_fast_sep_recompute,llava_fast_no_gqa_split,llava_fast_gelu_triton,llava_fast_qgelu_ref,llava_fast_triton_launch,llava_fast_ln_triton,llava_fast_bias_triton,llava_fast_fused_qkv,llava_fast_all_rows,llava_fast_sdpa_flash,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
     elif [ -f "benchmarks/bench_$b.py" ]; then
       # cross_entropy: five providers since session 5 (token and vocab schedules, the 20 MiB one, HF, Liger);
       # anyres: 28 s on the H100 in session 4, + the v3 and v4 rows since

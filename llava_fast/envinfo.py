@@ -79,6 +79,16 @@ def env() -> dict:
     except ValueError as e:
         info["last_layer_rows"] = f"invalid: {e}"
     try:
+        from llava_fast.models.dispatch import text_attention_choice
+
+        info["text_attention"] = {
+            "auto": "auto: SDPA (cuDNN first) for no-grad forwards over one-length documents on CUDA (prefill, "
+                    "evaluation), our kernels otherwise (LLAVA_FAST_TEXT_ATTENTION=triton|sdpa forces one)",
+            "triton": "triton (LLAVA_FAST_TEXT_ATTENTION): our kernels always",
+            "sdpa": "sdpa (LLAVA_FAST_TEXT_ATTENTION): SDPA always, training included"}[text_attention_choice()]
+    except ValueError as e:
+        info["text_attention"] = f"invalid: {e}"
+    try:
         from llava_fast.ops import cross_entropy as ce
 
         sched = ce._schedule("auto")

@@ -4,8 +4,6 @@ The reference path reproduces transformers' eager numerics on the CPU; on CUDA w
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -99,7 +97,26 @@ def varlen_cache_attention(plan: dict, dtype, device, head_dim: int):
     return attn
 
 
-_TEXT_ENV = "LLAVA_FAST_TEXT_ATTENTION"  # experiment: "sdpa" runs packed sequences through padded SDPA (see below)
+_TEXT_ENV = "LLAVA_FAST_TEXT_ATTENTION"
+
+
+def text_attention_choice() -> str:
+    """LLAVA_FAST_TEXT_ATTENTION: which kernel runs the language model's attention on CUDA.
+
+    - ``"auto"`` (default): SDPA (cuDNN first) for a bf16/fp16 forward without autograd (a prefill, an evaluation
+      pass) over documents of one length with no padding (an unpadded batch, or a packed sequence whose documents
+      all have the longest length), our Triton kernels otherwise (every training step). Why: on an H200 (session
+      17, bench_model, NeXT-7B prefill 8 x 2498 with 4 LLM layers) SDPA was 1.02x and 1.026x our Triton forward end
+      to end in two paired runs, while on training steps it was 1.02x / 1.006x (stage 1) and 0.97x (OneVision).
+    - ``"sdpa"``: SDPA always, packed sequences of unequal documents included (scattered to a padded batch).
+    - ``"triton"``: our kernels always (the default before session 17)."""
+    return _ext.env_choice(_TEXT_ENV, ("auto", "sdpa", "triton"), "auto")
+
+
+def _sdpa_for_inference(dtype, device, equal_lengths: bool) -> bool:
+    """The "auto" rule of :func:`text_attention_choice` for one forward."""
+    return (equal_lengths and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            and not torch.is_grad_enabled())
 
 
 def _sdpa_backends():
@@ -119,7 +136,8 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
     queries never see the padding, which comes after its keys), the outputs gathered back. No host sync (the token ->
     (document, position) map is built on the device). Opt-in with LLAVA_FAST_TEXT_ATTENTION=sdpa: on an H200 the
     padded cuDNN batch ran 284 useful TFLOP/s fwd+bwd on 8 documents of 600-3500 tokens where the Triton varlen kernel
-    ran 204 (benchmarks/results, run 3); this lets bench_model measure whether that holds end to end."""
+    ran 204 (benchmarks/results, run 3); this lets bench_model measure whether that holds end to end. Also the
+    default for inference over one-length documents (:func:`text_attention_choice`)."""
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     docs = cu.numel() - 1
 
@@ -152,6 +170,15 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
     return attn
 
 
+def dense_sdpa_attention():
+    """attn(q, k, v, scale) for an equal-length unpadded causal batch: SDPA as is (cuDNN first where torch allows)."""
+    def attn(q, k, v, scale):
+        with _sdpa_backends():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=k.shape[1] != q.shape[1])
+    return attn
+
+
 def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk=None, head_dim=None,
                    kv_cache=None):
     """Returns attn(q, k, v, scale) for one forward of the language model; q (B, H, L, D), k/v (B, Hkv, Lk, D).
@@ -166,12 +193,12 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
     if cu_seqlens is not None:
         if b != 1:
             raise ValueError(f"packed form (cu_seqlens given) needs a batch of 1 sequence, got batch {b}")
-        if os.environ.get(_TEXT_ENV, "") == "sdpa":
-            ms = int(max_seqlen) if max_seqlen is not None else n
+        choice = text_attention_choice()
+        ms = int(max_seqlen) if max_seqlen is not None else n
+        if choice == "sdpa" or (choice == "auto" and fast is not None
+                                and _sdpa_for_inference(dtype, device, n == (cu_seqlens.numel() - 1) * ms)):
             return packed_sdpa_attention(cu_seqlens, ms, device)
         if fast is not None:
-            ms = int(max_seqlen) if max_seqlen is not None else n
-
             def attn(q, k, v, scale):
                 q, k, v = _same_dtype(q, k, v)
                 # squeeze(0), not [0]: select's backward is a zero fill plus a copy of each whole gradient (two
@@ -187,12 +214,10 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
             return o.transpose(0, 1)[None]
         return attn
 
-    if os.environ.get(_TEXT_ENV, "") == "sdpa" and attention_mask is None and lk == n:
-        def attn(q, k, v, scale):  # equal-length unpadded batch: SDPA as is (cuDNN first where torch allows)
-            with _sdpa_backends():
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                      enable_gqa=k.shape[1] != q.shape[1])
-        return attn
+    choice = text_attention_choice()
+    if attention_mask is None and lk == n and (choice == "sdpa" or (
+            choice == "auto" and fast is not None and _sdpa_for_inference(dtype, device, True))):
+        return dense_sdpa_attention()
 
     if fast is not None and attention_mask is None and lk == n:
         cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device)

@@ -991,7 +991,20 @@ def _cfg_override(kind: str):
     return None
 
 
-def _default_cfg(kind: str, width: int, fp32: bool = False) -> tuple[int, int, int, int]:
+# The D128 forward for short documents (longest query document <= 1024): 64 queries x 64 keys, 4 warps, 3 stages
+# (one warpgroup per CTA, two CTAs per SM by ptxas's registers and shared memory) instead of 128 x 128 at 8 warps (224
+# KB, one CTA per SM). With 640-token documents the 128 x 128 program does ~3 key blocks, so its prologue and
+# epilogue are not hidden. Measured on an H200 (session 17, `dkdv128` op, bf16 causal, paired in one run): the
+# LLaVA-1.5-7B stage-1 attention (16 x 640, 32 heads) forward 0.2405 -> 0.2006 ms (223 -> 268 TFLOP/s, 1.20x),
+# fwd+bwd 0.962 -> 0.926 ms; at causal 4k the same config is 0.96x the default (1.270 -> 1.319 ms), hence the bound.
+_FWD_SHORT_CFG_D128 = (64, 64, 4, 3)
+_FWD_SHORT_MAX_SEQLEN = 1024
+
+
+def _default_cfg(kind: str, width: int, fp32: bool = False, max_seqlen_q: int | None = None
+                 ) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a launch. ``max_seqlen_q``: the longest query document (the
+    forward's config for D128 depends on it)."""
     if _ext.interpreting():
         return _INTERPRET_CFG[kind]
     override = _cfg_override(kind)
@@ -1000,6 +1013,8 @@ def _default_cfg(kind: str, width: int, fp32: bool = False) -> tuple[int, int, i
     if fp32:  # fp32 inputs (tests, debugging): tiles twice as large in shared memory; small tiles, 2 stages
         return (32, 32, 4, 1) if kind == "bwd_fused" else (64, 32, 4, 2)
     if kind == "fwd":
+        if width == 128 and max_seqlen_q is not None and max_seqlen_q <= _FWD_SHORT_MAX_SEQLEN:
+            return _FWD_SHORT_CFG_D128
         return (128, 64, 4, 3) if width <= 64 else (128, 128, 8, 3)
     if kind == "fwd_decode":  # seqused_k with <= 16 queries per document (KV-cache decode): the smallest tl.dot M
         return (16, 64, 4, 3)
@@ -1037,11 +1052,11 @@ def _kernel(kind: str, fn, fp32: bool = False):
     return _TUNED[kind], False
 
 
-def _launch(kind, fn, grid_of, args, constexprs):
+def _launch(kind, fn, grid_of, args, constexprs, max_seqlen_q: int | None = None):
     kernel, fixed = _kernel(kind, fn, constexprs["DOT_PREC"] == "ieee")
     if fixed:
         width = constexprs["BLOCK_D0"] + (constexprs["BLOCK_D1"] if constexprs["HAS_D1"] else 0)
-        bm, bn, warps, stages = _default_cfg(kind, width, constexprs["DOT_PREC"] == "ieee")
+        bm, bn, warps, stages = _default_cfg(kind, width, constexprs["DOT_PREC"] == "ieee", max_seqlen_q)
         _ext.launch(kernel, grid_of(bm, bn), *args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                     num_stages=stages)
     else:
@@ -1112,11 +1127,13 @@ def _dkdv_one_loop() -> bool:
 
 
 def _gqa_split(group: int) -> tuple[str, int]:
-    """How the dK/dV kernel covers the query heads of a kv head: ``(mode, parts)`` from LLAVA_FAST_ATTN_GQA_SPLIT,
-    opt-in, both written without a GPU:
+    """How the dK/dV kernel covers the query heads of a kv head: ``(mode, parts)`` from LLAVA_FAST_ATTN_GQA_SPLIT
+    (default ``"k4"`` since session 17: on an H200 the OneVision-0.5B attention (2 x 5453 tokens, 14/2 heads, D64)
+    ran fwd+bwd at 1.818 -> 1.529 ms with k4, 1.457 ms with k4 and :func:`_heavy_first` (1.25x), and the 4-layer
+    OneVision step 1.03x paired; docs/perf-notes.md, "GQA split of the dK/dV kernel"):
 
-    - ``"0"`` (default): ``("off", 1)``, one program per (key block, document, kv head) loops over its ``group`` query
-      heads, the GQA gradients summed in registers.
+    - ``"0"``: ``("off", 1)``, one program per (key block, document, kv head) loops over its ``group`` query
+      heads, the GQA gradients summed in registers (the default before session 17).
     - ``"1"`` (session 10): ``("repeat", group)``, one program per *query* head on K and V repeated per query head
       (``repeat_interleave``), into fp32 per-query-head partials that one reduction sums per kv head.
     - ``"kN"`` (session 15): ``("kernel", parts)``, N programs per kv head (``parts`` = N rounded so that no part is
@@ -1135,7 +1152,7 @@ def _gqa_split(group: int) -> tuple[str, int]:
     ``"1"``: 1204 programs in grid order, 90% by the same list-scheduling count, plus the repeat's and partials'
     ~120 MB. ``"k4"``: 688 programs longest first, 98%, plus ~45 MB of partials (``benchmarks/dkdv_schedule.py``
     counts these). Predictions and results: docs/perf-notes.md, "GQA split of the dK/dV kernel"."""
-    value = os.environ.get("LLAVA_FAST_ATTN_GQA_SPLIT", "0").strip().lower()
+    value = os.environ.get("LLAVA_FAST_ATTN_GQA_SPLIT", "k4").strip().lower()
     parts = int(value[1:]) if value[:1] == "k" and value[1:].isdigit() else 0
     if value not in ("0", "1") and parts < 1:
         raise ValueError(f"LLAVA_FAST_ATTN_GQA_SPLIT={value!r}: must be '0' (off), '1' (per query head on repeated "
@@ -1152,16 +1169,17 @@ _HEAVY_FIRST_KV_BYTES = 16 << 20
 
 
 def _heavy_first(causal: bool, k: torch.Tensor, n_blocks: int) -> bool:
-    """``LLAVA_FAST_ATTN_HEAVY_FIRST=1`` (opt-in, session 15, not yet run on a GPU): the causal forward and dQ
-    kernels launched query-block-major, (documents x Hq, query blocks) with the heaviest block first, so that every
-    (document, head)'s heaviest programs start before any lighter one, instead of one (document, head)'s blocks
-    after another's (the default keeps each one's K/V hot in L2 while its blocks run). A list-scheduling count
+    """``LLAVA_FAST_ATTN_HEAVY_FIRST=1`` (session 15; the default since session 17, ``0`` turns it off: on an H200
+    the OneVision-0.5B attention forward ran 0.336 -> 0.291 ms, 1.16x, the ``gqa`` op of device_check): the causal
+    forward and dQ kernels launched query-block-major, (documents x Hq, query blocks) with the heaviest block first,
+    so that every (document, head)'s heaviest programs start before any lighter one, instead of one (document,
+    head)'s blocks after another's (the other order keeps each one's K/V hot in L2 while its blocks run). A list-scheduling count
     (benchmarks/dkdv_schedule.py's method) puts the default order at 0.80 of the machine for the OneVision forward
     (two CTAs per SM, 1204 programs) against 0.96 longest first; 0.90 -> 0.99 at one CTA per SM (the dQ kernel);
     causal 4k D128 0.97 -> 1.00; prefill 0.97 -> 1.00. Only where all K/V fit in L2 many times over (<= 16 MB:
     GQA models such as Qwen2-0.5B, 5.6 MB for two 5453-token documents; MHA batches such as causal 4k D128, 268 MB,
     would stream their K/V from DRAM once per query block), and for fewer than 65536 query blocks (grid axis 1)."""
-    if not causal or _ext.env_choice("LLAVA_FAST_ATTN_HEAVY_FIRST", ("0", "1"), "0") == "0":
+    if not causal or _ext.env_choice("LLAVA_FAST_ATTN_HEAVY_FIRST", ("0", "1"), "1") == "0":
         return False
     return 2 * k.numel() * k.element_size() <= _HEAVY_FIRST_KV_BYTES and n_blocks <= 65535
 
@@ -1337,7 +1355,7 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     else:
         grid_of = lambda bm, bn: (_ext.cdiv(max_seqlen_q, bm), batch, hq)  # noqa: E731
     with _device_guard(q):
-        _launch(kind, _flash_attn_fwd_kernel, grid_of, args, constexprs)
+        _launch(kind, _flash_attn_fwd_kernel, grid_of, args, constexprs, max_seqlen_q)
     return out, lse
 
 

@@ -116,3 +116,70 @@ def test_cuda_vision_attention_sdpa_backend_order(d, n):
     ref = run(torch.float32, math)
     for name, o, lo, r in zip(["out", "dq", "dk", "dv"], ours, low, ref):
         assert_flash_rule(o, r, lo, name=name)
+
+
+def test_text_attention_auto_rule(monkeypatch):
+    """LLAVA_FAST_TEXT_ATTENTION (dispatch.text_attention_choice): "auto" by default; "auto" takes SDPA only for a
+    bf16/fp16 CUDA forward without autograd over one-length documents (unpadded batch, or packed documents all of
+    the longest length), the Triton kernel otherwise; "triton" never and "sdpa" always; a bad value names the
+    variable. The routing is checked on the returned closure (no GPU needed: nothing runs)."""
+    from llava_fast.models import dispatch
+
+    monkeypatch.delenv("LLAVA_FAST_TEXT_ATTENTION", raising=False)
+    assert dispatch.text_attention_choice() == "auto"
+    monkeypatch.setattr(dispatch, "_fast_attention", lambda *a: object())   # as if the kernel were built
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    cu_equal = torch.tensor([0, 8, 16], dtype=torch.int32)
+    cu_unequal = torch.tensor([0, 5, 16], dtype=torch.int32)
+
+    monkeypatch.setattr(dispatch, "packed_sdpa_attention", lambda *a: "sdpa")
+    monkeypatch.setattr(dispatch, "dense_sdpa_attention", lambda: "sdpa")
+
+    def route(dtype=bf16, device=cuda, cu=None, grad=False, mask=None, ms=8):
+        with torch.set_grad_enabled(grad):
+            try:
+                fn = dispatch.text_attention(1 if cu is not None else 2, 16 if cu is not None else 8, dtype, device,
+                                             mask, cu, ms if cu is not None else None, head_dim=64)
+            except (RuntimeError, AssertionError):  # the kernel path builds CUDA tensors: no GPU on this machine
+                return "triton"
+        return "sdpa" if fn == "sdpa" else "triton"
+
+    assert route() == "sdpa" and route(cu=cu_equal) == "sdpa" and route(dtype=torch.float16) == "sdpa"
+    assert route(grad=True) == "triton" and route(cu=cu_equal, grad=True) == "triton"     # training steps
+    assert route(cu=cu_unequal, ms=11) == "triton"                   # packed documents of different lengths
+    assert route(dtype=torch.float32) == "triton" and route(device=torch.device("cpu")) == "triton"
+    assert route(mask=torch.ones(2, 8, dtype=torch.long)) == "triton"                  # padded batch: not this rule
+    monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "triton")
+    assert route() == "triton" and route(cu=cu_equal) == "triton"
+    monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "sdpa")
+    assert route(grad=True) == "sdpa" and route(cu=cu_unequal, grad=True, ms=11) == "sdpa"
+    monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match="LLAVA_FAST_TEXT_ATTENTION"):
+        dispatch.text_attention_choice()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_inference_sdpa_default_matches_triton(monkeypatch, tmp_path, dtype):
+    """The "auto" default routes a no-grad forward over one-length documents through SDPA: its logits, packed and
+    padded-without-padding, stay within the flash rule of the Triton path's, both against the fp32 CPU logits."""
+    import llava_fast
+    from tiny import save_tiny
+
+    _, path = save_tiny(tmp_path, "llava")
+    ref_m = llava_fast.from_pretrained(path)
+    m = llava_fast.from_pretrained(path, dtype=dtype).cuda()
+    ids = torch.randint(3, 100, (2, 64))
+    cu = torch.tensor([0, 64, 128], dtype=torch.int32)
+    pos = torch.arange(64).repeat(2)[None]
+    with torch.no_grad():
+        ref = ref_m(input_ids=ids).logits.float()
+        runs = {}
+        for choice in ("auto", "triton"):
+            monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", choice)
+            runs[choice] = (m(input_ids=ids.cuda()).logits.float().cpu(),
+                            m(input_ids=ids.reshape(1, -1).cuda(), cu_seqlens=cu.cuda(), position_ids=pos.cuda(),
+                              max_seqlen=64).logits.float().cpu().reshape(2, 64, -1))
+    for got_auto, got_triton in zip(runs["auto"], runs["triton"]):
+        err_auto, err_triton = (got_auto - ref).abs().max(), (got_triton - ref).abs().max()
+        assert err_auto <= 2 * err_triton + 1e-3, (err_auto, err_triton)

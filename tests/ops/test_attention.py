@@ -506,10 +506,10 @@ def test_gqa_split_backward(monkeypatch, hq, hkv, d, causal, device):
     grids = []
     real = attn_mod._launch
 
-    def spy(kind, fn, grid_of, args, constexprs):
+    def spy(kind, fn, grid_of, args, constexprs, *rest):
         if kind == "dkdv":
             grids.append(grid_of(64, 64)[2])
-        return real(kind, fn, grid_of, args, constexprs)
+        return real(kind, fn, grid_of, args, constexprs, *rest)
     monkeypatch.setattr(attn_mod, "_launch", spy)
     monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", "1")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -518,22 +518,23 @@ def test_gqa_split_backward(monkeypatch, hq, hkv, d, causal, device):
 
 
 @pytest.mark.parametrize("split, hq, hkv, d, parts", [("k2", 6, 2, 64, 2), ("k2", 7, 1, 72, 2), ("k7", 7, 1, 64, 7),
-                                                       ("k5", 6, 1, 64, 3), ("k1", 4, 2, 64, 1), ("k3", 4, 4, 64, 0)])
+                                                       ("k5", 6, 1, 64, 3), ("k1", 4, 2, 64, 1), ("k3", 4, 4, 64, 0),
+                                                       ("0", 6, 2, 64, 0)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gqa_kernel_split_backward(monkeypatch, split, hq, hkv, d, parts, causal, device):
     """LLAVA_FAST_ATTN_GQA_SPLIT=kN: N programs per kv head (rounded so no part is empty: k5 over 6 heads is 3 parts
     of 2), each summing its query heads into an fp32 partial, launched key-block-major; out, lse and every gradient
     pass the default's rule, uneven documents and Sq != Sk included. The spy checks the grid really was (documents x
-    Hkv x parts, key blocks) with the partial strides passed ("k1": no partials; MHA: the split is off, grid as the
-    default's)."""
+    Hkv x parts, key blocks) with the partial strides passed ("k1": no partials; MHA, or "0" (the default before
+    session 17): the split is off, one program per (key block, document, kv head))."""
     launches = []
     real = attn_mod._launch
 
-    def spy(kind, fn, grid_of, args, constexprs):
+    def spy(kind, fn, grid_of, args, constexprs, *rest):
         if kind == "dkdv":
             launches.append((grid_of(64, 16), constexprs.get("KB_MAJOR"), constexprs.get("n_parts"),
                              constexprs.get("stride_dkp", 0)))
-        return real(kind, fn, grid_of, args, constexprs)
+        return real(kind, fn, grid_of, args, constexprs, *rest)
     monkeypatch.setattr(attn_mod, "_launch", spy)
     monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", split)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -555,9 +556,9 @@ def test_heavy_first_order(monkeypatch, hq, hkv, d, device):
     grids = {}
     real = attn_mod._launch
 
-    def spy(kind, fn, grid_of, args, constexprs):
+    def spy(kind, fn, grid_of, args, constexprs, *rest):
         grids.setdefault(kind, []).append((grid_of(32, 16), constexprs.get("QB_MAJOR", False)))
-        return real(kind, fn, grid_of, args, constexprs)
+        return real(kind, fn, grid_of, args, constexprs, *rest)
     monkeypatch.setattr(attn_mod, "_launch", spy)
     monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "1")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -567,14 +568,20 @@ def test_heavy_first_order(monkeypatch, hq, hkv, d, device):
     grids.clear()
     _check_against_ref(lens_q, lens_k, hq, hkv, d, False, dtype, device, _run_function)
     assert grids["fwd"] == [((2, 3, hq), False)] and grids["dq"] == [((2, 3, hq), False)]
+    grids.clear()
+    monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "0")  # off: one (document, head)'s blocks after another's
+    _check_against_ref(lens_q, lens_k, hq, hkv, d, True, dtype, device, _run_function)
+    assert grids["fwd"] == [((2, 3, hq), False)] and grids["dq"] == [((2, 3, hq), False)]
 
 
 def test_heavy_first_only_where_kv_fits_in_l2(monkeypatch):
-    """The order is taken only when all K/V bytes are small (<= 16 MB) and the call is causal; off by default; a bad
-    value names the variable."""
+    """The order is taken only when all K/V bytes are small (<= 16 MB) and the call is causal; on by default since
+    session 17, "0" turns it off; a bad value names the variable."""
     k_small = torch.empty(10906, 2, 64, dtype=torch.bfloat16)     # OneVision's Qwen2: 5.6 MB of K and V
     k_big = torch.empty(16384, 32, 128, dtype=torch.bfloat16)     # causal 4k D128, batch 4: 268 MB
     monkeypatch.delenv("LLAVA_FAST_ATTN_HEAVY_FIRST", raising=False)
+    assert attn_mod._heavy_first(True, k_small, 100)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "0")
     assert not attn_mod._heavy_first(True, k_small, 100)
     monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "1")
     assert attn_mod._heavy_first(True, k_small, 100)
@@ -587,10 +594,13 @@ def test_heavy_first_only_where_kv_fits_in_l2(monkeypatch):
 
 
 def test_gqa_split_setting():
-    """The switch's values: parts rounded so none is empty, MHA always off, and a bad value names the variable."""
+    """The switch's values: parts rounded so none is empty, MHA always off, "k4" by default (session 17), and a bad
+    value names the variable."""
     import os
     old = os.environ.get("LLAVA_FAST_ATTN_GQA_SPLIT")
     try:
+        os.environ.pop("LLAVA_FAST_ATTN_GQA_SPLIT", None)
+        assert attn_mod._gqa_split(7) == ("kernel", 4) and attn_mod._gqa_split(1) == ("off", 1)
         for value, group, want in (("0", 7, ("off", 1)), ("1", 7, ("repeat", 7)), ("k4", 7, ("kernel", 4)),
                                    ("k5", 7, ("kernel", 4)), ("k9", 7, ("kernel", 7)), ("K3", 6, ("kernel", 3)),
                                    ("k4", 1, ("off", 1)), ("1", 1, ("off", 1))):
@@ -607,6 +617,29 @@ def test_gqa_split_setting():
             os.environ["LLAVA_FAST_ATTN_GQA_SPLIT"] = old
 
 
+def test_forward_config_for_short_documents(monkeypatch, device):
+    """The D128 forward takes 64 x 64 blocks at 4 warps when the longest query document is <= 1024 tokens (measured
+    1.20x on the stage-1 shape, 0.96x at causal 4k: attention._FWD_SHORT_CFG_D128), 128 x 128 at 8 warps otherwise
+    or when the length is not given; other head dims and kinds are unchanged; LLAVA_FAST_ATTN_CFG still overrides.
+    The interpreter's small configs are left alone (the check below pretends to compile)."""
+    monkeypatch.setattr(attn_mod._ext, "interpreting", lambda: False)
+    monkeypatch.delenv("LLAVA_FAST_ATTN_CFG", raising=False)
+    cfg = attn_mod._default_cfg
+    assert cfg("fwd", 128, False, 640) == (64, 64, 4, 3) == cfg("fwd", 128, False, 1024)
+    assert cfg("fwd", 128, False, 1025) == (128, 128, 8, 3) == cfg("fwd", 128) == cfg("fwd", 128, False, 4096)
+    assert cfg("fwd", 64, False, 577) == (128, 64, 4, 3) and cfg("fwd", 80, False, 729) == (128, 128, 8, 3)
+    assert cfg("dkdv", 128, False, 640) == attn_mod._DKDV_CFG
+    assert cfg("fwd", 128, True, 640) == (64, 32, 4, 2)   # fp32 inputs keep their small tiles
+    monkeypatch.setenv("LLAVA_FAST_ATTN_CFG", "fwd=128,64,8,3")
+    assert cfg("fwd", 128, False, 640) == (128, 64, 8, 3)
+    monkeypatch.undo()
+    seen, real = [], attn_mod._default_cfg
+    monkeypatch.setattr(attn_mod, "_default_cfg", lambda *a: seen.append(a) or real(*a))
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    _check_against_ref([5, 40, 17], [5, 40, 17], 2, 2, 128, True, dtype, device, _run_function)
+    assert [a[3] for a in seen if a[0] == "fwd"] == [40]   # the launcher passes the longest query document
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq, hkv, d", [(14, 2, 64), (28, 4, 128), (16, 2, 72)])
@@ -614,10 +647,11 @@ def test_cuda_gqa_split_backward(monkeypatch, dtype, hq, hkv, d):
     """The opt-in GQA splits on the GPU (device_check runs the cuda-marked tests; the repeat and the kernel-side ones):
     Qwen2-0.5B's and Qwen2-7B's head layouts and a D72 one, uneven causal documents, by the flash-attn rule."""
     lens = [300, 1, 577, 97, 1500]
-    for split in ("1", "k4", "k7"):
+    monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "0")   # the splits alone, then with the heavy-first order
+    for split in ("0", "1", "k4", "k7"):
         monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", split)
         _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
-    monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "1")   # with the heavy-first forward and dQ (session 15)
+    monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "1")   # the default since session 17, with k4
     _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
 
 
