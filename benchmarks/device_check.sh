@@ -177,8 +177,10 @@ if want ops; then
       # session 17 (H200): 64x64 w4 s3 forward 0.2405 -> 0.2006 ms at the stage-1 shape (1.20x), 0.96x at 4k: the
       # default for D128 with documents <= 1024 tokens now (attention._FWD_SHORT_CFG_D128); fwd=128,128,8,3 is the
       # old default (the control), 64x128 w4 s2 a neighbour; the spill-free dK/dV configs lost at both shapes
-      step attention_dkdv128_s1 80 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time stage1 \
-        --variants "default|CFG=fwd=128,128,8,3|CFG=fwd=64,128,4,2|CFG=fwd=128,64,8,3" \
+      # + two dQ configs for the stage-1 backward (~0.73 ms per layer, 23 ms per full-depth step), screened by
+      # aot_check (triton 3.6): 128x32 w8 s3 (112 KB, 149 registers) and 64x64 w4 s2 (96 KB, 242), no spills
+      step attention_dkdv128_s1 110 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time stage1 \
+        --variants "default|CFG=fwd=128,128,8,3|CFG=fwd=64,128,4,2|CFG=fwd=128,64,8,3|CFG=dq=128,32,8,3|CFG=dq=64,64,4,2" \
         --out "$RES/attention_dkdv128_s1.jsonl"
       # (and the 64x64 w4 s3 forward at 4k too: if it wins there as well, the prefill's 2498-token documents gain)
       step attention_dkdv128_4k 75 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
