@@ -19,6 +19,8 @@ the default); llava_fast_triton_text (prefill only): LLAVA_FAST_TEXT_ATTENTION=t
 prefill too (the default before session 17); llava_fast_keep_act (not in the default list
 either): llava_fast with LLAVA_FAST_RECOMPUTE_ACT=0, the MLP activations kept for the backward (the path before
 session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory and time cost of that choice;
+llava_fast_keep_vision_act (OneVision only): LLAVA_FAST_RECOMPUTE_ACT=llm, the vision tower keeps its LayerNorm and
+GELU outputs while the language model recomputes (session 17, opt-in);
 llava_fast_sdpa_flash: llava_fast with LLAVA_FAST_SDPA_CUDNN=0, the vision towers' SDPA in its default order (flash
 first) instead of cuDNN first on Hopper (models/dispatch.py); llava_fast_ce_vocab: llava_fast with
 LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed);
@@ -502,6 +504,9 @@ def run_mixed(providers, layers, tiny, rep, warmup):
 PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the MLP activations kept for the backward instead of recomputed (ops/act_linear.py; before session 4)
                 "llava_fast_keep_act": {"LLAVA_FAST_RECOMPUTE_ACT": "0"},
+                # the vision towers keep their LayerNorm / GELU outputs, the language model recomputes (session 17,
+                # opt-in; only a trained tower changes: the OneVision step)
+                "llava_fast_keep_vision_act": {"LLAVA_FAST_RECOMPUTE_ACT": "llm"},
                 # the vision towers' SDPA in its own order (flash first) instead of cuDNN first on Hopper
                 "llava_fast_sdpa_flash": {"LLAVA_FAST_SDPA_CUDNN": "0"},
                 # the fused loss over vocab blocks (less memory, one more logits GEMM; only where lm_head trains)
@@ -623,6 +628,9 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
                     torch.cuda.empty_cache()
             if not available(prov):
                 print(f"[{name}] {prov}: not installed, skipped")
+                continue
+            if prov == "llava_fast_keep_vision_act" and name != "ov_ft":
+                print(f"[{name}] {prov}: the vision tower does not train here (nothing is recomputed in it), skipped")
                 continue
             if prov == "llava_fast_triton_text" and name != "prefill":
                 print(f"[{name}] {prov}: a training step runs the Triton kernel anyway (the SDPA default is for "

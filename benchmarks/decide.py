@@ -400,6 +400,10 @@ def _model_rules(rows, label=""):
              "GQA split of dK/dV + heavy-first order (default) vs neither",
              "keep the default if not slower; else LLAVA_FAST_ATTN_GQA_SPLIT '0' and LLAVA_FAST_ATTN_HEAVY_FIRST '0' "
              "(the gqa op's variants say which of the two gains)"),
+            ("llava_fast_keep_vision_act", ("ov_ft",),
+             "vision tower keeps its activations (opt-in) vs recomputes them",
+             "LLAVA_FAST_RECOMPUTE_ACT default 'llm' (act_linear.recompute_enabled) if >= 1.01x on ov_ft and the "
+             "full-depth peak stays <= 0.6x hf_sdpa's (saved_activations.py predicts +3.3 GiB: 0.43x -> 0.50x)"),
             ("llava_fast_triton_text", ("prefill",),
              "prefill attention by SDPA (default for no-grad one-length forwards) vs Triton",
              "keep the default if not slower; else LLAVA_FAST_TEXT_ATTENTION default 'triton' "
@@ -410,12 +414,14 @@ def _model_rules(rows, label=""):
                 continue
             x, how = _default_vs(ours, alt)
             if prov in ("llava_fast_gelu_triton", "llava_fast_ln_triton", "llava_fast_bias_triton",
-                        "llava_fast_sdpa_text", "llava_fast_fused_qkv", "llava_fast_cutlass_attn"):   # opt-in ones
+                        "llava_fast_sdpa_text", "llava_fast_fused_qkv", "llava_fast_cutlass_attn",
+                        "llava_fast_keep_vision_act"):   # opt-in ones
                 x = 1 / x
                 bar = 1.005 if prov == "llava_fast_cutlass_attn" else \
                     1.0 if (prov == "llava_fast_ln_triton" and mode != "ov_ft"
                             or prov == "llava_fast_fused_qkv" and mode == "ov_ft") else 1.01
                 verdict = "switch" if x >= bar else {"llava_fast_sdpa_text": "keep the Triton kernel",
+                                                     "llava_fast_keep_vision_act": "keep recomputing",
                                                      "llava_fast_cutlass_attn": "keep the Triton forward",
                                                      "llava_fast_fused_qkv": "keep three GEMMs"}.get(prov,
                                                                                                      "keep torch's")

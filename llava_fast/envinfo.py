@@ -62,6 +62,9 @@ def env() -> dict:
         rc = recompute_enabled()
         info["activation_recompute"] = ("on: MLP activations and norm outputs recomputed in the backward"
                                         if rc else "off (LLAVA_FAST_RECOMPUTE_ACT=0): kept for the backward")
+        if rc and not recompute_enabled("vision"):
+            info["activation_recompute"] = ("language model only (LLAVA_FAST_RECOMPUTE_ACT=llm): the vision towers "
+                                            "keep their LayerNorm and activation outputs for the backward")
         if rc:
             from llava_fast.ops.act_linear import fused_recompute_enabled
 

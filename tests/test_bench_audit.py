@@ -167,6 +167,22 @@ def test_decide_gqa_split_default(tmp_path):
     assert verdict(95.0, 100.0)[2] == "switch"
 
 
+def test_decide_keep_vision_act(tmp_path):
+    """The opt-in LLAVA_FAST_RECOMPUTE_ACT=llm row: "switch" only at >= 1.01x the default on the OneVision step."""
+    shape = "OV-0.5B full FT 2x5453 (4 LLM layers)"
+    q = "vision tower keeps its activations (opt-in) vs recomputes them, ov_ft"
+
+    def verdict(ours_v, keep_v):
+        _model_rows(tmp_path / "bench_model-GPU-1.json",
+                    [("llava_fast", shape, "ov_ft", ours_v, 12.0), ("hf_sdpa", shape, "ov_ft", 70.0, 36.0),
+                     ("llava_fast_keep_vision_act", shape, "ov_ft", keep_v, 15.5)])
+        return _decide(tmp_path)[q]
+
+    m, r, d = verdict(100.0, 102.0)
+    assert d == "switch" and m.startswith("1.02x the default") and "0.6x hf_sdpa" in r
+    assert verdict(100.0, 100.5)[2] == "keep recomputing"
+
+
 def test_decide_graph_rule(tmp_path):
     """The whole-step CUDA graph row against the eager one: >= 1.10x says the eager step is host-bound."""
     shape = "OV-0.5B full FT 2x5453 (4 LLM layers)"

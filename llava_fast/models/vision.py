@@ -60,7 +60,7 @@ class VisionAttention(nn.Module):
         projs = (self.q_proj, self.k_proj, self.v_proj)
         if norm is not None and plain_linears(*projs) and unhooked(norm):
             q, k, v = act_linears(_layer_norm(norm), (x, norm.weight, norm.bias), [p.weight for p in projs],
-                                  [p.bias for p in projs])
+                                  [p.bias for p in projs], part="vision")
         else:  # no norm given, or adapters / wrappers on the projections (LoRA): call the modules
             h = x if norm is None else norm(x)
             q, k, v = (p(h) for p in projs)
@@ -91,11 +91,12 @@ class VisionMLP(nn.Module):
         from llava_fast.ops.act_linear import act_linear, plain_linears, unhooked
 
         if norm is not None and plain_linears(self.fc1) and unhooked(norm):
-            h = act_linear(_layer_norm(norm), (x, norm.weight, norm.bias), self.fc1.weight, self.fc1.bias)
+            h = act_linear(_layer_norm(norm), (x, norm.weight, norm.bias), self.fc1.weight, self.fc1.bias,
+                           part="vision")
         else:
             h = self.fc1(x if norm is None else norm(x))
         if plain_linears(self.fc2):
-            return act_linear(self.act, (h,), self.fc2.weight, self.fc2.bias)
+            return act_linear(self.act, (h,), self.fc2.weight, self.fc2.bias, part="vision")
         return self.fc2(self.act(h))
 
 

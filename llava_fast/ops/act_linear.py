@@ -16,7 +16,8 @@ The recomputation runs the activation's own forward and backward (``torch.autogr
 so the gradients are those of the plain path up to the GEMMs' summation order (the weight gradient is computed as
 ``dy^T @ act`` on the flattened tokens, as autograd's linear backward does).
 
-``LLAVA_FAST_RECOMPUTE_ACT=0`` (read at each call) keeps the activation instead; so do calls without gradients and
+``LLAVA_FAST_RECOMPUTE_ACT=0`` (read at each call) keeps the activation instead (``llm``: in the vision towers only,
+:func:`recompute_enabled`); so do calls without gradients and
 traces by torch.compile (its partitioner already recomputes cheap pointwise ops such as the activation instead of
 saving them, and dynamo cannot trace the ``torch.autograd.grad`` of this backward). Under autocast the backward runs
 in the forward's autocast state (as ``torch.amp.custom_bwd`` does).
@@ -424,8 +425,24 @@ def _global_hooks() -> bool:
                 or m._global_backward_pre_hooks)
 
 
-def recompute_enabled() -> bool:
-    return _ext.env_choice("LLAVA_FAST_RECOMPUTE_ACT", ("0", "1"), "1") == "1"
+_RECOMPUTE_CHOICES = ("0", "1", "llm")
+
+
+def recompute_enabled(part: str = "llm") -> bool:
+    """Whether :func:`act_linears` recomputes its activation in the backward for a call from ``part`` ("llm": the
+    language model, the default; "vision": the vision towers). ``LLAVA_FAST_RECOMPUTE_ACT`` (read at each call):
+    ``1`` (default) everywhere; ``0`` nowhere (the path before session 4); ``llm`` (opt-in, session 17) in the
+    language model only: the vision towers keep their LayerNorm and GELU outputs for the backward. Why ``llm``: in
+    the OneVision full fine-tune the trained SigLIP tower's recomputation costs ~2.8 ms of GPU time per step at any
+    LLM depth (H200, session 17 profile: 52 LayerNorm recomputations at ~29 us and 26 GELU ones at ~50 us), while
+    keeping those outputs costs 6612 values more per vision token (the two LayerNorm outputs, 2 x 1152, and the GELU
+    output, 4304; ``benchmarks/saved_activations.py``), ~3.3 GiB for the benchmark's batch (its predicted full-depth
+    step 18.96 -> 22.22 GiB, 0.43x -> 0.50x transformers'; the target is 0.6x, the H200 measured 0.37x). The language
+    model's recomputation is cheaper per byte saved (its SwiGLU / RMSNorm outputs are written by their backward
+    kernels) and grows with depth, so it stays. Measured end to end: bench_model's ``llava_fast_keep_vision_act``
+    row (not yet run; every-part keeping, ``llava_fast_keep_act``, was 0.944x [0.84, 1.06] paired on the H200)."""
+    value = _ext.env_choice("LLAVA_FAST_RECOMPUTE_ACT", _RECOMPUTE_CHOICES, "1")
+    return value == "1" or (value == "llm" and part == "llm")
 
 
 def _check_pairs(what: str, weights, biases) -> None:
@@ -479,16 +496,17 @@ def fuse_residual_enabled() -> bool:
 
 
 def act_linears(act: Callable, hs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                biases: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+                biases: Sequence[Optional[torch.Tensor]], part: str = "llm") -> tuple[torch.Tensor, ...]:
     """``tuple(F.linear(a, w, b) for w, b in zip(weights, biases))`` with ``a = act(*hs)`` computed once (q, k and v
     from one normalized input); when a gradient is needed, ``a`` is recomputed in the backward instead of kept (see
-    the module docstring). ``act`` must be a pure function of ``hs`` (elementwise activations, gated products, norms:
-    pass a norm's weight and bias in ``hs`` so that they get their gradients)."""
+    the module docstring; ``part``, "llm" or "vision", is the model part calling: :func:`recompute_enabled`). ``act``
+    must be a pure function of ``hs`` (elementwise activations, gated products, norms: pass a norm's weight and bias
+    in ``hs`` so that they get their gradients)."""
     _check_pairs("act_linears", weights, biases)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*hs, *weights, *biases))
     if torch.compiler.is_compiling():
         return act_linears_ref(act, hs, weights, biases)
-    if not grads or not recompute_enabled():
+    if not grads or not recompute_enabled(part):
         return linears(act(*hs), weights, biases)
     return ActLinearFunction.apply(act, len(weights), *weights, *biases, *hs)
 
@@ -516,6 +534,6 @@ def residual_act_linears(act: ExplicitAct, x: torch.Tensor, residual: torch.Tens
 
 
 def act_linear(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tensor,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+               bias: Optional[torch.Tensor] = None, part: str = "llm") -> torch.Tensor:
     """``F.linear(act(*hs), weight, bias)``: :func:`act_linears` with one linear."""
-    return act_linears(act, hs, [weight], [bias])[0]
+    return act_linears(act, hs, [weight], [bias], part)[0]

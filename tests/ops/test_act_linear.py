@@ -2,6 +2,8 @@
 (fp32 to GEMM rounding, bf16 by the flash-attn rule against an fp64 reference), what it saves (counted with
 saved-tensor hooks: the activation's output is not kept), the fallbacks (no grad, autocast, the switch), and
 torch.compile."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,9 +107,56 @@ def test_fallbacks(monkeypatch):
     assert type(y.grad_fn).__name__.startswith("ActLinearFunction")
     monkeypatch.setenv("LLAVA_FAST_RECOMPUTE_ACT", "0")
     assert not type(act_linear(GELU_TANH, hs, w, b).grad_fn).__name__.startswith("ActLinearFunction")
+    monkeypatch.setenv("LLAVA_FAST_RECOMPUTE_ACT", "llm")   # the language model recomputes, the vision towers keep
+    assert type(act_linear(GELU_TANH, hs, w, b).grad_fn).__name__.startswith("ActLinearFunction")
+    assert not type(act_linear(GELU_TANH, hs, w, b, part="vision").grad_fn).__name__.startswith("ActLinearFunction")
+    monkeypatch.setenv("LLAVA_FAST_RECOMPUTE_ACT", "1")
+    assert type(act_linear(GELU_TANH, hs, w, b, part="vision").grad_fn).__name__.startswith("ActLinearFunction")
     monkeypatch.setenv("LLAVA_FAST_RECOMPUTE_ACT", "yes")
     with pytest.raises(ValueError, match="LLAVA_FAST_RECOMPUTE_ACT='yes': must be one of"):
         act_linear(GELU_TANH, hs, w, b)
+
+
+def test_recompute_in_the_language_model_only(monkeypatch, tmp_path):
+    """LLAVA_FAST_RECOMPUTE_ACT=llm on a whole OneVision model (SigLIP tower trained, fp32 CPU): the vision tower's
+    act_linears keep their activations (autograd path: no ActLinearFunction from models/vision.py), the language
+    model's still recompute, and the loss and every gradient equal the default run's (recomputing everywhere)."""
+    import sys
+
+    import llava_fast
+    from llava_fast.ops import act_linear as al
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    from test_model_kernels import packed_inputs
+    from tiny import save_tiny
+
+    _, path = save_tiny(tmp_path, "llava_onevision")
+    kw = packed_inputs("llava_onevision")
+    callers = []
+    real = al.ActLinearFunction.apply
+
+    def spy(*args):  # the first caller outside ops/act_linear.py: the model file
+        f = sys._getframe(1)
+        while Path(f.f_code.co_filename).name == "act_linear.py":
+            f = f.f_back
+        callers.append(Path(f.f_code.co_filename).name)
+        return real(*args)
+    monkeypatch.setattr(al.ActLinearFunction, "apply", spy)
+    runs = {}
+    for value in ("1", "llm"):
+        monkeypatch.setenv("LLAVA_FAST_RECOMPUTE_ACT", value)
+        callers.clear()
+        m = llava_fast.from_pretrained(path)
+        loss = m(**kw).loss
+        loss.backward()
+        runs[value] = (loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None},
+                       sorted(set(callers)))
+    assert runs["1"][2] == ["language.py", "vision.py"], runs["1"][2]
+    assert runs["llm"][2] == ["language.py"], runs["llm"][2]
+    torch.testing.assert_close(runs["llm"][0], runs["1"][0], rtol=0, atol=1e-6)
+    assert runs["llm"][1].keys() == runs["1"][1].keys() and any("vision_tower" in n for n in runs["1"][1])
+    for n, g in runs["1"][1].items():
+        torch.testing.assert_close(runs["llm"][1][n], g, rtol=1e-5, atol=1e-6, msg=n)
 
 
 @pytest.mark.parametrize("name", ["gelu_tanh", "swiglu_op"])
