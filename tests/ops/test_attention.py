@@ -651,7 +651,11 @@ def test_cuda_gqa_split_backward(monkeypatch, dtype, hq, hkv, d):
     for split in ("0", "1", "k4", "k7"):
         monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", split)
         _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
-    monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "1")   # the default since session 17, with k4
+    monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "1")   # k7 with the heavy-first order
+    _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
+    monkeypatch.delenv("LLAVA_FAST_ATTN_GQA_SPLIT")          # the defaults since session 17: k4 + heavy-first
+    monkeypatch.delenv("LLAVA_FAST_ATTN_HEAVY_FIRST")
+    assert attn_mod._gqa_split(hq // hkv)[0] == "kernel"
     _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
 
 
