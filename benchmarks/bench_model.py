@@ -500,6 +500,26 @@ def run_mixed(providers, layers, tiny, rep, warmup):
     return rows
 
 
+# A/B providers that change nothing in some workloads: (the workloads they run in, why the others are skipped)
+PROVIDER_WORKLOADS = {
+    "llava_fast_keep_vision_act": (("ov_ft",), "the vision tower does not train here (nothing is recomputed in it)"),
+    "llava_fast_triton_text": (("prefill",), "a training step runs the Triton kernel anyway (the SDPA default is for "
+                                             "no-grad forwards)"),
+    "llava_fast_all_rows": (("ov_ft", "stage1", "mixed"), "a prefill has no labels (every row is computed anyway)"),
+    "llava_fast_cutlass_attn": (("stage1",), "the CUTLASS forward takes one-length MHA documents of a multiple of 8 "
+                                             "tokens: stage 1 only"),
+}
+
+
+def skip_reason(prov: str, name: str, cfg) -> str:
+    """Why provider ``prov`` is not run on workload ``name`` (empty: it runs)."""
+    if prov in PROVIDER_WORKLOADS and name not in PROVIDER_WORKLOADS[prov][0]:
+        return PROVIDER_WORKLOADS[prov][1]
+    if prov == "hf_sdpa_liger_flce" and cfg.model_type != "llava":
+        return "Liger 0.8.5 has a fused-linear-CE patch for LLaVA-1.5 only"
+    return ""
+
+
 # Providers that are llava_fast with an experiment switched on (environment variables set while they build and run).
 PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the MLP activations kept for the backward instead of recomputed (ops/act_linear.py; before session 4)
@@ -629,22 +649,9 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
             if not available(prov):
                 print(f"[{name}] {prov}: not installed, skipped")
                 continue
-            if prov == "llava_fast_keep_vision_act" and name != "ov_ft":
-                print(f"[{name}] {prov}: the vision tower does not train here (nothing is recomputed in it), skipped")
-                continue
-            if prov == "llava_fast_triton_text" and name != "prefill":
-                print(f"[{name}] {prov}: a training step runs the Triton kernel anyway (the SDPA default is for "
-                      f"no-grad forwards), skipped")
-                continue
-            if prov == "llava_fast_all_rows" and name == "prefill":
-                print(f"[{name}] {prov}: a prefill has no labels (every row is computed anyway), skipped")
-                continue
-            if prov == "llava_fast_cutlass_attn" and name != "stage1":
-                print(f"[{name}] {prov}: the CUTLASS forward takes one-length MHA documents of a multiple of 8 "
-                      f"tokens: stage 1 only, skipped")
-                continue
-            if prov == "hf_sdpa_liger_flce" and cfg.model_type != "llava":
-                print(f"[{name}] {prov}: Liger 0.8.5 has a fused-linear-CE patch for LLaVA-1.5 only, skipped")
+            why = skip_reason(prov, name, cfg)
+            if why:
+                print(f"[{name}] {prov}: {why}, skipped")
                 continue
             m = None
             restore = snapshot_transformers() if prov.startswith("hf_sdpa_liger") else None

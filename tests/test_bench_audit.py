@@ -148,19 +148,25 @@ def test_device_check_providers_are_known(capsys):
     assert "unknown providers ['llava_fast_gqa_splt']" in capsys.readouterr().err
 
 
+def _ov_verdict(tmp_path, question, provider, peak):
+    """verdict(ours_tokens_per_s, provider_tokens_per_s) -> decide.py's (measured, rule, says) for ``question`` on a
+    4-layer OneVision table holding llava_fast, hf_sdpa and ``provider``."""
+    shape = "OV-0.5B full FT 2x5453 (4 LLM layers)"
+
+    def verdict(ours_v, alt_v):
+        _model_rows(tmp_path / "bench_model-GPU-1.json",
+                    [("llava_fast", shape, "ov_ft", ours_v, 12.0), ("hf_sdpa", shape, "ov_ft", 70.0, 36.0),
+                     (provider, shape, "ov_ft", alt_v, peak)])
+        return _decide(tmp_path)[question]
+    return verdict
+
+
 def test_decide_gqa_split_default(tmp_path):
     """Since session 17 the GQA split and the heavy-first order are the default; the row without them
     (llava_fast_no_gqa_split) is the control: the default is kept when it is not slower, else the verdict says to
     switch back."""
-    shape = "OV-0.5B full FT 2x5453 (4 LLM layers)"
-    q = "GQA split of dK/dV + heavy-first order (default) vs neither, ov_ft"
-
-    def verdict(ours_v, off_v):
-        _model_rows(tmp_path / "bench_model-GPU-1.json",
-                    [("llava_fast", shape, "ov_ft", ours_v, 12.0), ("hf_sdpa", shape, "ov_ft", 70.0, 36.0),
-                     ("llava_fast_no_gqa_split", shape, "ov_ft", off_v, 12.5)])
-        return _decide(tmp_path)[q]
-
+    verdict = _ov_verdict(tmp_path, "GQA split of dK/dV + heavy-first order (default) vs neither, ov_ft",
+                          "llava_fast_no_gqa_split", 12.5)
     m, r, d = verdict(103.0, 100.0)
     assert d == "keep the default" and m.startswith("default 1.03x") and "LLAVA_FAST_ATTN_GQA_SPLIT '0'" in r
     assert verdict(100.0, 100.0)[2] == "keep the default"
@@ -169,15 +175,8 @@ def test_decide_gqa_split_default(tmp_path):
 
 def test_decide_keep_vision_act(tmp_path):
     """The opt-in LLAVA_FAST_RECOMPUTE_ACT=llm row: "switch" only at >= 1.01x the default on the OneVision step."""
-    shape = "OV-0.5B full FT 2x5453 (4 LLM layers)"
-    q = "vision tower keeps its activations (opt-in) vs recomputes them, ov_ft"
-
-    def verdict(ours_v, keep_v):
-        _model_rows(tmp_path / "bench_model-GPU-1.json",
-                    [("llava_fast", shape, "ov_ft", ours_v, 12.0), ("hf_sdpa", shape, "ov_ft", 70.0, 36.0),
-                     ("llava_fast_keep_vision_act", shape, "ov_ft", keep_v, 15.5)])
-        return _decide(tmp_path)[q]
-
+    verdict = _ov_verdict(tmp_path, "vision tower keeps its activations (opt-in) vs recomputes them, ov_ft",
+                          "llava_fast_keep_vision_act", 15.5)
     m, r, d = verdict(100.0, 102.0)
     assert d == "switch" and m.startswith("1.02x the default") and "0.6x hf_sdpa" in r
     assert verdict(100.0, 100.5)[2] == "keep recomputing"
@@ -185,15 +184,7 @@ def test_decide_keep_vision_act(tmp_path):
 
 def test_decide_graph_rule(tmp_path):
     """The whole-step CUDA graph row against the eager one: >= 1.10x says the eager step is host-bound."""
-    shape = "OV-0.5B full FT 2x5453 (4 LLM layers)"
-    q = "whole step as one CUDA graph vs eager, ov_ft"
-
-    def verdict(ours_v, graph_v):
-        _model_rows(tmp_path / "bench_model-GPU-1.json",
-                    [("llava_fast", shape, "ov_ft", ours_v, 12.0), ("hf_sdpa", shape, "ov_ft", 70.0, 36.0),
-                     ("llava_fast_graph", shape, "ov_ft", graph_v, 13.0)])
-        return _decide(tmp_path)[q]
-
+    verdict = _ov_verdict(tmp_path, "whole step as one CUDA graph vs eager, ov_ft", "llava_fast_graph", 13.0)
     m, r, d = verdict(100.0, 130.0)
     assert d == "host-bound" and m == "1.30x eager, 1.86x hf_sdpa" and ">= 1.10x" in r
     assert verdict(100.0, 105.0)[2] == "kernel-bound"
