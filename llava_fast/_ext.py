@@ -238,8 +238,9 @@ def interpreting() -> bool:
 
 
 def env_choice(name: str, choices: tuple, default: str) -> str:
-    """The environment variable ``name`` (read at every call), one of ``choices``; a ValueError naming it otherwise."""
-    value = os.environ.get(name, default).strip().lower()
+    """The environment variable ``name`` (read at every call), one of ``choices``; a ValueError naming it otherwise.
+    Unset or empty (``NAME= python ...``, how shells clear a variable for one command) means ``default``."""
+    value = os.environ.get(name, "").strip().lower() or default
     if value not in choices:
         raise ValueError(f"{name}={value!r}: must be one of {choices}")
     return value

@@ -250,3 +250,18 @@ def test_cuda_direct_launch_same_results_as_triton_path(monkeypatch):
     for a, b in zip(outs["0"], outs["1"]):
         assert torch.equal(a, b)
     assert rn._rms_norm_fwd_kernel.__dict__.get("_llava_fast_direct")
+
+
+def test_env_choice_values(monkeypatch):
+    """_ext.env_choice: unset or empty means the default (a shell's ``NAME= cmd``), case and spaces are ignored, and
+    anything else outside the choices is a ValueError that names the variable and the choices."""
+    from llava_fast import _ext
+
+    monkeypatch.delenv("LLAVA_FAST_TEST_CHOICE", raising=False)
+    assert _ext.env_choice("LLAVA_FAST_TEST_CHOICE", ("a", "b"), "a") == "a"
+    for raw, want in (("", "a"), ("  ", "a"), (" B ", "b"), ("b", "b")):
+        monkeypatch.setenv("LLAVA_FAST_TEST_CHOICE", raw)
+        assert _ext.env_choice("LLAVA_FAST_TEST_CHOICE", ("a", "b"), "a") == want, raw
+    monkeypatch.setenv("LLAVA_FAST_TEST_CHOICE", "c")
+    with pytest.raises(ValueError, match=r"LLAVA_FAST_TEST_CHOICE='c': must be one of \('a', 'b'\)"):
+        _ext.env_choice("LLAVA_FAST_TEST_CHOICE", ("a", "b"), "a")
