@@ -237,10 +237,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def env_str(name: str, default: str) -> str:
+    """The environment variable ``name`` (read at every call), stripped and lower-cased; unset or empty (``NAME=
+    python ...``, how shells clear a variable for one command) means ``default``."""
+    return os.environ.get(name, "").strip().lower() or default
+
+
 def env_choice(name: str, choices: tuple, default: str) -> str:
-    """The environment variable ``name`` (read at every call), one of ``choices``; a ValueError naming it otherwise.
-    Unset or empty (``NAME= python ...``, how shells clear a variable for one command) means ``default``."""
-    value = os.environ.get(name, "").strip().lower() or default
+    """:func:`env_str`, one of ``choices``; a ValueError naming the variable otherwise."""
+    value = env_str(name, default)
     if value not in choices:
         raise ValueError(f"{name}={value!r}: must be one of {choices}")
     return value

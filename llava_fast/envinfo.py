@@ -60,9 +60,11 @@ def env() -> dict:
 
     try:
         rc = recompute_enabled()
-        info["activation_recompute"] = ("on: MLP activations and norm outputs recomputed in the backward"
-                                        if rc else "off (LLAVA_FAST_RECOMPUTE_ACT=0): kept for the backward")
-        if rc and not recompute_enabled("vision"):
+        if not rc:
+            info["activation_recompute"] = "off (LLAVA_FAST_RECOMPUTE_ACT=0): kept for the backward"
+        elif recompute_enabled("vision"):
+            info["activation_recompute"] = "on: MLP activations and norm outputs recomputed in the backward"
+        else:
             info["activation_recompute"] = ("language model only (LLAVA_FAST_RECOMPUTE_ACT=llm): the vision towers "
                                             "keep their LayerNorm and activation outputs for the backward")
         if rc:
@@ -74,10 +76,11 @@ def env() -> dict:
     except ValueError as e:
         info["activation_recompute"] = f"invalid: {e}"
     try:
-        rows = _ext.env_choice("LLAVA_FAST_LAST_LAYER_ROWS", ("supervised", "all"), "supervised")
+        from llava_fast.models.llava import last_layer_rows_choice
+
         info["last_layer_rows"] = ("supervised: a loss-only call (labels, logits=False) runs the last decoder layer's "
                                    "output projection and MLP on the supervised rows (LLAVA_FAST_LAST_LAYER_ROWS=all "
-                                   "for every row)" if rows == "supervised" else
+                                   "for every row)" if last_layer_rows_choice() == "supervised" else
                                    "all (LLAVA_FAST_LAST_LAYER_ROWS=all): every row of the last layer")
     except ValueError as e:
         info["last_layer_rows"] = f"invalid: {e}"

@@ -187,13 +187,13 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
     if kv_cache is not None:
         return varlen_cache_attention(kv_cache.plan, dtype, device, head_dim)
     lk = n if lk is None else lk
+    choice = text_attention_choice()
     fast = None
     if cu_seqlens is not None or (attention_mask is None and lk == n):
         fast = _fast_attention(device.type, head_dim, dtype) if head_dim else None
     if cu_seqlens is not None:
         if b != 1:
             raise ValueError(f"packed form (cu_seqlens given) needs a batch of 1 sequence, got batch {b}")
-        choice = text_attention_choice()
         ms = int(max_seqlen) if max_seqlen is not None else n
         if choice == "sdpa" or (choice == "auto" and fast is not None
                                 and _sdpa_for_inference(dtype, device, n == (cu_seqlens.numel() - 1) * ms)):
@@ -214,7 +214,6 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
             return o.transpose(0, 1)[None]
         return attn
 
-    choice = text_attention_choice()
     if attention_mask is None and lk == n and (choice == "sdpa" or (
             choice == "auto" and fast is not None and _sdpa_for_inference(dtype, device, True))):
         return dense_sdpa_attention()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava_fast import backend
+from llava_fast import _ext, backend
 from llava_fast.models.config import LlavaConfig
 from llava_fast.models.language import LanguageModel
 from llava_fast.models.layers import get_activation
@@ -97,6 +97,11 @@ def shift_labels(labels, cu_seqlens=None, ignore_index: int = -100):
         shift = shift.clone()
         shift[0].index_fill_(0, (cu_seqlens[1:] - 1).long(), ignore_index)
     return shift
+
+
+def last_layer_rows_choice() -> str:
+    """``LLAVA_FAST_LAST_LAYER_ROWS``: "supervised" (default) or "all" (:meth:`_LlavaBase._kept_rows`)."""
+    return _ext.env_choice("LLAVA_FAST_LAST_LAYER_ROWS", ("supervised", "all"), "supervised")
 
 
 def loss_from_logits(logits, labels, cu_seqlens=None, num_items_in_batch=None, ignore_index: int = -100):
@@ -338,8 +343,6 @@ class _LlavaBase(nn.Module):
         """The integer inputs on the host, by name: ``given`` (the caller's CPU copies, ``host_inputs``) where it has
         them, the rest copied with :func:`llava_fast._ext.host_copies` (one synchronisation; none when all are on the
         CPU already). A decoding step copies nothing (its checks are skipped) and gets the inputs as they are."""
-        from llava_fast import _ext
-
         given = dict(given.tensors if isinstance(given, HostInputs) else (given or {}))
         unknown = set(given) - set(HostInputs.KEYS)
         if unknown:
@@ -377,8 +380,6 @@ class _LlavaBase(nn.Module):
           such a call never computes: the loss and every gradient are those of the whole computation. The count
           comes from the host copy of the labels and the rows from ``nonzero_static`` on the device: nothing is read
           back or uploaded (a CUDA graph captures it)."""
-        from llava_fast import _ext
-
         if keep_rows is not None:
             if shift is not None:
                 raise ValueError("keep_rows selects the rows of the logits / hidden states to compute and cannot be "
@@ -401,7 +402,7 @@ class _LlavaBase(nn.Module):
             return keep_rows.to(device, torch.int64, non_blocking=True), host
         if shift is None or logits or return_hidden or decoding:
             return None, None
-        if _ext.env_choice("LLAVA_FAST_LAST_LAYER_ROWS", ("supervised", "all"), "supervised") == "all":
+        if last_layer_rows_choice() == "all":
             return None, None
         host = (host_shift != -100).nonzero().reshape(-1)
         if host.numel() in (0, total):

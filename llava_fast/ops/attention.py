@@ -1152,7 +1152,7 @@ def _gqa_split(group: int) -> tuple[str, int]:
     ``"1"``: 1204 programs in grid order, 90% by the same list-scheduling count, plus the repeat's and partials'
     ~120 MB. ``"k4"``: 688 programs longest first, 98%, plus ~45 MB of partials (``benchmarks/dkdv_schedule.py``
     counts these). Predictions and results: docs/perf-notes.md, "GQA split of the dK/dV kernel"."""
-    value = os.environ.get("LLAVA_FAST_ATTN_GQA_SPLIT", "k4").strip().lower()
+    value = _ext.env_str("LLAVA_FAST_ATTN_GQA_SPLIT", "k4")
     parts = int(value[1:]) if value[:1] == "k" and value[1:].isdigit() else 0
     if value not in ("0", "1") and parts < 1:
         raise ValueError(f"LLAVA_FAST_ATTN_GQA_SPLIT={value!r}: must be '0' (off), '1' (per query head on repeated "
@@ -1182,6 +1182,15 @@ def _heavy_first(causal: bool, k: torch.Tensor, n_blocks: int) -> bool:
     if not causal or _ext.env_choice("LLAVA_FAST_ATTN_HEAVY_FIRST", ("0", "1"), "1") == "0":
         return False
     return 2 * k.numel() * k.element_size() <= _HEAVY_FIRST_KV_BYTES and n_blocks <= 65535
+
+
+def _query_block_grid(causal: bool, k: torch.Tensor, max_seqlen_q: int, batch: int, hq: int):
+    """``(grid_of, constexprs)`` of a kernel with one program per (query block, document, query head), the forward
+    and dQ: (query blocks, documents, Hq), or with :func:`_heavy_first` (documents x Hq, query blocks) and the
+    kernel's ``QB_MAJOR`` (``_query_block_pid``)."""
+    if _heavy_first(causal, k, _ext.cdiv(max_seqlen_q, 16)):
+        return (lambda bm, bn: (batch * hq, _ext.cdiv(max_seqlen_q, bm))), dict(QB_MAJOR=True, n_q_heads=hq)
+    return (lambda bm, bn: (_ext.cdiv(max_seqlen_q, bm), batch, hq)), {}
 
 
 def _use_lse_tma(q: torch.Tensor | None = None) -> bool:
@@ -1349,9 +1358,9 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     if tma and q.is_cuda:
         _ext.ensure_tma_allocator()
     kind = "fwd_decode" if used and max_seqlen_q <= 16 else "fwd"
-    if kind == "fwd" and _heavy_first(causal, k, _ext.cdiv(max_seqlen_q, 16)):
-        constexprs.update(QB_MAJOR=True, n_q_heads=hq)
-        grid_of = lambda bm, bn: (batch * hq, _ext.cdiv(max_seqlen_q, bm))  # noqa: E731
+    if kind == "fwd":
+        grid_of, extra = _query_block_grid(causal, k, max_seqlen_q, batch, hq)
+        constexprs.update(extra)
     else:
         grid_of = lambda bm, bn: (_ext.cdiv(max_seqlen_q, bm), batch, hq)  # noqa: E731
     with _device_guard(q):
@@ -1469,10 +1478,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
         tma_kv = _use_tma(k, v)
         if tma_kv and q.is_cuda:
             _ext.ensure_tma_allocator()
-        dq_extra, grid_of = {}, (lambda bm, bn: (_ext.cdiv(max_seqlen_q, bm), batch, hq))  # noqa: E731
-        if _heavy_first(causal, k, _ext.cdiv(max_seqlen_q, 16)):
-            dq_extra = dict(QB_MAJOR=True, n_q_heads=hq)
-            grid_of = lambda bm, bn: (batch * hq, _ext.cdiv(max_seqlen_q, bm))  # noqa: E731
+        grid_of, dq_extra = _query_block_grid(causal, k, max_seqlen_q, batch, hq)
         _launch("dq", _flash_attn_bwd_dq_kernel, grid_of, args, dict(constexprs, USE_TMA=tma_kv, **dq_extra))
     return dq, dk, dv
 

@@ -601,6 +601,8 @@ def test_gqa_split_setting():
     try:
         os.environ.pop("LLAVA_FAST_ATTN_GQA_SPLIT", None)
         assert attn_mod._gqa_split(7) == ("kernel", 4) and attn_mod._gqa_split(1) == ("off", 1)
+        os.environ["LLAVA_FAST_ATTN_GQA_SPLIT"] = ""   # empty, as unset (_ext.env_str)
+        assert attn_mod._gqa_split(7) == ("kernel", 4)
         for value, group, want in (("0", 7, ("off", 1)), ("1", 7, ("repeat", 7)), ("k4", 7, ("kernel", 4)),
                                    ("k5", 7, ("kernel", 4)), ("k9", 7, ("kernel", 7)), ("K3", 6, ("kernel", 3)),
                                    ("k4", 1, ("off", 1)), ("1", 1, ("off", 1))):
