@@ -12,15 +12,16 @@ side by side in one run, on the three workloads of performance-anchors.md (rando
 Providers: llava_fast, hf_eager, hf_sdpa, hf_sdpa_liger (Liger's RoPE, RMSNorm and SwiGLU in the language model);
 hf_sdpa_liger_flce (stage 1 only: Liger's LLaVA-1.5 patch, which adds its fused linear cross-entropy); and
 llava_fast_sdpa_text (an experiment, not in the default
-list): llava_fast with LLAVA_FAST_TEXT_ATTENTION=sdpa, the language model's attention through SDPA (cuDNN first; packed
-sequences as a right-padded batch) instead of the Triton varlen kernel, training steps included (since session 17
-"auto", the default, takes SDPA for no-grad forwards over one-length documents, i.e. the prefill: there this row is
-the default); llava_fast_triton_text (prefill only): LLAVA_FAST_TEXT_ATTENTION=triton, the Triton kernel for the
-prefill too (the default before session 17); llava_fast_keep_act (not in the default list
+list; OneVision and the mixed run): llava_fast with LLAVA_FAST_TEXT_ATTENTION=sdpa, the language model's attention
+through SDPA (cuDNN first; packed sequences as a right-padded batch) instead of the Triton varlen kernel, GQA training
+steps included ("auto", the default, takes SDPA for no-grad forwards over one-length documents since session 17 and
+for training steps over one-length documents without GQA since session 18: the prefill and stage 1, where this row is
+the default); llava_fast_triton_text (prefill and stage 1): LLAVA_FAST_TEXT_ATTENTION=triton, the Triton kernel there
+too (the default before session 17); llava_fast_keep_act (not in the default list
 either): llava_fast with LLAVA_FAST_RECOMPUTE_ACT=0, the MLP activations kept for the backward (the path before
 session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory and time cost of that choice;
-llava_fast_keep_vision_act (OneVision only): LLAVA_FAST_RECOMPUTE_ACT=llm, the vision tower keeps its LayerNorm and
-GELU outputs while the language model recomputes (session 17, opt-in);
+llava_fast_recompute_vision (OneVision only): LLAVA_FAST_RECOMPUTE_ACT=1, the vision tower recomputes its LayerNorm
+and GELU outputs too (the default before session 18, which keeps them: ``llm``);
 llava_fast_sdpa_flash: llava_fast with LLAVA_FAST_SDPA_CUDNN=0, the vision towers' SDPA in its default order (flash
 first) instead of cuDNN first on Hopper (models/dispatch.py); llava_fast_ce_vocab: llava_fast with
 LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed);
@@ -502,9 +503,10 @@ def run_mixed(providers, layers, tiny, rep, warmup):
 
 # A/B providers that change nothing in some workloads: (the workloads they run in, why the others are skipped)
 PROVIDER_WORKLOADS = {
-    "llava_fast_keep_vision_act": (("ov_ft",), "the vision tower does not train here (nothing is recomputed in it)"),
-    "llava_fast_triton_text": (("prefill",), "a training step runs the Triton kernel anyway (the SDPA default is for "
-                                             "no-grad forwards)"),
+    "llava_fast_recompute_vision": (("ov_ft",), "the vision tower does not train here (nothing is recomputed in it)"),
+    "llava_fast_triton_text": (("prefill", "stage1"), "GQA or documents of several lengths: the Triton kernel anyway "
+                                                      "(SDPA's default is for one-length documents without GQA)"),
+    "llava_fast_sdpa_text": (("ov_ft", "mixed"), "SDPA is the default here (one-length documents without GQA)"),
     "llava_fast_all_rows": (("ov_ft", "stage1", "mixed"), "a prefill has no labels (every row is computed anyway)"),
     "llava_fast_cutlass_attn": (("stage1",), "the CUTLASS forward takes one-length MHA documents of a multiple of 8 "
                                              "tokens: stage 1 only"),
@@ -524,9 +526,9 @@ def skip_reason(prov: str, name: str, cfg) -> str:
 PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the MLP activations kept for the backward instead of recomputed (ops/act_linear.py; before session 4)
                 "llava_fast_keep_act": {"LLAVA_FAST_RECOMPUTE_ACT": "0"},
-                # the vision towers keep their LayerNorm / GELU outputs, the language model recomputes (session 17,
-                # opt-in; only a trained tower changes: the OneVision step)
-                "llava_fast_keep_vision_act": {"LLAVA_FAST_RECOMPUTE_ACT": "llm"},
+                # the vision towers recompute their LayerNorm / GELU outputs too (the default before session 18,
+                # which keeps them; only a trained tower changes: the OneVision step)
+                "llava_fast_recompute_vision": {"LLAVA_FAST_RECOMPUTE_ACT": "1"},
                 # the vision towers' SDPA in its own order (flash first) instead of cuDNN first on Hopper
                 "llava_fast_sdpa_flash": {"LLAVA_FAST_SDPA_CUDNN": "0"},
                 # the fused loss over vocab blocks (less memory, one more logits GEMM; only where lm_head trains)
@@ -538,8 +540,9 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # without the GQA split of the dK/dV kernel and the heavy-first order (defaults since session 17;
                 # only GQA models change: OneVision's Qwen2)
                 "llava_fast_no_gqa_split": {"LLAVA_FAST_ATTN_GQA_SPLIT": "0", "LLAVA_FAST_ATTN_HEAVY_FIRST": "0"},
-                # the prefill's attention on the Triton kernel instead of SDPA (session 17's "auto" default for
-                # no-grad forwards over one-length documents; models/dispatch.text_attention_choice)
+                # the attention of the prefill and of stage 1 on the Triton kernel instead of SDPA ("auto": SDPA for
+                # one-length documents, no-grad since session 17, training without GQA since session 18;
+                # models/dispatch.text_attention_choice)
                 "llava_fast_triton_text": {"LLAVA_FAST_TEXT_ATTENTION": "triton"},
                 # the GELU kernels (ops/gelu.py, session 13; auto keeps torch's): the SigLIP tower, OneVision only
                 "llava_fast_gelu_triton": {"LLAVA_FAST_BACKEND_GELU": "triton"},

@@ -168,7 +168,7 @@ def attention(folder):
                         ">= 1.03x: the frozen CLIP tower's attention could run on it",
                         "candidate: route vision_attention (D64, one-length tiles) to it" if vs >= 1.03 else "keep"))
     # the stage-1 step's attention (session 15's shape): how far cuDNN is ahead of our kernels there tells whether
-    # bench_model's llava_fast_sdpa_text row (cuDNN through SDPA for equal-length batches) can reach the stage-1 target
+    # SDPA for equal-length batches (stage 1's default since session 18) pays at the attention itself
     for mode in ("fwd", "fwd+bwd"):
         ours, cudnn = _row(rows, "llava_fast", "llama7b-16x640", mode), _row(rows, "sdpa-cudnn", "llama7b-16x640", mode)
         if ours is None or cudnn is None:
@@ -176,8 +176,8 @@ def attention(folder):
         x = ours["ms"] / cudnn["ms"]
         out.append((f"attention at the stage-1 shape (16 x 640, D128 causal), {mode}",
                     f"SDPA cuDNN {x:.2f}x ours ({ours['ms']:.3f} vs {cudnn['ms']:.3f} ms)",
-                    "cuDNN >= 1.1x: expect llava_fast_sdpa_text to win on stage 1 (32 layers x the difference)",
-                    "try SDPA for stage 1" if x >= 1.1 else "keep ours"))
+                    "cuDNN >= 1.1x: SDPA (stage 1's default since session 18) wins at the attention itself",
+                    "SDPA ahead" if x >= 1.1 else "ours close: the end-to-end row llava_fast_triton_text decides"))
     return out
 
 
@@ -390,38 +390,37 @@ def _model_rules(rows, label=""):
             ("llava_fast_cutlass_attn", ("stage1",), "CUTLASS attention forward (opt-in) vs Triton",
              "LLAVA_FAST_ATTN_CUTLASS default '1' on sm_90 when the CUTLASS library is built, if >= 1.005x (and "
              "test_cuda_cutlass_fwd passes)"),
-            ("llava_fast_sdpa_text", ("stage1", "ov_ft"),
-             "language-model attention by SDPA for training (opt-in) vs Triton",
-             "route equal-length unpadded training batches (stage 1) through SDPA by default (text_attention_choice's "
-             "auto rule) if >= 1.01x; ov_ft's two packed documents have one length (no padding): there it measures "
-             "cuDNN's GQA backward against ours"),
+            ("llava_fast_sdpa_text", ("ov_ft",),
+             "language-model attention by SDPA for GQA training (opt-in) vs Triton",
+             "route one-length GQA training batches through SDPA too (dispatch._sdpa_auto's 'mha' -> 'all') if "
+             ">= 1.01x: ov_ft's two packed documents have one length, so it measures cuDNN's GQA backward against "
+             "our split kernels (0.97x and 1.00x in sessions 17-18)"),
             # session 17's defaults, each against the path it replaced
             ("llava_fast_no_gqa_split", ("ov_ft",),
              "GQA split of dK/dV + heavy-first order (default) vs neither",
              "keep the default if not slower; else LLAVA_FAST_ATTN_GQA_SPLIT '0' and LLAVA_FAST_ATTN_HEAVY_FIRST '0' "
              "(the gqa op's variants say which of the two gains)"),
-            ("llava_fast_keep_vision_act", ("ov_ft",),
-             "vision tower keeps its activations (opt-in) vs recomputes them",
-             "LLAVA_FAST_RECOMPUTE_ACT default 'llm' (act_linear.recompute_enabled) if >= 1.01x on ov_ft and the "
-             "full-depth peak stays <= 0.6x hf_sdpa's (saved_activations.py predicts +3.3 GiB: 0.43x -> 0.50x)"),
-            ("llava_fast_triton_text", ("prefill",),
-             "prefill attention by SDPA (default for no-grad one-length forwards) vs Triton",
-             "keep the default if not slower; else LLAVA_FAST_TEXT_ATTENTION default 'triton' "
-             "(dispatch.text_attention_choice)")):
+            # session 18's defaults
+            ("llava_fast_recompute_vision", ("ov_ft",),
+             "vision tower keeps its activations (default) vs recomputes them",
+             "keep the default if not slower (session 18: 1.10x at 4 layers, paired; +3.2 GiB); else "
+             "LLAVA_FAST_RECOMPUTE_ACT default '1' (act_linear.recompute_enabled)"),
+            ("llava_fast_triton_text", ("prefill", "stage1"),
+             "attention by SDPA (default for one-length documents: no-grad, or training without GQA) vs Triton",
+             "keep the default if not slower; else the 'auto' rule (dispatch._sdpa_auto) loses that case "
+             "(prefill: no-grad; stage1: training without GQA)")):
         for mode in mode_list:
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
             if not (ours and alt):
                 continue
             x, how = _default_vs(ours, alt)
             if prov in ("llava_fast_gelu_triton", "llava_fast_ln_triton", "llava_fast_bias_triton",
-                        "llava_fast_sdpa_text", "llava_fast_fused_qkv", "llava_fast_cutlass_attn",
-                        "llava_fast_keep_vision_act"):   # opt-in ones
+                        "llava_fast_sdpa_text", "llava_fast_fused_qkv", "llava_fast_cutlass_attn"):   # opt-in ones
                 x = 1 / x
                 bar = 1.005 if prov == "llava_fast_cutlass_attn" else \
                     1.0 if (prov == "llava_fast_ln_triton" and mode != "ov_ft"
                             or prov == "llava_fast_fused_qkv" and mode == "ov_ft") else 1.01
                 verdict = "switch" if x >= bar else {"llava_fast_sdpa_text": "keep the Triton kernel",
-                                                     "llava_fast_keep_vision_act": "keep recomputing",
                                                      "llava_fast_cutlass_attn": "keep the Triton forward",
                                                      "llava_fast_fused_qkv": "keep three GEMMs"}.get(prov,
                                                                                                      "keep torch's")

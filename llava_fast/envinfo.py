@@ -63,10 +63,12 @@ def env() -> dict:
         if not rc:
             info["activation_recompute"] = "off (LLAVA_FAST_RECOMPUTE_ACT=0): kept for the backward"
         elif recompute_enabled("vision"):
-            info["activation_recompute"] = "on: MLP activations and norm outputs recomputed in the backward"
+            info["activation_recompute"] = ("everywhere (LLAVA_FAST_RECOMPUTE_ACT=1): MLP activations and norm "
+                                            "outputs recomputed in the backward, the vision towers' too")
         else:
-            info["activation_recompute"] = ("language model only (LLAVA_FAST_RECOMPUTE_ACT=llm): the vision towers "
-                                            "keep their LayerNorm and activation outputs for the backward")
+            info["activation_recompute"] = ("language model only (default; LLAVA_FAST_RECOMPUTE_ACT=1 also in the "
+                                            "vision towers, 0 nowhere): the vision towers keep their LayerNorm and "
+                                            "activation outputs for the backward")
         if rc:
             from llava_fast.ops.act_linear import fused_recompute_enabled
 
@@ -88,8 +90,9 @@ def env() -> dict:
         from llava_fast.models.dispatch import text_attention_choice
 
         info["text_attention"] = {
-            "auto": "auto: SDPA (cuDNN first) for no-grad forwards over one-length documents on CUDA (prefill, "
-                    "evaluation), our kernels otherwise (LLAVA_FAST_TEXT_ATTENTION=triton|sdpa forces one)",
+            "auto": "auto: SDPA (cuDNN first) over one-length documents on CUDA for no-grad forwards (prefill, "
+                    "evaluation) and for training without GQA (not under CUDA-graph capture), our kernels otherwise "
+                    "(LLAVA_FAST_TEXT_ATTENTION=triton|sdpa forces one)",
             "triton": "triton (LLAVA_FAST_TEXT_ATTENTION): our kernels always",
             "sdpa": "sdpa (LLAVA_FAST_TEXT_ATTENTION): SDPA always, training included"}[text_attention_choice()]
     except ValueError as e:

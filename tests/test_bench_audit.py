@@ -173,13 +173,14 @@ def test_decide_gqa_split_default(tmp_path):
     assert verdict(95.0, 100.0)[2] == "switch"
 
 
-def test_decide_keep_vision_act(tmp_path):
-    """The opt-in LLAVA_FAST_RECOMPUTE_ACT=llm row: "switch" only at >= 1.01x the default on the OneVision step."""
-    verdict = _ov_verdict(tmp_path, "vision tower keeps its activations (opt-in) vs recomputes them, ov_ft",
-                          "llava_fast_keep_vision_act", 15.5)
-    m, r, d = verdict(100.0, 102.0)
-    assert d == "switch" and m.startswith("1.02x the default") and "0.6x hf_sdpa" in r
-    assert verdict(100.0, 100.5)[2] == "keep recomputing"
+def test_decide_recompute_vision(tmp_path):
+    """The LLAVA_FAST_RECOMPUTE_ACT=llm default (session 18) against recomputing in the vision tower too: keep it
+    unless the old path is faster on the OneVision step."""
+    verdict = _ov_verdict(tmp_path, "vision tower keeps its activations (default) vs recomputes them, ov_ft",
+                          "llava_fast_recompute_vision", 15.5)
+    m, r, d = verdict(102.0, 100.0)
+    assert d == "keep the default" and m.startswith("default 1.02x") and "LLAVA_FAST_RECOMPUTE_ACT default '1'" in r
+    assert verdict(97.0, 100.0)[2] == "switch"
 
 
 def test_decide_graph_rule(tmp_path):
@@ -552,15 +553,15 @@ def test_host_path_smoke(capsys):
 
 def test_decide_stage1_attention_rule(tmp_path):
     """decide.attention: at the stage-1 shape (bench_attention's llama7b-16x640-d128, session 15) cuDNN's lead over
-    our kernels says whether SDPA is worth trying for stage 1."""
+    our kernels says whether SDPA (stage 1's default since session 18) wins at the attention itself."""
     rows = [dict(bench="attention", provider=p, shape="llama7b-16x640-d128", mode=m, ms=ms)
             for p, m, ms in (("llava_fast", "fwd", 0.26), ("sdpa-cudnn", "fwd", 0.20), ("llava_fast", "fwd+bwd", 1.08),
                              ("sdpa-cudnn", "fwd+bwd", 1.05))]
     (tmp_path / "attention-GPU-1.json").write_text(json.dumps({"rows": rows}))
     got = _decide(tmp_path)
-    assert got["attention at the stage-1 shape (16 x 640, D128 causal), fwd"][2] == "try SDPA for stage 1"
+    assert got["attention at the stage-1 shape (16 x 640, D128 causal), fwd"][2] == "SDPA ahead"
     m, r, d = got["attention at the stage-1 shape (16 x 640, D128 causal), fwd+bwd"]
-    assert d == "keep ours" and m.startswith("SDPA cuDNN 1.03x ours")
+    assert d.startswith("ours close") and m.startswith("SDPA cuDNN 1.03x ours")
 
 
 # ------------------------------------------------------------------------------------------ decide.py, session 16

@@ -395,9 +395,10 @@ def test_host_overhead_smoke():
 def test_saved_activations_vs_transformers(workload, at_most):
     """Activation memory: with the attention paths a GPU runs (SDPA here), what our model keeps for the backward
     (summed over modules, the loss on the logits apart) against transformers' sdpa model. OneVision FT at toy widths:
-    0.63x with the activations and norm outputs recomputed (ops/act_linear.py), 1.00x without (LLAVA_FAST_RECOMPUTE_
-    ACT=0), so 0.75 fails if the recompute is lost; at real widths see `python benchmarks/saved_activations.py`
-    (2 min) and docs/perf-notes.md."""
+    0.66x with the language model's activations and norm outputs recomputed (ops/act_linear.py; the default since
+    session 18 keeps the vision tower's), 0.62x recomputed everywhere (LLAVA_FAST_RECOMPUTE_ACT=1), 0.97x without
+    (LLAVA_FAST_RECOMPUTE_ACT=0), so 0.75 fails if the recompute is lost; at real widths see `python
+    benchmarks/saved_activations.py` (2 min) and docs/perf-notes.md."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import saved_activations
 

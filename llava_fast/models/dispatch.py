@@ -103,20 +103,35 @@ _TEXT_ENV = "LLAVA_FAST_TEXT_ATTENTION"
 def text_attention_choice() -> str:
     """LLAVA_FAST_TEXT_ATTENTION: which kernel runs the language model's attention on CUDA.
 
-    - ``"auto"`` (default): SDPA (cuDNN first) for a bf16/fp16 forward without autograd (a prefill, an evaluation
-      pass) over documents of one length with no padding (an unpadded batch, or a packed sequence whose documents
-      all have the longest length), our Triton kernels otherwise (every training step). Why: on an H200 (session
-      17, bench_model, NeXT-7B prefill 8 x 2498 with 4 LLM layers) SDPA was 1.02x and 1.026x our Triton forward end
-      to end in two paired runs, while on training steps it was 1.02x / 1.006x (stage 1) and 0.97x (OneVision).
+    - ``"auto"`` (default): SDPA (cuDNN first) for bf16/fp16 attention over documents of one length with no padding
+      (an unpadded batch, or a packed sequence whose documents all have the longest length): in a forward without
+      autograd (a prefill, an evaluation pass) always, in a training step when every query head has its own key head
+      (no GQA; LLaVA-1.5's Vicuna) and no CUDA graph is being captured; our Triton kernels otherwise. Why, on an H200
+      (bench_model, paired, 4 LLM layers): the NeXT-7B prefill (8 x 2498) ran 1.02x and 1.026x faster through SDPA
+      (session 17); the LLaVA-1.5-7B stage-1 step (16 x 640, MHA, D128) 1.02x / 1.006x (session 17) and 1.016x /
+      1.020x (session 18); the OneVision step (Qwen2, GQA 14/2, D64) 0.97x and 1.00x against our kernels with their
+      GQA split of dK/dV (the `gqa` op: 1.27x fwd+bwd over the unsplit kernel). The step captured as one CUDA graph
+      keeps our kernels: SDPA's cuDNN backward inside a capture has not run on a GPU here.
     - ``"sdpa"``: SDPA always, packed sequences of unequal documents included (scattered to a padded batch).
     - ``"triton"``: our kernels always (the default before session 17)."""
     return _ext.env_choice(_TEXT_ENV, ("auto", "sdpa", "triton"), "auto")
 
 
-def _sdpa_for_inference(dtype, device, equal_lengths: bool) -> bool:
-    """The "auto" rule of :func:`text_attention_choice` for one forward."""
-    return (equal_lengths and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-            and not torch.is_grad_enabled())
+def _sdpa_auto(dtype, device, equal_lengths: bool) -> str:
+    """The "auto" rule of :func:`text_attention_choice` for one forward: ``"all"`` (SDPA), ``"mha"`` (SDPA for
+    attention without GQA, decided per call from the head counts), or ``"none"`` (our kernels)."""
+    if not (equal_lengths and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)):
+        return "none"
+    if not torch.is_grad_enabled():
+        return "all"
+    return "none" if torch.cuda.is_current_stream_capturing() else "mha"
+
+
+def _mha_or(sdpa, kernel):
+    """attn(q, k, v, scale): ``sdpa`` where every query head has its own key head, ``kernel`` under GQA."""
+    def attn(q, k, v, scale):
+        return (sdpa if k.shape[1] == q.shape[1] else kernel)(q, k, v, scale)
+    return attn
 
 
 def _sdpa_backends():
@@ -195,8 +210,10 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
         if b != 1:
             raise ValueError(f"packed form (cu_seqlens given) needs a batch of 1 sequence, got batch {b}")
         ms = int(max_seqlen) if max_seqlen is not None else n
-        if choice == "sdpa" or (choice == "auto" and fast is not None
-                                and _sdpa_for_inference(dtype, device, n == (cu_seqlens.numel() - 1) * ms)):
+        sdpa = "all" if choice == "sdpa" else "none"
+        if choice == "auto" and fast is not None:
+            sdpa = _sdpa_auto(dtype, device, n == (cu_seqlens.numel() - 1) * ms)
+        if sdpa == "all":
             return packed_sdpa_attention(cu_seqlens, ms, device)
         if fast is not None:
             def attn(q, k, v, scale):
@@ -206,7 +223,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
                 o = fast.flash_attn_varlen_func(*(t.squeeze(0).transpose(0, 1) for t in (q, k, v)),
                                                 cu_seqlens, cu_seqlens, ms, ms, softmax_scale=scale, causal=True)
                 return o.transpose(0, 1)[None]
-            return attn
+            return _mha_or(packed_sdpa_attention(cu_seqlens, ms, device), attn) if sdpa == "mha" else attn
 
         def attn(q, k, v, scale):
             o = varlen_attention_ref(*(t.squeeze(0).transpose(0, 1) for t in (q, k, v)), cu_seqlens,
@@ -214,18 +231,25 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
             return o.transpose(0, 1)[None]
         return attn
 
-    if attention_mask is None and lk == n and (choice == "sdpa" or (
-            choice == "auto" and fast is not None and _sdpa_for_inference(dtype, device, True))):
-        return dense_sdpa_attention()
+    sdpa = "none"
+    if attention_mask is None and lk == n:
+        sdpa = "all" if choice == "sdpa" else "none"
+        if choice == "auto" and fast is not None:
+            sdpa = _sdpa_auto(dtype, device, True)
+        if sdpa == "all":
+            return dense_sdpa_attention()
 
     if fast is not None and attention_mask is None and lk == n:
-        cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device)
+        cu_once = []   # the batch's cu_seqlens, built at the first layer's call (once per forward)
 
         def attn(q, k, v, scale):
+            if not cu_once:
+                cu_once.append(torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device))
+            cu = cu_once[0]
             flat = [t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], t.shape[3]) for t in _same_dtype(q, k, v)]
             o = fast.flash_attn_varlen_func(*flat, cu, cu, n, n, softmax_scale=scale, causal=True)
             return o.view(b, n, q.shape[1], q.shape[3]).transpose(1, 2)
-        return attn
+        return _mha_or(dense_sdpa_attention(), attn) if sdpa == "mha" else attn
 
     if attention_mask is not None and attention_mask.shape[-1] != lk:
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but the keys are {lk} "

@@ -16,8 +16,8 @@ The recomputation runs the activation's own forward and backward (``torch.autogr
 so the gradients are those of the plain path up to the GEMMs' summation order (the weight gradient is computed as
 ``dy^T @ act`` on the flattened tokens, as autograd's linear backward does).
 
-``LLAVA_FAST_RECOMPUTE_ACT=0`` (read at each call) keeps the activation instead (``llm``: in the vision towers only,
-:func:`recompute_enabled`); so do calls without gradients and
+Since session 18 the vision towers keep theirs by default (``LLAVA_FAST_RECOMPUTE_ACT=llm``, :func:`recompute_enabled`);
+``1`` recomputes there too, ``0`` (read at each call) keeps the activation everywhere; so do calls without gradients and
 traces by torch.compile (its partitioner already recomputes cheap pointwise ops such as the activation instead of
 saving them, and dynamo cannot trace the ``torch.autograd.grad`` of this backward). Under autocast the backward runs
 in the forward's autocast state (as ``torch.amp.custom_bwd`` does).
@@ -431,17 +431,22 @@ _RECOMPUTE_CHOICES = ("0", "1", "llm")
 def recompute_enabled(part: str = "llm") -> bool:
     """Whether :func:`act_linears` recomputes its activation in the backward for a call from ``part`` ("llm": the
     language model, the default; "vision": the vision towers). ``LLAVA_FAST_RECOMPUTE_ACT`` (read at each call):
-    ``1`` (default) everywhere; ``0`` nowhere (the path before session 4); ``llm`` (opt-in, session 17) in the
-    language model only: the vision towers keep their LayerNorm and GELU outputs for the backward. Why ``llm``: in
+    ``llm`` (default since session 18) in the language model only: the vision towers keep their LayerNorm and GELU
+    outputs for the backward; ``1`` everywhere (the default of sessions 4-17); ``0`` nowhere (the path before
+    session 4). Measured on an H200 (session 18, bench_model's OneVision step with 4 LLM layers, paired, 5 rounds):
+    keeping the vision tower's outputs was 1.10x [1.06, 1.17] faster than recomputing them, at 14.0 vs 10.8 GiB
+    (transformers: 36.4); keeping every part's (``0``) 1.10x and 1.06x in two sessions, at 14.4 GiB. Why ``llm``: in
     the OneVision full fine-tune the trained SigLIP tower's recomputation costs ~2.8 ms of GPU time per step at any
     LLM depth (H200, session 17 profile: 52 LayerNorm recomputations at ~29 us and 26 GELU ones at ~50 us), while
     keeping those outputs costs 6612 values more per vision token (the two LayerNorm outputs, 2 x 1152, and the GELU
     output, 4304; ``benchmarks/saved_activations.py``), ~3.3 GiB for the benchmark's batch (its predicted full-depth
     step 18.96 -> 22.22 GiB, 0.43x -> 0.50x transformers'; the target is 0.6x, the H200 measured 0.37x). The language
     model's recomputation is cheaper per byte saved (its SwiGLU / RMSNorm outputs are written by their backward
-    kernels) and grows with depth, so it stays. Measured end to end: bench_model's ``llava_fast_keep_vision_act``
-    row (not yet run; every-part keeping, ``llava_fast_keep_act``, was 0.944x [0.84, 1.06] paired on the H200)."""
-    value = _ext.env_choice("LLAVA_FAST_RECOMPUTE_ACT", _RECOMPUTE_CHOICES, "1")
+    kernels) and grows with depth, so it stays. The control row is bench_model's ``llava_fast_recompute_vision``
+    (``1``). The measured gain (~10 ms per step) is more than the ~2.8 ms of GPU time the profile counts: the step at
+    4 LLM layers is partly host-bound (the whole step as one CUDA graph ran 1.53x the eager one in that run), and the
+    78 recomputations are launches too."""
+    value = _ext.env_choice("LLAVA_FAST_RECOMPUTE_ACT", _RECOMPUTE_CHOICES, "llm")
     return value == "1" or (value == "llm" and part == "llm")
 
 

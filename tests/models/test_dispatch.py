@@ -119,10 +119,11 @@ def test_cuda_vision_attention_sdpa_backend_order(d, n):
 
 
 def test_text_attention_auto_rule(monkeypatch):
-    """LLAVA_FAST_TEXT_ATTENTION (dispatch.text_attention_choice): "auto" by default; "auto" takes SDPA only for a
-    bf16/fp16 CUDA forward without autograd over one-length documents (unpadded batch, or packed documents all of
-    the longest length), the Triton kernel otherwise; "triton" never and "sdpa" always; a bad value names the
-    variable. The routing is checked on the returned closure (no GPU needed: nothing runs)."""
+    """LLAVA_FAST_TEXT_ATTENTION (dispatch.text_attention_choice): "auto" by default; "auto" takes SDPA for bf16/fp16
+    CUDA attention over one-length documents (unpadded batch, or packed documents all of the longest length): always
+    without autograd, per call for attention without GQA in a training step (not while a CUDA graph is captured), the
+    Triton kernel otherwise; "triton" never and "sdpa" always; a bad value names the variable. The routing is checked
+    on the returned closure (no GPU needed: nothing runs)."""
     from llava_fast.models import dispatch
 
     monkeypatch.delenv("LLAVA_FAST_TEXT_ATTENTION", raising=False)
@@ -134,6 +135,10 @@ def test_text_attention_auto_rule(monkeypatch):
 
     monkeypatch.setattr(dispatch, "packed_sdpa_attention", lambda *a: "sdpa")
     monkeypatch.setattr(dispatch, "dense_sdpa_attention", lambda: "sdpa")
+    monkeypatch.setattr(dispatch, "_mha_or", lambda sdpa, kernel: "mha" if sdpa == "sdpa" and callable(kernel)
+                        else "wrong")
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
 
     def route(dtype=bf16, device=cuda, cu=None, grad=False, mask=None, ms=8):
         with torch.set_grad_enabled(grad):
@@ -142,20 +147,34 @@ def test_text_attention_auto_rule(monkeypatch):
                                              mask, cu, ms if cu is not None else None, head_dim=64)
             except (RuntimeError, AssertionError):  # the kernel path builds CUDA tensors: no GPU on this machine
                 return "triton"
-        return "sdpa" if fn == "sdpa" else "triton"
+        return fn if fn in ("sdpa", "mha", "wrong") else "triton"
 
     assert route() == "sdpa" and route(cu=cu_equal) == "sdpa" and route(dtype=torch.float16) == "sdpa"
-    assert route(grad=True) == "triton" and route(cu=cu_equal, grad=True) == "triton"     # training steps
-    assert route(cu=cu_unequal, ms=11) == "triton"                   # packed documents of different lengths
+    assert route(grad=True) == "mha" and route(cu=cu_equal, grad=True) == "mha"   # training: SDPA unless GQA
+    assert route(cu=cu_unequal, ms=11) == "triton" and route(cu=cu_unequal, ms=11, grad=True) == "triton"
     assert route(dtype=torch.float32) == "triton" and route(device=torch.device("cpu")) == "triton"
+    assert route(dtype=torch.float32, grad=True) == "triton"
     assert route(mask=torch.ones(2, 8, dtype=torch.long)) == "triton"                  # padded batch: not this rule
+    capturing[0] = True                                    # a step captured as a CUDA graph keeps our kernels
+    assert route(grad=True) == "triton" and route(cu=cu_equal, grad=True) == "triton" and route() == "sdpa"
+    capturing[0] = False
     monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "triton")
-    assert route() == "triton" and route(cu=cu_equal) == "triton"
+    assert route() == "triton" and route(cu=cu_equal) == "triton" and route(grad=True) == "triton"
     monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "sdpa")
     assert route(grad=True) == "sdpa" and route(cu=cu_unequal, grad=True, ms=11) == "sdpa"
     monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "cudnn")
     with pytest.raises(ValueError, match="LLAVA_FAST_TEXT_ATTENTION"):
         dispatch.text_attention_choice()
+
+
+def test_mha_or_picks_by_head_counts():
+    """dispatch._mha_or: the SDPA closure where the key heads equal the query heads, the kernel under GQA."""
+    from llava_fast.models import dispatch
+
+    attn = dispatch._mha_or(lambda q, k, v, s: "sdpa", lambda q, k, v, s: "kernel")
+    q = torch.zeros(1, 4, 3, 8)
+    assert attn(q, torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 3, 8), 1.0) == "sdpa"
+    assert attn(q, torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 1.0) == "kernel"
 
 
 @pytest.mark.cuda
@@ -183,3 +202,58 @@ def test_cuda_inference_sdpa_default_matches_triton(monkeypatch, tmp_path, dtype
     for got_auto, got_triton in zip(runs["auto"], runs["triton"]):
         err_auto, err_triton = (got_auto - ref).abs().max(), (got_triton - ref).abs().max()
         assert err_auto <= 2 * err_triton + 1e-3, (err_auto, err_triton)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cuda_training_sdpa_default_matches_triton(monkeypatch, tmp_path, dtype, kv_heads):
+    """The "auto" default in a training step over one-length documents (unpadded batch and packed equal documents):
+    SDPA where every query head has its own key head (kv_heads 4 of 4), our kernels under GQA (2 of 4). The loss and
+    the gradients of every language-model weight stay within the flash rule of the Triton path's, both against fp32
+    on the CPU; the SDPA calls are counted, so the test fails if the routing is not what the rule says."""
+    import llava_fast
+    from tiny import save_tiny
+
+    _, path = save_tiny(tmp_path, "llava", kv_heads=kv_heads)
+    ref_m = llava_fast.from_pretrained(path)
+    m = llava_fast.from_pretrained(path, dtype=dtype).cuda()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 100, (2, 64), generator=g)
+    cu = torch.tensor([0, 64, 128], dtype=torch.int32)
+    pos = torch.arange(64).repeat(2)[None]
+    forms = {"dense": dict(input_ids=ids, labels=ids),
+             "packed": dict(input_ids=ids.reshape(1, -1), labels=ids.reshape(1, -1), cu_seqlens=cu,
+                            position_ids=pos, max_seqlen=64)}
+    calls = [0]
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return sdpa(*a, **k)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+
+    def step(model, kw, device):
+        model.zero_grad(set_to_none=True)
+        out = model(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()})
+        out.loss.backward()
+        grads = {n: p.grad.float().cpu() for n, p in model.named_parameters()
+                 if p.grad is not None and ("language_model" in n or "lm_head" in n)}
+        return out.loss.float().cpu(), grads
+
+    for form, kw in forms.items():
+        ref_loss, ref_grads = step(ref_m, kw, "cpu")
+        runs = {}
+        for choice in ("auto", "triton"):
+            monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", choice)
+            calls[0] = 0
+            runs[choice] = step(m, kw, "cuda")
+            want = 2 if choice == "auto" and kv_heads == 4 else 0          # one call per decoder layer (2 layers)
+            assert calls[0] == want, (form, choice, calls[0])
+        assert set(runs["auto"][1]) == set(ref_grads) and ref_grads
+        pairs = [("loss", runs["auto"][0], runs["triton"][0], ref_loss)]
+        pairs += [(n, runs["auto"][1][n], runs["triton"][1][n], ref_grads[n]) for n in ref_grads]
+        for name, got_auto, got_triton, ref in pairs:
+            err_auto, err_triton = (got_auto - ref).abs().max(), (got_triton - ref).abs().max()
+            # the two paths round differently; 1e-3 of the reference's largest value covers an exact tie at ~0 error
+            assert err_auto <= 2 * err_triton + 1e-3 * ref.abs().max(), (form, name, err_auto, err_triton)

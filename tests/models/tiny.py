@@ -11,7 +11,8 @@ IMAGE_TOKEN = 120
 VIDEO_TOKEN = 121
 
 
-def hf_config(model_type: str, text: str | None = None, vision_feature_layer=None, strategy=None, **extra):
+def hf_config(model_type: str, text: str | None = None, vision_feature_layer=None, strategy=None, kv_heads: int = 2,
+              **extra):
     import transformers as tf
 
     text = text or ("qwen2" if model_type == "llava_onevision" else "llama")
@@ -24,12 +25,12 @@ def hf_config(model_type: str, text: str | None = None, vision_feature_layer=Non
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=4096)
     if text == "qwen2":
-        tc = tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True,
+        tc = tf.Qwen2Config(num_key_value_heads=kv_heads, tie_word_embeddings=True,
                             rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common)
     elif text == "mistral":
-        tc = tf.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+        tc = tf.MistralConfig(num_key_value_heads=kv_heads, sliding_window=None, **common)
     else:
-        tc = tf.LlamaConfig(num_key_value_heads=2, **common)
+        tc = tf.LlamaConfig(num_key_value_heads=kv_heads, **common)
     kw = dict(extra)
     if vision_feature_layer is not None:
         kw["vision_feature_layer"] = vision_feature_layer

@@ -105,6 +105,8 @@ def test_fallbacks(monkeypatch):
         assert act_linear(GELU_TANH, hs, w, b).grad_fn is None
     y = act_linear(GELU_TANH, hs, w, b)
     assert type(y.grad_fn).__name__.startswith("ActLinearFunction")
+    monkeypatch.delenv("LLAVA_FAST_RECOMPUTE_ACT", raising=False)   # default "llm" (session 18): vision keeps
+    assert not type(act_linear(GELU_TANH, hs, w, b, part="vision").grad_fn).__name__.startswith("ActLinearFunction")
     monkeypatch.setenv("LLAVA_FAST_RECOMPUTE_ACT", "0")
     assert not type(act_linear(GELU_TANH, hs, w, b).grad_fn).__name__.startswith("ActLinearFunction")
     monkeypatch.setenv("LLAVA_FAST_RECOMPUTE_ACT", "llm")   # the language model recomputes, the vision towers keep
