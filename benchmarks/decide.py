@@ -303,11 +303,15 @@ def model(folder):
     ``bench_model`` (its "model" op, 4 LLM layers) and ``bench_model_full`` (its "model_full" op, every LLM layer:
     the issue's exact shapes, where its targets are stated; the 4-layer ratios are not the full-depth ones,
     docs/perf-notes.md), and ``bench_model_ab7b`` (its "ab7b" op: the stage-1 and prefill A/B rows, paired; only
-    what it measured is listed). Each table's rows are judged on their own, labelled by table."""
+    what it measured is listed), and ``bench_model_ab`` (its "model_ab" op: the A/B rows decided in three or more
+    runs, moved out of the "model" op in session 18; likewise). Each table's rows are judged on their own, labelled
+    by table."""
     out = []
-    for table, label in (("bench_model", ""), ("bench_model_ab7b", ", 7B A/B"), ("bench_model_full", ", full depth")):
+    for table, label in (("bench_model", ""), ("bench_model_ab7b", ", 7B A/B"), ("bench_model_ab", ", A/B"),
+                         ("bench_model_full", ", full depth")):
         rules = _model_rules(load_rows(folder, table), label)
-        out += [r for r in rules if r[1] != "not measured"] if table == "bench_model_ab7b" else rules
+        out += [r for r in rules if r[1] != "not measured"] if table in ("bench_model_ab7b", "bench_model_ab") \
+            else rules
     return out
 
 
