@@ -257,3 +257,45 @@ def test_cuda_training_sdpa_default_matches_triton(monkeypatch, tmp_path, dtype,
             err_auto, err_triton = (got_auto - ref).abs().max(), (got_triton - ref).abs().max()
             # the two paths round differently; 1e-3 of the reference's largest value covers an exact tie at ~0 error
             assert err_auto <= 2 * err_triton + 1e-3 * ref.abs().max(), (form, name, err_auto, err_triton)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["dense", "packed"])
+def test_cuda_text_sdpa_training_at_stage1_shape(dtype, form):
+    """The attention that "auto" hands to SDPA in a stage-1 training step (Vicuna-7B: 32 heads, D128, causal,
+    documents of 640 tokens; 2 of the 16 here), as the model calls it (cuDNN first): the output and the q/k/v
+    gradients by flash-attn's rule against fp32, the same-dtype error taken from SDPA's math backend. Dense: an
+    unpadded batch (dense_sdpa_attention); packed: one sequence of equal documents (packed_sdpa_attention's view)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from llava_fast.models import dispatch
+    from utils import assert_flash_rule
+
+    b, h, n, d = 2, 32, 640, 128
+    g = torch.Generator().manual_seed(11)
+    base = [torch.randn(b, n, h, d, generator=g).cuda() for _ in range(3)]     # (B, L, H, D) projections
+    do = torch.randn(b, h, n, d, generator=g).cuda()
+    scale = d ** -0.5
+    cu = torch.tensor([0, n, 2 * n], dtype=torch.int32, device="cuda")
+    ours_fn = dispatch.dense_sdpa_attention() if form == "dense" else \
+        dispatch.packed_sdpa_attention(cu, n, torch.device("cuda"))
+
+    def run(dt, fn, packed):
+        leaves = [t.to(dt).requires_grad_() for t in base]
+        if packed:  # (1, H, B * L, D) views, as the packed model passes them
+            o = fn(*(t.reshape(1, b * n, h, d).transpose(1, 2) for t in leaves), scale)
+            o = o.transpose(1, 2).reshape(b, n, h, d).transpose(1, 2)
+        else:       # (B, H, L, D) views
+            o = fn(*(t.transpose(1, 2) for t in leaves), scale)
+        return [o] + list(torch.autograd.grad(o, leaves, do.to(dt)))
+
+    def math(q, k, v, s):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s)
+
+    ours = run(dtype, ours_fn, form == "packed")
+    low = run(dtype, math, False)
+    ref = run(torch.float32, math, False)
+    for name, o, lo, r in zip(["out", "dq", "dk", "dv"], ours, low, ref):
+        assert_flash_rule(o, r, lo, name=name)
