@@ -106,12 +106,12 @@ def text_attention_choice() -> str:
     - ``"auto"`` (default): SDPA (cuDNN first) for bf16/fp16 attention over documents of one length with no padding
       (an unpadded batch, or a packed sequence whose documents all have the longest length): in a forward without
       autograd (a prefill, an evaluation pass) always, in a training step when every query head has its own key head
-      (no GQA; LLaVA-1.5's Vicuna) and no CUDA graph is being captured; our Triton kernels otherwise. Why, on an H200
-      (bench_model, paired, 4 LLM layers): the NeXT-7B prefill (8 x 2498) ran 1.02x and 1.026x faster through SDPA
-      (session 17); the LLaVA-1.5-7B stage-1 step (16 x 640, MHA, D128) 1.02x / 1.006x (session 17) and 1.016x /
-      1.020x (session 18); the OneVision step (Qwen2, GQA 14/2, D64) 0.97x and 1.00x against our kernels with their
-      GQA split of dK/dV (the `gqa` op: 1.27x fwd+bwd over the unsplit kernel). The step captured as one CUDA graph
-      keeps our kernels: SDPA's cuDNN backward inside a capture has not run on a GPU here.
+      (no GQA; LLaVA-1.5's Vicuna), unless a CUDA graph is being captured or torch.compile is tracing; our Triton
+      kernels otherwise. Why, on an H200 (bench_model, paired, 4 LLM layers): the NeXT-7B prefill (8 x 2498) ran
+      1.02x and 1.026x faster through SDPA (session 17); the LLaVA-1.5-7B stage-1 step (16 x 640, MHA, D128) 1.02x /
+      1.006x (session 17) and 1.016x / 1.020x (session 18); the OneVision step (Qwen2, GQA 14/2, D64) 0.97x and
+      1.00x against our kernels with their GQA split of dK/dV (the `gqa` op: 1.27x fwd+bwd over the unsplit kernel).
+      A captured or compiled training step keeps our kernels: SDPA's cuDNN backward there has not run on a GPU here.
     - ``"sdpa"``: SDPA always, packed sequences of unequal documents included (scattered to a padded batch).
     - ``"triton"``: our kernels always (the default before session 17)."""
     return _ext.env_choice(_TEXT_ENV, ("auto", "sdpa", "triton"), "auto")
@@ -124,7 +124,11 @@ def _sdpa_auto(dtype, device, equal_lengths: bool) -> str:
         return "none"
     if not torch.is_grad_enabled():
         return "all"
-    return "none" if torch.cuda.is_current_stream_capturing() else "mha"
+    # a captured or compiled training step keeps the kernels its tests ran (the Triton ops are custom ops, traced
+    # and captured in tests/models/test_model_cuda.py); SDPA's cuDNN backward there has not run on a GPU here
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return "none"
+    return "mha"
 
 
 def _mha_or(sdpa, kernel):

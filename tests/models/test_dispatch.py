@@ -158,6 +158,9 @@ def test_text_attention_auto_rule(monkeypatch):
     capturing[0] = True                                    # a step captured as a CUDA graph keeps our kernels
     assert route(grad=True) == "triton" and route(cu=cu_equal, grad=True) == "triton" and route() == "sdpa"
     capturing[0] = False
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)     # a compiled training step likewise
+    assert route(grad=True) == "triton" and route(cu=cu_equal, grad=True) == "triton" and route() == "sdpa"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "triton")
     assert route() == "triton" and route(cu=cu_equal) == "triton" and route(grad=True) == "triton"
     monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "sdpa")
