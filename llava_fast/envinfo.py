@@ -91,8 +91,8 @@ def env() -> dict:
 
         info["text_attention"] = {
             "auto": "auto: SDPA (cuDNN first) over one-length documents on CUDA for no-grad forwards (prefill, "
-                    "evaluation) and for training without GQA (not under CUDA-graph capture), our kernels otherwise "
-                    "(LLAVA_FAST_TEXT_ATTENTION=triton|sdpa forces one)",
+                    "evaluation) and for training without GQA (not under CUDA-graph capture or torch.compile), our "
+                    "kernels otherwise (LLAVA_FAST_TEXT_ATTENTION=triton|sdpa forces one)",
             "triton": "triton (LLAVA_FAST_TEXT_ATTENTION): our kernels always",
             "sdpa": "sdpa (LLAVA_FAST_TEXT_ATTENTION): SDPA always, training included"}[text_attention_choice()]
     except ValueError as e:
