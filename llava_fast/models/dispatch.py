@@ -132,9 +132,11 @@ def _sdpa_auto(dtype, device, equal_lengths: bool) -> str:
 
 
 def _mha_or(sdpa, kernel):
-    """attn(q, k, v, scale): ``sdpa`` where every query head has its own key head, ``kernel`` under GQA."""
+    """attn(q, k, v, scale): ``sdpa`` where every query head has its own key head, ``kernel`` under GQA and inside
+    a torch.compile trace (a decoder layer compiled on its own, ``train.compile``: the closure runs there)."""
     def attn(q, k, v, scale):
-        return (sdpa if k.shape[1] == q.shape[1] else kernel)(q, k, v, scale)
+        use_sdpa = k.shape[1] == q.shape[1] and not torch.compiler.is_compiling()
+        return (sdpa if use_sdpa else kernel)(q, k, v, scale)
     return attn
 
 
@@ -244,12 +246,9 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
             return dense_sdpa_attention()
 
     if fast is not None and attention_mask is None and lk == n:
-        cu_once = []   # the batch's cu_seqlens, built at the first layer's call (once per forward)
+        cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device)
 
         def attn(q, k, v, scale):
-            if not cu_once:
-                cu_once.append(torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device))
-            cu = cu_once[0]
             flat = [t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], t.shape[3]) for t in _same_dtype(q, k, v)]
             o = fast.flash_attn_varlen_func(*flat, cu, cu, n, n, softmax_scale=scale, causal=True)
             return o.view(b, n, q.shape[1], q.shape[3]).transpose(1, 2)

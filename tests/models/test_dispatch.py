@@ -139,6 +139,8 @@ def test_text_attention_auto_rule(monkeypatch):
                         else "wrong")
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    arange = torch.arange   # the dense kernel path builds its cu_seqlens on the device: on the CPU here
+    monkeypatch.setattr(torch, "arange", lambda *a, device=None, **k: arange(*a, **k))
 
     def route(dtype=bf16, device=cuda, cu=None, grad=False, mask=None, ms=8):
         with torch.set_grad_enabled(grad):
@@ -170,14 +172,17 @@ def test_text_attention_auto_rule(monkeypatch):
         dispatch.text_attention_choice()
 
 
-def test_mha_or_picks_by_head_counts():
-    """dispatch._mha_or: the SDPA closure where the key heads equal the query heads, the kernel under GQA."""
+def test_mha_or_picks_by_head_counts(monkeypatch):
+    """dispatch._mha_or: the SDPA closure where the key heads equal the query heads, the kernel under GQA and inside
+    a torch.compile trace."""
     from llava_fast.models import dispatch
 
     attn = dispatch._mha_or(lambda q, k, v, s: "sdpa", lambda q, k, v, s: "kernel")
     q = torch.zeros(1, 4, 3, 8)
     assert attn(q, torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 3, 8), 1.0) == "sdpa"
     assert attn(q, torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 1.0) == "kernel"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)   # a layer compiled on its own
+    assert attn(q, torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 3, 8), 1.0) == "kernel"
 
 
 @pytest.mark.cuda
