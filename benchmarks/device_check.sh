@@ -100,7 +100,11 @@ fi
 want env && step env 30 $PY -m llava_fast.cli env
 
 if want tests; then
-  XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${XDIST:-12}" || echo "")
+  NW=$($PY -c "import xdist" 2>/dev/null && echo "${XDIST:-12}" || echo "")
+  XDIST=${NW:+-n $NW}
+  # the longest cuda tests first, one per worker (tests/conftest.py, tests/utils.long_first_order): session 18's
+  # two torch.compile model tests ran back to back on one worker, 235 s of the 298 s step
+  export LLAVA_FAST_XDIST_WORKERS=$NW
   # a hung test fails alone instead of eating the whole step (pytest-timeout is on the GPU image)
   PTO=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=150" || echo "")
   KSEL=()

@@ -15,7 +15,15 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.hookimpl(trylast=True)   # after -m / -k deselection: the order below is that of the tests that run
 def pytest_collection_modifyitems(config, items):
+    workers = os.environ.get("LLAVA_FAST_XDIST_WORKERS", "")
+    if workers.isdigit() and int(workers) > 1:
+        # benchmarks/device_check.sh: the longest cuda tests first, each on its own pytest-xdist worker
+        # (tests/utils.long_first_order); every worker computes the same order, as xdist requires
+        from utils import long_first_order
+
+        items[:] = [items[i] for i in long_first_order([it.name for it in items], int(workers))]
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/device_check.sh on one)")

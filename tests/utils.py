@@ -111,3 +111,41 @@ def raw_view(ptr: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 
     nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
     return torch.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype).view(shape)
+
+
+# The cuda tests that ran longest on the GPU box (seconds; H200, session 18, 12 pytest-xdist workers). xdist hands
+# each worker a chunk of consecutive tests first, so two of these next to each other ran back to back on one worker:
+# the two torch.compile model tests made one worker's chain 235 s of the 298 s test step. long_first_order puts each
+# at the head of its own worker's first chunk. Keys are test names with their parameters (item.name).
+LONG_CUDA_TESTS = {
+    "test_torch_compile_packed_training_step[llava_next]": 193,
+    "test_cuda_cpu_ids_and_compile": 58,
+    "test_cuda_training_step_does_not_synchronize[llava_onevision]": 47,
+    "test_torch_compile_packed_training_step[llava_onevision]": 42,
+}
+
+
+def xdist_first_chunk(n_items: int, n_workers: int) -> int:
+    """How many consecutive tests pytest-xdist's ``load`` scheduler (3.x, no --maxschedchunk) sends each worker
+    first: ``max(n_items // n_workers // 4, 2)``, or 1 when there are fewer than two tests per worker."""
+    if n_items < 2 * n_workers:
+        return 1
+    return max(n_items // n_workers // 4, 2)
+
+
+def long_first_order(names: list[str], n_workers: int, long_seconds: dict[str, float] = LONG_CUDA_TESTS) -> list[int]:
+    """A permutation of ``range(len(names))``: the tests named in ``long_seconds`` (longest first) at the starts of
+    the first workers' chunks (positions 0, c, 2c, ... for chunk c), at most one per worker; every other test keeps
+    its order in the remaining positions."""
+    chunk = xdist_first_chunk(len(names), n_workers)
+    long = sorted((i for i, n in enumerate(names) if n in long_seconds), key=lambda i: -long_seconds[names[i]])
+    long = long[:n_workers]
+    if chunk == 1:   # round robin: the first n_workers positions are one per worker already
+        slots = list(range(len(long)))
+    else:
+        slots = [j * chunk for j in range(len(long))]
+    rest = iter(i for i in range(len(names)) if i not in set(long))
+    order, placed = [], dict(zip(slots, long))
+    for pos in range(len(names)):
+        order.append(placed[pos] if pos in placed else next(rest))
+    return order

@@ -1,0 +1,38 @@
+"""tests/utils.long_first_order: device_check's cuda tests start with the longest ones, one per pytest-xdist worker."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from utils import LONG_CUDA_TESTS, long_first_order, xdist_first_chunk
+
+
+def test_long_tests_head_their_own_workers_chunks():
+    names = [f"t{i}" for i in range(100)]
+    names[40], names[41], names[77] = "compile_next", "compile_ov", "sync"
+    secs = {"compile_next": 193, "compile_ov": 42, "sync": 47}
+    order = long_first_order(names, 4, secs)
+    assert sorted(order) == list(range(100))                                  # a permutation
+    c = xdist_first_chunk(100, 4)
+    assert c == 6
+    assert [names[order[j * c]] for j in range(3)] == ["compile_next", "sync", "compile_ov"]
+    rest = [names[i] for i in order if names[i] not in secs]
+    assert rest == [n for n in names if n not in secs]                         # the others keep their order
+    assert long_first_order(names, 2, secs)[c * 0] == 40 and len(set(long_first_order(names, 2, secs))) == 100
+    assert long_first_order(["a", "b", "c"], 4, {"c": 1}) == [2, 0, 1]       # fewer tests than 2 per worker
+    assert long_first_order(names, 4, {}) == list(range(100))
+
+
+def test_the_long_tests_exist():
+    """Every name in LONG_CUDA_TESTS is a collected test (a renamed test would silently lose its place)."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "tests/models",
+                        "tests/ops/test_pack_features.py"], cwd=root, capture_output=True, text=True,
+                       env={**os.environ, "LLAVA_FAST_XDIST_WORKERS": "12"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ids = [line.rsplit("::", 1)[-1] for line in r.stdout.splitlines() if "::" in line]
+    for name in LONG_CUDA_TESTS:
+        assert name in ids, name
+    assert ids[0] == "test_torch_compile_packed_training_step[llava_next]", ids[:3]   # the longest first
