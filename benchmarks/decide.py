@@ -396,7 +396,7 @@ def _model_rules(rows, label=""):
              "test_cuda_cutlass_fwd passes)"),
             ("llava_fast_sdpa_text", ("ov_ft",),
              "language-model attention by SDPA for GQA training (opt-in) vs Triton",
-             "route one-length GQA training batches through SDPA too (dispatch._sdpa_auto's 'mha' -> 'all') if "
+             "route one-length GQA training batches through SDPA too (dispatch._sdpa_mode's 'mha' -> 'all') if "
              ">= 1.01x: ov_ft's two packed documents have one length, so it measures cuDNN's GQA backward against "
              "our split kernels (0.97x and 1.00x in sessions 17-18)"),
             # session 17's defaults, each against the path it replaced
@@ -411,7 +411,7 @@ def _model_rules(rows, label=""):
              "LLAVA_FAST_RECOMPUTE_ACT default '1' (act_linear.recompute_enabled)"),
             ("llava_fast_triton_text", ("prefill", "stage1"),
              "attention by SDPA (default for one-length documents: no-grad, or training without GQA) vs Triton",
-             "keep the default if not slower; else the 'auto' rule (dispatch._sdpa_auto) loses that case "
+             "keep the default if not slower; else the 'auto' rule (dispatch._sdpa_mode) loses that case "
              "(prefill: no-grad; stage1: training without GQA)")):
         for mode in mode_list:
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)

@@ -137,15 +137,9 @@ def long_first_order(names: list[str], n_workers: int, long_seconds: dict[str, f
     """A permutation of ``range(len(names))``: the tests named in ``long_seconds`` (longest first) at the starts of
     the first workers' chunks (positions 0, c, 2c, ... for chunk c), at most one per worker; every other test keeps
     its order in the remaining positions."""
-    chunk = xdist_first_chunk(len(names), n_workers)
+    chunk = xdist_first_chunk(len(names), n_workers)   # (1: round robin, one test per worker at a time)
     long = sorted((i for i, n in enumerate(names) if n in long_seconds), key=lambda i: -long_seconds[names[i]])
-    long = long[:n_workers]
-    if chunk == 1:   # round robin: the first n_workers positions are one per worker already
-        slots = list(range(len(long)))
-    else:
-        slots = [j * chunk for j in range(len(long))]
-    rest = iter(i for i in range(len(names)) if i not in set(long))
-    order, placed = [], dict(zip(slots, long))
-    for pos in range(len(names)):
-        order.append(placed[pos] if pos in placed else next(rest))
-    return order
+    placed = {j * chunk: i for j, i in enumerate(long[:n_workers])}
+    taken = set(placed.values())
+    rest = iter(i for i in range(len(names)) if i not in taken)
+    return [placed[pos] if pos in placed else next(rest) for pos in range(len(names))]

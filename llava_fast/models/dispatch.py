@@ -117,9 +117,14 @@ def text_attention_choice() -> str:
     return _ext.env_choice(_TEXT_ENV, ("auto", "sdpa", "triton"), "auto")
 
 
-def _sdpa_auto(dtype, device, equal_lengths: bool) -> str:
-    """The "auto" rule of :func:`text_attention_choice` for one forward: ``"all"`` (SDPA), ``"mha"`` (SDPA for
-    attention without GQA, decided per call from the head counts), or ``"none"`` (our kernels)."""
+def _sdpa_mode(choice: str, kernel_built: bool, dtype, device, equal_lengths: bool) -> str:
+    """Which attention one forward of the language model runs (:func:`text_attention_choice` ``choice``): ``"all"``
+    (SDPA), ``"mha"`` (SDPA for attention without GQA, decided per call from the head counts: :func:`_mha_or`), or
+    ``"none"`` (our kernels, or the reference where ``kernel_built`` is False)."""
+    if choice == "sdpa":
+        return "all"
+    if choice == "triton" or not kernel_built:
+        return "none"
     if not (equal_lengths and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)):
         return "none"
     if not torch.is_grad_enabled():
@@ -216,9 +221,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
         if b != 1:
             raise ValueError(f"packed form (cu_seqlens given) needs a batch of 1 sequence, got batch {b}")
         ms = int(max_seqlen) if max_seqlen is not None else n
-        sdpa = "all" if choice == "sdpa" else "none"
-        if choice == "auto" and fast is not None:
-            sdpa = _sdpa_auto(dtype, device, n == (cu_seqlens.numel() - 1) * ms)
+        sdpa = _sdpa_mode(choice, fast is not None, dtype, device, n == (cu_seqlens.numel() - 1) * ms)
         if sdpa == "all":
             return packed_sdpa_attention(cu_seqlens, ms, device)
         if fast is not None:
@@ -237,13 +240,9 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
             return o.transpose(0, 1)[None]
         return attn
 
-    sdpa = "none"
-    if attention_mask is None and lk == n:
-        sdpa = "all" if choice == "sdpa" else "none"
-        if choice == "auto" and fast is not None:
-            sdpa = _sdpa_auto(dtype, device, True)
-        if sdpa == "all":
-            return dense_sdpa_attention()
+    sdpa = _sdpa_mode(choice, fast is not None, dtype, device, True) if attention_mask is None and lk == n else "none"
+    if sdpa == "all":
+        return dense_sdpa_attention()
 
     if fast is not None and attention_mask is None and lk == n:
         cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device)
