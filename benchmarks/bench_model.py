@@ -13,17 +13,17 @@ Providers: llava_fast, hf_eager, hf_sdpa, hf_sdpa_liger (Liger's RoPE, RMSNorm a
 hf_sdpa_liger_flce (stage 1 only: Liger's LLaVA-1.5 patch, which adds its fused linear cross-entropy); and
 llava_fast_sdpa_text (an experiment, not in the default
 list; OneVision and the mixed run): llava_fast with LLAVA_FAST_TEXT_ATTENTION=sdpa, the language model's attention
-through SDPA (cuDNN first; packed sequences as a right-padded batch) instead of the Triton varlen kernel, GQA training
-steps included ("auto", the default, takes SDPA for no-grad forwards over one-length documents since session 17 and
-for training steps over one-length documents without GQA since session 18: the prefill and stage 1, where this row is
-the default); llava_fast_triton_text (prefill and stage 1): LLAVA_FAST_TEXT_ATTENTION=triton, the Triton kernel there
+through SDPA (packed sequences as a right-padded batch; cuDNN first without autograd, flash in training since
+session 19: models/dispatch._sdpa_backends) instead of the Triton varlen kernel in training steps ("auto", the
+default, takes SDPA for no-grad forwards over one-length documents since session 17: the prefill, where this row is
+the default); llava_fast_triton_text (prefill): LLAVA_FAST_TEXT_ATTENTION=triton, the Triton kernel there
 too (the default before session 17); llava_fast_keep_act (not in the default list
 either): llava_fast with LLAVA_FAST_RECOMPUTE_ACT=0, the MLP activations kept for the backward (the path before
 session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory and time cost of that choice;
 llava_fast_recompute_vision (OneVision only): LLAVA_FAST_RECOMPUTE_ACT=1, the vision tower recomputes its LayerNorm
 and GELU outputs too (the default before session 18, which keeps them: ``llm``);
-llava_fast_sdpa_flash: llava_fast with LLAVA_FAST_SDPA_CUDNN=0, the vision towers' SDPA in its default order (flash
-first) instead of cuDNN first on Hopper (models/dispatch.py); llava_fast_ce_vocab: llava_fast with
+llava_fast_sdpa_cudnn (stage 1, prefill): llava_fast with LLAVA_FAST_SDPA_CUDNN=1, the frozen vision towers' SDPA cuDNN
+first on Hopper (the default until session 19) instead of SDPA's own order (flash; models/dispatch.py); llava_fast_ce_vocab: llava_fast with
 LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed);
 llava_fast_unfused_res: llava_fast with LLAVA_FAST_FUSE_RESIDUAL=0, the decoder layers' residual adds as separate
 elementwise ops and gradient accumulations instead of inside the RMSNorm kernels (ops/act_linear.residual_act_linears);
@@ -504,9 +504,12 @@ def run_mixed(providers, layers, tiny, rep, warmup):
 # A/B providers that change nothing in some workloads: (the workloads they run in, why the others are skipped)
 PROVIDER_WORKLOADS = {
     "llava_fast_recompute_vision": (("ov_ft",), "the vision tower does not train here (nothing is recomputed in it)"),
-    "llava_fast_triton_text": (("prefill", "stage1"), "GQA or documents of several lengths: the Triton kernel anyway "
-                                                      "(SDPA's default is for one-length documents without GQA)"),
-    "llava_fast_sdpa_text": (("ov_ft", "mixed"), "SDPA is the default here (one-length documents without GQA)"),
+    "llava_fast_triton_text": (("prefill",), "a training step: the Triton kernel anyway (SDPA's default is for no-grad "
+                                             "forwards over one-length documents)"),
+    "llava_fast_sdpa_text": (("ov_ft", "stage1", "mixed"), "SDPA is the default here (a no-grad forward over "
+                                                           "one-length documents)"),
+    "llava_fast_sdpa_cudnn": (("stage1", "prefill"), "a trained vision tower never runs cuDNN's SDPA (its backward "
+                                                     "graph cache: models/dispatch._sdpa_backends)"),
     "llava_fast_all_rows": (("ov_ft", "stage1", "mixed"), "a prefill has no labels (every row is computed anyway)"),
     "llava_fast_cutlass_attn": (("stage1",), "the CUTLASS forward takes one-length MHA documents of a multiple of 8 "
                                              "tokens: stage 1 only"),
@@ -529,8 +532,9 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the vision towers recompute their LayerNorm / GELU outputs too (the default before session 18,
                 # which keeps them; only a trained tower changes: the OneVision step)
                 "llava_fast_recompute_vision": {"LLAVA_FAST_RECOMPUTE_ACT": "1"},
-                # the vision towers' SDPA in its own order (flash first) instead of cuDNN first on Hopper
-                "llava_fast_sdpa_flash": {"LLAVA_FAST_SDPA_CUDNN": "0"},
+                # the frozen vision towers' SDPA cuDNN first on Hopper (the default until session 19) instead of
+                # SDPA's own order (flash)
+                "llava_fast_sdpa_cudnn": {"LLAVA_FAST_SDPA_CUDNN": "1"},
                 # the fused loss over vocab blocks (less memory, one more logits GEMM; only where lm_head trains)
                 "llava_fast_ce_vocab": {"LLAVA_FAST_CE_SCHEDULE": "vocab"},
                 # the decoder layers' residual adds as separate ops instead of inside the RMSNorm kernels (session 11)
@@ -540,9 +544,8 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # without the GQA split of the dK/dV kernel and the heavy-first order (defaults since session 17;
                 # only GQA models change: OneVision's Qwen2)
                 "llava_fast_no_gqa_split": {"LLAVA_FAST_ATTN_GQA_SPLIT": "0", "LLAVA_FAST_ATTN_HEAVY_FIRST": "0"},
-                # the attention of the prefill and of stage 1 on the Triton kernel instead of SDPA ("auto": SDPA for
-                # one-length documents, no-grad since session 17, training without GQA since session 18;
-                # models/dispatch.text_attention_choice)
+                # the attention of the prefill on the Triton kernel instead of SDPA ("auto": SDPA for no-grad forwards
+                # over one-length documents since session 17; models/dispatch.text_attention_choice)
                 "llava_fast_triton_text": {"LLAVA_FAST_TEXT_ATTENTION": "triton"},
                 # the GELU kernels (ops/gelu.py, session 13; auto keeps torch's): the SigLIP tower, OneVision only
                 "llava_fast_gelu_triton": {"LLAVA_FAST_BACKEND_GELU": "triton"},

@@ -349,8 +349,6 @@ def _model_rules(rows, label=""):
                     "met" if x >= 1.2 and mem_ok else "not met"))
     for prov, what, rule in (("llava_fast_keep_act", "recompute of MLP activations (default) vs kept",
                               "keep recomputing if time <= 1.02x and memory lower"),
-                             ("llava_fast_sdpa_flash", "vision SDPA cuDNN-first (default) vs flash-first",
-                              "keep cuDNN first if not slower"),
                              ("llava_fast_ce_vocab", "CE vocab schedule in the OneVision step",
                               "with the CE row: vocab if not slower"),
                              ("llava_fast_unfused_res", "residual adds fused into RMSNorm (default) vs separate",
@@ -394,11 +392,15 @@ def _model_rules(rows, label=""):
             ("llava_fast_cutlass_attn", ("stage1",), "CUTLASS attention forward (opt-in) vs Triton",
              "LLAVA_FAST_ATTN_CUTLASS default '1' on sm_90 when the CUTLASS library is built, if >= 1.005x (and "
              "test_cuda_cutlass_fwd passes)"),
-            ("llava_fast_sdpa_text", ("ov_ft",),
-             "language-model attention by SDPA for GQA training (opt-in) vs Triton",
-             "route one-length GQA training batches through SDPA too (dispatch._sdpa_mode's 'mha' -> 'all') if "
-             ">= 1.01x: ov_ft's two packed documents have one length, so it measures cuDNN's GQA backward against "
-             "our split kernels (0.97x and 1.00x in sessions 17-18)"),
+            ("llava_fast_sdpa_text", ("ov_ft", "stage1"),
+             "language-model attention by SDPA in training (opt-in; flash, no cuDNN since session 19) vs Triton",
+             "route one-length training batches through SDPA (dispatch._use_sdpa) only if >= 1.03x on both: with "
+             "cuDNN it measured 1.00-1.02x on stage 1 (sessions 17-19) and 0.97-1.06x on ov_ft"),
+            # session 19: the frozen vision towers' SDPA in SDPA's own order (flash) by default
+            ("llava_fast_sdpa_cudnn", ("stage1", "prefill"),
+             "vision SDPA flash-first (default) vs cuDNN-first, no-grad towers",
+             "keep SDPA's order if not slower (cuDNN first ran 0.94x and 0.95x on stage 1 in sessions 18-19); else "
+             "LLAVA_FAST_SDPA_CUDNN default '1' (dispatch._prefer_cudnn)"),
             # session 17's defaults, each against the path it replaced
             ("llava_fast_no_gqa_split", ("ov_ft",),
              "GQA split of dK/dV + heavy-first order (default) vs neither",
@@ -409,10 +411,9 @@ def _model_rules(rows, label=""):
              "vision tower keeps its activations (default) vs recomputes them",
              "keep the default if not slower (session 18: 1.10x at 4 layers, paired; +3.2 GiB); else "
              "LLAVA_FAST_RECOMPUTE_ACT default '1' (act_linear.recompute_enabled)"),
-            ("llava_fast_triton_text", ("prefill", "stage1"),
-             "attention by SDPA (default for one-length documents: no-grad, or training without GQA) vs Triton",
-             "keep the default if not slower; else the 'auto' rule (dispatch._sdpa_mode) loses that case "
-             "(prefill: no-grad; stage1: training without GQA)")):
+            ("llava_fast_triton_text", ("prefill",),
+             "attention by SDPA (default for no-grad one-length documents) vs Triton",
+             "keep the default if not slower; else the 'auto' rule (dispatch._use_sdpa) drops no-grad forwards")):
         for mode in mode_list:
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
             if not (ours and alt):

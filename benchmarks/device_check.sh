@@ -220,7 +220,7 @@ if want ops; then
       # cut the rows decided the same way in three or more runs (unfused_res, sep_recompute, gelu_triton,
       # triton_launch, bias_triton, fused_qkv: the step ran out of time in its prefill rows); `model_ab` runs them
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft,stage1,prefill \
-        --providers llava_fast,llava_fast_recompute_vision,llava_fast_triton_text,llava_fast_keep_act,llava_fast_no_gqa_split,llava_fast_sdpa_flash,llava_fast_qgelu_ref,llava_fast_ln_triton,llava_fast_all_rows,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
+        --providers llava_fast,llava_fast_recompute_vision,llava_fast_triton_text,llava_fast_keep_act,llava_fast_no_gqa_split,llava_fast_sdpa_cudnn,llava_fast_qgelu_ref,llava_fast_ln_triton,llava_fast_all_rows,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
     elif [ "$b" = "model_ab" ]; then  # not in the default list: the A/B rows decided in three or more runs (the
       # paths they switch stay in the tests), for a call with time to spare
       step bench_model_ab 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft,stage1 \

@@ -112,8 +112,9 @@ def env() -> dict:
         from llava_fast.models import dispatch
 
         try:
-            info["vision_sdpa"] = ("cuDNN first (Hopper; LLAVA_FAST_SDPA_CUDNN=0 for SDPA's order)"
-                                   if dispatch._prefer_cudnn(torch.device("cuda", 0)) else "SDPA's own order")
+            info["vision_sdpa"] = ("cuDNN first without autograd (LLAVA_FAST_SDPA_CUDNN=1, Hopper); never in training"
+                                   if dispatch._prefer_cudnn(torch.device("cuda", 0)) else
+                                   "SDPA's own order (LLAVA_FAST_SDPA_CUDNN=1: cuDNN first without autograd on Hopper)")
         except ValueError as e:
             info["vision_sdpa"] = f"invalid: {e}"
     import os

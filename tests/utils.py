@@ -117,6 +117,8 @@ def raw_view(ptr: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 # each worker a chunk of consecutive tests first, so two of these next to each other ran back to back on one worker:
 # the two torch.compile model tests made one worker's chain 235 s of the 298 s test step. long_first_order puts each
 # at the head of its own worker's first chunk. Keys are test names with their parameters (item.name).
+# Session 19 ran the three Inductor compiles at once, one per worker: 207 s, 207 s and >150 s (pytest-timeout), the
+# test step 261 s; compiles that share 16 host cores take longer each, hence their 400 s timeout marks.
 LONG_CUDA_TESTS = {
     "test_torch_compile_packed_training_step[llava_next]": 193,
     "test_cuda_cpu_ids_and_compile": 58,

@@ -4,6 +4,8 @@ The reference path reproduces transformers' eager numerics on the CPU; on CUDA w
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -35,11 +37,13 @@ def _same_dtype(q, k, v):
 
 
 def _prefer_cudnn(device: torch.device) -> bool:
-    """Whether the vision towers' SDPA should try cuDNN first: on Hopper (compute capability 9.x) only. Measured on
-    an H100 (benchmarks/results, 2026-11-26, bf16, fwd+bwd TFLOP/s): SigLIP 32 x 729 D72 cuDNN 214.1 vs the flash
-    backend 134.9 (1.59x), CLIP 64 x 577 D64 230.2 vs 150.6 (1.53x); SDPA's fixed priority runs flash. Elsewhere
-    (transformers PR 48163's measurements) cuDNN was slower (A100 0.82x, Blackwell 0.88x)."""
-    if _ext.env_choice("LLAVA_FAST_SDPA_CUDNN", ("0", "1"), "1") == "0" or torch.compiler.is_compiling():
+    """Whether the vision towers' SDPA tries cuDNN first in a forward without autograd (opt-in:
+    LLAVA_FAST_SDPA_CUDNN=1, Hopper only). Op level, cuDNN leads (H100, 2026-11-26, bf16 fwd+bwd: SigLIP 32 x 729
+    D72 214.1 vs flash 134.9 TFLOP/s, CLIP 64 x 577 D64 230.2 vs 150.6; H200, session 19, forward: CLIP 0.285 vs
+    0.404 ms); end to end, the paired stage-1 step (frozen CLIP tower, 4 LLM layers) ran 0.94x (session 18) and 0.95x
+    (session 19) with cuDNN first: the default since session 19 is SDPA's own order (flash). A training step never
+    takes cuDNN (:func:`_sdpa_backends`)."""
+    if _ext.env_choice("LLAVA_FAST_SDPA_CUDNN", ("0", "1"), "0") == "0" or torch.compiler.is_compiling():
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(idx)[0] == 9  # torch caches the device properties
@@ -56,10 +60,10 @@ def vision_attention(q, k, v, scale):
         o = op.flash_attn_varlen_func(*flat, cu, cu, n, n, softmax_scale=scale, causal=False)
         return o.view(b, n, h, d).transpose(1, 2)
     if q.is_cuda:
-        if _prefer_cudnn(q.device):  # a preference, not a restriction: shapes cuDNN cannot take fall through
-            with _sdpa_backends():
-                return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        # cuDNN first only where asked and no backward will run; a preference, not a restriction (shapes cuDNN
+        # cannot take fall through); a training step runs SDPA without cuDNN (_sdpa_backends says why)
+        with _sdpa_backends(q, k, v, cudnn=_prefer_cudnn(q.device)):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return eager_attention(q, k, v, scale)
 
 
@@ -104,52 +108,56 @@ def text_attention_choice() -> str:
     """LLAVA_FAST_TEXT_ATTENTION: which kernel runs the language model's attention on CUDA.
 
     - ``"auto"`` (default): SDPA (cuDNN first) for bf16/fp16 attention over documents of one length with no padding
-      (an unpadded batch, or a packed sequence whose documents all have the longest length): in a forward without
-      autograd (a prefill, an evaluation pass) always, in a training step when every query head has its own key head
-      (no GQA; LLaVA-1.5's Vicuna), unless a CUDA graph is being captured or torch.compile is tracing; our Triton
-      kernels otherwise. Why, on an H200 (bench_model, paired, 4 LLM layers): the NeXT-7B prefill (8 x 2498) ran
-      1.02x and 1.026x faster through SDPA (session 17); the LLaVA-1.5-7B stage-1 step (16 x 640, MHA, D128) 1.02x /
-      1.006x (session 17) and 1.016x / 1.020x (session 18); the OneVision step (Qwen2, GQA 14/2, D64) 0.97x and
-      1.00x against our kernels with their GQA split of dK/dV (the `gqa` op: 1.27x fwd+bwd over the unsplit kernel).
-      A captured or compiled training step keeps our kernels: SDPA's cuDNN backward there has not run on a GPU here.
-    - ``"sdpa"``: SDPA always, packed sequences of unequal documents included (scattered to a padded batch).
+      (an unpadded batch, or a packed sequence whose documents all have the longest length) in a forward without
+      autograd (a prefill, an evaluation pass); our Triton kernels otherwise. Why, on an H200 (bench_model, paired,
+      4 LLM layers): the NeXT-7B prefill (8 x 2498) ran 1.02x and 1.026x faster through SDPA (session 17), 1.01x /
+      0.99x (session 19). Training keeps our kernels: sessions 18-19 routed MHA training through SDPA and measured
+      1.016x, 1.020x, 1.00x and 1.01x on stage 1, inside the harness's noise, and SDPA's cuDNN backward can return
+      wrong gradients (:func:`_sdpa_backends`), so SDPA in training would run flash, which is slower than ours at
+      the stage-1 shape (benchmarks/results, session 19: 1.26x our time fwd+bwd).
+    - ``"sdpa"``: SDPA always, packed sequences of unequal documents included (scattered to a padded batch); in a
+      training step without cuDNN.
     - ``"triton"``: our kernels always (the default before session 17)."""
     return _ext.env_choice(_TEXT_ENV, ("auto", "sdpa", "triton"), "auto")
 
 
-def _sdpa_mode(choice: str, kernel_built: bool, dtype, device, equal_lengths: bool) -> str:
-    """Which attention one forward of the language model runs (:func:`text_attention_choice` ``choice``): ``"all"``
-    (SDPA), ``"mha"`` (SDPA for attention without GQA, decided per call from the head counts: :func:`_mha_or`), or
-    ``"none"`` (our kernels, or the reference where ``kernel_built`` is False)."""
+def _use_sdpa(choice: str, kernel_built: bool, dtype, device, equal_lengths: bool) -> bool:
+    """Whether one forward of the language model runs SDPA (:func:`text_attention_choice` ``choice``) rather than
+    our kernels (or the reference where ``kernel_built`` is False)."""
     if choice == "sdpa":
-        return "all"
+        return True
     if choice == "triton" or not kernel_built:
-        return "none"
-    if not (equal_lengths and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)):
-        return "none"
-    if not torch.is_grad_enabled():
-        return "all"
-    # a captured or compiled training step keeps the kernels its tests ran (the Triton ops are custom ops, traced
-    # and captured in tests/models/test_model_cuda.py); SDPA's cuDNN backward there has not run on a GPU here
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return "none"
-    return "mha"
+        return False
+    return (equal_lengths and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            and not torch.is_grad_enabled())
 
 
-def _mha_or(sdpa, kernel):
-    """attn(q, k, v, scale): ``sdpa`` where every query head has its own key head, ``kernel`` under GQA and inside
-    a torch.compile trace (a decoder layer compiled on its own, ``train.compile``: the closure runs there)."""
-    def attn(q, k, v, scale):
-        use_sdpa = k.shape[1] == q.shape[1] and not torch.compiler.is_compiling()
-        return (sdpa if use_sdpa else kernel)(q, k, v, scale)
-    return attn
+# SDPA's backends without cuDNN: where autograd will run the backward (see _sdpa_backends)
+_NO_CUDNN = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
-def _sdpa_backends():
-    """SDPA with cuDNN first where torch lets us order the backends (torch >= 2.6: set_priority), else torch's order."""
+def _sdpa_backends(*tensors, cudnn: bool = True):
+    """The SDPA backends for one call on ``tensors`` (q, k, v): cuDNN first (``cudnn``; torch >= 2.6 orders them with
+    set_priority, older torch keeps its own order) when no backward will run, never cuDNN when one will.
+
+    Why never in training: torch caches the cuDNN backward graph by the shapes and strides of q, k and v only
+    (aten/src/ATen/native/cudnn/MHA.cpp, ``MHAParams``), not by those of the output gradient, which with cuDNN >=
+    9.5.1 it passes as it comes. A graph built for one dO layout then runs on another dO layout with the same q/k/v
+    and returns wrong gradients, without an error. Measured on an H200 in session 19 (torch 2.11): the packed form
+    after the dense one at the stage-1 shape, dq max error 5.0 against fp32 where PyTorch's own bf16 error is 0.016
+    (tests/models/test_dispatch.py::test_cuda_text_sdpa_training_at_stage1_shape). Any other cuDNN SDPA caller in
+    the process (a reference model, user code) can leave such a graph behind, so a canonical dO layout on our side
+    would not be enough."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if (not grad and not cudnn) or torch.compiler.is_compiling():
+        # SDPA's own order (flash, efficient, math, then cuDNN in torch 2.11-2.14: cuDNN only where all else refuses,
+        # which math never does); a torch.compile trace keeps it, as before session 19
+        return contextlib.nullcontext()
+    order = [getattr(SDPBackend, b) for b in _NO_CUDNN]
+    if not grad:
+        order.insert(0, SDPBackend.CUDNN_ATTENTION)
     try:
         return sdpa_kernel(order, set_priority=True)
     except TypeError:  # older torch: no priorities
@@ -162,7 +170,7 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
     queries never see the padding, which comes after its keys), the outputs gathered back. No host sync (the token ->
     (document, position) map is built on the device). Opt-in with LLAVA_FAST_TEXT_ATTENTION=sdpa: on an H200 the
     padded cuDNN batch ran 284 useful TFLOP/s fwd+bwd on 8 documents of 600-3500 tokens where the Triton varlen kernel
-    ran 204 (benchmarks/results, run 3); this lets bench_model measure whether that holds end to end. Also the
+    ran 204 (benchmarks/results, run 3; cuDNN runs only where no backward follows: :func:`_sdpa_backends`). Also the
     default for inference over one-length documents (:func:`text_attention_choice`)."""
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     docs = cu.numel() - 1
@@ -174,7 +182,7 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
             # (docs, max_seqlen) batch, a view; no scatter, no gather (the OneVision benchmark's two documents)
             def fold(x):  # (1, H, T, D) -> (docs, H, max_seqlen, D)
                 return x.squeeze(0).unflatten(1, (docs, int(max_seqlen))).transpose(0, 1)
-            with _sdpa_backends():
+            with _sdpa_backends(q, k, v):
                 o = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, scale=scale,
                                                    enable_gqa=k.shape[1] != q.shape[1])
             return o.transpose(0, 1).flatten(1, 2)[None]               # (1, H, T, D)
@@ -189,7 +197,7 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
             return out.transpose(1, 2)
 
         qp, kp, vp = pad(q), pad(k), pad(v)
-        with _sdpa_backends():
+        with _sdpa_backends(q, k, v):
             o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
                                                enable_gqa=kp.shape[1] != qp.shape[1])
         return o.transpose(1, 2)[doc, pos].transpose(0, 1)[None]    # (1, H, T, D)
@@ -197,9 +205,10 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
 
 
 def dense_sdpa_attention():
-    """attn(q, k, v, scale) for an equal-length unpadded causal batch: SDPA as is (cuDNN first where torch allows)."""
+    """attn(q, k, v, scale) for an equal-length unpadded causal batch: SDPA as is (cuDNN first where no backward
+    follows and torch allows: :func:`_sdpa_backends`)."""
     def attn(q, k, v, scale):
-        with _sdpa_backends():
+        with _sdpa_backends(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                   enable_gqa=k.shape[1] != q.shape[1])
     return attn
@@ -221,8 +230,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
         if b != 1:
             raise ValueError(f"packed form (cu_seqlens given) needs a batch of 1 sequence, got batch {b}")
         ms = int(max_seqlen) if max_seqlen is not None else n
-        sdpa = _sdpa_mode(choice, fast is not None, dtype, device, n == (cu_seqlens.numel() - 1) * ms)
-        if sdpa == "all":
+        if _use_sdpa(choice, fast is not None, dtype, device, n == (cu_seqlens.numel() - 1) * ms):
             return packed_sdpa_attention(cu_seqlens, ms, device)
         if fast is not None:
             def attn(q, k, v, scale):
@@ -232,7 +240,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
                 o = fast.flash_attn_varlen_func(*(t.squeeze(0).transpose(0, 1) for t in (q, k, v)),
                                                 cu_seqlens, cu_seqlens, ms, ms, softmax_scale=scale, causal=True)
                 return o.transpose(0, 1)[None]
-            return _mha_or(packed_sdpa_attention(cu_seqlens, ms, device), attn) if sdpa == "mha" else attn
+            return attn
 
         def attn(q, k, v, scale):
             o = varlen_attention_ref(*(t.squeeze(0).transpose(0, 1) for t in (q, k, v)), cu_seqlens,
@@ -240,8 +248,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
             return o.transpose(0, 1)[None]
         return attn
 
-    sdpa = _sdpa_mode(choice, fast is not None, dtype, device, True) if attention_mask is None and lk == n else "none"
-    if sdpa == "all":
+    if attention_mask is None and lk == n and _use_sdpa(choice, fast is not None, dtype, device, True):
         return dense_sdpa_attention()
 
     if fast is not None and attention_mask is None and lk == n:
@@ -251,7 +258,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
             flat = [t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], t.shape[3]) for t in _same_dtype(q, k, v)]
             o = fast.flash_attn_varlen_func(*flat, cu, cu, n, n, softmax_scale=scale, causal=True)
             return o.view(b, n, q.shape[1], q.shape[3]).transpose(1, 2)
-        return _mha_or(dense_sdpa_attention(), attn) if sdpa == "mha" else attn
+        return attn
 
     if attention_mask is not None and attention_mask.shape[-1] != lk:
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but the keys are {lk} "
