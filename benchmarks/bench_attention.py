@@ -33,6 +33,9 @@ OURS_TMA = "llava_fast_tma"  # LLAVA_FAST_ATTN_TMA=1: TMA descriptor loads in th
 # LLAVA_FAST_ATTN_CUTLASS=1: the forward on CUTLASS's Hopper FMHA (opt-in; documents of one length, Hq == Hkv, D 64
 # or 128), the backward on our Triton kernels; only on the shapes it takes
 OURS_CUTLASS = "llava_fast_cutlass"
+# ops/cudnn_attention.py (opt-in, session 19): torch's cuDNN entry points with the backward on a thread of our own
+# (safe from torch's cuDNN backward-graph cache); the gap to sdpa-cudnn is the thread hand-off
+OURS_CUDNN = "llava_fast_cudnn"
 BWD_IMPL = {OURS: "separate", OURS_ATOMIC: "atomic"}   # backward each of our providers runs (set_backward_impl)
 ATOMIC_MODES = ("bwd", "fwd+bwd")
 QUICK_ATOMIC = ["causal-d128-4k", "packed-8docs-d128"]
@@ -119,6 +122,15 @@ def _providers(name, shape, with_flex=True, with_atomic=True):
         yield OURS_CUTLASS, ours, "forward on CUTLASS's Hopper FMHA (LLAVA_FAST_ATTN_CUTLASS=1), Triton backward"
     if with_atomic:
         yield OURS_ATOMIC, ours, "5-GEMM backward, dQ by fp32 atomics (forward not re-measured)"
+    if s is not None and hq == hkv and d % 8 == 0 and d <= 128:   # what ops.cudnn_attention takes
+        def cudnn():
+            from llava_fast.ops.cudnn_attention import cudnn_attention
+
+            # (B, H, S, D) views of (B, S, H, D) projections, as the model passes them
+            q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=dt, requires_grad=True) for h in (hq, hkv, hkv))
+            return (lambda: cudnn_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), d ** -0.5,
+                                            causal)), [q, k, v]
+        yield OURS_CUDNN, cudnn, "cuDNN, backward on our own thread (LLAVA_FAST_TEXT_ATTENTION=cudnn)"
 
     # SDPA on a (B, H, S, D) batch; for packed documents, a zero-padded batch of max length (the causal mask keeps
     # valid rows away from the padding at the end of each row).

@@ -22,6 +22,8 @@ either): llava_fast with LLAVA_FAST_RECOMPUTE_ACT=0, the MLP activations kept fo
 session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory and time cost of that choice;
 llava_fast_recompute_vision (OneVision only): LLAVA_FAST_RECOMPUTE_ACT=1, the vision tower recomputes its LayerNorm
 and GELU outputs too (the default before session 18, which keeps them: ``llm``);
+llava_fast_cudnn_text (stage 1): LLAVA_FAST_TEXT_ATTENTION=cudnn, the language model's attention through
+ops/cudnn_attention.py (cuDNN with its backward on a thread of our own; an experiment, session 19);
 llava_fast_sdpa_cudnn (stage 1, prefill): llava_fast with LLAVA_FAST_SDPA_CUDNN=1, the frozen vision towers' SDPA cuDNN
 first on Hopper (the default until session 19) instead of SDPA's own order (flash; models/dispatch.py); llava_fast_ce_vocab: llava_fast with
 LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed);
@@ -508,6 +510,8 @@ PROVIDER_WORKLOADS = {
                                              "forwards over one-length documents)"),
     "llava_fast_sdpa_text": (("ov_ft", "stage1", "mixed"), "SDPA is the default here (a no-grad forward over "
                                                            "one-length documents)"),
+    "llava_fast_cudnn_text": (("stage1",), "GQA (OneVision's Qwen2) or a no-grad forward SDPA already runs "
+                                           "through cuDNN: only stage 1 changes"),
     "llava_fast_sdpa_cudnn": (("stage1", "prefill"), "a trained vision tower never runs cuDNN's SDPA (its backward "
                                                      "graph cache: models/dispatch._sdpa_backends)"),
     "llava_fast_all_rows": (("ov_ft", "stage1", "mixed"), "a prefill has no labels (every row is computed anyway)"),
@@ -547,6 +551,9 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the attention of the prefill on the Triton kernel instead of SDPA ("auto": SDPA for no-grad forwards
                 # over one-length documents since session 17; models/dispatch.text_attention_choice)
                 "llava_fast_triton_text": {"LLAVA_FAST_TEXT_ATTENTION": "triton"},
+                # the language model's attention through ops/cudnn_attention.py (cuDNN, its backward on our own
+                # thread; session 19, opt-in): stage 1's MHA training step
+                "llava_fast_cudnn_text": {"LLAVA_FAST_TEXT_ATTENTION": "cudnn"},
                 # the GELU kernels (ops/gelu.py, session 13; auto keeps torch's): the SigLIP tower, OneVision only
                 "llava_fast_gelu_triton": {"LLAVA_FAST_BACKEND_GELU": "triton"},
                 # CLIP's QuickGELU by torch's three kernels instead of ours (session 13): stage 1, prefill

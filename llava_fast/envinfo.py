@@ -91,10 +91,13 @@ def env() -> dict:
 
         info["text_attention"] = {
             "auto": "auto: SDPA (cuDNN first) over one-length documents on CUDA for no-grad forwards (prefill, "
-                    "evaluation) and for training without GQA (not under CUDA-graph capture or torch.compile), our "
-                    "kernels otherwise (LLAVA_FAST_TEXT_ATTENTION=triton|sdpa forces one)",
+                    "evaluation), our kernels otherwise, training included (LLAVA_FAST_TEXT_ATTENTION=triton|sdpa|"
+                    "cudnn forces one)",
             "triton": "triton (LLAVA_FAST_TEXT_ATTENTION): our kernels always",
-            "sdpa": "sdpa (LLAVA_FAST_TEXT_ATTENTION): SDPA always, training included"}[text_attention_choice()]
+            "sdpa": "sdpa (LLAVA_FAST_TEXT_ATTENTION): SDPA always (no cuDNN where a backward follows)",
+            "cudnn": "cudnn (LLAVA_FAST_TEXT_ATTENTION, experiment): one-length MHA documents through "
+                     "ops/cudnn_attention (backward on its own thread), our kernels otherwise",
+        }[text_attention_choice()]
     except ValueError as e:
         info["text_attention"] = f"invalid: {e}"
     try:

@@ -117,8 +117,11 @@ def text_attention_choice() -> str:
       the stage-1 shape (benchmarks/results, session 19: 1.26x our time fwd+bwd).
     - ``"sdpa"``: SDPA always, packed sequences of unequal documents included (scattered to a padded batch); in a
       training step without cuDNN.
-    - ``"triton"``: our kernels always (the default before session 17)."""
-    return _ext.env_choice(_TEXT_ENV, ("auto", "sdpa", "triton"), "auto")
+    - ``"triton"``: our kernels always (the default before session 17).
+    - ``"cudnn"`` (experiment, session 19): documents of one length without GQA through cuDNN's fused attention with
+      its backward on a thread of our own (``ops/cudnn_attention.py``: safe from torch's backward-graph cache), our
+      kernels otherwise; not yet run on a GPU. At the stage-1 shape cuDNN ran fwd+bwd 1.46x our kernels."""
+    return _ext.env_choice(_TEXT_ENV, ("auto", "sdpa", "triton", "cudnn"), "auto")
 
 
 def _use_sdpa(choice: str, kernel_built: bool, dtype, device, equal_lengths: bool) -> bool:
@@ -126,7 +129,7 @@ def _use_sdpa(choice: str, kernel_built: bool, dtype, device, equal_lengths: boo
     our kernels (or the reference where ``kernel_built`` is False)."""
     if choice == "sdpa":
         return True
-    if choice == "triton" or not kernel_built:
+    if choice in ("triton", "cudnn") or not kernel_built:
         return False
     return (equal_lengths and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
             and not torch.is_grad_enabled())
@@ -204,6 +207,26 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
     return attn
 
 
+def _cudnn_or(kernel, docs: int | None = None, max_seqlen: int | None = None):
+    """attn(q, k, v, scale): ``ops.cudnn_attention`` where it takes the call (:func:`cudnn_attention.supported`: MHA,
+    bf16/fp16, not captured or traced), else ``kernel``. ``docs``: a packed (1, H, docs * max_seqlen, D) sequence of
+    equal documents, viewed as a (docs, H, max_seqlen, D) batch (no copy); None: a dense (B, H, L, D) batch."""
+    from llava_fast.ops import cudnn_attention as ca
+
+    def attn(q, k, v, scale):
+        q, k, v = _same_dtype(q, k, v)
+        if not ca.supported(q, k):
+            return kernel(q, k, v, scale)
+        if docs is None:
+            return ca.cudnn_attention(q, k, v, scale, causal=True)
+
+        def fold(x):  # (1, H, T, D) -> (docs, H, max_seqlen, D)
+            return x.squeeze(0).unflatten(1, (docs, max_seqlen)).transpose(0, 1)
+        o = ca.cudnn_attention(fold(q), fold(k), fold(v), scale, causal=True)
+        return o.transpose(0, 1).flatten(1, 2)[None]
+    return attn
+
+
 def dense_sdpa_attention():
     """attn(q, k, v, scale) for an equal-length unpadded causal batch: SDPA as is (cuDNN first where no backward
     follows and torch allows: :func:`_sdpa_backends`)."""
@@ -240,6 +263,8 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
                 o = fast.flash_attn_varlen_func(*(t.squeeze(0).transpose(0, 1) for t in (q, k, v)),
                                                 cu_seqlens, cu_seqlens, ms, ms, softmax_scale=scale, causal=True)
                 return o.transpose(0, 1)[None]
+            if choice == "cudnn" and n == (cu_seqlens.numel() - 1) * ms:
+                return _cudnn_or(attn, cu_seqlens.numel() - 1, ms)
             return attn
 
         def attn(q, k, v, scale):
@@ -258,7 +283,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
             flat = [t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], t.shape[3]) for t in _same_dtype(q, k, v)]
             o = fast.flash_attn_varlen_func(*flat, cu, cu, n, n, softmax_scale=scale, causal=True)
             return o.view(b, n, q.shape[1], q.shape[3]).transpose(1, 2)
-        return attn
+        return _cudnn_or(attn) if choice == "cudnn" else attn
 
     if attention_mask is not None and attention_mask.shape[-1] != lk:
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but the keys are {lk} "

@@ -199,7 +199,15 @@ def test_text_attention_auto_rule(monkeypatch):
     assert route() == "triton" and route(cu=cu_equal) == "triton" and route(grad=True) == "triton"
     monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "sdpa")
     assert route(grad=True) == "sdpa" and route(cu=cu_unequal, grad=True, ms=11) == "sdpa"
+    # "cudnn": one-length documents through ops.cudnn_attention (its closure falls back to the kernel per call),
+    # packed ones as a (docs, max_seqlen) batch; documents of several lengths keep the kernel
+    wrapped = []
+    monkeypatch.setattr(dispatch, "_cudnn_or", lambda kernel, *a: wrapped.append(a) or "sdpa")
     monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "cudnn")
+    assert route(grad=True) == "sdpa" and route(cu=cu_equal, grad=True) == "sdpa" and route() == "sdpa"
+    assert wrapped == [(), (2, 8), ()]
+    assert route(cu=cu_unequal, ms=11, grad=True) == "triton" and len(wrapped) == 3
+    monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "flash")
     with pytest.raises(ValueError, match="LLAVA_FAST_TEXT_ATTENTION"):
         dispatch.text_attention_choice()
 
@@ -236,7 +244,8 @@ def test_cuda_inference_sdpa_default_matches_triton(monkeypatch, tmp_path, dtype
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_cuda_training_sdpa_matches_triton(monkeypatch, tmp_path, dtype, kv_heads):
     """A training step over one-length documents (unpadded batch and packed equal documents): "sdpa" (SDPA in every
-    layer, without cuDNN since a backward follows) against "triton"; "auto" keeps our kernels in training. The loss
+    layer, without cuDNN since a backward follows) and "cudnn" (ops.cudnn_attention where there is no GQA) against
+    "triton"; "auto" keeps our kernels in training. The loss
     and the gradients of every language-model weight stay within the flash rule of the Triton path's, both against
     fp32 on the CPU, with and without GQA; the SDPA calls are counted, so the test fails if the routing is not what
     the rule says."""
@@ -253,13 +262,20 @@ def test_cuda_training_sdpa_matches_triton(monkeypatch, tmp_path, dtype, kv_head
     forms = {"dense": dict(input_ids=ids, labels=ids),
              "packed": dict(input_ids=ids.reshape(1, -1), labels=ids.reshape(1, -1), cu_seqlens=cu,
                             position_ids=pos, max_seqlen=64)}
-    calls = [0]
+    calls, cudnn_calls = [0], [0]
     sdpa = F.scaled_dot_product_attention
 
     def counting(*a, **k):
         calls[0] += 1
         return sdpa(*a, **k)
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    from llava_fast.ops import cudnn_attention as ca
+    cudnn = ca.cudnn_attention
+
+    def counting_cudnn(*a, **k):
+        cudnn_calls[0] += 1
+        return cudnn(*a, **k)
+    monkeypatch.setattr(ca, "cudnn_attention", counting_cudnn)
 
     def step(model, kw, device):
         model.zero_grad(set_to_none=True)
@@ -272,15 +288,19 @@ def test_cuda_training_sdpa_matches_triton(monkeypatch, tmp_path, dtype, kv_head
     for form, kw in forms.items():
         ref_loss, ref_grads = step(ref_m, kw, "cpu")
         runs = {}
-        for choice in ("auto", "sdpa", "triton"):
+        for choice in ("auto", "sdpa", "triton", "cudnn"):
             monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", choice)
-            calls[0] = 0
+            calls[0] = cudnn_calls[0] = 0
             runs[choice] = step(m, kw, "cuda")
             want = 2 if choice == "sdpa" else 0                            # one call per decoder layer (2 layers)
             assert calls[0] == want, (form, choice, calls[0])
-        assert set(runs["sdpa"][1]) == set(ref_grads) and ref_grads
-        pairs = [("loss", runs["sdpa"][0], runs["triton"][0], ref_loss)]
-        pairs += [(n, runs["sdpa"][1][n], runs["triton"][1][n], ref_grads[n]) for n in ref_grads]
+            want = 2 if choice == "cudnn" and kv_heads == 4 else 0         # GQA: our kernels
+            assert cudnn_calls[0] == want, (form, choice, cudnn_calls[0])
+        assert set(runs["sdpa"][1]) == set(ref_grads) == set(runs["cudnn"][1]) and ref_grads
+        pairs = []
+        for alt in ("sdpa", "cudnn"):
+            pairs += [("loss", runs[alt][0], runs["triton"][0], ref_loss)]
+            pairs += [(n, runs[alt][1][n], runs["triton"][1][n], ref_grads[n]) for n in ref_grads]
         for name, got_auto, got_triton, ref in pairs:
             err_auto, err_triton = (got_auto - ref).abs().max(), (got_triton - ref).abs().max()
             # the two paths round differently; 1e-3 of the reference's largest value covers an exact tie at ~0 error

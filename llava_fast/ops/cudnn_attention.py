@@ -1,0 +1,166 @@
+"""cuDNN's fused attention for training, with its backward graphs kept away from everyone else's (opt-in:
+``LLAVA_FAST_TEXT_ATTENTION=cudnn``; measured in session 19 on an H200 at the stage-1 shape, 16 documents of 640
+tokens, 32 heads, D128, causal: fwd+bwd 0.684 ms against our Triton kernels' 0.995 ms, ~10 ms per full-depth step).
+
+Why not plain SDPA: torch caches cuDNN's backward graph per thread under the shapes and strides of q, k and v only
+(aten/src/ATen/native/cudnn/MHA.cpp, ``MHAParams``), while the graph also bakes in the strides of the output
+gradient dO. Two backward calls with the same q/k/v layout and different dO layouts share one graph, and the second
+reads its dO in the first one's order: wrong gradients, no error (session 19: dq error 5.0 where PyTorch's own is
+0.016). Autograd runs every CUDA backward of the process on one device thread, so another model's cuDNN call (a
+reference model, user code) can leave such a graph behind for ours. Here:
+
+1. the backward runs on a thread of our own (:func:`_worker`), whose thread-local cache only our calls fill;
+2. every dO is copied into the output's layout first, so all our graphs for one q/k/v layout agree.
+
+Numerics are cuDNN's (fp32 softmax and accumulation, bf16/fp16 in and out), the reference is SDPA's math path
+(:func:`cudnn_attention_ref`: transformers' eager attention computes the same function). Traffic and FLOPs are those of
+any fused attention (docs/perf-notes.md, "attention"); nothing here adds a pass but the dO copy when its layout
+differs (2 x B*L*H*D*b bytes, ~0.2% of the layer at stage 1).
+
+Limits (callers check :func:`supported`): CUDA, bf16/fp16, the same number of heads for q and k/v (no GQA: torch's
+cuDNN entry takes none), head dim a multiple of 8 up to 128, not inside a CUDA graph capture or a torch.compile trace
+(the worker thread is outside both).
+"""
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. reference (also the CPU path)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cudnn_attention_ref(q, k, v, scale: float, causal: bool = True) -> torch.Tensor:
+    """Attention over (B, H, L, D) q/k/v by SDPA's math backend (fp32 softmax for fp32 inputs, as transformers' eager
+    path): the function the cuDNN path computes."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. kernel: torch's cuDNN entry points (aten ops, stable since torch 2.5)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _cudnn_fwd(q, k, v, scale: float, causal: bool):
+    """(out, logsumexp, cum_q, cum_k, max_q, max_k, seed, offset) of one cuDNN forward that keeps the log-sum-exp."""
+    r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return r[:8]
+
+
+def _cudnn_bwd(do, q, k, v, out, lse, seed, offset, cum_q, cum_k, max_q, max_k, scale: float, causal: bool):
+    """(dq, dk, dv) of one cuDNN backward."""
+    # attn_bias None: an undefined tensor, "no bias" (an empty one would be a defined bias)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        do, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. launcher: the backward on our own thread
+# --------------------------------------------------------------------------------------------------------------------
+_jobs: queue.SimpleQueue | None = None
+_worker_thread: threading.Thread | None = None
+_lock = threading.Lock()
+
+
+def _serve(jobs: queue.SimpleQueue) -> None:
+    while True:
+        fn, args, done, box = jobs.get()
+        try:
+            box.append(fn(*args))
+        except BaseException as e:  # noqa: BLE001 -- handed back to the waiting caller, raised there
+            box.append(e)
+        done.set()
+
+
+def _worker() -> queue.SimpleQueue:
+    """The job queue of the one daemon thread that runs every cuDNN backward of this module (started on first use)."""
+    global _jobs, _worker_thread
+    with _lock:
+        if _worker_thread is None or not _worker_thread.is_alive():
+            _jobs = queue.SimpleQueue()
+            _worker_thread = threading.Thread(target=_serve, args=(_jobs,), name="llava_fast-cudnn-bwd", daemon=True)
+            _worker_thread.start()
+        return _jobs
+
+
+def _on_worker(fn, *args):
+    """``fn(*args)`` on the worker thread, on the caller's CUDA device and stream (kernels queue on the same stream, in
+    the caller's order: no synchronisation beyond the hand-off); exceptions are raised here."""
+    done, box = threading.Event(), []
+    grad = torch.is_grad_enabled()      # thread-local: off in autograd's backward, on by default in a new thread
+    stream = torch.cuda.current_stream(args[0].device) if args[0].is_cuda else None
+
+    def call(*a):
+        on_stream = contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
+        on_device = contextlib.nullcontext() if stream is None else torch.cuda.device(stream.device)
+        with torch.set_grad_enabled(grad), on_device, on_stream:
+            return fn(*a)
+    _worker().put((call, args, done, box))
+    done.wait()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def _like_out(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """dO in out's layout (a copy only where the strides differ)."""
+    if do.stride() == out.stride():
+        return do
+    return torch.empty_like(out).copy_(do)   # empty_like keeps out's strides (dense, non-overlapping)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. autograd Function
+# --------------------------------------------------------------------------------------------------------------------
+class CudnnAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, causal: bool):
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset = _cudnn_fwd(q, k, v, scale, causal)
+        ctx.save_for_backward(q, k, v, out, lse, cum_q, cum_k, seed, offset)
+        ctx.meta = (max_q, max_k, scale, causal)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, out, lse, cum_q, cum_k, seed, offset = ctx.saved_tensors
+        max_q, max_k, scale, causal = ctx.meta
+        dq, dk, dv = _on_worker(_cudnn_bwd, _like_out(do, out), q, k, v, out, lse, seed, offset, cum_q, cum_k,
+                                max_q, max_k, scale, causal)
+        return dq, dk, dv, None, None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. functional
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether :func:`cudnn_attention` takes these q (B, H, L, D) / k (B, Hkv, L, D) here (see the module's limits)."""
+    d = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.shape[1] == q.shape[1]
+            and d % 8 == 0 and d <= 128 and q.stride(-1) == 1
+            and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
+
+
+def cudnn_attention(q, k, v, scale: float, causal: bool = True) -> torch.Tensor:
+    """Attention over (B, H, L, D) q/k/v through cuDNN, its backward on this module's thread with dO in the output's
+    layout. Raises ``ValueError`` naming the argument for inputs it does not take (:func:`supported`)."""
+    if not supported(q, k):
+        raise ValueError(
+            f"cudnn_attention: takes CUDA bf16/fp16 q/k/v with as many key as query heads and a head dim that is a "
+            f"multiple of 8 up to 128, outside CUDA-graph capture and torch.compile; got q {tuple(q.shape)} "
+            f"{q.dtype} on {q.device}, k {tuple(k.shape)}. Use LLAVA_FAST_TEXT_ATTENTION=triton for these.")
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # no backward will follow: no log-sum-exp, nothing saved
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, bool(causal), False,
+                                                                  scale=float(scale))[0]
+    return CudnnAttentionFunction.apply(q, k, v, float(scale), bool(causal))
