@@ -403,10 +403,12 @@ def _model_rules(rows, label=""):
              "1.01x (predicted ~1.02x at full depth: cuDNN fwd+bwd 0.684 vs our 0.995 ms per layer) and "
              "tests/ops/test_cudnn_attention.py's cuda tests pass"),
             # session 19: the frozen vision towers' SDPA in SDPA's own order (flash) by default
-            ("llava_fast_sdpa_cudnn", ("stage1", "prefill"),
-             "vision SDPA flash-first (default) vs cuDNN-first, no-grad towers",
-             "keep SDPA's order if not slower (cuDNN first ran 0.94x and 0.95x on stage 1 in sessions 18-19); else "
-             "LLAVA_FAST_SDPA_CUDNN default '1' (dispatch._prefer_cudnn)"),
+            ("llava_fast_sdpa_cudnn", ("ov_ft", "stage1", "prefill"),
+             "vision attention in SDPA's own order (default) vs LLAVA_FAST_SDPA_CUDNN=1",
+             "frozen towers (stage1, prefill): keep SDPA's order if not slower (the cuDNN-first context ran 0.94x / "
+             "0.95x in sessions 18-19). ov_ft: =1 runs the same cuDNN kernels with the backward on our own thread, "
+             "safe from torch's shared graph cache: make it the default for trained towers if the default is <= "
+             "1.01x of it (the hand-off costs at most 1%)"),
             # session 17's defaults, each against the path it replaced
             ("llava_fast_no_gqa_split", ("ov_ft",),
              "GQA split of dK/dV + heavy-first order (default) vs neither",
@@ -426,16 +428,22 @@ def _model_rules(rows, label=""):
                 continue
             x, how = _default_vs(ours, alt)
             if prov in ("llava_fast_gelu_triton", "llava_fast_ln_triton", "llava_fast_bias_triton",
-                        "llava_fast_sdpa_text", "llava_fast_fused_qkv", "llava_fast_cutlass_attn"):   # opt-in ones
+                        "llava_fast_sdpa_text", "llava_fast_fused_qkv", "llava_fast_cutlass_attn",
+                        "llava_fast_cudnn_text"):   # opt-in ones
                 x = 1 / x
                 bar = 1.005 if prov == "llava_fast_cutlass_attn" else \
                     1.0 if (prov == "llava_fast_ln_triton" and mode != "ov_ft"
                             or prov == "llava_fast_fused_qkv" and mode == "ov_ft") else 1.01
                 verdict = "switch" if x >= bar else {"llava_fast_sdpa_text": "keep the Triton kernel",
+                                                     "llava_fast_cudnn_text": "keep the Triton kernel",
                                                      "llava_fast_cutlass_attn": "keep the Triton forward",
                                                      "llava_fast_fused_qkv": "keep three GEMMs"}.get(prov,
                                                                                                      "keep torch's")
                 m = f"{x:.2f}x the default{how}"
+            elif prov == "llava_fast_sdpa_cudnn" and mode == "ov_ft":
+                # safety bought for at most 1%: the trained tower's cuDNN backward on our own thread
+                verdict = "switch (=1 for trained towers)" if x <= 1.01 else "keep the default"
+                m = f"default {x:.2f}x{how}"
             else:
                 verdict = "keep the default" if x >= 1.0 else "switch"
                 m = f"default {x:.2f}x{how}"

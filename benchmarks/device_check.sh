@@ -98,6 +98,16 @@ if want build; then
   $PY -c "from llava_fast import _ext; l = _ext.cutlass_lib(); print('CUTLASS library:', ('loaded, attention forward ' + ('built' if l.llava_fast_cutlass_has_attn_fwd() else 'not built')) if l else _ext.CUTLASS_ERROR)"
 fi
 want env && step env 30 $PY -m llava_fast.cli env
+# SDPA's own backend order after a first call (recent torch puts cuDNN first on Hopper itself: the vision towers'
+# default path; models/dispatch._prefer_cudnn), appended to env.log
+want env && $PY -c "
+import torch
+from torch.nn.attention import SDPBackend as B
+x = torch.zeros(1, 1, 8, 64, device='cuda', dtype=torch.bfloat16)
+torch.nn.functional.scaled_dot_product_attention(x, x, x)
+n = {int(getattr(B, k)): k for k in ('MATH', 'FLASH_ATTENTION', 'EFFICIENT_ATTENTION', 'CUDNN_ATTENTION')}
+print('SDPA own order:', ' > '.join(n.get(int(i), str(i)) for i in torch._C._get_sdp_priority_order()),
+      '| cuDNN', torch.backends.cudnn.version())" >> "$RES/env.log" 2>&1 || true
 
 if want tests; then
   NW=$($PY -c "import xdist" 2>/dev/null && echo "${XDIST:-12}" || echo "")

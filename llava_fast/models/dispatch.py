@@ -37,12 +37,16 @@ def _same_dtype(q, k, v):
 
 
 def _prefer_cudnn(device: torch.device) -> bool:
-    """Whether the vision towers' SDPA tries cuDNN first in a forward without autograd (opt-in:
-    LLAVA_FAST_SDPA_CUDNN=1, Hopper only). Op level, cuDNN leads (H100, 2026-11-26, bf16 fwd+bwd: SigLIP 32 x 729
-    D72 214.1 vs flash 134.9 TFLOP/s, CLIP 64 x 577 D64 230.2 vs 150.6; H200, session 19, forward: CLIP 0.285 vs
-    0.404 ms); end to end, the paired stage-1 step (frozen CLIP tower, 4 LLM layers) ran 0.94x (session 18) and 0.95x
-    (session 19) with cuDNN first: the default since session 19 is SDPA's own order (flash). A training step never
-    takes cuDNN (:func:`_sdpa_backends`)."""
+    """LLAVA_FAST_SDPA_CUDNN=1 (opt-in since session 19; Hopper only): the vision towers take cuDNN on purpose, by
+    SDPA with cuDNN first where no backward follows and by ``ops.cudnn_attention`` (its backward on a thread of our
+    own, out of reach of torch's shared backward-graph cache: :func:`_sdpa_backends`) where one does.
+
+    The default, ``0``, calls SDPA in its own order. Recent torch puts cuDNN first in that order on Hopper and
+    Blackwell with cuDNN >= 9.9 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp,
+    ``check_prefer_cudnn_attention``), so on the H200 box the two likely ran the same kernels, and the paired
+    stage-1 step (frozen CLIP tower, 4 LLM layers) measured our explicit cuDNN-first context 0.94x (session 18) and
+    0.95x (session 19): the cost of entering ``sdpa_kernel`` per layer. Op level: cuDNN SigLIP 32 x 729 D72 fwd+bwd
+    1.54x our kernel, the flash backend 0.94x (H200, session 19)."""
     if _ext.env_choice("LLAVA_FAST_SDPA_CUDNN", ("0", "1"), "0") == "0" or torch.compiler.is_compiling():
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -60,10 +64,19 @@ def vision_attention(q, k, v, scale):
         o = op.flash_attn_varlen_func(*flat, cu, cu, n, n, softmax_scale=scale, causal=False)
         return o.view(b, n, h, d).transpose(1, 2)
     if q.is_cuda:
-        # cuDNN first only where asked and no backward will run; a preference, not a restriction (shapes cuDNN
-        # cannot take fall through); a training step runs SDPA without cuDNN (_sdpa_backends says why)
-        with _sdpa_backends(q, k, v, cudnn=_prefer_cudnn(q.device)):
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if _prefer_cudnn(q.device):  # a preference, not a restriction: what cuDNN cannot take falls through
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                from llava_fast.ops import cudnn_attention as ca
+
+                if ca.supported(q, k):
+                    return ca.cudnn_attention(q, k, v, scale, causal=False)
+            else:
+                with _sdpa_backends(q, k, v):
+                    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        # SDPA's own order: cuDNN first in recent torch on Hopper / Blackwell (see _prefer_cudnn), training included,
+        # where torch's shared backward-graph cache applies (_sdpa_backends); our model's calls keep one dO layout per
+        # call site, so only another caller in the process with the same shapes and another dO layout can meet it
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return eager_attention(q, k, v, scale)
 
 
@@ -155,8 +168,8 @@ def _sdpa_backends(*tensors, cudnn: bool = True):
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if (not grad and not cudnn) or torch.compiler.is_compiling():
-        # SDPA's own order (flash, efficient, math, then cuDNN in torch 2.11-2.14: cuDNN only where all else refuses,
-        # which math never does); a torch.compile trace keeps it, as before session 19
+        # SDPA's own order (cuDNN first in recent torch on Hopper / Blackwell: _prefer_cudnn); a torch.compile trace
+        # keeps it, as before session 19
         return contextlib.nullcontext()
     order = [getattr(SDPBackend, b) for b in _NO_CUDNN]
     if not grad:

@@ -130,20 +130,31 @@ def test_sdpa_backends_never_cudnn_with_a_backward(monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("cudnn", ["0", "1"])
 @pytest.mark.parametrize("d,n", [(72, 729), (64, 577)])
-def test_cuda_vision_attention_sdpa_backend_order(d, n):
-    """The vision towers' SDPA as the model calls it (q/k/v transposed views of (B, N, H, D) projections; a training
-    call without cuDNN): output and gradients by flash-attn's rule against fp32, the same-dtype error taken from
-    SDPA's math backend."""
+def test_cuda_vision_attention_sdpa_backend_order(monkeypatch, d, n, cudnn):
+    """The vision towers' SDPA as the model calls it (q/k/v transposed views of (B, N, H, D) projections), in SDPA's
+    own order (LLAVA_FAST_SDPA_CUDNN=0) and through ops.cudnn_attention in training (=1; after a foreign cuDNN graph
+    with another dO layout has been left in autograd's thread, which that path must not meet): output and gradients
+    by flash-attn's rule against fp32, the same-dtype error taken from SDPA's math backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from llava_fast.models import dispatch
     from utils import assert_flash_rule
 
+    monkeypatch.setenv("LLAVA_FAST_SDPA_CUDNN", cudnn)
     g = torch.Generator().manual_seed(5)
     b, h = 3, 16
     base = [torch.randn(b, n, h, d, generator=g).cuda() for _ in range(3)]
     do = torch.randn(b, h, n, d, generator=g).cuda()
+    if cudnn == "1" and torch.cuda.get_device_capability()[0] == 9:
+        leaves = [t.to(torch.bfloat16).requires_grad_() for t in base]
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves), scale=d ** -0.5)
+        torch.autograd.grad(o, leaves, do.to(torch.bfloat16).contiguous())   # dO (B, H, N, D): not out's layout
+    from llava_fast.ops import cudnn_attention as ca
+    ours_calls, cudnn_fn = [], ca.cudnn_attention
+    monkeypatch.setattr(ca, "cudnn_attention", lambda *a, **k: ours_calls.append(1) or cudnn_fn(*a, **k))
 
     def run(dt, fn):
         leaves = [t.to(dt).requires_grad_() for t in base]
@@ -156,6 +167,7 @@ def test_cuda_vision_attention_sdpa_backend_order(d, n):
             return F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
 
     ours = run(torch.bfloat16, lambda q, k, v: dispatch.vision_attention(q, k, v, d ** -0.5))
+    assert len(ours_calls) == (cudnn == "1" and torch.cuda.get_device_capability()[0] == 9)
     low = run(torch.bfloat16, math)
     ref = run(torch.float32, math)
     for name, o, lo, r in zip(["out", "dq", "dk", "dv"], ours, low, ref):
