@@ -122,7 +122,7 @@ def _providers(name, shape, with_flex=True, with_atomic=True):
         yield OURS_CUTLASS, ours, "forward on CUTLASS's Hopper FMHA (LLAVA_FAST_ATTN_CUTLASS=1), Triton backward"
     if with_atomic:
         yield OURS_ATOMIC, ours, "5-GEMM backward, dQ by fp32 atomics (forward not re-measured)"
-    if s is not None and hq == hkv and d % 8 == 0 and d <= 128:   # what ops.cudnn_attention takes
+    if s is not None and hq % hkv == 0 and d % 8 == 0 and d <= 128:   # what ops.cudnn_attention takes
         def cudnn():
             from llava_fast.ops.cudnn_attention import cudnn_attention
 

@@ -22,7 +22,7 @@ either): llava_fast with LLAVA_FAST_RECOMPUTE_ACT=0, the MLP activations kept fo
 session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory and time cost of that choice;
 llava_fast_recompute_vision (OneVision only): LLAVA_FAST_RECOMPUTE_ACT=1, the vision tower recomputes its LayerNorm
 and GELU outputs too (the default before session 18, which keeps them: ``llm``);
-llava_fast_cudnn_text (stage 1): LLAVA_FAST_TEXT_ATTENTION=cudnn, the language model's attention through
+llava_fast_cudnn_text (stage 1, OneVision): LLAVA_FAST_TEXT_ATTENTION=cudnn, the language model's attention through
 ops/cudnn_attention.py (cuDNN with its backward on a thread of our own; an experiment, session 19);
 llava_fast_sdpa_cudnn: llava_fast with LLAVA_FAST_SDPA_CUDNN=1, the vision towers on cuDNN on purpose on Hopper (SDPA
 cuDNN first without autograd, the default until session 19; ops/cudnn_attention.py with its own backward thread in
@@ -511,8 +511,7 @@ PROVIDER_WORKLOADS = {
                                              "forwards over one-length documents)"),
     "llava_fast_sdpa_text": (("ov_ft", "stage1", "mixed"), "SDPA is the default here (a no-grad forward over "
                                                            "one-length documents)"),
-    "llava_fast_cudnn_text": (("stage1",), "GQA (OneVision's Qwen2) or a no-grad forward SDPA already runs "
-                                           "through cuDNN: only stage 1 changes"),
+    "llava_fast_cudnn_text": (("stage1", "ov_ft"), "a no-grad forward: SDPA already runs it through cuDNN"),
     "llava_fast_sdpa_cudnn": (("ov_ft", "stage1", "prefill"), "no vision tower here"),
     "llava_fast_all_rows": (("ov_ft", "stage1", "mixed"), "a prefill has no labels (every row is computed anyway)"),
     "llava_fast_cutlass_attn": (("stage1",), "the CUTLASS forward takes one-length MHA documents of a multiple of 8 "
@@ -553,7 +552,7 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # over one-length documents since session 17; models/dispatch.text_attention_choice)
                 "llava_fast_triton_text": {"LLAVA_FAST_TEXT_ATTENTION": "triton"},
                 # the language model's attention through ops/cudnn_attention.py (cuDNN, its backward on our own
-                # thread; session 19, opt-in): stage 1's MHA training step
+                # thread; session 19, opt-in): the training steps (OneVision's GQA too)
                 "llava_fast_cudnn_text": {"LLAVA_FAST_TEXT_ATTENTION": "cudnn"},
                 # the GELU kernels (ops/gelu.py, session 13; auto keeps torch's): the SigLIP tower, OneVision only
                 "llava_fast_gelu_triton": {"LLAVA_FAST_BACKEND_GELU": "triton"},

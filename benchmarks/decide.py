@@ -397,11 +397,11 @@ def _model_rules(rows, label=""):
              "route one-length training batches through SDPA (dispatch._use_sdpa) only if >= 1.03x on both: with "
              "cuDNN it measured 1.00-1.02x on stage 1 (sessions 17-19) and 0.97-1.06x on ov_ft"),
             # session 19: cuDNN attention in training, safe from torch's backward-graph cache (opt-in)
-            ("llava_fast_cudnn_text", ("stage1",),
+            ("llava_fast_cudnn_text", ("stage1", "ov_ft"),
              "language-model attention through ops/cudnn_attention (opt-in) vs Triton",
-             "make LLAVA_FAST_TEXT_ATTENTION 'auto' take it for one-length MHA training (dispatch._cudnn_or) if >= "
-             "1.01x (predicted ~1.02x at full depth: cuDNN fwd+bwd 0.684 vs our 0.995 ms per layer) and "
-             "tests/ops/test_cudnn_attention.py's cuda tests pass"),
+             "make LLAVA_FAST_TEXT_ATTENTION 'auto' take it for one-length training (dispatch._cudnn_or) on the "
+             "workload where it is >= 1.01x (stage 1 predicted ~1.02x: cuDNN fwd+bwd 0.684 vs our 0.995 ms per "
+             "layer; OneVision's GQA unmeasured) and tests/ops/test_cudnn_attention.py's cuda tests pass"),
             # session 19: the frozen vision towers' SDPA in SDPA's own order (flash) by default
             ("llava_fast_sdpa_cudnn", ("ov_ft", "stage1", "prefill"),
              "vision attention in SDPA's own order (default) vs LLAVA_FAST_SDPA_CUDNN=1",

@@ -131,9 +131,9 @@ def text_attention_choice() -> str:
     - ``"sdpa"``: SDPA always, packed sequences of unequal documents included (scattered to a padded batch); in a
       training step without cuDNN.
     - ``"triton"``: our kernels always (the default before session 17).
-    - ``"cudnn"`` (experiment, session 19): documents of one length without GQA through cuDNN's fused attention with
-      its backward on a thread of our own (``ops/cudnn_attention.py``: safe from torch's backward-graph cache), our
-      kernels otherwise; not yet run on a GPU. At the stage-1 shape cuDNN ran fwd+bwd 1.46x our kernels."""
+    - ``"cudnn"`` (experiment, session 19): documents of one length (GQA included) through cuDNN's fused attention
+      with its backward on a thread of our own (``ops/cudnn_attention.py``: safe from torch's backward-graph cache),
+      our kernels otherwise; not yet run on a GPU. At the stage-1 shape cuDNN ran fwd+bwd 1.46x our kernels."""
     return _ext.env_choice(_TEXT_ENV, ("auto", "sdpa", "triton", "cudnn"), "auto")
 
 
@@ -221,8 +221,8 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
 
 
 def _cudnn_or(kernel, docs: int | None = None, max_seqlen: int | None = None):
-    """attn(q, k, v, scale): ``ops.cudnn_attention`` where it takes the call (:func:`cudnn_attention.supported`: MHA,
-    bf16/fp16, not captured or traced), else ``kernel``. ``docs``: a packed (1, H, docs * max_seqlen, D) sequence of
+    """attn(q, k, v, scale): ``ops.cudnn_attention`` where it takes the call (:func:`cudnn_attention.supported`:
+    bf16/fp16, key heads dividing the query heads, not captured or traced), else ``kernel``. ``docs``: a packed (1, H, docs * max_seqlen, D) sequence of
     equal documents, viewed as a (docs, H, max_seqlen, D) batch (no copy); None: a dense (B, H, L, D) batch."""
     from llava_fast.ops import cudnn_attention as ca
 

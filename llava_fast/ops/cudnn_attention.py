@@ -17,9 +17,10 @@ Numerics are cuDNN's (fp32 softmax and accumulation, bf16/fp16 in and out), the 
 any fused attention (docs/perf-notes.md, "attention"); nothing here adds a pass but the dO copy when its layout
 differs (2 x B*L*H*D*b bytes, ~0.2% of the layer at stage 1).
 
-Limits (callers check :func:`supported`): CUDA, bf16/fp16, the same number of heads for q and k/v (no GQA: torch's
-cuDNN entry takes none), head dim a multiple of 8 up to 128, not inside a CUDA graph capture or a torch.compile trace
-(the worker thread is outside both).
+Limits (callers check :func:`supported`): CUDA, bf16/fp16, key heads dividing the query heads (GQA as cuDNN takes it:
+torch's own SDPA hands cuDNN unexpanded k/v, sdp_utils.cpp ``check_batch_size_and_num_heads_dense<supports_gqa>``),
+head dim a multiple of 8 up to 128, not inside a CUDA graph capture or a torch.compile trace (the worker thread is
+outside both).
 """
 from __future__ import annotations
 
@@ -36,12 +37,13 @@ import torch.nn.functional as F
 
 
 def cudnn_attention_ref(q, k, v, scale: float, causal: bool = True) -> torch.Tensor:
-    """Attention over (B, H, L, D) q/k/v by SDPA's math backend (fp32 softmax for fp32 inputs, as transformers' eager
-    path): the function the cuDNN path computes."""
+    """Attention over (B, H, L, D) q / (B, Hkv, L, D) k, v by SDPA's math backend (fp32 softmax for fp32 inputs, as
+    transformers' eager path; query head h reads key head h // (H / Hkv)): the function the cuDNN path computes."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -146,8 +148,8 @@ class CudnnAttentionFunction(torch.autograd.Function):
 def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether :func:`cudnn_attention` takes these q (B, H, L, D) / k (B, Hkv, L, D) here (see the module's limits)."""
     d = q.shape[-1]
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.shape[1] == q.shape[1]
-            and d % 8 == 0 and d <= 128 and q.stride(-1) == 1
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[1] % k.shape[1] == 0
+            and d % 8 == 0 and d <= 128 and q.stride(-1) == 1 and k.stride(-1) == 1
             and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
 
 
@@ -156,8 +158,8 @@ def cudnn_attention(q, k, v, scale: float, causal: bool = True) -> torch.Tensor:
     layout. Raises ``ValueError`` naming the argument for inputs it does not take (:func:`supported`)."""
     if not supported(q, k):
         raise ValueError(
-            f"cudnn_attention: takes CUDA bf16/fp16 q/k/v with as many key as query heads and a head dim that is a "
-            f"multiple of 8 up to 128, outside CUDA-graph capture and torch.compile; got q {tuple(q.shape)} "
+            f"cudnn_attention: takes CUDA bf16/fp16 q/k/v with key heads dividing the query heads and a head dim "
+            f"that is a multiple of 8 up to 128, outside CUDA-graph capture and torch.compile; got q {tuple(q.shape)} "
             f"{q.dtype} on {q.device}, k {tuple(k.shape)}. Use LLAVA_FAST_TEXT_ATTENTION=triton for these.")
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # no backward will follow: no log-sum-exp, nothing saved

@@ -16,6 +16,8 @@ def _fake_cudnn(monkeypatch, calls):
     """_cudnn_fwd / _cudnn_bwd by SDPA's math path on the CPU; out is allocated in q's layout (as torch's cuDNN does),
     the log-sum-exp returned as cuDNN does; the backward records dO's strides, out's strides and its thread."""
     def fwd(q, k, v, scale, causal):
+        g = q.shape[1] // k.shape[1]                                       # GQA: query head h reads key head h // g
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
         s = (q.float() @ k.float().transpose(-1, -2)) * scale
         if causal:
             s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
@@ -39,15 +41,16 @@ def _fake_cudnn(monkeypatch, calls):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dlayout", ["bhld", "blhd"])
-def test_function_wiring_matches_reference(monkeypatch, causal, dlayout):
+@pytest.mark.parametrize("hkv", [6, 2])
+def test_function_wiring_matches_reference(monkeypatch, causal, dlayout, hkv):
     """The Function's output and q/k/v gradients equal the reference's (fp32, the emulated entry points compute the
-    same thing); the backward entry point runs on the module's own thread, and always gets dO in out's layout,
-    whatever layout the gradient arrives in."""
+    same thing; GQA with 6 query heads on 2 key heads too); the backward entry point runs on the module's own
+    thread, and always gets dO in out's layout, whatever layout the gradient arrives in."""
     calls = []
     _fake_cudnn(monkeypatch, calls)
     g = torch.Generator().manual_seed(0)
-    b, h, n, d = 2, 3, 7, 16
-    base = [torch.randn(b, n, h, d, generator=g) for _ in range(3)]          # (B, L, H, D) projections
+    b, h, n, d = 2, 6, 7, 16
+    base = [torch.randn(b, n, hh, d, generator=g) for hh in (h, hkv, hkv)]  # (B, L, H, D) projections
     do = torch.randn(b, h, n, d, generator=g)
     if dlayout == "blhd":
         do = do.transpose(1, 2).contiguous().transpose(1, 2)               # the output's own (B, L, H, D) order
@@ -102,18 +105,19 @@ def test_cuda_supported_limits():
     q = torch.zeros(1, 4, 8, 64, device="cuda", dtype=torch.bfloat16)
     assert ca.supported(q, q)
     assert not ca.supported(q.float(), q.float())
-    assert not ca.supported(q, q[:, :2])                                    # GQA
+    assert ca.supported(q, q[:, :2]) and not ca.supported(q, q[:, :3])     # GQA: key heads must divide
     assert not ca.supported(torch.zeros(1, 4, 8, 72, device="cuda", dtype=torch.bfloat16)[..., :68],
                             torch.zeros(1, 4, 8, 68, device="cuda", dtype=torch.bfloat16))
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("form", ["dense", "packed"])
+@pytest.mark.parametrize("form", ["dense", "packed", "gqa"])
 def test_cuda_cudnn_attention_after_a_foreign_graph(dtype, form):
     """cuDNN through ops.cudnn_attention at the stage-1 shape (32 heads, D128, causal, documents of 640 tokens; 2 of
     the 16 here), as dispatch calls it (dense: (B, H, L, D) views; packed: the (docs, H, L, D) view of one packed
-    sequence): output and q/k/v gradients by flash-attn's rule against fp32, after plain SDPA (cuDNN) ran a backward
+    sequence; gqa: OneVision's Qwen2 heads, packed): output and q/k/v gradients by flash-attn's rule against fp32,
+    after plain SDPA (cuDNN) ran a backward
     in autograd's thread on the same q/k/v layout with dO in the other layout than ours (contiguous (B, H, L, D)).
     Through torch's shared cache that left graph gives a dq error of ~5 (session 19); on our thread it is not seen."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -121,15 +125,17 @@ def test_cuda_cudnn_attention_after_a_foreign_graph(dtype, form):
 
     from llava_fast.models import dispatch
 
-    b, h, n, d = 2, 32, 640, 128
+    # gqa: OneVision-0.5B's Qwen2 (14 query heads on 2 key heads, D64), two documents of 1000 tokens, packed
+    b, h, hkv, n, d = (2, 32, 32, 640, 128) if form != "gqa" else (2, 14, 2, 1000, 64)
     g = torch.Generator().manual_seed(11)
-    base = [torch.randn(b, n, h, d, generator=g).cuda() for _ in range(3)]
+    base = [torch.randn(b, n, hh, d, generator=g).cuda() for hh in (h, hkv, hkv)]
     do = torch.randn(b, h, n, d, generator=g).cuda()
     scale = d ** -0.5
 
     leaves = [t.to(dtype).requires_grad_() for t in base]
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves), is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves), is_causal=True, scale=scale,
+                                           enable_gqa=hkv != h)
     torch.autograd.grad(o, leaves, do.to(dtype).contiguous())              # dO (B, H, L, D): not out's layout
 
     kernel_calls = []
@@ -139,7 +145,7 @@ def test_cuda_cudnn_attention_after_a_foreign_graph(dtype, form):
     def run(dt, fn, packed):
         leaves = [t.to(dt).requires_grad_() for t in base]
         if packed:
-            o = fn(*(t.reshape(1, b * n, h, d).transpose(1, 2) for t in leaves), scale)
+            o = fn(*(t.reshape(1, b * n, t.shape[2], d).transpose(1, 2) for t in leaves), scale)
             o = o.transpose(1, 2).reshape(b, n, h, d).transpose(1, 2)
         else:
             o = fn(*(t.transpose(1, 2) for t in leaves), scale)
@@ -148,7 +154,7 @@ def test_cuda_cudnn_attention_after_a_foreign_graph(dtype, form):
     def math(q, k, v, s):
         return ca.cudnn_attention_ref(q, k, v, s, True)
 
-    ours = run(dtype, attn, form == "packed")
+    ours = run(dtype, attn, form != "dense")
     assert not kernel_calls
     low = run(dtype, math, False)
     ref = run(torch.float32, math, False)
