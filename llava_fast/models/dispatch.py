@@ -222,8 +222,9 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
 
 def _cudnn_or(kernel, docs: int | None = None, max_seqlen: int | None = None):
     """attn(q, k, v, scale): ``ops.cudnn_attention`` where it takes the call (:func:`cudnn_attention.supported`:
-    bf16/fp16, key heads dividing the query heads, not captured or traced), else ``kernel``. ``docs``: a packed (1, H, docs * max_seqlen, D) sequence of
-    equal documents, viewed as a (docs, H, max_seqlen, D) batch (no copy); None: a dense (B, H, L, D) batch."""
+    bf16/fp16, key heads dividing the query heads, not captured or traced), else ``kernel``. ``docs``: a packed
+    (1, H, docs * max_seqlen, D) sequence of equal documents, viewed as a (docs, H, max_seqlen, D) batch (no copy);
+    None: a dense (B, H, L, D) batch."""
     from llava_fast.ops import cudnn_attention as ca
 
     def attn(q, k, v, scale):
