@@ -24,9 +24,9 @@ llava_fast_recompute_vision (OneVision only): LLAVA_FAST_RECOMPUTE_ACT=1, the vi
 and GELU outputs too (the default before session 18, which keeps them: ``llm``);
 llava_fast_cudnn_text (stage 1, OneVision): LLAVA_FAST_TEXT_ATTENTION=cudnn, the language model's attention through
 ops/cudnn_attention.py (cuDNN with its backward on a thread of our own; an experiment, session 19);
-llava_fast_sdpa_cudnn: llava_fast with LLAVA_FAST_SDPA_CUDNN=1, the vision towers on cuDNN on purpose on Hopper (SDPA
-cuDNN first without autograd, the default until session 19; ops/cudnn_attention.py with its own backward thread in
-training) instead of SDPA's own order (models/dispatch._prefer_cudnn); llava_fast_ce_vocab: llava_fast with
+llava_fast_sdpa_cudnn: llava_fast with LLAVA_FAST_SDPA_CUDNN=1, the vision towers on cuDNN on purpose on Hopper
+(ops/cudnn_attention.py: the cuDNN forward alone without autograd, its own backward thread in training; until
+session 19 "1", the default, meant SDPA with cuDNN first) instead of SDPA's own order (models/dispatch._prefer_cudnn); llava_fast_ce_vocab: llava_fast with
 LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed);
 llava_fast_unfused_res: llava_fast with LLAVA_FAST_FUSE_RESIDUAL=0, the decoder layers' residual adds as separate
 elementwise ops and gradient accumulations instead of inside the RMSNorm kernels (ops/act_linear.residual_act_linears);
@@ -535,9 +535,8 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the vision towers recompute their LayerNorm / GELU outputs too (the default before session 18,
                 # which keeps them; only a trained tower changes: the OneVision step)
                 "llava_fast_recompute_vision": {"LLAVA_FAST_RECOMPUTE_ACT": "1"},
-                # the vision towers on cuDNN on purpose (Hopper): SDPA with cuDNN first where no backward follows
-                # (the default until session 19), ops.cudnn_attention (backward on our own thread) in training,
-                # instead of SDPA's own order (cuDNN first itself in recent torch, through its shared graph cache)
+                # the vision towers on cuDNN on purpose (Hopper) through ops.cudnn_attention (backward on our own
+                # thread) instead of SDPA's own order (cuDNN first itself in recent torch, its shared graph cache)
                 "llava_fast_sdpa_cudnn": {"LLAVA_FAST_SDPA_CUDNN": "1"},
                 # the fused loss over vocab blocks (less memory, one more logits GEMM; only where lm_head trains)
                 "llava_fast_ce_vocab": {"LLAVA_FAST_CE_SCHEDULE": "vocab"},

@@ -95,7 +95,7 @@ def env() -> dict:
                     "cudnn forces one)",
             "triton": "triton (LLAVA_FAST_TEXT_ATTENTION): our kernels always",
             "sdpa": "sdpa (LLAVA_FAST_TEXT_ATTENTION): SDPA always (no cuDNN where a backward follows)",
-            "cudnn": "cudnn (LLAVA_FAST_TEXT_ATTENTION, experiment): one-length MHA documents through "
+            "cudnn": "cudnn (LLAVA_FAST_TEXT_ATTENTION, experiment): one-length documents through "
                      "ops/cudnn_attention (backward on its own thread), our kernels otherwise",
         }[text_attention_choice()]
     except ValueError as e:
@@ -115,9 +115,9 @@ def env() -> dict:
         from llava_fast.models import dispatch
 
         try:
-            info["vision_sdpa"] = ("cuDNN first without autograd (LLAVA_FAST_SDPA_CUDNN=1, Hopper); never in training"
-                                   if dispatch._prefer_cudnn(torch.device("cuda", 0)) else
-                                   "SDPA's own order (LLAVA_FAST_SDPA_CUDNN=1: cuDNN first without autograd on Hopper)")
+            info["vision_sdpa"] = ("cuDNN through ops/cudnn_attention (LLAVA_FAST_SDPA_CUDNN=1, Hopper; backward on "
+                                   "its own thread)" if dispatch._prefer_cudnn(torch.device("cuda", 0)) else
+                                   "SDPA's own order (LLAVA_FAST_SDPA_CUDNN=1: ops/cudnn_attention on Hopper)")
         except ValueError as e:
             info["vision_sdpa"] = f"invalid: {e}"
     import os

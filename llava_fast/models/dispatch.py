@@ -37,9 +37,9 @@ def _same_dtype(q, k, v):
 
 
 def _prefer_cudnn(device: torch.device) -> bool:
-    """LLAVA_FAST_SDPA_CUDNN=1 (opt-in since session 19; Hopper only): the vision towers take cuDNN on purpose, by
-    SDPA with cuDNN first where no backward follows and by ``ops.cudnn_attention`` (its backward on a thread of our
-    own, out of reach of torch's shared backward-graph cache: :func:`_sdpa_backends`) where one does.
+    """LLAVA_FAST_SDPA_CUDNN=1 (opt-in since session 19; Hopper only): the vision towers take cuDNN on purpose, through
+    ``ops.cudnn_attention`` (the forward alone where no backward follows; in training its backward on a thread of our
+    own, out of reach of torch's shared backward-graph cache: :func:`_sdpa_backends`).
 
     The default, ``0``, calls SDPA in its own order. Recent torch puts cuDNN first in that order on Hopper and
     Blackwell with cuDNN >= 9.9 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp,
@@ -65,14 +65,10 @@ def vision_attention(q, k, v, scale):
         return o.view(b, n, h, d).transpose(1, 2)
     if q.is_cuda:
         if _prefer_cudnn(q.device):  # a preference, not a restriction: what cuDNN cannot take falls through
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                from llava_fast.ops import cudnn_attention as ca
+            from llava_fast.ops import cudnn_attention as ca
 
-                if ca.supported(q, k):
-                    return ca.cudnn_attention(q, k, v, scale, causal=False)
-            else:
-                with _sdpa_backends(q, k, v):
-                    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            if ca.supported(q, k):
+                return ca.cudnn_attention(q, k, v, scale, causal=False)
         # SDPA's own order: cuDNN first in recent torch on Hopper / Blackwell (see _prefer_cudnn), training included,
         # where torch's shared backward-graph cache applies (_sdpa_backends); our model's calls keep one dO layout per
         # call site, so only another caller in the process with the same shapes and another dO layout can meet it
@@ -152,9 +148,10 @@ def _use_sdpa(choice: str, kernel_built: bool, dtype, device, equal_lengths: boo
 _NO_CUDNN = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
-def _sdpa_backends(*tensors, cudnn: bool = True):
-    """The SDPA backends for one call on ``tensors`` (q, k, v): cuDNN first (``cudnn``; torch >= 2.6 orders them with
-    set_priority, older torch keeps its own order) when no backward will run, never cuDNN when one will.
+def _sdpa_backends(*tensors):
+    """The SDPA backends for one call of the language model's on ``tensors`` (q, k, v): cuDNN first (torch >= 2.6
+    orders them with set_priority, older torch keeps its own order) when no backward will run, never cuDNN when one
+    will.
 
     Why never in training: torch caches the cuDNN backward graph by the shapes and strides of q, k and v only
     (aten/src/ATen/native/cudnn/MHA.cpp, ``MHAParams``), not by those of the output gradient, which with cuDNN >=
@@ -166,11 +163,10 @@ def _sdpa_backends(*tensors, cudnn: bool = True):
     would not be enough."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if (not grad and not cudnn) or torch.compiler.is_compiling():
-        # SDPA's own order (cuDNN first in recent torch on Hopper / Blackwell: _prefer_cudnn); a torch.compile trace
-        # keeps it, as before session 19
+    if torch.compiler.is_compiling():
+        # SDPA's own order (cuDNN first in recent torch on Hopper / Blackwell: _prefer_cudnn), as before session 19
         return contextlib.nullcontext()
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     order = [getattr(SDPBackend, b) for b in _NO_CUDNN]
     if not grad:
         order.insert(0, SDPBackend.CUDNN_ATTENTION)
@@ -178,6 +174,17 @@ def _sdpa_backends(*tensors, cudnn: bool = True):
         return sdpa_kernel(order, set_priority=True)
     except TypeError:  # older torch: no priorities
         return sdpa_kernel(order)
+
+
+def _fold(x, docs: int, max_seqlen: int):
+    """(1, H, docs * max_seqlen, D) -> (docs, H, max_seqlen, D): a packed sequence of equal documents as a batch (a
+    view, no copy); :func:`_unfold` undoes it."""
+    return x.squeeze(0).unflatten(1, (docs, max_seqlen)).transpose(0, 1)
+
+
+def _unfold(o):
+    """(docs, H, max_seqlen, D) -> (1, H, docs * max_seqlen, D)."""
+    return o.transpose(0, 1).flatten(1, 2)[None]
 
 
 def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
@@ -196,12 +203,10 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
         if t == docs * int(max_seqlen):
             # every document has the maximum length (each is at most that long): the packed sequence is already a
             # (docs, max_seqlen) batch, a view; no scatter, no gather (the OneVision benchmark's two documents)
-            def fold(x):  # (1, H, T, D) -> (docs, H, max_seqlen, D)
-                return x.squeeze(0).unflatten(1, (docs, int(max_seqlen))).transpose(0, 1)
             with _sdpa_backends(q, k, v):
-                o = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, scale=scale,
-                                                   enable_gqa=k.shape[1] != q.shape[1])
-            return o.transpose(0, 1).flatten(1, 2)[None]               # (1, H, T, D)
+                o = F.scaled_dot_product_attention(*(_fold(x, docs, int(max_seqlen)) for x in (q, k, v)),
+                                                   is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+            return _unfold(o)
         lens = cu[1:] - cu[:-1]
         doc = torch.repeat_interleave(torch.arange(docs, device=device), lens, output_size=t)
         pos = torch.arange(t, device=device) - cu[doc]
@@ -233,11 +238,7 @@ def _cudnn_or(kernel, docs: int | None = None, max_seqlen: int | None = None):
             return kernel(q, k, v, scale)
         if docs is None:
             return ca.cudnn_attention(q, k, v, scale, causal=True)
-
-        def fold(x):  # (1, H, T, D) -> (docs, H, max_seqlen, D)
-            return x.squeeze(0).unflatten(1, (docs, max_seqlen)).transpose(0, 1)
-        o = ca.cudnn_attention(fold(q), fold(k), fold(v), scale, causal=True)
-        return o.transpose(0, 1).flatten(1, 2)[None]
+        return _unfold(ca.cudnn_attention(*(_fold(x, docs, max_seqlen) for x in (q, k, v)), scale, causal=True))
     return attn
 
 
@@ -267,7 +268,9 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
         if b != 1:
             raise ValueError(f"packed form (cu_seqlens given) needs a batch of 1 sequence, got batch {b}")
         ms = int(max_seqlen) if max_seqlen is not None else n
-        if _use_sdpa(choice, fast is not None, dtype, device, n == (cu_seqlens.numel() - 1) * ms):
+        docs = cu_seqlens.numel() - 1
+        equal = n == docs * ms                                  # every document has the longest length
+        if _use_sdpa(choice, fast is not None, dtype, device, equal):
             return packed_sdpa_attention(cu_seqlens, ms, device)
         if fast is not None:
             def attn(q, k, v, scale):
@@ -277,8 +280,8 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
                 o = fast.flash_attn_varlen_func(*(t.squeeze(0).transpose(0, 1) for t in (q, k, v)),
                                                 cu_seqlens, cu_seqlens, ms, ms, softmax_scale=scale, causal=True)
                 return o.transpose(0, 1)[None]
-            if choice == "cudnn" and n == (cu_seqlens.numel() - 1) * ms:
-                return _cudnn_or(attn, cu_seqlens.numel() - 1, ms)
+            if choice == "cudnn" and equal:
+                return _cudnn_or(attn, docs, ms)
             return attn
 
         def attn(q, k, v, scale):

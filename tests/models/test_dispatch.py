@@ -91,7 +91,7 @@ def test_vision_sdpa_prefers_cudnn_on_hopper_only(monkeypatch):
 
 
 def test_sdpa_backends_never_cudnn_with_a_backward(monkeypatch):
-    """dispatch._sdpa_backends: cuDNN first for a call no backward follows (when asked), never cuDNN for a call on
+    """dispatch._sdpa_backends: cuDNN first for a call no backward follows, never cuDNN for a call on
     tensors that require grad with autograd on (torch caches cuDNN's backward graph without the output gradient's
     strides: wrong gradients, measured in session 19). The backends each call is given are recorded."""
     from torch.nn.attention import SDPBackend
@@ -112,21 +112,13 @@ def test_sdpa_backends_never_cudnn_with_a_backward(monkeypatch):
     with dispatch._sdpa_backends(xg, x, x):
         pass
     assert seen.pop() == no_cudnn
-    with dispatch._sdpa_backends(xg, xg, xg, cudnn=True):
-        pass
-    assert seen.pop() == no_cudnn
     with torch.no_grad(), dispatch._sdpa_backends(xg, xg, xg):                  # no backward: cuDNN again
         pass
     assert seen.pop() == [SDPBackend.CUDNN_ATTENTION] + no_cudnn
-    with dispatch._sdpa_backends(x, x, x, cudnn=False):                           # SDPA's own order
-        pass
-    with dispatch._sdpa_backends(xg, x, x, cudnn=False):
-        pass
-    assert seen == [no_cudnn]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)    # a traced call keeps SDPA's own order
     with dispatch._sdpa_backends(xg, xg, xg), dispatch._sdpa_backends(x, x, x):
         pass
-    assert seen == [no_cudnn]
+    assert seen == []
 
 
 @pytest.mark.cuda
