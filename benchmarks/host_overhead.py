@@ -13,7 +13,7 @@ The GPU host is faster than this 2-core dev CPU; the ratio is unknown until a GP
 wall time against the kernel time. Use this script to compare versions of the host path, not as an absolute.
 
 Usage: python benchmarks/host_overhead.py [--workload ov_ft] [--steps 5] [--provider llava_fast|reference|hf_sdpa]
-       [--llm-layers 24] [--vision-layers 26] [--profile]
+       [--llm-layers 24] [--vision-layers 26] [--profile] [--per-layer]
 """
 from __future__ import annotations
 
@@ -421,6 +421,31 @@ def build(provider, workload, llm_layers, vision_layers, text_tokens):
     return m, bench_model.step_fn(prov, workload, m, inp), inp
 
 
+def per_layer(workload: str, layers: int, runs: int = 60) -> tuple[float, float]:
+    """Host time per decoder layer, forward + backward, with almost no arithmetic: the language model alone (toy
+    widths, two packed documents of 16 tokens, launches stubbed), ``layers`` deep. The step's number above is mostly
+    the toy model's own CPU GEMMs; this one is Python, the dispatcher and autograd, the part that a slow GPU host
+    multiplies (session 19's H200 box: ~5.7 ms of wall time per Qwen2 layer against ~3.5 ms of GPU work)."""
+    cfg = bench_model.hf_configs(workload, layers, tiny=True)
+    m = bench_model.build("llava_fast", workload, cfg, "cpu")
+    lm = m.model.language_model
+    x = torch.randn(1, 32, cfg.text_config.hidden_size, requires_grad=True)
+    cu = torch.tensor([0, 16, 32], dtype=torch.int32)
+    pos = torch.arange(16).repeat(2)[None]
+
+    def run():
+        lm(x, position_ids=pos, cu_seqlens=cu, max_seqlen=16).sum().backward()
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[runs // 2] * 1e3 / layers, times[0] * 1e3 / layers   # median, min (this CPU's noise is ~5%)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", default="ov_ft", choices=sorted(FULL_DEPTH))
@@ -435,6 +460,9 @@ def main(argv=None):
     p.add_argument("--per-call", action="store_true",
                    help="only the host cost per call of single ops on tiny inputs (profile_model.launch_costs) with "
                         "the launches stubbed: our wrappers' share of what the GPU box reports per call")
+    p.add_argument("--per-layer", action="store_true",
+                   help="only the host time per decoder layer (forward + backward) of the language model alone at 32 "
+                        "tokens, launches stubbed: the Python / dispatcher / autograd part without the toy GEMMs")
     p.add_argument("--mock-driver", action="store_true",
                    help="instead of stubbing the launches, run Triton's whole dispatch against a mock sm_90 driver "
                         "(real compiles, first run slow; no-op launches): the step's host time with Triton's part")
@@ -468,6 +496,13 @@ def main(argv=None):
         return 0
     llm, vis = FULL_DEPTH[a.workload]
     llm, vis = a.llm_layers or llm, a.vision_layers or vis
+    if a.per_layer:
+        stub_triton_launches()
+        force_fast()
+        ms, best = per_layer(a.workload, llm)
+        print(f"host_overhead --per-layer: {a.workload}, {llm} decoder layers at 32 tokens, launches stubbed "
+              f"({torch.get_num_threads()} thread): {ms:.3f} ms per layer forward + backward (median; min {best:.3f})")
+        return ms
     if a.provider == "llava_fast":
         if a.mock_driver:
             mock_cuda_driver()

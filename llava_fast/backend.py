@@ -8,7 +8,7 @@ op with :func:`set_backend` or the environment variable ``LLAVA_FAST_BACKEND_<OP
 """
 from __future__ import annotations
 
-import os
+from llava_fast import _ext
 
 # op name -> the fast kind it has once implemented ("triton" or "cuda"); ops without a fast kernel yet are absent.
 OPS: dict[str, str | None] = {
@@ -104,7 +104,7 @@ def get_backend(op: str) -> str:
     key = _ENV_KEYS.get(op)
     if key is None:
         key = _ENV_KEYS[op] = f"LLAVA_FAST_BACKEND_{op.upper()}"
-    return os.environ.get(key) or "auto"
+    return _ext.getenv(key) or "auto"
 
 
 def use_fast(op: str, device_type: str) -> bool:

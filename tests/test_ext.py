@@ -265,3 +265,24 @@ def test_env_choice_values(monkeypatch):
     monkeypatch.setenv("LLAVA_FAST_TEST_CHOICE", "c")
     with pytest.raises(ValueError, match=r"LLAVA_FAST_TEST_CHOICE='c': must be one of \('a', 'b'\)"):
         _ext.env_choice("LLAVA_FAST_TEST_CHOICE", ("a", "b"), "a")
+
+
+def test_getenv_follows_every_change_to_os_environ(monkeypatch):
+    """_ext.getenv is os.environ.get, read at every call: set, changed, emptied, deleted, non-ASCII values, and a
+    change made through os.environ directly as well as through monkeypatch."""
+    import os
+
+    from llava_fast import _ext
+
+    name = "LLAVA_FAST_TEST_GETENV"
+    monkeypatch.delenv(name, raising=False)
+    assert _ext.getenv(name) is None and _ext.getenv(name, "d") == "d"
+    for value in ("1", "", " x ", "grüße", "a=b;c"):
+        monkeypatch.setenv(name, value)
+        assert _ext.getenv(name) == os.environ.get(name) == value
+        assert _ext.getenv(name, "d") == value
+    os.environ[name] = "direct"
+    assert _ext.getenv(name) == "direct"
+    del os.environ[name]
+    assert _ext.getenv(name, "gone") == "gone"
+    assert _ext.interpreting() == (os.environ.get("TRITON_INTERPRET", "0") == "1")

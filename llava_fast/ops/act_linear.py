@@ -24,6 +24,7 @@ in the forward's autocast state (as ``torch.amp.custom_bwd`` does).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -201,6 +202,15 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # 3. autograd Function (no kernel of its own: the activation's and torch's)
 # --------------------------------------------------------------------------------------------------------------------
+def _autocast(dev: str, dtype: torch.dtype, enabled: bool):
+    """The forward's autocast state for the backward (as ``torch.amp.custom_bwd``): ``torch.autocast(dev, dtype,
+    enabled)``, or nothing to enter where autocast is off in both (the usual case: entering the context costs ~10
+    dispatcher calls, three backwards per decoder layer)."""
+    if enabled or torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, dtype=dtype, enabled=enabled)
+    return contextlib.nullcontext()
+
+
 def _linears_backward(weights, dys, a, a_shape, a_dtype, need_w, need_b, has_bias, need_input: bool,
                       autocast_on: bool):
     """The gradients of ``linear(a, weights[i], biases[i])`` given their output gradients ``dys`` (None: unused):
@@ -284,7 +294,7 @@ class ActLinearFunction(torch.autograd.Function):
         need = ctx.needs_input_grad[2:]
         need_w, need_b, need_h = need[:n], need[n:2 * n], need[2 * n:]
         act = ctx.act
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+        with _autocast(dev, dtype, enabled):
             explicit = isinstance(act, ExplicitAct) and act.usable(hs)
             if (explicit and act.grad_with_output is not None and any(need_w) and any(need_h)
                     and fused_recompute_enabled()):
@@ -368,7 +378,7 @@ class ResidualActLinearFunction(torch.autograd.Function):
         dev, enabled, dtype = ctx.autocast
         a_dtype = ctx.dtypes[2]
         a_shape = (*s.shape[:-1], nw.shape[0])
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+        with _autocast(dev, dtype, enabled):
             a = None
             fused = any(need_w) and need_in and hasattr(act, "add_grad_with_output") and fused_recompute_enabled()
             if any(need_w) and not fused:  # the norm's output, recomputed from s for the weight gradients only

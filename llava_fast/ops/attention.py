@@ -33,7 +33,6 @@ fp32 atomics (:func:`flash_attn_varlen_bwd_atomic`).
 """
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -943,7 +942,7 @@ def _flash_attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K
 # 3. Launchers
 # ----------------------------------------------------------------------------------------------------------------
 def _autotune_enabled() -> bool:
-    return os.environ.get("LLAVA_FAST_ATTN_AUTOTUNE", "0") == "1" and not _ext.interpreting()
+    return _ext.getenv("LLAVA_FAST_ATTN_AUTOTUNE", "0") == "1" and not _ext.interpreting()
 
 
 # Configs are (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from ptxas register/spill reports of the sm90 builds
@@ -978,7 +977,7 @@ _CFG_ENV = "LLAVA_FAST_ATTN_CFG"  # experiments on a GPU: "fwd=128,64,4,3;dq=64,
 
 
 def _cfg_override(kind: str):
-    spec = os.environ.get(_CFG_ENV, "")
+    spec = _ext.getenv(_CFG_ENV, "")
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         name, _, vals = part.partition("=")
         if name.strip() == kind:
@@ -1080,7 +1079,7 @@ def _split_head_dim(d: int) -> tuple[int, int, bool]:
     if d <= d0:
         return d0, 16, False
     policy = _split_policy()
-    d1 = max(int(os.environ.get("LLAVA_FAST_ATTN_MIN_D1", "16")), _ext.next_power_of_2(d - d0))
+    d1 = max(int(_ext.getenv("LLAVA_FAST_ATTN_MIN_D1", "16")), _ext.next_power_of_2(d - d0))
     if policy == "none" or d1 >= d0 or (policy == "exact" and d0 + d1 != d):
         return _ext.next_power_of_2(d), 16, False
     return d0, d1, True
@@ -1112,7 +1111,7 @@ def _stride_align(*tensors: torch.Tensor) -> int:
     stride (72) triton's own argument specialization (divisibility by 16) does not cover (a tl.multiple_of hint on
     the scalar argument did not reach triton 3.6's pipeliner: benchmarks/aot_check.py). LLAVA_FAST_ATTN_ALIGN=0
     turns it off."""
-    if os.environ.get("LLAVA_FAST_ATTN_ALIGN", "1") == "0":
+    if _ext.getenv("LLAVA_FAST_ATTN_ALIGN", "1") == "0":
         return 1
     strides = [t.stride(i) for t in tensors for i in (0, 1)]
     if all(s % 16 == 0 for s in strides):  # triton's argument specialization already proves these (D = 64, 128)
@@ -1262,7 +1261,7 @@ def backward_impl(deterministic: bool = False) -> str:
         return "separate"
     if _bwd_impl_override is not None:
         return _bwd_impl_override
-    env = os.environ.get(_BWD_ENV, "").strip().lower()
+    env = _ext.getenv(_BWD_ENV, "").strip().lower()
     if not env:
         return "separate"
     if env not in BACKWARD_IMPLS:
@@ -1504,7 +1503,7 @@ def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqle
     # One power-of-two chunk whatever D: with two chunks (D = 96 as 64 + 32) this kernel hit an illegal address on
     # an H200 (triton 3.6, bf16 and fp16, 2026-11-26) while the one-chunk build of the same call passed all the
     # cuda atomic-backward tests. LLAVA_FAST_ATTN_SPLIT=exact|masked brings the split back, for experiments.
-    if os.environ.get("LLAVA_FAST_ATTN_SPLIT") in ("exact", "masked"):
+    if _ext.getenv("LLAVA_FAST_ATTN_SPLIT") in ("exact", "masked"):
         d0, d1, has_d1 = _split_head_dim(d)
     else:
         d0, d1, has_d1 = _ext.next_power_of_2(d), 16, False

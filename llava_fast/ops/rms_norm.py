@@ -15,7 +15,6 @@ Traffic per row of N elements, b bytes each: forward reads x (+ residual) and wr
 backward reads dy, x (+ ds) and writes dx: 3Nb (4Nb). dweight partial sums (one fp32 row per program, then a
 deterministic ``sum(0)``) and rstd (4 bytes/row) are small.
 """
-import os
 from typing import Optional
 
 import torch
@@ -140,7 +139,7 @@ def _bwd_tile() -> int:
     two, 1024-16384, read at each launch) is the experiment of bench_rms_norm's ``llava_fast_bwd<tile>`` rows: more
     rows per loop iteration at small hidden sizes (N <= 1024: 2 rows at 2048) put more bytes in flight per program,
     the suspected limit of the 48-53% of bandwidth measured at N = 896 (perf-notes, "Third GPU run")."""
-    v = os.environ.get("LLAVA_FAST_RMS_BWD_TILE")
+    v = _ext.getenv("LLAVA_FAST_RMS_BWD_TILE")
     if not v:
         return 2048
     try:
