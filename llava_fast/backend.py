@@ -75,6 +75,13 @@ def _ensure_registered(op: str) -> None:
         pass
 
 
+def load_all() -> None:
+    """Import every op module now (a model does when it is built). ``use_fast`` otherwise imports an op's module on
+    its first use, which torch.compile cannot trace: a graph break at each op's first call inside a trace."""
+    for op in list(OPS):
+        _ensure_registered(op)
+
+
 def register_fast(op: str, kind: str) -> None:
     """Called by an op module when it has a fast kernel of ``kind``."""
     OPS[op] = kind
@@ -119,8 +126,7 @@ def use_fast(op: str, device_type: str) -> bool:
 def describe(device_type: str) -> dict[str, str]:
     """What each op will use for tensors on ``device_type``."""
     out = {}
-    for op in list(OPS):
-        _ensure_registered(op)
+    load_all()
     for op, kind in OPS.items():
         choice = get_backend(op)
         if kind is None:

@@ -100,7 +100,7 @@ def shift_labels(labels, cu_seqlens=None, ignore_index: int = -100):
 
 
 def last_layer_rows_choice() -> str:
-    """``LLAVA_FAST_LAST_LAYER_ROWS``: "supervised" (default) or "all" (:meth:`_LlavaBase._kept_rows`)."""
+    """``LLAVA_FAST_LAST_LAYER_ROWS``: "supervised" (default) or "all" (:meth:`_LlavaBase._host_rows`)."""
     return _ext.env_choice("LLAVA_FAST_LAST_LAYER_ROWS", ("supervised", "all"), "supervised")
 
 
@@ -122,7 +122,21 @@ def loss_from_shifted(logits, shift, num_items_in_batch=None, ignore_index: int 
 
 def _per_sample(batch_num_images) -> list[int] | None:
     """batch_num_images (tensor or sequence) as a list of ints, None when not given."""
-    return None if batch_num_images is None else [int(x) for x in torch.as_tensor(batch_num_images).reshape(-1)]
+    if batch_num_images is None:
+        return None
+    if isinstance(batch_num_images, (list, tuple)) and all(type(x) is int for x in batch_num_images):
+        return list(batch_num_images)   # (the forward's host copy: no tensor made, nothing for torch.compile to read)
+    return [int(x) for x in torch.as_tensor(batch_num_images).reshape(-1)]
+
+
+_HOST_PREPARE = None   # _LlavaBase._host_prepare under torch.compiler.disable: made with the first model (_LlavaBase)
+
+
+def _host_prepare(model, *args, **kwargs):
+    """``model._host_prepare(*args, **kwargs)``, run eagerly under torch.compile (see there). The disabled function
+    is made when the first model is built, outside any trace (torch.compiler.disable imports dynamo: ~0.9 s, paid
+    there rather than at import)."""
+    return (_HOST_PREPARE or _LlavaBase._host_prepare)(model, *args, **kwargs)
 
 
 class _LlavaBase(nn.Module):
@@ -135,6 +149,10 @@ class _LlavaBase(nn.Module):
         if config.model_type != self.model_type:
             raise ValueError(f"{type(self).__name__} needs a config of model_type {self.model_type!r}, got "
                              f"{config.model_type!r}; use llava_fast.from_pretrained to pick the class")
+        global _HOST_PREPARE
+        if _HOST_PREPARE is None:
+            _HOST_PREPARE = torch.compiler.disable(_LlavaBase._host_prepare)
+        backend.load_all()   # every op module imported now, not on first use (inside a torch.compile trace)
         self.config = config
         self.model = LlavaModel(config)
         tc = config.text_config
@@ -370,18 +388,20 @@ class _LlavaBase(nn.Module):
         return out
 
     @staticmethod
-    def _kept_rows(keep_rows, shift, host_shift, logits, return_hidden, decoding, total, device):
-        """``(rows on device, rows on the host)`` for the language model's ``rows``, or ``(None, None)``:
+    def _host_rows(keep_rows, host_shift, supervised: bool, total: int, device):
+        """The host side of the language model's ``rows`` (the forward moves or finds them on the device): the rows
+        on the host, or None (every row computed):
 
-        * ``keep_rows`` given: checked (1-D integers; on the host also within ``[0, total)`` and distinct), moved;
-        * a loss without logits or hidden states (shifted labels ``shift``, their host copy ``host_shift``,
-          ``logits=False``): the rows whose shifted label is supervised, unless every row or none is, or
+        * ``keep_rows`` given: checked (1-D integers; on the host also within ``[0, total)`` and distinct); its host
+          copy when it is a CPU tensor (the forward moves it);
+        * ``supervised`` (a loss without logits or hidden states): the rows whose shifted label is supervised
+          (``host_shift``, the shifted labels' host copy), unless every row or none is, or
           ``LLAVA_FAST_LAST_LAYER_ROWS=all``. Every other row's last-layer output only feeds its own logits, which
-          such a call never computes: the loss and every gradient are those of the whole computation. The count
-          comes from the host copy of the labels and the rows from ``nonzero_static`` on the device: nothing is read
-          back or uploaded (a CUDA graph captures it)."""
+          such a call never computes: the loss and every gradient are those of the whole computation. The forward
+          finds the same rows on the device with ``nonzero_static`` of this count: nothing is read back or uploaded
+          (a CUDA graph captures it)."""
         if keep_rows is not None:
-            if shift is not None:
+            if host_shift is not None:
                 raise ValueError("keep_rows selects the rows of the logits / hidden states to compute and cannot be "
                                  "combined with labels: with labels and logits=False the model keeps the supervised "
                                  "rows itself")
@@ -396,18 +416,53 @@ class _LlavaBase(nn.Module):
                                      f"[{int(keep_rows.min())}, {int(keep_rows.max())}]")
                 if torch.unique(keep_rows).numel() != keep_rows.numel():
                     raise ValueError("keep_rows holds a row twice; give each row at most once")
-            elif keep_rows.device != device:
+                return keep_rows.long()
+            if keep_rows.device != device:
                 raise ValueError(f"keep_rows is on {keep_rows.device} but the model is on {device}")
-            host = keep_rows.long() if keep_rows.device.type == "cpu" else None
-            return keep_rows.to(device, torch.int64, non_blocking=True), host
-        if shift is None or logits or return_hidden or decoding:
-            return None, None
-        if last_layer_rows_choice() == "all":
-            return None, None
+            return None
+        if not supervised or last_layer_rows_choice() == "all":
+            return None
         host = (host_shift != -100).nonzero().reshape(-1)
-        if host.numel() in (0, total):
-            return None, None
-        return torch.nonzero_static(shift != -100, size=host.numel()).reshape(-1), host
+        return None if host.numel() in (0, total) else host
+
+    def _host_prepare(self, host_inputs, decoding, n, max_seqlen, pixel_values, pixel_values_videos, keep_rows,
+                      supervised, total, **inputs):
+        """Every read of the inputs' values that the forward makes, on their host copies (:meth:`_host_inputs`):
+        the value checks, the image placeholders against the images' token counts, and the shifted labels' and
+        kept rows' host side (:meth:`_host_rows`). Returns ``(h, drop_pixels, host_shift, host_rows)``: the host
+        inputs by name (``image_sizes`` and ``batch_num_images`` as Python lists where given), whether the batch
+        holds no image at all (the vision tower is skipped), the shifted labels on the host (None without labels),
+        the kept rows on the host (None: every row).
+
+        Under torch.compile this runs eagerly (:func:`_host_prepare`): dynamo cannot trace reads of values, and one
+        graph break at this call replaces one at each read (the towers and layers after it trace as one graph)."""
+        h = self._host_inputs(host_inputs, decoding, **inputs)
+        if not decoding:
+            self._check_values(h, n, max_seqlen, pixel_values is not None, pixel_values_videos is not None)
+        if torch.is_tensor(h["batch_num_images"]):
+            h["batch_num_images"] = _per_sample(h["batch_num_images"])
+        ids, drop_pixels = inputs["input_ids"], False
+        if ids is not None and pixel_values is not None:
+            h["image_sizes"] = self._host_sizes(h["image_sizes"])
+            counts, per_sample = self._image_token_counts(pixel_values, h["image_sizes"], h["batch_num_images"])
+            if counts is not None:
+                self._check_placeholders(h["input_ids"], h["cu_seqlens"], self.config.image_token_id, counts,
+                                         per_sample)
+                drop_pixels = not counts
+        if ids is not None and pixel_values_videos is not None:
+            self._check_placeholders(h["input_ids"], h["cu_seqlens"], self.config.video_token_id,
+                                     self._video_token_counts(pixel_values_videos), None, "Video")
+        host_shift = None
+        if inputs["labels"] is not None:
+            # the shifted labels on the host (from the copy the checks read): the rows kept and the loss's supervised
+            # rows are counted there, without waiting for the GPU
+            host_shift = shift_labels(h["labels"], h["cu_seqlens"]).reshape(-1)
+        host_rows = self._host_rows(keep_rows, host_shift, supervised, total, self.device)
+        return h, drop_pixels, host_shift, host_rows
+
+    def _host_sizes(self, image_sizes):
+        """``image_sizes`` as the forward reads it from here on (LLaVA-1.5 takes none: as given)."""
+        return image_sizes
 
     def _check_values(self, h, n, max_seqlen, has_pixels, has_videos):
         """The checks that read the inputs' values, on their host copies ``h`` (:meth:`_host_inputs`)."""
@@ -560,27 +615,19 @@ class _LlavaBase(nn.Module):
             if labels.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"labels must be integer token ids in [0, {self.config.text_config.vocab_size}) "
                                  f"(vocab_size) or -100 (ignored), got {labels.dtype}")
-        # the value checks below read the inputs on the host: one copy of all of them, one wait for the GPU (each
-        # read of a CUDA tensor waits for the GPU's whole queue; they were 11 per OneVision training step). A
-        # decoding step skips them (no host synchronisation per decoded token).
-        h = self._host_inputs(host_inputs, decoding, input_ids=input_ids, labels=labels, position_ids=position_ids,
-                              cu_seqlens=cu_seqlens, attention_mask=attention_mask, image_sizes=image_sizes,
-                              batch_num_images=batch_num_images)
-        if not decoding:
-            self._check_values(h, n, max_seqlen, pixel_values is not None, pixel_values_videos is not None)
+        # every read of the inputs' values, on the host, in one call (:meth:`_host_prepare`): one copy of all of them,
+        # one wait for the GPU (each read of a CUDA tensor waits for the GPU's whole queue; they were 11 per OneVision
+        # training step); under torch.compile one graph break instead of one per read
+        h, drop_pixels, host_shift, host_rows = _host_prepare(
+            self, host_inputs, decoding, n, max_seqlen, pixel_values, pixel_values_videos, keep_rows,
+            labels is not None and not (logits or return_hidden or decoding), b * n, input_ids=input_ids,
+            labels=labels, position_ids=position_ids, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
+            image_sizes=image_sizes, batch_num_images=batch_num_images)
         image_sizes, batch_num_images = h["image_sizes"], h["batch_num_images"]   # read on the host from here on
+        if drop_pixels:
+            pixel_values = None   # no images at all: the vision tower is skipped (as transformers)
         if input_ids is not None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if input_ids is not None and pixel_values is not None:
-            counts, per_sample = self._image_token_counts(pixel_values, image_sizes, batch_num_images)
-            if counts is not None:
-                self._check_placeholders(h["input_ids"], h["cu_seqlens"], self.config.image_token_id, counts,
-                                         per_sample)
-                if not counts:
-                    pixel_values = None   # no images at all: the vision tower is skipped (as transformers)
-        if input_ids is not None and pixel_values_videos is not None:
-            self._check_placeholders(h["input_ids"], h["cu_seqlens"], self.config.video_token_id,
-                                     self._video_token_counts(pixel_values_videos), None, "Video")
         has_media = input_ids is not None and (pixel_values is not None or pixel_values_videos is not None)
         if has_media and backend.use_fast("pack_features", inputs_embeds.device.type) and self._packable():
             # one fused launch: unpad, newlines, anyres_max / video interpolation and the scatter
@@ -604,14 +651,12 @@ class _LlavaBase(nn.Module):
                 feats = self._pool_video(vid)
                 inputs_embeds = scatter_features_ref(inputs_embeds, input_ids, self.config.video_token_id, feats,
                                                      "Video")
-        shift = host_shift = None
-        if labels is not None:
-            shift = shift_labels(labels, cu_seqlens).reshape(-1)
-            # the shifted labels on the host too (from the copy the checks read): the rows kept below and the loss's
-            # supervised rows are counted there, without waiting for the GPU
-            host_shift = shift if h["labels"] is labels else shift_labels(h["labels"], h["cu_seqlens"]).reshape(-1)
-        rows, host_rows = self._kept_rows(keep_rows, shift, host_shift, logits, return_hidden, decoding, b * n,
-                                          inputs_embeds.device)
+        shift = shift_labels(labels, cu_seqlens).reshape(-1) if labels is not None else None
+        rows = None
+        if keep_rows is not None:
+            rows = keep_rows.to(inputs_embeds.device, torch.int64, non_blocking=True)
+        elif host_rows is not None:   # the supervised rows, counted on the host (_host_prepare)
+            rows = torch.nonzero_static(shift != -100, size=host_rows.numel()).reshape(-1)
         hidden = self.model.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, rows=rows)
         # the fused loss takes lm_head's weight: only for a plain Linear (an adapter on lm_head is called instead)
@@ -620,7 +665,7 @@ class _LlavaBase(nn.Module):
         out_logits = self.lm_head(hidden) if (logits or (labels is not None and not fused_loss)) else None
         loss = None
         if labels is not None:
-            if rows is not None:   # the hidden states of the supervised rows only (_kept_rows)
+            if rows is not None:   # the hidden states of the supervised rows only (_host_rows)
                 shift, host_shift = shift.index_select(0, rows), host_shift.index_select(0, host_rows)
             if h["labels"] is labels or shift.dtype != torch.int64:
                 host_shift = None   # (the labels are the host copy already; the loss takes int64 host labels)
@@ -688,6 +733,9 @@ class LlavaNextForConditionalGeneration(_LlavaBase):
         if pixel_values.dim() == 5:
             return torch.cat([pv[:c] for pv, c in zip(pixel_values, counts)], dim=0)
         return pixel_values
+
+    def _host_sizes(self, image_sizes):
+        return self._sizes(image_sizes)
 
     def _sizes(self, image_sizes) -> list[list[int]]:
         if image_sizes is None:

@@ -59,7 +59,10 @@ def select_best_resolution(original_size: Size, pinpoints) -> Size:
     if oh <= 0 or ow <= 0:
         raise ValueError(f"image size must be positive (height, width), got {tuple(original_size)}")
     pins = _pins(pinpoints)
-    best = _ext._C.select_best_resolution(oh, ow, pins) if _ext.HAS_EXT else select_best_resolution_ref((oh, ow), pins)
+    # (the Python reference while torch.compile traces: dynamo folds it to a constant, the C++ function would break
+    # the graph)
+    use_ext = _ext.HAS_EXT and not _ext._compiling()
+    best = _ext._C.select_best_resolution(oh, ow, pins) if use_ext else select_best_resolution_ref((oh, ow), pins)
     if best is None:
         raise ValueError(f"image of size (height={oh}, width={ow}) is too thin for AnyRes: every grid in "
                          f"image_grid_pinpoints scales one side below 1 pixel; crop or pad it first")
