@@ -129,14 +129,18 @@ def _per_sample(batch_num_images) -> list[int] | None:
     return [int(x) for x in torch.as_tensor(batch_num_images).reshape(-1)]
 
 
-_HOST_PREPARE = None   # _LlavaBase._host_prepare under torch.compiler.disable: made with the first model (_LlavaBase)
+def _call_host_prepare(model, *args, **kwargs):
+    return model._host_prepare(*args, **kwargs)
+
+
+_HOST_PREPARE = None   # _call_host_prepare under torch.compiler.disable: made with the first model (_LlavaBase)
 
 
 def _host_prepare(model, *args, **kwargs):
     """``model._host_prepare(*args, **kwargs)``, run eagerly under torch.compile (see there). The disabled function
     is made when the first model is built, outside any trace (torch.compiler.disable imports dynamo: ~0.9 s, paid
     there rather than at import)."""
-    return (_HOST_PREPARE or _LlavaBase._host_prepare)(model, *args, **kwargs)
+    return (_HOST_PREPARE or _call_host_prepare)(model, *args, **kwargs)
 
 
 class _LlavaBase(nn.Module):
@@ -151,7 +155,7 @@ class _LlavaBase(nn.Module):
                              f"{config.model_type!r}; use llava_fast.from_pretrained to pick the class")
         global _HOST_PREPARE
         if _HOST_PREPARE is None:
-            _HOST_PREPARE = torch.compiler.disable(_LlavaBase._host_prepare)
+            _HOST_PREPARE = torch.compiler.disable(_call_host_prepare)
         backend.load_all()   # every op module imported now, not on first use (inside a torch.compile trace)
         self.config = config
         self.model = LlavaModel(config)

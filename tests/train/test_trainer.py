@@ -331,3 +331,33 @@ def test_export_with_lora_then_save_or_train_is_refused(assets, tmp_path):
         tr.save()
     with pytest.raises(RuntimeError, match="merged the LoRA adapters"):
         tr.train()
+
+
+def test_compiled_layers_train_like_eager(assets, tmp_path, monkeypatch):
+    """train.compile: every decoder layer under torch.compile (here aot_eager: the CPU has no Inductor C++ compile in
+    the tests; the GPU test set runs Inductor on the model), with packs of changing lengths from step to step: the
+    same losses and weights as the eager run, to rounding."""
+    over = {"schedule.max_steps": 3}
+    eager = Trainer(make_cfg(assets, tmp_path / "eager", **over), quiet=True)
+    eager.train()
+    compile_ = torch.nn.Module.compile
+    backends = []
+
+    def aot_eager(self, *args, **kwargs):
+        backends.append(kwargs.setdefault("backend", "aot_eager"))
+        return compile_(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", aot_eager)
+    torch._dynamo.reset()
+    try:
+        tr = Trainer(make_cfg(assets, tmp_path / "compiled", **over, **{"train.compile": True}), quiet=True)
+        tr.train()
+    finally:
+        torch._dynamo.reset()
+    layers = tr.model.model.language_model.layers
+    assert backends == ["aot_eager"] * len(layers) and all(layer._compiled_call_impl is not None for layer in layers)
+    for h_e, h_c in zip(eager.history, tr.history, strict=True):
+        assert math.isclose(h_e["loss"], h_c["loss"], rel_tol=1e-5), (h_e, h_c)
+    se, sc = eager.model.state_dict(), tr.model.state_dict()
+    for k in se:
+        torch.testing.assert_close(sc[k], se[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
