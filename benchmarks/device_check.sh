@@ -16,7 +16,8 @@
 #                      "sweep64": head-dim-64 configs on the CLIP shape, <= 200 s; "sweep_projector": the CUTLASS
 #                      projector schedules, <= 90 s; "model_compiled": the OneVision step with every layer under
 #                      torch.compile against eager and transformers, <= 180 s; "host": host_overhead.py, the
-#                      OneVision step's host time with launches stubbed, on this box's CPU, ~15 s; "profile_full":
+#                      OneVision step's host time with launches stubbed and the host time per layer, on this
+#                      box's CPU, ~25 s; "profile_full":
 #                      profile_model.py at full depth with --host, ~60 s; "gqa": the opt-in GQA split of the
 #                      dK/dV kernel on Qwen2-0.5B's attention shape, ~150 s; "dkdv128": the spill-free D128
 #                      dK/dV configs at the stage-1 shape and causal 4k, ~90 s);
@@ -219,6 +220,9 @@ if want ops; then
       # on this box's CPU (benchmarks/host_overhead.py; 125 ms on the 2-core dev CPU, session 9): calibrates the dev
       # CPU's host-time numbers against the GPU host's, ~15 s
       step host_overhead 40 $PY benchmarks/host_overhead.py --steps 5
+      # the language model's host time per layer alone (Python, dispatcher, autograd; ~0.70 ms per Qwen2 layer on
+      # the dev CPU, session 20): this box's host speed against the dev CPU's, ~10 s
+      step host_per_layer 30 $PY benchmarks/host_overhead.py --per-layer
     elif [ "$b" = "ab7b" ]; then  # not in the default list (a second call): the A/B rows aimed at the 7B targets
       # (stage 1 1.44x of 1.5x, prefill 1.36x of 1.4x on the H200 in session 14), paired with the default, ~60 s in
       # session 15; session 16 added two stage-1 rows (~+30 s) and put stage 1 first (the rows most of them are about)
@@ -254,7 +258,9 @@ want plot && step plot 20 $PY benchmarks/plot_results.py "$RES"
   echo "=== summary: $(( $(date +%s) - t0 ))s in all, on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')"
   printf '%s\n' "${summary[@]}"
   $PY -c "from llava_fast import _ext; l = _ext.cutlass_lib(); print('CUTLASS library:', ('loaded, attention forward ' + ('built' if l.llava_fast_cutlass_has_attn_fwd() else 'not built')) if l else _ext.CUTLASS_ERROR)" 2>&1
-  [ -f "$RES/host_overhead.log" ] && grep -h "^host_overhead:" "$RES/host_overhead.log" | cut -c1-200
+  for f in "$RES/host_overhead.log" "$RES/host_per_layer.log"; do
+    [ -f "$f" ] && grep -h "^host_overhead" "$f" | cut -c1-200
+  done
   [ -f "$RES/gpu_tests.log" ] && grep -hE "[0-9]+ (passed|failed)" "$RES/gpu_tests.log" | tail -n 1
   # (the -v lines, which survive a step killed by its time limit: session 10's log had no pytest summary line)
   [ -f "$RES/gpu_tests.log" ] && echo "gpu_tests lines: $(grep -c '\] PASSED ' "$RES/gpu_tests.log") passed," \
