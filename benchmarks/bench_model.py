@@ -282,19 +282,16 @@ def build(provider, name, cfg, device):
 
 
 def compile_layers(m, device, mode=None):
-    """torch.compile each decoder and vision encoder layer (per-block compile: the layers of a tower share one
-    compiled graph, so it compiles once per layer type). Against the host time per op: Inductor fuses the small
-    elementwise ops between our kernels and launches the layer from generated code (ours stay custom ops; under
-    compile act_linear saves its activations and Inductor's partitioner chooses what to recompute). Inductor on a GPU,
-    aot_eager on the CPU (no C++ compile in tests). ``mode="reduce-overhead"`` (provider llava_fast_compiled_cg, GPU
-    only) also replays each compiled layer's forward and backward as CUDA graphs: no host launch cost per kernel at
-    all, the remedy if the step is host-bound and Inductor's fusion alone does not close it."""
+    """torch.compile each decoder and vision encoder layer (``m.compile_layers``, what ``train.compile`` does).
+    Against the host time per op: Inductor fuses the small elementwise ops between our kernels and launches the layer
+    from generated code (ours stay custom ops; under compile act_linear saves its activations and Inductor's
+    partitioner chooses what to recompute). Inductor on a GPU, aot_eager on the CPU (no C++ compile in tests).
+    ``mode="reduce-overhead"`` (provider llava_fast_compiled_cg, GPU only) also replays each compiled layer's forward
+    and backward as CUDA graphs: no host launch cost per kernel at all, the remedy if the step is host-bound and
+    Inductor's fusion alone does not close it."""
     backend = "inductor" if device == "cuda" else "aot_eager"
     kw = dict(mode=mode) if mode is not None and device == "cuda" else {}
-    vt = m.model.vision_tower
-    vlayers = getattr(vt, "layers", None) or getattr(getattr(vt, "encoder", None), "layers", [])
-    for layer in (*m.model.language_model.layers, *vlayers):
-        layer.compile(backend=backend, dynamic=False, **kw)
+    m.compile_layers(backend=backend, dynamic=False, **kw)
 
 
 def step_fn(provider, name, m, inp):

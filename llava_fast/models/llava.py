@@ -204,6 +204,16 @@ class _LlavaBase(nn.Module):
     def get_input_embeddings(self):
         return self.model.language_model.embed_tokens
 
+    def compile_layers(self, **compile_kwargs) -> None:
+        """``torch.compile`` each decoder layer and each vision encoder layer in place (``nn.Module.compile``, with
+        ``compile_kwargs``): the layers of a tower share one compiled graph, so it compiles once per layer type, and
+        the forward's host side stays eager (:meth:`_host_prepare`). Inductor fuses the small elementwise ops between
+        our kernels and GEMMs (the vision towers' LayerNorms, GELUs, residual adds, bias gradients); our kernels stay
+        custom ops. ``train.compile`` and bench_model's ``llava_fast_compiled`` rows call this."""
+        vt = self.model.vision_tower
+        for layer in (*self.model.language_model.layers, *getattr(getattr(vt, "encoder", None), "layers", ())):
+            layer.compile(**compile_kwargs)
+
     def save_pretrained(self, path, max_shard_size: int | str = "5GB"):
         from llava_fast.models.io import save_pretrained
 

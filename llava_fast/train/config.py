@@ -151,6 +151,8 @@ class TrainSection:
     """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32."""
     activation_checkpointing: bool = False
     compile: bool = False
+    """torch.compile every decoder and vision encoder layer (one graph per layer type; off by default: not yet
+    measured against eager on a GPU through the trainer, bench_model's llava_fast_compiled rows measure it)."""
     device: str | None = None
     lora: bool = False
     """LoRA on the language model (needs peft); merged into the weights on export."""

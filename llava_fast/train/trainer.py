@@ -216,8 +216,7 @@ class Trainer:
         self._pix_dtype = torch.bfloat16 if (self.fsdp and dev.type == "cuda" and cfg.train.precision != "fp32") \
             else next(model.parameters()).dtype
         if cfg.train.compile:
-            for layer in lm.layers:
-                layer.compile()
+            model.compile_layers()
         self.packed = cfg.data.packing and _supports_packing(model)
         if cfg.data.packing and not self.packed:
             self.log("this model takes no cu_seqlens: using padded batches")

@@ -334,9 +334,9 @@ def test_export_with_lora_then_save_or_train_is_refused(assets, tmp_path):
 
 
 def test_compiled_layers_train_like_eager(assets, tmp_path, monkeypatch):
-    """train.compile: every decoder layer under torch.compile (here aot_eager: the CPU has no Inductor C++ compile in
-    the tests; the GPU test set runs Inductor on the model), with packs of changing lengths from step to step: the
-    same losses and weights as the eager run, to rounding."""
+    """train.compile: every decoder and vision encoder layer under torch.compile (here aot_eager: the CPU has no
+    Inductor C++ compile in the tests; the GPU test set runs Inductor on the model), with packs of changing lengths
+    from step to step and the vision tower trained: the same losses and weights as the eager run, to rounding."""
     over = {"schedule.max_steps": 3}
     eager = Trainer(make_cfg(assets, tmp_path / "eager", **over), quiet=True)
     eager.train()
@@ -354,7 +354,7 @@ def test_compiled_layers_train_like_eager(assets, tmp_path, monkeypatch):
         tr.train()
     finally:
         torch._dynamo.reset()
-    layers = tr.model.model.language_model.layers
+    layers = [*tr.model.model.language_model.layers, *tr.model.model.vision_tower.encoder.layers]
     assert backends == ["aot_eager"] * len(layers) and all(layer._compiled_call_impl is not None for layer in layers)
     for h_e, h_c in zip(eager.history, tr.history, strict=True):
         assert math.isclose(h_e["loss"], h_c["loss"], rel_tol=1e-5), (h_e, h_c)
