@@ -502,8 +502,8 @@ def compiled(folder):
         x = comp["metric"] / ours["metric"]
         out.append((f"{what}, ov_ft", f"{x:.2f}x eager, memory {_fmt(comp.get('peak_gib'))} vs "
                     f"{_fmt(ours.get('peak_gib'))} GiB",
-                    ">= 1.05x: train.compile on by default on CUDA (with that mode), compiling the vision layers too "
-                    "(the trainer compiles the language model's only)", "switch" if x >= 1.05 else "keep eager"))
+                    ">= 1.05x: train.compile on by default on CUDA (with that mode; it compiles the same layers of "
+                    "both towers, model.compile_layers)", "switch" if x >= 1.05 else "keep eager"))
     return out
 
 

@@ -15,7 +15,8 @@
 #                      "model_full", not in the default list either: bench_model at full depth, <= 240 s;
 #                      "sweep64": head-dim-64 configs on the CLIP shape, <= 200 s; "sweep_projector": the CUTLASS
 #                      projector schedules, <= 90 s; "model_compiled": the OneVision step with every layer under
-#                      torch.compile against eager and transformers, <= 180 s; "host": host_overhead.py, the
+#                      torch.compile against eager and transformers, 4 LLM layers (COMPILED_LAYERS=full: every one),
+#                      <= 180 s; "host": host_overhead.py, the
 #                      OneVision step's host time with launches stubbed and the host time per layer, on this
 #                      box's CPU, ~25 s; "profile_full":
 #                      profile_model.py at full depth with --host, ~60 s; "gqa": the opt-in GQA split of the
@@ -214,7 +215,9 @@ if want ops; then
         --name bench_model_full --providers llava_fast,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
     elif [ "$b" = "model_compiled" ]; then  # not in the default list: every layer under torch.compile (the remedy
       # if profile_model finds the OneVision step host-bound); compiles once per layer type, then times the step
-      step bench_model_compiled 180 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft \
+      # COMPILED_LAYERS=full: every LLM layer (where session 19's box was host-bound: eager 202 ms, graph 155 ms)
+      cl=(--layers "${COMPILED_LAYERS:-4}"); [ "${COMPILED_LAYERS:-4}" = full ] && cl=()
+      step bench_model_compiled 180 $PY benchmarks/bench_model.py $QUICK "${cl[@]}" --workloads ov_ft \
         --name bench_model_compiled --providers llava_fast,llava_fast_compiled,llava_fast_compiled_cg,hf_sdpa
     elif [ "$b" = "host" ]; then  # not in the default list: the OneVision step's host time with every launch stubbed,
       # on this box's CPU (benchmarks/host_overhead.py; 125 ms on the 2-core dev CPU, session 9): calibrates the dev
