@@ -1336,7 +1336,7 @@ _TABLE_CACHES: dict = {}
 def gpu_encoder_table_cache_bytes() -> int:
     """``LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB``: device memory for the encoder's cached weight tables (0, the
     default: off, the whole plan is uploaded at every call; see :class:`_TableCache`)."""
-    raw = os.environ.get("LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB", "0").strip()
+    raw = _ext.getenv("LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB", "0").strip()
     try:
         mb = int(raw)
     except ValueError:
@@ -1390,7 +1390,7 @@ def gpu_encoder_version() -> int:
     sessions 4-9: H100 NeXT 24.6k, OneVision 19.7k img/s, 1.73x / 1.91x v1) or ``v1`` (the session-1 kernels) or
     ``v3`` (v2's arithmetic with a block per four source rows in the horizontal pass and eight rows per thread in the
     vertical one: H200 1.08x / 1.16x v2). docs/perf-notes.md, "CUDA tile encoder"."""
-    v = os.environ.get("LLAVA_FAST_GPU_ENCODER", "v4").strip().lower().lstrip("v")
+    v = _ext.getenv("LLAVA_FAST_GPU_ENCODER", "v4").strip().lower().lstrip("v")
     if v not in {str(n) for n in GPU_ENCODER_VERSIONS}:
         names = ", ".join(f"v{n}" for n in GPU_ENCODER_VERSIONS)
         raise ValueError(f"LLAVA_FAST_GPU_ENCODER must be one of {names}, got {os.environ['LLAVA_FAST_GPU_ENCODER']!r}")
@@ -1401,7 +1401,7 @@ def gpu_encoder_smem_bytes() -> int:
     """Shared memory v4 may give one block: ``LLAVA_FAST_GPU_ENCODER_SMEM_KB`` (default 48, the most a block gets
     without opting in; up to 227 on Hopper). v4 takes the tallest band (32, 16, ... 1 output rows) whose staged
     intermediate fits; a batch where not even one row fits (float arithmetic with a very large downscale) runs v3."""
-    raw = os.environ.get("LLAVA_FAST_GPU_ENCODER_SMEM_KB", "48").strip()
+    raw = _ext.getenv("LLAVA_FAST_GPU_ENCODER_SMEM_KB", "48").strip()
     try:
         kb = int(raw)
     except ValueError:

@@ -351,7 +351,7 @@ _VOCAB_BLOCK_MULTIPLE = 256
 
 
 def _vocab_budget_bytes() -> int:
-    value = os.environ.get("LLAVA_FAST_CE_VOCAB_BUDGET_MB", str(VOCAB_BUDGET_MB))
+    value = _ext.getenv("LLAVA_FAST_CE_VOCAB_BUDGET_MB", str(VOCAB_BUDGET_MB))
     try:
         mb = float(value)
     except ValueError:

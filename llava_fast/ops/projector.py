@@ -456,7 +456,7 @@ def cutlass_sched(gemm: str) -> int:
     warp group's main loop hides it; cooperative 128x256 for the dgrad, K = Dt), one name of ``CUTLASS_SCHEDS`` for
     both GEMMs, or ``FWD/BWD`` (e.g. ``pingpong_c12/cooperative_256``). ``pingpong_c12`` (cluster 1x2: A multicast)
     and ``cooperative_256`` (256x128 tiles) are built for bf16 only: fp16 then falls back to Triton."""
-    value = os.environ.get(_CUTLASS_SCHED_ENV, "auto").strip().lower()
+    value = _ext.getenv(_CUTLASS_SCHED_ENV, "auto").strip().lower()
     names = value.split("/") if "/" in value else [value, value]
     if len(names) != 2 or any(n not in CUTLASS_SCHEDS and n != "auto" for n in names):
         raise ValueError(f"{_CUTLASS_SCHED_ENV}={value!r}: must be 'auto', one of {tuple(CUTLASS_SCHEDS)}, or "
