@@ -443,10 +443,12 @@ class _LlavaBase(nn.Module):
                       supervised, total, **inputs):
         """Every read of the inputs' values that the forward makes, on their host copies (:meth:`_host_inputs`):
         the value checks, the image placeholders against the images' token counts, and the shifted labels' and
-        kept rows' host side (:meth:`_host_rows`). Returns ``(h, drop_pixels, host_shift, host_rows)``: the host
-        inputs by name (``image_sizes`` and ``batch_num_images`` as Python lists where given), whether the batch
-        holds no image at all (the vision tower is skipped), the shifted labels on the host (None without labels),
-        the kept rows on the host (None: every row).
+        kept rows' host side (:meth:`_host_rows`). Returns ``(image_sizes, batch_num_images, drop_pixels,
+        host_labels, n_rows)``: the first two as the forward reads them from here on (Python lists where given),
+        whether the batch holds no image at all (the vision tower is skipped), the loss's shifted labels on the host
+        for the rows the loss sees (int64; None without labels, or where the labels are the host copy already or not
+        int64: the loss reads those itself), and the number of supervised rows the last layer keeps (None: every
+        row). Nothing the forward traces after it is a CPU tensor.
 
         Under torch.compile this runs eagerly (:func:`_host_prepare`): dynamo cannot trace reads of values, and one
         graph break at this call replaces one at each read (the towers and layers after it trace as one graph)."""
@@ -466,13 +468,19 @@ class _LlavaBase(nn.Module):
         if ids is not None and pixel_values_videos is not None:
             self._check_placeholders(h["input_ids"], h["cu_seqlens"], self.config.video_token_id,
                                      self._video_token_counts(pixel_values_videos), None, "Video")
-        host_shift = None
-        if inputs["labels"] is not None:
+        labels, host_shift = inputs["labels"], None
+        if labels is not None:
             # the shifted labels on the host (from the copy the checks read): the rows kept and the loss's supervised
             # rows are counted there, without waiting for the GPU
             host_shift = shift_labels(h["labels"], h["cu_seqlens"]).reshape(-1)
         host_rows = self._host_rows(keep_rows, host_shift, supervised, total, self.device)
-        return h, drop_pixels, host_shift, host_rows
+        host_labels = n_rows = None
+        if labels is not None:
+            if host_rows is not None:   # (the forward selects the same rows on the device)
+                host_shift, n_rows = host_shift.index_select(0, host_rows), host_rows.numel()
+            if h["labels"] is not labels and labels.dtype == torch.int64:
+                host_labels = host_shift
+        return h["image_sizes"], h["batch_num_images"], drop_pixels, host_labels, n_rows
 
     def _host_sizes(self, image_sizes):
         """``image_sizes`` as the forward reads it from here on (LLaVA-1.5 takes none: as given)."""
@@ -632,12 +640,11 @@ class _LlavaBase(nn.Module):
         # every read of the inputs' values, on the host, in one call (:meth:`_host_prepare`): one copy of all of them,
         # one wait for the GPU (each read of a CUDA tensor waits for the GPU's whole queue; they were 11 per OneVision
         # training step); under torch.compile one graph break instead of one per read
-        h, drop_pixels, host_shift, host_rows = _host_prepare(
+        image_sizes, batch_num_images, drop_pixels, host_labels, n_rows = _host_prepare(
             self, host_inputs, decoding, n, max_seqlen, pixel_values, pixel_values_videos, keep_rows,
             labels is not None and not (logits or return_hidden or decoding), b * n, input_ids=input_ids,
             labels=labels, position_ids=position_ids, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
             image_sizes=image_sizes, batch_num_images=batch_num_images)
-        image_sizes, batch_num_images = h["image_sizes"], h["batch_num_images"]   # read on the host from here on
         if drop_pixels:
             pixel_values = None   # no images at all: the vision tower is skipped (as transformers)
         if input_ids is not None:
@@ -669,8 +676,8 @@ class _LlavaBase(nn.Module):
         rows = None
         if keep_rows is not None:
             rows = keep_rows.to(inputs_embeds.device, torch.int64, non_blocking=True)
-        elif host_rows is not None:   # the supervised rows, counted on the host (_host_prepare)
-            rows = torch.nonzero_static(shift != -100, size=host_rows.numel()).reshape(-1)
+        elif n_rows is not None:   # the supervised rows, counted on the host (_host_prepare)
+            rows = torch.nonzero_static(shift != -100, size=n_rows).reshape(-1)
         hidden = self.model.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, rows=rows)
         # the fused loss takes lm_head's weight: only for a plain Linear (an adapter on lm_head is called instead)
@@ -678,18 +685,15 @@ class _LlavaBase(nn.Module):
             and plain_linears(self.lm_head)
         out_logits = self.lm_head(hidden) if (logits or (labels is not None and not fused_loss)) else None
         loss = None
-        if labels is not None:
-            if rows is not None:   # the hidden states of the supervised rows only (_host_rows)
-                shift, host_shift = shift.index_select(0, rows), host_shift.index_select(0, host_rows)
-            if h["labels"] is labels or shift.dtype != torch.int64:
-                host_shift = None   # (the labels are the host copy already; the loss takes int64 host labels)
+        if labels is not None and rows is not None:   # the hidden states of the supervised rows only (_host_rows)
+            shift = shift.index_select(0, rows)
         if fused_loss:  # lm_head GEMM + loss in chunks, the (tokens x vocab) logits never exist
             from llava_fast.ops.cross_entropy import fused_linear_cross_entropy
 
             loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
                                               shift, num_items=num_items_in_batch,
                                               reduction="sum" if num_items_in_batch is not None else "mean",
-                                              host_labels=host_shift)
+                                              host_labels=host_labels)
         elif labels is not None:
             loss = loss_from_shifted(out_logits, shift, num_items_in_batch)
         return LlavaOutput(loss=loss, logits=out_logits if logits else None,
