@@ -448,7 +448,8 @@ class _LlavaBase(nn.Module):
         whether the batch holds no image at all (the vision tower is skipped), the loss's shifted labels on the host
         for the rows the loss sees (int64; None without labels, or where the labels are the host copy already or not
         int64: the loss reads those itself), and the number of supervised rows the last layer keeps (None: every
-        row). Nothing the forward traces after it is a CPU tensor.
+        row). After it the forward computes nothing on the host (it hands ``host_labels`` to the loss as they are):
+        under torch.compile on a GPU the graph holds no CPU op.
 
         Under torch.compile this runs eagerly (:func:`_host_prepare`): dynamo cannot trace reads of values, and one
         graph break at this call replaces one at each read (the towers and layers after it trace as one graph)."""
