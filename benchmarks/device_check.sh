@@ -223,8 +223,8 @@ if want ops; then
       # on this box's CPU (benchmarks/host_overhead.py; 125 ms on the 2-core dev CPU, session 9): calibrates the dev
       # CPU's host-time numbers against the GPU host's, ~15 s
       step host_overhead 40 $PY benchmarks/host_overhead.py --steps 5
-      # the language model's host time per layer alone (Python, dispatcher, autograd; ~0.70 ms per Qwen2 layer on
-      # the dev CPU, session 20): this box's host speed against the dev CPU's, ~10 s
+      # each tower's host time per layer alone (Python, dispatcher, autograd; ~0.70 ms per Qwen2 layer, ~0.40 per
+      # SigLIP layer on the dev CPU, session 20): this box's host speed against the dev CPU's, ~10 s
       step host_per_layer 30 $PY benchmarks/host_overhead.py --per-layer
     elif [ "$b" = "ab7b" ]; then  # not in the default list (a second call): the A/B rows aimed at the 7B targets
       # (stage 1 1.44x of 1.5x, prefill 1.36x of 1.4x on the H200 in session 14), paired with the default, ~60 s in

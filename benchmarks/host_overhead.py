@@ -421,29 +421,43 @@ def build(provider, workload, llm_layers, vision_layers, text_tokens):
     return m, bench_model.step_fn(prov, workload, m, inp), inp
 
 
-def per_layer(workload: str, layers: int, runs: int = 60) -> tuple[float, float]:
-    """Host time per decoder layer, forward + backward, with almost no arithmetic: the language model alone (toy
-    widths, two packed documents of 16 tokens, launches stubbed), ``layers`` deep. The step's number above is mostly
-    the toy model's own CPU GEMMs; this one is Python, the dispatcher and autograd, the part that a slow GPU host
-    multiplies (session 19's H200 box: ~5.7 ms of wall time per Qwen2 layer against ~3.5 ms of GPU work)."""
+def per_layer(workload: str, layers: int, vision_layers: int, runs: int = 60) -> dict:
+    """Host time per layer, forward + backward, with almost no arithmetic: each tower alone (toy widths, launches
+    stubbed), the language model on two packed documents of 16 tokens, ``layers`` deep, the vision encoder on two
+    tiles of 4 tokens, ``vision_layers`` deep. The step's number above is mostly the toy model's own CPU GEMMs; these
+    are Python, the dispatcher and autograd, the part that a slow GPU host multiplies (session 19's H200 box: ~5.7 ms
+    of wall time per Qwen2 layer against ~3.5 ms of GPU work). On the CPU the vision attention runs SDPA's math path
+    (a few more ops than one cuDNN call). Returns {tower: (median ms, min ms) per layer}."""
     cfg = bench_model.hf_configs(workload, layers, tiny=True)
+    cfg.vision_config.num_hidden_layers = vision_layers
     m = bench_model.build("llava_fast", workload, cfg, "cpu")
-    lm = m.model.language_model
+    lm, vlayers = m.model.language_model, m.model.vision_tower.encoder.layers
     x = torch.randn(1, 32, cfg.text_config.hidden_size, requires_grad=True)
     cu = torch.tensor([0, 16, 32], dtype=torch.int32)
     pos = torch.arange(16).repeat(2)[None]
+    xv = torch.randn(2, 4, cfg.vision_config.hidden_size, requires_grad=True)
 
-    def run():
+    def text():
         lm(x, position_ids=pos, cu_seqlens=cu, max_seqlen=16).sum().backward()
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[runs // 2] * 1e3 / layers, times[0] * 1e3 / layers   # median, min (this CPU's noise is ~5%)
+
+    def vision():
+        h = xv
+        for layer in vlayers:
+            h = layer(h)
+        h.sum().backward()
+
+    out = {}
+    for tower, run, n in (("language model", text, layers), ("vision encoder", vision, vision_layers)):
+        for _ in range(3):
+            run()
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        out[tower] = (times[runs // 2] * 1e3 / n, times[0] * 1e3 / n)   # median, min (this CPU's noise is ~5%)
+    return out
 
 
 def main(argv=None):
@@ -461,8 +475,8 @@ def main(argv=None):
                    help="only the host cost per call of single ops on tiny inputs (profile_model.launch_costs) with "
                         "the launches stubbed: our wrappers' share of what the GPU box reports per call")
     p.add_argument("--per-layer", action="store_true",
-                   help="only the host time per decoder layer (forward + backward) of the language model alone at 32 "
-                        "tokens, launches stubbed: the Python / dispatcher / autograd part without the toy GEMMs")
+                   help="only the host time per layer (forward + backward) of each tower alone at a few tokens, "
+                        "launches stubbed: the Python / dispatcher / autograd part without the toy GEMMs")
     p.add_argument("--mock-driver", action="store_true",
                    help="instead of stubbing the launches, run Triton's whole dispatch against a mock sm_90 driver "
                         "(real compiles, first run slow; no-op launches): the step's host time with Triton's part")
@@ -499,10 +513,12 @@ def main(argv=None):
     if a.per_layer:
         stub_triton_launches()
         force_fast()
-        ms, best = per_layer(a.workload, llm)
-        print(f"host_overhead --per-layer: {a.workload}, {llm} decoder layers at 32 tokens, launches stubbed "
-              f"({torch.get_num_threads()} thread): {ms:.3f} ms per layer forward + backward (median; min {best:.3f})")
-        return ms
+        res = per_layer(a.workload, llm, vis)
+        for tower, (ms, best) in res.items():
+            print(f"host_overhead --per-layer: {a.workload} {tower}, {llm if tower[0] == 'l' else vis} layers, "
+                  f"launches stubbed ({torch.get_num_threads()} thread): {ms:.3f} ms per layer forward + backward "
+                  f"(median; min {best:.3f})")
+        return res["language model"][0]
     if a.provider == "llava_fast":
         if a.mock_driver:
             mock_cuda_driver()
