@@ -391,6 +391,17 @@ def test_host_overhead_smoke():
     assert launches >= 2 * 8, r.stdout
     assert "_rms_norm_fwd_kernel" in r.stdout and "_flash_attn_fwd_kernel" in r.stdout, r.stdout
 
+
+def test_host_overhead_per_layer_smoke():
+    """host_overhead.py --per-layer: one line per tower, a positive host time per layer."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--per-layer", "--llm-layers",
+                        "2", "--vision-layers", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("host_overhead --per-layer:")]
+    assert len(lines) == 2 and "language model" in lines[0] and "vision encoder" in lines[1], r.stdout
+    assert all(float(re.search(r"([0-9.]+) ms per layer", ln).group(1)) > 0 for ln in lines), r.stdout
+
 @pytest.mark.parametrize("workload,at_most", [("ov_ft", 0.75), ("stage1", 1.0)])
 def test_saved_activations_vs_transformers(workload, at_most):
     """Activation memory: with the attention paths a GPU runs (SDPA here), what our model keeps for the backward
