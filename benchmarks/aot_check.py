@@ -42,12 +42,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block (opt-in maximum)
-KINDS = ("fwd", "fwd_decode", "dkdv", "dq", "bwd_fused")
+KINDS = ("fwd", "fwd_decode", "dkdv", "dq")
 OPS = ("attention", "rms_norm", "rope", "swiglu", "quick_gelu", "gelu", "layer_norm", "bias_grad", "cross_entropy",
        "projector", "pack_features")
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 _ATTN_KIND = {"_flash_attn_fwd_kernel": "fwd", "_flash_attn_bwd_dkdv_kernel": "dkdv",
-              "_flash_attn_bwd_dq_kernel": "dq", "_flash_attn_bwd_fused_kernel": "bwd_fused",
+              "_flash_attn_bwd_dq_kernel": "dq",
               "_flash_attn_bwd_preprocess_kernel": "bwd_pre"}
 
 
@@ -280,9 +280,6 @@ def drive_attention(dims, dtypes, causals, kinds):
                     yield label, lambda: A.flash_attn_varlen_fwd(qd, k, v, cu, cu, 2, s, scale, causal, seqused_k=used)
                 if "dkdv" in kinds or "dq" in kinds:
                     yield label, lambda: A.flash_attn_varlen_bwd(q, q, k, v, q, lse, cu, cu, s, s, scale, causal)
-                if "bwd_fused" in kinds:
-                    yield label, lambda: A.flash_attn_varlen_bwd_atomic(q, q, k, v, q, lse, cu, cu, s, s, scale,
-                                                                        causal)
 
 
 def drive_rms_norm():

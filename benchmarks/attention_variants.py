@@ -7,11 +7,9 @@ A variant is a set of environment overrides read by llava_fast.ops.attention at 
 ``CFG=...`` -> LLAVA_FAST_ATTN_CFG (kind=BLOCK_M,BLOCK_N,num_warps,num_stages;...), ``SPLIT=exact|masked|none``
 -> LLAVA_FAST_ATTN_SPLIT (how the head dim is cut into register chunks, see attention._split_head_dim), ``MIN_D1=n``
 -> LLAVA_FAST_ATTN_MIN_D1 (narrowest remainder chunk), ``ALIGN=0`` -> LLAVA_FAST_ATTN_ALIGN (no 16-byte stride
-hint), ``BWD=atomic`` -> LLAVA_FAST_ATTN_BWD, ``LOOPS=1`` -> LLAVA_FAST_ATTN_DKDV_LOOPS (one-loop causal dK/dV),
-``TMA=1`` -> LLAVA_FAST_ATTN_TMA (TMA forward); ``LSE_TMA=1`` -> LLAVA_FAST_ATTN_LSE_TMA (dK/dV reads lse and delta
-through TMA descriptors); ``FOLD=0`` -> LLAVA_FAST_ATTN_FOLD (the forward's session-4
-softmax arithmetic: scores scaled before the max);
-several joined with ``+``. Each (variant, head dim) runs forward and
+hint), ``FOLD=0`` -> LLAVA_FAST_ATTN_FOLD (the forward's session-4 softmax arithmetic: scores scaled before the max),
+``GQA_SPLIT=kN|0`` -> LLAVA_FAST_ATTN_GQA_SPLIT, ``HEAVY=0|1`` -> LLAVA_FAST_ATTN_HEAVY_FIRST; several joined with
+``+``. Each (variant, head dim) runs forward and
 backward on packed bf16 documents (1, 17, 97, 577, 729 tokens; GQA 8/2; causal and not) against the fp32 reference
 with the flash-attn rule (error <= 2 x PyTorch's bf16 error, + the fp32 reassociation floor of
 tests/ops/test_attention.py), in a fresh
@@ -32,10 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV_KEYS = {"CFG": "LLAVA_FAST_ATTN_CFG", "MIN_D1": "LLAVA_FAST_ATTN_MIN_D1", "BWD": "LLAVA_FAST_ATTN_BWD",
-            "SPLIT": "LLAVA_FAST_ATTN_SPLIT", "ALIGN": "LLAVA_FAST_ATTN_ALIGN", "LOOPS": "LLAVA_FAST_ATTN_DKDV_LOOPS",
-            "TMA": "LLAVA_FAST_ATTN_TMA", "FOLD": "LLAVA_FAST_ATTN_FOLD", "LSE_TMA": "LLAVA_FAST_ATTN_LSE_TMA",
-            "GQA_SPLIT": "LLAVA_FAST_ATTN_GQA_SPLIT", "HEAVY": "LLAVA_FAST_ATTN_HEAVY_FIRST"}
+ENV_KEYS = {"CFG": "LLAVA_FAST_ATTN_CFG", "MIN_D1": "LLAVA_FAST_ATTN_MIN_D1", "SPLIT": "LLAVA_FAST_ATTN_SPLIT",
+            "ALIGN": "LLAVA_FAST_ATTN_ALIGN", "FOLD": "LLAVA_FAST_ATTN_FOLD", "GQA_SPLIT": "LLAVA_FAST_ATTN_GQA_SPLIT", "HEAVY": "LLAVA_FAST_ATTN_HEAVY_FIRST"}
 FP32_REL_ATOL = 1e-5
 # --time SHAPE: bench_attention.py's equal-length shapes (batch, tokens each, Hq, Hkv, D, causal), short names
 TIME_SHAPES = {"siglip": "siglip-32x729-d72", "clip": "clip-64x577-d64", "causal4k": "causal-d128-4k",

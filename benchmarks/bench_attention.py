@@ -8,11 +8,9 @@ fwd+bwd = 3.5 x fwd; no recompute FLOPs counted. For packed documents only the u
 (sum over documents of 4·H·L²·D / 2), for every provider (the padded SDPA batch does more work than it is credited).
 Ratios are ours / provider per (shape, mode). Peak memory is measured on fwd+bwd.
 
-Two llava_fast rows per shape for the backward: ``llava_fast`` runs the default atomic-free backward (dK/dV kernel +
-dQ kernel, 7 GEMMs per block pair; forced with ``set_backward_impl("separate")`` whatever ``LLAVA_FAST_ATTN_BWD``
-says) and ``llava_fast_atomic_bwd`` the opt-in FA2-style one (5 GEMMs, dQ by fp32 atomics), bwd and fwd+bwd modes
-only (the forward is the same kernel). ``llava_fast``'s ratio against it is separate / atomic: below 1 means the atomic
-backward is faster. With --quick it runs on the causal D128 4k and packed-documents shapes, in bwd and fwd+bwd.
+Besides ``llava_fast`` (the Triton kernels as the model runs them): ``llava_fast_cutlass`` (the opt-in CUTLASS forward,
+on the shapes it takes) and ``llava_fast_cudnn`` (the opt-in cuDNN path of ``ops/cudnn_attention.py``). The atomic
+5-GEMM backward and the TMA variants were removed in session 21 (measured not faster; docs/perf-notes.md).
 """
 from __future__ import annotations
 
@@ -28,17 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import TIMINGS, Row, add_ratios, bench, device_name, peak_memory, save, to_markdown  # noqa: E402
 
 OURS = "llava_fast"
-OURS_ATOMIC = "llava_fast_atomic_bwd"
-OURS_TMA = "llava_fast_tma"  # LLAVA_FAST_ATTN_TMA=1: TMA descriptor loads in the forward and dK/dV (opt-in)
 # LLAVA_FAST_ATTN_CUTLASS=1: the forward on CUTLASS's Hopper FMHA (opt-in; documents of one length, Hq == Hkv, D 64
 # or 128), the backward on our Triton kernels; only on the shapes it takes
 OURS_CUTLASS = "llava_fast_cutlass"
 # ops/cudnn_attention.py (opt-in, session 19): torch's cuDNN entry points with the backward on a thread of our own
 # (safe from torch's cuDNN backward-graph cache); the gap to sdpa-cudnn is the thread hand-off
 OURS_CUDNN = "llava_fast_cudnn"
-BWD_IMPL = {OURS: "separate", OURS_ATOMIC: "atomic"}   # backward each of our providers runs (set_backward_impl)
-ATOMIC_MODES = ("bwd", "fwd+bwd")
-QUICK_ATOMIC = ["causal-d128-4k", "packed-8docs-d128"]
 DEVICE = "cuda"
 
 # name: (batch, seqlen, Hq, Hkv, D, causal); "packed" is the 8-document case (lengths below).
@@ -97,7 +90,7 @@ def _fwd_bwd_once(fn):
     out.backward(torch.ones_like(out))
 
 
-def _providers(name, shape, with_flex=True, with_atomic=True):
+def _providers(name, shape, with_flex=True):
     """Yield (provider, make_fn, note): make_fn() -> (fwd_fn, leaf inputs)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -117,11 +110,8 @@ def _providers(name, shape, with_flex=True, with_atomic=True):
         return (lambda: flash_attn_varlen_func(q, k, v, cu, cu, smax, smax, causal=causal)), [q, k, v]
 
     yield OURS, ours, ""
-    yield OURS_TMA, ours, "TMA descriptor loads in the forward and dK/dV kernels (LLAVA_FAST_ATTN_TMA=1)"
     if s is not None and s % 8 == 0 and hq == hkv and d in (64, 128):  # what the FMHA takes (cutlass_fwd_unusable)
         yield OURS_CUTLASS, ours, "forward on CUTLASS's Hopper FMHA (LLAVA_FAST_ATTN_CUTLASS=1), Triton backward"
-    if with_atomic:
-        yield OURS_ATOMIC, ours, "5-GEMM backward, dQ by fp32 atomics (forward not re-measured)"
     if s is not None and hq % hkv == 0 and d % 8 == 0 and d <= 128:   # what ops.cudnn_attention takes
         def cudnn():
             from llava_fast.ops.cudnn_attention import cudnn_attention
@@ -204,7 +194,6 @@ def main():
     if args.autotune:
         os.environ["LLAVA_FAST_ATTN_AUTOTUNE"] = "1"
     from llava_fast.ops import attention as attn_mod
-    from llava_fast.ops.attention import set_backward_impl
     shapes = args.shapes.split(",") if args.shapes else (QUICK if args.quick else list(SHAPES))
     modes = args.modes.split(",") if args.modes else (["fwd", "fwd+bwd"] if args.quick else ["fwd", "bwd", "fwd+bwd"])
     warmup, rep = (2, 5) if args.quick else (3, 10)
@@ -219,19 +208,12 @@ def main():
         # FlexAttention compiles for ~30-60 s per shape (fwd+bwd): --quick leaves it out unless --flex (then only the
         # packed-documents case)
         with_flex = not args.quick or (args.flex and SHAPES[name][1] is None)
-        with_atomic = not args.quick or name in QUICK_ATOMIC
-        for provider, make, note in _providers(name, shape, with_flex, with_atomic):
-            set_backward_impl(BWD_IMPL.get(provider))  # None (the environment's choice) for the other providers
-            provider_modes = [m for m in modes if m in ATOMIC_MODES] if provider == OURS_ATOMIC else modes
-            if provider in (OURS_TMA, OURS_CUTLASS):
+        for provider, make, note in _providers(name, shape, with_flex):
+            provider_modes = modes
+            if provider == OURS_CUTLASS:
                 provider_modes = [m for m in modes if m in ("fwd", "fwd+bwd")]
-            os.environ["LLAVA_FAST_ATTN_TMA"] = "1" if provider == OURS_TMA else "0"
             os.environ["LLAVA_FAST_ATTN_CUTLASS"] = "1" if provider == OURS_CUTLASS else "0"
             cutlass_runs = attn_mod._cutlass_runs
-            if (args.quick and args.modes is None and provider in BWD_IMPL and with_atomic
-                    and "bwd" not in provider_modes):
-                # the two backwards side by side on the shapes where both run (a few ms each)
-                provider_modes = provider_modes + ["bwd"]
             if not provider_modes:
                 continue
             try:
@@ -260,7 +242,6 @@ def main():
                 print(f"  {label:60s} {provider:22s} {mode:8s} {t['ms']:8.3f} ms {tf:7.1f} TFLOP/s")
             del fn, inputs
             torch.cuda.empty_cache()
-            set_backward_impl(None)
         add_ratios(rows, ours=OURS)
         save(rows, "attention")  # keep what is measured so far, in case a time limit stops the run
     add_ratios(rows, ours=OURS)

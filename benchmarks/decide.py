@@ -96,8 +96,7 @@ def cross_entropy(folder):
     return out
 
 
-VARIANT_PREFIXES = ("CFG=", "TMA=", "BWD=", "LOOPS=", "LSE_TMA=", "SPLIT=", "MIN_D1=", "ALIGN=", "GQA_SPLIT=",
-                    "HEAVY=")
+VARIANT_PREFIXES = ("CFG=", "SPLIT=", "MIN_D1=", "ALIGN=", "GQA_SPLIT=", "HEAVY=")
 
 
 def attention(folder):
@@ -133,11 +132,9 @@ def attention(folder):
             fw, fb = rec["fwd_tflops"] / base["fwd_tflops"], rec["fwdbwd_tflops"] / base["fwdbwd_tflops"]
             better = (fw >= 1.03 and ("fwd" in v or "HEAVY=" in v)) or fb >= 1.03
             rule = "a default changes at >= 1.03x on its pass"
-            if v.startswith("LSE_TMA="):
-                rule += " (LSE_TMA: prediction fwd+bwd 1.04-1.10x: -16 to -32% of the dK/dV loop's instructions)"
             if v.startswith("GQA_SPLIT="):
-                rule += (" (GQA_SPLIT: prediction dK/dV 1.25-1.35x ('1'), 1.25-1.4x ('k4'), fwd+bwd ~1.1x; if one "
-                         "wins, make it the default for group > 1 in attention._gqa_split)")
+                rule += (" (GQA_SPLIT: 'k4' is the default since session 17; another 'kN' or '0' that wins by the "
+                         "rule becomes attention._gqa_split's default)")
             if "HEAVY=" in v:
                 rule += (" (HEAVY: prediction fwd 1.1-1.2x at the OneVision shape, dQ ~1.1x; if it wins, make "
                          "attention._heavy_first's default '1')")

@@ -145,25 +145,24 @@ if want ops; then
       # independent, so one's softmax can run under the other's GEMMs (the default's two warpgroups meet at a
       # BAR.SYNC every key block)
       step attention_sweep 400 $PY benchmarks/attention_variants.py --dims 128 --jobs 1 --time causal4k \
-        --variants "default|LSE_TMA=1|FOLD=0|CFG=fwd=64,64,4,3|CFG=fwd=64,64,4,2|TMA=1|TMA=1+LSE_TMA=1|TMA=1+LOOPS=1|LOOPS=1|BWD=atomic|BWD=atomic+LSE_TMA=1|BWD=atomic+CFG=bwd_fused=64,128,8,2|CFG=dkdv=64,64,8,3|CFG=dkdv=64,128,8,3|CFG=dq=128,64,8,2|CFG=dq=64,64,4,3|CFG=dq=64,64,8,3|CFG=fwd=128,64,8,3" \
+        --variants "default|FOLD=0|CFG=fwd=64,64,4,3|CFG=fwd=64,64,4,2|CFG=dkdv=64,64,8,3|CFG=dkdv=64,128,8,3|CFG=dq=128,64,8,2|CFG=dq=64,64,4,3|CFG=dq=64,64,8,3|CFG=fwd=128,64,8,3" \
         --out "$RES/attention_sweep.jsonl"
     elif [ "$b" = "sweep64" ]; then  # not in the default list: head dim 64 (CLIP towers, Qwen2-0.5B) configs on the
       # CLIP shape (non-causal 64 x 577), screened by aot_check (triton 3.6: all spill-free but dK/dV 128x64, dQ 128x64)
       step attention_sweep64 200 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time clip \
-        --variants "default|LSE_TMA=1|TMA=1|CFG=fwd=128,64,8,3|CFG=fwd=128,128,8,3|CFG=fwd=64,64,4,3|CFG=dkdv=64,128,8,3|CFG=dq=64,64,4,3" \
+        --variants "default|CFG=fwd=128,64,8,3|CFG=fwd=128,128,8,3|CFG=fwd=64,64,4,3|CFG=dkdv=64,128,8,3|CFG=dq=64,64,4,3" \
         --out "$RES/attention_sweep64.jsonl"
     elif [ "$b" = "sweep_projector" ]; then  # not in the default list: every CUTLASS schedule built into
       # llava_fast/_cutlass_sm90.so (carried: the box cannot compile CUTLASS), fwd and fwd+bwd at M=23040, with errors
       step projector_sweep 90 $PY benchmarks/bench_projector.py --cutlass-sweep
     elif [ "$b" = "variants" ]; then  # each variant in its own process: a faulting one cannot take the others down;
       # D=72 (SigLIP): default (overlap split, dK/dV 64x128 2 stages since session 4), FOLD=0 (session 5's softmax
-      # arithmetic undone), the session-3 default (exact split, dK/dV 64x64 3 stages), TMA loads (their backward never
-      # ran before the allocator fix); D=64 (CLIP)
+      # arithmetic undone), the session-3 default (exact split, dK/dV 64x64 3 stages); D=64 (CLIP)
       step attention_variants 140 $PY benchmarks/attention_variants.py --dims 72 --jobs 1 --time siglip \
-        --variants "default|LSE_TMA=1|FOLD=0|SPLIT=exact+CFG=dkdv=64,64,8,3|TMA=1|CFG=dkdv=64,64,8,3" \
+        --variants "default|FOLD=0|SPLIT=exact+CFG=dkdv=64,64,8,3|CFG=dkdv=64,64,8,3" \
         --out "$RES/attention_variants.jsonl"
       step attention_variants_d64 75 $PY benchmarks/attention_variants.py --dims 64 --jobs 1 --time clip \
-        --variants "default|LSE_TMA=1|FOLD=0|TMA=1" --out "$RES/attention_variants_d64.jsonl"
+        --variants "default|FOLD=0" --out "$RES/attention_variants_d64.jsonl"
     elif [ "$b" = "profile" ]; then  # where the end-to-end step's GPU time goes, by kernel class (OneVision FT, stage 1)
       # --sites: where the step's 106 bf16 adds (1.9 ms on the H200, session 14) come from: the towers' residual adds
       # and autograd's gradient accumulations, or other places (decides whether to fuse them into the LayerNorm)
@@ -177,7 +176,7 @@ if want ops; then
       # 2st uses 255 registers and spills 36 B; 32x128 8w 2st 224 regs and 16x128 8w 2st 191, no spills)
       # session 15: the kernel-side split GQA_SPLIT=kN (N programs per kv head, fp32 partials, longest first, no
       # K/V repeat; benchmarks/dkdv_schedule.py: 0.67 -> 0.98 busy at k4, prediction dK/dV 1.25-1.4x; k1 = the
-      # order alone, 0.67: a control) and the session-10 repeat split (GQA_SPLIT=1) left out: k7 is its partition
+      # order alone, 0.67: a control; session 10's repeat split was removed in session 21: k7 is its partition)
       # and HEAVY=1: the causal forward and dQ kernels heaviest query block first across all heads (K/V <= 16 MB)
       # session 17 (H200): k4 + HEAVY=1 fwd 1.16x, fwd+bwd 1.25x the then default: both are the default now, so
       # "default" below is k4 + HEAVY=1 and GQA_SPLIT=0+HEAVY=0 is the old default (the control)

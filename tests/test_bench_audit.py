@@ -65,17 +65,17 @@ def test_decide_reads_the_d64_sweep(tmp_path):
     """device_check's "sweep64" op writes attention_sweep64.jsonl (D64 configs on the CLIP shape); no rule read it."""
     _jsonl(tmp_path / "attention_sweep64.jsonl",
            [_variant("default", 150.0, 100.0), _variant("CFG=fwd=128,128,8,3", 160.0, 101.0),
-            _variant("TMA=1", 0, 0, status="rc=1: RuntimeError: boom")])
+            _variant("CFG=dkdv=64,64,8,3", 0, 0, status="rc=1: RuntimeError: boom")])
     got = _decide(tmp_path)
     assert got["CFG=fwd=128,128,8,3, CLIP D64 sweep"][2].startswith("candidate default")
-    assert got["TMA=1, CLIP D64 sweep"][2] == "fix or drop"
+    assert got["CFG=dkdv=64,64,8,3, CLIP D64 sweep"][2] == "fix or drop"
 
 
 def test_decide_reads_the_gqa_split_table(tmp_path):
-    """device_check's "gqa" op writes attention_gqa.jsonl (session 10's opt-in GQA split of the dK/dV kernel)."""
-    _jsonl(tmp_path / "attention_gqa.jsonl", [_variant("default", 300.0, 180.0), _variant("GQA_SPLIT=1", 300.0, 200.0)])
+    """device_check's "gqa" op writes attention_gqa.jsonl (the GQA splits of the dK/dV kernel)."""
+    _jsonl(tmp_path / "attention_gqa.jsonl", [_variant("default", 300.0, 180.0), _variant("GQA_SPLIT=k2", 300.0, 200.0)])
     got = _decide(tmp_path)
-    m, rule, d = got["GQA_SPLIT=1, Qwen2-0.5B GQA 14/2 D64 causal 2x5453"]
+    m, rule, d = got["GQA_SPLIT=k2, Qwen2-0.5B GQA 14/2 D64 causal 2x5453"]
     assert m.startswith("fwd 1.00x, fwd+bwd 1.11x") and "attention._gqa_split" in rule
     assert d.startswith("candidate default")
 

@@ -32,9 +32,9 @@ def test_env_reports_everything():
 def test_env_lists_the_kernel_variant_overrides(monkeypatch):
     import llava_fast
 
-    monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "1")
+    monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", "k2")
     monkeypatch.setenv("LLAVA_FAST_BACKEND_ATTENTION", "reference")  # shown under backends, not here
-    assert "LLAVA_FAST_ATTN_TMA=1" in llava_fast.env()["env_overrides"]
+    assert "LLAVA_FAST_ATTN_GQA_SPLIT=k2" in llava_fast.env()["env_overrides"]
     assert "BACKEND" not in llava_fast.env()["env_overrides"]
 
 

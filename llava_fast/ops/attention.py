@@ -27,9 +27,9 @@ and in causal mode only up to the diagonal; blocks wholly inside the mask run wi
 The backward is the FA2/Triton-tutorial split: a preprocess kernel (``delta = rowsum(dO * O)``), a dK/dV kernel over
 key blocks that loops over every query head of its kv head (GQA gradients summed in registers), and a separate dQ
 kernel over query blocks. No atomics, so this backward is bitwise deterministic; it costs 7 GEMMs per (query block,
-key block) pair. An opt-in FA2-style backward (``set_backward_impl("atomic")`` or ``LLAVA_FAST_ATTN_BWD=atomic``,
-never with ``deterministic=True``) does it in one kernel over key blocks with 5 GEMMs per pair, accumulating dQ with
-fp32 atomics (:func:`flash_attn_varlen_bwd_atomic`).
+key block) pair. (Variants measured on H100/H200 and removed for not being faster, session 21: an FA2-style 5-GEMM
+backward with fp32 dQ atomics, TMA descriptor loads, lse/delta through TMA, a one-loop causal dK/dV, the GQA split on
+repeated K/V; docs/perf-notes.md has their numbers.)
 """
 
 import math
@@ -223,56 +223,26 @@ def _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _kv_sources(Kb, Vb, seqlen_k, stride_kt, stride_vt, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, D1_LO: tl.constexpr, HAS_D1: tl.constexpr,
-                USE_TMA: tl.constexpr):
-    """What the key loops read K/V tiles from: the row pointers, or (USE_TMA) tensor descriptors of this document's
-    rows of one kv head, one per head-dim chunk (the launcher checked 16-byte aligned rows)."""
-    if USE_TMA:
-        Kd = tl.make_tensor_descriptor(Kb, shape=[seqlen_k, HEAD_DIM], strides=[stride_kt, 1],
-                                       block_shape=[BLOCK_N, BLOCK_D0])
-        Vd = tl.make_tensor_descriptor(Vb, shape=[seqlen_k, HEAD_DIM], strides=[stride_vt, 1],
-                                       block_shape=[BLOCK_N, BLOCK_D0])
-        if HAS_D1:
-            Kd1 = tl.make_tensor_descriptor(Kb + D1_LO, shape=[seqlen_k, HEAD_DIM - D1_LO], strides=[stride_kt, 1],
-                                            block_shape=[BLOCK_N, BLOCK_D1])
-            Vd1 = tl.make_tensor_descriptor(Vb + D1_LO, shape=[seqlen_k, HEAD_DIM - D1_LO], strides=[stride_vt, 1],
-                                            block_shape=[BLOCK_N, BLOCK_D1])
-        else:
-            Kd1 = Kd
-            Vd1 = Vd
-        return Kd, Vd, Kd1, Vd1
-    else:
-        return Kb, Vb, Kb, Vb
-
-
-@triton.jit
-def _scores(q0, q1, K, K1, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM: tl.constexpr,
+def _scores(q0, q1, K, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, HEAD_DIM: tl.constexpr,
             MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr,
-            DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr):
+            DOT_PREC: tl.constexpr):
     """(q . k, k0, k1): raw scores of the key block at start_n (rows offs_n), fp32 (BLOCK_M, BLOCK_N), and the
     key tiles loaded for them (k1 = k0 when there is no second chunk). The forward's scores, and the dQ kernel's
     q . k and dO . v (its dS . K product reuses the key tiles)."""
-    if USE_TMA:
-        k0 = K.load([start_n, 0])
-    else:
-        k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+    k0 = _load_tile(K, offs_n, stride_kt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
     qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
     k1 = k0
     if HAS_D1:
-        if USE_TMA:
-            k1 = K1.load([start_n, 0])
-        else:
-            k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+        k1 = _load_tile(K, offs_n, stride_kt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
         qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
     return qk, k0, k1
 
 
 @triton.jit
-def _fwd_softmax_pv(qk, acc0, acc1, l_i, m_i, V, V1, stride_vt, offs_m, offs_n, offs_d0, offs_d1, seqlen_k, diag,
-                    qk_scale, start_n, HEAD_DIM: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
+def _fwd_softmax_pv(qk, acc0, acc1, l_i, m_i, V, stride_vt, offs_m, offs_n, offs_d0, offs_d1, seqlen_k, diag,
+                    qk_scale, HEAD_DIM: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr,
                     HAS_D1: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                    USE_TMA: tl.constexpr, SCALE_FIRST: tl.constexpr):
+                    SCALE_FIRST: tl.constexpr):
     """One online-softmax step: fold the raw scores qk of the key block at start_n into (m_i, l_i, acc).
     SCALE_FIRST (``LLAVA_FAST_ATTN_FOLD=0``, for timing against the default): the session-4 arithmetic, every score
     multiplied by the scale before the max, then the max subtracted (FMUL + FADD per score instead of one FFMA)."""
@@ -298,18 +268,12 @@ def _fwd_softmax_pv(qk, acc0, acc1, l_i, m_i, V, V1, stride_vt, offs_m, offs_n, 
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc0 = acc0 * alpha[:, None]
-    if USE_TMA:
-        v0 = V.load([start_n, 0])
-    else:
-        v0 = _load_tile(V, offs_n, stride_vt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
+    v0 = _load_tile(V, offs_n, stride_vt, offs_d0, seqlen_k, HEAD_DIM, MASKED, MASK_D0)
     p = p.to(v0.dtype)
     acc0 = tl.dot(p, v0, acc0, input_precision=DOT_PREC)
     if HAS_D1:
         acc1 = acc1 * alpha[:, None]
-        if USE_TMA:
-            v1 = V1.load([start_n, 0])
-        else:
-            v1 = _load_tile(V, offs_n, stride_vt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
+        v1 = _load_tile(V, offs_n, stride_vt, offs_d1, seqlen_k, HEAD_DIM, MASKED, MASK_D1)
         acc1 = tl.dot(p, v1, acc1, input_precision=DOT_PREC)
     return acc0, acc1, l_i, m_new
 
@@ -318,19 +282,16 @@ def _fwd_softmax_pv(qk, acc0, acc1, l_i, m_i, V, V1, stride_vt, offs_m, offs_n, 
 def _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, stride_kt, stride_vt, offs_m, offs_d0, offs_d1, lo, hi,
                     seqlen_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_D0: tl.constexpr,
                     MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr = False, K1=None, V1=None,
-                    SCALE_FIRST: tl.constexpr = False):
-    """Online softmax over key blocks [lo, hi). MASKED=False: every (row, key) pair is valid, no mask math.
-    USE_TMA: K, V (and K1, V1 for chunk 1) are tensor descriptors of this document's rows; the copy engine fills
-    rows past the document and columns past the head dim with zeros (the score mask still applies)."""
+                    DOT_PREC: tl.constexpr, SCALE_FIRST: tl.constexpr = False):
+    """Online softmax over key blocks [lo, hi). MASKED=False: every (row, key) pair is valid, no mask math."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        qk, _, _ = _scores(q0, q1, K, K1, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM,
-                           MASK_D0, MASK_D1, HAS_D1, MASKED, DOT_PREC, USE_TMA)
-        acc0, acc1, l_i, m_i = _fwd_softmax_pv(qk, acc0, acc1, l_i, m_i, V, V1, stride_vt, offs_m, offs_n, offs_d0,
-                                               offs_d1, seqlen_k, diag, qk_scale, start_n, HEAD_DIM, MASK_D0,
-                                               MASK_D1, HAS_D1, MASKED, CAUSAL, DOT_PREC, USE_TMA, SCALE_FIRST)
+        qk, _, _ = _scores(q0, q1, K, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, HEAD_DIM, MASK_D0, MASK_D1,
+                           HAS_D1, MASKED, DOT_PREC)
+        acc0, acc1, l_i, m_i = _fwd_softmax_pv(qk, acc0, acc1, l_i, m_i, V, stride_vt, offs_m, offs_n, offs_d0,
+                                               offs_d1, seqlen_k, diag, qk_scale, HEAD_DIM, MASK_D0, MASK_D1, HAS_D1,
+                                               MASKED, CAUSAL, DOT_PREC, SCALE_FIRST)
     return acc0, acc1, l_i, m_i
 
 
@@ -341,8 +302,8 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
                            HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                            HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-                           D1_LO: tl.constexpr, HAS_SEQUSED: tl.constexpr, USE_TMA: tl.constexpr = False,
-                           SCALE_FIRST: tl.constexpr = False, n_q_heads=1, QB_MAJOR: tl.constexpr = False):
+                           D1_LO: tl.constexpr, HAS_SEQUSED: tl.constexpr, SCALE_FIRST: tl.constexpr = False,
+                           n_q_heads=1, QB_MAJOR: tl.constexpr = False):
     """Grid (query blocks, documents, Hq); QB_MAJOR (see :func:`_heavy_first`): (documents x Hq, query blocks)."""
     stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
     stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
@@ -378,8 +339,6 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
         q1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=q0.dtype)  # unused
     Kb = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     Vb = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
-    Kd, Vd, Kd1, Vd1 = _kv_sources(Kb, Vb, seqlen_k, stride_kt, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1,
-                                   D1_LO, HAS_D1, USE_TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -387,14 +346,12 @@ def _flash_attn_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K,
     acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     diag = seqlen_k - seqlen_q
     full, end = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
-    acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kd, Vd, stride_kt, stride_vt, offs_m,
+    acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kb, Vb, stride_kt, stride_vt, offs_m,
                                            offs_d0, offs_d1, 0, full, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
-                                           MASK_D0, MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1,
-                                           SCALE_FIRST)
-    acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kd, Vd, stride_kt, stride_vt, offs_m,
+                                           MASK_D0, MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC, SCALE_FIRST)
+    acc0, acc1, l_i, m_i = _attn_fwd_inner(acc0, acc1, l_i, m_i, q0, q1, Kb, Vb, stride_kt, stride_vt, offs_m,
                                            offs_d0, offs_d1, full, end, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N,
-                                           MASK_D0, MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1,
-                                           SCALE_FIRST)
+                                           MASK_D0, MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC, SCALE_FIRST)
     empty = l_i == 0.0  # rows that see no key: out 0, lse +inf
     l_safe = tl.where(empty, 1.0, l_i)
     inv_l = 1.0 / l_safe
@@ -428,110 +385,32 @@ def _flash_attn_bwd_preprocess_kernel(O, DO, DELTA, total_q, stride_ot, stride_o
 
 
 @triton.jit
-def _flash_attn_bwd_preprocess_padded_kernel(O, DO, LSE, DELTA, LSE_P, DELTA_P, CU_Q, PAD_CU, stride_ot, stride_oh,
-                                             stride_dot, stride_doh, stride_lse_h, stride_pad_h,
-                                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                                             DLSE=None, HAS_DLSE: tl.constexpr = False):
-    """LLAVA_FAST_ATTN_LSE_TMA: delta as above (flat, for the dQ kernel), and lse and delta again in a layout where
-    every document starts at a multiple of 4 rows (PAD_CU: the documents' padded starts), which the dK/dV kernel reads
-    through TMA descriptors (their innermost start offset must be 16-byte aligned). Grid (row blocks, docs, heads)."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    q_start = tl.load(CU_Q + b)
-    seqlen_q = tl.load(CU_Q + b + 1) - q_start
-    if pid * BLOCK_T >= seqlen_q:
-        return
-    p_start = tl.load(PAD_CU + b)
-    offs_i = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    rmask = offs_i < seqlen_q
-    mask = rmask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    offs_t64 = (q_start + offs_i).to(tl.int64)
-    o = tl.load(O + offs_t64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + offs_t64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + h.to(tl.int64) * stride_lse_h + q_start + offs_i, mask=rmask, other=0.0)
-    lse = tl.load(LSE + h.to(tl.int64) * stride_lse_h + q_start + offs_i, mask=rmask, other=0.0)
-    tl.store(DELTA + h.to(tl.int64) * stride_lse_h + q_start + offs_i, delta, mask=rmask)
-    tl.store(DELTA_P + h.to(tl.int64) * stride_pad_h + p_start + offs_i, delta, mask=rmask)
-    tl.store(LSE_P + h.to(tl.int64) * stride_pad_h + p_start + offs_i, lse, mask=rmask)
-
-
-@triton.jit
-def _lse_sources(LSE, DELTA, LSE_P, DELTA_P, PAD_CU, b, n_heads, seqlen_q, stride_pad_h, BLOCK_M: tl.constexpr,
-                 LSE_TMA: tl.constexpr):
-    """Where the backward kernels read lse and delta: (p_start, LD, DD). With LSE_TMA, document b's padded start (a
-    multiple of 4) and (head, row) descriptors of the padded lse and delta that end at its last row (rows past it
-    read 0); otherwise (0, LSE, DELTA), the plain (head, total) arrays."""
-    if LSE_TMA:
-        p_start = tl.multiple_of(tl.load(PAD_CU + b), 4)
-        LD = tl.make_tensor_descriptor(LSE_P, shape=[n_heads, p_start + seqlen_q], strides=[stride_pad_h, 1],
-                                       block_shape=[1, BLOCK_M])
-        DD = tl.make_tensor_descriptor(DELTA_P, shape=[n_heads, p_start + seqlen_q], strides=[stride_pad_h, 1],
-                                       block_shape=[1, BLOCK_M])
-        return p_start, LD, DD
-    else:
-        return 0, LSE, DELTA
-
-
-@triton.jit
 def _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n,
-                         offs_d0, offs_d1, lo, hi, mask_end, seqlen_q, diag, qk_scale, HEAD_DIM: tl.constexpr,
+                         offs_d0, offs_d1, lo, hi, seqlen_q, diag, qk_scale, HEAD_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr,
-                         MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BAND: tl.constexpr = False,
-                         USE_TMA: tl.constexpr = False, QD=None, DOD=None, QD1=None, DOD1=None, h=0,
-                         BLOCK_D0: tl.constexpr = 16, BLOCK_D1: tl.constexpr = 16, LSE_TMA: tl.constexpr = False,
-                         LD=None, DD=None, p_start=0):
+                         MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head. Query rows past the
-    document load lse = +inf, so p = 0 for them without a mask; MASKED adds the causal mask (BAND: only to the query
-    blocks that start before mask_end). USE_TMA: q/dO tiles through 3-D (token, head, dim) descriptors of the
-    document (QD, DOD; QD1, DOD1 for chunk 1) at head h. LSE_TMA: lse and delta through 2-D (head, row) descriptors
-    LD, DD of their padded copies (the document starts at row p_start, a multiple of 4), ending at the document's
-    last row (rows past it read 0: their q and dO rows are zero too, so they add nothing): one bulk copy per vector
-    instead of a 4-byte cp.async per element (see docs/perf-notes.md)."""
+    document load lse = +inf, so p = 0 for them without a mask; MASKED adds the causal mask."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        if USE_TMA:
-            q0 = tl.reshape(QD.load([start_m, h, 0]), (BLOCK_M, BLOCK_D0))
-        else:
-            q0 = _load_tile(Qh, offs_m, stride_qt, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
+        q0 = _load_tile(Qh, offs_m, stride_qt, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
         qkT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)                      # (BLOCK_N, BLOCK_M)
         if HAS_D1:
-            if USE_TMA:
-                q1 = tl.reshape(QD1.load([start_m, h, 0]), (BLOCK_M, BLOCK_D1))
-            else:
-                q1 = _load_tile(Qh, offs_m, stride_qt, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
+            q1 = _load_tile(Qh, offs_m, stride_qt, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
             qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PREC)
-        if LSE_TMA:
-            lse = tl.reshape(LD.load([h, p_start + start_m]), (BLOCK_M,)) * 1.4426950408889634
-        else:
-            lse = tl.load(LSEh + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(LSEh + offs_m, mask=offs_m < seqlen_q, other=float("inf")) * 1.4426950408889634
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if MASKED:
-            if BAND:  # one loop for all query blocks: the causal mask only on those before mask_end
-                pT = tl.where((offs_m[None, :] + diag >= offs_n[:, None]) | (start_m >= mask_end), pT, 0.0)
-            else:
-                pT = tl.where(offs_m[None, :] + diag >= offs_n[:, None], pT, 0.0)
-        if USE_TMA:
-            do0 = tl.reshape(DOD.load([start_m, h, 0]), (BLOCK_M, BLOCK_D0))
-        else:
-            do0 = _load_tile(DOh, offs_m, stride_dot, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
+            pT = tl.where(offs_m[None, :] + diag >= offs_n[:, None], pT, 0.0)
+        do0 = _load_tile(DOh, offs_m, stride_dot, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
         dv0 = tl.dot(pT.to(do0.dtype), do0, dv0, input_precision=DOT_PREC)
         dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
         if HAS_D1:
-            if USE_TMA:
-                do1 = tl.reshape(DOD1.load([start_m, h, 0]), (BLOCK_M, BLOCK_D1))
-            else:
-                do1 = _load_tile(DOh, offs_m, stride_dot, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
+            do1 = _load_tile(DOh, offs_m, stride_dot, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
             dv1 = tl.dot(pT.to(do1.dtype), do1, dv1, input_precision=DOT_PREC)
             dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
-        if LSE_TMA:
-            delta = tl.reshape(DD.load([h, p_start + start_m]), (BLOCK_M,))
-        else:
-            delta = tl.load(DELTAh + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        delta = tl.load(DELTAh + offs_m, mask=offs_m < seqlen_q, other=0.0)
         dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
         dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PREC)
         if HAS_D1:
@@ -547,10 +426,8 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                                 HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-                                D1_LO: tl.constexpr, ONE_LOOP: tl.constexpr = False, USE_TMA: tl.constexpr = False,
-                                LSE_TMA: tl.constexpr = False, LSE_P=None, DELTA_P=None, PAD_CU=None,
-                                stride_pad_h=0, n_kv=1, n_parts=1, heads_per_part=1, stride_dkp=0, stride_dvp=0,
-                                PARTS: tl.constexpr = False, KB_MAJOR: tl.constexpr = False):
+                                D1_LO: tl.constexpr, n_kv=1, n_parts=1, heads_per_part=1, stride_dkp=0,
+                                stride_dvp=0, PARTS: tl.constexpr = False, KB_MAJOR: tl.constexpr = False):
     """dK, dV of one key block of one document for one kv head, summed over its ``group`` query heads in registers.
     Grid (key blocks, documents, Hkv) by default. PARTS, the kernel-side GQA split (see :func:`_gqa_split`): ``n_parts``
     programs per kv head, part p summing query heads [p * heads_per_part, (p + 1) * heads_per_part) of the group into
@@ -574,12 +451,10 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
     if PARTS:
         hk = hp // n_parts
         part = hp % n_parts
-        n_heads = group * n_kv
         g_lo = part * heads_per_part
         g_hi = tl.minimum(g_lo + heads_per_part, group)
     else:  # the code (and PTX) of the default path as before the split existed
         hk = hp
-        n_heads = group * tl.num_programs(2)
         g_lo = 0
         g_hi = group
     k_start = tl.load(CU_K + b)
@@ -627,52 +502,20 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
         lo = 0
         mid = 0
     q_off = q_start.to(tl.int64)
-    if USE_TMA:  # (token, head, dim) descriptors of this document's queries and output gradients, all heads
-        QD = tl.make_tensor_descriptor(Q + q_off * stride_qt, shape=[seqlen_q, n_heads, HEAD_DIM],
-                                       strides=[stride_qt, stride_qh, 1], block_shape=[BLOCK_M, 1, BLOCK_D0])
-        DOD = tl.make_tensor_descriptor(DO + q_off * stride_dot, shape=[seqlen_q, n_heads, HEAD_DIM],
-                                        strides=[stride_dot, stride_doh, 1],
-                                        block_shape=[BLOCK_M, 1, BLOCK_D0])
-        if HAS_D1:
-            QD1 = tl.make_tensor_descriptor(Q + q_off * stride_qt + D1_LO, shape=[seqlen_q, n_heads,
-                                            HEAD_DIM - D1_LO], strides=[stride_qt, stride_qh, 1],
-                                            block_shape=[BLOCK_M, 1, BLOCK_D1])
-            DOD1 = tl.make_tensor_descriptor(DO + q_off * stride_dot + D1_LO, shape=[seqlen_q, n_heads,
-                                             HEAD_DIM - D1_LO], strides=[stride_dot, stride_doh, 1],
-                                             block_shape=[BLOCK_M, 1, BLOCK_D1])
-        else:
-            QD1 = QD
-            DOD1 = DOD
-    else:
-        QD = Q
-        DOD = DO
-        QD1 = Q
-        DOD1 = DO
-    p_start, LD, DD = _lse_sources(LSE, DELTA, LSE_P, DELTA_P, PAD_CU, b, n_heads, seqlen_q, stride_pad_h, BLOCK_M,
-                                   LSE_TMA)
     for g in range(g_lo, g_hi):  # every query head of this kv head (PARTS: of its part), summed in registers
         h = hk * group + g
         Qh = Q + q_off * stride_qt + h * stride_qh
         DOh = DO + q_off * stride_dot + h * stride_doh
         LSEh = LSE + h.to(tl.int64) * stride_lse_h + q_start
         DELTAh = DELTA + h.to(tl.int64) * stride_lse_h + q_start
-        if ONE_LOOP:  # one pipelined loop, the causal mask applied while start_m < mid
-            dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
-                                                      stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, seqlen_q,
-                                                      mid, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
-                                                      MASK_D1, HAS_D1, CAUSAL, DOT_PREC, True, USE_TMA, QD, DOD,
-                                                      QD1, DOD1, h, BLOCK_D0, BLOCK_D1, LSE_TMA, LD, DD, p_start)
-        else:
-            dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
-                                                      stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, mid,
-                                                      seqlen_q, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
-                                                      MASK_D1, HAS_D1, True, DOT_PREC, False, USE_TMA, QD,
-                                                      DOD, QD1, DOD1, h, BLOCK_D0, BLOCK_D1, LSE_TMA, LD, DD, p_start)
-            dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
-                                                      stride_qt, stride_dot, offs_n, offs_d0, offs_d1, mid, seqlen_q,
-                                                      0, seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0,
-                                                      MASK_D1, HAS_D1, False, DOT_PREC, False, USE_TMA, QD,
-                                                      DOD, QD1, DOD1, h, BLOCK_D0, BLOCK_D1, LSE_TMA, LD, DD, p_start)
+        dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
+                                                  stride_qt, stride_dot, offs_n, offs_d0, offs_d1, lo, mid, seqlen_q,
+                                                  diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0, MASK_D1, HAS_D1, True,
+                                                  DOT_PREC)
+        dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, LSEh, DELTAh,
+                                                  stride_qt, stride_dot, offs_n, offs_d0, offs_d1, mid, seqlen_q,
+                                                  seqlen_q, diag, qk_scale, HEAD_DIM, BLOCK_M, MASK_D0, MASK_D1,
+                                                  HAS_D1, False, DOT_PREC)
     DKb = DK + (k_start + start_n).to(tl.int64) * stride_dkt + hk * stride_dkh
     DVb = DV + (k_start + start_n).to(tl.int64) * stride_dvt + hk * stride_dvh
     if PARTS:
@@ -689,16 +532,15 @@ def _flash_attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
 def _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d0, offs_d1,
                        lo, hi, seqlen_k, diag, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr,
-                       CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr = False, K1=None,
-                       V1=None):
-    """dQ of one query block over key blocks [lo, hi). USE_TMA: K, V, K1, V1 are descriptors (see _kv_sources)."""
+                       CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ of one query block over key blocks [lo, hi)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        qk, k0, k1 = _scores(q0, q1, K, K1, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM,
-                             MASK_D0, MASK_D1, HAS_D1, MASKED, DOT_PREC, USE_TMA)
-        dp, _, _ = _scores(do0, do1, V, V1, stride_vt, offs_n, offs_d0, offs_d1, seqlen_k, start_n, HEAD_DIM,
-                           MASK_D0, MASK_D1, HAS_D1, MASKED, DOT_PREC, USE_TMA)
+        qk, k0, k1 = _scores(q0, q1, K, stride_kt, offs_n, offs_d0, offs_d1, seqlen_k, HEAD_DIM, MASK_D0, MASK_D1,
+                             HAS_D1, MASKED, DOT_PREC)
+        dp, _, _ = _scores(do0, do1, V, stride_vt, offs_n, offs_d0, offs_d1, seqlen_k, HEAD_DIM, MASK_D0, MASK_D1,
+                           HAS_D1, MASKED, DOT_PREC)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
             allowed = offs_n[None, :] < seqlen_k
@@ -720,8 +562,7 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                               HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                               HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-                              D1_LO: tl.constexpr, USE_TMA: tl.constexpr = False, n_q_heads=1,
-                              QB_MAJOR: tl.constexpr = False):
+                              D1_LO: tl.constexpr, n_q_heads=1, QB_MAJOR: tl.constexpr = False):
     """Grid (query blocks, documents, Hq); QB_MAJOR (see :func:`_heavy_first`): (documents x Hq, query blocks)."""
     stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
     stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
@@ -770,172 +611,16 @@ def _flash_attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
     diag = seqlen_k - seqlen_q
     full, end = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
-    Kd, Vd, Kd1, Vd1 = _kv_sources(Kb, Vb, seqlen_k, stride_kt, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1,
-                                   D1_LO, HAS_D1, USE_TMA)
-    dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, Kd, Vd, stride_kt, stride_vt, offs_m,
+    dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, Kb, Vb, stride_kt, stride_vt, offs_m,
                                   offs_d0, offs_d1, 0, full, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N, MASK_D0,
-                                  MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1)
-    dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, Kd, Vd, stride_kt, stride_vt, offs_m,
+                                  MASK_D1, HAS_D1, False, CAUSAL, DOT_PREC)
+    dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, Kb, Vb, stride_kt, stride_vt, offs_m,
                                   offs_d0, offs_d1, full, end, seqlen_k, diag, qk_scale, HEAD_DIM, BLOCK_N, MASK_D0,
-                                  MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC, USE_TMA, Kd1, Vd1)
+                                  MASK_D1, HAS_D1, True, CAUSAL, DOT_PREC)
     DQb = DQ + row0 * stride_dqt + h * stride_dqh
     _store_tile(DQb, dq0 * sm_scale, offs_mb, stride_dqt, offs_d0, rows_left, HEAD_DIM)
     if HAS_D1:
         _store_tile_lo(DQb, dq1 * sm_scale, offs_mb, stride_dqt, offs_d1, rows_left, HEAD_DIM, BLOCK_D0, OVERLAP)
-
-
-# Opt-in FA2-style backward (see flash_attn_varlen_bwd_atomic): one kernel over key blocks computes dK, dV and dQ with
-# 5 GEMMs per (query block, key block) pair; dQ is accumulated across key blocks with fp32 atomics (not deterministic).
-@triton.jit
-def _attn_bwd_fused_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, DQh, LSEh, DELTAh, stride_qt, stride_dot,
-                          stride_dqt, offs_n, offs_d0, offs_d1, lo, n_blocks, rot, seqlen_q, diag, qk_scale, sm_scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK_D0: tl.constexpr,
-                          MASK_D1: tl.constexpr, HAS_D1: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-                          LSE_TMA: tl.constexpr = False, LD=None, DD=None, p_start=0, h=0):
-    """_attn_bwd_dkdv_inner plus dQ: over the n_blocks query blocks from lo, visited starting at block rot (mod
-    n_blocks) so that key blocks running at the same time do not hit the same dQ rows. Per block: S^T = K Q^T,
-    dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ[rows] += scale * dS K (atomics; rows past the document masked).
-    LSE_TMA: lse and delta as in _attn_bwd_dkdv_inner."""
-    offs_m0 = tl.arange(0, BLOCK_M)
-    for i in range(0, n_blocks):
-        start_m = lo + ((i + rot) % n_blocks) * BLOCK_M
-        offs_m = start_m + offs_m0
-        q0 = _load_tile(Qh, offs_m, stride_qt, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
-        qkT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)                      # (BLOCK_N, BLOCK_M)
-        if HAS_D1:
-            q1 = _load_tile(Qh, offs_m, stride_qt, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
-            qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PREC)
-        rmask = offs_m < seqlen_q
-        if LSE_TMA:
-            lse = tl.reshape(LD.load([h, p_start + start_m]), (BLOCK_M,)) * 1.4426950408889634
-        else:
-            lse = tl.load(LSEh + offs_m, mask=rmask, other=float("inf")) * 1.4426950408889634
-        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-        if MASKED:
-            pT = tl.where(offs_m[None, :] + diag >= offs_n[:, None], pT, 0.0)
-        do0 = _load_tile(DOh, offs_m, stride_dot, offs_d0, seqlen_q, HEAD_DIM, True, MASK_D0)
-        dv0 = tl.dot(pT.to(do0.dtype), do0, dv0, input_precision=DOT_PREC)
-        dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
-        if HAS_D1:
-            do1 = _load_tile(DOh, offs_m, stride_dot, offs_d1, seqlen_q, HEAD_DIM, True, MASK_D1)
-            dv1 = tl.dot(pT.to(do1.dtype), do1, dv1, input_precision=DOT_PREC)
-            dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
-        if LSE_TMA:
-            delta = tl.reshape(DD.load([h, p_start + start_m]), (BLOCK_M,))
-        else:
-            delta = tl.load(DELTAh + offs_m, mask=rmask, other=0.0)
-        dsT = (pT * (dpT - delta[None, :])).to(q0.dtype)
-        dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PREC)
-        # dQ: keys past the document were loaded as zero rows of K, so they add nothing
-        ds = tl.trans(dsT)                                                             # (BLOCK_M, BLOCK_N)
-        dq0 = tl.dot(ds, k0, input_precision=DOT_PREC) * sm_scale
-        dq_ptr0 = DQh + offs_m[:, None] * stride_dqt + offs_d0[None, :]
-        if MASK_D0:
-            tl.atomic_add(dq_ptr0, dq0, mask=rmask[:, None] & (offs_d0[None, :] < HEAD_DIM), sem="relaxed")
-        else:
-            tl.atomic_add(dq_ptr0, dq0, mask=rmask[:, None], sem="relaxed")
-        if HAS_D1:
-            dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT_PREC)
-            dq1 = tl.dot(ds, k1, input_precision=DOT_PREC) * sm_scale
-            dq_ptr1 = DQh + offs_m[:, None] * stride_dqt + offs_d1[None, :]
-            if MASK_D1:
-                tl.atomic_add(dq_ptr1, dq1, mask=rmask[:, None] & (offs_d1[None, :] < HEAD_DIM), sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptr1, dq1, mask=rmask[:, None], sem="relaxed")
-    return dk0, dk1, dv0, dv1
-
-
-@triton.jit
-def _flash_attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_Q, CU_K,
-                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                                 stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt,
-                                 stride_dvh, stride_lse_h, qk_scale, sm_scale, group, seq_bucket,
-                                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-                                 HAS_D1: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-                                 LSE_TMA: tl.constexpr = False, LSE_P=None, DELTA_P=None, PAD_CU=None,
-                                 stride_pad_h=0):
-    """Grid (key blocks of max_seqlen_k, batch, Hkv), as _flash_attn_bwd_dkdv_kernel; DQ is a zeroed fp32
-    (total_q, Hq, D) buffer that receives scale * dS K by atomics."""
-    stride_qt, stride_qh = _unalign(stride_qt, stride_qh, ALIGN)
-    stride_kt, stride_kh = _unalign(stride_kt, stride_kh, ALIGN)
-    stride_vt, stride_vh = _unalign(stride_vt, stride_vh, ALIGN)
-    stride_dot, stride_doh = _unalign(stride_dot, stride_doh, ALIGN)
-    stride_dqt, stride_dqh = _unalign(stride_dqt, stride_dqh, ALIGN)
-    stride_dkt, stride_dkh = _unalign(stride_dkt, stride_dkh, ALIGN)
-    stride_dvt, stride_dvh = _unalign(stride_dvt, stride_dvh, ALIGN)
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1)
-    hk = tl.program_id(2)
-    k_start = tl.load(CU_K + b)
-    seqlen_k = tl.load(CU_K + b + 1) - k_start
-    start_n = pid_n * BLOCK_N
-    if start_n >= seqlen_k:
-        return
-    q_start = tl.load(CU_Q + b)
-    seqlen_q = tl.load(CU_Q + b + 1) - q_start
-    MASK_D0: tl.constexpr = HEAD_DIM < BLOCK_D0
-    MASK_D1: tl.constexpr = HEAD_DIM < BLOCK_D0 + BLOCK_D1
-
-    offs_nb = tl.arange(0, BLOCK_N)
-    offs_n = start_n + offs_nb
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-    keys_left = seqlen_k - start_n
-    Kb = K + (k_start + start_n).to(tl.int64) * stride_kt + hk * stride_kh
-    Vb = V + (k_start + start_n).to(tl.int64) * stride_vt + hk * stride_vh
-    k0 = _load_tile(Kb, offs_nb, stride_kt, offs_d0, keys_left, HEAD_DIM, True, MASK_D0)
-    v0 = _load_tile(Vb, offs_nb, stride_vt, offs_d0, keys_left, HEAD_DIM, True, MASK_D0)
-    if HAS_D1:
-        k1 = _load_tile(Kb, offs_nb, stride_kt, offs_d1, keys_left, HEAD_DIM, True, MASK_D1)
-        v1 = _load_tile(Vb, offs_nb, stride_vt, offs_d1, keys_left, HEAD_DIM, True, MASK_D1)
-    else:  # unused
-        k1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=k0.dtype)
-        v1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=v0.dtype)
-    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
-    dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
-    dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
-
-    diag = seqlen_k - seqlen_q
-    if CAUSAL:  # same ranges as _flash_attn_bwd_dkdv_kernel: [lo, mid) masked (diagonal), [mid, seqlen_q) full
-        lo = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
-        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M
-        mid = tl.minimum(mid, seqlen_q)
-        lo = tl.minimum(lo, mid)
-    else:
-        lo = 0
-        mid = 0
-    n_diag = tl.cdiv(mid - lo, BLOCK_M)
-    n_full = tl.cdiv(seqlen_q - mid, BLOCK_M)
-    rot = pid_n % tl.maximum(n_full, 1)   # stagger the dQ rows that concurrent key blocks add to
-    q_off = q_start.to(tl.int64)
-    p_start, LD, DD = _lse_sources(LSE, DELTA, LSE_P, DELTA_P, PAD_CU, b, group * tl.num_programs(2), seqlen_q,
-                                   stride_pad_h, BLOCK_M, LSE_TMA)
-    for g in range(0, group):  # every query head of this kv head: dK/dV summed in registers
-        h = hk * group + g
-        Qh = Q + q_off * stride_qt + h * stride_qh
-        DOh = DO + q_off * stride_dot + h * stride_doh
-        DQh = DQ + q_off * stride_dqt + h * stride_dqh
-        LSEh = LSE + h.to(tl.int64) * stride_lse_h + q_start
-        DELTAh = DELTA + h.to(tl.int64) * stride_lse_h + q_start
-        dk0, dk1, dv0, dv1 = _attn_bwd_fused_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, DQh, LSEh, DELTAh,
-                                                   stride_qt, stride_dot, stride_dqt, offs_n, offs_d0, offs_d1, lo,
-                                                   n_diag, 0, seqlen_q, diag, qk_scale, sm_scale, HEAD_DIM, BLOCK_M,
-                                                   MASK_D0, MASK_D1, HAS_D1, True, DOT_PREC, LSE_TMA, LD, DD,
-                                                   p_start, h)
-        dk0, dk1, dv0, dv1 = _attn_bwd_fused_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, Qh, DOh, DQh, LSEh, DELTAh,
-                                                   stride_qt, stride_dot, stride_dqt, offs_n, offs_d0, offs_d1, mid,
-                                                   n_full, rot, seqlen_q, diag, qk_scale, sm_scale, HEAD_DIM,
-                                                   BLOCK_M, MASK_D0, MASK_D1, HAS_D1, False, DOT_PREC, LSE_TMA, LD,
-                                                   DD, p_start, h)
-    DKb = DK + (k_start + start_n).to(tl.int64) * stride_dkt + hk * stride_dkh
-    DVb = DV + (k_start + start_n).to(tl.int64) * stride_dvt + hk * stride_dvh
-    _store_tile(DKb, dk0 * sm_scale, offs_nb, stride_dkt, offs_d0, keys_left, HEAD_DIM)
-    _store_tile(DVb, dv0, offs_nb, stride_dvt, offs_d0, keys_left, HEAD_DIM)
-    if HAS_D1:
-        _store_tile(DKb, dk1 * sm_scale, offs_nb, stride_dkt, offs_d1, keys_left, HEAD_DIM)
-        _store_tile(DVb, dv1, offs_nb, stride_dvt, offs_d1, keys_left, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -950,18 +635,7 @@ def _autotune_enabled() -> bool:
 # spills ~500 B/thread and its dQ 128x32 at BLOCK_D = 128 spills ~1 KB, so the defaults below are the spill-free
 # (or < 100 B) neighbours. "width" is the register width of the head dim, BLOCK_D0 + BLOCK_D1 (64, 80, 96 or 128).
 # Under the interpreter small, unequal blocks make the tiny test documents span several blocks of both kinds.
-_INTERPRET_CFG = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1), "fwd_decode": (16, 32, 1, 1),
-                  "bwd_fused": (16, 32, 1, 1)}
-
-
-# The atomic-dQ backward ("bwd_fused"): BLOCK_M queries per step x BLOCK_N keys per program. A wide key block halves
-# the dQ atomics per FLOP (BLOCK_M x D fp32 adds per pair of 5 x 2 x BLOCK_M x BLOCK_N x D FLOPs); BLOCK_M stays 64
-# because at 8 warps BLOCK_M = 32 turns the dQ GEMM (M = BLOCK_M) into mma.sync instead of wgmma. Two stages: with
-# one, nothing is prefetched (the H200 run 3 measured that build at 0.78x the split backward); with two, the TTGIR
-# shows q, dO, lse and delta loaded by cp.async one step ahead (triton 3.6 and 3.8, benchmarks/aot_check.py), at
-# <= 68 B/thread of spills (<= 40 B at the defaults below) with 255 registers, 1 CTA of 8 warps per SM.
-_FUSED_CFG_D64 = (64, 128, 8, 2)
-_FUSED_CFG_WIDE = (64, 64, 8, 2)
+_INTERPRET_CFG = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1), "fwd_decode": (16, 32, 1, 1)}
 
 
 # dK/dV: 64 queries per step x 128 keys per program, 2 stages, at every width. ptxas (triton 3.6, sm_90a, causal bf16)
@@ -1010,7 +684,7 @@ def _default_cfg(kind: str, width: int, fp32: bool = False, max_seqlen_q: int | 
     if override is not None:
         return override
     if fp32:  # fp32 inputs (tests, debugging): tiles twice as large in shared memory; small tiles, 2 stages
-        return (32, 32, 4, 1) if kind == "bwd_fused" else (64, 32, 4, 2)
+        return (64, 32, 4, 2)
     if kind == "fwd":
         if width == 128 and max_seqlen_q is not None and max_seqlen_q <= _FWD_SHORT_MAX_SEQLEN:
             return _FWD_SHORT_CFG_D128
@@ -1019,8 +693,6 @@ def _default_cfg(kind: str, width: int, fp32: bool = False, max_seqlen_q: int | 
         return (16, 64, 4, 3)
     if kind == "dkdv":  # H100 sweep 2026-11-26, causal D128 4k: fwd+bwd 239 -> 335 TFLOP/s (64x64 s3 -> 64x128 s2)
         return _DKDV_CFG
-    if kind == "bwd_fused":  # the atomic-dQ backward (5 GEMMs); see the ptxas notes in docs/perf-notes.md
-        return _FUSED_CFG_D64 if width <= 64 else _FUSED_CFG_WIDE
     return (128, 64, 8, 3) if width <= 64 else (64, 32, 4, 3)
 
 
@@ -1032,10 +704,7 @@ _TUNE = {
     "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
     "dq": [(128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
     "fwd_decode": [(16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 4), (16, 64, 8, 3)],
-    "bwd_fused": [(64, 128, 8, 1), (64, 64, 8, 1), (64, 64, 8, 2), (64, 128, 8, 2)],
 }
-# Launch-time kernel arguments the autotuner must zero before each trial (the atomic dQ accumulator).
-_RESET_TO_ZERO = {"bwd_fused": ["DQ"]}
 _TUNED: dict = {}
 
 
@@ -1046,8 +715,7 @@ def _kernel(kind: str, fn, fp32: bool = False):
     if kind not in _TUNED:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in
                    _TUNE[kind]]
-        _TUNED[kind] = triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "seq_bucket"],
-                                       reset_to_zero=_RESET_TO_ZERO.get(kind))(fn)
+        _TUNED[kind] = triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "seq_bucket"])(fn)
     return _TUNED[kind], False
 
 
@@ -1119,12 +787,6 @@ def _stride_align(*tensors: torch.Tensor) -> int:
     return 8 if all(s % 8 == 0 for s in strides) else 1
 
 
-def _dkdv_one_loop() -> bool:
-    """LLAVA_FAST_ATTN_DKDV_LOOPS=1: the causal dK/dV kernel runs one loop over its query blocks (mask applied on the
-    diagonal band only) instead of a masked and an unmasked loop (the default, "2")."""
-    return _ext.env_choice("LLAVA_FAST_ATTN_DKDV_LOOPS", ("1", "2"), "2") == "1"
-
-
 def _gqa_split(group: int) -> tuple[str, int]:
     """How the dK/dV kernel covers the query heads of a kv head: ``(mode, parts)`` from LLAVA_FAST_ATTN_GQA_SPLIT
     (default ``"k4"`` since session 17: on an H200 the OneVision-0.5B attention (2 x 5453 tokens, 14/2 heads, D64)
@@ -1133,33 +795,29 @@ def _gqa_split(group: int) -> tuple[str, int]:
 
     - ``"0"``: ``("off", 1)``, one program per (key block, document, kv head) loops over its ``group`` query
       heads, the GQA gradients summed in registers (the default before session 17).
-    - ``"1"`` (session 10): ``("repeat", group)``, one program per *query* head on K and V repeated per query head
-      (``repeat_interleave``), into fp32 per-query-head partials that one reduction sums per kv head.
     - ``"kN"`` (session 15): ``("kernel", parts)``, N programs per kv head (``parts`` = N rounded so that no part is
       empty), part p summing query heads [p * ceil(group / N), ...) in registers into its own fp32 partial
       ``(parts, total_k, Hkv, D)`` (no K/V repeat), and the grid launched key-block-major: every (document, kv head,
       part)'s first key block, causal the heaviest, before any second one (longest first). ``"k1"``: the order
       alone, dK/dV written directly as by default.
 
-    Either split ends with the same fp32 sums as the registers', in another order, and one rounding to the input
-    dtype; both stay deterministic.
+    The split ends with the same fp32 sums as the registers', in another order, and one rounding to the input
+    dtype; it stays deterministic. (Session 10's ``"1"``, one program per query head on K/V repeated per query
+    head, measured below ``"k4"`` and was removed in session 21.)
 
     Why: a kv-head program loops over its ``group`` query heads and, causal, over every query block at or after its
     key block, so with few kv heads the first key blocks' programs are the critical path. Qwen2-0.5B (14 query heads,
     2 kv heads, D 64; the OneVision-0.5B step's language model, 2 documents of 5453 tokens): 172 programs whose
     heaviest does 602 block iterations against 401 on average per SM (132 SMs, one program each: 67% busy at best).
-    ``"1"``: 1204 programs in grid order, 90% by the same list-scheduling count, plus the repeat's and partials'
-    ~120 MB. ``"k4"``: 688 programs longest first, 98%, plus ~45 MB of partials (``benchmarks/dkdv_schedule.py``
+    ``"k4"``: 688 programs longest first, 98%, plus ~45 MB of partials (``benchmarks/dkdv_schedule.py``
     counts these). Predictions and results: docs/perf-notes.md, "GQA split of the dK/dV kernel"."""
     value = _ext.env_str("LLAVA_FAST_ATTN_GQA_SPLIT", "k4")
     parts = int(value[1:]) if value[:1] == "k" and value[1:].isdigit() else 0
-    if value not in ("0", "1") and parts < 1:
-        raise ValueError(f"LLAVA_FAST_ATTN_GQA_SPLIT={value!r}: must be '0' (off), '1' (per query head on repeated "
-                         f"K/V) or 'kN' with N >= 1 (N programs per kv head, e.g. 'k4')")
+    if value != "0" and parts < 1:
+        raise ValueError(f"LLAVA_FAST_ATTN_GQA_SPLIT={value!r}: must be '0' (off) or 'kN' with N >= 1 (N programs "
+                         f"per kv head, e.g. 'k4', the default)")
     if group == 1 or value == "0":
         return "off", 1
-    if value == "1":
-        return "repeat", group
     per = _ext.cdiv(group, min(parts, group))
     return "kernel", _ext.cdiv(group, per)
 
@@ -1192,32 +850,6 @@ def _query_block_grid(causal: bool, k: torch.Tensor, max_seqlen_q: int, batch: i
     return (lambda bm, bn: (_ext.cdiv(max_seqlen_q, bm), batch, hq)), {}
 
 
-def _use_lse_tma(q: torch.Tensor | None = None) -> bool:
-    """LLAVA_FAST_ATTN_LSE_TMA=1 (opt-in, not yet run on a GPU): the dK/dV kernel reads each query block's lse and
-    delta through TMA descriptors (one bulk copy per vector) instead of the pipeliner's 4-byte cp.async per element,
-    which costs about a third of its loop's instructions (docs/perf-notes.md, "SASS of the main loops"). Hopper and
-    newer only: without TMA (sm_80) triton lowers the descriptors to pointer loads that spill more (ptxas: 604 vs 284
-    bytes at D = 128), so there the pointer path runs whatever the variable says (CPU tensors: the interpreter)."""
-    if _ext.env_choice("LLAVA_FAST_ATTN_LSE_TMA", ("0", "1"), "0") == "0":
-        return False
-    return q is None or not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9
-
-
-def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """LLAVA_FAST_ATTN_TMA=1 (opt-in): the forward's and dQ's K/V tiles and the dK/dV kernel's q/dO tiles through TMA
-    tensor descriptors built in the kernel per document (2-D per kv head and head-dim chunk; 3-D (token, head, dim)
-    for q/dO). Needs 16-byte aligned base pointers and token/head strides of the two tensors (the descriptors' row
-    starts); otherwise the pointer loads run. The dQ kernel reads K/V like the forward; the atomic backward keeps
-    pointer loads. Hopper and newer only (without TMA, triton lowers descriptors to pointer loads)."""
-    if _ext.env_choice("LLAVA_FAST_ATTN_TMA", ("0", "1"), "0") == "0":
-        return False
-    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:
-        return False
-    e = k.element_size()
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * e) % 16 == 0 and (t.stride(1) * e) % 16 == 0
-               for t in (k, v))
-
-
 def _strides(align: int, *tensors: torch.Tensor) -> tuple[int, ...]:
     """(stride(0), stride(1)) of each tensor divided by ``align`` (see :func:`_stride_align`), flattened."""
     return tuple(t.stride(i) // align for t in tensors for i in (0, 1))
@@ -1234,39 +866,6 @@ def _device_guard(t: torch.Tensor):
 def _dot_prec(dtype: torch.dtype) -> str:
     # fp32 inputs: exact fp32 dots (no silent TF32); fp16/bf16 ignore the setting.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-# Backward selection (the 5-GEMM atomic-dQ kernel is opt-in until a GPU run has measured it against the split one).
-BACKWARD_IMPLS = ("separate", "atomic")
-_BWD_ENV = "LLAVA_FAST_ATTN_BWD"
-_bwd_impl_override: Optional[str] = None
-
-
-def set_backward_impl(impl: Optional[str]) -> None:
-    """Choose the non-deterministic backward for this process: ``"separate"`` (dK/dV kernel + dQ kernel, 7 GEMMs per
-    block pair, no atomics; the default), ``"atomic"`` (one kernel, 5 GEMMs, dQ accumulated with fp32 atomics) or
-    ``None`` (follow ``LLAVA_FAST_ATTN_BWD``, default ``"separate"``). ``deterministic=True`` always runs
-    ``"separate"``. Takes precedence over the environment variable."""
-    global _bwd_impl_override
-    if impl is not None and impl not in BACKWARD_IMPLS:
-        raise ValueError(f"set_backward_impl: impl must be one of {BACKWARD_IMPLS} or None, got {impl!r}")
-    _bwd_impl_override = impl
-
-
-def backward_impl(deterministic: bool = False) -> str:
-    """The backward that a call with this ``deterministic`` flag runs now: ``set_backward_impl``'s choice, else
-    ``LLAVA_FAST_ATTN_BWD`` (read at every call), else ``"separate"``; always ``"separate"`` when deterministic, or
-    under ``torch.use_deterministic_algorithms(True)`` (the atomic dQ sums in a varying order)."""
-    if deterministic or torch.are_deterministic_algorithms_enabled():
-        return "separate"
-    if _bwd_impl_override is not None:
-        return _bwd_impl_override
-    env = _ext.getenv(_BWD_ENV, "").strip().lower()
-    if not env:
-        return "separate"
-    if env not in BACKWARD_IMPLS:
-        raise ValueError(f"{_BWD_ENV}={env!r}: must be one of {BACKWARD_IMPLS} (or unset for 'separate')")
-    return env
 
 
 # Opt-in dense forward on CUTLASS's Hopper FMHA (csrc/cutlass/attention_sm90*.cu): for calls whose documents all
@@ -1349,13 +948,10 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     align = _stride_align(q, k, v, out)
     args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k if used else cu_seqlens_k,
             *_strides(align, q, k, v, out), lse.stride(0), softmax_scale * _LOG2E, hq // hkv, _bucket(max_seqlen_q))
-    tma = _use_tma(k, v)
     constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
                       DOT_PREC=_dot_prec(q.dtype), HAS_SEQUSED=used, ALIGN=align,
-                      D1_LO=_chunk1_start(d, d0, d1, has_d1), USE_TMA=tma,
+                      D1_LO=_chunk1_start(d, d0, d1, has_d1),
                       SCALE_FIRST=_ext.env_choice("LLAVA_FAST_ATTN_FOLD", ("0", "1"), "1") == "0")
-    if tma and q.is_cuda:
-        _ext.ensure_tma_allocator()
     kind = "fwd_decode" if used and max_seqlen_q <= 16 else "fwd"
     if kind == "fwd":
         grid_of, extra = _query_block_grid(causal, k, max_seqlen_q, batch, hq)
@@ -1367,38 +963,21 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int
     return out, lse
 
 
-def _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q: int, lse_tma: bool, dlse=None):
-    """delta = rowsum(dO * O) into ``delta`` (hq, total_q); with ``lse_tma`` also lse and delta in the padded layout
-    of the LSE_TMA loads (every document starting at a multiple of 4 rows). Returns (lse, the kernel arguments of
-    that layout for the dK/dV or fused kernel).
+def _bwd_preprocess(out, dout, delta, dlse=None) -> None:
+    """delta = rowsum(dO * O) into ``delta`` (hq, total_q).
 
     ``dlse`` (hq, total_q), the gradient of the lse output when it was used downstream: since d lse_i / d s_ij =
     P_ij, it adds dlse_i * P_ij to dS_ij = P_ij * (dP_ij - delta_i), i.e. delta_i becomes delta_i - dlse_i. The
     backward kernels are unchanged (rows that see no key have P = 0 and stay 0)."""
     hq, total_q = delta.shape
     d = out.shape[-1]
-    batch = cu_seqlens_q.shape[0] - 1
     block_t = 16 if _ext.interpreting() else 64
     # dlse as delta is laid out, (hq, total_q) contiguous (a copy only if it is not: lse.sum() gives an expanded one)
     with_dlse = {} if dlse is None else dict(DLSE=dlse.float().contiguous(), HAS_DLSE=True)
-    if not lse_tma:
-        _ext.launch(
-            _flash_attn_bwd_preprocess_kernel, (_ext.cdiv(total_q, block_t), hq), out, dout, delta, total_q,
-            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
-            HEAD_DIM=d, BLOCK_D=_ext.next_power_of_2(d), BLOCK_T=block_t, **with_dlse)
-        return lse, {}
-    lse = lse.contiguous()
-    lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    pad_cu = torch.zeros(batch + 1, dtype=torch.int32, device=out.device)
-    torch.cumsum((lens + 3) // 4 * 4, 0, dtype=torch.int32, out=pad_cu[1:])
-    width = (total_q + 3 * batch + 3) // 4 * 4  # 16-byte rows: the descriptors' strides
-    lse_p = torch.empty((hq, width), dtype=torch.float32, device=out.device)
-    delta_p = torch.empty((hq, width), dtype=torch.float32, device=out.device)
-    _flash_attn_bwd_preprocess_padded_kernel[(_ext.cdiv(max_seqlen_q, block_t), batch, hq)](
-        out, dout, lse, delta, lse_p, delta_p, cu_seqlens_q, pad_cu, out.stride(0), out.stride(1), dout.stride(0),
-        dout.stride(1), lse.stride(0), width, HEAD_DIM=d, BLOCK_D=_ext.next_power_of_2(d), BLOCK_T=block_t,
-        **with_dlse)
-    return lse, dict(LSE_P=lse_p, DELTA_P=delta_p, PAD_CU=pad_cu, stride_pad_h=width)
+    _ext.launch(
+        _flash_attn_bwd_preprocess_kernel, (_ext.cdiv(total_q, block_t), hq), out, dout, delta, total_q,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+        HEAD_DIM=d, BLOCK_D=_ext.next_power_of_2(d), BLOCK_T=block_t, **with_dlse)
 
 
 def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -1418,111 +997,45 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
     dk = torch.empty((total_k, hkv, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((total_k, hkv, d), dtype=v.dtype, device=v.device)
     d0, d1, has_d1 = _split_head_dim(d)
-    lse_tma = _use_lse_tma(q)
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     qk_scale = softmax_scale * _LOG2E
     group = hq // hkv
-    dot_prec = _dot_prec(q.dtype)
     with _device_guard(q):
-        lse, lse_tma_args = _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q, lse_tma, dlse)
+        _bwd_preprocess(out, dout, delta, dlse)
         align = _stride_align(q, k, v, dout, dq, dk, dv)
         constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
-                          DOT_PREC=dot_prec, ALIGN=align, D1_LO=_chunk1_start(d, d0, d1, has_d1))
-        tma = _use_tma(q, dout)
-        if (tma or lse_tma) and q.is_cuda:
-            _ext.ensure_tma_allocator()
+                          DOT_PREC=_dot_prec(q.dtype), ALIGN=align, D1_LO=_chunk1_start(d, d0, d1, has_d1))
         split, parts = _gqa_split(group)
-        per = _ext.cdiv(group, parts)
-        extra = dict(n_kv=hkv, n_parts=parts, heads_per_part=per) if split == "kernel" else {}
-        if split == "repeat":  # one program per query head (see _gqa_split): K/V repeated per query head
-            kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            dkk = torch.empty((total_k, hq, d), dtype=torch.float32, device=k.device)
-            dvv = torch.empty((total_k, hq, d), dtype=torch.float32, device=k.device)
-            grp, al = 1, _stride_align(q, kk, vv, dout, dkk, dvv)
-            dk_args, dv_args = dkk, dvv
-        elif split == "kernel" and parts > 1:  # `parts` programs per kv head, each into its own fp32 partial
-            kk, vv, grp = k, v, group
-            dkk = torch.empty((parts, total_k, hkv, d), dtype=torch.float32, device=k.device)
-            dvv = torch.empty((parts, total_k, hkv, d), dtype=torch.float32, device=k.device)
-            dk_args, dv_args = dkk[0], dvv[0]
-            al = _stride_align(q, k, v, dout, dk_args, dv_args)
-            extra.update(stride_dkp=dkk.stride(0), stride_dvp=dvv.stride(0))
-        elif split == "kernel":  # "k1": no split, only the longest-first order; dK/dV written as by default
-            kk, vv, dkk, dvv, grp, al = k, v, None, None, group, align
-            dk_args, dv_args = dk, dv
-        else:
-            kk, vv, dkk, dvv, grp, al = k, v, dk, dv, group, align
-            dk_args, dv_args = dk, dv
-        args = (q, kk, vv, dout, lse, delta, dk_args, dv_args, cu_seqlens_q, cu_seqlens_k,
-                *_strides(al, q, kk, vv, dout, dk_args, dv_args), lse.stride(0), qk_scale, softmax_scale, grp,
+        extra = {}
+        dk_args, dv_args, al = dk, dv, align
+        if split == "kernel":
+            extra = dict(n_kv=hkv, n_parts=parts, heads_per_part=_ext.cdiv(group, parts))
+            if parts > 1:  # `parts` programs per kv head, each into its own fp32 partial ("k1": the order alone)
+                dkk = torch.empty((parts, total_k, hkv, d), dtype=torch.float32, device=k.device)
+                dvv = torch.empty((parts, total_k, hkv, d), dtype=torch.float32, device=k.device)
+                dk_args, dv_args = dkk[0], dvv[0]
+                al = _stride_align(q, k, v, dout, dk_args, dv_args)
+                extra.update(stride_dkp=dkk.stride(0), stride_dvp=dvv.stride(0))
+        args = (q, k, v, dout, lse, delta, dk_args, dv_args, cu_seqlens_q, cu_seqlens_k,
+                *_strides(al, q, k, v, dout, dk_args, dv_args), lse.stride(0), qk_scale, softmax_scale, group,
                 _bucket(max_seqlen_k))
-        n_prog = {"off": hkv, "repeat": hq, "kernel": hkv * parts}[split]
+        n_prog = hkv * parts
         kb_major = split == "kernel" and _ext.cdiv(max_seqlen_k, 16) <= 65535  # grid axis 1 holds the key blocks
         if kb_major:  # key-block-major: every first key block before any second one
             grid_of = lambda bm, bn: (batch * n_prog, _ext.cdiv(max_seqlen_k, bn))  # noqa: E731
         else:
             grid_of = lambda bm, bn: (_ext.cdiv(max_seqlen_k, bn), batch, n_prog)  # noqa: E731
         _launch("dkdv", _flash_attn_bwd_dkdv_kernel, grid_of, args,
-                dict(constexprs, ALIGN=al, ONE_LOOP=_dkdv_one_loop(), USE_TMA=tma, LSE_TMA=lse_tma,
-                     PARTS=split == "kernel", KB_MAJOR=kb_major, **extra, **lse_tma_args))
-        if split == "repeat":  # the group's fp32 partials summed, rounded once to the input dtype
-            dk.copy_(dkk.view(total_k, hkv, group, d).sum(2))
-            dv.copy_(dvv.view(total_k, hkv, group, d).sum(2))
-        elif split == "kernel" and parts > 1:
+                dict(constexprs, ALIGN=al, PARTS=split == "kernel", KB_MAJOR=kb_major, **extra))
+        if dk_args is not dk:  # the parts' fp32 partials summed, rounded once to the input dtype
             dk.copy_(dkk.sum(0))
             dv.copy_(dvv.sum(0))
-        del kk, vv, dkk, dvv
+            del dkk, dvv, dk_args, dv_args
         args = (q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *_strides(align, q, k, v, dout, dq),
                 lse.stride(0), qk_scale, softmax_scale, group, _bucket(max_seqlen_q))
-        tma_kv = _use_tma(k, v)
-        if tma_kv and q.is_cuda:
-            _ext.ensure_tma_allocator()
         grid_of, dq_extra = _query_block_grid(causal, k, max_seqlen_q, batch, hq)
-        _launch("dq", _flash_attn_bwd_dq_kernel, grid_of, args, dict(constexprs, USE_TMA=tma_kv, **dq_extra))
+        _launch("dq", _flash_attn_bwd_dq_kernel, grid_of, args, dict(constexprs, **dq_extra))
     return dq, dk, dv
-
-
-def flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-                                 max_seqlen_k: int, softmax_scale: float, causal: bool, dlse=None
-                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward launcher, FA2 style: ``(dq, dk, dv)`` like :func:`flash_attn_varlen_bwd`, from one kernel over key
-    blocks doing 5 GEMMs per (query block, key block) pair, dQ accumulated with fp32 atomics into a zeroed
-    ``(total_q, Hq, D)`` fp32 buffer (cast to q's dtype at the end; for fp32 inputs the buffer is returned).
-    Not bitwise deterministic (the order of the fp32 dQ additions varies between runs); dK and dV are."""
-    total_q, hq, d = q.shape
-    total_k, hkv, _ = k.shape
-    batch = cu_seqlens_q.shape[0] - 1
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    if total_q == 0 or total_k == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    # queries of documents without keys are never visited: the zeroed accumulator gives them dq = 0
-    dq_acc = torch.zeros((total_q, hq, d), dtype=torch.float32, device=q.device)
-    dk = torch.empty((total_k, hkv, d), dtype=k.dtype, device=k.device)
-    dv = torch.empty((total_k, hkv, d), dtype=v.dtype, device=v.device)
-    # One power-of-two chunk whatever D: with two chunks (D = 96 as 64 + 32) this kernel hit an illegal address on
-    # an H200 (triton 3.6, bf16 and fp16, 2026-11-26) while the one-chunk build of the same call passed all the
-    # cuda atomic-backward tests. LLAVA_FAST_ATTN_SPLIT=exact|masked brings the split back, for experiments.
-    if _ext.getenv("LLAVA_FAST_ATTN_SPLIT") in ("exact", "masked"):
-        d0, d1, has_d1 = _split_head_dim(d)
-    else:
-        d0, d1, has_d1 = _ext.next_power_of_2(d), 16, False
-    delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
-    lse_tma = _use_lse_tma(q)
-    with _device_guard(q):
-        lse, lse_tma_args = _bwd_preprocess(out, dout, lse, delta, cu_seqlens_q, max_seqlen_q, lse_tma, dlse)
-        if lse_tma and q.is_cuda:
-            _ext.ensure_tma_allocator()
-        align = _stride_align(q, k, v, dout, dq_acc, dk, dv)
-        args = (q, k, v, dout, lse, delta, dq_acc, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                *_strides(align, q, k, v, dout, dq_acc, dk, dv), lse.stride(0), softmax_scale * _LOG2E,
-                softmax_scale, hq // hkv, _bucket(max_seqlen_k))
-        constexprs = dict(HEAD_DIM=d, BLOCK_D0=d0, BLOCK_D1=d1, HAS_D1=has_d1, CAUSAL=bool(causal),
-                          DOT_PREC=_dot_prec(q.dtype), ALIGN=align)
-        _launch("bwd_fused", _flash_attn_bwd_fused_kernel,
-                lambda bm, bn: (_ext.cdiv(max_seqlen_k, bn), batch, hkv), args,
-                dict(constexprs, LSE_TMA=lse_tma, **lse_tma_args))
-    return dq_acc.to(q.dtype), dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1560,24 +1073,6 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
-@_ext.custom_op("llava_fast::flash_attn_varlen_bwd_atomic", mutates_args=())
-def _flash_attn_varlen_bwd_atomic_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                     out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                                     softmax_scale: float, causal: bool, dlse: Optional[torch.Tensor] = None
-                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = flash_attn_varlen_bwd_atomic(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                              max_seqlen_k, softmax_scale, causal, dlse)
-    return dq, dk, dv
-
-
-@_flash_attn_varlen_bwd_atomic_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      dlse=None):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 5. autograd.Function
 # ----------------------------------------------------------------------------------------------------------------
@@ -1600,7 +1095,6 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
         ctx.softmax_scale, ctx.causal = softmax_scale, causal
-        ctx.deterministic = bool(deterministic)
         ctx.set_materialize_grads(False)  # dlse None when lse is unused: the backward runs as without it
         ctx.lse_grad = bool(lse_grad)
         if not lse_grad:
@@ -1617,13 +1111,10 @@ class FlashAttnVarlenFunction(torch.autograd.Function):
             dout = torch.zeros_like(out)
         if not ctx.lse_grad:  # non-differentiable: a traced backward may still hand in a zero-filled dlse
             dlse = None
-        # "separate" (default, and always when deterministic): no atomics, bitwise deterministic. "atomic" (opt-in:
-        # set_backward_impl / LLAVA_FAST_ATTN_BWD, read here at each backward): 5 GEMMs, dQ by fp32 atomics.
-        op = (_flash_attn_varlen_bwd_atomic_op if backward_impl(ctx.deterministic) == "atomic"
-              else _flash_attn_varlen_bwd_op)
-        with torch.no_grad():
-            dq, dk, dv = op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k,
-                            ctx.softmax_scale, ctx.causal, dlse)
+        with torch.no_grad():  # no atomics: bitwise deterministic, whatever ``deterministic`` says
+            dq, dk, dv = _flash_attn_varlen_bwd_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                   ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.softmax_scale, ctx.causal,
+                                                   dlse)
         if torch.is_grad_enabled() and not _ext._tracing():  # create_graph=True: refuse a double backward loudly
             dq, dk, dv = _ext.not_differentiable_again((dq, dk, dv), (q, k, v, dout, dlse), "flash_attn_varlen_func")
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
@@ -1724,13 +1215,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         causal: bottom-right aligned causal mask per document.
         return_lse: also return the softmax log-sum-exp ``(Hq, total_q)`` fp32 (natural log of the scaled scores;
             ``+inf`` for queries that see no key). Differentiable: a gradient reaching it is included in dq and dk.
-        deterministic: ``True`` always runs the atomic-free backward (bitwise deterministic). With ``False`` (the
-            default) the backward is still the atomic-free one (dK/dV kernel + dQ kernel, 7 GEMMs per block pair)
-            unless the 5-GEMM FA2-style backward is selected, which accumulates dQ with fp32 atomics (dQ then varies
-            in its last bits between runs): ``llava_fast.ops.attention.set_backward_impl("atomic")`` for the
-            process, or the environment variable ``LLAVA_FAST_ATTN_BWD=atomic`` (read at each backward call;
-            ``set_backward_impl`` wins over it; ``"separate"`` or unset: the default). The default is to be flipped
-            once a GPU run has measured both (``benchmarks/bench_attention.py``, provider ``llava_fast_atomic_bwd``).
+        deterministic: accepted for flash-attn compatibility; the backward (dK/dV kernel + dQ kernel, 7 GEMMs per
+            block pair, no atomics) is bitwise deterministic either way.
         seqused_k: optional int32 ``(batch,)`` on q's device (forward only, no gradients): document ``b``'s keys are
             ``k[cu_seqlens_k[b] : cu_seqlens_k[b] + seqused_k[b]]`` (only the starts ``cu_seqlens_k[:-1]`` are read;
             they need not be increasing), causal bottom-right against ``seqused_k[b]`` keys. ``max_seqlen_k`` must

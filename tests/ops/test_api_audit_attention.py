@@ -5,8 +5,7 @@ Defects fixed (each test in the first section fails without its fix):
 
 * ``return_lse=True`` under autograd: the lse was marked non-differentiable, so a loss that used it (merging the
   attention of several key chunks, a z-loss on it) got silently wrong dq and dk (the gradient through lse dropped);
-  the CPU reference path differentiates it. Now its gradient enters the backward as ``delta - dlse``, both backwards
-  (separate, atomic) and the opt-in LSE_TMA preprocessing;
+  the CPU reference path differentiates it. Now its gradient enters the backward as ``delta - dlse``;
 * a ``create_graph=True`` backward returned gradients that silently acted as constants (second-order terms, e.g. of a
   gradient penalty, dropped); now differentiating them raises;
 * ``attention_ref`` (also the CPU path of ``flash_attn_varlen_func``) concatenated the documents' outputs from row 0:
@@ -61,15 +60,11 @@ def _finite(x):
 
 
 # ---------------------------------------------------------------------------------------------- fixed defects
-@pytest.mark.parametrize("variant", ["separate", "atomic", "lse_tma"])
 @pytest.mark.parametrize("use", ["out_and_lse", "lse_only", "lse_sum"])
-def test_lse_gradient(triton_path, device, monkeypatch, variant, use):
+def test_lse_gradient(triton_path, device, use):
     """lse used downstream: dq, dk, dv include its gradient (d lse_i / d s_ij = P_ij), as the reference's. GQA 2:1,
     causal with Sq > Sk (rows with lse = +inf) and Sq < Sk, an empty document; lse only (no gradient reaches out),
     and lse.sum() (an expanded, stride-0 gradient)."""
-    monkeypatch.setattr(attn_mod, "_bwd_impl_override", "atomic" if variant == "atomic" else "separate")
-    if variant == "lse_tma":
-        monkeypatch.setenv("LLAVA_FAST_ATTN_LSE_TMA", "1")
     lq, lk = [6, 0, 3, 17], [2, 4, 9, 17]
     q, k, v = _qkv(sum(lq), sum(lk), 4, 2, 16, device)
     cq, ck = _cu(lq, device), _cu(lk, device)
@@ -100,7 +95,6 @@ def test_lse_gradient_bwd_op(device):
     out, lse = attn_mod.flash_attn_varlen_fwd(q, k, v, cu, cu.clone(), 9, 9, 0.25, True)
     args = (torch.randn_like(out), q, k, v, out, lse, cu, cu.clone(), 9, 9, 0.25, True, torch.randn_like(lse))
     torch.library.opcheck(torch.ops.llava_fast.flash_attn_varlen_bwd.default, args)
-    torch.library.opcheck(torch.ops.llava_fast.flash_attn_varlen_bwd_atomic.default, args)
 
 
 def test_double_backward_is_refused(triton_path, device):

@@ -2,7 +2,7 @@
 fp32 reference.
 
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py) at tiny shapes: documents of 1-37 tokens,
-2-7 heads, with the interpreter's block sizes (fwd 32x16, dK/dV 16x32, dQ 32x16, atomic-dQ backward 16x32) so that
+2-7 heads, with the interpreter's block sizes (fwd 32x16, dK/dV 16x32, dQ 32x16) so that
 every document spans full blocks, masked blocks and ragged tails. bf16 is GPU-only: the Triton 3.8 interpreter
 computes bf16 tl.dot wrongly (checked: a plain 16x16 bf16 dot is off by 1e10), so CPU cases are fp32 and fp16.
 Full-size bf16/fp16 cases carry the ``cuda`` marker.
@@ -112,7 +112,7 @@ def test_fwd_bwd_vs_ref(case, device):
                                              ("exact", 40, (64, 16, False)), ("overlap", 40, (32, 16, True))])
 def test_head_dim_split_policies(monkeypatch, device, policy, d, chunks):
     """The head-dim splits (LLAVA_FAST_ATTN_SPLIT; the default "overlap" is what CASES above run: 72 -> 64 + [56, 72),
-    80 -> 64 + 16, 96 -> 64 + 32) compute the right thing, forward and backward, both backwards."""
+    80 -> 64 + 16, 96 -> 64 + 32) compute the right thing, forward and backward."""
     from llava_fast.ops.attention import _chunk1_start, _split_head_dim
 
     assert _split_head_dim(72) == (64, 16, True) and _chunk1_start(72, 64, 16, True) == 56
@@ -123,73 +123,10 @@ def test_head_dim_split_policies(monkeypatch, device, policy, d, chunks):
         assert _chunk1_start(d, *chunks) == d - 16
         _check_against_ref([5, 37, 1], [5, 37, 9], 6, 2, d, False, torch.float32, device, _run_function)
     _check_against_ref(DOCS, DOCS, 4, 2, d, True, torch.float32, device, _run_function)
-    monkeypatch.setenv("LLAVA_FAST_ATTN_BWD", "atomic")
     _check_against_ref(DOCS, DOCS, 4, 2, d, False, torch.float32, device, _run_function)
     monkeypatch.setenv("LLAVA_FAST_ATTN_SPLIT", "bogus")
     with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_SPLIT"):
         _split_head_dim(d)
-
-
-@pytest.mark.parametrize("case", ["mha-d64-causal", "gqa2-d72-causal", "sq<sk-gqa2-d64-causal",
-                                  "sq>sk-empty-docs-causal", "fp16-sq<sk-d128-causal"])
-def test_dkdv_one_loop_variant(monkeypatch, device, case):
-    """LLAVA_FAST_ATTN_DKDV_LOOPS=1 (opt-in): the causal dK/dV kernel walks all its query blocks in one loop with the
-    mask on the diagonal band only (fewer register spills in the sm_90 builds, benchmarks/aot_check.py); same
-    results as the two-loop default, bottom-right alignment, GQA and empty documents included."""
-    from llava_fast.ops.attention import _dkdv_one_loop
-
-    _check_switch_variant(monkeypatch, device, case, "LLAVA_FAST_ATTN_DKDV_LOOPS", "1", "3", _dkdv_one_loop)
-
-
-def _check_switch_variant(monkeypatch, device, case, var, on, bad, switch):
-    """An opt-in variant selected by environment variable `var`: `switch()` says it is on at `on`, the case matches
-    the reference through it, and a value the switch does not know (`bad`) is an error naming the variable."""
-    monkeypatch.setenv(var, on)
-    assert switch()
-    lens_q, lens_k, hq, hkv, d, causal, dtype = CASES[case]
-    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
-    monkeypatch.setenv(var, bad)
-    with pytest.raises(ValueError, match=var):
-        switch()
-
-
-@pytest.mark.parametrize("case", ["mha-d64-causal", "mqa7-d72", "sq<sk-gqa2-d64-causal", "sq>sk-empty-docs-causal",
-                                  "no-keys-doc", "fp16-sq<sk-d128-causal"])
-def test_lse_tma_variant(monkeypatch, device, case):
-    """LLAVA_FAST_ATTN_LSE_TMA=1 (opt-in): the dK/dV kernel reads lse and delta through (head, row) descriptors of a
-    copy where every document starts at a multiple of 4 rows, ending at the document's last row (rows past it read
-    0, which adds nothing because their q and dO rows are zero too). Same results as the pointer loads for
-    documents with no keys, no queries, Sq > Sk (lse = +inf rows next to the document end), GQA 7:1 and documents
-    whose lengths are not multiples of 4 (their padded starts differ from their starts)."""
-    from llava_fast.ops.attention import _use_lse_tma
-
-    _check_switch_variant(monkeypatch, device, case, "LLAVA_FAST_ATTN_LSE_TMA", "1", "yes", _use_lse_tma)
-
-
-@pytest.mark.parametrize("case", ["mha-d64-causal", "gqa2-d72", "mha-d80-causal", "sq<sk-gqa2-d64-causal",
-                                  "sq>sk-empty-docs-causal", "fp16-d72"])
-def test_tma_variant(monkeypatch, device, case):
-    """LLAVA_FAST_ATTN_TMA=1 (opt-in): the forward loads K/V, the dK/dV kernel q/dO, through TMA tensor descriptors
-    built per document (2-D per kv head and head-dim chunk; 3-D (token, head, dim) for q/dO); rows past a document
-    and columns past D come back as zeros from the copy engine. Same results as the pointer loads, forward and every
-    gradient (interpreter here; the cuda test at full size)."""
-    from llava_fast.ops.attention import _use_tma
-
-    monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "1")
-    lens_q, lens_k, hq, hkv, d, causal, dtype = CASES[case]
-    k = torch.empty(sum(lens_k), hkv, d, dtype=dtype)
-    assert _use_tma(k, k)
-    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
-    if d == 72:  # (default: chunk 1's descriptor starts 56 columns in) and as one 128-wide chunk, columns >= 72 zero
-        monkeypatch.setenv("LLAVA_FAST_ATTN_SPLIT", "exact")
-        _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
-    shifted = torch.empty(k.numel() + 1, dtype=dtype)[1:].view(k.shape)  # base pointer not 16-byte aligned
-    assert not _use_tma(shifted, shifted)
-    monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "0")
-    assert not _use_tma(k, k)
-    monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "yes")
-    with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_TMA"):
-        _use_tma(k, k)
 
 
 @pytest.mark.parametrize("case", ["mha-d64-causal", "sq>sk-empty-docs-causal", "fp16-d72"])
@@ -461,60 +398,12 @@ def test_cuda_docs_x_headdim(docs, d, causal):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("d", [64, 72, 80, 128])
-@pytest.mark.parametrize("causal", [False, True])
-def test_cuda_tma(monkeypatch, d, causal):
-    monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "1")
-    lens = GPU_DOCS["mix"]
-    _check_against_ref(lens, lens, 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("d", [64, 72, 128])
-@pytest.mark.parametrize("causal", [False, True])
-def test_cuda_lse_tma(monkeypatch, d, causal):
-    monkeypatch.setenv("LLAVA_FAST_ATTN_LSE_TMA", "1")
-    lens = GPU_DOCS["mix"]
-    _check_against_ref(lens, lens, 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
-    _check_against_ref([1, 5, 20], [3, 17, 37], 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("docs", ["97", "mix"])
-@pytest.mark.parametrize("d", [64, 72, 128])
-def test_cuda_dkdv_one_loop(monkeypatch, docs, d):
-    monkeypatch.setenv("LLAVA_FAST_ATTN_DKDV_LOOPS", "1")
-    lens = GPU_DOCS[docs]
-    _check_against_ref(lens, lens, 4, 2, d, True, torch.bfloat16, "cuda", _run_function)
-
-
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq, hkv", [(8, 8), (8, 4), (14, 2), (28, 4), (7, 1)])
 @pytest.mark.parametrize("d", [64, 72, 128])
 def test_cuda_gqa(dtype, hq, hkv, d):
     lens = [300, 1, 577, 97, 1500]
     _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
-
-
-@pytest.mark.parametrize("hq, hkv, d", [(4, 2, 64), (6, 1, 72), (4, 4, 64)])
-@pytest.mark.parametrize("causal", [False, True])
-def test_gqa_split_backward(monkeypatch, hq, hkv, d, causal, device):
-    """LLAVA_FAST_ATTN_GQA_SPLIT=1: the dK/dV kernel runs per query head on repeated K/V into fp32 partials summed per
-    kv head (attention._gqa_split); out, lse and every gradient pass the same rule as the default backward, uneven
-    documents and Sq != Sk included, and the split really ran (one program per query head) when hq > hkv."""
-    grids = []
-    real = attn_mod._launch
-
-    def spy(kind, fn, grid_of, args, constexprs, *rest):
-        if kind == "dkdv":
-            grids.append(grid_of(64, 64)[2])
-        return real(kind, fn, grid_of, args, constexprs, *rest)
-    monkeypatch.setattr(attn_mod, "_launch", spy)
-    monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", "1")
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    _check_against_ref([5, 40, 17], [9, 40, 30], hq, hkv, d, causal, dtype, device, _run_function)
-    assert grids == [hq]  # per query head (MHA: hq == hkv, the split is off and the grid is the same)
 
 
 @pytest.mark.parametrize("split, hq, hkv, d, parts", [("k2", 6, 2, 64, 2), ("k2", 7, 1, 72, 2), ("k7", 7, 1, 64, 7),
@@ -603,12 +492,12 @@ def test_gqa_split_setting():
         assert attn_mod._gqa_split(7) == ("kernel", 4) and attn_mod._gqa_split(1) == ("off", 1)
         os.environ["LLAVA_FAST_ATTN_GQA_SPLIT"] = ""   # empty, as unset (_ext.env_str)
         assert attn_mod._gqa_split(7) == ("kernel", 4)
-        for value, group, want in (("0", 7, ("off", 1)), ("1", 7, ("repeat", 7)), ("k4", 7, ("kernel", 4)),
-                                   ("k5", 7, ("kernel", 4)), ("k9", 7, ("kernel", 7)), ("K3", 6, ("kernel", 3)),
-                                   ("k4", 1, ("off", 1)), ("1", 1, ("off", 1))):
+        for value, group, want in (("0", 7, ("off", 1)), ("k4", 7, ("kernel", 4)), ("k5", 7, ("kernel", 4)),
+                                   ("k9", 7, ("kernel", 7)), ("K3", 6, ("kernel", 3)), ("k4", 1, ("off", 1)),
+                                   ("0", 1, ("off", 1))):
             os.environ["LLAVA_FAST_ATTN_GQA_SPLIT"] = value
             assert attn_mod._gqa_split(group) == want, value
-        for bad in ("2", "k", "k0", "kx", "yes"):
+        for bad in ("1", "2", "k", "k0", "kx", "yes"):  # "1": session 10's repeat split, removed in session 21
             os.environ["LLAVA_FAST_ATTN_GQA_SPLIT"] = bad
             with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_GQA_SPLIT"):
                 attn_mod._gqa_split(7)
@@ -646,11 +535,11 @@ def test_forward_config_for_short_documents(monkeypatch, device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq, hkv, d", [(14, 2, 64), (28, 4, 128), (16, 2, 72)])
 def test_cuda_gqa_split_backward(monkeypatch, dtype, hq, hkv, d):
-    """The opt-in GQA splits on the GPU (device_check runs the cuda-marked tests; the repeat and the kernel-side ones):
-    Qwen2-0.5B's and Qwen2-7B's head layouts and a D72 one, uneven causal documents, by the flash-attn rule."""
+    """The GQA splits on the GPU (device_check runs the cuda-marked tests): Qwen2-0.5B's and Qwen2-7B's head layouts
+    and a D72 one, uneven causal documents, by the flash-attn rule."""
     lens = [300, 1, 577, 97, 1500]
     monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "0")   # the splits alone, then with the heavy-first order
-    for split in ("0", "1", "k4", "k7"):
+    for split in ("0", "k4", "k7"):
         monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", split)
         _check_against_ref(lens, lens, hq, hkv, d, True, dtype, "cuda", _run_function)
     monkeypatch.setenv("LLAVA_FAST_ATTN_HEAVY_FIRST", "1")   # k7 with the heavy-first order
@@ -865,204 +754,6 @@ def test_cuda_seqused_k(dtype, d, nq):
     low = attention_ref(q, kf, vf, cu_q, cu_k, causal=True, upcast=False, seqused_k=seqused)
     assert_flash_rule(out, ref, low, name="out")
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Opt-in FA2-style backward: one kernel, 5 GEMMs per block pair, dQ accumulated with fp32 atomics
-# (set_backward_impl("atomic") / LLAVA_FAST_ATTN_BWD=atomic). tl.atomic_add runs under the interpreter on CPU tensors
-# (programs run one after another there, so the atomics are exercised for addressing and masking, not for races).
-# ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def atomic_bwd(monkeypatch):
-    """Select the atomic backward for one test, and count its launches."""
-    calls = []
-    real = attn_mod.flash_attn_varlen_bwd_atomic
-
-    def counting(*args):
-        calls.append(args[1].shape)
-        return real(*args)
-
-    monkeypatch.setattr(attn_mod, "flash_attn_varlen_bwd_atomic", counting)
-    monkeypatch.setattr(attn_mod, "_bwd_impl_override", None)
-    attn_mod.set_backward_impl("atomic")
-    yield calls
-    attn_mod.set_backward_impl(None)
-
-
-# name: (lens_q, lens_k, Hq, Hkv, D, causal, dtype): causal and not, GQA ratios 1/2/7, D 64/72/128, Sq < Sk,
-# Sq > Sk with rows that see no key, empty documents on both sides, a document without keys.
-ATOMIC_CASES = {
-    "mha-d64": (DOCS, DOCS, 4, 4, 64, False, torch.float32),
-    "mha-d64-causal": (DOCS, DOCS, 4, 4, 64, True, torch.float32),
-    "gqa2-d72": (DOCS, DOCS, 4, 2, 72, False, torch.float32),
-    "gqa2-d72-causal": (DOCS, DOCS, 4, 2, 72, True, torch.float32),
-    "mqa7-d64-causal": (DOCS, DOCS, 7, 1, 64, True, torch.float32),
-    "mqa7-d72": ([5, 33], [5, 33], 7, 1, 72, False, torch.float32),
-    "mha-d128-causal": (DOCS, DOCS, 2, 2, 128, True, torch.float32),
-    "sq<sk-gqa2-d64-causal": ([1, 5, 20], [3, 17, 37], 4, 2, 64, True, torch.float32),
-    "sq<sk-d128": ([1, 5, 20], [3, 17, 37], 2, 2, 128, False, torch.float32),
-    "sq>sk-empty-docs-causal": ([9, 0, 20, 3], [4, 3, 20, 0], 2, 1, 72, True, torch.float32),
-    "no-keys-doc": ([3, 17], [0, 17], 2, 2, 64, False, torch.float32),
-    "fp16-gqa2-d72-causal": (DOCS, DOCS, 4, 2, 72, True, torch.float16),
-}
-
-
-@pytest.mark.parametrize("case", list(ATOMIC_CASES))
-def test_atomic_bwd_vs_ref(case, atomic_bwd, device):
-    lens_q, lens_k, hq, hkv, d, causal, dtype = ATOMIC_CASES[case]
-    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
-    assert len(atomic_bwd) == 1, "the atomic backward did not run"
-
-
-@pytest.mark.parametrize("case", ["mqa7-d64-causal", "sq>sk-empty-docs-causal", "no-keys-doc",
-                                  "fp16-gqa2-d72-causal"])
-def test_atomic_bwd_lse_tma(case, atomic_bwd, device, monkeypatch):
-    """LLAVA_FAST_ATTN_LSE_TMA=1 with the atomic backward: its fused kernel reads lse and delta through the same
-    padded descriptors as the dK/dV kernel."""
-    monkeypatch.setenv("LLAVA_FAST_ATTN_LSE_TMA", "1")
-    lens_q, lens_k, hq, hkv, d, causal, dtype = ATOMIC_CASES[case]
-    _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
-    assert len(atomic_bwd) == 1, "the atomic backward did not run"
-
-
-def test_atomic_bwd_empty_rows_are_zero(atomic_bwd, device):
-    q, k, v, cu_q, cu_k = _make([6, 3], [2, 0], 2, 2, 72, torch.float32, device)
-    out, lse = _run_function(q, k, v, cu_q, cu_k, 6, 2, True)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-    # doc 0: rows 0..3 see no key; doc 1 has no keys at all
-    assert torch.equal(dq[:4], torch.zeros_like(dq[:4])) and torch.equal(dq[6:], torch.zeros_like(dq[6:]))
-    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
-    assert len(atomic_bwd) == 1
-
-
-def test_backward_selection(monkeypatch, device):
-    """Default: the atomic-free backward; LLAVA_FAST_ATTN_BWD=atomic (read at each call) or set_backward_impl select
-    the atomic one (set_backward_impl wins over the variable); deterministic=True never runs it."""
-    calls = []
-    real = attn_mod.flash_attn_varlen_bwd_atomic
-    monkeypatch.setattr(attn_mod, "flash_attn_varlen_bwd_atomic", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(attn_mod, "_bwd_impl_override", None)
-    monkeypatch.delenv("LLAVA_FAST_ATTN_BWD", raising=False)
-    q, k, v, cu_q, cu_k = _make([5, 11], [5, 11], 2, 1, 64, torch.float32, device)
-
-    def backward(deterministic):
-        out, _ = FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, 11, 11, 0.125, True, deterministic)
-        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-
-    ref = backward(False)
-    assert attn_mod.backward_impl() == "separate" and calls == []
-    monkeypatch.setenv("LLAVA_FAST_ATTN_BWD", "atomic")
-    assert attn_mod.backward_impl() == "atomic" and attn_mod.backward_impl(deterministic=True) == "separate"
-    grads = backward(False)
-    assert calls == [1]
-    for a, b in zip(grads, ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(backward(True), ref))  # deterministic: the separate kernels
-    assert calls == [1]
-    attn_mod.set_backward_impl("separate")  # the switch wins over the environment
-    try:
-        backward(False)
-        assert calls == [1]
-        monkeypatch.delenv("LLAVA_FAST_ATTN_BWD")
-        attn_mod.set_backward_impl("atomic")
-        backward(False)
-        assert calls == [1, 1]
-        # torch's global deterministic mode overrides the choice as deterministic=True does
-        was = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
-            assert attn_mod.backward_impl() == "separate"
-            assert all(torch.equal(a, b) for a, b in zip(backward(False), ref))
-            assert calls == [1, 1]
-        finally:
-            torch.use_deterministic_algorithms(was)
-        assert attn_mod.backward_impl() == "atomic"
-    finally:
-        attn_mod.set_backward_impl(None)
-    assert attn_mod.backward_impl() == "separate"
-    with pytest.raises(ValueError, match="set_backward_impl: impl must be one of"):
-        attn_mod.set_backward_impl("fast")
-    monkeypatch.setenv("LLAVA_FAST_ATTN_BWD", "fa3")
-    with pytest.raises(ValueError, match="LLAVA_FAST_ATTN_BWD='fa3'"):
-        attn_mod.backward_impl()
-
-
-def test_atomic_bwd_functional(force_triton, atomic_bwd, device):
-    """Through flash_attn_varlen_func with strided q/k/v views (one fused projection) and a transposed dout."""
-    lens, h, d = [5, 30], 2, 72
-    t = sum(lens)
-    qkv = torch.randn(t, 3 * h * d, device=device, requires_grad=True)
-    q, k, v = qkv.view(t, 3, h, d).unbind(1)
-    cu = _cu(lens, device)
-    dout = torch.randn(h, t, d, device=device).transpose(0, 1)
-    (g,) = torch.autograd.grad(flash_attn_varlen_func(q, k, v, cu, cu, 30, 30, causal=True), qkv, dout)
-    (rg,) = torch.autograd.grad(attention_ref(q, k, v, cu, cu, causal=True), qkv, dout)
-    assert_flash_rule(g, rg, rg, name="dqkv", atol=FP32_REL_ATOL * max(1.0, rg.abs().max().item()))
-    assert len(atomic_bwd) == 1
-
-
-def test_atomic_bwd_torch_compile_fullgraph(atomic_bwd, device):
-    """The selection inside the backward traces (aot_eager, fullgraph): the compiled graph calls the atomic op."""
-    q, k, v, cu_q, cu_k = _make([1, 17, 37], [1, 17, 37], 4, 2, 72, torch.float32, device)
-
-    def f(q, k, v):
-        out, _ = FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, 37, 37, 72 ** -0.5, True, False)
-        return out * 2.0
-
-    out_c = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
-    grads_c = torch.autograd.grad(out_c, (q, k, v), torch.ones_like(out_c))
-    assert len(atomic_bwd) == 1
-    out_e = f(q, k, v)
-    grads_e = torch.autograd.grad(out_e, (q, k, v), torch.ones_like(out_e))
-    for a, b in zip(grads_c, grads_e):  # the interpreter runs programs in order: the atomics add in one order
-        assert torch.equal(a, b)
-
-
-def test_atomic_bwd_opcheck(device):
-    q, k, v, cu_q, cu_k = _make([3, 17], [5, 17], 4, 2, 72, torch.float32, device)
-    q, k, v = q.detach(), k.detach(), v.detach()
-    out, lse = flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, 17, 17, 0.125, True)
-    bargs = (torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, 17, 17, 0.125, True)
-    torch.library.opcheck(torch.ops.llava_fast.flash_attn_varlen_bwd_atomic.default, bargs)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("hq, hkv, d, dtype", [(8, 8, 128, torch.bfloat16), (14, 2, 64, torch.bfloat16),
-                                               (7, 1, 72, torch.bfloat16), (16, 16, 72, torch.bfloat16),
-                                               (8, 2, 96, torch.bfloat16), (8, 2, 128, torch.float16)])
-@pytest.mark.parametrize("causal", [False, True])
-def test_cuda_atomic_bwd(hq, hkv, d, dtype, causal, atomic_bwd):
-    """Real sizes: the atomic backward passes the flash-attn rule against fp32, as the separate one does on the same
-    inputs (checked in the same test, so both variants are held to one standard)."""
-    lens = [1, 17, 300, 577, 1500, 729]
-    torch.manual_seed(1)
-    _check_against_ref(lens, lens, hq, hkv, d, causal, dtype, "cuda", _run_function)
-    assert len(atomic_bwd) == 1
-    attn_mod.set_backward_impl("separate")
-    torch.manual_seed(1)
-    _check_against_ref(lens, lens, hq, hkv, d, causal, dtype, "cuda", _run_function)
-    assert len(atomic_bwd) == 1
-
-
-@pytest.mark.cuda
-def test_cuda_atomic_bwd_sq_ne_sk_and_agreement(atomic_bwd):
-    """Sq < Sk and Sq > Sk (rows with no key), and the two backwards side by side on one problem: dK/dV agree to
-    bf16 rounding of the same fp32 sums, dQ to the order of the fp32 atomic additions (then bf16 rounding)."""
-    _check_against_ref([1, 64, 300, 577], [17, 700, 301, 2048], 8, 2, 128, True, torch.bfloat16, "cuda",
-                       _run_function)
-    _check_against_ref([700, 5], [300, 5], 4, 4, 72, True, torch.bfloat16, "cuda", _run_function)
-    lens = [577, 2048, 97]
-    q, k, v, cu_q, cu_k = _make(lens, lens, 16, 4, 128, torch.bfloat16, "cuda")
-    out, lse = flash_attn_varlen_fwd(q.detach(), k.detach(), v.detach(), cu_q, cu_k, 2048, 2048, 128 ** -0.5, True)
-    dout = torch.randn_like(out)
-    args = (dout, q.detach(), k.detach(), v.detach(), out, lse, cu_q, cu_k, 2048, 2048, 128 ** -0.5, True)
-    sep = flash_attn_varlen_bwd(*args)
-    ato = attn_mod.flash_attn_varlen_bwd_atomic(*args)
-    for name, a, b in zip(("dq", "dk", "dv"), ato, sep):
-        scale = b.float().abs().max().item()
-        err = (a.float() - b.float()).abs().max().item()
-        print(f"{name}: atomic vs separate max diff {err:.3e} (max |value| {scale:.3e})")
-        assert err <= 2 ** -6 * scale, f"{name}: the two backwards differ by {err:.3e} (max |value| {scale:.3e})"
 
 
 @pytest.mark.cuda
