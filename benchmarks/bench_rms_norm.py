@@ -96,6 +96,9 @@ def report(rows, copy_gbps, smoke, name="rms_norm") -> int:
     return 0
 
 
+QUICK_HELP = "8192 tokens only, fewer repetitions, no torch.compile baseline (add --compile)"
+
+
 def op_bench_setup(name: str, argv=None, quick_help: str = "fewer repetitions, no torch.compile baseline (add "
                    "--compile)", op: str | None = None):
     """The command line shared by the memory-bound op benches (--quick, --compile, --dtype, --smoke) and their set-up:
@@ -172,21 +175,11 @@ def activation_main(name: str, shapes, ours, ref, extra=None, argv=None) -> int:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions, no torch.compile "
-                                                         "baseline (add --compile)")
-    ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
-    args = ap.parse_args()
-    dev = "cpu" if args.smoke else "cuda"
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
-        import llava_fast
-        llava_fast.set_backend("rms_norm", "triton")
-    elif not torch.cuda.is_available():
-        print("bench_rms_norm: needs a CUDA GPU; nothing measured on this machine.")
+    b = op_bench_setup("rms_norm", quick_help=QUICK_HELP)
+    if b is None:
         return 0
+    args, dev, dtype, warmup, rep, with_compile, rows, copy_gbps = (b.args, b.dev, b.dtype, b.warmup, b.rep,
+                                                                    b.with_compile, b.rows, b.copy_gbps)
 
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -201,17 +194,12 @@ def main():
     except Exception:
         LigerFusedAddRMSNorm = None
 
-    dtype = getattr(torch, args.dtype)
-    warmup, rep = (3, 10) if args.quick else (10, 50)
     tokens = [8192] if args.quick else [8192, 16384]
     hiddens = [896, 3584, 4096]
     if args.smoke:
-        warmup, rep, tokens, hiddens = 1, 1, [16], [40]
+        tokens, hiddens = [16], [40]
     eps = 1e-6
-    with_compile = not args.quick or args.compile  # (on CPU, --smoke, "compile" is the eager code: a script check)
-    rows: list[Row] = []
-    copy_gbps = copy_bandwidth(rows, device=dev, numel=1 << (14 if args.smoke else 28))
-    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+    # (on CPU, --smoke, "compile" is the eager code: a script check)
 
     for m in tokens:
         for n in hiddens:

@@ -12,8 +12,6 @@ Run: ``python benchmarks/bench_swiglu.py [--quick [--compile]]`` (needs a CUDA G
 Results are saved after every shape, so a time limit keeps what was measured; a shape that raises is recorded as
 failed and the run goes on to the next.
 """
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rms_norm import _finish as _finish_common  # noqa: E402
-from bench_rms_norm import copy_bandwidth, measure, measure_modes, report  # noqa: E402
+from bench_rms_norm import QUICK_HELP, measure, measure_modes, op_bench_setup, report  # noqa: E402
 from bench_utils import Row, randn  # noqa: E402
 
 
@@ -30,21 +28,11 @@ def _finish(rows, copy_gbps, smoke):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="8192 tokens only, fewer repetitions, no torch.compile "
-                                                         "baseline (add --compile)")
-    ap.add_argument("--compile", action="store_true", help="with --quick: keep the torch.compile baseline")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--smoke", action="store_true", help="CPU check of this script (Triton interpreter, tiny sizes)")
-    args = ap.parse_args()
-    dev = "cpu" if args.smoke else "cuda"
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
-        import llava_fast
-        llava_fast.set_backend("swiglu", "triton")
-    elif not torch.cuda.is_available():
-        print("bench_swiglu: needs a CUDA GPU; nothing measured on this machine.")
+    b = op_bench_setup("swiglu", quick_help=QUICK_HELP)
+    if b is None:
         return 0
+    args, dev, dtype, warmup, rep, with_compile, rows, copy_gbps = (b.args, b.dev, b.dtype, b.warmup, b.rep,
+                                                                    b.with_compile, b.rows, b.copy_gbps)
 
     from llava_fast.ops.swiglu import swiglu
 
@@ -53,22 +41,16 @@ def main():
     except Exception:
         LigerSiLUMulFunction = None
 
-    dtype = getattr(torch, args.dtype)
-    warmup, rep = (3, 10) if args.quick else (10, 50)
     tokens = [8192] if args.quick else [8192, 16384]
     inters = [4864, 11008, 18944]
     if args.smoke:
-        warmup, rep, tokens, inters = 1, 1, [8], [100]
-    rows: list[Row] = []
-    copy_gbps = copy_bandwidth(rows, device=dev, numel=1 << (14 if args.smoke else 28))
-    print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
+        tokens, inters = [8], [100]
 
     def eager(a, b):
         return torch.nn.functional.silu(a) * b
 
     # Inductor compiles take tens of seconds per shape: --quick skips them (on CPU, --smoke, "compile" is the eager
     # code: a check of the script)
-    with_compile = not args.quick or args.compile
     compiled = torch.compile(eager, dynamic=False) if dev == "cuda" and with_compile else eager
     for t in tokens:
         for inter in inters:
