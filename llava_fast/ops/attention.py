@@ -59,6 +59,27 @@ except ImportError:  # pragma: no cover - non-Linux installs: the reference path
 backend.register_fast("attention", "triton")
 backend.register_fast("vision_attention", "triton")  # the vision towers' tiles (auto: SDPA, see backend.py)
 
+# Switches of variants removed in session 21 (measured no faster on H100/H200; docs/perf-notes.md, "Removed attention
+# variants"): a script that still sets one is told once, at import, that it has no effect.
+REMOVED_SWITCHES = ("LLAVA_FAST_ATTN_BWD", "LLAVA_FAST_ATTN_TMA", "LLAVA_FAST_ATTN_LSE_TMA",
+                    "LLAVA_FAST_ATTN_DKDV_LOOPS")
+
+
+def warn_removed_switches() -> list[str]:
+    """Warn about each removed switch that is set (no effect); returns their names."""
+    import os
+    import warnings
+
+    found = [k for k in REMOVED_SWITCHES if os.environ.get(k)]
+    for k in found:
+        warnings.warn(f"{k} is set but no longer has an effect: that attention variant was removed (measured no "
+                      f"faster than the default; docs/perf-notes.md, 'Removed attention variants'). Unset it.",
+                      stacklevel=2)
+    return found
+
+
+warn_removed_switches()
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
@@ -826,16 +847,17 @@ _HEAVY_FIRST_KV_BYTES = 16 << 20
 
 
 def _heavy_first(causal: bool, k: torch.Tensor, n_blocks: int) -> bool:
-    """``LLAVA_FAST_ATTN_HEAVY_FIRST=1`` (session 15; the default since session 17, ``0`` turns it off: on an H200
-    the OneVision-0.5B attention forward ran 0.336 -> 0.291 ms, 1.16x, the ``gqa`` op of device_check): the causal
+    """``LLAVA_FAST_ATTN_HEAVY_FIRST=1`` (session 15; the default since session 17, ``0`` turns it off: on an H200 the
+    OneVision-0.5B attention forward ran 0.336 -> 0.291 ms, 1.16x, the ``gqa`` op of device_check): the causal
     forward and dQ kernels launched query-block-major, (documents x Hq, query blocks) with the heaviest block first,
     so that every (document, head)'s heaviest programs start before any lighter one, instead of one (document,
-    head)'s blocks after another's (the other order keeps each one's K/V hot in L2 while its blocks run). A list-scheduling count
-    (benchmarks/dkdv_schedule.py's method) puts the default order at 0.80 of the machine for the OneVision forward
-    (two CTAs per SM, 1204 programs) against 0.96 longest first; 0.90 -> 0.99 at one CTA per SM (the dQ kernel);
-    causal 4k D128 0.97 -> 1.00; prefill 0.97 -> 1.00. Only where all K/V fit in L2 many times over (<= 16 MB:
-    GQA models such as Qwen2-0.5B, 5.6 MB for two 5453-token documents; MHA batches such as causal 4k D128, 268 MB,
-    would stream their K/V from DRAM once per query block), and for fewer than 65536 query blocks (grid axis 1)."""
+    head)'s blocks after another's (the other order keeps each one's K/V hot in L2 while its blocks run). A
+    list-scheduling count (benchmarks/dkdv_schedule.py's method) puts the default order at 0.80 of the machine for
+    the OneVision forward (two CTAs per SM, 1204 programs) against 0.96 longest first; 0.90 -> 0.99 at one CTA per
+    SM (the dQ kernel); causal 4k D128 0.97 -> 1.00; prefill 0.97 -> 1.00. Only where all K/V fit in L2 many times
+    over (<= 16 MB: GQA models such as Qwen2-0.5B, 5.6 MB for two 5453-token documents; MHA batches such as causal
+    4k D128, 268 MB, would stream their K/V from DRAM once per query block), and for fewer than 65536 query blocks
+    (grid axis 1)."""
     if not causal or _ext.env_choice("LLAVA_FAST_ATTN_HEAVY_FIRST", ("0", "1"), "1") == "0":
         return False
     return 2 * k.numel() * k.element_size() <= _HEAVY_FIRST_KV_BYTES and n_blocks <= 65535
