@@ -48,8 +48,7 @@ saves in the host-bound OneVision step); llava_fast_qgelu_ref: CLIP's QuickGELU 
 the Triton one (stage 1, prefill); llava_fast_triton_launch: every Triton kernel launched by Triton's own
 ``kernel[grid](...)`` instead of ``_ext.launch``'s direct path (LLAVA_FAST_DIRECT_LAUNCH=0); llava_fast_ln_triton: the
 vision towers' LayerNorm by the Triton kernels (ops/layer_norm.py, opt-in); llava_fast_bias_triton: the linears' bias
-gradients by ops/bias_grad.py's column-sum kernels (opt-in); llava_fast_fused_qkv: q, k and v as one GEMM over their
-concatenated weights (LLAVA_FAST_FUSED_QKV=1, opt-in); llava_fast_all_rows: the last decoder layer's output
+gradients by ops/bias_grad.py's column-sum kernels (opt-in); llava_fast_all_rows: the last decoder layer's output
 projection and MLP on every row (LLAVA_FAST_LAST_LAYER_ROWS=all) instead of only the rows whose next token is
 supervised (the default since session 16; the loss and gradients are the same); llava_fast_cutlass_attn: the language
 model's attention forward on CUTLASS's Hopper FMHA (LLAVA_FAST_ATTN_CUTLASS=1, opt-in; stage 1 only, where every
@@ -560,8 +559,6 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 "llava_fast_ln_triton": {"LLAVA_FAST_BACKEND_LAYER_NORM": "triton"},
                 # the linears' bias gradients by ops/bias_grad.py's kernels (session 14; auto keeps torch's sum)
                 "llava_fast_bias_triton": {"LLAVA_FAST_BACKEND_BIAS_GRAD": "triton"},
-                # q, k and v as one GEMM over their concatenated weights (act_linear.linears, session 14; opt-in)
-                "llava_fast_fused_qkv": {"LLAVA_FAST_FUSED_QKV": "1"},
                 # the last decoder layer on every row instead of the supervised ones only (session 16's default:
                 # models/llava.py _kept_rows); training workloads only (the prefill has no labels)
                 "llava_fast_all_rows": {"LLAVA_FAST_LAST_LAYER_ROWS": "all"},

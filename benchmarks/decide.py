@@ -380,8 +380,6 @@ def _model_rules(rows, label=""):
             ("llava_fast_bias_triton", ("ov_ft",), "bias-gradient kernels (opt-in) vs torch's sum",
              "make them the CUDA default (drop bias_grad from backend.AUTO_REFERENCE) if >= 1.01x (and "
              "tests/ops/test_bias_grad.py's cuda tests pass)"),
-            ("llava_fast_fused_qkv", ("stage1", "prefill", "ov_ft"), "q/k/v as one GEMM (opt-in) vs three",
-             "LLAVA_FAST_FUSED_QKV default '1' if >= 1.01x on stage 1 or prefill and not slower on ov_ft"),
             ("llava_fast_all_rows", ("stage1", "ov_ft"),
              "last layer on the supervised rows (default) vs every row",
              "keep the default if not slower (predicted 1.01-1.02x on stage 1 at full depth, less at 4 layers); else "
@@ -425,16 +423,14 @@ def _model_rules(rows, label=""):
                 continue
             x, how = _default_vs(ours, alt)
             if prov in ("llava_fast_gelu_triton", "llava_fast_ln_triton", "llava_fast_bias_triton",
-                        "llava_fast_sdpa_text", "llava_fast_fused_qkv", "llava_fast_cutlass_attn",
+                        "llava_fast_sdpa_text", "llava_fast_cutlass_attn",
                         "llava_fast_cudnn_text"):   # opt-in ones
                 x = 1 / x
                 bar = 1.005 if prov == "llava_fast_cutlass_attn" else \
-                    1.0 if (prov == "llava_fast_ln_triton" and mode != "ov_ft"
-                            or prov == "llava_fast_fused_qkv" and mode == "ov_ft") else 1.01
+                    1.0 if prov == "llava_fast_ln_triton" and mode != "ov_ft" else 1.01
                 verdict = "switch" if x >= bar else {"llava_fast_sdpa_text": "keep the Triton kernel",
                                                      "llava_fast_cudnn_text": "keep the Triton kernel",
-                                                     "llava_fast_cutlass_attn": "keep the Triton forward",
-                                                     "llava_fast_fused_qkv": "keep three GEMMs"}.get(prov,
+                                                     "llava_fast_cutlass_attn": "keep the Triton forward"}.get(prov,
                                                                                                      "keep torch's")
                 m = f"{x:.2f}x the default{how}"
             elif prov == "llava_fast_sdpa_cudnn" and mode == "ov_ft":
@@ -571,24 +567,6 @@ def activations(folder):
     return out
 
 
-def fused_linears(folder):
-    """bench_linears: q/k/v as one GEMM (cat + GEMM, what LLAVA_FAST_FUSED_QKV=1 runs) against three GEMMs."""
-    rows = load_rows(folder, "linears")
-    out = []
-    for label, mode in (("Llama-7B stage 1", "fwd"), ("Llama-7B stage 1", "dX"), ("Llama-7B prefill", "fwd"),
-                        ("CLIP-L stage 1", "fwd"), ("SigLIP OV", "fwd"), ("SigLIP OV", "dX"), ("Qwen2-0.5B OV", "fwd")):
-        q = f"q/k/v as one GEMM, {mode}, {label}"
-        ours, sep, skip = _pair(rows, "llava_fast_fused", "separate", label, mode, q)
-        if skip:
-            out.append(skip)
-            continue
-        x = sep["ms"] / ours["ms"]
-        out.append((q, f"{x:.2f}x three GEMMs ({ours['metric']:.0f} vs {sep['metric']:.0f} TFLOP/s)",
-                    ">= 1.03x at the Llama-7B shapes: worth the paired end-to-end row (llava_fast_fused_qkv)",
-                    "candidate" if x >= 1.03 else "no gain"))
-    return out
-
-
 def pack_copy(folder):
     """bench_pack_features: the forward kernel's COPY variant (session 16's default for plans without bilinear taps)
     against its general variant (``llava_fast_general``), by the kernels' graph time where both have it."""
@@ -618,7 +596,7 @@ def pack_copy(folder):
 
 
 RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model, host_bound, compiled,
-         rms_norm_bwd_tile, activations, fused_linears, pack_copy)
+         rms_norm_bwd_tile, activations, pack_copy)
 
 
 def decide(folder: str) -> list[tuple]:

@@ -4,8 +4,11 @@ Importing the package touches no GPU and needs no compiled extension; see :func:
 """
 __version__ = "0.1.0"
 
+from llava_fast import _ext  # noqa: E402
 from llava_fast.backend import get_backend, set_backend  # noqa: E402
 from llava_fast.envinfo import env  # noqa: E402
+
+_ext.warn_removed_switches()
 
 _LAZY = {
     "from_pretrained": "llava_fast.models",

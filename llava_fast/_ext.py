@@ -273,6 +273,29 @@ def env_str(name: str, default: str) -> str:
     return (getenv(name) or "").strip().lower() or default
 
 
+# Switches of variants removed in session 21, measured no faster than the defaults on H100/H200 (docs/perf-notes.md,
+# "Removed attention variants" and "q, k and v as one GEMM"): a script that still sets one is told, once at import of
+# the package, that it has no effect (instead of silently running the default).
+REMOVED_SWITCHES = {
+    "LLAVA_FAST_ATTN_BWD": "the atomic 5-GEMM attention backward",
+    "LLAVA_FAST_ATTN_TMA": "the attention kernels' TMA loads",
+    "LLAVA_FAST_ATTN_LSE_TMA": "the attention backward's lse/delta TMA loads",
+    "LLAVA_FAST_ATTN_DKDV_LOOPS": "the one-loop causal dK/dV kernel",
+    "LLAVA_FAST_FUSED_QKV": "q, k and v as one GEMM",
+}
+
+
+def warn_removed_switches() -> list[str]:
+    """Warn about each set switch of :data:`REMOVED_SWITCHES` (it has no effect); returns their names."""
+    import warnings
+
+    found = [k for k in REMOVED_SWITCHES if os.environ.get(k)]
+    for k in found:
+        warnings.warn(f"{k} is set but no longer has an effect: {REMOVED_SWITCHES[k]} was removed (measured no "
+                      f"faster than the default; docs/perf-notes.md). Unset it.", stacklevel=2)
+    return found
+
+
 def env_choice(name: str, choices: tuple, default: str) -> str:
     """:func:`env_str`, one of ``choices``; a ValueError naming the variable otherwise."""
     value = env_str(name, default)

@@ -29,6 +29,27 @@ def test_env_reports_everything():
     assert set(info["backends"]) >= {"attention", "projector", "rms_norm", "cross_entropy"}
 
 
+def test_removed_switches_warn_at_import(monkeypatch):
+    """The switches of the variants removed in session 21 warn when the package is imported instead of silently
+    running the default; nothing is said when none is set."""
+    import subprocess
+
+    from llava_fast import _ext
+
+    for k in _ext.REMOVED_SWITCHES:
+        monkeypatch.delenv(k, raising=False)
+    assert _ext.warn_removed_switches() == []
+    monkeypatch.setenv("LLAVA_FAST_ATTN_BWD", "atomic")
+    monkeypatch.setenv("LLAVA_FAST_FUSED_QKV", "1")
+    with pytest.warns(UserWarning) as rec:
+        assert _ext.warn_removed_switches() == ["LLAVA_FAST_ATTN_BWD", "LLAVA_FAST_FUSED_QKV"]
+    assert [str(w.message).split(" is set but no longer has an effect")[0] for w in rec] == \
+        ["LLAVA_FAST_ATTN_BWD", "LLAVA_FAST_FUSED_QKV"]
+    r = subprocess.run([sys.executable, "-c", "import llava_fast"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "LLAVA_FAST_ATTN_BWD is set but no longer has an effect" in r.stderr, r.stderr[-500:]
+    assert "LLAVA_FAST_FUSED_QKV is set" in r.stderr
+
+
 def test_env_lists_the_kernel_variant_overrides(monkeypatch):
     import llava_fast
 

@@ -219,11 +219,6 @@ def _linears_backward(weights, dys, a, a_shape, a_dtype, need_w, need_b, has_bia
     n = len(weights)
     dws, dbs, da = [None] * n, [None] * n, None
     a2 = a.detach().reshape(-1, a.shape[-1]) if a is not None else None
-    fused = (need_input and not autocast_on and all(dy is not None for dy in dys) and _fusable(weights))
-    if fused:
-        # LLAVA_FAST_FUSED_QKV=1: the input gradient as one GEMM over the concatenated output gradients and weights
-        # (K = N_q + N_k + N_v) instead of three chained ones; costs the copies of both
-        da = torch.cat([dy.reshape(-1, w.shape[0]) for dy, w in zip(dys, weights)], dim=1).mm(torch.cat(list(weights)))
     for i, (w, dy) in enumerate(zip(weights, dys)):
         if dy is None:  # this output was not used
             continue
@@ -233,7 +228,7 @@ def _linears_backward(weights, dys, a, a_shape, a_dtype, need_w, need_b, has_bia
             dws[i] = dy2.t().mm(a2)
         if need_b[i] and has_bias[i]:
             dbs[i] = bias_grad(dy2)   # ops/bias_grad.py: torch's sum unless backend "bias_grad" picks the kernel
-        if not need_input or fused:
+        if not need_input:
             continue
         if not autocast_on:
             # the linears' input gradients summed in the GEMM's epilogue: addmm is one launch and one pass over da
@@ -465,34 +460,11 @@ def _check_pairs(what: str, weights, biases) -> None:
         raise ValueError(f"{what}: {len(weights)} weights and {len(biases)} biases; give one bias (or None) per weight")
 
 
-def fused_qkv_enabled() -> bool:
-    """``LLAVA_FAST_FUSED_QKV=1`` (opt-in, read at each call; session 14, not yet measured on a GPU): :func:`linears`
-    runs three or more linears of one input (q, k and v) as one GEMM over their concatenated weights."""
-    return _ext.env_choice("LLAVA_FAST_FUSED_QKV", ("0", "1"), "0") == "1"
-
-
-def _fusable(weights) -> bool:
-    """:func:`linears`' condition on the weights: three or more of one dtype, device and input width, fusion on."""
-    return (len(weights) >= 3 and fused_qkv_enabled()
-            and all(w.dtype == weights[0].dtype and w.device == weights[0].device and w.dim() == 2
-                    and w.shape[1] == weights[0].shape[1] for w in weights))
-
-
 def linears(a: torch.Tensor, weights: Sequence[torch.Tensor],
             biases: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    """``tuple(F.linear(a, w, b) for w, b in zip(weights, biases))``. With :func:`fused_qkv_enabled`, three or more
-    linears of one input (q, k and v) run as one GEMM over the concatenated weights (``torch.cat``: one copy of the
-    weights per call, e.g. 96 MB for a Llama-7B layer, ~25 us on an H200) and return column slices of its output
-    (views: they cannot be modified in place). Why: the Llama-7B q/k/v GEMMs (N = K = 4096) ran at ~580 TFLOP/s in
-    session 14's H200 stage-1 profile where its N = 11008 ones ran above 800; one N = 12288 GEMM may run like the
-    latter. Rounding may differ from the three GEMMs'. In act_linear's backward the input gradient is then one GEMM
-    too (the output gradients and the weights concatenated: K = N_q + N_k + N_v, instead of three chained
-    ``addmm_``); the weight gradients stay three."""
-    if _fusable(weights) and (all(b is None for b in biases)
-                              or all(b is not None and b.dtype == biases[0].dtype for b in biases)):
-        w = torch.cat(list(weights))
-        b = None if biases[0] is None else torch.cat(list(biases))
-        return F.linear(a, w, b).split([t.shape[0] for t in weights], dim=-1)
+    """``tuple(F.linear(a, w, b) for w, b in zip(weights, biases))``. (Session 14's opt-in ``LLAVA_FAST_FUSED_QKV``,
+    q, k and v as one GEMM over concatenated weights, measured 0.97-1.01x end to end in four H200 runs and was
+    removed in session 21.)"""
     return tuple(F.linear(a, w, b) for w, b in zip(weights, biases))
 
 

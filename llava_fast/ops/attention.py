@@ -59,27 +59,6 @@ except ImportError:  # pragma: no cover - non-Linux installs: the reference path
 backend.register_fast("attention", "triton")
 backend.register_fast("vision_attention", "triton")  # the vision towers' tiles (auto: SDPA, see backend.py)
 
-# Switches of variants removed in session 21 (measured no faster on H100/H200; docs/perf-notes.md, "Removed attention
-# variants"): a script that still sets one is told once, at import, that it has no effect.
-REMOVED_SWITCHES = ("LLAVA_FAST_ATTN_BWD", "LLAVA_FAST_ATTN_TMA", "LLAVA_FAST_ATTN_LSE_TMA",
-                    "LLAVA_FAST_ATTN_DKDV_LOOPS")
-
-
-def warn_removed_switches() -> list[str]:
-    """Warn about each removed switch that is set (no effect); returns their names."""
-    import os
-    import warnings
-
-    found = [k for k in REMOVED_SWITCHES if os.environ.get(k)]
-    for k in found:
-        warnings.warn(f"{k} is set but no longer has an effect: that attention variant was removed (measured no "
-                      f"faster than the default; docs/perf-notes.md, 'Removed attention variants'). Unset it.",
-                      stacklevel=2)
-    return found
-
-
-warn_removed_switches()
-
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634

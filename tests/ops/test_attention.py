@@ -482,19 +482,6 @@ def test_heavy_first_only_where_kv_fits_in_l2(monkeypatch):
         attn_mod._heavy_first(True, k_small, 100)
 
 
-def test_removed_switches_warn(monkeypatch):
-    """The switches of the variants removed in session 21 warn (once, at import) instead of silently doing nothing."""
-    for k in attn_mod.REMOVED_SWITCHES:
-        monkeypatch.delenv(k, raising=False)
-    assert attn_mod.warn_removed_switches() == []
-    monkeypatch.setenv("LLAVA_FAST_ATTN_BWD", "atomic")
-    monkeypatch.setenv("LLAVA_FAST_ATTN_TMA", "1")
-    with pytest.warns(UserWarning) as rec:
-        assert attn_mod.warn_removed_switches() == ["LLAVA_FAST_ATTN_BWD", "LLAVA_FAST_ATTN_TMA"]
-    assert [str(w.message).split(" is set but no longer has an effect")[0] for w in rec] == \
-        ["LLAVA_FAST_ATTN_BWD", "LLAVA_FAST_ATTN_TMA"]
-
-
 def test_gqa_split_setting():
     """The switch's values: parts rounded so none is empty, MHA always off, "k4" by default (session 17), and a bad
     value names the variable."""
