@@ -33,6 +33,9 @@ def test_attention_kernels_compile_for_sm90_and_d72_is_pipelined(tmp_path):
                        timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads(out.read_text())
+    parts = [row for row in rows if row["op"] == "attention_parts"]  # the GQA split's partial sums (session 21)
+    assert len(parts) == 1 and parts[0]["ok"] and parts[0]["spill_stores"] == 0, parts
+    rows = [row for row in rows if row["op"] == "attention"]
     assert len(rows) == 6 and all(row["ok"] for row in rows), rows
     for row in rows:
         assert row["wgmma"], row  # Hopper tensor-core MMA

@@ -431,7 +431,7 @@ def test_gqa_kernel_split_backward(monkeypatch, split, hq, hkv, d, parts, causal
     _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
     if parts:  # "k1": the longest-first order alone, dK/dV written in place (no partials)
         total_k = sum(lens_k)
-        assert launches == [((3 * hkv * parts, 3), True, parts, total_k * hkv * d if parts > 1 else 0)]
+        assert launches == [((3 * hkv * parts, 3), True, parts, 2 * total_k * hkv * d if parts > 1 else 0)]
     else:
         assert launches == [((3, 3, hkv), False, None, 0)]
 
