@@ -463,7 +463,7 @@ def _check_pairs(what: str, weights, biases) -> None:
 def linears(a: torch.Tensor, weights: Sequence[torch.Tensor],
             biases: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     """``tuple(F.linear(a, w, b) for w, b in zip(weights, biases))``. (Session 14's opt-in ``LLAVA_FAST_FUSED_QKV``,
-    q, k and v as one GEMM over concatenated weights, measured 0.97-1.01x end to end in four H200 runs and was
+    q, k and v as one GEMM over concatenated weights, measured 0.97-1.01x end to end on the H200 in sessions 17-19, was
     removed in session 21.)"""
     return tuple(F.linear(a, w, b) for w, b in zip(weights, biases))
 
