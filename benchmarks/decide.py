@@ -595,8 +595,36 @@ def pack_copy(folder):
     return out or [("pack_features COPY variant", "not measured", "", "")]
 
 
+def gemm_padding(folder):
+    """bench_gemm: the prefill layer's seven forward GEMMs at the packed M against M rounded up (``layer_M<m>`` rows,
+    whole padded time): a padding that gains >= 3% is worth padding the model's packed sequence to; and the tuned
+    algorithm (``tunable``) against cuBLAS's default pick on the q/k/v/o shape."""
+    import re
+
+    rows = load_rows(folder, "gemm")
+    base = next((r for r in rows if r.get("provider") == "layer_exact" and r.get("ms")), None)
+    if base is None:
+        return [("GEMM rate against M (prefill layer)", "not measured", "", "")]
+    out = []
+    for r in rows:
+        if r.get("provider", "").startswith("layer_M") and r.get("ms") and r.get("shape") == base.get("shape"):
+            x = base["ms"] / r["ms"]
+            out.append((f"prefill layer GEMMs padded to M={r['provider'][7:]}", f"{x:.3f}x exact M",
+                        ">= 1.03x: pad packed sequences to that multiple (a trailing padding document; "
+                        "docs/perf-notes.md, 'GEMM rate against M')", "pad" if x >= 1.03 else "no padding"))
+    for r in rows:
+        if r.get("provider") == "tunable" and r.get("ms") and "q/k/v/o" in r.get("shape", ""):
+            m = re.match(r"([0-9.]+)x exact", r.get("note") or "")
+            if m:
+                x = float(m.group(1))
+                out.append((f"TunableOp vs cuBLAS's pick, {r['shape']} {r['mode']}", f"{x:.3f}x ({r['note']})",
+                            ">= 1.05x: cuBLAS's heuristic leaves that much; a tuned algorithm is worth wiring",
+                            "candidate" if x >= 1.05 else "keep cuBLAS's pick"))
+    return out
+
+
 RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model, host_bound, compiled,
-         rms_norm_bwd_tile, activations, pack_copy)
+         rms_norm_bwd_tile, activations, pack_copy, gemm_padding)
 
 
 def decide(folder: str) -> list[tuple]:

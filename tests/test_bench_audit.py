@@ -599,3 +599,34 @@ def test_targets_take_out_the_last_layer_rows():
     assert targets.split("prefill", None)["last_skipped"] == 0
     need = {r["workload"]: r["need"] for r in targets.rows()}
     assert round(need["stage1"]) == 604 and round(need["ov_ft"]) == 453
+
+
+def test_gemm_bench_smoke():
+    """bench_gemm.py --smoke (CPU, tiny shapes): every variant's row is printed and none failed."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gemm.py"), "--smoke"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for mode, prov in (("fwd", "exact"), ("fwd", "pad64"), ("fwd", "split2"), ("dgrad", "pad64"),
+                       ("wgrad", "exact"), ("fwd", "layer_exact"), ("fwd", "layer_M128")):
+        assert f"| {mode} | {prov} |" in r.stdout, (mode, prov, r.stdout)
+    assert "failed" not in r.stdout, r.stdout
+
+
+def test_decide_gemm_padding(tmp_path):
+    """decide.gemm_padding: a padded layer >= 3% faster than the exact M says "pad", less says "no padding"; a tuned
+    q/k/v/o algorithm >= 5% faster than cuBLAS's pick is a candidate."""
+    shape = "prefill NeXT-7B 8x2498 8 layers x 7 GEMMs"
+    rows = [dict(bench="gemm", provider="layer_exact", shape=shape, mode="fwd", ms=100.0),
+            dict(bench="gemm", provider="layer_M20096", shape=shape, mode="fwd", ms=98.5),
+            dict(bench="gemm", provider="layer_M20224", shape=shape, mode="fwd", ms=90.0),
+            dict(bench="gemm", provider="tunable", shape="prefill NeXT-7B 8x2498 q/k/v/o M=19984 N=4096 K=4096",
+                 mode="fwd", ms=1.0, note="1.210x exact; Gemm_Cublaslt_7")]
+    (tmp_path / "gemm-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = _decide(tmp_path)
+    assert got["prefill layer GEMMs padded to M=20096"][2] == "no padding"
+    m, _, d = got["prefill layer GEMMs padded to M=20224"]
+    assert d == "pad" and m.startswith("1.111x")
+    (q,) = [k for k in got if k.startswith("TunableOp vs cuBLAS's pick")]
+    assert got[q][2] == "candidate"

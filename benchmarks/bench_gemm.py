@@ -1,0 +1,204 @@
+"""cuBLAS's rate on the workloads' linear layers against the token count M: is padding a pack worth it?
+
+Why: session 19's H200 profiles (`benchmarks/results/profile_model-*-150343.md`) ran the same Llama-7B GEMMs at very
+different rates depending on M alone. The NeXT prefill's packed 8 x 2498 = 19984 tokens: q/k/v/o (N = K = 4096) at
+616 TFLOP/s (cuBLAS picked `nvjet_..._256x144_..._coopA`), gate/up at 701, down at 720; the stage-1 step's 16 x 640 =
+10240 tokens: the same three shapes at 785, 785 and 793 (`320x128 coopB`, `192x192`); the projector's 23040 tokens at
+N = K = 4096 ran 755. The LLM GEMMs are ~88% of the prefill's FLOPs at full depth: at stage 1's rates its step would
+be ~12% shorter, where its 1.4x target needs 1.6%. transformers runs the same GEMMs on the same M (no padding in the
+benchmark batch), so what is found here is ours alone. This bench asks which M cuBLAS runs well, before the model pads
+its packed sequence (a trailing padding document) to a multiple of some tile.
+
+Rows, per workload GEMM (bf16, ``torch.nn.functional.linear`` / ``mm`` as the model calls them) and per mode (``fwd``
+x @ W^T, ``dgrad`` dy @ W, ``wgrad`` dy^T @ x where the model trains that linear; ``--quick``: ``fwd`` only):
+- ``exact``: M as the workload has it;
+- ``padNNN``: M rounded up to a multiple of NNN (64, 128, 256, 512; ``--quick`` 128 and 256; one row per distinct
+  padded M, named by the smallest NNN giving it): the padded GEMM's whole time, so the padding's own cost is in it;
+- ``split2``: two launches over the two parts of M (the first rounded up to 256 rows), one output (``fwd`` only);
+- ``tunable``: torch's TunableOp (``torch.cuda.tunable``) tuned for the exact M: the best of cuBLASLt's heuristic
+  candidates where this torch registers them (torch 2.14 does on CUDA; older ones may only have "Default"); the
+  chosen algorithm in the note.
+The metric is **useful** TFLOP/s, 2 M N K over the exact M, so every variant is compared on the same work; each note
+gives the time relative to ``exact``. Timing: calls back to back between two events (``bench_utils.bench_loop``): a
+GEMM of 0.1-2 ms hides its launch. ``layer_exact`` / ``layer_M<m>`` rows: the prefill layer's seven forward GEMMs back
+to back, eight layers in a row, at the exact M and at each padded M: the same comparison under sustained load, where
+a power-limited clock would show (the SM clock after it is in the note where ``torch.cuda.clock_rate`` works).
+
+Decision (decide.py ``gemm_padding``; docs/perf-notes.md, "GEMM rate against M"): a padded M >= 3% faster on the
+prefill's layer rows is worth padding the model's packed sequences to that multiple (a trailing padding document,
+labels ignored; not built); a ``tunable`` row >= 5% faster than cuBLAS's pick makes a tuned algorithm worth wiring.
+
+Run: ``python benchmarks/bench_gemm.py [--quick]`` (needs a CUDA GPU; exits cleanly without one; ``--smoke``: the CPU
+check of this script at tiny sizes).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import Row, bench, randn, save, to_markdown  # noqa: E402
+
+# (workload, M, [(linear, N, K, modes)]): the LLM linears of bench_model's three workloads, and the vision towers'
+WORKLOADS = [
+    ("prefill NeXT-7B 8x2498", 19984, [("q/k/v/o", 4096, 4096, ("fwd",)), ("gate/up", 11008, 4096, ("fwd",)),
+                                       ("down", 4096, 11008, ("fwd",))]),
+    ("prefill CLIP-L 40x577", 23080, [("q/k/v/o", 1024, 1024, ("fwd",)), ("fc1", 4096, 1024, ("fwd",))]),
+    ("stage1 Llama-7B 16x640", 10240, [("q/k/v/o", 4096, 4096, ("fwd", "dgrad")),
+                                       ("gate/up", 11008, 4096, ("fwd", "dgrad"))]),
+    ("OV-0.5B Qwen2 2x5453", 10906, [("q/o", 896, 896, ("fwd", "dgrad", "wgrad")),
+                                     ("gate/up", 4864, 896, ("fwd", "dgrad", "wgrad")),
+                                     ("down", 896, 4864, ("fwd", "dgrad", "wgrad"))]),
+    ("OV-0.5B SigLIP 14x729", 10206, [("q/k/v/o", 1152, 1152, ("fwd", "dgrad", "wgrad")),
+                                      ("fc1", 4304, 1152, ("fwd", "dgrad", "wgrad"))]),
+]
+PADS = (64, 128, 256, 512)
+SMOKE = [("smoke", 100, [("lin", 48, 32, ("fwd", "dgrad", "wgrad"))])]
+
+
+def round_up(m: int, k: int) -> int:
+    return -(-m // k) * k
+
+
+def gemm_fn(mode: str, m: int, n: int, k: int, dev, dtype):
+    """A closure running one GEMM of ``mode`` at M = ``m`` (inputs allocated here)."""
+    if mode == "fwd":
+        x, w = randn(m, k, device=dev, dtype=dtype), randn(n, k, device=dev, dtype=dtype)
+        return lambda: F.linear(x, w)
+    if mode == "dgrad":
+        dy, w = randn(m, n, device=dev, dtype=dtype), randn(n, k, device=dev, dtype=dtype)
+        return lambda: torch.mm(dy, w)
+    dy, x = randn(m, n, device=dev, dtype=dtype), randn(m, k, device=dev, dtype=dtype)
+    return lambda: torch.mm(dy.t(), x)
+
+
+def split_fn(m: int, n: int, k: int, dev, dtype):
+    """``fwd`` as two launches over the two halves of M (the first rounded to 256 rows), into one output."""
+    x, w = randn(m, k, device=dev, dtype=dtype), randn(n, k, device=dev, dtype=dtype)
+    y = torch.empty(m, n, device=dev, dtype=dtype)
+    h = min(m, round_up(m // 2, 256))
+
+    def run():
+        torch.mm(x[:h], w.t(), out=y[:h])
+        torch.mm(x[h:], w.t(), out=y[h:])
+    return run
+
+
+def tunable_time(fn, warmup, rep):
+    """(stats, chosen algorithm) of ``fn`` with TunableOp tuning on, or (None, why) where this torch has none."""
+    tun = getattr(torch.cuda, "tunable", None)
+    if tun is None or not torch.cuda.is_available():
+        return None, "no torch.cuda.tunable"
+    before = set(map(tuple, tun.get_results())) if tun.is_enabled() else set()
+    tun.enable(True)
+    tun.tuning_enable(True)
+    tun.write_file_on_exit(False)
+    tun.set_max_tuning_duration(10)   # ms per candidate: a few seconds per shape at most
+    tun.set_max_tuning_iterations(20)
+    try:
+        fn()   # the first call tunes this shape
+        t = bench(fn, warmup, rep, timing="loop")
+        new = [r for r in map(tuple, tun.get_results()) if r not in before]
+    except Exception as e:  # a prototype feature: report, do not stop the run
+        return None, f"failed: {type(e).__name__}: {str(e)[:120]}"
+    finally:
+        tun.tuning_enable(False)
+        tun.enable(False)
+    return t, (", ".join(f"{r[2]}" for r in new[-1:]) or "no new result")
+
+
+def clock_note() -> str:
+    try:
+        return f"SM clock after: {torch.cuda.clock_rate()} MHz"
+    except Exception:  # needs pynvml; informative only
+        return ""
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, pads 128 and 256 only")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--smoke", action="store_true", help="CPU check of this script (tiny sizes)")
+    args = ap.parse_args(argv)
+    dev = "cpu" if args.smoke else "cuda"
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_gemm: needs a CUDA GPU; nothing measured on this machine.")
+        return 0
+    dtype = getattr(torch, args.dtype)
+    warmup, rep = (1, 2) if args.smoke else (3, 10) if args.quick else (5, 20)
+    pads = (64, 128) if args.smoke else (128, 256) if args.quick else PADS
+    rows: list[Row] = []
+    dname = str(dtype).split(".")[-1]
+
+    def add(shape, mode, provider, stats, m, n, k, base_ms=None, note=""):
+        ms = stats["ms"]
+        rel = [f"{base_ms / ms:.3f}x exact"] if base_ms else []
+        rows.append(Row(bench="gemm", provider=provider, shape=shape, dtype=dname, mode=mode, ms=ms,
+                        ms_p20=stats["ms_p20"], ms_p80=stats["ms_p80"], metric=2 * m * n * k / ms / 1e9,
+                        unit="TFLOP/s", note="; ".join(rel + [note] * bool(note)), timing=stats["timing"]))
+
+    timing = "loop" if dev == "cuda" else None
+
+    def one_gemm(shape, mode, m, n, k):
+        base = bench(gemm_fn(mode, m, n, k, dev, dtype), warmup, rep, timing=timing)
+        add(shape, mode, "exact", base, m, n, k)
+        for mp in sorted({round_up(m, p) for p in pads} - {m}):
+            t = bench(gemm_fn(mode, mp, n, k, dev, dtype), warmup, rep, timing=timing)
+            add(shape, mode, f"pad{min(p for p in pads if round_up(m, p) == mp)}", t, m, n, k, base["ms"], f"M={mp}")
+        if mode == "fwd":
+            add(shape, mode, "split2", bench(split_fn(m, n, k, dev, dtype), warmup, rep, timing=timing), m, n, k,
+                base["ms"])
+        if dev == "cuda":
+            t, algo = tunable_time(gemm_fn(mode, m, n, k, dev, dtype), warmup, rep)
+            if t is not None:
+                add(shape, mode, "tunable", t, m, n, k, base["ms"], algo)
+            else:
+                rows.append(Row(bench="gemm", provider="tunable", shape=shape, dtype=dname, mode=mode, note=algo))
+
+    def layer_rows(workload, m, linears):
+        """The workload's seven forward GEMMs of a layer, eight layers back to back: exact M against each padding."""
+        counts = {"q/k/v/o": 4, "gate/up": 2, "down": 1, "lin": 7}
+        flops = sum(counts[nm] * 2 * m * n * k for nm, n, k, _ in linears) * 8
+        base = None
+        for mp in sorted({m} | {round_up(m, p) for p in pads}):
+            fns = [gemm_fn("fwd", mp, n, k, dev, dtype) for nm, n, k, _ in linears for _ in range(counts[nm])]
+
+            def layers(fns=fns):
+                for _ in range(8):
+                    for f in fns:
+                        f()
+            t = bench(layers, warmup, rep, timing=timing)
+            base = base or t["ms"]
+            note = [f"{base / t['ms']:.3f}x exact"] if mp != m else []
+            rows.append(Row(bench="gemm", provider="layer_exact" if mp == m else f"layer_M{mp}",
+                            shape=f"{workload} 8 layers x 7 GEMMs", dtype=dname, mode="fwd", ms=t["ms"],
+                            ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=flops / t["ms"] / 1e9, unit="TFLOP/s",
+                            note="; ".join(note + ([clock_note()] if dev == "cuda" else [])), timing=t["timing"]))
+            del fns
+
+    for i, (workload, m, linears) in enumerate(SMOKE if args.smoke else WORKLOADS):
+        for name, n, k, modes in linears:
+            shape = f"{workload} {name} M={m} N={n} K={k}"
+            for mode in modes[:1] if args.quick else modes:
+                try:
+                    one_gemm(shape, mode, m, n, k)
+                except Exception as e:  # one shape failing must not stop the run
+                    rows.append(Row(bench="gemm", provider="exact", shape=shape, dtype=dname, mode=mode,
+                                    note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+            print(f"{shape}: done", flush=True)
+            if not args.smoke:
+                save(rows, "gemm")   # a step cut by its time limit keeps what it measured
+        if i == 0:   # the prefill's sustained rows next, before the other workloads
+            layer_rows(workload, m, linears)
+    print(to_markdown(rows))
+    if not args.smoke:
+        print(f"saved {save(rows, 'gemm')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
