@@ -52,7 +52,9 @@ gradients by ops/bias_grad.py's column-sum kernels (opt-in); llava_fast_all_rows
 projection and MLP on every row (LLAVA_FAST_LAST_LAYER_ROWS=all) instead of only the rows whose next token is
 supervised (the default since session 16; the loss and gradients are the same); llava_fast_cutlass_attn: the language
 model's attention forward on CUTLASS's Hopper FMHA (LLAVA_FAST_ATTN_CUTLASS=1, opt-in; stage 1 only, where every
-document has 640 tokens). Since session 14 every one of these A/B
+document has 640 tokens); llava_fast_pad256: the language model's tokens padded so that the linears' M is a multiple
+of 256 (LLAVA_FAST_PAD_TOKENS=256, opt-in since session 22; prefill and OneVision). Since session 14 every one of
+these A/B
 providers measured after llava_fast in a workload is timed in alternation with it (``paired``: A-B-B-A rounds,
 both models alive; the row's times are its paired steps', its peak memory that of its warm-up steps less the default
 model's resident memory), and decide.py judges the paired ratio: blocks timed one after another drifted by up to 35%
@@ -512,6 +514,7 @@ PROVIDER_WORKLOADS = {
     "llava_fast_all_rows": (("ov_ft", "stage1", "mixed"), "a prefill has no labels (every row is computed anyway)"),
     "llava_fast_cutlass_attn": (("stage1",), "the CUTLASS forward takes one-length MHA documents of a multiple of 8 "
                                              "tokens: stage 1 only"),
+    "llava_fast_pad256": (("prefill", "ov_ft"), "16 x 640 = 10240 tokens: already a multiple of 256"),
 }
 
 
@@ -565,7 +568,10 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the language model's attention forward on CUTLASS's Hopper FMHA (opt-in since session 7; 1.18x the
                 # Triton forward at causal 4k on the H200): documents of one length, a multiple of 8, MHA: stage 1
                 # (16 x 640); the prefill's 2498 is not a multiple of 8 (falls back), OneVision is GQA
-                "llava_fast_cutlass_attn": {"LLAVA_FAST_ATTN_CUTLASS": "1"}}
+                "llava_fast_cutlass_attn": {"LLAVA_FAST_ATTN_CUTLASS": "1"},
+                # the language model's tokens padded so that the linears' M is a multiple of 256 (session 22, opt-in;
+                # models/language.token_padding): prefill 8 x 2498 -> 8 x 2528, OneVision 10906 -> 11008
+                "llava_fast_pad256": {"LLAVA_FAST_PAD_TOKENS": "256"}}
 
 
 def _reset_env_caches() -> None:

@@ -416,7 +416,13 @@ def _model_rules(rows, label=""):
              "LLAVA_FAST_RECOMPUTE_ACT default '1' (act_linear.recompute_enabled)"),
             ("llava_fast_triton_text", ("prefill",),
              "attention by SDPA (default for no-grad one-length documents) vs Triton",
-             "keep the default if not slower; else the 'auto' rule (dispatch._use_sdpa) drops no-grad forwards")):
+             "keep the default if not slower; else the 'auto' rule (dispatch._use_sdpa) drops no-grad forwards"),
+            # session 22: the language model's tokens padded to a multiple of 256 (opt-in LLAVA_FAST_PAD_TOKENS)
+            ("llava_fast_pad256", ("prefill", "ov_ft"),
+             "tokens padded to a multiple of 256 (opt-in) vs the exact count",
+             "LLAVA_FAST_PAD_TOKENS default '256' if >= 1.02x on the prefill and not slower on ov_ft (bench_gemm's "
+             "layer rows say why; predicted 1.05-1.10x on the prefill at 4 layers if cuBLAS's pick at M = 19984 is "
+             "the cause, ~0.99x if not)")):
         for mode in mode_list:
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
             if not (ours and alt):
@@ -424,12 +430,14 @@ def _model_rules(rows, label=""):
             x, how = _default_vs(ours, alt)
             if prov in ("llava_fast_gelu_triton", "llava_fast_ln_triton", "llava_fast_bias_triton",
                         "llava_fast_sdpa_text", "llava_fast_cutlass_attn",
-                        "llava_fast_cudnn_text"):   # opt-in ones
+                        "llava_fast_cudnn_text", "llava_fast_pad256"):   # opt-in ones
                 x = 1 / x
                 bar = 1.005 if prov == "llava_fast_cutlass_attn" else \
-                    1.0 if prov == "llava_fast_ln_triton" and mode != "ov_ft" else 1.01
+                    1.0 if prov in ("llava_fast_ln_triton", "llava_fast_pad256") and mode == "ov_ft" else \
+                    1.02 if prov == "llava_fast_pad256" else 1.0 if prov == "llava_fast_ln_triton" else 1.01
                 verdict = "switch" if x >= bar else {"llava_fast_sdpa_text": "keep the Triton kernel",
                                                      "llava_fast_cudnn_text": "keep the Triton kernel",
+                                                     "llava_fast_pad256": "no padding",
                                                      "llava_fast_cutlass_attn": "keep the Triton forward"}.get(prov,
                                                                                                      "keep torch's")
                 m = f"{x:.2f}x the default{how}"

@@ -78,11 +78,12 @@ def _sdpa_attention():
     def vision(q, k, v, scale):
         return sdpa(q, k, v, scale=scale)
 
-    def text(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk=None, head_dim=None, kv_cache=None):
+    def text(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk=None, head_dim=None, kv_cache=None,
+             **kw):
         if attention_mask is None and cu_seqlens is None and kv_cache is None and (lk is None or lk == n):
             return lambda q, k, v, scale: sdpa(q, k, v, is_causal=True, scale=scale,
                                                enable_gqa=k.shape[1] != q.shape[1])
-        return orig_t(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk, head_dim, kv_cache)
+        return orig_t(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk, head_dim, kv_cache, **kw)
 
     dispatch.vision_attention, dispatch.text_attention = vision, text
 

@@ -630,3 +630,18 @@ def test_decide_gemm_padding(tmp_path):
     assert d == "pad" and m.startswith("1.111x")
     (q,) = [k for k in got if k.startswith("TunableOp vs cuBLAS's pick")]
     assert got[q][2] == "candidate"
+
+
+def test_decide_pad256_rule(tmp_path):
+    """llava_fast_pad256 (opt-in): default at >= 1.02x on the prefill, and not slower on OneVision."""
+    rows = []
+    for mode, shape, alt_ms in (("prefill", "NeXT-7B prefill 8x2498 (4 LLM layers)", 95.0),
+                                ("ov_ft", "OV-0.5B full FT 2x5453 (4 LLM layers)", 101.0)):
+        rows += [dict(bench="model", provider="llava_fast", shape=shape, mode=mode, ms=100.0, metric=10.0),
+                 dict(bench="model", provider="llava_fast_pad256", shape=shape, mode=mode, ms=alt_ms,
+                      metric=1e3 / alt_ms, paired={"rounds": 5, "ratio": alt_ms / 100.0, "ctl_ms": 100.0,
+                                                   "alt_ms": alt_ms})]
+    (tmp_path / "bench_model-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = _decide(tmp_path)
+    assert got["tokens padded to a multiple of 256 (opt-in) vs the exact count, prefill"][2] == "switch"
+    assert got["tokens padded to a multiple of 256 (opt-in) vs the exact count, ov_ft"][2] == "no padding"

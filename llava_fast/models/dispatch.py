@@ -187,19 +187,27 @@ def _unfold(o):
     return o.transpose(0, 1).flatten(1, 2)[None]
 
 
-def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device):
+def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device, pad_doc: int = 0):
     """attn(q, k, v, scale) for a packed causal sequence (q (1, H, T, D), k/v (1, Hkv, T, D)) through SDPA on a
     right-padded (docs, max_seqlen) batch: each document's tokens scattered to row d, SDPA causal (a document's
     queries never see the padding, which comes after its keys), the outputs gathered back. No host sync (the token ->
     (document, position) map is built on the device). Opt-in with LLAVA_FAST_TEXT_ATTENTION=sdpa: on an H200 the
     padded cuDNN batch ran 284 useful TFLOP/s fwd+bwd on 8 documents of 600-3500 tokens where the Triton varlen kernel
     ran 204 (benchmarks/results, run 3; cuDNN runs only where no backward follows: :func:`_sdpa_backends`). Also the
-    default for inference over one-length documents (:func:`text_attention_choice`)."""
+    default for inference over one-length documents (:func:`text_attention_choice`). ``pad_doc``: the last document
+    is ``pad_doc`` padding tokens (``language.pad_tokens``): with the others all of one length, they run as that batch
+    and the padding's outputs are zeros."""
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     docs = cu.numel() - 1
 
     def attn(q, k, v, scale):
         t = q.shape[2]
+        if pad_doc and t != docs * int(max_seqlen) and t - pad_doc == (docs - 1) * int(max_seqlen):
+            with _sdpa_backends(q, k, v):
+                o = F.scaled_dot_product_attention(*(_fold(x[:, :, :t - pad_doc], docs - 1, int(max_seqlen))
+                                                     for x in (q, k, v)),
+                                                   is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+            return F.pad(_unfold(o), (0, 0, 0, pad_doc))
         if t == docs * int(max_seqlen):
             # every document has the maximum length (each is at most that long): the packed sequence is already a
             # (docs, max_seqlen) batch, a view; no scatter, no gather (the OneVision benchmark's two documents)
@@ -253,10 +261,12 @@ def dense_sdpa_attention():
 
 
 def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, lk=None, head_dim=None,
-                   kv_cache=None):
+                   kv_cache=None, pad_doc: int = 0):
     """Returns attn(q, k, v, scale) for one forward of the language model; q (B, H, L, D), k/v (B, Hkv, Lk, D).
     ``lk`` > ``n`` when a KV cache holds earlier tokens (causal mask aligned bottom-right). With ``kv_cache`` (a
-    ``VarlenKVCache`` planned for this forward) see :func:`varlen_cache_attention`."""
+    ``VarlenKVCache`` planned for this forward) see :func:`varlen_cache_attention`. ``pad_doc``: the packed
+    sequence's last document is that many padding tokens (``language.pad_tokens``), not counted when asking whether
+    the documents have one length."""
     if kv_cache is not None:
         return varlen_cache_attention(kv_cache.plan, dtype, device, head_dim)
     lk = n if lk is None else lk
@@ -270,8 +280,9 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
         ms = int(max_seqlen) if max_seqlen is not None else n
         docs = cu_seqlens.numel() - 1
         equal = n == docs * ms                                  # every document has the longest length
-        if _use_sdpa(choice, fast is not None, dtype, device, equal):
-            return packed_sdpa_attention(cu_seqlens, ms, device)
+        real_equal = equal or (pad_doc and n - pad_doc == (docs - 1) * ms)    # the same, the padding aside
+        if _use_sdpa(choice, fast is not None, dtype, device, real_equal):
+            return packed_sdpa_attention(cu_seqlens, ms, device, pad_doc)
         if fast is not None:
             def attn(q, k, v, scale):
                 q, k, v = _same_dtype(q, k, v)

@@ -5,6 +5,8 @@ per-sample ``position_ids``) where each sample attends only to itself.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -328,6 +330,11 @@ class LanguageModel(nn.Module):
             position_ids = position_ids.expand(b, n)
         if fused_rope and not position_ids.is_contiguous():
             position_ids = position_ids.contiguous()  # once here, not in every layer's RoPE forward and backward
+        n_real, pad = n, token_padding(b, n, cu_seqlens, attention_mask, cache)
+        if pad:   # LLAVA_FAST_PAD_TOKENS: the GEMMs' M = b * n rounded up (docs/perf-notes.md, "GEMM rate against M")
+            inputs_embeds, position_ids, cu_seqlens, max_seqlen, rows = pad_tokens(
+                inputs_embeds, position_ids, cu_seqlens, max_seqlen, rows, pad)
+            n = inputs_embeds.shape[1]
         cos, sin = (None, None) if fused_rope else self.rotary_emb(position_ids, inputs_embeds.dtype)
         varlen = isinstance(cache, VarlenKVCache)
         if varlen:
@@ -341,7 +348,7 @@ class LanguageModel(nn.Module):
         lk = n + (cache.length if cache is not None and not varlen else 0)
         attn = dispatch.text_attention(b, n, inputs_embeds.dtype, inputs_embeds.device, attention_mask, cu_seqlens,
                                        max_seqlen, lk=lk, head_dim=self.cfg.head_dim,
-                                       kv_cache=cache if varlen else None)
+                                       kv_cache=cache if varlen else None, pad_doc=pad if cu_seqlens is not None else 0)
         x, pending = inputs_embeds, None
         # checkpointed layers keep only their input: deferring the residual add would double what they keep
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
@@ -374,9 +381,53 @@ class LanguageModel(nn.Module):
             x = select_rows(x, rows)
         if varlen:
             cache.end()
+        if pad and rows is None:   # the padding's rows dropped before the final norm
+            x = x[:, :n_real]
+            pending = None if pending is None else pending[:, :n_real]
         if pending is None:
             return self.norm(x)
         return final_norm(self.norm, x, pending)
+
+
+def token_padding(b: int, n: int, cu_seqlens, attention_mask, cache) -> int:
+    """Tokens to append (``LLAVA_FAST_PAD_TOKENS=P``, default 0: none) so that the linears' M = ``b * n`` becomes a
+    multiple of P: the packed form gets a trailing padding document of that many tokens, an unmasked padded batch
+    that many more positions per sequence (causal: no real token sees them). Not with an attention mask or a KV cache.
+    Why: cuBLAS ran the NeXT prefill's GEMMs at M = 19984 at 616-720 TFLOP/s where stage 1's M = 10240 ran 785-793
+    (H200, session 19; docs/perf-notes.md, "GEMM rate against M"); opt-in until ``bench_gemm.py`` and bench_model's
+    ``llava_fast_pad256`` row measure it."""
+    from llava_fast import _ext
+
+    raw = _ext.env_str("LLAVA_FAST_PAD_TOKENS", "0")
+    if not raw.isdigit():
+        raise ValueError(f"LLAVA_FAST_PAD_TOKENS={raw!r}: must be a whole number of tokens (0: no padding)")
+    mult = int(raw)
+    if mult <= 1 or cache is not None or attention_mask is not None:
+        return 0
+    if cu_seqlens is not None:
+        return -n % mult
+    step = mult // math.gcd(mult, b)   # b * (n + pad) is a multiple of mult
+    return -n % step
+
+
+def pad_tokens(x, position_ids, cu_seqlens, max_seqlen, rows, pad: int):
+    """``pad`` more tokens (:func:`token_padding`): zero embeddings (finite through every layer: a zero row's RMSNorm
+    is zero, and a non-finite padding row would reach the weight gradients through ``dy^T x`` even with ``dy = 0``),
+    positions that go on from each sequence's last (the packed form: ``0..pad-1``, a document of their own), and
+    ``rows`` (flattened ``b * n`` indices) moved to the longer rows. Everything on the device: no upload, no sync."""
+    b, n = x.shape[:2]
+    x = F.pad(x, (0, 0, 0, pad))
+    if cu_seqlens is not None:
+        position_ids = torch.cat([position_ids, torch.arange(pad, device=position_ids.device,
+                                                             dtype=position_ids.dtype)[None]], 1)
+        cu_seqlens = F.pad(cu_seqlens, (0, 1), value=n + pad)
+        max_seqlen = max(int(max_seqlen) if max_seqlen is not None else n, pad)
+    else:
+        more = torch.arange(1, pad + 1, device=position_ids.device, dtype=position_ids.dtype)
+        position_ids = torch.cat([position_ids, position_ids[:, -1:] + more], 1)
+        if rows is not None and b > 1:
+            rows = rows // n * (n + pad) + rows % n
+    return x, position_ids, cu_seqlens, max_seqlen, rows
 
 
 def _plain_layer(layer) -> bool:
