@@ -1,13 +1,14 @@
-"""cuBLAS's rate on the workloads' linear layers against the token count M: is padding a pack worth it?
+"""cuBLAS's rate on the workloads' linear layers: against the token count M, and under a sustained load.
 
 Why: session 19's H200 profiles (`benchmarks/results/profile_model-*-150343.md`) ran the same Llama-7B GEMMs at very
-different rates depending on M alone. The NeXT prefill's packed 8 x 2498 = 19984 tokens: q/k/v/o (N = K = 4096) at
-616 TFLOP/s (cuBLAS picked `nvjet_..._256x144_..._coopA`), gate/up at 701, down at 720; the stage-1 step's 16 x 640 =
-10240 tokens: the same three shapes at 785, 785 and 793 (`320x128 coopB`, `192x192`); the projector's 23040 tokens at
-N = K = 4096 ran 755. The LLM GEMMs are ~88% of the prefill's FLOPs at full depth: at stage 1's rates its step would
-be ~12% shorter, where its 1.4x target needs 1.6%. transformers runs the same GEMMs on the same M (no padding in the
-benchmark batch), so what is found here is ours alone. This bench asks which M cuBLAS runs well, before the model pads
-its packed sequence (a trailing padding document) to a multiple of some tile.
+different rates. The NeXT prefill's packed 8 x 2498 = 19984 tokens: q/k/v/o (N = K = 4096) at 616 TFLOP/s (cuBLAS
+picked `nvjet_..._256x144_..._coopA`), gate/up at 701, down at 720; the stage-1 step's 16 x 640 = 10240 tokens: the
+same three shapes at 785, 785 and 793 (`320x128 coopB`, `192x192`). Two explanations (docs/perf-notes.md, "GEMM rate
+against M"): cuBLAS's pick for that M, which padding the tokens to a multiple of 256 would fix (the opt-in
+``LLAVA_FAST_PAD_TOKENS``); or a power-limited clock under long GEMM stretches, which stage 1's full-depth step
+suggests (14.45 ms per extra layer against 12.1 ms of its 4-layer kernels: ~650 TFLOP/s instead of 785) and no
+padding fixes. transformers runs the same GEMMs on the same M, so either way what is found is about the bound both
+run into.
 
 Rows, per workload GEMM (bf16, ``torch.nn.functional.linear`` / ``mm`` as the model calls them) and per mode (``fwd``
 x @ W^T, ``dgrad`` dy @ W, ``wgrad`` dy^T @ x where the model trains that linear; ``--quick``: ``fwd`` only):
@@ -20,19 +21,24 @@ x @ W^T, ``dgrad`` dy @ W, ``wgrad`` dy^T @ x where the model trains that linear
   chosen algorithm in the note.
 The metric is **useful** TFLOP/s, 2 M N K over the exact M, so every variant is compared on the same work; each note
 gives the time relative to ``exact``. Timing: calls back to back between two events (``bench_utils.bench_loop``): a
-GEMM of 0.1-2 ms hides its launch. ``layer_exact`` / ``layer_M<m>`` rows: the prefill layer's seven forward GEMMs back
-to back, eight layers in a row, at the exact M and at each padded M: the same comparison under sustained load, where
-a power-limited clock would show (the SM clock after it is in the note where ``torch.cuda.clock_rate`` works).
+GEMM of 0.1-2 ms hides its launch. Sustained rows (``layer_exact`` / ``layer_M<m>``): 32 layers' worth of GEMMs back to
+back (the prefill's seven forward GEMMs per layer at the exact M and at each padded M; stage 1's seven forward and
+seven input-gradient GEMMs at its M), with ``nvidia-smi`` polled meanwhile (:class:`ClockSampler`: the SM clock's
+minimum and median against its maximum, the median power). Under a power limit these run below the one-at-a-time rows,
+at a lowered clock, whatever the M.
 
 Decision (decide.py ``gemm_padding``; docs/perf-notes.md, "GEMM rate against M"): a padded M >= 3% faster on the
-prefill's layer rows is worth padding the model's packed sequences to that multiple (a trailing padding document,
-labels ignored; not built); a ``tunable`` row >= 5% faster than cuBLAS's pick makes a tuned algorithm worth wiring.
+prefill's sustained rows makes ``LLAVA_FAST_PAD_TOKENS`` worth a default (bench_model's paired ``llava_fast_pad256``
+row has the last word); a ``tunable`` row >= 5% faster than cuBLAS's pick makes a tuned algorithm worth wiring.
 
 Run: ``python benchmarks/bench_gemm.py [--quick]`` (needs a CUDA GPU; exits cleanly without one; ``--smoke``: the CPU
 check of this script at tiny sizes).
 """
 import argparse
+import shutil
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -47,7 +53,8 @@ WORKLOADS = [
                                        ("down", 4096, 11008, ("fwd",))]),
     ("prefill CLIP-L 40x577", 23080, [("q/k/v/o", 1024, 1024, ("fwd",)), ("fc1", 4096, 1024, ("fwd",))]),
     ("stage1 Llama-7B 16x640", 10240, [("q/k/v/o", 4096, 4096, ("fwd", "dgrad")),
-                                       ("gate/up", 11008, 4096, ("fwd", "dgrad"))]),
+                                       ("gate/up", 11008, 4096, ("fwd", "dgrad")),
+                                       ("down", 4096, 11008, ("fwd", "dgrad"))]),
     ("OV-0.5B Qwen2 2x5453", 10906, [("q/o", 896, 896, ("fwd", "dgrad", "wgrad")),
                                      ("gate/up", 4864, 896, ("fwd", "dgrad", "wgrad")),
                                      ("down", 896, 4864, ("fwd", "dgrad", "wgrad"))]),
@@ -55,7 +62,8 @@ WORKLOADS = [
                                       ("fc1", 4304, 1152, ("fwd", "dgrad", "wgrad"))]),
 ]
 PADS = (64, 128, 256, 512)
-SMOKE = [("smoke", 100, [("lin", 48, 32, ("fwd", "dgrad", "wgrad"))])]
+SMOKE = [("smoke", 100, [("lin", 48, 32, ("fwd", "dgrad", "wgrad"))]),
+         ("stage1 smoke", 64, [("lin", 16, 32, ("fwd",))])]
 
 
 def round_up(m: int, k: int) -> int:
@@ -109,11 +117,46 @@ def tunable_time(fn, warmup, rep):
     return t, (", ".join(f"{r[2]}" for r in new[-1:]) or "no new result")
 
 
-def clock_note() -> str:
-    try:
-        return f"SM clock after: {torch.cuda.clock_rate()} MHz"
-    except Exception:  # needs pynvml; informative only
-        return ""
+class ClockSampler:
+    """``nvidia-smi`` polled on a thread while the block runs: the SM clock and the board power, and the clock's
+    maximum, so a power- or heat-limited GEMM rate shows as a low clock. Informative only: without nvidia-smi (or on
+    the CPU) the note is empty."""
+
+    QUERY = "--query-gpu=clocks.sm,power.draw,clocks.max.sm"
+
+    def __init__(self, enabled: bool, period_s: float = 0.05):
+        self.enabled, self.period, self.samples = enabled and shutil.which("nvidia-smi") is not None, period_s, []
+
+    def _poll(self, idx: str):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", self.QUERY, "--format=csv,noheader,nounits", "-i", idx],
+                                     capture_output=True, text=True, timeout=5).stdout
+                self.samples.append(tuple(float(v) for v in out.strip().split(",")))
+            except Exception:  # a malformed line or a slow call: skip the sample
+                pass
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        if self.enabled:
+            idx = str(torch.cuda.current_device()) if torch.cuda.is_available() else "0"
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, args=(idx,), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._stop.set()
+            self._thread.join(timeout=10)
+
+    def note(self) -> str:
+        if not self.samples:
+            return ""
+        clocks = sorted(c for c, _, _ in self.samples)
+        power = sorted(p for _, p, _ in self.samples)
+        return (f"SM clock min/median {clocks[0]:.0f}/{clocks[len(clocks) // 2]:.0f} of max "
+                f"{self.samples[0][2]:.0f} MHz, power median {power[len(power) // 2]:.0f} W ({len(clocks)} samples)")
 
 
 def main(argv=None):
@@ -157,25 +200,29 @@ def main(argv=None):
             else:
                 rows.append(Row(bench="gemm", provider="tunable", shape=shape, dtype=dname, mode=mode, note=algo))
 
-    def layer_rows(workload, m, linears):
-        """The workload's seven forward GEMMs of a layer, eight layers back to back: exact M against each padding."""
+    def layer_rows(workload, m, linears, modes=("fwd",), padded=True, layers=32):
+        """The workload's seven GEMMs of a decoder layer (in each of ``modes``), ``layers`` layers back to back (the
+        full depth: a sustained load, its SM clock and power sampled), at the exact M and (``padded``) each padded M.
+        Against the single-GEMM rows above: a lower rate here is the clock, not cuBLAS's choice."""
         counts = {"q/k/v/o": 4, "gate/up": 2, "down": 1, "lin": 7}
-        flops = sum(counts[nm] * 2 * m * n * k for nm, n, k, _ in linears) * 8
+        flops = sum(counts[nm] * 2 * m * n * k for nm, n, k, _ in linears) * len(modes) * layers
         base = None
-        for mp in sorted({m} | {round_up(m, p) for p in pads}):
-            fns = [gemm_fn("fwd", mp, n, k, dev, dtype) for nm, n, k, _ in linears for _ in range(counts[nm])]
+        for mp in sorted({m} | ({round_up(m, p) for p in pads} if padded else set())):
+            fns = [gemm_fn(mode, mp, n, k, dev, dtype) for mode in modes for nm, n, k, _ in linears
+                   for _ in range(counts[nm])]
 
-            def layers(fns=fns):
-                for _ in range(8):
+            def run(fns=fns):
+                for _ in range(layers):
                     for f in fns:
                         f()
-            t = bench(layers, warmup, rep, timing=timing)
+            with ClockSampler(dev == "cuda") as clocks:
+                t = bench(run, min(warmup, 2), max(rep // 2, 1), timing=timing)
             base = base or t["ms"]
-            note = [f"{base / t['ms']:.3f}x exact"] if mp != m else []
+            note = ([f"{base / t['ms']:.3f}x exact"] if mp != m else []) + ([clocks.note()] if clocks.note() else [])
             rows.append(Row(bench="gemm", provider="layer_exact" if mp == m else f"layer_M{mp}",
-                            shape=f"{workload} 8 layers x 7 GEMMs", dtype=dname, mode="fwd", ms=t["ms"],
-                            ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=flops / t["ms"] / 1e9, unit="TFLOP/s",
-                            note="; ".join(note + ([clock_note()] if dev == "cuda" else [])), timing=t["timing"]))
+                            shape=f"{workload} {layers} layers x {len(fns)} GEMMs", dtype=dname, mode="+".join(modes),
+                            ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=flops / t["ms"] / 1e9,
+                            unit="TFLOP/s", note="; ".join(note), timing=t["timing"]))
             del fns
 
     for i, (workload, m, linears) in enumerate(SMOKE if args.smoke else WORKLOADS):
@@ -193,7 +240,9 @@ def main(argv=None):
             if not args.smoke:
                 save(rows, "gemm")   # a step cut by its time limit keeps what it measured
         if i == 0:   # the prefill's sustained rows next, before the other workloads
-            layer_rows(workload, m, linears)
+            layer_rows(workload, m, linears, layers=4 if args.smoke else 32)
+        elif workload.startswith("stage1"):   # stage 1's frozen layers: forward and input gradient, exact M
+            layer_rows(workload, m, linears, modes=("fwd", "dgrad"), padded=False, layers=2 if args.smoke else 32)
     print(to_markdown(rows))
     if not args.smoke:
         print(f"saved {save(rows, 'gemm')}")

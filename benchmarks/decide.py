@@ -422,7 +422,7 @@ def _model_rules(rows, label=""):
              "tokens padded to a multiple of 256 (opt-in) vs the exact count",
              "LLAVA_FAST_PAD_TOKENS default '256' if >= 1.02x on the prefill and not slower on ov_ft (bench_gemm's "
              "layer rows say why; predicted 1.05-1.10x on the prefill at 4 layers if cuBLAS's pick at M = 19984 is "
-             "the cause, ~0.99x if not)")):
+             "the cause, ~0.99x if a power-limited clock is, the likelier: docs/perf-notes.md)")):
         for mode in mode_list:
             ours, alt = _row(rows, "llava_fast", "", mode), _row(rows, prov, "", mode)
             if not (ours and alt):
@@ -604,9 +604,9 @@ def pack_copy(folder):
 
 
 def gemm_padding(folder):
-    """bench_gemm: the prefill layer's seven forward GEMMs at the packed M against M rounded up (``layer_M<m>`` rows,
-    whole padded time): a padding that gains >= 3% is worth padding the model's packed sequence to; and the tuned
-    algorithm (``tunable``) against cuBLAS's default pick on the q/k/v/o shape."""
+    """bench_gemm: the prefill's sustained GEMMs at its M against M rounded up (``layer_M<m>`` rows, whole padded
+    time): a padding that gains >= 3% is worth making ``LLAVA_FAST_PAD_TOKENS``'s default; and the tuned algorithm
+    (``tunable``) against cuBLAS's default pick on the q/k/v/o shape."""
     import re
 
     rows = load_rows(folder, "gemm")
@@ -620,6 +620,22 @@ def gemm_padding(folder):
             out.append((f"prefill layer GEMMs padded to M={r['provider'][7:]}", f"{x:.3f}x exact M",
                         ">= 1.03x: pad packed sequences to that multiple (a trailing padding document; "
                         "docs/perf-notes.md, 'GEMM rate against M')", "pad" if x >= 1.03 else "no padding"))
+    # sustained against one at a time: the layers' GEMMs back to back take longer than the same GEMMs timed alone
+    # when the clock drops under the load (explanation 2 of docs/perf-notes.md, "GEMM rate against M")
+    counts = {"q/k/v/o": 4, "gate/up": 2, "down": 1}
+    for r in rows:
+        m = re.match(r"(.*) (\d+) layers x \d+ GEMMs$", r.get("shape", ""))
+        if r.get("provider") != "layer_exact" or not r.get("ms") or not m:
+            continue
+        alone = [x for x in rows if x.get("provider") == "exact" and x.get("ms") and x.get("mode") in
+                 r.get("mode", "").split("+") and x.get("shape", "").startswith(m.group(1) + " ")]
+        per_layer = sum(counts.get(x["shape"][len(m.group(1)) + 1:].split(" M=")[0], 0) * x["ms"] for x in alone)
+        if per_layer:
+            x = per_layer * int(m.group(2)) / r["ms"]
+            clock = f"; {r['note']}" if r.get("note") else ""
+            out.append((f"sustained GEMMs vs one at a time, {m.group(1)}", f"{x:.3f}x the sum of the single GEMMs"
+                        f"{clock}", "< 0.95x: the clock drops under a sustained load (power), padding cannot help",
+                        "power-limited" if x < 0.95 else "not power-limited"))
     for r in rows:
         if r.get("provider") == "tunable" and r.get("ms") and "q/k/v/o" in r.get("shape", ""):
             m = re.match(r"([0-9.]+)x exact", r.get("note") or "")

@@ -245,8 +245,9 @@ if want ops; then
       # cross_entropy: five providers since session 5 (token and vocab schedules, the 20 MiB one, HF, Liger);
       # anyres: 28 s on the H100 in session 4, + the v3 and v4 rows since
       # projector: 39 s on the H100 in session 4; since session 7 two CUTLASS providers (and two old ones fewer):
-      # 50 s reached only M=576 on the H200 in session 10; rms_norm / swiglu: 40 s did not finish there either
-      step "bench_$b" "$(case "$b" in attention) echo 60;; cross_entropy) echo 55;; anyres) echo 50;; projector) echo 180;; *) echo 60;; esac)" \
+      # 50 s reached only M=576 on the H200 in session 10; rms_norm / swiglu: 40 s did not finish there either;
+      # gemm (session 22): ~60 s predicted with --quick, its 32-layer sustained rows included
+      step "bench_$b" "$(case "$b" in attention) echo 60;; cross_entropy) echo 55;; anyres) echo 50;; projector) echo 180;; gemm) echo 120;; *) echo 60;; esac)" \
         $PY "benchmarks/bench_$b.py" $QUICK
     else
       summary+=("$(printf '%-22s unknown (no benchmarks/bench_%s.py)' "$b" "$b")")

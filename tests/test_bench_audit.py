@@ -630,6 +630,16 @@ def test_decide_gemm_padding(tmp_path):
     assert d == "pad" and m.startswith("1.111x")
     (q,) = [k for k in got if k.startswith("TunableOp vs cuBLAS's pick")]
     assert got[q][2] == "candidate"
+    # sustained stage-1 GEMMs against the same GEMMs one at a time: 32 layers of (4 + 2 + 1) x (fwd + dgrad)
+    s1 = "stage1 Llama-7B 16x640"
+    rows += [dict(bench="gemm", provider="exact", shape=f"{s1} {nm} M=10240 N={n} K={k}", mode=mode, ms=ms)
+             for nm, n, k, ms in (("q/k/v/o", 4096, 4096, 0.44), ("gate/up", 11008, 4096, 1.18),
+                                  ("down", 4096, 11008, 1.16)) for mode in ("fwd", "dgrad")]
+    rows.append(dict(bench="gemm", provider="layer_exact", shape=f"{s1} 32 layers x 14 GEMMs", mode="fwd+dgrad",
+                     ms=2 * (4 * 0.44 + 2 * 1.18 + 1.16) * 32 / 0.83, note="SM clock min/median 1600/1650 of max 1980"))
+    (tmp_path / "gemm-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    m, _, d = _decide(tmp_path)[f"sustained GEMMs vs one at a time, {s1}"]
+    assert d == "power-limited" and m.startswith("0.830x") and "1600/1650" in m
 
 
 def test_decide_pad256_rule(tmp_path):
@@ -645,3 +655,24 @@ def test_decide_pad256_rule(tmp_path):
     got = _decide(tmp_path)
     assert got["tokens padded to a multiple of 256 (opt-in) vs the exact count, prefill"][2] == "switch"
     assert got["tokens padded to a multiple of 256 (opt-in) vs the exact count, ov_ft"][2] == "no padding"
+
+
+def test_gemm_clock_sampler(tmp_path, monkeypatch):
+    """bench_gemm.ClockSampler polls nvidia-smi while its block runs (a stand-in script here) and reports the clock's
+    minimum and median against its maximum, and the median power; without nvidia-smi it reports nothing."""
+    import os
+    import time
+
+    import bench_gemm
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho '1500, 612.5, 1980'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with bench_gemm.ClockSampler(True, period_s=0.01) as c:
+        time.sleep(0.3)
+    assert c.samples and c.note().startswith("SM clock min/median 1500/1500 of max 1980 MHz, power median 612 W")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with bench_gemm.ClockSampler(True) as c:
+        pass
+    assert c.note() == ""
