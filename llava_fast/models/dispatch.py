@@ -200,21 +200,21 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device, pad
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     docs = cu.numel() - 1
 
+    def folded(q, k, v, scale, n_docs):
+        # the first n_docs documents, all of the maximum length: a (n_docs, max_seqlen) batch, a view; no scatter, no
+        # gather (the OneVision benchmark's two documents, the prefill's eight)
+        with _sdpa_backends(q, k, v):
+            o = F.scaled_dot_product_attention(*(_fold(x[:, :, :n_docs * int(max_seqlen)], n_docs, int(max_seqlen))
+                                                 for x in (q, k, v)),
+                                               is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return _unfold(o)
+
     def attn(q, k, v, scale):
         t = q.shape[2]
-        if pad_doc and t != docs * int(max_seqlen) and t - pad_doc == (docs - 1) * int(max_seqlen):
-            with _sdpa_backends(q, k, v):
-                o = F.scaled_dot_product_attention(*(_fold(x[:, :, :t - pad_doc], docs - 1, int(max_seqlen))
-                                                     for x in (q, k, v)),
-                                                   is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-            return F.pad(_unfold(o), (0, 0, 0, pad_doc))
-        if t == docs * int(max_seqlen):
-            # every document has the maximum length (each is at most that long): the packed sequence is already a
-            # (docs, max_seqlen) batch, a view; no scatter, no gather (the OneVision benchmark's two documents)
-            with _sdpa_backends(q, k, v):
-                o = F.scaled_dot_product_attention(*(_fold(x, docs, int(max_seqlen)) for x in (q, k, v)),
-                                                   is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-            return _unfold(o)
+        if t == docs * int(max_seqlen):   # every document has the maximum length (each is at most that long)
+            return folded(q, k, v, scale, docs)
+        if pad_doc and t - pad_doc == (docs - 1) * int(max_seqlen):   # so have all but the padding
+            return F.pad(folded(q, k, v, scale, docs - 1), (0, 0, 0, pad_doc))
         lens = cu[1:] - cu[:-1]
         doc = torch.repeat_interleave(torch.arange(docs, device=device), lens, output_size=t)
         pos = torch.arange(t, device=device) - cu[doc]
