@@ -35,6 +35,7 @@ Run: ``python benchmarks/bench_gemm.py [--quick]`` (needs a CUDA GPU; exits clea
 check of this script at tiny sizes).
 """
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -95,26 +96,28 @@ def split_fn(m: int, n: int, k: int, dev, dtype):
 
 
 def tunable_time(fn, warmup, rep):
-    """(stats, chosen algorithm) of ``fn`` with TunableOp tuning on, or (None, why) where this torch has none."""
+    """(stats, chosen algorithm) of ``fn`` with TunableOp tuning on, or (None, why) where this torch has none or it
+    fails. The algorithm is the tuning result this shape added (``get_results()``: op, shape, algorithm, time)."""
     tun = getattr(torch.cuda, "tunable", None)
     if tun is None or not torch.cuda.is_available():
         return None, "no torch.cuda.tunable"
-    before = set(map(tuple, tun.get_results())) if tun.is_enabled() else set()
-    tun.enable(True)
-    tun.tuning_enable(True)
-    tun.write_file_on_exit(False)
-    tun.set_max_tuning_duration(10)   # ms per candidate: a few seconds per shape at most
-    tun.set_max_tuning_iterations(20)
     try:
+        tun.enable(True)
+        tun.tuning_enable(True)
+        tun.write_file_on_exit(False)
+        tun.set_max_tuning_duration(10)   # ms per candidate: a few seconds per shape at most
+        tun.set_max_tuning_iterations(20)
+        before = set(map(tuple, tun.get_results()))
         fn()   # the first call tunes this shape
-        t = bench(fn, warmup, rep, timing="loop")
         new = [r for r in map(tuple, tun.get_results()) if r not in before]
+        t = bench(fn, warmup, rep, timing="loop")
     except Exception as e:  # a prototype feature: report, do not stop the run
         return None, f"failed: {type(e).__name__}: {str(e)[:120]}"
     finally:
-        tun.tuning_enable(False)
-        tun.enable(False)
-    return t, (", ".join(f"{r[2]}" for r in new[-1:]) or "no new result")
+        with contextlib.suppress(Exception):
+            tun.tuning_enable(False)
+            tun.enable(False)
+    return t, (", ".join(str(r[2]) for r in new if len(r) > 2) or "no new result")
 
 
 class ClockSampler:
