@@ -287,6 +287,8 @@ for ln in open(sys.argv[1]):
         grep '^| ' "$f" | head -n 10
         grep -hE "^(Wall time|Host synchronisations)" "$f" | cut -c1-240
         grep -A12 "^Host cost per call" "$f" | grep '^| ' ;;
+      gemm-*)  # no "ours" here: the rates one at a time and sustained, exact M against padded (prefill first)
+        grep '^| ' "$f" | awk -F'|' 'NR == 1 || $3 ~ /NeXT|stage1/' | cut -c1-220 | head -n 30 ;;
       *)  # the header and our rows (the ones carrying the ratios to every baseline of the same run)
         grep '^| ' "$f" | awk -F'|' 'NR == 1 || $10 ~ /[0-9]x/' | cut -c1-240 | head -n 16 ;;
     esac
