@@ -21,7 +21,8 @@
 #                      box's CPU, ~25 s; "profile_full":
 #                      profile_model.py at full depth with --host, ~60 s; "gqa": the opt-in GQA split of the
 #                      dK/dV kernel on Qwen2-0.5B's attention shape, ~150 s; "dkdv128": the spill-free D128
-#                      dK/dV configs at the stage-1 shape and causal 4k, ~90 s);
+#                      dK/dV configs at the stage-1 shape and causal 4k, ~90 s; "gemm": bench_gemm.py, cuBLAS
+#                      against the token count M and under a sustained load with the clock sampled, ~60 s);
 #                      default (the end-to-end A/B rows, their breakdown, attention, then the rest):
 #                      model profile attention anyres projector rms_norm swiglu quick_gelu gelu layer_norm
 #                      bias_grad rope cross_entropy pack_features mixed
