@@ -393,6 +393,8 @@ def token_padding(b: int, n: int, cu_seqlens, attention_mask, cache) -> int:
     """Tokens to append (``LLAVA_FAST_PAD_TOKENS=P``, default 0: none) so that the linears' M = ``b * n`` becomes a
     multiple of P: the packed form gets a trailing padding document of that many tokens, an unmasked padded batch
     that many more positions per sequence (causal: no real token sees them). Not with an attention mask or a KV cache.
+    Layer hooks see the padded tokens (the result is sliced back after the last layer). With the model's test suite
+    run under ``LLAVA_FAST_PAD_TOKENS=64`` only the tests that count GEMM rows or hooked shapes differ.
     Why: cuBLAS ran the NeXT prefill's GEMMs at M = 19984 at 616-720 TFLOP/s where stage 1's M = 10240 ran 785-793
     (H200, session 19; docs/perf-notes.md, "GEMM rate against M"); opt-in until ``bench_gemm.py`` and bench_model's
     ``llava_fast_pad256`` row measure it."""
