@@ -22,7 +22,8 @@
 #                      profile_model.py at full depth with --host, ~60 s; "gqa": the opt-in GQA split of the
 #                      dK/dV kernel on Qwen2-0.5B's attention shape, ~150 s; "dkdv128": the spill-free D128
 #                      dK/dV configs at the stage-1 shape and causal 4k, ~90 s; "gemm": bench_gemm.py, cuBLAS
-#                      against the token count M and under a sustained load with the clock sampled, ~60 s);
+#                      against the token count M and under a sustained load with the clock sampled, ~60 s;
+#                      "profile_full_s1": profile_model.py on stage 1 at full depth with its GEMMs by shape, ~60-90 s);
 #                      default (the end-to-end A/B rows, their breakdown, attention, then the rest):
 #                      model profile attention anyres projector rms_norm swiglu quick_gelu gelu layer_norm
 #                      bias_grad rope cross_entropy pack_features mixed
@@ -206,6 +207,11 @@ if want ops; then
       # layers), where session 10's H200 run found 6.25 ms of wall time per LLM layer against ~3.7 ms of kernels
       # (GPU busy %, the host cost per op call, a cProfile of one step); ~60 s
       step profile_model_full 100 $PY benchmarks/profile_model.py --workload ov_ft --layers 24 --steps 2 --host
+    elif [ "$b" = "profile_full_s1" ]; then  # not in the default list: stage 1 at full depth (32 Llama layers), the
+      # GEMMs' rates in the real step: session 22 read 14.45 ms per extra layer at full depth against 12.1 ms of the
+      # 4-layer profile's kernels, as if the clock dropped under long GEMM stretches (perf-notes "GEMM rate against
+      # M"); the 4-layer profile's GEMMs ran 785 TFLOP/s; ~60-90 s (the 7B model built at full depth)
+      step profile_model_full_s1 120 $PY benchmarks/profile_model.py --workload stage1 --layers 32 --steps 2 --gemms
     elif [ "$b" = "mixed" ]; then  # the realistic mixed-length stage-2 run: packing fill vs padding waste
       step bench_model_mixed 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads mixed --name bench_model_mixed \
         --providers llava_fast,llava_fast_sdpa_text,hf_sdpa
