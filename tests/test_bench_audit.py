@@ -657,6 +657,21 @@ def test_decide_pad256_rule(tmp_path):
     assert got["tokens padded to a multiple of 256 (opt-in) vs the exact count, ov_ft"][2] == "no padding"
 
 
+def test_decide_layer_norm_bar_per_workload(tmp_path):
+    """llava_fast_ln_triton: >= 1.01x on OneVision, "not slower" (>= 1.0x) on stage 1 and the prefill: a 1.005x row
+    switches on stage 1 but not on OneVision."""
+    rows = []
+    for mode, shape in (("ov_ft", "OV-0.5B full FT 2x5453 (4 LLM layers)"),
+                        ("stage1", "LLaVA-1.5-7B stage1 16x640 (4 LLM layers)")):
+        rows += [dict(bench="model", provider="llava_fast", shape=shape, mode=mode, ms=100.5, metric=1e3 / 100.5),
+                 dict(bench="model", provider="llava_fast_ln_triton", shape=shape, mode=mode, ms=100.0, metric=10.0,
+                      paired={"rounds": 5, "ratio": 100.0 / 100.5, "ctl_ms": 100.5, "alt_ms": 100.0})]
+    (tmp_path / "bench_model-GPU-1.json").write_text(json.dumps({"rows": rows}))
+    got = _decide(tmp_path)
+    assert got["LayerNorm kernels (opt-in) vs torch's, ov_ft"][2] == "keep torch's"
+    assert got["LayerNorm kernels (opt-in) vs torch's, stage1"][2] == "switch"
+
+
 def test_gemm_clock_sampler(tmp_path, monkeypatch):
     """bench_gemm.ClockSampler polls nvidia-smi while its block runs (a stand-in script here) and reports the clock's
     minimum and median against its maximum, and the median power; without nvidia-smi it reports nothing."""
