@@ -468,35 +468,66 @@ if HAS_TRITON:
             tl.store(POS_OF_K + k, pos, mask=feat)
 
     @triton.jit
-    def _pack_scatter_bwd_kernel(DOUT, POS_OF_K, ELL_K, ELL_W, DIMG, DVID,
-                                 n_src, n_img_rows, D, n_pos, deg, stride_dout, stride_dimg, stride_dvid,
+    def _pack_scatter_bwd_kernel(DOUT, KIDX, POS_OF_K, ELL_K, ELL_W, NL_K, DIMG, DVID, DEMB, DNL,
+                                 n_src, n_img_rows, D, n_pos, deg, n_nl, emb_start, nl_start,
+                                 stride_dout, stride_dimg, stride_dvid, stride_demb,
                                  HAS_VID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        # Gather form of the scatter-add: each source row sums weight * dout over the output tokens it feeds (the
-        # transposed plan), in a fixed order, in fp32: deterministic, no atomics. Unused rows (unpadded away) get 0.
+        # Every gradient of the op in ONE launch (session 23; before: this gather, then torch's masked_fill and a
+        # five-op newline sum), by program ranges along axis 0:
+        #   [0, emb_start)          source rows: d_image_features / d_video_features (the gather below);
+        #   [emb_start, nl_start)   sequence positions: d_inputs_embeds = dout with image/video positions zeroed;
+        #   nl_start                the newline gradient: sum of dout over the newline positions.
+        # A range the caller does not need is empty (its start equals the next one's); axis 1 splits D.
         pid_r = tl.program_id(0)
         pid_d = tl.program_id(1)
-        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        rmask = r < n_src
         dmask = offs_d < D
-        r64 = r.to(tl.int64)
-        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-        for j in range(0, deg):
-            kk = tl.load(ELL_K + r64 * deg + j, mask=rmask, other=-1)
-            w = tl.load(ELL_W + r64 * deg + j, mask=rmask, other=0.0)
-            ok = (kk >= 0) & (kk < n_pos)
-            p = tl.load(POS_OF_K + kk, mask=ok, other=0)
-            ok = ok & (p >= 0) & (p < n_pos)
-            g = tl.load(DOUT + p.to(tl.int64)[:, None] * stride_dout + offs_d[None, :],
-                        mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            acc += w[:, None] * g
-        in_img = rmask & (r < n_img_rows)
-        tl.store(DIMG + r64[:, None] * stride_dimg + offs_d[None, :], acc.to(DIMG.dtype.element_ty),
-                 mask=in_img[:, None] & dmask[None, :])
-        if HAS_VID:
-            in_vid = rmask & (r >= n_img_rows)
-            tl.store(DVID + (r64 - n_img_rows)[:, None] * stride_dvid + offs_d[None, :],
-                     acc.to(DVID.dtype.element_ty), mask=in_vid[:, None] & dmask[None, :])
+        if pid_r >= nl_start:
+            # fixed order (row blocks, then a tree over the block's rows), fp32: deterministic
+            acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+            for i in range(0, n_nl, BLOCK_R):
+                j = i + tl.arange(0, BLOCK_R)
+                kk = tl.load(NL_K + j, mask=j < n_nl, other=-1)
+                ok = (kk >= 0) & (kk < n_pos)
+                p = tl.load(POS_OF_K + kk, mask=ok, other=-1)
+                ok = ok & (p >= 0) & (p < n_pos)
+                acc += tl.load(DOUT + p.to(tl.int64)[:, None] * stride_dout + offs_d[None, :],
+                               mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            tl.store(DNL + offs_d, tl.sum(acc, axis=0).to(DNL.dtype.element_ty), mask=dmask)
+        elif pid_r >= emb_start:
+            # masked_scatter's backward (masked_fill(mask, 0)): the same bits, in dout's dtype
+            pos = (pid_r - emb_start) * BLOCK_R + tl.arange(0, BLOCK_R)
+            pmask = pos < n_pos
+            pos64 = pos.to(tl.int64)
+            k = tl.load(KIDX + pos, mask=pmask, other=0)
+            g = tl.load(DOUT + pos64[:, None] * stride_dout + offs_d[None, :],
+                        mask=(pmask & (k < 0))[:, None] & dmask[None, :], other=0.0)
+            tl.store(DEMB + pos64[:, None] * stride_demb + offs_d[None, :], g.to(DEMB.dtype.element_ty),
+                     mask=pmask[:, None] & dmask[None, :])
+        else:
+            # Gather form of the scatter-add: each source row sums weight * dout over the output tokens it feeds
+            # (the transposed plan), in a fixed order, in fp32: deterministic, no atomics. Unused rows (unpadded
+            # away) get 0.
+            r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+            rmask = r < n_src
+            r64 = r.to(tl.int64)
+            acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+            for j in range(0, deg):
+                kk = tl.load(ELL_K + r64 * deg + j, mask=rmask, other=-1)
+                w = tl.load(ELL_W + r64 * deg + j, mask=rmask, other=0.0)
+                ok = (kk >= 0) & (kk < n_pos)
+                p = tl.load(POS_OF_K + kk, mask=ok, other=0)
+                ok = ok & (p >= 0) & (p < n_pos)
+                g = tl.load(DOUT + p.to(tl.int64)[:, None] * stride_dout + offs_d[None, :],
+                            mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                acc += w[:, None] * g
+            in_img = rmask & (r < n_img_rows)
+            tl.store(DIMG + r64[:, None] * stride_dimg + offs_d[None, :], acc.to(DIMG.dtype.element_ty),
+                     mask=in_img[:, None] & dmask[None, :])
+            if HAS_VID:
+                in_vid = rmask & (r >= n_img_rows)
+                tl.store(DVID + (r64 - n_img_rows)[:, None] * stride_dvid + offs_d[None, :],
+                         acc.to(DVID.dtype.element_ty), mask=in_vid[:, None] & dmask[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -593,6 +624,12 @@ def _fwd_config(d: int):
     return block_p, block_d, 4
 
 
+def _bwd_config(d: int):
+    """(BLOCK_R, BLOCK_D) of the backward kernel: rows per program in each of its ranges, channels per program."""
+    block_d = min(512, _ext.next_power_of_2(max(d, 1)))
+    return max(1, 4096 // block_d), block_d
+
+
 def pack_scatter_fwd(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_features: Optional[torch.Tensor],
                      image_meta: Optional[torch.Tensor], image_newline: Optional[torch.Tensor],
                      video_features: Optional[torch.Tensor], pinpoints_flat: Sequence[int], tile: int,
@@ -646,48 +683,46 @@ def pack_scatter_bwd(grad_out: torch.Tensor, kidx: torch.Tensor, pos_of_k: torch
                      img_dtype: torch.dtype, vid_dtype: torch.dtype, nl_dtype: torch.dtype,
                      need_img: bool, need_vid: bool, need_nl: bool, need_emb: bool):
     """Gradients ``(d_image_features, d_video_features, d_image_newline, d_inputs_embeds)``; an empty tensor for
-    each one not asked for. Features: deterministic gather over the transposed plan (fp32 sums, one program per
-    source row block); newline: fp32 sum of the output gradient at newline tokens; embeddings: the output gradient
-    with image/video positions zeroed (masked_scatter's backward)."""
+    each one not asked for; all of them by one launch. Features: deterministic gather over the transposed plan (fp32
+    sums, one program per source row block); newline: fp32 sum of the output gradient at newline tokens; embeddings:
+    the output gradient with image/video positions zeroed (masked_scatter's backward, the same bits)."""
     b, l, d = grad_out.shape
     dev = grad_out.device
+    n_pos = b * l
     plan = _plan_for(image_meta, pinpoints_flat, tile, t, max_tiles, has_nl, n_videos, frames)
-    g2 = grad_out.reshape(b * l, d)
+    g2 = grad_out.reshape(n_pos, d)
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
+
     def empty():  # a distinct tensor per output (custom op outputs must not alias each other)
         return grad_out.new_empty(0)
 
-    d_img = d_vid = None
-    if need_img or need_vid:
-        _, _, ell_k, ell_w, _ = plan.tensors(dev)
-        # both streams are computed when either is asked for (one launch; the other is small or absent)
-        d_img = torch.empty((plan.n_img_rows, d), dtype=img_dtype, device=dev)
-        d_vid = torch.empty((plan.n_vid_rows, d), dtype=vid_dtype, device=dev)
-        first, second = (d_img, d_vid) if plan.n_img_rows else (d_vid, d_vid)
-        n_src = plan.n_img_rows + plan.n_vid_rows
-        if n_src > 0 and d > 0:
-            block_d = min(512, _ext.next_power_of_2(d))
-            block_r = max(1, 4096 // block_d)
-            grid = (_ext.cdiv(n_src, block_r), _ext.cdiv(d, block_d))
-            with _guard(dev):
-                _ext.launch(_pack_scatter_bwd_kernel, grid,
-                            g2, pos_of_k, ell_k, ell_w, first, second, n_src, first.shape[0], d, b * l,
-                            plan.ell_cols, g2.stride(0), first.stride(0), second.stride(0),
-                            HAS_VID=plan.n_img_rows > 0 and plan.n_vid_rows > 0, BLOCK_R=block_r, BLOCK_D=block_d,
-                            num_warps=4)
-    d_nl = empty()
-    if need_nl:
-        _, _, _, _, nl_k = plan.tensors(dev)
-        if plan.n_nl:
-            rows = pos_of_k.index_select(0, nl_k).clamp_(0, max(b * l - 1, 0))
-            d_nl = g2.index_select(0, rows).float().sum(0).to(nl_dtype)
-        else:
-            d_nl = torch.zeros((d,), dtype=nl_dtype, device=dev)
-    d_emb = grad_out.masked_fill((kidx >= 0).view(b, l, 1), 0) if need_emb else empty()
+    need_feat = need_img or need_vid
+    # both feature streams are computed when either is asked for (one program range; the other is small or absent)
+    d_img = torch.empty((plan.n_img_rows, d), dtype=img_dtype, device=dev) if need_feat else None
+    d_vid = torch.empty((plan.n_vid_rows, d), dtype=vid_dtype, device=dev) if need_feat else None
+    d_emb = torch.empty((n_pos, d), dtype=grad_out.dtype, device=dev) if need_emb else None
+    d_nl = torch.empty((d,), dtype=nl_dtype, device=dev) if need_nl else None
+    if d > 0 and ((need_feat and plan.n_img_rows + plan.n_vid_rows) or (need_emb and n_pos) or need_nl):
+        _, _, ell_k, ell_w, nl_k = plan.tensors(dev)
+        block_r, block_d = _bwd_config(d)
+        n_src = plan.n_img_rows + plan.n_vid_rows if need_feat else 0
+        emb_start = _ext.cdiv(n_src, block_r)
+        nl_start = emb_start + (_ext.cdiv(n_pos, block_r) if need_emb else 0)
+        grid = (nl_start + (1 if need_nl else 0), _ext.cdiv(d, block_d))
+        first, second = ((d_img, d_vid) if plan.n_img_rows else (d_vid, d_vid)) if need_feat else (g2, g2)
+        with _guard(dev):
+            _ext.launch(_pack_scatter_bwd_kernel, grid,
+                        g2, kidx, pos_of_k, ell_k, ell_w, nl_k, first, second,
+                        d_emb if need_emb else g2, d_nl if need_nl else g2,
+                        n_src, first.shape[0], d, n_pos, plan.ell_cols, plan.n_nl, emb_start, nl_start,
+                        g2.stride(0), first.stride(0), second.stride(0), d,
+                        HAS_VID=need_feat and plan.n_img_rows > 0 and plan.n_vid_rows > 0, BLOCK_R=block_r,
+                        BLOCK_D=block_d, num_warps=4)
     d_img = d_img.view(n_img_tiles, t * t, d) if need_img else empty()
     d_vid = d_vid.view(n_videos, frames, t * t, d) if need_vid else empty()
-    return d_img, d_vid, d_nl, d_emb
+    d_emb = d_emb.view(b, l, d) if need_emb else empty()
+    return d_img, d_vid, d_nl if need_nl else empty(), d_emb
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -803,10 +838,17 @@ def _as_meta(image_sizes, single_tile, n_images: Optional[int], pinpoints) -> to
         sizes = image_sizes.detach().to("cpu", torch.int64)
     else:
         try:
-            sizes = torch.tensor([[int(s[0]), int(s[1])] for s in image_sizes], dtype=torch.int64)
+            pairs = [(int(s[0]), int(s[1])) for s in image_sizes]
         except Exception as e:
             raise ValueError(f"pack_and_scatter: image_sizes must be (N, 2) (height, width) pairs, got "
                              f"{image_sizes!r}") from e
+        flags = ([1] * len(pairs) if pinpoints is None else [0] * len(pairs) if single_tile is None
+                 else [int(bool(f)) for f in single_tile]
+                 if isinstance(single_tile, (list, tuple)) and all(isinstance(f, (bool, int)) for f in single_tile)
+                 else None)
+        if flags is not None and len(flags) == len(pairs):  # the common case in one host op (the call's host time)
+            return torch.tensor([(h, w, f) for (h, w), f in zip(pairs, flags)], dtype=torch.int64).reshape(-1, 3)
+        sizes = torch.tensor(pairs, dtype=torch.int64)
     sizes = sizes.reshape(-1, 2) if sizes.numel() else sizes.reshape(0, 2)
     n = sizes.shape[0]
     if pinpoints is None:

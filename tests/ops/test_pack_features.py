@@ -345,6 +345,19 @@ def test_copy_variant_launched_for_copy_plans(name, monkeypatch):
     assert seen and all(c == exact for c in seen), seen
 
 
+def test_meta_from_lists_equals_meta_from_tensors():
+    """_as_meta's one-op path for Python lists (sizes, flags) builds the same (N, 3) tensor as the tensor inputs."""
+    pins = [(28, 28), (28, 56)]
+    sizes, flags = [(20, 20), (9, 200), (33, 67)], [True, False, True]
+    for fl, pp in ((flags, pins), (None, pins), (flags, None), ((1, 0, 1), pins)):
+        want = P._as_meta(torch.tensor(sizes), None if fl is None else torch.tensor(fl), None, pp)
+        got = P._as_meta(sizes, fl, None, pp)
+        assert got.dtype == torch.int64 and torch.equal(got, want), (fl, pp)
+    assert P._as_meta([], [], None, pins).shape == (0, 3)
+    with pytest.raises(ValueError, match="single_tile has 2 entries"):
+        P._as_meta(sizes, [True, False], None, pins)
+
+
 def test_bad_inputs():
     emb, ids, feats, sizes, nl, kw = make_case("next", [[("img", (20, 20), False)]], t=2, d=8)
     for forced in (False, True):
@@ -388,6 +401,42 @@ def test_device_token_path_end_to_end(monkeypatch):
     monkeypatch.setattr(P, "token_index", lambda *a, **k: orig(*a, **dict(k, on_device=True)))
     variant, samples, kw, exact = CASES["ov_video"]
     _check_against_ref(make_case(variant, samples, **kw), exact)
+
+
+@pytest.mark.parametrize("name", ["next_padded", "ov_anyres_max", "ov_multi_image", "ov_video"])
+def test_backward_small_blocks(name, monkeypatch):
+    """The backward's one launch with 4 x 4 blocks: many programs in each of its three ranges (source rows, sequence
+    positions, the newline sum's row loop) and several channel blocks, every gradient against the reference."""
+    monkeypatch.setattr(P, "_bwd_config", lambda d: (4, 4))
+    variant, samples, kw, exact = CASES[name]
+    case = make_case(variant, samples, **kw)
+    assert build_plan_of(case).n_nl > 4 or name == "ov_video"  # the newline loop runs more than once
+    _check_against_ref(case, exact)
+
+
+@pytest.mark.parametrize("wanted", ["emb", "feats", "nl", "vid", "emb+nl", "feats+vid", "nl+vid"])
+def test_backward_subsets(wanted, monkeypatch):
+    """Only the gradients asked for: each subset of the differentiable inputs (the backward's program ranges that
+    are not needed are empty) gives the reference's gradients for those inputs."""
+    monkeypatch.setattr(P, "_bwd_config", lambda d: (4, 4))
+    case = make_case("ov", [[("img", (170, 170), False), ("vid", 0)], [("vid", 1), ("img", (20, 20), False)]], t=3,
+                     d=8, videos=(2, 3))
+    emb, ids, feats, sizes, nl, kw = case
+    gout = torch.randn(emb.shape)
+    gmax, n_nl = float(gout.abs().max()), build_plan_of(case).n_nl
+    names = wanted.split("+")
+    got = {}
+    for fn in (_kernel, _ref):
+        e, f, n, v = (x.detach().clone().requires_grad_(k in names)
+                      for k, x in zip(("emb", "feats", "nl", "vid"), (emb, feats, nl, kw["video_features"])))
+        out = fn(e, ids, f, sizes, n, dict(kw, video_features=v))
+        leaves = [x for x in (e, f, n, v) if x.requires_grad]
+        got[fn] = torch.autograd.grad(out, leaves, gout)
+    for k, a, b in zip(names, got[_kernel], got[_ref]):
+        if k == "emb":
+            assert torch.equal(a, b)
+        else:  # the bounds of _check_against_ref
+            torch.testing.assert_close(a, b, atol=(n_nl * n_nl if k == "nl" else 16) * EPS32 * gmax, rtol=0, msg=k)
 
 
 def test_deterministic_backward():
