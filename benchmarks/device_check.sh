@@ -23,7 +23,8 @@
 #                      dK/dV kernel on Qwen2-0.5B's attention shape, ~150 s; "dkdv128": the spill-free D128
 #                      dK/dV configs at the stage-1 shape and causal 4k, ~90 s; "gemm": bench_gemm.py, cuBLAS
 #                      against the token count M and under a sustained load with the clock sampled, ~60 s;
-#                      "profile_full_s1": profile_model.py on stage 1 at full depth with its GEMMs by shape, ~60-90 s);
+#                      "profile_full_s1": profile_model.py on stage 1 at full depth with its GEMMs by shape, ~60-90 s;
+#                      "demo": `llava-fast demo` (the full one) on this GPU, its held-out accuracy in demo.log);
 #                      default (the end-to-end A/B rows, their breakdown, attention, then the rest):
 #                      model profile attention anyres projector rms_norm swiglu quick_gelu gelu layer_norm
 #                      bias_grad rope cross_entropy pack_features mixed
@@ -212,6 +213,10 @@ if want ops; then
       # 4-layer profile's kernels, as if the clock dropped under long GEMM stretches (perf-notes "GEMM rate against
       # M"); the 4-layer profile's GEMMs ran 785 TFLOP/s; ~60-90 s (the 7B model built at full depth)
       step profile_model_full_s1 120 $PY benchmarks/profile_model.py --workload stage1 --layers 32 --steps 2 --gemms
+    elif [ "$b" = "demo" ]; then  # not in the default list (session 23): the README's first command on this GPU, the
+      # full demo (stage 1 + 2 through the trainer, fp32 master weights under bf16 autocast, generation); exits 1
+      # below its 90% held-out accuracy; ~2 min on the 2-core dev CPU, not yet timed on a GPU
+      step demo 240 $PY -m llava_fast.cli demo --out "${TMPDIR:-/tmp}/llava_fast_demo" --device cuda
     elif [ "$b" = "mixed" ]; then  # the realistic mixed-length stage-2 run: packing fill vs padding waste
       step bench_model_mixed 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads mixed --name bench_model_mixed \
         --providers llava_fast,llava_fast_sdpa_text,hf_sdpa

@@ -124,6 +124,8 @@ LONG_CUDA_TESTS = {
     "test_cuda_cpu_ids_and_compile": 58,
     "test_cuda_training_step_does_not_synchronize[llava_onevision]": 47,
     "test_torch_compile_packed_training_step[llava_onevision]": 42,
+    # session 23, not yet run: ~520 tiny training steps, generation, and the first compile of the demo's shapes
+    "test_cuda_demo_quick": 90,
 }
 
 
