@@ -248,3 +248,39 @@ def test_patch_refuses_before_swapping(bad):
         patch_hf(hf)
     assert not any("forward" in vars(m) for m in hf.modules())
     assert not hasattr(hf, "_llava_fast_patched")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
+def test_cuda_patched_by_flash_rule(model_type, dtype):
+    """patch_hf on the GPU as users apply it (the kernels ``auto`` picks on CUDA; the CPU tests force them under the
+    interpreter): a transformers model in bf16/fp16, patched, against the same model in fp32 (the reference) and
+    unpatched in the same dtype (PyTorch's error), by flash-attn's rule on the logits, the loss and the gradients of
+    every weight matrix of the language model and the projector (each on its own), a training step's
+    backward included."""
+    from utils import assert_flash_rule, max_err
+
+    ref = hf_model(model_type)   # the fp32 reference on the CPU: no TF32 anywhere (cuDNN's convolutions use it)
+    low = copy.deepcopy(ref).to("cuda", dtype)
+    ours = patch_hf(copy.deepcopy(low))
+    kw = _inputs(model_type)
+    outs = {}
+    for name, m in (("ref", ref), ("low", low), ("ours", ours)):
+        args = {k: v.cuda() for k, v in kw.items()} if name != "ref" else dict(kw)
+        args["pixel_values"] = args["pixel_values"].to(torch.float32 if name == "ref" else dtype)
+        out = m(**args)
+        out.loss.backward()
+        grads = {n: p.grad.float().cpu() for n, p in m.named_parameters()
+                 if p.grad is not None and p.dim() == 2 and ("language_model" in n or "projector" in n)}
+        outs[name] = (out.logits.detach().float().cpu(), out.loss.detach().float().cpu(), grads)
+    assert ours._llava_fast_patched["rms_norm"] > 0
+    (r_logits, r_loss, r_grads), (l_logits, l_loss, l_grads), (o_logits, o_loss, o_grads) = (
+        outs["ref"], outs["low"], outs["ours"])
+    assert_flash_rule(o_logits, r_logits, l_logits, name=f"{model_type} logits")
+    # a scalar: PyTorch's own error can be ~0 by luck. The floor: a mean of log-softmax entries moves by at most
+    # twice the largest logit error (log-softmax is 2-Lipschitz in the max norm), taken at PyTorch's logit error
+    assert_flash_rule(o_loss, r_loss, l_loss, name="loss", atol=2 * max_err(l_logits, r_logits))
+    assert r_grads.keys() == o_grads.keys() == l_grads.keys() and r_grads
+    for n in r_grads:   # atol: as the model's own training-step test (test_last_layer_rows), for ~0 entries
+        assert_flash_rule(o_grads[n], r_grads[n], l_grads[n], name=f"d {n}", atol=1e-6)
