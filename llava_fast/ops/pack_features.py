@@ -710,19 +710,21 @@ def pack_scatter_bwd(grad_out: torch.Tensor, kidx: torch.Tensor, pos_of_k: torch
         emb_start = _ext.cdiv(n_src, block_r)
         nl_start = emb_start + (_ext.cdiv(n_pos, block_r) if need_emb else 0)
         grid = (nl_start + (1 if need_nl else 0), _ext.cdiv(d, block_d))
-        first, second = ((d_img, d_vid) if plan.n_img_rows else (d_vid, d_vid)) if need_feat else (g2, g2)
+        # the kernel's first feature pointer holds rows [0, n_img_rows), the second the rest (video after images);
+        # pointers of ranges not launched are never read: g2 stands in for them
+        first, second = (g2, g2) if not need_feat else (d_img, d_vid) if plan.n_img_rows else (d_vid, d_vid)
         with _guard(dev):
             _ext.launch(_pack_scatter_bwd_kernel, grid,
                         g2, kidx, pos_of_k, ell_k, ell_w, nl_k, first, second,
-                        d_emb if need_emb else g2, d_nl if need_nl else g2,
+                        g2 if d_emb is None else d_emb, g2 if d_nl is None else d_nl,
                         n_src, first.shape[0], d, n_pos, plan.ell_cols, plan.n_nl, emb_start, nl_start,
                         g2.stride(0), first.stride(0), second.stride(0), d,
                         HAS_VID=need_feat and plan.n_img_rows > 0 and plan.n_vid_rows > 0, BLOCK_R=block_r,
                         BLOCK_D=block_d, num_warps=4)
-    d_img = d_img.view(n_img_tiles, t * t, d) if need_img else empty()
-    d_vid = d_vid.view(n_videos, frames, t * t, d) if need_vid else empty()
-    d_emb = d_emb.view(b, l, d) if need_emb else empty()
-    return d_img, d_vid, d_nl if need_nl else empty(), d_emb
+    return (d_img.view(n_img_tiles, t * t, d) if need_img else empty(),
+            d_vid.view(n_videos, frames, t * t, d) if need_vid else empty(),
+            d_nl if need_nl else empty(),
+            d_emb.view(b, l, d) if need_emb else empty())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -842,11 +844,13 @@ def _as_meta(image_sizes, single_tile, n_images: Optional[int], pinpoints) -> to
         except Exception as e:
             raise ValueError(f"pack_and_scatter: image_sizes must be (N, 2) (height, width) pairs, got "
                              f"{image_sizes!r}") from e
-        flags = ([1] * len(pairs) if pinpoints is None else [0] * len(pairs) if single_tile is None
-                 else [int(bool(f)) for f in single_tile]
-                 if isinstance(single_tile, (list, tuple)) and all(isinstance(f, (bool, int)) for f in single_tile)
-                 else None)
-        if flags is not None and len(flags) == len(pairs):  # the common case in one host op (the call's host time)
+        # Python flags too (the common case): the (N, 3) tensor in one host op, part of every call's host time
+        flags = None
+        if pinpoints is None or single_tile is None:
+            flags = [int(pinpoints is None)] * len(pairs)
+        elif isinstance(single_tile, (list, tuple)) and all(isinstance(f, (bool, int)) for f in single_tile):
+            flags = [int(bool(f)) for f in single_tile]
+        if flags is not None and len(flags) == len(pairs):
             return torch.tensor([(h, w, f) for (h, w), f in zip(pairs, flags)], dtype=torch.int64).reshape(-1, 3)
         sizes = torch.tensor(pairs, dtype=torch.int64)
     sizes = sizes.reshape(-1, 2) if sizes.numel() else sizes.reshape(0, 2)
