@@ -60,8 +60,12 @@ def test_cuda_resume_continues_the_run(assets, tmp_path):
 def test_cuda_demo_quick(tmp_path, capsys):
     """``llava-fast demo --quick`` on the GPU (the README's first command runs the full one there): stage 1 and 2 with
     packing through the trainer, the exported folder, generation. It learns: held-out accuracy >= 45% (chance is ~25%;
-    the same run on the CPU, fp32, gets 71%), and the exported model loads on the CPU and answers as on the GPU."""
-    from llava_fast.demo import run_demo
+    the same run on the CPU, fp32, gets 71%). The exported folder holds what was trained: loaded on the CPU (fp32,
+    reference kernels) it answers the held-out questions about as well (within 15 points: bf16 autocast on the GPU
+    against fp32 may flip near ties of this short run's answers, not its accuracy)."""
+    import llava_fast
+    from llava_fast.data import load_tokenizer
+    from llava_fast.demo import answer_questions, run_demo
 
     out = tmp_path / "demo"
     assert run_demo(out_dir=str(out), seed=0, device="cuda", quick=True) == 0
@@ -69,22 +73,15 @@ def test_cuda_demo_quick(tmp_path, capsys):
     for s in ("stage 1 done", "stage 2 done", "held-out accuracy", "Q: ", "A: "):
         assert s in text
     acc = float(re.search(r"held-out accuracy: ([0-9.]+)%", text).group(1))
-    print(f"quick demo on {torch.cuda.get_device_name()}: held-out accuracy {acc}%")
-    assert acc >= 45.0, text[-2000:]
     final = out / "stage2" / "final"
     assert (final / "config.json").exists() and any(p.suffix == ".safetensors" for p in final.iterdir())
 
-    import llava_fast
-    from llava_fast.data import load_tokenizer
-    from llava_fast.demo import answer_questions
-
-    held = json.loads((out / "data" / "eval.json").read_text())[:16]
-    tok = load_tokenizer(str(final))
-    images = os.path.join(out, "data", "images")
-    answers = {}
-    for dev in ("cpu", "cuda"):
-        model = llava_fast.from_pretrained(str(final), dtype=torch.float32, device=dev).eval()
-        answers[dev] = answer_questions(model, tok, held, images, torch.device(dev))
-    # bf16 autocast on the GPU against fp32 on the CPU: a near tie may flip, most answers must not
-    same = sum(x == y for x, y in zip(answers["cpu"], answers["cuda"]))
-    assert same >= len(held) - 2, answers
+    held = json.loads((out / "data" / "eval.json").read_text())
+    model = llava_fast.from_pretrained(str(final), dtype=torch.float32, device="cpu").eval()
+    answers = answer_questions(model, load_tokenizer(str(final)), held, os.path.join(out, "data", "images"),
+                               torch.device("cpu"))
+    acc_cpu = 100 * sum(a == it["answer"] for a, it in zip(answers, held)) / len(held)
+    print(f"quick demo on {torch.cuda.get_device_name()}: held-out accuracy {acc}% (exported model on the CPU: "
+          f"{acc_cpu}%)")
+    assert acc >= 45.0, text[-2000:]
+    assert abs(acc_cpu - acc) <= 15.0, (acc, acc_cpu)
