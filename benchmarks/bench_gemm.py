@@ -64,6 +64,13 @@ WORKLOADS = [
                                       ("fc1", 4304, 1152, ("fwd", "dgrad", "wgrad"))]),
 ]
 PADS = (64, 128, 256, 512)
+# the vision towers' patch embeddings (ops/patch_embed.py, opt-in since session 23): (workload, tiles, tile px, D,
+# bias, modes); the convolution cuDNN runs (an Ampere mma.sync kernel at ~39 TFLOP/s in session 19's profiles, plus
+# layout copies) against the same products as one GEMM over the gathered patches
+PATCHES = [("prefill CLIP-L/336", 40, 336, 1024, False, ("fwd",)),
+           ("stage1 CLIP-L/336", 16, 336, 1024, False, ("fwd",)),
+           ("OV-0.5B SigLIP/384", 14, 384, 1152, True, ("fwd", "fwd+wgrad"))]
+PATCHES_SMOKE = [("smoke", 2, 28, 16, True, ("fwd", "fwd+wgrad"))]
 SMOKE = [("smoke", 100, [("lin", 48, 32, ("fwd", "dgrad", "wgrad"))]),
          ("stage1 smoke", 64, [("lin", 16, 32, ("fwd",))])]
 
@@ -246,6 +253,43 @@ def main(argv=None):
                             unit="TFLOP/s", note="; ".join(note), timing=t["timing"]))
             del fns
 
+    def patch_rows():
+        """The patch embedding as the convolution (``patch_conv``) and as one GEMM (``patch_gemm``), forward and, where
+        the tower trains, forward + weight gradient; useful TFLOP/s of 2 x tiles x patches x D x 3 p p (x 2 with the
+        weight gradient). decide.py ``patch_embed``: the GEMM form the default at >= 1.3x on every row."""
+        from llava_fast.ops.patch_embed import patch_embed_gemm, patch_embed_ref
+
+        for workload, tiles, size, d, bias, modes in (PATCHES_SMOKE if args.smoke else PATCHES):
+            x = randn(tiles, 3, size, size, device=dev, dtype=dtype)
+            w = randn(d, 3, 14, 14, device=dev, dtype=dtype).mul_(0.05).requires_grad_()
+            b = randn(d, device=dev, dtype=dtype).requires_grad_() if bias else None
+            n_pos = tiles * (size // 14) ** 2
+            gy = randn(tiles, (size // 14) ** 2, d, device=dev, dtype=dtype)
+            for mode in modes:
+                base = None
+                for prov, fn in (("patch_conv", patch_embed_ref), ("patch_gemm", patch_embed_gemm)):
+                    if mode == "fwd":
+                        def run(fn=fn):
+                            with torch.no_grad():
+                                fn(x, w, b)
+                    else:
+                        def run(fn=fn):
+                            torch.autograd.grad(fn(x, w, b), [w], gy)
+                    t = bench(run, warmup, rep, timing=timing)
+                    base = base or t["ms"]
+                    flops = 2 * n_pos * d * 3 * 14 * 14 * (1 if mode == "fwd" else 2)
+                    rows.append(Row(bench="gemm", provider=prov, shape=f"{workload} patch embedding {tiles}x3x{size}^2 "
+                                    f"-> {n_pos}x{d}", dtype=dname, mode=mode, ms=t["ms"], ms_p20=t["ms_p20"],
+                                    ms_p80=t["ms_p80"], metric=flops / t["ms"] / 1e9, unit="TFLOP/s",
+                                    note=f"{base / t['ms']:.3f}x conv" if prov == "patch_gemm" else "",
+                                    timing=t["timing"]))
+            print(f"{workload} patch embedding: done", flush=True)
+
+    try:   # first: a few seconds, before the long rows
+        patch_rows()
+    except Exception as e:  # must not stop the GEMM rows
+        rows.append(Row(bench="gemm", provider="patch_gemm", shape="patch embedding", dtype=dname, mode="fwd",
+                        note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
     for i, (workload, m, linears) in enumerate(SMOKE if args.smoke else WORKLOADS):
         for name, n, k, modes in linears:
             shape = f"{workload} {name} M={m} N={n} K={k}"

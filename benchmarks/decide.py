@@ -652,8 +652,31 @@ def gemm_padding(folder):
     return out
 
 
+def patch_embed(folder):
+    """bench_gemm's patch embedding rows: the GEMM form (ops/patch_embed.py, opt-in since session 23) against the
+    convolution at the three workloads' shapes. >= 1.3x on every row: make it the CUDA default (drop patch_embed from
+    backend.AUTO_REFERENCE), once tests/ops/test_patch_embed.py's cuda tests pass."""
+    rows = load_rows(folder, "gemm")
+    pairs = []
+    for r in rows:
+        if r.get("provider") == "patch_gemm" and r.get("ms"):
+            conv = next((c for c in rows if c.get("provider") == "patch_conv" and c.get("ms")
+                         and c.get("shape") == r.get("shape") and c.get("mode") == r.get("mode")), None)
+            if conv:
+                pairs.append((r, conv["ms"] / r["ms"]))
+    if not pairs:
+        return [("patch embedding as one GEMM", "not measured", "", "")]
+    rule = ">= 1.3x the convolution on every row: the CUDA default"
+    out = [(f"patch embedding GEMM vs conv, {r['shape']} {r['mode']}", f"{x:.2f}x", rule, "")
+           for r, x in pairs]
+    worst = min(x for _, x in pairs)
+    out.append(("patch embedding as one GEMM, every row", f"worst {worst:.2f}x", rule,
+                "default" if worst >= 1.3 else "keep the convolution"))
+    return out
+
+
 RULES = (cross_entropy, attention, projector, projector_sweep, encoder, model, host_bound, compiled,
-         rms_norm_bwd_tile, activations, pack_copy, gemm_padding)
+         rms_norm_bwd_tile, activations, pack_copy, gemm_padding, patch_embed)
 
 
 def decide(folder: str) -> list[tuple]:

@@ -25,6 +25,7 @@ OPS: dict[str, str | None] = {
     "layer_norm": None,
     "bias_grad": None,
     "cross_entropy": None,
+    "patch_embed": None,
 }
 _CHOICES = ("auto", "reference", "triton", "cuda")
 _overrides: dict[str, str] = {}
@@ -43,6 +44,7 @@ _MODULES = {
     "layer_norm": "llava_fast.ops.layer_norm",
     "bias_grad": "llava_fast.ops.bias_grad",
     "cross_entropy": "llava_fast.ops.cross_entropy",
+    "patch_embed": "llava_fast.ops.patch_embed",
 }
 _loaded: set[str] = set()
 # Ops whose "auto" is the reference path even on CUDA, with the measurement that says why (docs/perf-notes.md).
@@ -60,6 +62,9 @@ AUTO_REFERENCE: dict[str, str] = {
     "bias_grad": "not yet measured (session 14): the linears' bias gradients by a two-pass Triton column sum "
                  "instead of torch's reduce_kernel (~30% of copy bandwidth in the H200 OneVision profile); "
                  "bench_bias_grad.py and bench_model's llava_fast_bias_triton decide",
+    "patch_embed": "not yet measured (session 23): the vision towers' patch convolution as one cuBLAS GEMM over the "
+                   "gathered patches instead of cuDNN's Ampere-era kernel (~39 TFLOP/s in the H200 profiles); "
+                   "bench_gemm.py's patch_embed rows decide",
 }
 
 

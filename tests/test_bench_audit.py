@@ -609,7 +609,8 @@ def test_gemm_bench_smoke():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     for mode, prov in (("fwd", "exact"), ("fwd", "pad64"), ("fwd", "split2"), ("dgrad", "pad64"),
-                       ("wgrad", "exact"), ("fwd", "layer_exact"), ("fwd", "layer_M128")):
+                       ("wgrad", "exact"), ("fwd", "layer_exact"), ("fwd", "layer_M128"), ("fwd", "patch_conv"),
+                       ("fwd", "patch_gemm"), ("fwd+wgrad", "patch_gemm")):
         assert f"| {mode} | {prov} |" in r.stdout, (mode, prov, r.stdout)
     assert "failed" not in r.stdout, r.stdout
 
@@ -691,3 +692,18 @@ def test_gemm_clock_sampler(tmp_path, monkeypatch):
     with bench_gemm.ClockSampler(True) as c:
         pass
     assert c.note() == ""
+
+
+def test_decide_patch_embed(tmp_path):
+    """decide.patch_embed: the GEMM form becomes the default only at >= 1.3x the convolution on every row."""
+    def rows(x_ov):
+        return [dict(bench="gemm", provider=p, shape=sh, mode=mode, ms=ms)
+                for sh, mode, conv, gemm in (("prefill CLIP-L/336 patch embedding", "fwd", 1.0, 0.2),
+                                             ("OV SigLIP/384 patch embedding", "fwd+wgrad", 1.0, 1.0 / x_ov))
+                for p, ms in (("patch_conv", conv), ("patch_gemm", gemm))]
+    (tmp_path / "gemm-GPU-1.json").write_text(json.dumps({"rows": rows(1.5)}))
+    got = _decide(tmp_path)
+    assert got["patch embedding as one GEMM, every row"][2] == "default"
+    assert got["patch embedding GEMM vs conv, prefill CLIP-L/336 patch embedding fwd"][0] == "5.00x"
+    (tmp_path / "gemm-GPU-1.json").write_text(json.dumps({"rows": rows(1.2)}))
+    assert _decide(tmp_path)["patch embedding as one GEMM, every row"][2] == "keep the convolution"

@@ -6,6 +6,7 @@ from torch import nn
 
 from llava_fast.models.config import VisionConfig
 from llava_fast.models.layers import get_activation
+from llava_fast.ops.patch_embed import patch_embed
 
 
 class VisionEmbeddings(nn.Module):
@@ -22,8 +23,9 @@ class VisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(n, d)
 
     def forward(self, pixel_values):
-        # pixels are cast to the conv weight dtype first, as transformers does (trap 3)
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        # pixels are cast to the conv weight dtype first, as transformers does (trap 3); the convolution, or the same
+        # products as one GEMM where the backend says so (ops/patch_embed.py)
+        x = patch_embed(self.patch_embedding, pixel_values.to(self.patch_embedding.weight.dtype))
         if self.cfg.is_clip:
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # promotes as transformers
         else:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from host_overhead import device_reads  # noqa: E402
 
 KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention",
-           "projector", "gelu", "quick_gelu", "layer_norm", "bias_grad")
+           "projector", "gelu", "quick_gelu", "layer_norm", "bias_grad", "patch_embed")
 
 
 def _step(m, kw):

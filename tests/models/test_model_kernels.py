@@ -36,7 +36,7 @@ def test_training_kernels_in_model(tmp_path, forced, model_type):
     ref_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
     forced("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention", "projector",
-           "gelu", "quick_gelu", "layer_norm", "bias_grad")
+           "gelu", "quick_gelu", "layer_norm", "bias_grad", "patch_embed")
     logits = m(**kw).logits
     torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=0)
     out = m(**kw, logits=False)             # fused linear cross-entropy: no logits materialised
