@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llava_fast import backend
+from llava_fast.ops.act_linear import unhooked
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -69,8 +70,6 @@ def gemm_usable(conv: nn.Module, pixel_values: torch.Tensor) -> bool:
     says so for ``pixel_values``' device (opt-in on CUDA), and calling the module would compute exactly that conv:
     a plain ``nn.Conv2d`` (not a subclass with its own forward, such as a LoRA layer) with kernel = stride, no
     padding or dilation, one group, and no hooks (which only a call would run)."""
-    from llava_fast.ops.act_linear import unhooked
-
     return (backend.use_fast("patch_embed", pixel_values.device.type) and type(conv) is nn.Conv2d
             and pixel_values.dim() == 4 and conv.kernel_size == conv.stride
             and conv.kernel_size[0] == conv.kernel_size[1] and conv.padding == (0, 0) and conv.dilation == (1, 1)

@@ -18,7 +18,7 @@ from test_model_kernels import packed_inputs
 from tiny import save_tiny
 
 KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention", "projector",
-           "quick_gelu")
+           "quick_gelu", "patch_embed")
 
 
 @pytest.mark.parametrize("model_type, host", [("llava_next", False), ("llava_onevision", True)],
