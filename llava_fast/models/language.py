@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llava_fast import backend
+from llava_fast import _ext, backend
 
 from llava_fast.models.config import TextConfig
 from llava_fast.models.layers import RMSNorm, RotaryEmbedding, apply_rope, get_activation
@@ -398,8 +398,6 @@ def token_padding(b: int, n: int, cu_seqlens, attention_mask, cache) -> int:
     Why: cuBLAS ran the NeXT prefill's GEMMs at M = 19984 at 616-720 TFLOP/s where stage 1's M = 10240 ran 785-793
     (H200, session 19; docs/perf-notes.md, "GEMM rate against M"); opt-in until ``bench_gemm.py`` and bench_model's
     ``llava_fast_pad256`` row measure it."""
-    from llava_fast import _ext
-
     raw = _ext.env_str("LLAVA_FAST_PAD_TOKENS", "0")
     if not raw.isdigit():
         raise ValueError(f"LLAVA_FAST_PAD_TOKENS={raw!r}: must be a whole number of tokens (0: no padding)")

@@ -48,8 +48,7 @@ __all__ = ["act_linear", "act_linears", "act_linear_ref", "act_linears_ref", "Ac
 # --------------------------------------------------------------------------------------------------------------------
 def act_linears_ref(act: Callable, hs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                     biases: Sequence[Optional[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    a = act(*hs)
-    return tuple(F.linear(a, w, b) for w, b in zip(weights, biases))
+    return linears(act(*hs), weights, biases)
 
 
 def act_linear_ref(act: Callable, hs: Sequence[torch.Tensor], weight: torch.Tensor,
