@@ -509,6 +509,8 @@ def launch(kernel, grid, *args, **kwargs):
         compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, drv.get_current_stream(device),
                      compiled.function, compiled.packed_metadata, None, None, None, *bound.values())
     except Exception as e:  # noqa: BLE001 - a launcher that does not take these arguments: Triton's path from now on
+        if type(e).__name__ == "OutOfResources":  # the kernel does not fit this GPU: the caller's to handle
+            raise
         _DIRECT = False
         import warnings
 

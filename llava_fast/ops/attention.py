@@ -735,15 +735,53 @@ def _kernel(kind: str, fn, fp32: bool = False):
     return _TUNED[kind], False
 
 
+def _smaller_cfg(cfg: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+    """The next config to try when ``cfg`` needs more shared memory than the GPU has per block: the larger block
+    (keys first) halved down to 16, then one stage fewer; 4 warps once both blocks are <= 64. None: nothing smaller.
+    From the defaults this gives the spill-free neighbours ptxas reports (aot_check.py --arch 86): the forward's 128 x
+    128 (160 KB at D128, 100-120 KB at D72-96) -> 128 x 64 (96 / 60-72 KB), fp32's 64 x 32 -> 32 x 32."""
+    bm, bn, warps, stages = cfg
+    if bn >= bm and bn > 16:
+        bn //= 2
+    elif bm > 16:
+        bm //= 2
+    elif stages > 1:
+        stages -= 1
+    else:
+        return None
+    return bm, bn, (min(warps, 4) if bm <= 64 and bn <= 64 else warps), stages
+
+
+# (kind, width, default config, device index) -> the config that fits, for GPUs with less shared memory per block than
+# a default needs (A10, L4, L40S, RTX 30xx / 40xx: 99 KB against the H100's 227 and the A100's 163). Filled by
+# _launch when Triton refuses a config; empty on the GPUs the defaults were chosen on, where it costs one truth test.
+_FITTED: dict = {}
+
+
 def _launch(kind, fn, grid_of, args, constexprs, max_seqlen_q: int | None = None):
     kernel, fixed = _kernel(kind, fn, constexprs["DOT_PREC"] == "ieee")
-    if fixed:
-        width = constexprs["BLOCK_D0"] + (constexprs["BLOCK_D1"] if constexprs["HAS_D1"] else 0)
-        bm, bn, warps, stages = _default_cfg(kind, width, constexprs["DOT_PREC"] == "ieee", max_seqlen_q)
-        _ext.launch(kernel, grid_of(bm, bn), *args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                    num_stages=stages)
-    else:
+    if not fixed:  # the autotuner skips configs that do not fit by itself
         kernel[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+        return
+    width = constexprs["BLOCK_D0"] + (constexprs["BLOCK_D1"] if constexprs["HAS_D1"] else 0)
+    cfg = default = _default_cfg(kind, width, constexprs["DOT_PREC"] == "ieee", max_seqlen_q)
+    key = None
+    if _FITTED:
+        key = (kind, width, default, args[0].device.index)
+        cfg = _FITTED.get(key, default)
+    while True:
+        bm, bn, warps, stages = cfg
+        try:
+            _ext.launch(kernel, grid_of(bm, bn), *args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                        num_stages=stages)
+            return
+        except triton.runtime.OutOfResources as e:  # raised before anything runs: nothing to undo
+            smaller = _smaller_cfg(cfg)
+            if smaller is None:
+                raise RuntimeError(f"flash attention ({kind}, head dim {constexprs['HEAD_DIM']}): no kernel "
+                                   f"configuration fits this GPU ({e})") from e
+            key = key or (kind, width, default, args[0].device.index)
+            _FITTED[key] = cfg = smaller
 
 
 def _split_head_dim(d: int) -> tuple[int, int, bool]:

@@ -388,6 +388,68 @@ def test_cutlass_fwd_falls_back(fake_cutlass_attn, case, match, device):
     assert_flash_rule(out, ref, low, name="out")
 
 
+class _SmallSharedMemory:
+    """``_ext.launch`` as on a GPU with little shared memory per block: Triton refuses (OutOfResources, before anything
+    runs) every attention kernel whose BLOCK_M x BLOCK_N is over ``limit``; the others run (under the interpreter)."""
+
+    def __init__(self, limit):
+        from llava_fast import _ext
+
+        self.limit, self.real, self.tried = limit, _ext.launch, []
+
+    def __call__(self, kernel, grid, *args, **kw):
+        import triton
+
+        if "BLOCK_M" in kw and kernel in (attn_mod._flash_attn_fwd_kernel, attn_mod._flash_attn_bwd_dkdv_kernel,
+                                           attn_mod._flash_attn_bwd_dq_kernel):
+            self.tried.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))
+            if kw["BLOCK_M"] * kw["BLOCK_N"] > self.limit:
+                raise triton.runtime.OutOfResources(kw["BLOCK_M"] * kw["BLOCK_N"], self.limit, "shared memory")
+        return self.real(kernel, grid, *args, **kw)
+
+
+def test_configs_shrink_until_they_fit(monkeypatch, device):
+    """A config that Triton refuses for lack of shared memory (the D128 forward's 128 x 128, 160 KB, on the 99 KB of
+    an A10, L4, L40S or RTX 4090) is retried smaller, remembered per (kind, width, default config, device), and the
+    results are the kernels' as usual: forward and every gradient against the fp32 reference."""
+    from llava_fast import _ext
+
+    fake = _SmallSharedMemory(limit=16 * 16)  # the interpreter's configs are 32 x 16 and 16 x 32: all refused
+    monkeypatch.setattr(_ext, "launch", fake)
+    monkeypatch.setattr(attn_mod, "_FITTED", {})
+    _check_against_ref(DOCS, DOCS, 4, 2, 72, True, torch.float32, device, _run_function)
+    assert fake.tried == [(32, 16, 1, 1), (16, 16, 1, 1), (16, 32, 1, 1), (16, 16, 1, 1), (32, 16, 1, 1),
+                          (16, 16, 1, 1)]  # fwd, dK/dV, dQ: each refused once, then its fitted config
+    assert set(attn_mod._FITTED.values()) == {(16, 16, 1, 1)} and len(attn_mod._FITTED) == 3
+    fake.tried.clear()
+    _check_against_ref(DOCS, DOCS, 4, 2, 72, False, torch.float32, device, _run_function)
+    assert fake.tried == [(16, 16, 1, 1)] * 3  # remembered: no refused launch the second time
+
+
+def test_no_config_fits_names_the_kernel(monkeypatch, device):
+    from llava_fast import _ext
+
+    monkeypatch.setattr(_ext, "launch", _SmallSharedMemory(limit=0))
+    monkeypatch.setattr(attn_mod, "_FITTED", {})
+    q, k, v, cu_q, cu_k = _make(DOCS, DOCS, 2, 2, 64, torch.float32, device)
+    with pytest.raises(RuntimeError, match=r"flash attention \(fwd, head dim 64\): no kernel configuration fits"):
+        FlashAttnVarlenFunction.apply(q, k, v, cu_q, cu_k, 37, 37, 0.125, True, False)
+
+
+def test_smaller_cfg_from_the_defaults():
+    """The fallbacks the launcher tries on a small-shared-memory GPU, from each default (aot_check.py --arch 86 shows
+    the first ones fit in 99 KB without spills: 128 x 64 at 8 warps for the forward, 32 x 32 for fp32)."""
+    seq = []
+    cfg = (128, 128, 8, 3)
+    while cfg is not None:
+        seq.append(cfg)
+        cfg = attn_mod._smaller_cfg(cfg)
+    assert seq == [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 3),
+                   (32, 16, 4, 3), (16, 16, 4, 3), (16, 16, 4, 2), (16, 16, 4, 1)]
+    assert attn_mod._smaller_cfg((64, 32, 4, 2)) == (32, 32, 4, 2)        # fp32 dK/dV and dQ at D128
+    assert attn_mod._smaller_cfg((64, 128, 8, 2)) == (64, 64, 4, 2)       # dK/dV
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("docs", list(GPU_DOCS))
 @pytest.mark.parametrize("d", [64, 72, 80, 96, 128])
@@ -395,6 +457,19 @@ def test_cutlass_fwd_falls_back(fake_cutlass_attn, case, match, device):
 def test_cuda_docs_x_headdim(docs, d, causal):
     lens = GPU_DOCS[docs]
     _check_against_ref(lens, lens, 4, 2, d, causal, torch.bfloat16, "cuda", _run_function)
+
+
+@pytest.mark.cuda
+def test_cuda_config_over_shared_memory_shrinks(monkeypatch):
+    """On the GPU itself: configs over any GPU's shared memory (sm_90 builds at D128, aot_check.py: 416, 322 and 320
+    KB) are refused by Triton at launch and the launcher retries smaller ones, as on a 99 KB A10 / L4 / L40S with the
+    defaults; forward and every gradient pass the flash rule, and the fitted configs are remembered."""
+    monkeypatch.setenv("LLAVA_FAST_ATTN_CFG", "fwd=128,256,8,3;dkdv=128,256,8,3;dq=256,128,8,3")
+    monkeypatch.setattr(attn_mod, "_FITTED", {})
+    _check_against_ref([300, 1, 1500], [300, 1, 1500], 8, 2, 128, True, torch.bfloat16, "cuda", _run_function)
+    kinds = {key[0] for key in attn_mod._FITTED}
+    assert kinds == {"fwd", "dkdv", "dq"}, attn_mod._FITTED
+    assert all(cfg[0] * cfg[1] < 128 * 256 for cfg in attn_mod._FITTED.values())
 
 
 @pytest.mark.cuda
