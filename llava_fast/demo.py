@@ -242,8 +242,10 @@ def answer_questions(model, tok, items, image_root, device, max_new: int = 3, ba
     from llava_fast.data import image_config, load_image
     from llava_fast.data.templates import VICUNA_SYSTEM, expand_placeholders, tokenize_with_media
     from llava_fast.ops.anyres import preprocess_images
+    from llava_fast.train.trainer import bf16_autocast
 
     spec = image_config(model.config)
+    mixed = bf16_autocast("auto", device)
     eos = tok.eos_token_id
     img_id = model.config.image_token_id
     model.eval()
@@ -270,7 +272,7 @@ def answer_questions(model, tok, items, image_root, device, max_new: int = 3, ba
             cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(torch.tensor(lens), 0)
             pos = torch.cat([torch.arange(n) for n in lens])[None].to(device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
                 logits = model(ids, pixel_values=pv, image_sizes=isz, position_ids=pos, cu_seqlens=cu.to(device),
                                max_seqlen=max(lens)).logits
             nxt = logits[0, (cu[1:] - 1).long().to(device)].argmax(-1).tolist()

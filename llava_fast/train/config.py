@@ -148,7 +148,8 @@ class TrainSection:
     """Micro-batches accumulated per optimizer step on each rank."""
     seed: int = 0
     precision: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32."""
+    """auto (bf16 autocast on GPUs with native bf16, compute capability >= 8.0; fp32 on older GPUs and the CPU) |
+    bf16 | fp32."""
     activation_checkpointing: bool = False
     compile: bool = False
     """torch.compile every decoder and vision encoder layer (one graph per layer type; off by default: not yet

@@ -82,6 +82,15 @@ def param_groups(model, lr: float, vision_lr: float | None, weight_decay: float)
     return [{"params": ps, "lr": glr, "weight_decay": wd, "initial_lr": glr} for (glr, wd), ps in groups.items()]
 
 
+def bf16_autocast(precision: str, device: torch.device) -> bool:
+    """Whether a step runs under bf16 autocast: ``train.precision`` ``bf16``, or ``auto`` on a GPU with native bf16
+    (compute capability >= 8.0). ``auto`` on an older GPU (V100, T4: bf16 only emulated, slower than fp32) and on the
+    CPU trains in fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _supports_packing(model) -> bool:
     try:
         return "cu_seqlens" in inspect.signature(model.forward).parameters
@@ -202,7 +211,9 @@ class Trainer:
         lm = model.model.language_model
         if cfg.train.activation_checkpointing:
             lm.gradient_checkpointing = True
-        self.autocast = (cfg.train.precision == "bf16") or (cfg.train.precision == "auto" and dev.type == "cuda")
+        self.autocast = mixed = bf16_autocast(cfg.train.precision, dev)
+        if dev.type == "cuda" and cfg.train.precision == "auto" and not mixed:
+            self.log("train.precision=auto: this GPU has no native bf16 (compute capability < 8.0): training in fp32")
         self.fsdp = False
         if self.dist.enabled:
             if cfg.train.fsdp == "off":
@@ -213,7 +224,7 @@ class Trainer:
             apply_fsdp2(model, param_dtype=torch.bfloat16 if self.autocast else None)
             self.fsdp = True
             self.autocast = False  # FSDP2's MixedPrecisionPolicy casts the parameters
-        self._pix_dtype = torch.bfloat16 if (self.fsdp and dev.type == "cuda" and cfg.train.precision != "fp32") \
+        self._pix_dtype = torch.bfloat16 if (self.fsdp and dev.type == "cuda" and mixed) \
             else next(model.parameters()).dtype
         if cfg.train.compile:
             model.compile_layers()

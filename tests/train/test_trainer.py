@@ -361,3 +361,25 @@ def test_compiled_layers_train_like_eager(assets, tmp_path, monkeypatch):
     se, sc = eager.model.state_dict(), tr.model.state_dict()
     for k in se:
         torch.testing.assert_close(sc[k], se[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_precision_auto_is_bf16_only_where_the_gpu_has_it(monkeypatch):
+    """train.precision=auto: bf16 autocast on a GPU with native bf16, fp32 on an older one (V100 / T4: bf16 only
+    emulated) and on the CPU; an explicit bf16 or fp32 is taken as given."""
+    from llava_fast.train.trainer import bf16_autocast
+
+    asked = []
+
+    def native(including_emulation=True):
+        asked.append(including_emulation)
+        return native.value
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", native)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    native.value = True
+    assert bf16_autocast("auto", cuda) and asked == [False]
+    native.value = False
+    assert not bf16_autocast("auto", cuda)
+    assert not bf16_autocast("auto", cpu)
+    assert bf16_autocast("bf16", cuda) and bf16_autocast("bf16", cpu)
+    assert not bf16_autocast("fp32", cuda)
+    assert asked == [False, False]
