@@ -180,6 +180,19 @@ def _widths(ptx: str) -> dict:
     return {k: dict(v) for k, v in out.items()}
 
 
+def _old_ast_source(jf, rec: Launch, sig: dict, target):
+    """The ASTSource of triton 3.2 / 3.3, built as their ``JITFunction.run`` builds it: the backend's attribute
+    descriptor from the argument values (meta tensors have data_ptr 0: 16-byte aligned), constants by name."""
+    from triton.compiler import ASTSource, make_backend
+
+    vals = tuple(rec.values.get(p.name, p.default) for p in jf.params)
+    desc = make_backend(target).get_attrs_descriptor(jf.params, vals)
+    fixed = desc.get_constants()
+    constants = {p.name: v for v, p in zip(vals, jf.params) if p.is_constexpr or p.num in fixed or v is None}
+    signature = {p.name: sig[p.name] for p in jf.params if p.name not in constants}
+    return ASTSource(jf, signature, constants, desc)
+
+
 def compile_launch(rec: Launch, arch: int, sass_dir: str = "") -> dict:
     """triton.compile one captured launch for sm_<arch>, as triton's launcher would specialize it; ptxas -v.
     sass_dir: also write the SASS (nvdisasm) there and add the biggest loop's instruction mix to the row."""
@@ -223,10 +236,13 @@ def compile_launch(rec: Launch, arch: int, sass_dir: str = "") -> dict:
     row = dict(kernel=rec.name, num_warps=rec.num_warps, num_stages=rec.num_stages,
                blocks={k: v for k, v in rec.values.items() if k.startswith("BLOCK") and isinstance(v, int)})
     t0 = time.time()
+    target = GPUTarget("cuda", arch, 64 if arch >= 90 else 32)
     try:
-        k = triton.compile(ASTSource(jf, sig, constexprs=ce, attrs=attrs),
-                           target=GPUTarget("cuda", arch, 64 if arch >= 90 else 32),
-                           options={"num_warps": rec.num_warps, "num_stages": rec.num_stages})
+        if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+            src = ASTSource(jf, sig, constexprs=ce, attrs=attrs)
+        else:  # triton <= 3.3 (torch 2.6 / 2.7): constants by name, attributes as the launcher derives them
+            src = _old_ast_source(jf, rec, sig, target)
+        k = triton.compile(src, target=target, options={"num_warps": rec.num_warps, "num_stages": rec.num_stages})
     except Exception as e:  # noqa: BLE001 - report every failure, keep going
         row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-300:]}", seconds=round(time.time() - t0, 1))
         return row

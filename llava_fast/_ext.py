@@ -371,7 +371,7 @@ def cutlass_dtype_code(dtype) -> int | None:
     """The CUTLASS entry points' code for a torch dtype (None: not built for it)."""
     return CUTLASS_DTYPES.get(str(dtype).replace("torch.", ""))
 CUTLASS_ON_CPU = False  # tests only: let CPU tensors through to a fake library that checks a C ABI contract
-_cutlass_warned: set = set()
+_warned_once: set = set()
 
 
 def cutlass_unavailable(device, need: str | None = None) -> str | None:
@@ -575,10 +575,10 @@ def ensure_cuda_context(index: int, libcuda=None) -> None:
                            f"(driver error {rc})")
 
 
-def cutlass_warn(msg: str) -> None:
-    """One warning per message: a CUTLASS path that cannot take a call and falls back says why once."""
-    if msg not in _cutlass_warned:
-        _cutlass_warned.add(msg)
+def warn_once(msg: str) -> None:
+    """One warning per message: a path that cannot take a call (CUTLASS, TMA) and falls back says why once."""
+    if msg not in _warned_once:
+        _warned_once.add(msg)
         import warnings
 
         warnings.warn(msg, stacklevel=4)

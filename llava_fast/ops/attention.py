@@ -960,7 +960,7 @@ def cutlass_fwd_unusable(q, k, v, batch: int, max_seqlen_q: int, max_seqlen_k: i
 
 
 def _cutlass_warn(msg: str) -> None:
-    _ext.cutlass_warn(f"attention: LLAVA_FAST_ATTN_CUTLASS=1: {msg}; using the Triton forward")
+    _ext.warn_once(f"attention: LLAVA_FAST_ATTN_CUTLASS=1: {msg}; using the Triton forward")
 
 
 def _cutlass_fwd(q, k, v, out, lse, batch, max_seqlen_q, max_seqlen_k, softmax_scale, causal, seqused_k) -> bool:

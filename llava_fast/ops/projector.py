@@ -416,6 +416,10 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
         raise ValueError(f"projector: the Triton kernel needs CUDA tensors (got {a.device}); use the reference "
                          f"(llava_fast.set_backend('projector', 'auto')) or set TRITON_INTERPRET=1 to debug on CPU")
     kind = kernel_kind()
+    if kind in ("tma", "tma_nested") and not hasattr(tl, "make_tensor_descriptor"):
+        _ext.warn_once(f"projector: {_KERNEL_ENV}={kind} needs triton >= 3.4 (tl.make_tensor_descriptor), this is "
+                          f"{triton.__version__}; using the pointer kernel")
+        kind = "pointer"
     if kind in ("tma", "tma_nested"):
         usable, b_kmajor, b_row = _tma_layout(a, b)
         if usable:
@@ -468,7 +472,7 @@ def cutlass_sched(gemm: str) -> int:
 
 
 def _cutlass_warn(msg: str) -> None:
-    _ext.cutlass_warn(f"projector: LLAVA_FAST_PROJECTOR_KERNEL=cutlass: {msg}; using the Triton kernel")
+    _ext.warn_once(f"projector: LLAVA_FAST_PROJECTOR_KERNEL=cutlass: {msg}; using the Triton kernel")
 
 
 def cutlass_unusable(*tensors: torch.Tensor, approximate: str = "none") -> str | None:

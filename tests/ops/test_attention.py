@@ -345,7 +345,7 @@ def fake_cutlass_attn(monkeypatch):
     fake = FakeCutlassAttn()
     monkeypatch.setattr(_ext, "cutlass_lib", lambda: fake)
     monkeypatch.setattr(_ext, "CUTLASS_ON_CPU", True)
-    monkeypatch.setattr(_ext, "_cutlass_warned", set())
+    monkeypatch.setattr(_ext, "_warned_once", set())
     monkeypatch.setenv("LLAVA_FAST_ATTN_CUTLASS", "1")
     return fake
 

@@ -147,6 +147,29 @@ def test_fused_fp32_vs_hf(dims, m, bias, x_grad, act, device):
     check_all(ours, ref64, ref32, x_grad, bias, atol_ulps=4)
 
 
+def test_tma_kernel_on_triton_without_tensor_descriptors(monkeypatch, device):
+    """LLAVA_FAST_PROJECTOR_KERNEL=tma on a Triton older than 3.4 (torch 2.6 / 2.7 bring 3.2 / 3.3: no
+    tl.make_tensor_descriptor): the pointer kernel runs instead, after one warning that says why."""
+    import triton.language as tl
+
+    from llava_fast import _ext
+    from llava_fast.ops import projector as P
+
+    monkeypatch.delattr(tl, "make_tensor_descriptor")
+    monkeypatch.setattr(_ext, "_warned_once", set())
+    monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "tma")
+    tried = []
+    monkeypatch.setattr(P, "_tma_layout", lambda a, b: tried.append(1))
+    dv, dt, m = 40, 48, 7
+    hf = hf_projector(dv, dt, True, "gelu").to(device)
+    x, params, dy = make_inputs(m, dv, dt, True, device=device)
+    with pytest.warns(UserWarning, match=r"LLAVA_FAST_PROJECTOR_KERNEL=tma needs triton >= 3.4"):
+        ours = run_with_grads(fused(normalize_act("gelu")), x, params, dy, True)
+    ref_hi = hf_run(hf, x.double(), [p.double() for p in params], dy, torch.float64, True)
+    check_all(ours, ref_hi, hf_run(hf, x, params, dy, torch.float32, True), True, True, atol_ulps=4)
+    assert not tried
+
+
 @pytest.mark.parametrize("sub", [1, 4])
 def test_epilogue_subtiles(sub, monkeypatch, device):
     """The interpreter config uses 2 column sub-tiles in the epilogue; the GPU configs also use 1 and 4."""
@@ -255,7 +278,7 @@ def fake_cutlass(monkeypatch):
     fake = FakeCutlass()
     monkeypatch.setattr(_ext, "cutlass_lib", lambda: fake)
     monkeypatch.setattr(_ext, "CUTLASS_ON_CPU", True)
-    monkeypatch.setattr(_ext, "_cutlass_warned", set())
+    monkeypatch.setattr(_ext, "_warned_once", set())
     monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "cutlass")
     return fake
 
