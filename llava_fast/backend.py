@@ -119,30 +119,33 @@ def get_backend(op: str) -> str:
     return _ext.getenv(key) or "auto"
 
 
-_OLD_GPU: str | None = None  # "" or why "auto" keeps the reference path on this machine's GPUs; None: not yet asked
+_UNSUPPORTED_GPU: str | None = None  # "" or why "auto" keeps the reference path on this machine's GPUs; None: unasked
 
 
-def old_gpu() -> str:
-    """Why ``"auto"`` takes the reference path on this machine's CUDA GPUs ("" when it need not): a visible GPU of
-    compute capability below 8.0 (V100, T4, RTX 20xx). The Triton kernels are written for and tested on sm_80 and
-    newer (bf16 tensor-core dots, cp.async, the shared memory of Ampere) and the CUDA tile encoder is compiled for
-    sm_80 / sm_90. Asked once, on the first CUDA call: nothing touches the GPU at import."""
-    global _OLD_GPU
-    if _OLD_GPU is None:
+def unsupported_gpu() -> str:
+    """Why ``"auto"`` takes the reference path on this machine's CUDA devices ("" when it need not): a GPU of compute
+    capability below 8.0 (V100, T4, RTX 20xx), or an AMD GPU under ROCm. The Triton kernels are written for and
+    tested on NVIDIA sm_80 and newer (bf16 tensor-core dots, cp.async, the shared memory of Ampere) and the CUDA tile
+    encoder is compiled for sm_80 / sm_90. Asked once, on the first CUDA call: nothing touches the GPU at import."""
+    global _UNSUPPORTED_GPU
+    if _UNSUPPORTED_GPU is None:
         import torch
 
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         old = sorted({"%d.%d" % cap for cap in map(torch.cuda.get_device_capability, range(n)) if cap[0] < 8})
-        _OLD_GPU = (f"compute capability {', '.join(old)}: the kernels need 8.0 (Ampere) or newer; "
-                    f"set_backend(op, 'triton') tries them anyway") if old else ""
-    return _OLD_GPU
+        why = ("ROCm: the kernels are written and tested for NVIDIA GPUs" if n and torch.version.hip else
+               f"compute capability {', '.join(old)}: the kernels need 8.0 (Ampere) or newer" if old else "")
+        _UNSUPPORTED_GPU = f"{why}; set_backend(op, 'triton') tries them anyway" if why else ""
+    return _UNSUPPORTED_GPU
 
 
 def use_fast(op: str, device_type: str) -> bool:
     """True when ``op`` should run its fast kernel for tensors on ``device_type``."""
     choice = get_backend(op)
-    if choice == "reference" or (choice == "auto" and (device_type != "cuda" or op in AUTO_REFERENCE or
-                                                       (_OLD_GPU if _OLD_GPU is not None else old_gpu()))):
+    if choice == "reference":
+        return False
+    if choice == "auto" and (device_type != "cuda" or op in AUTO_REFERENCE or
+                             (_UNSUPPORTED_GPU if _UNSUPPORTED_GPU is not None else unsupported_gpu())):
         return False
     _ensure_registered(op)
     return OPS.get(op) is not None
@@ -160,8 +163,8 @@ def describe(device_type: str) -> dict[str, str]:
             out[op] = f"{kind}" + ("" if choice == "auto" else f" (forced: {choice})")
         elif choice == "auto" and device_type == "cuda" and op in AUTO_REFERENCE:
             out[op] = f"reference ({AUTO_REFERENCE[op]})"
-        elif choice == "auto" and device_type == "cuda" and old_gpu():
-            out[op] = f"reference ({old_gpu()})"
+        elif choice == "auto" and device_type == "cuda" and unsupported_gpu():
+            out[op] = f"reference ({unsupported_gpu()})"
         else:
             out[op] = "reference" + (" (forced)" if choice == "reference" else f" (tensors on {device_type})")
     return out

@@ -122,24 +122,28 @@ def test_set_backend_validates():
 
 
 def test_auto_keeps_the_reference_path_on_gpus_older_than_ampere(monkeypatch):
-    """A V100 / T4 (compute capability < 8.0): "auto" runs every op's reference, `llava-fast env` says why, and a
-    forced backend still gets the kernel. Asked of torch once, on the first CUDA call (not at import)."""
+    """A V100 / T4 (compute capability < 8.0), or ROCm: "auto" runs every op's reference, `llava-fast env` says why,
+    and a forced backend still gets the kernel. Asked of torch once, on the first CUDA call (not at import)."""
     from llava_fast import backend
 
-    monkeypatch.setattr(backend, "_OLD_GPU", None)
+    monkeypatch.setattr(backend, "_UNSUPPORTED_GPU", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(8, 0), (7, 5)][i])
     assert not backend.use_fast("rms_norm", "cuda")
-    assert backend.old_gpu().startswith("compute capability 7.5: the kernels need 8.0 (Ampere) or newer")
-    assert backend.describe("cuda")["rms_norm"] == f"reference ({backend.old_gpu()})"
+    assert backend.unsupported_gpu().startswith("compute capability 7.5: the kernels need 8.0 (Ampere) or newer")
+    assert backend.describe("cuda")["rms_norm"] == f"reference ({backend.unsupported_gpu()})"
     assert backend.describe("cuda")["projector"].startswith("reference (cuBLAS eager")  # its own reason first
     monkeypatch.setitem(backend._overrides, "rms_norm", "triton")
     assert backend.use_fast("rms_norm", "cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
-    monkeypatch.setattr(backend, "_OLD_GPU", None)
+    monkeypatch.setattr(backend, "_UNSUPPORTED_GPU", None)
     monkeypatch.delitem(backend._overrides, "rms_norm")
-    assert backend.use_fast("rms_norm", "cuda") and backend.old_gpu() == ""
+    assert backend.use_fast("rms_norm", "cuda") and backend.unsupported_gpu() == ""
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # an AMD GPU under ROCm: torch.cuda too, capability 9.4
+    monkeypatch.setattr(backend, "_UNSUPPORTED_GPU", None)
+    assert not backend.use_fast("rms_norm", "cuda")
+    assert backend.unsupported_gpu().startswith("ROCm: the kernels are written and tested for NVIDIA GPUs")
 
 
 def test_readme_commands_match_ci():
