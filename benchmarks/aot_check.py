@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory per block (opt-in maximum)
+# bytes of shared memory per block (the opt-in maximum) by target
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 KINDS = ("fwd", "fwd_decode", "dkdv", "dq")
 OPS = ("attention", "rms_norm", "rope", "swiglu", "quick_gelu", "gelu", "layer_norm", "bias_grad", "cross_entropy",
        "projector", "pack_features")
@@ -106,8 +107,11 @@ def intercept_launches(records: list, arch: int | None = None, sass_dir: str = "
         JITFunction.run = orig
 
 
-def _ptxas() -> str:
-    for p in (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas", Path("/usr/local/cuda/bin/ptxas")):
+def _ptxas(arch: int = 90) -> str:
+    """Triton's bundled ptxas for ``arch`` (Blackwell, sm_100 and up, has its own in recent Triton), else CUDA's."""
+    names = ("ptxas-blackwell", "ptxas") if arch >= 100 else ("ptxas",)
+    for p in [Path(triton.__file__).parent / "backends/nvidia/bin" / n for n in names] + [
+            Path("/usr/local/cuda/bin/ptxas")]:
         if p.exists():
             return str(p)
     raise FileNotFoundError("ptxas not found (neither triton's bundled copy nor /usr/local/cuda/bin/ptxas)")
@@ -251,7 +255,7 @@ def compile_launch(rec: Launch, arch: int, sass_dir: str = "") -> dict:
         f.write(ptx)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     cubin = f.name[:-4] + ".cubin" if sass_dir else os.devnull
-    res = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", f.name, "-o", cubin], capture_output=True,
+    res = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", f.name, "-o", cubin], capture_output=True,
                          text=True)
     os.unlink(f.name)
     if sass_dir and res.returncode == 0 and _nvdisasm():
@@ -550,7 +554,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="bf16", help="attention dtypes: bf16,fp16,fp32")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"attention kernels: subset of {','.join(KINDS)}")
     ap.add_argument("--causal", default="1", help="attention: 1, 0 or 1,0")
-    ap.add_argument("--arch", type=int, default=90, help="90 (H100/H200, sm_90a) or 80 (A100)")
+    ap.add_argument("--arch", type=int, default=90, help="90 (H100/H200, sm_90a), 80 (A100), 86 / 89 (A10, L4, L40S, "
+                    "RTX 30xx / 40xx), 100 (B200, sm_100a) or 120 (RTX 50xx)")
     ap.add_argument("--sweep", default="", help='attention configs instead of the defaults (via LLAVA_FAST_ATTN_CFG): '
                     '"dkdv=64,64,8,3|64,128,8,2;dq=128,64,8,2" (BLOCK_M,BLOCK_N,num_warps,num_stages)')
     ap.add_argument("--max-configs", type=int, default=None, help="projector: only the first N autotune configs")
@@ -565,7 +570,8 @@ def main(argv=None) -> int:
     for part in filter(None, (p.strip() for p in args.sweep.split(";"))):
         kind, _, cfgs = part.partition("=")
         sweep[kind.strip()] = [tuple(int(x) for x in c.split(",")) for c in cfgs.split("|")]
-    print(f"triton {triton.__version__} ({Path(triton.__file__).parent}), target sm_{args.arch}, ptxas {_ptxas()}")
+    print(f"triton {triton.__version__} ({Path(triton.__file__).parent}), target sm_{args.arch}, "
+          f"ptxas {_ptxas(args.arch)}")
     rows = run(ops, args.arch, [int(x) for x in args.dims.split(",")], [dt[x] for x in args.dtypes.split(",")],
                [c == "1" for c in args.causal.split(",")], tuple(args.kinds.split(",")), sweep, args.max_configs,
                args.sass)
