@@ -26,6 +26,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from llava_fast import _ext
 from llava_fast.models.llava import HostInputs
 from llava_fast.train import checkpoint as ckpt
 from llava_fast.train.config import TrainConfig
@@ -527,16 +528,19 @@ class Trainer:
         for i, b in enumerate(real):
             if self.fsdp and hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(i == len(real) - 1)
-            inputs = self._to_device(b)
-            # the batch's CPU tensors: the model's input checks and the loss read them instead of the device copies,
-            # so no micro-batch waits for the GPU (docs/architecture.md, "Host synchronisations")
-            host = {k: b[k] for k in HostInputs.KEYS
-                    if k in inputs and torch.is_tensor(b.get(k)) and b[k].device.type == "cpu"}
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                # (a HostInputs, not a dict: FSDP2 moves the tensors of dict arguments to the GPU)
-                out = model(**inputs, num_items_in_batch=denom, logits=False,  # fused loss on CUDA: no logits tensor
-                            host_inputs=HostInputs(host) if host else None)
-            (out.loss * scale).backward()
+            try:
+                inputs = self._to_device(b)
+                # the batch's CPU tensors: the model's input checks and the loss read them instead of the device
+                # copies, so no micro-batch waits for the GPU (docs/architecture.md, "Host synchronisations")
+                host = {k: b[k] for k in HostInputs.KEYS
+                        if k in inputs and torch.is_tensor(b.get(k)) and b[k].device.type == "cpu"}
+                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    # (a HostInputs, not a dict: FSDP2 moves the tensors of dict arguments to the GPU)
+                    out = model(**inputs, num_items_in_batch=denom, logits=False,  # fused loss: no logits tensor
+                                host_inputs=HostInputs(host) if host else None)
+                (out.loss * scale).backward()
+            except torch.OutOfMemoryError as e:
+                raise torch.OutOfMemoryError(self._oom_message(b, i, len(real), e)) from e
             # summed in float64, in micro-batch order: the same value as adding their Python floats
             loss_acc = out.loss.detach().double() if loss_acc is None else loss_acc + out.loss.detach().double()
         loss_sum = float(loss_acc) if loss_acc is not None else 0.0
@@ -586,6 +590,25 @@ class Trainer:
                 "tokens": int(tokens), "supervised": int(n_global), "tokens_per_s": tokens / dt,
                 "mfu": mfu, "peak_mem_gb": _peak_memory_gb(info.device), "dropped": sum(self.drops.values()),
                 "time_s": dt}
+
+    def _oom_message(self, b: dict, i: int, n: int, e: BaseException) -> str:
+        """What an out-of-memory error in a micro-batch says: where, how big the micro-batch was, what to change, and
+        that the last checkpoint is intact (torch's own message follows it)."""
+        cfg = self.cfg
+        size = (f"data.max_tokens (now {cfg.data.max_tokens})" if self.packed else
+                f"data.batch_size (now {cfg.data.batch_size})")
+        last = ckpt.latest_checkpoint(self.ckpt_root) if self.dist.is_main or not self.dist.enabled else None
+        tiles = sum(b.get("num_tiles") or [])
+        levers = [f"lower {size} and raise train.accum to keep the global batch"]
+        if not cfg.train.activation_checkpointing:
+            levers.append("set train.activation_checkpointing=true")
+        if _ext.getenv("LLAVA_FAST_RECOMPUTE_ACT", "llm") == "llm" and "vision" in cfg.train.trainable:
+            levers.append("set LLAVA_FAST_RECOMPUTE_ACT=1 (the trained vision tower recomputes its activations too)")
+        return (f"out of GPU memory in step {self.global_step + 1}, micro-batch {i + 1} of {n} ({b['num_tokens']} "
+                f"tokens, {tiles} image tiles; peak {_peak_memory_gb(self.dist.device):.1f} GB). To fit: "
+                + "; ".join(levers) + ". " + (f"The last checkpoint, {last}, is intact: the same command resumes "
+                                            f"from it. " if last else "No checkpoint was written yet. ")
+                + f"(torch: {e})")
 
     def train(self, stop_at_step: int | None = None) -> dict:
         """Run until ``total_steps``; checkpoints, logs, exports. Returns a summary dict.

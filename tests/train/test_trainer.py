@@ -383,3 +383,29 @@ def test_precision_auto_is_bf16_only_where_the_gpu_has_it(monkeypatch):
     assert bf16_autocast("bf16", cuda) and bf16_autocast("bf16", cpu)
     assert not bf16_autocast("fp32", cuda)
     assert asked == [False, False]
+
+
+def test_out_of_memory_says_where_what_to_change_and_which_checkpoint(assets, tmp_path, monkeypatch):
+    """A CUDA OOM inside a micro-batch: the error is still torch.OutOfMemoryError, with the step, the micro-batch's
+    size, the settings that shrink it and the intact checkpoint to resume from, before torch's own message."""
+    over = {"schedule.max_steps": 4, "train.accum": 2}
+    tr = Trainer(make_cfg(assets, tmp_path / "oom", **over), quiet=True)
+    tr.train(stop_at_step=2)
+    real = type(tr.model).forward
+    calls = []
+
+    def forward(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *a, **kw)
+    monkeypatch.setattr(type(tr.model), "forward", forward)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        tr.train()
+    msg = str(info.value)
+    assert msg.startswith("out of GPU memory in step 3, micro-batch 2 of 2 (")
+    assert "lower data.max_tokens (now 512) and raise train.accum to keep the global batch" in msg
+    assert "set train.activation_checkpointing=true" in msg and "LLAVA_FAST_RECOMPUTE_ACT=1" in msg
+    assert f"The last checkpoint, {ckpt.latest_checkpoint(tr.ckpt_root)}, is intact" in msg
+    assert msg.endswith("(torch: CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
