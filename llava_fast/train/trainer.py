@@ -597,7 +597,7 @@ class Trainer:
         cfg = self.cfg
         size = (f"data.max_tokens (now {cfg.data.max_tokens})" if self.packed else
                 f"data.batch_size (now {cfg.data.batch_size})")
-        last = ckpt.latest_checkpoint(self.ckpt_root) if self.dist.is_main or not self.dist.enabled else None
+        last = ckpt.latest_checkpoint(self.ckpt_root)
         tiles = sum(b.get("num_tiles") or [])
         levers = [f"lower {size} and raise train.accum to keep the global batch"]
         if not cfg.train.activation_checkpointing:
