@@ -81,7 +81,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import Row, _stats, add_ratios, bench, device_name, save, to_markdown  # noqa: E402
 
-PEAK_TFLOPS = 989.0
+from llava_fast.envinfo import peak_bf16_flops  # noqa: E402
+
 IMAGE_HW = (700, 1000)
 
 
@@ -635,6 +636,7 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
     alternation with it (:func:`paired`; the default model is kept alive meanwhile, and its resident memory is
     taken off their peak): their rows carry ``paired`` and decide.py judges them by it."""
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
+    peak_flops = peak_bf16_flops(torch.cuda.get_device_name(0)) if device == "cuda" else None
     rows = []
     for name in workloads:
         if name == "mixed":
@@ -700,15 +702,16 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
                     control = (fn, resident)
                 per_s = inp["batch"] / (t["ms"] / 1e3) if name == "stage1" else inp["tokens"] / (t["ms"] / 1e3)
                 unit = "samples/s" if name == "stage1" else "tokens/s"
-                mfu = fl / (t["ms"] / 1e3) / (PEAK_TFLOPS * 1e12)
+                mfu = fl / (t["ms"] / 1e3) / peak_flops if peak_flops else None
                 rows.append(Row(bench="model", provider=prov, shape=shape, dtype=str(next(m.parameters()).dtype)[6:],
                                 mode=name, ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], metric=per_s,
                                 unit=unit, peak_gib=peak, paired=pair,
-                                note=f"MFU {100 * mfu:.1f}%" + (
+                                note=(f"MFU {100 * mfu:.1f}%" if mfu else "MFU n/a (GPU peak unknown)") + (
                                     f"; paired with llava_fast ({pair['rounds']} rounds): {pair['alt_ms']:.1f} vs "
                                     f"{pair['ctl_ms']:.1f} ms, default {pair['ratio']:.3f}x "
                                     f"[{pair['ratio_min']:.3f}, {pair['ratio_max']:.3f}]" if pair else "")))
-                print(f"[{name}] {prov}: {t['ms']:.1f} ms, {per_s:.1f} {unit}, MFU {100 * mfu:.1f}%, "
+                print(f"[{name}] {prov}: {t['ms']:.1f} ms, {per_s:.1f} {unit}, "
+                      f"MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a'}, "
                       f"peak {peak if peak is None else round(peak, 1)} GiB", flush=True)
             except torch.OutOfMemoryError:
                 rows.append(Row(bench="model", provider=prov, shape=shape, dtype="bfloat16", mode=name, note="OOM"))

@@ -14,6 +14,19 @@ def _version(mod: str) -> str | None:
         return None
 
 
+# Dense bf16 tensor-core peak (FLOP/s) by GPU name, most specific names first (a name matches the first entry it
+# contains): NVIDIA's data sheets. None: a variant whose peak is not published (no MFU rather than a wrong one).
+PEAK_BF16_FLOPS = (("H200", 989.4e12), ("H100 PCIe", 756.5e12), ("H100 NVL", 835.5e12), ("H100", 989.4e12),
+                   ("H800", 989.4e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+                   ("L40", 181e12), ("L4", 121e12), ("A10G", None), ("A10", 125e12), ("4090", 165.2e12))
+
+
+def peak_bf16_flops(gpu_name: str) -> float | None:
+    """The dense bf16 peak of the GPU called ``gpu_name`` (``torch.cuda.get_device_name``), None when unknown: the
+    MFU denominators of the trainer and of benchmarks/bench_model.py."""
+    return next((v for k, v in PEAK_BF16_FLOPS if k in gpu_name), None)
+
+
 def env() -> dict:
     """Describe this environment. Queries the GPU only through torch.cuda's public calls (no kernel launch)."""
     import torch

@@ -506,3 +506,14 @@ def test_decide_rms_norm_bwd_tile(tmp_path):
     got = {q: d for q, _, _, d in decide.decide(str(tmp_path))}
     assert got["rms_norm backward tile 4096 (N = 896)"] == "candidate"
     assert got["rms_norm+residual backward tile 8192 (N = 896)"] == "keep 2048"
+
+
+def test_peak_flops_by_gpu_name():
+    """The MFU denominators: the most specific name wins (H100 PCIe before H100, L40S before L4, A100 before A10), and
+    a GPU whose peak is not published gets None (no MFU) rather than a neighbour's."""
+    from llava_fast.envinfo import peak_bf16_flops
+
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989.4e12 and peak_bf16_flops("NVIDIA H100 PCIe") == 756.5e12
+    assert peak_bf16_flops("NVIDIA L40S") == 362e12 and peak_bf16_flops("NVIDIA L4") == 121e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_bf16_flops("NVIDIA A10") == 125e12
+    assert peak_bf16_flops("NVIDIA A10G") is None and peak_bf16_flops("Tesla T4") is None

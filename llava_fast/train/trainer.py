@@ -27,14 +27,13 @@ import numpy as np
 import torch
 
 from llava_fast import _ext
+from llava_fast.envinfo import peak_bf16_flops
 from llava_fast.models.llava import HostInputs
 from llava_fast.train import checkpoint as ckpt
 from llava_fast.train.config import TrainConfig
 from llava_fast.train.distributed import (all_reduce_sum, apply_fsdp2, barrier_fn, full_model_state,
                                           full_optim_state, has_fsdp2, init_distributed, load_full_states)
 
-PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                   "4090": 165e12}
 
 
 def seed_everything(seed: int) -> None:
@@ -344,11 +343,8 @@ class Trainer:
         self._n_llm, self._n_vis = n_llm, n_vis
         vc = m.config.vision_config
         self._patches_per_tile = (vc.image_size // vc.patch_size) ** 2 + 1
-        peak = None
-        if self.dist.device.type == "cuda":
-            name = torch.cuda.get_device_name(self.dist.device)
-            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        self._peak = peak
+        self._peak = peak_bf16_flops(torch.cuda.get_device_name(self.dist.device)) \
+            if self.dist.device.type == "cuda" else None
 
     # ------------------------------------------------------------------------------------------------------------
     def _resume_key(self) -> dict:
