@@ -418,7 +418,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
     kind = kernel_kind()
     if kind in ("tma", "tma_nested") and not hasattr(tl, "make_tensor_descriptor"):
         _ext.warn_once(f"projector: {_KERNEL_ENV}={kind} needs triton >= 3.4 (tl.make_tensor_descriptor), this is "
-                          f"{triton.__version__}; using the pointer kernel")
+                       f"{triton.__version__}; using the pointer kernel")
         kind = "pointer"
     if kind in ("tma", "tma_nested"):
         usable, b_kmajor, b_row = _tma_layout(a, b)

@@ -35,7 +35,6 @@ from llava_fast.train.distributed import (all_reduce_sum, apply_fsdp2, barrier_f
                                           full_optim_state, has_fsdp2, init_distributed, load_full_states)
 
 
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
