@@ -632,6 +632,9 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.global_step, desc=f"train {cfg.recipe}",
                        unit="step", dynamic_ncols=True, file=sys.stdout)
+        if info.device.type == "cuda" and self.global_step < self.total_steps:
+            self.log("the first steps also compile the Triton kernels for this GPU and these shapes: they take "
+                     "longer (the kernels are cached in $TRITON_CACHE_DIR, ~/.triton/cache, for later runs)")
         t_start = time.perf_counter()
         # Ctrl-C / SIGTERM: finish the step, save a checkpoint, then stop (a second one stops at once)
         stop = _GracefulInterrupt(self.log)
