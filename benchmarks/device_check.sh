@@ -52,7 +52,10 @@ mkdir -p "$RES"
 pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/device_check.tgz" -C "$RES" . 2>/dev/null; true; }
 export LLAVA_FAST_RESULTS_DIR="$RES"
 export LLAVA_FAST_RESULTS_STAMP=${LLAVA_FAST_RESULTS_STAMP:-$(date +%Y%m%d-%H%M%S)}  # one file per bench, rewritten as it goes
-export LLAVA_FAST_CUDA_ARCHS=${LLAVA_FAST_CUDA_ARCHS:-90}
+# the extension for this GPU's architecture only (one arch builds fastest); 90 when nvidia-smi cannot say
+CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
+case "$CAP" in ''|*[!0-9]*) CAP=90 ;; esac
+export LLAVA_FAST_CUDA_ARCHS=${LLAVA_FAST_CUDA_ARCHS:-$CAP}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
 DEADLINE_S=${DEADLINE_S:-470}  # under 8 minutes in all, as the developers' guide asks
