@@ -122,6 +122,14 @@ def get_backend(op: str) -> str:
 _UNSUPPORTED_GPU: str | None = None  # "" or why "auto" keeps the reference path on this machine's GPUs; None: unasked
 
 
+def _gpu_capabilities() -> list[tuple[int, int]]:
+    """The compute capability of every visible CUDA device (none without CUDA)."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [torch.cuda.get_device_capability(i) for i in range(n)]
+
+
 def unsupported_gpu() -> str:
     """Why ``"auto"`` takes the reference path on this machine's CUDA devices ("" when it need not): a GPU of compute
     capability below 8.0 (V100, T4, RTX 20xx), or an AMD GPU under ROCm. The Triton kernels are written for and
@@ -131,9 +139,11 @@ def unsupported_gpu() -> str:
     if _UNSUPPORTED_GPU is None:
         import torch
 
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        old = sorted({"%d.%d" % cap for cap in map(torch.cuda.get_device_capability, range(n)) if cap[0] < 8})
-        why = ("ROCm: the kernels are written and tested for NVIDIA GPUs" if n and torch.version.hip else
+        if torch.compiler.is_compiling():  # torch.cuda's device queries do not trace (a graph break under fullgraph):
+            return ""                      # not asked here; the model's eager _host_prepare asks before its layers
+        caps = _gpu_capabilities()
+        old = sorted({"%d.%d" % cap for cap in caps if cap[0] < 8})
+        why = ("ROCm: the kernels are written and tested for NVIDIA GPUs" if caps and torch.version.hip else
                f"compute capability {', '.join(old)}: the kernels need 8.0 (Ampere) or newer" if old else "")
         _UNSUPPORTED_GPU = f"{why}; set_backend(op, 'triton') tries them anyway" if why else ""
     return _UNSUPPORTED_GPU

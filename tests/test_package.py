@@ -146,6 +146,32 @@ def test_auto_keeps_the_reference_path_on_gpus_older_than_ampere(monkeypatch):
     assert backend.unsupported_gpu().startswith("ROCm: the kernels are written and tested for NVIDIA GPUs")
 
 
+def test_gpu_probe_is_never_made_inside_a_trace(monkeypatch):
+    """The functionals call use_fast inside user code that torch.compile traces (fullgraph=True in the GPU tests):
+    the first CUDA call's probe of the GPUs must not run there (torch.cuda's device queries break the graph). Inside a
+    trace it answers "" without asking, and the next eager call asks."""
+    from llava_fast import backend
+
+    backend.load_all()  # as a model does when it is built (an op module's import does not trace either)
+    asked = []
+
+    def capabilities():
+        if torch.compiler.is_compiling():
+            raise AssertionError("the GPUs probed inside a trace")
+        asked.append(1)
+        return [(9, 0)]
+    monkeypatch.setattr(backend, "_UNSUPPORTED_GPU", None)
+    monkeypatch.setattr(backend, "_gpu_capabilities", capabilities)
+
+    def f(x):
+        return x + 1 if backend.use_fast("rms_norm", "cuda") else x - 1
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(2))
+    assert torch.equal(out, torch.ones(2)) and not asked and backend._UNSUPPORTED_GPU is None
+    assert backend.use_fast("rms_norm", "cuda") and asked == [1] and backend._UNSUPPORTED_GPU == ""
+    torch._dynamo.reset()
+
+
 def test_readme_commands_match_ci():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
