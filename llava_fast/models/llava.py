@@ -453,8 +453,8 @@ class _LlavaBase(nn.Module):
 
         Under torch.compile this runs eagerly (:func:`_host_prepare`): dynamo cannot trace reads of values, and one
         graph break at this call replaces one at each read (the towers and layers after it trace as one graph)."""
-        if backend._UNSUPPORTED_GPU is None and self.lm_head.weight.is_cuda:
-            backend.unsupported_gpu()  # answered here, eagerly, not first inside a compiled layer's trace
+        if self.lm_head.weight.is_cuda:
+            backend.unsupported_gpu()  # answered here, eagerly (then cached), not first inside a compiled layer's trace
         h = self._host_inputs(host_inputs, decoding, **inputs)
         if not decoding:
             self._check_values(h, n, max_seqlen, pixel_values is not None, pixel_values_videos is not None)

@@ -765,10 +765,8 @@ def _launch(kind, fn, grid_of, args, constexprs, max_seqlen_q: int | None = None
         return
     width = constexprs["BLOCK_D0"] + (constexprs["BLOCK_D1"] if constexprs["HAS_D1"] else 0)
     cfg = default = _default_cfg(kind, width, constexprs["DOT_PREC"] == "ieee", max_seqlen_q)
-    key = None
     if _FITTED:
-        key = (kind, width, default, args[0].device.index)
-        cfg = _FITTED.get(key, default)
+        cfg = _FITTED.get((kind, width, default, args[0].device.index), default)
     while True:
         bm, bn, warps, stages = cfg
         try:
@@ -780,8 +778,7 @@ def _launch(kind, fn, grid_of, args, constexprs, max_seqlen_q: int | None = None
             if smaller is None:
                 raise RuntimeError(f"flash attention ({kind}, head dim {constexprs['HEAD_DIM']}): no kernel "
                                    f"configuration fits this GPU ({e})") from e
-            key = key or (kind, width, default, args[0].device.index)
-            _FITTED[key] = cfg = smaller
+            _FITTED[(kind, width, default, args[0].device.index)] = cfg = smaller
 
 
 def _split_head_dim(d: int) -> tuple[int, int, bool]:
