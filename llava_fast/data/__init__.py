@@ -2,8 +2,8 @@
 decoding, and packing into fixed token budgets (cu_seqlens) or padded batches.
 
 Image preprocessing and token counts are ``llava_fast.ops.anyres`` (the library's reference); this package adds
-robust file decoding (``load_image``, ``probe_size``) and :func:`image_config` (a model config -> its
-``ImageProcessorConfig``).
+robust file decoding (``load_image``, ``probe_size``; video files: ``probe_video``, ``read_video``, with PyAV) and
+:func:`image_config` (a model config -> its ``ImageProcessorConfig``).
 
 Typical use::
 
@@ -22,6 +22,7 @@ from llava_fast.data.packing import (PackedBatchSampler, PaddedBatchSampler, mod
 from llava_fast.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, TEMPLATES, Encoded, SampleError,
                                        build_prompt, encode_conversation, expand_placeholders, load_tokenizer,
                                        tokenize_with_media)
+from llava_fast.data.video import VideoInfo, probe_video, read_video, sample_frames
 
 __all__ = ["collate_packed", "collate_padded", "DataError", "DropStats", "LlavaDataset", "read_records",
            "ImageProcessorConfig", "image_config", "cls_token_kept", "image_tokens", "image_tiles", "load_image",
@@ -29,4 +30,5 @@ __all__ = ["collate_packed", "collate_padded", "DataError", "DropStats", "LlavaD
            "probe_size", "to_rgb", "PackedBatchSampler",
            "PaddedBatchSampler", "modality_length_grouped_indices", "pack_fill", "pack_lengths", "IGNORE_INDEX",
            "IMAGE_PLACEHOLDER", "TEMPLATES", "Encoded", "SampleError", "build_prompt", "encode_conversation",
-           "expand_placeholders", "load_tokenizer", "tokenize_with_media"]
+           "expand_placeholders", "load_tokenizer", "tokenize_with_media", "VideoInfo", "probe_video", "read_video",
+           "sample_frames"]

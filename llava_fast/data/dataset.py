@@ -2,7 +2,7 @@
 
 Record format (reference-spec.md 5.1)::
 
-    {"id": "...", "image": "a.jpg" | ["a.jpg", "b.jpg"], "video": "frames_dir" | ["f0.jpg", ...],
+    {"id": "...", "image": "a.jpg" | ["a.jpg", "b.jpg"], "video": "clip.mp4" | "frames_dir" | ["f0.jpg", ...],
      "conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}, ...]}
 
 At construction every record is tokenized with its template, every image header is read for its size, and the
@@ -40,6 +40,7 @@ from llava_fast.data.images import (DEFAULT_MAX_PIXELS, ImageProcessorConfig, cl
                                     probe_size)
 from llava_fast.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SampleError,
                                        encode_conversation, expand_placeholders)
+from llava_fast.data.video import probe_video, read_video, sample_frames
 from llava_fast.ops import anyres
 
 _IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -112,6 +113,16 @@ def read_records(path: str) -> list[dict]:
     return data
 
 
+@dataclass(frozen=True)
+class VideoFile:
+    """A video file of a sample and the number of frames sampled from it (``len``: what the token count uses)."""
+    path: str
+    frames: int
+
+    def __len__(self) -> int:
+        return self.frames
+
+
 @dataclass
 class Item:
     """One validated sample: pre-expansion ids/labels and everything needed to count and load it."""
@@ -121,7 +132,7 @@ class Item:
     images: list             # absolute paths
     sizes: list              # (h, w) per image from the header
     image_tokens: list       # LLM tokens per image
-    video: list              # frame paths (empty when none)
+    video: list | VideoFile  # frame paths (empty when none), or a video file
     video_tokens: int
     n_tokens: int            # expanded length after truncation
     n_supervised: int        # labels[1:] != -100 after truncation (what the loss counts)
@@ -147,12 +158,16 @@ class LlavaDataset(torch.utils.data.Dataset):
         strict: raise :class:`DataError` on the first bad sample instead of dropping it.
         context_len: the model's context (``max_position_embeddings``; :meth:`for_model` passes it): ``max_len``
             above it raises (packed samples would otherwise run past the positions the model was trained for).
+        frames_upbound / video_fps: how many frames of a video are used (:func:`llava_fast.data.video.sample_frames`:
+            at most ``frames_upbound``, uniformly; with ``video_fps``, first one frame every ``fps / video_fps``, as
+            LLaVA-NeXT). A video file is read with PyAV (``pip install av``); a folder of frames or a list of frame
+            files needs nothing more (``video_fps`` does not apply: frames carry no rate).
     """
 
     def __init__(self, data, image_root: str, tokenizer, image_config: ImageProcessorConfig, template: str,
                  image_token_id: int, video_token_id: int | None = None, max_len: int = 4096, strict: bool = False,
                  max_pixels: int = DEFAULT_MAX_PIXELS, frames_upbound: int = 32, probe_threads: int = 8,
-                 log=None, cls_token: bool = False, context_len: int | None = None):
+                 log=None, cls_token: bool = False, context_len: int | None = None, video_fps: float | None = None):
         if context_len is not None and int(max_len) > int(context_len):
             raise ValueError(f"max_len={max_len} is longer than the model's context (max_position_embeddings="
                              f"{context_len}); set max_len (data.max_len) <= {context_len}")
@@ -173,21 +188,23 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.strict = strict
         self.max_pixels = max_pixels
         self.frames_upbound = frames_upbound
+        self.video_fps = video_fps
         self.drops = DropStats(strict, log if log is not None else (lambda m: print(m, file=sys.stderr)))
         records = read_records(data) if isinstance(data, (str, os.PathLike)) else list(data)
         self.num_records = len(records)
-        # Probe every image header once, in threads (I/O bound).
+        # Probe every image and video header once, in threads (I/O bound).
         paths = {p for r in records if isinstance(r, dict) for p in self._image_paths(r, check=False)}
+        videos = {p for r in records if isinstance(r, dict) for p in [self._video_file(r)] if p}
         self._sizes: dict[str, object] = {}
 
         def probe(p):
             try:
-                return p, probe_size(p, max_pixels)
+                return p, (probe_video(p, max_pixels) if p in videos else probe_size(p, max_pixels))
             except SampleError as e:
                 return p, e
 
         with ThreadPoolExecutor(max(1, probe_threads)) as ex:
-            for p, r in ex.map(probe, sorted(paths)):
+            for p, r in ex.map(probe, sorted(paths | videos)):
                 self._sizes[p] = r
         self.items: list[Item] = []
         self.truncated = 0  # samples kept but cut at max_len (never in their image tokens)
@@ -242,7 +259,13 @@ class LlavaDataset(torch.utils.data.Dataset):
             return []
         return [os.path.join(self.image_root, x) for x in img]
 
-    def _video_frames(self, rec) -> list[str]:
+    def _video_file(self, rec) -> str | None:
+        """The path of the sample's video when it is a file (not a folder of frames or a list of them)."""
+        v = rec.get("video")
+        p = os.path.join(self.image_root, v) if isinstance(v, str) else None
+        return p if p is not None and os.path.isfile(p) else None
+
+    def _video_frames(self, rec) -> list[str] | VideoFile:
         v = rec.get("video")
         if v is None:
             return []
@@ -250,11 +273,17 @@ class LlavaDataset(torch.utils.data.Dataset):
             p = os.path.join(self.image_root, v)
             if os.path.isdir(p):
                 frames = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(_IMG_EXT))
-            elif not os.path.exists(p):
-                raise SampleError("bad_video", f"video folder not found: {p}")
+            elif os.path.isfile(p):
+                info = self._sizes.get(p) or probe_video(p, self.max_pixels)
+                if isinstance(info, SampleError):
+                    raise info
+                try:
+                    n = len(sample_frames(info.frames, self.frames_upbound, info.fps, self.video_fps))
+                except ValueError as e:
+                    raise SampleError("bad_video", f"video {p}: {e}") from None
+                return VideoFile(p, n)
             else:
-                raise SampleError("bad_video", f"video {p}: only a folder of frames or a list of frame files is "
-                                  "supported (decode the video to frames first)")
+                raise SampleError("bad_video", f"video not found: {p} (neither a video file nor a folder of frames)")
         elif isinstance(v, list) and all(isinstance(f, str) for f in v):
             frames = [os.path.join(self.image_root, f) for f in v]
         else:
@@ -359,7 +388,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         it = self.items[i]
         try:
             imgs = [load_image_u8(p, self.max_pixels) for p in it.images]  # uint8 (3, H, W)
-            frames = [load_image(p, self.max_pixels) for p in it.video]
+            if isinstance(it.video, VideoFile):  # uint8 (F, H, W, 3), the frames the token count was planned with
+                frames = read_video(it.video.path, self.frames_upbound, self.video_fps, self.max_pixels,
+                                    expect_frames=it.video.frames)
+            else:
+                frames = [load_image(p, self.max_pixels) for p in it.video]
         except SampleError as e:
             if self.strict:
                 raise DataError(f"sample {it.sample_id!r}: {e.reason}: {e}") from None
@@ -375,7 +408,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                 raise DataError(f"sample {it.sample_id!r}: decode_error: {msg}")
             return {"dropped": "decode_error", "sample_id": it.sample_id, "index": i, "message": msg}
         ids, labels = expand_placeholders(it.ids.tolist(), it.labels.tolist(), it.image_tokens, self.image_token_id,
-                                          [it.video_tokens] if frames else [], self.video_token_id)
+                                          [it.video_tokens] if len(frames) else [], self.video_token_id)
         ids, labels = ids[: it.n_tokens], labels[: it.n_tokens]
         out = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
                "sample_id": it.sample_id}
@@ -389,6 +422,6 @@ class LlavaDataset(torch.utils.data.Dataset):
             out["num_tiles"] = pp["num_tiles"]
             if self.image_config.variant == "llava_onevision":  # the model needs it to pick the multi-image path
                 out["batch_num_images"] = [len(imgs)]
-        if frames:
+        if len(frames):
             out["pixel_values_videos"] = anyres.preprocess_video(frames, self._pp_config)
         return out

@@ -62,10 +62,18 @@ class DataSection:
     frames_upbound: int = 32
     """Videos (OneVision): at most this many frames per video, sampled uniformly as LLaVA-NeXT does. Videos of one
     batch must have the same number of frames: set it to at most the fewest frames of any video."""
+    video_fps: float | None = None
+    """Video files: first take one frame every fps / video_fps frames (LLaVA-NeXT's --video_fps; its default is 1),
+    then uniformly down to frames_upbound. None: frames_upbound frames uniformly (NXT --force_sample), so videos of
+    different lengths give the same frame count and can share a batch. Frame folders have no rate: not used there."""
 
     def __post_init__(self):
         if not isinstance(self.frames_upbound, int) or self.frames_upbound < 1:
             raise ValueError(f"data.frames_upbound must be an integer >= 1, got {self.frames_upbound!r}")
+        fps = self.video_fps
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf):
+            raise ValueError(f"data.video_fps must be a positive number of frames per second or None, got "
+                             f"{self.video_fps!r}")
         if self.template not in ("plain", "vicuna_v1", "qwen"):
             raise ValueError(f"data.template must be plain, vicuna_v1 or qwen, got {self.template!r}")
         if self.max_len <= 0 or self.max_tokens <= 0:

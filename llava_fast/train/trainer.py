@@ -273,7 +273,7 @@ class Trainer:
         if self.dataset is None:
             self.dataset = LlavaDataset.for_model(self.model.config, cfg.data.data, cfg.data.images, self.tokenizer,
                                                   cfg.data.template, max_len=cfg.data.max_len,
-                                                  frames_upbound=cfg.data.frames_upbound,
+                                                  frames_upbound=cfg.data.frames_upbound, video_fps=cfg.data.video_fps,
                                                   strict=cfg.data.strict, log=self.log)
         ds = self.dataset
         self.drops.update(ds.drops.counts)
