@@ -1,11 +1,13 @@
-"""``llava-fast chat --model DIR --image FILE``: a terminal conversation about one image.
+"""``llava-fast chat --model DIR --image FILE`` (or ``--video FILE``): a terminal conversation about one image or
+video.
 
 The tokenizer and (when present) ``preprocessor_config.json`` are read from the model folder, local files only.
 The prompt uses the model's chat template when it has one that places the image (the processor's
 ``chat_template.json``, else the tokenizer's), else a built-in template for the language model (Vicuna
 ``USER: <image>\\n... ASSISTANT:`` for Llama, ChatML for Qwen2; a Mistral model needs its chat template). Each
-``<image>`` placeholder becomes as many image tokens as the image produces. An answer ends at an eos token of the
-tokenizer or of ``generation_config.json``, or at an end-of-turn token (``</s>``, ``<|im_end|>``, ``<|eot_id|>``).
+``<image>`` placeholder becomes as many image tokens as the image produces, a ``<video>`` (LLaVA-OneVision) as many
+video tokens as the video's frames produce. An answer ends at an eos token of the tokenizer or of
+``generation_config.json``, or at an end-of-turn token (``</s>``, ``<|im_end|>``, ``<|eot_id|>``).
 """
 from __future__ import annotations
 
@@ -45,6 +47,21 @@ def load_image(path: str, max_pixels: int = 100_000_000) -> torch.Tensor:
         raise ValueError(f"--image {path!r}: cannot decode the image ({e})") from e
 
 
+def load_video(path: str, frames: int = 32, max_pixels: int = 100_000_000):
+    """Read ``frames`` frames of a video file, uniformly (as LLaVA-NeXT samples them; every frame of a shorter video),
+    as uint8 (F, H, W, 3) RGB, with errors that name the file. Needs PyAV (``pip install av``)."""
+    from llava_fast.data.templates import SampleError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--video {path!r}: no such file")
+    try:
+        from llava_fast.data.video import read_video
+
+        return read_video(path, frames_upbound=frames, max_pixels=max_pixels)
+    except (SampleError, ImportError) as e:
+        raise ValueError(f"--video {path!r}: {e}") from None
+
+
 class ChatSession:
     def __init__(self, model_dir: str, device: str | None = None, dtype=None):
         import llava_fast
@@ -76,7 +93,8 @@ class ChatSession:
         self.stop_ids = self._stop_ids(model_dir)
         self.turns: list[tuple[str, str]] = []
         self.dropped_turns = 0   # turns the last ask dropped to fit the context
-        self.image = None
+        self.image = None        # preprocess_images' output for the image, or None
+        self.video = None        # (frames, 3, T, T) preprocessed frames of the video, or None
 
     def _find_chat_template(self, model_dir: str) -> str | None:
         """The processor's (``chat_template.json`` or ``processor_config.json``) or else the tokenizer's chat
@@ -89,18 +107,17 @@ class ChatSession:
                     candidates.append(json.load(f).get("chat_template"))
         tmpl = getattr(self.tokenizer, "chat_template", None)
         candidates.append(tmpl.get("default") if isinstance(tmpl, dict) else tmpl)
-        probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}]
-        for t in candidates:
-            if not t:
-                continue
-            try:
-                text = self.tokenizer.apply_chat_template(probe, chat_template=t, tokenize=False,
-                                                          add_generation_prompt=True)
-            except Exception:  # a text-only template that cannot render content lists
-                continue
-            if isinstance(text, str) and text.count("<image>") == 1:
-                return t
-        return None
+        return next((t for t in candidates if t and self._places(t, "image")), None)
+
+    def _places(self, template: str, media: str) -> bool:
+        """Whether ``template`` renders one ``<media>`` placeholder for a user turn holding an image / a video."""
+        probe = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": "Q"}]}]
+        try:
+            text = self.tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False,
+                                                      add_generation_prompt=True)
+        except Exception:  # a text-only template that cannot render content lists
+            return False
+        return isinstance(text, str) and text.count(f"<{media}>") == 1
 
     def _stop_ids(self, model_dir: str) -> set[int]:
         """Token ids that end an answer: the tokenizer's eos, ``generation_config.json``'s eos ids and the
@@ -121,23 +138,52 @@ class ChatSession:
         from llava_fast.ops.anyres import preprocess_images
 
         out = preprocess_images([image_u8], self.image_config)
-        self.image = out
+        self.image, self.video = out, None
         self.turns = []
+
+    def set_video(self, frames_u8):
+        """Sets the video the conversation is about (uint8 frames, (F, H, W, C) or a list; LLaVA-OneVision models
+        only): starts a new conversation."""
+        from llava_fast.ops.anyres import preprocess_video
+
+        cfg = self.model.config
+        if cfg.model_type != "llava_onevision" or getattr(cfg, "video_token_id", None) is None:
+            raise ValueError(f"--video: a {cfg.model_type} model takes images only (videos need a LLaVA-OneVision "
+                             f"model); use --image")
+        if self.chat_template is not None and not self._places(self.chat_template, "video"):
+            raise ValueError("--video: the model's chat template does not place videos (it renders no '<video>' "
+                             "for a video in a user turn); add a chat template that does (chat_template.json)")
+        self.video, self.image = preprocess_video(frames_u8, self.image_config), None
+        self.turns = []
+
+    @property
+    def media(self) -> str | None:
+        """``"image"``, ``"video"`` or None: what the conversation is about."""
+        return "image" if self.image is not None else "video" if self.video is not None else None
+
+    def media_tokens(self) -> tuple[int, int]:
+        """(placeholder token id, number of tokens it becomes) of the conversation's image or video."""
+        from llava_fast.ops.anyres import num_video_tokens
+
+        cfg = self.model.config
+        if self.media == "image":
+            return cfg.image_token_id, int(self.image["num_image_tokens"][0])
+        return cfg.video_token_id, num_video_tokens(self.video.shape[0], self.image_config.tokens_per_side)
 
     def _prompt(self, question: str) -> str:
         turns = self.turns + [(question, None)]
         if self.chat_template is not None:
             messages = []
             for i, (q, a) in enumerate(turns):
-                image = [{"type": "image"}] if (i == 0 and self.image is not None) else []
-                messages.append({"role": "user", "content": image + [{"type": "text", "text": q}]})
+                media = [{"type": self.media}] if (i == 0 and self.media) else []
+                messages.append({"role": "user", "content": media + [{"type": "text", "text": q}]})
                 if a is not None:
                     messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
             return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                       add_generation_prompt=True)
         parts = []
         for i, (q, a) in enumerate(turns):
-            text = ("<image>\n" + q) if (i == 0 and self.image is not None) else q
+            text = f"<{self.media}>\n{q}" if (i == 0 and self.media) else q
             parts.append(self.template["user"].format(text=text))
             if a is not None:
                 parts.append(self.template["assistant"].format(text=a))
@@ -149,12 +195,11 @@ class ChatSession:
         # no second BOS when the template writes one (as transformers' processors)
         ids = self.tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)),
                              return_tensors="pt").input_ids[0].tolist()
-        tok = self.model.config.image_token_id
-        if self.image is not None:
-            n = int(self.image["num_image_tokens"][0]) if "num_image_tokens" in self.image else None
+        if self.media:
+            tok, n = self.media_tokens()
             if ids.count(tok) != 1:
-                raise ValueError(f"the tokenizer did not turn '<image>' into the image token id {tok}; add '<image>' "
-                                 f"as a special token of the tokenizer in the model folder")
+                raise ValueError(f"the tokenizer did not turn '<{self.media}>' into the {self.media} token id {tok}; "
+                                 f"add '<{self.media}>' as a special token of the tokenizer in the model folder")
             i = ids.index(tok)
             ids = ids[:i] + [tok] * n + ids[i + 1:]
         return torch.tensor([ids], device=self.model.device)
@@ -173,7 +218,7 @@ class ChatSession:
             ids = self._prompt_ids(question)
         if ids.shape[1] + max_new_tokens > ctx:
             self.turns, self.dropped_turns = turns, 0
-            what = "question and image" if self.image is not None else "question"
+            what = f"question and {self.media}" if self.media else "question"
             raise ValueError(f"the {what} alone take {ids.shape[1]} tokens: with max_new_tokens ({max_new_tokens}) "
                              f"that is over the model's context length (max_position_embeddings={ctx}); lower "
                              f"--max-new-tokens or ask a shorter question")
@@ -195,6 +240,8 @@ class ChatSession:
                       image_sizes=self.image["image_sizes"])
             if self.model.config.model_type == "llava":
                 kw.pop("image_sizes")
+        elif self.video is not None:
+            kw = dict(pixel_values_videos=self.video[None].to(self.model.device, self.model.dtype))
         stops = list(END_OF_TURN)
         sample = temperature > 0
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -213,12 +260,20 @@ class ChatSession:
 
 
 def run_chat(model_dir: str, image: str | None, device: str | None = None, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_p: float = 1.0, stream=sys.stdin, top_k: int = 0) -> int:
+             temperature: float = 0.0, top_p: float = 1.0, stream=sys.stdin, top_k: int = 0,
+             video: str | None = None, frames: int = 32) -> int:
+    if image and video:
+        raise ValueError("give --image or --video, not both (a conversation is about one image or one video)")
+    if not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"--frames must be an integer >= 1, got {frames!r}")
     print(f"loading {model_dir} ...", flush=True)
     session = ChatSession(model_dir, device=device)
     if image:
         session.set_image(load_image(image))
-        print(f"image {image}: {int(session.image['num_image_tokens'][0])} image tokens")
+        print(f"image {image}: {session.media_tokens()[1]} image tokens")
+    if video:
+        session.set_video(load_video(video, frames))
+        print(f"video {video}: {session.video.shape[0]} frames, {session.media_tokens()[1]} video tokens")
     print("type a question (empty line or Ctrl-D to quit)")
     for line in stream:
         q = line.strip()

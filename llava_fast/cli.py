@@ -23,7 +23,8 @@ def _cmd_chat(args) -> int:
     from llava_fast.chat import run_chat
 
     return run_chat(args.model, args.image, device=args.device, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, video=args.video,
+                    frames=args.frames)
 
 
 def main(argv=None) -> int:
@@ -40,9 +41,11 @@ def main(argv=None) -> int:
     from llava_fast.train.cli import add_train_parser
 
     add_train_parser(sub)
-    s = sub.add_parser("chat", help="talk about an image with a local llava-hf checkpoint")
+    s = sub.add_parser("chat", help="talk about an image or a video with a local llava-hf checkpoint")
     s.add_argument("--model", required=True, help="llava-hf checkpoint folder (config.json, safetensors, tokenizer)")
     s.add_argument("--image", default=None, help="image file (JPEG/PNG/...)")
+    s.add_argument("--video", default=None, help="video file (mp4/webm/mkv/...; LLaVA-OneVision; needs pip install av)")
+    s.add_argument("--frames", type=int, default=32, help="frames sampled uniformly from --video (default 32)")
     s.add_argument("--device", default=None)
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -147,3 +147,25 @@ def long_first_order(names: list[str], n_workers: int, long_seconds: dict[str, f
     taken = set(placed.values())
     rest = iter(i for i in range(len(names)) if i not in taken)
     return [placed[pos] if pos in placed else next(rest) for pos in range(len(names))]
+
+
+def write_video(path, n: int = 40, codec: str = "libx264", opts: dict | None = None, w: int = 64, h: int = 48,
+                fps: int = 25) -> str:
+    """A video file written with PyAV. Frame i: grey level 6 * i with its first i columns white (every frame
+    differs)."""
+    import av
+    import numpy as np
+
+    c = av.open(str(path), "w")
+    s = c.add_stream(codec, rate=fps)
+    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+    s.options = dict(opts or {})
+    for i in range(n):
+        a = np.full((h, w, 3), (6 * i) % 250, np.uint8)
+        a[:, : i % w] = 255
+        for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return str(path)

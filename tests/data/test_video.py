@@ -10,6 +10,7 @@ import torch
 from llava_fast.data import DataError, LlavaDataset, SampleError, collate_packed, image_config, video
 from llava_fast.data.word_tokenizer import build_word_tokenizer
 from llava_fast.ops import anyres
+from utils import write_video
 
 av = pytest.importorskip("av")  # in the test extras: CI has it
 
@@ -20,23 +21,6 @@ KINDS = {"mp4": ("libx264", {"bf": "2", "g": "8", "crf": "10"}), "webm": ("libvp
          "mkv": ("libx264", {"bf": "2", "g": "8"}), "avi": ("mpeg4", {"bf": "2", "g": "8"})}
 
 
-def write_video(path, n=FRAMES, codec="libx264", opts=None, w=W, h=H, fps=25):
-    """Frame i: grey level 6 * i with the first i columns white, so that every frame differs."""
-    c = av.open(str(path), "w")
-    s = c.add_stream(codec, rate=fps)
-    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-    s.options = dict(opts or {})
-    for i in range(n):
-        a = np.full((h, w, 3), (6 * i) % 250, np.uint8)
-        a[:, : i % w] = 255
-        for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return str(path)
-
-
 def decode_all(path):
     with av.open(path) as c:
         return [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
@@ -45,7 +29,7 @@ def decode_all(path):
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     d = tmp_path_factory.mktemp("videos")
-    return {k: write_video(d / f"clip.{k}", codec=c, opts=o) for k, (c, o) in KINDS.items()}
+    return {k: write_video(d / f"clip.{k}", n=FRAMES, codec=c, opts=o, w=W, h=H) for k, (c, o) in KINDS.items()}
 
 
 def test_sample_frames_as_llava_next():

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny import IMAGE_TOKEN, VOCAB, save_tiny
+from tiny import IMAGE_TOKEN, VIDEO_TOKEN, VOCAB, save_tiny
+from utils import write_video
 
 
 def add_tokenizer(path, extra=None, specials=()):
@@ -152,3 +153,49 @@ def test_image_exif_orientation_applied_as_transformers_does(tmp_path):
     got = load_image(str(path))
     want = torch.from_numpy(np.asarray(hf_load_image(str(path)))).permute(2, 0, 1)
     assert got.shape == (3, 50, 30) and torch.equal(got, want)
+
+
+def test_chat_about_a_video_matches_transformers(tmp_path):
+    """`llava-fast chat --video`: a OneVision conversation about a video file; the prompt holds the video tokens its
+    frames produce, and the answer is transformers' greedy generate on the same prompt and frames."""
+    pytest.importorskip("av")
+    from llava_fast.chat import ChatSession, load_video, run_chat
+    from llava_fast.ops.anyres import num_video_tokens
+
+    hf, path = save_tiny(tmp_path, "llava_onevision")
+    add_tokenizer(path, extra={"<video>": VIDEO_TOKEN}, specials=("<video>",))
+    clip = write_video(tmp_path / "clip.mp4", n=12)
+    s = ChatSession(str(path), device="cpu")
+    s.set_video(load_video(clip, frames=4))
+    assert s.video.shape == (4, 3, 28, 28) and s.media == "video"
+    ids = s._prompt_ids("w10 w11")
+    assert int((ids == VIDEO_TOKEN).sum()) == num_video_tokens(4, s.image_config.tokens_per_side)
+    answer = s.ask("w10 w11", max_new_tokens=6)
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=s.video[None],
+                          max_new_tokens=6, do_sample=False, eos_token_id=sorted(s.stop_ids), pad_token_id=0)
+    gen = out[0, ids.shape[1]:].tolist()
+    gen = gen[: next((i for i, t in enumerate(gen) if t in s.stop_ids), len(gen))]
+    assert answer == s.tokenizer.decode(gen, skip_special_tokens=True).strip()
+    assert run_chat(str(path), None, video=clip, frames=3, device="cpu", max_new_tokens=3,
+                    stream=io.StringIO("w12\n\n")) == 0
+
+
+def test_chat_video_errors_name_the_argument(tmp_path):
+    pytest.importorskip("av")
+    from llava_fast.chat import ChatSession, load_video, run_chat
+
+    _, path = save_tiny(tmp_path, "llava_next")
+    add_tokenizer(path)
+    clip = write_video(tmp_path / "clip.mp4", n=5)
+    with pytest.raises(ValueError, match="--image or --video, not both"):
+        run_chat(str(path), _image(tmp_path), video=clip)
+    with pytest.raises(ValueError, match="--frames must be an integer >= 1"):
+        run_chat(str(path), None, video=clip, frames=0)
+    with pytest.raises(ValueError, match="--video: a llava_next model takes images only"):
+        ChatSession(str(path), device="cpu").set_video(load_video(clip))
+    with pytest.raises(FileNotFoundError, match="--video .*nope.mp4.*no such file"):
+        load_video(str(tmp_path / "nope.mp4"))
+    (tmp_path / "junk.mp4").write_bytes(b"junk" * 100)
+    with pytest.raises(ValueError, match="--video .*junk.mp4.*cannot read video"):
+        load_video(str(tmp_path / "junk.mp4"))
