@@ -10,6 +10,10 @@ from N(mean, 1e-5 * cov) of the old ones), initialises the projector with ``nn.L
 model type: a CLIP tower's penultimate layer without its CLS token (``vision_feature_layer=-2``, ``"default"``); a
 SigLIP tower's penultimate layer, every token (the original deletes the last layer and keeps all 729 tokens; llava-hf
 writes that as ``-1`` on the 26-layer tower it converted, here it is ``-2`` on the tower given, ``"full"``).
+
+``model.projector`` (:func:`load_projector`) starts the projector from trained weights instead: the original LLaVA /
+LLaVA-NeXT stage-1 output ``mm_projector.bin`` (what their ``--pretrain_mm_mlp_adapter`` takes), so stage 2 can start
+from a released stage-1 projector.
 """
 from __future__ import annotations
 
@@ -30,12 +34,86 @@ def build_model(ms, log=print):
 
         model = llava_fast.from_pretrained(ms.path, dtype=torch.float32)
         log(f"loaded {model.config.model_type} model from {ms.path}")
-        return model, load_tokenizer(ms.path)
-    if ms.language_model and ms.vision_tower:
-        return assemble(ms.language_model, ms.vision_tower, ms.model_type, vision_weights=ms.vision_weights,
-                        log=log)
-    raise ValueError("model: give --model (a llava-hf folder) or model.language_model=DIR and model.vision_tower=DIR "
-                     "(or an open_clip name with model.vision_weights=FILE)")
+        tok = load_tokenizer(ms.path)
+    elif ms.language_model and ms.vision_tower:
+        model, tok = assemble(ms.language_model, ms.vision_tower, ms.model_type, vision_weights=ms.vision_weights,
+                              log=log)
+    else:
+        raise ValueError("model: give --model (a llava-hf folder) or model.language_model=DIR and "
+                         "model.vision_tower=DIR (or an open_clip name with model.vision_weights=FILE)")
+    if ms.projector:
+        load_projector(model, ms.projector, log=log)
+    return model, tok
+
+
+def load_projector(model, path: str, log=print) -> None:
+    """Loads trained projector weights into ``model`` (in place).
+
+    ``path``: the original LLaVA / LLaVA-NeXT stage-1 output ``mm_projector.bin`` (keys ``model.mm_projector.0.*`` and
+    ``.2.*``: the ``nn.Sequential(Linear, GELU, Linear)`` of ``mlp2x_gelu``; read with
+    ``torch.load(weights_only=True)``, which runs no pickled code), a ``.safetensors`` file with those keys or llava-hf's
+    (``multi_modal_projector.linear_{1,2}.*``, any prefix), or a folder of safetensors (a llava-hf checkpoint).
+    ``image_newline`` is taken too when the file has it. Every projector tensor of the model must be in the file with
+    its shape: anything else is an error naming the tensor (a projector trained for another language model or tower).
+    """
+    state = _read_weights(path)
+    own = model.state_dict()
+    proj = {k: v for k, v in own.items() if ".multi_modal_projector." in f".{k}"}
+    got, unknown = {}, []
+    for k, v in state.items():
+        if "mm_projector." in k:
+            tail = k.split("mm_projector.", 1)[1]
+            idx, _, param = tail.partition(".")
+            name = {"0": "linear_1", "2": "linear_2"}.get(idx)
+            if name is None:
+                unknown.append(k)
+                continue
+            tail = f"{name}.{param}"
+        elif "multi_modal_projector." in k:
+            tail = k.split("multi_modal_projector.", 1)[1]
+        elif k.split(".")[-1] == "image_newline" and "model.image_newline" in own:
+            got["model.image_newline"] = (k, v)
+            continue
+        else:
+            continue
+        got["model.multi_modal_projector." + tail] = (k, v)
+    if unknown:
+        raise ValueError(f"model.projector {path}: {unknown[:4]} are not an mlp2x_gelu projector (Linear, GELU, "
+                         f"Linear: keys mm_projector.0.* and mm_projector.2.*); other projector types are not "
+                         f"supported")
+    missing = sorted(set(proj) - set(got))
+    extra = sorted(k for k in got if k not in own)
+    bad = [f"{src} {tuple(v.shape)} vs the model's {k} {tuple(own[k].shape)}" for k, (src, v) in got.items()
+           if k in own and own[k].shape != v.shape]
+    if missing or extra or bad:
+        raise ValueError(f"model.projector {path} does not fit this model: missing {missing}; not in the model "
+                         f"{extra}; shape mismatches {bad[:4]} (a projector trained for another language model or "
+                         f"vision tower?)")
+    with torch.no_grad():
+        for k, (_, v) in got.items():
+            own[k].copy_(v)
+    log(f"projector from {path}: {len(got)} tensors ({', '.join(sorted(k.split('.', 1)[1] for k in got))})")
+
+
+def _read_weights(path: str) -> dict:
+    """Tensors of a weights file (.bin/.pt through ``torch.load(weights_only=True)``, .safetensors) or folder."""
+    if os.path.isdir(path):
+        return _load_folder(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.projector {path}: no such file or folder")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for code in the pickle, others for a broken file
+        raise ValueError(f"model.projector {path}: cannot read it as a tensor dict with torch.load(weights_only=True) "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give the mm_projector.bin of the "
+                         f"original training code or a .safetensors file") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"model.projector {path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
 
 
 def _read_json(p):

@@ -67,6 +67,9 @@ def _check_paths(cfg) -> None:
             bad.append(f"model.language_model {cfg.model.language_model}: no config.json (an HF Llama/Qwen2 folder)")
         if cfg.model.vision_weights and not os.path.isfile(cfg.model.vision_weights):
             bad.append(f"model.vision_weights {cfg.model.vision_weights}: no such file")
+    if cfg.model.projector and not os.path.exists(cfg.model.projector):
+        bad.append(f"model.projector {cfg.model.projector}: no such file or folder (the original LLaVA's stage-1 "
+                   f"mm_projector.bin, a .safetensors file or a llava-hf folder)")
     r = cfg.checkpoint.resume
     if r not in _NO_RESUME and r != "auto" and not os.path.isdir(r):
         bad.append(f"checkpoint.resume={r}: no such checkpoint folder (auto: the latest one in "

@@ -24,6 +24,9 @@ class ModelSection:
     """To assemble a new model: an HF CLIP/SigLIP folder, or an open_clip architecture name (then vision_weights)."""
     vision_weights: str | None = None
     """Local open_clip weights file (.safetensors/.bin) when vision_tower is an open_clip architecture name."""
+    projector: str | None = None
+    """Start the projector (and image_newline, when the file has it) from trained weights: the original LLaVA's stage-1
+    mm_projector.bin (its --pretrain_mm_mlp_adapter), a .safetensors file, or a llava-hf folder."""
     model_type: str = "llava_next"
     """Model type of an assembled model: llava | llava_next | llava_onevision."""
     dtype: str = "auto"

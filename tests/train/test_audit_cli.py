@@ -114,10 +114,12 @@ def test_cli_checks_paths_before_loading_the_model(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(llava_fast.train, "Trainer", _NoTrainer)
     model = _folder(tmp_path / "m", {"model_type": "llava_next"})
     rc = main(["train", "--recipe", "stage2", "--model", model, "--data", str(tmp_path / "nope.json"),
-               "--images", str(tmp_path / "noimg"), "checkpoint.resume=false"])
+               "--images", str(tmp_path / "noimg"), "checkpoint.resume=false",
+               f"model.projector={tmp_path / 'mm_projector.bin'}"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "--data" in err and "nope.json: no such file" in err
+    assert "model.projector" in err and "mm_projector.bin: no such file or folder" in err
     assert "--images" in err and "noimg: no such folder" in err
     assert "checkpoint.resume=false: no such checkpoint folder" in err
     bad = _folder(tmp_path / "bad", "{oops")
