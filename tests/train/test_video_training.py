@@ -1,0 +1,71 @@
+"""Training a OneVision model on video files, end to end: the dataset's header frame counts, DataLoader workers
+decoding the sampled frames, the packed collator, the trainer and the export."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from llava_fast.train import Trainer, get_recipe
+from utils import write_video
+
+pytest.importorskip("av")
+
+
+def tiny_onevision(folder):
+    """A tiny LLaVA-OneVision (SigLIP tower, Qwen2 language model) with the word tokenizer, as a llava-hf folder."""
+    from llava_fast.data.word_tokenizer import build_word_tokenizer
+    from llava_fast.models import LlavaConfig, LlavaOnevisionForConditionalGeneration
+
+    tok = build_word_tokenizer("what happens in the clip a cat runs jumps sits".split(), bos=False)
+    hf = {"model_type": "llava_onevision", "image_token_id": tok.convert_tokens_to_ids("<image>"),
+          "video_token_id": tok.convert_tokens_to_ids("<video>"), "vision_aspect_ratio": "anyres_max_9",
+          "image_grid_pinpoints": [[28 * i, 28 * j] for i in range(1, 4) for j in range(1, 4)],
+          "vision_feature_layer": -1, "vision_feature_select_strategy": "full", "tie_word_embeddings": True,
+          "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                            "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+          "text_config": {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                          "max_position_embeddings": 2048, "tie_word_embeddings": True,
+                          "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}}
+    torch.manual_seed(0)
+    LlavaOnevisionForConditionalGeneration(LlavaConfig.from_hf_dict(hf)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_onevision_trains_on_video_files(tmp_path):
+    model = tiny_onevision(tmp_path / "model")
+    media = tmp_path / "media"
+    media.mkdir()
+    answers = ["a cat runs", "a cat jumps", "a cat sits"]
+    recs = []
+    for k in range(6):
+        name = f"clip{k}.{'mp4' if k % 2 else 'webm'}"
+        write_video(media / name, n=10 + 3 * k, codec="libx264" if k % 2 else "libvpx-vp9", w=40, h=30)
+        recs.append({"id": f"v{k}", "video": name, "conversations": [
+            {"from": "human", "value": "<video>\nwhat happens in the clip ?"},
+            {"from": "gpt", "value": answers[k % 3]}]})
+    (tmp_path / "data.json").write_text(json.dumps(recs))
+    cfg = get_recipe("onevision-stage2", "llava_onevision")
+    cfg.model.path = str(model)
+    cfg.data.data, cfg.data.images = str(tmp_path / "data.json"), str(media)
+    cfg.data.template, cfg.data.frames_upbound = "vicuna_v1", 4   # every clip has >= 10 frames: 4 each
+    cfg.data.max_len = cfg.data.max_tokens = 2048
+    cfg.data.num_workers = 2  # the items (VideoFile) go to worker processes; they decode there
+    cfg.data.group_by_modality_length = False
+    cfg.train.device, cfg.train.activation_checkpointing = "cpu", False
+    cfg.schedule.max_steps = 2
+    cfg.checkpoint.out = str(tmp_path / "out")
+    cfg.log.tensorboard = cfg.log.progress = False
+    tr = Trainer(cfg, quiet=True).setup()
+    assert {len(it.video) for it in tr.dataset.items} == {4} and len(tr.dataset.items) == 6
+    before = tr.model.model.vision_tower.embeddings.patch_embedding.weight.detach().clone()
+    r = tr.train()
+    assert r["steps"] == 2 and r["dropped"] == {} and all(math.isfinite(h["loss"]) for h in tr.history)
+    # only the frames reach the tower: its weights moved, so the videos were decoded and trained on
+    after = tr.model.model.vision_tower.embeddings.patch_embedding.weight.detach()
+    assert not torch.equal(before, after)
+    assert r["final"] and (tmp_path / "out" / "final" / "config.json").is_file()
