@@ -1,4 +1,4 @@
-"""The ``llava-fast`` command: ``env``, ``demo`` (and, as they land, ``train`` and ``chat``)."""
+"""The ``llava-fast`` command: ``env``, ``demo``, ``train``, ``chat`` and ``convert``."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,13 @@ def _cmd_chat(args) -> int:
                     frames=args.frames)
 
 
+def _cmd_convert(args) -> int:
+    from llava_fast.train.original import convert
+
+    convert(args.original, args.vision_tower, args.out, model_type=args.model_type)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="llava-fast", description="llava_fast: fast LLaVA kernels, model and training")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -52,6 +59,15 @@ def main(argv=None) -> int:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     s.set_defaults(fn=_cmd_chat)
+    s = sub.add_parser("convert", help="an original LLaVA / LLaVA-NeXT / OneVision checkpoint -> a llava-hf folder")
+    s.add_argument("--original", required=True, help="the original training code's output folder (config.json with "
+                   "mm_vision_tower, weights, tokenizer)")
+    s.add_argument("--vision-tower", required=True, help="a local copy of the tower its config names "
+                   "(mm_vision_tower: an HF CLIP/SigLIP folder)")
+    s.add_argument("--out", required=True, help="the llava-hf folder to write (new or empty)")
+    s.add_argument("--model-type", default=None, choices=["llava", "llava_next", "llava_onevision"],
+                   help="default: from image_aspect_ratio (pad: llava, anyres: llava_next, anyres_max_N: onevision)")
+    s.set_defaults(fn=_cmd_convert)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

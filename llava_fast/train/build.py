@@ -51,12 +51,20 @@ def load_projector(model, path: str, log=print) -> None:
 
     ``path``: the original LLaVA / LLaVA-NeXT stage-1 output ``mm_projector.bin`` (keys ``model.mm_projector.0.*`` and
     ``.2.*``: the ``nn.Sequential(Linear, GELU, Linear)`` of ``mlp2x_gelu``; read with
-    ``torch.load(weights_only=True)``, which runs no pickled code), a ``.safetensors`` file with those keys or llava-hf's
-    (``multi_modal_projector.linear_{1,2}.*``, any prefix), or a folder of safetensors (a llava-hf checkpoint).
+    ``torch.load(weights_only=True)``, which runs no pickled code), a ``.safetensors`` file with those keys or
+    llava-hf's (``multi_modal_projector.linear_{1,2}.*``, any prefix), or a folder of weights (a llava-hf checkpoint,
+    an original LLaVA one).
     ``image_newline`` is taken too when the file has it. Every projector tensor of the model must be in the file with
     its shape: anything else is an error naming the tensor (a projector trained for another language model or tower).
     """
-    state = _read_weights(path)
+    got = _put_projector(model, _read_weights(path), f"model.projector {path}")
+    log(f"projector from {path}: {len(got)} tensors ({', '.join(sorted(k.split('.', 1)[1] for k in got))})")
+
+
+def _put_projector(model, state: dict, where: str) -> list[str]:
+    """Copies the projector tensors of ``state`` (original ``mm_projector.{0,2}.*`` or llava-hf
+    ``multi_modal_projector.*`` keys, any prefix) and its ``image_newline`` into ``model``; returns the keys filled.
+    ValueError naming ``where`` unless every projector tensor of the model is there with its shape."""
     own = model.state_dict()
     proj = {k: v for k, v in own.items() if ".multi_modal_projector." in f".{k}"}
     got, unknown = {}, []
@@ -78,7 +86,7 @@ def load_projector(model, path: str, log=print) -> None:
             continue
         got["model.multi_modal_projector." + tail] = (k, v)
     if unknown:
-        raise ValueError(f"model.projector {path}: {unknown[:4]} are not an mlp2x_gelu projector (Linear, GELU, "
+        raise ValueError(f"{where}: {unknown[:4]} are not an mlp2x_gelu projector (Linear, GELU, "
                          f"Linear: keys mm_projector.0.* and mm_projector.2.*); other projector types are not "
                          f"supported")
     missing = sorted(set(proj) - set(got))
@@ -86,13 +94,13 @@ def load_projector(model, path: str, log=print) -> None:
     bad = [f"{src} {tuple(v.shape)} vs the model's {k} {tuple(own[k].shape)}" for k, (src, v) in got.items()
            if k in own and own[k].shape != v.shape]
     if missing or extra or bad:
-        raise ValueError(f"model.projector {path} does not fit this model: missing {missing}; not in the model "
+        raise ValueError(f"{where} does not fit this model: missing {missing}; not in the model "
                          f"{extra}; shape mismatches {bad[:4]} (a projector trained for another language model or "
                          f"vision tower?)")
     with torch.no_grad():
         for k, (_, v) in got.items():
             own[k].copy_(v)
-    log(f"projector from {path}: {len(got)} tensors ({', '.join(sorted(k.split('.', 1)[1] for k in got))})")
+    return sorted(got)
 
 
 def _read_weights(path: str) -> dict:
@@ -105,14 +113,19 @@ def _read_weights(path: str) -> dict:
         from safetensors.torch import load_file
 
         return load_file(path)
+    return _torch_load(path)
+
+
+def _torch_load(path: str) -> dict:
+    """A ``.bin`` tensor dict, read with ``weights_only=True``: a pickle holding code is refused, not run."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError for code in the pickle, others for a broken file
-        raise ValueError(f"model.projector {path}: cannot read it as a tensor dict with torch.load(weights_only=True) "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give the mm_projector.bin of the "
-                         f"original training code or a .safetensors file") from None
+        raise ValueError(f"{path}: cannot read it as a tensor dict with torch.load(weights_only=True) "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give the file the original "
+                         f"training code saved (tensors only) or a .safetensors file") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"model.projector {path}: expected a dict of tensors, got {type(state).__name__}")
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     return state
 
 
@@ -138,14 +151,27 @@ def _resize_embeddings(w: torch.Tensor, n: int) -> torch.Tensor:
 
 def assemble(language_model: str, vision_tower: str, model_type: str = "llava_next", vision_weights: str | None = None,
              pinpoints=None, log=print):
-    """A new LLaVA (projector randomly initialised) from separate language-model and vision-tower weights."""
+    """A new LLaVA (projector randomly initialised) from separate language-model and vision-tower weights.
+
+    ``language_model`` may also be an original LLaVA checkpoint folder (:mod:`llava_fast.train.original`): its
+    projector, ``image_newline`` and trained tower layers are kept, and its ``mm_*`` settings (feature layer,
+    pinpoints, SigLIP's dropped last layer) apply; ``vision_tower`` then gives the tower's config and the weights the
+    checkpoint lacks."""
     from transformers import AutoTokenizer
 
     from llava_fast.models import LlavaConfig
     from llava_fast.models.io import load_state_dict  # noqa: F401 - same key conventions
     from llava_fast.models.llava import CLASSES
 
+    from llava_fast.train import original
+
     tcfg = _read_json(os.path.join(language_model, "config.json"))
+    orig = original.settings(tcfg, os.path.join(language_model, "config.json")) if original.is_original(tcfg) \
+        else None
+    if orig is not None:
+        tcfg = orig.text_config
+        if orig.model_type != model_type:
+            log(f"note: {language_model} is an original {orig.model_type} checkpoint; assembling a {model_type}")
     tok = AutoTokenizer.from_pretrained(language_model, local_files_only=True)
     n_before = len(tok)
     new_tokens = ["<image>"] + (["<video>"] if model_type == "llava_onevision" else [])
@@ -177,14 +203,16 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
                     "clip_vision_model")
     if vcfg["model_type"] in ("clip", "siglip"):
         vcfg["model_type"] += "_vision_model"
+    siglip = vcfg["model_type"] == "siglip_vision_model"
     tcfg = dict(tcfg, vocab_size=vocab)
     tile = int(vcfg.get("image_size", 336))
+    if pinpoints is None and orig is not None and orig.pinpoints is not None:
+        pinpoints = original.pinpoints_for(orig.pinpoints, tile)
     if pinpoints is None and model_type != "llava":
         pinpoints = ([[p[0] * tile // 336, p[1] * tile // 336] for p in NEXT_PINPOINTS] if model_type == "llava_next"
                      else [[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)])
     # the features by the tower's family, not the model type (see the module docstring): SigLIP has no CLS token to
     # drop ("default" would drop a patch), CLIP's CLS is dropped under OneVision too (mm_vision_select_feature "patch")
-    siglip = vcfg["model_type"] == "siglip_vision_model"
     hf = {"model_type": model_type, "vision_config": vcfg, "text_config": tcfg, "image_token_id": image_id,
           "tie_word_embeddings": bool(tcfg.get("tie_word_embeddings", False)),
           "vision_feature_layer": -2, "vision_feature_select_strategy": "full" if siglip else "default"}
@@ -194,6 +222,10 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
         hf["video_token_id"] = video_id
     if model_type == "llava_onevision":
         hf["vision_aspect_ratio"] = "anyres_max_9"
+    if orig is not None:
+        hf.update(orig.features(siglip))
+        if siglip:  # the original deletes SigLIP's last layer and takes hidden_states[-1]
+            vcfg["num_hidden_layers"] = int(vcfg.get("num_hidden_layers", 27)) - 1
     cfg = LlavaConfig.from_hf_dict(hf)
     model = CLASSES[model_type](cfg)
     # the stage-1 projector starts from nn.Linear's defaults (kaiming-uniform weights, uniform biases), as the
@@ -232,6 +264,14 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
     model.tie_weights()
     for k, v in vstate.items():
         put("model.vision_tower." + k, v, k)
+    # an original checkpoint: the tower layers it trained (after the tower folder's), its projector and newline
+    for k, v in lstate.items():
+        vk = _vision_key(k[len("model.vision_tower."):]) if k.startswith("model.vision_tower.") else None
+        if vk is not None:
+            put("model.vision_tower." + vk, v, k)
+    if any("mm_projector." in k for k in lstate):
+        projector = _put_projector(model, lstate, language_model)
+        log(f"projector and image_newline from {language_model}: {len(projector)} tensors")
     needed = [k for k in own if k.startswith(("model.language_model.", "model.vision_tower.")) or k == "lm_head.weight"]
     missing = [k for k in needed if k not in filled and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if mismatched or missing:
@@ -246,12 +286,16 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
 def _load_folder(path: str) -> dict:
     from safetensors.torch import load_file
 
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {path}")
+    names = os.listdir(path)
+    files = sorted(f for f in names if f.endswith(".safetensors"))
+    # the original LLaVA code saves pytorch_model-0000k-of-0000n.bin shards (torch.save of tensors)
+    bins = sorted(f for f in names if f.startswith("pytorch_model") and f.endswith(".bin"))
+    if not files and not bins:
+        raise FileNotFoundError(f"no .safetensors (or pytorch_model*.bin) weights in {path}")
     out = {}
-    for f in files:
-        out.update(load_file(os.path.join(path, f)))
+    for f in files or bins:
+        p = os.path.join(path, f)
+        out.update(load_file(p) if files else _torch_load(p))
     return out
 
 

@@ -1,0 +1,150 @@
+"""Checkpoints of the original LLaVA training code (haotian-liu/LLaVA for LLaVA-1.5, LLaVA-VL/LLaVA-NeXT for NeXT and
+OneVision) -> llava-hf folders (``llava-fast convert``).
+
+An original checkpoint folder is the language model's HF folder with LLaVA's additions: ``config.json`` has the
+language model's fields plus ``mm_*`` ones (``mm_vision_tower``, ``mm_projector_type``, ``mm_vision_select_layer``,
+``image_aspect_ratio``, ``image_grid_pinpoints``, ...), the weights hold ``model.*`` / ``lm_head`` plus
+``model.mm_projector.{0,2}.*``, ``model.image_newline`` (NeXT, OneVision) and, when the tower was trained,
+``model.vision_tower.vision_tower.vision_model.*`` (reference-spec.md 4.3). The tower's configuration is not in the
+folder (``mm_vision_tower`` names a Hub model): a local copy of it is needed (``--vision-tower DIR``).
+
+:func:`settings` reads such a config into what :func:`llava_fast.train.build.assemble` needs, with the rules of
+reference-spec.md 1.2 and of transformers' conversion scripts: a CLIP tower keeps its layers and takes
+``mm_vision_select_layer`` (``patch`` -> ``"default"``: CLS dropped; ``cls_patch`` -> ``"full"``); a SigLIP tower loses
+its last layer (the original deletes it and takes ``hidden_states[-1]``, all 729 tokens: ``-1``, ``"full"`` on the
+shortened tower, as llava-hf's OneVision). ``image_aspect_ratio`` picks the model type (``pad`` -> ``llava``,
+``anyres`` -> ``llava_next``, ``anyres_max_N`` -> ``llava_onevision``). Settings llava-hf has no equivalent for are
+refused with the setting named.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
+_ARCH_TEXT = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral",
+              "LlavaQwenForCausalLM": "qwen2"}
+_TEXT_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def is_original(config: dict) -> bool:
+    """Whether a ``config.json`` dict is an original LLaVA checkpoint's (the language model's config + ``mm_*``)."""
+    return isinstance(config, dict) and "mm_vision_tower" in config and "text_config" not in config
+
+
+@dataclass
+class Settings:
+    """What an original config says, in llava-hf terms."""
+    model_type: str
+    text_config: dict
+    select_layer: int = -2                   # mm_vision_select_layer (CLIP towers)
+    select_feature: str = "patch"            # mm_vision_select_feature (CLIP towers)
+    aspect_ratio: str = "pad"                # image_aspect_ratio
+    pinpoints: object = None                 # list of [h, w], or the "(AxB),...,(CxD)" range of tile counts
+
+    def features(self, siglip: bool) -> dict:
+        """llava-hf config fields for the tower: a SigLIP tower loses its last layer in the original, which takes
+        ``hidden_states[-1]``, every token (``-1``, ``"full"`` on the shortened tower; ``mm_vision_select_layer`` is
+        ignored there, as the original ignores it); a CLIP tower takes ``mm_vision_select_layer``, ``patch`` dropping
+        the CLS token."""
+        out = ({"vision_feature_layer": -1, "vision_feature_select_strategy": "full"} if siglip else
+               {"vision_feature_layer": self.select_layer,
+                "vision_feature_select_strategy": "default" if self.select_feature == "patch" else "full"})
+        if self.model_type == "llava_onevision":
+            out["vision_aspect_ratio"] = self.aspect_ratio
+        return out
+
+
+def settings(config: dict, source: str = "config.json") -> Settings:
+    """An original LLaVA config -> :class:`Settings`; ValueError naming the setting for what llava-hf cannot hold."""
+    text_type = _TEXT_TYPES.get(config.get("model_type")) or next(
+        (_ARCH_TEXT[a] for a in config.get("architectures") or [] if a in _ARCH_TEXT), None)
+    if text_type is None:
+        raise ValueError(f"{source}: model_type {config.get('model_type')!r} / architectures "
+                         f"{config.get('architectures')} is not an original LLaVA language model (llava_llama, "
+                         f"llava_mistral, llava_qwen)")
+
+    def refuse(key, why):
+        raise ValueError(f"{source}: {key}={config.get(key)!r}: {why}; llava-hf (and llava_fast) cannot hold it")
+
+    if config.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        refuse("mm_projector_type", "only the mlp2x_gelu projector (Linear, GELU, Linear) is supported")
+    if config.get("mm_use_im_start_end"):
+        refuse("mm_use_im_start_end", "image start/end tokens are not part of the llava-hf models")
+    ar = config.get("image_aspect_ratio") or "pad"
+    if ar in ("pad", "square"):
+        model_type = "llava"
+    elif ar == "anyres":
+        model_type = "llava_next"
+    elif re.fullmatch(r"anyres_max_\d+", ar):
+        model_type = "llava_onevision"
+    else:
+        refuse("image_aspect_ratio", "expected pad, anyres or anyres_max_N")
+    if model_type != "llava" and config.get("mm_patch_merge_type", "spatial_unpad") != "spatial_unpad":
+        refuse("mm_patch_merge_type", "llava-hf's AnyRes models unpad and add image_newline (spatial_unpad)")
+    if model_type == "llava_onevision" and config.get("mm_spatial_pool_mode", "bilinear") != "bilinear":
+        refuse("mm_spatial_pool_mode", "llava-hf's OneVision pools video frames bilinearly")
+    feature = config.get("mm_vision_select_feature", "patch")
+    if feature not in ("patch", "cls_patch"):
+        refuse("mm_vision_select_feature", "expected patch or cls_patch")
+    text = {k: v for k, v in config.items()
+            if not k.startswith(("mm_", "image_", "tune_", "unfreeze_", "freeze_", "tokenizer_", "use_mm_",
+                                 "add_faster_video", "faster_token", "pos_skipping", "vision_"))}
+    text.update(model_type=text_type, architectures=[_TEXT_ARCH[text_type]])
+    return Settings(model_type, text, int(config.get("mm_vision_select_layer", -2)), feature, ar,
+                    config.get("image_grid_pinpoints") if model_type != "llava" else None)
+
+
+def pinpoints_for(pinpoints, tile: int):
+    """``image_grid_pinpoints`` as a list of [h, w]: LLaVA-NeXT's string form ``"(1x1),...,(6x6)"`` is every tile
+    count between the first and last, times the tile (NXT ``llava_arch``), in that order."""
+    if not isinstance(pinpoints, str):
+        return pinpoints
+    m = re.findall(r"\((\d+)x(\d+)\)", pinpoints)
+    if not m:
+        raise ValueError(f"image_grid_pinpoints {pinpoints!r}: expected a list of [h, w] or '(AxB),...,(CxD)'")
+    (a0, b0), (a1, b1) = (tuple(map(int, m[0])), tuple(map(int, m[-1])))
+    return [[i * tile, j * tile] for i in range(a0, a1 + 1) for j in range(b0, b1 + 1)]
+
+
+def convert(src: str, vision_tower: str, out: str, model_type: str | None = None, log=print) -> str:
+    """An original LLaVA checkpoint folder ``src`` + a local copy of its vision tower -> a llava-hf folder ``out``
+    (config.json, safetensors, tokenizer with ``<image>`` (and ``<video>``), processor files) that transformers and
+    llava_fast load. Written to a temporary folder and renamed when complete: a crash leaves no half-written ``out``."""
+    import shutil
+
+    from llava_fast.models.io import save_pretrained
+    from llava_fast.train.build import assemble
+    from llava_fast.train.trainer import _save_image_processor
+
+    cfg_path = os.path.join(src, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{src}: no config.json (expected an original LLaVA checkpoint folder)")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    if not is_original(config):
+        raise ValueError(f"{src}: not an original LLaVA checkpoint (config.json has no mm_vision_tower)"
+                         + ("; it is a llava-hf folder already: load it as it is" if "text_config" in config else ""))
+    if not os.path.isdir(vision_tower):
+        raise FileNotFoundError(f"--vision-tower {vision_tower}: no such folder; the checkpoint was trained with "
+                                f"{config.get('mm_vision_tower')!r}: give a local copy of it (config.json + weights)")
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"--out {out}: exists and is not empty; choose a new folder")
+    model, tok = assemble(src, vision_tower, model_type or settings(config, cfg_path).model_type, log=log)
+    tmp = f"{out.rstrip(os.sep)}.converting-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_pretrained(model, tmp)
+        tok.save_pretrained(tmp)
+        _save_image_processor(model.config, tmp, tok)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"converted {src} ({config.get('mm_vision_tower')}, image_aspect_ratio "
+        f"{config.get('image_aspect_ratio', 'pad')}) to a {model.config.model_type} llava-hf folder: {out}")
+    return out
