@@ -86,6 +86,9 @@ def settings(config: dict, source: str = "config.json") -> Settings:
         refuse("mm_patch_merge_type", "llava-hf's AnyRes models unpad and add image_newline (spatial_unpad)")
     if model_type == "llava_onevision" and config.get("mm_spatial_pool_mode", "bilinear") != "bilinear":
         refuse("mm_spatial_pool_mode", "llava-hf's OneVision pools video frames bilinearly")
+    if model_type == "llava_onevision" and config.get("mm_newline_position", "one_token") != "one_token":
+        # NXT's llava_arch reads it with "one_token" as the default; LLaVA-Video's "grid" puts a newline per row
+        refuse("mm_newline_position", "llava-hf's OneVision puts one image_newline after a video (one_token)")
     feature = config.get("mm_vision_select_feature", "patch")
     if feature not in ("patch", "cls_patch"):
         refuse("mm_vision_select_feature", "expected patch or cls_patch")

@@ -145,6 +145,8 @@ def test_settings_llava_hf_cannot_hold_are_refused_naming_them(tmp_path, capsys)
                        ({"mm_use_im_start_end": True}, "mm_use_im_start_end=True"),
                        ({"image_aspect_ratio": "anyres", "mm_patch_merge_type": "flat"}, "mm_patch_merge_type='flat'"),
                        ({"image_aspect_ratio": "crop"}, "image_aspect_ratio='crop'"),
+                       ({"image_aspect_ratio": "anyres_max_9", "mm_newline_position": "grid"},
+                        "mm_newline_position='grid'"),
                        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "not an original LLaVA")]:
         with pytest.raises(ValueError, match=msg):
             settings({**base, **extra})
