@@ -162,7 +162,6 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
     from llava_fast.models import LlavaConfig
     from llava_fast.models.io import load_state_dict  # noqa: F401 - same key conventions
     from llava_fast.models.llava import CLASSES
-
     from llava_fast.train import original
 
     tcfg = _read_json(os.path.join(language_model, "config.json"))
