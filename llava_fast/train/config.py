@@ -226,11 +226,21 @@ class LogSection:
     every_steps: int = 1
     tensorboard: bool = True
     """Also log to TensorBoard when it is installed."""
+    wandb: str | None = None
+    """Weights & Biases project to log the same scalars to (pip install wandb; WANDB_MODE=offline needs no network)."""
     progress: bool = True
 
     def __post_init__(self):
         if self.every_steps < 1:
             raise ValueError(f"log.every_steps must be >= 1, got {self.every_steps}")
+        if self.wandb is not None:
+            import importlib.util
+
+            if not isinstance(self.wandb, str) or not self.wandb.strip():
+                raise ValueError(f"log.wandb must be a W&B project name, got {self.wandb!r}")
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError(f"log.wandb={self.wandb}: Weights & Biases is not installed: pip install wandb (or "
+                                 f"leave log.wandb unset)")
 
 
 @dataclass(kw_only=True)

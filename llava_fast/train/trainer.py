@@ -617,15 +617,7 @@ class Trainer:
         if info.is_main:
             _trim_log(log_path, self.global_step)
         jsonl = open(log_path, "a") if info.is_main else None
-        tb = None
-        if info.is_main and cfg.log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                # steps logged after the checkpoint resumed from, by a run that crashed: hidden, as in the jsonl
-                tb = SummaryWriter(os.path.join(self.out, "tb"), purge_step=self.global_step + 1)
-            except Exception:  # noqa: BLE001 - tensorboard not installed
-                tb = None
+        sinks = _MetricSinks(cfg, self.out, self.global_step) if info.is_main else None
         bar = None
         if info.is_main and cfg.log.progress and not self.quiet:
             from tqdm.auto import tqdm
@@ -669,11 +661,8 @@ class Trainer:
                             jsonl.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                                     for k, v in m.items()}, allow_nan=False) + "\n")
                             jsonl.flush()
-                        if tb is not None:
-                            for k in ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_gb", "dropped"):
-                                tb.add_scalar(f"train/{k}", m[k], m["step"])
-                            if m["mfu"] is not None:
-                                tb.add_scalar("train/mfu", m["mfu"], m["step"])
+                        if sinks is not None:
+                            sinks.log(m)
                         if bar is not None:  # the postfix first: update() draws the bar, with this step's numbers
                             post = dict(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:.0f}")
                             if m["mfu"] is not None:
@@ -704,8 +693,8 @@ class Trainer:
                 bar.close()
             if jsonl is not None:
                 jsonl.close()
-            if tb is not None:
-                tb.close()
+            if sinks is not None:
+                sinks.close()
         elapsed = time.perf_counter() - t_start
         if stop_at_step is not None and self.global_step < self.total_steps:
             path = self.save()
@@ -751,6 +740,52 @@ class Trainer:
         if self.dist.enabled:
             torch.distributed.barrier()
         return path
+
+
+class _MetricSinks:
+    """Where the main rank sends each step's scalars besides ``train_log.jsonl``: TensorBoard (``OUT/tb``, when it is
+    installed and ``log.tensorboard``) and Weights & Biases (``log.wandb=PROJECT``; the run id is kept in
+    ``OUT/wandb_run_id`` so that a resumed run continues the same W&B run)."""
+
+    KEYS = ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_gb", "dropped", "mfu")
+
+    def __init__(self, cfg, out: str, step: int):
+        self.tb = self.wandb = None
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # steps logged after the checkpoint resumed from, by a run that crashed: hidden, as in the jsonl
+                self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=step + 1)
+            except Exception:  # noqa: BLE001 - tensorboard not installed
+                self.tb = None
+        if cfg.log.wandb:
+            import wandb  # LogSection checked that it is installed
+
+            id_path = os.path.join(out, "wandb_run_id")
+            run_id = None
+            if os.path.isfile(id_path):
+                with open(id_path) as f:
+                    run_id = f.read().strip() or None
+            self.wandb = wandb.init(project=cfg.log.wandb, name=os.path.basename(os.path.abspath(out)), dir=out,
+                                    config=cfg.to_dict(), id=run_id, resume="allow")
+            if run_id is None:
+                with open(id_path, "w") as f:
+                    f.write(self.wandb.id)
+
+    def log(self, m: dict) -> None:
+        scalars = {f"train/{k}": m[k] for k in self.KEYS if m.get(k) is not None}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, m["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=m["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _set_fused(opt: torch.optim.Optimizer, fused: bool) -> None:

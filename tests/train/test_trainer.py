@@ -409,3 +409,54 @@ def test_out_of_memory_says_where_what_to_change_and_which_checkpoint(assets, tm
     assert f"The last checkpoint, {ckpt.latest_checkpoint(tr.ckpt_root)}, is intact" in msg
     assert msg.endswith("(torch: CUDA out of memory. Tried to allocate 2.00 GiB)")
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+
+
+class _FakeWandb:
+    """What the trainer calls of wandb: init(...) -> run with .id, .log(dict, step=), .finish()."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        fake = self
+
+        class Run:
+            id = kw["id"] or "run123"
+
+            def log(self, d, step):
+                fake.logged.append((step, d))
+
+            def finish(self):
+                fake.finished += 1
+
+        return Run()
+
+
+def test_wandb_logs_each_step_and_a_resumed_run_continues_it(assets, tmp_path, monkeypatch):
+    """log.wandb=PROJECT: the scalars of each step go to W&B too; the run id is kept in OUT so that the resumed run
+    continues the same W&B run. Without wandb installed the setting is refused before anything runs."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from llava_fast.train.config import LogSection
+
+    fake = _FakeWandb()
+    mod = types.ModuleType("wandb")
+    mod.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    mod.init = fake.init
+    monkeypatch.setitem(sys.modules, "wandb", mod)
+    over = {"schedule.max_steps": 3, "log.wandb": "llava-runs"}
+    Trainer(make_cfg(assets, tmp_path, **over), quiet=True).train(stop_at_step=2)
+    Trainer(make_cfg(assets, tmp_path, **over), quiet=True).train()
+    assert [k["id"] for k in fake.inits] == [None, "run123"] and fake.inits[0]["project"] == "llava-runs"
+    assert all(k["resume"] == "allow" and k["dir"] == str(tmp_path) for k in fake.inits)
+    assert fake.inits[0]["config"]["log"]["wandb"] == "llava-runs"
+    assert [s for s, _ in fake.logged] == [1, 2, 3] and fake.finished == 2
+    assert set(fake.logged[0][1]) >= {"train/loss", "train/grad_norm", "train/lr", "train/tokens_per_s"}
+    assert (tmp_path / "wandb_run_id").read_text() == "run123"
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(ValueError, match="log.wandb=p: Weights & Biases is not installed: pip install wandb"):
+        LogSection(wandb="p")
