@@ -140,6 +140,108 @@ class Item:
     n_cut: int = 0           # tokens cut from the end (max_len)
 
 
+class _IndexCache:
+    """The index of a data file kept on disk: a dataset of millions of records takes minutes to tokenize and probe, at
+    every start and every resume, on every rank; from the cache it loads in seconds.
+
+    The file (``index-<fingerprint>.npz``, compressed numpy arrays and JSON text only: loading runs no code) is named
+    by a hash of everything the index depends on: the data file (path, size, modification time), the image folder,
+    the tokenizer (its full serialization), every dataset setting, and the source of the library's data code
+    (templates, token counts, probing). Any change gives another name, so a stale index is never read. Images that
+    change on disk after indexing are still caught when loaded (their decoded size no longer matches: a
+    ``decode_error`` drop). A cache file that cannot be read is rebuilt, with a log line. Written under a temporary
+    name and renamed."""
+
+    VERSION = 1
+
+    def __init__(self, folder: str, ds: "LlavaDataset", data):
+        import hashlib
+
+        import llava_fast
+
+        st = os.stat(data)
+        tok = ds._tok
+        tok_text = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else repr(tok)
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = [os.path.join(here, f) for f in ("dataset.py", "templates.py", "images.py", "video.py")]
+        code.append(os.path.join(os.path.dirname(here), "ops", "anyres.py"))
+        h = hashlib.sha256()
+        for part in (self.VERSION, llava_fast.__version__, os.path.realpath(data), st.st_size, st.st_mtime_ns,
+                     os.path.realpath(ds.image_root), tok_text, ds.template, ds.image_token_id, ds.video_token_id,
+                     ds.max_len, ds.strict, ds.max_pixels, ds.frames_upbound, ds.video_fps, ds.cls_token,
+                     repr(ds.image_config)):
+            h.update(repr(part).encode() + b"\0")
+        for f in code:
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+        self.path = os.path.join(folder, f"index-{h.hexdigest()[:24]}.npz")
+        self.folder = folder
+
+    def load(self, ds: "LlavaDataset") -> bool:
+        if not os.path.isfile(self.path):
+            return False
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes().decode())
+                ids, off = z["ids"], z["offsets"]
+                # labels are the ids where supervised, IGNORE_INDEX elsewhere: stored as a bit per token
+                labels = (np.where(np.unpackbits(z["supervised"], count=len(ids)).astype(bool), ids, IGNORE_INDEX)
+                          .astype(np.int32) if "supervised" in z.files else z["labels"])
+            items = []
+            for k, m in enumerate(meta["items"]):
+                v = m["video"]
+                video = VideoFile(v["file"], v["frames"]) if isinstance(v, dict) else v
+                items.append(Item(m["id"], ids[off[k]:off[k + 1]].copy(), labels[off[k]:off[k + 1]].copy(),
+                                  m["images"], [tuple(x) for x in m["sizes"]], m["image_tokens"], video,
+                                  m["video_tokens"], m["n_tokens"], m["n_supervised"], m["n_tiles"], m["n_cut"]))
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: index anew
+            ds.drops.log(f"dataset index cache {self.path} could not be read ({type(e).__name__}: {e}); indexing "
+                         "the data again")
+            return False
+        ds.items, ds.num_records, ds.truncated = items, meta["num_records"], meta["truncated"]
+        ds.truncated_examples = meta["truncated_examples"]
+        ds.drops.counts.update(meta["drops"])
+        for reason, examples in meta["drop_examples"].items():
+            ds.drops.examples[reason] = examples
+            for ex in examples:
+                sid, _, msg = ex.partition(": ")
+                ds.drops.log(f"dropped sample {sid!r} ({reason}): {msg}")
+        for msg in ds.truncated_examples:
+            ds.drops.log(msg)
+        ds.drops.log(f"dataset index loaded from {self.path}: {len(items)} samples of {ds.num_records} records "
+                     f"({ds.drops.summary()})")
+        return True
+
+    def save(self, ds: "LlavaDataset") -> None:
+        items = ds.items
+        off = np.zeros(len(items) + 1, dtype=np.int64)
+        off[1:] = np.cumsum([len(it.ids) for it in items])
+        cat = (lambda xs: np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32))
+        meta = {"num_records": ds.num_records, "truncated": ds.truncated,
+                "truncated_examples": ds.truncated_examples, "drops": dict(ds.drops.counts),
+                "drop_examples": ds.drops.examples,
+                "items": [{"id": it.sample_id, "images": it.images, "sizes": [list(x) for x in it.sizes],
+                           "image_tokens": [int(x) for x in it.image_tokens],
+                           "video": ({"file": it.video.path, "frames": it.video.frames}
+                                     if isinstance(it.video, VideoFile) else list(it.video)),
+                           "video_tokens": int(it.video_tokens), "n_tokens": int(it.n_tokens),
+                           "n_supervised": int(it.n_supervised), "n_tiles": int(it.n_tiles), "n_cut": int(it.n_cut)}
+                          for it in items]}
+        ids, labels = cat([it.ids for it in items]), cat([it.labels for it in items])
+        sup = labels != IGNORE_INDEX
+        tokens = ({"supervised": np.packbits(sup)} if np.array_equal(labels[sup], ids[sup]) else {"labels": labels})
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = f"{self.path}.tmp-{os.getpid()}.npz"
+        try:
+            np.savez_compressed(tmp, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), ids=ids, offsets=off,
+                                **tokens)
+            os.replace(tmp, self.path)
+        except OSError as e:  # a read-only or full disk: the run goes on, indexing again next time
+            ds.drops.log(f"could not write the dataset index cache {self.path} ({e}); the next run indexes again")
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
 class LlavaDataset(torch.utils.data.Dataset):
     """Validated LLaVA samples. ``self[i]`` decodes the images and returns a dict of tensors (or a drop marker).
 
@@ -162,12 +264,16 @@ class LlavaDataset(torch.utils.data.Dataset):
             at most ``frames_upbound``, uniformly; with ``video_fps``, first one frame every ``fps / video_fps``, as
             LLaVA-NeXT). A video file is read with PyAV (``pip install av``); a folder of frames or a list of frame
             files needs nothing more (``video_fps`` does not apply: frames carry no rate).
+        cache_dir: keep the index (token counts, sizes, drops) of a data file in this folder, and load it from there
+            while the data file, tokenizer, settings and this library's data code are unchanged (:class:`_IndexCache`);
+            ``self.from_cache`` says whether it was.
     """
 
     def __init__(self, data, image_root: str, tokenizer, image_config: ImageProcessorConfig, template: str,
                  image_token_id: int, video_token_id: int | None = None, max_len: int = 4096, strict: bool = False,
                  max_pixels: int = DEFAULT_MAX_PIXELS, frames_upbound: int = 32, probe_threads: int = 8,
-                 log=None, cls_token: bool = False, context_len: int | None = None, video_fps: float | None = None):
+                 log=None, cls_token: bool = False, context_len: int | None = None, video_fps: float | None = None,
+                 cache_dir: str | None = None):
         if context_len is not None and int(max_len) > int(context_len):
             raise ValueError(f"max_len={max_len} is longer than the model's context (max_position_embeddings="
                              f"{context_len}); set max_len (data.max_len) <= {context_len}")
@@ -190,8 +296,36 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.frames_upbound = frames_upbound
         self.video_fps = video_fps
         self.drops = DropStats(strict, log if log is not None else (lambda m: print(m, file=sys.stderr)))
+        self.items: list[Item] = []
+        self.truncated = 0  # samples kept but cut at max_len (never in their image tokens)
+        self.truncated_examples: list[str] = []
+        cache = _IndexCache(cache_dir, self, data) if cache_dir and isinstance(data, (str, os.PathLike)) else None
+        self.from_cache = cache is not None and cache.load(self)
+        if not self.from_cache:
+            self._build_index(data, probe_threads)
+            if cache is not None:
+                cache.save(self)
+        if self.truncated:
+            self.drops.log(f"{self.truncated} samples longer than max_len={self.max_len} were truncated at the end "
+                           "(raise max_len to keep them whole)")
+        if not self.items:
+            raise DataError(f"no usable samples among {self.num_records} records ({self.drops.summary()})")
+        frames = {}
+        for it in self.items:
+            if it.video:
+                frames.setdefault(len(it.video), it.sample_id)
+        if len(frames) > 1:  # the model takes (videos, frames, ...): a batch holding two of them fails to collate
+            lo, hi = min(frames), max(frames)
+            self.drops.log(f"videos have different numbers of frames (sample {frames[lo]!r}: {lo}, sample "
+                           f"{frames[hi]!r}: {hi}); a batch holding two such videos cannot be collated: sample "
+                           f"every video to the same number of frames (frames_upbound, data.frames_upbound of "
+                           f"llava-fast train, <= {lo})")
+
+    def _build_index(self, data, probe_threads: int) -> None:
+        """Reads the records, probes every image and video header, and indexes each record (or counts its drop)."""
         records = read_records(data) if isinstance(data, (str, os.PathLike)) else list(data)
         self.num_records = len(records)
+        max_pixels = self.max_pixels
         # Probe every image and video header once, in threads (I/O bound).
         paths = {p for r in records if isinstance(r, dict) for p in self._image_paths(r, check=False)}
         videos = {p for r in records if isinstance(r, dict) for p in [self._video_file(r)] if p}
@@ -206,8 +340,6 @@ class LlavaDataset(torch.utils.data.Dataset):
         with ThreadPoolExecutor(max(1, probe_threads)) as ex:
             for p, r in ex.map(probe, sorted(paths | videos)):
                 self._sizes[p] = r
-        self.items: list[Item] = []
-        self.truncated = 0  # samples kept but cut at max_len (never in their image tokens)
         for k, rec in enumerate(records):
             sid = rec.get("id", k) if isinstance(rec, dict) else k
             try:
@@ -219,23 +351,10 @@ class LlavaDataset(torch.utils.data.Dataset):
             if it.n_cut:
                 self.truncated += 1
                 if self.truncated <= self.drops.keep:
-                    self.drops.log(f"truncated sample {it.sample_id!r}: {it.n_tokens + it.n_cut} tokens > max_len="
-                                   f"{self.max_len}, the last {it.n_cut} cut ({it.n_supervised} supervised left)")
-        if self.truncated:
-            self.drops.log(f"{self.truncated} samples longer than max_len={self.max_len} were truncated at the end "
-                           "(raise max_len to keep them whole)")
-        if not self.items:
-            raise DataError(f"no usable samples among {len(records)} records ({self.drops.summary()})")
-        frames = {}
-        for it in self.items:
-            if it.video:
-                frames.setdefault(len(it.video), it.sample_id)
-        if len(frames) > 1:  # the model takes (videos, frames, ...): a batch holding two of them fails to collate
-            lo, hi = min(frames), max(frames)
-            self.drops.log(f"videos have different numbers of frames (sample {frames[lo]!r}: {lo}, sample "
-                           f"{frames[hi]!r}: {hi}); a batch holding two such videos cannot be collated: sample "
-                           f"every video to the same number of frames (frames_upbound, data.frames_upbound of llava-fast "
-                           f"train, <= {lo})")
+                    msg = (f"truncated sample {it.sample_id!r}: {it.n_tokens + it.n_cut} tokens > max_len="
+                           f"{self.max_len}, the last {it.n_cut} cut ({it.n_supervised} supervised left)")
+                    self.truncated_examples.append(msg)
+                    self.drops.log(msg)
 
     @classmethod
     def for_model(cls, model_config, data, image_root: str, tokenizer, template: str, **kwargs) -> "LlavaDataset":

@@ -62,6 +62,10 @@ class DataSection:
     strict: bool = False
     """Stop at the first bad sample instead of dropping and counting it."""
     shuffle: bool = True
+    index_cache: bool = True
+    """Keep the data file's index (token counts, image sizes, drops) in OUT/dataset_index and load it from there on
+    later runs and resumes while the data file, tokenizer and settings are unchanged (minutes for millions of samples,
+    seconds from the cache)."""
     frames_upbound: int = 32
     """Videos (OneVision): at most this many frames per video, sampled uniformly as LLaVA-NeXT does. Videos of one
     batch must have the same number of frames: set it to at most the fewest frames of any video."""

@@ -271,10 +271,23 @@ class Trainer:
         from llava_fast.data import LlavaDataset, PackedBatchSampler, PaddedBatchSampler, collate_packed
 
         if self.dataset is None:
-            self.dataset = LlavaDataset.for_model(self.model.config, cfg.data.data, cfg.data.images, self.tokenizer,
-                                                  cfg.data.template, max_len=cfg.data.max_len,
-                                                  frames_upbound=cfg.data.frames_upbound, video_fps=cfg.data.video_fps,
-                                                  strict=cfg.data.strict, log=self.log)
+            cache = os.path.join(cfg.checkpoint.out, "dataset_index") if cfg.data.index_cache else None
+
+            def build():
+                return LlavaDataset.for_model(self.model.config, cfg.data.data, cfg.data.images, self.tokenizer,
+                                              cfg.data.template, max_len=cfg.data.max_len,
+                                              frames_upbound=cfg.data.frames_upbound, video_fps=cfg.data.video_fps,
+                                              strict=cfg.data.strict, log=self.log, cache_dir=cache)
+
+            if cache is not None and self.dist.enabled:
+                # the main rank indexes (and writes the cache) while the others wait, then they load it
+                if self.dist.is_main:
+                    self.dataset = build()
+                torch.distributed.barrier()
+                if not self.dist.is_main:
+                    self.dataset = build()
+            else:
+                self.dataset = build()
         ds = self.dataset
         self.drops.update(ds.drops.counts)
         common = dict(seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=self.dist.rank,

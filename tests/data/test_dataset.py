@@ -223,3 +223,90 @@ def test_malformed_data_file_names_file_and_line(tmp_path):
         read_records(str(tmp_path / "d.json"))
     (tmp_path / "ok.jsonl").write_text(good + "\n" + good + "\n")
     assert len(read_records(str(tmp_path / "ok.jsonl"))) == 2
+
+
+def _same_items(a, b):
+    assert len(a.items) == len(b.items)
+    for x, y in zip(a.items, b.items):
+        for f in x.__dataclass_fields__:
+            u, v = getattr(x, f), getattr(y, f)
+            assert (np.array_equal(u, v) and u.dtype == v.dtype) if isinstance(u, np.ndarray) else u == v, (x, f)
+
+
+def _recs():
+    return [{"id": "ok", "image": "rgb.png", "conversations": conv()},
+            {"id": "two", "image": "gray.png", "conversations": conv() + conv("what is it ?", "blue")},
+            {"id": "text", "conversations": conv("what colour is it ?")},
+            {"id": "missing", "image": "nope.png", "conversations": conv()},
+            {"id": "long", "image": "rgb.png",
+             "conversations": conv("<image>\n" + "what " * 20) + conv("is it " * 60, "red")},
+            {"id": "vid", "video": ["rgb.png", "gray.png"], "conversations": conv("<video>\nwhat is it ?")}]
+
+
+def test_index_cache_loads_the_same_index_and_reports_the_same_drops(tmp_path, image_dir, tok):
+    """The index of a data file is kept in cache_dir and loaded from there (no record read, no header probed): the
+    same items, lengths, drops and truncations, and the same drop lines in the log."""
+    import llava_fast.data.dataset as D
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(_recs()))
+    kw = dict(max_len=120, video_token_id=5, cache_dir=str(tmp_path / "cache"))
+    logs_a, logs_b = [], []
+    a = LlavaDataset(str(path), str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, log=logs_a.append, **kw)
+    assert not a.from_cache and a.drops.counts == {"missing_image": 1} and a.truncated == 1
+    real = D.LlavaDataset._build_index
+    D.LlavaDataset._build_index = lambda *_: pytest.fail("indexed again")
+    try:
+        b = LlavaDataset(str(path), str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, log=logs_b.append, **kw)
+    finally:
+        D.LlavaDataset._build_index = real
+    assert b.from_cache and b.num_records == 6
+    _same_items(a, b)
+    assert b.lengths == a.lengths and b.supervised == a.supervised and b.truncated == a.truncated
+    assert b.drops.counts == a.drops.counts and b.drops.examples == a.drops.examples
+    assert [m for m in logs_b if "loaded from" not in m] == logs_a, (logs_a, logs_b)
+    for i in range(len(a)):  # what the workers load is the same too
+        sa, sb = a[i], b[i]
+        assert torch.equal(sa["input_ids"], sb["input_ids"]) and torch.equal(sa["labels"], sb["labels"])
+
+
+def test_index_cache_is_rebuilt_when_anything_it_depends_on_changes(tmp_path, image_dir, tok):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(_recs()))
+    cache = tmp_path / "cache"
+    base = dict(max_len=120, video_token_id=5, cache_dir=str(cache), log=lambda m: None)
+
+    def build(t=tok, template="vicuna_v1", **over):
+        return LlavaDataset(str(path), str(image_dir), t, SPEC, template, IMG_ID, **{**base, **over})
+
+    assert not build().from_cache and build().from_cache
+    assert not build(max_len=400).from_cache  # a setting
+    assert not build(template="plain").from_cache  # the template
+    assert not build(t=build_word_tokenizer("what colour is it red blue green".split())).from_cache  # tokenizer
+    path.write_text(json.dumps(_recs()[:4]))  # the data file
+    d = build()
+    assert not d.from_cache and d.num_records == 4
+    assert build().from_cache
+    # a cache file that cannot be read: indexed again (said in the log), and written anew
+    for f in cache.iterdir():
+        f.write_bytes(b"PK\x03\x04 broken")
+    logs = []
+    e = build(log=logs.append)
+    assert not e.from_cache and any("could not be read" in m for m in logs)
+    assert build().from_cache
+
+
+def test_index_cache_keeps_labels_that_are_not_the_ids(tmp_path, image_dir, tok):
+    """Labels are stored as one bit per token (the ids where supervised); an index whose labels are something else
+    is stored in full."""
+    from llava_fast.data.dataset import _IndexCache
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(_recs()))
+    kw = dict(max_len=120, video_token_id=5, log=lambda m: None)
+    a = LlavaDataset(str(path), str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, **kw)
+    a.items[0].labels[-1] = a.items[0].ids[-1] + 1
+    _IndexCache(str(tmp_path / "c"), a, str(path)).save(a)
+    b = LlavaDataset(str(path), str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, cache_dir=str(tmp_path / "c"), **kw)
+    assert b.from_cache
+    _same_items(a, b)

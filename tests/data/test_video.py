@@ -205,3 +205,26 @@ def test_video_file_sample_trains_the_onevision_model(videos, tok, tmp_path):
     assert len(grads) == 6, sorted(grads)  # two linears and the patch embedding, weights and biases
     for n, g in grads.items():
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, n
+
+
+def test_index_cache_keeps_video_files(videos, tok, tmp_path):
+    """A video-file item (path and planned frame count) comes back from the dataset index cache as it was."""
+    import json
+
+    root = os.path.dirname(videos["mp4"])
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"id": "v", "video": "clip.mp4", "conversations": conv()},
+                                {"id": "w", "video": "clip.webm", "conversations": conv()}]))
+    kw = dict(video_token_id=VID_ID, frames_upbound=6, cache_dir=str(tmp_path / "c"), log=lambda m: None)
+    a = LlavaDataset(str(data), root, tok, OV, "vicuna_v1", IMG_ID, **kw)
+    b = LlavaDataset(str(data), root, tok, OV, "vicuna_v1", IMG_ID, **kw)
+    assert not a.from_cache and b.from_cache
+    assert [it.video for it in b.items] == [it.video for it in a.items] == [
+        video_file(os.path.join(root, "clip.mp4"), 6), video_file(os.path.join(root, "clip.webm"), 6)]
+    torch.testing.assert_close(b[1]["pixel_values_videos"], a[1]["pixel_values_videos"], rtol=0, atol=0)
+
+
+def video_file(path, frames):
+    from llava_fast.data.dataset import VideoFile
+
+    return VideoFile(path, frames)

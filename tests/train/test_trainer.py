@@ -460,3 +460,15 @@ def test_wandb_logs_each_step_and_a_resumed_run_continues_it(assets, tmp_path, m
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(ValueError, match="log.wandb=p: Weights & Biases is not installed: pip install wandb"):
         LogSection(wandb="p")
+
+
+def test_a_second_run_loads_the_dataset_index_from_its_output_folder(assets, tmp_path):
+    """data.index_cache (default on): the index is kept in OUT/dataset_index; a resumed run loads it from there."""
+    over = {"schedule.max_steps": 2}
+    a = Trainer(make_cfg(assets, tmp_path, **over), quiet=True)
+    a.train(stop_at_step=1)
+    assert not a.dataset.from_cache and any((tmp_path / "dataset_index").glob("index-*.npz"))
+    b = Trainer(make_cfg(assets, tmp_path, **over), quiet=True).setup()
+    assert b.dataset.from_cache and b.dataset.lengths == a.dataset.lengths
+    c = Trainer(make_cfg(assets, tmp_path / "c", **{**over, "data.index_cache": False}), quiet=True).setup()
+    assert not c.dataset.from_cache and not (tmp_path / "c" / "dataset_index").exists()
