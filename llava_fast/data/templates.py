@@ -41,6 +41,9 @@ class SampleError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # pickled with its reason (indexing in worker processes sends drops back)
+        return type(self), (self.reason, str(self))
+
 
 @dataclass
 class Encoded:

@@ -62,6 +62,9 @@ class DataSection:
     strict: bool = False
     """Stop at the first bad sample instead of dropping and counting it."""
     shuffle: bool = True
+    index_workers: int | None = None
+    """Processes that index the data file (tokenize, count tokens) the first time: None is one per core, up to 16, for
+    files of 20,000 records or more (the index is the same either way)."""
     index_cache: bool = True
     """Keep the data file's index (token counts, image sizes, drops) in OUT/dataset_index and load it from there on
     later runs and resumes while the data file, tokenizer and settings are unchanged (minutes for millions of samples,
@@ -90,6 +93,10 @@ class DataSection:
                              "when packing")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.index_workers is not None and (isinstance(self.index_workers, bool) or
+                                               not isinstance(self.index_workers, int) or self.index_workers < 1):
+            raise ValueError(f"data.index_workers must be an integer >= 1 or None (one per core), got "
+                             f"{self.index_workers!r}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0 (0: load in the main process), got {self.num_workers}")
 

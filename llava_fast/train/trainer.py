@@ -277,7 +277,8 @@ class Trainer:
                 return LlavaDataset.for_model(self.model.config, cfg.data.data, cfg.data.images, self.tokenizer,
                                               cfg.data.template, max_len=cfg.data.max_len,
                                               frames_upbound=cfg.data.frames_upbound, video_fps=cfg.data.video_fps,
-                                              strict=cfg.data.strict, log=self.log, cache_dir=cache)
+                                              strict=cfg.data.strict, log=self.log, cache_dir=cache,
+                                              index_workers=cfg.data.index_workers)
 
             if cache is not None and self.dist.enabled:
                 # the main rank indexes (and writes the cache) while the others wait, then they load it

@@ -310,3 +310,22 @@ def test_index_cache_keeps_labels_that_are_not_the_ids(tmp_path, image_dir, tok)
     b = LlavaDataset(str(path), str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, cache_dir=str(tmp_path / "c"), **kw)
     assert b.from_cache
     _same_items(a, b)
+
+
+def test_indexing_in_worker_processes_gives_the_same_index(tmp_path, image_dir, tok, monkeypatch):
+    """Large files are indexed in forked worker processes, in chunks: the same items, drops (in the same order, with
+    the same log lines) and truncations as indexing in this process; a strict run still stops at the first bad
+    sample, naming it."""
+    recs = [dict(r, id=f"{r['id']}{k}") for k, r in enumerate(_recs() * 3)]
+    monkeypatch.setattr(LlavaDataset, "CHUNK", 4)
+    kw = dict(max_len=120, video_token_id=5)
+    runs = {}
+    for w in (1, 2):
+        logs = []
+        runs[w] = (LlavaDataset(recs, str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, index_workers=w,
+                                log=logs.append, **kw), logs)
+    (a, la), (b, lb) = runs[1], runs[2]
+    _same_items(a, b)
+    assert la == lb and a.drops.counts == b.drops.counts == {"missing_image": 3} and a.truncated == b.truncated == 3
+    with pytest.raises(DataError, match="'missing3': missing_image"):
+        LlavaDataset(recs, str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, index_workers=2, strict=True, **kw)

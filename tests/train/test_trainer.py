@@ -470,5 +470,12 @@ def test_a_second_run_loads_the_dataset_index_from_its_output_folder(assets, tmp
     assert not a.dataset.from_cache and any((tmp_path / "dataset_index").glob("index-*.npz"))
     b = Trainer(make_cfg(assets, tmp_path, **over), quiet=True).setup()
     assert b.dataset.from_cache and b.dataset.lengths == a.dataset.lengths
-    c = Trainer(make_cfg(assets, tmp_path / "c", **{**over, "data.index_cache": False}), quiet=True).setup()
+    c = Trainer(make_cfg(assets, tmp_path / "c", **{**over, "data.index_cache": False, "data.index_workers": 2}),
+                quiet=True).setup()
     assert not c.dataset.from_cache and not (tmp_path / "c" / "dataset_index").exists()
+    assert c.dataset.lengths == a.dataset.lengths
+    from llava_fast.train.config import DataSection
+
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="data.index_workers must be an integer >= 1"):
+            DataSection(index_workers=bad)
