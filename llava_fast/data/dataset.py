@@ -354,7 +354,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         does not warn in each of them about a fork after its thread pool was used."""
         global _FORKED
         if workers is None:
-            workers = min(16, len(os.sched_getaffinity(0))) if len(records) >= self.PARALLEL_MIN else 1
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            workers = min(16, cores) if len(records) >= self.PARALLEL_MIN else 1
         if workers <= 1 or len(records) <= self.CHUNK or not sys.platform.startswith("linux"):
             yield from _index_chunk(self, 0, records)
             return
