@@ -47,6 +47,20 @@ def load_image(path: str, max_pixels: int = 100_000_000) -> torch.Tensor:
         raise ValueError(f"--image {path!r}: cannot decode the image ({e})") from e
 
 
+def stop_token_ids(tokenizer, model_dir: str) -> set[int]:
+    """Token ids that end an answer: the tokenizer's eos, ``generation_config.json``'s eos ids and the end-of-turn
+    tokens of the templates that are single tokens of the tokenizer."""
+    ids = {tokenizer.eos_token_id} - {None}
+    gc = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gc):
+        with open(gc) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids |= set([eos] if isinstance(eos, int) else (eos or []))
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
+    return ids
+
+
 def load_video(path: str, frames: int = 32, max_pixels: int = 100_000_000):
     """Read ``frames`` frames of a video file, uniformly (as LLaVA-NeXT samples them; every frame of a shorter video),
     as uint8 (F, H, W, 3) RGB, with errors that name the file. Needs PyAV (``pip install av``)."""
@@ -90,7 +104,7 @@ class ChatSession:
                              f"{text_type} language model; add the model's chat template (chat_template.json) to the "
                              f"folder")
         self.template = TEMPLATES["chatml" if text_type == "qwen2" else "vicuna"]
-        self.stop_ids = self._stop_ids(model_dir)
+        self.stop_ids = stop_token_ids(self.tokenizer, model_dir)
         self.turns: list[tuple[str, str]] = []
         self.dropped_turns = 0   # turns the last ask dropped to fit the context
         self.image = None        # preprocess_images' output for the image, or None
@@ -118,19 +132,6 @@ class ChatSession:
         except Exception:  # a text-only template that cannot render content lists
             return False
         return isinstance(text, str) and text.count(f"<{media}>") == 1
-
-    def _stop_ids(self, model_dir: str) -> set[int]:
-        """Token ids that end an answer: the tokenizer's eos, ``generation_config.json``'s eos ids and the
-        end-of-turn tokens of the templates that are single tokens of the tokenizer."""
-        ids = {self.tokenizer.eos_token_id} - {None}
-        gc = os.path.join(model_dir, "generation_config.json")
-        if os.path.isfile(gc):
-            with open(gc) as f:
-                eos = json.load(f).get("eos_token_id")
-            ids |= set([eos] if isinstance(eos, int) else (eos or []))
-        vocab = self.tokenizer.get_vocab()
-        ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
-        return ids
 
     def set_image(self, image_u8: torch.Tensor):
         """Sets the image the conversation is about: starts a new conversation (the turns about the previous image

@@ -1,4 +1,4 @@
-"""The ``llava-fast`` command: ``env``, ``demo``, ``train``, ``chat`` and ``convert``."""
+"""The ``llava-fast`` command: ``env``, ``demo``, ``train``, ``chat``, ``predict`` and ``convert``."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,15 @@ def _cmd_chat(args) -> int:
     return run_chat(args.model, args.image, device=args.device, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, video=args.video,
                     frames=args.frames)
+
+
+def _cmd_predict(args) -> int:
+    from llava_fast.predict import predict
+
+    predict(args.model, args.data, args.images, args.out, template=args.template,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            batch=args.batch, frames=args.frames, device=args.device)
+    return 0
 
 
 def _cmd_convert(args) -> int:
@@ -59,6 +68,22 @@ def main(argv=None) -> int:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     s.set_defaults(fn=_cmd_chat)
+    s = sub.add_parser("predict", help="answers for every sample of a LLaVA JSON/JSONL file, batched, to JSON lines")
+    s.add_argument("--model", required=True, help="llava-hf checkpoint folder (config.json, safetensors, tokenizer)")
+    s.add_argument("--data", required=True, help="LLaVA JSON/JSONL: conversations ending with the question (or with "
+                   "a reference answer, written next to the prediction)")
+    s.add_argument("--images", default=".", help="folder the image/video paths are relative to (default: .)")
+    s.add_argument("--out", required=True, help="JSON lines to append to; samples already answered there are skipped")
+    s.add_argument("--template", default=None, help="the prompt format the model was trained with: vicuna_v1 | qwen "
+                   "| plain (default: vicuna_v1 for Llama, qwen for Qwen2)")
+    s.add_argument("--batch", type=int, default=16, help="samples per generate call (default 16)")
+    s.add_argument("--frames", type=int, default=32, help="frames sampled from each video (default 32)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.set_defaults(fn=_cmd_predict)
     s = sub.add_parser("convert", help="an original LLaVA / LLaVA-NeXT / OneVision checkpoint -> a llava-hf folder")
     s.add_argument("--original", required=True, help="the original training code's output folder (config.json with "
                    "mm_vision_tower, weights, tokenizer)")

@@ -169,3 +169,25 @@ def write_video(path, n: int = 40, codec: str = "libx264", opts: dict | None = N
         c.mux(p)
     c.close()
     return str(path)
+
+
+def tiny_onevision(folder):
+    """A tiny LLaVA-OneVision (SigLIP tower, Qwen2 language model) with the word tokenizer, as a llava-hf folder."""
+    from llava_fast.data.word_tokenizer import build_word_tokenizer
+    from llava_fast.models import LlavaConfig, LlavaOnevisionForConditionalGeneration
+
+    tok = build_word_tokenizer("what happens in the clip a cat runs jumps sits".split(), bos=False)
+    hf = {"model_type": "llava_onevision", "image_token_id": tok.convert_tokens_to_ids("<image>"),
+          "video_token_id": tok.convert_tokens_to_ids("<video>"), "vision_aspect_ratio": "anyres_max_9",
+          "image_grid_pinpoints": [[28 * i, 28 * j] for i in range(1, 4) for j in range(1, 4)],
+          "vision_feature_layer": -1, "vision_feature_select_strategy": "full", "tie_word_embeddings": True,
+          "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                            "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+          "text_config": {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                          "max_position_embeddings": 2048, "tie_word_embeddings": True,
+                          "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}}
+    torch.manual_seed(0)
+    LlavaOnevisionForConditionalGeneration(LlavaConfig.from_hf_dict(hf)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -213,6 +213,34 @@ def encode_conversation(tokenizer, conversations, template: str, n_images: int =
     return Encoded(ids, labels, n_tags_img, n_tags_vid)
 
 
+def generation_prompt(conversations, template: str, n_images: int = 0, n_videos: int = 0) -> tuple[str, str | None]:
+    """The prompt that asks the model for the next answer of ``conversations`` (LLaVA format, ending with a human turn,
+    or with a gpt turn: then that answer is the reference, returned second and left out of the prompt), written as
+    ``template`` writes training samples, up to where the answer starts: ``... ASSISTANT:`` (vicuna_v1, as the
+    original's ``conv.get_prompt()`` with an empty last message), ``...<|im_start|>assistant\n`` (qwen), the bare
+    media tags (plain: a stage-1 caption)."""
+    conv = list(conversations) if isinstance(conversations, list) else conversations
+    reference = None
+    if isinstance(conv, list) and conv and isinstance(conv[-1], dict) and \
+            str(conv[-1].get("from", "")).lower() in ("gpt", "assistant"):
+        reference, conv = str(conv[-1].get("value", "")), conv[:-1]
+    if not isinstance(conv, list):
+        raise SampleError("bad_format", "conversations must be a list of turns")
+    turns = normalize_conversations(conv + [{"from": "gpt", "value": ""}])[:-1]
+    n_img = sum(t.count(IMAGE_TAG) for _, t in turns)
+    n_vid = sum(t.count(VIDEO_TAG) for _, t in turns)
+    if template != "plain" and (n_img != n_images or n_vid != n_videos):
+        raise SampleError("placeholder_mismatch", f"{n_img} <image> tags for {n_images} images, {n_vid} <video> tags "
+                          f"for {n_videos} videos")
+    prompt, spans = build_prompt(turns + [("gpt", "")], template, n_images, n_videos)
+    start = spans[-1][0]
+    if template == "vicuna_v1":
+        return prompt[:start].rstrip(" "), reference
+    if template == "qwen":
+        return prompt[:start] + "<|im_start|>assistant\n", reference
+    return prompt[:start], reference
+
+
 def expand_placeholders(ids, labels, image_counts: list[int], image_token_id: int,
                         video_counts: list[int] = (), video_token_id: int | None = None):
     """Replace the k-th image placeholder by ``image_counts[k]`` copies of ``image_token_id`` (label -100)."""

@@ -1,0 +1,202 @@
+"""``llava-fast predict --model DIR --data FILE --images DIR --out FILE.jsonl``: answers for every sample of a LLaVA
+JSON/JSONL file (evaluation sets, data generation), in batches through the packed generation path.
+
+Each record is a training-format sample whose conversation ends with the question (a human turn) or with a
+reference answer (a gpt turn: left out of the prompt and written next to the prediction). The prompt is the one the
+model was trained with (``--template``; by default ``vicuna_v1`` for Llama models, ``qwen`` for Qwen2 ones), up to
+where the answer starts. One JSON line per sample is appended to ``--out`` and flushed as soon as its batch is done:
+``{"id", "answer", "reference"?}``, or ``{"id", "error"}`` for a sample that cannot be answered (missing or corrupt
+image, too long for the context), which is counted and never stops the run. A run started again on the same
+``--out`` skips the samples it already answered, so an interrupted run loses at most one batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+
+def default_template(config) -> str:
+    text = config.text_config.model_type
+    if text == "qwen2":
+        return "qwen"
+    if text == "llama":
+        return "vicuna_v1"
+    raise ValueError(f"--template: no default prompt template for a {text} language model; give the template the "
+                     f"model was trained with (vicuna_v1, qwen or plain)")
+
+
+def _answered(out: str) -> set[str]:
+    """Ids already answered in ``out`` (a line cut by a crash is ignored: that sample is answered again)."""
+    done = set()
+    if os.path.isfile(out):
+        with open(out, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and "answer" in rec:
+                    done.add(str(rec.get("id")))
+    return done
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+class _Prepared:
+    """One sample ready to batch: prompt ids with media tokens expanded, and its pixels."""
+
+    def __init__(self, sid, ids, reference, pixel_values=None, image_sizes=None, n_images=0, video=None):
+        self.sid, self.ids, self.reference = sid, ids, reference
+        self.pixel_values, self.image_sizes, self.n_images, self.video = pixel_values, image_sizes, n_images, video
+
+
+def _prepare(rec, k, model, tok, template, image_root, frames, max_pixels, max_new_tokens):
+    from llava_fast.data.images import image_config, load_image_u8
+    from llava_fast.data.templates import SampleError, expand_placeholders, generation_prompt, tokenize_with_media
+    from llava_fast.ops import anyres
+
+    if not isinstance(rec, dict) or "conversations" not in rec:
+        raise SampleError("bad_format", "a sample needs a 'conversations' list")
+    sid = str(rec.get("id", k))
+    imgs = rec.get("image") or []
+    imgs = [imgs] if isinstance(imgs, str) else list(imgs)
+    vid = rec.get("video")
+    prompt, reference = generation_prompt(rec["conversations"], template, len(imgs), 1 if vid else 0)
+    ids, _ = tokenize_with_media(tok, prompt)
+    cfg = model.config
+    spec = image_config(cfg)
+    out = _Prepared(sid, None, reference)
+    counts, vcounts = [], []
+    if imgs:
+        u8 = [load_image_u8(os.path.join(image_root, p), max_pixels) for p in imgs]
+        pp = anyres.encode_tiles(u8, spec, multi_image=len(u8) > 1)
+        out.pixel_values, out.image_sizes, out.n_images = pp["pixel_values"], pp["image_sizes"], len(u8)
+        counts = [int(n) for n in pp["num_image_tokens"]]
+    if vid:
+        if getattr(cfg, "video_token_id", None) is None:
+            raise SampleError("bad_video", f"a {cfg.model_type} model takes no videos")
+        from llava_fast.data.video import read_video
+
+        out.video = anyres.preprocess_video(read_video(os.path.join(image_root, vid), frames, None, max_pixels), spec)
+        vcounts = [anyres.num_video_tokens(out.video.shape[0], spec.tokens_per_side)]
+    ids, _ = expand_placeholders(ids, [0] * len(ids), counts, cfg.image_token_id, vcounts,
+                                 getattr(cfg, "video_token_id", None))
+    ctx = cfg.text_config.max_position_embeddings
+    if len(ids) + max_new_tokens > ctx:
+        raise SampleError("too_long", f"the prompt takes {len(ids)} tokens: with max_new_tokens={max_new_tokens} "
+                          f"over the model's context ({ctx})")
+    out.ids = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def predict(model_dir: str, data: str, image_root: str, out: str, template: str | None = None,
+            max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, batch: int = 16,
+            frames: int = 32, device: str | None = None, max_pixels: int = 64 * 1024 * 1024, progress: bool = True,
+            log=print) -> dict:
+    """Answers every sample of ``data`` into ``out`` (JSON lines, appended; samples already answered there are
+    skipped). Returns counts: ``answered``, ``skipped`` (answered before), ``errors``."""
+    import llava_fast
+    from llava_fast.chat import END_OF_TURN, stop_token_ids
+    from llava_fast.data import load_tokenizer, read_records
+    from llava_fast.data.templates import TEMPLATES, SampleError
+    from llava_fast.generation import generate
+    from llava_fast.train.trainer import bf16_autocast
+
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"--batch must be an integer >= 1, got {batch!r}")
+    if not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"--frames must be an integer >= 1, got {frames!r}")
+    if template is not None and template not in TEMPLATES:
+        raise ValueError(f"--template must be one of {TEMPLATES}, got {template!r}")
+    records = read_records(data)
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"--images {image_root}: no such folder (the folder image paths are relative to)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = llava_fast.from_pretrained(model_dir, dtype=torch.float32, device=device).eval()
+    tok = load_tokenizer(model_dir)
+    template = template or default_template(model.config)
+    stops = stop_token_ids(tok, model_dir)
+    done = _answered(out)
+    todo = [(k, r) for k, r in enumerate(records) if str(r.get("id", k) if isinstance(r, dict) else k) not in done]
+    counts = {"answered": 0, "skipped": len(records) - len(todo), "errors": 0}
+    if counts["skipped"]:
+        log(f"{out}: {counts['skipped']} of {len(records)} samples already answered, skipped")
+    mixed = bf16_autocast("auto", device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="predict", unit="sample", dynamic_ncols=True, file=sys.stderr)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "a", encoding="utf-8") as f:
+        if f.tell() and not _ends_with_newline(out):
+            f.write("\n")  # a line cut by a crash stays a line of its own (ignored), the next record starts clean
+        def write(rec):
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+
+        def run(group):
+            if not group:
+                return
+            vids = [p.video for p in group if p.video is not None]
+            media = dict(pixel_values=torch.cat([p.pixel_values for p in group if p.pixel_values is not None])
+                         .to(device) if any(p.pixel_values is not None for p in group) else None,
+                         image_sizes=torch.cat([p.image_sizes for p in group if p.image_sizes is not None])
+                         .to(device) if any(p.image_sizes is not None for p in group) else None,
+                         pixel_values_videos=torch.stack(vids).to(device) if vids else None)
+            if model.config.model_type == "llava_onevision":
+                media["batch_num_images"] = torch.tensor([p.n_images for p in group if p.n_images], device=device) \
+                    if media["pixel_values"] is not None else None
+            elif model.config.model_type == "llava":
+                media.pop("image_sizes")
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+                seqs = generate(model, [p.ids.to(device) for p in group], max_new_tokens=max_new_tokens,
+                                do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                                top_p=top_p, top_k=top_k, eos_token_id=sorted(stops),
+                                pad_token_id=tok.pad_token_id or 0, stop_strings=list(END_OF_TURN), tokenizer=tok,
+                                packed=True, **media)
+            for p, seq in zip(group, seqs):
+                gen = seq[len(p.ids):].tolist()
+                gen = gen[: next((i for i, t in enumerate(gen) if t in stops), len(gen))]
+                answer = tok.decode(gen, skip_special_tokens=True)
+                for s in END_OF_TURN:
+                    answer = answer.split(s)[0]
+                rec = {"id": p.sid, "answer": answer.strip()}
+                if p.reference is not None:
+                    rec["reference"] = p.reference
+                write(rec)
+                counts["answered"] += 1
+            if bar is not None:
+                bar.update(len(group))
+
+        group = []
+        try:
+            for k, rec in todo:
+                try:
+                    p = _prepare(rec, k, model, tok, template, image_root, frames, max_pixels, max_new_tokens)
+                except SampleError as e:
+                    sid = str(rec.get("id", k)) if isinstance(rec, dict) else str(k)
+                    write({"id": sid, "error": f"{e.reason}: {e}"})
+                    counts["errors"] += 1
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                # the videos of one batch are one (videos, frames, ...) tensor: a new frame count starts a batch
+                frames_now = {q.video.shape[0] for q in group if q.video is not None}
+                if len(group) == batch or (p.video is not None and frames_now and p.video.shape[0] not in frames_now):
+                    run(group)
+                    group = []
+                group.append(p)
+            run(group)
+        finally:
+            if bar is not None:
+                bar.close()
+    log(f"predict: {counts['answered']} answered, {counts['errors']} errors, {counts['skipped']} skipped -> {out}")
+    return counts
