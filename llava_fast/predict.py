@@ -119,7 +119,9 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"--images {image_root}: no such folder (the folder image paths are relative to)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = llava_fast.from_pretrained(model_dir, dtype=torch.float32, device=device).eval()
+    # the checkpoint's dtype (bf16 for the released models: half the memory of fp32 weights for inference); an fp32
+    # checkpoint runs under bf16 autocast on GPUs that have bf16, as training does
+    model = llava_fast.from_pretrained(model_dir, device=device).eval()
     tok = load_tokenizer(model_dir)
     template = template or default_template(model.config)
     stops = stop_token_ids(tok, model_dir)
@@ -128,7 +130,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     counts = {"answered": 0, "skipped": len(records) - len(todo), "errors": 0}
     if counts["skipped"]:
         log(f"{out}: {counts['skipped']} of {len(records)} samples already answered, skipped")
-    mixed = bf16_autocast("auto", device)
+    mixed = model.dtype == torch.float32 and bf16_autocast("auto", device)
     bar = None
     if progress:
         from tqdm.auto import tqdm
