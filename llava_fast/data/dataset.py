@@ -525,6 +525,10 @@ class LlavaDataset(torch.utils.data.Dataset):
                               "token")
         return Item(str(sid), ids, labels, paths, sizes, img_tok, frames, vid_tok, n, n_sup, n_tiles, n_full - n)
 
+    def _video_frame(self, frame_u8) -> torch.Tensor:
+        """One decoded video frame -> (3, T, T), as :func:`~llava_fast.ops.anyres.preprocess_video` makes it."""
+        return anyres.preprocess_video([frame_u8], self._pp_config)[0]
+
     # the tokenizer is only needed while indexing; keep it out of worker pickles
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -559,9 +563,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         it = self.items[i]
         try:
             imgs = [load_image_u8(p, self.max_pixels) for p in it.images]  # uint8 (3, H, W)
-            if isinstance(it.video, VideoFile):  # uint8 (F, H, W, 3), the frames the token count was planned with
-                frames = read_video(it.video.path, self.frames_upbound, self.video_fps, self.max_pixels,
-                                    expect_frames=it.video.frames)
+            if isinstance(it.video, VideoFile):  # the frames the token count was planned with, each resized and
+                # normalized as it is decoded (one full-size frame in memory at a time: 4K videos)
+                frames = torch.stack(read_video(it.video.path, self.frames_upbound, self.video_fps, self.max_pixels,
+                                                expect_frames=it.video.frames, each=self._video_frame))
             else:
                 frames = [load_image(p, self.max_pixels) for p in it.video]
         except SampleError as e:
@@ -593,6 +598,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             out["num_tiles"] = pp["num_tiles"]
             if self.image_config.variant == "llava_onevision":  # the model needs it to pick the multi-image path
                 out["batch_num_images"] = [len(imgs)]
-        if len(frames):
+        if isinstance(frames, torch.Tensor):
+            out["pixel_values_videos"] = frames
+        elif frames:
             out["pixel_values_videos"] = anyres.preprocess_video(frames, self._pp_config)
         return out

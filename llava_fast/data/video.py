@@ -124,13 +124,17 @@ def probe_video(path: str, max_pixels: int | None = None) -> VideoInfo:
 
 
 def read_video(path: str, frames_upbound: int = 32, video_fps: float | None = None,
-               max_pixels: int | None = None, expect_frames: int | None = None) -> np.ndarray:
+               max_pixels: int | None = None, expect_frames: int | None = None, each=None):
     """The sampled frames of a video file (:func:`sample_frames` of its frame count) as uint8 ``(F, H, W, 3)`` RGB,
     what :func:`llava_fast.ops.anyres.preprocess_video` takes.
 
     ``expect_frames``: the number of frames the dataset planned with (from :func:`probe_video`); a file that now gives
     another number (it changed, or its header count was wrong) is a ``decode_error``, since its token count no longer
     holds. Any decoding failure is a ``decode_error`` SampleError naming the file.
+
+    ``each``: a function applied to every frame (uint8 ``(H, W, 3)``) as soon as it is decoded; then the list of its
+    results is returned instead, and only one full-size frame is held at a time (32 frames of a 4K video are 800 MB;
+    the dataset resizes each to the tile as it comes).
     """
     container, stream = _open(path, "decode_error")
     try:
@@ -144,10 +148,10 @@ def read_video(path: str, frames_upbound: int = 32, video_fps: float | None = No
             if expect_frames is not None and len(idx) != expect_frames:
                 raise SampleError("decode_error", f"video {path} gives {len(idx)} frames ({len(packets)} in the file) "
                                   f"but {expect_frames} were planned when the dataset was built (the file changed?)")
-            frames = _decode_seeking(container, stream, packets, idx)
+            frames = _decode_seeking(container, stream, packets, idx, each)
             if frames is None:  # timestamps that cannot be trusted: decode everything, in order
                 container.seek(0, stream=stream)
-                frames = _decode_in_order(container, stream, idx)
+                frames = _decode_in_order(container, stream, idx, each)
         except SampleError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -155,12 +159,12 @@ def read_video(path: str, frames_upbound: int = 32, video_fps: float | None = No
         if len(frames) != len(idx):
             raise SampleError("decode_error", f"video {path} ended after {len(frames)} of the {len(idx)} frames "
                               f"wanted (frame indices {idx[:4]}...; {len(packets)} packets)")
-        return np.stack(frames)
+        return frames if each is not None else np.stack(frames)
     finally:
         container.close()
 
 
-def _decode_seeking(container, stream, packets, idx):
+def _decode_seeking(container, stream, packets, idx, each=None):
     """Frames ``idx`` (presentation order) decoded from the keyframe before each; None when the timestamps do not
     allow it (missing or repeated pts, or a decoded frame that is not the one wanted)."""
     pts = [p for p, _ in packets]
@@ -186,15 +190,20 @@ def _decode_seeking(container, stream, packets, idx):
             return None
         if f.pts != t:
             return None
-        out.append(f.to_ndarray(format="rgb24"))
+        out.append(_frame(f, each))
     return out
 
 
-def _decode_in_order(container, stream, idx) -> list:
+def _frame(f, each):
+    a = f.to_ndarray(format="rgb24")
+    return a if each is None else each(a)
+
+
+def _decode_in_order(container, stream, idx, each=None) -> list:
     want, out = set(idx), []
     for i, f in enumerate(container.decode(stream)):
         if i in want:
-            out.append(f.to_ndarray(format="rgb24"))
+            out.append(_frame(f, each))
             if len(out) == len(want):
                 break
     return out

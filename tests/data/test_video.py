@@ -228,3 +228,13 @@ def video_file(path, frames):
     from llava_fast.data.dataset import VideoFile
 
     return VideoFile(path, frames)
+
+
+def test_read_video_each_frame_as_it_is_decoded(videos):
+    """``each`` sees every sampled frame once, in order, as it is decoded (the dataset resizes 4K frames one at a
+    time instead of holding 32 of them)."""
+    seen = []
+    got = video.read_video(videos["mp4"], frames_upbound=5, each=lambda a: seen.append(a.copy()) or a.mean())
+    ref = video.read_video(videos["mp4"], frames_upbound=5)
+    assert len(seen) == 5 and all(np.array_equal(a, b) for a, b in zip(seen, ref))
+    assert got == [float(a.mean()) for a in ref]
