@@ -84,7 +84,8 @@ def _prepare(rec, k, model, tok, template, image_root, frames, max_pixels, max_n
             raise SampleError("bad_video", f"a {cfg.model_type} model takes no videos")
         from llava_fast.data.video import read_video
 
-        out.video = anyres.preprocess_video(read_video(os.path.join(image_root, vid), frames, None, max_pixels), spec)
+        out.video = torch.stack(read_video(os.path.join(image_root, vid), frames, None, max_pixels,  # frame by frame
+                                           each=lambda a: anyres.preprocess_video([a], spec)[0]))
         vcounts = [anyres.num_video_tokens(out.video.shape[0], spec.tokens_per_side)]
     ids, _ = expand_placeholders(ids, [0] * len(ids), counts, cfg.image_token_id, vcounts,
                                  getattr(cfg, "video_token_id", None))
