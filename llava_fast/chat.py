@@ -61,6 +61,15 @@ def stop_token_ids(tokenizer, model_dir: str) -> set[int]:
     return ids
 
 
+def decode_answer(tokenizer, tokens: list[int], stop_ids: set[int]) -> str:
+    """The text of generated ``tokens`` up to the first stop token or end-of-turn string, stripped."""
+    end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+    answer = tokenizer.decode(tokens[:end], skip_special_tokens=True)
+    for s in END_OF_TURN:
+        answer = answer.split(s)[0]
+    return answer.strip()
+
+
 def load_video(path: str, frames: int = 32, max_pixels: int = 100_000_000):
     """Read ``frames`` frames of a video file, uniformly (as LLaVA-NeXT samples them; every frame of a shorter video),
     as uint8 (F, H, W, 3) RGB, with errors that name the file. Needs PyAV (``pip install av``)."""
@@ -250,12 +259,7 @@ class ChatSession:
                                   top_k=top_k,
                                   eos_token_id=sorted(self.stop_ids), pad_token_id=self.tokenizer.pad_token_id or 0,
                                   stop_strings=stops, tokenizer=self.tokenizer, **kw)
-        gen = out[0, ids.shape[1]:].tolist()
-        end = next((i for i, t in enumerate(gen) if t in self.stop_ids), len(gen))
-        answer = self.tokenizer.decode(gen[:end], skip_special_tokens=True)
-        for s in stops:
-            answer = answer.split(s)[0]
-        answer = answer.strip()
+        answer = decode_answer(self.tokenizer, out[0, ids.shape[1]:].tolist(), self.stop_ids)
         self.turns.append((question, answer))
         return answer
 

@@ -97,6 +97,23 @@ def _prepare(rec, k, model, tok, template, image_root, frames, max_pixels, max_n
     return out
 
 
+def _batch_media(group: list, model_type: str, device) -> dict:
+    """The model's media arguments for a batch: the tiles and sizes of every image in placeholder order, the images
+    per sample (OneVision picks its multi-image path from them), the videos as one (videos, frames, ...) tensor."""
+    imgs = [p for p in group if p.n_images]
+    vids = [p.video for p in group if p.video is not None]
+    media = {}
+    if imgs:
+        media["pixel_values"] = torch.cat([p.pixel_values for p in imgs]).to(device)
+        if model_type != "llava":  # LLaVA-1.5 takes no image sizes
+            media["image_sizes"] = torch.cat([p.image_sizes for p in imgs]).to(device)
+        if model_type == "llava_onevision":
+            media["batch_num_images"] = torch.tensor([p.n_images for p in imgs], device=device)
+    if vids:
+        media["pixel_values_videos"] = torch.stack(vids).to(device)
+    return media
+
+
 def predict(model_dir: str, data: str, image_root: str, out: str, template: str | None = None,
             max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, batch: int = 16,
             frames: int = 32, device: str | None = None, max_pixels: int = 64 * 1024 * 1024, progress: bool = True,
@@ -104,7 +121,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     """Answers every sample of ``data`` into ``out`` (JSON lines, appended; samples already answered there are
     skipped). Returns counts: ``answered``, ``skipped`` (answered before), ``errors``."""
     import llava_fast
-    from llava_fast.chat import END_OF_TURN, stop_token_ids
+    from llava_fast.chat import END_OF_TURN, decode_answer, stop_token_ids
     from llava_fast.data import load_tokenizer, read_records
     from llava_fast.data.templates import TEMPLATES, SampleError
     from llava_fast.generation import generate
@@ -141,6 +158,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     with open(out, "a", encoding="utf-8") as f:
         if f.tell() and not _ends_with_newline(out):
             f.write("\n")  # a line cut by a crash stays a line of its own (ignored), the next record starts clean
+
         def write(rec):
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
@@ -148,17 +166,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
         def run(group):
             if not group:
                 return
-            vids = [p.video for p in group if p.video is not None]
-            media = dict(pixel_values=torch.cat([p.pixel_values for p in group if p.pixel_values is not None])
-                         .to(device) if any(p.pixel_values is not None for p in group) else None,
-                         image_sizes=torch.cat([p.image_sizes for p in group if p.image_sizes is not None])
-                         .to(device) if any(p.image_sizes is not None for p in group) else None,
-                         pixel_values_videos=torch.stack(vids).to(device) if vids else None)
-            if model.config.model_type == "llava_onevision":
-                media["batch_num_images"] = torch.tensor([p.n_images for p in group if p.n_images], device=device) \
-                    if media["pixel_values"] is not None else None
-            elif model.config.model_type == "llava":
-                media.pop("image_sizes")
+            media = _batch_media(group, model.config.model_type, device)
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
                 seqs = generate(model, [p.ids.to(device) for p in group], max_new_tokens=max_new_tokens,
                                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
@@ -166,12 +174,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
                                 pad_token_id=tok.pad_token_id or 0, stop_strings=list(END_OF_TURN), tokenizer=tok,
                                 packed=True, **media)
             for p, seq in zip(group, seqs):
-                gen = seq[len(p.ids):].tolist()
-                gen = gen[: next((i for i, t in enumerate(gen) if t in stops), len(gen))]
-                answer = tok.decode(gen, skip_special_tokens=True)
-                for s in END_OF_TURN:
-                    answer = answer.split(s)[0]
-                rec = {"id": p.sid, "answer": answer.strip()}
+                rec = {"id": p.sid, "answer": decode_answer(tok, seq[len(p.ids):].tolist(), stops)}
                 if p.reference is not None:
                     rec["reference"] = p.reference
                 write(rec)
