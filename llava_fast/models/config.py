@@ -243,7 +243,13 @@ class LlavaConfig:
             raise FileNotFoundError(f"no config.json in {path!r}: expected a llava-hf checkpoint folder "
                                     f"(config.json + *.safetensors); llava_fast never downloads models")
         with open(p) as f:
-            return cls.from_hf_dict(json.load(f))
+            d = json.load(f)
+        if isinstance(d, dict) and "mm_vision_tower" in d and "text_config" not in d:
+            raise ValueError(f"{path!r} is a checkpoint of the original LLaVA training code ({d.get('architectures')}, "
+                             f"mm_vision_tower {d['mm_vision_tower']!r}), not a llava-hf folder: convert it once with "
+                             f"llava-fast convert --original {path} --vision-tower <local copy of that tower> --out "
+                             f"<new folder>")
+        return cls.from_hf_dict(d)
 
     def to_hf_dict(self) -> dict:
         d = copy.deepcopy(self.hf_dict)

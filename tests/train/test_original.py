@@ -160,6 +160,11 @@ def test_settings_llava_hf_cannot_hold_are_refused_naming_them(tmp_path, capsys)
                       (["--vision-tower", str(tower_dir), "--out", str(tmp_path / "full")], "--out .*full: exists")]:
         assert main(["convert", "--original", str(src), *argv]) == 2
         assert msg.split(".*")[0] in capsys.readouterr().err
+    # loading the original folder directly says how to convert it
+    import llava_fast
+
+    with pytest.raises(ValueError, match="original LLaVA training code .*llava-fast convert --original"):
+        llava_fast.from_pretrained(src)
     # a llava-hf folder needs no conversion
     (tmp_path / "hfdir").mkdir()
     (tmp_path / "hfdir" / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": {}}))
