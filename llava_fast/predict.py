@@ -205,4 +205,29 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
             if bar is not None:
                 bar.close()
     log(f"predict: {counts['answered']} answered, {counts['errors']} errors, {counts['skipped']} skipped -> {out}")
+    hits, n = exact_match(out)
+    if n:
+        counts["exact_match"] = hits / n
+        log(f"exact match: {hits}/{n} ({100 * hits / n:.1f}%) of the answers in {out} that have a reference (case, "
+            f"spaces and a final period ignored)")
     return counts
+
+
+def _norm(text: str) -> str:
+    return " ".join(str(text).lower().split()).rstrip(".").strip()
+
+
+def exact_match(path: str) -> tuple[int, int]:
+    """(answers equal to their reference, answers with a reference) in a predict output file, comparing lowercased
+    text with runs of spaces made one and a final period dropped (a quick check, not a benchmark's metric)."""
+    hits = n = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "answer" in rec and rec.get("reference") is not None:
+                n += 1
+                hits += _norm(rec["answer"]) == _norm(rec["reference"])
+    return hits, n

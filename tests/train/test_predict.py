@@ -12,6 +12,16 @@ from llava_fast.data.templates import VICUNA_SYSTEM, SampleError, generation_pro
 from llava_fast.predict import predict
 
 
+def test_exact_match_ignores_case_spaces_and_a_final_period(tmp_path):
+    from llava_fast.predict import exact_match
+
+    f = tmp_path / "a.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"id": 1, "answer": "Two  cats.", "reference": "two cats"}, {"id": 2, "answer": "red", "reference": "blue"},
+        {"id": 3, "answer": "x"}, {"id": 4, "error": "missing_image: ..."}]) + '\n{"id": 5, "ans')
+    assert exact_match(str(f)) == (1, 2)
+
+
 def test_generation_prompt_is_the_training_prompt_up_to_the_answer():
     conv = [{"from": "human", "value": "<image>\nWhat colour ?"}, {"from": "gpt", "value": "red"},
             {"from": "human", "value": "How many ?"}, {"from": "gpt", "value": "two"}]
@@ -48,8 +58,11 @@ def test_predict_answers_equal_one_at_a_time_generation(assets, tmp_path):
     out = tmp_path / "answers.jsonl"
     counts = predict(str(assets / "model"), str(data), str(assets / "data" / "images"), str(out), max_new_tokens=4,
                      batch=2, progress=False, log=lambda *_: None)
-    assert counts == {"answered": 5, "skipped": 0, "errors": 1}
     lines = [json.loads(x) for x in out.read_text().splitlines()]
+    from llava_fast.predict import exact_match
+
+    assert exact_match(str(out))[1] == 5  # the five answers have their references
+    assert counts == {"answered": 5, "skipped": 0, "errors": 1, "exact_match": exact_match(str(out))[0] / 5}
     assert sorted(x["id"] for x in lines) == sorted(r["id"] for r in recs)  # each sample once
     got = {x["id"]: x for x in lines}
     assert got["gone"]["error"].startswith("missing_image")
@@ -130,7 +143,7 @@ def test_predict_onevision_images_and_videos(tmp_path):
     out = tmp_path / "a.jsonl"
     counts = predict(str(model_dir), str(data), str(media), str(out), max_new_tokens=3, batch=8, frames=8,
                      progress=False, log=lambda *_: None)
-    assert counts == {"answered": 5, "skipped": 0, "errors": 0}
+    assert counts == {"answered": 5, "skipped": 0, "errors": 0}  # no references: no exact match
     got = {x["id"]: x["answer"] for x in map(json.loads, out.read_text().splitlines())}
     model = llava_fast.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tok = load_tokenizer(str(model_dir))
