@@ -281,10 +281,16 @@ class Trainer:
                                               index_workers=cfg.data.index_workers)
 
             if cache is not None and self.dist.enabled:
-                # the main rank indexes (and writes the cache) while the others wait, then they load it
+                # the main rank indexes (and writes the cache) while the others wait, then they load it. The wait is
+                # on a gloo group with a long timeout: indexing millions of records (image headers on a network file
+                # system) can outlast the default process group's collective timeout (10 minutes for NCCL)
+                import datetime
+
+                wait = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
                 if self.dist.is_main:
                     self.dataset = build()
-                torch.distributed.barrier()
+                torch.distributed.barrier(group=wait)
+                torch.distributed.destroy_process_group(wait)
                 if not self.dist.is_main:
                     self.dataset = build()
             else:

@@ -44,6 +44,8 @@ def _worker(rank, world, port, root, out, extra=()):
     if rank == 0:
         with open(os.path.join(out, "drops.json"), "w") as f:
             json.dump(dict(tr.drops), f)
+    with open(os.path.join(out, f"from_cache{rank}.json"), "w") as f:  # rank 0 indexes, rank 1 loads its index
+        json.dump(tr.dataset.from_cache, f)
     _finish_rank(rank, out, tr)
 
 
@@ -101,6 +103,8 @@ def test_fsdp2_gloo_matches_single_process(tmp_path):
     dist_hist = _run_two_ranks(root, out2)
     with open(os.path.join(out2, "drops.json")) as f:
         dist_drops = json.load(f)
+    # the main rank built the dataset index (OUT/dataset_index) while rank 1 waited; rank 1 loaded it
+    assert [json.load(open(os.path.join(out2, f"from_cache{r}.json"))) for r in (0, 1)] == [False, True]
     single.train()
     assert single.drops["decode_error"] >= 1 and dist_drops == dict(single.drops)
     assert len(dist_hist) == len(single.history) == 3
