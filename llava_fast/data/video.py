@@ -134,7 +134,8 @@ def read_video(path: str, frames_upbound: int = 32, video_fps: float | None = No
 
     ``each``: a function applied to every frame (uint8 ``(H, W, 3)``) as soon as it is decoded; then the list of its
     results is returned instead, and only one full-size frame is held at a time (32 frames of a 4K video are 800 MB;
-    the dataset resizes each to the tile as it comes).
+    the dataset resizes each to the tile as it comes). It should have no side effects: when seeking gives up part way
+    (a timestamp that does not match) the frames are decoded again in order and passed to it again.
     """
     container, stream = _open(path, "decode_error")
     try:
