@@ -170,3 +170,26 @@ def test_settings_llava_hf_cannot_hold_are_refused_naming_them(tmp_path, capsys)
     (tmp_path / "hfdir" / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": {}}))
     with pytest.raises(ValueError, match="llava-hf folder already"):
         convert(str(tmp_path / "hfdir"), str(tower_dir), str(tmp_path / "o2"))
+
+
+def test_llava_next_checkpoint_converts_with_its_pinpoints_and_newline(tmp_path):
+    """LLaVA-NeXT (CLIP, anyres, pinpoints as a list): a llava_next folder with the checkpoint's pinpoints, newline,
+    projector and feature layer; transformers computes the original's image features from it."""
+    import transformers as tf
+
+    pins = [[28, 56], [56, 28], [56, 56]]
+    src, tower_dir, lm, tmodel, projector, newline = original_checkpoint(
+        tmp_path, aspect="anyres", image_grid_pinpoints=pins, mm_vision_select_layer=-1)
+    out = tmp_path / "hf"
+    convert(str(src), str(tower_dir), str(out), log=lambda *_: None)
+    hf = tf.LlavaNextForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+    c = hf.config
+    assert c.model_type == "llava_next" and c.image_grid_pinpoints == pins and c.vision_feature_layer == -1
+    assert c.vision_config.num_hidden_layers == 3  # CLIP keeps every layer
+    torch.testing.assert_close(hf.model.image_newline.detach(), newline, rtol=0, atol=0)
+    px = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ref = projector(tmodel(pixel_values=px, output_hidden_states=True).hidden_states[-1][:, 1:])
+        hs = hf.model.vision_tower(px, output_hidden_states=True).hidden_states  # at the config's layer (-1)
+        got = hf.model.multi_modal_projector(hs[c.vision_feature_layer][:, 1:])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
