@@ -28,19 +28,18 @@ def default_template(config) -> str:
                      f"model was trained with (vicuna_v1, qwen or plain)")
 
 
-def _answered(out: str) -> set[str]:
-    """Ids already answered in ``out`` (a line cut by a crash is ignored: that sample is answered again)."""
-    done = set()
-    if os.path.isfile(out):
-        with open(out, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and "answer" in rec:
-                    done.add(str(rec.get("id")))
-    return done
+def _answers(path: str):
+    """The answered records of a predict output file (error lines and a line cut by a crash left out)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "answer" in rec:
+                yield rec
 
 
 def _ends_with_newline(path: str) -> bool:
@@ -143,7 +142,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     tok = load_tokenizer(model_dir)
     template = template or default_template(model.config)
     stops = stop_token_ids(tok, model_dir)
-    done = _answered(out)
+    done = {str(r.get("id")) for r in _answers(out)}  # a line cut by a crash is not one: answered again
     todo = [(k, r) for k, r in enumerate(records) if str(r.get("id", k) if isinstance(r, dict) else k) not in done]
     counts = {"answered": 0, "skipped": len(records) - len(todo), "errors": 0}
     if counts["skipped"]:
@@ -220,14 +219,5 @@ def _norm(text: str) -> str:
 def exact_match(path: str) -> tuple[int, int]:
     """(answers equal to their reference, answers with a reference) in a predict output file, comparing lowercased
     text with runs of spaces made one and a final period dropped (a quick check, not a benchmark's metric)."""
-    hits = n = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "answer" in rec and rec.get("reference") is not None:
-                n += 1
-                hits += _norm(rec["answer"]) == _norm(rec["reference"])
-    return hits, n
+    pairs = [(_norm(r["answer"]), _norm(r["reference"])) for r in _answers(path) if r.get("reference") is not None]
+    return sum(a == b for a, b in pairs), len(pairs)
