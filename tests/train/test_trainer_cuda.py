@@ -85,3 +85,25 @@ def test_cuda_demo_quick(tmp_path, capsys):
           f"{acc_cpu}%)")
     assert acc >= 45.0, text[-2000:]
     assert abs(acc_cpu - acc) <= 15.0, (acc, acc_cpu)
+
+
+def test_cuda_predict_answers_a_file(assets, tmp_path):
+    """``llava-fast predict`` on the GPU (session 25, written without one): batches through the packed generation path
+    with the Triton kernels; every sample answered once; the same ids as on the CPU, and a rerun skips them all."""
+    from test_predict import _records
+
+    from llava_fast.predict import predict
+
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps(_records(assets, 6)))
+    kw = dict(max_new_tokens=4, batch=4, progress=False, log=lambda *_: None)
+    gpu = predict(str(assets / "model"), str(data), str(assets / "data" / "images"), str(tmp_path / "gpu.jsonl"),
+                  device="cuda", **kw)
+    cpu = predict(str(assets / "model"), str(data), str(assets / "data" / "images"), str(tmp_path / "cpu.jsonl"),
+                  device="cpu", **kw)
+    assert gpu["answered"] == cpu["answered"] == 6 and gpu["errors"] == 0
+    ids = lambda p: [json.loads(x)["id"] for x in (tmp_path / p).read_text().splitlines()]  # noqa: E731
+    assert sorted(ids("gpu.jsonl")) == sorted(ids("cpu.jsonl"))
+    again = predict(str(assets / "model"), str(data), str(assets / "data" / "images"), str(tmp_path / "gpu.jsonl"),
+                    device="cuda", **kw)
+    assert again["skipped"] == 6 and again["answered"] == 0
