@@ -64,6 +64,13 @@ class DropStats:
         self.examples: dict[str, list[str]] = {}
         self.keep = keep
         self.log = log
+        self.lines: list[str] = []  # what indexing logged about samples, in order (a cached index logs it again)
+
+    def note(self, message: str) -> None:
+        """Logs a line about a sample (a drop, a truncation) and keeps it in ``lines``."""
+        self.lines.append(message)
+        if self.log is not None:
+            self.log(message)
 
     def drop(self, reason: str, sample_id, message: str) -> None:
         if self.strict:
@@ -73,8 +80,7 @@ class DropStats:
         ex = self.examples.setdefault(reason, [])
         if len(ex) < self.keep:
             ex.append(f"{sample_id}: {message}")
-            if self.log is not None:
-                self.log(f"dropped sample {sample_id!r} ({reason}): {message}")
+            self.note(f"dropped sample {sample_id!r} ({reason}): {message}")
 
     def update(self, counts) -> None:
         self.counts.update(counts)
@@ -200,15 +206,10 @@ class _IndexCache:
                          "the data again")
             return False
         ds.items, ds.num_records, ds.truncated = items, meta["num_records"], meta["truncated"]
-        ds.truncated_examples = meta["truncated_examples"]
         ds.drops.counts.update(meta["drops"])
-        for reason, examples in meta["drop_examples"].items():
-            ds.drops.examples[reason] = examples
-            for ex in examples:
-                sid, _, msg = ex.partition(": ")
-                ds.drops.log(f"dropped sample {sid!r} ({reason}): {msg}")
-        for msg in ds.truncated_examples:
-            ds.drops.log(msg)
+        ds.drops.examples.update(meta["drop_examples"])
+        for line in meta["lines"]:  # what indexing logged, as it logged it
+            ds.drops.note(line)
         ds.drops.log(f"dataset index loaded from {self.path}: {len(items)} samples of {ds.num_records} records "
                      f"({ds.drops.summary()})")
         return True
@@ -219,7 +220,7 @@ class _IndexCache:
         off[1:] = np.cumsum([len(it.ids) for it in items])
         cat = (lambda xs: np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32))
         meta = {"num_records": ds.num_records, "truncated": ds.truncated,
-                "truncated_examples": ds.truncated_examples, "drops": dict(ds.drops.counts),
+                "lines": ds.drops.lines, "drops": dict(ds.drops.counts),
                 "drop_examples": ds.drops.examples,
                 "items": [{"id": it.sample_id, "images": it.images, "sizes": [list(x) for x in it.sizes],
                            "image_tokens": [int(x) for x in it.image_tokens],
@@ -319,7 +320,6 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.drops = DropStats(strict, log if log is not None else (lambda m: print(m, file=sys.stderr)))
         self.items: list[Item] = []
         self.truncated = 0  # samples kept but cut at max_len (never in their image tokens)
-        self.truncated_examples: list[str] = []
         cache = _IndexCache(cache_dir, self, data) if cache_dir and isinstance(data, (str, os.PathLike)) else None
         self.from_cache = cache is not None and cache.load(self)
         if not self.from_cache:
@@ -403,10 +403,9 @@ class LlavaDataset(torch.utils.data.Dataset):
             if it.n_cut:
                 self.truncated += 1
                 if self.truncated <= self.drops.keep:
-                    msg = (f"truncated sample {it.sample_id!r}: {it.n_tokens + it.n_cut} tokens > max_len="
-                           f"{self.max_len}, the last {it.n_cut} cut ({it.n_supervised} supervised left)")
-                    self.truncated_examples.append(msg)
-                    self.drops.log(msg)
+                    self.drops.note(f"truncated sample {it.sample_id!r}: {it.n_tokens + it.n_cut} tokens > "
+                                    f"max_len={self.max_len}, the last {it.n_cut} cut ({it.n_supervised} supervised "
+                                    f"left)")
 
     @classmethod
     def for_model(cls, model_config, data, image_root: str, tokenizer, template: str, **kwargs) -> "LlavaDataset":

@@ -240,7 +240,8 @@ def _recs():
             {"id": "missing", "image": "nope.png", "conversations": conv()},
             {"id": "long", "image": "rgb.png",
              "conversations": conv("<image>\n" + "what " * 20) + conv("is it " * 60, "red")},
-            {"id": "vid", "video": ["rgb.png", "gray.png"], "conversations": conv("<video>\nwhat is it ?")}]
+            {"id": "vid", "video": ["rgb.png", "gray.png"], "conversations": conv("<video>\nwhat is it ?")},
+            {"id": "missing2", "image": "nope2.png", "conversations": conv()}]  # a drop after the truncation
 
 
 def test_index_cache_loads_the_same_index_and_reports_the_same_drops(tmp_path, image_dir, tok):
@@ -253,18 +254,19 @@ def test_index_cache_loads_the_same_index_and_reports_the_same_drops(tmp_path, i
     kw = dict(max_len=120, video_token_id=5, cache_dir=str(tmp_path / "cache"))
     logs_a, logs_b = [], []
     a = LlavaDataset(str(path), str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, log=logs_a.append, **kw)
-    assert not a.from_cache and a.drops.counts == {"missing_image": 1} and a.truncated == 1
+    assert not a.from_cache and a.drops.counts == {"missing_image": 2} and a.truncated == 1
     real = D.LlavaDataset._build_index
     D.LlavaDataset._build_index = lambda *_: pytest.fail("indexed again")
     try:
         b = LlavaDataset(str(path), str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, log=logs_b.append, **kw)
     finally:
         D.LlavaDataset._build_index = real
-    assert b.from_cache and b.num_records == 6
+    assert b.from_cache and b.num_records == 7
     _same_items(a, b)
     assert b.lengths == a.lengths and b.supervised == a.supervised and b.truncated == a.truncated
     assert b.drops.counts == a.drops.counts and b.drops.examples == a.drops.examples
-    assert [m for m in logs_b if "loaded from" not in m] == logs_a, (logs_a, logs_b)
+    assert [m for m in logs_b if "loaded from" not in m] == logs_a, (logs_a, logs_b)  # in the same order
+    assert [m.split(" ")[0] for m in logs_a[:3]] == ["dropped", "truncated", "dropped"]
     for i in range(len(a)):  # what the workers load is the same too
         sa, sb = a[i], b[i]
         assert torch.equal(sa["input_ids"], sb["input_ids"]) and torch.equal(sa["labels"], sb["labels"])
@@ -326,6 +328,6 @@ def test_indexing_in_worker_processes_gives_the_same_index(tmp_path, image_dir, 
                                 log=logs.append, **kw), logs)
     (a, la), (b, lb) = runs[1], runs[2]
     _same_items(a, b)
-    assert la == lb and a.drops.counts == b.drops.counts == {"missing_image": 3} and a.truncated == b.truncated == 3
+    assert la == lb and a.drops.counts == b.drops.counts == {"missing_image": 6} and a.truncated == b.truncated == 3
     with pytest.raises(DataError, match="'missing3': missing_image"):
         LlavaDataset(recs, str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, index_workers=2, strict=True, **kw)
