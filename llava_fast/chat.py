@@ -90,21 +90,13 @@ class ChatSession:
         import llava_fast
         from transformers import AutoTokenizer
 
-        from llava_fast.ops.anyres import ImageProcessorConfig
+        from llava_fast.data.images import checkpoint_image_config
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = llava_fast.from_pretrained(model_dir, dtype=dtype, device=device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         cfg = self.model.config
-        pp = os.path.join(model_dir, "preprocessor_config.json")
-        overrides = dict(tile=cfg.vision_config.image_size, patch_size=cfg.vision_config.patch_size)
-        if cfg.image_grid_pinpoints is not None:
-            overrides["image_grid_pinpoints"] = cfg.image_grid_pinpoints
-        if os.path.isfile(pp):
-            with open(pp) as f:
-                self.image_config = ImageProcessorConfig.from_dict(json.load(f), variant=cfg.model_type, **overrides)
-        else:
-            self.image_config = ImageProcessorConfig.for_variant(cfg.model_type, **overrides)
+        self.image_config = checkpoint_image_config(model_dir, cfg)
         self.chat_template = self._find_chat_template(model_dir)
         text_type = cfg.text_config.model_type
         if self.chat_template is None and text_type not in ("llama", "qwen2"):

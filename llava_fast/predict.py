@@ -56,8 +56,8 @@ class _Prepared:
         self.pixel_values, self.image_sizes, self.n_images, self.video = pixel_values, image_sizes, n_images, video
 
 
-def _prepare(rec, k, model, tok, template, image_root, frames, max_pixels, max_new_tokens):
-    from llava_fast.data.images import image_config, load_image_u8
+def _prepare(rec, k, model, spec, tok, template, image_root, frames, max_pixels, max_new_tokens):
+    from llava_fast.data.images import load_image_u8
     from llava_fast.data.templates import SampleError, expand_placeholders, generation_prompt, tokenize_with_media
     from llava_fast.ops import anyres
 
@@ -70,7 +70,6 @@ def _prepare(rec, k, model, tok, template, image_root, frames, max_pixels, max_n
     prompt, reference = generation_prompt(rec["conversations"], template, len(imgs), 1 if vid else 0)
     ids, _ = tokenize_with_media(tok, prompt)
     cfg = model.config
-    spec = image_config(cfg)
     out = _Prepared(sid, None, reference)
     counts, vcounts = [], []
     if imgs:
@@ -122,6 +121,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     import llava_fast
     from llava_fast.chat import END_OF_TURN, decode_answer, stop_token_ids
     from llava_fast.data import load_tokenizer, read_records
+    from llava_fast.data.images import checkpoint_image_config
     from llava_fast.data.templates import TEMPLATES, SampleError
     from llava_fast.generation import generate
     from llava_fast.train.trainer import bf16_autocast
@@ -140,6 +140,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     # checkpoint runs under bf16 autocast on GPUs that have bf16, as training does
     model = llava_fast.from_pretrained(model_dir, device=device).eval()
     tok = load_tokenizer(model_dir)
+    spec = checkpoint_image_config(model_dir, model.config)  # its preprocessor_config.json: LLaVA-1.5's do_pad
     template = template or default_template(model.config)
     stops = stop_token_ids(tok, model_dir)
     done = {str(r.get("id")) for r in _answers(out)}  # a line cut by a crash is not one: answered again
@@ -185,7 +186,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
         try:
             for k, rec in todo:
                 try:
-                    p = _prepare(rec, k, model, tok, template, image_root, frames, max_pixels, max_new_tokens)
+                    p = _prepare(rec, k, model, spec, tok, template, image_root, frames, max_pixels, max_new_tokens)
                 except SampleError as e:
                     sid = str(rec.get("id", k)) if isinstance(rec, dict) else str(k)
                     write({"id": sid, "error": f"{e.reason}: {e}"})

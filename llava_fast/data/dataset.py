@@ -408,11 +408,13 @@ class LlavaDataset(torch.utils.data.Dataset):
                                     f"left)")
 
     @classmethod
-    def for_model(cls, model_config, data, image_root: str, tokenizer, template: str, **kwargs) -> "LlavaDataset":
-        """The dataset for a model: its image config, image/video token ids and CLS-token rule from its config."""
+    def for_model(cls, model_config, data, image_root: str, tokenizer, template: str, spec=None,
+                  **kwargs) -> "LlavaDataset":
+        """The dataset for a model: its image config (``spec``, default :func:`image_config` of the model config),
+        image/video token ids and CLS-token rule from its config."""
         kwargs.setdefault("video_token_id", _get_attr(model_config, "video_token_id"))
         kwargs.setdefault("context_len", _get_attr(_get_attr(model_config, "text_config"), "max_position_embeddings"))
-        return cls(data, image_root, tokenizer, image_config(model_config), template,
+        return cls(data, image_root, tokenizer, spec or image_config(model_config), template,
                    image_token_id=_get_attr(model_config, "image_token_id"), cls_token=cls_token_kept(model_config),
                    **kwargs)
 

@@ -54,6 +54,36 @@ def image_config(model_config, **overrides) -> ImageProcessorConfig:
     return ImageProcessorConfig.for_variant(mt, **kw)
 
 
+def checkpoint_image_config(model_dir: str | None, model_config, **overrides) -> ImageProcessorConfig:
+    """The :class:`ImageProcessorConfig` a llava-hf checkpoint folder was made for: what its
+    ``preprocessor_config.json`` says (LLaVA-1.5's ``do_pad``: pad to a square before the resize, as the original
+    LLaVA-1.5 fine-tune; normalization constants) with the tile, patch, pinpoints and ``anyres_max_N`` of the model
+    config; :func:`image_config` when the folder has no such file (or ``model_dir`` is None). Chat, predict and
+    training from the folder all preprocess with it, so a model sees its images as it was trained on them."""
+    import json
+    import os
+
+    pp = os.path.join(model_dir, "preprocessor_config.json") if model_dir else None
+    if pp is None or not os.path.isfile(pp):
+        return image_config(model_config, **overrides)
+    try:
+        with open(pp) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{pp}: not a readable JSON file ({e}); fix or delete it (without it the model's defaults "
+                         f"are used)") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{pp}: expected a JSON object, got {type(d).__name__}")
+    spec = image_config(model_config)
+    kw = dict(tile=spec.tile, patch_size=spec.patch_size)
+    if spec.image_grid_pinpoints is not None:
+        kw["image_grid_pinpoints"] = spec.image_grid_pinpoints
+    if spec.vision_aspect_ratio is not None:
+        kw["vision_aspect_ratio"] = spec.vision_aspect_ratio
+    kw.update(overrides)
+    return ImageProcessorConfig.from_dict(d, variant=spec.variant, **kw)
+
+
 def cls_token_kept(model_config) -> bool:
     """LLaVA-1.5 with ``vision_feature_select_strategy="full"`` (CLIP) keeps the CLS token: 577 tokens per image."""
     vc = _get(model_config, "vision_config", {}) or {}

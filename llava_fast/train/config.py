@@ -58,6 +58,11 @@ class DataSection:
     batch_size: int = 4
     """Samples per micro-batch in padded mode."""
     group_by_modality_length: bool = False
+    pad_to_square: bool | None = None
+    """LLaVA-1.5 only: pad each image to a square with the mean colour before the resize, as the original LLaVA-1.5
+    fine-tune (its --image_aspect_ratio pad; the llava15-stage2 recipe sets it); false: resize the short side and crop
+    the centre (the original stage 1's "square", transformers' CLIPImageProcessor). None: what the checkpoint folder's
+    preprocessor_config.json says (do_pad), else false. The export's preprocessor_config.json records it."""
     num_workers: int = 2
     strict: bool = False
     """Stop at the first bad sample instead of dropping and counting it."""

@@ -135,13 +135,21 @@ def convert(src: str, vision_tower: str, out: str, model_type: str | None = None
                                 f"{config.get('mm_vision_tower')!r}: give a local copy of it (config.json + weights)")
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"--out {out}: exists and is not empty; choose a new folder")
-    model, tok = assemble(src, vision_tower, model_type or settings(config, cfg_path).model_type, log=log)
+    orig = settings(config, cfg_path)
+    model, tok = assemble(src, vision_tower, model_type or orig.model_type, log=log)
+    spec = None
+    if model.config.model_type == "llava":
+        from llava_fast.data.images import image_config
+
+        # "pad" trained on images padded to a square with the mean colour ("square": resized and centre-cropped):
+        # written as LlavaImageProcessor(do_pad=True), so chat, predict and transformers see images as it was trained
+        spec = image_config(model.config, do_pad=orig.aspect_ratio == "pad")
     tmp = f"{out.rstrip(os.sep)}.converting-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_pretrained(model, tmp)
         tok.save_pretrained(tmp)
-        _save_image_processor(model.config, tmp, tok)
+        _save_image_processor(model.config, tmp, tok, spec)
         if os.path.isdir(out):
             os.rmdir(out)  # empty (checked above)
         os.replace(tmp, out)

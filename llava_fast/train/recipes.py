@@ -1,9 +1,10 @@
 """Training recipes (reference-spec.md 5.6) as functions returning a :class:`TrainConfig`.
 
 * ``stage1``: only the projector (and ``image_newline``) trains, lr 1e-3, ``plain`` template, cosine, warmup 3%,
-  no weight decay.
+  no weight decay; LLaVA-1.5 images resized and centre-cropped (the original pretrain script's ``square``).
 * ``stage2``: projector + language model at lr 2e-5 with ``vicuna_v1`` (LLaVA-1.5 / NeXT) or ``qwen`` (OneVision);
-  OneVision also trains the vision tower at 2e-6.
+  OneVision also trains the vision tower at 2e-6; LLaVA-1.5 images padded to a square with the mean colour first
+  (the original fine-tune script's ``--image_aspect_ratio pad``).
 
 Names: ``stage1`` / ``stage2`` (template picked from the model type), or explicitly
 ``llava15-stage1``, ``llava15-stage2``, ``next-stage1``, ``next-stage2``, ``onevision-stage1``, ``onevision-stage2``.
@@ -20,7 +21,7 @@ _FAMILY = {"llava": "llava15", "llava_next": "next", "llava_onevision": "onevisi
 def stage1(model_type: str = "llava_next") -> TrainConfig:
     return TrainConfig(recipe=f"stage1:{model_type}",
                        data=DataSection(template="plain", max_len=8192 if model_type == "llava_onevision" else 2048,
-                                        max_tokens=8192),
+                                        max_tokens=8192, pad_to_square=False if model_type == "llava" else None),
                        optim=OptimSection(lr=1e-3, weight_decay=0.0, max_grad_norm=1.0),
                        schedule=ScheduleSection(epochs=1, warmup_ratio=0.03),
                        train=TrainSection(trainable=["projector", "newline"]))
@@ -30,7 +31,8 @@ def stage2(model_type: str = "llava_next") -> TrainConfig:
     ov = model_type == "llava_onevision"
     return TrainConfig(recipe=f"stage2:{model_type}",
                        data=DataSection(template="qwen" if ov else "vicuna_v1", max_len=8192 if ov else 4096,
-                                        max_tokens=8192, group_by_modality_length=True),
+                                        max_tokens=8192, group_by_modality_length=True,
+                                        pad_to_square=True if model_type == "llava" else None),
                        optim=OptimSection(lr=2e-5, vision_lr=2e-6 if ov else None, weight_decay=0.0,
                                           max_grad_norm=1.0),
                        schedule=ScheduleSection(epochs=1, warmup_ratio=0.03),

@@ -266,6 +266,18 @@ class Trainer:
         self._setup_done = True
         return self
 
+    def image_spec(self):
+        """The image preprocessing this run trains with: the checkpoint folder's (its preprocessor_config.json) or
+        the assembled model's, with ``data.pad_to_square`` applied (LLaVA-1.5 only)."""
+        from llava_fast.data.images import checkpoint_image_config
+
+        pad, mt = self.cfg.data.pad_to_square, self.model.config.model_type
+        if pad is not None and mt != "llava":
+            raise ValueError(f"data.pad_to_square={pad} is for LLaVA-1.5 (model type llava) models; a {mt} model's "
+                             f"AnyRes tiles have their own padding: leave data.pad_to_square unset (none)")
+        return checkpoint_image_config(self.cfg.model.path, self.model.config,
+                                       **({} if pad is None else {"do_pad": pad}))
+
     def _build_data(self):
         cfg = self.cfg
         from llava_fast.data import LlavaDataset, PackedBatchSampler, PaddedBatchSampler, collate_packed
@@ -275,7 +287,7 @@ class Trainer:
 
             def build():
                 return LlavaDataset.for_model(self.model.config, cfg.data.data, cfg.data.images, self.tokenizer,
-                                              cfg.data.template, max_len=cfg.data.max_len,
+                                              cfg.data.template, spec=self.image_spec(), max_len=cfg.data.max_len,
                                               frames_upbound=cfg.data.frames_upbound, video_fps=cfg.data.video_fps,
                                               strict=cfg.data.strict, log=self.log, cache_dir=cache,
                                               index_workers=cfg.data.index_workers)
@@ -755,7 +767,8 @@ class Trainer:
             save_pretrained(fresh, path)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(path)
-            _save_image_processor(model.config, path, self.tokenizer)
+            spec = getattr(self.dataset, "image_config", None) or self.image_spec()
+            _save_image_processor(model.config, path, self.tokenizer, spec)
             self.log(f"exported llava-hf model to {path}")
         if self.dist.enabled:
             torch.distributed.barrier()
@@ -898,20 +911,24 @@ class _FsdpCollate:
         return out
 
 
-def _save_image_processor(config, path: str, tokenizer=None) -> None:
+def _save_image_processor(config, path: str, tokenizer=None, spec=None) -> None:
     """preprocessor_config.json for transformers' image processor and, with the tokenizer, processor_config.json for
     its processor (patch size, feature strategy, extra CLS token: without them ``AutoProcessor`` loads but cannot
-    expand an image's placeholder). Best effort: the model loads without either."""
+    expand an image's placeholder). ``spec``: the :class:`ImageProcessorConfig` trained with (default: the model
+    config's); LLaVA-1.5 padded to a square is written as transformers' ``LlavaImageProcessor(do_pad=True)``, which
+    pads as the original fine-tune did. Best effort: the model loads without either."""
     try:
         from llava_fast.data.images import image_config
 
-        spec = image_config(config)
+        spec = spec or image_config(config)
         t = spec.tile
         common = dict(image_mean=list(spec.image_mean), image_std=list(spec.image_std))
         if config.model_type == "llava":
-            from transformers import CLIPImageProcessor
+            import transformers as tf
 
-            proc = CLIPImageProcessor(size={"shortest_edge": t}, crop_size={"height": t, "width": t}, **common)
+            sizes = dict(size={"shortest_edge": spec.shortest_edge}, crop_size={"height": t, "width": t})
+            proc = (tf.LlavaImageProcessor(do_pad=True, **sizes, **common) if spec.do_pad else
+                    tf.CLIPImageProcessor(**sizes, **common))
         elif config.model_type == "llava_next":
             from transformers import LlavaNextImageProcessor
 
