@@ -93,15 +93,30 @@ def main(argv=None) -> int:
     s.add_argument("--model-type", default=None, choices=["llava", "llava_next", "llava_onevision"],
                    help="default: from image_aspect_ratio (pad: llava, anyres: llava_next, anyres_max_N: onevision)")
     s.set_defaults(fn=_cmd_convert)
+    s = sub.add_parser("train-original", help="train with the original LLaVA code's train_mem.py flags (finetune.sh)",
+                       add_help=False)
+    s.set_defaults(fn=None)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-original"]:
+        from llava_fast.train.cli import ORIGINAL_HELP, run_train_original
+
+        if len(argv) == 1 or argv[1] in ("-h", "--help"):
+            print(ORIGINAL_HELP)
+            return 0
+        return _guarded("train-original", lambda: run_train_original(argv[1:]))
     args = p.parse_args(argv)
+    return _guarded(args.cmd, lambda: args.fn(args))
+
+
+def _guarded(cmd: str, fn) -> int:
     try:
-        return args.fn(args)
+        return fn()
     except (ValueError, OSError) as e:
         # bad input (a missing folder, a corrupt image, a malformed config, ...): its message names the argument and
         # the fix; a traceback through the library would only bury it
         if os.environ.get("LLAVA_FAST_TRACEBACK") == "1":
             raise
-        print(f"llava-fast {args.cmd}: error: {e}\n(set LLAVA_FAST_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        print(f"llava-fast {cmd}: error: {e}\n(set LLAVA_FAST_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -25,6 +25,16 @@ import torch
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
+def default_pinpoints(model_type: str, tile: int) -> list | None:
+    """The AnyRes resolutions a new model of ``model_type`` gets for a ``tile``-pixel tower: LLaVA-NeXT's five (scaled
+    from 336), OneVision's 1x1 to 6x6 tiles; None for LLaVA-1.5."""
+    if model_type == "llava_next":
+        return [[p[0] * tile // 336, p[1] * tile // 336] for p in NEXT_PINPOINTS]
+    if model_type == "llava_onevision":
+        return [[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)]
+    return None
+
+
 def build_model(ms, log=print):
     """(model, tokenizer) for a :class:`~llava_fast.train.config.ModelSection`."""
     from llava_fast.data import load_tokenizer
@@ -207,9 +217,8 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
     tile = int(vcfg.get("image_size", 336))
     if pinpoints is None and orig is not None and orig.pinpoints is not None:
         pinpoints = original.pinpoints_for(orig.pinpoints, tile)
-    if pinpoints is None and model_type != "llava":
-        pinpoints = ([[p[0] * tile // 336, p[1] * tile // 336] for p in NEXT_PINPOINTS] if model_type == "llava_next"
-                     else [[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)])
+    if pinpoints is None:
+        pinpoints = default_pinpoints(model_type, tile)
     # the features by the tower's family, not the model type (see the module docstring): SigLIP has no CLS token to
     # drop ("default" would drop a patch), CLIP's CLS is dropped under OneVision too (mm_vision_select_feature "patch")
     hf = {"model_type": model_type, "vision_config": vcfg, "text_config": tcfg, "image_token_id": image_id,

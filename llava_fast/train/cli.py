@@ -125,7 +125,7 @@ def _summary_line(trainer, summary: dict) -> str:
 
 def _cmd_train(args) -> int:
     conf = default_allocator_conf()  # before the model or any tensor reaches the GPU
-    from llava_fast.train import Trainer, apply_overrides, get_recipe
+    from llava_fast.train import apply_overrides, get_recipe
 
     print(f"PYTORCH_CUDA_ALLOC_CONF={conf}")
 
@@ -152,6 +152,13 @@ def _cmd_train(args) -> int:
     if args.strict:
         cfg.data.strict = True
     apply_overrides(cfg, args.overrides)
+    return _run(cfg)
+
+
+def _run(cfg) -> int:
+    """Checks the inputs of a config, trains, prints the summary; 130 on Ctrl-C."""
+    from llava_fast.train import Trainer
+
     if not cfg.data.data:
         raise SystemExit("--data FILE is required (LLaVA JSON/JSONL)")
     if not cfg.model.path and not (cfg.model.language_model and cfg.model.vision_tower):
@@ -166,6 +173,40 @@ def _cmd_train(args) -> int:
     if getattr(trainer, "dist", None) is None or trainer.dist.is_main:
         print(_summary_line(trainer, summary))
     return 0
+
+
+def run_train_original(argv: list[str]) -> int:
+    """``llava-fast train-original [--dry-run] FLAGS... [section.key=value ...]``: the original LLaVA code's
+    ``train_mem.py`` flags, translated (:mod:`llava_fast.train.original_flags`); ``--dry-run`` prints the config."""
+    import os
+
+    from llava_fast.train.original_flags import config_from_flags
+
+    dry = "--dry-run" in argv
+    if not dry:
+        print(f"PYTORCH_CUDA_ALLOC_CONF={default_allocator_conf()}")  # before anything reaches the GPU
+    cfg, notes = config_from_flags([a for a in argv if a != "--dry-run"])
+    if os.environ.get("RANK", "0") == "0":
+        print("\n".join(["the original's flags:"] + [f"  {n}" for n in notes]), flush=True)
+    if dry:
+        print(cfg.to_json())
+        print("# this config as a file: llava-fast train --config FILE [section.key=value ...] runs it")
+        return 0
+    return _run(cfg)
+
+
+ORIGINAL_HELP = """llava-fast train-original [--dry-run] FLAGS... [section.key=value ...]
+
+Runs a training command line of the original LLaVA code (haotian-liu/LLaVA, LLaVA-NeXT: llava/train/train_mem.py):
+replace `deepspeed llava/train/train_mem.py --deepspeed ./scripts/zero3.json` in finetune.sh / pretrain.sh /
+finetune_ov.sh with `llava-fast train-original` (or `torchrun --nproc-per-node 8 -m llava_fast.cli train-original`).
+Every flag is translated to a setting of `llava-fast train`, ignored with the reason printed (--deepspeed, --tf32,
+--lazy_preprocess, ...) or refused naming it (what llava-hf's models cannot hold, QLoRA, fp16, unknown flags).
+--model_name_or_path and --vision_tower must be local folders (nothing is downloaded).
+
+  --dry-run   print what each flag became and the config, train nothing
+
+docs/training.md ("The original LLaVA's command line") lists the translation."""
 
 
 _DESCRIPTION = """Train a LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision model with a stage 1 or stage 2 recipe (packed

@@ -1,0 +1,356 @@
+"""The command line of the original LLaVA training code (``llava/train/train_mem.py`` of haotian-liu/LLaVA and
+LLaVA-VL/LLaVA-NeXT: its ``ModelArguments``, ``DataArguments`` and HF ``TrainingArguments``) -> a
+:class:`~llava_fast.train.config.TrainConfig` (``llava-fast train-original``).
+
+A user's ``scripts/v1_5/finetune.sh`` runs once ``deepspeed llava/train/train_mem.py --deepspeed ./scripts/zero3.json``
+is replaced by ``llava-fast train-original`` (or ``torchrun --nproc-per-node 8 -m llava_fast.cli train-original``):
+every flag is translated, or ignored with the reason printed, or refused with the flag named (a setting this library
+cannot reproduce, an unknown flag): nothing is dropped silently.
+
+Rules (reference-spec.md 5.6 and the original ``train.py``):
+
+* the recipe is ``stage1`` when only the projector trains (``--tune_mm_mlp_adapter True``, or NXT's
+  ``--mm_tunable_parts mm_mlp_adapter``), else ``stage2``; the flags then override it;
+* ``--image_aspect_ratio`` picks the model: ``pad`` / ``square`` (the default) LLaVA-1.5, ``anyres`` LLaVA-NeXT,
+  ``anyres_max_9`` OneVision; ``pad`` pads LLaVA-1.5 images to a square (``data.pad_to_square``);
+* the ``mm_*`` model settings are checked by the rules of ``llava-fast convert`` (:func:`original.settings`), and a
+  feature layer or pinpoints other than the ones the library assembles with are refused;
+* ``--model_name_or_path`` may be a language model (a new LLaVA is assembled with ``--vision_tower``), an original
+  LLaVA checkpoint (NXT's later stages: its projector, newline and tower are kept) or a llava-hf folder; it must be a
+  local folder (nothing is downloaded);
+* batches are packed: ``--per_device_train_batch_size`` sets the padded batch (``data.packing=false``), while a packed
+  micro-batch holds ``data.max_tokens`` tokens; the note printed says so.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+
+from llava_fast.train.config import TrainConfig
+
+# flags whose setting the library has no use for: flag -> why
+_IGNORED = {
+    "deepspeed": "FSDP2 shards the model when torchrun starts several processes",
+    "lazy_preprocess": "samples are always tokenized lazily, their token counts up front",
+    "tf32": "the matmuls run in bf16 under autocast",
+    "per_device_eval_batch_size": "no evaluation during training (llava-fast predict answers a held-out file)",
+    "evaluation_strategy": "no evaluation during training", "eval_strategy": "no evaluation during training",
+    "save_strategy": "checkpoint.every_steps (from --save_steps) decides",
+    "run_name": "the run is named by --output_dir",
+    "attn_implementation": "the library's own attention kernels run", "torch_compile_backend": "inductor",
+    "dataloader_drop_last": "packing uses every sample",
+    "model_class_name": "the model type comes from --image_aspect_ratio",
+    "ddp_find_unused_parameters": "FSDP2", "ddp_timeout": "FSDP2", "logging_dir": "TensorBoard logs go to OUT/tb",
+    "overwrite_output_dir": "a run in an existing OUT resumes from its last checkpoint",
+    "remove_unused_columns": "no HF Trainer", "mm_hidden_size": "from the tower's config",
+}
+# flags checked against what llava-hf's models are (a value they cannot hold is refused above): noted as checked
+_CHECKED = ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature", "mm_patch_merge_type",
+            "mm_spatial_pool_mode", "mm_newline_position", "mm_use_im_start_end", "mm_use_im_patch_token",
+            "early_mix_text", "mm_resampler_type", "mm_spatial_pool_stride", "image_crop_resolution",
+            "image_split_resolution", "lora_bias", "bits", "fp16", "mm_projector_lr", "lr_scheduler_type",
+            "tune_mm_mlp_adapter", "freeze_backbone", "unfreeze_mm_vision_tower", "mm_tunable_parts",
+            "freeze_mm_mlp_adapter")
+_VIDEO = ("frames_upbound", "video_folder", "force_sample", "video_fps", "mm_newline_position")
+_TRUE = ("true", "1", "yes")
+_OVERRIDE = re.compile(r"^[a-z_]+\.[a-z_]+=")
+
+
+def _bool(flag, v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in _TRUE:
+        return True
+    if v.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"--{flag} {v}: expected True or False")
+
+
+def parse_flags(argv: list[str]) -> tuple[dict, list[str]]:
+    """``--key value``, ``--key=value`` and a bare boolean ``--key`` (HfArgumentParser's forms; ``-`` in a key is
+    ``_``) -> ({key: value}, the ``section.key=value`` overrides given after them). A flag given twice is an error."""
+    flags, overrides, i = {}, [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--"):
+            key, eq, val = tok[2:].partition("=")
+            key = key.replace("-", "_")
+            if not eq:
+                if i + 1 < len(argv) and not argv[i + 1].startswith("--") and not _OVERRIDE.match(argv[i + 1]):
+                    val, i = argv[i + 1], i + 1
+                else:
+                    val = True  # a bare boolean flag
+            if key in flags:
+                raise ValueError(f"--{key} is given twice ({flags[key]!r} and {val!r})")
+            flags[key] = val
+        elif "=" in tok:
+            overrides.append(tok)
+        else:
+            raise ValueError(f"{tok!r}: expected a --flag of the original train_mem.py or a section.key=value "
+                             f"override")
+        i += 1
+    return flags, overrides
+
+
+def _local(flag: str, path: str) -> str:
+    if not os.path.isdir(path):
+        raise ValueError(f"--{flag} {path}: not a local folder; llava_fast downloads nothing: fetch it first "
+                         f"(huggingface-cli download {path} --local-dir DIR) and pass DIR")
+    return path
+
+
+def _pinpoints(value):
+    """``--image_grid_pinpoints``: NXT's ``"(1x1),...,(6x6)"`` or a Python list of (h, w) as the scripts write it."""
+    if isinstance(value, str) and "x" in value:
+        return value
+    try:
+        return [list(p) for p in ast.literal_eval(value)] if isinstance(value, str) else value
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--image_grid_pinpoints {value!r}: expected '[(336, 672), ...]' or '(1x1),...,(6x6)'") \
+            from None
+
+
+def config_from_flags(argv: list[str]) -> tuple[TrainConfig, list[str]]:
+    """The :class:`TrainConfig` of an original ``train_mem.py`` command line, and one line per flag saying what became
+    of it. ValueError naming the flag for one that cannot be followed or is not known."""
+    from llava_fast.train import original
+    from llava_fast.train.build import default_pinpoints
+    from llava_fast.train.config import apply_overrides
+    from llava_fast.train.recipes import get_recipe
+
+    flags, overrides = parse_flags(argv)
+    f = dict(flags)
+    notes: list[str] = []
+    pop = f.pop
+
+    def take(flag, setting, raw, value=None):
+        """``--flag raw`` sets ``setting`` to ``value`` (default: ``raw``)."""
+        value = raw if value is None else value
+        sets.append(f"{setting}={str(value).lower() if isinstance(value, bool) else value}")
+        shown = f"={value}" if isinstance(value, str) and value != raw else ""
+        notes.append(f"--{flag} {raw} -> {setting}{shown}")
+
+    sets: list[str] = []
+    # -- the model ------------------------------------------------------------------------------------------------
+    if "model_name_or_path" not in f:
+        raise ValueError("--model_name_or_path is required (the language model, an original LLaVA checkpoint or a "
+                         "llava-hf folder)")
+    lm = _local("model_name_or_path", pop("model_name_or_path"))
+    try:
+        with open(os.path.join(lm, "config.json")) as fh:
+            lm_cfg = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model_name_or_path {lm}: no readable config.json ({e})") from None
+    hf_folder = "text_config" in lm_cfg and str(lm_cfg.get("model_type", "")).startswith("llava")
+    tower = pop("vision_tower", None) or pop("mm_vision_tower", None)
+    ar = str(pop("image_aspect_ratio", "square"))
+    # the mm_* settings: an original checkpoint's own, or the original's defaults (its mm_projector_type default is
+    # "linear", refused: the released recipes name mlp2x_gelu), then the flags; a llava-hf folder has its projector
+    mm = {k: v for k, v in lm_cfg.items() if k.startswith("mm_")} if original.is_original(lm_cfg) else \
+        {"mm_projector_type": "mlp2x_gelu" if hf_folder else "linear"}
+    mm.update({"model_type": "llava_llama", "mm_vision_tower": tower or "?", "image_aspect_ratio": ar})
+    for k in ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature", "mm_patch_merge_type",
+              "mm_spatial_pool_mode", "mm_newline_position"):
+        if k in f:
+            mm[k] = f[k]
+    for k in ("mm_use_im_start_end", "mm_use_im_patch_token", "early_mix_text"):
+        if k in f and _bool(k, f[k]):
+            raise ValueError(f"--{k} True: not part of the llava-hf models (and llava_fast); drop it or pass False")
+    for k, ok in (("mm_resampler_type", ("none", "None")), ("mm_spatial_pool_stride", ("2",)),
+                  ("image_crop_resolution", ("none", "None")), ("image_split_resolution", ("none", "None")),
+                  ("lora_bias", ("none",))):
+        if k in f and str(f[k]) not in ok:
+            raise ValueError(f"--{k} {f[k]}: only {ok[0]} is supported (as llava-hf's models)")
+    s = original.settings(mm, "the original's flags")  # refuses what llava-hf cannot hold, naming the flag
+    if "mm_vision_select_layer" in f and int(f["mm_vision_select_layer"]) != -2:
+        raise ValueError(f"--mm_vision_select_layer {f['mm_vision_select_layer']}: llava_fast assembles with -2 (the "
+                         f"penultimate layer, as every released LLaVA)")
+    model_type = s.model_type
+    if hf_folder:
+        if "image_aspect_ratio" in flags and lm_cfg.get("model_type") != model_type:
+            raise ValueError(f"--image_aspect_ratio {ar} is a {model_type} setting, but --model_name_or_path {lm} is "
+                             f"a {lm_cfg.get('model_type')} model")
+        model_type = lm_cfg.get("model_type")
+    if model_type == "llava_onevision" and ar != "anyres_max_9" and not hf_folder:
+        raise ValueError(f"--image_aspect_ratio {ar}: llava-hf's OneVision is anyres_max_9")
+    trainable = _trainable(f)
+    cfg = get_recipe("stage1" if trainable == ["projector", "newline"] else "stage2", model_type)
+    notes.append(f"recipe {cfg.recipe} (trains {', '.join(trainable)}), model type {model_type} from "
+                 f"--image_aspect_ratio {ar}")
+    sets.append("train.trainable=" + ",".join(trainable))
+    if hf_folder:
+        sets.append(f"model.path={lm}")
+        notes.append(f"--model_name_or_path {lm} -> model.path (a llava-hf folder: its own tower and projector)")
+        if tower:
+            notes.append(f"--vision_tower {tower}: ignored, the llava-hf folder has its tower")
+    else:
+        if not tower:
+            raise ValueError(f"--vision_tower is required: {lm} is a language model (or an original checkpoint), "
+                             f"and the tower's config is not in it")
+        take("model_name_or_path", "model.language_model", lm)
+        take("vision_tower", "model.vision_tower", _local("vision_tower", tower))
+        sets.append(f"model.model_type={model_type}")
+    if "image_grid_pinpoints" in f:
+        pins = _pinpoints(pop("image_grid_pinpoints"))
+        if model_type != "llava" and not hf_folder and tower:
+            tile = _tile(tower)
+            want = default_pinpoints(model_type, tile)
+            if original.pinpoints_for(pins, tile) != want:
+                raise ValueError(f"--image_grid_pinpoints {pins}: llava_fast assembles a {model_type} with {want} "
+                                 f"(the released models'); other pinpoints are not supported yet")
+        notes.append("--image_grid_pinpoints: " + ("the folder's" if hf_folder else f"the {model_type} default"))
+    if "pretrain_mm_mlp_adapter" in f:
+        take("pretrain_mm_mlp_adapter", "model.projector", pop("pretrain_mm_mlp_adapter"))
+    if model_type == "llava":
+        sets.append(f"data.pad_to_square={ar == 'pad'}")
+        notes.append(f"--image_aspect_ratio {ar} -> data.pad_to_square={ar == 'pad'}")
+    # -- data -----------------------------------------------------------------------------------------------------
+    if "data_path" in f:
+        dp = pop("data_path")
+        if str(dp).lower().endswith((".yaml", ".yml")):
+            raise ValueError(f"--data_path {dp}: NXT's YAML mixtures are not read yet; concatenate the files it names "
+                             f"(sampled as it says) into one JSON/JSONL file")
+        take("data_path", "data.data", dp)
+    if "image_folder" in f:
+        take("image_folder", "data.images", pop("image_folder"))
+    vf = pop("video_folder", None)
+    if vf is not None and os.path.abspath(vf) != os.path.abspath(flags.get("image_folder", vf)):
+        raise ValueError(f"--video_folder {vf} differs from --image_folder {flags.get('image_folder')}: llava_fast "
+                         f"reads images and videos relative to one folder (data.images); give paths relative to it")
+    if "version" in f:
+        v = pop("version")
+        tpl = {"plain": "plain", "v1": "vicuna_v1", "vicuna_v1": "vicuna_v1", "qwen_1_5": "qwen",
+               "qwen_2": "qwen"}.get(v)
+        if tpl is None:
+            raise ValueError(f"--version {v}: the templates are plain, v1 (vicuna_v1) and qwen_1_5 / qwen_2 (qwen)")
+        take("version", "data.template", v, tpl)
+    max_len = cfg.data.max_len
+    if "model_max_length" in f:
+        max_len = int(f["model_max_length"])
+        take("model_max_length", "data.max_len", pop("model_max_length"), max_len)
+    if max_len > cfg.data.max_tokens:
+        sets.append(f"data.max_tokens={max_len}")
+    if "per_device_train_batch_size" in f:
+        b = int(pop("per_device_train_batch_size"))
+        sets.append(f"data.batch_size={b}")
+        notes.append(f"--per_device_train_batch_size {b} -> data.batch_size (padded batches, data.packing=false); "
+                     f"packed (the default) a micro-batch holds up to data.max_tokens="
+                     f"{max(max_len, cfg.data.max_tokens)} tokens instead: set data.max_tokens to change it")
+    if "force_sample" in f:
+        if _bool("force_sample", pop("force_sample")):
+            if "video_fps" in f:
+                notes.append(f"--video_fps {pop('video_fps')}: ignored under --force_sample True (as in NXT)")
+        elif "video_fps" not in f:
+            sets.append("data.video_fps=1")
+            notes.append("--force_sample False -> data.video_fps=1 (NXT's default rate)")
+    for flag, key, how in (("group_by_modality_length", "data.group_by_modality_length", None),
+                           ("dataloader_num_workers", "data.num_workers", int),
+                           ("frames_upbound", "data.frames_upbound", int),
+                           ("video_fps", "data.video_fps", float),
+                           ("learning_rate", "optim.lr", float), ("weight_decay", "optim.weight_decay", float),
+                           ("mm_vision_tower_lr", "optim.vision_lr", float), ("adam_epsilon", "optim.eps", float),
+                           ("max_grad_norm", "optim.max_grad_norm", float),
+                           ("num_train_epochs", "schedule.epochs", float),
+                           ("warmup_ratio", "schedule.warmup_ratio", float),
+                           ("gradient_accumulation_steps", "train.accum", int), ("seed", "train.seed", int),
+                           ("gradient_checkpointing", "train.activation_checkpointing", None),
+                           ("torch_compile", "train.compile", None), ("lora_enable", "train.lora", None),
+                           ("lora_r", "train.lora_r", int), ("lora_alpha", "train.lora_alpha", float),
+                           ("lora_dropout", "train.lora_dropout", float), ("output_dir", "checkpoint.out", str),
+                           ("save_total_limit", "checkpoint.keep", int), ("logging_steps", "log.every_steps", int)):
+        if flag in f:
+            v = pop(flag)
+            take(flag, key, v, _bool(flag, v) if how is None else how(v))
+    if "adam_beta1" in f or "adam_beta2" in f:
+        b1, b2 = float(pop("adam_beta1", 0.9)), float(pop("adam_beta2", 0.999))
+        sets.append(f"optim.betas={b1},{b2}")
+    if "max_steps" in f:
+        n = int(pop("max_steps"))
+        if n > 0:
+            take("max_steps", "schedule.max_steps", n)
+    if "warmup_steps" in f:
+        n = int(pop("warmup_steps"))
+        if n > 0:
+            take("warmup_steps", "schedule.warmup_steps", n)
+    if "save_steps" in f:
+        n = int(float(pop("save_steps")))
+        if str(flags.get("save_strategy", "steps")).lower() == "steps":
+            take("save_steps", "checkpoint.every_steps", n)
+    sched = str(f.get("lr_scheduler_type", "cosine"))
+    if sched != "cosine":
+        raise ValueError(f"--lr_scheduler_type {sched}: the schedule is cosine with linear warmup (as the LLaVA "
+                         f"recipes); schedule.min_lr_ratio sets its floor")
+    if _bool("fp16", f.get("fp16", False)):
+        raise ValueError("--fp16 True: fp16 mixed precision is not supported; train in bf16 (A100, H100: --bf16 True) "
+                         "or fp32 (train.precision=fp32)")
+    if int(f.get("bits", 16)) != 16:
+        raise ValueError(f"--bits {f['bits']}: QLoRA (4/8-bit base weights) is not supported; LoRA on bf16 weights "
+                         f"is (--lora_enable True)")
+    if "bf16" in f:
+        bf16 = _bool("bf16", pop("bf16"))
+        sets.append(f"train.precision={'auto' if bf16 else 'fp32'}")
+        notes.append(f"--bf16 {bf16} -> train.precision=" + ("auto (bf16 autocast on GPUs that have it)" if bf16 else
+                                                             "fp32"))
+    if str(f.get("mm_projector_lr", "None")) not in ("None", "none"):
+        raise ValueError(f"--mm_projector_lr {flags['mm_projector_lr']}: the projector trains at --learning_rate "
+                         f"(a separate projector rate is not supported)")
+    if "report_to" in f:
+        sinks = [x.strip() for x in str(pop("report_to")).replace(",", " ").split()]
+        if "wandb" in sinks:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("--report_to wandb: Weights & Biases is not installed: pip install wandb, or "
+                                 "--report_to none")
+            take("report_to", "log.wandb", flags["report_to"], os.environ.get("WANDB_PROJECT", "huggingface"))
+        sets.append(f"log.tensorboard={'tensorboard' in sinks or 'all' in sinks}")
+    for k in list(f):
+        if k in _IGNORED:
+            notes.append(f"--{k} {f.pop(k)}: ignored ({_IGNORED[k]})")
+        elif k in _CHECKED:
+            notes.append(f"--{k} {f.pop(k)}: as llava-hf's models (checked)")
+    if any(k in flags for k in _VIDEO) and "video_fps" not in flags and "force_sample" not in flags:
+        notes.append("videos: frames_upbound frames sampled uniformly (NXT's --force_sample True); NXT's default "
+                     "without it takes 1 frame per second first: --video_fps 1 for that")
+    if f:
+        raise ValueError(f"flags llava_fast does not know: {', '.join('--' + k for k in sorted(f))}; remove them, or "
+                         f"give the setting as section.key=value (llava-fast train --help lists the keys)")
+    apply_overrides(cfg, sets + overrides)
+    if overrides:
+        notes.append(f"overrides: {' '.join(overrides)}")
+    return cfg, notes
+
+
+def _trainable(f: dict) -> list[str]:
+    """The parts that train, as the original decides them: NXT's ``--mm_tunable_parts`` when given, else
+    ``--tune_mm_mlp_adapter`` (projector only), ``--freeze_backbone`` (no LLM), ``--unfreeze_mm_vision_tower``."""
+    if "mm_tunable_parts" in f:
+        names = {"mm_mlp_adapter": ["projector", "newline"], "mm_language_model": ["llm"],
+                 "mm_vision_tower": ["vision"], "mm_vision_resampler": []}
+        parts = []
+        for p in str(f["mm_tunable_parts"]).split(","):
+            if p.strip() not in names:
+                raise ValueError(f"--mm_tunable_parts {f['mm_tunable_parts']}: {p.strip()!r} is not one of "
+                                 f"{sorted(names)}")
+            parts += names[p.strip()]
+    elif "tune_mm_mlp_adapter" in f and _bool("tune_mm_mlp_adapter", f["tune_mm_mlp_adapter"]):
+        parts = ["projector", "newline"]
+    else:
+        parts = ["projector", "newline"] + ([] if _bool("freeze_backbone", f.get("freeze_backbone", False))
+                                            else ["llm"])
+        if _bool("unfreeze_mm_vision_tower", f.get("unfreeze_mm_vision_tower", False)):
+            parts.append("vision")
+    if "freeze_mm_mlp_adapter" in f and _bool("freeze_mm_mlp_adapter", f["freeze_mm_mlp_adapter"]):
+        parts = [p for p in parts if p not in ("projector", "newline")]
+    if not parts:
+        raise ValueError("the flags train nothing (--freeze_mm_mlp_adapter and --freeze_backbone, or an empty "
+                         "--mm_tunable_parts)")
+    return [p for p in ("projector", "newline", "llm", "vision") if p in parts]
+
+
+def _tile(tower: str) -> int:
+    with open(os.path.join(tower, "config.json")) as fh:
+        c = json.load(fh)
+    return int(c.get("vision_config", c).get("image_size", 336))
