@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
+import re
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -95,8 +97,84 @@ class DropStats:
         return "dropped " + ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
 
 
+def _is_mixture(path) -> bool:
+    return str(path).lower().endswith((".yaml", ".yml"))
+
+
+def _mixture(path: str) -> list[tuple[str, str]]:
+    """(file, sampling strategy) of each dataset a LLaVA-NeXT YAML mixture lists::
+
+        datasets:
+          - json_path: llava_v1_5_mix665k.json
+            sampling_strategy: all          # first:N, end:N or random:N; N a count or a percentage (10%)
+
+    A relative ``json_path`` is taken from the current folder as LLaVA-NeXT does, else from the YAML's folder."""
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError(f"{path}: reading a YAML data mixture needs PyYAML (pip install pyyaml)") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    entries = doc.get("datasets") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected 'datasets:' with a list of entries (json_path, sampling_strategy), as "
+                         f"LLaVA-NeXT's data mixtures")
+    out = []
+    for i, e in enumerate(entries):
+        jp = e.get("json_path") if isinstance(e, dict) else None
+        if not isinstance(jp, str) or not jp:
+            raise ValueError(f"{path}: dataset {i} has no json_path")
+        strategy = str(e.get("sampling_strategy", "all"))
+        if strategy != "all" and not re.fullmatch(r"(first|end|random):\d+(\.\d+)?%?", strategy):
+            raise ValueError(f"{path}: dataset {i} ({jp}): sampling_strategy {strategy!r}: expected all, first:N, "
+                             f"end:N or random:N (N a count or a percentage such as 10%)")
+        if _is_mixture(jp):
+            raise ValueError(f"{path}: dataset {i} ({jp}) is a mixture itself; list its JSON/JSONL files instead")
+        here = os.path.join(os.path.dirname(os.path.abspath(path)), jp)
+        if not os.path.isfile(jp) and not os.path.isabs(jp) and os.path.isfile(here):
+            jp = here
+        if not os.path.isfile(jp):
+            raise FileNotFoundError(f"{path}: dataset {i}: {jp} not found (relative paths are taken from the current "
+                                    f"folder, then from the YAML's)")
+        out.append((jp, strategy))
+    return out
+
+
+def data_files(path: str) -> list[str]:
+    """The files a data path reads: itself, and for a YAML mixture every file it lists (what a cached index of it
+    depends on)."""
+    return [path] + [jp for jp, _ in _mixture(path)] if _is_mixture(path) else [path]
+
+
+def _sampled(records: list, strategy: str) -> list:
+    """LLaVA-NeXT's ``sampling_strategy`` of one mixture entry; ``random:N`` draws with a fixed seed (the same
+    records every run; the original's draw follows its ``--seed``)."""
+    if strategy == "all":
+        return records
+    how, n = strategy.split(":")
+    k = math.ceil(float(n[:-1]) * len(records) / 100) if n.endswith("%") else int(n)
+    k = min(k, len(records))
+    if how == "first":
+        return records[:k]
+    if how == "end":
+        return records[len(records) - k:]
+    import random
+
+    picked = list(records)
+    random.Random(0).shuffle(picked)
+    return picked[:k]
+
+
 def read_records(path: str) -> list[dict]:
-    """Records of a .json (list) or .jsonl file."""
+    """Records of a .json (list) or .jsonl file, or of the files of a LLaVA-NeXT YAML mixture (``.yaml``: each
+    file's records sampled by its ``sampling_strategy``, in the order listed)."""
+    if _is_mixture(path):
+        return [r for jp, strategy in _mixture(path) for r in _sampled(read_records(jp), strategy)]
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -152,7 +230,8 @@ class _IndexCache:
     every start and every resume, on every rank; from the cache it loads in seconds.
 
     The file (``index-<fingerprint>.npz``, compressed numpy arrays and JSON text only: loading runs no code) is named
-    by a hash of everything the index depends on: the data file (path, size, modification time), the image folder,
+    by a hash of everything the index depends on: the data file (path, size, modification time; a YAML mixture's and
+each file it lists), the image folder,
     the tokenizer (its full serialization), every dataset setting, and the source of the library's data code
     (templates, token counts, probing). Any change gives another name, so a stale index is never read. Images that
     change on disk after indexing are still caught when loaded (their decoded size no longer matches: a
@@ -166,17 +245,19 @@ class _IndexCache:
 
         import llava_fast
 
-        st = os.stat(data)
+        files = []
+        for f in data_files(data):
+            st = os.stat(f)
+            files += [os.path.realpath(f), st.st_size, st.st_mtime_ns]
         tok = ds._tok
         tok_text = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else repr(tok)
         here = os.path.dirname(os.path.abspath(__file__))
         code = [os.path.join(here, f) for f in ("dataset.py", "templates.py", "images.py", "video.py")]
         code.append(os.path.join(os.path.dirname(here), "ops", "anyres.py"))
         h = hashlib.sha256()
-        for part in (self.VERSION, llava_fast.__version__, os.path.realpath(data), st.st_size, st.st_mtime_ns,
-                     os.path.realpath(ds.image_root), tok_text, ds.template, ds.image_token_id, ds.video_token_id,
-                     ds.max_len, ds.strict, ds.max_pixels, ds.frames_upbound, ds.video_fps, ds.cls_token,
-                     repr(ds.image_config)):
+        for part in (self.VERSION, llava_fast.__version__, *files, os.path.realpath(ds.image_root), tok_text,
+                     ds.template, ds.image_token_id, ds.video_token_id, ds.max_len, ds.strict, ds.max_pixels,
+                     ds.frames_upbound, ds.video_fps, ds.cls_token, repr(ds.image_config)):
             h.update(repr(part).encode() + b"\0")
         for f in code:
             with open(f, "rb") as fh:

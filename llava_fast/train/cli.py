@@ -59,7 +59,14 @@ def _check_paths(cfg) -> None:
 
     bad = []
     if not os.path.isfile(cfg.data.data):
-        bad.append(f"--data {cfg.data.data}: no such file (a LLaVA JSON/JSONL file)")
+        bad.append(f"--data {cfg.data.data}: no such file (a LLaVA JSON/JSONL file, or a LLaVA-NeXT YAML mixture)")
+    else:
+        from llava_fast.data.dataset import data_files
+
+        try:
+            data_files(cfg.data.data)  # a YAML mixture: every file it lists, and its sampling strategies
+        except (ValueError, OSError) as e:
+            bad.append(f"--data {e}")
     if not os.path.isdir(cfg.data.images):
         bad.append(f"--images {cfg.data.images}: no such folder (the folder image paths are relative to)")
     if not cfg.model.path:
@@ -249,7 +256,7 @@ def add_train_parser(subparsers) -> None:
                                     "same layout); the options and overrides below apply on top of it")
     s.add_argument("--model", help="llava-hf checkpoint folder to start from (or model.language_model=DIR "
                                    "model.vision_tower=DIR to assemble a new model)")
-    s.add_argument("--data", help="LLaVA JSON/JSONL file")
+    s.add_argument("--data", help="LLaVA JSON/JSONL file, or a LLaVA-NeXT YAML mixture of them")
     s.add_argument("--images", help="folder the image paths are relative to (default: .)")
     s.add_argument("--out", help="output folder: checkpoints, train_log.jsonl, final export (default: runs/llava)")
     s.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of dropping it")

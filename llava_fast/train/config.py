@@ -44,7 +44,7 @@ class ModelSection:
 @dataclass(kw_only=True)
 class DataSection:
     data: str | None = None
-    """LLaVA JSON/JSONL file."""
+    """LLaVA JSON/JSONL file, or a LLaVA-NeXT YAML mixture of them (datasets: json_path, sampling_strategy)."""
     images: str = "."
     """Folder the image paths of the data file are relative to."""
     template: str = "plain"

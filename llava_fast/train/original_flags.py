@@ -208,11 +208,7 @@ def config_from_flags(argv: list[str]) -> tuple[TrainConfig, list[str]]:
         notes.append(f"--image_aspect_ratio {ar} -> data.pad_to_square={ar == 'pad'}")
     # -- data -----------------------------------------------------------------------------------------------------
     if "data_path" in f:
-        dp = pop("data_path")
-        if str(dp).lower().endswith((".yaml", ".yml")):
-            raise ValueError(f"--data_path {dp}: NXT's YAML mixtures are not read yet; concatenate the files it names "
-                             f"(sampled as it says) into one JSON/JSONL file")
-        take("data_path", "data.data", dp)
+        take("data_path", "data.data", pop("data_path"))  # JSON, JSONL or NXT's YAML mixture
     if "image_folder" in f:
         take("image_folder", "data.images", pop("image_folder"))
     vf = pop("video_folder", None)

@@ -132,7 +132,6 @@ def test_from_an_original_or_llava_hf_checkpoint(parts, tmp_path):
     (["--bits", "4"], "--bits 4: QLoRA"),
     (["--fp16", "True"], "--fp16 True"),
     (["--lr_scheduler_type", "linear"], "--lr_scheduler_type linear"),
-    (["--data_path", "onevision.yaml"], "--data_path onevision.yaml: NXT's YAML"),
     (["--version", "llava_llama_2"], "--version llava_llama_2"),
     (["--mm_projector_lr", "2e-5"], "--mm_projector_lr 2e-5"),
     (["--image_aspect_ratio", "anyres", "--image_grid_pinpoints", "[(28, 56), (56, 28)]"],
