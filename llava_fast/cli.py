@@ -39,7 +39,7 @@ def _cmd_predict(args) -> int:
 def _cmd_convert(args) -> int:
     from llava_fast.train.original import convert
 
-    convert(args.original, args.vision_tower, args.out, model_type=args.model_type)
+    convert(args.original, args.vision_tower, args.out, model_type=args.model_type, model_base=args.model_base)
     return 0
 
 
@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     s.add_argument("--vision-tower", required=True, help="a local copy of the tower its config names "
                    "(mm_vision_tower: an HF CLIP/SigLIP folder)")
     s.add_argument("--out", required=True, help="the llava-hf folder to write (new or empty)")
+    s.add_argument("--model-base", default=None, help="a LoRA run (--lora_enable: adapter_model + "
+                   "non_lora_trainables.bin): the language model folder it was trained on, merged with its adapters")
     s.add_argument("--model-type", default=None, choices=["llava", "llava_next", "llava_onevision"],
                    help="default: from image_aspect_ratio (pad: llava, anyres: llava_next, anyres_max_N: onevision)")
     s.set_defaults(fn=_cmd_convert)

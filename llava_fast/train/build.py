@@ -160,13 +160,14 @@ def _resize_embeddings(w: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def assemble(language_model: str, vision_tower: str, model_type: str = "llava_next", vision_weights: str | None = None,
-             pinpoints=None, log=print):
+             pinpoints=None, log=print, weights: dict | None = None, tokenizer_dir: str | None = None):
     """A new LLaVA (projector randomly initialised) from separate language-model and vision-tower weights.
 
     ``language_model`` may also be an original LLaVA checkpoint folder (:mod:`llava_fast.train.original`): its
     projector, ``image_newline`` and trained tower layers are kept, and its ``mm_*`` settings (feature layer,
     pinpoints, SigLIP's dropped last layer) apply; ``vision_tower`` then gives the tower's config and the weights the
-    checkpoint lacks."""
+    checkpoint lacks. ``weights`` / ``tokenizer_dir``: the language model's tensors and tokenizer when they are not
+    in ``language_model`` (an original LoRA checkpoint merged into its base model)."""
     from transformers import AutoTokenizer
 
     from llava_fast.models import LlavaConfig
@@ -181,7 +182,7 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
         tcfg = orig.text_config
         if orig.model_type != model_type:
             log(f"note: {language_model} is an original {orig.model_type} checkpoint; assembling a {model_type}")
-    tok = AutoTokenizer.from_pretrained(language_model, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or language_model, local_files_only=True)
     n_before = len(tok)
     new_tokens = ["<image>"] + (["<video>"] if model_type == "llava_onevision" else [])
     tok.add_tokens(new_tokens, special_tokens=True)
@@ -242,7 +243,7 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
         lin.reset_parameters()
     # language model weights (every tensor of the language model and tower must come from the folders: nothing is
     # silently left at its random initialisation, and a shape mismatch is an error that names the tensor)
-    lstate = _load_folder(language_model)
+    lstate = _load_folder(language_model) if weights is None else weights
     own = model.state_dict()
     filled, mismatched = set(), []
 

@@ -112,10 +112,80 @@ def pinpoints_for(pinpoints, tile: int):
     return [[i * tile, j * tile] for i in range(a0, a1 + 1) for j in range(b0, b1 + 1)]
 
 
-def convert(src: str, vision_tower: str, out: str, model_type: str | None = None, log=print) -> str:
+def is_lora(folder: str) -> bool:
+    """Whether an original output folder holds a LoRA run (``--lora_enable True``): ``adapter_config.json`` and
+    ``adapter_model.{safetensors,bin}`` (peft's) next to ``non_lora_trainables.bin`` (projector, ...) and config."""
+    return os.path.isfile(os.path.join(folder, "adapter_config.json"))
+
+
+def lora_merged(src: str, model_base: str) -> dict:
+    """The weights of an original LoRA run folded into its base language model, as the original's
+    ``merge_lora_weights.py`` (peft ``merge_and_unload``): ``W + (B @ A) * lora_alpha / r`` (``/ sqrt(r)`` with
+    rslora) in fp32, cast back; then ``non_lora_trainables.bin`` (projector, newline, trained tower layers) over them.
+    Keys are the original checkpoint's (``model.layers.*``, ``model.mm_projector.*``). Adapters peft can hold but the
+    original never trains (DoRA, per-layer ranks, embedding adapters, trained biases) are refused by name."""
+    import math
+
+    from llava_fast.train.build import _load_folder, _torch_load
+
+    with open(os.path.join(src, "adapter_config.json")) as f:
+        acfg = json.load(f)
+    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+        if acfg.get(key) == bad:
+            raise ValueError(f"{src}/adapter_config.json: {key}={bad} is not supported (the original LoRA recipe "
+                             f"uses plain LoRA)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if acfg.get(key):
+            raise ValueError(f"{src}/adapter_config.json: {key} (per-layer ranks) is not supported")
+    r, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
+    scale = alpha / (math.sqrt(r) if acfg.get("use_rslora") else r)
+    names = os.listdir(src)
+    if "adapter_model.safetensors" in names:
+        from safetensors.torch import load_file
+
+        adapter = load_file(os.path.join(src, "adapter_model.safetensors"))
+    elif "adapter_model.bin" in names:
+        adapter = _torch_load(os.path.join(src, "adapter_model.bin"))
+    else:
+        raise FileNotFoundError(f"{src}: adapter_config.json but no adapter_model.safetensors / adapter_model.bin")
+    state = _load_folder(model_base)
+
+    def key(k):  # PeftModel's names -> the wrapped model's
+        return k[len("base_model.model."):] if k.startswith("base_model.model.") else k
+
+    merged = 0
+    for k, a in adapter.items():
+        if k.endswith(".lora_B.weight"):
+            continue
+        if not k.endswith(".lora_A.weight"):
+            raise ValueError(f"{src}: adapter tensor {k} is not a LoRA A/B matrix of a Linear layer (embedding "
+                             f"adapters, trained biases); not supported")
+        mod = key(k[: -len(".lora_A.weight")])
+        b = adapter.get(k.replace(".lora_A.weight", ".lora_B.weight"))
+        w = state.get(mod + ".weight")
+        if b is None or w is None:
+            raise ValueError(f"{src}: adapter {k} has no " + ("lora_B matrix" if b is None else
+                             f"base weight {mod}.weight in --model-base {model_base} (another base model?)"))
+        if w.shape != (b.shape[0], a.shape[1]):
+            raise ValueError(f"{src}: adapter {k} gives a {b.shape[0]}x{a.shape[1]} update for {mod}.weight "
+                             f"{tuple(w.shape)} of --model-base {model_base} (another base model?)")
+        state[mod + ".weight"] = (w.float() + (b.float() @ a.float()) * scale).to(w.dtype)
+        merged += 1
+    extra = os.path.join(src, "non_lora_trainables.bin")
+    if os.path.isfile(extra):
+        state.update({key(k): v for k, v in _torch_load(extra).items()})
+    if not merged:
+        raise ValueError(f"{src}: the adapter holds no LoRA matrices")
+    return state
+
+
+def convert(src: str, vision_tower: str, out: str, model_type: str | None = None, log=print,
+            model_base: str | None = None) -> str:
     """An original LLaVA checkpoint folder ``src`` + a local copy of its vision tower -> a llava-hf folder ``out``
     (config.json, safetensors, tokenizer with ``<image>`` (and ``<video>``), processor files) that transformers and
-    llava_fast load. Written to a temporary folder and renamed when complete: a crash leaves no half-written ``out``."""
+    llava_fast load. A LoRA run's folder (:func:`is_lora`) is merged into ``model_base``, its language model (whose
+    tokenizer it takes, as the original's loader). Written to a temporary folder and renamed when complete: a crash
+    leaves no half-written ``out``."""
     import shutil
 
     from llava_fast.models.io import save_pretrained
@@ -136,7 +206,20 @@ def convert(src: str, vision_tower: str, out: str, model_type: str | None = None
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"--out {out}: exists and is not empty; choose a new folder")
     orig = settings(config, cfg_path)
-    model, tok = assemble(src, vision_tower, model_type or orig.model_type, log=log)
+    weights = None
+    if is_lora(src):
+        if not model_base or not os.path.isdir(model_base):
+            raise FileNotFoundError(f"{src} is a LoRA run (adapter_config.json): give --model-base, a local copy of "
+                                    f"the language model it was trained on ({config.get('_name_or_path')!r}), as the "
+                                    f"original's merge_lora_weights.py" + (f"; {model_base}: no such folder"
+                                                                           if model_base else ""))
+        weights = lora_merged(src, model_base)
+        log(f"merged the LoRA adapters of {src} into {model_base}")
+    elif model_base:
+        raise ValueError(f"--model-base {model_base}: {src} is not a LoRA run (no adapter_config.json); its weights "
+                         f"are complete, drop --model-base")
+    model, tok = assemble(src, vision_tower, model_type or orig.model_type, log=log, weights=weights,
+                          tokenizer_dir=model_base if weights is not None else None)
     spec = None
     if model.config.model_type == "llava":
         from llava_fast.data.images import image_config

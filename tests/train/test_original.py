@@ -193,3 +193,59 @@ def test_llava_next_checkpoint_converts_with_its_pinpoints_and_newline(tmp_path)
         hs = hf.model.vision_tower(px, output_hidden_states=True).hidden_states  # at the config's layer (-1)
         got = hf.model.multi_modal_projector(hs[c.vision_feature_layer][:, 1:])
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_lora_run_merges_into_its_base_model(tmp_path, fmt):
+    """An original --lora_enable run (peft's adapter_model + adapter_config, non_lora_trainables.bin with the
+    projector, the LLaVA config.json) + --model-base: the converted folder computes what the original's loader
+    (PeftModel.from_pretrained(...).merge_and_unload()) computes."""
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    src, tower_dir, lm, tmodel, projector, _ = original_checkpoint(tmp_path)
+    base = tmp_path / "vicuna"
+    lm.save_pretrained(base)
+    _word_tokenizer(base)
+    peft_lm = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in peft_lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)  # peft starts B at zero: a merge would change nothing
+    run = tmp_path / "lora_run"
+    peft_lm.save_pretrained(run, safe_serialization=fmt == "safetensors")
+    torch.save({f"base_model.model.model.mm_projector.{k}": v for k, v in projector.state_dict().items()},
+               run / "non_lora_trainables.bin")
+    (run / "config.json").write_text((src / "config.json").read_text())
+    merged = peft_lm.merge_and_unload().eval()
+    out = tmp_path / "hf"
+    main(["convert", "--original", str(run), "--vision-tower", str(tower_dir), "--model-base", str(base), "--out",
+          str(out)])
+    hf = tf.LlavaForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+    px = torch.randn(1, 3, 28, 28)
+    before, after = torch.tensor([[3, 7, 11]]), torch.tensor([[5, 9]])
+    with torch.no_grad():
+        feats = projector(tmodel(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:])
+        emb = merged.get_input_embeddings()
+        ref = merged(inputs_embeds=torch.cat([emb(before), feats, emb(after)], 1)).logits
+        ids = torch.cat([before, torch.full((1, feats.shape[1]), hf.config.image_token_id), after], 1)
+        got = hf(input_ids=ids, pixel_values=px).logits[..., : V + 2]
+        unmerged = tf.LlamaForCausalLM.from_pretrained(base).eval()(
+            inputs_embeds=torch.cat([emb(before), feats, emb(after)], 1)).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert (got - unmerged).abs().max() > 1e-2  # the adapters change the logits: a merge left out would fail
+
+
+def test_lora_run_needs_its_base_and_a_base_needs_a_lora_run(tmp_path, capsys):
+    src, tower_dir, *_ = original_checkpoint(tmp_path)
+    assert main(["convert", "--original", str(src), "--vision-tower", str(tower_dir), "--model-base", str(tower_dir),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "is not a LoRA run (no adapter_config.json)" in capsys.readouterr().err
+    (src / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    assert main(["convert", "--original", str(src), "--vision-tower", str(tower_dir), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "is a LoRA run (adapter_config.json): give --model-base" in capsys.readouterr().err
+    (src / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "use_dora": True}))
+    assert main(["convert", "--original", str(src), "--vision-tower", str(tower_dir), "--model-base", str(src),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "use_dora=True is not supported" in capsys.readouterr().err
