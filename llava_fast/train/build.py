@@ -39,6 +39,9 @@ def build_model(ms, log=print):
     """(model, tokenizer) for a :class:`~llava_fast.train.config.ModelSection`."""
     from llava_fast.data import load_tokenizer
 
+    if ms.path and ms.image_grid_pinpoints:
+        raise ValueError(f"model.image_grid_pinpoints={ms.image_grid_pinpoints!r} is for assembling a new model; the "
+                         f"checkpoint {ms.path} has its own (its config.json's image_grid_pinpoints)")
     if ms.path:
         import llava_fast
 
@@ -47,7 +50,7 @@ def build_model(ms, log=print):
         tok = load_tokenizer(ms.path)
     elif ms.language_model and ms.vision_tower:
         model, tok = assemble(ms.language_model, ms.vision_tower, ms.model_type, vision_weights=ms.vision_weights,
-                              log=log)
+                              pinpoints=ms.image_grid_pinpoints, log=log)
     else:
         raise ValueError("model: give --model (a llava-hf folder) or model.language_model=DIR and "
                          "model.vision_tower=DIR (or an open_clip name with model.vision_weights=FILE)")
@@ -216,6 +219,13 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
     siglip = vcfg["model_type"] == "siglip_vision_model"
     tcfg = dict(tcfg, vocab_size=vocab)
     tile = int(vcfg.get("image_size", 336))
+    if isinstance(pinpoints, str):  # model.image_grid_pinpoints
+        from llava_fast.train.config import parse_pinpoints
+
+        if model_type == "llava":
+            raise ValueError(f"model.image_grid_pinpoints={pinpoints!r}: LLaVA-1.5 (model type llava) has one tile per "
+                             f"image; pinpoints are for llava_next / llava_onevision")
+        pinpoints = parse_pinpoints(pinpoints, tile)
     if pinpoints is None and orig is not None and orig.pinpoints is not None:
         pinpoints = original.pinpoints_for(orig.pinpoints, tile)
     if pinpoints is None:

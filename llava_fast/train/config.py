@@ -14,6 +14,30 @@ from dataclasses import dataclass, field
 TRAINABLE_PARTS = ("projector", "llm", "vision", "newline")
 
 
+def parse_pinpoints(text: str, tile: int | None) -> list[list[int]]:
+    """``model.image_grid_pinpoints`` -> [[h, w], ...]: LLaVA-NeXT's ``"(1x1),...,(3x3)"`` (every tile count between
+    the first and the last, times ``tile``), or ``"336x672,672x336"`` pixel sizes (each a multiple of ``tile``; None:
+    the format only)."""
+    import re
+
+    if re.fullmatch(r"\s*\(\d+x\d+\)\s*,\s*\.\.\.\s*,\s*\(\d+x\d+\)\s*", str(text)):
+        from llava_fast.train.original import pinpoints_for
+
+        return pinpoints_for(text, tile or 1)
+    pins = []
+    for part in str(text).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", part)
+        if not m:
+            raise ValueError(f"model.image_grid_pinpoints={text!r}: expected tile counts '(1x1),...,(3x3)' or pixel "
+                             f"sizes '336x672,672x336' (height x width)")
+        h, w = int(m[1]), int(m[2])
+        if h <= 0 or w <= 0 or (tile and (h % tile or w % tile)):
+            raise ValueError(f"model.image_grid_pinpoints={text!r}: {h}x{w} is not a multiple of the tower's "
+                             f"{tile}-pixel tile")
+        pins.append([h, w])
+    return pins
+
+
 @dataclass(kw_only=True)
 class ModelSection:
     path: str | None = None
@@ -29,6 +53,10 @@ class ModelSection:
     mm_projector.bin (its --pretrain_mm_mlp_adapter), a .safetensors file, or a llava-hf folder."""
     model_type: str = "llava_next"
     """Model type of an assembled model: llava | llava_next | llava_onevision."""
+    image_grid_pinpoints: str | None = None
+    """AnyRes resolutions of an assembled NeXT / OneVision model, as LLaVA-NeXT's --image_grid_pinpoints: tile counts
+    "(1x1),...,(3x3)" or pixel sizes "336x672,672x336" (height x width, multiples of the tower's tile). None: the
+    released models' (NeXT's five, OneVision's 1x1 to 6x6; an original checkpoint's own)."""
     dtype: str = "auto"
     """Parameter dtype: auto (fp32 master weights + bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16."""
 
@@ -37,6 +65,8 @@ class ModelSection:
             pass  # filled by the CLI / demo before building
         if self.model_type not in ("llava", "llava_next", "llava_onevision"):
             raise ValueError(f"model.model_type must be llava, llava_next or llava_onevision, got {self.model_type!r}")
+        if self.image_grid_pinpoints is not None:
+            parse_pinpoints(self.image_grid_pinpoints, None)  # the format (the tile is checked when assembling)
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"model.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 

@@ -116,7 +116,6 @@ def config_from_flags(argv: list[str]) -> tuple[TrainConfig, list[str]]:
     """The :class:`TrainConfig` of an original ``train_mem.py`` command line, and one line per flag saying what became
     of it. ValueError naming the flag for one that cannot be followed or is not known."""
     from llava_fast.train import original
-    from llava_fast.train.build import default_pinpoints
     from llava_fast.train.config import apply_overrides
     from llava_fast.train.recipes import get_recipe
 
@@ -194,13 +193,12 @@ def config_from_flags(argv: list[str]) -> tuple[TrainConfig, list[str]]:
         sets.append(f"model.model_type={model_type}")
     if "image_grid_pinpoints" in f:
         pins = _pinpoints(pop("image_grid_pinpoints"))
-        if model_type != "llava" and not hf_folder and tower:
-            tile = _tile(tower)
-            want = default_pinpoints(model_type, tile)
-            if original.pinpoints_for(pins, tile) != want:
-                raise ValueError(f"--image_grid_pinpoints {pins}: llava_fast assembles a {model_type} with {want} "
-                                 f"(the released models'); other pinpoints are not supported yet")
-        notes.append("--image_grid_pinpoints: " + ("the folder's" if hf_folder else f"the {model_type} default"))
+        if hf_folder or model_type == "llava":
+            notes.append("--image_grid_pinpoints: ignored (" + ("the folder's own" if hf_folder else
+                                                                "LLaVA-1.5 has one tile per image") + ")")
+        else:
+            text = pins if isinstance(pins, str) else ",".join(f"{h}x{w}" for h, w in pins)
+            take("image_grid_pinpoints", "model.image_grid_pinpoints", text)
     if "pretrain_mm_mlp_adapter" in f:
         take("pretrain_mm_mlp_adapter", "model.projector", pop("pretrain_mm_mlp_adapter"))
     if model_type == "llava":
@@ -344,9 +342,3 @@ def _trainable(f: dict) -> list[str]:
         raise ValueError("the flags train nothing (--freeze_mm_mlp_adapter and --freeze_backbone, or an empty "
                          "--mm_tunable_parts)")
     return [p for p in ("projector", "newline", "llm", "vision") if p in parts]
-
-
-def _tile(tower: str) -> int:
-    with open(os.path.join(tower, "config.json")) as fh:
-        c = json.load(fh)
-    return int(c.get("vision_config", c).get("image_size", 336))

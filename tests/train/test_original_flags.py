@@ -134,8 +134,6 @@ def test_from_an_original_or_llava_hf_checkpoint(parts, tmp_path):
     (["--lr_scheduler_type", "linear"], "--lr_scheduler_type linear"),
     (["--version", "llava_llama_2"], "--version llava_llama_2"),
     (["--mm_projector_lr", "2e-5"], "--mm_projector_lr 2e-5"),
-    (["--image_aspect_ratio", "anyres", "--image_grid_pinpoints", "[(28, 56), (56, 28)]"],
-     "--image_grid_pinpoints"),
     (["--no_such_flag", "1", "--other"], "flags llava_fast does not know: --no_such_flag, --other"),
     (["--learning_rate", "1e-3", "--learning_rate", "2e-5"], "--learning_rate is given twice"),
     (["--video_folder", "/elsewhere"], "--video_folder /elsewhere differs from --image_folder"),
@@ -193,3 +191,33 @@ def test_cli_dry_run_and_a_run(parts, tmp_path, capsys):
     assert main(["train-original", "--model_name_or_path", "nowhere"]) == 2
     assert "--model_name_or_path nowhere: not a local folder" in capsys.readouterr().err
     assert main(["train-original", "--help"]) == 0 and "finetune.sh" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pins, want", [("[(28, 56), (56, 28)]", [[28, 56], [56, 28]]),
+                                        ("(1x1),...,(2x2)", [[28, 28], [28, 56], [56, 28], [56, 56]]),
+                                        ("[(28, 50)]", "28x50 is not a multiple of the tower's 28-pixel tile")])
+def test_pinpoints_flag_assembles_with_them(parts, pins, want):
+    from llava_fast.train.build import build_model
+
+    cfg, _ = config_from_flags(["--model_name_or_path", str(parts["lm"]), "--vision_tower", str(parts["clip"]),
+                                "--mm_projector_type", "mlp2x_gelu", "--image_aspect_ratio", "anyres",
+                                "--image_grid_pinpoints", pins])
+    assert cfg.model.model_type == "llava_next"
+    if isinstance(want, str):
+        with pytest.raises(ValueError, match=f"model.image_grid_pinpoints=.*{want}"):
+            build_model(cfg.model, log=lambda *_: None)
+    else:
+        model, _ = build_model(cfg.model, log=lambda *_: None)
+        assert model.config.image_grid_pinpoints == want
+
+
+def test_pinpoints_key_is_checked(assets):
+    from llava_fast.train import apply_overrides, get_recipe
+    from llava_fast.train.build import build_model
+
+    cfg = get_recipe("stage2", "llava_next")
+    with pytest.raises(ValueError, match="model.image_grid_pinpoints='big': expected tile counts"):
+        apply_overrides(cfg, ["model.image_grid_pinpoints=big"])
+    cfg.model.path, cfg.model.image_grid_pinpoints = str(assets / "model"), "(1x1),...,(2x2)"
+    with pytest.raises(ValueError, match="is for assembling a new model"):
+        build_model(cfg.model, log=lambda *_: None)
