@@ -115,206 +115,236 @@ def _pinpoints(value):
 def config_from_flags(argv: list[str]) -> tuple[TrainConfig, list[str]]:
     """The :class:`TrainConfig` of an original ``train_mem.py`` command line, and one line per flag saying what became
     of it. ValueError naming the flag for one that cannot be followed or is not known."""
-    from llava_fast.train import original
     from llava_fast.train.config import apply_overrides
     from llava_fast.train.recipes import get_recipe
 
     flags, overrides = parse_flags(argv)
-    f = dict(flags)
-    notes: list[str] = []
-    pop = f.pop
+    t = _Translation(flags)
+    lm, hf_folder, model_type = t.model_type()
+    trainable = _trainable(t.left)
+    cfg = get_recipe("stage1" if trainable == ["projector", "newline"] else "stage2", model_type)
+    t.notes.insert(0, f"recipe {cfg.recipe} (trains {', '.join(trainable)}), model type {model_type} from "
+                      f"--image_aspect_ratio {flags.get('image_aspect_ratio', 'square')}")
+    t.sets.append("train.trainable=" + ",".join(trainable))
+    t.model(lm, hf_folder, model_type)
+    t.data(cfg.data.max_len, cfg.data.max_tokens)
+    t.training()
+    t.rest()
+    apply_overrides(cfg, t.sets + overrides)
+    if overrides:
+        t.notes.append(f"overrides: {' '.join(overrides)}")
+    return cfg, t.notes
 
-    def take(flag, setting, raw, value=None):
+
+class _Translation:
+    """One command line being translated: the flags not handled yet (``left``), the ``section.key=value`` settings
+    they give (``sets``) and a note per flag (``notes``)."""
+
+    def __init__(self, flags: dict):
+        self.flags, self.left, self.sets, self.notes = flags, dict(flags), [], []
+
+    def pop(self, flag, default=None):
+        return self.left.pop(flag, default)
+
+    def take(self, flag, setting, raw, value=None):
         """``--flag raw`` sets ``setting`` to ``value`` (default: ``raw``)."""
         value = raw if value is None else value
-        sets.append(f"{setting}={str(value).lower() if isinstance(value, bool) else value}")
+        self.sets.append(f"{setting}={str(value).lower() if isinstance(value, bool) else value}")
         shown = f"={value}" if isinstance(value, str) and value != raw else ""
-        notes.append(f"--{flag} {raw} -> {setting}{shown}")
+        self.notes.append(f"--{flag} {raw} -> {setting}{shown}")
 
-    sets: list[str] = []
-    # -- the model ------------------------------------------------------------------------------------------------
-    if "model_name_or_path" not in f:
-        raise ValueError("--model_name_or_path is required (the language model, an original LLaVA checkpoint or a "
-                         "llava-hf folder)")
-    lm = _local("model_name_or_path", pop("model_name_or_path"))
-    try:
-        with open(os.path.join(lm, "config.json")) as fh:
-            lm_cfg = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--model_name_or_path {lm}: no readable config.json ({e})") from None
-    hf_folder = "text_config" in lm_cfg and str(lm_cfg.get("model_type", "")).startswith("llava")
-    tower = pop("vision_tower", None) or pop("mm_vision_tower", None)
-    ar = str(pop("image_aspect_ratio", "square"))
-    # the mm_* settings: an original checkpoint's own, or the original's defaults (its mm_projector_type default is
-    # "linear", refused: the released recipes name mlp2x_gelu), then the flags; a llava-hf folder has its projector
-    mm = {k: v for k, v in lm_cfg.items() if k.startswith("mm_")} if original.is_original(lm_cfg) else \
-        {"mm_projector_type": "mlp2x_gelu" if hf_folder else "linear"}
-    mm.update({"model_type": "llava_llama", "mm_vision_tower": tower or "?", "image_aspect_ratio": ar})
-    for k in ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature", "mm_patch_merge_type",
-              "mm_spatial_pool_mode", "mm_newline_position"):
-        if k in f:
-            mm[k] = f[k]
-    for k in ("mm_use_im_start_end", "mm_use_im_patch_token", "early_mix_text"):
-        if k in f and _bool(k, f[k]):
-            raise ValueError(f"--{k} True: not part of the llava-hf models (and llava_fast); drop it or pass False")
-    for k, ok in (("mm_resampler_type", ("none", "None")), ("mm_spatial_pool_stride", ("2",)),
-                  ("image_crop_resolution", ("none", "None")), ("image_split_resolution", ("none", "None")),
-                  ("lora_bias", ("none",))):
-        if k in f and str(f[k]) not in ok:
-            raise ValueError(f"--{k} {f[k]}: only {ok[0]} is supported (as llava-hf's models)")
-    s = original.settings(mm, "the original's flags")  # refuses what llava-hf cannot hold, naming the flag
-    if "mm_vision_select_layer" in f and int(f["mm_vision_select_layer"]) != -2:
-        raise ValueError(f"--mm_vision_select_layer {f['mm_vision_select_layer']}: llava_fast assembles with -2 (the "
-                         f"penultimate layer, as every released LLaVA)")
-    model_type = s.model_type
-    if hf_folder:
-        if "image_aspect_ratio" in flags and lm_cfg.get("model_type") != model_type:
-            raise ValueError(f"--image_aspect_ratio {ar} is a {model_type} setting, but --model_name_or_path {lm} is "
-                             f"a {lm_cfg.get('model_type')} model")
-        model_type = lm_cfg.get("model_type")
-    if model_type == "llava_onevision" and ar != "anyres_max_9" and not hf_folder:
-        raise ValueError(f"--image_aspect_ratio {ar}: llava-hf's OneVision is anyres_max_9")
-    trainable = _trainable(f)
-    cfg = get_recipe("stage1" if trainable == ["projector", "newline"] else "stage2", model_type)
-    notes.append(f"recipe {cfg.recipe} (trains {', '.join(trainable)}), model type {model_type} from "
-                 f"--image_aspect_ratio {ar}")
-    sets.append("train.trainable=" + ",".join(trainable))
-    if hf_folder:
-        sets.append(f"model.path={lm}")
-        notes.append(f"--model_name_or_path {lm} -> model.path (a llava-hf folder: its own tower and projector)")
-        if tower:
-            notes.append(f"--vision_tower {tower}: ignored, the llava-hf folder has its tower")
-    else:
-        if not tower:
-            raise ValueError(f"--vision_tower is required: {lm} is a language model (or an original checkpoint), "
-                             f"and the tower's config is not in it")
-        take("model_name_or_path", "model.language_model", lm)
-        take("vision_tower", "model.vision_tower", _local("vision_tower", tower))
-        sets.append(f"model.model_type={model_type}")
-    if "image_grid_pinpoints" in f:
-        pins = _pinpoints(pop("image_grid_pinpoints"))
-        if hf_folder or model_type == "llava":
-            notes.append("--image_grid_pinpoints: ignored (" + ("the folder's own" if hf_folder else
-                                                                "LLaVA-1.5 has one tile per image") + ")")
+    def model_type(self) -> tuple[str, bool, str]:
+        """(``--model_name_or_path``, whether it is a llava-hf folder, the model type); the ``mm_*`` flags checked by
+        the rules of ``llava-fast convert``."""
+        from llava_fast.train import original
+
+        f = self.left
+        if "model_name_or_path" not in f:
+            raise ValueError("--model_name_or_path is required (the language model, an original LLaVA checkpoint or "
+                             "a llava-hf folder)")
+        lm = _local("model_name_or_path", f["model_name_or_path"])
+        try:
+            with open(os.path.join(lm, "config.json")) as fh:
+                self.lm_cfg = lm_cfg = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--model_name_or_path {lm}: no readable config.json ({e})") from None
+        hf_folder = "text_config" in lm_cfg and str(lm_cfg.get("model_type", "")).startswith("llava")
+        ar = str(f.get("image_aspect_ratio", "square"))
+        # the mm_* settings: an original checkpoint's own, or the original's defaults (its mm_projector_type default
+        # is "linear", refused: the released recipes name mlp2x_gelu), then the flags; a llava-hf folder has its own
+        mm = {k: v for k, v in lm_cfg.items() if k.startswith("mm_")} if original.is_original(lm_cfg) else \
+            {"mm_projector_type": "mlp2x_gelu" if hf_folder else "linear"}
+        mm.update({"model_type": "llava_llama", "mm_vision_tower": "?", "image_aspect_ratio": ar})
+        mm.update({k: f[k] for k in ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature",
+                                     "mm_patch_merge_type", "mm_spatial_pool_mode", "mm_newline_position") if k in f})
+        for k in ("mm_use_im_start_end", "mm_use_im_patch_token", "early_mix_text"):
+            if k in f and _bool(k, f[k]):
+                raise ValueError(f"--{k} True: not part of the llava-hf models (and llava_fast); drop it or pass False")
+        for k, ok in (("mm_resampler_type", ("none", "None")), ("mm_spatial_pool_stride", ("2",)),
+                      ("image_crop_resolution", ("none", "None")), ("image_split_resolution", ("none", "None")),
+                      ("lora_bias", ("none",))):
+            if k in f and str(f[k]) not in ok:
+                raise ValueError(f"--{k} {f[k]}: only {ok[0]} is supported (as llava-hf's models)")
+        model_type = original.settings(mm, "the original's flags").model_type  # refuses what llava-hf cannot hold
+        if "mm_vision_select_layer" in f and int(f["mm_vision_select_layer"]) != -2:
+            raise ValueError(f"--mm_vision_select_layer {f['mm_vision_select_layer']}: llava_fast assembles with -2 "
+                             f"(the penultimate layer, as every released LLaVA)")
+        if hf_folder:
+            if "image_aspect_ratio" in f and lm_cfg.get("model_type") != model_type:
+                raise ValueError(f"--image_aspect_ratio {ar} is a {model_type} setting, but --model_name_or_path {lm} "
+                                 f"is a {lm_cfg.get('model_type')} model")
+            model_type = lm_cfg.get("model_type")
+        elif model_type == "llava_onevision" and ar != "anyres_max_9":
+            raise ValueError(f"--image_aspect_ratio {ar}: llava-hf's OneVision is anyres_max_9")
+        return lm, hf_folder, model_type
+
+    def model(self, lm: str, hf_folder: bool, model_type: str) -> None:
+        """The ``model.*`` settings and LLaVA-1.5's image rule."""
+        self.pop("model_name_or_path")
+        tower = self.pop("vision_tower") or self.pop("mm_vision_tower")
+        ar = str(self.pop("image_aspect_ratio", "square"))
+        if hf_folder:
+            self.sets.append(f"model.path={lm}")
+            self.notes.append(f"--model_name_or_path {lm} -> model.path (a llava-hf folder: its own tower and "
+                              f"projector)")
+            if tower:
+                self.notes.append(f"--vision_tower {tower}: ignored, the llava-hf folder has its tower")
         else:
-            text = pins if isinstance(pins, str) else ",".join(f"{h}x{w}" for h, w in pins)
-            take("image_grid_pinpoints", "model.image_grid_pinpoints", text)
-    if "pretrain_mm_mlp_adapter" in f:
-        take("pretrain_mm_mlp_adapter", "model.projector", pop("pretrain_mm_mlp_adapter"))
-    if model_type == "llava":
-        sets.append(f"data.pad_to_square={ar == 'pad'}")
-        notes.append(f"--image_aspect_ratio {ar} -> data.pad_to_square={ar == 'pad'}")
-    # -- data -----------------------------------------------------------------------------------------------------
-    if "data_path" in f:
-        take("data_path", "data.data", pop("data_path"))  # JSON, JSONL or NXT's YAML mixture
-    if "image_folder" in f:
-        take("image_folder", "data.images", pop("image_folder"))
-    vf = pop("video_folder", None)
-    if vf is not None and os.path.abspath(vf) != os.path.abspath(flags.get("image_folder", vf)):
-        raise ValueError(f"--video_folder {vf} differs from --image_folder {flags.get('image_folder')}: llava_fast "
-                         f"reads images and videos relative to one folder (data.images); give paths relative to it")
-    if "version" in f:
-        v = pop("version")
-        tpl = {"plain": "plain", "v1": "vicuna_v1", "vicuna_v1": "vicuna_v1", "qwen_1_5": "qwen",
-               "qwen_2": "qwen"}.get(v)
-        if tpl is None:
-            raise ValueError(f"--version {v}: the templates are plain, v1 (vicuna_v1) and qwen_1_5 / qwen_2 (qwen)")
-        take("version", "data.template", v, tpl)
-    max_len = cfg.data.max_len
-    if "model_max_length" in f:
-        max_len = int(f["model_max_length"])
-        take("model_max_length", "data.max_len", pop("model_max_length"), max_len)
-    if max_len > cfg.data.max_tokens:
-        sets.append(f"data.max_tokens={max_len}")
-    if "per_device_train_batch_size" in f:
-        b = int(pop("per_device_train_batch_size"))
-        sets.append(f"data.batch_size={b}")
-        notes.append(f"--per_device_train_batch_size {b} -> data.batch_size (padded batches, data.packing=false); "
-                     f"packed (the default) a micro-batch holds up to data.max_tokens="
-                     f"{max(max_len, cfg.data.max_tokens)} tokens instead: set data.max_tokens to change it")
-    if "force_sample" in f:
-        if _bool("force_sample", pop("force_sample")):
-            if "video_fps" in f:
-                notes.append(f"--video_fps {pop('video_fps')}: ignored under --force_sample True (as in NXT)")
-        elif "video_fps" not in f:
-            sets.append("data.video_fps=1")
-            notes.append("--force_sample False -> data.video_fps=1 (NXT's default rate)")
-    for flag, key, how in (("group_by_modality_length", "data.group_by_modality_length", None),
-                           ("dataloader_num_workers", "data.num_workers", int),
-                           ("frames_upbound", "data.frames_upbound", int),
-                           ("video_fps", "data.video_fps", float),
-                           ("learning_rate", "optim.lr", float), ("weight_decay", "optim.weight_decay", float),
-                           ("mm_vision_tower_lr", "optim.vision_lr", float), ("adam_epsilon", "optim.eps", float),
-                           ("max_grad_norm", "optim.max_grad_norm", float),
-                           ("num_train_epochs", "schedule.epochs", float),
-                           ("warmup_ratio", "schedule.warmup_ratio", float),
-                           ("gradient_accumulation_steps", "train.accum", int), ("seed", "train.seed", int),
-                           ("gradient_checkpointing", "train.activation_checkpointing", None),
-                           ("torch_compile", "train.compile", None), ("lora_enable", "train.lora", None),
-                           ("lora_r", "train.lora_r", int), ("lora_alpha", "train.lora_alpha", float),
-                           ("lora_dropout", "train.lora_dropout", float), ("output_dir", "checkpoint.out", str),
-                           ("save_total_limit", "checkpoint.keep", int), ("logging_steps", "log.every_steps", int)):
-        if flag in f:
-            v = pop(flag)
-            take(flag, key, v, _bool(flag, v) if how is None else how(v))
-    if "adam_beta1" in f or "adam_beta2" in f:
-        b1, b2 = float(pop("adam_beta1", 0.9)), float(pop("adam_beta2", 0.999))
-        sets.append(f"optim.betas={b1},{b2}")
-    if "max_steps" in f:
-        n = int(pop("max_steps"))
-        if n > 0:
-            take("max_steps", "schedule.max_steps", n)
-    if "warmup_steps" in f:
-        n = int(pop("warmup_steps"))
-        if n > 0:
-            take("warmup_steps", "schedule.warmup_steps", n)
-    if "save_steps" in f:
-        n = int(float(pop("save_steps")))
-        if str(flags.get("save_strategy", "steps")).lower() == "steps":
-            take("save_steps", "checkpoint.every_steps", n)
-    sched = str(f.get("lr_scheduler_type", "cosine"))
-    if sched != "cosine":
-        raise ValueError(f"--lr_scheduler_type {sched}: the schedule is cosine with linear warmup (as the LLaVA "
-                         f"recipes); schedule.min_lr_ratio sets its floor")
-    if _bool("fp16", f.get("fp16", False)):
-        raise ValueError("--fp16 True: fp16 mixed precision is not supported; train in bf16 (A100, H100: --bf16 True) "
-                         "or fp32 (train.precision=fp32)")
-    if int(f.get("bits", 16)) != 16:
-        raise ValueError(f"--bits {f['bits']}: QLoRA (4/8-bit base weights) is not supported; LoRA on bf16 weights "
-                         f"is (--lora_enable True)")
-    if "bf16" in f:
-        bf16 = _bool("bf16", pop("bf16"))
-        sets.append(f"train.precision={'auto' if bf16 else 'fp32'}")
-        notes.append(f"--bf16 {bf16} -> train.precision=" + ("auto (bf16 autocast on GPUs that have it)" if bf16 else
-                                                             "fp32"))
-    if str(f.get("mm_projector_lr", "None")) not in ("None", "none"):
-        raise ValueError(f"--mm_projector_lr {flags['mm_projector_lr']}: the projector trains at --learning_rate "
-                         f"(a separate projector rate is not supported)")
-    if "report_to" in f:
-        sinks = [x.strip() for x in str(pop("report_to")).replace(",", " ").split()]
-        if "wandb" in sinks:
-            import importlib.util
+            if not tower:
+                raise ValueError(f"--vision_tower is required: {lm} is a language model (or an original checkpoint), "
+                                 f"and the tower's config is not in it")
+            self.take("model_name_or_path", "model.language_model", lm)
+            self.take("vision_tower", "model.vision_tower", _local("vision_tower", tower))
+            self.sets.append(f"model.model_type={model_type}")
+        if "image_grid_pinpoints" in self.left:
+            pins = _pinpoints(self.pop("image_grid_pinpoints"))
+            if hf_folder or model_type == "llava":
+                self.notes.append("--image_grid_pinpoints: ignored (" + ("the folder's own" if hf_folder else
+                                                                         "LLaVA-1.5 has one tile per image") + ")")
+            else:
+                text = pins if isinstance(pins, str) else ",".join(f"{h}x{w}" for h, w in pins)
+                self.take("image_grid_pinpoints", "model.image_grid_pinpoints", text)
+        if "pretrain_mm_mlp_adapter" in self.left:
+            self.take("pretrain_mm_mlp_adapter", "model.projector", self.pop("pretrain_mm_mlp_adapter"))
+        if model_type == "llava":
+            self.sets.append(f"data.pad_to_square={ar == 'pad'}")
+            self.notes.append(f"--image_aspect_ratio {ar} -> data.pad_to_square={ar == 'pad'}")
 
-            if importlib.util.find_spec("wandb") is None:
-                raise ValueError("--report_to wandb: Weights & Biases is not installed: pip install wandb, or "
-                                 "--report_to none")
-            take("report_to", "log.wandb", flags["report_to"], os.environ.get("WANDB_PROJECT", "huggingface"))
-        sets.append(f"log.tensorboard={'tensorboard' in sinks or 'all' in sinks}")
-    for k in list(f):
-        if k in _IGNORED:
-            notes.append(f"--{k} {f.pop(k)}: ignored ({_IGNORED[k]})")
-        elif k in _CHECKED:
-            notes.append(f"--{k} {f.pop(k)}: as llava-hf's models (checked)")
-    if any(k in flags for k in _VIDEO) and "video_fps" not in flags and "force_sample" not in flags:
-        notes.append("videos: frames_upbound frames sampled uniformly (NXT's --force_sample True); NXT's default "
-                     "without it takes 1 frame per second first: --video_fps 1 for that")
-    if f:
-        raise ValueError(f"flags llava_fast does not know: {', '.join('--' + k for k in sorted(f))}; remove them, or "
-                         f"give the setting as section.key=value (llava-fast train --help lists the keys)")
-    apply_overrides(cfg, sets + overrides)
-    if overrides:
-        notes.append(f"overrides: {' '.join(overrides)}")
-    return cfg, notes
+    def data(self, max_len: int, max_tokens: int) -> None:
+        """The data files, template, lengths, batch and video sampling (``max_len`` / ``max_tokens``: the recipe's)."""
+        f, pop = self.left, self.pop
+        if "data_path" in f:
+            self.take("data_path", "data.data", pop("data_path"))  # JSON, JSONL or NXT's YAML mixture
+        if "image_folder" in f:
+            self.take("image_folder", "data.images", pop("image_folder"))
+        vf = pop("video_folder")
+        if vf is not None and os.path.abspath(vf) != os.path.abspath(self.flags.get("image_folder", vf)):
+            raise ValueError(f"--video_folder {vf} differs from --image_folder {self.flags.get('image_folder')}: "
+                             f"llava_fast reads images and videos relative to one folder (data.images); give paths "
+                             f"relative to it")
+        if "version" in f:
+            v = pop("version")
+            tpl = {"plain": "plain", "v1": "vicuna_v1", "vicuna_v1": "vicuna_v1", "qwen_1_5": "qwen",
+                   "qwen_2": "qwen"}.get(v)
+            if tpl is None:
+                raise ValueError(f"--version {v}: the templates are plain, v1 (vicuna_v1) and qwen_1_5 / qwen_2 "
+                                 f"(qwen)")
+            self.take("version", "data.template", v, tpl)
+        if "model_max_length" in f:
+            max_len = int(f["model_max_length"])
+            self.take("model_max_length", "data.max_len", pop("model_max_length"), max_len)
+        if max_len > max_tokens:
+            self.sets.append(f"data.max_tokens={max_len}")
+        if "per_device_train_batch_size" in f:
+            b = int(pop("per_device_train_batch_size"))
+            self.sets.append(f"data.batch_size={b}")
+            self.notes.append(f"--per_device_train_batch_size {b} -> data.batch_size (padded batches, "
+                              f"data.packing=false); packed (the default) a micro-batch holds up to data.max_tokens="
+                              f"{max(max_len, max_tokens)} tokens instead: set data.max_tokens to change it")
+        if "force_sample" in f:
+            if _bool("force_sample", pop("force_sample")):
+                if "video_fps" in f:
+                    self.notes.append(f"--video_fps {pop('video_fps')}: ignored under --force_sample True (as in NXT)")
+            elif "video_fps" not in f:
+                self.sets.append("data.video_fps=1")
+                self.notes.append("--force_sample False -> data.video_fps=1 (NXT's default rate)")
+        elif any(k in self.flags for k in _VIDEO) and "video_fps" not in f:
+            self.notes.append("videos: frames_upbound frames sampled uniformly (NXT's --force_sample True); NXT's "
+                              "default without it takes 1 frame per second first: --video_fps 1 for that")
+
+    def training(self) -> None:
+        """Optimizer, schedule, precision, LoRA, checkpoints and logging."""
+        f, pop = self.left, self.pop
+        for flag, key, how in _DIRECT:
+            if flag in f:
+                v = pop(flag)
+                self.take(flag, key, v, _bool(flag, v) if how is None else how(v))
+        if "adam_beta1" in f or "adam_beta2" in f:
+            self.sets.append(f"optim.betas={float(pop('adam_beta1', 0.9))},{float(pop('adam_beta2', 0.999))}")
+        for flag, key in (("max_steps", "schedule.max_steps"), ("warmup_steps", "schedule.warmup_steps")):
+            n = int(pop(flag, 0))
+            if n > 0:  # HF's -1 / 0: unset
+                self.take(flag, key, n)
+        if "save_steps" in f:
+            n = int(float(pop("save_steps")))
+            if str(self.flags.get("save_strategy", "steps")).lower() == "steps":
+                self.take("save_steps", "checkpoint.every_steps", n)
+        sched = str(f.get("lr_scheduler_type", "cosine"))
+        if sched != "cosine":
+            raise ValueError(f"--lr_scheduler_type {sched}: the schedule is cosine with linear warmup (as the LLaVA "
+                             f"recipes); schedule.min_lr_ratio sets its floor")
+        if _bool("fp16", f.get("fp16", False)):
+            raise ValueError("--fp16 True: fp16 mixed precision is not supported; train in bf16 (A100, H100: --bf16 "
+                             "True) or fp32 (train.precision=fp32)")
+        if int(f.get("bits", 16)) != 16:
+            raise ValueError(f"--bits {f['bits']}: QLoRA (4/8-bit base weights) is not supported; LoRA on bf16 "
+                             f"weights is (--lora_enable True)")
+        if "bf16" in f:
+            bf16 = _bool("bf16", pop("bf16"))
+            self.sets.append(f"train.precision={'auto' if bf16 else 'fp32'}")
+            self.notes.append(f"--bf16 {bf16} -> train.precision=" + ("auto (bf16 autocast on GPUs that have it)"
+                                                                      if bf16 else "fp32"))
+        if str(f.get("mm_projector_lr", "None")) not in ("None", "none"):
+            raise ValueError(f"--mm_projector_lr {f['mm_projector_lr']}: the projector trains at --learning_rate "
+                             f"(a separate projector rate is not supported)")
+        if "report_to" in f:
+            sinks = [x.strip() for x in str(pop("report_to")).replace(",", " ").split()]
+            if "wandb" in sinks:
+                import importlib.util
+
+                if importlib.util.find_spec("wandb") is None:
+                    raise ValueError("--report_to wandb: Weights & Biases is not installed: pip install wandb, or "
+                                     "--report_to none")
+                self.take("report_to", "log.wandb", self.flags["report_to"],
+                          os.environ.get("WANDB_PROJECT", "huggingface"))
+            self.sets.append(f"log.tensorboard={'tensorboard' in sinks or 'all' in sinks}")
+
+    def rest(self) -> None:
+        """Flags ignored or checked are noted; any other is an error naming it."""
+        for k in list(self.left):
+            if k in _IGNORED:
+                self.notes.append(f"--{k} {self.pop(k)}: ignored ({_IGNORED[k]})")
+            elif k in _CHECKED:
+                self.notes.append(f"--{k} {self.pop(k)}: as llava-hf's models (checked)")
+        if self.left:
+            raise ValueError(f"flags llava_fast does not know: {', '.join('--' + k for k in sorted(self.left))}; "
+                             f"remove them, or give the setting as section.key=value (llava-fast train --help lists "
+                             f"the keys)")
+
+
+# flags that map to one setting: (flag, setting, parse; None: a boolean)
+_DIRECT = (("group_by_modality_length", "data.group_by_modality_length", None),
+           ("dataloader_num_workers", "data.num_workers", int), ("frames_upbound", "data.frames_upbound", int),
+           ("video_fps", "data.video_fps", float), ("learning_rate", "optim.lr", float),
+           ("weight_decay", "optim.weight_decay", float), ("mm_vision_tower_lr", "optim.vision_lr", float),
+           ("adam_epsilon", "optim.eps", float), ("max_grad_norm", "optim.max_grad_norm", float),
+           ("num_train_epochs", "schedule.epochs", float), ("warmup_ratio", "schedule.warmup_ratio", float),
+           ("gradient_accumulation_steps", "train.accum", int), ("seed", "train.seed", int),
+           ("gradient_checkpointing", "train.activation_checkpointing", None), ("torch_compile", "train.compile", None),
+           ("lora_enable", "train.lora", None), ("lora_r", "train.lora_r", int),
+           ("lora_alpha", "train.lora_alpha", float), ("lora_dropout", "train.lora_dropout", float),
+           ("output_dir", "checkpoint.out", str), ("save_total_limit", "checkpoint.keep", int),
+           ("logging_steps", "log.every_steps", int))
 
 
 def _trainable(f: dict) -> list[str]:
