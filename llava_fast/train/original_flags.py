@@ -165,7 +165,7 @@ class _Translation:
         lm = _local("model_name_or_path", f["model_name_or_path"])
         try:
             with open(os.path.join(lm, "config.json")) as fh:
-                self.lm_cfg = lm_cfg = json.load(fh)
+                lm_cfg = json.load(fh)
         except (OSError, ValueError) as e:
             raise ValueError(f"--model_name_or_path {lm}: no readable config.json ({e})") from None
         hf_folder = "text_config" in lm_cfg and str(lm_cfg.get("model_type", "")).startswith("llava")
