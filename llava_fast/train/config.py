@@ -141,6 +141,9 @@ class OptimSection:
     lr: float = 1e-3
     vision_lr: float | None = None
     """Learning rate of the vision tower when it trains (OneVision stage 2: 2e-6); None: same as lr."""
+    projector_lr: float | None = None
+    """Learning rate of the projector (the original LLaVA's --mm_projector_lr, e.g. 2e-5 in its LoRA fine-tune while
+    the adapters train at 2e-4); None: same as lr. image_newline trains at lr, as in the original."""
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -157,9 +160,10 @@ class OptimSection:
         # written so that NaN fails every check (NaN compares false): a NaN/inf lr trains silently to NaN weights
         if not 0 < self.lr < math.inf:
             raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
-        if self.vision_lr is not None and not 0 < self.vision_lr < math.inf:
-            raise ValueError(f"optim.vision_lr must be a finite number > 0 (or none: same as optim.lr), got "
-                             f"{self.vision_lr}")
+        for key in ("vision_lr", "projector_lr"):
+            v = getattr(self, key)
+            if v is not None and not 0 < v < math.inf:
+                raise ValueError(f"optim.{key} must be a finite number > 0 (or none: same as optim.lr), got {v}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -329,8 +333,8 @@ class TrainConfig:
         except ValueError as e:
             if str(e).startswith("--config"):
                 raise
-            raise ValueError(f"--config {path}: not valid {'YAML' if path.lower().endswith(('.yaml', '.yml')) else 'JSON'} "
-                             f"({e})") from e
+            kind = "YAML" if path.lower().endswith((".yaml", ".yml")) else "JSON"
+            raise ValueError(f"--config {path}: not valid {kind} ({e})") from e
         except Exception as e:  # yaml.YAMLError
             raise ValueError(f"--config {path}: not valid YAML ({e})") from e
         if not isinstance(d, dict):

@@ -50,7 +50,7 @@ _IGNORED = {
 _CHECKED = ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature", "mm_patch_merge_type",
             "mm_spatial_pool_mode", "mm_newline_position", "mm_use_im_start_end", "mm_use_im_patch_token",
             "early_mix_text", "mm_resampler_type", "mm_spatial_pool_stride", "image_crop_resolution",
-            "image_split_resolution", "lora_bias", "bits", "fp16", "mm_projector_lr", "lr_scheduler_type",
+            "image_split_resolution", "lora_bias", "bits", "fp16", "lr_scheduler_type",
             "tune_mm_mlp_adapter", "freeze_backbone", "unfreeze_mm_vision_tower", "mm_tunable_parts",
             "freeze_mm_mlp_adapter")
 _VIDEO = ("frames_upbound", "video_folder", "force_sample", "video_fps", "mm_newline_position")
@@ -304,9 +304,11 @@ class _Translation:
             self.sets.append(f"train.precision={'auto' if bf16 else 'fp32'}")
             self.notes.append(f"--bf16 {bf16} -> train.precision=" + ("auto (bf16 autocast on GPUs that have it)"
                                                                       if bf16 else "fp32"))
-        if str(f.get("mm_projector_lr", "None")) not in ("None", "none"):
-            raise ValueError(f"--mm_projector_lr {f['mm_projector_lr']}: the projector trains at --learning_rate "
-                             f"(a separate projector rate is not supported)")
+        for flag, key in (("mm_projector_lr", "optim.projector_lr"), ("mm_vision_tower_lr", "optim.vision_lr")):
+            if flag in f:  # the original's None: unset (the part trains at --learning_rate)
+                v = pop(flag)
+                if str(v) not in ("None", "none"):
+                    self.take(flag, key, v, float(v))
         if "report_to" in f:
             sinks = [x.strip() for x in str(pop("report_to")).replace(",", " ").split()]
             if "wandb" in sinks:
@@ -336,13 +338,13 @@ class _Translation:
 _DIRECT = (("group_by_modality_length", "data.group_by_modality_length", None),
            ("dataloader_num_workers", "data.num_workers", int), ("frames_upbound", "data.frames_upbound", int),
            ("video_fps", "data.video_fps", float), ("learning_rate", "optim.lr", float),
-           ("weight_decay", "optim.weight_decay", float), ("mm_vision_tower_lr", "optim.vision_lr", float),
-           ("adam_epsilon", "optim.eps", float), ("max_grad_norm", "optim.max_grad_norm", float),
+           ("weight_decay", "optim.weight_decay", float), ("adam_epsilon", "optim.eps", float),
+           ("max_grad_norm", "optim.max_grad_norm", float),
            ("num_train_epochs", "schedule.epochs", float), ("warmup_ratio", "schedule.warmup_ratio", float),
            ("gradient_accumulation_steps", "train.accum", int), ("seed", "train.seed", int),
            ("gradient_checkpointing", "train.activation_checkpointing", None), ("torch_compile", "train.compile", None),
            ("lora_enable", "train.lora", None), ("lora_r", "train.lora_r", int),
-           ("lora_alpha", "train.lora_alpha", float), ("lora_dropout", "train.lora_dropout", float),
+           ("lora_alpha", "train.lora_alpha", int), ("lora_dropout", "train.lora_dropout", float),
            ("output_dir", "checkpoint.out", str), ("save_total_limit", "checkpoint.keep", int),
            ("logging_steps", "log.every_steps", int))
 

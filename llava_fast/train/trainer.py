@@ -51,33 +51,39 @@ def cosine_lambda(total: int, warmup: int, min_ratio: float = 0.0):
     return f
 
 
+def param_part(name: str) -> str:
+    """The part a parameter belongs to: projector, newline, vision or llm (language model + lm_head)."""
+    if "multi_modal_projector" in name:
+        return "projector"
+    if "image_newline" in name:
+        return "newline"
+    return "vision" if "vision_tower" in name else "llm"
+
+
 def set_trainable(model, parts) -> dict[str, int]:
     """Freeze everything, then unfreeze ``parts`` (projector, llm, vision, newline). Returns parameter counts."""
     parts = set(parts)
     counts = Counter()
     for name, p in model.named_parameters():
-        if "multi_modal_projector" in name:
-            part = "projector"
-        elif "image_newline" in name:
-            part = "newline"
-        elif "vision_tower" in name:
-            part = "vision"
-        else:
-            part = "llm"  # language model + lm_head
+        part = param_part(name)
         p.requires_grad_(part in parts)
         counts[part + ("" if part in parts else "_frozen")] += p.numel()
     return dict(counts)
 
 
-def param_groups(model, lr: float, vision_lr: float | None, weight_decay: float):
-    """AdamW groups: no decay for biases/norms/1-D params; the vision tower may have its own lr."""
+def param_groups(model, lr: float, weight_decay: float,
+                 part_lr: dict[str, float | None] | None = None):
+    """AdamW groups: no decay for biases/norms/1-D params. ``part_lr`` gives a part (``vision``, ``projector``) its
+    own lr; a part it does not name, or names with None, trains at ``lr`` (the original LLaVA's
+    ``--mm_vision_tower_lr`` / ``--mm_projector_lr``: its image_newline is not in the projector group)."""
+    part_lr = part_lr or {}
     groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = weight_decay if (p.dim() >= 2 and "norm" not in name) else 0.0
-        glr = vision_lr if (vision_lr is not None and "vision_tower" in name) else lr
-        groups.setdefault((glr, decay), []).append(p)
+        glr = part_lr.get(param_part(name))
+        groups.setdefault((lr if glr is None else glr, decay), []).append(p)
     return [{"params": ps, "lr": glr, "weight_decay": wd, "initial_lr": glr} for (glr, wd), ps in groups.items()]
 
 
@@ -232,13 +238,16 @@ class Trainer:
             self.log("this model takes no cu_seqlens: using padded batches")
         # optimizer & schedule
         fused = cfg.optim.fused if cfg.optim.fused is not None else dev.type == "cuda"
-        groups = param_groups(model, cfg.optim.lr, cfg.optim.vision_lr, cfg.optim.weight_decay)
+        part_lr = {"vision": cfg.optim.vision_lr, "projector": cfg.optim.projector_lr}
+        groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, part_lr)
         if not groups:
             raise ValueError(f"nothing to train: train.trainable={cfg.train.trainable}")
-        if cfg.optim.vision_lr is not None and not any(p.requires_grad for n, p in model.named_parameters()
-                                                       if "vision_tower" in n):
-            self.log(f"optim.vision_lr={cfg.optim.vision_lr} is unused: the vision tower does not train "
-                     f"(train.trainable={','.join(cfg.train.trainable)})")
+        for part, lr in part_lr.items():
+            if lr is not None and not any(p.requires_grad for n, p in model.named_parameters()
+                                          if param_part(n) == part):
+                what = "vision tower" if part == "vision" else part
+                self.log(f"optim.{part}_lr={lr} is unused: the {what} does not train "
+                         f"(train.trainable={','.join(cfg.train.trainable)})")
         kw = dict(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self._fused = bool(fused)
         if fused:
@@ -579,7 +588,8 @@ class Trainer:
         gn = torch.nn.utils.clip_grad_norm_(params, mg if mg and mg > 0 else float("inf"))
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
-        lr = self.optimizer.param_groups[0]["lr"]
+        g0 = self.optimizer.param_groups[0]  # may be a part's own lr (vision / projector): log optim.lr's schedule
+        lr = g0["lr"] / g0["initial_lr"] * self.cfg.optim.lr
         gn = float(gn)
         limit = self.cfg.optim.max_nonfinite_steps
         skip = limit > 0 and not (math.isfinite(gn) and math.isfinite(loss))  # same on every rank (reduced values)

@@ -89,6 +89,18 @@ def test_llava15_finetune_script_becomes_the_same_run(parts):
         assert flag in text, (flag, text)
 
 
+def test_llava15_lora_finetune_script(parts):
+    """scripts/v1_5/finetune_lora.sh: finetune.sh with LoRA adapters at 2e-4 and the projector at 2e-5."""
+    script = "--lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5 " + FINETUNE_15.replace(
+        "--learning_rate 2e-5", "--learning_rate 2e-4")
+    cfg, notes = config_from_flags(_argv(script, parts))
+    t, o = cfg.train, cfg.optim
+    assert (t.lora, t.lora_r, t.lora_alpha, o.lr, o.projector_lr, o.vision_lr) == (True, 128, 256, 2e-4, 2e-5, None)
+    assert "--mm_projector_lr 2e-5 -> optim.projector_lr" in notes
+    cfg, _ = config_from_flags(_argv("--mm_projector_lr None --mm_vision_tower_lr None " + FINETUNE_15, parts))
+    assert (cfg.optim.projector_lr, cfg.optim.vision_lr) == (None, None)
+
+
 def test_llava15_pretrain_script_is_stage1_on_cropped_images(parts):
     cfg, _ = config_from_flags(_argv(PRETRAIN_15, parts))
     assert cfg.recipe == "stage1:llava" and cfg.train.trainable == ["projector", "newline"]
@@ -133,7 +145,6 @@ def test_from_an_original_or_llava_hf_checkpoint(parts, tmp_path):
     (["--fp16", "True"], "--fp16 True"),
     (["--lr_scheduler_type", "linear"], "--lr_scheduler_type linear"),
     (["--version", "llava_llama_2"], "--version llava_llama_2"),
-    (["--mm_projector_lr", "2e-5"], "--mm_projector_lr 2e-5"),
     (["--no_such_flag", "1", "--other"], "flags llava_fast does not know: --no_such_flag, --other"),
     (["--learning_rate", "1e-3", "--learning_rate", "2e-5"], "--learning_rate is given twice"),
     (["--video_folder", "/elsewhere"], "--video_folder /elsewhere differs from --image_folder"),

@@ -236,11 +236,43 @@ def test_step_without_supervised_tokens_skips_update(assets, tmp_path):
     assert any("no supervised token" in m for m in logs)
 
 
-def test_unused_vision_lr_is_logged(assets, tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_part_learning_rates(assets, tmp_path, lora):
+    """optim.vision_lr / optim.projector_lr (the original's --mm_vision_tower_lr / --mm_projector_lr) give those
+    parts their own rate, image_newline and the language model (or its LoRA adapters) train at optim.lr, the cosine
+    schedule scales every rate, and the logged lr is optim.lr's (the first group is the vision tower's)."""
+    from llava_fast.train.trainer import param_part
+
+    tr = Trainer(make_cfg(assets, tmp_path / "p", **{"optim.vision_lr": 1e-5, "optim.projector_lr": 5e-4,
+                                                     "train.lora": lora, "schedule.warmup_ratio": 0.5}),
+                 quiet=True).setup()
+    want = {"vision": 1e-5, "projector": 5e-4, "newline": 1e-3, "llm": 1e-3}
+    of = {id(p): g for g in tr.optimizer.param_groups for p in g["params"]}
+    seen = set()
+    for name, p in tr.model.named_parameters():
+        if p.requires_grad:
+            part = param_part(name)
+            seen.add(part + ("+lora" if "lora_" in name else ""))
+            assert of[id(p)]["initial_lr"] == want[part], name
+    assert seen == {"vision", "projector", "newline", "llm+lora" if lora else "llm"}, seen
+    it = iter(tr._loader())
+    for _ in range(2):
+        tr.train_step([next(it)])
+        f = tr.optimizer.param_groups[0]["lr"] / tr.optimizer.param_groups[0]["initial_lr"]
+        assert 0 < f < 1 and all(math.isclose(g["lr"], f * g["initial_lr"]) for g in tr.optimizer.param_groups)
+        m = tr.train_step([next(it)])  # logs the rate it stepped with
+        assert math.isclose(m["lr"], f * 1e-3), (m["lr"], f)
+
+
+@pytest.mark.parametrize("over, line", [
+    ({"optim.vision_lr": 1e-5, "train.trainable": "projector,llm"},
+     "optim.vision_lr=1e-05 is unused: the vision tower does not train (train.trainable=projector,llm)"),
+    ({"optim.projector_lr": 2e-5, "train.trainable": "llm"},
+     "optim.projector_lr=2e-05 is unused: the projector does not train (train.trainable=llm)")])
+def test_unused_part_lr_is_logged(assets, tmp_path, over, line):
     logs = []
-    Trainer(make_cfg(assets, tmp_path / "v", **{"optim.vision_lr": 1e-5, "train.trainable": "projector,llm"}),
-            log=logs.append).setup()
-    assert any("optim.vision_lr=1e-05 is unused: the vision tower does not train" in m for m in logs), logs
+    Trainer(make_cfg(assets, tmp_path / "v", **over), log=logs.append).setup()
+    assert any(line in m for m in logs), logs
 
 
 def test_partial_last_step_counted(assets, tmp_path):
