@@ -4,10 +4,11 @@ video.
 The tokenizer and (when present) ``preprocessor_config.json`` are read from the model folder, local files only.
 The prompt uses the model's chat template when it has one that places the image (the processor's
 ``chat_template.json``, else the tokenizer's), else a built-in template for the language model (Vicuna
-``USER: <image>\\n... ASSISTANT:`` for Llama, ChatML for Qwen2; a Mistral model needs its chat template). Each
-``<image>`` placeholder becomes as many image tokens as the image produces, a ``<video>`` (LLaVA-OneVision) as many
-video tokens as the video's frames produce. An answer ends at an eos token of the tokenizer or of
-``generation_config.json``, or at an end-of-turn token (``</s>``, ``<|im_end|>``, ``<|eot_id|>``).
+``USER: <image>\\n... ASSISTANT:`` for Llama, Llama 3's headers for a Llama 3 tokenizer, ChatML for Qwen2; a Mistral
+model needs its chat template). Each ``<image>`` placeholder becomes as many image tokens as the image produces, a
+``<video>`` (LLaVA-OneVision) as many video tokens as the video's frames produce. An answer ends at an eos token of
+the tokenizer or of ``generation_config.json``, or at an end-of-turn token (``</s>``, ``<|im_end|>``,
+``<|eot_id|>``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ TEMPLATES = {
     "vicuna": {"user": "USER: {text} ", "assistant": "ASSISTANT: {text}</s>", "generation": "ASSISTANT:"},
     "chatml": {"user": "<|im_start|>user\n{text}<|im_end|>\n", "assistant": "<|im_start|>assistant\n{text}<|im_end|>\n",
                "generation": "<|im_start|>assistant\n"},
+    "llama3": {"user": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
+               "assistant": "<|start_header_id|>assistant<|end_header_id|>\n\n{text}<|eot_id|>",
+               "generation": "<|start_header_id|>assistant<|end_header_id|>\n\n"},
 }
 END_OF_TURN = ("</s>", "<|im_end|>", "<|eot_id|>")
 
@@ -104,7 +108,12 @@ class ChatSession:
                              f"processor_config.json or the tokenizer's chat_template) and no built-in template for a "
                              f"{text_type} language model; add the model's chat template (chat_template.json) to the "
                              f"folder")
-        self.template = TEMPLATES["chatml" if text_type == "qwen2" else "vicuna"]
+        self.template = None  # the built-in one, when the model has no chat template that places the image
+        if self.chat_template is None:
+            from llava_fast.predict import default_template
+
+            name = default_template(cfg, self.tokenizer)
+            self.template = TEMPLATES[{"qwen": "chatml", "llama3": "llama3"}.get(name, "vicuna")]
         self.stop_ids = stop_token_ids(self.tokenizer, model_dir)
         self.turns: list[tuple[str, str]] = []
         self.dropped_turns = 0   # turns the last ask dropped to fit the context

@@ -18,14 +18,17 @@ import sys
 import torch
 
 
-def default_template(config) -> str:
+def default_template(config, tokenizer=None) -> str:
+    """The template a model was trained with, from its language model: ``qwen`` for Qwen2, ``llama3`` for Llama 3
+    (its tokenizer has ``<|start_header_id|>``), ``vicuna_v1`` for other Llama models (Vicuna)."""
     text = config.text_config.model_type
     if text == "qwen2":
         return "qwen"
     if text == "llama":
-        return "vicuna_v1"
+        llama3 = tokenizer is not None and "<|start_header_id|>" in tokenizer.get_vocab()
+        return "llama3" if llama3 else "vicuna_v1"
     raise ValueError(f"--template: no default prompt template for a {text} language model; give the template the "
-                     f"model was trained with (vicuna_v1, qwen or plain)")
+                     f"model was trained with (vicuna_v1, qwen, llama3 or plain)")
 
 
 def _answers(path: str):
@@ -58,7 +61,7 @@ class _Prepared:
 
 def _prepare(rec, k, model, spec, tok, template, image_root, frames, max_pixels, max_new_tokens):
     from llava_fast.data.images import load_image_u8
-    from llava_fast.data.templates import SampleError, expand_placeholders, generation_prompt, tokenize_with_media
+    from llava_fast.data.templates import SampleError, expand_placeholders, generation_prompt, tokenize_prompt
     from llava_fast.ops import anyres
 
     if not isinstance(rec, dict) or "conversations" not in rec:
@@ -68,7 +71,7 @@ def _prepare(rec, k, model, spec, tok, template, image_root, frames, max_pixels,
     imgs = [imgs] if isinstance(imgs, str) else list(imgs)
     vid = rec.get("video")
     prompt, reference = generation_prompt(rec["conversations"], template, len(imgs), 1 if vid else 0)
-    ids, _ = tokenize_with_media(tok, prompt)
+    ids, _ = tokenize_prompt(tok, prompt, template)
     cfg = model.config
     out = _Prepared(sid, None, reference)
     counts, vcounts = [], []
@@ -122,7 +125,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     from llava_fast.chat import END_OF_TURN, decode_answer, stop_token_ids
     from llava_fast.data import load_tokenizer, read_records
     from llava_fast.data.images import checkpoint_image_config
-    from llava_fast.data.templates import TEMPLATES, SampleError
+    from llava_fast.data.templates import TEMPLATES, SampleError, check_template
     from llava_fast.generation import generate
     from llava_fast.train.trainer import bf16_autocast
 
@@ -131,7 +134,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"--frames must be an integer >= 1, got {frames!r}")
     if template is not None and template not in TEMPLATES:
-        raise ValueError(f"--template must be one of {TEMPLATES}, got {template!r}")
+        raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     records = read_records(data)
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"--images {image_root}: no such folder (the folder image paths are relative to)")
@@ -141,7 +144,8 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     model = llava_fast.from_pretrained(model_dir, device=device).eval()
     tok = load_tokenizer(model_dir)
     spec = checkpoint_image_config(model_dir, model.config)  # its preprocessor_config.json: LLaVA-1.5's do_pad
-    template = template or default_template(model.config)
+    template = template or default_template(model.config, tok)
+    check_template(tok, template, "--template")
     stops = stop_token_ids(tok, model_dir)
     done = {str(r.get("id")) for r in _answers(out)}  # a line cut by a crash is not one: answered again
     todo = [(k, r) for k, r in enumerate(records) if str(r.get("id", k) if isinstance(r, dict) else k) not in done]

@@ -42,7 +42,7 @@ from llava_fast.data.images import (DEFAULT_MAX_PIXELS, ImageProcessorConfig, cl
                                     image_tiles, image_tokens, load_image, load_image_u8,
                                     probe_size)
 from llava_fast.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SampleError,
-                                       encode_conversation, expand_placeholders)
+                                       check_template, encode_conversation, expand_placeholders)
 from llava_fast.data.video import probe_video, read_video, sample_frames
 from llava_fast.ops import anyres
 
@@ -353,7 +353,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         image_config: the model's :class:`~llava_fast.ops.anyres.ImageProcessorConfig` (see
             :func:`llava_fast.data.image_config`, or :meth:`LlavaDataset.for_model`); tiles and token counts come from
             ``llava_fast.ops.anyres``, so the counts used for packing are the ones the model produces.
-        template: ``plain`` | ``vicuna_v1`` | ``qwen``.
+        template: ``plain`` | ``vicuna_v1`` | ``qwen`` | ``llama3``.
         image_token_id / video_token_id: the model's placeholder ids (``config.image_token_id``).
         max_len: samples longer than this are truncated at the end, unless that would cut image tokens or every
             label (then dropped); truncated samples are counted in ``self.truncated`` and logged.
@@ -383,6 +383,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         if not isinstance(image_config, ImageProcessorConfig):
             raise ValueError(f"image_config must be a llava_fast.ops.anyres.ImageProcessorConfig, got "
                              f"{type(image_config).__name__}; build it with llava_fast.data.image_config(model.config)")
+        check_template(tokenizer, template, "template (data.template)")
         self._tok = tokenizer
         self.image_root = image_root
         self.image_config = image_config

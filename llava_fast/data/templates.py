@@ -17,6 +17,14 @@ overlap a supervised span of the prompt. This gives the masks of section 5.3 exa
   assistant message (header ``<|im_start|>assistant\\n`` and trailing ``<|im_end|>\\n`` included) is supervised, and
   then the ids of ``\\n``, ``<|im_start|>`` and ``<|im_end|>`` are un-masked everywhere (a quirk of the original
   ``preprocess_qwen`` kept for loss equality).
+* ``llama3`` (LLaVA-NeXT's ``--version llava_llama_3``, its Llama-3-8B models): LLaVA-NeXT's ``preprocess_llama3``,
+  which renders the system message and then each turn alone with Llama 3 Instruct's chat template:
+  ``<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nSYSTEM<|eot_id|>`` then
+  ``<|start_header_id|>user|assistant<|end_header_id|>\n\ncontent<|eot_id|>`` per message (content trimmed, as the
+  chat template does). The whole assistant message, header and ``<|eot_id|>`` included, is supervised; then the ids
+  ``tokenizer.convert_tokens_to_ids`` gives for ``<|begin_of_text|>``, ``<|start_header_id|>``,
+  ``<|end_header_id|>``, ``<|eot_id|>`` and ``"\n\n"`` are un-masked everywhere (Llama 3's byte-level vocabulary has
+  no ``"\n\n"`` entry, so that one matches nothing there; an unknown-token id is never un-masked).
 """
 from __future__ import annotations
 
@@ -31,7 +39,17 @@ VIDEO_TAG = "<video>"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 QWEN_SYSTEM = "You are a helpful assistant."
-TEMPLATES = ("plain", "vicuna_v1", "qwen")
+LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content that "
+                 "the user provides, and assist the user with a variety of tasks using natural language.")
+LLAMA3_BOS = "<|begin_of_text|>"
+LLAMA3_SPECIALS = (LLAMA3_BOS, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+TEMPLATES = ("plain", "vicuna_v1", "qwen", "llama3")
+# tokens un-masked everywhere after the spans are decided (the original's preprocess_qwen / preprocess_llama3)
+_UNMASKED = {"qwen": ("<|im_start|>", "<|im_end|>"), "llama3": LLAMA3_SPECIALS + ("\n\n",)}
+
+
+def _llama3_turn(role: str, text: str) -> str:
+    return f"<|start_header_id|>{role}<|end_header_id|>\n\n{text.strip()}<|eot_id|>"
 
 
 class SampleError(ValueError):
@@ -162,7 +180,41 @@ def build_prompt(turns: list[tuple[str, str]], template: str, n_images: int = 1,
             if role == "gpt":
                 spans.append((s, len(prompt)))
         return prompt, spans
+    if template == "llama3":
+        prompt = _llama3_turn("system", LLAMA3_SYSTEM)  # the BOS is the tokenizer's (encode_conversation)
+        spans = []
+        for role, text in turns:
+            s = len(prompt)
+            prompt += _llama3_turn("user" if role == "human" else "assistant", text)
+            if role == "gpt":
+                spans.append((s, len(prompt)))
+        return prompt, spans
     raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+
+
+def check_template(tokenizer, template: str, what: str = "template") -> None:
+    """Raises ValueError naming ``what`` when ``template`` is unknown or the tokenizer cannot write it (``llama3``
+    needs Llama 3's special tokens)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"{what} must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    if template == "llama3":
+        missing = [t for t in LLAMA3_SPECIALS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            raise ValueError(f"{what} 'llama3' needs a Llama 3 tokenizer; this one has no {', '.join(missing)}: use "
+                             f"the template the model was trained with (vicuna_v1, qwen or plain)")
+
+
+def tokenize_prompt(tokenizer, prompt: str, template: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """:func:`tokenize_with_media` of a ``template`` prompt. A ``llama3`` prompt starts with exactly one
+    ``<|begin_of_text|>`` (the chat template writes it; Llama 3's tokenizer adds it too, once: a tokenizer that does
+    not gets it here)."""
+    ids, offs = tokenize_with_media(tokenizer, prompt)
+    if template == "llama3":
+        check_template(tokenizer, template)
+        bos = tokenizer.convert_tokens_to_ids(LLAMA3_BOS)
+        if not ids or ids[0] != bos:
+            ids, offs = [bos] + ids, [(0, 0)] + offs
+    return ids, offs
 
 
 def _single_id(tokenizer, text: str) -> int | None:
@@ -196,17 +248,17 @@ def encode_conversation(tokenizer, conversations, template: str, n_images: int =
             raise SampleError("placeholder_mismatch", f"{n_tags_img} <image> tags for {n_images} images, "
                               f"{n_tags_vid} <video> tags for {n_videos} videos")
     prompt, spans = build_prompt(turns, template, n_tags_img, n_tags_vid)
-    ids, offs = tokenize_with_media(tokenizer, prompt)
+    ids, offs = tokenize_prompt(tokenizer, prompt, template)
     labels = [IGNORE_INDEX] * len(ids)
     for k, ((s, e), tid) in enumerate(zip(offs, ids)):
         if tid < 0 or e <= s:  # media placeholders and zero-width (added) tokens are never targets
             continue
         if any(s < b and e > a for a, b in spans):
             labels[k] = tid
-    if template == "qwen":
-        keep = {i for i in (_single_id(tokenizer, "\n"), tokenizer.convert_tokens_to_ids("<|im_start|>"),
-                            tokenizer.convert_tokens_to_ids("<|im_end|>")) if i is not None and i >= 0
-                and i != tokenizer.unk_token_id}
+    if template in _UNMASKED:
+        keep = [tokenizer.convert_tokens_to_ids(t) for t in _UNMASKED[template]]
+        keep = {i for i in keep + ([_single_id(tokenizer, "\n")] if template == "qwen" else [])
+                if i is not None and i >= 0 and i != tokenizer.unk_token_id}
         labels = [t if (t in keep) else lab for t, lab in zip(ids, labels)]
     if all(lab == IGNORE_INDEX for lab in labels[1:]):
         raise SampleError("no_supervised_tokens", "no token of the sample is supervised")
@@ -238,6 +290,8 @@ def generation_prompt(conversations, template: str, n_images: int = 0, n_videos:
         return prompt[:start].rstrip(" "), reference
     if template == "qwen":
         return prompt[:start] + "<|im_start|>assistant\n", reference
+    if template == "llama3":
+        return prompt[:start] + "<|start_header_id|>assistant<|end_header_id|>\n\n", reference
     return prompt[:start], reference
 
 

@@ -9,13 +9,18 @@ from __future__ import annotations
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_word_tokenizer(words, bos: bool = True, lowercase: bool = False):
-    """A ``transformers`` fast tokenizer over ``SPECIALS + ["\\n"] + sorted punctuation + words``."""
+def build_word_tokenizer(words, bos: bool | str = True, lowercase: bool = False, specials=()):
+    """A ``transformers`` fast tokenizer over ``SPECIALS + specials + ["\\n"] + sorted punctuation + words``.
+    ``bos``: True adds ``<s>`` as BOS, a string adds that token (one of ``specials``), False none."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for w in SPECIALS + ["\n"] + list(".,:;?!'\"()-") + list(words):
+    specials = SPECIALS + [t for t in specials if t not in SPECIALS]
+    bos_token = "<s>" if bos is True else (bos or None)
+    if bos_token is not None and bos_token not in specials:
+        raise ValueError(f"bos={bos_token!r} must be one of the special tokens")
+    for w in specials + ["\n"] + list(".,:;?!'\"()-") + list(words):
         if w not in vocab:
             vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -26,9 +31,9 @@ def build_word_tokenizer(words, bos: bool = True, lowercase: bool = False):
         pre_tokenizers.Split(Regex(r"\n"), "isolated"),
         pre_tokenizers.Punctuation("isolated"),
     ])
-    tok.add_special_tokens(SPECIALS)
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                           special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>",
+    tok.add_special_tokens(specials)
+    if bos_token is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos_token} $A", pair=f"{bos_token} $A $B",
+                                                           special_tokens=[(bos_token, vocab[bos_token])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos_token, eos_token="</s>",
                                    unk_token="<unk>", pad_token="<pad>", padding_side="right")

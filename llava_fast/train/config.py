@@ -78,7 +78,7 @@ class DataSection:
     images: str = "."
     """Folder the image paths of the data file are relative to."""
     template: str = "plain"
-    """plain | vicuna_v1 | qwen (reference-spec.md 5.2)."""
+    """plain | vicuna_v1 | qwen (reference-spec.md 5.2) | llama3 (LLaVA-NeXT's llava_llama_3, its Llama-3-8B)."""
     max_len: int = 4096
     """Longest sample in tokens (text + image tokens); longer ones are truncated at the end or dropped."""
     packing: bool = True
@@ -119,8 +119,8 @@ class DataSection:
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf):
             raise ValueError(f"data.video_fps must be a positive number of frames per second or None, got "
                              f"{self.video_fps!r}")
-        if self.template not in ("plain", "vicuna_v1", "qwen"):
-            raise ValueError(f"data.template must be plain, vicuna_v1 or qwen, got {self.template!r}")
+        if self.template not in ("plain", "vicuna_v1", "qwen", "llama3"):
+            raise ValueError(f"data.template must be plain, vicuna_v1, qwen or llama3, got {self.template!r}")
         if self.max_len <= 0 or self.max_tokens <= 0:
             raise ValueError("data.max_len and data.max_tokens must be positive")
         if self.packing and self.max_len > self.max_tokens:

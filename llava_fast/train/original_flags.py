@@ -245,10 +245,10 @@ class _Translation:
         if "version" in f:
             v = pop("version")
             tpl = {"plain": "plain", "v1": "vicuna_v1", "vicuna_v1": "vicuna_v1", "qwen_1_5": "qwen",
-                   "qwen_2": "qwen"}.get(v)
+                   "qwen_2": "qwen", "llava_llama_3": "llama3"}.get(v)
             if tpl is None:
-                raise ValueError(f"--version {v}: the templates are plain, v1 (vicuna_v1) and qwen_1_5 / qwen_2 "
-                                 f"(qwen)")
+                raise ValueError(f"--version {v}: the templates are plain, v1 (vicuna_v1), qwen_1_5 / qwen_2 (qwen) "
+                                 f"and llava_llama_3 (llama3)")
             self.take("version", "data.template", v, tpl)
         if "model_max_length" in f:
             max_len = int(f["model_max_length"])

@@ -104,3 +104,93 @@ def test_expand_placeholders():
     ids, lab = expand_placeholders([1, IMG, 7, IMG, 8], [I, I, 7, I, 8], [3, 2], image_token_id=99)
     assert ids == [1, 99, 99, 99, 7, 99, 99, 8]
     assert lab == [I, I, I, I, 7, I, I, 8]
+
+
+# Llama 3 Instruct's chat template (Meta-Llama-3-8B-Instruct's tokenizer_config.json), which LLaVA-NeXT's
+# preprocess_llama3 renders each message with
+LLAMA3_CHAT = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+               "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+L3 = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+L3_WORDS = WORDS + "language vision able understand visual content that provides assist with variety of tasks using " \
+                   "natural".split()
+
+
+@pytest.fixture(scope="module")
+def llama3_tok():
+    tok = build_word_tokenizer(L3_WORDS, bos="<|begin_of_text|>", specials=L3)
+    tok.chat_template = LLAMA3_CHAT
+    return tok
+
+
+def preprocess_llama3_reference(tok, turns):
+    """LLaVA-NeXT's preprocess_llama3, as written there: the system message through the chat template, then each
+    message alone through it, its BOS cut; user messages masked; the ids convert_tokens_to_ids gives for the
+    un-mask list un-masked; <image> ids replaced by the placeholder."""
+    from llava_fast.data.templates import LLAMA3_SYSTEM
+
+    roles = {"human": "user", "gpt": "assistant"}
+    ids = tok.apply_chat_template([{"role": "system", "content": LLAMA3_SYSTEM}], tokenize=True, return_dict=False)
+    labels = [I] * len(ids)
+    for role, text in turns:
+        enc = tok.apply_chat_template([{"role": roles[role], "content": text}], tokenize=True,
+                                      return_dict=False)[1:]
+        ids = ids + enc
+        labels = labels + ([I] * len(enc) if role == "human" else list(enc))
+    unmask = [tok.convert_tokens_to_ids(t) for t in L3 + ("\n\n",)]
+    image = tok.convert_tokens_to_ids("<image>")
+    labels = [t if t in unmask else lab for t, lab in zip(ids, labels)]
+    return [IMG if t == image else t for t in ids], labels
+
+
+def test_llama3(llama3_tok):
+    """Hand-written expectation: the whole assistant message supervised (header and <|eot_id|> included), the four
+    Llama 3 special tokens un-masked everywhere (the user turns' headers and <|eot_id|> too)."""
+    e = encode_conversation(llama3_tok, CONV[:2], "llama3", n_images=1)
+    B, S, E, T, N = L3 + ("\n",)
+    system = ("You are a helpful language and vision assistant . You are able to understand the visual content "
+              "that the user provides , and assist the user with a variety of tasks using natural language .").split()
+    expect = ([B, S, "system", E, N, N] + system + [T, S, "user", E, N, N, IMG, N, "what", "colour", "is", "it", "?",
+                                                     T, S, "assistant", E, N, N, "red", T])
+    assert toks(llama3_tok, e.input_ids) == expect
+    a = len(expect) - 7
+    want = [t if (k >= a or t in (B, S, E, T)) else I for k, t in enumerate(expect)]
+    assert toks(llama3_tok, e.labels) == want
+
+
+@pytest.mark.parametrize("conv, n", [
+    (CONV, 1),
+    ([{"from": "human", "value": "<image>\n<image>\nwhat shape ?  "}, {"from": "gpt", "value": "  a red circle . \n"},
+      {"from": "human", "value": "what colour ?"}, {"from": "gpt", "value": "red"}], 2),
+    ([{"from": "gpt", "value": "red"}, {"from": "human", "value": "what is it ?"}, {"from": "gpt", "value": "a"}], 0),
+])
+def test_llama3_matches_llava_next_preprocess(llama3_tok, conv, n):
+    """Against an independent reference: LLaVA-NeXT's preprocess_llama3 through transformers' apply_chat_template
+    (content trimmed by the template, per-message tokenization), on the turns after preprocess_multimodal."""
+    e = encode_conversation(llama3_tok, conv, "llama3", n_images=n)
+    ids, labels = preprocess_llama3_reference(llama3_tok, normalize_conversations(conv))
+    assert toks(llama3_tok, e.input_ids) == toks(llama3_tok, ids)
+    assert e.labels == labels
+
+
+def test_llama3_bos_and_tokenizer_check(llama3_tok):
+    """Exactly one <|begin_of_text|> with a tokenizer that adds none; a tokenizer without Llama 3's tokens is refused
+    naming the setting (not a drop per sample)."""
+    from llava_fast.data.templates import check_template, generation_prompt, tokenize_prompt
+
+    plain = build_word_tokenizer(L3_WORDS, bos=False, specials=L3)
+    a = encode_conversation(plain, CONV, "llama3", n_images=1)
+    b = encode_conversation(llama3_tok, CONV, "llama3", n_images=1)
+    assert toks(plain, a.input_ids) == toks(llama3_tok, b.input_ids)
+    assert toks(plain, a.input_ids).count("<|begin_of_text|>") == 1
+    prompt, ref = generation_prompt(CONV, "llama3", n_images=1)
+    assert ref == "a circle ." and prompt.endswith("shape ?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids, _ = tokenize_prompt(plain, prompt, "llama3")
+    assert ids == a.input_ids[:len(ids)] and toks(plain, ids)[-3:] == ["<|end_header_id|>", "\n", "\n"]
+    with pytest.raises(ValueError, match="data.template 'llama3' needs a Llama 3 tokenizer; this one has no "
+                                         "<|begin_of_text|>, <|start_header_id|>"):
+        check_template(build_word_tokenizer(WORDS), "llama3", "data.template")
+    with pytest.raises(ValueError, match="template must be one of plain, vicuna_v1, qwen, llama3, got 'x'"):
+        check_template(llama3_tok, "x")

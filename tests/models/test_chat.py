@@ -93,6 +93,24 @@ def test_chat_uses_the_models_chat_template(tmp_path):
         s.ask("w12", temperature=-1.0)
 
 
+def test_chat_builtin_llama3_template(tmp_path):
+    """A Llama model whose tokenizer is Llama 3's (no chat template that places the image) gets Llama 3's headers,
+    as llama3-llava-next-8b-hf's chat template writes them, not Vicuna's USER:/ASSISTANT:."""
+    from llava_fast.chat import ChatSession, load_image
+
+    _, path = save_tiny(tmp_path, "llava_next")
+    heads = {"<|start_header_id|>": 5, "<|end_header_id|>": 6, "<|eot_id|>": 7}
+    add_tokenizer(path, extra=heads, specials=tuple(heads))
+    s = ChatSession(str(path), device="cpu")
+    s.set_image(load_image(_image(tmp_path)))
+    a1 = s.ask("w10 w11", max_new_tokens=3)
+    assert s._prompt("w12") == ("<|start_header_id|>user<|end_header_id|>\n\n<image>\nw10 w11<|eot_id|>"
+                                f"<|start_header_id|>assistant<|end_header_id|>\n\n{a1}<|eot_id|>"
+                                "<|start_header_id|>user<|end_header_id|>\n\nw12<|eot_id|>"
+                                "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert 7 in s.stop_ids
+
+
 def test_chat_answer_ends_at_end_of_turn_token(tmp_path):
     """An answer ends at a special end-of-turn token (<|im_end|>) that is not the tokenizer's eos, and at an eos id
     of generation_config.json: generation stops there and the answer is the text before it (the stop string was

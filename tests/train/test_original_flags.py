@@ -99,6 +99,8 @@ def test_llava15_lora_finetune_script(parts):
     assert "--mm_projector_lr 2e-5 -> optim.projector_lr" in notes
     cfg, _ = config_from_flags(_argv("--mm_projector_lr None --mm_vision_tower_lr None " + FINETUNE_15, parts))
     assert (cfg.optim.projector_lr, cfg.optim.vision_lr) == (None, None)
+    cfg, _ = config_from_flags(_argv(FINETUNE_15.replace("--version v1", "--version llava_llama_3"), parts))
+    assert cfg.data.template == "llama3"  # LLaVA-NeXT's Llama-3-8B scripts
 
 
 def test_llava15_pretrain_script_is_stage1_on_cropped_images(parts):
@@ -232,3 +234,49 @@ def test_pinpoints_key_is_checked(assets):
     cfg.model.path, cfg.model.image_grid_pinpoints = str(assets / "model"), "(1x1),...,(2x2)"
     with pytest.raises(ValueError, match="is for assembling a new model"):
         build_model(cfg.model, log=lambda *_: None)
+
+
+def test_llama3_script_trains_and_exports(parts, tmp_path, capsys):
+    """LLaVA-NeXT's Llama-3 fine-tune (--version llava_llama_3) on a language model with a Llama 3 tokenizer trains
+    with the llama3 template, and predict picks that template for the exported model; the same flags on a tokenizer
+    without Llama 3's tokens stop before training, naming data.template."""
+    import shutil
+
+    from PIL import Image
+
+    from transformers import AutoTokenizer
+
+    from llava_fast.data.word_tokenizer import build_word_tokenizer
+    from llava_fast.models.config import LlavaConfig
+    from llava_fast.predict import default_template
+    from tests.train.test_original import V
+
+    lm3 = tmp_path / "lm3"
+    shutil.copytree(parts["lm"], lm3)
+    for f in lm3.glob("tokenizer*"):
+        f.unlink()
+    l3 = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    build_word_tokenizer([f"w{i}" for i in range(V)], bos=l3[0], specials=l3).save_pretrained(lm3)
+    (tmp_path / "imgs").mkdir()
+    recs = []
+    for i in range(3):
+        Image.new("RGB", (28, 28), (60 * i, 90, 200)).save(tmp_path / "imgs" / f"{i}.png")
+        recs.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nw5 w6"}, {"from": "gpt", "value": f"w{i} w{i + 1}"}]})
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    over = ["train.device=cpu", "schedule.max_steps=2", "data.num_workers=0", "log.progress=false",
+            "data.max_len=256", "data.max_tokens=512"]
+    script = FINETUNE_15.replace("--version v1", "--version llava_llama_3")
+    argv = _argv(script, parts, lm=lm3, data=tmp_path / "d.json", images=tmp_path / "imgs", out=tmp_path / "run")
+    assert main(["train-original", *argv, *over]) == 0
+    final = tmp_path / "run" / "final"
+    cfg = LlavaConfig.from_hf_dict(json.loads((final / "config.json").read_text()))
+    assert default_template(cfg, AutoTokenizer.from_pretrained(final, local_files_only=True)) == "llama3"
+    capsys.readouterr()
+    argv = _argv(FINETUNE_15, parts, lm=lm3, data=tmp_path / "d.json", images=tmp_path / "imgs", out=tmp_path / "v1")
+    assert main(["train-original", *argv, *over, "schedule.max_steps=1"]) == 0  # vicuna_v1 trains, with a note
+    assert "data.template=vicuna_v1 on a Llama 3 tokenizer" in capsys.readouterr().out
+    argv = _argv(script, parts, data=tmp_path / "d.json", images=tmp_path / "imgs", out=tmp_path / "run2")
+    assert main(["train-original", *argv, *over]) == 2
+    assert "template (data.template) 'llama3' needs a Llama 3 tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "run2" / "final").exists()

@@ -37,6 +37,24 @@ def test_generation_prompt_is_the_training_prompt_up_to_the_answer():
         generation_prompt(conv, "vicuna_v1", 2)
 
 
+def test_default_template_follows_the_language_model():
+    """qwen for Qwen2, llama3 for a Llama 3 tokenizer (llama3-llava-next-8b), vicuna_v1 for other Llama models."""
+    from types import SimpleNamespace
+
+    from llava_fast.data.word_tokenizer import build_word_tokenizer
+    from llava_fast.predict import default_template
+
+    def cfg(text):
+        return SimpleNamespace(text_config=SimpleNamespace(model_type=text))
+
+    l3 = build_word_tokenizer(["a"], bos="<|begin_of_text|>",
+                              specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    assert (default_template(cfg("qwen2")), default_template(cfg("llama"), l3),
+            default_template(cfg("llama"), build_word_tokenizer(["a"]))) == ("qwen", "llama3", "vicuna_v1")
+    with pytest.raises(ValueError, match="no default prompt template for a mistral language model"):
+        default_template(cfg("mistral"))
+
+
 def _records(assets, n=5):
     recs = json.load(open(assets / "data" / "stage2.json"))[:n]
     return [dict(r, conversations=r["conversations"][:4]) for r in recs]  # question 2 of each, its answer the reference
