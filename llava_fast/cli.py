@@ -1,4 +1,5 @@
-"""The ``llava-fast`` command: ``env``, ``demo``, ``train``, ``chat``, ``predict`` and ``convert``."""
+"""The ``llava-fast`` command: ``env``, ``demo``, ``train``, ``train-original``, ``export``, ``chat``, ``predict`` and
+``convert``."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,13 @@ def _cmd_convert(args) -> int:
     from llava_fast.train.original import convert
 
     convert(args.original, args.vision_tower, args.out, model_type=args.model_type, model_base=args.model_base)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from llava_fast.train.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.out)
     return 0
 
 
@@ -95,6 +103,10 @@ def main(argv=None) -> int:
     s.add_argument("--model-type", default=None, choices=["llava", "llava_next", "llava_onevision"],
                    help="default: from image_aspect_ratio (pad: llava, anyres: llava_next, anyres_max_N: onevision)")
     s.set_defaults(fn=_cmd_convert)
+    s = sub.add_parser("export", help="a llava-hf folder from a training checkpoint (a run's latest, or step_N)")
+    s.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint OUT/checkpoints/step_N")
+    s.add_argument("--out", required=True, help="the llava-hf folder to write (new or empty)")
+    s.set_defaults(fn=_cmd_export)
     s = sub.add_parser("train-original", help="train with the original LLaVA code's train_mem.py flags (finetune.sh)",
                        add_help=False)
     s.set_defaults(fn=None)

@@ -94,6 +94,24 @@ def _discard(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def write_new_folder(out: str, fill, what: str = "--out") -> str:
+    """Fills a new (or empty) folder ``out`` all at once: ``fill(tmp)`` writes a sibling temporary folder, which is
+    then renamed to ``out``; a failure (or Ctrl-C) leaves no half-written ``out``. A non-empty ``out`` is refused."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"{what} {out}: exists and is not empty; choose a new folder")
+    tmp = f"{out.rstrip(os.sep)}.writing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fill(tmp)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def is_complete(path: str) -> bool:
     try:
         with open(os.path.join(path, META)) as f:

@@ -186,10 +186,9 @@ def convert(src: str, vision_tower: str, out: str, model_type: str | None = None
     llava_fast load. A LoRA run's folder (:func:`is_lora`) is merged into ``model_base``, its language model (whose
     tokenizer it takes, as the original's loader). Written to a temporary folder and renamed when complete: a crash
     leaves no half-written ``out``."""
-    import shutil
-
     from llava_fast.models.io import save_pretrained
     from llava_fast.train.build import assemble
+    from llava_fast.train.checkpoint import write_new_folder
     from llava_fast.train.trainer import _save_image_processor
 
     cfg_path = os.path.join(src, "config.json")
@@ -203,7 +202,7 @@ def convert(src: str, vision_tower: str, out: str, model_type: str | None = None
     if not os.path.isdir(vision_tower):
         raise FileNotFoundError(f"--vision-tower {vision_tower}: no such folder; the checkpoint was trained with "
                                 f"{config.get('mm_vision_tower')!r}: give a local copy of it (config.json + weights)")
-    if os.path.exists(out) and os.listdir(out):
+    if os.path.exists(out) and os.listdir(out):  # (before the merge and assembly: minutes for a 7B)
         raise FileExistsError(f"--out {out}: exists and is not empty; choose a new folder")
     orig = settings(config, cfg_path)
     weights = None
@@ -227,18 +226,13 @@ def convert(src: str, vision_tower: str, out: str, model_type: str | None = None
         # "pad" trained on images padded to a square with the mean colour ("square": resized and centre-cropped):
         # written as LlavaImageProcessor(do_pad=True), so chat, predict and transformers see images as it was trained
         spec = image_config(model.config, do_pad=orig.aspect_ratio == "pad")
-    tmp = f"{out.rstrip(os.sep)}.converting-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def fill(tmp):
         save_pretrained(model, tmp)
         tok.save_pretrained(tmp)
         _save_image_processor(model.config, tmp, tok, spec)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_new_folder(out, fill)
     log(f"converted {src} ({config.get('mm_vision_tower')}, image_aspect_ratio "
         f"{config.get('image_aspect_ratio', 'pad')}) to a {model.config.model_type} llava-hf folder: {out}")
     return out

@@ -276,16 +276,8 @@ class Trainer:
         return self
 
     def image_spec(self):
-        """The image preprocessing this run trains with: the checkpoint folder's (its preprocessor_config.json) or
-        the assembled model's, with ``data.pad_to_square`` applied (LLaVA-1.5 only)."""
-        from llava_fast.data.images import checkpoint_image_config
-
-        pad, mt = self.cfg.data.pad_to_square, self.model.config.model_type
-        if pad is not None and mt != "llava":
-            raise ValueError(f"data.pad_to_square={pad} is for LLaVA-1.5 (model type llava) models; a {mt} model's "
-                             f"AnyRes tiles have their own padding: leave data.pad_to_square unset (none)")
-        return checkpoint_image_config(self.cfg.model.path, self.model.config,
-                                       **({} if pad is None else {"do_pad": pad}))
+        """The image preprocessing this run trains with (:func:`run_image_spec`)."""
+        return run_image_spec(self.cfg, self.model.config)
 
     def _build_data(self):
         cfg = self.cfg
@@ -762,8 +754,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def export(self, path: str) -> str:
         """A llava-hf folder (config.json, safetensors, tokenizer) that transformers and llava_fast load."""
-        from llava_fast.models.io import save_pretrained
-
         model = self.model
         if self.cfg.train.lora:
             from llava_fast.train.lora import merge_lora
@@ -772,20 +762,40 @@ class Trainer:
             self._lora_merged = True
         sd = full_model_state(model, self.fsdp)
         if self.dist.is_main:
-            with torch.device("meta"):
-                fresh = type(model)(model.config)
-            fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
-                                  strict=False, assign=True)
-            fresh.tie_weights()
-            save_pretrained(fresh, path)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(path)
-            spec = getattr(self.dataset, "image_config", None) or self.image_spec()
-            _save_image_processor(model.config, path, self.tokenizer, spec)
+            write_llava_hf(model, sd, path, self.tokenizer,
+                           getattr(self.dataset, "image_config", None) or self.image_spec())
             self.log(f"exported llava-hf model to {path}")
         if self.dist.enabled:
             torch.distributed.barrier()
         return path
+
+
+def run_image_spec(cfg: TrainConfig, model_config):
+    """The image preprocessing a run of ``cfg`` trains with: the checkpoint folder's (its preprocessor_config.json) or
+    the assembled model's, with ``data.pad_to_square`` applied (LLaVA-1.5 only)."""
+    from llava_fast.data.images import checkpoint_image_config
+
+    pad, mt = cfg.data.pad_to_square, model_config.model_type
+    if pad is not None and mt != "llava":
+        raise ValueError(f"data.pad_to_square={pad} is for LLaVA-1.5 (model type llava) models; a {mt} model's "
+                         f"AnyRes tiles have their own padding: leave data.pad_to_square unset (none)")
+    return checkpoint_image_config(cfg.model.path, model_config, **({} if pad is None else {"do_pad": pad}))
+
+
+def write_llava_hf(model, state: dict, path: str, tokenizer, spec) -> None:
+    """Writes ``state`` (a full state dict of ``model``'s type and config, LoRA merged) as a llava-hf folder: fp32
+    config.json + safetensors, the tokenizer, and the image processor of ``spec``."""
+    from llava_fast.models.io import save_pretrained
+
+    with torch.device("meta"):
+        fresh = type(model)(model.config)
+    fresh.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                          strict=False, assign=True)
+    fresh.tie_weights()
+    save_pretrained(fresh, path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    _save_image_processor(model.config, path, tokenizer, spec)
 
 
 class _MetricSinks:
