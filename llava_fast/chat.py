@@ -18,10 +18,10 @@ import sys
 
 import torch
 
-TEMPLATES = {
-    "vicuna": {"user": "USER: {text} ", "assistant": "ASSISTANT: {text}</s>", "generation": "ASSISTANT:"},
-    "chatml": {"user": "<|im_start|>user\n{text}<|im_end|>\n", "assistant": "<|im_start|>assistant\n{text}<|im_end|>\n",
-               "generation": "<|im_start|>assistant\n"},
+TEMPLATES = {  # the built-in formats, by the training template (predict.default_template) of the language model
+    "vicuna_v1": {"user": "USER: {text} ", "assistant": "ASSISTANT: {text}</s>", "generation": "ASSISTANT:"},
+    "qwen": {"user": "<|im_start|>user\n{text}<|im_end|>\n", "assistant": "<|im_start|>assistant\n{text}<|im_end|>\n",
+             "generation": "<|im_start|>assistant\n"},
     "llama3": {"user": "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
                "assistant": "<|start_header_id|>assistant<|end_header_id|>\n\n{text}<|eot_id|>",
                "generation": "<|start_header_id|>assistant<|end_header_id|>\n\n"},
@@ -112,8 +112,7 @@ class ChatSession:
         if self.chat_template is None:
             from llava_fast.predict import default_template
 
-            name = default_template(cfg, self.tokenizer)
-            self.template = TEMPLATES[{"qwen": "chatml", "llama3": "llama3"}.get(name, "vicuna")]
+            self.template = TEMPLATES[default_template(cfg, self.tokenizer)]
         self.stop_ids = stop_token_ids(self.tokenizer, model_dir)
         self.turns: list[tuple[str, str]] = []
         self.dropped_turns = 0   # turns the last ask dropped to fit the context

@@ -119,8 +119,10 @@ class DataSection:
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf):
             raise ValueError(f"data.video_fps must be a positive number of frames per second or None, got "
                              f"{self.video_fps!r}")
-        if self.template not in ("plain", "vicuna_v1", "qwen", "llama3"):
-            raise ValueError(f"data.template must be plain, vicuna_v1, qwen or llama3, got {self.template!r}")
+        from llava_fast.data.templates import TEMPLATES
+
+        if self.template not in TEMPLATES:
+            raise ValueError(f"data.template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if self.max_len <= 0 or self.max_tokens <= 0:
             raise ValueError("data.max_len and data.max_tokens must be positive")
         if self.packing and self.max_len > self.max_tokens:
