@@ -39,9 +39,10 @@ def build_model(ms, log=print):
     """(model, tokenizer) for a :class:`~llava_fast.train.config.ModelSection`."""
     from llava_fast.data import load_tokenizer
 
-    if ms.path and ms.image_grid_pinpoints:
-        raise ValueError(f"model.image_grid_pinpoints={ms.image_grid_pinpoints!r} is for assembling a new model; the "
-                         f"checkpoint {ms.path} has its own (its config.json's image_grid_pinpoints)")
+    for key in ("image_grid_pinpoints", "vision_feature_layer", "vision_feature_select_strategy"):
+        if ms.path and getattr(ms, key) is not None:
+            raise ValueError(f"model.{key}={getattr(ms, key)!r} is for assembling a new model; the checkpoint "
+                             f"{ms.path} has its own (its config.json's {key})")
     if ms.path:
         import llava_fast
 
@@ -50,7 +51,8 @@ def build_model(ms, log=print):
         tok = load_tokenizer(ms.path)
     elif ms.language_model and ms.vision_tower:
         model, tok = assemble(ms.language_model, ms.vision_tower, ms.model_type, vision_weights=ms.vision_weights,
-                              pinpoints=ms.image_grid_pinpoints, log=log)
+                              pinpoints=ms.image_grid_pinpoints, log=log, feature_layer=ms.vision_feature_layer,
+                              feature_strategy=ms.vision_feature_select_strategy)
     else:
         raise ValueError("model: give --model (a llava-hf folder) or model.language_model=DIR and "
                          "model.vision_tower=DIR (or an open_clip name with model.vision_weights=FILE)")
@@ -163,14 +165,17 @@ def _resize_embeddings(w: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def assemble(language_model: str, vision_tower: str, model_type: str = "llava_next", vision_weights: str | None = None,
-             pinpoints=None, log=print, weights: dict | None = None, tokenizer_dir: str | None = None):
+             pinpoints=None, log=print, weights: dict | None = None, tokenizer_dir: str | None = None,
+             feature_layer: int | None = None, feature_strategy: str | None = None):
     """A new LLaVA (projector randomly initialised) from separate language-model and vision-tower weights.
 
     ``language_model`` may also be an original LLaVA checkpoint folder (:mod:`llava_fast.train.original`): its
     projector, ``image_newline`` and trained tower layers are kept, and its ``mm_*`` settings (feature layer,
     pinpoints, SigLIP's dropped last layer) apply; ``vision_tower`` then gives the tower's config and the weights the
     checkpoint lacks. ``weights`` / ``tokenizer_dir``: the language model's tensors and tokenizer when they are not
-    in ``language_model`` (an original LoRA checkpoint merged into its base model)."""
+    in ``language_model`` (an original LoRA checkpoint merged into its base model). ``feature_layer`` /
+    ``feature_strategy``: the tower layer and tokens the projector reads (``model.vision_feature_layer`` /
+    ``model.vision_feature_select_strategy``), over the defaults and an original checkpoint's own."""
     from transformers import AutoTokenizer
 
     from llava_fast.models import LlavaConfig
@@ -245,6 +250,15 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
         hf.update(orig.features(siglip))
         if siglip:  # the original deletes SigLIP's last layer and takes hidden_states[-1]
             vcfg["num_hidden_layers"] = int(vcfg.get("num_hidden_layers", 27)) - 1
+    if feature_strategy == "default" and siglip:
+        raise ValueError("model.vision_feature_select_strategy=default drops the first token as a CLS token; a SigLIP "
+                         "tower has none (it would drop an image patch): use full")
+    n_layers = int(vcfg.get("num_hidden_layers", 0))
+    if feature_layer is not None and not -n_layers - 1 <= feature_layer <= n_layers:
+        raise ValueError(f"model.vision_feature_layer={feature_layer} is out of range for the tower's {n_layers} "
+                         f"layers (-{n_layers + 1}..{n_layers}; -2 is the penultimate layer)")
+    hf.update({k: v for k, v in (("vision_feature_layer", feature_layer),
+                                 ("vision_feature_select_strategy", feature_strategy)) if v is not None})
     cfg = LlavaConfig.from_hf_dict(hf)
     model = CLASSES[model_type](cfg)
     # the stage-1 projector starts from nn.Linear's defaults (kaiming-uniform weights, uniform biases), as the

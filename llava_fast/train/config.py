@@ -57,6 +57,12 @@ class ModelSection:
     """AnyRes resolutions of an assembled NeXT / OneVision model, as LLaVA-NeXT's --image_grid_pinpoints: tile counts
     "(1x1),...,(3x3)" or pixel sizes "336x672,672x336" (height x width, multiples of the tower's tile). None: the
     released models' (NeXT's five, OneVision's 1x1 to 6x6; an original checkpoint's own)."""
+    vision_feature_layer: int | None = None
+    """The tower layer the projector reads when assembling a new model, transformers' index (-2: the penultimate, as
+    every released LLaVA; -1: the last). None: -2, or an original checkpoint's own mm_vision_select_layer."""
+    vision_feature_select_strategy: str | None = None
+    """default (the CLS token dropped, CLIP) | full (every token); None: default for CLIP, full for SigLIP (which has
+    no CLS token), or an original checkpoint's own mm_vision_select_feature. Assembling only."""
     dtype: str = "auto"
     """Parameter dtype: auto (fp32 master weights + bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16."""
 
@@ -67,6 +73,9 @@ class ModelSection:
             raise ValueError(f"model.model_type must be llava, llava_next or llava_onevision, got {self.model_type!r}")
         if self.image_grid_pinpoints is not None:
             parse_pinpoints(self.image_grid_pinpoints, None)  # the format (the tile is checked when assembling)
+        if self.vision_feature_select_strategy not in (None, "default", "full"):
+            raise ValueError(f"model.vision_feature_select_strategy must be default or full (or none), got "
+                             f"{self.vision_feature_select_strategy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"model.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 

@@ -47,7 +47,7 @@ _IGNORED = {
     "remove_unused_columns": "no HF Trainer", "mm_hidden_size": "from the tower's config",
 }
 # flags checked against what llava-hf's models are (a value they cannot hold is refused above): noted as checked
-_CHECKED = ("mm_projector_type", "mm_vision_select_layer", "mm_vision_select_feature", "mm_patch_merge_type",
+_CHECKED = ("mm_projector_type", "mm_patch_merge_type",
             "mm_spatial_pool_mode", "mm_newline_position", "mm_use_im_start_end", "mm_use_im_patch_token",
             "early_mix_text", "mm_resampler_type", "mm_spatial_pool_stride", "image_crop_resolution",
             "image_split_resolution", "lora_bias", "bits", "fp16", "lr_scheduler_type",
@@ -99,6 +99,19 @@ def _local(flag: str, path: str) -> str:
         raise ValueError(f"--{flag} {path}: not a local folder; llava_fast downloads nothing: fetch it first "
                          f"(huggingface-cli download {path} --local-dir DIR) and pass DIR")
     return path
+
+
+def _read_config(folder: str) -> dict:
+    try:
+        with open(os.path.join(folder, "config.json")) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_siglip(tower: str | None) -> bool:
+    cfg = _read_config(tower) if tower else {}
+    return "siglip" in str(cfg.get("model_type", "")) or "siglip" in str(cfg.get("vision_config", {}).get("model_type"))
 
 
 def _pinpoints(value):
@@ -186,9 +199,6 @@ class _Translation:
             if k in f and str(f[k]) not in ok:
                 raise ValueError(f"--{k} {f[k]}: only {ok[0]} is supported (as llava-hf's models)")
         model_type = original.settings(mm, "the original's flags").model_type  # refuses what llava-hf cannot hold
-        if "mm_vision_select_layer" in f and int(f["mm_vision_select_layer"]) != -2:
-            raise ValueError(f"--mm_vision_select_layer {f['mm_vision_select_layer']}: llava_fast assembles with -2 "
-                             f"(the penultimate layer, as every released LLaVA)")
         if hf_folder:
             if "image_aspect_ratio" in f and lm_cfg.get("model_type") != model_type:
                 raise ValueError(f"--image_aspect_ratio {ar} is a {model_type} setting, but --model_name_or_path {lm} "
@@ -197,6 +207,31 @@ class _Translation:
         elif model_type == "llava_onevision" and ar != "anyres_max_9":
             raise ValueError(f"--image_aspect_ratio {ar}: llava-hf's OneVision is anyres_max_9")
         return lm, hf_folder, model_type
+
+    def features(self, lm: str, hf_folder: bool, tower: str | None) -> None:
+        """``--mm_vision_select_layer`` / ``--mm_vision_select_feature``: the tower layer and tokens the projector
+        reads. The original's defaults when absent are -1 (the last layer; the released scripts all pass -2) and
+        ``patch``; an original checkpoint keeps its own unless a flag is given; a SigLIP tower ignores both (the
+        original drops its last layer and reads every token of the rest)."""
+        from llava_fast.train import original
+
+        layer, feature = self.pop("mm_vision_select_layer"), self.pop("mm_vision_select_feature")
+        given = [(k, v) for k, v in (("mm_vision_select_layer", layer), ("mm_vision_select_feature", feature))
+                 if v is not None]
+        if hf_folder or _is_siglip(tower):
+            why = "the llava-hf folder has its own" if hf_folder else \
+                "a SigLIP tower: the original drops its last layer and reads every token of the rest"
+            self.notes += [f"--{k} {v}: ignored ({why})" for k, v in given]
+            return
+        if layer is not None:
+            self.take("mm_vision_select_layer", "model.vision_feature_layer", layer, int(layer))
+        elif not original.is_original(_read_config(lm)):
+            self.sets.append("model.vision_feature_layer=-1")
+            self.notes.append("no --mm_vision_select_layer: -1 (the last layer), the original's default -> "
+                              "model.vision_feature_layer=-1 (the released scripts pass -2)")
+        if feature is not None:
+            self.take("mm_vision_select_feature", "model.vision_feature_select_strategy", feature,
+                      "default" if feature == "patch" else "full")
 
     def model(self, lm: str, hf_folder: bool, model_type: str) -> None:
         """The ``model.*`` settings and LLaVA-1.5's image rule."""
@@ -216,6 +251,7 @@ class _Translation:
             self.take("model_name_or_path", "model.language_model", lm)
             self.take("vision_tower", "model.vision_tower", _local("vision_tower", tower))
             self.sets.append(f"model.model_type={model_type}")
+        self.features(lm, hf_folder, tower)
         if "image_grid_pinpoints" in self.left:
             pins = _pinpoints(self.pop("image_grid_pinpoints"))
             if hf_folder or model_type == "llava":

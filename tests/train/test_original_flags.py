@@ -142,7 +142,6 @@ def test_from_an_original_or_llava_hf_checkpoint(parts, tmp_path):
 @pytest.mark.parametrize("extra, match", [
     (["--mm_projector_type", "linear"], "mm_projector_type='linear'"),
     (["--mm_use_im_start_end", "True"], "--mm_use_im_start_end True"),
-    (["--mm_vision_select_layer", "-1"], "--mm_vision_select_layer -1"),
     (["--bits", "4"], "--bits 4: QLoRA"),
     (["--fp16", "True"], "--fp16 True"),
     (["--lr_scheduler_type", "linear"], "--lr_scheduler_type linear"),
@@ -233,6 +232,53 @@ def test_pinpoints_key_is_checked(assets):
         apply_overrides(cfg, ["model.image_grid_pinpoints=big"])
     cfg.model.path, cfg.model.image_grid_pinpoints = str(assets / "model"), "(1x1),...,(2x2)"
     with pytest.raises(ValueError, match="is for assembling a new model"):
+        build_model(cfg.model, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("extra, want", [
+    (["--mm_vision_select_layer", "-2"], (-2, None)),
+    (["--mm_vision_select_layer", "-1", "--mm_vision_select_feature", "cls_patch"], (-1, "full")),
+    ([], (-1, None)),  # the original's default, -1 (every released script passes -2)
+])
+def test_feature_layer_flags(parts, extra, want):
+    """--mm_vision_select_layer / --mm_vision_select_feature give the tower layer and tokens the assembled model's
+    projector reads; absent, the original's default layer -1; a SigLIP tower ignores both, as the original."""
+    from llava_fast.train.build import build_model
+
+    base = ["--model_name_or_path", str(parts["lm"]), "--vision_tower", str(parts["clip"]),
+            "--mm_projector_type", "mlp2x_gelu"]
+    cfg, notes = config_from_flags(base + extra)
+    assert (cfg.model.vision_feature_layer, cfg.model.vision_feature_select_strategy) == want
+    if not extra:
+        assert any("no --mm_vision_select_layer: -1 (the last layer), the original's default" in n for n in notes)
+    model, _ = build_model(cfg.model, log=lambda *_: None)
+    assert (model.config.vision_feature_layer, model.config.vision_feature_select_strategy) == (
+        want[0], want[1] or "default")
+    sig = ["--model_name_or_path", str(parts["lm"]), "--vision_tower", str(parts["siglip"]),
+           "--mm_projector_type", "mlp2x_gelu", "--image_aspect_ratio", "anyres_max_9"]
+    cfg, notes = config_from_flags(sig + extra)
+    assert (cfg.model.vision_feature_layer, cfg.model.vision_feature_select_strategy) == (None, None)
+    assert all(any(f"--{k} " in n and "ignored (a SigLIP tower" in n for n in notes)
+               for k in ("mm_vision_select_layer", "mm_vision_select_feature") if f"--{k}" in extra)
+
+
+def test_feature_keys_are_checked(parts, assets):
+    from llava_fast.train import apply_overrides, get_recipe
+    from llava_fast.train.build import build_model
+
+    cfg = get_recipe("stage2", "llava_next")
+    with pytest.raises(ValueError, match="model.vision_feature_select_strategy must be default or full"):
+        apply_overrides(cfg, ["model.vision_feature_select_strategy=cls"])
+    cfg.model.path, cfg.model.vision_feature_layer = str(assets / "model"), -1
+    with pytest.raises(ValueError, match="model.vision_feature_layer=-1 is for assembling a new model"):
+        build_model(cfg.model, log=lambda *_: None)
+    cfg.model.path, cfg.model.language_model, cfg.model.vision_tower = None, str(parts["lm"]), str(parts["clip"])
+    cfg.model.vision_feature_layer = 9
+    with pytest.raises(ValueError, match="model.vision_feature_layer=9 is out of range for the tower's 3 layers"):
+        build_model(cfg.model, log=lambda *_: None)
+    cfg.model.vision_feature_layer, cfg.model.vision_tower = None, str(parts["siglip"])
+    cfg.model.vision_feature_select_strategy = "default"
+    with pytest.raises(ValueError, match="a SigLIP tower has none"):
         build_model(cfg.model, log=lambda *_: None)
 
 
