@@ -65,6 +65,50 @@ def stop_token_ids(tokenizer, model_dir: str) -> set[int]:
     return ids
 
 
+def find_chat_template(tokenizer, model_dir: str) -> str | None:
+    """The processor's (``chat_template.json`` or ``processor_config.json``) or else the tokenizer's chat template,
+    the first that renders one ``<image>`` for a user turn with an image; None when none does."""
+    candidates = []
+    for name in ("chat_template.json", "processor_config.json"):
+        pp = os.path.join(model_dir, name)
+        if os.path.isfile(pp):
+            with open(pp) as f:
+                candidates.append(json.load(f).get("chat_template"))
+    tmpl = getattr(tokenizer, "chat_template", None)
+    candidates.append(tmpl.get("default") if isinstance(tmpl, dict) else tmpl)
+    return next((t for t in candidates if t and places_media(tokenizer, t, "image")), None)
+
+
+def places_media(tokenizer, template: str, media: str) -> bool:
+    """Whether ``template`` renders one ``<media>`` placeholder for a user turn holding an image / a video."""
+    probe = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": "Q"}]}]
+    try:
+        text = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a text-only template that cannot render content lists
+        return False
+    return isinstance(text, str) and text.count(f"<{media}>") == 1
+
+
+def render_chat(tokenizer, template: str, turns: list[tuple[str, str | None]]) -> str:
+    """The prompt ``template`` (a chat template that places media) writes for ``turns`` (human text, gpt answer or
+    None for the question asked), up to the answer: each ``<image>`` / ``<video>`` of a human text becomes an
+    image / video item of its message, in order, the text around the tags a text item (stripped)."""
+    from llava_fast.data.templates import split_media
+
+    messages = []
+    for q, a in turns:
+        content = []
+        for _, chunk, tag in split_media(q):
+            if chunk.strip():
+                content.append({"type": "text", "text": chunk.strip()})
+            if tag is not None:
+                content.append({"type": tag.strip("<>")})
+        messages.append({"role": "user", "content": content})
+        if a is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+
 def decode_answer(tokenizer, tokens: list[int], stop_ids: set[int]) -> str:
     """The text of generated ``tokens`` up to the first stop token or end-of-turn string, stripped."""
     end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
@@ -101,7 +145,7 @@ class ChatSession:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         cfg = self.model.config
         self.image_config = checkpoint_image_config(model_dir, cfg)
-        self.chat_template = self._find_chat_template(model_dir)
+        self.chat_template = find_chat_template(self.tokenizer, model_dir)
         text_type = cfg.text_config.model_type
         if self.chat_template is None and text_type not in ("llama", "qwen2"):
             raise ValueError(f"{model_dir}: no chat template that places the image (chat_template.json, "
@@ -118,29 +162,6 @@ class ChatSession:
         self.dropped_turns = 0   # turns the last ask dropped to fit the context
         self.image = None        # preprocess_images' output for the image, or None
         self.video = None        # (frames, 3, T, T) preprocessed frames of the video, or None
-
-    def _find_chat_template(self, model_dir: str) -> str | None:
-        """The processor's (``chat_template.json`` or ``processor_config.json``) or else the tokenizer's chat
-        template, the first that renders one ``<image>`` for a user turn with an image; None when none does."""
-        candidates = []
-        for name in ("chat_template.json", "processor_config.json"):
-            pp = os.path.join(model_dir, name)
-            if os.path.isfile(pp):
-                with open(pp) as f:
-                    candidates.append(json.load(f).get("chat_template"))
-        tmpl = getattr(self.tokenizer, "chat_template", None)
-        candidates.append(tmpl.get("default") if isinstance(tmpl, dict) else tmpl)
-        return next((t for t in candidates if t and self._places(t, "image")), None)
-
-    def _places(self, template: str, media: str) -> bool:
-        """Whether ``template`` renders one ``<media>`` placeholder for a user turn holding an image / a video."""
-        probe = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": "Q"}]}]
-        try:
-            text = self.tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False,
-                                                      add_generation_prompt=True)
-        except Exception:  # a text-only template that cannot render content lists
-            return False
-        return isinstance(text, str) and text.count(f"<{media}>") == 1
 
     def set_image(self, image_u8: torch.Tensor):
         """Sets the image the conversation is about: starts a new conversation (the turns about the previous image
@@ -160,7 +181,7 @@ class ChatSession:
         if cfg.model_type != "llava_onevision" or getattr(cfg, "video_token_id", None) is None:
             raise ValueError(f"--video: a {cfg.model_type} model takes images only (videos need a LLaVA-OneVision "
                              f"model); use --image")
-        if self.chat_template is not None and not self._places(self.chat_template, "video"):
+        if self.chat_template is not None and not places_media(self.tokenizer, self.chat_template, "video"):
             raise ValueError("--video: the model's chat template does not place videos (it renders no '<video>' "
                              "for a video in a user turn); add a chat template that does (chat_template.json)")
         self.video, self.image = preprocess_video(frames_u8, self.image_config), None
@@ -183,14 +204,9 @@ class ChatSession:
     def _prompt(self, question: str) -> str:
         turns = self.turns + [(question, None)]
         if self.chat_template is not None:
-            messages = []
-            for i, (q, a) in enumerate(turns):
-                media = [{"type": self.media}] if (i == 0 and self.media) else []
-                messages.append({"role": "user", "content": media + [{"type": "text", "text": q}]})
-                if a is not None:
-                    messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                      add_generation_prompt=True)
+            return render_chat(self.tokenizer, self.chat_template,
+                               [(f"<{self.media}>{q}" if (i == 0 and self.media) else q, a)
+                                for i, (q, a) in enumerate(turns)])
         parts = []
         for i, (q, a) in enumerate(turns):
             text = f"<{self.media}>\n{q}" if (i == 0 and self.media) else q

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     s.add_argument("--images", default=".", help="folder the image/video paths are relative to (default: .)")
     s.add_argument("--out", required=True, help="JSON lines to append to; samples already answered there are skipped")
     s.add_argument("--template", default=None, help="the prompt format the model was trained with: vicuna_v1 | qwen "
-                   "| llama3 | plain (default: qwen for Qwen2, llama3 for Llama 3, else vicuna_v1)")
+                   "| llama3 | plain | chat: the model's chat template (default: qwen for Qwen2, llama3 for Llama 3, "
+                   "vicuna_v1 for other Llama models, else chat)")
     s.add_argument("--batch", type=int, default=16, help="samples per generate call (default 16)")
     s.add_argument("--frames", type=int, default=32, help="frames sampled from each video (default 32)")
     s.add_argument("--device", default=None)

@@ -3,11 +3,13 @@ JSON/JSONL file (evaluation sets, data generation), in batches through the packe
 
 Each record is a training-format sample whose conversation ends with the question (a human turn) or with a
 reference answer (a gpt turn: left out of the prompt and written next to the prediction). The prompt is the one the
-model was trained with (``--template``; by default ``vicuna_v1`` for Llama models, ``qwen`` for Qwen2 ones), up to
-where the answer starts. One JSON line per sample is appended to ``--out`` and flushed as soon as its batch is done:
-``{"id", "answer", "reference"?}``, or ``{"id", "error"}`` for a sample that cannot be answered (missing or corrupt
-image, too long for the context), which is counted and never stops the run. A run started again on the same
-``--out`` skips the samples it already answered, so an interrupted run loses at most one batch.
+model was trained with (``--template``; by default ``vicuna_v1`` for Llama models, ``llama3`` for Llama 3 ones,
+``qwen`` for Qwen2 ones; ``chat``, the default for other language models such as Mistral's: the model's own chat
+template, as ``llava-fast chat`` uses it), up to where the answer starts. One JSON line per sample is appended to
+``--out`` and flushed as soon as its batch is done: ``{"id", "answer", "reference"?}``, or ``{"id", "error"}`` for a
+sample that cannot be answered (missing or corrupt image, too long for the context), which is counted and never
+stops the run. A run started again on the same ``--out`` skips the samples it already answered, so an interrupted
+run loses at most one batch.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def default_template(config, tokenizer=None) -> str:
         llama3 = tokenizer is not None and "<|start_header_id|>" in tokenizer.get_vocab()
         return "llama3" if llama3 else "vicuna_v1"
     raise ValueError(f"--template: no default prompt template for a {text} language model; give the template the "
-                     f"model was trained with (vicuna_v1, qwen, llama3 or plain)")
+                     f"model was trained with (vicuna_v1, qwen, llama3 or plain), or add its chat template to the "
+                     f"folder (chat_template.json: --template chat)")
 
 
 def _answers(path: str):
@@ -59,9 +62,23 @@ class _Prepared:
         self.pixel_values, self.image_sizes, self.n_images, self.video = pixel_values, image_sizes, n_images, video
 
 
-def _prepare(rec, k, model, spec, tok, template, image_root, frames, max_pixels, max_new_tokens):
+def _prompt(rec, tok, template, chat_template, n_images: int, n_videos: int):
+    """(prompt, reference) of a record: ``template``'s training format up to the answer, or the model's chat template
+    (``template`` ``chat``)."""
+    from llava_fast.data.templates import generation_prompt, prompt_turns
+
+    if template != "chat":
+        return generation_prompt(rec["conversations"], template, n_images, n_videos)
+    from llava_fast.chat import render_chat
+
+    turns, reference = prompt_turns(rec["conversations"], n_images, n_videos)
+    pairs = [(turns[i][1], turns[i + 1][1] if i + 1 < len(turns) else None) for i in range(0, len(turns), 2)]
+    return render_chat(tok, chat_template, pairs), reference
+
+
+def _prepare(rec, k, model, spec, tok, template, image_root, frames, max_pixels, max_new_tokens, chat_template=None):
     from llava_fast.data.images import load_image_u8
-    from llava_fast.data.templates import SampleError, expand_placeholders, generation_prompt, tokenize_prompt
+    from llava_fast.data.templates import SampleError, expand_placeholders, tokenize_prompt
     from llava_fast.ops import anyres
 
     if not isinstance(rec, dict) or "conversations" not in rec:
@@ -70,7 +87,7 @@ def _prepare(rec, k, model, spec, tok, template, image_root, frames, max_pixels,
     imgs = rec.get("image") or []
     imgs = [imgs] if isinstance(imgs, str) else list(imgs)
     vid = rec.get("video")
-    prompt, reference = generation_prompt(rec["conversations"], template, len(imgs), 1 if vid else 0)
+    prompt, reference = _prompt(rec, tok, template, chat_template, len(imgs), 1 if vid else 0)
     ids, _ = tokenize_prompt(tok, prompt, template)
     cfg = model.config
     out = _Prepared(sid, None, reference)
@@ -122,7 +139,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     """Answers every sample of ``data`` into ``out`` (JSON lines, appended; samples already answered there are
     skipped). Returns counts: ``answered``, ``skipped`` (answered before), ``errors``."""
     import llava_fast
-    from llava_fast.chat import END_OF_TURN, decode_answer, stop_token_ids
+    from llava_fast.chat import END_OF_TURN, decode_answer, find_chat_template, stop_token_ids
     from llava_fast.data import load_tokenizer, read_records
     from llava_fast.data.images import checkpoint_image_config
     from llava_fast.data.templates import TEMPLATES, SampleError, check_template
@@ -133,8 +150,9 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
         raise ValueError(f"--batch must be an integer >= 1, got {batch!r}")
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"--frames must be an integer >= 1, got {frames!r}")
-    if template is not None and template not in TEMPLATES:
-        raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    if template is not None and template not in TEMPLATES + ("chat",):
+        raise ValueError(f"--template must be one of {', '.join(TEMPLATES)} or chat (the model's chat template), got "
+                         f"{template!r}")
     records = read_records(data)
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"--images {image_root}: no such folder (the folder image paths are relative to)")
@@ -144,8 +162,21 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
     model = llava_fast.from_pretrained(model_dir, device=device).eval()
     tok = load_tokenizer(model_dir)
     spec = checkpoint_image_config(model_dir, model.config)  # its preprocessor_config.json: LLaVA-1.5's do_pad
-    template = template or default_template(model.config, tok)
-    check_template(tok, template, "--template")
+    chat_template = find_chat_template(tok, model_dir)
+    if template is None:
+        try:
+            template = default_template(model.config, tok)
+        except ValueError:
+            if chat_template is None:
+                raise
+            template = "chat"
+            log(f"--template: no built-in format for a {model.config.text_config.model_type} language model: the "
+                f"model's chat template (--template chat)")
+    if template == "chat" and chat_template is None:
+        raise ValueError(f"--template chat: {model_dir} has no chat template that places the image "
+                         f"(chat_template.json, processor_config.json or the tokenizer's)")
+    if template != "chat":
+        check_template(tok, template, "--template")
     stops = stop_token_ids(tok, model_dir)
     done = {str(r.get("id")) for r in _answers(out)}  # a line cut by a crash is not one: answered again
     todo = [(k, r) for k, r in enumerate(records) if str(r.get("id", k) if isinstance(r, dict) else k) not in done]
@@ -190,7 +221,8 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
         try:
             for k, rec in todo:
                 try:
-                    p = _prepare(rec, k, model, spec, tok, template, image_root, frames, max_pixels, max_new_tokens)
+                    p = _prepare(rec, k, model, spec, tok, template, image_root, frames, max_pixels, max_new_tokens,
+                                 chat_template)
                 except SampleError as e:
                     sid = str(rec.get("id", k)) if isinstance(rec, dict) else str(k)
                     write({"id": sid, "error": f"{e.reason}: {e}"})

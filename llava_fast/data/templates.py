@@ -83,8 +83,9 @@ def load_tokenizer(folder: str):
     return tok
 
 
-def _split_media(text: str):
-    """Yield (chunk, tag) pairs: text chunks separated by <image>/<video>, tag None after the last chunk."""
+def split_media(text: str):
+    """Yield (start, chunk, tag): the text chunks between <image>/<video> tags, where each starts, and the tag after
+    it (None after the last chunk)."""
     i = 0
     while True:
         a, b = text.find(IMAGE_TAG, i), text.find(VIDEO_TAG, i)
@@ -103,7 +104,7 @@ def tokenize_with_media(tokenizer, prompt: str) -> tuple[list[int], list[tuple[i
     offs: list[tuple[int, int]] = []
     bos = tokenizer.bos_token_id
     first = True
-    for start, chunk, tag in _split_media(prompt):
+    for start, chunk, tag in split_media(prompt):
         enc = tokenizer(chunk, return_offsets_mapping=True)
         cids, coffs = list(enc["input_ids"]), list(enc["offset_mapping"])
         if not first and bos is not None and cids and cids[0] == bos:
@@ -205,15 +206,21 @@ def check_template(tokenizer, template: str, what: str = "template") -> None:
 
 
 def tokenize_prompt(tokenizer, prompt: str, template: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """:func:`tokenize_with_media` of a ``template`` prompt. A ``llama3`` prompt starts with exactly one
-    ``<|begin_of_text|>`` (the chat template writes it; Llama 3's tokenizer adds it too, once: a tokenizer that does
-    not gets it here)."""
-    ids, offs = tokenize_with_media(tokenizer, prompt)
+    """:func:`tokenize_with_media` of a ``template`` prompt, with exactly one BOS where the format has one: a
+    ``llama3`` prompt starts with ``<|begin_of_text|>`` (its chat template writes it; Llama 3's tokenizer adds it too,
+    once: a tokenizer that does not gets it here); a ``chat`` prompt (a model's own chat template, ``llava-fast
+    predict``) that writes the tokenizer's BOS as text keeps one."""
+    bos_text = tokenizer.bos_token if template == "chat" else None
+    lead = len(bos_text) if bos_text and prompt.startswith(bos_text) else 0
+    ids, offs = tokenize_with_media(tokenizer, prompt[lead:])
+    offs = [(s + lead, e + lead) for s, e in offs]
     if template == "llama3":
         check_template(tokenizer, template)
         bos = tokenizer.convert_tokens_to_ids(LLAMA3_BOS)
-        if not ids or ids[0] != bos:
-            ids, offs = [bos] + ids, [(0, 0)] + offs
+    else:
+        bos = tokenizer.bos_token_id if lead else None
+    if bos is not None and (not ids or ids[0] != bos):
+        ids, offs = [bos] + ids, [(0, lead)] + offs
     return ids, offs
 
 
@@ -265,12 +272,10 @@ def encode_conversation(tokenizer, conversations, template: str, n_images: int =
     return Encoded(ids, labels, n_tags_img, n_tags_vid)
 
 
-def generation_prompt(conversations, template: str, n_images: int = 0, n_videos: int = 0) -> tuple[str, str | None]:
-    """The prompt that asks the model for the next answer of ``conversations`` (LLaVA format, ending with a human turn,
-    or with a gpt turn: then that answer is the reference, returned second and left out of the prompt), written as
-    ``template`` writes training samples, up to where the answer starts: ``... ASSISTANT:`` (vicuna_v1, as the
-    original's ``conv.get_prompt()`` with an empty last message), ``...<|im_start|>assistant\n`` (qwen), the bare
-    media tags (plain: a stage-1 caption)."""
+def prompt_turns(conversations, n_images: int = 0, n_videos: int = 0, check: bool = True):
+    """``conversations`` (LLaVA format) as the turns of a prompt that asks for the next answer, and the reference
+    answer: a conversation ending with a gpt turn has that answer as the reference (left out of the turns). ``check``:
+    the ``<image>`` / ``<video>`` tags must number ``n_images`` / ``n_videos``."""
     conv = list(conversations) if isinstance(conversations, list) else conversations
     reference = None
     if isinstance(conv, list) and conv and isinstance(conv[-1], dict) and \
@@ -281,9 +286,19 @@ def generation_prompt(conversations, template: str, n_images: int = 0, n_videos:
     turns = normalize_conversations(conv + [{"from": "gpt", "value": ""}])[:-1]
     n_img = sum(t.count(IMAGE_TAG) for _, t in turns)
     n_vid = sum(t.count(VIDEO_TAG) for _, t in turns)
-    if template != "plain" and (n_img != n_images or n_vid != n_videos):
+    if check and (n_img != n_images or n_vid != n_videos):
         raise SampleError("placeholder_mismatch", f"{n_img} <image> tags for {n_images} images, {n_vid} <video> tags "
                           f"for {n_videos} videos")
+    return turns, reference
+
+
+def generation_prompt(conversations, template: str, n_images: int = 0, n_videos: int = 0) -> tuple[str, str | None]:
+    """The prompt that asks the model for the next answer of ``conversations`` (LLaVA format, ending with a human turn,
+    or with a gpt turn: then that answer is the reference, returned second and left out of the prompt), written as
+    ``template`` writes training samples, up to where the answer starts: ``... ASSISTANT:`` (vicuna_v1, as the
+    original's ``conv.get_prompt()`` with an empty last message), ``...<|im_start|>assistant\n`` (qwen), the bare
+    media tags (plain: a stage-1 caption)."""
+    turns, reference = prompt_turns(conversations, n_images, n_videos, check=template != "plain")
     prompt, spans = build_prompt(turns + [("gpt", "")], template, n_images, n_videos)
     start = spans[-1][0]
     if template == "vicuna_v1":

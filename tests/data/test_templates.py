@@ -194,3 +194,19 @@ def test_llama3_bos_and_tokenizer_check(llama3_tok):
         check_template(build_word_tokenizer(WORDS), "llama3", "data.template")
     with pytest.raises(ValueError, match="template must be one of plain, vicuna_v1, qwen, llama3, got 'x'"):
         check_template(llama3_tok, "x")
+
+
+def test_chat_prompt_keeps_one_bos(llama_tok, qwen_tok):
+    """A model's chat template that writes the BOS as text (``{{ bos_token }}``) gets one BOS, whether or not the
+    tokenizer adds its own; one that writes none gets the tokenizer's."""
+    from llava_fast.data.templates import tokenize_prompt
+
+    for tok, prompt in ((llama_tok, "<s>USER : <image>\nwhat"), (llama_tok, "USER : <image>\nwhat")):
+        ids, offs = tokenize_prompt(tok, prompt, "chat")
+        assert toks(tok, ids) == ["<s>", "USER", ":", IMG, "\n", "what"]
+        assert prompt[offs[1][0]:offs[1][1]] == "USER" and prompt[offs[3][0]:offs[3][1]] == "<image>"
+    no_auto = build_word_tokenizer(WORDS, bos=False, specials=("<s>",))
+    no_auto.bos_token = "<s>"
+    ids, _ = tokenize_prompt(no_auto, "<s>USER : what", "chat")
+    assert toks(no_auto, ids) == ["<s>", "USER", ":", "what"]
+    assert toks(qwen_tok, tokenize_prompt(qwen_tok, "USER : what", "chat")[0]) == ["USER", ":", "what"]

@@ -190,3 +190,66 @@ def test_predict_onevision_images_and_videos(tmp_path):
         gen = seq[ids.shape[1]:].tolist()
         gen = gen[: next((i for i, t in enumerate(gen) if t in stops), len(gen))]
         assert got[r["id"]] == tok.decode(gen, skip_special_tokens=True).strip(), r["id"]
+
+
+CHAT_TEMPLATE = (  # a llava-hf-style chat template of a made-up format: images first, then the text
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q :' }}"
+    "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for c in m['content'] | selectattr('type', 'equalto', 'text') %}{{ ' ' + c['text'] }}{% endfor %}"
+    "{{ ' A :' }}{% else %}{{ ' ' + m['content'][0]['text'] + '</s>' }}{% endif %}{% endfor %}")
+
+
+def test_predict_uses_the_models_chat_template(assets, tmp_path):
+    """A language model with no built-in format (Mistral: llava-v1.6-mistral-7b-hf) is prompted through its chat
+    template (chat_template.json), over several turns; the answers are greedy generation from that prompt, which
+    transformers' apply_chat_template writes for the same messages. Without a chat template the error says so."""
+    import shutil
+
+    import llava_fast
+    from llava_fast.chat import stop_token_ids
+    from llava_fast.data import image_config, load_image_u8, load_tokenizer
+    from llava_fast.data.templates import expand_placeholders, tokenize_with_media
+    from llava_fast.ops.anyres import encode_tiles
+
+    model_dir = tmp_path / "mistral"
+    shutil.copytree(assets / "model", model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["text_config"]["model_type"] = "mistral"   # the same weights as a Mistral language model
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    for f in ("chat_template.json", "chat_template.jinja"):
+        (model_dir / f).unlink(missing_ok=True)
+    recs = _records(assets, n=3)
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps(recs))
+    imgs = str(assets / "data" / "images")
+    with pytest.raises(ValueError, match="no default prompt template for a mistral language model"):
+        predict(str(model_dir), str(data), imgs, str(tmp_path / "x.jsonl"), progress=False, log=lambda *_: None)
+    (model_dir / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    logs = []
+    out = tmp_path / "answers.jsonl"
+    counts = predict(str(model_dir), str(data), imgs, str(out), max_new_tokens=4, batch=2, progress=False,
+                     log=logs.append)
+    assert counts["answered"] == 3 and any("the model's chat template (--template chat)" in m for m in logs)
+    got = {x["id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    model = llava_fast.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tok = load_tokenizer(str(model_dir))
+    stops = stop_token_ids(tok, str(model_dir))
+    for r in recs:
+        c = r["conversations"]
+        q1 = c[0]["value"].replace("<image>", "").strip()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q1}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": c[1]["value"]}]},
+                    {"role": "user", "content": [{"type": "text", "text": c[2]["value"]}]}]
+        prompt = tok.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+                                         add_generation_prompt=True)
+        assert prompt.startswith("Q :<image>\n ") and prompt.endswith(" A :")
+        pp = encode_tiles([load_image_u8(os.path.join(imgs, r["image"]))], image_config(model.config))
+        ids, _ = tokenize_with_media(tok, prompt)
+        ids, _ = expand_placeholders(ids, [0] * len(ids), pp["num_image_tokens"], model.config.image_token_id)
+        ids = torch.tensor([ids])
+        seq = model.generate(ids, pixel_values=pp["pixel_values"], image_sizes=pp["image_sizes"], max_new_tokens=4,
+                             eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id, packed=False)[0]
+        gen = seq[ids.shape[1]:].tolist()
+        gen = gen[: next((i for i, t in enumerate(gen) if t in stops), len(gen))]
+        assert got[r["id"]] == {"id": r["id"], "answer": tok.decode(gen, skip_special_tokens=True).strip(),
+                                "reference": c[3]["value"]}
