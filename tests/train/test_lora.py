@@ -9,7 +9,10 @@ import llava_fast
 peft = pytest.importorskip("peft", reason="peft not installed (pip install llava_fast[peft])")
 
 
-def test_lora_trains_adapters_and_merges(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_trains_adapters_and_merges(tmp_path, checkpointing, monkeypatch):
+    """Every adapter gets a gradient, with activation checkpointing too (the embeddings are frozen, so a layer's
+    input needs no gradient: a reentrant checkpoint gives the adapters none or fails, users.md 1.12)."""
     import sys
     from pathlib import Path
 
@@ -23,6 +26,10 @@ def test_lora_trains_adapters_and_merges(tmp_path):
     m = llava_fast.from_pretrained(path)
     m.train()
     apply_lora(m, TrainSection(lora=True, lora_r=4, lora_alpha=8))
+    m.model.language_model.gradient_checkpointing = checkpointing
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     trainable = [n for n, p in m.model.language_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert not m.config.tie_word_embeddings and not any(p.requires_grad for p in m.lm_head.parameters())
@@ -40,6 +47,7 @@ def test_lora_trains_adapters_and_merges(tmp_path):
             assert not missing, f"LoRA adapters without gradient (bypassed by the model): {missing}"
         opt.step()
         opt.zero_grad()
+    assert bool(calls) == checkpointing
     m.eval()
     with torch.no_grad():
         before = m(input_ids=ids).logits
