@@ -58,7 +58,10 @@ def export_checkpoint(src: str, out: str, log=print) -> str:
                          f"the run's own command and schedule.max_steps=its step, which exports at the end")
     cfg = TrainConfig.from_dict(json.loads(st["config"]))
     _check_sources(cfg, path)
-    model, tok = build_model(cfg.model, log=log)
+    m = cfg.model
+    log(f"exporting {path} (step {st.get('global_step')}): the model's config, tokenizer and image processor from "
+        f"{m.path or m.language_model + ' + ' + m.vision_tower}, its weights from the checkpoint")
+    model, tok = build_model(m, log=lambda *_: None)
     if tok is None:
         from llava_fast.data import load_tokenizer
 
@@ -77,5 +80,5 @@ def export_checkpoint(src: str, out: str, log=print) -> str:
         merge_lora(model)
     spec = run_image_spec(cfg, model.config)
     ckpt.write_new_folder(out, lambda tmp: write_llava_hf(model, model.state_dict(), tmp, tok, spec))
-    log(f"exported {path} (step {st.get('global_step')}) to {out}")
+    log(f"exported llava-hf model to {out}")
     return out
