@@ -66,13 +66,18 @@ def stop_token_ids(tokenizer, model_dir: str) -> set[int]:
 
 
 def find_chat_template(tokenizer, model_dir: str) -> str | None:
-    """The processor's (``chat_template.json`` or ``processor_config.json``) or else the tokenizer's chat template,
-    the first that renders one ``<image>`` for a user turn with an image; None when none does."""
+    """The processor's (``chat_template.jinja``, ``chat_template.json`` or ``processor_config.json``) or else the
+    tokenizer's chat template, the first that renders one ``<image>`` for a user turn with an image; None when none
+    does."""
     candidates = []
+    jinja = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            candidates.append(f.read())
     for name in ("chat_template.json", "processor_config.json"):
         pp = os.path.join(model_dir, name)
         if os.path.isfile(pp):
-            with open(pp) as f:
+            with open(pp, encoding="utf-8") as f:
                 candidates.append(json.load(f).get("chat_template"))
     tmpl = getattr(tokenizer, "chat_template", None)
     candidates.append(tmpl.get("default") if isinstance(tmpl, dict) else tmpl)

@@ -310,6 +310,50 @@ def generation_prompt(conversations, template: str, n_images: int = 0, n_videos:
     return prompt[:start], reference
 
 
+# Jinja chat templates (transformers' apply_chat_template, the processor's chat_template) that write a conversation
+# as the template of that name writes training samples, up to the answer: what generation_prompt gives. A message's
+# content is a string or a list of items, its images and videos first (one "<image>\n" / "<video>\n" each), then
+# its text, as llava-hf's chat templates place them; a first "system" message replaces the default system text.
+_CHAT_HEAD = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] if messages[0]['content'] is string else "
+    "(messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}"
+    "{%- set messages = messages[1:] -%}"
+    "{%- else -%}{%- set system = DEFAULT -%}{%- endif -%}")
+_CHAT_BODY = (
+    "{%- macro body(message) -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+    "{%- for c in message['content'] | selectattr('type', 'equalto', 'image') -%}{{ '<image>\n' }}{%- endfor -%}"
+    "{%- for c in message['content'] | selectattr('type', 'equalto', 'video') -%}{{ '<video>\n' }}{%- endfor -%}"
+    "{%- for c in message['content'] | selectattr('type', 'equalto', 'text') -%}{{ c['text'] }}{%- endfor -%}"
+    "{%- endif -%}{%- endmacro -%}")
+_CHAT = {
+    "vicuna_v1": (VICUNA_SYSTEM,
+                  "{{ system + ' ' }}{%- for message in messages -%}"
+                  "{%- if message['role'] == 'user' -%}{{ 'USER: ' + body(message) + ' ' }}"
+                  "{%- else -%}{{ 'ASSISTANT: ' + body(message) + '</s>' }}{%- endif -%}{%- endfor -%}"
+                  "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"),
+    "qwen": (QWEN_SYSTEM,
+             "{{ '<|im_start|>system\n' + system + '<|im_end|>\n' }}{%- for message in messages -%}"
+             "{{ '<|im_start|>' + message['role'] + '\n' + body(message) + '<|im_end|>\n' }}{%- endfor -%}"
+             "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"),
+    "llama3": (LLAMA3_SYSTEM,
+               "{{ '<|start_header_id|>system<|end_header_id|>\n\n' + system | trim + '<|eot_id|>' }}"
+               "{%- for message in messages -%}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+               "+ body(message) | trim + '<|eot_id|>' }}{%- endfor -%}{%- if add_generation_prompt -%}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"),
+}
+
+
+def chat_template_for(template: str) -> str | None:
+    """A chat template (Jinja, for transformers' ``apply_chat_template``) that writes ``template``'s training format up
+    to the answer, as :func:`generation_prompt` does; None for ``plain`` (stage 1 learns no conversation format)."""
+    if template not in _CHAT:
+        return None
+    system, rest = _CHAT[template]
+    return _CHAT_BODY + _CHAT_HEAD.replace("DEFAULT", repr(system)) + rest
+
+
 def expand_placeholders(ids, labels, image_counts: list[int], image_token_id: int,
                         video_counts: list[int] = (), video_token_id: int | None = None):
     """Replace the k-th image placeholder by ``image_counts[k]`` copies of ``image_token_id`` (label -100)."""

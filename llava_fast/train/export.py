@@ -47,7 +47,7 @@ def export_checkpoint(src: str, out: str, log=print) -> str:
     from llava_fast.train import checkpoint as ckpt
     from llava_fast.train.build import build_model
     from llava_fast.train.config import TrainConfig
-    from llava_fast.train.trainer import run_image_spec, write_llava_hf
+    from llava_fast.train.trainer import run_chat_template, run_image_spec, write_llava_hf
 
     path = find_checkpoint(src)
     if os.path.exists(out) and os.listdir(out):  # (before minutes of loading a 7B)
@@ -78,7 +78,7 @@ def export_checkpoint(src: str, out: str, log=print) -> str:
     model.load_state_dict(state)
     if cfg.train.lora:
         merge_lora(model)
-    spec = run_image_spec(cfg, model.config)
-    ckpt.write_new_folder(out, lambda tmp: write_llava_hf(model, model.state_dict(), tmp, tok, spec))
+    spec, chat = run_image_spec(cfg, model.config), run_chat_template(cfg, tok)
+    ckpt.write_new_folder(out, lambda tmp: write_llava_hf(model, model.state_dict(), tmp, tok, spec, chat))
     log(f"exported llava-hf model to {out}")
     return out

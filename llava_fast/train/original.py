@@ -227,10 +227,20 @@ def convert(src: str, vision_tower: str, out: str, model_type: str | None = None
         # written as LlavaImageProcessor(do_pad=True), so chat, predict and transformers see images as it was trained
         spec = image_config(model.config, do_pad=orig.aspect_ratio == "pad")
 
+    # the chat template of the format the original trained it with (its conv template: Vicuna v1 for Llama, Llama 3's
+    # for a Llama 3 tokenizer, ChatML for Qwen2), so transformers' processor prompts it as it was trained
+    from llava_fast.data.templates import chat_template_for
+    from llava_fast.predict import default_template
+
+    try:
+        chat = chat_template_for(default_template(model.config, tok))
+    except ValueError:  # another language model: the tokenizer's
+        chat = None
+
     def fill(tmp):
         save_pretrained(model, tmp)
         tok.save_pretrained(tmp)
-        _save_image_processor(model.config, tmp, tok, spec)
+        _save_image_processor(model.config, tmp, tok, spec, chat)
 
     write_new_folder(out, fill)
     log(f"converted {src} ({config.get('mm_vision_tower')}, image_aspect_ratio "

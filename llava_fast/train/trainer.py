@@ -763,7 +763,8 @@ class Trainer:
         sd = full_model_state(model, self.fsdp)
         if self.dist.is_main:
             write_llava_hf(model, sd, path, self.tokenizer,
-                           getattr(self.dataset, "image_config", None) or self.image_spec())
+                           getattr(self.dataset, "image_config", None) or self.image_spec(),
+                           run_chat_template(self.cfg, self.tokenizer))
             self.log(f"exported llava-hf model to {path}")
         if self.dist.enabled:
             torch.distributed.barrier()
@@ -782,9 +783,20 @@ def run_image_spec(cfg: TrainConfig, model_config):
     return checkpoint_image_config(cfg.model.path, model_config, **({} if pad is None else {"do_pad": pad}))
 
 
-def write_llava_hf(model, state: dict, path: str, tokenizer, spec) -> None:
+def run_chat_template(cfg: TrainConfig, tokenizer) -> str | None:
+    """The chat template a run's export gets: one that writes ``data.template``'s format (the one the model learned;
+    :func:`~llava_fast.data.templates.chat_template_for`), or for a stage-1 run (``plain``: no conversation format
+    learned) the one of the checkpoint it started from that places images; None: the tokenizer's."""
+    from llava_fast.chat import find_chat_template
+    from llava_fast.data.templates import chat_template_for
+
+    return chat_template_for(cfg.data.template) or (find_chat_template(tokenizer, cfg.model.path)
+                                                    if cfg.model.path else None)
+
+
+def write_llava_hf(model, state: dict, path: str, tokenizer, spec, chat_template=None) -> None:
     """Writes ``state`` (a full state dict of ``model``'s type and config, LoRA merged) as a llava-hf folder: fp32
-    config.json + safetensors, the tokenizer, and the image processor of ``spec``."""
+    config.json + safetensors, the tokenizer, and the processor: the image processor of ``spec``, ``chat_template``."""
     from llava_fast.models.io import save_pretrained
 
     with torch.device("meta"):
@@ -795,7 +807,7 @@ def write_llava_hf(model, state: dict, path: str, tokenizer, spec) -> None:
     save_pretrained(fresh, path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    _save_image_processor(model.config, path, tokenizer, spec)
+    _save_image_processor(model.config, path, tokenizer, spec, chat_template)
 
 
 class _MetricSinks:
@@ -934,12 +946,13 @@ class _FsdpCollate:
         return out
 
 
-def _save_image_processor(config, path: str, tokenizer=None, spec=None) -> None:
+def _save_image_processor(config, path: str, tokenizer=None, spec=None, chat_template=None) -> None:
     """preprocessor_config.json for transformers' image processor and, with the tokenizer, processor_config.json for
     its processor (patch size, feature strategy, extra CLS token: without them ``AutoProcessor`` loads but cannot
     expand an image's placeholder). ``spec``: the :class:`ImageProcessorConfig` trained with (default: the model
     config's); LLaVA-1.5 padded to a square is written as transformers' ``LlavaImageProcessor(do_pad=True)``, which
-    pads as the original fine-tune did. Best effort: the model loads without either."""
+    pads as the original fine-tune did. ``chat_template``: the processor's (default: the tokenizer's). Best effort: the
+    model loads without either."""
     try:
         from llava_fast.data.images import image_config
 
@@ -973,7 +986,7 @@ def _save_image_processor(config, path: str, tokenizer=None, spec=None) -> None:
 
         vc = config.vision_config
         strategy = config.vision_feature_select_strategy
-        chat = getattr(tokenizer, "chat_template", None)
+        chat = chat_template or getattr(tokenizer, "chat_template", None)
         if config.model_type == "llava_onevision":
             t = spec.tile
             video = tf.LlavaOnevisionVideoProcessor(size={"height": t, "width": t}, image_mean=list(spec.image_mean),

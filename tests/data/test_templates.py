@@ -210,3 +210,35 @@ def test_chat_prompt_keeps_one_bos(llama_tok, qwen_tok):
     ids, _ = tokenize_prompt(no_auto, "<s>USER : what", "chat")
     assert toks(no_auto, ids) == ["<s>", "USER", ":", "what"]
     assert toks(qwen_tok, tokenize_prompt(qwen_tok, "USER : what", "chat")[0]) == ["USER", ":", "what"]
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "qwen", "llama3"])
+def test_chat_template_writes_the_training_format(llama_tok, template):
+    """chat_template_for(t), through transformers' apply_chat_template, writes what generation_prompt(t) writes (the
+    training format up to the answer): several turns, two images, a video, a system message of the caller's."""
+    from llava_fast.data.templates import chat_template_for, generation_prompt
+
+    def messages(conv, system=None):
+        out = [{"role": "system", "content": system}] if system else []
+        for t in conv:
+            text = t["value"]
+            items = [{"type": tag} for tag in ("image", "video") for _ in range(text.count(f"<{tag}>"))]
+            text = text.replace("<image>\n", "").replace("<video>\n", "")
+            out.append({"role": "user" if t["from"] == "human" else "assistant",
+                        "content": items + [{"type": "text", "text": text}]})
+        return out
+
+    chat = chat_template_for(template)
+    convs = [(CONV[:3], 1, 0), (CONV[:1], 1, 0),
+             ([{"from": "human", "value": "<image>\n<image>\nwhat shape ?"}], 2, 0),
+             ([{"from": "human", "value": "<video>\nwhat colour ?"}, {"from": "gpt", "value": "red"},
+               {"from": "human", "value": "what shape ?"}], 0, 1)]
+    for conv, n_img, n_vid in convs:
+        want, _ = generation_prompt(conv, template, n_img, n_vid)
+        got = llama_tok.apply_chat_template(messages(conv), chat_template=chat, tokenize=False,
+                                            add_generation_prompt=True)
+        assert got == want, (got, want)
+    mine = llama_tok.apply_chat_template(messages(CONV[:1], system="Be brief ."), chat_template=chat, tokenize=False,
+                                         add_generation_prompt=True)
+    assert "Be brief ." in mine and "helpful" not in mine
+    assert chat_template_for("plain") is None

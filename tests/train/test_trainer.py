@@ -343,15 +343,25 @@ def test_nonfinite_steps_are_skipped_then_stop(assets, tmp_path):
 
 def test_exported_processor_expands_images(assets, tmp_path):
     """The export's AutoProcessor turns a prompt with <image> and a picture into inputs transformers' model takes
-    (processor_config.json: patch size, strategy, the CLIP class token; it used to load but fail on an image)."""
+    (processor_config.json: patch size, strategy, the CLIP class token; it used to load but fail on an image), and
+    its chat template writes the run's training format (vicuna_v1 here), which `llava-fast chat` then uses too."""
     transformers = pytest.importorskip("transformers")
     from PIL import Image
+
+    from llava_fast.chat import find_chat_template
+    from llava_fast.data.templates import generation_prompt
 
     cfg = make_cfg(assets, tmp_path / "p", **{"schedule.max_steps": 1, "checkpoint.export": True})
     final = Trainer(cfg, quiet=True).train()["final"]
     proc = transformers.AutoProcessor.from_pretrained(final, local_files_only=True)
     img = Image.new("RGB", (70, 45), (200, 30, 30))
-    inputs = proc(text="USER: <image>\nWhat is it? ASSISTANT:", images=img, return_tensors="pt")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+    conv = [{"from": "human", "value": "<image>\nWhat is it?"}]
+    assert prompt == generation_prompt(conv, "vicuna_v1", 1)[0] and prompt.endswith("USER: <image>\nWhat is it? "
+                                                                                      "ASSISTANT:")
+    assert find_chat_template(proc.tokenizer, final) == proc.chat_template
+    inputs = proc(text=prompt, images=img, return_tensors="pt")
     hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(final, local_files_only=True).eval()
     with torch.no_grad():
         out = hf(**inputs)
