@@ -47,7 +47,7 @@ def _cmd_convert(args) -> int:
 def _cmd_export(args) -> int:
     from llava_fast.train.export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out)
+    export_checkpoint(args.checkpoint, args.out, adapter=args.adapter)
     return 0
 
 
@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     s = sub.add_parser("export", help="a llava-hf folder from a training checkpoint (a run's latest, or step_N)")
     s.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint OUT/checkpoints/step_N")
     s.add_argument("--out", required=True, help="the llava-hf folder to write (new or empty)")
+    s.add_argument("--adapter", action="store_true", help="a LoRA run: keep the adapters unmerged, as a peft adapter "
+                   "in OUT/adapter over the base model in OUT (default: merged into the weights)")
     s.set_defaults(fn=_cmd_export)
     s = sub.add_parser("train-original", help="train with the original LLaVA code's train_mem.py flags (finetune.sh)",
                        add_help=False)

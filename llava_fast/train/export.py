@@ -41,9 +41,11 @@ def _check_sources(cfg, path: str) -> None:
                                 f"from the checkpoint); put it back at that path")
 
 
-def export_checkpoint(src: str, out: str, log=print) -> str:
+def export_checkpoint(src: str, out: str, adapter: bool = False, log=print) -> str:
     """Writes the llava-hf folder ``out`` (new or empty) from the checkpoint ``src`` (or a run folder's latest);
-    returns ``out``."""
+    returns ``out``. ``adapter`` (a LoRA run): the adapters are not merged: ``out`` holds the base language model with
+    the run's other trained parts (projector, image_newline, a trained tower), and ``out/adapter`` the adapters as a
+    peft adapter (:func:`save_peft_adapter`)."""
     from llava_fast.train import checkpoint as ckpt
     from llava_fast.train.build import build_model
     from llava_fast.train.config import TrainConfig
@@ -57,6 +59,9 @@ def export_checkpoint(src: str, out: str, log=print) -> str:
         raise ValueError(f"{path}: the checkpoint holds no run config (an older llava_fast wrote it); resume it with "
                          f"the run's own command and schedule.max_steps=its step, which exports at the end")
     cfg = TrainConfig.from_dict(json.loads(st["config"]))
+    if adapter and not cfg.train.lora:
+        raise ValueError(f"--adapter: {path} is not a LoRA run (train.lora=false): its weights are complete, export "
+                         f"it without --adapter")
     _check_sources(cfg, path)
     m = cfg.model
     log(f"exporting {path} (step {st.get('global_step')}): the model's config, tokenizer and image processor from "
@@ -76,9 +81,39 @@ def export_checkpoint(src: str, out: str, log=print) -> str:
         raise ValueError(f"{path} does not fit the model its config builds: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]} ({len(missing)} and {len(unexpected)} in all)")
     model.load_state_dict(state)
-    if cfg.train.lora:
-        merge_lora(model)
     spec, chat = run_image_spec(cfg, model.config), run_chat_template(cfg, tok)
-    ckpt.write_new_folder(out, lambda tmp: write_llava_hf(model, model.state_dict(), tmp, tok, spec, chat))
-    log(f"exported llava-hf model to {out}")
+    if adapter:
+        base = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+
+        def fill(tmp):
+            write_llava_hf(model, base, tmp, tok, spec, chat)
+            save_peft_adapter(model, cfg.train, os.path.join(tmp, "adapter"), base_model=os.path.abspath(out))
+    else:
+        if cfg.train.lora:
+            merge_lora(model)
+
+        def fill(tmp):
+            write_llava_hf(model, model.state_dict(), tmp, tok, spec, chat)
+    ckpt.write_new_folder(out, fill)
+    log(f"exported llava-hf model to {out}" + (f", its LoRA adapters to {out}/adapter (peft)" if adapter else ""))
     return out
+
+
+def save_peft_adapter(model, tcfg, path: str, base_model: str | None = None) -> None:
+    """The language model's LoRA adapters of ``model`` (:func:`llava_fast.train.lora.apply_lora`) as a peft adapter
+    folder (``adapter_config.json`` + ``adapter_model.safetensors``) for the transformers model of the same llava-hf
+    folder: ``PeftModel.from_pretrained(Llava*ForConditionalGeneration.from_pretrained(folder), path)``. The target
+    modules are those projections of the language model only (the tower's q/k/v projections share their names)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from llava_fast.train.lora import TARGETS
+
+    names = "|".join(TARGETS)
+    cfg = LoraConfig(r=tcfg.lora_r, lora_alpha=tcfg.lora_alpha, lora_dropout=tcfg.lora_dropout,
+                     target_modules=rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})",
+                     base_model_name_or_path=base_model)
+    cfg.save_pretrained(path)
+    tensors = {"base_model.model." + k.replace(".default.", "."): v.detach().to("cpu").contiguous()
+               for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})

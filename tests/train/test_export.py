@@ -103,3 +103,37 @@ def test_new_folder_is_written_whole_or_not_at_all(tmp_path):
     assert os.listdir(out) == ["b"]
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         ckpt.write_new_folder(str(out), fill)
+
+
+def test_adapter_export_loads_in_peft_as_the_merged_model(assets, tmp_path, capsys):
+    """--adapter: OUT holds the base language model and the run's other trained parts, OUT/adapter a peft adapter;
+    transformers + peft's PeftModel over them give the logits of the merged export."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+
+    cfg = make_cfg(assets, tmp_path / "run", **{"schedule.max_steps": 3, "checkpoint.every_steps": 3,
+                                                "checkpoint.export": True, "train.lora": True,
+                                                "optim.projector_lr": 3e-4})
+    final = Trainer(cfg, quiet=True).train()["final"]
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "a"), "--adapter"]) == 0
+    cls = transformers.LlavaNextForConditionalGeneration
+    merged = cls.from_pretrained(final, local_files_only=True).eval()
+    base = cls.from_pretrained(tmp_path / "a", local_files_only=True)
+    # the base keeps the language model's weights of the start (LoRA trains adapters only), the trained projector
+    start = cls.from_pretrained(assets / "model", local_files_only=True)
+    w = "model.language_model.layers.0.self_attn.q_proj.weight"
+    p = "model.multi_modal_projector.linear_1.weight"
+    assert torch.equal(base.state_dict()[w], start.state_dict()[w])
+    assert not torch.equal(merged.state_dict()[w], start.state_dict()[w])
+    assert torch.equal(base.state_dict()[p], merged.state_dict()[p]) and not torch.equal(base.state_dict()[p],
+                                                                                           start.state_dict()[p])
+    tuned = peft.PeftModel.from_pretrained(base, tmp_path / "a" / "adapter").eval()
+    wrapped = [n for n, _ in tuned.named_modules() if n.endswith("q_proj") and hasattr(_, "lora_A")]
+    assert wrapped and all(".language_model." in n for n in wrapped)  # not the tower's q_proj
+    ids = torch.randint(3, 60, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    Trainer(make_cfg(assets, tmp_path / "full", **{"schedule.max_steps": 1, "checkpoint.every_steps": 1}),
+            quiet=True).train()
+    assert main(["export", str(tmp_path / "full"), "--out", str(tmp_path / "b"), "--adapter"]) == 2
+    assert "is not a LoRA run" in capsys.readouterr().err
