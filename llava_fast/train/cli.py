@@ -159,7 +159,26 @@ def _cmd_train(args) -> int:
     if args.strict:
         cfg.data.strict = True
     apply_overrides(cfg, args.overrides)
+    if args.recipe == "stage2" and _last_override(args.overrides, "data.template") is None and \
+            cfg.data.template == "vicuna_v1" and _llama3_tokenizer(cfg.model.path or cfg.model.language_model):
+        cfg.data.template = "llama3"
+        print("data.template=llama3: the model's tokenizer is Llama 3's (LLaVA-NeXT's --version llava_llama_3, its "
+              "Llama-3-8B models); data.template=vicuna_v1 trains the Vicuna format instead")
     return _run(cfg)
+
+
+def _llama3_tokenizer(folder: str | None) -> bool:
+    """Whether the tokenizer saved in ``folder`` is Llama 3's (its ``<|start_header_id|>`` token)."""
+    import os
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        try:
+            with open(os.path.join(folder or "", name), encoding="utf-8") as f:
+                if '"<|start_header_id|>"' in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _run(cfg) -> int:

@@ -106,6 +106,29 @@ def test_cli_picks_the_recipe_for_the_model_of_the_overrides(tmp_path, monkeypat
         assert cfg.model.model_type == "llava_onevision"
 
 
+def test_cli_stage2_picks_llama3_for_a_llama3_tokenizer(tmp_path, monkeypatch, assets, capsys):
+    """`--recipe stage2` on a model with Llama 3's tokenizer trains LLaVA-NeXT's Llama 3 format (it trained Vicuna's,
+    with a note); an explicit data.template or family recipe keeps what it names."""
+    import llava_fast.train
+    from llava_fast.data.word_tokenizer import build_word_tokenizer
+
+    monkeypatch.setattr(llava_fast.train, "Trainer", _NoTrainer)
+    data, images = str(assets / "data" / "stage2.json"), str(assets / "data" / "images")
+    model = _folder(tmp_path / "l3", {"model_type": "llava_next"})
+    l3 = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    build_word_tokenizer(["a"], bos=l3[0], specials=l3).save_pretrained(model)
+    for extra, want in (([], "llama3"), (["data.template=vicuna_v1"], "vicuna_v1")):
+        _SEEN_CFGS.clear()
+        with pytest.raises(AssertionError, match="would be loaded"):
+            main(["train", "--recipe", "stage2", "--model", model, "--data", data, "--images", images, *extra])
+        assert _SEEN_CFGS[-1].data.template == want
+    assert "data.template=llama3: the model's tokenizer is Llama 3's" in capsys.readouterr().out
+    _SEEN_CFGS.clear()
+    with pytest.raises(AssertionError, match="would be loaded"):
+        main(["train", "--recipe", "stage2", "--model", str(assets / "model"), "--data", data, "--images", images])
+    assert _SEEN_CFGS[-1].data.template == "vicuna_v1"
+
+
 def test_cli_checks_paths_before_loading_the_model(tmp_path, monkeypatch, capsys):
     """A missing data file, image folder or resume checkpoint used to be found after the model had loaded (minutes
     for a 7B checkpoint); a corrupt config.json gave a JSON error naming no file."""
