@@ -35,14 +35,22 @@ def default_pinpoints(model_type: str, tile: int) -> list | None:
     return None
 
 
-def build_model(ms, log=print):
-    """(model, tokenizer) for a :class:`~llava_fast.train.config.ModelSection`."""
+def build_model(ms, log=print, weights: bool = True):
+    """(model, tokenizer) for a :class:`~llava_fast.train.config.ModelSection`. ``weights=False``: the model on the
+    meta device, no weights read (its config and tokenizer only: ``llava-fast export`` fills it from a checkpoint)."""
     from llava_fast.data import load_tokenizer
 
     for key in ("image_grid_pinpoints", "vision_feature_layer", "vision_feature_select_strategy"):
         if ms.path and getattr(ms, key) is not None:
             raise ValueError(f"model.{key}={getattr(ms, key)!r} is for assembling a new model; the checkpoint "
                              f"{ms.path} has its own (its config.json's {key})")
+    if ms.path and not weights:
+        from llava_fast.models import LlavaConfig
+        from llava_fast.models.llava import CLASSES
+
+        config = LlavaConfig.from_pretrained(ms.path)
+        with torch.device("meta"):
+            return CLASSES[config.model_type](config), load_tokenizer(ms.path)
     if ms.path:
         import llava_fast
 
@@ -52,7 +60,9 @@ def build_model(ms, log=print):
     elif ms.language_model and ms.vision_tower:
         model, tok = assemble(ms.language_model, ms.vision_tower, ms.model_type, vision_weights=ms.vision_weights,
                               pinpoints=ms.image_grid_pinpoints, log=log, feature_layer=ms.vision_feature_layer,
-                              feature_strategy=ms.vision_feature_select_strategy)
+                              feature_strategy=ms.vision_feature_select_strategy, meta=not weights)
+        if not weights:
+            return model, tok
     else:
         raise ValueError("model: give --model (a llava-hf folder) or model.language_model=DIR and "
                          "model.vision_tower=DIR (or an open_clip name with model.vision_weights=FILE)")
@@ -166,7 +176,7 @@ def _resize_embeddings(w: torch.Tensor, n: int) -> torch.Tensor:
 
 def assemble(language_model: str, vision_tower: str, model_type: str = "llava_next", vision_weights: str | None = None,
              pinpoints=None, log=print, weights: dict | None = None, tokenizer_dir: str | None = None,
-             feature_layer: int | None = None, feature_strategy: str | None = None):
+             feature_layer: int | None = None, feature_strategy: str | None = None, meta: bool = False):
     """A new LLaVA (projector randomly initialised) from separate language-model and vision-tower weights.
 
     ``language_model`` may also be an original LLaVA checkpoint folder (:mod:`llava_fast.train.original`): its
@@ -175,7 +185,8 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
     checkpoint lacks. ``weights`` / ``tokenizer_dir``: the language model's tensors and tokenizer when they are not
     in ``language_model`` (an original LoRA checkpoint merged into its base model). ``feature_layer`` /
     ``feature_strategy``: the tower layer and tokens the projector reads (``model.vision_feature_layer`` /
-    ``model.vision_feature_select_strategy``), over the defaults and an original checkpoint's own."""
+    ``model.vision_feature_select_strategy``), over the defaults and an original checkpoint's own. ``meta``: the model
+    on the meta device and the tokenizer, no weights read (a tower folder's are not)."""
     from transformers import AutoTokenizer
 
     from llava_fast.models import LlavaConfig
@@ -207,7 +218,7 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
     if os.path.isdir(vision_tower):
         vcfg = _read_json(os.path.join(vision_tower, "config.json"))
         vcfg = vcfg.get("vision_config", vcfg) if vcfg.get("model_type") in ("clip", "siglip") else vcfg
-        vstate = _load_folder(vision_tower)
+        vstate = {} if meta else _load_folder(vision_tower)
         vstate = {_vision_key(k): v for k, v in vstate.items() if _vision_key(k) is not None}
     else:
         from llava_fast.train.open_clip_tower import open_clip_to_hf
@@ -260,6 +271,9 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
     hf.update({k: v for k, v in (("vision_feature_layer", feature_layer),
                                  ("vision_feature_select_strategy", feature_strategy)) if v is not None})
     cfg = LlavaConfig.from_hf_dict(hf)
+    if meta:
+        with torch.device("meta"):
+            return CLASSES[model_type](cfg), tok
     model = CLASSES[model_type](cfg)
     # the stage-1 projector starts from nn.Linear's defaults (kaiming-uniform weights, uniform biases), as the
     # original's build_vision_projector; the model's own init (N(0, 0.02), zero biases) is transformers' for loading
@@ -308,8 +322,9 @@ def assemble(language_model: str, vision_tower: str, model_type: str = "llava_ne
     needed = [k for k in own if k.startswith(("model.language_model.", "model.vision_tower.")) or k == "lm_head.weight"]
     missing = [k for k in needed if k not in filled and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if mismatched or missing:
-        raise ValueError(f"cannot assemble from {language_model} and {vision_tower}: shape mismatches {mismatched[:5]}; "
-                         f"tensors not found in the folders {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise ValueError(f"cannot assemble from {language_model} and {vision_tower}: shape mismatches "
+                         f"{mismatched[:5]}; tensors not found in the folders {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
     loaded = len(filled)
     log(f"assembled a {model_type} model: {loaded} tensors from {language_model} and {vision_tower}; "
         f"vocab {len(tok)} -> {vocab} rows (image token id {image_id})")

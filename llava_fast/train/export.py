@@ -4,8 +4,8 @@ A run exports ``OUT/final`` when it ends; this writes the same folder from any c
 (``OUT/checkpoints/step_N``, or a run folder: its latest), to evaluate a run midway, or to export one that stopped
 before its end. The checkpoint holds the full weights and the run's config; the model is rebuilt from the config's
 sources (``model.path``, or ``model.language_model`` + ``model.vision_tower``: their config, tokenizer and image
-processor, so they must still be there), then takes the checkpoint's weights, LoRA adapters merged. The folder is
-written to a temporary sibling and renamed when complete.
+processor, so they must still be there; their weights are not read), then takes the checkpoint's weights, LoRA
+adapters merged. The folder is written to a temporary sibling and renamed when complete.
 """
 from __future__ import annotations
 
@@ -66,11 +66,9 @@ def export_checkpoint(src: str, out: str, adapter: bool = False, log=print) -> s
     m = cfg.model
     log(f"exporting {path} (step {st.get('global_step')}): the model's config, tokenizer and image processor from "
         f"{m.path or m.language_model + ' + ' + m.vision_tower}, its weights from the checkpoint")
-    model, tok = build_model(m, log=lambda *_: None)
-    if tok is None:
-        from llava_fast.data import load_tokenizer
-
-        tok = load_tokenizer(cfg.model.path)
+    # the model on the meta device, filled from the checkpoint: the sources' weights are never read, and the weights
+    # are in memory once (the checkpoint's tensors become the model's)
+    model, tok = build_model(m, log=lambda *_: None, weights=False)
     if cfg.train.lora:
         from llava_fast.train.lora import apply_lora, merge_lora
 
@@ -80,7 +78,8 @@ def export_checkpoint(src: str, out: str, adapter: bool = False, log=print) -> s
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the model its config builds: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]} ({len(missing)} and {len(unexpected)} in all)")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)  # (no forward runs: buffers not in the state stay on the meta device)
+    model.tie_weights()
     spec, chat = run_image_spec(cfg, model.config), run_chat_template(cfg, tok)
     if adapter:
         base = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}

@@ -314,8 +314,13 @@ def test_llama3_script_trains_and_exports(parts, tmp_path, capsys):
             "data.max_len=256", "data.max_tokens=512"]
     script = FINETUNE_15.replace("--version v1", "--version llava_llama_3")
     argv = _argv(script, parts, lm=lm3, data=tmp_path / "d.json", images=tmp_path / "imgs", out=tmp_path / "run")
-    assert main(["train-original", *argv, *over]) == 0
+    assert main(["train-original", *argv, *over, "checkpoint.every_steps=2"]) == 0
     final = tmp_path / "run" / "final"
+    # an assembled model (language model + tower + stage-1 projector) exports from its checkpoint as the run did
+    from tests.train.test_export import _same_folder
+
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
+    _same_folder(final, tmp_path / "exported")
     cfg = LlavaConfig.from_hf_dict(json.loads((final / "config.json").read_text()))
     assert default_template(cfg, AutoTokenizer.from_pretrained(final, local_files_only=True)) == "llama3"
     capsys.readouterr()
