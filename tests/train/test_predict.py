@@ -65,9 +65,7 @@ def test_predict_answers_equal_one_at_a_time_generation(assets, tmp_path):
     padded path; a sample that cannot be answered is an error line, not a stopped run."""
     import llava_fast
     from llava_fast.chat import stop_token_ids
-    from llava_fast.data import image_config, load_image_u8, load_tokenizer
-    from llava_fast.data.templates import expand_placeholders, tokenize_with_media
-    from llava_fast.ops.anyres import encode_tiles
+    from llava_fast.data import load_tokenizer
 
     recs = _records(assets)
     recs.insert(2, {"id": "gone", "image": "nope.png", "conversations": recs[0]["conversations"]})
@@ -91,17 +89,26 @@ def test_predict_answers_equal_one_at_a_time_generation(assets, tmp_path):
         if r["id"] == "gone":
             continue
         prompt, ref = generation_prompt(r["conversations"], "vicuna_v1", 1)
-        pp = encode_tiles([load_image_u8(os.path.join(assets, "data", "images", r["image"]))],
-                          image_config(model.config))
-        ids, _ = tokenize_with_media(tok, prompt)
-        ids, _ = expand_placeholders(ids, [0] * len(ids), pp["num_image_tokens"], model.config.image_token_id)
-        ids = torch.tensor([ids])
-        seq = model.generate(ids, pixel_values=pp["pixel_values"], image_sizes=pp["image_sizes"], max_new_tokens=4,
-                             eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id, packed=False)[0]
-        gen = seq[ids.shape[1]:].tolist()
-        gen = gen[: next((i for i, t in enumerate(gen) if t in stops), len(gen))]
-        assert got[r["id"]] == {"id": r["id"], "answer": tok.decode(gen, skip_special_tokens=True).strip(),
-                                "reference": ref}
+        answer = _greedy_alone(model, tok, prompt, os.path.join(assets, "data", "images", r["image"]), stops)
+        assert got[r["id"]] == {"id": r["id"], "answer": answer, "reference": ref}
+
+
+def _greedy_alone(model, tok, prompt, image, stops, max_new_tokens=4):
+    """The answer of greedy generation for one prompt and image on the padded path, up to a stop token."""
+    from llava_fast.data import image_config, load_image_u8
+    from llava_fast.data.templates import expand_placeholders, tokenize_with_media
+    from llava_fast.ops.anyres import encode_tiles
+
+    pp = encode_tiles([load_image_u8(image)], image_config(model.config))
+    ids, _ = tokenize_with_media(tok, prompt)
+    ids, _ = expand_placeholders(ids, [0] * len(ids), pp["num_image_tokens"], model.config.image_token_id)
+    ids = torch.tensor([ids])
+    seq = model.generate(ids, pixel_values=pp["pixel_values"], image_sizes=pp["image_sizes"],
+                         max_new_tokens=max_new_tokens, eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id,
+                         packed=False)[0]
+    gen = seq[ids.shape[1]:].tolist()
+    gen = gen[: next((i for i, t in enumerate(gen) if t in stops), len(gen))]
+    return tok.decode(gen, skip_special_tokens=True).strip()
 
 
 def test_predict_resumes_where_it_stopped(assets, tmp_path, capsys):
@@ -207,9 +214,7 @@ def test_predict_uses_the_models_chat_template(assets, tmp_path):
 
     import llava_fast
     from llava_fast.chat import stop_token_ids
-    from llava_fast.data import image_config, load_image_u8, load_tokenizer
-    from llava_fast.data.templates import expand_placeholders, tokenize_with_media
-    from llava_fast.ops.anyres import encode_tiles
+    from llava_fast.data import load_tokenizer
 
     model_dir = tmp_path / "mistral"
     shutil.copytree(assets / "model", model_dir)
@@ -243,13 +248,5 @@ def test_predict_uses_the_models_chat_template(assets, tmp_path):
         prompt = tok.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
                                          add_generation_prompt=True)
         assert prompt.startswith("Q :<image>\n ") and prompt.endswith(" A :")
-        pp = encode_tiles([load_image_u8(os.path.join(imgs, r["image"]))], image_config(model.config))
-        ids, _ = tokenize_with_media(tok, prompt)
-        ids, _ = expand_placeholders(ids, [0] * len(ids), pp["num_image_tokens"], model.config.image_token_id)
-        ids = torch.tensor([ids])
-        seq = model.generate(ids, pixel_values=pp["pixel_values"], image_sizes=pp["image_sizes"], max_new_tokens=4,
-                             eos_token_id=sorted(stops), pad_token_id=tok.pad_token_id, packed=False)[0]
-        gen = seq[ids.shape[1]:].tolist()
-        gen = gen[: next((i for i, t in enumerate(gen) if t in stops), len(gen))]
-        assert got[r["id"]] == {"id": r["id"], "answer": tok.decode(gen, skip_special_tokens=True).strip(),
-                                "reference": c[3]["value"]}
+        answer = _greedy_alone(model, tok, prompt, os.path.join(imgs, r["image"]), stops)
+        assert got[r["id"]] == {"id": r["id"], "answer": answer, "reference": c[3]["value"]}
