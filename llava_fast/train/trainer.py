@@ -398,6 +398,10 @@ class Trainer:
                "partial last step left out (several ranks)": bool(self.sampler.drop_last),
                "train.trainable": list(c.train.trainable), "train.lora": c.train.lora}
         key.update({"data.max_tokens": c.data.max_tokens} if self.packed else {"data.batch_size": c.data.batch_size})
+        # the model's config (pinpoints, feature layer, vocabulary, ...): another model under the same weights would
+        # train on other inputs (its dtype may change: precision changes are noted, not refused)
+        mcfg = {k: v for k, v in self.model.config.to_hf_dict().items() if k not in ("dtype", "torch_dtype")}
+        key["model (its config.json)"] = f"crc32 {zlib.crc32(json.dumps(mcfg, sort_keys=True).encode()):08x}"
         if c.train.lora:
             key.update({f"train.{k}": getattr(c.train, k) for k in ("lora_r", "lora_alpha", "lora_dropout")})
         for sec in ("optim", "schedule"):

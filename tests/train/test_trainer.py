@@ -216,6 +216,16 @@ def test_resume_refuses_changed_order_or_restored_settings(assets, tmp_path):
             Trainer(make_cfg(assets, tmp_path / "r", **{**over, **change}), quiet=True).setup()
     tr = Trainer(make_cfg(assets, tmp_path / "r", **{**over, "optim.max_grad_norm": 0.5}), quiet=True).setup()
     assert tr.global_step == 1
+    # another model under the checkpoint's weights (here: other AnyRes resolutions) would train on other inputs
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(assets / "model", other)
+    c = json.loads((other / "config.json").read_text())
+    c["image_grid_pinpoints"] = c["image_grid_pinpoints"][:2]
+    (other / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match=r"cannot resume from .*model \(its config.json\): 'crc32"):
+        Trainer(make_cfg(assets, tmp_path / "r", **{**over, "model.path": str(other)}), quiet=True).setup()
 
 
 def test_step_without_supervised_tokens_skips_update(assets, tmp_path):
