@@ -27,8 +27,9 @@ def default_template(config, tokenizer=None) -> str:
     if text == "qwen2":
         return "qwen"
     if text == "llama":
-        llama3 = tokenizer is not None and "<|start_header_id|>" in tokenizer.get_vocab()
-        return "llama3" if llama3 else "vicuna_v1"
+        from llava_fast.data.templates import is_llama3_tokenizer
+
+        return "llama3" if is_llama3_tokenizer(tokenizer) else "vicuna_v1"
     raise ValueError(f"--template: no default prompt template for a {text} language model; give the template the "
                      f"model was trained with (vicuna_v1, qwen, llama3 or plain), or add its chat template to the "
                      f"folder (chat_template.json: --template chat)")

@@ -193,6 +193,11 @@ def build_prompt(turns: list[tuple[str, str]], template: str, n_images: int = 1,
     raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
 
 
+def is_llama3_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` is Llama 3's (it has Llama 3 Instruct's ``<|start_header_id|>``)."""
+    return tokenizer is not None and "<|start_header_id|>" in tokenizer.get_vocab()
+
+
 def check_template(tokenizer, template: str, what: str = "template") -> None:
     """Raises ValueError naming ``what`` when ``template`` is unknown or the tokenizer cannot write it (``llama3``
     needs Llama 3's special tokens)."""

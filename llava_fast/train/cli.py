@@ -168,17 +168,15 @@ def _cmd_train(args) -> int:
 
 
 def _llama3_tokenizer(folder: str | None) -> bool:
-    """Whether the tokenizer saved in ``folder`` is Llama 3's (its ``<|start_header_id|>`` token)."""
-    import os
+    """Whether the tokenizer saved in ``folder`` is Llama 3's (False when it has none to read)."""
+    from llava_fast.data.templates import is_llama3_tokenizer
 
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        try:
-            with open(os.path.join(folder or "", name), encoding="utf-8") as f:
-                if '"<|start_header_id|>"' in f.read():
-                    return True
-        except OSError:
-            continue
-    return False
+    try:
+        from transformers import AutoTokenizer
+
+        return is_llama3_tokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    except (OSError, ValueError, TypeError):  # no folder or tokenizer: the run's own checks name it
+        return False
 
 
 def _run(cfg) -> int:

@@ -285,7 +285,9 @@ class Trainer:
 
         if self.dataset is None:
             cache = os.path.join(cfg.checkpoint.out, "dataset_index") if cfg.data.index_cache else None
-            if cfg.data.template == "vicuna_v1" and "<|start_header_id|>" in self.tokenizer.get_vocab():
+            from llava_fast.data.templates import is_llama3_tokenizer
+
+            if cfg.data.template == "vicuna_v1" and is_llama3_tokenizer(self.tokenizer):
                 self.log("data.template=vicuna_v1 on a Llama 3 tokenizer: LLaVA-NeXT trained its Llama-3 models "
                          "(llama3-llava-next-8b) with data.template=llama3 (its --version llava_llama_3)")
 
