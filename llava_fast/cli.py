@@ -128,6 +128,12 @@ def main(argv=None) -> int:
 def _guarded(cmd: str, fn) -> int:
     try:
         return fn()
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: a training run has saved its checkpoint and said so; a traceback would add nothing
+        if os.environ.get("LLAVA_FAST_TRACEBACK") == "1":
+            raise
+        print(f"llava-fast {cmd}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as e:
         # bad input (a missing folder, a corrupt image, a malformed config, ...): its message names the argument and
         # the fix; a traceback through the library would only bury it

@@ -461,7 +461,9 @@ class Trainer:
         """After a Ctrl-C: a checkpoint of the steps done (unless this step's was just saved), then stop."""
         if getattr(self, "_saved_step", None) != self.global_step:
             self.save()
-        self.log(f"interrupted: checkpoint of step {self.global_step} saved; the same command resumes from it"
+        how = ("the same command resumes from it" if self.cfg.checkpoint.resume == "auto"
+               else "checkpoint.resume=auto (or this folder) resumes from it")
+        self.log(f"interrupted: checkpoint of step {self.global_step} saved; {how}"
                  + (" (on every rank: one of them was signalled)" if self.dist.enabled else ""))
         raise KeyboardInterrupt
 

@@ -39,6 +39,36 @@ def test_sigterm_finishes_the_step_and_saves(assets, tmp_path, monkeypatch):
     assert ckpt.latest_checkpoint(str(tmp_path / "a" / "checkpoints")).endswith("step_00000002")
     assert any(line.startswith("SIGTERM: finishing this step") for line in lines), lines
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after train()
+    assert any(line.endswith("saved; the same command resumes from it") for line in lines), lines
+
+
+def test_interrupt_note_names_the_resume_setting_when_resume_is_off(assets, tmp_path, monkeypatch):
+    """checkpoint.resume=none (the demo's): the same command would start over, so the note says how to resume."""
+    _signal_at(monkeypatch, call=1, sig=signal.SIGTERM)
+    lines = []
+    a = Trainer(make_cfg(assets, tmp_path / "a", **{"schedule.max_steps": 3, "checkpoint.every_steps": 0,
+                                                    "checkpoint.resume": "none"}), log=lines.append)
+    with pytest.raises(KeyboardInterrupt):
+        a.train()
+    assert any(line.endswith("saved; checkpoint.resume=auto (or this folder) resumes from it") for line in lines), \
+        lines
+    assert not any("the same command resumes" in line for line in lines), lines
+
+
+def test_cli_interrupt_exits_130_without_a_traceback(monkeypatch, capsys):
+    """A KeyboardInterrupt out of any command (the demo's trainer after its checkpoint): exit status 130 and one
+    line, no traceback (LLAVA_FAST_TRACEBACK=1 re-raises it)."""
+    from llava_fast import cli
+
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    monkeypatch.delenv("LLAVA_FAST_TRACEBACK", raising=False)
+    assert cli.main(["demo", "--quick"]) == 130
+    assert capsys.readouterr().err.strip() == "llava-fast demo: interrupted"
+    monkeypatch.setenv("LLAVA_FAST_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["demo", "--quick"])
 
 
 def _worker(rank, world, port, root, out, extra=()):
