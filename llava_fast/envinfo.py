@@ -103,13 +103,13 @@ def env() -> dict:
         from llava_fast.models.dispatch import text_attention_choice
 
         info["text_attention"] = {
-            "auto": "auto: SDPA (cuDNN first) over one-length documents on CUDA for no-grad forwards (prefill, "
-                    "evaluation), our kernels otherwise, training included (LLAVA_FAST_TEXT_ATTENTION=triton|sdpa|"
-                    "cudnn forces one)",
+            "auto": "auto: over one-length documents on CUDA, SDPA (cuDNN first) for no-grad forwards (prefill, "
+                    "evaluation) and ops/cudnn_attention in training on Hopper; our kernels otherwise "
+                    "(LLAVA_FAST_TEXT_ATTENTION=triton|sdpa|cudnn forces one)",
             "triton": "triton (LLAVA_FAST_TEXT_ATTENTION): our kernels always",
             "sdpa": "sdpa (LLAVA_FAST_TEXT_ATTENTION): SDPA always (no cuDNN where a backward follows)",
-            "cudnn": "cudnn (LLAVA_FAST_TEXT_ATTENTION, experiment): one-length documents through "
-                     "ops/cudnn_attention (backward on its own thread), our kernels otherwise",
+            "cudnn": "cudnn (LLAVA_FAST_TEXT_ATTENTION): one-length documents through ops/cudnn_attention "
+                     "(backward on its own thread) on any GPU, our kernels otherwise",
         }[text_attention_choice()]
     except ValueError as e:
         info["text_attention"] = f"invalid: {e}"
@@ -128,9 +128,13 @@ def env() -> dict:
         from llava_fast.models import dispatch
 
         try:
-            info["vision_sdpa"] = ("cuDNN through ops/cudnn_attention (LLAVA_FAST_SDPA_CUDNN=1, Hopper; backward on "
-                                   "its own thread)" if dispatch._prefer_cudnn(torch.device("cuda", 0)) else
-                                   "SDPA's own order (LLAVA_FAST_SDPA_CUDNN=1: ops/cudnn_attention on Hopper)")
+            where = "" if dispatch._hopper(torch.device("cuda", 0)) else " (not this GPU: SDPA's own order here)"
+            info["vision_sdpa"] = {
+                "auto": "auto: trained towers through ops/cudnn_attention on Hopper (backward on its own thread), "
+                        f"frozen ones in SDPA's own order{where} (LLAVA_FAST_SDPA_CUDNN=0|1 forces one)",
+                "1": f"1 (LLAVA_FAST_SDPA_CUDNN): every tower through ops/cudnn_attention on Hopper{where}",
+                "0": "0 (LLAVA_FAST_SDPA_CUDNN): SDPA's own order always",
+            }[dispatch.vision_cudnn_choice()]
         except ValueError as e:
             info["vision_sdpa"] = f"invalid: {e}"
     import os

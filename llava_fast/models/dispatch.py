@@ -36,21 +36,38 @@ def _same_dtype(q, k, v):
     return tuple(t if t.dtype == dt else t.to(dt) for t in (q, k, v))
 
 
-def _prefer_cudnn(device: torch.device) -> bool:
-    """LLAVA_FAST_SDPA_CUDNN=1 (opt-in since session 19; Hopper only): the vision towers take cuDNN on purpose, through
-    ``ops.cudnn_attention`` (the forward alone where no backward follows; in training its backward on a thread of our
-    own, out of reach of torch's shared backward-graph cache: :func:`_sdpa_backends`).
-
-    The default, ``0``, calls SDPA in its own order. Recent torch puts cuDNN first in that order on Hopper and
-    Blackwell with cuDNN >= 9.9 (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp,
-    ``check_prefer_cudnn_attention``), so on the H200 box the two likely ran the same kernels, and the paired
-    stage-1 step (frozen CLIP tower, 4 LLM layers) measured our explicit cuDNN-first context 0.94x (session 18) and
-    0.95x (session 19): the cost of entering ``sdpa_kernel`` per layer. Op level: cuDNN SigLIP 32 x 729 D72 fwd+bwd
-    1.54x our kernel, the flash backend 0.94x (H200, session 19)."""
-    if _ext.env_choice("LLAVA_FAST_SDPA_CUDNN", ("0", "1"), "0") == "0" or torch.compiler.is_compiling():
-        return False
+def _hopper(device: torch.device) -> bool:
+    """Compute capability 9.x (H100 / H200): where the cuDNN choices below were measured."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(idx)[0] == 9  # torch caches the device properties
+
+
+def vision_cudnn_choice() -> str:
+    """LLAVA_FAST_SDPA_CUDNN: "auto" (default), "0" or "1" (:func:`_prefer_cudnn`)."""
+    return _ext.env_choice("LLAVA_FAST_SDPA_CUDNN", ("auto", "0", "1"), "auto")
+
+
+def _prefer_cudnn(q, k, v) -> bool:
+    """LLAVA_FAST_SDPA_CUDNN: whether a vision tower's attention on these q/k/v goes through ``ops.cudnn_attention``
+    (Hopper only: the forward alone where no backward follows; in training its backward on a thread of our own, out
+    of reach of torch's shared backward-graph cache: :func:`_sdpa_backends`) instead of SDPA in its own order.
+
+    - ``auto`` (default since session 28): a **trained** tower (autograd on, q/k/v requiring grad: the OneVision
+      step) on Hopper takes it, a frozen one (stage 1, a prefill) keeps SDPA's order. Why: recent torch puts cuDNN
+      first in SDPA's order on Hopper and Blackwell with cuDNN >= 9.9 (aten/src/ATen/native/transformers/cuda/
+      sdp_utils.cpp, ``check_prefer_cudnn_attention``), so a trained tower ran cuDNN's backward through torch's
+      shared graph cache, which can return wrong gradients when another caller left a graph with another dO layout.
+      Ours runs the same kernels safely, at the same speed: the OneVision step (4 LLM layers, paired, H200, session
+      28) measured SDPA's order 0.997x of it [0.983, 1.007]. A frozen tower has no backward to protect, and an
+      explicit cuDNN context there measured 0.94x / 0.95x (sessions 18-19; this path 0.99-1.00x in session 28).
+    - ``1``: every tower on Hopper (frozen ones: the cuDNN forward alone).
+    - ``0``: SDPA's own order always (the default of sessions 19-27)."""
+    choice = vision_cudnn_choice()
+    if choice == "0" or torch.compiler.is_compiling():
+        return False
+    if choice == "auto" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return False
+    return _hopper(q.device)
 
 
 def vision_attention(q, k, v, scale):
@@ -64,7 +81,7 @@ def vision_attention(q, k, v, scale):
         o = op.flash_attn_varlen_func(*flat, cu, cu, n, n, softmax_scale=scale, causal=False)
         return o.view(b, n, h, d).transpose(1, 2)
     if q.is_cuda:
-        if _prefer_cudnn(q.device):  # a preference, not a restriction: what cuDNN cannot take falls through
+        if _prefer_cudnn(q, k, v):  # a preference, not a restriction: what cuDNN cannot take falls through
             from llava_fast.ops import cudnn_attention as ca
 
             if ca.supported(q, k):
@@ -116,21 +133,28 @@ _TEXT_ENV = "LLAVA_FAST_TEXT_ATTENTION"
 def text_attention_choice() -> str:
     """LLAVA_FAST_TEXT_ATTENTION: which kernel runs the language model's attention on CUDA.
 
-    - ``"auto"`` (default): SDPA (cuDNN first) for bf16/fp16 attention over documents of one length with no padding
-      (an unpadded batch, or a packed sequence whose documents all have the longest length) in a forward without
-      autograd (a prefill, an evaluation pass); our Triton kernels otherwise. Why, on an H200 (bench_model, paired,
-      4 LLM layers): the NeXT-7B prefill (8 x 2498) ran 1.02x and 1.026x faster through SDPA (session 17), 1.01x /
-      0.99x (session 19). Training keeps our kernels: sessions 18-19 routed MHA training through SDPA and measured
-      1.016x, 1.020x, 1.00x and 1.01x on stage 1, inside the harness's noise, and SDPA's cuDNN backward can return
-      wrong gradients (:func:`_sdpa_backends`), so SDPA in training would run flash, which is slower than ours at
-      the stage-1 shape (benchmarks/results, session 19: 1.26x our time fwd+bwd).
+    - ``"auto"`` (default): over documents of one length with no padding (an unpadded batch, or a packed sequence
+      whose documents all have the longest length), bf16/fp16 on CUDA: SDPA (cuDNN first) in a forward without
+      autograd (a prefill, an evaluation pass); on Hopper, ``ops/cudnn_attention`` in training (since session 28,
+      :func:`_cudnn_text`); our Triton kernels otherwise (documents of several lengths, other GPUs). Why, on an H200
+      (bench_model, paired, 4 LLM layers): the NeXT-7B prefill (8 x 2498) ran 1.02x and 1.026x faster through SDPA
+      (session 17), 1.01x / 0.99x (session 19), 1.00x / 1.01x (session 28). In training, ops/cudnn_attention ran
+      the OneVision step 1.021x [1.009, 1.063] and stage 1 1.007x / 1.016x (every round of the latter's five
+      ahead) against our kernels (session 28); SDPA itself in training would run flash, not cuDNN, whose
+      backward through SDPA can return wrong gradients (:func:`_sdpa_backends`); flash measured 1.00x.
     - ``"sdpa"``: SDPA always, packed sequences of unequal documents included (scattered to a padded batch); in a
       training step without cuDNN.
-    - ``"triton"``: our kernels always (the default before session 17).
-    - ``"cudnn"`` (experiment, session 19): documents of one length (GQA included) through cuDNN's fused attention
-      with its backward on a thread of our own (``ops/cudnn_attention.py``: safe from torch's backward-graph cache),
-      our kernels otherwise; not yet run on a GPU. At the stage-1 shape cuDNN ran fwd+bwd 1.46x our kernels."""
+    - ``"triton"``: our kernels always (the default before session 17; training's until session 28).
+    - ``"cudnn"``: documents of one length (GQA included) through cuDNN's fused attention with its backward on a
+      thread of our own (``ops/cudnn_attention.py``: safe from torch's backward-graph cache) on any GPU, no-grad
+      forwards included; our kernels otherwise."""
     return _ext.env_choice(_TEXT_ENV, ("auto", "sdpa", "triton", "cudnn"), "auto")
+
+
+def _cudnn_text(choice: str, device) -> bool:
+    """Whether the language model's one-length documents go through ``ops.cudnn_attention`` (where
+    :func:`_use_sdpa` did not take them first): "cudnn" always, "auto" on Hopper (where it was measured)."""
+    return choice == "cudnn" or (choice == "auto" and device.type == "cuda" and _hopper(device))
 
 
 def _use_sdpa(choice: str, kernel_built: bool, dtype, device, equal_lengths: bool) -> bool:
@@ -291,7 +315,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
                 o = fast.flash_attn_varlen_func(*(t.squeeze(0).transpose(0, 1) for t in (q, k, v)),
                                                 cu_seqlens, cu_seqlens, ms, ms, softmax_scale=scale, causal=True)
                 return o.transpose(0, 1)[None]
-            if choice == "cudnn" and equal:
+            if equal and _cudnn_text(choice, device):
                 return _cudnn_or(attn, docs, ms)
             return attn
 
@@ -311,7 +335,7 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
             flat = [t.transpose(1, 2).reshape(b * t.shape[2], t.shape[1], t.shape[3]) for t in _same_dtype(q, k, v)]
             o = fast.flash_attn_varlen_func(*flat, cu, cu, n, n, softmax_scale=scale, causal=True)
             return o.view(b, n, q.shape[1], q.shape[3]).transpose(1, 2)
-        return _cudnn_or(attn) if choice == "cudnn" else attn
+        return _cudnn_or(attn) if _cudnn_text(choice, device) else attn
 
     if attention_mask is not None and attention_mask.shape[-1] != lk:
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens but the keys are {lk} "

@@ -71,23 +71,39 @@ def test_dense_sdpa_text_path(monkeypatch, tmp_path):
 
 
 def test_vision_sdpa_prefers_cudnn_on_hopper_only(monkeypatch):
-    """The vision towers' SDPA tries cuDNN first only when LLAVA_FAST_SDPA_CUDNN=1 (opt-in since session 19: the
-    stage-1 step ran 0.94x and 0.95x with it) and only on compute capability 9.x; a bad value names the variable."""
+    """LLAVA_FAST_SDPA_CUDNN (dispatch._prefer_cudnn): "auto" (default since session 28) sends a trained tower's
+    attention (autograd on, q/k/v requiring grad) through ops.cudnn_attention, a frozen one's (no grad, or inputs
+    that do not require it) to SDPA's own order; "1" sends every tower, "0" none; all of it on compute capability
+    9.x only, never under torch.compile; a bad value names the variable."""
     from llava_fast.models import dispatch
 
     caps = {0: (9, 0), 1: (8, 0), 2: (10, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+
+    def qkv(dev, grad):
+        t = torch.empty(0, device="meta").requires_grad_(grad)
+        return type("T", (), {"device": torch.device("cuda", dev), "requires_grad": t.requires_grad})()
+
+    def prefer(dev, grad=True, enabled=True):
+        with torch.set_grad_enabled(enabled):
+            return dispatch._prefer_cudnn(qkv(dev, grad), qkv(dev, False), qkv(dev, False))
+
     monkeypatch.delenv("LLAVA_FAST_SDPA_CUDNN", raising=False)
-    assert not dispatch._prefer_cudnn(torch.device("cuda", 0))
+    assert dispatch.vision_cudnn_choice() == "auto"
+    assert prefer(0)                                                     # a trained tower on Hopper
+    assert not prefer(0, grad=False) and not prefer(0, enabled=False)    # frozen: SDPA's own order
+    assert not prefer(1) and not prefer(2)                               # Ampere, Blackwell: not measured there
     monkeypatch.setenv("LLAVA_FAST_SDPA_CUDNN", "1")
-    assert dispatch._prefer_cudnn(torch.device("cuda", 0))
-    assert not dispatch._prefer_cudnn(torch.device("cuda", 1))
-    assert not dispatch._prefer_cudnn(torch.device("cuda", 2))
+    assert prefer(0) and prefer(0, grad=False) and prefer(0, enabled=False)
+    assert not prefer(1) and not prefer(2, grad=False)
     monkeypatch.setenv("LLAVA_FAST_SDPA_CUDNN", "0")
-    assert not dispatch._prefer_cudnn(torch.device("cuda", 0))
+    assert not prefer(0) and not prefer(0, grad=False)
+    monkeypatch.setenv("LLAVA_FAST_SDPA_CUDNN", "auto")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not prefer(0)
     monkeypatch.setenv("LLAVA_FAST_SDPA_CUDNN", "off")
     with pytest.raises(ValueError, match="LLAVA_FAST_SDPA_CUDNN"):
-        dispatch._prefer_cudnn(torch.device("cuda", 0))
+        prefer(0)
 
 
 def test_sdpa_backends_never_cudnn_with_a_backward(monkeypatch):
@@ -122,12 +138,13 @@ def test_sdpa_backends_never_cudnn_with_a_backward(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("cudnn", ["0", "1"])
+@pytest.mark.parametrize("cudnn", ["0", "1", "auto"])
 @pytest.mark.parametrize("d,n", [(72, 729), (64, 577)])
 def test_cuda_vision_attention_sdpa_backend_order(monkeypatch, d, n, cudnn):
     """The vision towers' SDPA as the model calls it (q/k/v transposed views of (B, N, H, D) projections), in SDPA's
-    own order (LLAVA_FAST_SDPA_CUDNN=0) and through ops.cudnn_attention in training (=1; after a foreign cuDNN graph
-    with another dO layout has been left in autograd's thread, which that path must not meet): output and gradients
+    own order (LLAVA_FAST_SDPA_CUDNN=0) and through ops.cudnn_attention in training (=1 and the default "auto" on
+    Hopper; after a foreign cuDNN graph with another dO layout has been left in autograd's thread, which that path
+    must not meet): output and gradients
     by flash-attn's rule against fp32, the same-dtype error taken from SDPA's math backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -139,7 +156,8 @@ def test_cuda_vision_attention_sdpa_backend_order(monkeypatch, d, n, cudnn):
     b, h = 3, 16
     base = [torch.randn(b, n, h, d, generator=g).cuda() for _ in range(3)]
     do = torch.randn(b, h, n, d, generator=g).cuda()
-    if cudnn == "1" and torch.cuda.get_device_capability()[0] == 9:
+    ours_path = cudnn in ("1", "auto") and torch.cuda.get_device_capability()[0] == 9   # a trained tower here
+    if ours_path:
         leaves = [t.to(torch.bfloat16).requires_grad_() for t in base]
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves), scale=d ** -0.5)
@@ -159,7 +177,7 @@ def test_cuda_vision_attention_sdpa_backend_order(monkeypatch, d, n, cudnn):
             return F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
 
     ours = run(torch.bfloat16, lambda q, k, v: dispatch.vision_attention(q, k, v, d ** -0.5))
-    assert len(ours_calls) == (cudnn == "1" and torch.cuda.get_device_capability()[0] == 9)
+    assert len(ours_calls) == ours_path
     low = run(torch.bfloat16, math)
     ref = run(torch.float32, math)
     for name, o, lo, r in zip(["out", "dq", "dk", "dv"], ours, low, ref):
@@ -169,13 +187,17 @@ def test_cuda_vision_attention_sdpa_backend_order(monkeypatch, d, n, cudnn):
 def test_text_attention_auto_rule(monkeypatch):
     """LLAVA_FAST_TEXT_ATTENTION (dispatch.text_attention_choice): "auto" by default; "auto" takes SDPA for bf16/fp16
     CUDA attention over one-length documents (unpadded batch, or packed documents all of the longest length) without
-    autograd, the Triton kernel otherwise (training included); "triton" never and "sdpa" always; a bad value names
-    the variable. The routing is checked on the returned closure (no GPU needed: nothing runs)."""
+    autograd, ops.cudnn_attention for them in training on Hopper (compute capability 9), the Triton kernel otherwise;
+    "triton" never and "sdpa" always; "cudnn" for one-length documents on any GPU; a bad value names the variable.
+    The routing is checked on the returned closure (no GPU needed: nothing runs)."""
     from llava_fast.models import dispatch
 
     monkeypatch.delenv("LLAVA_FAST_TEXT_ATTENTION", raising=False)
     assert dispatch.text_attention_choice() == "auto"
     monkeypatch.setattr(dispatch, "_fast_attention", lambda *a: object())   # as if the kernel were built
+    cap = [(8, 0)]                                                          # an A100 first: no cuDNN rule there
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: cap[0])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     cu_equal = torch.tensor([0, 8, 16], dtype=torch.int32)
     cu_unequal = torch.tensor([0, 5, 16], dtype=torch.int32)
@@ -192,10 +214,10 @@ def test_text_attention_auto_rule(monkeypatch):
                                              mask, cu, ms if cu is not None else None, head_dim=64)
             except (RuntimeError, AssertionError):  # the kernel path builds CUDA tensors: no GPU on this machine
                 return "triton"
-        return fn if fn == "sdpa" else "triton"
+        return fn if fn in ("sdpa", "cudnn") else "triton"
 
     assert route() == "sdpa" and route(cu=cu_equal) == "sdpa" and route(dtype=torch.float16) == "sdpa"
-    assert route(grad=True) == "triton" and route(cu=cu_equal, grad=True) == "triton"    # training: our kernels
+    assert route(grad=True) == "triton" and route(cu=cu_equal, grad=True) == "triton"    # training off Hopper
     assert route(cu=cu_unequal, ms=11) == "triton" and route(cu=cu_unequal, ms=11, grad=True) == "triton"
     assert route(dtype=torch.float32) == "triton" and route(device=torch.device("cpu")) == "triton"
     assert route(mask=torch.ones(2, 8, dtype=torch.long)) == "triton"                  # padded batch: not this rule
@@ -206,11 +228,21 @@ def test_text_attention_auto_rule(monkeypatch):
     # "cudnn": one-length documents through ops.cudnn_attention (its closure falls back to the kernel per call),
     # packed ones as a (docs, max_seqlen) batch; documents of several lengths keep the kernel
     wrapped = []
-    monkeypatch.setattr(dispatch, "_cudnn_or", lambda kernel, *a: wrapped.append(a) or "sdpa")
+    monkeypatch.setattr(dispatch, "_cudnn_or", lambda kernel, *a: wrapped.append(a) or "cudnn")
     monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "cudnn")
-    assert route(grad=True) == "sdpa" and route(cu=cu_equal, grad=True) == "sdpa" and route() == "sdpa"
+    assert route(grad=True) == "cudnn" and route(cu=cu_equal, grad=True) == "cudnn" and route() == "cudnn"
     assert wrapped == [(), (2, 8), ()]
     assert route(cu=cu_unequal, ms=11, grad=True) == "triton" and len(wrapped) == 3
+    # "auto" on Hopper (session 28): training over one-length documents through ops.cudnn_attention; no-grad forwards
+    # keep SDPA, documents of several lengths and the CPU keep the kernel (fp32: _cudnn_or's closure falls back)
+    monkeypatch.delenv("LLAVA_FAST_TEXT_ATTENTION")
+    cap[0] = (9, 0)
+    wrapped.clear()
+    assert route(grad=True) == "cudnn" and route(cu=cu_equal, grad=True) == "cudnn"
+    assert wrapped == [(), (2, 8)]
+    assert route() == "sdpa" and route(cu=cu_equal) == "sdpa"
+    assert route(cu=cu_unequal, ms=11, grad=True) == "triton" and len(wrapped) == 2
+    assert route(device=torch.device("cpu"), grad=True) == "triton" and len(wrapped) == 2
     monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "flash")
     with pytest.raises(ValueError, match="LLAVA_FAST_TEXT_ATTENTION"):
         dispatch.text_attention_choice()
@@ -249,7 +281,7 @@ def test_cuda_inference_sdpa_default_matches_triton(monkeypatch, tmp_path, dtype
 def test_cuda_training_sdpa_matches_triton(monkeypatch, tmp_path, dtype, kv_heads):
     """A training step over one-length documents (unpadded batch and packed equal documents): "sdpa" (SDPA in every
     layer, without cuDNN since a backward follows) and "cudnn" (ops.cudnn_attention, with GQA too) against
-    "triton"; "auto" keeps our kernels in training. The loss
+    "triton"; "auto" takes ops.cudnn_attention in training on Hopper, our kernels elsewhere. The loss
     and the gradients of every language-model weight stay within the flash rule of the Triton path's, both against
     fp32 on the CPU, with and without GQA; the SDPA calls are counted, so the test fails if the routing is not what
     the rule says."""
@@ -289,6 +321,7 @@ def test_cuda_training_sdpa_matches_triton(monkeypatch, tmp_path, dtype, kv_head
                  if p.grad is not None and ("language_model" in n or "lm_head" in n)}
         return out.loss.float().cpu(), grads
 
+    hopper = torch.cuda.get_device_capability()[0] == 9
     for form, kw in forms.items():
         ref_loss, ref_grads = step(ref_m, kw, "cpu")
         runs = {}
@@ -298,7 +331,8 @@ def test_cuda_training_sdpa_matches_triton(monkeypatch, tmp_path, dtype, kv_head
             runs[choice] = step(m, kw, "cuda")
             want = 2 if choice == "sdpa" else 0                            # one call per decoder layer (2 layers)
             assert calls[0] == want, (form, choice, calls[0])
-            want = 2 if choice == "cudnn" else 0                           # GQA too
+            # GQA too; "auto" takes it in training on Hopper (session 28)
+            want = 2 if choice == "cudnn" or (choice == "auto" and hopper) else 0
             assert cudnn_calls[0] == want, (form, choice, cudnn_calls[0])
         assert set(runs["sdpa"][1]) == set(ref_grads) == set(runs["cudnn"][1]) and ref_grads
         pairs = []
