@@ -62,9 +62,6 @@ AUTO_REFERENCE: dict[str, str] = {
     "bias_grad": "not yet measured (session 14): the linears' bias gradients by a two-pass Triton column sum "
                  "instead of torch's reduce_kernel (~30% of copy bandwidth in the H200 OneVision profile); "
                  "bench_bias_grad.py and bench_model's llava_fast_bias_triton decide",
-    "patch_embed": "not yet measured (session 23): the vision towers' patch convolution as one cuBLAS GEMM over the "
-                   "gathered patches instead of cuDNN's Ampere-era kernel (~39 TFLOP/s in the H200 profiles); "
-                   "bench_gemm.py's patch_embed rows decide",
 }
 
 

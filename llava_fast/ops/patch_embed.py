@@ -12,9 +12,11 @@ gathered into one (tiles x patches, C p p) matrix (one copy of the pixels, ``res
 bytes: the pixels read twice and written once (the gather) plus the output, ~75 MB there. The output is (B, N, D)
 contiguous: SigLIP's transposed-conv-output copy (models/vision.py) becomes a no-op.
 
-Not yet measured on a GPU (session 23), so opt-in (``backend.AUTO_REFERENCE``): ``set_backend("patch_embed",
-"cuda")`` or ``LLAVA_FAST_BACKEND_PATCH_EMBED=cuda``; ``benchmarks/bench_gemm.py``'s ``patch_embed`` rows time it
-against the convolution at the three workloads' shapes. Numerics: the same products, summed in another order (both
+The CUDA default since session 28 (H200, ``benchmarks/bench_gemm.py``'s ``patch_embed`` rows against the convolution
+in the same run): forward 4.07x (prefill, 0.215 vs 0.877 ms), 3.78x (stage 1), 4.50x (OneVision's SigLIP), forward +
+weight gradient 1.77x (OneVision, 0.483 vs 0.856 ms); its cuda tests (bf16/fp16 by flash-attn's rule) passed there.
+``set_backend("patch_embed", "reference")`` or ``LLAVA_FAST_BACKEND_PATCH_EMBED=reference`` keeps the convolution.
+Numerics: the same products, summed in another order (both
 paths accumulate in fp32), so not bit-identical to the convolution; the CPU path stays the convolution (the model
 matches transformers exactly there).
 
@@ -67,8 +69,8 @@ backend.register_fast("patch_embed", "cuda")
 # --------------------------------------------------------------------------------------------------------------------
 def gemm_usable(conv: nn.Module, pixel_values: torch.Tensor) -> bool:
     """Whether the model may compute ``conv`` (a tower's ``patch_embedding``) by :func:`patch_embed_gemm`: the backend
-    says so for ``pixel_values``' device (opt-in on CUDA), and calling the module would compute exactly that conv:
-    a plain ``nn.Conv2d`` (not a subclass with its own forward, such as a LoRA layer) with kernel = stride, no
+    says so for ``pixel_values``' device (CUDA, unless set to "reference"), and calling the module would compute
+    exactly that conv: a plain ``nn.Conv2d`` (not a subclass with its own forward, such as a LoRA layer) with kernel = stride, no
     padding or dilation, one group, and no hooks (which only a call would run)."""
     return (backend.use_fast("patch_embed", pixel_values.device.type) and type(conv) is nn.Conv2d
             and pixel_values.dim() == 4 and conv.kernel_size == conv.stride
