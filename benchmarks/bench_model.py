@@ -16,17 +16,21 @@ list; OneVision and the mixed run): llava_fast with LLAVA_FAST_TEXT_ATTENTION=sd
 through SDPA (packed sequences as a right-padded batch; cuDNN first without autograd, flash in training since
 session 19: models/dispatch._sdpa_backends) instead of the Triton varlen kernel in training steps ("auto", the
 default, takes SDPA for no-grad forwards over one-length documents since session 17: the prefill, where this row is
-the default); llava_fast_triton_text (prefill): LLAVA_FAST_TEXT_ATTENTION=triton, the Triton kernel there
-too (the default before session 17); llava_fast_keep_act (not in the default list
+the default); llava_fast_triton_text (prefill, stage 1, OneVision): LLAVA_FAST_TEXT_ATTENTION=triton, the Triton
+kernel over one-length documents too (the prefill's before session 17, training's before session 28);
+llava_fast_keep_act (not in the default list
 either): llava_fast with LLAVA_FAST_RECOMPUTE_ACT=0, the MLP activations kept for the backward (the path before
 session 4) instead of recomputed (llava_fast/ops/act_linear.py): the peak-memory and time cost of that choice;
 llava_fast_recompute_vision (OneVision only): LLAVA_FAST_RECOMPUTE_ACT=1, the vision tower recomputes its LayerNorm
 and GELU outputs too (the default before session 18, which keeps them: ``llm``);
 llava_fast_cudnn_text (stage 1, OneVision): LLAVA_FAST_TEXT_ATTENTION=cudnn, the language model's attention through
-ops/cudnn_attention.py (cuDNN with its backward on a thread of our own; an experiment, session 19);
-llava_fast_sdpa_cudnn: llava_fast with LLAVA_FAST_SDPA_CUDNN=1, the vision towers on cuDNN on purpose on Hopper
-(ops/cudnn_attention.py: the cuDNN forward alone without autograd, its own backward thread in training; until
-session 19 "1", the default, meant SDPA with cuDNN first) instead of SDPA's own order (models/dispatch._prefer_cudnn); llava_fast_ce_vocab: llava_fast with
+ops/cudnn_attention.py (cuDNN with its backward on a thread of our own; session 19; "auto" takes it in training on
+Hopper since session 28, so there this row is the default);
+llava_fast_sdpa_cudnn (stage 1, prefill): llava_fast with LLAVA_FAST_SDPA_CUDNN=1, the frozen vision towers on cuDNN
+on purpose on Hopper (ops/cudnn_attention.py: the cuDNN forward alone without autograd) instead of SDPA's own order
+(models/dispatch._prefer_cudnn); llava_fast_sdpa_own (OneVision): LLAVA_FAST_SDPA_CUDNN=0, the trained tower in SDPA's
+own order (torch's shared cuDNN backward cache) instead of ops/cudnn_attention ("auto", since session 28);
+llava_fast_ce_vocab: llava_fast with
 LLAVA_FAST_CE_SCHEDULE=vocab, the fused loss over vocab blocks (changes only steps that train lm_head: ov_ft, mixed);
 llava_fast_unfused_res: llava_fast with LLAVA_FAST_FUSE_RESIDUAL=0, the decoder layers' residual adds as separate
 elementwise ops and gradient accumulations instead of inside the RMSNorm kernels (ops/act_linear.residual_act_linears);
@@ -506,12 +510,13 @@ def run_mixed(providers, layers, tiny, rep, warmup):
 # A/B providers that change nothing in some workloads: (the workloads they run in, why the others are skipped)
 PROVIDER_WORKLOADS = {
     "llava_fast_recompute_vision": (("ov_ft",), "the vision tower does not train here (nothing is recomputed in it)"),
-    "llava_fast_triton_text": (("prefill",), "a training step: the Triton kernel anyway (SDPA's default is for no-grad "
-                                             "forwards over one-length documents)"),
+    "llava_fast_triton_text": (("prefill", "stage1", "ov_ft"), "documents of several lengths: the Triton kernel "
+                                                               "anyway"),
     "llava_fast_sdpa_text": (("ov_ft", "stage1", "mixed"), "SDPA is the default here (a no-grad forward over "
                                                            "one-length documents)"),
     "llava_fast_cudnn_text": (("stage1", "ov_ft"), "a no-grad forward: SDPA already runs it through cuDNN"),
-    "llava_fast_sdpa_cudnn": (("ov_ft", "stage1", "prefill"), "no vision tower here"),
+    "llava_fast_sdpa_cudnn": (("stage1", "prefill"), "a trained tower: the default (auto) already takes it"),
+    "llava_fast_sdpa_own": (("ov_ft",), "a frozen tower: SDPA's own order is the default (auto) here"),
     "llava_fast_all_rows": (("ov_ft", "stage1", "mixed"), "a prefill has no labels (every row is computed anyway)"),
     "llava_fast_cutlass_attn": (("stage1",), "the CUTLASS forward takes one-length MHA documents of a multiple of 8 "
                                              "tokens: stage 1 only"),
@@ -538,6 +543,9 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # the vision towers on cuDNN on purpose (Hopper) through ops.cudnn_attention (backward on our own
                 # thread) instead of SDPA's own order (cuDNN first itself in recent torch, its shared graph cache)
                 "llava_fast_sdpa_cudnn": {"LLAVA_FAST_SDPA_CUDNN": "1"},
+                # a trained vision tower in SDPA's own order (torch's shared cuDNN backward cache) instead of
+                # ops.cudnn_attention (the default, "auto", on Hopper since session 28)
+                "llava_fast_sdpa_own": {"LLAVA_FAST_SDPA_CUDNN": "0"},
                 # the fused loss over vocab blocks (less memory, one more logits GEMM; only where lm_head trains)
                 "llava_fast_ce_vocab": {"LLAVA_FAST_CE_SCHEDULE": "vocab"},
                 # the decoder layers' residual adds as separate ops instead of inside the RMSNorm kernels (session 11)
@@ -547,11 +555,12 @@ PROVIDER_ENV = {"llava_fast_sdpa_text": {"LLAVA_FAST_TEXT_ATTENTION": "sdpa"},
                 # without the GQA split of the dK/dV kernel and the heavy-first order (defaults since session 17;
                 # only GQA models change: OneVision's Qwen2)
                 "llava_fast_no_gqa_split": {"LLAVA_FAST_ATTN_GQA_SPLIT": "0", "LLAVA_FAST_ATTN_HEAVY_FIRST": "0"},
-                # the attention of the prefill on the Triton kernel instead of SDPA ("auto": SDPA for no-grad forwards
-                # over one-length documents since session 17; models/dispatch.text_attention_choice)
+                # the language model's attention over one-length documents on the Triton kernel instead of "auto"'s
+                # SDPA in no-grad forwards (the prefill, since session 17) and ops/cudnn_attention in training on
+                # Hopper (stage 1, OneVision, since session 28; models/dispatch.text_attention_choice)
                 "llava_fast_triton_text": {"LLAVA_FAST_TEXT_ATTENTION": "triton"},
                 # the language model's attention through ops/cudnn_attention.py (cuDNN, its backward on our own
-                # thread; session 19, opt-in): the training steps (OneVision's GQA too)
+                # thread; session 19): the training steps (OneVision's GQA too); "auto" on Hopper since session 28
                 "llava_fast_cudnn_text": {"LLAVA_FAST_TEXT_ATTENTION": "cudnn"},
                 # the GELU kernels (ops/gelu.py, session 13; auto keeps torch's): the SigLIP tower, OneVision only
                 "llava_fast_gelu_triton": {"LLAVA_FAST_BACKEND_GELU": "triton"},

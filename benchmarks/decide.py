@@ -328,6 +328,9 @@ _OPT_IN_BARS = {"llava_fast_cutlass_attn": 1.005,
                 ("llava_fast_ln_triton", "stage1"): 1.0, ("llava_fast_ln_triton", "prefill"): 1.0,
                 "llava_fast_pad256": 1.02, ("llava_fast_pad256", "ov_ft"): 1.0}
 
+# opt-in rows whose runs disagreed (one switch, one not): a switch needs two agreeing runs in a row
+_TWO_RUNS = ("llava_fast_cutlass_attn", "llava_fast_ln_triton")
+
 
 def _model_rules(rows, label=""):
     out = []
@@ -383,7 +386,8 @@ def _model_rules(rows, label=""):
              "default '0'"),
             ("llava_fast_ln_triton", ("ov_ft", "stage1", "prefill"), "LayerNorm kernels (opt-in) vs torch's",
              "make them the CUDA default (drop layer_norm from backend.AUTO_REFERENCE) if >= 1.01x on ov_ft and "
-             "not slower elsewhere (and tests/ops/test_layer_norm.py's cuda tests pass)"),
+             "not slower elsewhere (and tests/ops/test_layer_norm.py's cuda tests pass) in two runs in a row "
+             "(session 19: 0.93x on ov_ft; session 28: 1.01x, not taken)"),
             ("llava_fast_bias_triton", ("ov_ft",), "bias-gradient kernels (opt-in) vs torch's sum",
              "make them the CUDA default (drop bias_grad from backend.AUTO_REFERENCE) if >= 1.01x (and "
              "tests/ops/test_bias_grad.py's cuda tests pass)"),
@@ -393,7 +397,7 @@ def _model_rules(rows, label=""):
              "LLAVA_FAST_LAST_LAYER_ROWS default 'all'"),
             ("llava_fast_cutlass_attn", ("stage1",), "CUTLASS attention forward (opt-in) vs Triton",
              "LLAVA_FAST_ATTN_CUTLASS default '1' on sm_90 when the CUTLASS library is built, if >= 1.005x (and "
-             "test_cuda_cutlass_fwd passes)"),
+             "test_cuda_cutlass_fwd passes) in two runs in a row (session 19: 0.94x; session 28: 1.01x, not taken)"),
             ("llava_fast_sdpa_text", ("ov_ft", "stage1"),
              "language-model attention by SDPA in training (opt-in; flash, no cuDNN since session 19) vs Triton",
              "route one-length training batches through SDPA (dispatch._use_sdpa) only if >= 1.03x on both: with "
@@ -404,6 +408,15 @@ def _model_rules(rows, label=""):
              "make LLAVA_FAST_TEXT_ATTENTION 'auto' take it for one-length training (dispatch._cudnn_or) on the "
              "workload where it is >= 1.01x (stage 1 predicted ~1.02x: cuDNN fwd+bwd 0.684 vs our 0.995 ms per "
              "layer; OneVision's GQA unmeasured) and tests/ops/test_cudnn_attention.py's cuda tests pass"),
+            # session 28's defaults on Hopper, each against the path it replaced
+            ("llava_fast_triton_text", ("stage1", "ov_ft"),
+             "language-model attention in training through ops/cudnn_attention (default on Hopper) vs Triton",
+             "keep the default if not slower (session 28: 1.016x / 1.007x stage 1, 1.021x OneVision, paired); else "
+             "dispatch._cudnn_text leaves 'auto' to the Triton kernel"),
+            ("llava_fast_sdpa_own", ("ov_ft",),
+             "trained vision tower through ops/cudnn_attention (default on Hopper) vs SDPA's own order",
+             "keep the default if the default is >= 0.99x (safety from torch's shared cuDNN backward cache, bought "
+             "for at most 1%; session 28: 1.003x); else LLAVA_FAST_SDPA_CUDNN default '0'"),
             # session 19: the frozen vision towers' SDPA in SDPA's own order (flash) by default
             ("llava_fast_sdpa_cudnn", ("ov_ft", "stage1", "prefill"),
              "vision attention in SDPA's own order (default) vs LLAVA_FAST_SDPA_CUDNN=1",
@@ -440,12 +453,16 @@ def _model_rules(rows, label=""):
                         "llava_fast_cudnn_text", "llava_fast_pad256"):   # opt-in ones
                 x = 1 / x
                 bar = _OPT_IN_BARS.get((prov, mode), _OPT_IN_BARS.get(prov, 1.01))
-                verdict = "switch" if x >= bar else {"llava_fast_sdpa_text": "keep the Triton kernel",
+                verdict = ("switch" if prov not in _TWO_RUNS else "switch if the run before agreed (rule)") \
+                    if x >= bar else {"llava_fast_sdpa_text": "keep the Triton kernel",
                                                      "llava_fast_cudnn_text": "keep the Triton kernel",
                                                      "llava_fast_pad256": "no padding",
                                                      "llava_fast_cutlass_attn": "keep the Triton forward"}.get(prov,
                                                                                                      "keep torch's")
                 m = f"{x:.2f}x the default{how}"
+            elif prov == "llava_fast_sdpa_own":
+                verdict = "keep the default" if x >= 0.99 else "switch back (LLAVA_FAST_SDPA_CUDNN default '0')"
+                m = f"default {x:.2f}x{how}"
             elif prov == "llava_fast_sdpa_cudnn" and mode == "ov_ft":
                 # safety bought for at most 1%: the trained tower's cuDNN backward on our own thread
                 verdict = "switch (=1 for trained towers)" if x <= 1.01 else "keep the default"
@@ -632,15 +649,24 @@ def gemm_padding(folder):
         m = re.match(r"(.*) (\d+) layers x \d+ GEMMs$", r.get("shape", ""))
         if r.get("provider") != "layer_exact" or not r.get("ms") or not m:
             continue
-        alone = [x for x in rows if x.get("provider") == "exact" and x.get("ms") and x.get("mode") in
-                 r.get("mode", "").split("+") and x.get("shape", "").startswith(m.group(1) + " ")]
+        modes = r.get("mode", "").split("+")
+        alone = [x for x in rows if x.get("provider") == "exact" and x.get("ms") and x.get("mode") in modes
+                 and x.get("shape", "").startswith(m.group(1) + " ")]
         per_layer = sum(counts.get(x["shape"][len(m.group(1)) + 1:].split(" M=")[0], 0) * x["ms"] for x in alone)
-        if per_layer:
+        clk = re.search(r"SM clock min/median (\d+)/(\d+) of max (\d+) MHz", r.get("note") or "")
+        if clk:   # the clock itself: the single GEMMs run at it too, so the comparison below cannot see a cap
+            med, top = int(clk.group(2)), int(clk.group(3))
+            out.append((f"SM clock under sustained GEMMs, {m.group(1)}", f"median {med} of {top} MHz "
+                        f"({med / top:.0%}); {r['note']}", "< 85% of the maximum: the GPU runs its GEMMs at a "
+                        "power-capped clock (peak scaled by that ratio is the GEMMs' real ceiling)",
+                        "power-capped" if med < 0.85 * top else "full clock"))
+        if per_layer and {x.get("mode") for x in alone} == set(modes):   # (stage 1's layer row has dgrad: no singles)
             x = per_layer * int(m.group(2)) / r["ms"]
             clock = f"; {r['note']}" if r.get("note") else ""
             out.append((f"sustained GEMMs vs one at a time, {m.group(1)}", f"{x:.3f}x the sum of the single GEMMs"
-                        f"{clock}", "< 0.95x: the clock drops under a sustained load (power), padding cannot help",
-                        "power-limited" if x < 0.95 else "not power-limited"))
+                        f"{clock}", "< 0.95x: the clock drops further under a sustained load (power), padding "
+                        "cannot help",
+                        "slower sustained" if x < 0.95 else "no slower sustained"))
     for r in rows:
         if r.get("provider") == "tunable" and r.get("ms") and "q/k/v/o" in r.get("shape", ""):
             m = re.match(r"([0-9.]+)x exact", r.get("note") or "")

@@ -249,14 +249,14 @@ if want ops; then
       # (stage 1 1.44x of 1.5x, prefill 1.36x of 1.4x on the H200 in session 14), paired with the default, ~60 s in
       # session 15; session 16 added two stage-1 rows (~+30 s) and put stage 1 first (the rows most of them are about)
       step bench_model_ab7b 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads stage1,prefill \
-        --name bench_model_ab7b --providers llava_fast,llava_fast_cudnn_text,llava_fast_pad256,llava_fast_triton_text,llava_fast_all_rows,llava_fast_sdpa_text,llava_fast_cutlass_attn,llava_fast_ln_triton,hf_sdpa
+        --name bench_model_ab7b --providers llava_fast,llava_fast_pad256,llava_fast_triton_text,llava_fast_all_rows,llava_fast_sdpa_text,llava_fast_cutlass_attn,llava_fast_ln_triton,hf_sdpa
     elif [ "$b" = "model" ]; then  # llava_fast_graph last: a failed CUDA-graph capture must not cost the other rows;
       # OneVision first (session 14: the A/B rows are now also timed paired, ~+40 s, and the step's limit is what the
       # deadline leaves after the tests: the workload most A/B rows are about must not be the one cut). Session 18
       # cut the rows decided the same way in three or more runs (unfused_res, sep_recompute, gelu_triton,
       # triton_launch, bias_triton; fused_qkv was removed in session 21); `model_ab` runs them
       step bench_model 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft,stage1,prefill \
-        --providers llava_fast,llava_fast_recompute_vision,llava_fast_cudnn_text,llava_fast_triton_text,llava_fast_keep_act,llava_fast_no_gqa_split,llava_fast_sdpa_cudnn,llava_fast_qgelu_ref,llava_fast_ln_triton,llava_fast_all_rows,llava_fast_pad256,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
+        --providers llava_fast,llava_fast_recompute_vision,llava_fast_triton_text,llava_fast_keep_act,llava_fast_no_gqa_split,llava_fast_sdpa_own,llava_fast_sdpa_cudnn,llava_fast_qgelu_ref,llava_fast_ln_triton,llava_fast_all_rows,llava_fast_pad256,llava_fast_sdpa_text,hf_sdpa,hf_eager,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
     elif [ "$b" = "model_ab" ]; then  # not in the default list: the A/B rows decided in three or more runs (the
       # paths they switch stay in the tests), for a call with time to spare
       step bench_model_ab 150 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads ov_ft,stage1 \
