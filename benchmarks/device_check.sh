@@ -223,15 +223,18 @@ if want ops; then
       step profile_model_full_s1 120 $PY benchmarks/profile_model.py --workload stage1 --layers 32 --steps 2 --gemms
     elif [ "$b" = "demo" ]; then  # not in the default list (session 23): the README's first command on this GPU, the
       # full demo (stage 1 + 2 through the trainer, fp32 master weights under bf16 autocast, generation); exits 1
-      # below its 90% held-out accuracy; ~2 min on the 2-core dev CPU, not yet timed on a GPU
+      # below its 90% held-out accuracy; ~2 min on the 2-core dev CPU; on the H200 (session 28) stage 1 took 19 s and
+      # stage 2 ran ~32 steps/s (2808 steps) until a 105 s deadline cut it: give it ~150 s
       step demo 240 $PY -m llava_fast.cli demo --out "${TMPDIR:-/tmp}/llava_fast_demo" --device cuda
     elif [ "$b" = "mixed" ]; then  # the realistic mixed-length stage-2 run: packing fill vs padding waste
       step bench_model_mixed 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads mixed --name bench_model_mixed \
         --providers llava_fast,llava_fast_sdpa_text,hf_sdpa
     elif [ "$b" = "model_full" ]; then  # not in the default list (a second call): the issue's exact shapes, every
       # LLM layer (7B: 32, OneVision-0.5B: 24), where the language model's share and our kernels' weight are real
+      # (llava_fast_triton_text: session 28's cuDNN training attention against our kernels, paired, at full depth;
+      # 63 s without it in session 28)
       step bench_model_full 240 $PY benchmarks/bench_model.py $QUICK --workloads ov_ft,prefill,stage1 \
-        --name bench_model_full --providers llava_fast,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
+        --name bench_model_full --providers llava_fast,llava_fast_triton_text,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
     elif [ "$b" = "model_compiled" ]; then  # not in the default list: every layer under torch.compile (the remedy
       # if profile_model finds the OneVision step host-bound); compiles once per layer type, then times the step
       # COMPILED_LAYERS=full: every LLM layer (where session 19's box was host-bound: eager 202 ms, graph 155 ms)
