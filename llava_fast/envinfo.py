@@ -104,8 +104,8 @@ def env() -> dict:
 
         info["text_attention"] = {
             "auto": "auto: over one-length documents on CUDA, SDPA (cuDNN first) for no-grad forwards (prefill, "
-                    "evaluation) and ops/cudnn_attention in training on Hopper; our kernels otherwise "
-                    "(LLAVA_FAST_TEXT_ATTENTION=triton|sdpa|cudnn forces one)",
+                    "evaluation) and ops/cudnn_attention in training on Hopper with cuDNN >= 9.19; our kernels "
+                    "otherwise (LLAVA_FAST_TEXT_ATTENTION=triton|sdpa|cudnn forces one)",
             "triton": "triton (LLAVA_FAST_TEXT_ATTENTION): our kernels always",
             "sdpa": "sdpa (LLAVA_FAST_TEXT_ATTENTION): SDPA always (no cuDNN where a backward follows)",
             "cudnn": "cudnn (LLAVA_FAST_TEXT_ATTENTION): one-length documents through ops/cudnn_attention "
@@ -130,8 +130,9 @@ def env() -> dict:
         try:
             where = "" if dispatch._hopper(torch.device("cuda", 0)) else " (not this GPU: SDPA's own order here)"
             info["vision_sdpa"] = {
-                "auto": "auto: trained towers through ops/cudnn_attention on Hopper (backward on its own thread), "
-                        f"frozen ones in SDPA's own order{where} (LLAVA_FAST_SDPA_CUDNN=0|1 forces one)",
+                "auto": "auto: trained towers through ops/cudnn_attention on Hopper with cuDNN >= 9.19 (backward "
+                        f"on its own thread), frozen ones in SDPA's own order{where} (LLAVA_FAST_SDPA_CUDNN=0|1 "
+                        "forces one)",
                 "1": f"1 (LLAVA_FAST_SDPA_CUDNN): every tower through ops/cudnn_attention on Hopper{where}",
                 "0": "0 (LLAVA_FAST_SDPA_CUDNN): SDPA's own order always",
             }[dispatch.vision_cudnn_choice()]

@@ -42,6 +42,14 @@ def _hopper(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(idx)[0] == 9  # torch caches the device properties
 
 
+def _cudnn_auto(device: torch.device) -> bool:
+    """Where the "auto" rules take ``ops.cudnn_attention``: Hopper with cuDNN >= 9.19 (the GPU and version they were
+    measured on, session 28; ``cudnn_attention.CUDNN_MIN_AUTO``)."""
+    from llava_fast.ops import cudnn_attention as ca
+
+    return _hopper(device) and (torch.backends.cudnn.version() or 0) >= ca.CUDNN_MIN_AUTO
+
+
 def vision_cudnn_choice() -> str:
     """LLAVA_FAST_SDPA_CUDNN: "auto" (default), "0" or "1" (:func:`_prefer_cudnn`)."""
     return _ext.env_choice("LLAVA_FAST_SDPA_CUDNN", ("auto", "0", "1"), "auto")
@@ -53,20 +61,21 @@ def _prefer_cudnn(q, k, v) -> bool:
     of reach of torch's shared backward-graph cache: :func:`_sdpa_backends`) instead of SDPA in its own order.
 
     - ``auto`` (default since session 28): a **trained** tower (autograd on, q/k/v requiring grad: the OneVision
-      step) on Hopper takes it, a frozen one (stage 1, a prefill) keeps SDPA's order. Why: recent torch puts cuDNN
-      first in SDPA's order on Hopper and Blackwell with cuDNN >= 9.9 (aten/src/ATen/native/transformers/cuda/
-      sdp_utils.cpp, ``check_prefer_cudnn_attention``), so a trained tower ran cuDNN's backward through torch's
-      shared graph cache, which can return wrong gradients when another caller left a graph with another dO layout.
-      Ours runs the same kernels safely, at the same speed: the OneVision step (4 LLM layers, paired, H200, session
-      28) measured SDPA's order 0.997x of it [0.983, 1.007]. A frozen tower has no backward to protect, and an
-      explicit cuDNN context there measured 0.94x / 0.95x (sessions 18-19; this path 0.99-1.00x in session 28).
+      step) on Hopper with cuDNN >= 9.19 (:func:`_cudnn_auto`) takes it, a frozen one (stage 1, a prefill) keeps
+      SDPA's order. Why: recent torch puts cuDNN first in SDPA's order on Hopper and Blackwell with cuDNN >= 9.9
+      (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, ``check_prefer_cudnn_attention``), so a trained tower
+      ran cuDNN's backward through torch's shared graph cache, which can return wrong gradients when another caller
+      left a graph with another dO layout. Ours runs the same kernels safely, at the same speed: the OneVision step
+      (4 LLM layers, paired, H200, session 28) measured SDPA's order 0.997x of it [0.983, 1.007]. A frozen tower
+      has no backward to protect, and an explicit cuDNN context there measured 0.94x / 0.95x (sessions 18-19; this
+      path 0.99-1.00x in session 28).
     - ``1``: every tower on Hopper (frozen ones: the cuDNN forward alone).
     - ``0``: SDPA's own order always (the default of sessions 19-27)."""
     choice = vision_cudnn_choice()
     if choice == "0" or torch.compiler.is_compiling():
         return False
-    if choice == "auto" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        return False
+    if choice == "auto":
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and _cudnn_auto(q.device)
     return _hopper(q.device)
 
 
@@ -84,8 +93,8 @@ def vision_attention(q, k, v, scale):
         if _prefer_cudnn(q, k, v):  # a preference, not a restriction: what cuDNN cannot take falls through
             from llava_fast.ops import cudnn_attention as ca
 
-            if ca.supported(q, k):
-                return ca.cudnn_attention(q, k, v, scale, causal=False)
+            if ca.supported(q, k) and (o := ca.try_cudnn_attention(q, k, v, scale, causal=False)) is not None:
+                return o
         # SDPA's own order: cuDNN first in recent torch on Hopper / Blackwell (see _prefer_cudnn), training included,
         # where torch's shared backward-graph cache applies (_sdpa_backends); our model's calls keep one dO layout per
         # call site, so only another caller in the process with the same shapes and another dO layout can meet it
@@ -135,8 +144,9 @@ def text_attention_choice() -> str:
 
     - ``"auto"`` (default): over documents of one length with no padding (an unpadded batch, or a packed sequence
       whose documents all have the longest length), bf16/fp16 on CUDA: SDPA (cuDNN first) in a forward without
-      autograd (a prefill, an evaluation pass); on Hopper, ``ops/cudnn_attention`` in training (since session 28,
-      :func:`_cudnn_text`); our Triton kernels otherwise (documents of several lengths, other GPUs). Why, on an H200
+      autograd (a prefill, an evaluation pass); on Hopper with cuDNN >= 9.19, ``ops/cudnn_attention`` in training
+      (since session 28, :func:`_cudnn_text`; a call cuDNN refuses falls back to our kernels, with a warning); our
+      Triton kernels otherwise (documents of several lengths, other GPUs). Why, on an H200
       (bench_model, paired, 4 LLM layers): the NeXT-7B prefill (8 x 2498) ran 1.02x and 1.026x faster through SDPA
       (session 17), 1.01x / 0.99x (session 19), 1.00x / 1.01x (session 28). In training, ops/cudnn_attention ran
       the OneVision step 1.021x [1.009, 1.063] and stage 1 1.007x / 1.016x (every round of the latter's five
@@ -154,7 +164,7 @@ def text_attention_choice() -> str:
 def _cudnn_text(choice: str, device) -> bool:
     """Whether the language model's one-length documents go through ``ops.cudnn_attention`` (where
     :func:`_use_sdpa` did not take them first): "cudnn" always, "auto" on Hopper (where it was measured)."""
-    return choice == "cudnn" or (choice == "auto" and device.type == "cuda" and _hopper(device))
+    return choice == "cudnn" or (choice == "auto" and device.type == "cuda" and _cudnn_auto(device))
 
 
 def _use_sdpa(choice: str, kernel_built: bool, dtype, device, equal_lengths: bool) -> bool:
@@ -259,18 +269,23 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device, pad
 
 def _cudnn_or(kernel, docs: int | None = None, max_seqlen: int | None = None):
     """attn(q, k, v, scale): ``ops.cudnn_attention`` where it takes the call (:func:`cudnn_attention.supported`:
-    bf16/fp16, key heads dividing the query heads, not captured or traced), else ``kernel``. ``docs``: a packed
+    bf16/fp16, key heads dividing the query heads, not captured or traced; and cuDNN does not refuse it:
+    :func:`cudnn_attention.try_cudnn_attention`), else ``kernel``. ``docs``: a packed
     (1, H, docs * max_seqlen, D) sequence of equal documents, viewed as a (docs, H, max_seqlen, D) batch (no copy);
     None: a dense (B, H, L, D) batch."""
     from llava_fast.ops import cudnn_attention as ca
 
     def attn(q, k, v, scale):
         q, k, v = _same_dtype(q, k, v)
-        if not ca.supported(q, k):
-            return kernel(q, k, v, scale)
-        if docs is None:
-            return ca.cudnn_attention(q, k, v, scale, causal=True)
-        return _unfold(ca.cudnn_attention(*(_fold(x, docs, max_seqlen) for x in (q, k, v)), scale, causal=True))
+        if ca.supported(q, k):
+            if docs is None:
+                o = ca.try_cudnn_attention(q, k, v, scale, causal=True)
+            else:
+                o = ca.try_cudnn_attention(*(_fold(x, docs, max_seqlen) for x in (q, k, v)), scale, causal=True)
+                o = None if o is None else _unfold(o)
+            if o is not None:
+                return o
+        return kernel(q, k, v, scale)   # what cuDNN does not take here, or refused once
     return attn
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +56,10 @@ def cudnn_attention_ref(q, k, v, scale: float, causal: bool = True) -> torch.Ten
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _cudnn_fwd(q, k, v, scale: float, causal: bool):
-    """(out, logsumexp, cum_q, cum_k, max_q, max_k, seed, offset) of one cuDNN forward that keeps the log-sum-exp."""
-    r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+def _cudnn_fwd(q, k, v, scale: float, causal: bool, lse: bool = True):
+    """(out, logsumexp, cum_q, cum_k, max_q, max_k, seed, offset) of one cuDNN forward; ``lse`` False where no
+    backward follows (nothing to keep)."""
+    r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, lse, 0.0, causal, False, scale=scale)
     return r[:8]
 
 
@@ -139,8 +141,16 @@ class CudnnAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, out, lse, cum_q, cum_k, seed, offset = ctx.saved_tensors
         max_q, max_k, scale, causal = ctx.meta
-        dq, dk, dv = _on_worker(_cudnn_bwd, _like_out(do, out), q, k, v, out, lse, seed, offset, cum_q, cum_k,
-                                max_q, max_k, scale, causal)
+        try:
+            dq, dk, dv = _on_worker(_cudnn_bwd, _like_out(do, out), q, k, v, out, lse, seed, offset, cum_q, cum_k,
+                                    max_q, max_k, scale, causal)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # e.g. a cuDNN build with no backward plan for these shapes: say how to avoid it
+            raise RuntimeError(
+                f"cuDNN's attention backward failed for q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}: {e}. "
+                f"LLAVA_FAST_TEXT_ATTENTION=triton (the language model) or LLAVA_FAST_SDPA_CUDNN=0 (the vision "
+                f"towers) keeps these on other kernels") from e
         return dq, dk, dv, None, None
 
 
@@ -167,6 +177,34 @@ def cudnn_attention(q, k, v, scale: float, causal: bool = True) -> torch.Tensor:
             f"{q.dtype} on {q.device}, k {tuple(k.shape)}. Use LLAVA_FAST_TEXT_ATTENTION=triton for these.")
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # no backward will follow: no log-sum-exp, nothing saved
-        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, bool(causal), False,
-                                                                  scale=float(scale))[0]
+        return _cudnn_fwd(q, k, v, float(scale), bool(causal), lse=False)[0]
     return CudnnAttentionFunction.apply(q, k, v, float(scale), bool(causal))
+
+
+# cuDNN >= 9.19 (what torch 2.11's wheels bundle) is the version the defaults were measured with (H200, session 28):
+# below it, models/dispatch's "auto" rules keep their other kernels ("cudnn" / LLAVA_FAST_SDPA_CUDNN=1 still take it)
+CUDNN_MIN_AUTO = 91900
+# (query heads, key heads, head dim, dtype, causal, with a backward) that cuDNN refused on this machine
+_refused: set = set()
+
+
+def try_cudnn_attention(q, k, v, scale: float, causal: bool = True) -> torch.Tensor | None:
+    """:func:`cudnn_attention` for callers that have another kernel to fall back on: None where cuDNN refuses the call
+    (a cuDNN build with no execution plan for this head dim, dtype or head ratio; anything but running out of
+    memory), with one warning per kind of call, and None at once for a kind it refused before. Inputs must pass
+    :func:`supported`."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key = (q.shape[1], k.shape[1], q.shape[-1], q.dtype, bool(causal), grad)
+    if key in _refused:
+        return None
+    try:
+        return cudnn_attention(q, k, v, scale, causal)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        _refused.add(key)
+        warnings.warn(f"cuDNN attention refused q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} "
+                      f"({str(e).splitlines()[0][:200]}); such calls run on the other kernels from now on "
+                      f"(LLAVA_FAST_TEXT_ATTENTION=triton and LLAVA_FAST_SDPA_CUDNN=0 skip cuDNN altogether)",
+                      stacklevel=2)
+        return None

@@ -79,6 +79,8 @@ def test_vision_sdpa_prefers_cudnn_on_hopper_only(monkeypatch):
 
     caps = {0: (9, 0), 1: (8, 0), 2: (10, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    cudnn = [91900]
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: cudnn[0])
 
     def qkv(dev, grad):
         t = torch.empty(0, device="meta").requires_grad_(grad)
@@ -93,6 +95,8 @@ def test_vision_sdpa_prefers_cudnn_on_hopper_only(monkeypatch):
     assert prefer(0)                                                     # a trained tower on Hopper
     assert not prefer(0, grad=False) and not prefer(0, enabled=False)    # frozen: SDPA's own order
     assert not prefer(1) and not prefer(2)                               # Ampere, Blackwell: not measured there
+    cudnn[0] = 91800                                                     # older than the cuDNN measured
+    assert not prefer(0)
     monkeypatch.setenv("LLAVA_FAST_SDPA_CUDNN", "1")
     assert prefer(0) and prefer(0, grad=False) and prefer(0, enabled=False)
     assert not prefer(1) and not prefer(2, grad=False)
@@ -197,6 +201,8 @@ def test_text_attention_auto_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "_fast_attention", lambda *a: object())   # as if the kernel were built
     cap = [(8, 0)]                                                          # an A100 first: no cuDNN rule there
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: cap[0])
+    cudnn = [91900]
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: cudnn[0])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     cu_equal = torch.tensor([0, 8, 16], dtype=torch.int32)
@@ -243,6 +249,8 @@ def test_text_attention_auto_rule(monkeypatch):
     assert route() == "sdpa" and route(cu=cu_equal) == "sdpa"
     assert route(cu=cu_unequal, ms=11, grad=True) == "triton" and len(wrapped) == 2
     assert route(device=torch.device("cpu"), grad=True) == "triton" and len(wrapped) == 2
+    cudnn[0] = 91800                                                  # a cuDNN older than the one measured: our kernels
+    assert route(grad=True) == "triton" and route(cu=cu_equal, grad=True) == "triton" and len(wrapped) == 2
     monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "flash")
     with pytest.raises(ValueError, match="LLAVA_FAST_TEXT_ATTENTION"):
         dispatch.text_attention_choice()

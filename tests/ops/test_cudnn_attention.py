@@ -15,7 +15,7 @@ from llava_fast.ops import cudnn_attention as ca
 def _fake_cudnn(monkeypatch, calls):
     """_cudnn_fwd / _cudnn_bwd by SDPA's math path on the CPU; out is allocated in q's layout (as torch's cuDNN does),
     the log-sum-exp returned as cuDNN does; the backward records dO's strides, out's strides and its thread."""
-    def fwd(q, k, v, scale, causal):
+    def fwd(q, k, v, scale, causal, lse=True):
         g = q.shape[1] // k.shape[1]                                       # GQA: query head h reads key head h // g
         k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
         s = (q.float() @ k.float().transpose(-1, -2)) * scale
@@ -81,6 +81,62 @@ def test_backward_error_reaches_the_caller(monkeypatch):
     bwd.fail = False
     ca.CudnnAttentionFunction.apply(q, q, q, 0.3, True).sum().backward()
     assert q.grad is not None and len(calls) == 2
+
+
+def test_backward_error_names_the_variables_that_avoid_it(monkeypatch):
+    """A cuDNN backward that fails (no plan for these shapes in this cuDNN build) says which switch avoids it."""
+    bwd = _fake_cudnn(monkeypatch, [])
+    bwd.fail = True
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="LLAVA_FAST_TEXT_ATTENTION=triton .* LLAVA_FAST_SDPA_CUDNN=0"):
+        ca.CudnnAttentionFunction.apply(q, q, q, 0.3, True).sum().backward()
+
+
+def test_try_falls_back_once_per_kind_of_call(monkeypatch):
+    """try_cudnn_attention: the result where cuDNN takes the call; None with one warning where it refuses (a
+    RuntimeError: no execution plan), None without trying again for the same heads / head dim / dtype / causality /
+    grad mode, cuDNN again for another kind; running out of memory is raised, not taken for a refusal."""
+    _fake_cudnn(monkeypatch, [])
+    monkeypatch.setattr(ca, "_refused", set())
+    monkeypatch.setattr(ca, "supported", lambda q, k: True)   # (CPU tensors here)
+    real, tries = ca.cudnn_attention, []
+
+    def refusing(q, k, v, scale, causal=True):
+        tries.append(q.shape)
+        if q.shape[-1] == 8:
+            raise RuntimeError("cuDNN Frontend error: No execution plans support the graph.")
+        return real(q, k, v, scale, causal)
+    monkeypatch.setattr(ca, "cudnn_attention", refusing)
+    q8, q16 = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 16)
+    with pytest.warns(UserWarning, match="No execution plans.*LLAVA_FAST_TEXT_ATTENTION=triton"):
+        assert ca.try_cudnn_attention(q8, q8, q8, 0.3) is None
+    assert ca.try_cudnn_attention(torch.randn(1, 2, 9, 8), q8, q8, 0.3) is None     # another length: not retried
+    assert len(tries) == 1
+    torch.testing.assert_close(ca.try_cudnn_attention(q16, q16, q16, 0.3), ca.cudnn_attention_ref(q16, q16, q16, 0.3))
+    with pytest.warns(UserWarning, match="No execution plans"):                 # another kind: tried, refused
+        assert ca.try_cudnn_attention(q8, q8, q8, 0.3, causal=False) is None and len(tries) == 3
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(ca, "cudnn_attention", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        ca.try_cudnn_attention(q16, q16, q16, 0.3, causal=False)
+
+
+def test_dispatch_falls_back_to_the_kernel_where_cudnn_refuses(monkeypatch):
+    """models/dispatch._cudnn_or: cuDNN's output where it takes the call (a packed sequence of equal documents folded
+    to a batch and back), the kernel's where try_cudnn_attention returns None."""
+    from llava_fast.models import dispatch
+
+    monkeypatch.setattr(ca, "supported", lambda q, k: True)
+    answer = [None]
+    monkeypatch.setattr(ca, "try_cudnn_attention", lambda q, k, v, scale, causal=True: answer[0])
+    kernel = lambda q, k, v, scale: "kernel"                                     # noqa: E731
+    q = torch.randn(1, 2, 12, 8)                                                 # 3 documents of 4
+    assert dispatch._cudnn_or(kernel, 3, 4)(q, q, q, 0.3) == "kernel"
+    answer[0] = torch.arange(3 * 2 * 4 * 8.0).view(3, 2, 4, 8)                  # (docs, H, L, D)
+    got = dispatch._cudnn_or(kernel, 3, 4)(q, q, q, 0.3)
+    assert got.shape == (1, 2, 12, 8) and torch.equal(got[0, :, 4:8], answer[0][1])
 
 
 def test_like_out_copies_only_when_the_layout_differs():
