@@ -163,7 +163,7 @@ def text_attention_choice() -> str:
 
 def _cudnn_text(choice: str, device) -> bool:
     """Whether the language model's one-length documents go through ``ops.cudnn_attention`` (where
-    :func:`_use_sdpa` did not take them first): "cudnn" always, "auto" on Hopper (where it was measured)."""
+    :func:`_use_sdpa` did not take them first): "cudnn" always, "auto" where :func:`_cudnn_auto` says so."""
     return choice == "cudnn" or (choice == "auto" and device.type == "cuda" and _cudnn_auto(device))
 
 

@@ -70,8 +70,8 @@ backend.register_fast("patch_embed", "cuda")
 def gemm_usable(conv: nn.Module, pixel_values: torch.Tensor) -> bool:
     """Whether the model may compute ``conv`` (a tower's ``patch_embedding``) by :func:`patch_embed_gemm`: the backend
     says so for ``pixel_values``' device (CUDA, unless set to "reference"), and calling the module would compute
-    exactly that conv: a plain ``nn.Conv2d`` (not a subclass with its own forward, such as a LoRA layer) with kernel = stride, no
-    padding or dilation, one group, and no hooks (which only a call would run)."""
+    exactly that conv: a plain ``nn.Conv2d`` (not a subclass with its own forward, such as a LoRA layer) with
+    kernel = stride, no padding or dilation, one group, and no hooks (which only a call would run)."""
     return (backend.use_fast("patch_embed", pixel_values.device.type) and type(conv) is nn.Conv2d
             and pixel_values.dim() == 4 and conv.kernel_size == conv.stride
             and conv.kernel_size[0] == conv.kernel_size[1] and conv.padding == (0, 0) and conv.dilation == (1, 1)
