@@ -164,6 +164,8 @@ def text_attention_choice() -> str:
 def _cudnn_text(choice: str, device) -> bool:
     """Whether the language model's one-length documents go through ``ops.cudnn_attention`` (where
     :func:`_use_sdpa` did not take them first): "cudnn" always, "auto" where :func:`_cudnn_auto` says so."""
+    if torch.compiler.is_compiling():   # ops.cudnn_attention takes no traced call (its worker thread): the kernel
+        return False
     return choice == "cudnn" or (choice == "auto" and device.type == "cuda" and _cudnn_auto(device))
 
 

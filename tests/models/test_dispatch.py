@@ -251,6 +251,10 @@ def test_text_attention_auto_rule(monkeypatch):
     assert route(device=torch.device("cpu"), grad=True) == "triton" and len(wrapped) == 2
     cudnn[0] = 91800                                                  # a cuDNN older than the one measured: our kernels
     assert route(grad=True) == "triton" and route(cu=cu_equal, grad=True) == "triton" and len(wrapped) == 2
+    cudnn[0] = 91900
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)   # traced: the kernel, no device queries
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: pytest.fail("queried while tracing"))
+    assert route(grad=True) == "triton" and route(cu=cu_equal, grad=True) == "triton" and len(wrapped) == 2
     monkeypatch.setenv("LLAVA_FAST_TEXT_ATTENTION", "flash")
     with pytest.raises(ValueError, match="LLAVA_FAST_TEXT_ATTENTION"):
         dispatch.text_attention_choice()
