@@ -151,17 +151,17 @@ class ChatSession:
         cfg = self.model.config
         self.image_config = checkpoint_image_config(model_dir, cfg)
         self.chat_template = find_chat_template(self.tokenizer, model_dir)
-        text_type = cfg.text_config.model_type
-        if self.chat_template is None and text_type not in ("llama", "qwen2"):
-            raise ValueError(f"{model_dir}: no chat template that places the image (chat_template.json, "
-                             f"processor_config.json or the tokenizer's chat_template) and no built-in template for a "
-                             f"{text_type} language model; add the model's chat template (chat_template.json) to the "
-                             f"folder")
         self.template = None  # the built-in one, when the model has no chat template that places the image
         if self.chat_template is None:
             from llava_fast.predict import default_template
 
-            self.template = TEMPLATES[default_template(cfg, self.tokenizer)]
+            try:
+                self.template = TEMPLATES[default_template(cfg, self.tokenizer)]
+            except ValueError:
+                raise ValueError(f"{model_dir}: no chat template that places the image (chat_template.json, "
+                                 f"processor_config.json or the tokenizer's chat_template) and no built-in template "
+                                 f"for a {cfg.text_config.model_type} language model; add the model's chat template "
+                                 f"(chat_template.json) to the folder") from None
         self.stop_ids = stop_token_ids(self.tokenizer, model_dir)
         self.turns: list[tuple[str, str]] = []
         self.dropped_turns = 0   # turns the last ask dropped to fit the context

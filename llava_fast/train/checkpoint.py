@@ -94,11 +94,16 @@ def _discard(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def check_new_folder(out: str, what: str = "--out") -> None:
+    """Refuses an ``out`` that exists and is not an empty folder (callers check before minutes of loading, too)."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"{what} {out}: exists and is not empty; choose a new folder")
+
+
 def write_new_folder(out: str, fill, what: str = "--out") -> str:
     """Fills a new (or empty) folder ``out`` all at once: ``fill(tmp)`` writes a sibling temporary folder, which is
     then renamed to ``out``; a failure (or Ctrl-C) leaves no half-written ``out``. A non-empty ``out`` is refused."""
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"{what} {out}: exists and is not empty; choose a new folder")
+    check_new_folder(out, what)
     tmp = f"{out.rstrip(os.sep)}.writing-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

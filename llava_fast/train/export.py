@@ -52,8 +52,7 @@ def export_checkpoint(src: str, out: str, adapter: bool = False, log=print) -> s
     from llava_fast.train.trainer import run_chat_template, run_image_spec, write_llava_hf
 
     path = find_checkpoint(src)
-    if os.path.exists(out) and os.listdir(out):  # (before minutes of loading a 7B)
-        raise FileExistsError(f"--out {out}: exists and is not empty; choose a new folder")
+    ckpt.check_new_folder(out)  # (before minutes of loading a 7B)
     state, st, _ = ckpt.load_checkpoint(path)
     if "config" not in st:
         raise ValueError(f"{path}: the checkpoint holds no run config (an older llava_fast wrote it); resume it with "

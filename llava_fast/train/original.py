@@ -188,7 +188,7 @@ def convert(src: str, vision_tower: str, out: str, model_type: str | None = None
     leaves no half-written ``out``."""
     from llava_fast.models.io import save_pretrained
     from llava_fast.train.build import assemble
-    from llava_fast.train.checkpoint import write_new_folder
+    from llava_fast.train.checkpoint import check_new_folder, write_new_folder
     from llava_fast.train.trainer import _save_image_processor
 
     cfg_path = os.path.join(src, "config.json")
@@ -202,8 +202,7 @@ def convert(src: str, vision_tower: str, out: str, model_type: str | None = None
     if not os.path.isdir(vision_tower):
         raise FileNotFoundError(f"--vision-tower {vision_tower}: no such folder; the checkpoint was trained with "
                                 f"{config.get('mm_vision_tower')!r}: give a local copy of it (config.json + weights)")
-    if os.path.exists(out) and os.listdir(out):  # (before the merge and assembly: minutes for a 7B)
-        raise FileExistsError(f"--out {out}: exists and is not empty; choose a new folder")
+    check_new_folder(out)  # (before the merge and assembly: minutes for a 7B)
     orig = settings(config, cfg_path)
     weights = None
     if is_lora(src):
