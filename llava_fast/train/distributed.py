@@ -14,6 +14,10 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    host_group: object = None
+    """A gloo process group for the trainer's host numbers (sample counts, the stop flag) where the default group is
+    NCCL: their all-reduces then run on CPU tensors and never wait for the GPU's queue (an NCCL all-reduce of a
+    CUDA tensor read back with ``.item()`` is a host synchronisation). None: the default group takes them."""
 
     @property
     def is_main(self) -> bool:
@@ -37,7 +41,19 @@ def init_distributed(device: str | None = None) -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local, dev)
+    return DistInfo(rank, world, local, dev, _host_group(world))
+
+
+def _host_group(world: int):
+    """A gloo group over every rank when the default group's backend is not gloo (every rank calls this at the same
+    point, as ``new_group`` asks); None where the default group is gloo already, or gloo is missing (the host numbers
+    then go through the default group on the device, as before)."""
+    if world <= 1 or not dist.is_initialized() or dist.get_backend() == "gloo":
+        return None
+    try:
+        return dist.new_group(backend="gloo")
+    except Exception:  # a torch build without gloo: one device all-reduce per number, correct, only slower
+        return None
 
 
 def has_fsdp2() -> bool:
@@ -103,11 +119,20 @@ def load_full_states(model, optim, model_state: dict, optim_state: dict | None, 
 
 
 def all_reduce_sum(x: float | int, info: DistInfo, dtype=torch.float64) -> float:
+    """The sum of ``x`` over the ranks (``x`` itself in a single process)."""
+    return all_reduce_sums([x], info, dtype)[0]
+
+
+def all_reduce_sums(xs: list, info: DistInfo, dtype=torch.float64) -> list:
+    """The sums of host numbers ``xs`` over the ranks, by one all-reduce (``xs`` as they are in a single process).
+    On ``info.host_group`` (gloo, CPU tensors) where there is one: no wait for the GPU; otherwise on the default
+    group, on the device where that group is NCCL (one host synchronisation for all of them)."""
     if not info.enabled:
-        return x
-    t = torch.tensor([x], dtype=dtype, device=info.device if info.device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
-    return t.item()
+        return list(xs)
+    on_host = info.host_group is not None or info.device.type != "cuda"
+    t = torch.tensor(list(xs), dtype=dtype, device="cpu" if on_host else info.device)
+    dist.all_reduce(t, group=info.host_group)
+    return t.tolist()
 
 
 def barrier_fn(info: DistInfo):

@@ -11,6 +11,7 @@ multiplied by the world size.
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import math
@@ -31,7 +32,7 @@ from llava_fast.envinfo import peak_bf16_flops
 from llava_fast.models.llava import HostInputs
 from llava_fast.train import checkpoint as ckpt
 from llava_fast.train.config import TrainConfig
-from llava_fast.train.distributed import (all_reduce_sum, apply_fsdp2, barrier_fn, full_model_state,
+from llava_fast.train.distributed import (all_reduce_sum, all_reduce_sums, apply_fsdp2, barrier_fn, full_model_state,
                                           full_optim_state, has_fsdp2, init_distributed, load_full_states)
 
 
@@ -172,6 +173,7 @@ class Trainer:
         self._dropped_seen: set = set()  # dataset indices of the samples a worker could not load, counted once
         self.skipped_nonfinite = 0     # steps skipped for a NaN/inf loss or gradient norm (checkpointed)
         self._nonfinite_run = 0        # of them, in a row up to now
+        self._t_last_read = None       # host clock at the previous step's read of its loss (train_step's timing)
         self._setup_done = False
 
     # ------------------------------------------------------------------------------------------------------------
@@ -447,6 +449,7 @@ class Trainer:
             raise RuntimeError(f"saving checkpoint step {self.global_step} failed on a rank; the previous "
                                f"checkpoint in {self.ckpt_root} is intact")
         self._saved_step = self.global_step
+        self._t_last_read = None   # the next step's time counts from its own start, not over this save
         self.log(f"saved checkpoint {path}")
         return path
 
@@ -533,17 +536,18 @@ class Trainer:
         """One optimizer step over this rank's micro-batches (already collated)."""
         info, model = self.dist, self.model
         t0 = time.perf_counter()
-        n_items = sum(b["num_items"] for b in micro_batches)
-        n_global = all_reduce_sum(n_items, info)
-        tokens = all_reduce_sum(sum(b["num_tokens"] for b in micro_batches), info)
-        tiles = all_reduce_sum(sum(sum(b.get("num_tiles") or []) for b in micro_batches), info)
         dropped, keys = Counter(), []  # this step's drops; (reason, dataset index or None) of each
         for b in micro_batches:
             dropped.update(b.get("dropped") or {})
             named = b.get("dropped_index")
             keys += named if named is not None else [(r, None) for r, c in (b.get("dropped") or {}).items()
                                                      for _ in range(c)]
-        if info.enabled and all_reduce_sum(sum(dropped.values()), info) > 0:
+        # the ranks' counts in one all-reduce (on the host group: no wait for the GPU, which may still run the
+        # previous step's optimizer)
+        n_global, tokens, tiles, n_dropped = all_reduce_sums(
+            [sum(b["num_items"] for b in micro_batches), sum(b["num_tokens"] for b in micro_batches),
+             sum(sum(b.get("num_tiles") or []) for b in micro_batches), sum(dropped.values())], info)
+        if info.enabled and n_dropped > 0:
             # every rank's drops: the log, the metrics and the checkpoints (main rank) count them all
             gathered = [None] * info.world_size
             torch.distributed.all_gather_object(gathered, (dict(dropped), keys))
@@ -558,7 +562,9 @@ class Trainer:
                 if i is not None:
                     self._dropped_seen.add(i)
         loss_acc = None   # on the device: reading each micro-batch's loss would wait for its backward
-        denom = torch.tensor(float(max(n_global, 1)), device=info.device)
+        # a fill on the device, not a copy of a host value (a blocking copy would wait for the previous step's
+        # optimizer, which the host no longer waits for)
+        denom = torch.full((), float(max(n_global, 1)), device=info.device)
         scale = float(info.world_size) if self.fsdp else 1.0
         # no supervised token in the whole step (every sample dropped): no mean to take, and an update would move
         # the weights on AdamW's moments alone; skipped on every rank (n_global is reduced)
@@ -582,18 +588,25 @@ class Trainer:
                 raise torch.OutOfMemoryError(self._oom_message(b, i, len(real), e)) from e
             # summed in float64, in micro-batch order: the same value as adding their Python floats
             loss_acc = out.loss.detach().double() if loss_acc is None else loss_acc + out.loss.detach().double()
-        loss_sum = float(loss_acc) if loss_acc is not None else 0.0
         if self.fsdp and not real and hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(True)
-        loss = all_reduce_sum(loss_sum, info)
         params = [p for p in model.parameters() if p.requires_grad]
         mg = self.cfg.optim.max_grad_norm
+        # the norm is queued behind the backward before anything is read: the host then waits once, for the loss and
+        # the norm together (a read of each in turn left the GPU idle while the host queued the norm's kernels)
         gn = torch.nn.utils.clip_grad_norm_(params, mg if mg and mg > 0 else float("inf"))
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
+        if info.enabled:  # summed over the ranks on the device, before the one read (a rank without data adds 0)
+            loss_acc = (loss_acc if loss_acc is not None
+                        else torch.zeros((), dtype=torch.float64, device=info.device)).clone()
+            torch.distributed.all_reduce(loss_acc)
+        loss_h, gn_h = _ext.host_copies(loss_acc, gn)
+        t_read = time.perf_counter()
+        loss = float(loss_h) if loss_h is not None else 0.0
+        gn = float(gn_h)
         g0 = self.optimizer.param_groups[0]  # may be a part's own lr (vision / projector): log optim.lr's schedule
         lr = g0["lr"] / g0["initial_lr"] * self.cfg.optim.lr
-        gn = float(gn)
         limit = self.cfg.optim.max_nonfinite_steps
         skip = limit > 0 and not (math.isfinite(gn) and math.isfinite(loss))  # same on every rank (reduced values)
         if empty:
@@ -619,9 +632,13 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if info.device.type == "cuda":
-            torch.cuda.synchronize(info.device)
-        dt = time.perf_counter() - t0
+        # no wait for the optimizer's kernels here: the host goes on to log this step and to queue the next one's
+        # data and forward while they run. The step's time is the time between two reads (each waits for its step's
+        # backward, so in a run of steps the gap is one whole step, optimizer included); the first step after
+        # setup or a checkpoint counts from its own start
+        start = self._t_last_read if self._t_last_read is not None else t0
+        self._t_last_read = t_read
+        dt = max(t_read - start, 1e-9)
         self.drops.update(new)
         flops = (self._llm_mult * self._n_llm * tokens + self._vis_mult * self._n_vis * tiles * self._patches_per_tile)
         mfu = flops / dt / (self._peak * info.world_size) if self._peak else None
@@ -673,8 +690,16 @@ class Trainer:
             self.log("the first steps also compile the Triton kernels for this GPU and these shapes: they take "
                      "longer (the kernels are cached in $TRITON_CACHE_DIR, ~/.triton/cache, for later runs)")
         t_start = time.perf_counter()
+        self._t_last_read = None
         # Ctrl-C / SIGTERM: finish the step, save a checkpoint, then stop (a second one stops at once)
         stop = _GracefulInterrupt(self.log)
+        # what setup left (the model, the tokenizer, transformers' and torch's modules: ~400k objects for the demo's
+        # tiny model) out of the garbage collector's sight for the run: its full collections, which Python starts on
+        # its own now and then, took 0.4-0.6 s each on the dev CPU, the host stalled mid-step and the GPU idle; with
+        # them frozen one takes ~0.1 ms (session 29). Also fewer copied pages in the DataLoader's forked workers
+        unfreeze = gc.get_freeze_count() == 0   # (a caller's own frozen objects stay frozen after the run)
+        gc.collect()
+        gc.freeze()
         try:
             with stop:
                 while self.global_step < self.total_steps:
@@ -734,6 +759,8 @@ class Trainer:
                         self.epoch += 1
                         self.step_in_epoch = 0
         finally:
+            if unfreeze:
+                gc.unfreeze()
             if bar is not None:
                 bar.close()
             if jsonl is not None:

@@ -538,3 +538,74 @@ def test_a_second_run_loads_the_dataset_index_from_its_output_folder(assets, tmp
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="data.index_workers must be an integer >= 1"):
             DataSection(index_workers=bad)
+
+
+
+def test_train_step_waits_for_the_device_once(assets, tmp_path, monkeypatch):
+    """One optimizer step reads device data once (the loss and the gradient norm together, through
+    ``_ext.host_copies``), copies no host value to the device, and does not wait for the optimizer's kernels: the
+    host goes on to the next step while they run. Counted on the CPU by benchmarks/host_overhead.py's audit: the
+    parameters and the batch's device copies are marked, marks follow every op, and each read of a marked tensor on
+    the host (or a host-made tensor meeting one) is recorded. Before session 29 a step read the loss, then the norm
+    (two waits, the GPU idle while the host queued the norm), copied the loss denominator from the host, and ended
+    on ``torch.cuda.synchronize`` (that one the GPU test counts: test_trainer_cuda.py)."""
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from host_overhead import device_reads
+
+    tr = Trainer(make_cfg(assets, tmp_path / "sync"), quiet=True).setup()
+    it = iter(tr._loader())
+    on_device = torch.ones((), dtype=torch.bool)   # marked: what an op makes from it counts as device data
+    real_to_device = tr._to_device
+
+    def to_device(b):  # on the CPU .to() returns the batch's own tensors: new (marked) ones, as a GPU copy would be
+        return {k: torch.where(on_device, v, v) if torch.is_tensor(v) else v for k, v in real_to_device(b).items()}
+
+    monkeypatch.setattr(tr, "_to_device", to_device)
+    made, real_tensor = [], torch.tensor
+
+    def tensor(*a, **k):  # the trainer's torch.tensor(host value, device=the GPU) is a blocking copy: none in a step
+        caller = sys._getframe(1).f_code.co_filename
+        if k.get("device") is not None and caller.endswith(os.path.join("train", "trainer.py")):
+            made.append(sys._getframe(1).f_lineno)
+        return real_tensor(*a, **k)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    ms = []
+    reads = Counter()
+    for _ in range(2):  # the second step meets the optimizer's state
+        mbs = [next(it)]
+        reads += device_reads(lambda: ms.append(tr.train_step(mbs)), [on_device, *tr.model.parameters()])
+    # the model's reference paths (the CPU's) read cu_seqlens and token counts where a GPU runs kernels that do not:
+    # the model's own audit, with the kernels, is tests/models/test_host_syncs.py
+    model_ref = {"pack_features.py", "layers.py"}
+    ours = {k: n for k, n in reads.items()
+            if k[0].startswith("h2d") or k[1].split(" <- ")[0].split(":")[0] not in model_ref}
+    assert sum(ours.values()) == 2 and all(what == "host_copies" for what, _ in ours), dict(reads)
+    assert not made, made
+    assert all(math.isfinite(m["loss"]) and m["tokens_per_s"] > 0 for m in ms)
+
+
+def test_training_freezes_what_setup_left_for_the_garbage_collector(assets, tmp_path):
+    """During train() the objects that existed before it are frozen (``gc.freeze``): Python's own full collections,
+    0.4-0.6 s each over the ~400k objects of a set-up trainer on the dev CPU, scan only what the run creates. They
+    are unfrozen when train() returns (a caller's own frozen objects stay frozen)."""
+    import gc
+
+    tr = Trainer(make_cfg(assets, tmp_path / "gc", **{"schedule.max_steps": 2}), quiet=True).setup()
+    frozen, step = [], tr.train_step
+    tr.train_step = lambda mbs: (frozen.append(gc.get_freeze_count()), step(mbs))[1]
+    before = gc.get_freeze_count()
+    tr.train()
+    assert len(frozen) == 2 and all(n > 100_000 for n in frozen), frozen
+    assert gc.get_freeze_count() == before == 0
+    gc.freeze()   # a caller that froze its own objects
+    try:
+        tr.cfg.schedule.max_steps, tr.total_steps = 3, 3
+        tr.train()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

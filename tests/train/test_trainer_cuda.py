@@ -56,6 +56,29 @@ def test_cuda_resume_continues_the_run(assets, tmp_path):
     assert ts["global_step"] == 3 and all(t.device.type == "cpu" for t in ms.values())
 
 
+def test_cuda_train_step_synchronizes_once(assets, tmp_path):
+    """A trainer step on the GPU waits for the device once, for its loss and gradient norm together (session 29:
+    it waited three times, the last for the optimizer's kernels), so the host queues the next step's data and
+    forward while the optimizer runs. Counted by torch's sync debug mode, which warns at each synchronising call."""
+    import warnings
+
+    from llava_fast.train import Trainer
+
+    tr = Trainer(_cuda_cfg(assets, tmp_path / "s"), quiet=True).setup()
+    it = iter(tr._loader())
+    tr.train_step([next(it), next(it)])   # the first step compiles the kernels and makes the optimizer's state
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            ms = [tr.train_step([next(it), next(it)]) for _ in range(2)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 2, syncs
+    assert all(math.isfinite(m["loss"]) and m["tokens_per_s"] > 0 for m in ms)
+
+
 @pytest.mark.timeout(400)  # the first run in a process compiles every kernel for the demo's shapes
 def test_cuda_demo_quick(tmp_path, capsys):
     """``llava-fast demo --quick`` on the GPU (the README's first command runs the full one there): stage 1 and 2 with
