@@ -75,7 +75,9 @@ def test_cuda_train_step_synchronizes_once(assets, tmp_path):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) == 2, syncs
+    # each from _ext.host_copies' one stream synchronisation (before: trainer.py's float(loss), float(grad_norm) and
+    # torch.cuda.synchronize, three per step)
+    assert len(syncs) <= 2 and all(s.startswith("_ext.py:") for s in syncs), syncs
     assert all(math.isfinite(m["loss"]) and m["tokens_per_s"] > 0 for m in ms)
 
 
