@@ -45,10 +45,15 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
 
 def _host_group(world: int):
-    """A gloo group over every rank when the default group's backend is not gloo (every rank calls this at the same
-    point, as ``new_group`` asks); None where the default group is gloo already, or gloo is missing (the host numbers
-    then go through the default group on the device, as before)."""
+    """A gloo group over every rank when the default group's backend is not gloo and every rank runs on this machine
+    (torchrun's LOCAL_WORLD_SIZE == WORLD_SIZE; every rank calls this at the same point, as ``new_group`` asks).
+    None where the default group is gloo already, across machines (gloo's TCP may need GLOO_SOCKET_IFNAME where NCCL
+    runs over InfiniBand: a rank that could not join would leave the ranks disagreeing on the group), with
+    ``LLAVA_FAST_HOST_GROUP=0``, or where gloo is missing: the host numbers then go through the default group on
+    the device, as before session 29 (one host synchronisation per all-reduce)."""
     if world <= 1 or not dist.is_initialized() or dist.get_backend() == "gloo":
+        return None
+    if os.environ.get("LLAVA_FAST_HOST_GROUP", "1") == "0" or int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
         return None
     try:
         return dist.new_group(backend="gloo")

@@ -146,3 +146,41 @@ def test_fsdp2_text_only_and_image_packs_with_trained_vision(tmp_path):
     for d, s in zip(dist_hist, single.history):
         assert d["loss"] == pytest.approx(s["loss"], rel=1e-5, abs=1e-6)
         assert d["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-4, abs=1e-6)
+
+
+def test_host_group_on_one_machine_only(monkeypatch):
+    """The trainer's host numbers (sample counts, the stop flag) go through a gloo group of CPU tensors where the
+    default group is NCCL and every rank runs on this machine (``LOCAL_WORLD_SIZE == WORLD_SIZE``): an NCCL
+    all-reduce read back on the host waits for the GPU's queue. Not across machines (gloo's TCP may need
+    GLOO_SOCKET_IFNAME where NCCL runs over InfiniBand), not with LLAVA_FAST_HOST_GROUP=0, not where the default
+    group is gloo already. ``all_reduce_sums`` sums several numbers with one all-reduce on that group."""
+    from llava_fast.train import distributed as D
+
+    made = []
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(D.dist, "new_group", lambda **k: made.append(k) or "gloo-group")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert D._host_group(4) == "gloo-group" and made == [{"backend": "gloo"}]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")          # 2 machines x 2 GPUs
+    assert D._host_group(4) is None
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LLAVA_FAST_HOST_GROUP", "0")
+    assert D._host_group(4) is None
+    monkeypatch.delenv("LLAVA_FAST_HOST_GROUP")
+    monkeypatch.setattr(D.dist, "get_backend", lambda *a: "gloo")
+    assert D._host_group(4) is None and len(made) == 1
+
+    calls = []
+
+    def all_reduce(t, group=None):   # two ranks with the same numbers
+        calls.append((t.device.type, t.dtype, t.tolist(), group))
+        t.mul_(2)
+
+    monkeypatch.setattr(D.dist, "all_reduce", all_reduce)
+    info = D.DistInfo(0, 2, 0, torch.device("cuda", 0), host_group="gloo-group")
+    assert D.all_reduce_sums([1, 2.5, 3, 0], info) == [2, 5, 6, 0]
+    assert D.all_reduce_sum(7, info) == 14
+    assert calls[0] == ("cpu", torch.float64, [1, 2.5, 3, 0], "gloo-group") and len(calls) == 2
+    assert D.all_reduce_sums([1, 2], D.DistInfo()) == [1, 2]     # one process: the numbers as they are, no call
+    assert len(calls) == 2

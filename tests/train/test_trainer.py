@@ -540,7 +540,6 @@ def test_a_second_run_loads_the_dataset_index_from_its_output_folder(assets, tmp
             DataSection(index_workers=bad)
 
 
-
 def test_train_step_waits_for_the_device_once(assets, tmp_path, monkeypatch):
     """One optimizer step reads device data once (the loss and the gradient norm together, through
     ``_ext.host_copies``), copies no host value to the device, and does not wait for the optimizer's kernels: the
