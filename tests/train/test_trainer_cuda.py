@@ -66,12 +66,14 @@ def test_cuda_train_step_synchronizes_once(assets, tmp_path):
 
     tr = Trainer(_cuda_cfg(assets, tmp_path / "s"), quiet=True).setup()
     it = iter(tr._loader())
-    tr.train_step([next(it), next(it)])   # the first step compiles the kernels and makes the optimizer's state
+    steps = [[next(it), next(it)] for _ in range(2)]
+    for mbs in steps:   # the same batches first: the kernels compile for their shapes, the optimizer makes its state
+        tr.train_step(mbs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            ms = [tr.train_step([next(it), next(it)]) for _ in range(2)]
+            ms = [tr.train_step(mbs) for mbs in steps]
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
