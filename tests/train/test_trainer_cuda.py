@@ -56,6 +56,7 @@ def test_cuda_resume_continues_the_run(assets, tmp_path):
     assert ts["global_step"] == 3 and all(t.device.type == "cpu" for t in ms.values())
 
 
+@pytest.mark.timeout(400)  # the first trainer test in a process compiles every kernel for the demo's shapes
 def test_cuda_train_step_synchronizes_once(assets, tmp_path):
     """A trainer step on the GPU waits for the device once, for its loss and gradient norm together (session 29:
     it waited three times, the last for the optimizer's kernels), so the host queues the next step's data and
