@@ -93,7 +93,7 @@ def vision_attention(q, k, v, scale):
         if _prefer_cudnn(q, k, v):  # a preference, not a restriction: what cuDNN cannot take falls through
             from llava_fast.ops import cudnn_attention as ca
 
-            if ca.supported(q, k) and (o := ca.try_cudnn_attention(q, k, v, scale, causal=False)) is not None:
+            if (o := ca.try_cudnn_attention(q, k, v, scale, causal=False)) is not None:
                 return o
         # SDPA's own order: cuDNN first in recent torch on Hopper / Blackwell (see _prefer_cudnn), training included,
         # where torch's shared backward-graph cache applies (_sdpa_backends); our model's calls keep one dO layout per
@@ -270,24 +270,20 @@ def packed_sdpa_attention(cu_seqlens: torch.Tensor, max_seqlen: int, device, pad
 
 
 def _cudnn_or(kernel, docs: int | None = None, max_seqlen: int | None = None):
-    """attn(q, k, v, scale): ``ops.cudnn_attention`` where it takes the call (:func:`cudnn_attention.supported`:
-    bf16/fp16, key heads dividing the query heads, not captured or traced; and cuDNN does not refuse it:
-    :func:`cudnn_attention.try_cudnn_attention`), else ``kernel``. ``docs``: a packed
-    (1, H, docs * max_seqlen, D) sequence of equal documents, viewed as a (docs, H, max_seqlen, D) batch (no copy);
-    None: a dense (B, H, L, D) batch."""
+    """attn(q, k, v, scale): ``ops.cudnn_attention`` where it takes the call
+    (:func:`cudnn_attention.try_cudnn_attention`: bf16/fp16, key heads dividing the query heads, not captured or
+    traced, and not refused by cuDNN), else ``kernel``. ``docs``: a packed (1, H, docs * max_seqlen, D) sequence of
+    equal documents, viewed as a (docs, H, max_seqlen, D) batch (no copy); None: a dense (B, H, L, D) batch."""
     from llava_fast.ops import cudnn_attention as ca
 
     def attn(q, k, v, scale):
         q, k, v = _same_dtype(q, k, v)
-        if ca.supported(q, k):
-            if docs is None:
-                o = ca.try_cudnn_attention(q, k, v, scale, causal=True)
-            else:
-                o = ca.try_cudnn_attention(*(_fold(x, docs, max_seqlen) for x in (q, k, v)), scale, causal=True)
-                o = None if o is None else _unfold(o)
-            if o is not None:
-                return o
-        return kernel(q, k, v, scale)   # what cuDNN does not take here, or refused once
+        if docs is None:
+            o = ca.try_cudnn_attention(q, k, v, scale, causal=True)
+        else:
+            o = ca.try_cudnn_attention(*(_fold(x, docs, max_seqlen) for x in (q, k, v)), scale, causal=True)
+            o = None if o is None else _unfold(o)
+        return o if o is not None else kernel(q, k, v, scale)   # what cuDNN does not take here, or refused once
     return attn
 
 

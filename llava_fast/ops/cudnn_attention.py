@@ -189,10 +189,12 @@ _refused: set = set()
 
 
 def try_cudnn_attention(q, k, v, scale: float, causal: bool = True) -> torch.Tensor | None:
-    """:func:`cudnn_attention` for callers that have another kernel to fall back on: None where cuDNN refuses the call
-    (a cuDNN build with no execution plan for this head dim, dtype or head ratio; anything but running out of
-    memory), with one warning per kind of call, and None at once for a kind it refused before. Inputs must pass
-    :func:`supported`."""
+    """:func:`cudnn_attention` for callers that have another kernel to fall back on: None for inputs it does not take
+    (:func:`supported`), and where cuDNN refuses the call (a cuDNN build with no execution plan for this head dim,
+    dtype or head ratio; anything but running out of memory), with one warning per kind of call, and None at once
+    for a kind it refused before."""
+    if not supported(q, k):
+        return None
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     key = (q.shape[1], k.shape[1], q.shape[-1], q.dtype, bool(causal), grad)
     if key in _refused:

@@ -95,11 +95,15 @@ def test_backward_error_names_the_variables_that_avoid_it(monkeypatch):
 def test_try_falls_back_once_per_kind_of_call(monkeypatch):
     """try_cudnn_attention: the result where cuDNN takes the call; None with one warning where it refuses (a
     RuntimeError: no execution plan), None without trying again for the same heads / head dim / dtype / causality /
-    grad mode, cuDNN again for another kind; running out of memory is raised, not taken for a refusal."""
+    grad mode, cuDNN again for another kind; running out of memory is raised, not taken for a refusal; inputs
+    :func:`supported` refuses give None without a try."""
     _fake_cudnn(monkeypatch, [])
     monkeypatch.setattr(ca, "_refused", set())
-    monkeypatch.setattr(ca, "supported", lambda q, k: True)   # (CPU tensors here)
     real, tries = ca.cudnn_attention, []
+    monkeypatch.setattr(ca, "cudnn_attention", lambda *a, **k: tries.append(a) or real(*a, **k))
+    assert ca.try_cudnn_attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), 0.3) \
+        is None and not tries                                    # CPU tensors: not supported, not tried
+    monkeypatch.setattr(ca, "supported", lambda q, k: True)   # (CPU tensors here)
 
     def refusing(q, k, v, scale, causal=True):
         tries.append(q.shape)
