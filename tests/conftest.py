@@ -15,6 +15,90 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _interpreter_patches_triton_language_once_per_launch() -> None:
+    """Speed of the interpreter tests, nothing else: Triton's interpreter (3.x) patches the ``triton.language``
+    modules a kernel's globals name when it launches, and again at every call of a ``@triton.jit`` function inside it
+    (``InterpretedFunction.__call__``: ours and ``tl.max``, ``tl.sum``...), ~2.5 ms of ``inspect.getmembers`` per
+    call. Our kernels call such functions per row and per block: a cross-entropy test spent a third of its time
+    there. While a launch runs, a call whose modules (``tl``, ``tl.core``) are already patched skips the patch; any
+    other call patches as before. A Triton without these names keeps its own behaviour."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter as interp
+    except Exception:   # no Triton: nothing to speed up
+        return
+    orig = getattr(interp, "_patch_lang", None)
+    if orig is None or getattr(orig, "_llava_fast_once", False):
+        return
+    import inspect
+
+    patched: list = []   # the modules patched since the running launch began (empty: no launch running)
+    depth = [0]
+
+    class _Nothing:
+        def restore(self):
+            pass
+
+    langs_of: dict = {}   # function -> the language modules its globals name
+
+    def patch_lang(fn):
+        langs = langs_of.get(fn)
+        if langs is None:
+            langs = langs_of[fn] = [v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)]
+        if depth[0] and all(any(m is p for p in patched) for m in langs):
+            return _Nothing()
+        scope = orig(fn)
+        patched.extend(langs)
+        if depth[0]:          # a call inside a launch: Triton never restores it (its own behaviour)
+            return scope
+        depth[0] = 1
+        restore = scope.restore
+
+        def restore_launch():
+            depth[0] = 0
+            patched.clear()
+            restore()
+        scope.restore = restore_launch
+        return scope
+
+    patch_lang._llava_fast_once = True
+    interp._patch_lang = patch_lang
+
+    # _get_np_dtype builds a 19-entry dict of dtypes at every call (~13% of an interpreted kernel's time): the same
+    # answers, each scalar type's looked up once
+    get_np = getattr(interp, "_get_np_dtype", None)
+    if get_np is not None and hasattr(tl, "pointer_type") and hasattr(tl, "block_type"):
+        np_of: dict = {}
+        ptr, block = tl.pointer_type, tl.block_type
+
+        def get_np_dtype(tt_dtype):
+            if isinstance(tt_dtype, block):
+                tt_dtype = tt_dtype.element_ty
+            if isinstance(tt_dtype, ptr):
+                return get_np(tt_dtype)
+            got = np_of.get(tt_dtype)
+            if got is None:
+                got = np_of[tt_dtype] = get_np(tt_dtype)
+            return got
+        interp._get_np_dtype = get_np_dtype
+
+    # Every int32 +, - and * in a kernel runs Triton's overflow check (sanitize_overflow): eight more interpreted ops
+    # that end in a device_assert, which does nothing unless the options say debug (a GPU build checks only with
+    # debug=True too): ~40% of an attention test's time for nothing. Without debug the check is skipped; with it,
+    # Triton's runs.
+    sem = getattr(interp, "interpreter_semantic", None)
+    orig_check = getattr(sem, "binary_op_sanitize_overflow_impl", None)
+    if orig_check is not None and hasattr(sem.builder, "options"):
+        def overflow_check(lhs, rhs, binary_op):
+            if getattr(sem.builder.options, "debug", True):
+                return orig_check(lhs, rhs, binary_op)
+        sem.binary_op_sanitize_overflow_impl = overflow_check
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_patches_triton_language_once_per_launch()
+
+
 @pytest.hookimpl(trylast=True)   # after -m / -k deselection: the order below is that of the tests that run
 def pytest_collection_modifyitems(config, items):
     workers = os.environ.get("LLAVA_FAST_XDIST_WORKERS", "")
