@@ -16,12 +16,14 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def _interpreter_patches_triton_language_once_per_launch() -> None:
-    """Speed of the interpreter tests, nothing else: Triton's interpreter (3.x) patches the ``triton.language``
-    modules a kernel's globals name when it launches, and again at every call of a ``@triton.jit`` function inside it
+    """Speed of the interpreter tests, nothing else (docs/testing.md; tests/test_interpreter.py); three costs of
+    Triton 3.x's interpreter that change no result. First: it patches the ``triton.language`` modules a kernel's
+    globals name when it launches, and again at every call of a ``@triton.jit`` function inside it
     (``InterpretedFunction.__call__``: ours and ``tl.max``, ``tl.sum``...), ~2.5 ms of ``inspect.getmembers`` per
     call. Our kernels call such functions per row and per block: a cross-entropy test spent a third of its time
     there. While a launch runs, a call whose modules (``tl``, ``tl.core``) are already patched skips the patch; any
-    other call patches as before. A Triton without these names keeps its own behaviour."""
+    other call patches as before. Then ``_get_np_dtype`` and the overflow check, below. A Triton without these names
+    keeps its own behaviour."""
     try:
         import triton.language as tl
         from triton.runtime import interpreter as interp

@@ -1,5 +1,5 @@
-"""tests/conftest.py speeds up Triton's CPU interpreter (the patches of ``_interpreter_patches_triton_language_once_per
-_launch``); these tests check that it still computes and still reports what it reported before."""
+"""tests/conftest.py speeds up Triton's CPU interpreter (``_interpreter_patches_triton_language_once_per_launch``,
+docs/testing.md); these tests check that it still computes and still reports what it reported before."""
 from __future__ import annotations
 
 import os
