@@ -34,8 +34,8 @@ def _interpreter_patches_triton_language_once_per_launch() -> None:
         return
     import inspect
 
-    patched: list = []   # the modules patched since the running launch began (empty: no launch running)
-    depth = [0]
+    patched: list = []   # the modules patched since the running launch began (empty: no launch running; a launch
+    #                      always patches at least one: Triton asserts that a kernel's globals name the language)
 
     class _Nothing:
         def restore(self):
@@ -47,17 +47,16 @@ def _interpreter_patches_triton_language_once_per_launch() -> None:
         langs = langs_of.get(fn)
         if langs is None:
             langs = langs_of[fn] = [v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)]
-        if depth[0] and all(any(m is p for p in patched) for m in langs):
+        inside = bool(patched)
+        if inside and all(any(m is p for p in patched) for m in langs):
             return _Nothing()
         scope = orig(fn)
         patched.extend(langs)
-        if depth[0]:          # a call inside a launch: Triton never restores it (its own behaviour)
+        if inside:          # a call inside a launch: Triton never restores it (its own behaviour)
             return scope
-        depth[0] = 1
         restore = scope.restore
 
         def restore_launch():
-            depth[0] = 0
             patched.clear()
             restore()
         scope.restore = restore_launch

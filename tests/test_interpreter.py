@@ -64,22 +64,27 @@ def test_helpers_inside_a_launch_compute_as_before():
 OVERFLOWS = [(0, 2**30, 2**30), (1, -2**31, 1), (2, 2**16, 2**15), (2, -2**16, 2**15 + 1)]   # +, -, *, * below
 
 
+def _debug(monkeypatch):
+    """The interpreter's options with debug=True until the test ends."""
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    b = interpreter.interpreter_builder
+    monkeypatch.setattr(b, "options", dataclasses.replace(b.options, debug=True))
+
+
 @pytest.mark.parametrize("op,a,b", OVERFLOWS)
 def test_int32_overflow_reported_with_debug_and_wraps_without(monkeypatch, op, a, b):
     """The overflow check (sanitize_overflow) reports an int32 overflow when the interpreter's options say debug, as
     Triton's does; without debug (the interpreter's default) the result wraps, as it did before the patch and as it
     does on a GPU."""
-    import dataclasses
-
-    from triton.runtime import interpreter
-
     args = torch.tensor([a], dtype=torch.int32), torch.tensor([b], dtype=torch.int32)
     out = torch.zeros(1, dtype=torch.int32)
     _int_kernel[(1,)](*args, out, OP=op)
     want = [a + b, a - b, a * b][op]
     assert int(out) == (want + 2**31) % 2**32 - 2**31 and int(out) != want
-    options = interpreter.interpreter_builder.options
-    monkeypatch.setattr(interpreter.interpreter_builder, "options", dataclasses.replace(options, debug=True))
+    _debug(monkeypatch)
     with pytest.raises(Exception, match="int32 overflow detected"):
         _int_kernel[(1,)](*args, out, OP=op)
 
@@ -87,12 +92,7 @@ def test_int32_overflow_reported_with_debug_and_wraps_without(monkeypatch, op, a
 @pytest.mark.parametrize("op,a,b,want", [(0, 2**30, 2**30 - 1, 2**31 - 1), (1, -2**31 + 1, 1, -2**31),
                                          (2, 2**15, 2**15 - 1, 2**30 - 2**15), (2, -2**16, 2**15, -2**31)])
 def test_int32_at_the_limits_is_not_an_overflow(monkeypatch, op, a, b, want):
-    import dataclasses
-
-    from triton.runtime import interpreter
-
-    options = interpreter.interpreter_builder.options
-    monkeypatch.setattr(interpreter.interpreter_builder, "options", dataclasses.replace(options, debug=True))
+    _debug(monkeypatch)
     out = torch.zeros(1, dtype=torch.int32)
     _int_kernel[(1,)](torch.tensor([a], dtype=torch.int32), torch.tensor([b], dtype=torch.int32), out, OP=op)
     assert int(out) == want
