@@ -10,7 +10,9 @@ The numbers are this machine's: the GPU boxes' hosts were ~2-3x slower per threa
 Usage: python benchmarks/host_path.py [anyres|pack_features] [--images 128] [--profile]
   anyres: encode_tiles' CUDA branch (to_uint8_chw, check_work_all, the plan, its upload, the result dict) for
           128 photo-sized images, NeXT and OneVision, with and without LLAVA_FAST_GPU_ENCODER_TABLE_CACHE_MB.
-  pack_features: pack_and_scatter's Triton branch (checks, plan, token index) with the kernel launches stubbed.
+  pack_features: pack_and_scatter's Triton branch (checks, plan, token index) with the kernel launches stubbed:
+          the forward without grad, the forward recording autograd, and forward + torch.autograd.grad (the backward's
+          host path is the last minus the second).
 """
 from __future__ import annotations
 
@@ -118,14 +120,26 @@ def pack_features_host(reps: int, profile: bool, smoke: bool = False) -> list[tu
             mock.patch.object(triton.runtime.jit.JITFunction, "__getitem__", lambda self, grid: noop):
         for case in ("next8_7b", "ov05_single", "ov05_multi4", "ov05_video32"):
             kw = B.make_case(case, "cpu", torch.float32, smoke=smoke)[0]
+            # autograd leaves, as bench_pack_features' fwd+bwd rows have them
+            names = ("inputs_embeds", "image_features", "image_newline", "video_features")
+            lkw = dict(kw, **{k: kw[k].detach().clone().requires_grad_() for k in names if kw[k] is not None})
+            leaves = [lkw[k] for k in names if kw[k] is not None]
 
-            def call():
+            def fwd():
                 with torch.no_grad():
                     return P.pack_and_scatter(**kw)
-            name = f"pack_features {case} (CPU tensors: the token index's torch ops run on the CPU)"
-            out.append((name, _time(call, reps)))
-            if profile:
-                print(f"--- {name}\n{_profile(call, reps)}")
+
+            def fwd_grad():
+                return P.pack_and_scatter(**lkw)
+
+            def fwd_bwd():
+                o = P.pack_and_scatter(**lkw)
+                return torch.autograd.grad(o, leaves, torch.ones_like(o))
+            for mode, call in (("fwd, no grad", fwd), ("fwd with autograd", fwd_grad), ("fwd+bwd", fwd_bwd)):
+                name = f"pack_features {case} {mode} (CPU tensors: the token index's torch ops run on the CPU)"
+                out.append((name, _time(call, reps)))
+                if profile:
+                    print(f"--- {name}\n{_profile(call, reps)}")
     return out
 
 
