@@ -981,6 +981,22 @@ class _FsdpCollate:
         return out
 
 
+def _image_processor_class(name: str):
+    """transformers' image processor class ``name``. Its default backend needs torchvision, which llava_fast does not
+    require; without it, transformers 5 falls back to ``<name>Pil`` and warns on every first use (the demo printed
+    it). Take ``<name>Pil`` directly then: it writes the same preprocessor_config.json (``image_processor_type`` is
+    ``name`` for both), and loading the folder picks the backend of wherever it is loaded."""
+    import importlib.util
+
+    import transformers as tf
+
+    if importlib.util.find_spec("torchvision") is None:
+        pil = getattr(tf, name + "Pil", None)
+        if pil is not None:
+            return pil
+    return getattr(tf, name)
+
+
 def _save_image_processor(config, path: str, tokenizer=None, spec=None, chat_template=None) -> None:
     """preprocessor_config.json for transformers' image processor and, with the tokenizer, processor_config.json for
     its processor (patch size, feature strategy, extra CLS token: without them ``AutoProcessor`` loads but cannot
@@ -994,23 +1010,17 @@ def _save_image_processor(config, path: str, tokenizer=None, spec=None, chat_tem
         spec = spec or image_config(config)
         t = spec.tile
         common = dict(image_mean=list(spec.image_mean), image_std=list(spec.image_std))
+        cls = _image_processor_class
         if config.model_type == "llava":
-            import transformers as tf
-
             sizes = dict(size={"shortest_edge": spec.shortest_edge}, crop_size={"height": t, "width": t})
-            proc = (tf.LlavaImageProcessor(do_pad=True, **sizes, **common) if spec.do_pad else
-                    tf.CLIPImageProcessor(**sizes, **common))
+            proc = (cls("LlavaImageProcessor")(do_pad=True, **sizes, **common) if spec.do_pad else
+                    cls("CLIPImageProcessor")(**sizes, **common))
         elif config.model_type == "llava_next":
-            from transformers import LlavaNextImageProcessor
-
-            proc = LlavaNextImageProcessor(size={"shortest_edge": t}, crop_size={"height": t, "width": t},
-                                           image_grid_pinpoints=spec.image_grid_pinpoints, **common)
+            proc = cls("LlavaNextImageProcessor")(size={"shortest_edge": t}, crop_size={"height": t, "width": t},
+                                                  image_grid_pinpoints=spec.image_grid_pinpoints, **common)
         else:
-            from transformers import LlavaOnevisionImageProcessor
-
-            proc = LlavaOnevisionImageProcessor(size={"height": t, "width": t},
-                                                image_grid_pinpoints=spec.image_grid_pinpoints,
-                                                **common)
+            proc = cls("LlavaOnevisionImageProcessor")(size={"height": t, "width": t},
+                                                       image_grid_pinpoints=spec.image_grid_pinpoints, **common)
         proc.save_pretrained(path)
     except Exception:  # noqa: BLE001 - optional
         return

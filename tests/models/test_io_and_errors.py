@@ -336,3 +336,37 @@ def test_exported_onevision_processor_expands_images(tmp_path):
         got = m(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
                 image_sizes=inputs["image_sizes"]).logits
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
+def test_exported_image_processor_without_torchvision(tmp_path, monkeypatch, model_type):
+    """torchvision is optional: without it the export takes transformers' ``<name>Pil`` image processor directly
+    (transformers' own fallback printed a warning in the demo) and writes the same preprocessor_config.json."""
+    import importlib.util
+    import logging
+
+    import transformers as tf
+
+    from llava_fast.train import trainer as T
+
+    _, path = save_tiny(tmp_path, model_type)
+    cfg = llava_fast.from_pretrained(path).config
+    T._save_image_processor(cfg, str(tmp_path / "with"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "torchvision" else real_find_spec(name, *a, **k))
+    names = {"llava": "CLIPImageProcessor", "llava_next": "LlavaNextImageProcessor",
+             "llava_onevision": "LlavaOnevisionImageProcessor"}
+    assert T._image_processor_class(names[model_type]) is getattr(tf, names[model_type] + "Pil")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        T._save_image_processor(cfg, str(tmp_path / "without"))
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "torchvision" in r.getMessage()]
+    a = json.loads((tmp_path / "with" / "preprocessor_config.json").read_text())
+    b = json.loads((tmp_path / "without" / "preprocessor_config.json").read_text())
+    assert a == b and a["image_processor_type"] == names[model_type]
