@@ -62,6 +62,29 @@ def _find_cutlass_include():
     return None
 
 
+def _drop_stale_cmake_cache(build_temp: Path, generator: str) -> None:
+    """Remove a CMake cache that this build could not reuse. pip builds in a fresh isolated environment each time, and
+    the cache in ``build/`` (setuptools' build_temp, kept between builds) names the previous one's ninja and cmake:
+    a second ``pip install .`` or ``pip wheel .`` from the same checkout then stopped at "Running '.../ninja'
+    '--version' failed with: no such file or directory". A cache whose tools are gone, or made by another generator,
+    is deleted (a full rebuild); one whose tools still exist (``--no-build-isolation``) keeps incremental builds."""
+    cache = build_temp / "CMakeCache.txt"
+    if not cache.exists():
+        return
+    entries = {}
+    for line in cache.read_text(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", "//")):
+            entries[key.split(":", 1)[0]] = value
+    tools = [entries.get(k) for k in ("CMAKE_MAKE_PROGRAM", "CMAKE_COMMAND")]
+    missing = [t for t in tools if t and not Path(t).exists()]
+    if missing or entries.get("CMAKE_GENERATOR", generator) != generator:
+        why = f"{missing[0]} no longer exists" if missing else f"it was made by {entries.get('CMAKE_GENERATOR')}"
+        print(f"llava_fast: removing the CMake cache in {build_temp} ({why}); full rebuild")
+        shutil.rmtree(build_temp)
+        build_temp.mkdir(parents=True, exist_ok=True)
+
+
 class CMakeExtension(Extension):
     """Marker extension: the real work happens in CMakeBuild."""
 
@@ -102,8 +125,10 @@ class CMakeBuild(build_ext):
         else:
             why = "LLAVA_FAST_FORCE_CPU_ONLY=1" if _truthy("LLAVA_FAST_FORCE_CPU_ONLY") else "nvcc not found"
             print(f"llava_fast: {why}, building the C++ (CPU) sources only")
-        if shutil.which("ninja"):
+        generator = "Ninja" if shutil.which("ninja") else "Unix Makefiles"
+        if generator == "Ninja":
             args += ["-G", "Ninja"]
+        _drop_stale_cmake_cache(build_temp, generator)
         args += [a for a in os.environ.get("CMAKE_ARGS", "").split() if a]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run(["cmake", ext.sourcedir, *args], cwd=build_temp, check=True)

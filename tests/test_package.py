@@ -339,7 +339,8 @@ def test_decide_projector_sweep_rule(tmp_path):
     good, bad = "out error 1.00x bf16 eager's", "out error 3.00x bf16 eager's"
     table = (("cutlass pingpong/auto", 1.4, 4.6, good), ("cutlass cooperative/auto", 1.45, 4.7, good),
              ("cutlass pingpong_c12/auto", 1.3, 4.5, good), ("cutlass cooperative_256/auto", 1.2, 4.4, bad),
-             ("cutlass auto/pingpong", 1.4, 4.7, good), ("cutlass auto/cooperative_256", 1.4, 4.3, good + "; FELL BACK"))
+             ("cutlass auto/pingpong", 1.4, 4.7, good),
+             ("cutlass auto/cooperative_256", 1.4, 4.3, good + "; FELL BACK"))
     rows = [dict(provider=p, shape="M=23040", mode=mode, ms=t, note=note)
             for p, fwd, fb, note in table for mode, t in (("fwd", fwd), ("fwd+bwd", fb))]
     (tmp_path / "projector_sweep-GPU-1.json").write_text(json.dumps({"rows": rows}))
@@ -543,3 +544,46 @@ def test_peak_flops_by_gpu_name():
     assert peak_bf16_flops("NVIDIA L40S") == 362e12 and peak_bf16_flops("NVIDIA L4") == 121e12
     assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_bf16_flops("NVIDIA A10") == 125e12
     assert peak_bf16_flops("NVIDIA A10G") is None and peak_bf16_flops("Tesla T4") is None
+
+
+def _setup_function(name: str):
+    """A function of setup.py, without running setup() (the module calls it at import)."""
+    import ast
+
+    src = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    tree = ast.parse(src)
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+            or (isinstance(n, ast.FunctionDef) and n.name == name)]
+    ns: dict = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), ns)
+    return ns[name]
+
+
+def test_setup_drops_a_cmake_cache_it_cannot_reuse(tmp_path, capsys):
+    """pip builds each time in a new isolated environment; the CMake cache kept in build/ named the previous one's
+    ninja, and a second `pip wheel .` from the same checkout failed at configure. A cache whose ninja or cmake is gone,
+    or made by another generator, is deleted; one whose tools exist is kept (incremental --no-build-isolation)."""
+    drop = _setup_function("_drop_stale_cmake_cache")
+    exe = sys.executable  # a path that exists
+
+    def cache(make, command, generator="Ninja"):
+        d = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+        (d / "CMakeFiles").mkdir(parents=True)
+        (d / "CMakeCache.txt").write_text(
+            f"# This is the CMakeCache file.\n//Program used to build\nCMAKE_MAKE_PROGRAM:FILEPATH={make}\n"
+            f"CMAKE_COMMAND:INTERNAL={command}\nCMAKE_GENERATOR:INTERNAL={generator}\n")
+        return d
+
+    kept = cache(exe, exe)
+    drop(kept, "Ninja")
+    assert (kept / "CMakeCache.txt").exists() and (kept / "CMakeFiles").exists()
+    for d, gen, why in ((cache(tmp_path / "gone" / "ninja", exe), "Ninja", "ninja no longer exists"),
+                        (cache(exe, tmp_path / "gone" / "cmake"), "Ninja", "cmake no longer exists"),
+                        (cache(exe, exe, "Ninja"), "Unix Makefiles", "it was made by Ninja")):
+        drop(d, gen)
+        assert d.is_dir() and not any(d.iterdir()), d
+        assert why in capsys.readouterr().out
+    empty = tmp_path / "fresh"
+    empty.mkdir()
+    drop(empty, "Ninja")  # no cache: nothing to do
+    assert empty.is_dir()
