@@ -31,9 +31,15 @@ def _cmd_chat(args) -> int:
 def _cmd_predict(args) -> int:
     from llava_fast.predict import predict
 
-    predict(args.model, args.data, args.images, args.out, template=args.template,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            batch=args.batch, frames=args.frames, device=args.device)
+    counts = predict(args.model, args.data, args.images, args.out, template=args.template,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     top_k=args.top_k, batch=args.batch, frames=args.frames, device=args.device)
+    if counts["errors"] and not counts["answered"]:
+        # every sample of this run failed (a wrong file, a wrong --images): a script must not go on to score nothing
+        print(f"llava-fast predict: none of the {counts['errors']} samples could be answered (the reasons above, one "
+              f"\"error\" line each in {args.out}): --data must be a LLaVA JSON/JSONL file of samples with "
+              f"'conversations', their images under --images", file=sys.stderr)
+        return 1
     return 0
 
 

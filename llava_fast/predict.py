@@ -138,7 +138,8 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
             frames: int = 32, device: str | None = None, max_pixels: int = 64 * 1024 * 1024, progress: bool = True,
             log=print) -> dict:
     """Answers every sample of ``data`` into ``out`` (JSON lines, appended; samples already answered there are
-    skipped). Returns counts: ``answered``, ``skipped`` (answered before), ``errors``."""
+    skipped). Returns counts: ``answered``, ``skipped`` (answered before), ``errors`` (each with its error line in
+    ``out``; ``llava-fast predict`` exits 1 when there were samples to answer and none could be)."""
     import llava_fast
     from llava_fast.chat import END_OF_TURN, decode_answer, find_chat_template, stop_token_ids
     from llava_fast.data import load_tokenizer, read_records
@@ -218,7 +219,7 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
             if bar is not None:
                 bar.update(len(group))
 
-        group = []
+        group, reasons, first_error = [], {}, None
         try:
             for k, rec in todo:
                 try:
@@ -228,6 +229,8 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
                     sid = str(rec.get("id", k)) if isinstance(rec, dict) else str(k)
                     write({"id": sid, "error": f"{e.reason}: {e}"})
                     counts["errors"] += 1
+                    reasons[e.reason] = reasons.get(e.reason, 0) + 1
+                    first_error = first_error or f"sample {sid}: {e.reason}: {e}"
                     if bar is not None:
                         bar.update(1)
                     continue
@@ -242,6 +245,10 @@ def predict(model_dir: str, data: str, image_root: str, out: str, template: str 
             if bar is not None:
                 bar.close()
     log(f"predict: {counts['answered']} answered, {counts['errors']} errors, {counts['skipped']} skipped -> {out}")
+    if counts["errors"]:
+        by_reason = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        log(f"predict: {counts['errors']} samples could not be answered ({by_reason}); the first: {first_error}. "
+            f"Each has an \"error\" line in {out}, and a run started again tries them again")
     hits, n = exact_match(out)
     if n:
         counts["exact_match"] = hits / n

@@ -250,3 +250,26 @@ def test_predict_uses_the_models_chat_template(assets, tmp_path):
         assert prompt.startswith("Q :<image>\n ") and prompt.endswith(" A :")
         answer = _greedy_alone(model, tok, prompt, os.path.join(imgs, r["image"]), stops)
         assert got[r["id"]] == {"id": r["id"], "answer": answer, "reference": c[3]["value"]}
+
+
+def test_predict_names_the_error_reasons_and_fails_when_nothing_is_answered(assets, tmp_path, capsys):
+    """Errors never stop a run, but the run says how many of which reason and the first one; a run where no sample
+    could be answered (a file in another format, a wrong --images) exits 1, every error line written."""
+    recs = _records(assets, 2)
+    bad = [{"id": "fmt", "image": recs[0]["image"], "question": "What colour ?"},  # not LLaVA's format
+           {"id": "gone", "image": "nope.png", "conversations": recs[0]["conversations"]}]
+    data = tmp_path / "q.json"
+    out = tmp_path / "a.jsonl"
+    args = ["predict", "--model", str(assets / "model"), "--data", str(data), "--images",
+            str(assets / "data" / "images"), "--out", str(out), "--max-new-tokens", "2"]
+    data.write_text(json.dumps(bad + recs))
+    assert main(args) == 0
+    text = capsys.readouterr()
+    assert "2 samples could not be answered (bad_format 1, missing_image 1); the first: sample fmt: bad_format" \
+        in text.out
+    out.unlink()
+    data.write_text(json.dumps(bad))
+    assert main(args) == 1
+    text = capsys.readouterr()
+    assert "none of the 2 samples could be answered" in text.err and "--images" in text.err
+    assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == ["fmt", "gone"]
