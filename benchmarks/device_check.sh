@@ -104,7 +104,8 @@ if want build; then
     BUILD_S=300
     echo "CUTLASS library missing or not loading: building it here from .cutlass/include"
   fi
-  step build "$BUILD_S" $PY -m pip install --no-build-isolation --no-deps -e .
+  # LLAVA_FAST_REQUIRE_EXT=1: here a failed CUDA build must fail the step (a user's install falls back to C++ only)
+  step build "$BUILD_S" env LLAVA_FAST_REQUIRE_EXT=1 $PY -m pip install --no-build-isolation --no-deps -e .
   $PY -c "from llava_fast import _ext; l = _ext.cutlass_lib(); print('CUTLASS library:', ('loaded, attention forward ' + ('built' if l.llava_fast_cutlass_has_attn_fwd() else 'not built')) if l else _ext.CUTLASS_ERROR)"
 fi
 want env && step env 30 $PY -m llava_fast.cli env
