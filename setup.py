@@ -148,7 +148,8 @@ class CMakeBuild(build_ext):
             if cutlass and "90" in archs.split(";"):
                 print(f"llava_fast: building the CUTLASS library (sm_90a) with {cutlass}")
         else:
-            why = "LLAVA_FAST_FORCE_CPU_ONLY=1" if _truthy("LLAVA_FAST_FORCE_CPU_ONLY") else "nvcc not found"
+            why = ("LLAVA_FAST_FORCE_CPU_ONLY=1" if _truthy("LLAVA_FAST_FORCE_CPU_ONLY") else
+                   "nvcc not found" if _find_nvcc() is None else "the CUDA build failed")
             print(f"llava_fast: {why}, building the C++ (CPU) sources only")
         generator = "Ninja" if shutil.which("ninja") else "Unix Makefiles"
         if generator == "Ninja":
