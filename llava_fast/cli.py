@@ -140,9 +140,9 @@ def _guarded(cmd: str, fn) -> int:
             raise
         print(f"llava-fast {cmd}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:
-        # bad input (a missing folder, a corrupt image, a malformed config, ...): its message names the argument and
-        # the fix; a traceback through the library would only bury it
+    except (ValueError, OSError, ImportError) as e:
+        # bad input (a missing folder, a corrupt image, a malformed config, an optional package not installed, ...):
+        # its message names the argument and the fix; a traceback through the library would only bury it
         if os.environ.get("LLAVA_FAST_TRACEBACK") == "1":
             raise
         print(f"llava-fast {cmd}: error: {e}\n(set LLAVA_FAST_TRACEBACK=1 for the traceback)", file=sys.stderr)

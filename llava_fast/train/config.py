@@ -245,6 +245,12 @@ class TrainSection:
             raise ValueError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.fsdp not in ("auto", "off"):
             raise ValueError(f"train.fsdp must be auto or off, got {self.fsdp!r}")
+        if self.lora:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:  # checked before the model loads, as log.wandb is
+                raise ValueError("train.lora=true needs peft, which is not installed: pip install 'llava_fast[peft]' "
+                                 "(or pip install peft)")
         if self.lora_r < 1:
             raise ValueError(f"train.lora_r must be >= 1, got {self.lora_r}")
         if not 0 < self.lora_alpha < math.inf:
@@ -286,7 +292,7 @@ class CheckpointSection:
 class LogSection:
     every_steps: int = 1
     tensorboard: bool = True
-    """Also log to TensorBoard when it is installed."""
+    """Also log to TensorBoard (OUT/tb) when it is installed; without it the run says so once and goes on."""
     wandb: str | None = None
     """Weights & Biases project to log the same scalars to (pip install wandb; WANDB_MODE=offline needs no network)."""
     progress: bool = True

@@ -679,7 +679,7 @@ class Trainer:
         if info.is_main:
             _trim_log(log_path, self.global_step)
         jsonl = open(log_path, "a") if info.is_main else None
-        sinks = _MetricSinks(cfg, self.out, self.global_step) if info.is_main else None
+        sinks = _MetricSinks(cfg, self.out, self.global_step, self.log) if info.is_main else None
         bar = None
         if info.is_main and cfg.log.progress and not self.quiet:
             from tqdm.auto import tqdm
@@ -852,7 +852,7 @@ class _MetricSinks:
 
     KEYS = ("loss", "grad_norm", "lr", "tokens_per_s", "peak_mem_gb", "dropped", "mfu")
 
-    def __init__(self, cfg, out: str, step: int):
+    def __init__(self, cfg, out: str, step: int, log=print):
         self.tb = self.wandb = None
         if cfg.log.tensorboard:
             try:
@@ -860,8 +860,11 @@ class _MetricSinks:
 
                 # steps logged after the checkpoint resumed from, by a run that crashed: hidden, as in the jsonl
                 self.tb = SummaryWriter(os.path.join(out, "tb"), purge_step=step + 1)
-            except Exception:  # noqa: BLE001 - tensorboard not installed
+            except Exception as e:  # noqa: BLE001 - tensorboard not installed (the default asks for it)
                 self.tb = None
+                log(f"log.tensorboard: no TensorBoard logs in {os.path.join(out, 'tb')} ({type(e).__name__}: {e}); "
+                    f"the same scalars are in train_log.jsonl. pip install tensorboard for them, or "
+                    f"log.tensorboard=false for no such line")
         if cfg.log.wandb:
             import wandb  # LogSection checked that it is installed
 

@@ -521,6 +521,45 @@ def test_wandb_logs_each_step_and_a_resumed_run_continues_it(assets, tmp_path, m
         LogSection(wandb="p")
 
 
+def test_missing_optional_packages_are_named(assets, tmp_path, monkeypatch, capsys):
+    """Nothing an option asks for is dropped without a word: log.tensorboard (on by default) without TensorBoard
+    says once that OUT/tb is not written (and nothing with log.tensorboard=false); train.lora=true without peft is
+    refused before the model loads, and the CLI prints that as one error line, exit 2."""
+    import builtins
+    import importlib.util
+
+    from llava_fast.cli import main
+    from llava_fast.train.config import TrainSection
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard") or name == "tensorboard":
+            raise ModuleNotFoundError("No module named 'tensorboard'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    for tb, n in ((True, 1), (False, 0)):
+        lines = []
+        Trainer(make_cfg(assets, tmp_path / str(tb), **{"schedule.max_steps": 1, "log.tensorboard": tb}),
+                log=lines.append).train()
+        said = [ln for ln in lines if ln.startswith("log.tensorboard:")]
+        assert len(said) == n, lines
+        if n:
+            assert str(tmp_path / "True" / "tb") in said[0] and "pip install tensorboard" in said[0]
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "peft" else real_find_spec(name, *a, **k))
+    with pytest.raises(ValueError, match=r"train.lora=true needs peft, which is not installed: pip install"):
+        TrainSection(lora=True)
+    capsys.readouterr()
+    rc = main(["train", "--recipe", "stage2", "--model", str(assets / "model"), "--data",
+               str(assets / "data" / "stage2.json"), "--out", str(tmp_path / "lora"), "train.lora=true"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "llava-fast train: error: train.lora=true needs peft" in err and "Traceback" not in err
+
+
 def test_a_second_run_loads_the_dataset_index_from_its_output_folder(assets, tmp_path):
     """data.index_cache (default on): the index is kept in OUT/dataset_index; a resumed run loads it from there."""
     over = {"schedule.max_steps": 2}
