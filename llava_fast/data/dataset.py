@@ -370,13 +370,16 @@ class LlavaDataset(torch.utils.data.Dataset):
             ``self.from_cache`` says whether it was.
         index_workers: processes that index the records (None: one per core, up to 16, for files of 20,000 records
             or more; 1 below); the index is the same either way.
+        progress: progress bars (stderr) for reading the image headers and indexing the records, for files of
+            ``PROGRESS_MIN`` records or more (a 665k-record mix: minutes on a network file system).
     """
 
     def __init__(self, data, image_root: str, tokenizer, image_config: ImageProcessorConfig, template: str,
                  image_token_id: int, video_token_id: int | None = None, max_len: int = 4096, strict: bool = False,
                  max_pixels: int = DEFAULT_MAX_PIXELS, frames_upbound: int = 32, probe_threads: int = 8,
                  log=None, cls_token: bool = False, context_len: int | None = None, video_fps: float | None = None,
-                 cache_dir: str | None = None, index_workers: int | None = None):
+                 cache_dir: str | None = None, index_workers: int | None = None, progress: bool = False):
+        self.progress = bool(progress)
         if context_len is not None and int(max_len) > int(context_len):
             raise ValueError(f"max_len={max_len} is longer than the model's context (max_position_embeddings="
                              f"{context_len}); set max_len (data.max_len) <= {context_len}")
@@ -426,6 +429,15 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     PARALLEL_MIN = 20_000   # records from which indexing runs in several processes by default
     CHUNK = 1000            # records per task
+    PROGRESS_MIN = 5_000    # records from which ``progress`` shows bars
+
+    def _bar(self, total: int, desc: str, unit: str):
+        """A tqdm bar on stderr, or None (``progress`` off, or a small file)."""
+        if not self.progress or self.num_records < self.PROGRESS_MIN:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
     def _index_all(self, records: list, workers: int | None):
         """(sample id, Item or SampleError) of every record, in order. A large file is indexed in ``workers``
@@ -474,20 +486,33 @@ class LlavaDataset(torch.utils.data.Dataset):
             except SampleError as e:
                 return p, e
 
+        todo = sorted(paths | videos)
+        bar = self._bar(len(todo), "data: image headers", "file")
         with ThreadPoolExecutor(max(1, probe_threads)) as ex:
-            for p, r in ex.map(probe, sorted(paths | videos)):
+            for p, r in ex.map(probe, todo):
                 self._sizes[p] = r
-        for sid, it in self._index_all(records, index_workers):
-            if isinstance(it, SampleError):
-                self.drops.drop(it.reason, sid, str(it))
-                continue
-            self.items.append(it)
-            if it.n_cut:
-                self.truncated += 1
-                if self.truncated <= self.drops.keep:
-                    self.drops.note(f"truncated sample {it.sample_id!r}: {it.n_tokens + it.n_cut} tokens > "
-                                    f"max_len={self.max_len}, the last {it.n_cut} cut ({it.n_supervised} supervised "
-                                    f"left)")
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        bar = self._bar(len(records), "data: index", "record")
+        try:
+            for sid, it in self._index_all(records, index_workers):
+                if bar is not None:
+                    bar.update(1)
+                if isinstance(it, SampleError):
+                    self.drops.drop(it.reason, sid, str(it))
+                    continue
+                self.items.append(it)
+                if it.n_cut:
+                    self.truncated += 1
+                    if self.truncated <= self.drops.keep:
+                        self.drops.note(f"truncated sample {it.sample_id!r}: {it.n_tokens + it.n_cut} tokens > "
+                                        f"max_len={self.max_len}, the last {it.n_cut} cut ({it.n_supervised} "
+                                        f"supervised left)")
+        finally:
+            if bar is not None:
+                bar.close()
 
     @classmethod
     def for_model(cls, model_config, data, image_root: str, tokenizer, template: str, spec=None,

@@ -298,7 +298,8 @@ class Trainer:
                                               cfg.data.template, spec=self.image_spec(), max_len=cfg.data.max_len,
                                               frames_upbound=cfg.data.frames_upbound, video_fps=cfg.data.video_fps,
                                               strict=cfg.data.strict, log=self.log, cache_dir=cache,
-                                              index_workers=cfg.data.index_workers)
+                                              index_workers=cfg.data.index_workers,
+                                              progress=cfg.log.progress and self.dist.is_main and not self.quiet)
 
             if cache is not None and self.dist.enabled:
                 # the main rank indexes (and writes the cache) while the others wait, then they load it. The wait is

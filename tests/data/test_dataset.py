@@ -331,3 +331,19 @@ def test_indexing_in_worker_processes_gives_the_same_index(tmp_path, image_dir, 
     assert la == lb and a.drops.counts == b.drops.counts == {"missing_image": 6} and a.truncated == b.truncated == 3
     with pytest.raises(DataError, match="'missing3': missing_image"):
         LlavaDataset(recs, str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, index_workers=2, strict=True, **kw)
+
+
+def test_progress_bars_for_large_files(tmp_path, image_dir, tok, monkeypatch, capsys):
+    """progress=True (the trainer's log.progress on the main rank) shows bars for the header probes and the index of
+    a file of PROGRESS_MIN records or more, on stderr, and nothing for a smaller file or with progress off; the
+    index is the same either way."""
+    monkeypatch.setattr(LlavaDataset, "PROGRESS_MIN", len(_recs()))
+    kw = dict(max_len=120, video_token_id=5, log=lambda _: None)
+    quiet = LlavaDataset(_recs(), str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, **kw)
+    assert capsys.readouterr().err == ""
+    shown = LlavaDataset(_recs(), str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, progress=True, **kw)
+    err = capsys.readouterr().err
+    assert "data: image headers" in err and "data: index" in err and "7/7" in err
+    _same_items(quiet, shown)
+    LlavaDataset(_recs()[:-1], str(image_dir), tok, SPEC, "vicuna_v1", IMG_ID, progress=True, **kw)
+    assert capsys.readouterr().err == ""  # below PROGRESS_MIN
