@@ -106,6 +106,20 @@ def test_cli_env_runs():
     assert "backends (per op)" in out.stdout
 
 
+def test_python_dash_m_llava_fast_is_the_command():
+    """``python -m llava_fast`` (and ``torchrun -m llava_fast``) runs the llava-fast command, exit status included;
+    its help and argument errors come without importing torch (5 s before llava_fast.train loaded its names lazily)."""
+    ok = subprocess.run([sys.executable, "-m", "llava_fast", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "usage: llava-fast" in ok.stdout and "train-original" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "llava_fast", "no-such-command"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'no-such-command'" in bad.stderr
+    code = ("import sys, runpy; sys.argv = ['llava-fast', 'train', '--help']\n"
+            "try:\n    runpy.run_module('llava_fast', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'LIGHT')")
+    light = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "override keys" in light.stdout and light.stdout.strip().endswith("LIGHT"), light.stdout[-300:]
+
+
 def test_set_backend_validates():
     import llava_fast
     from llava_fast import backend
