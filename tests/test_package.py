@@ -574,15 +574,11 @@ def _setup_namespace() -> dict:
     return ns
 
 
-def _setup_function(name: str):
-    return _setup_namespace()[name]
-
-
 def test_setup_drops_a_cmake_cache_it_cannot_reuse(tmp_path, capsys):
     """pip builds each time in a new isolated environment; the CMake cache kept in build/ named the previous one's
     ninja, and a second `pip wheel .` from the same checkout failed at configure. A cache whose ninja or cmake is gone,
     or made by another generator, is deleted; one whose tools exist is kept (incremental --no-build-isolation)."""
-    drop = _setup_function("_drop_stale_cmake_cache")
+    drop = _setup_namespace()["_drop_stale_cmake_cache"]
     exe = sys.executable  # a path that exists
 
     def cache(make, command, generator="Ninja"):
@@ -687,12 +683,12 @@ def test_extension_is_built_where_a_compiler_exists():
 
     from llava_fast import _ext
 
-    if os.environ.get("LLAVA_FAST_SKIP_CUDA_BUILD", "").lower() in ("1", "true", "yes", "on"):
+    setup = _setup_namespace()   # setup.py's own flag reading and nvcc search
+    if setup["_truthy"]("LLAVA_FAST_SKIP_CUDA_BUILD"):
         pytest.skip("LLAVA_FAST_SKIP_CUDA_BUILD is set")
     if not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("no C++ compiler")
     fix = "reinstall with LLAVA_FAST_REQUIRE_EXT=1 pip install -v -e . to see why the build failed"
     assert _ext.HAS_EXT, f"llava_fast._C was not built ({_ext.EXT_ERROR}); {fix}"
-    nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")
-    if nvcc and os.environ.get("LLAVA_FAST_FORCE_CPU_ONLY", "").lower() not in ("1", "true", "yes", "on"):
+    if setup["_find_nvcc"]() and not setup["_truthy"]("LLAVA_FAST_FORCE_CPU_ONLY"):
         assert _ext.HAS_CUDA_EXT, f"llava_fast._C was built without its CUDA sources though nvcc is here; {fix}"

@@ -541,26 +541,19 @@ def _pins_from_flat(flat: Sequence[int]):
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)] if len(flat) else None
 
 
-_RAW_PLAN_CACHE: "OrderedDict[tuple, Plan]" = OrderedDict()
-
-
 def _plan_for(image_meta: Optional[torch.Tensor], pinpoints_flat, tile, t, max_tiles, has_nl, n_videos, frames):
     """build_plan from the custom ops' arguments, through a first-level cache keyed by those arguments as they come
     (flat ints): build_plan's own key re-tuples every pinpoint pair (OneVision has 36), ~15 us per call on the dev
     CPU, twice per forward + backward."""
-    flat = image_meta.reshape(-1).tolist() if image_meta is not None else []
-    key = (tuple(flat), tuple(pinpoints_flat), tile, t, max_tiles, has_nl, n_videos, frames)
-    plan = _RAW_PLAN_CACHE.get(key)
-    if plan is not None:
-        _RAW_PLAN_CACHE.move_to_end(key)
-        return plan
+    flat = tuple(image_meta.reshape(-1).tolist()) if image_meta is not None else ()
+    return _plan_cached(flat, tuple(pinpoints_flat), tile, t, max_tiles, has_nl, n_videos, frames)
+
+
+@functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
+def _plan_cached(flat: tuple, pinpoints_flat: tuple, tile, t, max_tiles, has_nl, n_videos, frames) -> Plan:
     meta = [flat[i:i + 3] for i in range(0, len(flat), 3)]
-    plan = build_plan(meta, _pins_from_flat(list(pinpoints_flat)), tile, t, max_tiles if max_tiles > 0 else None,
-                      has_nl, n_videos, frames)
-    _RAW_PLAN_CACHE[key] = plan
-    if len(_RAW_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-        _RAW_PLAN_CACHE.popitem(last=False)
-    return plan
+    return build_plan(meta, _pins_from_flat(pinpoints_flat), tile, t, max_tiles if max_tiles > 0 else None, has_nl,
+                      n_videos, frames)
 
 
 def _count_error(what: str, token_id: int, n_tokens, n_feats: int) -> str:

@@ -308,13 +308,13 @@ def test_plan_for_raw_argument_cache():
     ov_flat = [x for p in anyres.OV_PINPOINTS for x in p]
     meta = torch.tensor([[700, 1000, 0], [1080, 1920, 0], [300, 200, 1]])
     args = (meta, ov_flat, 384, 27, 9, True, 1, 8)
-    P._RAW_PLAN_CACHE.clear()
+    P._plan_cached.cache_clear()
     plan = P._plan_for(*args)
     want = build_plan([(700, 1000, False), (1080, 1920, False), (300, 200, True)], anyres.OV_PINPOINTS, 384, 27, 9,
                       True, n_videos=1, frames=8)
     assert plan is want
     assert P._plan_for(meta.clone(), list(ov_flat), 384, 27, 9, True, 1, 8) is plan
-    assert len(P._RAW_PLAN_CACHE) == 1
+    assert P._plan_cached.cache_info().currsize == 1
     variants = [(meta[:2], *args[1:]), (meta, ov_flat[:-2], *args[2:]), (*args[:4], 0, *args[5:]),
                 (*args[:5], False, *args[6:]), (*args[:6], 0, 0), (*args[:7], 4)]
     plans = [P._plan_for(*a) for a in variants]
@@ -323,7 +323,7 @@ def test_plan_for_raw_argument_cache():
     assert P._plan_for(None, [], 384, 27, 0, True, 2, 32).k == 2 * anyres.num_video_tokens(32, 27)
     for i in range(P._PLAN_CACHE_SIZE + 5):                               # bounded, least recently used first out
         P._plan_for(torch.tensor([[336 + i, 336, 1]]), [], 384, 27, 0, True, 0, 0)
-    assert len(P._RAW_PLAN_CACHE) == P._PLAN_CACHE_SIZE
+    assert P._plan_cached.cache_info().currsize == P._PLAN_CACHE_SIZE
 
 
 def test_copy_only_backward_plan_equals_general():
