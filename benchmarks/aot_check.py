@@ -108,7 +108,16 @@ def intercept_launches(records: list, arch: int | None = None, sass_dir: str = "
 
 
 def _ptxas(arch: int = 90) -> str:
-    """Triton's bundled ptxas for ``arch`` (Blackwell, sm_100 and up, has its own in recent Triton), else CUDA's."""
+    """The ptxas Triton itself runs for ``arch`` (its backend's ``get_ptxas``: Triton 3.9 runs its CUDA 13 copy,
+    ``ptxas-blackwell``, from sm_90 up, and writes PTX that its CUDA 12.9 ``ptxas`` refuses), else Triton's bundled copy
+    by name (``ptxas-blackwell`` for sm_100 and up), else CUDA's."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        path = get_ptxas(arch).path
+        if path and Path(path).exists():
+            return str(path)
+    except Exception:  # noqa: BLE001 - an older Triton or a missing tool: look by name
+        pass
     names = ("ptxas-blackwell", "ptxas") if arch >= 100 else ("ptxas",)
     for p in [Path(triton.__file__).parent / "backends/nvidia/bin" / n for n in names] + [
             Path("/usr/local/cuda/bin/ptxas")]:

@@ -303,6 +303,14 @@ def direct_launch_check() -> list[str]:
 
     from llava_fast import _ext
 
+    import triton
+
+    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    if version not in _ext._DIRECT_OPTION_KNOBS:
+        known = ", ".join(f"{a}.{b}" for a, b in sorted(_ext._DIRECT_OPTION_KNOBS))
+        return [f"triton {triton.__version__}: the direct launch is off (Triton's own path, correct but slower): it "
+                f"mirrors JITFunction.run of Triton {known} only. Read this version's run() and add it to "
+                f"llava_fast._ext._DIRECT_OPTION_KNOBS with the knobs.compilation values run() adds to the options"]
     mock_cuda_driver(record=True)
     force_fast()
     problems, direct_used = [], 0

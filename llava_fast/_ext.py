@@ -428,6 +428,14 @@ def device_guard(device):
 
 _DIRECT = None   # the direct-launch state: None until first use, False when off, else a dict of Triton's pieces
 
+# The Triton versions whose ``JITFunction.run`` and compiled-kernel launcher :func:`launch` mirrors (read in their
+# sources), each with the ``knobs.compilation`` values ``run`` adds to the call's options before binding: from 3.4 to
+# 3.8 ``instrumentation_mode``; 3.9 adds ``fpsan_homomorphic_casts`` (its ``run`` differs from 3.8's in that alone).
+# Another version takes Triton's own path. ``benchmarks/host_overhead.py --direct-check`` compares the two paths'
+# launches under a mock driver on the installed Triton.
+_DIRECT_OPTION_KNOBS = {**{(3, minor): ("instrumentation_mode",) for minor in range(4, 9)},
+                        (3, 9): ("instrumentation_mode", "fpsan_homomorphic_casts")}
+
 
 def _direct_state():
     """Decide once per process whether :func:`launch` may skip Triton's per-call extras (see there)."""
@@ -442,11 +450,11 @@ def _direct_state():
                 from triton.runtime.jit import JITFunction, compute_cache_key
 
                 version = tuple(int(v) for v in triton.__version__.split(".")[:2])
-                # JITFunction.run and the launcher's positional arguments are the same from 3.4 to 3.8 (read in
-                # their sources); another version takes Triton's own path
-                if (3, 4) <= version <= (3, 8) and isinstance(getattr(knobs.runtime, "launch_enter_hook", None),
-                                                              knobs.HookChain):
-                    _DIRECT = dict(jit=JITFunction, key=compute_cache_key, knobs=knobs, driver=driver.active)
+                option_knobs = _DIRECT_OPTION_KNOBS.get(version)
+                if option_knobs is not None and isinstance(getattr(knobs.runtime, "launch_enter_hook", None),
+                                                           knobs.HookChain):
+                    _DIRECT = dict(jit=JITFunction, key=compute_cache_key, knobs=knobs, driver=driver.active,
+                                   option_knobs=option_knobs)
             except Exception:  # noqa: BLE001 - any surprise: Triton's own path
                 _DIRECT = False
     return _DIRECT
@@ -471,7 +479,7 @@ def launch(kernel, grid, *args, **kwargs):
     tuple; it then calls the compiled kernel's launcher with the same arguments ``run`` passes, with no hooks. It
     falls back to ``kernel[grid]`` for the first call of a specialisation (which compiles), while any launch hook,
     pre-run hook or stage-inspection hook is registered (profilers), under the interpreter, for anything that is
-    not a plain ``JITFunction`` (autotuners), on Triton versions outside 3.4-3.8, and with
+    not a plain ``JITFunction`` (autotuners), on Triton versions outside 3.4-3.9, and with
     ``LLAVA_FAST_DIRECT_LAUNCH=0`` (read once per process). A launcher that raises on the direct call (a Triton whose
     launcher takes other arguments) warns once and turns the direct path off for the process, that launch going
     through Triton's path. Skipped for good: the check that a kernel's global variables have not changed since it
@@ -492,7 +500,8 @@ def launch(kernel, grid, *args, **kwargs):
         return kernel[grid](*args, **kwargs)
     kernel_cache, key_cache, _target, _backend, binder = caches
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or rt.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    for name in d["option_knobs"]:
+        kwargs[name] = getattr(knobs.compilation, name)
     bound, spec, options = binder(*args, **kwargs)
     ck = (tuple(spec), tuple(options.items()))
     per = kernel.__dict__.get("_llava_fast_direct")
