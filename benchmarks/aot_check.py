@@ -62,11 +62,18 @@ def _import(module: str):
     return importlib.import_module(module)
 
 
-class Launch:
-    """One intercepted kernel launch: the JITFunction, its arguments by name, num_warps and num_stages."""
+# launch options besides num_warps / num_stages that reach triton.compile (the rest of a launch's keywords are the
+# kernel's arguments)
+COMPILE_OPTIONS = ("enable_fp_fusion",)
 
-    def __init__(self, jf, values: dict, num_warps: int, num_stages: int):
+
+class Launch:
+    """One intercepted kernel launch: the JITFunction, its arguments by name, num_warps and num_stages, and the
+    other compile options it passed (``enable_fp_fusion``: ``_ext.fp_fusion_kwargs``)."""
+
+    def __init__(self, jf, values: dict, num_warps: int, num_stages: int, options: dict | None = None):
         self.jf, self.values, self.num_warps, self.num_stages = jf, values, num_warps, num_stages
+        self.options = options or {}
         self.row = None  # compiled at interception (intercept_launches with an arch)
         self.refused = False  # over the target's shared memory: the launcher fell back to a smaller config
 
@@ -91,7 +98,8 @@ def intercept_launches(records: list, arch: int | None = None, sass_dir: str = "
         num_stages = kwargs.pop("num_stages", 3)
         values = dict(zip(self.arg_names, args))
         values.update({k: v for k, v in kwargs.items() if k in self.arg_names})
-        rec = Launch(self, values, num_warps, num_stages)
+        rec = Launch(self, values, num_warps, num_stages,
+                     {k: v for k, v in kwargs.items() if k in COMPILE_OPTIONS})
         records.append(rec)
         if arch is not None:
             rec.row = compile_launch(rec, arch, sass_dir)
@@ -255,7 +263,8 @@ def compile_launch(rec: Launch, arch: int, sass_dir: str = "") -> dict:
             src = ASTSource(jf, sig, constexprs=ce, attrs=attrs)
         else:  # triton <= 3.3 (torch 2.6 / 2.7): constants by name, attributes as the launcher derives them
             src = _old_ast_source(jf, rec, sig, target)
-        k = triton.compile(src, target=target, options={"num_warps": rec.num_warps, "num_stages": rec.num_stages})
+        k = triton.compile(src, target=target, options={"num_warps": rec.num_warps, "num_stages": rec.num_stages,
+                                                         **rec.options})
     except Exception as e:  # noqa: BLE001 - report every failure, keep going
         row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-300:]}", seconds=round(time.time() - t0, 1))
         return row
@@ -438,7 +447,7 @@ def drive_projector(arch, max_configs=None):
                 flags = {"EPILOGUE": epi, "HAS_BIAS": True, "STORE_H": epi == 1, "WRITE_ACT": epi == 2,
                          "APPROX_TANH": False, "IEEE": False}
                 P._kernel_heur[(1,)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
-                                     num_stages=cfg.num_stages)
+                                     num_stages=cfg.num_stages, **P._ext.fp_fusion_kwargs())
             bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
             yield f"{m}x{k}x{n} {label} {bm}x{bn}x{bk}", call
 
@@ -448,7 +457,7 @@ def drive_projector(arch, max_configs=None):
                 flags = {"EPILOGUE": epi, "HAS_BIAS": True, "STORE_H": epi == 1, "WRITE_ACT": epi == 2,
                          "APPROX_TANH": False, "IEEE": False, "B_KMAJOR": epi == 1, "NUM_SMS": 132}
                 P._projector_gemm_tma_kernel[(1,)](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps,
-                                                   num_stages=cfg.num_stages)
+                                                   num_stages=cfg.num_stages, **P._ext.fp_fusion_kwargs())
             yield f"tma {m}x{k}x{n} {label} {bm}x{bn}x{bk}", call_tma
 
 

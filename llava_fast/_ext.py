@@ -460,10 +460,30 @@ def _direct_state():
     return _DIRECT
 
 
+_FP_FUSION = None   # fp_fusion_kwargs()'s answer, once per process
+
+
+def fp_fusion_kwargs() -> dict:
+    """The launch option that keeps our kernels' floating-point contraction (FMA) as every Triton up to 3.9 compiles
+    it by default: ``{"enable_fp_fusion": True}``, or ``{}`` where the user set ``TRITON_DEFAULT_FP_FUSION`` (their
+    choice then rules; ``TRITON_FORCE_DISABLE_FP_FUSION=1`` always does, inside Triton). Triton 3.9 warns once per
+    process at the first compile of a kernel launched without it ("TRITON_DEFAULT_FP_FUSION is unset ... The
+    default will change to DISABLED in Triton 3.10"), and 3.10 would compile the kernels without FMA: other
+    rounding than the kernels measured and tested on GPUs, and more instructions. :func:`launch` adds it to every
+    launch; the few launches that do not go through it (autotuned and interpreter-only paths) pass it themselves.
+    Older Triton and the interpreter take it (the interpreter drops launch options)."""
+    global _FP_FUSION
+    if _FP_FUSION is None:
+        _FP_FUSION = {} if getenv("TRITON_DEFAULT_FP_FUSION") is not None else {"enable_fp_fusion": True}
+    return _FP_FUSION
+
+
 def reset_direct_launch() -> None:
-    """Forget the direct-launch decision (tests: after changing LLAVA_FAST_DIRECT_LAUNCH or Triton's driver)."""
-    global _DIRECT
+    """Forget the direct-launch decision and the FP-fusion option (tests: after changing LLAVA_FAST_DIRECT_LAUNCH,
+    TRITON_DEFAULT_FP_FUSION or Triton's driver)."""
+    global _DIRECT, _FP_FUSION
     _DIRECT = None
+    _FP_FUSION = None
 
 
 def launch(kernel, grid, *args, **kwargs):
@@ -485,6 +505,8 @@ def launch(kernel, grid, *args, **kwargs):
     through Triton's path. Skipped for good: the check that a kernel's global variables have not changed since it
     compiled (ours read none that change)."""
     global _DIRECT
+    if "enable_fp_fusion" not in kwargs:
+        kwargs.update(_FP_FUSION if _FP_FUSION is not None else fp_fusion_kwargs())
     d = _DIRECT if _DIRECT is not None else _direct_state()
     if d is False or type(kernel) is not d["jit"] or kernel.pre_run_hooks or not kernel.device_caches:
         return kernel[grid](*args, **kwargs)

@@ -226,9 +226,68 @@ def test_direct_launch_is_off_under_the_interpreter(monkeypatch):
             def __getitem__(self, grid):
                 return lambda *a, **k: calls.append((grid, a, k))
         _ext.launch(K(), (3,), 1, 2, X=4)
-        assert calls == [((3,), (1, 2), {"X": 4})]
+        assert calls == [((3,), (1, 2), {"X": 4, "enable_fp_fusion": True})]
     finally:
         _ext.reset_direct_launch()
+
+
+def test_launches_keep_fp_fusion_on_unless_the_user_chose(monkeypatch):
+    """Triton 3.9 warns at the first compile of a kernel launched without ``enable_fp_fusion`` and says 3.10 turns
+    FMA contraction off by default; our kernels were tested and measured with it on. ``_ext.launch`` passes
+    ``enable_fp_fusion=True`` unless TRITON_DEFAULT_FP_FUSION is set (the user's choice then rules) or the caller
+    passed the option; the interpreter drops launch options, so the kernels run as before (an RMSNorm launch here
+    reaches the interpreter's ``run`` with it)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from llava_fast.ops import rms_norm as rn
+
+    calls = []
+
+    class K:
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append(k)
+    try:
+        monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
+        _ext.reset_direct_launch()
+        _ext.launch(K(), (1,), X=1)
+        _ext.launch(K(), (1,), X=1, enable_fp_fusion=False)
+        monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+        _ext.launch(K(), (1,), X=1)                     # read once per process: still on
+        _ext.reset_direct_launch()
+        _ext.launch(K(), (1,), X=1)
+        assert calls == [{"X": 1, "enable_fp_fusion": True}, {"X": 1, "enable_fp_fusion": False},
+                         {"X": 1, "enable_fp_fusion": True}, {"X": 1}]
+        monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION")
+        _ext.reset_direct_launch()
+        seen, run = [], InterpretedFunction.run
+
+        def record(self, *a, **k):
+            seen.append((self.fn.__name__, k.get("enable_fp_fusion")))
+            return run(self, *a, **k)
+        monkeypatch.setattr(InterpretedFunction, "run", record)
+        x, w = torch.randn(3, 64), torch.randn(64)
+        y = rn.rms_norm_fwd(x, w, 1e-6)[0]
+        assert seen == [("_rms_norm_fwd_kernel", True)]
+        torch.testing.assert_close(y, rn.rms_norm_ref(x, w, 1e-6), rtol=1e-5, atol=1e-5)
+    finally:
+        _ext.reset_direct_launch()
+
+
+def test_every_direct_kernel_launch_in_the_ops_passes_fp_fusion():
+    """The launches that do not go through ``_ext.launch`` (autotuned kernels, interpreter-only paths, the loss)
+    pass ``**_ext.fp_fusion_kwargs()`` themselves: every ``kernel[grid](...)`` call in ``llava_fast/ops``."""
+    import ast
+    from pathlib import Path
+
+    missing, found = [], 0
+    for path in sorted((Path(llava_fast.__file__).parent / "ops").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                found += 1
+                if not any(k.arg is None and isinstance(k.value, ast.Call)
+                           and getattr(k.value.func, "attr", "") == "fp_fusion_kwargs" for k in node.keywords):
+                    missing.append(f"{path.name}:{node.lineno} {ast.unparse(node.func)[:60]}")
+    assert found >= 8 and not missing, missing
 
 
 @pytest.mark.cuda

@@ -761,7 +761,8 @@ _FITTED: dict = {}
 def _launch(kind, fn, grid_of, args, constexprs, max_seqlen_q: int | None = None):
     kernel, fixed = _kernel(kind, fn, constexprs["DOT_PREC"] == "ieee")
     if not fixed:  # the autotuner skips configs that do not fit by itself
-        kernel[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+        kernel[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs,
+                                                                         **_ext.fp_fusion_kwargs())
         return
     width = constexprs["BLOCK_D0"] + (constexprs["BLOCK_D1"] if constexprs["HAS_D1"] else 0)
     cfg = default = _default_cfg(kind, width, constexprs["DOT_PREC"] == "ieee", max_seqlen_q)

@@ -229,7 +229,7 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
         _cross_entropy_fwd_bwd_kernel[(m,)](
             logits, gout, labels, loss, scale,
             v, logits.stride(0), gout.stride(0), ignore_index,
-            BLOCK=block, SINGLE_BLOCK=single, WRITE_GRAD=write_grad, num_warps=num_warps,
+            BLOCK=block, SINGLE_BLOCK=single, WRITE_GRAD=write_grad, num_warps=num_warps, **_ext.fp_fusion_kwargs(),
         )
     return loss
 
@@ -250,7 +250,7 @@ def lse_vocab_block(logits: torch.Tensor, labels: torch.Tensor, run_max: torch.T
     block, warps = _vocab_block_launch_cfg(vb)
     with _device_guard(logits.device):
         _lse_vocab_block_kernel[(m,)](logits, labels, run_max, run_sum, target, vb, logits.stride(0), col0,
-                                      BLOCK=block, num_warps=warps)
+                                      BLOCK=block, num_warps=warps, **_ext.fp_fusion_kwargs())
 
 
 def softmax_grad_vocab_block(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
@@ -263,7 +263,7 @@ def softmax_grad_vocab_block(logits: torch.Tensor, labels: torch.Tensor, lse: to
     block, warps = _vocab_block_launch_cfg(vb)
     with _device_guard(logits.device):
         _softmax_grad_vocab_block_kernel[(m,)](logits, labels, lse, scale, vb, logits.stride(0), col0, ignore_index,
-                                               BLOCK=block, num_warps=warps)
+                                               BLOCK=block, num_warps=warps, **_ext.fp_fusion_kwargs())
 
 
 def _device_guard(device: torch.device):

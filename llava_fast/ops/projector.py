@@ -430,20 +430,21 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, epilogue: int, out: torch.Tensor, bi
             def tma_grid(meta):
                 return (min(sms, _ext.cdiv(M, meta["BLOCK_M"]) * _ext.cdiv(N, meta["BLOCK_N"])),)
             if _ext.interpreting():
-                _projector_gemm_tma_kernel[tma_grid(_INTERPRET_META)](*tma_args, **flags, **_INTERPRET_META)
+                _projector_gemm_tma_kernel[tma_grid(_INTERPRET_META)](*tma_args, **flags, **_INTERPRET_META,
+                                                                       **_ext.fp_fusion_kwargs())
                 return
             _ext.ensure_tma_allocator()
             with _ext.device_guard(a.device):
-                _get_kernel(a.device, fp32, tma=True)[tma_grid](*tma_args, **flags)
+                _get_kernel(a.device, fp32, tma=True)[tma_grid](*tma_args, **flags, **_ext.fp_fusion_kwargs())
             return
     if _ext.interpreting():
         grid = (_ext.cdiv(M, _INTERPRET_META["BLOCK_M"]) * _ext.cdiv(N, _INTERPRET_META["BLOCK_N"]),)
-        _kernel_heur[grid](*args, **flags, **_INTERPRET_META)
+        _kernel_heur[grid](*args, **flags, **_INTERPRET_META, **_ext.fp_fusion_kwargs())
         return
     kernel = _get_kernel(a.device, fp32)
     grid = lambda meta: (_ext.cdiv(M, meta["BLOCK_M"]) * _ext.cdiv(N, meta["BLOCK_N"]),)
     with _ext.device_guard(a.device):
-        kernel[grid](*args, **flags)
+        kernel[grid](*args, **flags, **_ext.fp_fusion_kwargs())
 
 
 # CUTLASS (sm_90) launchers: the GELU forward GEMM and the dGELU backward GEMM of csrc/cutlass/projector_sm90*.cu.
