@@ -205,9 +205,17 @@ def mock_cuda_driver(record: bool = False) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
+    global _LOAD_BINARY_VALUES
+    import inspect
+
+    from triton.compiler import compiler as _compiler
+    src = inspect.getsource(_compiler.CompiledKernel._init_handles)
+    _LOAD_BINARY_VALUES = 5 if "n_max_threads = driver.active.utils.load_binary" in src else 4
+
     class Utils:
         def load_binary(self, name, kernel, shared, device):
-            return None, 1, 0, 0, 1024            # module, function, registers, spills, max threads
+            # module, function, registers, spills, max threads (Triton 3.3 takes the first four)
+            return (None, 1, 0, 0, 1024)[:_LOAD_BINARY_VALUES]
 
         def get_device_properties(self, device):
             return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
@@ -306,6 +314,14 @@ def direct_launch_check() -> list[str]:
     import triton
 
     version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    if version < min(_ext._DIRECT_OPTION_KNOBS):   # off by design: check that it is
+        mock_cuda_driver(record=True)
+        _os.environ["LLAVA_FAST_DIRECT_LAUNCH"] = "1"
+        _ext.reset_direct_launch()
+        off = _ext._direct_state() is False
+        _os.environ.pop("LLAVA_FAST_DIRECT_LAUNCH", None)
+        _ext.reset_direct_launch()
+        return [] if off else [f"triton {triton.__version__}: the direct launch is on, on a version it does not mirror"]
     if version not in _ext._DIRECT_OPTION_KNOBS:
         known = ", ".join(f"{a}.{b}" for a, b in sorted(_ext._DIRECT_OPTION_KNOBS))
         return [f"triton {triton.__version__}: the direct launch is off (Triton's own path, correct but slower): it "
@@ -501,6 +517,15 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     if a.direct_check:
         problems = direct_launch_check()
+        import triton
+
+        from llava_fast import _ext
+
+        older = tuple(int(v) for v in triton.__version__.split(".")[:2]) < min(_ext._DIRECT_OPTION_KNOBS)
+        if older and not problems:
+            print(f"direct launch: off on triton {triton.__version__}, older than the versions it mirrors (every "
+                  f"launch takes Triton's own path)")
+            return 0
         print("direct launch: " + ("same kernels, grids and arguments as Triton's path in every case" if not problems
                                    else "\n  ".join(["MISMATCH"] + problems)))
         return 1 if problems else 0

@@ -224,7 +224,9 @@ def ensure_tma_allocator() -> None:
     try:
         from triton.runtime import _allocation
 
-        current = _allocation._allocator.get()
+        current = _allocation._allocator
+        if hasattr(current, "get"):   # a ContextVar (Triton 3.4 and later); 3.3 keeps a plain module global
+            current = current.get()
         unset = isinstance(current, _allocation.NullAllocator)
     except (ImportError, AttributeError):  # another triton layout: set ours
         unset = True

@@ -51,6 +51,8 @@ def _interpreter_patches_triton_language_once_per_launch() -> None:
         if inside and all(any(m is p for p in patched) for m in langs):
             return _Nothing()
         scope = orig(fn)
+        if scope is None:   # Triton 3.3: nothing to restore; its own behaviour for every call
+            return scope
         patched.extend(langs)
         if inside:          # a call inside a launch: Triton never restores it (its own behaviour)
             return scope

@@ -78,6 +78,16 @@ def test_tma_allocator_is_set_in_every_thread(monkeypatch):
     from triton.runtime import _allocation
 
     monkeypatch.setattr(_ext, "interpreting", lambda: False)
+    if not hasattr(_allocation._allocator, "get"):
+        # Triton 3.3 (torch 2.7): a module global, no per-thread context; an allocator the caller set is kept
+        monkeypatch.setattr(_allocation, "_allocator", _allocation.NullAllocator())
+        _ext.ensure_tma_allocator()
+        assert _allocation._allocator is _ext._tma_scratch
+        mine = lambda size, alignment, stream: None   # noqa: E731
+        monkeypatch.setattr(_allocation, "_allocator", mine)
+        _ext.ensure_tma_allocator()
+        assert _allocation._allocator is mine
+        return
     before = _allocation._allocator.get()
     try:
         _allocation._allocator.set(_allocation._NULL_ALLOCATOR)

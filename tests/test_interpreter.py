@@ -44,6 +44,8 @@ def test_the_patches_are_in_place():
 
     assert getattr(interpreter._patch_lang, "_llava_fast_once", False)
     assert interpreter._get_np_dtype.__module__ == "conftest"
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) <= (3, 3):
+        return   # Triton 3.3 (torch 2.7) has no interpreter_semantic: its overflow check stays (slower, same results)
     assert interpreter.interpreter_semantic.binary_op_sanitize_overflow_impl.__module__ == "conftest"
 
 
@@ -58,7 +60,8 @@ def test_helpers_inside_a_launch_compute_as_before():
         out = torch.empty(7)
         _helpers_kernel[(7,)](x, out, n, BLOCK=16)
         torch.testing.assert_close(out, x.max(1).values + x.sum(1))
-    assert tl.tensor.__add__ is builtin_before
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) > (3, 3):   # 3.3 never unpatches (its behaviour)
+        assert tl.tensor.__add__ is builtin_before
 
 
 OVERFLOWS = [(0, 2**30, 2**30), (1, -2**31, 1), (2, 2**16, 2**15), (2, -2**16, 2**15 + 1)]   # +, -, *, * below

@@ -490,19 +490,25 @@ def test_host_overhead_per_layer_smoke():
     assert len(lines) == 2 and "language model" in lines[0] and "vision encoder" in lines[1], r.stdout
     assert all(float(re.search(r"([0-9.]+) ms per layer", ln).group(1)) > 0 for ln in lines), r.stdout
 
-@pytest.mark.parametrize("workload,at_most", [("ov_ft", 0.75), ("stage1", 1.0)])
+@pytest.mark.parametrize("workload,at_most", [("ov_ft", 0.70), ("stage1", 0.80)])
 def test_saved_activations_vs_transformers(workload, at_most):
     """Activation memory: with the attention paths a GPU runs (SDPA here), what our model keeps for the backward
-    (summed over modules, the loss on the logits apart) against transformers' sdpa model. OneVision FT at toy widths:
-    0.66x with the language model's activations and norm outputs recomputed (ops/act_linear.py; the default since
-    session 18 keeps the vision tower's), 0.62x recomputed everywhere (LLAVA_FAST_RECOMPUTE_ACT=1), 0.97x without
-    (LLAVA_FAST_RECOMPUTE_ACT=0), so 0.75 fails if the recompute is lost; at real widths see `python
-    benchmarks/saved_activations.py` (2 min) and docs/perf-notes.md."""
+    (summed over modules, the loss on the logits and the attention modules apart) against transformers' sdpa model.
+    OneVision FT at toy widths: 0.56x with the language model's activations and norm outputs recomputed
+    (ops/act_linear.py; the default since session 18 keeps the vision tower's), 0.52x recomputed everywhere
+    (LLAVA_FAST_RECOMPUTE_ACT=1), 0.86x without (LLAVA_FAST_RECOMPUTE_ACT=0); stage 1 0.67x, 0.88x without; so the
+    bounds fail if the recompute is lost. The attention modules are left out of both sums: both models run the same
+    SDPA call, and what CPU SDPA keeps depends on torch (torch 2.7's GQA path keeps the probabilities: 4720 values
+    per token in both models' text attention, against 207 on torch 2.14, which took the OneVision ratio with them
+    from 0.66x to 0.91x, session 32). At real widths see `python benchmarks/saved_activations.py` (2 min) and
+    docs/perf-notes.md."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import saved_activations
 
     res, n_vis, n_txt, classes = saved_activations.measure(workload, 1, 1, tiny=True)
-    tot = {k: sum(b for c, b in v.items() if c != "(loss: logits)") for k, v in res.items()}
+    tot = {k: sum(b for c, b in v.items() if c != "(loss: logits)" and not c.endswith("Attention"))
+           for k, v in res.items()}
+    assert all(any(c.endswith("Attention") for c in v) for v in res.values()), res   # the rows left out exist
     assert tot["llava_fast"] <= at_most * tot["hf_sdpa"], (tot, res)
     # the full-depth prediction: the classes of one layer repeat (found in each model), the weights are the same
     assert {"text", "vision"} <= set(classes["llava_fast"]) and "MLP" in classes["llava_fast"]["text"]

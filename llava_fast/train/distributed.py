@@ -44,6 +44,27 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank, world, local, dev, _host_group(world))
 
 
+def fsdp_gradients_are_averaged() -> bool:
+    """Whether the default group's reduce-scatter with ``ReduceOp.AVG``, which FSDP2 runs on fp32 / bf16 gradients,
+    averages over the ranks (the trainer then scales each rank's loss by the world size to get the sum of the
+    per-token losses over the ranks). NCCL's AVG does; torch 2.7's gloo sums instead, silently (measured:
+    reduce_scatter_tensor AVG of 1 and 2 gave 3.0 on torch 2.7.1, 1.5 on 2.14.1), which doubled every gradient of a
+    two-process CPU run. Probed once on gloo (a few bytes); True elsewhere."""
+    if not dist.is_initialized() or dist.get_world_size() <= 1 or dist.get_backend() != "gloo":
+        return True
+    world = dist.get_world_size()
+    x = torch.full((world,), float(dist.get_rank() + 1), dtype=torch.float64)
+    out = torch.empty(1, dtype=torch.float64)
+    dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.AVG)
+    got, mean, total = float(out), (world + 1) / 2, world * (world + 1) / 2
+    if got == mean:
+        return True
+    if got == total:
+        return False
+    raise RuntimeError(f"the gloo reduce-scatter with ReduceOp.AVG gave {got} for ranks holding 1..{world} (mean "
+                       f"{mean}, sum {total}): FSDP2's gradients cannot be trusted on this torch {torch.__version__}")
+
+
 def _host_group(world: int):
     """A gloo group over every rank when the default group's backend is not gloo and every rank runs on this machine
     (torchrun's LOCAL_WORLD_SIZE == WORLD_SIZE; every rank calls this at the same point, as ``new_group`` asks).
@@ -120,7 +141,53 @@ def load_full_states(model, optim, model_state: dict, optim_state: dict | None, 
     if optim is not None and optim_state is not None:
         # strict=False: parameters that never received a gradient (e.g. CLIP's unused post_layernorm) have no state
         oopts = StateDictOptions(full_state_dict=distributed, strict=False)
-        set_optimizer_state_dict(model, optim, optim_state, options=oopts)
+        with _stateless_params_hidden(model, optim, optim_state):
+            set_optimizer_state_dict(model, optim, optim_state, options=oopts)
+
+
+def _stateless_params_hidden(model, optim, optim_state: dict):
+    """A context in which the optimizer's parameter groups leave out the trainable parameters that have no saved
+    state (they never received a gradient: CLIP's post_layernorm, unused by LLaVA), put back in their places after.
+
+    torch 2.7 to 2.9's ``set_optimizer_state_dict`` raises ``KeyError: '<name>'`` for such a parameter even with
+    ``strict=False`` (pytorch/pytorch#164257, fixed in 2.10 by #165228): every resume of a run that trains a
+    vision tower failed there. Newer torch skips them itself; either way they come out of the load with no state
+    (``Optimizer.load_state_dict`` replaces the whole state), as they went in. A group that would be left empty is
+    kept whole (a group's hyperparameters are matched by its parameters' names)."""
+    import contextlib
+
+    try:
+        from torch.distributed.checkpoint.state_dict import _get_fqns   # private: present from torch 2.2 to 2.15
+    except ImportError:
+        return contextlib.nullcontext()
+    saved = optim_state.get("state", {}) if isinstance(optim_state, dict) else {}
+    if not saved or all(isinstance(k, int) for k in saved):      # empty, or keyed by index: nothing to match
+        return contextlib.nullcontext()
+    with_state, names = set(), {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        fqns = _get_fqns(model, name)
+        names.setdefault(id(p), name)
+        if any(f in saved for f in fqns):
+            with_state.add(id(p))
+    hide = {id(p) for g in optim.param_groups for p in g["params"]
+            if p.requires_grad and id(p) in names and id(p) not in with_state}
+    if not hide:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def hidden():
+        full = [g["params"] for g in optim.param_groups]
+        for g in optim.param_groups:
+            kept = [p for p in g["params"] if id(p) not in hide]
+            if kept:
+                g["params"] = kept
+        try:
+            yield
+        finally:
+            # load_state_dict made new group dicts (the saved hyperparameters, our parameter lists): the full lists back
+            for g, params in zip(optim.param_groups, full):
+                g["params"] = params
+    return hidden()
 
 
 def all_reduce_sum(x: float | int, info: DistInfo, dtype=torch.float64) -> float:

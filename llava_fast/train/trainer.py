@@ -33,7 +33,8 @@ from llava_fast.models.llava import HostInputs
 from llava_fast.train import checkpoint as ckpt
 from llava_fast.train.config import TrainConfig
 from llava_fast.train.distributed import (all_reduce_sum, all_reduce_sums, apply_fsdp2, barrier_fn, full_model_state,
-                                          full_optim_state, has_fsdp2, init_distributed, load_full_states)
+                                          fsdp_gradients_are_averaged, full_optim_state, has_fsdp2, init_distributed,
+                                          load_full_states)
 
 
 def seed_everything(seed: int) -> None:
@@ -230,6 +231,13 @@ class Trainer:
                                    "upgrade to torch >= 2.6 or run on one process")
             apply_fsdp2(model, param_dtype=torch.bfloat16 if self.autocast else None)
             self.fsdp = True
+            # FSDP2 averages the gradients over the ranks; each rank's loss is scaled by the world size so that the
+            # step's gradient is the sum over every rank's supervised tokens divided by their global count
+            self._loss_scale = float(self.dist.world_size)
+            if not fsdp_gradients_are_averaged():
+                self._loss_scale = 1.0
+                self.log(f"torch {torch.__version__}'s gloo reduce-scatter sums where FSDP2 asks for the average "
+                         f"(fixed in later torch): each rank's loss is not scaled by the world size")
             self.autocast = False  # FSDP2's MixedPrecisionPolicy casts the parameters
         self._pix_dtype = torch.bfloat16 if (self.fsdp and dev.type == "cuda" and mixed) \
             else next(model.parameters()).dtype
@@ -566,7 +574,7 @@ class Trainer:
         # a fill on the device, not a copy of a host value (a blocking copy would wait for the previous step's
         # optimizer, which the host no longer waits for)
         denom = torch.full((), float(max(n_global, 1)), device=info.device)
-        scale = float(info.world_size) if self.fsdp else 1.0
+        scale = self._loss_scale if self.fsdp else 1.0
         # no supervised token in the whole step (every sample dropped): no mean to take, and an update would move
         # the weights on AdamW's moments alone; skipped on every rank (n_global is reduced)
         empty = n_global == 0

@@ -75,6 +75,13 @@ def test_attention_fits_gpus_with_99_kb_of_shared_memory(tmp_path):
 def test_projector_kernels_compile_for_sm90_and_tma_variant_uses_tma(tmp_path):
     """The projector's first Hopper autotune config, GELU and dGELU epilogues: the pointer kernel with cp.async, the
     persistent one (LLAVA_FAST_PROJECTOR_KERNEL=tma) with TMA copies; wgmma and no spills for all four."""
+    import triton
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 4):
+        # measured with Triton 3.3.1 (torch 2.7): no tl.make_tensor_descriptor (the TMA variant falls back to the
+        # pointer kernel, test_projector.py), and the first config takes 256 KB of shared memory there (144 KB from
+        # 3.4 on): the autotuner drops it on a GPU and tunes the others
+        pytest.skip("the projector's first Hopper config and its TMA variant need Triton >= 3.4")
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/aot_check.py"), "--ops", "projector", "--max-configs",

@@ -155,7 +155,7 @@ def test_tma_kernel_on_triton_without_tensor_descriptors(monkeypatch, device):
     from llava_fast import _ext
     from llava_fast.ops import projector as P
 
-    monkeypatch.delattr(tl, "make_tensor_descriptor")
+    monkeypatch.delattr(tl, "make_tensor_descriptor", raising=False)   # Triton 3.3 has none
     monkeypatch.setattr(_ext, "_warned_once", set())
     monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", "tma")
     tried = []
@@ -196,8 +196,13 @@ def test_tma_persistent_kernel(dims, m, bias, act, dtype, kind, monkeypatch, dev
     """LLAVA_FAST_PROJECTOR_KERNEL=tma: the persistent kernel with TMA tensor-descriptor loads (K-major B in the
     forward GEMM, N-major B in the backward one), against HF; shapes whose rows are not 16-byte aligned fall back to
     the pointer kernel. ``tma_nested``: the same kernel without the flattened tile/K loop."""
+    import triton.language as tl
+
     from llava_fast.ops import projector as P
 
+    if not hasattr(tl, "make_tensor_descriptor"):
+        pytest.skip("this Triton has no tensor descriptors (3.4 and later have): the pointer kernel "
+                    "runs instead (test_tma_kernel_on_triton_without_tensor_descriptors)")
     monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", kind)
     layouts = []
     real = P._tma_layout
@@ -503,7 +508,8 @@ def test_two_per_sm_configs_only_for_large_m():
     large = P._prune_configs(cs, {"M_KEY": P._m_key(23040)})
     assert len(small) == len(cs) - len(two) and not any(getattr(c, "two_per_sm", False) for c in small)
     assert large == cs
-    assert P._prune_configs(P._configs((8, 0), False), {"M_KEY": 64}) == P._configs((8, 0), False)
+    ampere = P._configs((8, 0), False)
+    assert P._prune_configs(ampere, {"M_KEY": 64}) == ampere
 
 
 def test_bad_inputs_raise_value_error():

@@ -239,3 +239,65 @@ def test_ctrl_c_saves_with_the_default_of_no_periodic_checkpoints(assets, tmp_pa
         a.train()
     assert a.global_step == 1
     assert ckpt.latest_checkpoint(str(tmp_path / "a" / "checkpoints")).endswith("step_00000001")
+
+
+def test_resume_loads_optimizer_state_with_a_parameter_that_never_had_a_gradient(monkeypatch):
+    """torch 2.7-2.9's set_optimizer_state_dict raises KeyError for a trainable parameter with no saved state even
+    with strict=False (pytorch/pytorch#164257; every resume of a run training CLIP, whose post_layernorm LLaVA never
+    uses, failed so on torch 2.7). load_full_states hides such parameters from the optimizer during the load: here a
+    stand-in with torch 2.7's rule (any trainable parameter of the groups without saved state: KeyError) wraps the
+    installed function. After the load the groups hold every parameter in its place, the unused one has no state,
+    and the next step equals the uninterrupted run's."""
+    import copy
+
+    import torch.distributed.checkpoint.state_dict as dsd
+    import torch.nn as nn
+
+    from llava_fast.train import distributed
+
+    def make():
+        torch.manual_seed(0)
+        m = nn.ModuleDict(dict(a=nn.Linear(4, 4), unused=nn.LayerNorm(4), b=nn.Linear(4, 2)))
+        decay = [m["a"].weight, m["b"].weight]
+        opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.1),
+                                 dict(params=[m["a"].bias, m["unused"].weight, m["unused"].bias, m["b"].bias],
+                                      weight_decay=0.0)], lr=1e-2)
+        return m, opt
+
+    def step(m, opt, seed):
+        torch.manual_seed(seed)
+        m["b"](m["a"](torch.randn(3, 4))).square().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    m, opt = make()
+    step(m, opt, 1)
+    # copies, as a checkpoint on disk is (on the CPU the state dicts share the live tensors)
+    model_state = copy.deepcopy(distributed.full_model_state(m, False))
+    optim_state = copy.deepcopy(distributed.full_optim_state(m, opt, False))
+    assert "unused.weight" not in optim_state["state"] and "a.weight" in optim_state["state"]
+
+    real, seen = dsd.set_optimizer_state_dict, []
+
+    def torch27(model, optimizers, optim_state_dict, *, options=None):
+        names = {id(p): n for n, p in model.named_parameters()}
+        for g in optimizers.param_groups:
+            for p in g["params"]:
+                if p.requires_grad and names[id(p)] not in optim_state_dict["state"]:
+                    raise KeyError(names[id(p)])
+        seen.append([[names[id(p)] for p in g["params"]] for g in optimizers.param_groups])
+        return real(model, optimizers, optim_state_dict, options=options)
+    monkeypatch.setattr(dsd, "set_optimizer_state_dict", torch27)
+
+    m2, opt2 = make()
+    groups = [list(g["params"]) for g in opt2.param_groups]
+    distributed.load_full_states(m2, opt2, model_state, optim_state, False)
+    assert seen == [[["a.weight", "b.weight"], ["a.bias", "b.bias"]]]
+    assert [list(g["params"]) for g in opt2.param_groups] == groups and all(
+        x is y for g, h in zip(opt2.param_groups, groups) for x, y in zip(g["params"], h))
+    assert m2["unused"].weight not in opt2.state and len(opt2.state) == 4
+    assert [g["weight_decay"] for g in opt2.param_groups] == [0.1, 0.0]
+    step(m, opt, 2)
+    step(m2, opt2, 2)
+    for (n, p), q in zip(m.named_parameters(), m2.parameters()):
+        assert torch.equal(p, q), n
