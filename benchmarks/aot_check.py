@@ -255,7 +255,11 @@ def compile_launch(rec: Launch, arch: int, sass_dir: str = "") -> dict:
         else:
             raise TypeError(f"{rec.name}: argument {name} of type {type(a).__name__}")
     row = dict(kernel=rec.name, num_warps=rec.num_warps, num_stages=rec.num_stages,
-               blocks={k: v for k, v in rec.values.items() if k.startswith("BLOCK") and isinstance(v, int)})
+               blocks={k: v for k, v in rec.values.items() if k.startswith("BLOCK") and isinstance(v, int)},
+               # the other compile-time arguments: two launches of one kernel with one label differ there (GELU's
+               # backward with and without its output), and --compare must not pair one with the other
+               consts={p.name: rec.values[p.name] for p in jf.params if p.is_constexpr and p.name in rec.values
+                       and not p.name.startswith("BLOCK") and isinstance(rec.values[p.name], (bool, int, float, str))})
     t0 = time.time()
     target = GPUTarget("cuda", arch, 64 if arch >= 90 else 32)
     try:
@@ -562,7 +566,8 @@ def _fmt(row) -> str:
 def _key(row) -> str:
     if row.get("op", "attention") == "attention":
         return f"attention {row['kind']} D={row['head_dim']} {row['dtype']} causal={row['causal']} cfg={row['cfg']}"
-    return f"{row['op']} {row['kernel']} {row['label']} {row['blocks']} w{row['num_warps']} s{row['num_stages']}"
+    key = f"{row['op']} {row['kernel']} {row['label']} {row['blocks']} w{row['num_warps']} s{row['num_stages']}"
+    return key + (f" {row['consts']}" if row.get("consts") else "")   # rows saved before session 32 have none
 
 
 def main(argv=None) -> int:
