@@ -313,7 +313,7 @@ def direct_launch_check() -> list[str]:
 
     import triton
 
-    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    version = _ext.triton_version()
     if version < min(_ext._DIRECT_OPTION_KNOBS):   # off by design: check that it is
         mock_cuda_driver(record=True)
         _os.environ["LLAVA_FAST_DIRECT_LAUNCH"] = "1"
@@ -521,7 +521,7 @@ def main(argv=None):
 
         from llava_fast import _ext
 
-        older = tuple(int(v) for v in triton.__version__.split(".")[:2]) < min(_ext._DIRECT_OPTION_KNOBS)
+        older = _ext.triton_version() < min(_ext._DIRECT_OPTION_KNOBS)
         if older and not problems:
             print(f"direct launch: off on triton {triton.__version__}, older than the versions it mirrors (every "
                   f"launch takes Triton's own path)")

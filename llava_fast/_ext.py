@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 
 _C = None
 EXT_ERROR: str | None = None
@@ -184,6 +185,16 @@ def require_ext(op: str, cuda: bool = False):
         raise RuntimeError(f"llava_fast: `{op}` needs the CUDA build of llava_fast._C, but it was built without nvcc; "
                            f"{BUILD_HINT}")
     return _C
+
+
+def triton_version() -> tuple[int, int]:
+    """Triton's (major, minor), e.g. ``(3, 8)`` for "3.8.0" or "3.9.0+git1234"; ``(0, 0)`` where it does not import."""
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - not installed, or broken: callers compare versions only
+        return (0, 0)
+    major, minor = (re.match(r"\d*", part).group() or "0" for part in (triton.__version__.split(".") + ["0"])[:2])
+    return int(major), int(minor)
 
 
 def triton_usable() -> tuple[bool, str]:
@@ -446,13 +457,11 @@ def _direct_state():
         _DIRECT = False
         if getenv("LLAVA_FAST_DIRECT_LAUNCH", "1") != "0" and not interpreting():
             try:
-                import triton
                 from triton import knobs
                 from triton.runtime import driver
                 from triton.runtime.jit import JITFunction, compute_cache_key
 
-                version = tuple(int(v) for v in triton.__version__.split(".")[:2])
-                option_knobs = _DIRECT_OPTION_KNOBS.get(version)
+                option_knobs = _DIRECT_OPTION_KNOBS.get(triton_version())
                 if option_knobs is not None and isinstance(getattr(knobs.runtime, "launch_enter_hook", None),
                                                            knobs.HookChain):
                     _DIRECT = dict(jit=JITFunction, key=compute_cache_key, knobs=knobs, driver=driver.active,

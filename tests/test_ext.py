@@ -1,6 +1,7 @@
 """The optional compiled extension llava_fast._C: it imports, env() reports it, and without it every op still works
 through its Python/PyTorch path while CUDA-only entry points explain how to build it."""
 import importlib
+import sys
 
 import pytest
 import torch
@@ -320,6 +321,19 @@ def test_cuda_direct_launch_same_results_as_triton_path(monkeypatch):
     for a, b in zip(outs["0"], outs["1"]):
         assert torch.equal(a, b)
     assert rn._rms_norm_fwd_kernel.__dict__.get("_llava_fast_direct")
+
+
+def test_triton_version_reads_release_dev_and_local_versions(monkeypatch):
+    import triton
+
+    from llava_fast import _ext
+
+    for text, want in [("3.8.0", (3, 8)), ("3.9.0+git1a2b3c", (3, 9)), ("3.10.0.dev20261101", (3, 10)),
+                       ("3.11rc1", (3, 11)), ("4", (4, 0))]:
+        monkeypatch.setattr(triton, "__version__", text)
+        assert _ext.triton_version() == want, text
+    monkeypatch.setitem(sys.modules, "triton", None)   # import triton raises ImportError
+    assert _ext.triton_version() == (0, 0)
 
 
 def test_env_choice_values(monkeypatch):

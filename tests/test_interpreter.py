@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from llava_fast import _ext
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's patches only")
 
 triton = pytest.importorskip("triton")
@@ -44,7 +46,7 @@ def test_the_patches_are_in_place():
 
     assert getattr(interpreter._patch_lang, "_llava_fast_once", False)
     assert interpreter._get_np_dtype.__module__ == "conftest"
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) <= (3, 3):
+    if _ext.triton_version() <= (3, 3):
         return   # Triton 3.3 (torch 2.7) has no interpreter_semantic: its overflow check stays (slower, same results)
     assert interpreter.interpreter_semantic.binary_op_sanitize_overflow_impl.__module__ == "conftest"
 
@@ -60,7 +62,7 @@ def test_helpers_inside_a_launch_compute_as_before():
         out = torch.empty(7)
         _helpers_kernel[(7,)](x, out, n, BLOCK=16)
         torch.testing.assert_close(out, x.max(1).values + x.sum(1))
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) > (3, 3):   # 3.3 never unpatches (its behaviour)
+    if _ext.triton_version() > (3, 3):   # 3.3 never unpatches (its behaviour)
         assert tl.tensor.__add__ is builtin_before
 
 

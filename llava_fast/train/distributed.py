@@ -163,14 +163,13 @@ def _stateless_params_hidden(model, optim, optim_state: dict):
     saved = optim_state.get("state", {}) if isinstance(optim_state, dict) else {}
     if not saved or all(isinstance(k, int) for k in saved):      # empty, or keyed by index: nothing to match
         return contextlib.nullcontext()
-    with_state, names = set(), {}
+    with_state, in_model = set(), set()
     for name, p in model.named_parameters(remove_duplicate=False):
-        fqns = _get_fqns(model, name)
-        names.setdefault(id(p), name)
-        if any(f in saved for f in fqns):
+        in_model.add(id(p))
+        if any(f in saved for f in _get_fqns(model, name)):
             with_state.add(id(p))
     hide = {id(p) for g in optim.param_groups for p in g["params"]
-            if p.requires_grad and id(p) in names and id(p) not in with_state}
+            if p.requires_grad and id(p) in in_model and id(p) not in with_state}
     if not hide:
         return contextlib.nullcontext()
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from llava_fast import _ext
+
 ROOT = Path(__file__).resolve().parents[2]
 triton = pytest.importorskip("triton")
 
@@ -75,9 +77,7 @@ def test_attention_fits_gpus_with_99_kb_of_shared_memory(tmp_path):
 def test_projector_kernels_compile_for_sm90_and_tma_variant_uses_tma(tmp_path):
     """The projector's first Hopper autotune config, GELU and dGELU epilogues: the pointer kernel with cp.async, the
     persistent one (LLAVA_FAST_PROJECTOR_KERNEL=tma) with TMA copies; wgmma and no spills for all four."""
-    import triton
-
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 4):
+    if _ext.triton_version() < (3, 4):
         # measured with Triton 3.3.1 (torch 2.7): no tl.make_tensor_descriptor (the TMA variant falls back to the
         # pointer kernel, test_projector.py), and the first config takes 256 KB of shared memory there (144 KB from
         # 3.4 on): the autotuner drops it on a GPU and tunes the others
