@@ -24,10 +24,15 @@ from bench_rms_norm import activation_main, measure  # noqa: E402
 
 
 def main(argv=None):
-    from llava_fast.ops.gelu import gelu, gelu_ref
+    def load():
+        from llava_fast.ops.gelu import gelu, gelu_ref
+
+        return gelu, gelu_ref
 
     def recompute_and_bwd(rows, x, gy, shape, dtype, kw, warmup, rep):
         """act_linear's backward of the activation: ours in one launch, torch's gelu + gelu_backward in two."""
+        from llava_fast.ops.gelu import gelu_ref
+
         approx = kw["approximate"]
         nbytes = 4 * x.numel() * x.element_size()
         measure(rows, "gelu", "llava_fast", shape, dtype, "recompute+bwd",
@@ -37,7 +42,7 @@ def main(argv=None):
                 nbytes, warmup, rep)
 
     shapes = [(t, 4304, "tanh", {"approximate": "tanh"}) for t in (7290, 29160)]
-    return activation_main("gelu", shapes, gelu, gelu_ref, extra=recompute_and_bwd, argv=argv)
+    return activation_main("gelu", shapes, load, extra=recompute_and_bwd, argv=argv)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,12 @@ from bench_rms_norm import activation_main  # noqa: E402
 
 
 def main(argv=None):
-    from llava_fast.ops.quick_gelu import quick_gelu, quick_gelu_ref
+    def load():
+        from llava_fast.ops.quick_gelu import quick_gelu, quick_gelu_ref
 
-    return activation_main("quick_gelu", [(16 * 577, 4096, "", {}), (40 * 577, 4096, "", {})], quick_gelu,
-                           quick_gelu_ref, argv=argv)
+        return quick_gelu, quick_gelu_ref
+
+    return activation_main("quick_gelu", [(16 * 577, 4096, "", {}), (40 * 577, 4096, "", {})], load, argv=argv)
 
 
 if __name__ == "__main__":

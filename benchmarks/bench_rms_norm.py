@@ -129,8 +129,10 @@ def op_bench_setup(name: str, argv=None, quick_help: str = "fewer repetitions, n
                            with_compile=not args.quick or args.compile, rows=rows, copy_gbps=copy_gbps)
 
 
-def activation_main(name: str, shapes, ours, ref, extra=None, argv=None) -> int:
-    """The command line of the one-input activation benches (bench_quick_gelu.py, bench_gelu.py): for each shape
+def activation_main(name: str, shapes, load, extra=None, argv=None) -> int:
+    """The command line of the one-input activation benches (bench_quick_gelu.py, bench_gelu.py): ``load()`` returns
+    ``(ours, ref)``, imported after the set-up (``--smoke`` must turn the Triton interpreter on before a kernel is
+    defined: imported earlier, every kernel row of a smoke run from a shell failed "0 active drivers"); for each shape
     ``(tokens, width, label, kwargs)`` the providers ``llava_fast`` (``ours(x, **kwargs)``), ``hf`` (``ref``) and
     ``compile`` (``torch.compile`` of ``ref``; not in ``--quick`` unless ``--compile``), fwd / bwd / fwd+bwd in GB/s
     (bytes 2 T I b and 3 T I b), our backward kernel alone (``torch.ops.llava_fast.<name>_bwd``), and
@@ -140,6 +142,7 @@ def activation_main(name: str, shapes, ours, ref, extra=None, argv=None) -> int:
         return 0
     args, dev, dtype, warmup, rep, with_compile, rows, copy_gbps = (b.args, b.dev, b.dtype, b.warmup, b.rep,
                                                                     b.with_compile, b.rows, b.copy_gbps)
+    ours, ref = load()
     if args.smoke:
         shapes = [(8, 100, shapes[0][2], shapes[0][3])]
     compiled = torch.compile(ref, dynamic=False) if dev == "cuda" and with_compile else ref
@@ -214,36 +217,40 @@ def main():
                 w = hf.weight
                 gy = randn(m, n, device=dev, dtype=dtype)
                 gs = randn(m, n, device=dev, dtype=dtype)
-                compiled = torch.compile(lambda x: hf(x), dynamic=False) if dev == "cuda" and with_compile \
-                    else (lambda x: hf(x))
+                call = torch.func.functional_call
 
-                def hf_fused(x, r):
+                # Every provider takes the weight it is given (the modules through functional_call), and the
+                # backward asks for dweight too: the fwd+bwd rows differentiate fresh copies of x, r and w
+                # (_grad_fn), which a module's own weight would leave unused (every baseline's fwd+bwd row failed
+                # "not used in the graph" from session 14 to 33; the bwd rows, on the originals, were measured).
+                def hf_plain(x, w):
+                    return call(hf, {"weight": w}, (x,))
+
+                def hf_fused(x, r, w):
                     s = r + x
-                    return hf(s), s
+                    return call(hf, {"weight": w}, (s,)), s
 
+                compiled = torch.compile(hf_plain, dynamic=False) if dev == "cuda" and with_compile else hf_plain
                 compiled_fused = torch.compile(hf_fused, dynamic=False) if dev == "cuda" and with_compile else hf_fused
-                # every provider uses the same weight parameter `w`, and the backward asks for dweight too
                 plain = {
                     "llava_fast": lambda x, w: (rms_norm(x, w, eps),),
-                    "hf": lambda x, w: (hf(x),),
-                    "compile": lambda x, w: (compiled(x),),
+                    "hf": lambda x, w: (hf_plain(x, w),),
+                    "compile": lambda x, w: (compiled(x, w),),
                 }
                 fused = {
                     "llava_fast": lambda x, r, w: rms_norm(x, w, eps, residual=r),
-                    "hf": lambda x, r, w: hf_fused(x, r),
-                    "compile": lambda x, r, w: compiled_fused(x, r),
+                    "hf": hf_fused,
+                    "compile": compiled_fused,
                 }
                 if not with_compile:  # Inductor compiles take tens of seconds per shape: --quick skips them
                     del plain["compile"], fused["compile"]
                 if LigerRMSNorm is not None:
                     lg = LigerRMSNorm(n, eps=eps).to(dev, dtype)
-                    lg.weight = w
-                    plain["liger"] = lambda x, w: (lg(x),)
+                    plain["liger"] = lambda x, w: (call(lg, {"weight": w}, (x,)),)
                 if LigerFusedAddRMSNorm is not None:
                     try:
                         lgf = LigerFusedAddRMSNorm(n, eps=eps).to(dev, dtype)
-                        lgf.weight = w
-                        fused["liger"] = lambda x, r, w: tuple(lgf(x, r))
+                        fused["liger"] = lambda x, r, w: tuple(call(lgf, {"weight": w}, (x, r)))
                     except Exception:
                         pass
                 for variant, providers, inputs, gouts, nb_f, nb_b in (
