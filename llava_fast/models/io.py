@@ -1,8 +1,10 @@
 """Checkpoint IO in the llava-hf folder layout: config.json + safetensors (sharded with an index), never pickle.
 
-Loading accepts the three key layouts found in the wild (reference-spec.md 4.1-4.2): the llava-hf files on the Hub
+Loading accepts the four key layouts found in the wild (reference-spec.md 4.1-4.2): the llava-hf files on the Hub
 (``language_model.model.*``, ``vision_tower.vision_model.*``), transformers 4.52-4.x runtime names
-(``model.vision_tower.vision_model.*``) and transformers 5.x runtime names (``model.vision_tower.*``). Saving writes the
+(``model.vision_tower.vision_model.*``), transformers 5.x runtime names (``model.vision_tower.*``), and what
+``save_pretrained`` of transformers 5.4.0-5.5.4 writes (``model.language_model.model.*``,
+``model.vision_tower.vision_model.*``, ``language_model.lm_head.*``; later transformers load it too). Saving writes the
 llava-hf file layout of the Hub (``vision_tower.vision_model.*``, which transformers 4.x and 5.x load; transformers 5.24
 itself writes ``vision_tower.encoder.*``) into a temporary folder that replaces the target only once
 complete, so a crash never leaves a half-written checkpoint.
@@ -29,7 +31,7 @@ _IGNORED_SUFFIXES = ("position_ids",)  # derivable buffers some old checkpoints 
 
 
 def to_runtime_key(key: str) -> str:
-    """Any of the three layouts -> ours (transformers 5.x runtime names)."""
+    """Any of the four layouts -> ours (transformers 5.x runtime names)."""
     if key.startswith("language_model.lm_head."):
         key = "lm_head." + key[len("language_model.lm_head."):]
     elif key.startswith("language_model.model."):
@@ -38,6 +40,8 @@ def to_runtime_key(key: str) -> str:
         key = "model." + key
     if key.startswith("model.vision_tower.vision_model."):
         key = "model.vision_tower." + key[len("model.vision_tower.vision_model."):]
+    elif key.startswith("model.language_model.model."):   # transformers 5.4-5.5's save_pretrained
+        key = "model.language_model." + key[len("model.language_model.model."):]
     return key
 
 

@@ -26,17 +26,38 @@ def _rewrite(src, dst, keymap):
     save_file({keymap(k): v for k, v in sd.items()}, str(dst / "model.safetensors"))
 
 
-@pytest.mark.parametrize("layout", ["hub", "runtime_4_52", "runtime_5"])
-def test_three_key_layouts_load_the_same(next_ckpt, tmp_path, layout):
+def _saved_by_transformers_5_4(key: str) -> str:
+    """What save_pretrained of transformers 5.4.0-5.5.4 writes for a LLaVA / NeXT / OneVision key (read off files it
+    saved, session 33; transformers 5.24 loads them): the runtime names with ``model.language_model.model.*``,
+    ``model.vision_tower.vision_model.*`` and ``language_model.lm_head.*``."""
+    k = to_runtime_key(key)
+    if k.startswith("lm_head."):
+        return "language_model." + k
+    if k.startswith("model.language_model."):
+        return "model.language_model.model." + k[len("model.language_model."):]
+    if k.startswith("model.vision_tower."):
+        return "model.vision_tower.vision_model." + k[len("model.vision_tower."):]
+    return k
+
+
+@pytest.mark.parametrize("layout", ["hub", "runtime_4_52", "runtime_5", "saved_by_5_4"])
+def test_four_key_layouts_load_the_same(next_ckpt, tmp_path, layout):
+    """Every key layout found in the wild loads to the same weights (a checkpoint saved by transformers 5.4-5.5 was
+    refused until session 33: "missing tensors ... unexpected tensors model.language_model.model.*")."""
     _, path = next_ckpt
     ref = llava_fast.from_pretrained(path)
     if layout == "hub":
         keymap = lambda k: k  # noqa: E731  (transformers 5 writes the hub layout)
     elif layout == "runtime_5":
         keymap = to_runtime_key
+    elif layout == "saved_by_5_4":
+        keymap = _saved_by_transformers_5_4
     else:
         keymap = lambda k: to_runtime_key(k).replace("model.vision_tower.", "model.vision_tower.vision_model.")  # noqa
     _rewrite(path, tmp_path / layout, keymap)
+    if layout == "saved_by_5_4":
+        assert any(k.startswith("model.language_model.model.") for k in load_file(str(tmp_path / layout /
+                                                                                       "model.safetensors")))
     m = llava_fast.from_pretrained(tmp_path / layout)
     for (k, a), (_, b) in zip(ref.state_dict().items(), m.state_dict().items()):
         assert torch.equal(a, b), k
