@@ -175,7 +175,10 @@ def _llama3_tokenizer(folder: str | None) -> bool:
         from transformers import AutoTokenizer
 
         return is_llama3_tokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
-    except (OSError, ValueError, TypeError):  # no folder or tokenizer: the run's own checks name it
+    # no folder or tokenizer: the run's own checks name it; ImportError: transformers 5.0 tries a slow tokenizer's
+    # conversion when the folder has none and asks for protobuf (or one needs sentencepiece): not a Llama 3 tokenizer,
+    # and the run loads the tokenizer itself later, with its own error
+    except (OSError, ValueError, TypeError, ImportError):
         return False
 
 

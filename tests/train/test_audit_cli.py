@@ -145,6 +145,18 @@ def test_cli_checks_paths_before_loading_the_model(tmp_path, monkeypatch, capsys
     assert "model.projector" in err and "mm_projector.bin: no such file or folder" in err
     assert "--images" in err and "noimg: no such folder" in err
     assert "checkpoint.resume=false: no such checkpoint folder" in err
+    # transformers 5.0 asks for protobuf when a folder has no tokenizer: the template probe must not stop the run
+    # there (it printed "requires the protobuf library" instead of the paths above)
+    import transformers
+
+    def no_protobuf(*a, **k):
+        raise ImportError("requires the protobuf library but it was not found in your environment")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_protobuf)
+    rc = main(["train", "--recipe", "stage2", "--model", model, "--data", str(tmp_path / "nope.json"),
+               "--images", str(tmp_path / "noimg")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--data" in err and "nope.json: no such file" in err and "protobuf" not in err, err
     bad = _folder(tmp_path / "bad", "{oops")
     with pytest.raises(SystemExit, match="config.json is not a valid JSON object"):
         main(["train", "--recipe", "stage2", "--model", bad, "--data", str(tmp_path / "nope.json")])
