@@ -13,7 +13,8 @@ Environment flags:
   CMAKE_ARGS                     extra arguments passed to CMake
 
 Without nvcc the C++ sources are built with the host compiler alone. The module never links libtorch. The source
-distribution carries CMakeLists.txt and csrc/ through MANIFEST.in.
+distribution carries CMakeLists.txt and csrc/ through MANIFEST.in. The benchmark scripts of ``benchmarks/`` ship as
+``llava_fast.benchmarks`` (``llava-fast bench`` runs them from an installed package); ``benchmarks/results`` does not.
 """
 import os
 import shutil
@@ -21,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -165,4 +166,9 @@ class CMakeBuild(build_ext):
         if lib.exists() and (getattr(self, "editable_mode", False) or self.inplace):
             shutil.copy2(lib, ROOT / "llava_fast" / lib.name)
 
-setup(ext_modules=[CMakeExtension("llava_fast._C")], cmdclass={"build_ext": CMakeBuild})
+# Every llava_fast package, and the repository's benchmarks/ mapped to llava_fast.benchmarks (scripts only).
+PACKAGES = find_packages(include=["llava_fast", "llava_fast.*"]) + ["llava_fast.benchmarks"]
+PACKAGE_DIR = {"llava_fast.benchmarks": "benchmarks"}
+
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=[CMakeExtension("llava_fast._C")],
+      cmdclass={"build_ext": CMakeBuild})

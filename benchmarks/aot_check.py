@@ -38,7 +38,7 @@ import torch
 import triton
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if (ROOT / "llava_fast").is_dir() and str(ROOT) not in sys.path:   # a checkout (installed: llava_fast imports)
     sys.path.insert(0, str(ROOT))
 
 # bytes of shared memory per block (the opt-in maximum) by target

@@ -111,7 +111,8 @@ def _env_of(variant: str) -> dict:
 
 
 def _run(variant: str, d: int, do_time: bool, timeout: float) -> dict:
-    env = dict(os.environ, **_env_of(variant), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = ([str(ROOT)] if (ROOT / "llava_fast").is_dir() else []) + [os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, **_env_of(variant), PYTHONPATH=os.pathsep.join(path))
     cmd = [sys.executable, __file__, "--child", str(d)] + (["--time", do_time] if do_time else [])
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -717,7 +717,7 @@ def decide(folder: str) -> list[tuple]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    src = argv[0] if argv else str(ROOT / "benchmarks" / "results")
+    src = argv[0] if argv else os.environ.get("LLAVA_FAST_RESULTS_DIR") or str(ROOT / "benchmarks" / "results")
     with tempfile.TemporaryDirectory() as tmp:
         folder = src
         if src.endswith((".tgz", ".tar.gz")):

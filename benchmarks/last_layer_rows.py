@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if (ROOT / "llava_fast").is_dir() and str(ROOT) not in sys.path:   # a checkout (installed: llava_fast imports)
     sys.path.insert(0, str(ROOT))
 
 

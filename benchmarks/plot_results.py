@@ -7,13 +7,15 @@ Writes <RESULTS_DIR>/<table>-<gpu>.png: one group of bars per workload, throughp
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    res = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results"
+    res = Path(argv[0] if argv else os.environ.get("LLAVA_FAST_RESULTS_DIR")
+               or Path(__file__).resolve().parent / "results")
     files = []
     for pattern in ("bench_model_full-*.json", "bench_model-*.json"):
         files = [f for f in sorted(res.glob(pattern), key=lambda p: p.name.rsplit("-", 2)[-2:])

@@ -1,5 +1,5 @@
-"""The ``llava-fast`` command: ``env``, ``demo``, ``train``, ``train-original``, ``export``, ``chat``, ``predict`` and
-``convert``."""
+"""The ``llava-fast`` command: ``env``, ``demo``, ``train``, ``train-original``, ``export``, ``chat``, ``predict``,
+``convert`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     s.add_argument("--adapter", action="store_true", help="a LoRA run: keep the adapters unmerged, as a peft adapter "
                    "in OUT/adapter over the base model in OUT (default: merged into the weights)")
     s.set_defaults(fn=_cmd_export)
+    s = sub.add_parser("bench", help="run a benchmark against its baselines (no NAME: list them)", add_help=False)
+    s.set_defaults(fn=None)
     s = sub.add_parser("train-original", help="train with the original LLaVA code's train_mem.py flags (finetune.sh)",
                        add_help=False)
     s.set_defaults(fn=None)
@@ -127,6 +129,13 @@ def main(argv=None) -> int:
             print(ORIGINAL_HELP)
             return 0
         return _guarded("train-original", lambda: run_train_original(argv[1:]))
+    if argv[:1] == ["bench"]:
+        from llava_fast import bench
+
+        if len(argv) == 1 or argv[1] in ("-h", "--help", "--list"):
+            print(bench.format_list())
+            return 0 if bench.bench_dir() is not None else 2
+        return _guarded("bench", lambda: bench.run(argv[1], argv[2:]))
     args = p.parse_args(argv)
     return _guarded(args.cmd, lambda: args.fn(args))
 

@@ -698,3 +698,56 @@ def test_extension_is_built_where_a_compiler_exists():
     assert _ext.HAS_EXT, f"llava_fast._C was not built ({_ext.EXT_ERROR}); {fix}"
     if setup["_find_nvcc"]() and not setup["_truthy"]("LLAVA_FAST_FORCE_CPU_ONLY"):
         assert _ext.HAS_CUDA_EXT, f"llava_fast._C was built without its CUDA sources though nvcc is here; {fix}"
+
+
+def test_benchmarks_ship_in_the_package(monkeypatch):
+    """The wheel carries benchmarks/ as llava_fast.benchmarks (``llava-fast bench`` runs them after a ``pip install``:
+    before, only a clone could run them) and, as before, every llava_fast package."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)                    # setuptools builds from the project root; find_packages looks there
+    setup = _setup_namespace()
+    assert setup["PACKAGE_DIR"] == {"llava_fast.benchmarks": "benchmarks"}
+    assert "llava_fast.benchmarks" in setup["PACKAGES"]
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "llava_fast").rglob("__init__.py")}
+    assert on_disk and on_disk <= set(setup["PACKAGES"]), on_disk - set(setup["PACKAGES"])
+
+
+def test_bench_command_lists_and_runs_the_benchmarks(capsys):
+    from llava_fast import bench, cli
+
+    assert bench.bench_dir() == Path(__file__).resolve().parents[1] / "benchmarks"
+    assert cli.main(["bench"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("model", "attention", "projector", "anyres", "cross_entropy", "targets", "decide"):
+        assert re.search(rf"^  {name} +\S", listed, re.M), (name, listed)
+    assert "bench_utils" not in listed and "utils" not in listed.split()
+    assert cli.main(["bench", "targets"]) == 0      # arithmetic only: the table of what each target requires
+    out = capsys.readouterr().out
+    assert "stage1" in out and "ov_ft" in out
+    assert cli.main(["bench", "no_such_bench"]) == 2
+    err = capsys.readouterr().err
+    assert "no benchmark named 'no_such_bench'" in err and "model" in err
+
+
+def test_bench_results_go_to_the_working_directory_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    """From an installed package the results go to ./llava_fast_results (or LLAVA_FAST_RESULTS_DIR), not into
+    site-packages; arguments and the exit status pass through; the caller's environment is left as it was."""
+    from llava_fast import bench
+
+    installed = tmp_path / "site-packages" / "llava_fast" / "benchmarks"
+    installed.mkdir(parents=True)
+    (installed / "bench_utils.py").write_text("")
+    (installed / "bench_probe.py").write_text(
+        '"""Probe."""\nimport os, sys\nprint("OUT", os.environ.get("LLAVA_FAST_RESULTS_DIR"), sys.argv[1:])\n'
+        'sys.exit(3)\n')
+    monkeypatch.setattr(bench, "bench_dir", lambda: installed)
+    monkeypatch.delenv("LLAVA_FAST_RESULTS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert not bench.in_checkout(installed)
+    assert bench.run("probe", ["--quick"]) == 3
+    out = capsys.readouterr()
+    assert f"OUT {tmp_path / 'llava_fast_results'} ['--quick']" in out.out and "results go to" in out.err
+    assert "LLAVA_FAST_RESULTS_DIR" not in os.environ
+    monkeypatch.setenv("LLAVA_FAST_RESULTS_DIR", str(tmp_path / "mine"))
+    assert bench.run("bench_probe", []) == 3
+    assert f"OUT {tmp_path / 'mine'} []" in capsys.readouterr().out
