@@ -20,8 +20,8 @@ _HIDDEN = {"bench_utils", "test_model_speed"}
 
 
 def bench_dir() -> Path | None:
-    """The folder of the benchmark scripts: the installed ``llava_fast/benchmarks`` (or, in an editable install, the
-    checkout's ``benchmarks/`` that it maps to), else the ``benchmarks/`` next to a source tree's ``llava_fast``."""
+    """The folder of the benchmark scripts: the installed ``llava_fast/benchmarks``, else the ``benchmarks/`` next to a
+    source tree's ``llava_fast`` (an editable install: its import finder does not map the nested package)."""
     import importlib.util
 
     try:
@@ -89,9 +89,8 @@ def run(name: str, args: list[str]) -> int:
     if d is None:
         raise FileNotFoundError(format_list(None))
     found = benchmarks(d)
-    script = found.get(name) or found.get(name[len("bench_"):] if name.startswith("bench_") else "")
-    if script is None:
-        script = found.get(Path(name).stem)
+    stem = Path(name).stem                    # "model", "bench_model" and "bench_model.py" name one script
+    script = found.get(stem[len("bench_"):] if stem.startswith("bench_") else stem)
     if script is None:
         raise ValueError(f"no benchmark named {name!r}; choose one of: {', '.join(found)} "
                          "(llava-fast bench lists them with what each measures)")
