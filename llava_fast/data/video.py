@@ -16,6 +16,11 @@ Here PyAV (``pip install av``: its wheels bundle FFmpeg) does the reading:
   (missing or repeated, or a seek that lands elsewhere) the whole video is decoded in order instead, which gives the
   same frames.
 
+Frames are converted to RGB by a single-threaded ``VideoReformatter`` of this process's own. PyAV 19 scales with
+threads by default, through one reformatter shared by every frame; a DataLoader worker forked after the parent had
+converted a frame inherited that reformatter's thread pool without its threads and hung forever at its next frame
+(``avpriv_slicethread_free``; found on Python 3.12, whose pip gets PyAV 19).
+
 Errors are :class:`~llava_fast.data.templates.SampleError` naming the file (``bad_video`` when probing,
 ``decode_error`` when reading), so the dataset counts and drops the sample; a missing PyAV is an ``ImportError`` that
 says how to install it.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,8 +201,30 @@ def _decode_seeking(container, stream, packets, idx, each=None):
     return out
 
 
+_REFORMATTER = None            # (pid, VideoReformatter): this process's own, see the module docstring
+_THREADS = {"threads": 1}      # {} with a PyAV whose reformat takes no thread count (single-threaded there)
+
+
+def _reformatter():
+    global _REFORMATTER
+    if _REFORMATTER is None or _REFORMATTER[0] != os.getpid():   # a forked child makes its own
+        from av.video.reformatter import VideoReformatter
+
+        _REFORMATTER = (os.getpid(), VideoReformatter())
+    return _REFORMATTER[1]
+
+
 def _frame(f, each):
-    a = f.to_ndarray(format="rgb24")
+    global _THREADS
+    r = _reformatter()
+    try:
+        rgb = r.reformat(f, format="rgb24", **_THREADS)
+    except TypeError:
+        if not _THREADS:
+            raise
+        _THREADS = {}
+        rgb = r.reformat(f, format="rgb24")
+    a = rgb.to_ndarray()
     return a if each is None else each(a)
 
 

@@ -95,6 +95,48 @@ def test_seeking_decodes_only_the_gops_it_needs(tmp_path, monkeypatch):
     assert len(decoded) <= 1 + 10 + 4, len(decoded)  # frame 0, then the last GOP (plus the decoder's look-ahead)
 
 
+def _read_in_forked_child(path, frames_upbound):
+    """read_video in a forked process (as a DataLoader worker runs it); its frames, or None when it did not finish in
+    60 s (it is killed then)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=lambda: q.put(video.read_video(path, frames_upbound=frames_upbound)))
+    p.start()
+    try:
+        return q.get(timeout=60)
+    except Exception:  # noqa: BLE001 - queue.Empty: the child hung
+        return None
+    finally:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork: Linux and macOS")
+def test_forked_worker_converts_frames_after_the_parent_did(videos):
+    """PyAV 19 converts frames with threads by default, through one reformatter shared by every frame: a DataLoader
+    worker forked after the parent had converted a frame inherited it without its threads and hung forever
+    (OneVision training on video with num_workers > 0 on Python 3.12). read_video converts with a single-threaded
+    reformatter of its process's own. The parent here converts with threads first, as PyAV 19 does by default."""
+    path = videos["mp4"]
+    with av.open(path) as c:
+        f = next(iter(c.decode(c.streams.video[0])))
+        try:
+            f.to_ndarray(format="rgb24", threads=0)    # the shared reformatter, with a thread pool
+        except TypeError:   # a PyAV without the thread option
+            f.to_ndarray(format="rgb24")
+    want = video.read_video(path, frames_upbound=4)
+    got = _read_in_forked_child(path, 4)
+    assert got is not None, "read_video hung in a forked child"
+    np.testing.assert_array_equal(got, want)
+    # the reformatter is this process's own, single-threaded where PyAV takes a thread count
+    assert video._REFORMATTER is not None and video._REFORMATTER[0] == __import__("os").getpid()
+    assert video._THREADS in ({"threads": 1}, {})
+
+
 def test_bad_video_files_name_the_file(tmp_path, videos):
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"\x00not a video" * 100)
