@@ -376,10 +376,18 @@ class Trainer:
         # its own generator (worker seeds): a DataLoader would otherwise draw from the global RNG at each iter(),
         # and a run resumed mid-epoch (one more iter() than the uninterrupted run) would continue another stream
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.sampler.epoch)
+        # Workers forked on Linux, whatever the default: Python 3.14 made forkserver the default there, which pickles
+        # the dataset (its whole index), sampler and collate for every worker at every epoch, and the collate is not
+        # picklable (the run stopped at its first batch: "Can't pickle local object"). Elsewhere: Python's default.
+        ctx = None
+        if self.cfg.data.num_workers > 0 and sys.platform.startswith("linux"):
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("fork")
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collate,
                                            num_workers=self.cfg.data.num_workers,
                                            pin_memory=self.dist.device.type == "cuda",
-                                           persistent_workers=False, generator=g)
+                                           persistent_workers=False, generator=g, multiprocessing_context=ctx)
 
     def _flops_setup(self):
         m = self.model

@@ -14,7 +14,19 @@ from utils import tiny_onevision, write_video
 pytest.importorskip("av")
 
 
-def test_onevision_trains_on_video_files(tmp_path):
+@pytest.mark.parametrize("start_method", [None, "forkserver"])
+def test_onevision_trains_on_video_files(tmp_path, monkeypatch, start_method):
+    """``forkserver``: Python 3.14's default start method on Linux. The DataLoader's workers are forked there too (it
+    pickled the collate for each worker and stopped at the first batch: "Can't pickle local object")."""
+    if start_method is not None:
+        import multiprocessing
+        import sys
+
+        if not sys.platform.startswith("linux"):
+            pytest.skip("the workers are forked on Linux only")
+        monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: start_method)
+        monkeypatch.setattr(multiprocessing.context._default_context, "_actual_context",
+                            multiprocessing.get_context(start_method))
     model = tiny_onevision(tmp_path / "model")
     media = tmp_path / "media"
     media.mkdir()
