@@ -115,7 +115,7 @@ def _read_in_forked_child(path, frames_upbound):
             p.join()
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork: Linux and macOS")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork: Linux and macOS")
 def test_forked_worker_converts_frames_after_the_parent_did(videos):
     """PyAV 19 converts frames with threads by default, through one reformatter shared by every frame: a DataLoader
     worker forked after the parent had converted a frame inherited it without its threads and hung forever
@@ -133,7 +133,7 @@ def test_forked_worker_converts_frames_after_the_parent_did(videos):
     assert got is not None, "read_video hung in a forked child"
     np.testing.assert_array_equal(got, want)
     # the reformatter is this process's own, single-threaded where PyAV takes a thread count
-    assert video._REFORMATTER is not None and video._REFORMATTER[0] == __import__("os").getpid()
+    assert video._REFORMATTER is not None and video._REFORMATTER[0] == os.getpid()
     assert video._THREADS in ({"threads": 1}, {})
 
 
