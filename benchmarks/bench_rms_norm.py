@@ -223,6 +223,8 @@ def main():
                 # backward asks for dweight too: the fwd+bwd rows differentiate fresh copies of x, r and w
                 # (_grad_fn), which a module's own weight would leave unused (every baseline's fwd+bwd row failed
                 # "not used in the graph" from session 14 to 33; the bwd rows, on the originals, were measured).
+                # functional_call's own host time is outside the CUDA-graph replays these rows are timed by; an
+                # eager-timed row (after a failed capture) carries it, and says so in its timing column.
                 def hf_plain(x, w):
                     return call(hf, {"weight": w}, (x,))
 

@@ -720,7 +720,8 @@ class Trainer:
         # tiny model) out of the garbage collector's sight for the run: its full collections, which Python starts on
         # its own now and then, took 0.4-0.6 s each on the dev CPU, the host stalled mid-step and the GPU idle; with
         # them frozen one takes ~0.1 ms (session 29). Also fewer copied pages in the DataLoader's forked workers
-        # (a caller's own frozen objects stay frozen after the run; the interpreter's own, on 3.12, are unfrozen too)
+        # (objects a caller froze after this module's import stay frozen after the run; those frozen before it,
+        # the interpreter's own on 3.12 among them, are unfrozen with the run's)
         unfreeze = gc.get_freeze_count() <= _FROZEN_AT_IMPORT
         gc.collect()
         gc.freeze()
