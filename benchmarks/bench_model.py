@@ -10,7 +10,13 @@ side by side in one run, on the three workloads of performance-anchors.md (rando
            reported). Throughput counts real tokens only.
 
 Providers: llava_fast, hf_eager, hf_sdpa, hf_sdpa_liger (Liger's RoPE, RMSNorm and SwiGLU in the language model);
-hf_sdpa_liger_flce (stage 1 only: Liger's LLaVA-1.5 patch, which adds its fused linear cross-entropy); and
+hf_sdpa_liger_flce (stage 1 only: Liger's LLaVA-1.5 patch, which adds its fused linear cross-entropy);
+hf_sdpa_patched: the transformers model with ``llava_fast.patch_hf`` (our RMSNorm, SwiGLU, attention and projector in
+place, as users apply Liger; not in the default list); in the mixed run hf_sdpa_packed and hf_sdpa_patched_packed
+(not in the default list): transformers sdpa, unpatched and patched, fed the same bin-packed rows as ours in
+transformers' padding-free format (position ids restarting at each sample, no attention mask, ``use_cache=False``,
+as DataCollatorWithFlattening gives them): unpatched, SDPA runs every row with transformers' block-causal mask (all
+of its L x L work); patched, our varlen kernel runs the documents (patching.py, session 34); and
 llava_fast_sdpa_text (an experiment, not in the default
 list; OneVision and the mixed run): llava_fast with LLAVA_FAST_TEXT_ATTENTION=sdpa, the language model's attention
 through SDPA (packed sequences as a right-padded batch; cuDNN first without autograd, flash in training since
@@ -264,7 +270,11 @@ def build(provider, name, cfg, device):
         cfg._attn_implementation = "eager" if provider == "hf_eager" else "sdpa"
         with torch.device(device):
             m = cls(cfg).to(dtype)
-        if provider == "hf_sdpa_liger":
+        if provider.startswith("hf_sdpa_patched"):
+            from llava_fast import patch_hf
+
+            patch_hf(m)
+        elif provider == "hf_sdpa_liger":
             import liger_kernel.transformers as lk
 
             fn = lk.apply_liger_kernel_to_qwen2 if cfg.model_type == "llava_onevision" else lk.apply_liger_kernel_to_llama
@@ -407,9 +417,20 @@ def mixed_samples(cfg, n=32, seed=0, tiny=False):
         ids = torch.cat([text[:4], torch.full((n_img,), cfg.image_token_id), text[4:]])
         labels = ids.clone()
         labels[: 4 + n_img + q - 4] = -100            # supervise the answer only
-        samples.append(dict(ids=ids, labels=labels, size=size,
+        samples.append(dict(ids=ids, labels=labels, size=size, seed=i,
                             tiles=num_tiles(size, cfg.image_grid_pinpoints, t) if has_img else 0))
     return samples
+
+
+def _mixed_pixels(imgs, t, device, dtype, padded: bool):
+    """The tiles of samples ``imgs``, each sample's its own (from its seed: every provider and batching sees the same
+    pictures): ours flat (tiles, 3, t, t); transformers' (images, most tiles, 3, t, t) with zero tiles after each
+    image's own (``padded``)."""
+    own = [torch.randn(s["tiles"], 3, t, t, generator=torch.Generator().manual_seed(1000 + s["seed"])) for s in imgs]
+    if padded:
+        most = max(s["tiles"] for s in imgs)
+        own = [torch.cat([x, x.new_zeros(most - len(x), 3, t, t)])[None] for x in own]
+    return torch.cat(own).to(device, dtype)
 
 
 def mixed_batches(provider, cfg, samples, device, dtype, batch=8, max_tokens=8192):
@@ -417,10 +438,9 @@ def mixed_batches(provider, cfg, samples, device, dtype, batch=8, max_tokens=819
     from llava_fast.data.packing import pack_lengths
 
     t = cfg.vision_config.image_size
-    g = torch.Generator().manual_seed(1)
     lengths = [len(s["ids"]) for s in samples]
     out = []
-    if provider.startswith("llava_fast"):
+    if provider.startswith("llava_fast") or provider.endswith("_packed"):
         packs = pack_lengths(lengths, max_tokens)
         for p in packs:
             ss = [samples[i] for i in p]
@@ -429,10 +449,17 @@ def mixed_batches(provider, cfg, samples, device, dtype, batch=8, max_tokens=819
             cu = torch.tensor([0] + torch.tensor([len(s["ids"]) for s in ss]).cumsum(0).tolist(), dtype=torch.int32)
             pos = torch.cat([torch.arange(len(s["ids"])) for s in ss])[None].to(device)
             imgs = [s for s in ss if s["size"]]
+            if not provider.startswith("llava_fast"):  # transformers' padding-free format (no cu_seqlens argument)
+                kw = dict(input_ids=ids, labels=labels, position_ids=pos, use_cache=False)
+                if imgs:
+                    kw["pixel_values"] = _mixed_pixels(imgs, t, device, dtype, padded=True)
+                    kw["image_sizes"] = torch.tensor([s["size"] for s in imgs], device=device)
+                out.append(kw)
+                continue
             kw = dict(input_ids=ids, labels=labels, cu_seqlens=cu.to(device), position_ids=pos,
                       max_seqlen=max(len(s["ids"]) for s in ss), logits=False)
             if imgs:
-                kw["pixel_values"] = torch.randn(sum(s["tiles"] for s in imgs), 3, t, t, generator=g).to(device, dtype)
+                kw["pixel_values"] = _mixed_pixels(imgs, t, device, dtype, padded=False)
                 kw["image_sizes"] = torch.tensor([s["size"] for s in imgs])
             # the CPU copies, as the trainer passes its batch (no host synchronisation in the step)
             kw["host_inputs"] = {k: kw[k].to("cpu", copy=True)
@@ -454,8 +481,7 @@ def mixed_batches(provider, cfg, samples, device, dtype, batch=8, max_tokens=819
         kw = dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=mask.to(device))
         imgs = [s for s in ss if s["size"]]
         if imgs:
-            mt = max(s["tiles"] for s in imgs)
-            kw["pixel_values"] = torch.randn(len(imgs), mt, 3, t, t, generator=g).to(device, dtype)
+            kw["pixel_values"] = _mixed_pixels(imgs, t, device, dtype, padded=True)
             kw["image_sizes"] = torch.tensor([s["size"] for s in imgs], device=device)
         out.append(kw)
     return out, f"padding waste {100 * (1 - sum(lengths) / padded):.1f}% (batches of {batch})"
@@ -521,6 +547,8 @@ PROVIDER_WORKLOADS = {
     "llava_fast_cutlass_attn": (("stage1",), "the CUTLASS forward takes one-length MHA documents of a multiple of 8 "
                                              "tokens: stage 1 only"),
     "llava_fast_pad256": (("prefill", "ov_ft"), "16 x 640 = 10240 tokens: already a multiple of 256"),
+    "hf_sdpa_packed": (("mixed",), "packed rows: the mixed run only"),
+    "hf_sdpa_patched_packed": (("mixed",), "packed rows: the mixed run only"),
 }
 
 
@@ -595,7 +623,7 @@ def known_providers() -> list[str]:
     """Every provider name ``build`` understands; anything else starting with ``llava_fast`` would silently build the
     default model (a typo in an A/B provider list gives a row identical to the default's)."""
     return ["llava_fast", "llava_fast_compiled", "llava_fast_compiled_cg", "llava_fast_graph", *PROVIDER_ENV,
-            "hf_eager", "hf_sdpa",
+            "hf_eager", "hf_sdpa", "hf_sdpa_patched", "hf_sdpa_packed", "hf_sdpa_patched_packed",
             "hf_sdpa_liger", "hf_sdpa_liger_flce"]
 
 
@@ -746,6 +774,8 @@ def run(workloads, providers, layers, tiny, rep, warmup, on_progress=None):
         if on_progress:
             on_progress(rows)
     add_ratios(rows)
+    for patched in ("hf_sdpa_patched", "hf_sdpa_patched_packed"):  # patch_hf against the transformers rows
+        add_ratios(rows, ours=patched)
     add_memory_ratios(rows)
     return rows
 

@@ -8,7 +8,9 @@ What is swapped (each can be turned off):
   "auto" is SDPA on CUDA: measured faster) use the varlen FlashAttention kernel through transformers'
   AttentionInterface (registered as ``"llava_fast"``); calls it cannot serve (a padding mask, a KV cache with a mask,
   queries and keys of different lengths, ``output_attentions``, unsupported head dims) fall back to transformers'
-  SDPA path;
+  SDPA path; rows of packed documents in transformers' padding-free format (position ids that restart at each
+  document, no padding mask, ``use_cache=False``; DataCollatorWithFlattening) run the varlen kernel per document
+  (``_packed_mask``, ``_packed_documents``);
 - ``projector``: the multimodal projector runs the fused GEMM+GELU kernel (when ``llava_fast.ops.projector`` exists;
   a projector_hidden_act other than GELU is a ValueError).
 Each op still follows ``llava_fast.set_backend``: on the CPU the patched modules compute the reference.
@@ -22,6 +24,8 @@ computes full logits in its forward); use ``llava_fast.from_pretrained`` for tho
 from __future__ import annotations
 
 import types
+
+import torch
 
 
 _SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
@@ -57,23 +61,53 @@ def _projector_forward(self, image_features):
     return projector(image_features, l1.weight, l1.bias, l2.weight, l2.bias, approximate=self._lf_approximate)
 
 
+def _packed_documents(mask, position_ids, batch: int, length: int):
+    """(cu_seqlens int32 on the mask's device, longest document) of the documents packed into the rows of a causal
+    mask that ``_packed_mask`` tagged, split where transformers' ``find_packed_sequence_indices`` splits them (a
+    position that is not its predecessor's + 1) and at each row's start; computed once per mask (one host wait) and
+    kept on it for the other layers."""
+    plan = getattr(mask, "_lf_documents", None)
+    if plan is None:
+        pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+        start = torch.ones(pos.shape, dtype=torch.bool, device=pos.device)
+        start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        starts = start.reshape(-1).nonzero().squeeze(1).to("cpu", torch.int32)
+        cu = torch.cat([starts, starts.new_tensor([batch * length])])
+        plan = (cu.to(mask.device, non_blocking=True), int((cu[1:] - cu[:-1]).max()))
+        mask._lf_documents = plan
+    return plan
+
+
 def llava_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from llava_fast.models.dispatch import _fast_attention, _same_dtype
 
-    lq, lk = query.shape[2], key.shape[2]
+    b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True))) and lq > 1
     # non-causal calls are the vision towers': they follow the "vision_attention" backend (auto: SDPA on CUDA)
     op = _fast_attention(query.device.type, query.shape[-1], query.dtype,
                          "attention" if causal else "vision_attention")
+    # documents packed into a row (position_ids that restart, no padding mask: transformers' padding-free format, e.g.
+    # DataCollatorWithFlattening) arrive as a block-causal mask that _packed_mask tagged: the varlen kernel runs them
+    # with cu_seqlens from the position ids, as flash_attention_2 does, and spends nothing on the masked blocks
+    packed = (causal and attention_mask is not None and getattr(attention_mask, "_lf_packed", False)
+              and kwargs.get("position_ids") is not None and lq == lk)
     # lq != lk without a mask: a prefill into an empty static cache, where transformers means SDPA's top-left causal
     # mask (our kernel aligns bottom-right: the queries would see the empty cache slots). Attention weights asked for:
     # SDPA warns that it does not return them, as for attn_implementation="sdpa"
-    if op is None or attention_mask is not None or dropout or lq != lk or kwargs.get("output_attentions"):
+    if (op is None or (attention_mask is not None and not packed) or dropout or lq != lk
+            or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    if packed:
+        cu, longest = _packed_documents(attention_mask, kwargs["position_ids"], b, lq)
+        query, key, value = _same_dtype(query, key, value)
+        out = op.flash_attn_varlen_func(*(t.transpose(1, 2).reshape(b * lq, t.shape[1], t.shape[3])
+                                          for t in (query, key, value)),
+                                        cu, cu, longest, longest, causal=True, softmax_scale=scaling)
+        return out.view(b, lq, *out.shape[1:]), None
     # under autocast transformers' RoPE returns fp32 q/k (fp32 cos/sin) next to v in the autocast dtype: its eager and
     # SDPA paths run the attention in the autocast dtype, the kernel (which refuses mixed dtypes) does the same
     query, key, value = _same_dtype(query, key, value)
@@ -82,13 +116,33 @@ def llava_fast_attention(module, query, key, value, attention_mask, scaling=None
     return out, None
 
 
+def _packed_mask(**kwargs):
+    """The mask interface registered for "llava_fast": SDPA's mask (None when there is no padding, then our kernel
+    runs; a tensor otherwise), tagged ``_lf_packed`` where it can only be causal within the documents that the
+    position ids delimit. That is where transformers built it without a padding mask (``attention_mask`` None), a
+    cache offset (both offsets 0, queries as long as keys) or a sliding window shorter than the keys: a materialized
+    mask there is the packed-sequence mask of ``find_packed_sequence_indices`` (or, while exporting, the plain causal
+    mask of a row whose positions run on: one document, the same thing). The text models patch_hf accepts (_TEXT)
+    add no other mask functions. transformers before the ``q_length`` / ``q_offset`` arguments (they pass
+    ``cache_position``) get no tag: SDPA runs their packed rows with the mask, as before."""
+    from transformers.masking_utils import sdpa_mask
+
+    mask = sdpa_mask(**kwargs)
+    q_length, q_offset, kv_length = kwargs.get("q_length"), kwargs.get("q_offset"), kwargs.get("kv_length")
+    local = kwargs.get("local_size")
+    if (mask is not None and kwargs.get("attention_mask") is None and isinstance(q_offset, int) and q_offset == 0
+            and kwargs.get("kv_offset", 0) == 0 and q_length is not None and q_length == kv_length
+            and (local is None or local >= kv_length) and not torch.compiler.is_compiling()):
+        mask._lf_packed = True
+    return mask
+
+
 def _register_attention():
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register("llava_fast", llava_fast_attention)
-    # the mask is built as for SDPA: None when there is no padding (then our kernel runs), a tensor otherwise
-    ALL_MASK_ATTENTION_FUNCTIONS.register("llava_fast", sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("llava_fast", _packed_mask)
 
 
 def _contiguous_output(module, args, output):

@@ -210,6 +210,38 @@ def test_bench_model_harness_smoke(tmp_path):
     assert md.exists() and md.with_suffix(".json").exists()
 
 
+def test_bench_model_mixed_rows_are_the_same_work(tmp_path):
+    """The mixed run's batchings feed the same samples: transformers' padded batches and its padding-free packed rows
+    (hf_sdpa_packed, hf_sdpa_patched_packed) give one model the same summed loss, as do our packed rows to our model
+    with the same weights (each sample's pictures are its own in every batching)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+    import torch
+
+    import llava_fast
+
+    cfg = bench_model.hf_configs("prefill", None, True)
+    samples = bench_model.mixed_samples(cfg, n=12, tiny=True)
+    hf = bench_model.build("hf_sdpa", "mixed", cfg, "cpu").eval()
+    hf.save_pretrained(tmp_path)
+    ours = llava_fast.from_pretrained(tmp_path, dtype=torch.float32).eval()
+
+    def summed(model, provider):
+        batches, _ = bench_model.mixed_batches(provider, cfg, samples, "cpu", torch.float32, batch=4, max_tokens=2048)
+        total = 0.0
+        with torch.no_grad():
+            for kw in batches:
+                n = int((kw["labels"][:, 1:] != -100).sum())
+                total += model(**kw).loss.item() * n
+        return total, len(batches)
+
+    padded, n_padded = summed(hf, "hf_sdpa")
+    packed, n_packed = summed(hf, "hf_sdpa_packed")
+    mine, _ = summed(ours, "llava_fast")
+    assert n_packed < n_padded
+    assert packed == pytest.approx(padded, rel=1e-5) and mine == pytest.approx(padded, rel=1e-5)
+
+
 def test_bench_model_compiled_provider():
     """llava_fast_compiled (every layer under torch.compile; aot_eager on the CPU) runs the OneVision step and its
     loss equals the eager model's."""

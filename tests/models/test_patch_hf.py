@@ -11,7 +11,7 @@ import llava_fast
 from llava_fast.patching import patch_hf
 
 from test_llava_parity import hf_pixels, make_batch
-from tiny import hf_model
+from tiny import IMAGE_TOKEN, hf_model
 
 _OPS = ("rms_norm", "swiglu", "attention", "vision_attention", "projector")
 
@@ -185,6 +185,115 @@ def test_patch_output_attentions_falls_back(monkeypatch):
     assert len(seen) == hf.config.text_config.num_hidden_layers
 
 
+def _packed(model_type, rows, sizes=None):
+    """transformers' padding-free format (DataCollatorWithFlattening): each row the samples' tokens back to back,
+    position_ids restarting at each sample, no attention mask. ``rows``: per row, its samples (lists of image sizes;
+    [] = text only); rows must come out equally long. Returns (kwargs, the rows' document lengths, the batch)."""
+    size = (28, 28) if model_type == "llava" else (20, 50)
+    flat = [[size] * n for row in rows for n in row]
+    b = make_batch(model_type, flat, left_pad=False)
+    ids, pos, lengths, k = [], [], [], 0
+    for row in rows:
+        seqs = b["seqs"][k:k + len(row)]
+        k += len(row)
+        ids.append(torch.tensor([t for s in seqs for t in s]))
+        pos.append(torch.cat([torch.arange(len(s)) for s in seqs]))
+        lengths.append([len(s) for s in seqs])
+    ids, pos = torch.stack(ids), torch.stack(pos)
+    labels = ids.clone()
+    labels[ids == IMAGE_TOKEN] = -100
+    kw = dict(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
+    if b["image_sizes"] is not None:
+        kw["pixel_values"] = hf_pixels(model_type, b)
+        if model_type != "llava":
+            kw["image_sizes"] = b["image_sizes"]
+    return kw, lengths, b
+
+
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    """The language model's (causal) calls of the varlen kernel: their cu_seqlens as lists."""
+    from llava_fast.ops import attention as attn_op
+
+    calls = []
+    orig = attn_op.flash_attn_varlen_func
+
+    def spy(q, k, v, cu_q, cu_k, *a, **kw):
+        if kw.get("causal"):
+            calls.append(cu_q.tolist())
+        return orig(q, k, v, cu_q, cu_k, *a, **kw)
+    monkeypatch.setattr(attn_op, "flash_attn_varlen_func", spy)
+    return calls
+
+
+@pytest.mark.parametrize("rows", [[[1, 0, 1]], [[1, 0], [0, 1]]], ids=["one_row_3_docs", "two_rows_2_docs"])
+@pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
+def test_patched_packed_rows_run_by_document(model_type, rows, varlen_calls):
+    """Documents packed into a row (position ids that restart, no attention mask, no cache) reach the attention as
+    transformers' block-causal mask, which sent every patched layer to SDPA with that mask (all of its L x L work).
+    The varlen kernel runs them now, split at the same places as transformers' find_packed_sequence_indices: the
+    logits and every gradient equal the unpatched model's on the same rows, and each document's logits equal the
+    document run alone."""
+    kw, lengths, _ = _packed(model_type, rows)
+    hf = hf_model(model_type)
+    ref = hf(**kw)
+    ref.loss.backward()
+    ref_grads = _grads(hf)
+    hf.zero_grad(set_to_none=True)
+    patch_hf(hf)
+    text_docs = []  # (row, start, end) of the text-only documents, which run alone without pixels
+    for r, (row, lens) in enumerate(zip(rows, lengths)):
+        starts = torch.tensor([0] + lens).cumsum(0).tolist()
+        text_docs += [(r, starts[i], starts[i + 1]) for i, n in enumerate(row) if n == 0]
+    with _forced(*_OPS):
+        out = hf(**kw)
+        out.loss.backward()
+        with torch.no_grad():
+            alone = [(r, a, e, hf(input_ids=kw["input_ids"][r:r + 1, a:e], use_cache=False).logits)
+                     for r, a, e in text_docs]
+    cu = torch.tensor([0] + [n for lens in lengths for n in lens]).cumsum(0).tolist()
+    assert varlen_calls[:hf.config.text_config.num_hidden_layers] == [cu] * hf.config.text_config.num_hidden_layers
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=0)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(hf.get_parameter(n).grad, g, atol=1e-4, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
+    assert alone
+    for r, a, e, logits in alone:
+        torch.testing.assert_close(out.logits[r:r + 1, a:e], logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["padding_mask", "cache", "sliding_window"])
+def test_patched_rows_not_split_without_packing(case, varlen_calls):
+    """Where transformers' mask is not its packed-sequence mask, the rows are not split into documents, even with
+    position ids that restart: a padding mask (the positions of a right-padded row restart in the padding), a cache
+    (use_cache defaults to True, also in training: transformers then looks for no packed documents and a row attends
+    across them, its SDPA and eager paths alike; the patched model does the same) and a sliding window shorter than
+    the row (its mask is more than causal). Each gives the unpatched model's logits; only the cache case runs the
+    kernel (over whole rows)."""
+    import transformers as tf
+
+    from tiny import hf_config
+
+    kw, lengths, _ = _packed("llava", [[0, 0, 0]])
+    if case == "padding_mask":
+        kw["attention_mask"] = torch.ones_like(kw["input_ids"])
+        kw["attention_mask"][:, -lengths[0][-1]:] = 0
+    if case == "cache":
+        kw.pop("use_cache")
+    torch.manual_seed(0)
+    cfg = hf_config("llava", text="mistral")
+    cfg.text_config.sliding_window = 8 if case == "sliding_window" else None
+    hf = tf.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        ref = hf(**kw).logits
+        patch_hf(hf)
+        with _forced("attention"):
+            out = hf(**kw).logits
+    valid = kw.get("attention_mask", torch.ones_like(kw["input_ids"])).bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=0)
+    layers = hf.config.text_config.num_hidden_layers
+    assert varlen_calls == ([[0, kw["input_ids"].shape[1]]] * layers if case == "cache" else [])
+
+
 @pytest.mark.parametrize("act", ["gelu_fast", "gelu_python", "gelu_pytorch_tanh"])
 def test_patch_projector_act(act):
     """The projector's GELU flavour follows projector_hidden_act (gelu_fast is the tanh approximation)."""
@@ -252,22 +361,24 @@ def test_patch_refuses_before_swapping(bad):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", ["one_sample", "packed"])
 @pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
-def test_cuda_patched_by_flash_rule(model_type, dtype):
+def test_cuda_patched_by_flash_rule(model_type, dtype, rows):
     """patch_hf on the GPU as users apply it (the kernels ``auto`` picks on CUDA; the CPU tests force them under the
     interpreter): a transformers model in bf16/fp16, patched, against the same model in fp32 (the reference) and
     unpatched in the same dtype (PyTorch's error), by flash-attn's rule on the logits, the loss and the gradients of
     every weight matrix of the language model and the projector (each on its own), a training step's
-    backward included."""
+    backward included. ``packed``: two rows of two documents each in transformers' padding-free format (the varlen
+    kernel over the documents; session 34, not yet run on a GPU)."""
     from utils import assert_flash_rule, max_err
 
     ref = hf_model(model_type)   # the fp32 reference on the CPU: no TF32 anywhere (cuDNN's convolutions use it)
     low = copy.deepcopy(ref).to("cuda", dtype)
     ours = patch_hf(copy.deepcopy(low))
-    kw = _inputs(model_type)
+    kw = _inputs(model_type) if rows == "one_sample" else _packed(model_type, [[1, 0], [0, 1]])[0]
     outs = {}
     for name, m in (("ref", ref), ("low", low), ("ours", ours)):
-        args = {k: v.cuda() for k, v in kw.items()} if name != "ref" else dict(kw)
+        args = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()} if name != "ref" else dict(kw)
         args["pixel_values"] = args["pixel_values"].to(torch.float32 if name == "ref" else dtype)
         out = m(**args)
         out.loss.backward()
