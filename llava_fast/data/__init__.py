@@ -17,8 +17,8 @@ from llava_fast.data.collate import collate_packed, collate_padded
 from llava_fast.data.dataset import DataError, DropStats, LlavaDataset, read_records
 from llava_fast.data.images import (ImageProcessorConfig, cls_token_kept, image_config, image_tiles, image_tokens,
                                     load_image, load_image_u8, probe_size, to_rgb)
-from llava_fast.data.packing import (PackedBatchSampler, PaddedBatchSampler, modality_length_grouped_indices,
-                                     pack_fill, pack_lengths)
+from llava_fast.data.packing import (PackedBatchSampler, PaddedBatchSampler, cu_seqlens_from_position_ids,
+                                     modality_length_grouped_indices, pack_fill, pack_lengths)
 from llava_fast.data.templates import (IGNORE_INDEX, IMAGE_PLACEHOLDER, TEMPLATES, Encoded, SampleError,
                                        build_prompt, encode_conversation, expand_placeholders, load_tokenizer,
                                        tokenize_with_media)
@@ -27,7 +27,7 @@ from llava_fast.data.video import VideoInfo, probe_video, read_video, sample_fra
 __all__ = ["collate_packed", "collate_padded", "DataError", "DropStats", "LlavaDataset", "read_records",
            "ImageProcessorConfig", "image_config", "cls_token_kept", "image_tokens", "image_tiles", "load_image",
            "load_image_u8",
-           "probe_size", "to_rgb", "PackedBatchSampler",
+           "probe_size", "to_rgb", "PackedBatchSampler", "cu_seqlens_from_position_ids",
            "PaddedBatchSampler", "modality_length_grouped_indices", "pack_fill", "pack_lengths", "IGNORE_INDEX",
            "IMAGE_PLACEHOLDER", "TEMPLATES", "Encoded", "SampleError", "build_prompt", "encode_conversation",
            "expand_placeholders", "load_tokenizer", "tokenize_with_media", "VideoInfo", "probe_video", "read_video",

@@ -19,6 +19,24 @@ from collections.abc import Sequence
 import torch
 
 
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(cu_seqlens, max_seqlen)`` of the samples packed into one row whose ``position_ids`` restart at 0 at each
+    sample (transformers' padding-free format, e.g. ``DataCollatorWithFlattening``): int32 cumulative lengths on the
+    positions' device, and the longest sample, for the model's packed form
+    ``model(input_ids, position_ids=..., cu_seqlens=..., max_seqlen=...)``. Reads the positions on the host (one wait
+    for a GPU tensor)."""
+    pos = position_ids.reshape(-1) if position_ids.dim() == 2 and position_ids.shape[0] == 1 else position_ids
+    if pos.dim() != 1:
+        raise ValueError(f"position_ids must be one packed row, (1, T) or (T,), got {tuple(position_ids.shape)}")
+    host = pos.to("cpu")
+    starts = (host == 0).nonzero().reshape(-1).tolist()
+    if not starts or starts[0] != 0:
+        raise ValueError("position_ids must start at 0 and restart at 0 at each packed sample")
+    cu = starts + [host.numel()]
+    return (torch.tensor(cu, dtype=torch.int32, device=pos.device),
+            max(b - a for a, b in zip(cu, cu[1:])))
+
+
 def pack_lengths(lengths: Sequence[int], max_tokens: int, order: Sequence[int] | None = None) -> list[list[int]]:
     """Best-fit-decreasing bin packing. Returns packs as lists of sample indices (each sums to <= max_tokens).
 

@@ -119,3 +119,38 @@ def test_packed_form_consistency(models):
     long = torch.zeros(1, 4100, dtype=torch.long)
     with pytest.raises(ValueError, match="packed sample of 4100 tokens is longer than the context length"):
         run(ids=long, cu=[0, 4100], pos=torch.arange(4100)[None])
+
+
+@torch.no_grad()
+def test_positions_restarting_without_cu_seqlens(models, tmp_path):
+    """transformers' padding-free rows (position ids restarting at each sample, no attention mask) without cu_seqlens
+    ran as one sequence: its samples attended to each other, in silence. They are refused, naming the helper that
+    gives the packed form; that form equals transformers on the same row with use_cache=False (where it splits the
+    row by position) and each sample alone."""
+    import transformers as tf
+
+    from llava_fast.data import cu_seqlens_from_position_ids
+
+    m = models["llava_next"]
+    batch = make_batch("llava_next", [[], [SIZES[0]], []], left_pad=False)
+    kw = _packed(batch)
+    ids, pos = kw["input_ids"], kw["position_ids"]
+    media = dict(pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"])
+    with pytest.raises(ValueError, match=r"position_ids restart at 0 inside a row \(row 0, token 7\) .*"
+                                         r"cu_seqlens_from_position_ids"):
+        m(input_ids=ids, position_ids=pos, **media)
+    with pytest.raises(ValueError, match=r"\(row 1, token 2\)"):
+        m(input_ids=ids[:, :4].repeat(2, 1), position_ids=torch.tensor([[0, 1, 2, 3], [0, 1, 0, 1]]))
+    cu, longest = cu_seqlens_from_position_ids(pos)
+    assert cu.tolist() == kw["cu_seqlens"].tolist() and longest == kw["max_seqlen"]
+    out = m(input_ids=ids, position_ids=pos, cu_seqlens=cu, max_seqlen=longest, **media).logits
+    m.save_pretrained(tmp_path)
+    hf = tf.LlavaNextForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ref = hf(input_ids=ids, position_ids=pos, use_cache=False, pixel_values=hf_pixels("llava_next", batch),
+             image_sizes=batch["image_sizes"]).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    first = len(batch["seqs"][0])
+    torch.testing.assert_close(out[:, :first], m(input_ids=ids[:, :first]).logits, atol=1e-5, rtol=0)
+    for bad in (torch.tensor([[1, 2, 0]]), torch.zeros(2, 3, dtype=torch.long)):
+        with pytest.raises(ValueError, match="position_ids must"):
+            cu_seqlens_from_position_ids(bad)
