@@ -64,16 +64,27 @@ def _projector_forward(self, image_features):
 def _packed_documents(mask, position_ids, batch: int, length: int):
     """(cu_seqlens int32 on the mask's device, longest document) of the documents packed into the rows of a causal
     mask that ``_packed_mask`` tagged, split where transformers' ``find_packed_sequence_indices`` splits them (a
-    position that is not its predecessor's + 1) and at each row's start; computed once per mask (one host wait) and
-    kept on it for the other layers."""
-    plan = getattr(mask, "_lf_documents", None)
-    if plan is None:
+    position that is not its predecessor's + 1) and at each row's start; None when the mask is not exactly causal
+    within those documents (then SDPA runs it: a mask function of a transformers version that _packed_mask does not
+    know of, say). Computed once per mask (one host wait) and kept on it for the other layers."""
+    plan = getattr(mask, "_lf_documents", False)
+    if plan is False:
         pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
         start = torch.ones(pos.shape, dtype=torch.bool, device=pos.device)
         start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        # the mask must be what these documents give (read in blocks of query rows: no second L x L tensor)
+        doc = start.cumsum(1).to(mask.device)
+        keys = torch.arange(length, device=mask.device)
+        same = torch.ones((), dtype=torch.bool, device=mask.device)
+        for q0 in range(0, length, 1024):
+            q = keys[q0:q0 + 1024]
+            want = (doc[:, q0:q0 + 1024, None] == doc[:, None, :]) & (q[:, None] >= keys[None, :])
+            same &= (mask[:, 0, q0:q0 + 1024].expand_as(want) == want).all()
         starts = start.reshape(-1).nonzero().squeeze(1).to("cpu", torch.int32)
-        cu = torch.cat([starts, starts.new_tensor([batch * length])])
-        plan = (cu.to(mask.device, non_blocking=True), int((cu[1:] - cu[:-1]).max()))
+        plan = None
+        if bool(same):
+            cu = torch.cat([starts, starts.new_tensor([batch * length])])
+            plan = (cu.to(mask.device, non_blocking=True), int((cu[1:] - cu[:-1]).max()))
         mask._lf_documents = plan
     return plan
 
@@ -92,8 +103,11 @@ def llava_fast_attention(module, query, key, value, attention_mask, scaling=None
     # documents packed into a row (position_ids that restart, no padding mask: transformers' padding-free format, e.g.
     # DataCollatorWithFlattening) arrive as a block-causal mask that _packed_mask tagged: the varlen kernel runs them
     # with cu_seqlens from the position ids, as flash_attention_2 does, and spends nothing on the masked blocks
-    packed = (causal and attention_mask is not None and getattr(attention_mask, "_lf_packed", False)
-              and kwargs.get("position_ids") is not None and lq == lk)
+    mask = attention_mask
+    packed = (causal and op is not None and mask is not None and getattr(mask, "_lf_packed", False)
+              and kwargs.get("position_ids") is not None and lq == lk and mask.dim() == 4
+              and mask.dtype == torch.bool and mask.shape[-2:] == (lq, lk)
+              and _packed_documents(mask, kwargs["position_ids"], b, lq) is not None)
     # lq != lk without a mask: a prefill into an empty static cache, where transformers means SDPA's top-left causal
     # mask (our kernel aligns bottom-right: the queries would see the empty cache slots). Attention weights asked for:
     # SDPA warns that it does not return them, as for attn_implementation="sdpa"

@@ -294,6 +294,35 @@ def test_patched_rows_not_split_without_packing(case, varlen_calls):
     assert varlen_calls == ([[0, kw["input_ids"].shape[1]]] * layers if case == "cache" else [])
 
 
+@pytest.mark.parametrize("mask", ["not_causal", "other_split"])
+def test_packed_mask_checked_before_the_kernel(mask, varlen_calls):
+    """A tagged mask that is not causal within the documents of the position ids (a mask function of another
+    transformers version, say) is not taken for them: SDPA runs it as given."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from llava_fast.patching import llava_fast_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    q, k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+    doc = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    m = {"not_causal": doc[:, None] == doc[None, :],
+         "other_split": causal & ((doc[:, None] == doc[None, :]) | (torch.arange(9)[None, :] < 2))}[mask][None, None]
+    ref = sdpa_attention_forward(module, q, k, v, m.clone(), scaling=0.25)[0]
+    m._lf_packed = True
+    with _forced("attention"):
+        out = llava_fast_attention(module, q, k, v, m, scaling=0.25, position_ids=pos)[0]
+        assert not varlen_calls
+        good = (causal & (doc[:, None] == doc[None, :]))[None, None]
+        good._lf_packed = True   # the mask these documents give: the kernel runs it
+        llava_fast_attention(module, q, k, v, good, scaling=0.25, position_ids=pos)
+    torch.testing.assert_close(out, ref)
+    assert varlen_calls == [[0, 4, 9]]
+
+
 @pytest.mark.parametrize("act", ["gelu_fast", "gelu_python", "gelu_pytorch_tanh"])
 def test_patch_projector_act(act):
     """The projector's GELU flavour follows projector_hidden_act (gelu_fast is the tanh approximation)."""
