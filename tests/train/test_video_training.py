@@ -24,7 +24,6 @@ def test_onevision_trains_on_video_files(tmp_path, monkeypatch, start_method):
 
         if not sys.platform.startswith("linux"):
             pytest.skip("the workers are forked on Linux only")
-        monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: start_method)
         monkeypatch.setattr(multiprocessing.context._default_context, "_actual_context",
                             multiprocessing.get_context(start_method))
     model = tiny_onevision(tmp_path / "model")
