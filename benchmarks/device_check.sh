@@ -229,7 +229,7 @@ if want ops; then
       step demo 240 $PY -m llava_fast.cli demo --out "${TMPDIR:-/tmp}/llava_fast_demo" --device cuda
     elif [ "$b" = "mixed" ]; then  # the realistic mixed-length stage-2 run: packing fill vs padding waste
       step bench_model_mixed 120 $PY benchmarks/bench_model.py $QUICK --layers 4 --workloads mixed --name bench_model_mixed \
-        --providers llava_fast,llava_fast_sdpa_text,hf_sdpa,hf_sdpa_packed,hf_sdpa_patched_packed
+        --providers llava_fast,llava_fast_sdpa_text,hf_sdpa,hf_sdpa_patched,hf_sdpa_packed,hf_sdpa_patched_packed
     elif [ "$b" = "model_full" ]; then  # not in the default list (a second call): the issue's exact shapes, every
       # LLM layer (7B: 32, OneVision-0.5B: 24), where the language model's share and our kernels' weight are real
       # (llava_fast_triton_text: session 28's cuDNN training attention against our kernels, paired, at full depth;

@@ -6,11 +6,11 @@ What is swapped (each can be turned off):
 - ``swiglu``: every Llama/Qwen2/Mistral MLP with SiLU runs ``llava_fast.ops.swiglu``;
 - ``attention``: the language model (backend op ``"attention"``) and the vision tower (``"vision_attention"``, whose
   "auto" is SDPA on CUDA: measured faster) use the varlen FlashAttention kernel through transformers'
-  AttentionInterface (registered as ``"llava_fast"``); calls it cannot serve (a padding mask, a KV cache with a mask,
-  queries and keys of different lengths, ``output_attentions``, unsupported head dims) fall back to transformers'
-  SDPA path; rows of packed documents in transformers' padding-free format (position ids that restart at each
-  document, no padding mask, ``use_cache=False``; DataCollatorWithFlattening) run the varlen kernel per document
-  (``_packed_mask``, ``_packed_documents``);
+  AttentionInterface (registered as ``"llava_fast"``); calls it cannot serve (a KV cache with a mask, queries and
+  keys of different lengths, ``output_attentions``, unsupported head dims) fall back to transformers'
+  SDPA path; padded rows (their real tokens, as flash_attention_2 unpads them) and rows of packed documents in
+  transformers' padding-free format (position ids that restart at each document, no padding mask,
+  ``use_cache=False``; DataCollatorWithFlattening) run the varlen kernel per document (``_masks``, ``_documents``);
 - ``projector``: the multimodal projector runs the fused GEMM+GELU kernel (when ``llava_fast.ops.projector`` exists;
   a projector_hidden_act other than GELU is a ValueError).
 Each op still follows ``llava_fast.set_backend``: on the CPU the patched modules compute the reference.
@@ -61,31 +61,51 @@ def _projector_forward(self, image_features):
     return projector(image_features, l1.weight, l1.bias, l2.weight, l2.bias, approximate=self._lf_approximate)
 
 
-def _packed_documents(mask, position_ids, batch: int, length: int):
-    """(cu_seqlens int32 on the mask's device, longest document) of the documents packed into the rows of a causal
-    mask that ``_packed_mask`` tagged, split where transformers' ``find_packed_sequence_indices`` splits them (a
-    position that is not its predecessor's + 1) and at each row's start; None when the mask is not exactly causal
-    within those documents (then SDPA runs it: a mask function of a transformers version that _packed_mask does not
-    know of, say). Computed once per mask (one host wait) and kept on it for the other layers."""
-    plan = getattr(mask, "_lf_documents", False)
-    if plan is False:
+def _documents(mask, position_ids, padding, batch: int, length: int):
+    """How the varlen kernel runs a causal mask that ``_masks`` tagged: ``(rows, cu_seqlens, longest)``, where
+    ``rows`` (None: every token) are the flattened ``batch * length`` tokens it computes, in order, and ``cu_seqlens``
+    (int32, on the mask's device) delimits their documents. Two kinds of mask:
+
+    * packed rows (``padding`` None): documents split where transformers' ``find_packed_sequence_indices`` splits the
+      rows (a position id that is not its predecessor's + 1) and at each row's start; every token computed;
+    * padded rows (``padding``, the (batch, length) 2-D mask): each row's tokens one document, the padding left out
+      (as flash_attention_2 unpads): its outputs are zeros, where SDPA's are values nothing reads (no real token
+      attends to padding).
+
+    None when the mask is not exactly that (causal within the documents, over real keys) for every real query (then
+    SDPA runs it: a mask function of a transformers version ``_masks`` does not know of, say). Made once per mask (a
+    few host waits) and kept on it for the other layers."""
+    plan = getattr(mask, "_lf_plan", False)
+    if plan is not False:
+        return plan
+    dev = mask.device
+    start = torch.zeros((batch, length), dtype=torch.bool, device=dev)
+    start[:, 0] = True
+    if padding is None:
         pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
-        start = torch.ones(pos.shape, dtype=torch.bool, device=pos.device)
-        start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-        # the mask must be what these documents give (read in blocks of query rows: no second L x L tensor)
-        doc = start.cumsum(1).to(mask.device)
-        keys = torch.arange(length, device=mask.device)
-        same = torch.ones((), dtype=torch.bool, device=mask.device)
-        for q0 in range(0, length, 1024):
-            q = keys[q0:q0 + 1024]
-            want = (doc[:, q0:q0 + 1024, None] == doc[:, None, :]) & (q[:, None] >= keys[None, :])
-            same &= (mask[:, 0, q0:q0 + 1024].expand_as(want) == want).all()
-        starts = start.reshape(-1).nonzero().squeeze(1).to("cpu", torch.int32)
-        plan = None
-        if bool(same):
-            cu = torch.cat([starts, starts.new_tensor([batch * length])])
-            plan = (cu.to(mask.device, non_blocking=True), int((cu[1:] - cu[:-1]).max()))
-        mask._lf_documents = plan
+        start[:, 1:] = (pos[:, 1:] != pos[:, :-1] + 1).to(dev)
+        real = torch.ones((batch, length), dtype=torch.bool, device=dev)
+    else:
+        real = padding.to(dev, torch.bool).expand(batch, -1)
+    # the mask must be what these documents give (read in blocks of query rows: no second L x L tensor)
+    doc = start.cumsum(1) + torch.arange(batch, device=dev)[:, None] * length   # ids unique over the batch
+    keys = torch.arange(length, device=dev)
+    same = torch.ones((), dtype=torch.bool, device=dev)
+    for q0 in range(0, length, 1024):
+        q = keys[q0:q0 + 1024]
+        want = (doc[:, q0:q0 + 1024, None] == doc[:, None, :]) & (q[:, None] >= keys[None, :]) & real[:, None, :]
+        same &= ((mask[:, 0, q0:q0 + 1024].expand_as(want) == want) | ~real[:, q0:q0 + 1024, None]).all()
+    kept = real.reshape(-1)
+    rows = None if padding is None else kept.nonzero().squeeze(1)
+    ids = doc.reshape(-1) if rows is None else doc.reshape(-1).index_select(0, rows)
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[1:] = ids[1:] != ids[:-1]
+    starts = new.nonzero().squeeze(1).to("cpu", torch.int32)
+    plan = None
+    if bool(same) and ids.numel():
+        cu = torch.cat([starts, starts.new_tensor([ids.numel()])])
+        plan = (rows, cu.to(dev, non_blocking=True), int((cu[1:] - cu[:-1]).max()))
+    mask._lf_plan = plan
     return plan
 
 
@@ -100,27 +120,31 @@ def llava_fast_attention(module, query, key, value, attention_mask, scaling=None
     # non-causal calls are the vision towers': they follow the "vision_attention" backend (auto: SDPA on CUDA)
     op = _fast_attention(query.device.type, query.shape[-1], query.dtype,
                          "attention" if causal else "vision_attention")
-    # documents packed into a row (position_ids that restart, no padding mask: transformers' padding-free format, e.g.
-    # DataCollatorWithFlattening) arrive as a block-causal mask that _packed_mask tagged: the varlen kernel runs them
-    # with cu_seqlens from the position ids, as flash_attention_2 does, and spends nothing on the masked blocks
-    mask = attention_mask
-    packed = (causal and op is not None and mask is not None and getattr(mask, "_lf_packed", False)
-              and kwargs.get("position_ids") is not None and lq == lk and mask.dim() == 4
-              and mask.dtype == torch.bool and mask.shape[-2:] == (lq, lk)
-              and _packed_documents(mask, kwargs["position_ids"], b, lq) is not None)
+    # a mask that _masks tagged: documents packed into rows (position ids that restart, no padding mask:
+    # transformers' padding-free format, DataCollatorWithFlattening) or padded rows. The varlen kernel runs their
+    # documents (cu_seqlens from the position ids or the padding mask), as flash_attention_2 does, and spends nothing
+    # on the masked blocks
+    mask, plan = attention_mask, None
+    if (causal and op is not None and mask is not None and getattr(mask, "_lf_tagged", False) and lq == lk
+            and mask.dim() == 4 and mask.dtype == torch.bool and mask.shape[-2:] == (lq, lk)
+            and (mask._lf_padding is not None or kwargs.get("position_ids") is not None)):
+        plan = _documents(mask, kwargs.get("position_ids"), mask._lf_padding, b, lq)
     # lq != lk without a mask: a prefill into an empty static cache, where transformers means SDPA's top-left causal
     # mask (our kernel aligns bottom-right: the queries would see the empty cache slots). Attention weights asked for:
     # SDPA warns that it does not return them, as for attn_implementation="sdpa"
-    if (op is None or (attention_mask is not None and not packed) or dropout or lq != lk
+    if (op is None or (mask is not None and plan is None) or dropout or lq != lk
             or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    if packed:
-        cu, longest = _packed_documents(attention_mask, kwargs["position_ids"], b, lq)
+    if plan is not None:
+        rows, cu, longest = plan
         query, key, value = _same_dtype(query, key, value)
-        out = op.flash_attn_varlen_func(*(t.transpose(1, 2).reshape(b * lq, t.shape[1], t.shape[3])
-                                          for t in (query, key, value)),
-                                        cu, cu, longest, longest, causal=True, softmax_scale=scaling)
+        flat = [t.transpose(1, 2).reshape(b * lq, t.shape[1], t.shape[3]) for t in (query, key, value)]
+        if rows is not None:
+            flat = [t.index_select(0, rows) for t in flat]
+        out = op.flash_attn_varlen_func(*flat, cu, cu, longest, longest, causal=True, softmax_scale=scaling)
+        if rows is not None:
+            out = out.new_zeros(b * lq, *out.shape[1:]).index_copy(0, rows, out)
         return out.view(b, lq, *out.shape[1:]), None
     # under autocast transformers' RoPE returns fp32 q/k (fp32 cos/sin) next to v in the autocast dtype: its eager and
     # SDPA paths run the attention in the autocast dtype, the kernel (which refuses mixed dtypes) does the same
@@ -130,24 +154,27 @@ def llava_fast_attention(module, query, key, value, attention_mask, scaling=None
     return out, None
 
 
-def _packed_mask(**kwargs):
-    """The mask interface registered for "llava_fast": SDPA's mask (None when there is no padding, then our kernel
-    runs; a tensor otherwise), tagged ``_lf_packed`` where it can only be causal within the documents that the
-    position ids delimit. That is where transformers built it without a padding mask (``attention_mask`` None), a
-    cache offset (both offsets 0, queries as long as keys) or a sliding window shorter than the keys: a materialized
-    mask there is the packed-sequence mask of ``find_packed_sequence_indices`` (or, while exporting, the plain causal
-    mask of a row whose positions run on: one document, the same thing). The text models patch_hf accepts (_TEXT)
-    add no other mask functions. transformers before the ``q_length`` / ``q_offset`` arguments (they pass
-    ``cache_position``) get no tag: SDPA runs their packed rows with the mask, as before."""
+def _masks(**kwargs):
+    """The mask interface registered for "llava_fast": SDPA's mask (None when there is neither padding nor packing:
+    then our kernel runs the rows as they are; a tensor otherwise), tagged ``_lf_tagged`` where it can only be causal
+    within documents that the varlen kernel can run, with ``_lf_padding`` the 2-D padding mask (None: documents
+    delimited by the position ids). That is where transformers built it without a cache offset (both offsets 0,
+    queries as long as keys) or a sliding window shorter than the keys: with a padding mask it is causal over each
+    row's real tokens; without one it is the packed-sequence mask of ``find_packed_sequence_indices`` (or, while
+    exporting, the plain causal mask of a row whose positions run on: one document, the same thing). The text models
+    patch_hf accepts (_TEXT) add no other mask functions, and ``_documents`` checks the mask before the kernel takes
+    it. transformers before the ``q_length`` / ``q_offset`` arguments (they pass ``cache_position``) get no tag: SDPA
+    runs those masks, as before."""
     from transformers.masking_utils import sdpa_mask
 
     mask = sdpa_mask(**kwargs)
     q_length, q_offset, kv_length = kwargs.get("q_length"), kwargs.get("q_offset"), kwargs.get("kv_length")
-    local = kwargs.get("local_size")
-    if (mask is not None and kwargs.get("attention_mask") is None and isinstance(q_offset, int) and q_offset == 0
-            and kwargs.get("kv_offset", 0) == 0 and q_length is not None and q_length == kv_length
-            and (local is None or local >= kv_length) and not torch.compiler.is_compiling()):
-        mask._lf_packed = True
+    local, padding = kwargs.get("local_size"), kwargs.get("attention_mask")
+    if (mask is not None and isinstance(q_offset, int) and q_offset == 0 and kwargs.get("kv_offset", 0) == 0
+            and q_length is not None and q_length == kv_length and (local is None or local >= kv_length)
+            and (padding is None or (padding.dim() == 2 and padding.shape[-1] == kv_length))
+            and not torch.compiler.is_compiling()):
+        mask._lf_tagged, mask._lf_padding = True, padding
     return mask
 
 
@@ -156,7 +183,7 @@ def _register_attention():
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register("llava_fast", llava_fast_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("llava_fast", _packed_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("llava_fast", _masks)
 
 
 def _contiguous_output(module, args, output):

@@ -261,14 +261,64 @@ def test_patched_packed_rows_run_by_document(model_type, rows, varlen_calls):
         torch.testing.assert_close(out.logits[r:r + 1, a:e], logits, atol=1e-4, rtol=0)
 
 
+def _padded(model_type, side):
+    """Three rows of different lengths (image, text only, image), padded on ``side``, with their attention mask."""
+    size = (28, 28) if model_type == "llava" else (20, 50)
+    batch = make_batch(model_type, [[size], [], [size]], left_pad=side == "left")
+    labels = batch["labels"].clone()
+    # a label on a left-padded row's first real token is predicted from the padding position before it: transformers'
+    # SDPA output there is a value of its own, ours zeros (as flash_attention_2's); no prompt supervises that token
+    labels[:, 1:][(batch["attention_mask"][:, 1:] == 1) & (batch["attention_mask"][:, :-1] == 0)] = -100
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+              pixel_values=hf_pixels(model_type, batch))
+    if model_type != "llava":
+        kw["image_sizes"] = batch["image_sizes"]
+    return kw
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
+def test_patched_padded_rows_run_unpadded(model_type, side, varlen_calls):
+    """Padded rows (a padding mask) went to SDPA with transformers' L x L mask. The varlen kernel runs each row's
+    real tokens now (unpadded, as flash_attention_2 does): the logits of the real tokens, the loss and every gradient
+    equal the unpatched model's; greedy generation from left-padded prompts gives its tokens."""
+    kw = _padded(model_type, side)
+    hf = hf_model(model_type)
+    ref = hf(**kw)
+    ref.loss.backward()
+    ref_grads = _grads(hf)
+    hf.zero_grad(set_to_none=True)
+    patch_hf(hf)
+    with _forced(*_OPS):
+        out = hf(**kw)
+        out.loss.backward()
+    real = kw["attention_mask"].bool()
+    cu = torch.tensor([0] + real.sum(1).tolist()).cumsum(0).tolist()
+    layers = hf.config.text_config.num_hidden_layers
+    assert varlen_calls == [cu] * layers
+    torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(hf.get_parameter(n).grad, g, atol=1e-4, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
+    if side == "left":
+        gen = dict(kw)
+        gen.pop("labels")
+        unpatched = hf_model(model_type)
+        with torch.no_grad():
+            want = unpatched.generate(**gen, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            with _forced("attention"):
+                got = hf.generate(**gen, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("case", ["padding_mask", "cache", "sliding_window"])
 def test_patched_rows_not_split_without_packing(case, varlen_calls):
     """Where transformers' mask is not its packed-sequence mask, the rows are not split into documents, even with
     position ids that restart: a padding mask (the positions of a right-padded row restart in the padding), a cache
     (use_cache defaults to True, also in training: transformers then looks for no packed documents and a row attends
     across them, its SDPA and eager paths alike; the patched model does the same) and a sliding window shorter than
-    the row (its mask is more than causal). Each gives the unpatched model's logits; only the cache case runs the
-    kernel (over whole rows)."""
+    the row (its mask is more than causal). Each gives the unpatched model's logits; the kernel runs the padded row as
+    one document of its real tokens, the cached one whole, the sliding window not at all."""
     import transformers as tf
 
     from tiny import hf_config
@@ -291,7 +341,9 @@ def test_patched_rows_not_split_without_packing(case, varlen_calls):
     valid = kw.get("attention_mask", torch.ones_like(kw["input_ids"])).bool()
     torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=0)
     layers = hf.config.text_config.num_hidden_layers
-    assert varlen_calls == ([[0, kw["input_ids"].shape[1]]] * layers if case == "cache" else [])
+    # a padded row is one document of its real tokens; a cache leaves the row whole
+    whole = {"cache": kw["input_ids"].shape[1], "padding_mask": int(valid.sum())}
+    assert varlen_calls == ([[0, whole[case]]] * layers if case in whole else [])
 
 
 @pytest.mark.parametrize("mask", ["not_causal", "other_split"])
@@ -312,12 +364,12 @@ def test_packed_mask_checked_before_the_kernel(mask, varlen_calls):
     m = {"not_causal": doc[:, None] == doc[None, :],
          "other_split": causal & ((doc[:, None] == doc[None, :]) | (torch.arange(9)[None, :] < 2))}[mask][None, None]
     ref = sdpa_attention_forward(module, q, k, v, m.clone(), scaling=0.25)[0]
-    m._lf_packed = True
+    m._lf_tagged, m._lf_padding = True, None
     with _forced("attention"):
         out = llava_fast_attention(module, q, k, v, m, scaling=0.25, position_ids=pos)[0]
         assert not varlen_calls
         good = (causal & (doc[:, None] == doc[None, :]))[None, None]
-        good._lf_packed = True   # the mask these documents give: the kernel runs it
+        good._lf_tagged, good._lf_padding = True, None   # the mask these documents give: the kernel runs it
         llava_fast_attention(module, q, k, v, good, scaling=0.25, position_ids=pos)
     torch.testing.assert_close(out, ref)
     assert varlen_calls == [[0, 4, 9]]
@@ -390,21 +442,24 @@ def test_patch_refuses_before_swapping(bad):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", ["one_sample", "packed"])
+@pytest.mark.parametrize("rows", ["one_sample", "packed", "padded"])
 @pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
 def test_cuda_patched_by_flash_rule(model_type, dtype, rows):
     """patch_hf on the GPU as users apply it (the kernels ``auto`` picks on CUDA; the CPU tests force them under the
     interpreter): a transformers model in bf16/fp16, patched, against the same model in fp32 (the reference) and
     unpatched in the same dtype (PyTorch's error), by flash-attn's rule on the logits, the loss and the gradients of
     every weight matrix of the language model and the projector (each on its own), a training step's
-    backward included. ``packed``: two rows of two documents each in transformers' padding-free format (the varlen
-    kernel over the documents; session 34, not yet run on a GPU)."""
+    backward included. ``packed``: two rows of two documents each in transformers' padding-free format; ``padded``:
+    three left-padded rows (the logits of their real tokens); both through the varlen kernel over the documents
+    (session 34, not yet run on a GPU)."""
     from utils import assert_flash_rule, max_err
 
     ref = hf_model(model_type)   # the fp32 reference on the CPU: no TF32 anywhere (cuDNN's convolutions use it)
     low = copy.deepcopy(ref).to("cuda", dtype)
     ours = patch_hf(copy.deepcopy(low))
-    kw = _inputs(model_type) if rows == "one_sample" else _packed(model_type, [[1, 0], [0, 1]])[0]
+    kw = {"one_sample": lambda: _inputs(model_type), "packed": lambda: _packed(model_type, [[1, 0], [0, 1]])[0],
+          "padded": lambda: _padded(model_type, "left")}[rows]()
+    real = kw["attention_mask"].bool() if "attention_mask" in kw else torch.ones(kw["input_ids"].shape, dtype=bool)
     outs = {}
     for name, m in (("ref", ref), ("low", low), ("ours", ours)):
         args = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()} if name != "ref" else dict(kw)
@@ -413,7 +468,7 @@ def test_cuda_patched_by_flash_rule(model_type, dtype, rows):
         out.loss.backward()
         grads = {n: p.grad.float().cpu() for n, p in m.named_parameters()
                  if p.grad is not None and p.dim() == 2 and ("language_model" in n or "projector" in n)}
-        outs[name] = (out.logits.detach().float().cpu(), out.loss.detach().float().cpu(), grads)
+        outs[name] = (out.logits.detach().float().cpu()[real], out.loss.detach().float().cpu(), grads)
     assert ours._llava_fast_patched["rms_norm"] > 0
     (r_logits, r_loss, r_grads), (l_logits, l_loss, l_grads), (o_logits, o_loss, o_grads) = (
         outs["ref"], outs["low"], outs["ours"])
