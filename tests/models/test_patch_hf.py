@@ -185,7 +185,24 @@ def test_patch_output_attentions_falls_back(monkeypatch):
     assert len(seen) == hf.config.text_config.num_hidden_layers
 
 
-def _packed(model_type, rows, sizes=None):
+def _unpatched_then_patched(model_type, kw):
+    """A tiny transformers model run on ``kw`` (forward and backward), then patched: (model, its output, its
+    gradients), the gradients cleared."""
+    hf = hf_model(model_type)
+    ref = hf(**kw)
+    ref.loss.backward()
+    ref_grads = _grads(hf)
+    hf.zero_grad(set_to_none=True)
+    return patch_hf(hf), ref, ref_grads
+
+
+def _assert_grads(model, ref_grads):
+    assert ref_grads
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(model.get_parameter(n).grad, g, atol=1e-4, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
+
+
+def _packed(model_type, rows):
     """transformers' padding-free format (DataCollatorWithFlattening): each row the samples' tokens back to back,
     position_ids restarting at each sample, no attention mask. ``rows``: per row, its samples (lists of image sizes;
     [] = text only); rows must come out equally long. Returns (kwargs, the rows' document lengths, the batch)."""
@@ -235,12 +252,7 @@ def test_patched_packed_rows_run_by_document(model_type, rows, varlen_calls):
     logits and every gradient equal the unpatched model's on the same rows, and each document's logits equal the
     document run alone."""
     kw, lengths, _ = _packed(model_type, rows)
-    hf = hf_model(model_type)
-    ref = hf(**kw)
-    ref.loss.backward()
-    ref_grads = _grads(hf)
-    hf.zero_grad(set_to_none=True)
-    patch_hf(hf)
+    hf, ref, ref_grads = _unpatched_then_patched(model_type, kw)
     text_docs = []  # (row, start, end) of the text-only documents, which run alone without pixels
     for r, (row, lens) in enumerate(zip(rows, lengths)):
         starts = torch.tensor([0] + lens).cumsum(0).tolist()
@@ -254,8 +266,7 @@ def test_patched_packed_rows_run_by_document(model_type, rows, varlen_calls):
     cu = torch.tensor([0] + [n for lens in lengths for n in lens]).cumsum(0).tolist()
     assert varlen_calls[:hf.config.text_config.num_hidden_layers] == [cu] * hf.config.text_config.num_hidden_layers
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=0)
-    for n, g in ref_grads.items():
-        torch.testing.assert_close(hf.get_parameter(n).grad, g, atol=1e-4, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
+    _assert_grads(hf, ref_grads)
     assert alone
     for r, a, e, logits in alone:
         torch.testing.assert_close(out.logits[r:r + 1, a:e], logits, atol=1e-4, rtol=0)
@@ -283,12 +294,7 @@ def test_patched_padded_rows_run_unpadded(model_type, side, varlen_calls):
     real tokens now (unpadded, as flash_attention_2 does): the logits of the real tokens, the loss and every gradient
     equal the unpatched model's; greedy generation from left-padded prompts gives its tokens."""
     kw = _padded(model_type, side)
-    hf = hf_model(model_type)
-    ref = hf(**kw)
-    ref.loss.backward()
-    ref_grads = _grads(hf)
-    hf.zero_grad(set_to_none=True)
-    patch_hf(hf)
+    hf, ref, ref_grads = _unpatched_then_patched(model_type, kw)
     with _forced(*_OPS):
         out = hf(**kw)
         out.loss.backward()
@@ -298,8 +304,7 @@ def test_patched_padded_rows_run_unpadded(model_type, side, varlen_calls):
     assert varlen_calls == [cu] * layers
     torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-4, rtol=0)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
-    for n, g in ref_grads.items():
-        torch.testing.assert_close(hf.get_parameter(n).grad, g, atol=1e-4, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
+    _assert_grads(hf, ref_grads)
     if side == "left":
         gen = dict(kw)
         gen.pop("labels")
