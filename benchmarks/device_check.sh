@@ -233,9 +233,9 @@ if want ops; then
     elif [ "$b" = "model_full" ]; then  # not in the default list (a second call): the issue's exact shapes, every
       # LLM layer (7B: 32, OneVision-0.5B: 24), where the language model's share and our kernels' weight are real
       # (llava_fast_triton_text: session 28's cuDNN training attention against our kernels, paired, at full depth;
-      # 63 s without it in session 28)
+      # 63 s without it in session 28; hf_sdpa_patched: patch_hf as users apply it, against Liger, since session 34)
       step bench_model_full 240 $PY benchmarks/bench_model.py $QUICK --workloads ov_ft,prefill,stage1 \
-        --name bench_model_full --providers llava_fast,llava_fast_triton_text,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce,llava_fast_graph
+        --name bench_model_full --providers llava_fast,llava_fast_triton_text,hf_sdpa,hf_sdpa_liger,hf_sdpa_liger_flce,hf_sdpa_patched,llava_fast_graph
     elif [ "$b" = "model_compiled" ]; then  # not in the default list: every layer under torch.compile (the remedy
       # if profile_model finds the OneVision step host-bound); compiles once per layer type, then times the step
       # COMPILED_LAYERS=full: every LLM layer (where session 19's box was host-bound: eager 202 ms, graph 155 ms)
