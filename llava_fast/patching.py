@@ -163,8 +163,8 @@ def _masks(**kwargs):
     row's real tokens; without one it is the packed-sequence mask of ``find_packed_sequence_indices`` (or, while
     exporting, the plain causal mask of a row whose positions run on: one document, the same thing). The text models
     patch_hf accepts (_TEXT) add no other mask functions, and ``_documents`` checks the mask before the kernel takes
-    it. transformers before the ``q_length`` / ``q_offset`` arguments (they pass ``cache_position``) get no tag: SDPA
-    runs those masks, as before."""
+    it. transformers 5.0-5.3, before the ``q_length`` / ``q_offset`` arguments (they pass ``cache_position``), get no
+    tag: SDPA runs those masks, as before (5.4 and later: tagged; tested on 5.17, the GPU box's, and 5.24)."""
     from transformers.masking_utils import sdpa_mask
 
     mask = sdpa_mask(**kwargs)
