@@ -12,14 +12,16 @@ What is swapped (each can be turned off):
   transformers' padding-free format (position ids that restart at each document, no padding mask,
   ``use_cache=False``; DataCollatorWithFlattening) run the varlen kernel per document (``_masks``, ``_documents``);
 - ``projector``: the multimodal projector runs the fused GEMM+GELU kernel (when ``llava_fast.ops.projector`` exists;
-  a projector_hidden_act other than GELU is a ValueError).
+  a projector_hidden_act other than GELU is a ValueError);
+- ``cross_entropy`` (off by default: it changes the output): in training with labels the loss comes from the fused
+  linear cross-entropy kernel and ``logits`` is None, as with Liger-Kernel's fused loss (``_fused_loss_forward``).
 Each op still follows ``llava_fast.set_backend``: on the CPU the patched modules compute the reference.
 Adapters and hooks keep working: a projector whose linears are not plain ``nn.Linear`` (peft's LoRA, quantized
 linears) or whose linears / activation carry forward or backward hooks, and an MLP whose ``act_fn`` carries hooks,
 call those modules instead of the fused op (``llava_fast.ops.act_linear.plain_linears``); hooks on the swapped modules
 themselves run as before. patch_hf may be called before or after peft injects adapters, and on a ``PeftModel``.
-Not supported (a ValueError says so): RoPE with transformers' cos/sin interface and the fused loss (transformers
-computes full logits in its forward); use ``llava_fast.from_pretrained`` for those.
+Not supported (a ValueError says so): RoPE with transformers' cos/sin interface; ``llava_fast.from_pretrained`` runs
+the fused RoPE kernel.
 """
 from __future__ import annotations
 
@@ -186,6 +188,51 @@ def _register_attention():
     ALL_MASK_ATTENTION_FUNCTIONS.register("llava_fast", _masks)
 
 
+def _identity(x):
+    return x
+
+
+def _fused_loss_forward(forward):
+    """``patch_hf(cross_entropy=True)``: the model's ``forward`` (transformers' own, ``forward``) that, in training with
+    ``labels``, computes the loss by the fused linear cross-entropy (``llava_fast.ops.cross_entropy``) from the last
+    hidden states, never holding the (tokens x vocab) logits, and returns ``logits=None``, as Liger-Kernel's fused
+    loss does. The loss is transformers' (labels shifted by one, -100 ignored, the mean over supervised tokens, or
+    their sum over ``num_items_in_batch`` when the trainer passes it). Anything else (eval mode, no labels, the
+    backend's reference, an lm_head with adapters or hooks or still sharded by FSDP, ``logits_to_keep``,
+    ``shift_labels``, ``return_dict=False``, positional arguments) runs the original forward. The wrapper keeps the
+    original signature (``inspect.signature``: transformers' Trainer keeps the dataset columns it names)."""
+    import functools
+
+    @functools.wraps(forward)
+    def fused(self, *args, **kwargs):
+        from llava_fast import backend
+        from llava_fast.ops.act_linear import plain_linears
+
+        head, labels = self.lm_head, kwargs.get("labels")
+        if (args or labels is None or not self.training or not plain_linears(head)
+                or not backend.use_fast("cross_entropy", head.weight.device.type)
+                or type(head.weight).__name__ == "DTensor" or kwargs.get("shift_labels") is not None
+                or kwargs.get("logits_to_keep") not in (None, 0) or kwargs.get("return_dict") is False):
+            return forward(self, *args, **kwargs)
+        from llava_fast.ops.cross_entropy import fused_linear_cross_entropy
+
+        kwargs["labels"] = None
+        head.forward = _identity   # the "logits" come back as the last hidden states
+        try:
+            out = forward(self, **kwargs)
+        finally:
+            del head.forward
+        hidden = out.logits
+        shift = torch.nn.functional.pad(labels.to(hidden.device), (0, 1), value=-100)[..., 1:]
+        weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
+        bias = head.bias if head.bias is None or head.bias.dtype == hidden.dtype else head.bias.to(hidden.dtype)
+        num_items = kwargs.get("num_items_in_batch")
+        loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shift.reshape(-1), bias,
+                                          num_items=num_items, reduction="mean" if num_items is None else "sum")
+        return type(out)(loss=loss, **{k: v for k, v in out.items() if k not in ("loss", "logits")})
+    return fused
+
+
 def _contiguous_output(module, args, output):
     return output.contiguous()
 
@@ -209,9 +256,9 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
     if rope:
         raise ValueError("patch_hf(rope=True) is not supported: transformers applies RoPE from precomputed cos/sin; "
                          "llava_fast.from_pretrained runs the fused RoPE kernel")
-    if cross_entropy:
-        raise ValueError("patch_hf(cross_entropy=True) is not supported: transformers' forward materialises the "
-                         "logits; llava_fast.from_pretrained(...)(..., labels=..., logits=False) runs the fused loss")
+    if cross_entropy and not hasattr(model, "lm_head"):
+        raise ValueError(f"patch_hf(cross_entropy=True) needs a model with its lm_head (the "
+                         f"*ForConditionalGeneration classes), got {name}")
     cfg = model.config
     text_type = cfg.text_config.model_type
     if text_type not in _TEXT:
@@ -230,7 +277,8 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
             except ValueError:
                 raise ValueError(f"patch_hf(projector=True) needs a GELU projector_hidden_act, got "
                                  f"{cfg.projector_hidden_act!r}; pass projector=False") from None
-    patched = {"rms_norm": 0, "swiglu": 0, "projector": 0, "attention": False, "vision_layout": 0}
+    patched = {"rms_norm": 0, "swiglu": 0, "projector": 0, "attention": False, "vision_layout": 0,
+               "cross_entropy": False}
     for m in model.modules():
         cls = type(m).__name__
         if vision_layout and cls == "SiglipVisionEmbeddings":
@@ -252,5 +300,8 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
         _register_attention()
         model.set_attn_implementation("llava_fast")
         patched["attention"] = True
+    if cross_entropy:
+        model.forward = types.MethodType(_fused_loss_forward(type(model).forward), model)
+        patched["cross_entropy"] = True
     model._llava_fast_patched = patched
     return model

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 
 import pytest
 import torch
@@ -380,6 +381,57 @@ def test_packed_mask_checked_before_the_kernel(mask, varlen_calls):
     assert varlen_calls == [[0, 4, 9]]
 
 
+@pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
+def test_patched_fused_loss(model_type):
+    """patch_hf(cross_entropy=True): in training with labels the loss comes from the fused linear cross-entropy and
+    logits is None (no tokens x vocab tensor); transformers' loss (the mean, and the sum over num_items_in_batch) and
+    every gradient, lm_head's or the tied embedding's included, are the unpatched model's. Eval mode and a hooked
+    lm_head run the original forward (logits given); the forward keeps transformers' signature (its Trainer keeps the
+    dataset columns that the signature names)."""
+    import inspect
+
+    kw = _padded(model_type, "right")
+    hf = hf_model(model_type).train()
+    ref = hf(**kw)
+    ref.loss.backward()
+    ref_grads = _grads(hf)
+    hf.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        ref_sum = hf(**kw, num_items_in_batch=torch.tensor(7)).loss
+    patch_hf(hf, cross_entropy=True)
+    assert hf._llava_fast_patched["cross_entropy"]
+    assert inspect.signature(hf.forward) == inspect.signature(types.MethodType(type(hf).forward, hf))
+    calls = []
+    with _forced(*_OPS, "cross_entropy"):
+        import llava_fast.ops.cross_entropy as ce
+
+        orig = ce.fused_linear_cross_entropy
+        ce.fused_linear_cross_entropy = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        try:
+            out = hf(**kw)
+            out.loss.backward()
+            with torch.no_grad():
+                out_sum = hf(**kw, num_items_in_batch=torch.tensor(7)).loss
+            hf.eval()
+            with torch.no_grad():
+                evaluated = hf(**kw)
+            hf.train()
+            handle = hf.lm_head.register_forward_hook(lambda m, i, o: o)
+            with torch.no_grad():
+                hooked = hf(**kw)
+            handle.remove()
+        finally:
+            ce.fused_linear_cross_entropy = orig
+    assert calls == [1, 1] and out.logits is None
+    assert evaluated.logits is not None and hooked.logits is not None
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_sum, ref_sum, atol=1e-5, rtol=0)
+    torch.testing.assert_close(evaluated.loss, ref.loss, atol=1e-5, rtol=0)
+    if model_type == "llava_onevision":
+        assert hf.lm_head.weight is hf.get_input_embeddings().weight   # tied: one gradient from both uses
+    _assert_grads(hf, ref_grads)
+
+
 @pytest.mark.parametrize("act", ["gelu_fast", "gelu_python", "gelu_pytorch_tanh"])
 def test_patch_projector_act(act):
     """The projector's GELU flavour follows projector_hidden_act (gelu_fast is the tanh approximation)."""
@@ -414,7 +466,7 @@ def test_patch_twice_bf16_no_grad():
     hf.zero_grad(set_to_none=True)
     patch_hf(patch_hf(hf))
     assert hf._llava_fast_patched == {"rms_norm": 5, "swiglu": 2, "projector": 1, "attention": True,
-                                      "vision_layout": 1}
+                                      "vision_layout": 1, "cross_entropy": False}
     hooks = next(m for m in hf.modules() if type(m).__name__ == "SiglipVisionEmbeddings")._forward_hooks
     assert len(hooks) == 1  # patched twice, hooked once
     with torch.no_grad():
@@ -447,7 +499,7 @@ def test_patch_refuses_before_swapping(bad):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", ["one_sample", "packed", "padded"])
+@pytest.mark.parametrize("rows", ["one_sample", "packed", "padded", "fused_loss"])
 @pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
 def test_cuda_patched_by_flash_rule(model_type, dtype, rows):
     """patch_hf on the GPU as users apply it (the kernels ``auto`` picks on CUDA; the CPU tests force them under the
@@ -455,15 +507,19 @@ def test_cuda_patched_by_flash_rule(model_type, dtype, rows):
     unpatched in the same dtype (PyTorch's error), by flash-attn's rule on the logits, the loss and the gradients of
     every weight matrix of the language model and the projector (each on its own), a training step's
     backward included. ``packed``: two rows of two documents each in transformers' padding-free format; ``padded``:
-    three left-padded rows (the logits of their real tokens); both through the varlen kernel over the documents
-    (session 34, not yet run on a GPU)."""
+    three left-padded rows (the logits of their real tokens); both through the varlen kernel over the documents;
+    ``fused_loss``: ``cross_entropy=True`` in training on right-padded rows (no logits: the loss and the gradients,
+    lm_head's too) (session 34, not yet run on a GPU)."""
     from utils import assert_flash_rule, max_err
 
     ref = hf_model(model_type)   # the fp32 reference on the CPU: no TF32 anywhere (cuDNN's convolutions use it)
     low = copy.deepcopy(ref).to("cuda", dtype)
-    ours = patch_hf(copy.deepcopy(low))
+    ours = patch_hf(copy.deepcopy(low), cross_entropy=rows == "fused_loss")
+    if rows == "fused_loss":   # the fused loss runs in training (the tiny models have no dropout)
+        for m in (ref, low, ours):
+            m.train()
     kw = {"one_sample": lambda: _inputs(model_type), "packed": lambda: _packed(model_type, [[1, 0], [0, 1]])[0],
-          "padded": lambda: _padded(model_type, "left")}[rows]()
+          "padded": lambda: _padded(model_type, "left"), "fused_loss": lambda: _padded(model_type, "right")}[rows]()
     real = kw["attention_mask"].bool() if "attention_mask" in kw else torch.ones(kw["input_ids"].shape, dtype=bool)
     outs = {}
     for name, m in (("ref", ref), ("low", low), ("ours", ours)):
@@ -472,12 +528,17 @@ def test_cuda_patched_by_flash_rule(model_type, dtype, rows):
         out = m(**args)
         out.loss.backward()
         grads = {n: p.grad.float().cpu() for n, p in m.named_parameters()
-                 if p.grad is not None and p.dim() == 2 and ("language_model" in n or "projector" in n)}
-        outs[name] = (out.logits.detach().float().cpu()[real], out.loss.detach().float().cpu(), grads)
+                 if p.grad is not None and p.dim() == 2 and ("language_model" in n or "projector" in n
+                                                             or "lm_head" in n)}
+        logits = out.logits.detach().float().cpu()[real] if out.logits is not None else None
+        outs[name] = (logits, out.loss.detach().float().cpu(), grads)
     assert ours._llava_fast_patched["rms_norm"] > 0
     (r_logits, r_loss, r_grads), (l_logits, l_loss, l_grads), (o_logits, o_loss, o_grads) = (
         outs["ref"], outs["low"], outs["ours"])
-    assert_flash_rule(o_logits, r_logits, l_logits, name=f"{model_type} logits")
+    if rows == "fused_loss":
+        assert o_logits is None   # the fused loss computed no logits
+    else:
+        assert_flash_rule(o_logits, r_logits, l_logits, name=f"{model_type} logits")
     # a scalar: PyTorch's own error can be ~0 by luck. The floor: a mean of log-softmax entries moves by at most
     # twice the largest logit error (log-softmax is 2-Lipschitz in the max norm), taken at PyTorch's logit error
     assert_flash_rule(o_loss, r_loss, l_loss, name="loss", atol=2 * max_err(l_logits, r_logits))
