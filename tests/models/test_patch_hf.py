@@ -432,6 +432,38 @@ def test_patched_fused_loss(model_type):
     _assert_grads(hf, ref_grads)
 
 
+def test_patched_trains_under_transformers_trainer(tmp_path, monkeypatch):
+    """The patched model (fused loss included) in transformers' own Trainer, as users run it: padding-free batches
+    from DataCollatorWithFlattening, gradient accumulation (the Trainer passes num_items_in_batch), the dataset's
+    columns kept by the forward's signature. The logged losses equal the unpatched model's; the fused loss ran."""
+    import transformers as tf
+
+    import llava_fast.ops.cross_entropy as ce
+
+    torch.manual_seed(0)
+    rows = [dict(input_ids=torch.randint(0, 100, (n,)).tolist(), labels=torch.randint(0, 100, (n,)).tolist())
+            for n in (7, 11, 5, 9, 6, 8)]
+    calls = []
+    orig = ce.fused_linear_cross_entropy
+    monkeypatch.setattr(ce, "fused_linear_cross_entropy", lambda *a, **k: calls.append(k["num_items"]) or orig(*a, **k))
+
+    def losses(patch):
+        model = hf_model("llava_onevision")
+        args = tf.TrainingArguments(output_dir=str(tmp_path / str(patch)), per_device_train_batch_size=3,
+                                    gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-3, report_to=[],
+                                    use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True)
+        trainer = tf.Trainer(model=patch_hf(model, cross_entropy=True) if patch else model, args=args,
+                             train_dataset=rows, data_collator=tf.DataCollatorWithFlattening())
+        with _forced(*(("rms_norm", "swiglu", "attention", "cross_entropy") if patch else ())):
+            trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    ref = losses(False)
+    assert not calls
+    assert losses(True) == pytest.approx(ref, abs=1e-5) and len(ref) == 2
+    assert len(calls) == 4 and all(n is not None for n in calls)   # 2 steps x 2 micro-batches, summed over the step
+
+
 @pytest.mark.parametrize("act", ["gelu_fast", "gelu_python", "gelu_pytorch_tanh"])
 def test_patch_projector_act(act):
     """The projector's GELU flavour follows projector_hidden_act (gelu_fast is the tanh approximation)."""
