@@ -208,11 +208,11 @@ def _fused_loss_forward(forward):
         from llava_fast import backend
         from llava_fast.ops.act_linear import plain_linears
 
-        head, labels = self.lm_head, kwargs.get("labels")
+        head, labels, keep = self.lm_head, kwargs.get("labels"), kwargs.get("logits_to_keep")
         if (args or labels is None or not self.training or not plain_linears(head)
                 or not backend.use_fast("cross_entropy", head.weight.device.type)
                 or type(head.weight).__name__ == "DTensor" or kwargs.get("shift_labels") is not None
-                or kwargs.get("logits_to_keep") not in (None, 0) or kwargs.get("return_dict") is False):
+                or not (keep is None or (isinstance(keep, int) and keep == 0)) or kwargs.get("return_dict") is False):
             return forward(self, *args, **kwargs)
         from llava_fast.ops.cross_entropy import fused_linear_cross_entropy
 
@@ -223,9 +223,13 @@ def _fused_loss_forward(forward):
         finally:
             del head.forward
         hidden = out.logits
-        shift = torch.nn.functional.pad(labels.to(hidden.device), (0, 1), value=-100)[..., 1:]
-        weight = head.weight if head.weight.dtype == hidden.dtype else head.weight.to(hidden.dtype)
-        bias = head.bias if head.bias is None or head.bias.dtype == hidden.dtype else head.bias.to(hidden.dtype)
+        shift = torch.nn.functional.pad(labels.to(hidden.device, torch.long), (0, 1), value=-100)[..., 1:]
+        # the GEMM in the dtype lm_head would run in: autocast's where it is on (transformers then upcasts the
+        # logits for the loss; the kernel accumulates in fp32), else the hidden states'
+        dev = hidden.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        hidden, weight = hidden.to(dt), head.weight.to(dt)
+        bias = head.bias.to(dt) if head.bias is not None else None
         num_items = kwargs.get("num_items_in_batch")
         loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shift.reshape(-1), bias,
                                           num_items=num_items, reduction="mean" if num_items is None else "sum")
