@@ -17,6 +17,7 @@ _LAZY = {
     "LlavaOnevisionForConditionalGeneration": "llava_fast.models",
     "LlavaConfig": "llava_fast.models",
     "patch_hf": "llava_fast.patching",
+    "unpatch_hf": "llava_fast.patching",
 }
 
 

@@ -204,7 +204,7 @@ def _fused_loss_forward(forward):
     import functools
 
     @functools.wraps(forward)
-    def fused(self, *args, **kwargs):
+    def fused(self, *args, **kwargs):  # (marked below for unpatch_hf)
         from llava_fast import backend
         from llava_fast.ops.act_linear import plain_linears
 
@@ -234,6 +234,7 @@ def _fused_loss_forward(forward):
         loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shift.reshape(-1), bias,
                                           num_items=num_items, reduction="mean" if num_items is None else "sum")
         return type(out)(loss=loss, **{k: v for k, v in out.items() if k not in ("loss", "logits")})
+    fused._lf_fused_loss = True
     return fused
 
 
@@ -286,9 +287,8 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
     for m in model.modules():
         cls = type(m).__name__
         if vision_layout and cls == "SiglipVisionEmbeddings":
-            if not getattr(m, "_lf_contiguous", False):  # patching twice must not stack hooks
-                m.register_forward_hook(_contiguous_output)
-                m._lf_contiguous = True
+            if getattr(m, "_lf_contiguous", None) is None:  # patching twice must not stack hooks
+                m._lf_contiguous = m.register_forward_hook(_contiguous_output)
             patched["vision_layout"] += 1
         if rms_norm and cls.endswith("RMSNorm") and hasattr(m, "variance_epsilon"):
             m.forward = types.MethodType(_rms_forward, m)
@@ -302,10 +302,38 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
             patched["projector"] += 1
     if attention:
         _register_attention()
+        if not hasattr(model, "_lf_attn_before"):   # what unpatch_hf restores (not "llava_fast" on a second patch)
+            model._lf_attn_before = model.config._attn_implementation
         model.set_attn_implementation("llava_fast")
         patched["attention"] = True
     if cross_entropy:
         model.forward = types.MethodType(_fused_loss_forward(type(model).forward), model)
         patched["cross_entropy"] = True
     model._llava_fast_patched = patched
+    return model
+
+
+_OURS = (_rms_forward, _mlp_forward, _projector_forward)
+
+
+def unpatch_hf(model):
+    """Undo :func:`patch_hf` in place (a ``PeftModel`` through its base model); returns the model. The modules get
+    transformers' forwards back, SigLIP's embeddings lose the contiguity hook, the attention implementation is the
+    one the model had before ``patch_hf`` (the ``"llava_fast"`` registration stays, unused). A model that was not
+    patched is returned as it is. For A/B comparisons of the same weights with and without the kernels."""
+    if hasattr(model, "get_base_model"):
+        unpatch_hf(model.get_base_model())
+        return model
+    for m in model.modules():
+        fwd = vars(m).get("forward")
+        if fwd is not None and (getattr(fwd, "__func__", None) in _OURS
+                                or getattr(getattr(fwd, "__func__", None), "_lf_fused_loss", False)):
+            del m.forward
+        handle = vars(m).pop("_lf_contiguous", None)
+        if handle is not None:
+            handle.remove()
+    before = vars(model).pop("_lf_attn_before", None)
+    if before is not None:
+        model.set_attn_implementation(before)
+    vars(model).pop("_llava_fast_patched", None)
     return model

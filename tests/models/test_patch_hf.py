@@ -464,6 +464,32 @@ def test_patched_trains_under_transformers_trainer(tmp_path, monkeypatch):
     assert len(calls) == 4 and all(n is not None for n in calls)   # 2 steps x 2 micro-batches, summed over the step
 
 
+def test_unpatch_restores_transformers():
+    """unpatch_hf undoes patch_hf (applied twice, fused loss included): transformers' forwards, no SigLIP hook, the
+    attention implementation the model had, and bit for bit the outputs of a model never patched; a model never
+    patched is left as it is, and patching again works."""
+    from llava_fast import unpatch_hf
+
+    hf = hf_model("llava_onevision").train()
+    never = copy.deepcopy(hf)
+    kw = _padded("llava_onevision", "right")
+    before = hf.config._attn_implementation
+    patch_hf(patch_hf(hf, cross_entropy=True))
+    assert hf.config._attn_implementation == "llava_fast" and "forward" in vars(hf)
+    assert unpatch_hf(hf) is hf
+    assert not any("forward" in vars(m) for m in hf.modules())
+    assert not any(m._forward_hooks for m in hf.modules())
+    assert hf.config._attn_implementation == before and not hasattr(hf, "_llava_fast_patched")
+    with _forced(*_OPS, "cross_entropy"):
+        out, ref = hf(**kw), never(**kw)
+    torch.testing.assert_close(out.logits, ref.logits, atol=0, rtol=0)
+    torch.testing.assert_close(out.loss, ref.loss, atol=0, rtol=0)
+    unpatch_hf(never)
+    assert not any("forward" in vars(m) for m in never.modules())
+    patch_hf(hf)
+    assert hf._llava_fast_patched["rms_norm"] > 0 and hf.config._attn_implementation == "llava_fast"
+
+
 @pytest.mark.parametrize("act", ["gelu_fast", "gelu_python", "gelu_pytorch_tanh"])
 def test_patch_projector_act(act):
     """The projector's GELU flavour follows projector_hidden_act (gelu_fast is the tanh approximation)."""
