@@ -214,6 +214,7 @@ def _fused_loss_forward(forward):
                 or type(head.weight).__name__ == "DTensor" or kwargs.get("shift_labels") is not None
                 or not (keep is None or (isinstance(keep, int) and keep == 0)) or kwargs.get("return_dict") is False):
             return forward(self, *args, **kwargs)
+        from llava_fast.models.llava import shift_labels
         from llava_fast.ops.cross_entropy import fused_linear_cross_entropy
 
         kwargs["labels"] = None
@@ -223,7 +224,7 @@ def _fused_loss_forward(forward):
         finally:
             del head.forward
         hidden = out.logits
-        shift = torch.nn.functional.pad(labels.to(hidden.device, torch.long), (0, 1), value=-100)[..., 1:]
+        shift = shift_labels(labels.to(hidden.device, torch.long))   # transformers' shift: the same
         # the GEMM in the dtype lm_head would run in: autocast's where it is on (transformers then upcasts the
         # logits for the loss; the kernel accumulates in fp32), else the hidden states'
         dev = hidden.device.type

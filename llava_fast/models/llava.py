@@ -498,11 +498,12 @@ class _LlavaBase(nn.Module):
         if ids is not None and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
             raise ValueError(f"input_ids holds ids outside [0, {vocab}) (vocab_size of the language model)")
         if pos is not None:
-            if cu is None and mask is None and n > 1 and bool((pos[..., 1:] == 0).any()):
+            restarts = pos.reshape(-1, n)[:, 1:] == 0 if cu is None and mask is None and n > 1 else None
+            if restarts is not None and bool(restarts.any()):
                 # several samples in a row (transformers' padding-free format): without cu_seqlens they would attend
                 # to each other; transformers splits them by position only without a cache (use_cache=False), its
                 # flash path always: an error rather than a guess at which the caller meant
-                row, at = (pos.reshape(-1, n)[:, 1:] == 0).nonzero()[0].tolist()
+                row, at = restarts.nonzero()[0].tolist()
                 raise ValueError(
                     f"position_ids restart at 0 inside a row (row {row}, token {at + 1}) but no cu_seqlens delimits "
                     f"the samples, so they would attend to each other. Pass the packed form: cu_seqlens, max_seqlen "
