@@ -357,6 +357,14 @@ def drive_rope():
         pos = _meta(8192, dtype=torch.int64)
         inv = _meta(d // 2, dtype=torch.float32)
         yield f"{hq}/{hkv} x {d}", lambda: RO.rope_fwd(q, k, pos, inv)
+    # patch_hf(rope=True): transformers' (B, S, D) tables read in place (bf16, or fp32 under autocast), int32 rows
+    for table in (torch.bfloat16, torch.float32):
+        q, k = _meta(8192, 14, 64), _meta(8192, 2, 64)
+        cos, sin = _meta(8192, 64, dtype=table)[:, :32], _meta(8192, 64, dtype=table)[:, :32]
+        rows = _meta(8192, dtype=torch.int32)
+        yield f"hf tables {str(table)[6:]} 14/2 x 64", lambda: (
+            RO.rope_fwd(q, k, rows, None, cos, sin, round_table=False, out_dtype=table),
+            RO.rope_fwd(q, k, rows, None, cos, sin, backward=True, round_table=False))
 
 
 def drive_swiglu():

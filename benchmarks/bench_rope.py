@@ -5,7 +5,10 @@ position ids), ``llava_fast_inplace`` (fwd only, no grad: writes into q/k), ``hf
 ``(1, H, T, D)`` views with cos/sin precomputed by ``LlamaRotaryEmbedding`` outside the timed region, as HF computes
 them once per model forward), ``compile`` (``torch.compile`` of ``apply_rotary_pos_emb``; left out of ``--quick``
 unless ``--compile``: its Inductor compiles take tens of seconds per shape), ``liger``
-(``liger_rotary_pos_emb`` when ``liger_kernel`` imports). A large bf16 ``copy_`` gives this GPU's copy bandwidth.
+(``liger_rotary_pos_emb`` when ``liger_kernel`` imports), ``llava_fast_hf_tables`` (``patch_hf(rope=True)``'s path:
+``llava_fast.ops.rope.apply_rotary_pos_emb`` on the same HF views and cos/sin as ``hf`` and ``liger``, its token rows
+made outside the timed region, as patch_hf makes them once per forward). A large bf16 ``copy_`` gives this GPU's
+copy bandwidth.
 
 Bytes (same for every provider; b = element size): fwd = bwd = 2 T (Hq + Hkv) D b + 8 T (read + write q and k,
 position ids); the HF baselines also read cos/sin (not counted).
@@ -22,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rms_norm import _finish as _finish_common  # noqa: E402
 from bench_rms_norm import QUICK_HELP, measure, measure_modes, op_bench_setup, report  # noqa: E402
-from bench_utils import Row, randn  # noqa: E402
+from bench_utils import Row, add_ratios, randn  # noqa: E402
 
 MODELS = {  # name: (Hq, Hkv, D, theta)
     "qwen2-0.5b": (14, 2, 64, 1e6),
@@ -31,6 +34,7 @@ MODELS = {  # name: (Hq, Hkv, D, theta)
 
 
 def _finish(rows, copy_gbps, smoke):
+    add_ratios(rows, ours="llava_fast_hf_tables")   # patch_hf's path against hf and liger on the same tables
     return _finish_common(rows, copy_gbps, smoke, "rope")
 
 
@@ -44,7 +48,8 @@ def main():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    from llava_fast.ops.rope import rope, rope_inv_freq
+    from llava_fast.ops.rope import apply_rotary_pos_emb as lf_apply
+    from llava_fast.ops.rope import rope, rope_inv_freq, rotary_rows
 
     try:
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
@@ -77,6 +82,7 @@ def main():
                 cfg = LlamaConfig(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
                                   rope_theta=theta)
                 cos, sin = LlamaRotaryEmbedding(cfg).to(dev)(q, pos[None])
+                tok_rows = rotary_rows(cos, 1)
 
                 def hf_layout(x):  # HF: proj(x).view(B, S, H, D).transpose(1, 2)
                     return x.unsqueeze(0).transpose(1, 2)
@@ -85,6 +91,8 @@ def main():
                     "llava_fast": lambda q, k: rope(q, k, pos, inv_freq=inv),
                     "hf": lambda q, k: apply_rotary_pos_emb(hf_layout(q), hf_layout(k), cos, sin),
                     "compile": lambda q, k: compile_apply(hf_layout(q), hf_layout(k), cos, sin),
+                    "llava_fast_hf_tables": lambda q, k: lf_apply(hf_layout(q), hf_layout(k), cos, sin,
+                                                                  rows=tok_rows),
                 }
                 if liger_rotary_pos_emb is not None:
                     providers["liger"] = lambda q, k: liger_rotary_pos_emb(hf_layout(q), hf_layout(k), cos, sin)

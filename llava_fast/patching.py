@@ -11,6 +11,10 @@ What is swapped (each can be turned off):
   SDPA path; padded rows (their real tokens, as flash_attention_2 unpads them) and rows of packed documents in
   transformers' padding-free format (position ids that restart at each document, no padding mask,
   ``use_cache=False``; DataCollatorWithFlattening) run the varlen kernel per document (``_masks``, ``_documents``);
+- ``rope``: transformers' ``apply_rotary_pos_emb`` runs ``llava_fast.ops.rope``'s kernel on q and k in one launch (the
+  module-level function of modeling_llama / qwen2 / mistral is swapped, as Liger-Kernel does, and takes the kernel
+  only for the cos / sin tables of a patched model's rotary embedding, which ``_tag_rotary`` marks; anything else
+  gets transformers' function);
 - ``projector``: the multimodal projector runs the fused GEMM+GELU kernel (when ``llava_fast.ops.projector`` exists;
   a projector_hidden_act other than GELU is a ValueError);
 - ``cross_entropy`` (off by default: it changes the output): in training with labels the loss comes from the fused
@@ -20,8 +24,6 @@ Adapters and hooks keep working: a projector whose linears are not plain ``nn.Li
 linears) or whose linears / activation carry forward or backward hooks, and an MLP whose ``act_fn`` carries hooks,
 call those modules instead of the fused op (``llava_fast.ops.act_linear.plain_linears``); hooks on the swapped modules
 themselves run as before. patch_hf may be called before or after peft injects adapters, and on a ``PeftModel``.
-Not supported (a ValueError says so): RoPE with transformers' cos/sin interface; ``llava_fast.from_pretrained`` runs
-the fused RoPE kernel.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ import torch
 _SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
               "LlavaOnevisionForConditionalGeneration", "LlavaModel", "LlavaNextModel", "LlavaOnevisionModel")
 _TEXT = ("llama", "qwen2", "mistral")
+_ROTARY = ("LlamaRotaryEmbedding", "Qwen2RotaryEmbedding", "MistralRotaryEmbedding")
+_ATTENTION = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
 
 
 def _rms_forward(self, hidden_states):
@@ -243,8 +247,69 @@ def _contiguous_output(module, args, output):
     return output.contiguous()
 
 
+def _tag_rotary(module, args, output):
+    """Forward hook of a patched model's rotary embedding (``patch_hf(rope=True)``): tags the ``(cos, sin)`` it returns
+    (``_lf_rope`` on both) so that ``_rotary_for``'s ``apply_rotary_pos_emb`` runs the kernel on them; an unpatched
+    model's tables carry no tag and get transformers' computation. Checked once per module: the two halves of the
+    last dim equal (the kernel reads the first); not while compiling (dynamo and attributes on tensors)."""
+    if torch.compiler.is_compiling() or not (isinstance(output, tuple) and len(output) == 2):
+        return output
+    cos, sin = output
+    if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.dim() == 3
+            and cos.shape == sin.shape and cos.shape[-1] % 2 == 0):
+        return output
+    ok = getattr(module, "_lf_rope_ok", None)
+    if ok is None:
+        h = cos.shape[-1] // 2
+        ok = bool(torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:]))
+        module._lf_rope_ok = ok
+        if not ok:
+            import warnings
+
+            warnings.warn(f"patch_hf(rope=True): {type(module).__name__} returns cos / sin whose halves differ; "
+                          f"transformers' RoPE runs instead of the kernel", stacklevel=2)
+    if ok:   # (a flag, no reference: a tensor attribute holding a view of cos would be a cycle the GC cannot free)
+        cos._lf_rope = sin._lf_rope = True
+    return output
+
+
+def _rotary_for(apply):
+    """transformers' module-level ``apply_rotary_pos_emb`` (``apply``) that runs ``llava_fast.ops.rope``'s kernel on
+    the tables of a model patched with ``rope=True`` (tagged by ``_tag_rotary``) and ``apply`` on anything else (other
+    models in the process, other arguments), the way Liger-Kernel swaps the same function. The kernel's views of the
+    token rows of the tables are made once per forward and kept on cos for the other layers."""
+    import functools
+
+    @functools.wraps(apply)
+    def rotary(q, k, cos, sin, *args, **kwargs):
+        if (getattr(cos, "_lf_rope", False) and getattr(sin, "_lf_rope", False) and not args and not kwargs
+                and q.dim() == 4 and not torch.compiler.is_compiling()):
+            from llava_fast import backend
+            from llava_fast.ops.rope import apply_rotary_pos_emb, rotary_rows
+
+            if backend.use_fast("rope", q.device.type):
+                # (never a view of cos kept on cos: a cycle through C++ that the garbage collector cannot free)
+                rows = getattr(cos, "_lf_rows", None)
+                if rows is None or rows.numel() != q.shape[0] * q.shape[2]:
+                    rows = cos._lf_rows = rotary_rows(cos, q.shape[0])
+                return apply_rotary_pos_emb(q, k, cos, sin, rows=rows)
+        return apply(q, k, cos, sin, *args, **kwargs)
+    rotary._lf_apply = apply
+    return rotary
+
+
+def _swap_rotary(attn_cls) -> None:
+    """Swap the module-level ``apply_rotary_pos_emb`` of ``attn_cls``'s module (patch_hf checked that it has one),
+    once: a second patch keeps the first wrapper."""
+    import sys
+
+    mod = sys.modules[attn_cls.__module__]
+    if not hasattr(mod.apply_rotary_pos_emb, "_lf_apply"):
+        mod.apply_rotary_pos_emb = _rotary_for(mod.apply_rotary_pos_emb)
+
+
 def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool = True, projector: bool = True,
-             rope: bool = False, cross_entropy: bool = False, vision_layout: bool = True):
+             rope: bool = True, cross_entropy: bool = False, vision_layout: bool = True):
     """Patch a transformers LLaVA model in place; returns the model. Raises ValueError for what it cannot patch.
     A peft ``PeftModel`` is patched through its base model; adapters on patched modules keep working.
 
@@ -259,9 +324,6 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
     name = type(model).__name__
     if name not in _SUPPORTED:
         raise ValueError(f"patch_hf supports transformers' {', '.join(_SUPPORTED[:3])} models, got {name}")
-    if rope:
-        raise ValueError("patch_hf(rope=True) is not supported: transformers applies RoPE from precomputed cos/sin; "
-                         "llava_fast.from_pretrained runs the fused RoPE kernel")
     if cross_entropy and not hasattr(model, "lm_head"):
         raise ValueError(f"patch_hf(cross_entropy=True) needs a model with its lm_head (the "
                          f"*ForConditionalGeneration classes), got {name}")
@@ -283,8 +345,16 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
             except ValueError:
                 raise ValueError(f"patch_hf(projector=True) needs a GELU projector_hidden_act, got "
                                  f"{cfg.projector_hidden_act!r}; pass projector=False") from None
+    if rope:
+        import sys
+
+        for m in model.modules():
+            mod = type(m).__module__
+            if type(m).__name__ in _ATTENTION and not hasattr(sys.modules.get(mod), "apply_rotary_pos_emb"):
+                raise ValueError(f"patch_hf(rope=True): {mod} has no apply_rotary_pos_emb to swap (a transformers "
+                                 f"version this patch_hf does not know); pass rope=False")
     patched = {"rms_norm": 0, "swiglu": 0, "projector": 0, "attention": False, "vision_layout": 0,
-               "cross_entropy": False}
+               "cross_entropy": False, "rope": 0}
     for m in model.modules():
         cls = type(m).__name__
         if vision_layout and cls == "SiglipVisionEmbeddings":
@@ -297,6 +367,12 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
         elif swiglu and cls in ("LlamaMLP", "Qwen2MLP", "MistralMLP"):
             m.forward = types.MethodType(_mlp_forward, m)
             patched["swiglu"] += 1
+        elif rope and cls in _ROTARY:
+            if getattr(m, "_lf_rope_hook", None) is None:
+                m._lf_rope_hook = m.register_forward_hook(_tag_rotary)
+            patched["rope"] += 1
+        elif rope and cls in _ATTENTION:
+            _swap_rotary(type(m))
         elif projector and cls.endswith("MultiModalProjector"):
             m._lf_approximate = approximate
             m.forward = types.MethodType(_projector_forward, m)
@@ -330,9 +406,11 @@ def unpatch_hf(model):
         if fwd is not None and (getattr(fwd, "__func__", None) in _OURS
                                 or getattr(getattr(fwd, "__func__", None), "_lf_fused_loss", False)):
             del m.forward
-        handle = vars(m).pop("_lf_contiguous", None)
-        if handle is not None:
-            handle.remove()
+        for key in ("_lf_contiguous", "_lf_rope_hook"):
+            handle = vars(m).pop(key, None)
+            if handle is not None:
+                handle.remove()
+        vars(m).pop("_lf_rope_ok", None)
     before = vars(model).pop("_lf_attn_before", None)
     if before is not None:
         model.set_attn_implementation(before)

@@ -100,6 +100,14 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta
     return q_embed, k_embed
 
 
+def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb`` (the same ops: bit-for-bit its result and gradients): the
+    reference of :func:`apply_rotary_pos_emb`, which takes transformers' cos / sin tables."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 2. Triton kernels
 # --------------------------------------------------------------------------------------------------------------------
@@ -127,7 +135,7 @@ if HAS_TRITON:
                      stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_qot, stride_qoh, stride_kot, stride_koh, stride_cache,
                      BACKWARD: tl.constexpr, HAS_CACHE: tl.constexpr, PRECISE: tl.constexpr,
-                     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                     ROUND_TABLE: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr):
         pid = tl.program_id(0)
         t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -151,9 +159,12 @@ if HAS_TRITON:
             else:  # the CPU interpreter (numpy sin/cos)
                 cos = tl.cos(freqs)
                 sin = tl.sin(freqs)
-        # HF casts cos/sin to the activation dtype before multiplying
-        cos = cos.to(QO.dtype.element_ty).to(tl.float32)[:, None, :]
-        sin = sin.to(QO.dtype.element_ty).to(tl.float32)[:, None, :]
+        if ROUND_TABLE:  # HF casts cos/sin to the activation dtype before multiplying
+            cos = cos.to(QO.dtype.element_ty).to(tl.float32)[:, None, :]
+            sin = sin.to(QO.dtype.element_ty).to(tl.float32)[:, None, :]
+        else:  # tables given in transformers' own dtype (apply_rotary_pos_emb): used as they are
+            cos = cos.to(tl.float32)[:, None, :]
+            sin = sin.to(tl.float32)[:, None, :]
         if BACKWARD:
             sin = -sin
         _rope_rotate(Q, QO, t64, tmask, d, dmask, cos, sin, HQ, stride_qt, stride_qh, stride_qot, stride_qoh,
@@ -171,7 +182,7 @@ def _as_thd(x: torch.Tensor) -> torch.Tensor:
     return x3 if x3.stride(-1) == 1 else x3.contiguous()
 
 
-def _launch(q, k, qo, ko, pos, inv_freq, cos_cache, sin_cache, backward: bool):
+def _launch(q, k, qo, ko, pos, inv_freq, cos_cache, sin_cache, backward: bool, round_table: bool = True):
     t, hq, d = q.shape
     hkv = k.shape[1]
     if t == 0:
@@ -193,19 +204,25 @@ def _launch(q, k, qo, ko, pos, inv_freq, cos_cache, sin_cache, backward: bool):
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos_cache.stride(0) if has_cache else 0,
             BACKWARD=backward, HAS_CACHE=has_cache, PRECISE=(libdevice is not None and not _ext.interpreting()),
-            HALF=half, BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, num_warps=4)
+            ROUND_TABLE=round_table, HALF=half, BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_HQ=block_hq,
+            BLOCK_HKV=block_hkv, num_warps=4)
 
 
 def rope_fwd(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_freq: Optional[torch.Tensor] = None,
              cos_cache: Optional[torch.Tensor] = None, sin_cache: Optional[torch.Tensor] = None,
-             backward: bool = False, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             backward: bool = False, inplace: bool = False, round_table: bool = True,
+             out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel on ``q`` ``(..., Hq, D)`` and ``k`` ``(..., Hkv, D)``. ``backward=True`` rotates by -angle
     (the gradient). ``inplace=True`` writes into q and k (which must then be (T, H, D)-viewable with unit last
-    stride) and returns them. Needs ``inv_freq`` (D/2 fp32) or both caches ``(P, D/2)`` fp32."""
+    stride) and returns them. Needs ``inv_freq`` (D/2 fp32) or both caches ``(P, D/2)`` (fp32; any float dtype with
+    ``round_table=False``, which multiplies by the table values as they are instead of rounding them to the output
+    dtype first). ``out_dtype``: the outputs' dtype (default q's and k's own; not with ``inplace``)."""
     q3, k3 = _as_thd(q), _as_thd(k)
     # the kernel indexes the tables as row * cos.stride(0) + col for both cos and sin, and inv_freq as a dense fp32
-    # vector: a transposed / sliced table (or two tables with different row strides) would be read silently wrong
-    if cos_cache is not None:
+    # vector: a transposed table (or two tables with different row strides) would be read silently wrong. Rows of a
+    # wider table (a slice with a unit last stride) are read in place
+    if cos_cache is not None and (cos_cache.dim() != 2 or cos_cache.stride(-1) != 1
+                                  or sin_cache.stride() != cos_cache.stride()):
         cos_cache, sin_cache = cos_cache.contiguous(), sin_cache.contiguous()
     if inv_freq is not None:
         if inv_freq.dtype != torch.float32 or not inv_freq.is_contiguous():
@@ -218,9 +235,9 @@ def rope_fwd(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, inv_f
             raise ValueError("rope: inplace=True needs q and k with a unit last stride; pass inplace=False")
         qo, ko = q3, k3
     else:
-        qo, ko = torch.empty(q3.shape, dtype=q.dtype, device=q.device), torch.empty(k3.shape, dtype=k.dtype,
-                                                                                   device=k.device)
-    _launch(q3, k3, qo, ko, pos, inv_freq, cos_cache, sin_cache, backward)
+        qo = torch.empty(q3.shape, dtype=out_dtype or q.dtype, device=q.device)
+        ko = torch.empty(k3.shape, dtype=out_dtype or k.dtype, device=k.device)
+    _launch(q3, k3, qo, ko, pos, inv_freq, cos_cache, sin_cache, backward, round_table)
     if inplace:
         return q, k
     return qo.view(q.shape), ko.view(k.shape)
@@ -252,6 +269,17 @@ def _(q, k, position_ids, inv_freq, cos_cache, sin_cache, backward):
     return None
 
 
+@_ext.custom_op("llava_fast::rope_tables", mutates_args=())
+def _rope_tables_op(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    out_dtype: torch.dtype, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_fwd(q, k, rows, None, cos, sin, backward, inplace=False, round_table=False, out_dtype=out_dtype)
+
+
+@_rope_tables_op.register_fake
+def _(q, k, rows, cos, sin, out_dtype, backward):
+    return q.new_empty(q.shape, dtype=out_dtype), k.new_empty(k.shape, dtype=out_dtype)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 5. autograd
 # --------------------------------------------------------------------------------------------------------------------
@@ -275,6 +303,28 @@ class RoPEFunction(torch.autograd.Function):
             # a differentiable backward; the kernel's result has no graph, so differentiating it again must raise
             dq, dk = _ext.not_differentiable_again((dq, dk), g_in, "rope")
         return dq, dk, None, None, None, None, None
+
+
+class RoPETablesFunction(torch.autograd.Function):
+    """q ``(..., Hq, D)``, k ``(..., Hkv, D)`` (token-major), ``rows`` one table row per token, ``cos`` / ``sin``
+    ``(N, D/2)`` in transformers' dtype: outputs in the promoted dtype of q and the tables, as transformers'
+    ``q * cos + rotate_half(q) * sin`` gives (fp32 under autocast, whose cos/sin stay fp32)."""
+
+    @staticmethod
+    def forward(ctx, q, k, rows, cos, sin):
+        ctx.save_for_backward(rows, cos, sin)
+        ctx.dtype = q.dtype
+        out = torch.promote_types(q.dtype, cos.dtype)
+        return _rope_tables_op(q, k, rows, cos, sin, out, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        rows, cos, sin = ctx.saved_tensors
+        g_in = (dq, dk)
+        dq, dk = _rope_tables_op(dq, dk, rows, cos, sin, ctx.dtype, True)   # (q and k have one dtype)
+        if torch.is_grad_enabled() and not _ext._tracing():
+            dq, dk = _ext.not_differentiable_again((dq, dk), g_in, "rope")
+        return dq, dk, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -397,7 +447,72 @@ def rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, theta: fl
     return RoPEFunction.apply(q, k, position_ids, inv_freq, cos_c, sin_c, bool(inplace))
 
 
+def rotary_rows(cos: torch.Tensor, batch: int) -> torch.Tensor:
+    """Each of the ``batch * S`` tokens' row in transformers' ``(B or 1, S, D)`` cos / sin tables, flattened to
+    ``(B or 1) * S`` rows (int32): the ``rows`` of :func:`apply_rotary_pos_emb`, which ``patch_hf`` makes once per
+    forward and shares between the layers."""
+    bc, s = cos.shape[0], cos.shape[1]
+    rows = torch.arange(bc * s, device=cos.device, dtype=torch.int32)
+    return rows.repeat(batch) if bc != batch else rows
+
+
+def _check_tables(q, k, cos, sin):
+    for name, x, n in (("q", q, 4), ("k", k, 4), ("cos", cos, 3), ("sin", sin, 3)):
+        if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
+            raise ValueError(f"apply_rotary_pos_emb: {name} must be a float32/float16/bfloat16 tensor, got "
+                             f"{getattr(x, 'dtype', type(x))}")
+        if x.dim() != n:
+            raise ValueError(f"apply_rotary_pos_emb: {name} must have {n} dims (q, k: (batch, heads, seq, head_dim); "
+                             f"cos, sin: (batch or 1, seq, head_dim)), got shape {tuple(x.shape)}")
+        if x.device != q.device:
+            raise ValueError(f"apply_rotary_pos_emb: {name} is on {x.device}, q on {q.device}: put them on one device")
+    b, _, s, d = q.shape
+    if k.shape[0] != b or k.shape[2:] != q.shape[2:] or k.dtype != q.dtype:
+        raise ValueError(f"apply_rotary_pos_emb: k {tuple(k.shape)} {k.dtype} must match q {tuple(q.shape)} {q.dtype} "
+                         f"in batch, seq, head_dim and dtype")
+    if cos.shape != sin.shape or cos.dtype != sin.dtype or cos.shape[0] not in (1, b) or cos.shape[1:] != (s, d):
+        raise ValueError(f"apply_rotary_pos_emb: cos / sin must both be (batch or 1, seq, head_dim) = "
+                         f"({b} or 1, {s}, {d}) of one dtype, got {tuple(cos.shape)} {cos.dtype} / "
+                         f"{tuple(sin.shape)} {sin.dtype}")
+    if d % 2:
+        raise ValueError(f"apply_rotary_pos_emb: head_dim must be even, got {d}")
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         unsqueeze_dim: int = 1,
+                         rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` on q and k in one kernel (``patch_hf(rope=True)``).
+
+    Args:
+        q: ``(B, Hq, S, D)``, k: ``(B, Hkv, S, D)`` (transformers' attention layout; any strides).
+        cos, sin: ``(B or 1, S, D)`` as transformers' rotary embeddings return them: the two halves of the last dim
+            equal (``cat((freqs, freqs))``, every rope_type of Llama / Qwen2 / Mistral), in their dtype (the
+            activations', or fp32 under autocast). The kernel reads the first halves.
+        unsqueeze_dim: 1 (transformers' layout); another value runs the reference.
+        rows: ``rotary_rows(cos, B)``, when the caller keeps it for several layers (made here otherwise).
+    Returns:
+        ``(q_embed, k_embed)`` like transformers': the promoted dtype of q and cos, in q's layout. The kernel
+        multiplies in fp32 and rounds once (transformers rounds each product in bf16/fp16); the backward is the
+        rotation by the opposite angle. The reference (CPU path) is transformers' own computation.
+    """
+    if unsqueeze_dim != 1 or not (HAS_TRITON and backend.use_fast("rope", q.device.type)):
+        return apply_rotary_ref(q, k, cos, sin, unsqueeze_dim)
+    _check_tables(q, k, cos, sin)
+    b, s, d = q.shape[0], q.shape[2], q.shape[3]
+    if rows is None:
+        rows = rotary_rows(cos, b)
+    elif rows.numel() != b * s:
+        raise ValueError(f"apply_rotary_pos_emb: rows needs one table row per token ({b * s}), got {rows.numel()}: "
+                         f"pass rotary_rows(cos, q.shape[0])")
+    # the first halves of the last dim, as (B or 1) * S table rows read in place (views: nothing is copied)
+    half = d // 2
+    cos_h, sin_h = cos.reshape(-1, d)[:, :half], sin.reshape(-1, d)[:, :half]
+    qo, ko = RoPETablesFunction.apply(q.transpose(1, 2), k.transpose(1, 2), rows, cos_h, sin_h)
+    return qo.transpose(1, 2), ko.transpose(1, 2)
+
+
 if HAS_TRITON:
     backend.register_fast("rope", "triton")
 
-__all__ = ["rope_inv_freq", "rope_cos_sin_cache", "rope_ref", "rope_fwd", "RoPEFunction", "rope"]
+__all__ = ["rope_inv_freq", "rope_cos_sin_cache", "rope_ref", "rope_fwd", "RoPEFunction", "rope", "apply_rotary_ref",
+           "rotary_rows", "RoPETablesFunction", "apply_rotary_pos_emb"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import types
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from llava_fast.patching import patch_hf
 from test_llava_parity import hf_pixels, make_batch
 from tiny import IMAGE_TOKEN, hf_model
 
-_OPS = ("rms_norm", "swiglu", "attention", "vision_attention", "projector")
+_OPS = ("rms_norm", "swiglu", "attention", "vision_attention", "projector", "rope")
 
 
 def _inputs(model_type):
@@ -46,7 +47,7 @@ def test_patched_equals_unpatched(model_type):
     patch_hf(hf)
     assert hf._llava_fast_patched["rms_norm"] > 0 and hf._llava_fast_patched["swiglu"] > 0
     try:
-        for op in ("rms_norm", "swiglu", "attention", "vision_attention", "projector"):
+        for op in _OPS:
             llava_fast.set_backend(op, "triton")
         out = hf(**kw)
         out.loss.backward()
@@ -58,12 +59,18 @@ def test_patched_equals_unpatched(model_type):
             torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-4, rtol=1e-4, msg=lambda s: f"{n}: {s}")
 
 
-def test_patch_errors():
-    hf = hf_model("llava_next")
-    with pytest.raises(ValueError, match="rope"):
-        patch_hf(hf, rope=True)
+def test_patch_errors(monkeypatch):
     with pytest.raises(ValueError, match="supports transformers"):
         patch_hf(torch.nn.Linear(2, 2))
+    # a transformers version whose attention module has no apply_rotary_pos_emb to swap: said, before any swap
+    import transformers.models.llama.modeling_llama as ml
+
+    hf = hf_model("llava_next")
+    monkeypatch.delattr(ml, "apply_rotary_pos_emb")
+    with pytest.raises(ValueError, match="rope=False"):
+        patch_hf(hf)
+    assert not any("forward" in vars(m) or m._forward_hooks for m in hf.modules())
+    assert patch_hf(hf, rope=False)._llava_fast_patched["rope"] == 0
 
 
 def _grads(model, which=lambda n: True):
@@ -312,7 +319,7 @@ def test_patched_padded_rows_run_unpadded(model_type, side, varlen_calls):
         unpatched = hf_model(model_type)
         with torch.no_grad():
             want = unpatched.generate(**gen, max_new_tokens=6, do_sample=False, pad_token_id=0)
-            with _forced("attention"):
+            with _forced("attention", "rope"):
                 got = hf.generate(**gen, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(got, want)
 
@@ -468,7 +475,7 @@ def test_unpatch_restores_transformers():
     """unpatch_hf undoes patch_hf (applied twice, fused loss included): transformers' forwards, no SigLIP hook, the
     attention implementation the model had, and bit for bit the outputs of a model never patched; a model never
     patched is left as it is, and patching again works."""
-    from llava_fast import unpatch_hf
+    from llava_fast import patching, unpatch_hf
 
     hf = hf_model("llava_onevision").train()
     never = copy.deepcopy(hf)
@@ -478,16 +485,109 @@ def test_unpatch_restores_transformers():
     assert hf.config._attn_implementation == "llava_fast" and "forward" in vars(hf)
     assert unpatch_hf(hf) is hf
     assert not any("forward" in vars(m) for m in hf.modules())
-    assert not any(m._forward_hooks for m in hf.modules())
+    # (transformers 5.0-5.3 add output-recording hooks of their own at the first forward: only ours must be gone)
+    ours = (patching._contiguous_output, patching._tag_rotary)
+    assert not any(h in ours for m in hf.modules() for h in m._forward_hooks.values())
     assert hf.config._attn_implementation == before and not hasattr(hf, "_llava_fast_patched")
     with _forced(*_OPS, "cross_entropy"):
         out, ref = hf(**kw), never(**kw)
     torch.testing.assert_close(out.logits, ref.logits, atol=0, rtol=0)
     torch.testing.assert_close(out.loss, ref.loss, atol=0, rtol=0)
+    own = [vars(m).get("forward") for m in never.modules()]   # (5.0-5.3 set some in their first forward)
     unpatch_hf(never)
-    assert not any("forward" in vars(m) for m in never.modules())
+    assert [vars(m).get("forward") for m in never.modules()] == own
     patch_hf(hf)
     assert hf._llava_fast_patched["rms_norm"] > 0 and hf.config._attn_implementation == "llava_fast"
+
+
+@pytest.fixture
+def rope_calls(monkeypatch):
+    """The calls of the RoPE kernel on transformers' tables (patch_hf(rope=True)): q's (token-major) shapes."""
+    from llava_fast.ops import rope as rope_op
+
+    calls = []
+    orig = rope_op.RoPETablesFunction.apply
+    monkeypatch.setattr(rope_op.RoPETablesFunction, "apply", lambda *a: calls.append(tuple(a[0].shape)) or orig(*a))
+    return calls
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_onevision"])
+def test_patched_rope(model_type, rope_calls):
+    """patch_hf(rope=True) (the default) swaps transformers' module-level apply_rotary_pos_emb, as Liger-Kernel does,
+    but only a patched model's tables take the kernel: a second, unpatched model in the same process keeps
+    transformers' computation bit for bit. The patched model's logits and gradients equal the unpatched ones (fp32:
+    the kernel rounds once, as each of transformers' fp32 ops does), with gradient checkpointing too (the recompute
+    runs the kernel again); its tables are freed after the step (no reference cycle through a tensor attribute)."""
+    import gc
+    import weakref
+
+    kw = _inputs(model_type)
+    hf, ref, ref_grads = _unpatched_then_patched(model_type, kw)
+    other = hf_model(model_type)
+    layers = hf.config.text_config.num_hidden_layers
+    tables = []
+    rotary = next(m for m in hf.modules() if type(m).__name__.endswith("RotaryEmbedding"))
+    rotary.register_forward_hook(lambda m, a, out: tables.append(weakref.ref(out[0])))
+    with _forced("rope"):
+        out = hf(**kw)
+        out.loss.backward()
+        assert len(rope_calls) == layers and rope_calls[0][:2] == tuple(kw["input_ids"].shape)
+        other_out = other(**kw)
+    assert len(rope_calls) == layers   # (the unpatched model did not take the kernel)
+    torch.testing.assert_close(other_out.logits, ref.logits, atol=0, rtol=0)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=0)
+    _assert_grads(hf, ref_grads)
+    del out
+    gc.collect()
+    assert tables and tables[0]() is None
+    hf.zero_grad(set_to_none=True)
+    hf.train()
+    with warnings.catch_warnings():   # (deprecated for activation_checkpointing_enable in transformers 5.2x)
+        warnings.simplefilter("ignore", FutureWarning)
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rope_calls.clear()
+    with _forced("rope"):
+        hf(**kw).loss.backward()
+    assert len(rope_calls) == 2 * layers
+    _assert_grads(hf, ref_grads)
+
+
+def test_patched_rope_under_autocast(rope_calls):
+    """Under autocast (a Trainer with bf16=True and fp32 weights) transformers' cos / sin stay fp32 next to bf16 q / k
+    and its RoPE returns fp32: the kernel does the same (it multiplies by the fp32 tables as they are), so the
+    forward is transformers' bit for bit. The backward rounds once where transformers rounds three times: each
+    gradient of the language model by flash-attn's rule against the fp32 model (no autocast), in the relative L2
+    norm: the two runs differ only by the rounding of dq / dk, but every bf16 GEMM upstream and downstream adds its
+    own error, so the largest entry's error of a small tensor whose values are ~0 (a k bias: a shift of every key
+    that softmax ignores) moves by 2.7x between the two runs by chance (seed 0), and over seeds 0-2 the L2 ratio is
+    at most 1.51. The kernel's own rule, by the largest error, is tests/ops/test_rope.py's."""
+    model_type = "llava_onevision"
+    kw = _inputs(model_type)
+    hf = hf_model(model_type)
+    hf(**kw).loss.backward()
+    ref32 = _grads(hf)
+    hf.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = hf(**kw)
+    low.loss.backward()
+    low_grads = _grads(hf)
+    hf.zero_grad(set_to_none=True)
+    # only RoPE (the attention's SDPA fallback and SigLIP's layout round differently from eager in bf16)
+    patch_hf(hf, rms_norm=False, swiglu=False, attention=False, projector=False, vision_layout=False)
+    with _forced("rope"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = hf(**kw)
+    out.loss.backward()
+    assert rope_calls
+    torch.testing.assert_close(out.logits, low.logits, atol=0, rtol=0)
+    assert ref32.keys() == low_grads.keys() == _grads(hf).keys()
+    checked = 0
+    for n, g in ref32.items():
+        if "language_model" in n:
+            err = (hf.get_parameter(n).grad - g).norm() / g.norm()
+            base = (low_grads[n] - g).norm() / g.norm()
+            assert err <= 2 * base, f"d {n}: relative L2 error {err:.3e} > 2 x transformers' {base:.3e}"
+            checked += 1
+    assert checked >= 20
 
 
 @pytest.mark.parametrize("act", ["gelu_fast", "gelu_python", "gelu_pytorch_tanh"])
@@ -524,7 +624,7 @@ def test_patch_twice_bf16_no_grad():
     hf.zero_grad(set_to_none=True)
     patch_hf(patch_hf(hf))
     assert hf._llava_fast_patched == {"rms_norm": 5, "swiglu": 2, "projector": 1, "attention": True,
-                                      "vision_layout": 1, "cross_entropy": False}
+                                      "vision_layout": 1, "cross_entropy": False, "rope": 1}
     hooks = next(m for m in hf.modules() if type(m).__name__ == "SiglipVisionEmbeddings")._forward_hooks
     assert len(hooks) == 1  # patched twice, hooked once
     with torch.no_grad():
@@ -567,7 +667,8 @@ def test_cuda_patched_by_flash_rule(model_type, dtype, rows):
     backward included. ``packed``: two rows of two documents each in transformers' padding-free format; ``padded``:
     three left-padded rows (the logits of their real tokens); both through the varlen kernel over the documents;
     ``fused_loss``: ``cross_entropy=True`` in training on right-padded rows (no logits: the loss and the gradients,
-    lm_head's too) (session 34, not yet run on a GPU)."""
+    lm_head's too) (session 34, not yet run on a GPU). Every case runs RoPE through the kernel on transformers'
+    tables too (patch_hf's rope=True, session 35, not yet run on a GPU)."""
     from utils import assert_flash_rule, max_err
 
     ref = hf_model(model_type)   # the fp32 reference on the CPU: no TF32 anywhere (cuDNN's convolutions use it)

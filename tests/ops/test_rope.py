@@ -4,6 +4,8 @@ launch, packed position ids) vs the reference, forward and backward, in-place, c
 CPU: kernel under TRITON_INTERPRET=1 on tiny fp32/fp16 shapes. GPU (`cuda` marker): bf16/fp16 at Qwen2-0.5B and
 Llama-7B head shapes with flash-attn's rule, and torch.compile.
 """
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config
@@ -13,7 +15,10 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb as qwe
 
 import llava_fast
 from llava_fast.modules.rope import RotaryEmbedding
-from llava_fast.ops.rope import RoPEFunction, rope, rope_cos_sin_cache, rope_fwd, rope_inv_freq, rope_ref
+from llava_fast.ops.rope import (RoPEFunction, apply_rotary_ref, rope, rope_cos_sin_cache, rope_fwd, rope_inv_freq,
+                                 rope_ref)
+from llava_fast.ops.rope import apply_rotary_pos_emb as lf_apply_rotary
+from llava_fast.ops.rope import rotary_rows
 from tests.utils import assert_close_verbose, assert_flash_rule
 
 # fp32 kernel vs fp32 reference: cos/sin from numpy (interpreter) or libdevice vs torch differ by <= 1-2 ulp, and
@@ -223,6 +228,104 @@ def test_bad_inputs():
         rope(q, k.half(), pos)
 
 
+@contextlib.contextmanager
+def _kernel():
+    llava_fast.set_backend("rope", "triton")
+    try:
+        yield
+    finally:
+        llava_fast.set_backend("rope", "auto")
+
+
+def _hf_tables(b, s, hq, hkv, d, q_dtype, table_dtype, batch_tables, theta=1e6, device=None):
+    """transformers' layout: q (B, Hq, S, D) and k (B, Hkv, S, D) as its attention makes them (transposed views of
+    (B, S, H, D)), and its rotary embedding's (B or 1, S, D) cos / sin in ``table_dtype`` (fp32 next to bf16 q / k:
+    autocast), at positions that differ per row (left padding) or are shared (1 row of tables)."""
+    cfg = Qwen2Config(hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
+                      rope_theta=theta, max_position_embeddings=4096)
+    pos = torch.arange(s, device=device)[None] * 3 + (torch.arange(b, device=device)[:, None] * 5 if batch_tables
+                                                      else 0)
+    cos, sin = Qwen2RotaryEmbedding(cfg).to(device)(torch.ones((), dtype=table_dtype, device=device), pos)
+    q = torch.randn(b, s, hq, d, dtype=q_dtype, device=device).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, s, hkv, d, dtype=q_dtype, device=device).transpose(1, 2).requires_grad_()
+    return q, k, cos, sin
+
+
+@pytest.mark.parametrize("batch_tables", [True, False], ids=["tables_per_row", "tables_shared"])
+@pytest.mark.parametrize("b_s_hq_hkv_d", [(1, 1, 1, 1, 2), (2, 11, 4, 2, 16), (3, 7, 6, 6, 10)])
+def test_hf_tables_fp32(b_s_hq_hkv_d, batch_tables, kdev):
+    """apply_rotary_pos_emb (transformers' cos / sin tables, patch_hf(rope=True)) against transformers' own function:
+    fp32 values, layout and gradients; the reference path is transformers' bit for bit."""
+    q, k, cos, sin = _hf_tables(*b_s_hq_hkv_d, torch.float32, torch.float32, batch_tables)
+    qh, kh = qwen2_apply_rotary_pos_emb(q, k, cos, sin)
+    with _kernel():
+        qo, ko = lf_apply_rotary(q, k, cos, sin)
+    assert qo.shape == qh.shape and qo.stride() == qh.stride() and qo.dtype == qh.dtype
+    assert_close_verbose(qo, qh, name="q", **FP32_TOL)
+    assert_close_verbose(ko, kh, name="k", **FP32_TOL)
+    gq, gk = torch.randn_like(qh), torch.randn_like(kh)
+    for name, a, b in zip(["dq", "dk"], _grads([qo, ko], [q, k], [gq, gk]), _grads([qh, kh], [q, k], [gq, gk])):
+        assert_close_verbose(a, b, name=name, **FP32_TOL)
+    qr, kr = lf_apply_rotary(q, k, cos, sin)   # CPU "auto": the reference
+    assert torch.equal(qr, qh) and torch.equal(kr, kh)
+    assert torch.equal(apply_rotary_ref(q, k, cos, sin)[0], qh)
+
+
+@pytest.mark.parametrize("q_dtype,table_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)],
+                         ids=["fp16", "bf16_autocast"])
+def test_hf_tables_low_precision_flash_rule(q_dtype, table_dtype, kdev):
+    """fp16 tables next to fp16 q / k, and fp32 tables next to bf16 q / k (autocast: transformers returns fp32): the
+    output dtype is transformers', the forward with fp32 tables is its value exactly (both multiply the same numbers
+    in fp32 and add once), and the values and gradients follow flash-attn's rule against fp32."""
+    q, k, cos, sin = _hf_tables(2, 33, 4, 2, 32, q_dtype, table_dtype, True, theta=1e4)
+    qs, ks = qwen2_apply_rotary_pos_emb(q, k, cos, sin)
+    with _kernel():
+        qo, ko = lf_apply_rotary(q, k, cos, sin)
+    assert qo.dtype == qs.dtype == torch.promote_types(q_dtype, table_dtype)
+    q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    qf, kf = qwen2_apply_rotary_pos_emb(q32, k32, cos.float(), sin.float())
+    if table_dtype == torch.float32:
+        assert torch.equal(qo, qs) and torch.equal(ko, ks)
+    assert_flash_rule(qo, qf, qs, name="q")
+    assert_flash_rule(ko, kf, ks, name="k")
+    gq, gk = torch.randn_like(qs), torch.randn_like(ks)
+    g = _grads([qo, ko], [q, k], [gq, gk])
+    assert g[0].dtype == q_dtype
+    gs = _grads([qs, ks], [q, k], [gq, gk])
+    gf = _grads([qf, kf], [q32, k32], [gq.float(), gk.float()])
+    for name, a, b, c in zip(["dq", "dk"], g, gf, gs):
+        assert_flash_rule(a, b, c, name=name)
+
+
+def test_hf_tables_compile_aot_eager(kdev):
+    q, k, cos, sin = _hf_tables(2, 6, 2, 1, 8, torch.float32, torch.float32, False)
+    with _kernel():
+        qo, ko = torch.compile(lf_apply_rotary, backend="aot_eager", fullgraph=True)(q, k, cos, sin)
+        g = _grads([qo, ko], [q, k], [torch.ones_like(qo), torch.ones_like(ko)])
+    qh, kh = qwen2_apply_rotary_pos_emb(q, k, cos, sin)
+    gh = _grads([qh, kh], [q, k], [torch.ones_like(qh), torch.ones_like(kh)])
+    assert_close_verbose(qo, qh, name="q", **FP32_TOL)
+    for a, b in zip(g, gh):
+        assert_close_verbose(a, b, name="grad", **FP32_TOL)
+
+
+def test_hf_tables_bad_inputs(kdev):
+    q, k, cos, sin = _hf_tables(2, 5, 2, 1, 8, torch.float32, torch.float32, True)
+    with _kernel():
+        with pytest.raises(ValueError, match="cos / sin must both be"):
+            lf_apply_rotary(q, k, cos[:, :4], sin[:, :4])
+        with pytest.raises(ValueError, match="k .* must match q"):
+            lf_apply_rotary(q, k[:1], cos, sin)
+        with pytest.raises(ValueError, match="q must have 4 dims"):
+            lf_apply_rotary(q[0], k, cos, sin)
+        with pytest.raises(ValueError, match="rows needs one table row per token"):
+            lf_apply_rotary(q, k, cos, sin, rows=torch.arange(3, dtype=torch.int32))
+        # rows made once and shared (patch_hf): the same result
+        qa, _ = lf_apply_rotary(q, k, cos[:1], sin[:1], rows=rotary_rows(cos[:1], 2))
+        qb, _ = lf_apply_rotary(q, k, cos[:1], sin[:1])
+    assert torch.equal(qa, qb)
+
+
 # ---------------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -278,3 +381,31 @@ def test_cuda_torch_compile(inplace):
     gq, gk = torch.randn_like(qo), torch.randn_like(ko)
     for a, b in zip(_grads([qo, ko], [q0, k0], [gq, gk]), _grads([qe, ke], [q0, k0], [gq, gk])):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("q_dtype,table_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                 (torch.bfloat16, torch.float32)],
+                         ids=["bf16", "fp16", "bf16_autocast"])
+@pytest.mark.parametrize("hq,hkv,d", [(14, 2, 64), (32, 32, 128)])
+def test_cuda_hf_tables_flash_rule(hq, hkv, d, q_dtype, table_dtype):
+    """patch_hf(rope=True)'s kernel on transformers' tables at Qwen2-0.5B / Llama-7B head shapes, 2 rows of 2500
+    tokens (session 35, not yet run on a GPU)."""
+    q, k, cos, sin = _hf_tables(2, 2500, hq, hkv, d, q_dtype, table_dtype, True, device="cuda")
+    qs, ks = qwen2_apply_rotary_pos_emb(q, k, cos, sin)
+    llava_fast.set_backend("rope", "auto")
+    qo, ko = lf_apply_rotary(q, k, cos, sin)
+    q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    qf, kf = qwen2_apply_rotary_pos_emb(q32, k32, cos.float(), sin.float())
+    assert qo.dtype == qs.dtype and qo.stride() == qs.stride()
+    assert_flash_rule(qo, qf, qs, name="q")
+    assert_flash_rule(ko, kf, ks, name="k")
+    gq, gk = torch.randn_like(qs), torch.randn_like(ks)
+    g = _grads([qo, ko], [q, k], [gq, gk])
+    gs = _grads([qs, ks], [q, k], [gq, gk])
+    gf = _grads([qf, kf], [q32, k32], [gq.float(), gk.float()])
+    for name, a, b, c in zip(["dq", "dk"], g, gf, gs):
+        assert_flash_rule(a, b, c, name=name)
+    if hq == 14:   # under torch.compile (the custom op), one graph (one head shape: inductor compiles are slow)
+        qc, kc = torch.compile(lf_apply_rotary, fullgraph=True)(q, k, cos, sin)
+        assert torch.equal(qc, qo) and torch.equal(kc, ko)
