@@ -539,7 +539,7 @@ def main(argv=None):
         stub_triton_launches()
         force_fast()
         for name, us in profile_model.launch_costs("cpu", 2000):
-            print(f"  {name:24s} {us:7.1f} us per call (Triton launch stubbed)")
+            print(f"  {name:28s} {us:7.1f} us per call (Triton launch stubbed)")
         return 0
     llm, vis = FULL_DEPTH[a.workload]
     llm, vis = a.llm_layers or llm, a.vision_layers or vis

@@ -311,7 +311,7 @@ def launch_costs(device: str, calls: int = 300) -> list[tuple[str, float]]:
     hidden 896) is host-bound. aten's ``add`` is the yardstick."""
     from llava_fast.ops.attention import flash_attn_varlen_func
     from llava_fast.ops.rms_norm import rms_norm
-    from llava_fast.ops.rope import rope
+    from llava_fast.ops.rope import apply_rotary_pos_emb, rope, rotary_rows
     from llava_fast.ops.swiglu import swiglu
 
     dt = torch.bfloat16
@@ -322,10 +322,17 @@ def launch_costs(device: str, calls: int = 300) -> list[tuple[str, float]]:
     k = torch.randn(128, 2, 64, device=device, dtype=dt)
     cu = torch.tensor([0, 64, 128], device=device, dtype=torch.int32)
     pos = torch.arange(128, device=device)
+    # transformers' layout and tables (patch_hf(rope=True) against transformers' own apply_rotary_pos_emb)
+    qh, kh = q.view(1, 128, 14, 64).transpose(1, 2), k.view(1, 128, 2, 64).transpose(1, 2)
+    cos = torch.randn(1, 128, 32, device=device, dtype=dt).repeat(1, 1, 2)
+    sin = torch.randn(1, 128, 32, device=device, dtype=dt).repeat(1, 1, 2)
+    rows = rotary_rows(cos, 1)
     ops = [("aten add", lambda: torch.add(x, x)),
            ("rms_norm (Triton)", lambda: rms_norm(x, w)),
            ("swiglu (Triton)", lambda: swiglu(x, x)),
            ("rope (Triton)", lambda: rope(q, k, pos)),
+           ("rope on HF tables (Triton)", lambda: apply_rotary_pos_emb(qh, kh, cos, sin, rows=rows)),
+           ("rope HF apply_rotary (aten)", lambda: _hf_rotary(qh, kh, cos, sin)),
            ("attention fwd (Triton)", lambda: flash_attn_varlen_func(q, k, k, cu, cu, 64, 64, causal=True))]
     if device == "cuda":
         ops += _launch_only_ops(x, w)
@@ -344,6 +351,14 @@ def launch_costs(device: str, calls: int = 300) -> list[tuple[str, float]]:
             except Exception as e:  # noqa: BLE001 - the launch-only rows use Triton internals that may change
                 out.append((f"{name}: n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})", float("nan")))
     return out
+
+
+def _hf_rotary(q, k, cos, sin):
+    """transformers' ``apply_rotary_pos_emb`` (its ops: llava_fast.ops.rope.apply_rotary_ref), without importing
+    whichever function patch_hf may have swapped into transformers' modules."""
+    from llava_fast.ops.rope import apply_rotary_ref
+
+    return apply_rotary_ref(q, k, cos, sin)
 
 
 def _launch_only_ops(x, w) -> list:

@@ -27,6 +27,7 @@ themselves run as before. patch_hf may be called before or after peft injects ad
 """
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
@@ -276,14 +277,16 @@ def _tag_rotary(module, args, output):
 def _rotary_for(apply):
     """transformers' module-level ``apply_rotary_pos_emb`` (``apply``) that runs ``llava_fast.ops.rope``'s kernel on
     the tables of a model patched with ``rope=True`` (tagged by ``_tag_rotary``) and ``apply`` on anything else (other
-    models in the process, other arguments), the way Liger-Kernel swaps the same function. The kernel's views of the
-    token rows of the tables are made once per forward and kept on cos for the other layers."""
+    models in the process, other arguments), the way Liger-Kernel swaps the same function. Each token's table row
+    (``ops.rope.rotary_rows``) is made once per forward and kept on cos for the other layers."""
     import functools
 
     @functools.wraps(apply)
     def rotary(q, k, cos, sin, *args, **kwargs):
+        # (plain tensors only: a DTensor of tensor parallelism, say, gets transformers' function)
         if (getattr(cos, "_lf_rope", False) and getattr(sin, "_lf_rope", False) and not args and not kwargs
-                and q.dim() == 4 and not torch.compiler.is_compiling()):
+                and type(q) is torch.Tensor and type(k) is torch.Tensor and q.dim() == 4
+                and not torch.compiler.is_compiling()):
             from llava_fast import backend
             from llava_fast.ops.rope import apply_rotary_pos_emb, rotary_rows
 
@@ -311,7 +314,9 @@ def _swap_rotary(attn_cls) -> None:
 def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool = True, projector: bool = True,
              rope: bool = True, cross_entropy: bool = False, vision_layout: bool = True):
     """Patch a transformers LLaVA model in place; returns the model. Raises ValueError for what it cannot patch.
-    A peft ``PeftModel`` is patched through its base model; adapters on patched modules keep working.
+    A peft ``PeftModel`` is patched through its base model; adapters on patched modules keep working. What was
+    swapped is ``model._llava_fast_patched`` (module counts per kind; also logged at INFO by the ``llava_fast``
+    logger), and patching twice is patching once.
 
     ``vision_layout``: SigLIP's embeddings (a transposed view of the patch conv's output) are made contiguous, so the
     tower's residual stream is no longer carried transposed through every layer (strided copies and adds in each
@@ -387,6 +392,8 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
         model.forward = types.MethodType(_fused_loss_forward(type(model).forward), model)
         patched["cross_entropy"] = True
     model._llava_fast_patched = patched
+    logging.getLogger("llava_fast").info(
+        "patch_hf(%s): %s", name, ", ".join(k if v is True else f"{k} x{v}" for k, v in patched.items() if v))
     return model
 
 

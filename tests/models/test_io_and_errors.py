@@ -76,7 +76,7 @@ def test_missing_unexpected_misshaped(next_ckpt, tmp_path):
     cases = {
         "missing": ({k: v for k, v in sd.items() if "linear_2.weight" not in k}, "missing tensors"),
         "unexpected": ({**sd, "language_model.model.extra.weight": torch.zeros(2)}, "unexpected tensors"),
-        "shape": ({**sd, "image_newline": torch.zeros(7)}, "has shape"),
+        "shape": ({**sd, _key(sd, "image_newline"): torch.zeros(7)}, "has shape"),
     }
     for name, (tensors, msg) in cases.items():
         d = tmp_path / name
@@ -177,6 +177,13 @@ def ov_ckpt(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("ov"), "llava_onevision")
 
 
+def _key(sd, suffix):
+    """The file's key for a tensor: transformers 5.4-5.5's save_pretrained writes other key layouts than the Hub files
+    (``model.image_newline``, ``model.language_model.model.*``; models/io.to_runtime_key reads them all)."""
+    (key,) = [k for k in sd if k == suffix or k.endswith("." + suffix)]
+    return key
+
+
 def _copy_ckpt(src, dst, cfg_edit=None, tensors_edit=None):
     dst.mkdir()
     cfg = json.loads((src / "config.json").read_text())
@@ -194,8 +201,8 @@ def test_tied_config_with_own_lm_head_loads_it_untied(ov_ckpt, tmp_path):
     import warnings
 
     _, path = ov_ckpt
-    emb = "language_model.model.embed_tokens.weight"
-    head = "language_model.lm_head.weight"
+    emb = _key(load_file(str(path / "model.safetensors")), "embed_tokens.weight")
+    head = "language_model.lm_head.weight"   # (what every layout calls it)
     same = _copy_ckpt(path, tmp_path / "same", tensors_edit=lambda sd: {**sd, head: sd[emb].clone()})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -249,14 +256,15 @@ def test_bf16_checkpoint_dtypes(next_ckpt, tmp_path):
 
     def to_bf16(sd):
         sd = {k: v.bfloat16() for k, v in sd.items()}
-        sd["image_newline"][0] = 1e6     # beyond float16's 65504
+        sd[_key(sd, "image_newline")][0] = 1e6     # beyond float16's 65504
         return sd
     d = _copy_ckpt(path, tmp_path / "bf16", cfg_edit=lambda c: c.update(dtype="bfloat16"), tensors_edit=to_bf16)
     sd = load_file(str(d / "model.safetensors"))
     m = llava_fast.from_pretrained(d)
-    assert m.dtype == torch.bfloat16 and torch.equal(m.model.image_newline, sd["image_newline"])
+    newline = sd[_key(sd, "image_newline")]
+    assert m.dtype == torch.bfloat16 and torch.equal(m.model.image_newline, newline)
     m = llava_fast.from_pretrained(d, dtype=torch.float32)
-    assert torch.equal(m.model.image_newline, sd["image_newline"].float())
+    assert torch.equal(m.model.image_newline, newline.float())
     with pytest.raises(ValueError, match=r"'model.image_newline'.*float16 range"):
         llava_fast.from_pretrained(d, dtype=torch.float16)
 

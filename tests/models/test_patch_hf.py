@@ -605,6 +605,16 @@ def test_patch_projector_act(act):
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
 
 
+def test_patch_logs_what_it_swapped(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="llava_fast"):
+        patch_hf(hf_model("llava_onevision"))
+    (msg,) = [r.getMessage() for r in caplog.records if r.name == "llava_fast"]
+    assert msg == ("patch_hf(LlavaOnevisionForConditionalGeneration): rms_norm x5, swiglu x2, projector x1, "
+                   "attention, vision_layout x1, rope x1")
+
+
 def test_patch_twice_bf16_no_grad():
     """patch_hf twice is patch_hf once; bf16 (CPU) in eval mode under no_grad (reference backends: bit-exact) and with
     gradients, rms_norm and swiglu forced (the interpreter's bf16 tl.dot is wrong, tests/ops/test_attention.py, so
