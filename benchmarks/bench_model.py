@@ -12,7 +12,7 @@ side by side in one run, on the three workloads of performance-anchors.md (rando
 Providers: llava_fast, hf_eager, hf_sdpa, hf_sdpa_liger (Liger's RoPE, RMSNorm and SwiGLU in the language model);
 hf_sdpa_liger_flce (stage 1 only: Liger's LLaVA-1.5 patch, which adds its fused linear cross-entropy);
 hf_sdpa_patched: the transformers model with ``llava_fast.patch_hf(m, cross_entropy=True)`` (our RMSNorm, SwiGLU,
-RoPE (session 35), attention, projector and fused loss in place, as users apply Liger; not in the default list); in
+RoPE and CLIP's QuickGELU (session 35), attention, projector and fused loss in place, as users apply Liger; not in the default list); in
 the mixed run hf_sdpa_packed and hf_sdpa_patched_packed (not in the default list): transformers sdpa, unpatched and patched, fed the same bin-packed rows as ours in
 transformers' padding-free format (position ids restarting at each sample, no attention mask, ``use_cache=False``,
 as DataCollatorWithFlattening gives them): unpatched, SDPA runs every row with transformers' block-causal mask (all

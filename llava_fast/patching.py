@@ -15,6 +15,8 @@ What is swapped (each can be turned off):
   module-level function of modeling_llama / qwen2 / mistral is swapped, as Liger-Kernel does, and takes the kernel
   only for the cos / sin tables of a patched model's rotary embedding, which ``_tag_rotary`` marks; anything else
   gets transformers' function);
+- ``quick_gelu``: CLIP's MLP activation (``QuickGELUActivation``, LLaVA-1.5 / NeXT towers) runs
+  ``llava_fast.ops.quick_gelu`` (one kernel instead of three);
 - ``projector``: the multimodal projector runs the fused GEMM+GELU kernel (when ``llava_fast.ops.projector`` exists;
   a projector_hidden_act other than GELU is a ValueError);
 - ``cross_entropy`` (off by default: it changes the output): in training with labels the loss comes from the fused
@@ -53,6 +55,12 @@ def _mlp_forward(self, x):
     if not unhooked(self.act_fn):  # a hook on the activation module: call it (transformers' forward)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _quick_gelu_forward(self, x):
+    from llava_fast.ops.quick_gelu import quick_gelu
+
+    return quick_gelu(x)
 
 
 def _projector_forward(self, image_features):
@@ -312,7 +320,7 @@ def _swap_rotary(attn_cls) -> None:
 
 
 def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool = True, projector: bool = True,
-             rope: bool = True, cross_entropy: bool = False, vision_layout: bool = True):
+             rope: bool = True, cross_entropy: bool = False, vision_layout: bool = True, quick_gelu: bool = True):
     """Patch a transformers LLaVA model in place; returns the model. Raises ValueError for what it cannot patch.
     A peft ``PeftModel`` is patched through its base model; adapters on patched modules keep working. What was
     swapped is ``model._llava_fast_patched`` (module counts per kind; also logged at INFO by the ``llava_fast``
@@ -324,7 +332,8 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
     once less (F.linear fuses the bias into the GEMM only for a contiguous input; torch's CPU bf16 GEMM also rounds
     differently by layout)."""
     if hasattr(model, "get_base_model"):  # peft's PeftModel (get_peft_model): patch the transformers model inside
-        patch_hf(model.get_base_model(), rms_norm, swiglu, attention, projector, rope, cross_entropy, vision_layout)
+        patch_hf(model.get_base_model(), rms_norm, swiglu, attention, projector, rope, cross_entropy, vision_layout,
+                 quick_gelu)
         return model
     name = type(model).__name__
     if name not in _SUPPORTED:
@@ -359,7 +368,7 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
                 raise ValueError(f"patch_hf(rope=True): {mod} has no apply_rotary_pos_emb to swap (a transformers "
                                  f"version this patch_hf does not know); pass rope=False")
     patched = {"rms_norm": 0, "swiglu": 0, "projector": 0, "attention": False, "vision_layout": 0,
-               "cross_entropy": False, "rope": 0}
+               "cross_entropy": False, "rope": 0, "quick_gelu": 0}
     for m in model.modules():
         cls = type(m).__name__
         if vision_layout and cls == "SiglipVisionEmbeddings":
@@ -372,6 +381,9 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
         elif swiglu and cls in ("LlamaMLP", "Qwen2MLP", "MistralMLP"):
             m.forward = types.MethodType(_mlp_forward, m)
             patched["swiglu"] += 1
+        elif quick_gelu and cls == "QuickGELUActivation":
+            m.forward = types.MethodType(_quick_gelu_forward, m)
+            patched["quick_gelu"] += 1
         elif rope and cls in _ROTARY:
             if getattr(m, "_lf_rope_hook", None) is None:
                 m._lf_rope_hook = m.register_forward_hook(_tag_rotary)
@@ -397,7 +409,7 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
     return model
 
 
-_OURS = (_rms_forward, _mlp_forward, _projector_forward)
+_OURS = (_rms_forward, _mlp_forward, _projector_forward, _quick_gelu_forward)
 
 
 def unpatch_hf(model):

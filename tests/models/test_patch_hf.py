@@ -15,7 +15,7 @@ from llava_fast.patching import patch_hf
 from test_llava_parity import hf_pixels, make_batch
 from tiny import IMAGE_TOKEN, hf_model
 
-_OPS = ("rms_norm", "swiglu", "attention", "vision_attention", "projector", "rope")
+_OPS = ("rms_norm", "swiglu", "attention", "vision_attention", "projector", "rope", "quick_gelu")
 
 
 def _inputs(model_type):
@@ -46,6 +46,9 @@ def test_patched_equals_unpatched(model_type):
     hf.zero_grad(set_to_none=True)
     patch_hf(hf)
     assert hf._llava_fast_patched["rms_norm"] > 0 and hf._llava_fast_patched["swiglu"] > 0
+    # CLIP's MLP activation (LLaVA-1.5 / NeXT): one QuickGELU per tower layer; SigLIP's is a GELU (not swapped)
+    clip = hf.config.vision_config.model_type == "clip_vision_model"
+    assert hf._llava_fast_patched["quick_gelu"] == (hf.config.vision_config.num_hidden_layers if clip else 0)
     try:
         for op in _OPS:
             llava_fast.set_backend(op, "triton")
@@ -498,6 +501,9 @@ def test_unpatch_restores_transformers():
     assert [vars(m).get("forward") for m in never.modules()] == own
     patch_hf(hf)
     assert hf._llava_fast_patched["rms_norm"] > 0 and hf.config._attn_implementation == "llava_fast"
+    clip = patch_hf(hf_model("llava"))   # CLIP's QuickGELU modules too
+    assert clip._llava_fast_patched["quick_gelu"] > 0
+    assert not any("forward" in vars(m) for m in unpatch_hf(clip).modules())
 
 
 @pytest.fixture
@@ -634,7 +640,7 @@ def test_patch_twice_bf16_no_grad():
     hf.zero_grad(set_to_none=True)
     patch_hf(patch_hf(hf))
     assert hf._llava_fast_patched == {"rms_norm": 5, "swiglu": 2, "projector": 1, "attention": True,
-                                      "vision_layout": 1, "cross_entropy": False, "rope": 1}
+                                      "vision_layout": 1, "cross_entropy": False, "rope": 1, "quick_gelu": 0}
     hooks = next(m for m in hf.modules() if type(m).__name__ == "SiglipVisionEmbeddings")._forward_hooks
     assert len(hooks) == 1  # patched twice, hooked once
     with torch.no_grad():
