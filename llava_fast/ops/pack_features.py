@@ -773,11 +773,13 @@ def _pack_scatter_bwd_op(grad_out: torch.Tensor, kidx: torch.Tensor, pos_of_k: t
 def _(grad_out, kidx, pos_of_k, image_meta, pinpoints_flat, tile, t, max_tiles, n_img_tiles, n_videos, frames, has_nl,
       img_dtype, vid_dtype, nl_dtype, need_img, need_vid, need_nl, need_emb):
     d = grad_out.shape[-1]
-    e = grad_out.new_empty(0)
-    return (grad_out.new_empty((n_img_tiles, t * t, d), dtype=img_dtype) if need_img else e,
-            grad_out.new_empty((n_videos, frames, t * t, d), dtype=vid_dtype) if need_vid else e,
-            grad_out.new_empty((d,), dtype=nl_dtype) if need_nl else e,
-            torch.empty_like(grad_out, memory_format=torch.contiguous_format) if need_emb else e)
+
+    def e():   # a distinct tensor per output, as the real op returns (one shared empty made the outputs alias)
+        return grad_out.new_empty(0)
+    return (grad_out.new_empty((n_img_tiles, t * t, d), dtype=img_dtype) if need_img else e(),
+            grad_out.new_empty((n_videos, frames, t * t, d), dtype=vid_dtype) if need_vid else e(),
+            grad_out.new_empty((d,), dtype=nl_dtype) if need_nl else e(),
+            torch.empty_like(grad_out, memory_format=torch.contiguous_format) if need_emb else e())
 
 
 # --------------------------------------------------------------------------------------------------------------------

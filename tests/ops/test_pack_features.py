@@ -283,6 +283,40 @@ def test_functional_dispatch_and_compile():
         llava_fast.set_backend("pack_features", "auto")
 
 
+def test_opcheck_custom_ops(monkeypatch):
+    """torch.library.opcheck (schema, fake against real, AOT dispatch) on pack_scatter_fwd / _bwd with the arguments
+    pack_and_scatter passes them (captured from a forward and backward): the fakes are what torch.compile traces
+    (session 35; tests/ops/test_opcheck.py has the other ops)."""
+    from llava_fast.ops import pack_features as pf
+
+    emb, ids, feats, sizes, nl, kw = make_case("ov", [[("img", (170, 170), False)], [("img", (20, 20), False)]],
+                                               t=3, d=8)
+    calls = {}
+    for name in ("_pack_scatter_fwd_op", "_pack_scatter_bwd_op"):
+        orig = getattr(pf, name)
+        monkeypatch.setattr(pf, name, lambda *a, _o=orig, _n=name: calls.setdefault(_n, a) and _o(*a))
+    llava_fast.set_backend("pack_features", "triton")
+    try:
+        f = feats.clone().requires_grad_()
+        pack_and_scatter(emb, ids, f, sizes, nl.clone().requires_grad_(), **kw).sum().backward()
+    finally:
+        llava_fast.set_backend("pack_features", "auto")
+    assert calls.keys() == {"_pack_scatter_fwd_op", "_pack_scatter_bwd_op"}
+    # pack_scatter_fwd's third output (pos_of_k) holds K entries and B*L - K unspecified ones (the fake cannot know
+    # K, the image-token count, which the plan takes from the CPU image sizes), so comparing two runs' outputs, as the
+    # AOT-dispatch checks do, compares uninitialised memory; its schema and fake are checked. Session 35: the backward's
+    # fake returned one shared empty tensor for its unused outputs (they aliased each other; the real op's do not)
+    for name, op, checks in (
+            ("_pack_scatter_fwd_op", torch.ops.llava_fast.pack_scatter_fwd,
+             ("test_schema", "test_autograd_registration", "test_faketensor")),
+            ("_pack_scatter_bwd_op", torch.ops.llava_fast.pack_scatter_bwd,
+             ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
+              "test_aot_dispatch_dynamic"))):
+        # (detached: the op has no autograd formula of its own, PackScatterFunction differentiates it)
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in calls[name])
+        torch.library.opcheck(op.default, args, test_utils=checks)
+
+
 def test_plan_token_counts_and_cache():
     """Host plan at the real sizes (no kernel): token counts equal anyres.num_image_tokens for NeXT (t=24) and
     OneVision (t=27, anyres_max_9), and the plan is cached per batch."""
