@@ -85,3 +85,12 @@ def test_opcheck(case, device):
 
 def test_case_list_matches_ids():
     assert [c[0] for c in _cases("cpu")] == _ids()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", _ids())
+def test_cuda_opcheck(case):
+    """The same checks against the compiled kernels (device_check runs the ``cuda`` tests only; session 35, not yet run
+    on a GPU)."""
+    (_, op, args), = [c for c in _cases("cuda") if c[0] == case]
+    torch.library.opcheck(op.default, args, test_utils=CHECKS)
