@@ -596,6 +596,27 @@ def test_patched_rope_under_autocast(rope_calls):
     assert checked >= 20
 
 
+def test_patched_model_under_torch_compile():
+    """A patched model compiled whole (aot_eager: dynamo, the custom ops' fakes, AOT autograd) gives the eager patched
+    model's logits, loss and gradients on padded rows. While compiling, the mask tagging and the RoPE tables' tags
+    are off (transformers' paths are traced, which inductor fuses on a GPU); the kernels' custom ops are traced.
+    Checked by script in session 34, a test since session 35."""
+    model_type = "llava_onevision"
+    kw = _padded(model_type, "right")
+    hf = patch_hf(hf_model(model_type))
+    real = kw["attention_mask"].bool()
+    with _forced(*_OPS):
+        ref = hf(**kw)
+        ref.loss.backward()
+        ref_grads = _grads(hf)
+        hf.zero_grad(set_to_none=True)
+        out = torch.compile(hf, backend="aot_eager")(**kw)
+        out.loss.backward()
+    torch.testing.assert_close(out.logits[real], ref.logits[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=0)
+    _assert_grads(hf, ref_grads)
+
+
 @pytest.mark.parametrize("act", ["gelu_fast", "gelu_python", "gelu_pytorch_tanh"])
 def test_patch_projector_act(act):
     """The projector's GELU flavour follows projector_hidden_act (gelu_fast is the tanh approximation)."""
