@@ -30,6 +30,7 @@ themselves run as before. patch_hf may be called before or after peft injects ad
 from __future__ import annotations
 
 import logging
+import sys
 import types
 
 import torch
@@ -309,16 +310,6 @@ def _rotary_for(apply):
     return rotary
 
 
-def _swap_rotary(attn_cls) -> None:
-    """Swap the module-level ``apply_rotary_pos_emb`` of ``attn_cls``'s module (patch_hf checked that it has one),
-    once: a second patch keeps the first wrapper."""
-    import sys
-
-    mod = sys.modules[attn_cls.__module__]
-    if not hasattr(mod.apply_rotary_pos_emb, "_lf_apply"):
-        mod.apply_rotary_pos_emb = _rotary_for(mod.apply_rotary_pos_emb)
-
-
 def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool = True, projector: bool = True,
              rope: bool = True, cross_entropy: bool = False, vision_layout: bool = True, quick_gelu: bool = True):
     """Patch a transformers LLaVA model in place; returns the model. Raises ValueError for what it cannot patch.
@@ -359,14 +350,13 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
             except ValueError:
                 raise ValueError(f"patch_hf(projector=True) needs a GELU projector_hidden_act, got "
                                  f"{cfg.projector_hidden_act!r}; pass projector=False") from None
-    if rope:
-        import sys
-
-        for m in model.modules():
-            mod = type(m).__module__
-            if type(m).__name__ in _ATTENTION and not hasattr(sys.modules.get(mod), "apply_rotary_pos_emb"):
-                raise ValueError(f"patch_hf(rope=True): {mod} has no apply_rotary_pos_emb to swap (a transformers "
-                                 f"version this patch_hf does not know); pass rope=False")
+    # the modeling files whose module-level apply_rotary_pos_emb the attention layers call (swapped below, once)
+    rotary_files = ({sys.modules[type(m).__module__] for m in model.modules() if type(m).__name__ in _ATTENTION}
+                    if rope else set())
+    for mod in rotary_files:
+        if not hasattr(mod, "apply_rotary_pos_emb"):
+            raise ValueError(f"patch_hf(rope=True): {mod.__name__} has no apply_rotary_pos_emb to swap (a transformers "
+                             f"version this patch_hf does not know); pass rope=False")
     patched = {"rms_norm": 0, "swiglu": 0, "projector": 0, "attention": False, "vision_layout": 0,
                "cross_entropy": False, "rope": 0, "quick_gelu": 0}
     for m in model.modules():
@@ -388,12 +378,13 @@ def patch_hf(model, rms_norm: bool = True, swiglu: bool = True, attention: bool 
             if getattr(m, "_lf_rope_hook", None) is None:
                 m._lf_rope_hook = m.register_forward_hook(_tag_rotary)
             patched["rope"] += 1
-        elif rope and cls in _ATTENTION:
-            _swap_rotary(type(m))
         elif projector and cls.endswith("MultiModalProjector"):
             m._lf_approximate = approximate
             m.forward = types.MethodType(_projector_forward, m)
             patched["projector"] += 1
+    for mod in rotary_files:   # (a second patch keeps the first wrapper)
+        if not hasattr(mod.apply_rotary_pos_emb, "_lf_apply"):
+            mod.apply_rotary_pos_emb = _rotary_for(mod.apply_rotary_pos_emb)
     if attention:
         _register_attention()
         if not hasattr(model, "_lf_attn_before"):   # what unpatch_hf restores (not "llava_fast" on a second patch)

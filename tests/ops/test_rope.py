@@ -46,6 +46,20 @@ def _grads(outs, inputs, gouts):
     return list(torch.autograd.grad(outs, inputs, gouts))
 
 
+def _flash_rule_qk(ours, same, fp32, inputs, inputs32):
+    """flash-attn's rule on the (q, k) outputs ``ours`` against ``fp32`` (PyTorch's error: ``same``, at ours' dtype),
+    then on dq, dk for one random upstream gradient. Returns our (dq, dk)."""
+    for name, o, f, c in zip(["q", "k"], ours, fp32, same):
+        assert_flash_rule(o, f, c, name=name)
+    gq, gk = torch.randn_like(same[0]), torch.randn_like(same[1])
+    g = _grads(ours, inputs, [gq, gk])
+    gs = _grads(same, inputs, [gq, gk])
+    gf = _grads(fp32, inputs32, [gq.float(), gk.float()])
+    for name, a, b, c in zip(["dq", "dk"], g, gf, gs):
+        assert_flash_rule(a, b, c, name=name)
+    return g
+
+
 @pytest.fixture
 def kdev(device):
     """Small kernel tests: the CPU interpreter here, the real GPU on a CUDA machine (the Triton path cannot take CPU
@@ -98,14 +112,7 @@ def test_kernel_fp16_interpreter_flash_rule(kdev):
     qs, ks = rope_ref(q, k, pos, 1e6)
     q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
     qf, kf = rope_ref(q32, k32, pos, 1e6)
-    assert_flash_rule(qo, qf, qs, name="q")
-    assert_flash_rule(ko, kf, ks, name="k")
-    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
-    g = _grads([qo, ko], [q, k], [gq, gk])
-    gs = _grads([qs, ks], [q, k], [gq, gk])
-    gf = _grads([qf, kf], [q32, k32], [gq.float(), gk.float()])
-    for name, a, b, c in zip(["dq", "dk"], g, gf, gs):
-        assert_flash_rule(a, b, c, name=name)
+    _flash_rule_qk([qo, ko], [qs, ks], [qf, kf], [q, k], [q32, k32])
 
 
 def test_cache_and_batched_layout(kdev):
@@ -286,15 +293,8 @@ def test_hf_tables_low_precision_flash_rule(q_dtype, table_dtype, kdev):
     qf, kf = qwen2_apply_rotary_pos_emb(q32, k32, cos.float(), sin.float())
     if table_dtype == torch.float32:
         assert torch.equal(qo, qs) and torch.equal(ko, ks)
-    assert_flash_rule(qo, qf, qs, name="q")
-    assert_flash_rule(ko, kf, ks, name="k")
-    gq, gk = torch.randn_like(qs), torch.randn_like(ks)
-    g = _grads([qo, ko], [q, k], [gq, gk])
+    g = _flash_rule_qk([qo, ko], [qs, ks], [qf, kf], [q, k], [q32, k32])
     assert g[0].dtype == q_dtype
-    gs = _grads([qs, ks], [q, k], [gq, gk])
-    gf = _grads([qf, kf], [q32, k32], [gq.float(), gk.float()])
-    for name, a, b, c in zip(["dq", "dk"], g, gf, gs):
-        assert_flash_rule(a, b, c, name=name)
 
 
 def test_hf_tables_compile_aot_eager(kdev):
@@ -339,14 +339,7 @@ def test_cuda_flash_rule(hq, hkv, d, theta, dtype):
     qs, ks = rope_ref(q, k, pos, theta)
     q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
     qf, kf = rope_ref(q32, k32, pos, theta)
-    assert_flash_rule(qo, qf, qs, name="q")
-    assert_flash_rule(ko, kf, ks, name="k")
-    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
-    g = _grads([qo, ko], [q, k], [gq, gk])
-    gs = _grads([qs, ks], [q, k], [gq, gk])
-    gf = _grads([qf, kf], [q32, k32], [gq.float(), gk.float()])
-    for name, a, b, c in zip(["dq", "dk"], g, gf, gs):
-        assert_flash_rule(a, b, c, name=name)
+    _flash_rule_qk([qo, ko], [qs, ks], [qf, kf], [q, k], [q32, k32])
     # the cache variant agrees with the in-kernel cos/sin
     cos, sin = rope_cos_sin_cache(4096, d, theta, "cuda")
     qc, kc = rope(q, k, pos, cos_sin_cache=(cos, sin))
@@ -398,14 +391,7 @@ def test_cuda_hf_tables_flash_rule(hq, hkv, d, q_dtype, table_dtype):
     q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
     qf, kf = qwen2_apply_rotary_pos_emb(q32, k32, cos.float(), sin.float())
     assert qo.dtype == qs.dtype and qo.stride() == qs.stride()
-    assert_flash_rule(qo, qf, qs, name="q")
-    assert_flash_rule(ko, kf, ks, name="k")
-    gq, gk = torch.randn_like(qs), torch.randn_like(ks)
-    g = _grads([qo, ko], [q, k], [gq, gk])
-    gs = _grads([qs, ks], [q, k], [gq, gk])
-    gf = _grads([qf, kf], [q32, k32], [gq.float(), gk.float()])
-    for name, a, b, c in zip(["dq", "dk"], g, gf, gs):
-        assert_flash_rule(a, b, c, name=name)
+    _flash_rule_qk([qo, ko], [qs, ks], [qf, kf], [q, k], [q32, k32])
     if hq == 14:   # under torch.compile (the custom op), one graph (one head shape: inductor compiles are slow)
         qc, kc = torch.compile(lf_apply_rotary, fullgraph=True)(q, k, cos, sin)
         assert torch.equal(qc, qo) and torch.equal(kc, ko)
