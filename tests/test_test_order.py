@@ -29,7 +29,8 @@ def test_the_long_tests_exist():
     """Every name in LONG_CUDA_TESTS is a collected test (a renamed test would silently lose its place)."""
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "tests/models",
-                        "tests/ops/test_pack_features.py", "tests/train/test_trainer_cuda.py"], cwd=root, capture_output=True, text=True,
+                        "tests/ops/test_pack_features.py", "tests/train/test_trainer_cuda.py",
+                        "tests/train/test_convergence.py"], cwd=root, capture_output=True, text=True,
                        env={**os.environ, "LLAVA_FAST_XDIST_WORKERS": "12"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     ids = [line.rsplit("::", 1)[-1] for line in r.stdout.splitlines() if "::" in line]

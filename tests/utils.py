@@ -137,6 +137,8 @@ LONG_CUDA_TESTS = {
     "test_torch_compile_packed_training_step[llava_onevision]": 42,
     # session 23, not yet run: ~520 tiny training steps, generation, and the first compile of the demo's shapes
     "test_cuda_demo_quick": 90,
+    # session 36, not yet run: 3 x 12 steps of the trainer (one in fp32), its first compile of the demo's shapes
+    "test_cuda_kernels_train_like_the_reference": 60,
 }
 
 
