@@ -204,3 +204,14 @@ def tiny_onevision(folder):
     LlavaOnevisionForConditionalGeneration(LlavaConfig.from_hf_dict(hf)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def run_distance(hist, weights, oracle_hist, oracle_weights):
+    """How far a training run is from an oracle run: (largest loss difference over the steps, relative L2 distance of
+    all trained weights at the end). ``hist``: per-step dicts with "loss"; ``weights``: name -> tensor."""
+    import math
+
+    loss = max(abs(h["loss"] - o["loss"]) for h, o in zip(hist, oracle_hist, strict=True))
+    num = sum(float((weights[k] - oracle_weights[k]).double().square().sum()) for k in oracle_weights)
+    den = sum(float(oracle_weights[k].double().square().sum()) for k in oracle_weights)
+    return loss, math.sqrt(num / den)

@@ -23,6 +23,7 @@ import torch
 import llava_fast
 
 from test_trainer import make_cfg
+from utils import run_distance
 
 # every op the model can run on a kernel (tests/models/test_model_kernels.py forces the same list)
 KERNEL_OPS = ("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention",
@@ -68,14 +69,6 @@ def test_kernels_train_like_the_reference(assets, tmp_path):
         torch.testing.assert_close(w[k], ref_w[k], rtol=0, atol=1e-5, msg=lambda s: f"{k}: {s}")
 
 
-def _distance(hist, weights, oracle_hist, oracle_weights):
-    """(largest loss difference over the steps, relative L2 distance of all trained weights) from the oracle run."""
-    loss = max(abs(h["loss"] - o["loss"]) for h, o in zip(hist, oracle_hist, strict=True))
-    num = sum(float((weights[k] - oracle_weights[k]).double().square().sum()) for k in oracle_weights)
-    den = sum(float(oracle_weights[k].double().square().sum()) for k in oracle_weights)
-    return loss, math.sqrt(num / den)
-
-
 @pytest.mark.cuda
 @pytest.mark.timeout(400)   # three runs; the first in a process compiles the kernels for the demo's shapes
 def test_cuda_kernels_train_like_the_reference(assets, tmp_path):
@@ -98,7 +91,7 @@ def test_cuda_kernels_train_like_the_reference(assets, tmp_path):
     assert len(ours[0]) == len(oracle[0]) == 12
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in ours[0])
     assert oracle[0][-1]["loss"] < oracle[0][0]["loss"]   # it trains
-    (ours_loss, ours_w), (ref_loss, ref_w) = _distance(*ours, *oracle), _distance(*ref, *oracle)
+    (ours_loss, ours_w), (ref_loss, ref_w) = run_distance(*ours, *oracle), run_distance(*ref, *oracle)
     print(f"distance from the fp32 run over 12 steps: kernels loss {ours_loss:.2e} weights {ours_w:.2e}; reference "
           f"bf16 loss {ref_loss:.2e} weights {ref_w:.2e}")
     assert ours_loss <= 2 * ref_loss + 1e-4, (ours_loss, ref_loss)
