@@ -280,6 +280,84 @@ def interpreting() -> bool:
     return getenv("TRITON_INTERPRET") == "1"
 
 
+def f32_to_bf16_bits(x):
+    """float32 values (a numpy array of any shape) -> the uint16 bits of bfloat16, rounded to nearest even as the
+    GPU's ``cvt.rn.bf16.f32`` rounds (overflow to inf; NaN stays NaN, quiet, with its sign)."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float32)
+    u = x.view(np.uint32)
+    out = ((u + ((u >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)
+    return out
+
+
+def interpreter_bf16() -> bool:
+    """Make the Triton interpreter compute bfloat16 as the GPU does, in the two places where our kernels met it
+    (returns whether the interpreter is mended).
+
+    The interpreter (Triton 3.3-3.9 at least) keeps bfloat16 blocks as their uint16 bit patterns:
+    - its ``tl.dot`` converts only 8-bit float operands before ``np.matmul``, so a bfloat16 dot multiplied the bit
+      patterns: ~1e11 where the values give ~1 (triton-lang/triton#11584; the fix, PR #11585, was declined: "we just
+      don't support it yet"). A bfloat16 operand is widened to float32 here (exact: bf16 is the top half of an
+      fp32), which is what the tensor cores compute before their fp32 accumulation;
+    - its float32 -> bfloat16 cast (``x.to(tl.bfloat16)``, a store of an fp32 value to a bf16 pointer) truncated
+      the mantissa, where the GPU rounds to nearest even; its explicit round-to-nearest path rounded half up and
+      lost the carry into the exponent. Both round to nearest even here (``f32_to_bf16_bits``). The widening cast
+      (bf16 -> fp32, exact) shifts the bits instead of Triton's per-mantissa-bit loop: faster, and right for the
+      254 subnormal patterns, which Triton's loop turned into 0 or other values.
+
+    Our attention and projector kernels gave garbage in bf16 under TRITON_INTERPRET=1, which our error messages
+    suggest for debugging on a CPU, and every kernel's bf16 output had twice the GPU's rounding error, which made
+    flash-attn's rule (twice PyTorch's error) untestable there. Every other operation goes to Triton's own code.
+    Called when an op module registers a Triton kernel under the interpreter (``backend.register_fast``); idempotent;
+    does nothing on a Triton without these names."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter as interp
+    except Exception:  # noqa: BLE001 - no Triton, or another layout of its interpreter: nothing to mend
+        return False
+    builder, handle = getattr(interp, "InterpreterBuilder", None), getattr(interp, "TensorHandle", None)
+    names = ("create_dot", "cast_impl", "create_fp_to_fp")
+    if builder is None or handle is None or not all(hasattr(builder, n) for n in names):
+        return False
+    if getattr(builder.create_dot, "_llava_fast_bf16", False):
+        return True
+    dot, cast, fp_to_fp = (getattr(builder, n) for n in names)
+    rtne = getattr(getattr(getattr(interp, "_ir", None), "ROUNDING_MODE", None), "RTNE", None)
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16 or x.data.dtype != np.uint16:
+            return x
+        return handle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def narrows(src, dst_type):   # float32 -> bfloat16
+        return src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        return dot(self, widen(a), widen(b), d, *args, **kwargs)
+
+    def cast_impl(self, src, dst_type):
+        if narrows(src, dst_type):
+            return handle(f32_to_bf16_bits(src.data), tl.bfloat16)
+        if dst_type.scalar == tl.float32 and src.dtype.scalar == tl.bfloat16:
+            return widen(src)   # the same values as Triton's bit-by-bit conversion, without its Python loop
+        return cast(self, src, dst_type)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if narrows(src, dst_type) and rtne is not None and rounding_mode == rtne:
+            return handle(f32_to_bf16_bits(src.data), tl.bfloat16)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
+    for fn in (create_dot, cast_impl, create_fp_to_fp):
+        fn._llava_fast_bf16 = True
+        setattr(builder, fn.__name__, fn)
+    return True
+
+
 def env_str(name: str, default: str) -> str:
     """The environment variable ``name`` (read at every call), stripped and lower-cased; unset or empty (``NAME=
     python ...``, how shells clear a variable for one command) means ``default``."""

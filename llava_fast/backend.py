@@ -87,6 +87,8 @@ def load_all() -> None:
 def register_fast(op: str, kind: str) -> None:
     """Called by an op module when it has a fast kernel of ``kind``."""
     OPS[op] = kind
+    if kind == "triton" and _ext.interpreting():   # bfloat16 as on the GPU (_ext.interpreter_bf16)
+        _ext.interpreter_bf16()
     _loaded.add(op)  # already imported: use_fast must not import (torch.compile cannot trace an import)
 
 

@@ -65,3 +65,39 @@ def test_pack_kernel_multi_image_and_video(tmp_path, forced):
     ref = m(**kw).logits
     forced("pack_features")
     torch.testing.assert_close(m(**kw).logits, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type,dtype", [("llava_onevision", torch.bfloat16), ("llava_next", torch.bfloat16)])
+def test_training_kernels_in_model_low_precision(tmp_path, forced, model_type, dtype):
+    """The packed training step of test_training_kernels_in_model in bf16 with every kernel forced (the interpreter),
+    against the fp32 reference path and the reference path in bf16, by flash-attn's rule: logits, the fused loss and
+    every gradient (atol 1e-6 for entries ~0, as test_cuda_training_step_by_flash_rule). Session 36: the interpreter
+    could not run bf16 kernels before (``_ext.interpreter_bf16``); the cuda tests check the same on a GPU."""
+    from utils import assert_flash_rule, max_err
+
+    _, path = save_tiny(tmp_path, model_type)
+    kw = packed_inputs(model_type)
+
+    def run(dt, kernels):
+        if kernels:
+            forced("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention",
+                   "projector", "gelu", "quick_gelu", "layer_norm", "bias_grad", "patch_embed")
+        try:
+            m = llava_fast.from_pretrained(path, dtype=dt)
+            args = dict(kw, pixel_values=kw["pixel_values"].to(dt))
+            logits = m(**args).logits.detach().float()
+            out = m(**args, logits=False)
+            out.loss.backward()
+            grads = {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
+            return logits, out.loss.detach().float(), grads
+        finally:
+            llava_fast.set_backend("all", "auto")
+
+    ref, low, ours = run(torch.float32, False), run(dtype, False), run(dtype, True)
+    assert_flash_rule(ours[0], ref[0], low[0], name="logits")
+    # a scalar: PyTorch's own error can be ~0 by luck. The floor (as test_cuda_patched_by_flash_rule's): a mean of
+    # log-softmax entries moves by at most twice the largest logit error (log-softmax is 2-Lipschitz in the max norm)
+    assert_flash_rule(ours[1], ref[1], low[1], name="loss", atol=2 * max_err(low[0], ref[0]))
+    assert ours[2].keys() == ref[2].keys() == low[2].keys() and ref[2]
+    for n in ref[2]:
+        assert_flash_rule(ours[2][n], ref[2][n], low[2][n], name=n, atol=1e-6)

@@ -726,24 +726,12 @@ def test_patch_refuses_before_swapping(bad):
     assert not hasattr(hf, "_llava_fast_patched")
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", ["one_sample", "packed", "padded", "fused_loss"])
-@pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
-def test_cuda_patched_by_flash_rule(model_type, dtype, rows):
-    """patch_hf on the GPU as users apply it (the kernels ``auto`` picks on CUDA; the CPU tests force them under the
-    interpreter): a transformers model in bf16/fp16, patched, against the same model in fp32 (the reference) and
-    unpatched in the same dtype (PyTorch's error), by flash-attn's rule on the logits, the loss and the gradients of
-    every weight matrix of the language model and the projector (each on its own), a training step's
-    backward included. ``packed``: two rows of two documents each in transformers' padding-free format; ``padded``:
-    three left-padded rows (the logits of their real tokens); both through the varlen kernel over the documents;
-    ``fused_loss``: ``cross_entropy=True`` in training on right-padded rows (no logits: the loss and the gradients,
-    lm_head's too) (session 34, not yet run on a GPU). Every case runs RoPE through the kernel on transformers'
-    tables too (patch_hf's rope=True, session 35, not yet run on a GPU)."""
+def _patched_by_flash_rule(model_type, dtype, rows, dev):
+    """The body of test_cuda_patched_by_flash_rule, on ``dev`` (its docstring says what it checks)."""
     from utils import assert_flash_rule, max_err
 
     ref = hf_model(model_type)   # the fp32 reference on the CPU: no TF32 anywhere (cuDNN's convolutions use it)
-    low = copy.deepcopy(ref).to("cuda", dtype)
+    low = copy.deepcopy(ref).to(dev, dtype)
     ours = patch_hf(copy.deepcopy(low), cross_entropy=rows == "fused_loss")
     if rows == "fused_loss":   # the fused loss runs in training (the tiny models have no dropout)
         for m in (ref, low, ours):
@@ -753,7 +741,7 @@ def test_cuda_patched_by_flash_rule(model_type, dtype, rows):
     real = kw["attention_mask"].bool() if "attention_mask" in kw else torch.ones(kw["input_ids"].shape, dtype=bool)
     outs = {}
     for name, m in (("ref", ref), ("low", low), ("ours", ours)):
-        args = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()} if name != "ref" else dict(kw)
+        args = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in kw.items()} if name != "ref" else dict(kw)
         args["pixel_values"] = args["pixel_values"].to(torch.float32 if name == "ref" else dtype)
         out = m(**args)
         out.loss.backward()
@@ -775,3 +763,32 @@ def test_cuda_patched_by_flash_rule(model_type, dtype, rows):
     assert r_grads.keys() == o_grads.keys() == l_grads.keys() and r_grads
     for n in r_grads:   # atol: as the model's own training-step test (test_last_layer_rows), for ~0 entries
         assert_flash_rule(o_grads[n], r_grads[n], l_grads[n], name=f"d {n}", atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type,dtype,rows", [("llava_next", torch.bfloat16, "packed"),
+                                                   ("llava_onevision", torch.bfloat16, "fused_loss"),
+                                                   ("llava", torch.float16, "padded")])
+def test_patched_by_flash_rule_interpreter(model_type, dtype, rows):
+    """test_cuda_patched_by_flash_rule's check on the CPU, the kernels forced (the interpreter) in bf16 / fp16: the
+    patched model against the fp32 model and the unpatched one in the same dtype, by flash-attn's rule on the logits,
+    the loss and every weight gradient. Session 36: the interpreter could not run bf16 kernels before
+    (``_ext.interpreter_bf16``)."""
+    with _forced(*_OPS, "cross_entropy"):
+        _patched_by_flash_rule(model_type, dtype, rows, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", ["one_sample", "packed", "padded", "fused_loss"])
+@pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
+def test_cuda_patched_by_flash_rule(model_type, dtype, rows):
+    """patch_hf on the GPU as users apply it (the kernels ``auto`` picks on CUDA; the CPU tests force them under the
+    interpreter): a transformers model in bf16/fp16, patched, against the same model in fp32 (the reference) and
+    unpatched in the same dtype (PyTorch's error), by flash-attn's rule on the logits, the loss and the gradients of
+    every weight matrix of the language model and the projector (each on its own), a training step's
+    backward included. ``packed``: two rows of two documents each in transformers' padding-free format; ``padded``:
+    three left-padded rows (the logits of their real tokens); both through the varlen kernel over the documents;
+    ``fused_loss``: ``cross_entropy=True`` in training on right-padded rows (no logits: the loss and the gradients,
+    lm_head's too) (session 34, not yet run on a GPU). Every case runs RoPE through the kernel on transformers'
+    tables too (patch_hf's rope=True, session 35, not yet run on a GPU)."""
+    _patched_by_flash_rule(model_type, dtype, rows, "cuda")

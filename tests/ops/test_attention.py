@@ -79,7 +79,8 @@ def _run_function(q, k, v, cu_q, cu_k, max_q, max_k, causal):
 
 # name: (lens_q, lens_k, Hq, Hkv, D, causal, dtype). Pruned for the interpreter (each case ~0.2-2 s): D 64/72 get
 # the full causal x GQA grid, 80/96/128 one case each; ratios 1, 2 and 7; Sq < Sk and Sq > Sk (rows with no key) and
-# empty documents; fp16 on three cases. Everything, at full size and bf16, is repeated by the cuda tests below.
+# empty documents; fp16 on three cases, bf16 on two. Everything, at full size and bf16, is repeated by the cuda tests
+# below.
 DOCS = [1, 17, 37]
 CASES = {
     "mha-d64": (DOCS, DOCS, 4, 4, 64, False, torch.float32),
@@ -98,6 +99,9 @@ CASES = {
     "fp16-gqa2-d64-causal": (DOCS, DOCS, 4, 2, 64, True, torch.float16),
     "fp16-d72": (DOCS, DOCS, 2, 2, 72, False, torch.float16),
     "fp16-sq<sk-d128-causal": ([1, 5, 20], [3, 17, 37], 2, 1, 128, True, torch.float16),
+    # bf16 from session 36 (before, the interpreter multiplied bf16 bit patterns in tl.dot: _ext.interpreter_bf16)
+    "bf16-gqa2-d72-causal": (DOCS, DOCS, 4, 2, 72, True, torch.bfloat16),
+    "bf16-sq<sk-d64": ([1, 5, 20], [3, 17, 37], 2, 1, 64, False, torch.bfloat16),
 }
 
 

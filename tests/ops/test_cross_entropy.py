@@ -485,8 +485,8 @@ def _flash_rule_case(n, h, v, dtype, bias=False, **kw):
     return _flash_rule_case_(n, h, v, dtype, bias, **kw)
 
 
-def _flash_rule_case_(n, h, v, dtype, bias=False, **kw):
-    hidden, weight, labels, b = _inputs(n, h, v, dtype=dtype, device="cuda", ignore_frac=0.3, bias=bias)
+def _flash_rule_case_(n, h, v, dtype, bias=False, device="cuda", **kw):
+    hidden, weight, labels, b = _inputs(n, h, v, dtype=dtype, device=device, ignore_frac=0.3, bias=bias)
     up = lambda t: None if t is None else t.detach().float().requires_grad_()  # noqa: E731
     ref32 = _loss_and_grads(cross_entropy_ref, up(hidden), up(weight), labels, up(b))
     ref_lp = _loss_and_grads(cross_entropy_ref, hidden, weight, labels, b)
@@ -497,6 +497,14 @@ def _flash_rule_case_(n, h, v, dtype, bias=False, **kw):
         if ref32[1][i] is not None:
             assert got[1][i].dtype == dtype
             assert_flash_rule(got[1][i], ref32[1][i], ref_lp[1][i], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias,schedule", [(False, "token"), (True, "vocab")])
+def test_low_precision_flash_rule(dtype, bias, schedule, triton_backend):
+    """The cuda flash-rule cases at a small odd shape under the interpreter, both schedules (bf16 since session 36:
+    _ext.interpreter_bf16)."""
+    _flash_rule_case_(37, 24, 300 + 7, dtype, bias=bias, device="cpu", schedule=schedule)
 
 
 @pytest.mark.cuda

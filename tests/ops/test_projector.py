@@ -537,9 +537,9 @@ def test_bad_inputs_raise_value_error():
 FAMILIES = [(1024, 4096), (1024, 5120), (1152, 896), (1152, 3584)]  # LLaVA-1.5/NeXT 7B, 13B, OneVision 0.5B, 7B
 
 
-def _gpu_case(m, dims, dtype, bias, x_grad, approximate="none"):
+def _gpu_case(m, dims, dtype, bias, x_grad, approximate="none", device="cuda"):
     dv, dt = dims
-    x, params, dy = make_inputs(m, dv, dt, bias, device="cuda")
+    x, params, dy = make_inputs(m, dv, dt, bias, device=device)
     cast = lambda t: t.to(dtype) if t is not None else None
     ours = run_with_grads(fused(approximate), cast(x), [cast(p) for p in params], cast(dy), x_grad)
     ref_fn = lambda x, w1, b1, w2, b2: projector_ref(x, w1, b1, w2, b2, approximate)
@@ -548,6 +548,17 @@ def _gpu_case(m, dims, dtype, bias, x_grad, approximate="none"):
     ref32 = run_with_grads(ref_fn, up(x), [up(p) for p in params], up(dy), x_grad)
     same = run_with_grads(ref_fn, cast(x), [cast(p) for p in params], cast(dy), x_grad)
     check_all(ours, ref32, same, x_grad, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,dims,bias,approximate", [(7, (48, 64), True, "none"), (37, (32, 96), False, "tanh")])
+def test_low_precision_flash_rule(m, dims, bias, approximate, dtype):
+    """bf16 and fp16 on the CPU (the interpreter) by flash-attn's rule, output and every gradient, as the cuda tests
+    check at full size. Until session 36 the interpreter could not run this in bf16: its tl.dot multiplied bf16 bit
+    patterns (errors ~1e11) and its fp32 -> bf16 casts truncated (twice the GPU's rounding error);
+    ``_ext.interpreter_bf16`` mends both."""
+    torch.manual_seed(0)
+    _gpu_case(m, dims, dtype, bias=bias, x_grad=True, approximate=approximate, device="cpu")
 
 
 _FIRST_BACKWARD = """

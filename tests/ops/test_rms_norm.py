@@ -235,9 +235,22 @@ def test_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4096, 896), (4096, 3584), (8192, 4096), (2, 1823, 781), (1, 8192), (513, 5120)])
 def test_cuda_flash_rule(shape, dtype, residual):
-    x, w, r = _inputs(shape, dtype, "cuda", residual)
-    gy = torch.randn(shape, device="cuda", dtype=dtype)
-    gs = torch.randn(shape, device="cuda", dtype=dtype) if residual else None
+    _flash_rule_case(shape, dtype, residual, "cuda")
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 123), (2, 5, 96)])
+def test_low_precision_flash_rule(shape, dtype, residual, forced):
+    """test_cuda_flash_rule at small shapes under the interpreter (bf16 since session 36: _ext.interpreter_bf16)."""
+    forced("rms_norm")
+    _flash_rule_case(shape, dtype, residual, "cpu")
+
+
+def _flash_rule_case(shape, dtype, residual, device):
+    x, w, r = _inputs(shape, dtype, device, residual)
+    gy = torch.randn(shape, device=device, dtype=dtype)
+    gs = torch.randn(shape, device=device, dtype=dtype) if residual else None
     outs, grads = _fwd_bwd(lambda x, w, r: rms_norm(x, w, 1e-6, r), x, w, r, gy, gs)
     same, sgrads = _fwd_bwd(_ref(1e-6), x, w, r, gy, gs)
     f32, fgrads = _fwd_bwd(_ref(1e-6), _upcast(x), _upcast(w), _upcast(r), gy.float(),

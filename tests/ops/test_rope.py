@@ -331,17 +331,29 @@ def test_hf_tables_bad_inputs(kdev):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq,hkv,d,theta", [(14, 2, 64, 1e6), (32, 32, 128, 1e4), (28, 4, 128, 1e6), (5, 3, 96, 1e4)])
 def test_cuda_flash_rule(hq, hkv, d, theta, dtype):
-    pos = _packed_positions([1, 2500, 4000, 1691], "cuda")
+    _flash_rule_case([1, 2500, 4000, 1691], hq, hkv, d, theta, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d,theta", [(7, 3, 32, 1e6), (2, 2, 96, 1e4)])
+def test_low_precision_flash_rule(hq, hkv, d, theta, dtype, forced):
+    """test_cuda_flash_rule at small shapes under the interpreter (bf16 since session 36: _ext.interpreter_bf16)."""
+    forced("rope")
+    _flash_rule_case([1, 40, 23], hq, hkv, d, theta, dtype, "cpu")
+
+
+def _flash_rule_case(docs, hq, hkv, d, theta, dtype, device):
+    pos = _packed_positions(docs, device)
     t = len(pos)
-    q = torch.randn(t, hq, d, device="cuda", dtype=dtype, requires_grad=True)
-    k = torch.randn(t, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
+    q = torch.randn(t, hq, d, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(t, hkv, d, device=device, dtype=dtype, requires_grad=True)
     qo, ko = rope(q, k, pos, theta)
     qs, ks = rope_ref(q, k, pos, theta)
     q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
     qf, kf = rope_ref(q32, k32, pos, theta)
     _flash_rule_qk([qo, ko], [qs, ks], [qf, kf], [q, k], [q32, k32])
     # the cache variant agrees with the in-kernel cos/sin
-    cos, sin = rope_cos_sin_cache(4096, d, theta, "cuda")
+    cos, sin = rope_cos_sin_cache(4096, d, theta, device)
     qc, kc = rope(q, k, pos, cos_sin_cache=(cos, sin))
     assert_flash_rule(qc, qf, qs, name="q(cache)")
 

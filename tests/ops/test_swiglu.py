@@ -140,7 +140,20 @@ def test_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4096, 4864), (4096, 11008), (2048, 18944), (3, 517, 1237), (1, 4864)])
 def test_cuda_flash_rule(shape, dtype, fused):
-    leaves, a, b = _leaves(shape, dtype, "cuda", fused)
+    _flash_rule_case(shape, dtype, fused, "cuda")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 17, 123), (1, 64)])
+def test_low_precision_flash_rule(shape, dtype, fused, forced):
+    """test_cuda_flash_rule at small shapes under the interpreter (bf16 since session 36: _ext.interpreter_bf16)."""
+    forced("swiglu")
+    _flash_rule_case(shape, dtype, fused, "cpu")
+
+
+def _flash_rule_case(shape, dtype, fused, device):
+    leaves, a, b = _leaves(shape, dtype, device, fused)
     a = a * 4
     c = swiglu(a, b)
     s = swiglu_ref(a, b)
