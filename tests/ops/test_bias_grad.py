@@ -34,8 +34,9 @@ def test_kernel_fp32(shape, kdev):
     assert_flash_rule(bias_grad_fwd(dy), dy.double().sum(0).float(), bias_grad_ref(dy), name="db", atol=atol)
 
 
-def test_kernel_fp16_flash_rule(kdev):
-    dy = torch.randn(300, 77).half()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])   # bf16 since session 36 (_ext.interpreter_bf16)
+def test_kernel_fp16_flash_rule(kdev, dtype):
+    dy = torch.randn(300, 77).to(dtype)
     assert_flash_rule(bias_grad_fwd(dy), dy.float().sum(0), bias_grad_ref(dy), name="db")
 
 

@@ -47,9 +47,10 @@ def test_kernel_fp32_small(shape, approximate, kdev):
     assert_close_verbose(_grad(y, x, g), _grad(r, x, g), name="dx", **FP32_TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])   # bf16 since session 36 (_ext.interpreter_bf16)
 @pytest.mark.parametrize("approximate", APPROX)
-def test_kernel_fp16_interpreter_flash_rule(approximate, kdev):
-    x = (torch.randn(6, 300) * 3).half().requires_grad_()
+def test_kernel_fp16_interpreter_flash_rule(approximate, kdev, dtype):
+    x = (torch.randn(6, 300) * 3).to(dtype).requires_grad_()
     y = GELUFunction.apply(x, approximate)
     s = gelu_ref(x, approximate)
     x32 = x.detach().float().requires_grad_()

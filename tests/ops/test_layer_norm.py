@@ -64,16 +64,17 @@ def test_kernel_fp32_small(shape, affine, kdev, triton_ln):
         assert_close_verbose(a, e, name=name, atol=1e-4, rtol=1e-4)
 
 
-def test_kernel_fp16_interpreter_flash_rule(kdev, triton_ln):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])   # bf16 since session 36 (_ext.interpreter_bf16)
+def test_kernel_fp16_interpreter_flash_rule(kdev, triton_ln, dtype):
     g = torch.Generator().manual_seed(1)
-    x = (torch.randn(19, 300, generator=g) * 2 + 0.5).half().to(kdev).requires_grad_()
-    w, b = (p.to(kdev).detach().requires_grad_() for p in _params(300, torch.float16, "wb", g))
+    x = (torch.randn(19, 300, generator=g) * 2 + 0.5).to(dtype).to(kdev).requires_grad_()
+    w, b = (p.to(kdev).detach().requires_grad_() for p in _params(300, dtype, "wb", g))
     y = LayerNormFunction.apply(x, w, b, 1e-6)
     s = layer_norm_ref(x, w, b, 1e-6)
     f32 = [t.detach().float().requires_grad_() for t in (x, w, b)]
     f = layer_norm_ref(*f32, 1e-6)
     assert_flash_rule(y, f, s, name="out")
-    gy = torch.randn(19, 300, generator=g).half().to(kdev)
+    gy = torch.randn(19, 300, generator=g).to(dtype).to(kdev)
     for name, a, e, ss in zip(["dx", "dw", "db"], _grads(y, [x, w, b], gy), _grads(f, f32, gy.float()),
                               _grads(s, [x, w, b], gy)):
         assert_flash_rule(a, e, ss, name=name)

@@ -238,22 +238,24 @@ def test_one_hot_bit_exact():
                            _ref(emb, ids, None, None, torch.zeros(2 * t * t), kw))
 
 
-def test_fp16_flash_rule():
-    """fp16 in the interpreter: kernel error vs the fp32 reference <= 2x PyTorch's fp16 error (+ 1 fp16 ulp of the
-    output magnitude for the copies, where PyTorch's fp16 error is 0 and ours too)."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])   # bf16 since session 36 (_ext.interpreter_bf16)
+def test_fp16_flash_rule(dtype):
+    """fp16 / bf16 in the interpreter: kernel error vs the fp32 reference <= 2x PyTorch's error in that dtype (+ 1
+    ulp of the output magnitude for the copies, where PyTorch's error is 0 and ours too)."""
     case = make_case("ov", [[("img", (170, 170), False), ("vid", 0)], [("img", (60, 84), True),
                                                                         ("img", (20, 20), True)]],
-                     t=3, d=16, dtype=torch.float16, videos=(1, 2))
+                     t=3, d=16, dtype=dtype, videos=(1, 2))
     emb, ids, feats, sizes, nl, kw = case
-    gout = torch.randn(emb.shape).half()
+    gout = torch.randn(emb.shape).to(dtype)
+    ulp = torch.finfo(dtype).eps
     out, grads = _run(_kernel, emb, ids, feats, sizes, nl, kw, gout)
     rout, rgrads = _run(_ref, emb, ids, feats, sizes, nl, kw, gout)
     up = lambda x: x.float() if x is not None else None  # noqa: E731
     kw32 = dict(kw, video_features=up(kw["video_features"]))
     out32, grads32 = _run(_ref, up(emb), ids, up(feats), sizes, up(nl), kw32, gout.float())
-    assert_flash_rule(out, out32, rout, "out", atol=float(out32.detach().abs().max()) * 2**-10)
+    assert_flash_rule(out, out32, rout, "out", atol=float(out32.detach().abs().max()) * ulp)
     for name, a, b, c in zip(["d_emb", "d_feat", "d_nl", "d_vid"], grads, rgrads, grads32):
-        assert_flash_rule(a, c, b, name, atol=float(c.abs().max()) * 2**-10)
+        assert_flash_rule(a, c, b, name, atol=float(c.abs().max()) * ulp)
 
 
 def test_functional_dispatch_and_compile():

@@ -45,8 +45,9 @@ def test_kernel_fp32_small(shape, kdev):
     assert_close_verbose(_grad(y, x, g), _grad(r, x, g), name="dx", **FP32_TOL)
 
 
-def test_kernel_fp16_interpreter_flash_rule(kdev):
-    x = (torch.randn(6, 300) * 4).half().requires_grad_()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])   # bf16 since session 36 (_ext.interpreter_bf16)
+def test_kernel_fp16_interpreter_flash_rule(kdev, dtype):
+    x = (torch.randn(6, 300) * 4).to(dtype).requires_grad_()
     y = QuickGELUFunction.apply(x)
     s = quick_gelu_ref(x)
     x32 = x.detach().float().requires_grad_()
