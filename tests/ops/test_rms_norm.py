@@ -77,22 +77,6 @@ def test_kernel_fp32_small(shape, residual, kdev):
         torch.testing.assert_close(grads[0], grads[2], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_kernel_fp16_interpreter_flash_rule(residual, kdev):
-    shape = (9, 77)
-    x, w, r = _inputs(shape, torch.float16, None, residual)
-    gy = torch.randn(shape, dtype=torch.float16)
-    gs = torch.randn(shape, dtype=torch.float16) if residual else None
-    outs, grads = _fwd_bwd(_kernel(1e-5), x, w, r, gy, gs)
-    same, sgrads = _fwd_bwd(_ref(1e-5), x, w, r, gy, gs)
-    f32, fgrads = _fwd_bwd(_ref(1e-5), _upcast(x), _upcast(w), _upcast(r), gy.float(),
-                           gs.float() if residual else None)
-    for i in range(len(outs)):
-        assert_flash_rule(outs[i], f32[i], same[i], name=f"out{i}")
-    for name, a, b, c in zip(["dx", "dweight", "dresidual"], grads, fgrads, sgrads):
-        assert_flash_rule(a, b, c, name=name)
-
-
 @pytest.mark.parametrize("hf_cls,eps", [(LlamaRMSNorm, 1e-5), (Qwen2RMSNorm, 1e-6)])
 def test_module_matches_hf(hf_cls, eps, kdev):
     n = 96

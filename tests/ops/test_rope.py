@@ -104,17 +104,6 @@ def test_kernel_fp32_small(t_hq_hkv_d, theta, kdev):
         assert_close_verbose(a, b, name=name, **FP32_TOL)
 
 
-def test_kernel_fp16_interpreter_flash_rule(kdev):
-    pos = _packed_positions([20, 13])
-    q = torch.randn(len(pos), 6, 32, dtype=torch.float16, requires_grad=True)
-    k = torch.randn(len(pos), 2, 32, dtype=torch.float16, requires_grad=True)
-    qo, ko = RoPEFunction.apply(q, k, pos, rope_inv_freq(32, 1e6), None, None, False)
-    qs, ks = rope_ref(q, k, pos, 1e6)
-    q32, k32 = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
-    qf, kf = rope_ref(q32, k32, pos, 1e6)
-    _flash_rule_qk([qo, ko], [qs, ks], [qf, kf], [q, k], [q32, k32])
-
-
 def test_cache_and_batched_layout(kdev):
     b, s, hq, hkv, d = 2, 9, 4, 2, 16
     pos = torch.stack([torch.arange(s), torch.arange(s) + 5])

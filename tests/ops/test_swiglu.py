@@ -56,19 +56,6 @@ def test_kernel_fp32_small(shape, fused, kdev):
         assert_close_verbose(x, y, name=f"grad{i}", **FP32_TOL)
 
 
-def test_kernel_fp16_interpreter_flash_rule(kdev):
-    leaves, a, b = _leaves((6, 300), torch.float16, None, False)
-    c = SwiGLUFunction.apply(a, b)
-    s = swiglu_ref(a, b)
-    a32, b32 = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
-    f = swiglu_ref(a32, b32)
-    assert_flash_rule(c, f, s, name="out")
-    g = torch.randn_like(c)
-    for name, x, y, z in zip(["dgate", "dup"], _grads(c, [a, b], g), _grads(f, [a32, b32], g.float()),
-                             _grads(s, [a, b], g)):
-        assert_flash_rule(x, y, z, name=name)
-
-
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 def test_mlp_matches_hf(model, kdev):
     hidden, inter = 24, 40
