@@ -195,14 +195,25 @@ def test_cuda_packed_vs_padded_bf16(tmp_path, model_type):
     concatenating cache). First-step logits by flash-attn's rule against the fp32 padded run (our error at most twice
     the padded bf16 path's + 1e-3 of the logit scale); greedy tokens equal until a near-tie, i.e. a step where the
     padded path's top-2 margin is below 4x the padded bf16 path's own first-step error."""
+    _packed_vs_padded_low_precision(tmp_path, model_type, "cuda", 16)
+
+
+def test_packed_vs_padded_bf16_interpreter(tmp_path, forced):
+    """test_cuda_packed_vs_padded_bf16 on the CPU: the packed path with the attention (seqused_k over the varlen
+    cache), RMSNorm, RoPE and SwiGLU kernels under the interpreter in bf16, 6 steps (session 36: bf16 kernels ran
+    wrong under the interpreter before, _ext.interpreter_bf16)."""
+    forced("attention", "rms_norm", "rope", "swiglu")
+    _packed_vs_padded_low_precision(tmp_path, "llava_next", "cpu", 6)
+
+
+def _packed_vs_padded_low_precision(tmp_path, model_type, device, steps):
     _, path = save_tiny(tmp_path, model_type)
-    m32 = llava_fast.from_pretrained(path, device="cuda")
-    m = llava_fast.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
+    m32 = llava_fast.from_pretrained(path, device=device)
+    m = llava_fast.from_pretrained(path, dtype=torch.bfloat16, device=device)
     batch, kw = _gen_inputs(model_type)
-    kw = {k: v.cuda() for k, v in kw.items()}
-    pv = batch["pixel_values"].cuda()
-    assert use_packed(m, "cuda")
-    steps = 16
+    kw = {k: v.to(device) for k, v in kw.items()}
+    pv = batch["pixel_values"].to(device)
+    assert use_packed(m, device)
     ref, l32 = m32.generate(pixel_values=pv, max_new_tokens=steps, packed=False, output_logits=True, **kw)
     padded, lp = m.generate(pixel_values=pv.bfloat16(), max_new_tokens=steps, packed=False, output_logits=True, **kw)
     packed, lk = m.generate(pixel_values=pv.bfloat16(), max_new_tokens=steps, output_logits=True, **kw)
