@@ -495,6 +495,18 @@ def test_gqa_kernel_split_backward(monkeypatch, split, hq, hkv, d, parts, causal
     pass the default's rule, uneven documents and Sq != Sk included. The spy checks the grid really was (documents x
     Hkv x parts, key blocks) with the partial strides passed ("k1": no partials; MHA, or "0" (the default before
     session 17): the split is off, one program per (key block, document, kv head))."""
+    _split_case(monkeypatch, split, hq, hkv, d, parts, causal, device,
+                torch.float32 if device == "cpu" else torch.bfloat16)
+
+
+@pytest.mark.parametrize("split, hq, hkv, d, parts", [("k2", 7, 1, 72, 2), ("k4", 6, 2, 64, 3)])
+def test_gqa_kernel_split_backward_bf16_interpreter(monkeypatch, split, hq, hkv, d, parts):
+    """The split backward (the GPU default is k4) in bf16 under the interpreter: fp32 partials summed, then rounded
+    once, by flash-attn's rule (session 36: bf16 kernels ran wrong under the interpreter before)."""
+    _split_case(monkeypatch, split, hq, hkv, d, parts, True, "cpu", torch.bfloat16)
+
+
+def _split_case(monkeypatch, split, hq, hkv, d, parts, causal, device, dtype):
     launches = []
     real = attn_mod._launch
 
@@ -505,7 +517,6 @@ def test_gqa_kernel_split_backward(monkeypatch, split, hq, hkv, d, parts, causal
         return real(kind, fn, grid_of, args, constexprs, *rest)
     monkeypatch.setattr(attn_mod, "_launch", spy)
     monkeypatch.setenv("LLAVA_FAST_ATTN_GQA_SPLIT", split)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     lens_q, lens_k = [5, 40, 17], [9, 40, 30]
     _check_against_ref(lens_q, lens_k, hq, hkv, d, causal, dtype, device, _run_function)
     if parts:  # "k1": the longest-first order alone, dK/dV written in place (no partials)
