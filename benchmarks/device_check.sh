@@ -296,6 +296,8 @@ want plot && step plot 20 $PY benchmarks/plot_results.py "$RES"
   [ -f "$RES/gpu_tests.log" ] && grep -hE "\] (FAILED|ERROR) " "$RES/gpu_tests.log" | sed 's/.*\] //' | cut -c1-200 | head -n 30
   [ -f "$RES/gpu_tests.log" ] && grep -hE "^(FAILED|ERROR) " "$RES/gpu_tests.log" | cut -c1-200 | head -n 30
   [ -f "$RES/gpu_tests.log" ] && grep -hA10 "slowest .*durations" "$RES/gpu_tests.log" | cut -c1-160
+  # what cuda tests measured (tests/utils.record: convergence distances, demo accuracy, generation errors)
+  [ -f "$RES/cuda_test_measurements.jsonl" ] && { echo "--- cuda_test_measurements.jsonl"; cut -c1-300 "$RES/cuda_test_measurements.jsonl"; }
   for f in "$RES"/attention_variants.jsonl "$RES"/attention_variants_d64.jsonl "$RES"/attention_sweep.jsonl \
            "$RES"/attention_sweep64.jsonl "$RES"/attention_gqa.jsonl; do  # variant, D, status, TFLOP/s
     [ -f "$f" ] || continue

@@ -215,3 +215,19 @@ def run_distance(hist, weights, oracle_hist, oracle_weights):
     num = sum(float((weights[k] - oracle_weights[k]).double().square().sum()) for k in oracle_weights)
     den = sum(float(oracle_weights[k].double().square().sum()) for k in oracle_weights)
     return loss, math.sqrt(num / den)
+
+
+def record(test: str, **values) -> None:
+    """A cuda test's measurement kept for the GPU session's notes: one JSON line appended to
+    ``$LLAVA_FAST_RESULTS_DIR/cuda_test_measurements.jsonl`` (device_check.sh sets the folder; its results come
+    back with the call's files), besides the test's own print, which pytest keeps only for failing tests."""
+    import json
+    import os
+
+    folder = os.environ.get("LLAVA_FAST_RESULTS_DIR")
+    if not folder:
+        return
+    row = {"test": test, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **values}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "cuda_test_measurements.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -11,6 +11,7 @@ from llava_fast.generation import use_packed
 
 from test_llava_parity import SIZES, hf_pixels, make_batch
 from tiny import save_tiny
+from utils import record
 
 
 @pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
@@ -221,6 +222,9 @@ def _packed_vs_padded_low_precision(tmp_path, model_type, device, steps):
     err_padded = (lp[:, 0] - l32[:, 0]).abs().max().item()
     err_packed = (lk[:, 0] - l32[:, 0]).abs().max().item()
     print(f"first-step logits: scale {scale:.3e}, packed err {err_packed:.3e}, padded err {err_padded:.3e}")
+    if device == "cuda":
+        record("test_cuda_packed_vs_padded_bf16", model_type=model_type, scale=scale, packed_err=err_packed,
+               padded_err=err_padded)
     assert err_packed <= 2 * err_padded + 1e-3 * scale
     tie = 4 * err_padded
     n = kw["input_ids"].shape[1]

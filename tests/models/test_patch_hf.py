@@ -491,7 +491,7 @@ def test_cuda_patched_trains_like_unpatched(tmp_path):
     tests/train/test_convergence.py applies it to our trainer. The patched run's losses and trained weights are at
     most twice as far from the fp32 run as the unpatched run's (floors 1e-4 and 1e-6 for a run that lands on the
     oracle by luck) (session 36, not yet run on a GPU)."""
-    from utils import run_distance
+    from utils import record, run_distance
 
     rows = _token_rows([5 + (7 * i) % 13 for i in range(72)])   # 12 steps x 2 micro-batches x 3 rows
     steps = 12
@@ -504,6 +504,8 @@ def test_cuda_patched_trains_like_unpatched(tmp_path):
     (low_loss, low_w) = run_distance(hist[1], low[1], hist[0], oracle[1])
     print(f"distance from the fp32 run over {steps} steps: patched loss {ours_loss:.2e} weights {ours_w:.2e}; "
           f"unpatched bf16 loss {low_loss:.2e} weights {low_w:.2e}")
+    record("test_cuda_patched_trains_like_unpatched", patched_loss=ours_loss, patched_weights=ours_w,
+           unpatched_bf16_loss=low_loss, unpatched_bf16_weights=low_w)
     assert ours_loss <= 2 * low_loss + 1e-4, (ours_loss, low_loss)
     assert ours_w <= 2 * low_w + 1e-6, (ours_w, low_w)
 

@@ -23,7 +23,7 @@ import torch
 import llava_fast
 
 from test_trainer import make_cfg
-from utils import run_distance
+from utils import record, run_distance
 
 # every op the model can run on a kernel (tests/models/test_model_kernels.py forces the same list)
 KERNEL_OPS = ("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention",
@@ -94,5 +94,7 @@ def test_cuda_kernels_train_like_the_reference(assets, tmp_path):
     (ours_loss, ours_w), (ref_loss, ref_w) = run_distance(*ours, *oracle), run_distance(*ref, *oracle)
     print(f"distance from the fp32 run over 12 steps: kernels loss {ours_loss:.2e} weights {ours_w:.2e}; reference "
           f"bf16 loss {ref_loss:.2e} weights {ref_w:.2e}")
+    record("test_cuda_kernels_train_like_the_reference", kernels_loss=ours_loss, kernels_weights=ours_w,
+           reference_bf16_loss=ref_loss, reference_bf16_weights=ref_w)
     assert ours_loss <= 2 * ref_loss + 1e-4, (ours_loss, ref_loss)
     assert ours_w <= 2 * ref_w + 1e-6, (ours_w, ref_w)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from test_trainer import make_cfg
+from utils import record
 
 pytestmark = pytest.mark.cuda
 
@@ -111,6 +112,7 @@ def test_cuda_demo_quick(tmp_path, capsys):
     acc_cpu = 100 * sum(a == it["answer"] for a, it in zip(answers, held)) / len(held)
     print(f"quick demo on {torch.cuda.get_device_name()}: held-out accuracy {acc}% (exported model on the CPU: "
           f"{acc_cpu}%)")
+    record("test_cuda_demo_quick", accuracy=acc, exported_on_cpu=acc_cpu)
     assert acc >= 45.0, text[-2000:]
     assert abs(acc_cpu - acc) <= 15.0, (acc, acc_cpu)
 
