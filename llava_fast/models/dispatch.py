@@ -36,6 +36,16 @@ def _same_dtype(q, k, v):
     return tuple(t if t.dtype == dt else t.to(dt) for t in (q, k, v))
 
 
+def _deterministic_backward(q, k, v) -> bool:
+    """``torch.use_deterministic_algorithms(True)`` (``train.deterministic`` sets it for the run) with a backward to
+    come. Our kernels have no atomics (their backward repeats bit for bit), and neither does SDPA's math backend;
+    SDPA's flash, efficient and cuDNN backwards, and ``ops.cudnn_attention``'s, make no such promise. So such a call
+    takes our kernels (the language model's always do in training; a vision tower's do instead of SDPA), else SDPA's
+    math backend (:func:`_sdpa_backends`)."""
+    return (torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (q, k, v)))
+
+
 def _hopper(device: torch.device) -> bool:
     """Compute capability 9.x (H100 / H200): where the cuDNN choices below were measured."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -83,13 +93,19 @@ def vision_attention(q, k, v, scale):
     """Non-causal attention over tiles: q/k/v (tiles, H, N, D). With ``vision_attention`` on "triton" every tile of
     every image is one document of a single varlen batch; its "auto" on CUDA is SDPA (the tiles all have the same
     length, so nothing is padded), measured faster on an H200 until the kernel catches up (docs/perf-notes.md)."""
-    if (op := _fast_attention(q.device.type, q.shape[-1], q.dtype, "vision_attention")) is not None:
+    op = _fast_attention(q.device.type, q.shape[-1], q.dtype, "vision_attention")
+    if op is None and q.is_cuda and _deterministic_backward(q, k, v):   # train.deterministic: our kernels
+        op = _fast_attention(q.device.type, q.shape[-1], q.dtype, "attention")
+    if op is not None:
         b, h, n, d = q.shape
         cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
         flat = [t.transpose(1, 2).reshape(b * n, h, d) for t in (q, k, v)]
         o = op.flash_attn_varlen_func(*flat, cu, cu, n, n, softmax_scale=scale, causal=False)
         return o.view(b, n, h, d).transpose(1, 2)
     if q.is_cuda:
+        if _deterministic_backward(q, k, v):   # no kernel of ours for it: SDPA's math backend
+            with _sdpa_backends(q, k, v):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale)
         if _prefer_cudnn(q, k, v):  # a preference, not a restriction: what cuDNN cannot take falls through
             from llava_fast.ops import cudnn_attention as ca
 
@@ -166,6 +182,8 @@ def _cudnn_text(choice: str, device) -> bool:
     :func:`_use_sdpa` did not take them first): "cudnn" always, "auto" where :func:`_cudnn_auto` says so."""
     if torch.compiler.is_compiling():   # ops.cudnn_attention takes no traced call (its worker thread): the kernel
         return False
+    if torch.are_deterministic_algorithms_enabled():   # train.deterministic: our kernels (_deterministic_backward)
+        return False
     return choice == "cudnn" or (choice == "auto" and device.type == "cuda" and _cudnn_auto(device))
 
 
@@ -206,6 +224,8 @@ def _sdpa_backends(*tensors):
     order = [getattr(SDPBackend, b) for b in _NO_CUDNN]
     if not grad:
         order.insert(0, SDPBackend.CUDNN_ATTENTION)
+    elif torch.are_deterministic_algorithms_enabled():   # train.deterministic: a backward without atomics
+        order = [SDPBackend.MATH]
     try:
         return sdpa_kernel(order, set_priority=True)
     except TypeError:  # older torch: no priorities
@@ -356,7 +376,8 @@ def text_attention(b, n, dtype, device, attention_mask, cu_seqlens, max_seqlen, 
     mask = causal_mask(n, lk, dtype, device, attention_mask)
     if device.type == "cuda":
         def attn(q, k, v, scale):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                                  enable_gqa=k.shape[1] != q.shape[1])
+            with _sdpa_backends(q, k, v) if _deterministic_backward(q, k, v) else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                      enable_gqa=k.shape[1] != q.shape[1])
         return attn
     return lambda q, k, v, scale: eager_attention(q, k, v, scale, mask)

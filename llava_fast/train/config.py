@@ -234,6 +234,12 @@ class TrainSection:
     lora_dropout: float = 0.0
     fsdp: str = "auto"
     """auto (FSDP2 when torchrun starts several processes) | off."""
+    deterministic: bool = False
+    """Bitwise-repeatable steps: the same run twice gives the same weights (docs/training.md, "Deterministic runs").
+    For the run: torch.use_deterministic_algorithms(True) (torch raises for an op without a deterministic
+    implementation instead of running it), cuDNN deterministic and not benchmarking, CUBLAS_WORKSPACE_CONFIG=:4096:8
+    when unset, and attention with a backward through our kernels (no atomics) or SDPA's math backend, never cuDNN's
+    or SDPA's flash / efficient backwards. Slower where it moves work off cuDNN."""
 
     def __post_init__(self):
         bad = [p for p in self.trainable if p not in TRAINABLE_PARTS]

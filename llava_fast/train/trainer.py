@@ -11,6 +11,7 @@ multiplied by the world size.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import json
@@ -123,6 +124,27 @@ def _peak_memory_gb(device) -> float:
 
 
 
+@contextlib.contextmanager
+def _deterministic_mode(on: bool):
+    """``train.deterministic`` for the run (config.py): torch's deterministic algorithms, cuDNN deterministic and
+    not benchmarking; the attention dispatch reads the former (models/dispatch.py, ``_deterministic_backward``).
+    Everything goes back to how it was after the run, so a process that trains and then does other work gets torch's
+    settings back."""
+    if not on:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              cudnn.deterministic, cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
+
+
 class _GracefulInterrupt:
     """While training (main thread of each process): the first SIGINT (Ctrl-C) or SIGTERM (a scheduler's
     preemption notice; what torchrun's agent forwards to its workers when it gets either) only sets ``requested``,
@@ -167,6 +189,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, dataset=None, log=None, quiet: bool = False):
         self.cfg = cfg
+        if cfg.train.deterministic:
+            # read by cuBLAS when it makes its handle (torch's first GEMM on a stream): before the model reaches the
+            # GPU. torch checks it at each GEMM under use_deterministic_algorithms and raises when it is missing.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.model = model
         self.tokenizer = tokenizer
         self.dataset = dataset
@@ -726,7 +752,7 @@ class Trainer:
         gc.collect()
         gc.freeze()
         try:
-            with stop:
+            with stop, _deterministic_mode(cfg.train.deterministic):
                 while self.global_step < self.total_steps:
                     self.sampler.set_epoch(self.epoch, self.step_in_epoch)
                     if self.step_in_epoch == 0:  # counted once per epoch (a resumed epoch was counted before)
