@@ -490,8 +490,8 @@ def test_cuda_patched_trains_like_unpatched(tmp_path):
     the unpatched one, both measured from an fp32 run on the CPU (no TF32): flash-attn's rule over a run, as
     tests/train/test_convergence.py applies it to our trainer. The patched run's losses and trained weights are at
     most twice as far from the fp32 run as the unpatched run's (floors 1e-4 and 1e-6 for a run that lands on the
-    oracle by luck) (session 36, not yet run on a GPU)."""
-    from utils import record, run_distance
+    oracle by luck: tests/utils.assert_run_flash_rule) (session 36, not yet run on a GPU)."""
+    from utils import assert_run_flash_rule
 
     rows = _token_rows([5 + (7 * i) % 13 for i in range(72)])   # 12 steps x 2 micro-batches x 3 rows
     steps = 12
@@ -499,15 +499,9 @@ def test_cuda_patched_trains_like_unpatched(tmp_path):
     low = _trainer_run(tmp_path / "bf16", False, rows, steps, cuda=True, bf16=True)
     ours = _trainer_run(tmp_path / "ours", True, rows, steps, cuda=True, bf16=True)
     assert len(ours[0]) == len(oracle[0]) == steps
-    hist = [[{"loss": x} for x in run[0]] for run in (oracle, low, ours)]
-    (ours_loss, ours_w) = run_distance(hist[2], ours[1], hist[0], oracle[1])
-    (low_loss, low_w) = run_distance(hist[1], low[1], hist[0], oracle[1])
-    print(f"distance from the fp32 run over {steps} steps: patched loss {ours_loss:.2e} weights {ours_w:.2e}; "
-          f"unpatched bf16 loss {low_loss:.2e} weights {low_w:.2e}")
-    record("test_cuda_patched_trains_like_unpatched", patched_loss=ours_loss, patched_weights=ours_w,
-           unpatched_bf16_loss=low_loss, unpatched_bf16_weights=low_w)
-    assert ours_loss <= 2 * low_loss + 1e-4, (ours_loss, low_loss)
-    assert ours_w <= 2 * low_w + 1e-6, (ours_w, low_w)
+    as_hist = lambda run: ([{"loss": x} for x in run[0]], run[1])   # noqa: E731
+    assert_run_flash_rule("test_cuda_patched_trains_like_unpatched", as_hist(ours), as_hist(low), as_hist(oracle),
+                          ("patched", "unpatched_bf16"))
 
 
 def test_unpatch_restores_transformers():
