@@ -286,12 +286,13 @@ def f32_to_bf16_bits(x):
     import numpy as np
 
     x = np.asarray(x, dtype=np.float32)
-    u = x.view(np.uint32)
+    flat = np.ascontiguousarray(x).reshape(-1)   # 1-D (a 0-d array's arithmetic would give numpy scalars)
+    u = flat.view(np.uint32)
     out = ((u + ((u >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
+    nan = np.isnan(flat)
     if nan.any():
         out[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)
-    return out
+    return out.reshape(x.shape)
 
 
 def interpreter_bf16() -> bool:

@@ -169,6 +169,9 @@ def test_f32_to_bf16_bits_keeps_shapes():
     import numpy as np
 
     assert _ext.f32_to_bf16_bits(np.float32(1.0)).shape == ()
+    nan = _ext.f32_to_bf16_bits(np.float32("nan"))   # a 0-d NaN: quiet NaN bits, still 0-d
+    assert nan.shape == () and torch.from_numpy(nan.reshape(1).view(np.int16)).view(torch.bfloat16).isnan().all()
+    assert int(_ext.f32_to_bf16_bits(np.float32(-3.4e38))) == 0xFF80   # rounds to -inf
     strided = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]
     bits = _ext.f32_to_bf16_bits(strided)
     assert bits.shape == (3, 2) and bits.dtype == np.uint16
