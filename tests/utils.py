@@ -248,3 +248,8 @@ def assert_run_flash_rule(test: str, ours, same, oracle, names=("kernels", "refe
                     f"{names[1]}_weights": same_w})
     assert ours_loss <= 2 * same_loss + 1e-4, (ours_loss, same_loss)
     assert ours_w <= 2 * same_w + 1e-6, (ours_w, same_w)
+
+
+# every op the model can run on a kernel (backend.OPS but the image encoder, which runs in the data pipeline)
+MODEL_KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention",
+                 "projector", "gelu", "quick_gelu", "layer_norm", "bias_grad", "patch_embed")

@@ -20,12 +20,10 @@ import llava_fast
 from test_model_kernels import packed_inputs
 from llava_fast.models.llava import HostInputs
 from tiny import save_tiny
+from utils import MODEL_KERNELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from host_overhead import device_reads  # noqa: E402
-
-KERNELS = ("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention",
-           "projector", "gelu", "quick_gelu", "layer_norm", "bias_grad", "patch_embed")
 
 
 def _step(m, kw):
@@ -43,7 +41,7 @@ def _device_tensors(m, kw):
 def test_training_step_reads_device_data_once(tmp_path, forced, model_type):
     _, path = save_tiny(tmp_path, model_type)
     m = llava_fast.from_pretrained(path)
-    forced(*KERNELS)
+    forced(*MODEL_KERNELS)
     kw = packed_inputs(model_type)
     reads = device_reads(_step(m, kw), _device_tensors(m, kw))
     assert sum(reads.values()) == 1 and next(iter(reads))[0] == "host_copies", dict(reads)
@@ -55,7 +53,7 @@ def test_training_step_with_host_inputs_reads_nothing(tmp_path, forced, model_ty
     gradients are those of the call without them."""
     _, path = save_tiny(tmp_path, model_type)
     m = llava_fast.from_pretrained(path)
-    forced(*KERNELS)
+    forced(*MODEL_KERNELS)
     kw = packed_inputs(model_type)
     ref = m(**kw, logits=False)
     ref.loss.backward()

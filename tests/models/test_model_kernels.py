@@ -12,6 +12,7 @@ import llava_fast
 
 from test_llava_parity import make_batch
 from tiny import save_tiny
+from utils import MODEL_KERNELS
 
 
 def packed_inputs(model_type):
@@ -35,8 +36,7 @@ def test_training_kernels_in_model(tmp_path, forced, model_type):
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
-    forced("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention", "projector",
-           "gelu", "quick_gelu", "layer_norm", "bias_grad", "patch_embed")
+    forced(*MODEL_KERNELS)
     logits = m(**kw).logits
     torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=0)
     out = m(**kw, logits=False)             # fused linear cross-entropy: no logits materialised
@@ -80,8 +80,7 @@ def test_training_kernels_in_model_low_precision(tmp_path, forced, model_type, d
 
     def run(dt, kernels):
         if kernels:
-            forced("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention",
-                   "projector", "gelu", "quick_gelu", "layer_norm", "bias_grad", "patch_embed")
+            forced(*MODEL_KERNELS)
         try:
             m = llava_fast.from_pretrained(path, dtype=dt)
             args = dict(kw, pixel_values=kw["pixel_values"].to(dt))

@@ -537,7 +537,7 @@ def test_bad_inputs_raise_value_error():
 FAMILIES = [(1024, 4096), (1024, 5120), (1152, 896), (1152, 3584)]  # LLaVA-1.5/NeXT 7B, 13B, OneVision 0.5B, 7B
 
 
-def _gpu_case(m, dims, dtype, bias, x_grad, approximate="none", device="cuda"):
+def _flash_rule_case(m, dims, dtype, bias, x_grad, approximate="none", device="cuda"):
     dv, dt = dims
     x, params, dy = make_inputs(m, dv, dt, bias, device=device)
     cast = lambda t: t.to(dtype) if t is not None else None
@@ -558,7 +558,7 @@ def test_low_precision_flash_rule(m, dims, bias, approximate, dtype):
     patterns (errors ~1e11) and its fp32 -> bf16 casts truncated (twice the GPU's rounding error);
     ``_ext.interpreter_bf16`` mends both."""
     torch.manual_seed(0)
-    _gpu_case(m, dims, dtype, bias=bias, x_grad=True, approximate=approximate, device="cpu")
+    _flash_rule_case(m, dims, dtype, bias=bias, x_grad=True, approximate=approximate, device="cpu")
 
 
 _FIRST_BACKWARD = """
@@ -606,7 +606,7 @@ def test_cuda_cutlass_first_backward_of_a_process():
 @pytest.mark.parametrize("m", [1, 7, 577, 2881])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_full_shapes(dims, m, dtype):
-    _gpu_case(m, dims, dtype, bias=True, x_grad=True)
+    _flash_rule_case(m, dims, dtype, bias=True, x_grad=True)
 
 
 @pytest.mark.cuda
@@ -615,7 +615,7 @@ def test_cuda_full_shapes(dims, m, dtype):
 @pytest.mark.parametrize("kind", ["tma", "tma_nested"])
 def test_cuda_tma_kernel(dims, m, kind, monkeypatch):
     monkeypatch.setenv("LLAVA_FAST_PROJECTOR_KERNEL", kind)
-    _gpu_case(m, dims, torch.bfloat16, bias=True, x_grad=True)
+    _flash_rule_case(m, dims, torch.bfloat16, bias=True, x_grad=True)
 
 
 def _require_cutlass():
@@ -643,7 +643,7 @@ def test_cuda_cutlass(dims, m, dtype, monkeypatch):
     runs = P._cutlass_runs
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback warns: make it fail here
-        _gpu_case(m, dims, dtype, bias=True, x_grad=True)
+        _flash_rule_case(m, dims, dtype, bias=True, x_grad=True)
     assert P._cutlass_runs == runs + 2
 
 
@@ -661,7 +661,7 @@ def test_cuda_cutlass_schedules_and_inference(sched, m, bias, monkeypatch):
     runs = P._cutlass_runs
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _gpu_case(m, (1024, 4096), torch.bfloat16, bias=bias, x_grad=False)
+        _flash_rule_case(m, (1024, 4096), torch.bfloat16, bias=bias, x_grad=False)
         x, params, _ = make_inputs(m, 1152, 896, bias, dtype=torch.bfloat16, device="cuda")
         with torch.no_grad():
             y, h = projector_fwd(x, *params, save_h=False)
@@ -677,13 +677,13 @@ def test_cuda_cutlass_schedules_and_inference(sched, m, bias, monkeypatch):
 @pytest.mark.parametrize("m", [1, 577, 2881])
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_cuda_no_bias_and_frozen_input(dims, m, x_grad):
-    _gpu_case(m, dims, torch.bfloat16, bias=False, x_grad=x_grad)
+    _flash_rule_case(m, dims, torch.bfloat16, bias=False, x_grad=x_grad)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [7, 2881])
 def test_cuda_tanh(m):
-    _gpu_case(m, (1024, 4096), torch.bfloat16, bias=True, x_grad=True, approximate="tanh")
+    _flash_rule_case(m, (1024, 4096), torch.bfloat16, bias=True, x_grad=True, approximate="tanh")
 
 
 @pytest.mark.cuda

@@ -23,11 +23,8 @@ import torch
 import llava_fast
 
 from test_trainer import make_cfg
-from utils import assert_run_flash_rule
+from utils import MODEL_KERNELS, assert_run_flash_rule
 
-# every op the model can run on a kernel (tests/models/test_model_kernels.py forces the same list)
-KERNEL_OPS = ("rms_norm", "rope", "swiglu", "cross_entropy", "pack_features", "attention", "vision_attention",
-              "projector", "gelu", "quick_gelu", "layer_norm", "bias_grad", "patch_embed")
 
 
 def _run(assets, out, device="cpu", ops=(), backend="triton", **over):
@@ -56,7 +53,7 @@ def test_kernels_train_like_the_reference(assets, tmp_path):
     weight by ~lr = 1e-3, so 1e-5 sees one wrong update; a gradient of the wrong scale shows in the norms)."""
     ref_hist, ref_w = _run(assets, tmp_path / "ref")
     slow = ("attention", "rms_norm", "swiglu", "rope")   # under the interpreter (module docstring)
-    hist, w = _run(assets, tmp_path / "kernels", ops=[op for op in KERNEL_OPS if op not in slow])
+    hist, w = _run(assets, tmp_path / "kernels", ops=[op for op in MODEL_KERNELS if op not in slow])
     assert [h["step"] for h in hist] == [h["step"] for h in ref_hist] == [1, 2, 3]
     for key in ("loss", "grad_norm"):
         assert all(math.isfinite(h[key]) for h in hist)
@@ -79,11 +76,11 @@ def test_cuda_kernels_train_like_the_reference(assets, tmp_path):
     tf32 = torch.backends.cudnn.allow_tf32   # (on by default for convolutions: the patch embedding's reference)
     torch.backends.cudnn.allow_tf32 = False
     try:
-        oracle = _run(assets, tmp_path / "fp32", "cuda", KERNEL_OPS, "reference",
+        oracle = _run(assets, tmp_path / "fp32", "cuda", MODEL_KERNELS, "reference",
                       **{**over, "train.precision": "fp32"})
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    ref = _run(assets, tmp_path / "ref", "cuda", KERNEL_OPS, "reference", **{**over, "train.precision": "bf16"})
+    ref = _run(assets, tmp_path / "ref", "cuda", MODEL_KERNELS, "reference", **{**over, "train.precision": "bf16"})
     ours = _run(assets, tmp_path / "ours", "cuda", (), **{**over, "train.precision": "bf16"})
     assert len(ours[0]) == len(oracle[0]) == 12
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in ours[0])
