@@ -13,6 +13,43 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)   # set in pytest-xdist's workers
+CPU_TEST_THREADS = 2   # the CI machine's core count
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _available_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 64.0
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``pytest -n auto`` (the README's test command): one pytest-xdist worker per usable core, at most 8 and one per
+    3 GiB of available memory (a worker of the CPU suite peaks near 1.5 GiB: session 37). More than 8 gain little:
+    the longest test alone takes ~50 s. ``PYTEST_XDIST_AUTO_NUM_WORKERS=N`` sets the number, as with xdist's own
+    rule (which this replaces: it would start one worker per core however many cores there are)."""
+    env = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(_usable_cores(), 8, int(_available_gib() // 3)))
+
+
+if XDIST_WORKERS and not HAS_CUDA:
+    # every worker computes with the CI machine's 2 threads, whatever the machine: the same summation orders as CI
+    # (a bf16 flash-rule test of a 3-ULP gradient depends on them: docs/testing.md), and no 8 workers x 16 threads
+    torch.set_num_threads(CPU_TEST_THREADS)
 
 
 def _interpreter_patches_triton_language_once_per_launch() -> None:

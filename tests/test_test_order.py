@@ -1,4 +1,5 @@
-"""tests/utils.long_first_order: device_check's cuda tests start with the longest ones, one per pytest-xdist worker."""
+"""tests/utils.long_first_order: device_check's cuda tests start with the longest ones, one per pytest-xdist worker;
+and the worker count of the README's `pytest -n auto` (tests/conftest.py)."""
 from __future__ import annotations
 
 import os
@@ -37,3 +38,19 @@ def test_the_long_tests_exist():
     for name in LONG_CUDA_TESTS:
         assert name in ids, name
     assert ids[0] == "test_torch_compile_packed_training_step[llava_next]", ids[:3]   # the longest first
+
+
+def test_auto_workers_follow_cores_and_memory(monkeypatch, pytestconfig):
+    """`pytest -n auto`: a worker per core, at most 8 and one per 3 GiB; PYTEST_XDIST_AUTO_NUM_WORKERS wins."""
+    root = Path(__file__).resolve().parent / "conftest.py"
+    conftest = next(p for p in pytestconfig.pluginmanager.get_plugins() if getattr(p, "__file__", None) == str(root))
+
+    monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    for cores, gib, want in ((2, 24.0, 2), (1, 24.0, 1), (64, 500.0, 8), (16, 7.0, 2), (4, 1.0, 1)):
+        monkeypatch.setattr(conftest, "_usable_cores", lambda c=cores: c)
+        monkeypatch.setattr(conftest, "_available_gib", lambda g=gib: g)
+        assert conftest.pytest_xdist_auto_num_workers(None) == want, (cores, gib)
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
+    assert conftest.pytest_xdist_auto_num_workers(None) == 3
+    assert 1 <= conftest._usable_cores() and conftest._available_gib() > 0
+
