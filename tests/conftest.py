@@ -13,7 +13,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
-XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)   # set in pytest-xdist's workers
 CPU_TEST_THREADS = 2   # the CI machine's core count
 
 
@@ -46,9 +45,10 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(_usable_cores(), 8, int(_available_gib() // 3)))
 
 
-if XDIST_WORKERS and not HAS_CUDA:
-    # every worker computes with the CI machine's 2 threads, whatever the machine: the same summation orders as CI
-    # (a bf16 flash-rule test of a 3-ULP gradient depends on them: docs/testing.md), and no 8 workers x 16 threads
+if not HAS_CUDA:
+    # CPU runs compute with the CI machine's 2 threads, whatever the machine: the same summation orders as CI, so a
+    # failure reproduces anywhere (a bf16 flash-rule test of a 3-ULP gradient depends on them: docs/testing.md), and
+    # `pytest -n auto` runs no 8 workers x 16 threads
     torch.set_num_threads(CPU_TEST_THREADS)
 
 

@@ -1,11 +1,14 @@
 """tests/utils.long_first_order: device_check's cuda tests start with the longest ones, one per pytest-xdist worker;
-and the worker count of the README's `pytest -n auto` (tests/conftest.py)."""
+and the test processes: the worker count of the README's `pytest -n auto`, 2 torch threads on a CPU (tests/conftest.py)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from utils import LONG_CUDA_TESTS, long_first_order, xdist_first_chunk
 
@@ -54,3 +57,11 @@ def test_auto_workers_follow_cores_and_memory(monkeypatch, pytestconfig):
     assert conftest.pytest_xdist_auto_num_workers(None) == 3
     assert 1 <= conftest._usable_cores() and conftest._available_gib() > 0
 
+
+
+def test_cpu_tests_compute_with_two_threads():
+    """Without a GPU every test process computes with 2 torch threads (the CI machine's), whatever the machine: the
+    same summation orders everywhere (tests/conftest.py; docs/testing.md names the test that needs it)."""
+    if torch.cuda.is_available():
+        pytest.skip("GPU machines keep torch's own thread count")
+    assert torch.get_num_threads() == 2
