@@ -34,6 +34,7 @@ def _available_gib() -> float:
     return 64.0
 
 
+@pytest.hookimpl(optionalhook=True)   # pytest without pytest-xdist would refuse an unknown hook
 def pytest_xdist_auto_num_workers(config):
     """``pytest -n auto`` (the README's test command): one pytest-xdist worker per usable core, at most 8 and one per
     3 GiB of available memory (a worker of the CPU suite peaks near 1.5 GiB: session 37). More than 8 gain little:

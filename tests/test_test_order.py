@@ -1,5 +1,5 @@
 """tests/utils.long_first_order: device_check's cuda tests start with the longest ones, one per pytest-xdist worker;
-and the test processes: the worker count of the README's `pytest -n auto`, 2 torch threads on a CPU (tests/conftest.py)."""
+and the test processes: the worker count of `pytest -n auto`, 2 torch threads on a CPU (tests/conftest.py)."""
 from __future__ import annotations
 
 import os
@@ -65,3 +65,12 @@ def test_cpu_tests_compute_with_two_threads():
     if torch.cuda.is_available():
         pytest.skip("GPU machines keep torch's own thread count")
     assert torch.get_num_threads() == 2
+
+
+def test_conftest_loads_without_xdist():
+    """pytest-xdist is a test extra, not a requirement: without it, pytest must still accept tests/conftest.py (an
+    xdist hook not marked optional is an error there: "unknown hook 'pytest_xdist_auto_num_workers'")."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "--collect-only",
+                        "-q", "tests/test_test_order.py"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
