@@ -58,7 +58,6 @@ def test_auto_workers_follow_cores_and_memory(monkeypatch, pytestconfig):
     assert 1 <= conftest._usable_cores() and conftest._available_gib() > 0
 
 
-
 def test_cpu_tests_compute_with_two_threads():
     """Without a GPU every test process computes with 2 torch threads (the CI machine's), whatever the machine: the
     same summation orders everywhere (tests/conftest.py; docs/testing.md names the test that needs it)."""
