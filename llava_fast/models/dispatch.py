@@ -94,7 +94,8 @@ def vision_attention(q, k, v, scale):
     every image is one document of a single varlen batch; its "auto" on CUDA is SDPA (the tiles all have the same
     length, so nothing is padded), measured faster on an H200 until the kernel catches up (docs/perf-notes.md)."""
     op = _fast_attention(q.device.type, q.shape[-1], q.dtype, "vision_attention")
-    if op is None and q.is_cuda and _deterministic_backward(q, k, v):   # train.deterministic: our kernels
+    deterministic = op is None and q.is_cuda and _deterministic_backward(q, k, v)   # train.deterministic
+    if deterministic:   # our kernels
         op = _fast_attention(q.device.type, q.shape[-1], q.dtype, "attention")
     if op is not None:
         b, h, n, d = q.shape
@@ -103,7 +104,7 @@ def vision_attention(q, k, v, scale):
         o = op.flash_attn_varlen_func(*flat, cu, cu, n, n, softmax_scale=scale, causal=False)
         return o.view(b, n, h, d).transpose(1, 2)
     if q.is_cuda:
-        if _deterministic_backward(q, k, v):   # no kernel of ours for it: SDPA's math backend
+        if deterministic:   # no kernel of ours for it: SDPA's math backend
             with _sdpa_backends(q, k, v):
                 return F.scaled_dot_product_attention(q, k, v, scale=scale)
         if _prefer_cudnn(q, k, v):  # a preference, not a restriction: what cuDNN cannot take falls through
